@@ -1,0 +1,49 @@
+# Everything a fresh clone needs: `make demo` and `make test` install what they use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROPERTY_TESTS := $(wildcard tests/*/test_*properties.py)
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install demo test unit lint fuzz bench synth clean
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+demo: install
+	$(VENV)/bin/ami-janitor demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+test: install lint
+	$(PY) -m pytest -n 2 tests
+
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -n 2 $(PROPERTY_TESTS)
+
+bench: install
+	$(PY) bench/bench.py
+
+synth: install node_modules/.installed
+	npx cdk synth --quiet
+
+clean:
+	rm -rf cdk.out build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,180 @@
+"""Benchmarks (`make bench`): figures printed, nothing asserted.
+
+1. plan() alone on synthetic groups of 10,000 and 50,000 AMIs (references, shares, snapshots in
+   realistic proportions), and parsing the DescribeImages answers separately;
+2. API calls to inventory one region (moto, in-process), per operation, against the lower bound
+   (the sum over sources of ceil(items / page size));
+3. import time of the cleanup handler module (cold start), in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
+from ami_janitor.model import Image, LaunchPermission, Reference, RegionInventory
+from ami_janitor.planner import plan
+from ami_janitor.policy import CANDIDATE_TAG, parse_policy
+
+NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
+
+
+def raw_images(count: int, rng: random.Random) -> list[dict[str, Any]]:
+    images = []
+    for n in range(count):
+        created = NOW - timedelta(days=rng.uniform(0, 720))
+        tags = [{"Key": "Project", "Value": "App"}, {"Key": "Version", "Value": str(n)}]
+        if rng.random() < 0.3:
+            tags.append({"Key": CANDIDATE_TAG, "Value": (created + timedelta(days=60)).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        images.append(
+            {
+                "ImageId": f"ami-{n:017x}",
+                "Name": f"app-{n}",
+                "Architecture": "arm64" if n % 3 == 0 else "x86_64",
+                "State": "available",
+                "CreationDate": created.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                "Tags": tags,
+                "RootDeviceType": "ebs",
+                "Public": False,
+                "BlockDeviceMappings": [
+                    {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": f"snap-{n:017x}", "VolumeSize": 8}}
+                ],
+            }
+        )
+    return images
+
+
+def bench_plan() -> None:
+    policy = parse_policy(
+        {
+            "regions": ["us-east-1"],
+            "defaults": {"keep_latest": 5, "limits": {"max_actions_per_run": 1000}},
+            "families": [
+                {
+                    "name": "app",
+                    "match": {"tags": {"Project": "App"}, "name": "app-*"},
+                    "latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"},
+                    "share_with": {"accounts": ["123456789012"]},
+                }
+            ],
+        }
+    )
+    print("plan() on one core (inventory already parsed):")
+    for count in (10_000, 50_000):
+        rng = random.Random(count)
+        raws = raw_images(count, rng)
+        start = time.perf_counter()
+        images = [Image.from_api("us-east-1", raw) for raw in raws]
+        parse_s = time.perf_counter() - start
+        # 5% referenced, 2% shared outside share_with, 10% shared with a listed account.
+        images = [
+            img.model_copy(
+                update={
+                    "launch_permissions": (LaunchPermission(kind="user", value="999988887777"),)
+                    if i % 50 == 0
+                    else (LaunchPermission(kind="user", value="123456789012"),)
+                    if i % 10 == 0
+                    else ()
+                }
+            )
+            for i, img in enumerate(images)
+        ]
+        refs = tuple(
+            Reference(image_id=images[i].image_id, kind="instance", resource_id=f"i-{i}", detail=f"used by instance i-{i}")
+            for i in range(0, count, 20)
+        )
+        inventory = RegionInventory(region="us-east-1", images=tuple(images), references=refs)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            result = plan([inventory], policy, NOW)
+            times.append(time.perf_counter() - start)
+        actions: dict[str, int] = {}
+        for d in result.decisions:
+            actions[d.action] = actions.get(d.action, 0) + 1
+        print(
+            f"  {count:>6} AMIs: plan {statistics.median(times):.3f} s (median of 3; target < 1 s for 50,000)"
+            f"  parse DescribeImages answers {parse_s:.3f} s  actions {actions}"
+        )
+
+
+def bench_inventory_calls() -> None:
+    import boto3
+    from moto import mock_aws
+
+    from ami_janitor import adapter
+    from ami_janitor.clients import RegionClients
+
+    policy = parse_policy(
+        {
+            "regions": ["us-east-1"],
+            "references": {"launch_template_versions": "all"},
+            "families": [{"name": "app", "match": {"name": "app-*"}, "latest": {"ssm_parameter": "/ami/app/{arch}"}}],
+        }
+    )
+    counts = {"images": 300, "instances": 40, "launch_templates": 12, "versions_per_template": 3, "parameters": 60}
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        ssm = boto3.client("ssm", region_name="us-east-1")
+        base = ec2.register_image(Name="base")["ImageId"]
+        instance = ec2.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+        ids = [ec2.create_image(InstanceId=instance, Name=f"app-{n}")["ImageId"] for n in range(counts["images"] - 1)]
+        ec2.run_instances(ImageId=ids[0], MinCount=counts["instances"] - 1, MaxCount=counts["instances"] - 1)
+        for t in range(counts["launch_templates"]):
+            lt = ec2.create_launch_template(LaunchTemplateName=f"lt{t}", LaunchTemplateData={"ImageId": ids[t]})
+            for v in range(counts["versions_per_template"] - 1):
+                ec2.create_launch_template_version(
+                    LaunchTemplateId=lt["LaunchTemplate"]["LaunchTemplateId"], LaunchTemplateData={"ImageId": ids[v]}
+                )
+        for p in range(counts["parameters"]):
+            ssm.put_parameter(Name=f"/p/{p}", Value=ids[p], Type="String")
+        clients = RegionClients("us-east-1")
+        counters = {name: adapter.count_calls(getattr(clients, name)) for name in ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin")}
+        start = time.perf_counter()
+        inventory = adapter.load_inventory(clients, policy)
+        took = time.perf_counter() - start
+    calls: dict[str, int] = {}
+    for counter in counters.values():
+        calls.update(counter)
+    lt = counts["launch_templates"]
+    lower = {
+        "DescribeImages": math.ceil(counts["images"] / 1000),
+        "DescribeInstances": math.ceil(counts["instances"] / 1000),
+        "DescribeLaunchTemplates": math.ceil(lt / 200),
+        "DescribeLaunchTemplateVersions": lt * math.ceil(counts["versions_per_template"] / 200),
+        "DescribeParameters": math.ceil(counts["parameters"] / 50),
+        "GetParameters": math.ceil(counts["parameters"] / 10),
+        "DescribeAutoScalingGroups": 1,
+        "DescribeLaunchConfigurations": 1,
+        "DescribeSnapshots": 1,
+    }
+    print(f"\ninventory of one region on moto ({counts}; {took:.2f} s, error={inventory.error}):")
+    print(f"  {'operation':<34}{'calls':>6}{'lower bound':>13}")
+    for op in sorted(set(calls) | set(lower)):
+        print(f"  {op:<34}{calls.get(op, 0):>6}{lower.get(op, '-'):>13}")
+    print(f"  total {sum(calls.values())} calls; lower bound of the paginated sources {sum(lower.values())}")
+
+
+def bench_cold_start() -> None:
+    code = "import time; t=time.perf_counter(); import ami_janitor.handlers.scheduled; print(time.perf_counter()-t)"
+    runs = []
+    for _ in range(5):
+        out = subprocess.run([sys.executable, "-X", "frozen_modules=on", "-c", code], capture_output=True, text=True, check=True)
+        runs.append(float(out.stdout.strip()))
+    print(f"\nimport of the cleanup handler module: median {statistics.median(runs) * 1000:.0f} ms over 5 fresh "
+          f"interpreters (target < 300 ms)")
+
+
+if __name__ == "__main__":
+    bench_plan()
+    bench_inventory_calls()
+    bench_cold_start()

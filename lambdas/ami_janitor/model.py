@@ -1,0 +1,270 @@
+"""Inventory models (the AWS answers, parsed once) and the plan (the engine's contract)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ami_janitor.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG
+
+
+def parse_time(value: str | datetime | None) -> datetime | None:
+    """Parse an AWS or tag timestamp; always UTC-aware. None or garbage gives None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 UTC with a Z and whole seconds: the one time format in tags and plans."""
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="seconds")[:19] + "Z"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LaunchPermission(_Frozen):
+    kind: Literal["user", "group", "org", "ou"]
+    value: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+    @classmethod
+    def from_key(cls, key: str) -> LaunchPermission:
+        kind, _, value = key.partition(":")
+        return cls(kind=kind, value=value)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_api(cls, raw: dict[str, str]) -> LaunchPermission:
+        if "UserId" in raw:
+            return cls(kind="user", value=raw["UserId"])
+        if "Group" in raw:
+            return cls(kind="group", value=raw["Group"])
+        if "OrganizationArn" in raw:
+            return cls(kind="org", value=raw["OrganizationArn"])
+        if "OrganizationalUnitArn" in raw:
+            return cls(kind="ou", value=raw["OrganizationalUnitArn"])
+        raise ValueError(f"unknown launch permission {raw!r}")
+
+    def to_api(self) -> dict[str, str]:
+        field = {"user": "UserId", "group": "Group", "org": "OrganizationArn", "ou": "OrganizationalUnitArn"}
+        return {field[self.kind]: self.value}
+
+
+class Image(_Frozen):
+    """One self-owned AMI as DescribeImages reports it."""
+
+    image_id: str
+    region: str
+    name: str
+    architecture: str
+    state: str
+    created: datetime
+    tags: dict[str, str] = Field(default_factory=dict)
+    snapshot_ids: tuple[str, ...] = ()
+    size_gib: int = 0
+    root_device_type: str = "ebs"
+    public: bool = False
+    deprecation_time: datetime | None = None
+    deregistration_protection: bool = False
+    last_launched: datetime | None = None
+    # None: not loaded (DescribeImageAttribute is one call per AMI, made only for AMIs a decision needs).
+    launch_permissions: tuple[LaunchPermission, ...] | None = None
+
+    @classmethod
+    def from_api(cls, region: str, raw: dict[str, Any]) -> Image:
+        snapshots: list[str] = []
+        size = 0
+        for mapping in raw.get("BlockDeviceMappings") or []:
+            ebs = mapping.get("Ebs") or {}
+            if ebs.get("SnapshotId"):
+                snapshots.append(ebs["SnapshotId"])
+            size += int(ebs.get("VolumeSize") or 0)
+        created = parse_time(raw.get("CreationDate"))
+        if created is None:
+            raise ValueError(f"image {raw.get('ImageId')} has no valid CreationDate")
+        protection = str(raw.get("DeregistrationProtection") or "disabled")
+        return cls(
+            image_id=raw["ImageId"],
+            region=region,
+            name=raw.get("Name") or "",
+            architecture=raw.get("Architecture") or "x86_64",
+            state=raw.get("State") or "available",
+            created=created,
+            tags={t["Key"]: t.get("Value", "") for t in raw.get("Tags") or []},
+            snapshot_ids=tuple(snapshots),
+            size_gib=size,
+            root_device_type=raw.get("RootDeviceType") or "ebs",
+            public=bool(raw.get("Public")),
+            deprecation_time=parse_time(raw.get("DeprecationTime")),
+            # "enabled", "enabled-with-cooldown" or "disabled-until <time>" (cooldown still protects).
+            deregistration_protection=protection.startswith("enabled") or protection.startswith("disabled-until"),
+            last_launched=parse_time(raw.get("LastLaunchedTime")),
+        )
+
+    @property
+    def source_image_id(self) -> str | None:
+        return self.tags.get(SOURCE_IMAGE_TAG)
+
+    @property
+    def source_region(self) -> str | None:
+        return self.tags.get(SOURCE_REGION_TAG)
+
+    @property
+    def is_replica(self) -> bool:
+        return SOURCE_IMAGE_TAG in self.tags
+
+    @property
+    def order_time(self) -> datetime:
+        """Age and order: a replica counts from its source's creation, so a late copy is never young."""
+        if self.is_replica:
+            source_created = parse_time(self.tags.get(SOURCE_CREATED_TAG))
+            if source_created is not None:
+                return source_created
+        return self.created
+
+    def deprecated_at(self, now: datetime) -> bool:
+        return self.deprecation_time is not None and self.deprecation_time <= now
+
+
+class Reference(_Frozen):
+    """Something that can still launch an AMI."""
+
+    image_id: str
+    kind: str
+    resource_id: str
+    detail: str
+
+
+class RetiredSnapshot(_Frozen):
+    """A snapshot tagged ami-janitor:retired-from (deregistration started, maybe not finished)."""
+
+    snapshot_id: str
+    image_id: str
+
+
+class RegionInventory(_Frozen):
+    region: str
+    images: tuple[Image, ...] = ()
+    references: tuple[Reference, ...] = ()
+    # name -> value of every SSM parameter the policy points at (Latest pointers).
+    parameters: dict[str, str] = Field(default_factory=dict)
+    retired_snapshots: tuple[RetiredSnapshot, ...] = ()
+    recycle_bin_rules: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    # Set when any source failed: the region is skipped, no decision on a partial inventory.
+    error: str | None = None
+
+
+# ---- the plan -------------------------------------------------------------------------------------
+
+Action = Literal["keep", "wait", "deprecate", "disable", "deregister", "rescue"]
+Stage = Literal["deprecate", "disable", "deregister"]
+
+
+class _PlanModel(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+
+class RegionStatus(_PlanModel):
+    region: str
+    status: Literal["ok", "skipped"]
+    error: str | None = None
+
+
+class Decision(_PlanModel):
+    region: str
+    family: str
+    architecture: str
+    image_id: str
+    name: str
+    created: str
+    action: Action
+    reasons: list[str]
+    candidate_since: str | None = None
+    next_action: Stage | None = None
+    next_action_at: str | None = None
+    snapshots: list[str] = Field(default_factory=list)
+    size_gib: int = 0
+    source_image_id: str | None = None
+    # The stages this run applies, in order (all that are due): ["deprecate", "disable", "deregister"].
+    stages: list[Stage] = Field(default_factory=list)
+
+
+class LatestChange(_PlanModel):
+    region: str
+    family: str
+    architecture: str
+    from_: str | None = Field(None, alias="from")
+    to: str | None
+    ssm_parameter: str | None = None
+    # Tag holders that lose the tag (more than one after a race or a hand edit).
+    untag: list[str] = Field(default_factory=list)
+    warning: str | None = None
+
+
+class Copy(_PlanModel):
+    family: str
+    source_image_id: str
+    source_region: str
+    region: str
+    kms_key_id: str | None = None
+    generation: int = 1
+
+
+class Share(_PlanModel):
+    image_id: str
+    region: str
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+class Summary(_PlanModel):
+    images: int = 0
+    kept: int = 0
+    retired: int = 0
+    snapshots_deleted: int = 0
+    gib_freed_max: int = 0
+    waiting: int = 0
+    deprecated: int = 0
+    disabled: int = 0
+    rescued: int = 0
+    held_by_cap: int = 0
+    regions_skipped: int = 0
+
+
+class Plan(_PlanModel):
+    mode: Literal["dry-run", "enforce", "paused"]
+    generated_at: str
+    regions: list[RegionStatus]
+    decisions: list[Decision]
+    latest: list[LatestChange] = Field(default_factory=list)
+    copies: list[Copy] = Field(default_factory=list)
+    shares: list[Share] = Field(default_factory=list)
+    summary: Summary = Summary()
+    policy_errors: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+    # Snapshots of an unfinished deregistration (its AMI is gone): the next apply deletes them.
+    unfinished_snapshots: list[str] = Field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False) + "\n"

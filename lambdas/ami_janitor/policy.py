@@ -1,0 +1,373 @@
+"""The policy file: pydantic models, loading, and error messages that name the key path."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+JANITOR_TAG_PREFIX = "ami-janitor:"
+CANDIDATE_TAG = "ami-janitor:candidate-since"
+PRIOR_DEPRECATION_TAG = "ami-janitor:prior-deprecation"
+PRIOR_PERMISSIONS_TAG = "ami-janitor:prior-launch-permissions"
+SHARED_BY_JANITOR_TAG = "ami-janitor:shared"
+RETIRED_FROM_TAG = "ami-janitor:retired-from"
+SOURCE_IMAGE_TAG = "ami-janitor:source-image"
+SOURCE_REGION_TAG = "ami-janitor:source-region"
+SOURCE_CREATED_TAG = "ami-janitor:source-created"
+COPY_GENERATION_TAG_PREFIX = "ami-janitor:copy-generation:"
+DEFAULT_CONFIG_PATH = "janitor.yaml"
+
+_REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
+_ACCOUNT_RE = re.compile(r"^\d{12}$")
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the key path and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Lifecycle(_Strict):
+    """Days since the AMI first became a candidate; null skips the stage."""
+
+    deprecate_after_days: int | None = Field(0, ge=0)
+    disable_after_days: int | None = Field(7, ge=0)
+    deregister_after_days: int | None = Field(14, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Lifecycle:
+        days = [d for d in self.stage_days() if d[1] is not None]
+        for (earlier, a), (later, b) in zip(days, days[1:], strict=False):
+            if a is not None and b is not None and b < a:
+                raise ValueError(f"{later}_after_days ({b}) must be >= {earlier}_after_days ({a})")
+        return self
+
+    def stage_days(self) -> list[tuple[str, int | None]]:
+        return [
+            ("deprecate", self.deprecate_after_days),
+            ("disable", self.disable_after_days),
+            ("deregister", self.deregister_after_days),
+        ]
+
+
+class LifecycleOverride(_Strict):
+    deprecate_after_days: int | None = Field(None, ge=0)
+    disable_after_days: int | None = Field(None, ge=0)
+    deregister_after_days: int | None = Field(None, ge=0)
+
+
+class Limits(_Strict):
+    max_actions_per_run: int = Field(50, ge=0)
+    max_fraction_per_family: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class FamilyLimits(_Strict):
+    # max_actions_per_run is a per-region budget, so a family cannot override it.
+    max_fraction_per_family: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class Rules(_Strict):
+    """The retention rules of `defaults`, and of a family once its overrides are merged."""
+
+    keep_latest: int = Field(3, ge=1)
+    min_age_days: int = Field(30, ge=0)
+    launched_within_days: int = Field(14, ge=0)
+    opt_out_tag: str = Field("ami-janitor:keep", min_length=1, max_length=128)
+    allow_shared: bool = False
+    lifecycle: Lifecycle = Lifecycle()
+    limits: Limits = Limits()
+
+
+class Match(_Strict):
+    tags: dict[str, str] = Field(default_factory=dict)
+    name: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> Match:
+        if not self.tags and not self.name:
+            raise ValueError("give tags and/or a name glob; an empty match would select every AMI")
+        return self
+
+    def matches(self, name: str, tags: dict[str, str]) -> bool:
+        if self.name is not None and not fnmatch.fnmatchcase(name, self.name):
+            return False
+        return all(tags.get(key) == value for key, value in self.tags.items())
+
+
+class Latest(_Strict):
+    tag: str | None = Field("Latest", min_length=1, max_length=128)
+    ssm_parameter: str | None = Field(None, min_length=1)
+
+    @field_validator("ssm_parameter")
+    @classmethod
+    def _parameter_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith("/"):
+            raise ValueError("must be a full parameter path starting with '/'")
+        if "{" in value.replace("{arch}", ""):
+            raise ValueError("the only placeholder allowed is {arch}")
+        return value
+
+    def parameter_for(self, architecture: str) -> str | None:
+        if self.ssm_parameter is None:
+            return None
+        return self.ssm_parameter.replace("{arch}", architecture)
+
+
+class ReplicateTarget(_Strict):
+    region: str
+    kms_key_id: str | None = None
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return _check_region(value)
+
+    @field_validator("kms_key_id")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("arn:"):
+            raise ValueError("must be a key ARN (an alias cannot scope an IAM policy)")
+        return value
+
+
+class ShareWith(_Strict):
+    accounts: list[str] = Field(default_factory=list)
+    organizations: list[str] = Field(default_factory=list)
+    organizational_units: list[str] = Field(default_factory=list)
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts(cls, value: list[str]) -> list[str]:
+        for account in value:
+            if not _ACCOUNT_RE.match(account):
+                raise ValueError(f"{account!r} is not a 12-digit account id")
+        return value
+
+    @field_validator("organizations", "organizational_units")
+    @classmethod
+    def _arns(cls, value: list[str]) -> list[str]:
+        for arn in value:
+            if not arn.startswith("arn:"):
+                raise ValueError(f"{arn!r} is not an ARN")
+        return value
+
+    def grants(self) -> frozenset[str]:
+        """Launch permissions as 'kind:value' strings (see model.LaunchPermission.key)."""
+        return frozenset(
+            [f"user:{a}" for a in self.accounts]
+            + [f"org:{a}" for a in self.organizations]
+            + [f"ou:{a}" for a in self.organizational_units]
+        )
+
+
+class Bake(_Strict):
+    instance_tag: dict[str, str] = Field(min_length=1)
+    schedule: str | None = None
+    no_reboot: bool = False
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return value if value is None else _check_schedule(value)
+
+
+class Family(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    match: Match
+    latest: Latest | None = None
+    replicate: list[ReplicateTarget] = Field(default_factory=list)
+    share_with: ShareWith = ShareWith()
+    public: bool = False
+    bake: Bake | None = None
+    # Overrides of `defaults` (None = inherit).
+    keep_latest: int | None = Field(None, ge=1)
+    min_age_days: int | None = Field(None, ge=0)
+    launched_within_days: int | None = Field(None, ge=0)
+    opt_out_tag: str | None = Field(None, min_length=1, max_length=128)
+    allow_shared: bool | None = None
+    lifecycle: LifecycleOverride | None = None
+    limits: FamilyLimits | None = None
+
+    @field_validator("replicate")
+    @classmethod
+    def _unique_targets(cls, value: list[ReplicateTarget]) -> list[ReplicateTarget]:
+        regions = [t.region for t in value]
+        duplicates = sorted({r for r in regions if regions.count(r) > 1})
+        if duplicates:
+            raise ValueError(f"region {duplicates[0]} is listed twice")
+        return value
+
+
+class References(_Strict):
+    launch_template_versions: Literal["all", "default-and-latest"] | int = "all"
+
+    @field_validator("launch_template_versions")
+    @classmethod
+    def _positive(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'all', 'default-and-latest' or a number >= 1")
+        return value
+
+
+class Notify(_Strict):
+    email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class Policy(_Strict):
+    mode: Literal["dry-run", "enforce", "paused"] = "dry-run"
+    regions: list[str] = Field(min_length=1)
+    schedule: str = "cron(0 3 * * ? *)"
+    notify: Notify | None = None
+    references: References = References()
+    defaults: Rules = Rules()
+    families: list[Family] = Field(min_length=1)
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, value: list[str]) -> list[str]:
+        for region in value:
+            _check_region(region)
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        return _check_schedule(value)
+
+    @model_validator(mode="after")
+    def _families(self) -> Policy:
+        names = [f.name for f in self.families]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"family {name!r} is defined twice")
+        for index, family in enumerate(self.families):
+            try:
+                self.rules_for(family)
+            except ValidationError as error:
+                first = error.errors()[0]
+                raise ValueError(f"families[{index}]: {first['msg']}") from None
+        return self
+
+    @property
+    def managed_regions(self) -> list[str]:
+        regions = set(self.regions)
+        for family in self.families:
+            regions.update(t.region for t in family.replicate)
+        return sorted(regions)
+
+    def family(self, name: str) -> Family:
+        for family in self.families:
+            if family.name == name:
+                return family
+        raise KeyError(name)
+
+    def rules_for(self, family: Family) -> Rules:
+        """The family's rules: `defaults` with the family's overrides merged in."""
+        merged: dict[str, Any] = self.defaults.model_dump()
+        for key in ("keep_latest", "min_age_days", "launched_within_days", "opt_out_tag", "allow_shared"):
+            value = getattr(family, key)
+            if value is not None:
+                merged[key] = value
+        if family.lifecycle is not None:
+            merged["lifecycle"].update(family.lifecycle.model_dump(exclude_unset=True))
+        if family.limits is not None and family.limits.max_fraction_per_family is not None:
+            merged["limits"]["max_fraction_per_family"] = family.limits.max_fraction_per_family
+        return Rules.model_validate(merged)
+
+
+def _check_region(value: str) -> str:
+    if not _REGION_RE.match(value):
+        raise ValueError(f"{value!r} is not an AWS region name (like us-east-1)")
+    return value
+
+
+def _check_schedule(value: str) -> str:
+    if re.match(r"^cron\((\S+ ){5}\S+\)$", value) or re.match(
+        r"^rate\(\d+ (minute|minutes|hour|hours|day|days)\)$", value
+    ):
+        return value
+    raise ValueError("must be an EventBridge expression: cron(m h dom mon dow year) or rate(N unit)")
+
+
+def _loc(parts: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-after") or part.startswith("function-before"):
+            continue
+        elif part in ("str", "int", "literal['all','default-and-latest']", "literal['all', 'default-and-latest']"):
+            # pydantic names the union branch it tried; the user only cares about the key.
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx['le']}"
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling)"
+    if kind == "missing":
+        return "required"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind == "too_short":
+        return "must not be empty"
+    msg = str(error["msg"])
+    return msg[0].lower() + msg[1:] if msg else kind
+
+
+def format_validation_error(error: ValidationError) -> str:
+    seen: list[str] = []
+    for item in error.errors():
+        line = f"{_loc(tuple(item['loc']))}: {_message(item)}"
+        if line not in seen:
+            seen.append(line)
+    return "\n".join(seen)
+
+
+def parse_policy(data: Any, *, source: str = "policy") -> Policy:
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: the policy must be a mapping of keys (mode, regions, families, ...)")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as error:
+        raise PolicyError(f"{source}: invalid policy\n{format_validation_error(error)}") from None
+
+
+def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
+    """Load a policy from YAML or JSON (the deployed functions get JSON, so no YAML parser is needed)."""
+    file = Path(path or os.environ.get("AMI_JANITOR_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise PolicyError(f"{file}: cannot read the policy file ({error.strerror})") from None
+    if file.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PolicyError(f"{file}: not valid JSON (line {error.lineno}: {error.msg})") from None
+    else:
+        import yaml  # only the CLI and the deploy read YAML
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise PolicyError(f"{file}: not valid YAML ({error})") from None
+    return parse_policy(data, source=str(file))

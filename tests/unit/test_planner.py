@@ -1,0 +1,330 @@
+"""Planner cases: every keep rule, reason, stage, cap and rescue."""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+
+from builders import NOW, image, inventory, policy, reference
+
+from ami_janitor.model import Decision, Plan, RetiredSnapshot, iso
+from ami_janitor.planner import plan
+from ami_janitor.policy import (
+    CANDIDATE_TAG,
+    PRIOR_DEPRECATION_TAG,
+    SHARED_BY_JANITOR_TAG,
+    SOURCE_CREATED_TAG,
+    SOURCE_IMAGE_TAG,
+    SOURCE_REGION_TAG,
+)
+
+ALL_ZERO = {"lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0}}
+
+
+def by_id(result: Plan) -> dict[str, Decision]:
+    return {d.image_id: d for d in result.decisions}
+
+
+def test_keep_latest_per_group_and_candidates_get_reasons() -> None:
+    images = [image(days_old=100 + i) for i in range(4)]
+    result = by_id(plan([inventory(*images)], policy(), NOW))
+    assert result[images[0].image_id].action == "keep"
+    assert "among the 2 newest of its group (#1)" in result[images[0].image_id].reasons
+    assert "among the 2 newest of its group (#2)" in result[images[1].image_id].reasons
+    old = result[images[3].image_id]
+    assert old.action == "deprecate"
+    assert "not among the 2 newest of its group" in old.reasons
+    assert "older than 30 days" in old.reasons
+    assert old.next_action == "disable"
+    assert old.next_action_at == iso(NOW + timedelta(days=7))
+
+
+def test_groups_are_per_architecture() -> None:
+    x86 = [image(days_old=100 + i) for i in range(3)]
+    arm = [image(days_old=100 + i, arch="arm64") for i in range(3)]
+    result = by_id(plan([inventory(*x86, *arm)], policy(), NOW))
+    assert [result[i.image_id].action for i in x86] == ["keep", "keep", "deprecate"]
+    assert [result[i.image_id].action for i in arm] == ["keep", "keep", "deprecate"]
+
+
+def test_min_age_keeps_young_amis() -> None:
+    images = [image(days_old=d) for d in (1, 2, 3, 40)]
+    result = by_id(plan([inventory(*images)], policy(), NOW))
+    assert result[images[2].image_id].action == "keep"
+    assert any(r.startswith("younger than 30 days") for r in result[images[2].image_id].reasons)
+    assert result[images[3].image_id].action == "deprecate"
+
+
+def test_replica_age_comes_from_its_source() -> None:
+    # Copied yesterday, but its source is 200 days old: old, and ordered behind newer sources.
+    replica = image(
+        days_old=1,
+        tags={
+            SOURCE_IMAGE_TAG: "ami-source",
+            SOURCE_REGION_TAG: "us-west-2",
+            SOURCE_CREATED_TAG: iso(NOW - timedelta(days=200)) or "",
+        },
+    )
+    newer = [image(days_old=100), image(days_old=101)]
+    result = by_id(plan([inventory(replica, *newer)], policy(), NOW))
+    assert result[replica.image_id].action == "deprecate"
+    assert result[replica.image_id].source_image_id == "ami-source"
+    assert [d.image_id for d in plan([inventory(replica, *newer)], policy(), NOW).decisions][-1] == (
+        replica.image_id
+    )
+
+
+def test_references_keep_with_their_detail() -> None:
+    images = [image(days_old=100 + i) for i in range(3)]
+    detail = "referenced by launch template lt-0abc (web) version 3"
+    inv = inventory(*images, references=(reference(images[2].image_id, detail, "launch-template"),))
+    decision = by_id(plan([inv], policy(), NOW))[images[2].image_id]
+    assert decision.action == "keep"
+    assert detail in decision.reasons
+
+
+def test_latest_tag_and_pointer_keep() -> None:
+    images = [image(days_old=100 + i) for i in range(4)]
+    stale = image(days_old=300, tags={"Latest": "true"})
+    inv = inventory(*images, stale, parameters={"/ami/app/latest": images[3].image_id})
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
+    result = plan([inv], pol, NOW)
+    decisions = by_id(result)
+    assert "carries the Latest tag" in decisions[stale.image_id].reasons
+    assert "value of SSM parameter /ami/app/latest" in decisions[images[3].image_id].reasons
+    assert "Latest of its group" in decisions[images[0].image_id].reasons
+    [change] = result.latest
+    assert (change.from_, change.to, change.untag) == (stale.image_id, images[0].image_id, [stale.image_id])
+    assert result.to_dict()["latest"][0]["from"] == stale.image_id
+
+
+def test_latest_skips_disabled_and_deprecated() -> None:
+    disabled = image(days_old=50, state="disabled")
+    deprecated = image(days_old=60, deprecation_time=NOW - timedelta(days=1))
+    available = image(days_old=70)
+    pol = policy({"latest": {"tag": "Latest"}})
+    [change] = plan([inventory(disabled, deprecated, available)], pol, NOW).latest
+    assert change.to == available.image_id
+
+
+def test_no_available_ami_removes_tag_with_warning() -> None:
+    only = image(days_old=50, state="disabled", tags={"Latest": "true"})
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/p"}})
+    [change] = plan([inventory(only)], pol, NOW).latest
+    assert change.to is None and change.untag == [only.image_id] and change.warning
+
+
+def test_pointer_without_arch_on_multi_arch_family_is_a_policy_error() -> None:
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
+    result = plan([inventory(image(arch="x86_64"), image(arch="arm64"))], pol, NOW)
+    assert result.latest == []
+    assert any("must contain {arch}" in e for e in result.policy_errors)
+    ok = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"}})
+    params = {c.ssm_parameter for c in plan([inventory(image(arch="x86_64"), image(arch="arm64"))], ok, NOW).latest}
+    assert params == {"/ami/app/x86_64/latest", "/ami/app/arm64/latest"}
+
+
+def test_recent_launch_keeps() -> None:
+    images = [image(days_old=100 + i) for i in range(3)]
+    launched = image(days_old=200, last_launched=NOW - timedelta(days=3))
+    decision = by_id(plan([inventory(*images, launched)], policy(), NOW))[launched.image_id]
+    assert decision.action == "keep"
+    assert any(r.startswith("launched ") for r in decision.reasons)
+
+
+def test_foreign_share_and_public_keep_unless_allowed() -> None:
+    images = [image(days_old=100 + i) for i in range(2)]
+    foreign = image(days_old=200, perms=("user:999988887777",))
+    listed = image(days_old=201, perms=("user:123456789012",))
+    public = image(days_old=202, public=True, perms=("group:all",))
+    inv = inventory(*images, foreign, listed, public)
+    pol = policy({"share_with": {"accounts": ["123456789012"]}})
+    decisions = by_id(plan([inv], pol, NOW))
+    assert decisions[foreign.image_id].action == "keep"
+    assert "shared with user:999988887777 (not in share_with)" in decisions[foreign.image_id].reasons
+    assert decisions[listed.image_id].action == "deprecate"
+    assert decisions[public.image_id].reasons == ["public (the family does not set public: true)"]
+    allowed = by_id(plan([inv], policy({"allow_shared": True}), NOW))
+    assert allowed[foreign.image_id].action == "deprecate"
+    assert allowed[public.image_id].action == "deprecate"
+
+
+def test_grants_the_janitor_made_are_not_foreign() -> None:
+    images = [image(days_old=100 + i) for i in range(2)]
+    own = image(days_old=200, perms=("user:111111111111",), tags={SHARED_BY_JANITOR_TAG: "user:111111111111"})
+    assert by_id(plan([inventory(*images, own)], policy(), NOW))[own.image_id].action == "deprecate"
+
+
+def test_unchecked_launch_permissions_hold_a_candidate() -> None:
+    images = [image(days_old=100 + i) for i in range(2)]
+    unknown = image(days_old=200, perms=None)
+    decision = by_id(plan([inventory(*images, unknown)], policy(), NOW))[unknown.image_id]
+    assert (decision.action, decision.reasons) == ("keep", ["launch permissions not checked yet"])
+
+
+def test_opt_out_and_protection_keep() -> None:
+    images = [image(days_old=100 + i) for i in range(2)]
+    opted = image(days_old=200, tags={"ami-janitor:keep": ""})
+    protected = image(days_old=201, deregistration_protection=True)
+    decisions = by_id(plan([inventory(*images, opted, protected)], policy(), NOW))
+    assert decisions[opted.image_id].reasons == ["opted out (tag ami-janitor:keep)"]
+    assert decisions[protected.image_id].reasons == ["deregistration protection is on"]
+    custom = by_id(plan([inventory(*images, opted)], policy({"opt_out_tag": "Keep"}), NOW))
+    assert custom[opted.image_id].action == "deprecate"
+
+
+def test_two_families_keep_and_report() -> None:
+    both = image(days_old=300, name="app-shared-1")
+    pol = policy(
+        families=[
+            {"name": "app", "match": {"tags": {"Project": "App"}}},
+            {"name": "shared", "match": {"name": "app-shared-*"}},
+        ]
+    )
+    result = plan([inventory(both)], pol, NOW)
+    [decision] = result.decisions
+    assert decision.action == "keep" and decision.family == "app"
+    assert decision.reasons[0] == "matches several families (app, shared): policy error"
+    assert result.policy_errors == [f"{both.image_id} matches several families (app, shared): kept"]
+
+
+def test_stage_clock() -> None:
+    keepers = [image(days_old=10 + i) for i in range(2)]
+
+    def decide(**img: object) -> Decision:
+        target = image(days_old=300, **img)  # type: ignore[arg-type]
+        return by_id(plan([inventory(*keepers, target)], policy(), NOW))[target.image_id]
+
+    since = lambda days: {CANDIDATE_TAG: iso(NOW - timedelta(days=days)) or ""}  # noqa: E731
+    deprecated = {PRIOR_DEPRECATION_TAG: "none"}
+    fresh = decide()
+    assert (fresh.action, fresh.stages, fresh.candidate_since) == ("deprecate", ["deprecate"], iso(NOW))
+    waiting = decide(tags={**since(3), **deprecated})
+    assert (waiting.action, waiting.next_action) == ("wait", "disable")
+    assert waiting.next_action_at == iso(NOW + timedelta(days=4))
+    assert decide(tags={**since(8), **deprecated}).action == "disable"
+    overdue = decide(tags=since(20))
+    assert (overdue.action, overdue.stages) == ("deregister", ["deprecate", "disable", "deregister"])
+    disabled = decide(tags={**since(15), **deprecated}, state="disabled")
+    assert (disabled.action, disabled.stages) == ("deregister", ["deregister"])
+
+
+def test_all_zero_stages_deregister_at_once_and_null_skips() -> None:
+    keepers = [image(days_old=10 + i) for i in range(2)]
+    old = image(days_old=300)
+    decision = by_id(plan([inventory(*keepers, old)], policy(ALL_ZERO), NOW))[old.image_id]
+    assert decision.stages == ["deprecate", "disable", "deregister"]
+    skip = policy({"lifecycle": {"deprecate_after_days": None, "disable_after_days": None}})
+    decision = by_id(plan([inventory(*keepers, old)], skip, NOW))[old.image_id]
+    assert (decision.action, decision.next_action_at) == ("wait", iso(NOW + timedelta(days=14)))
+
+
+def test_rescue_when_a_keep_reason_returns() -> None:
+    keepers = [image(days_old=10 + i) for i in range(2)]
+    tags = {CANDIDATE_TAG: iso(NOW - timedelta(days=9)) or "", PRIOR_DEPRECATION_TAG: "none"}
+    back = image(days_old=300, tags=tags, state="disabled")
+    inv = inventory(*keepers, back, references=(reference(back.image_id),))
+    decision = by_id(plan([inv], policy(), NOW))[back.image_id]
+    assert decision.action == "rescue"
+    assert decision.reasons == ["used by instance i-1 (stopped)"]
+    assert decision.candidate_since == tags[CANDIDATE_TAG]
+
+
+def test_caps_fraction_per_group_and_actions_per_region() -> None:
+    images = [image(days_old=100 + i) for i in range(10)]
+    pol = policy({"keep_latest": 1}, defaults={"limits": {"max_actions_per_run": 100, "max_fraction_per_family": 0.5}})
+    result = plan([inventory(*images)], pol, NOW)
+    acting = [d for d in result.decisions if d.action == "deprecate"]
+    assert len(acting) == 5  # floor(0.5 x 10)
+    assert {d.image_id for d in acting} == {i.image_id for i in images[5:]}  # oldest move first
+    held = [d for d in result.decisions if any("max_fraction_per_family" in r for r in d.reasons)]
+    assert len(held) == 4 and result.summary.held_by_cap == 4
+    tight = policy({"keep_latest": 1}, defaults={"limits": {"max_actions_per_run": 3, "max_fraction_per_family": 1}})
+    result = plan([inventory(*images)], tight, NOW)
+    assert sum(d.action == "deprecate" for d in result.decisions) == 3
+    assert any("held back by max_actions_per_run (3)" in d.reasons for d in result.decisions)
+
+
+def test_encrypted_in_place_copy_stands_in_for_its_original() -> None:
+    original = image(days_old=40)
+    copy = image(
+        days_old=39,
+        tags={
+            SOURCE_IMAGE_TAG: original.image_id,
+            SOURCE_REGION_TAG: "us-east-1",
+            SOURCE_CREATED_TAG: iso(original.created) or "",
+        },
+    )
+    older = image(days_old=100)
+    pol = policy({"keep_latest": 1, "latest": {"tag": "Latest"}, "min_age_days": 0})
+    result = plan([inventory(original, copy, older)], pol, NOW)
+    decisions = by_id(result)
+    assert decisions[copy.image_id].action == "keep"
+    assert decisions[original.image_id].action == "deprecate"
+    assert "its encrypted copy in this region stands in for it" in decisions[original.image_id].reasons
+    assert result.latest[0].to == copy.image_id
+
+
+def test_skipped_region_has_no_decisions() -> None:
+    pol = policy(regions=["us-east-1", "eu-west-1"])
+    broken = inventory(region="eu-west-1", error="launch templates: AccessDenied: no")
+    result = plan([inventory(image()), broken], pol, NOW)
+    assert [(r.region, r.status) for r in result.regions] == [("eu-west-1", "skipped"), ("us-east-1", "ok")]
+    assert {d.region for d in result.decisions} == {"us-east-1"}
+    assert result.summary.regions_skipped == 1
+
+
+def test_unfinished_deregistration_and_recycle_bin_reported() -> None:
+    present = image()
+    inv = inventory(
+        present,
+        retired_snapshots=(
+            RetiredSnapshot(snapshot_id="snap-gone", image_id="ami-gone"),
+            RetiredSnapshot(snapshot_id="snap-still", image_id=present.image_id),
+        ),
+        recycle_bin_rules=("Recycle Bin rule r1 retains EC2_IMAGE for 7 days",),
+    )
+    result = plan([inv], policy(), NOW)
+    assert result.unfinished_snapshots == ["snap-gone"]
+    assert any("deferred" in note for note in result.notes)
+
+
+def test_summary_counts_only_snapshots_no_remaining_ami_uses() -> None:
+    keepers = [image(days_old=10, snapshots=("snap-shared",)), image(days_old=11)]
+    old = image(days_old=300, snapshots=("snap-shared", "snap-own"), size_gib=20)
+    result = plan([inventory(*keepers, old)], policy(ALL_ZERO), NOW)
+    assert (result.summary.retired, result.summary.snapshots_deleted, result.summary.gib_freed_max) == (1, 1, 20)
+
+
+def test_instance_store_deregistration_says_the_bundle_stays() -> None:
+    keepers = [image(days_old=10 + i) for i in range(2)]
+    legacy = image(days_old=300, root_device_type="instance-store", snapshots=())
+    decision = by_id(plan([inventory(*keepers, legacy)], policy(ALL_ZERO), NOW))[legacy.image_id]
+    assert any("S3 bundle" in r for r in decision.reasons)
+
+
+def test_pending_and_failed_are_kept() -> None:
+    pending = image(days_old=300, state="pending")
+    failed = image(days_old=301, state="failed")
+    decisions = by_id(plan([inventory(pending, failed)], policy(), NOW))
+    assert decisions[pending.image_id].action == "keep" and decisions[failed.image_id].action == "keep"
+
+
+def test_same_inputs_same_bytes_in_any_order() -> None:
+    images = [image(days_old=d, arch=random.choice(["x86_64", "arm64"])) for d in range(5, 200, 7)]
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/a/{arch}"}})
+    first = plan([inventory(*images)], pol, NOW).to_json()
+    shuffled = images[:]
+    random.Random(4).shuffle(shuffled)
+    assert plan([inventory(*shuffled)], pol, NOW).to_json() == first
+
+
+def test_plan_json_has_the_documented_shape() -> None:
+    data = plan([inventory(image())], policy(), NOW).to_dict()
+    assert list(data)[:8] == ["mode", "generated_at", "regions", "decisions", "latest", "copies", "shares", "summary"]
+    decision_keys = {
+        "region", "family", "architecture", "image_id", "name", "created", "action", "reasons",
+        "candidate_since", "next_action", "next_action_at", "snapshots", "size_gib", "source_image_id",
+    }
+    assert decision_keys <= set(data["decisions"][0])
+    assert {"images", "kept", "retired", "snapshots_deleted", "gib_freed_max"} <= set(data["summary"])

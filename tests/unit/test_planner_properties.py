@@ -1,0 +1,212 @@
+"""Safety properties of the planner over random fleets and policies (hypothesis).
+
+`make test` runs a quick profile; `make fuzz` runs 10,000 examples per property.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+from builders import NOW
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ami_janitor.model import Image, LaunchPermission, Plan, Reference, RegionInventory, iso
+from ami_janitor.planner import ACTING, plan
+from ami_janitor.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
+
+OPT_OUT = "ami-janitor:keep"
+OWN_ACCOUNT = "123456789012"
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> Policy:
+    stage = st.one_of(st.none(), st.integers(0, 30))
+    days = sorted(d for d in [draw(stage), draw(stage), draw(stage)] if d is not None)
+    lifecycle: dict[str, Any] = {}
+    for key in ("deprecate_after_days", "disable_after_days", "deregister_after_days"):
+        lifecycle[key] = days.pop(0) if days and draw(st.booleans()) else None
+    family: dict[str, Any] = {
+        "name": "app",
+        "match": {"tags": {"Project": "App"}},
+        "latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"},
+        "share_with": {"accounts": [OWN_ACCOUNT]},
+        "public": draw(st.booleans()),
+    }
+    return parse_policy(
+        {
+            "regions": ["us-east-1"],
+            "defaults": {
+                "keep_latest": draw(st.integers(1, 5)),
+                "min_age_days": draw(st.integers(0, 60)),
+                "launched_within_days": draw(st.integers(0, 30)),
+                "allow_shared": draw(st.booleans()),
+                "lifecycle": lifecycle,
+                "limits": {
+                    "max_actions_per_run": draw(st.integers(0, 40)),
+                    "max_fraction_per_family": draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])),
+                },
+            },
+            "families": [family],
+        }
+    )
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> RegionInventory:
+    count = draw(st.integers(0, 40))
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    snapshots = [f"snap-{i:04x}" for i in range(count + 3)]
+    images: list[Image] = []
+    references: list[Reference] = []
+    for index in range(count):
+        tags = {"Project": "App"}
+        if rng.random() < 0.1:
+            tags[OPT_OUT] = ""
+        if rng.random() < 0.1:
+            tags["Latest"] = "true"
+        if rng.random() < 0.4:
+            tags[CANDIDATE_TAG] = iso(NOW - timedelta(days=rng.randint(0, 40))) or ""
+            if rng.random() < 0.5:
+                tags[PRIOR_DEPRECATION_TAG] = "none"
+        perms: list[LaunchPermission] = []
+        if rng.random() < 0.15:
+            perms.append(LaunchPermission(kind="user", value=rng.choice([OWN_ACCOUNT, "999988887777"])))
+        public = rng.random() < 0.05
+        if public:
+            perms.append(LaunchPermission(kind="group", value="all"))
+        image_id = f"ami-{index:017x}"
+        images.append(
+            Image(
+                image_id=image_id,
+                region="us-east-1",
+                name=f"app-{index}",
+                architecture=rng.choice(["x86_64", "arm64"]),
+                state=rng.choice(["available"] * 6 + ["disabled", "pending"]),
+                created=NOW - timedelta(days=rng.randint(0, 200), minutes=rng.randint(0, 1000)),
+                tags=tags,
+                snapshot_ids=tuple(rng.sample(snapshots, rng.randint(0, 2))),
+                size_gib=8,
+                public=public,
+                deregistration_protection=rng.random() < 0.05,
+                last_launched=NOW - timedelta(days=rng.randint(0, 60)) if rng.random() < 0.2 else None,
+                launch_permissions=tuple(perms) if rng.random() < 0.9 else None,
+            )
+        )
+        if rng.random() < 0.15:
+            references.append(
+                Reference(image_id=image_id, kind="instance", resource_id="i-1", detail="used by instance i-1")
+            )
+    parameters = {}
+    if images and rng.random() < 0.5:
+        parameters["/ami/app/x86_64/latest"] = rng.choice(images).image_id
+    return RegionInventory(
+        region="us-east-1", images=tuple(images), references=tuple(references), parameters=parameters
+    )
+
+
+def protected_reason(image: Image, inventory: RegionInventory, policy: Policy) -> str | None:
+    """Why this AMI must never be retired, from the raw inputs (independent of the planner)."""
+    rules = policy.rules_for(policy.families[0])
+    if any(r.image_id == image.image_id for r in inventory.references):
+        return "referenced"
+    if image.image_id in inventory.parameters.values():
+        return "pointer"
+    if OPT_OUT in image.tags:
+        return "opted out"
+    if "Latest" in image.tags:
+        return "Latest tag"
+    if image.deregistration_protection:
+        return "protected"
+    if image.last_launched and NOW - image.last_launched <= timedelta(days=rules.launched_within_days):
+        return "launched"
+    if not rules.allow_shared:
+        if image.public and not policy.families[0].public:
+            return "public"
+        foreign = [p for p in image.launch_permissions or () if p.key not in {f"user:{OWN_ACCOUNT}", "group:all"}]
+        if foreign:
+            return "foreign share"
+    if image.launch_permissions is None and image.state == "available":
+        return "unchecked shares"
+    return None
+
+
+@given(fleets(), policies())
+def test_nothing_in_use_is_ever_retired(inventory: RegionInventory, policy: Policy) -> None:
+    images = {i.image_id: i for i in inventory.images}
+    for decision in plan([inventory], policy, NOW).decisions:
+        if decision.action in ACTING or decision.action == "wait":
+            reason = protected_reason(images[decision.image_id], inventory, policy)
+            assert reason is None, (decision, reason)
+
+
+@given(fleets(), policies())
+def test_never_fewer_than_keep_latest_per_group(inventory: RegionInventory, policy: Policy) -> None:
+    keep = policy.rules_for(policy.families[0]).keep_latest
+    result = plan([inventory], policy, NOW)
+    by_group: dict[str, list[Image]] = defaultdict(list)
+    images = {i.image_id: i for i in inventory.images}
+    actions = {d.image_id: d.action for d in result.decisions}
+    for image in inventory.images:
+        if image.state in ("available", "disabled"):
+            by_group[image.architecture].append(image)
+    for members in by_group.values():
+        newest = sorted(members, key=lambda i: (i.created, i.name, i.image_id), reverse=True)[:keep]
+        for image in newest:
+            assert actions[image.image_id] in ("keep", "rescue"), images[image.image_id]
+
+
+@given(fleets(), policies())
+def test_caps_hold(inventory: RegionInventory, policy: Policy) -> None:
+    limits = policy.defaults.limits
+    result = plan([inventory], policy, NOW)
+    acting = [d for d in result.decisions if d.action in ACTING]
+    assert len(acting) <= limits.max_actions_per_run
+    sizes: dict[str, int] = defaultdict(int)
+    for decision in result.decisions:
+        sizes[decision.architecture] += 1
+    moved: dict[str, int] = defaultdict(int)
+    for decision in acting:
+        moved[decision.architecture] += 1
+    for arch, count in moved.items():
+        assert count <= math.floor(limits.max_fraction_per_family * sizes[arch])
+
+
+@given(fleets(), policies(), st.randoms(use_true_random=False))
+def test_plan_is_deterministic(inventory: RegionInventory, policy: Policy, rng: random.Random) -> None:
+    shuffled = list(inventory.images)
+    rng.shuffle(shuffled)
+    again = inventory.model_copy(update={"images": tuple(shuffled)})
+    assert plan([inventory], policy, NOW).to_json() == plan([again], policy, NOW).to_json()
+
+
+@given(fleets(), policies())
+def test_every_member_appears_once_and_candidates_in_use_are_rescued(
+    inventory: RegionInventory, policy: Policy
+) -> None:
+    result: Plan = plan([inventory], policy, NOW)
+    ids = [d.image_id for d in result.decisions]
+    assert sorted(ids) == sorted(i.image_id for i in inventory.images)
+    images = {i.image_id: i for i in inventory.images}
+    for decision in result.decisions:
+        image = images[decision.image_id]
+        reason = protected_reason(image, inventory, policy)
+        if CANDIDATE_TAG in image.tags and reason not in (None, "unchecked shares"):
+            assert decision.action == "rescue", (decision, reason)
+
+
+@given(fleets(), policies())
+def test_latest_points_at_the_newest_available(inventory: RegionInventory, policy: Policy) -> None:
+    result = plan([inventory], policy, NOW)
+    actions = {d.image_id: d.action for d in result.decisions}
+    for change in result.latest:
+        if change.to is None:
+            continue
+        members = [i for i in inventory.images if i.architecture == change.architecture and i.state == "available"]
+        newest = max(members, key=lambda i: (i.created, i.name, i.image_id))
+        assert change.to == newest.image_id
+        assert actions[change.to] in ("keep", "rescue")
