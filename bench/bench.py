@@ -34,7 +34,9 @@ def raw_images(count: int, rng: random.Random) -> list[dict[str, Any]]:
         created = NOW - timedelta(days=rng.uniform(0, 720))
         tags = [{"Key": "Project", "Value": "App"}, {"Key": "Version", "Value": str(n)}]
         if rng.random() < 0.3:
-            tags.append({"Key": CANDIDATE_TAG, "Value": (created + timedelta(days=60)).strftime("%Y-%m-%dT%H:%M:%SZ")})
+            tags.append(
+                {"Key": CANDIDATE_TAG, "Value": (created + timedelta(days=60)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+            )
         images.append(
             {
                 "ImageId": f"ami-{n:017x}",
@@ -89,7 +91,12 @@ def bench_plan() -> None:
             for i, img in enumerate(images)
         ]
         refs = tuple(
-            Reference(image_id=images[i].image_id, kind="instance", resource_id=f"i-{i}", detail=f"used by instance i-{i}")
+            Reference(
+                image_id=images[i].image_id,
+                kind="instance",
+                resource_id=f"i-{i}",
+                detail=f"used by instance i-{i}",
+            )
             for i in range(0, count, 20)
         )
         inventory = RegionInventory(region="us-east-1", images=tuple(images), references=refs)
@@ -118,27 +125,44 @@ def bench_inventory_calls() -> None:
         {
             "regions": ["us-east-1"],
             "references": {"launch_template_versions": "all"},
-            "families": [{"name": "app", "match": {"name": "app-*"}, "latest": {"ssm_parameter": "/ami/app/{arch}"}}],
+            "families": [
+                {"name": "app", "match": {"name": "app-*"}, "latest": {"ssm_parameter": "/ami/app/{arch}"}}
+            ],
         }
     )
-    counts = {"images": 300, "instances": 40, "launch_templates": 12, "versions_per_template": 3, "parameters": 60}
+    counts = {
+        "images": 300,
+        "instances": 40,
+        "launch_templates": 12,
+        "versions_per_template": 3,
+        "parameters": 60,
+    }
     with mock_aws():
         ec2 = boto3.client("ec2", region_name="us-east-1")
         ssm = boto3.client("ssm", region_name="us-east-1")
         base = ec2.register_image(Name="base")["ImageId"]
         instance = ec2.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-        ids = [ec2.create_image(InstanceId=instance, Name=f"app-{n}")["ImageId"] for n in range(counts["images"] - 1)]
+        ids = [
+            ec2.create_image(InstanceId=instance, Name=f"app-{n}")["ImageId"]
+            for n in range(counts["images"] - 1)
+        ]
         ec2.run_instances(ImageId=ids[0], MinCount=counts["instances"] - 1, MaxCount=counts["instances"] - 1)
         for t in range(counts["launch_templates"]):
-            lt = ec2.create_launch_template(LaunchTemplateName=f"lt{t}", LaunchTemplateData={"ImageId": ids[t]})
+            lt = ec2.create_launch_template(
+                LaunchTemplateName=f"lt{t}", LaunchTemplateData={"ImageId": ids[t]}
+            )
             for v in range(counts["versions_per_template"] - 1):
                 ec2.create_launch_template_version(
-                    LaunchTemplateId=lt["LaunchTemplate"]["LaunchTemplateId"], LaunchTemplateData={"ImageId": ids[v]}
+                    LaunchTemplateId=lt["LaunchTemplate"]["LaunchTemplateId"],
+                    LaunchTemplateData={"ImageId": ids[v]},
                 )
         for p in range(counts["parameters"]):
             ssm.put_parameter(Name=f"/p/{p}", Value=ids[p], Type="String")
         clients = RegionClients("us-east-1")
-        counters = {name: adapter.count_calls(getattr(clients, name)) for name in ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin")}
+        counters = {
+            name: adapter.count_calls(getattr(clients, name))
+            for name in ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin")
+        }
         start = time.perf_counter()
         inventory = adapter.load_inventory(clients, policy)
         took = time.perf_counter() - start
@@ -168,10 +192,17 @@ def bench_cold_start() -> None:
     code = "import time; t=time.perf_counter(); import ami_janitor.handlers.scheduled; print(time.perf_counter()-t)"
     runs = []
     for _ in range(5):
-        out = subprocess.run([sys.executable, "-X", "frozen_modules=on", "-c", code], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-X", "frozen_modules=on", "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         runs.append(float(out.stdout.strip()))
-    print(f"\nimport of the cleanup handler module: median {statistics.median(runs) * 1000:.0f} ms over 5 fresh "
-          f"interpreters (target < 300 ms)")
+    print(
+        f"\nimport of the cleanup handler module: median {statistics.median(runs) * 1000:.0f} ms over 5 fresh "
+        f"interpreters (target < 300 ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def image(
     )
 
 
-def reference(image_id: str, detail: str = "used by instance i-1 (stopped)", kind: str = "instance") -> Reference:
+def reference(
+    image_id: str, detail: str = "used by instance i-1 (stopped)", kind: str = "instance"
+) -> Reference:
     return Reference(image_id=image_id, kind=kind, resource_id="i-1", detail=detail)
 
 

@@ -34,8 +34,8 @@ class RegionClients:
 
     def _get(self, service: str) -> Any:
         if service not in self._clients:
-            self._clients[service] = self._session.client(
-                service,  # type: ignore[call-overload]
+            self._clients[service] = self._session.client(  # type: ignore[call-overload]
+                service,
                 region_name=self.region,
                 config=client_config(),
             )
@@ -43,27 +43,27 @@ class RegionClients:
 
     @property
     def ec2(self) -> EC2Client:
-        return self._get("ec2")  # type: ignore[no-any-return]
+        return self._get("ec2")
 
     @property
     def ssm(self) -> SSMClient:
-        return self._get("ssm")  # type: ignore[no-any-return]
+        return self._get("ssm")
 
     @property
     def autoscaling(self) -> AutoScalingClient:
-        return self._get("autoscaling")  # type: ignore[no-any-return]
+        return self._get("autoscaling")
 
     @property
     def batch(self) -> BatchClient:
-        return self._get("batch")  # type: ignore[no-any-return]
+        return self._get("batch")
 
     @property
     def emr(self) -> EMRClient:
-        return self._get("emr")  # type: ignore[no-any-return]
+        return self._get("emr")
 
     @property
     def rbin(self) -> RecycleBinClient:
-        return self._get("rbin")  # type: ignore[no-any-return]
+        return self._get("rbin")
 
 
 class ClientFactory:
@@ -77,4 +77,3 @@ class ClientFactory:
         if region not in self._regions:
             self._regions[region] = RegionClients(region, self._session)
         return self._regions[region]
-

@@ -48,7 +48,7 @@ class LaunchPermission(_Frozen):
     @classmethod
     def from_key(cls, key: str) -> LaunchPermission:
         kind, _, value = key.partition(":")
-        return cls(kind=kind, value=value)  # type: ignore[arg-type]
+        return cls(kind=kind, value=value)
 
     @classmethod
     def from_api(cls, raw: dict[str, str]) -> LaunchPermission:
@@ -114,7 +114,8 @@ class Image(_Frozen):
             public=bool(raw.get("Public")),
             deprecation_time=parse_time(raw.get("DeprecationTime")),
             # "enabled", "enabled-with-cooldown" or "disabled-until <time>" (cooldown still protects).
-            deregistration_protection=protection.startswith("enabled") or protection.startswith("disabled-until"),
+            deregistration_protection=protection.startswith("enabled")
+            or protection.startswith("disabled-until"),
             last_launched=parse_time(raw.get("LastLaunchedTime")),
         )
 

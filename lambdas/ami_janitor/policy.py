@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import re
@@ -45,7 +46,7 @@ class Lifecycle(_Strict):
     @model_validator(mode="after")
     def _ordered(self) -> Lifecycle:
         days = [d for d in self.stage_days() if d[1] is not None]
-        for (earlier, a), (later, b) in zip(days, days[1:], strict=False):
+        for (earlier, a), (later, b) in itertools.pairwise(days):
             if a is not None and b is not None and b < a:
                 raise ValueError(f"{later}_after_days ({b}) must be >= {earlier}_after_days ({a})")
         return self
@@ -306,7 +307,12 @@ def _loc(parts: tuple[int | str, ...]) -> str:
             out += f"[{part}]"
         elif part.startswith("function-after") or part.startswith("function-before"):
             continue
-        elif part in ("str", "int", "literal['all','default-and-latest']", "literal['all', 'default-and-latest']"):
+        elif part in (
+            "str",
+            "int",
+            "literal['all','default-and-latest']",
+            "literal['all', 'default-and-latest']",
+        ):
             # pydantic names the union branch it tried; the user only cares about the key.
             continue
         else:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from builders import NOW, image, inventory, policy, reference
-
 from ami_janitor.model import Decision, Plan, RetiredSnapshot, iso
 from ami_janitor.planner import plan
 from ami_janitor.policy import (
@@ -17,6 +15,7 @@ from ami_janitor.policy import (
     SOURCE_IMAGE_TAG,
     SOURCE_REGION_TAG,
 )
+from builders import NOW, image, inventory, policy, reference
 
 ALL_ZERO = {"lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0}}
 
@@ -120,7 +119,9 @@ def test_pointer_without_arch_on_multi_arch_family_is_a_policy_error() -> None:
     assert result.latest == []
     assert any("must contain {arch}" in e for e in result.policy_errors)
     ok = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"}})
-    params = {c.ssm_parameter for c in plan([inventory(image(arch="x86_64"), image(arch="arm64"))], ok, NOW).latest}
+    params = {
+        c.ssm_parameter for c in plan([inventory(image(arch="x86_64"), image(arch="arm64"))], ok, NOW).latest
+    }
     assert params == {"/ami/app/x86_64/latest", "/ami/app/arm64/latest"}
 
 
@@ -232,14 +233,18 @@ def test_rescue_when_a_keep_reason_returns() -> None:
 
 def test_caps_fraction_per_group_and_actions_per_region() -> None:
     images = [image(days_old=100 + i) for i in range(10)]
-    pol = policy({"keep_latest": 1}, defaults={"limits": {"max_actions_per_run": 100, "max_fraction_per_family": 0.5}})
+    pol = policy(
+        {"keep_latest": 1}, defaults={"limits": {"max_actions_per_run": 100, "max_fraction_per_family": 0.5}}
+    )
     result = plan([inventory(*images)], pol, NOW)
     acting = [d for d in result.decisions if d.action == "deprecate"]
     assert len(acting) == 5  # floor(0.5 x 10)
     assert {d.image_id for d in acting} == {i.image_id for i in images[5:]}  # oldest move first
     held = [d for d in result.decisions if any("max_fraction_per_family" in r for r in d.reasons)]
     assert len(held) == 4 and result.summary.held_by_cap == 4
-    tight = policy({"keep_latest": 1}, defaults={"limits": {"max_actions_per_run": 3, "max_fraction_per_family": 1}})
+    tight = policy(
+        {"keep_latest": 1}, defaults={"limits": {"max_actions_per_run": 3, "max_fraction_per_family": 1}}
+    )
     result = plan([inventory(*images)], tight, NOW)
     assert sum(d.action == "deprecate" for d in result.decisions) == 3
     assert any("held back by max_actions_per_run (3)" in d.reasons for d in result.decisions)
@@ -293,7 +298,11 @@ def test_summary_counts_only_snapshots_no_remaining_ami_uses() -> None:
     keepers = [image(days_old=10, snapshots=("snap-shared",)), image(days_old=11)]
     old = image(days_old=300, snapshots=("snap-shared", "snap-own"), size_gib=20)
     result = plan([inventory(*keepers, old)], policy(ALL_ZERO), NOW)
-    assert (result.summary.retired, result.summary.snapshots_deleted, result.summary.gib_freed_max) == (1, 1, 20)
+    assert (result.summary.retired, result.summary.snapshots_deleted, result.summary.gib_freed_max) == (
+        1,
+        1,
+        20,
+    )
 
 
 def test_instance_store_deregistration_says_the_bundle_stays() -> None:
@@ -321,10 +330,31 @@ def test_same_inputs_same_bytes_in_any_order() -> None:
 
 def test_plan_json_has_the_documented_shape() -> None:
     data = plan([inventory(image())], policy(), NOW).to_dict()
-    assert list(data)[:8] == ["mode", "generated_at", "regions", "decisions", "latest", "copies", "shares", "summary"]
+    assert list(data)[:8] == [
+        "mode",
+        "generated_at",
+        "regions",
+        "decisions",
+        "latest",
+        "copies",
+        "shares",
+        "summary",
+    ]
     decision_keys = {
-        "region", "family", "architecture", "image_id", "name", "created", "action", "reasons",
-        "candidate_since", "next_action", "next_action_at", "snapshots", "size_gib", "source_image_id",
+        "region",
+        "family",
+        "architecture",
+        "image_id",
+        "name",
+        "created",
+        "action",
+        "reasons",
+        "candidate_since",
+        "next_action",
+        "next_action_at",
+        "snapshots",
+        "size_gib",
+        "source_image_id",
     }
     assert decision_keys <= set(data["decisions"][0])
     assert {"images", "kept", "retired", "snapshots_deleted", "gib_freed_max"} <= set(data["summary"])

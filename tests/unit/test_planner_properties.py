@@ -11,13 +11,13 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
-from builders import NOW
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ami_janitor.model import Image, LaunchPermission, Plan, Reference, RegionInventory, iso
 from ami_janitor.planner import ACTING, plan
 from ami_janitor.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
+from builders import NOW
 
 OPT_OUT = "ami-janitor:keep"
 OWN_ACCOUNT = "123456789012"
@@ -99,7 +99,9 @@ def fleets(draw: st.DrawFn) -> RegionInventory:
         )
         if rng.random() < 0.15:
             references.append(
-                Reference(image_id=image_id, kind="instance", resource_id="i-1", detail="used by instance i-1")
+                Reference(
+                    image_id=image_id, kind="instance", resource_id="i-1", detail="used by instance i-1"
+                )
             )
     parameters = {}
     if images and rng.random() < 0.5:
@@ -127,7 +129,9 @@ def protected_reason(image: Image, inventory: RegionInventory, policy: Policy) -
     if not rules.allow_shared:
         if image.public and not policy.families[0].public:
             return "public"
-        foreign = [p for p in image.launch_permissions or () if p.key not in {f"user:{OWN_ACCOUNT}", "group:all"}]
+        foreign = [
+            p for p in image.launch_permissions or () if p.key not in {f"user:{OWN_ACCOUNT}", "group:all"}
+        ]
         if foreign:
             return "foreign share"
     if image.launch_permissions is None and image.state == "available":
@@ -206,7 +210,9 @@ def test_latest_points_at_the_newest_available(inventory: RegionInventory, polic
     for change in result.latest:
         if change.to is None:
             continue
-        members = [i for i in inventory.images if i.architecture == change.architecture and i.state == "available"]
+        members = [
+            i for i in inventory.images if i.architecture == change.architecture and i.state == "available"
+        ]
         newest = max(members, key=lambda i: (i.created, i.name, i.image_id))
         assert change.to == newest.image_id
         assert actions[change.to] in ("keep", "rescue")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from builders import policy
 
 from ami_janitor.policy import PolicyError, load_policy, parse_policy
+from builders import policy
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"regions": ["us-east-1"], "families": [{"name": "a", "match": {"tags": {"P": "A"}}}]}
@@ -44,12 +44,21 @@ def test_defaults() -> None:
         ({**BASE, "mode": "yolo"}, "mode: input should be 'dry-run', 'enforce' or 'paused'"),
         ({**BASE, "regions": ["us-east"]}, "regions: 'us-east' is not an AWS region name"),
         ({**BASE, "regions": []}, "regions: must not be empty"),
-        (with_family(limits={"max_actions_per_run": 5}), "families[1].limits.max_actions_per_run: unknown key"),
+        (
+            with_family(limits={"max_actions_per_run": 5}),
+            "families[1].limits.max_actions_per_run: unknown key",
+        ),
         (with_family(keep_lates=3), "families[1].keep_lates: unknown key"),
-        ({**BASE, "defaults": {"limits": {"max_fraction_per_family": 2}}}, "defaults.limits.max_fraction_per_family: must be <= 1"),
+        (
+            {**BASE, "defaults": {"limits": {"max_fraction_per_family": 2}}},
+            "defaults.limits.max_fraction_per_family: must be <= 1",
+        ),
         ({**BASE, "schedule": "every day"}, "schedule: must be an EventBridge expression"),
         (with_family(match={}), "families[1].match: give tags and/or a name glob"),
-        (with_family(share_with={"accounts": ["12"]}), "families[1].share_with.accounts: '12' is not a 12-digit"),
+        (
+            with_family(share_with={"accounts": ["12"]}),
+            "families[1].share_with.accounts: '12' is not a 12-digit",
+        ),
         (with_family(replicate=[{"region": "eu-west-1", "kms_key_id": "alias/x"}]), "must be a key ARN"),
         ({**BASE, "references": {"launch_template_versions": 0}}, "references.launch_template_versions"),
         ({**BASE, "families": [BASE["families"][0], BASE["families"][0]]}, "family 'a' is defined twice"),
@@ -57,8 +66,13 @@ def test_defaults() -> None:
             with_family(lifecycle={"disable_after_days": 30, "deregister_after_days": 3}),
             "deregister_after_days (3) must be >= disable_after_days (30)",
         ),
-        ({**BASE, "families": [{"name": "a", "match": {"tags": {"P": "A"}}, "latest": {"ssm_parameter": "x"}}]},
-         "families[0].latest.ssm_parameter: must be a full parameter path"),
+        (
+            {
+                **BASE,
+                "families": [{"name": "a", "match": {"tags": {"P": "A"}}, "latest": {"ssm_parameter": "x"}}],
+            },
+            "families[0].latest.ssm_parameter: must be a full parameter path",
+        ),
         ("just text", "the policy must be a mapping"),
     ],
 )
@@ -69,7 +83,13 @@ def test_errors_name_the_key_path(data: object, expected: str) -> None:
 
 
 def test_family_overrides_merge_into_defaults() -> None:
-    loaded = policy({"keep_latest": 5, "lifecycle": {"disable_after_days": 10}, "limits": {"max_fraction_per_family": 0.2}})
+    loaded = policy(
+        {
+            "keep_latest": 5,
+            "lifecycle": {"disable_after_days": 10},
+            "limits": {"max_fraction_per_family": 0.2},
+        }
+    )
     rules = loaded.rules_for(loaded.families[0])
     assert rules.keep_latest == 5
     assert rules.lifecycle.disable_after_days == 10

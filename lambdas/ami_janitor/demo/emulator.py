@@ -1,0 +1,330 @@
+"""EC2 behaviour that moto 5.2.5 lacks or gets wrong, added to moto in this process (demo and tests only).
+
+What EC2 does and moto does not: image deprecation, deregistration protection (and its refusal to
+deregister), LastLaunchedTime, DisableImage dropping launch permissions, snapshot tags at CreateImage,
+TagSpecifications and ClientToken on CopyImage, DeleteSnapshot refusing a snapshot any AMI still uses.
+DeregisterImage(DeleteAssociatedSnapshots=True) keeps moto's behaviour (snapshots stay, no
+DeleteSnapshotResults), like the partitions that predate it: callers must handle both.
+
+The patches reach into moto internals, so they are pinned to one moto version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import moto
+
+MOTO_VERSION = "5.2.5"
+DEFAULT_ACCOUNT_ID = "123456789012"
+
+if moto.__version__ != MOTO_VERSION:
+    raise RuntimeError(
+        f"ami_janitor.demo.emulator patches moto {MOTO_VERSION} internals but moto {moto.__version__} is "
+        f"installed: install moto[server]=={MOTO_VERSION} or port the patches"
+    )
+
+# moto's own exception classes: its serializer finds the service from the exception's module.
+from moto.core.responses import ActionResult  # noqa: E402
+from moto.ec2.exceptions import (  # noqa: E402
+    EC2ClientError,
+    InvalidAMIIdError,
+    InvalidSnapshotInUse,
+    InvalidTaggableResourceType,
+    OperationNotPermitted,
+    UnvailableAMIIdError,
+)
+from moto.ec2.models import ec2_backends  # noqa: E402
+from moto.ec2.models.amis import Ami, AmiBackend  # noqa: E402
+from moto.ec2.models.elastic_block_store import EBSBackend  # noqa: E402
+from moto.ec2.responses.amis import AmisResponse  # noqa: E402
+from moto.moto_server import werkzeug_app  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+_MARKER = "_ami_janitor_emulator"
+_COOLDOWN = timedelta(hours=24)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _ec2_time(value: datetime) -> str:
+    """EC2's format for image times (DeprecationTime, LastLaunchedTime)."""
+    return _aware(value).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _owned_ami(backend: Any, image_id: str) -> Any:
+    """The moto Ami (typed Any: the attributes added here are unknown to moto's class)."""
+    if image_id in backend.deleted_amis:
+        raise UnvailableAMIIdError(image_id)
+    if image_id not in backend.amis:
+        raise InvalidAMIIdError(image_id)
+    return backend.amis[image_id]
+
+
+# ---- model: deregistration protection, as DescribeImages reports it ------------------------------------
+
+
+def _deregistration_protection(self: Any) -> str | None:
+    until = self.protection_until
+    if self.protection == "disabled" and until is not None and until > _now():
+        return f"disabled-until {_ec2_time(until)}"
+    protection: str | None = self.protection
+    return protection
+
+
+def _is_protected(ami: Any) -> bool:
+    return str(ami.deregistration_protection or "").startswith(("enabled", "disabled-until"))
+
+
+# ---- model: backend operations --------------------------------------------------------------------
+
+
+def enable_image_deprecation(self: Any, image_id: str, deprecate_at: datetime) -> None:
+    ami = _owned_ami(self, image_id)
+    # EC2 rounds the seconds to the nearest minute, refuses the past and more than 10 years ahead.
+    at = (_aware(deprecate_at) + timedelta(seconds=30)).replace(second=0, microsecond=0)
+    if at < _now().replace(second=0, microsecond=0) or at > _now() + timedelta(days=3653):
+        raise EC2ClientError(
+            "InvalidParameterValue", f"DeprecateAt {_ec2_time(at)} must be in the future and within 10 years"
+        )
+    ami.deprecation_time = _ec2_time(at)
+
+
+def disable_image_deprecation(self: Any, image_id: str) -> None:
+    _owned_ami(self, image_id).deprecation_time = None
+
+
+def enable_image_deregistration_protection(self: Any, image_id: str, with_cooldown: bool) -> None:
+    ami = _owned_ami(self, image_id)
+    ami.protection = "enabled-with-cooldown" if with_cooldown else "enabled"
+    ami.protection_until = None
+
+
+def disable_image_deregistration_protection(self: Any, image_id: str) -> None:
+    ami = _owned_ami(self, image_id)
+    if ami.protection == "enabled-with-cooldown":
+        ami.protection_until = _now() + _COOLDOWN  # still protected for 24 hours
+    ami.protection = "disabled"
+
+
+def _wrap_deregister_image(original: Callable[..., None]) -> Callable[..., None]:
+    def deregister_image(self: Any, ami_id: str) -> None:
+        ami = self.amis.get(ami_id)
+        if ami is not None and _is_protected(ami):
+            state = ami.deregistration_protection
+            raise OperationNotPermitted(f"The image '{ami_id}' has deregistration protection ({state})")
+        original(self, ami_id)
+
+    return deregister_image
+
+
+def _wrap_disable_image(original: Callable[..., None]) -> Callable[..., None]:
+    def disable_image(self: Any, ami_id: str) -> None:
+        original(self, ami_id)
+        # EC2 makes a disabled AMI private: every launch permission goes.
+        self.amis[ami_id].launch_permissions = []
+
+    return disable_image
+
+
+def _tag_image_and_snapshot(ami: Any, tag_specifications: list[dict[str, Any]]) -> None:
+    for spec in tag_specifications:
+        kind = str(spec.get("ResourceType"))
+        if kind not in ("image", "snapshot"):
+            raise InvalidTaggableResourceType(kind)
+        target = ami if kind == "image" else ami.ebs_snapshot
+        for tag in spec.get("Tags") or []:
+            target.add_tag(tag["Key"], tag.get("Value", ""))
+
+
+def _wrap_create_image(original: Callable[..., Any]) -> Callable[..., Any]:
+    def create_image(
+        self: Any, instance_id: str, name: str, description: str, tag_specifications: list[dict[str, Any]]
+    ) -> Any:
+        # moto raises NotImplementedError on a snapshot TagSpecification: tag the snapshot here instead.
+        snapshot_specs = [s for s in tag_specifications if s.get("ResourceType") == "snapshot"]
+        other_specs = [s for s in tag_specifications if s.get("ResourceType") != "snapshot"]
+        ami = original(self, instance_id, name, description, tag_specifications=other_specs)
+        _tag_image_and_snapshot(ami, snapshot_specs)
+        return ami
+
+    return create_image
+
+
+def _wrap_copy_image(original: Callable[..., Any]) -> Callable[..., Any]:
+    def copy_image(
+        self: Any,
+        source_image_id: str,
+        source_region: str,
+        name: str | None = None,
+        description: str | None = None,
+        tag_specifications: list[dict[str, Any]] | None = None,
+        client_token: str | None = None,
+    ) -> Any:
+        # EC2 remembers a ClientToken (even after the copy is deregistered) and answers with the same image.
+        tokens: dict[str, Any] = self.__dict__.setdefault("_ami_janitor_copy_tokens", {})
+        if client_token and client_token in tokens:
+            return tokens[client_token]
+        ami = original(self, source_image_id, source_region, name, description)
+        ami.source_image_id = source_image_id
+        ami.source_image_region = source_region
+        _tag_image_and_snapshot(ami, tag_specifications or [])
+        if client_token:
+            tokens[client_token] = ami
+        return ami
+
+    return copy_image
+
+
+def _wrap_delete_snapshot(original: Callable[..., Any]) -> Callable[..., Any]:
+    def delete_snapshot(self: Any, snapshot_id: str) -> Any:
+        # moto only knows the AMI a snapshot was made for; EC2 refuses while any AMI maps it.
+        for ami in self.amis.values():
+            if ami.ebs_snapshot.id == snapshot_id:
+                raise InvalidSnapshotInUse(snapshot_id, ami.id)
+        return original(self, snapshot_id)
+
+    return delete_snapshot
+
+
+# ---- responses: parse the request, call the backend ------------------------------------------------
+
+
+def _respond_enable_image_deprecation(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    self.ec2_backend.enable_image_deprecation(self._get_param("ImageId"), self._get_param("DeprecateAt"))
+    return ActionResult({"Return": True})
+
+
+def _respond_disable_image_deprecation(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    self.ec2_backend.disable_image_deprecation(self._get_param("ImageId"))
+    return ActionResult({"Return": True})
+
+
+def _respond_enable_image_deregistration_protection(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    self.ec2_backend.enable_image_deregistration_protection(
+        self._get_param("ImageId"), bool(self._get_param("WithCooldown", False))
+    )
+    return ActionResult({"Return": "true"})
+
+
+def _respond_disable_image_deregistration_protection(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    self.ec2_backend.disable_image_deregistration_protection(self._get_param("ImageId"))
+    return ActionResult({"Return": "true"})
+
+
+def _respond_copy_image(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    image = self.ec2_backend.copy_image(
+        self._get_param("SourceImageId"),
+        self._get_param("SourceRegion"),
+        self._get_param("Name"),
+        self._get_param("Description"),
+        tag_specifications=self._get_param("TagSpecifications", []),
+        client_token=self._get_param("ClientToken"),
+    )
+    return ActionResult({"ImageId": image.id})
+
+
+# Defaults on the class reach every image, existing ones included; the serializer picks DeprecationTime,
+# LastLaunchedTime, DeregistrationProtection, SourceImageId and SourceImageRegion from these snake_case names.
+_AMI_FIELDS: dict[str, Any] = {
+    "deprecation_time": None,
+    "last_launched_time": None,
+    "source_image_id": None,
+    "source_image_region": None,
+    "protection": None,
+    "protection_until": None,
+    "deregistration_protection": property(_deregistration_protection),
+}
+_BACKEND_METHODS: dict[str, Callable[..., Any]] = {
+    "enable_image_deprecation": enable_image_deprecation,
+    "disable_image_deprecation": disable_image_deprecation,
+    "enable_image_deregistration_protection": enable_image_deregistration_protection,
+    "disable_image_deregistration_protection": disable_image_deregistration_protection,
+}
+_BACKEND_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "deregister_image": _wrap_deregister_image,
+    "disable_image": _wrap_disable_image,
+    "create_image": _wrap_create_image,
+    "copy_image": _wrap_copy_image,
+}
+# The response class dispatches an action to the method of its snake_case name.
+_RESPONSES: dict[str, Callable[[Any], ActionResult]] = {
+    "enable_image_deprecation": _respond_enable_image_deprecation,
+    "disable_image_deprecation": _respond_disable_image_deprecation,
+    "enable_image_deregistration_protection": _respond_enable_image_deregistration_protection,
+    "disable_image_deregistration_protection": _respond_disable_image_deregistration_protection,
+    "copy_image": _respond_copy_image,
+}
+
+
+def install() -> None:
+    """Apply the patches to moto in this process. Idempotent."""
+    if getattr(AmiBackend, _MARKER, False):
+        return
+    for name, value in _AMI_FIELDS.items():
+        setattr(Ami, name, value)
+    for name, method in _BACKEND_METHODS.items():
+        setattr(AmiBackend, name, method)
+    for name, wrap in _BACKEND_WRAPPERS.items():
+        setattr(AmiBackend, name, wrap(getattr(AmiBackend, name)))
+    setattr(EBSBackend, "delete_snapshot", _wrap_delete_snapshot(EBSBackend.delete_snapshot))  # noqa: B010
+    for name, respond in _RESPONSES.items():
+        setattr(AmisResponse, name, respond)
+    setattr(AmiBackend, _MARKER, True)
+
+
+def start_server(host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadedMotoServer, str]:
+    """Install the patches and start moto's server in this process; returns (server, endpoint URL).
+
+    Port 0 picks a free port. Clients on the endpoint should use retries={'max_attempts': 1}: an
+    unimplemented call is an HTTP 500, which boto3 would retry.
+    """
+    install()
+    # Quiet: the request log and the tracebacks of calls moto lacks (DescribeImageReferences, Recycle
+    # Bin) would bury the demo; the janitor reports those gaps itself, as notes in the plan.
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
+    werkzeug_app.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+    server.start()
+    bound_host, bound_port = server.get_host_and_port()
+    return server, f"http://{bound_host}:{bound_port}"
+
+
+def set_image_fields(
+    region: str,
+    image_id: str,
+    *,
+    creation_date: datetime | None = None,
+    last_launched: datetime | None = None,
+    architecture: str | None = None,
+    snapshot_id: str | None = None,
+    account_id: str = DEFAULT_ACCOUNT_ID,
+) -> None:
+    """Set what no API can: age an AMI, record a launch, set its architecture (moto's instances are all
+    x86_64), or point its root mapping at another AMI's snapshot (AMIs registered from one snapshot share
+    it). Only for moto running in this process."""
+    install()
+    backend = ec2_backends[account_id][region]
+    ami = _owned_ami(backend, image_id)
+    if creation_date is not None:
+        ami.creation_date = _aware(creation_date).astimezone(UTC).replace(tzinfo=None)
+    if last_launched is not None:
+        ami.last_launched_time = _ec2_time(last_launched)
+    if architecture is not None:
+        ami.architecture = architecture
+    if snapshot_id is not None:
+        ami.ebs_snapshot = backend.get_snapshot(snapshot_id)

@@ -1,0 +1,240 @@
+"""`ami-janitor demo`: the PetTracker fleet on an embedded AWS (moto on loopback), planned and cleaned.
+
+Alex bakes `pettracker-ml` every other night in two regions and two architectures, and an API image
+every week. Three months later the account is full of AMIs and snapshots, and some of them are still
+used by things nobody remembers. The demo seeds that account, shows the plan with its reasons,
+applies it, and prints what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+DEMO_POLICY = """\
+mode: enforce
+regions: [us-east-1, eu-west-1]
+defaults:
+  keep_latest: 3
+  min_age_days: 14
+  launched_within_days: 14
+  limits: {max_actions_per_run: 500, max_fraction_per_family: 1.0}
+families:
+  - name: pettracker-ml
+    match: {tags: {Project: PetTracker}, name: "pettracker-ml-*"}
+    latest: {tag: Latest, ssm_parameter: "/ami/pettracker-ml/{arch}/latest"}
+    lifecycle: {deprecate_after_days: 0, disable_after_days: 7, deregister_after_days: 14}
+  - name: pettracker-api
+    match: {tags: {Project: PetTracker}, name: "pettracker-api-*"}
+    latest: {tag: Latest, ssm_parameter: "/ami/pettracker-api/latest"}
+    keep_latest: 2
+    lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
+"""
+REGIONS = ("us-east-1", "eu-west-1")
+ARCHITECTURES = ("x86_64", "arm64")
+UNLISTED_ACCOUNT = "999988887777"
+
+
+def _isolate_from_real_aws(endpoint: str, config: Path) -> None:
+    """Every client of this process talks to the emulator, never to an account."""
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        os.environ.pop(key, None)
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AMI_JANITOR_MAX_ATTEMPTS": "1",
+            "AMI_JANITOR_CONFIG": str(config),
+        }
+    )
+
+
+class Fleet:
+    """Seeds the PetTracker account through the EC2/SSM APIs, and ages it in the emulator."""
+
+    def __init__(self, now: datetime) -> None:
+        import boto3
+
+        from ami_janitor.demo import emulator
+
+        self.now = now
+        self.emulator = emulator
+        self.ec2 = {r: boto3.client("ec2", region_name=r) for r in REGIONS}
+        self.ssm = {r: boto3.client("ssm", region_name=r) for r in REGIONS}
+        self.ml: dict[tuple[str, str], list[str]] = {}  # (region, arch) -> ids, oldest first
+        self.api: list[str] = []
+        self.builders: dict[str, str] = {}
+
+    def _builder(self, region: str) -> str:
+        ec2 = self.ec2[region]
+        base = ec2.register_image(Name="al2023-base", RootDeviceName="/dev/xvda")["ImageId"]
+        instance = ec2.run_instances(ImageId=base, MinCount=1, MaxCount=1, InstanceType="c5.large")
+        return instance["Instances"][0]["InstanceId"]
+
+    def _bake(self, region: str, name: str, arch: str, age_days: float, version: str) -> str:
+        ec2 = self.ec2[region]
+        image_id = ec2.create_image(
+            InstanceId=self.builders[region],
+            Name=name,
+            Description="PetTracker image baked by CI",
+            TagSpecifications=[
+                {
+                    "ResourceType": "image",
+                    "Tags": [{"Key": "Project", "Value": "PetTracker"}, {"Key": "Version", "Value": version}],
+                }
+            ],
+        )["ImageId"]
+        self.emulator.set_image_fields(
+            region, image_id, creation_date=self.now - timedelta(days=age_days), architecture=arch
+        )
+        return image_id
+
+    def seed(self) -> None:
+        for region in REGIONS:
+            self.builders[region] = self._builder(region)
+        for night in range(0, 90, 2):  # ~90 days of nightly-ish bakes, oldest first
+            age = 90 - night + 0.1
+            stamp = (self.now - timedelta(days=age)).strftime("%Y%m%d")
+            for region in REGIONS:
+                for arch in ARCHITECTURES:
+                    name = f"pettracker-ml-{stamp}-{arch}"
+                    image_id = self._bake(region, name, arch, age, f"1.{night}")
+                    self.ml.setdefault((region, arch), []).append(image_id)
+        for week in range(12):
+            age = 84 - week * 7 + 0.2
+            stamp = (self.now - timedelta(days=age)).strftime("%Y%m%d")
+            self.api.append(self._bake("us-east-1", f"pettracker-api-{stamp}", "x86_64", age, f"2.{week}"))
+        self._add_references()
+
+    def _add_references(self) -> None:
+        east, ssm = self.ec2["us-east-1"], self.ssm["us-east-1"]
+        ml = self.ml[("us-east-1", "x86_64")]
+        # A stopped instance still launched from an old ML image.
+        stopped = east.run_instances(ImageId=ml[4], MinCount=1, MaxCount=1, InstanceType="c5.large")
+        east.stop_instances(InstanceIds=[stopped["Instances"][0]["InstanceId"]])
+        # The web launch template: version 1 (not the default any more) still names an old API image.
+        template = east.create_launch_template(
+            LaunchTemplateName="pettracker-web",
+            LaunchTemplateData={"ImageId": self.api[1], "InstanceType": "t3.small"},
+        )["LaunchTemplate"]["LaunchTemplateId"]
+        east.create_launch_template_version(
+            LaunchTemplateId=template,
+            LaunchTemplateData={"ImageId": self.api[-1], "InstanceType": "t3.small"},
+        )
+        east.modify_launch_template(LaunchTemplateId=template, DefaultVersion="2")
+        # The batch template resolves its AMI through an SSM alias at launch time.
+        ssm.put_parameter(
+            Name="/pettracker/api/pinned", Value=self.api[3], Type="String", DataType="aws:ec2:image"
+        )
+        east.create_launch_template(
+            LaunchTemplateName="pettracker-batch",
+            LaunchTemplateData={"ImageId": "resolve:ssm:/pettracker/api/pinned", "InstanceType": "m5.large"},
+        )
+        # A rollback pointer someone keeps by hand.
+        ssm.put_parameter(Name="/pettracker/ml/rollback-ami", Value=ml[10], Type="String")
+        # Opted out, protected, and shared with an account the family does not list.
+        east.create_tags(Resources=[self.api[5]], Tags=[{"Key": "ami-janitor:keep", "Value": "audit 2026"}])
+        self.ec2["eu-west-1"].enable_image_deregistration_protection(
+            ImageId=self.ml[("eu-west-1", "arm64")][2]
+        )
+        east.modify_image_attribute(
+            ImageId=self.api[6], LaunchPermission={"Add": [{"UserId": UNLISTED_ACCOUNT}]}
+        )
+
+    def census(self) -> dict[str, Any]:
+        images = 0
+        snapshots = 0
+        gib = 0
+        for region in REGIONS:
+            pages = self.ec2[region].get_paginator("describe_images")
+            for page in pages.paginate(Owners=["self"]):
+                images += sum(1 for i in page["Images"] if i.get("Name", "").startswith("pettracker-"))
+            for snapshot_page in self.ec2[region].get_paginator("describe_snapshots").paginate(OwnerIds=["self"]):
+                snapshots += len(snapshot_page["Snapshots"])
+                gib += sum(s.get("VolumeSize", 0) for s in snapshot_page["Snapshots"])
+        return {"images": images, "snapshots": snapshots, "gib": gib}
+
+
+def _interesting(decision: Any) -> bool:
+    routine = ("among the", "younger than", "Latest of its group")
+    return decision.action not in ("keep", "deprecate") or any(
+        not reason.startswith(routine) for reason in decision.reasons if decision.action == "keep"
+    )
+
+
+def run_demo(out: TextIO, *, json_output: bool = False) -> int:
+    started = time.monotonic()
+    os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # before moto builds its backends
+    from ami_janitor import engine
+    from ami_janitor.cli import print_plan, print_results
+    from ami_janitor.clients import ClientFactory
+    from ami_janitor.demo import emulator
+    from ami_janitor.policy import load_policy
+
+    server, endpoint = emulator.start_server()
+    workdir = Path(tempfile.mkdtemp(prefix="ami-janitor-demo-"))
+    config = workdir / "janitor.yaml"
+    config.write_text(DEMO_POLICY)
+    _isolate_from_real_aws(endpoint, config)
+    try:
+        now = datetime.now(UTC).replace(microsecond=0)
+        out.write(f"Embedded AWS (moto) on {endpoint}; policy {config}\n\n")
+        fleet = Fleet(now)
+        fleet.seed()
+        before = fleet.census()
+        out.write(
+            f"Seeded the PetTracker account: {before['images']} AMIs, {before['snapshots']} snapshots "
+            f"({before['gib']} GiB) in {', '.join(REGIONS)}; x86_64 and arm64.\n"
+            "In use: a stopped instance, a non-default launch template version, a resolve:ssm: alias,\n"
+            "a hand-kept SSM parameter; one AMI opted out, one protected, one shared with an unlisted "
+            "account.\n\n"
+        )
+        policy = load_policy(config)
+        factory = ClientFactory()
+        preview = engine.run(policy, policy.managed_regions, factory, now, apply=False)
+        if json_output:
+            out.write(preview.plan.to_json())
+        else:
+            out.write("== The plan (every decision carries its reasons; routine keeps are folded) ==\n")
+            shown = preview.plan.model_copy(
+                update={"decisions": [d for d in preview.plan.decisions if _interesting(d)]}
+            )
+            print_plan(shown, out)
+            folded = len(preview.plan.decisions) - len(shown.decisions)
+            out.write(
+                f"({folded} routine decisions folded: newest-N, young, Latest, staged deprecations)\n\n"
+            )
+        result = engine.run(policy, policy.managed_regions, factory, now, apply=True)
+        if not json_output:
+            out.write("== Applied (mode: enforce) ==\n")
+            api = set(fleet.api)
+            print_results(
+                result.model_copy(update={"results": [r for r in result.results if r.image_id in api]}), out
+            )
+            staged = Counter(r.action for r in result.results if r.image_id not in api and r.status == "ok")
+            out.write(
+                f"pettracker-ml: {staged['mark-candidate']} clocks started, {staged['deprecate']} deprecated "
+                "(still launchable by id; disable is due in 7 days)\n"
+            )
+        after = fleet.census()
+        waiting = [d for d in result.plan.decisions if d.next_action]
+        next_at = min((d.next_action_at for d in waiting if d.next_action_at), default=None)
+        out.write(
+            f"\n== What is left ==\nAMIs: {before['images']} -> {after['images']}; snapshots: "
+            f"{before['snapshots']} -> {after['snapshots']} ({before['gib'] - after['gib']} GiB freed; "
+            f"the plan's upper bound was {result.plan.summary.gib_freed_max} GiB)\n"
+            f"pettracker-api (all stages at 0 days) was retired at once; pettracker-ml is on the staged "
+            f"path: next stage {waiting[0].next_action if waiting else '-'} at {next_at}.\n"
+            f"Every referenced, opted-out, protected or foreign-shared AMI is still there.\n"
+            f"Done in {time.monotonic() - started:.1f} s. Exit code {result.exit_code}.\n"
+        )
+        return result.exit_code
+    finally:
+        server.stop()

@@ -1,0 +1,43 @@
+"""EC2 AMI State Change events: rotate the Latest pointer of the group the AMI belongs to."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from ami_janitor import rotation
+from ami_janitor.clients import ClientFactory
+from ami_janitor.events import Environment, parse_ami_event
+from ami_janitor.policy import load_policy
+
+PERMISSIONS: list[str] = rotation.PERMISSIONS
+
+logger = Logger()
+metrics = Metrics()
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    ami_event = parse_ami_event(event)
+    env = Environment.load()
+    policy = load_policy(env.config)
+    result = rotation.handle_state_change(
+        ami_event.detail.ImageId,
+        ami_event.detail.State,
+        ClientFactory()(ami_event.region),
+        policy,
+        datetime.now(UTC).replace(microsecond=0),
+    )
+    if ami_event.detail.State == "failed":
+        metrics.add_metric(name="AmiFailedEvents", unit=MetricUnit.Count, value=1)
+        logger.warning(
+            "AMI failed", extra={"image_id": ami_event.detail.ImageId, "error": ami_event.detail.ErrorMessage}
+        )
+    log = logger.debug if result["outcome"] == "ignored" else logger.info
+    log("AMI state change handled", extra=result)
+    return result

@@ -1,0 +1,81 @@
+"""The scheduled run of one region: reconcile Latest, then plan and (in enforce mode) clean up."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from ami_janitor import engine
+from ami_janitor.clients import ClientFactory
+from ami_janitor.events import Environment
+from ami_janitor.policy import load_policy
+
+PERMISSIONS: list[str] = engine.PERMISSIONS
+
+logger = Logger()
+metrics = Metrics()
+
+
+def summary_text(region: str, report: dict[str, Any]) -> str:
+    s = report["summary"]
+    skipped = [r["region"] for r in report["regions"] if r["status"] == "skipped"]
+    lines = [
+        f"ami-janitor {report['mode']} run in {region} at {report['generated_at']}",
+        f"images retired: {s['retired']}, deprecated: {s['deprecated']}, disabled: {s['disabled']}, "
+        f"rescued: {s['rescued']}",
+        f"snapshots deleted: {s['snapshots_deleted']}, GiB freed (upper bound): {s['gib_freed_max']}",
+        f"failures: {s['actions_failed']}, regions skipped: {', '.join(skipped) or 'none'}",
+    ]
+    lines += [f"skipped {r['region']}: {r['error']}" for r in report["regions"] if r["status"] == "skipped"]
+    lines += [f"policy error: {e}" for e in report["policy_errors"]]
+    return "\n".join(lines)
+
+
+def publish(env: Environment, factory: ClientFactory, report: dict[str, Any]) -> None:
+    import boto3
+
+    session = boto3.Session()
+    if env.report_bucket:
+        key = f"runs/{env.region}/{report['generated_at']}.json"
+        session.client("s3", region_name=env.region).put_object(
+            Bucket=env.report_bucket,
+            Key=key,
+            Body=json.dumps(report, indent=2).encode(),
+            ContentType="application/json",
+        )
+    if env.topic_arn:
+        session.client("sns", region_name=env.region).publish(
+            TopicArn=env.topic_arn,
+            Subject=f"ami-janitor {env.region}: {report['summary']['retired']} retired"[:100],
+            Message=summary_text(env.region, report),
+        )
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    env = Environment.load()
+    policy = load_policy(env.config)
+    if policy.mode == "paused":
+        logger.warning("policy mode is paused: nothing runs")
+        return {"mode": "paused"}
+    factory = ClientFactory()
+    now = datetime.now(UTC).replace(microsecond=0)
+    result = engine.run(policy, [env.region], factory, now, apply=policy.mode == "enforce")
+    report = result.report()
+    summary: dict[str, Any] = report["summary"]  # type: ignore[assignment]
+    metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=summary["actions_failed"])
+    metrics.add_metric(name="RegionSkipped", unit=MetricUnit.Count, value=summary["regions_skipped"])
+    metrics.add_metric(name="ImagesRetired", unit=MetricUnit.Count, value=summary["retired"])
+    metrics.add_metric(name="SnapshotsDeleted", unit=MetricUnit.Count, value=summary["snapshots_deleted"])
+    for status in result.plan.regions:
+        if status.status == "skipped":
+            logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})
+    publish(env, factory, report)
+    logger.info("run done", extra={"summary": summary, "mode": policy.mode})
+    return {"mode": policy.mode, "region": env.region, "summary": summary}

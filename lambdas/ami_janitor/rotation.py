@@ -1,0 +1,191 @@
+"""Latest rotation: write the Latest tag and SSM pointer a plan's `latest` entries name, convergently.
+
+Events arrive at least once and out of order, and two rotations of a group may interleave. So
+applying a change never trusts the change itself: it re-reads the group, computes the newest
+available AMI from what EC2 says now, and writes only what differs, until a read shows no difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel
+
+from ami_janitor import adapter
+from ami_janitor.clients import RegionClients
+from ami_janitor.model import LatestChange, RegionInventory
+from ami_janitor.planner import build_groups, pointer_errors, rotation
+from ami_janitor.policy import Policy
+
+PERMISSIONS: list[str] = sorted(
+    {
+        "ec2:CreateTags",
+        "ec2:DeleteTags",
+        "ssm:PutParameter",
+        *adapter.IMAGE_PERMISSIONS,
+    }
+)
+MAX_ROUNDS = 3
+
+
+class RotationResult(BaseModel):
+    region: str
+    family: str
+    architecture: str
+    to: str | None
+    written: list[str]
+    status: str = "ok"
+    error: str | None = None
+
+
+def changes_for(
+    inventory: RegionInventory,
+    policy: Policy,
+    now: datetime,
+    *,
+    families: Iterable[str] | None = None,
+    architectures: Iterable[tuple[str, str]] | None = None,
+) -> list[LatestChange]:
+    """The Latest changes a region needs now, optionally only for some families or (family, arch)."""
+    wanted_families = set(families) if families is not None else None
+    wanted_groups = set(architectures) if architectures is not None else None
+    groups, _ = build_groups(inventory, policy)
+    errors = pointer_errors(groups, policy)
+    changes = []
+    for group in groups:
+        if wanted_families is not None and group.family.name not in wanted_families:
+            continue
+        if wanted_groups is not None and (group.family.name, group.architecture) not in wanted_groups:
+            continue
+        change = rotation(group, inventory, now, errors.get(group.family.name))
+        if change is not None:
+            changes.append(change)
+    return changes
+
+
+def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list[str]:
+    latest = policy.family(change.family).latest
+    written: list[str] = []
+    if latest is None:
+        return written
+    if latest.tag and change.to:
+        # Tag the new Latest before untagging the old: a reader never sees no Latest at all.
+        clients.ec2.create_tags(Resources=[change.to], Tags=[{"Key": latest.tag, "Value": "true"}])
+        written.append(f"tag {latest.tag}=true on {change.to}")
+    if latest.tag and change.untag:
+        clients.ec2.delete_tags(Resources=list(change.untag), Tags=[{"Key": latest.tag}])
+        written.append(f"untag {latest.tag} from {', '.join(change.untag)}")
+    if change.ssm_parameter and change.to:
+        clients.ssm.put_parameter(
+            Name=change.ssm_parameter,
+            Value=change.to,
+            Type="String",
+            DataType="aws:ec2:image",
+            Overwrite=True,
+        )
+        written.append(f"{change.ssm_parameter} = {change.to}")
+    return written
+
+
+def converge(
+    clients: RegionClients,
+    policy: Policy,
+    now: datetime,
+    *,
+    families: Iterable[str] | None = None,
+    architectures: Iterable[tuple[str, str]] | None = None,
+    load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
+) -> list[RotationResult]:
+    """Rotate the region's groups (or the named ones) until EC2 and SSM agree with the plan."""
+    read = load or adapter.load_images
+    results: dict[tuple[str, str], RotationResult] = {}
+    family_filter = list(families) if families is not None else None
+    group_filter = list(architectures) if architectures is not None else None
+    for _ in range(MAX_ROUNDS):
+        inventory = read(clients, policy)
+        if inventory.error:
+            key = ("*", "*")
+            results[key] = RotationResult(
+                region=clients.region,
+                family="*",
+                architecture="*",
+                to=None,
+                written=[],
+                status="failed",
+                error=inventory.error,
+            )
+            break
+        changes = changes_for(inventory, policy, now, families=family_filter, architectures=group_filter)
+        if not changes:
+            break
+        for change in changes:
+            key = (change.family, change.architecture)
+            result = results.setdefault(
+                key,
+                RotationResult(
+                    region=clients.region,
+                    family=change.family,
+                    architecture=change.architecture,
+                    to=change.to,
+                    written=[],
+                ),
+            )
+            result.to = change.to
+            try:
+                result.written.extend(_write(clients, policy, change))
+                result.status, result.error = "ok", None
+            except (ClientError, BotoCoreError) as error:
+                result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+    return [results[key] for key in sorted(results)]
+
+
+def handle_state_change(
+    image_id: str,
+    state: str,
+    clients: RegionClients,
+    policy: Policy,
+    now: datetime,
+    *,
+    load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
+) -> dict[str, object]:
+    """One EC2 AMI State Change event. Converges on EC2's current state, never on the event's order."""
+    read = load or adapter.load_images
+    base: dict[str, object] = {
+        "image_id": image_id,
+        "state": state,
+        "region": clients.region,
+        "mode": policy.mode,
+    }
+    if policy.mode == "paused":
+        return {**base, "outcome": "paused"}
+    if state == "failed":
+        return {**base, "outcome": "failed-counted"}
+    inventory = read(clients, policy)
+    if inventory.error:
+        # Raise so the invocation is retried and then lands in the failure destination.
+        raise RuntimeError(f"cannot read the AMIs of {clients.region}: {inventory.error}")
+    families: list[str] | None = None
+    groups: list[tuple[str, str]] | None = None
+    if state == "available":
+        image = next((i for i in inventory.images if i.image_id == image_id), None)
+        if image is not None:
+            matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
+            if not matching:
+                return {**base, "outcome": "ignored", "why": "the AMI belongs to no family"}
+            families = matching
+            groups = [(name, image.architecture) for name in matching]
+    # deregistered / disabled (or an AMI no longer listed): it may have been the Latest of any group.
+    if policy.mode != "enforce":
+        changes = changes_for(inventory, policy, now, families=families, architectures=groups)
+        return {
+            **base,
+            "outcome": "dry-run",
+            "would": [c.model_dump(mode="json", by_alias=True) for c in changes],
+        }
+    results = converge(clients, policy, now, families=families, architectures=groups, load=read)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"rotation failed: {failed[0].error}")
+    return {**base, "outcome": "rotated", "rotations": [r.model_dump(mode="json") for r in results]}

@@ -1,0 +1,1100 @@
+"""The AWS adapter: moto for what it implements, botocore's Stubber for exact requests and what moto lacks."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import botocore.session
+import pytest
+from botocore.config import Config
+from botocore.stub import Stubber
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ec2.models import ec2_backends
+
+from ami_janitor.adapter import (
+    CALLED,
+    IMAGE_PERMISSIONS,
+    IMAGE_REFERENCES_DEPENDENCIES,
+    PERMISSIONS,
+    count_calls,
+    describe_image,
+    load_images,
+    load_inventory,
+    load_launch_permissions,
+)
+from ami_janitor.clients import RegionClients
+from ami_janitor.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor.policy import RETIRED_FROM_TAG
+from builders import image, policy
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+APP = {"Project": "App"}
+IMAGE_REFERENCES_NOTE = (
+    "DescribeImageReferences is not available in us-east-1; the other reference sources were used"
+)
+RECYCLE_BIN_NOTE = "Recycle Bin is not available in us-east-1; freed storage assumes no retention rule"
+
+
+def refs(inventory: RegionInventory, kind: str | None = None) -> set[tuple[str, str, str, str]]:
+    return {
+        (r.image_id, r.kind, r.resource_id, r.detail)
+        for r in inventory.references
+        if kind is None or r.kind == kind
+    }
+
+
+# ---- moto --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def shared_botocore_session() -> botocore.session.Session:
+    # Loading the service models once per module keeps these tests fast.
+    return botocore.session.get_session()
+
+
+def session() -> boto3.Session:
+    return boto3.Session(
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        botocore_session=shared_botocore_session(),
+    )
+
+
+def moto_clients() -> RegionClients:
+    return RegionClients(REGION, session())
+
+
+def make_ami(name: str, *, tags: dict[str, str] | None = None, arch: str | None = None) -> str:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    image_id = ec2.register_image(Name=name)["ImageId"]
+    if tags:
+        ec2.create_tags(Resources=[image_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+    if arch:
+        # moto's register_image drops Architecture; its model field is what DescribeImages reports.
+        ec2_backends[DEFAULT_ACCOUNT_ID][REGION].amis[image_id].architecture = arch
+    return image_id
+
+
+def make_template(name: str, image_ids: list[str]) -> str:
+    """A launch template whose version n (from 1) names image_ids[n-1]; the default stays version 1."""
+    ec2 = boto3.client("ec2", region_name=REGION)
+    template_id = ec2.create_launch_template(
+        LaunchTemplateName=name, LaunchTemplateData={"ImageId": image_ids[0]}
+    )["LaunchTemplate"]["LaunchTemplateId"]
+    for image_id in image_ids[1:]:
+        ec2.create_launch_template_version(
+            LaunchTemplateId=template_id, LaunchTemplateData={"ImageId": image_id}
+        )
+    return template_id
+
+
+def group(name: str, **source: Any) -> None:
+    boto3.client("autoscaling", region_name=REGION).create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        MinSize=0,
+        MaxSize=1,
+        DesiredCapacity=0,
+        AvailabilityZones=["us-east-1a"],
+        **source,
+    )
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_images_are_every_self_owned_ami_with_tags_architecture_and_snapshots() -> None:
+    app = make_ami("app-1", tags=APP, arch="arm64")
+    other = make_ami("other-1")
+    raw = boto3.client("ec2", region_name=REGION).describe_images(ImageIds=[app])["Images"][0]
+
+    inventory = load_inventory(moto_clients(), policy())
+
+    assert inventory.error is None
+    assert {i.image_id for i in inventory.images} == {app, other}  # not only the family's
+    loaded = next(i for i in inventory.images if i.image_id == app)
+    assert loaded.region == REGION
+    assert loaded.name == "app-1"
+    assert loaded.tags == APP
+    assert loaded.architecture == "arm64"
+    assert loaded.snapshot_ids == (raw["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"],)
+    assert loaded.size_gib == 15
+    # moto implements neither DescribeImageReferences nor Recycle Bin: both are notes, not failures.
+    assert inventory.notes == (IMAGE_REFERENCES_NOTE, RECYCLE_BIN_NOTE)
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_instances_in_any_state_but_terminated_are_references() -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    running, stopped, terminated = make_ami("run-1"), make_ami("stop-1"), make_ami("term-1")
+
+    def launch(image_id: str, name: str | None = None) -> str:
+        tags: list[Any] = (
+            [{"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": name}]}] if name else []
+        )
+        answer = ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1, TagSpecifications=tags)
+        return str(answer["Instances"][0]["InstanceId"])
+
+    first, second, third = launch(running), launch(stopped, "web-1"), launch(terminated)
+    ec2.stop_instances(InstanceIds=[second])
+    ec2.terminate_instances(InstanceIds=[third])
+
+    inventory = load_inventory(moto_clients(), policy())
+
+    assert refs(inventory, "instance") == {
+        (running, "instance", first, f"used by instance {first} (running)"),
+        (stopped, "instance", second, f"used by instance {second} (web-1, stopped)"),
+    }
+
+
+@pytest.mark.usefixtures("moto_aws")
+@pytest.mark.parametrize(
+    ("mode", "versions"),
+    [("all", {1, 2, 3, 4}), ("default-and-latest", {1, 4}), (1, {1, 4}), (2, {1, 3, 4})],
+)
+def test_launch_template_versions_follow_the_policy_mode(mode: str | int, versions: set[int]) -> None:
+    images = [make_ami(f"web-{n}") for n in range(1, 5)]
+    web = make_template("web", images)
+    single = make_ami("db-1")
+    db = make_template("db", [single])
+
+    inventory = load_inventory(moto_clients(), policy(references={"launch_template_versions": mode}))
+
+    expected = {
+        (images[n - 1], "launch-template", web, f"referenced by launch template {web} (web) version {n}")
+        for n in versions
+    }
+    expected.add((single, "launch-template", db, f"referenced by launch template {db} (db) version 1"))
+    assert refs(inventory, "launch-template") == expected
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_resolve_ssm_aliases_are_resolved_by_the_adapter() -> None:
+    ssm = boto3.client("ssm", region_name=REGION)
+    old, new = make_ami("golden-1"), make_ami("golden-2")
+    ssm.put_parameter(Name="/golden/ami", Value=old, Type="String")
+    ssm.put_parameter(Name="/golden/ami", Value=new, Type="String", Overwrite=True)
+    aliases = ["resolve:ssm:/golden/ami", "resolve:ssm:/golden/ami:1", "resolve:ssm:/missing/ami"]
+    ec2 = boto3.client("ec2", region_name=REGION)
+    template = ec2.create_launch_template(
+        LaunchTemplateName="web", LaunchTemplateData={"ImageId": aliases[0]}
+    )
+    web = template["LaunchTemplate"]["LaunchTemplateId"]
+    for alias in aliases[1:]:
+        ec2.create_launch_template_version(LaunchTemplateId=web, LaunchTemplateData={"ImageId": alias})
+
+    inventory = load_inventory(moto_clients(), policy())
+
+    assert inventory.error is None
+    subject = f"launch template {web} (web) version"
+    assert refs(inventory, "launch-template") == {
+        (new, "launch-template", web, f"{subject} 1 resolves resolve:ssm:/golden/ami to it"),
+        (old, "launch-template", web, f"{subject} 2 resolves resolve:ssm:/golden/ami:1 to it"),
+    }
+    assert (
+        f"{subject} 3 names resolve:ssm:/missing/ami, a parameter that does not exist or cannot be read"
+        in inventory.notes
+    )
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_auto_scaling_groups_pinned_versions_mixed_instances_and_launch_configurations() -> None:
+    images = [make_ami(f"web-{n}") for n in range(1, 4)]
+    web = make_template("web", images)
+    configured = make_ami("legacy-1")
+    boto3.client("autoscaling", region_name=REGION).create_launch_configuration(
+        LaunchConfigurationName="lc-1", ImageId=configured, InstanceType="t3.micro"
+    )
+    group("pinned", LaunchTemplate={"LaunchTemplateId": web, "Version": "2"})
+    mixed = {
+        "LaunchTemplateSpecification": {"LaunchTemplateName": "web", "Version": "$Latest"},
+        "Overrides": [
+            {
+                "InstanceType": "t3.micro",
+                "LaunchTemplateSpecification": {"LaunchTemplateId": web, "Version": "1"},
+            }
+        ],
+    }
+    group("mixed", MixedInstancesPolicy={"LaunchTemplate": mixed})
+    group("legacy", LaunchConfigurationName="lc-1")
+    clients = moto_clients()
+    calls = count_calls(clients.ec2)
+
+    # default-and-latest does not list version 2: the pinned version must be fetched, not missed.
+    inventory = load_inventory(clients, policy(references={"launch_template_versions": "default-and-latest"}))
+
+    assert inventory.error is None
+    assert calls["ec2:DescribeLaunchTemplateVersions"] == 2  # the listing, then the pinned version
+    by = "referenced by Auto Scaling group"
+    assert refs(inventory, "auto-scaling-group") == {
+        (images[1], "auto-scaling-group", "pinned", f"{by} pinned (launch template {web} version 2)"),
+        (images[2], "auto-scaling-group", "mixed", f"{by} mixed (launch template {web} version 3)"),
+        (images[0], "auto-scaling-group", "mixed", f"{by} mixed (launch template {web} version 1)"),
+        (configured, "auto-scaling-group", "legacy", f"{by} legacy (launch configuration lc-1)"),
+    }
+    assert refs(inventory, "launch-configuration") == {
+        (configured, "launch-configuration", "lc-1", "referenced by launch configuration lc-1")
+    }
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_ssm_parameters_naming_an_ami_are_references_and_secure_strings_are_never_read() -> None:
+    ssm = boto3.client("ssm", region_name=REGION)
+    one, two, three, secret = (make_ami(f"p-{n}") for n in range(4))
+    ssm.put_parameter(Name="/app/ami", Value=one, Type="String", DataType="aws:ec2:image")
+    ssm.put_parameter(Name="/app/amis", Value=f"{two},{three}", Type="StringList")
+    ssm.put_parameter(Name="/app/secret", Value=secret, Type="SecureString")
+    ssm.put_parameter(Name="/app/greeting", Value="hello", Type="String")
+
+    inventory = load_inventory(moto_clients(), policy())
+
+    assert refs(inventory, "ssm-parameter") == {
+        (one, "ssm-parameter", "/app/ami", "value of SSM parameter /app/ami"),
+        (two, "ssm-parameter", "/app/amis", "value of SSM parameter /app/amis"),
+        (three, "ssm-parameter", "/app/amis", "value of SSM parameter /app/amis"),
+    }
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_latest_pointer_parameters_are_read_per_architecture_and_are_not_references() -> None:
+    ssm = boto3.client("ssm", region_name=REGION)
+    x86 = make_ami("app-x86", tags=APP, arch="x86_64")
+    make_ami("app-arm", tags=APP, arch="arm64")
+    ssm.put_parameter(Name="/ami/app/x86_64/latest", Value=x86, Type="String")
+    clients = moto_clients()
+    calls = count_calls(clients.ssm)
+    family = {"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"}}
+
+    inventory = load_inventory(clients, policy(family))
+
+    assert inventory.parameters == {"/ami/app/x86_64/latest": x86}  # arm64's is absent, so left out
+    assert refs(inventory, "ssm-parameter") == set()
+    assert calls["ssm:GetParameters"] == 2  # the scan's batch, then the absent arm64 pointer
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_snapshots_tagged_retired_from_are_listed() -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    make_ami("plain-1")
+    image_id = make_ami("gone-1")
+    snapshot = ec2.describe_images(ImageIds=[image_id])["Images"][0]["BlockDeviceMappings"][0]["Ebs"][
+        "SnapshotId"
+    ]
+    ec2.create_tags(Resources=[snapshot], Tags=[{"Key": RETIRED_FROM_TAG, "Value": image_id}])
+
+    inventory = load_inventory(moto_clients(), policy())
+
+    assert inventory.retired_snapshots == (RetiredSnapshot(snapshot_id=snapshot, image_id=image_id),)
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_the_inventory_makes_no_call_per_ami() -> None:
+    for n in range(3):
+        make_ami(f"app-{n}", tags=APP)
+    clients = moto_clients()
+    few = count_calls(clients.ec2, clients.ssm, clients.autoscaling, clients.batch, clients.emr, clients.rbin)
+    load_inventory(clients, policy())
+    few_calls = dict(few)
+    for n in range(3, 15):
+        make_ami(f"app-{n}", tags=APP)
+    many = count_calls(
+        clients.ec2, clients.ssm, clients.autoscaling, clients.batch, clients.emr, clients.rbin
+    )
+
+    load_inventory(clients, policy())
+
+    assert dict(many) == few_calls
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_launch_permissions_are_read_only_for_the_requested_amis() -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    shared, private = make_ami("shared-1"), make_ami("private-1")
+    ec2.modify_image_attribute(ImageId=shared, LaunchPermission={"Add": [{"UserId": "210987654321"}]})
+    clients = moto_clients()
+    inventory = load_inventory(clients, policy())
+    calls = count_calls(clients.ec2)
+
+    loaded = load_launch_permissions(clients, inventory, [shared, shared, "ami-0000000000000dead"])
+
+    assert calls == {"ec2:DescribeImageAttribute": 1}
+    by_id = {i.image_id: i for i in loaded.images}
+    assert by_id[shared].launch_permissions == (LaunchPermission(kind="user", value="210987654321"),)
+    assert by_id[private].launch_permissions is None
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_load_images_reads_only_the_amis_and_the_latest_pointers() -> None:
+    x86 = make_ami("app-x86", tags=APP, arch="x86_64")
+    boto3.client("ssm", region_name=REGION).put_parameter(
+        Name="/ami/app/x86_64/latest", Value=x86, Type="String"
+    )
+    boto3.client("ec2", region_name=REGION).run_instances(ImageId=x86, MinCount=1, MaxCount=1)
+    clients = moto_clients()
+    calls = count_calls(
+        clients.ec2, clients.ssm, clients.autoscaling, clients.batch, clients.emr, clients.rbin
+    )
+    family = {"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"}}
+
+    inventory = load_images(clients, policy(family))
+
+    assert inventory.error is None
+    assert [i.image_id for i in inventory.images] == [x86]
+    assert inventory.parameters == {"/ami/app/x86_64/latest": x86}
+    assert inventory.references == ()
+    assert set(calls) <= set(IMAGE_PERMISSIONS) <= set(PERMISSIONS)
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_describe_image_finds_one_ami_or_none() -> None:
+    image_id = make_ami("app-1", tags=APP)
+    boto3.client("ec2", region_name=REGION).disable_image(ImageId=image_id)
+
+    found = describe_image(moto_clients(), image_id)
+
+    assert found is not None and found.image_id == image_id and found.tags == APP
+    assert describe_image(moto_clients(), ami(0xDEAD)) is None
+
+
+# ---- Stubber -----------------------------------------------------------------------------------------
+
+SERVICES = ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin")
+LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+IMAGES = {"Owners": ["self"], "IncludeDeprecated": True, "IncludeDisabled": True, "MaxResults": 1000}
+INSTANCES = {"Filters": [{"Name": "instance-state-name", "Values": LIVE_STATES}], "MaxResults": 1000}
+PARAMETERS = {
+    "ParameterFilters": [{"Key": "Type", "Option": "Equals", "Values": ["String", "StringList"]}],
+    "MaxResults": 50,
+}
+EMR_STATES = {"ClusterStates": ["STARTING", "BOOTSTRAPPING", "RUNNING", "WAITING"]}
+SNAPSHOTS = {
+    "OwnerIds": ["self"],
+    "Filters": [{"Name": "tag-key", "Values": [RETIRED_FROM_TAG]}],
+    "MaxResults": 1000,
+}
+LT = "lt-0aaaaaaaaaaaaaaaa"
+CREATED = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def ami(n: int) -> str:
+    return f"ami-{n:017x}"
+
+
+class Stubbed:
+    """Real boto3 clients, each behind a Stubber that checks every request's exact parameters."""
+
+    def __init__(self) -> None:
+        config = Config(retries={"max_attempts": 1})
+        self.raw = {name: session().client(name, config=config) for name in SERVICES}  # type: ignore[call-overload]
+        self.stubs = {name: Stubber(client) for name, client in self.raw.items()}
+        self.clients = RegionClients(REGION, **self.raw)
+        for stub in self.stubs.values():
+            stub.activate()
+
+    def add(self, service: str, method: str, response: dict[str, Any], params: dict[str, Any]) -> None:
+        self.stubs[service].add_response(method, response, params)
+
+    def fail(self, service: str, method: str, code: str, params: dict[str, Any], status: int = 400) -> None:
+        self.stubs[service].add_client_error(
+            method,
+            service_error_code=code,
+            service_message=f"{code} here",
+            http_status_code=status,
+            expected_params=params,
+        )
+
+    def verify(self) -> None:
+        for stub in self.stubs.values():
+            stub.assert_no_pending_responses()
+
+    def _no_recycle_bin_rules(self) -> None:
+        for kind in ("EC2_IMAGE", "EBS_SNAPSHOT"):
+            self.add("rbin", "list_rules", {"Rules": []}, {"ResourceType": kind, "MaxResults": 1000})
+
+    def queue(self, **steps: Callable[[], Any] | None) -> None:
+        """Queues a whole inventory's calls, each source empty unless a step replaces it."""
+        defaults: dict[str, Callable[[], Any] | None] = {
+            "images": lambda: self.add("ec2", "describe_images", {"Images": []}, IMAGES),
+            "instances": lambda: self.add("ec2", "describe_instances", {"Reservations": []}, INSTANCES),
+            "parameters": lambda: self.add("ssm", "describe_parameters", {"Parameters": []}, PARAMETERS),
+            "templates": lambda: self.add(
+                "ec2", "describe_launch_templates", {"LaunchTemplates": []}, {"MaxResults": 200}
+            ),
+            "configurations": lambda: self.add(
+                "autoscaling",
+                "describe_launch_configurations",
+                {"LaunchConfigurations": []},
+                {"MaxRecords": 100},
+            ),
+            "groups": lambda: self.add(
+                "autoscaling", "describe_auto_scaling_groups", {"AutoScalingGroups": []}, {"MaxRecords": 100}
+            ),
+            "spot": lambda: self.add(
+                "ec2", "describe_spot_fleet_requests", {"SpotFleetRequestConfigs": []}, {"MaxResults": 1000}
+            ),
+            "fleets": lambda: self.add("ec2", "describe_fleets", {"Fleets": []}, {"MaxResults": 1000}),
+            "batch": lambda: self.add(
+                "batch", "describe_compute_environments", {"computeEnvironments": []}, {"maxResults": 100}
+            ),
+            "emr": lambda: self.add("emr", "list_clusters", {"Clusters": []}, EMR_STATES),
+            "missing_versions": None,
+            "aliases": None,
+            "image_references": None,
+            "pointers": None,
+            "snapshots": lambda: self.add("ec2", "describe_snapshots", {"Snapshots": []}, SNAPSHOTS),
+            "rbin": self._no_recycle_bin_rules,
+        }
+        unknown = set(steps) - set(defaults)
+        assert not unknown, f"unknown steps {unknown}"
+        for name, default in defaults.items():
+            step = steps.get(name, default)
+            if step is not None:
+                step()
+
+
+@pytest.fixture
+def stubbed(fake_aws_env: None) -> Iterator[Stubbed]:
+    yield Stubbed()
+
+
+def raw_image(image_id: str, name: str, tags: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "ImageId": image_id,
+        "Name": name,
+        "Architecture": "x86_64",
+        "CreationDate": "2026-01-01T00:00:00.000Z",
+        "State": "available",
+        "RootDeviceType": "ebs",
+        "Public": False,
+        "Tags": [{"Key": k, "Value": v} for k, v in (tags or {}).items()],
+        "BlockDeviceMappings": [
+            {"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": f"snap-{image_id[4:]}", "VolumeSize": 8}}
+        ],
+        **extra,
+    }
+
+
+def raw_version(number: int, image_id: str, *, default: bool = False, template: str = LT) -> dict[str, Any]:
+    return {
+        "LaunchTemplateId": template,
+        "LaunchTemplateName": "web",
+        "VersionNumber": number,
+        "DefaultVersion": default,
+        "LaunchTemplateData": {"ImageId": image_id},
+    }
+
+
+def raw_template(default: int, latest: int) -> dict[str, Any]:
+    return {
+        "LaunchTemplateId": LT,
+        "LaunchTemplateName": "web",
+        "DefaultVersionNumber": default,
+        "LatestVersionNumber": latest,
+    }
+
+
+def raw_group(name: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "AutoScalingGroupName": name,
+        "MinSize": 0,
+        "MaxSize": 1,
+        "DesiredCapacity": 0,
+        "DefaultCooldown": 300,
+        "AvailabilityZones": ["us-east-1a"],
+        "HealthCheckType": "EC2",
+        "CreatedTime": CREATED,
+        **fields,
+    }
+
+
+def web_template_all(s: Stubbed, versions: list[dict[str, Any]], default: int = 1) -> Callable[[], None]:
+    """The 'all' listing of one template 'web' whose versions are given."""
+
+    def step() -> None:
+        latest = max(v["VersionNumber"] for v in versions)
+        s.add(
+            "ec2",
+            "describe_launch_templates",
+            {"LaunchTemplates": [raw_template(default, latest)]},
+            {"MaxResults": 200},
+        )
+        s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": versions},
+            {"LaunchTemplateId": LT, "MaxResults": 200},
+        )
+
+    return step
+
+
+def test_describe_images_asks_for_every_self_owned_ami_including_deprecated_and_disabled(
+    stubbed: Stubbed,
+) -> None:
+    s = stubbed
+    launched = "2026-11-20T10:00:00.000Z"
+    first = raw_image(ami(1), "app-1", APP, LastLaunchedTime=launched, DeprecationTime="2026-12-01T00:00:00Z")
+    second = raw_image(ami(2), "other-1", State="disabled")
+
+    def two_pages() -> None:
+        s.add("ec2", "describe_images", {"Images": [first], "NextToken": "page-2"}, IMAGES)
+        s.add("ec2", "describe_images", {"Images": [second]}, {**IMAGES, "NextToken": "page-2"})
+
+    s.queue(
+        images=two_pages,
+        image_references=lambda: s.add(
+            "ec2",
+            "describe_image_references",
+            {"ImageReferences": []},
+            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
+        ),
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert [i.image_id for i in inventory.images] == [ami(1), ami(2)]
+    assert inventory.images[0].last_launched == datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
+    assert inventory.images[0].deprecation_time == datetime(2026, 12, 1, tzinfo=UTC)
+    assert inventory.images[1].state == "disabled"
+
+
+def test_image_references_are_asked_in_batches_and_skip_terminated_instances(stubbed: Stubbed) -> None:
+    s = stubbed
+    family = [raw_image(ami(n), f"app-{n}", APP) for n in range(1, 13)]
+    ids = sorted(ami(n) for n in range(1, 13))
+    arn = f"arn:aws:ec2:{REGION}:{ACCOUNT}"
+    recipe = f"arn:aws:imagebuilder:{REGION}:{ACCOUNT}:image-recipe/web/1.0.0"
+    live = {"InstanceId": "i-0live", "ImageId": ami(1), "State": {"Code": 16, "Name": "running"}}
+    first_page = [
+        {"ImageId": ami(1), "ResourceType": "ec2:Instance", "Arn": f"{arn}:instance/i-0live"},
+        {"ImageId": ami(2), "ResourceType": "ec2:Instance", "Arn": f"{arn}:instance/i-0dead"},
+        {"ImageId": ami(3), "ResourceType": "imagebuilder:ImageRecipe", "Arn": recipe},
+        {"ImageId": ami(4), "ResourceType": "ec2:LaunchTemplate", "Arn": f"{arn}:launch-template/{LT}"},
+    ]
+    second_page = [
+        {
+            "ImageId": ami(5),
+            "ResourceType": "ssm:Parameter",
+            "Arn": f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/app/ami",
+        }
+    ]
+    asked = {"IncludeAllResourceTypes": True}
+
+    def image_references() -> None:
+        s.add(
+            "ec2",
+            "describe_image_references",
+            {"ImageReferences": first_page, "NextToken": "more"},
+            {"ImageIds": ids[:10], **asked},
+        )
+        s.add(
+            "ec2",
+            "describe_image_references",
+            {"ImageReferences": second_page},
+            {"ImageIds": ids[:10], **asked, "NextToken": "more"},
+        )
+        s.add("ec2", "describe_image_references", {"ImageReferences": []}, {"ImageIds": ids[10:], **asked})
+
+    s.queue(
+        images=lambda: s.add("ec2", "describe_images", {"Images": family}, IMAGES),
+        instances=lambda: s.add(
+            "ec2", "describe_instances", {"Reservations": [{"Instances": [live]}]}, INSTANCES
+        ),
+        image_references=image_references,
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert refs(inventory) == {
+        (ami(1), "instance", "i-0live", "used by instance i-0live (running)"),  # once: already known
+        (
+            ami(3),
+            "image-builder-recipe",
+            recipe,
+            f"referenced by imagebuilder:ImageRecipe {recipe} (DescribeImageReferences)",
+        ),
+        (ami(4), "launch-template", LT, f"referenced by ec2:LaunchTemplate {LT} (DescribeImageReferences)"),
+        (
+            ami(5),
+            "ssm-parameter",
+            "/app/ami",
+            "referenced by ssm:Parameter /app/ami (DescribeImageReferences)",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("InvalidAction", 400), ("UnsupportedOperation", 400), ("500", 500)]
+)
+def test_image_references_missing_api_is_a_note_and_the_other_sources_count(
+    stubbed: Stubbed, code: str, status: int
+) -> None:
+    s = stubbed
+    live = {"InstanceId": "i-0live", "ImageId": ami(1), "State": {"Code": 80, "Name": "stopped"}}
+    s.queue(
+        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES),
+        instances=lambda: s.add(
+            "ec2", "describe_instances", {"Reservations": [{"Instances": [live]}]}, INSTANCES
+        ),
+        image_references=lambda: s.fail(
+            "ec2",
+            "describe_image_references",
+            code,
+            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
+            status,
+        ),
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert inventory.notes == (IMAGE_REFERENCES_NOTE,)
+    assert refs(inventory) == {(ami(1), "instance", "i-0live", "used by instance i-0live (stopped)")}
+
+
+def test_image_references_other_failure_skips_the_region(stubbed: Stubbed) -> None:
+    s = stubbed
+    s.queue(
+        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES),
+        image_references=lambda: s.fail(
+            "ec2",
+            "describe_image_references",
+            "UnauthorizedOperation",
+            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
+        ),
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory == RegionInventory(
+        region=REGION, error="ec2:DescribeImageReferences: UnauthorizedOperation: UnauthorizedOperation here"
+    )
+
+
+def test_recycle_bin_rules_for_images_and_snapshots_are_described(stubbed: Stubbed) -> None:
+    s = stubbed
+
+    def rules() -> None:
+        image_rule = {
+            "Identifier": "abc",
+            "RetentionPeriod": {"RetentionPeriodValue": 7, "RetentionPeriodUnit": "DAYS"},
+        }
+        snapshot_rule = {
+            "Identifier": "def",
+            "RetentionPeriod": {"RetentionPeriodValue": 14, "RetentionPeriodUnit": "DAYS"},
+            "LockState": "locked",
+        }
+        s.add(
+            "rbin", "list_rules", {"Rules": [image_rule]}, {"ResourceType": "EC2_IMAGE", "MaxResults": 1000}
+        )
+        s.add(
+            "rbin",
+            "list_rules",
+            {"Rules": [snapshot_rule]},
+            {"ResourceType": "EBS_SNAPSHOT", "MaxResults": 1000},
+        )
+
+    s.queue(rbin=rules)
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.recycle_bin_rules == (
+        "Recycle Bin rule abc retains EC2_IMAGE for 7 days",
+        "Recycle Bin rule def retains EBS_SNAPSHOT for 14 days (locked)",
+    )
+
+
+def test_spot_fleets_and_ec2_fleets_that_may_still_launch_are_references(stubbed: Stubbed) -> None:
+    s = stubbed
+    spot = [
+        {
+            "SpotFleetRequestId": "sfr-1",
+            "SpotFleetRequestState": "active",
+            "SpotFleetRequestConfig": {
+                "IamFleetRole": f"arn:aws:iam::{ACCOUNT}:role/fleet",
+                "TargetCapacity": 1,
+                "LaunchSpecifications": [{"ImageId": ami(3)}],
+                "LaunchTemplateConfigs": [
+                    {"LaunchTemplateSpecification": {"LaunchTemplateId": LT, "Version": "2"}}
+                ],
+            },
+        },
+        {
+            "SpotFleetRequestId": "sfr-2",
+            "SpotFleetRequestState": "cancelled",
+            "SpotFleetRequestConfig": {
+                "IamFleetRole": f"arn:aws:iam::{ACCOUNT}:role/fleet",
+                "TargetCapacity": 1,
+                "LaunchSpecifications": [{"ImageId": ami(9)}],
+            },
+        },
+    ]
+    fleets = [
+        {
+            "FleetId": "fleet-1",
+            "FleetState": "active",
+            "LaunchTemplateConfigs": [
+                {
+                    "LaunchTemplateSpecification": {"LaunchTemplateName": "web", "Version": "$Latest"},
+                    "Overrides": [{"ImageId": ami(4)}],
+                }
+            ],
+        },
+        {
+            "FleetId": "fleet-2",
+            "FleetState": "deleted",
+            "LaunchTemplateConfigs": [{"Overrides": [{"ImageId": ami(9)}]}],
+        },
+    ]
+    s.queue(
+        templates=web_template_all(s, [raw_version(1, ami(1), default=True), raw_version(2, ami(2))]),
+        spot=lambda: s.add(
+            "ec2", "describe_spot_fleet_requests", {"SpotFleetRequestConfigs": spot}, {"MaxResults": 1000}
+        ),
+        fleets=lambda: s.add("ec2", "describe_fleets", {"Fleets": fleets}, {"MaxResults": 1000}),
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert refs(inventory, "spot-fleet") | refs(inventory, "ec2-fleet") == {
+        (ami(3), "spot-fleet", "sfr-1", "referenced by Spot Fleet request sfr-1"),
+        (
+            ami(2),
+            "spot-fleet",
+            "sfr-1",
+            f"referenced by Spot Fleet request sfr-1 (launch template {LT} version 2)",
+        ),
+        (ami(2), "ec2-fleet", "fleet-1", f"referenced by EC2 Fleet fleet-1 (launch template {LT} version 2)"),
+        (ami(4), "ec2-fleet", "fleet-1", "referenced by EC2 Fleet fleet-1 (override)"),
+    }
+
+
+def test_batch_compute_environments_are_references(stubbed: Stubbed) -> None:
+    s = stubbed
+    environment = {
+        "computeEnvironmentName": "jobs",
+        "computeEnvironmentArn": f"arn:aws:batch:{REGION}:{ACCOUNT}:compute-environment/jobs",
+        "computeResources": {
+            "type": "EC2",
+            "maxvCpus": 4,
+            "subnets": ["subnet-1"],
+            "imageId": ami(5),
+            "ec2Configuration": [{"imageType": "ECS_AL2", "imageIdOverride": ami(6)}],
+            "launchTemplate": {"launchTemplateName": "web", "version": "$Default"},
+        },
+    }
+    s.queue(
+        templates=web_template_all(s, [raw_version(1, ami(1), default=True), raw_version(2, ami(2))]),
+        batch=lambda: s.add(
+            "batch",
+            "describe_compute_environments",
+            {"computeEnvironments": [environment]},
+            {"maxResults": 100},
+        ),
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    by = "referenced by Batch compute environment jobs"
+    assert refs(inventory, "batch-compute-environment") == {
+        (ami(5), "batch-compute-environment", "jobs", f"{by} (imageId)"),
+        (ami(6), "batch-compute-environment", "jobs", f"{by} (ECS_AL2 imageIdOverride)"),
+        (ami(1), "batch-compute-environment", "jobs", f"{by} (launch template {LT} version 1)"),
+    }
+
+
+def emr_clusters(s: Stubbed) -> Callable[[], None]:
+    """Two live clusters: instance groups with their own AMI, and an instance fleet."""
+
+    def step() -> None:
+        status = {"State": "WAITING"}
+        s.add("emr", "list_clusters", {"Clusters": [{"Id": "j-1"}, {"Id": "j-2"}]}, EMR_STATES)
+        groups_cluster = {
+            "Id": "j-1",
+            "Name": "groups",
+            "Status": status,
+            "CustomAmiId": ami(7),
+            "InstanceCollectionType": "INSTANCE_GROUP",
+        }
+        s.add("emr", "describe_cluster", {"Cluster": groups_cluster}, {"ClusterId": "j-1"})
+        groups = [{"Id": "ig-1", "CustomAmiId": ami(8)}, {"Id": "ig-2", "CustomAmiId": ami(7)}]
+        s.add("emr", "list_instance_groups", {"InstanceGroups": groups}, {"ClusterId": "j-1"})
+        fleet_cluster = {
+            "Id": "j-2",
+            "Name": "fleet",
+            "Status": status,
+            "InstanceCollectionType": "INSTANCE_FLEET",
+        }
+        s.add("emr", "describe_cluster", {"Cluster": fleet_cluster}, {"ClusterId": "j-2"})
+        fleets = [
+            {
+                "Id": "if-1",
+                "InstanceTypeSpecifications": [{"InstanceType": "m5.xlarge", "CustomAmiId": ami(9)}],
+            }
+        ]
+        s.add("emr", "list_instance_fleets", {"InstanceFleets": fleets}, {"ClusterId": "j-2"})
+
+    return step
+
+
+def test_emr_clusters_custom_ami_ids_are_references(stubbed: Stubbed) -> None:
+    s = stubbed
+    s.queue(emr=emr_clusters(s))
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert refs(inventory, "emr-cluster") == {
+        (ami(7), "emr-cluster", "j-1", "referenced by EMR cluster j-1 (CustomAmiId)"),
+        (ami(8), "emr-cluster", "j-1", "referenced by EMR cluster j-1 (instance group ig-1 CustomAmiId)"),
+        (ami(9), "emr-cluster", "j-2", "referenced by EMR cluster j-2 (instance fleet if-1 CustomAmiId)"),
+    }
+
+
+def test_a_pinned_version_outside_default_and_latest_is_fetched_exactly(stubbed: Stubbed) -> None:
+    s = stubbed
+    listing = [raw_version(3, ami(3)), raw_version(1, ami(1), default=True)]
+    groups = [
+        raw_group(
+            "web-asg",
+            LaunchTemplate={"LaunchTemplateId": LT, "Version": "2"},
+            MixedInstancesPolicy={
+                "LaunchTemplate": {
+                    "LaunchTemplateSpecification": {"LaunchTemplateId": LT, "Version": "$Latest"},
+                    "Overrides": [{"InstanceType": "m6g.large", "ImageId": ami(4)}],
+                }
+            },
+        )
+    ]
+    s.queue(
+        templates=lambda: s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": listing},
+            {"Versions": ["$Latest", "$Default"], "MaxResults": 200},
+        ),
+        groups=lambda: s.add(
+            "autoscaling", "describe_auto_scaling_groups", {"AutoScalingGroups": groups}, {"MaxRecords": 100}
+        ),
+        missing_versions=lambda: s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": [raw_version(2, ami(2))]},
+            {"LaunchTemplateId": LT, "Versions": ["2"]},
+        ),
+    )
+
+    inventory = load_inventory(
+        s.clients, policy(references={"launch_template_versions": "default-and-latest"})
+    )
+
+    s.verify()
+    by = "referenced by Auto Scaling group web-asg"
+    assert refs(inventory, "auto-scaling-group") == {
+        (ami(2), "auto-scaling-group", "web-asg", f"{by} (launch template {LT} version 2)"),
+        (ami(3), "auto-scaling-group", "web-asg", f"{by} (launch template {LT} version 3)"),
+        (ami(4), "auto-scaling-group", "web-asg", f"{by} (mixed instances override)"),
+    }
+    assert {r.image_id for r in inventory.references if r.kind == "launch-template"} == {ami(1), ami(3)}
+
+
+def test_a_pinned_version_that_is_gone_is_a_note(stubbed: Stubbed) -> None:
+    s = stubbed
+    groups = [raw_group("web-asg", LaunchTemplate={"LaunchTemplateId": LT, "Version": "7"})]
+    s.queue(
+        templates=web_template_all(s, [raw_version(1, ami(1), default=True)]),
+        groups=lambda: s.add(
+            "autoscaling", "describe_auto_scaling_groups", {"AutoScalingGroups": groups}, {"MaxRecords": 100}
+        ),
+        missing_versions=lambda: s.fail(
+            "ec2",
+            "describe_launch_template_versions",
+            "InvalidLaunchTemplateId.VersionNotFound",
+            {"LaunchTemplateId": LT, "Versions": ["7"]},
+        ),
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert (
+        f"Auto Scaling group web-asg names launch template {LT} version 7, which does not exist"
+        in inventory.notes
+    )
+
+
+def test_newest_versions_reach_back_past_deleted_versions(stubbed: Stubbed) -> None:
+    s = stubbed
+
+    def templates() -> None:
+        s.add(
+            "ec2", "describe_launch_templates", {"LaunchTemplates": [raw_template(1, 5)]}, {"MaxResults": 200}
+        )
+        s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": [raw_version(5, ami(5))]},  # version 4 was deleted
+            {"LaunchTemplateId": LT, "MinVersion": "4", "MaxVersion": "5", "MaxResults": 200},
+        )
+        older = [raw_version(1, ami(1), default=True), raw_version(2, ami(2)), raw_version(3, ami(3))]
+        s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": older},
+            {"LaunchTemplateId": LT, "MinVersion": "1", "MaxVersion": "3", "MaxResults": 200},
+        )
+
+    s.queue(templates=templates)
+
+    inventory = load_inventory(s.clients, policy(references={"launch_template_versions": 2}))
+
+    s.verify()  # the default came with the older versions: no further call
+    assert {r.image_id for r in inventory.references} == {ami(5), ami(3), ami(1)}
+
+
+def test_a_failing_source_skips_the_region_with_no_images(stubbed: Stubbed) -> None:
+    s = stubbed
+    s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES)
+    s.add("ec2", "describe_instances", {"Reservations": []}, INSTANCES)
+    s.add("ssm", "describe_parameters", {"Parameters": []}, PARAMETERS)
+    s.add("ec2", "describe_launch_templates", {"LaunchTemplates": []}, {"MaxResults": 200})
+    s.add("autoscaling", "describe_launch_configurations", {"LaunchConfigurations": []}, {"MaxRecords": 100})
+    s.fail("autoscaling", "describe_auto_scaling_groups", "AccessDenied", {"MaxRecords": 100}, 403)
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error == "autoscaling:DescribeAutoScalingGroups: AccessDenied: AccessDenied here"
+    assert inventory.images == ()
+    assert inventory.references == ()
+
+
+def test_a_malformed_image_skips_the_region_instead_of_crashing(stubbed: Stubbed) -> None:
+    s = stubbed
+    broken = raw_image(ami(1), "app-1", APP)
+    del broken["CreationDate"]
+    s.add("ec2", "describe_images", {"Images": [broken]}, IMAGES)
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory.error == (
+        f"ec2:DescribeImages: MalformedResponse: ValueError: image {ami(1)} has no valid CreationDate"
+    )
+    assert inventory.images == ()
+
+
+def test_describe_image_includes_disabled_and_deprecated_amis(stubbed: Stubbed) -> None:
+    s = stubbed
+    asked = {"ImageIds": [ami(1)], "Owners": ["self"], "IncludeDeprecated": True, "IncludeDisabled": True}
+    s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP, State="disabled")]}, asked)
+
+    found = describe_image(s.clients, ami(1))
+
+    s.verify()
+    assert found is not None and found.state == "disabled"
+
+
+def test_launch_permissions_of_a_deregistered_ami_are_empty(stubbed: Stubbed) -> None:
+    s = stubbed
+    gone, shared = image(image_id=ami(1), perms=None), image(image_id=ami(2), perms=None)
+    inventory = RegionInventory(region=REGION, images=(gone, shared))
+    attribute = {"Attribute": "launchPermission"}
+    s.fail("ec2", "describe_image_attribute", "InvalidAMIID.NotFound", {"ImageId": ami(1), **attribute})
+    grants = [{"Group": "all"}, {"OrganizationArn": "arn:aws:organizations::111122223333:organization/o-1"}]
+    s.add("ec2", "describe_image_attribute", {"LaunchPermissions": grants}, {"ImageId": ami(2), **attribute})
+
+    loaded = load_launch_permissions(s.clients, inventory, [ami(1), ami(2)])
+
+    s.verify()
+    assert loaded.images[0].launch_permissions == ()
+    assert loaded.images[1].launch_permissions == (
+        LaunchPermission(kind="group", value="all"),
+        LaunchPermission(kind="org", value="arn:aws:organizations::111122223333:organization/o-1"),
+    )
+
+
+def test_launch_permissions_failure_sets_the_inventory_error(stubbed: Stubbed) -> None:
+    s = stubbed
+    inventory = RegionInventory(region=REGION, images=(image(image_id=ami(1), perms=None),))
+    s.fail(
+        "ec2",
+        "describe_image_attribute",
+        "UnauthorizedOperation",
+        {"ImageId": ami(1), "Attribute": "launchPermission"},
+    )
+
+    loaded = load_launch_permissions(s.clients, inventory, [ami(1)])
+
+    assert loaded.error == "ec2:DescribeImageAttribute: UnauthorizedOperation: UnauthorizedOperation here"
+    assert loaded.images == ()
+
+
+def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) -> None:
+    s = stubbed
+    parameter = {"Name": "/app/ami", "Type": "String"}
+    family = {"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"}}
+
+    def parameters() -> None:
+        s.add("ssm", "describe_parameters", {"Parameters": [parameter]}, PARAMETERS)
+        values = {"Parameters": [{**parameter, "Value": ami(1)}]}
+        s.add("ssm", "get_parameters", values, {"Names": ["/app/ami"], "WithDecryption": False})
+
+    s.queue(
+        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES),
+        parameters=parameters,
+        templates=web_template_all(s, [raw_version(1, "resolve:ssm:/golden/ami", default=True)]),
+        emr=emr_clusters(s),
+        aliases=lambda: s.add(
+            "ssm",
+            "get_parameters",
+            {"Parameters": [{"Name": "/golden/ami", "Type": "String", "Value": ami(1)}]},
+            {"Names": ["/golden/ami"], "WithDecryption": False},
+        ),
+        image_references=lambda: s.add(
+            "ec2",
+            "describe_image_references",
+            {"ImageReferences": []},
+            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
+        ),
+        pointers=lambda: s.add(
+            "ssm",
+            "get_parameters",
+            {"Parameters": [], "InvalidParameters": ["/ami/app/x86_64/latest"]},
+            {"Names": ["/ami/app/x86_64/latest"], "WithDecryption": False},
+        ),
+    )
+    s.add(
+        "ec2",
+        "describe_image_attribute",
+        {"LaunchPermissions": []},
+        {"ImageId": ami(1), "Attribute": "launchPermission"},
+    )
+    calls = count_calls(*s.raw.values())
+
+    inventory = load_inventory(s.clients, policy(family))
+    load_launch_permissions(s.clients, inventory, [ami(1)])
+
+    s.verify()
+    assert inventory.error is None
+    assert sorted(calls) == CALLED
+    assert set(PERMISSIONS) - set(CALLED) == set(IMAGE_REFERENCES_DEPENDENCIES)
+    assert (
+        Reference(
+            image_id=ami(1),
+            kind="launch-template",
+            resource_id=LT,
+            detail=f"launch template {LT} (web) version 1 resolves resolve:ssm:/golden/ami to it",
+        )
+        in inventory.references
+    )

@@ -1,0 +1,191 @@
+"""Latest rotation under duplicated, reordered and interleaved events (hypothesis).
+
+EC2 and SSM are an in-memory account here (create_tags, delete_tags, put_parameter and the group's
+current state): the property is about the order of reads and writes, not about the API shapes, which
+the integration tests check on moto.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ami_janitor import rotation
+from ami_janitor.clients import RegionClients
+from ami_janitor.model import Image, RegionInventory
+from ami_janitor.planner import build_groups, latest_target
+from ami_janitor.policy import Policy, parse_policy
+from builders import NOW
+
+POLICY = parse_policy(
+    {
+        "mode": "enforce",
+        "regions": ["us-east-1"],
+        "families": [
+            {
+                "name": "app",
+                "match": {"name": "app-*"},
+                "latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"},
+            }
+        ],
+    }
+)
+
+
+class Account:
+    """One region's AMIs and parameters, with the three writes rotation makes."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, dict[str, Any]] = {}
+        self.parameters: dict[str, str] = {}
+        self.writes = 0
+        self.on_write: Any = None
+
+    # EC2 / SSM calls used by rotation
+    def create_tags(self, Resources: list[str], Tags: list[dict[str, str]]) -> None:
+        self._hook()
+        for image_id in Resources:
+            if image_id in self.images:
+                self.images[image_id]["tags"].update({t["Key"]: t["Value"] for t in Tags})
+        self.writes += 1
+
+    def delete_tags(self, Resources: list[str], Tags: list[dict[str, str]]) -> None:
+        self._hook()
+        for image_id in Resources:
+            if image_id in self.images:
+                for tag in Tags:
+                    self.images[image_id]["tags"].pop(tag["Key"], None)
+        self.writes += 1
+
+    def put_parameter(self, Name: str, Value: str, **_: Any) -> None:
+        self._hook()
+        self.parameters[Name] = Value
+        self.writes += 1
+
+    def _hook(self) -> None:
+        hook, self.on_write = self.on_write, None
+        if hook:
+            hook()
+
+    def load(self, clients: RegionClients, policy: Policy) -> RegionInventory:
+        images = tuple(
+            Image(
+                image_id=image_id,
+                region="us-east-1",
+                name=data["name"],
+                architecture=data["arch"],
+                state=data["state"],
+                created=data["created"],
+                tags=dict(data["tags"]),
+            )
+            for image_id, data in self.images.items()
+            if data["state"] != "deregistered"
+        )
+        return RegionInventory(region="us-east-1", images=images, parameters=dict(self.parameters))
+
+
+def clients_for(account: Account) -> RegionClients:
+    return RegionClients("us-east-1", ec2=account, ssm=account)
+
+
+def assert_converged(account: Account) -> None:
+    inventory = account.load(clients_for(account), POLICY)
+    groups, _ = build_groups(inventory, POLICY)
+    for group in groups:
+        target = latest_target(group, NOW)
+        holders = [i.image_id for i in group.members if "Latest" in i.tags]
+        parameter = f"/ami/app/{group.architecture}/latest"
+        if target is None:
+            assert holders == []
+        else:
+            assert holders == [target.image_id]
+            assert account.parameters[parameter] == target.image_id
+
+
+# A change: (kind, index) where kind bakes a new AMI or disables / deregisters / re-enables an earlier one.
+changes = st.lists(
+    st.tuples(st.sampled_from(["bake", "bake", "disable", "deregister", "enable"]), st.integers(0, 30)),
+    min_size=1,
+    max_size=25,
+)
+
+
+@given(changes, st.lists(st.integers(0, 1000), max_size=80), st.sampled_from(["x86_64", "arm64", "mixed"]))
+def test_events_in_any_order_end_with_one_latest(
+    script: list[tuple[str, int]], delivery: list[int], arch_mode: str
+) -> None:
+    account = Account()
+    clients = clients_for(account)
+    pending: list[tuple[str, str]] = []
+    choices = iter(delivery)
+
+    def deliver_some() -> None:
+        for _ in range(next(choices, 0) % 3):
+            if not pending:
+                return
+            pick = next(choices, 0)
+            image_id, state = pending[pick % len(pending)]
+            if next(choices, 0) % 2:
+                pending.remove((image_id, state))  # else: delivered again later (a duplicate)
+            rotation.handle_state_change(image_id, state, clients, POLICY, NOW, load=account.load)
+
+    for step, (kind, index) in enumerate(script):
+        ids = list(account.images)
+        if kind == "bake" or not ids:
+            image_id = f"ami-{step:017x}"
+            arch = arch_mode if arch_mode != "mixed" else ("arm64" if step % 2 else "x86_64")
+            account.images[image_id] = {
+                "name": f"app-{step:03d}",
+                "arch": arch,
+                "state": "available",
+                "created": NOW - timedelta(days=100 - step),
+                "tags": {},
+            }
+            pending.append((image_id, "available"))
+        else:
+            image_id = ids[index % len(ids)]
+            state = {"disable": "disabled", "deregister": "deregistered", "enable": "available"}[kind]
+            if account.images[image_id]["state"] == "deregistered":
+                continue
+            account.images[image_id]["state"] = state
+            pending.append((image_id, state))
+        deliver_some()
+    while pending:  # every event is delivered at least once, after the change that caused it
+        rotation.handle_state_change(*pending.pop(0), clients, POLICY, NOW, load=account.load)
+    assert_converged(account)
+    # A second reconcile writes nothing.
+    before = account.writes
+    rotation.converge(clients, POLICY, NOW, load=account.load)
+    assert account.writes == before
+
+
+@given(st.integers(2, 6), st.integers(0, 5))
+def test_two_interleaved_rotations_leave_exactly_one_latest(count: int, racer_at: int) -> None:
+    account = Account()
+    clients = clients_for(account)
+    for n in range(count):
+        account.images[f"ami-{n:017x}"] = {
+            "name": f"app-{n:03d}",
+            "arch": "x86_64",
+            "state": "available",
+            "created": NOW - timedelta(days=50 - n),
+            "tags": {"Latest": "true"} if n == 0 else {},
+        }
+
+    def racer() -> None:
+        # Between the first rotation's read and its write, a newer AMI lands and another rotation runs.
+        account.images["ami-racer00000000000"] = {
+            "name": "app-999",
+            "arch": "x86_64",
+            "state": "available",
+            "created": NOW - timedelta(days=racer_at),
+            "tags": {},
+        }
+        rotation.converge(clients, POLICY, NOW, load=account.load)
+
+    account.on_write = racer
+    rotation.converge(clients, POLICY, NOW, load=account.load)
+    assert_converged(account)
