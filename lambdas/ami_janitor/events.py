@@ -9,6 +9,10 @@ from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 AMI_STATES = ("available", "failed", "deregistered", "disabled")
+# Powertools names (the deploy sets the same in POWERTOOLS_SERVICE_NAME / POWERTOOLS_METRICS_NAMESPACE;
+# explicit here so a handler imported before its environment is set still has them).
+SERVICE = "ami-janitor"
+METRICS_NAMESPACE = "AmiJanitor"
 
 
 class BadEvent(ValueError):

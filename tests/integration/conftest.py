@@ -36,3 +36,7 @@ def moto_aws(fake_aws_env: None) -> Iterator[None]:
     """Every boto3 client made during the test talks to an in-process moto."""
     with mock_aws():
         yield
+
+
+# The moto server on loopback for the end-to-end tests (CLI, handlers, demo).
+from server import endpoint, moto_server  # noqa: E402, F401

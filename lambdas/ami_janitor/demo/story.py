@@ -148,6 +148,22 @@ class Fleet:
             ImageId=self.api[6], LaunchPermission={"Add": [{"UserId": UNLISTED_ACCOUNT}]}
         )
 
+    def in_use(self) -> dict[str, list[str]]:
+        """The AMIs the story says something still uses, by region."""
+        east_ml = self.ml[("us-east-1", "x86_64")]
+        return {
+            "us-east-1": [east_ml[4], east_ml[10], self.api[1], self.api[3], self.api[5], self.api[6]],
+            "eu-west-1": [self.ml[("eu-west-1", "arm64")][2]],
+        }
+
+    def missing(self, wanted: dict[str, list[str]]) -> list[str]:
+        gone = []
+        for region, ids in wanted.items():
+            found = self.ec2[region].describe_images(Owners=["self"], ImageIds=ids, IncludeDisabled=True)
+            present = {i["ImageId"] for i in found["Images"] if i["State"] == "available"}
+            gone += [image_id for image_id in ids if image_id not in present]
+        return gone
+
     def census(self) -> dict[str, Any]:
         images = 0
         snapshots = 0
@@ -156,7 +172,9 @@ class Fleet:
             pages = self.ec2[region].get_paginator("describe_images")
             for page in pages.paginate(Owners=["self"]):
                 images += sum(1 for i in page["Images"] if i.get("Name", "").startswith("pettracker-"))
-            for snapshot_page in self.ec2[region].get_paginator("describe_snapshots").paginate(OwnerIds=["self"]):
+            for snapshot_page in (
+                self.ec2[region].get_paginator("describe_snapshots").paginate(OwnerIds=["self"])
+            ):
                 snapshots += len(snapshot_page["Snapshots"])
                 gib += sum(s.get("VolumeSize", 0) for s in snapshot_page["Snapshots"])
         return {"images": images, "snapshots": snapshots, "gib": gib}
@@ -169,9 +187,86 @@ def _interesting(decision: Any) -> bool:
     )
 
 
+class _Context:
+    """What the Lambda runtime passes a handler (the demo calls the handlers directly)."""
+
+    function_name = "ami-janitor-demo"
+    memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-demo"
+    aws_request_id = "00000000-0000-4000-8000-000000000000"
+
+
+def ami_state_event(region: str, image_id: str, state: str) -> dict[str, Any]:
+    """The event EventBridge delivers for an AMI state change."""
+    return {
+        "version": "0",
+        "id": f"demo-{image_id}-{state}",
+        "detail-type": "EC2 AMI State Change",
+        "source": "aws.ec2",
+        "account": "123456789012",
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": region,
+        "resources": [f"arn:aws:ec2:{region}::image/{image_id}"],
+        "detail": {"RequestId": "demo", "ImageId": image_id, "State": state, "ErrorMessage": ""},
+    }
+
+
+def _pointer(fleet: Fleet, region: str, arch: str) -> tuple[list[str], str]:
+    ids = fleet.ml[(region, arch)]
+    images = fleet.ec2[region].describe_images(ImageIds=ids, IncludeDisabled=True)["Images"]
+    holders = sorted(i["ImageId"] for i in images if any(t["Key"] == "Latest" for t in i.get("Tags", [])))
+    value = fleet.ssm[region].get_parameter(Name=f"/ami/pettracker-ml/{arch}/latest")["Parameter"]["Value"]
+    return holders, value
+
+
+def _rotation_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
+    from ami_janitor import rotation
+    from ami_janitor.clients import RegionClients
+    from ami_janitor.handlers import ami_event
+
+    region, arch = "us-east-1", "x86_64"
+    out.write("\n== Latest rotation ==\n")
+    holders, value = _pointer(fleet, region, arch)
+    out.write(f"Latest of pettracker-ml {region} {arch}: tag on {', '.join(holders)}; parameter {value}\n")
+    stamp = fleet.now.strftime("%Y%m%d")
+    new = fleet._bake(region, f"pettracker-ml-{stamp}-night-{arch}", arch, 0.01, "1.90")
+    fleet.ml[(region, arch)].append(new)
+    out.write(
+        f"Tonight's bake {new} becomes available; EventBridge delivers its EC2 AMI State Change event.\n"
+    )
+    result = ami_event.handler(ami_state_event(region, new, "available"), _Context())
+    holders, value = _pointer(fleet, region, arch)
+    out.write(
+        f"  event handler: {result['outcome']}; Latest tag on {', '.join(holders)}; parameter {value}\n"
+    )
+    late = fleet.ml[(region, arch)][-3]
+    again = ami_event.handler(ami_state_event(region, late, "available"), _Context())
+    holders, value = _pointer(fleet, region, arch)
+    out.write(
+        f"A late, out-of-order event for the older {late}: {len(again.get('rotations', []))} writes; "
+        f"Latest still {', '.join(holders)}\n"
+    )
+    # A lost event or a hand edit leaves a stale pointer; the scheduled run's reconcile repairs it.
+    stale = fleet.ml[(region, arch)][-4]
+    fleet.ec2[region].create_tags(Resources=[stale], Tags=[{"Key": "Latest", "Value": "true"}])
+    fleet.ssm[region].put_parameter(
+        Name=f"/ami/pettracker-ml/{arch}/latest", Value=stale, Type="String", Overwrite=True
+    )
+    holders, value = _pointer(fleet, region, arch)
+    out.write(f"Someone points Latest at {stale} by hand: tag on {', '.join(holders)}; parameter {value}\n")
+    repaired = rotation.converge(RegionClients(region), policy, datetime.now(UTC))
+    holders, value = _pointer(fleet, region, arch)
+    writes = sum(len(r.written) for r in repaired)
+    out.write(f"  reconcile ({writes} writes): tag on {', '.join(holders)}; parameter {value}\n")
+
+
 def run_demo(out: TextIO, *, json_output: bool = False) -> int:
     started = time.monotonic()
     os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # before moto builds its backends
+    # The handlers run in this process: keep their JSON logs and metrics out of the story.
+    os.environ.update(
+        {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true", "AWS_REGION": "us-east-1"}
+    )
     from ami_janitor import engine
     from ami_janitor.cli import print_plan, print_results
     from ami_janitor.clients import ClientFactory
@@ -224,6 +319,7 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
                 "(still launchable by id; disable is due in 7 days)\n"
             )
         after = fleet.census()
+        _rotation_story(fleet, policy, out)
         waiting = [d for d in result.plan.decisions if d.next_action]
         next_at = min((d.next_action_at for d in waiting if d.next_action_at), default=None)
         out.write(
@@ -232,9 +328,18 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
             f"the plan's upper bound was {result.plan.summary.gib_freed_max} GiB)\n"
             f"pettracker-api (all stages at 0 days) was retired at once; pettracker-ml is on the staged "
             f"path: next stage {waiting[0].next_action if waiting else '-'} at {next_at}.\n"
-            f"Every referenced, opted-out, protected or foreign-shared AMI is still there.\n"
-            f"Done in {time.monotonic() - started:.1f} s. Exit code {result.exit_code}.\n"
         )
-        return result.exit_code
+        wanted = fleet.in_use()
+        missing = fleet.missing(wanted)
+        count = sum(len(ids) for ids in wanted.values())
+        if missing:
+            out.write(f"FAILED: in-use AMIs were touched: {', '.join(missing)}\n")
+        else:
+            out.write(
+                f"Checked: all {count} referenced, opted-out, protected or foreign-shared AMIs are available.\n"
+            )
+        code = 1 if missing else result.exit_code
+        out.write(f"Done in {time.monotonic() - started:.1f} s. Exit code {code}.\n")
+        return code
     finally:
         server.stop()

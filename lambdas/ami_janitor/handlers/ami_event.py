@@ -11,13 +11,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import rotation
 from ami_janitor.clients import ClientFactory
-from ami_janitor.events import Environment, parse_ami_event
+from ami_janitor.events import METRICS_NAMESPACE, SERVICE, Environment, parse_ami_event
 from ami_janitor.policy import load_policy
 
 PERMISSIONS: list[str] = rotation.PERMISSIONS
 
-logger = Logger()
-metrics = Metrics()
+logger = Logger(service=SERVICE)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 @logger.inject_lambda_context
@@ -33,6 +33,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         policy,
         datetime.now(UTC).replace(microsecond=0),
     )
+    metrics.add_dimension(name="State", value=ami_event.detail.State)
+    metrics.add_metric(name="AmiStateChanges", unit=MetricUnit.Count, value=1)
     if ami_event.detail.State == "failed":
         metrics.add_metric(name="AmiFailedEvents", unit=MetricUnit.Count, value=1)
         logger.warning(

@@ -12,13 +12,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import engine
 from ami_janitor.clients import ClientFactory
-from ami_janitor.events import Environment
+from ami_janitor.events import METRICS_NAMESPACE, SERVICE, Environment
 from ami_janitor.policy import load_policy
 
 PERMISSIONS: list[str] = engine.PERMISSIONS
 
-logger = Logger()
-metrics = Metrics()
+logger = Logger(service=SERVICE)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 def summary_text(region: str, report: dict[str, Any]) -> str:

@@ -1,0 +1,189 @@
+"""`ami-janitor` end to end against a moto server: plan, apply, rotate, rescue, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
+
+from ami_janitor import cli
+
+
+def write_policy(tmp_path: Path, mode: str = "enforce", text: str | None = None) -> str:
+    path = tmp_path / "janitor.yaml"
+    path.write_text(text if text is not None else POLICY.format(mode=mode))
+    return str(path)
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = cli.main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def test_plan_json_covers_every_family_ami_with_reasons(endpoint: str, tmp_path: Path) -> None:
+    fleet = seed_fleet(now())
+    code, output = run("plan", "--config", write_policy(tmp_path, "dry-run"), "--format", "json")
+    assert code == 0
+    plan = json.loads(output)
+    assert plan["mode"] == "dry-run"
+    assert plan["regions"] == [{"region": "us-east-1", "status": "ok", "error": None}]
+    decisions = {d["image_id"]: d for d in plan["decisions"]}
+    assert set(decisions) == set(fleet.images)
+    assert [d["image_id"] for d in plan["decisions"]] == fleet.images[::-1]  # newest first
+    assert decisions[fleet.images[-1]]["reasons"][0] == "among the 2 newest of its group (#1)"
+    assert any(fleet.instance in r for r in decisions[fleet.referenced]["reasons"])
+    assert {decisions[i]["action"] for i in (fleet.images[0], fleet.images[1], fleet.images[3])} == {
+        "deregister"
+    }
+    assert plan["latest"][0]["to"] == fleet.images[-1]
+    # dry-run wrote nothing
+    assert image_ids() >= set(fleet.images)
+    assert "Latest" not in {
+        t["Key"] for t in ec2().describe_images(ImageIds=[fleet.images[-1]])["Images"][0].get("Tags", [])
+    }
+
+
+def test_apply_retires_what_nothing_keeps_with_its_snapshots(endpoint: str, tmp_path: Path) -> None:
+    fleet = seed_fleet(now())
+    code, output = run("apply", "--config", write_policy(tmp_path), "--yes")
+    assert code == 0, output
+    retired = {fleet.images[0], fleet.images[1], fleet.images[3]}
+    remaining = image_ids()
+    assert not retired & remaining
+    assert {fleet.referenced, fleet.images[4], fleet.images[5]} <= remaining
+    assert not {fleet.snapshots[i] for i in retired} & snapshot_ids()
+    assert fleet.snapshots[fleet.referenced] in snapshot_ids()
+    tags = {
+        t["Key"]: t["Value"] for t in ec2().describe_images(ImageIds=[fleet.images[5]])["Images"][0]["Tags"]
+    }
+    assert tags["Latest"] == "true"
+    assert "deregister" in output and "0 failed" in output
+    # A second run finds nothing more to do.
+    code, output = run("plan", "--config", write_policy(tmp_path), "--format", "json")
+    plan = json.loads(output)
+    assert {d["action"] for d in plan["decisions"]} == {"keep"}
+
+
+def test_apply_json_report(endpoint: str, tmp_path: Path) -> None:
+    seed_fleet(now())
+    code, output = run("apply", "--config", write_policy(tmp_path), "--yes", "--format", "json")
+    report = json.loads(output)
+    assert code == 0
+    assert report["summary"]["retired"] == 3 and report["summary"]["actions_failed"] == 0
+    assert report["summary"]["snapshots_deleted"] == 3
+    assert {r["action"] for r in report["results"]} >= {
+        "mark-candidate",
+        "deprecate",
+        "disable",
+        "deregister",
+    }
+
+
+def test_apply_refuses_a_dry_run_policy_and_needs_yes_without_a_terminal(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_fleet(now())
+    assert run("apply", "--config", write_policy(tmp_path, "dry-run"), "--yes")[0] == 2
+    assert "apply writes only with mode: enforce" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert run("apply", "--config", write_policy(tmp_path))[0] == 2
+    assert "pass --yes" in capsys.readouterr().err
+
+
+def test_apply_asks_in_a_terminal_and_a_no_changes_nothing(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = seed_fleet(now())
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
+    code, output = run("apply", "--config", write_policy(tmp_path))
+    assert code == 3
+    assert "declined" in output
+    assert image_ids() >= set(fleet.images)
+    monkeypatch.setattr(sys, "stdin", Terminal("y\n"))
+    assert run("apply", "--config", write_policy(tmp_path))[0] == 0
+    assert fleet.images[0] not in image_ids()
+
+
+def test_bad_policy_and_unknown_region_exit_2(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = POLICY.format(mode="dry-run").replace("keep_latest: 2", "keep_latest: 0")
+    assert run("plan", "--config", write_policy(tmp_path, text=bad))[0] == 2
+    err = capsys.readouterr().err
+    assert "defaults.keep_latest: must be >= 1" in err and "Traceback" not in err
+    assert run("plan", "--config", write_policy(tmp_path), "--region", "ap-south-1")[0] == 2
+    assert "not managed by the policy" in capsys.readouterr().err
+
+
+def test_a_failing_reference_source_skips_the_region_and_exits_1(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_fleet(now())
+    # Auto Scaling answers from a dead endpoint: that source fails, so nothing may be decided.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_AUTO_SCALING", "http://127.0.0.1:9")
+    code, output = run("plan", "--config", write_policy(tmp_path), "--format", "json")
+    plan = json.loads(output)
+    assert code == 1
+    assert plan["regions"][0]["status"] == "skipped"
+    assert "autoscaling" in plan["regions"][0]["error"].lower()
+    assert plan["decisions"] == []
+    code, _ = run("apply", "--config", write_policy(tmp_path), "--yes")
+    assert code == 1
+    assert len(image_ids()) == 7  # six web AMIs and the base: untouched
+
+
+def test_rescue_by_hand_restores_a_disabled_ami(endpoint: str, tmp_path: Path) -> None:
+    fleet = seed_fleet(now())
+    config = write_policy(
+        tmp_path,
+        text=POLICY.format(mode="enforce").replace("deregister_after_days: 0", "deregister_after_days: 30"),
+    )
+    assert run("apply", "--config", config, "--yes")[0] == 0
+    target = fleet.images[0]
+    state = ec2().describe_images(ImageIds=[target], IncludeDisabled=True)["Images"][0]
+    assert state["State"] == "disabled"
+    code, output = run("rescue", target, "--config", config)
+    assert code == 0, output
+    image = ec2().describe_images(ImageIds=[target])["Images"][0]
+    assert image["State"] == "available"
+    assert "DeprecationTime" not in image
+    assert not [t for t in image.get("Tags", []) if t["Key"].startswith("ami-janitor:")]
+    assert run("rescue", "ami-0000000000000dead", "--config", config)[0] == 2
+
+
+def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path: Path) -> None:
+    fleet = seed_fleet(now())
+    code, output = run("rotate", "--config", write_policy(tmp_path, "dry-run"))
+    assert code == 0 and "would be made" in output and fleet.images[-1] in output
+    code, output = run("rotate", "--config", write_policy(tmp_path), "--format", "json")
+    assert code == 0
+    rotated = json.loads(output)["rotations"][0]
+    assert rotated["to"] == fleet.images[-1]
+    ssm = __import__("boto3").client("ssm", region_name="us-east-1")
+    assert ssm.get_parameter(Name="/ami/web/latest")["Parameter"]["Value"] == fleet.images[-1]
+    code, output = run("rotate", "--config", write_policy(tmp_path))
+    assert "every Latest pointer is current" in output
+    assert run("rotate", "--config", write_policy(tmp_path), "--family", "nope")[0] == 2
+
+
+def test_console_script_plan_json(endpoint: str, tmp_path: Path) -> None:
+    seed_fleet(now())
+    script = Path(sys.executable).with_name("ami-janitor")
+    env = {**os.environ, "AMI_JANITOR_CONFIG": write_policy(tmp_path, "dry-run")}
+    done = subprocess.run(
+        [str(script), "plan", "--format", "json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["decisions"]) == 6

@@ -1,0 +1,41 @@
+"""`ami-janitor demo` from a fresh process: the whole story, no AWS account."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_keeps_every_ami_in_use_and_retires_the_rest() -> None:
+    script = Path(sys.executable).with_name("ami-janitor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    done = subprocess.run([str(script), "demo"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "Traceback" not in out + done.stderr
+    # The plan shows why each in-use AMI is kept.
+    for reason in (
+        "(stopped)",
+        "(pettracker-web) version 1",
+        "resolves resolve:ssm:/pettracker/api/pinned to it",
+        "value of SSM parameter /pettracker/ml/rollback-ami",
+        "opted out (tag ami-janitor:keep)",
+        "deregistration protection is on",
+        "shared with user:999988887777 (not in share_with)",
+    ):
+        assert reason in out, reason
+    # pettracker-api is retired with its snapshots; pettracker-ml enters the staged path.
+    assert len(re.findall(r"^deregister us-east-1 ami-\w+: ok \(snapshots deleted: snap-", out, re.M)) == 6
+    assert re.search(r"pettracker-ml: \d+ clocks started, \d+ deprecated", out)
+    assert "next stage disable at" in out
+    assert "AMIs: 192 -> 186" in out
+    assert "Checked: all 7 referenced, opted-out, protected or foreign-shared AMIs are available." in out
+    # Latest follows tonight's bake through its event, ignores a late one, and reconcile repairs a hand edit.
+    new = re.search(r"Tonight's bake (ami-\w+) becomes available", out)
+    assert new is not None
+    assert f"event handler: rotated; Latest tag on {new.group(1)}; parameter {new.group(1)}" in out
+    assert "0 writes; Latest still" in out
+    assert f"tag on {new.group(1)}; parameter {new.group(1)}\n\n== What is left" in out

@@ -1,0 +1,176 @@
+"""The Lambda handlers on a moto server: the scheduled run and EC2 AMI State Change events."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from server import POLICY, ec2, image_ids, now, seed_fleet
+
+from ami_janitor.events import BadEvent
+from ami_janitor.handlers import ami_event, scheduled
+
+EVENTS = Path(__file__).resolve().parents[1] / "events"
+
+
+@dataclass
+class Context:
+    function_name: str = "ami-janitor-test"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-test"
+    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
+
+
+def event(name: str, image_id: str | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((EVENTS / name).read_text())
+    if image_id:
+        data["detail"]["ImageId"] = image_id
+        data["resources"] = [f"arn:aws:ec2:us-east-1::image/{image_id}"]
+    return data
+
+
+@pytest.fixture
+def lambda_env(endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "ami-janitor")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "AmiJanitor")
+    policy = tmp_path / "policy.json"
+    monkeypatch.setenv("AMI_JANITOR_CONFIG", str(policy))
+    return policy
+
+
+def write_policy(path: Path, mode: str) -> None:
+    import yaml
+
+    path.write_text(json.dumps(yaml.safe_load(POLICY.format(mode=mode))))
+
+
+def latest_holders(ids: list[str]) -> list[str]:
+    images = ec2().describe_images(ImageIds=ids, IncludeDisabled=True)["Images"]
+    return sorted(i["ImageId"] for i in images if any(t["Key"] == "Latest" for t in i.get("Tags", [])))
+
+
+def parameter() -> str:
+    return boto3.client("ssm", region_name="us-east-1").get_parameter(Name="/ami/web/latest")["Parameter"][
+        "Value"
+    ]
+
+
+def test_scheduled_run_reconciles_then_cleans_up_and_reports(
+    lambda_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="reports")
+    topic = boto3.client("sns", region_name="us-east-1").create_topic(Name="janitor")["TopicArn"]
+    monkeypatch.setenv("REPORT_BUCKET", "reports")
+    monkeypatch.setenv("TOPIC_ARN", topic)
+    result = scheduled.handler(event("scheduled.json"), Context())
+    assert result["mode"] == "enforce"
+    assert result["summary"]["retired"] == 3 and result["summary"]["actions_failed"] == 0
+    assert fleet.images[0] not in image_ids()
+    assert latest_holders(fleet.images) == [fleet.images[-1]]
+    assert parameter() == fleet.images[-1]
+    [report_key] = [o["Key"] for o in s3.list_objects_v2(Bucket="reports")["Contents"]]
+    report = json.loads(s3.get_object(Bucket="reports", Key=report_key)["Body"].read())
+    assert report_key.startswith("runs/us-east-1/")
+    assert {d["image_id"] for d in report["decisions"]} == set(fleet.images)
+    assert report["rotations"][0]["to"] == fleet.images[-1]
+
+
+def test_scheduled_run_in_dry_run_and_paused_writes_nothing(lambda_env: Path) -> None:
+    fleet = seed_fleet(now())
+    write_policy(lambda_env, "dry-run")
+    result = scheduled.handler(event("scheduled.json"), Context())
+    assert result["summary"]["retired"] == 3  # planned, not done
+    assert set(fleet.images) <= image_ids()
+    assert latest_holders(fleet.images) == []
+    write_policy(lambda_env, "paused")
+    assert scheduled.handler(event("scheduled.json"), Context()) == {"mode": "paused"}
+
+
+def test_available_event_rotates_its_group_and_a_late_old_event_does_not_move_it_back(
+    lambda_env: Path,
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    result = ami_event.handler(event("ami_available.json", newest), Context())
+    assert result["outcome"] == "rotated"
+    assert latest_holders(fleet.images) == [newest] and parameter() == newest
+    # A late, duplicated event for an older AMI: nothing moves, nothing is written.
+    for _ in range(2):
+        late = ami_event.handler(event("ami_available.json", older), Context())
+        assert late["outcome"] == "rotated" and late["rotations"] == []
+    assert latest_holders(fleet.images) == [newest] and parameter() == newest
+
+
+def test_disabled_and_deregistered_events_move_latest_to_the_next_newest(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    ami_event.handler(event("ami_available.json", fleet.images[-1]), Context())
+    ec2().disable_image(ImageId=fleet.images[-1])
+    ami_event.handler(event("ami_disabled.json", fleet.images[-1]), Context())
+    assert latest_holders(fleet.images) == [fleet.images[-2]] and parameter() == fleet.images[-2]
+    ec2().deregister_image(ImageId=fleet.images[-2])
+    ami_event.handler(event("ami_deregistered.json", fleet.images[-2]), Context())
+    assert latest_holders(fleet.images[:-2] + fleet.images[-1:]) == [fleet.images[-3]]
+    assert parameter() == fleet.images[-3]
+
+
+def test_a_stale_latest_is_repaired_by_reconcile(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    # A lost event and a hand edit: the tag sits on an old AMI and the parameter names another.
+    ec2().create_tags(Resources=[fleet.images[1]], Tags=[{"Key": "Latest", "Value": "true"}])
+    boto3.client("ssm", region_name="us-east-1").put_parameter(
+        Name="/ami/web/latest", Value=fleet.images[2], Type="String", DataType="aws:ec2:image"
+    )
+    scheduled.handler(event("scheduled.json"), Context())
+    assert latest_holders(fleet.images) == [fleet.images[-1]] and parameter() == fleet.images[-1]
+
+
+def test_failed_event_is_counted_and_an_ami_of_no_family_is_ignored(
+    lambda_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_policy(lambda_env, "enforce")
+    seed_fleet(now())
+    result = ami_event.handler(event("ami_failed.json"), Context())
+    assert result["outcome"] == "failed-counted"
+    metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    assert any(m.get("AmiFailedEvents") == [1.0] or m.get("AmiFailedEvents") == 1.0 for m in metrics)
+    base = next(i["ImageId"] for i in ec2().describe_images(Owners=["self"])["Images"] if i["Name"] == "base")
+    assert ami_event.handler(event("ami_no_family.json", base), Context())["outcome"] == "ignored"
+
+
+def test_dry_run_event_logs_what_it_would_do(lambda_env: Path) -> None:
+    write_policy(lambda_env, "dry-run")
+    fleet = seed_fleet(now())
+    result = ami_event.handler(event("ami_available.json", fleet.images[-1]), Context())
+    assert result["outcome"] == "dry-run"
+    assert result["would"][0]["to"] == fleet.images[-1]
+    assert latest_holders(fleet.images) == []
+
+
+def test_malformed_event_fails_naming_the_field(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    with pytest.raises(BadEvent, match=r"detail\.State"):
+        ami_event.handler(event("ami_malformed.json"), Context())
+    with pytest.raises(BadEvent, match="not a JSON object"):
+        ami_event.handler([], Context())  # type: ignore[arg-type]
+
+
+def test_an_older_ami_becoming_available_later_does_not_take_latest(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    ami_event.handler(event("ami_available.json", fleet.images[-1]), Context())
+    # Re-enabling an old disabled AMI emits "available" for it: Latest stays on the newest.
+    ec2().disable_image(ImageId=fleet.images[0])
+    ec2().enable_image(ImageId=fleet.images[0])
+    ami_event.handler(event("ami_available.json", fleet.images[0]), Context())
+    assert latest_holders(fleet.images) == [fleet.images[-1]]
