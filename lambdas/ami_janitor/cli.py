@@ -44,9 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     replicate = commands.add_parser("replicate", parents=[common], help="reconcile copies and shares")
     replicate.add_argument("--family", action="append", help="only this family (repeatable)")
     bake = commands.add_parser("bake", parents=[common], help="create a versioned image of an instance")
-    bake.add_argument("--instance-id", required=True)
     bake.add_argument("--family", required=True)
-    bake.add_argument("--no-reboot", action="store_true")
+    bake.add_argument("--instance-id", help="default: the instance carrying the family's bake.instance_tag")
+    bake.add_argument("--no-reboot", action="store_true", help="do not reboot (the file system may be inconsistent)")
+    bake.add_argument("--stop-command", help="run on the instance (SSM Run Command) before CreateImage")
+    bake.add_argument("--start-command", help="run after CreateImage returns, even if it failed")
+    bake.add_argument("--no-wait", action="store_true", help="print the id without waiting for available")
     rescue = commands.add_parser("rescue", parents=[common], help="undo every retirement stage of one AMI")
     rescue.add_argument("image_id", metavar="AMI_ID")
     demo = commands.add_parser("demo", help="run the janitor on an embedded emulator (no AWS account)")
@@ -284,6 +287,64 @@ def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
 
 
+def _one_region(policy: Policy, args: argparse.Namespace) -> str:
+    if args.region:
+        regions = _regions(policy, args)
+        if len(regions) != 1:
+            raise UsageError("bake acts in one region: give --region once")
+        return regions[0]
+    session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
+    if not session.region_name:
+        raise UsageError("no region: give --region (or set one in the profile)")
+    return session.region_name
+
+
+def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
+    from ami_janitor import baking
+
+    policy = _policy(args)
+    try:
+        family = policy.family(args.family)
+    except KeyError:
+        raise UsageError(f"--family {args.family}: no such family in the policy") from None
+    clients = _factory(args)(_one_region(policy, args))
+    terminal = sys.stderr.isatty()
+
+    def progress(line: str) -> None:  # one status line, rewritten in place
+        sys.stderr.write(f"\r\033[K{line}")
+        sys.stderr.flush()
+
+    try:
+        instance_id = args.instance_id or baking.find_bake_instance(clients, family)
+        result = baking.bake(
+            clients,
+            family,
+            instance_id,
+            _now(),
+            no_reboot=args.no_reboot,
+            stop_command=args.stop_command,
+            start_command=args.start_command,
+            wait=not args.no_wait,
+            progress=progress if terminal else None,
+        )
+    except baking.BakeUsageError as error:
+        raise UsageError(str(error)) from None
+    except baking.BakeError as error:
+        sys.stderr.write(("\n" if terminal else "") + f"ami-janitor: bake failed: {error}\n")
+        if error.image_id:
+            out.write(f"{error.image_id}\n")  # the image exists even so
+        return EXIT_FAILED
+    if terminal:
+        sys.stderr.write("\n")
+    for warning in result.warnings:
+        sys.stderr.write(f"WARNING: {warning}\n")
+    if args.format == "json":
+        _emit_json(result.model_dump(mode="json"), out)
+    else:
+        out.write(f"{result.image_id}\n")
+    return EXIT_OK
+
+
 def cmd_not_yet(args: argparse.Namespace, out: TextIO) -> int:
     raise UsageError(f"{args.command}: not available in this version")
 
@@ -303,7 +364,7 @@ COMMANDS = {
     "apply": cmd_apply,
     "rotate": cmd_rotate,
     "replicate": cmd_not_yet,
-    "bake": cmd_not_yet,
+    "bake": cmd_bake,
     "rescue": cmd_rescue,
     "demo": cmd_demo,
 }

@@ -203,6 +203,13 @@ def _judge(
         allowed.add("group:all")
     verdicts: list[_Verdict] = []
     rank = 0
+    # Loop invariants, hoisted: this loop runs once per AMI of the account.
+    young_after = now - timedelta(days=rules.min_age_days)
+    launched_after = now - timedelta(days=rules.launched_within_days)
+    latest_tag = family.latest.tag if family.latest else None
+    among = f"among the {rules.keep_latest} newest of its group (#"
+    not_among = f"not among the {rules.keep_latest} newest of its group"
+    older = f"older than {rules.min_age_days} days"
     for image in group.members:
         verdict = _Verdict(image, group)
         keep = verdict.keep
@@ -215,21 +222,21 @@ def _judge(
         else:
             rank += 1
             if rank <= rules.keep_latest:
-                keep.append(f"among the {rules.keep_latest} newest of its group (#{rank})")
+                keep.append(f"{among}{rank})")
             else:
-                verdict.why_candidate.append(f"not among the {rules.keep_latest} newest of its group")
-        age_from = "source created" if image.is_replica and image.order_time != image.created else "created"
-        if now - image.order_time < timedelta(days=rules.min_age_days):
-            keep.append(f"younger than {rules.min_age_days} days ({age_from} {_day(image.order_time)})")
+                verdict.why_candidate.append(not_among)
+        order_time = image.order_time
+        if order_time > young_after:
+            age_from = "source created" if order_time != image.created else "created"
+            keep.append(f"younger than {rules.min_age_days} days ({age_from} {_day(order_time)})")
         else:
-            verdict.why_candidate.append(f"older than {rules.min_age_days} days")
+            verdict.why_candidate.append(older)
         if image.image_id == latest_id:
             keep.append("Latest of its group")
-        latest_tag = family.latest.tag if family.latest else None
         if latest_tag and latest_tag in image.tags and image.image_id != latest_id:
             keep.append(f"carries the {latest_tag} tag")
         keep.extend(references.get(image.image_id, ()))
-        if image.last_launched and now - image.last_launched <= timedelta(days=rules.launched_within_days):
+        if image.last_launched and image.last_launched >= launched_after:
             keep.append(f"launched {_day(image.last_launched)} (within {rules.launched_within_days} days)")
         if not rules.allow_shared:
             if image.public and not family.public:
@@ -262,9 +269,10 @@ def _stage_plan(
     since = parse_time(image.tags.get(CANDIDATE_TAG)) or now
     done = 0
     for index, (stage, _) in enumerate(configured):
-        if (stage == "deprecate" and PRIOR_DEPRECATION_TAG in image.tags) or (
-            stage == "disable" and image.state == "disabled"
-        ):
+        # The record is written before EnableImageDeprecation: with no deprecation time the stage
+        # stopped half way (or a rescue that stopped half way cancelled it), so it runs again.
+        deprecated = PRIOR_DEPRECATION_TAG in image.tags and image.deprecation_time is not None
+        if (stage == "deprecate" and deprecated) or (stage == "disable" and image.state == "disabled"):
             done = index + 1  # a later stage done implies the earlier ones are settled
     pending = configured[done:]
     due = [stage for stage, days in pending if since + timedelta(days=days) <= now]
@@ -283,12 +291,16 @@ _DECISION_DEFAULTS: dict[str, object] = {
 }
 
 
+_ALL_FIELDS = set(Decision.model_fields)
+
+
 def _decision(fields: dict[str, object]) -> Decision:
     # Every field comes from validated models, so skip validation (and model_construct's per-field
-    # loop): it keeps a plan of 50,000 AMIs under a second.
+    # loop): it keeps a plan of 50,000 AMIs under a second. Decisions are frozen, so they can share
+    # one fields-set.
     decision = Decision.__new__(Decision)
     object.__setattr__(decision, "__dict__", {**_DECISION_DEFAULTS, **fields})
-    object.__setattr__(decision, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(decision, "__pydantic_fields_set__", _ALL_FIELDS)
     object.__setattr__(decision, "__pydantic_extra__", None)
     object.__setattr__(decision, "__pydantic_private__", None)
     return decision

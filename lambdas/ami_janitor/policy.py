@@ -199,6 +199,16 @@ class Family(_Strict):
     lifecycle: LifecycleOverride | None = None
     limits: FamilyLimits | None = None
 
+    @model_validator(mode="after")
+    def _bake_names_match(self) -> Family:
+        # A bake its own family does not select would never be rotated, shared or retired.
+        example = f"{self.name}-20261125T030000Z"
+        if self.bake is not None and self.match.name and not fnmatch.fnmatchcase(example, self.match.name):
+            raise ValueError(
+                f"bake names images like {example}, which match.name {self.match.name!r} does not select"
+            )
+        return self
+
     @field_validator("replicate")
     @classmethod
     def _unique_targets(cls, value: list[ReplicateTarget]) -> list[ReplicateTarget]:

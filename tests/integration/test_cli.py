@@ -187,3 +187,25 @@ def test_console_script_plan_json(endpoint: str, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["decisions"]) == 6
+
+
+def test_bake_creates_a_versioned_image_the_family_selects(endpoint: str, tmp_path: Path) -> None:
+    seed_fleet(now())
+    text = POLICY.format(mode="dry-run") + "    bake: {instance_tag: {Role: web}}\n"
+    config = write_policy(tmp_path, text=text)
+    client = ec2()
+    base = next(i["ImageId"] for i in client.describe_images(Owners=["self"])["Images"] if i["Name"] == "base")
+    tagged = {"ResourceType": "instance", "Tags": [{"Key": "Role", "Value": "web"}]}
+    instance = client.run_instances(ImageId=base, MinCount=1, MaxCount=1, TagSpecifications=[tagged])
+    instance_id = instance["Instances"][0]["InstanceId"]
+    # bake acts when called, whatever the mode; without --instance-id it finds the tagged instance.
+    code, output = run("bake", "--family", "web", "--config", config, "--region", "us-east-1")
+    assert code == 0, output
+    image_id = output.strip()
+    image = client.describe_images(ImageIds=[image_id])["Images"][0]
+    tags = {t["Key"]: t["Value"] for t in image["Tags"]}
+    assert image["Name"].startswith("web-") and tags["Project"] == "Web"
+    assert tags["ami-janitor:baked-from"] == instance_id and tags["Version"] == image["Name"][len("web-") :]
+    plan = json.loads(run("plan", "--config", config, "--format", "json")[1])
+    assert plan["decisions"][0]["image_id"] == image_id  # the newest member of its family
+    assert run("bake", "--family", "nope", "--config", config, "--region", "us-east-1")[0] == 2

@@ -74,6 +74,10 @@ def test_defaults() -> None:
             "families[0].latest.ssm_parameter: must be a full parameter path",
         ),
         ("just text", "the policy must be a mapping"),
+        (
+            with_family(match={"name": "b-v*"}, bake={"instance_tag": {"Role": "b"}}),
+            "families[1]: bake names images like b-20261125T030000Z, which match.name 'b-v*' does not select",
+        ),
     ],
 )
 def test_errors_name_the_key_path(data: object, expected: str) -> None:

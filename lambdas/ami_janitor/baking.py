@@ -1,0 +1,423 @@
+"""Bake: a versioned image of a build instance that its own family selects.
+
+The image is named `<family>-<UTC timestamp>` and tagged at creation, on the image and on its
+snapshots, with the family's match tags, `Version` (the timestamp) and `ami-janitor:baked-from` (the
+instance). With `no_reboot`, EC2 snapshots a running file system: a stop command (SSM Run Command)
+quiesces the application first, and the start command runs once CreateImage has returned (the
+snapshots are taken from that moment), whatever happened in between.
+
+Waiting for the image polls DescribeImages instead of using the `image_available` waiter: the waiter
+has no hook for a progress line per poll, and it gives up on `InvalidAMIID.NotFound`, which EC2 can
+answer right after CreateImage (eventual consistency).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, Field
+
+from ami_janitor.clients import RegionClients
+from ami_janitor.policy import JANITOR_TAG_PREFIX, Family
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ssm import SSMClient
+
+BAKED_FROM_TAG = f"{JANITOR_TAG_PREFIX}baked-from"
+VERSION_TAG = "Version"
+RUN_SHELL_DOCUMENT = "AWS-RunShellScript"
+NO_REBOOT_WARNING = (
+    "the file system may be inconsistent without a reboot; "
+    "use --stop-command/--start-command to quiesce the application"
+)
+
+# What the unattended (scheduled) bake calls: it finds the instance and creates the image, no commands.
+SCHEDULED_PERMISSIONS: list[str] = sorted(
+    {
+        "ec2:CreateImage",
+        # Tags given at creation (TagSpecifications) are authorized as ec2:CreateTags.
+        "ec2:CreateTags",
+        "ec2:DescribeInstances",
+    }
+)
+# Everything bake() may call: the scheduled actions plus waiting for the image and the
+# stop/start commands (only the CLI runs those, with the caller's credentials).
+PERMISSIONS: list[str] = sorted(
+    {
+        *SCHEDULED_PERMISSIONS,
+        "ec2:DescribeImages",
+        "ssm:GetCommandInvocation",
+        "ssm:SendCommand",
+    }
+)
+
+_COMMAND_DONE = "Success"
+_COMMAND_FAILED = frozenset({"Cancelled", "TimedOut", "Failed"})
+# Run Command's delivery timeout (its minimum is 30 s): an unreachable instance fails the command
+# quickly instead of leaving it pending for an hour.
+_DELIVERY_TIMEOUT_SECONDS = 60
+_IMAGE_WAITING = frozenset({"pending", "transient", "not visible yet"})
+_STDERR_TAIL = 400
+
+Progress = Callable[[str], None]
+
+
+class BakeError(RuntimeError):
+    """A bake that failed; the message says what and where. `image_id` is set once an image exists."""
+
+    def __init__(self, message: str, *, image_id: str | None = None) -> None:
+        super().__init__(message)
+        self.image_id = image_id
+
+
+class BakeUsageError(BakeError):
+    """Bad input (options or policy) found before anything ran."""
+
+
+class BakeResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    family: str
+    instance_id: str
+    image_id: str
+    name: str
+    state: str
+    warnings: list[str] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Polling bounds. Attempts are counted from timeout / delay, so the bounds do not need a clock."""
+
+    command_delay: float = 2.0
+    command_timeout: int = 600  # the commands' executionTimeout on the instance, in seconds
+    image_delay: float = 15.0
+    image_timeout: float = 3600.0  # large volumes take a while to snapshot
+    sleep: Callable[[float], None] = time.sleep
+
+
+# ---- the request ------------------------------------------------------------------------------------
+
+
+def version(now: datetime) -> str:
+    """The UTC timestamp that versions a bake (a naive time is taken as UTC)."""
+    aware = now if now.tzinfo else now.replace(tzinfo=UTC)
+    return aware.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def image_name(family: Family, now: datetime) -> str:
+    """`<family>-<UTC timestamp>`; refused where the family's own name glob would not select it."""
+    name = f"{family.name}-{version(now)}"
+    glob = family.match.name
+    if glob is not None and not fnmatch.fnmatchcase(name, glob):
+        raise BakeUsageError(
+            f"family {family.name}: match.name {glob!r} does not match the bake name {name!r}, so the "
+            f"baked image would never be managed; use a glob such as '{family.name}-*'"
+        )
+    return name
+
+
+def image_tags(family: Family, instance_id: str, now: datetime) -> dict[str, str]:
+    """The family's match tags, the version and the build instance."""
+    tags = {**family.match.tags, VERSION_TAG: version(now), BAKED_FROM_TAG: instance_id}
+    if not family.match.matches(image_name(family, now), tags):
+        clash = sorted(key for key in (VERSION_TAG, BAKED_FROM_TAG) if key in family.match.tags)
+        raise BakeUsageError(
+            f"family {family.name}: match.tags select on {', '.join(clash)}, which every bake sets to "
+            "its own value, so the baked image would never be managed"
+        )
+    return tags
+
+
+def bake_request(family: Family, instance_id: str, now: datetime, no_reboot: bool) -> dict[str, Any]:
+    """The exact CreateImage arguments: image and snapshots tagged at creation."""
+    name = image_name(family, now)
+    tags = [
+        {"Key": key, "Value": value} for key, value in sorted(image_tags(family, instance_id, now).items())
+    ]
+    return {
+        "InstanceId": instance_id,
+        "Name": name,
+        "Description": f"{family.name} {version(now)} baked by ami-janitor from {instance_id}",
+        "NoReboot": no_reboot,
+        "TagSpecifications": [
+            {"ResourceType": "image", "Tags": tags},
+            {"ResourceType": "snapshot", "Tags": [dict(tag) for tag in tags]},
+        ],
+    }
+
+
+def check_options(no_reboot: bool, stop_command: str | None, start_command: str | None) -> list[str]:
+    """The warnings of a valid combination; BakeUsageError for an invalid one."""
+    if (stop_command is not None or start_command is not None) and not no_reboot:
+        raise BakeUsageError(
+            "--stop-command/--start-command quiesce the application for --no-reboot; "
+            "without it EC2 reboots the instance, which needs neither"
+        )
+    if start_command is not None and stop_command is None:
+        raise BakeUsageError("--start-command needs --stop-command (it restarts what that stopped)")
+    for option, command in (("--stop-command", stop_command), ("--start-command", start_command)):
+        if command is not None and not command.strip():
+            raise BakeUsageError(f"{option}: the command is empty")
+    if no_reboot and stop_command is None:
+        return [NO_REBOOT_WARNING]
+    return []
+
+
+# ---- the bake ---------------------------------------------------------------------------------------
+
+
+def bake(
+    clients: RegionClients,
+    family: Family,
+    instance_id: str,
+    now: datetime,
+    *,
+    no_reboot: bool,
+    stop_command: str | None = None,
+    start_command: str | None = None,
+    wait: bool = True,
+    progress: Progress | None = None,
+    timing: Timing | None = None,
+) -> BakeResult:
+    """Create a versioned image of `instance_id` for `family`; with `wait`, until it is available."""
+    warnings = check_options(no_reboot, stop_command, start_command)
+    request = bake_request(family, instance_id, now, no_reboot)
+    report = progress or _silent
+    bounds = timing or Timing()
+
+    def create() -> str:
+        report(f"creating image {request['Name']} from {instance_id}")
+        return _create_image(clients.ec2, request)
+
+    if stop_command is None:
+        image_id = create()
+    else:
+        commands = _RunCommand(clients.ssm, instance_id, family.name, bounds, report)
+        image_id = _create_quiesced(commands, stop_command, start_command, create)
+    state = "pending"
+    if wait:
+        state = wait_until_available(clients.ec2, image_id, timing=bounds, progress=report)
+    return BakeResult(
+        family=family.name,
+        instance_id=instance_id,
+        image_id=image_id,
+        name=request["Name"],
+        state=state,
+        warnings=warnings,
+    )
+
+
+def _silent(line: str) -> None:
+    return None
+
+
+def _describe_error(error: ClientError | BotoCoreError) -> str:
+    if isinstance(error, ClientError):
+        details = error.response.get("Error", {})
+        return f"{details.get('Code', 'Error')}: {details.get('Message', '')}".rstrip(": ")
+    return str(error)
+
+
+def _create_image(ec2: EC2Client, request: dict[str, Any]) -> str:
+    try:
+        answer = ec2.create_image(**request)
+    except (ClientError, BotoCoreError) as error:
+        raise BakeError(
+            f"CreateImage from {request['InstanceId']} failed: {_describe_error(error)}"
+        ) from None
+    return str(answer["ImageId"])
+
+
+def _create_quiesced(
+    commands: _RunCommand, stop_command: str, start_command: str | None, create: Callable[[], str]
+) -> str:
+    """Stop, create, start. Once the stop command was sent, the start command runs whatever happens."""
+    command_id = commands.send("stop", stop_command)
+    try:
+        commands.wait("stop", command_id)
+        image_id = create()
+    except BaseException as error:
+        restart = commands.attempt("start", start_command)
+        if restart is not None and isinstance(error, BakeError):
+            raise BakeError(f"{error}; then {restart}", image_id=error.image_id) from error
+        raise
+    restart = commands.attempt("start", start_command)
+    if restart is not None:
+        raise BakeError(f"image {image_id} was created, but {restart}", image_id=image_id)
+    return image_id
+
+
+class _RunCommand:
+    """A shell command on the build instance through SSM Run Command, awaited with a bounded poll."""
+
+    def __init__(self, ssm: SSMClient, instance_id: str, family: str, timing: Timing, progress: Progress):
+        self.ssm = ssm
+        self.instance_id = instance_id
+        self.family = family
+        self.timing = timing
+        self.progress = progress
+
+    def send(self, purpose: str, command: str) -> str:
+        self.progress(f"running the {purpose} command on {self.instance_id}")
+        try:
+            answer = self.ssm.send_command(
+                InstanceIds=[self.instance_id],
+                DocumentName=RUN_SHELL_DOCUMENT,
+                Comment=f"ami-janitor bake {self.family}: {purpose} command"[:100],
+                Parameters={"commands": [command], "executionTimeout": [str(self.timing.command_timeout)]},
+                TimeoutSeconds=_DELIVERY_TIMEOUT_SECONDS,
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise BakeError(
+                f"the {purpose} command could not be sent to {self.instance_id}: {_describe_error(error)}"
+            ) from None
+        return str(answer["Command"]["CommandId"])
+
+    def wait(self, purpose: str, command_id: str) -> None:
+        bound = self.timing.command_timeout + _DELIVERY_TIMEOUT_SECONDS + 30
+        attempts = max(1, math.ceil(bound / self.timing.command_delay))
+        for attempt in range(attempts):
+            if attempt:
+                self.timing.sleep(self.timing.command_delay)
+            invocation = self._invocation(purpose, command_id)
+            status = str(invocation.get("Status") or "not delivered yet")
+            if status == _COMMAND_DONE:
+                return
+            if status in _COMMAND_FAILED:
+                raise BakeError(f"the {purpose} command failed on {self.instance_id}: {_outcome(invocation)}")
+            self.progress(f"{purpose} command on {self.instance_id}: {status}")
+        raise BakeError(
+            f"the {purpose} command on {self.instance_id} did not finish within {bound} s (command {command_id})"
+        )
+
+    def run(self, purpose: str, command: str) -> None:
+        self.wait(purpose, self.send(purpose, command))
+
+    def attempt(self, purpose: str, command: str | None) -> BakeError | None:
+        """Run a command if there is one; its failure is returned, not raised."""
+        if command is None:
+            return None
+        try:
+            self.run(purpose, command)
+        except BakeError as error:
+            return error
+        return None
+
+    def _invocation(self, purpose: str, command_id: str) -> dict[str, Any]:
+        try:
+            answer = self.ssm.get_command_invocation(CommandId=command_id, InstanceId=self.instance_id)
+        except ClientError as error:
+            # Normal for a moment after SendCommand: the invocation is not recorded yet.
+            if error.response.get("Error", {}).get("Code") == "InvocationDoesNotExist":
+                return {}
+            raise BakeError(
+                f"the {purpose} command on {self.instance_id} cannot be followed: {_describe_error(error)}"
+            ) from None
+        except BotoCoreError as error:
+            raise BakeError(
+                f"the {purpose} command on {self.instance_id} cannot be followed: {error}"
+            ) from None
+        return dict(answer)
+
+
+def _outcome(invocation: dict[str, Any]) -> str:
+    parts = [str(invocation.get("StatusDetails") or invocation.get("Status"))]
+    code = invocation.get("ResponseCode")
+    if code is not None and code != -1:
+        parts.append(f"exit code {code}")
+    stderr = str(invocation.get("StandardErrorContent") or "").strip()
+    if stderr:
+        parts.append(f"stderr: {stderr[-_STDERR_TAIL:]}")
+    return ", ".join(parts)
+
+
+# ---- waiting ----------------------------------------------------------------------------------------
+
+
+def wait_until_available(
+    ec2: EC2Client, image_id: str, *, timing: Timing | None = None, progress: Progress | None = None
+) -> str:
+    """Poll until the image is available; `failed` (or any end state) is a BakeError with its reason."""
+    bounds = timing or Timing()
+    report = progress or _silent
+    attempts = max(1, math.ceil(bounds.image_timeout / bounds.image_delay))
+    for attempt in range(attempts):
+        if attempt:
+            bounds.sleep(bounds.image_delay)
+        image = _image(ec2, image_id)
+        state = str(image.get("State") or "not visible yet")
+        elapsed = _duration(attempt * bounds.image_delay)
+        report(f"{image_id}: {state} ({elapsed})")
+        if state == "available":
+            return state
+        if state not in _IMAGE_WAITING:
+            reason = (image.get("StateReason") or {}).get("Message") or "no reason given"
+            raise BakeError(f"image {image_id} is {state}: {reason}", image_id=image_id)
+    raise BakeError(
+        f"image {image_id} is not available after {_duration(bounds.image_timeout)}; it may still "
+        "become available (aws ec2 wait image-available)",
+        image_id=image_id,
+    )
+
+
+def _image(ec2: EC2Client, image_id: str) -> dict[str, Any]:
+    try:
+        answer = ec2.describe_images(ImageIds=[image_id])
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") == "InvalidAMIID.NotFound":
+            return {}
+        raise BakeError(
+            f"cannot read image {image_id}: {_describe_error(error)}", image_id=image_id
+        ) from None
+    except BotoCoreError as error:
+        raise BakeError(f"cannot read image {image_id}: {error}", image_id=image_id) from None
+    images = answer.get("Images") or []
+    return dict(images[0]) if images else {}
+
+
+def _duration(seconds: float) -> str:
+    whole = int(seconds)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
+
+
+# ---- the build instance -----------------------------------------------------------------------------
+
+
+def find_bake_instance(clients: RegionClients, family: Family) -> str:
+    """The running or stopped instance carrying the family's bake.instance_tag (the most recently
+    launched where several do; instance id as tie-break)."""
+    if family.bake is None:
+        raise BakeUsageError(
+            f"family {family.name} has no bake section (bake.instance_tag names its instance)"
+        )
+    tags = family.bake.instance_tag
+    filters: list[Any] = [{"Name": f"tag:{key}", "Values": [value]} for key, value in sorted(tags.items())]
+    filters.append({"Name": "instance-state-name", "Values": ["running", "stopped"]})
+    found: list[tuple[datetime, str]] = []
+    try:
+        for page in clients.ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page.get("Reservations") or []:
+                for instance in reservation.get("Instances") or []:
+                    launched = instance.get("LaunchTime") or datetime.min.replace(tzinfo=UTC)
+                    found.append((launched, instance["InstanceId"]))
+    except (ClientError, BotoCoreError) as error:
+        raise BakeError(
+            f"cannot list the build instances of {family.name}: {_describe_error(error)}"
+        ) from None
+    if not found:
+        wanted = ", ".join(f"{key}={value}" for key, value in sorted(tags.items()))
+        raise BakeError(
+            f"family {family.name}: no running or stopped instance in {clients.region} carries the "
+            f"tags {wanted} (bake.instance_tag)"
+        )
+    return max(found)[1]

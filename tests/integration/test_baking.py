@@ -1,0 +1,316 @@
+"""Bake on an in-process moto (with the emulator's snapshot tags at CreateImage), and the bake handler.
+
+Exact requests (NoReboot, the snapshot TagSpecification, the Run Command sequence) are checked with
+botocore's Stubber in tests/unit/test_bake_requests.py: moto ignores NoReboot and finishes commands at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ec2.models import ec2_backends
+
+from ami_janitor import baking
+from ami_janitor.adapter import load_images
+from ami_janitor.clients import RegionClients
+from ami_janitor.demo import emulator
+from ami_janitor.events import BadEvent
+from ami_janitor.handlers import bake as bake_handler
+from ami_janitor.policy import Family, Policy, parse_policy
+
+REGION = "us-east-1"
+NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
+ROLE = {"Role": "pettracker-ml"}
+
+
+def policy_data(mode: str = "enforce", no_reboot: bool = False) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "regions": [REGION],
+        "families": [
+            {
+                "name": "pettracker-ml",
+                "match": {"tags": {"Project": "PetTracker"}, "name": "pettracker-ml-*"},
+                "bake": {"instance_tag": ROLE, "schedule": "cron(0 2 * * ? *)", "no_reboot": no_reboot},
+            },
+            {"name": "web", "match": {"tags": {"Project": "Web"}}},
+        ],
+    }
+
+
+def make_policy(mode: str = "enforce") -> Policy:
+    return parse_policy(policy_data(mode))
+
+
+def family(name: str = "pettracker-ml") -> Family:
+    return make_policy().family(name)
+
+
+@pytest.fixture
+def aws(moto_aws: None) -> Iterator[None]:
+    emulator.install()
+    yield
+
+
+@functools.cache
+def client(service: str) -> Any:
+    # One client per service for the module: loading the service models once keeps these tests fast.
+    return boto3.client(service, region_name=REGION)  # type: ignore[call-overload]
+
+
+def clients() -> RegionClients:
+    return RegionClients(REGION, ec2=client("ec2"), ssm=client("ssm"))
+
+
+def ec2() -> Any:
+    return clients().ec2
+
+
+def launch(tags: dict[str, str] | None = None, *, launched: datetime | None = None) -> str:
+    kwargs: dict[str, Any] = {}
+    if tags:
+        kwargs["TagSpecifications"] = [
+            {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+        ]
+    instance_id: str = ec2().run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, **kwargs)[
+        "Instances"
+    ][0]["InstanceId"]
+    if launched is not None:
+        # moto keeps a naive UTC time.
+        instance = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(instance_id)
+        instance.launch_time = launched.astimezone(UTC).replace(tzinfo=None)
+    return instance_id
+
+
+def tags_of(raw: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in raw.get("Tags") or []}
+
+
+# ---- bake on moto ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("aws")
+def test_bake_names_and_tags_the_image_and_its_snapshot_so_the_family_selects_it() -> None:
+    instance_id = launch(ROLE)
+    lines: list[str] = []
+
+    result = baking.bake(clients(), family(), instance_id, NOW, no_reboot=False, progress=lines.append)
+
+    assert result == baking.BakeResult(
+        family="pettracker-ml",
+        instance_id=instance_id,
+        image_id=result.image_id,
+        name="pettracker-ml-20261125T030000Z",
+        state="available",
+        warnings=[],
+    )
+    image = ec2().describe_images(ImageIds=[result.image_id])["Images"][0]
+    expected = {
+        "Project": "PetTracker",
+        "Version": "20261125T030000Z",
+        "ami-janitor:baked-from": instance_id,
+    }
+    assert image["Name"] == "pettracker-ml-20261125T030000Z"
+    assert tags_of(image) == expected
+    snapshot_id = image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    snapshot = ec2().describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]
+    assert tags_of(snapshot) == expected
+    # The family selects what it baked, as the inventory sees it.
+    loaded = next(i for i in load_images(clients(), make_policy()).images if i.image_id == result.image_id)
+    assert family().match.matches(loaded.name, loaded.tags)
+    assert lines[0] == f"creating image pettracker-ml-20261125T030000Z from {instance_id}"
+    assert lines[-1] == f"{result.image_id}: available (0s)"
+
+
+@pytest.mark.usefixtures("aws")
+def test_no_reboot_without_a_stop_command_warns() -> None:
+    result = baking.bake(clients(), family(), launch(ROLE), NOW, no_reboot=True, wait=False)
+
+    assert result.state == "pending"
+    assert result.warnings == [baking.NO_REBOOT_WARNING]
+
+
+@pytest.mark.usefixtures("aws")
+def test_stop_and_start_commands_go_through_run_command_around_the_image() -> None:
+    instance_id = launch(ROLE)
+
+    result = baking.bake(
+        clients(),
+        family(),
+        instance_id,
+        NOW,
+        no_reboot=True,
+        stop_command="sudo systemctl stop pettracker-ml",
+        start_command="sudo systemctl start pettracker-ml",
+    )
+
+    assert result.warnings == []
+    assert result.state == "available"
+    commands = clients().ssm.list_commands()["Commands"]
+    sent = sorted(commands, key=lambda c: c["RequestedDateTime"])
+    assert [c["Parameters"]["commands"] for c in sent] == [
+        ["sudo systemctl stop pettracker-ml"],
+        ["sudo systemctl start pettracker-ml"],
+    ]
+    assert {c["DocumentName"] for c in sent} == {"AWS-RunShellScript"}
+    assert all(c["InstanceIds"] == [instance_id] for c in sent)
+
+
+@pytest.mark.usefixtures("aws")
+def test_a_missing_instance_is_a_bake_error() -> None:
+    with pytest.raises(baking.BakeError, match="CreateImage from i-0123456789abcdef0 failed"):
+        baking.bake(clients(), family(), "i-0123456789abcdef0", NOW, no_reboot=False)
+
+
+# ---- the build instance -------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("aws")
+def test_find_bake_instance_takes_the_most_recently_launched_running_or_stopped_one() -> None:
+    older = launch(ROLE, launched=NOW - timedelta(days=3))
+    newer_stopped = launch(ROLE, launched=NOW - timedelta(days=1))
+    ec2().stop_instances(InstanceIds=[newer_stopped])
+    newest_terminated = launch(ROLE, launched=NOW)
+    ec2().terminate_instances(InstanceIds=[newest_terminated])
+    launch({"Role": "other"}, launched=NOW)
+    launch(launched=NOW)
+
+    assert baking.find_bake_instance(clients(), family()) == newer_stopped
+    ec2().terminate_instances(InstanceIds=[newer_stopped])
+    assert baking.find_bake_instance(clients(), family()) == older
+
+
+@pytest.mark.usefixtures("aws")
+def test_find_bake_instance_names_the_tags_when_none_carries_them() -> None:
+    launch({"Role": "other"})
+
+    with pytest.raises(
+        baking.BakeError,
+        match=r"no running or stopped instance in us-east-1 carries the tags Role=pettracker-ml",
+    ):
+        baking.find_bake_instance(clients(), family())
+    with pytest.raises(baking.BakeUsageError, match="family web has no bake section"):
+        baking.find_bake_instance(clients(), family("web"))
+
+
+# ---- the scheduled bake handler -----------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    function_name: str = "ami-janitor-bake"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-bake"
+    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
+
+
+@pytest.fixture
+def lambda_env(aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "ami-janitor")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "AmiJanitor")
+    # Powertools reads the namespace when the module is imported, which may be before this fixture.
+    monkeypatch.setattr(bake_handler.metrics, "namespace", "AmiJanitor")
+    path = tmp_path / "policy.json"
+    monkeypatch.setenv("AMI_JANITOR_CONFIG", str(path))
+    return path
+
+
+def write_policy(path: Path, mode: str, *, no_reboot: bool = False) -> None:
+    path.write_text(json.dumps(policy_data(mode, no_reboot)))
+
+
+def own_images() -> list[dict[str, Any]]:
+    images: list[dict[str, Any]] = ec2().describe_images(Owners=["self"])["Images"]
+    return images
+
+
+def test_handler_in_enforce_bakes_the_tagged_instance_without_waiting(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce", no_reboot=True)
+    instance_id = launch(ROLE)
+
+    result = bake_handler.handler({"family": "pettracker-ml"}, Context())
+
+    assert result["outcome"] == "baked"
+    assert result["mode"] == "enforce"
+    assert result["region"] == REGION
+    assert result["instance_id"] == instance_id
+    assert result["state"] == "pending"  # the AMI's available event drives what follows
+    assert result["warnings"] == [baking.NO_REBOOT_WARNING]
+    [image] = own_images()
+    assert image["ImageId"] == result["image_id"]
+    assert image["Name"] == result["name"]
+    assert image["Name"].startswith("pettracker-ml-")
+    assert tags_of(image)["ami-janitor:baked-from"] == instance_id
+
+
+def test_handler_in_dry_run_only_says_what_it_would_bake(lambda_env: Path) -> None:
+    write_policy(lambda_env, "dry-run")
+    instance_id = launch(ROLE)
+
+    result = bake_handler.handler({"family": "pettracker-ml"}, Context())
+
+    assert result["outcome"] == "would-bake"
+    assert result["instance_id"] == instance_id
+    assert result["name"].startswith("pettracker-ml-")
+    assert own_images() == []
+
+
+def test_handler_when_paused_does_nothing(lambda_env: Path) -> None:
+    write_policy(lambda_env, "paused")
+    launch(ROLE)
+
+    assert bake_handler.handler({"family": "pettracker-ml"}, Context()) == {
+        "mode": "paused",
+        "family": "pettracker-ml",
+    }
+    assert own_images() == []
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ([], "not a JSON object"),
+        ({}, "malformed bake event: family: Field required"),
+        ({"family": ""}, "malformed bake event: family: String should have at least 1 character"),
+        (
+            {"family": "pettracker-ml", "extra": 1},
+            "malformed bake event: extra: Extra inputs are not permitted",
+        ),
+        ({"family": "nope"}, "family 'nope' is not in the policy"),
+        ({"family": "web"}, "family 'web' has no bake section"),
+    ],
+)
+def test_handler_refuses_a_bad_event_naming_the_field(lambda_env: Path, event: Any, message: str) -> None:
+    write_policy(lambda_env, "enforce")
+    launch(ROLE)
+
+    with pytest.raises(BadEvent, match=message):
+        bake_handler.handler(event, Context())
+    assert own_images() == []
+
+
+def test_handler_without_a_build_instance_fails_loudly(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+
+    with pytest.raises(baking.BakeError, match="carries the tags Role=pettracker-ml"):
+        bake_handler.handler({"family": "pettracker-ml"}, Context())
+
+
+def test_handler_permissions_are_the_unattended_bake_only() -> None:
+    assert bake_handler.PERMISSIONS == [
+        "ec2:CreateImage",
+        "ec2:CreateTags",
+        "ec2:DescribeInstances",
+    ]
+    assert set(bake_handler.PERMISSIONS) < set(baking.PERMISSIONS)
+    assert sorted(baking.PERMISSIONS) == baking.PERMISSIONS
