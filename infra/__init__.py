@@ -1,0 +1,1 @@
+"""CDK infrastructure of ami-janitor: one self-contained stack per managed region."""

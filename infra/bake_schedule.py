@@ -1,0 +1,76 @@
+"""Scheduled bakes: one rule per family with a bake.schedule, all invoking one bake function."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aws_cdk import Duration
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_lambda as lambda_
+from constructs import Construct
+
+from ami_janitor.policy import Family
+from infra.alerts import Alerts
+from infra.dead_letters import DeadLetters
+from infra.environment import BAKE_HANDLER
+from infra.function import AsyncInvoke, JanitorFunction
+from infra.permissions import Scope
+
+MAX_EVENT_AGE = Duration.hours(1)
+TARGET_RETRY_ATTEMPTS = 4
+# CreateImage has no idempotency token: a retried bake could make a second AMI.
+INVOKE_RETRY_ATTEMPTS = 0
+
+
+class BakeSchedule(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        families: Sequence[Family],
+        code: lambda_.Code,
+        permissions: Sequence[str],
+        permission_scope: Scope,
+        alerts: Alerts,
+        dead_letters: DeadLetters,
+    ) -> None:
+        super().__init__(scope, id)
+        self.function = JanitorFunction(
+            self,
+            "Function",
+            description="scheduled bakes (CreateImage from a family's build instance)",
+            handler=BAKE_HANDLER,
+            code=code,
+            permissions=permissions,
+            permission_scope=permission_scope,
+            alerts=alerts,
+            timeout=Duration.minutes(2),  # CreateImage returns once the image is pending
+            memory_size=256,
+            async_invoke=AsyncInvoke(
+                retry_attempts=INVOKE_RETRY_ATTEMPTS,
+                max_event_age=MAX_EVENT_AGE,
+                on_failure=dead_letters.failed_invocations,
+            ),
+        )
+        self.rules: dict[str, events.Rule] = {}
+        for family in families:
+            if family.bake is None or family.bake.schedule is None:
+                continue
+            rule = events.Rule(
+                self,
+                f"Family-{family.name}",
+                description=f"ami-janitor: bake {family.name}",
+                schedule=events.Schedule.expression(family.bake.schedule),
+            )
+            rule.add_target(
+                targets.LambdaFunction(
+                    self.function.function,
+                    event=events.RuleTargetInput.from_object({"family": family.name}),
+                    dead_letter_queue=dead_letters.event_targets,
+                    max_event_age=MAX_EVENT_AGE,
+                    retry_attempts=TARGET_RETRY_ATTEMPTS,
+                )
+            )
+            self.rules[family.name] = rule

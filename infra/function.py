@@ -1,0 +1,165 @@
+"""One janitor Lambda function: its own role, log group, failure handling and Errors alarm."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from infra.alerts import ALARM_PERIOD, Alerts
+from infra.environment import common_environment
+from infra.nag import acknowledge, wildcard_resource_findings
+from infra.permissions import Scope, Statement, policy_statement, statements_for
+
+RUNTIME = lambda_.Runtime.PYTHON_3_13  # must match infra.bundle.PYTHON_VERSION
+ARCHITECTURE = lambda_.Architecture.ARM_64  # must match infra.bundle.PIP_PLATFORM
+
+# Why a statement's resource has a wildcard, by statement id (ids ending in a number share a reason).
+WILDCARD_REASONS = {
+    "ReadInventory": "Read-only Describe/List/Get calls of the inventory sources (EC2, Auto Scaling, SSM, "
+    "Batch, EMR, Image Builder, Recycle Bin): most take no resource ARN, the others must read every "
+    "resource of the region to find what references an AMI.",
+    "RetireCandidates": "AMI ids are not known at deploy time; limited to this region's AMIs that carry "
+    "the ami-janitor:candidate-since tag the janitor sets before any stage.",
+    "RestoreAndShareImages": "AMI ids are not known at deploy time; limited to this region's AMIs "
+    "(rescue of candidates and launch permissions from the families' share_with).",
+    "TagJanitorKeys": "AMI and snapshot ids are not known at deploy time; only tag keys starting "
+    "ami-janitor: and the families' Latest tags may change (aws:TagKeys condition).",
+    "CopyImages": "A copy creates an AMI and snapshots with new ids; limited to this region and the "
+    "policy's replication target regions.",
+    "CreateImages": "A bake creates an AMI and snapshots with new ids in this region.",
+    "CreateImagesFromInstances": "Build instance ids change per bake; limited to instances carrying a "
+    "family's bake.instance_tag.",
+    "TagOnCreate": "Tags given at creation of a new AMI or snapshot only (ec2:CreateAction condition).",
+    "DeleteRetiredSnapshots": "Snapshot ids are not known at deploy time; limited to snapshots the "
+    "janitor tagged ami-janitor:retired-from before deregistering their AMI.",
+    "WriteLatestParameters": "The {arch} placeholder of a family's Latest parameter name becomes a "
+    "wildcard over architectures.",
+    "PutJanitorMetrics": "PutMetricData has no resource type; limited to the AmiJanitor namespace.",
+    "WriteRunReports": "Report object keys are made per run; PutObject only, in the report bucket.",
+}
+
+
+@dataclass(frozen=True)
+class AsyncInvoke:
+    """Lambda's own handling of a failed asynchronous invocation."""
+
+    retry_attempts: int
+    max_event_age: Duration
+    on_failure: sqs.IQueue
+
+
+class JanitorFunction(Construct):
+    """A function whose role grants exactly its handler's PERMISSIONS plus `infra` (its own resources)."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        description: str,
+        handler: str,
+        code: lambda_.Code,
+        permissions: Sequence[str],
+        permission_scope: Scope,
+        alerts: Alerts,
+        timeout: Duration,
+        memory_size: int,
+        infra: Sequence[Statement] = (),
+        environment: Mapping[str, str] | None = None,
+        reserved_concurrency: int | None = None,
+        async_invoke: AsyncInvoke | None = None,
+    ) -> None:
+        super().__init__(scope, id)
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            retention=logs.RetentionDays.THREE_MONTHS,
+            removal_policy=RemovalPolicy.RETAIN,  # the record of what was retired outlives the stack
+        )
+        infra_statements = [
+            # The log group exists (created here), so no logs:CreateLogGroup.
+            Statement(
+                "WriteOwnLogs", ("logs:CreateLogStream", "logs:PutLogEvents"), (self.log_group.log_group_arn,)
+            ),
+            *infra,
+        ]
+        if async_invoke is not None:
+            # Lambda sends the failure record with the function's own role.
+            infra_statements.append(
+                Statement("SendFailedInvocations", ("sqs:SendMessage",), (async_invoke.on_failure.queue_arn,))
+            )
+        provided = {action for statement in infra_statements for action in statement.actions}
+        self.statements: list[Statement] = [
+            *statements_for(permissions, permission_scope, provided=provided),
+            *infra_statements,
+        ]
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"ami-janitor {description}",
+            # Inline, so the permissions exist before the function and its event invoke config.
+            inline_policies={
+                "Permissions": iam.PolicyDocument(statements=[policy_statement(s) for s in self.statements])
+            },
+        )
+        # One acknowledgement per wildcard resource, with the reasons of every statement using it.
+        reasons: dict[str, list[str]] = {}
+        for statement in self.statements:
+            reason = WILDCARD_REASONS.get(statement.sid.rstrip("0123456789"))
+            for finding in wildcard_resource_findings(self, list(statement.resources)):
+                if reason is None:
+                    raise ValueError(f"{statement.sid}: give WILDCARD_REASONS a reason for {finding}")
+                if reason not in reasons.setdefault(finding, []):
+                    reasons[finding].append(reason)
+        for finding, why in reasons.items():
+            acknowledge(self.role, finding, " ".join(why))
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            description=f"ami-janitor {description}",
+            runtime=RUNTIME,
+            architecture=ARCHITECTURE,
+            handler=handler,
+            code=code,
+            role=self.role,
+            timeout=timeout,
+            memory_size=memory_size,
+            environment={**common_environment(), **(environment or {})},
+            log_group=self.log_group,
+            reserved_concurrent_executions=reserved_concurrency,
+        )
+        acknowledge(
+            self.function,
+            "AwsSolutions-L1",
+            "Python 3.13 matches the wheels bundled for the asset (infra.bundle.PYTHON_VERSION, "
+            "pydantic-core is compiled per Python version); the two move together.",
+        )
+        if async_invoke is not None:
+            lambda_.CfnEventInvokeConfig(
+                self,
+                "AsyncInvoke",
+                function_name=self.function.function_name,
+                qualifier="$LATEST",
+                maximum_retry_attempts=async_invoke.retry_attempts,
+                maximum_event_age_in_seconds=int(async_invoke.max_event_age.to_seconds()),
+                destination_config=lambda_.CfnEventInvokeConfig.DestinationConfigProperty(
+                    on_failure=lambda_.CfnEventInvokeConfig.OnFailureProperty(
+                        destination=async_invoke.on_failure.queue_arn
+                    )
+                ),
+            )
+        alerts.alarm(
+            self,
+            "Errors",
+            metric=self.function.metric_errors(period=ALARM_PERIOD, statistic=cloudwatch.Stats.SUM),
+            description=f"ami-janitor {description}: the function raised an error",
+        )

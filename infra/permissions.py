@@ -1,0 +1,351 @@
+"""Maps a handler's PERMISSIONS list to IAM statements.
+
+Each handler module declares the IAM actions its code calls (`PERMISSIONS`); this module decides
+where each action may apply:
+- read-only calls (Describe*, List*, Get*) on "*": EC2, Auto Scaling, Batch, EMR, SSM reads and the
+  Recycle Bin do not support resource-level permissions for them;
+- mutating EC2 calls only on the images and snapshots of the function's region, with tag conditions
+  that say "the janitor marked this": the stage actions need the candidate tag, DeleteSnapshot the
+  retired-from tag, tag changes are limited to janitor-owned keys and the families' Latest tags;
+- KMS calls only on the key ARNs the policy configures for replication, and only through EC2;
+- SSM writes only on the families' Latest parameters.
+An action without a rule fails the synth: adding one is a decision to take here, not a default.
+
+Image and snapshot ARNs carry no account (`arn:aws:ec2:REGION::image/ami-...`, same for
+`snapshot/snap-...`), as the Service Authorization Reference lists them and as EC2 evaluates them.
+
+The statements are plain data so tests can check the mapping without synthesizing a stack.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ami_janitor.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Policy
+from infra.environment import METRICS_NAMESPACE
+
+READ_ONLY_PREFIXES = ("Describe", "List", "Get")
+# Read calls of these services can reach data, or target resources of the stack itself: no "*".
+NO_WILDCARD_READS = frozenset({"kms", "s3", "secretsmanager", "sqs", "sns", "logs", "dynamodb", "lambda"})
+# Services whose resources belong to the stack: the constructs grant them on their own resources.
+INFRA_SERVICES = frozenset({"logs", "s3", "sns", "sqs"})
+
+# Forward retirement stages: only on AMIs the janitor has marked as candidates.
+RETIRE_ACTIONS = frozenset({"ec2:DeregisterImage", "ec2:DisableImage", "ec2:EnableImageDeprecation"})
+# Rescue and rotation helpers: they make an AMI usable again or change its launch permissions.
+RESTORE_ACTIONS = frozenset({"ec2:EnableImage", "ec2:DisableImageDeprecation", "ec2:ModifyImageAttribute"})
+TAG_ACTIONS = frozenset({"ec2:CreateTags", "ec2:DeleteTags"})
+CREATE_ACTIONS = frozenset({"ec2:CopyImage", "ec2:CreateImage"})
+SNAPSHOT_DELETE_ACTIONS = frozenset({"ec2:DeleteSnapshot"})
+SSM_WRITE_ACTIONS = frozenset(
+    {
+        "ssm:PutParameter",
+        "ssm:DeleteParameter",
+        "ssm:DeleteParameters",
+        "ssm:AddTagsToResource",
+        "ssm:RemoveTagsFromResource",
+        "ssm:LabelParameterVersion",
+    }
+)
+# What EC2 needs of a replica key while it copies (CreateGrant, Decrypt, ReEncrypt*, GenerateDataKey*,
+# DescribeKey), spelled out: a key administration call has no rule.
+KMS_GRANT_ACTIONS = frozenset({"kms:CreateGrant"})
+KMS_METADATA_ACTIONS = frozenset({"kms:DescribeKey"})
+KMS_CRYPTO_ACTIONS = frozenset(
+    {
+        "kms:Decrypt",
+        "kms:Encrypt",
+        "kms:ReEncryptFrom",
+        "kms:ReEncryptTo",
+        "kms:GenerateDataKey",
+        "kms:GenerateDataKeyWithoutPlaintext",
+    }
+)
+KMS_ACTIONS = KMS_GRANT_ACTIONS | KMS_METADATA_ACTIONS | KMS_CRYPTO_ACTIONS
+METRIC_ACTIONS = frozenset({"cloudwatch:PutMetricData"})
+
+_ACTION_RE = re.compile(r"^[a-z0-9-]+:[A-Za-z0-9]+$")
+
+
+class PermissionsError(ValueError):
+    """A PERMISSIONS entry that this module has no rule for, or that is malformed."""
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One Allow statement, as plain data (ARNs may contain CDK tokens for partition and account)."""
+
+    sid: str
+    actions: tuple[str, ...]
+    resources: tuple[str, ...]
+    conditions: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a function's mutating calls may touch."""
+
+    partition: str
+    account: str
+    region: str
+    # Destination regions of CopyImage besides `region` (replication only).
+    copy_regions: tuple[str, ...] = ()
+    latest_tag_keys: tuple[str, ...] = ()
+    kms_key_arns: tuple[str, ...] = ()
+    ssm_parameters: tuple[str, ...] = ()
+    # One entry per baked family: the instance tags that select its build instance.
+    bake_instance_tags: tuple[tuple[tuple[str, str], ...], ...] = ()
+
+    @classmethod
+    def from_policy(
+        cls, policy: Policy, *, partition: str, account: str, region: str, copies: bool = False
+    ) -> Scope:
+        families = policy.families
+        copy_regions: set[str] = set()
+        if copies:
+            for family in families:
+                copy_regions.update(t.region for t in family.replicate)
+        copy_regions.discard(region)
+        return cls(
+            partition=partition,
+            account=account,
+            region=region,
+            copy_regions=tuple(sorted(copy_regions)),
+            latest_tag_keys=tuple(sorted({f.latest.tag for f in families if f.latest and f.latest.tag})),
+            kms_key_arns=tuple(
+                sorted({t.kms_key_id for f in families for t in f.replicate if t.kms_key_id is not None})
+            ),
+            ssm_parameters=tuple(
+                sorted({f.latest.ssm_parameter for f in families if f.latest and f.latest.ssm_parameter})
+            ),
+            bake_instance_tags=tuple(
+                tuple(sorted(f.bake.instance_tag.items())) for f in families if f.bake is not None
+            ),
+        )
+
+    def image_arn(self, region: str) -> str:
+        return f"arn:{self.partition}:ec2:{region}::image/*"
+
+    def snapshot_arn(self, region: str) -> str:
+        return f"arn:{self.partition}:ec2:{region}::snapshot/*"
+
+    def instance_arn(self) -> str:
+        return f"arn:{self.partition}:ec2:{self.region}:{self.account}:instance/*"
+
+    def parameter_arn(self, name: str) -> str:
+        # "/ami/x/{arch}/latest" -> parameter/ami/x/*/latest (the ARN drops the leading slash).
+        return f"arn:{self.partition}:ssm:{self.region}:{self.account}:parameter/{name.lstrip('/')}".replace(
+            "{arch}", "*"
+        )
+
+    def tag_keys(self) -> list[str]:
+        return [f"{JANITOR_TAG_PREFIX}*", *self.latest_tag_keys]
+
+
+def is_read_only(action: str) -> bool:
+    service, name = action.split(":", 1)
+    return name.startswith(READ_ONLY_PREFIXES) and service not in NO_WILDCARD_READS
+
+
+def validate_actions(actions: Iterable[str]) -> list[str]:
+    """The actions, sorted and deduplicated; wildcards and malformed names are refused."""
+    result = sorted(set(actions))
+    for action in result:
+        if "*" in action:
+            raise PermissionsError(f"{action}: list the actions the code calls, not a wildcard")
+        if not _ACTION_RE.match(action):
+            raise PermissionsError(f"{action}: not an IAM action name like 'ec2:DescribeImages'")
+    return result
+
+
+def statements_for(actions: Iterable[str], scope: Scope, *, provided: Iterable[str] = ()) -> list[Statement]:
+    """IAM statements granting exactly `actions` within `scope`.
+
+    `provided` lists the actions the function's construct already grants on the stack's own
+    resources (its queue, bucket, topic, log group); a handler may name those, nothing else of
+    the services the stack owns.
+    """
+    wanted = validate_actions(actions)
+    provided_set = set(provided)
+    unknown: list[str] = []
+    read: list[str] = []
+    for action in wanted:
+        service = action.split(":", 1)[0]
+        if service in INFRA_SERVICES:
+            if action not in provided_set:
+                raise PermissionsError(
+                    f"{action}: the stack grants {service} actions on its own resources; "
+                    "add it to the construct that owns the resource (infra/)"
+                )
+        elif is_read_only(action):
+            read.append(action)
+        elif not _has_rule(action):
+            unknown.append(action)
+    if unknown:
+        raise PermissionsError(
+            f"no scoping rule for {', '.join(unknown)}: add one in infra/permissions.py "
+            "(which resources, which conditions)"
+        )
+    chosen = set(wanted)
+    statements: list[Statement] = []
+    if read:
+        statements.append(Statement("ReadInventory", tuple(read), ("*",)))
+    statements.extend(_ec2_statements(chosen, scope))
+    statements.extend(_ssm_statements(chosen, scope))
+    statements.extend(_kms_statements(chosen, scope))
+    metrics = sorted(chosen & METRIC_ACTIONS)
+    if metrics:
+        # PutMetricData has no resource type; the namespace condition is its only scope.
+        statements.append(
+            Statement(
+                "PutJanitorMetrics",
+                tuple(metrics),
+                ("*",),
+                {"StringEquals": {"cloudwatch:namespace": METRICS_NAMESPACE}},
+            )
+        )
+    return statements
+
+
+def _has_rule(action: str) -> bool:
+    return action in (
+        KMS_ACTIONS
+        | RETIRE_ACTIONS
+        | RESTORE_ACTIONS
+        | TAG_ACTIONS
+        | CREATE_ACTIONS
+        | SNAPSHOT_DELETE_ACTIONS
+        | SSM_WRITE_ACTIONS
+        | METRIC_ACTIONS
+    )
+
+
+def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
+    region = scope.region
+    out: list[Statement] = []
+    retire = sorted(chosen & RETIRE_ACTIONS)
+    if retire:
+        out.append(
+            Statement(
+                "RetireCandidates",
+                tuple(retire),
+                (scope.image_arn(region),),
+                {"Null": {f"aws:ResourceTag/{CANDIDATE_TAG}": "false"}},
+            )
+        )
+    restore = sorted(chosen & RESTORE_ACTIONS)
+    if restore:
+        out.append(Statement("RestoreAndShareImages", tuple(restore), (scope.image_arn(region),)))
+    tags = sorted(chosen & TAG_ACTIONS)
+    if tags:
+        # Tag changes on existing AMIs and snapshots: janitor-owned keys and Latest tags only. The
+        # Null check refuses a DeleteTags without keys, which would remove every tag.
+        out.append(
+            Statement(
+                "TagJanitorKeys",
+                tuple(tags),
+                (scope.image_arn(region), scope.snapshot_arn(region)),
+                {
+                    "ForAllValues:StringLike": {"aws:TagKeys": scope.tag_keys()},
+                    "Null": {"aws:TagKeys": "false"},
+                },
+            )
+        )
+    creates = sorted(chosen & CREATE_ACTIONS)
+    created_in = [region, *scope.copy_regions] if "ec2:CopyImage" in creates else [region]
+    new_resources = tuple(arn for r in created_in for arn in (scope.image_arn(r), scope.snapshot_arn(r)))
+    if "ec2:CopyImage" in creates:
+        # Called in the destination region; the source AMI and its snapshots are in this region.
+        out.append(Statement("CopyImages", ("ec2:CopyImage",), new_resources))
+    if "ec2:CreateImage" in creates:
+        out.append(
+            Statement(
+                "CreateImages", ("ec2:CreateImage",), (scope.image_arn(region), scope.snapshot_arn(region))
+            )
+        )
+        for index, tags_of_family in enumerate(scope.bake_instance_tags):
+            # The build instance of a family: selected by the family's bake.instance_tag.
+            out.append(
+                Statement(
+                    f"CreateImagesFromInstances{index}",
+                    ("ec2:CreateImage",),
+                    (scope.instance_arn(),),
+                    {"StringEquals": {f"aws:ResourceTag/{key}": value for key, value in tags_of_family}},
+                )
+            )
+    if creates and "ec2:CreateTags" in chosen:
+        # Tags given at creation (TagSpecifications) are the new AMI's own: any key, new resources only.
+        out.append(
+            Statement(
+                "TagOnCreate",
+                ("ec2:CreateTags",),
+                new_resources,
+                {"StringEquals": {"ec2:CreateAction": [a.split(":", 1)[1] for a in creates]}},
+            )
+        )
+    deletes = sorted(chosen & SNAPSHOT_DELETE_ACTIONS)
+    if deletes:
+        out.append(
+            Statement(
+                "DeleteRetiredSnapshots",
+                tuple(deletes),
+                (scope.snapshot_arn(region),),
+                {"Null": {f"aws:ResourceTag/{RETIRED_FROM_TAG}": "false"}},
+            )
+        )
+    return out
+
+
+def _ssm_statements(chosen: set[str], scope: Scope) -> list[Statement]:
+    writes = sorted(chosen & SSM_WRITE_ACTIONS)
+    if not writes or not scope.ssm_parameters:
+        return []
+    return [
+        Statement(
+            "WriteLatestParameters",
+            tuple(writes),
+            tuple(scope.parameter_arn(name) for name in scope.ssm_parameters),
+        )
+    ]
+
+
+def _kms_statements(chosen: set[str], scope: Scope) -> list[Statement]:
+    kms = sorted(chosen & KMS_ACTIONS)
+    if not kms or not scope.kms_key_arns:
+        return []
+    keys = scope.kms_key_arns
+    via_ec2 = {"StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}}
+    out: list[Statement] = []
+    metadata = [a for a in kms if a in KMS_METADATA_ACTIONS]
+    if metadata:
+        out.append(Statement("DescribeReplicaKeys", tuple(metadata), keys))
+    crypto = [a for a in kms if a in KMS_CRYPTO_ACTIONS]
+    if crypto:
+        # EC2 uses the key on the caller's behalf while it copies the snapshots.
+        out.append(Statement("UseReplicaKeysThroughEc2", tuple(crypto), keys, via_ec2))
+    grants = [a for a in kms if a in KMS_GRANT_ACTIONS]
+    if grants:
+        out.append(
+            Statement(
+                "GrantReplicaKeysToEc2",
+                tuple(grants),
+                keys,
+                {**via_ec2, "Bool": {"kms:GrantIsForAWSResource": "true"}},
+            )
+        )
+    return out
+
+
+def policy_statement(statement: Statement) -> Any:
+    """The CDK form of a statement (imported lazily so the mapping is testable without CDK)."""
+    from aws_cdk import aws_iam as iam
+
+    return iam.PolicyStatement(
+        sid=statement.sid,
+        actions=list(statement.actions),
+        resources=list(statement.resources),
+        conditions={k: dict(v) for k, v in statement.conditions.items()} or None,
+    )

@@ -1,0 +1,87 @@
+"""The replication queue and its worker, which calls CopyImage in the destination regions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aws_cdk import Duration
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from infra.alerts import Alerts
+from infra.environment import REPLICATE_HANDLER
+from infra.function import JanitorFunction
+from infra.permissions import Scope, Statement
+from infra.queues import secure_queue
+
+WORKER_TIMEOUT = Duration.minutes(2)  # CopyImage only starts a copy; it returns in seconds
+MAX_RECEIVE_COUNT = 5
+# CopyImage refills at 1 request per second per account and region: two pollers at most.
+MAX_CONCURRENCY = 2
+BATCH_SIZE = 5
+
+
+class Replication(Construct):
+    """Copy requests paced through SQS: bounded concurrency, partial batch failures, a redrive DLQ."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        code: lambda_.Code,
+        permissions: Sequence[str],
+        permission_scope: Scope,
+        alerts: Alerts,
+    ) -> None:
+        super().__init__(scope, id)
+        self.dead_letters = secure_queue(self, "DeadLetters")
+        self.queue = secure_queue(
+            self,
+            "Queue",
+            # Lambda's advice for SQS sources: at least six times the function timeout.
+            visibility_timeout=Duration.seconds(WORKER_TIMEOUT.to_seconds() * 6),
+            dead_letter_queue=sqs.DeadLetterQueue(
+                queue=self.dead_letters, max_receive_count=MAX_RECEIVE_COUNT
+            ),
+        )
+        self.worker = JanitorFunction(
+            self,
+            "Worker",
+            description="replication worker (SQS copy requests -> CopyImage)",
+            handler=REPLICATE_HANDLER,
+            code=code,
+            permissions=permissions,
+            permission_scope=permission_scope,
+            alerts=alerts,
+            timeout=WORKER_TIMEOUT,
+            memory_size=512,
+            infra=[
+                # What the event source mapping does with the function's role.
+                Statement(
+                    "ConsumeCopyRequests",
+                    ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"),
+                    (self.queue.queue_arn,),
+                )
+            ],
+        )
+        lambda_.EventSourceMapping(
+            self,
+            "CopyRequests",
+            target=self.worker.function,
+            event_source_arn=self.queue.queue_arn,
+            batch_size=BATCH_SIZE,
+            max_concurrency=MAX_CONCURRENCY,
+            report_batch_item_failures=True,
+        )
+        alerts.alarm_on_dead_letters(
+            self.dead_letters,
+            "Messages",
+            queue=self.dead_letters,
+            description=f"ami-janitor: a copy request failed {MAX_RECEIVE_COUNT} times",
+        )
+
+    def send_statement(self) -> Statement:
+        """For the functions that enqueue copies."""
+        return Statement("EnqueueCopyRequests", ("sqs:SendMessage",), (self.queue.queue_arn,))

@@ -1,0 +1,187 @@
+"""Each function's role: exactly its handler's PERMISSIONS plus the listed infra extras, scoped."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+from infra.permissions import (
+    CREATE_ACTIONS,
+    RETIRE_ACTIONS,
+    SNAPSHOT_DELETE_ACTIONS,
+    TAG_ACTIONS,
+    is_read_only,
+)
+from synth_support import (
+    ServiceAuthorization,
+    Synth,
+    as_list,
+    flatten,
+    functions_by_handler,
+    ref_id,
+    resources,
+)
+
+# What each function needs from its own stack, on top of its handler's PERMISSIONS. A new entry here is
+# a decision: say in infra/ which resource it is granted on.
+LOGS = {"logs:CreateLogStream", "logs:PutLogEvents"}  # its own log group
+INFRA_EXTRAS = {
+    # reports bucket, alert topic, replication queue + the on-failure destination queue
+    "scheduled": LOGS | {"s3:PutObject", "sns:Publish", "sqs:SendMessage"},
+    # replication queue + the on-failure destination queue
+    "ami_event": LOGS | {"sqs:SendMessage"},
+    # what its SQS event source mapping does with the role
+    "replicate": LOGS | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
+    # the on-failure destination queue
+    "bake": LOGS | {"sqs:SendMessage"},
+}
+
+
+pytestmark = pytest.mark.slow  # synthesizes the stacks (or reads their synthesized templates)
+
+
+def _statements(template: dict[str, Any], role_id: str) -> list[dict[str, Any]]:
+    role = template["Resources"][role_id]["Properties"]
+    return [s for policy in role.get("Policies", []) for s in policy["PolicyDocument"]["Statement"]]
+
+
+def _roles(template: dict[str, Any]) -> dict[str, str]:
+    """Handler module -> role logical id."""
+    functions = functions_by_handler(template)
+    return {module: str(ref_id(props["Role"])) for module, (_, props) in functions.items()}
+
+
+@pytest.fixture(scope="module")
+def templates(synth: Synth) -> dict[str, dict[str, Any]]:
+    return {name: synth.template(name) for name in synth.stack_names()}
+
+
+def _permissions(module: str) -> set[str]:
+    return set(importlib.import_module(f"ami_janitor.handlers.{module}").PERMISSIONS)
+
+
+def test_one_role_per_function(templates: dict[str, dict[str, Any]]) -> None:
+    for template in templates.values():
+        roles = _roles(template)
+        assert len(set(roles.values())) == len(roles)
+        assert set(resources(template, "AWS::IAM::Role")) == set(roles.values())
+        for role_id in roles.values():
+            trust = template["Resources"][role_id]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+            assert [s["Principal"] for s in trust] == [{"Service": "lambda.amazonaws.com"}]
+
+
+def test_role_actions_are_handler_permissions_plus_infra_extras(templates: dict[str, dict[str, Any]]) -> None:
+    for name, template in templates.items():
+        for module, role_id in _roles(template).items():
+            granted = {a for s in _statements(template, role_id) for a in as_list(s["Action"])}
+            expected = _permissions(module) | INFRA_EXTRAS[module]
+            assert granted == expected, (name, module, granted ^ expected)
+
+
+def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[str, Any]]) -> None:
+    for template in templates.values():
+        queue = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("ReplicationQueue"))
+        failed = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("DeadLettersFailed"))
+        bucket = next(k for k in resources(template, "AWS::S3::Bucket") if k.startswith("ReportsBucket"))
+        topic = next(iter(resources(template, "AWS::SNS::Topic")))
+        functions = functions_by_handler(template)
+        for module, role_id in _roles(template).items():
+            own_logs = ref_id(functions[module][1]["LoggingConfig"]["LogGroup"])
+            for statement in _statements(template, role_id):
+                targets = {flatten(r) for r in as_list(statement["Resource"])}
+                for action in as_list(statement["Action"]):
+                    service = action.split(":", 1)[0]
+                    if service == "logs":
+                        assert targets == {f"<{own_logs}>"}
+                    elif service == "s3":
+                        assert targets == {f"<{bucket}>/*"}
+                    elif service == "sns":
+                        assert targets == {f"<{topic}>"}
+                    elif action == "sqs:SendMessage":
+                        allowed = {f"<{failed}>", f"<{queue}>"} if module != "bake" else {f"<{failed}>"}
+                        assert targets <= allowed
+                    elif service == "sqs":
+                        assert module == "replicate" and targets == {f"<{queue}>"}
+
+
+def test_mutating_ec2_actions_are_scoped_and_conditioned(
+    templates: dict[str, dict[str, Any]], infra_policy: Any
+) -> None:
+    targets = {t.region for f in infra_policy.families for t in f.replicate}
+    for name, template in templates.items():
+        region = name.removeprefix("AmiJanitor-")
+        for module, role_id in _roles(template).items():
+            for statement in _statements(template, role_id):
+                actions = as_list(statement["Action"])
+                mutating = [a for a in actions if a.startswith("ec2:") and not is_read_only(a)]
+                if not mutating:
+                    continue
+                condition = statement.get("Condition", {})
+                arns = [flatten(r) for r in as_list(statement["Resource"])]
+                assert "*" not in arns
+                regions = {arn.split(":")[3] for arn in arns}
+                copies = "ec2:CopyImage" in actions or "ec2:CreateAction" in condition.get("StringEquals", {})
+                allowed = {region} | (targets if module == "replicate" and copies else set())
+                assert regions <= allowed, (module, statement)
+                for arn in arns:
+                    assert arn.split(":")[1] == "aws"
+                    kind = arn.split(":")[5].split("/")[0]
+                    assert kind in {"image", "snapshot", "instance"}
+                    # Images and snapshots carry no account in their ARN (Service Authorization Reference).
+                    assert (arn.split(":")[4] == "") == (kind != "instance"), arn
+                if set(actions) & RETIRE_ACTIONS:
+                    assert condition == {"Null": {"aws:ResourceTag/ami-janitor:candidate-since": "false"}}
+                if set(actions) & SNAPSHOT_DELETE_ACTIONS:
+                    assert condition == {"Null": {"aws:ResourceTag/ami-janitor:retired-from": "false"}}
+                if set(actions) & TAG_ACTIONS:
+                    if "ec2:CreateAction" in condition.get("StringEquals", {}):
+                        created_by = as_list(condition["StringEquals"]["ec2:CreateAction"])
+                        assert {f"ec2:{a}" for a in created_by} <= CREATE_ACTIONS
+                        assert actions == ["ec2:CreateTags"]
+                    else:
+                        keys = condition["ForAllValues:StringLike"]["aws:TagKeys"]
+                        latest = {f.latest.tag for f in infra_policy.families if f.latest and f.latest.tag}
+                        assert set(keys) == {"ami-janitor:*"} | latest
+                        assert condition["Null"] == {"aws:TagKeys": "false"}
+
+
+def test_kms_only_on_configured_key_arns(templates: dict[str, dict[str, Any]], infra_policy: Any) -> None:
+    configured = {t.kms_key_id for f in infra_policy.families for t in f.replicate if t.kms_key_id}
+    assert len(configured) == 2
+    for template in templates.values():
+        for module, role_id in _roles(template).items():
+            kms = [
+                s
+                for s in _statements(template, role_id)
+                if any(a.startswith("kms:") for a in as_list(s["Action"]))
+            ]
+            wanted = {a for a in _permissions(module) if a.startswith("kms:")}
+            assert bool(kms) == bool(wanted)
+            for statement in kms:
+                assert {flatten(r) for r in as_list(statement["Resource"])} == configured
+                assert all(a.startswith("kms:") for a in as_list(statement["Action"]))
+
+
+def test_no_wildcard_action_no_managed_policy(templates: dict[str, dict[str, Any]]) -> None:
+    for template in templates.values():
+        assert not resources(template, "AWS::IAM::ManagedPolicy")
+        assert not resources(template, "AWS::IAM::Policy")  # every grant is inline, visible on its role
+        for role_id, role in resources(template, "AWS::IAM::Role").items():
+            assert "ManagedPolicyArns" not in role["Properties"]
+            for statement in _statements(template, role_id):
+                assert statement["Effect"] == "Allow"
+                for action in as_list(statement["Action"]):
+                    assert "*" not in action, action
+
+
+def test_statements_fit_the_service_authorization_reference(templates: dict[str, dict[str, Any]]) -> None:
+    reference = ServiceAuthorization()
+    for template in templates.values():
+        for role_id in _roles(template).values():
+            for statement in _statements(template, role_id):
+                reference.check_statement(
+                    as_list(statement["Action"]),
+                    [flatten(r) for r in as_list(statement["Resource"])],
+                    statement.get("Condition", {}),
+                )

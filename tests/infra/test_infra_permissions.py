@@ -1,0 +1,213 @@
+"""The PERMISSIONS -> IAM statement mapping, without synthesizing anything."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from infra.permissions import PermissionsError, Scope, Statement, statements_for
+from synth_support import ServiceAuthorization
+
+ACCOUNT = "123456789012"
+# Every kind of action the handlers may list.
+EVERYTHING = [
+    "autoscaling:DescribeAutoScalingGroups",
+    "batch:DescribeComputeEnvironments",
+    "cloudwatch:PutMetricData",
+    "ec2:CopyImage",
+    "ec2:CreateImage",
+    "ec2:CreateTags",
+    "ec2:DeleteSnapshot",
+    "ec2:DeleteTags",
+    "ec2:DeregisterImage",
+    "ec2:DescribeImageReferences",
+    "ec2:DescribeImages",
+    "ec2:DisableImage",
+    "ec2:DisableImageDeprecation",
+    "ec2:EnableImage",
+    "ec2:EnableImageDeprecation",
+    "ec2:ModifyImageAttribute",
+    "elasticmapreduce:ListClusters",
+    "kms:CreateGrant",
+    "kms:Decrypt",
+    "kms:DescribeKey",
+    "kms:GenerateDataKeyWithoutPlaintext",
+    "kms:ReEncryptFrom",
+    "kms:ReEncryptTo",
+    "rbin:ListRules",
+    "ssm:GetParameters",
+    "ssm:PutParameter",
+]
+
+
+@pytest.fixture(scope="module")
+def scope(infra_policy: Any) -> Scope:
+    return Scope.from_policy(infra_policy, partition="aws", account=ACCOUNT, region="us-east-1", copies=True)
+
+
+def _by_sid(statements: list[Statement]) -> dict[str, Statement]:
+    sids = [s.sid for s in statements]
+    assert len(sids) == len(set(sids))
+    return {s.sid: s for s in statements}
+
+
+def test_scope_from_policy(scope: Scope) -> None:
+    assert scope.copy_regions == ("eu-west-1", "us-west-2")
+    assert scope.latest_tag_keys == ("Current", "Latest")
+    assert scope.kms_key_arns == (
+        "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        "arn:aws:kms:us-west-2:111122223333:key/0987dcba-09fe-87dc-65ba-ab0987654321",
+    )
+    assert scope.ssm_parameters == ("/ami/pettracker-ml/{arch}/latest",)
+    assert scope.bake_instance_tags == (
+        (("Role", "pettracker-ml"),),
+        (("Role", "base-linux"), ("Stage", "build")),
+    )
+
+
+def test_every_action_granted_exactly_once_per_rule(scope: Scope) -> None:
+    statements = statements_for(EVERYTHING, scope)
+    granted = {a for s in statements for a in s.actions}
+    assert granted == set(EVERYTHING)
+    for statement in statements:
+        assert "*" not in "".join(statement.actions)
+
+
+def test_read_only_actions_on_any_resource(scope: Scope) -> None:
+    read = _by_sid(statements_for(EVERYTHING, scope))["ReadInventory"]
+    assert read.resources == ("*",)
+    assert set(read.actions) == {
+        "autoscaling:DescribeAutoScalingGroups",
+        "batch:DescribeComputeEnvironments",
+        "ec2:DescribeImageReferences",
+        "ec2:DescribeImages",
+        "elasticmapreduce:ListClusters",
+        "rbin:ListRules",
+        "ssm:GetParameters",
+    }
+    assert not read.conditions
+
+
+def test_mutating_image_actions(scope: Scope) -> None:
+    s = _by_sid(statements_for(EVERYTHING, scope))
+    image = "arn:aws:ec2:us-east-1::image/*"
+    snapshot = "arn:aws:ec2:us-east-1::snapshot/*"
+    assert s["RetireCandidates"] == Statement(
+        "RetireCandidates",
+        ("ec2:DeregisterImage", "ec2:DisableImage", "ec2:EnableImageDeprecation"),
+        (image,),
+        {"Null": {"aws:ResourceTag/ami-janitor:candidate-since": "false"}},
+    )
+    assert s["RestoreAndShareImages"].resources == (image,)
+    assert s["TagJanitorKeys"] == Statement(
+        "TagJanitorKeys",
+        ("ec2:CreateTags", "ec2:DeleteTags"),
+        (image, snapshot),
+        {
+            "ForAllValues:StringLike": {"aws:TagKeys": ["ami-janitor:*", "Current", "Latest"]},
+            "Null": {"aws:TagKeys": "false"},
+        },
+    )
+    assert s["DeleteRetiredSnapshots"] == Statement(
+        "DeleteRetiredSnapshots",
+        ("ec2:DeleteSnapshot",),
+        (snapshot,),
+        {"Null": {"aws:ResourceTag/ami-janitor:retired-from": "false"}},
+    )
+
+
+def test_copies_and_bakes(scope: Scope) -> None:
+    s = _by_sid(statements_for(EVERYTHING, scope))
+    regions = ("us-east-1", "eu-west-1", "us-west-2")
+    new = tuple(arn for r in regions for arn in (f"arn:aws:ec2:{r}::image/*", f"arn:aws:ec2:{r}::snapshot/*"))
+    assert s["CopyImages"].resources == new
+    assert s["TagOnCreate"] == Statement(
+        "TagOnCreate",
+        ("ec2:CreateTags",),
+        new,
+        {"StringEquals": {"ec2:CreateAction": ["CopyImage", "CreateImage"]}},
+    )
+    assert s["CreateImages"].resources == (
+        "arn:aws:ec2:us-east-1::image/*",
+        "arn:aws:ec2:us-east-1::snapshot/*",
+    )
+    instance = f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance/*"
+    assert s["CreateImagesFromInstances0"] == Statement(
+        "CreateImagesFromInstances0",
+        ("ec2:CreateImage",),
+        (instance,),
+        {"StringEquals": {"aws:ResourceTag/Role": "pettracker-ml"}},
+    )
+    assert s["CreateImagesFromInstances1"].conditions == {
+        "StringEquals": {"aws:ResourceTag/Role": "base-linux", "aws:ResourceTag/Stage": "build"}
+    }
+
+
+def test_without_copies_everything_stays_in_the_region(infra_policy: Any) -> None:
+    own = Scope.from_policy(infra_policy, partition="aws", account=ACCOUNT, region="eu-west-1")
+    for statement in statements_for(EVERYTHING, own):
+        for arn in statement.resources:
+            assert arn == "*" or arn.startswith("arn:aws:kms:") or ":eu-west-1:" in arn
+
+
+def test_kms_only_on_key_arns_through_ec2(scope: Scope) -> None:
+    s = _by_sid(statements_for(EVERYTHING, scope))
+    kms = [st for st in s.values() if any(a.startswith("kms:") for a in st.actions)]
+    assert {st.sid for st in kms} == {
+        "DescribeReplicaKeys",
+        "UseReplicaKeysThroughEc2",
+        "GrantReplicaKeysToEc2",
+    }
+    for statement in kms:
+        assert statement.resources == scope.kms_key_arns
+    assert s["UseReplicaKeysThroughEc2"].conditions == {
+        "StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}
+    }
+    assert s["GrantReplicaKeysToEc2"].conditions["Bool"] == {"kms:GrantIsForAWSResource": "true"}
+
+
+def test_no_keys_or_parameters_means_no_statement(infra_policy: Any) -> None:
+    bare = Scope(partition="aws", account=ACCOUNT, region="us-east-1")
+    sids = {s.sid for s in statements_for(["kms:Decrypt", "ssm:PutParameter", "ec2:DescribeImages"], bare)}
+    assert sids == {"ReadInventory"}
+
+
+def test_latest_parameters_and_metrics(scope: Scope) -> None:
+    s = _by_sid(statements_for(EVERYTHING, scope))
+    assert s["WriteLatestParameters"].resources == (
+        f"arn:aws:ssm:us-east-1:{ACCOUNT}:parameter/ami/pettracker-ml/*/latest",
+    )
+    assert s["PutJanitorMetrics"].conditions == {"StringEquals": {"cloudwatch:namespace": "AmiJanitor"}}
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [
+        (["ec2:*"], "not a wildcard"),
+        (["kms:ReEncrypt*"], "not a wildcard"),
+        (["*"], "not a wildcard"),
+        (["DescribeImages"], "not an IAM action name"),
+        (["ec2:RunInstances"], "no scoping rule for ec2:RunInstances"),
+        (["kms:ScheduleKeyDeletion"], "no scoping rule"),
+        (["secretsmanager:GetSecretValue"], "no scoping rule"),
+        (["sqs:SendMessage"], "grants sqs actions on its own resources"),
+    ],
+)
+def test_refused(scope: Scope, actions: list[str], message: str) -> None:
+    with pytest.raises(PermissionsError, match=message.replace("*", r"\*")):
+        statements_for(actions, scope)
+
+
+def test_infra_actions_accepted_when_the_construct_provides_them(scope: Scope) -> None:
+    statements = statements_for(
+        ["sqs:SendMessage", "ec2:DescribeImages"], scope, provided=["sqs:SendMessage"]
+    )
+    assert [s.sid for s in statements] == ["ReadInventory"]  # granted by the construct, not twice
+
+
+def test_statements_fit_the_service_authorization_reference(scope: Scope) -> None:
+    reference = ServiceAuthorization()
+    for statement in statements_for(EVERYTHING, scope):
+        reference.check_statement(
+            list(statement.actions), list(statement.resources), dict(statement.conditions)
+        )

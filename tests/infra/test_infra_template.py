@@ -1,0 +1,359 @@
+"""The synthesized templates: schedules, events, failure handling, encryption, alarms, environment.
+
+Also what the emulator's CloudFormation skips (alarms, policies, subscriptions, event invoke configs,
+architecture) is asserted here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aws_cdk.assertions import Capture, Match, Template
+from infra.environment import (
+    AMI_JANITOR_CONFIG,
+    LOG_LEVEL,
+    POLICY_PATH_IN_LAMBDA,
+    POWERTOOLS_METRICS_NAMESPACE,
+    POWERTOOLS_SERVICE_NAME,
+    REPLICATION_QUEUE_URL,
+    REPORT_BUCKET,
+    TOPIC_ARN,
+)
+from synth_support import Synth, functions_by_handler, ref_id, resources
+
+SOURCE = "AmiJanitor-us-east-1"  # in policy.regions: has the bake schedule
+TARGET = "AmiJanitor-eu-west-1"  # a replication target only
+
+HANDLERS = {
+    "scheduled": "ami_janitor.handlers.scheduled.handler",
+    "ami_event": "ami_janitor.handlers.ami_event.handler",
+    "replicate": "ami_janitor.handlers.replicate.handler",
+    "bake": "ami_janitor.handlers.bake.handler",
+}
+# Asynchronously invoked functions: Lambda's retries, then the on-failure destination.
+ASYNC_RETRY_ATTEMPTS = {"scheduled": 1, "ami_event": 2, "bake": 0}
+
+
+pytestmark = pytest.mark.slow  # synthesizes the stacks (or reads their synthesized templates)
+
+
+@pytest.fixture(scope="module")
+def source(synth: Synth) -> dict[str, Any]:
+    return synth.template(SOURCE)
+
+
+@pytest.fixture(scope="module")
+def all_templates(synth: Synth) -> dict[str, dict[str, Any]]:
+    return {name: synth.template(name) for name in synth.stack_names()}
+
+
+def _queue(template: dict[str, Any], path_part: str) -> str:
+    """Logical id of the queue whose id contains `path_part` (e.g. DeadLettersFailedInvocations)."""
+    found = [k for k in resources(template, "AWS::SQS::Queue") if k.startswith(path_part)]
+    assert len(found) == 1, (path_part, found)
+    return found[0]
+
+
+def test_functions_runtime_architecture_and_handlers(all_templates: dict[str, dict[str, Any]]) -> None:
+    for name, template in all_templates.items():
+        functions = functions_by_handler(template)
+        expected = set(HANDLERS) if name == SOURCE else set(HANDLERS) - {"bake"}
+        assert set(functions) == expected, name
+        for module, (_, props) in functions.items():
+            assert props["Handler"] == HANDLERS[module]
+            assert props["Runtime"] == "python3.13"
+            assert props["Architectures"] == ["arm64"]
+            assert "Layers" not in props  # dependencies are in the code asset
+            assert ref_id(props["LoggingConfig"]["LogGroup"]) in resources(template, "AWS::Logs::LogGroup")
+
+
+def test_environment_contract(source: dict[str, Any]) -> None:
+    functions = functions_by_handler(source)
+    common = {
+        AMI_JANITOR_CONFIG: POLICY_PATH_IN_LAMBDA,
+        POWERTOOLS_SERVICE_NAME: "ami-janitor",
+        POWERTOOLS_METRICS_NAMESPACE: "AmiJanitor",
+        LOG_LEVEL: "INFO",
+    }
+    assert POLICY_PATH_IN_LAMBDA == "/var/task/policy.json"
+    queue = _queue(source, "ReplicationQueue")
+    bucket = next(k for k in resources(source, "AWS::S3::Bucket") if k.startswith("ReportsBucket"))
+    topic = next(iter(resources(source, "AWS::SNS::Topic")))
+    env = {m: props["Environment"]["Variables"] for m, (_, props) in functions.items()}
+    assert env["scheduled"] == {
+        **common,
+        REPORT_BUCKET: {"Ref": bucket},
+        TOPIC_ARN: {"Ref": topic},
+        REPLICATION_QUEUE_URL: {"Ref": queue},
+    }
+    assert env["ami_event"] == {**common, REPLICATION_QUEUE_URL: {"Ref": queue}}
+    assert env["replicate"] == common
+    assert env["bake"] == common
+
+
+def test_scheduled_run_rule(source: dict[str, Any], infra_policy: Any) -> None:
+    scheduled_id, _ = functions_by_handler(source)["scheduled"]
+    Template.from_json(source).has_resource_properties(
+        "AWS::Events::Rule",
+        {
+            "ScheduleExpression": infra_policy.schedule,
+            "State": "ENABLED",
+            "Targets": [Match.object_like({"Arn": {"Fn::GetAtt": [scheduled_id, "Arn"]}})],
+        },
+    )
+
+
+def test_ami_state_change_rule(all_templates: dict[str, dict[str, Any]]) -> None:
+    for template in all_templates.values():
+        event_id, _ = functions_by_handler(template)["ami_event"]
+        Template.from_json(template).has_resource_properties(
+            "AWS::Events::Rule",
+            {
+                # Exact: EventBridge matches keys case-sensitively, and the key is detail.State.
+                "EventPattern": Match.exact(
+                    {
+                        "source": ["aws.ec2"],
+                        "detail-type": ["EC2 AMI State Change"],
+                        "detail": {"State": ["available", "failed", "deregistered", "disabled"]},
+                    }
+                ),
+                "Targets": [Match.object_like({"Arn": {"Fn::GetAtt": [event_id, "Arn"]}})],
+            },
+        )
+
+
+def test_bake_rules_one_per_scheduled_family(
+    all_templates: dict[str, dict[str, Any]], infra_policy: Any
+) -> None:
+    source = all_templates[SOURCE]
+    bake_id, _ = functions_by_handler(source)["bake"]
+    input_capture = Capture()
+    template = Template.from_json(source)
+    template.has_resource_properties(
+        "AWS::Events::Rule",
+        {
+            "ScheduleExpression": "cron(0 2 * * ? *)",
+            "Targets": [Match.object_like({"Arn": {"Fn::GetAtt": [bake_id, "Arn"]}, "Input": input_capture})],
+        },
+    )
+    assert input_capture.as_string() == '{"family":"pettracker-ml"}'
+    scheduled = [f for f in infra_policy.families if f.bake and f.bake.schedule]
+    assert [f.name for f in scheduled] == ["pettracker-ml"]  # base-linux bakes only by hand
+    bake_rules = [
+        r
+        for r in resources(source, "AWS::Events::Rule").values()
+        if any(ref_id(t["Arn"]) == bake_id for t in r["Properties"]["Targets"])
+    ]
+    assert len(bake_rules) == len(scheduled)
+    # 1 scheduled run + 1 AMI events + 1 bake; replication-only regions have no bakes.
+    assert len(resources(source, "AWS::Events::Rule")) == 3
+    for name, other in all_templates.items():
+        if name != SOURCE:
+            assert len(resources(other, "AWS::Events::Rule")) == 2
+
+
+def test_every_rule_target_has_dead_letter_queue_and_retry_policy(
+    all_templates: dict[str, dict[str, Any]],
+) -> None:
+    for template in all_templates.values():
+        dlq = _queue(template, "DeadLettersEventTargets")
+        rules = resources(template, "AWS::Events::Rule")
+        assert rules
+        for rule in rules.values():
+            for target in rule["Properties"]["Targets"]:
+                assert ref_id(target["DeadLetterConfig"]["Arn"]) == dlq
+                retry = target["RetryPolicy"]
+                assert 1 <= retry["MaximumRetryAttempts"] <= 10
+                assert 60 <= retry["MaximumEventAgeInSeconds"] <= 2 * 3600
+        # EventBridge may write to the DLQ only for these rules.
+        policies = [
+            p
+            for p in resources(template, "AWS::SQS::QueuePolicy").values()
+            if [ref_id(q) for q in p["Properties"]["Queues"]] == [dlq]
+        ]
+        sources = {
+            ref_id(s["Condition"]["ArnEquals"]["aws:SourceArn"])
+            for p in policies
+            for s in p["Properties"]["PolicyDocument"]["Statement"]
+            if s["Effect"] == "Allow"
+        }
+        assert sources == set(rules)
+
+
+def test_async_functions_have_bounded_retries_and_failure_destination(
+    all_templates: dict[str, dict[str, Any]],
+) -> None:
+    for template in all_templates.values():
+        failed = _queue(template, "DeadLettersFailedInvocations")
+        configs = {
+            ref_id(c["Properties"]["FunctionName"]): c["Properties"]
+            for c in resources(template, "AWS::Lambda::EventInvokeConfig").values()
+        }
+        functions = functions_by_handler(template)
+        for module, retries in ASYNC_RETRY_ATTEMPTS.items():
+            if module not in functions:
+                continue
+            config = configs.pop(functions[module][0])
+            assert config["MaximumRetryAttempts"] == retries
+            assert config["MaximumEventAgeInSeconds"] <= 2 * 3600
+            assert config["Qualifier"] == "$LATEST"
+            assert ref_id(config["DestinationConfig"]["OnFailure"]["Destination"]) == failed
+        assert configs == {}  # the replication worker is invoked by SQS, not asynchronously
+
+
+def test_event_function_reserved_concurrency_is_one(all_templates: dict[str, dict[str, Any]]) -> None:
+    for template in all_templates.values():
+        functions = functions_by_handler(template)
+        assert functions["ami_event"][1]["ReservedConcurrentExecutions"] == 1
+        for module in set(functions) - {"ami_event"}:
+            assert "ReservedConcurrentExecutions" not in functions[module][1]
+
+
+def test_replication_queue_worker_and_redrive(source: dict[str, Any]) -> None:
+    queue = _queue(source, "ReplicationQueue")
+    dlq = _queue(source, "ReplicationDeadLetters")
+    worker_id, worker = functions_by_handler(source)["replicate"]
+    template = Template.from_json(source)
+    template.has_resource_properties(
+        "AWS::Lambda::EventSourceMapping",
+        {
+            "EventSourceArn": {"Fn::GetAtt": [queue, "Arn"]},
+            "FunctionName": {"Ref": worker_id},
+            "FunctionResponseTypes": ["ReportBatchItemFailures"],
+            "ScalingConfig": {"MaximumConcurrency": 2},
+        },
+    )
+    props = source["Resources"][queue]["Properties"]
+    assert ref_id(props["RedrivePolicy"]["deadLetterTargetArn"]) == dlq
+    assert 1 < props["RedrivePolicy"]["maxReceiveCount"] <= 10
+    assert props["VisibilityTimeout"] >= 6 * worker["Timeout"]
+
+
+def test_queues_encrypted_and_tls_only(all_templates: dict[str, dict[str, Any]]) -> None:
+    for template in all_templates.values():
+        queues = resources(template, "AWS::SQS::Queue")
+        assert len(queues) == 4  # event-target DLQ, failed invocations, replication queue and its DLQ
+        tls_only: set[str | None] = set()
+        for policy in resources(template, "AWS::SQS::QueuePolicy").values():
+            for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
+                if statement["Effect"] == "Deny" and statement.get("Condition") == {
+                    "Bool": {"aws:SecureTransport": "false"}
+                }:
+                    tls_only.update(ref_id(q) for q in policy["Properties"]["Queues"])
+        for logical_id, queue in queues.items():
+            assert queue["Properties"]["SqsManagedSseEnabled"] is True
+            assert logical_id in tls_only
+
+
+def test_alarms_publish_to_the_topic(all_templates: dict[str, dict[str, Any]]) -> None:
+    for template in all_templates.values():
+        topic = next(iter(resources(template, "AWS::SNS::Topic")))
+        alarms = list(resources(template, "AWS::CloudWatch::Alarm").values())
+        for alarm in alarms:
+            assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic}]
+            assert alarm["Properties"]["TreatMissingData"] == "notBreaching"
+        errors = {
+            ref_id(d["Value"])
+            for a in alarms
+            if a["Properties"].get("MetricName") == "Errors"
+            for d in a["Properties"]["Dimensions"]
+        }
+        assert errors == {fid for fid, _ in functions_by_handler(template).values()}
+        visible = {
+            ref_id(d["Value"])
+            for a in alarms
+            if a["Properties"].get("MetricName") == "ApproximateNumberOfMessagesVisible"
+            for d in a["Properties"]["Dimensions"]
+        }
+        dead_letter_queues = {
+            _queue(template, "DeadLettersEventTargets"),
+            _queue(template, "DeadLettersFailedInvocations"),
+            _queue(template, "ReplicationDeadLetters"),
+        }
+        assert visible == dead_letter_queues
+        for metric in ("ActionsFailed", "RegionSkipped"):
+            Template.from_json(template).has_resource_properties(
+                "AWS::CloudWatch::Alarm",
+                {
+                    "Namespace": "AmiJanitor",
+                    "MetricName": metric,
+                    "Dimensions": [{"Name": "service", "Value": "ami-janitor"}],
+                    "Statistic": "Sum",
+                    "Threshold": 1,
+                    "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+                },
+            )
+        assert len(alarms) == len(errors) + len(dead_letter_queues) + 2
+
+
+def test_topic_encrypted_tls_only_with_email(source: dict[str, Any], infra_policy: Any) -> None:
+    template = Template.from_json(source)
+    ((topic_id, topic),) = resources(source, "AWS::SNS::Topic").items()
+    key_id = ref_id(topic["Properties"]["KmsMasterKeyId"])
+    key = source["Resources"][key_id]["Properties"]
+    assert key["EnableKeyRotation"] is True
+    principals = [s["Principal"] for s in key["KeyPolicy"]["Statement"]]
+    assert {"Service": "cloudwatch.amazonaws.com"} in principals  # alarms can publish
+    template.has_resource_properties(
+        "AWS::SNS::TopicPolicy",
+        {
+            "Topics": [{"Ref": topic_id}],
+            "PolicyDocument": {
+                "Statement": Match.array_with(
+                    [
+                        Match.object_like(
+                            {"Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
+                        )
+                    ]
+                )
+            },
+        },
+    )
+    template.has_resource_properties(
+        "AWS::SNS::Subscription",
+        {"Protocol": "email", "Endpoint": infra_policy.notify.email, "TopicArn": {"Ref": topic_id}},
+    )
+
+
+def test_report_bucket(source: dict[str, Any]) -> None:
+    buckets = resources(source, "AWS::S3::Bucket")
+    report_id = next(k for k in buckets if k.startswith("ReportsBucket"))
+    logs_id = next(k for k in buckets if k.startswith("ReportsAccessLogs"))
+    for bucket in buckets.values():
+        props = bucket["Properties"]
+        assert props["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True,
+            "BlockPublicPolicy": True,
+            "IgnorePublicAcls": True,
+            "RestrictPublicBuckets": True,
+        }
+        rule = props["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+        assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+        assert bucket["DeletionPolicy"] == "Retain"
+    report = buckets[report_id]["Properties"]
+    assert ref_id(report["LoggingConfiguration"]["DestinationBucketName"]) == logs_id
+    expirations = [r.get("ExpirationInDays") for r in report["LifecycleConfiguration"]["Rules"]]
+    assert 90 in expirations
+    tls_only = {
+        ref_id(p["Properties"]["Bucket"])
+        for p in resources(source, "AWS::S3::BucketPolicy").values()
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if s["Effect"] == "Deny" and s.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}
+    }
+    assert tls_only == set(buckets)
+
+
+def test_no_custom_resources(all_templates: dict[str, dict[str, Any]]) -> None:
+    """Nothing may need a Lambda run at deploy time (AwsCustomResource, autoDeleteObjects, ...)."""
+    for template in all_templates.values():
+        types = {r["Type"] for r in template["Resources"].values()}
+        assert not {t for t in types if t.startswith("Custom::")}
+        assert "AWS::CloudFormation::CustomResource" not in types
+        assert "AWS::Lambda::LayerVersion" not in types
+        # The only functions are the handlers (custom resource providers would add their own).
+        for props in (r["Properties"] for r in resources(template, "AWS::Lambda::Function").values()):
+            assert props["Handler"] in HANDLERS.values()
+        for rule in resources(template, "AWS::Events::Rule").values():
+            for target in rule["Properties"]["Targets"]:
+                assert ref_id(target["Arn"]) in resources(template, "AWS::Lambda::Function")
