@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     bake = commands.add_parser("bake", parents=[common], help="create a versioned image of an instance")
     bake.add_argument("--family", required=True)
     bake.add_argument("--instance-id", help="default: the instance carrying the family's bake.instance_tag")
-    bake.add_argument("--no-reboot", action="store_true", help="do not reboot (the file system may be inconsistent)")
+    bake.add_argument(
+        "--no-reboot", action="store_true", help="do not reboot (the file system may be inconsistent)"
+    )
     bake.add_argument("--stop-command", help="run on the instance (SSM Run Command) before CreateImage")
     bake.add_argument("--start-command", help="run after CreateImage returns, even if it failed")
     bake.add_argument("--no-wait", action="store_true", help="print the id without waiting for available")
@@ -345,8 +347,42 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def cmd_not_yet(args: argparse.Namespace, out: TextIO) -> int:
-    raise UsageError(f"{args.command}: not available in this version")
+def cmd_replicate(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _policy(args)
+    regions = _regions(policy, args)
+    for name in args.family or ():
+        try:
+            policy.family(name)
+        except KeyError:
+            raise UsageError(f"--family {name}: no such family in the policy") from None
+    apply = policy.mode == "enforce"
+    result = engine.replicate(policy, regions, _factory(args), _now(), apply=apply, families=args.family)
+    if args.format == "json":
+        _emit_json(result.model_dump(mode="json"), out)
+        return EXIT_FAILED if result.failed else EXIT_OK
+    if not apply:
+        out.write(f"mode {policy.mode}: nothing is written; these copies and shares would be made:\n")
+    for copy in result.copies:
+        key = f" encrypted with {copy.kms_key_id}" if copy.kms_key_id else ""
+        out.write(
+            f"copy {copy.family} {copy.source_region}/{copy.source_image_id} -> {copy.region}{key}"
+            f" (generation {copy.generation})\n"
+        )
+    for share in result.shares:
+        out.write(
+            f"share {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
+        )
+    for problem in result.problems:
+        out.write(f"note: {problem}\n")
+    for done in result.copy_results:
+        status = done.status if done.status != "failed" else f"FAILED {done.error}"
+        out.write(f"copied {done.source_image_id} -> {done.region}: {done.image_id or '-'} {status}\n")
+    for shared in result.share_results:
+        status = shared.status if shared.status != "failed" else f"FAILED {shared.error}"
+        out.write(f"shared {shared.region} {shared.image_id}: {status}\n")
+    if not (result.copies or result.shares):
+        out.write("every copy and share is in place\n")
+    return EXIT_FAILED if result.failed else EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -363,7 +399,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "apply": cmd_apply,
     "rotate": cmd_rotate,
-    "replicate": cmd_not_yet,
+    "replicate": cmd_replicate,
     "bake": cmd_bake,
     "rescue": cmd_rescue,
     "demo": cmd_demo,

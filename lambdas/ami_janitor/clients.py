@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_emr import EMRClient
     from mypy_boto3_rbin import RecycleBinClient
+    from mypy_boto3_sqs import SQSClient
     from mypy_boto3_ssm import SSMClient
 
 
@@ -60,6 +61,10 @@ class RegionClients:
     @property
     def emr(self) -> EMRClient:
         return self._get("emr")
+
+    @property
+    def sqs(self) -> SQSClient:
+        return self._get("sqs")
 
     @property
     def rbin(self) -> RecycleBinClient:

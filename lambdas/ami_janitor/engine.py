@@ -1,4 +1,5 @@
-"""The engine's entry points, shared by the CLI and the Lambda handlers: plan, apply, rescue, rotate."""
+"""The engine's entry points, shared by the CLI and the Lambda handlers: plan, apply, rescue, rotate,
+replicate, events."""
 
 from __future__ import annotations
 
@@ -7,20 +8,47 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from ami_janitor import adapter, executor, planner, rotation
+from ami_janitor import adapter, executor, model, planner, replication, rotation, sharing
 from ami_janitor.clients import RegionClients
 from ami_janitor.executor import ActionResult, ApplyResult
-from ami_janitor.model import Plan, RegionInventory
-from ami_janitor.policy import Policy
+from ami_janitor.model import Copy, Plan, RegionInventory, Share
+from ami_janitor.policy import Family, Policy
 
 ClientsFor = Callable[[str], RegionClients]
+Enqueue = Callable[[Sequence[Copy]], int]
 
-# What a cleanup run calls: the inventory, the executor and the rotation it reconciles first.
+# What a scheduled run calls: the inventory, rotation, shares and the executor. Its copies go through
+# the replication queue (sqs:SendMessage comes with the queue); the CLI starts copies itself, so it
+# also needs replication.PERMISSIONS.
 PERMISSIONS: list[str] = sorted(
-    set(adapter.PERMISSIONS) | set(executor.PERMISSIONS) | set(rotation.PERMISSIONS)
+    set(adapter.PERMISSIONS)
+    | set(executor.PERMISSIONS)
+    | set(rotation.PERMISSIONS)
+    | set(sharing.PERMISSIONS)
+)
+CLI_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) | set(replication.PERMISSIONS))
+# The event function: rotation, and sharing a new AMI at once (its copies are queued).
+EVENT_PERMISSIONS: list[str] = sorted(
+    set(rotation.PERMISSIONS) | set(sharing.PERMISSIONS) | {"ec2:DescribeImages"}
 )
 
 UNCHECKED = "launch permissions not checked yet"
+
+
+class ReplicateResult(BaseModel):
+    """Shares and copies planned, and what applying them did."""
+
+    shares: list[Share] = Field(default_factory=list)
+    copies: list[Copy] = Field(default_factory=list)
+    problems: list[str] = Field(default_factory=list)
+    share_results: list[sharing.ShareResult] = Field(default_factory=list)
+    copy_results: list[replication.CopyResult] = Field(default_factory=list)
+    queued: int = 0
+
+    @property
+    def failed(self) -> int:
+        shares = sum(1 for r in self.share_results if r.status == "failed")
+        return shares + sum(1 for r in self.copy_results if r.status == "failed")
 
 
 class RunResult(BaseModel):
@@ -29,11 +57,14 @@ class RunResult(BaseModel):
     plan: Plan
     results: list[ActionResult] = Field(default_factory=list)
     rotations: list[rotation.RotationResult] = Field(default_factory=list)
+    replicated: ReplicateResult = ReplicateResult()
 
     @property
     def failed(self) -> int:
-        return sum(1 for r in self.results if r.status == "failed") + sum(
-            1 for r in self.rotations if r.status == "failed"
+        return (
+            sum(1 for r in self.results if r.status == "failed")
+            + sum(1 for r in self.rotations if r.status == "failed")
+            + self.replicated.failed
         )
 
     @property
@@ -45,6 +76,9 @@ class RunResult(BaseModel):
         data = self.plan.to_dict()
         data["results"] = [r.model_dump(mode="json") for r in self.results]
         data["rotations"] = [r.model_dump(mode="json") for r in self.rotations]
+        data["share_results"] = [r.model_dump(mode="json") for r in self.replicated.share_results]
+        data["copy_results"] = [r.model_dump(mode="json") for r in self.replicated.copy_results]
+        data["copies_queued"] = self.replicated.queued
         summary = dict(data["summary"])
         if self.results:
             summary["snapshots_deleted"] = sum(len(r.snapshots_deleted) for r in self.results)
@@ -89,6 +123,51 @@ def build_plan(
     return planner.plan(list(loaded.values()), policy, now), loaded
 
 
+def replicate(
+    policy: Policy,
+    regions: Sequence[str],
+    clients_for: ClientsFor,
+    now: datetime,
+    *,
+    apply: bool,
+    enqueue: Enqueue | None = None,
+    families: Sequence[str] | None = None,
+) -> ReplicateResult:
+    """Reconcile shares and copies of the sources in `regions` (CopyImage is called in each target).
+
+    Reads only DescribeImages (no references are needed to share or copy). Copies go to `enqueue`
+    when given (the deployed queue paces CopyImage), else they are started here, one after another.
+    """
+    images = {region: adapter.load_images(clients_for(region), policy) for region in regions}
+    targets = {t.region for f in policy.families for t in f.replicate} - set(images)
+    for region in sorted(targets):
+        images[region] = adapter.load_images(clients_for(region), policy)
+    wanted = set(families) if families else {f.name for f in policy.families}
+    own = [images[region] for region in regions]
+    members = {
+        (inv.region, image.image_id)
+        for inv in own
+        for image in inv.images
+        for f in policy.families
+        if f.name in wanted and f.match.matches(image.name, image.tags)
+    }
+    shares = [s for s in sharing.plan_shares(own, policy, now) if (s.region, s.image_id) in members]
+    copies, problems = replication.plan_replication(list(images.values()), policy, now)
+    copies = [c for c in copies if c.source_region in regions and c.family in wanted]
+    result = ReplicateResult(shares=shares, copies=copies, problems=problems)
+    if not apply:
+        return result
+    result.share_results = sharing.apply_shares(clients_for, shares, own)
+    if enqueue is not None:
+        result.queued = enqueue(copies)
+        return result
+    sources = {(inv.region, image.image_id): image for inv in own for image in inv.images}
+    for copy in copies:
+        source = sources[(copy.source_region, copy.source_image_id)]
+        result.copy_results.append(replication.start_copy(clients_for, copy, source, policy))
+    return result
+
+
 def run(
     policy: Policy,
     regions: Sequence[str],
@@ -96,18 +175,88 @@ def run(
     now: datetime,
     *,
     apply: bool,
+    enqueue: Enqueue | None = None,
 ) -> RunResult:
-    """A scheduled run: reconcile Latest first (so cleanup sees the current pointer), then clean up."""
+    """A scheduled run: reconcile Latest (so cleanup sees the current pointer), shares and copies, then
+    clean up."""
     rotations: list[rotation.RotationResult] = []
     if apply:
         for region in regions:
             rotations.extend(rotation.converge(clients_for(region), policy, now))
+    replicated = replicate(policy, regions, clients_for, now, apply=apply, enqueue=enqueue)
     plan, loaded = build_plan(policy, regions, clients_for, now)
+    plan = plan.model_copy(
+        update={
+            "copies": replicated.copies,
+            "shares": replicated.shares,
+            "notes": [*plan.notes, *replicated.problems],
+        }
+    )
     if not apply:
-        return RunResult(plan=plan, rotations=rotations)
+        return RunResult(plan=plan, rotations=rotations, replicated=replicated)
     grants = {family.name: sorted(family.share_with.grants()) for family in policy.families}
     applied: ApplyResult = executor.apply_plan(plan, loaded, clients_for, now, family_grants=grants)
-    return RunResult(plan=plan, results=applied.results, rotations=rotations)
+    return RunResult(plan=plan, results=applied.results, rotations=rotations, replicated=replicated)
+
+
+def handle_ami_event(
+    image_id: str,
+    state: str,
+    clients: RegionClients,
+    policy: Policy,
+    now: datetime,
+    *,
+    enqueue: Enqueue | None = None,
+) -> dict[str, object]:
+    """One EC2 AMI State Change event: rotate; a new source is shared and queued for its copies at once
+    (the scheduled run reconciles anything an event missed)."""
+    outcome = rotation.handle_state_change(image_id, state, clients, policy, now)
+    if policy.mode == "paused" or state not in ("available", "failed"):
+        return outcome
+    image = adapter.describe_image(clients, image_id)
+    if image is None:
+        return outcome
+    if state == "failed":
+        retry = replication.handle_failed_replica(image, policy)
+        # The retry is started by the source region's next scheduled run (it records the next
+        # generation on the source, in that region).
+        return {**outcome, "copy_retry": retry.reason}
+    families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
+    if len(families) != 1 or image.state != "available":
+        return outcome
+    family = families[0]
+    share = sharing.share_for(image, family)
+    copies = [] if image.is_replica else _copies_of(image, family)
+    if policy.mode != "enforce":
+        return {**outcome, "would_share": share.model_dump() if share else None, "would_copy": len(copies)}
+    shared = (
+        sharing.apply_shares(
+            lambda _region: clients, [share], [RegionInventory(region=clients.region, images=(image,))]
+        )
+        if share
+        else []
+    )
+    queued = enqueue(copies) if enqueue is not None and copies else 0
+    return {**outcome, "shared": [r.model_dump(mode="json") for r in shared], "copies_queued": queued}
+
+
+def _copies_of(source: model.Image, family: Family) -> list[Copy]:
+    copies = []
+    for target in family.replicate:
+        if target.region == source.region and (target.kms_key_id is None or source.encrypted):
+            continue  # encrypt in place applies to unencrypted sources only
+        generation = max(replication.recorded_generation(source, target.region), 1)
+        copies.append(
+            Copy(
+                family=family.name,
+                source_image_id=source.image_id,
+                source_region=source.region,
+                region=target.region,
+                kms_key_id=target.kms_key_id,
+                generation=generation,
+            )
+        )
+    return copies
 
 
 def rescue(

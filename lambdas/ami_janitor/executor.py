@@ -22,6 +22,8 @@ from ami_janitor.policy import (
     PRIOR_PERMISSIONS_TAG,
     RETIRED_FROM_TAG,
 )
+from ami_janitor.tags import TAG_VALUE_MAX as TAG_VALUE_MAX  # re-exported: callers read it here
+from ami_janitor.tags import is_part_key, joined_values, split_values
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -51,7 +53,6 @@ STEP_ERRORS = (*AWS_ERRORS, ValueError)
 CLOCK_ACTIONS = frozenset({"wait", "deprecate", "disable", "deregister"})
 STAGE_ACTIONS = frozenset({"deprecate", "disable", "deregister"})
 CREATE_TAGS_MAX_RESOURCES = 1000  # CreateTags: up to 1000 resource ids per call
-TAG_VALUE_MAX = 256
 GONE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"})
 SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSnapshot.InUse": "still in use"}
 
@@ -110,28 +111,18 @@ def deprecate_at(now: datetime) -> datetime:
     return whole if whole == ahead else whole + timedelta(minutes=1)
 
 
-def _permission_key(part: int) -> str:
-    return PRIOR_PERMISSIONS_TAG if part == 1 else f"{PRIOR_PERMISSIONS_TAG}:{part}"
-
-
 def _is_permission_key(key: str) -> bool:
-    return key == PRIOR_PERMISSIONS_TAG or key.startswith(PRIOR_PERMISSIONS_TAG + ":")
+    return is_part_key(PRIOR_PERMISSIONS_TAG, key)
 
 
 def permission_tags(permissions: Iterable[LaunchPermission]) -> dict[str, str]:
-    """Launch permissions as "kind:value" keys joined by commas, cut into 256-character tag values
-    (PRIOR_PERMISSIONS_TAG, then ":2", ":3", ...). No permission is recorded as an empty value."""
-    text = ",".join(sorted({p.key for p in permissions}))
-    parts = [text[i : i + TAG_VALUE_MAX] for i in range(0, len(text), TAG_VALUE_MAX)] or [""]
-    return {_permission_key(n): part for n, part in enumerate(parts, start=1)}
+    """Launch permissions as "kind:value" keys joined by commas, packed whole into 256-character tag
+    values (PRIOR_PERMISSIONS_TAG, then ":2", ":3", ...). No permission is recorded as an empty value."""
+    return split_values(PRIOR_PERMISSIONS_TAG, (p.key for p in permissions))
 
 
 def recorded_permissions(tags: Mapping[str, str]) -> list[LaunchPermission]:
-    text, part = "", 1
-    while _permission_key(part) in tags:
-        text += tags[_permission_key(part)]
-        part += 1
-    return [LaunchPermission.from_key(key) for key in sorted(set(text.split(","))) if key]
+    return [LaunchPermission.from_key(key) for key in joined_values(PRIOR_PERMISSIONS_TAG, tags)]
 
 
 def janitor_state_tags(tags: Mapping[str, str]) -> list[str]:
@@ -375,12 +366,15 @@ class _RegionRun:
             answer = self.ec2.describe_image_attribute(ImageId=image.image_id, Attribute="launchPermission")
             raw = answer.get("LaunchPermissions", [])
             permissions = tuple(LaunchPermission.from_api({k: str(v) for k, v in p.items()}) for p in raw)
-        record = permission_tags(permissions)
-        # Parts left by an earlier record go first: until DisableImage the image still holds the truth.
+        # An earlier record is kept: after a rescue that stopped half way (enabled, shares not restored
+        # yet) or a hand-run EnableImage, the image holds fewer launch permissions than the record.
+        record = permission_tags([*recorded_permissions(image.tags), *permissions])
+        _tag(self.ec2, [image.image_id], record)
+        # Parts the new record does not use go last (each part reads on its own, and the new record
+        # holds every value of the old one).
         stale = [k for k in image.tags if _is_permission_key(k) and k not in record]
         if stale:
             self.ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
-        _tag(self.ec2, [image.image_id], record)
         self.ec2.disable_image(ImageId=image.image_id)
         removed = ",".join(sorted(p.key for p in permissions)) or "none"
         return self.result(

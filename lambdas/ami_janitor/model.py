@@ -81,6 +81,8 @@ class Image(_Frozen):
     size_gib: int = 0
     root_device_type: str = "ebs"
     public: bool = False
+    # Any EBS snapshot of the AMI encrypted (replication encrypts in place only unencrypted sources).
+    encrypted: bool = False
     deprecation_time: datetime | None = None
     deregistration_protection: bool = False
     last_launched: datetime | None = None
@@ -112,6 +114,9 @@ class Image(_Frozen):
             size_gib=size,
             root_device_type=raw.get("RootDeviceType") or "ebs",
             public=bool(raw.get("Public")),
+            encrypted=any(
+                (m.get("Ebs") or {}).get("Encrypted") for m in raw.get("BlockDeviceMappings") or []
+            ),
             deprecation_time=parse_time(raw.get("DeprecationTime")),
             # "enabled", "enabled-with-cooldown" or "disabled-until <time>" (cooldown still protects).
             deregistration_protection=protection.startswith("enabled")

@@ -30,6 +30,7 @@ from ami_janitor.policy import (
     Policy,
     Rules,
 )
+from ami_janitor.tags import joined_values
 
 ACTING: frozenset[str] = frozenset({"deprecate", "disable", "deregister"})
 # States in which an AMI counts toward keep-N (pending and failed builds are not versions yet).
@@ -73,8 +74,7 @@ def is_janitor_touched(image: Image) -> bool:
 
 def janitor_grants(image: Image) -> set[str]:
     """Launch permissions the janitor granted itself (recorded on the AMI)."""
-    value = image.tags.get(SHARED_BY_JANITOR_TAG, "")
-    return {grant for grant in value.split(",") if grant}
+    return set(joined_values(SHARED_BY_JANITOR_TAG, image.tags))
 
 
 def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group], dict[str, list[str]]]:

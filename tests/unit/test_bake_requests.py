@@ -14,7 +14,7 @@ from botocore.stub import Stubber
 
 from ami_janitor import baking
 from ami_janitor.clients import RegionClients
-from ami_janitor.policy import Family, parse_policy
+from ami_janitor.policy import Family, Match, PolicyError, parse_policy
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
@@ -68,8 +68,14 @@ def test_the_name_is_the_family_and_the_utc_timestamp() -> None:
 
 
 def test_a_name_glob_that_would_not_select_the_bake_is_refused() -> None:
+    # The policy refuses such a family when it loads (test_policy.py); the bake checks again.
+    with pytest.raises(PolicyError, match=r"match.name 'pettracker-ml-v\*' does not select"):
+        family(tags={"Project": "PetTracker"}, name="pettracker-ml-v*")
+    unchecked = family().model_copy(
+        update={"match": Match(tags={"Project": "PetTracker"}, name="pettracker-ml-v*")}
+    )
     with pytest.raises(baking.BakeUsageError, match=r"match.name 'pettracker-ml-v\*' does not match"):
-        baking.image_name(family(tags={"Project": "PetTracker"}, name="pettracker-ml-v*"), NOW)
+        baking.image_name(unchecked, NOW)
     # Without a name glob the tags select it.
     assert baking.image_name(family(tags={"Project": "PetTracker"}), NOW) == "pettracker-ml-20261125T030000Z"
 

@@ -9,12 +9,12 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ami_janitor import rotation
+from ami_janitor import engine, replication
 from ami_janitor.clients import ClientFactory
 from ami_janitor.events import METRICS_NAMESPACE, SERVICE, Environment, parse_ami_event
 from ami_janitor.policy import load_policy
 
-PERMISSIONS: list[str] = rotation.PERMISSIONS
+PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 
 logger = Logger(service=SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
@@ -26,12 +26,15 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     ami_event = parse_ami_event(event)
     env = Environment.load()
     policy = load_policy(env.config)
-    result = rotation.handle_state_change(
+    clients = ClientFactory()(ami_event.region)
+    queue = env.replication_queue_url
+    result = engine.handle_ami_event(
         ami_event.detail.ImageId,
         ami_event.detail.State,
-        ClientFactory()(ami_event.region),
+        clients,
         policy,
         datetime.now(UTC).replace(microsecond=0),
+        enqueue=(lambda copies: replication.enqueue_copies(clients.sqs, queue, copies)) if queue else None,
     )
     metrics.add_dimension(name="State", value=ami_event.detail.State)
     metrics.add_metric(name="AmiStateChanges", unit=MetricUnit.Count, value=1)

@@ -10,7 +10,7 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ami_janitor import engine
+from ami_janitor import engine, replication
 from ami_janitor.clients import ClientFactory
 from ami_janitor.events import METRICS_NAMESPACE, SERVICE, Environment
 from ami_janitor.policy import load_policy
@@ -66,7 +66,16 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         return {"mode": "paused"}
     factory = ClientFactory()
     now = datetime.now(UTC).replace(microsecond=0)
-    result = engine.run(policy, [env.region], factory, now, apply=policy.mode == "enforce")
+    queue = env.replication_queue_url
+    sqs = factory(env.region).sqs
+    result = engine.run(
+        policy,
+        [env.region],
+        factory,
+        now,
+        apply=policy.mode == "enforce",
+        enqueue=(lambda copies: replication.enqueue_copies(sqs, queue, copies)) if queue else None,
+    )
     report = result.report()
     summary: dict[str, Any] = report["summary"]  # type: ignore[assignment]
     metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=summary["actions_failed"])

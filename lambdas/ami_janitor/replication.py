@@ -1,0 +1,504 @@
+"""Replication: which copies each target region needs (pure), and starting one copy (idempotent).
+
+A copy is found by provenance, never by name: every copy carries `ami-janitor:source-image`, so a
+duplicate event, a redriven message or a second planner never makes a second copy. A copy that fails
+(or is gone: retired, deregistered by hand) is started again with the next generation, up to
+MAX_COPY_GENERATIONS. The generation is part of the ClientToken, because EC2 remembers a token and
+would answer a new request with the old (failed or deregistered) copy. The generation started last is
+recorded on the source (`ami-janitor:copy-generation:<region>`) before CopyImage is called, so a
+generation is never used twice, and on the copy itself, so the retry of a failed copy can be planned
+from the copy alone (its event arrives in the destination region).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ami_janitor.model import Copy, Image, RegionInventory, iso
+from ami_janitor.planner import Group, build_groups, latest_target, order_key
+from ami_janitor.policy import (
+    COPY_GENERATION_TAG_PREFIX,
+    JANITOR_TAG_PREFIX,
+    SOURCE_CREATED_TAG,
+    SOURCE_IMAGE_TAG,
+    SOURCE_REGION_TAG,
+    Family,
+    Policy,
+    ReplicateTarget,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_sqs import SQSClient
+    from mypy_boto3_sqs.type_defs import SendMessageBatchRequestEntryTypeDef
+
+    from ami_janitor.clients import RegionClients
+
+# What starting a copy calls: find the copy by provenance (destination), record the generation
+# (source), copy (destination; its TagSpecifications need ec2:CreateTags on the new AMI and snapshots).
+PERMISSIONS: list[str] = sorted(["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"])
+# What queueing copy requests calls (the scheduled run and the event handler, not the worker).
+ENQUEUE_PERMISSIONS: list[str] = ["sqs:SendMessage"]
+# What EC2 does with a customer managed key on the caller's behalf while it copies and encrypts the
+# snapshots (Amazon EBS encryption requirements: CreateGrant, Decrypt, DescribeKey,
+# GenerateDataKeyWithoutPlaintext, ReEncrypt*). Granted by the deploy on the configured key ARNs only.
+KMS_PERMISSIONS: list[str] = sorted(
+    [
+        "kms:CreateGrant",
+        "kms:Decrypt",
+        "kms:DescribeKey",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:ReEncryptFrom",
+        "kms:ReEncryptTo",
+    ]
+)
+
+MAX_COPY_GENERATIONS = 3
+# States of a copy that failed (EC2 says so): it needs a new generation.
+FAILED_STATES = frozenset({"failed", "error", "invalid"})
+# States in which a copy will never become usable (failed, or on its way out of the listing).
+UNUSABLE_STATES = FAILED_STATES | {"deregistered"}
+SEND_MESSAGE_BATCH_MAX = 10
+NAME_MAX = 128  # AMI names: 3-128 characters
+DESCRIPTION_MAX = 255
+TAGS_PER_RESOURCE_MAX = 50
+ENCRYPTED_SUFFIX = "-encrypted"
+AWS_ERRORS = (ClientError, BotoCoreError)
+
+CopyStatus = Literal["ok", "failed", "skipped"]
+
+
+class CopyResult(BaseModel):
+    """What start_copy did: started or found a copy (ok), left it to a newer request (skipped), or failed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    family: str
+    source_image_id: str
+    source_region: str
+    region: str
+    generation: int
+    image_id: str | None = None
+    status: CopyStatus
+    # True only when this call made CopyImage start a new copy.
+    started: bool = False
+    error: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The answer to a failed replica: the copy to start again (None: none), and why."""
+
+    copy: Copy | None
+    reason: str
+
+
+class BadCopyMessage(ValueError):
+    """A copy request the worker cannot use; the message names the field. Redriving it cannot help,
+    so it ends in the queue's dead-letter queue."""
+
+
+# ---- generations and provenance -------------------------------------------------------------------
+
+
+def generation_tag(region: str) -> str:
+    """The tag that records the generation of the copy in `region` (on the source and on the copy)."""
+    return f"{COPY_GENERATION_TAG_PREFIX}{region}"
+
+
+def recorded_generation(image: Image, region: str) -> int:
+    """The generation recorded on `image` for `region`; 0 where none is (or it is unreadable)."""
+    value = image.tags.get(generation_tag(region), "")
+    return int(value) if value.isdigit() else 0
+
+
+def is_usable(image: Image) -> bool:
+    """A copy that exists or will: pending, available, disabled (retired copies count as existing)."""
+    return image.state not in UNUSABLE_STATES
+
+
+def _copies_by_source(inventory: RegionInventory) -> dict[str, list[Image]]:
+    index: dict[str, list[Image]] = defaultdict(list)
+    for image in inventory.images:
+        if image.source_image_id:
+            index[image.source_image_id].append(image)
+    return index
+
+
+def _tried(source: Image, region: str, copies: Iterable[Image]) -> int:
+    """The highest generation started so far: recorded on the source, or on a copy (a copy without the
+    tag, made by hand or before the tag existed, counts as generation 1)."""
+    return max([recorded_generation(source, region)] + [recorded_generation(c, region) or 1 for c in copies])
+
+
+# ---- planning (pure) ------------------------------------------------------------------------------
+
+
+def wanted_sources(group: Group, conflicts: Mapping[str, Sequence[str]], now: datetime) -> list[Image]:
+    """The sources a target group would keep: the `keep_latest` newest available sources of the group
+    (by creation) plus its Latest, newest first. Replicas and AMIs of several families are no sources."""
+    sources = [m for m in group.members if not m.is_replica and m.image_id not in conflicts]
+    available = [s for s in sources if s.state == "available"]
+    wanted = available[: group.rules.keep_latest]
+    latest = latest_target(replace(group, members=sources, superseded=set()), now)
+    if latest is not None and latest not in wanted:
+        wanted.append(latest)
+    return sorted(wanted, key=order_key, reverse=True)
+
+
+def _targets(family: Family, region: str) -> tuple[list[ReplicateTarget], list[str]]:
+    """The family's targets for sources in `region`, and the policy problems of that list."""
+    usable: list[ReplicateTarget] = []
+    problems: list[str] = []
+    for target in sorted(family.replicate, key=lambda t: t.region):
+        if target.region == region and target.kms_key_id is None:
+            problems.append(
+                f"family {family.name}: replicate target {region} is the source region and has no "
+                "kms_key_id (a same-region copy only encrypts in place): ignored"
+            )
+            continue
+        usable.append(target)
+    return usable, problems
+
+
+def _plan_one(
+    family: Family,
+    source: Image,
+    target: ReplicateTarget,
+    copies: Sequence[Image],
+) -> Copy | str | None:
+    """The copy `source` needs in `target` (None: none; a str: a problem that stops it)."""
+    if target.region == source.region and source.encrypted:
+        return None  # encrypt in place applies only to unencrypted sources
+    if any(is_usable(c) for c in copies):
+        return None
+    tried = _tried(source, target.region, copies)
+    generation = tried + 1
+    if generation > MAX_COPY_GENERATIONS:
+        return (
+            f"family {family.name}: copy of {source.image_id} ({source.region}) to {target.region} not "
+            f"started again: {tried} generations were started and none is usable (failed or gone); "
+            f"fix the cause, deregister the failed copies and remove the tag {generation_tag(target.region)} "
+            f"from {source.image_id} to start over"
+        )
+    return Copy(
+        family=family.name,
+        source_image_id=source.image_id,
+        source_region=source.region,
+        region=target.region,
+        kms_key_id=target.kms_key_id,
+        generation=generation,
+    )
+
+
+def plan_replication(
+    inventories: Sequence[RegionInventory], policy: Policy, now: datetime
+) -> tuple[list[Copy], list[str]]:
+    """The copies to start and the problems to report. Sources are read in the policy's `regions`, copies
+    in the targets; a region without a usable inventory (absent, or with an error) is left alone: no copy
+    from it, none to it. Order: source region, family, architecture, source newest first, target region."""
+    usable = {inv.region: inv for inv in inventories if inv.error is None}
+    indexes = {region: _copies_by_source(inv) for region, inv in usable.items()}
+    copies: list[Copy] = []
+    problems: list[str] = []
+    for region in sorted(set(policy.regions) & set(usable)):
+        groups, conflicts = build_groups(usable[region], policy)
+        for group in groups:
+            if not group.family.replicate:
+                continue
+            targets, target_problems = _targets(group.family, region)
+            # One line per family, not one per architecture group.
+            problems.extend(p for p in target_problems if p not in problems)
+            for source in wanted_sources(group, conflicts, now):
+                if source.root_device_type == "instance-store":
+                    problems.append(f"{source.image_id} ({region}) is instance-store backed: not replicated")
+                    continue
+                for target in targets:
+                    if target.region not in indexes:
+                        continue
+                    planned = _plan_one(
+                        group.family, source, target, indexes[target.region].get(source.image_id, [])
+                    )
+                    if isinstance(planned, Copy):
+                        copies.append(planned)
+                    elif planned is not None:
+                        problems.append(planned)
+    return copies, problems
+
+
+def plan_copies(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> list[Copy]:
+    """The copies every target region needs now (see plan_replication)."""
+    return plan_replication(inventories, policy, now)[0]
+
+
+def copy_problems(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> list[str]:
+    """Plan notes: copies given up after MAX_COPY_GENERATIONS, policy targets that cannot work."""
+    return plan_replication(inventories, policy, now)[1]
+
+
+def handle_failed_replica(image: Image, policy: Policy) -> Retry:
+    """A replica found failed (its event in the destination region): the copy to start again with the
+    next generation, or why not. Pass the image as EC2 describes it now, not as the event said."""
+    if not image.is_replica or not image.source_image_id or not image.source_region:
+        return Retry(None, f"{image.image_id} is not a copy made by the janitor")
+    if image.state not in FAILED_STATES:
+        return Retry(None, f"{image.image_id} is {image.state} now: nothing to retry")
+    families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
+    if len(families) != 1:
+        return Retry(None, f"{image.image_id} matches {len(families)} families: not retried")
+    family = families[0]
+    target = next((t for t in family.replicate if t.region == image.region), None)
+    if target is None:
+        return Retry(None, f"{image.region} is no longer a replicate target of family {family.name}")
+    if target.region == image.source_region and target.kms_key_id is None:
+        return Retry(None, f"{image.region} is the source region and has no kms_key_id: not retried")
+    generation = max(recorded_generation(image, image.region), 1) + 1
+    if generation > MAX_COPY_GENERATIONS:
+        return Retry(
+            None,
+            f"copy of {image.source_image_id} to {image.region} failed in generation "
+            f"{generation - 1}, the last one allowed: not started again",
+        )
+    copy = Copy(
+        family=family.name,
+        source_image_id=image.source_image_id,
+        source_region=image.source_region,
+        region=image.region,
+        kms_key_id=target.kms_key_id,
+        generation=generation,
+    )
+    return Retry(copy, f"{image.image_id} failed: generation {generation} planned")
+
+
+# ---- the CopyImage request (pure) -----------------------------------------------------------------
+
+
+def client_token(copy: Copy) -> str:
+    """Idempotency of CopyImage (at most 64 ASCII characters): the same request returns the same copy;
+    a new generation makes a new one."""
+    text = f"ami-janitor|{copy.source_image_id}|{copy.region}|{copy.generation}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def replica_name(source: Image, copy: Copy, family: Family) -> str:
+    """The copy's name. Names are unique per region: a same-region copy and a new generation (its failed
+    predecessor may still hold the name) get a suffix, placed so that the family's name glob still
+    matches where it can (else the copy would belong to no family)."""
+    suffix = ENCRYPTED_SUFFIX if copy.region == copy.source_region else ""
+    if copy.generation > 1:
+        suffix += f"-copy{copy.generation}"
+    if not suffix:
+        return source.name
+    appended = source.name[: NAME_MAX - len(suffix)] + suffix
+    prefixed = (suffix.lstrip("-") + "-" + source.name)[:NAME_MAX]
+    for name in (appended, prefixed):
+        if family.match.name is None or family.match.matches(name, source.tags):
+            return name
+    return appended
+
+
+def replica_tags(source: Image, copy: Copy, policy: Policy) -> dict[str, str]:
+    """The copy's tags: the source's own tags and provenance. Left out: janitor-owned tags (the stage
+    clock and records describe the source, not the copy), `aws:` system tags (EC2 refuses them), the
+    family's Latest tag (the target group's rotation decides its own Latest) and the opt-out tag (an
+    owner's decision about that one AMI; copied, it would pin every replica forever)."""
+    family = policy.family(copy.family)
+    dropped = {policy.rules_for(family).opt_out_tag}
+    if family.latest is not None and family.latest.tag:
+        dropped.add(family.latest.tag)
+    own = {
+        key: value
+        for key, value in source.tags.items()
+        if not key.startswith((JANITOR_TAG_PREFIX, "aws:")) and key not in dropped
+    }
+    provenance = {
+        SOURCE_IMAGE_TAG: source.image_id,
+        SOURCE_REGION_TAG: source.region,
+        SOURCE_CREATED_TAG: iso(source.order_time) or "",
+        generation_tag(copy.region): str(copy.generation),
+    }
+    # 50 tags per resource: the family's match tags go first, so the copy still joins its family.
+    room = TAGS_PER_RESOURCE_MAX - len(provenance)
+    ranked = sorted(own, key=lambda key: (key not in family.match.tags, key))[:room]
+    return {**{key: own[key] for key in sorted(ranked)}, **provenance}
+
+
+def copy_request(copy: Copy, source: Image, policy: Policy) -> dict[str, Any]:
+    """The exact CopyImage arguments, for the client of the destination region."""
+    if (source.image_id, source.region) != (copy.source_image_id, copy.source_region):
+        raise ValueError(f"source {source.image_id} ({source.region}) is not the copy's source")
+    if copy.region == copy.source_region and copy.kms_key_id is None:
+        raise ValueError("a copy in its source region needs a kms_key_id (it only encrypts in place)")
+    family = policy.family(copy.family)
+    tags = [{"Key": key, "Value": value} for key, value in replica_tags(source, copy, policy).items()]
+    specifications = [{"ResourceType": "image", "Tags": tags}]
+    if source.root_device_type != "instance-store":  # it has no snapshots to tag
+        specifications.append({"ResourceType": "snapshot", "Tags": tags})
+    request: dict[str, Any] = {
+        "SourceRegion": copy.source_region,
+        "SourceImageId": copy.source_image_id,
+        "Name": replica_name(source, copy, family),
+        "Description": f"[Copied {source.image_id} from {source.region}] {source.name}"[:DESCRIPTION_MAX],
+        "ClientToken": client_token(copy),
+        # Never copy the source's tags wholesale: that would bring Latest and the stage clock along.
+        "CopyImageTags": False,
+        "TagSpecifications": specifications,
+    }
+    if copy.kms_key_id is not None:
+        request["Encrypted"] = True
+        request["KmsKeyId"] = copy.kms_key_id
+    return request
+
+
+# ---- starting a copy ------------------------------------------------------------------------------
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, ClientError):
+        info = error.response.get("Error", {})
+        return f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
+    return str(error) or type(error).__name__
+
+
+def find_copies(ec2: EC2Client, source_image_id: str, region: str) -> list[Image]:
+    """Every copy of the source in the client's region, any state, found by its provenance tag."""
+    answer = ec2.describe_images(
+        Owners=["self"],
+        IncludeDeprecated=True,
+        IncludeDisabled=True,
+        Filters=[{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source_image_id]}],
+    )
+    return [Image.from_api(region, dict(raw)) for raw in answer.get("Images") or []]
+
+
+def start_copy(
+    clients_for: Callable[[str], RegionClients], copy: Copy, source: Image, policy: Policy
+) -> CopyResult:
+    """Start one copy unless it exists. Safe to repeat: a duplicate finds the copy by provenance, a retried
+    request reuses its ClientToken. AWS errors are a failed result, never an exception."""
+    result = CopyResult(
+        family=copy.family,
+        source_image_id=copy.source_image_id,
+        source_region=copy.source_region,
+        region=copy.region,
+        generation=copy.generation,
+        status="skipped",
+    )
+    try:
+        return _start(clients_for, copy, source, policy, result)
+    except (*AWS_ERRORS, ValueError, KeyError) as error:
+        return result.model_copy(update={"status": "failed", "error": _error_text(error)})
+
+
+def _policy_change(copy: Copy, policy: Policy) -> str | None:
+    """Why a request made under an earlier policy no longer applies (None: it does)."""
+    family = next((f for f in policy.families if f.name == copy.family), None)
+    if family is None:
+        return f"family {copy.family} is no longer in the policy"
+    target = next((t for t in family.replicate if t.region == copy.region), None)
+    if target is None:
+        return f"{copy.region} is no longer a replicate target of family {copy.family}"
+    if copy.region == copy.source_region and copy.kms_key_id is None:
+        return f"{copy.region} is the source region and the request has no kms_key_id (encrypt in place only)"
+    return None
+
+
+def _start(
+    clients_for: Callable[[str], RegionClients],
+    copy: Copy,
+    source: Image,
+    policy: Policy,
+    result: CopyResult,
+) -> CopyResult:
+    gone = _policy_change(copy, policy)
+    if gone is not None:
+        return result.model_copy(update={"detail": gone})
+    request = copy_request(copy, source, policy)  # a request that cannot be made fails before any call
+    destination = clients_for(copy.region).ec2
+    existing = find_copies(destination, copy.source_image_id, copy.region)
+    usable = sorted((c for c in existing if is_usable(c)), key=lambda c: c.created, reverse=True)
+    if usable:
+        found = usable[0]
+        return result.model_copy(
+            update={"status": "ok", "image_id": found.image_id, "detail": f"already copied ({found.state})"}
+        )
+    recorded = recorded_generation(source, copy.region)
+    if copy.generation < recorded:
+        # A newer generation was started since this request was made; its token must not be reused.
+        return result.model_copy(update={"detail": f"superseded by generation {recorded}"})
+    if any(recorded_generation(c, copy.region) == copy.generation for c in existing):
+        # EC2 would answer this token with the failed copy: only the next generation can help.
+        return result.model_copy(update={"detail": f"generation {copy.generation} failed already"})
+    if source.state != "available":
+        return result.model_copy(update={"detail": f"source is {source.state}: not copied"})
+    if copy.region == copy.source_region and source.encrypted:
+        return result.model_copy(update={"detail": "source is encrypted already: no copy in its own region"})
+    if copy.generation > recorded:
+        # Recorded before the copy starts: whatever happens next, this generation is never used again.
+        clients_for(copy.source_region).ec2.create_tags(
+            Resources=[copy.source_image_id],
+            Tags=[{"Key": generation_tag(copy.region), "Value": str(copy.generation)}],
+        )
+    answer = destination.copy_image(**request)
+    return result.model_copy(
+        update={
+            "status": "ok",
+            "started": True,
+            "image_id": answer["ImageId"],
+            "detail": f"copy started (generation {copy.generation})",
+        }
+    )
+
+
+# ---- the queue --------------------------------------------------------------------------------------
+
+
+def enqueue_copies(sqs_client: SQSClient, queue_url: str, copies: Sequence[Copy]) -> int:
+    """Queue the copy requests (one message each, ten per call); returns how many were queued.
+
+    An entry SQS refuses for a reason of its own (not the sender's fault) is sent once more; what is
+    still refused, or a call that fails, is not queued and not raised: the next reconcile plans it again.
+    """
+    sent = 0
+    for start in range(0, len(copies), SEND_MESSAGE_BATCH_MAX):
+        entries: list[SendMessageBatchRequestEntryTypeDef] = [
+            {"Id": str(n), "MessageBody": copy.model_dump_json()}
+            for n, copy in enumerate(copies[start : start + SEND_MESSAGE_BATCH_MAX])
+        ]
+        for _attempt in range(2):
+            try:
+                answer = sqs_client.send_message_batch(QueueUrl=queue_url, Entries=entries)
+            except AWS_ERRORS:
+                break
+            sent += len(answer.get("Successful") or [])
+            again = {f["Id"] for f in answer.get("Failed") or [] if not f.get("SenderFault")}
+            entries = [entry for entry in entries if entry["Id"] in again]
+            if not entries:
+                break
+    return sent
+
+
+def copy_from_message(body: str) -> Copy:
+    """A queued copy request, validated; a bad one raises BadCopyMessage naming the field."""
+    try:
+        copy = Copy.model_validate_json(body)
+    except ValidationError as error:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc']) or '(message)'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise BadCopyMessage(f"bad copy request: {fields}") from None
+    if not copy.source_image_id.startswith("ami-"):
+        raise BadCopyMessage(f"bad copy request: source_image_id: {copy.source_image_id!r} is not an AMI id")
+    if copy.generation < 1:
+        raise BadCopyMessage(f"bad copy request: generation: must be >= 1, got {copy.generation}")
+    return copy

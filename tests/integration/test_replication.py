@@ -1,0 +1,435 @@
+"""Replication on the emulator (moto + the demo emulator's CopyImage with TagSpecifications and
+ClientToken) across two regions, the SQS worker with a partial batch failure, and, for what moto
+ignores (encryption, the KMS key), the exact requests through botocore's Stubber."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from botocore.stub import Stubber
+from moto import mock_aws
+from moto.ec2.models import ec2_backends
+
+from ami_janitor import adapter
+from ami_janitor.clients import ClientFactory, RegionClients
+from ami_janitor.demo import emulator
+from ami_janitor.handlers import replicate
+from ami_janitor.model import Copy, Image, iso
+from ami_janitor.policy import (
+    COPY_GENERATION_TAG_PREFIX,
+    SOURCE_CREATED_TAG,
+    SOURCE_IMAGE_TAG,
+    SOURCE_REGION_TAG,
+    Policy,
+    parse_policy,
+)
+from ami_janitor.replication import (
+    KMS_PERMISSIONS,
+    PERMISSIONS,
+    client_token,
+    copy_from_message,
+    copy_request,
+    enqueue_copies,
+    handle_failed_replica,
+    plan_copies,
+    start_copy,
+)
+
+US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
+KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+KEY_US = "arn:aws:kms:us-east-1:111122223333:key/0987dcba-09fe-87dc-65ba-ab0987654321"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+POLICY_DATA: dict[str, Any] = {
+    "mode": "enforce",
+    "regions": [US],
+    "families": [
+        {
+            "name": "web",
+            "match": {"tags": {"Project": "Web"}, "name": "web-*"},
+            "latest": {"tag": "Latest"},
+            "keep_latest": 2,
+            "replicate": [{"region": EU, "kms_key_id": KEY_EU}, {"region": WEST}],
+        }
+    ],
+}
+POLICY: Policy = parse_policy(POLICY_DATA)
+
+
+@pytest.fixture
+def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
+    emulator.install()
+    with mock_aws():
+        yield ClientFactory()
+
+
+def bake(factory: ClientFactory, name: str, **tags: str) -> Image:
+    ec2 = factory(US).ec2
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    image_id = ec2.create_image(InstanceId=instance["InstanceId"], Name=name)["ImageId"]
+    ec2.create_tags(
+        Resources=[image_id],
+        Tags=[{"Key": k, "Value": v} for k, v in {"Project": "Web", "Team": "web", **tags}.items()],
+    )
+    image = adapter.describe_image(factory(US), image_id)
+    assert image is not None
+    return image
+
+
+def copy_of(source: Image, region: str = EU, key: str | None = KEY_EU, generation: int = 1) -> Copy:
+    return Copy(
+        family="web",
+        source_image_id=source.image_id,
+        source_region=US,
+        region=region,
+        kms_key_id=key,
+        generation=generation,
+    )
+
+
+def copies_in(factory: ClientFactory, region: str, source_id: str) -> list[dict[str, Any]]:
+    images = factory(region).ec2.describe_images(
+        Owners=["self"], Filters=[{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source_id]}]
+    )["Images"]
+    return list(images)
+
+
+def tags_of(raw: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in raw.get("Tags") or []}
+
+
+def set_state(region: str, image_id: str, state: str) -> None:
+    ec2_backends[emulator.DEFAULT_ACCOUNT_ID][region].amis[image_id].state = state
+
+
+# ---- start_copy on the emulator -----------------------------------------------------------------
+
+
+def test_a_copy_is_started_in_the_destination_with_its_tags_and_provenance(aws: ClientFactory) -> None:
+    source = bake(
+        aws, "web-20261124", Latest="true", **{"ami-janitor:keep": "", "ami-janitor:candidate-since": "x"}
+    )
+    result = start_copy(aws, copy_of(source), source, POLICY)
+    assert (result.status, result.detail) == ("ok", "copy started (generation 1)")
+    [raw] = copies_in(aws, EU, source.image_id)
+    assert raw["ImageId"] == result.image_id and raw["Name"] == "web-20261124"
+    assert tags_of(raw) == {
+        "Project": "Web",
+        "Team": "web",
+        SOURCE_IMAGE_TAG: source.image_id,
+        SOURCE_REGION_TAG: US,
+        SOURCE_CREATED_TAG: iso(source.created),
+        COPY_GENERATION_TAG_PREFIX + EU: "1",
+    }
+    snapshot = raw["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    [snap] = aws(EU).ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
+    assert tags_of(snap) == tags_of(raw)
+    # The generation is recorded on the source before the copy starts.
+    assert (
+        tags_of(aws(US).ec2.describe_images(ImageIds=[source.image_id])["Images"][0])[
+            COPY_GENERATION_TAG_PREFIX + EU
+        ]
+        == "1"
+    )
+
+
+def test_a_duplicate_request_makes_no_second_copy(aws: ClientFactory) -> None:
+    source = bake(aws, "web-1")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    fresh = adapter.describe_image(aws(US), source.image_id)
+    assert fresh is not None
+    again = start_copy(aws, copy_of(source), fresh, POLICY)
+    stale = start_copy(aws, copy_of(source), source, POLICY)  # the source as read before the first copy
+    assert again.image_id == stale.image_id == first.image_id
+    assert again.detail == stale.detail == "already copied (available)"
+    assert len(copies_in(aws, EU, source.image_id)) == 1
+
+
+def test_a_failed_copy_is_started_again_with_the_next_generation(aws: ClientFactory) -> None:
+    source = bake(aws, "web-2")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    assert first.image_id is not None
+    set_state(EU, first.image_id, "failed")
+    failed = adapter.describe_image(aws(EU), first.image_id)
+    assert failed is not None
+    retry = handle_failed_replica(failed, POLICY)
+    assert retry.copy == copy_of(source, generation=2)
+    fresh = adapter.describe_image(aws(US), source.image_id)
+    assert fresh is not None
+    # A late duplicate of the first request: its generation already failed.
+    assert start_copy(aws, copy_of(source), fresh, POLICY).detail == "generation 1 failed already"
+    second = start_copy(aws, retry.copy, fresh, POLICY)
+    assert second.status == "ok" and second.image_id not in (None, first.image_id)
+    states = sorted((r["Name"], r["State"]) for r in copies_in(aws, EU, source.image_id))
+    assert states == [("web-2", "failed"), ("web-2-copy2", "available")]
+    recorded = tags_of(aws(US).ec2.describe_images(ImageIds=[source.image_id])["Images"][0])
+    assert recorded[COPY_GENERATION_TAG_PREFIX + EU] == "2"
+    # The first request, delivered once more, is now outdated.
+    latest = adapter.describe_image(aws(US), source.image_id)
+    assert latest is not None
+    assert start_copy(aws, copy_of(source), latest, POLICY).detail == "already copied (available)"
+
+
+def test_plan_then_copy_then_plan_again_on_adapter_inventories(aws: ClientFactory) -> None:
+    sources = [bake(aws, f"web-{n}") for n in range(3)]
+    for n, source in enumerate(sources):
+        emulator.set_image_fields(US, source.image_id, creation_date=source.created.replace(day=1 + n))
+    inventories = [adapter.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
+    copies = plan_copies(inventories, POLICY, source.created)
+    # keep_latest 2: the two newest sources, each to both targets.
+    assert [(c.source_image_id, c.region) for c in copies] == [
+        (sources[2].image_id, EU),
+        (sources[2].image_id, WEST),
+        (sources[1].image_id, EU),
+        (sources[1].image_id, WEST),
+    ]
+    for copy in copies:
+        read = adapter.describe_image(aws(US), copy.source_image_id)
+        assert read is not None
+        assert start_copy(aws, copy, read, POLICY).status == "ok"
+    inventories = [adapter.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
+    assert plan_copies(inventories, POLICY, source.created) == []
+
+
+def test_a_request_from_an_older_policy_is_skipped(aws: ClientFactory) -> None:
+    source = bake(aws, "web-3")
+    gone = copy_of(source, region="ap-south-1")
+    result = start_copy(aws, gone, source, POLICY)
+    assert (result.status, result.detail) == (
+        "skipped",
+        "ap-south-1 is no longer a replicate target of family web",
+    )
+    assert (
+        start_copy(aws, copy_of(source).model_copy(update={"family": "old"}), source, POLICY).status
+        == "skipped"
+    )
+
+
+# ---- exact requests (Stubber): encryption and the key are what moto ignores -------------------------
+
+
+@pytest.fixture
+def stubbed(fake_aws_env: None) -> Iterator[dict[str, tuple[Any, Stubber]]]:
+    clients = {region: boto3.client("ec2", region_name=region, **CREDENTIALS) for region in (US, EU)}
+    stubbers = {region: Stubber(client) for region, client in clients.items()}
+    for stubber in stubbers.values():
+        stubber.activate()
+    yield {region: (clients[region], stubbers[region]) for region in clients}
+    for stubber in stubbers.values():
+        stubber.assert_no_pending_responses()
+        stubber.deactivate()
+
+
+def source_image(**fields: Any) -> Image:
+    values: dict[str, Any] = {
+        "image_id": "ami-0123456789abcdef0",
+        "region": US,
+        "name": "web-20261124",
+        "architecture": "x86_64",
+        "state": "available",
+        "created": datetime(2026, 11, 24, 2, 0, tzinfo=UTC),
+        "tags": {"Project": "Web", "Latest": "true", "ami-janitor:candidate-since": "2026-11-01T00:00:00Z"},
+        "snapshot_ids": ("snap-0123456789abcdef0",),
+    }
+    return Image(**{**values, **fields})
+
+
+def lookup(source_id: str) -> dict[str, Any]:
+    return {
+        "Owners": ["self"],
+        "IncludeDeprecated": True,
+        "IncludeDisabled": True,
+        "Filters": [{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source_id]}],
+    }
+
+
+def test_exact_requests_of_an_encrypted_copy(stubbed: dict[str, tuple[Any, Stubber]]) -> None:
+    (us, us_stub), (eu, eu_stub) = stubbed[US], stubbed[EU]
+    source = source_image()
+    copy = copy_of(source, generation=2)
+    tags = [
+        {"Key": "Project", "Value": "Web"},
+        {"Key": SOURCE_IMAGE_TAG, "Value": source.image_id},
+        {"Key": SOURCE_REGION_TAG, "Value": US},
+        {"Key": SOURCE_CREATED_TAG, "Value": "2026-11-24T02:00:00Z"},
+        {"Key": COPY_GENERATION_TAG_PREFIX + EU, "Value": "2"},
+    ]
+    eu_stub.add_response("describe_images", {"Images": []}, lookup(source.image_id))
+    us_stub.add_response(
+        "create_tags",
+        {},
+        {"Resources": [source.image_id], "Tags": [{"Key": COPY_GENERATION_TAG_PREFIX + EU, "Value": "2"}]},
+    )
+    eu_stub.add_response(
+        "copy_image",
+        {"ImageId": "ami-0fedcba9876543210"},
+        {
+            "SourceRegion": US,
+            "SourceImageId": source.image_id,
+            "Name": "web-20261124-copy2",
+            "Description": "[Copied ami-0123456789abcdef0 from us-east-1] web-20261124",
+            "Encrypted": True,
+            "KmsKeyId": KEY_EU,
+            "ClientToken": client_token(copy),
+            "CopyImageTags": False,
+            "TagSpecifications": [
+                {"ResourceType": "image", "Tags": tags},
+                {"ResourceType": "snapshot", "Tags": tags},
+            ],
+        },
+    )
+    clients = {US: RegionClients(US, ec2=us), EU: RegionClients(EU, ec2=eu)}
+    result = start_copy(clients.__getitem__, copy, source, POLICY)
+    assert (result.status, result.image_id) == ("ok", "ami-0fedcba9876543210")
+
+
+def test_exact_request_of_an_encrypt_in_place_copy(stubbed: dict[str, tuple[Any, Stubber]]) -> None:
+    us, us_stub = stubbed[US]
+    in_place = parse_policy(
+        {
+            **POLICY_DATA,
+            "families": [{**POLICY_DATA["families"][0], "replicate": [{"region": US, "kms_key_id": KEY_US}]}],
+        }
+    )
+    # Recorded already (a redelivered request whose CopyImage was throttled): no second CreateTags.
+    source = source_image(tags={"Project": "Web", COPY_GENERATION_TAG_PREFIX + US: "1"})
+    copy = copy_of(source, region=US, key=KEY_US)
+    request = copy_request(copy, source, in_place)
+    assert (request["Name"], request["Encrypted"], request["KmsKeyId"]) == (
+        "web-20261124-encrypted",
+        True,
+        KEY_US,
+    )
+    us_stub.add_response("describe_images", {"Images": []}, lookup(source.image_id))
+    us_stub.add_response("copy_image", {"ImageId": "ami-0fedcba9876543210"}, request)
+    result = start_copy(lambda region: RegionClients(region, ec2=us), copy, source, in_place)
+    assert result.status == "ok"
+
+
+def test_a_throttled_copy_is_a_failed_result_not_an_exception(
+    stubbed: dict[str, tuple[Any, Stubber]],
+) -> None:
+    (us, us_stub), (eu, eu_stub) = stubbed[US], stubbed[EU]
+    source = source_image()
+    eu_stub.add_response("describe_images", {"Images": []}, lookup(source.image_id))
+    us_stub.add_response("create_tags", {})
+    eu_stub.add_client_error("copy_image", "RequestLimitExceeded", "Request limit exceeded.")
+    clients = {US: RegionClients(US, ec2=us), EU: RegionClients(EU, ec2=eu)}
+    result = start_copy(clients.__getitem__, copy_of(source), source, POLICY)
+    assert (result.status, result.error) == ("failed", "RequestLimitExceeded: Request limit exceeded.")
+
+
+def test_permissions_name_what_the_code_calls() -> None:
+    assert PERMISSIONS == ["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"]
+    assert set(replicate.PERMISSIONS) == set(PERMISSIONS) | set(KMS_PERMISSIONS)
+    assert "kms:GenerateDataKeyWithoutPlaintext" in KMS_PERMISSIONS
+
+
+# ---- the queue and the worker -------------------------------------------------------------------
+
+
+def test_enqueued_copies_come_back_as_the_same_requests(aws: ClientFactory) -> None:
+    sqs = boto3.client("sqs", region_name=US)
+    url = sqs.create_queue(QueueName="copies")["QueueUrl"]
+    copies = [copy_of(source_image(image_id=f"ami-{n:017x}")) for n in range(1, 13)]
+    assert enqueue_copies(sqs, url, copies) == 12
+    received: list[Copy] = []
+    while True:
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", [])
+        if not messages:
+            break
+        for message in messages:
+            received.append(copy_from_message(message["Body"]))
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    assert sorted(received, key=lambda c: c.source_image_id) == copies
+
+
+class Context:
+    function_name = "ami-janitor-replicate"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-replicate"
+    aws_request_id = "0f6e7d8c-0000-4000-8000-000000000000"
+
+
+def sqs_event(*bodies: str) -> dict[str, Any]:
+    return {
+        "Records": [
+            {
+                "messageId": f"message-{n}",
+                "receiptHandle": f"handle-{n}",
+                "body": body,
+                "attributes": {
+                    "ApproximateReceiveCount": "1",
+                    "SentTimestamp": "1764039600000",
+                    "SenderId": "AIDAEXAMPLE",
+                    "ApproximateFirstReceiveTimestamp": "1764039600001",
+                },
+                "messageAttributes": {},
+                "md5OfBody": "0" * 32,
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:copies",
+                "awsRegion": US,
+            }
+            for n, body in enumerate(bodies)
+        ]
+    }
+
+
+@pytest.fixture
+def worker_env(aws: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("AWS_REGION", US)
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", "ami-janitor")
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", "AmiJanitor")
+    # Powertools reads the namespace when the module is imported, which may be before this fixture.
+    monkeypatch.setattr(replicate.metrics, "namespace", "AmiJanitor")
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(POLICY_DATA))
+    monkeypatch.setenv("AMI_JANITOR_CONFIG", str(path))
+    return path
+
+
+class ThrottledWest(ClientFactory):
+    """Every CopyImage in us-west-2 is throttled (what the worker sees when the 1/s bucket is empty)."""
+
+    def __call__(self, region: str) -> RegionClients:
+        clients = super().__call__(region)
+        if region == WEST:
+
+            def throttle(**_: Any) -> None:
+                raise ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "slow"}}, "CopyImage")
+
+            clients.ec2.meta.events.register("before-call.ec2.CopyImage", throttle, unique_id="throttle")
+        return clients
+
+
+def test_the_worker_reports_only_the_failed_records(
+    aws: ClientFactory, worker_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replicate, "ClientFactory", ThrottledWest)
+    source = bake(aws, "web-4")
+    gone = copy_of(source_image(image_id="ami-0000000000000dead"))
+    event = sqs_event(
+        copy_of(source).model_dump_json(),
+        copy_of(source, region=WEST, key=None).model_dump_json(),
+        '{"family": "web"}',
+        gone.model_dump_json(),
+        copy_of(source).model_dump_json(),  # a duplicate in the same batch
+    )
+    answer = replicate.handler(event, Context())  # type: ignore[arg-type]
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]}
+    assert len(copies_in(aws, EU, source.image_id)) == 1
+    assert copies_in(aws, WEST, source.image_id) == []
+
+
+def test_the_worker_copies_nothing_unless_the_policy_is_enforce(aws: ClientFactory, worker_env: Path) -> None:
+    worker_env.write_text(json.dumps({**POLICY_DATA, "mode": "paused"}))
+    source = bake(aws, "web-5")
+    answer = replicate.handler(sqs_event(copy_of(source).model_dump_json()), Context())  # type: ignore[arg-type]
+    assert answer == {"batchItemFailures": []}
+    assert copies_in(aws, EU, source.image_id) == []

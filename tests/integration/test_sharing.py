@@ -1,0 +1,204 @@
+"""Shares on the emulator (grant, revoke, un-public, foreign grants untouched, the record across tags) and
+the exact ModifyImageAttribute, CreateTags and DeleteTags requests through botocore's Stubber."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from ami_janitor import adapter
+from ami_janitor.clients import ClientFactory, RegionClients
+from ami_janitor.demo import emulator
+from ami_janitor.model import Image, RegionInventory, Share
+from ami_janitor.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
+from ami_janitor.sharing import PERMISSIONS, apply_shares, plan_shares
+
+US = "us-east-1"
+A, B, C = "111111111111", "222222222222", "333333333333"
+ORG = "arn:aws:organizations::123456789012:organization/o-abc123"
+NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+
+
+def sharing(accounts: list[str], organizations: tuple[str, ...] = (), public: bool = False) -> Policy:
+    return parse_policy(
+        {
+            "mode": "enforce",
+            "regions": [US],
+            "families": [
+                {
+                    "name": "web",
+                    "match": {"name": "web-*"},
+                    "share_with": {"accounts": accounts, "organizations": list(organizations)},
+                    "public": public,
+                }
+            ],
+        }
+    )
+
+
+@pytest.fixture
+def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
+    emulator.install()
+    with mock_aws():
+        yield ClientFactory()
+
+
+def bake(factory: ClientFactory, name: str) -> str:
+    ec2 = factory(US).ec2
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    return str(ec2.create_image(InstanceId=instance["InstanceId"], Name=name)["ImageId"])
+
+
+def grants(factory: ClientFactory, image_id: str) -> set[str]:
+    answer = factory(US).ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
+    keys = {"UserId": "user", "Group": "group", "OrganizationArn": "org", "OrganizationalUnitArn": "ou"}
+    return {f"{keys[k]}:{v}" for p in answer["LaunchPermissions"] for k, v in p.items()}
+
+
+def tags(factory: ClientFactory, image_id: str) -> dict[str, str]:
+    raw = factory(US).ec2.describe_images(ImageIds=[image_id])["Images"][0]
+    return {t["Key"]: t["Value"] for t in raw.get("Tags") or []}
+
+
+def reconcile(factory: ClientFactory, policy: Policy) -> list[Share]:
+    inventories = [adapter.load_images(factory(US), policy)]
+    shares = plan_shares(inventories, policy, NOW)
+    results = apply_shares(factory, shares, inventories)
+    assert [r.status for r in results] == ["ok"] * len(shares), results
+    return shares
+
+
+def test_grants_are_made_revoked_and_recorded_and_foreign_ones_are_left(aws: ClientFactory) -> None:
+    image_id = bake(aws, "web-1")
+    reconcile(aws, sharing([A, B], (ORG,)))
+    assert grants(aws, image_id) == {f"user:{A}", f"user:{B}", f"org:{ORG}"}
+    assert tags(aws, image_id)[SHARED_BY_JANITOR_TAG] == f"org:{ORG},user:{A},user:{B}"
+    # Somebody shares with C by hand; the policy drops A and the organization.
+    aws(US).ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"UserId": C}]})
+    shares = reconcile(aws, sharing([B]))
+    assert shares == [Share(image_id=image_id, region=US, remove=[f"org:{ORG}", f"user:{A}"])]
+    assert grants(aws, image_id) == {f"user:{B}", f"user:{C}"}
+    assert tags(aws, image_id)[SHARED_BY_JANITOR_TAG] == f"user:{B}"
+    # The steady state: nothing planned, nothing called.
+    assert reconcile(aws, sharing([B])) == []
+    # Nothing left to share: the janitor revokes its own grant and drops the record.
+    reconcile(aws, sharing([]))
+    assert grants(aws, image_id) == {f"user:{C}"}
+    assert SHARED_BY_JANITOR_TAG not in tags(aws, image_id)
+
+
+def test_a_public_ami_is_made_private_unless_its_family_says_public(aws: ClientFactory) -> None:
+    image_id = bake(aws, "web-2")
+    aws(US).ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"Group": "all"}]})
+    reconcile(aws, sharing([A], public=True))
+    assert grants(aws, image_id) == {"group:all", f"user:{A}"}
+    reconcile(aws, sharing([A]))
+    assert grants(aws, image_id) == {f"user:{A}"}
+    assert aws(US).ec2.describe_images(ImageIds=[image_id])["Images"][0]["Public"] is False
+
+
+def test_a_long_record_spans_numbered_tags_and_shrinks_back(aws: ClientFactory) -> None:
+    image_id = bake(aws, "web-3")
+    many = [f"{n:012d}" for n in range(100000000001, 100000000031)]
+    reconcile(aws, sharing(many))
+    recorded = tags(aws, image_id)
+    assert sorted(k for k in recorded if k.startswith(SHARED_BY_JANITOR_TAG)) == [
+        SHARED_BY_JANITOR_TAG,
+        f"{SHARED_BY_JANITOR_TAG}:2",
+        f"{SHARED_BY_JANITOR_TAG}:3",
+    ]
+    assert len(grants(aws, image_id)) == 30
+    reconcile(aws, sharing(many[:2]))
+    assert [k for k in tags(aws, image_id) if k.startswith(SHARED_BY_JANITOR_TAG)] == [SHARED_BY_JANITOR_TAG]
+    assert grants(aws, image_id) == {f"user:{a}" for a in many[:2]}
+
+
+# ---- exact requests (Stubber) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def stubbed(fake_aws_env: None) -> Iterator[tuple[Any, Stubber]]:
+    client = boto3.client("ec2", region_name=US, **CREDENTIALS)
+    with Stubber(client) as stubber:
+        yield client, stubber
+        stubber.assert_no_pending_responses()
+
+
+def stub_image(**tags: str) -> Image:
+    return Image(
+        image_id="ami-0aaaaaaaaaaaaaaa1",
+        region=US,
+        name="web-1",
+        architecture="x86_64",
+        state="available",
+        created=NOW,
+        tags=tags,
+    )
+
+
+def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
+    client, stub = stubbed
+    image = stub_image(**{SHARED_BY_JANITOR_TAG: f"user:{A}", f"{SHARED_BY_JANITOR_TAG}:2": f"org:{ORG}"})
+    share = Share(image_id=image.image_id, region=US, add=["group:all", f"user:{B}"], remove=[f"org:{ORG}"])
+    stub.add_response(
+        "modify_image_attribute",
+        {},
+        {"ImageId": image.image_id, "LaunchPermission": {"Add": [{"Group": "all"}, {"UserId": B}]}},
+    )
+    stub.add_response(
+        "modify_image_attribute",
+        {},
+        {"ImageId": image.image_id, "LaunchPermission": {"Remove": [{"OrganizationArn": ORG}]}},
+    )
+    # New parts first, then the stale one.
+    stub.add_response(
+        "create_tags",
+        {},
+        {
+            "Resources": [image.image_id],
+            "Tags": [{"Key": SHARED_BY_JANITOR_TAG, "Value": f"group:all,user:{A},user:{B}"}],
+        },
+    )
+    stub.add_response(
+        "delete_tags", {}, {"Resources": [image.image_id], "Tags": [{"Key": f"{SHARED_BY_JANITOR_TAG}:2"}]}
+    )
+    inventory = RegionInventory(region=US, images=(image,))
+    [result] = apply_shares(lambda region: RegionClients(region, ec2=client), [share], [inventory])
+    assert (result.status, result.added, result.removed) == ("ok", ["group:all", f"user:{B}"], [f"org:{ORG}"])
+    assert result.detail == f"granted group:all,user:{B}; revoked org:{ORG}; record updated"
+
+
+def test_a_refused_grant_fails_that_ami_and_leaves_the_record(stubbed: tuple[Any, Stubber]) -> None:
+    client, stub = stubbed
+    image = stub_image()
+    second = stub_image().model_copy(update={"image_id": "ami-0aaaaaaaaaaaaaaa2"})
+    stub.add_client_error(
+        "modify_image_attribute", "OperationNotPermitted", "Image block public access is enabled"
+    )
+    stub.add_response("modify_image_attribute", {})
+    stub.add_response("create_tags", {})
+    shares = [
+        Share(image_id=image.image_id, region=US, add=["group:all"]),
+        Share(image_id=second.image_id, region=US, add=[f"user:{A}"]),
+    ]
+    inventory = RegionInventory(region=US, images=(image, second))
+    results = apply_shares(lambda region: RegionClients(region, ec2=client), shares, [inventory])
+    assert [(r.status, r.error) for r in results] == [
+        ("failed", "OperationNotPermitted: Image block public access is enabled"),
+        ("ok", None),
+    ]
+    missing = apply_shares(
+        lambda region: RegionClients(region, ec2=client), [Share(image_id="ami-0gone", region=US)], []
+    )
+    assert (missing[0].status, missing[0].error) == ("failed", "not in the region's inventory")
+
+
+def test_permissions_name_what_the_code_calls() -> None:
+    assert PERMISSIONS == ["ec2:CreateTags", "ec2:DeleteTags", "ec2:ModifyImageAttribute"]

@@ -1,0 +1,422 @@
+"""Replication planning, the CopyImage request, the failed-copy retry and the queue message (no AWS)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from ami_janitor.model import Copy, Image, RegionInventory, iso
+from ami_janitor.policy import (
+    CANDIDATE_TAG,
+    COPY_GENERATION_TAG_PREFIX,
+    SOURCE_CREATED_TAG,
+    SOURCE_IMAGE_TAG,
+    SOURCE_REGION_TAG,
+    Policy,
+)
+from ami_janitor.replication import (
+    MAX_COPY_GENERATIONS,
+    BadCopyMessage,
+    client_token,
+    copy_from_message,
+    copy_problems,
+    copy_request,
+    enqueue_copies,
+    handle_failed_replica,
+    plan_copies,
+    plan_replication,
+)
+from builders import NOW, image, inventory, policy
+
+US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
+KEY_US = "arn:aws:kms:us-east-1:111122223333:key/us"
+KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/eu"
+
+
+def replicating(*targets: dict[str, Any], **family: Any) -> Policy:
+    return policy({"replicate": list(targets), "latest": {"tag": "Latest"}, **family}, regions=[US])
+
+
+EU_ONLY = replicating({"region": EU, "kms_key_id": KEY_EU})
+
+
+def replica(
+    source: Image, region: str = EU, state: str = "available", generation: int | None = None, **fields: Any
+) -> Image:
+    tags = {
+        SOURCE_IMAGE_TAG: source.image_id,
+        SOURCE_REGION_TAG: source.region,
+        SOURCE_CREATED_TAG: iso(source.created) or "",
+    }
+    if generation is not None:
+        tags[COPY_GENERATION_TAG_PREFIX + region] = str(generation)
+    return image(days_old=0, name=source.name, region=region, state=state, tags=tags, **fields)
+
+
+def pairs(copies: list[Copy]) -> list[tuple[str, str, int]]:
+    return [(c.source_image_id, c.region, c.generation) for c in copies]
+
+
+# ---- plan_copies --------------------------------------------------------------------------------
+
+
+def test_the_keep_latest_newest_available_sources_are_copied_newest_first() -> None:
+    sources = [image(days_old=d) for d in (10, 20, 30, 40)]
+    pending = image(days_old=1, state="pending")
+    failed = image(days_old=2, state="failed")
+    copies = plan_copies([inventory(*sources, pending, failed), inventory(region=EU)], EU_ONLY, NOW)
+    assert pairs(copies) == [(sources[0].image_id, EU, 1), (sources[1].image_id, EU, 1)]
+    assert copies[0] == Copy(
+        family="app", source_image_id=sources[0].image_id, source_region=US, region=EU, kms_key_id=KEY_EU
+    )
+
+
+def test_the_latest_is_copied_even_when_older_than_the_keep_latest() -> None:
+    # The two newest are deprecated: they still count toward keep-N, but the Latest is the third.
+    past = NOW - timedelta(days=1)
+    deprecated = [image(days_old=d, deprecation_time=past) for d in (10, 20)]
+    latest, old = image(days_old=30), image(days_old=40)
+    copies = plan_copies([inventory(*deprecated, latest, old), inventory(region=EU)], EU_ONLY, NOW)
+    assert [c.source_image_id for c in copies] == [
+        deprecated[0].image_id,
+        deprecated[1].image_id,
+        latest.image_id,
+    ]
+
+
+def test_a_copy_in_any_state_but_failed_counts_as_made() -> None:
+    sources = [image(days_old=d) for d in (10, 20, 30)]
+    target = inventory(
+        replica(sources[0], state="pending"),
+        replica(sources[1], state="disabled"),
+        replica(sources[2], state="available"),
+        region=EU,
+    )
+    one = replicating({"region": EU}, keep_latest=3)
+    assert plan_copies([inventory(*sources), target], one, NOW) == []
+
+
+def test_a_retired_copy_is_not_made_again_unless_its_source_is_wanted_again() -> None:
+    old, new1, new2 = image(days_old=300), image(days_old=10), image(days_old=20)
+    # The copy of `old` was retired (deregistered): `old` is no longer among the wanted sources.
+    gone = {COPY_GENERATION_TAG_PREFIX + EU: "1"}
+    old = old.model_copy(update={"tags": {**old.tags, **gone}})
+    target = inventory(replica(new1), replica(new2), region=EU)
+    assert plan_copies([inventory(old, new1, new2), target], EU_ONLY, NOW) == []
+    # Both newer sources are deregistered: `old` is wanted again, and its old token must not be reused.
+    copies = plan_copies([inventory(old), inventory(region=EU)], EU_ONLY, NOW)
+    assert pairs(copies) == [(old.image_id, EU, 2)]
+
+
+def test_a_failed_copy_is_started_again_with_the_next_generation_up_to_the_bound() -> None:
+    source = image(days_old=10)
+    first = replica(source, state="failed", generation=1)
+    copies, problems = plan_replication([inventory(source), inventory(first, region=EU)], EU_ONLY, NOW)
+    assert pairs(copies) == [(source.image_id, EU, 2)] and problems == []
+    # The source's record wins when it is ahead of the copies (a generation whose copy never appeared).
+    ahead = source.model_copy(update={"tags": {**source.tags, COPY_GENERATION_TAG_PREFIX + EU: "2"}})
+    copies = plan_copies([inventory(ahead), inventory(first, region=EU)], EU_ONLY, NOW)
+    assert pairs(copies) == [(source.image_id, EU, 3)]
+    last = replica(source, state="failed", generation=MAX_COPY_GENERATIONS)
+    copies, problems = plan_replication([inventory(source), inventory(first, last, region=EU)], EU_ONLY, NOW)
+    assert copies == []
+    assert len(problems) == 1
+    assert source.image_id in problems[0] and EU in problems[0] and "3 generations" in problems[0]
+    assert copy_problems([inventory(source), inventory(first, last, region=EU)], EU_ONLY, NOW) == problems
+
+
+def test_a_failed_copy_without_a_generation_tag_counts_as_the_first() -> None:
+    source = image(days_old=10)
+    failed = replica(source, state="error")
+    assert pairs(plan_copies([inventory(source), inventory(failed, region=EU)], EU_ONLY, NOW)) == [
+        (source.image_id, EU, 2)
+    ]
+
+
+def test_a_same_region_target_encrypts_unencrypted_sources_in_place_only() -> None:
+    plain, encrypted = image(days_old=10), image(days_old=20, encrypted=True)
+    both = replicating({"region": US, "kms_key_id": KEY_US}, {"region": EU})
+    copies = plan_copies([inventory(plain, encrypted), inventory(region=EU)], both, NOW)
+    assert [(c.source_image_id, c.region, c.kms_key_id) for c in copies] == [
+        (plain.image_id, EU, None),
+        (plain.image_id, US, KEY_US),
+        (encrypted.image_id, EU, None),
+    ]
+    # Once the encrypted copy exists it is a replica, never a source of its own.
+    in_place = replica(plain, region=US, encrypted=True)
+    copies = plan_copies([inventory(plain, encrypted, in_place), inventory(region=EU)], both, NOW)
+    assert pairs(copies) == [(plain.image_id, EU, 1), (encrypted.image_id, EU, 1)]
+
+
+def test_a_same_region_target_without_a_key_is_a_policy_problem() -> None:
+    source = image(days_old=10)
+    keyless = replicating({"region": US}, {"region": EU})
+    copies, problems = plan_replication([inventory(source), inventory(region=EU)], keyless, NOW)
+    assert pairs(copies) == [(source.image_id, EU, 1)]
+    assert problems == [
+        "family app: replicate target us-east-1 is the source region and has no kms_key_id "
+        "(a same-region copy only encrypts in place): ignored"
+    ]
+
+
+def test_no_copy_to_a_target_whose_inventory_failed_or_is_missing() -> None:
+    source = image(days_old=10)
+    two = replicating({"region": EU}, {"region": WEST})
+    broken = RegionInventory(region=EU, error="ec2:DescribeImages: Throttling: slow down")
+    copies = plan_copies([inventory(source), broken], two, NOW)
+    assert copies == []  # us-west-2 was not loaded at all
+    copies = plan_copies([inventory(source), broken, inventory(region=WEST)], two, NOW)
+    assert pairs(copies) == [(source.image_id, WEST, 1)]
+
+
+def test_no_copy_from_a_source_region_whose_inventory_failed() -> None:
+    broken = RegionInventory(region=US, error="autoscaling: AccessDenied")
+    assert plan_copies([broken, inventory(region=EU)], EU_ONLY, NOW) == []
+
+
+def test_sources_are_read_only_in_the_policy_regions_and_replicas_are_never_sources() -> None:
+    source = image(days_old=10)
+    eu_native = image(days_old=5, region=EU)  # built in a target region: not replicated from there
+    foreign = image(days_old=1, tags={SOURCE_IMAGE_TAG: "ami-0ffffffffffffffff", SOURCE_REGION_TAG: WEST})
+    copies = plan_copies([inventory(source, foreign), inventory(eu_native, region=EU)], EU_ONLY, NOW)
+    assert pairs(copies) == [(source.image_id, EU, 1)]
+
+
+def test_order_is_source_region_family_architecture_newest_first_target() -> None:
+    both = replicating({"region": WEST}, {"region": EU})
+    x86 = [image(days_old=d) for d in (20, 10)]
+    arm = [image(days_old=d, arch="arm64") for d in (15, 5)]
+    copies = plan_copies([inventory(*x86, *arm), inventory(region=EU), inventory(region=WEST)], both, NOW)
+    assert pairs(copies) == [
+        (arm[1].image_id, EU, 1),
+        (arm[1].image_id, WEST, 1),
+        (arm[0].image_id, EU, 1),
+        (arm[0].image_id, WEST, 1),
+        (x86[1].image_id, EU, 1),
+        (x86[1].image_id, WEST, 1),
+        (x86[0].image_id, EU, 1),
+        (x86[0].image_id, WEST, 1),
+    ]
+
+
+def test_families_without_targets_and_instance_store_sources_are_not_copied() -> None:
+    plain = policy(regions=[US])
+    assert plan_copies([inventory(image(days_old=1)), inventory(region=EU)], plain, NOW) == []
+    legacy = image(days_old=1, root_device_type="instance-store", snapshots=())
+    copies, problems = plan_replication([inventory(legacy), inventory(region=EU)], EU_ONLY, NOW)
+    assert copies == [] and problems == [
+        f"{legacy.image_id} (us-east-1) is instance-store backed: not replicated"
+    ]
+
+
+# ---- copy_request -------------------------------------------------------------------------------
+
+
+def tagged_source(**fields: Any) -> Image:
+    tags = {
+        "Project": "App",
+        "Team": "ml",
+        "Latest": "true",
+        "ami-janitor:keep": "",
+        CANDIDATE_TAG: "2026-11-01T00:00:00Z",
+        COPY_GENERATION_TAG_PREFIX + EU: "1",
+        "aws:cloudformation:stack-name": "x",
+    }
+    return image(days_old=10, name="app-20261115", image_id="ami-0123456789abcdef0", tags=tags, **fields)
+
+
+def copy_of(source: Image, region: str = EU, key: str | None = KEY_EU, generation: int = 1) -> Copy:
+    return Copy(
+        family="app",
+        source_image_id=source.image_id,
+        source_region=source.region,
+        region=region,
+        kms_key_id=key,
+        generation=generation,
+    )
+
+
+def test_copy_request_is_exact() -> None:
+    source = tagged_source()
+    request = copy_request(copy_of(source), source, EU_ONLY)
+    tags = [
+        {"Key": "Project", "Value": "App"},
+        {"Key": "Team", "Value": "ml"},
+        {"Key": SOURCE_IMAGE_TAG, "Value": "ami-0123456789abcdef0"},
+        {"Key": SOURCE_REGION_TAG, "Value": US},
+        {"Key": SOURCE_CREATED_TAG, "Value": iso(source.created)},
+        {"Key": COPY_GENERATION_TAG_PREFIX + EU, "Value": "1"},
+    ]
+    assert request == {
+        "SourceRegion": US,
+        "SourceImageId": "ami-0123456789abcdef0",
+        "Name": "app-20261115",
+        "Description": "[Copied ami-0123456789abcdef0 from us-east-1] app-20261115",
+        "ClientToken": client_token(copy_of(source)),
+        "CopyImageTags": False,
+        "TagSpecifications": [
+            {"ResourceType": "image", "Tags": tags},
+            {"ResourceType": "snapshot", "Tags": tags},
+        ],
+        "Encrypted": True,
+        "KmsKeyId": KEY_EU,
+    }
+
+
+def test_copy_request_without_a_key_keeps_the_source_encryption() -> None:
+    source = tagged_source()
+    request = copy_request(copy_of(source, key=None), source, replicating({"region": EU}))
+    assert "Encrypted" not in request and "KmsKeyId" not in request
+
+
+def test_a_same_region_copy_is_encrypted_under_another_name_and_needs_a_key() -> None:
+    source = tagged_source()
+    in_place = replicating({"region": US, "kms_key_id": KEY_US})
+    request = copy_request(copy_of(source, US, KEY_US), source, in_place)
+    assert request["Name"] == "app-20261115-encrypted"
+    assert (request["Encrypted"], request["KmsKeyId"], request["SourceRegion"]) == (True, KEY_US, US)
+    with pytest.raises(ValueError, match="needs a kms_key_id"):
+        copy_request(copy_of(source, US, None), source, in_place)
+
+
+def test_the_client_token_is_stable_and_changes_with_the_generation() -> None:
+    source = tagged_source()
+    first, again, second = copy_of(source), copy_of(source), copy_of(source, generation=2)
+    assert client_token(first) == client_token(again)
+    assert client_token(first) != client_token(second)
+    assert client_token(first) != client_token(copy_of(source, region=WEST))
+    assert len(client_token(first)) <= 64 and client_token(first).isascii()
+    request = copy_request(second, source, EU_ONLY)
+    assert request["Name"] == "app-20261115-copy2"
+    generation = {t["Key"]: t["Value"] for t in request["TagSpecifications"][0]["Tags"]}
+    assert generation[COPY_GENERATION_TAG_PREFIX + EU] == "2"
+
+
+def test_a_suffix_goes_where_the_family_name_glob_still_matches() -> None:
+    anchored = policy(
+        {"match": {"name": "*-x86_64"}, "replicate": [{"region": US, "kms_key_id": KEY_US}]}, regions=[US]
+    )
+    source = image(days_old=1, name="app-1-x86_64")
+    request = copy_request(copy_of(source, US, KEY_US), source, anchored)
+    assert request["Name"] == "encrypted-app-1-x86_64"
+    long_name = image(days_old=1, name="a" * 128)
+    name = copy_request(
+        copy_of(long_name, US, KEY_US, 2), long_name, replicating({"region": US, "kms_key_id": KEY_US})
+    )["Name"]
+    assert len(name) == 128 and name.endswith("-encrypted-copy2")
+
+
+def test_the_opt_out_tag_of_the_family_is_not_copied_even_when_it_is_not_janitor_owned() -> None:
+    custom = replicating({"region": EU}, opt_out_tag="DoNotDelete")
+    source = image(days_old=1, tags={"DoNotDelete": "yes", "Owner": "ml"})
+    tags = {
+        t["Key"]
+        for t in copy_request(copy_of(source, key=None), source, custom)["TagSpecifications"][0]["Tags"]
+    }
+    assert "DoNotDelete" not in tags and "Owner" in tags
+
+
+def test_at_most_50_tags_and_the_match_tags_are_kept_first() -> None:
+    many = {f"k{n:02d}": "v" for n in range(60)}
+    source = image(days_old=1, tags=many)  # plus Project=App, the family's match tag
+    tags = copy_request(copy_of(source), source, EU_ONLY)["TagSpecifications"][0]["Tags"]
+    keys = [t["Key"] for t in tags]
+    assert len(keys) == 50 and "Project" in keys and SOURCE_IMAGE_TAG in keys
+
+
+def test_instance_store_sources_get_no_snapshot_tags() -> None:
+    source = image(days_old=1, root_device_type="instance-store", snapshots=())
+    request = copy_request(copy_of(source), source, EU_ONLY)
+    assert [s["ResourceType"] for s in request["TagSpecifications"]] == ["image"]
+
+
+def test_a_request_for_another_source_is_refused() -> None:
+    source, other = image(days_old=1), image(days_old=2)
+    with pytest.raises(ValueError, match="is not the copy's source"):
+        copy_request(copy_of(other), source, EU_ONLY)
+
+
+# ---- the failed-replica path --------------------------------------------------------------------
+
+
+def test_a_failed_replica_plans_its_next_generation() -> None:
+    source = image(days_old=10)
+    retry = handle_failed_replica(replica(source, state="failed", generation=1), EU_ONLY)
+    assert retry.copy == copy_of(source, generation=2)
+    untagged = handle_failed_replica(replica(source, state="failed"), EU_ONLY)
+    assert untagged.copy is not None and untagged.copy.generation == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda s: replica(s, state="failed", generation=MAX_COPY_GENERATIONS), "the last one allowed"),
+        (lambda s: replica(s, state="available", generation=1), "nothing to retry"),
+        (lambda s: s.model_copy(update={"state": "failed"}), "not a copy made by the janitor"),
+        (lambda s: replica(s, region=WEST, state="failed"), "no longer a replicate target"),
+    ],
+)
+def test_a_failed_replica_is_not_retried(make: Any, why: str) -> None:
+    retry = handle_failed_replica(make(image(days_old=10)), EU_ONLY)
+    assert retry.copy is None and why in retry.reason
+
+
+# ---- the queue message --------------------------------------------------------------------------
+
+
+def test_a_copy_message_round_trips_and_a_bad_one_names_the_field() -> None:
+    copy = copy_of(image(days_old=1, image_id="ami-0abc12345678def90"), generation=2)
+    assert copy_from_message(copy.model_dump_json()) == copy
+    body = json.loads(copy.model_dump_json())
+    del body["region"]
+    with pytest.raises(BadCopyMessage, match="region: Field required"):
+        copy_from_message(json.dumps(body))
+    with pytest.raises(BadCopyMessage, match="bad copy request"):
+        copy_from_message("not json")
+    with pytest.raises(BadCopyMessage, match="generation: must be >= 1"):
+        copy_from_message(copy.model_copy(update={"generation": 0}).model_dump_json())
+    with pytest.raises(BadCopyMessage, match="source_image_id"):
+        copy_from_message(copy.model_copy(update={"source_image_id": "snap-1"}).model_dump_json())
+
+
+class FlakySqs:
+    """send_message_batch that refuses some entries once (not the sender's fault), or fails outright."""
+
+    def __init__(self, refuse_once: set[str] | None = None, broken: bool = False) -> None:
+        self.refuse = set(refuse_once or ())
+        self.broken = broken
+        self.calls: list[list[str]] = []
+        self.bodies: list[str] = []
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        self.calls.append([e["Id"] for e in Entries])
+        if self.broken:
+            raise ClientError(
+                {"Error": {"Code": "AWS.SimpleQueueService.NonExistentQueue"}}, "SendMessageBatch"
+            )
+        ok, failed = [], []
+        for entry in Entries:
+            body = json.loads(entry["MessageBody"])
+            if body["source_image_id"] in self.refuse:
+                self.refuse.discard(body["source_image_id"])
+                failed.append({"Id": entry["Id"], "SenderFault": False, "Code": "InternalError"})
+            else:
+                ok.append({"Id": entry["Id"]})
+                self.bodies.append(entry["MessageBody"])
+        return {"Successful": ok, "Failed": failed}
+
+
+def test_enqueue_sends_ten_per_call_and_retries_refused_entries_once() -> None:
+    copies = [copy_of(image(days_old=1, image_id=f"ami-{n:017x}")) for n in range(1, 24)]
+    sqs = FlakySqs(refuse_once={copies[3].source_image_id})
+    assert enqueue_copies(sqs, "https://queue", copies) == 23  # type: ignore[arg-type]
+    assert [len(c) for c in sqs.calls] == [10, 1, 10, 3]
+    assert sorted(copy_from_message(b).source_image_id for b in sqs.bodies) == sorted(
+        c.source_image_id for c in copies
+    )
+    assert enqueue_copies(FlakySqs(broken=True), "https://queue", copies) == 0  # type: ignore[arg-type]

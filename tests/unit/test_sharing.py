@@ -1,0 +1,171 @@
+"""Share planning: grant share_with, revoke only the janitor's own grants, never leave a wrongly public AMI;
+and the record those grants are kept in (numbered tags of whole values)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ami_janitor.model import RegionInventory, Share
+from ami_janitor.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG
+from ami_janitor.sharing import plan_shares, recorded_grants, share_for
+from ami_janitor.tags import TAG_VALUE_MAX, is_part_key, joined_values, part_keys, split_values
+from builders import NOW, image, inventory, policy
+
+A, B, C = "111111111111", "222222222222", "333333333333"
+ORG = "arn:aws:organizations::123456789012:organization/o-abc123"
+OU = "arn:aws:organizations::123456789012:ou/o-abc123/ou-ab12-cd34ef56"
+
+
+def sharing(accounts: list[str] | None = None, **family: Any) -> Any:
+    share_with = {"accounts": accounts or [], "organizations": family.pop("organizations", [])}
+    return policy({"share_with": share_with, **family})
+
+
+def recorded(*grants: str) -> dict[str, str]:
+    return {SHARED_BY_JANITOR_TAG: ",".join(grants)}
+
+
+def test_a_new_ami_gets_every_share_with_grant() -> None:
+    fresh = image(days_old=1)
+    shares = plan_shares([inventory(fresh)], sharing([A, B], organizations=[ORG]), NOW)
+    assert shares == [
+        Share(image_id=fresh.image_id, region="us-east-1", add=[f"org:{ORG}", f"user:{A}", f"user:{B}"])
+    ]
+
+
+def test_the_steady_state_plans_nothing() -> None:
+    # Launch permissions are not loaded in the steady state (one call per AMI), or match the record.
+    done = image(days_old=1, tags=recorded(f"user:{A}", f"user:{B}"), perms=None)
+    checked = image(days_old=2, tags=recorded(f"user:{A}", f"user:{B}"), perms=(f"user:{A}", f"user:{B}"))
+    assert plan_shares([inventory(done, checked)], sharing([B, A]), NOW) == []
+    # Nothing shared and nothing to share: no record is needed either.
+    assert plan_shares([inventory(image(days_old=1))], sharing(), NOW) == []
+
+
+def test_only_grants_the_janitor_made_are_revoked() -> None:
+    # A was granted by the janitor and left share_with; C was shared by hand and is not touched.
+    shared = image(
+        days_old=1, tags=recorded(f"user:{A}", f"user:{B}"), perms=(f"user:{A}", f"user:{B}", f"user:{C}")
+    )
+    assert plan_shares([inventory(shared)], sharing([B]), NOW) == [
+        Share(image_id=shared.image_id, region="us-east-1", remove=[f"user:{A}"])
+    ]
+
+
+def test_a_grant_removed_by_hand_is_granted_again_when_permissions_are_loaded() -> None:
+    tags = recorded(f"user:{A}", f"user:{B}")
+    unloaded = image(days_old=1, tags=tags, perms=None)
+    loaded = image(days_old=2, tags=tags, perms=(f"user:{B}",))
+    shares = plan_shares([inventory(unloaded, loaded)], sharing([A, B]), NOW)
+    assert shares == [Share(image_id=loaded.image_id, region="us-east-1", add=[f"user:{A}"])]
+
+
+def test_public_is_removed_unless_the_family_says_public_true() -> None:
+    public = image(days_old=1, public=True, tags=recorded(f"user:{A}"), perms=None)
+    shares = plan_shares([inventory(public)], sharing([A]), NOW)
+    assert shares == [Share(image_id=public.image_id, region="us-east-1", remove=["group:all"])]
+    # allow_shared lets a shared AMI retire; it does not allow it to be public.
+    assert plan_shares([inventory(public)], sharing([A], allow_shared=True), NOW) == shares
+    recorded_public = public.model_copy(update={"tags": recorded("group:all", f"user:{A}")})
+    assert plan_shares([inventory(recorded_public)], sharing([A], public=True), NOW) == []
+
+
+def test_a_public_family_makes_its_amis_public() -> None:
+    private = image(days_old=1)
+    assert plan_shares([inventory(private)], sharing(public=True), NOW) == [
+        Share(image_id=private.image_id, region="us-east-1", add=["group:all"])
+    ]
+    # Recorded as public, but made private by hand: Public comes with DescribeImages, so it is seen.
+    hidden = image(days_old=1, tags=recorded("group:all"))
+    assert plan_shares([inventory(hidden)], sharing(public=True), NOW) == [
+        Share(image_id=hidden.image_id, region="us-east-1", add=["group:all"])
+    ]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"state": "disabled"},
+        {"state": "pending"},
+        {"state": "failed"},
+        {"tags": {CANDIDATE_TAG: "2026-11-01T00:00:00Z"}, "public": True},
+    ],
+)
+def test_disabled_pending_and_candidate_amis_are_left_to_the_stages(fields: dict[str, Any]) -> None:
+    assert plan_shares([inventory(image(days_old=1, **fields))], sharing([A]), NOW) == []
+
+
+def test_replicas_in_every_usable_region_are_shared_in_order() -> None:
+    us = [image(days_old=d) for d in (5, 1)]
+    eu = image(days_old=3, region="eu-west-1")
+    broken = RegionInventory(region="ap-south-1", images=(image(days_old=1, region="ap-south-1"),), error="x")
+    shares = plan_shares([inventory(eu, region="eu-west-1"), broken, inventory(*us)], sharing([A]), NOW)
+    assert [(s.region, s.image_id) for s in shares] == [
+        ("eu-west-1", eu.image_id),
+        ("us-east-1", us[1].image_id),
+        ("us-east-1", us[0].image_id),
+    ]
+
+
+def test_amis_of_several_families_and_of_no_family_are_left_alone() -> None:
+    both = policy(
+        {"share_with": {"accounts": [A]}},
+        families=[
+            {"name": "app", "match": {"tags": {"Project": "App"}}, "share_with": {"accounts": [A]}},
+            {"name": "all", "match": {"name": "app-*"}},
+        ],
+    )
+    assert plan_shares([inventory(image(days_old=1))], both, NOW) == []
+    other = image(days_old=1, tags={"Project": "Other"}, public=True)
+    assert plan_shares([inventory(other)], sharing([A]), NOW) == []
+
+
+def test_share_for_one_image_matches_the_plan() -> None:
+    fresh = image(days_old=1)
+    family = sharing([A]).families[0]
+    assert share_for(fresh, family) == plan_shares([inventory(fresh)], sharing([A]), NOW)[0]
+
+
+# ---- the record ---------------------------------------------------------------------------------
+
+
+def test_the_record_packs_whole_grants_into_numbered_tags() -> None:
+    grants = [f"user:{n:012d}" for n in range(100000000001, 100000000041)] + [f"ou:{OU}", f"org:{ORG}"]
+    tags = split_values(SHARED_BY_JANITOR_TAG, grants)
+    assert list(tags) == [
+        SHARED_BY_JANITOR_TAG,
+        f"{SHARED_BY_JANITOR_TAG}:2",
+        f"{SHARED_BY_JANITOR_TAG}:3",
+        f"{SHARED_BY_JANITOR_TAG}:4",
+    ]
+    assert all(len(value) <= TAG_VALUE_MAX for value in tags.values())
+    # Every part reads on its own: no grant is cut in two.
+    assert all(set(value.split(",")) <= set(grants) for value in tags.values())
+    assert joined_values(SHARED_BY_JANITOR_TAG, {**tags, "Other": "x"}) == sorted(grants)
+    assert split_values(SHARED_BY_JANITOR_TAG, []) == {SHARED_BY_JANITOR_TAG: ""}
+    assert joined_values(SHARED_BY_JANITOR_TAG, {SHARED_BY_JANITOR_TAG: ""}) == []
+
+
+def test_record_parts_are_read_in_any_order_and_gaps_are_tolerated() -> None:
+    tags = {
+        f"{SHARED_BY_JANITOR_TAG}:3": f"user:{C}",
+        SHARED_BY_JANITOR_TAG: f"user:{A}",
+        "ami-janitor:shared-x": "no",
+    }
+    assert joined_values(SHARED_BY_JANITOR_TAG, tags) == [f"user:{A}", f"user:{C}"]
+    assert part_keys(SHARED_BY_JANITOR_TAG, tags) == [SHARED_BY_JANITOR_TAG, f"{SHARED_BY_JANITOR_TAG}:3"]
+    assert not is_part_key(SHARED_BY_JANITOR_TAG, f"{SHARED_BY_JANITOR_TAG}:1")
+    assert not is_part_key(SHARED_BY_JANITOR_TAG, f"{SHARED_BY_JANITOR_TAG}:x")
+
+
+def test_a_value_that_cannot_be_recorded_is_refused() -> None:
+    for bad in ("", "a,b", "x" * 257):
+        with pytest.raises(ValueError, match="cannot record"):
+            split_values(SHARED_BY_JANITOR_TAG, [bad])
+
+
+def test_unreadable_record_entries_are_ignored() -> None:
+    junk = image(days_old=1, tags=recorded(f"user:{A}", "nonsense", "group:everyone", "user:"))
+    assert recorded_grants(junk) == {f"user:{A}"}
