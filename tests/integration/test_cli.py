@@ -194,7 +194,9 @@ def test_bake_creates_a_versioned_image_the_family_selects(endpoint: str, tmp_pa
     text = POLICY.format(mode="dry-run") + "    bake: {instance_tag: {Role: web}}\n"
     config = write_policy(tmp_path, text=text)
     client = ec2()
-    base = next(i["ImageId"] for i in client.describe_images(Owners=["self"])["Images"] if i["Name"] == "base")
+    base = next(
+        i["ImageId"] for i in client.describe_images(Owners=["self"])["Images"] if i["Name"] == "base"
+    )
     tagged = {"ResourceType": "instance", "Tags": [{"Key": "Role", "Value": "web"}]}
     instance = client.run_instances(ImageId=base, MinCount=1, MaxCount=1, TagSpecifications=[tagged])
     instance_id = instance["Instances"][0]["InstanceId"]

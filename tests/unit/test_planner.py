@@ -200,10 +200,14 @@ def test_stage_clock() -> None:
     deprecated = {PRIOR_DEPRECATION_TAG: "none"}
     fresh = decide()
     assert (fresh.action, fresh.stages, fresh.candidate_since) == ("deprecate", ["deprecate"], iso(NOW))
-    waiting = decide(tags={**since(3), **deprecated})
+    at = NOW - timedelta(days=3)  # the deprecation time the deprecate stage set
+    waiting = decide(tags={**since(3), **deprecated}, deprecation_time=at)
     assert (waiting.action, waiting.next_action) == ("wait", "disable")
     assert waiting.next_action_at == iso(NOW + timedelta(days=4))
-    assert decide(tags={**since(8), **deprecated}).action == "disable"
+    assert decide(tags={**since(8), **deprecated}, deprecation_time=at).action == "disable"
+    # Recorded, but EnableImageDeprecation never happened (a throttle, a crash): deprecate again first.
+    half_way = decide(tags={**since(8), **deprecated})
+    assert (half_way.action, half_way.stages) == ("disable", ["deprecate", "disable"])
     overdue = decide(tags=since(20))
     assert (overdue.action, overdue.stages) == ("deregister", ["deprecate", "disable", "deregister"])
     disabled = decide(tags={**since(15), **deprecated}, state="disabled")
