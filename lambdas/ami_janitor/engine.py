@@ -33,6 +33,7 @@ EVENT_PERMISSIONS: list[str] = sorted(
 )
 
 UNCHECKED = "launch permissions not checked yet"
+RETIRING = frozenset({"wait", "deprecate", "disable", "deregister"})
 
 
 class ReplicateResult(BaseModel):
@@ -132,6 +133,7 @@ def replicate(
     apply: bool,
     enqueue: Enqueue | None = None,
     families: Sequence[str] | None = None,
+    retiring: Iterable[tuple[str, str]] = (),
 ) -> ReplicateResult:
     """Reconcile shares and copies of the sources in `regions` (CopyImage is called in each target).
 
@@ -151,6 +153,8 @@ def replicate(
         for f in policy.families
         if f.name in wanted and f.match.matches(image.name, image.tags)
     }
+    # AMIs this run retires are not shared first (the disable stage would only take it back).
+    members -= set(retiring)
     shares = [s for s in sharing.plan_shares(own, policy, now) if (s.region, s.image_id) in members]
     copies, problems = replication.plan_replication(list(images.values()), policy, now)
     copies = [c for c in copies if c.source_region in regions and c.family in wanted]
@@ -177,14 +181,18 @@ def run(
     apply: bool,
     enqueue: Enqueue | None = None,
 ) -> RunResult:
-    """A scheduled run: reconcile Latest (so cleanup sees the current pointer), shares and copies, then
-    clean up."""
+    """A scheduled run: reconcile Latest (so cleanup sees the current pointer), plan, reconcile shares
+    and copies (not for the AMIs this run retires), then clean up.
+
+    The plan reads the inventory before shares change: a public AMI made private by this run is still
+    kept as public once, and retires by the usual rules from the next run on."""
     rotations: list[rotation.RotationResult] = []
     if apply:
         for region in regions:
             rotations.extend(rotation.converge(clients_for(region), policy, now))
-    replicated = replicate(policy, regions, clients_for, now, apply=apply, enqueue=enqueue)
     plan, loaded = build_plan(policy, regions, clients_for, now)
+    retiring = [(d.region, d.image_id) for d in plan.decisions if d.action in RETIRING]
+    replicated = replicate(policy, regions, clients_for, now, apply=apply, enqueue=enqueue, retiring=retiring)
     plan = plan.model_copy(
         update={
             "copies": replicated.copies,

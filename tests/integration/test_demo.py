@@ -31,11 +31,21 @@ def test_demo_keeps_every_ami_in_use_and_retires_the_rest() -> None:
     assert len(re.findall(r"^deregister us-east-1 ami-\w+: ok \(snapshots deleted: snap-", out, re.M)) == 6
     assert re.search(r"pettracker-ml: \d+ clocks started, \d+ deprecated", out)
     assert "next stage disable at" in out
-    assert "AMIs: 192 -> 186" in out
+    assert "AMIs: 192 -> 188 (6 retired, 2 copies made in eu-west-1); snapshots deleted: 6" in out
     assert "Checked: all 7 referenced, opted-out, protected or foreign-shared AMIs are available." in out
     # Latest follows tonight's bake through its event, ignores a late one, and reconcile repairs a hand edit.
     new = re.search(r"Tonight's bake (ami-\w+) becomes available", out)
     assert new is not None
     assert f"event handler: rotated; Latest tag on {new.group(1)}; parameter {new.group(1)}" in out
     assert "0 writes; Latest still" in out
-    assert f"tag on {new.group(1)}; parameter {new.group(1)}\n\n== What is left" in out
+    assert f"reconcile (3 writes): tag on {new.group(1)}; parameter {new.group(1)}\n" in out
+    # Bake -> available -> shared -> copied (encrypted where asked) -> Latest in the second region.
+    baked = re.search(r"ami-janitor bake --family pettracker-api: (ami-\w+)", out)
+    assert baked is not None
+    assert f"/ami/pettracker-api/latest -> {baked.group(1)}; shared with 111122223333; 1 copy queued" in out
+    copy = re.search(
+        rf"copied it to eu-west-1: (ami-\w+) \(KMS key requested; source-image {baked.group(1)}", out
+    )
+    assert copy is not None
+    assert f"in eu-west-1: /ami/pettracker-api/latest -> {copy.group(1)}" in out
+    assert "the same message delivered again: 1 copy in eu-west-1, 0 failed messages" in out

@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +33,10 @@ families:
   - name: pettracker-api
     match: {tags: {Project: PetTracker}, name: "pettracker-api-*"}
     latest: {tag: Latest, ssm_parameter: "/ami/pettracker-api/latest"}
+    share_with: {accounts: ["111122223333"]}
+    replicate:
+      - {region: eu-west-1, kms_key_id: "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"}
+    bake: {instance_tag: {Role: pettracker-api}}
     keep_latest: 2
     lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
 """
@@ -260,6 +265,82 @@ def _rotation_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     out.write(f"  reconcile ({writes} writes): tag on {', '.join(holders)}; parameter {value}\n")
 
 
+def _sqs_event(messages: Sequence[Mapping[str, Any]], queue_arn: str) -> dict[str, Any]:
+    """The event Lambda's SQS event source hands the replication worker."""
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": {"ApproximateReceiveCount": "1", "SentTimestamp": "0"},
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": "us-east-1",
+            }
+            for m in messages
+        ]
+    }
+
+
+def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
+    import boto3
+
+    from ami_janitor import baking
+    from ami_janitor.clients import RegionClients
+    from ami_janitor.handlers import ami_event, replicate
+
+    out.write("\n== Bake, share, replicate ==\n")
+    east = RegionClients("us-east-1")
+    family = policy.family("pettracker-api")
+    builder = fleet.builders["us-east-1"]
+    east.ec2.create_tags(Resources=[builder], Tags=[{"Key": "Role", "Value": "pettracker-api"}])
+    instance = baking.find_bake_instance(east, family)
+    baked = baking.bake(east, family, instance, datetime.now(UTC), no_reboot=False)
+    out.write(f"ami-janitor bake --family pettracker-api: {baked.image_id} ({baked.name}) from {instance}\n")
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    queue_url = sqs.create_queue(QueueName="ami-janitor-replication")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    os.environ["REPLICATION_QUEUE_URL"] = queue_url
+    result = ami_event.handler(ami_state_event("us-east-1", baked.image_id, "available"), _Context())
+    grants = east.ec2.describe_image_attribute(ImageId=baked.image_id, Attribute="launchPermission")
+    shared = ", ".join(p.get("UserId", p.get("Group", "?")) for p in grants["LaunchPermissions"])
+    latest = east.ssm.get_parameter(Name="/ami/pettracker-api/latest")["Parameter"]["Value"]
+    out.write(
+        f"  its available event: Latest and /ami/pettracker-api/latest -> {latest}; shared with {shared}; "
+        f"{result.get('copies_queued', 0)} copy queued for eu-west-1\n"
+    )
+    messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+    answer = replicate.handler(_sqs_event(messages, queue_arn), _Context())
+    west = RegionClients("eu-west-1")
+    copies = west.ec2.describe_images(
+        Owners=["self"], Filters=[{"Name": "tag:ami-janitor:source-image", "Values": [baked.image_id]}]
+    )["Images"]
+    failures = len(answer["batchItemFailures"])
+    for copy in copies:
+        tags = {t["Key"]: t["Value"] for t in copy.get("Tags", [])}
+        out.write(
+            f"  the replication worker copied it to eu-west-1: {copy['ImageId']} (KMS key requested; "
+            f"source-image {tags.get('ami-janitor:source-image')}, source-created "
+            f"{tags.get('ami-janitor:source-created')}); {failures} failed messages\n"
+        )
+        ami_event.handler(ami_state_event("eu-west-1", copy["ImageId"], "available"), _Context())
+        pointer = west.ssm.get_parameter(Name="/ami/pettracker-api/latest")["Parameter"]["Value"]
+        out.write(f"  the copy's available event in eu-west-1: /ami/pettracker-api/latest -> {pointer}\n")
+    again = replicate.handler(_sqs_event(messages, queue_arn), _Context())
+    recount = west.ec2.describe_images(
+        Owners=["self"], Filters=[{"Name": "tag:ami-janitor:source-image", "Values": [baked.image_id]}]
+    )["Images"]
+    out.write(
+        f"  the same message delivered again: {len(recount)} copy in eu-west-1, "
+        f"{len(again['batchItemFailures'])} failed messages (found by provenance, not copied twice)\n"
+    )
+
+
 def run_demo(out: TextIO, *, json_output: bool = False) -> int:
     started = time.monotonic()
     os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # before moto builds its backends
@@ -320,12 +401,17 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
             )
         after = fleet.census()
         _rotation_story(fleet, policy, out)
+        _bake_story(fleet, policy, out)
         waiting = [d for d in result.plan.decisions if d.next_action]
+        done = {r.image_id for r in result.results if r.action == "deregister" and r.status == "ok"}
+        deleted = sum(len(r.snapshots_deleted) for r in result.results)
+        freed = sum(d.size_gib for d in result.plan.decisions if d.image_id in done)
         next_at = min((d.next_action_at for d in waiting if d.next_action_at), default=None)
         out.write(
-            f"\n== What is left ==\nAMIs: {before['images']} -> {after['images']}; snapshots: "
-            f"{before['snapshots']} -> {after['snapshots']} ({before['gib'] - after['gib']} GiB freed; "
-            f"the plan's upper bound was {result.plan.summary.gib_freed_max} GiB)\n"
+            f"\n== What is left ==\nAMIs: {before['images']} -> {after['images']} "
+            f"({result.plan.summary.retired} retired, {len(result.replicated.copy_results)} copies made in "
+            f"eu-west-1); snapshots deleted: {deleted} ({freed} GiB, an upper bound: snapshots are "
+            f"incremental)\n"
             f"pettracker-api (all stages at 0 days) was retired at once; pettracker-ml is on the staged "
             f"path: next stage {waiting[0].next_action if waiting else '-'} at {next_at}.\n"
         )
