@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration
+from aws_cdk import CfnOutput, Duration
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -80,6 +80,14 @@ class Replication(Construct):
             "Messages",
             queue=self.dead_letters,
             description=f"ami-janitor: a copy request failed {MAX_RECEIVE_COUNT} times",
+        )
+
+        # The target regions' KMS key policies must allow this role (README, "The KMS key a target needs").
+        CfnOutput(
+            self,
+            "WorkerRoleArn",
+            value=self.worker.role.role_arn,
+            description="Role that calls CopyImage: allow it in each replicate target's KMS key policy",
         )
 
     def send_statement(self) -> Statement:
