@@ -204,6 +204,11 @@ def run(
         return RunResult(plan=plan, rotations=rotations, replicated=replicated)
     grants = {family.name: sorted(family.share_with.grants()) for family in policy.families}
     applied: ApplyResult = executor.apply_plan(plan, loaded, clients_for, now, family_grants=grants)
+    # A rescue makes an AMI available again, and it may be its group's newest: rotate once more so
+    # Latest does not wait a schedule period for it.
+    rescued = sorted({r.region for r in applied.results if r.action == "rescue" and r.status == "ok"})
+    for region in rescued:
+        rotations.extend(rotation.converge(clients_for(region), policy, now))
     return RunResult(plan=plan, results=applied.results, rotations=rotations, replicated=replicated)
 
 

@@ -228,6 +228,10 @@ def _rescue_steps(
     done += [deprecation] if deprecation else []
     permissions = _restore_permissions(ec2, image, extra_grants)
     done += [permissions] if permissions else []
+    if image.snapshot_ids:
+        # A deregistration that failed after marking the snapshots: unmark them, or a later
+        # deregistration by hand would let the janitor delete them as an unfinished job.
+        ec2.delete_tags(Resources=list(image.snapshot_ids), Tags=[{"Key": RETIRED_FROM_TAG}])
     stale = janitor_state_tags(image.tags)
     if stale:
         ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])

@@ -696,6 +696,10 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
             },
         },
     )
+    # The snapshots lose a half-done deregistration's mark before the AMI loses its janitor tags.
+    stub.add_response(
+        "delete_tags", {}, {"Resources": list(image.snapshot_ids), "Tags": [{"Key": RETIRED_FROM_TAG}]}
+    )
     stub.add_response(
         "delete_tags",
         {},
@@ -723,12 +727,15 @@ def test_rescue_cancels_a_janitor_deprecation_and_leaves_a_past_owner_one(
         deprecation_time=datetime(2030, 1, 2, 3, 6, tzinfo=UTC),
         tags={CANDIDATE_TAG: "2029-12-01T00:00:00Z", PRIOR_DEPRECATION_TAG: "2029-06-01T00:00:00Z"},
     )
+    unmark = {"Tags": [{"Key": RETIRED_FROM_TAG}]}
     stub.add_response("disable_image_deprecation", {"Return": True}, {"ImageId": cancelled.image_id})
+    stub.add_response("delete_tags", {}, {"Resources": list(cancelled.snapshot_ids), **unmark})
     stub.add_response(
         "delete_tags",
         {},
         {"Resources": [cancelled.image_id], "Tags": [{"Key": CANDIDATE_TAG}, {"Key": PRIOR_DEPRECATION_TAG}]},
     )
+    stub.add_response("delete_tags", {}, {"Resources": list(past.snapshot_ids), **unmark})
     stub.add_response(
         "delete_tags",
         {},

@@ -1,0 +1,444 @@
+"""An in-memory EC2 for property tests of the executor: exactly the calls executor.py makes, with EC2's
+semantics as design.md and aws-facts.md describe them, and nothing else.
+
+Fast enough for thousands of plan + apply rounds (no HTTP, no moto). Every request is checked against
+botocore's EC2 model, so a misspelt parameter or a wrong type fails like it would against AWS. Errors are
+botocore ClientErrors with EC2's codes.
+
+Simulated time: `clock` is what EC2 compares DeprecateAt with; tests set it to the run's `now`.
+Faults: `fail_rate` (a call fails with a ClientError, before or after it took effect, like a throttle or a
+lost response) and `crash_rate` (the process dies mid-run: `Crash` is no botocore error, so the executor
+does not catch it); or `faults`, which picks the mutating calls that fail by their number.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+
+import botocore.session
+from botocore.exceptions import ClientError
+from botocore.model import ServiceModel
+from botocore.validate import ParamValidator
+
+from ami_janitor.model import Image, LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor.policy import RETIRED_FROM_TAG
+
+MUTATING = frozenset(
+    {
+        "create_tags",
+        "delete_tags",
+        "enable_image_deprecation",
+        "disable_image_deprecation",
+        "disable_image",
+        "enable_image",
+        "deregister_image",
+        "delete_snapshot",
+        "modify_image_attribute",
+    }
+)
+TAG_KEY_MAX = 128
+TAG_VALUE_MAX = 256
+TAGS_PER_RESOURCE_MAX = 50
+DEPRECATION_HORIZON = timedelta(days=3653)  # DeprecateAt: at most 10 years ahead
+
+
+class Crash(Exception):
+    """The process running the janitor died in the middle of a call."""
+
+
+@cache
+def _ec2_model() -> ServiceModel:
+    return botocore.session.get_session().get_service_model("ec2")
+
+
+_OPERATIONS = {
+    "create_tags": "CreateTags",
+    "delete_tags": "DeleteTags",
+    "enable_image_deprecation": "EnableImageDeprecation",
+    "disable_image_deprecation": "DisableImageDeprecation",
+    "disable_image": "DisableImage",
+    "enable_image": "EnableImage",
+    "deregister_image": "DeregisterImage",
+    "delete_snapshot": "DeleteSnapshot",
+    "describe_image_attribute": "DescribeImageAttribute",
+    "modify_image_attribute": "ModifyImageAttribute",
+}
+
+
+def client_error(code: str, message: str, operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
+
+
+def ec2_time(value: datetime) -> str:
+    """EC2's format for image times (CreationDate, DeprecationTime, LastLaunchedTime)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def nearest_minute(value: datetime) -> datetime:
+    """EC2 rounds DeprecateAt to the nearest minute."""
+    return (value + timedelta(seconds=30)).replace(second=0, microsecond=0)
+
+
+@dataclass
+class FakeImage:
+    image_id: str
+    name: str
+    created: datetime
+    architecture: str = "x86_64"
+    state: str = "available"
+    tags: dict[str, str] = field(default_factory=dict)
+    snapshot_ids: tuple[str, ...] = ()
+    size_gib: int = 8
+    root_device_type: str = "ebs"
+    deprecation_time: datetime | None = None
+    protected: bool = False
+    last_launched: datetime | None = None
+    permissions: set[str] = field(default_factory=set)  # LaunchPermission keys, "kind:value"
+
+    @property
+    def public(self) -> bool:
+        return "group:all" in self.permissions
+
+    def view(self) -> ImageView:
+        """What a test compares: everything an EC2 caller can observe of the AMI."""
+        return ImageView(
+            state=self.state,
+            tags=tuple(sorted(self.tags.items())),
+            deprecation_time=self.deprecation_time,
+            permissions=frozenset(self.permissions),
+            snapshot_ids=self.snapshot_ids,
+            protected=self.protected,
+        )
+
+    def to_api(self) -> dict[str, Any]:
+        raw: dict[str, Any] = {
+            "ImageId": self.image_id,
+            "Name": self.name,
+            "Architecture": self.architecture,
+            "State": self.state,
+            "CreationDate": ec2_time(self.created),
+            "Tags": [{"Key": k, "Value": v} for k, v in self.tags.items()],
+            "RootDeviceType": self.root_device_type,
+            "Public": self.public,
+            "DeregistrationProtection": "enabled" if self.protected else "disabled",
+            "BlockDeviceMappings": [
+                {"DeviceName": f"/dev/sd{chr(97 + n)}", "Ebs": {"SnapshotId": s, "VolumeSize": self.size_gib}}
+                for n, s in enumerate(self.snapshot_ids)
+            ],
+        }
+        if self.deprecation_time is not None:
+            raw["DeprecationTime"] = ec2_time(self.deprecation_time)
+        if self.last_launched is not None:
+            raw["LastLaunchedTime"] = ec2_time(self.last_launched)
+        return raw
+
+
+@dataclass(frozen=True)
+class ImageView:
+    state: str
+    tags: tuple[tuple[str, str], ...]
+    deprecation_time: datetime | None
+    permissions: frozenset[str]
+    snapshot_ids: tuple[str, ...]
+    protected: bool
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request as EC2 received it, with the target AMI as it was just before (None: no such AMI)."""
+
+    operation: str
+    params: Mapping[str, Any]
+    before: FakeImage | None
+    clock: datetime
+
+    @property
+    def image_id(self) -> str | None:
+        value = self.params.get("ImageId")
+        return str(value) if value is not None else None
+
+
+class FakeEC2:
+    """One region's self-owned AMIs and snapshots."""
+
+    def __init__(
+        self,
+        region: str = "us-east-1",
+        *,
+        seed: int = 0,
+        results_rate: float = 0.5,
+        fail_rate: float = 0.0,
+        crash_rate: float = 0.0,
+    ) -> None:
+        self.region = region
+        self.images: dict[str, FakeImage] = {}
+        self.deregistered: dict[str, FakeImage] = {}
+        self.snapshots: dict[str, dict[str, str]] = {}  # snapshot id -> tags
+        self.deleted_snapshots: list[str] = []
+        self.refused_in_use: list[str] = []  # DeleteSnapshot calls EC2 refused: an AMI still uses it
+        self.references: list[Reference] = []
+        self.parameters: dict[str, str] = {}
+        self.calls: list[Call] = []
+        self.clock = datetime.now(UTC)
+        self.rng = random.Random(seed)
+        # Share of DeregisterImage(DeleteAssociatedSnapshots=True) calls answered with DeleteSnapshotResults
+        # (the rest behave like a partition that predates it: no results, snapshots stay).
+        self.results_rate = results_rate
+        self.fail_rate = fail_rate
+        self.crash_rate = crash_rate
+        # Number of a mutating call (see `mutating_calls`) -> "throttle" (fails before it takes effect),
+        # "lost" (takes effect, then the answer is lost) or "crash".
+        self.faults: dict[int, str] = {}
+        self.mutating_calls = 0
+        self._lose_answer = False
+        self._validator = ParamValidator()
+
+    # ---- building a fleet ---------------------------------------------------------------------------
+    def add_image(self, image: FakeImage) -> FakeImage:
+        self.images[image.image_id] = image
+        for snapshot_id in image.snapshot_ids:
+            self.snapshots.setdefault(snapshot_id, {})
+        return image
+
+    def add_snapshot(self, snapshot_id: str, tags: Mapping[str, str] | None = None) -> None:
+        self.snapshots.setdefault(snapshot_id, {}).update(tags or {})
+
+    # ---- what a test reads -------------------------------------------------------------------------
+    def mutations(self, since: int = 0) -> list[Call]:
+        return [c for c in self.calls[since:] if c.operation in MUTATING]
+
+    def used_snapshots(self) -> set[str]:
+        """Snapshots of the remaining AMIs, in any state (a disabled AMI still needs its snapshots)."""
+        return {s for image in self.images.values() for s in image.snapshot_ids}
+
+    def views(self) -> dict[str, ImageView]:
+        return {image_id: image.view() for image_id, image in self.images.items()}
+
+    def describe(self, permissions: Iterable[str] | bool = False) -> RegionInventory:
+        """The region's inventory as the adapter builds it from DescribeImages and DescribeSnapshots:
+        every self-owned AMI (disabled and deprecated included), launch permissions loaded for
+        `permissions` (image ids, or True for all), the references and SSM pointer values set on the
+        fake, and the snapshots tagged ami-janitor:retired-from."""
+        wanted = set(self.images) if permissions is True else set(permissions or ())
+        images = []
+        for image_id in sorted(self.images):
+            image = Image.from_api(self.region, self.images[image_id].to_api())
+            if image_id in wanted:
+                granted = tuple(
+                    LaunchPermission.from_key(k) for k in sorted(self.images[image_id].permissions)
+                )
+                image = image.model_copy(update={"launch_permissions": granted})
+            images.append(image)
+        retired = tuple(
+            RetiredSnapshot(snapshot_id=snapshot_id, image_id=tags[RETIRED_FROM_TAG])
+            for snapshot_id, tags in sorted(self.snapshots.items())
+            if RETIRED_FROM_TAG in tags
+        )
+        return RegionInventory(
+            region=self.region,
+            images=tuple(images),
+            references=tuple(sorted(self.references, key=lambda r: (r.image_id, r.resource_id))),
+            parameters=dict(self.parameters),
+            retired_snapshots=retired,
+        )
+
+    # ---- plumbing ----------------------------------------------------------------------------------
+    def _request(self, operation: str, params: dict[str, Any]) -> tuple[str, FakeImage | None]:
+        """Validate, record and maybe fail the request; returns (API name, the target AMI before it)."""
+        api = _OPERATIONS[operation]
+        report = self._validator.validate(params, _ec2_model().operation_model(api).input_shape)
+        if report.has_errors():
+            raise client_error("InvalidParameterValue", report.generate_report(), api)
+        image_id = params.get("ImageId")
+        target = self.images.get(image_id) if isinstance(image_id, str) else None
+        self.calls.append(Call(operation, copy.deepcopy(params), copy.deepcopy(target), self.clock))
+        if operation in MUTATING:
+            fault = self.faults.pop(self.mutating_calls, None)
+            self.mutating_calls += 1
+            if fault == "crash" or (self.crash_rate and self.rng.random() < self.crash_rate):
+                raise Crash(f"{api} never answered")
+            if fault == "throttle" or (self.fail_rate and self.rng.random() < self.fail_rate):
+                raise client_error("RequestLimitExceeded", "Request limit exceeded.", api)
+            self._lose_answer = fault == "lost" or bool(
+                self.fail_rate and self.rng.random() < self.fail_rate / 2
+            )
+        return api, target
+
+    def _lost_response(self, api: str) -> None:
+        """After the change took effect: the answer may still be lost on the way back."""
+        if self._lose_answer:
+            self._lose_answer = False
+            raise client_error("InternalError", "An internal error has occurred", api)
+
+    def _image(self, image_id: str, api: str) -> FakeImage:
+        if image_id in self.images:
+            return self.images[image_id]
+        if image_id in self.deregistered:
+            raise client_error(
+                "InvalidAMIID.Unavailable", f"The image ID '{image_id}' is no longer available", api
+            )
+        raise client_error("InvalidAMIID.NotFound", f"The image id '[{image_id}]' does not exist", api)
+
+    def _users(self, snapshot_id: str) -> list[str]:
+        return sorted(i.image_id for i in self.images.values() if snapshot_id in i.snapshot_ids)
+
+    # ---- tags --------------------------------------------------------------------------------------
+    def _taggable(self, resources: Sequence[str], api: str) -> list[dict[str, str]]:
+        targets = []
+        for resource in resources:
+            if resource.startswith("ami-"):
+                targets.append(self._image(resource, api).tags)
+            elif resource in self.snapshots:
+                targets.append(self.snapshots[resource])
+            else:
+                raise client_error(
+                    "InvalidSnapshot.NotFound", f"The snapshot '{resource}' does not exist.", api
+                )
+        return targets
+
+    def create_tags(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("create_tags", params)
+        resources: list[str] = params["Resources"]
+        if len(resources) > 1000:
+            raise client_error("InvalidParameterValue", "at most 1000 resources per call", api)
+        tags = {t["Key"]: t.get("Value", "") for t in params["Tags"]}
+        for key, value in tags.items():
+            if len(key) > TAG_KEY_MAX or len(value) > TAG_VALUE_MAX or key.lower().startswith("aws:"):
+                raise client_error("InvalidParameterValue", f"invalid tag {key}={value!r}", api)
+        targets = self._taggable(resources, api)  # all or nothing
+        for target in targets:
+            if len(set(target) | set(tags)) > TAGS_PER_RESOURCE_MAX:
+                raise client_error("TagLimitExceeded", "The maximum number of tags is 50", api)
+        for target in targets:
+            target.update(tags)
+        self._lost_response(api)
+        return {}
+
+    def delete_tags(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("delete_tags", params)
+        for target in self._taggable(params["Resources"], api):
+            for tag in params.get("Tags") or []:
+                if tag["Key"] in target and ("Value" not in tag or target[tag["Key"]] == tag["Value"]):
+                    del target[tag["Key"]]
+        self._lost_response(api)
+        return {}
+
+    # ---- deprecation -------------------------------------------------------------------------------
+    def enable_image_deprecation(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("enable_image_deprecation", params)
+        image = self._image(params["ImageId"], api)
+        at = nearest_minute(params["DeprecateAt"])
+        if at < nearest_minute(self.clock) or at > self.clock + DEPRECATION_HORIZON:
+            raise client_error(
+                "InvalidParameterValue",
+                f"DeprecateAt {ec2_time(at)} must be in the future, within 10 years",
+                api,
+            )
+        image.deprecation_time = at
+        self._lost_response(api)
+        return {"Return": True}
+
+    def disable_image_deprecation(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("disable_image_deprecation", params)
+        self._image(params["ImageId"], api).deprecation_time = None
+        self._lost_response(api)
+        return {"Return": True}
+
+    # ---- state -------------------------------------------------------------------------------------
+    def disable_image(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("disable_image", params)
+        image = self._image(params["ImageId"], api)
+        image.state = "disabled"
+        image.permissions.clear()  # a disabled AMI is private: every launch permission goes
+        self._lost_response(api)
+        return {"Return": True}
+
+    def enable_image(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("enable_image", params)
+        image = self._image(params["ImageId"], api)
+        image.state = "available"  # the launch permissions are not restored
+        self._lost_response(api)
+        return {"Return": True}
+
+    # ---- launch permissions ------------------------------------------------------------------------
+    def describe_image_attribute(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("describe_image_attribute", params)
+        image = self._image(params["ImageId"], api)
+        if params["Attribute"] != "launchPermission":
+            raise client_error(
+                "InvalidParameterValue", f"attribute {params['Attribute']} is not modelled", api
+            )
+        granted = [LaunchPermission.from_key(k).to_api() for k in sorted(image.permissions)]
+        return {"ImageId": image.image_id, "LaunchPermissions": granted}
+
+    def modify_image_attribute(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("modify_image_attribute", params)
+        image = self._image(params["ImageId"], api)
+        changes = params.get("LaunchPermission") or {}
+        if image.state == "disabled":
+            # The exact code is a guess; EC2 documents only that a disabled AMI cannot be shared.
+            raise client_error("IncorrectState", f"The image '{image.image_id}' is disabled", api)
+        try:
+            add = {LaunchPermission.from_api(p).key for p in changes.get("Add") or []}
+            remove = {LaunchPermission.from_api(p).key for p in changes.get("Remove") or []}
+        except ValueError as error:
+            raise client_error("InvalidParameterValue", str(error), api) from None
+        for key in add:
+            if key.startswith("user:") and not (len(key) == 17 and key[5:].isdigit()):
+                raise client_error("InvalidUserID.Malformed", f"Invalid user id: {key[5:]}", api)
+            if key.startswith("group:") and key != "group:all":
+                raise client_error("InvalidParameterValue", f"unknown group {key[6:]}", api)
+        image.permissions |= add
+        image.permissions -= remove
+        self._lost_response(api)
+        return {}
+
+    # ---- deregistration and snapshots --------------------------------------------------------------
+    def deregister_image(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("deregister_image", params)
+        image = self._image(params["ImageId"], api)
+        if image.protected:
+            raise client_error(
+                "OperationNotPermitted", f"The image '{image.image_id}' has deregistration protection", api
+            )
+        del self.images[image.image_id]
+        self.deregistered[image.image_id] = image
+        answer: dict[str, Any] = {"Return": True}
+        if params.get("DeleteAssociatedSnapshots") and self.rng.random() < self.results_rate:
+            results = []
+            for snapshot_id in image.snapshot_ids:
+                if self._users(snapshot_id):
+                    results.append({"SnapshotId": snapshot_id, "ReturnCode": "skipped"})
+                else:
+                    self._delete_snapshot(snapshot_id)
+                    results.append({"SnapshotId": snapshot_id, "ReturnCode": "success"})
+            answer["DeleteSnapshotResults"] = results
+        self._lost_response(api)
+        return answer
+
+    def _delete_snapshot(self, snapshot_id: str) -> None:
+        del self.snapshots[snapshot_id]
+        self.deleted_snapshots.append(snapshot_id)
+
+    def delete_snapshot(self, **params: Any) -> dict[str, Any]:
+        api, _ = self._request("delete_snapshot", params)
+        snapshot_id = params["SnapshotId"]
+        if snapshot_id not in self.snapshots:
+            raise client_error(
+                "InvalidSnapshot.NotFound", f"The snapshot '{snapshot_id}' does not exist.", api
+            )
+        users = self._users(snapshot_id)
+        if users:
+            self.refused_in_use.append(snapshot_id)
+            raise client_error(
+                "InvalidSnapshot.InUse", f"The snapshot {snapshot_id} is currently in use by {users[0]}", api
+            )
+        self._delete_snapshot(snapshot_id)
+        self._lost_response(api)
+        return {}
