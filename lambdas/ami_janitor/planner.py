@@ -26,6 +26,7 @@ from ami_janitor.policy import (
     PRIOR_DEPRECATION_TAG,
     PRIOR_PERMISSIONS_TAG,
     SHARED_BY_JANITOR_TAG,
+    SOURCE_IMAGE_TAG,
     Family,
     Policy,
     Rules,
@@ -50,7 +51,7 @@ class Group:
     superseded: set[str] = field(default_factory=set)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Verdict:
     image: Image
     group: Group
@@ -310,23 +311,25 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
     """The decisions of one group, as field dicts (the caps still edit them)."""
     decisions: list[dict[str, object]] = []
     configured = _configured_stages(group.rules)
+    region, family, architecture = group.region, group.family.name, group.architecture
     for verdict in verdicts:
         image = verdict.image
+        tags = image.tags
         fields: dict[str, object] = {
-            "region": group.region,
-            "family": group.family.name,
-            "architecture": group.architecture,
+            "region": region,
+            "family": family,
+            "architecture": architecture,
             "image_id": image.image_id,
             "name": image.name,
             "created": iso(image.created) or "",
             "snapshots": list(image.snapshot_ids),
             "size_gib": image.size_gib,
-            "source_image_id": image.source_image_id,
-            "_order": order_key(image),
+            "source_image_id": tags.get(SOURCE_IMAGE_TAG),
         }
         decisions.append(fields)
         if verdict.keep or verdict.hold:
-            fields["candidate_since"] = iso(parse_time(image.tags.get(CANDIDATE_TAG)))
+            since_tag = tags.get(CANDIDATE_TAG)
+            fields["candidate_since"] = iso(parse_time(since_tag)) if since_tag else None
             if verdict.keep:
                 fields["action"] = "rescue" if is_janitor_touched(image) else "keep"
                 fields["reasons"] = verdict.keep
@@ -339,18 +342,19 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
         reasons.append("not referenced, not launched recently, not Latest, not shared outside share_with")
         if image.root_device_type == "instance-store" and "deregister" in due:
             reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
-        fields["candidate_since"] = iso(since)
+        since_text = iso(since)
+        next_text = iso(next_at)
+        fields["candidate_since"] = since_text
         fields["next_action"] = next_stage
-        fields["next_action_at"] = iso(next_at)
+        fields["next_action_at"] = next_text
         fields["reasons"] = reasons
         if due:
-            reasons.append(f"{', '.join(due)} due (candidate since {iso(since)})")
+            reasons.append(f"{', '.join(due)} due (candidate since {since_text})")
             fields["action"] = due[-1]
             fields["stages"] = due
+            fields["_order"] = order_key(image)  # the caps move the oldest first
         else:
-            reasons.append(
-                f"{next_stage} due {iso(next_at)}" if next_stage else "no further stage configured"
-            )
+            reasons.append(f"{next_stage} due {next_text}" if next_stage else "no further stage configured")
             fields["action"] = "wait"
     return decisions
 
@@ -409,7 +413,7 @@ def plan_region(
         fields.extend(_decide_group(group, verdicts, now))
     _apply_caps(fields, groups, policy)
     for item in fields:
-        del item["_order"]
+        item.pop("_order", None)
         decisions.append(_decision(item))
     policy_errors = [
         f"{image_id} matches several families ({', '.join(names)}): kept"
