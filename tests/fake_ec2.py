@@ -58,6 +58,7 @@ def _ec2_model() -> ServiceModel:
 
 
 _OPERATIONS = {
+    "describe_snapshots": "DescribeSnapshots",
     "create_tags": "CreateTags",
     "delete_tags": "DeleteTags",
     "enable_image_deprecation": "EnableImageDeprecation",
@@ -367,6 +368,17 @@ class FakeEC2:
         return {"Return": True}
 
     # ---- launch permissions ------------------------------------------------------------------------
+    def describe_snapshots(self, **params: Any) -> dict[str, Any]:
+        """Only the tag filter the executor uses; one page."""
+        self._request("describe_snapshots", params)
+        wanted = [(f["Name"].removeprefix("tag:"), set(f["Values"])) for f in params.get("Filters", [])]
+        found = [
+            {"SnapshotId": snapshot_id, "Tags": [{"Key": k, "Value": v} for k, v in sorted(tags.items())]}
+            for snapshot_id, tags in sorted(self.snapshots.items())
+            if all(tags.get(key) in values for key, values in wanted)
+        ]
+        return {"Snapshots": found}
+
     def describe_image_attribute(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("describe_image_attribute", params)
         image = self._image(params["ImageId"], api)

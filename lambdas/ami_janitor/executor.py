@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -38,6 +38,7 @@ PERMISSIONS: list[str] = sorted(
         "ec2:DeleteTags",
         "ec2:DeregisterImage",
         "ec2:DescribeImageAttribute",
+        "ec2:DescribeSnapshots",
         "ec2:DisableImage",
         "ec2:DisableImageDeprecation",
         "ec2:EnableImage",
@@ -218,7 +219,12 @@ def _restore_permissions(ec2: EC2Client, image: Image, extra_grants: Iterable[st
 
 
 def _rescue_steps(
-    ec2: EC2Client, image: Image, now: datetime, extra_grants: Iterable[str], done: list[str]
+    ec2: EC2Client,
+    image: Image,
+    now: datetime,
+    extra_grants: Iterable[str],
+    done: list[str],
+    marked: Sequence[str] = (),
 ) -> None:
     """Undo every stage, noting each change in `done`. Tags go last: a crash leaves the record for a rerun."""
     if image.state == "disabled":
@@ -228,10 +234,11 @@ def _rescue_steps(
     done += [deprecation] if deprecation else []
     permissions = _restore_permissions(ec2, image, extra_grants)
     done += [permissions] if permissions else []
-    if image.snapshot_ids:
+    if marked:
         # A deregistration that failed after marking the snapshots: unmark them, or a later
         # deregistration by hand would let the janitor delete them as an unfinished job.
-        ec2.delete_tags(Resources=list(image.snapshot_ids), Tags=[{"Key": RETIRED_FROM_TAG}])
+        ec2.delete_tags(Resources=list(marked), Tags=[{"Key": RETIRED_FROM_TAG}])
+        done.append("snapshots unmarked")
     stale = janitor_state_tags(image.tags)
     if stale:
         ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
@@ -243,16 +250,44 @@ def rescue_image(
 ) -> list[ActionResult]:
     """Undo the retirement of one AMI: enable it, restore its deprecation time and launch permissions
     (plus `extra_grants`, "kind:value" keys such as the family's share_with grants), drop the janitor tags."""
-    return [_rescue(clients.region, clients.ec2, image, now, extra_grants)]
+    try:
+        marked = _marked_snapshots(clients.ec2, image.image_id)
+    except STEP_ERRORS as error:
+        failed = ActionResult(
+            region=clients.region, image_id=image.image_id, action="rescue", status="failed"
+        )
+        return [failed.model_copy(update={"error": _error_text(error)})]
+    return [_rescue(clients.region, clients.ec2, image, now, extra_grants, marked)]
+
+
+def _marked_snapshots(ec2: EC2Client, image_id: str) -> list[str]:
+    """Snapshots a half-done deregistration of this AMI marked (one call; by hand only)."""
+    found: list[str] = []
+    request: dict[str, Any] = {
+        "OwnerIds": ["self"],
+        "Filters": [{"Name": f"tag:{RETIRED_FROM_TAG}", "Values": [image_id]}],
+        "MaxResults": 1000,
+    }
+    while True:
+        page = ec2.describe_snapshots(**request)
+        found += [snapshot["SnapshotId"] for snapshot in page["Snapshots"]]
+        if not page.get("NextToken"):
+            return sorted(found)
+        request["NextToken"] = page["NextToken"]
 
 
 def _rescue(
-    region: str, ec2: EC2Client, image: Image, now: datetime, extra_grants: Iterable[str]
+    region: str,
+    ec2: EC2Client,
+    image: Image,
+    now: datetime,
+    extra_grants: Iterable[str],
+    marked: Sequence[str] = (),
 ) -> ActionResult:
     done: list[str] = []
     result = ActionResult(region=region, image_id=image.image_id, action="rescue", status="skipped")
     try:
-        _rescue_steps(ec2, image, now, list(extra_grants), done)
+        _rescue_steps(ec2, image, now, list(extra_grants), done, marked)
     except STEP_ERRORS as error:
         return result.model_copy(
             update={"status": "failed", "error": _error_text(error), "detail": _join(done)}
@@ -435,7 +470,8 @@ class _RegionRun:
                 self.result(decision.image_id, "rescue", "failed", error="not in the region's inventory")
             )
             return
-        self.results.append(_rescue(self.region, self.ec2, image, self.now, extra_grants))
+        marked = [s.snapshot_id for s in self.inventory.retired_snapshots if s.image_id == image.image_id]
+        self.results.append(_rescue(self.region, self.ec2, image, self.now, extra_grants, marked))
 
     # step 4 -----------------------------------------------------------------------------------------
     def finish_unfinished(self, snapshot_ids: Iterable[str]) -> None:

@@ -680,6 +680,15 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
         },
     )
     ami = image.image_id
+    stub.add_response(
+        "describe_snapshots",
+        {"Snapshots": [{"SnapshotId": "snap-0000000000000002"}]},
+        {
+            "OwnerIds": ["self"],
+            "Filters": [{"Name": f"tag:{RETIRED_FROM_TAG}", "Values": [ami]}],
+            "MaxResults": 1000,
+        },
+    )
     stub.add_response("enable_image", {"Return": True}, {"ImageId": ami})
     stub.add_response(
         "enable_image_deprecation",
@@ -698,7 +707,7 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
     )
     # The snapshots lose a half-done deregistration's mark before the AMI loses its janitor tags.
     stub.add_response(
-        "delete_tags", {}, {"Resources": list(image.snapshot_ids), "Tags": [{"Key": RETIRED_FROM_TAG}]}
+        "delete_tags", {}, {"Resources": ["snap-0000000000000002"], "Tags": [{"Key": RETIRED_FROM_TAG}]}
     )
     stub.add_response(
         "delete_tags",
@@ -727,15 +736,12 @@ def test_rescue_cancels_a_janitor_deprecation_and_leaves_a_past_owner_one(
         deprecation_time=datetime(2030, 1, 2, 3, 6, tzinfo=UTC),
         tags={CANDIDATE_TAG: "2029-12-01T00:00:00Z", PRIOR_DEPRECATION_TAG: "2029-06-01T00:00:00Z"},
     )
-    unmark = {"Tags": [{"Key": RETIRED_FROM_TAG}]}
     stub.add_response("disable_image_deprecation", {"Return": True}, {"ImageId": cancelled.image_id})
-    stub.add_response("delete_tags", {}, {"Resources": list(cancelled.snapshot_ids), **unmark})
     stub.add_response(
         "delete_tags",
         {},
         {"Resources": [cancelled.image_id], "Tags": [{"Key": CANDIDATE_TAG}, {"Key": PRIOR_DEPRECATION_TAG}]},
     )
-    stub.add_response("delete_tags", {}, {"Resources": list(past.snapshot_ids), **unmark})
     stub.add_response(
         "delete_tags",
         {},
@@ -801,6 +807,7 @@ def test_a_rescue_failing_half_way_says_what_it_did(stubbed: tuple[Any, Stubber]
     image = stub_image(
         state="disabled", tags={CANDIDATE_TAG: "x", PRIOR_PERMISSIONS_TAG: f"user:{ACCOUNT_A}"}
     )
+    stub.add_response("describe_snapshots", {"Snapshots": []})
     stub.add_response("enable_image", {"Return": True}, {"ImageId": image.image_id})
     stub.add_client_error("modify_image_attribute", "RequestLimitExceeded", "slow down")
 
@@ -815,3 +822,23 @@ def test_an_unreadable_record_fails_the_rescue_not_the_run(stubbed: tuple[Any, S
     image = stub_image(tags={CANDIDATE_TAG: "x", PRIOR_PERMISSIONS_TAG: "bogus:1234"})
     result = apply_stubbed(client, [decision(image.image_id, "rescue")], [image])
     assert [r.status for r in result.results] == ["failed"]
+
+
+def test_rescue_unmarks_the_snapshots_of_a_half_done_deregistration(ec2: Any) -> None:
+    image_id = make_image(ec2, "web-half-done")
+    snapshot = snapshot_of(ec2, image_id)
+    # A deregistration marked the snapshot, then failed; the AMI came back into use.
+    ec2.create_tags(Resources=[snapshot], Tags=[{"Key": RETIRED_FROM_TAG, "Value": image_id}])
+    ec2.create_tags(Resources=[image_id], Tags=[{"Key": CANDIDATE_TAG, "Value": "2026-01-01T00:00:00Z"}])
+    ec2.disable_image(ImageId=image_id)
+    inventory = load_inventory(ec2)
+    image = next(i for i in inventory.images if i.image_id == image_id)
+
+    (result,) = rescue_image(RegionClients(REGION, ec2=ec2), image, NOW)
+
+    assert result.status == "ok" and "snapshots unmarked" in (result.detail or "")
+    tags = ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0].get("Tags", [])
+    assert RETIRED_FROM_TAG not in {t["Key"] for t in tags}
+    # A later deregistration by hand leaves the snapshot alone: nothing marks it as the janitor's.
+    ec2.deregister_image(ImageId=image_id)
+    assert load_inventory(ec2).retired_snapshots == ()
