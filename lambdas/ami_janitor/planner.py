@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import gc
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import cast
 
 from ami_janitor.model import (
     Decision,
@@ -82,13 +83,16 @@ def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group
     """Groups of the region's managed AMIs, and for AMIs matching several families, those names."""
     by_key: dict[tuple[str, str], Group] = {}
     conflicts: dict[str, list[str]] = {}
+    all_families = policy.families
     for image in inventory.images:
-        families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
+        families = [f for f in all_families if f.match.matches(image.name, image.tags)]
         if not families:
             continue
-        if len(families) > 1:
+        if len(families) == 1:
+            family = families[0]
+        else:
             conflicts[image.image_id] = sorted(f.name for f in families)
-        family = min(families, key=lambda f: f.name)
+            family = min(families, key=lambda f: f.name)
         key = (family.name, image.architecture)
         if key not in by_key:
             by_key[key] = Group(inventory.region, family, image.architecture, policy.rules_for(family))
@@ -284,23 +288,15 @@ def _stage_plan(
     return since, due, None, None
 
 
-_DECISION_DEFAULTS: dict[str, object] = {
-    "candidate_since": None,
-    "next_action": None,
-    "next_action_at": None,
-    "stages": [],
-}
-
-
 _ALL_FIELDS = set(Decision.model_fields)
 
 
 def _decision(fields: dict[str, object]) -> Decision:
-    # Every field comes from validated models, so skip validation (and model_construct's per-field
+    # `fields` holds every field of Decision (_decide_group sets them all), each from validated models, so skip validation (and model_construct's per-field
     # loop): it keeps a plan of 50,000 AMIs under a second. Decisions are frozen, so they can share
     # one fields-set.
     decision = Decision.__new__(Decision)
-    object.__setattr__(decision, "__dict__", {**_DECISION_DEFAULTS, **fields})
+    object.__setattr__(decision, "__dict__", fields)
     object.__setattr__(decision, "__pydantic_fields_set__", _ALL_FIELDS)
     object.__setattr__(decision, "__pydantic_extra__", None)
     object.__setattr__(decision, "__pydantic_private__", None)
@@ -325,6 +321,10 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
             "snapshots": list(image.snapshot_ids),
             "size_gib": image.size_gib,
             "source_image_id": tags.get(SOURCE_IMAGE_TAG),
+            "candidate_since": None,
+            "next_action": None,
+            "next_action_at": None,
+            "stages": [],
         }
         decisions.append(fields)
         if verdict.keep or verdict.hold:
@@ -361,34 +361,34 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
 
 def _apply_caps(decisions: list[dict[str, object]], groups: list[Group], policy: Policy) -> None:
     """Hold back the AMIs over a cap (oldest move first): per group a fraction, per region a count."""
-    size = {(g.family.name, g.architecture): len(g.members) for g in groups}
-    fraction = {(g.family.name, g.architecture): g.rules.limits.max_fraction_per_family for g in groups}
+    allowed: dict[tuple[str, str], int] = {}
+    group_reason: dict[tuple[str, str], str] = {}
+    for g in groups:
+        key = (g.family.name, g.architecture)
+        fraction = g.rules.limits.max_fraction_per_family
+        allowed[key] = math.floor(fraction * len(g.members))
+        group_reason[key] = (
+            f"held back by max_fraction_per_family ({fraction:g} of {len(g.members)} members"
+            f" = {allowed[key]} per run)"
+        )
     budget = policy.defaults.limits.max_actions_per_run
+    region_reason = f"held back by max_actions_per_run ({budget})"
     acting = sorted((d for d in decisions if d["action"] in ACTING), key=lambda d: d["_order"])  # type: ignore[arg-type,return-value]
     moved: dict[tuple[str, str], int] = defaultdict(int)
     total = 0
     for decision in acting:
-        key = (str(decision["family"]), str(decision["architecture"]))
-        allowed = math.floor(fraction[key] * size[key])
-        if moved[key] >= allowed:
-            reason = (
-                f"held back by max_fraction_per_family ({fraction[key]:g} of {size[key]} members"
-                f" = {allowed} per run)"
-            )
+        key = cast(tuple[str, str], (decision["family"], decision["architecture"]))
+        if moved[key] >= allowed[key]:
+            reason = group_reason[key]
         elif total >= budget:
-            reason = f"held back by max_actions_per_run ({budget})"
+            reason = region_reason
         else:
             moved[key] += 1
             total += 1
             continue
         stages: list[Stage] = decision["stages"]  # type: ignore[assignment]
-        decision.update(
-            action="keep",
-            reasons=[*decision["reasons"], reason],  # type: ignore[misc]
-            stages=[],
-            next_action=stages[0],
-            next_action_at=None,
-        )
+        decision["reasons"].append(reason)  # type: ignore[attr-defined]
+        decision.update(action="keep", stages=[], next_action=stages[0], next_action_at=None)
 
 
 def plan_region(
@@ -423,27 +423,28 @@ def plan_region(
 
 
 def _summary(decisions: list[Decision], inventories: Sequence[RegionInventory], skipped: int) -> Summary:
-    counts: dict[str, int] = defaultdict(int)
-    for decision in decisions:
-        counts[decision.action] += 1
-    deregistered = {d.image_id for d in decisions if d.action == "deregister"}
-    still_used: set[str] = set()
-    for inventory in inventories:
-        for image in inventory.images:
-            if image.image_id not in deregistered:
-                still_used.update(image.snapshot_ids)
+    counts = Counter(d.action for d in decisions)
     freed = [d for d in decisions if d.action == "deregister"]
+    deregistered = {d.image_id for d in freed}
+    candidates = {s for d in freed for s in d.snapshots}
+    still_used: set[str] = set()
+    if candidates:  # a snapshot shared with an AMI that stays is not freed
+        for inventory in inventories:
+            for image in inventory.images:
+                if image.image_id not in deregistered:
+                    still_used.update(s for s in image.snapshot_ids if s in candidates)
+    held = sum(1 for d in decisions if d.action == "keep" and d.reasons[-1].startswith("held back by"))
     return Summary(
         images=len(decisions),
         kept=counts["keep"] + counts["rescue"],
         retired=counts["deregister"],
-        snapshots_deleted=len({s for d in freed for s in d.snapshots if s not in still_used}),
+        snapshots_deleted=len(candidates - still_used),
         gib_freed_max=sum(d.size_gib for d in freed),
         waiting=counts["wait"],
         deprecated=counts["deprecate"],
         disabled=counts["disable"],
         rescued=counts["rescue"],
-        held_by_cap=sum(1 for d in decisions if d.reasons and d.reasons[-1].startswith("held back by")),
+        held_by_cap=held,
         regions_skipped=skipped,
     )
 
