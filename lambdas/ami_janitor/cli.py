@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import boto3
 
-from ami_janitor import engine, rotation
+from ami_janitor import adapter, engine, rotation
 from ami_janitor.clients import ClientFactory
 from ami_janitor.model import Plan
 from ami_janitor.policy import Policy, PolicyError, load_policy
@@ -223,19 +223,9 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
         if policy.mode == "enforce":
             results.extend(rotation.converge(clients, policy, now, families=families))
         else:
-            inventory = rotation.adapter.load_images(clients, policy)
+            inventory = adapter.load_images(clients, policy)
             if inventory.error:
-                results.append(
-                    rotation.RotationResult(
-                        region=region,
-                        family="*",
-                        architecture="*",
-                        to=None,
-                        written=[],
-                        status="failed",
-                        error=inventory.error,
-                    )
-                )
+                results.append(rotation.RotationResult.unreadable(region, inventory.error))
                 continue
             planned.extend(rotation.changes_for(inventory, policy, now, families=families))
     if args.format == "json":

@@ -3,16 +3,16 @@ replicate, events."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from ami_janitor import adapter, executor, model, planner, replication, rotation, sharing
+from ami_janitor import adapter, executor, planner, replication, rotation, sharing
 from ami_janitor.clients import RegionClients
 from ami_janitor.executor import ActionResult, ApplyResult
 from ami_janitor.model import Copy, Plan, RegionInventory, Share
-from ami_janitor.policy import Family, Policy
+from ami_janitor.policy import Policy
 
 ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
@@ -134,13 +134,20 @@ def replicate(
     enqueue: Enqueue | None = None,
     families: Sequence[str] | None = None,
     retiring: Iterable[tuple[str, str]] = (),
+    loaded: Mapping[str, RegionInventory] | None = None,
 ) -> ReplicateResult:
     """Reconcile shares and copies of the sources in `regions` (CopyImage is called in each target).
 
     Reads only DescribeImages (no references are needed to share or copy). Copies go to `enqueue`
     when given (the deployed queue paces CopyImage), else they are started here, one after another.
     """
-    images = {region: adapter.load_images(clients_for(region), policy) for region in regions}
+    # The scheduled run passes the inventories it has just planned from: no second DescribeImages.
+    images = {
+        region: loaded[region]
+        if loaded and region in loaded
+        else adapter.load_images(clients_for(region), policy)
+        for region in regions
+    }
     targets = {t.region for f in policy.families for t in f.replicate} - set(images)
     for region in sorted(targets):
         images[region] = adapter.load_images(clients_for(region), policy)
@@ -192,7 +199,9 @@ def run(
             rotations.extend(rotation.converge(clients_for(region), policy, now))
     plan, loaded = build_plan(policy, regions, clients_for, now)
     retiring = [(d.region, d.image_id) for d in plan.decisions if d.action in RETIRING]
-    replicated = replicate(policy, regions, clients_for, now, apply=apply, enqueue=enqueue, retiring=retiring)
+    replicated = replicate(
+        policy, regions, clients_for, now, apply=apply, enqueue=enqueue, retiring=retiring, loaded=loaded
+    )
     plan = plan.model_copy(
         update={
             "copies": replicated.copies,
@@ -239,7 +248,7 @@ def handle_ami_event(
         return outcome
     family = families[0]
     share = sharing.share_for(image, family)
-    copies = [] if image.is_replica else _copies_of(image, family)
+    copies = replication.copies_of_new_source(image, family)
     if policy.mode != "enforce":
         return {**outcome, "would_share": share.model_dump() if share else None, "would_copy": len(copies)}
     shared = (
@@ -251,25 +260,6 @@ def handle_ami_event(
     )
     queued = enqueue(copies) if enqueue is not None and copies else 0
     return {**outcome, "shared": [r.model_dump(mode="json") for r in shared], "copies_queued": queued}
-
-
-def _copies_of(source: model.Image, family: Family) -> list[Copy]:
-    copies = []
-    for target in family.replicate:
-        if target.region == source.region and (target.kms_key_id is None or source.encrypted):
-            continue  # encrypt in place applies to unencrypted sources only
-        generation = max(replication.recorded_generation(source, target.region), 1)
-        copies.append(
-            Copy(
-                family=family.name,
-                source_image_id=source.image_id,
-                source_region=source.region,
-                region=target.region,
-                kms_key_id=target.kms_key_id,
-                generation=generation,
-            )
-        )
-    return copies
 
 
 def rescue(

@@ -170,6 +170,26 @@ def _targets(family: Family, region: str) -> tuple[list[ReplicateTarget], list[s
     return usable, problems
 
 
+def copies_of_new_source(source: Image, family: Family) -> list[Copy]:
+    """The copies a source just made available needs (its `available` event), at the generation
+    recorded on it: the worker finds an existing copy by provenance, so a repeat makes none."""
+    if source.is_replica or source.root_device_type == "instance-store":
+        return []
+    targets, _ = _targets(family, source.region)
+    return [
+        Copy(
+            family=family.name,
+            source_image_id=source.image_id,
+            source_region=source.region,
+            region=target.region,
+            kms_key_id=target.kms_key_id,
+            generation=max(recorded_generation(source, target.region), 1),
+        )
+        for target in targets
+        if not (target.region == source.region and source.encrypted)  # encrypt in place: unencrypted only
+    ]
+
+
 def _plan_one(
     family: Family,
     source: Image,

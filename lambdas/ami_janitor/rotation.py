@@ -39,6 +39,13 @@ class RotationResult(BaseModel):
     status: str = "ok"
     error: str | None = None
 
+    @classmethod
+    def unreadable(cls, region: str, error: str) -> RotationResult:
+        """The region's AMIs could not be read: nothing rotated there."""
+        return cls(
+            region=region, family="*", architecture="*", to=None, written=[], status="failed", error=error
+        )
+
 
 def changes_for(
     inventory: RegionInventory,
@@ -106,16 +113,7 @@ def converge(
     for _ in range(MAX_ROUNDS):
         inventory = read(clients, policy)
         if inventory.error:
-            key = ("*", "*")
-            results[key] = RotationResult(
-                region=clients.region,
-                family="*",
-                architecture="*",
-                to=None,
-                written=[],
-                status="failed",
-                error=inventory.error,
-            )
+            results[("*", "*")] = RotationResult.unreadable(clients.region, inventory.error)
             break
         changes = changes_for(inventory, policy, now, families=family_filter, architectures=group_filter)
         if not changes:
