@@ -129,8 +129,6 @@ def print_plan(plan: Plan, out: TextIO) -> None:
             out.write(
                 f"  {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
             )
-    if plan.unfinished_snapshots:
-        out.write(f"\nunfinished deregistrations: {len(plan.unfinished_snapshots)} snapshots to delete\n")
     s = plan.summary
     out.write(
         f"\nsummary: {s.images} images, {s.kept} kept, {s.waiting} waiting, {s.deprecated} to deprecate, "

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from ami_janitor import adapter, executor, planner, replication, rotation, sharing
 from ami_janitor.clients import RegionClients
 from ami_janitor.executor import ActionResult, ApplyResult
-from ami_janitor.model import Copy, Plan, RegionInventory, Share
+from ami_janitor.model import Copy, Image, Plan, RegionInventory, Share
 from ami_janitor.policy import Policy
 
 ClientsFor = Callable[[str], RegionClients]
@@ -211,7 +211,7 @@ def run(
     )
     if not apply:
         return RunResult(plan=plan, rotations=rotations, replicated=replicated)
-    grants = {family.name: sorted(family.share_with.grants()) for family in policy.families}
+    grants = {family.name: sorted(sharing.desired_grants(family)) for family in policy.families}
     applied: ApplyResult = executor.apply_plan(plan, loaded, clients_for, now, family_grants=grants)
     # A rescue makes an AMI available again, and it may be its group's newest: rotate once more so
     # Latest does not wait a schedule period for it.
@@ -262,6 +262,15 @@ def handle_ami_event(
     return {**outcome, "shared": [r.model_dump(mode="json") for r in shared], "copies_queued": queued}
 
 
+def rescue_grants(policy: Policy, image: Image) -> list[str]:
+    """What a rescue by hand may grant: what every family the AMI matches shares (an AMI of no family
+    gets nothing back; one of several families only what all of them share)."""
+    families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
+    if not families:
+        return []
+    return sorted(set.intersection(*(sharing.desired_grants(f) for f in families)))
+
+
 def rescue(
     policy: Policy, image_id: str, regions: Sequence[str], clients_for: ClientsFor, now: datetime
 ) -> list[ActionResult]:
@@ -271,9 +280,5 @@ def rescue(
         image = adapter.describe_image(clients, image_id)
         if image is None:
             continue
-        grants: list[str] = []
-        for family in policy.families:
-            if family.match.matches(image.name, image.tags):
-                grants.extend(sorted(family.share_with.grants()))
-        return executor.rescue_image(clients, image, now, extra_grants=grants)
+        return executor.rescue_image(clients, image, now, allowed_grants=rescue_grants(policy, image))
     raise LookupError(f"{image_id} was not found in {', '.join(regions)}")

@@ -1,4 +1,4 @@
-"""Applies a plan in enforce mode: the candidate clock, the retirement stages, rescues, unfinished deletions.
+"""Applies a plan in enforce mode: the candidate clock, the retirement stages, rescues.
 
 Every step writes its record before its change and tolerates finding its work already done, so a rerun
 after a crash at any point (planned again from a fresh inventory) converges to the same end state. An AWS
@@ -57,7 +57,7 @@ CREATE_TAGS_MAX_RESOURCES = 1000  # CreateTags: up to 1000 resource ids per call
 GONE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"})
 SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSnapshot.InUse": "still in use"}
 
-ResultAction = Literal["mark-candidate", "deprecate", "disable", "deregister", "rescue", "delete-snapshot"]
+ResultAction = Literal["mark-candidate", "deprecate", "disable", "deregister", "rescue"]
 ResultStatus = Literal["ok", "failed", "skipped"]
 
 
@@ -205,24 +205,30 @@ def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | N
     return f"deprecation restored to {iso(at)}"
 
 
-def _restore_permissions(ec2: EC2Client, image: Image, extra_grants: Iterable[str]) -> str | None:
-    wanted = {p.key for p in recorded_permissions(image.tags)} | set(extra_grants)
-    wanted -= {p.key for p in image.launch_permissions or ()}
-    if not wanted:
-        return None
-    grants = [LaunchPermission.from_key(key) for key in sorted(wanted)]
-    ec2.modify_image_attribute(
-        ImageId=image.image_id,
-        LaunchPermission={"Add": cast("list[LaunchPermissionTypeDef]", [g.to_api() for g in grants])},
-    )
-    return "launch permissions restored: " + ",".join(sorted(wanted))
+def _restore_permissions(ec2: EC2Client, image: Image, allowed_grants: Iterable[str]) -> list[str]:
+    """Grant what the family's policy shares, nothing more. A recorded permission outside it is
+    reported, never granted: the record is a tag, and anyone who may tag could write it."""
+    allowed = set(allowed_grants)
+    notes: list[str] = []
+    refused = sorted({p.key for p in recorded_permissions(image.tags)} - allowed)
+    if refused:
+        notes.append("recorded launch permissions not restored (outside share_with): " + ",".join(refused))
+    wanted = allowed - {p.key for p in image.launch_permissions or ()}
+    if wanted:
+        grants = [LaunchPermission.from_key(key) for key in sorted(wanted)]
+        ec2.modify_image_attribute(
+            ImageId=image.image_id,
+            LaunchPermission={"Add": cast("list[LaunchPermissionTypeDef]", [g.to_api() for g in grants])},
+        )
+        notes.insert(0, "launch permissions restored: " + ",".join(sorted(wanted)))
+    return notes
 
 
 def _rescue_steps(
     ec2: EC2Client,
     image: Image,
     now: datetime,
-    extra_grants: Iterable[str],
+    allowed_grants: Iterable[str],
     done: list[str],
     marked: Sequence[str] = (),
 ) -> None:
@@ -232,8 +238,7 @@ def _rescue_steps(
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
-    permissions = _restore_permissions(ec2, image, extra_grants)
-    done += [permissions] if permissions else []
+    done += _restore_permissions(ec2, image, allowed_grants)
     if marked:
         # A deregistration that failed after marking the snapshots: unmark them, or a later
         # deregistration by hand would let the janitor delete them as an unfinished job.
@@ -246,10 +251,11 @@ def _rescue_steps(
 
 
 def rescue_image(
-    clients: RegionClients, image: Image, now: datetime, extra_grants: Iterable[str] = ()
+    clients: RegionClients, image: Image, now: datetime, allowed_grants: Iterable[str] = ()
 ) -> list[ActionResult]:
-    """Undo the retirement of one AMI: enable it, restore its deprecation time and launch permissions
-    (plus `extra_grants`, "kind:value" keys such as the family's share_with grants), drop the janitor tags."""
+    """Undo the retirement of one AMI: enable it, restore its deprecation time, grant the launch
+    permissions its family shares (`allowed_grants`, "kind:value" keys: share_with, plus the public group
+    only where the family says `public: true`), drop the janitor tags."""
     try:
         marked = _marked_snapshots(clients.ec2, image.image_id)
     except STEP_ERRORS as error:
@@ -257,7 +263,7 @@ def rescue_image(
             region=clients.region, image_id=image.image_id, action="rescue", status="failed"
         )
         return [failed.model_copy(update={"error": _error_text(error)})]
-    return [_rescue(clients.region, clients.ec2, image, now, extra_grants, marked)]
+    return [_rescue(clients.region, clients.ec2, image, now, allowed_grants, marked)]
 
 
 def _marked_snapshots(ec2: EC2Client, image_id: str) -> list[str]:
@@ -281,13 +287,13 @@ def _rescue(
     ec2: EC2Client,
     image: Image,
     now: datetime,
-    extra_grants: Iterable[str],
+    allowed_grants: Iterable[str],
     marked: Sequence[str] = (),
 ) -> ActionResult:
     done: list[str] = []
     result = ActionResult(region=region, image_id=image.image_id, action="rescue", status="skipped")
     try:
-        _rescue_steps(ec2, image, now, list(extra_grants), done, marked)
+        _rescue_steps(ec2, image, now, list(allowed_grants), done, marked)
     except STEP_ERRORS as error:
         return result.model_copy(
             update={"status": "failed", "error": _error_text(error), "detail": _join(done)}
@@ -463,7 +469,7 @@ class _RegionRun:
         )
 
     # step 3 -----------------------------------------------------------------------------------------
-    def rescue(self, decision: Decision, extra_grants: Iterable[str]) -> None:
+    def rescue(self, decision: Decision, allowed_grants: Iterable[str]) -> None:
         image = self.images.get(decision.image_id)
         if image is None:
             self.results.append(
@@ -471,24 +477,7 @@ class _RegionRun:
             )
             return
         marked = [s.snapshot_id for s in self.inventory.retired_snapshots if s.image_id == image.image_id]
-        self.results.append(_rescue(self.region, self.ec2, image, self.now, extra_grants, marked))
-
-    # step 4 -----------------------------------------------------------------------------------------
-    def finish_unfinished(self, snapshot_ids: Iterable[str]) -> None:
-        retired_from = {r.snapshot_id: r.image_id for r in self.inventory.retired_snapshots}
-        mine = [s for s in snapshot_ids if s in retired_from]
-        for outcome in delete_unused_snapshots(self.ec2, mine, self.snapshots_in_use()):
-            status: ResultStatus = "failed" if outcome.error else ("ok" if outcome.deleted else "skipped")
-            self.results.append(
-                self.result(
-                    retired_from[outcome.snapshot_id],
-                    "delete-snapshot",
-                    status,
-                    error=outcome.error,
-                    snapshots_deleted=[outcome.snapshot_id] if outcome.deleted else [],
-                    detail=f"{outcome.snapshot_id} {outcome.note}" if outcome.note else outcome.snapshot_id,
-                )
-            )
+        self.results.append(_rescue(self.region, self.ec2, image, self.now, allowed_grants, marked))
 
 
 def apply_plan(
@@ -498,8 +487,9 @@ def apply_plan(
     now: datetime,
     family_grants: Mapping[str, Iterable[str]] | None = None,
 ) -> ApplyResult:
-    """Apply an enforce plan region by region: rescues, candidate clocks, due stages, unfinished snapshot
-    deletions. `family_grants` (family name -> "kind:value" grants, its share_with) are re-applied on rescue.
+    """Apply an enforce plan region by region: rescues, candidate clocks, due stages. `family_grants`
+    (family name -> the "kind:value" grants its policy shares) are what a rescue may grant. Snapshots of
+    an unfinished deregistration (`plan.unfinished_snapshots`) are never deleted here: a tag is no proof.
     AWS errors become failed results; the run always goes on."""
     if plan.mode != "enforce":
         raise ValueError(f"apply_plan needs an enforce plan, got mode {plan.mode!r}")
@@ -512,7 +502,7 @@ def apply_plan(
     for region in regions:
         decisions = [d for d in plan.decisions if d.region == region]
         ec2 = clients_for(region).ec2
-        results += _apply_region(region, decisions, inventories[region], ec2, now, plan, family_grants or {})
+        results += _apply_region(region, decisions, inventories[region], ec2, now, family_grants or {})
     return ApplyResult(results=results)
 
 
@@ -522,7 +512,6 @@ def _apply_region(
     inventory: RegionInventory,
     ec2: EC2Client,
     now: datetime,
-    plan: Plan,
     family_grants: Mapping[str, Iterable[str]],
 ) -> list[ActionResult]:
     run = _RegionRun(region, ec2, inventory, now)
@@ -535,5 +524,4 @@ def _apply_region(
         if decision.stages or decision.action in STAGE_ACTIONS:
             blocked = "the candidate tag could not be written" if decision.image_id in unclocked else None
             run.run_stages(decision, blocked)
-    run.finish_unfinished(plan.unfinished_snapshots)
     return run.results

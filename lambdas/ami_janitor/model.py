@@ -266,7 +266,7 @@ class Plan(_PlanModel):
     summary: Summary = Summary()
     policy_errors: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
-    # Snapshots of an unfinished deregistration (its AMI is gone): the next apply deletes them.
+    # Snapshots tagged retired-from whose AMI is gone: reported, never deleted on the tag's word.
     unfinished_snapshots: list[str] = Field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

@@ -359,8 +359,29 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
     return decisions
 
 
-def _apply_caps(decisions: list[dict[str, object]], groups: list[Group], policy: Policy) -> None:
-    """Hold back the AMIs over a cap (oldest move first): per group a fraction, per region a count."""
+def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> Counter[str]:
+    """How many of the region's AMIs use each snapshot (a snapshot another AMI uses is not deleted)."""
+    images = inventory.images if inventory is not None else [m for g in groups for m in g.members]
+    return Counter(s for image in images for s in image.snapshot_ids)
+
+
+def _cost(decision: dict[str, object], users: Counter[str] | None) -> int:
+    """Actions a decision spends of max_actions_per_run: its stage move, plus each snapshot its
+    deregistration deletes (snapshot deletions count toward the caps)."""
+    if decision["action"] != "deregister" or users is None:
+        return 1
+    snapshots: list[str] = decision["snapshots"]  # type: ignore[assignment]
+    return 1 + sum(1 for s in snapshots if users[s] <= 1)
+
+
+def _apply_caps(
+    decisions: list[dict[str, object]],
+    groups: list[Group],
+    policy: Policy,
+    inventory: RegionInventory | None = None,
+) -> None:
+    """Hold back the AMIs over a cap (oldest move first): per group a fraction of the AMIs, per region
+    a count of actions (stage moves and snapshot deletions)."""
     allowed: dict[tuple[str, str], int] = {}
     group_reason: dict[tuple[str, str], str] = {}
     for g in groups:
@@ -374,17 +395,22 @@ def _apply_caps(decisions: list[dict[str, object]], groups: list[Group], policy:
     budget = policy.defaults.limits.max_actions_per_run
     region_reason = f"held back by max_actions_per_run ({budget})"
     acting = sorted((d for d in decisions if d["action"] in ACTING), key=lambda d: d["_order"])  # type: ignore[arg-type,return-value]
+    deregistering = any(d["action"] == "deregister" for d in acting)
+    users = _snapshot_users(groups, inventory) if deregistering else None
     moved: dict[tuple[str, str], int] = defaultdict(int)
     total = 0
     for decision in acting:
         key = cast(tuple[str, str], (decision["family"], decision["architecture"]))
+        cost = _cost(decision, users)
         if moved[key] >= allowed[key]:
             reason = group_reason[key]
-        elif total >= budget:
+        elif total + cost > budget:
             reason = region_reason
+            if cost > 1:
+                reason += f": deregistering it would delete {cost - 1} snapshot(s), {cost} actions"
         else:
             moved[key] += 1
-            total += 1
+            total += cost
             continue
         stages: list[Stage] = decision["stages"]  # type: ignore[assignment]
         decision["reasons"].append(reason)  # type: ignore[attr-defined]
@@ -411,7 +437,7 @@ def plan_region(
         target = latest_target(group, now) if group.family.latest else None
         verdicts = _judge(group, now, references, conflicts, target.image_id if target else None)
         fields.extend(_decide_group(group, verdicts, now))
-    _apply_caps(fields, groups, policy)
+    _apply_caps(fields, groups, policy, inventory)
     for item in fields:
         item.pop("_order", None)
         decisions.append(_decision(item))
@@ -490,7 +516,15 @@ def _plan(inventories: Sequence[RegionInventory], policy: Policy, now: datetime)
         for rule in inventory.recycle_bin_rules:
             notes.append(f"{inventory.region}: {rule}; storage freed there is deferred until the bin expires")
         present = {image.image_id for image in inventory.images}
-        unfinished.extend(s.snapshot_id for s in inventory.retired_snapshots if s.image_id not in present)
+        orphaned = [s.snapshot_id for s in inventory.retired_snapshots if s.image_id not in present]
+        if orphaned:
+            # A tag is no proof: anyone who may tag can mark any snapshot. Only the run that read a
+            # snapshot from the block device mapping of the AMI it deregistered deletes it.
+            notes.append(
+                f"{inventory.region}: snapshots of an unfinished deregistration: {len(orphaned)}, "
+                "not deleted until the ledger can vouch for them"
+            )
+        unfinished.extend(orphaned)
     skipped = sum(1 for s in statuses if s.status == "skipped")
     return Plan(
         mode=policy.mode,

@@ -4,7 +4,7 @@ gets wrong, against botocore's Stubber with the exact requests EC2 would receive
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -125,8 +125,14 @@ def clients_for(ec2: Any) -> Callable[[str], RegionClients]:
     return lambda region: RegionClients(region, ec2=ec2)
 
 
-def apply(ec2: Any, decisions: Sequence[Decision], inventory: RegionInventory) -> ApplyResult:
-    return apply_plan(make_plan(decisions, inventory), {REGION: inventory}, clients_for(ec2), NOW)
+def apply(
+    ec2: Any,
+    decisions: Sequence[Decision],
+    inventory: RegionInventory,
+    family_grants: Mapping[str, Sequence[str]] | None = None,
+) -> ApplyResult:
+    plan = make_plan(decisions, inventory)
+    return apply_plan(plan, {REGION: inventory}, clients_for(ec2), NOW, family_grants=family_grants)
 
 
 def by_key(result: ApplyResult) -> dict[tuple[str, str], ActionResult]:
@@ -259,7 +265,10 @@ def test_rescue_undoes_every_stage(ec2: Any) -> None:
         == 3
     )
 
-    result = apply(ec2, [decision(i, "rescue") for i in (with_owner, plain)], load_inventory(ec2))
+    # The family shares with every account the AMIs had: a rescue gives each of them back.
+    shared = {"web": [f"user:{p['UserId']}" for p in many] + [f"org:{ORG}"], "web2": [f"user:{ACCOUNT_A}"]}
+    rescues = [decision(with_owner, "rescue"), decision(plain, "rescue", family="web2")]
+    result = apply(ec2, rescues, load_inventory(ec2), family_grants=shared)
 
     assert result.failed == 0, result.results
     for image_id in (with_owner, plain):
@@ -274,15 +283,17 @@ def test_rescue_undoes_every_stage(ec2: Any) -> None:
     assert [(r.status, r.detail) for r in again.results] == [("skipped", "nothing to undo")]
 
 
-def test_rescue_image_adds_the_family_grants(ec2: Any) -> None:
+def test_rescue_image_grants_only_what_the_family_shares(ec2: Any) -> None:
     image_id = make_image(ec2, "web-1", share_with=[{"UserId": ACCOUNT_A}])
     assert apply(ec2, [decision(image_id, "disable", ["disable"])], load_inventory(ec2)).failed == 0
     image = next(i for i in load_inventory(ec2).images if i.image_id == image_id)
 
-    results = rescue_image(RegionClients(REGION, ec2=ec2), image, NOW, extra_grants=[f"user:{ACCOUNT_B}"])
+    results = rescue_image(RegionClients(REGION, ec2=ec2), image, NOW, allowed_grants=[f"user:{ACCOUNT_B}"])
 
+    # ACCOUNT_A was recorded by the disable stage, but the family shares only with ACCOUNT_B.
     assert [r.status for r in results] == ["ok"]
-    assert permissions_of(ec2, image_id) == [{"UserId": ACCOUNT_A}, {"UserId": ACCOUNT_B}]
+    assert permissions_of(ec2, image_id) == [{"UserId": ACCOUNT_B}]
+    assert f"not restored (outside share_with): user:{ACCOUNT_A}" in (results[0].detail or "")
     assert (image_or_none(ec2, image_id) or {})["State"] == "available"
 
 
@@ -338,7 +349,7 @@ def test_wait_only_starts_the_clock_and_keeps_an_existing_one(ec2: Any) -> None:
     assert _tags(image_or_none(ec2, old) or {})[CANDIDATE_TAG] == "2026-01-01T00:00:00Z"
 
 
-def test_unfinished_snapshots_are_deleted_unless_used(ec2: Any) -> None:
+def test_unfinished_snapshots_are_reported_never_deleted(ec2: Any) -> None:
     crashed, user_a, user_b = make_image(ec2, "web-1"), make_image(ec2, "web-2"), make_image(ec2, "web-3")
     lonely, shared = snapshot_of(ec2, crashed), snapshot_of(ec2, user_a)
     emulator.set_image_fields(REGION, user_b, snapshot_id=shared)
@@ -350,10 +361,10 @@ def test_unfinished_snapshots_are_deleted_unless_used(ec2: Any) -> None:
     inventory = load_inventory(ec2)
     result = apply(ec2, [], inventory)
 
+    # The retired-from tag is all that says they were an AMI's: not enough to delete them.
     assert sorted(make_plan([], inventory).unfinished_snapshots) == sorted([lonely, shared])
-    assert result.snapshots_deleted == [lonely]
-    assert snapshot_ids(ec2) >= {shared} and lonely not in snapshot_ids(ec2)
-    assert {r.image_id: r.status for r in result.results} == {crashed: "ok", user_a: "skipped"}
+    assert result.results == [] and result.snapshots_deleted == []
+    assert snapshot_ids(ec2) >= {lonely, shared}
 
 
 def test_a_throttled_call_fails_one_image_and_the_run_goes_on(ec2: Any) -> None:
@@ -512,9 +523,17 @@ def test_a_rerun_after_a_crash_at_any_point_converges(fake_aws_env: None) -> Non
     assert set(expected["images"]) == {"pair-b", "waiting", "rescued", "protected"}
     assert set(expected["snapshots"]) == {"pair-a", "pair-b", "waiting", "rescued", "protected"}
     assert total > 15
+    # A crash between DeregisterImage and DeleteSnapshot leaves solo's snapshot with its mark: reported
+    # as unfinished, never deleted on a tag's word.
+    unfinished = {**expected, "snapshots": {**expected["snapshots"], "solo": {RETIRED_FROM_TAG: "solo"}}}
+    left_behind = []
     for budget in range(total):
         state, _ = run_case(ec2, budget)
+        if state == unfinished:
+            left_behind.append(budget)
+            continue
         assert state == expected, f"crash after {budget} mutating calls"
+    assert len(left_behind) == 1, left_behind
 
 
 # ---- exact requests (botocore Stubber) for what moto lacks or gets wrong ---------------------------
@@ -700,9 +719,8 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
         {},
         {
             "ImageId": ami,
-            "LaunchPermission": {
-                "Add": [{"OrganizationArn": ORG}, {"UserId": ACCOUNT_A}, {"UserId": ACCOUNT_B}]
-            },
+            # The family shares with ORG and ACCOUNT_B; the recorded ACCOUNT_A is reported, not granted.
+            "LaunchPermission": {"Add": [{"OrganizationArn": ORG}, {"UserId": ACCOUNT_B}]},
         },
     )
     # The snapshots lose a half-done deregistration's mark before the AMI loses its janitor tags.
@@ -718,9 +736,11 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
         },
     )
 
-    results = rescue_image(RegionClients(REGION, ec2=client), image, FIXED_NOW, [f"user:{ACCOUNT_B}"])
+    allowed = [f"org:{ORG}", f"user:{ACCOUNT_B}"]
+    results = rescue_image(RegionClients(REGION, ec2=client), image, FIXED_NOW, allowed)
 
     assert [(r.action, r.status) for r in results] == [("rescue", "ok")]
+    assert f"not restored (outside share_with): user:{ACCOUNT_A}" in (results[0].detail or "")
 
 
 def test_rescue_cancels_a_janitor_deprecation_and_leaves_a_past_owner_one(
@@ -811,7 +831,7 @@ def test_a_rescue_failing_half_way_says_what_it_did(stubbed: tuple[Any, Stubber]
     stub.add_response("enable_image", {"Return": True}, {"ImageId": image.image_id})
     stub.add_client_error("modify_image_attribute", "RequestLimitExceeded", "slow down")
 
-    (result,) = rescue_image(RegionClients(REGION, ec2=client), image, FIXED_NOW)
+    (result,) = rescue_image(RegionClients(REGION, ec2=client), image, FIXED_NOW, [f"user:{ACCOUNT_A}"])
 
     assert (result.status, result.detail) == ("failed", "enabled")
     assert "RequestLimitExceeded" in (result.error or "")

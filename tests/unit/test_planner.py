@@ -295,7 +295,38 @@ def test_unfinished_deregistration_and_recycle_bin_reported() -> None:
     )
     result = plan([inv], policy(), NOW)
     assert result.unfinished_snapshots == ["snap-gone"]
+    assert (
+        "us-east-1: snapshots of an unfinished deregistration: 1, not deleted until the ledger can vouch "
+        "for them" in result.notes
+    )
     assert any("deferred" in note for note in result.notes)
+
+
+def test_snapshot_deletions_count_toward_max_actions_per_run() -> None:
+    # Oldest first: two snapshots of its own, then one shared with a kept AMI, then none.
+    two = image(days_old=300, snapshots=("snap-a1", "snap-a2"))
+    shared = image(days_old=200, snapshots=("snap-shared",))
+    none = image(days_old=150, snapshots=())
+    kept = image(days_old=1, snapshots=("snap-shared",))
+    limits = {"max_actions_per_run": 3, "max_fraction_per_family": 1}
+    pol = policy({"keep_latest": 1, **ALL_ZERO}, defaults={"limits": limits})
+    decisions = by_id(plan([inventory(two, shared, none, kept)], pol, NOW))
+    # two: 1 + 2 snapshots = 3 actions, the whole budget; the shared snapshot is not deleted, so
+    # `shared` would cost 1, but nothing is left.
+    assert decisions[two.image_id].action == "deregister"
+    assert decisions[shared.image_id].action == "keep"
+    assert "held back by max_actions_per_run (3)" in decisions[shared.image_id].reasons
+    assert decisions[none.image_id].action == "keep"
+    tight = policy({"keep_latest": 1, **ALL_ZERO}, defaults={"limits": {**limits, "max_actions_per_run": 2}})
+    decisions = by_id(plan([inventory(two, shared, none, kept)], tight, NOW))
+    held = decisions[two.image_id]
+    assert held.action == "keep" and held.next_action == "deprecate"
+    assert held.reasons[-1] == (
+        "held back by max_actions_per_run (2): deregistering it would delete 2 snapshot(s), 3 actions"
+    )
+    # The younger ones fit: one action each (the shared snapshot stays with `kept`).
+    assert decisions[shared.image_id].action == "deregister"
+    assert decisions[none.image_id].action == "deregister"
 
 
 def test_summary_counts_only_snapshots_no_remaining_ami_uses() -> None:

@@ -1,0 +1,105 @@
+"""Attacks by a principal who can only tag: a forged janitor tag must do no harm.
+
+Each test plays the attack through the CLI, on the emulator, with an enforce policy and `apply --yes`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
+
+from ami_janitor import cli
+from ami_janitor.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
+
+OUTSIDE_ACCOUNT = "999988887777"
+SHARED_ACCOUNT = "111122223333"
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = cli.main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def write_policy(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "janitor.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def permissions(image_id: str) -> list[dict[str, str]]:
+    answer = ec2().describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
+    return list(answer["LaunchPermissions"])
+
+
+def backup_snapshot() -> str:
+    """A data volume's backup: no AMI ever used it."""
+    client = ec2()
+    volume = client.create_volume(AvailabilityZone="us-east-1a", Size=8)["VolumeId"]
+    return str(client.create_snapshot(VolumeId=volume, Description="nightly backup")["SnapshotId"])
+
+
+def test_a_forged_retired_from_tag_deletes_no_snapshot(endpoint: str, tmp_path: Path) -> None:
+    seed_fleet(now())
+    backup = backup_snapshot()
+    ec2().create_tags(Resources=[backup], Tags=[{"Key": RETIRED_FROM_TAG, "Value": "ami-0123456789abcdef0"}])
+    text = POLICY.format(mode="enforce").replace("max_actions_per_run: 100", "max_actions_per_run: 1")
+    config = write_policy(tmp_path, text)
+
+    code, output = run("plan", "--config", config, "--format", "json")
+    plan = json.loads(output)
+    assert code == 0 and plan["unfinished_snapshots"] == [backup]
+    note = "us-east-1: snapshots of an unfinished deregistration: 1, not deleted until the ledger can vouch"
+    assert any(n.startswith(note) for n in plan["notes"]), plan["notes"]
+
+    code, output = run("apply", "--config", config, "--yes", "--format", "json")
+    report = json.loads(output)
+    assert code == 0, output
+    assert backup in snapshot_ids()
+    assert backup not in {s for r in report["results"] for s in r["snapshots_deleted"]}
+    # The cap holds: one action (a deprecation; a deregistration with its snapshot would be two).
+    acting = [d for d in report["decisions"] if d["action"] in ("deprecate", "disable", "deregister")]
+    assert len(acting) <= 1 and report["summary"]["snapshots_deleted"] == 0
+
+
+def test_a_forged_permission_record_makes_no_rescue_public(endpoint: str, tmp_path: Path) -> None:
+    fleet = seed_fleet(now())
+    newest = fleet.images[-1]  # kept (keep-N): the forged record makes it look janitor-touched
+    forged = f"group:all,user:{OUTSIDE_ACCOUNT},user:{SHARED_ACCOUNT}"
+    ec2().create_tags(Resources=[newest], Tags=[{"Key": PRIOR_PERMISSIONS_TAG, "Value": forged}])
+    text = POLICY.format(mode="enforce") + f"    share_with: {{accounts: ['{SHARED_ACCOUNT}']}}\n"
+    config = write_policy(tmp_path, text)
+
+    code, output = run("apply", "--config", config, "--yes", "--format", "json")
+
+    assert code == 0, output
+    report = json.loads(output)
+    rescue = next(r for r in report["results"] if r["image_id"] == newest and r["action"] == "rescue")
+    assert "not restored (outside share_with): group:all,user:" + OUTSIDE_ACCOUNT in rescue["detail"]
+    assert not _is_public(newest)
+    assert {"UserId": OUTSIDE_ACCOUNT} not in permissions(newest)
+    assert {p.get("UserId") for p in permissions(newest)} <= {SHARED_ACCOUNT}
+
+
+def test_a_forged_permission_record_makes_no_rescue_by_hand_public(endpoint: str, tmp_path: Path) -> None:
+    fleet = seed_fleet(now())
+    target = fleet.images[-1]
+    forged = f"group:all,user:{OUTSIDE_ACCOUNT}"
+    ec2().create_tags(Resources=[target], Tags=[{"Key": PRIOR_PERMISSIONS_TAG, "Value": forged}])
+    ec2().disable_image(ImageId=target)  # as if the disable stage had run
+
+    code, output = run("rescue", target, "--config", write_policy(tmp_path, POLICY.format(mode="enforce")))
+
+    assert code == 0, output
+    assert "not restored (outside share_with)" in output
+    assert permissions(target) == [] and not _is_public(target)
+    assert target in image_ids()
+
+
+def _is_public(image_id: str) -> bool:
+    raw: dict[str, Any] = ec2().describe_images(ImageIds=[image_id])["Images"][0]
+    return bool(raw.get("Public"))
