@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aws_cdk import CfnOutput, Duration
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -93,3 +94,19 @@ class Replication(Construct):
     def send_statement(self) -> Statement:
         """For the functions that enqueue copies."""
         return Statement("EnqueueCopyRequests", ("sqs:SendMessage",), (self.queue.queue_arn,))
+
+    def accept_requests_only_from(self, senders: Sequence[iam.IRole]) -> None:
+        """Deny sending copy requests to every principal but `senders` (the roles of the functions that
+        enqueue). An identity policy elsewhere in the account (an administrator's sqs:*) could otherwise
+        queue a copy; the worker rebuilds every request from the policy as well."""
+        self.queue.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyJanitorSendsCopyRequests",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["sqs:SendMessage"],
+                resources=[self.queue.queue_arn],
+                # A role session's aws:PrincipalArn is the role's ARN; a principal without one is denied.
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": [role.role_arn for role in senders]}},
+            )
+        )

@@ -95,6 +95,10 @@ class JanitorStack(Stack):
             dead_letters=self.dead_letters,
             replication=self.replication,
         )
+        # Only the functions that plan copies may queue them.
+        self.replication.accept_requests_only_from(
+            [self.scheduled_run.function.role, self.ami_events.function.role]
+        )
         # Build instances live where the sources are: replication-only regions get no bakes.
         baked = [
             f

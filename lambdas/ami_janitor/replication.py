@@ -107,6 +107,16 @@ class BadCopyMessage(ValueError):
     so it ends in the queue's dead-letter queue."""
 
 
+class RefusedCopy(BadCopyMessage):
+    """A well-formed copy request the policy would not make (anyone who may send to the queue could
+    have written it, or an earlier policy made it): refused, it ends in the dead-letter queue too."""
+
+    def __init__(self, reason: str, request: Copy) -> None:
+        super().__init__(f"copy request refused: {reason}")
+        self.reason = reason
+        self.request = request
+
+
 # ---- generations and provenance -------------------------------------------------------------------
 
 
@@ -176,7 +186,7 @@ def copies_of_new_source(source: Image, family: Family) -> list[Copy]:
     if source.is_replica or source.root_device_type == "instance-store":
         return []
     targets, _ = _targets(family, source.region)
-    return [
+    copies = [
         Copy(
             family=family.name,
             source_image_id=source.image_id,
@@ -188,6 +198,8 @@ def copies_of_new_source(source: Image, family: Family) -> list[Copy]:
         for target in targets
         if not (target.region == source.region and source.encrypted)  # encrypt in place: unencrypted only
     ]
+    # A record past the bound (written by hand): the worker would refuse it; the scheduled run reports it.
+    return [c for c in copies if c.generation <= MAX_COPY_GENERATIONS]
 
 
 def _plan_one(
@@ -401,10 +413,15 @@ def find_copies(ec2: EC2Client, source_image_id: str, region: str) -> list[Image
 
 
 def start_copy(
-    clients_for: Callable[[str], RegionClients], copy: Copy, source: Image, policy: Policy
+    clients_for: Callable[[str], RegionClients],
+    copy: Copy,
+    source: Image,
+    policy: Policy,
+    existing: Sequence[Image] | None = None,
 ) -> CopyResult:
     """Start one copy unless it exists. Safe to repeat: a duplicate finds the copy by provenance, a retried
-    request reuses its ClientToken. AWS errors are a failed result, never an exception."""
+    request reuses its ClientToken. AWS errors are a failed result, never an exception. `existing`: the
+    source's copies in the target region, when the caller has just read them (find_copies)."""
     result = CopyResult(
         family=copy.family,
         source_image_id=copy.source_image_id,
@@ -414,7 +431,7 @@ def start_copy(
         status="skipped",
     )
     try:
-        return _start(clients_for, copy, source, policy, result)
+        return _start(clients_for, copy, source, policy, result, existing)
     except (*AWS_ERRORS, ValueError, KeyError) as error:
         return result.model_copy(update={"status": "failed", "error": _error_text(error)})
 
@@ -438,13 +455,15 @@ def _start(
     source: Image,
     policy: Policy,
     result: CopyResult,
+    existing: Sequence[Image] | None,
 ) -> CopyResult:
     gone = _policy_change(copy, policy)
     if gone is not None:
         return result.model_copy(update={"detail": gone})
     request = copy_request(copy, source, policy)  # a request that cannot be made fails before any call
     destination = clients_for(copy.region).ec2
-    existing = find_copies(destination, copy.source_image_id, copy.region)
+    if existing is None:
+        existing = find_copies(destination, copy.source_image_id, copy.region)
     usable = sorted((c for c in existing if is_usable(c)), key=lambda c: c.created, reverse=True)
     if usable:
         found = usable[0]
@@ -476,6 +495,93 @@ def _start(
             "image_id": answer["ImageId"],
             "detail": f"copy started (generation {copy.generation})",
         }
+    )
+
+
+# ---- what the worker accepts (pure) -----------------------------------------------------------------
+
+
+def allowed_target(request: Copy, policy: Policy) -> ReplicateTarget:
+    """The policy's target for a queued request, checked on the request alone (before any AWS call, so a
+    forged region is never called): its source region is one of the policy's `regions`, its family
+    replicates there, its key is exactly the target's, its generation within the bound. RefusedCopy else."""
+    if request.source_region not in policy.regions:
+        raise RefusedCopy(
+            f"source region {request.source_region} is not one of the policy's regions "
+            f"({', '.join(policy.regions)})",
+            request,
+        )
+    family = next((f for f in policy.families if f.name == request.family), None)
+    if family is None:
+        raise RefusedCopy(f"family {request.family} is not in the policy", request)
+    targets, _ = _targets(family, request.source_region)
+    target = next((t for t in targets if t.region == request.region), None)
+    if target is None:
+        raise RefusedCopy(
+            f"target region {request.region} is not a replicate target of family {family.name} "
+            f"for sources in {request.source_region}",
+            request,
+        )
+    if request.kms_key_id != target.kms_key_id:
+        raise RefusedCopy(_key_mismatch(request.kms_key_id, target), request)
+    if not 1 <= request.generation <= MAX_COPY_GENERATIONS:
+        raise RefusedCopy(f"generation {request.generation} is outside 1..{MAX_COPY_GENERATIONS}", request)
+    return target
+
+
+def _key_mismatch(requested: str | None, target: ReplicateTarget) -> str:
+    if requested is None:
+        return f"kms_key_id missing: target {target.region} encrypts copies with {target.kms_key_id}"
+    if target.kms_key_id is None:
+        return f"kms_key_id {requested} given: target {target.region} configures no key"
+    return f"kms_key_id {requested} is not the key target {target.region} configures ({target.kms_key_id})"
+
+
+def _membership_problem(request: Copy, source: Image, policy: Policy) -> str | None:
+    """Why `source` is not a source of the request's family (None: it is)."""
+    if source.is_replica:
+        return f"source {source.image_id} is itself a copy (of {source.source_image_id}): never a source"
+    if source.root_device_type == "instance-store":
+        return f"source {source.image_id} is instance-store backed: never replicated"
+    families = sorted(f.name for f in policy.families if f.match.matches(source.name, source.tags))
+    if not families:
+        return f"source {source.image_id} ({source.name}) is in no family of the policy"
+    if len(families) > 1:
+        return f"source {source.image_id} matches several families ({', '.join(families)}): never a source"
+    if families[0] != request.family:
+        return f"source {source.image_id} is a member of family {families[0]}, not {request.family}"
+    return None
+
+
+def rebuild_copy(request: Copy, source: Image, policy: Policy, copies: Iterable[Image] = ()) -> Copy:
+    """The copy the policy itself makes of a queued request, or RefusedCopy with the reason.
+
+    `source` is the request's source as EC2 describes it now in the request's source region, `copies`
+    its copies in the target region. Besides allowed_target's checks: the source is a member of exactly
+    the request's family and no copy itself, and the generation is no higher than the janitor could
+    have planned (the highest started so far, on the source or a copy, plus one). Only the generation
+    is the request's own: the source is EC2's, the family, regions and key are the policy's.
+    """
+    target = allowed_target(request, policy)
+    if (source.image_id, source.region) != (request.source_image_id, request.source_region):
+        raise RefusedCopy(f"source {source.image_id} ({source.region}) is not the request's source", request)
+    problem = _membership_problem(request, source, policy)
+    if problem is not None:
+        raise RefusedCopy(problem, request)
+    highest = _tried(source, target.region, copies) + 1
+    if request.generation > highest:
+        raise RefusedCopy(
+            f"generation {request.generation} is above {highest}, the highest the janitor could plan "
+            f"for {source.image_id} in {target.region}",
+            request,
+        )
+    return Copy(
+        family=request.family,
+        source_image_id=source.image_id,
+        source_region=source.region,
+        region=target.region,
+        kms_key_id=target.kms_key_id,
+        generation=request.generation,
     )
 
 

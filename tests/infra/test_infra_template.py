@@ -20,7 +20,7 @@ from infra.environment import (
     REPORT_BUCKET,
     TOPIC_ARN,
 )
-from synth_support import Synth, functions_by_handler, ref_id, resources
+from synth_support import Synth, as_list, functions_by_handler, ref_id, resources
 
 SOURCE = "AmiJanitor-us-east-1"  # in policy.regions: has the bake schedule
 TARGET = "AmiJanitor-eu-west-1"  # a replication target only
@@ -228,6 +228,51 @@ def test_replication_queue_worker_and_redrive(source: dict[str, Any]) -> None:
     assert ref_id(props["RedrivePolicy"]["deadLetterTargetArn"]) == dlq
     assert 1 < props["RedrivePolicy"]["maxReceiveCount"] <= 10
     assert props["VisibilityTimeout"] >= 6 * worker["Timeout"]
+
+
+def _may_send(template: dict[str, Any], role_id: str, queue: str) -> bool:
+    """The role's own policy allows sqs:SendMessage on the queue."""
+    policies = template["Resources"][role_id]["Properties"].get("Policies", [])
+    return any(
+        statement["Effect"] == "Allow"
+        and "sqs:SendMessage" in as_list(statement["Action"])
+        and queue in {ref_id(r) for r in as_list(statement["Resource"])}
+        for policy in policies
+        for statement in policy["PolicyDocument"]["Statement"]
+    )
+
+
+def test_only_the_roles_that_enqueue_may_send_copy_requests(all_templates: dict[str, dict[str, Any]]) -> None:
+    for name, template in all_templates.items():
+        queue = _queue(template, "ReplicationQueue")
+        senders = Capture()
+        Template.from_json(template).has_resource_properties(
+            "AWS::SQS::QueuePolicy",
+            {
+                "Queues": [{"Ref": queue}],
+                "PolicyDocument": {
+                    "Statement": Match.array_with(
+                        [
+                            {
+                                "Sid": "OnlyJanitorSendsCopyRequests",
+                                "Effect": "Deny",
+                                "Principal": {"AWS": "*"},
+                                "Action": "sqs:SendMessage",
+                                "Resource": {"Fn::GetAtt": [queue, "Arn"]},
+                                "Condition": {"ArnNotEquals": {"aws:PrincipalArn": senders}},
+                            }
+                        ]
+                    )
+                },
+            },
+        )
+        excepted = {ref_id(arn) for arn in senders.as_array()}
+        roles = {
+            module: ref_id(props["Role"]) for module, (_, props) in functions_by_handler(template).items()
+        }
+        assert excepted == {roles["scheduled"], roles["ami_event"]}, name
+        # Every role granted sending is excepted, and no other.
+        assert excepted == {r for r in roles.values() if r and _may_send(template, r, queue)}, name
 
 
 def test_queues_encrypted_and_tls_only(all_templates: dict[str, dict[str, Any]]) -> None:

@@ -20,6 +20,7 @@ from ami_janitor.policy import (
 from ami_janitor.replication import (
     MAX_COPY_GENERATIONS,
     BadCopyMessage,
+    RefusedCopy,
     client_token,
     copy_from_message,
     copy_problems,
@@ -28,6 +29,7 @@ from ami_janitor.replication import (
     handle_failed_replica,
     plan_copies,
     plan_replication,
+    rebuild_copy,
 )
 from builders import NOW, image, inventory, policy
 
@@ -380,6 +382,110 @@ def test_a_copy_message_round_trips_and_a_bad_one_names_the_field() -> None:
         copy_from_message(copy.model_copy(update={"generation": 0}).model_dump_json())
     with pytest.raises(BadCopyMessage, match="source_image_id"):
         copy_from_message(copy.model_copy(update={"source_image_id": "snap-1"}).model_dump_json())
+
+
+# ---- what the worker accepts: a request rebuilt from the policy -------------------------------------
+
+OTHER_KEY = "arn:aws:kms:eu-west-1:999999999999:key/other"
+# Two families: `app` (EU with a key, WEST without, US without: ignored) and `db`; sources in us-east-1.
+TWO_FAMILIES = policy(
+    regions=[US],
+    families=[
+        {
+            "name": "app",
+            "match": {"tags": {"Project": "App"}},
+            "replicate": [{"region": EU, "kms_key_id": KEY_EU}, {"region": WEST}, {"region": US}],
+        },
+        {"name": "db", "match": {"tags": {"Project": "Db"}}, "replicate": [{"region": EU}]},
+    ],
+)
+
+
+def test_a_request_the_planner_makes_is_rebuilt_as_it_is_with_the_policy_key() -> None:
+    source = image(days_old=1)
+    for request in (copy_of(source), copy_of(source, region=WEST, key=None)):
+        assert rebuild_copy(request, source, TWO_FAMILIES) == request
+    planned = plan_copies(
+        [inventory(source), inventory(region=EU), inventory(region=WEST)], TWO_FAMILIES, NOW
+    )
+    assert [rebuild_copy(c, source, TWO_FAMILIES) for c in planned] == planned
+    assert {c.kms_key_id for c in planned if c.region == EU} == {KEY_EU}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"source_region": WEST}, "source region us-west-2 is not one of the policy's regions (us-east-1)"),
+        ({"family": "gone"}, "family gone is not in the policy"),
+        ({"region": "ap-south-1"}, "target region ap-south-1 is not a replicate target of family app"),
+        # A same-region target without a key is no target (it could only encrypt in place).
+        ({"region": US, "kms_key_id": None}, "target region us-east-1 is not a replicate target"),
+        ({"kms_key_id": None}, f"kms_key_id missing: target eu-west-1 encrypts copies with {KEY_EU}"),
+        ({"kms_key_id": OTHER_KEY}, f"kms_key_id {OTHER_KEY} is not the key target eu-west-1 configures"),
+        ({"region": WEST, "kms_key_id": KEY_EU}, "target us-west-2 configures no key"),
+        ({"generation": 99}, f"generation 99 is outside 1..{MAX_COPY_GENERATIONS}"),
+        ({"generation": 0}, "generation 0 is outside"),
+    ],
+)
+def test_a_request_the_policy_does_not_make_is_refused_with_the_reason(
+    change: dict[str, Any], reason: str
+) -> None:
+    source = image(days_old=1)
+    request = copy_of(source).model_copy(update=change)
+    with pytest.raises(RefusedCopy, match="copy request refused: ") as refused:
+        rebuild_copy(request, source, TWO_FAMILIES)
+    assert reason in refused.value.reason
+    assert refused.value.request == request
+    assert isinstance(refused.value, BadCopyMessage)  # the worker handles both alike
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: image(days_old=1, tags={"Project": "Other"}), "is in no family of the policy"),
+        (lambda: image(days_old=1, tags={"Project": "Db"}), "is a member of family db, not app"),
+        (lambda: replica(image(days_old=1), region=US), "is itself a copy"),
+        (lambda: image(days_old=1, root_device_type="instance-store"), "instance-store backed"),
+    ],
+)
+def test_a_source_that_is_no_member_of_the_family_is_refused(make: Any, reason: str) -> None:
+    source = make()
+    with pytest.raises(RefusedCopy, match=reason):
+        rebuild_copy(copy_of(source), source, TWO_FAMILIES)
+
+
+def test_a_source_of_two_families_is_refused() -> None:
+    both = policy(
+        regions=[US],
+        families=[
+            {"name": "app", "match": {"tags": {"Project": "App"}}, "replicate": [{"region": EU}]},
+            {"name": "apps", "match": {"name": "app-*"}, "replicate": [{"region": EU}]},
+        ],
+    )
+    source = image(days_old=1)
+    with pytest.raises(RefusedCopy, match=r"matches several families \(app, apps\)"):
+        rebuild_copy(copy_of(source, key=None), source, both)
+
+
+def test_a_request_for_another_source_than_the_one_described_is_refused() -> None:
+    source, other = image(days_old=1), image(days_old=2)
+    with pytest.raises(RefusedCopy, match="is not the request's source"):
+        rebuild_copy(copy_of(other), source, TWO_FAMILIES)
+
+
+def test_the_generation_is_at_most_one_above_the_highest_started() -> None:
+    fresh = image(days_old=1)
+    with pytest.raises(RefusedCopy, match="generation 2 is above 1, the highest the janitor could plan"):
+        rebuild_copy(copy_of(fresh, generation=2), fresh, TWO_FAMILIES)
+    recorded = image(days_old=1, tags={COPY_GENERATION_TAG_PREFIX + EU: "1"})
+    assert rebuild_copy(copy_of(recorded, generation=2), recorded, TWO_FAMILIES).generation == 2
+    with pytest.raises(RefusedCopy, match="generation 3 is above 2"):
+        rebuild_copy(copy_of(recorded, generation=3), recorded, TWO_FAMILIES)
+    # The source's record may be lost; the failed copy carries its own generation, as the planner reads it.
+    failed = replica(fresh, state="failed", generation=2)
+    assert rebuild_copy(copy_of(fresh, generation=3), fresh, TWO_FAMILIES, [failed]).generation == 3
+    # An older generation passes (start_copy then says it is superseded).
+    assert rebuild_copy(copy_of(recorded), recorded, TWO_FAMILIES).generation == 1
 
 
 class FlakySqs:

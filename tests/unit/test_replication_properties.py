@@ -34,10 +34,13 @@ from ami_janitor.policy import (
 )
 from ami_janitor.replication import (
     client_token,
+    copies_of_new_source,
+    find_copies,
     handle_failed_replica,
     is_usable,
     plan_copies,
     plan_replication,
+    rebuild_copy,
     replica_name,
     start_copy,
     wanted_sources,
@@ -429,6 +432,22 @@ def test_planned_copies_leave_exactly_one_copy_per_wanted_source_and_target(flee
     again, problems_again = plan_replication(fleet.inventories(), fleet.policy, NOW)
     assert again == []
     assert problems_again == problems
+
+
+@given(fleets())
+def test_the_worker_rebuilds_every_request_the_janitor_sends_as_it_is(fleet: Fleet) -> None:
+    """What the scheduled run and the available event queue passes the worker's checks unchanged (also
+    where the source lost its generation record and only a failed copy carries it)."""
+    family = fleet.policy.families[0]
+    sources = [i for i in fleet.account.inventory(US).images if not i.is_replica and i.state == "available"]
+    sent = plan_copies(fleet.inventories(), fleet.policy, NOW)
+    sent += [copy for source in sources for copy in copies_of_new_source(source, family)]
+    for copy in sent:
+        source = fleet.account.read(copy.source_region, copy.source_image_id)
+        assert source is not None
+        ec2 = fleet.account.clients_for(copy.region).ec2
+        existing = find_copies(ec2, copy.source_image_id, copy.region)
+        assert rebuild_copy(copy, source, fleet.policy, existing) == copy
 
 
 # ---- duplicated, reordered and racing requests ------------------------------------------------------

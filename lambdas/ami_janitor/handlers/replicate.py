@@ -3,6 +3,8 @@ destination region.
 
 One failed record does not fail the batch: it is reported as a batch item failure, SQS delivers it
 again and, after the queue's maxReceiveCount, parks it in the dead-letter queue (which alarms).
+A request is rebuilt from the policy before it runs (replication.rebuild_copy): one the policy would
+not make is refused the same way, with the reason in the log and the CopyRequestsRefused metric.
 Records are handled one after the other: CopyImage refills at one request per second per region, and
 the event source mapping's bounded concurrency paces the rest.
 """
@@ -27,6 +29,9 @@ from ami_janitor.policy import Policy, load_policy
 # the KMS actions are what EC2 does with a target's key on this role's behalf.
 PERMISSIONS: list[str] = sorted(set(replication.PERMISSIONS) | set(replication.KMS_PERMISSIONS))
 
+# A refused message's body is logged up to this many characters (the reason says what was wrong).
+MESSAGE_LOGGED_MAX = 2048
+
 logger = Logger()
 metrics = Metrics()
 
@@ -38,15 +43,20 @@ class CopyFailed(RuntimeError):
 def copy_record(
     record: SQSRecord, policy: Policy, clients_for: Callable[[str], RegionClients]
 ) -> dict[str, Any]:
-    """One queued copy request: read the source as EC2 describes it now, then start the copy."""
-    copy = replication.copy_from_message(record.body)
-    source = adapter.describe_image(clients_for(copy.source_region), copy.source_image_id)
+    """One queued copy request: rebuilt from the policy and the source as EC2 describes it now, then
+    started. The request only says which copy; what is copied and with which key is the policy's."""
+    request = replication.copy_from_message(record.body)
+    # Checked before any AWS call: no client is made for a region the policy does not name.
+    replication.allowed_target(request, policy)
+    source = adapter.describe_image(clients_for(request.source_region), request.source_image_id)
     if source is None:
         # Deregistered since the request was queued: retrying cannot help.
-        logger.info("source gone: nothing to copy", extra=copy.model_dump(mode="json"))
+        logger.info("source gone: nothing to copy", extra=request.model_dump(mode="json"))
         metrics.add_metric(name="CopiesSkipped", unit=MetricUnit.Count, value=1)
-        return {"status": "skipped", "detail": "source gone", **copy.model_dump(mode="json")}
-    result = replication.start_copy(clients_for, copy, source, policy)
+        return {"status": "skipped", "detail": "source gone", **request.model_dump(mode="json")}
+    existing = replication.find_copies(clients_for(request.region).ec2, source.image_id, request.region)
+    copy = replication.rebuild_copy(request, source, policy, existing)
+    result = replication.start_copy(clients_for, copy, source, policy, existing)
     outcome = result.model_dump(mode="json")
     if result.status == "failed":
         metrics.add_metric(name="CopiesFailed", unit=MetricUnit.Count, value=1)
@@ -59,6 +69,24 @@ def copy_record(
     )
     logger.info("copy handled", extra=outcome)
     return outcome
+
+
+def report_refused(record: SQSRecord, error: replication.BadCopyMessage) -> None:
+    """Say why a request is refused, on every delivery (the last one is the message the DLQ keeps)."""
+    if isinstance(error, replication.RefusedCopy):
+        reason, request = error.reason, error.request.model_dump(mode="json")
+    else:  # not even a copy request: its body is all there is to show
+        reason, request = str(error), {"body": record.body[:MESSAGE_LOGGED_MAX]}
+    logger.error(
+        "copy request refused",
+        extra={
+            "reason": reason,
+            "request": request,
+            "message_id": record.message_id,
+            "receive_count": record.attributes.approximate_receive_count,
+        },
+    )
+    metrics.add_metric(name="CopyRequestsRefused", unit=MetricUnit.Count, value=1)
 
 
 @logger.inject_lambda_context
@@ -77,10 +105,18 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         metrics.add_metric(name="CopyRequestsDropped", unit=MetricUnit.Count, value=dropped)
         return {"batchItemFailures": []}
     factory = ClientFactory()
-    processor = BatchProcessor(event_type=EventType.SQS)
+    # A batch whose every record failed is answered like any other (each record a batch item failure),
+    # not raised: a batch of one refused request is common, and SQS redrives either way (after the
+    # visibility timeout, which paces the retries).
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
     def handle(record: SQSRecord) -> dict[str, Any]:
-        return copy_record(record, policy, factory)
+        try:
+            return copy_record(record, policy, factory)
+        except replication.BadCopyMessage as error:
+            report_refused(record, error)
+            # Raised, the record is a batch item failure: redriven, it ends in the dead-letter queue.
+            raise
 
     return dict(
         process_partial_response(event=event, record_handler=handle, processor=processor, context=context)
