@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 from moto import mock_aws
 
+from ami_janitor.demo import emulator
+
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -33,7 +35,9 @@ def fake_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def moto_aws(fake_aws_env: None) -> Iterator[None]:
-    """Every boto3 client made during the test talks to an in-process moto."""
+    """Every boto3 client made during the test talks to an in-process moto, with the emulator's
+    additions (operations moto lacks answer as AWS answers an operation it does not offer)."""
+    emulator.install()
     with mock_aws():
         yield
 
