@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     replicate.add_argument("--family", action="append", help="only this family (repeatable)")
     bake = commands.add_parser("bake", parents=[common], help="create a versioned image of an instance")
     bake.add_argument("--family", required=True)
-    bake.add_argument("--instance-id", help="default: the instance carrying the family's bake.instance_tag")
+    bake.add_argument(
+        "--instance-id",
+        help="default: the family's bake.instance_id, else the only instance carrying its bake.instance_tag",
+    )
     bake.add_argument(
         "--no-reboot", action="store_true", help="do not reboot (the file system may be inconsistent)"
     )

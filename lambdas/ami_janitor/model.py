@@ -165,6 +165,24 @@ class RetiredSnapshot(_Frozen):
     image_id: str
 
 
+class BuildInstance(_Frozen):
+    """A live instance that a family's bake names (by bake.instance_id or its bake.instance_tag)."""
+
+    instance_id: str
+    state: str
+    launched: datetime | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_api(cls, raw: dict[str, Any]) -> BuildInstance:
+        return cls(
+            instance_id=raw["InstanceId"],
+            state=str((raw.get("State") or {}).get("Name") or "unknown"),
+            launched=parse_time(raw.get("LaunchTime")),
+            tags={t["Key"]: t.get("Value", "") for t in raw.get("Tags") or []},
+        )
+
+
 class RegionInventory(_Frozen):
     region: str
     images: tuple[Image, ...] = ()
