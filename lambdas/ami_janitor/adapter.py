@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, UnknownEndpointError
 from botocore.parsers import ResponseParserError
 
-from ami_janitor.model import Image, LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor import build_instance
+from ami_janitor.model import (
+    BuildInstance,
+    Image,
+    LaunchPermission,
+    Reference,
+    RegionInventory,
+    RetiredSnapshot,
+)
 from ami_janitor.policy import RETIRED_FROM_TAG, Policy
 
 if TYPE_CHECKING:
@@ -387,6 +395,8 @@ class _Loader:
         self.template_uses: list[_TemplateUse] = []
         self.templates = _Templates()
         self.live_instances: set[str] = set()
+        self.build_instances: list[BuildInstance] = []
+        self.baked_families = [family for family in policy.families if family.bake is not None]
         self.parameter_values: dict[str, str] = {}
         self.launch_configurations: dict[str, str] = {}
 
@@ -412,6 +422,7 @@ class _Loader:
             region=self.region,
             images=tuple(sorted(images, key=lambda image: image.image_id)),
             references=tuple(sorted(references, key=lambda r: (r.image_id, r.kind, r.resource_id, r.detail))),
+            build_instances=tuple(sorted(self.build_instances, key=lambda i: i.instance_id)),
             parameters=parameters,
             retired_snapshots=retired_snapshots,
             recycle_bin_rules=recycle_bin_rules,
@@ -495,11 +506,18 @@ class _Loader:
         if state == "terminated":
             return
         self.live_instances.add(instance_id)
+        self._build_instance(instance_id, instance)
         name = _tag(instance, "Name")
         label = f"{name}, {state}" if name else state
         self._claim(
             instance.get("ImageId"), "instance", instance_id, f"instance {instance_id} ({label})", "used by"
         )
+
+    def _build_instance(self, instance_id: str, instance: Raw) -> None:
+        """Keeps an instance some family's bake names, so the plan can say what a bake would image."""
+        tags = {str(t.get("Key")): str(t.get("Value") or "") for t in instance.get("Tags") or []}
+        if any(build_instance.is_named_by(f, instance_id, tags) for f in self.baked_families):
+            self.build_instances.append(BuildInstance.from_api(dict(instance)))
 
     # -- SSM parameters ----------------------------------------------------------------------------
 

@@ -132,6 +132,14 @@ def print_plan(plan: Plan, out: TextIO) -> None:
             out.write(
                 f"  {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
             )
+    if plan.bakes:
+        out.write("\nScheduled bakes:\n")
+        for bake in plan.bakes:
+            if bake.instance_id is None:
+                out.write(f"  {bake.region}: the scheduled bake would refuse: {bake.refusal}\n")
+            else:
+                what = f"the scheduled bake will image {bake.instance_id} ({bake.reason})"
+                out.write(f"  {bake.region}: family {bake.family}: {what}\n")
     if plan.unfinished_snapshots:
         out.write(f"\nunfinished deregistrations: {len(plan.unfinished_snapshots)} snapshots to delete\n")
     s = plan.summary

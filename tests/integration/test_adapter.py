@@ -31,7 +31,7 @@ from ami_janitor.adapter import (
 )
 from ami_janitor.clients import RegionClients
 from ami_janitor.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
-from ami_janitor.policy import RETIRED_FROM_TAG
+from ami_janitor.policy import RETIRED_FROM_TAG, parse_policy
 from builders import image, policy
 
 REGION = "us-east-1"
@@ -349,6 +349,44 @@ def test_load_images_reads_only_the_amis_and_the_latest_pointers() -> None:
     assert inventory.parameters == {"/ami/app/x86_64/latest": x86}
     assert inventory.references == ()
     assert set(calls) <= set(IMAGE_PERMISSIONS) <= set(PERMISSIONS)
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_build_instances_are_the_live_instances_a_bake_names() -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    base = make_ami("base-1")
+
+    def launch(tags: dict[str, str]) -> str:
+        spec = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+        answer = ec2.run_instances(ImageId=base, MinCount=1, MaxCount=1, TagSpecifications=spec)
+        return str(answer["Instances"][0]["InstanceId"])
+
+    tagged, pinned, other, gone = (
+        launch({"Role": "build", "Name": "b"}),
+        launch({"Name": "p"}),
+        launch({"Role": "other"}),
+        launch({"Role": "build"}),
+    )
+    ec2.stop_instances(InstanceIds=[tagged])
+    ec2.terminate_instances(InstanceIds=[gone])
+    bakes = parse_policy(
+        {
+            "regions": [REGION],
+            "families": [
+                {"name": "app", "match": {"tags": APP}, "bake": {"instance_tag": {"Role": "build"}}},
+                {"name": "pinned", "match": {"name": "pinned-*"}, "bake": {"instance_id": pinned}},
+            ],
+        }
+    )
+
+    inventory = load_inventory(moto_clients(), bakes)
+
+    assert inventory.error is None
+    recorded = {i.instance_id: i for i in inventory.build_instances}
+    assert sorted(recorded) == sorted([tagged, pinned])
+    assert other not in recorded and gone not in recorded
+    assert (recorded[tagged].state, recorded[tagged].tags) == ("stopped", {"Role": "build", "Name": "b"})
+    assert recorded[pinned].launched is not None
 
 
 @pytest.mark.usefixtures("moto_aws")

@@ -263,3 +263,40 @@ def test_bake_refuses_when_several_instances_carry_the_bake_tag(
     assert code == 0, output
     baked = ec2().describe_images(ImageIds=[output.strip()])["Images"][0]
     assert {"Key": "ami-janitor:baked-from", "Value": builder} in baked["Tags"]
+
+
+def test_plan_names_the_instance_a_scheduled_bake_will_image(endpoint: str, tmp_path: Path) -> None:
+    seed_fleet(now())
+    builder = launch_build_instance()
+
+    code, output = run("plan", "--config", bake_policy(tmp_path), "--format", "json")
+
+    assert code == 0
+    assert json.loads(output)["bakes"] == [
+        {
+            "region": "us-east-1",
+            "family": "web",
+            "instance_id": builder,
+            "reason": "the only instance tagged Role=web",
+            "refusal": None,
+        }
+    ]
+    code, output = run("plan", "--config", bake_policy(tmp_path))
+    assert (
+        f"us-east-1: family web: the scheduled bake will image {builder} (the only instance tagged Role=web)"
+        in output
+    )
+
+    other = launch_build_instance()
+    [bake] = json.loads(run("plan", "--config", bake_policy(tmp_path), "--format", "json")[1])["bakes"]
+    assert bake["instance_id"] is None
+    assert builder in bake["refusal"] and other in bake["refusal"]
+    assert (
+        "the scheduled bake would refuse: family web: 2 running or stopped instances"
+        in run("plan", "--config", bake_policy(tmp_path))[1]
+    )
+
+    [bake] = json.loads(run("plan", "--config", bake_policy(tmp_path, builder), "--format", "json")[1])[
+        "bakes"
+    ]
+    assert (bake["instance_id"], bake["reason"]) == (builder, "pinned by bake.instance_id")
