@@ -35,8 +35,8 @@ def tags_text(tags: dict[str, str]) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(tags.items()))
 
 
-def carries(instance: BuildInstance, tags: dict[str, str]) -> bool:
-    return all(instance.tags.get(key) == value for key, value in tags.items())
+def carries(instance_tags: dict[str, str], wanted: dict[str, str]) -> bool:
+    return all(instance_tags.get(key) == value for key, value in wanted.items())
 
 
 def is_named_by(family: Family, instance_id: str, tags: dict[str, str]) -> bool:
@@ -46,7 +46,7 @@ def is_named_by(family: Family, instance_id: str, tags: dict[str, str]) -> bool:
         return False
     if bake.instance_id is not None:
         return instance_id == bake.instance_id
-    return bake.instance_tag is not None and all(tags.get(k) == v for k, v in bake.instance_tag.items())
+    return bake.instance_tag is not None and carries(tags, bake.instance_tag)
 
 
 def choose(family: Family, region: str, instances: Iterable[BuildInstance]) -> Choice:
@@ -72,7 +72,7 @@ def _pinned(
         return Choice(None, f"{prefix} does not exist in {region}")
     if found.state not in BAKEABLE_STATES:
         return Choice(None, f"{prefix} is {found.state}; only a running or stopped instance is baked")
-    if tags and not carries(found, tags):
+    if tags and not carries(found.tags, tags):
         return Choice(None, f"{prefix} does not carry the tags {tags_text(tags)} (bake.instance_tag)")
     return Choice(instance_id, PINNED)
 
@@ -81,7 +81,7 @@ def _only_tagged(
     family: Family, tags: dict[str, str], region: str, instances: Iterable[BuildInstance]
 ) -> Choice:
     wanted = tags_text(tags)
-    tagged = sorted(i.instance_id for i in instances if i.state in BAKEABLE_STATES and carries(i, tags))
+    tagged = sorted(i.instance_id for i in instances if i.state in BAKEABLE_STATES and carries(i.tags, tags))
     if not tagged:
         return Choice(
             None,
