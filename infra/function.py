@@ -35,8 +35,8 @@ WILDCARD_REASONS = {
     "CopyImages": "A copy creates an AMI and snapshots with new ids; limited to this region and the "
     "policy's replication target regions.",
     "CreateImages": "A bake creates an AMI and snapshots with new ids in this region.",
-    "CreateImagesFromInstances": "Build instance ids change per bake; limited to instances carrying a "
-    "family's bake.instance_tag.",
+    "CreateImagesFromInstances": "A family without bake.instance_id names its build instance by tags "
+    "alone; limited to instances carrying its bake.instance_tag.",
     "TagOnCreate": "Tags given at creation of a new AMI or snapshot only (ec2:CreateAction condition).",
     "DeleteRetiredSnapshots": "Snapshot ids are not known at deploy time; limited to snapshots the "
     "janitor tagged ami-janitor:retired-from before deregistering their AMI.",

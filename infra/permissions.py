@@ -85,6 +85,14 @@ class Statement:
 
 
 @dataclass(frozen=True)
+class BuildInstanceScope:
+    """The instance a family's bake may image: its pinned id (else any), carrying its tags (if any)."""
+
+    instance_id: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Scope:
     """What a function's mutating calls may touch."""
 
@@ -96,8 +104,8 @@ class Scope:
     latest_tag_keys: tuple[str, ...] = ()
     kms_key_arns: tuple[str, ...] = ()
     ssm_parameters: tuple[str, ...] = ()
-    # One entry per baked family: the instance tags that select its build instance.
-    bake_instance_tags: tuple[tuple[tuple[str, str], ...], ...] = ()
+    # One entry per baked family: the build instance its bake.instance_id and bake.instance_tag name.
+    build_instances: tuple[BuildInstanceScope, ...] = ()
 
     @classmethod
     def from_policy(
@@ -121,8 +129,10 @@ class Scope:
             ssm_parameters=tuple(
                 sorted({f.latest.ssm_parameter for f in families if f.latest and f.latest.ssm_parameter})
             ),
-            bake_instance_tags=tuple(
-                tuple(sorted(f.bake.instance_tag.items())) for f in families if f.bake is not None
+            build_instances=tuple(
+                BuildInstanceScope(f.bake.instance_id, tuple(sorted((f.bake.instance_tag or {}).items())))
+                for f in families
+                if f.bake is not None
             ),
         )
 
@@ -132,8 +142,8 @@ class Scope:
     def snapshot_arn(self, region: str) -> str:
         return f"arn:{self.partition}:ec2:{region}::snapshot/*"
 
-    def instance_arn(self) -> str:
-        return f"arn:{self.partition}:ec2:{self.region}:{self.account}:instance/*"
+    def instance_arn(self, instance_id: str | None = None) -> str:
+        return f"arn:{self.partition}:ec2:{self.region}:{self.account}:instance/{instance_id or '*'}"
 
     def parameter_arn(self, name: str) -> str:
         # "/ami/x/{arch}/latest" -> parameter/ami/x/*/latest (the ARN drops the leading slash).
@@ -266,14 +276,15 @@ def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
                 "CreateImages", ("ec2:CreateImage",), (scope.image_arn(region), scope.snapshot_arn(region))
             )
         )
-        for index, tags_of_family in enumerate(scope.bake_instance_tags):
-            # The build instance of a family: selected by the family's bake.instance_tag.
+        for index, build in enumerate(scope.build_instances):
+            # The build instance of a family: its bake.instance_id, and carrying its bake.instance_tag.
+            carries = {"StringEquals": {f"aws:ResourceTag/{key}": value for key, value in build.tags}}
             out.append(
                 Statement(
                     f"CreateImagesFromInstances{index}",
                     ("ec2:CreateImage",),
-                    (scope.instance_arn(),),
-                    {"StringEquals": {f"aws:ResourceTag/{key}": value for key, value in tags_of_family}},
+                    (scope.instance_arn(build.instance_id),),
+                    carries if build.tags else {},
                 )
             )
     if creates and "ec2:CreateTags" in chosen:

@@ -9,6 +9,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from moto import mock_aws
 
+from ami_janitor.demo import emulator
+
 # `make test` runs the quick profile; `make fuzz` runs every property with 10,000 examples.
 settings.register_profile("quick", max_examples=60, deadline=None)
 settings.register_profile(
@@ -42,7 +44,9 @@ def fake_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def moto_aws(fake_aws_env: None) -> Iterator[None]:
-    """Every boto3 client made during the test talks to an in-process moto."""
+    """Every boto3 client made during the test talks to an in-process moto, with the emulator's
+    additions (operations moto lacks answer as AWS answers an operation it does not offer)."""
+    emulator.install()
     with mock_aws():
         yield
 

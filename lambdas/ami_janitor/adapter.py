@@ -13,10 +13,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, UnknownEndpointError
 from botocore.parsers import ResponseParserError
 
-from ami_janitor.model import Image, LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor import build_instance
+from ami_janitor.model import (
+    BuildInstance,
+    Image,
+    LaunchPermission,
+    Reference,
+    RegionInventory,
+    RetiredSnapshot,
+)
 from ami_janitor.policy import RETIRED_FROM_TAG, Policy
 
 if TYPE_CHECKING:
@@ -78,15 +86,14 @@ _IMAGE_REFERENCE_BATCH = 10  # DescribeImageReferences takes at most 10 image id
 _RECYCLE_BIN_TYPES = ("EC2_IMAGE", "EBS_SNAPSHOT")
 
 _MALFORMED: tuple[type[Exception], ...] = (KeyError, TypeError, ValueError)
-_UNAVAILABLE_CODES = frozenset(
-    {
-        "InvalidAction",
-        "UnsupportedOperation",
-        "UnknownOperation",
-        "UnknownOperationException",
-        "NotImplemented",
-    }
+# How AWS says an operation does not exist here: EC2 (query protocol) answers InvalidAction or
+# UnsupportedOperation, JSON and REST-JSON services UnknownOperationException. Only these make an
+# optional source absent; a 5xx, an HTML page, a parse error or a bare status code is a failure.
+_UNSUPPORTED_OPERATION_CODES = frozenset(
+    {"InvalidAction", "UnsupportedOperation", "UnknownOperationException"}
 )
+# A client that cannot reach the service's endpoint at all: the partition has no such service.
+_MISSING_ENDPOINT: tuple[type[Exception], ...] = (EndpointConnectionError, UnknownEndpointError)
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -109,14 +116,9 @@ def _short(text: str) -> str:
     return " ".join(text.split())[:300]
 
 
-def _is_unavailable(error: Exception) -> bool:
-    """The API does not exist here: an old partition, or the emulator (HTML 500 page, bare status code)."""
-    if isinstance(error, NotImplementedError | ResponseParserError):
-        return True
-    if isinstance(error, ClientError):
-        code = _error_code(error)
-        return code in _UNAVAILABLE_CODES or code.isdigit()
-    return False
+def _is_unsupported_operation(error: Exception) -> bool:
+    """AWS answered, explicitly, that the operation is not offered here (an older partition)."""
+    return isinstance(error, ClientError) and _error_code(error) in _UNSUPPORTED_OPERATION_CODES
 
 
 @contextmanager
@@ -127,13 +129,10 @@ def _source(name: str) -> Iterator[None]:
     except ClientError as error:
         message = str(error.response.get("Error", {}).get("Message") or error)
         raise _SourceFailed(
-            name, _error_code(error), _short(message), unavailable=_is_unavailable(error)
+            name, _error_code(error), _short(message), unavailable=_is_unsupported_operation(error)
         ) from error
     except (BotoCoreError, ResponseParserError, NotImplementedError) as error:
-        unavailable = _is_unavailable(error)
-        raise _SourceFailed(
-            name, type(error).__name__, _short(str(error)), unavailable=unavailable
-        ) from error
+        raise _SourceFailed(name, type(error).__name__, _short(str(error))) from error
     except _MALFORMED as error:
         raise _SourceFailed(name, "MalformedResponse", _short(f"{type(error).__name__}: {error}")) from error
 
@@ -396,6 +395,8 @@ class _Loader:
         self.template_uses: list[_TemplateUse] = []
         self.templates = _Templates()
         self.live_instances: set[str] = set()
+        self.build_instances: list[BuildInstance] = []
+        self.baked_families = [family for family in policy.families if family.bake is not None]
         self.parameter_values: dict[str, str] = {}
         self.launch_configurations: dict[str, str] = {}
 
@@ -421,6 +422,7 @@ class _Loader:
             region=self.region,
             images=tuple(sorted(images, key=lambda image: image.image_id)),
             references=tuple(sorted(references, key=lambda r: (r.image_id, r.kind, r.resource_id, r.detail))),
+            build_instances=tuple(sorted(self.build_instances, key=lambda i: i.instance_id)),
             parameters=parameters,
             retired_snapshots=retired_snapshots,
             recycle_bin_rules=recycle_bin_rules,
@@ -452,12 +454,13 @@ class _Loader:
     def _optional(
         self, source: str, load: Callable[[], T], note: str, *, endpoint_may_lack: bool = False
     ) -> T | None:
-        """A source that may not exist here: its absence is a note, any other failure skips the region."""
+        """A source that may not exist here: an explicit unsupported-operation answer (or, where the
+        service may lack an endpoint, no endpoint) is a note; any other failure skips the region."""
         try:
             with _source(source):
                 return load()
         except _SourceFailed as failure:
-            missing_endpoint = endpoint_may_lack and isinstance(failure.__cause__, EndpointConnectionError)
+            missing_endpoint = endpoint_may_lack and isinstance(failure.__cause__, _MISSING_ENDPOINT)
             if not (failure.unavailable or missing_endpoint):
                 raise
             self._note(note)
@@ -503,11 +506,18 @@ class _Loader:
         if state == "terminated":
             return
         self.live_instances.add(instance_id)
+        self._build_instance(instance_id, instance)
         name = _tag(instance, "Name")
         label = f"{name}, {state}" if name else state
         self._claim(
             instance.get("ImageId"), "instance", instance_id, f"instance {instance_id} ({label})", "used by"
         )
+
+    def _build_instance(self, instance_id: str, instance: Raw) -> None:
+        """Keeps an instance some family's bake names, so the plan can say what a bake would image."""
+        tags = {str(t.get("Key")): str(t.get("Value") or "") for t in instance.get("Tags") or []}
+        if any(build_instance.is_named_by(f, instance_id, tags) for f in self.baked_families):
+            self.build_instances.append(BuildInstance.from_api(dict(instance)))
 
     # -- SSM parameters ----------------------------------------------------------------------------
 

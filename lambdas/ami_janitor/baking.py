@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
+from ami_janitor import build_instance
 from ami_janitor.clients import RegionClients
+from ami_janitor.model import BuildInstance
 from ami_janitor.policy import JANITOR_TAG_PREFIX, Family
 
 if TYPE_CHECKING:
@@ -394,30 +396,48 @@ def _duration(seconds: float) -> str:
 
 
 def find_bake_instance(clients: RegionClients, family: Family) -> str:
-    """The running or stopped instance carrying the family's bake.instance_tag (the most recently
-    launched where several do; instance id as tie-break)."""
-    if family.bake is None:
+    """The instance the family's bake images (see build_instance.choose); BakeError when it refuses."""
+    bake = family.bake
+    if bake is None:
         raise BakeUsageError(
-            f"family {family.name} has no bake section (bake.instance_tag names its instance)"
+            f"family {family.name} has no bake section (bake.instance_id or bake.instance_tag names its "
+            "instance); pass --instance-id"
         )
-    tags = family.bake.instance_tag
-    filters: list[Any] = [{"Name": f"tag:{key}", "Values": [value]} for key, value in sorted(tags.items())]
-    filters.append({"Name": "instance-state-name", "Values": ["running", "stopped"]})
-    found: list[tuple[datetime, str]] = []
     try:
-        for page in clients.ec2.get_paginator("describe_instances").paginate(Filters=filters):
-            for reservation in page.get("Reservations") or []:
-                for instance in reservation.get("Instances") or []:
-                    launched = instance.get("LaunchTime") or datetime.min.replace(tzinfo=UTC)
-                    found.append((launched, instance["InstanceId"]))
+        if bake.instance_id is not None:
+            found = _instance_by_id(clients.ec2, bake.instance_id)
+        else:
+            found = _instances_tagged(clients.ec2, bake.instance_tag or {})
     except (ClientError, BotoCoreError) as error:
         raise BakeError(
             f"cannot list the build instances of {family.name}: {_describe_error(error)}"
         ) from None
-    if not found:
-        wanted = ", ".join(f"{key}={value}" for key, value in sorted(tags.items()))
-        raise BakeError(
-            f"family {family.name}: no running or stopped instance in {clients.region} carries the "
-            f"tags {wanted} (bake.instance_tag)"
-        )
-    return max(found)[1]
+    choice = build_instance.choose(family, clients.region, found)
+    if choice.instance_id is None:
+        raise BakeError(choice.reason)
+    return choice.instance_id
+
+
+def _instance_by_id(ec2: EC2Client, instance_id: str) -> list[BuildInstance]:
+    try:
+        pages = list(ec2.get_paginator("describe_instances").paginate(InstanceIds=[instance_id]))
+    except ClientError as error:
+        if str(error.response.get("Error", {}).get("Code", "")).startswith("InvalidInstanceID."):
+            return []
+        raise
+    return _build_instances(pages)
+
+
+def _instances_tagged(ec2: EC2Client, tags: dict[str, str]) -> list[BuildInstance]:
+    filters: list[Any] = [{"Name": f"tag:{key}", "Values": [value]} for key, value in sorted(tags.items())]
+    filters.append({"Name": "instance-state-name", "Values": sorted(build_instance.BAKEABLE_STATES)})
+    return _build_instances(ec2.get_paginator("describe_instances").paginate(Filters=filters))
+
+
+def _build_instances(pages: Iterable[Any]) -> list[BuildInstance]:
+    return [
+        BuildInstance.from_api(dict(instance))
+        for page in pages
+        for reservation in page.get("Reservations") or []
+        for instance in reservation.get("Instances") or []
+    ]

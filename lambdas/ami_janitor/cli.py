@@ -45,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     replicate.add_argument("--family", action="append", help="only this family (repeatable)")
     bake = commands.add_parser("bake", parents=[common], help="create a versioned image of an instance")
     bake.add_argument("--family", required=True)
-    bake.add_argument("--instance-id", help="default: the instance carrying the family's bake.instance_tag")
+    bake.add_argument(
+        "--instance-id",
+        help="default: the family's bake.instance_id, else the only instance carrying its bake.instance_tag",
+    )
     bake.add_argument(
         "--no-reboot", action="store_true", help="do not reboot (the file system may be inconsistent)"
     )
@@ -129,6 +132,14 @@ def print_plan(plan: Plan, out: TextIO) -> None:
             out.write(
                 f"  {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
             )
+    if plan.bakes:
+        out.write("\nScheduled bakes:\n")
+        for bake in plan.bakes:
+            if bake.instance_id is None:
+                out.write(f"  {bake.region}: the scheduled bake would refuse: {bake.refusal}\n")
+            else:
+                what = f"the scheduled bake will image {bake.instance_id} ({bake.reason})"
+                out.write(f"  {bake.region}: family {bake.family}: {what}\n")
     s = plan.summary
     out.write(
         f"\nsummary: {s.images} images, {s.kept} kept, {s.waiting} waiting, {s.deprecated} to deprecate, "

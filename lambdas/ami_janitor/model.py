@@ -165,10 +165,30 @@ class RetiredSnapshot(_Frozen):
     image_id: str
 
 
+class BuildInstance(_Frozen):
+    """A live instance that a family's bake names (by bake.instance_id or its bake.instance_tag)."""
+
+    instance_id: str
+    state: str
+    launched: datetime | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_api(cls, raw: dict[str, Any]) -> BuildInstance:
+        return cls(
+            instance_id=raw["InstanceId"],
+            state=str((raw.get("State") or {}).get("Name") or "unknown"),
+            launched=parse_time(raw.get("LaunchTime")),
+            tags={t["Key"]: t.get("Value", "") for t in raw.get("Tags") or []},
+        )
+
+
 class RegionInventory(_Frozen):
     region: str
     images: tuple[Image, ...] = ()
     references: tuple[Reference, ...] = ()
+    # The live instances some family's bake names: what the plan says a scheduled bake would image.
+    build_instances: tuple[BuildInstance, ...] = ()
     # name -> value of every SSM parameter the policy points at (Latest pointers).
     parameters: dict[str, str] = Field(default_factory=dict)
     retired_snapshots: tuple[RetiredSnapshot, ...] = ()
@@ -255,6 +275,17 @@ class Summary(_PlanModel):
     regions_skipped: int = 0
 
 
+class ScheduledBake(_PlanModel):
+    """The instance a family's scheduled bake in a region would image, or why it would refuse."""
+
+    region: str
+    family: str
+    instance_id: str | None = None
+    # Why that instance: "pinned by bake.instance_id" or "the only instance tagged K=V".
+    reason: str | None = None
+    refusal: str | None = None
+
+
 class Plan(_PlanModel):
     mode: Literal["dry-run", "enforce", "paused"]
     generated_at: str
@@ -263,6 +294,7 @@ class Plan(_PlanModel):
     latest: list[LatestChange] = Field(default_factory=list)
     copies: list[Copy] = Field(default_factory=list)
     shares: list[Share] = Field(default_factory=list)
+    bakes: list[ScheduledBake] = Field(default_factory=list)
     summary: Summary = Summary()
     policy_errors: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)

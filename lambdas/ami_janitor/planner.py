@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import cast
 
+from ami_janitor import build_instance
 from ami_janitor.model import (
     Decision,
     Image,
@@ -17,6 +18,7 @@ from ami_janitor.model import (
     Plan,
     RegionInventory,
     RegionStatus,
+    ScheduledBake,
     Stage,
     Summary,
     iso,
@@ -448,6 +450,29 @@ def plan_region(
     return decisions, changes, policy_errors
 
 
+def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[ScheduledBake]:
+    """The instance each scheduled bake of the region would image now, or why it would refuse.
+
+    Scheduled bakes run in the policy's regions only (replication targets hold copies, not builds)."""
+    if inventory.region not in policy.regions:
+        return []
+    bakes: list[ScheduledBake] = []
+    for family in policy.families:
+        if family.bake is None or family.bake.schedule is None:
+            continue
+        choice = build_instance.choose(family, inventory.region, inventory.build_instances)
+        bakes.append(
+            ScheduledBake(
+                region=inventory.region,
+                family=family.name,
+                instance_id=choice.instance_id,
+                reason=None if choice.refused else choice.reason,
+                refusal=choice.reason if choice.refused else None,
+            )
+        )
+    return bakes
+
+
 def _summary(decisions: list[Decision], inventories: Sequence[RegionInventory], skipped: int) -> Summary:
     counts = Counter(d.action for d in decisions)
     freed = [d for d in decisions if d.action == "deregister"]
@@ -499,6 +524,7 @@ def _plan(inventories: Sequence[RegionInventory], policy: Policy, now: datetime)
     policy_errors: list[str] = sorted(set(errors.values()))
     notes: list[str] = []
     unfinished: list[str] = []
+    bakes: list[ScheduledBake] = []
     if policy.mode == "paused":
         notes.append("mode is paused: nothing is applied")
     for inventory in ordered:
@@ -511,6 +537,7 @@ def _plan(inventories: Sequence[RegionInventory], policy: Policy, now: datetime)
         )
         decisions.extend(region_decisions)
         changes.extend(region_changes)
+        bakes.extend(scheduled_bakes(inventory, policy))
         policy_errors.extend(region_errors)
         notes.extend(f"{inventory.region}: {note}" for note in inventory.notes)
         for rule in inventory.recycle_bin_rules:
@@ -532,6 +559,7 @@ def _plan(inventories: Sequence[RegionInventory], policy: Policy, now: datetime)
         regions=statuses,
         decisions=decisions,
         latest=changes,
+        bakes=bakes,
         summary=_summary(decisions, usable, skipped),
         policy_errors=policy_errors,
         notes=notes,

@@ -172,9 +172,20 @@ class ShareWith(_Strict):
 
 
 class Bake(_Strict):
-    instance_tag: dict[str, str] = Field(min_length=1)
+    """The build instance: pinned by id, or the only running or stopped instance carrying the tags.
+
+    With both, the pinned instance must also carry the tags."""
+
+    instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
+    instance_tag: dict[str, str] | None = Field(None, min_length=1)
     schedule: str | None = None
     no_reboot: bool = False
+
+    @model_validator(mode="after")
+    def _names_an_instance(self) -> Bake:
+        if self.instance_id is None and not self.instance_tag:
+            raise ValueError("give instance_id and/or instance_tag: they name the instance to bake")
+        return self
 
     @field_validator("schedule")
     @classmethod

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from infra.permissions import PermissionsError, Scope, Statement, statements_for
+from infra.permissions import BuildInstanceScope, PermissionsError, Scope, Statement, statements_for
 from synth_support import ServiceAuthorization
+
+from ami_janitor.policy import Family
 
 ACCOUNT = "123456789012"
 # Every kind of action the handlers may list.
@@ -59,9 +61,9 @@ def test_scope_from_policy(scope: Scope) -> None:
         "arn:aws:kms:us-west-2:111122223333:key/0987dcba-09fe-87dc-65ba-ab0987654321",
     )
     assert scope.ssm_parameters == ("/ami/pettracker-ml/{arch}/latest",)
-    assert scope.bake_instance_tags == (
-        (("Role", "pettracker-ml"),),
-        (("Role", "base-linux"), ("Stage", "build")),
+    assert scope.build_instances == (
+        BuildInstanceScope(None, (("Role", "pettracker-ml"),)),
+        BuildInstanceScope(None, (("Role", "base-linux"), ("Stage", "build"))),
     )
 
 
@@ -141,6 +143,27 @@ def test_copies_and_bakes(scope: Scope) -> None:
     assert s["CreateImagesFromInstances1"].conditions == {
         "StringEquals": {"aws:ResourceTag/Role": "base-linux", "aws:ResourceTag/Stage": "build"}
     }
+
+
+def test_a_pinned_build_instance_is_the_only_one_a_bake_may_image(infra_policy: Any) -> None:
+    families = [family.model_dump(exclude_unset=True) for family in infra_policy.families]
+    families[0]["bake"]["instance_id"] = "i-0b0b0b0b0b0b0b0b0"  # with its tags
+    families[1]["bake"] = {"instance_id": "i-0c0c0c0c0c0c0c0c0"}  # by id alone
+    pinned = infra_policy.model_copy(update={"families": [Family.model_validate(f) for f in families]})
+    scope = Scope.from_policy(pinned, partition="aws", account=ACCOUNT, region="us-east-1")
+
+    s = _by_sid(statements_for(["ec2:CreateImage"], scope))
+
+    instances = f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance"
+    assert s["CreateImagesFromInstances0"] == Statement(
+        "CreateImagesFromInstances0",
+        ("ec2:CreateImage",),
+        (f"{instances}/i-0b0b0b0b0b0b0b0b0",),
+        {"StringEquals": {"aws:ResourceTag/Role": "pettracker-ml"}},
+    )
+    assert s["CreateImagesFromInstances1"] == Statement(
+        "CreateImagesFromInstances1", ("ec2:CreateImage",), (f"{instances}/i-0c0c0c0c0c0c0c0c0",), {}
+    )
 
 
 def test_without_copies_everything_stays_in_the_region(infra_policy: Any) -> None:

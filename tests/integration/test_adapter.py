@@ -8,9 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import boto3
+import botocore.exceptions
+import botocore.parsers
 import botocore.session
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
@@ -28,7 +31,7 @@ from ami_janitor.adapter import (
 )
 from ami_janitor.clients import RegionClients
 from ami_janitor.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
-from ami_janitor.policy import RETIRED_FROM_TAG
+from ami_janitor.policy import RETIRED_FROM_TAG, parse_policy
 from builders import image, policy
 
 REGION = "us-east-1"
@@ -349,6 +352,44 @@ def test_load_images_reads_only_the_amis_and_the_latest_pointers() -> None:
 
 
 @pytest.mark.usefixtures("moto_aws")
+def test_build_instances_are_the_live_instances_a_bake_names() -> None:
+    ec2 = boto3.client("ec2", region_name=REGION)
+    base = make_ami("base-1")
+
+    def launch(tags: dict[str, str]) -> str:
+        spec = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+        answer = ec2.run_instances(ImageId=base, MinCount=1, MaxCount=1, TagSpecifications=spec)
+        return str(answer["Instances"][0]["InstanceId"])
+
+    tagged, pinned, other, gone = (
+        launch({"Role": "build", "Name": "b"}),
+        launch({"Name": "p"}),
+        launch({"Role": "other"}),
+        launch({"Role": "build"}),
+    )
+    ec2.stop_instances(InstanceIds=[tagged])
+    ec2.terminate_instances(InstanceIds=[gone])
+    bakes = parse_policy(
+        {
+            "regions": [REGION],
+            "families": [
+                {"name": "app", "match": {"tags": APP}, "bake": {"instance_tag": {"Role": "build"}}},
+                {"name": "pinned", "match": {"name": "pinned-*"}, "bake": {"instance_id": pinned}},
+            ],
+        }
+    )
+
+    inventory = load_inventory(moto_clients(), bakes)
+
+    assert inventory.error is None
+    recorded = {i.instance_id: i for i in inventory.build_instances}
+    assert sorted(recorded) == sorted([tagged, pinned])
+    assert other not in recorded and gone not in recorded
+    assert (recorded[tagged].state, recorded[tagged].tags) == ("stopped", {"Role": "build", "Name": "b"})
+    assert recorded[pinned].launched is not None
+
+
+@pytest.mark.usefixtures("moto_aws")
 def test_describe_image_finds_one_ami_or_none() -> None:
     image_id = make_ami("app-1", tags=APP)
     boto3.client("ec2", region_name=REGION).disable_image(ImageId=image_id)
@@ -404,6 +445,22 @@ class Stubbed:
             service_message=f"{code} here",
             http_status_code=status,
             expected_params=params,
+        )
+
+    def fail_after_answer(
+        self, service: str, method: str, error: Callable[[Any], Exception], params: dict[str, Any]
+    ) -> None:
+        """The call is answered (an empty stubbed answer), then raises `error(operation model)`: for
+        failures the Stubber cannot queue (parse errors, exceptions from the HTTP layer)."""
+        self.add(service, method, {}, params)
+        client = self.raw[service]
+        operation = client.meta.method_to_api_mapping[method]
+
+        def fail(model: Any, **_: Any) -> None:
+            raise error(model)
+
+        client.meta.events.register(
+            f"after-call.{client.meta.service_model.service_id.hyphenize()}.{operation}", fail
         )
 
     def verify(self) -> None:
@@ -629,9 +686,7 @@ def test_image_references_are_asked_in_batches_and_skip_terminated_instances(stu
     }
 
 
-@pytest.mark.parametrize(
-    ("code", "status"), [("InvalidAction", 400), ("UnsupportedOperation", 400), ("500", 500)]
-)
+@pytest.mark.parametrize(("code", "status"), [("InvalidAction", 400), ("UnsupportedOperation", 400)])
 def test_image_references_missing_api_is_a_note_and_the_other_sources_count(
     stubbed: Stubbed, code: str, status: int
 ) -> None:
@@ -676,6 +731,132 @@ def test_image_references_other_failure_skips_the_region(stubbed: Stubbed) -> No
     assert inventory == RegionInventory(
         region=REGION, error="ec2:DescribeImageReferences: UnauthorizedOperation: UnauthorizedOperation here"
     )
+
+
+HTML_500_PAGE = (
+    b"<!doctype html>\n<html lang=en>\n<title>500 Internal Server Error</title>\n"
+    b"<h1>Internal Server Error</h1>\n<p>The server encountered an internal error.</p>\n"
+)
+
+
+def html_500_page(model: Any) -> Exception:
+    """What botocore makes of an HTML 500 page (a load balancer's, an emulator's) for this operation."""
+    parser = botocore.parsers.create_parser(model.service_model.protocol)
+    response = {"status_code": 500, "headers": {"content-type": "text/html"}, "body": HTML_500_PAGE}
+    try:
+        parsed = parser.parse(response, model.output_shape)
+    except botocore.parsers.ResponseParserError as error:
+        return error  # the query protocol (EC2): the page is not XML
+    return ClientError(parsed, model.name)  # REST-JSON (Recycle Bin): code "500", the page as message
+
+
+def parse_error(model: Any) -> Exception:
+    return botocore.parsers.ResponseParserError(f"Unable to parse response for {model.name}: invalid XML")
+
+
+def not_implemented(model: Any) -> Exception:
+    return NotImplementedError(f"The {model.name} action has not been implemented")
+
+
+REFERENCES_CALL = (
+    "ec2",
+    "describe_image_references",
+    {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
+)
+RULES_CALL = ("rbin", "list_rules", {"ResourceType": "EC2_IMAGE", "MaxResults": 1000})
+# An optional source: the Stubber step that makes its call fail, and where its failure shows.
+OPTIONAL_SOURCES = {
+    "ec2:DescribeImageReferences": ("image_references", REFERENCES_CALL),
+    "rbin:ListRules": ("rbin", RULES_CALL),
+}
+
+
+@pytest.mark.parametrize("source", sorted(OPTIONAL_SOURCES))
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(
+            lambda s, call: s.fail_after_answer(*call[:2], html_500_page, call[2]), id="html-500-page"
+        ),
+        pytest.param(lambda s, call: s.fail_after_answer(*call[:2], parse_error, call[2]), id="parse-error"),
+        pytest.param(
+            lambda s, call: s.fail_after_answer(*call[:2], not_implemented, call[2]), id="not-implemented"
+        ),
+        pytest.param(lambda s, call: s.fail(*call[:2], "503", call[2], 503), id="numeric-code-503"),
+        pytest.param(lambda s, call: s.fail(*call[:2], "InternalError", call[2], 500), id="internal-error"),
+    ],
+)
+def test_an_optional_source_that_fails_without_saying_it_is_unsupported_skips_the_region(
+    stubbed: Stubbed, source: str, failure: Callable[[Stubbed, tuple[str, str, dict[str, Any]]], None]
+) -> None:
+    s = stubbed
+    step, call = OPTIONAL_SOURCES[source]
+    steps: dict[str, Callable[[], Any]] = {
+        "images": lambda: s.add(
+            "ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES
+        ),
+        "image_references": lambda: s.add(
+            "ec2", "describe_image_references", {"ImageReferences": []}, REFERENCES_CALL[2]
+        ),
+    }
+    steps[step] = lambda: failure(s, call)
+    s.queue(**steps)
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory.error is not None and inventory.error.startswith(f"{source}: "), inventory.error
+    assert inventory.images == () and inventory.notes == ()
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("InvalidAction", 400), ("UnsupportedOperation", 400), ("UnknownOperationException", 404)],
+)
+def test_recycle_bin_answering_it_is_not_offered_is_a_note(stubbed: Stubbed, code: str, status: int) -> None:
+    s = stubbed
+    s.queue(rbin=lambda: s.fail(*RULES_CALL[:2], code, RULES_CALL[2], status))
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert inventory.notes == (RECYCLE_BIN_NOTE,)
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        botocore.exceptions.EndpointConnectionError(endpoint_url="https://rbin.us-iso-east-1.c2s.ic.gov/"),
+        botocore.exceptions.UnknownEndpointError(service_name="rbin", region_name="us-iso-east-1"),
+    ],
+    ids=["endpoint-connection-error", "unknown-endpoint"],
+)
+def test_recycle_bin_without_an_endpoint_in_the_partition_is_a_note(
+    stubbed: Stubbed, missing: Exception
+) -> None:
+    s = stubbed
+    s.queue(rbin=lambda: s.fail_after_answer(*RULES_CALL[:2], lambda _: missing, RULES_CALL[2]))
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory.error is None
+    assert inventory.notes == (RECYCLE_BIN_NOTE,)
+
+
+def test_image_references_without_an_endpoint_skip_the_region(stubbed: Stubbed) -> None:
+    # EC2 always has an endpoint: only Recycle Bin may lack one.
+    s = stubbed
+    missing = botocore.exceptions.EndpointConnectionError(endpoint_url="https://ec2.us-east-1.amazonaws.com/")
+    s.queue(
+        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES),
+        image_references=lambda: s.fail_after_answer(
+            *REFERENCES_CALL[:2], lambda _: missing, REFERENCES_CALL[2]
+        ),
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory.error is not None and inventory.error.startswith("ec2:DescribeImageReferences: ")
 
 
 def test_recycle_bin_rules_for_images_and_snapshots_are_described(stubbed: Stubbed) -> None:

@@ -47,6 +47,13 @@ def policy_data(mode: str = "enforce", no_reboot: bool = False) -> dict[str, Any
     }
 
 
+def pinned_family(instance_id: str, *, tags: dict[str, str] | None = ROLE) -> Family:
+    bake = {"instance_id": instance_id, "instance_tag": tags, "schedule": "cron(0 2 * * ? *)"}
+    data = policy_data()
+    data["families"][0]["bake"] = bake
+    return parse_policy(data).family("pettracker-ml")
+
+
 def make_policy(mode: str = "enforce") -> Policy:
     return parse_policy(policy_data(mode))
 
@@ -175,18 +182,44 @@ def test_a_missing_instance_is_a_bake_error() -> None:
 
 
 @pytest.mark.usefixtures("aws")
-def test_find_bake_instance_takes_the_most_recently_launched_running_or_stopped_one() -> None:
-    older = launch(ROLE, launched=NOW - timedelta(days=3))
-    newer_stopped = launch(ROLE, launched=NOW - timedelta(days=1))
-    ec2().stop_instances(InstanceIds=[newer_stopped])
-    newest_terminated = launch(ROLE, launched=NOW)
-    ec2().terminate_instances(InstanceIds=[newest_terminated])
+def test_find_bake_instance_takes_the_only_running_or_stopped_tagged_instance() -> None:
+    builder = launch(ROLE, launched=NOW - timedelta(days=3))
+    ec2().stop_instances(InstanceIds=[builder])
+    gone = launch(ROLE, launched=NOW)
+    ec2().terminate_instances(InstanceIds=[gone])
     launch({"Role": "other"}, launched=NOW)
     launch(launched=NOW)
 
-    assert baking.find_bake_instance(clients(), family()) == newer_stopped
-    ec2().terminate_instances(InstanceIds=[newer_stopped])
-    assert baking.find_bake_instance(clients(), family()) == older
+    assert baking.find_bake_instance(clients(), family()) == builder
+
+
+@pytest.mark.usefixtures("aws")
+def test_find_bake_instance_refuses_several_tagged_instances_naming_them() -> None:
+    builder = launch(ROLE, launched=NOW - timedelta(days=3))
+    attacker = launch(ROLE, launched=NOW)  # launched (or tagged) later by someone else
+
+    with pytest.raises(baking.BakeError) as refused:
+        baking.find_bake_instance(clients(), family())
+
+    assert builder in str(refused.value) and attacker in str(refused.value)
+    assert "bake.instance_id" in str(refused.value)
+
+
+@pytest.mark.usefixtures("aws")
+def test_find_bake_instance_takes_the_pinned_instance_only() -> None:
+    builder = launch(ROLE, launched=NOW - timedelta(days=3))
+    launch(ROLE, launched=NOW)  # a later instance with the same tags
+    pinned = pinned_family(builder)
+
+    assert baking.find_bake_instance(clients(), pinned) == builder
+    ec2().delete_tags(Resources=[builder], Tags=[{"Key": "Role"}])
+    with pytest.raises(baking.BakeError, match=f"{builder} does not carry the tags Role=pettracker-ml"):
+        baking.find_bake_instance(clients(), pinned)
+    ec2().terminate_instances(InstanceIds=[builder])
+    with pytest.raises(baking.BakeError, match=f"{builder} is terminated"):
+        baking.find_bake_instance(clients(), pinned_family(builder, tags=None))
+    with pytest.raises(baking.BakeError, match=r"bake\.instance_id i-0123456789abcdef0 does not exist"):
+        baking.find_bake_instance(clients(), pinned_family("i-0123456789abcdef0"))
 
 
 @pytest.mark.usefixtures("aws")
@@ -225,8 +258,11 @@ def lambda_env(aws: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
     return path
 
 
-def write_policy(path: Path, mode: str, *, no_reboot: bool = False) -> None:
-    path.write_text(json.dumps(policy_data(mode, no_reboot)))
+def write_policy(path: Path, mode: str, *, no_reboot: bool = False, instance_id: str | None = None) -> None:
+    data = policy_data(mode, no_reboot)
+    if instance_id is not None:
+        data["families"][0]["bake"]["instance_id"] = instance_id
+    path.write_text(json.dumps(data))
 
 
 def own_images() -> list[dict[str, Any]]:
@@ -304,6 +340,31 @@ def test_handler_without_a_build_instance_fails_loudly(lambda_env: Path) -> None
 
     with pytest.raises(baking.BakeError, match="carries the tags Role=pettracker-ml"):
         bake_handler.handler({"family": "pettracker-ml"}, Context())
+
+
+@pytest.mark.parametrize("mode", ["enforce", "dry-run"])
+def test_handler_refuses_when_several_instances_carry_the_bake_tag(lambda_env: Path, mode: str) -> None:
+    write_policy(lambda_env, mode)
+    builder = launch(ROLE, launched=NOW - timedelta(days=3))
+    attacker = launch(ROLE, launched=NOW)
+
+    with pytest.raises(baking.BakeError) as refused:
+        bake_handler.handler({"family": "pettracker-ml"}, Context())
+
+    assert builder in str(refused.value) and attacker in str(refused.value)
+    assert own_images() == []  # no CreateImage
+
+
+def test_handler_bakes_the_pinned_instance_even_with_a_later_tagged_one(lambda_env: Path) -> None:
+    builder = launch(ROLE, launched=NOW - timedelta(days=3))
+    write_policy(lambda_env, "enforce", instance_id=builder)
+    launch(ROLE, launched=NOW)
+
+    result = bake_handler.handler({"family": "pettracker-ml"}, Context())
+
+    assert result["outcome"] == "baked" and result["instance_id"] == builder
+    [image] = own_images()
+    assert tags_of(image)["ami-janitor:baked-from"] == builder
 
 
 def test_handler_permissions_are_the_unattended_bake_only() -> None:

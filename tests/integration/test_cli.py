@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
 
 from ami_janitor import cli
+from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
 
 
 def write_policy(tmp_path: Path, mode: str = "enforce", text: str | None = None) -> str:
@@ -211,3 +211,92 @@ def test_bake_creates_a_versioned_image_the_family_selects(endpoint: str, tmp_pa
     plan = json.loads(run("plan", "--config", config, "--format", "json")[1])
     assert plan["decisions"][0]["image_id"] == image_id  # the newest member of its family
     assert run("bake", "--family", "nope", "--config", config, "--region", "us-east-1")[0] == 2
+
+
+BAKE = '    bake: {{instance_tag: {{Role: web}}, schedule: "cron(0 2 * * ? *)"{pin}}}\n'
+
+
+def bake_policy(tmp_path: Path, instance_id: str | None = None) -> str:
+    pin = f", instance_id: {instance_id}" if instance_id else ""
+    return write_policy(tmp_path, text=POLICY.format(mode="dry-run") + BAKE.format(pin=pin))
+
+
+def launch_build_instance() -> str:
+    client = ec2()
+    base = next(
+        i["ImageId"] for i in client.describe_images(Owners=["self"])["Images"] if i["Name"] == "base"
+    )
+    tagged = {"ResourceType": "instance", "Tags": [{"Key": "Role", "Value": "web"}]}
+    answer = client.run_instances(ImageId=base, MinCount=1, MaxCount=1, TagSpecifications=[tagged])
+    return str(answer["Instances"][0]["InstanceId"])
+
+
+def test_bake_refuses_when_several_instances_carry_the_bake_tag(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_fleet(now())
+    builder, other = launch_build_instance(), launch_build_instance()
+    before = image_ids()
+
+    code, output = run("bake", "--family", "web", "--config", bake_policy(tmp_path), "--region", "us-east-1")
+
+    assert code == 1 and output == ""
+    err = capsys.readouterr().err
+    assert builder in err and other in err and "bake.instance_id or pass --instance-id" in err
+    assert image_ids() == before  # no CreateImage
+    # Named by hand, or pinned in the policy, the instance is baked.
+    code, output = run(
+        "bake",
+        "--family",
+        "web",
+        "--config",
+        bake_policy(tmp_path),
+        "--region",
+        "us-east-1",
+        "--instance-id",
+        builder,
+    )
+    assert code == 0, output
+    code, output = run(
+        "bake", "--family", "web", "--config", bake_policy(tmp_path, builder), "--region", "us-east-1"
+    )
+    assert code == 0, output
+    baked = ec2().describe_images(ImageIds=[output.strip()])["Images"][0]
+    assert {"Key": "ami-janitor:baked-from", "Value": builder} in baked["Tags"]
+
+
+def test_plan_names_the_instance_a_scheduled_bake_will_image(endpoint: str, tmp_path: Path) -> None:
+    seed_fleet(now())
+    builder = launch_build_instance()
+
+    code, output = run("plan", "--config", bake_policy(tmp_path), "--format", "json")
+
+    assert code == 0
+    assert json.loads(output)["bakes"] == [
+        {
+            "region": "us-east-1",
+            "family": "web",
+            "instance_id": builder,
+            "reason": "the only instance tagged Role=web",
+            "refusal": None,
+        }
+    ]
+    code, output = run("plan", "--config", bake_policy(tmp_path))
+    assert (
+        f"us-east-1: family web: the scheduled bake will image {builder} (the only instance tagged Role=web)"
+        in output
+    )
+
+    other = launch_build_instance()
+    [bake] = json.loads(run("plan", "--config", bake_policy(tmp_path), "--format", "json")[1])["bakes"]
+    assert bake["instance_id"] is None
+    assert builder in bake["refusal"] and other in bake["refusal"]
+    assert (
+        "the scheduled bake would refuse: family web: 2 running or stopped instances"
+        in run("plan", "--config", bake_policy(tmp_path))[1]
+    )
+
+    [bake] = json.loads(run("plan", "--config", bake_policy(tmp_path, builder), "--format", "json")[1])[
+        "bakes"
+    ]
+    assert (bake["instance_id"], bake["reason"]) == (builder, "pinned by bake.instance_id")

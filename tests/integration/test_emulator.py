@@ -42,7 +42,7 @@ def ec2(request: pytest.FixtureRequest, fake_aws_env: None) -> Iterator[Any]:
         return
     endpoint = request.getfixturevalue("emulator_endpoint")
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
-    # An unimplemented call is an HTTP 500 in server mode: no retries, fail at once.
+    # A call moto cannot do is an HTTP 500 in server mode: no retries, fail at once.
     config = Config(retries={"max_attempts": 1})
     yield boto3.client("ec2", region_name=REGION, endpoint_url=endpoint, config=config, **CREDENTIALS)
 
@@ -209,6 +209,56 @@ def test_deregister_with_delete_associated_snapshots_keeps_moto_behaviour(ec2: A
     answer = ec2.deregister_image(ImageId=image_id, DeleteAssociatedSnapshots=True)
     assert "DeleteSnapshotResults" not in answer
     assert ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+
+
+def test_an_action_moto_lacks_is_answered_invalid_action_like_ec2(ec2: Any) -> None:
+    # EC2's answer where an action is not offered (an older partition): HTTP 400, InvalidAction in
+    # EC2's error document. Never an HTML 500 page, which the janitor reads as a failing source.
+    answers: list[tuple[int, bytes]] = []
+
+    def record(http_response: Any, **_: Any) -> None:
+        answers.append((http_response.status_code, http_response.content))
+
+    ec2.meta.events.register("after-call.ec2.DescribeImageReferences", record)
+    with pytest.raises(ClientError) as refused:
+        ec2.describe_image_references(ImageIds=["ami-12345678"], IncludeAllResourceTypes=True)
+
+    assert error_code(refused) == "InvalidAction"
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    [(status, body)] = answers
+    assert status == 400
+    assert b"<Errors><Error><Code>InvalidAction</Code><Message>" in body
+    assert b"<RequestID>" in body
+
+
+def test_an_action_moto_implements_but_cannot_do_still_fails(ec2: Any) -> None:
+    # Only a missing action is answered InvalidAction: moto's gaps inside an action stay visible.
+    image_id = make_image(ec2, "reset-1")
+    with pytest.raises(Exception) as failed:  # moto: NotImplementedError, or an HTML 500 from its server
+        ec2.reset_image_attribute(ImageId=image_id, Attribute="launchPermission")
+    assert not (isinstance(failed.value, ClientError) and error_code(failed) == "InvalidAction")
+
+
+@pytest.mark.parametrize("mode", ["in-process", "server"])
+def test_recycle_bin_is_answered_unknown_operation(
+    mode: str, fake_aws_env: None, request: pytest.FixtureRequest
+) -> None:
+    # moto has no Recycle Bin at all: the answer of a service that does not know the operation.
+    config = Config(retries={"max_attempts": 1})
+    if mode == "in-process":
+        emulator.install()
+        with mock_aws():
+            rbin = boto3.client("rbin", region_name=REGION, config=config, **CREDENTIALS)
+            with pytest.raises(ClientError) as refused:
+                rbin.list_rules(ResourceType="EC2_IMAGE")
+    else:
+        endpoint = request.getfixturevalue("emulator_endpoint")
+        rbin = boto3.client("rbin", region_name=REGION, endpoint_url=endpoint, config=config, **CREDENTIALS)
+        with pytest.raises(ClientError) as refused:
+            rbin.list_rules(ResourceType="EC2_IMAGE")
+
+    assert error_code(refused) == "UnknownOperationException"
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
 
 
 def test_install_is_idempotent() -> None:

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
-
 from ami_janitor import cli
 from ami_janitor.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
+from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
 
 OUTSIDE_ACCOUNT = "999988887777"
 SHARED_ACCOUNT = "111122223333"

@@ -14,7 +14,7 @@ from botocore.stub import Stubber
 
 from ami_janitor import baking
 from ami_janitor.clients import RegionClients
-from ami_janitor.policy import Family, Match, PolicyError, parse_policy
+from ami_janitor.policy import Bake, Family, Match, PolicyError, parse_policy
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
@@ -375,32 +375,95 @@ def test_waiting_for_the_image_is_bounded(aws: Stubbed) -> None:
     assert failure.value.image_id == IMAGE
 
 
-def test_find_bake_instance_filters_on_the_tags_and_states_and_takes_the_newest(aws: Stubbed) -> None:
-    expected = {
-        "Filters": [
-            {"Name": "tag:Role", "Values": ["pettracker-ml"]},
-            {"Name": "instance-state-name", "Values": ["running", "stopped"]},
-        ]
+TAGGED = {
+    "Filters": [
+        {"Name": "tag:Role", "Values": ["pettracker-ml"]},
+        {"Name": "instance-state-name", "Values": ["running", "stopped"]},
+    ]
+}
+
+
+ROLE_TAGS = [{"Key": "Role", "Value": "pettracker-ml"}]
+
+
+def raw_instance(
+    instance_id: str, state: str = "running", launched: datetime = NOW, tags: list[Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "InstanceId": instance_id,
+        "State": {"Name": state},
+        "LaunchTime": launched,
+        "Tags": ROLE_TAGS if tags is None else tags,
     }
 
-    def instance(instance_id: str, launched: datetime) -> dict[str, Any]:
-        return {"InstanceId": instance_id, "LaunchTime": launched}
 
+def pinned(**bake: Any) -> Family:
+    return family().model_copy(update={"bake": Bake(instance_id=INSTANCE, **bake)})
+
+
+def test_find_bake_instance_filters_on_the_tags_and_states_and_takes_the_only_one(aws: Stubbed) -> None:
+    aws.ec2.add_response("describe_instances", {"Reservations": [], "NextToken": "page-2"}, TAGGED)
+    aws.ec2.add_response(
+        "describe_instances",
+        {"Reservations": [{"Instances": [raw_instance(INSTANCE, "stopped")]}]},
+        {**TAGGED, "NextToken": "page-2"},
+    )
+
+    assert baking.find_bake_instance(aws.clients, family()) == INSTANCE
+
+
+def test_find_bake_instance_refuses_several_tagged_instances_across_pages(aws: Stubbed) -> None:
+    # The newest is not chosen: anyone who can launch or tag an instance could make it the newest.
     aws.ec2.add_response(
         "describe_instances",
         {
-            "Reservations": [
-                {"Instances": [instance("i-0aaa", NOW), instance("i-0ccc", NOW - timedelta(days=1))]}
-            ],
+            "Reservations": [{"Instances": [raw_instance("i-0aaa", launched=NOW - timedelta(days=9))]}],
             "NextToken": "page-2",
         },
-        expected,
+        TAGGED,
     )
     aws.ec2.add_response(
         "describe_instances",
-        {"Reservations": [{"Instances": [instance("i-0bbb", NOW)]}]},
-        {**expected, "NextToken": "page-2"},
+        {"Reservations": [{"Instances": [raw_instance("i-0bbb", "stopped")]}]},
+        {**TAGGED, "NextToken": "page-2"},
     )
 
-    # Two launched at the same time: the instance id decides, so the answer is the same every time.
-    assert baking.find_bake_instance(aws.clients, family()) == "i-0bbb"
+    with pytest.raises(baking.BakeError) as refused:
+        baking.find_bake_instance(aws.clients, family())
+
+    assert not isinstance(refused.value, baking.BakeUsageError)
+    assert "2 running or stopped instances in us-east-1 carry the tags Role=pettracker-ml" in str(
+        refused.value
+    )
+    assert "i-0aaa, i-0bbb" in str(refused.value)
+    assert "bake.instance_id or pass --instance-id" in str(refused.value)
+
+
+def test_find_bake_instance_asks_for_the_pinned_instance_by_id(aws: Stubbed) -> None:
+    by_id = {"InstanceIds": [INSTANCE]}
+    aws.ec2.add_response(
+        "describe_instances", {"Reservations": [{"Instances": [raw_instance(INSTANCE)]}]}, by_id
+    )
+    aws.ec2.add_response(
+        "describe_instances", {"Reservations": [{"Instances": [raw_instance(INSTANCE, tags=[])]}]}, by_id
+    )
+    aws.ec2.add_client_error(
+        "describe_instances", service_error_code="InvalidInstanceID.NotFound", expected_params=by_id
+    )
+
+    assert baking.find_bake_instance(aws.clients, pinned(instance_tag={"Role": "pettracker-ml"})) == INSTANCE
+    with pytest.raises(baking.BakeError, match=f"{INSTANCE} does not carry the tags Role=pettracker-ml"):
+        baking.find_bake_instance(aws.clients, pinned(instance_tag={"Role": "pettracker-ml"}))
+    with pytest.raises(baking.BakeError, match=f"bake.instance_id {INSTANCE} does not exist in us-east-1"):
+        baking.find_bake_instance(aws.clients, pinned())
+
+
+def test_find_bake_instance_reports_a_failing_describe(aws: Stubbed) -> None:
+    aws.ec2.add_client_error(
+        "describe_instances", service_error_code="UnauthorizedOperation", expected_params=TAGGED
+    )
+
+    with pytest.raises(
+        baking.BakeError, match="cannot list the build instances of pettracker-ml: UnauthorizedOperation"
+    ):
+        baking.find_bake_instance(aws.clients, family())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from ami_janitor.model import Decision, Plan, RetiredSnapshot, iso
+from ami_janitor.model import BuildInstance, Decision, Plan, RetiredSnapshot, ScheduledBake, iso
 from ami_janitor.planner import plan
 from ami_janitor.policy import (
     CANDIDATE_TAG,
@@ -365,7 +365,7 @@ def test_same_inputs_same_bytes_in_any_order() -> None:
 
 def test_plan_json_has_the_documented_shape() -> None:
     data = plan([inventory(image())], policy(), NOW).to_dict()
-    assert list(data)[:8] == [
+    assert list(data)[:9] == [
         "mode",
         "generated_at",
         "regions",
@@ -373,6 +373,7 @@ def test_plan_json_has_the_documented_shape() -> None:
         "latest",
         "copies",
         "shares",
+        "bakes",
         "summary",
     ]
     decision_keys = {
@@ -393,3 +394,57 @@ def test_plan_json_has_the_documented_shape() -> None:
     }
     assert decision_keys <= set(data["decisions"][0])
     assert {"images", "kept", "retired", "snapshots_deleted", "gib_freed_max"} <= set(data["summary"])
+
+
+def build_instance(instance_id: str, state: str = "stopped", role: str = "build") -> BuildInstance:
+    return BuildInstance(instance_id=instance_id, state=state, tags={"Role": role})
+
+
+SCHEDULED_BAKE = {"instance_tag": {"Role": "build"}, "schedule": "cron(0 2 * * ? *)"}
+
+
+def test_the_plan_names_the_instance_each_scheduled_bake_will_image() -> None:
+    builder = build_instance("i-0b0b")
+    pol = policy({"bake": SCHEDULED_BAKE})
+
+    result = plan(
+        [inventory(image(), build_instances=(builder, build_instance("i-0c0c", "pending")))], pol, NOW
+    )
+
+    assert result.bakes == [
+        ScheduledBake(
+            region="us-east-1",
+            family="app",
+            instance_id="i-0b0b",
+            reason="the only instance tagged Role=build",
+        )
+    ]
+    pinned = policy({"bake": {**SCHEDULED_BAKE, "instance_id": "i-0b0b"}})
+    [bake] = plan([inventory(build_instances=(builder,))], pinned, NOW).bakes
+    assert (bake.instance_id, bake.reason, bake.refusal) == ("i-0b0b", "pinned by bake.instance_id", None)
+
+
+def test_the_plan_says_why_a_scheduled_bake_would_refuse() -> None:
+    pol = policy({"bake": SCHEDULED_BAKE})
+    several = (build_instance("i-0b0b"), build_instance("i-0a0a", "running"))
+
+    [bake] = plan([inventory(build_instances=several)], pol, NOW).bakes
+
+    assert bake.instance_id is None and bake.reason is None
+    assert bake.refusal is not None and "i-0a0a, i-0b0b" in bake.refusal
+    [bake] = plan([inventory()], pol, NOW).bakes
+    assert bake.refusal == (
+        "family app: no running or stopped instance in us-east-1 carries the tags Role=build (bake.instance_tag)"
+    )
+
+
+def test_only_scheduled_bakes_of_readable_policy_regions_are_planned() -> None:
+    builder = (build_instance("i-0b0b"),)
+    unscheduled = policy({"bake": {"instance_tag": {"Role": "build"}}})
+    assert plan([inventory(build_instances=builder)], unscheduled, NOW).bakes == []
+    # Replication targets get no bake rule; a skipped region's instances are unknown.
+    pol = policy({"bake": SCHEDULED_BAKE, "replicate": [{"region": "eu-west-1"}]})
+    target = inventory(build_instances=builder, region="eu-west-1")
+    assert plan([target], pol, NOW).bakes == []
+    skipped = inventory(region="us-east-1", error="ec2:DescribeInstances: Throttling: slow down")
+    assert plan([skipped], pol, NOW).bakes == []

@@ -3,6 +3,9 @@
 What EC2 does and moto does not: image deprecation, deregistration protection (and its refusal to
 deregister), LastLaunchedTime, DisableImage dropping launch permissions, snapshot tags at CreateImage,
 TagSpecifications and ClientToken on CopyImage, DeleteSnapshot refusing a snapshot any AMI still uses.
+What moto lacks altogether (DescribeImageReferences, Recycle Bin) is answered the way AWS answers an
+operation a partition does not offer: an HTTP 4xx naming the operation unknown, never moto's
+NotImplementedError or HTML 500 page, which the janitor rightly reads as a failure.
 DeregisterImage(DeleteAssociatedSnapshots=True) keeps moto's behaviour (snapshots stay, no
 DeleteSnapshotResults), like the partitions that predate it: callers must handle both.
 
@@ -11,10 +14,15 @@ The patches reach into moto internals, so they are pinned to one moto version.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 import moto
 
@@ -28,7 +36,9 @@ if moto.__version__ != MOTO_VERSION:
     )
 
 # moto's own exception classes: its serializer finds the service from the exception's module.
+from moto.core.botocore_stubber import BotocoreStubber  # noqa: E402
 from moto.core.responses import ActionResult  # noqa: E402
+from moto.core.utils import camelcase_to_underscores, method_names_from_class  # noqa: E402
 from moto.ec2.exceptions import (  # noqa: E402
     EC2ClientError,
     InvalidAMIIdError,
@@ -40,8 +50,10 @@ from moto.ec2.exceptions import (  # noqa: E402
 from moto.ec2.models import ec2_backends  # noqa: E402
 from moto.ec2.models.amis import Ami, AmiBackend  # noqa: E402
 from moto.ec2.models.elastic_block_store import EBSBackend  # noqa: E402
+from moto.ec2.responses import EC2Response  # noqa: E402
 from moto.ec2.responses.amis import AmisResponse  # noqa: E402
 from moto.moto_server import werkzeug_app  # noqa: E402
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 _MARKER = "_ami_janitor_emulator"
@@ -238,6 +250,79 @@ def _respond_copy_image(self: Any) -> ActionResult:
     return ActionResult({"ImageId": image.id})
 
 
+# ---- operations moto lacks: answered as AWS answers an operation it does not offer ----------------------
+
+
+def _wrap_ec2_call_action(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call_action(self: Any) -> Any:
+        try:
+            return original(self)
+        except NotImplementedError:
+            action = self._get_action()
+            if camelcase_to_underscores(action) in method_names_from_class(type(self)):
+                raise  # an implemented action that moto cannot do with these arguments: not ours to mask
+            # EC2 answers an action it does not offer with InvalidAction (HTTP 400).
+            error = EC2ClientError("InvalidAction", f"The action {action} is not valid for this web service.")
+            status, headers, body = self.serialized(ActionResult(error))
+            headers, body = self._enrich_response(headers, body)
+            return status, headers, body
+
+    return call_action
+
+
+# Services the janitor calls that moto 5.2.5 has no backend for (REST-JSON protocol).
+_ABSENT_SERVICES = frozenset({"rbin"})
+_ABSENT_HOST = re.compile(r"^https?://(?P<service>[a-z0-9-]+)\.[^/]*amazonaws\.com(?:/|$)")
+
+
+def _unknown_operation(service: str, path: str) -> tuple[int, dict[str, str], str]:
+    """An AWS REST-JSON service's answer to a route it does not know: UnknownOperationException (the
+    code is what a caller reads; the status is the 404 of an unknown route)."""
+    message = f"Unknown operation: {service} has no operation at {path}"
+    headers = {
+        "Content-Type": "application/json",
+        "x-amzn-ErrorType": "UnknownOperationException",
+        "x-amzn-RequestId": str(uuid.uuid4()),
+    }
+    return 404, headers, json.dumps({"message": message})
+
+
+def _wrap_process_request(original: Callable[..., Any]) -> Callable[..., Any]:
+    """In process (mock_aws): a request to an absent service, which moto answers 404 'Not yet implemented'."""
+
+    def process_request(self: Any, request: Any) -> Any:
+        match = _ABSENT_HOST.match(str(request.url))
+        if match and match["service"] in _ABSENT_SERVICES:
+            return _unknown_operation(match["service"], urlsplit(str(request.url)).path or "/")
+        return original(self, request)
+
+    return process_request
+
+
+def _signing_service(environ: dict[str, Any]) -> str | None:
+    """The service a SigV4 request is signed for ('Credential=KEY/DATE/REGION/SERVICE/aws4_request')."""
+    found = re.search(
+        r"Credential=[^/,]+/[^/,]+/[^/,]+/([^/,]+)/", str(environ.get("HTTP_AUTHORIZATION") or "")
+    )
+    return found.group(1).lower() if found else None
+
+
+def _wrap_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
+    """In the server: a request to an absent service, which moto answers with an HTML 500 page."""
+
+    def dispatch(self: Any, environ: dict[str, Any], start_response: Any) -> Any:
+        service = _signing_service(environ)
+        if service not in _ABSENT_SERVICES:
+            return original(self, environ, start_response)
+        status, headers, body = _unknown_operation(service, str(environ.get("PATH_INFO") or "/"))
+        start_response(
+            f"{status} {HTTPStatus(status).phrase}", [*headers.items(), ("Content-Length", str(len(body)))]
+        )
+        return [body.encode("utf-8")]
+
+    return dispatch
+
+
 # Defaults on the class reach every image, existing ones included; the serializer picks DeprecationTime,
 # LastLaunchedTime, DeregistrationProtection, SourceImageId and SourceImageRegion from these snake_case names.
 _AMI_FIELDS: dict[str, Any] = {
@@ -284,18 +369,20 @@ def install() -> None:
     setattr(EBSBackend, "delete_snapshot", _wrap_delete_snapshot(EBSBackend.delete_snapshot))  # noqa: B010
     for name, respond in _RESPONSES.items():
         setattr(AmisResponse, name, respond)
+    setattr(EC2Response, "call_action", _wrap_ec2_call_action(EC2Response.call_action))  # noqa: B010
+    setattr(BotocoreStubber, "process_request", _wrap_process_request(BotocoreStubber.process_request))  # noqa: B010
+    setattr(DomainDispatcherApplication, "__call__", _wrap_dispatch(DomainDispatcherApplication.__call__))  # noqa: B010
     setattr(AmiBackend, _MARKER, True)
 
 
 def start_server(host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadedMotoServer, str]:
     """Install the patches and start moto's server in this process; returns (server, endpoint URL).
 
-    Port 0 picks a free port. Clients on the endpoint should use retries={'max_attempts': 1}: an
-    unimplemented call is an HTTP 500, which boto3 would retry.
+    Port 0 picks a free port. Clients on the endpoint should use retries={'max_attempts': 1}: a call
+    moto cannot do is an HTTP 500, which boto3 would retry.
     """
     install()
-    # Quiet: the request log and the tracebacks of calls moto lacks (DescribeImageReferences, Recycle
-    # Bin) would bury the demo; the janitor reports those gaps itself, as notes in the plan.
+    # Quiet: the request log and moto's tracebacks would bury the demo.
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
     werkzeug_app.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
