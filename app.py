@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "lambdas"))
 
 
 def main() -> int:
-    from ami_janitor.policy import DEFAULT_CONFIG_PATH, PolicyError, load_policy
+    from ami_janitor.core.policy import DEFAULT_CONFIG_PATH, PolicyError, load_policy
 
     path = os.environ.get("AMI_JANITOR_CONFIG") or str(ROOT / DEFAULT_CONFIG_PATH)
     try:

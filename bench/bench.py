@@ -21,9 +21,9 @@ from typing import Any
 
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
-from ami_janitor.model import Image, LaunchPermission, Reference, RegionInventory
-from ami_janitor.planner import plan
-from ami_janitor.policy import CANDIDATE_TAG, parse_policy
+from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory
+from ami_janitor.core.planner import plan
+from ami_janitor.core.policy import CANDIDATE_TAG, parse_policy
 
 NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
 
@@ -118,8 +118,8 @@ def bench_inventory_calls() -> None:
     import boto3
     from moto import mock_aws
 
-    from ami_janitor import adapter
-    from ami_janitor.clients import RegionClients
+    from ami_janitor.aws import inventory as adapter
+    from ami_janitor.aws.clients import RegionClients
     from ami_janitor.demo import emulator
 
     policy = parse_policy(

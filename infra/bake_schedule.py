@@ -10,7 +10,7 @@ from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
-from ami_janitor.policy import Family
+from ami_janitor.core.policy import Family
 from infra.alerts import Alerts
 from infra.dead_letters import DeadLetters
 from infra.environment import BAKE_HANDLER

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ami_janitor.policy import Policy
+from ami_janitor.core.policy import Policy
 from infra.environment import POLICY_FILE_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ami_janitor.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Policy
+from ami_janitor.core.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Policy
 from infra.environment import METRICS_NAMESPACE
 
 READ_ONLY_PREFIXES = ("Describe", "List", "Get")

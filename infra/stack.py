@@ -13,8 +13,8 @@ from aws_cdk import aws_lambda as lambda_
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
 
+from ami_janitor.core.policy import Policy
 from ami_janitor.handlers import ami_event, bake, replicate, scheduled
-from ami_janitor.policy import Policy
 from infra.alerts import Alerts
 from infra.ami_events import AmiEvents
 from infra.bake_schedule import BakeSchedule

@@ -6,8 +6,8 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ami_janitor.model import Image, LaunchPermission, Reference, RegionInventory
-from ami_janitor.policy import Policy, parse_policy
+from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory
+from ami_janitor.core.policy import Policy, parse_policy
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 _ids = itertools.count(1)

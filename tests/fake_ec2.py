@@ -26,8 +26,8 @@ from botocore.exceptions import ClientError
 from botocore.model import ServiceModel
 from botocore.validate import ParamValidator
 
-from ami_janitor.model import Image, LaunchPermission, Reference, RegionInventory, RetiredSnapshot
-from ami_janitor.policy import RETIRED_FROM_TAG
+from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor.core.policy import RETIRED_FROM_TAG
 
 MUTATING = frozenset(
     {

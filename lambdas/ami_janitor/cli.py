@@ -12,10 +12,13 @@ from typing import Any, TextIO
 
 import boto3
 
-from ami_janitor import adapter, engine, rotation
-from ami_janitor.clients import ClientFactory
-from ami_janitor.model import Plan
-from ami_janitor.policy import Policy, PolicyError, load_policy
+from ami_janitor import engine
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws import rotator
+from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.core import rotation
+from ami_janitor.core.model import Plan
+from ami_janitor.core.policy import Policy, PolicyError, load_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DECLINED = 0, 1, 2, 3
 
@@ -225,16 +228,16 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
             raise UsageError(f"--family {name}: no such family in the policy") from None
     factory = _factory(args)
     now = _now()
-    results: list[rotation.RotationResult] = []
+    results: list[rotator.RotationResult] = []
     planned = []
     for region in regions:
         clients = factory(region)
         if policy.mode == "enforce":
-            results.extend(rotation.converge(clients, policy, now, families=families))
+            results.extend(rotator.converge(clients, policy, now, families=families))
         else:
             inventory = adapter.load_images(clients, policy)
             if inventory.error:
-                results.append(rotation.RotationResult.unreadable(region, inventory.error))
+                results.append(rotator.RotationResult.unreadable(region, inventory.error))
                 continue
             planned.extend(rotation.changes_for(inventory, policy, now, families=families))
     if args.format == "json":
@@ -301,7 +304,8 @@ def _one_region(policy: Policy, args: argparse.Namespace) -> str:
 
 
 def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
-    from ami_janitor import baking
+    from ami_janitor.aws import baker
+    from ami_janitor.core import baking
 
     policy = _policy(args)
     try:
@@ -316,8 +320,8 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
         sys.stderr.flush()
 
     try:
-        instance_id = args.instance_id or baking.find_bake_instance(clients, family)
-        result = baking.bake(
+        instance_id = args.instance_id or baker.find_bake_instance(clients, family)
+        result = baker.bake(
             clients,
             family,
             instance_id,

@@ -8,28 +8,27 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from ami_janitor import adapter, executor, planner, replication, rotation, sharing
-from ami_janitor.clients import RegionClients
-from ami_janitor.executor import ActionResult, ApplyResult
-from ami_janitor.model import Copy, Image, Plan, RegionInventory, Share
-from ami_janitor.policy import Policy
+from ami_janitor.aws import copier, executor, rotator, sharer
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.executor import ActionResult, ApplyResult
+from ami_janitor.core import planner, replication, sharing
+from ami_janitor.core.model import Copy, Image, Plan, RegionInventory, Share
+from ami_janitor.core.policy import Policy
 
 ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
 
 # What a scheduled run calls: the inventory, rotation, shares and the executor. Its copies go through
 # the replication queue (sqs:SendMessage comes with the queue); the CLI starts copies itself, so it
-# also needs replication.PERMISSIONS.
+# also needs copier.PERMISSIONS.
 PERMISSIONS: list[str] = sorted(
-    set(adapter.PERMISSIONS)
-    | set(executor.PERMISSIONS)
-    | set(rotation.PERMISSIONS)
-    | set(sharing.PERMISSIONS)
+    set(adapter.PERMISSIONS) | set(executor.PERMISSIONS) | set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS)
 )
-CLI_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) | set(replication.PERMISSIONS))
+CLI_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) | set(copier.PERMISSIONS))
 # The event function: rotation, and sharing a new AMI at once (its copies are queued).
 EVENT_PERMISSIONS: list[str] = sorted(
-    set(rotation.PERMISSIONS) | set(sharing.PERMISSIONS) | {"ec2:DescribeImages"}
+    set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS) | {"ec2:DescribeImages"}
 )
 
 UNCHECKED = "launch permissions not checked yet"
@@ -42,7 +41,7 @@ class ReplicateResult(BaseModel):
     shares: list[Share] = Field(default_factory=list)
     copies: list[Copy] = Field(default_factory=list)
     problems: list[str] = Field(default_factory=list)
-    share_results: list[sharing.ShareResult] = Field(default_factory=list)
+    share_results: list[sharer.ShareResult] = Field(default_factory=list)
     copy_results: list[replication.CopyResult] = Field(default_factory=list)
     queued: int = 0
 
@@ -57,7 +56,7 @@ class RunResult(BaseModel):
 
     plan: Plan
     results: list[ActionResult] = Field(default_factory=list)
-    rotations: list[rotation.RotationResult] = Field(default_factory=list)
+    rotations: list[rotator.RotationResult] = Field(default_factory=list)
     replicated: ReplicateResult = ReplicateResult()
 
     @property
@@ -168,14 +167,14 @@ def replicate(
     result = ReplicateResult(shares=shares, copies=copies, problems=problems)
     if not apply:
         return result
-    result.share_results = sharing.apply_shares(clients_for, shares, own)
+    result.share_results = sharer.apply_shares(clients_for, shares, own)
     if enqueue is not None:
         result.queued = enqueue(copies)
         return result
     sources = {(inv.region, image.image_id): image for inv in own for image in inv.images}
     for copy in copies:
         source = sources[(copy.source_region, copy.source_image_id)]
-        result.copy_results.append(replication.start_copy(clients_for, copy, source, policy))
+        result.copy_results.append(copier.start_copy(clients_for, copy, source, policy))
     return result
 
 
@@ -193,10 +192,10 @@ def run(
 
     The plan reads the inventory before shares change: a public AMI made private by this run is still
     kept as public once, and retires by the usual rules from the next run on."""
-    rotations: list[rotation.RotationResult] = []
+    rotations: list[rotator.RotationResult] = []
     if apply:
         for region in regions:
-            rotations.extend(rotation.converge(clients_for(region), policy, now))
+            rotations.extend(rotator.converge(clients_for(region), policy, now))
     plan, loaded = build_plan(policy, regions, clients_for, now)
     retiring = [(d.region, d.image_id) for d in plan.decisions if d.action in RETIRING]
     replicated = replicate(
@@ -217,7 +216,7 @@ def run(
     # Latest does not wait a schedule period for it.
     rescued = sorted({r.region for r in applied.results if r.action == "rescue" and r.status == "ok"})
     for region in rescued:
-        rotations.extend(rotation.converge(clients_for(region), policy, now))
+        rotations.extend(rotator.converge(clients_for(region), policy, now))
     return RunResult(plan=plan, results=applied.results, rotations=rotations, replicated=replicated)
 
 
@@ -232,7 +231,7 @@ def handle_ami_event(
 ) -> dict[str, object]:
     """One EC2 AMI State Change event: rotate; a new source is shared and queued for its copies at once
     (the scheduled run reconciles anything an event missed)."""
-    outcome = rotation.handle_state_change(image_id, state, clients, policy, now)
+    outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
     image = adapter.describe_image(clients, image_id)
@@ -252,7 +251,7 @@ def handle_ami_event(
     if policy.mode != "enforce":
         return {**outcome, "would_share": share.model_dump() if share else None, "would_copy": len(copies)}
     shared = (
-        sharing.apply_shares(
+        sharer.apply_shares(
             lambda _region: clients, [share], [RegionInventory(region=clients.region, images=(image,))]
         )
         if share

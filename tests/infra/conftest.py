@@ -41,6 +41,6 @@ def synth() -> Synth:
 
 @pytest.fixture(scope="module")
 def infra_policy() -> Any:
-    from ami_janitor.policy import load_policy
+    from ami_janitor.core.policy import load_policy
 
     return load_policy(TEST_POLICY)

@@ -9,7 +9,7 @@ import pytest
 from aws_cdk import Stack
 from synth_support import TEST_POLICY, Synth, cdk_context, run_app
 
-from ami_janitor.policy import Policy, parse_policy
+from ami_janitor.core.policy import Policy, parse_policy
 
 pytestmark = pytest.mark.slow  # synthesizes the stacks (or reads their synthesized templates)
 

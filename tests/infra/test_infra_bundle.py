@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from synth_support import Synth
 
-from ami_janitor.policy import parse_policy
+from ami_janitor.core.policy import parse_policy
 from infra import bundle
 
 STACK = "AmiJanitor-us-east-1"

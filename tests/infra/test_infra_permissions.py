@@ -8,7 +8,7 @@ import pytest
 from infra.permissions import BuildInstanceScope, PermissionsError, Scope, Statement, statements_for
 from synth_support import ServiceAuthorization
 
-from ami_janitor.policy import Family
+from ami_janitor.core.policy import Family
 
 ACCOUNT = "123456789012"
 # Every kind of action the handlers may list.

@@ -18,7 +18,8 @@ from botocore.stub import Stubber
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
-from ami_janitor.adapter import (
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.inventory import (
     CALLED,
     IMAGE_PERMISSIONS,
     IMAGE_REFERENCES_DEPENDENCIES,
@@ -29,9 +30,8 @@ from ami_janitor.adapter import (
     load_inventory,
     load_launch_permissions,
 )
-from ami_janitor.clients import RegionClients
-from ami_janitor.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
-from ami_janitor.policy import RETIRED_FROM_TAG, parse_policy
+from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
 from builders import image, policy
 
 REGION = "us-east-1"

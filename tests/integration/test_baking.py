@@ -19,13 +19,14 @@ import pytest
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
-from ami_janitor import baking
-from ami_janitor.adapter import load_images
-from ami_janitor.clients import RegionClients
+from ami_janitor.aws import baker
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.inventory import load_images
+from ami_janitor.core import baking
+from ami_janitor.core.policy import Family, Policy, parse_policy
 from ami_janitor.demo import emulator
-from ami_janitor.events import BadEvent
 from ami_janitor.handlers import bake as bake_handler
-from ami_janitor.policy import Family, Policy, parse_policy
+from ami_janitor.handlers.events import BadEvent
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
@@ -110,9 +111,9 @@ def test_bake_names_and_tags_the_image_and_its_snapshot_so_the_family_selects_it
     instance_id = launch(ROLE)
     lines: list[str] = []
 
-    result = baking.bake(clients(), family(), instance_id, NOW, no_reboot=False, progress=lines.append)
+    result = baker.bake(clients(), family(), instance_id, NOW, no_reboot=False, progress=lines.append)
 
-    assert result == baking.BakeResult(
+    assert result == baker.BakeResult(
         family="pettracker-ml",
         instance_id=instance_id,
         image_id=result.image_id,
@@ -140,7 +141,7 @@ def test_bake_names_and_tags_the_image_and_its_snapshot_so_the_family_selects_it
 
 @pytest.mark.usefixtures("aws")
 def test_no_reboot_without_a_stop_command_warns() -> None:
-    result = baking.bake(clients(), family(), launch(ROLE), NOW, no_reboot=True, wait=False)
+    result = baker.bake(clients(), family(), launch(ROLE), NOW, no_reboot=True, wait=False)
 
     assert result.state == "pending"
     assert result.warnings == [baking.NO_REBOOT_WARNING]
@@ -150,7 +151,7 @@ def test_no_reboot_without_a_stop_command_warns() -> None:
 def test_stop_and_start_commands_go_through_run_command_around_the_image() -> None:
     instance_id = launch(ROLE)
 
-    result = baking.bake(
+    result = baker.bake(
         clients(),
         family(),
         instance_id,
@@ -175,7 +176,7 @@ def test_stop_and_start_commands_go_through_run_command_around_the_image() -> No
 @pytest.mark.usefixtures("aws")
 def test_a_missing_instance_is_a_bake_error() -> None:
     with pytest.raises(baking.BakeError, match="CreateImage from i-0123456789abcdef0 failed"):
-        baking.bake(clients(), family(), "i-0123456789abcdef0", NOW, no_reboot=False)
+        baker.bake(clients(), family(), "i-0123456789abcdef0", NOW, no_reboot=False)
 
 
 # ---- the build instance -------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def test_find_bake_instance_takes_the_only_running_or_stopped_tagged_instance() 
     launch({"Role": "other"}, launched=NOW)
     launch(launched=NOW)
 
-    assert baking.find_bake_instance(clients(), family()) == builder
+    assert baker.find_bake_instance(clients(), family()) == builder
 
 
 @pytest.mark.usefixtures("aws")
@@ -199,7 +200,7 @@ def test_find_bake_instance_refuses_several_tagged_instances_naming_them() -> No
     attacker = launch(ROLE, launched=NOW)  # launched (or tagged) later by someone else
 
     with pytest.raises(baking.BakeError) as refused:
-        baking.find_bake_instance(clients(), family())
+        baker.find_bake_instance(clients(), family())
 
     assert builder in str(refused.value) and attacker in str(refused.value)
     assert "bake.instance_id" in str(refused.value)
@@ -211,15 +212,15 @@ def test_find_bake_instance_takes_the_pinned_instance_only() -> None:
     launch(ROLE, launched=NOW)  # a later instance with the same tags
     pinned = pinned_family(builder)
 
-    assert baking.find_bake_instance(clients(), pinned) == builder
+    assert baker.find_bake_instance(clients(), pinned) == builder
     ec2().delete_tags(Resources=[builder], Tags=[{"Key": "Role"}])
     with pytest.raises(baking.BakeError, match=f"{builder} does not carry the tags Role=pettracker-ml"):
-        baking.find_bake_instance(clients(), pinned)
+        baker.find_bake_instance(clients(), pinned)
     ec2().terminate_instances(InstanceIds=[builder])
     with pytest.raises(baking.BakeError, match=f"{builder} is terminated"):
-        baking.find_bake_instance(clients(), pinned_family(builder, tags=None))
+        baker.find_bake_instance(clients(), pinned_family(builder, tags=None))
     with pytest.raises(baking.BakeError, match=r"bake\.instance_id i-0123456789abcdef0 does not exist"):
-        baking.find_bake_instance(clients(), pinned_family("i-0123456789abcdef0"))
+        baker.find_bake_instance(clients(), pinned_family("i-0123456789abcdef0"))
 
 
 @pytest.mark.usefixtures("aws")
@@ -230,9 +231,9 @@ def test_find_bake_instance_names_the_tags_when_none_carries_them() -> None:
         baking.BakeError,
         match=r"no running or stopped instance in us-east-1 carries the tags Role=pettracker-ml",
     ):
-        baking.find_bake_instance(clients(), family())
+        baker.find_bake_instance(clients(), family())
     with pytest.raises(baking.BakeUsageError, match="family web has no bake section"):
-        baking.find_bake_instance(clients(), family("web"))
+        baker.find_bake_instance(clients(), family("web"))
 
 
 # ---- the scheduled bake handler -----------------------------------------------------------------------
@@ -373,5 +374,5 @@ def test_handler_permissions_are_the_unattended_bake_only() -> None:
         "ec2:CreateTags",
         "ec2:DescribeInstances",
     ]
-    assert set(bake_handler.PERMISSIONS) < set(baking.PERMISSIONS)
-    assert sorted(baking.PERMISSIONS) == baking.PERMISSIONS
+    assert set(bake_handler.PERMISSIONS) < set(baker.PERMISSIONS)
+    assert sorted(baker.PERMISSIONS) == baker.PERMISSIONS

@@ -15,8 +15,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
+from ami_janitor.core.model import Image
 from ami_janitor.demo import emulator
-from ami_janitor.model import Image
 
 REGION = "us-east-1"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}

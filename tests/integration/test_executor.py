@@ -15,9 +15,8 @@ from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from ami_janitor.clients import RegionClients
-from ami_janitor.demo import emulator
-from ami_janitor.executor import (
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.executor import (
     PERMISSIONS,
     ActionResult,
     ApplyResult,
@@ -27,7 +26,7 @@ from ami_janitor.executor import (
     recorded_permissions,
     rescue_image,
 )
-from ami_janitor.model import (
+from ami_janitor.core.model import (
     Decision,
     Image,
     LaunchPermission,
@@ -37,7 +36,13 @@ from ami_janitor.model import (
     RetiredSnapshot,
     iso,
 )
-from ami_janitor.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
+from ami_janitor.core.policy import (
+    CANDIDATE_TAG,
+    PRIOR_DEPRECATION_TAG,
+    PRIOR_PERMISSIONS_TAG,
+    RETIRED_FROM_TAG,
+)
+from ami_janitor.demo import emulator
 
 REGION = "us-east-1"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}

@@ -9,10 +9,10 @@ from typing import Any
 
 import boto3
 import pytest
-from server import POLICY, ec2, image_ids, now, seed_fleet
 
-from ami_janitor.events import BadEvent
 from ami_janitor.handlers import ami_event, scheduled
+from ami_janitor.handlers.events import BadEvent
+from server import POLICY, ec2, image_ids, now, seed_fleet
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
 

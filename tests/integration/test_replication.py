@@ -17,12 +17,11 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.ec2.models import ec2_backends
 
-from ami_janitor import adapter
-from ami_janitor.clients import ClientFactory, RegionClients
-from ami_janitor.demo import emulator
-from ami_janitor.handlers import replicate
-from ami_janitor.model import Copy, Image, iso
-from ami_janitor.policy import (
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.aws.copier import KMS_PERMISSIONS, PERMISSIONS, enqueue_copies, start_copy
+from ami_janitor.core.model import Copy, Image, iso
+from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
     SOURCE_CREATED_TAG,
     SOURCE_IMAGE_TAG,
@@ -30,17 +29,15 @@ from ami_janitor.policy import (
     Policy,
     parse_policy,
 )
-from ami_janitor.replication import (
-    KMS_PERMISSIONS,
-    PERMISSIONS,
+from ami_janitor.core.replication import (
     client_token,
     copy_from_message,
     copy_request,
-    enqueue_copies,
     handle_failed_replica,
     plan_copies,
-    start_copy,
 )
+from ami_janitor.demo import emulator
+from ami_janitor.handlers import replicate
 
 US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
 KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"

@@ -12,12 +12,13 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from ami_janitor import adapter
-from ami_janitor.clients import ClientFactory, RegionClients
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.aws.sharer import PERMISSIONS, apply_shares
+from ami_janitor.core.model import Image, RegionInventory, Share
+from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
+from ami_janitor.core.sharing import plan_shares
 from ami_janitor.demo import emulator
-from ami_janitor.model import Image, RegionInventory, Share
-from ami_janitor.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
-from ami_janitor.sharing import PERMISSIONS, apply_shares, plan_shares
 
 US = "us-east-1"
 A, B, C = "111111111111", "222222222222", "333333333333"

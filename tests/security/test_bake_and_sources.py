@@ -17,7 +17,8 @@ import boto3
 import pytest
 from moto.ec2.responses import EC2Response
 
-from ami_janitor import baking, cli
+from ami_janitor import cli
+from ami_janitor.core import baking
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import bake as bake_handler
 

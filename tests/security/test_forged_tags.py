@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ami_janitor import cli
-from ami_janitor.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
+from ami_janitor.core.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
 from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
 
 OUTSIDE_ACCOUNT = "999988887777"

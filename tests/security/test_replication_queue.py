@@ -20,12 +20,12 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from ami_janitor import adapter
-from ami_janitor.clients import ClientFactory, RegionClients
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.core.model import Copy, Image
+from ami_janitor.core.policy import SOURCE_IMAGE_TAG
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, replicate
-from ami_janitor.model import Copy, Image
-from ami_janitor.policy import SOURCE_IMAGE_TAG
 
 US, EU, WEST, SOUTH = "us-east-1", "eu-west-1", "us-west-2", "ap-south-1"
 KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"

@@ -12,9 +12,10 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from ami_janitor import baking
-from ami_janitor.clients import RegionClients
-from ami_janitor.policy import Bake, Family, Match, PolicyError, parse_policy
+from ami_janitor.aws import baker
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core import baking
+from ami_janitor.core.policy import Bake, Family, Match, PolicyError, parse_policy
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
@@ -129,14 +130,14 @@ class Stubbed:
         self.clients = RegionClients(REGION, ec2=self.ec2_client, ssm=self.ssm_client)
         self.sleeps: list[float] = []
         self.lines: list[str] = []
-        self.timing = baking.Timing(
+        self.timing = baker.Timing(
             command_delay=2, command_timeout=30, image_delay=10, image_timeout=30, sleep=self.sleeps.append
         )
 
-    def bake(self, **kwargs: Any) -> baking.BakeResult:
+    def bake(self, **kwargs: Any) -> baker.BakeResult:
         options: dict[str, Any] = {"no_reboot": True, "progress": self.lines.append, "timing": self.timing}
         options.update(kwargs)
-        return baking.bake(self.clients, family(), INSTANCE, NOW, **options)
+        return baker.bake(self.clients, family(), INSTANCE, NOW, **options)
 
     # ---- expected calls ----
 
@@ -409,7 +410,7 @@ def test_find_bake_instance_filters_on_the_tags_and_states_and_takes_the_only_on
         {**TAGGED, "NextToken": "page-2"},
     )
 
-    assert baking.find_bake_instance(aws.clients, family()) == INSTANCE
+    assert baker.find_bake_instance(aws.clients, family()) == INSTANCE
 
 
 def test_find_bake_instance_refuses_several_tagged_instances_across_pages(aws: Stubbed) -> None:
@@ -429,7 +430,7 @@ def test_find_bake_instance_refuses_several_tagged_instances_across_pages(aws: S
     )
 
     with pytest.raises(baking.BakeError) as refused:
-        baking.find_bake_instance(aws.clients, family())
+        baker.find_bake_instance(aws.clients, family())
 
     assert not isinstance(refused.value, baking.BakeUsageError)
     assert "2 running or stopped instances in us-east-1 carry the tags Role=pettracker-ml" in str(
@@ -451,11 +452,11 @@ def test_find_bake_instance_asks_for_the_pinned_instance_by_id(aws: Stubbed) -> 
         "describe_instances", service_error_code="InvalidInstanceID.NotFound", expected_params=by_id
     )
 
-    assert baking.find_bake_instance(aws.clients, pinned(instance_tag={"Role": "pettracker-ml"})) == INSTANCE
+    assert baker.find_bake_instance(aws.clients, pinned(instance_tag={"Role": "pettracker-ml"})) == INSTANCE
     with pytest.raises(baking.BakeError, match=f"{INSTANCE} does not carry the tags Role=pettracker-ml"):
-        baking.find_bake_instance(aws.clients, pinned(instance_tag={"Role": "pettracker-ml"}))
+        baker.find_bake_instance(aws.clients, pinned(instance_tag={"Role": "pettracker-ml"}))
     with pytest.raises(baking.BakeError, match=f"bake.instance_id {INSTANCE} does not exist in us-east-1"):
-        baking.find_bake_instance(aws.clients, pinned())
+        baker.find_bake_instance(aws.clients, pinned())
 
 
 def test_find_bake_instance_reports_a_failing_describe(aws: Stubbed) -> None:
@@ -466,4 +467,4 @@ def test_find_bake_instance_reports_a_failing_describe(aws: Stubbed) -> None:
     with pytest.raises(
         baking.BakeError, match="cannot list the build instances of pettracker-ml: UnauthorizedOperation"
     ):
-        baking.find_bake_instance(aws.clients, family())
+        baker.find_bake_instance(aws.clients, family())

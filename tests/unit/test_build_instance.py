@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from ami_janitor.build_instance import PINNED, choose, is_named_by
-from ami_janitor.model import BuildInstance
-from ami_janitor.policy import Family, PolicyError
+from ami_janitor.core.build_instance import PINNED, choose, is_named_by
+from ami_janitor.core.model import BuildInstance
+from ami_janitor.core.policy import Family, PolicyError
 from builders import NOW, policy
 
 ROLE = {"Role": "build"}

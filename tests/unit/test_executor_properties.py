@@ -23,12 +23,11 @@ from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami_janitor.clients import RegionClients
-from ami_janitor.engine import UNCHECKED
-from ami_janitor.executor import ApplyResult, apply_plan, deprecate_at, janitor_state_tags, rescue_image
-from ami_janitor.model import Decision, Plan, Reference, RegionInventory, iso
-from ami_janitor.planner import ACTING, plan
-from ami_janitor.policy import (
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.executor import ApplyResult, apply_plan, deprecate_at, janitor_state_tags, rescue_image
+from ami_janitor.core.model import Decision, Plan, Reference, RegionInventory, iso
+from ami_janitor.core.planner import ACTING, plan
+from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     PRIOR_DEPRECATION_TAG,
     PRIOR_PERMISSIONS_TAG,
@@ -39,7 +38,8 @@ from ami_janitor.policy import (
     Policy,
     parse_policy,
 )
-from ami_janitor.sharing import desired_grants
+from ami_janitor.core.sharing import desired_grants
+from ami_janitor.engine import UNCHECKED
 from fake_ec2 import MUTATING, Call, Crash, FakeEC2, FakeImage, ImageView
 
 REGION = "us-east-1"

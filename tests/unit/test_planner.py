@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from ami_janitor.model import BuildInstance, Decision, Plan, RetiredSnapshot, ScheduledBake, iso
-from ami_janitor.planner import plan
-from ami_janitor.policy import (
+from ami_janitor.core.model import BuildInstance, Decision, Plan, RetiredSnapshot, ScheduledBake, iso
+from ami_janitor.core.planner import plan
+from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     PRIOR_DEPRECATION_TAG,
     SHARED_BY_JANITOR_TAG,

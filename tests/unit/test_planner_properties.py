@@ -14,9 +14,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami_janitor.model import Image, LaunchPermission, Plan, Reference, RegionInventory, iso
-from ami_janitor.planner import ACTING, plan
-from ami_janitor.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
+from ami_janitor.core.model import Image, LaunchPermission, Plan, Reference, RegionInventory, iso
+from ami_janitor.core.planner import ACTING, plan
+from ami_janitor.core.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
 from builders import NOW
 
 OPT_OUT = "ami-janitor:keep"

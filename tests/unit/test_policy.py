@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ami_janitor.policy import PolicyError, load_policy, parse_policy
+from ami_janitor.core.policy import PolicyError, load_policy, parse_policy
 from builders import policy
 
 REPO = Path(__file__).resolve().parents[2]

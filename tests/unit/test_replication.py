@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from ami_janitor.model import Copy, Image, RegionInventory, iso
-from ami_janitor.policy import (
+from ami_janitor.aws.copier import enqueue_copies
+from ami_janitor.core.model import Copy, Image, RegionInventory, iso
+from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     COPY_GENERATION_TAG_PREFIX,
     SOURCE_CREATED_TAG,
@@ -17,7 +18,7 @@ from ami_janitor.policy import (
     SOURCE_REGION_TAG,
     Policy,
 )
-from ami_janitor.replication import (
+from ami_janitor.core.replication import (
     MAX_COPY_GENERATIONS,
     BadCopyMessage,
     RefusedCopy,
@@ -25,7 +26,6 @@ from ami_janitor.replication import (
     copy_from_message,
     copy_problems,
     copy_request,
-    enqueue_copies,
     handle_failed_replica,
     plan_copies,
     plan_replication,

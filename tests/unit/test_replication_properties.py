@@ -19,10 +19,12 @@ from botocore.exceptions import ClientError
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from ami_janitor.clients import RegionClients
-from ami_janitor.model import Copy, Image, LaunchPermission, RegionInventory, iso
-from ami_janitor.planner import build_groups
-from ami_janitor.policy import (
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.copier import find_copies, start_copy
+from ami_janitor.aws.sharer import apply_shares
+from ami_janitor.core.model import Copy, Image, LaunchPermission, RegionInventory, iso
+from ami_janitor.core.planner import build_groups
+from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     COPY_GENERATION_TAG_PREFIX,
     SHARED_BY_JANITOR_TAG,
@@ -32,20 +34,18 @@ from ami_janitor.policy import (
     Policy,
     parse_policy,
 )
-from ami_janitor.replication import (
+from ami_janitor.core.replication import (
     client_token,
     copies_of_new_source,
-    find_copies,
     handle_failed_replica,
     is_usable,
     plan_copies,
     plan_replication,
     rebuild_copy,
     replica_name,
-    start_copy,
     wanted_sources,
 )
-from ami_janitor.sharing import apply_shares, plan_shares
+from ami_janitor.core.sharing import plan_shares
 from builders import NOW
 
 US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"

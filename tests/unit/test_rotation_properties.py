@@ -13,11 +13,11 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami_janitor import rotation
-from ami_janitor.clients import RegionClients
-from ami_janitor.model import Image, RegionInventory
-from ami_janitor.planner import build_groups, latest_target
-from ami_janitor.policy import Policy, parse_policy
+from ami_janitor.aws import rotator
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core.model import Image, RegionInventory
+from ami_janitor.core.planner import build_groups, latest_target
+from ami_janitor.core.policy import Policy, parse_policy
 from builders import NOW
 
 POLICY = parse_policy(
@@ -130,7 +130,7 @@ def test_events_in_any_order_end_with_one_latest(
             image_id, state = pending[pick % len(pending)]
             if next(choices, 0) % 2:
                 pending.remove((image_id, state))  # else: delivered again later (a duplicate)
-            rotation.handle_state_change(image_id, state, clients, POLICY, NOW, load=account.load)
+            rotator.handle_state_change(image_id, state, clients, POLICY, NOW, load=account.load)
 
     for step, (kind, index) in enumerate(script):
         ids = list(account.images)
@@ -154,11 +154,11 @@ def test_events_in_any_order_end_with_one_latest(
             pending.append((image_id, state))
         deliver_some()
     while pending:  # every event is delivered at least once, after the change that caused it
-        rotation.handle_state_change(*pending.pop(0), clients, POLICY, NOW, load=account.load)
+        rotator.handle_state_change(*pending.pop(0), clients, POLICY, NOW, load=account.load)
     assert_converged(account)
     # A second reconcile writes nothing.
     before = account.writes
-    rotation.converge(clients, POLICY, NOW, load=account.load)
+    rotator.converge(clients, POLICY, NOW, load=account.load)
     assert account.writes == before
 
 
@@ -184,8 +184,8 @@ def test_two_interleaved_rotations_leave_exactly_one_latest(count: int, racer_at
             "created": NOW - timedelta(days=racer_at),
             "tags": {},
         }
-        rotation.converge(clients, POLICY, NOW, load=account.load)
+        rotator.converge(clients, POLICY, NOW, load=account.load)
 
     account.on_write = racer
-    rotation.converge(clients, POLICY, NOW, load=account.load)
+    rotator.converge(clients, POLICY, NOW, load=account.load)
     assert_converged(account)

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from ami_janitor.model import RegionInventory, Share
-from ami_janitor.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG
-from ami_janitor.sharing import plan_shares, recorded_grants, share_for
-from ami_janitor.tags import TAG_VALUE_MAX, is_part_key, joined_values, part_keys, split_values
+from ami_janitor.core.model import RegionInventory, Share
+from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG
+from ami_janitor.core.sharing import plan_shares, recorded_grants, share_for
+from ami_janitor.core.tags import TAG_VALUE_MAX, is_part_key, joined_values, part_keys, split_values
 from builders import NOW, image, inventory, policy
 
 A, B, C = "111111111111", "222222222222", "333333333333"

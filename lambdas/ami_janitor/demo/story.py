@@ -225,8 +225,8 @@ def _pointer(fleet: Fleet, region: str, arch: str) -> tuple[list[str], str]:
 
 
 def _rotation_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
-    from ami_janitor import rotation
-    from ami_janitor.clients import RegionClients
+    from ami_janitor.aws import rotator
+    from ami_janitor.aws.clients import RegionClients
     from ami_janitor.handlers import ami_event
 
     region, arch = "us-east-1", "x86_64"
@@ -259,7 +259,7 @@ def _rotation_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     )
     holders, value = _pointer(fleet, region, arch)
     out.write(f"Someone points Latest at {stale} by hand: tag on {', '.join(holders)}; parameter {value}\n")
-    repaired = rotation.converge(RegionClients(region), policy, datetime.now(UTC))
+    repaired = rotator.converge(RegionClients(region), policy, datetime.now(UTC))
     holders, value = _pointer(fleet, region, arch)
     writes = sum(len(r.written) for r in repaired)
     out.write(f"  reconcile ({writes} writes): tag on {', '.join(holders)}; parameter {value}\n")
@@ -288,8 +288,8 @@ def _sqs_event(messages: Sequence[Mapping[str, Any]], queue_arn: str) -> dict[st
 def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     import boto3
 
-    from ami_janitor import baking
-    from ami_janitor.clients import RegionClients
+    from ami_janitor.aws import baker
+    from ami_janitor.aws.clients import RegionClients
     from ami_janitor.handlers import ami_event, replicate
 
     out.write("\n== Bake, share, replicate ==\n")
@@ -297,8 +297,8 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     family = policy.family("pettracker-api")
     builder = fleet.builders["us-east-1"]
     east.ec2.create_tags(Resources=[builder], Tags=[{"Key": "Role", "Value": "pettracker-api"}])
-    instance = baking.find_bake_instance(east, family)
-    baked = baking.bake(east, family, instance, datetime.now(UTC), no_reboot=False)
+    instance = baker.find_bake_instance(east, family)
+    baked = baker.bake(east, family, instance, datetime.now(UTC), no_reboot=False)
     out.write(f"ami-janitor bake --family pettracker-api: {baked.image_id} ({baked.name}) from {instance}\n")
     sqs = boto3.client("sqs", region_name="us-east-1")
     queue_url = sqs.create_queue(QueueName="ami-janitor-replication")["QueueUrl"]
@@ -349,10 +349,10 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
         {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true", "AWS_REGION": "us-east-1"}
     )
     from ami_janitor import engine
+    from ami_janitor.aws.clients import ClientFactory
     from ami_janitor.cli import print_plan, print_results
-    from ami_janitor.clients import ClientFactory
+    from ami_janitor.core.policy import load_policy
     from ami_janitor.demo import emulator
-    from ami_janitor.policy import load_policy
 
     server, endpoint = emulator.start_server()
     workdir = Path(tempfile.mkdtemp(prefix="ami-janitor-demo-"))

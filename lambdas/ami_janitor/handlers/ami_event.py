@@ -9,10 +9,11 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ami_janitor import engine, replication
-from ami_janitor.clients import ClientFactory
-from ami_janitor.events import METRICS_NAMESPACE, SERVICE, Environment, parse_ami_event
-from ami_janitor.policy import load_policy
+from ami_janitor import engine
+from ami_janitor.aws import copier
+from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.core.policy import load_policy
+from ami_janitor.handlers.events import METRICS_NAMESPACE, SERVICE, Environment, parse_ami_event
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 
@@ -34,7 +35,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         clients,
         policy,
         datetime.now(UTC).replace(microsecond=0),
-        enqueue=(lambda copies: replication.enqueue_copies(clients.sqs, queue, copies)) if queue else None,
+        enqueue=(lambda copies: copier.enqueue_copies(clients.sqs, queue, copies)) if queue else None,
     )
     metrics.add_dimension(name="State", value=ami_event.detail.State)
     metrics.add_metric(name="AmiStateChanges", unit=MetricUnit.Count, value=1)

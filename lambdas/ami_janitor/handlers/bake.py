@@ -19,12 +19,13 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ami_janitor import baking
-from ami_janitor.clients import RegionClients
-from ami_janitor.events import BadEvent, Environment, describe_validation_error
-from ami_janitor.policy import Family, Policy, load_policy
+from ami_janitor.aws import baker
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core import baking
+from ami_janitor.core.policy import Family, Policy, load_policy
+from ami_janitor.handlers.events import BadEvent, Environment, describe_validation_error
 
-PERMISSIONS: list[str] = baking.SCHEDULED_PERMISSIONS
+PERMISSIONS: list[str] = baker.SCHEDULED_PERMISSIONS
 
 logger = Logger()
 metrics = Metrics()
@@ -73,14 +74,14 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     family = baked_family(policy, request.family)
     clients = RegionClients(env.region)
     now = datetime.now(UTC).replace(microsecond=0)
-    instance_id = baking.find_bake_instance(clients, family)
+    instance_id = baker.find_bake_instance(clients, family)
     outcome: dict[str, Any] = {"mode": policy.mode, "region": env.region, "family": family.name}
     if policy.mode == "dry-run":
         # The full request is built (and so checked) without being sent.
         create_image = baking.bake_request(family, instance_id, now, _no_reboot(family))
         logger.info("dry-run: would bake", extra={"create_image": create_image})
         return {**outcome, "outcome": "would-bake", "instance_id": instance_id, "name": create_image["Name"]}
-    result = baking.bake(clients, family, instance_id, now, no_reboot=_no_reboot(family), wait=False)
+    result = baker.bake(clients, family, instance_id, now, no_reboot=_no_reboot(family), wait=False)
     for warning in result.warnings:
         logger.warning(warning, extra={"image_id": result.image_id})
     metrics.add_metric(name="ImagesBaked", unit=MetricUnit.Count, value=1)

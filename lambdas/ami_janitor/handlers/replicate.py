@@ -20,14 +20,16 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ami_janitor import adapter, replication
-from ami_janitor.clients import ClientFactory, RegionClients
-from ami_janitor.events import Environment
-from ami_janitor.policy import Policy, load_policy
+from ami_janitor.aws import copier
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.core import replication
+from ami_janitor.core.policy import Policy, load_policy
+from ami_janitor.handlers.events import Environment
 
-# adapter.describe_image reads the source (ec2:DescribeImages, already in replication.PERMISSIONS);
+# adapter.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS);
 # the KMS actions are what EC2 does with a target's key on this role's behalf.
-PERMISSIONS: list[str] = sorted(set(replication.PERMISSIONS) | set(replication.KMS_PERMISSIONS))
+PERMISSIONS: list[str] = sorted(set(copier.PERMISSIONS) | set(copier.KMS_PERMISSIONS))
 
 # A refused message's body is logged up to this many characters (the reason says what was wrong).
 MESSAGE_LOGGED_MAX = 2048
@@ -54,9 +56,9 @@ def copy_record(
         logger.info("source gone: nothing to copy", extra=request.model_dump(mode="json"))
         metrics.add_metric(name="CopiesSkipped", unit=MetricUnit.Count, value=1)
         return {"status": "skipped", "detail": "source gone", **request.model_dump(mode="json")}
-    existing = replication.find_copies(clients_for(request.region).ec2, source.image_id, request.region)
+    existing = copier.find_copies(clients_for(request.region).ec2, source.image_id, request.region)
     copy = replication.rebuild_copy(request, source, policy, existing)
-    result = replication.start_copy(clients_for, copy, source, policy, existing)
+    result = copier.start_copy(clients_for, copy, source, policy, existing)
     outcome = result.model_dump(mode="json")
     if result.status == "failed":
         metrics.add_metric(name="CopiesFailed", unit=MetricUnit.Count, value=1)

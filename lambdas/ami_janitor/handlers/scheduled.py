@@ -10,10 +10,11 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ami_janitor import engine, replication
-from ami_janitor.clients import ClientFactory
-from ami_janitor.events import METRICS_NAMESPACE, SERVICE, Environment
-from ami_janitor.policy import load_policy
+from ami_janitor import engine
+from ami_janitor.aws import copier
+from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.core.policy import load_policy
+from ami_janitor.handlers.events import METRICS_NAMESPACE, SERVICE, Environment
 
 PERMISSIONS: list[str] = engine.PERMISSIONS
 
@@ -74,7 +75,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         factory,
         now,
         apply=policy.mode == "enforce",
-        enqueue=(lambda copies: replication.enqueue_copies(sqs, queue, copies)) if queue else None,
+        enqueue=(lambda copies: copier.enqueue_copies(sqs, queue, copies)) if queue else None,
     )
     report = result.report()
     summary: dict[str, Any] = report["summary"]  # type: ignore[assignment]

@@ -15,21 +15,30 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from ami_janitor.model import Decision, Image, LaunchPermission, Plan, RegionInventory, Stage, iso, parse_time
-from ami_janitor.policy import (
+from ami_janitor.core.model import (
+    Decision,
+    Image,
+    LaunchPermission,
+    Plan,
+    RegionInventory,
+    Stage,
+    iso,
+    parse_time,
+)
+from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     PRIOR_DEPRECATION_TAG,
     PRIOR_PERMISSIONS_TAG,
     RETIRED_FROM_TAG,
 )
-from ami_janitor.tags import TAG_VALUE_MAX as TAG_VALUE_MAX  # re-exported: callers read it here
-from ami_janitor.tags import is_part_key, joined_values, split_values
+from ami_janitor.core.tags import TAG_VALUE_MAX as TAG_VALUE_MAX  # re-exported: callers read it here
+from ami_janitor.core.tags import is_part_key, joined_values, split_values
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ec2.type_defs import LaunchPermissionTypeDef
 
-    from ami_janitor.clients import RegionClients
+    from ami_janitor.aws.clients import RegionClients
 
 PERMISSIONS: list[str] = sorted(
     [

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ami_janitor.model import Copy, Image, RegionInventory, iso
-from ami_janitor.planner import Group, build_groups, latest_target, order_key
-from ami_janitor.policy import (
+from ami_janitor.core.model import Copy, Image, RegionInventory, iso
+from ami_janitor.core.planner import Group, build_groups, latest_target, order_key
+from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
     JANITOR_TAG_PREFIX,
     SOURCE_CREATED_TAG,
@@ -36,42 +35,31 @@ from ami_janitor.policy import (
 )
 
 if TYPE_CHECKING:
-    from mypy_boto3_ec2 import EC2Client
-    from mypy_boto3_sqs import SQSClient
-    from mypy_boto3_sqs.type_defs import SendMessageBatchRequestEntryTypeDef
+    pass
 
-    from ami_janitor.clients import RegionClients
-
-# What starting a copy calls: find the copy by provenance (destination), record the generation
-# (source), copy (destination; its TagSpecifications need ec2:CreateTags on the new AMI and snapshots).
-PERMISSIONS: list[str] = sorted(["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"])
-# What queueing copy requests calls (the scheduled run and the event handler, not the worker).
-ENQUEUE_PERMISSIONS: list[str] = ["sqs:SendMessage"]
-# What EC2 does with a customer managed key on the caller's behalf while it copies and encrypts the
-# snapshots (Amazon EBS encryption requirements: CreateGrant, Decrypt, DescribeKey,
-# GenerateDataKeyWithoutPlaintext, ReEncrypt*). Granted by the deploy on the configured key ARNs only.
-KMS_PERMISSIONS: list[str] = sorted(
-    [
-        "kms:CreateGrant",
-        "kms:Decrypt",
-        "kms:DescribeKey",
-        "kms:GenerateDataKeyWithoutPlaintext",
-        "kms:ReEncryptFrom",
-        "kms:ReEncryptTo",
-    ]
-)
 
 MAX_COPY_GENERATIONS = 3
+
+
 # States of a copy that failed (EC2 says so): it needs a new generation.
 FAILED_STATES = frozenset({"failed", "error", "invalid"})
+
+
 # States in which a copy will never become usable (failed, or on its way out of the listing).
 UNUSABLE_STATES = FAILED_STATES | {"deregistered"}
-SEND_MESSAGE_BATCH_MAX = 10
+
+
 NAME_MAX = 128  # AMI names: 3-128 characters
+
+
 DESCRIPTION_MAX = 255
+
+
 TAGS_PER_RESOURCE_MAX = 50
+
+
 ENCRYPTED_SUFFIX = "-encrypted"
-AWS_ERRORS = (ClientError, BotoCoreError)
+
 
 CopyStatus = Literal["ok", "failed", "skipped"]
 
@@ -117,9 +105,6 @@ class RefusedCopy(BadCopyMessage):
         self.request = request
 
 
-# ---- generations and provenance -------------------------------------------------------------------
-
-
 def generation_tag(region: str) -> str:
     """The tag that records the generation of the copy in `region` (on the source and on the copy)."""
     return f"{COPY_GENERATION_TAG_PREFIX}{region}"
@@ -148,9 +133,6 @@ def _tried(source: Image, region: str, copies: Iterable[Image]) -> int:
     """The highest generation started so far: recorded on the source, or on a copy (a copy without the
     tag, made by hand or before the tag existed, counts as generation 1)."""
     return max([recorded_generation(source, region)] + [recorded_generation(c, region) or 1 for c in copies])
-
-
-# ---- planning (pure) ------------------------------------------------------------------------------
 
 
 def wanted_sources(group: Group, conflicts: Mapping[str, Sequence[str]], now: datetime) -> list[Image]:
@@ -311,9 +293,6 @@ def handle_failed_replica(image: Image, policy: Policy) -> Retry:
     return Retry(copy, f"{image.image_id} failed: generation {generation} planned")
 
 
-# ---- the CopyImage request (pure) -----------------------------------------------------------------
-
-
 def client_token(copy: Copy) -> str:
     """Idempotency of CopyImage (at most 64 ASCII characters): the same request returns the same copy;
     a new generation makes a new one."""
@@ -391,51 +370,6 @@ def copy_request(copy: Copy, source: Image, policy: Policy) -> dict[str, Any]:
     return request
 
 
-# ---- starting a copy ------------------------------------------------------------------------------
-
-
-def _error_text(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        info = error.response.get("Error", {})
-        return f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
-    return str(error) or type(error).__name__
-
-
-def find_copies(ec2: EC2Client, source_image_id: str, region: str) -> list[Image]:
-    """Every copy of the source in the client's region, any state, found by its provenance tag."""
-    answer = ec2.describe_images(
-        Owners=["self"],
-        IncludeDeprecated=True,
-        IncludeDisabled=True,
-        Filters=[{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source_image_id]}],
-    )
-    return [Image.from_api(region, dict(raw)) for raw in answer.get("Images") or []]
-
-
-def start_copy(
-    clients_for: Callable[[str], RegionClients],
-    copy: Copy,
-    source: Image,
-    policy: Policy,
-    existing: Sequence[Image] | None = None,
-) -> CopyResult:
-    """Start one copy unless it exists. Safe to repeat: a duplicate finds the copy by provenance, a retried
-    request reuses its ClientToken. AWS errors are a failed result, never an exception. `existing`: the
-    source's copies in the target region, when the caller has just read them (find_copies)."""
-    result = CopyResult(
-        family=copy.family,
-        source_image_id=copy.source_image_id,
-        source_region=copy.source_region,
-        region=copy.region,
-        generation=copy.generation,
-        status="skipped",
-    )
-    try:
-        return _start(clients_for, copy, source, policy, result, existing)
-    except (*AWS_ERRORS, ValueError, KeyError) as error:
-        return result.model_copy(update={"status": "failed", "error": _error_text(error)})
-
-
 def _policy_change(copy: Copy, policy: Policy) -> str | None:
     """Why a request made under an earlier policy no longer applies (None: it does)."""
     family = next((f for f in policy.families if f.name == copy.family), None)
@@ -447,58 +381,6 @@ def _policy_change(copy: Copy, policy: Policy) -> str | None:
     if copy.region == copy.source_region and copy.kms_key_id is None:
         return f"{copy.region} is the source region and the request has no kms_key_id (encrypt in place only)"
     return None
-
-
-def _start(
-    clients_for: Callable[[str], RegionClients],
-    copy: Copy,
-    source: Image,
-    policy: Policy,
-    result: CopyResult,
-    existing: Sequence[Image] | None,
-) -> CopyResult:
-    gone = _policy_change(copy, policy)
-    if gone is not None:
-        return result.model_copy(update={"detail": gone})
-    request = copy_request(copy, source, policy)  # a request that cannot be made fails before any call
-    destination = clients_for(copy.region).ec2
-    if existing is None:
-        existing = find_copies(destination, copy.source_image_id, copy.region)
-    usable = sorted((c for c in existing if is_usable(c)), key=lambda c: c.created, reverse=True)
-    if usable:
-        found = usable[0]
-        return result.model_copy(
-            update={"status": "ok", "image_id": found.image_id, "detail": f"already copied ({found.state})"}
-        )
-    recorded = recorded_generation(source, copy.region)
-    if copy.generation < recorded:
-        # A newer generation was started since this request was made; its token must not be reused.
-        return result.model_copy(update={"detail": f"superseded by generation {recorded}"})
-    if any(recorded_generation(c, copy.region) == copy.generation for c in existing):
-        # EC2 would answer this token with the failed copy: only the next generation can help.
-        return result.model_copy(update={"detail": f"generation {copy.generation} failed already"})
-    if source.state != "available":
-        return result.model_copy(update={"detail": f"source is {source.state}: not copied"})
-    if copy.region == copy.source_region and source.encrypted:
-        return result.model_copy(update={"detail": "source is encrypted already: no copy in its own region"})
-    if copy.generation > recorded:
-        # Recorded before the copy starts: whatever happens next, this generation is never used again.
-        clients_for(copy.source_region).ec2.create_tags(
-            Resources=[copy.source_image_id],
-            Tags=[{"Key": generation_tag(copy.region), "Value": str(copy.generation)}],
-        )
-    answer = destination.copy_image(**request)
-    return result.model_copy(
-        update={
-            "status": "ok",
-            "started": True,
-            "image_id": answer["ImageId"],
-            "detail": f"copy started (generation {copy.generation})",
-        }
-    )
-
-
-# ---- what the worker accepts (pure) -----------------------------------------------------------------
 
 
 def allowed_target(request: Copy, policy: Policy) -> ReplicateTarget:
@@ -583,34 +465,6 @@ def rebuild_copy(request: Copy, source: Image, policy: Policy, copies: Iterable[
         kms_key_id=target.kms_key_id,
         generation=request.generation,
     )
-
-
-# ---- the queue --------------------------------------------------------------------------------------
-
-
-def enqueue_copies(sqs_client: SQSClient, queue_url: str, copies: Sequence[Copy]) -> int:
-    """Queue the copy requests (one message each, ten per call); returns how many were queued.
-
-    An entry SQS refuses for a reason of its own (not the sender's fault) is sent once more; what is
-    still refused, or a call that fails, is not queued and not raised: the next reconcile plans it again.
-    """
-    sent = 0
-    for start in range(0, len(copies), SEND_MESSAGE_BATCH_MAX):
-        entries: list[SendMessageBatchRequestEntryTypeDef] = [
-            {"Id": str(n), "MessageBody": copy.model_dump_json()}
-            for n, copy in enumerate(copies[start : start + SEND_MESSAGE_BATCH_MAX])
-        ]
-        for _attempt in range(2):
-            try:
-                answer = sqs_client.send_message_batch(QueueUrl=queue_url, Entries=entries)
-            except AWS_ERRORS:
-                break
-            sent += len(answer.get("Successful") or [])
-            again = {f["Id"] for f in answer.get("Failed") or [] if not f.get("SenderFault")}
-            entries = [entry for entry in entries if entry["Id"] in again]
-            if not entries:
-                break
-    return sent
 
 
 def copy_from_message(body: str) -> Copy:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ami_janitor.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG
+from ami_janitor.core.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG
 
 
 def parse_time(value: str | datetime | None) -> datetime | None:

@@ -13,11 +13,11 @@ from datetime import datetime
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel
 
-from ami_janitor import adapter
-from ami_janitor.clients import RegionClients
-from ami_janitor.model import LatestChange, RegionInventory
-from ami_janitor.planner import build_groups, pointer_errors, rotation
-from ami_janitor.policy import Policy
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core.model import LatestChange, RegionInventory
+from ami_janitor.core.policy import Policy
+from ami_janitor.core.rotation import changes_for
 
 PERMISSIONS: list[str] = sorted(
     {
@@ -27,6 +27,8 @@ PERMISSIONS: list[str] = sorted(
         *adapter.IMAGE_PERMISSIONS,
     }
 )
+
+
 MAX_ROUNDS = 3
 
 
@@ -45,31 +47,6 @@ class RotationResult(BaseModel):
         return cls(
             region=region, family="*", architecture="*", to=None, written=[], status="failed", error=error
         )
-
-
-def changes_for(
-    inventory: RegionInventory,
-    policy: Policy,
-    now: datetime,
-    *,
-    families: Iterable[str] | None = None,
-    architectures: Iterable[tuple[str, str]] | None = None,
-) -> list[LatestChange]:
-    """The Latest changes a region needs now, optionally only for some families or (family, arch)."""
-    wanted_families = set(families) if families is not None else None
-    wanted_groups = set(architectures) if architectures is not None else None
-    groups, _ = build_groups(inventory, policy)
-    errors = pointer_errors(groups, policy)
-    changes = []
-    for group in groups:
-        if wanted_families is not None and group.family.name not in wanted_families:
-            continue
-        if wanted_groups is not None and (group.family.name, group.architecture) not in wanted_groups:
-            continue
-        change = rotation(group, inventory, now, errors.get(group.family.name))
-        if change is not None:
-            changes.append(change)
-    return changes
 
 
 def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list[str]:

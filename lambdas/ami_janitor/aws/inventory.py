@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, UnknownEndpointError
 from botocore.parsers import ResponseParserError
 
-from ami_janitor import build_instance
-from ami_janitor.model import (
+from ami_janitor.core import build_instance
+from ami_janitor.core.model import (
     BuildInstance,
     Image,
     LaunchPermission,
@@ -25,14 +25,14 @@ from ami_janitor.model import (
     RegionInventory,
     RetiredSnapshot,
 )
-from ami_janitor.policy import RETIRED_FROM_TAG, Policy
+from ami_janitor.core.policy import RETIRED_FROM_TAG, Policy
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ssm import SSMClient
 
-    from ami_janitor.clients import RegionClients
+    from ami_janitor.aws.clients import RegionClients
 
 CALLED: list[str] = sorted(
     [

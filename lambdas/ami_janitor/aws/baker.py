@@ -13,33 +13,29 @@ answer right after CreateImage (eventual consistency).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ami_janitor import build_instance
-from ami_janitor.clients import RegionClients
-from ami_janitor.model import BuildInstance
-from ami_janitor.policy import JANITOR_TAG_PREFIX, Family
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core import build_instance
+from ami_janitor.core.baking import BakeError, BakeUsageError, bake_request, check_options
+from ami_janitor.core.model import BuildInstance
+from ami_janitor.core.policy import Family
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ssm import SSMClient
 
-BAKED_FROM_TAG = f"{JANITOR_TAG_PREFIX}baked-from"
-VERSION_TAG = "Version"
+
 RUN_SHELL_DOCUMENT = "AWS-RunShellScript"
-NO_REBOOT_WARNING = (
-    "the file system may be inconsistent without a reboot; "
-    "use --stop-command/--start-command to quiesce the application"
-)
+
 
 # What the unattended (scheduled) bake calls: it finds the instance and creates the image, no commands.
 SCHEDULED_PERMISSIONS: list[str] = sorted(
@@ -50,6 +46,8 @@ SCHEDULED_PERMISSIONS: list[str] = sorted(
         "ec2:DescribeInstances",
     }
 )
+
+
 # Everything bake() may call: the scheduled actions plus waiting for the image and the
 # stop/start commands (only the CLI runs those, with the caller's credentials).
 PERMISSIONS: list[str] = sorted(
@@ -61,27 +59,25 @@ PERMISSIONS: list[str] = sorted(
     }
 )
 
+
 _COMMAND_DONE = "Success"
+
+
 _COMMAND_FAILED = frozenset({"Cancelled", "TimedOut", "Failed"})
+
+
 # Run Command's delivery timeout (its minimum is 30 s): an unreachable instance fails the command
 # quickly instead of leaving it pending for an hour.
 _DELIVERY_TIMEOUT_SECONDS = 60
+
+
 _IMAGE_WAITING = frozenset({"pending", "transient", "not visible yet"})
+
+
 _STDERR_TAIL = 400
 
+
 Progress = Callable[[str], None]
-
-
-class BakeError(RuntimeError):
-    """A bake that failed; the message says what and where. `image_id` is set once an image exists."""
-
-    def __init__(self, message: str, *, image_id: str | None = None) -> None:
-        super().__init__(message)
-        self.image_id = image_id
-
-
-class BakeUsageError(BakeError):
-    """Bad input (options or policy) found before anything ran."""
 
 
 class BakeResult(BaseModel):
@@ -104,77 +100,6 @@ class Timing:
     image_delay: float = 15.0
     image_timeout: float = 3600.0  # large volumes take a while to snapshot
     sleep: Callable[[float], None] = time.sleep
-
-
-# ---- the request ------------------------------------------------------------------------------------
-
-
-def version(now: datetime) -> str:
-    """The UTC timestamp that versions a bake (a naive time is taken as UTC)."""
-    aware = now if now.tzinfo else now.replace(tzinfo=UTC)
-    return aware.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def image_name(family: Family, now: datetime) -> str:
-    """`<family>-<UTC timestamp>`; refused where the family's own name glob would not select it."""
-    name = f"{family.name}-{version(now)}"
-    glob = family.match.name
-    if glob is not None and not fnmatch.fnmatchcase(name, glob):
-        raise BakeUsageError(
-            f"family {family.name}: match.name {glob!r} does not match the bake name {name!r}, so the "
-            f"baked image would never be managed; use a glob such as '{family.name}-*'"
-        )
-    return name
-
-
-def image_tags(family: Family, instance_id: str, now: datetime) -> dict[str, str]:
-    """The family's match tags, the version and the build instance."""
-    tags = {**family.match.tags, VERSION_TAG: version(now), BAKED_FROM_TAG: instance_id}
-    if not family.match.matches(image_name(family, now), tags):
-        clash = sorted(key for key in (VERSION_TAG, BAKED_FROM_TAG) if key in family.match.tags)
-        raise BakeUsageError(
-            f"family {family.name}: match.tags select on {', '.join(clash)}, which every bake sets to "
-            "its own value, so the baked image would never be managed"
-        )
-    return tags
-
-
-def bake_request(family: Family, instance_id: str, now: datetime, no_reboot: bool) -> dict[str, Any]:
-    """The exact CreateImage arguments: image and snapshots tagged at creation."""
-    name = image_name(family, now)
-    tags = [
-        {"Key": key, "Value": value} for key, value in sorted(image_tags(family, instance_id, now).items())
-    ]
-    return {
-        "InstanceId": instance_id,
-        "Name": name,
-        "Description": f"{family.name} {version(now)} baked by ami-janitor from {instance_id}",
-        "NoReboot": no_reboot,
-        "TagSpecifications": [
-            {"ResourceType": "image", "Tags": tags},
-            {"ResourceType": "snapshot", "Tags": [dict(tag) for tag in tags]},
-        ],
-    }
-
-
-def check_options(no_reboot: bool, stop_command: str | None, start_command: str | None) -> list[str]:
-    """The warnings of a valid combination; BakeUsageError for an invalid one."""
-    if (stop_command is not None or start_command is not None) and not no_reboot:
-        raise BakeUsageError(
-            "--stop-command/--start-command quiesce the application for --no-reboot; "
-            "without it EC2 reboots the instance, which needs neither"
-        )
-    if start_command is not None and stop_command is None:
-        raise BakeUsageError("--start-command needs --stop-command (it restarts what that stopped)")
-    for option, command in (("--stop-command", stop_command), ("--start-command", start_command)):
-        if command is not None and not command.strip():
-            raise BakeUsageError(f"{option}: the command is empty")
-    if no_reboot and stop_command is None:
-        return [NO_REBOOT_WARNING]
-    return []
-
-
-# ---- the bake ---------------------------------------------------------------------------------------
 
 
 def bake(
@@ -342,9 +267,6 @@ def _outcome(invocation: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-# ---- waiting ----------------------------------------------------------------------------------------
-
-
 def wait_until_available(
     ec2: EC2Client, image_id: str, *, timing: Timing | None = None, progress: Progress | None = None
 ) -> str:
@@ -390,9 +312,6 @@ def _duration(seconds: float) -> str:
     whole = int(seconds)
     minutes, rest = divmod(whole, 60)
     return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
-
-
-# ---- the build instance -----------------------------------------------------------------------------
 
 
 def find_bake_instance(clients: RegionClients, family: Family) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ami_janitor.model import BuildInstance
-from ami_janitor.policy import Family
+from ami_janitor.core.model import BuildInstance
+from ami_janitor.core.policy import Family
 
 # CreateImage images a running or stopped instance; one on its way between the two is not chosen.
 BAKEABLE_STATES = frozenset({"running", "stopped"})

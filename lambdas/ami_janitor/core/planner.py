@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import cast
 
-from ami_janitor import build_instance
-from ami_janitor.model import (
+from ami_janitor.core import build_instance
+from ami_janitor.core.model import (
     Decision,
     Image,
     LatestChange,
@@ -24,7 +24,7 @@ from ami_janitor.model import (
     iso,
     parse_time,
 )
-from ami_janitor.policy import (
+from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     PRIOR_DEPRECATION_TAG,
     PRIOR_PERMISSIONS_TAG,
@@ -34,7 +34,7 @@ from ami_janitor.policy import (
     Policy,
     Rules,
 )
-from ami_janitor.tags import joined_values
+from ami_janitor.core.tags import joined_values
 
 ACTING: frozenset[str] = frozenset({"deprecate", "disable", "deregister"})
 # States in which an AMI counts toward keep-N (pending and failed builds are not versions yet).

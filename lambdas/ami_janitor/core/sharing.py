@@ -1,0 +1,85 @@
+"""Launch permissions from `share_with`: grant what the family lists, revoke only what the janitor granted.
+
+What the janitor granted is recorded on the AMI (`ami-janitor:shared`, then `:2`, `:3`, ... when the
+list outgrows one tag value). Planning compares that record with the policy, so the steady state costs
+no call per AMI (DescribeImageAttribute is one call per AMI); `Public` comes with DescribeImages, so a
+public AMI whose family does not say `public: true` is always seen. Grants somebody else made are left
+alone (the planner reports them, and they keep the AMI unless `allow_shared`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from ami_janitor.core.model import Image, RegionInventory, Share
+from ami_janitor.core.planner import build_groups
+from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG, Family, Policy
+from ami_janitor.core.tags import joined_values
+
+if TYPE_CHECKING:
+    pass
+
+
+PUBLIC = "group:all"
+
+
+def _is_grant(key: str) -> bool:
+    kind, _, value = key.partition(":")
+    return key == PUBLIC or (kind in ("user", "org", "ou") and value != "")
+
+
+def recorded_grants(image: Image) -> set[str]:
+    """The grants the janitor recorded on the AMI ("kind:value" keys); unreadable entries are ignored."""
+    return {key for key in joined_values(SHARED_BY_JANITOR_TAG, image.tags) if _is_grant(key)}
+
+
+def desired_grants(family: Family) -> set[str]:
+    """What the family shares: its share_with, plus the public group where it says public: true."""
+    grants = set(family.share_with.grants())
+    if family.public:
+        grants.add(PUBLIC)
+    return grants
+
+
+def share_for(image: Image, family: Family) -> Share | None:
+    """The change one member of `family` needs, or None.
+
+    Only available AMIs that are not candidates: a disabled AMI has no launch permissions, and a
+    candidate's permissions belong to the retirement stages (the disable stage records and removes them,
+    a rescue restores them)."""
+    if image.state != "available" or CANDIDATE_TAG in image.tags:
+        return None
+    desired = desired_grants(family)
+    recorded = recorded_grants(image)
+    add = desired - recorded
+    if image.launch_permissions is not None:
+        # Loaded for this AMI anyway: a grant removed by hand is granted again.
+        add |= desired - {p.key for p in image.launch_permissions}
+    if PUBLIC in desired and not image.public:
+        add.add(PUBLIC)
+    remove = recorded - desired
+    if image.public and PUBLIC not in desired:
+        remove.add(PUBLIC)  # whoever made it public: only `public: true` allows it
+    if not add and not remove:
+        return None
+    return Share(image_id=image.image_id, region=image.region, add=sorted(add), remove=sorted(remove))
+
+
+def plan_shares(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> list[Share]:
+    """The launch permission changes of every managed AMI (sources and replicas) in every region with a
+    usable inventory. Order: region, family, architecture, newest first. AMIs of several families are
+    left alone (a policy error the planner reports). `now` is unused: shares do not depend on age."""
+    del now
+    shares: list[Share] = []
+    for inventory in sorted(inventories, key=lambda inv: inv.region):
+        if inventory.error is not None:
+            continue
+        groups, conflicts = build_groups(inventory, policy)
+        for group in groups:
+            for image in group.members:
+                share = None if image.image_id in conflicts else share_for(image, group.family)
+                if share is not None:
+                    shares.append(share)
+    return shares
