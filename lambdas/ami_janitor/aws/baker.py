@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.errors import error_text
 from ami_janitor.core import build_instance
 from ami_janitor.core.baking import BakeError, BakeUsageError, bake_request, check_options
 from ami_janitor.core.model import BuildInstance
@@ -147,20 +148,11 @@ def _silent(line: str) -> None:
     return None
 
 
-def _describe_error(error: ClientError | BotoCoreError) -> str:
-    if isinstance(error, ClientError):
-        details = error.response.get("Error", {})
-        return f"{details.get('Code', 'Error')}: {details.get('Message', '')}".rstrip(": ")
-    return str(error)
-
-
 def _create_image(ec2: EC2Client, request: dict[str, Any]) -> str:
     try:
         answer = ec2.create_image(**request)
     except (ClientError, BotoCoreError) as error:
-        raise BakeError(
-            f"CreateImage from {request['InstanceId']} failed: {_describe_error(error)}"
-        ) from None
+        raise BakeError(f"CreateImage from {request['InstanceId']} failed: {error_text(error)}") from None
     return str(answer["ImageId"])
 
 
@@ -205,7 +197,7 @@ class _RunCommand:
             )
         except (ClientError, BotoCoreError) as error:
             raise BakeError(
-                f"the {purpose} command could not be sent to {self.instance_id}: {_describe_error(error)}"
+                f"the {purpose} command could not be sent to {self.instance_id}: {error_text(error)}"
             ) from None
         return str(answer["Command"]["CommandId"])
 
@@ -247,7 +239,7 @@ class _RunCommand:
             if error.response.get("Error", {}).get("Code") == "InvocationDoesNotExist":
                 return {}
             raise BakeError(
-                f"the {purpose} command on {self.instance_id} cannot be followed: {_describe_error(error)}"
+                f"the {purpose} command on {self.instance_id} cannot be followed: {error_text(error)}"
             ) from None
         except BotoCoreError as error:
             raise BakeError(
@@ -299,9 +291,7 @@ def _image(ec2: EC2Client, image_id: str) -> dict[str, Any]:
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") == "InvalidAMIID.NotFound":
             return {}
-        raise BakeError(
-            f"cannot read image {image_id}: {_describe_error(error)}", image_id=image_id
-        ) from None
+        raise BakeError(f"cannot read image {image_id}: {error_text(error)}", image_id=image_id) from None
     except BotoCoreError as error:
         raise BakeError(f"cannot read image {image_id}: {error}", image_id=image_id) from None
     images = answer.get("Images") or []
@@ -328,9 +318,7 @@ def find_bake_instance(clients: RegionClients, family: Family) -> str:
         else:
             found = _instances_tagged(clients.ec2, bake.instance_tag or {})
     except (ClientError, BotoCoreError) as error:
-        raise BakeError(
-            f"cannot list the build instances of {family.name}: {_describe_error(error)}"
-        ) from None
+        raise BakeError(f"cannot list the build instances of {family.name}: {error_text(error)}") from None
     choice = build_instance.choose(family, clients.region, found)
     if choice.instance_id is None:
         raise BakeError(choice.reason)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from botocore.exceptions import BotoCoreError, ClientError
-
+from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import (
     SOURCE_IMAGE_TAG,
@@ -52,16 +51,6 @@ KMS_PERMISSIONS: list[str] = sorted(
 SEND_MESSAGE_BATCH_MAX = 10
 
 
-AWS_ERRORS = (ClientError, BotoCoreError)
-
-
-def _error_text(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        info = error.response.get("Error", {})
-        return f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
-    return str(error) or type(error).__name__
-
-
 def find_copies(ec2: EC2Client, source_image_id: str, region: str) -> list[Image]:
     """Every copy of the source in the client's region, any state, found by its provenance tag."""
     answer = ec2.describe_images(
@@ -94,7 +83,7 @@ def start_copy(
     try:
         return _start(clients_for, copy, source, policy, result, existing)
     except (*AWS_ERRORS, ValueError, KeyError) as error:
-        return result.model_copy(update={"status": "failed", "error": _error_text(error)})
+        return result.model_copy(update={"status": "failed", "error": error_text(error)})
 
 
 def _start(

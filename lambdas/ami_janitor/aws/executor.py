@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text
+from ami_janitor.aws.inventory import read_launch_permissions
 from ami_janitor.core.model import (
     Decision,
     Image,
@@ -56,7 +57,6 @@ PERMISSIONS: list[str] = sorted(
     ]
 )
 
-AWS_ERRORS = (ClientError, BotoCoreError)
 # A record the janitor cannot read back (a hand-edited tag, a new kind of launch permission) fails the
 # image's step instead of the run: ValueError covers pydantic's validation errors.
 STEP_ERRORS = (*AWS_ERRORS, ValueError)
@@ -94,17 +94,6 @@ class ApplyResult(BaseModel):
     @property
     def snapshots_deleted(self) -> list[str]:
         return [s for r in self.results for s in r.snapshots_deleted]
-
-
-def _error_text(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        info = error.response.get("Error", {})
-        return f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
-    return str(error) or type(error).__name__
-
-
-def _error_code(error: Exception) -> str:
-    return str(error.response.get("Error", {}).get("Code", "")) if isinstance(error, ClientError) else ""
 
 
 # ---- time and tag encodings -----------------------------------------------------------------------
@@ -175,8 +164,8 @@ def delete_unused_snapshots(
         try:
             ec2.delete_snapshot(SnapshotId=snapshot_id)
         except AWS_ERRORS as error:
-            tolerated = SNAPSHOT_TOLERATED.get(_error_code(error))
-            failure = None if tolerated else _error_text(error)
+            tolerated = SNAPSHOT_TOLERATED.get(error_code(error))
+            failure = None if tolerated else error_text(error)
             outcomes.append(SnapshotOutcome(snapshot_id, False, note=tolerated, error=failure))
         else:
             outcomes.append(SnapshotOutcome(snapshot_id, True))
@@ -271,7 +260,7 @@ def rescue_image(
         failed = ActionResult(
             region=clients.region, image_id=image.image_id, action="rescue", status="failed"
         )
-        return [failed.model_copy(update={"error": _error_text(error)})]
+        return [failed.model_copy(update={"error": error_text(error)})]
     return [_rescue(clients.region, clients.ec2, image, now, allowed_grants, marked)]
 
 
@@ -305,7 +294,7 @@ def _rescue(
         _rescue_steps(ec2, image, now, list(allowed_grants), done, marked)
     except STEP_ERRORS as error:
         return result.model_copy(
-            update={"status": "failed", "error": _error_text(error), "detail": _join(done)}
+            update={"status": "failed", "error": error_text(error), "detail": _join(done)}
         )
     if not done:
         return result.model_copy(update={"detail": "nothing to undo"})
@@ -363,7 +352,7 @@ class _RegionRun:
             except AWS_ERRORS as error:
                 failed.update(batch)
                 self.results += [
-                    self.result(i, "mark-candidate", "failed", error=_error_text(error)) for i in batch
+                    self.result(i, "mark-candidate", "failed", error=error_text(error)) for i in batch
                 ]
             else:
                 self.results += [
@@ -393,9 +382,9 @@ class _RegionRun:
         try:
             return apply(image)
         except STEP_ERRORS as error:
-            if stage == "deregister" and _error_code(error) in GONE_CODES:
+            if stage == "deregister" and error_code(error) in GONE_CODES:
                 self.gone.add(image.image_id)  # its snapshots no longer count as used by it
-            return self.result(image.image_id, stage, "failed", error=_error_text(error))
+            return self.result(image.image_id, stage, "failed", error=error_text(error))
 
     def deprecate(self, image: Image) -> ActionResult:
         target = deprecate_at(self.now)
@@ -417,9 +406,7 @@ class _RegionRun:
             return self.result(image.image_id, "disable", "skipped", detail="already disabled")
         permissions = image.launch_permissions
         if permissions is None:
-            answer = self.ec2.describe_image_attribute(ImageId=image.image_id, Attribute="launchPermission")
-            raw = answer.get("LaunchPermissions", [])
-            permissions = tuple(LaunchPermission.from_api({k: str(v) for k, v in p.items()}) for p in raw)
+            permissions = read_launch_permissions(self.ec2, image.image_id)
         # An earlier record is kept: after a rescue that stopped half way (enabled, shares not restored
         # yet) or a hand-run EnableImage, the image holds fewer launch permissions than the record.
         record = permission_tags([*recorded_permissions(image.tags), *permissions])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, UnknownEndpointError
 from botocore.parsers import ResponseParserError
 
+from ami_janitor.aws.errors import error_code
 from ami_janitor.core import build_instance
 from ami_janitor.core.model import (
     BuildInstance,
@@ -107,10 +108,6 @@ class _SourceFailed(Exception):
         self.unavailable = unavailable
 
 
-def _error_code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code") or "Unknown")
-
-
 def _short(text: str) -> str:
     # Emulator failures carry whole HTML pages; one line is enough for a plan.
     return " ".join(text.split())[:300]
@@ -118,7 +115,7 @@ def _short(text: str) -> str:
 
 def _is_unsupported_operation(error: Exception) -> bool:
     """AWS answered, explicitly, that the operation is not offered here (an older partition)."""
-    return isinstance(error, ClientError) and _error_code(error) in _UNSUPPORTED_OPERATION_CODES
+    return isinstance(error, ClientError) and error_code(error) in _UNSUPPORTED_OPERATION_CODES
 
 
 @contextmanager
@@ -129,7 +126,10 @@ def _source(name: str) -> Iterator[None]:
     except ClientError as error:
         message = str(error.response.get("Error", {}).get("Message") or error)
         raise _SourceFailed(
-            name, _error_code(error), _short(message), unavailable=_is_unsupported_operation(error)
+            name,
+            error_code(error) or "Unknown",
+            _short(message),
+            unavailable=_is_unsupported_operation(error),
         ) from error
     except (BotoCoreError, ResponseParserError, NotImplementedError) as error:
         raise _SourceFailed(name, type(error).__name__, _short(str(error))) from error
@@ -378,7 +378,7 @@ def describe_image(clients: RegionClients, image_id: str) -> Image | None:
             ImageIds=[image_id], Owners=["self"], IncludeDeprecated=True, IncludeDisabled=True
         )
     except ClientError as error:
-        if _error_code(error).startswith("InvalidAMIID."):
+        if error_code(error).startswith("InvalidAMIID."):
             return None
         raise
     raws = answer.get("Images") or []
@@ -696,7 +696,7 @@ class _Loader:
                     **where,
                 )
             except ClientError as error:
-                if not _error_code(error).startswith("InvalidLaunchTemplate"):
+                if not error_code(error).startswith("InvalidLaunchTemplate"):
                     raise
                 # One missing version fails the whole call: ask for the others one by one.
                 if len(chunk) > 1:
@@ -959,7 +959,7 @@ def load_launch_permissions(
         with _source("ec2:DescribeImageAttribute"):
             for image in inventory.images:
                 if image.image_id in wanted and image.image_id not in permissions:
-                    permissions[image.image_id] = _launch_permissions(clients.ec2, image.image_id)
+                    permissions[image.image_id] = read_launch_permissions(clients.ec2, image.image_id)
     except _SourceFailed as failure:
         return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
     images = tuple(
@@ -971,11 +971,12 @@ def load_launch_permissions(
     return inventory.model_copy(update={"images": images})
 
 
-def _launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermission, ...]:
+def read_launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermission, ...]:
+    """One AMI's launch permissions (DescribeImageAttribute: one call per AMI); () once it is gone."""
     try:
         answer = ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
     except ClientError as error:
-        if _error_code(error).startswith("InvalidAMIID."):
+        if error_code(error).startswith("InvalidAMIID."):
             return ()  # deregistered since the inventory: nothing is shared any more
         raise
     return tuple(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal, cast
 
-from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
+from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.core.model import Image, LaunchPermission, RegionInventory, Share
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG
 from ami_janitor.core.sharing import recorded_grants
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 
 
 PERMISSIONS: list[str] = sorted(["ec2:CreateTags", "ec2:DeleteTags", "ec2:ModifyImageAttribute"])
-
-
-AWS_ERRORS = (ClientError, BotoCoreError)
 
 
 ShareStatus = Literal["ok", "failed"]
@@ -41,13 +38,6 @@ class ShareResult(BaseModel):
     removed: list[str] = Field(default_factory=list)
     error: str | None = None
     detail: str | None = None
-
-
-def _error_text(error: Exception) -> str:
-    if isinstance(error, ClientError):
-        info = error.response.get("Error", {})
-        return f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
-    return str(error) or type(error).__name__
 
 
 def _permissions(keys: Iterable[str]) -> list[LaunchPermissionTypeDef]:
@@ -116,7 +106,7 @@ def apply_shares(
                     region=share.region,
                     image_id=share.image_id,
                     status="failed",
-                    error=_error_text(error),
+                    error=error_text(error),
                     detail="; ".join(done) or None,
                 )
             )

@@ -1,0 +1,22 @@
+"""AWS failures as the janitor reports them: one tuple to catch, the error code, one line of text."""
+
+from __future__ import annotations
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+AWS_ERRORS = (ClientError, BotoCoreError)
+
+
+def error_code(error: BaseException) -> str:
+    """The AWS error code of a ClientError ("" for anything else, or when AWS named none)."""
+    if not isinstance(error, ClientError):
+        return ""
+    return str(error.response.get("Error", {}).get("Code") or "")
+
+
+def error_text(error: BaseException) -> str:
+    """'Code: message' for an AWS answer, else the exception's own text (or its type)."""
+    if isinstance(error, ClientError):
+        info = error.response.get("Error", {})
+        return f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
+    return str(error) or type(error).__name__
