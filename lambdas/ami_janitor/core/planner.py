@@ -8,7 +8,6 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import cast
 
 from ami_janitor.core import build_instance
 from ami_janitor.core.model import (
@@ -293,72 +292,118 @@ def _stage_plan(
 _ALL_FIELDS = set(Decision.model_fields)
 
 
-def _decision(fields: dict[str, object]) -> Decision:
-    # `fields` holds every field of Decision (_decide_group sets them all), each from validated models, so skip validation (and model_construct's per-field
-    # loop): it keeps a plan of 50,000 AMIs under a second. Decisions are frozen, so they can share
-    # one fields-set.
-    decision = Decision.__new__(Decision)
-    object.__setattr__(decision, "__dict__", fields)
-    object.__setattr__(decision, "__pydantic_fields_set__", _ALL_FIELDS)
-    object.__setattr__(decision, "__pydantic_extra__", None)
-    object.__setattr__(decision, "__pydantic_private__", None)
-    return decision
+@dataclass(slots=True)
+class _Draft:
+    """A decision while the caps may still hold it back; `order` is set on those that act."""
+
+    region: str
+    family: str
+    architecture: str
+    image_id: str
+    name: str
+    created: str
+    snapshots: list[str]
+    size_gib: int
+    source_image_id: str | None
+    action: str
+    reasons: list[str]
+    candidate_since: str | None
+    next_action: Stage | None
+    next_action_at: str | None
+    stages: list[Stage]
+    order: tuple[datetime, str, str] | None  # the caps move the oldest first
+
+    def hold_back(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.next_action = self.stages[0]
+        self.action, self.stages, self.next_action_at = "keep", [], None
+
+    def decision(self) -> Decision:
+        # Every field comes from validated models, so skip validation (and model_construct's per-field
+        # loop): it keeps a plan of 50,000 AMIs near a second. Decisions are frozen, so they can share
+        # one fields-set.
+        decision = Decision.__new__(Decision)
+        fields = {
+            "region": self.region,
+            "family": self.family,
+            "architecture": self.architecture,
+            "image_id": self.image_id,
+            "name": self.name,
+            "created": self.created,
+            "action": self.action,
+            "reasons": self.reasons,
+            "candidate_since": self.candidate_since,
+            "next_action": self.next_action,
+            "next_action_at": self.next_action_at,
+            "snapshots": self.snapshots,
+            "size_gib": self.size_gib,
+            "source_image_id": self.source_image_id,
+            "stages": self.stages,
+        }
+        object.__setattr__(decision, "__dict__", fields)
+        object.__setattr__(decision, "__pydantic_fields_set__", _ALL_FIELDS)
+        object.__setattr__(decision, "__pydantic_extra__", None)
+        object.__setattr__(decision, "__pydantic_private__", None)
+        return decision
 
 
-def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list[dict[str, object]]:
-    """The decisions of one group, as field dicts (the caps still edit them)."""
-    decisions: list[dict[str, object]] = []
+def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list[_Draft]:
+    """The decisions of one group, as drafts (the caps still edit them)."""
+    drafts: list[_Draft] = []
     configured = _configured_stages(group.rules)
     region, family, architecture = group.region, group.family.name, group.architecture
     for verdict in verdicts:
         image = verdict.image
         tags = image.tags
-        fields: dict[str, object] = {
-            "region": region,
-            "family": family,
-            "architecture": architecture,
-            "image_id": image.image_id,
-            "name": image.name,
-            "created": iso(image.created) or "",
-            "snapshots": list(image.snapshot_ids),
-            "size_gib": image.size_gib,
-            "source_image_id": tags.get(SOURCE_IMAGE_TAG),
-            "candidate_since": None,
-            "next_action": None,
-            "next_action_at": None,
-            "stages": [],
-        }
-        decisions.append(fields)
+        order: tuple[datetime, str, str] | None = None
+        stages: list[Stage] = []
+        next_stage: Stage | None = None
+        next_text: str | None = None
         if verdict.keep or verdict.hold:
             since_tag = tags.get(CANDIDATE_TAG)
-            fields["candidate_since"] = iso(parse_time(since_tag)) if since_tag else None
+            since_text = iso(parse_time(since_tag)) if since_tag else None
             if verdict.keep:
-                fields["action"] = "rescue" if is_janitor_touched(image) else "keep"
-                fields["reasons"] = verdict.keep
+                action = "rescue" if is_janitor_touched(image) else "keep"
+                reasons = verdict.keep
             else:
-                fields["action"] = "keep"
-                fields["reasons"] = verdict.hold
-            continue
-        since, due, next_stage, next_at = _stage_plan(image, configured, now)
-        reasons = verdict.why_candidate
-        reasons.append("not referenced, not launched recently, not Latest, not shared outside share_with")
-        if image.root_device_type == "instance-store" and "deregister" in due:
-            reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
-        since_text = iso(since)
-        next_text = iso(next_at)
-        fields["candidate_since"] = since_text
-        fields["next_action"] = next_stage
-        fields["next_action_at"] = next_text
-        fields["reasons"] = reasons
-        if due:
-            reasons.append(f"{', '.join(due)} due (candidate since {since_text})")
-            fields["action"] = due[-1]
-            fields["stages"] = due
-            fields["_order"] = order_key(image)  # the caps move the oldest first
+                action, reasons = "keep", verdict.hold
         else:
-            reasons.append(f"{next_stage} due {next_text}" if next_stage else "no further stage configured")
-            fields["action"] = "wait"
-    return decisions
+            since, due, next_stage, next_at = _stage_plan(image, configured, now)
+            reasons = verdict.why_candidate
+            reasons.append("not referenced, not launched recently, not Latest, not shared outside share_with")
+            if image.root_device_type == "instance-store" and "deregister" in due:
+                reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
+            since_text = iso(since)
+            next_text = iso(next_at)
+            if due:
+                reasons.append(f"{', '.join(due)} due (candidate since {since_text})")
+                action, stages, order = due[-1], due, order_key(image)
+            else:
+                reasons.append(
+                    f"{next_stage} due {next_text}" if next_stage else "no further stage configured"
+                )
+                action = "wait"
+        drafts.append(
+            _Draft(
+                region,
+                family,
+                architecture,
+                image.image_id,
+                image.name,
+                iso(image.created) or "",
+                list(image.snapshot_ids),
+                image.size_gib,
+                tags.get(SOURCE_IMAGE_TAG),
+                action,
+                reasons,
+                since_text,
+                next_stage,
+                next_text,
+                stages,
+                order,
+            )
+        )
+    return drafts
 
 
 def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> Counter[str]:
@@ -367,17 +412,16 @@ def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> C
     return Counter(s for image in images for s in image.snapshot_ids)
 
 
-def _cost(decision: dict[str, object], users: Counter[str] | None) -> int:
+def _cost(draft: _Draft, users: Counter[str] | None) -> int:
     """Actions a decision spends of max_actions_per_run: its stage move, plus each snapshot its
     deregistration deletes (snapshot deletions count toward the caps)."""
-    if decision["action"] != "deregister" or users is None:
+    if draft.action != "deregister" or users is None:
         return 1
-    snapshots: list[str] = decision["snapshots"]  # type: ignore[assignment]
-    return 1 + sum(1 for s in snapshots if users[s] <= 1)
+    return 1 + sum(1 for s in draft.snapshots if users[s] <= 1)
 
 
 def _apply_caps(
-    decisions: list[dict[str, object]],
+    drafts: list[_Draft],
     groups: list[Group],
     policy: Policy,
     inventory: RegionInventory | None = None,
@@ -396,14 +440,14 @@ def _apply_caps(
         )
     budget = policy.defaults.limits.max_actions_per_run
     region_reason = f"held back by max_actions_per_run ({budget})"
-    acting = sorted((d for d in decisions if d["action"] in ACTING), key=lambda d: d["_order"])  # type: ignore[arg-type,return-value]
-    deregistering = any(d["action"] == "deregister" for d in acting)
+    acting = sorted((d for d in drafts if d.order is not None), key=lambda d: d.order or ())
+    deregistering = any(d.action == "deregister" for d in acting)
     users = _snapshot_users(groups, inventory) if deregistering else None
     moved: dict[tuple[str, str], int] = defaultdict(int)
     total = 0
-    for decision in acting:
-        key = cast(tuple[str, str], (decision["family"], decision["architecture"]))
-        cost = _cost(decision, users)
+    for draft in acting:
+        key = (draft.family, draft.architecture)
+        cost = _cost(draft, users)
         if moved[key] >= allowed[key]:
             reason = group_reason[key]
         elif total + cost > budget:
@@ -414,9 +458,7 @@ def _apply_caps(
             moved[key] += 1
             total += cost
             continue
-        stages: list[Stage] = decision["stages"]  # type: ignore[assignment]
-        decision["reasons"].append(reason)  # type: ignore[attr-defined]
-        decision.update(action="keep", stages=[], next_action=stages[0], next_action_at=None)
+        draft.hold_back(reason)
 
 
 def plan_region(
@@ -430,7 +472,7 @@ def plan_region(
     groups, conflicts = grouped
     references = _references_index(inventory)
     decisions: list[Decision] = []
-    fields: list[dict[str, object]] = []
+    drafts: list[_Draft] = []
     changes: list[LatestChange] = []
     for group in groups:
         change = rotation(group, inventory, now, errors.get(group.family.name))
@@ -438,11 +480,9 @@ def plan_region(
             changes.append(change)
         target = latest_target(group, now) if group.family.latest else None
         verdicts = _judge(group, now, references, conflicts, target.image_id if target else None)
-        fields.extend(_decide_group(group, verdicts, now))
-    _apply_caps(fields, groups, policy, inventory)
-    for item in fields:
-        item.pop("_order", None)
-        decisions.append(_decision(item))
+        drafts.extend(_decide_group(group, verdicts, now))
+    _apply_caps(drafts, groups, policy, inventory)
+    decisions.extend(draft.decision() for draft in drafts)
     policy_errors = [
         f"{image_id} matches several families ({', '.join(names)}): kept"
         for image_id, names in sorted(conflicts.items())
