@@ -3,7 +3,7 @@ replicate, events."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from pydantic import BaseModel, Field
@@ -12,7 +12,7 @@ from ami_janitor.aws import copier, executor, rotator, sharer
 from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
-from ami_janitor.core import planner, replication, sharing
+from ami_janitor.core import replication, run_plan, sharing
 from ami_janitor.core.model import Copy, Image, Plan, RegionInventory, Share
 from ami_janitor.core.policy import Policy
 
@@ -30,9 +30,6 @@ CLI_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) | set(copier.PERMISSIONS))
 EVENT_PERMISSIONS: list[str] = sorted(
     set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS) | {"ec2:DescribeImages"}
 )
-
-UNCHECKED = "launch permissions not checked yet"
-RETIRING = frozenset({"wait", "deprecate", "disable", "deregister"})
 
 
 class ReplicateResult(BaseModel):
@@ -99,28 +96,29 @@ def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
     return sorted(set(regions))
 
 
-def inventories(policy: Policy, regions: Iterable[str], clients_for: ClientsFor) -> list[RegionInventory]:
-    return [adapter.load_inventory(clients_for(region), policy) for region in regions]
-
-
 def build_plan(
     policy: Policy, regions: Sequence[str], clients_for: ClientsFor, now: datetime
 ) -> tuple[Plan, dict[str, RegionInventory]]:
-    """Inventory every region, plan, then check launch permissions of the candidates only and replan.
-
-    DescribeImageAttribute is one call per AMI, so it is made only for the AMIs a decision needs.
-    """
-    loaded = {inv.region: inv for inv in inventories(policy, regions, clients_for)}
-    first = planner.plan(list(loaded.values()), policy, now)
-    unchecked: dict[str, list[str]] = {}
-    for decision in first.decisions:
-        if UNCHECKED in decision.reasons:
-            unchecked.setdefault(decision.region, []).append(decision.image_id)
-    if not unchecked:
-        return first, loaded
-    for region, image_ids in unchecked.items():
+    """One pass: each region's inventory once (copy targets outside `regions`: their AMIs only), one
+    plan, then the launch permissions the plan asks for (one call per AMI, so only those), and the
+    plan settled on them."""
+    loaded = {region: adapter.load_inventory(clients_for(region), policy) for region in regions}
+    targets = [
+        adapter.load_images(clients_for(region), policy)
+        for region in sorted(_copy_targets(policy) - set(regions))
+    ]
+    plan = run_plan.plan_run(list(loaded.values()), policy, now, targets)
+    needed = run_plan.needed_launch_permissions(plan, loaded)
+    for region, image_ids in needed.items():
         loaded[region] = adapter.load_launch_permissions(clients_for(region), loaded[region], image_ids)
-    return planner.plan(list(loaded.values()), policy, now), loaded
+    if any(loaded[region].error is not None for region in needed):
+        # A region whose launch permissions could not be read is skipped, like any failing source.
+        return run_plan.plan_run(list(loaded.values()), policy, now, targets), loaded
+    return run_plan.settle(plan, loaded, policy), loaded
+
+
+def _copy_targets(policy: Policy) -> set[str]:
+    return {target.region for family in policy.families for target in family.replicate}
 
 
 def replicate(
@@ -130,25 +128,14 @@ def replicate(
     now: datetime,
     *,
     apply: bool,
-    enqueue: Enqueue | None = None,
     families: Sequence[str] | None = None,
-    retiring: Iterable[tuple[str, str]] = (),
-    loaded: Mapping[str, RegionInventory] | None = None,
 ) -> ReplicateResult:
-    """Reconcile shares and copies of the sources in `regions` (CopyImage is called in each target).
+    """`ami-janitor replicate`: reconcile shares and copies of the sources in `regions` by hand
+    (CopyImage is called in each target, one copy after another).
 
-    Reads only DescribeImages (no references are needed to share or copy). Copies go to `enqueue`
-    when given (the deployed queue paces CopyImage), else they are started here, one after another.
-    """
-    # The scheduled run passes the inventories it has just planned from: no second DescribeImages.
-    images = {
-        region: loaded[region]
-        if loaded and region in loaded
-        else adapter.load_images(clients_for(region), policy)
-        for region in regions
-    }
-    targets = {t.region for f in policy.families for t in f.replicate} - set(images)
-    for region in sorted(targets):
+    Reads only DescribeImages (no references are needed to share or copy)."""
+    images = {region: adapter.load_images(clients_for(region), policy) for region in regions}
+    for region in sorted(_copy_targets(policy) - set(images)):
         images[region] = adapter.load_images(clients_for(region), policy)
     wanted = set(families) if families else {f.name for f in policy.families}
     own = [images[region] for region in regions]
@@ -159,20 +146,28 @@ def replicate(
         for f in policy.families
         if f.name in wanted and f.match.matches(image.name, image.tags)
     }
-    # AMIs this run retires are not shared first (the disable stage would only take it back).
-    members -= set(retiring)
     shares = [s for s in sharing.plan_shares(own, policy, now) if (s.region, s.image_id) in members]
     copies, problems = replication.plan_replication(list(images.values()), policy, now)
     copies = [c for c in copies if c.source_region in regions and c.family in wanted]
     result = ReplicateResult(shares=shares, copies=copies, problems=problems)
-    if not apply:
-        return result
-    result.share_results = sharer.apply_shares(clients_for, shares, own)
+    return _apply_replication(result, own, policy, clients_for, None) if apply else result
+
+
+def _apply_replication(
+    result: ReplicateResult,
+    own: Sequence[RegionInventory],
+    policy: Policy,
+    clients_for: ClientsFor,
+    enqueue: Enqueue | None,
+) -> ReplicateResult:
+    """Shares, then copies: to `enqueue` when given (the deployed queue paces CopyImage), else started
+    here one after another."""
+    result.share_results = sharer.apply_shares(clients_for, result.shares, own)
     if enqueue is not None:
-        result.queued = enqueue(copies)
+        result.queued = enqueue(result.copies)
         return result
     sources = {(inv.region, image.image_id): image for inv in own for image in inv.images}
-    for copy in copies:
+    for copy in result.copies:
         source = sources[(copy.source_region, copy.source_image_id)]
         result.copy_results.append(copier.start_copy(clients_for, copy, source, policy))
     return result
@@ -187,36 +182,31 @@ def run(
     apply: bool,
     enqueue: Enqueue | None = None,
 ) -> RunResult:
-    """A scheduled run: reconcile Latest (so cleanup sees the current pointer), plan, reconcile shares
-    and copies (not for the AMIs this run retires), then clean up.
+    """A scheduled run in one pass: one plan (retirement, Latest, shares, copies), then applied in a
+    fixed order per region: rescues, Latest, candidate clocks and stages; then shares and copies.
 
     The plan reads the inventory before shares change: a public AMI made private by this run is still
     kept as public once, and retires by the usual rules from the next run on."""
-    rotations: list[rotator.RotationResult] = []
-    if apply:
-        for region in regions:
-            rotations.extend(rotator.converge(clients_for(region), policy, now))
     plan, loaded = build_plan(policy, regions, clients_for, now)
-    retiring = [(d.region, d.image_id) for d in plan.decisions if d.action in RETIRING]
-    replicated = replicate(
-        policy, regions, clients_for, now, apply=apply, enqueue=enqueue, retiring=retiring, loaded=loaded
-    )
-    plan = plan.model_copy(
-        update={
-            "copies": replicated.copies,
-            "shares": replicated.shares,
-            "notes": [*plan.notes, *replicated.problems],
-        }
-    )
+    replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     if not apply:
-        return RunResult(plan=plan, rotations=rotations, replicated=replicated)
+        return RunResult(plan=plan, replicated=replicated)
+    rotations: list[rotator.RotationResult] = []
+
+    def write_latest(region: str, failed_rescues: set[str]) -> set[str]:
+        changes = [c for c in plan.latest if c.region == region]
+        written = rotator.write_changes(clients_for(region), policy, changes, skip=failed_rescues)
+        rotations.extend(written)
+        # Where Latest could not move, its old holders and pointer value stay kept this run.
+        stuck = [c for c, r in zip(changes, written, strict=True) if r.status == "failed"]
+        return {i for c in stuck for i in (*c.untag, c.from_) if i}
+
     grants = {family.name: sorted(sharing.desired_grants(family)) for family in policy.families}
-    applied: ApplyResult = executor.apply_plan(plan, loaded, clients_for, now, family_grants=grants)
-    # A rescue makes an AMI available again, and it may be its group's newest: rotate once more so
-    # Latest does not wait a schedule period for it.
-    rescued = sorted({r.region for r in applied.results if r.action == "rescue" and r.status == "ok"})
-    for region in rescued:
-        rotations.extend(rotator.converge(clients_for(region), policy, now))
+    applied: ApplyResult = executor.apply_plan(
+        plan, loaded, clients_for, now, family_grants=grants, after_rescues=write_latest
+    )
+    own = [loaded[r.region] for r in plan.regions if r.status == "ok" and r.region in loaded]
+    replicated = _apply_replication(replicated, own, policy, clients_for, enqueue)
     return RunResult(plan=plan, results=applied.results, rotations=rotations, replicated=replicated)
 
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ApplyResult, apply_plan, deprecate_at, janitor_state_tags, rescue_image
 from ami_janitor.core.model import Decision, Plan, Reference, RegionInventory, iso
-from ami_janitor.core.planner import ACTING, plan
+from ami_janitor.core.planner import ACTING, build_groups, latest_target
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     PRIOR_DEPRECATION_TAG,
@@ -38,8 +38,8 @@ from ami_janitor.core.policy import (
     Policy,
     parse_policy,
 )
+from ami_janitor.core.run_plan import needed_launch_permissions, plan_run, settle
 from ami_janitor.core.sharing import desired_grants
-from ami_janitor.engine import UNCHECKED
 from fake_ec2 import MUTATING, Call, Crash, FakeEC2, FakeImage, ImageView
 
 REGION = "us-east-1"
@@ -240,14 +240,14 @@ def clients_for(fake: FakeEC2) -> RegionClients:
 def plan_region(
     fake: FakeEC2, policy: Policy, now: datetime, all_permissions: bool
 ) -> tuple[Plan, RegionInventory]:
-    """engine.build_plan: inventory, plan, launch permissions of the unchecked candidates, plan again."""
+    """engine.build_plan: inventory, one plan, the launch permissions it asks for, the plan settled."""
     inventory = fake.describe(permissions=all_permissions)
-    first = plan([inventory], policy, now)
-    unchecked = {d.image_id for d in first.decisions if UNCHECKED in d.reasons}
-    if not unchecked:
+    first = plan_run([inventory], policy, now)
+    needed = needed_launch_permissions(first, {fake.region: inventory}).get(fake.region)
+    if not needed:
         return first, inventory
-    inventory = fake.describe(permissions=unchecked)
-    return plan([inventory], policy, now), inventory
+    inventory = fake.describe(permissions=True if all_permissions else needed)
+    return settle(first, {fake.region: inventory}, policy), inventory
 
 
 def run(fake: FakeEC2, policy: Policy, now: datetime, grants: bool, all_permissions: bool = False) -> Round:
@@ -282,18 +282,31 @@ def stage_days(policy: Policy) -> dict[str, int | None]:
     return dict(policy.defaults.lifecycle.stage_days())
 
 
+def latest_of(fake: FakeEC2, policy: Policy, image: FakeImage, now: datetime) -> tuple[str | None, bool]:
+    """The Latest target of the image's group (None where it has none), and whether there is one."""
+    groups, _ = build_groups(fake.describe(), policy)
+    for group in groups:
+        if any(m.image_id == image.image_id for m in group.members):
+            target = latest_target(group, now)
+            return (target.image_id if target else None), target is not None
+    return None, False
+
+
 def kept_by_inputs(image: FakeImage, fake: FakeEC2, policy: Policy, now: datetime) -> str | None:
     """Why a managed AMI must never be retired, read from the fleet alone (independent of the planner)."""
     rules = policy.defaults
     family = policy.families[0]
     if any(r.image_id == image.image_id for r in fake.references):
         return "referenced"
-    if image.image_id in fake.parameters.values():
+    # A run moves the Latest tag and pointer to its group's newest available AMI before any stage: that
+    # AMI is kept; the old holders are not, unless the group has none (the pointer then stays put).
+    target, has_target = latest_of(fake, policy, image, now)
+    if image.image_id == target:
+        return "Latest"
+    if image.image_id in fake.parameters.values() and not has_target:
         return "SSM pointer"
     if OPT_OUT in image.tags:
         return "opted out"
-    if LATEST in image.tags:
-        return "Latest tag"
     if image.protected:
         return "deregistration protection"
     if image.last_launched and now - image.last_launched <= timedelta(days=rules.launched_within_days):

@@ -5,7 +5,16 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 
-from ami_janitor.core.model import BuildInstance, Decision, Plan, RetiredSnapshot, ScheduledBake, iso
+from ami_janitor.core import run_plan
+from ami_janitor.core.model import (
+    BuildInstance,
+    Decision,
+    LaunchPermission,
+    Plan,
+    RetiredSnapshot,
+    ScheduledBake,
+    iso,
+)
 from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
@@ -82,19 +91,47 @@ def test_references_keep_with_their_detail() -> None:
     assert detail in decision.reasons
 
 
-def test_latest_tag_and_pointer_keep() -> None:
+def test_latest_tag_and_pointer_are_judged_after_this_runs_rotation() -> None:
     images = [image(days_old=100 + i) for i in range(4)]
     stale = image(days_old=300, tags={"Latest": "true"})
     inv = inventory(*images, stale, parameters={"/ami/app/latest": images[3].image_id})
     pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
     result = plan([inv], pol, NOW)
     decisions = by_id(result)
-    assert "carries the Latest tag" in decisions[stale.image_id].reasons
-    assert "value of SSM parameter /ami/app/latest" in decisions[images[3].image_id].reasons
+    # The rotation moves the tag and the parameter to the newest first: their old holders are not kept
+    # by them (an enforce run writes Latest before any stage).
+    assert decisions[stale.image_id].action == "deprecate"
+    assert decisions[images[3].image_id].action == "deprecate"
     assert "Latest of its group" in decisions[images[0].image_id].reasons
+    assert "value of SSM parameter /ami/app/latest" in decisions[images[0].image_id].reasons
     [change] = result.latest
     assert (change.from_, change.to, change.untag) == (stale.image_id, images[0].image_id, [stale.image_id])
     assert result.to_dict()["latest"][0]["from"] == stale.image_id
+
+
+def test_a_latest_tag_the_run_cannot_rotate_keeps_its_holder() -> None:
+    x86 = [image(days_old=100 + i) for i in range(3)]
+    stale = image(days_old=300, tags={"Latest": "true"})
+    arm = image(days_old=100, arch="arm64")
+    # One parameter for two architectures: a policy error, so this family is not rotated.
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
+    result = plan([inventory(*x86, stale, arm)], pol, NOW)
+    assert result.latest == []
+    assert "carries the Latest tag" in by_id(result)[stale.image_id].reasons
+
+
+def test_latest_follows_a_rescue_of_the_newest() -> None:
+    older = image(days_old=100, tags={"Latest": "true"})
+    rescued = image(
+        days_old=90,
+        state="disabled",
+        tags={"ami-janitor:candidate-since": "2026-11-01T00:00:00Z", "Keep": "yes"},
+    )
+    pol = policy({"latest": {"tag": "Latest"}, "opt_out_tag": "Keep"})
+    result = plan([inventory(older, rescued)], pol, NOW)
+    assert by_id(result)[rescued.image_id].action == "rescue"
+    [change] = result.latest
+    assert (change.from_, change.to, change.untag) == (older.image_id, rescued.image_id, [older.image_id])
 
 
 def test_latest_skips_disabled_and_deprecated() -> None:
@@ -156,11 +193,39 @@ def test_grants_the_janitor_made_are_not_foreign() -> None:
     assert by_id(plan([inventory(*images, own)], policy(), NOW))[own.image_id].action == "deprecate"
 
 
-def test_unchecked_launch_permissions_hold_a_candidate() -> None:
+def test_unread_launch_permissions_are_asked_for_then_settle_the_plan() -> None:
     images = [image(days_old=100 + i) for i in range(2)]
     unknown = image(days_old=200, perms=None)
-    decision = by_id(plan([inventory(*images, unknown)], policy(), NOW))[unknown.image_id]
-    assert (decision.action, decision.reasons) == ("keep", ["launch permissions not checked yet"])
+    touched = image(days_old=210, perms=None, tags={"ami-janitor:candidate-since": "2026-11-01T00:00:00Z"})
+    pol = policy({"share_with": {"accounts": ["111122223333"]}})
+    inv = inventory(*images, unknown, touched)
+    first = run_plan.plan_run([inv], pol, NOW)
+    assert by_id(first)[unknown.image_id].action == "deprecate"
+    assert run_plan.needed_launch_permissions(first, {inv.region: inv}) == {
+        "us-east-1": sorted([unknown.image_id, touched.image_id])
+    }
+    # The edge reads them: one is shared with an account share_with does not list, one only with ours.
+    read = {unknown.image_id: ("user:999988887777",), touched.image_id: ("user:111122223333",)}
+    loaded = inv.model_copy(
+        update={
+            "images": tuple(
+                i.model_copy(
+                    update={
+                        "launch_permissions": tuple(LaunchPermission.from_key(k) for k in read[i.image_id])
+                    }
+                )
+                if i.image_id in read
+                else i
+                for i in inv.images
+            )
+        }
+    )
+    settled = by_id(run_plan.settle(first, {inv.region: loaded}, pol))
+    assert (settled[unknown.image_id].action, settled[unknown.image_id].reasons) == (
+        "keep",
+        ["shared with user:999988887777 (not in share_with)"],
+    )
+    assert settled[touched.image_id].action == by_id(first)[touched.image_id].action
 
 
 def test_opt_out_and_protection_keep() -> None:

@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ami_janitor.core.model import Image, LaunchPermission, Plan, Reference, RegionInventory, iso
-from ami_janitor.core.planner import ACTING, plan
+from ami_janitor.core.planner import ACTING
 from ami_janitor.core.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
+from ami_janitor.core.run_plan import needed_launch_permissions, plan_run, settle
 from builders import NOW
 
 OPT_OUT = "ami-janitor:keep"
@@ -80,13 +81,16 @@ def fleets(draw: st.DrawFn) -> RegionInventory:
         if public:
             perms.append(LaunchPermission(kind="group", value="all"))
         image_id = f"ami-{index:017x}"
+        state = rng.choice(["available"] * 6 + ["disabled", "pending"])
+        if state != "available":
+            perms, public = [], False  # EC2: only an available AMI has launch permissions
         images.append(
             Image(
                 image_id=image_id,
                 region="us-east-1",
                 name=f"app-{index}",
                 architecture=rng.choice(["x86_64", "arm64"]),
-                state=rng.choice(["available"] * 6 + ["disabled", "pending"]),
+                state=state,
                 created=NOW - timedelta(days=rng.randint(0, 200), minutes=rng.randint(0, 1000)),
                 tags=tags,
                 snapshot_ids=tuple(rng.sample(snapshots, rng.randint(0, 2))),
@@ -94,7 +98,7 @@ def fleets(draw: st.DrawFn) -> RegionInventory:
                 public=public,
                 deregistration_protection=rng.random() < 0.05,
                 last_launched=NOW - timedelta(days=rng.randint(0, 60)) if rng.random() < 0.2 else None,
-                launch_permissions=tuple(perms) if rng.random() < 0.9 else None,
+                launch_permissions=tuple(perms),
             )
         )
         if rng.random() < 0.15:
@@ -116,12 +120,12 @@ def protected_reason(image: Image, inventory: RegionInventory, policy: Policy) -
     rules = policy.rules_for(policy.families[0])
     if any(r.image_id == image.image_id for r in inventory.references):
         return "referenced"
-    if image.image_id in inventory.parameters.values():
-        return "pointer"
+    if image.image_id in inventory.parameters.values() and not any(
+        i.architecture == "x86_64" and i.state == "available" for i in inventory.images
+    ):
+        return "pointer"  # a group with no available AMI: the rotation leaves its parameter as it is
     if OPT_OUT in image.tags:
         return "opted out"
-    if "Latest" in image.tags:
-        return "Latest tag"
     if image.deregistration_protection:
         return "protected"
     if image.last_launched and NOW - image.last_launched <= timedelta(days=rules.launched_within_days):
@@ -134,15 +138,28 @@ def protected_reason(image: Image, inventory: RegionInventory, policy: Policy) -
         ]
         if foreign:
             return "foreign share"
-    if image.launch_permissions is None and image.state == "available":
-        return "unchecked shares"
     return None
+
+
+def planned(inventory: RegionInventory, policy: Policy) -> Plan:
+    """A run's one pass, as the engine makes it: the inventory holds no launch permissions of a third of
+    the AMIs; the plan asks for those it needs, reads them (from `inventory`, the truth) and settles."""
+    truth = {i.image_id: i for i in inventory.images}
+    unread = tuple(
+        i.model_copy(update={"launch_permissions": None}) if int(i.image_id[-3:], 16) % 3 == 0 else i
+        for i in inventory.images
+    )
+    blank = inventory.model_copy(update={"images": unread})
+    first = plan_run([blank], policy, NOW)
+    needed = set(needed_launch_permissions(first, {blank.region: blank}).get(blank.region, []))
+    read = tuple(truth[i.image_id] if i.image_id in needed else i for i in unread)
+    return settle(first, {blank.region: blank.model_copy(update={"images": read})}, policy)
 
 
 @given(fleets(), policies())
 def test_nothing_in_use_is_ever_retired(inventory: RegionInventory, policy: Policy) -> None:
     images = {i.image_id: i for i in inventory.images}
-    for decision in plan([inventory], policy, NOW).decisions:
+    for decision in planned(inventory, policy).decisions:
         if decision.action in ACTING or decision.action == "wait":
             reason = protected_reason(images[decision.image_id], inventory, policy)
             assert reason is None, (decision, reason)
@@ -151,7 +168,7 @@ def test_nothing_in_use_is_ever_retired(inventory: RegionInventory, policy: Poli
 @given(fleets(), policies())
 def test_never_fewer_than_keep_latest_per_group(inventory: RegionInventory, policy: Policy) -> None:
     keep = policy.rules_for(policy.families[0]).keep_latest
-    result = plan([inventory], policy, NOW)
+    result = planned(inventory, policy)
     by_group: dict[str, list[Image]] = defaultdict(list)
     images = {i.image_id: i for i in inventory.images}
     actions = {d.image_id: d.action for d in result.decisions}
@@ -167,7 +184,7 @@ def test_never_fewer_than_keep_latest_per_group(inventory: RegionInventory, poli
 @given(fleets(), policies())
 def test_caps_hold(inventory: RegionInventory, policy: Policy) -> None:
     limits = policy.defaults.limits
-    result = plan([inventory], policy, NOW)
+    result = planned(inventory, policy)
     acting = [d for d in result.decisions if d.action in ACTING]
     assert len(acting) <= limits.max_actions_per_run
     sizes: dict[str, int] = defaultdict(int)
@@ -185,33 +202,37 @@ def test_plan_is_deterministic(inventory: RegionInventory, policy: Policy, rng: 
     shuffled = list(inventory.images)
     rng.shuffle(shuffled)
     again = inventory.model_copy(update={"images": tuple(shuffled)})
-    assert plan([inventory], policy, NOW).to_json() == plan([again], policy, NOW).to_json()
+    assert planned(inventory, policy).to_json() == planned(again, policy).to_json()
 
 
 @given(fleets(), policies())
 def test_every_member_appears_once_and_candidates_in_use_are_rescued(
     inventory: RegionInventory, policy: Policy
 ) -> None:
-    result: Plan = plan([inventory], policy, NOW)
+    result: Plan = planned(inventory, policy)
     ids = [d.image_id for d in result.decisions]
     assert sorted(ids) == sorted(i.image_id for i in inventory.images)
     images = {i.image_id: i for i in inventory.images}
     for decision in result.decisions:
         image = images[decision.image_id]
         reason = protected_reason(image, inventory, policy)
-        if CANDIDATE_TAG in image.tags and reason not in (None, "unchecked shares"):
+        if CANDIDATE_TAG in image.tags and reason is not None:
             assert decision.action == "rescue", (decision, reason)
 
 
 @given(fleets(), policies())
 def test_latest_points_at_the_newest_available(inventory: RegionInventory, policy: Policy) -> None:
-    result = plan([inventory], policy, NOW)
+    result = planned(inventory, policy)
     actions = {d.image_id: d.action for d in result.decisions}
     for change in result.latest:
         if change.to is None:
             continue
+        # A rescue (of a disabled AMI, say) comes before Latest moves: it may be the newest.
         members = [
-            i for i in inventory.images if i.architecture == change.architecture and i.state == "available"
+            i
+            for i in inventory.images
+            if i.architecture == change.architecture
+            and (i.state == "available" or (i.state == "disabled" and actions[i.image_id] == "rescue"))
         ]
         newest = max(members, key=lambda i: (i.created, i.name, i.image_id))
         assert change.to == newest.image_id

@@ -66,6 +66,8 @@ CREATE_TAGS_MAX_RESOURCES = 1000  # CreateTags: up to 1000 resource ids per call
 GONE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"})
 SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSnapshot.InUse": "still in use"}
 
+# (region, AMIs whose rescue failed) -> AMIs that must not retire in this run.
+AfterRescues = Callable[[str, set[str]], set[str]]
 ResultAction = Literal["mark-candidate", "deprecate", "disable", "deregister", "rescue"]
 ResultStatus = Literal["ok", "failed", "skipped"]
 
@@ -482,11 +484,13 @@ def apply_plan(
     clients_for: Callable[[str], RegionClients],
     now: datetime,
     family_grants: Mapping[str, Iterable[str]] | None = None,
+    after_rescues: AfterRescues | None = None,
 ) -> ApplyResult:
-    """Apply an enforce plan region by region: rescues, candidate clocks, due stages. `family_grants`
-    (family name -> the "kind:value" grants its policy shares) are what a rescue may grant. Snapshots of
-    an unfinished deregistration (`plan.unfinished_snapshots`) are never deleted here: a tag is no proof.
-    AWS errors become failed results; the run always goes on."""
+    """Apply an enforce plan region by region: rescues, then `after_rescues(region, failed rescues)`
+    (the run writes Latest there; it returns AMIs that must not retire now), candidate clocks, due
+    stages. `family_grants` (family name -> the "kind:value" grants its policy shares) are what a
+    rescue may grant. Snapshots of an unfinished deregistration (`plan.unfinished_snapshots`) are never
+    deleted here: a tag is no proof. AWS errors become failed results; the run always goes on."""
     if plan.mode != "enforce":
         raise ValueError(f"apply_plan needs an enforce plan, got mode {plan.mode!r}")
     regions = [r.region for r in plan.regions if r.status == "ok"]
@@ -498,7 +502,9 @@ def apply_plan(
     for region in regions:
         decisions = [d for d in plan.decisions if d.region == region]
         ec2 = clients_for(region).ec2
-        results += _apply_region(region, decisions, inventories[region], ec2, now, family_grants or {})
+        results += _apply_region(
+            region, decisions, inventories[region], ec2, now, family_grants or {}, after_rescues
+        )
     return ApplyResult(results=results)
 
 
@@ -509,15 +515,20 @@ def _apply_region(
     ec2: EC2Client,
     now: datetime,
     family_grants: Mapping[str, Iterable[str]],
+    after_rescues: AfterRescues | None,
 ) -> list[ActionResult]:
     run = _RegionRun(region, ec2, inventory, now)
     # Rescues first: an AMI back in use must launch again before anything else is changed.
     for decision in decisions:
         if decision.action == "rescue":
             run.rescue(decision, family_grants.get(decision.family, ()))
+    failed = {r.image_id for r in run.results if r.status == "failed"}
+    pinned = after_rescues(region, failed) if after_rescues is not None else set()
     unclocked = run.mark_candidates(decisions)
     for decision in decisions:
         if decision.stages or decision.action in STAGE_ACTIONS:
             blocked = "the candidate tag could not be written" if decision.image_id in unclocked else None
+            if decision.image_id in pinned:
+                blocked = "Latest could not be moved away from it"
             run.run_stages(decision, blocked)
     return run.results

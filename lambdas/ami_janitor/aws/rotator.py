@@ -73,6 +73,32 @@ def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list
     return written
 
 
+def write_changes(
+    clients: RegionClients, policy: Policy, changes: Iterable[LatestChange], *, skip: Iterable[str] = ()
+) -> list[RotationResult]:
+    """Write a plan's Latest changes once each (the scheduled run: its plan was read just now). A
+    change to an AMI in `skip` (its rescue failed: it is not launchable) is left for the next run."""
+    unusable = set(skip)
+    results: list[RotationResult] = []
+    for change in changes:
+        result = RotationResult(
+            region=clients.region,
+            family=change.family,
+            architecture=change.architecture,
+            to=change.to,
+            written=[],
+        )
+        if change.to in unusable:
+            result.status, result.error = "failed", f"{change.to} could not be rescued: Latest not moved"
+        else:
+            try:
+                result.written.extend(_write(clients, policy, change))
+            except (ClientError, BotoCoreError) as error:
+                result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+        results.append(result)
+    return results
+
+
 def converge(
     clients: RegionClients,
     policy: Policy,

@@ -6,7 +6,7 @@ import gc
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from ami_janitor.core import build_instance
@@ -58,7 +58,6 @@ class _Verdict:
     image: Image
     group: Group
     keep: list[str] = field(default_factory=list)  # reasons that keep it (and rescue a candidate)
-    hold: list[str] = field(default_factory=list)  # reasons that keep it without a rescue
     why_candidate: list[str] = field(default_factory=list)
 
 
@@ -181,11 +180,11 @@ def rotation(
     )
 
 
-def _references_index(inventory: RegionInventory) -> dict[str, list[str]]:
+def _references_index(inventory: RegionInventory, parameters: dict[str, str]) -> dict[str, list[str]]:
     index: dict[str, set[str]] = defaultdict(set)
     for reference in inventory.references:
         index[reference.image_id].add(reference.detail)
-    for name, value in inventory.parameters.items():
+    for name, value in parameters.items():
         index[value].add(f"value of SSM parameter {name}")
     return {image_id: sorted(details) for image_id, details in index.items()}
 
@@ -200,19 +199,20 @@ def _judge(
     references: dict[str, list[str]],
     conflicts: dict[str, list[str]],
     latest_id: str | None,
+    tag_stays: bool,
 ) -> list[_Verdict]:
+    """Why each member is kept, or why it is a candidate. The Latest tag keeps its holders only where
+    this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to `latest_id` first."""
     rules = group.rules
     family = group.family
     superseded = group.superseded
-    allowed = set(family.share_with.grants())
-    if family.public:
-        allowed.add("group:all")
+    allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
     verdicts: list[_Verdict] = []
     rank = 0
     # Loop invariants, hoisted: this loop runs once per AMI of the account.
     young_after = now - timedelta(days=rules.min_age_days)
     launched_after = now - timedelta(days=rules.launched_within_days)
-    latest_tag = family.latest.tag if family.latest else None
+    latest_tag = family.latest.tag if family.latest and tag_stays else None
     among = f"among the {rules.keep_latest} newest of its group (#"
     not_among = f"not among the {rules.keep_latest} newest of its group"
     older = f"older than {rules.min_age_days} days"
@@ -245,23 +245,30 @@ def _judge(
         if image.last_launched and image.last_launched >= launched_after:
             keep.append(f"launched {_day(image.last_launched)} (within {rules.launched_within_days} days)")
         if not rules.allow_shared:
-            if image.public and not family.public:
-                keep.append("public (the family does not set public: true)")
-            if image.launch_permissions:
-                own = allowed | janitor_grants(image)
-                foreign = sorted(p.key for p in image.launch_permissions if p.key not in own)
-                for grant in foreign:
-                    if grant == "group:all" and image.public:
-                        continue  # reported as public above
-                    keep.append(f"shared with {grant} (not in share_with)")
+            keep.extend(shared_outside(image, family, allowed))
         if rules.opt_out_tag in image.tags:
             keep.append(f"opted out (tag {rules.opt_out_tag})")
         if image.deregistration_protection:
             keep.append("deregistration protection is on")
-        if not keep and image.launch_permissions is None and image.state == "available":
-            verdict.hold.append("launch permissions not checked yet")
         verdicts.append(verdict)
     return verdicts
+
+
+def shared_outside(image: Image, family: Family, allowed: set[str] | None = None) -> list[str]:
+    """Keep reasons of an AMI shared beyond the family's share_with (or public without public: true).
+    `allowed` is the family's grants, when the caller has them at hand."""
+    if allowed is None:
+        allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
+    reasons: list[str] = []
+    if image.public and not family.public:
+        reasons.append("public (the family does not set public: true)")
+    if image.launch_permissions:
+        own = allowed | janitor_grants(image)
+        for grant in sorted(p.key for p in image.launch_permissions if p.key not in own):
+            if grant == "group:all" and image.public:
+                continue  # reported as public above
+            reasons.append(f"shared with {grant} (not in share_with)")
+    return reasons
 
 
 def _configured_stages(rules: Rules) -> list[tuple[Stage, int]]:
@@ -359,14 +366,11 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
         stages: list[Stage] = []
         next_stage: Stage | None = None
         next_text: str | None = None
-        if verdict.keep or verdict.hold:
+        if verdict.keep:
             since_tag = tags.get(CANDIDATE_TAG)
             since_text = iso(parse_time(since_tag)) if since_tag else None
-            if verdict.keep:
-                action = "rescue" if is_janitor_touched(image) else "keep"
-                reasons = verdict.keep
-            else:
-                action, reasons = "keep", verdict.hold
+            action = "rescue" if is_janitor_touched(image) else "keep"
+            reasons = verdict.keep
         else:
             since, due, next_stage, next_at = _stage_plan(image, configured, now)
             reasons = verdict.why_candidate
@@ -468,26 +472,59 @@ def plan_region(
     grouped: tuple[list[Group], dict[str, list[str]]],
     errors: dict[str, str],
 ) -> tuple[list[Decision], list[LatestChange], list[str]]:
-    """Decisions and Latest changes of one region (inventory complete), plus policy errors."""
+    """Decisions and Latest changes of one region (inventory complete), plus policy errors.
+
+    Judged after this run's rotation: the Latest pointer parameters hold the values the rotation
+    writes. Latest changes are those after this run's rescues (a rescued AMI may be the newest)."""
     groups, conflicts = grouped
-    references = _references_index(inventory)
-    decisions: list[Decision] = []
+    before = {id(group): rotation(group, inventory, now, errors.get(group.family.name)) for group in groups}
+    parameters = dict(inventory.parameters)
+    for change in before.values():
+        if change is not None and change.ssm_parameter and change.to:
+            parameters[change.ssm_parameter] = change.to
+    references = _references_index(inventory, parameters)
     drafts: list[_Draft] = []
-    changes: list[LatestChange] = []
     for group in groups:
-        change = rotation(group, inventory, now, errors.get(group.family.name))
-        if change is not None:
-            changes.append(change)
         target = latest_target(group, now) if group.family.latest else None
-        verdicts = _judge(group, now, references, conflicts, target.image_id if target else None)
+        tag_stays = group.family.name in errors
+        verdicts = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
         drafts.extend(_decide_group(group, verdicts, now))
     _apply_caps(drafts, groups, policy, inventory)
-    decisions.extend(draft.decision() for draft in drafts)
+    rescued = {d.image_id for d in drafts if d.action == "rescue"}
+    changes: list[LatestChange] = []
+    for group in groups:
+        change = before[id(group)]
+        if rescued.intersection(m.image_id for m in group.members):
+            after = after_rescues(group, rescued, now)
+            change = rotation(after, inventory, now, errors.get(group.family.name))
+        if change is not None:
+            changes.append(change)
     policy_errors = [
         f"{image_id} matches several families ({', '.join(names)}): kept"
         for image_id, names in sorted(conflicts.items())
     ]
-    return decisions, changes, policy_errors
+    return [draft.decision() for draft in drafts], changes, policy_errors
+
+
+def after_rescues(group: Group, rescued: set[str], now: datetime) -> Group:
+    """The group as EC2 will show it once the rescues are done: enabled, deprecation restored."""
+    members = [_rescued_view(m, now) if m.image_id in rescued else m for m in group.members]
+    after = replace(group, members=members)
+    after.superseded = superseded_ids(after)
+    return after
+
+
+def _rescued_view(image: Image, now: datetime) -> Image:
+    recorded = image.tags.get(PRIOR_DEPRECATION_TAG)
+    deprecation = image.deprecation_time
+    if recorded == "none":
+        deprecation = None
+    elif recorded is not None:
+        prior = parse_time(recorded)
+        if prior is not None and prior > now:
+            deprecation = prior
+    state = "available" if image.state == "disabled" else image.state  # a rescue enables a disabled AMI
+    return image.model_copy(update={"state": state, "deprecation_time": deprecation})
 
 
 def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[ScheduledBake]:
@@ -513,7 +550,7 @@ def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[Schedule
     return bakes
 
 
-def _summary(decisions: list[Decision], inventories: Sequence[RegionInventory], skipped: int) -> Summary:
+def summarize(decisions: list[Decision], inventories: Sequence[RegionInventory], skipped: int) -> Summary:
     counts = Counter(d.action for d in decisions)
     freed = [d for d in decisions if d.action == "deregister"]
     deregistered = {d.image_id for d in freed}
@@ -540,23 +577,37 @@ def _summary(decisions: list[Decision], inventories: Sequence[RegionInventory], 
     )
 
 
-def plan(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> Plan:
-    """The whole plan. The same inventories, policy and now give the same JSON bytes."""
+Grouped = dict[str, tuple[list[Group], dict[str, list[str]]]]
+
+
+def group_regions(inventories: Iterable[RegionInventory], policy: Policy) -> Grouped:
+    """The groups (and conflicts) of every usable inventory, by region: built once per run."""
+    return {inv.region: build_groups(inv, policy) for inv in inventories if inv.error is None}
+
+
+def plan(
+    inventories: Sequence[RegionInventory], policy: Policy, now: datetime, grouped: Grouped | None = None
+) -> Plan:
+    """Retirement and Latest of every region. The same inventories, policy and now give the same JSON
+    bytes. `grouped` (from group_regions) saves building the groups again."""
     # Planning allocates many short-lived, acyclic objects; the cyclic collector would rescan the
     # whole inventory again and again (a third of the time on 50,000 AMIs) and find nothing.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _plan(inventories, policy, now)
+        return _plan(inventories, policy, now, grouped)
     finally:
         if collecting:
             gc.enable()
 
 
-def _plan(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> Plan:
+def _plan(
+    inventories: Sequence[RegionInventory], policy: Policy, now: datetime, grouped: Grouped | None
+) -> Plan:
     ordered = sorted(inventories, key=lambda inv: inv.region)
     usable = [inv for inv in ordered if inv.error is None]
-    grouped = {inv.region: build_groups(inv, policy) for inv in usable}
+    if grouped is None:
+        grouped = group_regions(usable, policy)
     errors = pointer_errors((g for groups, _ in grouped.values() for g in groups), policy)
     statuses: list[RegionStatus] = []
     decisions: list[Decision] = []
@@ -600,7 +651,7 @@ def _plan(inventories: Sequence[RegionInventory], policy: Policy, now: datetime)
         decisions=decisions,
         latest=changes,
         bakes=bakes,
-        summary=_summary(decisions, usable, skipped),
+        summary=summarize(decisions, usable, skipped),
         policy_errors=policy_errors,
         notes=notes,
         unfinished_snapshots=sorted(unfinished),

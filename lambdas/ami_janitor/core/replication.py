@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ami_janitor.core.model import Copy, Image, RegionInventory, iso
-from ami_janitor.core.planner import Group, build_groups, latest_target, order_key
+from ami_janitor.core.planner import Group, Grouped, build_groups, latest_target, order_key
 from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
     JANITOR_TAG_PREFIX,
@@ -215,7 +215,7 @@ def _plan_one(
 
 
 def plan_replication(
-    inventories: Sequence[RegionInventory], policy: Policy, now: datetime
+    inventories: Sequence[RegionInventory], policy: Policy, now: datetime, grouped: Grouped | None = None
 ) -> tuple[list[Copy], list[str]]:
     """The copies to start and the problems to report. Sources are read in the policy's `regions`, copies
     in the targets; a region without a usable inventory (absent, or with an error) is left alone: no copy
@@ -225,7 +225,7 @@ def plan_replication(
     copies: list[Copy] = []
     problems: list[str] = []
     for region in sorted(set(policy.regions) & set(usable)):
-        groups, conflicts = build_groups(usable[region], policy)
+        groups, conflicts = grouped[region] if grouped else build_groups(usable[region], policy)
         for group in groups:
             if not group.family.replicate:
                 continue

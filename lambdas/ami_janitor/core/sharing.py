@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ami_janitor.core.model import Image, RegionInventory, Share
-from ami_janitor.core.planner import build_groups
+from ami_janitor.core.planner import Grouped, build_groups
 from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG, Family, Policy
 from ami_janitor.core.tags import joined_values
 
@@ -67,7 +67,9 @@ def share_for(image: Image, family: Family) -> Share | None:
     return Share(image_id=image.image_id, region=image.region, add=sorted(add), remove=sorted(remove))
 
 
-def plan_shares(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> list[Share]:
+def plan_shares(
+    inventories: Sequence[RegionInventory], policy: Policy, now: datetime, grouped: Grouped | None = None
+) -> list[Share]:
     """The launch permission changes of every managed AMI (sources and replicas) in every region with a
     usable inventory. Order: region, family, architecture, newest first. AMIs of several families are
     left alone (a policy error the planner reports). `now` is unused: shares do not depend on age."""
@@ -76,7 +78,7 @@ def plan_shares(inventories: Sequence[RegionInventory], policy: Policy, now: dat
     for inventory in sorted(inventories, key=lambda inv: inv.region):
         if inventory.error is not None:
             continue
-        groups, conflicts = build_groups(inventory, policy)
+        groups, conflicts = grouped[inventory.region] if grouped else build_groups(inventory, policy)
         for group in groups:
             for image in group.members:
                 share = None if image.image_id in conflicts else share_for(image, group.family)

@@ -1,0 +1,101 @@
+"""The plan of a whole run, in one pass: retirement and Latest (the planner), shares and copies from the
+same groups; then, once the edge has read the launch permissions the plan asked for, the plan settled
+on them (never planned again from scratch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from ami_janitor.core import planner
+from ami_janitor.core.model import Decision, Image, Plan, RegionInventory
+from ami_janitor.core.planner import is_janitor_touched, shared_outside
+from ami_janitor.core.policy import Policy
+from ami_janitor.core.replication import plan_replication
+from ami_janitor.core.sharing import plan_shares
+
+# Decisions of AMIs this run retires (or may retire soon): never shared first, and their launch
+# permissions decide whether they are shared outside share_with.
+RETIRING = frozenset({"wait", "deprecate", "disable", "deregister"})
+
+
+def plan_run(
+    inventories: Sequence[RegionInventory],
+    policy: Policy,
+    now: datetime,
+    targets: Sequence[RegionInventory] = (),
+) -> Plan:
+    """Decisions, Latest, shares and copies of `inventories`; `targets` are copy destinations only
+    (their AMIs, read without references, are not planned)."""
+    grouped = planner.group_regions(inventories, policy)
+    plan = planner.plan(inventories, policy, now, grouped)
+    usable = [inv for inv in inventories if inv.error is None]
+    retiring = {(d.region, d.image_id) for d in plan.decisions if d.action in RETIRING}
+    shares = [s for s in plan_shares(usable, policy, now, grouped) if (s.region, s.image_id) not in retiring]
+    copies, problems = plan_replication([*usable, *targets], policy, now, grouped)
+    planned = {inv.region for inv in usable}
+    return plan.model_copy(
+        update={
+            "shares": shares,
+            "copies": [c for c in copies if c.source_region in planned],
+            "notes": [*plan.notes, *problems],
+        }
+    )
+
+
+def needed_launch_permissions(plan: Plan, inventories: Mapping[str, RegionInventory]) -> dict[str, list[str]]:
+    """Region -> the AMIs whose launch permissions the plan needs (one call per AMI, so only these):
+    the candidates it retires or waits on, and those the janitor has started on that a cap holds back
+    (shared outside share_with, they are rescued), where the inventory does not hold them yet."""
+    actions: dict[str, dict[str, str]] = {}
+    for decision in plan.decisions:
+        actions.setdefault(decision.region, {})[decision.image_id] = decision.action
+    needed: dict[str, list[str]] = {}
+    for region, by_image in sorted(actions.items()):
+        unread = [
+            image.image_id
+            for image in inventories[region].images
+            if image.state == "available"
+            and image.launch_permissions is None
+            and _may_need(by_image.get(image.image_id), image)
+        ]
+        if unread:
+            needed[region] = unread
+    return needed
+
+
+def _may_need(action: str | None, image: Image) -> bool:
+    """Whether an AMI's launch permissions could change this decision."""
+    return action in RETIRING or (action == "keep" and is_janitor_touched(image))
+
+
+def settle(plan: Plan, inventories: Mapping[str, RegionInventory], policy: Policy) -> Plan:
+    """The plan once the launch permissions it asked for are read: a candidate shared outside its
+    family's share_with is kept (rescued if the janitor had started on it). The run then acts on
+    fewer AMIs than the caps allowed: the caps are not spent again."""
+    images = {
+        (region, image.image_id): image
+        for region, inventory in inventories.items()
+        for image in inventory.images
+        if image.launch_permissions is not None
+    }
+    decisions = [_settled(d, images.get((d.region, d.image_id)), policy) for d in plan.decisions]
+    if all(new is old for new, old in zip(decisions, plan.decisions, strict=True)):
+        return plan
+    usable = [inv for inv in inventories.values() if inv.error is None]
+    summary = planner.summarize(decisions, usable, plan.summary.regions_skipped)
+    return plan.model_copy(update={"decisions": decisions, "summary": summary})
+
+
+def _settled(decision: Decision, image: Image | None, policy: Policy) -> Decision:
+    if image is None or not _may_need(decision.action, image):
+        return decision
+    family = policy.family(decision.family)
+    if policy.rules_for(family).allow_shared:
+        return decision
+    reasons = shared_outside(image, family)
+    if not reasons:
+        return decision
+    action = "rescue" if is_janitor_touched(image) else "keep"
+    update = {"action": action, "reasons": reasons, "stages": [], "next_action": None, "next_action_at": None}
+    return decision.model_copy(update=update)
