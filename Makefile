@@ -29,6 +29,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	PYTHONPATH=$(CURDIR)/lambdas $(VENV)/bin/lint-imports --no-cache --no-logo
 
 unit: install
 	$(PY) -m pytest tests/unit

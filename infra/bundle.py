@@ -1,7 +1,8 @@
 """Builds the Lambda code asset without Docker.
 
 The asset is a plain directory: the dependencies installed for the Lambda platform (wheels only, so
-nothing is compiled here), a copy of the `ami_janitor` package and the validated policy as JSON.
+nothing is compiled here), a copy of the `ami_janitor` package without `demo/` and the validated policy
+as JSON.
 
 Both steps are content-addressed under `build/`:
 - `deps-<hash>/`: `pip install --target` keyed by requirements.txt and the platform, done once;
@@ -43,6 +44,9 @@ PIP_ARGS = (
     PYTHON_VERSION,
     "--only-binary=:all:",
 )
+
+# Subpackages the functions never run: the demo (it imports moto, a development dependency).
+EXCLUDED = frozenset({"demo"})
 
 _COMPLETE = ".complete"
 _STALE_SECONDS = 3600  # other asset/deps directories older than this are removed
@@ -138,7 +142,12 @@ def code_asset(
 
 def _package_files(source: Path) -> list[Path]:
     return sorted(
-        p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        p
+        for p in source.rglob("*")
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and p.suffix != ".pyc"
+        and p.relative_to(source).parts[0] not in EXCLUDED
     )
 
 

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import copier, executor, rotator, sharer
+from ami_janitor.aws import baker, copier, executor, rotator, sharer
 from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
@@ -20,12 +20,16 @@ ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
 
 # What a scheduled run calls: the inventory, rotation, shares and the executor. Its copies go through
-# the replication queue (sqs:SendMessage comes with the queue); the CLI starts copies itself, so it
-# also needs copier.PERMISSIONS.
+# the replication queue (sqs:SendMessage comes with the queue).
 PERMISSIONS: list[str] = sorted(
     set(adapter.PERMISSIONS) | set(executor.PERMISSIONS) | set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS)
 )
-CLI_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) | set(copier.PERMISSIONS))
+# What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
+# rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
+# on the caller's behalf) and `bake` with its stop and start commands.
+CLI_PERMISSIONS: list[str] = sorted(
+    set(PERMISSIONS) | set(copier.PERMISSIONS) | set(copier.KMS_PERMISSIONS) | set(baker.PERMISSIONS)
+)
 # The event function: rotation, and sharing a new AMI at once (its copies are queued).
 EVENT_PERMISSIONS: list[str] = sorted(
     set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS) | {"ec2:DescribeImages"}

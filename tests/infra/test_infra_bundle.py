@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,30 @@ from ami_janitor.core.policy import parse_policy
 from infra import bundle
 
 STACK = "AmiJanitor-us-east-1"
+MOTO_IMPORT = re.compile(r"^\s*(?:import|from)\s+moto\b", re.M)
+HANDLERS = ("ami_event", "bake", "replicate", "scheduled")
+
+# Imports every handler with `ami_janitor` from the asset, the rest from this environment (the bundled
+# dependencies are built for arm64), and moto unimportable.
+IMPORT_HANDLERS = """
+import importlib, sys
+class NoMoto:
+    def find_spec(self, name, path=None, target=None):
+        if name == "moto" or name.startswith("moto."):
+            raise ImportError(f"{name} is not in the Lambda asset")
+sys.meta_path.insert(0, NoMoto())
+shim, *modules = sys.argv[1:]
+for module in modules:
+    importlib.import_module(module)
+loaded = sorted(m for m in sys.modules if m == "ami_janitor" or m.startswith("ami_janitor."))
+assert all(sys.modules[m].__file__.startswith(shim) for m in loaded), loaded
+assert not [m for m in loaded if m.startswith(("ami_janitor.demo", "ami_janitor.cli"))], loaded
+print("\\n".join(loaded))
+"""
+
+
+def moto_imports(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*.py") if MOTO_IMPORT.search(p.read_text(errors="replace"))]
 
 
 def test_policy_json_round_trip_keeps_inheritance(infra_policy: Any) -> None:
@@ -63,6 +89,23 @@ def test_dependencies_installed_for_lambda_platform(monkeypatch: pytest.MonkeyPa
     assert changed != first and len(calls) == 2
 
 
+def test_package_copied_without_the_demo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, infra_policy: Any
+) -> None:
+    def fake_pip(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bundle.subprocess, "run", fake_pip)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("boto3==1.44.8\n")
+    asset, _ = bundle.code_asset(infra_policy, requirements=requirements, build_dir=tmp_path / "build")
+    package = asset / "ami_janitor"
+    assert (package / "handlers" / "scheduled.py").is_file()
+    assert not (package / "demo").exists()
+    assert moto_imports(bundle.PACKAGE_SOURCE / "demo")  # what the exclusion keeps out
+    assert moto_imports(asset) == []
+
+
 def test_failed_install_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(
         bundle.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1, "", "no wheel")
@@ -93,3 +136,23 @@ def test_staged_asset_contents(synth: Synth) -> None:
     assert (asset / f"boto3-{pins['boto3']}.dist-info").is_dir()
     assert (asset / f"botocore-{pins['botocore']}.dist-info").is_dir()
     assert (asset / "aws_lambda_powertools").is_dir()
+    # Nothing the functions can load imports moto (a development dependency): the demo stays out.
+    assert not (asset / "ami_janitor" / "demo").exists()
+    assert moto_imports(asset) == []
+
+
+@pytest.mark.slow
+def test_handlers_import_from_the_asset_without_moto(synth: Synth, tmp_path: Path) -> None:
+    asset = synth.code_asset_dir(STACK)
+    (tmp_path / "ami_janitor").symlink_to(asset / "ami_janitor", target_is_directory=True)
+    modules = [f"ami_janitor.handlers.{name}" for name in HANDLERS]
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_HANDLERS, str(tmp_path), *modules],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1", "AWS_DEFAULT_REGION": "us-east-1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert set(modules) <= set(done.stdout.split())

@@ -350,7 +350,7 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
     )
     from ami_janitor import engine
     from ami_janitor.aws.clients import ClientFactory
-    from ami_janitor.cli import print_plan, print_results
+    from ami_janitor.cli.render import print_plan, print_results
     from ami_janitor.core.policy import load_policy
     from ami_janitor.demo import emulator
 

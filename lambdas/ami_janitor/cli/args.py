@@ -1,0 +1,43 @@
+"""The command line: `ami-janitor COMMAND [options]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="policy file (default: $AMI_JANITOR_CONFIG or ./janitor.yaml)")
+    common.add_argument("--region", action="append", help="act on this region only (repeatable)")
+    common.add_argument("--profile", help="AWS profile to use")
+    common.add_argument("--format", choices=["table", "json"], default="table")
+
+    parser = argparse.ArgumentParser(
+        prog="ami-janitor",
+        description="Reference-aware AMI retention, staged retirement and Latest rotation.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("plan", parents=[common], help="show, with reasons, what a run would do")
+    apply = commands.add_parser("apply", parents=[common], help="plan and apply (mode: enforce only)")
+    apply.add_argument("--yes", action="store_true", help="do not ask before writing")
+    rotate = commands.add_parser("rotate", parents=[common], help="reconcile the Latest tag and parameter")
+    rotate.add_argument("--family", action="append", help="only this family (repeatable)")
+    replicate = commands.add_parser("replicate", parents=[common], help="reconcile copies and shares")
+    replicate.add_argument("--family", action="append", help="only this family (repeatable)")
+    bake = commands.add_parser("bake", parents=[common], help="create a versioned image of an instance")
+    bake.add_argument("--family", required=True)
+    bake.add_argument(
+        "--instance-id",
+        help="default: the family's bake.instance_id, else the only instance carrying its bake.instance_tag",
+    )
+    bake.add_argument(
+        "--no-reboot", action="store_true", help="do not reboot (the file system may be inconsistent)"
+    )
+    bake.add_argument("--stop-command", help="run on the instance (SSM Run Command) before CreateImage")
+    bake.add_argument("--start-command", help="run after CreateImage returns, even if it failed")
+    bake.add_argument("--no-wait", action="store_true", help="print the id without waiting for available")
+    rescue = commands.add_parser("rescue", parents=[common], help="undo every retirement stage of one AMI")
+    rescue.add_argument("image_id", metavar="AMI_ID")
+    demo = commands.add_parser("demo", help="run the janitor on an embedded emulator (no AWS account)")
+    demo.add_argument("--format", choices=["table", "json"], default="table")
+    return parser

@@ -1,0 +1,242 @@
+"""The commands of `ami-janitor`. Exit codes: 0 done; 1 an action failed or a region was skipped;
+2 bad input or usage; 3 declined at the prompt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+import boto3
+
+from ami_janitor import engine
+from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws import rotator
+from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.cli import render
+from ami_janitor.core import rotation
+from ami_janitor.core.model import Plan
+from ami_janitor.core.policy import Policy, load_policy
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DECLINED = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """Bad input: exit 2 with the message."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    return load_policy(args.config)
+
+
+def _factory(args: argparse.Namespace) -> ClientFactory:
+    session = boto3.Session(profile_name=args.profile) if args.profile else None
+    return ClientFactory(session)
+
+
+def _regions(policy: Policy, args: argparse.Namespace) -> list[str]:
+    try:
+        return engine.select_regions(policy, args.region)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _policy(args)
+    regions = _regions(policy, args)
+    result = engine.run(policy, regions, _factory(args), _now(), apply=False)
+    if args.format == "json":
+        out.write(result.plan.to_json())
+    else:
+        render.print_plan(result.plan, out)
+    return result.exit_code
+
+
+def _confirm(plan: Plan, out: TextIO) -> bool:
+    acting = sum(1 for d in plan.decisions if d.action not in ("keep", "wait"))
+    out.write(f"Apply {acting} actions and {len(plan.latest)} Latest changes? [y/N] ")
+    out.flush()
+    answer = sys.stdin.readline().strip().lower()
+    return answer in ("y", "yes")
+
+
+def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _policy(args)
+    if policy.mode != "enforce":
+        raise UsageError(f"the policy's mode is {policy.mode}: apply writes only with mode: enforce")
+    regions = _regions(policy, args)
+    factory = _factory(args)
+    now = _now()
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("apply asks before it writes: pass --yes when not run in a terminal")
+        preview = engine.run(policy, regions, factory, now, apply=False)
+        render.print_plan(preview.plan, out)
+        if not _confirm(preview.plan, out):
+            out.write("declined: nothing was changed\n")
+            return EXIT_DECLINED
+    result = engine.run(policy, regions, factory, now, apply=True)
+    if args.format == "json":
+        render.emit_json(result.report(), out)
+    else:
+        render.print_plan(result.plan, out)
+        out.write("\n")
+        render.print_results(result, out)
+    return result.exit_code
+
+
+def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _policy(args)
+    regions = _regions(policy, args)
+    families = args.family
+    for name in families or ():
+        try:
+            policy.family(name)
+        except KeyError:
+            raise UsageError(f"--family {name}: no such family in the policy") from None
+    factory = _factory(args)
+    now = _now()
+    results: list[rotator.RotationResult] = []
+    planned = []
+    for region in regions:
+        clients = factory(region)
+        if policy.mode == "enforce":
+            results.extend(rotator.converge(clients, policy, now, families=families))
+        else:
+            inventory = adapter.load_images(clients, policy)
+            if inventory.error:
+                results.append(rotator.RotationResult.unreadable(region, inventory.error))
+                continue
+            planned.extend(rotation.changes_for(inventory, policy, now, families=families))
+    if args.format == "json":
+        render.emit_json(
+            {
+                "mode": policy.mode,
+                "latest": [c.model_dump(mode="json", by_alias=True) for c in planned],
+                "rotations": [r.model_dump(mode="json") for r in results],
+            },
+            out,
+        )
+    else:
+        if policy.mode != "enforce":
+            render.print_planned_rotations(policy.mode, planned, out)
+        render.print_rotations(results, out)
+        if policy.mode == "enforce" and not results:
+            out.write("every Latest pointer is current\n")
+    return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _policy(args)
+    regions = _regions(policy, args)
+    try:
+        results = engine.rescue(policy, args.image_id, regions, _factory(args), _now())
+    except LookupError as error:
+        raise UsageError(str(error)) from None
+    if args.format == "json":
+        render.emit_json([r.model_dump(mode="json") for r in results], out)
+    else:
+        render.print_rescue(results, out)
+    return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
+
+
+def _one_region(policy: Policy, args: argparse.Namespace) -> str:
+    if args.region:
+        regions = _regions(policy, args)
+        if len(regions) != 1:
+            raise UsageError("bake acts in one region: give --region once")
+        return regions[0]
+    session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
+    if not session.region_name:
+        raise UsageError("no region: give --region (or set one in the profile)")
+    return session.region_name
+
+
+def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
+    from ami_janitor.aws import baker
+    from ami_janitor.core import baking
+
+    policy = _policy(args)
+    try:
+        family = policy.family(args.family)
+    except KeyError:
+        raise UsageError(f"--family {args.family}: no such family in the policy") from None
+    clients = _factory(args)(_one_region(policy, args))
+    terminal = sys.stderr.isatty()
+
+    def progress(line: str) -> None:  # one status line, rewritten in place
+        sys.stderr.write(f"\r\033[K{line}")
+        sys.stderr.flush()
+
+    try:
+        instance_id = args.instance_id or baker.find_bake_instance(clients, family)
+        result = baker.bake(
+            clients,
+            family,
+            instance_id,
+            _now(),
+            no_reboot=args.no_reboot,
+            stop_command=args.stop_command,
+            start_command=args.start_command,
+            wait=not args.no_wait,
+            progress=progress if terminal else None,
+        )
+    except baking.BakeUsageError as error:
+        raise UsageError(str(error)) from None
+    except baking.BakeError as error:
+        sys.stderr.write(("\n" if terminal else "") + f"ami-janitor: bake failed: {error}\n")
+        if error.image_id:
+            out.write(f"{error.image_id}\n")  # the image exists even so
+        return EXIT_FAILED
+    if terminal:
+        sys.stderr.write("\n")
+    for warning in result.warnings:
+        sys.stderr.write(f"WARNING: {warning}\n")
+    if args.format == "json":
+        render.emit_json(result.model_dump(mode="json"), out)
+    else:
+        out.write(f"{result.image_id}\n")
+    return EXIT_OK
+
+
+def cmd_replicate(args: argparse.Namespace, out: TextIO) -> int:
+    policy = _policy(args)
+    regions = _regions(policy, args)
+    for name in args.family or ():
+        try:
+            policy.family(name)
+        except KeyError:
+            raise UsageError(f"--family {name}: no such family in the policy") from None
+    apply = policy.mode == "enforce"
+    result = engine.replicate(policy, regions, _factory(args), _now(), apply=apply, families=args.family)
+    if args.format == "json":
+        render.emit_json(result.model_dump(mode="json"), out)
+        return EXIT_FAILED if result.failed else EXIT_OK
+    render.print_replication(result, out, mode=policy.mode, applied=apply)
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        from ami_janitor.demo import story
+    except ImportError as error:  # moto is a development dependency
+        raise UsageError(
+            f"the demo needs the development install (pip install -e '.[dev]'): {error}"
+        ) from None
+    return story.run_demo(out, json_output=args.format == "json")
+
+
+COMMANDS = {
+    "plan": cmd_plan,
+    "apply": cmd_apply,
+    "rotate": cmd_rotate,
+    "replicate": cmd_replicate,
+    "bake": cmd_bake,
+    "rescue": cmd_rescue,
+    "demo": cmd_demo,
+}

@@ -1,0 +1,151 @@
+"""What `ami-janitor` and the demo print: plans, applied results, Latest rotations, rescues, copies and
+shares, and JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ami_janitor.aws.executor import ActionResult
+    from ami_janitor.aws.rotator import RotationResult
+    from ami_janitor.core.model import LatestChange, Plan
+    from ami_janitor.engine import ReplicateResult, RunResult
+
+
+def emit_json(data: Any, out: TextIO) -> None:
+    out.write(json.dumps(data, indent=2) + "\n")
+
+
+def table(rows: list[list[str]], out: TextIO) -> None:
+    """Columns padded to their widest cell; the last column is left as it is."""
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+
+
+def print_plan(plan: Plan, out: TextIO) -> None:
+    out.write(f"mode: {plan.mode}   generated: {plan.generated_at}\n")
+    for status in plan.regions:
+        line = f"region {status.region}: {status.status}"
+        out.write(line + (f" ({status.error})" if status.error else "") + "\n")
+    for error in plan.policy_errors:
+        out.write(f"POLICY ERROR: {error}\n")
+    for note in plan.notes:
+        out.write(f"note: {note}\n")
+    rows = [["REGION", "FAMILY", "ARCH", "IMAGE", "CREATED", "ACTION", "REASONS"]]
+    for d in plan.decisions:
+        action: str = d.action
+        if d.action == "wait" and d.next_action:
+            action = f"wait ({d.next_action} {(d.next_action_at or '')[:10]})"
+        rows.append(
+            [d.region, d.family, d.architecture, d.image_id, d.created[:10], action, "; ".join(d.reasons)]
+        )
+    out.write("\n")
+    table(rows, out)
+    if plan.latest:
+        out.write("\nLatest rotation:\n")
+        for change in plan.latest:
+            where = f"{change.region} {change.family} {change.architecture}"
+            target = change.to or "(none)"
+            extra = f", {change.ssm_parameter}" if change.ssm_parameter else ""
+            warn = f"  WARNING: {change.warning}" if change.warning else ""
+            out.write(f"  {where}: {change.from_ or '(none)'} -> {target}{extra}{warn}\n")
+    if plan.copies:
+        out.write("\nCopies:\n")
+        for copy in plan.copies:
+            key = f" (KMS {copy.kms_key_id})" if copy.kms_key_id else ""
+            out.write(f"  {copy.family}: {copy.source_region}/{copy.source_image_id} -> {copy.region}{key}\n")
+    if plan.shares:
+        out.write("\nShares:\n")
+        for share in plan.shares:
+            out.write(
+                f"  {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
+            )
+    if plan.bakes:
+        out.write("\nScheduled bakes:\n")
+        for bake in plan.bakes:
+            if bake.instance_id is None:
+                out.write(f"  {bake.region}: the scheduled bake would refuse: {bake.refusal}\n")
+            else:
+                what = f"the scheduled bake will image {bake.instance_id} ({bake.reason})"
+                out.write(f"  {bake.region}: family {bake.family}: {what}\n")
+    s = plan.summary
+    out.write(
+        f"\nsummary: {s.images} images, {s.kept} kept, {s.waiting} waiting, {s.deprecated} to deprecate, "
+        f"{s.disabled} to disable, {s.retired} to deregister, {s.rescued} to rescue, "
+        f"{s.held_by_cap} held by caps; {s.snapshots_deleted} snapshots, up to {s.gib_freed_max} GiB freed\n"
+    )
+
+
+def print_rotations(rotations: Iterable[RotationResult], out: TextIO, *, prefix: str = "") -> None:
+    """One line per Latest pointer rotated (or not), then what was written for it."""
+    for rot in rotations:
+        status = "ok" if rot.status == "ok" else f"FAILED {rot.error}"
+        out.write(f"{prefix}{rot.region} {rot.family} {rot.architecture} -> {rot.to}: {status}\n")
+        for line in rot.written:
+            out.write(f"    {line}\n")
+
+
+def print_planned_rotations(mode: str, changes: Sequence[LatestChange], out: TextIO) -> None:
+    """The Latest changes `rotate` would make in dry-run or paused mode."""
+    out.write(f"mode {mode}: nothing is written; these changes would be made:\n")
+    for change in changes:
+        out.write(
+            f"  {change.region} {change.family} {change.architecture}: {change.from_ or '(none)'} -> "
+            f"{change.to or '(none)'}" + (f"  WARNING: {change.warning}" if change.warning else "") + "\n"
+        )
+    if not changes:
+        out.write("  (every Latest pointer is current)\n")
+
+
+def print_results(result: RunResult, out: TextIO) -> None:
+    """What applying a plan did: the rotations, then every action."""
+    print_rotations(result.rotations, out, prefix="rotate ")
+    for item in result.results:
+        status = "ok" if item.status == "ok" else f"{item.status.upper()} {item.error or ''}".rstrip()
+        snaps = f" (snapshots deleted: {', '.join(item.snapshots_deleted)})" if item.snapshots_deleted else ""
+        detail = f" [{item.detail}]" if item.detail else ""
+        out.write(f"{item.action} {item.region} {item.image_id}: {status}{snaps}{detail}\n")
+    failed = result.failed
+    out.write(f"applied: {len(result.results)} actions, {failed} failed\n")
+
+
+def print_rescue(results: Iterable[ActionResult], out: TextIO) -> None:
+    for item in results:
+        status = "ok" if item.status == "ok" else f"{item.status.upper()} {item.error or ''}"
+        out.write(
+            f"{item.action} {item.region} {item.image_id}: {status}"
+            + (f" [{item.detail}]" if item.detail else "")
+            + "\n"
+        )
+
+
+def print_replication(result: ReplicateResult, out: TextIO, *, mode: str, applied: bool) -> None:
+    """The copies and shares planned and, when applied, what was done."""
+    if not applied:
+        out.write(f"mode {mode}: nothing is written; these copies and shares would be made:\n")
+    for copy in result.copies:
+        key = f" encrypted with {copy.kms_key_id}" if copy.kms_key_id else ""
+        out.write(
+            f"copy {copy.family} {copy.source_region}/{copy.source_image_id} -> {copy.region}{key}"
+            f" (generation {copy.generation})\n"
+        )
+    for share in result.shares:
+        out.write(
+            f"share {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
+        )
+    for problem in result.problems:
+        out.write(f"note: {problem}\n")
+    for done in result.copy_results:
+        status = done.status if done.status != "failed" else f"FAILED {done.error}"
+        out.write(f"copied {done.source_image_id} -> {done.region}: {done.image_id or '-'} {status}\n")
+    for shared in result.share_results:
+        status = shared.status if shared.status != "failed" else f"FAILED {shared.error}"
+        out.write(f"shared {shared.region} {shared.image_id}: {status}\n")
+    if not (result.copies or result.shares):
+        out.write("every copy and share is in place\n")
