@@ -303,15 +303,8 @@ _ALL_FIELDS = set(Decision.model_fields)
 class _Draft:
     """A decision while the caps may still hold it back; `order` is set on those that act."""
 
-    region: str
-    family: str
-    architecture: str
-    image_id: str
-    name: str
-    created: str
-    snapshots: list[str]
-    size_gib: int
-    source_image_id: str | None
+    group: Group
+    image: Image
     action: str
     reasons: list[str]
     candidate_since: str | None
@@ -329,22 +322,23 @@ class _Draft:
         # Every field comes from validated models, so skip validation (and model_construct's per-field
         # loop): it keeps a plan of 50,000 AMIs near a second. Decisions are frozen, so they can share
         # one fields-set.
+        image, group = self.image, self.group
         decision = Decision.__new__(Decision)
         fields = {
-            "region": self.region,
-            "family": self.family,
-            "architecture": self.architecture,
-            "image_id": self.image_id,
-            "name": self.name,
-            "created": self.created,
+            "region": group.region,
+            "family": group.family.name,
+            "architecture": group.architecture,
+            "image_id": image.image_id,
+            "name": image.name,
+            "created": iso(image.created) or "",
             "action": self.action,
             "reasons": self.reasons,
             "candidate_since": self.candidate_since,
             "next_action": self.next_action,
             "next_action_at": self.next_action_at,
-            "snapshots": self.snapshots,
-            "size_gib": self.size_gib,
-            "source_image_id": self.source_image_id,
+            "snapshots": list(image.snapshot_ids),
+            "size_gib": image.size_gib,
+            "source_image_id": image.tags.get(SOURCE_IMAGE_TAG),
             "stages": self.stages,
         }
         object.__setattr__(decision, "__dict__", fields)
@@ -358,7 +352,6 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
     """The decisions of one group, as drafts (the caps still edit them)."""
     drafts: list[_Draft] = []
     configured = _configured_stages(group.rules)
-    region, family, architecture = group.region, group.family.name, group.architecture
     for verdict in verdicts:
         image = verdict.image
         tags = image.tags
@@ -387,26 +380,7 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
                     f"{next_stage} due {next_text}" if next_stage else "no further stage configured"
                 )
                 action = "wait"
-        drafts.append(
-            _Draft(
-                region,
-                family,
-                architecture,
-                image.image_id,
-                image.name,
-                iso(image.created) or "",
-                list(image.snapshot_ids),
-                image.size_gib,
-                tags.get(SOURCE_IMAGE_TAG),
-                action,
-                reasons,
-                since_text,
-                next_stage,
-                next_text,
-                stages,
-                order,
-            )
-        )
+        drafts.append(_Draft(group, image, action, reasons, since_text, next_stage, next_text, stages, order))
     return drafts
 
 
@@ -421,7 +395,7 @@ def _cost(draft: _Draft, users: Counter[str] | None) -> int:
     deregistration deletes (snapshot deletions count toward the caps)."""
     if draft.action != "deregister" or users is None:
         return 1
-    return 1 + sum(1 for s in draft.snapshots if users[s] <= 1)
+    return 1 + sum(1 for s in draft.image.snapshot_ids if users[s] <= 1)
 
 
 def _apply_caps(
@@ -450,7 +424,7 @@ def _apply_caps(
     moved: dict[tuple[str, str], int] = defaultdict(int)
     total = 0
     for draft in acting:
-        key = (draft.family, draft.architecture)
+        key = (draft.group.family.name, draft.group.architecture)
         cost = _cost(draft, users)
         if moved[key] >= allowed[key]:
             reason = group_reason[key]
@@ -490,7 +464,7 @@ def plan_region(
         verdicts = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
         drafts.extend(_decide_group(group, verdicts, now))
     _apply_caps(drafts, groups, policy, inventory)
-    rescued = {d.image_id for d in drafts if d.action == "rescue"}
+    rescued = {d.image.image_id for d in drafts if d.action == "rescue"}
     changes: list[LatestChange] = []
     for group in groups:
         change = before[id(group)]
