@@ -72,14 +72,7 @@ def start_copy(
     """Start one copy unless it exists. Safe to repeat: a duplicate finds the copy by provenance, a retried
     request reuses its ClientToken. AWS errors are a failed result, never an exception. `existing`: the
     source's copies in the target region, when the caller has just read them (find_copies)."""
-    result = CopyResult(
-        family=copy.family,
-        source_image_id=copy.source_image_id,
-        source_region=copy.source_region,
-        region=copy.region,
-        generation=copy.generation,
-        status="skipped",
-    )
+    result = CopyResult.of(copy, "skipped")
     try:
         return _start(clients_for, copy, source, policy, result, existing)
     except (*AWS_ERRORS, ValueError, KeyError) as error:

@@ -23,6 +23,7 @@ from ami_janitor.core.model import (
     Plan,
     RegionInventory,
     Stage,
+    Status,
     iso,
     parse_time,
 )
@@ -69,7 +70,6 @@ SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSna
 # (region, AMIs whose rescue failed) -> AMIs that must not retire in this run.
 AfterRescues = Callable[[str, set[str]], set[str]]
 ResultAction = Literal["mark-candidate", "deprecate", "disable", "deregister", "rescue"]
-ResultStatus = Literal["ok", "failed", "skipped"]
 
 
 class ActionResult(BaseModel):
@@ -78,7 +78,7 @@ class ActionResult(BaseModel):
     region: str
     image_id: str
     action: ResultAction
-    status: ResultStatus
+    status: Status
     error: str | None = None
     snapshots_deleted: list[str] = Field(default_factory=list)
     detail: str | None = None
@@ -324,9 +324,7 @@ class _RegionRun:
         self.gone: set[str] = set()
         self.results: list[ActionResult] = []
 
-    def result(
-        self, image_id: str, action: ResultAction, status: ResultStatus, **fields: object
-    ) -> ActionResult:
+    def result(self, image_id: str, action: ResultAction, status: Status, **fields: object) -> ActionResult:
         return ActionResult(region=self.region, image_id=image_id, action=action, status=status, **fields)
 
     def snapshots_in_use(self, besides: str | None = None) -> set[str]:
@@ -400,7 +398,7 @@ class _RegionRun:
             done.append(f"deprecated at {iso(target)}")
         elif done:
             done.append(f"kept the earlier deprecation time {iso(image.deprecation_time)}")
-        status: ResultStatus = "ok" if done else "skipped"
+        status: Status = "ok" if done else "skipped"
         return self.result(image.image_id, "deprecate", status, detail=_join(done) or "already deprecated")
 
     def disable(self, image: Image) -> ActionResult:

@@ -33,6 +33,10 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="seconds")[:19] + "Z"
 
 
+# What an applied step did: done, failed, or nothing to do.
+Status = Literal["ok", "failed", "skipped"]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -17,11 +17,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ami_janitor.core.model import Copy, Image, RegionInventory, iso
+from ami_janitor.core.model import Copy, Image, RegionInventory, Status, iso
 from ami_janitor.core.planner import Group, Grouped, build_groups, latest_target, order_key
 from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
@@ -61,9 +61,6 @@ TAGS_PER_RESOURCE_MAX = 50
 ENCRYPTED_SUFFIX = "-encrypted"
 
 
-CopyStatus = Literal["ok", "failed", "skipped"]
-
-
 class CopyResult(BaseModel):
     """What start_copy did: started or found a copy (ok), left it to a newer request (skipped), or failed."""
 
@@ -75,11 +72,22 @@ class CopyResult(BaseModel):
     region: str
     generation: int
     image_id: str | None = None
-    status: CopyStatus
+    status: Status
     # True only when this call made CopyImage start a new copy.
     started: bool = False
     error: str | None = None
     detail: str | None = None
+
+    @classmethod
+    def of(cls, copy: Copy, status: Status) -> CopyResult:
+        return cls(
+            family=copy.family,
+            source_image_id=copy.source_image_id,
+            source_region=copy.source_region,
+            region=copy.region,
+            generation=copy.generation,
+            status=status,
+        )
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,20 @@ class RefusedCopy(BadCopyMessage):
         super().__init__(f"copy request refused: {reason}")
         self.reason = reason
         self.request = request
+
+
+def copy_to(
+    family: str, source_image_id: str, source_region: str, target: ReplicateTarget, generation: int
+) -> Copy:
+    """A copy request to `target`, with the key the policy configures there (never another)."""
+    return Copy(
+        family=family,
+        source_image_id=source_image_id,
+        source_region=source_region,
+        region=target.region,
+        kms_key_id=target.kms_key_id,
+        generation=generation,
+    )
 
 
 def generation_tag(region: str) -> str:
@@ -169,13 +191,12 @@ def copies_of_new_source(source: Image, family: Family) -> list[Copy]:
         return []
     targets, _ = _targets(family, source.region)
     copies = [
-        Copy(
-            family=family.name,
-            source_image_id=source.image_id,
-            source_region=source.region,
-            region=target.region,
-            kms_key_id=target.kms_key_id,
-            generation=max(recorded_generation(source, target.region), 1),
+        copy_to(
+            family.name,
+            source.image_id,
+            source.region,
+            target,
+            max(recorded_generation(source, target.region), 1),
         )
         for target in targets
         if not (target.region == source.region and source.encrypted)  # encrypt in place: unencrypted only
@@ -204,14 +225,7 @@ def _plan_one(
             f"fix the cause, deregister the failed copies and remove the tag {generation_tag(target.region)} "
             f"from {source.image_id} to start over"
         )
-    return Copy(
-        family=family.name,
-        source_image_id=source.image_id,
-        source_region=source.region,
-        region=target.region,
-        kms_key_id=target.kms_key_id,
-        generation=generation,
-    )
+    return copy_to(family.name, source.image_id, source.region, target, generation)
 
 
 def plan_replication(
@@ -282,14 +296,7 @@ def handle_failed_replica(image: Image, policy: Policy) -> Retry:
             f"copy of {image.source_image_id} to {image.region} failed in generation "
             f"{generation - 1}, the last one allowed: not started again",
         )
-    copy = Copy(
-        family=family.name,
-        source_image_id=image.source_image_id,
-        source_region=image.source_region,
-        region=image.region,
-        kms_key_id=target.kms_key_id,
-        generation=generation,
-    )
+    copy = copy_to(family.name, image.source_image_id, image.source_region, target, generation)
     return Retry(copy, f"{image.image_id} failed: generation {generation} planned")
 
 
@@ -457,14 +464,7 @@ def rebuild_copy(request: Copy, source: Image, policy: Policy, copies: Iterable[
             f"for {source.image_id} in {target.region}",
             request,
         )
-    return Copy(
-        family=request.family,
-        source_image_id=source.image_id,
-        source_region=source.region,
-        region=target.region,
-        kms_key_id=target.kms_key_id,
-        generation=request.generation,
-    )
+    return copy_to(request.family, source.image_id, source.region, target, request.generation)
 
 
 def copy_from_message(body: str) -> Copy:
