@@ -13,9 +13,9 @@ from typing import Any, TextIO
 import boto3
 
 from ami_janitor import engine
-from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.aws.inventory import load_images
 from ami_janitor.core import rotation
 from ami_janitor.core.model import Plan
 from ami_janitor.core.policy import Policy, PolicyError, load_policy
@@ -235,7 +235,7 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
         if policy.mode == "enforce":
             results.extend(rotator.converge(clients, policy, now, families=families))
         else:
-            inventory = adapter.load_images(clients, policy)
+            inventory = load_images(clients, policy)
             if inventory.error:
                 results.append(rotator.RotationResult.unreadable(region, inventory.error))
                 continue

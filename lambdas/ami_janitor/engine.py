@@ -8,8 +8,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import copier, executor, rotator, sharer
-from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws import copier, executor, inventory, rotator, sharer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.core import planner, replication, sharing
@@ -23,7 +22,10 @@ Enqueue = Callable[[Sequence[Copy]], int]
 # the replication queue (sqs:SendMessage comes with the queue); the CLI starts copies itself, so it
 # also needs copier.PERMISSIONS.
 PERMISSIONS: list[str] = sorted(
-    set(adapter.PERMISSIONS) | set(executor.PERMISSIONS) | set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS)
+    set(inventory.PERMISSIONS)
+    | set(executor.PERMISSIONS)
+    | set(rotator.PERMISSIONS)
+    | set(sharer.PERMISSIONS)
 )
 CLI_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) | set(copier.PERMISSIONS))
 # The event function: rotation, and sharing a new AMI at once (its copies are queued).
@@ -100,7 +102,7 @@ def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
 
 
 def inventories(policy: Policy, regions: Iterable[str], clients_for: ClientsFor) -> list[RegionInventory]:
-    return [adapter.load_inventory(clients_for(region), policy) for region in regions]
+    return [inventory.load_inventory(clients_for(region), policy) for region in regions]
 
 
 def build_plan(
@@ -119,7 +121,7 @@ def build_plan(
     if not unchecked:
         return first, loaded
     for region, image_ids in unchecked.items():
-        loaded[region] = adapter.load_launch_permissions(clients_for(region), loaded[region], image_ids)
+        loaded[region] = inventory.load_launch_permissions(clients_for(region), loaded[region], image_ids)
     return planner.plan(list(loaded.values()), policy, now), loaded
 
 
@@ -144,12 +146,12 @@ def replicate(
     images = {
         region: loaded[region]
         if loaded and region in loaded
-        else adapter.load_images(clients_for(region), policy)
+        else inventory.load_images(clients_for(region), policy)
         for region in regions
     }
     targets = {t.region for f in policy.families for t in f.replicate} - set(images)
     for region in sorted(targets):
-        images[region] = adapter.load_images(clients_for(region), policy)
+        images[region] = inventory.load_images(clients_for(region), policy)
     wanted = set(families) if families else {f.name for f in policy.families}
     own = [images[region] for region in regions]
     members = {
@@ -234,7 +236,7 @@ def handle_ami_event(
     outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
-    image = adapter.describe_image(clients, image_id)
+    image = inventory.describe_image(clients, image_id)
     if image is None:
         return outcome
     if state == "failed":
@@ -276,7 +278,7 @@ def rescue(
     """`ami-janitor rescue AMI_ID`: undo every stage on one AMI, wherever it is."""
     for region in regions:
         clients = clients_for(region)
-        image = adapter.describe_image(clients, image_id)
+        image = inventory.describe_image(clients, image_id)
         if image is None:
             continue
         return executor.rescue_image(clients, image, now, allowed_grants=rescue_grants(policy, image))
