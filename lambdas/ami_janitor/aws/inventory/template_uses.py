@@ -22,7 +22,7 @@ PERMISSIONS: list[str] = ["ec2:DescribeLaunchTemplateVersions"]
 
 
 def read_missing_versions(ec2: EC2Client, templates: Templates, uses: Iterable[TemplateUse]) -> Templates:
-    """`templates` with the versions the uses name and it lacks."""
+    """A copy of `templates` with the versions the uses name and no listing loaded."""
     templates = templates.copy()
     numbers: dict[str, set[int]] = {}
     unknown: set[Spec] = set()
