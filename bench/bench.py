@@ -118,8 +118,8 @@ def bench_inventory_calls() -> None:
     import boto3
     from moto import mock_aws
 
-    from ami_janitor.aws import inventory as adapter
     from ami_janitor.aws.clients import RegionClients
+    from ami_janitor.aws.inventory import count_calls, load_inventory
     from ami_janitor.demo import emulator
 
     policy = parse_policy(
@@ -162,17 +162,17 @@ def bench_inventory_calls() -> None:
             ssm.put_parameter(Name=f"/p/{p}", Value=ids[p], Type="String")
         clients = RegionClients("us-east-1")
         counters = {
-            name: adapter.count_calls(getattr(clients, name))
+            name: count_calls(getattr(clients, name))
             for name in ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin")
         }
         start = time.perf_counter()
-        inventory = adapter.load_inventory(clients, policy)
+        inventory = load_inventory(clients, policy)
         took = time.perf_counter() - start
     calls: dict[str, int] = {}
     for counter in counters.values():
         calls.update(counter)
     lt = counts["launch_templates"]
-    # moto answers DescribeParameters 10 at a time whatever MaxResults asks (the adapter asks 50), so the
+    # moto answers DescribeParameters 10 at a time whatever MaxResults asks (the inventory asks 50), so the
     # emulator's own page size is the bound there; every other page size is the API's largest.
     lower = {
         "ec2:DescribeImages": math.ceil(counts["images"] / 1000),

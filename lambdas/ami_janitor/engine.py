@@ -8,8 +8,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import baker, copier, executor, rotator, sharer
-from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws import baker, copier, executor, inventory, rotator, sharer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.core import replication, run_plan, sharing
@@ -22,7 +21,10 @@ Enqueue = Callable[[Sequence[Copy]], int]
 # What a scheduled run calls: the inventory, rotation, shares and the executor. Its copies go through
 # the replication queue (sqs:SendMessage comes with the queue).
 PERMISSIONS: list[str] = sorted(
-    set(adapter.PERMISSIONS) | set(executor.PERMISSIONS) | set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS)
+    set(inventory.PERMISSIONS)
+    | set(executor.PERMISSIONS)
+    | set(rotator.PERMISSIONS)
+    | set(sharer.PERMISSIONS)
 )
 # What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
 # rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
@@ -106,15 +108,15 @@ def build_plan(
     """One pass: each region's inventory once (copy targets outside `regions`: their AMIs only), one
     plan, then the launch permissions the plan asks for (one call per AMI, so only those), and the
     plan settled on them."""
-    loaded = {region: adapter.load_inventory(clients_for(region), policy) for region in regions}
+    loaded = {region: inventory.load_inventory(clients_for(region), policy) for region in regions}
     targets = [
-        adapter.load_images(clients_for(region), policy)
+        inventory.load_images(clients_for(region), policy)
         for region in sorted(_copy_targets(policy) - set(regions))
     ]
     plan = run_plan.plan_run(list(loaded.values()), policy, now, targets)
     needed = run_plan.needed_launch_permissions(plan, loaded)
     for region, image_ids in needed.items():
-        loaded[region] = adapter.load_launch_permissions(clients_for(region), loaded[region], image_ids)
+        loaded[region] = inventory.load_launch_permissions(clients_for(region), loaded[region], image_ids)
     if any(loaded[region].error is not None for region in needed):
         # A region whose launch permissions could not be read is skipped, like any failing source.
         return run_plan.plan_run(list(loaded.values()), policy, now, targets), loaded
@@ -138,9 +140,9 @@ def replicate(
     (CopyImage is called in each target, one copy after another).
 
     Reads only DescribeImages (no references are needed to share or copy)."""
-    images = {region: adapter.load_images(clients_for(region), policy) for region in regions}
+    images = {region: inventory.load_images(clients_for(region), policy) for region in regions}
     for region in sorted(_copy_targets(policy) - set(images)):
-        images[region] = adapter.load_images(clients_for(region), policy)
+        images[region] = inventory.load_images(clients_for(region), policy)
     wanted = set(families) if families else {f.name for f in policy.families}
     own = [images[region] for region in regions]
     members = {
@@ -228,7 +230,7 @@ def handle_ami_event(
     outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
-    image = adapter.describe_image(clients, image_id)
+    image = inventory.describe_image(clients, image_id)
     if image is None:
         return outcome
     if state == "failed":
@@ -270,7 +272,7 @@ def rescue(
     """`ami-janitor rescue AMI_ID`: undo every stage on one AMI, wherever it is."""
     for region in regions:
         clients = clients_for(region)
-        image = adapter.describe_image(clients, image_id)
+        image = inventory.describe_image(clients, image_id)
         if image is None:
             continue
         return executor.rescue_image(clients, image, now, allowed_grants=rescue_grants(policy, image))

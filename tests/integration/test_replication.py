@@ -17,7 +17,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.ec2.models import ec2_backends
 
-from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws import inventory
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.copier import KMS_PERMISSIONS, PERMISSIONS, enqueue_copies, start_copy
 from ami_janitor.core.model import Copy, Image, iso
@@ -74,7 +74,7 @@ def bake(factory: ClientFactory, name: str, **tags: str) -> Image:
         Resources=[image_id],
         Tags=[{"Key": k, "Value": v} for k, v in {"Project": "Web", "Team": "web", **tags}.items()],
     )
-    image = adapter.describe_image(factory(US), image_id)
+    image = inventory.describe_image(factory(US), image_id)
     assert image is not None
     return image
 
@@ -139,7 +139,7 @@ def test_a_copy_is_started_in_the_destination_with_its_tags_and_provenance(aws: 
 def test_a_duplicate_request_makes_no_second_copy(aws: ClientFactory) -> None:
     source = bake(aws, "web-1")
     first = start_copy(aws, copy_of(source), source, POLICY)
-    fresh = adapter.describe_image(aws(US), source.image_id)
+    fresh = inventory.describe_image(aws(US), source.image_id)
     assert fresh is not None
     again = start_copy(aws, copy_of(source), fresh, POLICY)
     stale = start_copy(aws, copy_of(source), source, POLICY)  # the source as read before the first copy
@@ -153,11 +153,11 @@ def test_a_failed_copy_is_started_again_with_the_next_generation(aws: ClientFact
     first = start_copy(aws, copy_of(source), source, POLICY)
     assert first.image_id is not None
     set_state(EU, first.image_id, "failed")
-    failed = adapter.describe_image(aws(EU), first.image_id)
+    failed = inventory.describe_image(aws(EU), first.image_id)
     assert failed is not None
     retry = handle_failed_replica(failed, POLICY)
     assert retry.copy == copy_of(source, generation=2)
-    fresh = adapter.describe_image(aws(US), source.image_id)
+    fresh = inventory.describe_image(aws(US), source.image_id)
     assert fresh is not None
     # A late duplicate of the first request: its generation already failed.
     assert start_copy(aws, copy_of(source), fresh, POLICY).detail == "generation 1 failed already"
@@ -168,7 +168,7 @@ def test_a_failed_copy_is_started_again_with_the_next_generation(aws: ClientFact
     recorded = tags_of(aws(US).ec2.describe_images(ImageIds=[source.image_id])["Images"][0])
     assert recorded[COPY_GENERATION_TAG_PREFIX + EU] == "2"
     # The first request, delivered once more, is now outdated.
-    latest = adapter.describe_image(aws(US), source.image_id)
+    latest = inventory.describe_image(aws(US), source.image_id)
     assert latest is not None
     assert start_copy(aws, copy_of(source), latest, POLICY).detail == "already copied (available)"
 
@@ -177,7 +177,7 @@ def test_plan_then_copy_then_plan_again_on_adapter_inventories(aws: ClientFactor
     sources = [bake(aws, f"web-{n}") for n in range(3)]
     for n, source in enumerate(sources):
         emulator.set_image_fields(US, source.image_id, creation_date=source.created.replace(day=1 + n))
-    inventories = [adapter.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
+    inventories = [inventory.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
     copies = plan_copies(inventories, POLICY, source.created)
     # keep_latest 2: the two newest sources, each to both targets.
     assert [(c.source_image_id, c.region) for c in copies] == [
@@ -187,10 +187,10 @@ def test_plan_then_copy_then_plan_again_on_adapter_inventories(aws: ClientFactor
         (sources[1].image_id, WEST),
     ]
     for copy in copies:
-        read = adapter.describe_image(aws(US), copy.source_image_id)
+        read = inventory.describe_image(aws(US), copy.source_image_id)
         assert read is not None
         assert start_copy(aws, copy, read, POLICY).status == "ok"
-    inventories = [adapter.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
+    inventories = [inventory.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
     assert plan_copies(inventories, POLICY, source.created) == []
 
 

@@ -12,8 +12,8 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.sharer import PERMISSIONS, apply_shares
 from ami_janitor.core.model import Image, RegionInventory, Share
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
@@ -69,7 +69,7 @@ def tags(factory: ClientFactory, image_id: str) -> dict[str, str]:
 
 
 def reconcile(factory: ClientFactory, policy: Policy) -> list[Share]:
-    inventories = [adapter.load_images(factory(US), policy)]
+    inventories = [load_images(factory(US), policy)]
     shares = plan_shares(inventories, policy, NOW)
     results = apply_shares(factory, shares, inventories)
     assert [r.status for r in results] == ["ok"] * len(shares), results

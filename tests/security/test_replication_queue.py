@@ -20,7 +20,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws import inventory
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import SOURCE_IMAGE_TAG
@@ -190,7 +190,7 @@ def bake(account: Account, name: str, region: str = US, project: str = "Web") ->
     instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
     image_id = ec2.create_image(InstanceId=instance["InstanceId"], Name=name)["ImageId"]
     ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": project}])
-    image = adapter.describe_image(account.clients(region), image_id)
+    image = inventory.describe_image(account.clients(region), image_id)
     assert image is not None
     return image
 

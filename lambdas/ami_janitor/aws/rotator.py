@@ -13,8 +13,8 @@ from datetime import datetime
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel
 
-from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images
 from ami_janitor.core.model import LatestChange, RegionInventory
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.rotation import changes_for
@@ -24,7 +24,7 @@ PERMISSIONS: list[str] = sorted(
         "ec2:CreateTags",
         "ec2:DeleteTags",
         "ssm:PutParameter",
-        *adapter.IMAGE_PERMISSIONS,
+        *IMAGE_PERMISSIONS,
     }
 )
 
@@ -109,7 +109,7 @@ def converge(
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
 ) -> list[RotationResult]:
     """Rotate the region's groups (or the named ones) until EC2 and SSM agree with the plan."""
-    read = load or adapter.load_images
+    read = load or load_images
     results: dict[tuple[str, str], RotationResult] = {}
     family_filter = list(families) if families is not None else None
     group_filter = list(architectures) if architectures is not None else None
@@ -152,7 +152,7 @@ def handle_state_change(
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
 ) -> dict[str, object]:
     """One EC2 AMI State Change event. Converges on EC2's current state, never on the event's order."""
-    read = load or adapter.load_images
+    read = load or load_images
     base: dict[str, object] = {
         "image_id": image_id,
         "state": state,

@@ -11,9 +11,9 @@ from typing import TextIO
 import boto3
 
 from ami_janitor import engine
-from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.aws.inventory import load_images
 from ami_janitor.cli import render
 from ami_janitor.core import rotation
 from ami_janitor.core.model import Plan
@@ -108,7 +108,7 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
         if policy.mode == "enforce":
             results.extend(rotator.converge(clients, policy, now, families=families))
         else:
-            inventory = adapter.load_images(clients, policy)
+            inventory = load_images(clients, policy)
             if inventory.error:
                 results.append(rotator.RotationResult.unreadable(region, inventory.error))
                 continue

@@ -20,14 +20,13 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from ami_janitor.aws import copier
-from ami_janitor.aws import inventory as adapter
+from ami_janitor.aws import copier, inventory
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.core import replication
 from ami_janitor.core.policy import Policy, load_policy
 from ami_janitor.handlers.events import Environment
 
-# adapter.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS);
+# inventory.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS);
 # the KMS actions are what EC2 does with a target's key on this role's behalf.
 PERMISSIONS: list[str] = sorted(set(copier.PERMISSIONS) | set(copier.KMS_PERMISSIONS))
 
@@ -50,7 +49,7 @@ def copy_record(
     request = replication.copy_from_message(record.body)
     # Checked before any AWS call: no client is made for a region the policy does not name.
     replication.allowed_target(request, policy)
-    source = adapter.describe_image(clients_for(request.source_region), request.source_image_id)
+    source = inventory.describe_image(clients_for(request.source_region), request.source_image_id)
     if source is None:
         # Deregistered since the request was queued: retrying cannot help.
         logger.info("source gone: nothing to copy", extra=request.model_dump(mode="json"))

@@ -1,0 +1,111 @@
+"""The recipe: one region's inventory read source by source, each step's outputs feeding the next."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ami_janitor.aws.inventory.aliases import resolve_aliases
+from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_groups
+from ami_janitor.aws.inventory.batch import read_batch_compute_environments
+from ami_janitor.aws.inventory.claims import named_aliases, references_of
+from ami_janitor.aws.inventory.emr import read_emr_clusters
+from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
+from ami_janitor.aws.inventory.image_references import read_image_references
+from ami_janitor.aws.inventory.images import family_image_ids, read_images
+from ami_janitor.aws.inventory.instances import read_instances
+from ami_janitor.aws.inventory.launch_configurations import (
+    launch_configuration_claims,
+    read_launch_configurations,
+)
+from ami_janitor.aws.inventory.launch_templates import read_launch_templates
+from ami_janitor.aws.inventory.parameters import parameter_claims, read_parameters
+from ami_janitor.aws.inventory.pointers import Pointers, read_pointer_values
+from ami_janitor.aws.inventory.reading import SourceFailed
+from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
+from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
+from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
+from ami_janitor.core.model import RegionInventory
+from ami_janitor.core.policy import Policy
+
+if TYPE_CHECKING:
+    from ami_janitor.aws.clients import RegionClients
+
+
+def load_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
+    """Everything the planner needs about one region, or an inventory with only `error` set."""
+    try:
+        return _read_inventory(clients, policy)
+    except SourceFailed as failure:
+        return RegionInventory(region=clients.region, error=str(failure))
+
+
+def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
+    # The sources are read in this order, so the first to fail names the region's error; the claims
+    # keep it too, so that notes come out in the order of the resources they are about.
+    ec2, ssm, region = clients.ec2, clients.ssm, clients.region
+    images = read_images(ec2, region)
+    pointers = Pointers.of(policy, images)
+    instances = read_instances(ec2, policy)
+    parameter_values = read_parameters(ssm)
+    templates, version_claims = read_launch_templates(ec2, policy.references.launch_template_versions)
+    configurations = read_launch_configurations(clients.autoscaling)
+    groups = read_auto_scaling_groups(clients.autoscaling, configurations)
+    spot_fleets = read_spot_fleets(ec2)
+    ec2_fleets = read_ec2_fleets(ec2)
+    batch_environments = read_batch_compute_environments(clients.batch)
+    emr_claims = read_emr_clusters(clients.emr)
+
+    # What launches from a launch template keeps the image of the version it names.
+    uses = [*groups.uses, *spot_fleets.uses, *ec2_fleets.uses, *batch_environments.uses]
+    templates = read_missing_versions(ec2, templates, uses)
+    use_claims, template_notes = template_claims(templates, uses)
+
+    claims = [
+        *instances.claims,
+        *parameter_claims(parameter_values, pointers),
+        *version_claims,
+        *launch_configuration_claims(configurations),
+        *groups.claims,
+        *spot_fleets.claims,
+        *ec2_fleets.claims,
+        *batch_environments.claims,
+        *emr_claims,
+        *use_claims,
+    ]
+    resolved = resolve_aliases(ssm, named_aliases(claims), parameter_values)
+    references, alias_notes = references_of(claims, resolved)
+    described, described_notes = read_image_references(
+        ec2,
+        region,
+        family_image_ids(policy, images),
+        known=references,
+        pointers=pointers,
+        live_instances=instances.ids,
+        parameter_names=parameter_values.keys(),
+    )
+
+    latest = read_pointer_values(ssm, pointers, parameter_values)
+    retired_snapshots = read_retired_snapshots(ec2)
+    recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, region)
+    return RegionInventory(
+        region=region,
+        images=images,
+        references=tuple(
+            sorted([*references, *described], key=lambda r: (r.image_id, r.kind, r.resource_id, r.detail))
+        ),
+        build_instances=instances.builds,
+        parameters=latest,
+        retired_snapshots=retired_snapshots,
+        recycle_bin_rules=recycle_bin_rules,
+        notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *described_notes, *recycle_bin_notes])),
+    )
+
+
+def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:
+    """Only the AMIs and the Latest pointer values: enough for rotation, cheap enough for every event."""
+    try:
+        images = read_images(clients.ec2, clients.region)
+        latest = read_pointer_values(clients.ssm, Pointers.of(policy, images), scanned={})
+    except SourceFailed as failure:
+        return RegionInventory(region=clients.region, error=str(failure))
+    return RegionInventory(region=clients.region, images=images, parameters=latest)

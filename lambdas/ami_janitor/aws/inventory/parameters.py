@@ -1,0 +1,44 @@
+"""The String and StringList SSM parameters of the region (DescribeParameters, then GetParameters):
+a parameter whose value holds an AMI id keeps that AMI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ami_janitor.aws.inventory.claims import Claim, claim
+from ami_janitor.aws.inventory.get_parameters import get_parameters
+from ami_janitor.aws.inventory.pointers import Pointers
+from ami_janitor.aws.inventory.reading import items, source
+
+if TYPE_CHECKING:
+    from mypy_boto3_ssm import SSMClient
+
+PERMISSIONS: list[str] = ["ssm:DescribeParameters", "ssm:GetParameters"]
+
+_PLAIN_TYPES = ("String", "StringList")
+
+
+def read_parameters(ssm: SSMClient) -> dict[str, str]:
+    """Name -> value of every plain-text parameter, by name (SecureStrings are never listed)."""
+    type_filter = [{"Key": "Type", "Option": "Equals", "Values": list(_PLAIN_TYPES)}]
+    with source("ssm:DescribeParameters"):
+        names = [
+            str(raw["Name"])
+            for raw in items(ssm, "describe_parameters", "Parameters", 50, ParameterFilters=type_filter)
+            if raw.get("Type") in _PLAIN_TYPES
+        ]
+    with source("ssm:GetParameters"):
+        found = get_parameters(ssm, names)
+        return {name: str(parameter.get("Value") or "") for name, parameter in sorted(found.items())}
+
+
+def parameter_claims(values: Mapping[str, str], pointers: Pointers) -> list[Claim]:
+    """Any AMI id in a value counts (a StringList element, or an id inside a config blob); the Latest
+    pointers are not references."""
+    return [
+        each
+        for name, value in values.items()
+        if not pointers.owns(name)
+        for each in claim(value, "ssm-parameter", name, f"SSM parameter {name}", "value of")
+    ]

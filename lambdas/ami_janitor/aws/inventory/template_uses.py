@@ -1,0 +1,90 @@
+"""Resources launching from a launch template (Auto Scaling groups, fleets, Batch): each keeps the
+image of the version it names, read if no listing covered it (a pinned old version, a template created
+since the listing)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from ami_janitor.aws.errors import error_code
+from ami_janitor.aws.inventory.claims import Claim, Spec, TemplateUse, claim
+from ami_janitor.aws.inventory.launch_templates import read_versions
+from ami_janitor.aws.inventory.reading import Raw, chunks, source
+from ami_janitor.aws.inventory.template_versions import Templates
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+
+PERMISSIONS: list[str] = ["ec2:DescribeLaunchTemplateVersions"]
+
+
+def read_missing_versions(ec2: EC2Client, templates: Templates, uses: Iterable[TemplateUse]) -> Templates:
+    """A copy of `templates` with the versions the uses name and no listing loaded."""
+    templates = templates.copy()
+    numbers: dict[str, set[int]] = {}
+    unknown: set[Spec] = set()
+    for spec in (use.spec for use in uses):
+        if templates.locate(spec) is not None:
+            continue
+        template_id = templates.template_id(spec)
+        number = templates.number(template_id, spec.version) if template_id else None
+        if template_id is not None and number is not None:
+            numbers.setdefault(template_id, set()).add(number)
+        else:
+            unknown.add(spec)
+    with source("ec2:DescribeLaunchTemplateVersions"):
+        for template_id, wanted in sorted(numbers.items()):
+            for raw in _fetch(ec2, {"LaunchTemplateId": template_id}, [str(n) for n in sorted(wanted)]):
+                templates.add_version(raw)
+        for spec in sorted(unknown, key=lambda s: (s.template_id or "", s.template_name or "", s.version)):
+            _fetch_unknown(ec2, templates, spec)
+    return templates
+
+
+def _fetch_unknown(ec2: EC2Client, templates: Templates, spec: Spec) -> None:
+    # A template absent from the listing (created meanwhile, or gone): ask for exactly what the spec says.
+    where = (
+        {"LaunchTemplateId": spec.template_id}
+        if spec.template_id
+        else {"LaunchTemplateName": spec.template_name}
+    )
+    for raw in _fetch(ec2, where, [spec.version]):
+        template, number, _ = templates.add_version(raw)
+        templates.by_spec[(spec.template_id or spec.template_name or "", spec.version)] = (
+            template.template_id,
+            number,
+        )
+
+
+def _fetch(ec2: EC2Client, where: dict[str, Any], versions: Sequence[str]) -> list[Raw]:
+    """The versions asked for; a missing template or version is simply absent from the answer."""
+    raws: list[Raw] = []
+    for chunk in chunks(versions, 200):
+        try:
+            raws += read_versions(ec2, None, Versions=chunk, **where)
+        except ClientError as error:
+            if not error_code(error).startswith("InvalidLaunchTemplate"):
+                raise
+            # One missing version fails the whole call: ask for the others one by one.
+            if len(chunk) > 1:
+                raws += [raw for version in chunk for raw in _fetch(ec2, where, [version])]
+    return raws
+
+
+def template_claims(templates: Templates, uses: Iterable[TemplateUse]) -> tuple[list[Claim], list[str]]:
+    """Each use's claim on the image of the version it names, and a note for each use of a version
+    that does not exist."""
+    claims: list[Claim] = []
+    notes: list[str] = []
+    for use in uses:
+        located = templates.locate(use.spec)
+        if located is None:
+            notes.append(f"{use.subject} names launch template {use.spec.label}, which does not exist")
+            continue
+        template_id, number = located
+        subject = f"{use.subject} (launch template {template_id} version {number})"
+        claims += claim(templates.image_of[located], use.kind, use.resource_id, subject)
+    return claims, notes

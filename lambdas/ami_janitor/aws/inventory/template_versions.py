@@ -1,0 +1,76 @@
+"""The launch template versions loaded so far, and how a launch template spec resolves to one of them."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from ami_janitor.aws.inventory.claims import Spec
+from ami_janitor.aws.inventory.reading import Raw
+
+
+@dataclass
+class Template:
+    template_id: str
+    name: str
+    default: int | None = None
+    latest: int | None = None
+
+
+@dataclass
+class Templates:
+    """Templates by id and the image each loaded version names."""
+
+    by_id: dict[str, Template] = field(default_factory=dict)
+    # (template id, version) -> the version's ImageId ("" when it names none).
+    image_of: dict[tuple[str, int], str] = field(default_factory=dict)
+    # Specs of templates missing from the listing, fetched one by one: (id or name, version) -> key.
+    by_spec: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+
+    def copy(self) -> Templates:
+        return copy.deepcopy(self)
+
+    def add_template(self, raw: Raw) -> Template:
+        template = self._template(str(raw["LaunchTemplateId"]), str(raw.get("LaunchTemplateName") or ""))
+        template.default = raw.get("DefaultVersionNumber")
+        template.latest = raw.get("LatestVersionNumber")
+        return template
+
+    def add_version(self, raw: Raw) -> tuple[Template, int, bool]:
+        """Registers a version; the flag tells whether it was new."""
+        template = self._template(str(raw["LaunchTemplateId"]), str(raw.get("LaunchTemplateName") or ""))
+        number = int(raw["VersionNumber"])
+        if raw.get("DefaultVersion"):
+            template.default = number
+        key = (template.template_id, number)
+        new = key not in self.image_of
+        self.image_of[key] = str((raw.get("LaunchTemplateData") or {}).get("ImageId") or "")
+        return template, number, new
+
+    def _template(self, template_id: str, name: str) -> Template:
+        if template_id not in self.by_id:
+            self.by_id[template_id] = Template(template_id, name)
+        return self.by_id[template_id]
+
+    def template_id(self, spec: Spec) -> str | None:
+        if spec.template_id:
+            return spec.template_id if spec.template_id in self.by_id else None
+        return next((t.template_id for t in self.by_id.values() if t.name == spec.template_name), None)
+
+    def number(self, template_id: str, version: str) -> int | None:
+        template = self.by_id[template_id]
+        if version == "$Default":
+            return template.default
+        if version == "$Latest":
+            return template.latest
+        return int(version) if version.isdigit() else None
+
+    def locate(self, spec: Spec) -> tuple[str, int] | None:
+        fetched = self.by_spec.get((spec.template_id or spec.template_name or "", spec.version))
+        if fetched is not None:
+            return fetched
+        template_id = self.template_id(spec)
+        number = self.number(template_id, spec.version) if template_id else None
+        if template_id is None or number is None or (template_id, number) not in self.image_of:
+            return None
+        return template_id, number
