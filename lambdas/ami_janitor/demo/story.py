@@ -348,9 +348,6 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
     os.environ.update(
         {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true", "AWS_REGION": "us-east-1"}
     )
-    from ami_janitor import engine
-    from ami_janitor.aws.clients import ClientFactory
-    from ami_janitor.cli.render import print_plan, print_results
     from ami_janitor.core.policy import load_policy
     from ami_janitor.demo import emulator
 
@@ -373,59 +370,76 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
             "account.\n\n"
         )
         policy = load_policy(config)
-        factory = ClientFactory()
-        preview = engine.run(policy, policy.managed_regions, factory, now, apply=False)
-        if json_output:
-            out.write(preview.plan.to_json())
-        else:
-            out.write("== The plan (every decision carries its reasons; routine keeps are folded) ==\n")
-            shown = preview.plan.model_copy(
-                update={"decisions": [d for d in preview.plan.decisions if _interesting(d)]}
-            )
-            print_plan(shown, out)
-            folded = len(preview.plan.decisions) - len(shown.decisions)
-            out.write(
-                f"({folded} routine decisions folded: newest-N, young, Latest, staged deprecations)\n\n"
-            )
-        result = engine.run(policy, policy.managed_regions, factory, now, apply=True)
-        if not json_output:
-            out.write("== Applied (mode: enforce) ==\n")
-            api = set(fleet.api)
-            print_results(
-                result.model_copy(update={"results": [r for r in result.results if r.image_id in api]}), out
-            )
-            staged = Counter(r.action for r in result.results if r.image_id not in api and r.status == "ok")
-            out.write(
-                f"pettracker-ml: {staged['mark-candidate']} clocks started, {staged['deprecate']} deprecated "
-                "(still launchable by id; disable is due in 7 days)\n"
-            )
+        result = _cleanup_story(fleet, policy, now, out, json_output)
         after = fleet.census()
         _rotation_story(fleet, policy, out)
         _bake_story(fleet, policy, out)
-        waiting = [d for d in result.plan.decisions if d.next_action]
-        done = {r.image_id for r in result.results if r.action == "deregister" and r.status == "ok"}
-        deleted = sum(len(r.snapshots_deleted) for r in result.results)
-        freed = sum(d.size_gib for d in result.plan.decisions if d.image_id in done)
-        next_at = min((d.next_action_at for d in waiting if d.next_action_at), default=None)
-        out.write(
-            f"\n== What is left ==\nAMIs: {before['images']} -> {after['images']} "
-            f"({result.plan.summary.retired} retired, {len(result.replicated.copy_results)} copies made in "
-            f"eu-west-1); snapshots deleted: {deleted} ({freed} GiB, an upper bound: snapshots are "
-            f"incremental)\n"
-            f"pettracker-api (all stages at 0 days) was retired at once; pettracker-ml is on the staged "
-            f"path: next stage {waiting[0].next_action if waiting else '-'} at {next_at}.\n"
-        )
-        wanted = fleet.in_use()
-        missing = fleet.missing(wanted)
-        count = sum(len(ids) for ids in wanted.values())
-        if missing:
-            out.write(f"FAILED: in-use AMIs were touched: {', '.join(missing)}\n")
-        else:
-            out.write(
-                f"Checked: all {count} referenced, opted-out, protected or foreign-shared AMIs are available.\n"
-            )
-        code = 1 if missing else result.exit_code
+        _left_story(result, before, after, out)
+        code = _check_in_use(fleet, out) or result.exit_code
         out.write(f"Done in {time.monotonic() - started:.1f} s. Exit code {code}.\n")
         return code
     finally:
         server.stop()
+
+
+def _cleanup_story(fleet: Fleet, policy: Any, now: datetime, out: TextIO, json_output: bool) -> Any:
+    """The plan (routine keeps folded), then the scheduled run in enforce mode; returns its result."""
+    from ami_janitor import engine
+    from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.cli.render import print_plan, print_results
+
+    factory = ClientFactory()
+    preview = engine.run(policy, policy.managed_regions, factory, now, apply=False)
+    if json_output:
+        out.write(preview.plan.to_json())
+    else:
+        out.write("== The plan (every decision carries its reasons; routine keeps are folded) ==\n")
+        shown = preview.plan.model_copy(
+            update={"decisions": [d for d in preview.plan.decisions if _interesting(d)]}
+        )
+        print_plan(shown, out)
+        folded = len(preview.plan.decisions) - len(shown.decisions)
+        out.write(f"({folded} routine decisions folded: newest-N, young, Latest, staged deprecations)\n\n")
+    result = engine.run(policy, policy.managed_regions, factory, now, apply=True)
+    if not json_output:
+        out.write("== Applied (mode: enforce) ==\n")
+        api = set(fleet.api)
+        print_results(
+            result.model_copy(update={"results": [r for r in result.results if r.image_id in api]}), out
+        )
+        staged = Counter(r.action for r in result.results if r.image_id not in api and r.status == "ok")
+        out.write(
+            f"pettracker-ml: {staged['mark-candidate']} clocks started, {staged['deprecate']} deprecated "
+            "(still launchable by id; disable is due in 7 days)\n"
+        )
+    return result
+
+
+def _left_story(result: Any, before: Mapping[str, int], after: Mapping[str, int], out: TextIO) -> None:
+    waiting = [d for d in result.plan.decisions if d.next_action]
+    done = {r.image_id for r in result.results if r.action == "deregister" and r.status == "ok"}
+    deleted = sum(len(r.snapshots_deleted) for r in result.results)
+    freed = sum(d.size_gib for d in result.plan.decisions if d.image_id in done)
+    next_at = min((d.next_action_at for d in waiting if d.next_action_at), default=None)
+    out.write(
+        f"\n== What is left ==\nAMIs: {before['images']} -> {after['images']} "
+        f"({result.plan.summary.retired} retired, {len(result.replicated.copy_results)} copies made in "
+        f"eu-west-1); snapshots deleted: {deleted} ({freed} GiB, an upper bound: snapshots are "
+        f"incremental)\n"
+        f"pettracker-api (all stages at 0 days) was retired at once; pettracker-ml is on the staged "
+        f"path: next stage {waiting[0].next_action if waiting else '-'} at {next_at}.\n"
+    )
+
+
+def _check_in_use(fleet: Fleet, out: TextIO) -> int:
+    """1 if an AMI in use was touched (the demo's own safety check), else 0."""
+    wanted = fleet.in_use()
+    missing = fleet.missing(wanted)
+    if missing:
+        out.write(f"FAILED: in-use AMIs were touched: {', '.join(missing)}\n")
+        return 1
+    count = sum(len(ids) for ids in wanted.values())
+    out.write(
+        f"Checked: all {count} referenced, opted-out, protected or foreign-shared AMIs are available.\n"
+    )
+    return 0
