@@ -23,7 +23,8 @@ from ami_janitor.aws import baker
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core import baking
 from ami_janitor.core.policy import Family, Policy, load_policy
-from ami_janitor.handlers.events import BadEvent, Environment, describe_validation_error
+from ami_janitor.core.validation import describe_validation_error
+from ami_janitor.handlers.events import BadEvent, Environment
 
 PERMISSIONS: list[str] = baker.SCHEDULED_PERMISSIONS
 

@@ -8,6 +8,8 @@ from typing import Literal
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ami_janitor.core.validation import describe_validation_error
+
 AMI_STATES = ("available", "failed", "deregistered", "disabled")
 # Powertools names (the deploy sets the same in POWERTOOLS_SERVICE_NAME / POWERTOOLS_METRICS_NAMESPACE;
 # explicit here so a handler imported before its environment is set still has them).
@@ -57,16 +59,7 @@ class Environment(BaseModel):
         try:
             return cls.model_validate(dict(os.environ))
         except ValidationError as error:
-            first = error.errors()[0]
-            raise RuntimeError(f"environment variable {first['loc'][0]}: {first['msg']}") from None
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"])
-        parts.append(f"{path}: {item['msg']}")
-    return "; ".join(parts)
+            raise RuntimeError(f"environment variable {describe_validation_error(error)}") from None
 
 
 def parse_ami_event(raw: object) -> AmiStateChangeEvent:
