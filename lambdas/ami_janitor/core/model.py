@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ami_janitor.core.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG
+from ami_janitor.core.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG, Mode
+
+# The states an EC2 AMI State Change event reports (detail.State), which the event rule selects.
+AmiState = Literal["available", "failed", "deregistered", "disabled"]
+AMI_STATES: tuple[AmiState, ...] = get_args(AmiState)
 
 
 def parse_time(value: str | datetime | None) -> datetime | None:
@@ -287,7 +291,7 @@ class ScheduledBake(_PlanModel):
 
 
 class Plan(_PlanModel):
-    mode: Literal["dry-run", "enforce", "paused"]
+    mode: Mode
     generated_at: str
     regions: list[RegionStatus]
     decisions: list[Decision]

@@ -26,6 +26,9 @@ SOURCE_CREATED_TAG = "ami-janitor:source-created"
 COPY_GENERATION_TAG_PREFIX = "ami-janitor:copy-generation:"
 DEFAULT_CONFIG_PATH = "janitor.yaml"
 
+# What the deployed functions do: nothing (paused), say what they would do (dry-run), or act (enforce).
+Mode = Literal["dry-run", "enforce", "paused"]
+
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 
@@ -248,7 +251,7 @@ class Notify(_Strict):
 
 
 class Policy(_Strict):
-    mode: Literal["dry-run", "enforce", "paused"] = "dry-run"
+    mode: Mode = "dry-run"
     regions: list[str] = Field(min_length=1)
     schedule: str = "cron(0 3 * * ? *)"
     notify: Notify | None = None

@@ -8,9 +8,9 @@ from typing import Literal
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ami_janitor.core.model import AmiState
 from ami_janitor.core.validation import describe_validation_error
 
-AMI_STATES = ("available", "failed", "deregistered", "disabled")
 # Powertools names (the deploy sets the same in POWERTOOLS_SERVICE_NAME / POWERTOOLS_METRICS_NAMESPACE;
 # explicit here so a handler imported before its environment is set still has them).
 SERVICE = "ami-janitor"
@@ -26,7 +26,7 @@ class AmiStateDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     ImageId: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
-    State: Literal["available", "failed", "deregistered", "disabled"]
+    State: AmiState
     RequestId: str | None = None
     ErrorMessage: str | None = None
 
