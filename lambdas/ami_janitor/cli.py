@@ -209,7 +209,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_DECLINED
     result = engine.run(policy, regions, factory, now, apply=True)
     if args.format == "json":
-        _emit_json(result.report(), out)
+        _emit_json(result.report().model_dump(mode="json"), out)
     else:
         print_plan(result.plan, out)
         out.write("\n")

@@ -12,8 +12,9 @@ from ami_janitor.aws import copier, executor, rotator, sharer
 from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
+from ami_janitor.aws.rotator import AmiEventOutcome
 from ami_janitor.core import planner, replication, sharing
-from ami_janitor.core.model import Copy, Image, Plan, RegionInventory, Share
+from ami_janitor.core.model import AmiState, Copy, Image, Plan, RegionInventory, Share, Summary
 from ami_janitor.core.policy import Policy
 
 ClientsFor = Callable[[str], RegionClients]
@@ -51,6 +52,24 @@ class ReplicateResult(BaseModel):
         return shares + sum(1 for r in self.copy_results if r.status == "failed")
 
 
+class RunSummary(Summary):
+    """The plan's summary, with the snapshots deleted counted from the results once applied."""
+
+    actions_failed: int = 0
+
+
+class RunReport(Plan):
+    """A run's report (written to S3, printed by `apply --format json`): the plan, then what applying it
+    did."""
+
+    summary: RunSummary = RunSummary()
+    results: list[ActionResult] = Field(default_factory=list)
+    rotations: list[rotator.RotationResult] = Field(default_factory=list)
+    share_results: list[sharer.ShareResult] = Field(default_factory=list)
+    copy_results: list[replication.CopyResult] = Field(default_factory=list)
+    copies_queued: int = 0
+
+
 class RunResult(BaseModel):
     """A plan and what applying it did (empty results in dry-run)."""
 
@@ -72,19 +91,21 @@ class RunResult(BaseModel):
         skipped = any(region.status == "skipped" for region in self.plan.regions)
         return 1 if self.failed or skipped else 0
 
-    def report(self) -> dict[str, object]:
-        data = self.plan.to_dict()
-        data["results"] = [r.model_dump(mode="json") for r in self.results]
-        data["rotations"] = [r.model_dump(mode="json") for r in self.rotations]
-        data["share_results"] = [r.model_dump(mode="json") for r in self.replicated.share_results]
-        data["copy_results"] = [r.model_dump(mode="json") for r in self.replicated.copy_results]
-        data["copies_queued"] = self.replicated.queued
-        summary = dict(data["summary"])
+    def report(self) -> RunReport:
+        summary = self.plan.summary.model_dump()
         if self.results:
             summary["snapshots_deleted"] = sum(len(r.snapshots_deleted) for r in self.results)
-        summary["actions_failed"] = self.failed
-        data["summary"] = summary
-        return data
+        return RunReport.model_validate(
+            {
+                **dict(self.plan),
+                "summary": RunSummary(**summary, actions_failed=self.failed),
+                "results": self.results,
+                "rotations": self.rotations,
+                "share_results": self.replicated.share_results,
+                "copy_results": self.replicated.copy_results,
+                "copies_queued": self.replicated.queued,
+            }
+        )
 
 
 def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
@@ -222,13 +243,13 @@ def run(
 
 def handle_ami_event(
     image_id: str,
-    state: str,
+    state: AmiState,
     clients: RegionClients,
     policy: Policy,
     now: datetime,
     *,
     enqueue: Enqueue | None = None,
-) -> dict[str, object]:
+) -> AmiEventOutcome:
     """One EC2 AMI State Change event: rotate; a new source is shared and queued for its copies at once
     (the scheduled run reconciles anything an event missed)."""
     outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
@@ -241,7 +262,7 @@ def handle_ami_event(
         retry = replication.handle_failed_replica(image, policy)
         # The retry is started by the source region's next scheduled run (it records the next
         # generation on the source, in that region).
-        return {**outcome, "copy_retry": retry.reason}
+        return outcome.model_copy(update={"copy_retry": retry.reason})
     families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
     if len(families) != 1 or image.state != "available":
         return outcome
@@ -249,7 +270,7 @@ def handle_ami_event(
     share = sharing.share_for(image, family)
     copies = replication.copies_of_new_source(image, family)
     if policy.mode != "enforce":
-        return {**outcome, "would_share": share.model_dump() if share else None, "would_copy": len(copies)}
+        return outcome.model_copy(update={"would_share": share, "would_copy": len(copies)})
     shared = (
         sharer.apply_shares(
             lambda _region: clients, [share], [RegionInventory(region=clients.region, images=(image,))]
@@ -258,7 +279,7 @@ def handle_ami_event(
         else []
     )
     queued = enqueue(copies) if enqueue is not None and copies else 0
-    return {**outcome, "shared": [r.model_dump(mode="json") for r in shared], "copies_queued": queued}
+    return outcome.model_copy(update={"shared": shared, "copies_queued": queued})
 
 
 def rescue_grants(policy: Policy, image: Image) -> list[str]:

@@ -17,36 +17,17 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ami_janitor.aws import baker
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core import baking
 from ami_janitor.core.policy import Family, Policy, load_policy
-from ami_janitor.core.validation import describe_validation_error
-from ami_janitor.handlers.events import BadEvent, Environment
+from ami_janitor.handlers.events import BadEvent, Environment, parse_bake_event
 
 PERMISSIONS: list[str] = baker.SCHEDULED_PERMISSIONS
 
 logger = Logger()
 metrics = Metrics()
-
-
-class BakeEvent(BaseModel):
-    """The bake rule's constant input: `{"family": NAME}`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    family: str = Field(min_length=1)
-
-
-def parse_bake_event(raw: object) -> BakeEvent:
-    if not isinstance(raw, dict):
-        raise BadEvent('the event is not a JSON object like {"family": "NAME"}')
-    try:
-        return BakeEvent.model_validate(raw)
-    except ValidationError as error:
-        raise BadEvent(f"malformed bake event: {describe_validation_error(error)}") from None
 
 
 def baked_family(policy: Policy, name: str) -> Family:
