@@ -44,19 +44,17 @@ def summary_text(region: str, report: engine.RunReport) -> str:
 
 
 def publish(env: Environment, factory: ClientFactory, report: engine.RunReport) -> None:
-    import boto3
-
-    session = boto3.Session()
+    """The report to the bucket and its summary to the topic, where the deploy gives them."""
+    clients = factory(env.region)
     if env.report_bucket:
-        key = f"runs/{env.region}/{report.generated_at}.json"
-        session.client("s3", region_name=env.region).put_object(
+        clients.s3.put_object(
             Bucket=env.report_bucket,
-            Key=key,
+            Key=f"runs/{env.region}/{report.generated_at}.json",
             Body=json.dumps(report.model_dump(mode="json"), indent=2).encode(),
             ContentType="application/json",
         )
     if env.topic_arn:
-        session.client("sns", region_name=env.region).publish(
+        clients.sns.publish(
             TopicArn=env.topic_arn,
             Subject=f"ami-janitor {env.region}: {report.summary.retired} retired"[:100],
             Message=summary_text(env.region, report),
