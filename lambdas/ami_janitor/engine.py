@@ -1,5 +1,5 @@
 """The engine's entry points, shared by the CLI and the Lambda handlers: plan, apply, rescue, rotate,
-replicate, events."""
+replicate, events and the queued copy."""
 
 from __future__ import annotations
 
@@ -302,3 +302,26 @@ def rescue(
             continue
         return executor.rescue_image(clients, image, now, allowed_grants=rescue_grants(policy, image))
     raise LookupError(f"{image_id} was not found in {', '.join(regions)}")
+
+
+def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor) -> replication.CopyResult:
+    """One queued copy request: rebuilt from the policy and the source as EC2 describes it now, then
+    started. The request only says which copy; what is copied and with which key is the policy's.
+    RefusedCopy when the policy would not make it; a source gone since is a skipped copy."""
+    # Checked before any AWS call: no client is made for a region the policy does not name.
+    replication.allowed_target(request, policy)
+    source = adapter.describe_image(clients_for(request.source_region), request.source_image_id)
+    if source is None:
+        # Deregistered since the request was queued: retrying cannot help.
+        return replication.CopyResult(
+            family=request.family,
+            source_image_id=request.source_image_id,
+            source_region=request.source_region,
+            region=request.region,
+            generation=request.generation,
+            status="skipped",
+            detail="source gone",
+        )
+    existing = copier.find_copies(clients_for(request.region).ec2, source.image_id, request.region)
+    copy = replication.rebuild_copy(request, source, policy, existing)
+    return copier.start_copy(clients_for, copy, source, policy, existing)
