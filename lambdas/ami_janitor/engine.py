@@ -1,21 +1,22 @@
 """The engine's entry points, shared by the CLI and the Lambda handlers: plan, apply, rescue, rotate,
-replicate, events and the queued copy."""
+replicate, events, the scheduled bake and the queued copy."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import copier, executor, rotator, sharer
+from ami_janitor.aws import baker, copier, executor, rotator, sharer
 from ami_janitor.aws import inventory as adapter
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
-from ami_janitor.core import planner, replication, sharing
-from ami_janitor.core.model import AmiState, Copy, Image, Plan, RegionInventory, Share, Summary
-from ami_janitor.core.policy import Policy
+from ami_janitor.core import baking, planner, replication, sharing
+from ami_janitor.core.model import AmiState, Copy, Image, Outcome, Plan, RegionInventory, Share, Summary
+from ami_janitor.core.policy import Family, Mode, Policy
 
 ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
@@ -302,6 +303,45 @@ def rescue(
             continue
         return executor.rescue_image(clients, image, now, allowed_grants=rescue_grants(policy, image))
     raise LookupError(f"{image_id} was not found in {', '.join(regions)}")
+
+
+class BakeOutcome(Outcome):
+    """What the scheduled bake of a family did. Only the keys that apply are in its JSON."""
+
+    mode: Mode
+    region: str | None = None
+    family: str
+    outcome: Literal["would-bake", "baked"] | None = None
+    instance_id: str | None = None
+    image_id: str | None = None
+    name: str | None = None
+    state: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+    # The CreateImage request a dry run built without sending it: logged, not answered.
+    create_image: dict[str, Any] | None = Field(None, exclude=True)
+
+
+def scheduled_bake(policy: Policy, family: Family, clients: RegionClients, now: datetime) -> BakeOutcome:
+    """The scheduled bake of a family in the policy's mode: paused does nothing, dry-run builds the
+    CreateImage request (so checks it) without sending it, enforce starts the image and does not wait
+    for it (its `available` event drives rotation and replication)."""
+    if policy.mode == "paused":
+        return BakeOutcome(mode=policy.mode, family=family.name)
+    instance_id = baker.find_bake_instance(clients, family)
+    no_reboot = family.bake is not None and family.bake.no_reboot
+    if policy.mode == "dry-run":
+        request = baking.bake_request(family, instance_id, now, no_reboot)
+        return BakeOutcome(
+            mode=policy.mode,
+            region=clients.region,
+            family=family.name,
+            outcome="would-bake",
+            instance_id=instance_id,
+            name=request["Name"],
+            create_image=request,
+        )
+    result = baker.bake(clients, family, instance_id, now, no_reboot=no_reboot, wait=False)
+    return BakeOutcome(mode=policy.mode, region=clients.region, outcome="baked", **result.model_dump())
 
 
 def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor) -> replication.CopyResult:
