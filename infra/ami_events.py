@@ -10,6 +10,7 @@ from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
+from ami_janitor.core.model import AMI_STATES
 from infra.alerts import Alerts
 from infra.dead_letters import DeadLetters
 from infra.environment import AMI_EVENT_HANDLER, REPLICATION_QUEUE_URL
@@ -17,8 +18,6 @@ from infra.function import AsyncInvoke, JanitorFunction
 from infra.permissions import Scope
 from infra.replication import Replication
 
-# EventBridge delivers "EC2 AMI State Change" with the state in detail.State (capital S).
-AMI_STATES = ["available", "failed", "deregistered", "disabled"]
 MAX_EVENT_AGE = Duration.hours(1)  # events are best effort anyway: the scheduled run reconciles
 TARGET_RETRY_ATTEMPTS = 8
 INVOKE_RETRY_ATTEMPTS = 2  # the handler converges on current state, so a retry is safe
@@ -66,7 +65,8 @@ class AmiEvents(Construct):
             event_pattern=events.EventPattern(
                 source=["aws.ec2"],
                 detail_type=["EC2 AMI State Change"],
-                detail={"State": AMI_STATES},
+                # EventBridge delivers "EC2 AMI State Change" with the state in detail.State (capital S).
+                detail={"State": list(AMI_STATES)},
             ),
         )
         self.rule.add_target(

@@ -1,19 +1,21 @@
 """The engine's entry points, shared by the CLI and the Lambda handlers: plan, apply, rescue, rotate,
-replicate, events."""
+replicate, events, the scheduled bake and the queued copy."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from ami_janitor.aws import baker, copier, executor, inventory, rotator, sharer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
-from ami_janitor.core import replication, run_plan, sharing
-from ami_janitor.core.model import Copy, Image, Plan, RegionInventory, Share
-from ami_janitor.core.policy import Policy
+from ami_janitor.aws.rotator import AmiEventOutcome
+from ami_janitor.core import baking, replication, run_plan, sharing
+from ami_janitor.core.model import AmiState, Copy, Image, Outcome, Plan, RegionInventory, Share, Summary
+from ami_janitor.core.policy import Family, Mode, Policy
 
 ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
@@ -54,6 +56,24 @@ class ReplicateResult(BaseModel):
         return shares + sum(1 for r in self.copy_results if r.status == "failed")
 
 
+class RunSummary(Summary):
+    """The plan's summary, with the snapshots deleted counted from the results once applied."""
+
+    actions_failed: int = 0
+
+
+class RunReport(Plan):
+    """A run's report (written to S3, printed by `apply --format json`): the plan, then what applying it
+    did."""
+
+    summary: RunSummary = RunSummary()
+    results: list[ActionResult] = Field(default_factory=list)
+    rotations: list[rotator.RotationResult] = Field(default_factory=list)
+    share_results: list[sharer.ShareResult] = Field(default_factory=list)
+    copy_results: list[replication.CopyResult] = Field(default_factory=list)
+    copies_queued: int = 0
+
+
 class RunResult(BaseModel):
     """A plan and what applying it did (empty results in dry-run)."""
 
@@ -75,19 +95,21 @@ class RunResult(BaseModel):
         skipped = any(region.status == "skipped" for region in self.plan.regions)
         return 1 if self.failed or skipped else 0
 
-    def report(self) -> dict[str, object]:
-        data = self.plan.to_dict()
-        data["results"] = [r.model_dump(mode="json") for r in self.results]
-        data["rotations"] = [r.model_dump(mode="json") for r in self.rotations]
-        data["share_results"] = [r.model_dump(mode="json") for r in self.replicated.share_results]
-        data["copy_results"] = [r.model_dump(mode="json") for r in self.replicated.copy_results]
-        data["copies_queued"] = self.replicated.queued
-        summary = dict(data["summary"])
+    def report(self) -> RunReport:
+        summary = self.plan.summary.model_dump()
         if self.results:
             summary["snapshots_deleted"] = sum(len(r.snapshots_deleted) for r in self.results)
-        summary["actions_failed"] = self.failed
-        data["summary"] = summary
-        return data
+        return RunReport.model_validate(
+            {
+                **dict(self.plan),
+                "summary": RunSummary(**summary, actions_failed=self.failed),
+                "results": self.results,
+                "rotations": self.rotations,
+                "share_results": self.replicated.share_results,
+                "copy_results": self.replicated.copy_results,
+                "copies_queued": self.replicated.queued,
+            }
+        )
 
 
 def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
@@ -218,13 +240,13 @@ def run(
 
 def handle_ami_event(
     image_id: str,
-    state: str,
+    state: AmiState,
     clients: RegionClients,
     policy: Policy,
     now: datetime,
     *,
     enqueue: Enqueue | None = None,
-) -> dict[str, object]:
+) -> AmiEventOutcome:
     """One EC2 AMI State Change event: rotate; a new source is shared and queued for its copies at once
     (the scheduled run reconciles anything an event missed)."""
     outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
@@ -237,7 +259,7 @@ def handle_ami_event(
         retry = replication.handle_failed_replica(image, policy)
         # The retry is started by the source region's next scheduled run (it records the next
         # generation on the source, in that region).
-        return {**outcome, "copy_retry": retry.reason}
+        return outcome.model_copy(update={"copy_retry": retry.reason})
     families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
     if len(families) != 1 or image.state != "available":
         return outcome
@@ -245,7 +267,7 @@ def handle_ami_event(
     share = sharing.share_for(image, family)
     copies = replication.copies_of_new_source(image, family)
     if policy.mode != "enforce":
-        return {**outcome, "would_share": share.model_dump() if share else None, "would_copy": len(copies)}
+        return outcome.model_copy(update={"would_share": share, "would_copy": len(copies)})
     shared = (
         sharer.apply_shares(
             lambda _region: clients, [share], [RegionInventory(region=clients.region, images=(image,))]
@@ -254,7 +276,7 @@ def handle_ami_event(
         else []
     )
     queued = enqueue(copies) if enqueue is not None and copies else 0
-    return {**outcome, "shared": [r.model_dump(mode="json") for r in shared], "copies_queued": queued}
+    return outcome.model_copy(update={"shared": shared, "copies_queued": queued})
 
 
 def rescue_grants(policy: Policy, image: Image) -> list[str]:
@@ -277,3 +299,65 @@ def rescue(
             continue
         return executor.rescue_image(clients, image, now, allowed_grants=rescue_grants(policy, image))
     raise LookupError(f"{image_id} was not found in {', '.join(regions)}")
+
+
+class BakeOutcome(Outcome):
+    """What the scheduled bake of a family did. Only the keys that apply are in its JSON."""
+
+    mode: Mode
+    region: str | None = None
+    family: str
+    outcome: Literal["would-bake", "baked"] | None = None
+    instance_id: str | None = None
+    image_id: str | None = None
+    name: str | None = None
+    state: str | None = None
+    warnings: list[str] = Field(default_factory=list)
+    # The CreateImage request a dry run built without sending it: logged, not answered.
+    create_image: dict[str, Any] | None = Field(None, exclude=True)
+
+
+def scheduled_bake(policy: Policy, family: Family, clients: RegionClients, now: datetime) -> BakeOutcome:
+    """The scheduled bake of a family in the policy's mode: paused does nothing, dry-run builds the
+    CreateImage request (so checks it) without sending it, enforce starts the image and does not wait
+    for it (its `available` event drives rotation and replication)."""
+    if policy.mode == "paused":
+        return BakeOutcome(mode=policy.mode, family=family.name)
+    instance_id = baker.find_bake_instance(clients, family)
+    no_reboot = family.bake is not None and family.bake.no_reboot
+    if policy.mode == "dry-run":
+        request = baking.bake_request(family, instance_id, now, no_reboot)
+        return BakeOutcome(
+            mode=policy.mode,
+            region=clients.region,
+            family=family.name,
+            outcome="would-bake",
+            instance_id=instance_id,
+            name=request["Name"],
+            create_image=request,
+        )
+    result = baker.bake(clients, family, instance_id, now, no_reboot=no_reboot, wait=False)
+    return BakeOutcome(mode=policy.mode, region=clients.region, outcome="baked", **result.model_dump())
+
+
+def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor) -> replication.CopyResult:
+    """One queued copy request: rebuilt from the policy and the source as EC2 describes it now, then
+    started. The request only says which copy; what is copied and with which key is the policy's.
+    RefusedCopy when the policy would not make it; a source gone since is a skipped copy."""
+    # Checked before any AWS call: no client is made for a region the policy does not name.
+    replication.allowed_target(request, policy)
+    source = inventory.describe_image(clients_for(request.source_region), request.source_image_id)
+    if source is None:
+        # Deregistered since the request was queued: retrying cannot help.
+        return replication.CopyResult(
+            family=request.family,
+            source_image_id=request.source_image_id,
+            source_region=request.source_region,
+            region=request.region,
+            generation=request.generation,
+            status="skipped",
+            detail="source gone",
+        )
+    existing = copier.find_copies(clients_for(request.region).ec2, source.image_id, request.region)
+    copy = replication.rebuild_copy(request, source, policy, existing)
+    return copier.start_copy(clients_for, copy, source, policy, existing)

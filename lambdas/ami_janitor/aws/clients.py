@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_emr import EMRClient
     from mypy_boto3_rbin import RecycleBinClient
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
     from mypy_boto3_ssm import SSMClient
 
@@ -69,6 +71,14 @@ class RegionClients:
     @property
     def rbin(self) -> RecycleBinClient:
         return self._get("rbin")
+
+    @property
+    def s3(self) -> S3Client:
+        return self._get("s3")
+
+    @property
+    def sns(self) -> SNSClient:
+        return self._get("sns")
 
 
 class ClientFactory:

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from typing import Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images
-from ami_janitor.core.model import LatestChange, RegionInventory
-from ami_janitor.core.policy import Policy
+from ami_janitor.aws.sharer import ShareResult
+from ami_janitor.core.model import AmiState, LatestChange, Outcome, RegionInventory, Share
+from ami_janitor.core.policy import Mode, Policy
 from ami_janitor.core.rotation import changes_for
 
 PERMISSIONS: list[str] = sorted(
@@ -47,6 +49,31 @@ class RotationResult(BaseModel):
         return cls(
             region=region, family="*", architecture="*", to=None, written=[], status="failed", error=error
         )
+
+
+class AmiEventOutcome(Outcome):
+    """What one EC2 AMI State Change event did: the rotation (handle_state_change), then what sharing and
+    copying a new source did (engine.handle_ami_event). Only the keys that apply are in its JSON."""
+
+    image_id: str
+    state: AmiState
+    region: str
+    mode: Mode
+    outcome: Literal["paused", "failed-counted", "ignored", "dry-run", "rotated"]
+    # ignored: why
+    why: str | None = None
+    # dry-run: the Latest changes a rotation would write
+    would: list[LatestChange] = Field(default_factory=list)
+    # rotated: what was written
+    rotations: list[RotationResult] = Field(default_factory=list)
+    # a failed AMI: what becomes of its copy
+    copy_retry: str | None = None
+    # a new source outside enforce: its share (None: none) and how many copies it would queue
+    would_share: Share | None = None
+    would_copy: int | None = None
+    # a new source in enforce: what sharing it did and how many copies were queued
+    shared: list[ShareResult] = Field(default_factory=list)
+    copies_queued: int | None = None
 
 
 def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list[str]:
@@ -144,25 +171,25 @@ def converge(
 
 def handle_state_change(
     image_id: str,
-    state: str,
+    state: AmiState,
     clients: RegionClients,
     policy: Policy,
     now: datetime,
     *,
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
-) -> dict[str, object]:
+) -> AmiEventOutcome:
     """One EC2 AMI State Change event. Converges on EC2's current state, never on the event's order."""
     read = load or load_images
-    base: dict[str, object] = {
-        "image_id": image_id,
-        "state": state,
-        "region": clients.region,
-        "mode": policy.mode,
-    }
+
+    def outcome(**fields: Any) -> AmiEventOutcome:
+        return AmiEventOutcome(
+            image_id=image_id, state=state, region=clients.region, mode=policy.mode, **fields
+        )
+
     if policy.mode == "paused":
-        return {**base, "outcome": "paused"}
+        return outcome(outcome="paused")
     if state == "failed":
-        return {**base, "outcome": "failed-counted"}
+        return outcome(outcome="failed-counted")
     inventory = read(clients, policy)
     if inventory.error:
         # Raise so the invocation is retried and then lands in the failure destination.
@@ -174,19 +201,15 @@ def handle_state_change(
         if image is not None:
             matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
             if not matching:
-                return {**base, "outcome": "ignored", "why": "the AMI belongs to no family"}
+                return outcome(outcome="ignored", why="the AMI belongs to no family")
             families = matching
             groups = [(name, image.architecture) for name in matching]
     # deregistered / disabled (or an AMI no longer listed): it may have been the Latest of any group.
     if policy.mode != "enforce":
         changes = changes_for(inventory, policy, now, families=families, architectures=groups)
-        return {
-            **base,
-            "outcome": "dry-run",
-            "would": [c.model_dump(mode="json", by_alias=True) for c in changes],
-        }
+        return outcome(outcome="dry-run", would=changes)
     results = converge(clients, policy, now, families=families, architectures=groups, load=read)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"rotation failed: {failed[0].error}")
-    return {**base, "outcome": "rotated", "rotations": [r.model_dump(mode="json") for r in results]}
+    return outcome(outcome="rotated", rotations=results)

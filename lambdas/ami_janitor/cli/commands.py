@@ -82,7 +82,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_DECLINED
     result = engine.run(policy, regions, factory, now, apply=True)
     if args.format == "json":
-        render.emit_json(result.report(), out)
+        render.emit_json(result.report().model_dump(mode="json"), out)
     else:
         render.print_plan(result.plan, out)
         out.write("\n")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
-from ami_janitor.core.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG
+from ami_janitor.core.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG, Mode
+
+# The states an EC2 AMI State Change event reports (detail.State), which the event rule selects.
+AmiState = Literal["available", "failed", "deregistered", "disabled"]
+AMI_STATES: tuple[AmiState, ...] = get_args(AmiState)
 
 
 def parse_time(value: str | datetime | None) -> datetime | None:
@@ -202,6 +206,21 @@ class RegionInventory(_Frozen):
     error: str | None = None
 
 
+class Outcome(BaseModel):
+    """A result whose optional keys are in its JSON only where they apply: a field left at its default
+    is left out, one given (even None, as null) stays."""
+
+    @model_serializer(mode="wrap")
+    def _given_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        fields = type(self).model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if key not in fields or fields[key].is_required() or key in self.model_fields_set
+        }
+
+
 # ---- the plan -------------------------------------------------------------------------------------
 
 Action = Literal["keep", "wait", "deprecate", "disable", "deregister", "rescue"]
@@ -209,7 +228,8 @@ Stage = Literal["deprecate", "disable", "deregister"]
 
 
 class _PlanModel(BaseModel):
-    model_config = ConfigDict(frozen=True, populate_by_name=True)
+    # The JSON of a plan uses the aliases (a Latest change's `from`) however it is dumped.
+    model_config = ConfigDict(frozen=True, populate_by_name=True, serialize_by_alias=True)
 
 
 class RegionStatus(_PlanModel):
@@ -291,7 +311,7 @@ class ScheduledBake(_PlanModel):
 
 
 class Plan(_PlanModel):
-    mode: Literal["dry-run", "enforce", "paused"]
+    mode: Mode
     generated_at: str
     regions: list[RegionStatus]
     decisions: list[Decision]

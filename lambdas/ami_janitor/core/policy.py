@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ami_janitor.core.validation import describe_validation_error
+
 JANITOR_TAG_PREFIX = "ami-janitor:"
 CANDIDATE_TAG = "ami-janitor:candidate-since"
 PRIOR_DEPRECATION_TAG = "ami-janitor:prior-deprecation"
@@ -23,6 +25,9 @@ SOURCE_REGION_TAG = "ami-janitor:source-region"
 SOURCE_CREATED_TAG = "ami-janitor:source-created"
 COPY_GENERATION_TAG_PREFIX = "ami-janitor:copy-generation:"
 DEFAULT_CONFIG_PATH = "janitor.yaml"
+
+# What the deployed functions do: nothing (paused), say what they would do (dry-run), or act (enforce).
+Mode = Literal["dry-run", "enforce", "paused"]
 
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
@@ -246,7 +251,7 @@ class Notify(_Strict):
 
 
 class Policy(_Strict):
-    mode: Literal["dry-run", "enforce", "paused"] = "dry-run"
+    mode: Mode = "dry-run"
     regions: list[str] = Field(min_length=1)
     schedule: str = "cron(0 3 * * ? *)"
     notify: Notify | None = None
@@ -276,8 +281,9 @@ class Policy(_Strict):
             try:
                 self.rules_for(family)
             except ValidationError as error:
-                first = error.errors()[0]
-                raise ValueError(f"families[{index}]: {first['msg']}") from None
+                raise ValueError(
+                    f"families[{index}]: {describe_validation_error(error, friendly=True)}"
+                ) from None
         return self
 
     @property
@@ -321,61 +327,14 @@ def _check_schedule(value: str) -> str:
     raise ValueError("must be an EventBridge expression: cron(m h dom mon dow year) or rate(N unit)")
 
 
-def _loc(parts: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.startswith("function-after") or part.startswith("function-before"):
-            continue
-        elif part in (
-            "str",
-            "int",
-            "literal['all','default-and-latest']",
-            "literal['all', 'default-and-latest']",
-        ):
-            # pydantic names the union branch it tried; the user only cares about the key.
-            continue
-        else:
-            out += f".{part}" if out else part
-    return out or "(top level)"
-
-
-def _message(error: Any) -> str:
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx['ge']}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx['le']}"
-    if kind == "extra_forbidden":
-        return "unknown key (check the spelling)"
-    if kind == "missing":
-        return "required"
-    if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))
-    if kind == "too_short":
-        return "must not be empty"
-    msg = str(error["msg"])
-    return msg[0].lower() + msg[1:] if msg else kind
-
-
-def format_validation_error(error: ValidationError) -> str:
-    seen: list[str] = []
-    for item in error.errors():
-        line = f"{_loc(tuple(item['loc']))}: {_message(item)}"
-        if line not in seen:
-            seen.append(line)
-    return "\n".join(seen)
-
-
 def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"{source}: the policy must be a mapping of keys (mode, regions, families, ...)")
     try:
         return Policy.model_validate(data)
     except ValidationError as error:
-        raise PolicyError(f"{source}: invalid policy\n{format_validation_error(error)}") from None
+        problems = describe_validation_error(error, separator="\n", friendly=True)
+        raise PolicyError(f"{source}: invalid policy\n{problems}") from None
 
 
 def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:

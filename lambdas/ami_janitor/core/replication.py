@@ -17,9 +17,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ami_janitor.core.model import Copy, Image, RegionInventory, Status, iso
 from ami_janitor.core.planner import Group, Grouped, build_groups, latest_target, order_key
@@ -33,10 +33,7 @@ from ami_janitor.core.policy import (
     Policy,
     ReplicateTarget,
 )
-
-if TYPE_CHECKING:
-    pass
-
+from ami_janitor.core.validation import describe_validation_error
 
 MAX_COPY_GENERATIONS = 3
 
@@ -467,18 +464,29 @@ def rebuild_copy(request: Copy, source: Image, policy: Policy, copies: Iterable[
     return copy_to(request.family, source.image_id, source.region, target, request.generation)
 
 
+class CopyRequest(Copy):
+    """A copy request as the replication queue carries it (the message body is its JSON): a copy of an
+    AMI, in a generation from 1. Everything else about it is checked against the policy and EC2."""
+
+    @field_validator("source_image_id")
+    @classmethod
+    def _an_ami(cls, value: str) -> str:
+        if not value.startswith("ami-"):
+            raise ValueError(f"{value!r} is not an AMI id")
+        return value
+
+    @field_validator("generation")
+    @classmethod
+    def _counted_from_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+
 def copy_from_message(body: str) -> Copy:
     """A queued copy request, validated; a bad one raises BadCopyMessage naming the field."""
     try:
-        copy = Copy.model_validate_json(body)
+        request = CopyRequest.model_validate_json(body)
     except ValidationError as error:
-        fields = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc']) or '(message)'}: {item['msg']}"
-            for item in error.errors()
-        )
-        raise BadCopyMessage(f"bad copy request: {fields}") from None
-    if not copy.source_image_id.startswith("ami-"):
-        raise BadCopyMessage(f"bad copy request: source_image_id: {copy.source_image_id!r} is not an AMI id")
-    if copy.generation < 1:
-        raise BadCopyMessage(f"bad copy request: generation: must be >= 1, got {copy.generation}")
-    return copy
+        raise BadCopyMessage(f"bad copy request: {describe_validation_error(error)}") from None
+    return Copy.model_validate(request.model_dump())

@@ -25,25 +25,25 @@ metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     ami_event = parse_ami_event(event)
+    detail = ami_event.detail
     env = Environment.load()
     policy = load_policy(env.config)
     clients = ClientFactory()(ami_event.region)
     queue = env.replication_queue_url
-    result = engine.handle_ami_event(
-        ami_event.detail.ImageId,
-        ami_event.detail.State,
+    outcome = engine.handle_ami_event(
+        detail.ImageId,
+        detail.State,
         clients,
         policy,
         datetime.now(UTC).replace(microsecond=0),
         enqueue=(lambda copies: copier.enqueue_copies(clients.sqs, queue, copies)) if queue else None,
     )
-    metrics.add_dimension(name="State", value=ami_event.detail.State)
+    metrics.add_dimension(name="State", value=detail.State)
     metrics.add_metric(name="AmiStateChanges", unit=MetricUnit.Count, value=1)
-    if ami_event.detail.State == "failed":
+    if detail.State == "failed":
         metrics.add_metric(name="AmiFailedEvents", unit=MetricUnit.Count, value=1)
-        logger.warning(
-            "AMI failed", extra={"image_id": ami_event.detail.ImageId, "error": ami_event.detail.ErrorMessage}
-        )
-    log = logger.debug if result["outcome"] == "ignored" else logger.info
-    log("AMI state change handled", extra=result)
-    return result
+        logger.warning("AMI failed", extra={"image_id": detail.ImageId, "error": detail.ErrorMessage})
+    answer = outcome.model_dump(mode="json")
+    log = logger.debug if outcome.outcome == "ignored" else logger.info
+    log("AMI state change handled", extra=answer)
+    return answer

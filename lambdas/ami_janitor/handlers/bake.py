@@ -17,35 +17,17 @@ from typing import Any
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ami_janitor import engine
 from ami_janitor.aws import baker
-from ami_janitor.aws.clients import RegionClients
-from ami_janitor.core import baking
+from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.core.policy import Family, Policy, load_policy
-from ami_janitor.handlers.events import BadEvent, Environment, describe_validation_error
+from ami_janitor.handlers.events import METRICS_NAMESPACE, SERVICE, BadEvent, Environment, parse_bake_event
 
 PERMISSIONS: list[str] = baker.SCHEDULED_PERMISSIONS
 
-logger = Logger()
-metrics = Metrics()
-
-
-class BakeEvent(BaseModel):
-    """The bake rule's constant input: `{"family": NAME}`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    family: str = Field(min_length=1)
-
-
-def parse_bake_event(raw: object) -> BakeEvent:
-    if not isinstance(raw, dict):
-        raise BadEvent('the event is not a JSON object like {"family": "NAME"}')
-    try:
-        return BakeEvent.model_validate(raw)
-    except ValidationError as error:
-        raise BadEvent(f"malformed bake event: {describe_validation_error(error)}") from None
+logger = Logger(service=SERVICE)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 def baked_family(policy: Policy, name: str) -> Family:
@@ -58,10 +40,6 @@ def baked_family(policy: Policy, name: str) -> Family:
     return family
 
 
-def _no_reboot(family: Family) -> bool:
-    return family.bake is not None and family.bake.no_reboot
-
-
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
@@ -70,21 +48,18 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     policy = load_policy(env.config)
     if policy.mode == "paused":
         logger.warning("policy mode is paused: nothing runs", extra={"family": request.family})
-        return {"mode": "paused", "family": request.family}
+        return engine.BakeOutcome(mode="paused", family=request.family).model_dump(mode="json")
     family = baked_family(policy, request.family)
-    clients = RegionClients(env.region)
-    now = datetime.now(UTC).replace(microsecond=0)
-    instance_id = baker.find_bake_instance(clients, family)
-    outcome: dict[str, Any] = {"mode": policy.mode, "region": env.region, "family": family.name}
-    if policy.mode == "dry-run":
-        # The full request is built (and so checked) without being sent.
-        create_image = baking.bake_request(family, instance_id, now, _no_reboot(family))
-        logger.info("dry-run: would bake", extra={"create_image": create_image})
-        return {**outcome, "outcome": "would-bake", "instance_id": instance_id, "name": create_image["Name"]}
-    result = baker.bake(clients, family, instance_id, now, no_reboot=_no_reboot(family), wait=False)
-    for warning in result.warnings:
-        logger.warning(warning, extra={"image_id": result.image_id})
-    metrics.add_metric(name="ImagesBaked", unit=MetricUnit.Count, value=1)
+    clients = ClientFactory()(env.region)
+    outcome = engine.scheduled_bake(policy, family, clients, datetime.now(UTC).replace(microsecond=0))
+    answer = outcome.model_dump(mode="json")
     # LogRecord reserves `name`: the image name is logged as image_name.
-    logger.info("bake started", extra={**result.model_dump(exclude={"name"}), "image_name": result.name})
-    return {**outcome, "outcome": "baked", **result.model_dump()}
+    logged = {key if key != "name" else "image_name": value for key, value in answer.items()}
+    if outcome.outcome == "would-bake":
+        logger.info("dry-run: would bake", extra={**logged, "create_image": outcome.create_image})
+        return answer
+    for warning in outcome.warnings:
+        logger.warning(warning, extra={"image_id": outcome.image_id})
+    metrics.add_metric(name="ImagesBaked", unit=MetricUnit.Count, value=1)
+    logger.info("bake started", extra=logged)
+    return answer

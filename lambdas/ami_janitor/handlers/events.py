@@ -1,14 +1,21 @@
-"""Event and environment models of the Lambda handlers (parsed once, at the boundary)."""
+"""The boundary of the Lambda handlers: their events and environment (parsed once, into models) and the
+answer of the scheduled run. The other answers are the engine's (engine.BakeOutcome,
+rotator.AmiEventOutcome) and Powertools' (the replication worker's partial batch response)."""
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from datetime import datetime
+from typing import Literal, TypeVar
 
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-AMI_STATES = ("available", "failed", "deregistered", "disabled")
+from ami_janitor.core.model import AmiState, Outcome
+from ami_janitor.core.policy import Mode
+from ami_janitor.core.validation import describe_validation_error
+from ami_janitor.engine import RunSummary
+
 # Powertools names (the deploy sets the same in POWERTOOLS_SERVICE_NAME / POWERTOOLS_METRICS_NAMESPACE;
 # explicit here so a handler imported before its environment is set still has them).
 SERVICE = "ami-janitor"
@@ -24,7 +31,7 @@ class AmiStateDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     ImageId: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
-    State: Literal["available", "failed", "deregistered", "disabled"]
+    State: AmiState
     RequestId: str | None = None
     ErrorMessage: str | None = None
 
@@ -36,9 +43,28 @@ class AmiStateChangeEvent(EventBridgeModel):
 
 
 class ScheduledEvent(BaseModel):
-    """The scheduled rule's event; only its time matters (the run uses the clock)."""
+    """The schedule rule's event (EventBridge's Scheduled Event, or `{}` invoked by hand). Nothing in it
+    steers the run, which reads the clock: its time is only logged."""
 
     model_config = ConfigDict(extra="allow")
+
+    time: datetime | None = None
+
+
+class BakeEvent(BaseModel):
+    """The bake rule's constant input: `{"family": NAME}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: str = Field(min_length=1)
+
+
+class ScheduledRunResult(Outcome):
+    """The scheduled run's answer: `{"mode": "paused"}`, or the mode, region and summary of the run."""
+
+    mode: Mode
+    region: str | None = None
+    summary: RunSummary | None = None
 
 
 class Environment(BaseModel):
@@ -57,22 +83,29 @@ class Environment(BaseModel):
         try:
             return cls.model_validate(dict(os.environ))
         except ValidationError as error:
-            first = error.errors()[0]
-            raise RuntimeError(f"environment variable {first['loc'][0]}: {first['msg']}") from None
+            raise RuntimeError(f"environment variable {describe_validation_error(error)}") from None
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        path = ".".join(str(p) for p in item["loc"])
-        parts.append(f"{path}: {item['msg']}")
-    return "; ".join(parts)
+EventModel = TypeVar("EventModel", bound=BaseModel)
+
+
+def _parse(model: type[EventModel], raw: object, what: str, shape: str) -> EventModel:
+    """The event as its model, or BadEvent naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise BadEvent(f"the event is not a JSON object{shape}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise BadEvent(f"malformed {what}: {describe_validation_error(error)}") from None
 
 
 def parse_ami_event(raw: object) -> AmiStateChangeEvent:
-    if not isinstance(raw, dict):
-        raise BadEvent("the event is not a JSON object")
-    try:
-        return AmiStateChangeEvent.model_validate(raw)
-    except ValidationError as error:
-        raise BadEvent(f"malformed EC2 AMI State Change event: {describe_validation_error(error)}") from None
+    return _parse(AmiStateChangeEvent, raw, "EC2 AMI State Change event", "")
+
+
+def parse_scheduled_event(raw: object) -> ScheduledEvent:
+    return _parse(ScheduledEvent, raw, "scheduled event", "")
+
+
+def parse_bake_event(raw: object) -> BakeEvent:
+    return _parse(BakeEvent, raw, "bake event", ' like {"family": "NAME"}')

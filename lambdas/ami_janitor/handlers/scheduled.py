@@ -14,7 +14,13 @@ from ami_janitor import engine
 from ami_janitor.aws import copier
 from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.core.policy import load_policy
-from ami_janitor.handlers.events import METRICS_NAMESPACE, SERVICE, Environment
+from ami_janitor.handlers.events import (
+    METRICS_NAMESPACE,
+    SERVICE,
+    Environment,
+    ScheduledRunResult,
+    parse_scheduled_event,
+)
 
 PERMISSIONS: list[str] = engine.PERMISSIONS
 
@@ -22,37 +28,35 @@ logger = Logger(service=SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
-def summary_text(region: str, report: dict[str, Any]) -> str:
-    s = report["summary"]
-    skipped = [r["region"] for r in report["regions"] if r["status"] == "skipped"]
+def summary_text(region: str, report: engine.RunReport) -> str:
+    s = report.summary
+    skipped = [r for r in report.regions if r.status == "skipped"]
     lines = [
-        f"ami-janitor {report['mode']} run in {region} at {report['generated_at']}",
-        f"images retired: {s['retired']}, deprecated: {s['deprecated']}, disabled: {s['disabled']}, "
-        f"rescued: {s['rescued']}",
-        f"snapshots deleted: {s['snapshots_deleted']}, GiB freed (upper bound): {s['gib_freed_max']}",
-        f"failures: {s['actions_failed']}, regions skipped: {', '.join(skipped) or 'none'}",
+        f"ami-janitor {report.mode} run in {region} at {report.generated_at}",
+        f"images retired: {s.retired}, deprecated: {s.deprecated}, disabled: {s.disabled}, "
+        f"rescued: {s.rescued}",
+        f"snapshots deleted: {s.snapshots_deleted}, GiB freed (upper bound): {s.gib_freed_max}",
+        f"failures: {s.actions_failed}, regions skipped: {', '.join(r.region for r in skipped) or 'none'}",
     ]
-    lines += [f"skipped {r['region']}: {r['error']}" for r in report["regions"] if r["status"] == "skipped"]
-    lines += [f"policy error: {e}" for e in report["policy_errors"]]
+    lines += [f"skipped {r.region}: {r.error}" for r in skipped]
+    lines += [f"policy error: {e}" for e in report.policy_errors]
     return "\n".join(lines)
 
 
-def publish(env: Environment, factory: ClientFactory, report: dict[str, Any]) -> None:
-    import boto3
-
-    session = boto3.Session()
+def publish(env: Environment, factory: ClientFactory, report: engine.RunReport) -> None:
+    """The report to the bucket and its summary to the topic, where the deploy gives them."""
+    clients = factory(env.region)
     if env.report_bucket:
-        key = f"runs/{env.region}/{report['generated_at']}.json"
-        session.client("s3", region_name=env.region).put_object(
+        clients.s3.put_object(
             Bucket=env.report_bucket,
-            Key=key,
-            Body=json.dumps(report, indent=2).encode(),
+            Key=f"runs/{env.region}/{report.generated_at}.json",
+            Body=json.dumps(report.model_dump(mode="json"), indent=2).encode(),
             ContentType="application/json",
         )
     if env.topic_arn:
-        session.client("sns", region_name=env.region).publish(
+        clients.sns.publish(
             TopicArn=env.topic_arn,
-            Subject=f"ami-janitor {env.region}: {report['summary']['retired']} retired"[:100],
+            Subject=f"ami-janitor {env.region}: {report.summary.retired} retired"[:100],
             Message=summary_text(env.region, report),
         )
 
@@ -60,32 +64,33 @@ def publish(env: Environment, factory: ClientFactory, report: dict[str, Any]) ->
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    scheduled = parse_scheduled_event(event)
     env = Environment.load()
     policy = load_policy(env.config)
     if policy.mode == "paused":
         logger.warning("policy mode is paused: nothing runs")
-        return {"mode": "paused"}
+        return ScheduledRunResult(mode="paused").model_dump(mode="json")
     factory = ClientFactory()
-    now = datetime.now(UTC).replace(microsecond=0)
     queue = env.replication_queue_url
     sqs = factory(env.region).sqs
     result = engine.run(
         policy,
         [env.region],
         factory,
-        now,
+        datetime.now(UTC).replace(microsecond=0),
         apply=policy.mode == "enforce",
         enqueue=(lambda copies: copier.enqueue_copies(sqs, queue, copies)) if queue else None,
     )
     report = result.report()
-    summary: dict[str, Any] = report["summary"]  # type: ignore[assignment]
-    metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=summary["actions_failed"])
-    metrics.add_metric(name="RegionSkipped", unit=MetricUnit.Count, value=summary["regions_skipped"])
-    metrics.add_metric(name="ImagesRetired", unit=MetricUnit.Count, value=summary["retired"])
-    metrics.add_metric(name="SnapshotsDeleted", unit=MetricUnit.Count, value=summary["snapshots_deleted"])
-    for status in result.plan.regions:
+    summary = report.summary
+    metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=summary.actions_failed)
+    metrics.add_metric(name="RegionSkipped", unit=MetricUnit.Count, value=summary.regions_skipped)
+    metrics.add_metric(name="ImagesRetired", unit=MetricUnit.Count, value=summary.retired)
+    metrics.add_metric(name="SnapshotsDeleted", unit=MetricUnit.Count, value=summary.snapshots_deleted)
+    for status in report.regions:
         if status.status == "skipped":
             logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})
     publish(env, factory, report)
-    logger.info("run done", extra={"summary": summary, "mode": policy.mode})
-    return {"mode": policy.mode, "region": env.region, "summary": summary}
+    answer = ScheduledRunResult(mode=policy.mode, region=env.region, summary=summary).model_dump(mode="json")
+    logger.info("run done", extra={**answer, "scheduled_at": scheduled.time})
+    return answer
