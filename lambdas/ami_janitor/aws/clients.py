@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import boto3
 from botocore.config import Config
@@ -20,11 +20,24 @@ if TYPE_CHECKING:
     from mypy_boto3_ssm import SSMClient
 
 
+ClientT = TypeVar("ClientT")
+
+
 def client_config() -> Config:
     # Throttling is normal at scale: adaptive retries pace the calls instead of failing them.
     # AMI_JANITOR_MAX_ATTEMPTS=1 for the emulator, where an unimplemented call is an HTTP 500.
     attempts = int(os.environ.get("AMI_JANITOR_MAX_ATTEMPTS", "10"))
     return Config(retries={"mode": "adaptive", "max_attempts": attempts}, user_agent_extra="ami-janitor")
+
+
+class _Client(Generic[ClientT]):
+    """A typed, lazily made client of the region: `clients.ec2` is an EC2Client."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def __get__(self, clients: RegionClients, owner: type[RegionClients]) -> ClientT:
+        return cast(ClientT, clients.client(self.service))
 
 
 class RegionClients:
@@ -35,7 +48,7 @@ class RegionClients:
         self._session = session or boto3.Session()
         self._clients: dict[str, Any] = dict(clients)
 
-    def _get(self, service: str) -> Any:
+    def client(self, service: str) -> Any:
         if service not in self._clients:
             self._clients[service] = self._session.client(  # type: ignore[call-overload]
                 service,
@@ -44,41 +57,15 @@ class RegionClients:
             )
         return self._clients[service]
 
-    @property
-    def ec2(self) -> EC2Client:
-        return self._get("ec2")
-
-    @property
-    def ssm(self) -> SSMClient:
-        return self._get("ssm")
-
-    @property
-    def autoscaling(self) -> AutoScalingClient:
-        return self._get("autoscaling")
-
-    @property
-    def batch(self) -> BatchClient:
-        return self._get("batch")
-
-    @property
-    def emr(self) -> EMRClient:
-        return self._get("emr")
-
-    @property
-    def sqs(self) -> SQSClient:
-        return self._get("sqs")
-
-    @property
-    def rbin(self) -> RecycleBinClient:
-        return self._get("rbin")
-
-    @property
-    def s3(self) -> S3Client:
-        return self._get("s3")
-
-    @property
-    def sns(self) -> SNSClient:
-        return self._get("sns")
+    ec2: _Client[EC2Client] = _Client("ec2")
+    ssm: _Client[SSMClient] = _Client("ssm")
+    autoscaling: _Client[AutoScalingClient] = _Client("autoscaling")
+    batch: _Client[BatchClient] = _Client("batch")
+    emr: _Client[EMRClient] = _Client("emr")
+    sqs: _Client[SQSClient] = _Client("sqs")
+    rbin: _Client[RecycleBinClient] = _Client("rbin")
+    s3: _Client[S3Client] = _Client("s3")
+    sns: _Client[SNSClient] = _Client("sns")
 
 
 class ClientFactory:

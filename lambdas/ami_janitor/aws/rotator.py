@@ -19,7 +19,7 @@ from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images
 from ami_janitor.aws.sharer import ShareResult
 from ami_janitor.core.model import AmiState, LatestChange, Outcome, RegionInventory, Share
 from ami_janitor.core.policy import Mode, Policy
-from ami_janitor.core.rotation import changes_for
+from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for
 
 PERMISSIONS: list[str] = sorted(
     {
@@ -130,22 +130,19 @@ def converge(
     clients: RegionClients,
     policy: Policy,
     now: datetime,
+    only: Selection = EVERY_GROUP,
     *,
-    families: Iterable[str] | None = None,
-    architectures: Iterable[tuple[str, str]] | None = None,
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
 ) -> list[RotationResult]:
-    """Rotate the region's groups (or the named ones) until EC2 and SSM agree with the plan."""
+    """Rotate the region's groups (those `only` selects) until EC2 and SSM agree with the plan."""
     read = load or load_images
     results: dict[tuple[str, str], RotationResult] = {}
-    family_filter = list(families) if families is not None else None
-    group_filter = list(architectures) if architectures is not None else None
     for _ in range(MAX_ROUNDS):
         inventory = read(clients, policy)
         if inventory.error:
             results[("*", "*")] = RotationResult.unreadable(clients.region, inventory.error)
             break
-        changes = changes_for(inventory, policy, now, families=family_filter, architectures=group_filter)
+        changes = changes_for(inventory, policy, now, only)
         if not changes:
             break
         for change in changes:
@@ -194,21 +191,19 @@ def handle_state_change(
     if inventory.error:
         # Raise so the invocation is retried and then lands in the failure destination.
         raise RuntimeError(f"cannot read the AMIs of {clients.region}: {inventory.error}")
-    families: list[str] | None = None
-    groups: list[tuple[str, str]] | None = None
+    only = EVERY_GROUP
     if state == "available":
         image = next((i for i in inventory.images if i.image_id == image_id), None)
         if image is not None:
             matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
             if not matching:
                 return outcome(outcome="ignored", why="the AMI belongs to no family")
-            families = matching
-            groups = [(name, image.architecture) for name in matching]
+            only = Selection(frozenset(matching), frozenset((name, image.architecture) for name in matching))
     # deregistered / disabled (or an AMI no longer listed): it may have been the Latest of any group.
     if policy.mode != "enforce":
-        changes = changes_for(inventory, policy, now, families=families, architectures=groups)
+        changes = changes_for(inventory, policy, now, only)
         return outcome(outcome="dry-run", would=changes)
-    results = converge(clients, policy, now, families=families, architectures=groups, load=read)
+    results = converge(clients, policy, now, only, load=read)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"rotation failed: {failed[0].error}")

@@ -99,6 +99,7 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
             policy.family(name)
         except KeyError:
             raise UsageError(f"--family {name}: no such family in the policy") from None
+    only = rotation.Selection(frozenset(families)) if families else rotation.EVERY_GROUP
     factory = _factory(args)
     now = _now()
     results: list[rotator.RotationResult] = []
@@ -106,13 +107,13 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
     for region in regions:
         clients = factory(region)
         if policy.mode == "enforce":
-            results.extend(rotator.converge(clients, policy, now, families=families))
+            results.extend(rotator.converge(clients, policy, now, only))
         else:
             inventory = load_images(clients, policy)
             if inventory.error:
                 results.append(rotator.RotationResult.unreadable(region, inventory.error))
                 continue
-            planned.extend(rotation.changes_for(inventory, policy, now, families=families))
+            planned.extend(rotation.changes_for(inventory, policy, now, only))
     if args.format == "json":
         render.emit_json(
             {

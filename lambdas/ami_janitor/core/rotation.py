@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from ami_janitor.core.model import LatestChange, RegionInventory
-from ami_janitor.core.planner import build_groups, pointer_errors, rotation
+from ami_janitor.core.planner import Group, build_groups, pointer_errors, rotation
 from ami_janitor.core.policy import Policy
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The groups a rotation looks at: every group, or those of some families, or some (family,
+    architecture) groups (an AMI's event rotates only its own group)."""
+
+    families: frozenset[str] | None = None
+    groups: frozenset[tuple[str, str]] | None = None
+
+    def covers(self, group: Group) -> bool:
+        key = (group.family.name, group.architecture)
+        return (self.families is None or key[0] in self.families) and (
+            self.groups is None or key in self.groups
+        )
+
+
+EVERY_GROUP = Selection()
+
+
 def changes_for(
-    inventory: RegionInventory,
-    policy: Policy,
-    now: datetime,
-    *,
-    families: Iterable[str] | None = None,
-    architectures: Iterable[tuple[str, str]] | None = None,
+    inventory: RegionInventory, policy: Policy, now: datetime, only: Selection = EVERY_GROUP
 ) -> list[LatestChange]:
-    """The Latest changes a region needs now, optionally only for some families or (family, arch)."""
-    wanted_families = set(families) if families is not None else None
-    wanted_groups = set(architectures) if architectures is not None else None
+    """The Latest changes a region needs now, for the groups `only` selects."""
     groups, _ = build_groups(inventory, policy)
     errors = pointer_errors(groups, policy)
     changes = []
     for group in groups:
-        if wanted_families is not None and group.family.name not in wanted_families:
-            continue
-        if wanted_groups is not None and (group.family.name, group.architecture) not in wanted_groups:
+        if not only.covers(group):
             continue
         change = rotation(group, inventory, now, errors.get(group.family.name))
         if change is not None:

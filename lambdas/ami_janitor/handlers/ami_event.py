@@ -5,20 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import engine
 from ami_janitor.aws import copier
 from ami_janitor.aws.clients import ClientFactory
-from ami_janitor.core.policy import load_policy
-from ami_janitor.handlers.events import METRICS_NAMESPACE, SERVICE, Environment, parse_ami_event
+from ami_janitor.handlers.events import configured, parse_ami_event
+from ami_janitor.handlers.observe import logger, metrics
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
-
-logger = Logger(service=SERVICE)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 @logger.inject_lambda_context
@@ -26,8 +22,7 @@ metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     ami_event = parse_ami_event(event)
     detail = ami_event.detail
-    env = Environment.load()
-    policy = load_policy(env.config)
+    env, policy = configured()
     clients = ClientFactory()(ami_event.region)
     queue = env.replication_queue_url
     outcome = engine.handle_ami_event(

@@ -14,20 +14,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import engine
 from ami_janitor.aws import baker
 from ami_janitor.aws.clients import ClientFactory
-from ami_janitor.core.policy import Family, Policy, load_policy
-from ami_janitor.handlers.events import METRICS_NAMESPACE, SERVICE, BadEvent, Environment, parse_bake_event
+from ami_janitor.core.policy import Family, Policy
+from ami_janitor.handlers.events import (
+    BadEvent,
+    configured,
+    parse_bake_event,
+)
+from ami_janitor.handlers.observe import logger, metrics, paused
 
 PERMISSIONS: list[str] = baker.SCHEDULED_PERMISSIONS
-
-logger = Logger(service=SERVICE)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 def baked_family(policy: Policy, name: str) -> Family:
@@ -44,10 +45,8 @@ def baked_family(policy: Policy, name: str) -> Family:
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     request = parse_bake_event(event)
-    env = Environment.load()
-    policy = load_policy(env.config)
-    if policy.mode == "paused":
-        logger.warning("policy mode is paused: nothing runs", extra={"family": request.family})
+    env, policy = configured()
+    if paused(policy, family=request.family):
         return engine.BakeOutcome(mode="paused", family=request.family).model_dump(mode="json")
     family = baked_family(policy, request.family)
     clients = ClientFactory()(env.region)

@@ -12,7 +12,7 @@ from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ami_janitor.core.model import AmiState, Outcome
-from ami_janitor.core.policy import Mode
+from ami_janitor.core.policy import Mode, Policy, load_policy
 from ami_janitor.core.validation import describe_validation_error
 from ami_janitor.engine import RunSummary
 
@@ -109,3 +109,9 @@ def parse_scheduled_event(raw: object) -> ScheduledEvent:
 
 def parse_bake_event(raw: object) -> BakeEvent:
     return _parse(BakeEvent, raw, "bake event", ' like {"family": "NAME"}')
+
+
+def configured() -> tuple[Environment, Policy]:
+    """The function's environment and the policy it ships with (validated at synth, checked again)."""
+    env = Environment.load()
+    return env, load_policy(env.config)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
@@ -33,9 +32,10 @@ from ami_janitor import engine
 from ami_janitor.aws import copier
 from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.core import replication
-from ami_janitor.core.policy import Policy, load_policy
+from ami_janitor.core.policy import Policy
 from ami_janitor.core.validation import describe_validation_error
-from ami_janitor.handlers.events import METRICS_NAMESPACE, SERVICE, Environment
+from ami_janitor.handlers.events import configured
+from ami_janitor.handlers.observe import logger, metrics
 
 # inventory.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS);
 # the KMS actions are what EC2 does with a target's key on this role's behalf.
@@ -43,9 +43,6 @@ PERMISSIONS: list[str] = sorted(set(copier.PERMISSIONS) | set(copier.KMS_PERMISS
 
 # A refused message's body is logged up to this many characters (the reason says what was wrong).
 MESSAGE_LOGGED_MAX = 2048
-
-logger = Logger(service=SERVICE)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 class CopyFailed(RuntimeError):
@@ -118,8 +115,7 @@ def copy_record(record: CopyRequestRecord, policy: Policy, clients_for: ClientFa
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
-    env = Environment.load()
-    policy = load_policy(env.config)
+    _, policy = configured()
     if policy.mode != "enforce":
         # The kill switch (paused) or a dry-run policy: nothing is copied. The messages are consumed;
         # the next reconcile in enforce mode plans whatever is still missing.

@@ -6,26 +6,21 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import engine
 from ami_janitor.aws import copier
 from ami_janitor.aws.clients import ClientFactory
-from ami_janitor.core.policy import load_policy
 from ami_janitor.handlers.events import (
-    METRICS_NAMESPACE,
-    SERVICE,
     Environment,
     ScheduledRunResult,
+    configured,
     parse_scheduled_event,
 )
+from ami_janitor.handlers.observe import logger, metrics, paused
 
 PERMISSIONS: list[str] = engine.PERMISSIONS
-
-logger = Logger(service=SERVICE)
-metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE)
 
 
 def summary_text(region: str, report: engine.RunReport) -> str:
@@ -65,10 +60,8 @@ def publish(env: Environment, factory: ClientFactory, report: engine.RunReport) 
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     scheduled = parse_scheduled_event(event)
-    env = Environment.load()
-    policy = load_policy(env.config)
-    if policy.mode == "paused":
-        logger.warning("policy mode is paused: nothing runs")
+    env, policy = configured()
+    if paused(policy):
         return ScheduledRunResult(mode="paused").model_dump(mode="json")
     factory = ClientFactory()
     queue = env.replication_queue_url
