@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 RUN_SHELL_DOCUMENT = "AWS-RunShellScript"
 
-
 # What the unattended (scheduled) bake calls: it finds the instance and creates the image, no commands.
 SCHEDULED_PERMISSIONS: list[str] = sorted(
     {
@@ -47,7 +46,6 @@ SCHEDULED_PERMISSIONS: list[str] = sorted(
         "ec2:DescribeInstances",
     }
 )
-
 
 # Everything bake() may call: the scheduled actions plus waiting for the image and the
 # stop/start commands (only the CLI runs those, with the caller's credentials).
@@ -60,23 +58,19 @@ PERMISSIONS: list[str] = sorted(
     }
 )
 
-
 _COMMAND_DONE = "Success"
 
 
 _COMMAND_FAILED = frozenset({"Cancelled", "TimedOut", "Failed"})
 
-
 # Run Command's delivery timeout (its minimum is 30 s): an unreachable instance fails the command
 # quickly instead of leaving it pending for an hour.
 _DELIVERY_TIMEOUT_SECONDS = 60
-
 
 _IMAGE_WAITING = frozenset({"pending", "transient", "not visible yet"})
 
 
 _STDERR_TAIL = 400
-
 
 Progress = Callable[[str], None]
 

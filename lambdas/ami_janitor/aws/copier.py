@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 # (source), copy (destination; its TagSpecifications need ec2:CreateTags on the new AMI and snapshots).
 PERMISSIONS: list[str] = sorted(["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"])
 
-
 # What EC2 does with a customer managed key on the caller's behalf while it copies and encrypts the
 # snapshots (Amazon EBS encryption requirements: CreateGrant, Decrypt, DescribeKey,
 # GenerateDataKeyWithoutPlaintext, ReEncrypt*). Granted by the deploy on the configured key ARNs only.
@@ -46,7 +45,6 @@ KMS_PERMISSIONS: list[str] = sorted(
         "kms:ReEncryptTo",
     ]
 )
-
 
 SEND_MESSAGE_BATCH_MAX = 10
 

@@ -33,7 +33,6 @@ from ami_janitor.core.policy import (
     PRIOR_PERMISSIONS_TAG,
     RETIRED_FROM_TAG,
 )
-from ami_janitor.core.tags import TAG_VALUE_MAX as TAG_VALUE_MAX  # re-exported: callers read it here
 from ami_janitor.core.tags import is_part_key, joined_values, split_values
 
 if TYPE_CHECKING:

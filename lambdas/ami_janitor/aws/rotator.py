@@ -30,7 +30,6 @@ PERMISSIONS: list[str] = sorted(
     }
 )
 
-
 MAX_ROUNDS = 3
 
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 
 PERMISSIONS: list[str] = sorted(["ec2:CreateTags", "ec2:DeleteTags", "ec2:ModifyImageAttribute"])
 
-
 ShareStatus = Literal["ok", "failed"]
 
 

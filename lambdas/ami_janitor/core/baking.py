@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ami_janitor.core.policy import JANITOR_TAG_PREFIX, Family
 
-if TYPE_CHECKING:
-    pass
-
-
 BAKED_FROM_TAG = f"{JANITOR_TAG_PREFIX}baked-from"
-
 
 VERSION_TAG = "Version"
 

@@ -37,20 +37,16 @@ from ami_janitor.core.validation import describe_validation_error
 
 MAX_COPY_GENERATIONS = 3
 
-
 # States of a copy that failed (EC2 says so): it needs a new generation.
 FAILED_STATES = frozenset({"failed", "error", "invalid"})
 
-
 # States in which a copy will never become usable (failed, or on its way out of the listing).
 UNUSABLE_STATES = FAILED_STATES | {"deregistered"}
-
 
 NAME_MAX = 128  # AMI names: 3-128 characters
 
 
 DESCRIPTION_MAX = 255
-
 
 TAGS_PER_RESOURCE_MAX = 50
 

@@ -11,16 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from ami_janitor.core.model import Image, RegionInventory, Share
 from ami_janitor.core.planner import Grouped, build_groups
 from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG, Family, Policy
 from ami_janitor.core.tags import joined_values
-
-if TYPE_CHECKING:
-    pass
-
 
 PUBLIC = "group:all"
 
