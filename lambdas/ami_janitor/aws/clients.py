@@ -11,11 +11,13 @@ from botocore.config import Config
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_batch import BatchClient
+    from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_emr import EMRClient
     from mypy_boto3_rbin import RecycleBinClient
     from mypy_boto3_sqs import SQSClient
     from mypy_boto3_ssm import SSMClient
+    from mypy_boto3_sts import STSClient
 
 
 def client_config() -> Config:
@@ -69,6 +71,14 @@ class RegionClients:
     @property
     def rbin(self) -> RecycleBinClient:
         return self._get("rbin")
+
+    @property
+    def dynamodb(self) -> DynamoDBClient:
+        return self._get("dynamodb")
+
+    @property
+    def sts(self) -> STSClient:
+        return self._get("sts")
 
 
 class ClientFactory:

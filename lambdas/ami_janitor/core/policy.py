@@ -23,6 +23,7 @@ SOURCE_REGION_TAG = "ami-janitor:source-region"
 SOURCE_CREATED_TAG = "ami-janitor:source-created"
 COPY_GENERATION_TAG_PREFIX = "ami-janitor:copy-generation:"
 DEFAULT_CONFIG_PATH = "janitor.yaml"
+DEFAULT_LEDGER_TABLE = "ami-janitor-ledger"
 
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
@@ -245,11 +246,21 @@ class Notify(_Strict):
     email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
+class Ledger(_Strict):
+    """The ledger table of each managed region (same name in every region)."""
+
+    # DynamoDB table names: 3-255 of letters, digits, '_', '-', '.'.
+    table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_.-]{3,255}$")
+    # Items of deregistered AMIs expire this many days after deregistration (DynamoDB TTL).
+    retention_days: int = Field(90, ge=1)
+
+
 class Policy(_Strict):
     mode: Literal["dry-run", "enforce", "paused"] = "dry-run"
     regions: list[str] = Field(min_length=1)
     schedule: str = "cron(0 3 * * ? *)"
     notify: Notify | None = None
+    ledger: Ledger = Ledger()
     references: References = References()
     defaults: Rules = Rules()
     families: list[Family] = Field(min_length=1)
