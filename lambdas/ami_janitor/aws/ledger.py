@@ -85,14 +85,14 @@ _deserializer = TypeDeserializer()
 
 
 class LedgerMissing(Exception):
-    """A region whose ledger table does not exist: an enforce run there is refused."""
+    """Regions without a ledger table (or where it cannot be checked): an enforce run is refused."""
 
-    def __init__(self, regions: Sequence[str], table: str) -> None:
+    def __init__(self, regions: Sequence[str], table: str, *, details: Sequence[str] = ()) -> None:
         self.regions = list(regions)
         self.table = table
+        why = "; ".join(details) or f"no ledger table {table} in {', '.join(regions)}"
         super().__init__(
-            f"no ledger table {table} in {', '.join(regions)}: "
-            "run `ami-janitor ledger create` first (enforce needs a ledger)"
+            f"{why}: enforce records every step in the ledger; `ami-janitor ledger create` makes it"
         )
 
 

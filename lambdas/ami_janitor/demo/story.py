@@ -374,6 +374,12 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
         )
         policy = load_policy(config)
         factory = ClientFactory()
+        # What `ami-janitor ledger create` does: enforce records every step in the ledger first.
+        made = engine.create_ledgers(policy, policy.managed_regions, factory, None)
+        if not json_output:
+            out.write(
+                f"Ledger: `ami-janitor ledger create` made {policy.ledger.table} in {len(made)} regions.\n\n"
+            )
         preview = engine.run(policy, policy.managed_regions, factory, now, apply=False)
         if json_output:
             out.write(preview.plan.to_json())
@@ -387,6 +393,7 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
             out.write(
                 f"({folded} routine decisions folded: newest-N, young, Latest, staged deprecations)\n\n"
             )
+        engine.require_ledgers(policy, policy.managed_regions, factory)
         result = engine.run(policy, policy.managed_regions, factory, now, apply=True)
         if not json_output:
             out.write("== Applied (mode: enforce) ==\n")
