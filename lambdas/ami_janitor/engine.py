@@ -244,7 +244,12 @@ def run(
     fixed order per region: rescues, Latest, candidate clocks and stages; then shares and copies.
 
     The plan reads the inventory before shares change: a public AMI made private by this run is still
-    kept as public once, and retires by the usual rules from the next run on."""
+    kept as public once, and retires by the usual rules from the next run on.
+
+    Applying needs each region's ledger table: without one, LedgerMissing is raised before anything
+    is read or written (the CLI checks first, to refuse before it asks)."""
+    if apply:
+        require_ledgers(policy, regions, clients_for)
     plan, loaded = build_plan(policy, regions, clients_for, now)
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     if not apply:
