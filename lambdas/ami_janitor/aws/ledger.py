@@ -34,7 +34,6 @@ PERMISSIONS: list[str] = sorted(
     [
         "dynamodb:BatchGetItem",  # read_items
         "dynamodb:DescribeTable",  # exists
-        "dynamodb:PutItem",  # (not yet called by the engine; the item API grows here)
         "dynamodb:UpdateItem",  # record_candidate, record_stage, close
     ]
 )
@@ -215,7 +214,8 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
         )["TableDescription"]
         result.created = True
         result.changes.append("created the table (on demand, KMS encryption, deletion protection)")
-        db.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
+    # A table being created (here, or by someone else just before) takes its settings once ACTIVE.
+    db.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
     arn = description["TableArn"]
     partition = arn.split(":")[1]
     if not result.created and not description.get("DeletionProtectionEnabled"):
