@@ -344,3 +344,12 @@ def test_apply_without_a_ledger_exits_2_before_writing_and_plan_says_so(
     code, output = run("plan", "--config", config, "--format", "json")
     assert not any("ledger" in n for n in json.loads(output)["notes"])
     assert run("apply", "--config", config, "--yes")[0] == 0
+
+
+def test_ledger_create_exits_1_where_a_region_fails(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "http://127.0.0.1:9")
+    code, output = run("ledger", "create", "--config", write_policy(tmp_path, "dry-run"))
+    assert code == 1 and output == ""
+    assert "ledger create failed in us-east-1:" in capsys.readouterr().err
