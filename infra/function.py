@@ -13,6 +13,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from ami_janitor.aws import ledger
 from infra.alerts import ALARM_PERIOD, Alerts
 from infra.environment import common_environment
 from infra.nag import acknowledge, wildcard_resource_findings
@@ -37,6 +38,10 @@ WILDCARD_REASONS = {
     "CreateImages": "A bake creates an AMI and snapshots with new ids in this region.",
     "CreateImagesFromInstances": "A family without bake.instance_id names its build instance by tags "
     "alone; limited to instances carrying its bake.instance_tag.",
+    "RunShellDocument": "AWS-RunShellScript is owned by AWS: its ARN has no account, which only a "
+    "wildcard account matches; the document name is fixed.",
+    "SendBakeCommands": "A family without bake.instance_id names its build instance by tags alone; "
+    "Run Command only on instances carrying its bake.instance_tag.",
     "TagOnCreate": "Tags given at creation of a new AMI or snapshot only (ec2:CreateAction condition).",
     "DeleteRetiredSnapshots": "Snapshot ids are not known at deploy time; limited to snapshots the "
     "janitor tagged ami-janitor:retired-from before deregistering their AMI.",
@@ -45,6 +50,22 @@ WILDCARD_REASONS = {
     "PutJanitorMetrics": "PutMetricData has no resource type; limited to the AmiJanitor namespace.",
     "WriteRunReports": "Report object keys are made per run; PutObject only, in the report bucket.",
 }
+# Every role the stacks make: the ledger's resource policy lets only this path (and named writers) write.
+ROLE_PATH = ledger.ROLE_PATH
+
+
+def acknowledge_wildcards(role: iam.Role, statements: Sequence[Statement]) -> None:
+    """One cdk-nag acknowledgement per wildcard resource, with the reasons of every statement using it."""
+    reasons: dict[str, list[str]] = {}
+    for statement in statements:
+        reason = WILDCARD_REASONS.get(statement.sid.rstrip("0123456789"))
+        for finding in wildcard_resource_findings(role, list(statement.resources)):
+            if reason is None:
+                raise ValueError(f"{statement.sid}: give WILDCARD_REASONS a reason for {finding}")
+            if reason not in reasons.setdefault(finding, []):
+                reasons[finding].append(reason)
+    for finding, why in reasons.items():
+        acknowledge(role, finding, " ".join(why))
 
 
 @dataclass(frozen=True)
@@ -105,23 +126,14 @@ class JanitorFunction(Construct):
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            path=ROLE_PATH,
             description=f"ami-janitor {description}",
             # Inline, so the permissions exist before the function and its event invoke config.
             inline_policies={
                 "Permissions": iam.PolicyDocument(statements=[policy_statement(s) for s in self.statements])
             },
         )
-        # One acknowledgement per wildcard resource, with the reasons of every statement using it.
-        reasons: dict[str, list[str]] = {}
-        for statement in self.statements:
-            reason = WILDCARD_REASONS.get(statement.sid.rstrip("0123456789"))
-            for finding in wildcard_resource_findings(self, list(statement.resources)):
-                if reason is None:
-                    raise ValueError(f"{statement.sid}: give WILDCARD_REASONS a reason for {finding}")
-                if reason not in reasons.setdefault(finding, []):
-                    reasons[finding].append(reason)
-        for finding, why in reasons.items():
-            acknowledge(self.role, finding, " ".join(why))
+        acknowledge_wildcards(self.role, self.statements)
         self.function = lambda_.Function(
             self,
             "Function",

@@ -8,7 +8,9 @@ where each action may apply:
   that say "the janitor marked this": the stage actions need the candidate tag, DeleteSnapshot the
   retired-from tag, tag changes are limited to janitor-owned keys and the families' Latest tags;
 - KMS calls only on the key ARNs the policy configures for replication, and only through EC2;
-- SSM writes only on the families' Latest parameters.
+- SSM writes only on the families' Latest parameters;
+- DynamoDB calls only on the region's ledger table (the table's resource policy also denies writes to
+  every principal outside the IAM path /ami-janitor/).
 An action without a rule fails the synth: adding one is a decision to take here, not a default.
 
 Image and snapshot ARNs carry no account (`arn:aws:ec2:REGION::image/ami-...`, same for
@@ -24,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ami_janitor.aws import ledger
+from ami_janitor.aws.baker import RUN_SHELL_DOCUMENT
 from ami_janitor.core.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Policy
 from infra.environment import METRICS_NAMESPACE
 
@@ -66,6 +70,10 @@ KMS_CRYPTO_ACTIONS = frozenset(
 )
 KMS_ACTIONS = KMS_GRANT_ACTIONS | KMS_METADATA_ACTIONS | KMS_CRYPTO_ACTIONS
 METRIC_ACTIONS = frozenset({"cloudwatch:PutMetricData"})
+# Run Command on a build instance (the CLI's bake --stop-command/--start-command).
+SEND_COMMAND_ACTIONS = frozenset({"ssm:SendCommand"})
+# The ledger's item calls and what `ledger create` calls: on the ledger table only.
+LEDGER_ACTIONS = frozenset(ledger.PERMISSIONS) | frozenset(ledger.CREATE_PERMISSIONS)
 
 _ACTION_RE = re.compile(r"^[a-z0-9-]+:[A-Za-z0-9]+$")
 
@@ -106,6 +114,7 @@ class Scope:
     ssm_parameters: tuple[str, ...] = ()
     # One entry per baked family: the build instance its bake.instance_id and bake.instance_tag name.
     build_instances: tuple[BuildInstanceScope, ...] = ()
+    ledger_table: str = ""
 
     @classmethod
     def from_policy(
@@ -134,6 +143,7 @@ class Scope:
                 for f in families
                 if f.bake is not None
             ),
+            ledger_table=policy.ledger.table,
         )
 
     def image_arn(self, region: str) -> str:
@@ -150,6 +160,9 @@ class Scope:
         return f"arn:{self.partition}:ssm:{self.region}:{self.account}:parameter/{name.lstrip('/')}".replace(
             "{arch}", "*"
         )
+
+    def ledger_table_arn(self) -> str:
+        return f"arn:{self.partition}:dynamodb:{self.region}:{self.account}:table/{self.ledger_table}"
 
     def tag_keys(self) -> list[str]:
         return [f"{JANITOR_TAG_PREFIX}*", *self.latest_tag_keys]
@@ -206,6 +219,11 @@ def statements_for(actions: Iterable[str], scope: Scope, *, provided: Iterable[s
     statements.extend(_ec2_statements(chosen, scope))
     statements.extend(_ssm_statements(chosen, scope))
     statements.extend(_kms_statements(chosen, scope))
+    used = sorted(chosen & LEDGER_ACTIONS)
+    if used:
+        if not scope.ledger_table:
+            raise PermissionsError(f"{', '.join(used)}: the scope names no ledger table")
+        statements.append(Statement("UseLedger", tuple(used), (scope.ledger_table_arn(),)))
     metrics = sorted(chosen & METRIC_ACTIONS)
     if metrics:
         # PutMetricData has no resource type; the namespace condition is its only scope.
@@ -230,6 +248,8 @@ def _has_rule(action: str) -> bool:
         | SNAPSHOT_DELETE_ACTIONS
         | SSM_WRITE_ACTIONS
         | METRIC_ACTIONS
+        | LEDGER_ACTIONS
+        | SEND_COMMAND_ACTIONS
     )
 
 
@@ -311,15 +331,32 @@ def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
 
 
 def _ssm_statements(chosen: set[str], scope: Scope) -> list[Statement]:
+    out: list[Statement] = []
+    if chosen & SEND_COMMAND_ACTIONS:
+        # SendCommand is authorized on the document and on each instance: the build instances of the
+        # baked families only. An AWS-owned document's ARN has no account: "*" matches it (empty).
+        document = f"arn:{scope.partition}:ssm:{scope.region}:*:document/{RUN_SHELL_DOCUMENT}"
+        out.append(Statement("RunShellDocument", ("ssm:SendCommand",), (document,)))
+        for index, build in enumerate(scope.build_instances):
+            carries = {"StringEquals": {f"aws:ResourceTag/{key}": value for key, value in build.tags}}
+            out.append(
+                Statement(
+                    f"SendBakeCommands{index}",
+                    ("ssm:SendCommand",),
+                    (scope.instance_arn(build.instance_id),),
+                    carries if build.tags else {},
+                )
+            )
     writes = sorted(chosen & SSM_WRITE_ACTIONS)
     if not writes or not scope.ssm_parameters:
-        return []
+        return out
     return [
+        *out,
         Statement(
             "WriteLatestParameters",
             tuple(writes),
             tuple(scope.parameter_arn(name) for name in scope.ssm_parameters),
-        )
+        ),
     ]
 
 

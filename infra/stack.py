@@ -8,11 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import App, AssetHashType, Environment, Stack, Validations
+from aws_cdk import App, AssetHashType, CfnOutput, Environment, Stack, Validations
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
 
+from ami_janitor import engine
 from ami_janitor.core.policy import Policy
 from ami_janitor.handlers import ami_event, bake, replicate, scheduled
 from infra.alerts import Alerts
@@ -20,7 +22,9 @@ from infra.ami_events import AmiEvents
 from infra.bake_schedule import BakeSchedule
 from infra.bundle import code_asset
 from infra.dead_letters import DeadLetters
-from infra.permissions import Scope
+from infra.function import ROLE_PATH, acknowledge_wildcards
+from infra.ledger import LedgerTable
+from infra.permissions import Scope, policy_statement, statements_for
 from infra.replication import Replication
 from infra.reports import Reports
 from infra.scheduled_run import ScheduledRun
@@ -46,6 +50,7 @@ class JanitorStack(Stack):
         account: str | None,
         asset_dir: Path,
         asset_hash: str,
+        ledger_table_exists: bool = False,
     ) -> None:
         super().__init__(
             scope,
@@ -61,6 +66,9 @@ class JanitorStack(Stack):
         own_region = Scope.from_policy(policy, partition=self.partition, account=self.account, region=region)
         with_copies = Scope.from_policy(
             policy, partition=self.partition, account=self.account, region=region, copies=True
+        )
+        self.ledger = LedgerTable(
+            self, "Ledger", table_name=policy.ledger.table, existing=ledger_table_exists
         )
         self.alerts = Alerts(self, "Alerts", email=policy.notify.email if policy.notify else None)
         self.dead_letters = DeadLetters(self, "DeadLetters", alerts=self.alerts)
@@ -119,6 +127,28 @@ class JanitorStack(Stack):
             if baked
             else None
         )
+        self.operator_role = self._operator_role(with_copies)
+
+    def _operator_role(self, scope: Scope) -> iam.Role:
+        """The role `ami-janitor` assumes to act in this region: what the CLI calls (engine.CLI_PERMISSIONS,
+        the ledger's calls included), under /ami-janitor/ so the ledger accepts its writes. Any principal
+        of the account that its own IAM policy allows to assume it may (the account root is trusted)."""
+        statements = statements_for(engine.CLI_PERMISSIONS, scope)
+        role = iam.Role(
+            self,
+            "OperatorRole",
+            assumed_by=iam.AccountRootPrincipal(),
+            path=ROLE_PATH,
+            description="ami-janitor operator: the CLI's permissions in this region",
+            inline_policies={
+                "Permissions": iam.PolicyDocument(statements=[policy_statement(s) for s in statements])
+            },
+        )
+        acknowledge_wildcards(role, statements)
+        CfnOutput(
+            self, "OperatorRoleArn", value=role.role_arn, description="Role for `ami-janitor` (--profile)"
+        )
+        return role
 
 
 def cdk_json_context() -> dict[str, Any]:
@@ -141,6 +171,8 @@ def build_app(
     # CLI's own context (CDK_CONTEXT_JSON) still takes precedence over these defaults.
     app = App(context={**cdk_json_context(), **(context or {})}, outdir=outdir)
     account = app.node.try_get_context("account") or os.environ.get("CDK_DEFAULT_ACCOUNT") or None
+    # A table `ami-janitor ledger create` made before the stack: referenced, not created (README).
+    existing = str(app.node.try_get_context("ledger_table_exists") or "").lower() in ("true", "1", "yes")
     asset_dir, asset_hash = code_asset(policy)
     for region in policy.managed_regions:
         JanitorStack(
@@ -151,6 +183,7 @@ def build_app(
             account=account,
             asset_dir=asset_dir,
             asset_hash=asset_hash,
+            ledger_table_exists=existing,
         )
     if nag:
         Validations.of(app).add_plugins(AwsSolutionsChecks(app))

@@ -104,3 +104,15 @@ def snapshot_ids() -> set[str]:
 
 def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def make_ledger(regions: tuple[str, ...] = ("us-east-1",)) -> None:
+    """The ledger table an enforce apply needs (what `ami-janitor ledger create` makes)."""
+    from ami_janitor.aws import ledger
+    from ami_janitor.aws.clients import RegionClients
+    from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE
+
+    for region in regions:
+        ledger.create_table(
+            RegionClients(region), DEFAULT_LEDGER_TABLE, ["arn:aws:iam::123456789012:user/moto"]
+        )

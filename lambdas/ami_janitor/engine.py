@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import baker, copier, executor, inventory, rotator, sharer
+from ami_janitor.aws import baker, copier, executor, inventory, ledger, rotator, sharer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
@@ -27,16 +28,21 @@ PERMISSIONS: list[str] = sorted(
     | set(executor.PERMISSIONS)
     | set(rotator.PERMISSIONS)
     | set(sharer.PERMISSIONS)
+    | set(ledger.PERMISSIONS)
 )
 # What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
 # rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
-# on the caller's behalf) and `bake` with its stop and start commands.
+# on the caller's behalf), `bake` with its stop and start commands, and `ledger create`.
 CLI_PERMISSIONS: list[str] = sorted(
-    set(PERMISSIONS) | set(copier.PERMISSIONS) | set(copier.KMS_PERMISSIONS) | set(baker.PERMISSIONS)
+    set(PERMISSIONS)
+    | set(copier.PERMISSIONS)
+    | set(copier.KMS_PERMISSIONS)
+    | set(baker.PERMISSIONS)
+    | set(ledger.CREATE_PERMISSIONS)
 )
 # The event function: rotation, and sharing a new AMI at once (its copies are queued).
 EVENT_PERMISSIONS: list[str] = sorted(
-    set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS) | {"ec2:DescribeImages"}
+    set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS) | set(ledger.PERMISSIONS) | {"ec2:DescribeImages"}
 )
 
 
@@ -122,6 +128,51 @@ def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
             f"region {unknown[0]} is not managed by the policy (managed: {', '.join(policy.managed_regions)})"
         )
     return sorted(set(regions))
+
+
+def missing_ledgers(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> dict[str, str]:
+    """Regions whose ledger table is absent (or cannot be checked), with why. An enforce run records
+    every step in the ledger before it takes it, so these regions may only be planned."""
+    table = policy.ledger.table
+    missing: dict[str, str] = {}
+    for region in regions:
+        try:
+            if not ledger.exists(clients_for(region), table):
+                missing[region] = f"no ledger table {table} in {region}"
+        except (BotoCoreError, ClientError) as error:
+            missing[region] = f"cannot check the ledger table {table} in {region} ({error})"
+    return missing
+
+
+def require_ledgers(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> None:
+    """Refuse an applying run before it writes anything where a region has no ledger table."""
+    missing = missing_ledgers(policy, regions, clients_for)
+    if missing:
+        raise ledger.LedgerMissing(sorted(missing), policy.ledger.table, details=list(missing.values()))
+
+
+def ledger_notes(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> list[str]:
+    """Plan notes for the regions without a ledger: a plan works there, an apply is refused."""
+    return [
+        f"{why}: plan only; `ami-janitor ledger create` makes it"
+        for why in missing_ledgers(policy, regions, clients_for).values()
+    ]
+
+
+def create_ledgers(
+    policy: Policy, regions: Sequence[str], clients_for: ClientsFor, writers: Sequence[str] | None
+) -> list[ledger.CreateResult | str]:
+    """`ami-janitor ledger create`: the table in each region (created or adopted). Writers default to
+    the caller's principal. A region that fails gives its error message and the others go on."""
+    results: list[ledger.CreateResult | str] = []
+    for region in regions:
+        clients = clients_for(region)
+        try:
+            named = list(writers) if writers else ledger.caller_writers(clients)
+            results.append(ledger.create_table(clients, policy.ledger.table, named))
+        except (BotoCoreError, ClientError) as error:
+            results.append(f"{region}: {error}")
+    return results
 
 
 def build_plan(
@@ -214,7 +265,12 @@ def run(
     fixed order per region: rescues, Latest, candidate clocks and stages; then shares and copies.
 
     The plan reads the inventory before shares change: a public AMI made private by this run is still
-    kept as public once, and retires by the usual rules from the next run on."""
+    kept as public once, and retires by the usual rules from the next run on.
+
+    Applying needs each region's ledger table: without one, LedgerMissing is raised before anything
+    is read or written (the CLI checks first, to refuse before it asks)."""
+    if apply:
+        require_ledgers(policy, regions, clients_for)
     plan, loaded = build_plan(policy, regions, clients_for, now)
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     if not apply:

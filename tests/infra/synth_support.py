@@ -180,7 +180,7 @@ class ServiceAuthorization:
         if key in self.ACTION_KEYS:
             return True
         for resource_type in self.resource_types(action):
-            for pattern in self._resource(action, resource_type)["ConditionKeys"]:
+            for pattern in self._resource(action, resource_type).get("ConditionKeys", []):
                 regex = re.escape(pattern).replace(re.escape("${TagKey}"), ".+")
                 if re.fullmatch(regex, key):
                     return True

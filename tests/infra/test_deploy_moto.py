@@ -199,6 +199,13 @@ def test_stack_created_with_functions_rules_and_queues(deployment: Deployment, s
 
     mappings = boto3.client("lambda", region_name=REGION).list_event_source_mappings()["EventSourceMappings"]
     assert [m["FunctionArn"] for m in mappings] == [arns["replicate"]]
+
+    # The ledger table (its resource policy, PITR and TTL are skipped here: test_infra_ledger checks them).
+    table = boto3.client("dynamodb", region_name=REGION).describe_table(TableName="ami-janitor-ledger")[
+        "Table"
+    ]
+    assert table["DeletionProtectionEnabled"] is True
+    assert [k["AttributeName"] for k in table["KeySchema"]] == ["pk", "sk"]
     assert len(template["Resources"]) > len(resources)  # alarms, policies, ... skipped by the emulator
 
 

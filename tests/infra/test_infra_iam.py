@@ -14,6 +14,7 @@ from infra.permissions import (
     is_read_only,
 )
 from synth_support import (
+    TEST_ACCOUNT,
     ServiceAuthorization,
     Synth,
     as_list,
@@ -22,6 +23,9 @@ from synth_support import (
     ref_id,
     resources,
 )
+
+from ami_janitor import engine
+from ami_janitor.aws import ledger
 
 # What each function needs from its own stack, on top of its handler's PERMISSIONS. A new entry here is
 # a decision: say in infra/ which resource it is granted on.
@@ -61,11 +65,17 @@ def _permissions(module: str) -> set[str]:
     return set(importlib.import_module(f"ami_janitor.handlers.{module}").PERMISSIONS)
 
 
+def _operator_role(template: dict[str, Any]) -> str:
+    [role_id] = [k for k in resources(template, "AWS::IAM::Role") if k.startswith("OperatorRole")]
+    return role_id
+
+
 def test_one_role_per_function(templates: dict[str, dict[str, Any]]) -> None:
     for template in templates.values():
         roles = _roles(template)
         assert len(set(roles.values())) == len(roles)
-        assert set(resources(template, "AWS::IAM::Role")) == set(roles.values())
+        # Besides the functions' roles: the operator role the CLI assumes.
+        assert set(resources(template, "AWS::IAM::Role")) == {*roles.values(), _operator_role(template)}
         for role_id in roles.values():
             trust = template["Resources"][role_id]["Properties"]["AssumeRolePolicyDocument"]["Statement"]
             assert [s["Principal"] for s in trust] == [{"Service": "lambda.amazonaws.com"}]
@@ -178,10 +188,63 @@ def test_no_wildcard_action_no_managed_policy(templates: dict[str, dict[str, Any
 def test_statements_fit_the_service_authorization_reference(templates: dict[str, dict[str, Any]]) -> None:
     reference = ServiceAuthorization()
     for template in templates.values():
-        for role_id in _roles(template).values():
+        for role_id in [*_roles(template).values(), _operator_role(template)]:
             for statement in _statements(template, role_id):
+                if statement.get("Sid") == "RunShellDocument":
+                    # An AWS-owned document: no account in its ARN (the reference's format has one).
+                    [document] = [flatten(r) for r in as_list(statement["Resource"])]
+                    assert document.endswith(":*:document/AWS-RunShellScript")
+                    continue
                 reference.check_statement(
                     as_list(statement["Action"]),
                     [flatten(r) for r in as_list(statement["Resource"])],
                     statement.get("Condition", {}),
                 )
+
+
+def test_every_role_lives_under_the_janitor_path(templates: dict[str, dict[str, Any]]) -> None:
+    # The ledger's resource policy lets only principals under /ami-janitor/ write.
+    for template in templates.values():
+        roles = resources(template, "AWS::IAM::Role")
+        assert roles
+        for role in roles.values():
+            assert role["Properties"]["Path"] == "/ami-janitor/"
+
+
+def test_ledger_calls_only_on_the_regions_ledger_table(templates: dict[str, dict[str, Any]]) -> None:
+    for name, template in templates.items():
+        region = name.removeprefix("AmiJanitor-")
+        table = f"arn:aws:dynamodb:{region}:{TEST_ACCOUNT}:table/ami-janitor-ledger"
+        roles = {**_roles(template), "operator": _operator_role(template)}
+        for module, role_id in roles.items():
+            statements = [
+                s
+                for s in _statements(template, role_id)
+                if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))
+            ]
+            wanted = set(engine.CLI_PERMISSIONS if module == "operator" else _permissions(module))
+            assert {a for s in statements for a in as_list(s["Action"])} == {
+                a for a in wanted if a.startswith("dynamodb:")
+            }, module
+            for statement in statements:
+                assert [flatten(r) for r in as_list(statement["Resource"])] == [table]
+                assert all(a.startswith("dynamodb:") for a in as_list(statement["Action"]))
+    # The scheduled run and the event function use the ledger; `ledger create` is the operator's.
+    scheduled = _permissions("scheduled")
+    assert set(ledger.PERMISSIONS) <= scheduled and set(ledger.PERMISSIONS) <= _permissions("ami_event")
+    assert not set(ledger.CREATE_PERMISSIONS) & scheduled
+
+
+def test_operator_role_is_the_clis_permissions_trusting_the_account(
+    templates: dict[str, dict[str, Any]],
+) -> None:
+    for template in templates.values():
+        role_id = _operator_role(template)
+        role = template["Resources"][role_id]["Properties"]
+        [trust] = role["AssumeRolePolicyDocument"]["Statement"]
+        assert trust["Action"] == "sts:AssumeRole"
+        assert flatten(trust["Principal"]["AWS"]) == f"arn:aws:iam::{TEST_ACCOUNT}:root"
+        granted = {a for s in _statements(template, role_id) for a in as_list(s["Action"])}
+        assert granted == set(engine.CLI_PERMISSIONS)
+        outputs = template["Outputs"]
+        assert ref_id(outputs["OperatorRoleArn"]["Value"]) == role_id

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ami_janitor import cli
-from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
+from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet, snapshot_ids
 
 
 def write_policy(tmp_path: Path, mode: str = "enforce", text: str | None = None) -> str:
@@ -52,6 +52,7 @@ def test_plan_json_covers_every_family_ami_with_reasons(endpoint: str, tmp_path:
 
 def test_apply_retires_what_nothing_keeps_with_its_snapshots(endpoint: str, tmp_path: Path) -> None:
     fleet = seed_fleet(now())
+    make_ledger()
     code, output = run("apply", "--config", write_policy(tmp_path), "--yes")
     assert code == 0, output
     retired = {fleet.images[0], fleet.images[1], fleet.images[3]}
@@ -73,6 +74,7 @@ def test_apply_retires_what_nothing_keeps_with_its_snapshots(endpoint: str, tmp_
 
 def test_apply_json_report(endpoint: str, tmp_path: Path) -> None:
     seed_fleet(now())
+    make_ledger()
     code, output = run("apply", "--config", write_policy(tmp_path), "--yes", "--format", "json")
     report = json.loads(output)
     assert code == 0
@@ -101,6 +103,7 @@ def test_apply_asks_in_a_terminal_and_a_no_changes_nothing(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fleet = seed_fleet(now())
+    make_ledger()
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -131,6 +134,7 @@ def test_a_failing_reference_source_skips_the_region_and_exits_1(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seed_fleet(now())
+    make_ledger()
     # Auto Scaling answers from a dead endpoint: that source fails, so nothing may be decided.
     monkeypatch.setenv("AWS_ENDPOINT_URL_AUTO_SCALING", "http://127.0.0.1:9")
     code, output = run("plan", "--config", write_policy(tmp_path), "--format", "json")
@@ -146,6 +150,7 @@ def test_a_failing_reference_source_skips_the_region_and_exits_1(
 
 def test_rescue_by_hand_restores_a_disabled_ami(endpoint: str, tmp_path: Path) -> None:
     fleet = seed_fleet(now())
+    make_ledger()
     config = write_policy(
         tmp_path,
         text=POLICY.format(mode="enforce").replace("deregister_after_days: 0", "deregister_after_days: 30"),
@@ -300,3 +305,51 @@ def test_plan_names_the_instance_a_scheduled_bake_will_image(endpoint: str, tmp_
         "bakes"
     ]
     assert (bake["instance_id"], bake["reason"]) == (builder, "pinned by bake.instance_id")
+
+
+def test_ledger_create_makes_the_table_once_naming_the_caller(endpoint: str, tmp_path: Path) -> None:
+    config = write_policy(tmp_path, "dry-run")
+    code, output = run("ledger", "create", "--config", config)
+    assert code == 0, output
+    assert output.startswith("us-east-1: created ami-janitor-ledger (")
+    # moto's GetCallerIdentity answers as a user (arn:aws:sts::...:user/moto): named as it is.
+    assert "writers besides roles under /ami-janitor/: arn:aws:sts::123456789012:user/moto" in output
+    code, output = run("ledger", "create", "--config", config, "--format", "json")
+    assert code == 0
+    [result] = json.loads(output)
+    assert result["created"] is False and result["changes"] == []
+    code, output = run(
+        "ledger", "create", "--config", config, "--writer", "arn:aws:iam::123456789012:role/ops"
+    )
+    assert code == 0 and output.startswith("us-east-1: adopted ami-janitor-ledger (wrote the resource policy")
+
+
+def test_apply_without_a_ledger_exits_2_before_writing_and_plan_says_so(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = seed_fleet(now())
+    config = write_policy(tmp_path)
+    code, output = run("plan", "--config", config, "--format", "json")
+    assert code == 0
+    note = "no ledger table ami-janitor-ledger in us-east-1: plan only; `ami-janitor ledger create` makes it"
+    assert note in json.loads(output)["notes"]
+    assert run("apply", "--config", config, "--yes")[0] == 2
+    err = capsys.readouterr().err
+    assert "no ledger table ami-janitor-ledger in us-east-1" in err and "ami-janitor ledger create" in err
+    assert image_ids() >= set(fleet.images)
+    assert "Latest" not in {
+        t["Key"] for t in ec2().describe_images(ImageIds=[fleet.images[-1]])["Images"][0].get("Tags", [])
+    }
+    assert run("ledger", "create", "--config", config)[0] == 0
+    code, output = run("plan", "--config", config, "--format", "json")
+    assert not any("ledger" in n for n in json.loads(output)["notes"])
+    assert run("apply", "--config", config, "--yes")[0] == 0
+
+
+def test_ledger_create_exits_1_where_a_region_fails(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", "http://127.0.0.1:9")
+    code, output = run("ledger", "create", "--config", write_policy(tmp_path, "dry-run"))
+    assert code == 1 and output == ""
+    assert "ledger create failed in us-east-1:" in capsys.readouterr().err

@@ -10,9 +10,10 @@ from typing import Any
 import boto3
 import pytest
 
+from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
-from server import POLICY, ec2, image_ids, now, seed_fleet
+from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
 
@@ -65,6 +66,7 @@ def test_scheduled_run_reconciles_then_cleans_up_and_reports(
 ) -> None:
     write_policy(lambda_env, "enforce")
     fleet = seed_fleet(now())
+    make_ledger()
     s3 = boto3.client("s3", region_name="us-east-1")
     s3.create_bucket(Bucket="reports")
     topic = boto3.client("sns", region_name="us-east-1").create_topic(Name="janitor")["TopicArn"]
@@ -123,9 +125,21 @@ def test_disabled_and_deregistered_events_move_latest_to_the_next_newest(lambda_
     assert parameter() == fleet.images[-3]
 
 
+def test_an_enforce_run_without_a_ledger_is_refused_before_it_writes(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    with pytest.raises(LedgerMissing, match="ami-janitor ledger create"):
+        scheduled.handler(event("scheduled.json"), Context())
+    assert image_ids() >= set(fleet.images)
+    assert "Latest" not in {
+        t["Key"] for t in ec2().describe_images(ImageIds=[fleet.images[-1]])["Images"][0].get("Tags", [])
+    }
+
+
 def test_a_stale_latest_is_repaired_by_reconcile(lambda_env: Path) -> None:
     write_policy(lambda_env, "enforce")
     fleet = seed_fleet(now())
+    make_ledger()
     # A lost event and a hand edit: the tag sits on an old AMI and the parameter names another.
     ec2().create_tags(Resources=[fleet.images[1]], Tags=[{"Key": "Latest", "Value": "true"}])
     boto3.client("ssm", region_name="us-east-1").put_parameter(

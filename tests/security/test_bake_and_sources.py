@@ -21,6 +21,7 @@ from ami_janitor import cli
 from ami_janitor.core import baking
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import bake as bake_handler
+from server import make_ledger
 
 REGION = "us-east-1"
 ROLE = {"Key": "Role", "Value": "web-build"}
@@ -178,6 +179,7 @@ def answer_an_html_page(self: Any) -> tuple[str, dict[str, Any]]:
 @pytest.mark.usefixtures("aws")
 def test_an_html_5xx_from_image_references_skips_the_region_and_retires_nothing(tmp_path: Path) -> None:
     _, images = seed_web_fleet()
+    make_ledger()
     before = own_images()
     config = write_policy(tmp_path, "enforce")
 

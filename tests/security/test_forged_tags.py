@@ -12,7 +12,7 @@ from typing import Any
 
 from ami_janitor import cli
 from ami_janitor.core.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
-from server import POLICY, ec2, image_ids, now, seed_fleet, snapshot_ids
+from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet, snapshot_ids
 
 OUTSIDE_ACCOUNT = "999988887777"
 SHARED_ACCOUNT = "111122223333"
@@ -55,6 +55,7 @@ def test_a_forged_retired_from_tag_deletes_no_snapshot(endpoint: str, tmp_path: 
     note = "us-east-1: snapshots of an unfinished deregistration: 1, not deleted until the ledger can vouch"
     assert any(n.startswith(note) for n in plan["notes"]), plan["notes"]
 
+    make_ledger()
     code, output = run("apply", "--config", config, "--yes", "--format", "json")
     report = json.loads(output)
     assert code == 0, output
@@ -73,6 +74,7 @@ def test_a_forged_permission_record_makes_no_rescue_public(endpoint: str, tmp_pa
     text = POLICY.format(mode="enforce") + f"    share_with: {{accounts: ['{SHARED_ACCOUNT}']}}\n"
     config = write_policy(tmp_path, text)
 
+    make_ledger()
     code, output = run("apply", "--config", config, "--yes", "--format", "json")
 
     assert code == 0, output

@@ -282,17 +282,19 @@ def stage_days(policy: Policy) -> dict[str, int | None]:
     return dict(policy.defaults.lifecycle.stage_days())
 
 
-def latest_of(fake: FakeEC2, policy: Policy, image: FakeImage, now: datetime) -> tuple[str | None, bool]:
-    """The Latest target of the image's group (None where it has none), and whether there is one."""
+def latest_targets(fake: FakeEC2, policy: Policy, now: datetime) -> dict[str, str | None]:
+    """Architecture -> the Latest target of that group (None where the group has none)."""
     groups, _ = build_groups(fake.describe(), policy)
+    targets: dict[str, str | None] = {}
     for group in groups:
-        if any(m.image_id == image.image_id for m in group.members):
-            target = latest_target(group, now)
-            return (target.image_id if target else None), target is not None
-    return None, False
+        target = latest_target(group, now)
+        targets[group.architecture] = target.image_id if target else None
+    return targets
 
 
-def kept_by_inputs(image: FakeImage, fake: FakeEC2, policy: Policy, now: datetime) -> str | None:
+def kept_by_inputs(
+    image: FakeImage, fake: FakeEC2, policy: Policy, now: datetime, targets: dict[str, str | None]
+) -> str | None:
     """Why a managed AMI must never be retired, read from the fleet alone (independent of the planner)."""
     rules = policy.defaults
     family = policy.families[0]
@@ -300,11 +302,12 @@ def kept_by_inputs(image: FakeImage, fake: FakeEC2, policy: Policy, now: datetim
         return "referenced"
     # A run moves the Latest tag and pointer to its group's newest available AMI before any stage: that
     # AMI is kept; the old holders are not, unless the group has none (the pointer then stays put).
-    target, has_target = latest_of(fake, policy, image, now)
-    if image.image_id == target:
+    if image.image_id in targets.values():
         return "Latest"
-    if image.image_id in fake.parameters.values() and not has_target:
-        return "SSM pointer"
+    for name, value in fake.parameters.items():
+        # /ami/app/<arch>/latest: the rotation of that architecture's group rewrites it, if it can.
+        if value == image.image_id and targets.get(name.split("/")[3]) is None:
+            return "SSM pointer"
     if OPT_OUT in image.tags:
         return "opted out"
     if image.protected:
@@ -377,12 +380,13 @@ def test_nothing_kept_is_touched(
     fake = fleet.build(fail_rate=0.05 if faults else 0.0, crash_rate=0.01 if faults else 0.0)
     snapshot_tags = {s: dict(tags) for s, tags in fake.snapshots.items()}
     fleet_before = copy.deepcopy(fake.images)
+    targets = latest_targets(fake, policy, BASE)  # as the run judges them, before it changes anything
     round_ = run(fake, policy, BASE, grants, all_permissions)
     named = touched(round_.calls)
     for image_id, before in round_.before.items():
         decision = round_.decisions.get(image_id)
         image = fleet_before[image_id]
-        reason = kept_by_inputs(image, fake, policy, BASE) if decision else None
+        reason = kept_by_inputs(image, fake, policy, BASE, targets) if decision else None
         untouched_by_janitor = not janitor_state_tags(image.tags)
         if reason and untouched_by_janitor and image.state in ("available", "disabled"):
             assert decision is not None and decision.action == "keep", (image_id, reason, decision)

@@ -117,3 +117,13 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     js = tmp_path / "p.json"
     js.write_text('{"regions": ["us-east-1"], "families": [{"name": "a", "match": {"name": "a-*"}}]}')
     assert load_policy(js).families[0].name == "a"
+
+
+def test_ledger_defaults_and_errors() -> None:
+    default = parse_policy(BASE)
+    assert (default.ledger.table, default.ledger.retention_days) == ("ami-janitor-ledger", 90)
+    named = parse_policy({**BASE, "ledger": {"table": "team.ledger-1", "retention_days": 30}})
+    assert (named.ledger.table, named.ledger.retention_days) == ("team.ledger-1", 30)
+    assert "ledger.retention_days: must be >= 1" in error_of({**BASE, "ledger": {"retention_days": 0}})
+    assert "ledger.table:" in error_of({**BASE, "ledger": {"table": "no spaces"}})
+    assert "ledger.tabel: unknown key" in error_of({**BASE, "ledger": {"tabel": "x"}})

@@ -11,6 +11,7 @@ from botocore.config import Config
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_batch import BatchClient
+    from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_emr import EMRClient
     from mypy_boto3_rbin import RecycleBinClient
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from mypy_boto3_sns import SNSClient
     from mypy_boto3_sqs import SQSClient
     from mypy_boto3_ssm import SSMClient
+    from mypy_boto3_sts import STSClient
 
 
 ClientT = TypeVar("ClientT")
@@ -66,6 +68,8 @@ class RegionClients:
     rbin: _Client[RecycleBinClient] = _Client("rbin")
     s3: _Client[S3Client] = _Client("s3")
     sns: _Client[SNSClient] = _Client("sns")
+    dynamodb: _Client[DynamoDBClient] = _Client("dynamodb")
+    sts: _Client[STSClient] = _Client("sts")
 
 
 class ClientFactory:

@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     bake.add_argument("--no-wait", action="store_true", help="print the id without waiting for available")
     rescue = commands.add_parser("rescue", parents=[common], help="undo every retirement stage of one AMI")
     rescue.add_argument("image_id", metavar="AMI_ID")
+    ledger = commands.add_parser("ledger", help="the ledger table of each managed region")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True, metavar="SUBCOMMAND")
+    create = ledger_commands.add_parser(
+        "create", parents=[common], help="make the ledger table in every managed region (idempotent)"
+    )
+    create.add_argument(
+        "--writer",
+        action="append",
+        metavar="ARN",
+        help="principal ARN (or pattern) allowed to write besides roles under /ami-janitor/ (repeatable; "
+        "default: the caller's role)",
+    )
     demo = commands.add_parser("demo", help="run the janitor on an embedded emulator (no AWS account)")
     demo.add_argument("--format", choices=["table", "json"], default="table")
     return parser

@@ -14,6 +14,7 @@ from ami_janitor import engine
 from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.aws.inventory import load_images
+from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
 from ami_janitor.core import rotation
 from ami_janitor.core.model import Plan
@@ -49,7 +50,13 @@ def _regions(policy: Policy, args: argparse.Namespace) -> list[str]:
 def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     policy = _policy(args)
     regions = _regions(policy, args)
-    result = engine.run(policy, regions, _factory(args), _now(), apply=False)
+    factory = _factory(args)
+    result = engine.run(policy, regions, factory, _now(), apply=False)
+    notes = engine.ledger_notes(policy, regions, factory)
+    if notes:
+        result = result.model_copy(
+            update={"plan": result.plan.model_copy(update={"notes": [*result.plan.notes, *notes]})}
+        )
     if args.format == "json":
         out.write(result.plan.to_json())
     else:
@@ -71,10 +78,14 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"the policy's mode is {policy.mode}: apply writes only with mode: enforce")
     regions = _regions(policy, args)
     factory = _factory(args)
+    if not args.yes and not sys.stdin.isatty():
+        raise UsageError("apply asks before it writes: pass --yes when not run in a terminal")
+    try:
+        engine.require_ledgers(policy, regions, factory)  # before anything is written or asked
+    except LedgerMissing as error:
+        raise UsageError(str(error)) from None
     now = _now()
     if not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError("apply asks before it writes: pass --yes when not run in a terminal")
         preview = engine.run(policy, regions, factory, now, apply=False)
         render.print_plan(preview.plan, out)
         if not _confirm(preview.plan, out):
@@ -222,6 +233,22 @@ def cmd_replicate(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if result.failed else EXIT_OK
 
 
+def cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
+    """`ledger create`: the table in every managed region (or those given), created or adopted."""
+    policy = _policy(args)
+    regions = _regions(policy, args)
+    results = engine.create_ledgers(policy, regions, _factory(args), args.writer)
+    failed = [r for r in results if isinstance(r, str)]
+    done = [r for r in results if not isinstance(r, str)]
+    for message in failed:
+        sys.stderr.write(f"ami-janitor: ledger create failed in {message}\n")
+    if args.format == "json":
+        render.emit_json([r.model_dump(mode="json") for r in done], out)
+    else:
+        render.print_ledger_results(done, out)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     try:
         from ami_janitor.demo import story
@@ -239,5 +266,6 @@ COMMANDS = {
     "replicate": cmd_replicate,
     "bake": cmd_bake,
     "rescue": cmd_rescue,
+    "ledger": cmd_ledger,
     "demo": cmd_demo,
 }

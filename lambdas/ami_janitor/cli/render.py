@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
     from ami_janitor.aws.executor import ActionResult
+    from ami_janitor.aws.ledger import CreateResult
     from ami_janitor.aws.rotator import RotationResult
     from ami_janitor.core.model import LatestChange, Plan
     from ami_janitor.engine import ReplicateResult, RunResult
@@ -149,3 +150,17 @@ def print_replication(result: ReplicateResult, out: TextIO, *, mode: str, applie
         out.write(f"shared {shared.region} {shared.image_id}: {status}\n")
     if not (result.copies or result.shares):
         out.write("every copy and share is in place\n")
+
+
+def print_ledger_results(results: Sequence[CreateResult], out: TextIO) -> None:
+    """What `ledger create` did, one line per region (and the writers its policy names)."""
+    for result in results:
+        if result.created:
+            what = "created"
+        elif result.changes:
+            what = "adopted"
+        else:
+            what = "already set up, nothing to change:"
+        changes = f" ({'; '.join(result.changes)})" if result.changes else ""
+        out.write(f"{result.region}: {what} {result.table}{changes}\n")
+        out.write(f"  writers besides roles under /ami-janitor/: {', '.join(result.writers) or 'none'}\n")

@@ -330,3 +330,52 @@ class Plan(_PlanModel):
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False) + "\n"
+
+
+# ---- the ledger -----------------------------------------------------------------------------------
+
+
+class LedgerStage(_Frozen):
+    """A retirement stage the janitor applied, and what it recorded before changing the AMI."""
+
+    at: datetime
+    prior_deprecation: datetime | None = None
+    prior_launch_permissions: tuple[str, ...] = ()  # LaunchPermission keys ("user:123456789012")
+
+
+class LedgerCopy(_Frozen):
+    """A copy the janitor started: its source, destination, generation and ClientToken."""
+
+    source_image_id: str
+    source_region: str
+    region: str
+    generation: int = 1
+    token: str
+    image_id: str | None = None
+
+
+class LedgerSnapshot(_Frozen):
+    """A snapshot marked for deletion with the AMI being deregistered."""
+
+    snapshot_id: str
+    image_id: str
+
+
+class LedgerBake(_Frozen):
+    instance_id: str
+    at: datetime
+
+
+class LedgerItem(_Frozen):
+    """What the janitor did to one AMI (one ledger item); EC2's own facts are never copied here."""
+
+    image_id: str
+    first_candidate: datetime | None = None
+    stages: dict[Stage, LedgerStage] = Field(default_factory=dict)
+    grants: tuple[str, ...] = ()  # launch permission keys the janitor granted
+    copies: tuple[LedgerCopy, ...] = ()
+    snapshots: tuple[LedgerSnapshot, ...] = ()
+    bakes: tuple[LedgerBake, ...] = ()
+    closed: datetime | None = None
+    # Epoch seconds after which DynamoDB deletes the item (set once the AMI is deregistered).
+    ttl: int | None = None

@@ -25,6 +25,7 @@ SOURCE_REGION_TAG = "ami-janitor:source-region"
 SOURCE_CREATED_TAG = "ami-janitor:source-created"
 COPY_GENERATION_TAG_PREFIX = "ami-janitor:copy-generation:"
 DEFAULT_CONFIG_PATH = "janitor.yaml"
+DEFAULT_LEDGER_TABLE = "ami-janitor-ledger"
 
 # What the deployed functions do: nothing (paused), say what they would do (dry-run), or act (enforce).
 Mode = Literal["dry-run", "enforce", "paused"]
@@ -250,11 +251,21 @@ class Notify(_Strict):
     email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
+class Ledger(_Strict):
+    """The ledger table of each managed region (same name in every region)."""
+
+    # DynamoDB table names: 3-255 of letters, digits, '_', '-', '.'.
+    table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_.-]{3,255}$")
+    # Items of deregistered AMIs expire this many days after deregistration (DynamoDB TTL).
+    retention_days: int = Field(90, ge=1)
+
+
 class Policy(_Strict):
     mode: Mode = "dry-run"
     regions: list[str] = Field(min_length=1)
     schedule: str = "cron(0 3 * * ? *)"
     notify: Notify | None = None
+    ledger: Ledger = Ledger()
     references: References = References()
     defaults: Rules = Rules()
     families: list[Family] = Field(min_length=1)

@@ -394,6 +394,12 @@ def _cleanup_story(fleet: Fleet, policy: Any, now: datetime, out: TextIO, json_o
     from ami_janitor.cli.render import print_plan, print_results
 
     factory = ClientFactory()
+    # What `ami-janitor ledger create` does: enforce records every step in the ledger first.
+    made = engine.create_ledgers(policy, policy.managed_regions, factory, None)
+    if not json_output:
+        out.write(
+            f"Ledger: `ami-janitor ledger create` made {policy.ledger.table} in {len(made)} regions.\n\n"
+        )
     preview = engine.run(policy, policy.managed_regions, factory, now, apply=False)
     if json_output:
         out.write(preview.plan.to_json())
@@ -405,6 +411,7 @@ def _cleanup_story(fleet: Fleet, policy: Any, now: datetime, out: TextIO, json_o
         print_plan(shown, out)
         folded = len(preview.plan.decisions) - len(shown.decisions)
         out.write(f"({folded} routine decisions folded: newest-N, young, Latest, staged deprecations)\n\n")
+    engine.require_ledgers(policy, policy.managed_regions, factory)
     result = engine.run(policy, policy.managed_regions, factory, now, apply=True)
     if not json_output:
         out.write("== Applied (mode: enforce) ==\n")

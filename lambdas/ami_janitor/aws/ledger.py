@@ -1,0 +1,377 @@
+"""The ledger table's edge: what the janitor did to each AMI, in a DynamoDB table per region.
+
+Key schema: partition key `pk` = "image#<ami id>", sort key `sk` = "item". One item per AMI, read
+by key (GetItem, BatchGetItem): every question the engine asks is "what did I do to these AMIs". The
+sort key costs nothing now and keeps room for more items under one AMI (or other kinds of items, as
+"run#<time>") later, since a table's key schema cannot change once it exists. The `image#` prefix
+keeps other kinds of partitions apart.
+
+Writes are conditional so that two runs racing on one AMI record each step exactly once: the loser
+gets "already-recorded" and must read the item again. The table lives in the region of its AMIs; its
+resource policy denies writes to every principal outside the IAM path `/ami-janitor/` (where the
+stacks put every role) and the writers `ledger create` names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, Field
+
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core.model import LedgerItem, LedgerStage, Stage, iso
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+# What the functions call: the existence check and the item reads and conditional writes.
+PERMISSIONS: list[str] = sorted(
+    [
+        "dynamodb:BatchGetItem",  # read_items
+        "dynamodb:DescribeTable",  # exists
+        "dynamodb:UpdateItem",  # record_candidate, record_stage, close
+    ]
+)
+# What `ami-janitor ledger create` calls besides (with the caller's credentials).
+CREATE_PERMISSIONS: list[str] = sorted(
+    [
+        "dynamodb:CreateTable",
+        "dynamodb:DescribeContinuousBackups",
+        "dynamodb:DescribeTimeToLive",
+        "dynamodb:GetResourcePolicy",
+        "dynamodb:PutResourcePolicy",
+        "dynamodb:UpdateContinuousBackups",
+        "dynamodb:UpdateTable",
+        "dynamodb:UpdateTimeToLive",
+    ]
+)
+
+ROLE_PATH = "/ami-janitor/"
+TTL_ATTRIBUTE = "ttl"
+POLICY_SID = "DenyWritesOutsideAmiJanitor"
+# Everything that changes the table or its items. DeleteTable is blocked by deletion protection too,
+# which only UpdateTable can lift.
+WRITE_ACTIONS: list[str] = sorted(
+    [
+        "dynamodb:BatchWriteItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:DeleteResourcePolicy",
+        "dynamodb:DeleteTable",
+        "dynamodb:PartiQLDelete",
+        "dynamodb:PartiQLInsert",
+        "dynamodb:PartiQLUpdate",
+        "dynamodb:PutItem",
+        "dynamodb:PutResourcePolicy",
+        "dynamodb:UpdateContinuousBackups",
+        "dynamodb:UpdateItem",
+        "dynamodb:UpdateTable",
+        "dynamodb:UpdateTimeToLive",
+    ]
+)
+STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
+BATCH_GET_KEYS = 100  # BatchGetItem's limit per call
+_BATCH_RETRIES = 5
+
+Written = Literal["recorded", "already-recorded"]
+
+_serializer = TypeSerializer()
+_deserializer = TypeDeserializer()
+
+
+class LedgerMissing(Exception):
+    """Regions without a ledger table (or where it cannot be checked): an enforce run is refused."""
+
+    def __init__(self, regions: Sequence[str], table: str, *, details: Sequence[str] = ()) -> None:
+        self.regions = list(regions)
+        self.table = table
+        why = "; ".join(details) or f"no ledger table {table} in {', '.join(regions)}"
+        super().__init__(
+            f"{why}: enforce records every step in the ledger; `ami-janitor ledger create` makes it"
+        )
+
+
+class CreateResult(BaseModel):
+    """What `ledger create` did in one region."""
+
+    region: str
+    table: str
+    created: bool = False
+    changes: list[str] = Field(default_factory=list)
+    writers: list[str] = Field(default_factory=list)
+
+
+def key(image_id: str) -> dict[str, Any]:
+    return {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}}
+
+
+def _not_found(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") in (
+        "ResourceNotFoundException",
+        "PolicyNotFoundException",
+    )
+
+
+def exists(clients: RegionClients, table: str) -> bool:
+    try:
+        clients.dynamodb.describe_table(TableName=table)
+    except ClientError as error:
+        if _not_found(error):
+            return False
+        raise
+    return True
+
+
+def role_arn_of(caller_arn: str) -> list[str]:
+    """The `aws:PrincipalArn` patterns of a GetCallerIdentity ARN.
+
+    An assumed-role session (arn:aws:sts::N:assumed-role/NAME/SESSION) acts as its role, whose ARN
+    has a path the session ARN drops: `role/NAME` and `role/*/NAME` match that role whatever its path
+    (role names are unique in an account). Users and roles are returned as they are."""
+    parts = caller_arn.split(":", 5)
+    if len(parts) == 6 and parts[2] == "sts" and parts[5].startswith("assumed-role/"):
+        name = parts[5].split("/")[1]
+        prefix = f"arn:{parts[1]}:iam::{parts[4]}:role/"
+        return [f"{prefix}{name}", f"{prefix}*/{name}"]
+    return [caller_arn]
+
+
+def caller_writers(clients: RegionClients) -> list[str]:
+    """The caller's principal as resource policy patterns (GetCallerIdentity needs no permission)."""
+    return role_arn_of(clients.sts.get_caller_identity()["Arn"])
+
+
+def janitor_principal_pattern(partition: str) -> str:
+    return f"arn:{partition}:iam::*:role{ROLE_PATH}*"
+
+
+def resource_policy(table_arn: str, writers: Iterable[str], *, partition: str = "aws") -> dict[str, Any]:
+    """Deny every write to principals outside the IAM path /ami-janitor/ and the named writers.
+
+    A Deny alone grants nothing: the roles still need their identity policies. `table_arn` may be a
+    CDK token (the stacks use the same document)."""
+    principals = [janitor_principal_pattern(partition), *sorted(set(writers))]
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": POLICY_SID,
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": WRITE_ACTIONS,
+                "Resource": [table_arn, f"{table_arn}/*"],
+                "Condition": {"ArnNotLike": {"aws:PrincipalArn": principals}},
+            }
+        ],
+    }
+
+
+def writers_in(policy_json: str, partition: str) -> list[str]:
+    """The writers a stored policy names besides the /ami-janitor/ path (kept when it is updated)."""
+    try:
+        document = json.loads(policy_json)
+    except ValueError:
+        return []
+    for statement in document.get("Statement", []):
+        if statement.get("Sid") == POLICY_SID:
+            principals = statement.get("Condition", {}).get("ArnNotLike", {}).get("aws:PrincipalArn", [])
+            if isinstance(principals, str):
+                principals = [principals]
+            return [p for p in principals if p != janitor_principal_pattern(partition)]
+    return []
+
+
+def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str]) -> CreateResult:
+    """Make the ledger table, or adopt an existing one: on-demand, encrypted with the AWS managed key,
+    deletion protection, PITR, TTL and the resource policy. Idempotent: only what differs is changed.
+
+    The resource policy is written last, so the writes before it are never refused to the caller."""
+    db = clients.dynamodb
+    result = CreateResult(region=clients.region, table=table)
+    try:
+        description = db.describe_table(TableName=table)["Table"]
+    except ClientError as error:
+        if not _not_found(error):
+            raise
+        description = db.create_table(
+            TableName=table,
+            AttributeDefinitions=[
+                {"AttributeName": "pk", "AttributeType": "S"},
+                {"AttributeName": "sk", "AttributeType": "S"},
+            ],
+            KeySchema=[
+                {"AttributeName": "pk", "KeyType": "HASH"},
+                {"AttributeName": "sk", "KeyType": "RANGE"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+            SSESpecification={"Enabled": True, "SSEType": "KMS"},  # the AWS managed key aws/dynamodb
+            DeletionProtectionEnabled=True,
+            Tags=[{"Key": "ami-janitor:ledger", "Value": "true"}],
+        )["TableDescription"]
+        result.created = True
+        result.changes.append("created the table (on demand, KMS encryption, deletion protection)")
+    # A table being created (here, or by someone else just before) takes its settings once ACTIVE.
+    db.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
+    arn = description["TableArn"]
+    partition = arn.split(":")[1]
+    if not result.created and not description.get("DeletionProtectionEnabled"):
+        db.update_table(TableName=table, DeletionProtectionEnabled=True)
+        result.changes.append("enabled deletion protection")
+    backups = db.describe_continuous_backups(TableName=table)["ContinuousBackupsDescription"]
+    pitr = (backups.get("PointInTimeRecoveryDescription") or {}).get("PointInTimeRecoveryStatus")
+    if pitr != "ENABLED":
+        db.update_continuous_backups(
+            TableName=table, PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True}
+        )
+        result.changes.append("enabled point-in-time recovery")
+    ttl = db.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
+    if (
+        ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING")
+        or ttl.get("AttributeName") != TTL_ATTRIBUTE
+    ):
+        db.update_time_to_live(
+            TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
+        )
+        result.changes.append(f"enabled TTL on {TTL_ATTRIBUTE}")
+    try:
+        stored: str | None = db.get_resource_policy(ResourceArn=arn)["Policy"]
+    except ClientError as error:
+        if not _not_found(error):
+            raise
+        stored = None
+    writers = sorted(set(writer_arns) | set(writers_in(stored, partition) if stored else []))
+    wanted = resource_policy(arn, writers, partition=partition)
+    if stored is None or json.loads(stored) != wanted:
+        db.put_resource_policy(ResourceArn=arn, Policy=json.dumps(wanted))
+        result.changes.append("wrote the resource policy (writes only from /ami-janitor/ and the writers)")
+    result.writers = writers
+    return result
+
+
+class Prior(BaseModel):
+    """What a stage changes, recorded before it changes it."""
+
+    deprecation: datetime | None = None
+    launch_permissions: tuple[str, ...] = ()
+
+
+def _value(data: Any) -> Any:
+    return _serializer.serialize(data)
+
+
+def _item(raw: dict[str, Any]) -> LedgerItem:
+    data = {k: _deserializer.deserialize(v) for k, v in raw.items() if k not in ("pk", "sk", "last_stage")}
+    return LedgerItem.model_validate(data)
+
+
+class Ledger:
+    """The ledger table of one region: the item API the engine uses."""
+
+    def __init__(self, clients: RegionClients, table: str, *, retention_days: int = 90) -> None:
+        self.clients = clients
+        self.table = table
+        self.retention_days = retention_days
+
+    @property
+    def _db(self) -> DynamoDBClient:
+        return self.clients.dynamodb
+
+    def _update(self, image_id: str, **request: Any) -> Written:
+        try:
+            self._db.update_item(TableName=self.table, Key=key(image_id), **request)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return "already-recorded"
+            raise
+        return "recorded"
+
+    def record_candidate(self, image_id: str, at: datetime) -> Written:
+        """Start the candidate clock, once: only where no open candidate record exists (an item closed
+        by a rescue starts afresh; its grants and copies stay)."""
+        return self._update(
+            image_id,
+            UpdateExpression="SET image_id = :id, first_candidate = :at, stages = :none "
+            "REMOVE closed, last_stage, #ttl",
+            ConditionExpression="attribute_not_exists(first_candidate) OR attribute_exists(closed)",
+            ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
+            ExpressionAttributeValues={":id": _value(image_id), ":at": _value(iso(at)), ":none": _value({})},
+        )
+
+    def record_stage(
+        self,
+        image_id: str,
+        stage: Stage,
+        at: datetime,
+        prior: Prior,
+        *,
+        previous: Stage | Literal["default"] | None = "default",
+    ) -> Written:
+        """Record a stage before applying it, once: only where the last recorded stage is `previous`
+        (by default the stage before it; None for the first stage applied), on an open candidate.
+
+        Two runs that both saw `previous` race here: one records, the other gets "already-recorded".
+        Deregistration sets the item's TTL (retention_days later)."""
+        if previous == "default":
+            index = STAGES.index(stage)
+            previous = STAGES[index - 1] if index else None
+        entry = LedgerStage(
+            at=at, prior_deprecation=prior.deprecation, prior_launch_permissions=prior.launch_permissions
+        )
+        values: dict[str, Any] = {
+            ":stage": _value(stage),
+            ":entry": _value(entry.model_dump(mode="json", exclude_none=True)),
+        }
+        condition = "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
+        if previous is None:
+            condition += " AND attribute_not_exists(last_stage)"
+        else:
+            condition += " AND last_stage = :previous"
+            values[":previous"] = _value(previous)
+        update = "SET stages.#stage = :entry, last_stage = :stage"
+        names: dict[str, str] = {"#stage": stage}
+        if stage == "deregister":
+            update += ", #ttl = :ttl"
+            names["#ttl"] = TTL_ATTRIBUTE
+            values[":ttl"] = _value(int((at + timedelta(days=self.retention_days)).timestamp()))
+        return self._update(
+            image_id,
+            UpdateExpression=update,
+            ConditionExpression=condition,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+        )
+
+    def close(self, image_id: str, at: datetime) -> Written:
+        """Close an open candidate record (a rescue); its history stays until a new candidate clock."""
+        return self._update(
+            image_id,
+            UpdateExpression="SET closed = :at",
+            ConditionExpression="attribute_exists(first_candidate) AND attribute_not_exists(closed)",
+            ExpressionAttributeValues={":at": _value(iso(at))},
+        )
+
+    def read_items(self, image_ids: Iterable[str]) -> dict[str, LedgerItem]:
+        """The items of these AMIs (absent ones are left out): BatchGetItem, 100 keys a call,
+        consistent reads, unprocessed keys asked again."""
+        wanted = sorted(set(image_ids))
+        found: dict[str, LedgerItem] = {}
+        for start in range(0, len(wanted), BATCH_GET_KEYS):
+            keys: list[Any] = [key(i) for i in wanted[start : start + BATCH_GET_KEYS]]
+            for _ in range(_BATCH_RETRIES):
+                answer = self._db.batch_get_item(
+                    RequestItems={self.table: {"Keys": keys, "ConsistentRead": True}}
+                )
+                for raw in answer.get("Responses", {}).get(self.table, []):
+                    item = _item(raw)
+                    found[item.image_id] = item
+                unprocessed: dict[str, Any] = dict(answer.get("UnprocessedKeys") or {})
+                keys = list(unprocessed.get(self.table, {}).get("Keys", []))
+                if not keys:
+                    break
+            else:
+                raise RuntimeError(f"{self.table}: BatchGetItem left {len(keys)} keys unprocessed")
+        return found

@@ -1,0 +1,188 @@
+"""The ledger table on moto: creation and adoption, its resource policy, exactly-once writes."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from ami_janitor.aws import ledger
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.ledger import Ledger, Prior
+
+TABLE = "ami-janitor-ledger"
+WRITER = "arn:aws:iam::123456789012:role/deployer"
+NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def clients(moto_aws: None) -> RegionClients:
+    return RegionClients("us-east-1")
+
+
+def test_create_is_idempotent_and_sets_every_guard(clients: RegionClients) -> None:
+    assert not ledger.exists(clients, TABLE)
+    first = ledger.create_table(clients, TABLE, [WRITER])
+    assert first.created and len(first.changes) == 4
+    assert ledger.exists(clients, TABLE)
+    again = ledger.create_table(clients, TABLE, [WRITER])
+    assert not again.created and again.changes == []
+    db = clients.dynamodb
+    table = db.describe_table(TableName=TABLE)["Table"]
+    assert table["DeletionProtectionEnabled"] is True
+    assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+    assert [k["AttributeName"] for k in table["KeySchema"]] == ["pk", "sk"]
+    backups = db.describe_continuous_backups(TableName=TABLE)["ContinuousBackupsDescription"]
+    assert backups["PointInTimeRecoveryDescription"]["PointInTimeRecoveryStatus"] == "ENABLED"
+    ttl = db.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "ttl")
+
+
+def test_resource_policy_denies_writes_outside_the_janitor_path(clients: RegionClients) -> None:
+    ledger.create_table(clients, TABLE, [WRITER])
+    arn = clients.dynamodb.describe_table(TableName=TABLE)["Table"]["TableArn"]
+    # moto stores the policy but never evaluates it: check the document itself.
+    stored = json.loads(clients.dynamodb.get_resource_policy(ResourceArn=arn)["Policy"])
+    [statement] = stored["Statement"]
+    assert statement["Effect"] == "Deny" and statement["Principal"] == "*"
+    assert {
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:BatchWriteItem",
+    } <= set(statement["Action"])
+    assert {"dynamodb:DeleteTable", "dynamodb:UpdateTable", "dynamodb:PutResourcePolicy"} <= set(
+        statement["Action"]
+    )
+    assert not any(a.startswith("dynamodb:Get") or a.endswith("Query") for a in statement["Action"])
+    assert statement["Resource"] == [arn, f"{arn}/*"]
+    assert statement["Condition"] == {
+        "ArnNotLike": {"aws:PrincipalArn": ["arn:aws:iam::*:role/ami-janitor/*", WRITER]}
+    }
+    # Another writer is added; the first stays named.
+    other = "arn:aws:iam::123456789012:role/other"
+    result = ledger.create_table(clients, TABLE, [other])
+    assert result.writers == [WRITER, other]
+    stored = json.loads(clients.dynamodb.get_resource_policy(ResourceArn=arn)["Policy"])
+    assert stored["Statement"][0]["Condition"]["ArnNotLike"]["aws:PrincipalArn"][1:] == [WRITER, other]
+
+
+def test_an_existing_table_is_adopted_and_its_guards_set(clients: RegionClients) -> None:
+    clients.dynamodb.create_table(
+        TableName=TABLE,
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    result = ledger.create_table(clients, TABLE, [WRITER])
+    assert not result.created
+    assert result.changes[0] == "enabled deletion protection"
+    assert clients.dynamodb.describe_table(TableName=TABLE)["Table"]["DeletionProtectionEnabled"] is True
+
+
+def test_caller_role_arn_from_an_assumed_role_session() -> None:
+    assert ledger.role_arn_of("arn:aws:sts::111122223333:assumed-role/Admin/alice") == [
+        "arn:aws:iam::111122223333:role/Admin",
+        "arn:aws:iam::111122223333:role/*/Admin",
+    ]
+    assert ledger.role_arn_of("arn:aws:iam::111122223333:user/bob") == ["arn:aws:iam::111122223333:user/bob"]
+
+
+def test_candidate_and_stages_are_recorded_exactly_once(clients: RegionClients) -> None:
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE, retention_days=30)
+    assert book.record_candidate("ami-1", NOW) == "recorded"
+    assert book.record_candidate("ami-1", NOW + timedelta(days=1)) == "already-recorded"
+    # A stage out of order, or on an AMI never recorded, is refused.
+    assert book.record_stage("ami-1", "disable", NOW, Prior()) == "already-recorded"
+    assert book.record_stage("ami-2", "deprecate", NOW, Prior()) == "already-recorded"
+    prior = Prior(deprecation=NOW + timedelta(days=400), launch_permissions=("user:111122223333",))
+    assert book.record_stage("ami-1", "deprecate", NOW, prior) == "recorded"
+    assert book.record_stage("ami-1", "deprecate", NOW, prior) == "already-recorded"
+    assert book.record_stage("ami-1", "deregister", NOW, Prior(), previous="deprecate") == "recorded"
+    item = book.read_items(["ami-1", "ami-2"])["ami-1"]
+    assert item.first_candidate == NOW
+    assert item.stages["deprecate"].prior_deprecation == NOW + timedelta(days=400)
+    assert item.stages["deprecate"].prior_launch_permissions == ("user:111122223333",)
+    assert set(item.stages) == {"deprecate", "deregister"}
+    assert item.ttl == int((NOW + timedelta(days=30)).timestamp())
+    assert book.close("ami-1", NOW) == "recorded"
+    assert book.close("ami-1", NOW) == "already-recorded"
+    # A closed record starts a new clock.
+    assert book.record_candidate("ami-1", NOW + timedelta(days=2)) == "recorded"
+    fresh = book.read_items(["ami-1"])["ami-1"]
+    assert fresh.stages == {} and fresh.closed is None and fresh.ttl is None
+
+
+def test_two_runs_racing_on_a_stage_one_wins(clients: RegionClients) -> None:
+    """Two runs that both read "deprecated" and both move the AMI to disable. DynamoDB evaluates a
+    condition atomically with its write; moto in-process does not lock between the two (a thread race
+    would test moto), so the interleaving is written out: both checked, then both write."""
+    ledger.create_table(clients, TABLE, [WRITER])
+    first, second = Ledger(clients, TABLE), Ledger(RegionClients("us-east-1"), TABLE)
+    first.record_candidate("ami-1", NOW)
+    first.record_stage("ami-1", "deprecate", NOW, Prior())
+    seen = [run.read_items(["ami-1"])["ami-1"] for run in (first, second)]
+    assert all(set(item.stages) == {"deprecate"} for item in seen)
+    later = NOW + timedelta(days=7)
+    outcomes = [run.record_stage("ami-1", "disable", later, Prior()) for run in (second, first)]
+    assert outcomes == ["recorded", "already-recorded"]
+    assert first.read_items(["ami-1"])["ami-1"].stages["disable"].at == later
+
+
+def test_read_items_pages_by_100_keys(clients: RegionClients) -> None:
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE)
+    ids = [f"ami-{i:04d}" for i in range(230)]
+    for image_id in ids:
+        book.record_candidate(image_id, NOW)
+    calls: list[int] = []
+    real = clients.dynamodb.batch_get_item
+
+    def counting(**request: object) -> object:
+        calls.append(len(request["RequestItems"][TABLE]["Keys"]))  # type: ignore[index]
+        return real(**request)  # type: ignore[arg-type]
+
+    clients.dynamodb.batch_get_item = counting  # type: ignore[method-assign]
+    assert set(book.read_items([*ids, "ami-absent"])) == set(ids)
+    assert calls == [100, 100, 31]
+
+
+def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env: None) -> None:
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    clients = RegionClients("us-east-1", dynamodb=client)
+    with Stubber(client) as stub:
+        stub.add_response(
+            "update_item",
+            {},
+            {
+                "TableName": TABLE,
+                "Key": {"pk": {"S": "image#ami-1"}, "sk": {"S": "item"}},
+                "UpdateExpression": "SET stages.#stage = :entry, last_stage = :stage",
+                "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
+                " AND last_stage = :previous",
+                "ExpressionAttributeNames": {"#stage": "disable"},
+                "ExpressionAttributeValues": {
+                    ":stage": {"S": "disable"},
+                    ":previous": {"S": "deprecate"},
+                    ":entry": {
+                        "M": {
+                            "at": {"S": "2026-11-25T03:00:00Z"},
+                            "prior_launch_permissions": {"L": [{"S": "user:111122223333"}]},
+                        }
+                    },
+                },
+            },
+        )
+        stub.add_client_error("update_item", service_error_code="ConditionalCheckFailedException")
+        book = Ledger(clients, TABLE)
+        prior = Prior(launch_permissions=("user:111122223333",))
+        assert book.record_stage("ami-1", "disable", NOW, prior) == "recorded"
+        assert book.record_stage("ami-1", "disable", NOW, prior) == "already-recorded"
+        stub.assert_no_pending_responses()
