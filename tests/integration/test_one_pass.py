@@ -8,11 +8,12 @@ from ami_janitor import engine
 from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.aws.inventory import count_calls
 from ami_janitor.core.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, parse_policy
-from server import POLICY, ec2, now, seed_fleet
+from server import POLICY, ec2, make_ledger, now, seed_fleet
 
 
 def test_an_applied_run_reads_each_region_once(endpoint: str) -> None:
     fleet = seed_fleet(now())
+    make_ledger()
     # One AMI the janitor had disabled, now in use again: the run rescues it and rotates Latest after.
     rescued = fleet.images[1]
     client = ec2()
