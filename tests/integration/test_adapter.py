@@ -402,7 +402,7 @@ def test_describe_image_finds_one_ami_or_none() -> None:
 
 # ---- Stubber -----------------------------------------------------------------------------------------
 
-SERVICES = ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin")
+SERVICES = ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin", "dynamodb")
 LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 IMAGES = {"Owners": ["self"], "IncludeDeprecated": True, "IncludeDisabled": True, "MaxResults": 1000}
 INSTANCES = {"Filters": [{"Name": "instance-state-name", "Values": LIVE_STATES}], "MaxResults": 1000}
@@ -417,6 +417,7 @@ SNAPSHOTS = {
     "MaxResults": 1000,
 }
 LT = "lt-0aaaaaaaaaaaaaaaa"
+TABLE = "ami-janitor-ledger"
 CREATED = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -503,6 +504,9 @@ class Stubbed:
             "pointers": None,
             "snapshots": lambda: self.add("ec2", "describe_snapshots", {"Snapshots": []}, SNAPSHOTS),
             "rbin": self._no_recycle_bin_rules,
+            "ledger": lambda: self.fail(
+                "dynamodb", "describe_table", "ResourceNotFoundException", {"TableName": TABLE}
+            ),
         }
         unknown = set(steps) - set(defaults)
         assert not unknown, f"unknown steps {unknown}"
@@ -1253,6 +1257,10 @@ def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) ->
             "get_parameters",
             {"Parameters": [], "InvalidParameters": ["/ami/app/x86_64/latest"]},
             {"Names": ["/ami/app/x86_64/latest"], "WithDecryption": False},
+        ),
+        ledger=lambda: (
+            s.add("dynamodb", "describe_table", {"Table": {"TableName": TABLE}}, {"TableName": TABLE}),
+            s.add("dynamodb", "scan", {"Items": []}, {"TableName": TABLE, "ConsistentRead": True, "Limit": 1000}),
         ),
     )
     s.add(

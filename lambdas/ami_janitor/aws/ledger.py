@@ -24,7 +24,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.core.model import LedgerItem, LedgerStage, Stage, iso
+from ami_janitor.core.model import LedgerItem, LedgerStage, LedgerView, Stage, iso, parse_time
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -34,6 +34,7 @@ PERMISSIONS: list[str] = sorted(
     [
         "dynamodb:BatchGetItem",  # read_items
         "dynamodb:DescribeTable",  # exists
+        "dynamodb:Scan",  # read_all
         "dynamodb:UpdateItem",  # record_candidate, record_stage, close
     ]
 )
@@ -107,6 +108,11 @@ class CreateResult(BaseModel):
 
 def key(image_id: str) -> dict[str, Any]:
     return {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}}
+
+
+# The one item that is not an AMI's: when an enforce run adopted the janitor tags of the region.
+ADOPTION_KEY: dict[str, Any] = {"pk": {"S": "ledger#adoption"}, "sk": {"S": "item"}}
+SCAN_PAGE = 1000  # Scan answers up to 1 MB a page whatever the limit; this only bounds the item count
 
 
 def _not_found(error: ClientError) -> bool:
@@ -353,6 +359,43 @@ class Ledger:
             ConditionExpression="attribute_exists(first_candidate) AND attribute_not_exists(closed)",
             ExpressionAttributeValues={":at": _value(iso(at))},
         )
+
+    def read_all(self) -> LedgerView:
+        """Every item of the table, read once per run (Scan, consistent, 1 MB pages): what the janitor
+        has done in the region. The table holds only AMIs it acted on (items of deregistered AMIs
+        expire), so this is the janitor's own work, not the fleet."""
+        items: dict[str, LedgerItem] = {}
+        adopted = None
+        request: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True, "Limit": SCAN_PAGE}
+        while True:
+            page = self._db.scan(**request)
+            for raw in page.get("Items", []):
+                partition = raw.get("pk", {}).get("S", "")
+                if partition == ADOPTION_KEY["pk"]["S"]:
+                    adopted = parse_time(raw.get("at", {}).get("S"))
+                elif partition.startswith("image#"):
+                    item = _item(raw)
+                    items[item.image_id] = item
+            if not page.get("LastEvaluatedKey"):
+                return LedgerView(table=self.table, items=items, adopted=adopted)
+            request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def record_adoption(self, at: datetime) -> Written:
+        """Mark the region's janitor tags adopted, once (the first enforce run with a ledger)."""
+        try:
+            self._db.update_item(
+                TableName=self.table,
+                Key=ADOPTION_KEY,
+                UpdateExpression="SET #at = :at",
+                ConditionExpression="attribute_not_exists(#at)",
+                ExpressionAttributeNames={"#at": "at"},
+                ExpressionAttributeValues={":at": _value(iso(at))},
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return "already-recorded"
+            raise
+        return "recorded"
 
     def read_items(self, image_ids: Iterable[str]) -> dict[str, LedgerItem]:
         """The items of these AMIs (absent ones are left out): BatchGetItem, 100 keys a call,

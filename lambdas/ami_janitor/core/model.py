@@ -202,6 +202,8 @@ class RegionInventory(_Frozen):
     retired_snapshots: tuple[RetiredSnapshot, ...] = ()
     recycle_bin_rules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # The region's ledger; None where it has no ledger table (a plan says so, an apply is refused).
+    ledger: LedgerView | None = None
     # Set when any source failed: the region is skipped, no decision on a partial inventory.
     error: str | None = None
 
@@ -352,6 +354,8 @@ class LedgerCopy(_Frozen):
     generation: int = 1
     token: str
     image_id: str | None = None
+    # The source's CreationDate as EC2 reported it when the copy started: a replica's age and order.
+    source_created: datetime | None = None
 
 
 class LedgerSnapshot(_Frozen):
@@ -376,6 +380,26 @@ class LedgerItem(_Frozen):
     copies: tuple[LedgerCopy, ...] = ()
     snapshots: tuple[LedgerSnapshot, ...] = ()
     bakes: tuple[LedgerBake, ...] = ()
+    # This AMI is a copy the janitor made (in this region's ledger): its source and the source's age.
+    replica: LedgerCopy | None = None
     closed: datetime | None = None
+    # Set once DeregisterImage succeeded and its recorded snapshots were handled (the confirmation).
+    deregistered: datetime | None = None
     # Epoch seconds after which DynamoDB deletes the item (set once the AMI is deregistered).
     ttl: int | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """A candidate clock runs (a rescue closes it; a later candidacy starts a new one)."""
+        return self.first_candidate is not None and self.closed is None
+
+
+class LedgerView(_Frozen):
+    """A region's ledger as one run read it (one Scan, consistent): every item by AMI id."""
+
+    table: str
+    items: dict[str, LedgerItem] = Field(default_factory=dict)
+    # When an enforce run adopted the janitor tags it found (None: not yet; `tampered` stays quiet).
+    adopted: datetime | None = None
+
+RegionInventory.model_rebuild()  # its ledger field names a model defined after it

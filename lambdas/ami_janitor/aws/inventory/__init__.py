@@ -19,6 +19,7 @@ from ami_janitor.aws.inventory import (
     images,
     instances,
     launch_configurations,
+    ledger_items,
     launch_permissions,
     launch_templates,
     parameters,
@@ -58,6 +59,7 @@ CALLED: list[str] = sorted(
         images.PERMISSIONS,
         instances.PERMISSIONS,
         launch_configurations.PERMISSIONS,
+        ledger_items.PERMISSIONS,
         launch_permissions.PERMISSIONS,
         launch_templates.PERMISSIONS,
         parameters.PERMISSIONS,
@@ -70,4 +72,6 @@ CALLED: list[str] = sorted(
 IMAGE_REFERENCES_DEPENDENCIES: list[str] = image_references.DEPENDENCIES
 PERMISSIONS: list[str] = sorted(set(CALLED) | set(IMAGE_REFERENCES_DEPENDENCIES))
 # What load_images and describe_image call (the event-driven rotation reads only these).
-IMAGE_PERMISSIONS: list[str] = sorted(set(images.PERMISSIONS) | set(pointers.PERMISSIONS))
+IMAGE_PERMISSIONS: list[str] = sorted(
+    set(images.PERMISSIONS) | set(pointers.PERMISSIONS) | set(ledger_items.PERMISSIONS)
+)

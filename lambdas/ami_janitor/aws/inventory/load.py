@@ -18,6 +18,7 @@ from ami_janitor.aws.inventory.launch_configurations import (
     read_launch_configurations,
 )
 from ami_janitor.aws.inventory.launch_templates import read_launch_templates
+from ami_janitor.aws.inventory.ledger_items import read_ledger
 from ami_janitor.aws.inventory.parameters import parameter_claims, read_parameters
 from ami_janitor.aws.inventory.pointers import Pointers, read_pointer_values
 from ami_janitor.aws.inventory.reading import SourceFailed
@@ -87,6 +88,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     latest = read_pointer_values(ssm, pointers, parameter_values)
     retired_snapshots = read_retired_snapshots(ec2)
     recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, region)
+    ledger = read_ledger(clients, policy.ledger.table)
     return RegionInventory(
         region=region,
         images=images,
@@ -97,6 +99,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
         parameters=latest,
         retired_snapshots=retired_snapshots,
         recycle_bin_rules=recycle_bin_rules,
+        ledger=ledger,
         notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *described_notes, *recycle_bin_notes])),
     )
 
@@ -106,6 +109,7 @@ def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:
     try:
         images = read_images(clients.ec2, clients.region)
         latest = read_pointer_values(clients.ssm, Pointers.of(policy, images), scanned={})
+        ledger = read_ledger(clients, policy.ledger.table)
     except SourceFailed as failure:
         return RegionInventory(region=clients.region, error=str(failure))
-    return RegionInventory(region=clients.region, images=images, parameters=latest)
+    return RegionInventory(region=clients.region, images=images, parameters=latest, ledger=ledger)

@@ -1,0 +1,23 @@
+"""The region's ledger (DynamoDB Scan): what the janitor itself did to each AMI, the record every
+decision to act sooner, delete, grant or revoke believes (tags are only a mirror for people)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ami_janitor.aws import ledger
+from ami_janitor.aws.inventory.reading import source
+from ami_janitor.core.model import LedgerView
+
+if TYPE_CHECKING:
+    from ami_janitor.aws.clients import RegionClients
+
+PERMISSIONS: list[str] = ["dynamodb:DescribeTable", "dynamodb:Scan"]
+
+
+def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
+    """Every item of the region's ledger table; None where the region has no table yet."""
+    with source("dynamodb:Scan"):
+        if not ledger.exists(clients, table):
+            return None
+        return ledger.Ledger(clients, table).read_all()
