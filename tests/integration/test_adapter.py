@@ -1260,7 +1260,9 @@ def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) ->
         ),
         ledger=lambda: (
             s.add("dynamodb", "describe_table", {"Table": {"TableName": TABLE}}, {"TableName": TABLE}),
-            s.add("dynamodb", "scan", {"Items": []}, {"TableName": TABLE, "ConsistentRead": True, "Limit": 1000}),
+            s.add(
+                "dynamodb", "scan", {"Items": []}, {"TableName": TABLE, "ConsistentRead": True, "Limit": 1000}
+            ),
         ),
     )
     s.add(

@@ -402,4 +402,5 @@ class LedgerView(_Frozen):
     # When an enforce run adopted the janitor tags it found (None: not yet; `tampered` stays quiet).
     adopted: datetime | None = None
 
+
 RegionInventory.model_rebuild()  # its ledger field names a model defined after it
