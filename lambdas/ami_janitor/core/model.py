@@ -96,6 +96,11 @@ class Image(_Frozen):
     last_launched: datetime | None = None
     # None: not loaded (DescribeImageAttribute is one call per AMI, made only for AMIs a decision needs).
     launch_permissions: tuple[LaunchPermission, ...] | None = None
+    # What CopyImage made it from, as EC2 says (SourceImageId, SourceImageRegion): set by EC2, not a tag.
+    copied_from: str | None = None
+    copied_from_region: str | None = None
+    # The janitor's ledger item of this AMI (attached by with_ledger; None: nothing recorded).
+    ledger: LedgerItem | None = None
 
     @classmethod
     def from_api(cls, region: str, raw: dict[str, Any]) -> Image:
@@ -130,6 +135,8 @@ class Image(_Frozen):
             deregistration_protection=protection.startswith("enabled")
             or protection.startswith("disabled-until"),
             last_launched=parse_time(raw.get("LastLaunchedTime")),
+            copied_from=raw.get("SourceImageId") or None,
+            copied_from_region=raw.get("SourceImageRegion") or None,
         )
 
     @property
@@ -403,4 +410,18 @@ class LedgerView(_Frozen):
     adopted: datetime | None = None
 
 
-RegionInventory.model_rebuild()  # its ledger field names a model defined after it
+# Their ledger fields name models defined after them.
+Image.model_rebuild()
+RegionInventory.model_rebuild()
+
+
+def with_ledger(inventory: RegionInventory) -> RegionInventory:
+    """The inventory with each AMI's ledger item attached (the planner then reads one image at a time)."""
+    if inventory.ledger is None or not inventory.ledger.items:
+        return inventory
+    items = inventory.ledger.items
+    images = tuple(
+        image.model_copy(update={"ledger": items[image.image_id]}) if image.image_id in items else image
+        for image in inventory.images
+    )
+    return inventory.model_copy(update={"images": images})

@@ -25,7 +25,7 @@ from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
 from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
 from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
-from ami_janitor.core.model import RegionInventory
+from ami_janitor.core.model import RegionInventory, with_ledger
 from ami_janitor.core.policy import Policy
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     retired_snapshots = read_retired_snapshots(ec2)
     recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, region)
     ledger = read_ledger(clients, policy.ledger.table)
-    return RegionInventory(
+    inventory = RegionInventory(
         region=region,
         images=images,
         references=tuple(
@@ -102,6 +102,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
         ledger=ledger,
         notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *described_notes, *recycle_bin_notes])),
     )
+    return with_ledger(inventory)
 
 
 def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:
@@ -112,4 +113,6 @@ def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:
         ledger = read_ledger(clients, policy.ledger.table)
     except SourceFailed as failure:
         return RegionInventory(region=clients.region, error=str(failure))
-    return RegionInventory(region=clients.region, images=images, parameters=latest, ledger=ledger)
+    return with_ledger(
+        RegionInventory(region=clients.region, images=images, parameters=latest, ledger=ledger)
+    )
