@@ -14,7 +14,7 @@ from ami_janitor.aws import baker, copier, executor, inventory, ledger, rotator,
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
-from ami_janitor.core import baking, replication, run_plan, sharing
+from ami_janitor.core import baking, replication, run_plan, sharing, trust
 from ami_janitor.core.model import AmiState, Copy, Image, Outcome, Plan, RegionInventory, Share, Summary
 from ami_janitor.core.policy import Family, Mode, Policy
 
@@ -181,7 +181,11 @@ def build_plan(
     """One pass: each region's inventory once (copy targets outside `regions`: their AMIs only), one
     plan, then the launch permissions the plan asks for (one call per AMI, so only those), and the
     plan settled on them."""
-    loaded = {region: inventory.load_inventory(clients_for(region), policy) for region in regions}
+    # Planned on the view the first enforce run with a ledger has once it adopted older janitor tags.
+    loaded = {
+        region: trust.adopted_view(inventory.load_inventory(clients_for(region), policy), policy, now)
+        for region in regions
+    }
     targets = [
         inventory.load_images(clients_for(region), policy)
         for region in sorted(_copy_targets(policy) - set(regions))
@@ -287,7 +291,13 @@ def run(
 
     grants = {family.name: sorted(sharing.desired_grants(family)) for family in policy.families}
     applied: ApplyResult = executor.apply_plan(
-        plan, loaded, clients_for, now, family_grants=grants, after_rescues=write_latest
+        plan,
+        loaded,
+        clients_for,
+        now,
+        ledger_for=ledger_for(policy, clients_for),
+        family_grants=grants,
+        after_rescues=write_latest,
     )
     own = [loaded[r.region] for r in plan.regions if r.status == "ok" and r.region in loaded]
     replicated = _apply_replication(replicated, own, policy, clients_for, enqueue)
@@ -335,13 +345,21 @@ def handle_ami_event(
     return outcome.model_copy(update={"shared": shared, "copies_queued": queued})
 
 
-def rescue_grants(policy: Policy, image: Image) -> list[str]:
-    """What a rescue by hand may grant: what every family the AMI matches shares (an AMI of no family
-    gets nothing back; one of several families only what all of them share)."""
+def ledger_for(policy: Policy, clients_for: ClientsFor) -> executor.LedgerFor:
+    """The ledger table of each region, as the policy names it."""
+
+    def region_ledger(region: str) -> ledger.Ledger:
+        return ledger.Ledger(
+            clients_for(region), policy.ledger.table, retention_days=policy.ledger.retention_days
+        )
+
+    return region_ledger
+
+
+def rescue_may_be_public(policy: Policy, image: Image) -> bool:
+    """A rescue makes an AMI public again only where every family it matches says public: true."""
     families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
-    if not families:
-        return []
-    return sorted(set.intersection(*(sharing.desired_grants(f) for f in families)))
+    return bool(families) and all(f.public for f in families)
 
 
 def rescue(
@@ -353,7 +371,15 @@ def rescue(
         image = inventory.describe_image(clients, image_id)
         if image is None:
             continue
-        return executor.rescue_image(clients, image, now, allowed_grants=rescue_grants(policy, image))
+        # What to undo is what the ledger recorded: without the table there is nothing to go by.
+        require_ledgers(policy, [region], clients_for)
+        return executor.rescue_image(
+            clients,
+            ledger_for(policy, clients_for)(region),
+            image,
+            now,
+            public_allowed=rescue_may_be_public(policy, image),
+        )
     raise LookupError(f"{image_id} was not found in {', '.join(regions)}")
 
 

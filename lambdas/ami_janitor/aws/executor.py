@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text
 from ami_janitor.aws.inventory import read_launch_permissions
+from ami_janitor.aws.ledger import Ledger, Prior
+from ami_janitor.core import trust
 from ami_janitor.core.model import (
     Decision,
     Image,
@@ -25,7 +27,6 @@ from ami_janitor.core.model import (
     Stage,
     Status,
     iso,
-    parse_time,
 )
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
@@ -68,7 +69,9 @@ SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSna
 
 # (region, AMIs whose rescue failed) -> AMIs that must not retire in this run.
 AfterRescues = Callable[[str, set[str]], set[str]]
-ResultAction = Literal["mark-candidate", "deprecate", "disable", "deregister", "rescue"]
+ResultAction = Literal[
+    "adopt", "mark-candidate", "deprecate", "disable", "deregister", "rescue", "finish-deregistration"
+]
 
 
 class ActionResult(BaseModel):
@@ -185,18 +188,19 @@ def _errors(outcomes: Iterable[SnapshotOutcome]) -> list[str]:
 
 
 def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | None:
-    recorded = image.tags.get(PRIOR_DEPRECATION_TAG)
-    if recorded is None:
+    """Put back the deprecation time the ledger recorded before the deprecate stage."""
+    entry = trust.recorded_stage(image, "deprecate")
+    if entry is None:
         return None
-    if recorded == "none":
+    prior = entry.prior_deprecation
+    if prior is None:
         if image.deprecation_time is None:
             return None
         ec2.disable_image_deprecation(ImageId=image.image_id)
         return "deprecation cancelled"
-    prior = parse_time(recorded)
-    if prior is None or prior <= now:
+    if prior <= now:
         # The owner's own deprecation time has passed: the image stays deprecated as it would have been.
-        return f"left deprecated (recorded deprecation time {recorded} has passed)"
+        return f"left deprecated (recorded deprecation time {iso(prior)} has passed)"
     at = max(prior, deprecate_at(now))
     if image.deprecation_time == at:
         return None
@@ -204,15 +208,14 @@ def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | N
     return f"deprecation restored to {iso(at)}"
 
 
-def _restore_permissions(ec2: EC2Client, image: Image, allowed_grants: Iterable[str]) -> list[str]:
-    """Grant what the family's policy shares, nothing more. A recorded permission outside it is
-    reported, never granted: the record is a tag, and anyone who may tag could write it."""
-    allowed = set(allowed_grants)
-    notes: list[str] = []
-    refused = sorted({p.key for p in recorded_permissions(image.tags)} - allowed)
-    if refused:
-        notes.append("recorded launch permissions not restored (outside share_with): " + ",".join(refused))
-    wanted = allowed - {p.key for p in image.launch_permissions or ()}
+def _restore_permissions(ec2: EC2Client, image: Image, public_allowed: bool) -> list[str]:
+    """Grant back what the ledger recorded before the disable stage; the public group only where the
+    family says public: true."""
+    restore, left = trust.restorable_permissions(image, public_allowed)
+    notes = (
+        ["recorded launch permissions not restored (public: true not set): " + ",".join(left)] if left else []
+    )
+    wanted = set(restore) - {p.key for p in image.launch_permissions or ()}
     if wanted:
         grants = [LaunchPermission.from_key(key) for key in sorted(wanted)]
         ec2.modify_image_attribute(
@@ -224,24 +227,21 @@ def _restore_permissions(ec2: EC2Client, image: Image, allowed_grants: Iterable[
 
 
 def _rescue_steps(
-    ec2: EC2Client,
-    image: Image,
-    now: datetime,
-    allowed_grants: Iterable[str],
-    done: list[str],
-    marked: Sequence[str] = (),
+    ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, public_allowed: bool, done: list[str]
 ) -> None:
-    """Undo every stage, noting each change in `done`. Tags go last: a crash leaves the record for a rerun."""
-    if image.state == "disabled":
+    """Undo what the ledger says the stages did, noting each change in `done`; then close the clock.
+    The ledger is closed after EC2 is back: a crash leaves the clock open for a rerun to finish."""
+    if image.state == "disabled" and trust.recorded_stage(image, "disable") is not None:
         ec2.enable_image(ImageId=image.image_id)
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
-    done += _restore_permissions(ec2, image, allowed_grants)
+    done += _restore_permissions(ec2, image, public_allowed)
+    if trust.open_item(image) is not None and ledger.close(image.image_id, now) == "recorded":
+        done.append("candidate clock closed in the ledger")
+    marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]
     if marked:
-        # A deregistration that failed after marking the snapshots: unmark them, or a later
-        # deregistration by hand would let the janitor delete them as an unfinished job.
-        ec2.delete_tags(Resources=list(marked), Tags=[{"Key": RETIRED_FROM_TAG}])
+        ec2.delete_tags(Resources=marked, Tags=[{"Key": RETIRED_FROM_TAG}])
         done.append("snapshots unmarked")
     stale = janitor_state_tags(image.tags)
     if stale:
@@ -250,55 +250,35 @@ def _rescue_steps(
 
 
 def rescue_image(
-    clients: RegionClients, image: Image, now: datetime, allowed_grants: Iterable[str] = ()
+    clients: RegionClients, ledger: Ledger, image: Image, now: datetime, *, public_allowed: bool = False
 ) -> list[ActionResult]:
-    """Undo the retirement of one AMI: enable it, restore its deprecation time, grant the launch
-    permissions its family shares (`allowed_grants`, "kind:value" keys: share_with, plus the public group
-    only where the family says `public: true`), drop the janitor tags."""
-    try:
-        marked = _marked_snapshots(clients.ec2, image.image_id)
-    except STEP_ERRORS as error:
-        failed = ActionResult(
-            region=clients.region, image_id=image.image_id, action="rescue", status="failed"
-        )
-        return [failed.model_copy(update={"error": error_text(error)})]
-    return [_rescue(clients.region, clients.ec2, image, now, allowed_grants, marked)]
-
-
-def _marked_snapshots(ec2: EC2Client, image_id: str) -> list[str]:
-    """Snapshots a half-done deregistration of this AMI marked (one call; by hand only)."""
-    found: list[str] = []
-    request: dict[str, Any] = {
-        "OwnerIds": ["self"],
-        "Filters": [{"Name": f"tag:{RETIRED_FROM_TAG}", "Values": [image_id]}],
-        "MaxResults": 1000,
-    }
-    while True:
-        page = ec2.describe_snapshots(**request)
-        found += [snapshot["SnapshotId"] for snapshot in page["Snapshots"]]
-        if not page.get("NextToken"):
-            return sorted(found)
-        request["NextToken"] = page["NextToken"]
+    """Undo the retirement of one AMI as the ledger recorded it: enable it, restore its deprecation
+    time and the launch permissions it had (public only with `public_allowed`), close its clock."""
+    if image.ledger is None:
+        try:
+            found = ledger.read_items([image.image_id])
+        except STEP_ERRORS as error:
+            failed = ActionResult(
+                region=clients.region, image_id=image.image_id, action="rescue", status="failed"
+            )
+            return [failed.model_copy(update={"error": f"ledger: {error_text(error)}"})]
+        image = image.model_copy(update={"ledger": found.get(image.image_id)})
+    return [_rescue(clients.region, clients.ec2, ledger, image, now, public_allowed)]
 
 
 def _rescue(
-    region: str,
-    ec2: EC2Client,
-    image: Image,
-    now: datetime,
-    allowed_grants: Iterable[str],
-    marked: Sequence[str] = (),
+    region: str, ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, public_allowed: bool
 ) -> ActionResult:
     done: list[str] = []
     result = ActionResult(region=region, image_id=image.image_id, action="rescue", status="skipped")
     try:
-        _rescue_steps(ec2, image, now, list(allowed_grants), done, marked)
+        _rescue_steps(ec2, ledger, image, now, public_allowed, done)
     except STEP_ERRORS as error:
         return result.model_copy(
             update={"status": "failed", "error": error_text(error), "detail": _join(done)}
         )
     if not done:
-        return result.model_copy(update={"detail": "nothing to undo"})
+        return result.model_copy(update={"detail": "nothing to undo (the ledger records no stage)"})
     return result.model_copy(update={"status": "ok", "detail": _join(done)})
 
 
@@ -311,17 +291,22 @@ def _join(notes: Iterable[str]) -> str | None:
 
 
 class _RegionRun:
-    """Applies the decisions of one region; remembers what it deregistered so that snapshot deletion
-    never trusts a stale view of which AMIs remain."""
+    """Applies the decisions of one region, each change recorded in the ledger first and confirmed
+    after; remembers what it deregistered so that snapshot deletion never trusts a stale view."""
 
-    def __init__(self, region: str, ec2: EC2Client, inventory: RegionInventory, now: datetime) -> None:
+    def __init__(
+        self, region: str, ec2: EC2Client, ledger: Ledger, inventory: RegionInventory, now: datetime
+    ) -> None:
         self.region = region
         self.ec2 = ec2
+        self.ledger = ledger
         self.inventory = inventory
         self.now = now
         self.images = {image.image_id: image for image in inventory.images}
         self.gone: set[str] = set()
         self.results: list[ActionResult] = []
+        # The last stage the ledger records per AMI (the condition of the next stage's write).
+        self.last: dict[str, Stage | None] = {}
 
     def result(self, image_id: str, action: ResultAction, status: Status, **fields: object) -> ActionResult:
         return ActionResult(region=self.region, image_id=image_id, action=action, status=status, **fields)
@@ -332,31 +317,72 @@ class _RegionRun:
         remaining = (i for i in self.images.values() if i.image_id not in self.gone and i.image_id != besides)
         return {s for i in remaining for s in i.snapshot_ids}
 
+    # step 0 -----------------------------------------------------------------------------------------
+    def adopt(self) -> str | None:
+        """The first enforce run with a ledger writes what it adopts from the janitor tags (the plan
+        was made on that view), then marks the region adopted. Returns why stages must wait, if any."""
+        ledger = self.inventory.ledger
+        if ledger is None or ledger.adopted is not None:
+            return None
+        try:
+            for image_id, item in sorted(ledger.adopting.items()):
+                self.ledger.adopt(item)
+                self.results.append(self.result(image_id, "adopt", "ok", detail="janitor tags adopted"))
+            self.ledger.record_adoption(self.now)
+            # The mirror says what the ledger now says: the adopted clocks start at this run.
+            clocks = [i for i, item in sorted(ledger.adopting.items()) if item.first_candidate is not None]
+            for start in range(0, len(clocks), CREATE_TAGS_MAX_RESOURCES):
+                _tag(
+                    self.ec2,
+                    clocks[start : start + CREATE_TAGS_MAX_RESOURCES],
+                    {CANDIDATE_TAG: iso(self.now) or ""},
+                )
+        except STEP_ERRORS as error:
+            self.results.append(
+                self.result("-", "adopt", "failed", error=f"ledger adoption: {error_text(error)}")
+            )
+            return "the ledger could not adopt the janitor tags"
+        return None
+
     # step 1 -----------------------------------------------------------------------------------------
     def mark_candidates(self, decisions: Sequence[Decision]) -> set[str]:
-        """Start the stage clock on new candidates; returns the images whose clock could not be written."""
+        """Start the stage clock of new candidates in the ledger (then the mirror tag); returns the images
+        whose clock could not be recorded."""
         new = [
             d.image_id
             for d in decisions
             if d.action in CLOCK_ACTIONS
             and d.image_id in self.images
-            and CANDIDATE_TAG not in self.images[d.image_id].tags
+            and trust.open_item(self.images[d.image_id]) is None
         ]
         value = iso(self.now) or ""
         failed: set[str] = set()
-        for start in range(0, len(new), CREATE_TAGS_MAX_RESOURCES):
-            batch = new[start : start + CREATE_TAGS_MAX_RESOURCES]
+        recorded: list[str] = []
+        for image_id in new:
+            try:
+                written = self.ledger.record_candidate(image_id, self.now)
+            except STEP_ERRORS as error:
+                failed.add(image_id)
+                self.results.append(
+                    self.result(image_id, "mark-candidate", "failed", error=f"ledger: {error_text(error)}")
+                )
+                continue
+            if written == "already-recorded":
+                failed.add(image_id)  # another run started its clock since this plan: it acts, not us
+                self.results.append(
+                    self.result(image_id, "mark-candidate", "skipped", detail="recorded by another run")
+                )
+                continue
+            recorded.append(image_id)
+            self.last[image_id] = None
+        for start in range(0, len(recorded), CREATE_TAGS_MAX_RESOURCES):
+            batch = recorded[start : start + CREATE_TAGS_MAX_RESOURCES]
             try:
                 _tag(self.ec2, batch, {CANDIDATE_TAG: value})
+                note = f"ledger first_candidate={value}; tag {CANDIDATE_TAG}"
             except AWS_ERRORS as error:
-                failed.update(batch)
-                self.results += [
-                    self.result(i, "mark-candidate", "failed", error=error_text(error)) for i in batch
-                ]
-            else:
-                self.results += [
-                    self.result(i, "mark-candidate", "ok", detail=f"{CANDIDATE_TAG}={value}") for i in batch
-                ]
+                note = f"ledger first_candidate={value}; mirror tag not written ({error_text(error)})"
+            self.results += [self.result(i, "mark-candidate", "ok", detail=note) for i in batch]
         return failed
 
     # step 2 -----------------------------------------------------------------------------------------
@@ -373,8 +399,27 @@ class _RegionRun:
                 continue
             result = self.stage(stage, image)
             self.results.append(result)
-            if result.status == "failed":
-                blocked = f"{stages[index]} failed"
+            if result.status != "ok" or (result.detail or "").startswith("recorded by another run"):
+                blocked = f"{stages[index]} {'failed' if result.status == 'failed' else 'not applied'}"
+
+    def _previous(self, image: Image) -> Stage | None:
+        if image.image_id in self.last:
+            return self.last[image.image_id]
+        item = trust.open_item(image)
+        recorded = list(item.stages) if item is not None else []
+        return max(recorded, key=trust.STAGES.index) if recorded else None
+
+    def _record(self, stage: Stage, image: Image, prior: Prior, snapshots: Sequence[str] = ()) -> bool:
+        """Record the stage in the ledger before its change; False where another run recorded it."""
+        if trust.recorded_stage(image, stage) is not None:
+            return True  # recorded by an earlier run that stopped before EC2 took it: done again
+        previous = self._previous(image)
+        written = self.ledger.record_stage(
+            image.image_id, stage, self.now, prior, previous=previous, snapshots=snapshots
+        )
+        if written == "recorded":
+            self.last[image.image_id] = stage
+        return written == "recorded"
 
     def stage(self, stage: Stage, image: Image) -> ActionResult:
         apply = {"deprecate": self.deprecate, "disable": self.disable, "deregister": self.deregister}[stage]
@@ -385,57 +430,74 @@ class _RegionRun:
                 self.gone.add(image.image_id)  # its snapshots no longer count as used by it
             return self.result(image.image_id, stage, "failed", error=error_text(error))
 
+    def _not_recorded(self, image: Image, stage: Stage) -> ActionResult:
+        return self.result(image.image_id, stage, "skipped", detail="recorded by another run since this plan")
+
     def deprecate(self, image: Image) -> ActionResult:
         target = deprecate_at(self.now)
-        done: list[str] = []
+        if not self._record("deprecate", image, Prior(deprecation=image.deprecation_time)):
+            return self._not_recorded(image, "deprecate")
+        entry = trust.recorded_stage(image, "deprecate")
+        prior = entry.prior_deprecation if entry is not None else image.deprecation_time
+        done = ["recorded in the ledger"]
         if PRIOR_DEPRECATION_TAG not in image.tags:
-            _tag(self.ec2, [image.image_id], {PRIOR_DEPRECATION_TAG: iso(image.deprecation_time) or "none"})
-            done.append("prior deprecation recorded")
+            _tag(self.ec2, [image.image_id], {PRIOR_DEPRECATION_TAG: iso(prior) or "none"})
         # An earlier deprecation time (the owner's, or ours from a run that crashed) is kept, never postponed.
         if image.deprecation_time is None or image.deprecation_time > target:
             self.ec2.enable_image_deprecation(ImageId=image.image_id, DeprecateAt=target)
             done.append(f"deprecated at {iso(target)}")
-        elif done:
+        else:
             done.append(f"kept the earlier deprecation time {iso(image.deprecation_time)}")
-        status: Status = "ok" if done else "skipped"
-        return self.result(image.image_id, "deprecate", status, detail=_join(done) or "already deprecated")
+        self.ledger.confirm_stage(image.image_id, "deprecate", self.now)
+        return self.result(image.image_id, "deprecate", "ok", detail=_join(done))
 
     def disable(self, image: Image) -> ActionResult:
-        if image.state == "disabled":
-            return self.result(image.image_id, "disable", "skipped", detail="already disabled")
         permissions = image.launch_permissions
         if permissions is None:
             permissions = read_launch_permissions(self.ec2, image.image_id)
-        # An earlier record is kept: after a rescue that stopped half way (enabled, shares not restored
-        # yet) or a hand-run EnableImage, the image holds fewer launch permissions than the record.
-        record = permission_tags([*recorded_permissions(image.tags), *permissions])
+        entry = trust.recorded_stage(image, "disable")
+        # A record from a run that stopped half way stands: the image may hold fewer permissions now.
+        prior = (
+            entry.prior_launch_permissions if entry is not None else tuple(sorted(p.key for p in permissions))
+        )
+        if not self._record("disable", image, Prior(launch_permissions=prior)):
+            return self._not_recorded(image, "disable")
+        record = permission_tags(LaunchPermission.from_key(k) for k in prior)
         _tag(self.ec2, [image.image_id], record)
-        # Parts the new record does not use go last (each part reads on its own, and the new record
-        # holds every value of the old one).
         stale = [k for k in image.tags if _is_permission_key(k) and k not in record]
         if stale:
             self.ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
-        self.ec2.disable_image(ImageId=image.image_id)
-        removed = ",".join(sorted(p.key for p in permissions)) or "none"
+        if image.state != "disabled":
+            self.ec2.disable_image(ImageId=image.image_id)
+        self.ledger.confirm_stage(image.image_id, "disable", self.now)
+        removed = ",".join(prior) or "none"
         return self.result(
-            image.image_id, "disable", "ok", detail=f"disabled; launch permissions removed: {removed}"
+            image.image_id,
+            "disable",
+            "ok",
+            detail=f"recorded in the ledger; disabled; launch permissions removed: {removed}",
         )
 
     def deregister(self, image: Image) -> ActionResult:
         own = list(image.snapshot_ids)
-        # The mark lets a rerun finish the deletion if this run stops after DeregisterImage. A snapshot
-        # another AMI uses is not this image's to delete: unmarked, it is not reported unfinished forever.
+        # The ledger records the AMI's own snapshots before DeregisterImage: the only ones a later run
+        # may delete if this one stops in between. A snapshot another AMI uses is not this image's.
         mine = [s for s in own if s not in self.snapshots_in_use(besides=image.image_id)]
+        if not self._record("deregister", image, Prior(), snapshots=mine):
+            return self._not_recorded(image, "deregister")
         if mine:
-            _tag(self.ec2, mine, {RETIRED_FROM_TAG: image.image_id})
+            _tag(self.ec2, mine, {RETIRED_FROM_TAG: image.image_id})  # the mirror, for people
         answer = self.ec2.deregister_image(ImageId=image.image_id, DeleteAssociatedSnapshots=True)
         self.gone.add(image.image_id)
-        notes = (
-            ["instance-store AMI: its S3 bundle is left"]
-            if image.root_device_type == "instance-store"
-            else []
-        )
-        reported = answer.get("DeleteSnapshotResults") or []
+        result = self._snapshots_after(image, own, answer.get("DeleteSnapshotResults") or [])
+        if result.status == "ok":
+            self.ledger.confirm_deregistered(image.image_id, self.now)
+        return result
+
+    def _snapshots_after(self, image: Image, own: list[str], reported: Sequence[Any]) -> ActionResult:
+        notes = ["recorded in the ledger"]
+        if image.root_device_type == "instance-store":
+            notes.append("instance-store AMI: its S3 bundle is left")
         if reported or not own:
             codes = {r.get("SnapshotId", "?"): r.get("ReturnCode", "?") for r in reported}
             # "skipped": another AMI still uses the snapshot. Other codes need the operator.
@@ -464,15 +526,41 @@ class _RegionRun:
         )
 
     # step 3 -----------------------------------------------------------------------------------------
-    def rescue(self, decision: Decision, allowed_grants: Iterable[str]) -> None:
+    def finish_deregistrations(self) -> None:
+        """Delete the snapshots the ledger recorded for AMIs a crashed run deregistered (and only those)."""
+        by_image: dict[str, list[str]] = {}
+        for snapshot in trust.unfinished_snapshots(self.inventory):
+            by_image.setdefault(snapshot.image_id, []).append(snapshot.snapshot_id)
+        for image_id, snapshot_ids in sorted(by_image.items()):
+            outcomes = delete_unused_snapshots(self.ec2, snapshot_ids, self.snapshots_in_use())
+            errors = _errors(outcomes)
+            if not errors:
+                try:
+                    self.ledger.confirm_deregistered(image_id, self.now)
+                except STEP_ERRORS as error:
+                    errors.append(f"ledger: {error_text(error)}")
+            self.results.append(
+                self.result(
+                    image_id,
+                    "finish-deregistration",
+                    "failed" if errors else "ok",
+                    error=_join(errors),
+                    snapshots_deleted=[o.snapshot_id for o in outcomes if o.deleted],
+                    detail=_join(["snapshots the ledger recorded", *_notes(outcomes)]),
+                )
+            )
+
+    def rescue(self, decision: Decision, public_allowed: bool) -> None:
         image = self.images.get(decision.image_id)
         if image is None:
             self.results.append(
                 self.result(decision.image_id, "rescue", "failed", error="not in the region's inventory")
             )
             return
-        marked = [s.snapshot_id for s in self.inventory.retired_snapshots if s.image_id == image.image_id]
-        self.results.append(_rescue(self.region, self.ec2, image, self.now, allowed_grants, marked))
+        self.results.append(_rescue(self.region, self.ec2, self.ledger, image, self.now, public_allowed))
+
+
+LedgerFor = Callable[[str], Ledger]
 
 
 def apply_plan(
@@ -480,14 +568,16 @@ def apply_plan(
     inventories: Mapping[str, RegionInventory],
     clients_for: Callable[[str], RegionClients],
     now: datetime,
+    *,
+    ledger_for: LedgerFor,
     family_grants: Mapping[str, Iterable[str]] | None = None,
     after_rescues: AfterRescues | None = None,
 ) -> ApplyResult:
-    """Apply an enforce plan region by region: rescues, then `after_rescues(region, failed rescues)`
-    (the run writes Latest there; it returns AMIs that must not retire now), candidate clocks, due
-    stages. `family_grants` (family name -> the "kind:value" grants its policy shares) are what a
-    rescue may grant. Snapshots of an unfinished deregistration (`plan.unfinished_snapshots`) are never
-    deleted here: a tag is no proof. AWS errors become failed results; the run always goes on."""
+    """Apply an enforce plan region by region: the adoption of older janitor tags (first run with a
+    ledger), rescues, then `after_rescues(region, failed rescues)` (the run writes Latest there; it
+    returns AMIs that must not retire now), candidate clocks, due stages, and the snapshots of
+    deregistrations a crash interrupted (those the ledger recorded, only). `family_grants` say which
+    families may be public again after a rescue. AWS errors become failed results; the run goes on."""
     if plan.mode != "enforce":
         raise ValueError(f"apply_plan needs an enforce plan, got mode {plan.mode!r}")
     regions = [r.region for r in plan.regions if r.status == "ok"]
@@ -496,36 +586,34 @@ def apply_plan(
     if unusable:
         raise ValueError(f"no usable inventory for region(s) {', '.join(unusable)} that the plan calls ok")
     results: list[ActionResult] = []
+    grants = family_grants or {}
+    public = {family for family, keys in grants.items() if "group:all" in keys}
     for region in regions:
         decisions = [d for d in plan.decisions if d.region == region]
-        ec2 = clients_for(region).ec2
-        results += _apply_region(
-            region, decisions, inventories[region], ec2, now, family_grants or {}, after_rescues
-        )
+        run = _RegionRun(region, clients_for(region).ec2, ledger_for(region), inventories[region], now)
+        _apply_region(run, decisions, public, after_rescues)
+        results += run.results
     return ApplyResult(results=results)
 
 
 def _apply_region(
-    region: str,
-    decisions: Sequence[Decision],
-    inventory: RegionInventory,
-    ec2: EC2Client,
-    now: datetime,
-    family_grants: Mapping[str, Iterable[str]],
-    after_rescues: AfterRescues | None,
-) -> list[ActionResult]:
-    run = _RegionRun(region, ec2, inventory, now)
+    run: _RegionRun, decisions: Sequence[Decision], public: set[str], after_rescues: AfterRescues | None
+) -> None:
+    waiting = run.adopt()
     # Rescues first: an AMI back in use must launch again before anything else is changed.
     for decision in decisions:
         if decision.action == "rescue":
-            run.rescue(decision, family_grants.get(decision.family, ()))
+            run.rescue(decision, decision.family in public)
     failed = {r.image_id for r in run.results if r.status == "failed"}
-    pinned = after_rescues(region, failed) if after_rescues is not None else set()
-    unclocked = run.mark_candidates(decisions)
+    pinned = after_rescues(run.region, failed) if after_rescues is not None else set()
+    if waiting is None:
+        run.finish_deregistrations()
+    unclocked = run.mark_candidates(decisions) if waiting is None else set()
     for decision in decisions:
         if decision.stages or decision.action in STAGE_ACTIONS:
-            blocked = "the candidate tag could not be written" if decision.image_id in unclocked else None
+            blocked = waiting
+            if decision.image_id in unclocked:
+                blocked = "the ledger could not start its clock"
             if decision.image_id in pinned:
                 blocked = "Latest could not be moved away from it"
             run.run_stages(decision, blocked)
-    return run.results

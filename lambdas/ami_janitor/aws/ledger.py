@@ -301,7 +301,7 @@ class Ledger:
         return self._update(
             image_id,
             UpdateExpression="SET image_id = :id, first_candidate = :at, stages = :none "
-            "REMOVE closed, last_stage, #ttl",
+            "REMOVE closed, last_stage, snapshots, deregistered, #ttl",
             ConditionExpression="attribute_not_exists(first_candidate) OR attribute_exists(closed)",
             ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
             ExpressionAttributeValues={":id": _value(image_id), ":at": _value(iso(at)), ":none": _value({})},
@@ -315,12 +315,14 @@ class Ledger:
         prior: Prior,
         *,
         previous: Stage | Literal["default"] | None = "default",
+        snapshots: Sequence[str] = (),
     ) -> Written:
         """Record a stage before applying it, once: only where the last recorded stage is `previous`
         (by default the stage before it; None for the first stage applied), on an open candidate.
 
         Two runs that both saw `previous` race here: one records, the other gets "already-recorded".
-        Deregistration sets the item's TTL (retention_days later)."""
+        Deregistration records the AMI's own `snapshots` (the only ones a later run may delete without
+        it) and sets the item's TTL (retention_days later)."""
         if previous == "default":
             index = STAGES.index(stage)
             previous = STAGES[index - 1] if index else None
@@ -340,8 +342,11 @@ class Ledger:
         update = "SET stages.#stage = :entry, last_stage = :stage"
         names: dict[str, str] = {"#stage": stage}
         if stage == "deregister":
-            update += ", #ttl = :ttl"
+            update += ", #ttl = :ttl, snapshots = :snapshots"
             names["#ttl"] = TTL_ATTRIBUTE
+            values[":snapshots"] = _value(
+                [{"snapshot_id": s, "image_id": image_id} for s in sorted(set(snapshots))]
+            )
             values[":ttl"] = _value(int((at + timedelta(days=self.retention_days)).timestamp()))
         return self._update(
             image_id,
@@ -349,6 +354,43 @@ class Ledger:
             ConditionExpression=condition,
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
+        )
+
+    def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
+        """EC2 accepted the stage's change: a later run no longer does it again."""
+        return self._update(
+            image_id,
+            UpdateExpression="SET stages.#stage.confirmed = :at",
+            ConditionExpression="attribute_exists(stages.#stage) AND attribute_not_exists(closed)",
+            ExpressionAttributeNames={"#stage": stage},
+            ExpressionAttributeValues={":at": _value(iso(at))},
+        )
+
+    def confirm_deregistered(self, image_id: str, at: datetime) -> Written:
+        """The AMI is gone and its recorded snapshots were handled: nothing is left to finish."""
+        return self._update(
+            image_id,
+            UpdateExpression="SET deregistered = :at",
+            ConditionExpression="attribute_exists(stages.deregister) AND attribute_not_exists(deregistered)",
+            ExpressionAttributeValues={":at": _value(iso(at))},
+        )
+
+    def adopt(self, item: LedgerItem) -> Written:
+        """Write an item adopted from an older janitor's tags, only where the AMI has none yet."""
+        data = item.model_dump(mode="json", exclude_none=True)
+        data = {k: v for k, v in data.items() if v not in ((), [], {}) or k == "stages"}
+        if item.grants:
+            data["grants"] = set(item.grants)  # a string set: grants are added and removed one by one
+        stages = list(item.stages)
+        if stages:
+            data["last_stage"] = max(stages, key=STAGES.index)
+        names = {f"#{k}": k for k in data}
+        return self._update(
+            item.image_id,
+            UpdateExpression="SET " + ", ".join(f"#{k} = :{k}" for k in data),
+            ConditionExpression="attribute_not_exists(pk)",
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={f":{k}": _value(v) for k, v in data.items()},
         )
 
     def close(self, image_id: str, at: datetime) -> Written:

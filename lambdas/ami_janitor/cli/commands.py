@@ -148,7 +148,7 @@ def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
     regions = _regions(policy, args)
     try:
         results = engine.rescue(policy, args.image_id, regions, _factory(args), _now())
-    except LookupError as error:
+    except (LookupError, LedgerMissing) as error:
         raise UsageError(str(error)) from None
     if args.format == "json":
         render.emit_json([r.model_dump(mode="json") for r in results], out)

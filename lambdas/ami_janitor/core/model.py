@@ -306,6 +306,17 @@ class Summary(_PlanModel):
     rescued: int = 0
     held_by_cap: int = 0
     regions_skipped: int = 0
+    tampered: int = 0
+
+
+class Tampered(_PlanModel):
+    """A janitor tag that disagrees with the ledger: reported, never obeyed."""
+
+    region: str
+    image_id: str  # the AMI (or snapshot) carrying the tag
+    tag: str
+    value: str
+    ledger: str | None  # what the ledger records (None: nothing)
 
 
 class ScheduledBake(_PlanModel):
@@ -331,8 +342,10 @@ class Plan(_PlanModel):
     summary: Summary = Summary()
     policy_errors: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
-    # Snapshots tagged retired-from whose AMI is gone: reported, never deleted on the tag's word.
+    # Snapshots the ledger recorded for an AMI whose deregistration a crash interrupted: deleted by an
+    # enforce run (never on a tag's word).
     unfinished_snapshots: list[str] = Field(default_factory=list)
+    tampered: list[Tampered] = Field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -350,6 +363,8 @@ class LedgerStage(_Frozen):
     at: datetime
     prior_deprecation: datetime | None = None
     prior_launch_permissions: tuple[str, ...] = ()  # LaunchPermission keys ("user:123456789012")
+    # When EC2 accepted the change (None: recorded, then the run stopped before or during the call).
+    confirmed: datetime | None = None
 
 
 class LedgerCopy(_Frozen):
@@ -408,6 +423,8 @@ class LedgerView(_Frozen):
     items: dict[str, LedgerItem] = Field(default_factory=dict)
     # When an enforce run adopted the janitor tags it found (None: not yet; `tampered` stays quiet).
     adopted: datetime | None = None
+    # Items the first enforce run writes from the tags it adopts (already merged into `items`).
+    adopting: dict[str, LedgerItem] = Field(default_factory=dict)
 
 
 # Their ledger fields name models defined after them.

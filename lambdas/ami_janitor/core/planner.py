@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from ami_janitor.core import build_instance
+from ami_janitor.core import build_instance, trust
 from ami_janitor.core.model import (
     Decision,
     Image,
@@ -20,15 +20,11 @@ from ami_janitor.core.model import (
     ScheduledBake,
     Stage,
     Summary,
+    Tampered,
     iso,
-    parse_time,
 )
 from ami_janitor.core.policy import (
-    CANDIDATE_TAG,
-    PRIOR_DEPRECATION_TAG,
-    PRIOR_PERMISSIONS_TAG,
     SHARED_BY_JANITOR_TAG,
-    SOURCE_IMAGE_TAG,
     Family,
     Policy,
     Rules,
@@ -66,12 +62,9 @@ def order_key(image: Image) -> tuple[datetime, str, str]:
 
 
 def is_janitor_touched(image: Image) -> bool:
-    """The janitor has started retiring it: a rescue must undo that."""
-    return (
-        CANDIDATE_TAG in image.tags
-        or PRIOR_DEPRECATION_TAG in image.tags
-        or any(key.startswith(PRIOR_PERMISSIONS_TAG) for key in image.tags)
-    )
+    """The ledger has a candidate clock running on it: keeping it means a rescue (undo what the stages
+    did, close the clock). Tags say nothing here: anyone may write them."""
+    return trust.open_item(image) is not None
 
 
 def janitor_grants(image: Image) -> set[str]:
@@ -275,27 +268,6 @@ def _configured_stages(rules: Rules) -> list[tuple[Stage, int]]:
     return [(stage, days) for stage, days in rules.lifecycle.stage_days() if days is not None]  # type: ignore[misc]
 
 
-def _stage_plan(
-    image: Image, configured: list[tuple[Stage, int]], now: datetime
-) -> tuple[datetime, list[Stage], Stage | None, datetime | None]:
-    """(candidate since, stages due now in order, next stage, when it is due)."""
-    since = parse_time(image.tags.get(CANDIDATE_TAG)) or now
-    done = 0
-    for index, (stage, _) in enumerate(configured):
-        # The record is written before EnableImageDeprecation: with no deprecation time the stage
-        # stopped half way (or a rescue that stopped half way cancelled it), so it runs again.
-        deprecated = PRIOR_DEPRECATION_TAG in image.tags and image.deprecation_time is not None
-        if (stage == "deprecate" and deprecated) or (stage == "disable" and image.state == "disabled"):
-            done = index + 1  # a later stage done implies the earlier ones are settled
-    pending = configured[done:]
-    due = [stage for stage, days in pending if since + timedelta(days=days) <= now]
-    later = pending[len(due) :]
-    if later:
-        stage, days = later[0]
-        return since, due, stage, since + timedelta(days=days)
-    return since, due, None, None
-
-
 _ALL_FIELDS = set(Decision.model_fields)
 
 
@@ -338,7 +310,7 @@ class _Draft:
             "next_action_at": self.next_action_at,
             "snapshots": list(image.snapshot_ids),
             "size_gib": image.size_gib,
-            "source_image_id": image.tags.get(SOURCE_IMAGE_TAG),
+            "source_image_id": image.source_image_id,
             "stages": self.stages,
         }
         object.__setattr__(decision, "__dict__", fields)
@@ -354,24 +326,27 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
     configured = _configured_stages(group.rules)
     for verdict in verdicts:
         image = verdict.image
-        tags = image.tags
         order: tuple[datetime, str, str] | None = None
         stages: list[Stage] = []
         next_stage: Stage | None = None
         next_text: str | None = None
         if verdict.keep:
-            since_tag = tags.get(CANDIDATE_TAG)
-            since_text = iso(parse_time(since_tag)) if since_tag else None
-            action = "rescue" if is_janitor_touched(image) else "keep"
+            clock = trust.open_item(image)
+            since_text = iso(clock.first_candidate) if clock is not None else None
+            action = "rescue" if clock is not None else "keep"
             reasons = verdict.keep
         else:
-            since, due, next_stage, next_at = _stage_plan(image, configured, now)
+            stage_plan = trust.stage_plan(image, configured, now)
+            since, due, next_stage = stage_plan.since, stage_plan.due, stage_plan.next_stage
+            next_at = stage_plan.next_at
             reasons = verdict.why_candidate
             reasons.append("not referenced, not launched recently, not Latest, not shared outside share_with")
             if image.root_device_type == "instance-store" and "deregister" in due:
                 reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
             since_text = iso(since)
             next_text = iso(next_at)
+            if stage_plan.finishing:
+                reasons.append(f"{stage_plan.finishing} recorded in the ledger but not done: done again")
             if due:
                 reasons.append(f"{', '.join(due)} due (candidate since {since_text})")
                 action, stages, order = due[-1], due, order_key(image)
@@ -403,6 +378,7 @@ def _apply_caps(
     groups: list[Group],
     policy: Policy,
     inventory: RegionInventory | None = None,
+    spent: int = 0,
 ) -> None:
     """Hold back the AMIs over a cap (oldest move first): per group a fraction of the AMIs, per region
     a count of actions (stage moves and snapshot deletions)."""
@@ -416,8 +392,8 @@ def _apply_caps(
             f"held back by max_fraction_per_family ({fraction:g} of {len(g.members)} members"
             f" = {allowed[key]} per run)"
         )
-    budget = policy.defaults.limits.max_actions_per_run
-    region_reason = f"held back by max_actions_per_run ({budget})"
+    budget = policy.defaults.limits.max_actions_per_run - spent
+    region_reason = f"held back by max_actions_per_run ({policy.defaults.limits.max_actions_per_run})"
     acting = sorted((d for d in drafts if d.order is not None), key=lambda d: d.order or ())
     deregistering = any(d.action == "deregister" for d in acting)
     users = _snapshot_users(groups, inventory) if deregistering else None
@@ -445,6 +421,7 @@ def plan_region(
     now: datetime,
     grouped: tuple[list[Group], dict[str, list[str]]],
     errors: dict[str, str],
+    spent: int = 0,
 ) -> tuple[list[Decision], list[LatestChange], list[str]]:
     """Decisions and Latest changes of one region (inventory complete), plus policy errors.
 
@@ -463,7 +440,7 @@ def plan_region(
         tag_stays = group.family.name in errors
         verdicts = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
         drafts.extend(_decide_group(group, verdicts, now))
-    _apply_caps(drafts, groups, policy, inventory)
+    _apply_caps(drafts, groups, policy, inventory, spent)
     rescued = {d.image.image_id for d in drafts if d.action == "rescue"}
     changes: list[LatestChange] = []
     for group in groups:
@@ -489,15 +466,17 @@ def after_rescues(group: Group, rescued: set[str], now: datetime) -> Group:
 
 
 def _rescued_view(image: Image, now: datetime) -> Image:
-    recorded = image.tags.get(PRIOR_DEPRECATION_TAG)
+    """What a rescue leaves, by the ledger: a disable it recorded undone, its prior deprecation back."""
     deprecation = image.deprecation_time
-    if recorded == "none":
-        deprecation = None
-    elif recorded is not None:
-        prior = parse_time(recorded)
-        if prior is not None and prior > now:
+    deprecate = trust.recorded_stage(image, "deprecate")
+    if deprecate is not None:
+        prior = deprecate.prior_deprecation
+        if prior is None:
+            deprecation = None
+        elif prior > now:
             deprecation = prior
-    state = "available" if image.state == "disabled" else image.state  # a rescue enables a disabled AMI
+    disabled = image.state == "disabled" and trust.recorded_stage(image, "disable") is not None
+    state = "available" if disabled else image.state
     return image.model_copy(update={"state": state, "deprecation_time": deprecation})
 
 
@@ -589,6 +568,7 @@ def _plan(
     policy_errors: list[str] = sorted(set(errors.values()))
     notes: list[str] = []
     unfinished: list[str] = []
+    tampered: list[Tampered] = []
     bakes: list[ScheduledBake] = []
     if policy.mode == "paused":
         notes.append("mode is paused: nothing is applied")
@@ -597,8 +577,11 @@ def _plan(
             statuses.append(RegionStatus(region=inventory.region, status="skipped", error=inventory.error))
             continue
         statuses.append(RegionStatus(region=inventory.region, status="ok"))
+        # Snapshots of a deregistration the ledger recorded and a crash interrupted: deleted first,
+        # and counted toward the region's max_actions_per_run.
+        orphaned = [s.snapshot_id for s in trust.unfinished_snapshots(inventory)]
         region_decisions, region_changes, region_errors = plan_region(
-            inventory, policy, now, grouped[inventory.region], errors
+            inventory, policy, now, grouped[inventory.region], errors, spent=len(orphaned)
         )
         decisions.extend(region_decisions)
         changes.extend(region_changes)
@@ -607,16 +590,18 @@ def _plan(
         notes.extend(f"{inventory.region}: {note}" for note in inventory.notes)
         for rule in inventory.recycle_bin_rules:
             notes.append(f"{inventory.region}: {rule}; storage freed there is deferred until the bin expires")
-        present = {image.image_id for image in inventory.images}
-        orphaned = [s.snapshot_id for s in inventory.retired_snapshots if s.image_id not in present]
         if orphaned:
-            # A tag is no proof: anyone who may tag can mark any snapshot. Only the run that read a
-            # snapshot from the block device mapping of the AMI it deregistered deletes it.
             notes.append(
-                f"{inventory.region}: snapshots of an unfinished deregistration: {len(orphaned)}, "
-                "not deleted until the ledger can vouch for them"
+                f"{inventory.region}: snapshots of an unfinished deregistration the ledger recorded: "
+                f"{len(orphaned)}, deleted by this run where it applies"
             )
         unfinished.extend(orphaned)
+        tampered.extend(trust.tampered(inventory))
+        if inventory.ledger is None:
+            notes.append(
+                f"{inventory.region}: no ledger table: candidate clocks shown as they would start at the "
+                "first enforce run"
+            )
     skipped = sum(1 for s in statuses if s.status == "skipped")
     return Plan(
         mode=policy.mode,
@@ -625,8 +610,9 @@ def _plan(
         decisions=decisions,
         latest=changes,
         bakes=bakes,
-        summary=summarize(decisions, usable, skipped),
+        summary=summarize(decisions, usable, skipped).model_copy(update={"tampered": len(tampered)}),
         policy_errors=policy_errors,
         notes=notes,
         unfinished_snapshots=sorted(unfinished),
+        tampered=tampered,
     )

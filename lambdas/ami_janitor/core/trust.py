@@ -1,0 +1,307 @@
+"""What the janitor believes about its own past work: the ledger, never its tags.
+
+Tags are a mirror for people, written after the ledger. This module reads the ledger for the stage
+clock, says which tags disagree with it (`tampered`), which deregistrations a crash left unfinished,
+and how the first enforce run adopts the tags an older janitor wrote (the safe direction only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from ami_janitor.core.model import (
+    Image,
+    LedgerItem,
+    LedgerSnapshot,
+    LedgerStage,
+    LedgerView,
+    RegionInventory,
+    Stage,
+    Tampered,
+    iso,
+    parse_time,
+    with_ledger,
+)
+from ami_janitor.core.policy import (
+    CANDIDATE_TAG,
+    PRIOR_DEPRECATION_TAG,
+    PRIOR_PERMISSIONS_TAG,
+    SHARED_BY_JANITOR_TAG,
+    Policy,
+)
+from ami_janitor.core.tags import is_part_key, joined_values
+
+STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
+GONE_STATES = frozenset({"deregistered"})
+
+
+def open_item(image: Image) -> LedgerItem | None:
+    """The AMI's running candidate record (None: the janitor has no clock on it)."""
+    item = image.ledger
+    return item if item is not None and item.is_open else None
+
+
+def shows(image: Image, stage: Stage) -> bool:
+    """EC2 shows the effect of `stage` on the AMI (a deregistered AMI is not in the inventory)."""
+    if stage == "deprecate":
+        return image.deprecation_time is not None
+    if stage == "disable":
+        return image.state == "disabled"
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    since: datetime  # the candidate clock's start (now for a new candidate)
+    due: list[Stage]  # the stages this run applies, in order
+    next_stage: Stage | None
+    next_at: datetime | None
+    finishing: Stage | None = None  # a recorded stage EC2 does not show yet: done again
+
+
+def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datetime) -> StagePlan:
+    """Which stages are due, from the ledger only.
+
+    Stage S is due at max(first_candidate + S_days, applied(previous) + S_days - previous_days); a
+    stage this run applies counts as applied now, so all-zero stages still deregister in one run. A
+    recorded stage whose change EC2 does not show, and that was never confirmed, is done again (a crash
+    between the ledger write and the EC2 call)."""
+    item = open_item(image)
+    since = item.first_candidate if item is not None and item.first_candidate else now
+    recorded = item.stages if item is not None else {}
+    last = max((STAGES.index(s) for s in recorded), default=-1)
+    due: list[Stage] = []
+    finishing: Stage | None = None
+    previous_at, previous_days = since, 0
+    for stage, days in configured:
+        entry = recorded.get(stage)
+        if entry is not None:
+            if STAGES.index(stage) == last and entry.confirmed is None and not shows(image, stage):
+                due.append(stage)
+                finishing = stage
+            previous_at, previous_days = entry.at, days
+            continue
+        if STAGES.index(stage) < last:
+            continue  # a later stage is recorded: this one is settled
+        at = max(since + timedelta(days=days), previous_at + timedelta(days=days - previous_days))
+        if at > now:
+            return StagePlan(since, due, stage, at, finishing)
+        due.append(stage)
+        previous_at, previous_days = now, days
+    return StagePlan(since, due, None, None, finishing)
+
+
+# ---- tags that disagree with the ledger ----------------------------------------------------------
+
+
+def _prior_deprecation(entry: LedgerStage | None) -> str | None:
+    if entry is None:
+        return None
+    return iso(entry.prior_deprecation) or "none"
+
+
+def _ledger_values(image: Image) -> dict[str, str | None]:
+    """What each janitor tag of the AMI should say, by the ledger (None: the ledger records nothing)."""
+    item = open_item(image)
+    stages = item.stages if item is not None else {}
+    disable = stages.get("disable")
+    grants = image.ledger.grants if image.ledger is not None else ()
+    return {
+        CANDIDATE_TAG: iso(item.first_candidate) if item is not None else None,
+        PRIOR_DEPRECATION_TAG: _prior_deprecation(stages.get("deprecate")),
+        PRIOR_PERMISSIONS_TAG: ",".join(sorted(disable.prior_launch_permissions)) if disable else None,
+        SHARED_BY_JANITOR_TAG: ",".join(sorted(grants)) if grants else None,
+    }
+
+
+def tampered(inventory: RegionInventory) -> list[Tampered]:
+    """Janitor tags whose value the ledger does not back (once the region's tags were adopted)."""
+    ledger = inventory.ledger
+    if ledger is None or ledger.adopted is None:
+        return []
+    found: list[Tampered] = []
+    for image in inventory.images:
+        if not any(key.startswith("ami-janitor:") for key in image.tags):
+            continue
+        expected = _ledger_values(image)
+        for base, wanted in expected.items():
+            keys = sorted(k for k in image.tags if is_part_key(base, k))
+            if not keys:
+                continue
+            if base in (PRIOR_PERMISSIONS_TAG, SHARED_BY_JANITOR_TAG):
+                value = ",".join(joined_values(base, image.tags))  # a record across numbered tags
+            else:
+                value = image.tags.get(base, "")
+            if value != (wanted or ""):
+                found.append(
+                    Tampered(
+                        region=inventory.region, image_id=image.image_id, tag=base, value=value, ledger=wanted
+                    )
+                )
+    recorded = {s.snapshot_id for item in ledger.items.values() for s in item.snapshots}
+    for snapshot in inventory.retired_snapshots:
+        if snapshot.snapshot_id not in recorded:
+            found.append(
+                Tampered(
+                    region=inventory.region,
+                    image_id=snapshot.snapshot_id,
+                    tag="ami-janitor:retired-from",
+                    value=snapshot.image_id,
+                    ledger=None,
+                )
+            )
+    return found
+
+
+# ---- unfinished deregistrations ------------------------------------------------------------------
+
+
+def unfinished_snapshots(inventory: RegionInventory) -> list[LedgerSnapshot]:
+    """Snapshots the ledger recorded for an AMI it deregistered, where the run stopped before deleting
+    them: the AMI is gone and no remaining AMI uses them. Only these are ever deleted without their AMI."""
+    ledger = inventory.ledger
+    if ledger is None:
+        return []
+    present = {i.image_id for i in inventory.images if i.state not in GONE_STATES}
+    used = {s for i in inventory.images if i.state not in GONE_STATES for s in i.snapshot_ids}
+    return [
+        snapshot
+        for item in ledger.items.values()
+        if "deregister" in item.stages and item.deregistered is None and item.closed is None
+        if item.image_id not in present
+        for snapshot in item.snapshots
+        if snapshot.snapshot_id not in used
+    ]
+
+
+# ---- adopting the tags of an older janitor -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What the first enforce run with a ledger records from the janitor tags it finds."""
+
+    items: dict[str, LedgerItem]
+    notes: list[str]
+
+
+def _allowed_grants(policy: Policy, image: Image) -> set[str]:
+    families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
+    if len(families) != 1:
+        return set()
+    family = families[0]
+    return set(family.share_with.grants()) | ({"group:all"} if family.public else set())
+
+
+def _adopted_item(image: Image, allowed: set[str], now: datetime, refused: list[str]) -> LedgerItem | None:
+    tags = image.tags
+    retiring = (
+        CANDIDATE_TAG in tags
+        or PRIOR_DEPRECATION_TAG in tags
+        or any(is_part_key(PRIOR_PERMISSIONS_TAG, k) for k in tags)
+    )
+    grants = set(joined_values(SHARED_BY_JANITOR_TAG, tags))
+    kept_grants = grants & allowed
+    refused += [f"{image.image_id} grant {g} (outside share_with)" for g in sorted(grants - allowed)]
+    if not retiring and not kept_grants:
+        return None
+    stages: dict[Stage, LedgerStage] = {}
+    disabled = image.state == "disabled" and retiring
+    if retiring and (shows(image, "deprecate") or disabled):
+        recorded = tags.get(PRIOR_DEPRECATION_TAG)
+        prior = None if recorded in (None, "none") else parse_time(recorded)
+        stages["deprecate"] = LedgerStage(at=now, prior_deprecation=prior, confirmed=now)
+    if disabled:
+        permissions = set(joined_values(PRIOR_PERMISSIONS_TAG, tags))
+        refused += [
+            f"{image.image_id} prior launch permission {p} (outside share_with)"
+            for p in sorted(permissions - allowed)
+        ]
+        stages["disable"] = LedgerStage(
+            at=now, prior_launch_permissions=tuple(sorted(permissions & allowed)), confirmed=now
+        )
+    return LedgerItem(
+        image_id=image.image_id,
+        first_candidate=now if retiring else None,
+        stages=stages,
+        grants=tuple(sorted(kept_grants)),
+    )
+
+
+def adoption(inventory: RegionInventory, policy: Policy, now: datetime) -> Adoption:
+    """The safe direction only: candidate clocks restart now; stages EC2 already shows are recorded
+    now; recorded grants and prior launch permissions are kept only inside share_with; retired-from
+    marks are reported for a person, never adopted. Nothing is adopted once the region was adopted."""
+    ledger = inventory.ledger
+    if ledger is not None and ledger.adopted is not None:
+        return Adoption({}, [])
+    items: dict[str, LedgerItem] = {}
+    refused: list[str] = []
+    for image in inventory.images:
+        if image.ledger is not None or image.state in GONE_STATES:
+            continue
+        if not any(key.startswith("ami-janitor:") for key in image.tags):
+            continue
+        item = _adopted_item(image, _allowed_grants(policy, image), now, refused)
+        if item is not None:
+            items[image.image_id] = item
+    notes: list[str] = []
+    if items:
+        clocks = sum(1 for item in items.values() if item.first_candidate is not None)
+        notes.append(
+            f"adopting the janitor tags of {len(items)} AMI(s): {clocks} candidate clock(s) restart at "
+            "this run, stages EC2 shows are recorded now"
+        )
+    if refused:
+        notes.append("not adopted (left for a person): " + "; ".join(refused))
+    if inventory.retired_snapshots:
+        notes.append(
+            f"snapshots marked ami-janitor:retired-from: {len(inventory.retired_snapshots)}, for a person "
+            "to check: never adopted, never deleted by the janitor"
+        )
+    return Adoption(items, notes)
+
+
+def adopted_view(inventory: RegionInventory, policy: Policy, now: datetime) -> RegionInventory:
+    """The inventory as the first enforce run with a ledger sees it once it adopted the tags (what a plan
+    before that run shows). The items to write are kept in `ledger.adopting`."""
+    if inventory.error is not None:
+        return inventory
+    found = adoption(inventory, policy, now)
+    if not found.items and not found.notes:
+        return inventory
+    ledger = inventory.ledger or LedgerView(table="")
+    merged = {**ledger.items, **found.items}
+    view = inventory.model_copy(
+        update={
+            "ledger": ledger.model_copy(update={"items": merged, "adopting": found.items})
+            if inventory.ledger is not None
+            else None,
+            "notes": (*inventory.notes, *found.notes),
+        }
+    )
+    if inventory.ledger is None:
+        # No table yet: the plan shows the adopted clocks, nothing is kept to write.
+        images = tuple(
+            i.model_copy(update={"ledger": found.items[i.image_id]}) if i.image_id in found.items else i
+            for i in inventory.images
+        )
+        return view.model_copy(update={"images": images})
+    return with_ledger(view)
+
+
+def recorded_stage(image: Image, stage: Stage) -> LedgerStage | None:
+    item = open_item(image)
+    return item.stages.get(stage) if item is not None else None
+
+
+def restorable_permissions(image: Image, allowed_public: bool) -> tuple[list[str], list[str]]:
+    """(what a rescue restores, what it leaves out): the launch permissions the ledger recorded before
+    the disable stage; the public group only where the family says public: true."""
+    entry = recorded_stage(image, "disable")
+    recorded: Iterable[str] = entry.prior_launch_permissions if entry is not None else ()
+    keep = sorted(p for p in recorded if p != "group:all" or allowed_public)
+    left = sorted(p for p in recorded if p == "group:all" and not allowed_public)
+    return keep, left
