@@ -6,7 +6,15 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory
+from ami_janitor.core.model import (
+    Image,
+    LaunchPermission,
+    LedgerItem,
+    LedgerStage,
+    LedgerView,
+    Reference,
+    RegionInventory,
+)
 from ami_janitor.core.policy import Policy, parse_policy
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
@@ -29,8 +37,11 @@ def image(
 ) -> Image:
     n = next(_ids)
     created = NOW - timedelta(days=days_old)
+    image_id = image_id or f"ami-{n:017x}"
+    if isinstance(fields.get("ledger"), LedgerItem):
+        fields["ledger"] = fields["ledger"].model_copy(update={"image_id": image_id})
     return Image(
-        image_id=image_id or f"ami-{n:017x}",
+        image_id=image_id,
         region=region,
         name=name or f"app-{created:%Y%m%d%H%M%S}-{n}",
         architecture=arch,
@@ -50,7 +61,36 @@ def reference(
     return Reference(image_id=image_id, kind=kind, resource_id="i-1", detail=detail)
 
 
+def ledger_item(
+    since_days: float,
+    stages: dict[str, float] | None = None,
+    *,
+    confirmed: bool = True,
+    **fields: Any,
+) -> LedgerItem:
+    """A ledger item whose clock started `since_days` ago, with `stages` applied that many days ago
+    (image() fills in the AMI id)."""
+    return LedgerItem(
+        image_id=fields.pop("image_id", ""),
+        first_candidate=NOW - timedelta(days=since_days),
+        stages={
+            stage: LedgerStage(
+                at=NOW - timedelta(days=ago), confirmed=NOW - timedelta(days=ago) if confirmed else None
+            )
+            for stage, ago in (stages or {}).items()
+        },
+        **fields,
+    )
+
+
+# The ledger of an inventory built here: adopted a year ago, holding the items of its images.
+ADOPTED = NOW - timedelta(days=365)
+
+
 def inventory(*images: Image, region: str = "us-east-1", **fields: Any) -> RegionInventory:
+    if "ledger" not in fields:
+        items = {i.image_id: i.ledger for i in images if i.ledger is not None}
+        fields["ledger"] = LedgerView(table="ami-janitor-ledger", items=items, adopted=ADOPTED)
     return RegionInventory(region=region, images=images, **fields)
 
 

@@ -10,6 +10,8 @@ from ami_janitor.core.model import (
     BuildInstance,
     Decision,
     LaunchPermission,
+    LedgerSnapshot,
+    LedgerView,
     Plan,
     RetiredSnapshot,
     ScheduledBake,
@@ -24,7 +26,7 @@ from ami_janitor.core.policy import (
     SOURCE_IMAGE_TAG,
     SOURCE_REGION_TAG,
 )
-from builders import NOW, image, inventory, policy, reference
+from builders import ADOPTED, NOW, image, inventory, ledger_item, policy, reference
 
 ALL_ZERO = {"lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0}}
 
@@ -125,7 +127,8 @@ def test_latest_follows_a_rescue_of_the_newest() -> None:
     rescued = image(
         days_old=90,
         state="disabled",
-        tags={"ami-janitor:candidate-since": "2026-11-01T00:00:00Z", "Keep": "yes"},
+        tags={"Keep": "yes"},
+        ledger=ledger_item(24, {"deprecate": 20, "disable": 10}),
     )
     pol = policy({"latest": {"tag": "Latest"}, "opt_out_tag": "Keep"})
     result = plan([inventory(older, rescued)], pol, NOW)
@@ -261,22 +264,35 @@ def test_stage_clock() -> None:
         target = image(days_old=300, **img)  # type: ignore[arg-type]
         return by_id(plan([inventory(*keepers, target)], policy(), NOW))[target.image_id]
 
-    since = lambda days: {CANDIDATE_TAG: iso(NOW - timedelta(days=days)) or ""}  # noqa: E731
-    deprecated = {PRIOR_DEPRECATION_TAG: "none"}
     fresh = decide()
     assert (fresh.action, fresh.stages, fresh.candidate_since) == ("deprecate", ["deprecate"], iso(NOW))
     at = NOW - timedelta(days=3)  # the deprecation time the deprecate stage set
-    waiting = decide(tags={**since(3), **deprecated}, deprecation_time=at)
+    waiting = decide(ledger=ledger_item(3, {"deprecate": 3}), deprecation_time=at)
     assert (waiting.action, waiting.next_action) == ("wait", "disable")
     assert waiting.next_action_at == iso(NOW + timedelta(days=4))
-    assert decide(tags={**since(8), **deprecated}, deprecation_time=at).action == "disable"
-    # Recorded, but EnableImageDeprecation never happened (a throttle, a crash): deprecate again first.
-    half_way = decide(tags={**since(8), **deprecated})
-    assert (half_way.action, half_way.stages) == ("disable", ["deprecate", "disable"])
-    overdue = decide(tags=since(20))
-    assert (overdue.action, overdue.stages) == ("deregister", ["deprecate", "disable", "deregister"])
-    disabled = decide(tags={**since(15), **deprecated}, state="disabled")
-    assert (disabled.action, disabled.stages) == ("deregister", ["deregister"])
+    assert decide(ledger=ledger_item(8, {"deprecate": 8}), deprecation_time=at).action == "disable"
+    # Recorded, but EC2 shows no deprecation time (a crash, a rescue that stopped half way): deprecate
+    # again, and the next stage waits its full delay from now.
+    half_way = decide(ledger=ledger_item(8, {"deprecate": 8}, confirmed=False))
+    assert (half_way.action, half_way.stages) == ("deprecate", ["deprecate"])
+    assert half_way.next_action_at == iso(NOW + timedelta(days=7))
+    assert "deprecate recorded in the ledger but not done: done again" in half_way.reasons
+    # EC2 shows a later stage: the earlier one is settled (a disabled AMI launches no more).
+    settled = decide(ledger=ledger_item(30, {"deprecate": 30, "disable": 23}), state="disabled")
+    assert "deprecate recorded in the ledger but not done: done again" not in settled.reasons
+    # A clock that started long ago, but no stage recorded: the stages still go one after another,
+    # each its own delay after the one before (deprecate now, disable 7 days later).
+    overdue = decide(ledger=ledger_item(20))
+    assert (overdue.action, overdue.stages) == ("deprecate", ["deprecate"])
+    assert overdue.next_action_at == iso(NOW + timedelta(days=7))
+    disabled = decide(ledger=ledger_item(15, {"deprecate": 15, "disable": 1}), state="disabled")
+    assert (disabled.action, disabled.stages) == ("wait", [])
+    assert disabled.next_action_at == iso(NOW + timedelta(days=6))
+    done = decide(ledger=ledger_item(30, {"deprecate": 30, "disable": 23}), state="disabled")
+    assert (done.action, done.stages) == ("deregister", ["deregister"])
+    # Janitor tags say nothing: a backdated clock tag on a fresh candidate starts no earlier stage.
+    forged = decide(tags={CANDIDATE_TAG: iso(NOW - timedelta(days=400)) or "", PRIOR_DEPRECATION_TAG: "none"})
+    assert (forged.action, forged.stages, forged.candidate_since) == ("deprecate", ["deprecate"], iso(NOW))
 
 
 def test_all_zero_stages_deregister_at_once_and_null_skips() -> None:
@@ -291,13 +307,16 @@ def test_all_zero_stages_deregister_at_once_and_null_skips() -> None:
 
 def test_rescue_when_a_keep_reason_returns() -> None:
     keepers = [image(days_old=10 + i) for i in range(2)]
-    tags = {CANDIDATE_TAG: iso(NOW - timedelta(days=9)) or "", PRIOR_DEPRECATION_TAG: "none"}
-    back = image(days_old=300, tags=tags, state="disabled")
+    back = image(days_old=300, state="disabled", ledger=ledger_item(9, {"deprecate": 9, "disable": 2}))
     inv = inventory(*keepers, back, references=(reference(back.image_id),))
     decision = by_id(plan([inv], policy(), NOW))[back.image_id]
     assert decision.action == "rescue"
     assert decision.reasons == ["used by instance i-1 (stopped)"]
-    assert decision.candidate_since == tags[CANDIDATE_TAG]
+    assert decision.candidate_since == iso(NOW - timedelta(days=9))
+    # Janitor tags alone are no clock: nothing to undo, so it is only kept.
+    tagged = image(days_old=300, tags={CANDIDATE_TAG: iso(NOW) or ""}, state="disabled")
+    inv = inventory(*keepers, tagged, references=(reference(tagged.image_id),))
+    assert by_id(plan([inv], policy(), NOW))[tagged.image_id].action == "keep"
 
 
 def test_caps_fraction_per_group_and_actions_per_region() -> None:
@@ -350,21 +369,38 @@ def test_skipped_region_has_no_decisions() -> None:
 
 def test_unfinished_deregistration_and_recycle_bin_reported() -> None:
     present = image()
+    recorded = LedgerSnapshot(snapshot_id="snap-gone", image_id="ami-gone")
+    shared = LedgerSnapshot(snapshot_id=present.snapshot_ids[0], image_id="ami-gone")
+    gone = ledger_item(30, {"deprecate": 30, "disable": 20, "deregister": 1}, image_id="ami-gone")
+    gone = gone.model_copy(update={"snapshots": (recorded, shared)})
+    finished = ledger_item(30, {"deregister": 2}, image_id="ami-done").model_copy(
+        update={
+            "snapshots": (LedgerSnapshot(snapshot_id="snap-done", image_id="ami-done"),),
+            "deregistered": NOW,
+        }
+    )
+    ledger = LedgerView(table="t", items={"ami-gone": gone, "ami-done": finished}, adopted=ADOPTED)
     inv = inventory(
         present,
         retired_snapshots=(
             RetiredSnapshot(snapshot_id="snap-gone", image_id="ami-gone"),
-            RetiredSnapshot(snapshot_id="snap-still", image_id=present.image_id),
+            RetiredSnapshot(snapshot_id="snap-forged", image_id="ami-gone"),
         ),
         recycle_bin_rules=("Recycle Bin rule r1 retains EC2_IMAGE for 7 days",),
+        ledger=ledger,
     )
     result = plan([inv], policy(), NOW)
+    # Only what the ledger recorded for a deregistration it did not confirm, and no AMI still uses.
     assert result.unfinished_snapshots == ["snap-gone"]
     assert (
-        "us-east-1: snapshots of an unfinished deregistration: 1, not deleted until the ledger can vouch "
-        "for them" in result.notes
+        "us-east-1: snapshots of an unfinished deregistration the ledger recorded: 1, deleted by this run "
+        "where it applies" in result.notes
     )
     assert any("deferred" in note for note in result.notes)
+    assert [(t.image_id, t.tag, t.value, t.ledger) for t in result.tampered] == [
+        ("snap-forged", "ami-janitor:retired-from", "ami-gone", None)
+    ]
+    assert result.summary.tampered == 1
 
 
 def test_snapshot_deletions_count_toward_max_actions_per_run() -> None:

@@ -66,25 +66,26 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
 
     Stage S is due at max(first_candidate + S_days, applied(previous) + S_days - previous_days); a
     stage this run applies counts as applied now, so all-zero stages still deregister in one run. A
-    recorded stage whose change EC2 does not show, and that was never confirmed, is done again (a crash
-    between the ledger write and the EC2 call)."""
+    recorded stage whose change EC2 does not show (a crash between the ledger write and the EC2 call,
+    or a rescue that stopped half way) is done again, under its first record, before any later stage,
+    unless EC2 shows a later stage (a disabled AMI has settled its deprecation)."""
     item = open_item(image)
     since = item.first_candidate if item is not None and item.first_candidate else now
     recorded = item.stages if item is not None else {}
-    last = max((STAGES.index(s) for s in recorded), default=-1)
+    shown = max((STAGES.index(s) for s in recorded if shows(image, s)), default=-1)
     due: list[Stage] = []
     finishing: Stage | None = None
     previous_at, previous_days = since, 0
     for stage, days in configured:
         entry = recorded.get(stage)
         if entry is not None:
-            if STAGES.index(stage) == last and entry.confirmed is None and not shows(image, stage):
+            if STAGES.index(stage) > shown and not shows(image, stage):
                 due.append(stage)
-                finishing = stage
-            previous_at, previous_days = entry.at, days
+                finishing = finishing or stage
+                previous_at, previous_days = now, days
+            else:
+                previous_at, previous_days = entry.at, days
             continue
-        if STAGES.index(stage) < last:
-            continue  # a later stage is recorded: this one is settled
         at = max(since + timedelta(days=days), previous_at + timedelta(days=days - previous_days))
         if at > now:
             return StagePlan(since, due, stage, at, finishing)
