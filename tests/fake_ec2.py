@@ -19,18 +19,38 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 import botocore.session
 from botocore.exceptions import ClientError
 from botocore.model import ServiceModel
 from botocore.validate import ParamValidator
 
-from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor.aws.ledger import STAGES, Ledger, Prior, Written
+from ami_janitor.core.model import (
+    Image,
+    LaunchPermission,
+    LedgerItem,
+    LedgerSnapshot,
+    LedgerStage,
+    LedgerView,
+    Reference,
+    RegionInventory,
+    RetiredSnapshot,
+    Stage,
+    with_ledger,
+)
 from ami_janitor.core.policy import RETIRED_FROM_TAG
 
 MUTATING = frozenset(
     {
+        "ledger_adopt",
+        "ledger_record_adoption",
+        "ledger_record_candidate",
+        "ledger_record_stage",
+        "ledger_confirm_stage",
+        "ledger_confirm_deregistered",
+        "ledger_close",
         "create_tags",
         "delete_tags",
         "enable_image_deprecation",
@@ -199,6 +219,7 @@ class FakeEC2:
         self.mutating_calls = 0
         self._lose_answer = False
         self._validator = ParamValidator()
+        self.ledger = FakeLedger(self)
 
     # ---- building a fleet ---------------------------------------------------------------------------
     def add_image(self, image: FakeImage) -> FakeImage:
@@ -241,12 +262,15 @@ class FakeEC2:
             for snapshot_id, tags in sorted(self.snapshots.items())
             if RETIRED_FROM_TAG in tags
         )
-        return RegionInventory(
-            region=self.region,
-            images=tuple(images),
-            references=tuple(sorted(self.references, key=lambda r: (r.image_id, r.resource_id))),
-            parameters=dict(self.parameters),
-            retired_snapshots=retired,
+        return with_ledger(
+            RegionInventory(
+                region=self.region,
+                images=tuple(images),
+                references=tuple(sorted(self.references, key=lambda r: (r.image_id, r.resource_id))),
+                parameters=dict(self.parameters),
+                retired_snapshots=retired,
+                ledger=self.ledger.view(),
+            )
         )
 
     # ---- plumbing ----------------------------------------------------------------------------------
@@ -270,6 +294,17 @@ class FakeEC2:
                 self.fail_rate and self.rng.random() < self.fail_rate / 2
             )
         return api, target
+
+    def ledger_call(self, operation: str, image_id: str) -> None:
+        """A write to the ledger table: recorded and faulted like a mutating EC2 call (a lost answer
+        here is the write taking effect, its answer lost: the caller sees the error)."""
+        self.calls.append(Call(operation, {"ImageId": image_id} if image_id else {}, None, self.clock))
+        fault = self.faults.pop(self.mutating_calls, None)
+        self.mutating_calls += 1
+        if fault == "crash" or (self.crash_rate and self.rng.random() < self.crash_rate):
+            raise Crash(f"{operation} never answered")
+        if fault == "throttle" or (self.fail_rate and self.rng.random() < self.fail_rate):
+            raise client_error("ThrottlingException", "Rate exceeded.", operation)
 
     def _lost_response(self, api: str) -> None:
         """After the change took effect: the answer may still be lost on the way back."""
@@ -454,3 +489,120 @@ class FakeEC2:
         self._delete_snapshot(snapshot_id)
         self._lost_response(api)
         return {}
+
+
+# ---- the ledger ------------------------------------------------------------------------------------
+
+
+class FakeLedger(Ledger):
+    """The ledger table of the fake's region, in memory: the conditional writes of aws/ledger.py with
+    the same outcomes ("recorded" / "already-recorded"), checked against the real table on moto in
+    tests/integration/test_ledger.py. Each write is a mutating call of the fake EC2, so throttles, lost
+    answers and crashes fall between a ledger write and the EC2 change it records too."""
+
+    def __init__(self, ec2: FakeEC2, retention_days: int = 90) -> None:
+        self.ec2 = ec2
+        self.table = "ami-janitor-ledger"
+        self.retention_days = retention_days
+        self.items: dict[str, LedgerItem] = {}
+        self.adopted: datetime | None = None
+
+    def _write(self, operation: str, image_id: str) -> None:
+        self.ec2.ledger_call(operation, image_id)
+
+    def _set(self, image_id: str, **update: Any) -> None:
+        item = self.items.get(image_id) or LedgerItem(image_id=image_id)
+        self.items[image_id] = item.model_copy(update=update)
+
+    def view(self) -> LedgerView:
+        return LedgerView(table=self.table, items=dict(self.items), adopted=self.adopted)
+
+    def read_all(self) -> LedgerView:
+        return self.view()
+
+    def read_items(self, image_ids: Iterable[str]) -> dict[str, LedgerItem]:
+        return {i: self.items[i] for i in image_ids if i in self.items}
+
+    def record_adoption(self, at: datetime) -> Written:
+        self._write("ledger_record_adoption", "")
+        if self.adopted is not None:
+            return "already-recorded"
+        self.adopted = at
+        return "recorded"
+
+    def adopt(self, item: LedgerItem) -> Written:
+        self._write("ledger_adopt", item.image_id)
+        if item.image_id in self.items:
+            return "already-recorded"
+        self.items[item.image_id] = item
+        return "recorded"
+
+    def record_candidate(self, image_id: str, at: datetime) -> Written:
+        self._write("ledger_record_candidate", image_id)
+        item = self.items.get(image_id)
+        if item is not None and item.first_candidate is not None and item.closed is None:
+            return "already-recorded"
+        self._set(
+            image_id, first_candidate=at, stages={}, closed=None, snapshots=(), deregistered=None, ttl=None
+        )
+        return "recorded"
+
+    def record_stage(
+        self,
+        image_id: str,
+        stage: Stage,
+        at: datetime,
+        prior: Prior,
+        *,
+        previous: Stage | Literal["default"] | None = "default",
+        snapshots: Sequence[str] = (),
+    ) -> Written:
+        self._write("ledger_record_stage", image_id)
+        if previous == "default":
+            index = STAGES.index(stage)
+            previous = STAGES[index - 1] if index else None
+        item = self.items.get(image_id)
+        if item is None or not item.is_open:
+            return "already-recorded"
+        last = max(item.stages, key=STAGES.index) if item.stages else None
+        if last != previous:
+            return "already-recorded"
+        entry = LedgerStage(
+            at=at,
+            prior_deprecation=prior.deprecation,
+            prior_launch_permissions=prior.launch_permissions,
+            already_disabled=prior.already_disabled,
+        )
+        update: dict[str, Any] = {"stages": {**item.stages, stage: entry}}
+        if stage == "deregister":
+            update["snapshots"] = tuple(
+                LedgerSnapshot(snapshot_id=s, image_id=image_id) for s in sorted(set(snapshots))
+            )
+            update["ttl"] = int((at + timedelta(days=self.retention_days)).timestamp())
+        self._set(image_id, **update)
+        return "recorded"
+
+    def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
+        self._write("ledger_confirm_stage", image_id)
+        item = self.items.get(image_id)
+        if item is None or stage not in item.stages or item.closed is not None:
+            return "already-recorded"
+        entry = item.stages[stage].model_copy(update={"confirmed": at})
+        self._set(image_id, stages={**item.stages, stage: entry})
+        return "recorded"
+
+    def confirm_deregistered(self, image_id: str, at: datetime) -> Written:
+        self._write("ledger_confirm_deregistered", image_id)
+        item = self.items.get(image_id)
+        if item is None or "deregister" not in item.stages or item.deregistered is not None:
+            return "already-recorded"
+        self._set(image_id, deregistered=at)
+        return "recorded"
+
+    def close(self, image_id: str, at: datetime) -> Written:
+        self._write("ledger_close", image_id)
+        item = self.items.get(image_id)
+        if item is None or not item.is_open:
+            return "already-recorded"
+        self._set(image_id, closed=at)
+        return "recorded"

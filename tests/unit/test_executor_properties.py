@@ -24,8 +24,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.executor import ApplyResult, apply_plan, deprecate_at, janitor_state_tags, rescue_image
-from ami_janitor.core.model import Decision, Plan, Reference, RegionInventory, iso
+from ami_janitor.aws.executor import ApplyResult, apply_plan, deprecate_at, rescue_image
+from ami_janitor.core.model import (
+    Decision,
+    LedgerItem,
+    LedgerSnapshot,
+    LedgerStage,
+    Plan,
+    Reference,
+    RegionInventory,
+    iso,
+)
 from ami_janitor.core.planner import ACTING, build_groups, latest_target
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
@@ -180,34 +189,64 @@ def build_fleet(spec: Fleet, fail_rate: float, crash_rate: float) -> FakeEC2:
             last_launched=BASE - timedelta(days=rng.randint(0, 60)) if rng.random() < 0.2 else None,
             permissions=_permissions(rng) if state == "available" else set(),
         )
-        if not spec.clean and rng.random() < 0.35:
-            _janitor_state(rng, image)
         fake.add_image(image)
+        if not spec.clean and rng.random() < 0.35:
+            _janitor_state(rng, image, fake)
         if rng.random() < 0.12:
             fake.references.append(_reference(image_id, len(fake.references)))
     if fake.images and rng.random() < 0.5:
         fake.parameters["/ami/app/x86_64/latest"] = rng.choice(sorted(fake.images))
+    fake.ledger.adopted = BASE - timedelta(days=400)
     if not spec.clean:
-        # Unfinished deletions: snapshots marked by a deregistration that stopped half way.
-        for n in range(rng.randint(0, 2)):
-            fake.add_snapshot(f"snap-orphan{n:09x}", {RETIRED_FROM_TAG: f"ami-gone{n:012x}"})
+        # Unfinished deletions: a deregistration the ledger recorded stopped before its snapshots.
         used = sorted(fake.used_snapshots())
-        if used and rng.random() < 0.2:  # a stale mark on a snapshot another AMI uses
+        for n in range(rng.randint(0, 2)):
+            gone = f"ami-gone{n:012x}"
+            snapshots = [f"snap-orphan{n:09x}"]
+            if used and rng.random() < 0.3:  # recorded, but another AMI uses it now: never deleted
+                snapshots.append(rng.choice(used))
+            for snapshot_id in snapshots:
+                fake.add_snapshot(snapshot_id, {RETIRED_FROM_TAG: gone})
+            fake.ledger.items[gone] = LedgerItem(
+                image_id=gone,
+                first_candidate=BASE - timedelta(days=60),
+                stages={"deregister": LedgerStage(at=BASE - timedelta(days=1))},
+                snapshots=tuple(LedgerSnapshot(snapshot_id=s, image_id=gone) for s in snapshots),
+            )
+        # Marks the ledger does not back (a forgery, or an older janitor's): never a reason to delete.
+        if used and rng.random() < 0.3:
             fake.add_snapshot(rng.choice(used), {RETIRED_FROM_TAG: "ami-gone00000000ff"})
+        fake.add_snapshot("snap-forged000000", {RETIRED_FROM_TAG: "ami-gone00000000fe"})
     return fake
 
 
-def _janitor_state(rng: random.Random, image: FakeImage) -> None:
-    """What earlier runs left: the candidate clock, and the records of the stages they applied."""
+def _janitor_state(rng: random.Random, image: FakeImage, fake: FakeEC2) -> None:
+    """What earlier runs left: the candidate clock and the stages they applied, in the ledger (and the
+    mirror tags for people, which no decision reads)."""
     since = BASE - timedelta(days=rng.randint(0, 40))
     image.tags[CANDIDATE_TAG] = iso(since) or ""
+    stages: dict[str, LedgerStage] = {}
     if rng.random() < 0.5:
         image.tags[PRIOR_DEPRECATION_TAG] = iso(image.deprecation_time) or "none"
+        stages["deprecate"] = LedgerStage(at=since, prior_deprecation=image.deprecation_time, confirmed=since)
         janitor_time = _minute(since + timedelta(minutes=1))
         if image.deprecation_time is None or image.deprecation_time > janitor_time:
             image.deprecation_time = janitor_time
         if image.state == "disabled":
-            image.tags[PRIOR_PERMISSIONS_TAG] = f"user:{OWN_ACCOUNT}" if rng.random() < 0.5 else ""
+            prior = (f"user:{OWN_ACCOUNT}",) if rng.random() < 0.5 else ()
+            image.tags[PRIOR_PERMISSIONS_TAG] = ",".join(prior)
+            stages["disable"] = LedgerStage(at=since, prior_launch_permissions=prior, confirmed=since)
+    fake.ledger.items[image.image_id] = LedgerItem(
+        image_id=image.image_id,
+        first_candidate=since,
+        stages=stages,  # type: ignore[arg-type]
+    )
+
+
+def janitor_started(fake: FakeEC2, image_id: str) -> bool:
+    """The ledger has a clock running on the AMI (what makes keeping it a rescue)."""
+    item = fake.ledger.items.get(image_id)
+    return item is not None and item.is_open
 
 
 def _reference(image_id: str, n: int) -> Reference:
@@ -258,7 +297,12 @@ def run(fake: FakeEC2, policy: Policy, now: datetime, grants: bool, all_permissi
     family_grants = {f.name: sorted(desired_grants(f)) for f in policy.families} if grants else None
     try:
         applied: ApplyResult | None = apply_plan(
-            result, {fake.region: inventory}, lambda _: clients_for(fake), now, family_grants=family_grants
+            result,
+            {fake.region: inventory},
+            lambda _: clients_for(fake),
+            now,
+            ledger_for=lambda _: fake.ledger,
+            family_grants=family_grants,
         )
     except Crash:
         applied = None
@@ -342,6 +386,14 @@ def test_no_snapshot_in_use_is_ever_deleted(
         users_before = {
             s: {i.image_id for i in fake.images.values() if s in i.snapshot_ids} for s in fake.snapshots
         }
+        # Snapshots the ledger recorded for a deregistration it has not confirmed, whose AMI is gone.
+        recorded = {
+            snapshot.snapshot_id
+            for item in fake.ledger.items.values()
+            if "deregister" in item.stages and item.deregistered is None and item.closed is None
+            if item.image_id not in fake.images
+            for snapshot in item.snapshots
+        }
         deleted_before = len(fake.deleted_snapshots)
         round_ = run(fake, policy, now, grants)
         deleted = fake.deleted_snapshots[deleted_before:]
@@ -351,11 +403,13 @@ def test_no_snapshot_in_use_is_ever_deleted(
         assert not missing, missing
         # The inventory names every AMI: the executor never even asks to delete a snapshot in use.
         assert not fake.refused_in_use, fake.refused_in_use
-        # A deleted snapshot belonged to an AMI this run deregistered, and to no AMI that remains: a
-        # retired-from tag alone (an earlier run's mark, or anyone's forgery) never deletes one.
+        # A deleted snapshot belonged to an AMI this run deregistered, or the ledger recorded it for one
+        # an earlier run deregistered, and no AMI that remains uses it: a retired-from tag alone (an
+        # earlier run's mark, or anyone's forgery) never deletes one.
         for snapshot_id in deleted:
             users = users_before[snapshot_id]
-            assert users and not users & remaining, (snapshot_id, users, remaining)
+            assert users or snapshot_id in recorded, (snapshot_id, users)
+            assert not users & remaining, (snapshot_id, users, remaining)
         if round_.applied is not None:
             reported = round_.applied.snapshots_deleted
             assert len(reported) == len(set(reported))
@@ -366,7 +420,7 @@ def test_no_snapshot_in_use_is_ever_deleted(
             # ... and no such snapshot is left behind: nothing else is ever deleted.
             gone = set(users_before) - set(fake.snapshots)
             for snapshot_id, users in users_before.items():
-                freed = users and not users & remaining
+                freed = (users or snapshot_id in recorded) and not users & remaining
                 assert (snapshot_id in gone) == bool(freed), (snapshot_id, users, remaining)
 
 
@@ -380,6 +434,7 @@ def test_nothing_kept_is_touched(
     fake = fleet.build(fail_rate=0.05 if faults else 0.0, crash_rate=0.01 if faults else 0.0)
     snapshot_tags = {s: dict(tags) for s, tags in fake.snapshots.items()}
     fleet_before = copy.deepcopy(fake.images)
+    ledger_before = {i: janitor_started(fake, i) for i in fake.images}
     targets = latest_targets(fake, policy, BASE)  # as the run judges them, before it changes anything
     round_ = run(fake, policy, BASE, grants, all_permissions)
     named = touched(round_.calls)
@@ -387,7 +442,7 @@ def test_nothing_kept_is_touched(
         decision = round_.decisions.get(image_id)
         image = fleet_before[image_id]
         reason = kept_by_inputs(image, fake, policy, BASE, targets) if decision else None
-        untouched_by_janitor = not janitor_state_tags(image.tags)
+        untouched_by_janitor = not ledger_before.get(image_id, False)
         if reason and untouched_by_janitor and image.state in ("available", "disabled"):
             assert decision is not None and decision.action == "keep", (image_id, reason, decision)
         if decision is None or decision.action == "keep":
@@ -402,11 +457,13 @@ def test_nothing_kept_is_touched(
 
 
 def assert_restored(image: FakeImage, original: FakeImage, now: datetime, grants: set[str]) -> None:
-    assert image.state == "available", image
+    # An AMI its owner had disabled stays disabled: the janitor undoes only what it did.
+    assert image.state == original.state, (image, original)
     assert image.tags == original.tags, (image.tags, original.tags)
-    assert not janitor_state_tags(image.tags)
-    # Everything the family shares, and nothing beyond what the AMI had: never public unless allowed.
-    assert grants <= image.permissions <= original.permissions | grants, (image.permissions, original)
+    # What the AMI had before the janitor disabled it; a public AMI the janitor disabled is made public
+    # again only where the family allows it.
+    public = {"group:all"} - grants
+    assert original.permissions - public <= image.permissions <= original.permissions, (image, original)
     prior = original.deprecation_time
     if prior is None or prior > deprecate_at(now):
         assert image.deprecation_time == prior, (image.deprecation_time, prior)
@@ -437,8 +494,8 @@ def test_rescue_undoes_every_stage(
         now += timedelta(days=step)
         # References come and go between runs: AMIs are rescued (maybe half way), and retired again.
         fake.references = [r for r in fake.references if r.resource_id in kept or rng.random() < 0.5]
-        for image_id, image in sorted(fake.images.items()):
-            if janitor_state_tags(image.tags) and rng.random() < 0.3:
+        for image_id in sorted(fake.images):
+            if janitor_started(fake, image_id) and rng.random() < 0.3:
                 fake.references.append(_reference(image_id, len(fake.references) + 100))
         if faults:  # rescues come first in a run: the first calls are theirs
             kinds = ["throttle", "lost", "crash"]
@@ -447,7 +504,7 @@ def test_rescue_undoes_every_stage(
     # The last run: no more faults; some AMIs the janitor is retiring are in use again.
     fake.faults = {}
     now += timedelta(days=last)
-    retiring = sorted(i for i, image in fake.images.items() if janitor_state_tags(image.tags))
+    retiring = sorted(i for i in fake.images if janitor_started(fake, i))
     chosen = [i for i in retiring if rng.random() < 0.8]
     for image_id in chosen:
         fake.references.append(_reference(image_id, len(fake.references) + 1000))
@@ -461,9 +518,12 @@ def test_rescue_undoes_every_stage(
     assert not touched(again.calls) & set(chosen), [c for c in again.calls if c.image_id in chosen]
     # By hand (`ami-janitor rescue AMI_ID`): the same end state, from DescribeImages alone.
     inventory = {i.image_id: i for i in fake.describe().images}
-    for image_id in sorted(i for i, image in fake.images.items() if janitor_state_tags(image.tags)):
-        results = rescue_image(clients_for(fake), inventory[image_id], now, allowed_grants=sorted(extra))
+    for image_id in sorted(i for i in fake.images if janitor_started(fake, i)):
+        image = inventory[image_id].model_copy(update={"ledger": None})  # as DescribeImages gives it
+        public = "group:all" in extra
+        results = rescue_image(clients_for(fake), fake.ledger, image, now, public_allowed=public)
         assert [r.status for r in results] == ["ok"], results
+        assert not janitor_started(fake, image_id)
         assert_restored(fake.images[image_id], originals[image_id], now, extra)
 
 
@@ -507,7 +567,7 @@ def test_a_second_run_changes_nothing(
 # ---- 5. staged order ------------------------------------------------------------------------------
 
 
-def check_stage_call(call: Call, decision: Decision | None, policy: Policy) -> None:
+def check_stage_call(call: Call, decision: Decision | None, item: LedgerItem | None, policy: Policy) -> None:
     """A stage's call: the stage was due, and every earlier configured stage had been applied."""
     days = stage_days(policy)
     stage = {
@@ -519,11 +579,10 @@ def check_stage_call(call: Call, decision: Decision | None, policy: Policy) -> N
     image = call.before
     assert image is not None, call
     assert days[stage] is not None, f"{stage} is not configured"
-    since = image.tags.get(CANDIDATE_TAG)
-    assert since is not None, "a stage ran before the candidate clock was written"
-    started = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    assert started + timedelta(days=days[stage]) <= call.clock, (stage, since, call.clock)
-    deprecated = PRIOR_DEPRECATION_TAG in image.tags and image.deprecation_time is not None
+    assert item is not None and item.first_candidate is not None, "a stage ran before its clock was recorded"
+    assert stage in item.stages, "a stage ran before the ledger recorded it"
+    assert item.first_candidate + timedelta(days=days[stage]) <= call.clock, (stage, item, call.clock)
+    deprecated = image.deprecation_time is not None
     if stage == "disable" and days["deprecate"] is not None:
         assert deprecated, ("not deprecated first", image)
     if stage == "deregister" and days["disable"] is not None:
@@ -550,7 +609,7 @@ def test_stages_run_in_order_and_only_when_due(
             if call.operation in ("disable_image", "deregister_image") or (
                 call.operation == "enable_image_deprecation" and not rescue
             ):
-                check_stage_call(call, decision, policy)
+                check_stage_call(call, decision, fake.ledger.items.get(call.image_id or ""), policy)
 
 
 # ---- examples the properties found ----------------------------------------------------------------

@@ -14,7 +14,16 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami_janitor.core.model import Image, LaunchPermission, Plan, Reference, RegionInventory, iso
+from ami_janitor.core.model import (
+    Image,
+    LaunchPermission,
+    LedgerItem,
+    LedgerStage,
+    Plan,
+    Reference,
+    RegionInventory,
+    iso,
+)
 from ami_janitor.core.planner import ACTING
 from ami_janitor.core.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
 from ami_janitor.core.run_plan import needed_launch_permissions, plan_run, settle
@@ -70,10 +79,14 @@ def fleets(draw: st.DrawFn) -> RegionInventory:
             tags[OPT_OUT] = ""
         if rng.random() < 0.1:
             tags["Latest"] = "true"
+        item: LedgerItem | None = None
         if rng.random() < 0.4:
-            tags[CANDIDATE_TAG] = iso(NOW - timedelta(days=rng.randint(0, 40))) or ""
-            if rng.random() < 0.5:
-                tags[PRIOR_DEPRECATION_TAG] = "none"
+            since = NOW - timedelta(days=rng.randint(0, 40))
+            stages = {"deprecate": LedgerStage(at=since)} if rng.random() < 0.5 else {}
+            item = LedgerItem(image_id=f"ami-{index:017x}", first_candidate=since, stages=stages)  # type: ignore[arg-type]
+        if rng.random() < 0.2:  # a forged clock: says nothing
+            tags[CANDIDATE_TAG] = iso(NOW - timedelta(days=rng.randint(0, 400))) or ""
+            tags[PRIOR_DEPRECATION_TAG] = "none"
         perms: list[LaunchPermission] = []
         if rng.random() < 0.15:
             perms.append(LaunchPermission(kind="user", value=rng.choice([OWN_ACCOUNT, "999988887777"])))
@@ -99,6 +112,7 @@ def fleets(draw: st.DrawFn) -> RegionInventory:
                 deregistration_protection=rng.random() < 0.05,
                 last_launched=NOW - timedelta(days=rng.randint(0, 60)) if rng.random() < 0.2 else None,
                 launch_permissions=tuple(perms),
+                ledger=item,
             )
         )
         if rng.random() < 0.15:
@@ -216,8 +230,13 @@ def test_every_member_appears_once_and_candidates_in_use_are_rescued(
     for decision in result.decisions:
         image = images[decision.image_id]
         reason = protected_reason(image, inventory, policy)
-        if CANDIDATE_TAG in image.tags and reason is not None:
+        if image.ledger is not None and reason is not None:
             assert decision.action == "rescue", (decision, reason)
+
+
+def enabled_by_rescue(image: Image, actions: dict[str, str]) -> bool:
+    stage = image.ledger.stages.get("disable") if image.ledger is not None else None
+    return actions[image.image_id] == "rescue" and stage is not None and not stage.already_disabled
 
 
 @given(fleets(), policies())
@@ -227,12 +246,12 @@ def test_latest_points_at_the_newest_available(inventory: RegionInventory, polic
     for change in result.latest:
         if change.to is None:
             continue
-        # A rescue (of a disabled AMI, say) comes before Latest moves: it may be the newest.
+        # A rescue (of an AMI the janitor disabled) comes before Latest moves: it may be the newest.
         members = [
             i
             for i in inventory.images
             if i.architecture == change.architecture
-            and (i.state == "available" or (i.state == "disabled" and actions[i.image_id] == "rescue"))
+            and (i.state == "available" or (i.state == "disabled" and enabled_by_rescue(i, actions)))
         ]
         newest = max(members, key=lambda i: (i.created, i.name, i.image_id))
         assert change.to == newest.image_id

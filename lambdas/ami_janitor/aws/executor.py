@@ -231,7 +231,8 @@ def _rescue_steps(
 ) -> None:
     """Undo what the ledger says the stages did, noting each change in `done`; then close the clock.
     The ledger is closed after EC2 is back: a crash leaves the clock open for a rerun to finish."""
-    if image.state == "disabled" and trust.recorded_stage(image, "disable") is not None:
+    disable = trust.recorded_stage(image, "disable")
+    if image.state == "disabled" and disable is not None and not disable.already_disabled:
         ec2.enable_image(ImageId=image.image_id)
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
@@ -460,7 +461,8 @@ class _RegionRun:
         prior = (
             entry.prior_launch_permissions if entry is not None else tuple(sorted(p.key for p in permissions))
         )
-        if not self._record("disable", image, Prior(launch_permissions=prior)):
+        already = image.state == "disabled"
+        if not self._record("disable", image, Prior(launch_permissions=prior, already_disabled=already)):
             return self._not_recorded(image, "disable")
         record = permission_tags(LaunchPermission.from_key(k) for k in prior)
         _tag(self.ec2, [image.image_id], record)

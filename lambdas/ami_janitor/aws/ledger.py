@@ -263,6 +263,7 @@ class Prior(BaseModel):
 
     deprecation: datetime | None = None
     launch_permissions: tuple[str, ...] = ()
+    already_disabled: bool = False
 
 
 def _value(data: Any) -> Any:
@@ -327,7 +328,10 @@ class Ledger:
             index = STAGES.index(stage)
             previous = STAGES[index - 1] if index else None
         entry = LedgerStage(
-            at=at, prior_deprecation=prior.deprecation, prior_launch_permissions=prior.launch_permissions
+            at=at,
+            prior_deprecation=prior.deprecation,
+            prior_launch_permissions=prior.launch_permissions,
+            already_disabled=prior.already_disabled,
         )
         values: dict[str, Any] = {
             ":stage": _value(stage),

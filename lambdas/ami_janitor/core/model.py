@@ -363,6 +363,8 @@ class LedgerStage(_Frozen):
     at: datetime
     prior_deprecation: datetime | None = None
     prior_launch_permissions: tuple[str, ...] = ()  # LaunchPermission keys ("user:123456789012")
+    # The AMI was disabled before the janitor's disable stage (by its owner): a rescue leaves it so.
+    already_disabled: bool = False
     # When EC2 accepted the change (None: recorded, then the run stopped before or during the call).
     confirmed: datetime | None = None
 

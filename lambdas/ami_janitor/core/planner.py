@@ -475,7 +475,8 @@ def _rescued_view(image: Image, now: datetime) -> Image:
             deprecation = None
         elif prior > now:
             deprecation = prior
-    disabled = image.state == "disabled" and trust.recorded_stage(image, "disable") is not None
+    disable = trust.recorded_stage(image, "disable")
+    disabled = image.state == "disabled" and disable is not None and not disable.already_disabled
     state = "available" if disabled else image.state
     return image.model_copy(update={"state": state, "deprecation_time": deprecation})
 
