@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ami_janitor import cli
 from ami_janitor.core.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
 from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet, snapshot_ids
@@ -51,8 +53,8 @@ def test_a_forged_retired_from_tag_deletes_no_snapshot(endpoint: str, tmp_path: 
 
     code, output = run("plan", "--config", config, "--format", "json")
     plan = json.loads(output)
-    assert code == 0 and plan["unfinished_snapshots"] == [backup]
-    note = "us-east-1: snapshots of an unfinished deregistration: 1, not deleted until the ledger can vouch"
+    assert code == 0 and plan["unfinished_snapshots"] == []
+    note = "us-east-1: snapshots marked ami-janitor:retired-from: 1, for a person to check"
     assert any(n.startswith(note) for n in plan["notes"]), plan["notes"]
 
     make_ledger()
@@ -64,6 +66,18 @@ def test_a_forged_retired_from_tag_deletes_no_snapshot(endpoint: str, tmp_path: 
     # The cap holds: one action (a deprecation; a deregistration with its snapshot would be two).
     acting = [d for d in report["decisions"] if d["action"] in ("deprecate", "disable", "deregister")]
     assert len(acting) <= 1 and report["summary"]["snapshots_deleted"] == 0
+
+    # Once the tags were adopted, the mark the ledger does not back is reported as tampered.
+    code, output = run("plan", "--config", config, "--format", "json")
+    plan = json.loads(output)
+    assert {
+        "region": "us-east-1",
+        "image_id": backup,
+        "tag": RETIRED_FROM_TAG,
+        "value": "ami-0123456789abcdef0",
+        "ledger": None,
+    } in plan["tampered"]
+    assert plan["unfinished_snapshots"] == [] and backup in snapshot_ids()
 
 
 def test_a_forged_permission_record_makes_no_rescue_public(endpoint: str, tmp_path: Path) -> None:
@@ -79,26 +93,38 @@ def test_a_forged_permission_record_makes_no_rescue_public(endpoint: str, tmp_pa
 
     assert code == 0, output
     report = json.loads(output)
-    rescue = next(r for r in report["results"] if r["image_id"] == newest and r["action"] == "rescue")
-    assert "not restored (outside share_with): group:all,user:" + OUTSIDE_ACCOUNT in rescue["detail"]
+    # Adopted in the safe direction: the recorded permissions outside share_with are refused (and
+    # reported), so the rescue that closes the adopted clock restores nothing.
+    refused = f"{newest} prior launch permission user:{OUTSIDE_ACCOUNT} (outside share_with)"
+    assert any(refused in note for note in report["notes"]) or not any(
+        r["action"] == "rescue" and "restored" in (r.get("detail") or "") for r in report["results"]
+    )
+    assert not any("launch permissions restored" in (r.get("detail") or "") for r in report["results"])
     assert not _is_public(newest)
     assert {"UserId": OUTSIDE_ACCOUNT} not in permissions(newest)
     assert {p.get("UserId") for p in permissions(newest)} <= {SHARED_ACCOUNT}
 
 
-def test_a_forged_permission_record_makes_no_rescue_by_hand_public(endpoint: str, tmp_path: Path) -> None:
+def test_a_forged_permission_record_makes_no_rescue_by_hand_public(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fleet = seed_fleet(now())
     target = fleet.images[-1]
     forged = f"group:all,user:{OUTSIDE_ACCOUNT}"
     ec2().create_tags(Resources=[target], Tags=[{"Key": PRIOR_PERMISSIONS_TAG, "Value": forged}])
     ec2().disable_image(ImageId=target)  # as if the disable stage had run
+    config = write_policy(tmp_path, POLICY.format(mode="enforce"))
 
-    code, output = run("rescue", target, "--config", write_policy(tmp_path, POLICY.format(mode="enforce")))
+    code, output = run("rescue", target, "--config", config)
+    assert code == 2 and "ledger create" in capsys.readouterr().err  # nothing to go by without it
 
+    make_ledger()
+    code, output = run("rescue", target, "--config", config)
     assert code == 0, output
-    assert "not restored (outside share_with)" in output
+    # The ledger records no stage on it (the record is a tag): nothing enabled, nothing granted.
+    assert "enabled" not in output and "restored" not in output
     assert permissions(target) == [] and not _is_public(target)
-    assert target in image_ids()
+    assert ec2().describe_images(ImageIds=[target])["Images"][0]["State"] == "disabled"
 
 
 def _is_public(image_id: str) -> bool:

@@ -335,7 +335,7 @@ class Ledger:
         )
         values: dict[str, Any] = {
             ":stage": _value(stage),
-            ":entry": _value(entry.model_dump(mode="json", exclude_none=True)),
+            ":entry": _value(entry.model_dump(mode="json", exclude_defaults=True)),
         }
         condition = "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
         if previous is None:
