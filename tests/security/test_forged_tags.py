@@ -14,7 +14,7 @@ import pytest
 
 from ami_janitor import cli
 from ami_janitor.core.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
-from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet, snapshot_ids
+from server import POLICY, ec2, make_ledger, now, seed_fleet, snapshot_ids
 
 OUTSIDE_ACCOUNT = "999988887777"
 SHARED_ACCOUNT = "111122223333"
