@@ -41,6 +41,7 @@ from ami_janitor.core.policy import (
     PRIOR_DEPRECATION_TAG,
     PRIOR_PERMISSIONS_TAG,
     RETIRED_FROM_TAG,
+    SHARED_BY_JANITOR_TAG,
     SOURCE_CREATED_TAG,
     SOURCE_IMAGE_TAG,
     SOURCE_REGION_TAG,
@@ -610,6 +611,85 @@ def test_stages_run_in_order_and_only_when_due(
                 call.operation == "enable_image_deprecation" and not rescue
             ):
                 check_stage_call(call, decision, fake.ledger.items.get(call.image_id or ""), policy)
+
+
+# ---- 6. forged janitor tags ------------------------------------------------------------------------
+
+
+def forge(rng: random.Random, fake: FakeEC2, now: datetime) -> None:
+    """What a principal who may only tag writes: every janitor record, backdated and widened."""
+    ids = sorted(fake.images)
+    for image_id in rng.sample(ids, k=min(len(ids), rng.randint(0, 6))):
+        tags = fake.images[image_id].tags
+        tags[CANDIDATE_TAG] = iso(now - timedelta(days=rng.randint(0, 400))) or ""
+        tags[PRIOR_DEPRECATION_TAG] = rng.choice(["none", iso(now + timedelta(days=900)) or ""])
+        tags[PRIOR_PERMISSIONS_TAG] = f"group:all,user:{FOREIGN}"
+        tags[SHARED_BY_JANITOR_TAG] = f"user:{FOREIGN},user:{PARTNERS[0]}"
+        if rng.random() < 0.5 and len(ids) > 1:
+            source = rng.choice(ids)
+            tags[SOURCE_IMAGE_TAG] = source
+            tags[SOURCE_REGION_TAG] = REGION
+            tags[SOURCE_CREATED_TAG] = iso(now - timedelta(days=999)) or ""
+    snapshots = sorted(fake.snapshots)
+    for snapshot_id in rng.sample(snapshots, k=min(len(snapshots), rng.randint(0, 4))):
+        fake.snapshots[snapshot_id][RETIRED_FROM_TAG] = rng.choice([*ids, "ami-gone00000000aa"])
+
+
+@given(fleets(), policies(), steps(), st.booleans(), st.booleans(), st.integers(0, 2**32))
+def test_forged_janitor_tags_make_no_stage_sooner_delete_nothing_and_grant_nothing(
+    fleet: Fleet, policy: Policy, days: list[int], adopted: bool, faults: bool, seed: int
+) -> None:
+    """For any forged janitor tags, written before every run (and before the first run with a ledger,
+    which adopts tags): no stage runs before the janitor's own clock allows, no snapshot is deleted
+    that this run's deregistration or the ledger did not vouch for, no launch permission outside what
+    the AMI had and what the policy shares is granted."""
+    rng = random.Random(seed)
+    fake = fleet.build(fail_rate=0.05 if faults else 0.0, crash_rate=0.01 if faults else 0.0)
+    if not adopted:
+        fake.ledger.adopted = None  # the first enforce run adopts what the tags say, safely
+    original = {i: set(image.permissions) for i, image in fake.images.items()}
+    family = policy.families[0]
+    allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
+    trusted = {i: item.first_candidate for i, item in fake.ledger.items.items()}
+    run_times: set[datetime] = set()
+    now = BASE
+    for step in days:
+        now += timedelta(days=step)
+        run_times.add(now)
+        forge(rng, fake, now)
+        users_before = {
+            s: {i.image_id for i in fake.images.values() if s in i.snapshot_ids} for s in fake.snapshots
+        }
+        vouched = {
+            snapshot.snapshot_id
+            for item in fake.ledger.items.values()
+            if "deregister" in item.stages and item.image_id not in fake.images
+            for snapshot in item.snapshots
+        }
+        deleted_before = len(fake.deleted_snapshots)
+        round_ = run(fake, policy, now, grants=True)
+        remaining = set(fake.images)
+        # The clock: every stage ran when the ledger allowed it, and no clock the janitor started is
+        # older than the run that started it (never a tag's time).
+        for call in round_.calls:
+            if call.operation in ("disable_image", "deregister_image") or (
+                call.operation == "enable_image_deprecation"
+                and round_.decisions.get(call.image_id or "") is not None
+                and round_.decisions[call.image_id or ""].action != "rescue"
+            ):
+                item = fake.ledger.items.get(call.image_id or "")
+                check_stage_call(call, round_.decisions.get(call.image_id or ""), item, policy)
+        for image_id, item in fake.ledger.items.items():
+            if item.first_candidate is not None and item.first_candidate != trusted.get(image_id):
+                assert item.first_candidate in run_times, (image_id, item.first_candidate)
+        # Snapshots: only those vouched for by this run's deregistration or by the ledger.
+        for snapshot_id in fake.deleted_snapshots[deleted_before:]:
+            users = users_before.get(snapshot_id, set())
+            assert (users and not users & remaining) or snapshot_id in vouched, (snapshot_id, users)
+        # Launch permissions: never beyond what the AMI had and what the family shares.
+        for image_id, image in fake.images.items():
+            extra = image.permissions - original[image_id] - allowed
+            assert not extra, (image_id, extra)
 
 
 # ---- examples the properties found ----------------------------------------------------------------
