@@ -75,11 +75,17 @@ def print_plan(plan: Plan, out: TextIO) -> None:
             else:
                 what = f"the scheduled bake will image {bake.instance_id} ({bake.reason})"
                 out.write(f"  {bake.region}: family {bake.family}: {what}\n")
+    if plan.tampered:
+        out.write("\nTampered (a janitor tag the ledger does not back: reported, not obeyed):\n")
+        for t in plan.tampered:
+            out.write(f"  {t.region} {t.image_id}: {t.tag}={t.value} (ledger: {t.ledger or 'nothing'})\n")
     s = plan.summary
+    tampered = f"; {s.tampered} tampered tags" if s.tampered else ""
     out.write(
         f"\nsummary: {s.images} images, {s.kept} kept, {s.waiting} waiting, {s.deprecated} to deprecate, "
         f"{s.disabled} to disable, {s.retired} to deregister, {s.rescued} to rescue, "
-        f"{s.held_by_cap} held by caps; {s.snapshots_deleted} snapshots, up to {s.gib_freed_max} GiB freed\n"
+        f"{s.held_by_cap} held by caps; {s.snapshots_deleted} snapshots, up to {s.gib_freed_max} GiB freed"
+        f"{tampered}\n"
     )
 
 

@@ -232,7 +232,10 @@ def plan_replication(
     copies: list[Copy] = []
     problems: list[str] = []
     for region in sorted(set(policy.regions) & set(usable)):
-        groups, conflicts = grouped[region] if grouped else build_groups(usable[region], policy)
+        # A copy target read for this run only (not planned here) has no groups yet.
+        groups, conflicts = (
+            grouped[region] if grouped and region in grouped else build_groups(usable[region], policy)
+        )
         for group in groups:
             if not group.family.replicate:
                 continue

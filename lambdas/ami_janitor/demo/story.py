@@ -377,6 +377,8 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
         policy = load_policy(config)
         result = _cleanup_story(fleet, policy, now, out, json_output)
         after = fleet.census()
+        if not json_output:
+            _ledger_story(fleet, policy, now, out)
         _rotation_story(fleet, policy, out)
         _bake_story(fleet, policy, out)
         _left_story(result, before, after, out)
@@ -425,6 +427,44 @@ def _cleanup_story(fleet: Fleet, policy: Any, now: datetime, out: TextIO, json_o
             "(still launchable by id; disable is due in 7 days)\n"
         )
     return result
+
+
+def _ledger_story(fleet: Fleet, policy: Any, now: datetime, out: TextIO) -> None:
+    """The ledger the run wrote (a line per stage), then a forged clock tag: reported, not obeyed."""
+    from ami_janitor import engine
+    from ami_janitor.aws.clients import ClientFactory, RegionClients
+    from ami_janitor.aws.ledger import Ledger
+    from ami_janitor.cli.render import print_plan
+    from ami_janitor.core.model import iso
+    from ami_janitor.core.policy import CANDIDATE_TAG
+
+    view = Ledger(RegionClients("us-east-1"), policy.ledger.table).read_all()
+    out.write("\n== The ledger (us-east-1; only the janitor's roles may write it) ==\n")
+    staged = sorted(
+        (item for item in view.items.values() if item.stages), key=lambda i: (-len(i.stages), i.image_id)
+    )
+    for item in staged[:4]:
+        for stage, entry in sorted(item.stages.items(), key=lambda kv: kv[1].at):
+            extra = (
+                f" (snapshots {', '.join(s.snapshot_id for s in item.snapshots)})"
+                if stage == "deregister"
+                else ""
+            )
+            out.write(f"  {item.image_id}: {stage} recorded {iso(entry.at)}{extra}\n")
+    out.write(f"  ... {len(view.items)} items in all (candidate clocks, stages, grants)\n")
+
+    # Someone who may only tag backdates the clock of a deprecated pettracker-ml AMI, hoping the next
+    # run disables and deregisters it at once.
+    target = next(i for i in fleet.ml[("us-east-1", "x86_64")] if i in view.items and view.items[i].stages)
+    forged = iso(now - timedelta(days=60)) or ""
+    fleet.ec2["us-east-1"].create_tags(Resources=[target], Tags=[{"Key": CANDIDATE_TAG, "Value": forged}])
+    out.write(f"\nSomeone with ec2:CreateTags sets {CANDIDATE_TAG}={forged} on {target}; the next plan:\n")
+    plan = engine.run(policy, ["us-east-1"], ClientFactory(), now, apply=False).plan
+    decision = next(d for d in plan.decisions if d.image_id == target)
+    shown = plan.model_copy(
+        update={"decisions": [decision], "notes": [], "latest": [], "copies": [], "shares": []}
+    )
+    print_plan(shown.model_copy(update={"bakes": []}), out)
 
 
 def _left_story(result: Any, before: Mapping[str, int], after: Mapping[str, int], out: TextIO) -> None:
