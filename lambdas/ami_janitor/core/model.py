@@ -306,6 +306,8 @@ class Summary(_PlanModel):
     rescued: int = 0
     held_by_cap: int = 0
     regions_skipped: int = 0
+    # Janitor tags that disagree with the ledger (reported, never obeyed).
+    tampered: int = 0
 
 
 class ScheduledBake(_PlanModel):
@@ -317,6 +319,17 @@ class ScheduledBake(_PlanModel):
     # Why that instance: "pinned by bake.instance_id" or "the only instance tagged K=V".
     reason: str | None = None
     refusal: str | None = None
+
+
+class Tampered(_PlanModel):
+    """A janitor tag that disagrees with the ledger: what the tag says, and what the ledger says (None:
+    the ledger has no such record)."""
+
+    region: str
+    image_id: str
+    tag: str
+    value: str
+    ledger: str | None
 
 
 class Plan(_PlanModel):
@@ -333,6 +346,7 @@ class Plan(_PlanModel):
     notes: list[str] = Field(default_factory=list)
     # Snapshots tagged retired-from whose AMI is gone: reported, never deleted on the tag's word.
     unfinished_snapshots: list[str] = Field(default_factory=list)
+    tampered: list[Tampered] = Field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
