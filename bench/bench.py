@@ -190,6 +190,7 @@ def bench_inventory_calls() -> None:
         "batch:DescribeComputeEnvironments": 1,
         "elasticmapreduce:ListClusters": 1,
         "rbin:ListRules": 2,
+        "ec2:GetImageBlockPublicAccessState": 1,
     }
     print(f"\ninventory of one region on moto ({counts}; {took:.2f} s, error={inventory.error}):")
     print(f"  {'operation':<44}{'calls':>6}{'lower bound':>13}{'over':>6}")

@@ -105,6 +105,7 @@ class RunResult(BaseModel):
         summary = self.plan.summary.model_dump()
         if self.results:
             summary["snapshots_deleted"] = sum(len(r.snapshots_deleted) for r in self.results)
+        summary["tampered"] = len(self.plan.tampered)
         return RunReport.model_validate(
             {
                 **dict(self.plan),

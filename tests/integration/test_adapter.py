@@ -41,6 +41,11 @@ IMAGE_REFERENCES_NOTE = (
     "DescribeImageReferences is not available in us-east-1; the other reference sources were used"
 )
 RECYCLE_BIN_NOTE = "Recycle Bin is not available in us-east-1; freed storage assumes no retention rule"
+BLOCK_PUBLIC_ACCESS_NOTE = (
+    "image block public access is off: anyone who may call ModifyImageAttribute can make an AMI public; "
+    "`aws ec2 enable-image-block-public-access --region us-east-1 "
+    "--image-block-public-access-state block-new-sharing`"
+)
 
 
 def refs(inventory: RegionInventory, kind: str | None = None) -> set[tuple[str, str, str, str]]:
@@ -403,6 +408,8 @@ def test_describe_image_finds_one_ami_or_none() -> None:
 # ---- Stubber -----------------------------------------------------------------------------------------
 
 SERVICES = ("ec2", "ssm", "autoscaling", "batch", "emr", "rbin", "dynamodb")
+BLOCK_PUBLIC_ACCESS_CALL: tuple[str, str, dict[str, Any]] = ("ec2", "get_image_block_public_access_state", {})
+BLOCKED = {"ImageBlockPublicAccessState": "block-new-sharing", "ManagedBy": "account"}
 LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 IMAGES = {"Owners": ["self"], "IncludeDeprecated": True, "IncludeDisabled": True, "MaxResults": 1000}
 INSTANCES = {"Filters": [{"Name": "instance-state-name", "Values": LIVE_STATES}], "MaxResults": 1000}
@@ -504,6 +511,9 @@ class Stubbed:
             "pointers": None,
             "snapshots": lambda: self.add("ec2", "describe_snapshots", {"Snapshots": []}, SNAPSHOTS),
             "rbin": self._no_recycle_bin_rules,
+            "block_public_access": lambda: self.add(
+                *BLOCK_PUBLIC_ACCESS_CALL[:2], BLOCKED, BLOCK_PUBLIC_ACCESS_CALL[2]
+            ),
             "ledger": lambda: self.fail(
                 "dynamodb", "describe_table", "ResourceNotFoundException", {"TableName": TABLE}
             ),
@@ -772,6 +782,7 @@ RULES_CALL = ("rbin", "list_rules", {"ResourceType": "EC2_IMAGE", "MaxResults": 
 OPTIONAL_SOURCES = {
     "ec2:DescribeImageReferences": ("image_references", REFERENCES_CALL),
     "rbin:ListRules": ("rbin", RULES_CALL),
+    "ec2:GetImageBlockPublicAccessState": ("block_public_access", BLOCK_PUBLIC_ACCESS_CALL),
 }
 
 
@@ -845,6 +856,65 @@ def test_recycle_bin_without_an_endpoint_in_the_partition_is_a_note(
 
     assert inventory.error is None
     assert inventory.notes == (RECYCLE_BIN_NOTE,)
+
+
+@pytest.mark.parametrize(
+    ("state", "notes"),
+    [("unblocked", (BLOCK_PUBLIC_ACCESS_NOTE,)), ("block-new-sharing", ())],
+)
+def test_image_block_public_access_off_is_a_note(
+    stubbed: Stubbed, state: str, notes: tuple[str, ...]
+) -> None:
+    s = stubbed
+    answer = {"ImageBlockPublicAccessState": state, "ManagedBy": "account"}
+    s.queue(
+        block_public_access=lambda: s.add(*BLOCK_PUBLIC_ACCESS_CALL[:2], answer, BLOCK_PUBLIC_ACCESS_CALL[2])
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert inventory.notes == notes
+
+
+@pytest.mark.parametrize("code", ["InvalidAction", "UnsupportedOperation"])
+def test_image_block_public_access_not_offered_says_nothing(stubbed: Stubbed, code: str) -> None:
+    s = stubbed
+    s.queue(
+        block_public_access=lambda: s.fail(*BLOCK_PUBLIC_ACCESS_CALL[:2], code, BLOCK_PUBLIC_ACCESS_CALL[2])
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert inventory.notes == ()
+
+
+def test_image_block_public_access_refused_skips_the_region(stubbed: Stubbed) -> None:
+    s = stubbed
+    s.queue(
+        block_public_access=lambda: s.fail(
+            *BLOCK_PUBLIC_ACCESS_CALL[:2], "UnauthorizedOperation", BLOCK_PUBLIC_ACCESS_CALL[2], 403
+        )
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory.error is not None
+    assert inventory.error.startswith("ec2:GetImageBlockPublicAccessState: UnauthorizedOperation: ")
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_image_block_public_access_on_the_emulator() -> None:
+    # On as for a new account; turned off in one region, only that region's inventory says so.
+    assert BLOCK_PUBLIC_ACCESS_NOTE not in load_inventory(moto_clients(), policy()).notes
+    boto3.client("ec2", region_name=REGION).disable_image_block_public_access()
+
+    assert BLOCK_PUBLIC_ACCESS_NOTE in load_inventory(moto_clients(), policy()).notes
+    other = boto3.client("ec2", region_name="eu-west-1").get_image_block_public_access_state()
+    assert other["ImageBlockPublicAccessState"] == "block-new-sharing"
 
 
 def test_image_references_without_an_endpoint_skip_the_region(stubbed: Stubbed) -> None:

@@ -231,6 +231,17 @@ def test_an_action_moto_lacks_is_answered_invalid_action_like_ec2(ec2: Any) -> N
     assert b"<RequestID>" in body
 
 
+def test_image_block_public_access_is_on_until_disabled(ec2: Any) -> None:
+    assert ec2.get_image_block_public_access_state()["ImageBlockPublicAccessState"] == "block-new-sharing"
+    assert ec2.disable_image_block_public_access()["ImageBlockPublicAccessState"] == "unblocked"
+    assert ec2.get_image_block_public_access_state()["ImageBlockPublicAccessState"] == "unblocked"
+    with pytest.raises(ClientError) as refused:
+        ec2.enable_image_block_public_access(ImageBlockPublicAccessState="unblocked")
+    assert error_code(refused) == "InvalidParameterValue"
+    enabled = ec2.enable_image_block_public_access(ImageBlockPublicAccessState="block-new-sharing")
+    assert enabled["ImageBlockPublicAccessState"] == "block-new-sharing"
+
+
 def test_an_action_moto_implements_but_cannot_do_still_fails(ec2: Any) -> None:
     # Only a missing action is answered InvalidAction: moto's gaps inside an action stay visible.
     image_id = make_image(ec2, "reset-1")

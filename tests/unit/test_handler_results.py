@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from ami_janitor import engine
 from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.rotator import AmiEventOutcome, RotationResult
-from ami_janitor.core.model import Copy, LatestChange, Plan, RegionStatus, Summary
+from ami_janitor.core.model import Copy, LatestChange, Plan, RegionStatus, Summary, Tampered
 from ami_janitor.core.policy import Family, Policy
 from ami_janitor.core.replication import CopyResult, RefusedCopy
 from ami_janitor.handlers import ami_event, bake, replicate, scheduled
@@ -116,6 +116,48 @@ def test_the_scheduled_run_answers_with_its_result(mode: Any, monkeypatch: pytes
     answer = scheduled.handler({}, Context())
     assert answer == {"mode": "paused"}
     assert_answers_with(ScheduledRunResult, answer)
+
+
+def test_the_scheduled_run_counts_tampered_tags(
+    mode: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tampered = [
+        Tampered(
+            region=REGION,
+            image_id="ami-1",
+            tag="ami-janitor:candidate-since",
+            value="2020-01-01T00:00:00Z",
+            ledger=None,
+        ),
+        Tampered(
+            region=REGION,
+            image_id="ami-2",
+            tag="ami-janitor:shared",
+            value="111122223333",
+            ledger="210987654321",
+        ),
+    ]
+    plan = Plan(
+        mode="enforce",
+        generated_at=NOW,
+        regions=[RegionStatus(region=REGION, status="ok")],
+        decisions=[],
+        tampered=tampered,
+    )
+    monkeypatch.setattr(engine, "run", lambda *args, **kwargs: engine.RunResult(plan=plan))
+    mode("enforce")
+    capsys.readouterr()
+
+    answer = scheduled.handler(json.loads((EVENTS / "scheduled.json").read_text()), Context())
+
+    metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    assert [m["TamperedTags"] for m in metrics if "TamperedTags" in m] in ([2.0], [[2.0]])
+    assert answer["summary"]["tampered"] == 2
+    report = engine.RunResult(plan=plan).report()
+    assert [t.model_dump() for t in report.tampered] == [t.model_dump() for t in tampered]
+    text = scheduled.summary_text(REGION, report)
+    assert "janitor tags that disagree with the ledger (reported, not obeyed): 2" in text
+    assert "tampered: us-east-1 ami-2 ami-janitor:shared='111122223333', ledger: '210987654321'" in text
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from ami_janitor.core import build_instance, trust
+from ami_janitor.core import build_instance, guardrails, trust
 from ami_janitor.core.model import (
     Decision,
     Image,
@@ -573,6 +573,7 @@ def _plan(
     bakes: list[ScheduledBake] = []
     if policy.mode == "paused":
         notes.append("mode is paused: nothing is applied")
+    notes.extend(guardrails.family_warnings(policy))
     for inventory in ordered:
         if inventory.error is not None:
             statuses.append(RegionStatus(region=inventory.region, status="skipped", error=inventory.error))

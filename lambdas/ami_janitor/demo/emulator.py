@@ -2,7 +2,9 @@
 
 What EC2 does and moto does not: image deprecation, deregistration protection (and its refusal to
 deregister), LastLaunchedTime, DisableImage dropping launch permissions, snapshot tags at CreateImage,
-TagSpecifications and ClientToken on CopyImage, DeleteSnapshot refusing a snapshot any AMI still uses.
+TagSpecifications and ClientToken on CopyImage, DeleteSnapshot refusing a snapshot any AMI still uses,
+the image block public access state (per account and region, on as for a new account; reported,
+not enforced: a public launch permission is still accepted).
 What moto lacks altogether (DescribeImageReferences, Recycle Bin) is answered the way AWS answers an
 operation a partition does not offer: an HTTP 4xx naming the operation unknown, never moto's
 NotImplementedError or HTML 500 page, which the janitor rightly reads as a failure.
@@ -58,6 +60,9 @@ from moto.server import ThreadedMotoServer  # noqa: E402
 
 _MARKER = "_ami_janitor_emulator"
 _COOLDOWN = timedelta(hours=24)
+# The account-level state EC2 gives new accounts; `unblocked` once disabled.
+_BLOCK_NEW_SHARING = "block-new-sharing"
+_UNBLOCKED = "unblocked"
 
 
 def _now() -> datetime:
@@ -80,6 +85,23 @@ def _owned_ami(backend: Any, image_id: str) -> Any:
     if image_id not in backend.amis:
         raise InvalidAMIIdError(image_id)
     return backend.amis[image_id]
+
+
+# ---- model: image block public access, one state per account and region -----------------------------
+
+
+def enable_image_block_public_access(self: Any, state: str) -> str:
+    if state != _BLOCK_NEW_SHARING:
+        raise EC2ClientError(
+            "InvalidParameterValue", f"ImageBlockPublicAccessState must be {_BLOCK_NEW_SHARING}, not {state}"
+        )
+    self.image_block_public_access_state = state
+    return state
+
+
+def disable_image_block_public_access(self: Any) -> str:
+    self.image_block_public_access_state = _UNBLOCKED
+    return _UNBLOCKED
 
 
 # ---- model: deregistration protection, as DescribeImages reports it ------------------------------------
@@ -237,6 +259,23 @@ def _respond_disable_image_deregistration_protection(self: Any) -> ActionResult:
     return ActionResult({"Return": "true"})
 
 
+def _respond_get_image_block_public_access_state(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    state = self.ec2_backend.image_block_public_access_state
+    return ActionResult({"ImageBlockPublicAccessState": state, "ManagedBy": "account"})
+
+
+def _respond_enable_image_block_public_access(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    state = self.ec2_backend.enable_image_block_public_access(self._get_param("ImageBlockPublicAccessState"))
+    return ActionResult({"ImageBlockPublicAccessState": state})
+
+
+def _respond_disable_image_block_public_access(self: Any) -> ActionResult:
+    self.error_on_dryrun()
+    return ActionResult({"ImageBlockPublicAccessState": self.ec2_backend.disable_image_block_public_access()})
+
+
 def _respond_copy_image(self: Any) -> ActionResult:
     self.error_on_dryrun()
     image = self.ec2_backend.copy_image(
@@ -334,7 +373,11 @@ _AMI_FIELDS: dict[str, Any] = {
     "protection_until": None,
     "deregistration_protection": property(_deregistration_protection),
 }
+# A default on the backend class reaches every account and region until one is set.
+_BACKEND_FIELDS: dict[str, Any] = {"image_block_public_access_state": _BLOCK_NEW_SHARING}
 _BACKEND_METHODS: dict[str, Callable[..., Any]] = {
+    "enable_image_block_public_access": enable_image_block_public_access,
+    "disable_image_block_public_access": disable_image_block_public_access,
     "enable_image_deprecation": enable_image_deprecation,
     "disable_image_deprecation": disable_image_deprecation,
     "enable_image_deregistration_protection": enable_image_deregistration_protection,
@@ -353,6 +396,9 @@ _RESPONSES: dict[str, Callable[[Any], ActionResult]] = {
     "enable_image_deregistration_protection": _respond_enable_image_deregistration_protection,
     "disable_image_deregistration_protection": _respond_disable_image_deregistration_protection,
     "copy_image": _respond_copy_image,
+    "get_image_block_public_access_state": _respond_get_image_block_public_access_state,
+    "enable_image_block_public_access": _respond_enable_image_block_public_access,
+    "disable_image_block_public_access": _respond_disable_image_block_public_access,
 }
 
 
@@ -362,8 +408,8 @@ def install() -> None:
         return
     for name, value in _AMI_FIELDS.items():
         setattr(Ami, name, value)
-    for name, method in _BACKEND_METHODS.items():
-        setattr(AmiBackend, name, method)
+    for name, value in {**_BACKEND_FIELDS, **_BACKEND_METHODS}.items():
+        setattr(AmiBackend, name, value)
     for name, wrap in _BACKEND_WRAPPERS.items():
         setattr(AmiBackend, name, wrap(getattr(AmiBackend, name)))
     setattr(EBSBackend, "delete_snapshot", _wrap_delete_snapshot(EBSBackend.delete_snapshot))  # noqa: B010

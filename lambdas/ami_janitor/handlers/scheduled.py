@@ -21,6 +21,8 @@ from ami_janitor.handlers.events import (
 from ami_janitor.handlers.observe import logger, metrics, paused
 
 PERMISSIONS: list[str] = engine.PERMISSIONS
+# The summary mail names this many tampered tags; the report in S3 has them all.
+_TAMPERED_LINES = 20
 
 
 def summary_text(region: str, report: engine.RunReport) -> str:
@@ -32,9 +34,16 @@ def summary_text(region: str, report: engine.RunReport) -> str:
         f"rescued: {s.rescued}",
         f"snapshots deleted: {s.snapshots_deleted}, GiB freed (upper bound): {s.gib_freed_max}",
         f"failures: {s.actions_failed}, regions skipped: {', '.join(r.region for r in skipped) or 'none'}",
+        f"janitor tags that disagree with the ledger (reported, not obeyed): {s.tampered}",
     ]
     lines += [f"skipped {r.region}: {r.error}" for r in skipped]
     lines += [f"policy error: {e}" for e in report.policy_errors]
+    lines += [
+        f"tampered: {t.region} {t.image_id} {t.tag}={t.value!r}, ledger: {t.ledger!r}"
+        for t in report.tampered[:_TAMPERED_LINES]
+    ]
+    if len(report.tampered) > _TAMPERED_LINES:
+        lines.append(f"tampered: {len(report.tampered) - _TAMPERED_LINES} more in the report")
     return "\n".join(lines)
 
 
@@ -80,6 +89,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     metrics.add_metric(name="RegionSkipped", unit=MetricUnit.Count, value=summary.regions_skipped)
     metrics.add_metric(name="ImagesRetired", unit=MetricUnit.Count, value=summary.retired)
     metrics.add_metric(name="SnapshotsDeleted", unit=MetricUnit.Count, value=summary.snapshots_deleted)
+    metrics.add_metric(name="TamperedTags", unit=MetricUnit.Count, value=len(report.tampered))
     for status in report.regions:
         if status.status == "skipped":
             logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})

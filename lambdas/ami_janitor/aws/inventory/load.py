@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from ami_janitor.aws.inventory.aliases import resolve_aliases
 from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_groups
 from ami_janitor.aws.inventory.batch import read_batch_compute_environments
+from ami_janitor.aws.inventory.block_public_access import read_block_public_access
 from ami_janitor.aws.inventory.claims import named_aliases, references_of
 from ami_janitor.aws.inventory.emr import read_emr_clusters
 from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
@@ -88,6 +89,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     latest = read_pointer_values(ssm, pointers, parameter_values)
     retired_snapshots = read_retired_snapshots(ec2)
     recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, region)
+    block_public_access_notes = read_block_public_access(ec2, region)
     ledger = read_ledger(clients, policy.ledger.table)
     inventory = RegionInventory(
         region=region,
@@ -100,7 +102,17 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
         retired_snapshots=retired_snapshots,
         recycle_bin_rules=recycle_bin_rules,
         ledger=ledger,
-        notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *described_notes, *recycle_bin_notes])),
+        notes=tuple(
+            dict.fromkeys(
+                [
+                    *template_notes,
+                    *alias_notes,
+                    *described_notes,
+                    *recycle_bin_notes,
+                    *block_public_access_notes,
+                ]
+            )
+        ),
     )
     return with_ledger(inventory)
 
