@@ -578,7 +578,6 @@ class FakeLedger(Ledger):
             update["snapshots"] = tuple(
                 LedgerSnapshot(snapshot_id=s, image_id=image_id) for s in sorted(set(snapshots))
             )
-            update["ttl"] = int((at + timedelta(days=self.retention_days)).timestamp())
         self._set(image_id, **update)
         return "recorded"
 
@@ -596,7 +595,7 @@ class FakeLedger(Ledger):
         item = self.items.get(image_id)
         if item is None or "deregister" not in item.stages or item.deregistered is not None:
             return "already-recorded"
-        self._set(image_id, deregistered=at)
+        self._set(image_id, deregistered=at, ttl=int((at + timedelta(days=self.retention_days)).timestamp()))
         return "recorded"
 
     def close(self, image_id: str, at: datetime) -> Written:

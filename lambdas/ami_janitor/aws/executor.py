@@ -238,8 +238,6 @@ def _rescue_steps(
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
     done += _restore_permissions(ec2, image, public_allowed)
-    if trust.open_item(image) is not None and ledger.close(image.image_id, now) == "recorded":
-        done.append("candidate clock closed in the ledger")
     marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]
     if marked:
         ec2.delete_tags(Resources=marked, Tags=[{"Key": RETIRED_FROM_TAG}])
@@ -248,6 +246,9 @@ def _rescue_steps(
     if stale:
         ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
         done.append("janitor tags removed")
+    # Closed last: until then a rerun rescues it again and finishes what a crash left.
+    if trust.open_item(image) is not None and ledger.close(image.image_id, now) == "recorded":
+        done.append("candidate clock closed in the ledger")
 
 
 def rescue_image(
@@ -344,6 +345,35 @@ class _RegionRun:
             )
             return "the ledger could not adopt the janitor tags"
         return None
+
+    def confirm_shown(self) -> None:
+        """Confirm the stages EC2 took whose confirmation a stopped run never wrote."""
+        for image in self.images.values():
+            for stage in trust.unconfirmed_stages(image):
+                try:
+                    self.ledger.confirm_stage(image.image_id, stage, self.now)
+                except STEP_ERRORS as error:
+                    self.results.append(
+                        self.result(image.image_id, stage, "failed", error=f"ledger: {error_text(error)}")
+                    )
+
+    def mirror_clocks(self) -> None:
+        """The candidate-since tag of a running clock says what the ledger says (a run that stopped
+        between the two left it unwritten, or someone changed it): written again, batched per value."""
+        by_value: dict[str, list[str]] = {}
+        for image in self.images.values():
+            item = trust.open_item(image)
+            value = iso(item.first_candidate) if item is not None else None
+            if value and image.tags.get(CANDIDATE_TAG) != value:
+                by_value.setdefault(value, []).append(image.image_id)
+        for value, image_ids in sorted(by_value.items()):
+            for start in range(0, len(image_ids), CREATE_TAGS_MAX_RESOURCES):
+                try:
+                    _tag(
+                        self.ec2, image_ids[start : start + CREATE_TAGS_MAX_RESOURCES], {CANDIDATE_TAG: value}
+                    )
+                except AWS_ERRORS:
+                    continue  # only the mirror: the next run writes it again
 
     # step 1 -----------------------------------------------------------------------------------------
     def mark_candidates(self, decisions: Sequence[Decision]) -> set[str]:
@@ -530,10 +560,10 @@ class _RegionRun:
     # step 3 -----------------------------------------------------------------------------------------
     def finish_deregistrations(self) -> None:
         """Delete the snapshots the ledger recorded for AMIs a crashed run deregistered (and only those)."""
-        by_image: dict[str, list[str]] = {}
-        for snapshot in trust.unfinished_snapshots(self.inventory):
-            by_image.setdefault(snapshot.image_id, []).append(snapshot.snapshot_id)
-        for image_id, snapshot_ids in sorted(by_image.items()):
+        free = {s.snapshot_id for s in trust.unfinished_snapshots(self.inventory)}
+        for item in trust.unfinished_deregistrations(self.inventory):
+            image_id = item.image_id
+            snapshot_ids = [s.snapshot_id for s in item.snapshots if s.snapshot_id in free]
             outcomes = delete_unused_snapshots(self.ec2, snapshot_ids, self.snapshots_in_use())
             errors = _errors(outcomes)
             if not errors:
@@ -609,6 +639,8 @@ def _apply_region(
     failed = {r.image_id for r in run.results if r.status == "failed"}
     pinned = after_rescues(run.region, failed) if after_rescues is not None else set()
     if waiting is None:
+        run.confirm_shown()
+        run.mirror_clocks()
         run.finish_deregistrations()
     unclocked = run.mark_candidates(decisions) if waiting is None else set()
     for decision in decisions:

@@ -323,7 +323,7 @@ class Ledger:
 
         Two runs that both saw `previous` race here: one records, the other gets "already-recorded".
         Deregistration records the AMI's own `snapshots` (the only ones a later run may delete without
-        it) and sets the item's TTL (retention_days later)."""
+        it); its confirmation sets the TTL."""
         if previous == "default":
             index = STAGES.index(stage)
             previous = STAGES[index - 1] if index else None
@@ -346,12 +346,10 @@ class Ledger:
         update = "SET stages.#stage = :entry, last_stage = :stage"
         names: dict[str, str] = {"#stage": stage}
         if stage == "deregister":
-            update += ", #ttl = :ttl, snapshots = :snapshots"
-            names["#ttl"] = TTL_ATTRIBUTE
+            update += ", snapshots = :snapshots"
             values[":snapshots"] = _value(
                 [{"snapshot_id": s, "image_id": image_id} for s in sorted(set(snapshots))]
             )
-            values[":ttl"] = _value(int((at + timedelta(days=self.retention_days)).timestamp()))
         return self._update(
             image_id,
             UpdateExpression=update,
@@ -371,12 +369,17 @@ class Ledger:
         )
 
     def confirm_deregistered(self, image_id: str, at: datetime) -> Written:
-        """The AMI is gone and its recorded snapshots were handled: nothing is left to finish."""
+        """The AMI is gone and its recorded snapshots were handled: nothing is left to finish; the item
+        expires retention_days later (TTL)."""
         return self._update(
             image_id,
-            UpdateExpression="SET deregistered = :at",
+            UpdateExpression="SET deregistered = :at, #ttl = :ttl",
             ConditionExpression="attribute_exists(stages.deregister) AND attribute_not_exists(deregistered)",
-            ExpressionAttributeValues={":at": _value(iso(at))},
+            ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
+            ExpressionAttributeValues={
+                ":at": _value(iso(at)),
+                ":ttl": _value(int((at + timedelta(days=self.retention_days)).timestamp())),
+            },
         )
 
     def adopt(self, item: LedgerItem) -> Written:

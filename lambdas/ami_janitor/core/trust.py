@@ -43,10 +43,17 @@ def open_item(image: Image) -> LedgerItem | None:
     return item if item is not None and item.is_open else None
 
 
-def shows(image: Image, stage: Stage) -> bool:
-    """EC2 shows the effect of `stage` on the AMI (a deregistered AMI is not in the inventory)."""
+# A deprecation time this long after the deprecate stage's record is the owner's, not the janitor's.
+DEPRECATION_SLACK = timedelta(days=1)
+
+
+def shows(image: Image, stage: Stage, entry: LedgerStage | None = None) -> bool:
+    """EC2 shows the effect of `stage` on the AMI (a deregistered AMI is not in the inventory). With
+    the stage's record: a deprecation time far after it is an owner's, not the stage's."""
     if stage == "deprecate":
-        return image.deprecation_time is not None
+        if image.deprecation_time is None:
+            return False
+        return entry is None or image.deprecation_time <= entry.at + DEPRECATION_SLACK
     if stage == "disable":
         return image.state == "disabled"
     return False
@@ -72,14 +79,14 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
     item = open_item(image)
     since = item.first_candidate if item is not None and item.first_candidate else now
     recorded = item.stages if item is not None else {}
-    shown = max((STAGES.index(s) for s in recorded if shows(image, s)), default=-1)
+    shown = max((STAGES.index(s) for s, e in recorded.items() if shows(image, s, e)), default=-1)
     due: list[Stage] = []
     finishing: Stage | None = None
     previous_at, previous_days = since, 0
     for stage, days in configured:
         entry = recorded.get(stage)
         if entry is not None:
-            if STAGES.index(stage) > shown and not shows(image, stage):
+            if STAGES.index(stage) > shown and not shows(image, stage, entry):
                 due.append(stage)
                 finishing = finishing or stage
                 previous_at, previous_days = now, days
@@ -159,22 +166,43 @@ def tampered(inventory: RegionInventory) -> list[Tampered]:
 # ---- unfinished deregistrations ------------------------------------------------------------------
 
 
-def unfinished_snapshots(inventory: RegionInventory) -> list[LedgerSnapshot]:
-    """Snapshots the ledger recorded for an AMI it deregistered, where the run stopped before deleting
-    them: the AMI is gone and no remaining AMI uses them. Only these are ever deleted without their AMI."""
+def unfinished_deregistrations(inventory: RegionInventory) -> list[LedgerItem]:
+    """Items of AMIs the ledger recorded as being deregistered, now gone, never confirmed: a run stopped
+    between DeregisterImage and the deletion of the snapshots it recorded."""
     ledger = inventory.ledger
     if ledger is None:
         return []
     present = {i.image_id for i in inventory.images if i.state not in GONE_STATES}
+    return sorted(
+        (
+            item
+            for item in ledger.items.values()
+            if "deregister" in item.stages and item.deregistered is None and item.closed is None
+            if item.image_id not in present
+        ),
+        key=lambda item: item.image_id,
+    )
+
+
+def unfinished_snapshots(inventory: RegionInventory) -> list[LedgerSnapshot]:
+    """The snapshots of unfinished deregistrations that no remaining AMI uses: the only snapshots ever
+    deleted without their AMI."""
     used = {s for i in inventory.images if i.state not in GONE_STATES for s in i.snapshot_ids}
     return [
         snapshot
-        for item in ledger.items.values()
-        if "deregister" in item.stages and item.deregistered is None and item.closed is None
-        if item.image_id not in present
+        for item in unfinished_deregistrations(inventory)
         for snapshot in item.snapshots
         if snapshot.snapshot_id not in used
     ]
+
+
+def unconfirmed_stages(image: Image) -> list[Stage]:
+    """Stages the ledger recorded on an open clock and EC2 shows, never confirmed (a run stopped
+    between the EC2 call and the confirmation): the next run confirms them."""
+    item = open_item(image)
+    if item is None:
+        return []
+    return [s for s, e in item.stages.items() if e.confirmed is None and shows(image, s, e)]
 
 
 # ---- adopting the tags of an older janitor -------------------------------------------------------
