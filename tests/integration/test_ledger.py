@@ -111,7 +111,11 @@ def test_candidate_and_stages_are_recorded_exactly_once(clients: RegionClients) 
     assert item.stages["deprecate"].prior_deprecation == NOW + timedelta(days=400)
     assert item.stages["deprecate"].prior_launch_permissions == ("user:111122223333",)
     assert set(item.stages) == {"deprecate", "deregister"}
-    assert item.ttl == int((NOW + timedelta(days=30)).timestamp())
+    assert item.ttl is None  # a refused DeregisterImage must not let the record expire
+    assert book.confirm_deregistered("ami-1", NOW) == "recorded"
+    assert book.confirm_deregistered("ami-1", NOW) == "already-recorded"
+    item = book.read_items(["ami-1"])["ami-1"]
+    assert (item.deregistered, item.ttl) == (NOW, int((NOW + timedelta(days=30)).timestamp()))
     assert book.close("ami-1", NOW) == "recorded"
     assert book.close("ami-1", NOW) == "already-recorded"
     # A closed record starts a new clock.

@@ -270,7 +270,13 @@ def test_stage_clock() -> None:
     waiting = decide(ledger=ledger_item(3, {"deprecate": 3}), deprecation_time=at)
     assert (waiting.action, waiting.next_action) == ("wait", "disable")
     assert waiting.next_action_at == iso(NOW + timedelta(days=4))
-    assert decide(ledger=ledger_item(8, {"deprecate": 8}), deprecation_time=at).action == "disable"
+    deprecated = NOW - timedelta(days=8)
+    assert decide(ledger=ledger_item(8, {"deprecate": 8}), deprecation_time=deprecated).action == "disable"
+    # An owner's deprecation time long after the stage's record hides nothing: the stage is done again.
+    owners = decide(
+        ledger=ledger_item(8, {"deprecate": 8}, confirmed=False), deprecation_time=NOW + timedelta(days=90)
+    )
+    assert (owners.action, owners.stages) == ("deprecate", ["deprecate"])
     # Recorded, but EC2 shows no deprecation time (a crash, a rescue that stopped half way): deprecate
     # again, and the next stage waits its full delay from now.
     half_way = decide(ledger=ledger_item(8, {"deprecate": 8}, confirmed=False))

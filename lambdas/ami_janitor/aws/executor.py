@@ -357,11 +357,17 @@ class _RegionRun:
                         self.result(image.image_id, stage, "failed", error=f"ledger: {error_text(error)}")
                     )
 
-    def mirror_clocks(self) -> None:
-        """The candidate-since tag of a running clock says what the ledger says (a run that stopped
-        between the two left it unwritten, or someone changed it): written again, batched per value."""
+    def mirror_clocks(self, decisions: Sequence[Decision]) -> None:
+        """The candidate-since tag of a candidate's running clock says what the ledger says (a run that
+        stopped between the two left it unwritten, or someone changed it): written again, batched per
+        value. Kept and rescued AMIs are left alone (a rescue removes the tag)."""
         by_value: dict[str, list[str]] = {}
-        for image in self.images.values():
+        candidates = (
+            self.images[d.image_id]
+            for d in decisions
+            if d.action in CLOCK_ACTIONS and d.image_id in self.images
+        )
+        for image in candidates:
             item = trust.open_item(image)
             value = iso(item.first_candidate) if item is not None else None
             if value and image.tags.get(CANDIDATE_TAG) != value:
@@ -640,7 +646,7 @@ def _apply_region(
     pinned = after_rescues(run.region, failed) if after_rescues is not None else set()
     if waiting is None:
         run.confirm_shown()
-        run.mirror_clocks()
+        run.mirror_clocks(decisions)
         run.finish_deregistrations()
     unclocked = run.mark_candidates(decisions) if waiting is None else set()
     for decision in decisions:
