@@ -127,3 +127,54 @@ def test_ledger_defaults_and_errors() -> None:
     assert "ledger.retention_days: must be >= 1" in error_of({**BASE, "ledger": {"retention_days": 0}})
     assert "ledger.table:" in error_of({**BASE, "ledger": {"table": "no spaces"}})
     assert "ledger.tabel: unknown key" in error_of({**BASE, "ledger": {"tabel": "x"}})
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({**BASE, "defaults": {"keep_latest": True}}, "defaults.keep_latest"),
+        ({**BASE, "defaults": {"min_age_days": "30"}}, "defaults.min_age_days"),
+        (
+            {**BASE, "defaults": {"lifecycle": {"disable_after_days": 7.5}}},
+            "defaults.lifecycle.disable_after_days",
+        ),
+        ({**BASE, "defaults": {"allow_shared": "yes"}}, "defaults.allow_shared"),
+        (with_family(public=1), "families[1].public"),
+        (with_family(keep_latest=False), "families[1].keep_latest"),
+    ],
+)
+def test_numbers_and_switches_must_be_what_they_say(data: object, expected: str) -> None:
+    # `keep_latest: true` is not 1: a value of the wrong kind is refused, not converted.
+    assert expected in error_of(data)
+
+
+def test_a_name_glob_of_only_stars_selects_every_ami_and_is_refused() -> None:
+    assert "alone would select every AMI" in error_of(
+        {**BASE, "families": [{"name": "a", "match": {"name": "*"}}]}
+    )
+    assert "alone would select every AMI" in error_of(
+        {**BASE, "families": [{"name": "a", "match": {"name": "**"}}]}
+    )
+    narrowed = {**BASE, "families": [{"name": "a", "match": {"name": "*", "tags": {"P": "A"}}}]}
+    assert parse_policy(narrowed).families[0].match.name == "*"
+
+
+def test_file_errors_name_the_file_and_the_place(tmp_path: Path) -> None:
+    bad = tmp_path / "janitor.yaml"
+    bad.write_text("mode: enforce\nregions: [us-east-1\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(bad)
+    message = str(caught.value)
+    assert message.startswith(f"{bad}: not valid YAML (line ") and "<unicode string>" not in message
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("mode: dry-run\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PolicyError, match=r"latin.yaml: not UTF-8 text \(byte 19"):
+        load_policy(latin)
+
+
+def test_many_families_load_in_linear_time() -> None:
+    families = [{"name": f"f{n}", "match": {"name": f"f{n}-*"}} for n in range(20_000)]
+    loaded = parse_policy({"regions": ["us-east-1"], "families": families})
+    assert len(loaded.families) == 20_000
+    twice = [*families, {"name": "f7", "match": {"name": "x-*"}}]
+    assert "family 'f7' is defined twice" in error_of({"regions": ["us-east-1"], "families": twice})

@@ -45,9 +45,9 @@ class _Strict(BaseModel):
 class Lifecycle(_Strict):
     """Days since the AMI first became a candidate; null skips the stage."""
 
-    deprecate_after_days: int | None = Field(0, ge=0)
-    disable_after_days: int | None = Field(7, ge=0)
-    deregister_after_days: int | None = Field(14, ge=0)
+    deprecate_after_days: int | None = Field(0, ge=0, strict=True)
+    disable_after_days: int | None = Field(7, ge=0, strict=True)
+    deregister_after_days: int | None = Field(14, ge=0, strict=True)
 
     @model_validator(mode="after")
     def _ordered(self) -> Lifecycle:
@@ -66,13 +66,13 @@ class Lifecycle(_Strict):
 
 
 class LifecycleOverride(_Strict):
-    deprecate_after_days: int | None = Field(None, ge=0)
-    disable_after_days: int | None = Field(None, ge=0)
-    deregister_after_days: int | None = Field(None, ge=0)
+    deprecate_after_days: int | None = Field(None, ge=0, strict=True)
+    disable_after_days: int | None = Field(None, ge=0, strict=True)
+    deregister_after_days: int | None = Field(None, ge=0, strict=True)
 
 
 class Limits(_Strict):
-    max_actions_per_run: int = Field(50, ge=0)
+    max_actions_per_run: int = Field(50, ge=0, strict=True)
     max_fraction_per_family: float = Field(0.5, ge=0.0, le=1.0)
 
 
@@ -84,11 +84,11 @@ class FamilyLimits(_Strict):
 class Rules(_Strict):
     """The retention rules of `defaults`, and of a family once its overrides are merged."""
 
-    keep_latest: int = Field(3, ge=1)
-    min_age_days: int = Field(30, ge=0)
-    launched_within_days: int = Field(14, ge=0)
+    keep_latest: int = Field(3, ge=1, strict=True)
+    min_age_days: int = Field(30, ge=0, strict=True)
+    launched_within_days: int = Field(14, ge=0, strict=True)
     opt_out_tag: str = Field("ami-janitor:keep", min_length=1, max_length=128)
-    allow_shared: bool = False
+    allow_shared: bool = Field(False, strict=True)
     lifecycle: Lifecycle = Lifecycle()
     limits: Limits = Limits()
 
@@ -101,6 +101,8 @@ class Match(_Strict):
     def _something(self) -> Match:
         if not self.tags and not self.name:
             raise ValueError("give tags and/or a name glob; an empty match would select every AMI")
+        if not self.tags and self.name and not self.name.strip("*"):
+            raise ValueError(f"name glob {self.name!r} alone would select every AMI: narrow it or add tags")
         return self
 
     def matches(self, name: str, tags: dict[str, str]) -> bool:
@@ -185,7 +187,7 @@ class Bake(_Strict):
     instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
     instance_tag: dict[str, str] | None = Field(None, min_length=1)
     schedule: str | None = None
-    no_reboot: bool = False
+    no_reboot: bool = Field(False, strict=True)
 
     @model_validator(mode="after")
     def _names_an_instance(self) -> Bake:
@@ -205,14 +207,14 @@ class Family(_Strict):
     latest: Latest | None = None
     replicate: list[ReplicateTarget] = Field(default_factory=list)
     share_with: ShareWith = ShareWith()
-    public: bool = False
+    public: bool = Field(False, strict=True)
     bake: Bake | None = None
     # Overrides of `defaults` (None = inherit).
-    keep_latest: int | None = Field(None, ge=1)
-    min_age_days: int | None = Field(None, ge=0)
-    launched_within_days: int | None = Field(None, ge=0)
+    keep_latest: int | None = Field(None, ge=1, strict=True)
+    min_age_days: int | None = Field(None, ge=0, strict=True)
+    launched_within_days: int | None = Field(None, ge=0, strict=True)
     opt_out_tag: str | None = Field(None, min_length=1, max_length=128)
-    allow_shared: bool | None = None
+    allow_shared: bool | None = Field(None, strict=True)
     lifecycle: LifecycleOverride | None = None
     limits: FamilyLimits | None = None
 
@@ -257,7 +259,7 @@ class Ledger(_Strict):
     # DynamoDB table names: 3-255 of letters, digits, '_', '-', '.'.
     table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_.-]{3,255}$")
     # Items of deregistered AMIs expire this many days after deregistration (DynamoDB TTL).
-    retention_days: int = Field(90, ge=1)
+    retention_days: int = Field(90, ge=1, strict=True)
 
 
 class Policy(_Strict):
@@ -284,10 +286,11 @@ class Policy(_Strict):
 
     @model_validator(mode="after")
     def _families(self) -> Policy:
-        names = [f.name for f in self.families]
-        for name in names:
-            if names.count(name) > 1:
-                raise ValueError(f"family {name!r} is defined twice")
+        seen: set[str] = set()
+        for family in self.families:
+            if family.name in seen:
+                raise ValueError(f"family {family.name!r} is defined twice")
+            seen.add(family.name)
         for index, family in enumerate(self.families):
             try:
                 self.rules_for(family)
@@ -355,6 +358,8 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
         text = file.read_text(encoding="utf-8")
     except OSError as error:
         raise PolicyError(f"{file}: cannot read the policy file ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise PolicyError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     if file.suffix == ".json":
         try:
             data = json.loads(text)
@@ -366,5 +371,8 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise PolicyError(f"{file}: not valid YAML ({error})") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = getattr(error, "problem", None) or str(error)
+            raise PolicyError(f"{file}: not valid YAML ({where}{what})") from None
     return parse_policy(data, source=str(file))
