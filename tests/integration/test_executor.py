@@ -735,13 +735,6 @@ def test_a_recorded_deprecation_hidden_by_a_later_owner_deprecation_is_done_agai
     assert items_of(ec2)[image_id].stages["deprecate"].confirmed == NOW
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trust.shows() takes a deprecation time more than a day after the deprecate stage's record for "
-    "the owner's, but a recorded deprecation done again later keeps its first record and takes its time "
-    "from the run that does it: every later plan does it again (a later time each run) and the next stage "
-    "never comes due",
-)
 def test_a_recorded_deprecation_done_again_days_later_is_done(ec2: Any) -> None:
     image_id = make_image(ec2, "web-1")
     # A run recorded the deprecate stage ten days ago, then stopped before EC2 took it.
@@ -927,11 +920,7 @@ def plan_fleet(ec2: Any, labels: dict[str, str]) -> tuple[list[Decision], Region
 
 def end_state(ec2: Any, labels: dict[str, str], snapshots: dict[str, str]) -> dict[str, Any]:
     """The AMIs (state, deprecation, tags, launch permissions), the snapshots left (their tags) and the
-    ledger items (confirmations included), ids named by label.
-
-    Left out: the candidate-since tag of the rescued AMI. A crash after its rescue removed the janitor
-    tags, before it closed the clock, and the rerun's rescue closes it and then writes the tag back
-    (see test_a_rescue_writes_no_clock_tag_back_onto_the_ami_it_rescued)."""
+    ledger items (confirmations included), ids named by label."""
 
     def named(value: str) -> str:
         for label, image_id in labels.items():
@@ -941,8 +930,7 @@ def end_state(ec2: Any, labels: dict[str, str], snapshots: dict[str, str]) -> di
         return value
 
     def mirror(raw: dict[str, Any]) -> dict[str, str]:
-        rescued = raw.get("ImageId") == labels["rescued"]
-        return {k: named(v) for k, v in _tags(raw).items() if not (rescued and k == CANDIDATE_TAG)}
+        return {k: named(v) for k, v in _tags(raw).items()}
 
     def recorded(item: LedgerItem) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(named(item.model_dump_json()))
@@ -1124,13 +1112,6 @@ def test_a_crash_in_a_rescue_before_its_clock_is_closed_is_finished_by_the_rerun
     assert _tags(image_or_none(ec2, image_id) or {}) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="executor._RegionRun.mirror_clocks runs after the rescues on the inventory's ledger items: a "
-    "clock a rescue closed in this run still looks open there, so where the AMI's candidate-since tag was "
-    "missing or differed (removed by a rescue a crash stopped before the close, or changed by hand) it is "
-    "written back onto the rescued AMI, and trust.tampered reports it on every later plan",
-)
 def test_a_rescue_writes_no_clock_tag_back_onto_the_ami_it_rescued(ec2: Any) -> None:
     image_id = make_image(ec2, "web-1", share_with=[{"UserId": ACCOUNT_A}])
     assert apply(ec2, [decision(image_id, "disable", ["disable"])], load_inventory(ec2)).failed == 0

@@ -53,7 +53,9 @@ def shows(image: Image, stage: Stage, entry: LedgerStage | None = None) -> bool:
     if stage == "deprecate":
         if image.deprecation_time is None:
             return False
-        return entry is None or image.deprecation_time <= entry.at + DEPRECATION_SLACK
+        # A stage done again (after a crash or a half-way rescue) is confirmed at that later time.
+        latest = max(entry.at, entry.confirmed or entry.at) if entry is not None else None
+        return latest is None or image.deprecation_time <= latest + DEPRECATION_SLACK
     if stage == "disable":
         return image.state == "disabled"
     return False
