@@ -6,8 +6,23 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory
-from ami_janitor.core.policy import Policy, parse_policy
+from ami_janitor.core.model import (
+    Image,
+    LaunchPermission,
+    LedgerCopy,
+    LedgerItem,
+    LedgerView,
+    Reference,
+    RegionInventory,
+    iso,
+)
+from ami_janitor.core.policy import (
+    SOURCE_CREATED_TAG,
+    SOURCE_IMAGE_TAG,
+    SOURCE_REGION_TAG,
+    Policy,
+    parse_policy,
+)
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 _ids = itertools.count(1)
@@ -44,6 +59,48 @@ def image(
     )
 
 
+def copied(
+    source_id: str,
+    source_region: str,
+    source_created: datetime,
+    *,
+    generation: int = 1,
+    recorded: bool = True,
+    **fields: Any,
+) -> Image:
+    """A copy of `source_id`: EC2 names its source; with `recorded`, its ledger item records the copy as the
+    janitor's (what the copier writes), and its tags mirror it."""
+    mirror = {
+        SOURCE_IMAGE_TAG: source_id,
+        SOURCE_REGION_TAG: source_region,
+        SOURCE_CREATED_TAG: iso(source_created) or "",
+    }
+    made = image(
+        tags={**mirror, **fields.pop("tags", {})},
+        copied_from=source_id,
+        copied_from_region=source_region,
+        **fields,
+    )
+    if not recorded:
+        return made
+    record = LedgerCopy(
+        source_image_id=source_id,
+        source_region=source_region,
+        region=made.region,
+        generation=generation,
+        token=f"token-{source_id}-{generation}",
+        image_id=made.image_id,
+        source_created=source_created,
+    )
+    return made.model_copy(update={"ledger": LedgerItem(image_id=made.image_id, replica=record)})
+
+
+def granted(source: Image, *grants: str) -> Image:
+    """The image with the grants its ledger item records the janitor made."""
+    item = source.ledger or LedgerItem(image_id=source.image_id)
+    return source.model_copy(update={"ledger": item.model_copy(update={"grants": tuple(sorted(grants))})})
+
+
 def reference(
     image_id: str, detail: str = "used by instance i-1 (stopped)", kind: str = "instance"
 ) -> Reference:
@@ -51,6 +108,10 @@ def reference(
 
 
 def inventory(*images: Image, region: str = "us-east-1", **fields: Any) -> RegionInventory:
+    """The region's inventory; where an image carries a ledger item, the region's ledger holds them."""
+    if "ledger" not in fields and any(i.ledger is not None for i in images):
+        items = {i.image_id: i.ledger for i in images if i.ledger is not None}
+        fields["ledger"] = LedgerView(table="ami-janitor-ledger", items=items)
     return RegionInventory(region=region, images=images, **fields)
 
 
