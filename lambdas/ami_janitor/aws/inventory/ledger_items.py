@@ -13,8 +13,10 @@ from ami_janitor.core.model import LedgerView
 if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
-# The region's table once per run (read_ledger), or the items of a few AMIs (read_ledger_items).
-PERMISSIONS: list[str] = ["dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:Scan"]
+# The region's table once per run (read_ledger).
+PERMISSIONS: list[str] = ["dynamodb:DescribeTable", "dynamodb:Scan"]
+# The items of a few AMIs (read_ledger_items), for the readers of single AMIs.
+ITEM_PERMISSIONS: list[str] = ["dynamodb:BatchGetItem", "dynamodb:DescribeTable"]
 
 
 def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
