@@ -87,7 +87,8 @@ class JanitorStack(Stack):
             schedule=policy.schedule,
             code=code,
             permissions=scheduled.PERMISSIONS,
-            permission_scope=own_region,
+            # Its plan reads the copy targets' inventories, their ledgers included (it copies nothing).
+            permission_scope=with_copies,
             alerts=self.alerts,
             dead_letters=self.dead_letters,
             reports=self.reports,
