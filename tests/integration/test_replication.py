@@ -17,6 +17,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.ec2.models import ec2_backends
 
+from ami_janitor import engine
 from ami_janitor.aws import inventory, ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.copier import KMS_PERMISSIONS, PERMISSIONS, enqueue_copies, start_copy
@@ -277,6 +278,29 @@ def test_no_copy_where_a_ledger_table_is_missing(aws: ClientFactory) -> None:
     assert copies_in(aws, WEST, source.image_id) == []
     # Refused before anything is recorded.
     assert read(aws, US, source.image_id).ledger is None
+
+
+def test_replicate_plans_without_a_ledger_table_and_says_so_but_applies_only_with_every_table(
+    aws: ClientFactory,
+) -> None:
+    source = bake(aws, "web-9")
+    aws(WEST).dynamodb.update_table(TableName="ami-janitor-ledger", DeletionProtectionEnabled=False)
+    aws(WEST).dynamodb.delete_table(TableName="ami-janitor-ledger")
+    planned = engine.replicate(POLICY, [US], aws, source.created, apply=False)
+    assert [(c.source_image_id, c.region) for c in planned.copies] == [
+        (source.image_id, EU),
+        (source.image_id, WEST),
+    ]
+    assert any(
+        p.startswith("no ledger table ami-janitor-ledger in us-west-2: plan only") for p in planned.problems
+    )
+    with pytest.raises(ledger.LedgerMissing, match="us-west-2"):
+        engine.replicate(POLICY, [US], aws, source.created, apply=True)
+    assert copies_in(aws, EU, source.image_id) == []  # refused before any copy, in any region
+    make_ledger((WEST,))
+    applied = engine.replicate(POLICY, [US], aws, source.created, apply=True)
+    assert [r.status for r in applied.copy_results] == ["ok", "ok"]
+    assert not any("no ledger table" in p for p in applied.problems)
 
 
 def test_a_request_from_an_older_policy_is_skipped(aws: ClientFactory) -> None:
