@@ -87,8 +87,7 @@ class JanitorStack(Stack):
             schedule=policy.schedule,
             code=code,
             permissions=scheduled.PERMISSIONS,
-            # Its plan reads the copy targets' inventories, their ledgers included (it copies nothing).
-            permission_scope=with_copies,
+            permission_scope=with_copies,  # its plan reads the copy targets' ledgers (it copies nothing)
             alerts=self.alerts,
             dead_letters=self.dead_letters,
             reports=self.reports,
