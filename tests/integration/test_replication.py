@@ -211,6 +211,31 @@ def test_a_failed_copy_is_started_again_with_the_next_generation(aws: ClientFact
     assert start_copy(aws, copy_of(source), latest, POLICY).detail == "already copied (available)"
 
 
+def test_a_failed_copy_event_plans_its_retry_from_the_ledger_never_from_a_tag(aws: ClientFactory) -> None:
+    source = bake(aws, "web-10")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    assert first.image_id is not None
+    set_state(EU, first.image_id, "failed")
+    outcome = engine.handle_ami_event(first.image_id, "failed", aws(EU), POLICY, source.created)
+    assert outcome.copy_retry == f"{first.image_id} failed: generation 2 planned"
+    # An AMI that only carries the provenance tags is no copy of the janitor's: nothing is retried.
+    instance = aws(EU).ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    lookalike = aws(EU).ec2.create_image(InstanceId=instance["InstanceId"], Name="web-10-lookalike")[
+        "ImageId"
+    ]
+    provenance = {
+        SOURCE_IMAGE_TAG: source.image_id,
+        SOURCE_REGION_TAG: US,
+        COPY_GENERATION_TAG_PREFIX + EU: "1",
+    }
+    aws(EU).ec2.create_tags(
+        Resources=[lookalike], Tags=[{"Key": k, "Value": v} for k, v in provenance.items()]
+    )
+    set_state(EU, lookalike, "failed")
+    outcome = engine.handle_ami_event(lookalike, "failed", aws(EU), POLICY, source.created)
+    assert outcome.copy_retry == f"{lookalike} is not a copy made by the janitor"
+
+
 def test_plan_then_copy_then_plan_again_on_adapter_inventories(aws: ClientFactory) -> None:
     sources = [bake(aws, f"web-{n}") for n in range(3)]
     for n, source in enumerate(sources):
