@@ -10,7 +10,9 @@ where each action may apply:
 - KMS calls only on the key ARNs the policy configures for replication, and only through EC2;
 - SSM writes only on the families' Latest parameters;
 - DynamoDB calls only on the region's ledger table (the table's resource policy also denies writes to
-  every principal outside the IAM path /ami-janitor/).
+  every principal outside the IAM path /ami-janitor/), and on the ledger tables of the replication
+  targets: their reads (a plan knows the copies there), and, for a role that copies, the item reads and
+  writes that record each copy where it is made.
 An action without a rule fails the synth: adding one is a decision to take here, not a default.
 
 Image and snapshot ARNs carry no account (`arn:aws:ec2:REGION::image/ami-...`, same for
@@ -74,6 +76,10 @@ METRIC_ACTIONS = frozenset({"cloudwatch:PutMetricData"})
 SEND_COMMAND_ACTIONS = frozenset({"ssm:SendCommand"})
 # The ledger's item calls and what `ledger create` calls: on the ledger table only.
 LEDGER_ACTIONS = frozenset(ledger.PERMISSIONS) | frozenset(ledger.CREATE_PERMISSIONS)
+# On the ledger tables of the copy targets: what reading a target's inventory calls ...
+TARGET_LEDGER_READS = frozenset({"dynamodb:DescribeTable", "dynamodb:Scan"})
+# ... and what recording a copy there calls (a role with ec2:CopyImage only).
+TARGET_LEDGER_RECORDS = frozenset({"dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:UpdateItem"})
 
 _ACTION_RE = re.compile(r"^[a-z0-9-]+:[A-Za-z0-9]+$")
 
@@ -161,8 +167,9 @@ class Scope:
             "{arch}", "*"
         )
 
-    def ledger_table_arn(self) -> str:
-        return f"arn:{self.partition}:dynamodb:{self.region}:{self.account}:table/{self.ledger_table}"
+    def ledger_table_arn(self, region: str | None = None) -> str:
+        where = region or self.region
+        return f"arn:{self.partition}:dynamodb:{where}:{self.account}:table/{self.ledger_table}"
 
     def tag_keys(self) -> list[str]:
         return [f"{JANITOR_TAG_PREFIX}*", *self.latest_tag_keys]
@@ -219,11 +226,7 @@ def statements_for(actions: Iterable[str], scope: Scope, *, provided: Iterable[s
     statements.extend(_ec2_statements(chosen, scope))
     statements.extend(_ssm_statements(chosen, scope))
     statements.extend(_kms_statements(chosen, scope))
-    used = sorted(chosen & LEDGER_ACTIONS)
-    if used:
-        if not scope.ledger_table:
-            raise PermissionsError(f"{', '.join(used)}: the scope names no ledger table")
-        statements.append(Statement("UseLedger", tuple(used), (scope.ledger_table_arn(),)))
+    statements.extend(_ledger_statements(chosen, scope))
     metrics = sorted(chosen & METRIC_ACTIONS)
     if metrics:
         # PutMetricData has no resource type; the namespace condition is its only scope.
@@ -236,6 +239,21 @@ def statements_for(actions: Iterable[str], scope: Scope, *, provided: Iterable[s
             )
         )
     return statements
+
+
+def _ledger_statements(chosen: set[str], scope: Scope) -> list[Statement]:
+    used = sorted(chosen & LEDGER_ACTIONS)
+    if not used:
+        return []
+    if not scope.ledger_table:
+        raise PermissionsError(f"{', '.join(used)}: the scope names no ledger table")
+    out = [Statement("UseLedger", tuple(used), (scope.ledger_table_arn(),))]
+    wanted = TARGET_LEDGER_READS | (TARGET_LEDGER_RECORDS if "ec2:CopyImage" in chosen else frozenset())
+    targets = sorted(chosen & wanted)
+    if targets and scope.copy_regions:
+        tables = tuple(scope.ledger_table_arn(region) for region in scope.copy_regions)
+        out.append(Statement("UseCopyTargetLedgers", tuple(targets), tables))
+    return out
 
 
 def _has_rule(action: str) -> bool:

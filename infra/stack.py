@@ -87,7 +87,7 @@ class JanitorStack(Stack):
             schedule=policy.schedule,
             code=code,
             permissions=scheduled.PERMISSIONS,
-            permission_scope=own_region,
+            permission_scope=with_copies,  # its plan reads the copy targets' ledgers (it copies nothing)
             alerts=self.alerts,
             dead_letters=self.dead_letters,
             reports=self.reports,

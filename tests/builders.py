@@ -9,13 +9,21 @@ from typing import Any
 from ami_janitor.core.model import (
     Image,
     LaunchPermission,
+    LedgerCopy,
     LedgerItem,
     LedgerStage,
     LedgerView,
     Reference,
     RegionInventory,
+    iso,
 )
-from ami_janitor.core.policy import Policy, parse_policy
+from ami_janitor.core.policy import (
+    SOURCE_CREATED_TAG,
+    SOURCE_IMAGE_TAG,
+    SOURCE_REGION_TAG,
+    Policy,
+    parse_policy,
+)
 
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 _ids = itertools.count(1)
@@ -53,6 +61,48 @@ def image(
         launch_permissions=None if perms is None else tuple(LaunchPermission.from_key(p) for p in perms),
         **fields,
     )
+
+
+def copied(
+    source_id: str,
+    source_region: str,
+    source_created: datetime,
+    *,
+    generation: int = 1,
+    recorded: bool = True,
+    **fields: Any,
+) -> Image:
+    """A copy of `source_id`: EC2 names its source; with `recorded`, its ledger item records the copy as the
+    janitor's (what the copier writes), and its tags mirror it."""
+    mirror = {
+        SOURCE_IMAGE_TAG: source_id,
+        SOURCE_REGION_TAG: source_region,
+        SOURCE_CREATED_TAG: iso(source_created) or "",
+    }
+    made = image(
+        tags={**mirror, **fields.pop("tags", {})},
+        copied_from=source_id,
+        copied_from_region=source_region,
+        **fields,
+    )
+    if not recorded:
+        return made
+    record = LedgerCopy(
+        source_image_id=source_id,
+        source_region=source_region,
+        region=made.region,
+        generation=generation,
+        token=f"token-{source_id}-{generation}",
+        image_id=made.image_id,
+        source_created=source_created,
+    )
+    return made.model_copy(update={"ledger": LedgerItem(image_id=made.image_id, replica=record)})
+
+
+def granted(source: Image, *grants: str) -> Image:
+    """The image with the grants its ledger item records the janitor made."""
+    item = source.ledger or LedgerItem(image_id=source.image_id)
+    return source.model_copy(update={"ledger": item.model_copy(update={"grants": tuple(sorted(grants))})})
 
 
 def reference(

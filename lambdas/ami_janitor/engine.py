@@ -15,7 +15,17 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
 from ami_janitor.core import baking, replication, run_plan, sharing, trust
-from ami_janitor.core.model import AmiState, Copy, Image, Outcome, Plan, RegionInventory, Share, Summary
+from ami_janitor.core.model import (
+    AmiState,
+    Copy,
+    Image,
+    Outcome,
+    Plan,
+    RegionInventory,
+    Share,
+    Summary,
+    with_ledger,
+)
 from ami_janitor.core.policy import Family, Mode, Policy
 
 ClientsFor = Callable[[str], RegionClients]
@@ -217,7 +227,11 @@ def replicate(
     """`ami-janitor replicate`: reconcile shares and copies of the sources in `regions` by hand
     (CopyImage is called in each target, one copy after another).
 
-    Reads only DescribeImages (no references are needed to share or copy)."""
+    Reads only DescribeImages and the ledgers (no references are needed to share or copy). Applying
+    needs the ledger table of every region it reads (sources and targets): LedgerMissing before
+    anything is read or written; a plan says which tables are missing."""
+    if apply:
+        require_ledgers(policy, sorted(set(regions) | _copy_targets(policy)), clients_for)
     images = {region: inventory.load_images(clients_for(region), policy) for region in regions}
     for region in sorted(_copy_targets(policy) - set(images)):
         images[region] = inventory.load_images(clients_for(region), policy)
@@ -233,6 +247,12 @@ def replicate(
     shares = [s for s in sharing.plan_shares(own, policy, now) if (s.region, s.image_id) in members]
     copies, problems = replication.plan_replication(list(images.values()), policy, now)
     copies = [c for c in copies if c.source_region in regions and c.family in wanted]
+    problems.extend(
+        f"no ledger table {policy.ledger.table} in {region}: plan only (its copies are not known as the "
+        "janitor's); `ami-janitor ledger create` makes it"
+        for region, inv in sorted(images.items())
+        if inv.ledger is None and inv.error is None
+    )
     result = ReplicateResult(shares=shares, copies=copies, problems=problems)
     return _apply_replication(result, own, policy, clients_for, None) if apply else result
 
@@ -246,14 +266,17 @@ def _apply_replication(
 ) -> ReplicateResult:
     """Shares, then copies: to `enqueue` when given (the deployed queue paces CopyImage), else started
     here one after another."""
-    result.share_results = sharer.apply_shares(clients_for, result.shares, own)
+    ledger_for = ledger.ledgers(clients_for, policy.ledger)
+    result.share_results = sharer.apply_shares(clients_for, result.shares, own, ledger_for)
     if enqueue is not None:
         result.queued = enqueue(result.copies)
         return result
     sources = {(inv.region, image.image_id): image for inv in own for image in inv.images}
     for copy in result.copies:
         source = sources[(copy.source_region, copy.source_image_id)]
-        result.copy_results.append(copier.start_copy(clients_for, copy, source, policy))
+        result.copy_results.append(
+            copier.start_copy(clients_for, copy, source, policy, ledger_for=ledger_for)
+        )
     return result
 
 
@@ -319,9 +342,13 @@ def handle_ami_event(
     outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
-    image = inventory.describe_image(clients, image_id)
-    if image is None:
+    described = inventory.describe_image(clients, image_id)
+    if described is None:
         return outcome
+    # With its ledger item: a replica is one the ledger records; no table, nothing is shared.
+    view = inventory.read_ledger_items(clients, policy.ledger.table, [image_id])
+    own = with_ledger(RegionInventory(region=clients.region, images=(described,), ledger=view))
+    image = own.images[0]
     if state == "failed":
         retry = replication.handle_failed_replica(image, policy)
         # The retry is started by the source region's next scheduled run (it records the next
@@ -337,7 +364,7 @@ def handle_ami_event(
         return outcome.model_copy(update={"would_share": share, "would_copy": len(copies)})
     shared = (
         sharer.apply_shares(
-            lambda _region: clients, [share], [RegionInventory(region=clients.region, images=(image,))]
+            lambda _region: clients, [share], [own], ledger.ledgers(lambda _region: clients, policy.ledger)
         )
         if share
         else []
@@ -419,18 +446,25 @@ def scheduled_bake(policy: Policy, family: Family, clients: RegionClients, now: 
             name=request["Name"],
             create_image=request,
         )
-    result = baker.bake(clients, family, instance_id, now, no_reboot=no_reboot, wait=False)
+    # Every bake is recorded on its AMI's ledger item: no table, no bake.
+    require_ledgers(policy, [clients.region], lambda _region: clients)
+    result = baker.bake(
+        clients, family, instance_id, now, no_reboot=no_reboot, wait=False, ledger_table=policy.ledger.table
+    )
     return BakeOutcome(mode=policy.mode, region=clients.region, outcome="baked", **result.model_dump())
 
 
 def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor) -> replication.CopyResult:
     """One queued copy request: rebuilt from the policy and the source as EC2 describes it now, then
     started. The request only says which copy; what is copied and with which key is the policy's.
-    RefusedCopy when the policy would not make it; a source gone since is a skipped copy."""
+    RefusedCopy when the policy would not make it; a source gone since is a skipped copy; LedgerMissing
+    where the source's or the target's region has no ledger table (no copy is made unrecorded)."""
     # Checked before any AWS call: no client is made for a region the policy does not name.
     replication.allowed_target(request, policy)
-    source = inventory.describe_image(clients_for(request.source_region), request.source_image_id)
-    if source is None:
+    require_ledgers(policy, sorted({request.source_region, request.region}), clients_for)
+    ledger_for = ledger.ledgers(clients_for, policy.ledger)
+    described = inventory.describe_image(clients_for(request.source_region), request.source_image_id)
+    if described is None:
         # Deregistered since the request was queued: retrying cannot help.
         return replication.CopyResult(
             family=request.family,
@@ -441,6 +475,10 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
             status="skipped",
             detail="source gone",
         )
-    existing = copier.find_copies(clients_for(request.region).ec2, source.image_id, request.region)
+    items = ledger_for(request.source_region).read_items([described.image_id])
+    source = described.model_copy(update={"ledger": items.get(described.image_id)})
+    existing = copier.find_copies(
+        clients_for(request.region).ec2, ledger_for(request.region), source.image_id, request.region
+    )
     copy = replication.rebuild_copy(request, source, policy, existing)
-    return copier.start_copy(clients_for, copy, source, policy, existing)
+    return copier.start_copy(clients_for, copy, source, policy, existing, ledger_for=ledger_for)

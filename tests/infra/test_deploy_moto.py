@@ -50,7 +50,7 @@ REPLICA_KEY = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-12
 CANDIDATE_TAG = "ami-janitor:candidate-since"
 SOURCE_IMAGE_TAG = "ami-janitor:source-image"
 SOURCE_REGION_TAG = "ami-janitor:source-region"
-GENERATION_TAG = f"ami-janitor:copy-generation:{REPLICA_REGION}"
+LEDGER_TABLE = "ami-janitor-ledger"
 
 
 pytestmark = pytest.mark.slow  # synthesizes the stacks (or reads their synthesized templates)
@@ -521,6 +521,12 @@ def test_baked_ami_takes_latest_on_its_available_event_and_is_queued_for_copy(
     assert copy["source_image_id"] == new and copy["region"] == REPLICA_REGION
 
 
+def ledger_item(region: str, image_id: str) -> dict[str, Any]:
+    key = {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}}
+    answer = boto3.client("dynamodb", region_name=region).get_item(TableName=LEDGER_TABLE, Key=key)
+    return dict(answer["Item"])
+
+
 def test_replication_worker_copies_the_queued_requests_with_provenance(
     deployment: Deployment,
     synth: Synth,
@@ -531,6 +537,16 @@ def test_replication_worker_copies_the_queued_requests_with_provenance(
 ) -> None:
     queue_url = deployment.functions["scheduled"]["Environment"]["Variables"]["REPLICATION_QUEUE_URL"]
     messages = scheduled_runs.queued + baked.queued
+    # The replica region's own stack makes its ledger table: the worker records each copy there too.
+    boto3.client("dynamodb", region_name=REPLICA_REGION).create_table(
+        TableName=LEDGER_TABLE,
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
     result = invoke(deployment, synth, "replicate", sqs_event(queue_url, messages), enforce_policy)
     assert result == {"batchItemFailures": []}
 
@@ -539,8 +555,14 @@ def test_replication_worker_copies_the_queued_requests_with_provenance(
     assert sorted(tags_of(c)[SOURCE_IMAGE_TAG] for c in copies) == sources
     source_images = images_by_id(sources)
     names = {i: image["Name"] for i, image in source_images.items()}
-    # Each source records the copy generation it started in the destination (a retry takes the next).
-    assert {tags_of(image)[GENERATION_TAG] for image in source_images.values()} == {"1"}
+    # Each source's ledger item records the copy it started (a retry takes the next generation), and
+    # each copy's item in the replica region's ledger records it as the janitor's copy of that source.
+    for source in sources:
+        item = ledger_item(REGION, source)
+        assert list(item["copies"]["M"]) == [f"{REPLICA_REGION}#1"]
+    for copy in copies:
+        replica = ledger_item(REPLICA_REGION, copy["ImageId"])["replica"]["M"]
+        assert replica["source_image_id"]["S"] == copy["SourceImageId"] == tags_of(copy)[SOURCE_IMAGE_TAG]
     for copy in copies:
         tags = tags_of(copy)
         assert tags[SOURCE_REGION_TAG] == REGION

@@ -211,10 +211,25 @@ def test_every_role_lives_under_the_janitor_path(templates: dict[str, dict[str, 
             assert role["Properties"]["Path"] == "/ami-janitor/"
 
 
-def test_ledger_calls_only_on_the_regions_ledger_table(templates: dict[str, dict[str, Any]]) -> None:
+def _table(region: str) -> str:
+    return f"arn:aws:dynamodb:{region}:{TEST_ACCOUNT}:table/ami-janitor-ledger"
+
+
+# On the copy targets' ledgers: the scheduled run reads them (its plan), the roles that copy record there.
+TARGET_LEDGER_ACTIONS = {
+    "scheduled": {"dynamodb:DescribeTable", "dynamodb:Scan"},
+    "replicate": {"dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:UpdateItem"},
+    "operator": {"dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:Scan", "dynamodb:UpdateItem"},
+}
+
+
+def test_ledger_calls_only_on_the_ledger_tables_of_the_region_and_its_copy_targets(
+    templates: dict[str, dict[str, Any]], infra_policy: Any
+) -> None:
+    targets = {t.region for f in infra_policy.families for t in f.replicate}
     for name, template in templates.items():
         region = name.removeprefix("AmiJanitor-")
-        table = f"arn:aws:dynamodb:{region}:{TEST_ACCOUNT}:table/ami-janitor-ledger"
+        remote = sorted(_table(r) for r in targets - {region})
         roles = {**_roles(template), "operator": _operator_role(template)}
         for module, role_id in roles.items():
             statements = [
@@ -226,8 +241,14 @@ def test_ledger_calls_only_on_the_regions_ledger_table(templates: dict[str, dict
             assert {a for s in statements for a in as_list(s["Action"])} == {
                 a for a in wanted if a.startswith("dynamodb:")
             }, module
+            own = [s for s in statements if [flatten(r) for r in as_list(s["Resource"])] == [_table(region)]]
+            assert len(own) == 1, module
+            others = [s for s in statements if s not in own]
+            expected = TARGET_LEDGER_ACTIONS.get(module, set()) if remote else set()
+            assert {a for s in others for a in as_list(s["Action"])} == expected, (name, module)
+            for statement in others:
+                assert sorted(flatten(r) for r in as_list(statement["Resource"])) == remote
             for statement in statements:
-                assert [flatten(r) for r in as_list(statement["Resource"])] == [table]
                 assert all(a.startswith("dynamodb:") for a in as_list(statement["Action"]))
     # The scheduled run and the event function use the ledger; `ledger create` is the operator's.
     scheduled = _permissions("scheduled")

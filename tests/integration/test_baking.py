@@ -19,7 +19,7 @@ import pytest
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
-from ami_janitor.aws import baker
+from ami_janitor.aws import baker, ledger
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.core import baking
@@ -27,6 +27,7 @@ from ami_janitor.core.policy import Family, Policy, parse_policy
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import bake as bake_handler
 from ami_janitor.handlers.events import BadEvent
+from server import make_ledger
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
@@ -66,6 +67,7 @@ def family(name: str = "pettracker-ml") -> Family:
 @pytest.fixture
 def aws(moto_aws: None) -> Iterator[None]:
     emulator.install()
+    make_ledger((REGION,))
     yield
 
 
@@ -76,7 +78,13 @@ def client(service: str) -> Any:
 
 
 def clients() -> RegionClients:
-    return RegionClients(REGION, ec2=client("ec2"), ssm=client("ssm"))
+    return RegionClients(REGION, ec2=client("ec2"), ssm=client("ssm"), dynamodb=client("dynamodb"))
+
+
+def bakes_recorded(image_id: str) -> list[dict[str, str]]:
+    """The bakes the ledger records on the AMI's item."""
+    item = ledger.Ledger(clients(), "ami-janitor-ledger").read_items([image_id])[image_id]
+    return [b.model_dump(mode="json") for b in item.bakes]
 
 
 def ec2() -> Any:
@@ -135,6 +143,7 @@ def test_bake_names_and_tags_the_image_and_its_snapshot_so_the_family_selects_it
     # The family selects what it baked, as the inventory sees it.
     loaded = next(i for i in load_images(clients(), make_policy()).images if i.image_id == result.image_id)
     assert family().match.matches(loaded.name, loaded.tags)
+    assert bakes_recorded(result.image_id) == [{"instance_id": instance_id, "at": "2026-11-25T03:00:00Z"}]
     assert lines[0] == f"creating image pettracker-ml-20261125T030000Z from {instance_id}"
     assert lines[-1] == f"{result.image_id}: available (0s)"
 
@@ -288,6 +297,19 @@ def test_handler_in_enforce_bakes_the_tagged_instance_without_waiting(lambda_env
     assert image["Name"] == result["name"]
     assert image["Name"].startswith("pettracker-ml-")
     assert tags_of(image)["ami-janitor:baked-from"] == instance_id
+    [recorded] = bakes_recorded(image["ImageId"])
+    assert recorded["instance_id"] == instance_id
+
+
+def test_handler_in_enforce_without_a_ledger_table_bakes_nothing(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    launch(ROLE)
+    client("dynamodb").update_table(TableName="ami-janitor-ledger", DeletionProtectionEnabled=False)
+    client("dynamodb").delete_table(TableName="ami-janitor-ledger")
+
+    with pytest.raises(ledger.LedgerMissing, match="ledger create"):
+        bake_handler.handler({"family": "pettracker-ml"}, Context())
+    assert own_images() == []  # no CreateImage
 
 
 def test_handler_in_dry_run_only_says_what_it_would_bake(lambda_env: Path) -> None:
@@ -370,9 +392,11 @@ def test_handler_bakes_the_pinned_instance_even_with_a_later_tagged_one(lambda_e
 
 def test_handler_permissions_are_the_unattended_bake_only() -> None:
     assert bake_handler.PERMISSIONS == [
+        "dynamodb:DescribeTable",  # the ledger table is there
+        "dynamodb:UpdateItem",  # the bake recorded on the new AMI's item
         "ec2:CreateImage",
         "ec2:CreateTags",
         "ec2:DescribeInstances",
     ]
-    assert set(bake_handler.PERMISSIONS) < set(baker.PERMISSIONS)
+    assert set(bake_handler.PERMISSIONS) - {"dynamodb:DescribeTable"} < set(baker.PERMISSIONS)
     assert sorted(baker.PERMISSIONS) == baker.PERMISSIONS

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import boto3
 import pytest
 
 from ami_janitor import cli
@@ -196,6 +197,7 @@ def test_console_script_plan_json(endpoint: str, tmp_path: Path) -> None:
 
 def test_bake_creates_a_versioned_image_the_family_selects(endpoint: str, tmp_path: Path) -> None:
     seed_fleet(now())
+    make_ledger()
     text = POLICY.format(mode="dry-run") + "    bake: {instance_tag: {Role: web}}\n"
     config = write_policy(tmp_path, text=text)
     client = ec2()
@@ -213,9 +215,25 @@ def test_bake_creates_a_versioned_image_the_family_selects(endpoint: str, tmp_pa
     tags = {t["Key"]: t["Value"] for t in image["Tags"]}
     assert image["Name"].startswith("web-") and tags["Project"] == "Web"
     assert tags["ami-janitor:baked-from"] == instance_id and tags["Version"] == image["Name"][len("web-") :]
+    item = boto3.client("dynamodb", region_name="us-east-1").get_item(
+        TableName="ami-janitor-ledger", Key={"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}}
+    )["Item"]
+    assert [b["M"]["instance_id"]["S"] for b in item["bakes"]["L"]] == [instance_id]
     plan = json.loads(run("plan", "--config", config, "--format", "json")[1])
     assert plan["decisions"][0]["image_id"] == image_id  # the newest member of its family
     assert run("bake", "--family", "nope", "--config", config, "--region", "us-east-1")[0] == 2
+
+
+def test_bake_without_a_ledger_table_is_refused_before_anything_is_made(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_fleet(now())
+    launch_build_instance()
+    before = image_ids()
+    code, output = run("bake", "--family", "web", "--config", bake_policy(tmp_path), "--region", "us-east-1")
+    assert (code, output) == (2, "")
+    assert "no ledger table ami-janitor-ledger in us-east-1" in capsys.readouterr().err
+    assert image_ids() == before
 
 
 BAKE = '    bake: {{instance_tag: {{Role: web}}, schedule: "cron(0 2 * * ? *)"{pin}}}\n'
@@ -240,6 +258,7 @@ def test_bake_refuses_when_several_instances_carry_the_bake_tag(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     seed_fleet(now())
+    make_ledger()
     builder, other = launch_build_instance(), launch_build_instance()
     before = image_ids()
 

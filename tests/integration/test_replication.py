@@ -17,7 +17,8 @@ from botocore.stub import Stubber
 from moto import mock_aws
 from moto.ec2.models import ec2_backends
 
-from ami_janitor.aws import inventory
+from ami_janitor import engine
+from ami_janitor.aws import inventory, ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.copier import KMS_PERMISSIONS, PERMISSIONS, enqueue_copies, start_copy
 from ami_janitor.core.model import Copy, Image, iso
@@ -38,6 +39,7 @@ from ami_janitor.core.replication import (
 )
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import replicate
+from server import make_ledger
 
 US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
 KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -63,7 +65,24 @@ POLICY: Policy = parse_policy(POLICY_DATA)
 def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
+        make_ledger((US, EU, WEST))
         yield ClientFactory()
+
+
+def read(factory: ClientFactory, region: str, image_id: str) -> Image:
+    """The AMI as EC2 describes it, with its ledger item (what the event handler and the worker read)."""
+    image = inventory.describe_image(factory(region), image_id)
+    assert image is not None
+    view = inventory.read_ledger_items(factory(region), "ami-janitor-ledger", [image_id])
+    return image.model_copy(update={"ledger": view.items.get(image_id) if view else None})
+
+
+def item(factory: ClientFactory, region: str, image_id: str) -> dict[str, Any]:
+    """The AMI's ledger item as stored (what the janitor wrote)."""
+    raw = factory(region).dynamodb.get_item(
+        TableName="ami-janitor-ledger", Key=ledger.key(image_id), ConsistentRead=True
+    )
+    return dict(raw.get("Item") or {})
 
 
 def bake(factory: ClientFactory, name: str, **tags: str) -> Image:
@@ -127,13 +146,35 @@ def test_a_copy_is_started_in_the_destination_with_its_tags_and_provenance(aws: 
     snapshot = raw["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
     [snap] = aws(EU).ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
     assert tags_of(snap) == tags_of(raw)
-    # The generation is recorded on the source before the copy starts.
-    assert (
-        tags_of(aws(US).ec2.describe_images(ImageIds=[source.image_id])["Images"][0])[
-            COPY_GENERATION_TAG_PREFIX + EU
-        ]
-        == "1"
+    # EC2 says what it was copied from.
+    assert (raw["SourceImageId"], raw["SourceImageRegion"]) == (source.image_id, US)
+    # The copy is recorded on the source's item (before CopyImage), the replica on the copy's (after).
+    recorded = {
+        "source_image_id": {"S": source.image_id},
+        "source_region": {"S": US},
+        "region": {"S": EU},
+        "generation": {"N": "1"},
+        "token": {"S": client_token(copy_of(source))},
+        "source_created": {"S": iso(source.created)},
+    }
+    assert item(aws, US, source.image_id) == {
+        "pk": {"S": f"image#{source.image_id}"},
+        "sk": {"S": "item"},
+        "image_id": {"S": source.image_id},
+        "copies": {"M": {f"{EU}#1": {"M": recorded}}},
+    }
+    assert item(aws, EU, raw["ImageId"]) == {
+        "pk": {"S": f"image#{raw['ImageId']}"},
+        "sk": {"S": "item"},
+        "image_id": {"S": raw["ImageId"]},
+        "replica": {"M": {**recorded, "image_id": {"S": raw["ImageId"]}}},
+    }
+    # No tag is written on the source.
+    assert COPY_GENERATION_TAG_PREFIX + EU not in tags_of(
+        aws(US).ec2.describe_images(ImageIds=[source.image_id])["Images"][0]
     )
+    copy = read(aws, EU, raw["ImageId"])
+    assert (copy.is_replica, copy.source_image_id, copy.order_time) == (True, source.image_id, source.created)
 
 
 def test_a_duplicate_request_makes_no_second_copy(aws: ClientFactory) -> None:
@@ -153,24 +194,46 @@ def test_a_failed_copy_is_started_again_with_the_next_generation(aws: ClientFact
     first = start_copy(aws, copy_of(source), source, POLICY)
     assert first.image_id is not None
     set_state(EU, first.image_id, "failed")
-    failed = inventory.describe_image(aws(EU), first.image_id)
-    assert failed is not None
-    retry = handle_failed_replica(failed, POLICY)
+    retry = handle_failed_replica(read(aws, EU, first.image_id), POLICY)
     assert retry.copy == copy_of(source, generation=2)
-    fresh = inventory.describe_image(aws(US), source.image_id)
-    assert fresh is not None
+    fresh = read(aws, US, source.image_id)
     # A late duplicate of the first request: its generation already failed.
     assert start_copy(aws, copy_of(source), fresh, POLICY).detail == "generation 1 failed already"
     second = start_copy(aws, retry.copy, fresh, POLICY)
     assert second.status == "ok" and second.image_id not in (None, first.image_id)
     states = sorted((r["Name"], r["State"]) for r in copies_in(aws, EU, source.image_id))
     assert states == [("web-2", "failed"), ("web-2-copy2", "available")]
-    recorded = tags_of(aws(US).ec2.describe_images(ImageIds=[source.image_id])["Images"][0])
-    assert recorded[COPY_GENERATION_TAG_PREFIX + EU] == "2"
+    recorded = read(aws, US, source.image_id).ledger
+    assert recorded is not None
+    assert [(c.region, c.generation) for c in recorded.copies] == [(EU, 1), (EU, 2)]
     # The first request, delivered once more, is now outdated.
-    latest = inventory.describe_image(aws(US), source.image_id)
-    assert latest is not None
+    latest = read(aws, US, source.image_id)
     assert start_copy(aws, copy_of(source), latest, POLICY).detail == "already copied (available)"
+
+
+def test_a_failed_copy_event_plans_its_retry_from_the_ledger_never_from_a_tag(aws: ClientFactory) -> None:
+    source = bake(aws, "web-10")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    assert first.image_id is not None
+    set_state(EU, first.image_id, "failed")
+    outcome = engine.handle_ami_event(first.image_id, "failed", aws(EU), POLICY, source.created)
+    assert outcome.copy_retry == f"{first.image_id} failed: generation 2 planned"
+    # An AMI that only carries the provenance tags is no copy of the janitor's: nothing is retried.
+    instance = aws(EU).ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    lookalike = aws(EU).ec2.create_image(InstanceId=instance["InstanceId"], Name="web-10-lookalike")[
+        "ImageId"
+    ]
+    provenance = {
+        SOURCE_IMAGE_TAG: source.image_id,
+        SOURCE_REGION_TAG: US,
+        COPY_GENERATION_TAG_PREFIX + EU: "1",
+    }
+    aws(EU).ec2.create_tags(
+        Resources=[lookalike], Tags=[{"Key": k, "Value": v} for k, v in provenance.items()]
+    )
+    set_state(EU, lookalike, "failed")
+    outcome = engine.handle_ami_event(lookalike, "failed", aws(EU), POLICY, source.created)
+    assert outcome.copy_retry == f"{lookalike} is not a copy made by the janitor"
 
 
 def test_plan_then_copy_then_plan_again_on_adapter_inventories(aws: ClientFactory) -> None:
@@ -194,6 +257,77 @@ def test_plan_then_copy_then_plan_again_on_adapter_inventories(aws: ClientFactor
     assert plan_copies(inventories, POLICY, source.created) == []
 
 
+class LostReplicaRecord(ClientFactory):
+    """Every ledger write in eu-west-1 fails: a run that dies between CopyImage and the replica's record."""
+
+    def __call__(self, region: str) -> RegionClients:
+        clients = super().__call__(region)
+        if region == EU:
+
+            def lost(**_: Any) -> None:
+                raise ClientError({"Error": {"Code": "InternalServerError", "Message": "gone"}}, "UpdateItem")
+
+            clients.dynamodb.meta.events.register("before-call.dynamodb.UpdateItem", lost, unique_id="lost")
+        return clients
+
+
+def test_a_copy_interrupted_before_its_replica_is_recorded_is_finished_with_the_same_token(
+    aws: ClientFactory,
+) -> None:
+    source = bake(aws, "web-6")
+    interrupted = start_copy(LostReplicaRecord(), copy_of(source), source, POLICY)
+    assert interrupted.status == "failed"
+    [raw] = copies_in(aws, EU, source.image_id)
+    # EC2 says it is a copy, the ledger does not: an original for now (its own CreationDate).
+    unrecorded = read(aws, EU, raw["ImageId"])
+    assert (unrecorded.copied_from, unrecorded.is_replica) == (source.image_id, False)
+    inventories = [inventory.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
+    # The next plan starts the recorded generation again (same ClientToken), not the next one.
+    assert copy_of(source) in plan_copies(inventories, POLICY, source.created)
+    finished = start_copy(aws, copy_of(source), read(aws, US, source.image_id), POLICY)
+    assert (finished.status, finished.image_id) == ("ok", raw["ImageId"])
+    assert len(copies_in(aws, EU, source.image_id)) == 1
+    assert read(aws, EU, raw["ImageId"]).is_replica
+    inventories = [inventory.load_images(aws(region), POLICY) for region in (US, EU, WEST)]
+    assert [c.region for c in plan_copies(inventories, POLICY, source.created)] == [WEST]
+
+
+def test_no_copy_where_a_ledger_table_is_missing(aws: ClientFactory) -> None:
+    source = bake(aws, "web-7")
+    aws(WEST).dynamodb.update_table(TableName="ami-janitor-ledger", DeletionProtectionEnabled=False)
+    aws(WEST).dynamodb.delete_table(TableName="ami-janitor-ledger")
+    result = start_copy(aws, copy_of(source, region=WEST, key=None), source, POLICY)
+    assert result.status == "failed" and "no ledger table ami-janitor-ledger in us-west-2" in (
+        result.error or ""
+    )
+    assert copies_in(aws, WEST, source.image_id) == []
+    # Refused before anything is recorded.
+    assert read(aws, US, source.image_id).ledger is None
+
+
+def test_replicate_plans_without_a_ledger_table_and_says_so_but_applies_only_with_every_table(
+    aws: ClientFactory,
+) -> None:
+    source = bake(aws, "web-9")
+    aws(WEST).dynamodb.update_table(TableName="ami-janitor-ledger", DeletionProtectionEnabled=False)
+    aws(WEST).dynamodb.delete_table(TableName="ami-janitor-ledger")
+    planned = engine.replicate(POLICY, [US], aws, source.created, apply=False)
+    assert [(c.source_image_id, c.region) for c in planned.copies] == [
+        (source.image_id, EU),
+        (source.image_id, WEST),
+    ]
+    assert any(
+        p.startswith("no ledger table ami-janitor-ledger in us-west-2: plan only") for p in planned.problems
+    )
+    with pytest.raises(ledger.LedgerMissing, match="us-west-2"):
+        engine.replicate(POLICY, [US], aws, source.created, apply=True)
+    assert copies_in(aws, EU, source.image_id) == []  # refused before any copy, in any region
+    make_ledger((WEST,))
+    applied = engine.replicate(POLICY, [US], aws, source.created, apply=True)
+    assert [r.status for r in applied.copy_results] == ["ok", "ok"]
+    assert not any("no ledger table" in p for p in applied.problems)
+
+
 def test_a_request_from_an_older_policy_is_skipped(aws: ClientFactory) -> None:
     source = bake(aws, "web-3")
     gone = copy_of(source, region="ap-south-1")
@@ -213,7 +347,11 @@ def test_a_request_from_an_older_policy_is_skipped(aws: ClientFactory) -> None:
 
 @pytest.fixture
 def stubbed(fake_aws_env: None) -> Iterator[dict[str, tuple[Any, Stubber]]]:
+    """EC2 (by region) and DynamoDB (by "db:" + region) clients, each with its Stubber."""
     clients = {region: boto3.client("ec2", region_name=region, **CREDENTIALS) for region in (US, EU)}
+    clients.update(
+        {f"db:{region}": boto3.client("dynamodb", region_name=region, **CREDENTIALS) for region in (US, EU)}
+    )
     stubbers = {region: Stubber(client) for region, client in clients.items()}
     for stubber in stubbers.values():
         stubber.activate()
@@ -221,6 +359,82 @@ def stubbed(fake_aws_env: None) -> Iterator[dict[str, tuple[Any, Stubber]]]:
     for stubber in stubbers.values():
         stubber.assert_no_pending_responses()
         stubber.deactivate()
+
+
+def region_clients(stubbed: dict[str, tuple[Any, Stubber]]) -> dict[str, RegionClients]:
+    return {
+        region: RegionClients(region, ec2=stubbed[region][0], dynamodb=stubbed[f"db:{region}"][0])
+        for region in (US, EU)
+    }
+
+
+TABLE = "ami-janitor-ledger"
+
+
+def expect_table(stub: Stubber) -> None:
+    stub.add_response("describe_table", {"Table": {"TableName": TABLE}}, {"TableName": TABLE})
+
+
+def ledger_entry(copy: Copy) -> dict[str, Any]:
+    return {
+        "M": {
+            "source_image_id": {"S": copy.source_image_id},
+            "source_region": {"S": copy.source_region},
+            "region": {"S": copy.region},
+            "generation": {"N": str(copy.generation)},
+            "token": {"S": client_token(copy)},
+            "source_created": {"S": "2026-11-24T02:00:00Z"},
+        }
+    }
+
+
+def expect_record_copy(stub: Stubber, copy: Copy, *, recorded_before: bool = False) -> None:
+    """The two writes of Ledger.record_copy on the source's item: the map of copies, then this copy once."""
+    key = ledger.key(copy.source_image_id)
+    stub.add_response(
+        "update_item",
+        {},
+        {
+            "TableName": TABLE,
+            "Key": key,
+            "UpdateExpression": "SET image_id = if_not_exists(image_id, :id), copies = if_not_exists(copies, :none)",
+            "ExpressionAttributeValues": {":id": {"S": copy.source_image_id}, ":none": {"M": {}}},
+        },
+    )
+    expected = {
+        "TableName": TABLE,
+        "Key": key,
+        "UpdateExpression": "SET copies.#copy = :copy",
+        "ConditionExpression": "attribute_not_exists(copies.#copy)",
+        "ExpressionAttributeNames": {"#copy": f"{copy.region}#{copy.generation}"},
+        "ExpressionAttributeValues": {":copy": ledger_entry(copy)},
+    }
+    if recorded_before:
+        stub.add_client_error(
+            "update_item", service_error_code="ConditionalCheckFailedException", expected_params=expected
+        )
+    else:
+        stub.add_response("update_item", {}, expected)
+
+
+def expect_record_replica(stub: Stubber, copy: Copy, image_id: str) -> None:
+    entry = ledger_entry(copy)
+    stub.add_response(
+        "update_item",
+        {},
+        {
+            "TableName": TABLE,
+            "Key": ledger.key(image_id),
+            "UpdateExpression": "SET image_id = :id, replica = :replica",
+            "ConditionExpression": "attribute_not_exists(replica) OR replica.#token = :token",
+            "ExpressionAttributeNames": {"#token": "token"},
+            "ExpressionAttributeValues": {
+                ":id": {"S": image_id},
+                ":replica": {"M": {**entry["M"], "image_id": {"S": image_id}}},
+                ":token": {"S": client_token(copy)},
+            },
+        },
+    )
 
 
 def source_image(**fields: Any) -> Image:
@@ -247,7 +461,8 @@ def lookup(source_id: str) -> dict[str, Any]:
 
 
 def test_exact_requests_of_an_encrypted_copy(stubbed: dict[str, tuple[Any, Stubber]]) -> None:
-    (us, us_stub), (eu, eu_stub) = stubbed[US], stubbed[EU]
+    eu_stub = stubbed[EU][1]
+    us_db, eu_db = stubbed[f"db:{US}"][1], stubbed[f"db:{EU}"][1]
     source = source_image()
     copy = copy_of(source, generation=2)
     tags = [
@@ -258,11 +473,10 @@ def test_exact_requests_of_an_encrypted_copy(stubbed: dict[str, tuple[Any, Stubb
         {"Key": COPY_GENERATION_TAG_PREFIX + EU, "Value": "2"},
     ]
     eu_stub.add_response("describe_images", {"Images": []}, lookup(source.image_id))
-    us_stub.add_response(
-        "create_tags",
-        {},
-        {"Resources": [source.image_id], "Tags": [{"Key": COPY_GENERATION_TAG_PREFIX + EU, "Value": "2"}]},
-    )
+    # Both ledger tables are there, the copy is recorded on the source, then CopyImage, then the replica.
+    expect_table(us_db)
+    expect_table(eu_db)
+    expect_record_copy(us_db, copy)
     eu_stub.add_response(
         "copy_image",
         {"ImageId": "ami-0fedcba9876543210"},
@@ -281,21 +495,22 @@ def test_exact_requests_of_an_encrypted_copy(stubbed: dict[str, tuple[Any, Stubb
             ],
         },
     )
-    clients = {US: RegionClients(US, ec2=us), EU: RegionClients(EU, ec2=eu)}
-    result = start_copy(clients.__getitem__, copy, source, POLICY)
+    expect_record_replica(eu_db, copy, "ami-0fedcba9876543210")
+    result = start_copy(region_clients(stubbed).__getitem__, copy, source, POLICY)
     assert (result.status, result.image_id) == ("ok", "ami-0fedcba9876543210")
+    # No tag is written on the source: its EC2 Stubber expects no call.
 
 
 def test_exact_request_of_an_encrypt_in_place_copy(stubbed: dict[str, tuple[Any, Stubber]]) -> None:
-    us, us_stub = stubbed[US]
+    us_stub, us_db = stubbed[US][1], stubbed[f"db:{US}"][1]
     in_place = parse_policy(
         {
             **POLICY_DATA,
             "families": [{**POLICY_DATA["families"][0], "replicate": [{"region": US, "kms_key_id": KEY_US}]}],
         }
     )
-    # Recorded already (a redelivered request whose CopyImage was throttled): no second CreateTags.
-    source = source_image(tags={"Project": "Web", COPY_GENERATION_TAG_PREFIX + US: "1"})
+    # Recorded already (a redelivered request whose CopyImage was throttled): the same token again.
+    source = source_image(tags={"Project": "Web"})
     copy = copy_of(source, region=US, key=KEY_US)
     request = copy_request(copy, source, in_place)
     assert (request["Name"], request["Encrypted"], request["KmsKeyId"]) == (
@@ -304,26 +519,39 @@ def test_exact_request_of_an_encrypt_in_place_copy(stubbed: dict[str, tuple[Any,
         KEY_US,
     )
     us_stub.add_response("describe_images", {"Images": []}, lookup(source.image_id))
+    expect_table(us_db)  # one region: one table
+    expect_record_copy(us_db, copy, recorded_before=True)
     us_stub.add_response("copy_image", {"ImageId": "ami-0fedcba9876543210"}, request)
-    result = start_copy(lambda region: RegionClients(region, ec2=us), copy, source, in_place)
-    assert result.status == "ok"
+    expect_record_replica(us_db, copy, "ami-0fedcba9876543210")
+    result = start_copy(region_clients(stubbed).__getitem__, copy, source, in_place)
+    assert (result.status, result.detail) == ("ok", "copy started (generation 1)")
 
 
 def test_a_throttled_copy_is_a_failed_result_not_an_exception(
     stubbed: dict[str, tuple[Any, Stubber]],
 ) -> None:
-    (us, us_stub), (eu, eu_stub) = stubbed[US], stubbed[EU]
+    eu_stub = stubbed[EU][1]
+    us_db, eu_db = stubbed[f"db:{US}"][1], stubbed[f"db:{EU}"][1]
     source = source_image()
     eu_stub.add_response("describe_images", {"Images": []}, lookup(source.image_id))
-    us_stub.add_response("create_tags", {})
+    expect_table(us_db)
+    expect_table(eu_db)
+    expect_record_copy(us_db, copy_of(source))
     eu_stub.add_client_error("copy_image", "RequestLimitExceeded", "Request limit exceeded.")
-    clients = {US: RegionClients(US, ec2=us), EU: RegionClients(EU, ec2=eu)}
-    result = start_copy(clients.__getitem__, copy_of(source), source, POLICY)
+    # No replica is recorded: the next plan starts generation 1 again, with its token.
+    result = start_copy(region_clients(stubbed).__getitem__, copy_of(source), source, POLICY)
     assert (result.status, result.error) == ("failed", "RequestLimitExceeded: Request limit exceeded.")
 
 
 def test_permissions_name_what_the_code_calls() -> None:
-    assert PERMISSIONS == ["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"]
+    assert PERMISSIONS == [
+        "dynamodb:BatchGetItem",
+        "dynamodb:DescribeTable",
+        "dynamodb:UpdateItem",
+        "ec2:CopyImage",
+        "ec2:CreateTags",
+        "ec2:DescribeImages",
+    ]
     assert set(replicate.PERMISSIONS) == set(PERMISSIONS) | set(KMS_PERMISSIONS)
     assert "kms:GenerateDataKeyWithoutPlaintext" in KMS_PERMISSIONS
 
@@ -422,6 +650,23 @@ def test_the_worker_reports_only_the_failed_records(
     assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]}
     assert len(copies_in(aws, EU, source.image_id)) == 1
     assert copies_in(aws, WEST, source.image_id) == []
+
+
+def test_the_worker_refuses_a_copy_to_a_region_without_a_ledger_table(
+    aws: ClientFactory, worker_env: Path
+) -> None:
+    source = bake(aws, "web-8")
+    aws(WEST).dynamodb.update_table(TableName="ami-janitor-ledger", DeletionProtectionEnabled=False)
+    aws(WEST).dynamodb.delete_table(TableName="ami-janitor-ledger")
+    event = sqs_event(
+        copy_of(source).model_dump_json(), copy_of(source, region=WEST, key=None).model_dump_json()
+    )
+    answer = replicate.handler(event, Context())  # type: ignore[arg-type]
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
+    assert len(copies_in(aws, EU, source.image_id)) == 1
+    assert copies_in(aws, WEST, source.image_id) == []
+    recorded = read(aws, US, source.image_id).ledger
+    assert recorded is not None and [c.region for c in recorded.copies] == [EU]
 
 
 def test_the_worker_copies_nothing_unless_the_policy_is_enforce(aws: ClientFactory, worker_env: Path) -> None:

@@ -1,5 +1,6 @@
-"""Shares on the emulator (grant, revoke, un-public, foreign grants untouched, the record across tags) and
-the exact ModifyImageAttribute, CreateTags and DeleteTags requests through botocore's Stubber."""
+"""Shares on the emulator (grant, revoke, un-public, foreign grants untouched, the ledger's record of
+grants and its mirror across tags) and the exact ModifyImageAttribute, CreateTags and DeleteTags requests
+through botocore's Stubber, in order with the ledger's writes."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
+from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.sharer import PERMISSIONS, apply_shares
-from ami_janitor.core.model import Image, RegionInventory, Share
+from ami_janitor.core.model import Image, LedgerItem, LedgerView, RegionInventory, Share
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
 from ami_janitor.core.sharing import plan_shares
 from ami_janitor.demo import emulator
+from server import make_ledger
 
 US = "us-east-1"
 A, B, C = "111111111111", "222222222222", "333333333333"
@@ -48,6 +51,7 @@ def sharing(accounts: list[str], organizations: tuple[str, ...] = (), public: bo
 def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
+        make_ledger((US,))
         yield ClientFactory()
 
 
@@ -68,10 +72,18 @@ def tags(factory: ClientFactory, image_id: str) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in raw.get("Tags") or []}
 
 
+def recorded(factory: ClientFactory, image_id: str) -> dict[str, Any]:
+    """The AMI's ledger item as stored."""
+    answer = factory(US).dynamodb.get_item(
+        TableName="ami-janitor-ledger", Key=ledger.key(image_id), ConsistentRead=True
+    )
+    return dict(answer.get("Item") or {})
+
+
 def reconcile(factory: ClientFactory, policy: Policy) -> list[Share]:
     inventories = [load_images(factory(US), policy)]
     shares = plan_shares(inventories, policy, NOW)
-    results = apply_shares(factory, shares, inventories)
+    results = apply_shares(factory, shares, inventories, ledger.ledgers(factory, policy.ledger))
     assert [r.status for r in results] == ["ok"] * len(shares), results
     return shares
 
@@ -80,19 +92,42 @@ def test_grants_are_made_revoked_and_recorded_and_foreign_ones_are_left(aws: Cli
     image_id = bake(aws, "web-1")
     reconcile(aws, sharing([A, B], (ORG,)))
     assert grants(aws, image_id) == {f"user:{A}", f"user:{B}", f"org:{ORG}"}
+    assert recorded(aws, image_id) == {
+        "pk": {"S": f"image#{image_id}"},
+        "sk": {"S": "item"},
+        "image_id": {"S": image_id},
+        "grants": {"SS": [f"org:{ORG}", f"user:{A}", f"user:{B}"]},
+    }
     assert tags(aws, image_id)[SHARED_BY_JANITOR_TAG] == f"org:{ORG},user:{A},user:{B}"
     # Somebody shares with C by hand; the policy drops A and the organization.
     aws(US).ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"UserId": C}]})
     shares = reconcile(aws, sharing([B]))
     assert shares == [Share(image_id=image_id, region=US, remove=[f"org:{ORG}", f"user:{A}"])]
     assert grants(aws, image_id) == {f"user:{B}", f"user:{C}"}
+    assert recorded(aws, image_id)["grants"] == {"SS": [f"user:{B}"]}
     assert tags(aws, image_id)[SHARED_BY_JANITOR_TAG] == f"user:{B}"
     # The steady state: nothing planned, nothing called.
     assert reconcile(aws, sharing([B])) == []
     # Nothing left to share: the janitor revokes its own grant and drops the record.
     reconcile(aws, sharing([]))
     assert grants(aws, image_id) == {f"user:{C}"}
+    assert "grants" not in recorded(aws, image_id)  # the set goes with its last grant
     assert SHARED_BY_JANITOR_TAG not in tags(aws, image_id)
+
+
+def test_a_region_without_a_ledger_table_is_not_shared(aws: ClientFactory) -> None:
+    image_id = bake(aws, "web-4")
+    aws(US).dynamodb.update_table(TableName="ami-janitor-ledger", DeletionProtectionEnabled=False)
+    aws(US).dynamodb.delete_table(TableName="ami-janitor-ledger")
+    policy = sharing([A])
+    inventories = [load_images(aws(US), policy)]
+    shares = plan_shares(inventories, policy, NOW)
+    [result] = apply_shares(aws, shares, inventories, ledger.ledgers(aws, policy.ledger))
+    assert (result.status, result.error) == (
+        "failed",
+        "no ledger table in us-east-1: not shared (every grant is recorded first)",
+    )
+    assert grants(aws, image_id) == set()
 
 
 def test_a_public_ami_is_made_private_unless_its_family_says_public(aws: ClientFactory) -> None:
@@ -132,8 +167,31 @@ def stubbed(fake_aws_env: None) -> Iterator[tuple[Any, Stubber]]:
         stubber.assert_no_pending_responses()
 
 
-def stub_image(**tags: str) -> Image:
-    return Image(
+class RecordingLedger:
+    """The ledger's grant writes, in one list with the EC2 calls (so their order shows)."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def record_grants(self, image_id: str, grants: list[str]) -> str:
+        self.calls.append(f"ledger: {image_id} +{','.join(grants)}")
+        return "recorded"
+
+    def forget_grants(self, image_id: str, grants: list[str]) -> str:
+        self.calls.append(f"ledger: {image_id} -{','.join(grants)}")
+        return "recorded"
+
+
+def calls_of(client: Any) -> list[str]:
+    calls: list[str] = []
+    client.meta.events.register(
+        "before-parameter-build.ec2.*", lambda model, **_: calls.append(f"ec2: {model.name}")
+    )
+    return calls
+
+
+def stub_image(grants: tuple[str, ...] = (), **tags: str) -> Image:
+    image = Image(
         image_id="ami-0aaaaaaaaaaaaaaa1",
         region=US,
         name="web-1",
@@ -142,11 +200,23 @@ def stub_image(**tags: str) -> Image:
         created=NOW,
         tags=tags,
     )
+    return image.model_copy(update={"ledger": LedgerItem(image_id=image.image_id, grants=grants)})
+
+
+def with_ledger(*images: Image) -> RegionInventory:
+    items = {i.image_id: i.ledger for i in images if i.ledger is not None}
+    return RegionInventory(
+        region=US, images=images, ledger=LedgerView(table="ami-janitor-ledger", items=items)
+    )
 
 
 def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
     client, stub = stubbed
-    image = stub_image(**{SHARED_BY_JANITOR_TAG: f"user:{A}", f"{SHARED_BY_JANITOR_TAG}:2": f"org:{ORG}"})
+    calls = calls_of(client)
+    image = stub_image(
+        (f"org:{ORG}", f"user:{A}"),
+        **{SHARED_BY_JANITOR_TAG: f"user:{A}", f"{SHARED_BY_JANITOR_TAG}:2": f"org:{ORG}"},
+    )
     share = Share(image_id=image.image_id, region=US, add=["group:all", f"user:{B}"], remove=[f"org:{ORG}"])
     stub.add_response(
         "modify_image_attribute",
@@ -170,10 +240,23 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
     stub.add_response(
         "delete_tags", {}, {"Resources": [image.image_id], "Tags": [{"Key": f"{SHARED_BY_JANITOR_TAG}:2"}]}
     )
-    inventory = RegionInventory(region=US, images=(image,))
-    [result] = apply_shares(lambda region: RegionClients(region, ec2=client), [share], [inventory])
+    [result] = apply_shares(
+        lambda region: RegionClients(region, ec2=client),
+        [share],
+        [with_ledger(image)],
+        lambda region: RecordingLedger(calls),  # type: ignore[arg-type,return-value]
+    )
     assert (result.status, result.added, result.removed) == ("ok", ["group:all", f"user:{B}"], [f"org:{ORG}"])
     assert result.detail == f"granted group:all,user:{B}; revoked org:{ORG}; record updated"
+    # Recorded before the grant, forgotten after the revoke, mirrored last.
+    assert calls == [
+        f"ledger: {image.image_id} +group:all,user:{B}",
+        "ec2: ModifyImageAttribute",
+        "ec2: ModifyImageAttribute",
+        f"ledger: {image.image_id} -org:{ORG}",
+        "ec2: CreateTags",
+        "ec2: DeleteTags",
+    ]
 
 
 def test_a_refused_grant_fails_that_ami_and_leaves_the_record(stubbed: tuple[Any, Stubber]) -> None:
@@ -189,17 +272,28 @@ def test_a_refused_grant_fails_that_ami_and_leaves_the_record(stubbed: tuple[Any
         Share(image_id=image.image_id, region=US, add=["group:all"]),
         Share(image_id=second.image_id, region=US, add=[f"user:{A}"]),
     ]
-    inventory = RegionInventory(region=US, images=(image, second))
-    results = apply_shares(lambda region: RegionClients(region, ec2=client), shares, [inventory])
+    calls: list[str] = []
+    recording = lambda region: RecordingLedger(calls)  # type: ignore[arg-type,return-value] # noqa: E731
+    results = apply_shares(
+        lambda region: RegionClients(region, ec2=client), shares, [with_ledger(image, second)], recording
+    )
     assert [(r.status, r.error) for r in results] == [
         ("failed", "OperationNotPermitted: Image block public access is enabled"),
         ("ok", None),
     ]
     missing = apply_shares(
-        lambda region: RegionClients(region, ec2=client), [Share(image_id="ami-0gone", region=US)], []
+        lambda region: RegionClients(region, ec2=client),
+        [Share(image_id="ami-0gone", region=US)],
+        [with_ledger()],
+        recording,
     )
     assert (missing[0].status, missing[0].error) == ("failed", "not in the region's inventory")
 
 
 def test_permissions_name_what_the_code_calls() -> None:
-    assert PERMISSIONS == ["ec2:CreateTags", "ec2:DeleteTags", "ec2:ModifyImageAttribute"]
+    assert PERMISSIONS == [
+        "dynamodb:UpdateItem",
+        "ec2:CreateTags",
+        "ec2:DeleteTags",
+        "ec2:ModifyImageAttribute",
+    ]

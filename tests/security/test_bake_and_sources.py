@@ -136,6 +136,7 @@ def seed_web_fleet(count: int = 4) -> tuple[str, list[str]]:
 def attacker_instance(aws: str) -> tuple[str, str]:
     """The build instance, and one launched later by someone else with the same bake tag."""
     builder, _ = seed_web_fleet(count=1)
+    make_ledger()  # a bake is recorded on its AMI's ledger item: no table, no bake at all
     base = next(i["ImageId"] for i in own_images().values() if i["Name"] == "base")
     return builder, launch(base, [ROLE])
 

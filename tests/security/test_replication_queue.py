@@ -26,6 +26,7 @@ from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import SOURCE_IMAGE_TAG
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, replicate
+from server import make_ledger
 
 US, EU, WEST, SOUTH = "us-east-1", "eu-west-1", "us-west-2", "ap-south-1"
 KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -158,6 +159,7 @@ def account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Account
     monkeypatch.setenv("AMI_JANITOR_CONFIG", str(path))
     emulator.install()
     with mock_aws():
+        make_ledger((US, EU, WEST, SOUTH))
         sqs = boto3.client("sqs", region_name=US)
         dlq_url = sqs.create_queue(QueueName="copies-dead-letters")["QueueUrl"]
         dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]
@@ -305,3 +307,10 @@ def test_a_request_of_the_janitor_itself_copies_with_the_policy_key(
         assert (request["SourceRegion"], request["SourceImageId"]) == (US, source.image_id)
         [copy] = account.clients(region).ec2.describe_images(Owners=["self"])["Images"]
         assert {t["Key"]: t["Value"] for t in copy["Tags"]}[SOURCE_IMAGE_TAG] == source.image_id
+        # The ledgers record it: the copy on the source's item, the replica on the copy's.
+        made = inventory.read_ledger_items(account.clients(region), "ami-janitor-ledger", [copy["ImageId"]])
+        assert made is not None and made.items[copy["ImageId"]].replica is not None
+        assert made.items[copy["ImageId"]].replica.source_image_id == source.image_id
+    recorded = inventory.read_ledger_items(account.clients(US), "ami-janitor-ledger", [source.image_id])
+    assert recorded is not None
+    assert sorted(c.region for c in recorded.items[source.image_id].copies) == [EU, WEST]

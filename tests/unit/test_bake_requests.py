@@ -125,9 +125,15 @@ class Stubbed:
         self.ssm_client = boto3.client(
             "ssm", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
         )
+        self.dynamodb_client = boto3.client(
+            "dynamodb", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+        )
         self.ec2 = Stubber(self.ec2_client)
         self.ssm = Stubber(self.ssm_client)
-        self.clients = RegionClients(REGION, ec2=self.ec2_client, ssm=self.ssm_client)
+        self.dynamodb = Stubber(self.dynamodb_client)
+        self.clients = RegionClients(
+            REGION, ec2=self.ec2_client, ssm=self.ssm_client, dynamodb=self.dynamodb_client
+        )
         self.sleeps: list[float] = []
         self.lines: list[str] = []
         self.timing = baker.Timing(
@@ -167,6 +173,23 @@ class Stubbed:
 
     def create(self, image_id: str = IMAGE) -> None:
         self.ec2.add_response("create_image", {"ImageId": image_id}, CREATE_IMAGE)
+        # The bake, recorded on the new AMI's ledger item once CreateImage answered.
+        self.dynamodb.add_response(
+            "update_item",
+            {},
+            {
+                "TableName": "ami-janitor-ledger",
+                "Key": {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}},
+                "UpdateExpression": "SET image_id = :id, bakes = :bakes",
+                "ConditionExpression": "attribute_not_exists(bakes)",
+                "ExpressionAttributeValues": {
+                    ":id": {"S": image_id},
+                    ":bakes": {
+                        "L": [{"M": {"instance_id": {"S": INSTANCE}, "at": {"S": "2026-11-25T03:00:00Z"}}}]
+                    },
+                },
+            },
+        )
 
     def create_fails(self, code: str, message: str) -> None:
         self.ec2.add_client_error(
@@ -188,10 +211,11 @@ class Stubbed:
 @pytest.fixture
 def aws(fake_aws_env: None) -> Iterator[Stubbed]:
     stubbed = Stubbed()
-    with stubbed.ec2, stubbed.ssm:
+    with stubbed.ec2, stubbed.ssm, stubbed.dynamodb:
         yield stubbed
         stubbed.ec2.assert_no_pending_responses()
         stubbed.ssm.assert_no_pending_responses()
+        stubbed.dynamodb.assert_no_pending_responses()
 
 
 @pytest.fixture

@@ -22,11 +22,8 @@ from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     PRIOR_DEPRECATION_TAG,
     SHARED_BY_JANITOR_TAG,
-    SOURCE_CREATED_TAG,
-    SOURCE_IMAGE_TAG,
-    SOURCE_REGION_TAG,
 )
-from builders import ADOPTED, NOW, image, inventory, ledger_item, policy, reference
+from builders import ADOPTED, NOW, copied, granted, image, inventory, ledger_item, policy, reference
 
 ALL_ZERO = {"lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0}}
 
@@ -67,14 +64,7 @@ def test_min_age_keeps_young_amis() -> None:
 
 def test_replica_age_comes_from_its_source() -> None:
     # Copied yesterday, but its source is 200 days old: old, and ordered behind newer sources.
-    replica = image(
-        days_old=1,
-        tags={
-            SOURCE_IMAGE_TAG: "ami-source",
-            SOURCE_REGION_TAG: "us-west-2",
-            SOURCE_CREATED_TAG: iso(NOW - timedelta(days=200)) or "",
-        },
-    )
+    replica = copied("ami-source", "us-west-2", NOW - timedelta(days=200), days_old=1)
     newer = [image(days_old=100), image(days_old=101)]
     result = by_id(plan([inventory(replica, *newer)], policy(), NOW))
     assert result[replica.image_id].action == "deprecate"
@@ -192,7 +182,10 @@ def test_foreign_share_and_public_keep_unless_allowed() -> None:
 
 def test_grants_the_janitor_made_are_not_foreign() -> None:
     images = [image(days_old=100 + i) for i in range(2)]
-    own = image(days_old=200, perms=("user:111111111111",), tags={SHARED_BY_JANITOR_TAG: "user:111111111111"})
+    own = granted(
+        image(days_old=200, perms=("user:111111111111",), tags={SHARED_BY_JANITOR_TAG: "user:111111111111"}),
+        "user:111111111111",
+    )
     assert by_id(plan([inventory(*images, own)], policy(), NOW))[own.image_id].action == "deprecate"
 
 
@@ -346,14 +339,7 @@ def test_caps_fraction_per_group_and_actions_per_region() -> None:
 
 def test_encrypted_in_place_copy_stands_in_for_its_original() -> None:
     original = image(days_old=40)
-    copy = image(
-        days_old=39,
-        tags={
-            SOURCE_IMAGE_TAG: original.image_id,
-            SOURCE_REGION_TAG: "us-east-1",
-            SOURCE_CREATED_TAG: iso(original.created) or "",
-        },
-    )
+    copy = copied(original.image_id, "us-east-1", original.created, days_old=39)
     older = image(days_old=100)
     pol = policy({"keep_latest": 1, "latest": {"tag": "Latest"}, "min_age_days": 0})
     result = plan([inventory(original, copy, older)], pol, NOW)

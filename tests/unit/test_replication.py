@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from ami_janitor.aws.copier import enqueue_copies
-from ami_janitor.core.model import Copy, Image, RegionInventory, iso
+from ami_janitor.core.model import Copy, Image, LedgerCopy, LedgerItem, LedgerView, RegionInventory, iso
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     COPY_GENERATION_TAG_PREFIX,
@@ -46,16 +46,51 @@ EU_ONLY = replicating({"region": EU, "kms_key_id": KEY_EU})
 
 
 def replica(
-    source: Image, region: str = EU, state: str = "available", generation: int | None = None, **fields: Any
+    source: Image, region: str = EU, state: str = "available", generation: int = 1, **fields: Any
 ) -> Image:
+    """A copy the janitor made: EC2 names its source, its ledger item records it (the tags mirror it)."""
     tags = {
         SOURCE_IMAGE_TAG: source.image_id,
         SOURCE_REGION_TAG: source.region,
         SOURCE_CREATED_TAG: iso(source.created) or "",
+        COPY_GENERATION_TAG_PREFIX + region: str(generation),
     }
-    if generation is not None:
-        tags[COPY_GENERATION_TAG_PREFIX + region] = str(generation)
-    return image(days_old=0, name=source.name, region=region, state=state, tags=tags, **fields)
+    made = image(
+        days_old=0,
+        name=source.name,
+        region=region,
+        state=state,
+        tags=tags,
+        copied_from=source.image_id,
+        copied_from_region=source.region,
+        **fields,
+    )
+    record = LedgerCopy(
+        source_image_id=source.image_id,
+        source_region=source.region,
+        region=region,
+        generation=generation,
+        token=f"token-{generation}",
+        image_id=made.image_id,
+        source_created=source.created,
+    )
+    return made.model_copy(update={"ledger": LedgerItem(image_id=made.image_id, replica=record)})
+
+
+def started(source: Image, *generations: int, region: str = EU) -> Image:
+    """The source with the copies to `region` its ledger item records (before each CopyImage)."""
+    copies = tuple(
+        LedgerCopy(
+            source_image_id=source.image_id,
+            source_region=source.region,
+            region=region,
+            generation=g,
+            token=f"token-{g}",
+            source_created=source.created,
+        )
+        for g in generations
+    )
+    return source.model_copy(update={"ledger": LedgerItem(image_id=source.image_id, copies=copies)})
 
 
 def pairs(copies: list[Copy]) -> list[tuple[str, str, int]]:
@@ -104,24 +139,31 @@ def test_a_copy_in_any_state_but_failed_counts_as_made() -> None:
 def test_a_retired_copy_is_not_made_again_unless_its_source_is_wanted_again() -> None:
     old, new1, new2 = image(days_old=300), image(days_old=10), image(days_old=20)
     # The copy of `old` was retired (deregistered): `old` is no longer among the wanted sources.
-    gone = {COPY_GENERATION_TAG_PREFIX + EU: "1"}
-    old = old.model_copy(update={"tags": {**old.tags, **gone}})
-    target = inventory(replica(new1), replica(new2), region=EU)
+    old = started(old, 1)
+    retired = replica(old, state="deregistered")
+    assert retired.ledger is not None
+    copies = [replica(new1), replica(new2)]
+    items = {c.image_id: c.ledger for c in [retired, *copies] if c.ledger is not None}
+    target = inventory(*copies, region=EU, ledger=LedgerView(table="ami-janitor-ledger", items=items))
     assert plan_copies([inventory(old, new1, new2), target], EU_ONLY, NOW) == []
     # Both newer sources are deregistered: `old` is wanted again, and its old token must not be reused.
-    copies = plan_copies([inventory(old), inventory(region=EU)], EU_ONLY, NOW)
-    assert pairs(copies) == [(old.image_id, EU, 2)]
+    gone = inventory(
+        region=EU, ledger=LedgerView(table="ami-janitor-ledger", items={retired.image_id: retired.ledger})
+    )
+    copies_planned = plan_copies([inventory(old), gone], EU_ONLY, NOW)
+    assert pairs(copies_planned) == [(old.image_id, EU, 2)]
 
 
 def test_a_failed_copy_is_started_again_with_the_next_generation_up_to_the_bound() -> None:
-    source = image(days_old=10)
+    source = started(image(days_old=10), 1)
     first = replica(source, state="failed", generation=1)
     copies, problems = plan_replication([inventory(source), inventory(first, region=EU)], EU_ONLY, NOW)
     assert pairs(copies) == [(source.image_id, EU, 2)] and problems == []
-    # The source's record wins when it is ahead of the copies (a generation whose copy never appeared).
-    ahead = source.model_copy(update={"tags": {**source.tags, COPY_GENERATION_TAG_PREFIX + EU: "2"}})
+    # The source's record is ahead of the copies: generation 2 was recorded, its replica never was (the
+    # run stopped between the two writes). It is started again with its own token, never skipped.
+    ahead = started(source, 1, 2)
     copies = plan_copies([inventory(ahead), inventory(first, region=EU)], EU_ONLY, NOW)
-    assert pairs(copies) == [(source.image_id, EU, 3)]
+    assert pairs(copies) == [(source.image_id, EU, 2)]
     last = replica(source, state="failed", generation=MAX_COPY_GENERATIONS)
     copies, problems = plan_replication([inventory(source), inventory(first, last, region=EU)], EU_ONLY, NOW)
     assert copies == []
@@ -130,12 +172,19 @@ def test_a_failed_copy_is_started_again_with_the_next_generation_up_to_the_bound
     assert copy_problems([inventory(source), inventory(first, last, region=EU)], EU_ONLY, NOW) == problems
 
 
-def test_a_failed_copy_without_a_generation_tag_counts_as_the_first() -> None:
+def test_a_copy_the_ledger_does_not_record_is_no_copy_of_the_source() -> None:
     source = image(days_old=10)
-    failed = replica(source, state="error")
-    assert pairs(plan_copies([inventory(source), inventory(failed, region=EU)], EU_ONLY, NOW)) == [
-        (source.image_id, EU, 2)
+    # EC2 says it was copied from the source, the ledger says nothing (made by hand, or its record is
+    # lost): an original of its region, and the source still gets the janitor's own copy.
+    by_hand = image(days_old=1, region=EU, copied_from=source.image_id, copied_from_region=US)
+    assert not by_hand.is_replica and by_hand.order_time == by_hand.created
+    assert pairs(plan_copies([inventory(source), inventory(by_hand, region=EU)], EU_ONLY, NOW)) == [
+        (source.image_id, EU, 1)
     ]
+    # A ledger record naming another source than EC2 does is no replica either.
+    other = replica(image(days_old=20), state="available")
+    forged = other.model_copy(update={"copied_from": source.image_id})
+    assert not forged.is_replica
 
 
 def test_a_same_region_target_encrypts_unencrypted_sources_in_place_only() -> None:
@@ -182,7 +231,7 @@ def test_no_copy_from_a_source_region_whose_inventory_failed() -> None:
 def test_sources_are_read_only_in_the_policy_regions_and_replicas_are_never_sources() -> None:
     source = image(days_old=10)
     eu_native = image(days_old=5, region=EU)  # built in a target region: not replicated from there
-    foreign = image(days_old=1, tags={SOURCE_IMAGE_TAG: "ami-0ffffffffffffffff", SOURCE_REGION_TAG: WEST})
+    foreign = replica(image(days_old=3, region=WEST), region=US)  # the janitor's copy from elsewhere
     copies = plan_copies([inventory(source, foreign), inventory(eu_native, region=EU)], EU_ONLY, NOW)
     assert pairs(copies) == [(source.image_id, EU, 1)]
 
@@ -348,8 +397,10 @@ def test_a_failed_replica_plans_its_next_generation() -> None:
     source = image(days_old=10)
     retry = handle_failed_replica(replica(source, state="failed", generation=1), EU_ONLY)
     assert retry.copy == copy_of(source, generation=2)
-    untagged = handle_failed_replica(replica(source, state="failed"), EU_ONLY)
-    assert untagged.copy is not None and untagged.copy.generation == 2
+    # A forged generation tag changes nothing: the ledger's record is the copy's generation.
+    forged = replica(source, state="failed", generation=2)
+    forged = forged.model_copy(update={"tags": {**forged.tags, COPY_GENERATION_TAG_PREFIX + EU: "1"}})
+    assert handle_failed_replica(forged, EU_ONLY).copy == copy_of(source, generation=3)
 
 
 @pytest.mark.parametrize(
@@ -477,7 +528,7 @@ def test_the_generation_is_at_most_one_above_the_highest_started() -> None:
     fresh = image(days_old=1)
     with pytest.raises(RefusedCopy, match="generation 2 is above 1, the highest the janitor could plan"):
         rebuild_copy(copy_of(fresh, generation=2), fresh, TWO_FAMILIES)
-    recorded = image(days_old=1, tags={COPY_GENERATION_TAG_PREFIX + EU: "1"})
+    recorded = started(image(days_old=1), 1)
     assert rebuild_copy(copy_of(recorded, generation=2), recorded, TWO_FAMILIES).generation == 2
     with pytest.raises(RefusedCopy, match="generation 3 is above 2"):
         rebuild_copy(copy_of(recorded, generation=3), recorded, TWO_FAMILIES)

@@ -1,9 +1,10 @@
 """Replication and sharing converge (hypothesis), against an in-memory account.
 
 The account answers the calls replication and sharing make (DescribeImages by provenance tag,
-CreateTags, DeleteTags, CopyImage with EC2's ClientToken memory and unique names,
-ModifyImageAttribute) and can freeze what DescribeImages shows, to replay two workers racing on stale
-reads. The API shapes are checked on moto and with the Stubber in tests/integration.
+CreateTags, DeleteTags, CopyImage with EC2's ClientToken memory, unique names and SourceImageId,
+ModifyImageAttribute), keeps a ledger per region (the writes the copier and sharer make, with their
+conditions) and can freeze what DescribeImages and the ledger show, to replay two workers racing on
+stale reads. The API shapes are checked on moto and with the Stubber in tests/integration.
 """
 
 from __future__ import annotations
@@ -21,8 +22,19 @@ from hypothesis import strategies as st
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.copier import find_copies, start_copy
+from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.sharer import apply_shares
-from ami_janitor.core.model import Copy, Image, LaunchPermission, RegionInventory, iso
+from ami_janitor.core.model import (
+    Copy,
+    Image,
+    LaunchPermission,
+    LedgerCopy,
+    LedgerItem,
+    LedgerView,
+    RegionInventory,
+    iso,
+    with_ledger,
+)
 from ami_janitor.core.planner import build_groups
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
@@ -39,6 +51,7 @@ from ami_janitor.core.replication import (
     copies_of_new_source,
     handle_failed_replica,
     is_usable,
+    ledger_copy,
     plan_copies,
     plan_replication,
     rebuild_copy,
@@ -98,9 +111,58 @@ def error(code: str) -> ClientError:
 # ---- the in-memory account ------------------------------------------------------------------------
 
 
+class FakeLedger:
+    """A region's ledger: the items and the conditional writes of aws.ledger.Ledger, in memory."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, LedgerItem] = {}
+        self.frozen: dict[str, LedgerItem] | None = None
+
+    def _item(self, image_id: str) -> LedgerItem:
+        return self.items.get(image_id) or LedgerItem(image_id=image_id)
+
+    def view(self) -> LedgerView:
+        return LedgerView(table="ami-janitor-ledger", items=dict(self.items))
+
+    def require(self) -> None:
+        return None
+
+    def read_items(self, image_ids: Any) -> dict[str, LedgerItem]:
+        view = self.frozen if self.frozen is not None else self.items
+        return {i: view[i] for i in image_ids if i in view}
+
+    def record_copy(self, copy: LedgerCopy) -> str:
+        item = self._item(copy.source_image_id)
+        if any((c.region, c.generation) == (copy.region, copy.generation) for c in item.copies):
+            return "already-recorded"
+        self.items[item.image_id] = item.model_copy(update={"copies": (*item.copies, copy)})
+        return "recorded"
+
+    def record_replica(self, image_id: str, replica: LedgerCopy) -> str:
+        item = self._item(image_id)
+        if item.replica is not None and item.replica.token != replica.token:
+            return "already-recorded"
+        record = replica.model_copy(update={"image_id": image_id})
+        self.items[image_id] = item.model_copy(update={"replica": record})
+        return "recorded"
+
+    def record_grants(self, image_id: str, grants: Any) -> str:
+        item = self._item(image_id)
+        self.items[image_id] = item.model_copy(update={"grants": tuple(sorted({*item.grants, *grants}))})
+        return "recorded"
+
+    def forget_grants(self, image_id: str, grants: Any) -> str:
+        item = self._item(image_id)
+        self.items[image_id] = item.model_copy(
+            update={"grants": tuple(sorted(set(item.grants) - set(grants)))}
+        )
+        return "recorded"
+
+
 @dataclass
 class Account:
     regions: dict[str, FakeEc2] = field(default_factory=dict)
+    ledgers: dict[str, FakeLedger] = field(default_factory=dict)
     # EC2 remembers a ClientToken (per region), even after its copy is gone.
     tokens: dict[tuple[str, str], str] = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -114,13 +176,23 @@ class Account:
     def new_id(self) -> str:
         return f"ami-{next(self.ids):017x}"
 
+    def ledger(self, name: str) -> FakeLedger:
+        return self.ledgers.setdefault(name, FakeLedger())
+
+    def ledger_for(self, name: str) -> Ledger:
+        return cast(Ledger, self.ledger(name))
+
     def freeze(self) -> None:
         for region in self.regions.values():
             region.frozen = copying.deepcopy(region.images)
+        for book in self.ledgers.values():
+            book.frozen = dict(book.items)
 
     def thaw(self) -> None:
         for region in self.regions.values():
             region.frozen = None
+        for book in self.ledgers.values():
+            book.frozen = None
 
     def clients_for(self, region: str) -> RegionClients:
         return cast(RegionClients, Clients(self.region(region)))
@@ -139,13 +211,18 @@ class Account:
                 )
                 for i in images
             ]
-        return RegionInventory(region=region, images=tuple(sorted(images, key=lambda i: i.image_id)))
+        ordered = tuple(sorted(images, key=lambda i: i.image_id))
+        return with_ledger(RegionInventory(region=region, images=ordered, ledger=self.ledger(region).view()))
 
     def read(self, region: str, image_id: str) -> Image | None:
+        """The AMI as EC2 describes it, with its ledger item (what the worker reads)."""
         fake = self.region(region)
         view = fake.frozen if fake.frozen is not None else fake.images
         raw = view.get(image_id)
-        return Image.from_api(region, fake.api(raw)) if raw else None
+        if not raw:
+            return None
+        items = self.ledger(region).read_items([image_id])
+        return Image.from_api(region, fake.api(raw)).model_copy(update={"ledger": items.get(image_id)})
 
 
 @dataclass
@@ -171,6 +248,8 @@ class FakeEc2:
             "Encrypted": fields.pop("encrypted", False),
             "Perms": set(fields.pop("perms", ())),
             "DeprecationTime": fields.pop("deprecation_time", None),
+            "SourceImageId": fields.pop("source_image_id", None),
+            "SourceImageRegion": fields.pop("source_region", None),
         }
         assert not fields, fields
         self.images[raw["ImageId"]] = raw
@@ -199,6 +278,9 @@ class FakeEc2:
         }
         if raw["DeprecationTime"]:
             answer["DeprecationTime"] = raw["DeprecationTime"]
+        if raw["SourceImageId"]:
+            answer["SourceImageId"] = raw["SourceImageId"]
+            answer["SourceImageRegion"] = raw["SourceImageRegion"]
         return answer
 
     # -- the calls ---------------------------------------------------------------------------------
@@ -238,6 +320,8 @@ class FakeEc2:
             state="pending",
             tags={t["Key"]: t["Value"] for t in specs["image"]},
             encrypted=source["Encrypted"] or bool(request.get("Encrypted")),
+            source_image_id=request["SourceImageId"],
+            source_region=request["SourceRegion"],
         )
         self.account.tokens[token] = raw["ImageId"]
         self.account.copies_made += 1
@@ -296,7 +380,8 @@ def seed_copy(
     recorded: bool,
 ) -> None:
     """A target's earlier history with `source`: its copies of generations 1..generation (the last in
-    `state`, the earlier ones gone), with EC2's memory of their tokens."""
+    `state`, the earlier ones gone), with EC2's memory of their tokens and the ledgers' records (the
+    copy's always; the source's unless `recorded` is False)."""
     image = Image.from_api(US, FakeEc2.api(source))
     family = policy.families[0]
     target = next(t for t in family.replicate if t.region == region)
@@ -311,6 +396,10 @@ def seed_copy(
             generation=g,
         )
         copy_id = account.new_id()
+        record = ledger_copy(copy, image)
+        if recorded:
+            account.ledger(US).record_copy(record)
+        account.ledger(region).record_replica(copy_id, record)
         if g == generation and state != "gone":
             tags = {
                 SOURCE_IMAGE_TAG: source["ImageId"],
@@ -325,10 +414,10 @@ def seed_copy(
                 state=state,
                 tags=tags,
                 arch=source["Architecture"],
+                source_image_id=source["ImageId"],
+                source_region=US,
             )
         account.tokens[(region, client_token(copy))] = copy_id
-    if recorded:
-        source["Tags"][COPY_GENERATION_TAG_PREFIX + region] = str(generation)
 
 
 @st.composite
@@ -401,7 +490,9 @@ def run_copies(fleet: Fleet, copies: list[Copy]) -> None:
     for copy in copies:
         source = fleet.account.read(copy.source_region, copy.source_image_id)
         assert source is not None
-        result = start_copy(fleet.account.clients_for, copy, source, fleet.policy)
+        result = start_copy(
+            fleet.account.clients_for, copy, source, fleet.policy, ledger_for=fleet.account.ledger_for
+        )
         assert result.status in ("ok", "skipped"), result
         if result.status == "ok":
             made = fleet.account.read(copy.region, result.image_id or "")
@@ -446,7 +537,7 @@ def test_the_worker_rebuilds_every_request_the_janitor_sends_as_it_is(fleet: Fle
         source = fleet.account.read(copy.source_region, copy.source_image_id)
         assert source is not None
         ec2 = fleet.account.clients_for(copy.region).ec2
-        existing = find_copies(ec2, copy.source_image_id, copy.region)
+        existing = find_copies(ec2, fleet.account.ledger_for(copy.region), copy.source_image_id, copy.region)
         assert rebuild_copy(copy, source, fleet.policy, existing) == copy
 
 
@@ -472,7 +563,10 @@ def test_duplicate_and_racing_requests_never_make_two_copies(fleet: Fleet, data:
                 for copy in pair:
                     source = account.read(copy.source_region, copy.source_image_id)
                     assert source is not None
-                    assert start_copy(account.clients_for, copy, source, fleet.policy).status in (
+                    result = start_copy(
+                        account.clients_for, copy, source, fleet.policy, ledger_for=account.ledger_for
+                    )
+                    assert result.status in (
                         "ok",
                         "skipped",
                     )
@@ -528,13 +622,15 @@ def shared_fleets(draw: st.DrawFn) -> tuple[Account, Policy, bool]:
             )
             if draw(st.integers(0, 4)) == 0:
                 tags[CANDIDATE_TAG] = iso(NOW) or ""
-            fake.add(
+            raw = fake.add(
                 f"app-{n}",
                 n,
                 state=draw(st.sampled_from(["available", "available", "disabled", "pending"])),
                 tags=tags,
                 perms=recorded | foreign,
             )
+            if recorded:
+                account.ledger(region).record_grants(raw["ImageId"], recorded)
     return account, policy, draw(st.booleans())
 
 
@@ -551,7 +647,7 @@ def test_applied_shares_converge_and_nothing_is_public_unless_allowed(
     before = {r: account.inventory(r, permissions=True) for r in account.regions}
     inventories = [account.inventory(r, permissions=loaded) for r in sorted(account.regions)]
     shares = plan_shares(inventories, policy, NOW)
-    results = apply_shares(account.clients_for, shares, inventories)
+    results = apply_shares(account.clients_for, shares, inventories, account.ledger_for)
     assert [r.status for r in results] == ["ok"] * len(shares)
     after = [account.inventory(r, permissions=loaded) for r in sorted(account.regions)]
     assert plan_shares(after, policy, NOW) == []
@@ -566,8 +662,7 @@ def test_applied_shares_converge_and_nothing_is_public_unless_allowed(
                 continue
             assert image.public == family.public
             assert desired <= grants
-            # Only what the janitor recorded (or the public group) may have gone.
+            # Only what the ledger records the janitor granted (or the public group) may have gone.
             gone = was - grants
-            assert gone <= (
-                set(old[image.image_id].tags.get(SHARED_BY_JANITOR_TAG, "").split(",")) | {"group:all"}
-            )
+            ledger = old[image.image_id].ledger
+            assert gone <= set(ledger.grants if ledger else ()) | {"group:all"}

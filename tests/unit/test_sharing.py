@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from ami_janitor.core.model import RegionInventory, Share
+from ami_janitor.core.model import Image, RegionInventory, Share
 from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG
 from ami_janitor.core.sharing import plan_shares, recorded_grants, share_for
 from ami_janitor.core.tags import TAG_VALUE_MAX, is_part_key, joined_values, part_keys, split_values
-from builders import NOW, image, inventory, policy
+from builders import NOW, granted, image, inventory, policy
 
 A, B, C = "111111111111", "222222222222", "333333333333"
 ORG = "arn:aws:organizations::123456789012:organization/o-abc123"
@@ -24,7 +24,13 @@ def sharing(accounts: list[str] | None = None, **family: Any) -> Any:
 
 
 def recorded(*grants: str) -> dict[str, str]:
+    """The tag that mirrors the grants (for people; never read to decide)."""
     return {SHARED_BY_JANITOR_TAG: ",".join(grants)}
+
+
+def shared(*grants: str, **fields: Any) -> Image:
+    """An AMI whose ledger item records the grants the janitor made (and whose tag mirrors them)."""
+    return granted(image(tags=recorded(*grants), **fields), *grants)
 
 
 def test_a_new_ami_gets_every_share_with_grant() -> None:
@@ -37,8 +43,8 @@ def test_a_new_ami_gets_every_share_with_grant() -> None:
 
 def test_the_steady_state_plans_nothing() -> None:
     # Launch permissions are not loaded in the steady state (one call per AMI), or match the record.
-    done = image(days_old=1, tags=recorded(f"user:{A}", f"user:{B}"), perms=None)
-    checked = image(days_old=2, tags=recorded(f"user:{A}", f"user:{B}"), perms=(f"user:{A}", f"user:{B}"))
+    done = shared(f"user:{A}", f"user:{B}", days_old=1, perms=None)
+    checked = shared(f"user:{A}", f"user:{B}", days_old=2, perms=(f"user:{A}", f"user:{B}"))
     assert plan_shares([inventory(done, checked)], sharing([B, A]), NOW) == []
     # Nothing shared and nothing to share: no record is needed either.
     assert plan_shares([inventory(image(days_old=1))], sharing(), NOW) == []
@@ -46,29 +52,33 @@ def test_the_steady_state_plans_nothing() -> None:
 
 def test_only_grants_the_janitor_made_are_revoked() -> None:
     # A was granted by the janitor and left share_with; C was shared by hand and is not touched.
-    shared = image(
-        days_old=1, tags=recorded(f"user:{A}", f"user:{B}"), perms=(f"user:{A}", f"user:{B}", f"user:{C}")
+    mine = shared(f"user:{A}", f"user:{B}", days_old=1, perms=(f"user:{A}", f"user:{B}", f"user:{C}"))
+    assert plan_shares([inventory(mine)], sharing([B]), NOW) == [
+        Share(image_id=mine.image_id, region="us-east-1", remove=[f"user:{A}"])
+    ]
+    # The tag says the janitor granted C: a tag is no record, C stays.
+    forged = mine.model_copy(
+        update={"tags": {**mine.tags, **recorded(f"user:{A}", f"user:{B}", f"user:{C}")}}
     )
-    assert plan_shares([inventory(shared)], sharing([B]), NOW) == [
-        Share(image_id=shared.image_id, region="us-east-1", remove=[f"user:{A}"])
+    assert plan_shares([inventory(forged)], sharing([B]), NOW) == [
+        Share(image_id=mine.image_id, region="us-east-1", remove=[f"user:{A}"])
     ]
 
 
 def test_a_grant_removed_by_hand_is_granted_again_when_permissions_are_loaded() -> None:
-    tags = recorded(f"user:{A}", f"user:{B}")
-    unloaded = image(days_old=1, tags=tags, perms=None)
-    loaded = image(days_old=2, tags=tags, perms=(f"user:{B}",))
+    unloaded = shared(f"user:{A}", f"user:{B}", days_old=1, perms=None)
+    loaded = shared(f"user:{A}", f"user:{B}", days_old=2, perms=(f"user:{B}",))
     shares = plan_shares([inventory(unloaded, loaded)], sharing([A, B]), NOW)
     assert shares == [Share(image_id=loaded.image_id, region="us-east-1", add=[f"user:{A}"])]
 
 
 def test_public_is_removed_unless_the_family_says_public_true() -> None:
-    public = image(days_old=1, public=True, tags=recorded(f"user:{A}"), perms=None)
+    public = shared(f"user:{A}", days_old=1, public=True, perms=None)
     shares = plan_shares([inventory(public)], sharing([A]), NOW)
     assert shares == [Share(image_id=public.image_id, region="us-east-1", remove=["group:all"])]
     # allow_shared lets a shared AMI retire; it does not allow it to be public.
     assert plan_shares([inventory(public)], sharing([A], allow_shared=True), NOW) == shares
-    recorded_public = public.model_copy(update={"tags": recorded("group:all", f"user:{A}")})
+    recorded_public = granted(public, "group:all", f"user:{A}")
     assert plan_shares([inventory(recorded_public)], sharing([A], public=True), NOW) == []
 
 
@@ -78,7 +88,7 @@ def test_a_public_family_makes_its_amis_public() -> None:
         Share(image_id=private.image_id, region="us-east-1", add=["group:all"])
     ]
     # Recorded as public, but made private by hand: Public comes with DescribeImages, so it is seen.
-    hidden = image(days_old=1, tags=recorded("group:all"))
+    hidden = shared("group:all", days_old=1)
     assert plan_shares([inventory(hidden)], sharing(public=True), NOW) == [
         Share(image_id=hidden.image_id, region="us-east-1", add=["group:all"])
     ]
@@ -167,5 +177,5 @@ def test_a_value_that_cannot_be_recorded_is_refused() -> None:
 
 
 def test_unreadable_record_entries_are_ignored() -> None:
-    junk = image(days_old=1, tags=recorded(f"user:{A}", "nonsense", "group:everyone", "user:"))
+    junk = shared(f"user:{A}", "nonsense", "group:everyone", "user:", days_old=1)
     assert recorded_grants(junk) == {f"user:{A}"}

@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.errors import error_text
+from ami_janitor.aws.ledger import Ledger
 from ami_janitor.core import build_instance
 from ami_janitor.core.baking import BakeError, BakeUsageError, bake_request, check_options
-from ami_janitor.core.model import BuildInstance
-from ami_janitor.core.policy import Family
+from ami_janitor.core.model import BuildInstance, LedgerBake
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, Family
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -37,9 +38,11 @@ if TYPE_CHECKING:
 
 RUN_SHELL_DOCUMENT = "AWS-RunShellScript"
 
-# What the unattended (scheduled) bake calls: it finds the instance and creates the image, no commands.
+# What the unattended (scheduled) bake calls: it finds the instance, creates the image and records the
+# bake on the new AMI's ledger item, no commands.
 SCHEDULED_PERMISSIONS: list[str] = sorted(
     {
+        "dynamodb:UpdateItem",  # Ledger.record_bake
         "ec2:CreateImage",
         # Tags given at creation (TagSpecifications) are authorized as ec2:CreateTags.
         "ec2:CreateTags",
@@ -109,8 +112,11 @@ def bake(
     wait: bool = True,
     progress: Progress | None = None,
     timing: Timing | None = None,
+    ledger_table: str = DEFAULT_LEDGER_TABLE,
 ) -> BakeResult:
-    """Create a versioned image of `instance_id` for `family`; with `wait`, until it is available."""
+    """Create a versioned image of `instance_id` for `family`; with `wait`, until it is available. The
+    bake is recorded on the new AMI's item in the region's ledger (`ledger_table`) once CreateImage
+    answers; the caller checks the table is there before (engine.require_ledgers)."""
     warnings = check_options(no_reboot, stop_command, start_command)
     request = bake_request(family, instance_id, now, no_reboot)
     report = progress or _silent
@@ -118,7 +124,9 @@ def bake(
 
     def create() -> str:
         report(f"creating image {request['Name']} from {instance_id}")
-        return _create_image(clients.ec2, request)
+        image_id = _create_image(clients.ec2, request)
+        _record_bake(Ledger(clients, ledger_table), image_id, instance_id, now)
+        return image_id
 
     if stop_command is None:
         image_id = create()
@@ -148,6 +156,16 @@ def _create_image(ec2: EC2Client, request: dict[str, Any]) -> str:
     except (ClientError, BotoCoreError) as error:
         raise BakeError(f"CreateImage from {request['InstanceId']} failed: {error_text(error)}") from None
     return str(answer["ImageId"])
+
+
+def _record_bake(ledger: Ledger, image_id: str, instance_id: str, now: datetime) -> None:
+    try:
+        ledger.record_bake(image_id, LedgerBake(instance_id=instance_id, at=now))
+    except (ClientError, BotoCoreError) as error:
+        raise BakeError(
+            f"{image_id} was created but its bake is not recorded in {ledger.table}: {error_text(error)}",
+            image_id=image_id,
+        ) from None
 
 
 def _create_quiesced(

@@ -1,4 +1,10 @@
-"""Starting one copy (idempotent, found by provenance) and queueing copy requests."""
+"""Starting one copy (idempotent, found by provenance, recorded in the ledgers) and queueing copy requests.
+
+The copy is recorded on the source's ledger item (source region) before CopyImage, and the new AMI's
+item (target region) records it as a replica after: a crash in between leaves a generation recorded on
+the source and on no copy, which the next plan starts again with the same ClientToken (EC2 answers with
+the copy it made) and then records. No copy is made where either ledger table is missing.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
+from ami_janitor.aws.ledger import Ledger, LedgerFor, LedgerMissing, ledgers
 from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import (
     SOURCE_IMAGE_TAG,
@@ -15,8 +22,8 @@ from ami_janitor.core.replication import (
     CopyResult,
     _policy_change,
     copy_request,
-    generation_tag,
     is_usable,
+    ledger_copy,
     recorded_generation,
 )
 
@@ -28,9 +35,15 @@ if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 
-# What starting a copy calls: find the copy by provenance (destination), record the generation
-# (source), copy (destination; its TagSpecifications need ec2:CreateTags on the new AMI and snapshots).
-PERMISSIONS: list[str] = sorted(["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"])
+# What starting a copy calls in EC2: find the copy (destination), copy (destination; its
+# TagSpecifications need ec2:CreateTags on the new AMI and snapshots).
+EC2_PERMISSIONS: list[str] = sorted(["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"])
+# And in the ledgers of the source and the destination: check both tables are there, read the found
+# copies' items, record the copy on the source and the replica on the new AMI.
+LEDGER_PERMISSIONS: list[str] = sorted(
+    ["dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:UpdateItem"]
+)
+PERMISSIONS: list[str] = sorted([*EC2_PERMISSIONS, *LEDGER_PERMISSIONS])
 
 # What EC2 does with a customer managed key on the caller's behalf while it copies and encrypts the
 # snapshots (Amazon EBS encryption requirements: CreateGrant, Decrypt, DescribeKey,
@@ -49,15 +62,22 @@ KMS_PERMISSIONS: list[str] = sorted(
 SEND_MESSAGE_BATCH_MAX = 10
 
 
-def find_copies(ec2: EC2Client, source_image_id: str, region: str) -> list[Image]:
-    """Every copy of the source in the client's region, any state, found by its provenance tag."""
+def find_copies(ec2: EC2Client, ledger: Ledger, source_image_id: str, region: str) -> list[Image]:
+    """Every copy the janitor made of the source in the client's region, any state, with its ledger item.
+
+    The provenance tag only finds the AMIs to look at; a copy is one EC2 says was copied from the
+    source and whose item in `ledger` (the region's) records it as the janitor's copy of that source.
+    """
     answer = ec2.describe_images(
         Owners=["self"],
         IncludeDeprecated=True,
         IncludeDisabled=True,
         Filters=[{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source_image_id]}],
     )
-    return [Image.from_api(region, dict(raw)) for raw in answer.get("Images") or []]
+    images = [Image.from_api(region, dict(raw)) for raw in answer.get("Images") or []]
+    items = ledger.read_items(i.image_id for i in images) if images else {}
+    found = [i.model_copy(update={"ledger": items.get(i.image_id)}) for i in images]
+    return [i for i in found if i.source_image_id == source_image_id]
 
 
 def start_copy(
@@ -66,14 +86,18 @@ def start_copy(
     source: Image,
     policy: Policy,
     existing: Sequence[Image] | None = None,
+    *,
+    ledger_for: LedgerFor | None = None,
 ) -> CopyResult:
     """Start one copy unless it exists. Safe to repeat: a duplicate finds the copy by provenance, a retried
-    request reuses its ClientToken. AWS errors are a failed result, never an exception. `existing`: the
-    source's copies in the target region, when the caller has just read them (find_copies)."""
+    request reuses its ClientToken. AWS errors, and a missing ledger table, are a failed result, never an
+    exception. `source`: as EC2 describes it, with its ledger item. `existing`: the source's copies in
+    the target region, when the caller has just read them (find_copies). `ledger_for`: each region's
+    ledger (by default the policy's table)."""
     result = CopyResult.of(copy, "skipped")
     try:
-        return _start(clients_for, copy, source, policy, result, existing)
-    except (*AWS_ERRORS, ValueError, KeyError) as error:
+        return _start(clients_for, copy, source, policy, result, existing, ledger_for)
+    except (*AWS_ERRORS, ValueError, KeyError, LedgerMissing) as error:
         return result.model_copy(update={"status": "failed", "error": error_text(error)})
 
 
@@ -84,14 +108,17 @@ def _start(
     policy: Policy,
     result: CopyResult,
     existing: Sequence[Image] | None,
+    ledger_for: LedgerFor | None,
 ) -> CopyResult:
     gone = _policy_change(copy, policy)
     if gone is not None:
         return result.model_copy(update={"detail": gone})
     request = copy_request(copy, source, policy)  # a request that cannot be made fails before any call
+    ledger_for = ledger_for or ledgers(clients_for, policy.ledger)
+    source_ledger, target_ledger = ledger_for(copy.source_region), ledger_for(copy.region)
     destination = clients_for(copy.region).ec2
     if existing is None:
-        existing = find_copies(destination, copy.source_image_id, copy.region)
+        existing = find_copies(destination, target_ledger, copy.source_image_id, copy.region)
     usable = sorted((c for c in existing if is_usable(c)), key=lambda c: c.created, reverse=True)
     if usable:
         found = usable[0]
@@ -102,25 +129,30 @@ def _start(
     if copy.generation < recorded:
         # A newer generation was started since this request was made; its token must not be reused.
         return result.model_copy(update={"detail": f"superseded by generation {recorded}"})
-    if any(recorded_generation(c, copy.region) == copy.generation for c in existing):
+    if any(c.replica_record and c.replica_record.generation == copy.generation for c in existing):
         # EC2 would answer this token with the failed copy: only the next generation can help.
         return result.model_copy(update={"detail": f"generation {copy.generation} failed already"})
     if source.state != "available":
         return result.model_copy(update={"detail": f"source is {source.state}: not copied"})
     if copy.region == copy.source_region and source.encrypted:
         return result.model_copy(update={"detail": "source is encrypted already: no copy in its own region"})
-    if copy.generation > recorded:
-        # Recorded before the copy starts: whatever happens next, this generation is never used again.
-        clients_for(copy.source_region).ec2.create_tags(
-            Resources=[copy.source_image_id],
-            Tags=[{"Key": generation_tag(copy.region), "Value": str(copy.generation)}],
-        )
+    # Both tables first: no copy the ledgers could not record.
+    source_ledger.require()
+    if copy.region != copy.source_region:
+        target_ledger.require()
+    record = ledger_copy(copy, source)
+    # Recorded before the copy starts: this generation is never planned anew, only finished with its
+    # token ("already-recorded": an earlier attempt of this same copy).
+    source_ledger.record_copy(record)
     answer = destination.copy_image(**request)
+    image_id = answer["ImageId"]
+    if target_ledger.record_replica(image_id, record) == "already-recorded":
+        raise ValueError(f"the ledger of {copy.region} records {image_id} as another copy")
     return result.model_copy(
         update={
             "status": "ok",
             "started": True,
-            "image_id": answer["ImageId"],
+            "image_id": image_id,
             "detail": f"copy started (generation {copy.generation})",
         }
     )

@@ -15,7 +15,7 @@ stacks put every role) and the writers `ledger create` names.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,7 +24,17 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.core.model import LedgerItem, LedgerStage, LedgerView, Stage, iso, parse_time
+from ami_janitor.core.model import (
+    LedgerBake,
+    LedgerCopy,
+    LedgerItem,
+    LedgerStage,
+    LedgerView,
+    Stage,
+    iso,
+    parse_time,
+)
+from ami_janitor.core.policy import Ledger as LedgerConfig
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -35,7 +45,9 @@ PERMISSIONS: list[str] = sorted(
         "dynamodb:BatchGetItem",  # read_items
         "dynamodb:DescribeTable",  # exists
         "dynamodb:Scan",  # read_all
-        "dynamodb:UpdateItem",  # record_candidate, record_stage, close
+        # record_candidate, record_stage, close, record_copy, record_replica, record_grants,
+        # forget_grants, record_bake
+        "dynamodb:UpdateItem",
     ]
 )
 # What `ami-janitor ledger create` calls besides (with the caller's credentials).
@@ -275,7 +287,101 @@ def _item(raw: dict[str, Any]) -> LedgerItem:
     return LedgerItem.model_validate(data)
 
 
-class Ledger:
+class _Made:
+    """The ledger's records of what the janitor made: copies (on the source), replicas (on the copy),
+    grants and bakes. Ledger provides the table and the conditional update."""
+
+    clients: RegionClients
+    table: str
+
+    def _update(self, image_id: str, **request: Any) -> Written:
+        raise NotImplementedError
+
+    def exists(self) -> bool:
+        """The table is there (DescribeTable): what a writer checks before an EC2 change it records."""
+        return exists(self.clients, self.table)
+
+    def require(self) -> None:
+        """LedgerMissing unless the table is there."""
+        if not self.exists():
+            raise LedgerMissing([self.clients.region], self.table)
+
+    def record_copy(self, copy: LedgerCopy) -> Written:
+        """Record a copy on its source's item before CopyImage is called, once per target region and
+        generation: "already-recorded" when that generation was recorded before (by this copy's earlier
+        attempt or a racing worker; CopyImage with the same ClientToken answers with the same copy).
+
+        Copies are a map by "<region>#<generation>", so the condition can name one copy."""
+        self._update(
+            copy.source_image_id,
+            UpdateExpression="SET image_id = if_not_exists(image_id, :id), copies = if_not_exists(copies, :none)",
+            ExpressionAttributeValues={":id": _value(copy.source_image_id), ":none": _value({})},
+        )
+        entry = copy.model_dump(mode="json", exclude_none=True)
+        return self._update(
+            copy.source_image_id,
+            UpdateExpression="SET copies.#copy = :copy",
+            ConditionExpression="attribute_not_exists(copies.#copy)",
+            ExpressionAttributeNames={"#copy": f"{copy.region}#{copy.generation}"},
+            ExpressionAttributeValues={":copy": _value(entry)},
+        )
+
+    def record_replica(self, image_id: str, replica: LedgerCopy) -> Written:
+        """Record, on the new AMI's item in its own region's ledger, that the janitor made it as this copy
+        (with the source's CreationDate: a replica's age and order). Repeating the same copy (same
+        ClientToken) is "recorded" again; another record on the same AMI is refused."""
+        entry = replica.model_copy(update={"image_id": image_id}).model_dump(mode="json", exclude_none=True)
+        return self._update(
+            image_id,
+            UpdateExpression="SET image_id = :id, replica = :replica",
+            ConditionExpression="attribute_not_exists(replica) OR replica.#token = :token",
+            ExpressionAttributeNames={"#token": "token"},
+            ExpressionAttributeValues={
+                ":id": _value(image_id),
+                ":replica": _value(entry),
+                ":token": _value(replica.token),
+            },
+        )
+
+    def record_grants(self, image_id: str, grants: Iterable[str]) -> Written:
+        """Add launch permissions (LaunchPermission keys) to what the janitor granted on this AMI, before
+        granting them (a string set: adding one twice is a no-op)."""
+        keys = set(grants)
+        if not keys:
+            return "already-recorded"
+        return self._update(
+            image_id,
+            UpdateExpression="SET image_id = :id ADD grants :grants",
+            ExpressionAttributeValues={":id": _value(image_id), ":grants": {"SS": sorted(keys)}},
+        )
+
+    def forget_grants(self, image_id: str, grants: Iterable[str]) -> Written:
+        """Remove launch permissions from what the janitor granted, after revoking them (the set goes
+        with its last element)."""
+        keys = set(grants)
+        if not keys:
+            return "already-recorded"
+        return self._update(
+            image_id,
+            UpdateExpression="DELETE grants :grants",
+            ConditionExpression="attribute_exists(grants)",
+            ExpressionAttributeValues={":grants": {"SS": sorted(keys)}},
+        )
+
+    def record_bake(self, image_id: str, bake: LedgerBake) -> Written:
+        """Record, on a new AMI's item, the instance it was baked from and when (once: an AMI has one)."""
+        return self._update(
+            image_id,
+            UpdateExpression="SET image_id = :id, bakes = :bakes",
+            ConditionExpression="attribute_not_exists(bakes)",
+            ExpressionAttributeValues={
+                ":id": _value(image_id),
+                ":bakes": _value([bake.model_dump(mode="json")]),
+            },
+        )
+
+
+class Ledger(_Made):
     """The ledger table of one region: the item API the engine uses."""
 
     def __init__(self, clients: RegionClients, table: str, *, retention_days: int = 90) -> None:
@@ -467,3 +573,11 @@ class Ledger:
             else:
                 raise RuntimeError(f"{self.table}: BatchGetItem left {len(keys)} keys unprocessed")
         return found
+
+
+LedgerFor = Callable[[str], Ledger]
+
+
+def ledgers(clients_for: Callable[[str], RegionClients], config: LedgerConfig) -> LedgerFor:
+    """The ledger of each region, as the policy names it."""
+    return lambda region: Ledger(clients_for(region), config.table, retention_days=config.retention_days)

@@ -1,4 +1,10 @@
-"""Applying share_with: launch permission changes and the record of what the janitor granted."""
+"""Applying share_with: launch permission changes and the record of what the janitor granted.
+
+The ledger records a grant before ModifyImageAttribute makes it and forgets a grant after it is revoked:
+a crash in between leaves a grant recorded that was not made (harmless: granted on a later reconcile, or
+revoked when no longer wanted), never one made that the janitor could not revoke. The tag
+`ami-janitor:shared` is written last, as a mirror for people. No share where the region has no ledger.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import TYPE_CHECKING, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
+from ami_janitor.aws.ledger import Ledger, LedgerFor
 from ami_janitor.core.model import Image, LaunchPermission, RegionInventory, Share
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG
 from ami_janitor.core.sharing import recorded_grants
@@ -20,7 +27,10 @@ if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 
-PERMISSIONS: list[str] = sorted(["ec2:CreateTags", "ec2:DeleteTags", "ec2:ModifyImageAttribute"])
+# The change and its mirror tag; the ledger's item write (record_grants, forget_grants).
+PERMISSIONS: list[str] = sorted(
+    ["dynamodb:UpdateItem", "ec2:CreateTags", "ec2:DeleteTags", "ec2:ModifyImageAttribute"]
+)
 
 ShareStatus = Literal["ok", "failed"]
 
@@ -59,10 +69,10 @@ def _write_record(ec2: EC2Client, image: Image, grants: set[str]) -> bool:
     return bool(changed or stale)
 
 
-def _apply(ec2: EC2Client, share: Share, image: Image, done: list[str]) -> None:
-    # The change first, then the record: a crash in between repeats the change (idempotent) instead of
-    # recording a grant that was never made or forgetting one that was.
+def _apply(ec2: EC2Client, ledger: Ledger, share: Share, image: Image, done: list[str]) -> None:
     if share.add:
+        # Recorded first: no grant exists that the ledger does not know the janitor made.
+        ledger.record_grants(image.image_id, share.add)
         ec2.modify_image_attribute(ImageId=image.image_id, LaunchPermission={"Add": _permissions(share.add)})
         done.append("granted " + ",".join(share.add))
     if share.remove:
@@ -70,6 +80,9 @@ def _apply(ec2: EC2Client, share: Share, image: Image, done: list[str]) -> None:
             ImageId=image.image_id, LaunchPermission={"Remove": _permissions(share.remove)}
         )
         done.append("revoked " + ",".join(share.remove))
+        # Forgotten after: a crash in between revokes it again (idempotent).
+        ledger.forget_grants(image.image_id, share.remove)
+    # The mirror, last.
     grants = (recorded_grants(image) | set(share.add)) - set(share.remove)
     if _write_record(ec2, image, grants):
         done.append("record updated")
@@ -79,26 +92,27 @@ def apply_shares(
     clients_for: Callable[[str], RegionClients],
     shares: Sequence[Share],
     inventories: Sequence[RegionInventory],
+    ledger_for: LedgerFor,
 ) -> list[ShareResult]:
-    """Apply the planned changes (the inventories hold each AMI's current tags). Idempotent; an AWS error
-    fails that AMI's result, never the run."""
+    """Apply the planned changes (the inventories hold each AMI's current tags and ledger item, and say
+    whether the region has a ledger table). Idempotent; an AWS error fails that AMI's result, never the
+    run; a region without a ledger table fails its shares before any call."""
     images = {(inv.region, image.image_id): image for inv in inventories for image in inv.images}
+    recorded = {inv.region for inv in inventories if inv.ledger is not None}
     results: list[ShareResult] = []
     for share in shares:
         image = images.get((share.region, share.image_id))
-        if image is None:
+        refusal = "not in the region's inventory" if image is None else None
+        if share.region not in recorded:
+            refusal = f"no ledger table in {share.region}: not shared (every grant is recorded first)"
+        if image is None or refusal is not None:
             results.append(
-                ShareResult(
-                    region=share.region,
-                    image_id=share.image_id,
-                    status="failed",
-                    error="not in the region's inventory",
-                )
+                ShareResult(region=share.region, image_id=share.image_id, status="failed", error=refusal)
             )
             continue
         done: list[str] = []
         try:
-            _apply(clients_for(share.region).ec2, share, image, done)
+            _apply(clients_for(share.region).ec2, ledger_for(share.region), share, image, done)
         except (*AWS_ERRORS, ValueError) as error:
             results.append(
                 ShareResult(

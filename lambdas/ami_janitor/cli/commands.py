@@ -178,7 +178,13 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
         family = policy.family(args.family)
     except KeyError:
         raise UsageError(f"--family {args.family}: no such family in the policy") from None
-    clients = _factory(args)(_one_region(policy, args))
+    factory = _factory(args)
+    region = _one_region(policy, args)
+    try:
+        engine.require_ledgers(policy, [region], factory)  # every bake is recorded on its AMI's item
+    except LedgerMissing as error:
+        raise UsageError(str(error)) from None
+    clients = factory(region)
     terminal = sys.stderr.isatty()
 
     def progress(line: str) -> None:  # one status line, rewritten in place
@@ -197,6 +203,7 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
             start_command=args.start_command,
             wait=not args.no_wait,
             progress=progress if terminal else None,
+            ledger_table=policy.ledger.table,
         )
     except baking.BakeUsageError as error:
         raise UsageError(str(error)) from None
@@ -225,7 +232,11 @@ def cmd_replicate(args: argparse.Namespace, out: TextIO) -> int:
         except KeyError:
             raise UsageError(f"--family {name}: no such family in the policy") from None
     apply = policy.mode == "enforce"
-    result = engine.replicate(policy, regions, _factory(args), _now(), apply=apply, families=args.family)
+    factory = _factory(args)
+    try:
+        result = engine.replicate(policy, regions, factory, _now(), apply=apply, families=args.family)
+    except LedgerMissing as error:
+        raise UsageError(str(error)) from None
     if args.format == "json":
         render.emit_json(result.model_dump(mode="json"), out)
         return EXIT_FAILED if result.failed else EXIT_OK

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
-from ami_janitor.core.policy import SOURCE_CREATED_TAG, SOURCE_IMAGE_TAG, SOURCE_REGION_TAG, Mode
+from ami_janitor.core.policy import Mode
 
 # The states an EC2 AMI State Change event reports (detail.State), which the event rule selects.
 AmiState = Literal["available", "failed", "deregistered", "disabled"]
@@ -140,24 +148,38 @@ class Image(_Frozen):
         )
 
     @property
+    def replica_record(self) -> LedgerCopy | None:
+        """The ledger's record that the janitor made this AMI as a copy, where EC2 names the same source
+        (SourceImageId/SourceImageRegion): only then is it a replica. No tag has a say; a copy EC2 knows
+        of but the ledger does not is an original (its own CreationDate: it keeps more)."""
+        record = self.ledger.replica if self.ledger is not None else None
+        if record is None or self.copied_from is None:
+            return None
+        if (record.source_image_id, record.source_region) != (self.copied_from, self.copied_from_region):
+            return None
+        return record
+
+    @property
     def source_image_id(self) -> str | None:
-        return self.tags.get(SOURCE_IMAGE_TAG)
+        record = self.replica_record
+        return record.source_image_id if record is not None else None
 
     @property
     def source_region(self) -> str | None:
-        return self.tags.get(SOURCE_REGION_TAG)
+        record = self.replica_record
+        return record.source_region if record is not None else None
 
     @property
     def is_replica(self) -> bool:
-        return SOURCE_IMAGE_TAG in self.tags
+        return self.replica_record is not None
 
     @property
     def order_time(self) -> datetime:
-        """Age and order: a replica counts from its source's creation, so a late copy is never young."""
-        if self.is_replica:
-            source_created = parse_time(self.tags.get(SOURCE_CREATED_TAG))
-            if source_created is not None:
-                return source_created
+        """Age and order: a replica counts from its source's creation (as the ledger recorded it when the
+        copy started), so a late copy is never young."""
+        record = self.replica_record
+        if record is not None and record.source_created is not None:
+            return record.source_created
         return self.created
 
     def deprecated_at(self, now: datetime) -> bool:
@@ -411,6 +433,22 @@ class LedgerItem(_Frozen):
     deregistered: datetime | None = None
     # Epoch seconds after which DynamoDB deletes the item (set once the AMI is deregistered).
     ttl: int | None = None
+
+    @field_validator("copies", mode="before")
+    @classmethod
+    def _copies_in_order(cls, value: Any) -> Any:
+        """The table keeps copies as a map by "<region>#<generation>" (so each is recorded once)."""
+        if isinstance(value, Mapping):
+            return [value[key] for key in sorted(value)]
+        return value
+
+    @field_validator("grants", mode="before")
+    @classmethod
+    def _grants_sorted(cls, value: Any) -> Any:
+        """The table keeps grants as a string set."""
+        if isinstance(value, set | frozenset):
+            return sorted(value)
+        return value
 
     @property
     def is_open(self) -> bool:

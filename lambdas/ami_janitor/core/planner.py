@@ -24,12 +24,10 @@ from ami_janitor.core.model import (
     iso,
 )
 from ami_janitor.core.policy import (
-    SHARED_BY_JANITOR_TAG,
     Family,
     Policy,
     Rules,
 )
-from ami_janitor.core.tags import joined_values
 
 ACTING: frozenset[str] = frozenset({"deprecate", "disable", "deregister"})
 # States in which an AMI counts toward keep-N (pending and failed builds are not versions yet).
@@ -68,8 +66,8 @@ def is_janitor_touched(image: Image) -> bool:
 
 
 def janitor_grants(image: Image) -> set[str]:
-    """Launch permissions the janitor granted itself (recorded on the AMI)."""
-    return set(joined_values(SHARED_BY_JANITOR_TAG, image.tags))
+    """Launch permissions the janitor granted itself, as its ledger records them (never a tag)."""
+    return set(image.ledger.grants) if image.ledger is not None else set()
 
 
 def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group], dict[str, list[str]]]:

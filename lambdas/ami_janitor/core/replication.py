@@ -1,13 +1,16 @@
 """Replication: which copies each target region needs (pure), and starting one copy (idempotent).
 
-A copy is found by provenance, never by name: every copy carries `ami-janitor:source-image`, so a
-duplicate event, a redriven message or a second planner never makes a second copy. A copy that fails
-(or is gone: retired, deregistered by hand) is started again with the next generation, up to
-MAX_COPY_GENERATIONS. The generation is part of the ClientToken, because EC2 remembers a token and
-would answer a new request with the old (failed or deregistered) copy. The generation started last is
-recorded on the source (`ami-janitor:copy-generation:<region>`) before CopyImage is called, so a
-generation is never used twice, and on the copy itself, so the retry of a failed copy can be planned
-from the copy alone (its event arrives in the destination region).
+A copy is found by provenance, never by name or tag: EC2 says what an AMI was copied from
+(SourceImageId/SourceImageRegion) and the ledger of its region records that the janitor made it (its
+`replica`), so a duplicate event, a redriven message or a second planner never makes a second copy, and
+no tag makes an AMI a copy (or an original superseded by one). A copy that fails (or is gone: retired,
+deregistered by hand) is started again with the next generation, up to MAX_COPY_GENERATIONS. The
+generation is part of the ClientToken, because EC2 remembers a token and would answer a new request with
+the old (failed or deregistered) copy. Each generation is recorded in the source's ledger item (its
+`copies`) before CopyImage is called, so a generation is never used twice, and in the copy's own item
+after, so the retry of a failed copy can be planned from the copy alone (its event arrives in the
+destination region). A generation recorded on the source but on no copy was interrupted between the two
+writes: it is started again with the same token (EC2 answers with the copy it made, if any).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from ami_janitor.core.model import Copy, Image, RegionInventory, Status, iso
+from ami_janitor.core.model import Copy, Image, LedgerCopy, RegionInventory, Status, iso
 from ami_janitor.core.planner import Group, Grouped, build_groups, latest_target, order_key
 from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
@@ -121,14 +124,29 @@ def copy_to(
 
 
 def generation_tag(region: str) -> str:
-    """The tag that records the generation of the copy in `region` (on the source and on the copy)."""
+    """The tag that mirrors, on a copy, the generation of the copy in `region` (for people: the ledger
+    holds the record)."""
     return f"{COPY_GENERATION_TAG_PREFIX}{region}"
 
 
-def recorded_generation(image: Image, region: str) -> int:
-    """The generation recorded on `image` for `region`; 0 where none is (or it is unreadable)."""
-    value = image.tags.get(generation_tag(region), "")
-    return int(value) if value.isdigit() else 0
+def recorded_generation(source: Image, region: str) -> int:
+    """The highest generation of a copy to `region` the source's ledger item records; 0 where none."""
+    if source.ledger is None:
+        return 0
+    return max((c.generation for c in source.ledger.copies if c.region == region), default=0)
+
+
+def ledger_copy(copy: Copy, source: Image) -> LedgerCopy:
+    """The ledger's record of a copy: on the source before CopyImage, on the copy after (with its id).
+    Its `source_created` is the source's CreationDate as EC2 reports it (sources are never replicas)."""
+    return LedgerCopy(
+        source_image_id=copy.source_image_id,
+        source_region=copy.source_region,
+        region=copy.region,
+        generation=copy.generation,
+        token=client_token(copy),
+        source_created=source.created,
+    )
 
 
 def is_usable(image: Image) -> bool:
@@ -144,10 +162,20 @@ def _copies_by_source(inventory: RegionInventory) -> dict[str, list[Image]]:
     return index
 
 
+def _replicas_recorded(inventory: RegionInventory) -> dict[tuple[str, str], set[int]]:
+    """(source, source region) -> the generations the region's ledger records a copy of (any state, gone
+    ones too): their CopyImage returned."""
+    index: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for item in inventory.ledger.items.values() if inventory.ledger is not None else ():
+        if item.replica is not None:
+            index[(item.replica.source_image_id, item.replica.source_region)].add(item.replica.generation)
+    return index
+
+
 def _tried(source: Image, region: str, copies: Iterable[Image]) -> int:
-    """The highest generation started so far: recorded on the source, or on a copy (a copy without the
-    tag, made by hand or before the tag existed, counts as generation 1)."""
-    return max([recorded_generation(source, region)] + [recorded_generation(c, region) or 1 for c in copies])
+    """The highest generation started so far, as the ledger records it on the source or on a copy."""
+    made = [c.replica_record.generation for c in copies if c.replica_record is not None]
+    return max([recorded_generation(source, region), *made])
 
 
 def wanted_sources(group: Group, conflicts: Mapping[str, Sequence[str]], now: datetime) -> list[Image]:
@@ -178,8 +206,9 @@ def _targets(family: Family, region: str) -> tuple[list[ReplicateTarget], list[s
 
 
 def copies_of_new_source(source: Image, family: Family) -> list[Copy]:
-    """The copies a source just made available needs (its `available` event), at the generation
-    recorded on it: the worker finds an existing copy by provenance, so a repeat makes none."""
+    """The copies a source just made available needs (its `available` event), at the generation its
+    ledger item records (pass the source with it): the worker finds an existing copy by provenance, so a
+    repeat makes none."""
     if source.is_replica or source.root_device_type == "instance-store":
         return []
     targets, _ = _targets(family, source.region)
@@ -203,20 +232,26 @@ def _plan_one(
     source: Image,
     target: ReplicateTarget,
     copies: Sequence[Image],
+    replicated: set[int],
 ) -> Copy | str | None:
-    """The copy `source` needs in `target` (None: none; a str: a problem that stops it)."""
+    """The copy `source` needs in `target` (None: none; a str: a problem that stops it). `copies`: the
+    replicas of `source` there, `replicated`: the generations the target's ledger records a copy of."""
     if target.region == source.region and source.encrypted:
         return None  # encrypt in place applies only to unencrypted sources
     if any(is_usable(c) for c in copies):
         return None
-    tried = _tried(source, target.region, copies)
+    recorded = recorded_generation(source, target.region)
+    if recorded and recorded not in replicated:
+        # Recorded before CopyImage, never recorded as made: the same token again finishes it.
+        return copy_to(family.name, source.image_id, source.region, target, recorded)
+    tried = max([recorded, *replicated])
     generation = tried + 1
     if generation > MAX_COPY_GENERATIONS:
         return (
             f"family {family.name}: copy of {source.image_id} ({source.region}) to {target.region} not "
             f"started again: {tried} generations were started and none is usable (failed or gone); "
-            f"fix the cause, deregister the failed copies and remove the tag {generation_tag(target.region)} "
-            f"from {source.image_id} to start over"
+            f"fix the cause and deregister the failed copies: the ledger item of {source.image_id} "
+            f"records each generation started"
         )
     return copy_to(family.name, source.image_id, source.region, target, generation)
 
@@ -229,6 +264,7 @@ def plan_replication(
     from it, none to it. Order: source region, family, architecture, source newest first, target region."""
     usable = {inv.region: inv for inv in inventories if inv.error is None}
     indexes = {region: _copies_by_source(inv) for region, inv in usable.items()}
+    replicated = {region: _replicas_recorded(inv) for region, inv in usable.items()}
     copies: list[Copy] = []
     problems: list[str] = []
     for region in sorted(set(policy.regions) & set(usable)):
@@ -250,7 +286,11 @@ def plan_replication(
                     if target.region not in indexes:
                         continue
                     planned = _plan_one(
-                        group.family, source, target, indexes[target.region].get(source.image_id, [])
+                        group.family,
+                        source,
+                        target,
+                        indexes[target.region].get(source.image_id, []),
+                        replicated[target.region].get((source.image_id, region), set()),
                     )
                     if isinstance(planned, Copy):
                         copies.append(planned)
@@ -272,7 +312,8 @@ def copy_problems(inventories: Sequence[RegionInventory], policy: Policy, now: d
 def handle_failed_replica(image: Image, policy: Policy) -> Retry:
     """A replica found failed (its event in the destination region): the copy to start again with the
     next generation, or why not. Pass the image as EC2 describes it now, not as the event said."""
-    if not image.is_replica or not image.source_image_id or not image.source_region:
+    record = image.replica_record
+    if record is None:
         return Retry(None, f"{image.image_id} is not a copy made by the janitor")
     if image.state not in FAILED_STATES:
         return Retry(None, f"{image.image_id} is {image.state} now: nothing to retry")
@@ -283,16 +324,16 @@ def handle_failed_replica(image: Image, policy: Policy) -> Retry:
     target = next((t for t in family.replicate if t.region == image.region), None)
     if target is None:
         return Retry(None, f"{image.region} is no longer a replicate target of family {family.name}")
-    if target.region == image.source_region and target.kms_key_id is None:
+    if target.region == record.source_region and target.kms_key_id is None:
         return Retry(None, f"{image.region} is the source region and has no kms_key_id: not retried")
-    generation = max(recorded_generation(image, image.region), 1) + 1
+    generation = record.generation + 1
     if generation > MAX_COPY_GENERATIONS:
         return Retry(
             None,
-            f"copy of {image.source_image_id} to {image.region} failed in generation "
+            f"copy of {record.source_image_id} to {image.region} failed in generation "
             f"{generation - 1}, the last one allowed: not started again",
         )
-    copy = copy_to(family.name, image.source_image_id, image.source_region, target, generation)
+    copy = copy_to(family.name, record.source_image_id, record.source_region, target, generation)
     return Retry(copy, f"{image.image_id} failed: generation {generation} planned")
 
 
@@ -337,7 +378,7 @@ def replica_tags(source: Image, copy: Copy, policy: Policy) -> dict[str, str]:
     provenance = {
         SOURCE_IMAGE_TAG: source.image_id,
         SOURCE_REGION_TAG: source.region,
-        SOURCE_CREATED_TAG: iso(source.order_time) or "",
+        SOURCE_CREATED_TAG: iso(source.created) or "",
         generation_tag(copy.region): str(copy.generation),
     }
     # 50 tags per resource: the family's match tags go first, so the copy still joins its family.
@@ -444,7 +485,7 @@ def rebuild_copy(request: Copy, source: Image, policy: Policy, copies: Iterable[
     `source` is the request's source as EC2 describes it now in the request's source region, `copies`
     its copies in the target region. Besides allowed_target's checks: the source is a member of exactly
     the request's family and no copy itself, and the generation is no higher than the janitor could
-    have planned (the highest started so far, on the source or a copy, plus one). Only the generation
+    have planned (the highest the ledger records started, on the source or a copy, plus one). Only the generation
     is the request's own: the source is EC2's, the family, regions and key are the policy's.
     """
     target = allowed_target(request, policy)

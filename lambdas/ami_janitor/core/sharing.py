@@ -1,10 +1,11 @@
 """Launch permissions from `share_with`: grant what the family lists, revoke only what the janitor granted.
 
-What the janitor granted is recorded on the AMI (`ami-janitor:shared`, then `:2`, `:3`, ... when the
-list outgrows one tag value). Planning compares that record with the policy, so the steady state costs
-no call per AMI (DescribeImageAttribute is one call per AMI); `Public` comes with DescribeImages, so a
-public AMI whose family does not say `public: true` is always seen. Grants somebody else made are left
-alone (the planner reports them, and they keep the AMI unless `allow_shared`).
+What the janitor granted is recorded in its ledger (the AMI's item, `grants`) before it grants it; the
+tag `ami-janitor:shared` (then `:2`, `:3`, ...) mirrors that record for people and is never read here.
+Planning compares the ledger's record with the policy, so the steady state costs no call per AMI
+(DescribeImageAttribute is one call per AMI); `Public` comes with DescribeImages, so a public AMI whose
+family does not say `public: true` is always seen. Grants somebody else made are left alone (the
+planner reports them, and they keep the AMI unless `allow_shared`), whatever a tag says.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from datetime import datetime
 
 from ami_janitor.core.model import Image, RegionInventory, Share
 from ami_janitor.core.planner import Grouped, build_groups
-from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG, Family, Policy
-from ami_janitor.core.tags import joined_values
+from ami_janitor.core.policy import CANDIDATE_TAG, Family, Policy
 
 PUBLIC = "group:all"
 
@@ -26,8 +26,11 @@ def _is_grant(key: str) -> bool:
 
 
 def recorded_grants(image: Image) -> set[str]:
-    """The grants the janitor recorded on the AMI ("kind:value" keys); unreadable entries are ignored."""
-    return {key for key in joined_values(SHARED_BY_JANITOR_TAG, image.tags) if _is_grant(key)}
+    """The grants the ledger records the janitor made on the AMI ("kind:value" keys); unreadable entries
+    are ignored. No ledger item: none."""
+    if image.ledger is None:
+        return set()
+    return {key for key in image.ledger.grants if _is_grant(key)}
 
 
 def desired_grants(family: Family) -> set[str]:

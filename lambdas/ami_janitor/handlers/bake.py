@@ -28,7 +28,8 @@ from ami_janitor.handlers.events import (
 )
 from ami_janitor.handlers.observe import logger, metrics, paused
 
-PERMISSIONS: list[str] = baker.SCHEDULED_PERMISSIONS
+# The bake itself, and the check that the region's ledger table is there (engine.require_ledgers).
+PERMISSIONS: list[str] = sorted({*baker.SCHEDULED_PERMISSIONS, "dynamodb:DescribeTable"})
 
 
 def baked_family(policy: Policy, name: str) -> Family:

@@ -31,14 +31,16 @@ from pydantic import Json, ValidationError
 from ami_janitor import engine
 from ami_janitor.aws import copier
 from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.core import replication
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.validation import describe_validation_error
 from ami_janitor.handlers.events import configured
 from ami_janitor.handlers.observe import logger, metrics
 
-# inventory.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS);
-# the KMS actions are what EC2 does with a target's key on this role's behalf.
+# inventory.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS), the
+# ledger checks and item reads are the copier's too (dynamodb:DescribeTable, BatchGetItem); the KMS
+# actions are what EC2 does with a target's key on this role's behalf.
 PERMISSIONS: list[str] = sorted(set(copier.PERMISSIONS) | set(copier.KMS_PERMISSIONS))
 
 # A refused message's body is logged up to this many characters (the reason says what was wrong).
@@ -98,6 +100,11 @@ def copy_record(record: CopyRequestRecord, policy: Policy, clients_for: ClientFa
         )
         # Raised, the record is a batch item failure: redriven, it ends in the dead-letter queue.
         raise
+    except LedgerMissing as error:
+        # No copy the ledgers cannot record: redriven until the table exists (or parked in the DLQ).
+        metrics.add_metric(name="CopiesFailed", unit=MetricUnit.Count, value=1)
+        logger.error("copy refused: no ledger table", extra={"reason": str(error), "regions": error.regions})
+        raise CopyFailed(str(error)) from None
     outcome = result.model_dump(mode="json")
     if result.status == "failed":
         metrics.add_metric(name="CopiesFailed", unit=MetricUnit.Count, value=1)

@@ -3,6 +3,7 @@ decision to act sooner, delete, grant or revoke believes (tags are only a mirror
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws import ledger
@@ -12,7 +13,10 @@ from ami_janitor.core.model import LedgerView
 if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
+# The region's table once per run (read_ledger).
 PERMISSIONS: list[str] = ["dynamodb:DescribeTable", "dynamodb:Scan"]
+# The items of a few AMIs (read_ledger_items), for the readers of single AMIs.
+ITEM_PERMISSIONS: list[str] = ["dynamodb:BatchGetItem", "dynamodb:DescribeTable"]
 
 
 def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
@@ -21,3 +25,11 @@ def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
         if not ledger.exists(clients, table):
             return None
         return ledger.Ledger(clients, table).read_all()
+
+
+def read_ledger_items(clients: RegionClients, table: str, image_ids: Iterable[str]) -> LedgerView | None:
+    """The ledger items of a few AMIs (BatchGetItem), for a reader of single AMIs (an event, a queued
+    copy); None where the region has no table yet."""
+    if not ledger.exists(clients, table):
+        return None
+    return LedgerView(table=table, items=ledger.Ledger(clients, table).read_items(image_ids))
