@@ -11,7 +11,7 @@ from ami_janitor.core.model import Image, RegionInventory, Share
 from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG
 from ami_janitor.core.sharing import plan_shares, recorded_grants, share_for
 from ami_janitor.core.tags import TAG_VALUE_MAX, is_part_key, joined_values, part_keys, split_values
-from builders import NOW, granted, image, inventory, policy
+from builders import NOW, granted, image, inventory, ledger_item, policy
 
 A, B, C = "111111111111", "222222222222", "333333333333"
 ORG = "arn:aws:organizations::123456789012:organization/o-abc123"
@@ -100,7 +100,7 @@ def test_a_public_family_makes_its_amis_public() -> None:
         {"state": "disabled"},
         {"state": "pending"},
         {"state": "failed"},
-        {"tags": {CANDIDATE_TAG: "2026-11-01T00:00:00Z"}, "public": True},
+        {"ledger": ledger_item(20), "public": True},
     ],
 )
 def test_disabled_pending_and_candidate_amis_are_left_to_the_stages(fields: dict[str, Any]) -> None:
@@ -179,3 +179,9 @@ def test_a_value_that_cannot_be_recorded_is_refused() -> None:
 def test_unreadable_record_entries_are_ignored() -> None:
     junk = shared(f"user:{A}", "nonsense", "group:everyone", "user:", days_old=1)
     assert recorded_grants(junk) == {f"user:{A}"}
+
+
+def test_a_forged_candidate_tag_does_not_stop_a_share() -> None:
+    forged = image(days_old=1, tags={CANDIDATE_TAG: "2026-11-01T00:00:00Z"})
+    [share] = plan_shares([inventory(forged)], sharing([A]), NOW)
+    assert share.add == [f"user:{A}"]

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
+from ami_janitor.core import trust
 from ami_janitor.core.model import Image, RegionInventory, Share
 from ami_janitor.core.planner import Grouped, build_groups
-from ami_janitor.core.policy import CANDIDATE_TAG, Family, Policy
+from ami_janitor.core.policy import Family, Policy
 
 PUBLIC = "group:all"
 
@@ -47,7 +48,7 @@ def share_for(image: Image, family: Family) -> Share | None:
     Only available AMIs that are not candidates: a disabled AMI has no launch permissions, and a
     candidate's permissions belong to the retirement stages (the disable stage records and removes them,
     a rescue restores them)."""
-    if image.state != "available" or CANDIDATE_TAG in image.tags:
+    if image.state != "available" or trust.open_item(image) is not None:
         return None
     desired = desired_grants(family)
     recorded = recorded_grants(image)
