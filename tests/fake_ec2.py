@@ -284,12 +284,7 @@ class FakeEC2:
         target = self.images.get(image_id) if isinstance(image_id, str) else None
         self.calls.append(Call(operation, copy.deepcopy(params), copy.deepcopy(target), self.clock))
         if operation in MUTATING:
-            fault = self.faults.pop(self.mutating_calls, None)
-            self.mutating_calls += 1
-            if fault == "crash" or (self.crash_rate and self.rng.random() < self.crash_rate):
-                raise Crash(f"{api} never answered")
-            if fault == "throttle" or (self.fail_rate and self.rng.random() < self.fail_rate):
-                raise client_error("RequestLimitExceeded", "Request limit exceeded.", api)
+            fault = self._fault(api, "RequestLimitExceeded")
             self._lose_answer = fault == "lost" or bool(
                 self.fail_rate and self.rng.random() < self.fail_rate / 2
             )
@@ -299,12 +294,18 @@ class FakeEC2:
         """A write to the ledger table: recorded and faulted like a mutating EC2 call (a lost answer
         here is the write taking effect, its answer lost: the caller sees the error)."""
         self.calls.append(Call(operation, {"ImageId": image_id} if image_id else {}, None, self.clock))
+        self._fault(operation, "ThrottlingException")
+
+    def _fault(self, api: str, throttle_code: str) -> str | None:
+        """The fault of this mutating call, by its number or at random: a crash or a throttle raise;
+        returns the fault ("lost": the caller loses the answer after the change)."""
         fault = self.faults.pop(self.mutating_calls, None)
         self.mutating_calls += 1
         if fault == "crash" or (self.crash_rate and self.rng.random() < self.crash_rate):
-            raise Crash(f"{operation} never answered")
+            raise Crash(f"{api} never answered")
         if fault == "throttle" or (self.fail_rate and self.rng.random() < self.fail_rate):
-            raise client_error("ThrottlingException", "Rate exceeded.", operation)
+            raise client_error(throttle_code, "Rate exceeded.", api)
+        return fault
 
     def _lost_response(self, api: str) -> None:
         """After the change took effect: the answer may still be lost on the way back."""
