@@ -343,6 +343,16 @@ def test_ledger_create_makes_the_table_once_naming_the_caller(endpoint: str, tmp
     assert code == 0 and output.startswith("us-east-1: adopted ami-janitor-ledger (wrote the resource policy")
 
 
+def test_role_arn_makes_every_call_as_the_operator_role(endpoint: str, tmp_path: Path) -> None:
+    role = "arn:aws:iam::123456789012:role/ami-janitor/ami-janitor-operator"
+    config = write_policy(tmp_path, "dry-run")
+    code, output = run("ledger", "create", "--config", config, "--role-arn", role)
+    assert code == 0, output
+    # The caller is the assumed role: the table's policy names that role (whatever its path).
+    assert "arn:aws:iam::123456789012:role/ami-janitor-operator" in output
+    assert "user/moto" not in output
+
+
 def test_apply_without_a_ledger_exits_2_before_writing_and_plan_says_so(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

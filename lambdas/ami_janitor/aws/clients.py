@@ -72,6 +72,24 @@ class RegionClients:
     sts: _Client[STSClient] = _Client("sts")
 
 
+OPERATOR_SESSION_NAME = "ami-janitor-cli"
+
+
+def assumed_session(base: boto3.Session, role_arn: str) -> boto3.Session:
+    """A session acting as `role_arn` (the operator role the stacks make under /ami-janitor/): the
+    ledger's resource policy lets only that path write, so the CLI's writers go through it."""
+    answer = base.client("sts", config=client_config()).assume_role(
+        RoleArn=role_arn, RoleSessionName=OPERATOR_SESSION_NAME, DurationSeconds=3600
+    )
+    credentials = answer["Credentials"]
+    return boto3.Session(
+        aws_access_key_id=credentials["AccessKeyId"],
+        aws_secret_access_key=credentials["SecretAccessKey"],
+        aws_session_token=credentials["SessionToken"],
+        region_name=base.region_name,
+    )
+
+
 class ClientFactory:
     """RegionClients per region, shared by one run (the engine acts on several regions from the CLI)."""
 

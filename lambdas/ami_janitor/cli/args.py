@@ -10,6 +10,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="policy file (default: $AMI_JANITOR_CONFIG or ./janitor.yaml)")
     common.add_argument("--region", action="append", help="act on this region only (repeatable)")
     common.add_argument("--profile", help="AWS profile to use")
+    common.add_argument(
+        "--role-arn",
+        help="assume this role (the stack's operator role, under /ami-janitor/) for every call",
+    )
     common.add_argument("--format", choices=["table", "json"], default="table")
 
     parser = argparse.ArgumentParser(

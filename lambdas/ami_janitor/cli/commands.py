@@ -12,7 +12,7 @@ import boto3
 
 from ami_janitor import engine
 from ami_janitor.aws import rotator
-from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.aws.clients import ClientFactory, assumed_session
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
@@ -37,6 +37,8 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 def _factory(args: argparse.Namespace) -> ClientFactory:
     session = boto3.Session(profile_name=args.profile) if args.profile else None
+    if getattr(args, "role_arn", None):
+        session = assumed_session(session or boto3.Session(), args.role_arn)
     return ClientFactory(session)
 
 
