@@ -146,7 +146,7 @@ class JanitorStack(Stack):
         )
         acknowledge_wildcards(role, statements)
         CfnOutput(
-            self, "OperatorRoleArn", value=role.role_arn, description="Role for `ami-janitor` (--profile)"
+            self, "OperatorRoleArn", value=role.role_arn, description="Role for `ami-janitor --role-arn`"
         )
         return role
 
