@@ -216,7 +216,10 @@ def test_unread_launch_permissions_are_asked_for_then_settle_the_plan() -> None:
             )
         }
     )
-    settled = by_id(run_plan.settle(first, {inv.region: loaded}, pol))
+    settled_plan = run_plan.settle(first, {inv.region: loaded}, pol)
+    # The forged clock tag on `touched` stays reported through the settling.
+    assert first.summary.tampered == settled_plan.summary.tampered == 1
+    settled = by_id(settled_plan)
     assert (settled[unknown.image_id].action, settled[unknown.image_id].reasons) == (
         "keep",
         ["shared with user:999988887777 (not in share_with)"],

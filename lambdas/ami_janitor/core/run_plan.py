@@ -83,7 +83,9 @@ def settle(plan: Plan, inventories: Mapping[str, RegionInventory], policy: Polic
     if all(new is old for new, old in zip(decisions, plan.decisions, strict=True)):
         return plan
     usable = [inv for inv in inventories.values() if inv.error is None]
-    summary = planner.summarize(decisions, usable, plan.summary.regions_skipped)
+    summary = planner.summarize(decisions, usable, plan.summary.regions_skipped).model_copy(
+        update={"tampered": plan.summary.tampered}
+    )
     return plan.model_copy(update={"decisions": decisions, "summary": summary})
 
 
