@@ -382,3 +382,36 @@ def test_ledger_create_exits_1_where_a_region_fails(
     code, output = run("ledger", "create", "--config", write_policy(tmp_path, "dry-run"))
     assert code == 1 and output == ""
     assert "ledger create failed in us-east-1:" in capsys.readouterr().err
+
+
+def test_paused_stops_rescue_and_bake_and_plan_still_reads(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet = seed_fleet(now())
+    make_ledger()
+    config = write_policy(tmp_path, "paused")
+    ec2().disable_image(ImageId=fleet.images[0])
+    assert run("rescue", fleet.images[0], "--config", config)[0] == 2
+    assert "mode is paused" in capsys.readouterr().err
+    assert run("bake", "--family", "web", "--region", "us-east-1", "--config", config)[0] == 2
+    assert "set mode: dry-run to rescue or bake by hand" in capsys.readouterr().err
+    assert ec2().describe_images(ImageIds=[fleet.images[0]])["Images"][0]["State"] == "disabled"
+    code, output = run("plan", "--config", config, "--format", "json")
+    assert code == 0 and "mode is paused: nothing is applied" in json.loads(output)["notes"]
+
+
+class ClosedPipe(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_ends_quietly(endpoint: str, tmp_path: Path) -> None:
+    seed_fleet(now())
+    config = write_policy(tmp_path, "dry-run")
+    assert cli.main(["plan", "--config", config], out=ClosedPipe()) == 0
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("ami-janitor ")

@@ -4,12 +4,13 @@ region was skipped; 2 bad input or usage; 3 declined at the prompt."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from ami_janitor.cli.args import build_parser
-from ami_janitor.cli.commands import COMMANDS, EXIT_DECLINED, EXIT_USAGE, UsageError
+from ami_janitor.cli.commands import COMMANDS, EXIT_DECLINED, EXIT_OK, EXIT_USAGE, UsageError
 from ami_janitor.core.policy import PolicyError
 
 
@@ -24,3 +25,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("ami-janitor: interrupted\n")
         return EXIT_DECLINED
+    except BrokenPipeError:
+        # The reader went away (`ami-janitor plan | head`): end quietly, and keep Python from
+        # complaining again when it flushes stdout at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # stdout is no file (captured): nothing to flush at exit
+        return EXIT_OK

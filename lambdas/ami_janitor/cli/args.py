@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ami-janitor")
+    except PackageNotFoundError:
+        return "(from source)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="policy file (default: $AMI_JANITOR_CONFIG or ./janitor.yaml)")
@@ -20,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ami-janitor",
         description="Reference-aware AMI retention, staged retirement and Latest rotation.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("plan", parents=[common], help="show, with reasons, what a run would do")
     apply = commands.add_parser("apply", parents=[common], help="plan and apply (mode: enforce only)")

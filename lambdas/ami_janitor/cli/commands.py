@@ -145,8 +145,18 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
 
 
+def _not_paused(policy: Policy, command: str) -> None:
+    """`mode: paused` is the kill switch: no command writes (set dry-run to rescue or bake by hand)."""
+    if policy.mode == "paused":
+        raise UsageError(
+            f"the policy's mode is paused: {command} writes nothing while paused "
+            "(set mode: dry-run to rescue or bake by hand while automatic retirement stays off)"
+        )
+
+
 def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
     policy = _policy(args)
+    _not_paused(policy, "rescue")
     regions = _regions(policy, args)
     try:
         results = engine.rescue(policy, args.image_id, regions, _factory(args), _now())
@@ -176,6 +186,7 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
     from ami_janitor.core import baking
 
     policy = _policy(args)
+    _not_paused(policy, "bake")
     try:
         family = policy.family(args.family)
     except KeyError:
