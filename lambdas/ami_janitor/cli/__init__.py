@@ -4,6 +4,7 @@ region was skipped; 2 bad input or usage; 3 declined at the prompt."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -28,8 +29,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`ami-janitor plan | head`): end quietly, and keep Python from
         # complaining again when it flushes stdout at exit.
-        try:
+        with contextlib.suppress(OSError, ValueError):  # stdout is no file (captured): nothing to do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass  # stdout is no file (captured): nothing to flush at exit
         return EXIT_OK
