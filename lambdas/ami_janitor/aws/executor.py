@@ -525,7 +525,16 @@ class _RegionRun:
             return self._not_recorded(image, "deregister")
         if mine:
             _tag(self.ec2, mine, {RETIRED_FROM_TAG: image.image_id})  # the mirror, for people
-        answer = self.ec2.deregister_image(ImageId=image.image_id, DeleteAssociatedSnapshots=True)
+        try:
+            answer: Mapping[str, Any] = self.ec2.deregister_image(
+                ImageId=image.image_id, DeleteAssociatedSnapshots=True
+            )
+        except AWS_ERRORS as error:
+            if error_code(error) not in GONE_CODES:
+                raise
+            # Gone since the plan read it: our own call whose answer was lost (the SDK retried it),
+            # or someone else's. Either way it is deregistered; its recorded snapshots are handled now.
+            answer = {}
         self.gone.add(image.image_id)
         result = self._snapshots_after(image, own, answer.get("DeleteSnapshotResults") or [])
         if result.status == "ok":
