@@ -65,11 +65,14 @@ class ReplicateResult(BaseModel):
     share_results: list[sharer.ShareResult] = Field(default_factory=list)
     copy_results: list[replication.CopyResult] = Field(default_factory=list)
     queued: int = 0
+    # Regions that could not be read ("region: error"): nothing was planned there.
+    skipped: list[str] = Field(default_factory=list)
 
     @property
     def failed(self) -> int:
         shares = sum(1 for r in self.share_results if r.status == "failed")
-        return shares + sum(1 for r in self.copy_results if r.status == "failed")
+        copies = sum(1 for r in self.copy_results if r.status == "failed")
+        return shares + copies + len(self.skipped)
 
 
 class RunSummary(Summary):
@@ -253,7 +256,8 @@ def replicate(
         for region, inv in sorted(images.items())
         if inv.ledger is None and inv.error is None
     )
-    result = ReplicateResult(shares=shares, copies=copies, problems=problems)
+    skipped = [f"{inv.region}: {inv.error}" for inv in images.values() if inv.error is not None]
+    result = ReplicateResult(shares=shares, copies=copies, problems=problems, skipped=sorted(skipped))
     return _apply_replication(result, own, policy, clients_for, None) if apply else result
 
 

@@ -154,7 +154,9 @@ def print_replication(result: ReplicateResult, out: TextIO, *, mode: str, applie
     for shared in result.share_results:
         status = shared.status if shared.status != "failed" else f"FAILED {shared.error}"
         out.write(f"shared {shared.region} {shared.image_id}: {status}\n")
-    if not (result.copies or result.shares):
+    for region in result.skipped:
+        out.write(f"region {region}: skipped (could not be read)\n")
+    if not (result.copies or result.shares or result.skipped):
         out.write("every copy and share is in place\n")
 
 
