@@ -134,6 +134,8 @@ class RunResult(BaseModel):
 
 def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
     """The regions a run acts on: the ones asked for, else every managed region."""
+    # `--region a --region b` or `--region a,b`.
+    regions = [r.strip() for value in regions or () for r in value.split(",") if r.strip()]
     if not regions:
         return policy.managed_regions
     unknown = sorted(set(regions) - set(policy.managed_regions))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 
-AWS_ERRORS = (ClientError, BotoCoreError)
+# ResponseParserError (an HTML error page where XML or JSON was due) is no BotoCoreError.
+AWS_ERRORS = (ClientError, BotoCoreError, ResponseParserError)
 
 
 def error_code(error: BaseException) -> str:

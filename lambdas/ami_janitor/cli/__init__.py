@@ -10,9 +10,21 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ProfileNotFound
+
+from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.cli.args import build_parser
-from ami_janitor.cli.commands import COMMANDS, EXIT_DECLINED, EXIT_OK, EXIT_USAGE, UsageError
+from ami_janitor.cli.commands import COMMANDS, EXIT_DECLINED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from ami_janitor.core.policy import PolicyError
+
+
+def aws_failure(error: BaseException) -> str:
+    """One line for an AWS failure that ended a command."""
+    if isinstance(error, NoCredentialsError):
+        return "no AWS credentials: set AWS_PROFILE (or --profile), or run where a role provides them"
+    if isinstance(error, EndpointConnectionError):
+        return f"cannot reach {error.kwargs.get('endpoint_url')}: check the network, or AWS_ENDPOINT_URL"
+    return f"an AWS call failed ({type(error).__name__}): {error_text(error)}"
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -26,6 +38,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("ami-janitor: interrupted\n")
         return EXIT_DECLINED
+    except ProfileNotFound as error:
+        sys.stderr.write(f"ami-janitor: {error}\n")
+        return EXIT_USAGE
+    except AWS_ERRORS as error:
+        # Whatever a command could not turn into a result: one line, what failed and what to do.
+        sys.stderr.write(f"ami-janitor: {aws_failure(error)}\n")
+        return EXIT_FAILED
     except BrokenPipeError:
         # The reader went away (`ami-janitor plan | head`): end quietly, and keep Python from
         # complaining again when it flushes stdout at exit.
