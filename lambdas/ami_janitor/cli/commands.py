@@ -175,6 +175,8 @@ def _one_region(policy: Policy, args: argparse.Namespace) -> str:
         if len(regions) != 1:
             raise UsageError("bake acts in one region: give --region once")
         return regions[0]
+    if len(policy.regions) == 1:
+        return policy.regions[0]  # the one region the policy bakes in
     session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
     if not session.region_name:
         raise UsageError("no region: give --region (or set one in the profile)")

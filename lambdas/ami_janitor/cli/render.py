@@ -65,7 +65,8 @@ def print_plan(plan: Plan, out: TextIO) -> None:
         out.write("\nShares:\n")
         for share in plan.shares:
             out.write(
-                f"  {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
+                f"  {share.region} {share.image_id}: grant {', '.join(share.add) or '-'}; "
+                f"revoke {', '.join(share.remove) or '-'}\n"
             )
     if plan.bakes:
         out.write("\nScheduled bakes:\n")
@@ -81,6 +82,9 @@ def print_plan(plan: Plan, out: TextIO) -> None:
             out.write(f"  {t.region} {t.image_id}: {t.tag}={t.value} (ledger: {t.ledger or 'nothing'})\n")
     s = plan.summary
     tampered = f"; {s.tampered} tampered tags" if s.tampered else ""
+    skipped = [r.region for r in plan.regions if r.status == "skipped"]
+    if skipped:
+        tampered += f"; regions skipped: {', '.join(skipped)}"
     out.write(
         f"\nsummary: {s.images} images, {s.kept} kept, {s.waiting} waiting, {s.deprecated} to deprecate, "
         f"{s.disabled} to disable, {s.retired} to deregister, {s.rescued} to rescue, "
@@ -118,8 +122,22 @@ def print_results(result: RunResult, out: TextIO) -> None:
         snaps = f" (snapshots deleted: {', '.join(item.snapshots_deleted)})" if item.snapshots_deleted else ""
         detail = f" [{item.detail}]" if item.detail else ""
         out.write(f"{item.action} {item.region} {item.image_id}: {status}{snaps}{detail}\n")
+    replicated = result.replicated
+    for shared in replicated.share_results:
+        status = "ok" if shared.status == "ok" else f"FAILED {shared.error}"
+        granted = _words(shared.added, "granted") + _words(shared.removed, "revoked")
+        out.write(f"share {shared.region} {shared.image_id}: {status}{granted}\n")
+    for copied in replicated.copy_results:
+        status = copied.status if copied.status != "failed" else f"FAILED {copied.error}"
+        out.write(f"copy {copied.source_region}/{copied.source_image_id} -> {copied.region}: {status}\n")
+    if replicated.queued:
+        out.write(f"copies queued for the replication worker: {replicated.queued}\n")
     failed = result.failed
     out.write(f"applied: {len(result.results)} actions, {failed} failed\n")
+
+
+def _words(grants: Sequence[str], verb: str) -> str:
+    return f"; {verb} {', '.join(grants)}" if grants else ""
 
 
 def print_rescue(results: Iterable[ActionResult], out: TextIO) -> None:
@@ -130,6 +148,11 @@ def print_rescue(results: Iterable[ActionResult], out: TextIO) -> None:
             + (f" [{item.detail}]" if item.detail else "")
             + "\n"
         )
+        if item.status == "ok":
+            out.write(
+                "  the next run plans it again: unless something keeps it (a reference, the opt-out tag), "
+                "it becomes a candidate with a new clock\n"
+            )
 
 
 def print_replication(result: ReplicateResult, out: TextIO, *, mode: str, applied: bool) -> None:
@@ -144,7 +167,8 @@ def print_replication(result: ReplicateResult, out: TextIO, *, mode: str, applie
         )
     for share in result.shares:
         out.write(
-            f"share {share.region} {share.image_id}: add {share.add or '-'} remove {share.remove or '-'}\n"
+            f"share {share.region} {share.image_id}: grant {', '.join(share.add) or '-'}; "
+            f"revoke {', '.join(share.remove) or '-'}\n"
         )
     for problem in result.problems:
         out.write(f"note: {problem}\n")

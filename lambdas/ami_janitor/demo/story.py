@@ -9,6 +9,7 @@ applies it, and prints what is left.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -361,13 +362,15 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
     config = workdir / "janitor.yaml"
     config.write_text(DEMO_POLICY)
     _isolate_from_real_aws(endpoint, config)
+    # With --format json, stdout carries only the plan's JSON; the story goes to stderr.
+    text = sys.stderr if json_output else out
     try:
         now = datetime.now(UTC).replace(microsecond=0)
-        out.write(f"Embedded AWS (moto) on {endpoint}; policy {config}\n\n")
+        text.write(f"Embedded AWS (moto) on {endpoint}; policy {config}\n\n")
         fleet = Fleet(now)
         fleet.seed()
         before = fleet.census()
-        out.write(
+        text.write(
             f"Seeded the PetTracker account: {before['images']} AMIs, {before['snapshots']} snapshots "
             f"({before['gib']} GiB) in {', '.join(REGIONS)}; x86_64 and arm64.\n"
             "In use: a stopped instance, a non-default launch template version, a resolve:ssm: alias,\n"
@@ -379,11 +382,11 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
         after = fleet.census()
         if not json_output:
             _ledger_story(fleet, policy, now, out)
-        _rotation_story(fleet, policy, out)
-        _bake_story(fleet, policy, out)
-        _left_story(result, before, after, out)
-        code = _check_in_use(fleet, out) or result.exit_code
-        out.write(f"Done in {time.monotonic() - started:.1f} s. Exit code {code}.\n")
+        _rotation_story(fleet, policy, text)
+        _bake_story(fleet, policy, text)
+        _left_story(result, before, after, text)
+        code = _check_in_use(fleet, text) or result.exit_code
+        text.write(f"Done in {time.monotonic() - started:.1f} s. Exit code {code}.\n")
         return code
     finally:
         server.stop()

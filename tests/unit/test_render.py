@@ -1,0 +1,37 @@
+"""What people read: shares in words, skipped regions in the summary, what a rescue means next."""
+
+from __future__ import annotations
+
+import io
+
+from ami_janitor.aws.executor import ActionResult
+from ami_janitor.cli import render
+from ami_janitor.core.model import Plan, RegionStatus, Share
+
+
+def test_the_plan_names_shares_in_words_and_skipped_regions_in_its_summary() -> None:
+    plan = Plan(
+        mode="dry-run",
+        generated_at="2026-11-30T00:00:00Z",
+        regions=[
+            RegionStatus(region="eu-west-1", status="skipped", error="ec2:DescribeImages: InternalError"),
+            RegionStatus(region="us-east-1", status="ok"),
+        ],
+        decisions=[],
+        shares=[Share(image_id="ami-1", region="us-east-1", add=["user:111122223333", "group:all"])],
+    )
+    out = io.StringIO()
+    render.print_plan(plan, out)
+    text = out.getvalue()
+    assert "us-east-1 ami-1: grant user:111122223333, group:all; revoke -" in text
+    assert "['" not in text
+    assert text.rstrip().endswith("regions skipped: eu-west-1")
+
+
+def test_a_rescue_says_the_ami_may_become_a_candidate_again() -> None:
+    out = io.StringIO()
+    rescued = ActionResult(
+        region="us-east-1", image_id="ami-1", action="rescue", status="ok", detail="enabled"
+    )
+    render.print_rescue([rescued], out)
+    assert "becomes a candidate with a new clock" in out.getvalue()
