@@ -39,6 +39,13 @@ CASES = [
     ),
     ("unknown profile", None, ["plan", "--profile", "nosuch"], 2, "nosuch"),
     ("a region the policy does not manage", None, ["plan", "--region", "eu-west-3"], 2, "not managed"),
+    (
+        "a region no partition has",
+        "us-east-9",
+        ["plan"],
+        2,
+        "unknown region us-east-9 (did you mean us-east-",
+    ),
 ]
 
 
@@ -55,7 +62,10 @@ def test_one_line_and_an_honest_exit_code(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = tmp_path / "janitor.yaml"
-    config.write_text(POLICY.format(mode="dry-run"))
+    text = POLICY.format(mode="dry-run")
+    if isinstance(setup, str):  # a region name the policy lists
+        text = text.replace("regions: [us-east-1]", f"regions: [{setup}]")
+    config.write_text(text)
     if callable(setup):
         setup(monkeypatch, tmp_path)
     assert cli.main([*argv, "--config", str(config)]) == code

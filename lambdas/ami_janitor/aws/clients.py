@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -73,6 +74,28 @@ class RegionClients:
 
 
 OPERATOR_SESSION_NAME = "ami-janitor-cli"
+
+
+def known_regions() -> set[str]:
+    """Every EC2 region of every partition the installed SDK knows."""
+    session = boto3.Session()
+    return {
+        region
+        for partition in session.get_available_partitions()
+        for region in session.get_available_regions("ec2", partition_name=partition)
+    }
+
+
+def unknown_regions(regions: list[str]) -> list[str]:
+    """'R (did you mean N?)' for each region the SDK does not know (a typo, or an SDK to update)."""
+    known = known_regions()
+    problems = []
+    for region in regions:
+        if region not in known:
+            nearest = difflib.get_close_matches(region, sorted(known), n=1)
+            hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+            problems.append(f"{region}{hint}")
+    return problems
 
 
 def assumed_session(base: boto3.Session, role_arn: str) -> boto3.Session:

@@ -12,13 +12,13 @@ import boto3
 
 from ami_janitor import engine
 from ami_janitor.aws import rotator
-from ami_janitor.aws.clients import ClientFactory, assumed_session
+from ami_janitor.aws.clients import ClientFactory, assumed_session, unknown_regions
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
 from ami_janitor.core import rotation
 from ami_janitor.core.model import Plan
-from ami_janitor.core.policy import Policy, load_policy
+from ami_janitor.core.policy import Policy, PolicyError, load_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DECLINED = 0, 1, 2, 3
 
@@ -32,7 +32,14 @@ def _now() -> datetime:
 
 
 def _policy(args: argparse.Namespace) -> Policy:
-    return load_policy(args.config)
+    policy = load_policy(args.config)
+    unknown = unknown_regions(policy.managed_regions)
+    if unknown:
+        raise PolicyError(
+            f"{args.config or 'the policy'}: unknown region {', '.join(unknown)} "
+            "(not a region this AWS SDK knows: a typo, or update boto3)"
+        )
+    return policy
 
 
 def _factory(args: argparse.Namespace) -> ClientFactory:
