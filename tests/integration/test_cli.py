@@ -415,3 +415,30 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("ami-janitor ")
+
+
+def test_the_emulator_command_serves_the_demo_account_and_says_how_to_use_it(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    monkeypatch.delenv("AMI_JANITOR_CONFIG", raising=False)  # restored after: the command sets it
+    out = io.StringIO()
+    done: list[int] = []
+    thread = threading.Thread(
+        target=lambda: done.append(cli.main(["emulator", "--exit-after", "60"], out=out)), daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while "AMI_JANITOR_CONFIG=" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = out.getvalue()
+    served = text.split("export AWS_ENDPOINT_URL=")[1].split()[0]
+    assert "AMI_JANITOR_MAX_ATTEMPTS=1" in text and "ami-janitor ledger create && ami-janitor plan" in text
+    client = boto3.client("ec2", region_name="us-east-1", endpoint_url=served)
+    assert len(client.describe_images(Owners=["self"])["Images"]) > 50  # the PetTracker account
+    config = text.split("export AMI_JANITOR_CONFIG=")[1].split()[0]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", served)
+    code, output = run("plan", "--config", config, "--format", "json")
+    assert code == 0 and json.loads(output)["summary"]["images"] > 50

@@ -66,4 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = commands.add_parser("demo", help="run the janitor on an embedded emulator (no AWS account)")
     demo.add_argument("--format", choices=["table", "json"], default="table")
+    emulator = commands.add_parser(
+        "emulator", help="start the demo's emulator alone and print the lines that point the CLI at it"
+    )
+    emulator.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    emulator.add_argument("--empty", action="store_true", help="start empty (default: the demo's account)")
+    emulator.add_argument(
+        "--exit-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long (default: Ctrl-C)",
+    )
     return parser

@@ -282,6 +282,15 @@ def cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_emulator(args: argparse.Namespace, out: TextIO) -> int:
+    """`ami-janitor emulator`: the demo's emulator on its own, until Ctrl-C (or --exit-after)."""
+    try:
+        from ami_janitor.demo import story
+    except ImportError as error:  # moto is a development dependency
+        raise UsageError(f"the emulator needs moto (pip install -e '.[dev]'): {error}") from None
+    return story.serve_emulator(out, port=args.port, seeded=not args.empty, exit_after=args.exit_after)
+
+
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     try:
         from ami_janitor.demo import story
@@ -301,4 +310,5 @@ COMMANDS = {
     "rescue": cmd_rescue,
     "ledger": cmd_ledger,
     "demo": cmd_demo,
+    "emulator": cmd_emulator,
 }

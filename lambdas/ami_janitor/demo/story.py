@@ -347,6 +347,42 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     )
 
 
+def serve_emulator(
+    out: TextIO, *, port: int = 0, seeded: bool = True, exit_after: float | None = None
+) -> int:
+    """The demo's emulator alone (seeded with the PetTracker account unless asked empty), with the
+    environment lines that point the CLI at it; serves until interrupted or `exit_after` seconds."""
+    os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    from ami_janitor.demo import emulator
+
+    server, endpoint = emulator.start_server(port=port)
+    workdir = Path(tempfile.mkdtemp(prefix="ami-janitor-emulator-"))
+    config = workdir / "janitor.yaml"
+    config.write_text(DEMO_POLICY)
+    _isolate_from_real_aws(endpoint, config)
+    try:
+        if seeded:
+            Fleet(datetime.now(UTC).replace(microsecond=0)).seed()
+        out.write(
+            f"# the emulator listens on {endpoint} ({'the demo account' if seeded else 'empty'}); "
+            "in another shell:\n"
+            f"export AWS_ENDPOINT_URL={endpoint} AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing\n"
+            "export AWS_DEFAULT_REGION=us-east-1 AMI_JANITOR_MAX_ATTEMPTS=1  # moto answers what it lacks "
+            "with an error: no retries\n"
+            f"export AMI_JANITOR_CONFIG={config}\n"
+            "ami-janitor ledger create && ami-janitor plan\n"
+        )
+        out.flush()
+        deadline = None if exit_after is None else time.monotonic() + exit_after
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 def run_demo(out: TextIO, *, json_output: bool = False) -> int:
     started = time.monotonic()
     os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # before moto builds its backends
