@@ -35,3 +35,16 @@ def test_a_rescue_says_the_ami_may_become_a_candidate_again() -> None:
     )
     render.print_rescue([rescued], out)
     assert "becomes a candidate with a new clock" in out.getvalue()
+
+
+def test_tables_fit_120_columns_with_reasons_wrapped() -> None:
+    reasons = "; ".join(f"reason number {n} with a few words" for n in range(12))
+    rows = [["REGION", "IMAGE", "REASONS"], ["us-east-1", "ami-0123456789abcdef0", reasons]]
+    out = io.StringIO()
+    render.table(rows, out)
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= 120 for line in lines), max(len(line) for line in lines)
+    assert len(lines) > 2
+    assert " ".join(line.strip() for line in lines[1:]).endswith(reasons.split("; ")[-1])
+    # continuation lines start under the column
+    assert lines[2].startswith(" " * (len("us-east-1") + 2 + len("ami-0123456789abcdef0") + 2))

@@ -4,6 +4,7 @@ shares, and JSON."""
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -19,14 +20,24 @@ def emit_json(data: Any, out: TextIO) -> None:
     out.write(json.dumps(data, indent=2) + "\n")
 
 
-def table(rows: list[list[str]], out: TextIO) -> None:
-    """Columns padded to their widest cell; the last column is left as it is."""
+WIDTH = 120  # what a terminal shows without wrapping; the last column is wrapped to fit it
+LAST_COLUMN_MIN = 40
+
+
+def table(rows: list[list[str]], out: TextIO, width: int = WIDTH) -> None:
+    """Columns padded to their widest cell; the last column wrapped (at "; " or spaces) so that a
+    line fits `width`, its continuation lines indented under it."""
     if not rows:
         return
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    indent = sum(widths) + 2 * len(widths)
+    room = max(width - indent, LAST_COLUMN_MIN)
     for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        lines = textwrap.wrap(row[-1], room, break_on_hyphens=False) or [""]
+        out.write("  ".join([*cells, lines[0]]).rstrip() + "\n")
+        for more in lines[1:]:
+            out.write(" " * indent + more + "\n")
 
 
 def print_plan(plan: Plan, out: TextIO) -> None:
