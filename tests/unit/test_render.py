@@ -48,3 +48,16 @@ def test_tables_fit_120_columns_with_reasons_wrapped() -> None:
     assert " ".join(line.strip() for line in lines[1:]).endswith(reasons.split("; ")[-1])
     # continuation lines start under the column
     assert lines[2].startswith(" " * (len("us-east-1") + 2 + len("ami-0123456789abcdef0") + 2))
+
+
+def test_rotate_never_says_every_pointer_is_current_when_a_region_was_unread() -> None:
+    from ami_janitor.aws.rotator import RotationResult
+
+    unread = RotationResult.unreadable("us-east-1", "ec2:DescribeImages: EndpointConnectionError: refused")
+    out = io.StringIO()
+    render.print_planned_rotations("dry-run", [], out, unread=1)
+    render.print_rotations([unread], out)
+    text = out.getvalue()
+    assert "every Latest pointer is current" not in text
+    assert "us-east-1: skipped, could not be read (ec2:DescribeImages: EndpointConnectionError" in text
+    assert "-> None" not in text

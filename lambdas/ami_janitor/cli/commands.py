@@ -145,7 +145,8 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
         )
     else:
         if policy.mode != "enforce":
-            render.print_planned_rotations(policy.mode, planned, out)
+            unread = sum(1 for r in results if r.status == "failed")
+            render.print_planned_rotations(policy.mode, planned, out, unread=unread)
         render.print_rotations(results, out)
         if policy.mode == "enforce" and not results:
             out.write("every Latest pointer is current\n")

@@ -107,21 +107,27 @@ def print_plan(plan: Plan, out: TextIO) -> None:
 def print_rotations(rotations: Iterable[RotationResult], out: TextIO, *, prefix: str = "") -> None:
     """One line per Latest pointer rotated (or not), then what was written for it."""
     for rot in rotations:
+        if rot.family == "*" and rot.status == "failed":  # the region could not be read at all
+            out.write(f"{prefix}{rot.region}: skipped, could not be read ({rot.error})\n")
+            continue
         status = "ok" if rot.status == "ok" else f"FAILED {rot.error}"
         out.write(f"{prefix}{rot.region} {rot.family} {rot.architecture} -> {rot.to}: {status}\n")
         for line in rot.written:
             out.write(f"    {line}\n")
 
 
-def print_planned_rotations(mode: str, changes: Sequence[LatestChange], out: TextIO) -> None:
-    """The Latest changes `rotate` would make in dry-run or paused mode."""
+def print_planned_rotations(
+    mode: str, changes: Sequence[LatestChange], out: TextIO, *, unread: int = 0
+) -> None:
+    """The Latest changes `rotate` would make in dry-run or paused mode (`unread`: regions it could
+    not read, so it cannot say every pointer is current)."""
     out.write(f"mode {mode}: nothing is written; these changes would be made:\n")
     for change in changes:
         out.write(
             f"  {change.region} {change.family} {change.architecture}: {change.from_ or '(none)'} -> "
             f"{change.to or '(none)'}" + (f"  WARNING: {change.warning}" if change.warning else "") + "\n"
         )
-    if not changes:
+    if not changes and not unread:
         out.write("  (every Latest pointer is current)\n")
 
 
