@@ -30,6 +30,7 @@ from ami_janitor.aws.ledger import STAGES, Ledger, Prior, Written
 from ami_janitor.core.model import (
     Image,
     LaunchPermission,
+    LedgerCopy,
     LedgerItem,
     LedgerSnapshot,
     LedgerStage,
@@ -501,15 +502,54 @@ class FakeLedger(Ledger):
     tests/integration/test_ledger.py. Each write is a mutating call of the fake EC2, so throttles, lost
     answers and crashes fall between a ledger write and the EC2 change it records too."""
 
-    def __init__(self, ec2: FakeEC2, retention_days: int = 90) -> None:
-        self.ec2 = ec2
+    def __init__(self, ec2: FakeEC2 | None = None, retention_days: int = 90) -> None:
+        self.ec2 = ec2  # None: a ledger alone, whose writes never fail
         self.table = "ami-janitor-ledger"
         self.retention_days = retention_days
         self.items: dict[str, LedgerItem] = {}
         self.adopted: datetime | None = None
+        # A snapshot read_items answers from instead of `items` (a read that raced a write).
+        self.frozen: dict[str, LedgerItem] | None = None
 
     def _write(self, operation: str, image_id: str) -> None:
-        self.ec2.ledger_call(operation, image_id)
+        if self.ec2 is not None:
+            self.ec2.ledger_call(operation, image_id)
+
+    def _item(self, image_id: str) -> LedgerItem:
+        return self.items.get(image_id) or LedgerItem(image_id=image_id)
+
+    def require(self) -> None:
+        return None
+
+    def record_copy(self, copy: LedgerCopy) -> Written:
+        self._write("ledger_record_copy", copy.source_image_id)
+        item = self._item(copy.source_image_id)
+        if any((c.region, c.generation) == (copy.region, copy.generation) for c in item.copies):
+            return "already-recorded"
+        self.items[item.image_id] = item.model_copy(update={"copies": (*item.copies, copy)})
+        return "recorded"
+
+    def record_replica(self, image_id: str, replica: LedgerCopy) -> Written:
+        self._write("ledger_record_replica", image_id)
+        item = self._item(image_id)
+        if item.replica is not None and item.replica.token != replica.token:
+            return "already-recorded"
+        record = replica.model_copy(update={"image_id": image_id})
+        self.items[image_id] = item.model_copy(update={"replica": record})
+        return "recorded"
+
+    def record_grants(self, image_id: str, grants: Iterable[str]) -> Written:
+        self._write("ledger_record_grants", image_id)
+        item = self._item(image_id)
+        self.items[image_id] = item.model_copy(update={"grants": tuple(sorted({*item.grants, *grants}))})
+        return "recorded"
+
+    def forget_grants(self, image_id: str, grants: Iterable[str]) -> Written:
+        self._write("ledger_forget_grants", image_id)
+        item = self._item(image_id)
+        left = tuple(sorted(set(item.grants) - set(grants)))
+        self.items[image_id] = item.model_copy(update={"grants": left})
+        return "recorded"
 
     def _set(self, image_id: str, **update: Any) -> None:
         item = self.items.get(image_id) or LedgerItem(image_id=image_id)
@@ -522,7 +562,8 @@ class FakeLedger(Ledger):
         return self.view()
 
     def read_items(self, image_ids: Iterable[str]) -> dict[str, LedgerItem]:
-        return {i: self.items[i] for i in image_ids if i in self.items}
+        view = self.frozen if self.frozen is not None else self.items
+        return {i: view[i] for i in image_ids if i in view}
 
     def record_adoption(self, at: datetime) -> Written:
         self._write("ledger_record_adoption", "")

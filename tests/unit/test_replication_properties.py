@@ -28,9 +28,7 @@ from ami_janitor.core.model import (
     Copy,
     Image,
     LaunchPermission,
-    LedgerCopy,
     LedgerItem,
-    LedgerView,
     RegionInventory,
     iso,
     with_ledger,
@@ -60,6 +58,7 @@ from ami_janitor.core.replication import (
 )
 from ami_janitor.core.sharing import plan_shares
 from builders import NOW
+from fake_ec2 import FakeLedger
 
 US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
 KEY_US = "arn:aws:kms:us-east-1:111122223333:key/us"
@@ -111,54 +110,6 @@ def error(code: str) -> ClientError:
 # ---- the in-memory account ------------------------------------------------------------------------
 
 
-class FakeLedger:
-    """A region's ledger: the items and the conditional writes of aws.ledger.Ledger, in memory."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, LedgerItem] = {}
-        self.frozen: dict[str, LedgerItem] | None = None
-
-    def _item(self, image_id: str) -> LedgerItem:
-        return self.items.get(image_id) or LedgerItem(image_id=image_id)
-
-    def view(self) -> LedgerView:
-        return LedgerView(table="ami-janitor-ledger", items=dict(self.items))
-
-    def require(self) -> None:
-        return None
-
-    def read_items(self, image_ids: Any) -> dict[str, LedgerItem]:
-        view = self.frozen if self.frozen is not None else self.items
-        return {i: view[i] for i in image_ids if i in view}
-
-    def record_copy(self, copy: LedgerCopy) -> str:
-        item = self._item(copy.source_image_id)
-        if any((c.region, c.generation) == (copy.region, copy.generation) for c in item.copies):
-            return "already-recorded"
-        self.items[item.image_id] = item.model_copy(update={"copies": (*item.copies, copy)})
-        return "recorded"
-
-    def record_replica(self, image_id: str, replica: LedgerCopy) -> str:
-        item = self._item(image_id)
-        if item.replica is not None and item.replica.token != replica.token:
-            return "already-recorded"
-        record = replica.model_copy(update={"image_id": image_id})
-        self.items[image_id] = item.model_copy(update={"replica": record})
-        return "recorded"
-
-    def record_grants(self, image_id: str, grants: Any) -> str:
-        item = self._item(image_id)
-        self.items[image_id] = item.model_copy(update={"grants": tuple(sorted({*item.grants, *grants}))})
-        return "recorded"
-
-    def forget_grants(self, image_id: str, grants: Any) -> str:
-        item = self._item(image_id)
-        self.items[image_id] = item.model_copy(
-            update={"grants": tuple(sorted(set(item.grants) - set(grants)))}
-        )
-        return "recorded"
-
-
 @dataclass
 class Account:
     regions: dict[str, FakeEc2] = field(default_factory=dict)
@@ -177,7 +128,7 @@ class Account:
         return f"ami-{next(self.ids):017x}"
 
     def ledger(self, name: str) -> FakeLedger:
-        return self.ledgers.setdefault(name, FakeLedger())
+        return self.ledgers.setdefault(name, FakeLedger())  # no EC2 behind it: no faults
 
     def ledger_for(self, name: str) -> Ledger:
         return cast(Ledger, self.ledger(name))
