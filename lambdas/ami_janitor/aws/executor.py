@@ -319,68 +319,6 @@ class _RegionRun:
         remaining = (i for i in self.images.values() if i.image_id not in self.gone and i.image_id != besides)
         return {s for i in remaining for s in i.snapshot_ids}
 
-    # step 0 -----------------------------------------------------------------------------------------
-    def adopt(self) -> str | None:
-        """The first enforce run with a ledger writes what it adopts from the janitor tags (the plan
-        was made on that view), then marks the region adopted. Returns why stages must wait, if any."""
-        ledger = self.inventory.ledger
-        if ledger is None or ledger.adopted is not None:
-            return None
-        try:
-            for image_id, item in sorted(ledger.adopting.items()):
-                self.ledger.adopt(item)
-                self.results.append(self.result(image_id, "adopt", "ok", detail="janitor tags adopted"))
-            self.ledger.record_adoption(self.now)
-            # The mirror says what the ledger now says: the adopted clocks start at this run.
-            clocks = [i for i, item in sorted(ledger.adopting.items()) if item.first_candidate is not None]
-            for start in range(0, len(clocks), CREATE_TAGS_MAX_RESOURCES):
-                _tag(
-                    self.ec2,
-                    clocks[start : start + CREATE_TAGS_MAX_RESOURCES],
-                    {CANDIDATE_TAG: iso(self.now) or ""},
-                )
-        except STEP_ERRORS as error:
-            self.results.append(
-                self.result("-", "adopt", "failed", error=f"ledger adoption: {error_text(error)}")
-            )
-            return "the ledger could not adopt the janitor tags"
-        return None
-
-    def confirm_shown(self) -> None:
-        """Confirm the stages EC2 took whose confirmation a stopped run never wrote."""
-        for image in self.images.values():
-            for stage in trust.unconfirmed_stages(image):
-                try:
-                    self.ledger.confirm_stage(image.image_id, stage, self.now)
-                except STEP_ERRORS as error:
-                    self.results.append(
-                        self.result(image.image_id, stage, "failed", error=f"ledger: {error_text(error)}")
-                    )
-
-    def mirror_clocks(self, decisions: Sequence[Decision]) -> None:
-        """The candidate-since tag of a candidate's running clock says what the ledger says (a run that
-        stopped between the two left it unwritten, or someone changed it): written again, batched per
-        value. Kept and rescued AMIs are left alone (a rescue removes the tag)."""
-        by_value: dict[str, list[str]] = {}
-        candidates = (
-            self.images[d.image_id]
-            for d in decisions
-            if d.action in CLOCK_ACTIONS and d.image_id in self.images
-        )
-        for image in candidates:
-            item = trust.open_item(image)
-            value = iso(item.first_candidate) if item is not None else None
-            if value and image.tags.get(CANDIDATE_TAG) != value:
-                by_value.setdefault(value, []).append(image.image_id)
-        for value, image_ids in sorted(by_value.items()):
-            for start in range(0, len(image_ids), CREATE_TAGS_MAX_RESOURCES):
-                try:
-                    _tag(
-                        self.ec2, image_ids[start : start + CREATE_TAGS_MAX_RESOURCES], {CANDIDATE_TAG: value}
-                    )
-                except AWS_ERRORS:
-                    continue  # only the mirror: the next run writes it again
-
     # step 1 -----------------------------------------------------------------------------------------
     def mark_candidates(self, decisions: Sequence[Decision]) -> set[str]:
         """Start the stage clock of new candidates in the ledger (then the mirror tag); returns the images
@@ -536,66 +474,12 @@ class _RegionRun:
             # or someone else's. Either way it is deregistered; its recorded snapshots are handled now.
             answer = {}
         self.gone.add(image.image_id)
-        result = self._snapshots_after(image, own, answer.get("DeleteSnapshotResults") or [])
+        result = _snapshots_after(self, image, own, answer.get("DeleteSnapshotResults") or [])
         if result.status == "ok":
             self.ledger.confirm_deregistered(image.image_id, self.now)
         return result
 
-    def _snapshots_after(self, image: Image, own: list[str], reported: Sequence[Any]) -> ActionResult:
-        notes = ["recorded in the ledger"]
-        if image.root_device_type == "instance-store":
-            notes.append("instance-store AMI: its S3 bundle is left")
-        if reported or not own:
-            codes = {r.get("SnapshotId", "?"): r.get("ReturnCode", "?") for r in reported}
-            # "skipped": another AMI still uses the snapshot. Other codes need the operator.
-            problems = [f"{s} {code}" for s, code in codes.items() if code not in ("success", "skipped")]
-            notes += [f"{s} kept: another AMI uses it" for s, code in codes.items() if code == "skipped"]
-            return self.result(
-                image.image_id,
-                "deregister",
-                "failed" if problems else "ok",
-                error=_join(["deregistered, but snapshots were not deleted", *problems])
-                if problems
-                else None,
-                snapshots_deleted=[s for s, code in codes.items() if code == "success"],
-                detail=_join(notes),
-            )
-        # No DeleteSnapshotResults (an older partition, the emulator): delete what no remaining AMI uses.
-        outcomes = delete_unused_snapshots(self.ec2, own, self.snapshots_in_use())
-        errors = _errors(outcomes)
-        return self.result(
-            image.image_id,
-            "deregister",
-            "failed" if errors else "ok",
-            error=_join(["deregistered, but snapshots were not deleted", *errors]) if errors else None,
-            snapshots_deleted=[o.snapshot_id for o in outcomes if o.deleted],
-            detail=_join(notes + _notes(outcomes)),
-        )
-
     # step 3 -----------------------------------------------------------------------------------------
-    def finish_deregistrations(self) -> None:
-        """Delete the snapshots the ledger recorded for AMIs a crashed run deregistered (and only those)."""
-        free = {s.snapshot_id for s in trust.unfinished_snapshots(self.inventory)}
-        for item in trust.unfinished_deregistrations(self.inventory):
-            image_id = item.image_id
-            snapshot_ids = [s.snapshot_id for s in item.snapshots if s.snapshot_id in free]
-            outcomes = delete_unused_snapshots(self.ec2, snapshot_ids, self.snapshots_in_use())
-            errors = _errors(outcomes)
-            if not errors:
-                try:
-                    self.ledger.confirm_deregistered(image_id, self.now)
-                except STEP_ERRORS as error:
-                    errors.append(f"ledger: {error_text(error)}")
-            self.results.append(
-                self.result(
-                    image_id,
-                    "finish-deregistration",
-                    "failed" if errors else "ok",
-                    error=_join(errors),
-                    snapshots_deleted=[o.snapshot_id for o in outcomes if o.deleted],
-                    detail=_join(["snapshots the ledger recorded", *_notes(outcomes)]),
-                )
-            )
 
     def rescue(self, decision: Decision, public_allowed: bool) -> None:
         image = self.images.get(decision.image_id)
@@ -605,6 +489,119 @@ class _RegionRun:
             )
             return
         self.results.append(_rescue(self.region, self.ec2, self.ledger, image, self.now, public_allowed))
+
+
+def _snapshots_after(run: _RegionRun, image: Image, own: list[str], reported: Sequence[Any]) -> ActionResult:
+    notes = ["recorded in the ledger"]
+    if image.root_device_type == "instance-store":
+        notes.append("instance-store AMI: its S3 bundle is left")
+    if reported or not own:
+        codes = {r.get("SnapshotId", "?"): r.get("ReturnCode", "?") for r in reported}
+        # "skipped": another AMI still uses the snapshot. Other codes need the operator.
+        problems = [f"{s} {code}" for s, code in codes.items() if code not in ("success", "skipped")]
+        notes += [f"{s} kept: another AMI uses it" for s, code in codes.items() if code == "skipped"]
+        return run.result(
+            image.image_id,
+            "deregister",
+            "failed" if problems else "ok",
+            error=_join(["deregistered, but snapshots were not deleted", *problems]) if problems else None,
+            snapshots_deleted=[s for s, code in codes.items() if code == "success"],
+            detail=_join(notes),
+        )
+    # No DeleteSnapshotResults (an older partition, the emulator): delete what no remaining AMI uses.
+    outcomes = delete_unused_snapshots(run.ec2, own, run.snapshots_in_use())
+    errors = _errors(outcomes)
+    return run.result(
+        image.image_id,
+        "deregister",
+        "failed" if errors else "ok",
+        error=_join(["deregistered, but snapshots were not deleted", *errors]) if errors else None,
+        snapshots_deleted=[o.snapshot_id for o in outcomes if o.deleted],
+        detail=_join(notes + _notes(outcomes)),
+    )
+
+
+def adopt(run: _RegionRun) -> str | None:
+    """The first enforce run with a ledger writes what it adopts from the janitor tags (the plan
+    was made on that view), then marks the region adopted. Returns why stages must wait, if any."""
+    ledger = run.inventory.ledger
+    if ledger is None or ledger.adopted is not None:
+        return None
+    try:
+        for image_id, item in sorted(ledger.adopting.items()):
+            run.ledger.adopt(item)
+            run.results.append(run.result(image_id, "adopt", "ok", detail="janitor tags adopted"))
+        run.ledger.record_adoption(run.now)
+        # The mirror says what the ledger now says: the adopted clocks start at this run.
+        clocks = [i for i, item in sorted(ledger.adopting.items()) if item.first_candidate is not None]
+        for start in range(0, len(clocks), CREATE_TAGS_MAX_RESOURCES):
+            _tag(
+                run.ec2,
+                clocks[start : start + CREATE_TAGS_MAX_RESOURCES],
+                {CANDIDATE_TAG: iso(run.now) or ""},
+            )
+    except STEP_ERRORS as error:
+        run.results.append(run.result("-", "adopt", "failed", error=f"ledger adoption: {error_text(error)}"))
+        return "the ledger could not adopt the janitor tags"
+    return None
+
+
+def confirm_shown(run: _RegionRun) -> None:
+    """Confirm the stages EC2 took whose confirmation a stopped run never wrote."""
+    for image in run.images.values():
+        for stage in trust.unconfirmed_stages(image):
+            try:
+                run.ledger.confirm_stage(image.image_id, stage, run.now)
+            except STEP_ERRORS as error:
+                run.results.append(
+                    run.result(image.image_id, stage, "failed", error=f"ledger: {error_text(error)}")
+                )
+
+
+def mirror_clocks(run: _RegionRun, decisions: Sequence[Decision]) -> None:
+    """The candidate-since tag of a candidate's running clock says what the ledger says (a run that
+    stopped between the two left it unwritten, or someone changed it): written again, batched per
+    value. Kept and rescued AMIs are left alone (a rescue removes the tag)."""
+    by_value: dict[str, list[str]] = {}
+    candidates = (
+        run.images[d.image_id] for d in decisions if d.action in CLOCK_ACTIONS and d.image_id in run.images
+    )
+    for image in candidates:
+        item = trust.open_item(image)
+        value = iso(item.first_candidate) if item is not None else None
+        if value and image.tags.get(CANDIDATE_TAG) != value:
+            by_value.setdefault(value, []).append(image.image_id)
+    for value, image_ids in sorted(by_value.items()):
+        for start in range(0, len(image_ids), CREATE_TAGS_MAX_RESOURCES):
+            try:
+                _tag(run.ec2, image_ids[start : start + CREATE_TAGS_MAX_RESOURCES], {CANDIDATE_TAG: value})
+            except AWS_ERRORS:
+                continue  # only the mirror: the next run writes it again
+
+
+def finish_deregistrations(run: _RegionRun) -> None:
+    """Delete the snapshots the ledger recorded for AMIs a crashed run deregistered (and only those)."""
+    free = {s.snapshot_id for s in trust.unfinished_snapshots(run.inventory)}
+    for item in trust.unfinished_deregistrations(run.inventory):
+        image_id = item.image_id
+        snapshot_ids = [s.snapshot_id for s in item.snapshots if s.snapshot_id in free]
+        outcomes = delete_unused_snapshots(run.ec2, snapshot_ids, run.snapshots_in_use())
+        errors = _errors(outcomes)
+        if not errors:
+            try:
+                run.ledger.confirm_deregistered(image_id, run.now)
+            except STEP_ERRORS as error:
+                errors.append(f"ledger: {error_text(error)}")
+        run.results.append(
+            run.result(
+                image_id,
+                "finish-deregistration",
+                "failed" if errors else "ok",
+                error=_join(errors),
+                snapshots_deleted=[o.snapshot_id for o in outcomes if o.deleted],
+                detail=_join(["snapshots the ledger recorded", *_notes(outcomes)]),
+            )
+        )
 
 
 LedgerFor = Callable[[str], Ledger]
@@ -646,7 +643,7 @@ def apply_plan(
 def _apply_region(
     run: _RegionRun, decisions: Sequence[Decision], public: set[str], after_rescues: AfterRescues | None
 ) -> None:
-    waiting = run.adopt()
+    waiting = adopt(run)
     # Rescues first: an AMI back in use must launch again before anything else is changed.
     for decision in decisions:
         if decision.action == "rescue":
@@ -654,9 +651,9 @@ def _apply_region(
     failed = {r.image_id for r in run.results if r.status == "failed"}
     pinned = after_rescues(run.region, failed) if after_rescues is not None else set()
     if waiting is None:
-        run.confirm_shown()
-        run.mirror_clocks(decisions)
-        run.finish_deregistrations()
+        confirm_shown(run)
+        mirror_clocks(run, decisions)
+        finish_deregistrations(run)
     unclocked = run.mark_candidates(decisions) if waiting is None else set()
     for decision in decisions:
         if decision.stages or decision.action in STAGE_ACTIONS:
