@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "lambdas"))
 
 
 def main() -> int:
+    from ami_janitor.aws.clients import unknown_regions_message
     from ami_janitor.core.policy import DEFAULT_CONFIG_PATH, PolicyError, load_policy
 
     path = os.environ.get("AMI_JANITOR_CONFIG") or str(ROOT / DEFAULT_CONFIG_PATH)
@@ -24,6 +25,11 @@ def main() -> int:
         policy = load_policy(path)
     except PolicyError as error:
         print(f"ami-janitor: {error}", file=sys.stderr)
+        return 2
+    # A stack for a region that does not exist would fail at deploy, after the others were made.
+    problem = unknown_regions_message(policy.managed_regions, path)
+    if problem:
+        print(f"ami-janitor: {problem}", file=sys.stderr)
         return 2
 
     # Imported after validation: a bad policy fails fast, before the CDK runtime starts.

@@ -85,3 +85,16 @@ def test_account_from_context_or_environment(
     assert [(s.stack_name, s.region, s.account) for s in stacks] == [
         ("AmiJanitor-eu-west-1", "eu-west-1", "111122223333")
     ]
+
+
+def test_unknown_region_fails_synth_with_nearest_match(tmp_path: Path) -> None:
+    bad = tmp_path / "janitor.yaml"
+    bad.write_text(TEST_POLICY.read_text().replace("regions: [us-east-1]", "regions: [us-east-9]"))
+    assert "us-east-9" in bad.read_text()
+    outdir = tmp_path / "out"
+    result = run_app(bad, outdir)
+    assert result.returncode == 2
+    assert "unknown region us-east-9 (did you mean us-east-" in result.stderr
+    assert str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (outdir / "manifest.json").exists()

@@ -98,6 +98,17 @@ def unknown_regions(regions: list[str]) -> list[str]:
     return problems
 
 
+def unknown_regions_message(regions: list[str], source: str) -> str | None:
+    """The policy error for regions the SDK does not know, or None: the CLI and the synth say the same."""
+    unknown = unknown_regions(regions)
+    if not unknown:
+        return None
+    return (
+        f"{source}: unknown region {', '.join(unknown)} "
+        "(not a region this AWS SDK knows: a typo, or update boto3)"
+    )
+
+
 def assumed_session(base: boto3.Session, role_arn: str) -> boto3.Session:
     """A session acting as `role_arn` (the operator role the stacks make under /ami-janitor/): the
     ledger's resource policy lets only that path write, so the CLI's writers go through it."""

@@ -12,7 +12,7 @@ import boto3
 
 from ami_janitor import engine
 from ami_janitor.aws import rotator
-from ami_janitor.aws.clients import ClientFactory, assumed_session, unknown_regions
+from ami_janitor.aws.clients import ClientFactory, assumed_session, unknown_regions_message
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
@@ -33,12 +33,9 @@ def _now() -> datetime:
 
 def _policy(args: argparse.Namespace) -> Policy:
     policy = load_policy(args.config)
-    unknown = unknown_regions(policy.managed_regions)
-    if unknown:
-        raise PolicyError(
-            f"{args.config or 'the policy'}: unknown region {', '.join(unknown)} "
-            "(not a region this AWS SDK knows: a typo, or update boto3)"
-        )
+    problem = unknown_regions_message(policy.managed_regions, args.config or "the policy")
+    if problem:
+        raise PolicyError(problem)
     return policy
 
 
