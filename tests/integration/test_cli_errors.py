@@ -3,6 +3,9 @@ traceback (table-driven: the environment, the command, the exit code, what the l
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,50 +31,117 @@ def dead_endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "1")
 
 
+def policy_text(old: str, new: str) -> Callable[[str], str | bytes]:
+    return lambda text: text.replace(old, new)
+
+
+def no_moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An install without the `[emulator]` extra: importing moto fails."""
+    monkeypatch.setitem(sys.modules, "moto", None)
+    for name in [m for m in sys.modules if m.startswith("ami_janitor.demo")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]
+    code: int
+    says: str
+    env: Callable[[pytest.MonkeyPatch, Path], None] | None = None
+    policy: Callable[[str], str | bytes] = lambda text: text
+    lines: int = 1  # a policy error names each bad key on a line of its own
+
+
 CASES = [
-    ("no credentials, rescue", no_credentials, ["rescue", "ami-0123456789abcdef0"], 1, "no AWS credentials"),
-    (
+    Case(
+        "no credentials, rescue", ["rescue", "ami-0123456789abcdef0"], 1, "no AWS credentials", no_credentials
+    ),
+    Case(
         "dead endpoint, rescue",
-        dead_endpoint,
         ["rescue", "ami-0123456789abcdef0"],
         1,
         f"cannot reach {DEAD_ENDPOINT}",
+        dead_endpoint,
     ),
-    ("unknown profile", None, ["plan", "--profile", "nosuch"], 2, "nosuch"),
-    ("a region the policy does not manage", None, ["plan", "--region", "eu-west-3"], 2, "not managed"),
-    (
+    Case("unknown profile", ["plan", "--profile", "nosuch"], 2, "nosuch"),
+    Case("a region the policy does not manage", ["plan", "--region", "eu-west-3"], 2, "not managed"),
+    Case(
         "a region no partition has",
-        "us-east-9",
         ["plan"],
         2,
         "unknown region us-east-9 (did you mean us-east-",
+        policy=policy_text("regions: [us-east-1]", "regions: [us-east-9]"),
     ),
+    Case(
+        "a policy file that is not UTF-8",
+        ["plan"],
+        2,
+        "not UTF-8 text",
+        policy=lambda text: text.replace("web-*", "web-\xe9*").encode("latin-1"),
+    ),
+    Case(
+        "a YAML error names the file, line and column",
+        ["plan"],
+        2,
+        "janitor.yaml: not valid YAML (line 3, column 9",
+        policy=policy_text("regions: [us-east-1]", "regions: [us-east-1"),
+    ),
+    Case(
+        "a name glob that matches every AMI",
+        ["plan"],
+        2,
+        "name glob '*' alone would select every AMI",
+        policy=policy_text('{tags: {Project: Web}, name: "web-*"}', '{name: "*"}'),
+        lines=2,
+    ),
+    Case(
+        "a boolean where a count belongs",
+        ["plan"],
+        2,
+        "defaults.keep_latest: input should be a valid integer",
+        policy=policy_text("keep_latest: 2", "keep_latest: true"),
+        lines=2,
+    ),
+    Case(
+        "paused stops rescue",
+        ["rescue", "ami-0123456789abcdef0"],
+        2,
+        "mode is paused",
+        policy=policy_text("mode: dry-run", "mode: paused"),
+    ),
+    Case(
+        "paused stops bake",
+        ["bake", "--family", "web", "--instance-id", "i-0123456789abcdef0"],
+        2,
+        "mode is paused",
+        policy=policy_text("mode: dry-run", "mode: paused"),
+    ),
+    Case("the emulator without its extra", ["emulator"], 2, "pip install 'ami-janitor[emulator]'", no_moto),
 ]
 
 
-@pytest.mark.parametrize(("name", "setup", "argv", "code", "says"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_one_line_and_an_honest_exit_code(
-    name: str,
-    setup: object,
-    argv: list[str],
-    code: int,
-    says: str,
+    case: Case,
     fake_aws_env: None,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = tmp_path / "janitor.yaml"
-    text = POLICY.format(mode="dry-run")
-    if isinstance(setup, str):  # a region name the policy lists
-        text = text.replace("regions: [us-east-1]", f"regions: [{setup}]")
-    config.write_text(text)
-    if callable(setup):
-        setup(monkeypatch, tmp_path)
-    assert cli.main([*argv, "--config", str(config)]) == code
+    text = case.policy(POLICY.format(mode="dry-run"))
+    if isinstance(text, bytes):
+        config.write_bytes(text)
+    else:
+        config.write_text(text)
+    if case.env is not None:
+        case.env(monkeypatch, tmp_path)
+    argv = case.argv if case.argv[0] == "emulator" else [*case.argv, "--config", str(config)]
+    assert cli.main(argv) == case.code
     err = capsys.readouterr().err
-    assert says in err and "Traceback" not in err
-    assert err.count("\n") == 1, err
+    assert case.says in err and "Traceback" not in err, err
+    assert err.count("\n") == case.lines, err
 
 
 def test_regions_repeated_or_comma_separated(fake_aws_env: None) -> None:

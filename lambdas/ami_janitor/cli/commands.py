@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from datetime import UTC, datetime
+from types import ModuleType
 from typing import TextIO
 
 import boto3
@@ -280,22 +282,27 @@ def cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _story(command: str) -> ModuleType:
+    """The demo package: it needs the emulator extra (moto, at the version its patches are for)."""
+    try:
+        # story imports the emulator (moto) only when it runs: fail here instead, with the fix
+        importlib.import_module("ami_janitor.demo.emulator")
+        from ami_janitor.demo import story
+    except (ImportError, RuntimeError) as error:
+        raise UsageError(
+            f"{command} needs the embedded emulator: pip install 'ami-janitor[emulator]' ({error})"
+        ) from None
+    return story
+
+
 def cmd_emulator(args: argparse.Namespace, out: TextIO) -> int:
     """`ami-janitor emulator`: the demo's emulator on its own, until Ctrl-C (or --exit-after)."""
-    try:
-        from ami_janitor.demo import story
-    except ImportError as error:  # moto is a development dependency
-        raise UsageError(f"the emulator needs moto (pip install -e '.[dev]'): {error}") from None
+    story = _story("ami-janitor emulator")
     return story.serve_emulator(out, port=args.port, seeded=not args.empty, exit_after=args.exit_after)
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        from ami_janitor.demo import story
-    except ImportError as error:  # moto is a development dependency
-        raise UsageError(
-            f"the demo needs the development install (pip install -e '.[dev]'): {error}"
-        ) from None
+    story = _story("ami-janitor demo")
     return story.run_demo(out, json_output=args.format == "json")
 
 
