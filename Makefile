@@ -11,14 +11,19 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: install demo test unit lint fuzz bench synth clean
 
 $(STAMP): pyproject.toml requirements.txt
+	@echo "install: creating $(VENV) (once per clone, about 3 minutes)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "install: upgrading pip"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "install: ami-janitor with its emulator and development tools (the longest step)"
+	$(PY) -m pip install --quiet --progress-bar off -e '.[dev]'
+	@echo "install: done"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 node_modules/.installed: package.json package-lock.json
+	@echo "install: the pinned CDK CLI (npm ci)"
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 

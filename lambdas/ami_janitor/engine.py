@@ -3,6 +3,7 @@ replicate, events, the scheduled bake and the queued copy."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal
@@ -30,6 +31,30 @@ from ami_janitor.core.policy import Family, Mode, Policy
 
 ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
+Progress = Callable[[str], None]  # a line for a person watching (the CLI on a terminal)
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _read_region(
+    load: Callable[[RegionClients, Policy], RegionInventory],
+    region: str,
+    clients_for: ClientsFor,
+    policy: Policy,
+    progress: Progress,
+) -> RegionInventory:
+    progress(f"{region}: reading")
+    started = time.monotonic()
+    loaded = load(clients_for(region), policy)
+    took = f"{time.monotonic() - started:.1f} s"
+    if loaded.error is not None:
+        progress(f"{region}: skipped after {took} ({loaded.error})")
+    else:
+        progress(f"{region}: {len(loaded.images):,} AMIs read in {took}")
+    return loaded
+
 
 # What a scheduled run calls: the inventory, rotation, shares and the executor. Its copies go through
 # the replication queue (sqs:SendMessage comes with the queue).
@@ -192,18 +217,24 @@ def create_ledgers(
 
 
 def build_plan(
-    policy: Policy, regions: Sequence[str], clients_for: ClientsFor, now: datetime
+    policy: Policy,
+    regions: Sequence[str],
+    clients_for: ClientsFor,
+    now: datetime,
+    progress: Progress = _quiet,
 ) -> tuple[Plan, dict[str, RegionInventory]]:
     """One pass: each region's inventory once (copy targets outside `regions`: their AMIs only), one
     plan, then the launch permissions the plan asks for (one call per AMI, so only those), and the
     plan settled on them."""
     # Planned on the view the first enforce run with a ledger has once it adopted older janitor tags.
     loaded = {
-        region: trust.adopted_view(inventory.load_inventory(clients_for(region), policy), policy, now)
+        region: trust.adopted_view(
+            _read_region(inventory.load_inventory, region, clients_for, policy, progress), policy, now
+        )
         for region in regions
     }
     targets = [
-        inventory.load_images(clients_for(region), policy)
+        _read_region(inventory.load_images, region, clients_for, policy, progress)
         for region in sorted(_copy_targets(policy) - set(regions))
     ]
     plan = run_plan.plan_run(list(loaded.values()), policy, now, targets)
@@ -294,6 +325,7 @@ def run(
     *,
     apply: bool,
     enqueue: Enqueue | None = None,
+    progress: Progress = _quiet,
 ) -> RunResult:
     """A scheduled run in one pass: one plan (retirement, Latest, shares, copies), then applied in a
     fixed order per region: rescues, Latest, candidate clocks and stages; then shares and copies.
@@ -305,10 +337,11 @@ def run(
     is read or written (the CLI checks first, to refuse before it asks)."""
     if apply:
         require_ledgers(policy, regions, clients_for)
-    plan, loaded = build_plan(policy, regions, clients_for, now)
+    plan, loaded = build_plan(policy, regions, clients_for, now, progress)
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     if not apply:
         return RunResult(plan=plan, replicated=replicated)
+    progress(f"applying the plan in {', '.join(r.region for r in plan.regions if r.status == 'ok')}")
     rotations: list[rotator.RotationResult] = []
 
     def write_latest(region: str, failed_rescues: set[str]) -> set[str]:

@@ -442,3 +442,23 @@ def test_the_emulator_command_serves_the_demo_account_and_says_how_to_use_it(
     monkeypatch.setenv("AWS_ENDPOINT_URL", served)
     code, output = run("plan", "--config", config, "--format", "json")
     assert code == 0 and json.loads(output)["summary"]["images"] > 50
+
+
+def test_progress_lines_on_a_terminal_only(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_fleet(now())
+    make_ledger()
+    config = write_policy(tmp_path)
+    owned = len(image_ids())
+    # A pipe or a file: stderr stays empty, so scripts and `2>` captures see only errors.
+    assert run("plan", "--config", config, "--format", "json")[0] == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, output = run("apply", "--config", config, "--yes", "--format", "json")
+    assert code == 0
+    json.loads(output)  # progress never mixes into the JSON on stdout
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "... us-east-1: reading"
+    assert lines[1].startswith(f"... us-east-1: {owned} AMIs read in ")
+    assert lines[-1] == "... applying the plan in us-east-1"

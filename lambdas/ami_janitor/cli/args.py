@@ -17,7 +17,9 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="policy file (default: $AMI_JANITOR_CONFIG or ./janitor.yaml)")
-    common.add_argument("--region", action="append", help="act on this region only (repeatable)")
+    common.add_argument(
+        "--region", action="append", help="act on these managed regions only (repeatable or comma-separated)"
+    )
     common.add_argument("--profile", help="AWS profile to use")
     common.add_argument(
         "--role-arn",

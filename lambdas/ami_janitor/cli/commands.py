@@ -48,6 +48,13 @@ def _factory(args: argparse.Namespace) -> ClientFactory:
     return ClientFactory(session)
 
 
+def _progress(line: str) -> None:
+    """Progress for a person at a terminal; pipes, files and JSON consumers never see it."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"... {line}\n")
+        sys.stderr.flush()
+
+
 def _regions(policy: Policy, args: argparse.Namespace) -> list[str]:
     try:
         return engine.select_regions(policy, args.region)
@@ -59,7 +66,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     policy = _policy(args)
     regions = _regions(policy, args)
     factory = _factory(args)
-    result = engine.run(policy, regions, factory, _now(), apply=False)
+    result = engine.run(policy, regions, factory, _now(), apply=False, progress=_progress)
     notes = engine.ledger_notes(policy, regions, factory)
     if notes:
         result = result.model_copy(
@@ -94,12 +101,12 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(str(error)) from None
     now = _now()
     if not args.yes:
-        preview = engine.run(policy, regions, factory, now, apply=False)
+        preview = engine.run(policy, regions, factory, now, apply=False, progress=_progress)
         render.print_plan(preview.plan, out)
         if not _confirm(preview.plan, out):
             out.write("declined: nothing was changed\n")
             return EXIT_DECLINED
-    result = engine.run(policy, regions, factory, now, apply=True)
+    result = engine.run(policy, regions, factory, now, apply=True, progress=_progress)
     if args.format == "json":
         render.emit_json(result.report().model_dump(mode="json"), out)
     else:
