@@ -439,7 +439,7 @@ class Stubbed:
         config = Config(retries={"max_attempts": 1})
         self.raw = {name: session().client(name, config=config) for name in SERVICES}  # type: ignore[call-overload]
         self.stubs = {name: Stubber(client) for name, client in self.raw.items()}
-        self.clients = RegionClients(REGION, **self.raw)
+        self.clients = RegionClients(REGION, read_workers=1, **self.raw)  # the Stubber answers in order
         for stub in self.stubs.values():
             stub.activate()
 

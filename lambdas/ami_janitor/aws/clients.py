@@ -43,13 +43,27 @@ class _Client(Generic[ClientT]):
         return cast(ClientT, clients.client(self.service))
 
 
-class RegionClients:
-    """Lazily created clients of one region. Pass a session (profile) or prebuilt clients (tests)."""
+# Per-AMI reads (DescribeImageAttribute) in flight at once: the adaptive retry mode paces them to the
+# API's rate, and clients are thread-safe once made.
+READ_WORKERS = 8
 
-    def __init__(self, region: str, session: boto3.Session | None = None, **clients: Any) -> None:
+
+class RegionClients:
+    """Lazily created clients of one region. Pass a session (profile) or prebuilt clients (tests);
+    `read_workers=1` keeps reads in order (a Stubber expects its calls in sequence)."""
+
+    def __init__(
+        self,
+        region: str,
+        session: boto3.Session | None = None,
+        *,
+        read_workers: int = READ_WORKERS,
+        **clients: Any,
+    ) -> None:
         self.region = region
         self._session = session or boto3.Session()
         self._clients: dict[str, Any] = dict(clients)
+        self.read_workers = read_workers
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
@@ -128,7 +142,8 @@ class ClientFactory:
     """RegionClients per region, shared by one run (the engine acts on several regions from the CLI)."""
 
     def __init__(self, session: boto3.Session | None = None) -> None:
-        self._session = session
+        # One session for every region: it loads each service's model once, not once per region.
+        self._session = session or boto3.Session()
         self._regions: dict[str, RegionClients] = {}
 
     def __call__(self, region: str) -> RegionClients:

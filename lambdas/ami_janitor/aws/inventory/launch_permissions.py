@@ -1,9 +1,10 @@
 """Launch permissions (DescribeImageAttribute, one call per AMI): read only for the AMIs a decision
-needs, after the plan has chosen them."""
+needs, after the plan has chosen them, several at once."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
@@ -27,14 +28,17 @@ def load_launch_permissions(
     if inventory.error is not None:
         return inventory
     wanted = set(image_ids)
-    permissions: dict[str, tuple[LaunchPermission, ...]] = {}
+    unread = list(dict.fromkeys(i.image_id for i in inventory.images if i.image_id in wanted))
+    ec2 = clients.ec2  # made before the threads share it
     try:
-        with source("ec2:DescribeImageAttribute"):
-            for image in inventory.images:
-                if image.image_id in wanted and image.image_id not in permissions:
-                    permissions[image.image_id] = read_launch_permissions(clients.ec2, image.image_id)
+        with (
+            source("ec2:DescribeImageAttribute"),
+            ThreadPoolExecutor(max_workers=max(1, min(clients.read_workers, len(unread)))) as pool,
+        ):
+            answers = list(pool.map(lambda image_id: read_launch_permissions(ec2, image_id), unread))
     except SourceFailed as failure:
         return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
+    permissions = dict(zip(unread, answers, strict=True))
     images = tuple(
         image.model_copy(update={"launch_permissions": permissions[image.image_id]})
         if image.image_id in permissions
