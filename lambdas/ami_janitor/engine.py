@@ -224,8 +224,8 @@ def build_plan(
     progress: Progress = _quiet,
 ) -> tuple[Plan, dict[str, RegionInventory]]:
     """One pass: each region's inventory once (copy targets outside `regions`: their AMIs only), one
-    plan, then the launch permissions the plan asks for (one call per AMI, so only those), and the
-    plan settled on them."""
+    plan, then the per-AMI details the plan asks for (DescribeImageReferences and launch permissions,
+    so only for the AMIs it acts on or runs a clock on), and the plan settled on them."""
     # Planned on the view the first enforce run with a ledger has once it adopted older janitor tags.
     loaded = {
         region: trust.adopted_view(
@@ -238,11 +238,12 @@ def build_plan(
         for region in sorted(_copy_targets(policy) - set(regions))
     ]
     plan = run_plan.plan_run(list(loaded.values()), policy, now, targets)
-    needed = run_plan.needed_launch_permissions(plan, loaded)
+    needed = run_plan.needed_details(plan, loaded)
     for region, image_ids in needed.items():
-        loaded[region] = inventory.load_launch_permissions(clients_for(region), loaded[region], image_ids)
+        progress(f"{region}: references and launch permissions of {len(image_ids):,} AMIs")
+        loaded[region] = inventory.load_details(clients_for(region), policy, loaded[region], image_ids)
     if any(loaded[region].error is not None for region in needed):
-        # A region whose launch permissions could not be read is skipped, like any failing source.
+        # A region whose details could not be read is skipped, like any failing source.
         return run_plan.plan_run(list(loaded.values()), policy, now, targets), loaded
     return run_plan.settle(plan, loaded, policy), loaded
 

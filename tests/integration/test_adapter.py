@@ -26,6 +26,7 @@ from ami_janitor.aws.inventory import (
     PERMISSIONS,
     count_calls,
     describe_image,
+    load_details,
     load_images,
     load_inventory,
     load_launch_permissions,
@@ -130,8 +131,13 @@ def test_images_are_every_self_owned_ami_with_tags_architecture_and_snapshots() 
     assert loaded.architecture == "arm64"
     assert loaded.snapshot_ids == (raw["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"],)
     assert loaded.size_gib == 15
-    # moto implements neither DescribeImageReferences nor Recycle Bin: both are notes, not failures.
-    assert inventory.notes == (IMAGE_REFERENCES_NOTE, RECYCLE_BIN_NOTE)
+    # moto implements neither DescribeImageReferences nor Recycle Bin: both are notes, not failures;
+    # DescribeImageReferences is asked only about the AMIs a plan chose, after it.
+    assert inventory.notes == (RECYCLE_BIN_NOTE,)
+    detailed = load_details(moto_clients(), policy(), inventory, [app])
+    assert detailed.error is None
+    assert detailed.notes == (RECYCLE_BIN_NOTE, IMAGE_REFERENCES_NOTE)
+    assert next(i for i in detailed.images if i.image_id == app).launch_permissions == ()
 
 
 @pytest.mark.usefixtures("moto_aws")
@@ -471,6 +477,16 @@ class Stubbed:
             f"after-call.{client.meta.service_model.service_id.hyphenize()}.{operation}", fail
         )
 
+    def permissions(self, *image_ids: str) -> None:
+        """Empty launch permissions of `image_ids`, read after DescribeImageReferences."""
+        for image_id in image_ids:
+            self.add(
+                "ec2",
+                "describe_image_attribute",
+                {"LaunchPermissions": []},
+                {"ImageId": image_id, "Attribute": "launchPermission"},
+            )
+
     def verify(self) -> None:
         for stub in self.stubs.values():
             stub.assert_no_pending_responses()
@@ -507,7 +523,6 @@ class Stubbed:
             "emr": lambda: self.add("emr", "list_clusters", {"Clusters": []}, EMR_STATES),
             "missing_versions": None,
             "aliases": None,
-            "image_references": None,
             "pointers": None,
             "snapshots": lambda: self.add("ec2", "describe_snapshots", {"Snapshots": []}, SNAPSHOTS),
             "rbin": self._no_recycle_bin_rules,
@@ -614,15 +629,7 @@ def test_describe_images_asks_for_every_self_owned_ami_including_deprecated_and_
         s.add("ec2", "describe_images", {"Images": [first], "NextToken": "page-2"}, IMAGES)
         s.add("ec2", "describe_images", {"Images": [second]}, {**IMAGES, "NextToken": "page-2"})
 
-    s.queue(
-        images=two_pages,
-        image_references=lambda: s.add(
-            "ec2",
-            "describe_image_references",
-            {"ImageReferences": []},
-            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
-        ),
-    )
+    s.queue(images=two_pages)  # DescribeImageReferences waits for the plan (load_details)
 
     inventory = load_inventory(s.clients, policy())
 
@@ -676,10 +683,12 @@ def test_image_references_are_asked_in_batches_and_skip_terminated_instances(stu
         instances=lambda: s.add(
             "ec2", "describe_instances", {"Reservations": [{"Instances": [live]}]}, INSTANCES
         ),
-        image_references=image_references,
     )
+    image_references()
+    s.permissions(*ids)
 
-    inventory = load_inventory(s.clients, policy())
+    scanned = load_inventory(s.clients, policy())
+    inventory = load_details(s.clients, policy(), scanned, ids)
 
     s.verify()
     assert refs(inventory) == {
@@ -711,16 +720,17 @@ def test_image_references_missing_api_is_a_note_and_the_other_sources_count(
         instances=lambda: s.add(
             "ec2", "describe_instances", {"Reservations": [{"Instances": [live]}]}, INSTANCES
         ),
-        image_references=lambda: s.fail(
-            "ec2",
-            "describe_image_references",
-            code,
-            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
-            status,
-        ),
     )
+    s.fail(
+        "ec2",
+        "describe_image_references",
+        code,
+        {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
+        status,
+    )
+    s.permissions(ami(1))
 
-    inventory = load_inventory(s.clients, policy())
+    inventory = load_details(s.clients, policy(), load_inventory(s.clients, policy()), [ami(1)])
 
     s.verify()
     assert inventory.error is None
@@ -731,16 +741,16 @@ def test_image_references_missing_api_is_a_note_and_the_other_sources_count(
 def test_image_references_other_failure_skips_the_region(stubbed: Stubbed) -> None:
     s = stubbed
     s.queue(
-        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES),
-        image_references=lambda: s.fail(
-            "ec2",
-            "describe_image_references",
-            "UnauthorizedOperation",
-            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
-        ),
+        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES)
+    )
+    s.fail(
+        "ec2",
+        "describe_image_references",
+        "UnauthorizedOperation",
+        {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
     )
 
-    inventory = load_inventory(s.clients, policy())
+    inventory = load_details(s.clients, policy(), load_inventory(s.clients, policy()), [ami(1)])
 
     assert inventory == RegionInventory(
         region=REGION, error="ec2:DescribeImageReferences: UnauthorizedOperation: UnauthorizedOperation here"
@@ -809,15 +819,19 @@ def test_an_optional_source_that_fails_without_saying_it_is_unsupported_skips_th
     steps: dict[str, Callable[[], Any]] = {
         "images": lambda: s.add(
             "ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES
-        ),
-        "image_references": lambda: s.add(
-            "ec2", "describe_image_references", {"ImageReferences": []}, REFERENCES_CALL[2]
-        ),
+        )
     }
-    steps[step] = lambda: failure(s, call)
-    s.queue(**steps)
-
-    inventory = load_inventory(s.clients, policy())
+    if step == "image_references":  # read after the plan, for the AMIs it chose
+        s.queue(**steps)
+        failure(s, call)
+        inventory = load_details(s.clients, policy(), load_inventory(s.clients, policy()), [ami(1)])
+    else:
+        steps[step] = lambda: failure(s, call)
+        s.queue(**steps)
+        inventory = load_inventory(s.clients, policy())
+        if inventory.error is None:
+            s.add("ec2", "describe_image_references", {"ImageReferences": []}, REFERENCES_CALL[2])
+            inventory = load_details(s.clients, policy(), inventory, [ami(1)])
 
     assert inventory.error is not None and inventory.error.startswith(f"{source}: "), inventory.error
     assert inventory.images == () and inventory.notes == ()
@@ -922,13 +936,11 @@ def test_image_references_without_an_endpoint_skip_the_region(stubbed: Stubbed) 
     s = stubbed
     missing = botocore.exceptions.EndpointConnectionError(endpoint_url="https://ec2.us-east-1.amazonaws.com/")
     s.queue(
-        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES),
-        image_references=lambda: s.fail_after_answer(
-            *REFERENCES_CALL[:2], lambda _: missing, REFERENCES_CALL[2]
-        ),
+        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES)
     )
+    s.fail_after_answer(*REFERENCES_CALL[:2], lambda _: missing, REFERENCES_CALL[2])
 
-    inventory = load_inventory(s.clients, policy())
+    inventory = load_details(s.clients, policy(), load_inventory(s.clients, policy()), [ami(1)])
 
     assert inventory.error is not None and inventory.error.startswith("ec2:DescribeImageReferences: ")
 
@@ -1316,12 +1328,6 @@ def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) ->
             {"Parameters": [{"Name": "/golden/ami", "Type": "String", "Value": ami(1)}]},
             {"Names": ["/golden/ami"], "WithDecryption": False},
         ),
-        image_references=lambda: s.add(
-            "ec2",
-            "describe_image_references",
-            {"ImageReferences": []},
-            {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
-        ),
         pointers=lambda: s.add(
             "ssm",
             "get_parameters",
@@ -1337,14 +1343,15 @@ def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) ->
     )
     s.add(
         "ec2",
-        "describe_image_attribute",
-        {"LaunchPermissions": []},
-        {"ImageId": ami(1), "Attribute": "launchPermission"},
+        "describe_image_references",
+        {"ImageReferences": []},
+        {"ImageIds": [ami(1)], "IncludeAllResourceTypes": True},
     )
+    s.permissions(ami(1))
     calls = count_calls(*s.raw.values())
 
     inventory = load_inventory(s.clients, policy(family))
-    load_launch_permissions(s.clients, inventory, [ami(1)])
+    load_details(s.clients, policy(family), inventory, [ami(1)])
 
     s.verify()
     assert inventory.error is None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
+from botocore.awsrequest import AWSResponse
 
 from ami_janitor import engine
 from ami_janitor.aws.clients import ClientFactory
@@ -43,3 +46,66 @@ def test_an_applied_run_reads_each_region_once(endpoint: str) -> None:
     retiring = [d for d in result.plan.decisions if d.action in ("deprecate", "disable", "deregister")]
     assert retiring and calls["ec2:DescribeImageAttribute"] == len(retiring), calls
     assert calls["ec2:DescribeLaunchTemplates"] == 1 and calls["ssm:DescribeParameters"] == 1
+
+
+def test_per_ami_reads_follow_the_work_a_cap_lets_through(moto_aws: None) -> None:
+    """1,000 AMIs, a cap of 100: launch permissions and DescribeImageReferences are asked only about the
+    AMIs the cap lets act, and one of them, referenced only by an Image Builder recipe that
+    DescribeImageReferences alone sees, is kept (the run then acts on 99: the cap is not spent again)."""
+    import boto3
+
+    client = boto3.client("ec2", region_name="us-east-1")
+    ids = [client.register_image(Name=f"app-{n:04d}")["ImageId"] for n in range(1000)]
+    recipe = "arn:aws:imagebuilder:us-east-1:123456789012:image-recipe/app/1.0.0"
+    policy = parse_policy(
+        {
+            "regions": ["us-east-1"],
+            "defaults": {
+                "keep_latest": 1,
+                "min_age_days": 0,
+                "lifecycle": {"deprecate_after_days": 0},
+                "limits": {"max_actions_per_run": 100, "max_fraction_per_family": 1.0},
+            },
+            "families": [{"name": "app", "match": {"name": "app-*"}}],
+        }
+    )
+    factory = ClientFactory()
+    clients = factory("us-east-1")
+    asked: list[list[str]] = []
+    recipe_user: list[str] = []
+
+    def ask(params: dict[str, Any], **_: Any) -> None:
+        asked.append(list(params["ImageIds"]))
+
+    def answer(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        # moto lacks the call: answered here as EC2 would, before any request is sent.
+        batch = asked[-1]
+        if not recipe_user:
+            recipe_user.append(batch[0])
+        found = [
+            {"ImageId": i, "ResourceType": "imagebuilder:ImageRecipe", "Arn": recipe}
+            for i in batch
+            if i in recipe_user
+        ]
+        return AWSResponse("", 200, {}, None), {"ImageReferences": found}
+
+    events = clients.ec2.meta.events
+    events.register("before-parameter-build.ec2.DescribeImageReferences", ask)
+    events.register("before-call.ec2.DescribeImageReferences", answer)
+    calls = count_calls(clients.ec2, clients.ssm)
+
+    plan, _ = engine.build_plan(policy, ["us-east-1"], factory, now())
+
+    assert plan.regions[0].status == "ok", plan.regions
+    acting = [d for d in plan.decisions if d.action == "deprecate"]
+    held = [d for d in plan.decisions if d.reasons[-1].startswith("held back by max_actions_per_run")]
+    assert len(plan.decisions) == 1000 and len(acting) == 99 and len(held) == 899
+    kept = next(d for d in plan.decisions if d.image_id == recipe_user[0])
+    assert kept.action == "keep"
+    assert kept.reasons == [f"referenced by imagebuilder:ImageRecipe {recipe} (DescribeImageReferences)"]
+    # Asked about the 100 the cap let through, 10 ids a call; launch permissions of those 100 only.
+    assert sum(len(batch) for batch in asked) == 100 and max(len(batch) for batch in asked) == 10
+    assert calls["ec2:DescribeImageReferences"] == 10, calls
+    assert calls["ec2:DescribeImageAttribute"] == 100, calls
+    assert {i for batch in asked for i in batch} == {d.image_id for d in [*acting, kept]}
+    assert set(ids) == {d.image_id for d in plan.decisions}

@@ -48,7 +48,7 @@ from ami_janitor.core.policy import (
     Policy,
     parse_policy,
 )
-from ami_janitor.core.run_plan import needed_launch_permissions, plan_run, settle
+from ami_janitor.core.run_plan import needed_details, plan_run, settle
 from ami_janitor.core.sharing import desired_grants
 from fake_ec2 import MUTATING, Call, Crash, FakeEC2, FakeImage, ImageView
 
@@ -283,7 +283,7 @@ def plan_region(
     """engine.build_plan: inventory, one plan, the launch permissions it asks for, the plan settled."""
     inventory = fake.describe(permissions=all_permissions)
     first = plan_run([inventory], policy, now)
-    needed = needed_launch_permissions(first, {fake.region: inventory}).get(fake.region)
+    needed = needed_details(first, {fake.region: inventory}).get(fake.region)
     if not needed:
         return first, inventory
     inventory = fake.describe(permissions=True if all_permissions else needed)

@@ -197,7 +197,7 @@ def test_unread_launch_permissions_are_asked_for_then_settle_the_plan() -> None:
     inv = inventory(*images, unknown, touched)
     first = run_plan.plan_run([inv], pol, NOW)
     assert by_id(first)[unknown.image_id].action == "deprecate"
-    assert run_plan.needed_launch_permissions(first, {inv.region: inv}) == {
+    assert run_plan.needed_details(first, {inv.region: inv}) == {
         "us-east-1": sorted([unknown.image_id, touched.image_id])
     }
     # The edge reads them: one is shared with an account share_with does not list, one only with ours.

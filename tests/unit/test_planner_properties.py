@@ -26,7 +26,7 @@ from ami_janitor.core.model import (
 )
 from ami_janitor.core.planner import ACTING
 from ami_janitor.core.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
-from ami_janitor.core.run_plan import needed_launch_permissions, plan_run, settle
+from ami_janitor.core.run_plan import needed_details, plan_run, settle
 from builders import NOW
 
 OPT_OUT = "ami-janitor:keep"
@@ -156,18 +156,24 @@ def protected_reason(image: Image, inventory: RegionInventory, policy: Policy) -
 
 
 def planned(inventory: RegionInventory, policy: Policy) -> Plan:
-    """A run's one pass, as the engine makes it: the inventory holds no launch permissions of a third of
-    the AMIs; the plan asks for those it needs, reads them (from `inventory`, the truth) and settles."""
+    """A run's one pass, as the engine makes it: the inventory holds no details (launch permissions, and
+    references only DescribeImageReferences finds) of a third of the AMIs; the plan asks for those it
+    needs, reads them (from `inventory`, the truth) and settles."""
     truth = {i.image_id: i for i in inventory.images}
+    hidden = {i.image_id for i in inventory.images if int(i.image_id[-3:], 16) % 3 == 0}
     unread = tuple(
-        i.model_copy(update={"launch_permissions": None}) if int(i.image_id[-3:], 16) % 3 == 0 else i
+        i.model_copy(update={"launch_permissions": None}) if i.image_id in hidden else i
         for i in inventory.images
     )
-    blank = inventory.model_copy(update={"images": unread})
+    seen = tuple(r for r in inventory.references if r.image_id not in hidden)
+    blank = inventory.model_copy(update={"images": unread, "references": seen})
     first = plan_run([blank], policy, NOW)
-    needed = set(needed_launch_permissions(first, {blank.region: blank}).get(blank.region, []))
+    needed = set(needed_details(first, {blank.region: blank}).get(blank.region, []))
     read = tuple(truth[i.image_id] if i.image_id in needed else i for i in unread)
-    return settle(first, {blank.region: blank.model_copy(update={"images": read})}, policy)
+    found = tuple(r for r in inventory.references if r.image_id not in hidden or r.image_id in needed)
+    return settle(
+        first, {blank.region: blank.model_copy(update={"images": read, "references": found})}, policy
+    )
 
 
 @given(fleets(), policies())

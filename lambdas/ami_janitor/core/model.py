@@ -233,6 +233,10 @@ class RegionInventory(_Frozen):
     notes: tuple[str, ...] = ()
     # The region's ledger; None where it has no ledger table (a plan says so, an apply is refused).
     ledger: LedgerView | None = None
+    # What the scan saw, for the per-AMI reads after the plan: the live instances (a reference from a
+    # terminated one does not count) and the parameter names (how a parameter ARN is spelled).
+    instance_ids: frozenset[str] = frozenset()
+    parameter_names: frozenset[str] = frozenset()
     # Set when any source failed: the region is skipped, no decision on a partial inventory.
     error: str | None = None
 

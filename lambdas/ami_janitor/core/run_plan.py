@@ -43,10 +43,11 @@ def plan_run(
     )
 
 
-def needed_launch_permissions(plan: Plan, inventories: Mapping[str, RegionInventory]) -> dict[str, list[str]]:
-    """Region -> the AMIs whose launch permissions the plan needs (one call per AMI, so only these):
-    the candidates it retires or waits on, and those the janitor has started on that a cap holds back
-    (shared outside share_with, they are rescued), where the inventory does not hold them yet."""
+def needed_details(plan: Plan, inventories: Mapping[str, RegionInventory]) -> dict[str, list[str]]:
+    """Region -> the AMIs whose per-AMI details (DescribeImageReferences, launch permissions) the plan
+    needs, so only these are read: the candidates it retires this run (the caps hold back the rest, as
+    keeps) or runs a clock on, and those the janitor has started on that a cap holds back (referenced
+    or shared outside share_with, they are rescued), where the inventory does not hold them yet."""
     actions: dict[str, dict[str, str]] = {}
     for decision in plan.decisions:
         actions.setdefault(decision.region, {})[decision.image_id] = decision.action
@@ -55,7 +56,7 @@ def needed_launch_permissions(plan: Plan, inventories: Mapping[str, RegionInvent
         unread = [
             image.image_id
             for image in inventories[region].images
-            if image.state == "available"
+            if image.state in ("available", "disabled")
             and image.launch_permissions is None
             and _may_need(by_image.get(image.image_id), image)
         ]
@@ -70,16 +71,24 @@ def _may_need(action: str | None, image: Image) -> bool:
 
 
 def settle(plan: Plan, inventories: Mapping[str, RegionInventory], policy: Policy) -> Plan:
-    """The plan once the launch permissions it asked for are read: a candidate shared outside its
-    family's share_with is kept (rescued if the janitor had started on it). The run then acts on
-    fewer AMIs than the caps allowed: the caps are not spent again."""
+    """The plan once the details it asked for are read: a candidate something references (found by
+    DescribeImageReferences: the other sources were judged already) or shared outside its family's
+    share_with is kept (rescued if the janitor had started on it). The run then acts on fewer AMIs than
+    the caps allowed: the caps are not spent again."""
     images = {
         (region, image.image_id): image
         for region, inventory in inventories.items()
         for image in inventory.images
         if image.launch_permissions is not None
     }
-    decisions = [_settled(d, images.get((d.region, d.image_id)), policy) for d in plan.decisions]
+    referenced: dict[tuple[str, str], list[str]] = {}
+    for region, inventory in inventories.items():
+        for reference in inventory.references:
+            referenced.setdefault((region, reference.image_id), []).append(reference.detail)
+    decisions = [
+        _settled(d, images.get((d.region, d.image_id)), referenced.get((d.region, d.image_id), []), policy)
+        for d in plan.decisions
+    ]
     if all(new is old for new, old in zip(decisions, plan.decisions, strict=True)):
         return plan
     usable = [inv for inv in inventories.values() if inv.error is None]
@@ -89,13 +98,13 @@ def settle(plan: Plan, inventories: Mapping[str, RegionInventory], policy: Polic
     return plan.model_copy(update={"decisions": decisions, "summary": summary})
 
 
-def _settled(decision: Decision, image: Image | None, policy: Policy) -> Decision:
+def _settled(decision: Decision, image: Image | None, references: list[str], policy: Policy) -> Decision:
     if image is None or not _may_need(decision.action, image):
         return decision
     family = policy.family(decision.family)
-    if policy.rules_for(family).allow_shared:
-        return decision
-    reasons = shared_outside(image, family)
+    reasons = sorted(set(references))
+    if not reasons and not policy.rules_for(family).allow_shared:
+        reasons = shared_outside(image, family)
     if not reasons:
         return decision
     action = "rescue" if is_janitor_touched(image) else "keep"

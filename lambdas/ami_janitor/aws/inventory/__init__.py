@@ -32,7 +32,7 @@ from ami_janitor.aws.inventory import (
 from ami_janitor.aws.inventory.images import describe_image
 from ami_janitor.aws.inventory.launch_permissions import load_launch_permissions, read_launch_permissions
 from ami_janitor.aws.inventory.ledger_items import read_ledger_items
-from ami_janitor.aws.inventory.load import load_images, load_inventory
+from ami_janitor.aws.inventory.load import load_details, load_images, load_inventory
 from ami_janitor.aws.inventory.reading import count_calls
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "PERMISSIONS",
     "count_calls",
     "describe_image",
+    "load_details",
     "load_images",
     "load_inventory",
     "load_launch_permissions",

@@ -1,4 +1,5 @@
 """DescribeImageReferences: what it finds beyond the other sources (Image Builder recipes, mostly).
+Asked only about the AMIs a plan acts on or runs a clock on (10 ids a call), after the plan chose them.
 
 Optional: where EC2 answers explicitly that the operation is not offered here, the other sources stand
 alone (with a note); any other failure skips the region.
@@ -63,6 +64,10 @@ def read_image_references(
         detail = f"{verb} {item.get('ResourceType')} {resource_id} (DescribeImageReferences)"
         references.append(Reference(image_id=image_id, kind=kind, resource_id=resource_id, detail=detail))
     return references, []
+
+
+def sort_references(references: Iterable[Reference]) -> tuple[Reference, ...]:
+    return tuple(sorted(references, key=lambda r: (r.image_id, r.kind, r.resource_id, r.detail)))
 
 
 def _items(ec2: EC2Client, image_ids: Sequence[str]) -> Iterator[Raw]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.inventory.aliases import resolve_aliases
@@ -11,13 +12,14 @@ from ami_janitor.aws.inventory.block_public_access import read_block_public_acce
 from ami_janitor.aws.inventory.claims import named_aliases, references_of
 from ami_janitor.aws.inventory.emr import read_emr_clusters
 from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
-from ami_janitor.aws.inventory.image_references import read_image_references
-from ami_janitor.aws.inventory.images import family_image_ids, read_images
+from ami_janitor.aws.inventory.image_references import read_image_references, sort_references
+from ami_janitor.aws.inventory.images import read_images
 from ami_janitor.aws.inventory.instances import read_instances
 from ami_janitor.aws.inventory.launch_configurations import (
     launch_configuration_claims,
     read_launch_configurations,
 )
+from ami_janitor.aws.inventory.launch_permissions import load_launch_permissions
 from ami_janitor.aws.inventory.launch_templates import read_launch_templates
 from ami_janitor.aws.inventory.ledger_items import read_ledger
 from ami_janitor.aws.inventory.parameters import parameter_claims, read_parameters
@@ -76,15 +78,6 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     ]
     resolved = resolve_aliases(ssm, named_aliases(claims), parameter_values)
     references, alias_notes = references_of(claims, resolved)
-    described, described_notes = read_image_references(
-        ec2,
-        region,
-        family_image_ids(policy, images),
-        known=references,
-        pointers=pointers,
-        live_instances=instances.ids,
-        parameter_names=parameter_values.keys(),
-    )
 
     latest = read_pointer_values(ssm, pointers, parameter_values)
     retired_snapshots = read_retired_snapshots(ec2)
@@ -94,20 +87,19 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     inventory = RegionInventory(
         region=region,
         images=images,
-        references=tuple(
-            sorted([*references, *described], key=lambda r: (r.image_id, r.kind, r.resource_id, r.detail))
-        ),
+        references=sort_references(references),
         build_instances=instances.builds,
         parameters=latest,
         retired_snapshots=retired_snapshots,
         recycle_bin_rules=recycle_bin_rules,
         ledger=ledger,
+        instance_ids=instances.ids,
+        parameter_names=frozenset(parameter_values),
         notes=tuple(
             dict.fromkeys(
                 [
                     *template_notes,
                     *alias_notes,
-                    *described_notes,
                     *recycle_bin_notes,
                     *block_public_access_notes,
                 ]
@@ -115,6 +107,52 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
         ),
     )
     return with_ledger(inventory)
+
+
+def load_details(
+    clients: RegionClients, policy: Policy, inventory: RegionInventory, image_ids: Iterable[str]
+) -> RegionInventory:
+    """The per-AMI reads, after the plan chose the AMIs that need them (those it acts on or runs a clock
+    on): DescribeImageReferences (what the other sources cannot see, Image Builder recipes mostly), then
+    their launch permissions. Any failure but "not offered here" makes the region an error."""
+    if inventory.error is not None:
+        return inventory
+    wanted = set(image_ids)
+    unread = [i.image_id for i in inventory.images if i.image_id in wanted and i.launch_permissions is None]
+    if not unread:
+        return inventory
+    try:
+        described, notes = read_image_references(
+            clients.ec2,
+            clients.region,
+            unread,
+            known=inventory.references,
+            pointers=Pointers.of(policy, inventory.images),
+            live_instances=inventory.instance_ids,
+            parameter_names=inventory.parameter_names,
+        )
+    except SourceFailed as failure:
+        return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
+    described_inventory = inventory.model_copy(
+        update={
+            "references": sort_references([*inventory.references, *described]),
+            "notes": tuple(dict.fromkeys([*inventory.notes, *notes])),
+        }
+    )
+    # A disabled AMI has no launch permissions (disabling makes it private): nothing to ask.
+    shareable = [
+        i.image_id for i in described_inventory.images if i.image_id in wanted and i.state == "available"
+    ]
+    loaded = load_launch_permissions(clients, described_inventory, shareable)
+    if loaded.error is not None:
+        return loaded
+    images = tuple(
+        i.model_copy(update={"launch_permissions": ()})
+        if i.image_id in wanted and i.launch_permissions is None
+        else i
+        for i in loaded.images
+    )
+    return loaded.model_copy(update={"images": images})
 
 
 def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:
