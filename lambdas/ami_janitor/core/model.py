@@ -152,8 +152,10 @@ class Image(_Frozen):
         """The ledger's record that the janitor made this AMI as a copy, where EC2 names the same source
         (SourceImageId/SourceImageRegion): only then is it a replica. No tag has a say; a copy EC2 knows
         of but the ledger does not is an original (its own CreationDate: it keeps more)."""
-        record = self.ledger.replica if self.ledger is not None else None
-        if record is None or self.copied_from is None:
+        if self.copied_from is None or self.ledger is None:
+            return None
+        record = self.ledger.replica
+        if record is None:
             return None
         if (record.source_image_id, record.source_region) != (self.copied_from, self.copied_from_region):
             return None
@@ -161,6 +163,8 @@ class Image(_Frozen):
 
     @property
     def source_image_id(self) -> str | None:
+        if self.copied_from is None:  # most AMIs: not a copy at all
+            return None
         record = self.replica_record
         return record.source_image_id if record is not None else None
 
@@ -177,6 +181,8 @@ class Image(_Frozen):
     def order_time(self) -> datetime:
         """Age and order: a replica counts from its source's creation (as the ledger recorded it when the
         copy started), so a late copy is never young."""
+        if self.copied_from is None:
+            return self.created
         record = self.replica_record
         if record is not None and record.source_created is not None:
             return record.source_created

@@ -322,6 +322,9 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
     """The decisions of one group, as drafts (the caps still edit them)."""
     drafts: list[_Draft] = []
     configured = _configured_stages(group.rules)
+    # Every candidate without a ledger clock has the same stage plan: made once (a backlog of tens of
+    # thousands is mostly such candidates, and the caps hold most of them back).
+    fresh: tuple[trust.StagePlan, str | None, str | None] | None = None
     for verdict in verdicts:
         image = verdict.image
         order: tuple[datetime, str, str] | None = None
@@ -334,15 +337,19 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
             action = "rescue" if clock is not None else "keep"
             reasons = verdict.keep
         else:
-            stage_plan = trust.stage_plan(image, configured, now)
-            since, due, next_stage = stage_plan.since, stage_plan.due, stage_plan.next_stage
-            next_at = stage_plan.next_at
+            if trust.open_item(image) is None:
+                if fresh is None:
+                    shared = trust.stage_plan(image, configured, now)
+                    fresh = (shared, iso(shared.since), iso(shared.next_at))
+                stage_plan, since_text, next_text = fresh
+            else:
+                stage_plan = trust.stage_plan(image, configured, now)
+                since_text, next_text = iso(stage_plan.since), iso(stage_plan.next_at)
+            due, next_stage = list(stage_plan.due), stage_plan.next_stage
             reasons = verdict.why_candidate
             reasons.append("not referenced, not launched recently, not Latest, not shared outside share_with")
             if image.root_device_type == "instance-store" and "deregister" in due:
                 reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
-            since_text = iso(since)
-            next_text = iso(next_at)
             if stage_plan.finishing:
                 reasons.append(f"{stage_plan.finishing} recorded in the ledger but not done: done again")
             if due:
