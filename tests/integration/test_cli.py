@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -462,3 +463,67 @@ def test_progress_lines_on_a_terminal_only(
     assert lines[0] == "... us-east-1: reading"
     assert lines[1].startswith(f"... us-east-1: {owned} AMIs read in ")
     assert lines[-1] == "... applying the plan in us-east-1"
+
+
+def html_page_to(monkeypatch: pytest.MonkeyPatch, operation: str) -> None:
+    """`operation` is answered with an HTML 500 page, which botocore cannot parse."""
+    import botocore.client
+    import botocore.parsers
+
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def answer(self: Any, called: str, params: dict[str, Any]) -> Any:
+        if called == operation:
+            raise botocore.parsers.ResponseParserError(
+                "Unable to parse response (not well-formed (invalid token): line 1, column 0), "
+                "invalid XML received. Further retries may succeed:\nb'<!doctype html>'"
+            )
+        return real_call(self, called, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", answer)
+
+
+def test_an_unreadable_answer_to_bake_is_one_line_and_exit_1(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_fleet(now())
+    make_ledger()
+    config = write_policy(
+        tmp_path, text=POLICY.format(mode="dry-run") + "    bake: {instance_tag: {Role: web}}\n"
+    )
+    client = ec2()
+    base = next(
+        i["ImageId"] for i in client.describe_images(Owners=["self"])["Images"] if i["Name"] == "base"
+    )
+    tagged = {"ResourceType": "instance", "Tags": [{"Key": "Role", "Value": "web"}]}
+    client.run_instances(ImageId=base, MinCount=1, MaxCount=1, TagSpecifications=[tagged])
+    html_page_to(monkeypatch, "CreateImage")
+
+    code, output = run("bake", "--family", "web", "--config", config, "--region", "us-east-1")
+
+    err = capsys.readouterr().err
+    assert code == 1, output + err
+    assert "Traceback" not in output + err
+    assert len((output + err).strip().splitlines()) == 1 and "Unable to parse response" in output + err
+
+
+def test_an_unreadable_answer_mid_apply_ends_with_the_summary_of_what_was_done(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint answering an HTML 500 page to a stage call (botocore cannot parse it): the Latest
+    writes and the other results are still reported, with the failure in one line, exit 1."""
+    fleet = seed_fleet(now())
+    make_ledger()
+    html_page_to(monkeypatch, "EnableImageDeprecation")
+
+    code, output = run("apply", "--config", write_policy(tmp_path), "--yes")
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in output + err
+    assert f"-> {fleet.images[-1]}" in output  # Latest moved before any stage
+    failed = [line for line in output.splitlines() if line.startswith("deprecate ")]
+    assert len(failed) == 3, output
+    assert all("FAILED Unable to parse response" in line and "<!doctype html>" in line for line in failed)
+    assert "applied: 12 actions, 3 failed" in output
+    assert image_ids() >= set(fleet.images)  # nothing retired past the stage that failed

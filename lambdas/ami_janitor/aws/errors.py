@@ -17,8 +17,11 @@ def error_code(error: BaseException) -> str:
 
 
 def error_text(error: BaseException) -> str:
-    """'Code: message' for an AWS answer, else the exception's own text (or its type)."""
+    """'Code: message' for an AWS answer, else the exception's own text (or its type), on one line (an
+    unparsable answer's text quotes the page it got)."""
     if isinstance(error, ClientError):
         info = error.response.get("Error", {})
-        return f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
-    return str(error) or type(error).__name__
+        text = f"{info.get('Code', 'Unknown')}: {info.get('Message', '')}".rstrip(": ")
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
