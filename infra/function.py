@@ -48,6 +48,12 @@ WILDCARD_REASONS = {
     "WriteLatestParameters": "The {arch} placeholder of a family's Latest parameter name becomes a "
     "wildcard over architectures.",
     "PutJanitorMetrics": "PutMetricData has no resource type; limited to the AmiJanitor namespace.",
+    "DescribeReplicaKeysByAlias": "A replicate target names its key by alias, which cannot be a Resource; "
+    "limited to the target region's keys that carry the alias (kms:ResourceAliases).",
+    "UseReplicaKeysThroughEc2ByAlias": "A replicate target names its key by alias, which cannot be a "
+    "Resource; limited to the target region's keys that carry the alias, through EC2 only.",
+    "GrantReplicaKeysToEc2ByAlias": "A replicate target names its key by alias, which cannot be a "
+    "Resource; grants for EC2 only, on the target region's keys that carry the alias.",
     "WriteRunReports": "Report object keys are made per run; PutObject only, in the report bucket.",
 }
 # Every role the stacks make: the ledger's resource policy lets only this path (and named writers) write.

@@ -7,7 +7,9 @@ where each action may apply:
 - mutating EC2 calls only on the images and snapshots of the function's region, with tag conditions
   that say "the janitor marked this": the stage actions need the candidate tag, DeleteSnapshot the
   retired-from tag, tag changes are limited to janitor-owned keys and the families' Latest tags;
-- KMS calls only on the key ARNs the policy configures for replication, and only through EC2;
+- KMS calls only on the key ARNs the policy configures for replication, and only through EC2; for a
+  target named by an alias, on the keys of its region that carry the alias (`kms:ResourceAliases`), and
+  DescribeKey (which resolves the alias) directly;
 - SSM writes only on the families' Latest parameters;
 - DynamoDB calls only on the region's ledger table (the table's resource policy also denies writes to
   every principal outside the IAM path /ami-janitor/), and on the ledger tables of the replication
@@ -117,6 +119,8 @@ class Scope:
     copy_regions: tuple[str, ...] = ()
     latest_tag_keys: tuple[str, ...] = ()
     kms_key_arns: tuple[str, ...] = ()
+    # Targets whose key is named by an alias: (region, account, alias/NAME); its key is found at run time.
+    kms_aliases: tuple[tuple[str, str, str], ...] = ()
     ssm_parameters: tuple[str, ...] = ()
     # One entry per baked family: the build instance its bake.instance_id and bake.instance_tag name.
     build_instances: tuple[BuildInstanceScope, ...] = ()
@@ -139,7 +143,24 @@ class Scope:
             copy_regions=tuple(sorted(copy_regions)),
             latest_tag_keys=tuple(sorted({f.latest.tag for f in families if f.latest and f.latest.tag})),
             kms_key_arns=tuple(
-                sorted({t.kms_key_id for f in families for t in f.replicate if t.kms_key_id is not None})
+                sorted(
+                    {
+                        t.kms_key_id
+                        for f in families
+                        for t in f.replicate
+                        if t.kms_key_id is not None and t.kms_alias is None
+                    }
+                )
+            ),
+            kms_aliases=tuple(
+                sorted(
+                    {
+                        (t.region, _alias_account(t.kms_key_id) or account, t.kms_alias)
+                        for f in families
+                        for t in f.replicate
+                        if t.kms_key_id is not None and t.kms_alias is not None
+                    }
+                )
             ),
             ssm_parameters=tuple(
                 sorted({f.latest.ssm_parameter for f in families if f.latest and f.latest.ssm_parameter})
@@ -173,6 +194,12 @@ class Scope:
 
     def tag_keys(self) -> list[str]:
         return [f"{JANITOR_TAG_PREFIX}*", *self.latest_tag_keys]
+
+
+def _alias_account(kms_key_id: str) -> str | None:
+    """The account of an alias ARN (None for `alias/NAME`: the stack's own)."""
+    parts = kms_key_id.split(":")
+    return parts[4] if kms_key_id.startswith("arn:") and len(parts) > 5 else None
 
 
 def is_read_only(action: str) -> bool:
@@ -380,26 +407,53 @@ def _ssm_statements(chosen: set[str], scope: Scope) -> list[Statement]:
 
 def _kms_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     kms = sorted(chosen & KMS_ACTIONS)
-    if not kms or not scope.kms_key_arns:
+    if not kms:
         return []
-    keys = scope.kms_key_arns
+    out: list[Statement] = []
+    if scope.kms_key_arns:
+        out.extend(_key_statements(kms, scope.kms_key_arns, {}, ""))
+    if scope.kms_aliases:
+        # An alias cannot be a Resource: any key of the target regions that carries the alias. The
+        # ledger's record of each copy's key ARN catches an alias moved to another key.
+        keys = tuple(
+            sorted(
+                {
+                    f"arn:{scope.partition}:kms:{region}:{account}:key/*"
+                    for region, account, _ in scope.kms_aliases
+                }
+            )
+        )
+        aliases = sorted({alias for _, _, alias in scope.kms_aliases})
+        out.extend(
+            _key_statements(
+                kms, keys, {"ForAnyValue:StringEquals": {"kms:ResourceAliases": aliases}}, "ByAlias"
+            )
+        )
+    return out
+
+
+def _key_statements(
+    kms: list[str], keys: tuple[str, ...], which: Mapping[str, Mapping[str, Any]], suffix: str
+) -> list[Statement]:
+    """The replica keys' statements on `keys`, narrowed by `which` (the alias condition, if any)."""
     via_ec2 = {"StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}}
     out: list[Statement] = []
     metadata = [a for a in kms if a in KMS_METADATA_ACTIONS]
     if metadata:
-        out.append(Statement("DescribeReplicaKeys", tuple(metadata), keys))
+        # Called by EC2 while it copies, and directly to resolve an alias: no ViaService.
+        out.append(Statement(f"DescribeReplicaKeys{suffix}", tuple(metadata), keys, dict(which)))
     crypto = [a for a in kms if a in KMS_CRYPTO_ACTIONS]
     if crypto:
         # EC2 uses the key on the caller's behalf while it copies the snapshots.
-        out.append(Statement("UseReplicaKeysThroughEc2", tuple(crypto), keys, via_ec2))
+        out.append(Statement(f"UseReplicaKeysThroughEc2{suffix}", tuple(crypto), keys, {**which, **via_ec2}))
     grants = [a for a in kms if a in KMS_GRANT_ACTIONS]
     if grants:
         out.append(
             Statement(
-                "GrantReplicaKeysToEc2",
+                f"GrantReplicaKeysToEc2{suffix}",
                 tuple(grants),
                 keys,
-                {**via_ec2, "Bool": {"kms:GrantIsForAWSResource": "true"}},
+                {**which, **via_ec2, "Bool": {"kms:GrantIsForAWSResource": "true"}},
             )
         )
     return out

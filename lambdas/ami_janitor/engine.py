@@ -11,11 +11,12 @@ from typing import Any, Literal
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import baker, copier, executor, inventory, ledger, rotator, sharer
-from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws import baker, copier, executor, inventory, kms, ledger, rotator, sharer
+from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
-from ami_janitor.core import baking, replication, run_plan, sharing, trust
+from ami_janitor.core import baking, keys, replication, run_plan, sharing, trust
+from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
     AmiState,
     Copy,
@@ -56,14 +57,16 @@ def _read_region(
     return loaded
 
 
-# What a scheduled run calls: the inventory, rotation, shares and the executor. Its copies go through
-# the replication queue (sqs:SendMessage comes with the queue).
+# What a scheduled run calls: the inventory, rotation, shares and the executor, and the aliases of
+# replica keys resolved to plan its copies. Its copies go through the replication queue
+# (sqs:SendMessage comes with the queue).
 PERMISSIONS: list[str] = sorted(
     set(inventory.PERMISSIONS)
     | set(executor.PERMISSIONS)
     | set(rotator.PERMISSIONS)
     | set(sharer.PERMISSIONS)
     | set(ledger.PERMISSIONS)
+    | set(kms.PERMISSIONS)
 )
 # What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
 # rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
@@ -75,9 +78,14 @@ CLI_PERMISSIONS: list[str] = sorted(
     | set(baker.PERMISSIONS)
     | set(ledger.CREATE_PERMISSIONS)
 )
-# The event function: rotation, and sharing a new AMI at once (its copies are queued).
+# The event function: rotation, and sharing a new AMI at once (its copies are queued, with the aliases
+# of their keys resolved).
 EVENT_PERMISSIONS: list[str] = sorted(
-    set(rotator.PERMISSIONS) | set(sharer.PERMISSIONS) | set(ledger.PERMISSIONS) | {"ec2:DescribeImages"}
+    set(rotator.PERMISSIONS)
+    | set(sharer.PERMISSIONS)
+    | set(ledger.PERMISSIONS)
+    | set(kms.PERMISSIONS)
+    | {"ec2:DescribeImages"}
 )
 
 
@@ -237,14 +245,15 @@ def build_plan(
         _read_region(inventory.load_images, region, clients_for, policy, progress)
         for region in sorted(_copy_targets(policy) - set(regions))
     ]
-    plan = run_plan.plan_run(list(loaded.values()), policy, now, targets)
+    resolved = kms.resolve_keys(clients_for, keys.aliases_to_resolve(policy))
+    plan = run_plan.plan_run(list(loaded.values()), policy, now, targets, resolved)
     needed = run_plan.needed_details(plan, loaded)
     for region, image_ids in needed.items():
         progress(f"{region}: references and launch permissions of {len(image_ids):,} AMIs")
         loaded[region] = inventory.load_details(clients_for(region), policy, loaded[region], image_ids)
     if any(loaded[region].error is not None for region in needed):
         # A region whose details could not be read is skipped, like any failing source.
-        return run_plan.plan_run(list(loaded.values()), policy, now, targets), loaded
+        return run_plan.plan_run(list(loaded.values()), policy, now, targets, resolved), loaded
     return run_plan.settle(plan, loaded, policy), loaded
 
 
@@ -282,7 +291,8 @@ def replicate(
         if f.name in wanted and f.match.matches(image.name, image.tags)
     }
     shares = [s for s in sharing.plan_shares(own, policy, now) if (s.region, s.image_id) in members]
-    copies, problems = replication.plan_replication(list(images.values()), policy, now)
+    resolved = kms.resolve_keys(clients_for, keys.aliases_to_resolve(policy, wanted))
+    copies, problems = replication.plan_replication(list(images.values()), policy, now, keys=resolved)
     copies = [c for c in copies if c.source_region in regions and c.family in wanted]
     problems.extend(
         f"no ledger table {policy.ledger.table} in {region}: plan only (its copies are not known as the "
@@ -376,9 +386,11 @@ def handle_ami_event(
     now: datetime,
     *,
     enqueue: Enqueue | None = None,
+    clients_for: ClientsFor | None = None,
 ) -> AmiEventOutcome:
     """One EC2 AMI State Change event: rotate; a new source is shared and queued for its copies at once
-    (the scheduled run reconciles anything an event missed)."""
+    (the scheduled run reconciles anything an event missed). `clients_for`: the target regions' clients
+    (the aliases of their keys are resolved there)."""
     outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
@@ -399,7 +411,8 @@ def handle_ami_event(
         return outcome
     family = families[0]
     share = sharing.share_for(image, family)
-    copies = replication.copies_of_new_source(image, family)
+    copies, skipped = _new_source_copies(image, family, policy, clients, clients_for)
+    outcome = outcome.model_copy(update={"copies_skipped": skipped})
     if policy.mode != "enforce":
         return outcome.model_copy(update={"would_share": share, "would_copy": len(copies)})
     shared = (
@@ -411,6 +424,31 @@ def handle_ami_event(
     )
     queued = enqueue(copies) if enqueue is not None and copies else 0
     return outcome.model_copy(update={"shared": shared, "copies_queued": queued})
+
+
+def _new_source_copies(
+    image: Image, family: Family, policy: Policy, clients: RegionClients, clients_for: ClientsFor | None
+) -> tuple[list[Copy], list[str]]:
+    """The copies a new source needs, with the aliases of their keys resolved and checked against the
+    key ARNs of the copies its region's ledger records (read only where a target names an alias)."""
+    aliases = keys.aliases_to_resolve(policy, [family.name])
+    if not aliases:
+        return replication.new_source_copies(image, family)
+    factory = clients_for or _with_own(clients)
+    try:
+        view = ledger.Ledger(clients, policy.ledger.table).read_all()
+    except (BotoCoreError, ClientError) as error:
+        # Without the records a redirected alias would go unnoticed: those targets wait for the scheduled run.
+        unread = ResolvedKey(problem=f"the ledger of {clients.region} cannot be read ({error})")
+        return replication.new_source_copies(image, family, dict.fromkeys(aliases, unread))
+    last = keys.last_keys(keys.copy_records(view.items.values()))
+    return replication.new_source_copies(image, family, kms.resolve_keys(factory, aliases), last)
+
+
+def _with_own(clients: RegionClients) -> ClientsFor:
+    """Clients per region that reuse `clients` for its own region."""
+    factory = ClientFactory()
+    return lambda region: clients if region == clients.region else factory(region)
 
 
 def ledger_for(policy: Policy, clients_for: ClientsFor) -> executor.LedgerFor:
@@ -500,7 +538,7 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
     RefusedCopy when the policy would not make it; a source gone since is a skipped copy; LedgerMissing
     where the source's or the target's region has no ledger table (no copy is made unrecorded)."""
     # Checked before any AWS call: no client is made for a region the policy does not name.
-    replication.allowed_target(request, policy)
+    target = replication.allowed_target(request, policy)
     require_ledgers(policy, sorted({request.source_region, request.region}), clients_for)
     ledger_for = ledger.ledgers(clients_for, policy.ledger)
     described = inventory.describe_image(clients_for(request.source_region), request.source_image_id)
@@ -520,5 +558,11 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
     existing = copier.find_copies(
         clients_for(request.region).ec2, ledger_for(request.region), source.image_id, request.region
     )
-    copy = replication.rebuild_copy(request, source, policy, existing)
+    # An alias is resolved again here: the key must still be the one the copy was planned with.
+    key = (
+        kms.resolve_key(clients_for(request.region), target.kms_key_id)
+        if target.kms_key_id is not None and target.kms_alias is not None
+        else None
+    )
+    copy = replication.rebuild_copy(request, source, policy, existing, key)
     return copier.start_copy(clients_for, copy, source, policy, existing, ledger_for=ledger_for)

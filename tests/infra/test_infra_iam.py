@@ -157,7 +157,9 @@ def test_mutating_ec2_actions_are_scoped_and_conditioned(
 
 
 def test_kms_only_on_configured_key_arns(templates: dict[str, dict[str, Any]], infra_policy: Any) -> None:
-    configured = {t.kms_key_id for f in infra_policy.families for t in f.replicate if t.kms_key_id}
+    configured = {
+        t.kms_key_id for f in infra_policy.families for t in f.replicate if t.kms_key_id and not t.kms_alias
+    }
     assert len(configured) == 2
     for template in templates.values():
         for module, role_id in _roles(template).items():
@@ -169,8 +171,31 @@ def test_kms_only_on_configured_key_arns(templates: dict[str, dict[str, Any]], i
             wanted = {a for a in _permissions(module) if a.startswith("kms:")}
             assert bool(kms) == bool(wanted)
             for statement in kms:
-                assert {flatten(r) for r in as_list(statement["Resource"])} == configured
                 assert all(a.startswith("kms:") for a in as_list(statement["Action"]))
+                if statement["Sid"].endswith("ByAlias"):
+                    continue  # test_an_alias_target_needs_the_alias_on_the_key
+                assert {flatten(r) for r in as_list(statement["Resource"])} == configured
+
+
+def test_an_alias_target_needs_the_alias_on_the_key(templates: dict[str, dict[str, Any]]) -> None:
+    """Every role that resolves the alias or copies with its key: any key of the target region that
+    carries the alias, the EC2 calls through EC2 only."""
+    for template in templates.values():
+        for module, role_id in _roles(template).items():
+            by_alias = [
+                s for s in _statements(template, role_id) if str(s.get("Sid", "")).endswith("ByAlias")
+            ]
+            assert bool(by_alias) == ("kms:DescribeKey" in _permissions(module)), module
+            for statement in by_alias:
+                assert [flatten(r) for r in as_list(statement["Resource"])] == [
+                    f"arn:aws:kms:us-west-2:{TEST_ACCOUNT}:key/*"
+                ]
+                condition = statement["Condition"]
+                assert condition["ForAnyValue:StringEquals"] == {
+                    "kms:ResourceAliases": ["alias/pettracker-key"]
+                }
+                if statement["Sid"] != "DescribeReplicaKeysByAlias":
+                    assert condition["StringLike"] == {"kms:ViaService": "ec2.*.amazonaws.com"}
 
 
 def test_no_wildcard_action_no_managed_policy(templates: dict[str, dict[str, Any]]) -> None:

@@ -60,6 +60,8 @@ def test_scope_from_policy(scope: Scope) -> None:
         "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
         "arn:aws:kms:us-west-2:111122223333:key/0987dcba-09fe-87dc-65ba-ab0987654321",
     )
+    # An alias is no Resource: its region, the stack's account and its name.
+    assert scope.kms_aliases == (("us-west-2", ACCOUNT, "alias/pettracker-key"),)
     assert scope.ssm_parameters == ("/ami/pettracker-ml/{arch}/latest",)
     assert scope.build_instances == (
         BuildInstanceScope(None, (("Role", "pettracker-ml"),)),
@@ -180,8 +182,13 @@ def test_kms_only_on_key_arns_through_ec2(scope: Scope) -> None:
         "DescribeReplicaKeys",
         "UseReplicaKeysThroughEc2",
         "GrantReplicaKeysToEc2",
+        "DescribeReplicaKeysByAlias",
+        "UseReplicaKeysThroughEc2ByAlias",
+        "GrantReplicaKeysToEc2ByAlias",
     }
     for statement in kms:
+        if statement.sid.endswith("ByAlias"):
+            continue
         assert statement.resources == scope.kms_key_arns
     assert s["UseReplicaKeysThroughEc2"].conditions == {
         "StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}
@@ -234,3 +241,41 @@ def test_statements_fit_the_service_authorization_reference(scope: Scope) -> Non
         reference.check_statement(
             list(statement.actions), list(statement.resources), dict(statement.conditions)
         )
+
+
+def test_an_alias_target_is_scoped_by_the_keys_aliases(scope: Scope) -> None:
+    s = _by_sid(statements_for(EVERYTHING, scope))
+    keys = (f"arn:aws:kms:us-west-2:{ACCOUNT}:key/*",)
+    by_alias = {"ForAnyValue:StringEquals": {"kms:ResourceAliases": ["alias/pettracker-key"]}}
+    via_ec2 = {"StringLike": {"kms:ViaService": "ec2.*.amazonaws.com"}}
+    # DescribeKey resolves the alias (a direct call) and EC2 calls it while it copies: no ViaService.
+    assert s["DescribeReplicaKeysByAlias"] == Statement(
+        "DescribeReplicaKeysByAlias", ("kms:DescribeKey",), keys, by_alias
+    )
+    assert s["UseReplicaKeysThroughEc2ByAlias"] == Statement(
+        "UseReplicaKeysThroughEc2ByAlias",
+        ("kms:Decrypt", "kms:GenerateDataKeyWithoutPlaintext", "kms:ReEncryptFrom", "kms:ReEncryptTo"),
+        keys,
+        {**by_alias, **via_ec2},
+    )
+    assert s["GrantReplicaKeysToEc2ByAlias"] == Statement(
+        "GrantReplicaKeysToEc2ByAlias",
+        ("kms:CreateGrant",),
+        keys,
+        {**by_alias, **via_ec2, "Bool": {"kms:GrantIsForAWSResource": "true"}},
+    )
+
+
+def test_an_alias_arn_is_scoped_to_its_own_account(infra_policy: Any) -> None:
+    families = [f.model_dump() for f in infra_policy.families]
+    families[0]["replicate"] = [
+        {"region": "eu-west-1", "kms_key_id": "arn:aws:kms:eu-west-1:444455556666:alias/shared/ami-key"}
+    ]
+    aliased = infra_policy.model_copy(update={"families": [Family.model_validate(f) for f in families]})
+    scope = Scope.from_policy(aliased, partition="aws", account=ACCOUNT, region="us-east-1", copies=True)
+    assert scope.kms_aliases == (("eu-west-1", "444455556666", "alias/shared/ami-key"),)
+    s = _by_sid(statements_for(["kms:DescribeKey"], scope))
+    assert s["DescribeReplicaKeysByAlias"].resources == ("arn:aws:kms:eu-west-1:444455556666:key/*",)
+    assert s["DescribeReplicaKeysByAlias"].conditions == {
+        "ForAnyValue:StringEquals": {"kms:ResourceAliases": ["alias/shared/ami-key"]}
+    }

@@ -49,4 +49,13 @@ def test_demo_keeps_every_ami_in_use_and_retires_the_rest() -> None:
     )
     assert copy is not None
     assert f"in eu-west-1: /ami/pettracker-api/latest -> {copy.group(1)}" in out
+    # The policy names the key by alias: resolved in eu-west-1, the key ARN is what the copies got.
+    key = re.search(
+        r"Replica key in eu-west-1: alias/pettracker-key -> (arn:aws:kms:eu-west-1:\d{12}:key/[\w-]+)", out
+    )
+    assert key is not None
+    assert f"(KMS alias/pettracker-key = {key.group(1)})" in out
+    assert (
+        f"encrypted with alias/pettracker-key, resolved in eu-west-1 to {key.group(1)}: CopyImage got" in out
+    )
     assert "the same message delivered again: 1 copy in eu-west-1, 0 failed messages" in out

@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from botocore.stub import Stubber
+from botocore.stub import ANY, Stubber
 from moto import mock_aws
 from moto.ec2.models import ec2_backends
 
@@ -156,6 +156,10 @@ def test_a_copy_is_started_in_the_destination_with_its_tags_and_provenance(aws: 
         "generation": {"N": "1"},
         "token": {"S": client_token(copy_of(source))},
         "source_created": {"S": iso(source.created)},
+        "family": {"S": "web"},
+        "kms_key_id": {"S": KEY_EU},
+        "kms_key_arn": {"S": KEY_EU},
+        "started": ANY,
     }
     assert item(aws, US, source.image_id) == {
         "pk": {"S": f"image#{source.image_id}"},
@@ -384,6 +388,11 @@ def ledger_entry(copy: Copy) -> dict[str, Any]:
             "generation": {"N": str(copy.generation)},
             "token": {"S": client_token(copy)},
             "source_created": {"S": "2026-11-24T02:00:00Z"},
+            "family": {"S": copy.family},
+            # The key CopyImage gets, as the policy names it and as a key ARN.
+            **({"kms_key_id": {"S": copy.kms_key_id}} if copy.kms_key_id else {}),
+            **({"kms_key_arn": {"S": copy.kms_key_arn or copy.kms_key_id}} if copy.kms_key_id else {}),
+            "started": ANY,  # when the copy was started (now)
         }
     }
 

@@ -59,7 +59,6 @@ def test_defaults() -> None:
             with_family(share_with={"accounts": ["12"]}),
             "families[1].share_with.accounts: '12' is not a 12-digit",
         ),
-        (with_family(replicate=[{"region": "eu-west-1", "kms_key_id": "alias/x"}]), "must be a key ARN"),
         ({**BASE, "references": {"launch_template_versions": 0}}, "references.launch_template_versions"),
         ({**BASE, "families": [BASE["families"][0], BASE["families"][0]]}, "family 'a' is defined twice"),
         (
@@ -83,6 +82,60 @@ def test_defaults() -> None:
 def test_errors_name_the_key_path(data: object, expected: str) -> None:
     message = error_of(data)
     assert message.startswith("janitor.yaml:")
+    assert expected in message, message
+
+
+KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+@pytest.mark.parametrize(
+    ("kms_key_id", "alias"),
+    [
+        (KEY_EU, None),
+        ("arn:aws:kms:eu-west-1:111122223333:key/mrk-1234abcd12ab34cd56ef1234567890ab", None),
+        ("arn:aws-us-gov:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab", None),
+        ("alias/pettracker-key", "alias/pettracker-key"),
+        ("alias/team/pettracker_key-2", "alias/team/pettracker_key-2"),
+        ("arn:aws:kms:eu-west-1:111122223333:alias/pettracker-key", "alias/pettracker-key"),
+        (None, None),
+    ],
+)
+def test_kms_key_id_accepts_a_key_arn_an_alias_or_an_alias_arn(
+    kms_key_id: str | None, alias: str | None
+) -> None:
+    loaded = parse_policy(with_family(replicate=[{"region": "eu-west-1", "kms_key_id": kms_key_id}]))
+    target = loaded.family("b").replicate[0]
+    assert target.kms_key_id == kms_key_id
+    assert target.kms_alias == alias
+
+
+@pytest.mark.parametrize(
+    ("kms_key_id", "expected"),
+    [
+        ("1234abcd-12ab-34cd-56ef-1234567890ab", "is not a KMS key ARN"),  # a bare key id
+        ("pettracker-key", "is not a KMS key ARN"),
+        ("alias/", "is not a KMS key ARN"),
+        ("alias/aws/ebs", "is not a KMS key ARN"),  # AWS managed: not a customer key
+        ("alias/pet tracker", "is not a KMS key ARN"),
+        ("arn:aws:kms:eu-west-1:111122223333:key/", "is not a KMS key ARN"),
+        ("arn:aws:kms:eu-west-1:1111:key/1234abcd", "is not a KMS key ARN"),
+        ("arn:aws:s3:::bucket", "is not a KMS key ARN"),
+        ("arn:aws:kms:eu-west-1:111122223333:alias/", "is not a KMS key ARN"),
+        (
+            "arn:aws:kms:us-east-1:111122223333:alias/pettracker-key",
+            "arn:aws:kms:us-east-1:111122223333:alias/pettracker-key is in us-east-1, not in the target "
+            "region eu-west-1",
+        ),
+        (
+            "arn:aws:kms:us-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            "is in us-west-2, not in the target region eu-west-1",
+        ),
+        ("", "is not a KMS key ARN"),
+    ],
+)
+def test_kms_key_id_refusals_name_the_field(kms_key_id: str, expected: str) -> None:
+    message = error_of(with_family(replicate=[{"region": "eu-west-1", "kms_key_id": kms_key_id}]))
+    assert "families[1].replicate[0]" in message and "kms_key_id" in message, message
     assert expected in message, message
 
 

@@ -85,6 +85,8 @@ class RegionClients:
     sns: _Client[SNSClient] = _Client("sns")
     dynamodb: _Client[DynamoDBClient] = _Client("dynamodb")
     sts: _Client[STSClient] = _Client("sts")
+    # Untyped: only DescribeKey is called (no stubs package for KMS in the dev dependencies).
+    kms: _Client[Any] = _Client("kms")
 
 
 OPERATOR_SESSION_NAME = "ami-janitor-cli"

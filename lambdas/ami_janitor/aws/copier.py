@@ -9,6 +9,7 @@ the copy it made) and then records. No copy is made where either ledger table is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
@@ -140,7 +141,7 @@ def _start(
     source_ledger.require()
     if copy.region != copy.source_region:
         target_ledger.require()
-    record = ledger_copy(copy, source)
+    record = ledger_copy(copy, source, datetime.now(UTC))
     # Recorded before the copy starts: this generation is never planned anew, only finished with its
     # token ("already-recorded": an earlier attempt of this same copy).
     source_ledger.record_copy(record)

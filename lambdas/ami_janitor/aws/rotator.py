@@ -73,6 +73,8 @@ class AmiEventOutcome(Outcome):
     # a new source in enforce: what sharing it did and how many copies were queued
     shared: list[ShareResult] = Field(default_factory=list)
     copies_queued: int | None = None
+    # a new source: the copy targets skipped (an alias that cannot be resolved or now names another key)
+    copies_skipped: list[str] = Field(default_factory=list)
 
 
 def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list[str]:

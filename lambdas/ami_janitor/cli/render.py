@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ami_janitor.aws.executor import ActionResult
     from ami_janitor.aws.ledger import CreateResult
     from ami_janitor.aws.rotator import RotationResult
-    from ami_janitor.core.model import LatestChange, Plan
+    from ami_janitor.core.model import Copy, LatestChange, Plan
     from ami_janitor.engine import ReplicateResult, RunResult
 
 
@@ -70,7 +70,7 @@ def print_plan(plan: Plan, out: TextIO) -> None:
     if plan.copies:
         out.write("\nCopies:\n")
         for copy in plan.copies:
-            key = f" (KMS {copy.kms_key_id})" if copy.kms_key_id else ""
+            key = f" (KMS {key_of(copy)})" if copy.kms_key_id else ""
             out.write(f"  {copy.family}: {copy.source_region}/{copy.source_image_id} -> {copy.region}{key}\n")
     if plan.shares:
         out.write("\nShares:\n")
@@ -172,12 +172,19 @@ def print_rescue(results: Iterable[ActionResult], out: TextIO) -> None:
             )
 
 
+def key_of(copy: Copy) -> str:
+    """The copy's key as the policy names it and, for an alias, the key ARN it resolved to."""
+    if copy.kms_key_arn and copy.kms_key_arn != copy.kms_key_id:
+        return f"{copy.kms_key_id} = {copy.kms_key_arn}"
+    return copy.kms_key_id or ""
+
+
 def print_replication(result: ReplicateResult, out: TextIO, *, mode: str, applied: bool) -> None:
     """The copies and shares planned and, when applied, what was done."""
     if not applied:
         out.write(f"mode {mode}: nothing is written; these copies and shares would be made:\n")
     for copy in result.copies:
-        key = f" encrypted with {copy.kms_key_id}" if copy.kms_key_id else ""
+        key = f" encrypted with {key_of(copy)}" if copy.kms_key_id else ""
         out.write(
             f"copy {copy.family} {copy.source_region}/{copy.source_image_id} -> {copy.region}{key}"
             f" (generation {copy.generation})\n"

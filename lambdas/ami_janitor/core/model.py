@@ -315,8 +315,11 @@ class Copy(_PlanModel):
     source_image_id: str
     source_region: str
     region: str
+    # As the policy names it (a key ARN or an alias) ...
     kms_key_id: str | None = None
     generation: int = 1
+    # ... and the key ARN CopyImage is given (an alias resolved in the target region when planned).
+    kms_key_arn: str | None = None
 
 
 class Share(_PlanModel):
@@ -412,6 +415,12 @@ class LedgerCopy(_Frozen):
     image_id: str | None = None
     # The source's CreationDate as EC2 reported it when the copy started: a replica's age and order.
     source_created: datetime | None = None
+    # The family, the key as the policy named it and the key ARN the copy was made with: a later alias
+    # that resolves elsewhere is refused (see core.keys).
+    family: str | None = None
+    kms_key_id: str | None = None
+    kms_key_arn: str | None = None
+    started: datetime | None = None
 
 
 class LedgerSnapshot(_Frozen):

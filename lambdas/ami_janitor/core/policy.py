@@ -32,6 +32,12 @@ Mode = Literal["dry-run", "enforce", "paused"]
 
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
+_KMS_ARN = r"^arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):\d{12}:"
+_KEY_ARN_RE = re.compile(_KMS_ARN + r"key/[A-Za-z0-9-]+$")
+# Alias names: alias/ then letters, digits, '/', '_', '-' (alias/aws/ is reserved for AWS managed keys).
+_ALIAS_NAME = r"alias/(?!aws/)[A-Za-z0-9/_-]+"
+_ALIAS_RE = re.compile(f"^{_ALIAS_NAME}$")
+_ALIAS_ARN_RE = re.compile(_KMS_ARN + f"(?P<alias>{_ALIAS_NAME})$")
 
 
 class PolicyError(ValueError):
@@ -134,6 +140,7 @@ class Latest(_Strict):
 
 class ReplicateTarget(_Strict):
     region: str
+    # A key ARN, `alias/NAME` or an alias ARN; an alias is resolved (DescribeKey) in the target region.
     kms_key_id: str | None = None
 
     @field_validator("region")
@@ -144,9 +151,29 @@ class ReplicateTarget(_Strict):
     @field_validator("kms_key_id")
     @classmethod
     def _key(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("arn:"):
-            raise ValueError("must be a key ARN (an alias cannot scope an IAM policy)")
+        if value is not None and not (
+            _KEY_ARN_RE.match(value) or _ALIAS_RE.match(value) or _ALIAS_ARN_RE.match(value)
+        ):
+            raise ValueError(
+                f"{value!r} is not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID), an alias (alias/NAME) "
+                "or an alias ARN (arn:aws:kms:REGION:ACCOUNT:alias/NAME)"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _key_in_target_region(self) -> ReplicateTarget:
+        # KMS keys and aliases are regional: CopyImage in the target region can use only one of its own.
+        region = kms_arn_region(self.kms_key_id)
+        if region is not None and region != self.region:
+            raise ValueError(
+                f"kms_key_id {self.kms_key_id} is in {region}, not in the target region {self.region}"
+            )
+        return self
+
+    @property
+    def kms_alias(self) -> str | None:
+        """`alias/NAME` where kms_key_id names an alias (either form); None for a key ARN or no key."""
+        return alias_name(self.kms_key_id)
 
 
 class ShareWith(_Strict):
@@ -325,6 +352,22 @@ class Policy(_Strict):
         if family.limits is not None and family.limits.max_fraction_per_family is not None:
             merged["limits"]["max_fraction_per_family"] = family.limits.max_fraction_per_family
         return Rules.model_validate(merged)
+
+
+def alias_name(kms_key_id: str | None) -> str | None:
+    """`alias/NAME` of a kms_key_id naming an alias (`alias/NAME` or its ARN); None otherwise."""
+    if kms_key_id is None:
+        return None
+    if _ALIAS_RE.match(kms_key_id):
+        return kms_key_id
+    match = _ALIAS_ARN_RE.match(kms_key_id)
+    return match.group("alias") if match else None
+
+
+def kms_arn_region(kms_key_id: str | None) -> str | None:
+    """The region of a key or alias ARN (None: not an ARN)."""
+    match = re.match(_KMS_ARN, kms_key_id or "")
+    return match.group("region") if match else None
 
 
 def _check_region(value: str) -> str:

@@ -24,6 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from ami_janitor.core.keys import KeyResolutions, LastKeys, ResolvedKey, copy_records, last_keys, target_key
+from ami_janitor.core.keys import inventory_records as _records
 from ami_janitor.core.model import Copy, Image, LedgerCopy, RegionInventory, Status, iso
 from ami_janitor.core.planner import Group, Grouped, build_groups, latest_target, order_key
 from ami_janitor.core.policy import (
@@ -35,6 +37,7 @@ from ami_janitor.core.policy import (
     Family,
     Policy,
     ReplicateTarget,
+    alias_name,
 )
 from ami_janitor.core.validation import describe_validation_error
 
@@ -110,9 +113,15 @@ class RefusedCopy(BadCopyMessage):
 
 
 def copy_to(
-    family: str, source_image_id: str, source_region: str, target: ReplicateTarget, generation: int
+    family: str,
+    source_image_id: str,
+    source_region: str,
+    target: ReplicateTarget,
+    generation: int,
+    kms_key_arn: str | None = None,
 ) -> Copy:
-    """A copy request to `target`, with the key the policy configures there (never another)."""
+    """A copy request to `target`, with the key the policy configures there (never another); an alias
+    with the key ARN it was resolved to (`kms_key_arn`; None: not resolved, or kms_key_id is the ARN)."""
     return Copy(
         family=family,
         source_image_id=source_image_id,
@@ -120,6 +129,7 @@ def copy_to(
         region=target.region,
         kms_key_id=target.kms_key_id,
         generation=generation,
+        kms_key_arn=kms_key_arn if target.kms_alias is not None else None,
     )
 
 
@@ -136,9 +146,10 @@ def recorded_generation(source: Image, region: str) -> int:
     return max((c.generation for c in source.ledger.copies if c.region == region), default=0)
 
 
-def ledger_copy(copy: Copy, source: Image) -> LedgerCopy:
+def ledger_copy(copy: Copy, source: Image, started: datetime | None = None) -> LedgerCopy:
     """The ledger's record of a copy: on the source before CopyImage, on the copy after (with its id).
-    Its `source_created` is the source's CreationDate as EC2 reports it (sources are never replicas)."""
+    Its `source_created` is the source's CreationDate as EC2 reports it (sources are never replicas);
+    its key ARN is the one CopyImage is given (a later alias is checked against it)."""
     return LedgerCopy(
         source_image_id=copy.source_image_id,
         source_region=copy.source_region,
@@ -146,6 +157,10 @@ def ledger_copy(copy: Copy, source: Image) -> LedgerCopy:
         generation=copy.generation,
         token=client_token(copy),
         source_created=source.created,
+        family=copy.family,
+        kms_key_id=copy.kms_key_id,
+        kms_key_arn=_copy_key(copy),
+        started=started,
     )
 
 
@@ -205,13 +220,39 @@ def _targets(family: Family, region: str) -> tuple[list[ReplicateTarget], list[s
     return usable, problems
 
 
-def copies_of_new_source(source: Image, family: Family) -> list[Copy]:
+def _keyed_targets(
+    family: Family, region: str, keys: KeyResolutions | None, last: LastKeys
+) -> tuple[list[tuple[ReplicateTarget, str | None]], list[str]]:
+    """The family's targets for sources in `region` with the key ARN of each (an alias resolved and
+    checked against the ledger: see core.keys), and the problems of the others."""
+    targets, problems = _targets(family, region)
+    keyed: list[tuple[ReplicateTarget, str | None]] = []
+    for target in targets:
+        arn, problem = target_key(family.name, target, keys, last)
+        if problem is not None:
+            problems.append(problem)
+        else:
+            keyed.append((target, arn))
+    return keyed, problems
+
+
+def copies_of_new_source(
+    source: Image, family: Family, keys: KeyResolutions | None = None, last: LastKeys | None = None
+) -> list[Copy]:
+    """The copies of new_source_copies, without the targets it skips."""
+    return new_source_copies(source, family, keys, last)[0]
+
+
+def new_source_copies(
+    source: Image, family: Family, keys: KeyResolutions | None = None, last: LastKeys | None = None
+) -> tuple[list[Copy], list[str]]:
     """The copies a source just made available needs (its `available` event), at the generation its
-    ledger item records (pass the source with it): the worker finds an existing copy by provenance, so a
-    repeat makes none."""
+    ledger item records (pass the source with it), and the targets skipped (an alias that cannot be
+    resolved or that resolves to another key than the last copy's): the worker finds an existing copy
+    by provenance, so a repeat makes none."""
     if source.is_replica or source.root_device_type == "instance-store":
-        return []
-    targets, _ = _targets(family, source.region)
+        return [], []
+    targets, problems = _keyed_targets(family, source.region, keys, last or {})
     copies = [
         copy_to(
             family.name,
@@ -219,12 +260,13 @@ def copies_of_new_source(source: Image, family: Family) -> list[Copy]:
             source.region,
             target,
             max(recorded_generation(source, target.region), 1),
+            arn,
         )
-        for target in targets
+        for target, arn in targets
         if not (target.region == source.region and source.encrypted)  # encrypt in place: unencrypted only
     ]
     # A record past the bound (written by hand): the worker would refuse it; the scheduled run reports it.
-    return [c for c in copies if c.generation <= MAX_COPY_GENERATIONS]
+    return [c for c in copies if c.generation <= MAX_COPY_GENERATIONS], problems
 
 
 def _plan_one(
@@ -257,12 +299,19 @@ def _plan_one(
 
 
 def plan_replication(
-    inventories: Sequence[RegionInventory], policy: Policy, now: datetime, grouped: Grouped | None = None
+    inventories: Sequence[RegionInventory],
+    policy: Policy,
+    now: datetime,
+    grouped: Grouped | None = None,
+    keys: KeyResolutions | None = None,
 ) -> tuple[list[Copy], list[str]]:
     """The copies to start and the problems to report. Sources are read in the policy's `regions`, copies
     in the targets; a region without a usable inventory (absent, or with an error) is left alone: no copy
-    from it, none to it. Order: source region, family, architecture, source newest first, target region."""
+    from it, none to it. `keys`: what each alias target resolves to now (without it, alias targets are
+    skipped); every ledger read holds records of the key ARNs copies were made with.
+    Order: source region, family, architecture, source newest first, target region."""
     usable = {inv.region: inv for inv in inventories if inv.error is None}
+    last = last_keys(_records(usable.values()))
     indexes = {region: _copies_by_source(inv) for region, inv in usable.items()}
     replicated = {region: _replicas_recorded(inv) for region, inv in usable.items()}
     copies: list[Copy] = []
@@ -275,14 +324,14 @@ def plan_replication(
         for group in groups:
             if not group.family.replicate:
                 continue
-            targets, target_problems = _targets(group.family, region)
+            targets, target_problems = _keyed_targets(group.family, region, keys, last)
             # One line per family, not one per architecture group.
             problems.extend(p for p in target_problems if p not in problems)
             for source in wanted_sources(group, conflicts, now):
                 if source.root_device_type == "instance-store":
                     problems.append(f"{source.image_id} ({region}) is instance-store backed: not replicated")
                     continue
-                for target in targets:
+                for target, arn in targets:
                     if target.region not in indexes:
                         continue
                     planned = _plan_one(
@@ -293,7 +342,8 @@ def plan_replication(
                         replicated[target.region].get((source.image_id, region), set()),
                     )
                     if isinstance(planned, Copy):
-                        copies.append(planned)
+                        resolved = arn if target.kms_alias is not None else None
+                        copies.append(planned.model_copy(update={"kms_key_arn": resolved}))
                     elif planned is not None:
                         problems.append(planned)
     return copies, problems
@@ -408,10 +458,27 @@ def copy_request(copy: Copy, source: Image, policy: Policy) -> dict[str, Any]:
         "CopyImageTags": False,
         "TagSpecifications": specifications,
     }
-    if copy.kms_key_id is not None:
+    key = _copy_key(copy)
+    if key is not None:
         request["Encrypted"] = True
-        request["KmsKeyId"] = copy.kms_key_id
+        request["KmsKeyId"] = key
     return request
+
+
+def _copy_key(copy: Copy) -> str | None:
+    """The key ARN CopyImage gets: never an alias (resolved and checked when planned), never none where
+    the policy names a key."""
+    if copy.kms_key_id is None:
+        if copy.kms_key_arn is not None:
+            raise ValueError(f"key {copy.kms_key_arn} given where the target names no kms_key_id")
+        return None
+    if alias_name(copy.kms_key_id) is None:
+        if copy.kms_key_arn not in (None, copy.kms_key_id):
+            raise ValueError(f"key {copy.kms_key_arn} is not the target's kms_key_id {copy.kms_key_id}")
+        return copy.kms_key_id
+    if copy.kms_key_arn is None:
+        raise ValueError(f"{copy.kms_key_id} was not resolved to a key ARN: not copied")
+    return copy.kms_key_arn
 
 
 def _policy_change(copy: Copy, policy: Policy) -> str | None:
@@ -479,14 +546,18 @@ def _membership_problem(request: Copy, source: Image, policy: Policy) -> str | N
     return None
 
 
-def rebuild_copy(request: Copy, source: Image, policy: Policy, copies: Iterable[Image] = ()) -> Copy:
+def rebuild_copy(
+    request: Copy, source: Image, policy: Policy, copies: Iterable[Image] = (), key: ResolvedKey | None = None
+) -> Copy:
     """The copy the policy itself makes of a queued request, or RefusedCopy with the reason.
 
     `source` is the request's source as EC2 describes it now in the request's source region, `copies`
     its copies in the target region. Besides allowed_target's checks: the source is a member of exactly
     the request's family and no copy itself, and the generation is no higher than the janitor could
     have planned (the highest the ledger records started, on the source or a copy, plus one). Only the generation
-    is the request's own: the source is EC2's, the family, regions and key are the policy's.
+    is the request's own: the source is EC2's, the family, regions and key are the policy's. `key`: what the
+    target's alias resolves to now; it must be the key ARN the request was planned with and, as far as the
+    source's and its copies' ledger items tell, the key of the last copy there.
     """
     target = allowed_target(request, policy)
     if (source.image_id, source.region) != (request.source_image_id, request.source_region):
@@ -501,7 +572,31 @@ def rebuild_copy(request: Copy, source: Image, policy: Policy, copies: Iterable[
             f"for {source.image_id} in {target.region}",
             request,
         )
-    return copy_to(request.family, source.image_id, source.region, target, request.generation)
+    arn = _requested_key(request, target, source, copies, key)
+    return copy_to(request.family, source.image_id, source.region, target, request.generation, arn)
+
+
+def _requested_key(
+    request: Copy, target: ReplicateTarget, source: Image, copies: Iterable[Image], key: ResolvedKey | None
+) -> str | None:
+    """The key ARN the worker copies with: the policy's key ARN, or the alias resolved now (RefusedCopy
+    where it cannot be, or resolves elsewhere than when the copy was planned or than the last copy's)."""
+    if target.kms_key_id is None or target.kms_alias is None:
+        return target.kms_key_id
+    records = copy_records(
+        [*([source.ledger] if source.ledger else []), *(c.ledger for c in copies if c.ledger)]
+    )
+    keys = {(target.region, target.kms_key_id): key} if key is not None else None
+    arn, problem = target_key(request.family, target, keys, last_keys(records))
+    if problem is not None:
+        raise RefusedCopy(problem, request)
+    if request.kms_key_arn != arn:
+        raise RefusedCopy(
+            f"{target.kms_key_id} in {target.region} resolves to {arn} now, not to {request.kms_key_arn} "
+            "(the key the copy was planned with)",
+            request,
+        )
+    return arn
 
 
 class CopyRequest(Copy):

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from ami_janitor.core import planner
+from ami_janitor.core.keys import KeyResolutions
 from ami_janitor.core.model import Decision, Image, Plan, RegionInventory
 from ami_janitor.core.planner import is_janitor_touched, shared_outside
 from ami_janitor.core.policy import Policy
@@ -24,15 +25,17 @@ def plan_run(
     policy: Policy,
     now: datetime,
     targets: Sequence[RegionInventory] = (),
+    keys: KeyResolutions | None = None,
 ) -> Plan:
     """Decisions, Latest, shares and copies of `inventories`; `targets` are copy destinations only
-    (their AMIs, read without references, are not planned)."""
+    (their AMIs, read without references, are not planned); `keys`: what the aliases of replica keys
+    resolve to now."""
     grouped = planner.group_regions(inventories, policy)
     plan = planner.plan(inventories, policy, now, grouped)
     usable = [inv for inv in inventories if inv.error is None]
     retiring = {(d.region, d.image_id) for d in plan.decisions if d.action in RETIRING}
     shares = [s for s in plan_shares(usable, policy, now, grouped) if (s.region, s.image_id) not in retiring]
-    copies, problems = plan_replication([*usable, *targets], policy, now, grouped)
+    copies, problems = plan_replication([*usable, *targets], policy, now, grouped, keys)
     planned = {inv.region for inv in usable}
     return plan.model_copy(
         update={

@@ -36,7 +36,7 @@ families:
     latest: {tag: Latest, ssm_parameter: "/ami/pettracker-api/latest"}
     share_with: {accounts: ["111122223333"]}
     replicate:
-      - {region: eu-west-1, kms_key_id: "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"}
+      - {region: eu-west-1, kms_key_id: "alias/pettracker-key"}
     bake: {instance_tag: {Role: pettracker-api}}
     keep_latest: 2
     lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
@@ -296,6 +296,7 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
 
     from ami_janitor.aws import baker
     from ami_janitor.aws.clients import RegionClients
+    from ami_janitor.aws.ledger import Ledger
     from ami_janitor.handlers import ami_event, replicate
 
     out.write("\n== Bake, share, replicate ==\n")
@@ -333,6 +334,12 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
             f"  the replication worker copied it to eu-west-1: {copy['ImageId']} (KMS key requested; "
             f"source-image {tags.get('ami-janitor:source-image')}, source-created "
             f"{tags.get('ami-janitor:source-created')}); {failures} failed messages\n"
+        )
+        replica = Ledger(west, policy.ledger.table).read_items([copy["ImageId"]])[copy["ImageId"]].replica
+        out.write(
+            f"  encrypted with {REPLICA_ALIAS}, resolved in eu-west-1 to "
+            f"{replica.kms_key_arn if replica else '?'}: CopyImage got that key ARN, and the ledger records "
+            "it with the copy (an alias later moved to another key is refused)\n"
         )
         ami_event.handler(ami_state_event("eu-west-1", copy["ImageId"], "available"), _Context())
         pointer = west.ssm.get_parameter(Name="/ami/pettracker-api/latest")["Parameter"]["Value"]
@@ -414,6 +421,7 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
             "account.\n\n"
         )
         policy = load_policy(config)
+        _replica_key(text)
         result = _cleanup_story(fleet, policy, now, out, json_output)
         after = fleet.census()
         if not json_output:
@@ -426,6 +434,20 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
         return code
     finally:
         server.stop()
+
+
+REPLICA_ALIAS = "alias/pettracker-key"
+
+
+def _replica_key(out: TextIO) -> str:
+    """The key pettracker-api's copies to eu-west-1 are encrypted with, named by its alias in the policy."""
+    import boto3
+
+    kms = boto3.client("kms", region_name="eu-west-1")
+    arn = str(kms.create_key(Description="PetTracker AMI copies")["KeyMetadata"]["Arn"])
+    kms.create_alias(AliasName=REPLICA_ALIAS, TargetKeyId=arn)
+    out.write(f"Replica key in eu-west-1: {REPLICA_ALIAS} -> {arn} (the policy names the alias).\n\n")
+    return arn
 
 
 def _cleanup_story(fleet: Fleet, policy: Any, now: datetime, out: TextIO, json_output: bool) -> Any:

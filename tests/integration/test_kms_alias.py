@@ -1,0 +1,166 @@
+"""A replica key named by an alias: resolved in the target region, CopyImage given the key ARN, the key
+recorded with the copy, a redirected or unresolvable alias refused or skipped with the reason."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+from ami_janitor import engine
+from ami_janitor.aws import inventory
+from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.core.policy import Policy, parse_policy
+from ami_janitor.core.replication import RefusedCopy
+from ami_janitor.demo import emulator
+from server import make_ledger
+
+US, EU = "us-east-1", "eu-west-1"
+ALIAS = "alias/web-key"
+POLICY: Policy = parse_policy(
+    {
+        "mode": "enforce",
+        "regions": [US],
+        "families": [
+            {
+                "name": "web",
+                "match": {"tags": {"Project": "Web"}, "name": "web-*"},
+                "keep_latest": 2,
+                "replicate": [{"region": EU, "kms_key_id": ALIAS}],
+            }
+        ],
+    }
+)
+NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
+    emulator.install()
+    with mock_aws():
+        make_ledger((US, EU))
+        yield ClientFactory()
+
+
+def key(aws: ClientFactory, alias: str | None = None) -> str:
+    """A new key in eu-west-1 (its ARN); with `alias`, the alias is created for it."""
+    arn = str(aws(EU).kms.create_key(Description="replica key")["KeyMetadata"]["Arn"])
+    if alias:
+        aws(EU).kms.create_alias(AliasName=alias, TargetKeyId=arn)
+    return arn
+
+
+def bake(aws: ClientFactory, name: str) -> str:
+    ec2 = aws(US).ec2
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    image_id = str(ec2.create_image(InstanceId=instance["InstanceId"], Name=name)["ImageId"])
+    ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "Web"}])
+    return image_id
+
+
+def copy_requests(aws: ClientFactory) -> list[dict[str, Any]]:
+    """Every CopyImage request made in eu-west-1 from now on, as sent (moto ignores KmsKeyId)."""
+    sent: list[dict[str, Any]] = []
+
+    def capture(params: dict[str, Any], **_: Any) -> None:
+        sent.append(dict(params))
+
+    aws(EU).ec2.meta.events.register("provide-client-params.ec2.CopyImage", capture)
+    return sent
+
+
+def replicate(aws: ClientFactory) -> engine.ReplicateResult:
+    return engine.replicate(POLICY, [US], aws, NOW, apply=True)
+
+
+def test_an_alias_is_resolved_and_copyimage_gets_the_key_arn(aws: ClientFactory) -> None:
+    arn = key(aws, ALIAS)
+    source = bake(aws, "web-1")
+    sent = copy_requests(aws)
+    result = replicate(aws)
+    [copy] = result.copies
+    # The plan shows both: the alias the policy names and the key it resolved to.
+    assert (copy.kms_key_id, copy.kms_key_arn) == (ALIAS, arn)
+    assert [r.status for r in result.copy_results] == ["ok"]
+    [request] = sent
+    assert (request["SourceImageId"], request["Encrypted"], request["KmsKeyId"]) == (source, True, arn)
+    # The ledger records the key ARN with the copy, on the source and on the replica.
+    item = inventory.read_ledger_items(aws(US), "ami-janitor-ledger", [source])
+    assert item is not None
+    [record] = item.items[source].copies
+    assert (record.family, record.kms_key_id, record.kms_key_arn) == ("web", ALIAS, arn)
+    assert record.started is not None
+
+
+def test_an_alias_moved_to_another_key_is_refused_and_reported(aws: ClientFactory) -> None:
+    first = key(aws, ALIAS)
+    bake(aws, "web-1")
+    assert [r.status for r in replicate(aws).copy_results] == ["ok"]
+    # Someone with kms:UpdateAlias points the alias at a key they control.
+    other = key(aws)
+    aws(EU).kms.update_alias(AliasName=ALIAS, TargetKeyId=other)
+    newer = bake(aws, "web-2")
+    sent = copy_requests(aws)
+    result = replicate(aws)
+    assert result.copies == [] and sent == []
+    [refusal] = [p for p in result.problems if "refused" in p]
+    assert refusal.startswith(
+        f"family web: replicate target {EU} ({ALIAS}) refused: the alias now resolves to {other}"
+    )
+    assert f"was made with {first}" in refusal
+    # The plan of a scheduled run says the same.
+    plan, _ = engine.build_plan(POLICY, [US], aws, NOW)
+    assert plan.copies == [] and refusal in plan.notes
+    # Pointed back at the recorded key, the copy is made again.
+    aws(EU).kms.update_alias(AliasName=ALIAS, TargetKeyId=first)
+    again = replicate(aws)
+    assert [(c.source_image_id, c.kms_key_arn) for c in again.copies] == [(newer, first)]
+
+
+def test_an_alias_that_does_not_exist_skips_its_target(aws: ClientFactory) -> None:
+    bake(aws, "web-1")
+    sent = copy_requests(aws)
+    result = replicate(aws)
+    assert result.copies == [] and result.copy_results == [] and sent == []
+    [problem] = result.problems
+    assert problem.startswith(
+        f"family web: replicate target {EU} ({ALIAS}) skipped: cannot resolve it in {EU} ("
+    )
+    assert "NotFoundException" in problem and "\n" not in problem
+
+
+def test_an_alias_the_role_may_not_describe_skips_its_target(aws: ClientFactory) -> None:
+    key(aws, ALIAS)
+    bake(aws, "web-1")
+
+    def denied(**_: Any) -> None:
+        raise ClientError(
+            {"Error": {"Code": "AccessDeniedException", "Message": "not allowed"}}, "DescribeKey"
+        )
+
+    aws(EU).kms.meta.events.register("before-call.kms.DescribeKey", denied)
+    sent = copy_requests(aws)
+    result = replicate(aws)
+    assert result.copies == [] and sent == []
+    assert result.problems == [
+        f"family web: replicate target {EU} ({ALIAS}) skipped: cannot resolve it in {EU} "
+        "(AccessDeniedException: not allowed); not copied"
+    ]
+
+
+def test_the_worker_refuses_a_copy_whose_alias_moved_since_it_was_planned(aws: ClientFactory) -> None:
+    key(aws, ALIAS)
+    bake(aws, "web-1")
+    [planned] = engine.replicate(POLICY, [US], aws, NOW, apply=False).copies
+    aws(EU).kms.update_alias(AliasName=ALIAS, TargetKeyId=key(aws))
+    sent = copy_requests(aws)
+    with pytest.raises(RefusedCopy, match=f"resolves to .* now, not to {planned.kms_key_arn}"):
+        engine.start_requested_copy(planned, POLICY, aws)
+    assert sent == []
+    # A request for an alias target without the key it was planned with is refused too.
+    with pytest.raises(RefusedCopy):
+        engine.start_requested_copy(planned.model_copy(update={"kms_key_arn": None}), POLICY, aws)
