@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from ami_janitor.core.policy import Family, Mode, Policy
 ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
 Progress = Callable[[str], None]  # a line for a person watching (the CLI on a terminal)
+REGION_WORKERS = 8  # regions read at once
 
 
 def _quiet(line: str) -> None:
@@ -235,26 +237,35 @@ def build_plan(
     plan, then the per-AMI details the plan asks for (DescribeImageReferences and launch permissions,
     so only for the AMIs it acts on or runs a clock on), and the plan settled on them."""
     # Planned on the view the first enforce run with a ledger has once it adopted older janitor tags.
-    loaded = {
-        region: trust.adopted_view(
-            _read_region(inventory.load_inventory, region, clients_for, policy, progress), policy, now
-        )
-        for region in regions
-    }
-    targets = [
-        _read_region(inventory.load_images, region, clients_for, policy, progress)
-        for region in sorted(_copy_targets(policy) - set(regions))
-    ]
+    read = _each_region(
+        regions, lambda r: _read_region(inventory.load_inventory, r, clients_for, policy, progress)
+    )
+    loaded = {inv.region: trust.adopted_view(inv, policy, now) for inv in read}
+    targets = _each_region(
+        sorted(_copy_targets(policy) - set(regions)),
+        lambda r: _read_region(inventory.load_images, r, clients_for, policy, progress),
+    )
     resolved = kms.resolve_keys(clients_for, keys.aliases_to_resolve(policy))
     plan = run_plan.plan_run(list(loaded.values()), policy, now, targets, resolved)
     needed = run_plan.needed_details(plan, loaded)
-    for region, image_ids in needed.items():
-        progress(f"{region}: references and launch permissions of {len(image_ids):,} AMIs")
-        loaded[region] = inventory.load_details(clients_for(region), policy, loaded[region], image_ids)
+
+    def details(region: str) -> RegionInventory:
+        progress(f"{region}: references and launch permissions of {len(needed[region]):,} AMIs")
+        return inventory.load_details(clients_for(region), policy, loaded[region], needed[region])
+
+    loaded.update((inv.region, inv) for inv in _each_region(sorted(needed), details))
     if any(loaded[region].error is not None for region in needed):
         # A region whose details could not be read is skipped, like any failing source.
         return run_plan.plan_run(list(loaded.values()), policy, now, targets, resolved), loaded
     return run_plan.settle(plan, loaded, policy), loaded
+
+
+def _each_region(regions: Sequence[str], read: Callable[[str], RegionInventory]) -> list[RegionInventory]:
+    """`read` of each region, in order, the regions side by side: each has its own endpoints and rates."""
+    if len(regions) <= 1:
+        return [read(region) for region in regions]
+    with ThreadPoolExecutor(max_workers=min(len(regions), REGION_WORKERS)) as pool:
+        return list(pool.map(read, regions))
 
 
 def _copy_targets(policy: Policy) -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import boto3
@@ -46,6 +47,7 @@ class _Client(Generic[ClientT]):
 # Per-AMI reads (DescribeImageAttribute) in flight at once: the adaptive retry mode paces them to the
 # API's rate, and clients are thread-safe once made.
 READ_WORKERS = 8
+_SESSION_LOCK = threading.RLock()
 
 
 class RegionClients:
@@ -67,11 +69,13 @@ class RegionClients:
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
-            self._clients[service] = self._session.client(  # type: ignore[call-overload]
-                service,
-                region_name=self.region,
-                config=client_config(),
-            )
+            with _SESSION_LOCK:  # a session is not thread-safe; the regions of a run share one
+                if service not in self._clients:
+                    self._clients[service] = self._session.client(  # type: ignore[call-overload]
+                        service,
+                        region_name=self.region,
+                        config=client_config(),
+                    )
         return self._clients[service]
 
     ec2: _Client[EC2Client] = _Client("ec2")
