@@ -55,6 +55,7 @@ from ami_janitor.core.policy import (
     parse_policy,
 )
 from ami_janitor.demo import emulator
+from builders import ledger_write
 from server import POLICY
 
 REGION = "us-east-1"
@@ -256,8 +257,15 @@ class CallLog:
 def writes(image_id: str, expression: str) -> Callable[[dict[str, Any]], bool]:
     """An UpdateItem on the AMI's ledger item whose update expression starts with `expression`."""
     return lambda p: bool(
-        p["Key"]["pk"]["S"] == f"image#{image_id}" and p["UpdateExpression"].startswith(expression)
+        p["Key"]["pk"]["S"] == f"image#{image_id}" and _recorded(p["UpdateExpression"]).startswith(expression)
     )
+
+
+def _recorded(expression: str) -> str:
+    """An update expression without the write id every ledger write adds to it."""
+    if expression.startswith("SET #last_write = :last_write, "):
+        return "SET " + expression.removeprefix("SET #last_write = :last_write, ")
+    return expression.removeprefix("SET #last_write = :last_write ")
 
 
 def stage_write(image_id: str, stage: Stage) -> Callable[[dict[str, Any]], bool]:
@@ -1348,7 +1356,7 @@ def test_exact_requests_of_all_three_stages(stubbed: tuple[Any, Stubber]) -> Non
 
     with Stubber(db) as ledger_stub:
         for request in ledger_requests:
-            ledger_stub.add_response("update_item", {}, request)
+            ledger_stub.add_response("update_item", {}, ledger_write(request))
         result = apply_plan(
             make_plan([decision(ami, "deregister", ALL_STAGES)]),
             {REGION: inventory},
@@ -1523,13 +1531,15 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
         ledger_stub.add_response(
             "update_item",
             {},
-            {
-                "TableName": TABLE,
-                "Key": _key(ami),
-                "UpdateExpression": "SET closed = :at",
-                "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)",
-                "ExpressionAttributeValues": {":at": {"S": "2030-01-02T03:04:05Z"}},
-            },
+            ledger_write(
+                {
+                    "TableName": TABLE,
+                    "Key": _key(ami),
+                    "UpdateExpression": "SET closed = :at",
+                    "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)",
+                    "ExpressionAttributeValues": {":at": {"S": "2030-01-02T03:04:05Z"}},
+                }
+            ),
         )
         book = Ledger(RegionClients(REGION, ec2=client, dynamodb=db), TABLE)
         results = rescue_image(RegionClients(REGION, ec2=client, dynamodb=db), book, image, FIXED_NOW)

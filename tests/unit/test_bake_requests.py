@@ -16,6 +16,7 @@ from ami_janitor.aws import baker
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core import baking
 from ami_janitor.core.policy import Bake, Family, Match, PolicyError, parse_policy
+from builders import ledger_write
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
@@ -177,18 +178,22 @@ class Stubbed:
         self.dynamodb.add_response(
             "update_item",
             {},
-            {
-                "TableName": "ami-janitor-ledger",
-                "Key": {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}},
-                "UpdateExpression": "SET image_id = :id, bakes = :bakes",
-                "ConditionExpression": "attribute_not_exists(bakes)",
-                "ExpressionAttributeValues": {
-                    ":id": {"S": image_id},
-                    ":bakes": {
-                        "L": [{"M": {"instance_id": {"S": INSTANCE}, "at": {"S": "2026-11-25T03:00:00Z"}}}]
+            ledger_write(
+                {
+                    "TableName": "ami-janitor-ledger",
+                    "Key": {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}},
+                    "UpdateExpression": "SET image_id = :id, bakes = :bakes",
+                    "ConditionExpression": "attribute_not_exists(bakes)",
+                    "ExpressionAttributeValues": {
+                        ":id": {"S": image_id},
+                        ":bakes": {
+                            "L": [
+                                {"M": {"instance_id": {"S": INSTANCE}, "at": {"S": "2026-11-25T03:00:00Z"}}}
+                            ]
+                        },
                     },
-                },
-            },
+                }
+            ),
         )
 
     def create_fails(self, code: str, message: str) -> None:

@@ -7,7 +7,10 @@ sort key costs nothing now and keeps room for more items under one AMI (or other
 keeps other kinds of partitions apart.
 
 Writes are conditional so that two runs racing on one AMI record each step exactly once: the loser
-gets "already-recorded" and must read the item again. The table lives in the region of its AMIs; its
+gets "already-recorded" and must read the item again. Each write also stores a fresh id in
+`last_write`: when the SDK sends a write again after its first answer was lost, the retry fails its
+condition against that first attempt, and the id DynamoDB returns with the failure
+(ReturnValuesOnConditionCheckFailure=ALL_OLD) tells our own write ("recorded") from another run's. The table lives in the region of its AMIs; its
 resource policy denies writes to every principal outside the IAM path `/ami-janitor/` (where the
 stacks put every role) and the writers `ledger create` names.
 """
@@ -15,9 +18,10 @@ stacks put every role) and the writers `ledger create` names.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
@@ -87,6 +91,8 @@ WRITE_ACTIONS: list[str] = sorted(
     ]
 )
 STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
+# The id of the write that last changed an item (see the module's docstring); never read as a record.
+WRITE_ID_ATTRIBUTE = "last_write"
 BATCH_GET_KEYS = 100  # BatchGetItem's limit per call
 _BATCH_RETRIES = 5
 
@@ -282,8 +288,55 @@ def _value(data: Any) -> Any:
     return _serializer.serialize(data)
 
 
+def _with_write_id(request: dict[str, Any], write_id: str) -> dict[str, Any]:
+    """The request with `last_write = <write_id>` added to its SET clause (or a SET clause added)."""
+    expression = str(request["UpdateExpression"])
+    assignment = f"#{WRITE_ID_ATTRIBUTE} = :{WRITE_ID_ATTRIBUTE}"
+    if expression.startswith("SET "):
+        expression = f"SET {assignment}, {expression[4:]}"
+    else:
+        expression = f"SET {assignment} {expression}"
+    return {
+        **request,
+        "UpdateExpression": expression,
+        "ExpressionAttributeNames": {
+            **request.get("ExpressionAttributeNames", {}),
+            f"#{WRITE_ID_ATTRIBUTE}": WRITE_ID_ATTRIBUTE,
+        },
+        "ExpressionAttributeValues": {
+            **request.get("ExpressionAttributeValues", {}),
+            f":{WRITE_ID_ATTRIBUTE}": _value(write_id),
+        },
+    }
+
+
+def conditional_update(db: DynamoDBClient, table: str, item_key: dict[str, Any], **request: Any) -> Written:
+    """UpdateItem, "already-recorded" where its condition fails against another writer's item.
+
+    The SDK sends a write again when its answer was lost (a timeout, a closed connection): that retry
+    fails its condition against the first attempt, which took effect. The item DynamoDB returns with
+    the failure still holds this call's write id then: the write is ours, so it is "recorded"."""
+    write_id = uuid.uuid4().hex
+    try:
+        db.update_item(
+            TableName=table,
+            Key=item_key,
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            **_with_write_id(request, write_id),
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            raise
+        stored: Any = cast(Any, error.response).get("Item") or {}  # ALL_OLD: the item as it is now
+        if stored.get(WRITE_ID_ATTRIBUTE, {}).get("S") == write_id:
+            return "recorded"
+        return "already-recorded"
+    return "recorded"
+
+
 def _item(raw: dict[str, Any]) -> LedgerItem:
-    data = {k: _deserializer.deserialize(v) for k, v in raw.items() if k not in ("pk", "sk", "last_stage")}
+    internal = ("pk", "sk", "last_stage", WRITE_ID_ATTRIBUTE)
+    data = {k: _deserializer.deserialize(v) for k, v in raw.items() if k not in internal}
     return LedgerItem.model_validate(data)
 
 
@@ -394,13 +447,7 @@ class Ledger(_Made):
         return self.clients.dynamodb
 
     def _update(self, image_id: str, **request: Any) -> Written:
-        try:
-            self._db.update_item(TableName=self.table, Key=key(image_id), **request)
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return "already-recorded"
-            raise
-        return "recorded"
+        return conditional_update(self._db, self.table, key(image_id), **request)
 
     def record_candidate(self, image_id: str, at: datetime) -> Written:
         """Start the candidate clock, once: only where no open candidate record exists (an item closed
@@ -537,20 +584,15 @@ class Ledger(_Made):
 
     def record_adoption(self, at: datetime) -> Written:
         """Mark the region's janitor tags adopted, once (the first enforce run with a ledger)."""
-        try:
-            self._db.update_item(
-                TableName=self.table,
-                Key=ADOPTION_KEY,
-                UpdateExpression="SET #at = :at",
-                ConditionExpression="attribute_not_exists(#at)",
-                ExpressionAttributeNames={"#at": "at"},
-                ExpressionAttributeValues={":at": _value(iso(at))},
-            )
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return "already-recorded"
-            raise
-        return "recorded"
+        return conditional_update(
+            self._db,
+            self.table,
+            ADOPTION_KEY,
+            UpdateExpression="SET #at = :at",
+            ConditionExpression="attribute_not_exists(#at)",
+            ExpressionAttributeNames={"#at": "at"},
+            ExpressionAttributeValues={":at": _value(iso(at))},
+        )
 
     def read_items(self, image_ids: Iterable[str]) -> dict[str, LedgerItem]:
         """The items of these AMIs (absent ones are left out): BatchGetItem, 100 keys a call,
