@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import boto3
 import pytest
-from botocore.awsrequest import AWSPreparedRequest
-from botocore.exceptions import ConnectionClosedError
 from botocore.stub import ANY, Stubber
-from moto.core.models import botocore_stubber
 
 from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core.model import LedgerBake, LedgerItem
+from sdk_faults import LoseFirstAnswers
 
 TABLE = "ami-janitor-ledger"
 WRITER = "arn:aws:iam::123456789012:role/deployer"
@@ -199,29 +196,11 @@ def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env:
         stub.assert_no_pending_responses()
 
 
-class LoseAnswers:
-    """The first attempt of the next `count` UpdateItem calls reaches the table, then its answer is lost
-    (the connection closes before it arrives): botocore's own retry sends the request again, as on AWS."""
-
-    def __init__(self, client: Any, count: int = 1) -> None:
-        self.left = count
-        self.sent = 0
-        client.meta.events.register_first("before-send.dynamodb.UpdateItem", self.send)
-
-    def send(self, request: AWSPreparedRequest, **_: Any) -> None:
-        self.sent += 1
-        first = request.headers.get("amz-sdk-request", b"").startswith(b"attempt=1;")
-        if self.left and first:
-            self.left -= 1
-            botocore_stubber("before-send.dynamodb.UpdateItem", request)  # the write takes effect
-            raise ConnectionClosedError(endpoint_url=request.url, request=request)
-
-
 @pytest.fixture
 def retrying(moto_aws: None, monkeypatch: pytest.MonkeyPatch) -> RegionClients:
     """Clients that retry as deployed (the tests' default is one attempt), without the backoff wait."""
     monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "3")
-    monkeypatch.setattr("botocore.endpoint.time.sleep", lambda _: None)
+    monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0)
     clients = RegionClients("us-east-1")
     ledger.create_table(clients, TABLE, [WRITER])
     return clients
@@ -229,7 +208,7 @@ def retrying(moto_aws: None, monkeypatch: pytest.MonkeyPatch) -> RegionClients:
 
 def test_a_write_whose_answer_was_lost_is_recorded_when_the_sdk_retries_it(retrying: RegionClients) -> None:
     book = Ledger(retrying, TABLE)
-    lost = LoseAnswers(retrying.dynamodb, count=3)
+    lost = LoseFirstAnswers(retrying.dynamodb, "UpdateItem", count=3)
     # Each retry meets the write its first attempt made: its condition fails, the write is ours.
     assert book.record_candidate("ami-1", NOW) == "recorded"
     prior = Prior(deprecation=NOW + timedelta(days=400))
@@ -249,7 +228,7 @@ def test_every_conditional_write_counts_its_own_retried_write_as_recorded(retryi
     book.record_candidate("ami-1", NOW)
     book.record_stage("ami-1", "deprecate", NOW, Prior())
     book.record_stage("ami-1", "disable", NOW, Prior())
-    LoseAnswers(retrying.dynamodb, count=99)
+    LoseFirstAnswers(retrying.dynamodb, "UpdateItem")
     assert book.record_stage("ami-1", "deregister", NOW, Prior(), snapshots=["snap-1"]) == "recorded"
     assert book.confirm_deregistered("ami-1", NOW) == "recorded"
     assert book.close("ami-1", NOW) == "recorded"
