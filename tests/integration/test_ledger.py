@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.stub import ANY, Stubber
 
 from ami_janitor.aws import ledger
@@ -244,3 +247,45 @@ def test_every_conditional_write_counts_its_own_retried_write_as_recorded(retryi
     # A second run after all that: every write is another's now.
     assert book.record_adoption(NOW) == "already-recorded"
     assert book.record_bake("ami-2", LedgerBake(instance_id="i-1", at=NOW)) == "already-recorded"
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.data
+
+
+def test_ledger_create_whose_create_and_ttl_answers_were_lost_finishes(
+    moto_aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CreateTable's retry meets the table its first attempt made (ResourceInUseException), and
+    UpdateTimeToLive's the TTL (DynamoDB refuses to enable it again; moto does not, so that answer is
+    given here): `ledger create` goes on and every guard is set."""
+    monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "3")
+    monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0)
+    clients = RegionClients("us-east-1")
+    lost = LoseFirstAnswers(clients.dynamodb, "CreateTable", "UpdateTimeToLive")
+    refused: list[str] = []
+
+    def already_enabled(request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
+        if request.headers.get("X-Amz-Target") == b"DynamoDB_20120810.UpdateTimeToLive" and lost.lost[
+            -1:
+        ] == ["UpdateTimeToLive"]:
+            refused.append("UpdateTimeToLive")
+            body = b'{"__type":"com.amazon.coral.validate#ValidationException","message":"TimeToLive is already enabled"}'
+            return AWSResponse(request.url, 400, {}, _Body(body))
+        return None
+
+    clients.dynamodb.meta.events.register_first("before-send.dynamodb.UpdateTimeToLive", already_enabled)
+
+    result = ledger.create_table(clients, TABLE, [WRITER])
+
+    assert lost.lost == ["CreateTable", "UpdateTimeToLive"] and refused == ["UpdateTimeToLive"]
+    assert not result.created  # read as found: its first attempt's, or another `ledger create`'s
+    assert "enabled TTL on ttl" in result.changes
+    table = clients.dynamodb.describe_table(TableName=TABLE)["Table"]
+    assert table["DeletionProtectionEnabled"] is True
+    ttl = clients.dynamodb.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "ttl")

@@ -209,19 +209,12 @@ def writers_in(policy_json: str, partition: str) -> list[str]:
     return []
 
 
-def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str]) -> CreateResult:
-    """Make the ledger table, or adopt an existing one: on-demand, encrypted with the AWS managed key,
-    deletion protection, PITR, TTL and the resource policy. Idempotent: only what differs is changed.
-
-    The resource policy is written last, so the writes before it are never refused to the caller."""
-    db = clients.dynamodb
-    result = CreateResult(region=clients.region, table=table)
+def _create(db: DynamoDBClient, table: str) -> Any:
+    """CreateTable; None where the table exists already. Sent again after a lost answer, CreateTable
+    meets the table its first attempt made (ResourceInUseException): the caller then reads it and
+    checks every setting, as for a table someone else made just before."""
     try:
-        description = db.describe_table(TableName=table)["Table"]
-    except ClientError as error:
-        if not _not_found(error):
-            raise
-        description = db.create_table(
+        return db.create_table(
             TableName=table,
             AttributeDefinitions=[
                 {"AttributeName": "pk", "AttributeType": "S"},
@@ -236,8 +229,50 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
             DeletionProtectionEnabled=True,
             Tags=[{"Key": "ami-janitor:ledger", "Value": "true"}],
         )["TableDescription"]
-        result.created = True
-        result.changes.append("created the table (on demand, KMS encryption, deletion protection)")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ResourceInUseException":
+            raise
+        return None
+
+
+def _ttl_enabled(db: DynamoDBClient, table: str) -> bool:
+    ttl = db.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
+    return (
+        ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING") and ttl.get("AttributeName") == TTL_ATTRIBUTE
+    )
+
+
+def _enable_ttl(db: DynamoDBClient, table: str) -> None:
+    """UpdateTimeToLive. Sent again after a lost answer, it is refused (ValidationException: TTL is
+    already enabled) by the TTL its first attempt enabled: done where the table now shows it."""
+    try:
+        db.update_time_to_live(
+            TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ValidationException" or not _ttl_enabled(
+            db, table
+        ):
+            raise
+
+
+def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str]) -> CreateResult:
+    """Make the ledger table, or adopt an existing one: on-demand, encrypted with the AWS managed key,
+    deletion protection, PITR, TTL and the resource policy. Idempotent: only what differs is changed.
+
+    The resource policy is written last, so the writes before it are never refused to the caller."""
+    db = clients.dynamodb
+    result = CreateResult(region=clients.region, table=table)
+    try:
+        description = db.describe_table(TableName=table)["Table"]
+    except ClientError as error:
+        if not _not_found(error):
+            raise
+        made = _create(db, table)
+        if made is not None:
+            result.created = True
+            result.changes.append("created the table (on demand, KMS encryption, deletion protection)")
+        description = made or db.describe_table(TableName=table)["Table"]
     # A table being created (here, or by someone else just before) takes its settings once ACTIVE.
     db.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
     arn = description["TableArn"]
@@ -252,14 +287,8 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
             TableName=table, PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True}
         )
         result.changes.append("enabled point-in-time recovery")
-    ttl = db.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
-    if (
-        ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING")
-        or ttl.get("AttributeName") != TTL_ATTRIBUTE
-    ):
-        db.update_time_to_live(
-            TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
-        )
+    if not _ttl_enabled(db, table):
+        _enable_ttl(db, table)
         result.changes.append(f"enabled TTL on {TTL_ATTRIBUTE}")
     try:
         stored: str | None = db.get_resource_policy(ResourceArn=arn)["Policy"]
