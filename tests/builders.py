@@ -6,6 +6,8 @@ import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from botocore.stub import ANY
+
 from ami_janitor.core.model import (
     Image,
     LaunchPermission,
@@ -158,3 +160,24 @@ def policy(family: dict[str, Any] | None = None, **top: Any) -> Policy:
     data: dict[str, Any] = {"regions": ["us-east-1"], "defaults": defaults, "families": [fam]}
     data.update(top)
     return parse_policy(data)
+
+
+def ledger_write(request: dict[str, Any]) -> dict[str, Any]:
+    """An UpdateItem as aws/ledger.py sends it: its SET clause also writes the call's fresh write id
+    (any value here), and a failed condition returns the item (to tell a retry of ours from another's)."""
+    expression = request["UpdateExpression"]
+    assignment = "#last_write = :last_write"
+    if expression.startswith("SET "):
+        expression = f"SET {assignment}, {expression[4:]}"
+    else:
+        expression = f"SET {assignment} {expression}"
+    return {
+        **request,
+        "UpdateExpression": expression,
+        "ExpressionAttributeNames": {
+            **request.get("ExpressionAttributeNames", {}),
+            "#last_write": "last_write",
+        },
+        "ExpressionAttributeValues": {**request.get("ExpressionAttributeValues", {}), ":last_write": ANY},
+        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    }

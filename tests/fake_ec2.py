@@ -7,19 +7,23 @@ botocore ClientErrors with EC2's codes.
 
 Simulated time: `clock` is what EC2 compares DeprecateAt with; tests set it to the run's `now`.
 Faults: `fail_rate` (a call fails with a ClientError, before or after it took effect, like a throttle or a
-lost response) and `crash_rate` (the process dies mid-run: `Crash` is no botocore error, so the executor
-does not catch it); or `faults`, which picks the mutating calls that fail by their number.
+lost response; or its answer is lost after it took effect and the SDK sends it again, so the caller gets
+the retry's answer) and `crash_rate` (the process dies mid-run: `Crash` is no botocore error, so the
+executor does not catch it); or `faults`, which picks the mutating calls that fail by their number.
+Ledger writes are mutating calls too, with the same faults.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any, Literal, TypeVar
 
 import botocore.session
 from botocore.exceptions import ClientError
@@ -73,12 +77,35 @@ class Crash(Exception):
     """The process running the janitor died in the middle of a call."""
 
 
+class _AnswerLost(Exception):
+    """The call took effect and its answer was lost: the SDK sends it again (caught by `_sdk_retry`)."""
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _sdk_retry(method: Method) -> Method:
+    """What botocore does with a lost answer: the same request again, whose answer the caller gets."""
+
+    @functools.wraps(method)
+    def call(self: FakeEC2, *args: Any, **params: Any) -> Any:
+        self.retrying = False
+        while True:
+            try:
+                return method(self, *args, **params)
+            except _AnswerLost:
+                self.retrying = True
+
+    return call  # type: ignore[return-value]
+
+
 @cache
 def _ec2_model() -> ServiceModel:
     return botocore.session.get_session().get_service_model("ec2")
 
 
 _OPERATIONS = {
+    "describe_images": "DescribeImages",
     "describe_snapshots": "DescribeSnapshots",
     "create_tags": "CreateTags",
     "delete_tags": "DeleteTags",
@@ -95,6 +122,12 @@ _OPERATIONS = {
 
 def client_error(code: str, message: str, operation: str) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": message}}, operation)
+
+
+def _already(image: FakeImage, api: str) -> ClientError:
+    """EC2 documents no answer for an AMI already in the state asked for: the fake refuses, the harder
+    case for a caller whose retried call meets the state its first attempt set (the code is a guess)."""
+    return client_error("IncorrectState", f"The image '{image.image_id}' is already {image.state}", api)
 
 
 def ec2_time(value: datetime) -> str:
@@ -173,12 +206,14 @@ class ImageView:
 
 @dataclass(frozen=True)
 class Call:
-    """One request as EC2 received it, with the target AMI as it was just before (None: no such AMI)."""
+    """One request as EC2 received it, with the target AMI as it was just before (None: no such AMI).
+    `retry`: the SDK sent it again after the answer to the same call was lost."""
 
     operation: str
     params: Mapping[str, Any]
     before: FakeImage | None
     clock: datetime
+    retry: bool = False
 
     @property
     def image_id(self) -> str | None:
@@ -215,10 +250,16 @@ class FakeEC2:
         self.fail_rate = fail_rate
         self.crash_rate = crash_rate
         # Number of a mutating call (see `mutating_calls`) -> "throttle" (fails before it takes effect),
-        # "lost" (takes effect, then the answer is lost) or "crash".
+        # "lost" (takes effect, then the answer is lost and the caller sees an error), "retried" (takes
+        # effect, the answer is lost, and the SDK's retry meets the new state) or "crash".
         self.faults: dict[int, str] = {}
+        # Or by the API: its next call (EC2's name, or the ledger_* operation) -> the fault.
+        self.next_call_faults: dict[str, str] = {}
         self.mutating_calls = 0
         self._lose_answer = False
+        self._retry_answer = False
+        self.retrying = False  # the request being made is the SDK's retry of a call whose answer was lost
+        self.meta = SimpleNamespace(region_name=region)  # as a boto3 client
         self._validator = ParamValidator()
         self.ledger = FakeLedger(self)
 
@@ -283,24 +324,32 @@ class FakeEC2:
             raise client_error("InvalidParameterValue", report.generate_report(), api)
         image_id = params.get("ImageId")
         target = self.images.get(image_id) if isinstance(image_id, str) else None
-        self.calls.append(Call(operation, copy.deepcopy(params), copy.deepcopy(target), self.clock))
+        self.calls.append(
+            Call(operation, copy.deepcopy(params), copy.deepcopy(target), self.clock, self.retrying)
+        )
         if operation in MUTATING:
-            fault = self._fault(api, "RequestLimitExceeded")
-            self._lose_answer = fault == "lost" or bool(
-                self.fail_rate and self.rng.random() < self.fail_rate / 2
+            self._lose_answer, self._retry_answer = self._after_effect(
+                self._fault(api, "RequestLimitExceeded")
             )
         return api, target
 
-    def ledger_call(self, operation: str, image_id: str) -> None:
-        """A write to the ledger table: recorded and faulted like a mutating EC2 call (a lost answer
-        here is the write taking effect, its answer lost: the caller sees the error)."""
-        self.calls.append(Call(operation, {"ImageId": image_id} if image_id else {}, None, self.clock))
-        self._fault(operation, "ThrottlingException")
+    def _after_effect(self, fault: str | None) -> tuple[bool, bool]:
+        """What becomes of the answer of a call that took effect: (lost, lost and retried by the SDK)."""
+        lost = fault == "lost" or bool(self.fail_rate and self.rng.random() < self.fail_rate / 2)
+        retried = fault == "retried" or bool(self.fail_rate and self.rng.random() < self.fail_rate / 2)
+        return lost, retried
+
+    def ledger_call(self, operation: str, image_id: str) -> tuple[bool, bool]:
+        """A write to the ledger table: recorded and faulted like a mutating EC2 call; returns what
+        becomes of its answer once the write took effect (see `_after_effect`)."""
+        params = {"ImageId": image_id} if image_id else {}
+        self.calls.append(Call(operation, params, None, self.clock, self.retrying))
+        return self._after_effect(self._fault(operation, "ThrottlingException"))
 
     def _fault(self, api: str, throttle_code: str) -> str | None:
         """The fault of this mutating call, by its number or at random: a crash or a throttle raise;
         returns the fault ("lost": the caller loses the answer after the change)."""
-        fault = self.faults.pop(self.mutating_calls, None)
+        fault = self.faults.pop(self.mutating_calls, None) or self.next_call_faults.pop(api, None)
         self.mutating_calls += 1
         if fault == "crash" or (self.crash_rate and self.rng.random() < self.crash_rate):
             raise Crash(f"{api} never answered")
@@ -309,10 +358,14 @@ class FakeEC2:
         return fault
 
     def _lost_response(self, api: str) -> None:
-        """After the change took effect: the answer may still be lost on the way back."""
+        """After the change took effect: the answer may still be lost on the way back, for good or
+        followed by the SDK's retry."""
         if self._lose_answer:
-            self._lose_answer = False
+            self._lose_answer = self._retry_answer = False
             raise client_error("InternalError", "An internal error has occurred", api)
+        if self._retry_answer:
+            self._retry_answer = False
+            raise _AnswerLost(api)
 
     def _image(self, image_id: str, api: str) -> FakeImage:
         if image_id in self.images:
@@ -340,6 +393,7 @@ class FakeEC2:
                 )
         return targets
 
+    @_sdk_retry
     def create_tags(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("create_tags", params)
         resources: list[str] = params["Resources"]
@@ -358,6 +412,7 @@ class FakeEC2:
         self._lost_response(api)
         return {}
 
+    @_sdk_retry
     def delete_tags(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("delete_tags", params)
         for target in self._taggable(params["Resources"], api):
@@ -368,6 +423,7 @@ class FakeEC2:
         return {}
 
     # ---- deprecation -------------------------------------------------------------------------------
+    @_sdk_retry
     def enable_image_deprecation(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("enable_image_deprecation", params)
         image = self._image(params["ImageId"], api)
@@ -382,6 +438,7 @@ class FakeEC2:
         self._lost_response(api)
         return {"Return": True}
 
+    @_sdk_retry
     def disable_image_deprecation(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("disable_image_deprecation", params)
         self._image(params["ImageId"], api).deprecation_time = None
@@ -389,22 +446,34 @@ class FakeEC2:
         return {"Return": True}
 
     # ---- state -------------------------------------------------------------------------------------
+    @_sdk_retry
     def disable_image(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("disable_image", params)
         image = self._image(params["ImageId"], api)
+        if image.state == "disabled":
+            raise _already(image, api)
         image.state = "disabled"
         image.permissions.clear()  # a disabled AMI is private: every launch permission goes
         self._lost_response(api)
         return {"Return": True}
 
+    @_sdk_retry
     def enable_image(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("enable_image", params)
         image = self._image(params["ImageId"], api)
+        if image.state == "available":
+            raise _already(image, api)
         image.state = "available"  # the launch permissions are not restored
         self._lost_response(api)
         return {"Return": True}
 
     # ---- launch permissions ------------------------------------------------------------------------
+    def describe_images(self, **params: Any) -> dict[str, Any]:
+        """Only by id (every state: IncludeDisabled is what the executor asks); an unknown id is none."""
+        self._request("describe_images", params)
+        found = [self.images[i].to_api() for i in params.get("ImageIds") or [] if i in self.images]
+        return {"Images": found}
+
     def describe_snapshots(self, **params: Any) -> dict[str, Any]:
         """Only the tag filter the executor uses; one page."""
         self._request("describe_snapshots", params)
@@ -426,6 +495,7 @@ class FakeEC2:
         granted = [LaunchPermission.from_key(k).to_api() for k in sorted(image.permissions)]
         return {"ImageId": image.image_id, "LaunchPermissions": granted}
 
+    @_sdk_retry
     def modify_image_attribute(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("modify_image_attribute", params)
         image = self._image(params["ImageId"], api)
@@ -449,6 +519,7 @@ class FakeEC2:
         return {}
 
     # ---- deregistration and snapshots --------------------------------------------------------------
+    @_sdk_retry
     def deregister_image(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("deregister_image", params)
         image = self._image(params["ImageId"], api)
@@ -475,6 +546,7 @@ class FakeEC2:
         del self.snapshots[snapshot_id]
         self.deleted_snapshots.append(snapshot_id)
 
+    @_sdk_retry
     def delete_snapshot(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("delete_snapshot", params)
         snapshot_id = params["SnapshotId"]
@@ -496,6 +568,30 @@ class FakeEC2:
 # ---- the ledger ------------------------------------------------------------------------------------
 
 
+def _ledger_write(method: Method) -> Method:
+    """A ledger write with what may become of its answer after it took effect: lost (the caller sees
+    an error), or lost and sent again by the SDK. The retry meets the first attempt's write; the write
+    id aws/ledger.py stores with each write tells it that write was its own, so any attempt that wrote
+    makes the call "recorded" (as tests/integration/test_ledger.py shows on moto)."""
+
+    @functools.wraps(method)
+    def call(self: FakeLedger, *args: Any, **params: Any) -> Written:
+        self.retrying(False)
+        written: Written = method(self, *args, **params)
+        while True:
+            lost, retried = self.answer
+            self.answer = (False, False)
+            if lost:
+                raise client_error("InternalServerError", "Internal server error", "UpdateItem")
+            if not retried:
+                return written
+            self.retrying(True)
+            if method(self, *args, **params) == "recorded":
+                written = "recorded"
+
+    return call  # type: ignore[return-value]
+
+
 class FakeLedger(Ledger):
     """The ledger table of the fake's region, in memory: the conditional writes of aws/ledger.py with
     the same outcomes ("recorded" / "already-recorded"), checked against the real table on moto in
@@ -510,10 +606,15 @@ class FakeLedger(Ledger):
         self.adopted: datetime | None = None
         # A snapshot read_items answers from instead of `items` (a read that raced a write).
         self.frozen: dict[str, LedgerItem] | None = None
+        self.answer = (False, False)  # the last write's answer: (lost, lost and retried)
 
     def _write(self, operation: str, image_id: str) -> None:
         if self.ec2 is not None:
-            self.ec2.ledger_call(operation, image_id)
+            self.answer = self.ec2.ledger_call(operation, image_id)
+
+    def retrying(self, again: bool) -> None:
+        if self.ec2 is not None:
+            self.ec2.retrying = again
 
     def _item(self, image_id: str) -> LedgerItem:
         return self.items.get(image_id) or LedgerItem(image_id=image_id)
@@ -521,6 +622,7 @@ class FakeLedger(Ledger):
     def require(self) -> None:
         return None
 
+    @_ledger_write
     def record_copy(self, copy: LedgerCopy) -> Written:
         self._write("ledger_record_copy", copy.source_image_id)
         item = self._item(copy.source_image_id)
@@ -529,6 +631,7 @@ class FakeLedger(Ledger):
         self.items[item.image_id] = item.model_copy(update={"copies": (*item.copies, copy)})
         return "recorded"
 
+    @_ledger_write
     def record_replica(self, image_id: str, replica: LedgerCopy) -> Written:
         self._write("ledger_record_replica", image_id)
         item = self._item(image_id)
@@ -538,12 +641,14 @@ class FakeLedger(Ledger):
         self.items[image_id] = item.model_copy(update={"replica": record})
         return "recorded"
 
+    @_ledger_write
     def record_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         self._write("ledger_record_grants", image_id)
         item = self._item(image_id)
         self.items[image_id] = item.model_copy(update={"grants": tuple(sorted({*item.grants, *grants}))})
         return "recorded"
 
+    @_ledger_write
     def forget_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         self._write("ledger_forget_grants", image_id)
         item = self._item(image_id)
@@ -565,6 +670,7 @@ class FakeLedger(Ledger):
         view = self.frozen if self.frozen is not None else self.items
         return {i: view[i] for i in image_ids if i in view}
 
+    @_ledger_write
     def record_adoption(self, at: datetime) -> Written:
         self._write("ledger_record_adoption", "")
         if self.adopted is not None:
@@ -572,6 +678,7 @@ class FakeLedger(Ledger):
         self.adopted = at
         return "recorded"
 
+    @_ledger_write
     def adopt(self, item: LedgerItem) -> Written:
         self._write("ledger_adopt", item.image_id)
         if item.image_id in self.items:
@@ -579,6 +686,7 @@ class FakeLedger(Ledger):
         self.items[item.image_id] = item
         return "recorded"
 
+    @_ledger_write
     def record_candidate(self, image_id: str, at: datetime) -> Written:
         self._write("ledger_record_candidate", image_id)
         item = self.items.get(image_id)
@@ -589,6 +697,7 @@ class FakeLedger(Ledger):
         )
         return "recorded"
 
+    @_ledger_write
     def record_stage(
         self,
         image_id: str,
@@ -623,6 +732,7 @@ class FakeLedger(Ledger):
         self._set(image_id, **update)
         return "recorded"
 
+    @_ledger_write
     def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
         self._write("ledger_confirm_stage", image_id)
         item = self.items.get(image_id)
@@ -632,6 +742,7 @@ class FakeLedger(Ledger):
         self._set(image_id, stages={**item.stages, stage: entry})
         return "recorded"
 
+    @_ledger_write
     def confirm_deregistered(self, image_id: str, at: datetime) -> Written:
         self._write("ledger_confirm_deregistered", image_id)
         item = self.items.get(image_id)
@@ -640,6 +751,7 @@ class FakeLedger(Ledger):
         self._set(image_id, deregistered=at, ttl=int((at + timedelta(days=self.retention_days)).timestamp()))
         return "recorded"
 
+    @_ledger_write
     def close(self, image_id: str, at: datetime) -> Written:
         self._write("ledger_close", image_id)
         item = self.items.get(image_id)

@@ -396,6 +396,7 @@ def test_handler_permissions_are_the_unattended_bake_only() -> None:
         "dynamodb:UpdateItem",  # the bake recorded on the new AMI's item
         "ec2:CreateImage",
         "ec2:CreateTags",
+        "ec2:DescribeImages",  # a CreateImage retried after its answer was lost finds its image
         "ec2:DescribeInstances",
     ]
     assert set(bake_handler.PERMISSIONS) - {"dynamodb:DescribeTable"} < set(baker.PERMISSIONS)

@@ -55,6 +55,8 @@ from ami_janitor.core.policy import (
     parse_policy,
 )
 from ami_janitor.demo import emulator
+from builders import ledger_write
+from sdk_faults import LoseFirstAnswers
 from server import POLICY
 
 REGION = "us-east-1"
@@ -256,8 +258,15 @@ class CallLog:
 def writes(image_id: str, expression: str) -> Callable[[dict[str, Any]], bool]:
     """An UpdateItem on the AMI's ledger item whose update expression starts with `expression`."""
     return lambda p: bool(
-        p["Key"]["pk"]["S"] == f"image#{image_id}" and p["UpdateExpression"].startswith(expression)
+        p["Key"]["pk"]["S"] == f"image#{image_id}" and _recorded(p["UpdateExpression"]).startswith(expression)
     )
+
+
+def _recorded(expression: str) -> str:
+    """An update expression without the write id every ledger write adds to it."""
+    if expression.startswith("SET #last_write = :last_write, "):
+        return "SET " + expression.removeprefix("SET #last_write = :last_write, ")
+    return expression.removeprefix("SET #last_write = :last_write ")
 
 
 def stage_write(image_id: str, stage: Stage) -> Callable[[dict[str, Any]], bool]:
@@ -673,6 +682,39 @@ def test_a_throttled_call_is_retried_by_the_client(ec2: Any, monkeypatch: pytest
     assert [(r.action, r.status) for r in result.results] == [("mark-candidate", "ok"), ("disable", "ok")]
     assert (image_or_none(ec2, image_id) or {})["State"] == "disabled"
     assert items_of(ec2)[image_id].stages["disable"].confirmed == NOW
+
+
+def test_every_call_whose_first_answer_is_lost_is_done_by_the_sdk_retry(
+    ec2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each EC2 and ledger request of all three stages takes effect and its answer is lost; botocore
+    sends it again and the retry meets what the first attempt did. Each counts as done: nothing fails,
+    no stage is taken for another run's, and the next run has nothing left to do."""
+    image_id, other = make_image(ec2, "web-1", share_with=[{"UserId": ACCOUNT_A}]), make_image(ec2, "web-2")
+    snapshot = snapshot_of(ec2, image_id)
+    monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "3")
+    monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0)
+    clients = RegionClients(REGION)
+    lost = [LoseFirstAnswers(clients.ec2), LoseFirstAnswers(clients.dynamodb, "UpdateItem")]
+
+    result = apply(
+        clients.ec2, [decision(image_id, "deregister", ALL_STAGES)], load_inventory(ec2), db=clients.dynamodb
+    )
+
+    assert result.failed == 0, result.results
+    assert [(r.action, r.status) for r in result.results] == [
+        ("mark-candidate", "ok"),
+        *[(stage, "ok") for stage in ALL_STAGES],
+    ]
+    changes = {"CreateTags", "EnableImageDeprecation", "DisableImage", "DeregisterImage", "DeleteSnapshot"}
+    assert changes <= set(lost[0].lost) and len(lost[1].lost) == 7, [c.lost for c in lost]
+    assert image_or_none(ec2, image_id) is None and snapshot not in snapshot_ids(ec2)
+    item = items_of(ec2)[image_id]
+    assert set(item.stages) == set(ALL_STAGES) and item.deregistered == NOW
+    assert item.stages["disable"].prior_launch_permissions == (f"user:{ACCOUNT_A}",)
+    # The next run: nothing of this AMI is left to do.
+    again = apply(clients.ec2, [decision(other, "keep")], load_inventory(ec2), db=clients.dynamodb)
+    assert again.results == [], again.results
 
 
 # ---- the ledger decides: stages recorded, raced, adopted ------------------------------------------
@@ -1348,7 +1390,7 @@ def test_exact_requests_of_all_three_stages(stubbed: tuple[Any, Stubber]) -> Non
 
     with Stubber(db) as ledger_stub:
         for request in ledger_requests:
-            ledger_stub.add_response("update_item", {}, request)
+            ledger_stub.add_response("update_item", {}, ledger_write(request))
         result = apply_plan(
             make_plan([decision(ami, "deregister", ALL_STAGES)]),
             {REGION: inventory},
@@ -1523,13 +1565,15 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
         ledger_stub.add_response(
             "update_item",
             {},
-            {
-                "TableName": TABLE,
-                "Key": _key(ami),
-                "UpdateExpression": "SET closed = :at",
-                "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)",
-                "ExpressionAttributeValues": {":at": {"S": "2030-01-02T03:04:05Z"}},
-            },
+            ledger_write(
+                {
+                    "TableName": TABLE,
+                    "Key": _key(ami),
+                    "UpdateExpression": "SET closed = :at",
+                    "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)",
+                    "ExpressionAttributeValues": {":at": {"S": "2030-01-02T03:04:05Z"}},
+                }
+            ),
         )
         book = Ledger(RegionClients(REGION, ec2=client, dynamodb=db), TABLE)
         results = rescue_image(RegionClients(REGION, ec2=client, dynamodb=db), book, image, FIXED_NOW)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import boto3
 import pytest
-from botocore.stub import Stubber
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.stub import ANY, Stubber
 
 from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger, Prior
+from ami_janitor.core.model import LedgerBake, LedgerItem
+from sdk_faults import LoseFirstAnswers
 
 TABLE = "ami-janitor-ledger"
 WRITER = "arn:aws:iam::123456789012:role/deployer"
@@ -168,11 +173,13 @@ def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env:
             {
                 "TableName": TABLE,
                 "Key": {"pk": {"S": "image#ami-1"}, "sk": {"S": "item"}},
-                "UpdateExpression": "SET stages.#stage = :entry, last_stage = :stage",
+                "UpdateExpression": "SET #last_write = :last_write, stages.#stage = :entry, last_stage = :stage",
                 "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
                 " AND last_stage = :previous",
-                "ExpressionAttributeNames": {"#stage": "disable"},
+                "ExpressionAttributeNames": {"#stage": "disable", "#last_write": "last_write"},
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                 "ExpressionAttributeValues": {
+                    ":last_write": ANY,  # a fresh id per write: tells a retried write of ours from another's
                     ":stage": {"S": "disable"},
                     ":previous": {"S": "deprecate"},
                     ":entry": {
@@ -190,3 +197,95 @@ def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env:
         assert book.record_stage("ami-1", "disable", NOW, prior) == "recorded"
         assert book.record_stage("ami-1", "disable", NOW, prior) == "already-recorded"
         stub.assert_no_pending_responses()
+
+
+@pytest.fixture
+def retrying(moto_aws: None, monkeypatch: pytest.MonkeyPatch) -> RegionClients:
+    """Clients that retry as deployed (the tests' default is one attempt), without the backoff wait."""
+    monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "3")
+    monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0)
+    clients = RegionClients("us-east-1")
+    ledger.create_table(clients, TABLE, [WRITER])
+    return clients
+
+
+def test_a_write_whose_answer_was_lost_is_recorded_when_the_sdk_retries_it(retrying: RegionClients) -> None:
+    book = Ledger(retrying, TABLE)
+    lost = LoseFirstAnswers(retrying.dynamodb, "UpdateItem", count=3)
+    # Each retry meets the write its first attempt made: its condition fails, the write is ours.
+    assert book.record_candidate("ami-1", NOW) == "recorded"
+    prior = Prior(deprecation=NOW + timedelta(days=400))
+    assert book.record_stage("ami-1", "deprecate", NOW, prior) == "recorded"
+    assert book.confirm_stage("ami-1", "deprecate", NOW) == "recorded"
+    assert lost.sent == 6  # three writes, each sent twice by botocore
+    item = book.read_items(["ami-1"])["ami-1"]
+    assert item.first_candidate == NOW and set(item.stages) == {"deprecate"}
+    assert item.stages["deprecate"].prior_deprecation == prior.deprecation
+    # Another run's write is still told apart: this clock and this stage were recorded by us.
+    assert book.record_candidate("ami-1", NOW + timedelta(days=1)) == "already-recorded"
+    assert book.record_stage("ami-1", "deprecate", NOW, prior) == "already-recorded"
+
+
+def test_every_conditional_write_counts_its_own_retried_write_as_recorded(retrying: RegionClients) -> None:
+    book = Ledger(retrying, TABLE)
+    book.record_candidate("ami-1", NOW)
+    book.record_stage("ami-1", "deprecate", NOW, Prior())
+    book.record_stage("ami-1", "disable", NOW, Prior())
+    LoseFirstAnswers(retrying.dynamodb, "UpdateItem")
+    assert book.record_stage("ami-1", "deregister", NOW, Prior(), snapshots=["snap-1"]) == "recorded"
+    assert book.confirm_deregistered("ami-1", NOW) == "recorded"
+    assert book.close("ami-1", NOW) == "recorded"
+    assert book.record_adoption(NOW) == "recorded"
+    assert book.record_bake("ami-2", LedgerBake(instance_id="i-1", at=NOW)) == "recorded"
+    assert book.forget_grants("ami-3", ["user:111122223333"]) == "already-recorded"  # none recorded
+    book.record_grants("ami-3", ["user:111122223333"])
+    assert book.forget_grants("ami-3", ["user:111122223333"]) == "recorded"
+    assert book.adopt(LedgerItem(image_id="ami-4", first_candidate=NOW)) == "recorded"
+    items = book.read_items(["ami-1", "ami-2", "ami-3", "ami-4"])
+    assert items["ami-1"].deregistered == NOW and items["ami-1"].closed == NOW
+    assert items["ami-2"].bakes and items["ami-3"].grants == () and items["ami-4"].first_candidate == NOW
+    # A second run after all that: every write is another's now.
+    assert book.record_adoption(NOW) == "already-recorded"
+    assert book.record_bake("ami-2", LedgerBake(instance_id="i-1", at=NOW)) == "already-recorded"
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.data
+
+
+def test_ledger_create_whose_create_and_ttl_answers_were_lost_finishes(
+    moto_aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CreateTable's retry meets the table its first attempt made (ResourceInUseException), and
+    UpdateTimeToLive's the TTL (DynamoDB refuses to enable it again; moto does not, so that answer is
+    given here): `ledger create` goes on and every guard is set."""
+    monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "3")
+    monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0)
+    clients = RegionClients("us-east-1")
+    lost = LoseFirstAnswers(clients.dynamodb, "CreateTable", "UpdateTimeToLive")
+    refused: list[str] = []
+
+    def already_enabled(request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
+        if request.headers.get("X-Amz-Target") == b"DynamoDB_20120810.UpdateTimeToLive" and lost.lost[
+            -1:
+        ] == ["UpdateTimeToLive"]:
+            refused.append("UpdateTimeToLive")
+            body = b'{"__type":"com.amazon.coral.validate#ValidationException","message":"TimeToLive is already enabled"}'
+            return AWSResponse(request.url, 400, {}, _Body(body))
+        return None
+
+    clients.dynamodb.meta.events.register_first("before-send.dynamodb.UpdateTimeToLive", already_enabled)
+
+    result = ledger.create_table(clients, TABLE, [WRITER])
+
+    assert lost.lost == ["CreateTable", "UpdateTimeToLive"] and refused == ["UpdateTimeToLive"]
+    assert not result.created  # read as found: its first attempt's, or another `ledger create`'s
+    assert "enabled TTL on ttl" in result.changes
+    table = clients.dynamodb.describe_table(TableName=TABLE)["Table"]
+    assert table["DeletionProtectionEnabled"] is True
+    ttl = clients.dynamodb.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "ttl")

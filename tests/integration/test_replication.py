@@ -39,6 +39,7 @@ from ami_janitor.core.replication import (
 )
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import replicate
+from builders import ledger_write
 from server import make_ledger
 
 US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
@@ -82,7 +83,9 @@ def item(factory: ClientFactory, region: str, image_id: str) -> dict[str, Any]:
     raw = factory(region).dynamodb.get_item(
         TableName="ami-janitor-ledger", Key=ledger.key(image_id), ConsistentRead=True
     )
-    return dict(raw.get("Item") or {})
+    stored = dict(raw.get("Item") or {})
+    stored.pop(ledger.WRITE_ID_ATTRIBUTE, None)  # which write was last: not a record
+    return stored
 
 
 def bake(factory: ClientFactory, name: str, **tags: str) -> Image:
@@ -403,21 +406,25 @@ def expect_record_copy(stub: Stubber, copy: Copy, *, recorded_before: bool = Fal
     stub.add_response(
         "update_item",
         {},
+        ledger_write(
+            {
+                "TableName": TABLE,
+                "Key": key,
+                "UpdateExpression": "SET image_id = if_not_exists(image_id, :id), copies = if_not_exists(copies, :none)",
+                "ExpressionAttributeValues": {":id": {"S": copy.source_image_id}, ":none": {"M": {}}},
+            }
+        ),
+    )
+    expected = ledger_write(
         {
             "TableName": TABLE,
             "Key": key,
-            "UpdateExpression": "SET image_id = if_not_exists(image_id, :id), copies = if_not_exists(copies, :none)",
-            "ExpressionAttributeValues": {":id": {"S": copy.source_image_id}, ":none": {"M": {}}},
-        },
+            "UpdateExpression": "SET copies.#copy = :copy",
+            "ConditionExpression": "attribute_not_exists(copies.#copy)",
+            "ExpressionAttributeNames": {"#copy": f"{copy.region}#{copy.generation}"},
+            "ExpressionAttributeValues": {":copy": ledger_entry(copy)},
+        }
     )
-    expected = {
-        "TableName": TABLE,
-        "Key": key,
-        "UpdateExpression": "SET copies.#copy = :copy",
-        "ConditionExpression": "attribute_not_exists(copies.#copy)",
-        "ExpressionAttributeNames": {"#copy": f"{copy.region}#{copy.generation}"},
-        "ExpressionAttributeValues": {":copy": ledger_entry(copy)},
-    }
     if recorded_before:
         stub.add_client_error(
             "update_item", service_error_code="ConditionalCheckFailedException", expected_params=expected
@@ -431,18 +438,20 @@ def expect_record_replica(stub: Stubber, copy: Copy, image_id: str) -> None:
     stub.add_response(
         "update_item",
         {},
-        {
-            "TableName": TABLE,
-            "Key": ledger.key(image_id),
-            "UpdateExpression": "SET image_id = :id, replica = :replica",
-            "ConditionExpression": "attribute_not_exists(replica) OR replica.#token = :token",
-            "ExpressionAttributeNames": {"#token": "token"},
-            "ExpressionAttributeValues": {
-                ":id": {"S": image_id},
-                ":replica": {"M": {**entry["M"], "image_id": {"S": image_id}}},
-                ":token": {"S": client_token(copy)},
-            },
-        },
+        ledger_write(
+            {
+                "TableName": TABLE,
+                "Key": ledger.key(image_id),
+                "UpdateExpression": "SET image_id = :id, replica = :replica",
+                "ConditionExpression": "attribute_not_exists(replica) OR replica.#token = :token",
+                "ExpressionAttributeNames": {"#token": "token"},
+                "ExpressionAttributeValues": {
+                    ":id": {"S": image_id},
+                    ":replica": {"M": {**entry["M"], "image_id": {"S": image_id}}},
+                    ":token": {"S": client_token(copy)},
+                },
+            }
+        ),
     )
 
 

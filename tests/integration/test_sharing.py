@@ -77,7 +77,9 @@ def recorded(factory: ClientFactory, image_id: str) -> dict[str, Any]:
     answer = factory(US).dynamodb.get_item(
         TableName="ami-janitor-ledger", Key=ledger.key(image_id), ConsistentRead=True
     )
-    return dict(answer.get("Item") or {})
+    stored = dict(answer.get("Item") or {})
+    stored.pop(ledger.WRITE_ID_ATTRIBUTE, None)  # which write was last: not a record
+    return stored
 
 
 def reconcile(factory: ClientFactory, policy: Policy) -> list[Share]:

@@ -16,6 +16,7 @@ from ami_janitor.aws import baker
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core import baking
 from ami_janitor.core.policy import Bake, Family, Match, PolicyError, parse_policy
+from builders import ledger_write
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, 0, 0, tzinfo=UTC)
@@ -173,22 +174,29 @@ class Stubbed:
 
     def create(self, image_id: str = IMAGE) -> None:
         self.ec2.add_response("create_image", {"ImageId": image_id}, CREATE_IMAGE)
-        # The bake, recorded on the new AMI's ledger item once CreateImage answered.
+        self.ledger_record(image_id)
+
+    def ledger_record(self, image_id: str) -> None:
+        """The bake, recorded on the new AMI's ledger item once CreateImage answered."""
         self.dynamodb.add_response(
             "update_item",
             {},
-            {
-                "TableName": "ami-janitor-ledger",
-                "Key": {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}},
-                "UpdateExpression": "SET image_id = :id, bakes = :bakes",
-                "ConditionExpression": "attribute_not_exists(bakes)",
-                "ExpressionAttributeValues": {
-                    ":id": {"S": image_id},
-                    ":bakes": {
-                        "L": [{"M": {"instance_id": {"S": INSTANCE}, "at": {"S": "2026-11-25T03:00:00Z"}}}]
+            ledger_write(
+                {
+                    "TableName": "ami-janitor-ledger",
+                    "Key": {"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}},
+                    "UpdateExpression": "SET image_id = :id, bakes = :bakes",
+                    "ConditionExpression": "attribute_not_exists(bakes)",
+                    "ExpressionAttributeValues": {
+                        ":id": {"S": image_id},
+                        ":bakes": {
+                            "L": [
+                                {"M": {"instance_id": {"S": INSTANCE}, "at": {"S": "2026-11-25T03:00:00Z"}}}
+                            ]
+                        },
                     },
-                },
-            },
+                }
+            ),
         )
 
     def create_fails(self, code: str, message: str) -> None:
@@ -252,6 +260,39 @@ def test_without_waiting_only_create_image_is_called(aws: Stubbed) -> None:
     result = aws.bake(wait=False)
 
     assert (result.image_id, result.state) == (IMAGE, "pending")
+
+
+def duplicate_name(aws: Stubbed, *images: dict[str, Any]) -> None:
+    """CreateImage sent again after its answer was lost: the name is taken by the first attempt's image."""
+    name = CREATE_IMAGE["Name"]
+    aws.create_fails("InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {IMAGE}")
+    aws.ec2.add_response(
+        "describe_images",
+        {"Images": list(images)},
+        {"Owners": ["self"], "IncludeDisabled": True, "Filters": [{"Name": "name", "Values": [name]}]},
+    )
+
+
+def test_a_create_image_retried_after_its_answer_was_lost_is_the_image_it_made(aws: Stubbed) -> None:
+    duplicate_name(aws, {"ImageId": IMAGE, "Name": CREATE_IMAGE["Name"], "SourceInstanceId": INSTANCE})
+    aws.ledger_record(IMAGE)
+
+    result = aws.bake(wait=False)
+
+    assert (result.image_id, result.state) == (IMAGE, "pending")
+    aws.ec2.assert_no_pending_responses()
+    aws.dynamodb.assert_no_pending_responses()
+
+
+def test_a_duplicate_name_made_from_another_instance_is_no_bake_of_this_one(aws: Stubbed) -> None:
+    # EC2 says who made it: a baked-from tag naming this instance does not override that.
+    tags = [{"Key": "ami-janitor:baked-from", "Value": INSTANCE}]
+    duplicate_name(
+        aws, {"ImageId": IMAGE, "Name": CREATE_IMAGE["Name"], "SourceInstanceId": "i-other", "Tags": tags}
+    )
+
+    with pytest.raises(baking.BakeError, match=r"InvalidAMIName\.Duplicate"):
+        aws.bake(wait=False)
 
 
 def test_run_command_stops_the_application_before_and_starts_it_after_create_image(aws: Stubbed) -> None:

@@ -24,10 +24,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.errors import error_text
+from ami_janitor.aws.errors import error_code, error_text
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.core import build_instance
-from ami_janitor.core.baking import BakeError, BakeUsageError, bake_request, check_options
+from ami_janitor.core.baking import BAKED_FROM_TAG, BakeError, BakeUsageError, bake_request, check_options
 from ami_janitor.core.model import BuildInstance, LedgerBake
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, Family
 
@@ -46,6 +46,7 @@ SCHEDULED_PERMISSIONS: list[str] = sorted(
         "ec2:CreateImage",
         # Tags given at creation (TagSpecifications) are authorized as ec2:CreateTags.
         "ec2:CreateTags",
+        "ec2:DescribeImages",  # a CreateImage retried after its answer was lost: the image it made
         "ec2:DescribeInstances",
     }
 )
@@ -154,8 +155,31 @@ def _create_image(ec2: EC2Client, request: dict[str, Any]) -> str:
     try:
         answer = ec2.create_image(**request)
     except (ClientError, BotoCoreError) as error:
-        raise BakeError(f"CreateImage from {request['InstanceId']} failed: {error_text(error)}") from None
+        made = _made_already(ec2, request) if error_code(error) == "InvalidAMIName.Duplicate" else None
+        if made is None:
+            raise BakeError(f"CreateImage from {request['InstanceId']} failed: {error_text(error)}") from None
+        return made
     return str(answer["ImageId"])
+
+
+def _made_already(ec2: EC2Client, request: dict[str, Any]) -> str | None:
+    """The image a CreateImage refused as a duplicate name made itself. CreateImage has no client
+    token: when its answer is lost the SDK sends it again, and the retry meets the image the first
+    attempt made under the same name (unique: it holds this bake's timestamp). It is this bake's
+    where EC2 says it was made from this instance (SourceInstanceId; the emulator, which does not say,
+    by the baked-from tag given at creation)."""
+    try:
+        answer = ec2.describe_images(
+            Owners=["self"], IncludeDisabled=True, Filters=[{"Name": "name", "Values": [request["Name"]]}]
+        )
+    except (ClientError, BotoCoreError):
+        return None
+    for image in answer.get("Images") or []:
+        tags = {t.get("Key"): t.get("Value") for t in image.get("Tags") or []}
+        made_from = image.get("SourceInstanceId") or tags.get(BAKED_FROM_TAG)
+        if made_from == request["InstanceId"]:
+            return str(image["ImageId"])
+    return None
 
 
 def _record_bake(ledger: Ledger, image_id: str, instance_id: str, now: datetime) -> None:

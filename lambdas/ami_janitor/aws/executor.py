@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text
-from ami_janitor.aws.inventory import read_launch_permissions
+from ami_janitor.aws.inventory import describe_image, read_launch_permissions
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core import trust
 from ami_janitor.core.model import (
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ec2.type_defs import LaunchPermissionTypeDef
 
-    from ami_janitor.aws.clients import RegionClients
 
 PERMISSIONS: list[str] = sorted(
     [
@@ -49,6 +49,7 @@ PERMISSIONS: list[str] = sorted(
         "ec2:DeleteTags",
         "ec2:DeregisterImage",
         "ec2:DescribeImageAttribute",
+        "ec2:DescribeImages",  # a change refused on a retry: is the AMI in the state asked for?
         "ec2:DescribeSnapshots",
         "ec2:DisableImage",
         "ec2:DisableImageDeprecation",
@@ -141,6 +142,50 @@ def _tag(ec2: EC2Client, resources: Sequence[str], tags: Mapping[str, str]) -> N
         )
 
 
+# ---- changes a retry may meet ---------------------------------------------------------------------
+
+
+def _done_already(ec2: EC2Client, image_id: str, shows: Callable[[Image], bool]) -> bool:
+    """Whether EC2 now shows the AMI as a refused change would have left it (a failed read: no)."""
+    try:
+        image = describe_image(RegionClients(ec2.meta.region_name, ec2=ec2), image_id)
+    except AWS_ERRORS:
+        return False
+    return image is not None and shows(image)
+
+
+def _change(
+    ec2: EC2Client, image_id: str, call: Callable[[], object], shows: Callable[[Image], bool]
+) -> None:
+    """Make a state change of the AMI. The SDK sends a change again when its answer was lost, and the
+    retry meets the state its first attempt set; EC2 documents no error code for "already in that state",
+    so any refusal is read back: the AMI in the state this run asked for is done, else the error stands."""
+    try:
+        call()
+    except AWS_ERRORS as error:
+        if error_code(error) in GONE_CODES or not _done_already(ec2, image_id, shows):
+            raise
+
+
+def _disable_image(ec2: EC2Client, image_id: str) -> None:
+    _change(ec2, image_id, lambda: ec2.disable_image(ImageId=image_id), lambda i: i.state == "disabled")
+
+
+def _enable_image(ec2: EC2Client, image_id: str) -> None:
+    _change(ec2, image_id, lambda: ec2.enable_image(ImageId=image_id), lambda i: i.state == "available")
+
+
+def _deprecate(ec2: EC2Client, image_id: str, at: datetime | None) -> None:
+    """EnableImageDeprecation at `at`, or DisableImageDeprecation where `at` is None."""
+
+    def call() -> object:
+        if at is None:
+            return ec2.disable_image_deprecation(ImageId=image_id)
+        return ec2.enable_image_deprecation(ImageId=image_id, DeprecateAt=at)
+
+    _change(ec2, image_id, call, lambda i: i.deprecation_time == at)
+
+
 # ---- snapshots ------------------------------------------------------------------------------------
 
 
@@ -196,7 +241,7 @@ def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | N
     if prior is None:
         if image.deprecation_time is None:
             return None
-        ec2.disable_image_deprecation(ImageId=image.image_id)
+        _deprecate(ec2, image.image_id, None)
         return "deprecation cancelled"
     if prior <= now:
         # The owner's own deprecation time has passed: the image stays deprecated as it would have been.
@@ -204,7 +249,7 @@ def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | N
     at = max(prior, deprecate_at(now))
     if image.deprecation_time == at:
         return None
-    ec2.enable_image_deprecation(ImageId=image.image_id, DeprecateAt=at)
+    _deprecate(ec2, image.image_id, at)
     return f"deprecation restored to {iso(at)}"
 
 
@@ -233,7 +278,7 @@ def _rescue_steps(
     The ledger is closed after EC2 is back: a crash leaves the clock open for a rerun to finish."""
     disable = trust.recorded_stage(image, "disable")
     if image.state == "disabled" and disable is not None and not disable.already_disabled:
-        ec2.enable_image(ImageId=image.image_id)
+        _enable_image(ec2, image.image_id)
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
@@ -419,7 +464,7 @@ class _RegionRun:
             _tag(self.ec2, [image.image_id], {PRIOR_DEPRECATION_TAG: iso(prior) or "none"})
         # An earlier deprecation time (the owner's, or ours from a run that crashed) is kept, never postponed.
         if image.deprecation_time is None or image.deprecation_time > target:
-            self.ec2.enable_image_deprecation(ImageId=image.image_id, DeprecateAt=target)
+            _deprecate(self.ec2, image.image_id, target)
             done.append(f"deprecated at {iso(target)}")
         else:
             done.append(f"kept the earlier deprecation time {iso(image.deprecation_time)}")
@@ -444,7 +489,7 @@ class _RegionRun:
         if stale:
             self.ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
         if image.state != "disabled":
-            self.ec2.disable_image(ImageId=image.image_id)
+            _disable_image(self.ec2, image.image_id)
         self.ledger.confirm_stage(image.image_id, "disable", self.now)
         removed = ",".join(prior) or "none"
         return self.result(

@@ -7,7 +7,10 @@ sort key costs nothing now and keeps room for more items under one AMI (or other
 keeps other kinds of partitions apart.
 
 Writes are conditional so that two runs racing on one AMI record each step exactly once: the loser
-gets "already-recorded" and must read the item again. The table lives in the region of its AMIs; its
+gets "already-recorded" and must read the item again. Each write also stores a fresh id in
+`last_write`: when the SDK sends a write again after its first answer was lost, the retry fails its
+condition against that first attempt, and the id DynamoDB returns with the failure
+(ReturnValuesOnConditionCheckFailure=ALL_OLD) tells our own write ("recorded") from another run's. The table lives in the region of its AMIs; its
 resource policy denies writes to every principal outside the IAM path `/ami-janitor/` (where the
 stacks put every role) and the writers `ledger create` names.
 """
@@ -15,9 +18,10 @@ stacks put every role) and the writers `ledger create` names.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
@@ -87,6 +91,8 @@ WRITE_ACTIONS: list[str] = sorted(
     ]
 )
 STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
+# The id of the write that last changed an item (see the module's docstring); never read as a record.
+WRITE_ID_ATTRIBUTE = "last_write"
 BATCH_GET_KEYS = 100  # BatchGetItem's limit per call
 _BATCH_RETRIES = 5
 
@@ -203,19 +209,12 @@ def writers_in(policy_json: str, partition: str) -> list[str]:
     return []
 
 
-def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str]) -> CreateResult:
-    """Make the ledger table, or adopt an existing one: on-demand, encrypted with the AWS managed key,
-    deletion protection, PITR, TTL and the resource policy. Idempotent: only what differs is changed.
-
-    The resource policy is written last, so the writes before it are never refused to the caller."""
-    db = clients.dynamodb
-    result = CreateResult(region=clients.region, table=table)
+def _create(db: DynamoDBClient, table: str) -> Any:
+    """CreateTable; None where the table exists already. Sent again after a lost answer, CreateTable
+    meets the table its first attempt made (ResourceInUseException): the caller then reads it and
+    checks every setting, as for a table someone else made just before."""
     try:
-        description = db.describe_table(TableName=table)["Table"]
-    except ClientError as error:
-        if not _not_found(error):
-            raise
-        description = db.create_table(
+        return db.create_table(
             TableName=table,
             AttributeDefinitions=[
                 {"AttributeName": "pk", "AttributeType": "S"},
@@ -230,8 +229,50 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
             DeletionProtectionEnabled=True,
             Tags=[{"Key": "ami-janitor:ledger", "Value": "true"}],
         )["TableDescription"]
-        result.created = True
-        result.changes.append("created the table (on demand, KMS encryption, deletion protection)")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ResourceInUseException":
+            raise
+        return None
+
+
+def _ttl_enabled(db: DynamoDBClient, table: str) -> bool:
+    ttl = db.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
+    return (
+        ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING") and ttl.get("AttributeName") == TTL_ATTRIBUTE
+    )
+
+
+def _enable_ttl(db: DynamoDBClient, table: str) -> None:
+    """UpdateTimeToLive. Sent again after a lost answer, it is refused (ValidationException: TTL is
+    already enabled) by the TTL its first attempt enabled: done where the table now shows it."""
+    try:
+        db.update_time_to_live(
+            TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ValidationException" or not _ttl_enabled(
+            db, table
+        ):
+            raise
+
+
+def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str]) -> CreateResult:
+    """Make the ledger table, or adopt an existing one: on-demand, encrypted with the AWS managed key,
+    deletion protection, PITR, TTL and the resource policy. Idempotent: only what differs is changed.
+
+    The resource policy is written last, so the writes before it are never refused to the caller."""
+    db = clients.dynamodb
+    result = CreateResult(region=clients.region, table=table)
+    try:
+        description = db.describe_table(TableName=table)["Table"]
+    except ClientError as error:
+        if not _not_found(error):
+            raise
+        made = _create(db, table)
+        if made is not None:
+            result.created = True
+            result.changes.append("created the table (on demand, KMS encryption, deletion protection)")
+        description = made or db.describe_table(TableName=table)["Table"]
     # A table being created (here, or by someone else just before) takes its settings once ACTIVE.
     db.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 2, "MaxAttempts": 60})
     arn = description["TableArn"]
@@ -246,14 +287,8 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
             TableName=table, PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True}
         )
         result.changes.append("enabled point-in-time recovery")
-    ttl = db.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
-    if (
-        ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING")
-        or ttl.get("AttributeName") != TTL_ATTRIBUTE
-    ):
-        db.update_time_to_live(
-            TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
-        )
+    if not _ttl_enabled(db, table):
+        _enable_ttl(db, table)
         result.changes.append(f"enabled TTL on {TTL_ATTRIBUTE}")
     try:
         stored: str | None = db.get_resource_policy(ResourceArn=arn)["Policy"]
@@ -282,8 +317,55 @@ def _value(data: Any) -> Any:
     return _serializer.serialize(data)
 
 
+def _with_write_id(request: dict[str, Any], write_id: str) -> dict[str, Any]:
+    """The request with `last_write = <write_id>` added to its SET clause (or a SET clause added)."""
+    expression = str(request["UpdateExpression"])
+    assignment = f"#{WRITE_ID_ATTRIBUTE} = :{WRITE_ID_ATTRIBUTE}"
+    if expression.startswith("SET "):
+        expression = f"SET {assignment}, {expression[4:]}"
+    else:
+        expression = f"SET {assignment} {expression}"
+    return {
+        **request,
+        "UpdateExpression": expression,
+        "ExpressionAttributeNames": {
+            **request.get("ExpressionAttributeNames", {}),
+            f"#{WRITE_ID_ATTRIBUTE}": WRITE_ID_ATTRIBUTE,
+        },
+        "ExpressionAttributeValues": {
+            **request.get("ExpressionAttributeValues", {}),
+            f":{WRITE_ID_ATTRIBUTE}": _value(write_id),
+        },
+    }
+
+
+def conditional_update(db: DynamoDBClient, table: str, item_key: dict[str, Any], **request: Any) -> Written:
+    """UpdateItem, "already-recorded" where its condition fails against another writer's item.
+
+    The SDK sends a write again when its answer was lost (a timeout, a closed connection): that retry
+    fails its condition against the first attempt, which took effect. The item DynamoDB returns with
+    the failure still holds this call's write id then: the write is ours, so it is "recorded"."""
+    write_id = uuid.uuid4().hex
+    try:
+        db.update_item(
+            TableName=table,
+            Key=item_key,
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            **_with_write_id(request, write_id),
+        )
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            raise
+        stored: Any = cast(Any, error.response).get("Item") or {}  # ALL_OLD: the item as it is now
+        if stored.get(WRITE_ID_ATTRIBUTE, {}).get("S") == write_id:
+            return "recorded"
+        return "already-recorded"
+    return "recorded"
+
+
 def _item(raw: dict[str, Any]) -> LedgerItem:
-    data = {k: _deserializer.deserialize(v) for k, v in raw.items() if k not in ("pk", "sk", "last_stage")}
+    internal = ("pk", "sk", "last_stage", WRITE_ID_ATTRIBUTE)
+    data = {k: _deserializer.deserialize(v) for k, v in raw.items() if k not in internal}
     return LedgerItem.model_validate(data)
 
 
@@ -394,13 +476,7 @@ class Ledger(_Made):
         return self.clients.dynamodb
 
     def _update(self, image_id: str, **request: Any) -> Written:
-        try:
-            self._db.update_item(TableName=self.table, Key=key(image_id), **request)
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return "already-recorded"
-            raise
-        return "recorded"
+        return conditional_update(self._db, self.table, key(image_id), **request)
 
     def record_candidate(self, image_id: str, at: datetime) -> Written:
         """Start the candidate clock, once: only where no open candidate record exists (an item closed
@@ -537,20 +613,15 @@ class Ledger(_Made):
 
     def record_adoption(self, at: datetime) -> Written:
         """Mark the region's janitor tags adopted, once (the first enforce run with a ledger)."""
-        try:
-            self._db.update_item(
-                TableName=self.table,
-                Key=ADOPTION_KEY,
-                UpdateExpression="SET #at = :at",
-                ConditionExpression="attribute_not_exists(#at)",
-                ExpressionAttributeNames={"#at": "at"},
-                ExpressionAttributeValues={":at": _value(iso(at))},
-            )
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return "already-recorded"
-            raise
-        return "recorded"
+        return conditional_update(
+            self._db,
+            self.table,
+            ADOPTION_KEY,
+            UpdateExpression="SET #at = :at",
+            ConditionExpression="attribute_not_exists(#at)",
+            ExpressionAttributeNames={"#at": "at"},
+            ExpressionAttributeValues={":at": _value(iso(at))},
+        )
 
     def read_items(self, image_ids: Iterable[str]) -> dict[str, LedgerItem]:
         """The items of these AMIs (absent ones are left out): BatchGetItem, 100 keys a call,
