@@ -537,7 +537,16 @@ def settling(first: Round) -> set[str]:
     state (which AMI is Latest, which originals an encrypted copy stands in for, the keep-N ranks), so
     the next run may decide the group's other AMIs once more. A reported design question, not a choice."""
     groups = {(d.family, d.architecture) for d in first.plan.decisions if d.action == "rescue"}
-    return {d.image_id for d in first.plan.decisions if (d.family, d.architecture) in groups}
+    members = {d.image_id for d in first.plan.decisions if (d.family, d.architecture) in groups}
+    # So may an AMI those groups' pointers held (a pointer may hold another group's AMI): the rotation
+    # after the rescue moves the pointer off it, and only the next run sees it free.
+    parameters = {
+        f"value of SSM parameter {c.ssm_parameter}"
+        for c in first.plan.latest
+        if (c.family, c.architecture) in groups and c.ssm_parameter
+    }
+    pointed = {d.image_id for d in first.plan.decisions if parameters.intersection(d.reasons)}
+    return members | pointed
 
 
 @given(fleets(), policies(), st.booleans(), st.booleans())
