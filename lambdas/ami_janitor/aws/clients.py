@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_emr import EMRClient
+    from mypy_boto3_kms import KMSClient
     from mypy_boto3_rbin import RecycleBinClient
     from mypy_boto3_s3 import S3Client
     from mypy_boto3_sns import SNSClient
@@ -90,7 +91,7 @@ class RegionClients:
     dynamodb: _Client[DynamoDBClient] = _Client("dynamodb")
     sts: _Client[STSClient] = _Client("sts")
     # Untyped: only DescribeKey is called (no stubs package for KMS in the dev dependencies).
-    kms: _Client[Any] = _Client("kms")
+    kms: _Client[KMSClient] = _Client("kms")
 
 
 OPERATOR_SESSION_NAME = "ami-janitor-cli"

@@ -23,7 +23,7 @@ def resolve_key(clients: RegionClients, kms_key_id: str) -> ResolvedKey:
     try:
         metadata = clients.kms.describe_key(KeyId=kms_key_id)["KeyMetadata"]
     except AWS_ERRORS as error:
-        return ResolvedKey(problem=f"cannot resolve it in {clients.region} ({_one_line(error_text(error))})")
+        return ResolvedKey(problem=f"cannot resolve it in {clients.region} ({error_text(error)})")
     arn, state = metadata.get("Arn"), metadata.get("KeyState")
     if not arn or kms_arn_region(arn) != clients.region:
         return ResolvedKey(
@@ -40,7 +40,3 @@ def resolve_keys(
 ) -> dict[tuple[str, str], ResolvedKey]:
     """(target region, alias) -> what it resolves to now (core.keys.aliases_to_resolve lists them)."""
     return {(region, alias): resolve_key(clients_for(region), alias) for region, alias in aliases}
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
