@@ -354,6 +354,14 @@ class _RegionRun:
         self.results: list[ActionResult] = []
         # The last stage the ledger records per AMI (the condition of the next stage's write).
         self.last: dict[str, Stage | None] = {}
+        # AMIs this run takes through deregistration: their stages' mirror tags would go with them.
+        self.deregistering: set[str] = set()
+
+    def mirror_tags(self, image_id: str, tags: Mapping[str, str]) -> None:
+        """A stage's mirror tags (the ledger holds the record), unless the AMI is deregistered in this
+        same run: two CreateTags calls saved per AMI a run retires at once."""
+        if tags and image_id not in self.deregistering:
+            _tag(self.ec2, [image_id], tags)
 
     def result(self, image_id: str, action: ResultAction, status: Status, **fields: object) -> ActionResult:
         return ActionResult(region=self.region, image_id=image_id, action=action, status=status, **fields)
@@ -413,6 +421,8 @@ class _RegionRun:
         image = self.images.get(decision.image_id)
         if image is None:
             blocked = "not in the region's inventory"
+        if "deregister" in stages:
+            self.deregistering.add(decision.image_id)
         for index, stage in enumerate(stages):
             if blocked is not None or image is None:
                 self.results.append(self.result(decision.image_id, stage, "skipped", detail=blocked))
@@ -461,7 +471,7 @@ class _RegionRun:
         prior = entry.prior_deprecation if entry is not None else image.deprecation_time
         done = ["recorded in the ledger"]
         if PRIOR_DEPRECATION_TAG not in image.tags:
-            _tag(self.ec2, [image.image_id], {PRIOR_DEPRECATION_TAG: iso(prior) or "none"})
+            self.mirror_tags(image.image_id, {PRIOR_DEPRECATION_TAG: iso(prior) or "none"})
         # An earlier deprecation time (the owner's, or ours from a run that crashed) is kept, never postponed.
         if image.deprecation_time is None or image.deprecation_time > target:
             _deprecate(self.ec2, image.image_id, target)
@@ -484,7 +494,7 @@ class _RegionRun:
         if not self._record("disable", image, Prior(launch_permissions=prior, already_disabled=already)):
             return self._not_recorded(image, "disable")
         record = permission_tags(LaunchPermission.from_key(k) for k in prior)
-        _tag(self.ec2, [image.image_id], record)
+        self.mirror_tags(image.image_id, record)
         stale = [k for k in image.tags if _is_permission_key(k) and k not in record]
         if stale:
             self.ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
