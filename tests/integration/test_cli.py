@@ -527,3 +527,41 @@ def test_an_unreadable_answer_mid_apply_ends_with_the_summary_of_what_was_done(
     assert all("FAILED Unable to parse response" in line and "<!doctype html>" in line for line in failed)
     assert "applied: 12 actions, 3 failed" in output
     assert image_ids() >= set(fleet.images)  # nothing retired past the stage that failed
+
+
+def test_role_arn_exact_assume_role_request(fake_aws_env: None) -> None:
+    """`--role-arn`: one AssumeRole, exactly these parameters, and a session holding its credentials."""
+    from botocore.stub import Stubber
+
+    from ami_janitor.aws.clients import OPERATOR_SESSION_NAME, assumed_session
+
+    role = "arn:aws:iam::123456789012:role/ami-janitor/ami-janitor-operator"
+    sts = boto3.Session(region_name="eu-west-1").client("sts")
+    expiry = "2030-01-01T00:00:00Z"
+    credentials = {
+        "AccessKeyId": "ASIAOPERATOREXAMPLE",
+        "SecretAccessKey": "s3cr3t",
+        "SessionToken": "tok",
+        "Expiration": expiry,
+    }
+
+    class Base:
+        region_name = "eu-west-1"
+
+        def client(self, service: str, **_: Any) -> Any:
+            assert service == "sts"
+            return sts
+
+    with Stubber(sts) as stub:
+        stub.add_response(
+            "assume_role",
+            {"Credentials": credentials},
+            {"RoleArn": role, "RoleSessionName": OPERATOR_SESSION_NAME, "DurationSeconds": 3600},
+        )
+        session = assumed_session(Base(), role)  # type: ignore[arg-type]
+        stub.assert_no_pending_responses()
+
+    frozen = session.get_credentials().get_frozen_credentials()
+    assert (frozen.access_key, frozen.secret_key, frozen.token) == ("ASIAOPERATOREXAMPLE", "s3cr3t", "tok")
+    assert session.region_name == "eu-west-1"
+    assert OPERATOR_SESSION_NAME == "ami-janitor-cli"
