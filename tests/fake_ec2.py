@@ -651,7 +651,9 @@ class FakeLedger(Ledger):
     @_ledger_write
     def forget_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         self._write("ledger_forget_grants", image_id)
-        item = self._item(image_id)
+        item = self.items.get(image_id)
+        if item is None or not item.grants:  # the table's condition: the grants attribute exists
+            return "already-recorded"
         left = tuple(sorted(set(item.grants) - set(grants)))
         self.items[image_id] = item.model_copy(update={"grants": left})
         return "recorded"

@@ -1,0 +1,106 @@
+"""The in-memory ledger the properties run on (fake_ec2.FakeLedger) answers as the real one does: the
+same sequence of writes on both (the real table on moto's DynamoDB) gives the same answers
+("recorded" / "already-recorded") and the same items. Its conditions are written twice (Python there,
+DynamoDB condition expressions here); this keeps them one."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ami_janitor.aws import ledger
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.ledger import Ledger, Prior
+from ami_janitor.core.model import LedgerItem
+from ami_janitor.core.trust import STAGES
+from fake_ec2 import FakeLedger
+
+TABLE = "ami-janitor-ledger"
+START = datetime(2026, 11, 1, 3, tzinfo=UTC)
+IMAGES = ("a", "b")
+_examples = itertools.count()
+
+Write = Callable[[Ledger, str], str]
+
+
+def _candidate(day: int) -> Write:
+    return lambda book, image_id: book.record_candidate(image_id, START + timedelta(days=day))
+
+
+def _stage(stage: str, previous: str | None, day: int) -> Write:
+    prior = Prior(
+        deprecation=START if day % 2 else None, launch_permissions=("user:111122223333",)[: day % 2]
+    )
+
+    def write(book: Ledger, image_id: str) -> str:
+        at = START + timedelta(days=day)
+        snapshots = [f"snap-{image_id}"] if stage == "deregister" else []
+        return book.record_stage(image_id, stage, at, prior, previous=previous, snapshots=snapshots)  # type: ignore[arg-type]
+
+    return write
+
+
+def _confirm(stage: str, day: int) -> Write:
+    return lambda book, image_id: book.confirm_stage(image_id, stage, START + timedelta(days=day))  # type: ignore[arg-type]
+
+
+def _deregistered(day: int) -> Write:
+    return lambda book, image_id: book.confirm_deregistered(image_id, START + timedelta(days=day))
+
+
+def _close(day: int) -> Write:
+    return lambda book, image_id: book.close(image_id, START + timedelta(days=day))
+
+
+def _grants(grants: list[str]) -> Write:
+    return lambda book, image_id: book.record_grants(image_id, grants)
+
+
+def _forget(grants: list[str]) -> Write:
+    return lambda book, image_id: book.forget_grants(image_id, grants)
+
+
+days = st.integers(0, 20)
+stages = st.sampled_from(STAGES)
+grant_sets = st.lists(st.sampled_from(["user:111122223333", "user:444455556666"]), min_size=1, unique=True)
+writes = st.one_of(
+    st.builds(_candidate, days),
+    st.builds(_stage, stages, st.one_of(st.none(), stages), days),
+    st.builds(_confirm, stages, days),
+    st.builds(_deregistered, days),
+    st.builds(_close, days),
+    st.builds(_grants, grant_sets),
+    st.builds(_forget, grant_sets),
+)
+steps = st.lists(st.tuples(st.sampled_from(IMAGES), writes), min_size=1, max_size=12)
+
+
+@pytest.fixture
+def real(moto_aws: None) -> Ledger:
+    clients = RegionClients("us-east-1")
+    ledger.create_table(clients, TABLE, ["arn:aws:iam::123456789012:role/deployer"])
+    return Ledger(clients, TABLE)
+
+
+def _comparable(item: LedgerItem) -> dict[str, Any]:
+    return item.model_dump(exclude={"image_id"})
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(steps)
+def test_the_fake_ledger_answers_as_the_table_does(real: Ledger, steps: list[tuple[str, Write]]) -> None:
+    fake = FakeLedger()
+    prefix = f"ami-{next(_examples):08x}"  # one table for the test: each example its own AMIs
+    for image, write in steps:
+        image_id = f"{prefix}{image}"
+        assert write(fake, image_id) == write(real, image_id)
+    ids = {f"{prefix}{image}" for image in IMAGES}
+    table = {i: _comparable(item) for i, item in real.read_all().items.items() if i in ids}
+    memory = {i: _comparable(item) for i, item in fake.read_all().items.items() if i in ids}
+    assert memory == table
