@@ -372,48 +372,7 @@ class _RegionRun:
         remaining = (i for i in self.images.values() if i.image_id not in self.gone and i.image_id != besides)
         return {s for i in remaining for s in i.snapshot_ids}
 
-    # step 1 -----------------------------------------------------------------------------------------
-    def mark_candidates(self, decisions: Sequence[Decision]) -> set[str]:
-        """Start the stage clock of new candidates in the ledger (then the mirror tag); returns the images
-        whose clock could not be recorded."""
-        new = [
-            d.image_id
-            for d in decisions
-            if d.action in CLOCK_ACTIONS
-            and d.image_id in self.images
-            and trust.open_item(self.images[d.image_id]) is None
-        ]
-        value = iso(self.now) or ""
-        failed: set[str] = set()
-        recorded: list[str] = []
-        for image_id in new:
-            try:
-                written = self.ledger.record_candidate(image_id, self.now)
-            except STEP_ERRORS as error:
-                failed.add(image_id)
-                self.results.append(
-                    self.result(image_id, "mark-candidate", "failed", error=f"ledger: {error_text(error)}")
-                )
-                continue
-            if written == "already-recorded":
-                failed.add(image_id)  # another run started its clock since this plan: it acts, not us
-                self.results.append(
-                    self.result(image_id, "mark-candidate", "skipped", detail="recorded by another run")
-                )
-                continue
-            recorded.append(image_id)
-            self.last[image_id] = None
-        for start in range(0, len(recorded), CREATE_TAGS_MAX_RESOURCES):
-            batch = recorded[start : start + CREATE_TAGS_MAX_RESOURCES]
-            try:
-                _tag(self.ec2, batch, {CANDIDATE_TAG: value})
-                note = f"ledger first_candidate={value}; tag {CANDIDATE_TAG}"
-            except AWS_ERRORS as error:
-                note = f"ledger first_candidate={value}; mirror tag not written ({error_text(error)})"
-            self.results += [self.result(i, "mark-candidate", "ok", detail=note) for i in batch]
-        return failed
-
-    # step 2 -----------------------------------------------------------------------------------------
+    # the stages (their clocks are started by mark_candidates) ------------------------------------------
     def run_stages(self, decision: Decision, blocked: str | None) -> None:
         stages: list[Stage] = list(decision.stages)
         if not stages and decision.action in STAGE_ACTIONS:
@@ -534,7 +493,7 @@ class _RegionRun:
             self.ledger.confirm_deregistered(image.image_id, self.now)
         return result
 
-    # step 3 -----------------------------------------------------------------------------------------
+    # rescues ------------------------------------------------------------------------------------------
 
     def rescue(self, decision: Decision, public_allowed: bool) -> None:
         image = self.images.get(decision.image_id)
@@ -611,6 +570,47 @@ def confirm_shown(run: _RegionRun) -> None:
                 run.results.append(
                     run.result(image.image_id, stage, "failed", error=f"ledger: {error_text(error)}")
                 )
+
+
+def mark_candidates(run: _RegionRun, decisions: Sequence[Decision]) -> set[str]:
+    """Start the stage clock of new candidates in the ledger (then the mirror tag); returns the images
+    whose clock could not be recorded."""
+    new = [
+        d.image_id
+        for d in decisions
+        if d.action in CLOCK_ACTIONS
+        and d.image_id in run.images
+        and trust.open_item(run.images[d.image_id]) is None
+    ]
+    value = iso(run.now) or ""
+    failed: set[str] = set()
+    recorded: list[str] = []
+    for image_id in new:
+        try:
+            written = run.ledger.record_candidate(image_id, run.now)
+        except STEP_ERRORS as error:
+            failed.add(image_id)
+            run.results.append(
+                run.result(image_id, "mark-candidate", "failed", error=f"ledger: {error_text(error)}")
+            )
+            continue
+        if written == "already-recorded":
+            failed.add(image_id)  # another run started its clock since this plan: it acts, not us
+            run.results.append(
+                run.result(image_id, "mark-candidate", "skipped", detail="recorded by another run")
+            )
+            continue
+        recorded.append(image_id)
+        run.last[image_id] = None
+    for start in range(0, len(recorded), CREATE_TAGS_MAX_RESOURCES):
+        batch = recorded[start : start + CREATE_TAGS_MAX_RESOURCES]
+        try:
+            _tag(run.ec2, batch, {CANDIDATE_TAG: value})
+            note = f"ledger first_candidate={value}; tag {CANDIDATE_TAG}"
+        except AWS_ERRORS as error:
+            note = f"ledger first_candidate={value}; mirror tag not written ({error_text(error)})"
+        run.results += [run.result(i, "mark-candidate", "ok", detail=note) for i in batch]
+    return failed
 
 
 def mirror_clocks(run: _RegionRun, decisions: Sequence[Decision]) -> None:
@@ -709,7 +709,7 @@ def _apply_region(
         confirm_shown(run)
         mirror_clocks(run, decisions)
         finish_deregistrations(run)
-    unclocked = run.mark_candidates(decisions) if waiting is None else set()
+    unclocked = mark_candidates(run, decisions) if waiting is None else set()
     for decision in decisions:
         if decision.stages or decision.action in STAGE_ACTIONS:
             blocked = waiting
