@@ -295,6 +295,15 @@ def test_a_duplicate_name_made_from_another_instance_is_no_bake_of_this_one(aws:
         aws.bake(wait=False)
 
 
+def test_a_duplicate_name_only_tagged_with_this_instance_is_no_bake_of_this_one(aws: Stubbed) -> None:
+    # Anyone may tag an image of that name: without EC2's SourceInstanceId it is not ours.
+    tags = [{"Key": "ami-janitor:baked-from", "Value": INSTANCE}]
+    duplicate_name(aws, {"ImageId": IMAGE, "Name": CREATE_IMAGE["Name"], "Tags": tags})
+
+    with pytest.raises(baking.BakeError, match=r"InvalidAMIName\.Duplicate"):
+        aws.bake(wait=False)
+
+
 def test_run_command_stops_the_application_before_and_starts_it_after_create_image(aws: Stubbed) -> None:
     aws.send("stop", STOP, STOP_ID)
     aws.invocation(STOP_ID, None)  # normal right after SendCommand

@@ -27,7 +27,7 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.errors import error_code, error_text
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.core import build_instance
-from ami_janitor.core.baking import BAKED_FROM_TAG, BakeError, BakeUsageError, bake_request, check_options
+from ami_janitor.core.baking import BakeError, BakeUsageError, bake_request, check_options
 from ami_janitor.core.model import BuildInstance, LedgerBake
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, Family
 
@@ -166,8 +166,8 @@ def _made_already(ec2: EC2Client, request: dict[str, Any]) -> str | None:
     """The image a CreateImage refused as a duplicate name made itself. CreateImage has no client
     token: when its answer is lost the SDK sends it again, and the retry meets the image the first
     attempt made under the same name (unique: it holds this bake's timestamp). It is this bake's
-    where EC2 says it was made from this instance (SourceInstanceId; the emulator, which does not say,
-    by the baked-from tag given at creation)."""
+    only where EC2 says it was made from this instance (SourceInstanceId): never by a tag, which
+    anyone may write on an image of that name."""
     try:
         answer = ec2.describe_images(
             Owners=["self"], IncludeDisabled=True, Filters=[{"Name": "name", "Values": [request["Name"]]}]
@@ -175,9 +175,7 @@ def _made_already(ec2: EC2Client, request: dict[str, Any]) -> str | None:
     except (ClientError, BotoCoreError):
         return None
     for image in answer.get("Images") or []:
-        tags = {t.get("Key"): t.get("Value") for t in image.get("Tags") or []}
-        made_from = image.get("SourceInstanceId") or tags.get(BAKED_FROM_TAG)
-        if made_from == request["InstanceId"]:
+        if image.get("SourceInstanceId") == request["InstanceId"]:
             return str(image["ImageId"])
     return None
 
