@@ -65,31 +65,26 @@ def replica(
         copied_from_region=source.region,
         **fields,
     )
-    record = LedgerCopy(
+    record = copy_record(source, region, generation, image_id=made.image_id)
+    return made.model_copy(update={"ledger": LedgerItem(image_id=made.image_id, replica=record)})
+
+
+def copy_record(source: Image, region: str, generation: int, image_id: str | None = None) -> LedgerCopy:
+    """The ledger's record of a copy of `source` to `region` (the source's, or with `image_id` the replica's)."""
+    return LedgerCopy(
         source_image_id=source.image_id,
         source_region=source.region,
         region=region,
         generation=generation,
         token=f"token-{generation}",
-        image_id=made.image_id,
+        image_id=image_id,
         source_created=source.created,
     )
-    return made.model_copy(update={"ledger": LedgerItem(image_id=made.image_id, replica=record)})
 
 
 def started(source: Image, *generations: int, region: str = EU) -> Image:
     """The source with the copies to `region` its ledger item records (before each CopyImage)."""
-    copies = tuple(
-        LedgerCopy(
-            source_image_id=source.image_id,
-            source_region=source.region,
-            region=region,
-            generation=g,
-            token=f"token-{g}",
-            source_created=source.created,
-        )
-        for g in generations
-    )
+    copies = tuple(copy_record(source, region, g) for g in generations)
     return source.model_copy(update={"ledger": LedgerItem(image_id=source.image_id, copies=copies)})
 
 
