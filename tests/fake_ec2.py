@@ -5,7 +5,12 @@ Fast enough for thousands of plan + apply rounds (no HTTP, no moto). Every reque
 botocore's EC2 model, so a misspelt parameter or a wrong type fails like it would against AWS. Errors are
 botocore ClientErrors with EC2's codes.
 
-Simulated time: `clock` is what EC2 compares DeprecateAt with; tests set it to the run's `now`.
+Simulated time: `clock` is what EC2 compares DeprecateAt with; tests set it to the run's `now`. It moves
+on by `latency` seconds with each call (EC2 calls and ledger writes), and by the waits of a pacer made
+with `pacer()`; `elapsed` counts those simulated seconds from 0, whatever a test sets `clock` to.
+Throttling: with `throttle` (tests/fake_throttle.py), every EC2 call takes a token of the account's
+bucket for its API, on `elapsed`, or fails with RequestLimitExceeded before it takes effect. A client-side
+pacer runs before each EC2 call as `before_call(api)` (what `pace` does for a boto3 client).
 Faults: `fail_rate` (a call fails with a ClientError, before or after it took effect, like a throttle or a
 lost response; or its answer is lost after it took effect and the SDK sends it again, so the caller gets
 the retry's answer) and `crash_rate` (the process dies mid-run: `Crash` is no botocore error, so the
@@ -31,6 +36,7 @@ from botocore.model import ServiceModel
 from botocore.validate import ParamValidator
 
 from ami_janitor.aws.ledger import STAGES, Ledger, Prior, Written
+from ami_janitor.aws.pacing import Pacer
 from ami_janitor.core.model import (
     Image,
     LaunchPermission,
@@ -46,6 +52,7 @@ from ami_janitor.core.model import (
     with_ledger,
 )
 from ami_janitor.core.policy import RETIRED_FROM_TAG
+from fake_throttle import AccountBuckets
 
 MUTATING = frozenset(
     {
@@ -232,6 +239,8 @@ class FakeEC2:
         results_rate: float = 0.5,
         fail_rate: float = 0.0,
         crash_rate: float = 0.0,
+        throttle: AccountBuckets | None = None,
+        latency: float = 0.0,
     ) -> None:
         self.region = region
         self.images: dict[str, FakeImage] = {}
@@ -242,7 +251,13 @@ class FakeEC2:
         self.references: list[Reference] = []
         self.parameters: dict[str, str] = {}
         self.calls: list[Call] = []
-        self.clock = datetime.now(UTC)
+        self.elapsed = 0.0  # simulated seconds: the calls' latency and a pacer's waits
+        self._start = datetime.now(UTC)  # `clock` when `elapsed` was 0
+        self.latency = latency
+        self.throttle = throttle
+        # Called with the API name before each EC2 call (not the SDK's retry of a call whose answer was
+        # lost, as botocore's before-call event): a client-side pacer's acquire.
+        self.before_call: Callable[[str], object] | None = None
         self.rng = random.Random(seed)
         # Share of DeregisterImage(DeleteAssociatedSnapshots=True) calls answered with DeleteSnapshotResults
         # (the rest behave like a partition that predates it: no results, snapshots stay).
@@ -262,6 +277,26 @@ class FakeEC2:
         self.meta = SimpleNamespace(region_name=region)  # as a boto3 client
         self._validator = ParamValidator()
         self.ledger = FakeLedger(self)
+
+    # ---- simulated time ----------------------------------------------------------------------------
+    @property
+    def clock(self) -> datetime:
+        return self._start + timedelta(seconds=self.elapsed)
+
+    @clock.setter
+    def clock(self, value: datetime) -> None:
+        self._start = value - timedelta(seconds=self.elapsed)
+
+    def advance(self, seconds: float) -> None:
+        self.elapsed += seconds
+
+    def pacer(self, share: float = 1.0, *, attach: bool = True) -> Pacer:
+        """A Pacer on this fake's simulated time (its waits advance the clock), attached as
+        `before_call` unless `attach` is False (several workers' pacers: attach each in turn)."""
+        pacer = Pacer(share, clock=lambda: self.elapsed, sleep=self.advance)
+        if attach:
+            self.before_call = pacer.acquire
+        return pacer
 
     # ---- building a fleet ---------------------------------------------------------------------------
     def add_image(self, image: FakeImage) -> FakeImage:
@@ -317,16 +352,21 @@ class FakeEC2:
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _request(self, operation: str, params: dict[str, Any]) -> tuple[str, FakeImage | None]:
-        """Validate, record and maybe fail the request; returns (API name, the target AMI before it)."""
+        """Validate, pace, record, throttle and maybe fail the request; returns (API name, the target AMI
+        before it). A throttled call is recorded (EC2 received it) but is no mutating call of `faults`."""
         api = _OPERATIONS[operation]
         report = self._validator.validate(params, _ec2_model().operation_model(api).input_shape)
         if report.has_errors():
             raise client_error("InvalidParameterValue", report.generate_report(), api)
+        if self.before_call is not None and not self.retrying:
+            self.before_call(api)
+        arrived, clock = self.elapsed, self.clock
+        self.elapsed += self.latency
         image_id = params.get("ImageId")
         target = self.images.get(image_id) if isinstance(image_id, str) else None
-        self.calls.append(
-            Call(operation, copy.deepcopy(params), copy.deepcopy(target), self.clock, self.retrying)
-        )
+        self.calls.append(Call(operation, copy.deepcopy(params), copy.deepcopy(target), clock, self.retrying))
+        if self.throttle is not None and not self.throttle.take(api, arrived):
+            raise client_error("RequestLimitExceeded", "Request limit exceeded.", api)
         if operation in MUTATING:
             self._lose_answer, self._retry_answer = self._after_effect(
                 self._fault(api, "RequestLimitExceeded")
@@ -344,6 +384,7 @@ class FakeEC2:
         becomes of its answer once the write took effect (see `_after_effect`)."""
         params = {"ImageId": image_id} if image_id else {}
         self.calls.append(Call(operation, params, None, self.clock, self.retrying))
+        self.elapsed += self.latency
         return self._after_effect(self._fault(operation, "ThrottlingException"))
 
     def _fault(self, api: str, throttle_code: str) -> str | None:
