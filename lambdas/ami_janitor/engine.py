@@ -12,19 +12,22 @@ from typing import Any, Literal
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import baker, copier, executor, inventory, kms, ledger, rotator, sharer
+from ami_janitor.aws import baker, copier, executor, inventory, kms, ledger, rotator, runs, sharer, slicer
 from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
-from ami_janitor.core import baking, keys, replication, run_plan, sharing, trust
+from ami_janitor.core import baking, keys, replication, run_plan, sharing, slices, trust
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
     AmiState,
     Copy,
+    Decision,
     Image,
     Outcome,
     Plan,
     RegionInventory,
+    RegionStatus,
     Share,
     Summary,
     with_ledger,
@@ -35,6 +38,8 @@ ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
 Progress = Callable[[str], None]  # a line for a person watching (the CLI on a terminal)
 REGION_WORKERS = 8  # regions read at once
+# The paced calls of one slice: its worker's timeout (15 minutes) leaves room for its reads and retries.
+SLICE_BUDGET_SECONDS = 300.0
 
 
 def _quiet(line: str) -> None:
@@ -69,12 +74,16 @@ PERMISSIONS: list[str] = sorted(
     | set(sharer.PERMISSIONS)
     | set(ledger.PERMISSIONS)
     | set(kms.PERMISSIONS)
+    | set(slicer.QUEUE_PERMISSIONS)
 )
+# The slice worker: a slice's reads, the executor's stages, and the run's record.
+SLICE_PERMISSIONS: list[str] = slicer.PERMISSIONS
 # What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
 # rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
 # on the caller's behalf), `bake` with its stop and start commands, and `ledger create`.
 CLI_PERMISSIONS: list[str] = sorted(
     set(PERMISSIONS)
+    | set(SLICE_PERMISSIONS)
     | set(copier.PERMISSIONS)
     | set(copier.KMS_PERMISSIONS)
     | set(baker.PERMISSIONS)
@@ -114,6 +123,8 @@ class RunSummary(Summary):
     """The plan's summary, with the snapshots deleted counted from the results once applied."""
 
     actions_failed: int = 0
+    # AMIs a slice held back: a fresh read put the plan's decision in doubt (planned again next run).
+    held_back: int = 0
 
 
 class RunReport(Plan):
@@ -126,6 +137,7 @@ class RunReport(Plan):
     share_results: list[sharer.ShareResult] = Field(default_factory=list)
     copy_results: list[replication.CopyResult] = Field(default_factory=list)
     copies_queued: int = 0
+    slices_queued: int = 0
 
 
 class RunResult(BaseModel):
@@ -135,6 +147,8 @@ class RunResult(BaseModel):
     results: list[ActionResult] = Field(default_factory=list)
     rotations: list[rotator.RotationResult] = Field(default_factory=list)
     replicated: ReplicateResult = ReplicateResult()
+    # Slices of due stages queued to the slice worker (their results come with the run's last slice).
+    slices_queued: int = 0
 
     @property
     def failed(self) -> int:
@@ -163,6 +177,7 @@ class RunResult(BaseModel):
                 "share_results": self.replicated.share_results,
                 "copy_results": self.replicated.copy_results,
                 "copies_queued": self.replicated.queued,
+                "slices_queued": self.slices_queued,
             }
         )
 
@@ -347,10 +362,13 @@ def run(
     *,
     apply: bool,
     enqueue: Enqueue | None = None,
+    work_queue: str | None = None,
     progress: Progress = _quiet,
 ) -> RunResult:
     """A scheduled run in one pass: one plan (retirement, Latest, shares, copies), then applied in a
-    fixed order per region: rescues, Latest, candidate clocks and stages; then shares and copies.
+    fixed order per region: rescues, Latest, candidate clocks; then shares and copies; then the due
+    stages, in slices (core.slices): queued to `work_queue` when given (the slice worker takes them
+    one after the other), else run here.
 
     The plan reads the inventory before shares change: a public AMI made private by this run is still
     kept as public once, and retires by the usual rules from the next run on.
@@ -375,18 +393,84 @@ def run(
         return {i for c in stuck for i in (*c.untag, c.from_) if i}
 
     grants = {family.name: sorted(sharing.desired_grants(family)) for family in policy.families}
+    ledgers = ledger_for(policy, clients_for)
+    cut: dict[str, list[slices.WorkSlice]] = {}
+    digest = slices.policy_digest(policy)
+
+    def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
+        work = slices.cut(
+            due,
+            run=plan.generated_at,
+            region=region,
+            planned_at=now,
+            policy=digest,
+            budget_seconds=SLICE_BUDGET_SECONDS,
+            refill=slicer.STAGE_REFILL,
+        )
+        if work_queue is not None:
+            cut[region] = work
+            return []
+        results: list[ActionResult] = []
+        for part in work:
+            progress(f"{region}: slice {part.index + 1} of {part.count} ({len(part.items):,} AMIs)")
+            results += slicer.run_here(clients_for(region), ledgers(region), policy, part, now)
+        return results
+
     applied: ApplyResult = executor.apply_plan(
         plan,
         loaded,
         clients_for,
         now,
-        ledger_for=ledger_for(policy, clients_for),
+        ledger_for=ledgers,
         family_grants=grants,
         after_rescues=write_latest,
+        run_due=run_due,
     )
     own = [loaded[r.region] for r in plan.regions if r.status == "ok" and r.region in loaded]
     replicated = _apply_replication(replicated, own, policy, clients_for, enqueue)
-    return RunResult(plan=plan, results=applied.results, rotations=rotations, replicated=replicated)
+    result = RunResult(plan=plan, results=applied.results, rotations=rotations, replicated=replicated)
+    for region, work in sorted(cut.items()):
+        result = _queue_slices(result, region, work, policy, clients_for(region), work_queue or "", now)
+    return result
+
+
+def _queue_slices(
+    result: RunResult,
+    region: str,
+    work: list[slices.WorkSlice],
+    policy: Policy,
+    clients: RegionClients,
+    queue_url: str,
+    now: datetime,
+) -> RunResult:
+    """Record the run's slices and queue them; where that fails, their stages fail (nothing was done
+    to them: the next run plans them again)."""
+    report = result.report()
+    counts = {
+        "snapshots_deleted": report.summary.snapshots_deleted if result.results else 0,
+        "actions_failed": report.summary.actions_failed,
+        "held_back": 0,
+    }
+    summary = {k: v for k, v in report.summary.model_dump().items() if isinstance(v, int)}
+    try:
+        queued = slicer.queue_run(
+            clients, policy, queue_url, work, plan_summary=summary, counts=counts, now=now
+        )
+    except (BotoCoreError, ClientError, RuntimeError) as error:
+        failed = [
+            ActionResult(
+                region=region,
+                image_id=item.image_id,
+                action=stage,
+                status="failed",
+                error=f"slice not queued: {error_text(error)}",
+            )
+            for part in work
+            for item in part.items
+            for stage in item.stages
+        ]
+        return result.model_copy(update={"results": [*result.results, *failed]})
+    return result.model_copy(update={"slices_queued": result.slices_queued + queued})
 
 
 def handle_ami_event(
@@ -577,3 +661,89 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
     )
     copy = replication.rebuild_copy(request, source, policy, existing, key)
     return copier.start_copy(clients_for, copy, source, policy, existing, ledger_for=ledger_for)
+
+
+class SliceOutcome(BaseModel):
+    """What the slice worker did with one slice, and the run's record after it."""
+
+    region: str
+    run: str
+    index: int
+    count: int
+    results: list[ActionResult] = Field(default_factory=list)
+    held: dict[str, str] = Field(default_factory=dict)
+    dropped: str | None = None  # why the whole slice was not run
+    progress: runs.RunProgress | None = None
+    # This worker sends the run's summary: the run's last slice is done, and nobody sent it before.
+    last: bool = False
+
+
+def work_slice(
+    policy: Policy,
+    work: slices.WorkSlice,
+    clients: RegionClients,
+    now: datetime,
+    *,
+    keep: Callable[[SliceOutcome], None] | None = None,
+) -> SliceOutcome:
+    """One queued slice: dropped (each stage skipped, with why) when the policy is no longer the plan's
+    or the slice is stale, else run (slicer.run_slice, which reads its AMIs again); `keep` is given the
+    results before the run's record counts the slice (the report keeps them); then counted once.
+    Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again."""
+    if work.region != clients.region:
+        raise ValueError(f"a slice of region {work.region} reached the worker of {clients.region}")
+    dropped = None
+    if work.policy != slices.policy_digest(policy):
+        dropped = "the policy changed since the plan: the next run plans again"
+    else:
+        dropped = slices.stale(work, now)
+    outcome = SliceOutcome(region=work.region, run=work.run, index=work.index, count=work.count)
+    if dropped is not None:
+        outcome.dropped = dropped
+        outcome.results = [
+            ActionResult(region=work.region, image_id=i.image_id, action=s, status="skipped", detail=dropped)
+            for i in work.items
+            for s in i.stages
+        ]
+    else:
+        ledgers = ledger.ledgers(lambda _: clients, policy.ledger)
+        done = slicer.run_slice(clients, ledgers(clients.region), policy, work, now)
+        outcome.results, outcome.held = done.results, done.held
+    if keep is not None:
+        keep(outcome)
+    counts = slicer.SliceResult(results=outcome.results, held=outcome.held).counts()
+    records = runs.RunRecords(
+        clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
+    )
+    progress = records.finish_slice(work.region, work.run, work.index, counts)
+    outcome.progress = progress or records.read(work.region, work.run)
+    outcome.last = outcome.progress.complete and records.claim_summary(work.region, work.run, now)
+    return outcome
+
+
+def final_report(first: RunReport, outcomes: Sequence[SliceOutcome], progress: runs.RunProgress) -> RunReport:
+    """The run's one report: what the scheduled run did, then every slice's results; the counts are
+    the run record's (the scheduled run's own, plus each slice's once)."""
+    totals = progress.counts
+    summary = first.summary.model_copy(
+        update={
+            "snapshots_deleted": totals.get("snapshots_deleted", 0),
+            "actions_failed": totals.get("actions_failed", 0),
+            "held_back": totals.get("held_back", 0),
+        }
+    )
+    ordered = sorted(outcomes, key=lambda o: o.index)
+    results = [*first.results, *(r for o in ordered for r in o.results)]
+    return first.model_copy(update={"summary": summary, "results": results})
+
+
+def recorded_report(region: str, run: str, progress: runs.RunProgress) -> RunReport:
+    """The run's summary from its record alone (no report bucket to read the details from)."""
+    summary = RunSummary.model_validate({**progress.plan_summary, **progress.counts})
+    return RunReport(
+        mode="enforce",
+        generated_at=run,
+        regions=[RegionStatus(region=region, status="ok")],
+        decisions=[],
+        summary=summary,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -462,7 +463,8 @@ def test_progress_lines_on_a_terminal_only(
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "... us-east-1: reading"
     assert lines[1].startswith(f"... us-east-1: {owned} AMIs read in ")
-    assert lines[-1] == "... applying the plan in us-east-1"
+    assert lines[-2] == "... applying the plan in us-east-1"
+    assert re.fullmatch(r"\.\.\. us-east-1: slice 1 of 1 \(\d+ AMIs\)", lines[-1]), lines
 
 
 def html_page_to(monkeypatch: pytest.MonkeyPatch, operation: str) -> None:

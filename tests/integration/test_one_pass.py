@@ -40,11 +40,15 @@ def test_an_applied_run_reads_each_region_once(endpoint: str) -> None:
     actions = {d.image_id: d.action for d in result.plan.decisions}
     assert actions[rescued] == "rescue"
     assert client.describe_images(ImageIds=[rescued])["Images"][0]["State"] == "available"
-    # Inventory once; no second read for shares, copies or a rotation after the rescues.
-    assert calls["ec2:DescribeImages"] == 1, calls
-    # Launch permissions only for the AMIs the plan retires, one call each.
+    # Inventory once; no second read for shares, copies or a rotation after the rescues. The due
+    # stages' one slice reads its own AMIs again: by id, and the AMIs that share their snapshots.
+    assert result.slices_queued == 0
+    assert calls["ec2:DescribeImages"] == 1 + 2, calls
+    # Launch permissions only for the AMIs the plan retires, one call each; the slice reads them again
+    # just before a disable stage records them (they may have changed since the plan).
     retiring = [d for d in result.plan.decisions if d.action in ("deprecate", "disable", "deregister")]
-    assert retiring and calls["ec2:DescribeImageAttribute"] == len(retiring), calls
+    disabling = [d for d in retiring if "disable" in d.stages or d.action == "disable"]
+    assert retiring and calls["ec2:DescribeImageAttribute"] == len(retiring) + len(disabling), calls
     assert calls["ec2:DescribeLaunchTemplates"] == 1 and calls["ssm:DescribeParameters"] == 1
 
 

@@ -35,6 +35,7 @@ from ami_janitor.core.policy import (
     PRIOR_PERMISSIONS_TAG,
     RETIRED_FROM_TAG,
 )
+from ami_janitor.core.slices import due_stages
 from ami_janitor.core.tags import is_part_key, joined_values, split_values
 
 if TYPE_CHECKING:
@@ -373,18 +374,15 @@ class _RegionRun:
         return {s for i in remaining for s in i.snapshot_ids}
 
     # the stages (their clocks are started by mark_candidates) ------------------------------------------
-    def run_stages(self, decision: Decision, blocked: str | None) -> None:
-        stages: list[Stage] = list(decision.stages)
-        if not stages and decision.action in STAGE_ACTIONS:
-            stages = [decision.action]  # type: ignore[list-item]
-        image = self.images.get(decision.image_id)
+    def run_stages(self, image_id: str, stages: Sequence[Stage], blocked: str | None) -> None:
+        image = self.images.get(image_id)
         if image is None:
             blocked = "not in the region's inventory"
         if "deregister" in stages:
-            self.deregistering.add(decision.image_id)
+            self.deregistering.add(image_id)
         for index, stage in enumerate(stages):
             if blocked is not None or image is None:
-                self.results.append(self.result(decision.image_id, stage, "skipped", detail=blocked))
+                self.results.append(self.result(image_id, stage, "skipped", detail=blocked))
                 continue
             result = self.stage(stage, image)
             self.results.append(result)
@@ -660,6 +658,8 @@ def finish_deregistrations(run: _RegionRun) -> None:
 
 
 LedgerFor = Callable[[str], Ledger]
+# (region, decisions whose due stages nothing blocks) -> their results: the run's slices.
+RunDue = Callable[[str, list[Decision]], list[ActionResult]]
 
 
 def apply_plan(
@@ -671,11 +671,13 @@ def apply_plan(
     ledger_for: LedgerFor,
     family_grants: Mapping[str, Iterable[str]] | None = None,
     after_rescues: AfterRescues | None = None,
+    run_due: RunDue | None = None,
 ) -> ApplyResult:
     """Apply an enforce plan region by region: the adoption of older janitor tags (first run with a
     ledger), rescues, then `after_rescues(region, failed rescues)` (the run writes Latest there; it
-    returns AMIs that must not retire now), candidate clocks, due stages, and the snapshots of
-    deregistrations a crash interrupted (those the ledger recorded, only). `family_grants` say which
+    returns AMIs that must not retire now), candidate clocks, the snapshots of deregistrations a crash
+    interrupted (those the ledger recorded, only), then the due stages: through `run_due` (the run's
+    slices, which read their AMIs again), else here on the plan's view. `family_grants` say which
     families may be public again after a rescue. AWS errors become failed results; the run goes on."""
     if plan.mode != "enforce":
         raise ValueError(f"apply_plan needs an enforce plan, got mode {plan.mode!r}")
@@ -690,14 +692,20 @@ def apply_plan(
     for region in regions:
         decisions = [d for d in plan.decisions if d.region == region]
         run = _RegionRun(region, clients_for(region).ec2, ledger_for(region), inventories[region], now)
-        _apply_region(run, decisions, public, after_rescues)
+        staged = _apply_region(run, decisions, public, after_rescues)
+        for decision, blocked in staged:
+            if blocked is not None or run_due is None:
+                run.run_stages(decision.image_id, due_stages(decision), blocked)
         results += run.results
+        if run_due is not None:
+            results += run_due(region, [d for d, blocked in staged if blocked is None])
     return ApplyResult(results=results)
 
 
 def _apply_region(
     run: _RegionRun, decisions: Sequence[Decision], public: set[str], after_rescues: AfterRescues | None
-) -> None:
+) -> list[tuple[Decision, str | None]]:
+    """Everything but the due stages, which it returns in plan order with what blocks each, if any."""
     waiting = adopt(run)
     # Rescues first: an AMI back in use must launch again before anything else is changed.
     for decision in decisions:
@@ -710,11 +718,30 @@ def _apply_region(
         mirror_clocks(run, decisions)
         finish_deregistrations(run)
     unclocked = mark_candidates(run, decisions) if waiting is None else set()
+    staged: list[tuple[Decision, str | None]] = []
     for decision in decisions:
-        if decision.stages or decision.action in STAGE_ACTIONS:
-            blocked = waiting
-            if decision.image_id in unclocked:
-                blocked = "the ledger could not start its clock"
-            if decision.image_id in pinned:
-                blocked = "Latest could not be moved away from it"
-            run.run_stages(decision, blocked)
+        if not due_stages(decision):
+            continue
+        blocked = waiting
+        if decision.image_id in unclocked:
+            blocked = "the ledger could not start its clock"
+        if decision.image_id in pinned:
+            blocked = "Latest could not be moved away from it"
+        staged.append((decision, blocked))
+    return staged
+
+
+def apply_stages(
+    region: str,
+    ec2: EC2Client,
+    ledger: Ledger,
+    inventory: RegionInventory,
+    work: Sequence[tuple[str, Sequence[Stage], str | None]],
+    now: datetime,
+) -> list[ActionResult]:
+    """One slice: each (AMI, its due stages, why it is held back or None) on `inventory`, the slice's
+    AMIs as read when it started and the other AMIs that share their snapshots."""
+    run = _RegionRun(region, ec2, ledger, inventory, now)
+    for image_id, stages, held in work:
+        run.run_stages(image_id, stages, held)
+    return run.results

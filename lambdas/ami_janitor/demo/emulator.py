@@ -119,6 +119,17 @@ def _is_protected(ami: Any) -> bool:
     return str(ami.deregistration_protection or "").startswith(("enabled", "disabled-until"))
 
 
+def _wrap_get_filter_value(original: Callable[..., Any]) -> Callable[..., Any]:
+    def get_filter_value(self: Any, filter_name: str, method_name: str | None = None) -> Any:
+        # DescribeImages' filter by the snapshot an AMI uses (moto has one snapshot per AMI).
+        if filter_name == "block-device-mapping.snapshot-id":
+            snapshot = getattr(self, "ebs_snapshot", None)
+            return [snapshot.id] if snapshot is not None else []
+        return original(self, filter_name, method_name)
+
+    return get_filter_value
+
+
 # ---- model: backend operations --------------------------------------------------------------------
 
 
@@ -408,6 +419,7 @@ def install() -> None:
         return
     for name, value in _AMI_FIELDS.items():
         setattr(Ami, name, value)
+    setattr(Ami, "get_filter_value", _wrap_get_filter_value(Ami.get_filter_value))  # noqa: B010
     for name, value in {**_BACKEND_FIELDS, **_BACKEND_METHODS}.items():
         setattr(AmiBackend, name, value)
     for name, wrap in _BACKEND_WRAPPERS.items():

@@ -1,0 +1,143 @@
+"""A run's record in the ledger table: how many slices its due stages were cut into, which are done,
+and their counts, so that the run's summary waits for its last slice and is sent once.
+
+Key: `pk` = "run#<region>#<run>" (the plan's generated_at), `sk` = "item". The ledger's Scan skips
+these items (it reads only `image#` partitions); they expire with the ledger's retention.
+Every write is conditional: a slice delivered twice (SQS is at least once) or a write the SDK sent
+again is counted once, and only one worker claims the summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, Field
+
+from ami_janitor.aws.ledger import TTL_ATTRIBUTE, Written, conditional_update
+from ami_janitor.core.model import iso
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+
+PERMISSIONS: list[str] = sorted(["dynamodb:GetItem", "dynamodb:UpdateItem"])
+# What slices add up (ActionResult counts); the plan's own summary is stored once at the start.
+COUNTERS = ("snapshots_deleted", "actions_failed", "held_back")
+
+
+class RunProgress(BaseModel):
+    """A run's record as read back: its slices, those done, and the counts they added."""
+
+    slices: int
+    done: frozenset[int] = frozenset()
+    counts: dict[str, int] = Field(default_factory=dict)
+    plan_summary: dict[str, int] = Field(default_factory=dict)
+    summary_sent: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) >= self.slices
+
+
+class RunNotStarted(RuntimeError):
+    """A slice of a run whose record is not in the table (never started, or expired)."""
+
+
+def run_key(region: str, run: str) -> dict[str, Any]:
+    return {"pk": {"S": f"run#{region}#{run}"}, "sk": {"S": "item"}}
+
+
+def _progress(raw: Mapping[str, Any]) -> RunProgress:
+    return RunProgress(
+        slices=int(raw["slices"]["N"]),
+        done=frozenset(int(i) for i in raw.get("done", {}).get("SS", [])),
+        counts={name: int(raw.get(f"n_{name}", {}).get("N", "0")) for name in COUNTERS},
+        plan_summary={k: int(v["N"]) for k, v in raw.get("plan_summary", {}).get("M", {}).items()},
+        summary_sent=raw.get("summary_sent", {}).get("S"),
+    )
+
+
+class RunRecords:
+    def __init__(self, db: DynamoDBClient, table: str, *, retention_days: int = 90) -> None:
+        self.db = db
+        self.table = table
+        self.retention_days = retention_days
+
+    def start(
+        self,
+        region: str,
+        run: str,
+        *,
+        slices: int,
+        plan_summary: Mapping[str, int],
+        counts: Mapping[str, int],
+        at: datetime,
+    ) -> Written:
+        """Record a run's slices before the first is queued, with the plan's summary and what the run
+        did before its slices (rescues, clocks...). Once per run."""
+        expires = int((at + timedelta(days=self.retention_days)).timestamp())
+        return conditional_update(
+            self.db,
+            self.table,
+            run_key(region, run),
+            UpdateExpression=(
+                "SET slices = :slices, started = :at, plan_summary = :summary, #ttl = :ttl, "
+                + ", ".join(f"n_{name} = :n_{name}" for name in COUNTERS)
+            ),
+            ConditionExpression="attribute_not_exists(slices)",
+            ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
+            ExpressionAttributeValues={
+                ":slices": {"N": str(slices)},
+                ":at": {"S": iso(at) or ""},
+                ":summary": {"M": {k: {"N": str(v)} for k, v in sorted(plan_summary.items())}},
+                ":ttl": {"N": str(expires)},
+                **{f":n_{name}": {"N": str(int(counts.get(name, 0)))} for name in COUNTERS},
+            },
+        )
+
+    def finish_slice(
+        self, region: str, run: str, index: int, counts: Mapping[str, int]
+    ) -> RunProgress | None:
+        """Count a slice as done with its counts; the record after it, or None where this slice was
+        counted before (a second delivery, or this same write sent again by the SDK)."""
+        try:
+            answer = self.db.update_item(
+                TableName=self.table,
+                Key=run_key(region, run),
+                UpdateExpression="ADD done :index, " + ", ".join(f"n_{name} :n_{name}" for name in COUNTERS),
+                ConditionExpression="attribute_exists(slices) AND NOT contains(done, :one)",
+                ExpressionAttributeValues={
+                    ":index": {"SS": [str(index)]},
+                    ":one": {"S": str(index)},
+                    **{f":n_{name}": {"N": str(int(counts.get(name, 0)))} for name in COUNTERS},
+                },
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise
+            if "slices" not in (cast(Any, error.response).get("Item") or {}):
+                raise RunNotStarted(f"no record of run {run} in {region}") from None
+            return None
+        return _progress(answer["Attributes"])
+
+    def read(self, region: str, run: str) -> RunProgress:
+        answer = self.db.get_item(TableName=self.table, Key=run_key(region, run), ConsistentRead=True)
+        if "Item" not in answer:
+            raise RunNotStarted(f"no record of run {run} in {region}")
+        return _progress(answer["Item"])
+
+    def claim_summary(self, region: str, run: str, at: datetime) -> bool:
+        """True for the one caller that sends the run's summary (after its last slice)."""
+        written = conditional_update(
+            self.db,
+            self.table,
+            run_key(region, run),
+            UpdateExpression="SET summary_sent = :at",
+            ConditionExpression="attribute_exists(slices) AND attribute_not_exists(summary_sent)",
+            ExpressionAttributeValues={":at": {"S": iso(at) or ""}},
+        )
+        return written == "recorded"

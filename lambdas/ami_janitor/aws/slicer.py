@@ -1,0 +1,244 @@
+"""The edge of a run's slices: queued to the work queue, and each run where its worker is.
+
+A slice reads its AMIs again when it starts (a few calls: DescribeImages by id and by the snapshots
+they use, their ledger items, DescribeImageReferences), holds back any AMI a fresh fact puts in doubt
+(core.slices.hold_reason), and takes the others' stages through the executor, on the view of its own
+AMIs and of every other AMI that shares their snapshots (a snapshot another AMI uses is never
+deleted). Deleting nothing it did not read is what keeps a partial view safe here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, Field
+
+from ami_janitor.aws import executor, runs
+from ami_janitor.aws.executor import ActionResult
+from ami_janitor.aws.inventory import image_references, ledger_items
+from ami_janitor.aws.inventory.image_references import read_image_references
+from ami_janitor.aws.inventory.pointers import Pointers
+from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
+from ami_janitor.aws.ledger import Ledger
+from ami_janitor.core.model import Image, LedgerView, Reference, RegionInventory, Stage, with_ledger
+from ami_janitor.core.policy import Policy
+from ami_janitor.core.slices import WorkSlice, hold_reason
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_sqs import SQSClient
+
+    from ami_janitor.aws.clients import RegionClients
+
+# What a slice reads before it acts, then what the executor calls.
+READ_PERMISSIONS: list[str] = sorted(
+    {"ec2:DescribeImages", "ec2:DescribeInstances"}
+    | set(image_references.PERMISSIONS)
+    | set(image_references.DEPENDENCIES)
+    | set(ledger_items.ITEM_PERMISSIONS)
+)
+PERMISSIONS: list[str] = sorted(set(READ_PERMISSIONS) | set(executor.PERMISSIONS) | set(runs.PERMISSIONS))
+# queue_run: the run's record, then the slices (SendMessageBatch is authorized as sqs:SendMessage,
+# which comes with the queue).
+QUEUE_PERMISSIONS: list[str] = list(runs.PERMISSIONS)
+# Paced AMIs per second of each stage: its EC2 call's token bucket refill (aws-facts.md).
+STAGE_REFILL: dict[Stage, float] = {"deprecate": 5.0, "disable": 5.0, "deregister": 5.0}
+
+FILTER_VALUES_MAX = 200  # values per DescribeImages/DescribeInstances filter
+SEND_BATCH_MAX = 10  # SendMessageBatch entries
+_LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
+
+
+class SliceResult(BaseModel):
+    """What one slice did: a result per stage (held-back AMIs' stages are skipped, with the reason)."""
+
+    results: list[ActionResult] = Field(default_factory=list)
+    held: dict[str, str] = Field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "snapshots_deleted": sum(len(r.snapshots_deleted) for r in self.results),
+            "actions_failed": sum(1 for r in self.results if r.status == "failed"),
+            "held_back": len(self.held),
+        }
+
+
+def _images_where(ec2: EC2Client, region: str, name: str, values: Sequence[str]) -> list[Image]:
+    found: list[Image] = []
+    for batch in chunks(sorted(set(values)), FILTER_VALUES_MAX):
+        raws = items(
+            ec2,
+            "describe_images",
+            "Images",
+            1000,
+            Owners=["self"],
+            IncludeDeprecated=True,
+            IncludeDisabled=True,
+            Filters=[{"Name": name, "Values": list(batch)}],
+        )
+        found += [Image.from_api(region, dict(raw)) for raw in raws]
+    return found
+
+
+def _live(ec2: EC2Client, instance_ids: Iterable[str]) -> set[str]:
+    live: set[str] = set()
+    for batch in chunks(sorted(set(instance_ids)), FILTER_VALUES_MAX):
+        raws = items(
+            ec2,
+            "describe_instances",
+            "Reservations",
+            1000,
+            Filters=[
+                {"Name": "instance-id", "Values": list(batch)},
+                {"Name": "instance-state-name", "Values": _LIVE_STATES},
+            ],
+        )
+        live |= {str(i["InstanceId"]) for r in raws for i in r.get("Instances", [])}
+    return live
+
+
+class _Everyone:
+    """Every instance counts as live until DescribeInstances says which are (see _references)."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
+def _references(clients: RegionClients, policy: Policy, images: Sequence[Image]) -> list[Reference]:
+    """DescribeImageReferences about the slice's AMIs; an instance counts only while it is not
+    terminated. A Latest pointer never counts, as in the plan."""
+    found, _notes = read_image_references(
+        clients.ec2,
+        clients.region,
+        [i.image_id for i in images],
+        known=(),
+        pointers=Pointers.of(policy, images),
+        live_instances=_Everyone(),  # type: ignore[arg-type]
+        parameter_names=frozenset(),
+    )
+    instance_ids = [r.resource_id for r in found if r.kind == "instance"]
+    if not instance_ids:
+        return found
+    with source("ec2:DescribeInstances"):
+        live = _live(clients.ec2, instance_ids)
+    return [r for r in found if r.kind != "instance" or r.resource_id in live]
+
+
+def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> RegionInventory:
+    """The slice's AMIs as they are now, with their ledger items and the other AMIs that share their
+    snapshots. Raises SourceFailed (the slice is delivered again) when anything cannot be read."""
+    ids = [item.image_id for item in work.items]
+    with source("ec2:DescribeImages"):
+        own = _images_where(clients.ec2, clients.region, "image-id", ids)
+        snapshots = [s for image in own for s in image.snapshot_ids]
+        sharing = _images_where(clients.ec2, clients.region, "block-device-mapping.snapshot-id", snapshots)
+    with source("dynamodb:BatchGetItem"):
+        view = ledger_items.read_ledger_items(clients, policy.ledger.table, ids)
+    with source("ec2:DescribeImageReferences"):
+        references = _references(clients, policy, own)
+    images = {i.image_id: i for i in [*sharing, *own]}
+    return with_ledger(
+        RegionInventory(
+            region=clients.region,
+            images=tuple(sorted(images.values(), key=lambda i: i.image_id)),
+            references=tuple(references),
+            ledger=view or LedgerView(table=policy.ledger.table),
+        )
+    )
+
+
+def run_slice(
+    clients: RegionClients, ledger: Ledger, policy: Policy, work: WorkSlice, now: datetime
+) -> SliceResult:
+    """Read the slice's AMIs again, hold back those a fresh fact puts in doubt, take the others'
+    stages. Raises SourceFailed when its AMIs cannot be read (nothing was changed then)."""
+    inventory = read_slice(clients, policy, work)
+    images = {i.image_id: i for i in inventory.images}
+    referenced: dict[str, list[str]] = {}
+    for reference in inventory.references:
+        referenced.setdefault(reference.image_id, []).append(reference.detail)
+    held: dict[str, str] = {}
+    todo: list[tuple[str, Sequence[Stage], str | None]] = []
+    for item in work.items:
+        why = hold_reason(
+            item, images.get(item.image_id), referenced.get(item.image_id, []), work.planned_at, policy
+        )
+        if why is not None:
+            held[item.image_id] = why
+        todo.append((item.image_id, item.stages, f"held back: {why}" if why else None))
+    results = executor.apply_stages(clients.region, clients.ec2, ledger, inventory, todo, now)
+    return SliceResult(results=results, held=held)
+
+
+def deduplication_id(work: WorkSlice) -> str:
+    return hashlib.sha256(work.key.encode()).hexdigest()
+
+
+def enqueue_slices(sqs: SQSClient, queue_url: str, slices: Sequence[WorkSlice]) -> int:
+    """Queue the slices (a FIFO queue: one message group per region, so a region's slices run one
+    after the other; deduplicated by slice, so queueing again within SQS's window adds nothing).
+    Raises when SQS refuses any: the run then reports it and the next run plans again."""
+    for start in range(0, len(slices), SEND_BATCH_MAX):
+        batch = slices[start : start + SEND_BATCH_MAX]
+        answer = sqs.send_message_batch(
+            QueueUrl=queue_url,
+            Entries=[
+                {
+                    "Id": str(work.index),
+                    "MessageBody": work.model_dump_json(),
+                    "MessageGroupId": work.region,
+                    "MessageDeduplicationId": deduplication_id(work),
+                }
+                for work in batch
+            ],
+        )
+        failed = answer.get("Failed") or []
+        if failed:
+            first = failed[0]
+            raise RuntimeError(
+                f"SQS refused {len(failed)} slice(s) of run {batch[0].run} in {batch[0].region}: "
+                f"{first.get('Code')}: {first.get('Message')}"
+            )
+    return len(slices)
+
+
+def queue_run(
+    clients: RegionClients,
+    policy: Policy,
+    queue_url: str,
+    work: Sequence[WorkSlice],
+    *,
+    plan_summary: Mapping[str, int],
+    counts: Mapping[str, int],
+    now: datetime,
+) -> int:
+    """Record the run's slices in the ledger table (its summary waits for the last), then queue them."""
+    if not work:
+        return 0
+    records = runs.RunRecords(
+        clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
+    )
+    records.start(
+        clients.region, work[0].run, slices=len(work), plan_summary=plan_summary, counts=counts, at=now
+    )
+    return enqueue_slices(clients.sqs, queue_url, work)
+
+
+def run_here(
+    clients: RegionClients, ledger: Ledger, policy: Policy, work: WorkSlice, now: datetime
+) -> list[ActionResult]:
+    """A slice run in this process (the CLI's apply): a slice that cannot read its AMIs fails its
+    stages, with the reason, and changes nothing."""
+    try:
+        return run_slice(clients, ledger, policy, work, now).results
+    except SourceFailed as failure:
+        return [
+            ActionResult(
+                region=work.region, image_id=item.image_id, action=stage, status="failed", error=str(failure)
+            )
+            for item in work.items
+            for stage in item.stages
+        ]

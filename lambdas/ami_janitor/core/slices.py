@@ -1,0 +1,150 @@
+"""A region's due stages, cut into slices of work that each fit well inside one invocation.
+
+The scheduled run plans once, applies what must come first (rescues, Latest, candidate clocks) and
+cuts the due stages into slices: queued to the slice worker when deployed, run one after the other
+by the CLI. A slice carries only what it must do, never why: its worker reads its AMIs again and
+holds back any that a fresh fact puts in doubt (`hold_reason`). The caps were spent by the plan, so
+slices together never act on more AMIs than one run may.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ami_janitor.core.model import Decision, Image, Stage, iso
+from ami_janitor.core.policy import Policy
+
+# A slice older than this is not run: the next scheduled run plans again from what is there then.
+MAX_SLICE_AGE = timedelta(hours=12)
+# At most this many AMIs per slice (and its message stays far below SQS's 256 KiB).
+MAX_SLICE_ITEMS = 1000
+STAGE_ACTIONS = frozenset({"deprecate", "disable", "deregister"})
+
+
+class SliceItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_id: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
+    family: str = Field(min_length=1)
+    stages: tuple[Stage, ...] = Field(min_length=1)
+
+
+class WorkSlice(BaseModel):
+    """One message of the work queue: part of one region's due stages of one run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str = Field(min_length=1)  # the plan's generated_at: one run per region and time
+    region: str = Field(min_length=1)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    planned_at: datetime
+    policy: str = Field(min_length=1)  # the digest of the policy the plan was made with
+    items: tuple[SliceItem, ...] = Field(min_length=1, max_length=MAX_SLICE_ITEMS)
+
+    @property
+    def key(self) -> str:
+        """Unique per slice: the queue's deduplication id and the run record's slice name."""
+        return f"{self.region}/{self.run}/{self.index}"
+
+
+def policy_digest(policy: Policy) -> str:
+    """What the plan was made with: a slice of another policy's plan is not run."""
+    text = json.dumps(policy.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def due_stages(decision: Decision) -> tuple[Stage, ...]:
+    """The stages a decision takes this run, in order."""
+    if decision.stages:
+        return tuple(decision.stages)
+    if decision.action in STAGE_ACTIONS:
+        return (decision.action,)  # type: ignore[return-value]
+    return ()
+
+
+def item_cost(item: SliceItem, refill: Mapping[Stage, float]) -> float:
+    """Seconds of paced calls an AMI's stages need at most: each stage's slowest API refill."""
+    return sum(1.0 / refill[stage] for stage in item.stages)
+
+
+def cut(
+    decisions: Iterable[Decision],
+    *,
+    run: str,
+    region: str,
+    planned_at: datetime,
+    policy: str,
+    budget_seconds: float,
+    refill: Mapping[Stage, float],
+) -> list[WorkSlice]:
+    """The due stages of `region`'s decisions (in plan order), in slices whose paced calls fit in
+    `budget_seconds` (at `refill` AMIs per second per stage) and MAX_SLICE_ITEMS."""
+    items = [
+        SliceItem(image_id=d.image_id, family=d.family, stages=stages)
+        for d in decisions
+        if d.region == region and (stages := due_stages(d))
+    ]
+    groups: list[list[SliceItem]] = []
+    spent = budget_seconds  # start a first group
+    for item in items:
+        cost = item_cost(item, refill)
+        if spent + cost > budget_seconds or len(groups[-1]) >= MAX_SLICE_ITEMS:
+            groups.append([])
+            spent = 0.0
+        groups[-1].append(item)
+        spent += cost
+    return [
+        WorkSlice(
+            run=run,
+            region=region,
+            index=index,
+            count=len(groups),
+            planned_at=planned_at,
+            policy=policy,
+            items=tuple(group),
+        )
+        for index, group in enumerate(groups)
+    ]
+
+
+def stale(work: WorkSlice, now: datetime) -> str | None:
+    if now - work.planned_at > MAX_SLICE_AGE:
+        return f"planned at {iso(work.planned_at)}, more than {MAX_SLICE_AGE} ago: the next run plans again"
+    return None
+
+
+def hold_reason(
+    item: SliceItem, image: Image | None, references: Sequence[str], planned_at: datetime, policy: Policy
+) -> str | None:
+    """Why a slice must not take an AMI's stages now, from what was read when the slice started; None
+    when nothing changed that the plan relied on. Only ever holds back: a held AMI is planned again
+    (and rescued, if the janitor started on it) by the next scheduled run."""
+    if image is None:
+        return "no longer in the region"
+    if image.state not in ("available", "disabled"):
+        return f"state {image.state} since the plan"
+    names = {family.name for family in policy.families}
+    if item.family not in names:
+        return f"family {item.family} is no longer in the policy"
+    family = policy.family(item.family)
+    rules = policy.rules_for(family)
+    if not family.match.matches(image.name, image.tags):
+        return f"no longer matches family {item.family}"
+    if rules.opt_out_tag in image.tags:
+        return f"opted out (tag {rules.opt_out_tag}) since the plan"
+    if image.deregistration_protection:
+        return "deregistration protection is on"
+    latest_tag = family.latest.tag if family.latest else None
+    if latest_tag and latest_tag in image.tags:
+        return f"carries the {latest_tag} tag"
+    if image.last_launched is not None and image.last_launched > planned_at:
+        return f"launched {iso(image.last_launched)}, after the plan"
+    if references:
+        return "in use since the plan: " + "; ".join(sorted(set(references)))
+    return None
