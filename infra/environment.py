@@ -15,6 +15,7 @@ LOG_LEVEL = "LOG_LEVEL"
 REPORT_BUCKET = "REPORT_BUCKET"
 TOPIC_ARN = "TOPIC_ARN"
 REPLICATION_QUEUE_URL = "REPLICATION_QUEUE_URL"
+WORK_QUEUE_URL = "WORK_QUEUE_URL"
 
 # Values shared by every function. Powertools adds the dimension service=<service name> to each
 # metric by default, so the alarms below use the same pair.
@@ -31,6 +32,7 @@ SCHEDULED_HANDLER = "ami_janitor.handlers.scheduled.handler"
 AMI_EVENT_HANDLER = "ami_janitor.handlers.ami_event.handler"
 REPLICATE_HANDLER = "ami_janitor.handlers.replicate.handler"
 BAKE_HANDLER = "ami_janitor.handlers.bake.handler"
+SLICE_HANDLER = "ami_janitor.handlers.slices.handler"
 
 
 def common_environment(*, log_level: str = DEFAULT_LOG_LEVEL) -> dict[str, str]:

@@ -36,6 +36,8 @@ WILDCARD_REASONS = {
     "CopyImages": "A copy creates an AMI and snapshots with new ids; limited to this region and the "
     "policy's replication target regions.",
     "CreateImages": "A bake creates an AMI and snapshots with new ids in this region.",
+    "ReadRunReportParts": "Run report keys are made per run at run time; only the runs/ prefix of the "
+    "stack's own report bucket.",
     "CreateImagesFromInstances": "A family without bake.instance_id names its build instance by tags "
     "alone; limited to instances carrying its bake.instance_tag.",
     "RunShellDocument": "AWS-RunShellScript is owned by AWS: its ARN has no account, which only a "

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ami_janitor.aws import ledger
+from ami_janitor.aws import ledger, runs
 from ami_janitor.aws.baker import RUN_SHELL_DOCUMENT
 from ami_janitor.core.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Policy
 from infra.environment import METRICS_NAMESPACE
@@ -77,7 +77,9 @@ METRIC_ACTIONS = frozenset({"cloudwatch:PutMetricData"})
 # Run Command on a build instance (the CLI's bake --stop-command/--start-command).
 SEND_COMMAND_ACTIONS = frozenset({"ssm:SendCommand"})
 # The ledger's item calls and what `ledger create` calls: on the ledger table only.
-LEDGER_ACTIONS = frozenset(ledger.PERMISSIONS) | frozenset(ledger.CREATE_PERMISSIONS)
+LEDGER_ACTIONS = (
+    frozenset(ledger.PERMISSIONS) | frozenset(ledger.CREATE_PERMISSIONS) | frozenset(runs.PERMISSIONS)
+)
 # On the ledger tables of the copy targets: what reading a target's inventory calls ...
 TARGET_LEDGER_READS = frozenset({"dynamodb:DescribeTable", "dynamodb:Scan"})
 # ... and what recording a copy there calls (a role with ec2:CopyImage only).

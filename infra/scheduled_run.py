@@ -12,11 +12,18 @@ from constructs import Construct
 
 from infra.alerts import Alerts
 from infra.dead_letters import DeadLetters
-from infra.environment import REPLICATION_QUEUE_URL, REPORT_BUCKET, SCHEDULED_HANDLER, TOPIC_ARN
+from infra.environment import (
+    REPLICATION_QUEUE_URL,
+    REPORT_BUCKET,
+    SCHEDULED_HANDLER,
+    TOPIC_ARN,
+    WORK_QUEUE_URL,
+)
 from infra.function import AsyncInvoke, JanitorFunction
 from infra.permissions import Scope, Statement
 from infra.replication import Replication
 from infra.reports import Reports
+from infra.work_slices import WorkSlices
 
 # A run that misses its slot by hours is better skipped: the next one reconciles everything.
 MAX_EVENT_AGE = Duration.hours(2)
@@ -39,6 +46,7 @@ class ScheduledRun(Construct):
         dead_letters: DeadLetters,
         reports: Reports,
         replication: Replication,
+        work_slices: WorkSlices,
     ) -> None:
         super().__init__(scope, id)
         self.function = JanitorFunction(
@@ -56,11 +64,13 @@ class ScheduledRun(Construct):
                 REPORT_BUCKET: reports.bucket.bucket_name,
                 TOPIC_ARN: alerts.topic.topic_arn,
                 REPLICATION_QUEUE_URL: replication.queue.queue_url,
+                WORK_QUEUE_URL: work_slices.queue.queue_url,
             },
             infra=[
                 reports.write_statement(),
                 Statement("PublishRunSummaries", ("sns:Publish",), (alerts.topic.topic_arn,)),
                 replication.send_statement(),
+                work_slices.send_statement(),
             ],
             async_invoke=AsyncInvoke(
                 retry_attempts=INVOKE_RETRY_ATTEMPTS,

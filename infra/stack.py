@@ -16,7 +16,7 @@ from constructs import Construct
 
 from ami_janitor import engine
 from ami_janitor.core.policy import Policy
-from ami_janitor.handlers import ami_event, bake, replicate, scheduled
+from ami_janitor.handlers import ami_event, bake, replicate, scheduled, slices
 from infra.alerts import Alerts
 from infra.ami_events import AmiEvents
 from infra.bake_schedule import BakeSchedule
@@ -28,6 +28,7 @@ from infra.permissions import Scope, policy_statement, statements_for
 from infra.replication import Replication
 from infra.reports import Reports
 from infra.scheduled_run import ScheduledRun
+from infra.work_slices import WorkSlices
 
 STACK_PREFIX = "AmiJanitor"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
@@ -81,6 +82,15 @@ class JanitorStack(Stack):
             permission_scope=with_copies,
             alerts=self.alerts,
         )
+        self.work_slices = WorkSlices(
+            self,
+            "WorkSlices",
+            code=code,
+            permissions=slices.PERMISSIONS,
+            permission_scope=own_region,
+            alerts=self.alerts,
+            reports=self.reports,
+        )
         self.scheduled_run = ScheduledRun(
             self,
             "ScheduledRun",
@@ -92,7 +102,9 @@ class JanitorStack(Stack):
             dead_letters=self.dead_letters,
             reports=self.reports,
             replication=self.replication,
+            work_slices=self.work_slices,
         )
+        self.work_slices.accept_slices_only_from([self.scheduled_run.function.role])
         self.ami_events = AmiEvents(
             self,
             "AmiEvents",

@@ -65,6 +65,7 @@ class ScheduledRunResult(Outcome):
     mode: Mode
     region: str | None = None
     summary: RunSummary | None = None
+    slices_queued: int = 0
 
 
 class Environment(BaseModel):
@@ -77,6 +78,7 @@ class Environment(BaseModel):
     report_bucket: str | None = Field(None, alias="REPORT_BUCKET")
     topic_arn: str | None = Field(None, alias="TOPIC_ARN")
     replication_queue_url: str | None = Field(None, alias="REPLICATION_QUEUE_URL")
+    work_queue_url: str | None = Field(None, alias="WORK_QUEUE_URL")
 
     @classmethod
     def load(cls) -> Environment:

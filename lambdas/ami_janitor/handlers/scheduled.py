@@ -36,6 +36,8 @@ def summary_text(region: str, report: engine.RunReport) -> str:
         f"failures: {s.actions_failed}, regions skipped: {', '.join(r.region for r in skipped) or 'none'}",
         f"janitor tags that disagree with the ledger (reported, not obeyed): {s.tampered}",
     ]
+    if s.held_back:
+        lines.append(f"held back by a slice's fresh read (planned again next run): {s.held_back}")
     lines += [f"skipped {r.region}: {r.error}" for r in skipped]
     lines += [f"policy error: {e}" for e in report.policy_errors]
     lines += [
@@ -47,17 +49,24 @@ def summary_text(region: str, report: engine.RunReport) -> str:
     return "\n".join(lines)
 
 
+def report_key(region: str, run: str, *, part: str | None = None) -> str:
+    """The run's report; with slices queued, the scheduled run's part waits beside it for the last."""
+    return f"runs/{region}/{run}/{part}.json" if part else f"runs/{region}/{run}.json"
+
+
 def publish(env: Environment, factory: ClientFactory, report: engine.RunReport) -> None:
-    """The report to the bucket and its summary to the topic, where the deploy gives them."""
+    """The report to the bucket and its summary to the topic, where the deploy gives them. A run with
+    queued slices leaves only its part in the bucket: its last slice sends the whole."""
     clients = factory(env.region)
+    waiting = report.slices_queued > 0
     if env.report_bucket:
         clients.s3.put_object(
             Bucket=env.report_bucket,
-            Key=f"runs/{env.region}/{report.generated_at}.json",
+            Key=report_key(env.region, report.generated_at, part="run" if waiting else None),
             Body=json.dumps(report.model_dump(mode="json"), indent=2).encode(),
             ContentType="application/json",
         )
-    if env.topic_arn:
+    if env.topic_arn and not waiting:
         clients.sns.publish(
             TopicArn=env.topic_arn,
             Subject=f"ami-janitor {env.region}: {report.summary.retired} retired"[:100],
@@ -82,6 +91,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         datetime.now(UTC).replace(microsecond=0),
         apply=policy.mode == "enforce",
         enqueue=(lambda copies: copier.enqueue_copies(sqs, queue, copies)) if queue else None,
+        work_queue=env.work_queue_url,
     )
     report = result.report()
     summary = report.summary
@@ -94,6 +104,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if status.status == "skipped":
             logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})
     publish(env, factory, report)
-    answer = ScheduledRunResult(mode=policy.mode, region=env.region, summary=summary).model_dump(mode="json")
+    answer = ScheduledRunResult(
+        mode=policy.mode, region=env.region, summary=summary, slices_queued=result.slices_queued
+    ).model_dump(mode="json")
     logger.info("run done", extra={**answer, "scheduled_at": scheduled.time})
     return answer

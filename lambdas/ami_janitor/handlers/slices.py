@@ -1,0 +1,122 @@
+"""The slice worker: one slice of a run's due stages per message of the work queue.
+
+The queue is FIFO with one message group per region, so a region's slices run one after the other
+(no reserved concurrency: that would throttle the poller into the DLQ instead). Each slice reads its
+AMIs again and acts on those nothing put in doubt since the plan (engine.work_slice); its results go
+to the report bucket before the run's record counts it, and the worker that completes the run sends
+the run's one report and summary. A slice that cannot read its AMIs fails: SQS delivers it again, and
+after the queue's maxReceiveCount parks it in the dead-letter queue (which alarms).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import Json
+
+from ami_janitor import engine
+from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.core.policy import Policy
+from ami_janitor.core.slices import WorkSlice
+from ami_janitor.handlers.events import Environment, configured
+from ami_janitor.handlers.observe import logger, metrics, paused
+from ami_janitor.handlers.scheduled import publish, report_key
+
+PERMISSIONS: list[str] = engine.SLICE_PERMISSIONS
+
+
+class WorkSliceRecord(SqsRecordModel):
+    """A record of the work queue: its body is a slice's JSON."""
+
+    body: Json[WorkSlice]
+
+
+def slice_key(region: str, run: str, index: int) -> str:
+    return f"runs/{region}/{run}/slice-{index:05d}.json"
+
+
+def _keep(env: Environment, clients: RegionClients) -> Any:
+    def keep(outcome: engine.SliceOutcome) -> None:
+        if env.report_bucket:
+            clients.s3.put_object(
+                Bucket=env.report_bucket,
+                Key=slice_key(outcome.region, outcome.run, outcome.index),
+                Body=outcome.model_dump_json(indent=2).encode(),
+                ContentType="application/json",
+            )
+
+    return keep
+
+
+def _read(clients: RegionClients, bucket: str, key: str) -> Any:
+    return json.loads(clients.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _report(env: Environment, clients: RegionClients, outcome: engine.SliceOutcome) -> engine.RunReport:
+    """The run's one report: the scheduled run's part and every slice's, from the report bucket."""
+    assert outcome.progress is not None
+    if not env.report_bucket:
+        return engine.recorded_report(outcome.region, outcome.run, outcome.progress)
+    first = engine.RunReport.model_validate(
+        _read(clients, env.report_bucket, report_key(outcome.region, outcome.run, part="run"))
+    )
+    parts = [
+        engine.SliceOutcome.model_validate(
+            _read(clients, env.report_bucket, slice_key(outcome.region, outcome.run, index))
+        )
+        for index in range(outcome.count)
+    ]
+    return engine.final_report(first, parts, outcome.progress)
+
+
+def slice_record(
+    record: WorkSliceRecord, env: Environment, policy: Policy, factory: ClientFactory
+) -> dict[str, Any]:
+    clients = factory(env.region)
+    outcome = engine.work_slice(
+        policy, record.body, clients, datetime.now(UTC).replace(microsecond=0), keep=_keep(env, clients)
+    )
+    failed = sum(1 for r in outcome.results if r.status == "failed")
+    metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=failed)
+    metrics.add_metric(name="SliceHeldBack", unit=MetricUnit.Count, value=len(outcome.held))
+    answer = {
+        "region": outcome.region,
+        "run": outcome.run,
+        "slice": f"{outcome.index + 1} of {outcome.count}",
+        "results": len(outcome.results),
+        "failed": failed,
+        "held_back": len(outcome.held),
+        "dropped": outcome.dropped,
+        "last": outcome.last,
+    }
+    logger.info("slice done", extra=answer)
+    if outcome.last:
+        report = _report(env, clients, outcome)
+        publish(env, factory, report)
+        logger.info("run done", extra={"run": outcome.run, "summary": report.summary.model_dump()})
+    return answer
+
+
+@logger.inject_lambda_context
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    env, policy = configured()
+    if paused(policy, dropped=len(event.get("Records") or [])):
+        # The kill switch: nothing is written. The slices are consumed; an enforce run plans again.
+        return {"batchItemFailures": []}
+    factory = ClientFactory()
+    # FIFO: the first record that fails fails the records after it too (they come again, in order).
+    processor = SqsFifoPartialProcessor(model=WorkSliceRecord)
+    return process_partial_response(
+        event=event,
+        record_handler=lambda record: slice_record(record, env, policy, factory),
+        processor=processor,
+        context=context,
+    )
