@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 import boto3
 from botocore.config import Config
 
+from ami_janitor.aws.pacing import Pacer, pace
+
 if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_batch import BatchClient
@@ -61,22 +63,27 @@ class RegionClients:
         session: boto3.Session | None = None,
         *,
         read_workers: int = READ_WORKERS,
+        pacer: Pacer | None = None,
         **clients: Any,
     ) -> None:
         self.region = region
         self._session = session or boto3.Session()
         self._clients: dict[str, Any] = dict(clients)
         self.read_workers = read_workers
+        self.pacer = pacer
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
             with _SESSION_LOCK:  # a session is not thread-safe; the regions of a run share one
                 if service not in self._clients:
-                    self._clients[service] = self._session.client(  # type: ignore[call-overload]
+                    made = self._session.client(  # type: ignore[call-overload]
                         service,
                         region_name=self.region,
                         config=client_config(),
                     )
+                    if service == "ec2" and self.pacer is not None:
+                        pace(made, self.pacer)  # each call waits for its token bucket (a slice worker)
+                    self._clients[service] = made
         return self._clients[service]
 
     ec2: _Client[EC2Client] = _Client("ec2")
@@ -148,12 +155,15 @@ def assumed_session(base: boto3.Session, role_arn: str) -> boto3.Session:
 class ClientFactory:
     """RegionClients per region, shared by one run (the engine acts on several regions from the CLI)."""
 
-    def __init__(self, session: boto3.Session | None = None) -> None:
+    def __init__(self, session: boto3.Session | None = None, *, paced: bool = False) -> None:
         # One session for every region: it loads each service's model once, not once per region.
         self._session = session or boto3.Session()
         self._regions: dict[str, RegionClients] = {}
+        self.paced = paced
 
     def __call__(self, region: str) -> RegionClients:
         if region not in self._regions:
-            self._regions[region] = RegionClients(region, self._session)
+            # Paced: EC2's calls wait for the region's token buckets, claiming no burst at first.
+            pacer = Pacer(full=False) if self.paced else None
+            self._regions[region] = RegionClients(region, self._session, pacer=pacer)
         return self._regions[region]

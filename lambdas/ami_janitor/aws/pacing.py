@@ -92,7 +92,7 @@ class _Bucket:
 
 class Pacer:
     """Client-side token buckets, one per EC2 bucket (`bucket_name`), each holding `share` of the
-    account's size and refill, full at first use. Thread-safe: a waiting caller holds no lock, and the
+    account's size and refill, full at first use (or empty: `full=False`). Thread-safe: a waiting caller holds no lock, and the
     callers of one bucket get their tokens in the order they asked. A bucket holds at least one token,
     whatever the share."""
 
@@ -102,12 +102,16 @@ class Pacer:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        full: bool = True,
     ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], not {share}")
         self.share = share
         self.clock = clock
         self.sleep = sleep
+        # Empty at first: a process that cannot know what the account spent just before (the previous
+        # slice, say) claims no burst, only the refill.
+        self.full = full
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -124,7 +128,7 @@ class Pacer:
             bucket = self._buckets.get(name)
             if bucket is None:
                 capacity, refill = self.limits(api)
-                bucket = self._buckets[name] = _Bucket(capacity, refill, capacity, now)
+                bucket = self._buckets[name] = _Bucket(capacity, refill, capacity if self.full else 0.0, now)
             wait = bucket.take(now)
         if wait > 0:
             self.sleep(wait)

@@ -23,6 +23,7 @@ from ami_janitor.aws.inventory.image_references import read_image_references
 from ami_janitor.aws.inventory.pointers import Pointers
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
 from ami_janitor.aws.ledger import Ledger
+from ami_janitor.aws.pacing import bucket_of
 from ami_janitor.core.model import Image, LedgerView, Reference, RegionInventory, Stage, with_ledger
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.slices import WorkSlice, hold_reason
@@ -44,8 +45,12 @@ PERMISSIONS: list[str] = sorted(set(READ_PERMISSIONS) | set(executor.PERMISSIONS
 # queue_run: the run's record, then the slices (SendMessageBatch is authorized as sqs:SendMessage,
 # which comes with the queue).
 QUEUE_PERMISSIONS: list[str] = list(runs.PERMISSIONS)
-# Paced AMIs per second of each stage: its EC2 call's token bucket refill (aws-facts.md).
-STAGE_REFILL: dict[Stage, float] = {"deprecate": 5.0, "disable": 5.0, "deregister": 5.0}
+# Paced AMIs per second of each stage: the refill of its EC2 call's token bucket.
+STAGE_REFILL: dict[Stage, float] = {
+    "deprecate": bucket_of("EnableImageDeprecation")[1],
+    "disable": bucket_of("DisableImage")[1],
+    "deregister": bucket_of("DeregisterImage")[1],
+}
 
 FILTER_VALUES_MAX = 200  # values per DescribeImages/DescribeInstances filter
 SEND_BATCH_MAX = 10  # SendMessageBatch entries

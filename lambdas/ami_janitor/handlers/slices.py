@@ -111,7 +111,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
     if paused(policy, dropped=len(event.get("Records") or [])):
         # The kill switch: nothing is written. The slices are consumed; an enforce run plans again.
         return {"batchItemFailures": []}
-    factory = ClientFactory()
+    factory = ClientFactory(paced=True)
     # FIFO: the first record that fails fails the records after it too (they come again, in order).
     processor = SqsFifoPartialProcessor(model=WorkSliceRecord)
     return process_partial_response(
