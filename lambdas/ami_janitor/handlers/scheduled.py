@@ -54,11 +54,12 @@ def report_key(region: str, run: str, *, part: str | None = None) -> str:
     return f"runs/{region}/{run}/{part}.json" if part else f"runs/{region}/{run}.json"
 
 
-def publish(env: Environment, factory: ClientFactory, report: engine.RunReport) -> None:
-    """The report to the bucket and its summary to the topic, where the deploy gives them. A run with
-    queued slices leaves only its part in the bucket: its last slice sends the whole."""
+def publish(
+    env: Environment, factory: ClientFactory, report: engine.RunReport, *, waiting: bool = False
+) -> None:
+    """The report to the bucket and its summary to the topic, where the deploy gives them. A run
+    `waiting` for its queued slices leaves only its part in the bucket: its last slice sends the whole."""
     clients = factory(env.region)
-    waiting = report.slices_queued > 0
     if env.report_bucket:
         clients.s3.put_object(
             Bucket=env.report_bucket,
@@ -103,7 +104,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     for status in report.regions:
         if status.status == "skipped":
             logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})
-    publish(env, factory, report)
+    publish(env, factory, report, waiting=result.slices_queued > 0)
     answer = ScheduledRunResult(
         mode=policy.mode, region=env.region, summary=summary, slices_queued=result.slices_queued
     ).model_dump(mode="json")

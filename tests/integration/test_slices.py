@@ -1,0 +1,207 @@
+"""A run's due stages past one invocation, on the moto server: the scheduled run queues its slices to a
+FIFO work queue, the slice worker takes them one by one, and the run's last slice sends its one report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+
+from ami_janitor import engine
+from ami_janitor.aws.runs import RunRecords
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE
+from ami_janitor.core.slices import WorkSlice
+from ami_janitor.handlers import scheduled, slices
+from lambda_events import Context, sqs_event
+from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
+
+REGION = "us-east-1"
+SCHEDULED = {"version": "0", "detail-type": "Scheduled Event", "source": "aws.events", "detail": {}}
+
+
+class Deployment:
+    """The stack's pieces the two functions use: the work queue, the report bucket, the topic (with a
+    queue subscribed, to read what it sent)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, policy_path: Path) -> None:
+        self.policy_path = policy_path
+        self.sqs = boto3.client("sqs", region_name=REGION)
+        self.s3 = boto3.client("s3", region_name=REGION)
+        sns = boto3.client("sns", region_name=REGION)
+        self.queue_url = self.sqs.create_queue(
+            QueueName="work.fifo", Attributes={"FifoQueue": "true", "VisibilityTimeout": "0"}
+        )["QueueUrl"]
+        self.queue_arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        self.s3.create_bucket(Bucket="reports")
+        topic = sns.create_topic(Name="janitor")["TopicArn"]
+        self.mail_url = self.sqs.create_queue(QueueName="mail")["QueueUrl"]
+        mail_arn = self.sqs.get_queue_attributes(QueueUrl=self.mail_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=mail_arn)
+        for name, value in {
+            "AWS_REGION": REGION,
+            "POWERTOOLS_SERVICE_NAME": "ami-janitor",
+            "POWERTOOLS_METRICS_NAMESPACE": "AmiJanitor",
+            "AMI_JANITOR_CONFIG": str(policy_path),
+            "REPORT_BUCKET": "reports",
+            "TOPIC_ARN": topic,
+            "WORK_QUEUE_URL": self.queue_url,
+        }.items():
+            monkeypatch.setenv(name, value)
+
+    def write_policy(self, mode: str, **defaults: Any) -> None:
+        policy = yaml.safe_load(POLICY.format(mode=mode))
+        policy["defaults"].update(defaults)
+        self.policy_path.write_text(json.dumps(policy))
+
+    def queued(self) -> list[str]:
+        bodies: list[str] = []
+        while True:
+            answer = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10)
+            messages = answer.get("Messages", [])
+            if not messages:
+                return bodies
+            for message in messages:
+                bodies.append(message["Body"])
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+    def work(self, body: str) -> dict[str, Any]:
+        answer: dict[str, Any] = slices.handler(
+            sqs_event(body, queue_arn=self.queue_arn, group=REGION), Context()
+        )
+        return answer
+
+    def mails(self) -> list[str]:
+        answer = self.sqs.receive_message(QueueUrl=self.mail_url, MaxNumberOfMessages=10)
+        return [json.loads(m["Body"])["Message"] for m in answer.get("Messages", [])]
+
+    def keys(self) -> list[str]:
+        return sorted(o["Key"] for o in self.s3.list_objects_v2(Bucket="reports").get("Contents", []))
+
+
+@pytest.fixture
+def deployed(endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Deployment]:
+    # One AMI per slice: each retires through three stages of 0.2 s of paced calls.
+    monkeypatch.setattr(engine, "SLICE_BUDGET_SECONDS", 0.6)
+    yield Deployment(monkeypatch, tmp_path / "policy.json")
+
+
+def test_a_run_applies_its_due_stages_in_slices_and_reports_once_after_the_last(deployed: Deployment) -> None:
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+
+    answer = scheduled.handler(SCHEDULED, Context())
+
+    assert answer["slices_queued"] == 3
+    assert answer["summary"]["retired"] == 3
+    assert set(fleet.images) <= image_ids()  # nothing retired yet: the stages wait in the queue
+    bodies = deployed.queued()
+    work = [WorkSlice.model_validate_json(b) for b in bodies]
+    assert [(w.index, w.count) for w in work] == [(0, 3), (1, 3), (2, 3)]
+    retiring = [i.image_id for w in work for i in w.items]
+    assert len(set(retiring)) == 3
+    assert all(i.stages == ("deprecate", "disable", "deregister") for w in work for i in w.items)
+    run = work[0].run
+    assert deployed.keys() == [f"runs/{REGION}/{run}/run.json"]
+    assert deployed.mails() == []  # the summary waits for the last slice
+
+    for body in bodies[:2]:
+        assert deployed.work(body) == {"batchItemFailures": []}
+        assert deployed.mails() == []
+    deployed.work(bodies[2])
+
+    assert not set(retiring) & image_ids()
+    [mail] = deployed.mails()
+    assert "failures: 0" in mail and "images retired: 3" in mail
+    report = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=f"runs/{REGION}/{run}.json")["Body"].read()
+    )
+    done = [
+        (r["image_id"], r["action"], r["status"]) for r in report["results"] if r["action"] == "deregister"
+    ]
+    assert sorted(done) == sorted((i, "deregister", "ok") for i in retiring)
+    assert report["slices_queued"] == 3 and report["summary"]["actions_failed"] == 0
+
+    # SQS delivers at least once: the first slice again changes nothing, counts nothing, mails nothing.
+    deployed.work(bodies[0])
+    assert deployed.mails() == []
+    progress = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE).read(
+        REGION, run
+    )
+    assert progress.done == {0, 1, 2} and progress.counts["held_back"] == 0
+
+
+def test_a_slice_holds_back_an_ami_opted_out_since_the_plan(deployed: Deployment) -> None:
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    kept = WorkSlice.model_validate_json(bodies[1]).items[0].image_id
+    ec2().create_tags(Resources=[kept], Tags=[{"Key": "ami-janitor:keep", "Value": "incident 42"}])
+
+    for body in bodies:
+        deployed.work(body)
+
+    retiring = {WorkSlice.model_validate_json(b).items[0].image_id for b in bodies}
+    assert kept in image_ids() and len(fleet.images) - len(image_ids() & set(fleet.images)) == 2
+    assert not (retiring - {kept}) & image_ids()
+    [mail] = deployed.mails()
+    assert "held back by a slice's fresh read (planned again next run): 1" in mail
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    report = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=f"runs/{REGION}/{run}.json")["Body"].read()
+    )
+    held = [r for r in report["results"] if r["image_id"] == kept and r["action"] == "deregister"]
+    assert held[0]["status"] == "skipped"
+    assert held[0]["detail"] == "held back: opted out (tag ami-janitor:keep) since the plan"
+
+
+def test_a_paused_policy_stops_the_queued_slices_without_a_write(deployed: Deployment) -> None:
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    deployed.write_policy("paused")
+
+    assert deployed.work(bodies[0]) == {"batchItemFailures": []}
+
+    assert set(fleet.images) <= image_ids()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    progress = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE).read(
+        REGION, run
+    )
+    assert progress.done == frozenset()
+    assert deployed.keys() == [f"runs/{REGION}/{run}/run.json"]
+
+
+def test_a_slice_of_another_policy_is_dropped_and_counted(deployed: Deployment) -> None:
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    deployed.write_policy("enforce", keep_latest=5)  # deployed since the plan: it would keep more
+
+    for body in bodies:
+        deployed.work(body)
+
+    assert set(fleet.images) <= image_ids()
+    [mail] = deployed.mails()
+    assert "ami-janitor enforce run" in mail
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    part = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 0))["Body"].read()
+    )
+    assert part["dropped"] == "the policy changed since the plan: the next run plans again"
+    assert {r["status"] for r in part["results"]} == {"skipped"}

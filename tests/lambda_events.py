@@ -1,0 +1,45 @@
+"""What Lambda hands a handler in the tests: a context and the events of its sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Context:
+    function_name: str = "ami-janitor-test"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-test"
+    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
+
+
+def sqs_event(
+    *bodies: str, queue_arn: str, region: str = "us-east-1", group: str | None = None
+) -> dict[str, Any]:
+    """An SQS event source mapping's event with these message bodies (a FIFO queue's when `group`)."""
+    fifo = (
+        {"MessageGroupId": group, "MessageDeduplicationId": "dedup", "SequenceNumber": "1"} if group else {}
+    )
+    return {
+        "Records": [
+            {
+                "messageId": f"message-{n}",
+                "receiptHandle": f"handle-{n}",
+                "body": body,
+                "attributes": {
+                    "ApproximateReceiveCount": "1",
+                    "SentTimestamp": "1764039600000",
+                    "SenderId": "AIDAEXAMPLE",
+                    "ApproximateFirstReceiveTimestamp": "1764039600001",
+                    **fifo,
+                },
+                "messageAttributes": {},
+                "md5OfBody": "0" * 32,
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": region,
+            }
+            for n, body in enumerate(bodies)
+        ]
+    }
