@@ -1366,3 +1366,146 @@ def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) ->
         )
         in inventory.references
     )
+
+
+# ---- a slice's reads and its queue message ---------------------------------------------------------
+
+
+def test_a_slice_reads_its_amis_their_snapshots_users_ledger_items_and_references_exactly(
+    stubbed: Stubbed,
+) -> None:
+    """By id, then every AMI using their snapshots, their ledger items, DescribeImageReferences, and
+    only then whether the instances it names still run (a terminated one no longer counts)."""
+    from ami_janitor.aws import slicer
+    from ami_janitor.core.slices import SliceItem, WorkSlice, policy_digest
+
+    s = stubbed
+    family = {"name": "app", "match": {"name": "app-*"}}
+    work = WorkSlice(
+        run="2026-11-25T03:00:00Z",
+        region=REGION,
+        index=0,
+        count=1,
+        planned_at=CREATED,
+        policy=policy_digest(policy(family)),
+        items=(
+            SliceItem(image_id=ami(1), family="app", stages=("deregister",)),
+            SliceItem(image_id=ami(2), family="app", stages=("deregister",)),
+        ),
+    )
+    by_id = [{"Name": "image-id", "Values": [ami(1), ami(2)]}]
+    s.add(
+        "ec2",
+        "describe_images",
+        {"Images": [raw_image(ami(1), "app-1"), raw_image(ami(2), "app-2")]},
+        {**IMAGES, "Filters": by_id},
+    )
+    by_snapshot = [
+        {"Name": "block-device-mapping.snapshot-id", "Values": [f"snap-{ami(1)[4:]}", f"snap-{ami(2)[4:]}"]}
+    ]
+    sharer = raw_image(
+        ami(3),
+        "other",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": f"snap-{ami(2)[4:]}"}}],
+    )
+    s.add("ec2", "describe_images", {"Images": [sharer]}, {**IMAGES, "Filters": by_snapshot})
+    s.add("dynamodb", "describe_table", {"Table": {"TableName": TABLE}}, {"TableName": TABLE})
+    keys = [{"pk": {"S": f"image#{i}"}, "sk": {"S": "item"}} for i in (ami(1), ami(2))]
+    s.add(
+        "dynamodb",
+        "batch_get_item",
+        {"Responses": {TABLE: []}},
+        {"RequestItems": {TABLE: {"Keys": keys, "ConsistentRead": True}}},
+    )
+    instance = "arn:aws:ec2:us-east-1:123456789012:instance/"
+    s.add(
+        "ec2",
+        "describe_image_references",
+        {
+            "ImageReferences": [
+                {"ImageId": ami(1), "ResourceType": "ec2:Instance", "Arn": f"{instance}i-0aaaaaaaaaaaaaaa1"},
+                {"ImageId": ami(2), "ResourceType": "ec2:Instance", "Arn": f"{instance}i-0aaaaaaaaaaaaaaa2"},
+            ]
+        },
+        {"ImageIds": [ami(1), ami(2)], "IncludeAllResourceTypes": True},
+    )
+    s.add(
+        "ec2",
+        "describe_instances",
+        {"Reservations": [{"Instances": [{"InstanceId": "i-0aaaaaaaaaaaaaaa1"}]}]},
+        {
+            "Filters": [
+                {"Name": "instance-id", "Values": ["i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2"]},
+                {"Name": "instance-state-name", "Values": LIVE_STATES},
+            ],
+            "MaxResults": 1000,
+        },
+    )
+
+    inventory = slicer.read_slice(s.clients, policy(family), work)
+
+    s.verify()
+    assert [i.image_id for i in inventory.images] == [ami(1), ami(2), ami(3)]
+    assert [(r.image_id, r.resource_id) for r in inventory.references] == [(ami(1), "i-0aaaaaaaaaaaaaaa1")]
+
+
+def test_slices_are_queued_in_batches_of_ten_one_group_per_region_deduplicated_by_slice(
+    fake_aws_env: None,
+) -> None:
+    from ami_janitor.aws import slicer
+    from ami_janitor.core.slices import SliceItem, WorkSlice
+
+    sqs = session().client("sqs")
+    stub = Stubber(sqs)
+    url = "https://sqs.us-east-1.amazonaws.com/123456789012/work.fifo"
+    work = [
+        WorkSlice(
+            run="2026-11-25T03:00:00Z",
+            region=REGION,
+            index=n,
+            count=11,
+            planned_at=CREATED,
+            policy="digest",
+            items=(SliceItem(image_id=ami(n + 1), family="app", stages=("deregister",)),),
+        )
+        for n in range(11)
+    ]
+    for batch in (work[:10], work[10:]):
+        entries = [
+            {
+                "Id": str(w.index),
+                "MessageBody": w.model_dump_json(),
+                "MessageGroupId": REGION,
+                "MessageDeduplicationId": slicer.deduplication_id(w),
+            }
+            for w in batch
+        ]
+        stub.add_response(
+            "send_message_batch",
+            {"Successful": [], "Failed": []},
+            {"QueueUrl": url, "Entries": entries},
+        )
+    stub.add_response(
+        "send_message_batch",
+        {
+            "Successful": [],
+            "Failed": [{"Id": "0", "SenderFault": False, "Code": "InternalError", "Message": "x"}],
+        },
+        {
+            "QueueUrl": url,
+            "Entries": [
+                {
+                    "Id": "0",
+                    "MessageBody": work[0].model_dump_json(),
+                    "MessageGroupId": REGION,
+                    "MessageDeduplicationId": slicer.deduplication_id(work[0]),
+                }
+            ],
+        },
+    )
+    with stub:
+        assert slicer.enqueue_slices(sqs, url, work) == 11
+        with pytest.raises(RuntimeError, match="SQS refused 1 slice"):
+            slicer.enqueue_slices(sqs, url, work[:1])
+    stub.assert_no_pending_responses()
+    assert len({slicer.deduplication_id(w) for w in work}) == 11

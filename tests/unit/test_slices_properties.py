@@ -1,0 +1,169 @@
+"""Cutting a run's due stages into slices, and what holds an AMI back when its slice runs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ami_janitor.core.model import Decision, Image, Stage
+from ami_janitor.core.policy import parse_policy
+from ami_janitor.core.slices import (
+    MAX_SLICE_ITEMS,
+    SliceItem,
+    WorkSlice,
+    cut,
+    hold_reason,
+    item_cost,
+    policy_digest,
+    stale,
+)
+
+NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
+REFILL: dict[Stage, float] = {"deprecate": 5.0, "disable": 5.0, "deregister": 5.0}
+POLICY = parse_policy(
+    {
+        "mode": "enforce",
+        "regions": ["us-east-1"],
+        "families": [{"name": "app", "match": {"name": "app-*"}, "latest": {"tag": "Latest"}}],
+    }
+)
+ALL: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
+
+
+def decision(
+    n: int, action: str = "deregister", stages: tuple[Stage, ...] = (), region: str = "us-east-1"
+) -> Decision:
+    return Decision(
+        region=region,
+        family="app",
+        architecture="x86_64",
+        image_id=f"ami-{n:017x}",
+        name=f"app-{n}",
+        created="2026-01-01T00:00:00Z",
+        action=action,  # type: ignore[arg-type]
+        reasons=["older"],
+        stages=list(stages),
+    )
+
+
+def slices_of(decisions: list[Decision], budget: float) -> list[WorkSlice]:
+    return cut(
+        decisions,
+        run="2026-11-25T03:00:00Z",
+        region="us-east-1",
+        planned_at=NOW,
+        policy=policy_digest(POLICY),
+        budget_seconds=budget,
+        refill=REFILL,
+    )
+
+
+def image(**fields: object) -> Image:
+    base: dict[str, object] = {
+        "image_id": "ami-00000000000000001",
+        "region": "us-east-1",
+        "name": "app-1",
+        "architecture": "x86_64",
+        "state": "available",
+        "created": NOW - timedelta(days=90),
+    }
+    return Image.model_validate({**base, **fields})
+
+
+ITEM = SliceItem(image_id="ami-00000000000000001", family="app", stages=("deregister",))
+
+
+def test_only_the_regions_due_stages_are_cut_in_plan_order_within_the_budget() -> None:
+    decisions = [
+        decision(1, stages=ALL),
+        decision(2, action="keep"),
+        decision(3, action="wait"),
+        decision(4, action="disable"),
+        decision(5, region="eu-west-1"),
+        decision(6),
+    ]
+    work = slices_of(decisions, budget=0.6)
+    assert [[(i.image_id[-1], i.stages) for i in w.items] for w in work] == [
+        [("1", ALL)],
+        [("4", ("disable",)), ("6", ("deregister",))],
+    ]
+    assert [(w.index, w.count) for w in work] == [(0, 2), (1, 2)]
+    assert work[0].key == "us-east-1/2026-11-25T03:00:00Z/0"
+
+
+def test_no_due_stage_no_slice_and_a_slice_never_exceeds_its_item_limit() -> None:
+    assert slices_of([decision(1, action="keep")], budget=300) == []
+    work = slices_of([decision(n) for n in range(MAX_SLICE_ITEMS + 1)], budget=10_000)
+    assert [len(w.items) for w in work] == [MAX_SLICE_ITEMS, 1]
+
+
+@given(
+    st.lists(st.sampled_from([(), ("deregister",), ("disable", "deregister"), ALL]), max_size=60),
+    st.floats(min_value=0.1, max_value=20),
+)
+def test_cutting_keeps_every_due_stage_once_in_order_and_each_slice_within_budget(
+    stage_lists: list[tuple[Stage, ...]], budget: float
+) -> None:
+    decisions = [
+        decision(n, action="keep" if not s else "deregister", stages=s) for n, s in enumerate(stage_lists)
+    ]
+    work = slices_of(decisions, budget)
+    flat = [(i.image_id, i.stages) for w in work for i in w.items]
+    assert flat == [(d.image_id, tuple(d.stages)) for d in decisions if d.stages]
+    for w in work:
+        cost = sum(item_cost(i, REFILL) for i in w.items)
+        assert cost <= budget + 1e-9 or len(w.items) == 1  # one AMI too costly still gets its slice
+        assert w.count == len(work)
+
+
+def test_a_slice_survives_its_queue_message() -> None:
+    [work] = slices_of([decision(1, stages=ALL)], budget=300)
+    assert WorkSlice.model_validate_json(work.model_dump_json()) == work
+    with pytest.raises(ValueError):
+        WorkSlice.model_validate({**work.model_dump(), "items": []})
+
+
+def test_the_policy_digest_changes_with_the_policy() -> None:
+    other = POLICY.model_copy(update={"mode": "dry-run"})
+    assert policy_digest(POLICY) == policy_digest(parse_policy(POLICY.model_dump(by_alias=True)))
+    assert policy_digest(POLICY) != policy_digest(other)
+
+
+def test_a_slice_older_than_half_a_day_is_stale() -> None:
+    [work] = slices_of([decision(1)], budget=300)
+    assert stale(work, NOW + timedelta(hours=11)) is None
+    assert "the next run plans again" in (stale(work, NOW + timedelta(hours=13)) or "")
+
+
+@pytest.mark.parametrize(
+    ("fields", "references", "why"),
+    [
+        ({}, [], None),
+        ({"state": "disabled"}, [], None),
+        ({"state": "pending"}, [], "state pending since the plan"),
+        ({"name": "web-1"}, [], "no longer matches family app"),
+        ({"tags": {"ami-janitor:keep": "x"}}, [], "opted out (tag ami-janitor:keep) since the plan"),
+        ({"deregistration_protection": True}, [], "deregistration protection is on"),
+        ({"tags": {"Latest": "true"}}, [], "carries the Latest tag"),
+        ({"last_launched": NOW + timedelta(minutes=5)}, [], "launched 2026-11-25T03:05:00Z, after the plan"),
+        ({"last_launched": NOW - timedelta(days=1)}, [], None),
+        (
+            {},
+            ["referenced by ec2:LaunchTemplate lt-1"],
+            "in use since the plan: referenced by ec2:LaunchTemplate lt-1",
+        ),
+    ],
+)
+def test_what_holds_an_ami_back_when_its_slice_runs(
+    fields: dict[str, object], references: list[str], why: str | None
+) -> None:
+    assert hold_reason(ITEM, image(**fields), references, NOW, POLICY) == why
+
+
+def test_a_vanished_ami_or_family_holds_the_item_back() -> None:
+    assert hold_reason(ITEM, None, [], NOW, POLICY) == "no longer in the region"
+    gone = SliceItem(image_id=ITEM.image_id, family="web", stages=("deregister",))
+    assert hold_reason(gone, image(), [], NOW, POLICY) == "family web is no longer in the policy"
