@@ -14,32 +14,39 @@ class Context:
     aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
 
 
-def sqs_event(
-    *bodies: str, queue_arn: str, region: str = "us-east-1", group: str | None = None
+def sqs_record(
+    body: str, *, message_id: str, queue_arn: str, region: str = "us-east-1", group: str | None = None
 ) -> dict[str, Any]:
-    """An SQS event source mapping's event with these message bodies (a FIFO queue's when `group`)."""
+    """One record of an SQS event source mapping's event (a FIFO queue's when `group`)."""
     fifo = (
         {"MessageGroupId": group, "MessageDeduplicationId": "dedup", "SequenceNumber": "1"} if group else {}
     )
     return {
+        "messageId": message_id,
+        "receiptHandle": f"handle-{message_id}",
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": "1",
+            "SentTimestamp": "1764039600000",
+            "SenderId": "AIDAEXAMPLE",
+            "ApproximateFirstReceiveTimestamp": "1764039600001",
+            **fifo,
+        },
+        "messageAttributes": {},
+        "md5OfBody": "0" * 32,
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": region,
+    }
+
+
+def sqs_event(
+    *bodies: str, queue_arn: str, region: str = "us-east-1", group: str | None = None
+) -> dict[str, Any]:
+    """An SQS event source mapping's event with these message bodies."""
+    return {
         "Records": [
-            {
-                "messageId": f"message-{n}",
-                "receiptHandle": f"handle-{n}",
-                "body": body,
-                "attributes": {
-                    "ApproximateReceiveCount": "1",
-                    "SentTimestamp": "1764039600000",
-                    "SenderId": "AIDAEXAMPLE",
-                    "ApproximateFirstReceiveTimestamp": "1764039600001",
-                    **fifo,
-                },
-                "messageAttributes": {},
-                "md5OfBody": "0" * 32,
-                "eventSource": "aws:sqs",
-                "eventSourceARN": queue_arn,
-                "awsRegion": region,
-            }
+            sqs_record(body, message_id=f"message-{n}", queue_arn=queue_arn, region=region, group=group)
             for n, body in enumerate(bodies)
         ]
     }

@@ -17,6 +17,7 @@ from botocore.stub import ANY, Stubber
 from moto import mock_aws
 from moto.ec2.models import ec2_backends
 
+import lambda_events
 from ami_janitor import engine
 from ami_janitor.aws import inventory, ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
@@ -601,27 +602,7 @@ class Context:
 
 
 def sqs_event(*bodies: str) -> dict[str, Any]:
-    return {
-        "Records": [
-            {
-                "messageId": f"message-{n}",
-                "receiptHandle": f"handle-{n}",
-                "body": body,
-                "attributes": {
-                    "ApproximateReceiveCount": "1",
-                    "SentTimestamp": "1764039600000",
-                    "SenderId": "AIDAEXAMPLE",
-                    "ApproximateFirstReceiveTimestamp": "1764039600001",
-                },
-                "messageAttributes": {},
-                "md5OfBody": "0" * 32,
-                "eventSource": "aws:sqs",
-                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:copies",
-                "awsRegion": US,
-            }
-            for n, body in enumerate(bodies)
-        ]
-    }
+    return lambda_events.sqs_event(*bodies, queue_arn="arn:aws:sqs:us-east-1:123456789012:copies", region=US)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from ami_janitor.core.policy import Family, Policy
 from ami_janitor.core.replication import CopyResult, RefusedCopy
 from ami_janitor.handlers import ami_event, bake, replicate, scheduled
 from ami_janitor.handlers.events import ScheduledRunResult
+from lambda_events import sqs_record
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
 REGION = "us-east-1"
@@ -242,22 +243,9 @@ def test_the_bake_answers_with_its_outcome(
 
 
 def record(message_id: str, body: str) -> dict[str, Any]:
-    return {
-        "messageId": message_id,
-        "receiptHandle": f"handle-{message_id}",
-        "body": body,
-        "attributes": {
-            "ApproximateReceiveCount": "1",
-            "SentTimestamp": "1764039600000",
-            "SenderId": "AIDAEXAMPLE",
-            "ApproximateFirstReceiveTimestamp": "1764039600001",
-        },
-        "messageAttributes": {},
-        "md5OfBody": "0" * 32,
-        "eventSource": "aws:sqs",
-        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:copies",
-        "awsRegion": REGION,
-    }
+    return sqs_record(
+        body, message_id=message_id, queue_arn="arn:aws:sqs:us-east-1:123456789012:copies", region=REGION
+    )
 
 
 def test_the_replication_worker_answers_with_a_partial_batch_response(
