@@ -7,7 +7,12 @@
 3. import time of the cleanup handler module (cold start), in a fresh interpreter;
 4. validating a policy of 100,000 families;
 5. `ami-janitor plan` as a user runs it against `ami-janitor emulator` (the demo's account), process
-   start included.
+   start included;
+6. the fleet simulator (bench/fleet.py): 50,000 AMIs, 10,000 due deregistrations through the slices,
+   on the in-memory EC2 with the account's token buckets and a simulated clock.
+
+`python bench/bench.py fleet plan` runs only the sections named (plan, inventory, policy, cold-start,
+cli, fleet).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -337,9 +343,76 @@ def bench_cli_plan_on_emulator() -> None:
     )
 
 
+def bench_fleet() -> None:
+    import fleet
+
+    from ami_janitor.core.slices import MAX_SLICE_ITEMS
+
+    amis, due = 50_000, 10_000
+    run = fleet.simulate(amis, due)
+    fewest = max(math.ceil(due / MAX_SLICE_ITEMS), math.ceil(due / run.refill / run.budget))
+    longest = run.longest
+    reading = statistics.mean(i.reading for i in run.invocations)
+    ec2 = sum(run.ec2_calls.values())
+    per_api = ", ".join(
+        f"{name} {count / run.deregistered:.3f}" for name, count in run.ec2_calls.most_common()
+    )
+    print(
+        f"\nfleet simulator (bench/fleet.py): {amis:,} AMIs in one region, {run.planned_deregistrations:,} "
+        f"due deregistrations planned, through the slices on the in-memory EC2 (the account's token "
+        f"buckets, {run.latency:g} s simulated per EC2 call and ledger access, {run.gap:g} s between "
+        f"invocations; each slice a new pacer that starts empty); {run.wall:.1f} s of wall time"
+    )
+    print(
+        f"  invocations: {len(run.invocations)} slices of up to {max(i.amis for i in run.invocations):,} AMIs "
+        f"(the fewest the cut allows: {fewest}) {verdict(len(run.invocations) <= fewest)}; the scheduled run "
+        f"that cut them made {run.scheduled_calls} EC2 calls or ledger writes after its plan"
+    )
+    print(
+        f"  longest invocation: {longest.seconds / 60:.2f} min simulated (slice {longest.index + 1}, "
+        f"{longest.amis:,} AMIs, {longest.reading:.1f} s reading them again) (goal < 10 min) "
+        f"{verdict(longest.seconds < 600)}"
+    )
+    print(
+        f"  DeregisterImage: {run.deregistered:,} in {run.span / 60:.1f} min, {run.rate:.2f}/s against the "
+        f"bucket's refill {run.refill:g}/s: ratio {run.ratio:.3f} (goal >= 0.90) {verdict(run.ratio >= 0.9)}; "
+        f"each slice reads {reading:.1f} s before its first write"
+    )
+    print(
+        f"  RequestLimitExceeded answers: {run.refused} (goal 0) {verdict(run.refused == 0)}; every due AMI "
+        f"deregistered by exactly one call: {verdict(run.once)}; results {dict(run.statuses)}, held back "
+        f"{run.held}"
+    )
+    print(
+        f"  API calls per retired AMI: EC2 {ec2 / run.deregistered:.3f} ({per_api}) (goal <= 2.5: "
+        f"DeregisterImage and the snapshot's mirror tag, and the slice's reads) "
+        f"{verdict(ec2 / run.deregistered <= 2.5)}; ledger writes {run.ledger_writes / run.deregistered:.2f}, "
+        f"ledger reads {run.ledger_reads / run.deregistered:.3f}"
+    )
+    # Each AMI's ledger record, CreateTags, DeregisterImage and ledger confirmation go one after another:
+    # past 1 / (4 x refill) = 0.05 s a call, the latency and not the bucket sets the rate.
+    slow = fleet.simulate(10_000, 2_000, latency=0.1)
+    print(
+        f"  the same with 0.1 s per call (10,000 AMIs, 2,000 due): ratio {slow.ratio:.3f} (goal >= 0.90) "
+        f"{verdict(slow.ratio >= 0.9)}: each AMI's four calls (ledger record, CreateTags, DeregisterImage, "
+        f"ledger confirmation) go one after another, at most 1 / (4 x latency) = {1 / (4 * 0.1):g} AMIs/s"
+    )
+
+
+SECTIONS: dict[str, Callable[[], None]] = {
+    "plan": bench_plan,
+    "inventory": bench_inventory_calls,
+    "policy": bench_policy_load,
+    "cold-start": bench_cold_start,
+    "cli": bench_cli_plan_on_emulator,
+    "fleet": bench_fleet,
+}
+
+
 if __name__ == "__main__":
-    bench_plan()
-    bench_inventory_calls()
-    bench_policy_load()
-    bench_cold_start()
-    bench_cli_plan_on_emulator()
+    unknown = sorted(set(sys.argv[1:]) - set(SECTIONS))
+    if unknown:
+        sys.exit(f"unknown section(s) {', '.join(unknown)}; the sections: {', '.join(SECTIONS)}")
+    for name, section in SECTIONS.items():
+        if not sys.argv[1:] or name in sys.argv[1:]:
+            section()

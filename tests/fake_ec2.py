@@ -3,7 +3,10 @@ semantics as design.md and aws-facts.md describe them, and nothing else.
 
 Fast enough for thousands of plan + apply rounds (no HTTP, no moto). Every request is checked against
 botocore's EC2 model, so a misspelt parameter or a wrong type fails like it would against AWS. Errors are
-botocore ClientErrors with EC2's codes.
+botocore ClientErrors with EC2's codes. A slice's reads (aws/slicer.py) are answered too: DescribeImages
+by filter, DescribeImageReferences from `references`, DescribeInstances, each paged by botocore's own
+paginator (`get_paginator`), and the ledger items of a few AMIs through `dynamodb` (DescribeTable,
+BatchGetItem against botocore's DynamoDB model).
 
 Simulated time: `clock` is what EC2 compares DeprecateAt with; tests set it to the run's `now`. It moves
 on by `latency` seconds with each call (EC2 calls and ledger writes), and by the waits of a pacer made
@@ -23,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,11 +35,14 @@ from types import SimpleNamespace
 from typing import Any, Literal, TypeVar
 
 import botocore.session
+from boto3.dynamodb.types import TypeSerializer
 from botocore.exceptions import ClientError
 from botocore.model import ServiceModel
+from botocore.paginate import Paginator
 from botocore.validate import ParamValidator
 
 from ami_janitor.aws.ledger import STAGES, Ledger, Prior, Written
+from ami_janitor.aws.ledger import key as ledger_key
 from ami_janitor.aws.pacing import Pacer
 from ami_janitor.core.model import (
     Image,
@@ -111,6 +118,16 @@ def _ec2_model() -> ServiceModel:
     return botocore.session.get_session().get_service_model("ec2")
 
 
+@cache
+def _dynamodb_model() -> ServiceModel:
+    return botocore.session.get_session().get_service_model("dynamodb")
+
+
+@cache
+def _pagination(api: str) -> dict[str, Any]:
+    return dict(botocore.session.get_session().get_paginator_model("ec2").get_paginator(api))
+
+
 _OPERATIONS = {
     "describe_images": "DescribeImages",
     "describe_snapshots": "DescribeSnapshots",
@@ -124,6 +141,18 @@ _OPERATIONS = {
     "delete_snapshot": "DeleteSnapshot",
     "describe_image_attribute": "DescribeImageAttribute",
     "modify_image_attribute": "ModifyImageAttribute",
+    "describe_image_references": "DescribeImageReferences",
+    "describe_instances": "DescribeInstances",
+}
+ACCOUNT = "123456789012"  # the account the fake's resources belong to (in ARNs)
+FILTER_VALUES_MAX = 200  # EC2's limit on the values of the filters of one call
+# What DescribeImageReferences reports (Reference.kind -> its ResourceType); the other sources' kinds
+# (Auto Scaling groups, launch configurations, ...) it does not see.
+_REFERENCE_TYPES = {
+    "instance": "ec2:Instance",
+    "launch-template": "ec2:LaunchTemplate",
+    "ssm-parameter": "ssm:Parameter",
+    "image-builder-recipe": "imagebuilder:ImageRecipe",
 }
 
 
@@ -145,6 +174,41 @@ def ec2_time(value: datetime) -> str:
 def nearest_minute(value: datetime) -> datetime:
     """EC2 rounds DeprecateAt to the nearest minute."""
     return (value + timedelta(seconds=30)).replace(second=0, microsecond=0)
+
+
+def _shown(image: FakeImage, params: Mapping[str, Any], wanted: Mapping[str, set[str]]) -> bool:
+    """Whether DescribeImages answers with the AMI: its state, and every filter matches it."""
+    if image.state == "disabled" and not params.get("IncludeDisabled"):
+        return False
+    if "image-id" in wanted and image.image_id not in wanted["image-id"]:
+        return False
+    snapshots = wanted.get("block-device-mapping.snapshot-id")
+    return snapshots is None or bool(snapshots.intersection(image.snapshot_ids))
+
+
+Item = TypeVar("Item")
+
+
+def _page(
+    found: Sequence[Item], params: Mapping[str, Any], api: str, limits: tuple[int, int]
+) -> tuple[Sequence[Item], dict[str, str]]:
+    """One page of `found`: MaxResults items from NextToken on (all of them without MaxResults), and
+    the NextToken of the next page, if any. `limits`: the (least, largest) MaxResults EC2 takes."""
+    start = 0
+    if "NextToken" in params:
+        token = str(params["NextToken"])
+        if not token.isdigit() or int(token) > len(found):
+            raise client_error("InvalidNextToken", f"The token '{token}' is invalid", api)
+        start = int(token)
+    size = params.get("MaxResults")
+    if size is None:
+        return found[start:], {}
+    if not limits[0] <= size <= limits[1]:
+        raise client_error(
+            "InvalidParameterValue", f"MaxResults must be between {limits[0]} and {limits[1]}", api
+        )
+    end = start + size
+    return found[start:end], ({"NextToken": str(end)} if end < len(found) else {})
 
 
 @dataclass
@@ -249,6 +313,9 @@ class FakeEC2:
         self.deleted_snapshots: list[str] = []
         self.refused_in_use: list[str] = []  # DeleteSnapshot calls EC2 refused: an AMI still uses it
         self.references: list[Reference] = []
+        # Instance id -> state for DescribeInstances; an instance a reference names is running unless
+        # set here.
+        self.instances: dict[str, str] = {}
         self.parameters: dict[str, str] = {}
         self.calls: list[Call] = []
         self.elapsed = 0.0  # simulated seconds: the calls' latency and a pacer's waits
@@ -276,7 +343,9 @@ class FakeEC2:
         self.retrying = False  # the request being made is the SDK's retry of a call whose answer was lost
         self.meta = SimpleNamespace(region_name=region)  # as a boto3 client
         self._validator = ParamValidator()
+        self._snapshot_users: dict[str, set[str]] = {}  # snapshot id -> AMIs added with it (an index)
         self.ledger = FakeLedger(self)
+        self.dynamodb = FakeDynamoDB(self)
 
     # ---- simulated time ----------------------------------------------------------------------------
     @property
@@ -290,19 +359,22 @@ class FakeEC2:
     def advance(self, seconds: float) -> None:
         self.elapsed += seconds
 
-    def pacer(self, share: float = 1.0, *, attach: bool = True) -> Pacer:
+    def pacer(self, share: float = 1.0, *, attach: bool = True, full: bool = True) -> Pacer:
         """A Pacer on this fake's simulated time (its waits advance the clock), attached as
-        `before_call` unless `attach` is False (several workers' pacers: attach each in turn)."""
-        pacer = Pacer(share, clock=lambda: self.elapsed, sleep=self.advance)
+        `before_call` unless `attach` is False (several workers' pacers: attach each in turn); its
+        buckets start empty with `full=False`, as the slice worker's."""
+        pacer = Pacer(share, clock=lambda: self.elapsed, sleep=self.advance, full=full)
         if attach:
             self.before_call = pacer.acquire
         return pacer
 
     # ---- building a fleet ---------------------------------------------------------------------------
     def add_image(self, image: FakeImage) -> FakeImage:
+        """The only way an AMI enters the fake (the index of snapshot users relies on it)."""
         self.images[image.image_id] = image
         for snapshot_id in image.snapshot_ids:
             self.snapshots.setdefault(snapshot_id, {})
+            self._snapshot_users.setdefault(snapshot_id, set()).add(image.image_id)
         return image
 
     def add_snapshot(self, snapshot_id: str, tags: Mapping[str, str] | None = None) -> None:
@@ -373,6 +445,30 @@ class FakeEC2:
             )
         return api, target
 
+    def _filters(self, params: Mapping[str, Any], api: str, known: set[str]) -> dict[str, set[str]]:
+        """The request's filters, name -> values; EC2 refuses a filter it does not know and more than
+        FILTER_VALUES_MAX values in all."""
+        filters = params.get("Filters") or []
+        unknown = sorted({f["Name"] for f in filters} - known)
+        if unknown:
+            raise client_error("InvalidParameterValue", f"The filter '{unknown[0]}' is invalid", api)
+        if sum(len(f.get("Values") or []) for f in filters) > FILTER_VALUES_MAX:
+            raise client_error(
+                "FilterLimitExceeded",
+                f"The maximum number of filter values specified on a single call is {FILTER_VALUES_MAX}",
+                api,
+            )
+        wanted: dict[str, set[str]] = {}
+        for f in filters:
+            values = set(f.get("Values") or [])
+            wanted[f["Name"]] = wanted[f["Name"]] & values if f["Name"] in wanted else values
+        return wanted
+
+    def get_paginator(self, operation: str) -> Paginator:
+        """botocore's own paginator over this fake's method, as a boto3 client's."""
+        api = _OPERATIONS[operation]
+        return Paginator(getattr(self, operation), _pagination(api), _ec2_model().operation_model(api))
+
     def _after_effect(self, fault: str | None) -> tuple[bool, bool]:
         """What becomes of the answer of a call that took effect: (lost, lost and retried by the SDK)."""
         lost = fault == "lost" or bool(self.fail_rate and self.rng.random() < self.fail_rate / 2)
@@ -418,7 +514,9 @@ class FakeEC2:
         raise client_error("InvalidAMIID.NotFound", f"The image id '[{image_id}]' does not exist", api)
 
     def _users(self, snapshot_id: str) -> list[str]:
-        return sorted(i.image_id for i in self.images.values() if snapshot_id in i.snapshot_ids)
+        """The remaining AMIs that use the snapshot."""
+        added = self._snapshot_users.get(snapshot_id, ())
+        return sorted(i for i in added if i in self.images and snapshot_id in self.images[i].snapshot_ids)
 
     # ---- tags --------------------------------------------------------------------------------------
     def _taggable(self, resources: Sequence[str], api: str) -> list[dict[str, str]]:
@@ -510,10 +608,27 @@ class FakeEC2:
 
     # ---- launch permissions ------------------------------------------------------------------------
     def describe_images(self, **params: Any) -> dict[str, Any]:
-        """Only by id (every state: IncludeDisabled is what the executor asks); an unknown id is none."""
-        self._request("describe_images", params)
-        found = [self.images[i].to_api() for i in params.get("ImageIds") or [] if i in self.images]
-        return {"Images": found}
+        """By id (an unknown id is none), or every AMI (all are the caller's own: Owners is not read),
+        narrowed by the filters image-id and block-device-mapping.snapshot-id. Disabled AMIs only with
+        IncludeDisabled (EC2's default leaves them out); deprecated ones always (their owner sees them).
+        In pages of MaxResults (not with ImageIds, as EC2), in image id order."""
+        api, _ = self._request("describe_images", params)
+        ids = params.get("ImageIds")
+        if ids and "MaxResults" in params:
+            raise client_error("InvalidParameterCombination", "MaxResults cannot be used with ImageIds", api)
+        wanted = self._filters(params, api, {"image-id", "block-device-mapping.snapshot-id"})
+        if ids is not None:
+            candidates = [self.images[i] for i in ids if i in self.images]
+        elif "image-id" in wanted:
+            candidates = [self.images[i] for i in sorted(wanted["image-id"]) if i in self.images]
+        elif "block-device-mapping.snapshot-id" in wanted:
+            users = {u for s in wanted["block-device-mapping.snapshot-id"] for u in self._users(s)}
+            candidates = [self.images[i] for i in sorted(users)]
+        else:
+            candidates = [self.images[i] for i in sorted(self.images)]
+        found = [image for image in candidates if _shown(image, params, wanted)]
+        page, token = _page(found, params, api, (1, 1000))
+        return {"Images": [image.to_api() for image in page], **token}
 
     def describe_snapshots(self, **params: Any) -> dict[str, Any]:
         """Only the tag filter the executor uses; one page."""
@@ -525,6 +640,64 @@ class FakeEC2:
             if all(tags.get(key) in values for key, values in wanted)
         ]
         return {"Snapshots": found}
+
+    def describe_image_references(self, **params: Any) -> dict[str, Any]:
+        """The `references` to these AMIs that DescribeImageReferences reports (instances whatever
+        their state, as the API), by AMI; paged by MaxResults."""
+        api, _ = self._request("describe_image_references", params)
+        ids = params["ImageIds"]
+        if len(ids) > 10:
+            raise client_error("InvalidParameterValue", "at most 10 image ids per call", api)
+        found = [
+            {
+                "ImageId": r.image_id,
+                "ResourceType": _REFERENCE_TYPES[r.kind],
+                "Arn": self._arn(r),
+            }
+            for image_id in ids
+            for r in sorted(self.references, key=lambda r: (r.kind, r.resource_id))
+            if r.image_id == image_id and r.kind in _REFERENCE_TYPES
+        ]
+        page, token = _page(found, params, api, (5, 1000))
+        return {"ImageReferences": list(page), **token}
+
+    def _arn(self, reference: Reference) -> str:
+        prefix = f"arn:aws:ec2:{self.region}:{ACCOUNT}"
+        if reference.kind == "instance":
+            return f"{prefix}:instance/{reference.resource_id}"
+        if reference.kind == "launch-template":
+            return f"{prefix}:launch-template/{reference.resource_id}"
+        if reference.kind == "ssm-parameter":
+            # An ARN drops the name's leading '/'.
+            return f"arn:aws:ssm:{self.region}:{ACCOUNT}:parameter/{reference.resource_id.lstrip('/')}"
+        return reference.resource_id  # an Image Builder recipe is named by its ARN
+
+    def describe_instances(self, **params: Any) -> dict[str, Any]:
+        """The instances `instances` and the instance references name, by InstanceIds and the filters
+        instance-id and instance-state-name; one reservation each, paged by MaxResults."""
+        api, _ = self._request("describe_instances", params)
+        ids = params.get("InstanceIds")
+        if ids and "MaxResults" in params:
+            raise client_error(
+                "InvalidParameterCombination", "MaxResults cannot be used with InstanceIds", api
+            )
+        wanted = self._filters(params, api, {"instance-id", "instance-state-name"})
+        states = {r.resource_id: "running" for r in self.references if r.kind == "instance"}
+        states.update(self.instances)
+        for instance_id in ids or ():
+            if instance_id not in states:
+                raise client_error(
+                    "InvalidInstanceID.NotFound", f"The instance ID '{instance_id}' does not exist", api
+                )
+        found = [
+            {"ReservationId": f"r-{n:017x}", "Instances": [{"InstanceId": i, "State": {"Name": state}}]}
+            for n, (i, state) in enumerate(sorted(states.items()))
+            if (ids is None or i in ids)
+            and i in wanted.get("instance-id", {i})
+            and state in wanted.get("instance-state-name", {state})
+        ]
+        page, token = _page(found, params, api, (5, 1000))
+        return {"Reservations": list(page), **token}
 
     def describe_image_attribute(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("describe_image_attribute", params)
@@ -802,3 +975,63 @@ class FakeLedger(Ledger):
             return "already-recorded"
         self._set(image_id, closed=at)
         return "recorded"
+
+
+_serializer = TypeSerializer()
+
+
+class FakeDynamoDB:
+    """The ledger table as a DynamoDB client shows it to a reader of a few AMIs' items (aws/ledger.py's
+    `exists` and `read_items`: DescribeTable, BatchGetItem), answered from the fake's ledger. Requests
+    are checked against botocore's DynamoDB model; each call takes the fake's latency and is counted in
+    `calls` (DynamoDB's limits are not EC2's buckets: never throttled)."""
+
+    def __init__(self, ec2: FakeEC2) -> None:
+        self.ec2 = ec2
+        self.calls: Counter[str] = Counter()
+
+    def _request(self, api: str, params: Mapping[str, Any]) -> None:
+        report = self.ec2._validator.validate(params, _dynamodb_model().operation_model(api).input_shape)
+        if report.has_errors():
+            raise client_error("ValidationException", report.generate_report(), api)
+        self.calls[api] += 1
+        self.ec2.elapsed += self.ec2.latency
+
+    def describe_table(self, **params: Any) -> dict[str, Any]:
+        self._request("DescribeTable", params)
+        table = self.ec2.ledger.table
+        if params["TableName"] != table:
+            raise client_error(
+                "ResourceNotFoundException",
+                f"Requested resource not found: Table: {params['TableName']}",
+                "DescribeTable",
+            )
+        return {"Table": {"TableName": table, "TableStatus": "ACTIVE"}}
+
+    def batch_get_item(self, **params: Any) -> dict[str, Any]:
+        """The items of the ledger's AMIs asked for (at most 100 keys, as DynamoDB), all processed."""
+        self._request("BatchGetItem", params)
+        table = self.ec2.ledger.table
+        requested = params["RequestItems"]
+        if set(requested) != {table}:
+            raise client_error("ResourceNotFoundException", "Requested resource not found", "BatchGetItem")
+        keys = requested[table]["Keys"]
+        if len(keys) > 100:
+            raise client_error(
+                "ValidationException", "Too many items requested for the BatchGetItem call", "BatchGetItem"
+            )
+        ids = [k["pk"]["S"].removeprefix("image#") for k in keys if k["pk"]["S"].startswith("image#")]
+        found = self.ec2.ledger.read_items(ids)
+        return {
+            "Responses": {table: [_raw_item(item) for _, item in sorted(found.items())]},
+            "UnprocessedKeys": {},
+        }
+
+
+def _raw_item(item: LedgerItem) -> dict[str, Any]:
+    """A ledger item as the table stores it (aws/ledger.py reads it back with `_item`)."""
+    data = item.model_dump(mode="json", exclude_none=True)
+    return {
+        **ledger_key(item.image_id),
+        **{name: _serializer.serialize(value) for name, value in data.items()},
+    }
