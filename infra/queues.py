@@ -14,11 +14,13 @@ def secure_queue(
     visibility_timeout: Duration | None = None,
     dead_letter_queue: sqs.DeadLetterQueue | None = None,
     fifo: bool | None = None,
+    queue_name: str | None = None,
 ) -> sqs.Queue:
     return sqs.Queue(
         scope,
         id,
         fifo=fifo,
+        queue_name=queue_name,
         encryption=sqs.QueueEncryption.SQS_MANAGED,
         enforce_ssl=True,
         # Dead letters wait for a person: keep them as long as SQS allows.

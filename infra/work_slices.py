@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
@@ -41,11 +41,15 @@ class WorkSlices(Construct):
         reports: Reports,
     ) -> None:
         super().__init__(scope, id)
-        self.dead_letters = secure_queue(self, "DeadLetters", fifo=True)
+        # Named: a FIFO queue's name must end in .fifo (CloudFormation adds it to a generated name, the
+        # emulator's does not). One stack per region, so the stack's name makes it unique.
+        stack = Stack.of(self).stack_name
+        self.dead_letters = secure_queue(self, "DeadLetters", fifo=True, queue_name=f"{stack}-work-dlq.fifo")
         self.queue = secure_queue(
             self,
             "Queue",
             fifo=True,
+            queue_name=f"{stack}-work.fifo",
             # Lambda's advice for SQS sources: at least six times the function timeout.
             visibility_timeout=Duration.seconds(WORKER_TIMEOUT.to_seconds() * 6),
             dead_letter_queue=sqs.DeadLetterQueue(

@@ -39,6 +39,10 @@ INFRA_EXTRAS = {
     "replicate": LOGS | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
     # the on-failure destination queue
     "bake": LOGS | {"sqs:SendMessage"},
+    # its results beside the run's report and read back, the summary, what its event source mapping does
+    "slices": LOGS
+    | {"s3:PutObject", "s3:GetObject", "sns:Publish"}
+    | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
 }
 
 
@@ -92,6 +96,7 @@ def test_role_actions_are_handler_permissions_plus_infra_extras(templates: dict[
 def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[str, Any]]) -> None:
     for template in templates.values():
         queue = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("ReplicationQueue"))
+        work = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("WorkSlicesQueue"))
         failed = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("DeadLettersFailed"))
         bucket = next(k for k in resources(template, "AWS::S3::Bucket") if k.startswith("ReportsBucket"))
         topic = next(iter(resources(template, "AWS::SNS::Topic")))
@@ -104,15 +109,18 @@ def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[
                     service = action.split(":", 1)[0]
                     if service == "logs":
                         assert targets == {f"<{own_logs}>"}
+                    elif action == "s3:GetObject":
+                        assert module == "slices" and targets == {f"<{bucket}>/runs/*"}
                     elif service == "s3":
                         assert targets == {f"<{bucket}>/*"}
                     elif service == "sns":
                         assert targets == {f"<{topic}>"}
                     elif action == "sqs:SendMessage":
-                        allowed = {f"<{failed}>", f"<{queue}>"} if module != "bake" else {f"<{failed}>"}
-                        assert targets <= allowed
+                        sends = {"scheduled": {queue, work}, "ami_event": {queue}}.get(module, set())
+                        assert targets <= {f"<{q}>" for q in {failed, *sends}}
                     elif service == "sqs":
-                        assert module == "replicate" and targets == {f"<{queue}>"}
+                        consumed = {"replicate": queue, "slices": work}[module]
+                        assert targets == {f"<{consumed}>"}
 
 
 def test_mutating_ec2_actions_are_scoped_and_conditioned(

@@ -19,6 +19,7 @@ from infra.environment import (
     REPLICATION_QUEUE_URL,
     REPORT_BUCKET,
     TOPIC_ARN,
+    WORK_QUEUE_URL,
 )
 from synth_support import Synth, as_list, functions_by_handler, ref_id, resources
 
@@ -30,6 +31,7 @@ HANDLERS = {
     "ami_event": "ami_janitor.handlers.ami_event.handler",
     "replicate": "ami_janitor.handlers.replicate.handler",
     "bake": "ami_janitor.handlers.bake.handler",
+    "slices": "ami_janitor.handlers.slices.handler",
 }
 # Asynchronously invoked functions: Lambda's retries, then the on-failure destination.
 ASYNC_RETRY_ATTEMPTS = {"scheduled": 1, "ami_event": 2, "bake": 0}
@@ -86,7 +88,9 @@ def test_environment_contract(source: dict[str, Any]) -> None:
         REPORT_BUCKET: {"Ref": bucket},
         TOPIC_ARN: {"Ref": topic},
         REPLICATION_QUEUE_URL: {"Ref": queue},
+        WORK_QUEUE_URL: {"Ref": _queue(source, "WorkSlicesQueue")},
     }
+    assert env["slices"] == {**common, REPORT_BUCKET: {"Ref": bucket}, TOPIC_ARN: {"Ref": topic}}
     assert env["ami_event"] == {**common, REPLICATION_QUEUE_URL: {"Ref": queue}}
     assert env["replicate"] == common
     assert env["bake"] == common
@@ -230,6 +234,47 @@ def test_replication_queue_worker_and_redrive(source: dict[str, Any]) -> None:
     assert props["VisibilityTimeout"] >= 6 * worker["Timeout"]
 
 
+def test_work_slices_one_at_a_time_per_region_from_a_fifo_queue_with_redrive(
+    all_templates: dict[str, dict[str, Any]],
+) -> None:
+    for name, template in all_templates.items():
+        queue = _queue(template, "WorkSlicesQueue")
+        dlq = _queue(template, "WorkSlicesDeadLetters")
+        worker_id, worker = functions_by_handler(template)["slices"]
+        Template.from_json(template).has_resource_properties(
+            "AWS::Lambda::EventSourceMapping",
+            {
+                "EventSourceArn": {"Fn::GetAtt": [queue, "Arn"]},
+                "FunctionName": {"Ref": worker_id},
+                "BatchSize": 1,
+                "FunctionResponseTypes": ["ReportBatchItemFailures"],
+                "ScalingConfig": {"MaximumConcurrency": 2},
+            },
+        )
+        props = template["Resources"][queue]["Properties"]
+        # FIFO: the scheduled run sends one message group per region, deduplicated by slice.
+        assert props["FifoQueue"] is True and "ContentBasedDeduplication" not in props, name
+        assert template["Resources"][dlq]["Properties"]["FifoQueue"] is True
+        assert ref_id(props["RedrivePolicy"]["deadLetterTargetArn"]) == dlq
+        assert 1 < props["RedrivePolicy"]["maxReceiveCount"] <= 10
+        assert props["VisibilityTimeout"] >= 6 * worker["Timeout"]
+        # No reserved concurrency: it would throttle the poller into the dead-letter queue.
+        assert "ReservedConcurrentExecutions" not in worker and worker["Timeout"] == 900
+        alarmed = Capture()
+        Template.from_json(template).has_resource_properties(
+            "AWS::CloudWatch::Alarm",
+            {
+                "MetricName": "ApproximateNumberOfMessagesVisible",
+                "Dimensions": [{"Name": "QueueName", "Value": {"Fn::GetAtt": [alarmed, "QueueName"]}}],
+                "AlarmDescription": Match.string_like_regexp("work slice failed"),
+            },
+        )
+        assert alarmed.as_string() == dlq
+        roles = {m: ref_id(p["Role"]) for m, (_, p) in functions_by_handler(template).items()}
+        senders = [r for r in roles.values() if _may_send(template, r, queue)]
+        assert senders == [roles["scheduled"]], name
+
+
 def _may_send(template: dict[str, Any], role_id: str, queue: str) -> bool:
     """The role's own policy allows sqs:SendMessage on the queue."""
     policies = template["Resources"][role_id]["Properties"].get("Policies", [])
@@ -278,7 +323,8 @@ def test_only_the_roles_that_enqueue_may_send_copy_requests(all_templates: dict[
 def test_queues_encrypted_and_tls_only(all_templates: dict[str, dict[str, Any]]) -> None:
     for template in all_templates.values():
         queues = resources(template, "AWS::SQS::Queue")
-        assert len(queues) == 4  # event-target DLQ, failed invocations, replication queue and its DLQ
+        # event-target DLQ, failed invocations, the replication and work queues and their DLQs
+        assert len(queues) == 6
         tls_only: set[str | None] = set()
         for policy in resources(template, "AWS::SQS::QueuePolicy").values():
             for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
@@ -315,6 +361,7 @@ def test_alarms_publish_to_the_topic(all_templates: dict[str, dict[str, Any]]) -
             _queue(template, "DeadLettersEventTargets"),
             _queue(template, "DeadLettersFailedInvocations"),
             _queue(template, "ReplicationDeadLetters"),
+            _queue(template, "WorkSlicesDeadLetters"),
         }
         assert visible == dead_letter_queues
         for metric in ("ActionsFailed", "RegionSkipped"):
