@@ -685,6 +685,7 @@ def work_slice(
     now: datetime,
     *,
     keep: Callable[[SliceOutcome], None] | None = None,
+    out_of_time: Callable[[], bool] | None = None,
 ) -> SliceOutcome:
     """One queued slice: dropped (each stage skipped, with why) when the policy is no longer the plan's
     or the slice is stale, else run (slicer.run_slice, which reads its AMIs again); `keep` is given the
@@ -707,7 +708,7 @@ def work_slice(
         ]
     else:
         ledgers = ledger.ledgers(lambda _: clients, policy.ledger)
-        done = slicer.run_slice(clients, ledgers(clients.region), policy, work, now)
+        done = slicer.run_slice(clients, ledgers(clients.region), policy, work, now, out_of_time=out_of_time)
         outcome.results, outcome.held = done.results, done.held
     if keep is not None:
         keep(outcome)

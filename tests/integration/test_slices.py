@@ -205,3 +205,30 @@ def test_a_slice_of_another_policy_is_dropped_and_counted(deployed: Deployment) 
     )
     assert part["dropped"] == "the policy changed since the plan: the next run plans again"
     assert {r["status"] for r in part["results"]} == {"skipped"}
+
+
+def test_a_slice_starts_no_ami_once_its_invocation_runs_short_of_time(deployed: Deployment) -> None:
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+
+    for body in bodies:
+        slices.handler(
+            sqs_event(body, queue_arn=deployed.queue_arn, group=REGION),
+            Context(remaining_millis=slices.RESERVE_MILLIS - 1),
+        )
+
+    assert set(fleet.images) <= image_ids()  # not one stage started
+    [mail] = deployed.mails()  # the run still ends, with its one summary
+    assert "failures: 0" in mail
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    report = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=f"runs/{REGION}/{run}.json")["Body"].read()
+    )
+    staged = [r for r in report["results"] if r["action"] in ("deprecate", "disable", "deregister")]
+    assert len(staged) == 9 and {r["status"] for r in staged} == {"skipped"}
+    assert {r["detail"] for r in staged} == {
+        "the invocation's time ran out before it: the next run plans it again"
+    }

@@ -738,10 +738,16 @@ def apply_stages(
     inventory: RegionInventory,
     work: Sequence[tuple[str, Sequence[Stage], str | None]],
     now: datetime,
+    *,
+    out_of_time: Callable[[], bool] | None = None,
 ) -> list[ActionResult]:
     """One slice: each (AMI, its due stages, why it is held back or None) on `inventory`, the slice's
-    AMIs as read when it started and the other AMIs that share their snapshots."""
+    AMIs as read when it started and the other AMIs that share their snapshots. Once `out_of_time()`
+    says so, the AMIs left are not started (their stages skipped): an AMI is never left half way by a
+    timeout, and the next run plans the rest again."""
     run = _RegionRun(region, ec2, ledger, inventory, now)
     for image_id, stages, held in work:
+        if held is None and out_of_time is not None and out_of_time():
+            held = "the invocation's time ran out before it: the next run plans it again"
         run.run_stages(image_id, stages, held)
     return run.results

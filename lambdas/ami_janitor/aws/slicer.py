@@ -10,7 +10,7 @@ deleted). Deleting nothing it did not read is what keeps a partial view safe her
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -156,10 +156,17 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
 
 
 def run_slice(
-    clients: RegionClients, ledger: Ledger, policy: Policy, work: WorkSlice, now: datetime
+    clients: RegionClients,
+    ledger: Ledger,
+    policy: Policy,
+    work: WorkSlice,
+    now: datetime,
+    *,
+    out_of_time: Callable[[], bool] | None = None,
 ) -> SliceResult:
     """Read the slice's AMIs again, hold back those a fresh fact puts in doubt, take the others'
-    stages. Raises SourceFailed when its AMIs cannot be read (nothing was changed then)."""
+    stages (until `out_of_time()`). Raises SourceFailed when its AMIs cannot be read (nothing was
+    changed then)."""
     inventory = read_slice(clients, policy, work)
     images = {i.image_id: i for i in inventory.images}
     referenced: dict[str, list[str]] = {}
@@ -174,7 +181,9 @@ def run_slice(
         if why is not None:
             held[item.image_id] = why
         todo.append((item.image_id, item.stages, f"held back: {why}" if why else None))
-    results = executor.apply_stages(clients.region, clients.ec2, ledger, inventory, todo, now)
+    results = executor.apply_stages(
+        clients.region, clients.ec2, ledger, inventory, todo, now, out_of_time=out_of_time
+    )
     return SliceResult(results=results, held=held)
 
 

@@ -30,6 +30,9 @@ from ami_janitor.handlers.observe import logger, metrics, paused
 from ami_janitor.handlers.scheduled import publish, report_key
 
 PERMISSIONS: list[str] = engine.SLICE_PERMISSIONS
+# No AMI is started with less than this left of the invocation (an AMI's stages take seconds; the
+# results still go to the bucket and the run's record after the last).
+RESERVE_MILLIS = 120_000
 
 
 class WorkSliceRecord(SqsRecordModel):
@@ -77,11 +80,16 @@ def _report(env: Environment, clients: RegionClients, outcome: engine.SliceOutco
 
 
 def slice_record(
-    record: WorkSliceRecord, env: Environment, policy: Policy, factory: ClientFactory
+    record: WorkSliceRecord, env: Environment, policy: Policy, factory: ClientFactory, context: LambdaContext
 ) -> dict[str, Any]:
     clients = factory(env.region)
     outcome = engine.work_slice(
-        policy, record.body, clients, datetime.now(UTC).replace(microsecond=0), keep=_keep(env, clients)
+        policy,
+        record.body,
+        clients,
+        datetime.now(UTC).replace(microsecond=0),
+        keep=_keep(env, clients),
+        out_of_time=lambda: context.get_remaining_time_in_millis() < RESERVE_MILLIS,
     )
     failed = sum(1 for r in outcome.results if r.status == "failed")
     metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=failed)
@@ -116,7 +124,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
     processor = SqsFifoPartialProcessor(model=WorkSliceRecord)
     return process_partial_response(
         event=event,
-        record_handler=lambda record: slice_record(record, env, policy, factory),
+        record_handler=lambda record: slice_record(record, env, policy, factory, context),
         processor=processor,
         context=context,
     )
