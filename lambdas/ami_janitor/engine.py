@@ -708,7 +708,15 @@ def work_slice(
         ]
     else:
         ledgers = ledger.ledgers(lambda _: clients, policy.ledger)
-        done = slicer.run_slice(clients, ledgers(clients.region), policy, work, now, out_of_time=out_of_time)
+        done = slicer.run_slice(
+            clients,
+            ledgers(clients.region),
+            policy,
+            work,
+            now,
+            out_of_time=out_of_time,
+            workers=slicer.SLICE_WORKERS,
+        )
         outcome.results, outcome.held = done.results, done.held
     if keep is not None:
         keep(outcome)

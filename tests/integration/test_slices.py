@@ -232,3 +232,27 @@ def test_a_slice_starts_no_ami_once_its_invocation_runs_short_of_time(deployed: 
     assert {r["detail"] for r in staged} == {
         "the invocation's time ran out before it: the next run plans it again"
     }
+
+
+def test_one_slice_takes_its_amis_side_by_side_and_reports_them_in_plan_order(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "SLICE_BUDGET_SECONDS", 300.0)
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now(), count=9)
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    [body] = deployed.queued()
+    work = WorkSlice.model_validate_json(body)
+    assert len(work.items) == 6
+
+    deployed.work(body)
+
+    assert not {i.image_id for i in work.items} & image_ids()
+    assert len(image_ids() & set(fleet.images)) == 3
+    report = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, work.run, 0))["Body"].read()
+    )
+    order = [(r["image_id"], r["action"]) for r in report["results"]]
+    assert order == [(i.image_id, stage) for i in work.items for stage in i.stages]
+    assert {r["status"] for r in report["results"]} == {"ok"}

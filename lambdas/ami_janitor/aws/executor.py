@@ -8,6 +8,7 @@ error fails one image's step, never the run.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -374,7 +375,11 @@ class _RegionRun:
         return {s for i in remaining for s in i.snapshot_ids}
 
     # the stages (their clocks are started by mark_candidates) ------------------------------------------
-    def run_stages(self, image_id: str, stages: Sequence[Stage], blocked: str | None) -> None:
+    def run_stages(self, image_id: str, stages: Sequence[Stage], blocked: str | None) -> list[ActionResult]:
+        """One AMI's due stages, in order; their results (the caller keeps them). Safe to run for several
+        AMIs at once: what it shares (`gone`, `deregistering`, `last`) only grows, one key at a time, and
+        a snapshot counts as used until its AMI is gone."""
+        results: list[ActionResult] = []
         image = self.images.get(image_id)
         if image is None:
             blocked = "not in the region's inventory"
@@ -382,12 +387,13 @@ class _RegionRun:
             self.deregistering.add(image_id)
         for index, stage in enumerate(stages):
             if blocked is not None or image is None:
-                self.results.append(self.result(image_id, stage, "skipped", detail=blocked))
+                results.append(self.result(image_id, stage, "skipped", detail=blocked))
                 continue
             result = self.stage(stage, image)
-            self.results.append(result)
+            results.append(result)
             if result.status != "ok" or (result.detail or "").startswith("recorded by another run"):
                 blocked = f"{stages[index]} {'failed' if result.status == 'failed' else 'not applied'}"
+        return results
 
     def _previous(self, image: Image) -> Stage | None:
         if image.image_id in self.last:
@@ -695,7 +701,7 @@ def apply_plan(
         staged = _apply_region(run, decisions, public, after_rescues)
         for decision, blocked in staged:
             if blocked is not None or run_due is None:
-                run.run_stages(decision.image_id, due_stages(decision), blocked)
+                run.results += run.run_stages(decision.image_id, due_stages(decision), blocked)
         results += run.results
         if run_due is not None:
             results += run_due(region, [d for d, blocked in staged if blocked is None])
@@ -740,14 +746,23 @@ def apply_stages(
     now: datetime,
     *,
     out_of_time: Callable[[], bool] | None = None,
+    workers: int = 1,
 ) -> list[ActionResult]:
     """One slice: each (AMI, its due stages, why it is held back or None) on `inventory`, the slice's
-    AMIs as read when it started and the other AMIs that share their snapshots. Once `out_of_time()`
-    says so, the AMIs left are not started (their stages skipped): an AMI is never left half way by a
-    timeout, and the next run plans the rest again."""
+    AMIs as read when it started and the other AMIs that share their snapshots; `workers` AMIs at a
+    time (each AMI's calls go one after another: several in flight keep a paced client at its token
+    buckets' rate rather than at one call's latency). Results in the order of `work`. Once
+    `out_of_time()` says so, the AMIs left are not started (their stages skipped): an AMI is never left
+    half way by a timeout, and the next run plans the rest again."""
     run = _RegionRun(region, ec2, ledger, inventory, now)
-    for image_id, stages, held in work:
+
+    def one(entry: tuple[str, Sequence[Stage], str | None]) -> list[ActionResult]:
+        image_id, stages, held = entry
         if held is None and out_of_time is not None and out_of_time():
             held = "the invocation's time ran out before it: the next run plans it again"
-        run.run_stages(image_id, stages, held)
-    return run.results
+        return run.run_stages(image_id, stages, held)
+
+    if workers <= 1:
+        return [r for entry in work for r in one(entry)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [r for results in pool.map(one, work) for r in results]

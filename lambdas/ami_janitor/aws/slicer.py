@@ -52,6 +52,9 @@ STAGE_REFILL: dict[Stage, float] = {
     "deregister": bucket_of("DeregisterImage")[1],
 }
 
+# AMIs in flight at once in the slice worker: each AMI's calls go one after another, so with one in
+# flight a slice runs at one call's latency; a few keep its paced client at the token buckets' rate.
+SLICE_WORKERS = 4
 FILTER_VALUES_MAX = 200  # values per DescribeImages/DescribeInstances filter
 SEND_BATCH_MAX = 10  # SendMessageBatch entries
 _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
@@ -163,6 +166,7 @@ def run_slice(
     now: datetime,
     *,
     out_of_time: Callable[[], bool] | None = None,
+    workers: int = 1,
 ) -> SliceResult:
     """Read the slice's AMIs again, hold back those a fresh fact puts in doubt, take the others'
     stages (until `out_of_time()`). Raises SourceFailed when its AMIs cannot be read (nothing was
@@ -182,7 +186,7 @@ def run_slice(
             held[item.image_id] = why
         todo.append((item.image_id, item.stages, f"held back: {why}" if why else None))
     results = executor.apply_stages(
-        clients.region, clients.ec2, ledger, inventory, todo, now, out_of_time=out_of_time
+        clients.region, clients.ec2, ledger, inventory, todo, now, out_of_time=out_of_time, workers=workers
     )
     return SliceResult(results=results, held=held)
 
