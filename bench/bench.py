@@ -30,6 +30,7 @@ from typing import Any
 
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
+from ami_janitor.aws import slicer
 from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory
 from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import CANDIDATE_TAG, parse_policy
@@ -390,12 +391,15 @@ def bench_fleet() -> None:
         f"ledger reads {run.ledger_reads / run.deregistered:.3f}"
     )
     # Each AMI's ledger record, CreateTags, DeregisterImage and ledger confirmation go one after another:
-    # past 1 / (4 x refill) = 0.05 s a call, the latency and not the bucket sets the rate.
+    # with one AMI in flight, past 1 / (4 x refill) = 0.05 s a call the latency and not the bucket sets
+    # the rate. The deployed worker keeps slicer.SLICE_WORKERS AMIs in flight; this simulator keeps one.
     slow = fleet.simulate(10_000, 2_000, latency=0.1)
     print(
         f"  the same with 0.1 s per call (10,000 AMIs, 2,000 due): ratio {slow.ratio:.3f} (goal >= 0.90) "
         f"{verdict(slow.ratio >= 0.9)}: each AMI's four calls (ledger record, CreateTags, DeregisterImage, "
-        f"ledger confirmation) go one after another, at most 1 / (4 x latency) = {1 / (4 * 0.1):g} AMIs/s"
+        f"ledger confirmation) go one after another, at most 1 / (4 x latency) = {1 / (4 * 0.1):g} AMIs/s "
+        f"with one AMI in flight, as simulated here; the deployed worker keeps {slicer.SLICE_WORKERS} in "
+        f"flight (not simulated: the fake EC2 runs one call at a time)"
     )
 
 
