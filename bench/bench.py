@@ -30,7 +30,6 @@ from typing import Any
 
 os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
-from ami_janitor.aws import slicer
 from ami_janitor.core.model import Image, LaunchPermission, Reference, RegionInventory
 from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import CANDIDATE_TAG, parse_policy
@@ -362,7 +361,8 @@ def bench_fleet() -> None:
         f"\nfleet simulator (bench/fleet.py): {amis:,} AMIs in one region, {run.planned_deregistrations:,} "
         f"due deregistrations planned, through the slices on the in-memory EC2 (the account's token "
         f"buckets, {run.latency:g} s simulated per EC2 call and ledger access, {run.gap:g} s between "
-        f"invocations; each slice a new pacer that starts empty); {run.wall:.1f} s of wall time"
+        f"invocations; each slice a new pacer that starts empty and {run.workers} AMIs in flight, as the "
+        f"worker keeps them); {run.wall:.1f} s of wall time"
     )
     print(
         f"  invocations: {len(run.invocations)} slices of up to {max(i.amis for i in run.invocations):,} AMIs "
@@ -391,15 +391,15 @@ def bench_fleet() -> None:
         f"ledger reads {run.ledger_reads / run.deregistered:.3f}"
     )
     # Each AMI's ledger record, CreateTags, DeregisterImage and ledger confirmation go one after another:
-    # with one AMI in flight, past 1 / (4 x refill) = 0.05 s a call the latency and not the bucket sets
-    # the rate. The deployed worker keeps slicer.SLICE_WORKERS AMIs in flight; this simulator keeps one.
+    # with one AMI in flight, past 1 / (4 x refill) = 0.05 s a call the latency and not the bucket would
+    # set the rate; the worker's AMIs in flight keep it at the bucket's.
     slow = fleet.simulate(10_000, 2_000, latency=0.1)
+    alone = fleet.simulate(10_000, 2_000, latency=0.1, workers=1)
     print(
-        f"  the same with 0.1 s per call (10,000 AMIs, 2,000 due): ratio {slow.ratio:.3f} (goal >= 0.90) "
-        f"{verdict(slow.ratio >= 0.9)}: each AMI's four calls (ledger record, CreateTags, DeregisterImage, "
-        f"ledger confirmation) go one after another, at most 1 / (4 x latency) = {1 / (4 * 0.1):g} AMIs/s "
-        f"with one AMI in flight, as simulated here; the deployed worker keeps {slicer.SLICE_WORKERS} in "
-        f"flight (not simulated: the fake EC2 runs one call at a time)"
+        f"  the same with 0.1 s per call (10,000 AMIs, 2,000 due): ratio {slow.ratio:.3f} with "
+        f"{slow.workers} AMIs in flight (goal >= 0.90) {verdict(slow.ratio >= 0.9)}; with one AMI in flight "
+        f"{alone.ratio:.3f}: its four calls go one after another, at most 1 / (4 x latency) = "
+        f"{1 / (4 * 0.1):g} AMIs/s"
     )
 
 

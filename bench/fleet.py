@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 TESTS = str(Path(__file__).resolve().parents[1] / "tests")
@@ -131,6 +132,7 @@ class FleetRun:
     latency: float
     gap: float
     budget: float
+    workers: int = 1  # AMIs in flight in a slice
     planned_deregistrations: int = 0
     scheduled_calls: int = 0  # EC2 calls and ledger writes of the scheduled run after its plan
     invocations: list[Invocation] = field(default_factory=list)
@@ -143,6 +145,7 @@ class FleetRun:
     remaining: int = 0  # AMIs left in the region
     statuses: Counter[str] = field(default_factory=Counter)  # of the slices' results
     held: int = 0
+    in_time_order: bool = False  # the slices' calls reached the fake in the order of simulated time
     wall: float = 0.0  # seconds of real time the simulation took
 
     @property
@@ -182,13 +185,15 @@ def simulate(
     budget: float = SLICE_BUDGET_SECONDS,
     seed: int = 0,
     paced: bool = True,
+    workers: int = slicer.SLICE_WORKERS,
 ) -> FleetRun:
-    """The scheduled run's plan and cut, then each slice as one invocation. `paced=False`: the slices
+    """The scheduled run's plan and cut, then each slice as one invocation, `workers` AMIs in flight as
+    the worker keeps them (lanes of simulated time: tests/fake_ec2.Lanes). `paced=False`: the slices
     run without a pacer (the account's buckets then refuse what goes too fast)."""
     started = time.perf_counter()
     fake, due_ids = build_fleet(amis, due, latency=latency, seed=seed)
     policy = fleet_policy(due)
-    run = FleetRun(amis=amis, due=due, latency=latency, gap=gap, budget=budget)
+    run = FleetRun(amis=amis, due=due, latency=latency, gap=gap, budget=budget, workers=workers)
 
     # The scheduled run, from its plan on: as engine.run with a work queue.
     inventory = fake.describe(permissions=True)
@@ -231,7 +236,14 @@ def simulate(
             fake.pacer(full=False)
         clients = RegionClients(REGION, _SESSION, ec2=fake, dynamodb=fake.dynamodb, read_workers=1)
         began, first = fake.elapsed, len(fake.calls)
-        done = slicer.run_slice(clients, fake.ledger, policy, part, fake.clock)
+        done = slicer.run_slice(
+            clients,
+            fake.ledger,
+            policy,
+            part,
+            fake.clock,
+            side_by_side=fake.side_by_side(workers) if workers > 1 else None,
+        )
         writes = [c for c in fake.calls[first:] if c.operation in MUTATING]
         reading = (writes[0].clock - (NOW + timedelta(seconds=began))).total_seconds() if writes else 0.0
         run.invocations.append(Invocation(index, len(part.items), fake.elapsed - began, reading))
@@ -240,6 +252,7 @@ def simulate(
     fake.before_call = None
 
     slice_calls = fake.calls[run.scheduled_calls :]
+    run.in_time_order = all(a.clock <= b.clock for a, b in pairwise(slice_calls))
     run.ec2_calls.update(
         "".join(word.title() for word in c.operation.split("_"))  # deregister_image: DeregisterImage
         for c in slice_calls

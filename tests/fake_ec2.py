@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -292,6 +293,71 @@ class Call:
         return str(value) if value is not None else None
 
 
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+class Lanes:
+    """Callers side by side in simulated time, as a thread pool's workers against EC2: each lane is a
+    thread with its own clock, and exactly one runs at a time, always the one whose clock is earliest
+    (ties: the first lane). A lane yields at each call to the fake and at each pacer wait, so the fake
+    and its token buckets see the calls of every lane in the order of simulated time, and the fake's
+    state is only ever touched by one lane at a time."""
+
+    def __init__(self) -> None:
+        self._turn = threading.Condition()
+        self._times: dict[int, float] = {}  # lane -> its clock, while it runs
+        self._running: int | None = None
+        self._lane = threading.local()
+        self.end = 0.0
+
+    def now(self) -> float:
+        return self._times[self._lane.index]
+
+    def set(self, value: float) -> None:
+        self._times[self._lane.index] = value
+
+    def _next(self) -> None:
+        self._running = min(self._times, key=lambda lane: (self._times[lane], lane)) if self._times else None
+        self._turn.notify_all()
+
+    def take_turn(self) -> None:
+        with self._turn:
+            self._next()
+            self._turn.wait_for(lambda: self._running == self._lane.index)
+
+    def run(self, fn: Callable[[T], R], items: Sequence[T], workers: int, start: float) -> list[R]:
+        slots: dict[int, R] = {}
+        queue = list(enumerate(items))
+        failures: list[BaseException] = []
+
+        def lane(index: int) -> None:
+            self._lane.index = index
+            try:
+                with self._turn:  # only the running lane chooses the next: wait to be chosen
+                    self._turn.wait_for(lambda: self._running == index)
+                while queue and not failures:
+                    position, item = queue.pop(0)  # only the running lane is here
+                    slots[position] = fn(item)
+            except BaseException as error:  # a lane's failure is the caller's, raised below
+                failures.append(error)
+            finally:
+                with self._turn:
+                    self.end = max(self.end, self._times.pop(index))
+                    self._next()
+
+        self._times = {index: start for index in range(workers)}
+        self._running = 0
+        threads = [threading.Thread(target=lane, args=(index,)) for index in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+        return [slots[position] for position in range(len(items))]
+
+
 class FakeEC2:
     """One region's self-owned AMIs and snapshots."""
 
@@ -318,7 +384,8 @@ class FakeEC2:
         self.instances: dict[str, str] = {}
         self.parameters: dict[str, str] = {}
         self.calls: list[Call] = []
-        self.elapsed = 0.0  # simulated seconds: the calls' latency and a pacer's waits
+        self._elapsed = 0.0  # simulated seconds: the calls' latency and a pacer's waits
+        self.lanes: Lanes | None = None  # several callers side by side in simulated time (see Lanes)
         self._start = datetime.now(UTC)  # `clock` when `elapsed` was 0
         self.latency = latency
         self.throttle = throttle
@@ -349,6 +416,39 @@ class FakeEC2:
 
     # ---- simulated time ----------------------------------------------------------------------------
     @property
+    def elapsed(self) -> float:
+        """Simulated seconds: the fake's own, or the calling lane's while lanes run."""
+        return self.lanes.now() if self.lanes is not None else self._elapsed
+
+    @elapsed.setter
+    def elapsed(self, value: float) -> None:
+        if self.lanes is not None:
+            self.lanes.set(value)
+        else:
+            self._elapsed = value
+
+    def turn(self) -> None:
+        """A call is about to reach the fake: with lanes, the earliest caller goes first."""
+        if self.lanes is not None:
+            self.lanes.take_turn()
+
+    def side_by_side(self, workers: int) -> Callable[[Callable[[T], R], Sequence[T]], list[R]]:
+        """A map that runs `fn` over the items in `workers` lanes of simulated time (as a thread pool
+        would), the fake's clock then at the last lane's end. See Lanes."""
+
+        def run(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+            lanes = Lanes()
+            self.lanes, start = lanes, self._elapsed
+            try:
+                results = lanes.run(fn, items, workers, start)
+            finally:
+                self.lanes = None
+            self._elapsed = lanes.end
+            return results
+
+        return run
+
+    @property
     def clock(self) -> datetime:
         return self._start + timedelta(seconds=self.elapsed)
 
@@ -358,6 +458,7 @@ class FakeEC2:
 
     def advance(self, seconds: float) -> None:
         self.elapsed += seconds
+        self.turn()  # a lane that waited lets the earlier ones go first
 
     def pacer(self, share: float = 1.0, *, attach: bool = True, full: bool = True) -> Pacer:
         """A Pacer on this fake's simulated time (its waits advance the clock), attached as
@@ -430,6 +531,7 @@ class FakeEC2:
         report = self._validator.validate(params, _ec2_model().operation_model(api).input_shape)
         if report.has_errors():
             raise client_error("InvalidParameterValue", report.generate_report(), api)
+        self.turn()
         if self.before_call is not None and not self.retrying:
             self.before_call(api)
         arrived, clock = self.elapsed, self.clock
@@ -479,6 +581,7 @@ class FakeEC2:
         """A write to the ledger table: recorded and faulted like a mutating EC2 call; returns what
         becomes of its answer once the write took effect (see `_after_effect`)."""
         params = {"ImageId": image_id} if image_id else {}
+        self.turn()
         self.calls.append(Call(operation, params, None, self.clock, self.retrying))
         self.elapsed += self.latency
         return self._after_effect(self._fault(operation, "ThrottlingException"))
@@ -994,6 +1097,7 @@ class FakeDynamoDB:
         report = self.ec2._validator.validate(params, _dynamodb_model().operation_model(api).input_shape)
         if report.has_errors():
             raise client_error("ValidationException", report.generate_report(), api)
+        self.ec2.turn()
         self.calls[api] += 1
         self.ec2.elapsed += self.ec2.latency
 

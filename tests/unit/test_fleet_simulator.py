@@ -35,3 +35,14 @@ def test_without_a_pacer_the_accounts_buckets_refuse() -> None:
     assert run.refused > 0
     assert run.statuses["failed"] > 0
     assert run.deregistered < 400
+
+
+def test_amis_in_flight_keep_a_slow_region_at_the_buckets_rate() -> None:
+    """At 0.1 s a call, one AMI in flight runs at its four calls' latency (2.5 a second, half the
+    bucket); the worker's four in flight (lanes of simulated time) reach the bucket again, and every
+    lane's calls still meet the account's buckets in time order (none refused)."""
+    alone = fleet.simulate(2_000, 400, budget=BUDGET, latency=0.1, workers=1)
+    side_by_side = fleet.simulate(2_000, 400, budget=BUDGET, latency=0.1, workers=4)
+    assert alone.ratio < 0.5 and side_by_side.ratio >= 0.85, (alone.ratio, side_by_side.ratio)
+    assert side_by_side.once and side_by_side.refused == 0 and side_by_side.statuses == {"ok": 400}
+    assert side_by_side.in_time_order

@@ -664,6 +664,11 @@ def finish_deregistrations(run: _RegionRun) -> None:
 
 
 LedgerFor = Callable[[str], Ledger]
+# How a slice's AMIs run side by side, in order of its entries (a thread pool's map, or a simulation's).
+SlicePart = tuple[str, Sequence[Stage], str | None]
+SideBySide = Callable[
+    [Callable[[SlicePart], list[ActionResult]], Sequence[SlicePart]], Iterable[list[ActionResult]]
+]
 # (region, decisions whose due stages nothing blocks) -> their results: the run's slices.
 RunDue = Callable[[str, list[Decision]], list[ActionResult]]
 
@@ -742,11 +747,12 @@ def apply_stages(
     ec2: EC2Client,
     ledger: Ledger,
     inventory: RegionInventory,
-    work: Sequence[tuple[str, Sequence[Stage], str | None]],
+    work: Sequence[SlicePart],
     now: datetime,
     *,
     out_of_time: Callable[[], bool] | None = None,
     workers: int = 1,
+    side_by_side: SideBySide | None = None,
 ) -> list[ActionResult]:
     """One slice: each (AMI, its due stages, why it is held back or None) on `inventory`, the slice's
     AMIs as read when it started and the other AMIs that share their snapshots; `workers` AMIs at a
@@ -756,12 +762,14 @@ def apply_stages(
     half way by a timeout, and the next run plans the rest again."""
     run = _RegionRun(region, ec2, ledger, inventory, now)
 
-    def one(entry: tuple[str, Sequence[Stage], str | None]) -> list[ActionResult]:
+    def one(entry: SlicePart) -> list[ActionResult]:
         image_id, stages, held = entry
         if held is None and out_of_time is not None and out_of_time():
             held = "the invocation's time ran out before it: the next run plans it again"
         return run.run_stages(image_id, stages, held)
 
+    if side_by_side is not None:
+        return [r for results in side_by_side(one, work) for r in results]
     if workers <= 1:
         return [r for entry in work for r in one(entry)]
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -167,6 +167,7 @@ def run_slice(
     *,
     out_of_time: Callable[[], bool] | None = None,
     workers: int = 1,
+    side_by_side: executor.SideBySide | None = None,
 ) -> SliceResult:
     """Read the slice's AMIs again, hold back those a fresh fact puts in doubt, take the others'
     stages (until `out_of_time()`). Raises SourceFailed when its AMIs cannot be read (nothing was
@@ -186,7 +187,15 @@ def run_slice(
             held[item.image_id] = why
         todo.append((item.image_id, item.stages, f"held back: {why}" if why else None))
     results = executor.apply_stages(
-        clients.region, clients.ec2, ledger, inventory, todo, now, out_of_time=out_of_time, workers=workers
+        clients.region,
+        clients.ec2,
+        ledger,
+        inventory,
+        todo,
+        now,
+        out_of_time=out_of_time,
+        workers=workers,
+        side_by_side=side_by_side,
     )
     return SliceResult(results=results, held=held)
 
