@@ -164,22 +164,26 @@ class JanitorFunction(Construct):
             "pydantic-core is compiled per Python version); the two move together.",
         )
         if async_invoke is not None:
-            lambda_.CfnEventInvokeConfig(
-                self,
-                "AsyncInvoke",
-                function_name=self.function.function_name,
-                qualifier="$LATEST",
-                maximum_retry_attempts=async_invoke.retry_attempts,
-                maximum_event_age_in_seconds=int(async_invoke.max_event_age.to_seconds()),
-                destination_config=lambda_.CfnEventInvokeConfig.DestinationConfigProperty(
-                    on_failure=lambda_.CfnEventInvokeConfig.OnFailureProperty(
-                        destination=async_invoke.on_failure.queue_arn
-                    )
-                ),
-            )
+            self._invoke_config(async_invoke)
         alerts.alarm(
             self,
             "Errors",
             metric=self.function.metric_errors(period=ALARM_PERIOD, statistic=cloudwatch.Stats.SUM),
             description=f"ami-janitor {description}: the function raised an error",
+        )
+
+    def _invoke_config(self, async_invoke: AsyncInvoke) -> None:
+        """Lambda's own retries of an asynchronous invocation, then its on-failure destination."""
+        lambda_.CfnEventInvokeConfig(
+            self,
+            "AsyncInvoke",
+            function_name=self.function.function_name,
+            qualifier="$LATEST",
+            maximum_retry_attempts=async_invoke.retry_attempts,
+            maximum_event_age_in_seconds=int(async_invoke.max_event_age.to_seconds()),
+            destination_config=lambda_.CfnEventInvokeConfig.DestinationConfigProperty(
+                on_failure=lambda_.CfnEventInvokeConfig.OnFailureProperty(
+                    destination=async_invoke.on_failure.queue_arn
+                )
+            ),
         )

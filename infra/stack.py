@@ -119,27 +119,31 @@ class JanitorStack(Stack):
         self.replication.accept_requests_only_from(
             [self.scheduled_run.function.role, self.ami_events.function.role]
         )
-        # Build instances live where the sources are: replication-only regions get no bakes.
+        self.bake_schedule = self._bake_schedule(policy, region, code, own_region)
+        self.operator_role = self._operator_role(with_copies)
+
+    def _bake_schedule(
+        self, policy: Policy, region: str, code: lambda_.Code, scope: Scope
+    ) -> BakeSchedule | None:
+        """The bake rules of the families that bake here: build instances live where the sources are, so
+        replication-only regions get none."""
         baked = [
             f
             for f in policy.families
             if f.bake is not None and f.bake.schedule is not None and region in policy.regions
         ]
-        self.bake_schedule = (
-            BakeSchedule(
-                self,
-                "BakeSchedule",
-                families=baked,
-                code=code,
-                permissions=bake.PERMISSIONS,
-                permission_scope=own_region,
-                alerts=self.alerts,
-                dead_letters=self.dead_letters,
-            )
-            if baked
-            else None
+        if not baked:
+            return None
+        return BakeSchedule(
+            self,
+            "BakeSchedule",
+            families=baked,
+            code=code,
+            permissions=bake.PERMISSIONS,
+            permission_scope=scope,
+            alerts=self.alerts,
+            dead_letters=self.dead_letters,
         )
-        self.operator_role = self._operator_role(with_copies)
 
     def _operator_role(self, scope: Scope) -> iam.Role:
         """The role `ami-janitor` assumes to act in this region: what the CLI calls (engine.CLI_PERMISSIONS,
