@@ -44,21 +44,22 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2.type_defs import LaunchPermissionTypeDef
 
 
-PERMISSIONS: list[str] = sorted(
+# What the stages call (a slice calls only these) ...
+STAGE_PERMISSIONS: list[str] = sorted(
     [
         "ec2:CreateTags",
         "ec2:DeleteSnapshot",
         "ec2:DeleteTags",
         "ec2:DeregisterImage",
-        "ec2:DescribeImageAttribute",
+        "ec2:DescribeImageAttribute",  # launch permissions, read before a disable records them
         "ec2:DescribeImages",  # a change refused on a retry: is the AMI in the state asked for?
-        "ec2:DescribeSnapshots",
         "ec2:DisableImage",
-        "ec2:DisableImageDeprecation",
-        "ec2:EnableImage",
         "ec2:EnableImageDeprecation",
-        "ec2:ModifyImageAttribute",
     ]
+)
+# ... and what a rescue calls besides: undo a deprecation, enable, grant launch permissions again.
+PERMISSIONS: list[str] = sorted(
+    set(STAGE_PERMISSIONS) | {"ec2:DisableImageDeprecation", "ec2:EnableImage", "ec2:ModifyImageAttribute"}
 )
 
 # A record the janitor cannot read back (a hand-edited tag, a new kind of launch permission) fails the

@@ -41,7 +41,9 @@ READ_PERMISSIONS: list[str] = sorted(
     | set(image_references.DEPENDENCIES)
     | set(ledger_items.ITEM_PERMISSIONS)
 )
-PERMISSIONS: list[str] = sorted(set(READ_PERMISSIONS) | set(executor.PERMISSIONS) | set(runs.PERMISSIONS))
+PERMISSIONS: list[str] = sorted(
+    set(READ_PERMISSIONS) | set(executor.STAGE_PERMISSIONS) | set(runs.PERMISSIONS)
+)
 # queue_run: the run's record, then the slices (SendMessageBatch is authorized as sqs:SendMessage,
 # which comes with the queue).
 QUEUE_PERMISSIONS: list[str] = list(runs.PERMISSIONS)
