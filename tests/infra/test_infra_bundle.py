@@ -17,7 +17,7 @@ from infra import bundle
 
 STACK = "AmiJanitor-us-east-1"
 MOTO_IMPORT = re.compile(r"^\s*(?:import|from)\s+moto\b", re.M)
-HANDLERS = ("ami_event", "bake", "replicate", "scheduled")
+HANDLERS = ("ami_event", "bake", "replicate", "scheduled", "slices")
 
 # Imports every handler with `ami_janitor` from the asset, the rest from this environment (the bundled
 # dependencies are built for arm64), and moto unimportable.
@@ -122,7 +122,7 @@ def test_staged_asset_contents(synth: Synth) -> None:
     asset = synth.code_asset_dir(STACK)
     assert (asset / "ami_janitor" / "__init__.py").is_file()
     handlers = {p.name for p in (asset / "ami_janitor" / "handlers").glob("*.py")}
-    assert {"ami_event.py", "bake.py", "replicate.py", "scheduled.py"} <= handlers
+    assert {"ami_event.py", "bake.py", "replicate.py", "scheduled.py", "slices.py"} <= handlers
     assert (asset / "policy.json").is_file()
     assert not list(asset.rglob("__pycache__"))
     # Built for the runtime: CPython 3.13 on arm64, boto3 at the pinned version.
