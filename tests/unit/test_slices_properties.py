@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami_janitor.core.model import Decision, Image, Stage
+from ami_janitor.core.model import Decision, Image, LedgerItem, LedgerStage, Stage
 from ami_janitor.core.policy import parse_policy
 from ami_janitor.core.slices import (
     MAX_SLICE_ITEMS,
@@ -27,6 +27,9 @@ POLICY = parse_policy(
     {
         "mode": "enforce",
         "regions": ["us-east-1"],
+        "defaults": {
+            "lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0}
+        },
         "families": [{"name": "app", "match": {"name": "app-*"}, "latest": {"tag": "Latest"}}],
     }
 )
@@ -160,10 +163,43 @@ def test_a_slice_older_than_half_a_day_is_stale() -> None:
 def test_what_holds_an_ami_back_when_its_slice_runs(
     fields: dict[str, object], references: list[str], why: str | None
 ) -> None:
-    assert hold_reason(ITEM, image(**fields), references, NOW, POLICY) == why
+    assert hold_reason(ITEM, image(**fields), references, NOW, POLICY, NOW) == why
 
 
 def test_a_vanished_ami_or_family_holds_the_item_back() -> None:
-    assert hold_reason(ITEM, None, [], NOW, POLICY) == "no longer in the region"
+    assert hold_reason(ITEM, None, [], NOW, POLICY, NOW) == "no longer in the region"
     gone = SliceItem(image_id=ITEM.image_id, family="web", stages=("deregister",))
-    assert hold_reason(gone, image(), [], NOW, POLICY) == "family web is no longer in the policy"
+    assert hold_reason(gone, image(), [], NOW, POLICY, NOW) == "family web is no longer in the policy"
+
+
+def test_a_stage_the_ledgers_clock_does_not_make_due_is_held_back_whatever_the_slice_says() -> None:
+    """Only the scheduled run's role may queue a slice; still, a slice cannot hurry a stage: the
+    ledger's clock (a week to disable here) decides, and a stage the ledger recorded is done again."""
+    weekly = parse_policy(
+        {
+            **POLICY.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "defaults": {"lifecycle": {"deprecate_after_days": 0, "disable_after_days": 7}},
+        }
+    )
+    started = LedgerItem(image_id=ITEM.image_id, first_candidate=NOW - timedelta(days=3))
+    both = SliceItem(image_id=ITEM.image_id, family="app", stages=("deprecate", "disable"))
+    assert (
+        hold_reason(both, image(ledger=started), [], NOW, weekly, NOW)
+        == "disable is not due by the ledger's clock"
+    )
+    deprecate = SliceItem(image_id=ITEM.image_id, family="app", stages=("deprecate",))
+    assert hold_reason(deprecate, image(ledger=started), [], NOW, weekly, NOW) is None
+    # Deprecated three days ago: the disable is due four days on, not before.
+    deprecated = started.model_copy(update={"stages": {"deprecate": LedgerStage(at=NOW - timedelta(days=3))}})
+    disable = SliceItem(image_id=ITEM.image_id, family="app", stages=("disable",))
+    shown = {"ledger": deprecated, "deprecation_time": NOW - timedelta(days=3)}
+    assert (
+        hold_reason(disable, image(**shown), [], NOW, weekly, NOW)
+        == "disable is not due by the ledger's clock"
+    )
+    assert hold_reason(disable, image(**shown), [], NOW, weekly, NOW + timedelta(days=4)) is None
+    # A stage the ledger recorded (a run that stopped before EC2 took it) is done again.
+    recorded = deprecated.model_copy(
+        update={"stages": {**deprecated.stages, "disable": LedgerStage(at=NOW - timedelta(hours=1))}}
+    )
+    assert hold_reason(disable, image(ledger=recorded), [], NOW, weekly, NOW) is None

@@ -183,7 +183,7 @@ def run_slice(
     todo: list[tuple[str, Sequence[Stage], str | None]] = []
     for item in work.items:
         why = hold_reason(
-            item, images.get(item.image_id), referenced.get(item.image_id, []), work.planned_at, policy
+            item, images.get(item.image_id), referenced.get(item.image_id, []), work.planned_at, policy, now
         )
         if why is not None:
             held[item.image_id] = why

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ami_janitor.core import trust
 from ami_janitor.core.model import Decision, Image, Stage, iso
 from ami_janitor.core.policy import Policy
 
@@ -120,11 +121,17 @@ def stale(work: WorkSlice, now: datetime) -> str | None:
 
 
 def hold_reason(
-    item: SliceItem, image: Image | None, references: Sequence[str], planned_at: datetime, policy: Policy
+    item: SliceItem,
+    image: Image | None,
+    references: Sequence[str],
+    planned_at: datetime,
+    policy: Policy,
+    now: datetime,
 ) -> str | None:
     """Why a slice must not take an AMI's stages now, from what was read when the slice started; None
     when nothing changed that the plan relied on. Only ever holds back: a held AMI is planned again
-    (and rescued, if the janitor started on it) by the next scheduled run."""
+    (and rescued, if the janitor started on it) by the next scheduled run. A stage is taken only when
+    the ledger's clock says it is due (or the ledger recorded it already), whatever the slice says."""
     if image is None:
         return "no longer in the region"
     if image.state not in ("available", "disabled"):
@@ -147,4 +154,11 @@ def hold_reason(
         return f"launched {iso(image.last_launched)}, after the plan"
     if references:
         return "in use since the plan: " + "; ".join(sorted(set(references)))
+    configured = [(stage, days) for stage, days in rules.lifecycle.stage_days() if days is not None]
+    due = trust.stage_plan(image, configured, now).due  # type: ignore[arg-type]
+    item_ledger = trust.open_item(image)
+    recorded = set(item_ledger.stages) if item_ledger is not None else set()
+    early = [stage for stage in item.stages if stage not in due and stage not in recorded]
+    if early:
+        return f"{early[0]} is not due by the ledger's clock"
     return None
