@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import gc
 import os
 import threading
@@ -127,6 +126,8 @@ def known_regions() -> set[str]:
 
 def unknown_regions(regions: list[str]) -> list[str]:
     """'R (did you mean N?)' for each region the SDK does not know (a typo, or an SDK to update)."""
+    import difflib  # the CLI and the synth ask; the functions never do, so they do not load it
+
     known = known_regions()
     problems = []
     for region in regions:
