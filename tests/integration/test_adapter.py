@@ -90,6 +90,12 @@ def make_ami(name: str, *, tags: dict[str, str] | None = None, arch: str | None 
     return image_id
 
 
+def family_ami() -> str:
+    """An AMI of the policy's family: a region's references are read only where the plan has an AMI to
+    decide on."""
+    return make_ami("app-0", tags=APP)
+
+
 def make_template(name: str, image_ids: list[str]) -> str:
     """A launch template whose version n (from 1) names image_ids[n-1]; the default stays version 1."""
     ec2 = boto3.client("ec2", region_name=REGION)
@@ -143,6 +149,7 @@ def test_images_are_every_self_owned_ami_with_tags_architecture_and_snapshots() 
 @pytest.mark.usefixtures("moto_aws")
 def test_instances_in_any_state_but_terminated_are_references() -> None:
     ec2 = boto3.client("ec2", region_name=REGION)
+    family_ami()
     running, stopped, terminated = make_ami("run-1"), make_ami("stop-1"), make_ami("term-1")
 
     def launch(image_id: str, name: str | None = None) -> str:
@@ -170,6 +177,7 @@ def test_instances_in_any_state_but_terminated_are_references() -> None:
     [("all", {1, 2, 3, 4}), ("default-and-latest", {1, 4}), (1, {1, 4}), (2, {1, 3, 4})],
 )
 def test_launch_template_versions_follow_the_policy_mode(mode: str | int, versions: set[int]) -> None:
+    family_ami()
     images = [make_ami(f"web-{n}") for n in range(1, 5)]
     web = make_template("web", images)
     single = make_ami("db-1")
@@ -188,6 +196,7 @@ def test_launch_template_versions_follow_the_policy_mode(mode: str | int, versio
 @pytest.mark.usefixtures("moto_aws")
 def test_resolve_ssm_aliases_are_resolved_by_the_adapter() -> None:
     ssm = boto3.client("ssm", region_name=REGION)
+    family_ami()
     old, new = make_ami("golden-1"), make_ami("golden-2")
     ssm.put_parameter(Name="/golden/ami", Value=old, Type="String")
     ssm.put_parameter(Name="/golden/ami", Value=new, Type="String", Overwrite=True)
@@ -216,6 +225,7 @@ def test_resolve_ssm_aliases_are_resolved_by_the_adapter() -> None:
 
 @pytest.mark.usefixtures("moto_aws")
 def test_auto_scaling_groups_pinned_versions_mixed_instances_and_launch_configurations() -> None:
+    family_ami()
     images = [make_ami(f"web-{n}") for n in range(1, 4)]
     web = make_template("web", images)
     configured = make_ami("legacy-1")
@@ -257,6 +267,7 @@ def test_auto_scaling_groups_pinned_versions_mixed_instances_and_launch_configur
 @pytest.mark.usefixtures("moto_aws")
 def test_ssm_parameters_naming_an_ami_are_references_and_secure_strings_are_never_read() -> None:
     ssm = boto3.client("ssm", region_name=REGION)
+    family_ami()
     one, two, three, secret = (make_ami(f"p-{n}") for n in range(4))
     ssm.put_parameter(Name="/app/ami", Value=one, Type="String", DataType="aws:ec2:image")
     ssm.put_parameter(Name="/app/amis", Value=f"{two},{three}", Type="StringList")
@@ -498,7 +509,8 @@ class Stubbed:
     def queue(self, **steps: Callable[[], Any] | None) -> None:
         """Queues a whole inventory's calls, each source empty unless a step replaces it."""
         defaults: dict[str, Callable[[], Any] | None] = {
-            "images": lambda: self.add("ec2", "describe_images", {"Images": []}, IMAGES),
+            # One AMI of the family: where there is none, no reference source is read.
+            "images": lambda: self.add("ec2", "describe_images", {"Images": [FAMILY_IMAGE]}, IMAGES),
             "instances": lambda: self.add("ec2", "describe_instances", {"Reservations": []}, INSTANCES),
             "parameters": lambda: self.add("ssm", "describe_parameters", {"Parameters": []}, PARAMETERS),
             "templates": lambda: self.add(
@@ -561,6 +573,9 @@ def raw_image(image_id: str, name: str, tags: dict[str, str] | None = None, **ex
         ],
         **extra,
     }
+
+
+FAMILY_IMAGE = raw_image(ami(0xFA), "app-0", APP)
 
 
 def raw_version(number: int, image_id: str, *, default: bool = False, template: str = LT) -> dict[str, Any]:
@@ -1228,6 +1243,35 @@ def test_newest_versions_reach_back_past_deleted_versions(stubbed: Stubbed) -> N
 
     s.verify()  # the default came with the older versions: no further call
     assert {r.image_id for r in inventory.references} == {ami(5), ami(3), ami(1)}
+
+
+def test_a_region_without_a_family_ami_reads_no_reference_source_and_no_pointer(stubbed: Stubbed) -> None:
+    """No AMI matches a family: the plan decides nothing here, so no reference source is read and no
+    Latest pointer either (not even a name without {arch}); what the plan reports beside its decisions
+    is read as in any region."""
+    s = stubbed
+    no_reference = dict.fromkeys(
+        ["instances", "parameters", "templates", "configurations", "groups", "spot", "fleets", "batch", "emr"]
+    )
+    s.queue(
+        images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "other-1")]}, IMAGES),
+        **no_reference,
+    )
+    calls = count_calls(*s.raw.values())
+
+    inventory = load_inventory(s.clients, policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app"}}))
+
+    s.verify()
+    assert inventory.error is None
+    assert [i.image_id for i in inventory.images] == [ami(1)]
+    assert inventory.references == () and inventory.parameters == {}
+    assert sorted(calls) == [
+        "dynamodb:DescribeTable",
+        "ec2:DescribeImages",
+        "ec2:DescribeSnapshots",
+        "ec2:GetImageBlockPublicAccessState",
+        "rbin:ListRules",
+    ]
 
 
 def test_a_failing_source_skips_the_region_with_no_images(stubbed: Stubbed) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import yaml
@@ -113,3 +114,55 @@ def test_per_ami_reads_follow_the_work_a_cap_lets_through(moto_aws: None) -> Non
     assert calls["ec2:DescribeImageAttribute"] == 100, calls
     assert {i for batch in asked for i in batch} == {d.image_id for d in [*acting, kept]}
     assert set(ids) == {d.image_id for d in plan.decisions}
+
+
+def test_a_region_without_a_family_ami_makes_no_client_for_the_reference_sources(moto_aws: None) -> None:
+    """Where no AMI matches a family the plan decides nothing: no reference can keep an AMI and no
+    Latest moves, so the run reads the AMIs, the retired snapshots, Recycle Bin, image block public
+    access and the ledger, and makes no client for SSM, Auto Scaling, Batch or EMR. One AMI of the
+    family, and every source is read as before."""
+    import boto3
+
+    policy = parse_policy(
+        {
+            "mode": "enforce",
+            "regions": ["us-east-1"],
+            "families": [
+                {"name": "app", "match": {"name": "app-*"}, "latest": {"ssm_parameter": "/ami/app"}}
+            ],
+        }
+    )
+    client = boto3.client("ec2", region_name="us-east-1")
+    other = client.register_image(Name="other-1")["ImageId"]
+    make_ledger()
+
+    def run() -> tuple[engine.RunResult, set[str], Counter[str]]:
+        session = boto3.Session(region_name="us-east-1")
+        made: set[str] = set()
+
+        def record(event_name: str, **_: Any) -> None:
+            made.add(event_name.removeprefix("creating-client-class."))
+
+        session.events.register("creating-client-class", record)
+        factory = ClientFactory(session)
+        calls = count_calls(factory("us-east-1").ec2)
+        return engine.run(policy, ["us-east-1"], factory, now(), apply=True), made, calls
+
+    result, made, calls = run()
+
+    assert result.exit_code == 0 and result.plan.regions[0].status == "ok"
+    assert result.plan.decisions == [] and result.plan.latest == []
+    assert [i["ImageId"] for i in client.describe_images(Owners=["self"])["Images"]] == [other]
+    assert made == {"ec2", "dynamodb", "rbin"}
+    assert set(calls) == {
+        "ec2:DescribeImages",
+        "ec2:DescribeSnapshots",
+        "ec2:GetImageBlockPublicAccessState",
+    }
+
+    app = client.register_image(Name="app-1")["ImageId"]
+    result, made, calls = run()
+
+    assert result.exit_code == 0 and [d.image_id for d in result.plan.decisions] == [app]
+    assert {"ssm", "auto-scaling", "batch", "emr"} <= made
+    assert calls["ec2:DescribeInstances"] == 1 and calls["ec2:DescribeLaunchTemplates"] == 1

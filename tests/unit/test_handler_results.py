@@ -124,6 +124,45 @@ def test_the_scheduled_run_answers_with_its_result(mode: Any, monkeypatch: pytes
     assert_answers_with(ScheduledRunResult, answer)
 
 
+def test_the_scheduled_run_makes_the_queue_client_only_to_queue_a_copy(
+    mode: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    queued: list[tuple[str, str, list[Copy]]] = []
+
+    class Clients:
+        @property
+        def sqs(self) -> str:
+            made.append("sqs")
+            return "the queue's client"
+
+    def enqueue_copies(client: str, url: str, copies: list[Copy]) -> int:
+        queued.append((client, url, list(copies)))
+        return len(copies)
+
+    copy = Copy(family="web", source_image_id="ami-1", source_region=REGION, region="eu-west-1")
+    answers: list[int] = []
+
+    def run(*args: Any, enqueue: engine.Enqueue, **kwargs: Any) -> engine.RunResult:
+        answers.append(enqueue([]))
+        assert made == []  # no copy, no client
+        answers.append(enqueue([copy]))
+        return engine.RunResult(plan=Plan(mode="enforce", generated_at=NOW, regions=[], decisions=[]))
+
+    monkeypatch.setattr(engine, "run", run)
+    monkeypatch.setattr(scheduled, "ClientFactory", lambda: lambda region: Clients())
+    monkeypatch.setattr(scheduled.copier, "enqueue_copies", enqueue_copies)
+    monkeypatch.setenv("REPLICATION_QUEUE_URL", "https://sqs.us-east-1.amazonaws.com/123456789012/copies")
+    mode("enforce")
+
+    scheduled.handler(json.loads((EVENTS / "scheduled.json").read_text()), Context())
+
+    assert answers == [0, 1] and made == ["sqs"]
+    assert queued == [
+        ("the queue's client", "https://sqs.us-east-1.amazonaws.com/123456789012/copies", [copy])
+    ]
+
+
 def test_the_scheduled_run_counts_tampered_tags(
     mode: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
+import gc
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import boto3
@@ -53,6 +55,20 @@ READ_WORKERS = 8
 _SESSION_LOCK = threading.RLock()
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a client is made: the SDK parses its service's model
+    (EC2's is megabytes of JSON) into acyclic dicts and lists kept for the life of the process, and
+    the collections those allocations trigger rescan everything and find nothing."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 class RegionClients:
     """Lazily created clients of one region. Pass a session (profile) or prebuilt clients (tests);
     `read_workers=1` keeps reads in order (a Stubber expects its calls in sequence)."""
@@ -76,11 +92,12 @@ class RegionClients:
         if service not in self._clients:
             with _SESSION_LOCK:  # a session is not thread-safe; the regions of a run share one
                 if service not in self._clients:
-                    made = self._session.client(  # type: ignore[call-overload]
-                        service,
-                        region_name=self.region,
-                        config=client_config(),
-                    )
+                    with _collector_paused():
+                        made = self._session.client(  # type: ignore[call-overload]
+                            service,
+                            region_name=self.region,
+                            config=client_config(),
+                        )
                     if service == "ec2" and self.pacer is not None:
                         pace(made, self.pacer)  # each call waits for its token bucket (a slice worker)
                     self._clients[service] = made
@@ -116,6 +133,8 @@ def known_regions() -> set[str]:
 
 def unknown_regions(regions: list[str]) -> list[str]:
     """'R (did you mean N?)' for each region the SDK does not know (a typo, or an SDK to update)."""
+    import difflib  # the CLI and the synth ask; the functions never do, so they do not load it
+
     known = known_regions()
     problems = []
     for region in regions:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -19,6 +20,9 @@ from ami_janitor.handlers.events import (
     parse_scheduled_event,
 )
 from ami_janitor.handlers.observe import logger, metrics, paused
+
+if TYPE_CHECKING:
+    from ami_janitor.core.model import Copy
 
 PERMISSIONS: list[str] = engine.PERMISSIONS
 # The summary mail names this many tampered tags; the report in S3 has them all.
@@ -75,6 +79,18 @@ def publish(
         )
 
 
+def _enqueuer(factory: ClientFactory, region: str, queue: str | None) -> engine.Enqueue | None:
+    """Copies go to the replication queue where the deploy gives one; its client is made for a copy
+    to queue, not for a run that has none."""
+    if not queue:
+        return None
+
+    def enqueue(copies: Sequence[Copy]) -> int:
+        return copier.enqueue_copies(factory(region).sqs, queue, copies) if copies else 0
+
+    return enqueue
+
+
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
@@ -83,15 +99,13 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if paused(policy):
         return ScheduledRunResult(mode="paused").model_dump(mode="json")
     factory = ClientFactory()
-    queue = env.replication_queue_url
-    sqs = factory(env.region).sqs
     result = engine.run(
         policy,
         [env.region],
         factory,
         datetime.now(UTC).replace(microsecond=0),
         apply=policy.mode == "enforce",
-        enqueue=(lambda copies: copier.enqueue_copies(sqs, queue, copies)) if queue else None,
+        enqueue=_enqueuer(factory, env.region, env.replication_queue_url),
         work_queue=env.work_queue_url,
     )
     report = result.report()

@@ -28,7 +28,7 @@ from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
 from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
 from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
-from ami_janitor.core.model import RegionInventory, with_ledger
+from ami_janitor.core.model import Image, RegionInventory, with_ledger
 from ami_janitor.core.policy import Policy
 
 if TYPE_CHECKING:
@@ -46,8 +46,11 @@ def load_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
 def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     # The sources are read in this order, so the first to fail names the region's error; the claims
     # keep it too, so that notes come out in the order of the resources they are about.
-    ec2, ssm, region = clients.ec2, clients.ssm, clients.region
-    images = read_images(ec2, region)
+    region = clients.region
+    images = read_images(clients.ec2, region)
+    if not any(_in_a_family(policy, image) for image in images):
+        return _without_references(clients, policy, images)
+    ec2, ssm = clients.ec2, clients.ssm
     pointers = Pointers.of(policy, images)
     instances = read_instances(ec2, policy)
     parameter_values = read_parameters(ssm)
@@ -105,6 +108,35 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
                 ]
             )
         ),
+    )
+    return with_ledger(inventory)
+
+
+def _in_a_family(policy: Policy, image: Image) -> bool:
+    return any(family.match.matches(image.name, image.tags) for family in policy.families)
+
+
+def _without_references(clients: RegionClients, policy: Policy, images: tuple[Image, ...]) -> RegionInventory:
+    """A region where no AMI matches a family: the plan decides nothing there, so nothing a reference
+    could keep and no Latest to rotate; the reference sources and the pointers are not read (nor their
+    clients made). What the plan says beside its decisions is read as always: the instances a bake
+    names, the retired snapshots, Recycle Bin, image block public access and the ledger."""
+    ec2, region = clients.ec2, clients.region
+    baking = any(family.bake is not None for family in policy.families)
+    instances = read_instances(ec2, policy) if baking else None
+    retired_snapshots = read_retired_snapshots(ec2)
+    recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, region)
+    block_public_access_notes = read_block_public_access(ec2, region)
+    ledger = read_ledger(clients, policy.ledger.table)
+    inventory = RegionInventory(
+        region=region,
+        images=images,
+        build_instances=instances.builds if instances is not None else (),
+        retired_snapshots=retired_snapshots,
+        recycle_bin_rules=recycle_bin_rules,
+        ledger=ledger,
+        instance_ids=instances.ids if instances is not None else frozenset(),
+        notes=tuple(dict.fromkeys([*recycle_bin_notes, *block_public_access_notes])),
     )
     return with_ledger(inventory)
 
