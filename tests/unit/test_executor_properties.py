@@ -23,8 +23,10 @@ from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ami_janitor.aws import slicer
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.executor import ApplyResult, apply_plan, deprecate_at, rescue_image
+from ami_janitor.aws.executor import ActionResult, ApplyResult, RunDue, apply_plan, deprecate_at, rescue_image
+from ami_janitor.core import slices
 from ami_janitor.core.model import (
     Decision,
     LedgerItem,
@@ -274,7 +276,35 @@ class Round:
 
 
 def clients_for(fake: FakeEC2) -> RegionClients:
-    return RegionClients(fake.region, SESSION, ec2=fake)
+    return RegionClients(fake.region, SESSION, ec2=fake, dynamodb=fake.dynamodb)
+
+
+def slice_budgets() -> st.SearchStrategy[float | None]:
+    """How a run applies its due stages: here on the plan's view (None), or in slices of that many
+    seconds of paced calls (0.2: one stage of one AMI each), each reading its AMIs again."""
+    return st.sampled_from([None, 0.2, 0.6, 300.0])
+
+
+def sliced_runner(fake: FakeEC2, policy: Policy, plan: Plan, now: datetime, budget: float) -> RunDue:
+    """engine.run's slices, run in this process one after the other (as `ami-janitor apply`)."""
+
+    def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
+        work = slices.cut(
+            due,
+            run=plan.generated_at,
+            region=region,
+            planned_at=now,
+            policy=slices.policy_digest(policy),
+            budget_seconds=budget,
+            refill=slicer.STAGE_REFILL,
+        )
+        return [
+            r
+            for part in work
+            for r in slicer.run_slice(clients_for(fake), fake.ledger, policy, part, now).results
+        ]
+
+    return run_due
 
 
 def plan_region(
@@ -290,7 +320,14 @@ def plan_region(
     return settle(first, {fake.region: inventory}, policy), inventory
 
 
-def run(fake: FakeEC2, policy: Policy, now: datetime, grants: bool, all_permissions: bool = False) -> Round:
+def run(
+    fake: FakeEC2,
+    policy: Policy,
+    now: datetime,
+    grants: bool,
+    all_permissions: bool = False,
+    sliced: float | None = None,
+) -> Round:
     fake.clock = now
     before = fake.views()
     start = len(fake.calls)
@@ -304,6 +341,7 @@ def run(fake: FakeEC2, policy: Policy, now: datetime, grants: bool, all_permissi
             now,
             ledger_for=lambda _: fake.ledger,
             family_grants=family_grants,
+            run_due=sliced_runner(fake, policy, result, now, sliced) if sliced is not None else None,
         )
     except Crash:
         applied = None
@@ -376,9 +414,9 @@ def steps() -> st.SearchStrategy[list[int]]:
 # ---- 1. no snapshot in use is ever deleted --------------------------------------------------------
 
 
-@given(fleets(), policies(), steps(), st.booleans(), st.booleans())
+@given(fleets(), policies(), steps(), st.booleans(), st.booleans(), slice_budgets())
 def test_no_snapshot_in_use_is_ever_deleted(
-    fleet: Fleet, policy: Policy, days: list[int], faults: bool, grants: bool
+    fleet: Fleet, policy: Policy, days: list[int], faults: bool, grants: bool, sliced: float | None
 ) -> None:
     fake = fleet.build(fail_rate=0.05 if faults else 0.0, crash_rate=0.01 if faults else 0.0)
     now = BASE
@@ -396,7 +434,7 @@ def test_no_snapshot_in_use_is_ever_deleted(
             for snapshot in item.snapshots
         }
         deleted_before = len(fake.deleted_snapshots)
-        round_ = run(fake, policy, now, grants)
+        round_ = run(fake, policy, now, grants, sliced=sliced)
         deleted = fake.deleted_snapshots[deleted_before:]
         remaining = set(fake.images)
         # Every snapshot of every AMI that still exists still exists.
@@ -428,16 +466,16 @@ def test_no_snapshot_in_use_is_ever_deleted(
 # ---- 2. nothing kept is touched -------------------------------------------------------------------
 
 
-@given(fleets(), policies(), st.booleans(), st.booleans(), st.booleans())
+@given(fleets(), policies(), st.booleans(), st.booleans(), st.booleans(), slice_budgets())
 def test_nothing_kept_is_touched(
-    fleet: Fleet, policy: Policy, faults: bool, grants: bool, all_permissions: bool
+    fleet: Fleet, policy: Policy, faults: bool, grants: bool, all_permissions: bool, sliced: float | None
 ) -> None:
     fake = fleet.build(fail_rate=0.05 if faults else 0.0, crash_rate=0.01 if faults else 0.0)
     snapshot_tags = {s: dict(tags) for s, tags in fake.snapshots.items()}
     fleet_before = copy.deepcopy(fake.images)
     ledger_before = {i: janitor_started(fake, i) for i in fake.images}
     targets = latest_targets(fake, policy, BASE)  # as the run judges them, before it changes anything
-    round_ = run(fake, policy, BASE, grants, all_permissions)
+    round_ = run(fake, policy, BASE, grants, all_permissions, sliced)
     named = touched(round_.calls)
     for image_id, before in round_.before.items():
         decision = round_.decisions.get(image_id)
@@ -549,17 +587,17 @@ def settling(first: Round) -> set[str]:
     return members | pointed
 
 
-@given(fleets(), policies(), st.booleans(), st.booleans())
+@given(fleets(), policies(), st.booleans(), st.booleans(), slice_budgets())
 def test_a_second_run_changes_nothing(
-    fleet: Fleet, policy: Policy, grants: bool, all_permissions: bool
+    fleet: Fleet, policy: Policy, grants: bool, all_permissions: bool, sliced: float | None
 ) -> None:
     fake = fleet.build()
-    first = run(fake, policy, BASE, grants, all_permissions)
+    first = run(fake, policy, BASE, grants, all_permissions, sliced)
     assert first.applied is not None
     held = {
         d.image_id for d in first.plan.decisions if d.reasons and d.reasons[-1].startswith("held back by")
     }
-    second = run(fake, policy, BASE, grants, all_permissions)
+    second = run(fake, policy, BASE, grants, all_permissions, sliced)
     moved = {i for i in touched(second.calls) if i.startswith("ami-")}
     # Only what a cap held back the first time moves now (caps are per run). On a fleet the janitor
     # has never seen, the first run rescues nothing, so nothing settles.
@@ -568,7 +606,7 @@ def test_a_second_run_changes_nothing(
     assert {i for i in touched(second.calls) if not i.startswith("ami-")} <= snapshots
     # Repeated runs reach a fixpoint: nothing left to do at this time.
     for _ in range(len(fake.images) + 1):
-        again = run(fake, policy, BASE, grants, all_permissions)
+        again = run(fake, policy, BASE, grants, all_permissions, sliced)
         if not [c for c in again.calls if c.operation in MUTATING]:
             return
     raise AssertionError(f"no fixpoint after {len(fake.images) + 1} runs at the same time")
@@ -603,16 +641,21 @@ def check_stage_call(call: Call, decision: Decision | None, item: LedgerItem | N
 
 
 @given(
-    fleets(), policies(), st.lists(st.integers(0, 15), min_size=2, max_size=5), st.booleans(), st.booleans()
+    fleets(),
+    policies(),
+    st.lists(st.integers(0, 15), min_size=2, max_size=5),
+    st.booleans(),
+    st.booleans(),
+    slice_budgets(),
 )
 def test_stages_run_in_order_and_only_when_due(
-    fleet: Fleet, policy: Policy, days: list[int], faults: bool, grants: bool
+    fleet: Fleet, policy: Policy, days: list[int], faults: bool, grants: bool, sliced: float | None
 ) -> None:
     fake = fleet.build(fail_rate=0.05 if faults else 0.0, crash_rate=0.01 if faults else 0.0)
     now = BASE
     for step in days:
         now += timedelta(days=step)
-        round_ = run(fake, policy, now, grants)
+        round_ = run(fake, policy, now, grants, sliced=sliced)
         for call in round_.calls:
             if call.retry:
                 continue  # the same call again: it meets the state its first attempt set
