@@ -6,7 +6,7 @@ The region holds `amis` AMIs of one family; `due` of them were deprecated and di
 long ago (their ledger items record both stages, confirmed), so each takes only its deregister stage
 now; the others are younger than min_age_days and kept. The scheduled run is simulated from its plan
 on: the planner on the fake's inventory, then `executor.apply_plan` with the due stages cut by
-`slices.cut` exactly as `engine.run` cuts them for the work queue. Each slice is then one invocation of
+`engine.cut_due`, as `engine.run` cuts them for the work queue. Each slice is then one invocation of
 the slice worker: a new pacer that starts empty (`Pacer(full=False)`, as the worker's new
 ClientFactory), `slicer.run_slice` (its reads, then the executor's stages), timed on the fake's clock.
 Every EC2 call and ledger access takes `latency` simulated seconds; `gap` seconds pass between two
@@ -36,6 +36,7 @@ if TESTS not in sys.path:
 
 import boto3  # noqa: E402
 
+from ami_janitor import engine  # noqa: E402
 from ami_janitor.aws import executor, slicer  # noqa: E402
 from ami_janitor.aws.clients import RegionClients  # noqa: E402
 from ami_janitor.aws.pacing import bucket_of  # noqa: E402
@@ -202,17 +203,7 @@ def simulate(
     work: list[slices.WorkSlice] = []
 
     def run_due(region: str, decisions: list[Decision]) -> list[executor.ActionResult]:
-        work.extend(
-            slices.cut(
-                decisions,
-                run=plan.generated_at,
-                region=region,
-                planned_at=NOW,
-                policy=slices.policy_digest(policy),
-                budget_seconds=budget,
-                refill=slicer.STAGE_REFILL,
-            )
-        )
+        work.extend(engine.cut_due(plan, policy, region, decisions, NOW, budget))
         return []
 
     scheduled = RegionClients(REGION, _SESSION, ec2=fake, dynamodb=fake.dynamodb, read_workers=1)

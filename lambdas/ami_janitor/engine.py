@@ -395,18 +395,9 @@ def run(
     grants = {family.name: sorted(sharing.desired_grants(family)) for family in policy.families}
     ledgers = ledger_for(policy, clients_for)
     cut: dict[str, list[slices.WorkSlice]] = {}
-    digest = slices.policy_digest(policy)
 
     def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
-        work = slices.cut(
-            due,
-            run=plan.generated_at,
-            region=region,
-            planned_at=now,
-            policy=digest,
-            budget_seconds=SLICE_BUDGET_SECONDS,
-            refill=slicer.STAGE_REFILL,
-        )
+        work = cut_due(plan, policy, region, due, now)
         if work_queue is not None:
             cut[region] = work
             return []
@@ -432,6 +423,27 @@ def run(
     for region, work in sorted(cut.items()):
         result = _queue_slices(result, region, work, policy, clients_for(region), work_queue or "", now)
     return result
+
+
+def cut_due(
+    plan: Plan,
+    policy: Policy,
+    region: str,
+    due: Sequence[Decision],
+    now: datetime,
+    budget_seconds: float | None = None,
+) -> list[slices.WorkSlice]:
+    """A region's due stages (nothing blocks them) in slices, as a run cuts them: each within
+    SLICE_BUDGET_SECONDS (or `budget_seconds`) of calls paced at the stages' refill."""
+    return slices.cut(
+        due,
+        run=plan.generated_at,
+        region=region,
+        planned_at=now,
+        policy=slices.policy_digest(policy),
+        budget_seconds=SLICE_BUDGET_SECONDS if budget_seconds is None else budget_seconds,
+        refill=slicer.STAGE_REFILL,
+    )
 
 
 def _queue_slices(

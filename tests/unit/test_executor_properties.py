@@ -23,10 +23,10 @@ from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ami_janitor import engine
 from ami_janitor.aws import slicer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult, RunDue, apply_plan, deprecate_at, rescue_image
-from ami_janitor.core import slices
 from ami_janitor.core.model import (
     Decision,
     LedgerItem,
@@ -289,15 +289,7 @@ def sliced_runner(fake: FakeEC2, policy: Policy, plan: Plan, now: datetime, budg
     """engine.run's slices, run in this process one after the other (as `ami-janitor apply`)."""
 
     def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
-        work = slices.cut(
-            due,
-            run=plan.generated_at,
-            region=region,
-            planned_at=now,
-            policy=slices.policy_digest(policy),
-            budget_seconds=budget,
-            refill=slicer.STAGE_REFILL,
-        )
+        work = engine.cut_due(plan, policy, region, due, now, budget)
         return [
             r
             for part in work

@@ -20,6 +20,7 @@ from ami_janitor.aws import executor, runs
 from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.inventory import image_references, ledger_items
 from ami_janitor.aws.inventory.image_references import read_image_references
+from ami_janitor.aws.inventory.images import images_where
 from ami_janitor.aws.inventory.pointers import Pointers
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
 from ami_janitor.aws.ledger import Ledger
@@ -57,7 +58,7 @@ STAGE_REFILL: dict[Stage, float] = {
 # AMIs in flight at once in the slice worker: each AMI's calls go one after another, so with one in
 # flight a slice runs at one call's latency; a few keep its paced client at the token buckets' rate.
 SLICE_WORKERS = 4
-FILTER_VALUES_MAX = 200  # values per DescribeImages/DescribeInstances filter
+FILTER_VALUES_MAX = 200  # values per DescribeInstances filter
 SEND_BATCH_MAX = 10  # SendMessageBatch entries
 _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 
@@ -74,23 +75,6 @@ class SliceResult(BaseModel):
             "actions_failed": sum(1 for r in self.results if r.status == "failed"),
             "held_back": len(self.held),
         }
-
-
-def _images_where(ec2: EC2Client, region: str, name: str, values: Sequence[str]) -> list[Image]:
-    found: list[Image] = []
-    for batch in chunks(sorted(set(values)), FILTER_VALUES_MAX):
-        raws = items(
-            ec2,
-            "describe_images",
-            "Images",
-            1000,
-            Owners=["self"],
-            IncludeDeprecated=True,
-            IncludeDisabled=True,
-            Filters=[{"Name": name, "Values": list(batch)}],
-        )
-        found += [Image.from_api(region, dict(raw)) for raw in raws]
-    return found
 
 
 def _live(ec2: EC2Client, instance_ids: Iterable[str]) -> set[str]:
@@ -142,9 +126,9 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
     snapshots. Raises SourceFailed (the slice is delivered again) when anything cannot be read."""
     ids = [item.image_id for item in work.items]
     with source("ec2:DescribeImages"):
-        own = _images_where(clients.ec2, clients.region, "image-id", ids)
+        own = images_where(clients.ec2, clients.region, "image-id", ids)
         snapshots = [s for image in own for s in image.snapshot_ids]
-        sharing = _images_where(clients.ec2, clients.region, "block-device-mapping.snapshot-id", snapshots)
+        sharing = images_where(clients.ec2, clients.region, "block-device-mapping.snapshot-id", snapshots)
     with source("dynamodb:BatchGetItem"):
         view = ledger_items.read_ledger_items(clients, policy.ledger.table, ids)
     with source("ec2:DescribeImageReferences"):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
 from ami_janitor.aws.errors import error_code
-from ami_janitor.aws.inventory.reading import items, source
+from ami_janitor.aws.inventory.reading import chunks, items, source
 from ami_janitor.core.model import Image
 from ami_janitor.core.policy import Policy
 
@@ -20,21 +20,39 @@ if TYPE_CHECKING:
 PERMISSIONS: list[str] = ["ec2:DescribeImages"]
 
 
+FILTER_VALUES_MAX = 200  # values per DescribeImages filter
+
+
+def _own_images(ec2: EC2Client, region: str, **filters: object) -> list[Image]:
+    """Self-owned AMIs in any state (deprecated and disabled included), 1,000 a page."""
+    raws = items(
+        ec2,
+        "describe_images",
+        "Images",
+        1000,
+        Owners=["self"],
+        IncludeDeprecated=True,
+        IncludeDisabled=True,
+        **filters,
+    )
+    return [Image.from_api(region, dict(raw)) for raw in raws]
+
+
 def read_images(ec2: EC2Client, region: str) -> tuple[Image, ...]:
     """Every self-owned AMI in any state, by image id: not only the families', since the executor needs
     every AMI's snapshots (a snapshot another AMI uses is never deleted)."""
     with source("ec2:DescribeImages"):
-        raws = items(
-            ec2,
-            "describe_images",
-            "Images",
-            1000,
-            Owners=["self"],
-            IncludeDeprecated=True,
-            IncludeDisabled=True,
-        )
-        images = [Image.from_api(region, dict(raw)) for raw in raws]
+        images = _own_images(ec2, region)
     return tuple(sorted(images, key=lambda image: image.image_id))
+
+
+def images_where(ec2: EC2Client, region: str, name: str, values: Sequence[str]) -> list[Image]:
+    """The self-owned AMIs whose filter `name` (image-id, block-device-mapping.snapshot-id) takes one
+    of `values`, 200 values a call. Raises what the SDK raises (the caller names the source)."""
+    found: list[Image] = []
+    for batch in chunks(sorted(set(values)), FILTER_VALUES_MAX):
+        found += _own_images(ec2, region, Filters=[{"Name": name, "Values": list(batch)}])
+    return found
 
 
 def family_image_ids(policy: Policy, images: Iterable[Image]) -> list[str]:
