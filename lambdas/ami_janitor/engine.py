@@ -742,6 +742,18 @@ def work_slice(
     return outcome
 
 
+def send_run_summary(
+    policy: Policy, clients: RegionClients, outcome: SliceOutcome, send: Callable[[], None]
+) -> None:
+    """`send` the run's report and summary (the caller claimed them: `outcome.last`); where it fails,
+    the claim is given back before the error goes on, so the slice's next delivery sends them."""
+    try:
+        send()
+    except Exception:
+        runs.RunRecords(clients.dynamodb, policy.ledger.table).release_summary(outcome.region, outcome.run)
+        raise
+
+
 def final_report(first: RunReport, outcomes: Sequence[SliceOutcome], progress: runs.RunProgress) -> RunReport:
     """The run's one report: what the scheduled run did, then every slice's results; the counts are
     the run record's (the scheduled run's own, plus each slice's once)."""

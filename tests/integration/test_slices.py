@@ -11,6 +11,7 @@ from typing import Any
 import boto3
 import pytest
 import yaml
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
 from ami_janitor import engine
 from ami_janitor.aws.runs import RunRecords
@@ -256,3 +257,26 @@ def test_one_slice_takes_its_amis_side_by_side_and_reports_them_in_plan_order(
     order = [(r["image_id"], r["action"]) for r in report["results"]]
     assert order == [(i.image_id, stage) for i in work.items for stage in i.stages]
     assert {r["status"] for r in report["results"]} == {"ok"}
+
+
+def test_a_summary_that_could_not_be_sent_is_sent_by_the_slices_next_delivery(deployed: Deployment) -> None:
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    part = f"runs/{REGION}/{run}/run.json"
+    kept = deployed.s3.get_object(Bucket="reports", Key=part)["Body"].read()
+    deployed.s3.delete_object(Bucket="reports", Key=part)  # the run's part cannot be read for a while
+    for body in bodies[:-1]:
+        deployed.work(body)
+
+    with pytest.raises(BatchProcessingError):  # the invocation fails: SQS delivers the slice again
+        deployed.work(bodies[-1])
+
+    assert deployed.mails() == []
+    deployed.s3.put_object(Bucket="reports", Key=part, Body=kept)
+    assert deployed.work(bodies[-1]) == {"batchItemFailures": []}  # SQS delivers it again
+    [mail] = deployed.mails()
+    assert "images retired: 3" in mail

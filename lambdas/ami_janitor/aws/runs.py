@@ -141,3 +141,10 @@ class RunRecords:
             ExpressionAttributeValues={":at": {"S": iso(at) or ""}},
         )
         return written == "recorded"
+
+    def release_summary(self, region: str, run: str) -> None:
+        """Give the claim back when the summary could not be sent: the slice is delivered again, and
+        whoever claims next sends it (a summary may come twice, never not at all)."""
+        self.db.update_item(
+            TableName=self.table, Key=run_key(region, run), UpdateExpression="REMOVE summary_sent"
+        )

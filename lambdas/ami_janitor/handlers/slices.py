@@ -106,9 +106,13 @@ def slice_record(
     }
     logger.info("slice done", extra=answer)
     if outcome.last:
-        report = _report(env, clients, outcome)
-        publish(env, factory, report)
-        logger.info("run done", extra={"run": outcome.run, "summary": report.summary.model_dump()})
+
+        def send() -> None:
+            report = _report(env, clients, outcome)
+            publish(env, factory, report)
+            logger.info("run done", extra={"run": outcome.run, "summary": report.summary.model_dump()})
+
+        engine.send_run_summary(policy, clients, outcome, send)
     return answer
 
 
