@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.inventory.aliases import resolve_aliases
@@ -28,7 +29,7 @@ from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
 from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
 from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
-from ami_janitor.core.model import Image, RegionInventory, with_ledger
+from ami_janitor.core.model import Image, LedgerView, RegionInventory, RetiredSnapshot, with_ledger
 from ami_janitor.core.policy import Policy
 
 if TYPE_CHECKING:
@@ -83,33 +84,41 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     references, alias_notes = references_of(claims, resolved)
 
     latest = read_pointer_values(ssm, pointers, parameter_values)
-    retired_snapshots = read_retired_snapshots(ec2)
-    recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, region)
-    block_public_access_notes = read_block_public_access(ec2, region)
-    ledger = read_ledger(clients, policy.ledger.table)
+    beside = _read_beside(clients, policy)
     inventory = RegionInventory(
         region=region,
         images=images,
         references=sort_references(references),
         build_instances=instances.builds,
         parameters=latest,
-        retired_snapshots=retired_snapshots,
-        recycle_bin_rules=recycle_bin_rules,
-        ledger=ledger,
+        retired_snapshots=beside.retired_snapshots,
+        recycle_bin_rules=beside.recycle_bin_rules,
+        ledger=beside.ledger,
         instance_ids=instances.ids,
         parameter_names=frozenset(parameter_values),
-        notes=tuple(
-            dict.fromkeys(
-                [
-                    *template_notes,
-                    *alias_notes,
-                    *recycle_bin_notes,
-                    *block_public_access_notes,
-                ]
-            )
-        ),
+        notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *beside.notes])),
     )
     return with_ledger(inventory)
+
+
+@dataclass(frozen=True)
+class _Beside:
+    """What the plan reports beside its decisions, read in every region."""
+
+    retired_snapshots: tuple[RetiredSnapshot, ...]
+    recycle_bin_rules: tuple[str, ...]
+    notes: list[str]
+    ledger: LedgerView | None
+
+
+def _read_beside(clients: RegionClients, policy: Policy) -> _Beside:
+    retired_snapshots = read_retired_snapshots(clients.ec2)
+    recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, clients.region)
+    block_public_access_notes = read_block_public_access(clients.ec2, clients.region)
+    ledger = read_ledger(clients, policy.ledger.table)
+    return _Beside(
+        retired_snapshots, recycle_bin_rules, [*recycle_bin_notes, *block_public_access_notes], ledger
+    )
 
 
 def _in_a_family(policy: Policy, image: Image) -> bool:
@@ -121,22 +130,18 @@ def _without_references(clients: RegionClients, policy: Policy, images: tuple[Im
     could keep and no Latest to rotate; the reference sources and the pointers are not read (nor their
     clients made). What the plan says beside its decisions is read as always: the instances a bake
     names, the retired snapshots, Recycle Bin, image block public access and the ledger."""
-    ec2, region = clients.ec2, clients.region
     baking = any(family.bake is not None for family in policy.families)
-    instances = read_instances(ec2, policy) if baking else None
-    retired_snapshots = read_retired_snapshots(ec2)
-    recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, region)
-    block_public_access_notes = read_block_public_access(ec2, region)
-    ledger = read_ledger(clients, policy.ledger.table)
+    instances = read_instances(clients.ec2, policy) if baking else None
+    beside = _read_beside(clients, policy)
     inventory = RegionInventory(
-        region=region,
+        region=clients.region,
         images=images,
         build_instances=instances.builds if instances is not None else (),
-        retired_snapshots=retired_snapshots,
-        recycle_bin_rules=recycle_bin_rules,
-        ledger=ledger,
+        retired_snapshots=beside.retired_snapshots,
+        recycle_bin_rules=beside.recycle_bin_rules,
+        ledger=beside.ledger,
         instance_ids=instances.ids if instances is not None else frozenset(),
-        notes=tuple(dict.fromkeys([*recycle_bin_notes, *block_public_access_notes])),
+        notes=tuple(dict.fromkeys(beside.notes)),
     )
     return with_ledger(inventory)
 
