@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from ami_janitor.core.policy import Family, Policy, parse_policy
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import bake as bake_handler
 from ami_janitor.handlers.events import BadEvent
+from lambda_events import Context
 from server import make_ledger
 
 REGION = "us-east-1"
@@ -246,14 +246,6 @@ def test_find_bake_instance_names_the_tags_when_none_carries_them() -> None:
 
 
 # ---- the scheduled bake handler -----------------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    function_name: str = "ami-janitor-bake"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-bake"
-    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,10 @@ import pytest
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
+from lambda_events import Context
 from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
-
-
-@dataclass
-class Context:
-    function_name: str = "ami-janitor-test"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-test"
-    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
 
 
 def event(name: str, image_id: str | None = None) -> dict[str, Any]:
