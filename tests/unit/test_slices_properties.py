@@ -203,3 +203,17 @@ def test_a_stage_the_ledgers_clock_does_not_make_due_is_held_back_whatever_the_s
         update={"stages": {**deprecated.stages, "disable": LedgerStage(at=NOW - timedelta(hours=1))}}
     )
     assert hold_reason(disable, image(ledger=recorded), [], NOW, weekly, NOW) is None
+
+
+def test_an_ami_tagged_into_a_second_family_is_held_back() -> None:
+    two = parse_policy(
+        {
+            **POLICY.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "families": [
+                {"name": "app", "match": {"name": "app-*"}},
+                {"name": "tagged", "match": {"tags": {"Team": "web"}}},
+            ],
+        }
+    )
+    assert hold_reason(ITEM, image(), [], NOW, two, NOW) is None
+    assert hold_reason(ITEM, image(tags={"Team": "web"}), [], NOW, two, NOW) == "matches family tagged too"

@@ -143,6 +143,12 @@ def hold_reason(
     rules = policy.rules_for(family)
     if not family.match.matches(image.name, image.tags):
         return f"no longer matches family {item.family}"
+    # Tags can enroll an AMI in a second family: the plan keeps such an AMI (a policy error), so does a slice.
+    also = [
+        f.name for f in policy.families if f.name != item.family and f.match.matches(image.name, image.tags)
+    ]
+    if also:
+        return f"matches family {also[0]} too"
     if rules.opt_out_tag in image.tags:
         return f"opted out (tag {rules.opt_out_tag}) since the plan"
     if image.deregistration_protection:
