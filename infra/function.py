@@ -113,18 +113,7 @@ class JanitorFunction(Construct):
             retention=logs.RetentionDays.THREE_MONTHS,
             removal_policy=RemovalPolicy.RETAIN,  # the record of what was retired outlives the stack
         )
-        infra_statements = [
-            # The log group exists (created here), so no logs:CreateLogGroup.
-            Statement(
-                "WriteOwnLogs", ("logs:CreateLogStream", "logs:PutLogEvents"), (self.log_group.log_group_arn,)
-            ),
-            *infra,
-        ]
-        if async_invoke is not None:
-            # Lambda sends the failure record with the function's own role.
-            infra_statements.append(
-                Statement("SendFailedInvocations", ("sqs:SendMessage",), (async_invoke.on_failure.queue_arn,))
-            )
+        infra_statements = self._own_statements(infra, async_invoke)
         provided = {action for statement in infra_statements for action in statement.actions}
         self.statements: list[Statement] = [
             *statements_for(permissions, permission_scope, provided=provided),
@@ -187,3 +176,20 @@ class JanitorFunction(Construct):
                 )
             ),
         )
+
+    def _own_statements(
+        self, infra: Sequence[Statement], async_invoke: AsyncInvoke | None
+    ) -> list[Statement]:
+        """Its own log group (created here, so no logs:CreateLogGroup), `infra`, and the on-failure queue
+        (Lambda sends the failure record with the function's own role)."""
+        own = [
+            Statement(
+                "WriteOwnLogs", ("logs:CreateLogStream", "logs:PutLogEvents"), (self.log_group.log_group_arn,)
+            ),
+            *infra,
+        ]
+        if async_invoke is not None:
+            own.append(
+                Statement("SendFailedInvocations", ("sqs:SendMessage",), (async_invoke.on_failure.queue_arn,))
+            )
+        return own
