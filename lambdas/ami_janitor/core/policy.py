@@ -37,6 +37,8 @@ _KEY_ARN_RE = re.compile(_KMS_ARN + r"key/[A-Za-z0-9-]+$")
 # Alias names: alias/ then letters, digits, '/', '_', '-' (alias/aws/ is reserved for AWS managed keys).
 _ALIAS_NAME = r"alias/(?!aws/)[A-Za-z0-9/_-]+"
 _ALIAS_RE = re.compile(f"^{_ALIAS_NAME}$")
+# s3://bucket or s3://bucket/prefix (S3 bucket names: 3-63 of lowercase letters, digits, '.', '-').
+_INBOX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 _ALIAS_ARN_RE = re.compile(_KMS_ARN + f"(?P<alias>{_ALIAS_NAME})$")
 
 
@@ -289,6 +291,49 @@ class Ledger(_Strict):
     retention_days: int = Field(90, ge=1, strict=True)
 
 
+class UsageReports(_Strict):
+    """Usage reports across accounts: each account's scheduled run writes the AMIs of other accounts it
+    uses to `inbox` (under `reports/<its account id>/`), and an owner keeps what they report in use."""
+
+    inbox: str = Field(pattern=_INBOX_PATTERN)
+    # A report older than this is stale: the AMIs shared with its account are kept (fail safe).
+    max_age_hours: int = Field(48, ge=1, strict=True)
+    # false: an account that never reported is taken as not using the AMIs shared with it (noted).
+    required: bool = Field(True, strict=True)
+
+    @property
+    def bucket(self) -> str:
+        return self.inbox.removeprefix("s3://").split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix of the inbox, '' or ending with '/'."""
+        rest = self.inbox.removeprefix("s3://").partition("/")[2].strip("/")
+        return f"{rest}/" if rest else ""
+
+    def report_key(self, account: str, region: str) -> str:
+        return f"{self.prefix}reports/{account}/{region}.json"
+
+
+class Organization(_Strict):
+    """Deployment to an organization with a service-managed StackSet (see the README)."""
+
+    id: str = Field(pattern=r"^o-[a-z0-9]{10,32}$")
+    # Organizational units (ou-...) or the root (r-...) the StackSet deploys to, automatically.
+    deploy_to: list[str] = Field(min_length=1)
+    # The function code of the member template: buckets `<prefix>-<region>`, one per region, in the
+    # account that deploys the StackSet, readable by the organization.
+    code_bucket_prefix: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,40}$")
+
+    @field_validator("deploy_to")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        for target in value:
+            if not re.match(r"^(ou-[a-z0-9]{4,32}-[a-z0-9]{8,32}|r-[a-z0-9]{4,32})$", target):
+                raise ValueError(f"{target!r} is not an organizational unit (ou-...) or root (r-...) id")
+        return value
+
+
 class Policy(_Strict):
     mode: Mode = "dry-run"
     regions: list[str] = Field(min_length=1)
@@ -298,6 +343,8 @@ class Policy(_Strict):
     references: References = References()
     defaults: Rules = Rules()
     families: list[Family] = Field(min_length=1)
+    usage_reports: UsageReports | None = None
+    organization: Organization | None = None
 
     @field_validator("regions")
     @classmethod
