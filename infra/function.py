@@ -56,6 +56,10 @@ WILDCARD_REASONS = {
     "Resource; limited to the target region's keys that carry the alias, through EC2 only.",
     "GrantReplicaKeysToEc2ByAlias": "A replicate target names its key by alias, which cannot be a "
     "Resource; grants for EC2 only, on the target region's keys that carry the alias.",
+    "PublishUsageReport": "The usage inbox's report keys name the region (reports/<account>/<region>.json); "
+    "PutObject only under this account's own prefix of the inbox.",
+    "ReadUsageReports": "An owner reads the report of each account it shares an AMI with, whichever they are; "
+    "GetObject only under the reports/ prefix of the usage inbox.",
     "WriteRunReports": "Report object keys are made per run; PutObject only, in the report bucket.",
 }
 # Every role the stacks make: the ledger's resource policy lets only this path (and named writers) write.

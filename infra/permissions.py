@@ -11,6 +11,9 @@ where each action may apply:
   target named by an alias, on the keys of its region that carry the alias (`kms:ResourceAliases`), and
   DescribeKey (which resolves the alias) directly;
 - SSM writes only on the families' Latest parameters;
+- the usage inbox's S3 calls (`usage_reports`) only in the inbox: a report written only under
+  `<prefix>reports/<the account>/`, reports read and listed only under `<prefix>reports/`; without
+  `usage_reports` they are dropped (there is no inbox to grant);
 - DynamoDB calls only on the region's ledger table (the table's resource policy also denies writes to
   every principal outside the IAM path /ami-janitor/), and on the ledger tables of the replication
   targets: their reads (a plan knows the copies there), and, for a role that copies, the item reads and
@@ -30,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ami_janitor.aws import ledger, runs
+from ami_janitor.aws import ledger, runs, usage
 from ami_janitor.aws.baker import RUN_SHELL_DOCUMENT
 from ami_janitor.core.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Policy
 from infra.environment import METRICS_NAMESPACE
@@ -80,6 +83,8 @@ SEND_COMMAND_ACTIONS = frozenset({"ssm:SendCommand"})
 LEDGER_ACTIONS = (
     frozenset(ledger.PERMISSIONS) | frozenset(ledger.CREATE_PERMISSIONS) | frozenset(runs.PERMISSIONS)
 )
+# The usage inbox (`usage_reports`): a report written under the account's own prefix, reports read.
+USAGE_ACTIONS = frozenset(usage.PUBLISH_PERMISSIONS) | frozenset(usage.READ_PERMISSIONS)
 # On the ledger tables of the copy targets: what reading a target's inventory calls ...
 TARGET_LEDGER_READS = frozenset({"dynamodb:DescribeTable", "dynamodb:Scan"})
 # ... and what recording a copy there calls (a role with ec2:CopyImage only).
@@ -127,6 +132,9 @@ class Scope:
     # One entry per baked family: the build instance its bake.instance_id and bake.instance_tag name.
     build_instances: tuple[BuildInstanceScope, ...] = ()
     ledger_table: str = ""
+    # The usage inbox of `usage_reports`: its bucket ("" without one) and key prefix ("" or ending in /).
+    usage_bucket: str = ""
+    usage_prefix: str = ""
 
     @classmethod
     def from_policy(
@@ -173,6 +181,8 @@ class Scope:
                 if f.bake is not None
             ),
             ledger_table=policy.ledger.table,
+            usage_bucket=policy.usage_reports.bucket if policy.usage_reports else "",
+            usage_prefix=policy.usage_reports.prefix if policy.usage_reports else "",
         )
 
     def image_arn(self, region: str) -> str:
@@ -196,6 +206,13 @@ class Scope:
 
     def tag_keys(self) -> list[str]:
         return [f"{JANITOR_TAG_PREFIX}*", *self.latest_tag_keys]
+
+    def usage_bucket_arn(self) -> str:
+        return f"arn:{self.partition}:s3:::{self.usage_bucket}"
+
+    def usage_reports_prefix(self) -> str:
+        """Where the accounts' reports are, under the inbox's prefix (keys `reports/<account>/<region>.json`)."""
+        return f"{self.usage_prefix}reports/"
 
 
 def _alias_account(kms_key_id: str) -> str | None:
@@ -233,6 +250,8 @@ def statements_for(actions: Iterable[str], scope: Scope, *, provided: Iterable[s
     read: list[str] = []
     for action in wanted:
         service = action.split(":", 1)[0]
+        if action in USAGE_ACTIONS:
+            continue  # the inbox's, not the stack's own resources: _usage_statements
         if service in INFRA_SERVICES:
             if action not in provided_set:
                 raise PermissionsError(
@@ -256,6 +275,7 @@ def statements_for(actions: Iterable[str], scope: Scope, *, provided: Iterable[s
     statements.extend(_ssm_statements(chosen, scope))
     statements.extend(_kms_statements(chosen, scope))
     statements.extend(_ledger_statements(chosen, scope))
+    statements.extend(_usage_statements(chosen, scope))
     metrics = sorted(chosen & METRIC_ACTIONS)
     if metrics:
         # PutMetricData has no resource type; the namespace condition is its only scope.
@@ -282,6 +302,30 @@ def _ledger_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     if targets and scope.copy_regions:
         tables = tuple(scope.ledger_table_arn(region) for region in scope.copy_regions)
         out.append(Statement("UseCopyTargetLedgers", tuple(targets), tables))
+    return out
+
+
+def _usage_statements(chosen: set[str], scope: Scope) -> list[Statement]:
+    """The usage inbox: an account writes its report only under its own id (the inbox's bucket policy
+    says the same for every account of the organization), reads and lists only the reports."""
+    if not scope.usage_bucket:
+        return []  # no inbox configured: nothing to grant
+    reports = scope.usage_reports_prefix()
+    objects = f"{scope.usage_bucket_arn()}/{reports}"
+    out: list[Statement] = []
+    if "s3:PutObject" in chosen:
+        out.append(Statement("PublishUsageReport", ("s3:PutObject",), (f"{objects}{scope.account}/*",)))
+    if "s3:GetObject" in chosen:
+        out.append(Statement("ReadUsageReports", ("s3:GetObject",), (f"{objects}*",)))
+    if "s3:ListBucket" in chosen:
+        out.append(
+            Statement(
+                "ListUsageReports",
+                ("s3:ListBucket",),
+                (scope.usage_bucket_arn(),),
+                {"StringLike": {"s3:prefix": f"{reports}*"}},
+            )
+        )
     return out
 
 

@@ -141,6 +141,7 @@ class ServiceAuthorization:
         "kms:CallerAccount": "every KMS key operation",
         "kms:GrantIsForAWSResource": "CreateGrant, ListGrants, RevokeGrant",
         "cloudwatch:namespace": "PutMetricData",
+        "s3:prefix": "ListBucket: the key prefix listed",
     }
 
     def __init__(self) -> None:

@@ -8,7 +8,7 @@ import pytest
 from infra.permissions import BuildInstanceScope, PermissionsError, Scope, Statement, statements_for
 from synth_support import ServiceAuthorization
 
-from ami_janitor.core.policy import Family
+from ami_janitor.core.policy import Family, UsageReports
 
 ACCOUNT = "123456789012"
 # Every kind of action the handlers may list.
@@ -279,3 +279,49 @@ def test_an_alias_arn_is_scoped_to_its_own_account(infra_policy: Any) -> None:
     assert s["DescribeReplicaKeysByAlias"].conditions == {
         "ForAnyValue:StringEquals": {"kms:ResourceAliases": ["alias/shared/ami-key"]}
     }
+
+
+USAGE = ["s3:GetObject", "s3:ListBucket", "s3:PutObject"]
+
+
+def test_usage_inbox_actions_without_an_inbox_are_dropped(scope: Scope) -> None:
+    assert scope.usage_bucket == ""
+    statements = statements_for([*USAGE, "ec2:DescribeImages"], scope)
+    assert [s.sid for s in statements] == ["ReadInventory"]
+
+
+def test_usage_inbox_a_report_written_under_the_accounts_own_prefix(infra_policy: Any) -> None:
+    reporting = infra_policy.model_copy(
+        update={"usage_reports": UsageReports(inbox="s3://ami-usage-inbox/janitor")}
+    )
+    scope = Scope.from_policy(reporting, partition="aws", account=ACCOUNT, region="us-east-1")
+    assert (scope.usage_bucket, scope.usage_prefix) == ("ami-usage-inbox", "janitor/")
+
+    # The construct's own s3:PutObject (the report bucket) does not stand for the inbox's.
+    s = _by_sid(statements_for(USAGE, scope, provided=["s3:PutObject"]))
+
+    reports = "arn:aws:s3:::ami-usage-inbox/janitor/reports/"
+    assert s == {
+        "PublishUsageReport": Statement("PublishUsageReport", ("s3:PutObject",), (f"{reports}{ACCOUNT}/*",)),
+        "ReadUsageReports": Statement("ReadUsageReports", ("s3:GetObject",), (f"{reports}*",)),
+        "ListUsageReports": Statement(
+            "ListUsageReports",
+            ("s3:ListBucket",),
+            ("arn:aws:s3:::ami-usage-inbox",),
+            {"StringLike": {"s3:prefix": "janitor/reports/*"}},
+        ),
+    }
+    reference = ServiceAuthorization()
+    for statement in s.values():
+        reference.check_statement(
+            list(statement.actions), list(statement.resources), dict(statement.conditions)
+        )
+
+
+def test_usage_inbox_reader_only_reads(infra_policy: Any) -> None:
+    reporting = infra_policy.model_copy(update={"usage_reports": UsageReports(inbox="s3://ami-usage-inbox")})
+    scope = Scope.from_policy(reporting, partition="aws", account=ACCOUNT, region="us-east-1")
+    s = _by_sid(statements_for(["s3:GetObject", "s3:ListBucket"], scope))
+    assert set(s) == {"ReadUsageReports", "ListUsageReports"}
+    assert s["ReadUsageReports"].resources == ("arn:aws:s3:::ami-usage-inbox/reports/*",)
+    assert s["ListUsageReports"].conditions == {"StringLike": {"s3:prefix": "reports/*"}}
