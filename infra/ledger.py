@@ -12,6 +12,8 @@ from ami_janitor.aws import ledger
 # The CloudFormation execution role of the CDK bootstrap (cdk-<qualifier>-cfn-exec-role-<account>-
 # <region>) updates the table and its policy on later deploys; the resource policy lets it write.
 CFN_EXEC_ROLE = "cdk-*-cfn-exec-role-*"
+# A service-managed StackSet deploys its member stacks with the role it makes in each account.
+STACKSET_EXEC_ROLE = "stacksets-exec-*"
 
 
 class LedgerTable(Construct):
@@ -20,17 +22,26 @@ class LedgerTable(Construct):
     resource policy that denies writes to every principal outside the IAM path /ami-janitor/.
 
     With `existing=True` the stack references a table `ami-janitor ledger create` made instead of
-    creating it (that command set the same guards; README, "Adopting a ledger table")."""
+    creating it (that command set the same guards; README, "Adopting a ledger table"). `deployer` is the
+    name pattern of the role that deploys the stack (it may write the table and its policy)."""
 
-    def __init__(self, scope: Construct, id: str, *, table_name: str, existing: bool = False) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        table_name: str,
+        existing: bool = False,
+        deployer: str = CFN_EXEC_ROLE,
+    ) -> None:
         super().__init__(scope, id)
         stack = Stack.of(self)
         self.table_arn = stack.format_arn(service="dynamodb", resource="table", resource_name=table_name)
         if existing:
             self.table: dynamodb.ITable = dynamodb.Table.from_table_name(self, "Table", table_name)
             return
-        deployer = f"arn:{stack.partition}:iam::{stack.account}:role/{CFN_EXEC_ROLE}"
-        document = ledger.resource_policy(self.table_arn, [deployer], partition=stack.partition)
+        deployer_arn = f"arn:{stack.partition}:iam::{stack.account}:role/{deployer}"
+        document = ledger.resource_policy(self.table_arn, [deployer_arn], partition=stack.partition)
         self.table = dynamodb.Table(
             self,
             "Table",

@@ -1,0 +1,196 @@
+"""What one region's janitor is made of, composed in a stack.
+
+The regional stacks (`AmiJanitor-<region>`, deployed with `cdk deploy`) and the StackSet's member
+template (one template for every account and region) compose the same constructs with the same ids,
+so their resources have the same logical ids. The stack's region is a literal in a regional stack and
+the AWS::Region pseudo parameter in the member template: what depends on it (the bake schedule exists
+only in `policy.regions`) is then decided at synth, or by a CloudFormation condition at deploy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aws_cdk import Aws, CfnCondition, CfnOutput, CfnResource, Fn, ICfnConditionExpression, Stack, Token
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from constructs import IConstruct
+
+from ami_janitor import engine
+from ami_janitor.core.policy import Policy
+from ami_janitor.handlers import ami_event, bake, replicate, scheduled, slices
+from infra.alerts import Alerts
+from infra.ami_events import AmiEvents
+from infra.bake_schedule import BakeSchedule
+from infra.dead_letters import DeadLetters
+from infra.function import ROLE_PATH, acknowledge_wildcards
+from infra.ledger import CFN_EXEC_ROLE, LedgerTable
+from infra.permissions import Scope, policy_statement, statements_for
+from infra.replication import Replication
+from infra.reports import Reports
+from infra.scheduled_run import ScheduledRun
+from infra.work_slices import WorkSlices
+
+# Fn::Or takes 2 to 10 conditions.
+_MAX_OR = 10
+
+
+@dataclass(frozen=True)
+class Janitor:
+    ledger: LedgerTable
+    alerts: Alerts
+    dead_letters: DeadLetters
+    reports: Reports
+    replication: Replication
+    work_slices: WorkSlices
+    scheduled_run: ScheduledRun
+    ami_events: AmiEvents
+    bake_schedule: BakeSchedule | None
+    operator_role: iam.Role
+
+
+def compose_janitor(
+    stack: Stack,
+    *,
+    policy: Policy,
+    code: lambda_.Code,
+    ledger_table_exists: bool = False,
+    ledger_deployer: str = CFN_EXEC_ROLE,
+) -> Janitor:
+    """Everything one region needs, in `stack`; no custom resources (nothing runs Lambda at deploy time).
+
+    `ledger_deployer` is the role name pattern that deploys the stack (it updates the ledger table)."""
+    region = stack.region
+    own_region = Scope.from_policy(policy, partition=stack.partition, account=stack.account, region=region)
+    with_copies = Scope.from_policy(
+        policy, partition=stack.partition, account=stack.account, region=region, copies=True
+    )
+    ledger = LedgerTable(
+        stack,
+        "Ledger",
+        table_name=policy.ledger.table,
+        existing=ledger_table_exists,
+        deployer=ledger_deployer,
+    )
+    alerts = Alerts(stack, "Alerts", email=policy.notify.email if policy.notify else None)
+    dead_letters = DeadLetters(stack, "DeadLetters", alerts=alerts)
+    reports = Reports(stack, "Reports")
+    replication = Replication(
+        stack,
+        "Replication",
+        code=code,
+        permissions=replicate.PERMISSIONS,
+        permission_scope=with_copies,
+        alerts=alerts,
+    )
+    work_slices = WorkSlices(
+        stack,
+        "WorkSlices",
+        code=code,
+        permissions=slices.PERMISSIONS,
+        permission_scope=own_region,
+        alerts=alerts,
+        reports=reports,
+    )
+    scheduled_run = ScheduledRun(
+        stack,
+        "ScheduledRun",
+        schedule=policy.schedule,
+        code=code,
+        permissions=scheduled.PERMISSIONS,
+        permission_scope=with_copies,  # its plan reads the copy targets' ledgers (it copies nothing)
+        alerts=alerts,
+        dead_letters=dead_letters,
+        reports=reports,
+        replication=replication,
+        work_slices=work_slices,
+    )
+    work_slices.accept_slices_only_from([scheduled_run.function.role])
+    ami_events = AmiEvents(
+        stack,
+        "AmiEvents",
+        code=code,
+        permissions=ami_event.PERMISSIONS,
+        permission_scope=own_region,
+        alerts=alerts,
+        dead_letters=dead_letters,
+        replication=replication,
+    )
+    # Only the functions that plan copies may queue them.
+    replication.accept_requests_only_from([scheduled_run.function.role, ami_events.function.role])
+    bake_schedule = _bake_schedule(stack, policy, code, own_region, alerts, dead_letters)
+    operator_role = _operator_role(stack, with_copies)
+    return Janitor(
+        ledger=ledger,
+        alerts=alerts,
+        dead_letters=dead_letters,
+        reports=reports,
+        replication=replication,
+        work_slices=work_slices,
+        scheduled_run=scheduled_run,
+        ami_events=ami_events,
+        bake_schedule=bake_schedule,
+        operator_role=operator_role,
+    )
+
+
+def _bake_schedule(
+    stack: Stack, policy: Policy, code: lambda_.Code, scope: Scope, alerts: Alerts, dead_letters: DeadLetters
+) -> BakeSchedule | None:
+    """The bake rules of the families that bake here: build instances live where the sources are, so
+    replication-only regions get none (in the member template: a condition on the region)."""
+    baked = [f for f in policy.families if f.bake is not None and f.bake.schedule is not None]
+    agnostic = Token.is_unresolved(stack.region)
+    if not baked or (not agnostic and stack.region not in policy.regions):
+        return None
+    schedule = BakeSchedule(
+        stack,
+        "BakeSchedule",
+        families=baked,
+        code=code,
+        permissions=bake.PERMISSIONS,
+        permission_scope=scope,
+        alerts=alerts,
+        dead_letters=dead_letters,
+    )
+    if agnostic:
+        in_regions = CfnCondition(stack, "BakeRegion", expression=region_in(policy.regions))
+        only_if(schedule, in_regions)
+    return schedule
+
+
+def region_in(regions: Sequence[str]) -> ICfnConditionExpression:
+    """AWS::Region is one of `regions`: Fn::Equals, or Fn::Or of them (nested past ten)."""
+    tests = [Fn.condition_equals(Aws.REGION, region) for region in regions]
+    while len(tests) > 1:
+        groups = [tests[i : i + _MAX_OR] for i in range(0, len(tests), _MAX_OR)]
+        tests = [group[0] if len(group) == 1 else Fn.condition_or(*group) for group in groups]
+    return tests[0]
+
+
+def only_if(construct: IConstruct, condition: CfnCondition) -> None:
+    """Every CloudFormation resource of `construct` exists only where `condition` holds."""
+    for child in construct.node.find_all():
+        if isinstance(child, CfnResource):
+            child.cfn_options.condition = condition
+
+
+def _operator_role(stack: Stack, scope: Scope) -> iam.Role:
+    """The role `ami-janitor` assumes to act in this region: what the CLI calls (engine.CLI_PERMISSIONS,
+    the ledger's calls included), under /ami-janitor/ so the ledger accepts its writes. Any principal
+    of the account that its own IAM policy allows to assume it may (the account root is trusted)."""
+    statements = statements_for(engine.CLI_PERMISSIONS, scope)
+    role = iam.Role(
+        stack,
+        "OperatorRole",
+        assumed_by=iam.AccountRootPrincipal(),
+        path=ROLE_PATH,
+        description="ami-janitor operator: the CLI's permissions in this region",
+        inline_policies={
+            "Permissions": iam.PolicyDocument(statements=[policy_statement(s) for s in statements])
+        },
+    )
+    acknowledge_wildcards(role, statements)
+    CfnOutput(stack, "OperatorRoleArn", value=role.role_arn, description="Role for `ami-janitor --role-arn`")
+    return role
