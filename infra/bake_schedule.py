@@ -12,7 +12,7 @@ from constructs import Construct
 
 from ami_janitor.core.policy import Family
 from infra.alerts import Alerts
-from infra.dead_letters import DeadLetters
+from infra.dead_letters import EVENT_TARGETS, DeadLetters, watched_dead_letter_queue
 from infra.environment import BAKE_HANDLER
 from infra.function import AsyncInvoke, JanitorFunction
 from infra.permissions import Scope
@@ -35,7 +35,11 @@ class BakeSchedule(Construct):
         permission_scope: Scope,
         alerts: Alerts,
         dead_letters: DeadLetters,
+        own_event_dead_letters: bool = False,
     ) -> None:
+        """`own_event_dead_letters`: the rules' delivery failures go to a queue of this construct rather
+        than the region's shared one, whose policy would otherwise name rules that may not exist (the
+        member template's bake schedule exists only where a condition holds)."""
         super().__init__(scope, id)
         self.function = JanitorFunction(
             self,
@@ -54,6 +58,11 @@ class BakeSchedule(Construct):
                 on_failure=dead_letters.failed_invocations,
             ),
         )
+        self.event_dead_letters = (
+            watched_dead_letter_queue(self, "EventTargets", alerts=alerts, what=EVENT_TARGETS)
+            if own_event_dead_letters
+            else dead_letters.event_targets
+        )
         self.rules: dict[str, events.Rule] = {}
         for family in families:
             if family.bake is None or family.bake.schedule is None:
@@ -68,7 +77,7 @@ class BakeSchedule(Construct):
                 targets.LambdaFunction(
                     self.function.function,
                     event=events.RuleTargetInput.from_object({"family": family.name}),
-                    dead_letter_queue=dead_letters.event_targets,
+                    dead_letter_queue=self.event_dead_letters,
                     max_event_age=MAX_EVENT_AGE,
                     retry_attempts=TARGET_RETRY_ATTEMPTS,
                 )

@@ -140,6 +140,12 @@ def code_asset(
     return target, asset_hash
 
 
+def asset_object_key(asset_hash: str) -> str:
+    """The object key CDK gives the code asset in the bootstrap bucket (`<sha256 of the custom hash>.zip`,
+    as for any zipped directory asset): the StackSet's code buckets use the same key."""
+    return hashlib.sha256(asset_hash.encode()).hexdigest() + ".zip"
+
+
 def _package_files(source: Path) -> list[Path]:
     return sorted(
         p

@@ -57,10 +57,13 @@ def compose_janitor(
     code: lambda_.Code,
     ledger_table_exists: bool = False,
     ledger_deployer: str = CFN_EXEC_ROLE,
+    name_prefix: str | None = None,
 ) -> Janitor:
     """Everything one region needs, in `stack`; no custom resources (nothing runs Lambda at deploy time).
 
-    `ledger_deployer` is the role name pattern that deploys the stack (it updates the ledger table)."""
+    `ledger_deployer` is the role name pattern that deploys the stack (it updates the ledger table);
+    `name_prefix` names the resources that need a name where the stack's own name is not known at synth
+    (the StackSet names its stacks)."""
     region = stack.region
     own_region = Scope.from_policy(policy, partition=stack.partition, account=stack.account, region=region)
     with_copies = Scope.from_policy(
@@ -92,6 +95,7 @@ def compose_janitor(
         permission_scope=own_region,
         alerts=alerts,
         reports=reports,
+        name_prefix=name_prefix,
     )
     scheduled_run = ScheduledRun(
         stack,
@@ -153,6 +157,7 @@ def _bake_schedule(
         permission_scope=scope,
         alerts=alerts,
         dead_letters=dead_letters,
+        own_event_dead_letters=agnostic,  # nothing outside the condition may name its rules
     )
     if agnostic:
         in_regions = CfnCondition(stack, "BakeRegion", expression=region_in(policy.regions))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import Duration
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
+from infra.buckets import access_log_bucket, private_bucket_settings
 from infra.permissions import Statement
 
 REPORT_RETENTION = Duration.days(90)
-ACCESS_LOG_RETENTION = Duration.days(365)
 
 
 class Reports(Construct):
@@ -20,19 +20,7 @@ class Reports(Construct):
 
     def __init__(self, scope: Construct, id: str) -> None:
         super().__init__(scope, id)
-        common = {
-            "encryption": s3.BucketEncryption.S3_MANAGED,  # access log delivery supports SSE-S3 only
-            "block_public_access": s3.BlockPublicAccess.BLOCK_ALL,
-            "enforce_ssl": True,
-            "object_ownership": s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            "removal_policy": RemovalPolicy.RETAIN,  # no custom resource to empty it: keep on delete
-        }
-        self.access_logs = s3.Bucket(
-            self,
-            "AccessLogs",
-            lifecycle_rules=[s3.LifecycleRule(expiration=ACCESS_LOG_RETENTION)],
-            **common,  # type: ignore[arg-type]
-        )
+        self.access_logs = access_log_bucket(self, "AccessLogs")
         self.bucket = s3.Bucket(
             self,
             "Bucket",
@@ -44,7 +32,7 @@ class Reports(Construct):
             ],
             server_access_logs_bucket=self.access_logs,
             server_access_logs_prefix="reports/",
-            **common,  # type: ignore[arg-type]
+            **private_bucket_settings(),
         )
 
     def write_statement(self) -> Statement:

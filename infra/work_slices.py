@@ -39,17 +39,19 @@ class WorkSlices(Construct):
         permission_scope: Scope,
         alerts: Alerts,
         reports: Reports,
+        name_prefix: str | None = None,
     ) -> None:
         super().__init__(scope, id)
         # Named: a FIFO queue's name must end in .fifo (CloudFormation adds it to a generated name, the
-        # emulator's does not). One stack per region, so the stack's name makes it unique.
-        stack = Stack.of(self).stack_name
-        self.dead_letters = secure_queue(self, "DeadLetters", fifo=True, queue_name=f"{stack}-work-dlq.fifo")
+        # emulator's does not). One stack per account and region, so the stack's name makes it unique
+        # (or `name_prefix`, for a stack whose name is made at deploy time).
+        prefix = name_prefix or Stack.of(self).stack_name
+        self.dead_letters = secure_queue(self, "DeadLetters", fifo=True, queue_name=f"{prefix}-work-dlq.fifo")
         self.queue = secure_queue(
             self,
             "Queue",
             fifo=True,
-            queue_name=f"{stack}-work.fifo",
+            queue_name=f"{prefix}-work.fifo",
             # Lambda's advice for SQS sources: at least six times the function timeout.
             visibility_timeout=Duration.seconds(WORKER_TIMEOUT.to_seconds() * 6),
             dead_letter_queue=sqs.DeadLetterQueue(
