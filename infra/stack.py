@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import App, AssetHashType, Environment, Stack, Validations
+from aws_cdk import Annotations, App, AssetHashType, Environment, Stack, Validations
 from aws_cdk import aws_lambda as lambda_
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
@@ -16,6 +16,7 @@ from constructs import Construct
 from ami_janitor.core.policy import Policy
 from infra.bundle import code_asset
 from infra.janitor import compose_janitor
+from infra.usage_inbox import UsageInbox
 
 STACK_PREFIX = "AmiJanitor"
 CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
@@ -40,6 +41,7 @@ class JanitorStack(Stack):
         asset_dir: Path,
         asset_hash: str,
         ledger_table_exists: bool = False,
+        usage_inbox: bool = False,
     ) -> None:
         super().__init__(
             scope,
@@ -55,10 +57,31 @@ class JanitorStack(Stack):
         self.janitor = compose_janitor(
             self, policy=policy, code=code, ledger_table_exists=ledger_table_exists
         )
+        self.usage_inbox = self._usage_inbox(policy) if usage_inbox else None
+
+    def _usage_inbox(self, policy: Policy) -> UsageInbox | None:
+        """The inbox's bucket policy names the organization whose janitors may write: without
+        `organization` the stack makes no inbox (README, "Deploy to an organization")."""
+        if policy.usage_reports is None:
+            return None
+        if policy.organization is None:
+            Annotations.of(self).add_warning_v2(
+                "ami-janitor:usage-inbox",
+                f"usage_reports without organization: no inbox is made; create s3://{policy.usage_reports.bucket} "
+                "yourself (the janitor's roles are granted its use in this account)",
+            )
+            return None
+        return UsageInbox(
+            self, "UsageInbox", settings=policy.usage_reports, organization_id=policy.organization.id
+        )
 
 
 def cdk_json_context() -> dict[str, Any]:
     return dict(json.loads(CDK_JSON.read_text(encoding="utf-8")).get("context", {}))
+
+
+def _flag(app: App, name: str) -> bool:
+    return str(app.node.try_get_context(name) or "").lower() in ("true", "1", "yes")
 
 
 def build_app(
@@ -78,7 +101,7 @@ def build_app(
     app = App(context={**cdk_json_context(), **(context or {})}, outdir=outdir)
     account = app.node.try_get_context("account") or os.environ.get("CDK_DEFAULT_ACCOUNT") or None
     # A table `ami-janitor ledger create` made before the stack: referenced, not created (README).
-    existing = str(app.node.try_get_context("ledger_table_exists") or "").lower() in ("true", "1", "yes")
+    existing = _flag(app, "ledger_table_exists")
     asset_dir, asset_hash = code_asset(policy)
     for region in policy.managed_regions:
         JanitorStack(
@@ -90,6 +113,8 @@ def build_app(
             asset_dir=asset_dir,
             asset_hash=asset_hash,
             ledger_table_exists=existing,
+            # One inbox per organization, made with the first region's stack in the owner's account.
+            usage_inbox=region == policy.regions[0],
         )
     if nag:
         Validations.of(app).add_plugins(AwsSolutionsChecks(app))

@@ -14,6 +14,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TEST_POLICY = HERE / "policy.yaml"
+# The same kind of policy with `organization` and `usage_reports`: the app adds the StackSet's stacks.
+ORG_POLICY = HERE / "org_policy.yaml"
 
 
 @dataclass
@@ -36,6 +38,14 @@ class Synth:
 
     def template(self, stack: str) -> dict[str, Any]:
         return json.loads((self.outdir / f"{stack}.template.json").read_text())
+
+    def stack_set_templates(self) -> list[Path]:
+        """The StackSet member templates (cdk-stacksets writes them beside the stacks, not as artifacts)."""
+        return sorted(self.outdir.glob("*.stackset.template.json"))
+
+    def member_template(self) -> dict[str, Any]:
+        [path] = self.stack_set_templates()
+        return json.loads(path.read_text())
 
     def assets(self, stack: str) -> dict[str, Any]:
         return json.loads((self.outdir / f"{stack}.assets.json").read_text())
