@@ -1,4 +1,4 @@
-"""One self-contained stack per managed region, and the app that holds them."""
+"""One self-contained stack per managed region, the organization's stacks, and the app that holds them."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from constructs import Construct
 
 from ami_janitor.core.policy import Policy
 from infra.bundle import code_asset
+from infra.code_bucket import CodeBucketStack, code_stack_name
 from infra.janitor import compose_janitor
+from infra.organization import ORG_STACK_NAME, OrganizationStack
 from infra.usage_inbox import UsageInbox
 
 STACK_PREFIX = "AmiJanitor"
@@ -91,7 +93,8 @@ def build_app(
     outdir: str | None = None,
     nag: bool = True,
 ) -> App:
-    """The app with one stack per managed region (`regions` plus every replicate target).
+    """The app with one stack per managed region (`regions` plus every replicate target); with
+    `organization`, also the code bucket stacks (one per managed region) and the StackSet's stack.
 
     The account comes from the `account` context value or CDK_DEFAULT_ACCOUNT; without either the
     stacks stay account-agnostic (no credentials or STS call are needed to synthesize).
@@ -115,6 +118,25 @@ def build_app(
             ledger_table_exists=existing,
             # One inbox per organization, made with the first region's stack in the owner's account.
             usage_inbox=region == policy.regions[0],
+        )
+    if policy.organization is not None:
+        for region in policy.managed_regions:
+            CodeBucketStack(
+                app,
+                code_stack_name(region),
+                region=region,
+                account=account,
+                prefix=policy.organization.code_bucket_prefix,
+                organization_id=policy.organization.id,
+            )
+        OrganizationStack(
+            app,
+            ORG_STACK_NAME,
+            policy=policy,
+            account=account,
+            asset_hash=asset_hash,
+            # Deployed from a delegated administrator of StackSets, not the management account (README).
+            delegated_admin=_flag(app, "stackset_delegated_admin"),
         )
     if nag:
         Validations.of(app).add_plugins(AwsSolutionsChecks(app))

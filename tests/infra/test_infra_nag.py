@@ -45,14 +45,21 @@ def _findings(app: App) -> list[Finding]:
     ]
 
 
+@pytest.fixture(scope="module", params=["regional", "organization"])
+def nag_policy(request: pytest.FixtureRequest, infra_policy: Any, org_policy: Any) -> Any:
+    """The regional stacks alone, and with the organization's (StackSet, member template, code buckets,
+    usage inbox)."""
+    return infra_policy if request.param == "regional" else org_policy
+
+
 @pytest.fixture(scope="module")
-def acknowledged_app(infra_policy: Any, tmp_path_factory: pytest.TempPathFactory) -> App:
-    return _build(infra_policy, tmp_path_factory.mktemp("nag"))
+def acknowledged_app(nag_policy: Any, tmp_path_factory: pytest.TempPathFactory) -> App:
+    return _build(nag_policy, tmp_path_factory.mktemp("nag"))
 
 
 @pytest.fixture(scope="module")
 def unacknowledged(
-    infra_policy: Any, tmp_path_factory: pytest.TempPathFactory
+    nag_policy: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[list[Finding], list[Acknowledgement]]]:
     """The same app built with acknowledgements recorded instead of applied."""
     import infra.nag
@@ -73,13 +80,23 @@ def unacknowledged(
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(infra.nag, "Validations", _Validations)
-        app = _build(infra_policy, tmp_path_factory.mktemp("nag-raw"))
+        app = _build(nag_policy, tmp_path_factory.mktemp("nag-raw"))
         yield _findings(app), recorded
 
 
 def test_no_unacknowledged_findings(acknowledged_app: App) -> None:
     findings = _findings(acknowledged_app)
     assert findings == [], "\n".join(f"{f.rule} at {f.path}" for f in findings)
+
+
+def test_the_member_template_is_checked(
+    nag_policy: Any, unacknowledged: tuple[list[Finding], list[Acknowledgement]]
+) -> None:
+    """cdk-nag reaches into the StackSet's member stack: unacknowledged, its wildcards are findings."""
+    if nag_policy.organization is None:
+        pytest.skip("no StackSet without organization")
+    findings, _ = unacknowledged
+    assert any(f.path.startswith("AmiJanitorOrg/Member/") for f in findings)
 
 
 def test_every_acknowledgement_is_needed_and_explained(

@@ -1,0 +1,322 @@
+"""Deployment to an organization: the StackSet, its one member template for every region, the code buckets.
+
+moto's CloudFormation has no StackSet resource: the templates are asserted here (and linted in
+test_infra_cfn_lint.py, checked by cdk-nag in test_infra_nag.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aws_cdk import App, Stack
+from aws_cdk.assertions import Capture, Match, Template
+from synth_support import Synth, as_list, flatten, functions_by_handler, ref_id, resources
+
+from ami_janitor.core.policy import Policy
+
+pytestmark = pytest.mark.slow  # synthesizes the stacks (or reads their synthesized templates)
+
+ORG = "AmiJanitorOrg"
+MANAGED = ["eu-west-1", "us-east-1", "us-east-2"]  # regions [us-east-1, us-east-2] and the target eu-west-1
+CODE_BUCKET = {"Fn::Join": ["-", ["example-ami-janitor-code", {"Ref": "AWS::Region"}]]}
+BAKE_CONDITION = {
+    "Fn::Or": [
+        {"Fn::Equals": [{"Ref": "AWS::Region"}, "us-east-1"]},
+        {"Fn::Equals": [{"Ref": "AWS::Region"}, "us-east-2"]},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def member(org_synth: Synth) -> dict[str, Any]:
+    return org_synth.member_template()
+
+
+def _code_asset_key(synth: Synth, stack: str) -> str:
+    """The object key `cdk deploy` gives a regional stack's code asset in the bootstrap bucket."""
+    [key] = [
+        destination["objectKey"]
+        for entry in synth.assets(stack)["files"].values()
+        if entry["source"].get("packaging") == "zip"
+        for destination in entry["destinations"].values()
+    ]
+    return str(key)
+
+
+def test_the_app_adds_code_buckets_and_the_stack_set_stack(org_synth: Synth, org_policy: Policy) -> None:
+    assert org_policy.managed_regions == MANAGED
+    assert org_synth.stack_names() == sorted(
+        [*(f"AmiJanitor-{r}" for r in MANAGED), *(f"AmiJanitorCode-{r}" for r in MANAGED), ORG]
+    )
+    artifacts = org_synth.manifest["artifacts"]
+    # The StackSet is made in the first region of the policy, the code buckets in every managed region.
+    assert artifacts[ORG]["environment"] == "aws://unknown-account/us-east-1"
+    for region in MANAGED:
+        assert artifacts[f"AmiJanitorCode-{region}"]["environment"] == f"aws://unknown-account/{region}"
+    # One member template, written beside the stacks (not a stack of its own: `cdk deploy` skips it).
+    [member_file] = org_synth.stack_set_templates()
+    assert member_file.name not in artifacts
+
+
+def test_stack_set_is_service_managed_and_deploys_to_the_ous_in_every_managed_region(
+    org_synth: Synth, org_policy: Policy
+) -> None:
+    assert org_policy.organization is not None
+    template = Template.from_json(org_synth.template(ORG))
+    url = Capture()
+    template.has_resource_properties(
+        "AWS::CloudFormation::StackSet",
+        {
+            "StackSetName": "AmiJanitor",
+            "PermissionModel": "SERVICE_MANAGED",
+            # Called from the management account (the context flag stackset_delegated_admin says otherwise).
+            "CallAs": "SELF",
+            "AutoDeployment": {"Enabled": True, "RetainStacksOnAccountRemoval": True},
+            "Capabilities": ["CAPABILITY_NAMED_IAM"],
+            "StackInstancesGroup": [
+                {
+                    "DeploymentTargets": {
+                        "AccountFilterType": "NONE",
+                        "OrganizationalUnitIds": ["ou-ab12-cdef3456", "r-ab12"],
+                    },
+                    "Regions": MANAGED,
+                }
+            ],
+            "OperationPreferences": {
+                "RegionConcurrencyType": "PARALLEL",
+                "MaxConcurrentPercentage": 25,
+                "FailureTolerancePercentage": 10,
+            },
+            "TemplateURL": {"Fn::Sub": url},
+        },
+    )
+    # The TemplateURL is the member template, published as a file asset of this stack.
+    [member_file] = org_synth.stack_set_templates()
+    [entry] = [e for e in org_synth.assets(ORG)["files"].values() if e["source"]["path"] == member_file.name]
+    [destination] = entry["destinations"].values()
+    assert url.as_string().endswith(f"/{destination['bucketName']}/{destination['objectKey']}")
+
+
+def test_no_custom_resource_and_no_asset_copy(org_synth: Synth, member: dict[str, Any]) -> None:
+    """cdk-stacksets copies Lambda assets with a BucketDeployment (a Lambda-backed custom resource): the
+    member has no file asset, so none is made, and no stack has a custom resource."""
+    templates = {name: org_synth.template(name) for name in org_synth.stack_names()}
+    templates["member"] = member
+    for name, template in templates.items():
+        for logical_id, resource in template["Resources"].items():
+            kind = resource["Type"]
+            assert not kind.startswith("Custom::"), (name, logical_id)
+            assert kind != "AWS::CloudFormation::CustomResource", (name, logical_id)
+            assert "BucketDeployment" not in logical_id, (name, logical_id)
+            if not name.startswith("AmiJanitor-") and name != "member":
+                assert kind != "AWS::Lambda::Function", (name, logical_id)
+    # The StackSet's stack publishes its own template and the member's, nothing else: no code zip.
+    packaging = {e["source"]["packaging"] for e in org_synth.assets(ORG)["files"].values()}
+    assert packaging == {"file"}
+    assert len(org_synth.assets(ORG)["files"]) == 2
+
+
+def test_member_functions_read_the_zip_from_their_regions_code_bucket(
+    org_synth: Synth, member: dict[str, Any]
+) -> None:
+    functions = resources(member, "AWS::Lambda::Function")
+    assert {module for module in functions_by_handler(member)} == {
+        "scheduled",
+        "ami_event",
+        "replicate",
+        "slices",
+        "bake",
+    }
+    # The key `cdk deploy` gives the regional stacks' asset: the same zip, wherever it is read from.
+    key = _code_asset_key(org_synth, "AmiJanitor-us-east-1")
+    for region in MANAGED:
+        assert _code_asset_key(org_synth, f"AmiJanitor-{region}") == key
+    for function in functions.values():
+        assert function["Properties"]["Code"] == {"S3Bucket": CODE_BUCKET, "S3Key": key}
+
+
+def test_member_template_serves_every_region(member: dict[str, Any]) -> None:
+    """No parameter to fill per region; the bake schedule exists only in policy.regions (a condition)."""
+    assert "Parameters" not in member
+    assert member["Conditions"] == {"BakeRegion": BAKE_CONDITION}
+    conditioned = {k for k, v in member["Resources"].items() if "Condition" in v}
+    assert conditioned == {k for k in member["Resources"] if k.startswith("BakeSchedule")}
+    assert {member["Resources"][k]["Condition"] for k in conditioned} == {"BakeRegion"}
+    # Its rules' delivery failures go to a queue of its own, within the condition.
+    bake = Template.from_json(member)
+    bake.has_resource(
+        "AWS::Events::Rule",
+        {
+            "Condition": "BakeRegion",
+            "Properties": Match.object_like(
+                {
+                    "Targets": [
+                        Match.object_like(
+                            {
+                                "DeadLetterConfig": {
+                                    "Arn": {
+                                        "Fn::GetAtt": [
+                                            Match.string_like_regexp("^BakeScheduleEventTargets"),
+                                            "Arn",
+                                        ]
+                                    }
+                                }
+                            }
+                        )
+                    ]
+                }
+            ),
+        },
+    )
+    # Nothing outside the condition names a resource inside it.
+    for logical_id, resource in member["Resources"].items():
+        if logical_id in conditioned:
+            continue
+        assert not _references(resource, conditioned), logical_id
+    for name, output in member.get("Outputs", {}).items():
+        assert not _references(output, conditioned), name
+
+
+def _references(value: Any, ids: set[str]) -> bool:
+    if isinstance(value, dict):
+        if ref_id(value) in ids:
+            return True
+        return any(_references(v, ids) for v in value.values())
+    if isinstance(value, list):
+        return any(_references(v, ids) for v in value)
+    return False
+
+
+def _role_statements(template: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Role logical id -> its statements, resources flattened (pseudo parameters as <AWS::...>)."""
+    out = {}
+    for role_id, role in resources(template, "AWS::IAM::Role").items():
+        statements = []
+        for policy in role["Properties"].get("Policies", []):
+            for statement in policy["PolicyDocument"]["Statement"]:
+                flat = dict(statement)
+                # Sorted: CDK orders a statement's literal ARNs before those with a token.
+                flat["Resource"] = sorted(_flat(r) for r in as_list(statement["Resource"]))
+                statements.append(flat)
+        out[role_id] = statements
+    return out
+
+
+def _flat(value: Any) -> str:
+    # flatten() fills in the account and partition; the region stays visible as <AWS::Region>.
+    return flatten(value).replace("<AWS::Region>", "REGION")
+
+
+def test_member_roles_are_the_regional_stacks_with_the_region_as_a_pseudo_parameter(
+    org_synth: Synth, member: dict[str, Any]
+) -> None:
+    """The regional stack of a source region (whose roles test_infra_iam checks action by action) and
+    the member template grant the same statements to the same roles, the region aside."""
+    regional = _role_statements(org_synth.template("AmiJanitor-us-east-1"))
+    in_member = _role_statements(member)
+    assert set(in_member) == set(regional)
+    for role_id, statements in regional.items():
+        expected = [
+            {**s, "Resource": sorted(r.replace(":us-east-1:", ":REGION:") for r in s["Resource"])}
+            for s in statements
+        ]
+        assert in_member[role_id] == expected, role_id
+    roles = resources(member, "AWS::IAM::Role")
+    assert {role["Properties"]["Path"] for role in roles.values()} == {"/ami-janitor/"}
+    # Scoped to the region the stack instance is in: the mutating EC2 calls name AWS::Region.
+    scheduled = next(r for r in roles if r.startswith("ScheduledRunFunctionRole"))
+    retire = next(s for s in in_member[scheduled] if s["Sid"] == "RetireCandidates")
+    assert retire["Resource"] == ["arn:aws:ec2:REGION::image/*"]
+
+
+def test_member_ledger_accepts_the_stack_sets_execution_role(member: dict[str, Any]) -> None:
+    [table] = resources(member, "AWS::DynamoDB::Table").values()
+    [statement] = table["Properties"]["ResourcePolicy"]["PolicyDocument"]["Statement"]
+    writers = [_flat(p) for p in statement["Condition"]["ArnNotLike"]["aws:PrincipalArn"]]
+    assert writers == ["arn:aws:iam::*:role/ami-janitor/*", "arn:aws:iam::123456789012:role/stacksets-exec-*"]
+
+
+def test_member_work_queues_are_named_for_the_stack_set(member: dict[str, Any]) -> None:
+    names = {q["Properties"].get("QueueName") for q in resources(member, "AWS::SQS::Queue").values()} - {None}
+    assert names == {"AmiJanitor-work.fifo", "AmiJanitor-work-dlq.fifo"}
+
+
+@pytest.mark.parametrize("region", MANAGED)
+def test_code_bucket_is_read_by_the_organization_only(org_synth: Synth, region: str) -> None:
+    template = Template.from_json(org_synth.template(f"AmiJanitorCode-{region}"))
+    bucket = Capture(Match.string_like_regexp("^CodeBucket"))
+    template.has_resource_properties("AWS::S3::BucketPolicy", {"Bucket": {"Ref": bucket}})
+    template.has_resource(
+        "AWS::S3::Bucket",
+        {
+            "DeletionPolicy": "Retain",
+            "Properties": Match.object_like(
+                {
+                    "BucketName": f"example-ami-janitor-code-{region}",
+                    "PublicAccessBlockConfiguration": {
+                        "BlockPublicAcls": True,
+                        "BlockPublicPolicy": True,
+                        "IgnorePublicAcls": True,
+                        "RestrictPublicBuckets": True,
+                    },
+                    "OwnershipControls": {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]},
+                    "LoggingConfiguration": Match.object_like({"LogFilePrefix": "code/"}),
+                }
+            ),
+        },
+    )
+    template.has_resource_properties(
+        "AWS::S3::BucketPolicy",
+        {
+            "Bucket": {"Ref": bucket.as_string()},
+            "PolicyDocument": {
+                "Version": "2012-10-17",
+                "Statement": [
+                    Match.object_like(
+                        {"Effect": "Deny", "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
+                    ),
+                    {
+                        "Sid": "OrganizationReadsCode",
+                        "Effect": "Allow",
+                        "Principal": {"AWS": "*"},
+                        "Action": "s3:GetObject",
+                        "Resource": {"Fn::Join": ["", [{"Fn::GetAtt": [bucket.as_string(), "Arn"]}, "/*"]]},
+                        "Condition": {"StringEquals": {"aws:PrincipalOrgID": "o-a1b2c3d4e5"}},
+                    },
+                ],
+            },
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("regions", "expected"),
+    [
+        (["us-east-1"], {"Fn::Equals": [{"Ref": "AWS::Region"}, "us-east-1"]}),
+        (
+            [f"r-{i}" for i in range(12)],
+            {
+                "Fn::Or": [
+                    {"Fn::Or": [{"Fn::Equals": [{"Ref": "AWS::Region"}, f"r-{i}"]} for i in range(10)]},
+                    {"Fn::Or": [{"Fn::Equals": [{"Ref": "AWS::Region"}, f"r-{i}"]} for i in (10, 11)]},
+                ]
+            },
+        ),
+        (
+            [f"r-{i}" for i in range(11)],
+            {
+                "Fn::Or": [
+                    {"Fn::Or": [{"Fn::Equals": [{"Ref": "AWS::Region"}, f"r-{i}"]} for i in range(10)]},
+                    {"Fn::Equals": [{"Ref": "AWS::Region"}, "r-10"]},
+                ]
+            },
+        ),
+    ],
+    ids=["one", "twelve", "eleven"],
+)
+def test_region_condition_nests_past_ten(regions: list[str], expected: dict[str, Any]) -> None:
+    from infra.janitor import region_in
+
+    stack = Stack(App(), "Conditions")
+    assert stack.resolve(region_in(regions)) == expected
