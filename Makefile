@@ -8,7 +8,7 @@ PROPERTY_TESTS := $(wildcard tests/*/test_*properties.py)
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test unit lint fuzz bench synth clean
+.PHONY: install demo test unit lint fuzz bench synth publish-org-code deploy-org clean
 
 $(STAMP): pyproject.toml requirements.txt
 	@echo "install: creating $(VENV) (once per clone, about 3 minutes)"
@@ -50,6 +50,17 @@ bench: install
 
 synth: install node_modules/.installed
 	npx cdk synth --quiet
+
+# With `organization` in the policy (README, "Deploy to an organization"): the functions' code in the
+# code bucket of every managed region, for the StackSet's member stacks (after the code bucket stacks).
+publish-org-code: install
+	PYTHONPATH=$(CURDIR)/lambdas:$(CURDIR) $(PY) -m infra.publish_code
+
+# The three steps in their order: code buckets, code, StackSet.
+deploy-org: synth
+	npx cdk deploy --require-approval broadening 'AmiJanitorCode-*'
+	$(MAKE) publish-org-code
+	npx cdk deploy --require-approval broadening AmiJanitorOrg
 
 clean:
 	rm -rf cdk.out build .pytest_cache .mypy_cache .ruff_cache
