@@ -146,6 +146,12 @@ def asset_object_key(asset_hash: str) -> str:
     return hashlib.sha256(asset_hash.encode()).hexdigest() + ".zip"
 
 
+def code_bucket_name(prefix: str, region: str) -> str:
+    """The StackSet's code bucket of a region: the member template derives it from the region it is
+    deployed in (`<organization.code_bucket_prefix>-<region>`)."""
+    return f"{prefix}-{region}"
+
+
 def _package_files(source: Path) -> list[Path]:
     return sorted(
         p

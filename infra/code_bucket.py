@@ -8,17 +8,13 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from infra.buckets import access_log_bucket, private_bucket_settings
+from infra.bundle import code_bucket_name
 
 CODE_STACK_PREFIX = "AmiJanitorCode"
 
 
 def code_stack_name(region: str) -> str:
     return f"{CODE_STACK_PREFIX}-{region}"
-
-
-def code_bucket_name(prefix: str, region: str) -> str:
-    """The name the member template derives from the region it is deployed in (`<prefix>-<region>`)."""
-    return f"{prefix}-{region}"
 
 
 class CodeBucket(Construct):

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ami_janitor.core.policy import DEFAULT_CONFIG_PATH, Policy, PolicyError, load_policy
-from infra.bundle import REPO_ROOT, asset_object_key, code_asset
-from infra.code_bucket import code_bucket_name
+from infra.bundle import REPO_ROOT, asset_object_key, code_asset, code_bucket_name
 
 # A fixed timestamp: the same directory makes the same zip.
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)

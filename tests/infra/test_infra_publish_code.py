@@ -145,3 +145,24 @@ def test_refuses_a_policy_without_organization(
     monkeypatch.setenv("AMI_JANITOR_CONFIG", str(TEST_POLICY))
     assert main([]) == 2
     assert "no `organization`" in capsys.readouterr().err
+
+
+def test_loads_no_cdk() -> None:
+    """A plain boto3 script: the CDK (and its Node process) is not started to upload a zip."""
+    import subprocess
+    import sys
+
+    from synth_support import REPO_ROOT
+
+    check = (
+        "import sys, infra.publish_code; print(sorted(m for m in ('aws_cdk', 'jsii') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'lambdas'}:{REPO_ROOT}"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]"
