@@ -107,6 +107,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         apply=policy.mode == "enforce",
         enqueue=_enqueuer(factory, env.region, env.replication_queue_url),
         work_queue=env.work_queue_url,
+        publish_reports=True,
     )
     report = result.report()
     summary = report.summary
