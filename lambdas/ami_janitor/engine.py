@@ -4,7 +4,7 @@ replicate, events, the scheduled bake and the queued copy."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Literal
@@ -30,6 +30,7 @@ from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
 from ami_janitor.core import baking, keys, replication, run_plan, sharing, slices, trust
+from ami_janitor.core import usage as core_usage
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
     AmiState,
@@ -91,7 +92,8 @@ PERMISSIONS: list[str] = sorted(
     | set(usage.READ_PERMISSIONS)
     | set(usage.ORGANIZATIONS_PERMISSIONS)
 )
-# The slice worker: a slice's reads, the executor's stages, and the run's record.
+# The slice worker: a slice's reads (consumers' usage reports included), the executor's stages, and
+# the run's record.
 SLICE_PERMISSIONS: list[str] = slicer.PERMISSIONS
 # What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
 # rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
@@ -430,7 +432,7 @@ def run(
     cut: dict[str, list[slices.WorkSlice]] = {}
 
     def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
-        work = cut_due(plan, policy, region, due, now)
+        work = cut_due(plan, policy, region, due, now, consumers=_consumers(loaded[region]))
         if work_queue is not None:
             cut[region] = work
             return []
@@ -458,6 +460,16 @@ def run(
     for region, work in sorted(cut.items()):
         result = _queue_slices(result, region, work, policy, clients_for(region), work_queue or "", now)
     return result
+
+
+def _consumers(region: RegionInventory) -> dict[str, list[str]]:
+    """AMI id -> the accounts it is shared with whose usage reports the plan read (a slice reads them
+    again before it acts)."""
+    view = region.usage
+    if view is None:
+        return {}
+    found = {image.image_id: sorted(core_usage.consumers(image, view)[0]) for image in region.images}
+    return {image_id: accounts for image_id, accounts in found.items() if accounts}
 
 
 def publish_usage(
@@ -494,6 +506,7 @@ def cut_due(
     due: Sequence[Decision],
     now: datetime,
     budget_seconds: float | None = None,
+    consumers: Mapping[str, Sequence[str]] | None = None,
 ) -> list[slices.WorkSlice]:
     """A region's due stages (nothing blocks them) in slices, as a run cuts them: each within
     SLICE_BUDGET_SECONDS (or `budget_seconds`) of calls paced at the stages' refill."""
@@ -505,6 +518,7 @@ def cut_due(
         policy=slices.policy_digest(policy),
         budget_seconds=SLICE_BUDGET_SECONDS if budget_seconds is None else budget_seconds,
         refill=slicer.STAGE_REFILL,
+        consumers=consumers,
     )
 
 

@@ -18,7 +18,9 @@ from ami_janitor import engine
 from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.core.model import Decision
 from ami_janitor.core.policy import Policy, parse_policy
+from ami_janitor.core.slices import WorkSlice
 from ami_janitor.demo import emulator
+from server import make_ledger
 from server import now as wall_clock
 
 US = "us-east-1"
@@ -184,3 +186,37 @@ def test_a_report_under_another_accounts_prefix_is_not_believed(accounts: Accoun
         for r in kept.reasons
     )
     assert any(f"account {CONSUMER}, whose usage report cannot be read" in r for r in kept.reasons)
+
+
+def test_a_slice_holds_back_a_shared_ami_its_consumer_reports_used_since_the_plan(accounts: Accounts) -> None:
+    """The plan saw a fresh report saying the AMI is unused and queued its stages; before the slice
+    runs, the consumer uses it again and reports so. The slice reads the report again and holds the AMI
+    back: the disable stage's brownout never comes before every consumer's fresh word."""
+    make_ledger((US,))
+    sqs = accounts.owner(US).sqs
+    queue = sqs.create_queue(QueueName="work.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    consumer_run(accounts, wall_clock())
+    enforce = policy([CONSUMER]).model_copy(update={"mode": "enforce"})
+
+    planned = engine.run(enforce, [US], accounts.owner, wall_clock(), apply=True, work_queue=queue)
+
+    assert planned.slices_queued == 1
+    body = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=1)["Messages"][0]["Body"]
+    work = WorkSlice.model_validate_json(body)
+    items = {item.image_id: item for item in work.items}
+    assert items[accounts.shared].consumers == (CONSUMER,)
+    assert items[accounts.unshared].consumers == ()
+
+    accounts.consumer(US).ec2.create_launch_template(
+        LaunchTemplateName="web-fleet-2", LaunchTemplateData={"ImageId": accounts.shared}
+    )
+    consumer_run(accounts, wall_clock())
+    outcome = engine.work_slice(enforce, work, accounts.owner(US), wall_clock())
+
+    assert accounts.shared in outcome.held
+    assert outcome.held[accounts.shared].startswith(f"used in account {CONSUMER} by launch template")
+    assert accounts.unshared not in outcome.held
+    images = accounts.owner(US).ec2.describe_images(Owners=["self"])["Images"]
+    state = {i["ImageId"]: i["State"] for i in images}
+    assert state[accounts.shared] == "available" and accounts.unshared not in state

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ami_janitor.core.model import Image, Reference, UsageView, iso
+from ami_janitor.core.model import Image, ReceivedReport, Reference, UsageView, iso
 from ami_janitor.core.policy import UsageReports
 
 _ACCOUNT = r"^\d{12}$"
@@ -109,29 +109,43 @@ def usage_reasons(image: Image, view: UsageView | None, settings: UsageReports, 
         "kept until they can (fail safe)"
         for grant in unknown
     ]
-    oldest = now - timedelta(hours=settings.max_age_hours)
     for account in sorted(accounts):
-        report = view.reports.get(account)
-        if report is None:
-            if settings.required:
-                reasons.append(
-                    f"shared with account {account}, which has sent no usage report for {image.region}: "
-                    "kept until it does (fail safe)"
-                )
-        elif report.problem is not None:
-            reasons.append(
-                f"shared with account {account}, whose usage report cannot be read ({report.problem}): "
-                "kept (fail safe)"
-            )
-        elif report.received_at < oldest:
-            reasons.append(
-                f"shared with account {account}, whose usage report is of {iso(report.received_at)}, "
-                f"older than {settings.max_age_hours} hours: kept (fail safe)"
-            )
-        elif image.image_id in report.uses:
-            what = "; ".join(report.uses[image.image_id]) or "a resource"
-            reasons.append(f"used in account {account} by {what} (report of {iso(report.received_at)})")
+        reason = account_reason(
+            image.image_id, image.region, account, view.reports.get(account), settings, now
+        )
+        if reason is not None:
+            reasons.append(reason)
     return reasons
+
+
+def account_reason(
+    image_id: str,
+    region: str,
+    account: str,
+    report: ReceivedReport | None,
+    settings: UsageReports,
+    now: datetime,
+) -> str | None:
+    """Why one consumer account's report keeps an AMI shared with it; None when the report is fresh
+    and does not name the AMI (or, with `required: false`, when there is none)."""
+    if report is None:
+        if not settings.required:
+            return None
+        return (
+            f"shared with account {account}, which has sent no usage report for {region}: "
+            "kept until it does (fail safe)"
+        )
+    if report.problem is not None:
+        return f"shared with account {account}, whose usage report cannot be read ({report.problem}): kept (fail safe)"
+    if report.received_at < now - timedelta(hours=settings.max_age_hours):
+        return (
+            f"shared with account {account}, whose usage report is of {iso(report.received_at)}, "
+            f"older than {settings.max_age_hours} hours: kept (fail safe)"
+        )
+    if image_id in report.uses:
+        what = "; ".join(_what(detail) for detail in report.uses[image_id]) or "a resource"
+        return f"used in account {account} by {what} (report of {iso(report.received_at)})"
+    return None
 
 
 def reports_needed(
@@ -140,3 +154,11 @@ def reports_needed(
     """The accounts whose reports an owner reads for these AMIs."""
     view = UsageView(own_account=own_account, expansions=expansions)
     return {account for image in images for account in consumers(image, view)[0]}
+
+
+def _what(detail: str) -> str:
+    """'referenced by launch template lt-1 ...' -> 'launch template lt-1 ...' (the reason says 'by')."""
+    for verb in ("referenced by ", "used by "):
+        if detail.startswith(verb):
+            return detail.removeprefix(verb)
+    return detail
