@@ -4,7 +4,7 @@ replicate, events, the scheduled bake and the queued copy."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Literal
@@ -12,12 +12,25 @@ from typing import Any, Literal
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import baker, copier, executor, inventory, kms, ledger, rotator, runs, sharer, slicer
+from ami_janitor.aws import (
+    baker,
+    copier,
+    executor,
+    inventory,
+    kms,
+    ledger,
+    rotator,
+    runs,
+    sharer,
+    slicer,
+    usage,
+)
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
 from ami_janitor.core import baking, keys, replication, run_plan, sharing, slices, trust
+from ami_janitor.core import usage as core_usage
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
     AmiState,
@@ -75,8 +88,12 @@ PERMISSIONS: list[str] = sorted(
     | set(ledger.PERMISSIONS)
     | set(kms.PERMISSIONS)
     | set(slicer.QUEUE_PERMISSIONS)
+    | set(usage.PUBLISH_PERMISSIONS)
+    | set(usage.READ_PERMISSIONS)
+    | set(usage.ORGANIZATIONS_PERMISSIONS)
 )
-# The slice worker: a slice's reads, the executor's stages, and the run's record.
+# The slice worker: a slice's reads (consumers' usage reports included), the executor's stages, and
+# the run's record.
 SLICE_PERMISSIONS: list[str] = slicer.PERMISSIONS
 # What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
 # rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
@@ -138,6 +155,9 @@ class RunReport(Plan):
     copy_results: list[replication.CopyResult] = Field(default_factory=list)
     copies_queued: int = 0
     slices_queued: int = 0
+    # Usage reports written to the inbox (s3:// URLs), and those that could not be.
+    usage_reports: list[str] = Field(default_factory=list)
+    usage_problems: list[str] = Field(default_factory=list)
 
 
 class RunResult(BaseModel):
@@ -149,6 +169,8 @@ class RunResult(BaseModel):
     replicated: ReplicateResult = ReplicateResult()
     # Slices of due stages queued to the slice worker (their results come with the run's last slice).
     slices_queued: int = 0
+    usage_reports: list[str] = Field(default_factory=list)
+    usage_problems: list[str] = Field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -156,6 +178,7 @@ class RunResult(BaseModel):
             sum(1 for r in self.results if r.status == "failed")
             + sum(1 for r in self.rotations if r.status == "failed")
             + self.replicated.failed
+            + len(self.usage_problems)
         )
 
     @property
@@ -178,6 +201,8 @@ class RunResult(BaseModel):
                 "copy_results": self.replicated.copy_results,
                 "copies_queued": self.replicated.queued,
                 "slices_queued": self.slices_queued,
+                "usage_reports": self.usage_reports,
+                "usage_problems": self.usage_problems,
             }
         )
 
@@ -363,6 +388,7 @@ def run(
     apply: bool,
     enqueue: Enqueue | None = None,
     work_queue: str | None = None,
+    publish_reports: bool = False,
     progress: Progress = _quiet,
 ) -> RunResult:
     """A scheduled run in one pass: one plan (retirement, Latest, shares, copies), then applied in a
@@ -374,13 +400,22 @@ def run(
     kept as public once, and retires by the usual rules from the next run on.
 
     Applying needs each region's ledger table: without one, LedgerMissing is raised before anything
-    is read or written (the CLI checks first, to refuse before it asks)."""
+    is read or written (the CLI checks first, to refuse before it asks).
+
+    With `publish_reports` (a scheduled run, dry-run or enforce) and `usage_reports` configured, each
+    region read in full sends the account's usage report to the inbox, before anything else is done.
+    """
     if apply:
         require_ledgers(policy, regions, clients_for)
     plan, loaded = build_plan(policy, regions, clients_for, now, progress)
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
+    usage = (
+        publish_usage(policy, [loaded[r] for r in regions if r in loaded], clients_for, now)
+        if publish_reports and policy.usage_reports is not None
+        else {}
+    )
     if not apply:
-        return RunResult(plan=plan, replicated=replicated)
+        return RunResult(plan=plan, replicated=replicated, **usage)
     progress(f"applying the plan in {', '.join(r.region for r in plan.regions if r.status == 'ok')}")
     rotations: list[rotator.RotationResult] = []
 
@@ -397,7 +432,7 @@ def run(
     cut: dict[str, list[slices.WorkSlice]] = {}
 
     def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
-        work = cut_due(plan, policy, region, due, now)
+        work = cut_due(plan, policy, region, due, now, consumers=_consumers(loaded[region]))
         if work_queue is not None:
             cut[region] = work
             return []
@@ -419,10 +454,49 @@ def run(
     )
     own = [loaded[r.region] for r in plan.regions if r.status == "ok" and r.region in loaded]
     replicated = _apply_replication(replicated, own, policy, clients_for, enqueue)
-    result = RunResult(plan=plan, results=applied.results, rotations=rotations, replicated=replicated)
+    result = RunResult(
+        plan=plan, results=applied.results, rotations=rotations, replicated=replicated, **usage
+    )
     for region, work in sorted(cut.items()):
         result = _queue_slices(result, region, work, policy, clients_for(region), work_queue or "", now)
     return result
+
+
+def _consumers(region: RegionInventory) -> dict[str, list[str]]:
+    """AMI id -> the accounts it is shared with whose usage reports the plan read (a slice reads them
+    again before it acts)."""
+    view = region.usage
+    if view is None:
+        return {}
+    found = {image.image_id: sorted(core_usage.consumers(image, view)[0]) for image in region.images}
+    return {image_id: accounts for image_id, accounts in found.items() if accounts}
+
+
+def publish_usage(
+    policy: Policy, inventories: Sequence[RegionInventory], clients_for: ClientsFor, now: datetime
+) -> dict[str, list[str]]:
+    """This account's usage report of each region read in full, to the inbox: {'usage_reports': the
+    s3:// URLs written, 'usage_problems': what could not be}. A region whose inventory is partial
+    sends none: its last report grows stale, and the owners keep what they share (fail safe)."""
+    settings = policy.usage_reports
+    written: list[str] = []
+    problems: list[str] = []
+    if settings is None or not inventories:
+        return {}
+    try:
+        account = usage.own_account(clients_for(inventories[0].region))
+    except (BotoCoreError, ClientError) as error:
+        return {"usage_problems": [f"usage report: sts:GetCallerIdentity: {error_text(error)}"]}
+    for region in inventories:
+        if region.error is not None:
+            continue  # skipped, and said so: its last report grows stale
+        try:
+            key = usage.publish_report(clients_for(region.region), settings, account, region, now)
+        except (BotoCoreError, ClientError) as error:
+            problems.append(f"{region.region}: usage report not sent: s3:PutObject: {error_text(error)}")
+            continue
+        written.append(f"s3://{settings.bucket}/{key}")
+    return {"usage_reports": written, "usage_problems": problems}
 
 
 def cut_due(
@@ -432,6 +506,7 @@ def cut_due(
     due: Sequence[Decision],
     now: datetime,
     budget_seconds: float | None = None,
+    consumers: Mapping[str, Sequence[str]] | None = None,
 ) -> list[slices.WorkSlice]:
     """A region's due stages (nothing blocks them) in slices, as a run cuts them: each within
     SLICE_BUDGET_SECONDS (or `budget_seconds`) of calls paced at the stages' refill."""
@@ -443,6 +518,7 @@ def cut_due(
         policy=slices.policy_digest(policy),
         budget_seconds=SLICE_BUDGET_SECONDS if budget_seconds is None else budget_seconds,
         refill=slicer.STAGE_REFILL,
+        consumers=consumers,
     )
 
 

@@ -106,7 +106,16 @@ def test_the_scheduled_run_answers_with_its_result(mode: Any, monkeypatch: pytes
     # The report is the plan's JSON (a Latest change's `from`), its summary completed, then what applying did.
     report = result.report().model_dump(mode="json")
     planned = plan.to_dict()
-    extra = ["results", "rotations", "share_results", "copy_results", "copies_queued", "slices_queued"]
+    extra = [
+        "results",
+        "rotations",
+        "share_results",
+        "copy_results",
+        "copies_queued",
+        "slices_queued",
+        "usage_reports",
+        "usage_problems",
+    ]
     assert list(report) == [*planned, *extra]
     assert {key: report[key] for key in planned if key != "summary"} == {
         key: value for key, value in planned.items() if key != "summary"

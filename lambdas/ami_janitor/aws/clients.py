@@ -116,6 +116,8 @@ class RegionClients:
     sts: _Client[STSClient] = _Client("sts")
     # Untyped: only DescribeKey is called (no stubs package for KMS in the dev dependencies).
     kms: _Client[KMSClient] = _Client("kms")
+    # Untyped (no stubs package in the dev dependencies): only read, to expand shares to accounts.
+    organizations: _Client[Any] = _Client("organizations")
 
 
 OPERATOR_SESSION_NAME = "ami-janitor-cli"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from ami_janitor.aws import executor, runs
+from ami_janitor.aws import executor, runs, usage
 from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.inventory import image_references, ledger_items
 from ami_janitor.aws.inventory.image_references import read_image_references
@@ -25,9 +25,18 @@ from ami_janitor.aws.inventory.pointers import Pointers
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.pacing import bucket_of
-from ami_janitor.core.model import Image, LedgerView, Reference, RegionInventory, Stage, with_ledger
+from ami_janitor.core.model import (
+    Image,
+    LedgerView,
+    ReceivedReport,
+    Reference,
+    RegionInventory,
+    Stage,
+    with_ledger,
+)
 from ami_janitor.core.policy import Policy
-from ami_janitor.core.slices import WorkSlice, hold_reason
+from ami_janitor.core.slices import SliceItem, WorkSlice, hold_reason
+from ami_janitor.core.usage import account_reason
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -43,7 +52,10 @@ READ_PERMISSIONS: list[str] = sorted(
     | set(ledger_items.ITEM_PERMISSIONS)
 )
 PERMISSIONS: list[str] = sorted(
-    set(READ_PERMISSIONS) | set(executor.STAGE_PERMISSIONS) | set(runs.PERMISSIONS)
+    set(READ_PERMISSIONS)
+    | set(usage.READ_PERMISSIONS)
+    | set(executor.STAGE_PERMISSIONS)
+    | set(runs.PERMISSIONS)
 )
 # queue_run: the run's record, then the slices (SendMessageBatch is authorized as sqs:SendMessage,
 # which comes with the queue).
@@ -163,12 +175,13 @@ def run_slice(
     referenced: dict[str, list[str]] = {}
     for reference in inventory.references:
         referenced.setdefault(reference.image_id, []).append(reference.detail)
+    reports = _consumer_reports(clients, policy, work)
     held: dict[str, str] = {}
     todo: list[tuple[str, Sequence[Stage], str | None]] = []
     for item in work.items:
         why = hold_reason(
             item, images.get(item.image_id), referenced.get(item.image_id, []), work.planned_at, policy, now
-        )
+        ) or _usage_hold(item, work.region, reports, policy, now)
         if why is not None:
             held[item.image_id] = why
         todo.append((item.image_id, item.stages, f"held back: {why}" if why else None))
@@ -184,6 +197,32 @@ def run_slice(
         side_by_side=side_by_side,
     )
     return SliceResult(results=results, held=held)
+
+
+def _consumer_reports(
+    clients: RegionClients, policy: Policy, work: WorkSlice
+) -> dict[str, ReceivedReport | None]:
+    """The usage reports, read now, of the accounts the slice's shared AMIs are shared with."""
+    settings = policy.usage_reports
+    accounts = sorted({a for item in work.items for a in item.consumers})
+    if settings is None or not accounts:
+        return {}
+    return {a: usage.read_report(clients.s3, settings, a, work.region) for a in accounts}
+
+
+def _usage_hold(
+    item: SliceItem, region: str, reports: Mapping[str, ReceivedReport | None], policy: Policy, now: datetime
+) -> str | None:
+    """A shared AMI is held back when a consumer's report, read now, is missing, stale or unreadable, or
+    says it is used: the disable stage's brownout never comes before every consumer's fresh word."""
+    settings = policy.usage_reports
+    if settings is None:
+        return None
+    for account in item.consumers:
+        reason = account_reason(item.image_id, region, account, reports.get(account), settings, now)
+        if reason is not None:
+            return f"{reason}, since the plan"
+    return None
 
 
 def deduplication_id(work: WorkSlice) -> str:

@@ -8,6 +8,24 @@ prefix only, and dates it by S3's LastModified (set by S3, not by the writer).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
+
+from ami_janitor.aws.errors import error_code, error_text
+from ami_janitor.core.model import ReceivedReport, RegionInventory, UsageView
+from ami_janitor.core.policy import UsageReports
+from ami_janitor.core.usage import UsageReport, consumer_grants, report_of, reports_needed
+from ami_janitor.core.validation import describe_validation_error
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from ami_janitor.aws.clients import RegionClients
+
 # A member account's scheduled run: its own report.
 PUBLISH_PERMISSIONS: list[str] = ["s3:PutObject"]
 # An owner's plan, and the slice worker's fresh check: the reports of the accounts it shares with
@@ -22,3 +40,139 @@ ORGANIZATIONS_PERMISSIONS: list[str] = sorted(
         "organizations:ListChildren",
     ]
 )
+# Organizations' largest pages (ListAccounts, ListAccountsForParent: 20; ListChildren: 20).
+_ORGANIZATIONS_PAGE = 20
+_GONE = frozenset({"SUSPENDED", "PENDING_CLOSURE", "CLOSED"})
+
+
+def own_account(clients: RegionClients) -> str:
+    """The account the janitor runs as (GetCallerIdentity needs no permission)."""
+    return str(clients.sts.get_caller_identity()["Account"])
+
+
+def publish_report(
+    clients: RegionClients, settings: UsageReports, account: str, inventory: RegionInventory, now: datetime
+) -> str:
+    """Write the account's report for the inventory's region to the inbox (its own prefix); the key."""
+    report = report_of(account, inventory.region, inventory.images, inventory.references, now)
+    key = settings.report_key(account, inventory.region)
+    clients.s3.put_object(
+        Bucket=settings.bucket,
+        Key=key,
+        Body=report.model_dump_json(indent=1).encode(),
+        ContentType="application/json",
+    )
+    return key
+
+
+def read_report(s3: S3Client, settings: UsageReports, account: str, region: str) -> ReceivedReport | None:
+    """An account's report for a region, from that account's prefix only; None where it sent none. A
+    report that cannot be read or does not describe that account and region is returned with its
+    problem: it keeps what is shared with the account (fail safe)."""
+    key = settings.report_key(account, region)
+    try:
+        answer = s3.get_object(Bucket=settings.bucket, Key=key)
+        body = answer["Body"].read()
+        received_at = answer["LastModified"]
+    except ClientError as error:
+        if error_code(error) in ("NoSuchKey", "404"):
+            return None
+        return _unreadable(account, f"s3://{settings.bucket}/{key}: {error_text(error)}")
+    except (BotoCoreError, KeyError) as error:
+        return _unreadable(account, f"s3://{settings.bucket}/{key}: {error_text(error)}")
+    try:
+        report = UsageReport.model_validate_json(body)
+    except ValidationError as error:
+        return _unreadable(account, f"{key}: {describe_validation_error(error)}", received_at)
+    if report.account != account or report.region != region:
+        return _unreadable(
+            account, f"{key} names account {report.account} in {report.region}: not believed", received_at
+        )
+    uses = {image_id: tuple(details) for image_id, details in report.uses.items()}
+    return ReceivedReport(account=account, received_at=received_at, uses=uses)
+
+
+def _unreadable(account: str, problem: str, received_at: datetime | None = None) -> ReceivedReport:
+    return ReceivedReport(account=account, received_at=received_at or datetime.now(UTC), problem=problem)
+
+
+def expand_grants(
+    organizations: Any, grants: Iterable[str]
+) -> tuple[dict[str, tuple[str, ...] | None], list[str]]:
+    """'org:ARN' / 'ou:ARN' -> the active accounts in it (an OU's nested OUs included), or None where
+    Organizations cannot say (this account is not the management account nor a delegated
+    administrator, or the grant is of another organization); plus a note on why."""
+    wanted = sorted(set(grants))
+    if not wanted:
+        return {}, []
+    try:
+        organization = organizations.describe_organization()["Organization"]
+        own_org = str(organization["Id"])
+        expansions: dict[str, tuple[str, ...] | None] = {}
+        for grant in wanted:
+            kind, _, arn = grant.partition(":")
+            if f"/{own_org}" not in arn:
+                expansions[grant] = None
+            elif kind == "org":
+                expansions[grant] = _active(_pages(organizations, "list_accounts", "Accounts"))
+            else:
+                expansions[grant] = _accounts_under(organizations, arn.rsplit("/", 1)[-1])
+    except (ClientError, BotoCoreError, KeyError) as error:
+        note = f"organizations: {error_text(error)}: shares to organizations and OUs are kept (fail safe)"
+        return dict.fromkeys(wanted), [note]
+    return expansions, []
+
+
+def _accounts_under(organizations: Any, parent: str) -> tuple[str, ...]:
+    accounts = set(_active(_pages(organizations, "list_accounts_for_parent", "Accounts", ParentId=parent)))
+    children = _pages(
+        organizations, "list_children", "Children", ParentId=parent, ChildType="ORGANIZATIONAL_UNIT"
+    )
+    for child in children:
+        accounts.update(_accounts_under(organizations, str(child["Id"])))
+    return tuple(sorted(accounts))
+
+
+def _pages(organizations: Any, operation: str, key: str, **params: Any) -> list[dict[str, Any]]:
+    paginator = organizations.get_paginator(operation)
+    pages = paginator.paginate(**params, PaginationConfig={"PageSize": _ORGANIZATIONS_PAGE})
+    return [entry for page in pages for entry in page.get(key, [])]
+
+
+def _active(accounts: Iterable[dict[str, Any]]) -> tuple[str, ...]:
+    return tuple(
+        sorted(str(a["Id"]) for a in accounts if str(a.get("State") or a.get("Status") or "") not in _GONE)
+    )
+
+
+def load_usage(
+    clients: RegionClients, settings: UsageReports, inventory: RegionInventory, image_ids: Iterable[str]
+) -> RegionInventory:
+    """The inventory with the usage reports the plan needs about `image_ids` (those whose launch
+    permissions were read): the reports of every account they are shared with, for this region."""
+    wanted = set(image_ids)
+    if inventory.error is not None:
+        return inventory
+    try:
+        account = own_account(clients)
+    except (BotoCoreError, ClientError, KeyError) as error:
+        failure = f"sts:GetCallerIdentity: {error_text(error)}"
+        return RegionInventory(region=inventory.region, notes=inventory.notes, error=failure)
+    shared = [i for i in inventory.images if i.image_id in wanted and consumer_grants(i, account)]
+    if not shared:
+        return inventory.model_copy(update={"usage": UsageView(own_account=account)})
+    grants = {g for image in shared for g in consumer_grants(image, account) if not g.startswith("user:")}
+    expansions, notes = expand_grants(clients.organizations, grants) if grants else ({}, [])
+    accounts = reports_needed(shared, account, expansions)
+    received = [read_report(clients.s3, settings, a, inventory.region) for a in sorted(accounts)]
+    reports = {r.account: r for r in received if r is not None}
+    if not settings.required:
+        notes += [
+            f"account {a} sent no usage report for {inventory.region} (usage_reports.required is false: "
+            "taken as not using what is shared with it)"
+            for a in sorted(accounts - set(reports))
+        ]
+    view = UsageView(own_account=account, reports=reports, expansions=expansions)
+    return inventory.model_copy(
+        update={"usage": view, "notes": tuple(dict.fromkeys([*inventory.notes, *notes]))}
+    )

@@ -106,7 +106,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
         if not _confirm(preview.plan, out):
             out.write("declined: nothing was changed\n")
             return EXIT_DECLINED
-    result = engine.run(policy, regions, factory, now, apply=True, progress=_progress)
+    result = engine.run(policy, regions, factory, now, apply=True, publish_reports=True, progress=_progress)
     if args.format == "json":
         render.emit_json(result.report().model_dump(mode="json"), out)
     else:

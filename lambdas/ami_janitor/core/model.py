@@ -226,6 +226,27 @@ class BuildInstance(_Frozen):
         )
 
 
+class ReceivedReport(_Frozen):
+    """An account's usage report for one region, as the owner read it from that account's prefix of
+    the inbox: dated by S3's LastModified (the writer cannot set it); `problem` where it is unreadable."""
+
+    account: str
+    received_at: datetime
+    # AMI id -> what uses it in that account (launch template, instance, SSM parameter...).
+    uses: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    problem: str | None = None
+
+
+class UsageView(_Frozen):
+    """What an owner knows of other accounts' use of its shared AMIs, in one region."""
+
+    own_account: str
+    # account -> its report for this region; an account missing here sent none.
+    reports: dict[str, ReceivedReport] = Field(default_factory=dict)
+    # 'org:ARN' / 'ou:ARN' -> the accounts in it; None where Organizations could not say.
+    expansions: dict[str, tuple[str, ...] | None] = Field(default_factory=dict)
+
+
 class RegionInventory(_Frozen):
     region: str
     images: tuple[Image, ...] = ()
@@ -243,6 +264,8 @@ class RegionInventory(_Frozen):
     # terminated one does not count) and the parameter names (how a parameter ARN is spelled).
     instance_ids: frozenset[str] = frozenset()
     parameter_names: frozenset[str] = frozenset()
+    # Other accounts' usage reports about the shared AMIs the plan needs (only with usage_reports).
+    usage: UsageView | None = None
     # Set when any source failed: the region is skipped, no decision on a partial inventory.
     error: str | None = None
 

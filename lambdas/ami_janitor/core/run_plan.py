@@ -5,15 +5,16 @@ on them (never planned again from scratch)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from ami_janitor.core import planner
 from ami_janitor.core.keys import KeyResolutions
-from ami_janitor.core.model import Decision, Image, Plan, RegionInventory
+from ami_janitor.core.model import Decision, Image, Plan, RegionInventory, UsageView, parse_time
 from ami_janitor.core.planner import is_janitor_touched, shared_outside
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.replication import plan_replication
 from ami_janitor.core.sharing import plan_shares
+from ami_janitor.core.usage import usage_reasons
 
 # Decisions of AMIs this run retires (or may retire soon): never shared first, and their launch
 # permissions decide whether they are shared outside share_with.
@@ -88,26 +89,47 @@ def settle(plan: Plan, inventories: Mapping[str, RegionInventory], policy: Polic
     for region, inventory in inventories.items():
         for reference in inventory.references:
             referenced.setdefault((region, reference.image_id), []).append(reference.detail)
+    now = parse_time(plan.generated_at) or datetime.now(UTC)
     decisions = [
-        _settled(d, images.get((d.region, d.image_id)), referenced.get((d.region, d.image_id), []), policy)
+        _settled(
+            d,
+            images.get((d.region, d.image_id)),
+            referenced.get((d.region, d.image_id), []),
+            policy,
+            (inventories[d.region].usage, now) if d.region in inventories else None,
+        )
         for d in plan.decisions
     ]
+    # What the details added to a region's notes (a report not sent, Organizations not readable).
+    notes = list(
+        dict.fromkeys(
+            [*plan.notes, *(f"{region}: {n}" for region, inv in inventories.items() for n in inv.notes)]
+        )
+    )
     if all(new is old for new, old in zip(decisions, plan.decisions, strict=True)):
-        return plan
+        return plan if notes == plan.notes else plan.model_copy(update={"notes": notes})
     usable = [inv for inv in inventories.values() if inv.error is None]
     summary = planner.summarize(decisions, usable, plan.summary.regions_skipped).model_copy(
         update={"tampered": plan.summary.tampered}
     )
-    return plan.model_copy(update={"decisions": decisions, "summary": summary})
+    return plan.model_copy(update={"decisions": decisions, "summary": summary, "notes": notes})
 
 
-def _settled(decision: Decision, image: Image | None, references: list[str], policy: Policy) -> Decision:
+def _settled(
+    decision: Decision,
+    image: Image | None,
+    references: list[str],
+    policy: Policy,
+    usage: tuple[UsageView | None, datetime] | None,
+) -> Decision:
     if image is None or not _may_need(decision.action, image):
         return decision
     family = policy.family(decision.family)
     reasons = sorted(set(references))
     if not reasons and not policy.rules_for(family).allow_shared:
         reasons = shared_outside(image, family)
+    if not reasons and policy.usage_reports is not None and usage is not None:
+        reasons = usage_reasons(image, usage[0], policy.usage_reports, usage[1])
     if not reasons:
         return decision
     action = "rescue" if is_janitor_touched(image) else "keep"

@@ -33,6 +33,8 @@ class SliceItem(BaseModel):
     image_id: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
     family: str = Field(min_length=1)
     stages: tuple[Stage, ...] = Field(min_length=1)
+    # The accounts it is shared with whose usage reports the plan read: the slice reads them again.
+    consumers: tuple[str, ...] = ()
 
 
 class WorkSlice(BaseModel):
@@ -83,11 +85,19 @@ def cut(
     policy: str,
     budget_seconds: float,
     refill: Mapping[Stage, float],
+    consumers: Mapping[str, Sequence[str]] | None = None,
 ) -> list[WorkSlice]:
     """The due stages of `region`'s decisions (in plan order), in slices whose paced calls fit in
-    `budget_seconds` (at `refill` AMIs per second per stage) and MAX_SLICE_ITEMS."""
+    `budget_seconds` (at `refill` AMIs per second per stage) and MAX_SLICE_ITEMS. `consumers`: AMI id
+    -> the accounts whose usage reports the plan relied on."""
+    shared = consumers or {}
     items = [
-        SliceItem(image_id=d.image_id, family=d.family, stages=stages)
+        SliceItem(
+            image_id=d.image_id,
+            family=d.family,
+            stages=stages,
+            consumers=tuple(sorted(shared.get(d.image_id, ()))),
+        )
         for d in decisions
         if d.region == region and (stages := due_stages(d))
     ]

@@ -29,6 +29,7 @@ from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
 from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
 from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
+from ami_janitor.aws.usage import load_usage
 from ami_janitor.core.model import Image, LedgerView, RegionInventory, RetiredSnapshot, with_ledger
 from ami_janitor.core.policy import Policy
 
@@ -49,7 +50,8 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     # keep it too, so that notes come out in the order of the resources they are about.
     region = clients.region
     images = read_images(clients.ec2, region)
-    if not any(_in_a_family(policy, image) for image in images):
+    # An account that reports its use of other accounts' AMIs reads its references everywhere.
+    if policy.usage_reports is None and not any(_in_a_family(policy, image) for image in images):
         return _without_references(clients, policy, images)
     ec2, ssm = clients.ec2, clients.ssm
     pointers = Pointers.of(policy, images)
@@ -189,7 +191,10 @@ def load_details(
         else i
         for i in loaded.images
     )
-    return loaded.model_copy(update={"images": images})
+    loaded = loaded.model_copy(update={"images": images})
+    if policy.usage_reports is None:
+        return loaded
+    return load_usage(clients, policy.usage_reports, loaded, wanted)
 
 
 def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:

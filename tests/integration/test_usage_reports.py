@@ -1,0 +1,286 @@
+"""Usage reports between two accounts on the emulator (credentials from sts:AssumeRole on a role of
+account N act as account N): the owner shares an AMI, the consumer's launch template uses it and its
+scheduled run reports that to the owner's inbox; the owner's plan keeps the AMI while the report is
+fresh and says so, keeps it when the report is stale or missing, and lets it retire once the consumer
+reports it unused. A report under another account's prefix is not believed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import boto3
+import pytest
+
+from ami_janitor import engine
+from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.core.model import Decision
+from ami_janitor.core.policy import Policy, parse_policy
+from ami_janitor.core.slices import WorkSlice
+from ami_janitor.demo import emulator
+from server import make_ledger
+from server import now as wall_clock
+
+US = "us-east-1"
+OWNER = "123456789012"
+CONSUMER = "222222222222"
+OTHER = "333333333333"
+INBOX = "usage-inbox"
+
+
+def policy(accounts: list[str], *, required: bool = True, units: tuple[str, ...] = ()) -> Policy:
+    return parse_policy(
+        {
+            "mode": "dry-run",
+            "regions": [US],
+            "defaults": {
+                "keep_latest": 1,
+                "min_age_days": 7,
+                "lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0},
+                "limits": {"max_actions_per_run": 100, "max_fraction_per_family": 1.0},
+            },
+            "families": [
+                {
+                    "name": "web",
+                    "match": {"name": "web-*"},
+                    "share_with": {"accounts": accounts, "organizational_units": list(units)},
+                }
+            ],
+            "usage_reports": {"inbox": f"s3://{INBOX}/org", "max_age_hours": 48, "required": required},
+        }
+    )
+
+
+def session_of(account: str) -> boto3.Session:
+    """A session acting as `account`, as the emulator maps an assumed role's credentials."""
+    credentials = boto3.client("sts", region_name=US).assume_role(
+        RoleArn=f"arn:aws:iam::{account}:role/ami-janitor/scheduled", RoleSessionName="ami-janitor"
+    )["Credentials"]
+    return boto3.Session(
+        aws_access_key_id=credentials["AccessKeyId"],
+        aws_secret_access_key=credentials["SecretAccessKey"],
+        aws_session_token=credentials["SessionToken"],
+        region_name=US,
+    )
+
+
+@dataclass
+class Accounts:
+    owner: ClientFactory
+    consumer: ClientFactory
+    shared: str  # the owner's oldest AMI, shared with the consumer
+    unshared: str  # as old, shared with nobody
+    template: str  # the consumer's launch template that uses `shared`
+
+
+@pytest.fixture
+def accounts(endpoint: str) -> Iterator[Accounts]:
+    owner = ClientFactory(boto3.Session(region_name=US))
+    ec2 = owner(US).ec2
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    images = [ec2.create_image(InstanceId=instance, Name=f"web-{n:02d}")["ImageId"] for n in range(3)]
+    for age, image_id in zip((40, 35, 1), images, strict=True):
+        emulator.set_image_fields(US, image_id, creation_date=wall_clock() - timedelta(days=age))
+    ec2.terminate_instances(InstanceIds=[instance])
+    shared, unshared = images[0], images[1]
+    ec2.modify_image_attribute(ImageId=shared, LaunchPermission={"Add": [{"UserId": CONSUMER}]})
+    owner(US).s3.create_bucket(Bucket=INBOX)
+    consumer = ClientFactory(session_of(CONSUMER))
+    template = consumer(US).ec2.create_launch_template(
+        LaunchTemplateName="web-fleet", LaunchTemplateData={"ImageId": shared, "InstanceType": "t3.micro"}
+    )["LaunchTemplate"]["LaunchTemplateId"]
+    yield Accounts(owner, consumer, shared, unshared, template)
+
+
+def owner_plan(accounts: Accounts, at: datetime, *, units: tuple[str, ...] = ()) -> dict[str, Decision]:
+    result = engine.run(policy([CONSUMER], units=units), [US], accounts.owner, at, apply=False)
+    assert [r.status for r in result.plan.regions] == ["ok"]
+    return {d.image_id: d for d in result.plan.decisions}
+
+
+def consumer_run(accounts: Accounts, at: datetime) -> engine.RunResult:
+    return engine.run(policy([CONSUMER]), [US], accounts.consumer, at, apply=False, publish_reports=True)
+
+
+def report_body(accounts: Accounts, account: str) -> dict[str, object]:
+    key = f"org/reports/{account}/{US}.json"
+    return json.loads(accounts.owner(US).s3.get_object(Bucket=INBOX, Key=key)["Body"].read())  # type: ignore[no-any-return]
+
+
+def test_the_consumer_reports_what_it_uses_under_its_own_prefix(accounts: Accounts) -> None:
+    result = consumer_run(accounts, wall_clock())
+
+    assert result.usage_reports == [f"s3://{INBOX}/org/reports/{CONSUMER}/{US}.json"]
+    assert result.usage_problems == [] and result.exit_code == 0
+    body = report_body(accounts, CONSUMER)
+    assert body["account"] == CONSUMER and body["region"] == US
+    uses = body["uses"]
+    assert isinstance(uses, dict) and list(uses) == [accounts.shared]
+    assert any(accounts.template in detail for detail in uses[accounts.shared])
+
+
+def test_the_owner_keeps_an_ami_a_fresh_report_says_is_used(accounts: Accounts) -> None:
+    consumer_run(accounts, wall_clock())
+
+    decisions = owner_plan(accounts, wall_clock())
+
+    kept = decisions[accounts.shared]
+    assert kept.action == "keep"
+    assert any(
+        r.startswith(f"used in account {CONSUMER} by ") and accounts.template in r and "(report of " in r
+        for r in kept.reasons
+    ), kept.reasons
+    # What is shared with nobody retires as before.
+    assert decisions[accounts.unshared].action == "deregister"
+
+
+def test_a_stale_or_missing_report_keeps_the_shared_ami(accounts: Accounts) -> None:
+    missing = owner_plan(accounts, wall_clock())[accounts.shared]
+    assert missing.action == "keep"
+    assert any(f"account {CONSUMER}, which has sent no usage report" in r for r in missing.reasons)
+
+    consumer_run(accounts, wall_clock())
+    later = wall_clock() + timedelta(hours=49)
+    stale = owner_plan(accounts, later)[accounts.shared]
+    assert stale.action == "keep"
+    assert any("older than 48 hours: kept (fail safe)" in r for r in stale.reasons), stale.reasons
+
+
+def test_once_the_consumer_reports_it_unused_the_ami_retires(accounts: Accounts) -> None:
+    consumer_run(accounts, wall_clock())
+    assert owner_plan(accounts, wall_clock())[accounts.shared].action == "keep"
+
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    consumer_run(accounts, wall_clock())
+
+    assert report_body(accounts, CONSUMER)["uses"] == {}
+    retiring = owner_plan(accounts, wall_clock())[accounts.shared]
+    assert retiring.action == "deregister", retiring.reasons
+
+
+def test_without_required_a_missing_report_is_noted_not_kept(accounts: Accounts) -> None:
+    result = engine.run(policy([CONSUMER], required=False), [US], accounts.owner, wall_clock(), apply=False)
+
+    decision = next(d for d in result.plan.decisions if d.image_id == accounts.shared)
+    assert decision.action == "deregister"
+    assert any(f"account {CONSUMER} sent no usage report" in n for n in result.plan.notes), result.plan.notes
+
+
+def test_a_report_under_another_accounts_prefix_is_not_believed(accounts: Accounts) -> None:
+    """The consumer writes, under the prefix of a third account the AMI is also shared with, a report
+    that names the consumer; and under its own prefix a report that names the third account. Neither is
+    believed: each keeps the AMI (fail safe)."""
+    owner_ec2 = accounts.owner(US).ec2
+    owner_ec2.modify_image_attribute(ImageId=accounts.shared, LaunchPermission={"Add": [{"UserId": OTHER}]})
+    s3 = accounts.consumer(US).s3
+    forged = {"version": 1, "region": US, "generated_at": wall_clock().isoformat(), "uses": {}}
+    s3.put_object(
+        Bucket=INBOX, Key=f"org/reports/{OTHER}/{US}.json", Body=json.dumps({**forged, "account": CONSUMER})
+    )
+    s3.put_object(
+        Bucket=INBOX, Key=f"org/reports/{CONSUMER}/{US}.json", Body=json.dumps({**forged, "account": OTHER})
+    )
+
+    result = engine.run(policy([CONSUMER, OTHER]), [US], accounts.owner, wall_clock(), apply=False)
+
+    kept = next(d for d in result.plan.decisions if d.image_id == accounts.shared)
+    assert kept.action == "keep"
+    assert any(
+        f"account {OTHER}, whose usage report cannot be read" in r and "not believed" in r
+        for r in kept.reasons
+    )
+    assert any(f"account {CONSUMER}, whose usage report cannot be read" in r for r in kept.reasons)
+
+
+def test_a_slice_holds_back_a_shared_ami_its_consumer_reports_used_since_the_plan(accounts: Accounts) -> None:
+    """The plan saw a fresh report saying the AMI is unused and queued its stages; before the slice
+    runs, the consumer uses it again and reports so. The slice reads the report again and holds the AMI
+    back: the disable stage's brownout never comes before every consumer's fresh word."""
+    make_ledger((US,))
+    sqs = accounts.owner(US).sqs
+    queue = sqs.create_queue(QueueName="work.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    consumer_run(accounts, wall_clock())
+    enforce = policy([CONSUMER]).model_copy(update={"mode": "enforce"})
+
+    planned = engine.run(enforce, [US], accounts.owner, wall_clock(), apply=True, work_queue=queue)
+
+    assert planned.slices_queued == 1
+    body = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=1)["Messages"][0]["Body"]
+    work = WorkSlice.model_validate_json(body)
+    items = {item.image_id: item for item in work.items}
+    assert items[accounts.shared].consumers == (CONSUMER,)
+    assert items[accounts.unshared].consumers == ()
+
+    accounts.consumer(US).ec2.create_launch_template(
+        LaunchTemplateName="web-fleet-2", LaunchTemplateData={"ImageId": accounts.shared}
+    )
+    consumer_run(accounts, wall_clock())
+    outcome = engine.work_slice(enforce, work, accounts.owner(US), wall_clock())
+
+    assert accounts.shared in outcome.held
+    assert outcome.held[accounts.shared].startswith(f"used in account {CONSUMER} by launch template")
+    assert accounts.unshared not in outcome.held
+    images = accounts.owner(US).ec2.describe_images(Owners=["self"])["Images"]
+    state = {i["ImageId"]: i["State"] for i in images}
+    assert state[accounts.shared] == "available" and accounts.unshared not in state
+
+
+def test_a_share_to_an_organizational_unit_counts_every_account_in_it(accounts: Accounts) -> None:
+    """The owner is the organization's management account: a share to an OU (with a nested OU) is
+    expanded to its accounts, and each of their reports counts."""
+    org = boto3.client("organizations", region_name=US)
+    org.create_organization(FeatureSet="ALL")
+    root = org.list_roots()["Roots"][0]["Id"]
+    unit = org.create_organizational_unit(ParentId=root, Name="workloads")["OrganizationalUnit"]
+    nested = org.create_organizational_unit(ParentId=unit["Id"], Name="web")["OrganizationalUnit"]
+    member = org.create_account(Email="web@example.com", AccountName="web")["CreateAccountStatus"][
+        "AccountId"
+    ]
+    org.move_account(AccountId=member, SourceParentId=root, DestinationParentId=nested["Id"])
+    owner_ec2 = accounts.owner(US).ec2
+    owner_ec2.modify_image_attribute(
+        ImageId=accounts.unshared, LaunchPermission={"Add": [{"OrganizationalUnitArn": unit["Arn"]}]}
+    )
+
+    missing = owner_plan(accounts, wall_clock(), units=(unit["Arn"],))[accounts.unshared]
+    assert missing.action == "keep"
+    assert any(f"account {member}, which has sent no usage report" in r for r in missing.reasons), (
+        missing.reasons
+    )
+
+    ClientFactory(session_of(member))(US).ec2.run_instances(ImageId=accounts.unshared, MinCount=1, MaxCount=1)
+    engine.run(
+        policy([CONSUMER]),
+        [US],
+        ClientFactory(session_of(member)),
+        wall_clock(),
+        apply=False,
+        publish_reports=True,
+    )
+
+    used = owner_plan(accounts, wall_clock(), units=(unit["Arn"],))[accounts.unshared]
+    assert used.action == "keep"
+    assert any(r.startswith(f"used in account {member} by instance i-") for r in used.reasons), used.reasons
+
+
+def test_where_organizations_cannot_be_read_a_share_to_an_ou_keeps_the_ami(accounts: Accounts) -> None:
+    """Without an organization this account may read (it is no management account nor delegated
+    administrator), the plan cannot say who an OU holds: the AMI is kept, and the plan says why."""
+    ou = "arn:aws:organizations::999999999999:ou/o-abcdefghij/ou-abcd-12345678"
+    accounts.owner(US).ec2.modify_image_attribute(
+        ImageId=accounts.unshared, LaunchPermission={"Add": [{"OrganizationalUnitArn": ou}]}
+    )
+
+    result = engine.run(policy([CONSUMER], units=(ou,)), [US], accounts.owner, wall_clock(), apply=False)
+
+    kept = next(d for d in result.plan.decisions if d.image_id == accounts.unshared)
+    assert kept.action == "keep"
+    assert any(f"shared with ou:{ou}, whose accounts cannot be listed" in r for r in kept.reasons), (
+        kept.reasons
+    )
+    assert any("organizations: " in n and "kept (fail safe)" in n for n in result.plan.notes), (
+        result.plan.notes
+    )
