@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aws_cdk import Stack
 from aws_cdk.assertions import Annotations, Capture, Match, Template
-from synth_support import Synth, cdk_context
+from synth_support import TEST_ACCOUNT, Synth, cdk_context, flatten, resources
 
 from ami_janitor.core.policy import Policy, parse_policy
 
@@ -139,3 +139,71 @@ def test_usage_reports_without_organization_makes_no_inbox(tmp_path: Path) -> No
     Annotations.from_stack(stack).has_warning(
         "/AmiJanitor-eu-west-1", Match.string_like_regexp("usage_reports without organization: no inbox")
     )
+
+
+USAGE_SIDS = {
+    "s3:PutObject": "PublishUsageReport",
+    "s3:GetObject": "ReadUsageReports",
+    "s3:ListBucket": "ListUsageReports",
+}
+INBOX = "arn:aws:s3:::example-ami-usage"
+ROLE_PREFIXES = {
+    "scheduled": "ScheduledRunFunctionRole",
+    "slices": "WorkSlicesWorkerRole",
+    "ami_event": "AmiEventsFunctionRole",
+    "replicate": "ReplicationWorkerRole",
+    "bake": "BakeScheduleFunctionRole",
+    "operator": "OperatorRole",
+}
+
+
+def _usage_statements(template: dict[str, Any], prefix: str) -> dict[str, dict[str, Any]]:
+    [role] = [r for k, r in resources(template, "AWS::IAM::Role").items() if k.startswith(prefix)]
+    statements = [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    return {s["Sid"]: s for s in statements if s.get("Sid") in USAGE_SIDS.values()}
+
+
+def test_roles_use_the_inbox_as_their_code_declares(org_synth: Synth) -> None:
+    """Each role's inbox statements are those of the S3 calls its code declares: the scheduled run
+    publishes under its own account and reads, the slice worker reads, the others do not touch it."""
+    from ami_janitor import engine
+    from ami_janitor.handlers import ami_event, bake, replicate, scheduled, slices
+
+    declared = {
+        "scheduled": scheduled.PERMISSIONS,
+        "slices": slices.PERMISSIONS,
+        "ami_event": ami_event.PERMISSIONS,
+        "replicate": replicate.PERMISSIONS,
+        "bake": bake.PERMISSIONS,
+        "operator": engine.CLI_PERMISSIONS,
+    }
+    assert {USAGE_SIDS[a] for a in declared["scheduled"] if a in USAGE_SIDS} == set(USAGE_SIDS.values())
+    assert {USAGE_SIDS[a] for a in declared["slices"] if a in USAGE_SIDS} == {
+        "ReadUsageReports",
+        "ListUsageReports",
+    }
+    templates = {
+        name: org_synth.template(name) for name in org_synth.stack_names() if name.startswith("AmiJanitor-")
+    }
+    templates["member"] = org_synth.member_template()
+    expected_statements = {
+        "PublishUsageReport": {
+            "Action": "s3:PutObject",
+            "Resource": f"{INBOX}/janitor/reports/{TEST_ACCOUNT}/*",
+        },
+        "ReadUsageReports": {"Action": "s3:GetObject", "Resource": f"{INBOX}/janitor/reports/*"},
+        "ListUsageReports": {
+            "Action": "s3:ListBucket",
+            "Resource": INBOX,
+            "Condition": {"StringLike": {"s3:prefix": "janitor/reports/*"}},
+        },
+    }
+    for name, template in templates.items():
+        for module, prefix in ROLE_PREFIXES.items():
+            if module == "bake" and name in ("AmiJanitor-eu-west-1",):
+                continue  # a replication target: no bake schedule
+            found = _usage_statements(template, prefix)
+            assert set(found) == {USAGE_SIDS[a] for a in declared[module] if a in USAGE_SIDS}, (name, module)
+            for sid, statement in found.items():
+                flat = {**statement, "Resource": flatten(statement["Resource"])}
+                assert flat == {"Sid": sid, "Effect": "Allow", **expected_statements[sid]}, (name, module)
