@@ -111,18 +111,7 @@ def compose_janitor(
         work_slices=work_slices,
     )
     work_slices.accept_slices_only_from([scheduled_run.function.role])
-    ami_events = AmiEvents(
-        stack,
-        "AmiEvents",
-        code=code,
-        permissions=ami_event.PERMISSIONS,
-        permission_scope=own_region,
-        alerts=alerts,
-        dead_letters=dead_letters,
-        replication=replication,
-    )
-    # Only the functions that plan copies may queue them.
-    replication.accept_requests_only_from([scheduled_run.function.role, ami_events.function.role])
+    ami_events = _ami_events(stack, code, own_region, alerts, dead_letters, replication, scheduled_run)
     bake_schedule = _bake_schedule(stack, policy, code, own_region, alerts, dead_letters)
     operator_role = _operator_role(stack, with_copies)
     return Janitor(
@@ -137,6 +126,31 @@ def compose_janitor(
         bake_schedule=bake_schedule,
         operator_role=operator_role,
     )
+
+
+def _ami_events(
+    stack: Stack,
+    code: lambda_.Code,
+    scope: Scope,
+    alerts: Alerts,
+    dead_letters: DeadLetters,
+    replication: Replication,
+    scheduled_run: ScheduledRun,
+) -> AmiEvents:
+    """The AMI event function; only it and the scheduled run (the functions that plan copies) may queue
+    copies."""
+    ami_events = AmiEvents(
+        stack,
+        "AmiEvents",
+        code=code,
+        permissions=ami_event.PERMISSIONS,
+        permission_scope=scope,
+        alerts=alerts,
+        dead_letters=dead_letters,
+        replication=replication,
+    )
+    replication.accept_requests_only_from([scheduled_run.function.role, ami_events.function.role])
+    return ami_events
 
 
 def _bake_schedule(
