@@ -470,7 +470,7 @@ def bench_org(regions: int = ORG_REGIONS) -> None:
         f"parallel; the owner's regions start once the last consumer report is in the inbox "
         f"(+{result.owner_start:.1f} s), in parallel. Each account-region is its own chain of invocations "
         f"(the scheduled run, then its slices {org.GAP:g} s apart) on its own EC2 token buckets, "
-        f"{org.LATENCY:g} s per call of every service"
+        f"{org.LATENCY:g} s per call of every service (their own limits not modelled: EC2's only)"
     )
     longest = result.longest
     print(

@@ -27,7 +27,9 @@ usage reports of the accounts its AMIs are shared with, then the plan settled on
 `engine.publish_usage` (its own report to the inbox), then `executor.apply_plan` with the due stages cut
 by `engine.cut_due` and the shares by `sharer.apply_shares`; then each slice as one invocation of the
 slice worker (`slicer.run_slice`: a new pacer that starts empty, four AMIs in flight, the consumers'
-reports read again). The ledger is the fake's (tests/fake_ec2.FakeLedger, checked against the real
+reports read again). The scheduled run's per-AMI reads go one at a time here (the function reads 8 at
+once: that phase is an upper bound), unpaced like the deployed function's client; the services beside
+EC2 take the same latency but are not throttled. The ledger is the fake's (tests/fake_ec2.FakeLedger, checked against the real
 table in tests/integration/test_ledger.py); the run's record, its report and its queue messages are
 not simulated.
 
@@ -318,7 +320,7 @@ def run_account_region(area: AccountRegion, policy: Policy, start: float) -> Reg
     for part in work:
         fake.advance(GAP)
         fake.pacer(full=False)
-        paced = RegionClients(region, clients._session, read_workers=1, **clients._clients)
+        paced = area.clients  # the slice worker's own
         began_slice = fake.elapsed
         done = slicer.run_slice(
             paced,

@@ -276,7 +276,12 @@ class AccountRegion:
     ec2: FakeEC2
     ssm: FakeSSM
     calls: Counter[str]  # of the services beside EC2 and the ledger
-    clients: RegionClients
+    services: dict[str, Any]  # service name -> its fake client
+
+    @property
+    def clients(self) -> RegionClients:
+        """New clients of the region (a new invocation's) on the same fakes."""
+        return RegionClients(self.ec2.region, _SESSION, read_workers=1, **self.services)
 
     def api_calls(self) -> Counter[str]:
         """Every call this account-region made, keyed like IAM actions: EC2 (refused ones included),
@@ -316,5 +321,4 @@ def account_region(
     }
     if organization is not None:
         services["organizations"] = FakeOrganizations(ec2, calls, organization)
-    clients = RegionClients(ec2.region, _SESSION, read_workers=1, **services)
-    return AccountRegion(account=account, ec2=ec2, ssm=ssm, calls=calls, clients=clients)
+    return AccountRegion(account=account, ec2=ec2, ssm=ssm, calls=calls, services=services)
