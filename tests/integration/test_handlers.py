@@ -8,6 +8,7 @@ from typing import Any
 
 import boto3
 import pytest
+import yaml
 
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.handlers import ami_event, scheduled
@@ -37,8 +38,6 @@ def lambda_env(endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def write_policy(path: Path, mode: str) -> None:
-    import yaml
-
     path.write_text(json.dumps(yaml.safe_load(POLICY.format(mode=mode))))
 
 
@@ -180,3 +179,30 @@ def test_an_older_ami_becoming_available_later_does_not_take_latest(lambda_env: 
     ec2().enable_image(ImageId=fleet.images[0])
     ami_event.handler(event("ami_available.json", fleet.images[0]), Context())
     assert latest_holders(fleet.images) == [fleet.images[-1]]
+
+
+def test_the_scheduled_run_sends_the_accounts_usage_report_unless_paused(lambda_env: Path) -> None:
+    """Dry-run or enforce, the scheduled run reports the other accounts' AMIs it uses to the inbox (the
+    owners' plans depend on it); paused, it writes nothing, that report included."""
+    base = ec2().register_image(Name="golden", RootDeviceName="/dev/xvda")["ImageId"]
+    ec2().run_instances(ImageId="ami-0123456789abcdef0", MinCount=1, MaxCount=1)
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="usage-inbox")
+    key = "reports/123456789012/us-east-1.json"
+
+    def with_inbox(mode: str) -> None:
+        data = yaml.safe_load(POLICY.format(mode=mode))
+        lambda_env.write_text(json.dumps({**data, "usage_reports": {"inbox": "s3://usage-inbox"}}))
+
+    with_inbox("paused")
+    assert scheduled.handler(event("scheduled.json"), Context()) == {"mode": "paused"}
+    objects = boto3.client("s3", region_name="us-east-1").list_objects_v2(Bucket="usage-inbox")
+    assert objects.get("KeyCount") == 0
+
+    with_inbox("dry-run")
+    scheduled.handler(event("scheduled.json"), Context())
+    body = (
+        boto3.client("s3", region_name="us-east-1").get_object(Bucket="usage-inbox", Key=key)["Body"].read()
+    )
+    report = json.loads(body)
+    # The instance's AMI is another account's; the account's own AMI is not reported.
+    assert list(report["uses"]) == ["ami-0123456789abcdef0"] and base not in report["uses"]

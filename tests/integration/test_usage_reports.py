@@ -30,7 +30,7 @@ OTHER = "333333333333"
 INBOX = "usage-inbox"
 
 
-def policy(accounts: list[str], *, required: bool = True) -> Policy:
+def policy(accounts: list[str], *, required: bool = True, units: tuple[str, ...] = ()) -> Policy:
     return parse_policy(
         {
             "mode": "dry-run",
@@ -41,7 +41,13 @@ def policy(accounts: list[str], *, required: bool = True) -> Policy:
                 "lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0},
                 "limits": {"max_actions_per_run": 100, "max_fraction_per_family": 1.0},
             },
-            "families": [{"name": "web", "match": {"name": "web-*"}, "share_with": {"accounts": accounts}}],
+            "families": [
+                {
+                    "name": "web",
+                    "match": {"name": "web-*"},
+                    "share_with": {"accounts": accounts, "organizational_units": list(units)},
+                }
+            ],
             "usage_reports": {"inbox": f"s3://{INBOX}/org", "max_age_hours": 48, "required": required},
         }
     )
@@ -88,8 +94,8 @@ def accounts(endpoint: str) -> Iterator[Accounts]:
     yield Accounts(owner, consumer, shared, unshared, template)
 
 
-def owner_plan(accounts: Accounts, at: datetime, *, required: bool = True) -> dict[str, Decision]:
-    result = engine.run(policy([CONSUMER], required=required), [US], accounts.owner, at, apply=False)
+def owner_plan(accounts: Accounts, at: datetime, *, units: tuple[str, ...] = ()) -> dict[str, Decision]:
+    result = engine.run(policy([CONSUMER], units=units), [US], accounts.owner, at, apply=False)
     assert [r.status for r in result.plan.regions] == ["ok"]
     return {d.image_id: d for d in result.plan.decisions}
 
@@ -220,3 +226,61 @@ def test_a_slice_holds_back_a_shared_ami_its_consumer_reports_used_since_the_pla
     images = accounts.owner(US).ec2.describe_images(Owners=["self"])["Images"]
     state = {i["ImageId"]: i["State"] for i in images}
     assert state[accounts.shared] == "available" and accounts.unshared not in state
+
+
+def test_a_share_to_an_organizational_unit_counts_every_account_in_it(accounts: Accounts) -> None:
+    """The owner is the organization's management account: a share to an OU (with a nested OU) is
+    expanded to its accounts, and each of their reports counts."""
+    org = boto3.client("organizations", region_name=US)
+    org.create_organization(FeatureSet="ALL")
+    root = org.list_roots()["Roots"][0]["Id"]
+    unit = org.create_organizational_unit(ParentId=root, Name="workloads")["OrganizationalUnit"]
+    nested = org.create_organizational_unit(ParentId=unit["Id"], Name="web")["OrganizationalUnit"]
+    member = org.create_account(Email="web@example.com", AccountName="web")["CreateAccountStatus"][
+        "AccountId"
+    ]
+    org.move_account(AccountId=member, SourceParentId=root, DestinationParentId=nested["Id"])
+    owner_ec2 = accounts.owner(US).ec2
+    owner_ec2.modify_image_attribute(
+        ImageId=accounts.unshared, LaunchPermission={"Add": [{"OrganizationalUnitArn": unit["Arn"]}]}
+    )
+
+    missing = owner_plan(accounts, wall_clock(), units=(unit["Arn"],))[accounts.unshared]
+    assert missing.action == "keep"
+    assert any(f"account {member}, which has sent no usage report" in r for r in missing.reasons), (
+        missing.reasons
+    )
+
+    ClientFactory(session_of(member))(US).ec2.run_instances(ImageId=accounts.unshared, MinCount=1, MaxCount=1)
+    engine.run(
+        policy([CONSUMER]),
+        [US],
+        ClientFactory(session_of(member)),
+        wall_clock(),
+        apply=False,
+        publish_reports=True,
+    )
+
+    used = owner_plan(accounts, wall_clock(), units=(unit["Arn"],))[accounts.unshared]
+    assert used.action == "keep"
+    assert any(r.startswith(f"used in account {member} by instance i-") for r in used.reasons), used.reasons
+
+
+def test_where_organizations_cannot_be_read_a_share_to_an_ou_keeps_the_ami(accounts: Accounts) -> None:
+    """Without an organization this account may read (it is no management account nor delegated
+    administrator), the plan cannot say who an OU holds: the AMI is kept, and the plan says why."""
+    ou = "arn:aws:organizations::999999999999:ou/o-abcdefghij/ou-abcd-12345678"
+    accounts.owner(US).ec2.modify_image_attribute(
+        ImageId=accounts.unshared, LaunchPermission={"Add": [{"OrganizationalUnitArn": ou}]}
+    )
+
+    result = engine.run(policy([CONSUMER], units=(ou,)), [US], accounts.owner, wall_clock(), apply=False)
+
+    kept = next(d for d in result.plan.decisions if d.image_id == accounts.unshared)
+    assert kept.action == "keep"
+    assert any(f"shared with ou:{ou}, whose accounts cannot be listed" in r for r in kept.reasons), (
+        kept.reasons
+    )
+    assert any("organizations: " in n and "kept (fail safe)" in n for n in result.plan.notes), (
+        result.plan.notes
+    )

@@ -16,7 +16,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from ami_janitor.aws.errors import error_code, error_text
-from ami_janitor.aws.inventory.reading import SourceFailed, source
 from ami_janitor.core.model import ReceivedReport, RegionInventory, UsageView
 from ami_janitor.core.policy import UsageReports
 from ami_janitor.core.usage import UsageReport, consumer_grants, report_of, reports_needed
@@ -155,10 +154,10 @@ def load_usage(
     if inventory.error is not None:
         return inventory
     try:
-        with source("sts:GetCallerIdentity"):
-            account = own_account(clients)
-    except SourceFailed as failure:
-        return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
+        account = own_account(clients)
+    except (BotoCoreError, ClientError, KeyError) as error:
+        failure = f"sts:GetCallerIdentity: {error_text(error)}"
+        return RegionInventory(region=inventory.region, notes=inventory.notes, error=failure)
     shared = [i for i in inventory.images if i.image_id in wanted and consumer_grants(i, account)]
     if not shared:
         return inventory.model_copy(update={"usage": UsageView(own_account=account)})

@@ -149,6 +149,10 @@ def print_results(result: RunResult, out: TextIO) -> None:
         out.write(f"copy {copied.source_region}/{copied.source_image_id} -> {copied.region}: {status}\n")
     if replicated.queued:
         out.write(f"copies queued for the replication worker: {replicated.queued}\n")
+    for url in result.usage_reports:
+        out.write(f"usage report sent: {url}\n")
+    for problem in result.usage_problems:
+        out.write(f"usage report FAILED: {problem}\n")
     failed = result.failed
     out.write(f"applied: {len(result.results)} actions, {failed} failed\n")
 

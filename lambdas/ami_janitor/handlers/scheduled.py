@@ -43,6 +43,7 @@ def summary_text(region: str, report: engine.RunReport) -> str:
     if s.held_back:
         lines.append(f"held back by a slice's fresh read (planned again next run): {s.held_back}")
     lines += [f"skipped {r.region}: {r.error}" for r in skipped]
+    lines += [f"usage report not sent: {p}" for p in report.usage_problems]
     lines += [f"policy error: {e}" for e in report.policy_errors]
     lines += [
         f"tampered: {t.region} {t.image_id} {t.tag}={t.value!r}, ledger: {t.ledger!r}"

@@ -1,0 +1,241 @@
+"""The exact requests of usage reports, through botocore's Stubber: the report written under the
+account's own prefix, reports read from each consumer's prefix only, and shares to an organization or
+OU expanded at Organizations' largest page size (nested OUs included)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.response import StreamingBody
+from botocore.stub import ANY, Stubber
+
+from ami_janitor.aws import usage
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory
+from ami_janitor.core.policy import UsageReports
+from builders import image
+
+REGION = "us-east-1"
+OWNER, CONSUMER = "123456789012", "222222222222"
+INBOX = UsageReports(inbox="s3://usage-inbox/org/")
+NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+ORG_ID = "o-abcdefghij"
+ORG_ARN = f"arn:aws:organizations::{OWNER}:organization/{ORG_ID}"
+OU_ARN = f"arn:aws:organizations::{OWNER}:ou/{ORG_ID}/ou-abcd-11111111"
+
+
+class Stubbed:
+    def __init__(self) -> None:
+        session = boto3.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+        )
+        config = Config(retries={"max_attempts": 1})
+        self.raw = {name: session.client(name, config=config) for name in ("s3", "sts", "organizations")}  # type: ignore[call-overload]
+        self.stubs = {name: Stubber(client) for name, client in self.raw.items()}
+        for stub in self.stubs.values():
+            stub.activate()
+        self.clients = RegionClients(REGION, read_workers=1, **self.raw)
+
+    def add(self, service: str, method: str, response: dict[str, Any], params: dict[str, Any]) -> None:
+        self.stubs[service].add_response(method, response, params)
+
+    def verify(self) -> None:
+        for stub in self.stubs.values():
+            stub.assert_no_pending_responses()
+
+
+@pytest.fixture
+def stubbed(fake_aws_env: None) -> Iterator[Stubbed]:
+    yield (stubs := Stubbed())
+    stubs.verify()
+
+
+def body(data: dict[str, Any]) -> StreamingBody:
+    raw = json.dumps(data).encode()
+    return StreamingBody(io.BytesIO(raw), len(raw))
+
+
+def test_a_report_is_written_under_the_accounts_own_prefix(stubbed: Stubbed) -> None:
+    own = image(image_id="ami-00000000000000000")
+    inventory = RegionInventory(
+        region=REGION,
+        images=(own,),
+        references=(
+            Reference(
+                image_id="ami-0ffffffffffffffff",
+                kind="instance",
+                resource_id="i-1",
+                detail="used by instance i-1",
+            ),
+            Reference(
+                image_id=own.image_id, kind="instance", resource_id="i-2", detail="used by instance i-2"
+            ),
+        ),
+    )
+    sent: dict[str, Any] = {}
+    stubbed.add(
+        "s3",
+        "put_object",
+        {},
+        {
+            "Bucket": "usage-inbox",
+            "Key": f"org/reports/{CONSUMER}/{REGION}.json",
+            "Body": ANY,
+            "ContentType": "application/json",
+        },
+    )
+    stubbed.raw["s3"].meta.events.register(
+        "before-parameter-build.s3.PutObject", lambda params, **_: sent.update(params)
+    )
+
+    key = usage.publish_report(stubbed.clients, INBOX, CONSUMER, inventory, NOW)
+
+    assert key == f"org/reports/{CONSUMER}/{REGION}.json"
+    report = json.loads(sent["Body"])
+    # Only what other accounts own: the account's own AMI is its own plan's business.
+    assert report == {
+        "version": 1,
+        "account": CONSUMER,
+        "region": REGION,
+        "generated_at": "2026-11-25T03:00:00Z",
+        "uses": {"ami-0ffffffffffffffff": ["used by instance i-1"]},
+    }
+
+
+def test_an_owner_reads_each_consumers_report_from_its_prefix_and_dates_it_by_s3(stubbed: Stubbed) -> None:
+    shared = image(image_id="ami-00000000000000001").model_copy(
+        update={"launch_permissions": (LaunchPermission(kind="user", value=CONSUMER),)}
+    )
+    inventory = RegionInventory(region=REGION, images=(shared,))
+    stubbed.add("sts", "get_caller_identity", {"Account": OWNER}, {})
+    written = NOW - timedelta(hours=3)
+    report = {"version": 1, "account": CONSUMER, "region": REGION, "generated_at": "2026-11-20T00:00:00Z"}
+    stubbed.add(
+        "s3",
+        "get_object",
+        {
+            "Body": body({**report, "uses": {shared.image_id: ["referenced by launch template lt-1"]}}),
+            "LastModified": written,
+        },
+        {"Bucket": "usage-inbox", "Key": f"org/reports/{CONSUMER}/{REGION}.json"},
+    )
+
+    loaded = usage.load_usage(stubbed.clients, INBOX, inventory, [shared.image_id])
+
+    assert loaded.usage is not None
+    received = loaded.usage.reports[CONSUMER]
+    assert received.received_at == written  # S3's date, not the body's generated_at
+    assert received.uses == {shared.image_id: ("referenced by launch template lt-1",)}
+
+
+def test_a_missing_report_is_none_and_an_unreadable_one_says_why(stubbed: Stubbed) -> None:
+    key = f"org/reports/{CONSUMER}/{REGION}.json"
+    stubbed.stubs["s3"].add_client_error(
+        "get_object",
+        service_error_code="NoSuchKey",
+        http_status_code=404,
+        expected_params={"Bucket": "usage-inbox", "Key": key},
+    )
+    stubbed.stubs["s3"].add_client_error(
+        "get_object",
+        service_error_code="AccessDenied",
+        http_status_code=403,
+        expected_params={"Bucket": "usage-inbox", "Key": key},
+    )
+    stubbed.add(
+        "s3",
+        "get_object",
+        {"Body": body({"account": CONSUMER}), "LastModified": NOW},
+        {"Bucket": "usage-inbox", "Key": key},
+    )
+
+    assert usage.read_report(stubbed.raw["s3"], INBOX, CONSUMER, REGION) is None
+    denied = usage.read_report(stubbed.raw["s3"], INBOX, CONSUMER, REGION)
+    assert denied is not None and denied.problem is not None and "AccessDenied" in denied.problem
+    malformed = usage.read_report(stubbed.raw["s3"], INBOX, CONSUMER, REGION)
+    assert malformed is not None and malformed.problem is not None and "region" in malformed.problem
+
+
+def test_shares_to_the_organization_and_an_ou_are_expanded_at_the_largest_page(stubbed: Stubbed) -> None:
+    org = "organizations"
+    stubbed.add(org, "describe_organization", {"Organization": {"Id": ORG_ID, "Arn": ORG_ARN}}, {})
+    stubbed.add(
+        org,
+        "list_accounts",
+        {
+            "Accounts": [
+                {"Id": "111111111111", "Status": "ACTIVE"},
+                {"Id": "444444444444", "Status": "SUSPENDED"},
+            ],
+            "NextToken": "t",
+        },
+        {"MaxResults": 20},
+    )
+    stubbed.add(
+        org,
+        "list_accounts",
+        {"Accounts": [{"Id": CONSUMER, "State": "ACTIVE"}]},
+        {"MaxResults": 20, "NextToken": "t"},
+    )
+    stubbed.add(
+        org,
+        "list_accounts_for_parent",
+        {"Accounts": [{"Id": "555555555555", "Status": "ACTIVE"}]},
+        {"ParentId": "ou-abcd-11111111", "MaxResults": 20},
+    )
+    stubbed.add(
+        org,
+        "list_children",
+        {"Children": [{"Id": "ou-abcd-22222222", "Type": "ORGANIZATIONAL_UNIT"}]},
+        {"ParentId": "ou-abcd-11111111", "ChildType": "ORGANIZATIONAL_UNIT", "MaxResults": 20},
+    )
+    stubbed.add(
+        org,
+        "list_accounts_for_parent",
+        {"Accounts": [{"Id": "666666666666", "Status": "ACTIVE"}]},
+        {"ParentId": "ou-abcd-22222222", "MaxResults": 20},
+    )
+    stubbed.add(
+        org,
+        "list_children",
+        {"Children": []},
+        {"ParentId": "ou-abcd-22222222", "ChildType": "ORGANIZATIONAL_UNIT", "MaxResults": 20},
+    )
+
+    expansions, notes = usage.expand_grants(
+        stubbed.raw[org],
+        [
+            f"org:{ORG_ARN}",
+            f"ou:{OU_ARN}",
+            "ou:arn:aws:organizations::999999999999:ou/o-zzzzzzzzzz/ou-zz-zzzzzzzz",
+        ],
+    )
+
+    assert notes == []
+    assert expansions == {
+        f"org:{ORG_ARN}": ("111111111111", CONSUMER),
+        f"ou:{OU_ARN}": ("555555555555", "666666666666"),
+        # Another organization's OU: its accounts cannot be known here.
+        "ou:arn:aws:organizations::999999999999:ou/o-zzzzzzzzzz/ou-zz-zzzzzzzz": None,
+    }
+
+
+def test_an_account_that_may_not_read_organizations_knows_no_expansion(stubbed: Stubbed) -> None:
+    stubbed.stubs["organizations"].add_client_error(
+        "describe_organization",
+        service_error_code="AccessDeniedException",
+        http_status_code=400,
+        expected_params={},
+    )
+
+    expansions, notes = usage.expand_grants(stubbed.raw["organizations"], [f"ou:{OU_ARN}"])
+
+    assert expansions == {f"ou:{OU_ARN}": None}
+    assert notes and "AccessDeniedException" in notes[0]
