@@ -492,7 +492,8 @@ def bench_org(regions: int = ORG_REGIONS) -> None:
         f"  API calls per account-region: consumers mean {result.mean_calls(users):.0f}, max "
         f"{max(r.total_calls for r in users)}; the owner mean {result.mean_calls(owner):.0f}, max "
         f"{max(r.total_calls for r in owner)} (of which report reads {owner[0].calls['s3:GetObject']}); "
-        f"at most {per_ami:.2f} per AMI the region holds (goal <= 2) {verdict(per_ami <= 2)}"
+        f"at most {per_ami:.2f} per AMI the region holds (no target: the owner's report reads grow with its "
+        "consumers, one per consumer for the plan and one per consumer of each slice's shared AMIs)"
     )
     calls: Counter[str] = Counter()
     for run in users:
