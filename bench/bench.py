@@ -10,10 +10,13 @@
 5. `ami-janitor plan` as a user runs it against `ami-janitor emulator` (the demo's account), process
    start included;
 6. the fleet simulator (bench/fleet.py): 50,000 AMIs, 10,000 due deregistrations through the slices,
-   on the in-memory EC2 with the account's token buckets and a simulated clock.
+   on the in-memory EC2 with the account's token buckets and a simulated clock;
+7. the organization simulator (bench/org.py): an owner and 99 consumer accounts, their daily runs with
+   usage reports through the inbox, each account-region on its own token buckets (`python bench/org.py
+   17` runs all 17 regions, not a sample).
 
 `python bench/bench.py fleet plan` runs only the sections named (plan, inventory, policy, cold-start,
-cli, fleet).
+cli, fleet, org).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -438,6 +442,84 @@ def bench_fleet() -> None:
     )
 
 
+ORG_REGIONS = 3  # regions `make bench` simulates of the 17 (every account in each)
+
+
+def bench_org(regions: int = ORG_REGIONS) -> None:
+    import org
+
+    consumers = 99
+    result = org.simulate_org(consumers, org.REGIONS[:regions])
+    owner, users = result.owner_runs, result.consumer_runs
+    rest = len(org.REGIONS) - regions
+    scope = (
+        f"all {len(org.REGIONS)} regions"
+        if not rest
+        else f"{regions} of the {len(org.REGIONS)} regions (every account in each; the regions are generated "
+        f"alike and run independently, each with its own token buckets and reports, so the {rest} others "
+        "repeat these figures: the organization's day is as long as one region's)"
+    )
+    print(
+        f"\norganization simulator (bench/org.py): {consumers + 1} accounts, one owner of "
+        f"{len(org.GOLDEN)} golden families shared with the organization and {consumers} consumers with "
+        f"2 to {len(org.APPS)} families of their own, {org.DAYS} daily AMIs a family in its steady state; "
+        f"simulated in {scope}: {len(result.runs)} account-regions, {result.wall:.0f} s of wall time"
+    )
+    print(
+        f"  model: consumers first. Every consumer account-region runs at the scheduled hour, all in "
+        f"parallel; the owner's regions start once the last consumer report is in the inbox "
+        f"(+{result.owner_start:.1f} s), in parallel. Each account-region is its own chain of invocations "
+        f"(the scheduled run, then its slices {org.GAP:g} s apart) on its own EC2 token buckets, "
+        f"{org.LATENCY:g} s per call of every service (their own limits not modelled: EC2's only)"
+    )
+    longest = result.longest
+    print(
+        f"  org-wide daily run: {result.day / 60:.2f} min simulated (the last consumer report at "
+        f"+{result.owner_start:.1f} s, the owner's longest region {max(r.seconds for r in owner):.1f} s, "
+        f"the longest account-region {longest.seconds:.1f} s: {longest.account} in {longest.region}) "
+        f"(goal <= 4 h) {verdict(result.day <= 4 * 3600)}"
+    )
+    scheduled = max(i.seconds for r in result.runs for i in r.invocations if i.kind == "scheduled")
+    sliced = [i.seconds for r in result.runs for i in r.invocations if i.kind == "slice"]
+    print(
+        f"  longest invocation: a scheduled run {scheduled:.1f} s, a slice {max(sliced, default=0):.1f} s "
+        f"(goal < 15 min, the function's timeout) {verdict(max([scheduled, *sliced]) < 900)}; "
+        f"{len(sliced)} slices in all"
+    )
+    amis = {r.region: len(r.decisions) for r in owner}
+    per_ami = max(r.total_calls / max(1, len(r.decisions)) for r in result.runs)
+    print(
+        f"  API calls per account-region: consumers mean {result.mean_calls(users):.0f}, max "
+        f"{max(r.total_calls for r in users)}; the owner mean {result.mean_calls(owner):.0f}, max "
+        f"{max(r.total_calls for r in owner)} (of which report reads {owner[0].calls['s3:GetObject']}); "
+        f"at most {per_ami:.2f} per AMI the region holds (no target: the owner's report reads grow with its "
+        "consumers, one per consumer for the plan and one per consumer of each slice's shared AMIs)"
+    )
+    calls: Counter[str] = Counter()
+    for run in users:
+        calls.update(run.calls)
+    top = ", ".join(f"{api} {n / len(users):.1f}" for api, n in calls.most_common(6))
+    print(f"  a consumer's mean calls: {top}, ...")
+    refused = sum(r.refused for r in result.runs)
+    print(f"  RequestLimitExceeded answers: {refused} (goal 0) {verdict(refused == 0)}")
+    used = sum(
+        1
+        for r in owner
+        for d in r.decisions.values()
+        if any(x.startswith("used in account") for x in d.reasons)
+    )
+    retired = sum(len(r.gone) + len(r.disabled) for r in owner)
+    reports = len(result.inbox.keys(org.INBOX_BUCKET))
+    failed = sum(r.statuses.get("failed", 0) for r in result.runs)
+    wrong = sum(r.tampered + len(r.skipped) for r in result.runs) + failed
+    print(
+        f"  usage reports through the inbox: {reports} (one per account-region); the owner kept {used} "
+        f"golden AMIs its consumers report used and retired {retired} nobody uses (disabled or deregistered) "
+        f"in {len(amis)} regions; held back by a slice {sum(len(r.held) for r in result.runs)}; failed "
+        f"actions, tampered tags and skipped regions {wrong} (goal 0) {verdict(wrong == 0)}"
+    )
+
+
 SECTIONS: dict[str, Callable[[], None]] = {
     "plan": bench_plan,
     "inventory": bench_inventory_calls,
@@ -445,6 +527,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "cold-start": bench_cold_start,
     "cli": bench_cli_plan_on_emulator,
     "fleet": bench_fleet,
+    "org": bench_org,
 }
 
 

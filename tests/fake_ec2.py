@@ -6,7 +6,11 @@ botocore's EC2 model, so a misspelt parameter or a wrong type fails like it woul
 botocore ClientErrors with EC2's codes. A slice's reads (aws/slicer.py) are answered too: DescribeImages
 by filter, DescribeImageReferences from `references`, DescribeInstances, each paged by botocore's own
 paginator (`get_paginator`), and the ledger items of a few AMIs through `dynamodb` (DescribeTable,
-BatchGetItem against botocore's DynamoDB model).
+BatchGetItem against botocore's DynamoDB model). So is what a scheduled run's inventory reads of EC2
+(tests/fake_aws.py has the other services): DescribeInstances with each instance reference's ImageId,
+DescribeLaunchTemplates and DescribeLaunchTemplateVersions from the launch-template references (one
+version each), no Spot Fleet nor EC2 Fleet, image block public access on, DescribeSnapshots by tag-key,
+and the whole ledger by Scan.
 
 Simulated time: `clock` is what EC2 compares DeprecateAt with; tests set it to the run's `now`. It moves
 on by `latency` seconds with each call (EC2 calls and ledger writes), and by the waits of a pacer made
@@ -42,7 +46,7 @@ from botocore.model import ServiceModel
 from botocore.paginate import Paginator
 from botocore.validate import ParamValidator
 
-from ami_janitor.aws.ledger import STAGES, Ledger, Prior, Written
+from ami_janitor.aws.ledger import ADOPTION_KEY, STAGES, Ledger, Prior, Written
 from ami_janitor.aws.ledger import key as ledger_key
 from ami_janitor.aws.pacing import Pacer
 from ami_janitor.core.model import (
@@ -57,6 +61,7 @@ from ami_janitor.core.model import (
     RegionInventory,
     RetiredSnapshot,
     Stage,
+    iso,
     with_ledger,
 )
 from ami_janitor.core.policy import RETIRED_FROM_TAG
@@ -144,6 +149,11 @@ _OPERATIONS = {
     "modify_image_attribute": "ModifyImageAttribute",
     "describe_image_references": "DescribeImageReferences",
     "describe_instances": "DescribeInstances",
+    "describe_launch_templates": "DescribeLaunchTemplates",
+    "describe_launch_template_versions": "DescribeLaunchTemplateVersions",
+    "describe_spot_fleet_requests": "DescribeSpotFleetRequests",
+    "describe_fleets": "DescribeFleets",
+    "get_image_block_public_access_state": "GetImageBlockPublicAccessState",
 }
 ACCOUNT = "123456789012"  # the account the fake's resources belong to (in ARNs)
 FILTER_VALUES_MAX = 200  # EC2's limit on the values of the filters of one call
@@ -734,13 +744,18 @@ class FakeEC2:
         return {"Images": [image.to_api() for image in page], **token}
 
     def describe_snapshots(self, **params: Any) -> dict[str, Any]:
-        """Only the tag filter the executor uses; one page."""
+        """Only the filters the janitor uses: `tag:KEY` (the executor) and `tag-key` (the inventory's
+        retired snapshots); one page."""
         self._request("describe_snapshots", params)
-        wanted = [(f["Name"].removeprefix("tag:"), set(f["Values"])) for f in params.get("Filters", [])]
+        filters = params.get("Filters", [])
+        wanted = [
+            (f["Name"].removeprefix("tag:"), set(f["Values"])) for f in filters if f["Name"] != "tag-key"
+        ]
+        keys = [set(f["Values"]) for f in filters if f["Name"] == "tag-key"]
         found = [
             {"SnapshotId": snapshot_id, "Tags": [{"Key": k, "Value": v} for k, v in sorted(tags.items())]}
             for snapshot_id, tags in sorted(self.snapshots.items())
-            if all(tags.get(key) in values for key, values in wanted)
+            if all(tags.get(key) in values for key, values in wanted) and all(k & set(tags) for k in keys)
         ]
         return {"Snapshots": found}
 
@@ -787,13 +802,23 @@ class FakeEC2:
         wanted = self._filters(params, api, {"instance-id", "instance-state-name"})
         states = {r.resource_id: "running" for r in self.references if r.kind == "instance"}
         states.update(self.instances)
+        images = {r.resource_id: r.image_id for r in self.references if r.kind == "instance"}
         for instance_id in ids or ():
             if instance_id not in states:
                 raise client_error(
                     "InvalidInstanceID.NotFound", f"The instance ID '{instance_id}' does not exist", api
                 )
         found = [
-            {"ReservationId": f"r-{n:017x}", "Instances": [{"InstanceId": i, "State": {"Name": state}}]}
+            {
+                "ReservationId": f"r-{n:017x}",
+                "Instances": [
+                    {
+                        "InstanceId": i,
+                        "State": {"Name": state},
+                        **({"ImageId": images[i]} if i in images else {}),
+                    }
+                ],
+            }
             for n, (i, state) in enumerate(sorted(states.items()))
             if (ids is None or i in ids)
             and i in wanted.get("instance-id", {i})
@@ -801,6 +826,67 @@ class FakeEC2:
         ]
         page, token = _page(found, params, api, (5, 1000))
         return {"Reservations": list(page), **token}
+
+    # ---- what the inventory's other EC2 sources read ------------------------------------------------
+    def _templates(self) -> dict[str, str]:
+        """Launch template id -> the AMI its one version names: the `references` of kind
+        launch-template (so DescribeImageReferences and the template listing agree)."""
+        return {r.resource_id: r.image_id for r in self.references if r.kind == "launch-template"}
+
+    def describe_launch_templates(self, **params: Any) -> dict[str, Any]:
+        """Every launch template the references name, one version each (its default and latest)."""
+        api, _ = self._request("describe_launch_templates", params)
+        found = [
+            {
+                "LaunchTemplateId": template_id,
+                "LaunchTemplateName": f"template-{template_id}",
+                "DefaultVersionNumber": 1,
+                "LatestVersionNumber": 1,
+            }
+            for template_id in sorted(self._templates())
+        ]
+        page, token = _page(found, params, api, (1, 200))
+        return {"LaunchTemplates": list(page), **token}
+
+    def describe_launch_template_versions(self, **params: Any) -> dict[str, Any]:
+        """The one version of a template (by LaunchTemplateId), or of every template (by Versions)."""
+        api, _ = self._request("describe_launch_template_versions", params)
+        templates = self._templates()
+        template_id = params.get("LaunchTemplateId")
+        if template_id is not None and template_id not in templates:
+            raise client_error(
+                "InvalidLaunchTemplateId.NotFound",
+                f"The launch template ID '{template_id}' does not exist",
+                api,
+            )
+        found = [
+            {
+                "LaunchTemplateId": t,
+                "LaunchTemplateName": f"template-{t}",
+                "VersionNumber": 1,
+                "DefaultVersion": True,
+                "LaunchTemplateData": {"ImageId": image_id},
+            }
+            for t, image_id in sorted(templates.items())
+            if template_id in (None, t)
+        ]
+        page, token = _page(found, params, api, (1, 200))
+        return {"LaunchTemplateVersions": list(page), **token}
+
+    def describe_spot_fleet_requests(self, **params: Any) -> dict[str, Any]:
+        """No Spot Fleet request."""
+        self._request("describe_spot_fleet_requests", params)
+        return {"SpotFleetRequestConfigs": []}
+
+    def describe_fleets(self, **params: Any) -> dict[str, Any]:
+        """No EC2 Fleet."""
+        self._request("describe_fleets", params)
+        return {"Fleets": []}
+
+    def get_image_block_public_access_state(self, **params: Any) -> dict[str, Any]:
+        """Image block public access on (new sharing blocked)."""
+        self._request("get_image_block_public_access_state", params)
+        return {"ImageBlockPublicAccessState": "block-new-sharing"}
 
     def describe_image_attribute(self, **params: Any) -> dict[str, Any]:
         api, _ = self._request("describe_image_attribute", params)
@@ -1130,6 +1216,21 @@ class FakeDynamoDB:
             "Responses": {table: [_raw_item(item) for _, item in sorted(found.items())]},
             "UnprocessedKeys": {},
         }
+
+    def scan(self, **params: Any) -> dict[str, Any]:
+        """The ledger's items and its adoption record (aws/ledger.py's read_all), paged by Limit."""
+        self._request("Scan", params)
+        ledger = self.ec2.ledger
+        if params["TableName"] != ledger.table:
+            raise client_error("ResourceNotFoundException", "Requested resource not found", "Scan")
+        raws = [_raw_item(item) for _, item in sorted(ledger.items.items())]
+        if ledger.adopted is not None:
+            raws.insert(0, {**ADOPTION_KEY, "at": {"S": iso(ledger.adopted) or ""}})
+        start = int(params.get("ExclusiveStartKey", {}).get("position", {}).get("N", "0"))
+        end = start + int(params.get("Limit") or len(raws) or 1)
+        page = raws[start:end]
+        more = {"LastEvaluatedKey": {"position": {"N": str(end)}}} if end < len(raws) else {}
+        return {"Items": page, "Count": len(page), "ScannedCount": len(page), **more}
 
 
 def _raw_item(item: LedgerItem) -> dict[str, Any]:

@@ -1,0 +1,102 @@
+"""The in-memory EC2 and the services beside it (tests/fake_aws.py) answer a scheduled run's inventory
+(aws/inventory.load_inventory) as the fake itself describes the region: its AMIs, what references them
+(instances, launch templates, SSM parameters), its retired snapshots and its ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ami_janitor.aws import usage
+from ami_janitor.aws.inventory import load_inventory
+from ami_janitor.core.model import LedgerItem, Reference
+from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
+from fake_aws import Inbox, Organization, account_region
+from fake_ec2 import FakeDynamoDB, FakeEC2, FakeImage
+
+NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
+POLICY = parse_policy(
+    {
+        "regions": ["us-east-1"],
+        "families": [{"name": "app", "match": {"name": "app-*"}}],
+        "usage_reports": {"inbox": "s3://inbox/org"},
+    }
+)
+
+
+def region() -> FakeEC2:
+    fake = FakeEC2("us-east-1", latency=0.05)
+    fake.clock = NOW
+    for n in range(5):
+        fake.add_image(
+            FakeImage(f"ami-{n:017x}", f"app-{n}", NOW - timedelta(days=n), snapshot_ids=(f"snap-{n}",))
+        )
+    fake.add_snapshot("snap-left", {RETIRED_FROM_TAG: "ami-00000000000000009"})
+    fake.references += [
+        Reference(image_id="ami-00000000000000001", kind="instance", resource_id="i-1", detail=""),
+        Reference(image_id="ami-0000000000000feed", kind="launch-template", resource_id="lt-1", detail=""),
+    ]
+    fake.ledger.adopted = NOW - timedelta(days=30)
+    for n in range(3):
+        image_id = f"ami-{n:017x}"
+        fake.ledger.items[image_id] = LedgerItem(image_id=image_id, grants=("user:111122223333",))
+    return fake
+
+
+def test_the_inventory_reads_what_the_fake_holds() -> None:
+    fake = region()
+    area = account_region(fake, "222233334444", Inbox(), parameters={"/app/current": "ami-00000000000000002"})
+
+    inventory = load_inventory(area.clients, POLICY)
+
+    assert inventory.error is None
+    assert [i.image_id for i in inventory.images] == sorted(fake.images)
+    used = {(r.image_id, r.kind, r.resource_id) for r in inventory.references}
+    assert used == {
+        ("ami-00000000000000001", "instance", "i-1"),
+        ("ami-0000000000000feed", "launch-template", "lt-1"),
+        ("ami-00000000000000002", "ssm-parameter", "/app/current"),
+    }
+    assert [s.snapshot_id for s in inventory.retired_snapshots] == ["snap-left"]
+    assert inventory.ledger is not None and inventory.ledger.adopted == fake.ledger.adopted
+    assert inventory.ledger.items == fake.ledger.items
+    # Every call took the fake's latency on its clock, and was counted.
+    calls = area.api_calls()
+    assert (
+        calls["ec2:DescribeImages"] == 1 and calls["dynamodb:Scan"] == 1 and calls["ssm:GetParameters"] == 1
+    )
+    assert fake.elapsed == pytest.approx(sum(calls.values()) * 0.05)
+
+
+def test_a_scan_pages_the_ledger_by_its_limit() -> None:
+    fake = region()
+    db = FakeDynamoDB(fake)
+    first = db.scan(TableName=fake.ledger.table, Limit=2)
+    second = db.scan(TableName=fake.ledger.table, Limit=2, ExclusiveStartKey=first["LastEvaluatedKey"])
+    assert len(first["Items"]) == len(second["Items"]) == 2 and "LastEvaluatedKey" not in second
+    assert first["Items"][0]["pk"] == {"S": "ledger#adoption"}
+
+
+def test_the_inbox_dates_a_report_by_its_writers_clock_and_the_owner_expands_its_organization() -> None:
+    inbox = Inbox()
+    org = Organization("o-abcdefghij", "111122223333", ["111122223333", "222233334444", "333344445555"])
+    consumer = account_region(region(), "222233334444", inbox)
+    owner_ec2 = region()
+    owner = account_region(owner_ec2, "111122223333", inbox, organization=org)
+    consumer.ec2.advance(60)
+    settings = POLICY.usage_reports
+    assert settings is not None
+
+    key = usage.publish_report(
+        consumer.clients, settings, "222233334444", load_inventory(consumer.clients, POLICY), NOW
+    )
+
+    assert inbox.keys("inbox") == [key] == ["org/reports/222233334444/us-east-1.json"]
+    report = usage.read_report(owner.clients.s3, settings, "222233334444", "us-east-1")
+    assert report is not None and report.problem is None
+    assert report.received_at > NOW + timedelta(seconds=60)  # the writer's clock when S3 stored it
+    assert "ami-0000000000000feed" in report.uses  # another account's AMI its launch template names
+    assert usage.read_report(owner.clients.s3, settings, "333344445555", "us-east-1") is None
+    expansions, notes = usage.expand_grants(owner.clients.organizations, [f"org:{org.arn}"])
+    assert expansions == {f"org:{org.arn}": ("111122223333", "222233334444", "333344445555")} and notes == []
