@@ -318,14 +318,10 @@ def _usage_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     if "s3:GetObject" in chosen:
         out.append(Statement("ReadUsageReports", ("s3:GetObject",), (f"{objects}*",)))
     if "s3:ListBucket" in chosen:
-        out.append(
-            Statement(
-                "ListUsageReports",
-                ("s3:ListBucket",),
-                (scope.usage_bucket_arn(),),
-                {"StringLike": {"s3:prefix": f"{reports}*"}},
-            )
-        )
+        # No s3:prefix condition: S3 checks ListBucket when GetObject meets a missing key (404 rather
+        # than 403) without a prefix in the request context, so a condition would make every missing
+        # report look unreadable. Listing shows only which accounts reported.
+        out.append(Statement("ListUsageReports", ("s3:ListBucket",), (scope.usage_bucket_arn(),)))
     return out
 
 

@@ -54,12 +54,9 @@ class UsageInbox(Construct):
                 {},
             ),
             ("JanitorsReadReports", "s3:GetObject", self.bucket.arn_for_objects(f"{reports}*"), {}),
-            (
-                "JanitorsListReports",
-                "s3:ListBucket",
-                self.bucket.bucket_arn,
-                {"StringLike": {"s3:prefix": f"{reports}*"}},
-            ),
+            # No s3:prefix condition: S3 checks ListBucket for a GetObject of a missing key (to answer
+            # 404, not 403) without a prefix in the context.
+            ("JanitorsListReports", "s3:ListBucket", self.bucket.bucket_arn, {}),
         ):
             self.bucket.add_to_resource_policy(
                 iam.PolicyStatement(
