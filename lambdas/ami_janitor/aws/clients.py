@@ -121,9 +121,10 @@ class RegionClients:
 OPERATOR_SESSION_NAME = "ami-janitor-cli"
 
 
-def known_regions() -> set[str]:
-    """Every EC2 region of every partition the installed SDK knows."""
-    session = boto3.Session()
+def known_regions(session: boto3.Session | None = None) -> set[str]:
+    """Every EC2 region of every partition the installed SDK knows. Pass the session the clients will
+    come from: the SDK's endpoint data it parses for this (about 100 ms) is then parsed once."""
+    session = session or boto3.Session()
     return {
         region
         for partition in session.get_available_partitions()
@@ -131,11 +132,11 @@ def known_regions() -> set[str]:
     }
 
 
-def unknown_regions(regions: list[str]) -> list[str]:
+def unknown_regions(regions: list[str], session: boto3.Session | None = None) -> list[str]:
     """'R (did you mean N?)' for each region the SDK does not know (a typo, or an SDK to update)."""
     import difflib  # the CLI and the synth ask; the functions never do, so they do not load it
 
-    known = known_regions()
+    known = known_regions(session)
     problems = []
     for region in regions:
         if region not in known:
@@ -145,9 +146,11 @@ def unknown_regions(regions: list[str]) -> list[str]:
     return problems
 
 
-def unknown_regions_message(regions: list[str], source: str) -> str | None:
+def unknown_regions_message(
+    regions: list[str], source: str, session: boto3.Session | None = None
+) -> str | None:
     """The policy error for regions the SDK does not know, or None: the CLI and the synth say the same."""
-    unknown = unknown_regions(regions)
+    unknown = unknown_regions(regions, session)
     if not unknown:
         return None
     return (
