@@ -10,8 +10,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import boto3
+import botocore.session
 from botocore.config import Config
+from botocore.loaders import Loader
 
+from ami_janitor.aws import models
 from ami_janitor.aws.pacing import Pacer, pace
 
 if TYPE_CHECKING:
@@ -172,6 +175,21 @@ def assumed_session(base: boto3.Session, role_arn: str) -> boto3.Session:
         aws_session_token=credentials["SessionToken"],
         region_name=base.region_name,
     )
+
+
+def janitor_session(profile_name: str | None = None) -> boto3.Session:
+    """A session for the functions and the CLI, whose EC2 model is the janitor's cut (`aws.models`):
+    parsed in a few ms instead of about 90, with only the operations the package calls. Found ahead of
+    botocore's data, behind a user's (~/.aws/models, AWS_DATA_PATH); without the cut (a package
+    installed without its data), the SDK's own."""
+    session = botocore.session.get_session()
+    if profile_name is not None:  # before the loader: it reads the profile (ProfileNotFound, its data_path)
+        session.set_config_variable("profile", profile_name)
+    if models.EC2_MODEL.is_file():
+        paths = session.get_component("data_loader").search_paths
+        builtin = Loader.BUILTIN_DATA_PATH
+        paths.insert(paths.index(builtin) if builtin in paths else 0, str(models.DATA_PATH))
+    return boto3.Session(botocore_session=session, profile_name=profile_name)
 
 
 class ClientFactory:

@@ -15,7 +15,7 @@ from botocore.exceptions import ProfileNotFound
 
 from ami_janitor import engine
 from ami_janitor.aws import rotator
-from ami_janitor.aws.clients import ClientFactory, assumed_session, unknown_regions_message
+from ami_janitor.aws.clients import ClientFactory, assumed_session, janitor_session, unknown_regions_message
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
@@ -39,7 +39,7 @@ def _session(args: argparse.Namespace) -> boto3.Session:
     share what the SDK loads for both (its endpoint data, parsed once instead of twice)."""
     session: boto3.Session | None = getattr(args, "_session", None)
     if session is None:
-        session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
+        session = janitor_session(args.profile)
         args._session = session
     return session
 
