@@ -170,7 +170,7 @@ def account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Account
         arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         monkeypatch.setenv("REPLICATION_QUEUE_URL", url)
         recorded = Account(ClientFactory(), url, arn, dlq_url)
-        monkeypatch.setattr(replicate, "ClientFactory", lambda: RecordingClients(recorded.copy_requests))
+        monkeypatch.setattr(replicate, "ClientFactory", lambda *_: RecordingClients(recorded.copy_requests))
         yield recorded
 
 

@@ -159,7 +159,7 @@ def test_the_scheduled_run_makes_the_queue_client_only_to_queue_a_copy(
         return engine.RunResult(plan=Plan(mode="enforce", generated_at=NOW, regions=[], decisions=[]))
 
     monkeypatch.setattr(engine, "run", run)
-    monkeypatch.setattr(scheduled, "ClientFactory", lambda: lambda region: Clients())
+    monkeypatch.setattr(scheduled, "ClientFactory", lambda *_: lambda region: Clients())
     monkeypatch.setattr(scheduled.copier, "enqueue_copies", enqueue_copies)
     monkeypatch.setenv("REPLICATION_QUEUE_URL", "https://sqs.us-east-1.amazonaws.com/123456789012/copies")
     mode("enforce")

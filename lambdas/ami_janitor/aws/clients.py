@@ -10,8 +10,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import boto3
+import botocore.session
 from botocore.config import Config
+from botocore.loaders import Loader
 
+from ami_janitor.aws import models
 from ami_janitor.aws.pacing import Pacer, pace
 
 if TYPE_CHECKING:
@@ -123,9 +126,10 @@ class RegionClients:
 OPERATOR_SESSION_NAME = "ami-janitor-cli"
 
 
-def known_regions() -> set[str]:
-    """Every EC2 region of every partition the installed SDK knows."""
-    session = boto3.Session()
+def known_regions(session: boto3.Session | None = None) -> set[str]:
+    """Every EC2 region of every partition the installed SDK knows. Pass the session the clients will
+    come from: the SDK's endpoint data it parses for this (about 100 ms) is then parsed once."""
+    session = session or boto3.Session()
     return {
         region
         for partition in session.get_available_partitions()
@@ -133,11 +137,11 @@ def known_regions() -> set[str]:
     }
 
 
-def unknown_regions(regions: list[str]) -> list[str]:
+def unknown_regions(regions: list[str], session: boto3.Session | None = None) -> list[str]:
     """'R (did you mean N?)' for each region the SDK does not know (a typo, or an SDK to update)."""
     import difflib  # the CLI and the synth ask; the functions never do, so they do not load it
 
-    known = known_regions()
+    known = known_regions(session)
     problems = []
     for region in regions:
         if region not in known:
@@ -147,9 +151,11 @@ def unknown_regions(regions: list[str]) -> list[str]:
     return problems
 
 
-def unknown_regions_message(regions: list[str], source: str) -> str | None:
+def unknown_regions_message(
+    regions: list[str], source: str, session: boto3.Session | None = None
+) -> str | None:
     """The policy error for regions the SDK does not know, or None: the CLI and the synth say the same."""
-    unknown = unknown_regions(regions)
+    unknown = unknown_regions(regions, session)
     if not unknown:
         return None
     return (
@@ -171,6 +177,21 @@ def assumed_session(base: boto3.Session, role_arn: str) -> boto3.Session:
         aws_session_token=credentials["SessionToken"],
         region_name=base.region_name,
     )
+
+
+def janitor_session(profile_name: str | None = None) -> boto3.Session:
+    """A session for the functions and the CLI, whose EC2 model is the janitor's cut (`aws.models`):
+    parsed in a few ms instead of about 90, with only the operations the package calls. Found ahead of
+    botocore's data, behind a user's (~/.aws/models, AWS_DATA_PATH); without the cut (a package
+    installed without its data), the SDK's own."""
+    session = botocore.session.get_session()
+    if profile_name is not None:  # before the loader: it reads the profile (ProfileNotFound, its data_path)
+        session.set_config_variable("profile", profile_name)
+    if models.EC2_MODEL.is_file():
+        paths = session.get_component("data_loader").search_paths
+        builtin = Loader.BUILTIN_DATA_PATH
+        paths.insert(paths.index(builtin) if builtin in paths else 0, str(models.DATA_PATH))
+    return boto3.Session(botocore_session=session, profile_name=profile_name)
 
 
 class ClientFactory:

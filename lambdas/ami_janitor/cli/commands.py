@@ -11,10 +11,11 @@ from types import ModuleType
 from typing import TextIO
 
 import boto3
+from botocore.exceptions import ProfileNotFound
 
 from ami_janitor import engine
 from ami_janitor.aws import rotator
-from ami_janitor.aws.clients import ClientFactory, assumed_session, unknown_regions_message
+from ami_janitor.aws.clients import ClientFactory, assumed_session, janitor_session, unknown_regions_message
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
@@ -33,18 +34,32 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def _session(args: argparse.Namespace) -> boto3.Session:
+    """The command's session (--profile), made once: the policy's region check and the clients then
+    share what the SDK loads for both (its endpoint data, parsed once instead of twice)."""
+    session: boto3.Session | None = getattr(args, "_session", None)
+    if session is None:
+        session = janitor_session(args.profile)
+        args._session = session
+    return session
+
+
 def _policy(args: argparse.Namespace) -> Policy:
     policy = load_policy(args.config)
-    problem = unknown_regions_message(policy.managed_regions, args.config or "the policy")
+    try:
+        session: boto3.Session | None = _session(args)
+    except ProfileNotFound:
+        session = None  # reported where the clients are made, after the policy's own errors
+    problem = unknown_regions_message(policy.managed_regions, args.config or "the policy", session)
     if problem:
         raise PolicyError(problem)
     return policy
 
 
 def _factory(args: argparse.Namespace) -> ClientFactory:
-    session = boto3.Session(profile_name=args.profile) if args.profile else None
+    session = _session(args)
     if getattr(args, "role_arn", None):
-        session = assumed_session(session or boto3.Session(), args.role_arn)
+        session = assumed_session(session, args.role_arn)
     return ClientFactory(session)
 
 

@@ -16,9 +16,14 @@ The patches reach into moto internals, so they are pinned to one moto version.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import io
 import json
 import logging
 import re
+import socket
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -38,9 +43,11 @@ if moto.__version__ != MOTO_VERSION:
     )
 
 # moto's own exception classes: its serializer finds the service from the exception's module.
+from moto import backends  # noqa: E402
+from moto.core import responses as moto_responses  # noqa: E402
 from moto.core.botocore_stubber import BotocoreStubber  # noqa: E402
 from moto.core.responses import ActionResult  # noqa: E402
-from moto.core.utils import camelcase_to_underscores, method_names_from_class  # noqa: E402
+from moto.core.utils import camelcase_to_underscores  # noqa: E402
 from moto.ec2.exceptions import (  # noqa: E402
     EC2ClientError,
     InvalidAMIIdError,
@@ -55,8 +62,14 @@ from moto.ec2.models.elastic_block_store import EBSBackend  # noqa: E402
 from moto.ec2.responses import EC2Response  # noqa: E402
 from moto.ec2.responses.amis import AmisResponse  # noqa: E402
 from moto.moto_server import werkzeug_app  # noqa: E402
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication  # noqa: E402
+from moto.moto_server.werkzeug_app import (  # noqa: E402
+    DomainDispatcherApplication,
+    MotoRequestHandler,
+    create_backend_app,
+)
 from moto.server import ThreadedMotoServer  # noqa: E402
+from werkzeug.exceptions import InternalServerError  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
 
 _MARKER = "_ami_janitor_emulator"
 _COOLDOWN = timedelta(hours=24)
@@ -309,7 +322,7 @@ def _wrap_ec2_call_action(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self)
         except NotImplementedError:
             action = self._get_action()
-            if camelcase_to_underscores(action) in method_names_from_class(type(self)):
+            if camelcase_to_underscores(action) in _MethodNames(type(self)):
                 raise  # an implemented action that moto cannot do with these arguments: not ours to mask
             # EC2 answers an action it does not offer with InvalidAction (HTTP 400).
             error = EC2ClientError("InvalidAction", f"The action {action} is not valid for this web service.")
@@ -318,6 +331,26 @@ def _wrap_ec2_call_action(original: Callable[..., Any]) -> Callable[..., Any]:
             return status, headers, body
 
     return call_action
+
+
+# ---- the server's answer time: what moto recomputes on every request, computed once ----------------------
+
+
+class _MethodNames:
+    """What moto asks of the list `method_names_from_class` makes (is this action a method of the
+    response class?), answered by one lookup: moto lists every member of the class, about 1.5 ms on
+    EC2's, on every request. Read at each request, so a method added or removed later counts."""
+
+    def __init__(self, cls: type) -> None:
+        self._cls = cls
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and inspect.isfunction(getattr(self._cls, name, None))
+
+
+def _wrap_list_of_moto_modules(original: Callable[[], Any]) -> Callable[[], tuple[str, ...]]:
+    """moto's package directories, listed once: the server lists and stats them twice a request."""
+    return functools.cache(lambda: tuple(original()))
 
 
 # Services the janitor calls that moto 5.2.5 has no backend for (REST-JSON protocol).
@@ -430,7 +463,93 @@ def install() -> None:
     setattr(EC2Response, "call_action", _wrap_ec2_call_action(EC2Response.call_action))  # noqa: B010
     setattr(BotocoreStubber, "process_request", _wrap_process_request(BotocoreStubber.process_request))  # noqa: B010
     setattr(DomainDispatcherApplication, "__call__", _wrap_dispatch(DomainDispatcherApplication.__call__))  # noqa: B010
+    setattr(moto_responses, "method_names_from_class", _MethodNames)  # noqa: B010
+    setattr(backends, "list_of_moto_modules", _wrap_list_of_moto_modules(backends.list_of_moto_modules))  # noqa: B010
     setattr(AmiBackend, _MARKER, True)
+
+
+# ---- the server: connections kept open -------------------------------------------------------------
+
+
+class _KeepAliveHandler(MotoRequestHandler):
+    """moto's request handler on a connection kept open between requests. werkzeug's development server
+    closes it after every answer (and keeps the thread reading what is left of it): each SDK call then
+    pays a new TCP connection, and the server a new thread. A request whose body is framed by its
+    Content-Length is read whole, answered with a Content-Length, and the connection stays open for the
+    next; any other (chunked, `Expect: 100-continue`) goes werkzeug's way, and closes."""
+
+    def setup(self) -> None:
+        super().setup()
+        # The head and the body of an answer are two writes: no waiting for the first one's ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.open_connections.add(self.connection)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        self.server.open_connections.discard(self.connection)  # type: ignore[attr-defined]
+        super().finish()
+
+    def run_wsgi(self) -> None:
+        length = self.headers.get("Content-Length")
+        if (
+            self.headers.get("Transfer-Encoding")
+            or self.headers.get("Expect")
+            or not (length or "0").isdigit()
+        ):
+            self.close_connection = True
+            super().run_wsgi()
+            return
+        body = self.rfile.read(int(length or 0))
+        self.environ = environ = self.make_environ()
+        environ["wsgi.input"] = io.BytesIO(body)
+        answer: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            answer["status"], answer["headers"] = status, headers
+            return chunks.append
+
+        try:
+            result = self.server.app(environ, start_response)
+            try:
+                chunks.extend(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+        except Exception:  # as werkzeug answers an application's exception: a 500 page
+            self.close_connection = True
+            chunks.clear()
+            chunks.extend(InternalServerError()(environ, start_response))
+        code, _, reason = str(answer["status"]).partition(" ")
+        payload = b"".join(chunks)
+        self.send_response(int(code), reason)
+        named = set()
+        for name, value in answer["headers"]:
+            self.send_header(name, value)
+            named.add(name.lower())
+        if "content-length" not in named:
+            self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+
+class _EmulatorServer(ThreadedMotoServer):
+    """moto's threaded server with the keep-alive handler; stopping it closes the open connections."""
+
+    def _server_entry(self) -> None:
+        app = DomainDispatcherApplication(create_backend_app)
+        server = make_server(self._ip_address, self._port, app, True, request_handler=_KeepAliveHandler)
+        server.open_connections = set()  # type: ignore[attr-defined]
+        self._server = server
+        self._server_ready_event.set()
+        server.serve_forever()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._server is not None:
+            for connection in list(self._server.open_connections):  # type: ignore[attr-defined]
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
 
 def start_server(host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadedMotoServer, str]:
@@ -443,7 +562,7 @@ def start_server(host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadedMotoSe
     # Quiet: the request log and moto's tracebacks would bury the demo.
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
     werkzeug_app.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
-    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+    server = _EmulatorServer(ip_address=host, port=port, verbose=False)
     server.start()
     bound_host, bound_port = server.get_host_and_port()
     return server, f"http://{bound_host}:{bound_port}"
