@@ -45,26 +45,25 @@ class UsageInbox(Construct):
             "StringEquals": {"aws:PrincipalOrgID": organization_id},
             "ArnLike": {"aws:PrincipalArn": ledger.janitor_principal_pattern(stack.partition)},
         }
-        for sid, actions, resource, extra in (
+        for sid, action, resource in (
             # ${aws:PrincipalAccount} is the writer's own account: no account writes another's report.
             (
                 "JanitorsWriteOwnReports",
                 "s3:PutObject",
                 self.bucket.arn_for_objects(f"{reports}${{aws:PrincipalAccount}}/*"),
-                {},
             ),
-            ("JanitorsReadReports", "s3:GetObject", self.bucket.arn_for_objects(f"{reports}*"), {}),
+            ("JanitorsReadReports", "s3:GetObject", self.bucket.arn_for_objects(f"{reports}*")),
             # No s3:prefix condition: S3 checks ListBucket for a GetObject of a missing key (to answer
             # 404, not 403) without a prefix in the context.
-            ("JanitorsListReports", "s3:ListBucket", self.bucket.bucket_arn, {}),
+            ("JanitorsListReports", "s3:ListBucket", self.bucket.bucket_arn),
         ):
             self.bucket.add_to_resource_policy(
                 iam.PolicyStatement(
                     sid=sid,
                     principals=[iam.AnyPrincipal()],
-                    actions=[actions],
+                    actions=[action],
                     resources=[resource],
-                    conditions={**janitors, **extra},
+                    conditions=janitors,
                 )
             )
         CfnOutput(stack, "UsageInboxBucket", value=self.bucket.bucket_name)
