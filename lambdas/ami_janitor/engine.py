@@ -409,11 +409,8 @@ def run(
         require_ledgers(policy, regions, clients_for)
     plan, loaded = build_plan(policy, regions, clients_for, now, progress)
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
-    usage = (
-        publish_usage(policy, [loaded[r] for r in regions if r in loaded], clients_for, now)
-        if publish_reports and policy.usage_reports is not None
-        else {}
-    )
+    read = [loaded[r] for r in regions if r in loaded]
+    usage = publish_usage(policy, read, clients_for, now) if publish_reports else {}
     if not apply:
         return RunResult(plan=plan, replicated=replicated, **usage)
     progress(f"applying the plan in {', '.join(r.region for r in plan.regions if r.status == 'ok')}")
