@@ -1,43 +1,148 @@
-"""EC2's service model cut to the operations the janitor calls, for the SDK to load instead of its own.
+"""The SDK data the janitor's sessions load: service models cut to the operations the package calls, the
+endpoint data cut to the services it uses, and a loader that looks only for those services.
 
-botocore parses EC2's whole model (830 operations, 3.7 MB of JSON) when an EC2 client is made: about
-90 ms of a function's cold start, for the 21 operations the janitor calls. The cut keeps every
-operation the package names and every shape they reach, unchanged but for their documentation; it is found through a
-search path of the sessions the janitor makes itself (`aws.clients`), ahead of botocore's own data and
-behind a user's (~/.aws/models), and everything else (paginators, waiters, endpoint rules) still comes
-from botocore. `python -m ami_janitor.aws.models` writes it again from the installed botocore (after an
-upgrade, or when the janitor calls one more operation: add it to EC2_OPERATIONS).
+A fresh botocore process pays, before its first call: about 27 ms listing every service directory of
+its data (445, each stat'ed, once per model type), about 20 ms parsing the endpoint data of every
+service (1.2 MB of JSON), and each client's whole model: EC2's 830 operations take about 60 ms, the
+other services the janitor calls 5-30 ms each. A Lambda function pays that at every cold start, for the
+few operations it calls.
+
+The cuts keep every operation the package names and every shape those reach, unchanged but for their
+documentation (`tests/unit/test_sdk_data_cut.py` fails on an operation named and not kept). S3 and STS
+stay whole: the SDK calls operations of its own on them (S3's region redirects, the credential
+providers). The data is found through a search path of the sessions the janitor makes itself
+(`aws.clients.janitor_session`), ahead of botocore's own data and behind a user's (~/.aws/models,
+AWS_DATA_PATH); paginators, waiters and endpoint rules still come from botocore.
+`python -m ami_janitor.aws.models` writes the cuts again from the installed botocore (after an upgrade,
+or when the janitor calls one more operation: add it below).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-DATA_PATH = Path(__file__).resolve().parent
-EC2_API_VERSION = "2016-11-15"
-EC2_MODEL = DATA_PATH / "ec2" / EC2_API_VERSION / "service-2.json"
+from botocore.loaders import Loader, instance_cache
 
-EC2_OPERATIONS = (
-    "CopyImage",
-    "CreateImage",
-    "CreateTags",
-    "DeleteSnapshot",
-    "DeleteTags",
-    "DeregisterImage",
-    "DescribeFleets",
-    "DescribeImageAttribute",
-    "DescribeImageReferences",
-    "DescribeImages",
-    "DescribeInstances",
-    "DescribeLaunchTemplateVersions",
-    "DescribeLaunchTemplates",
-    "DescribeSnapshots",
-    "DescribeSpotFleetRequests",
-    "DisableImage",
-    "DisableImageDeprecation",
-    "EnableImage",
-    "EnableImageDeprecation",
-    "GetImageBlockPublicAccessState",
-    "ModifyImageAttribute",
-    "RegisterImage",  # not called: named in aws/pacing.py's table, and the cut keeps what the package names
-)
+DATA_PATH = Path(__file__).resolve().parent
+ENDPOINTS = DATA_PATH / "endpoints.json"
+
+# The operations the package calls, by service (an operation only named, say in pacing's table, is kept too).
+OPERATIONS: dict[str, tuple[str, ...]] = {
+    "autoscaling": ("DescribeAutoScalingGroups", "DescribeLaunchConfigurations", "DeleteTags"),
+    "batch": ("DescribeComputeEnvironments",),
+    "dynamodb": (
+        "BatchGetItem",
+        "BatchWriteItem",
+        "CreateTable",
+        "DeleteItem",
+        "DeleteResourcePolicy",
+        "DeleteTable",
+        "DescribeContinuousBackups",
+        "DescribeTable",
+        "DescribeTimeToLive",
+        "GetItem",
+        "GetResourcePolicy",
+        "PutItem",
+        "PutResourcePolicy",
+        "Query",
+        "Scan",
+        "UpdateContinuousBackups",
+        "UpdateItem",
+        "UpdateTable",
+        "UpdateTimeToLive",
+    ),
+    "ec2": (
+        "CopyImage",
+        "CreateImage",
+        "CreateTags",
+        "DeleteSnapshot",
+        "DeleteTags",
+        "DeregisterImage",
+        "DescribeFleets",
+        "DescribeImageAttribute",
+        "DescribeImageReferences",
+        "DescribeImages",
+        "DescribeInstances",
+        "DescribeLaunchTemplateVersions",
+        "DescribeLaunchTemplates",
+        "DescribeSnapshots",
+        "DescribeSpotFleetRequests",
+        "DisableImage",
+        "DisableImageDeprecation",
+        "EnableImage",
+        "EnableImageDeprecation",
+        "GetImageBlockPublicAccessState",
+        "ModifyImageAttribute",
+        "RegisterImage",  # not called: named in aws/pacing.py's table
+    ),
+    "emr": ("DescribeCluster", "GetSession", "ListClusters", "ListInstanceFleets", "ListInstanceGroups"),
+    "kms": (
+        "CreateGrant",
+        "Decrypt",
+        "DescribeKey",
+        "Encrypt",
+        "GenerateDataKeyWithoutPlaintext",
+        "ReEncrypt",
+        "Sign",
+        "UpdateAlias",
+    ),
+    "organizations": (
+        "DeleteResourcePolicy",
+        "DescribeOrganization",
+        "ListAccounts",
+        "ListAccountsForParent",
+        "ListChildren",
+        "PutResourcePolicy",
+    ),
+    "rbin": ("ListRules",),
+    "sns": ("Publish",),
+    "sqs": ("SendMessage", "SendMessageBatch"),
+    "ssm": (
+        "DeleteResourcePolicy",
+        "DescribeParameters",
+        "GetCommandInvocation",
+        "GetParameters",
+        "PutParameter",
+        "PutResourcePolicy",
+        "SendCommand",
+    ),
+}
+# Used whole: the SDK calls operations of its own on them.
+WHOLE = ("s3", "sts")
+# The SDK's credential providers make clients of these (assume role, SSO, console sign-in).
+CREDENTIALS = ("signin", "sso", "sso-oidc", "sts")
+SERVICES = tuple(sorted({*OPERATIONS, *WHOLE, *CREDENTIALS}))
+
+
+def model_path(service: str, api_version: str) -> Path:
+    return DATA_PATH / service / api_version / "service-2.json"
+
+
+class JanitorLoader(Loader):
+    """botocore's loader, but a service is one of SERVICES: botocore lists every directory of its data
+    (and of a user's) before it loads any model, to say whether the service exists."""
+
+    @instance_cache
+    def list_available_services(self, type_name: str) -> list[str]:
+        found = set()
+        for path in self.search_paths:
+            for service in SERVICES:
+                directory = os.path.join(path, service)
+                if os.path.isdir(directory) and any(
+                    self.file_loader.exists(os.path.join(directory, version, type_name))
+                    for version in os.listdir(directory)
+                ):
+                    found.add(service)
+        return sorted(found)
+
+
+def janitor_loader(data_path: str | None) -> Loader:
+    """The loader of a janitor session: a user's data path first (AWS_DATA_PATH, the profile's
+    data_path), then ~/.aws/models, then the cuts, then botocore's own data."""
+    loader = JanitorLoader(extra_search_paths=data_path.split(os.pathsep) if data_path else None)
+    builtin = Loader.BUILTIN_DATA_PATH
+    paths = loader.search_paths
+    if ENDPOINTS.is_file():  # a package installed without its data falls back to the SDK's own
+        paths.insert(paths.index(builtin) if builtin in paths else len(paths), str(DATA_PATH))
+    return loader

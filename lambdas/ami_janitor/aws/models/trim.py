@@ -46,3 +46,18 @@ def trimmed(model: dict[str, Any], operations: Iterable[str]) -> dict[str, Any]:
         "operations": kept_operations,
         "shapes": dict(sorted(shapes.items())),
     }
+
+
+def endpoints_of(endpoints: dict[str, Any], services: Iterable[str]) -> dict[str, Any]:
+    """botocore's endpoint data with every partition and region, and only `services`."""
+    kept = set(services)
+    return {
+        **endpoints,
+        "partitions": [
+            {
+                **partition,
+                "services": {name: data for name, data in partition["services"].items() if name in kept},
+            }
+            for partition in endpoints["partitions"]
+        ],
+    }

@@ -1,0 +1,164 @@
+"""The SDK data the janitor's sessions load (aws/models): botocore's own, cut to the operations and
+services the package calls, nothing it calls left out, and every endpoint as botocore resolves it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import boto3
+import botocore.loaders
+import botocore.model
+import botocore.session
+import pytest
+from botocore import xform_name
+
+from ami_janitor.aws import models
+from ami_janitor.aws.clients import ClientFactory, janitor_session, known_regions
+from ami_janitor.aws.models.__main__ import botocore_loader
+from ami_janitor.aws.models.trim import endpoints_of, trimmed
+
+PACKAGE = Path(models.__file__).resolve().parents[2]
+CUT = sorted(models.OPERATIONS)
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_DATA_PATH", raising=False)
+
+
+def botocore_model(service: str) -> dict:
+    return botocore_loader().load_service_model(service, "service-2")
+
+
+def shipped_model(service: str) -> dict:
+    (path,) = (models.DATA_PATH / service).glob("*/service-2.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("service", CUT)
+def test_each_shipped_cut_is_botocores_model_cut_again(service: str) -> None:
+    # Fails after a botocore upgrade: `python -m ami_janitor.aws.models` writes them again.
+    shipped = shipped_model(service)
+    assert shipped == trimmed(botocore_model(service), models.OPERATIONS[service])
+    assert sorted(shipped["operations"]) == sorted(models.OPERATIONS[service])
+
+
+def test_the_shipped_endpoints_are_botocores_cut_again() -> None:
+    shipped = json.loads(models.ENDPOINTS.read_text())
+    assert shipped == endpoints_of(botocore_loader().load_data("endpoints"), models.SERVICES)
+    assert {p["partition"] for p in shipped["partitions"]} >= {"aws", "aws-cn", "aws-us-gov", "aws-iso"}
+
+
+def _package_sources() -> list[str]:
+    """Where the functions and the CLI run: the demo drives moto with clients of its own."""
+    return [
+        source.read_text()
+        for source in PACKAGE.rglob("*.py")
+        if "demo" not in source.relative_to(PACKAGE).parts
+    ]
+
+
+@pytest.mark.parametrize("service", CUT)
+def test_every_operation_the_package_names_is_in_the_cut(service: str) -> None:
+    """An operation named anywhere (a client method, a paginator's name, an IAM action, a waiter's
+    operation) is in the cut."""
+    full = botocore_model(service)
+    by_name = {xform_name(op): op for op in full["operations"]} | {op: op for op in full["operations"]}
+    try:
+        waiters = botocore_loader().load_service_model(service, "waiters-2")["waiters"]
+    except botocore.exceptions.DataNotFoundError:
+        waiters = {}
+    by_waiter = {xform_name(name): waiter["operation"] for name, waiter in waiters.items()}
+    named = set()
+    for text in _package_sources():
+        named |= {by_name[word] for word in re.findall(r"\w+", text) if word in by_name}
+        named |= {op for op in re.findall(rf"\b{service}:(\w+)", text) if op in full["operations"]}
+        named |= {by_waiter[w] for w in re.findall(r"get_waiter\(\"(\w+)\"\)", text) if w in by_waiter}
+    assert named <= set(models.OPERATIONS[service]), sorted(named - set(models.OPERATIONS[service]))
+
+
+def test_the_scan_finds_calls() -> None:
+    # The test above would pass on a scan that finds nothing: it finds these.
+    text = "\n".join(_package_sources())
+    assert "describe_image_attribute" in text and "deregister_image" in text and "get_waiter(" in text
+
+
+@pytest.mark.parametrize("service", CUT)
+def test_the_cut_keeps_every_shape_its_operations_reach(service: str) -> None:
+    cut = shipped_model(service)
+    model = botocore.model.ServiceModel(cut, service)
+    for name in model.operation_names:
+        operation = model.operation_model(name)
+        for shape in (operation.input_shape, operation.output_shape, *operation.error_shapes):
+            if shape is not None:
+                _walk(shape)
+    full = botocore_model(service)
+    for name, shape in cut["shapes"].items():
+        assert {k: v for k, v in full["shapes"][name].items() if k != "documentation"}.keys() == shape.keys()
+
+
+def _walk(shape: botocore.model.Shape, seen: set[str] | None = None) -> None:
+    seen = set() if seen is None else seen
+    if shape.name in seen:
+        return
+    seen.add(shape.name)
+    for child in getattr(shape, "members", {}).values():
+        _walk(child, seen)
+    for part in ("member", "key", "value"):
+        if hasattr(shape, part):
+            _walk(getattr(shape, part), seen)
+
+
+def test_the_janitors_clients_load_the_cut() -> None:
+    clients = ClientFactory(janitor_session())("us-east-1")
+    assert sorted(clients.ec2.meta.service_model.operation_names) == sorted(models.OPERATIONS["ec2"])
+    assert sorted(clients.dynamodb.meta.service_model.operation_names) == sorted(
+        models.OPERATIONS["dynamodb"]
+    )
+    assert clients.ec2.can_paginate("describe_images")  # paginators still come from botocore
+    assert clients.dynamodb.get_waiter("table_exists").name == "TableExists"  # and waiters
+    assert len(clients.s3.meta.service_model.operation_names) > 100  # S3 whole
+
+
+def test_the_loader_looks_only_for_the_janitors_services() -> None:
+    loader = janitor_session()._session.get_component("data_loader")
+    assert loader.list_available_services("service-2") == list(models.SERVICES)
+    assert "rbin" not in loader.list_available_services("waiters-2")  # a type a service lacks
+    assert "ec2" in loader.list_available_services("waiters-2")
+
+
+@pytest.mark.parametrize(
+    "region", ["us-east-1", "eu-west-1", "ap-southeast-7", "cn-north-1", "us-gov-west-1", "us-iso-east-1"]
+)
+def test_every_client_reaches_the_endpoint_botocores_own_data_gives(region: str) -> None:
+    janitor, stock = janitor_session(), boto3.Session()
+    for service in models.SERVICES:
+        ours = janitor.client(service, region_name=region)  # type: ignore[call-overload]
+        theirs = stock.client(service, region_name=region)  # type: ignore[call-overload]
+        assert ours.meta.endpoint_url == theirs.meta.endpoint_url, service
+        assert ours.meta.region_name == theirs.meta.region_name, service
+
+
+def test_the_known_regions_are_botocores() -> None:
+    assert known_regions(janitor_session()) == known_regions(boto3.Session())
+    assert {"us-east-1", "cn-north-1", "us-gov-west-1"} <= known_regions(janitor_session())
+
+
+def test_a_users_models_come_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A model of the user's (AWS_DATA_PATH, ~/.aws/models) is found before the cut, as before botocore's.
+    version = botocore_loader().determine_latest_version("ec2", "service-2")
+    own = tmp_path / "ec2" / version
+    own.mkdir(parents=True)
+    (own / "service-2.json").write_text(json.dumps(botocore_model("ec2")))
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    paths = janitor_session()._session.get_component("data_loader").search_paths
+    assert paths.index(str(tmp_path)) < paths.index(str(models.DATA_PATH))
+    assert paths.index(str(models.DATA_PATH)) < paths.index(botocore.loaders.Loader.BUILTIN_DATA_PATH)
+    assert (
+        len(janitor_session().client("ec2", region_name="us-east-1").meta.service_model.operation_names) > 800
+    )
