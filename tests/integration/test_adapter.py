@@ -541,9 +541,8 @@ class Stubbed:
             "block_public_access": lambda: self.add(
                 *BLOCK_PUBLIC_ACCESS_CALL[:2], BLOCKED, BLOCK_PUBLIC_ACCESS_CALL[2]
             ),
-            "ledger": lambda: self.fail(
-                "dynamodb", "describe_table", "ResourceNotFoundException", {"TableName": TABLE}
-            ),
+            # The Scan itself says the table is missing (no DescribeTable first).
+            "ledger": lambda: self.fail("dynamodb", "scan", "ResourceNotFoundException", SCAN),
         }
         unknown = set(steps) - set(defaults)
         assert not unknown, f"unknown steps {unknown}"
@@ -556,6 +555,9 @@ class Stubbed:
 @pytest.fixture
 def stubbed(fake_aws_env: None) -> Iterator[Stubbed]:
     yield Stubbed()
+
+
+SCAN = {"TableName": TABLE, "ConsistentRead": True, "Limit": 1000}
 
 
 def raw_image(image_id: str, name: str, tags: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -1266,12 +1268,45 @@ def test_a_region_without_a_family_ami_reads_no_reference_source_and_no_pointer(
     assert [i.image_id for i in inventory.images] == [ami(1)]
     assert inventory.references == () and inventory.parameters == {}
     assert sorted(calls) == [
-        "dynamodb:DescribeTable",
+        "dynamodb:Scan",
         "ec2:DescribeImages",
         "ec2:DescribeSnapshots",
         "ec2:GetImageBlockPublicAccessState",
         "rbin:ListRules",
     ]
+
+
+@pytest.mark.parametrize("ledger_items", [0, 1])
+def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
+    stubbed: Stubbed, ledger_items: int
+) -> None:
+    """No AMI, no retired snapshot: no snapshot can be deleted here, so Recycle Bin is not asked, unless
+    the ledger has an item (its snapshots may still be deleted)."""
+    s = stubbed
+    no_reference = dict.fromkeys(
+        ["instances", "parameters", "templates", "configurations", "groups", "spot", "fleets", "batch", "emr"]
+    )
+    item = {"pk": {"S": f"image#{ami(1)}"}, "sk": {"S": "item"}, "image_id": {"S": ami(1)}}
+    items = [item][:ledger_items]
+    s.queue(
+        images=lambda: s.add("ec2", "describe_images", {"Images": []}, IMAGES),
+        ledger=lambda: s.add("dynamodb", "scan", {"Items": items}, SCAN),
+        rbin=s._no_recycle_bin_rules if ledger_items else None,
+        **no_reference,
+    )
+    calls = count_calls(*s.raw.values())
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None and inventory.ledger is not None
+    expected = [
+        "dynamodb:Scan",
+        "ec2:DescribeImages",
+        "ec2:DescribeSnapshots",
+        "ec2:GetImageBlockPublicAccessState",
+    ]
+    assert sorted(calls) == sorted(expected + ["rbin:ListRules"] * ledger_items)
 
 
 def test_a_failing_source_skips_the_region_with_no_images(stubbed: Stubbed) -> None:
@@ -1378,12 +1413,7 @@ def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) ->
             {"Parameters": [], "InvalidParameters": ["/ami/app/x86_64/latest"]},
             {"Names": ["/ami/app/x86_64/latest"], "WithDecryption": False},
         ),
-        ledger=lambda: (
-            s.add("dynamodb", "describe_table", {"Table": {"TableName": TABLE}}, {"TableName": TABLE}),
-            s.add(
-                "dynamodb", "scan", {"Items": []}, {"TableName": TABLE, "ConsistentRead": True, "Limit": 1000}
-            ),
-        ),
+        ledger=lambda: s.add("dynamodb", "scan", {"Items": []}, SCAN),
     )
     s.add(
         "ec2",

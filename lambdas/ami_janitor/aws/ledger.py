@@ -133,7 +133,7 @@ ADOPTION_KEY: dict[str, Any] = {"pk": {"S": "ledger#adoption"}, "sk": {"S": "ite
 SCAN_PAGE = 1000  # Scan answers up to 1 MB a page whatever the limit; this only bounds the item count
 
 
-def _not_found(error: ClientError) -> bool:
+def not_found(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") in (
         "ResourceNotFoundException",
         "PolicyNotFoundException",
@@ -144,7 +144,7 @@ def exists(clients: RegionClients, table: str) -> bool:
     try:
         clients.dynamodb.describe_table(TableName=table)
     except ClientError as error:
-        if _not_found(error):
+        if not_found(error):
             return False
         raise
     return True
@@ -266,7 +266,7 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
     try:
         description = db.describe_table(TableName=table)["Table"]
     except ClientError as error:
-        if not _not_found(error):
+        if not not_found(error):
             raise
         made = _create(db, table)
         if made is not None:
@@ -293,7 +293,7 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
     try:
         stored: str | None = db.get_resource_policy(ResourceArn=arn)["Policy"]
     except ClientError as error:
-        if not _not_found(error):
+        if not not_found(error):
             raise
         stored = None
     writers = sorted(set(writer_arns) | set(writers_in(stored, partition) if stored else []))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from botocore.exceptions import ClientError
+
 from ami_janitor.aws import ledger
 from ami_janitor.aws.inventory.reading import source
 from ami_janitor.core.model import LedgerView
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 # The region's table once per run (read_ledger).
-PERMISSIONS: list[str] = ["dynamodb:DescribeTable", "dynamodb:Scan"]
+PERMISSIONS: list[str] = ["dynamodb:Scan"]
 # The items of a few AMIs (read_ledger_items), for the readers of single AMIs.
 ITEM_PERMISSIONS: list[str] = ["dynamodb:BatchGetItem", "dynamodb:DescribeTable"]
 
@@ -22,9 +24,12 @@ ITEM_PERMISSIONS: list[str] = ["dynamodb:BatchGetItem", "dynamodb:DescribeTable"
 def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
     """Every item of the region's ledger table; None where the region has no table yet."""
     with source("dynamodb:Scan"):
-        if not ledger.exists(clients, table):
-            return None
-        return ledger.Ledger(clients, table).read_all()
+        try:
+            return ledger.Ledger(clients, table).read_all()
+        except ClientError as error:  # the Scan says the table is missing: no DescribeTable first
+            if ledger.not_found(error):
+                return None
+            raise
 
 
 def read_ledger_items(clients: RegionClients, table: str, image_ids: Iterable[str]) -> LedgerView | None:

@@ -86,7 +86,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     references, alias_notes = references_of(claims, resolved)
 
     latest = read_pointer_values(ssm, pointers, parameter_values)
-    beside = _read_beside(clients, policy)
+    beside = _read_beside(clients, policy, images)
     inventory = RegionInventory(
         region=region,
         images=images,
@@ -113,11 +113,16 @@ class _Beside:
     ledger: LedgerView | None
 
 
-def _read_beside(clients: RegionClients, policy: Policy) -> _Beside:
+def _read_beside(clients: RegionClients, policy: Policy, images: tuple[Image, ...]) -> _Beside:
     retired_snapshots = read_retired_snapshots(clients.ec2)
-    recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, clients.region)
     block_public_access_notes = read_block_public_access(clients.ec2, clients.region)
     ledger = read_ledger(clients, policy.ledger.table)
+    recycle_bin_rules: tuple[str, ...] = ()
+    recycle_bin_notes: list[str] = []
+    # Recycle Bin only matters where a snapshot may be deleted: not in a region with no AMI, no retired
+    # snapshot and nothing in the ledger (an empty region's run makes no rbin client).
+    if images or retired_snapshots or (ledger is not None and ledger.items):
+        recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, clients.region)
     return _Beside(
         retired_snapshots, recycle_bin_rules, [*recycle_bin_notes, *block_public_access_notes], ledger
     )
@@ -134,7 +139,7 @@ def _without_references(clients: RegionClients, policy: Policy, images: tuple[Im
     names, the retired snapshots, Recycle Bin, image block public access and the ledger."""
     baking = any(family.bake is not None for family in policy.families)
     instances = read_instances(clients.ec2, policy) if baking else None
-    beside = _read_beside(clients, policy)
+    beside = _read_beside(clients, policy, images)
     inventory = RegionInventory(
         region=clients.region,
         images=images,
