@@ -236,20 +236,16 @@ def bench_policy_load() -> None:
     )
 
 
-def _import_time(statement: str, env: dict[str, str] | None = None) -> float:
-    """Median over 5 fresh interpreters of the time `statement` takes to import."""
-    code = f"import time; t=time.perf_counter(); {statement}; print(time.perf_counter()-t)"
-    runs = []
-    for _ in range(5):
-        out = subprocess.run(
-            [sys.executable, "-X", "frozen_modules=on", "-c", code],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        runs.append(float(out.stdout.strip()))
-    return statistics.median(runs)
+def _fresh_interpreter_time(snippet: str, env: dict[str, str]) -> float:
+    """The time `snippet` prints (its last line), run in a fresh interpreter."""
+    answer = subprocess.run(
+        [sys.executable, "-X", "frozen_modules=on", "-c", snippet],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(answer.stdout.strip().splitlines()[-1])
 
 
 # The cleanup function's cold start: a fresh interpreter imports the handler and answers one scheduled
@@ -329,14 +325,7 @@ def _against_emulator(package: str, snippets: Sequence[str], runs: int = 7) -> l
         times: list[list[float]] = [[] for _ in snippets]
         for _ in range(runs + 1):
             for taken, snippet in zip(times, snippets, strict=True):
-                answer = subprocess.run(
-                    [sys.executable, "-X", "frozen_modules=on", "-c", snippet],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                taken.append(float(answer.stdout.strip().splitlines()[-1]))
+                taken.append(_fresh_interpreter_time(snippet, env))
     finally:
         server.terminate()
         server.wait()
