@@ -1,8 +1,9 @@
 """Builds the Lambda code asset without Docker.
 
 The asset is a plain directory: the dependencies installed for the Lambda platform (wheels only, so
-nothing is compiled here), a copy of the `ami_janitor` package without `demo/` and the validated policy
-as JSON.
+nothing native is compiled here), a copy of the `ami_janitor` package without `demo/` and the validated
+policy as JSON; with the bytecode of both for the runtime's Python when an interpreter of that version
+is found here (`runtime_python`).
 
 Both steps are content-addressed under `build/`:
 - `deps-<hash>/`: `pip install --target` keyed by requirements.txt and the platform, done once;
@@ -48,6 +49,10 @@ PIP_ARGS = (
 # Subpackages the functions never run: the demo (it imports moto, a development dependency).
 EXCLUDED = frozenset({"demo"})
 
+# An interpreter of the runtime's version to compile the asset's bytecode with (else found on PATH or
+# under pyenv).
+RUNTIME_PYTHON_VARIABLE = "AMI_JANITOR_RUNTIME_PYTHON"
+
 _COMPLETE = ".complete"
 _STALE_SECONDS = 3600  # other asset/deps directories older than this are removed
 
@@ -61,11 +66,64 @@ def policy_json(policy: Policy) -> str:
     return json.dumps(policy.model_dump(mode="json", exclude_unset=True), indent=2, sort_keys=True) + "\n"
 
 
+def runtime_python() -> str | None:
+    """An interpreter of the functions' Python (PYTHON_VERSION) to compile the asset with:
+    $AMI_JANITOR_RUNTIME_PYTHON, else python3.13 on PATH, else pyenv's newest 3.13; None where there is
+    none (the asset then ships its sources alone)."""
+    named = os.environ.get(RUNTIME_PYTHON_VARIABLE)
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted(pyenv.glob(f"{PYTHON_VERSION}.*/bin/python{PYTHON_VERSION}"), reverse=True)
+    candidates = [named] if named else [shutil.which(f"python{PYTHON_VERSION}"), *map(str, found)]
+    for candidate in candidates:
+        if candidate and _version_of(candidate) == PYTHON_VERSION:
+            return candidate
+    return None
+
+
+def _version_of(python: str) -> str | None:
+    try:
+        answer = subprocess.run(
+            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return answer.stdout.strip() if answer.returncode == 0 else None
+
+
+def _compile(python: str | None, directory: Path) -> None:
+    """The bytecode of every module under `directory`, for the runtime. Lambda's /var/task is read-only:
+    without it, each cold start compiles every module it imports (boto3 and Powertools alone take
+    0.56 s from their sources and 0.17 s from bytecode with Python 3.13 on this machine). Unchecked
+    hashes: the asset never changes under its bytecode, and a zip's timestamps mean nothing."""
+    if python is None:
+        return
+    command = [python, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "unchecked-hash"]
+    result = subprocess.run([*command, str(directory)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise BundleError(
+            f"compiling {directory} for Python {PYTHON_VERSION} failed:\n{result.stdout}{result.stderr}"
+        )
+
+
+def _compiled_with(python: str | None) -> bytes:
+    """What the bytecode part of an asset's key says: the runtime's version, or none."""
+    return f"bytecode {PYTHON_VERSION}".encode() if python else b"sources only"
+
+
 def dependencies(*, requirements: Path = REQUIREMENTS, build_dir: Path = BUILD_DIR) -> Path:
     """The installed dependencies, reusing `build/deps-<hash>/` when requirements.txt is unchanged."""
+    return _dependencies(requirements, build_dir, runtime_python())
+
+
+def _dependencies(requirements: Path, build_dir: Path, python: str | None) -> Path:
     digest = hashlib.sha256()
     digest.update(requirements.read_bytes())
     digest.update("\0".join(PIP_ARGS).encode())
+    digest.update(_compiled_with(python))
     target = build_dir / f"deps-{digest.hexdigest()[:16]}"
     if (target / _COMPLETE).exists():
         os.utime(target)  # in use: keep it out of reach of _prune in other processes
@@ -82,7 +140,7 @@ def dependencies(*, requirements: Path = REQUIREMENTS, build_dir: Path = BUILD_D
         str(requirements),
         "--target",
         str(staging),
-        "--no-compile",  # the runtime compiles on first import; .pyc of this machine's Python are useless
+        "--no-compile",  # bytecode of this machine's Python is of no use there: _compile makes the runtime's
         "--disable-pip-version-check",
         "--quiet",
     ]
@@ -92,6 +150,11 @@ def dependencies(*, requirements: Path = REQUIREMENTS, build_dir: Path = BUILD_D
         shutil.rmtree(staging, ignore_errors=True)
         raise BundleError(f"pip install for the Lambda platform failed:\n{result.stdout}{result.stderr}")
     shutil.rmtree(staging / "bin", ignore_errors=True)  # console scripts are of no use in Lambda
+    try:
+        _compile(python, staging)
+    except BundleError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (staging / _COMPLETE).write_text(" ".join(command) + "\n", encoding="utf-8")
     _publish(staging, target)
     _prune(build_dir, "deps-", keep=target)
@@ -106,7 +169,8 @@ def code_asset(
     build_dir: Path = BUILD_DIR,
 ) -> tuple[Path, str]:
     """The asset directory and its content hash (used as the CDK asset hash, so CDK skips hashing 40 MB)."""
-    deps = dependencies(requirements=requirements, build_dir=build_dir)
+    python = runtime_python()
+    deps = _dependencies(requirements, build_dir, python)  # its name keys the bytecode too
     document = policy_json(policy)
     digest = hashlib.sha256()
     digest.update(deps.name.encode())
@@ -133,6 +197,11 @@ def code_asset(
         destination = package / path.relative_to(source)
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, destination)
+    try:
+        _compile(python, package)
+    except BundleError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     (staging / POLICY_FILE_NAME).write_text(document, encoding="utf-8")
     (staging / _COMPLETE).write_text(asset_hash + "\n", encoding="utf-8")
     _publish(staging, target)

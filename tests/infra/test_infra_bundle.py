@@ -59,6 +59,13 @@ def test_policy_json_round_trip_keeps_inheritance(infra_policy: Any) -> None:
     )
 
 
+@pytest.fixture
+def no_runtime_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests that fake pip build sources-only assets (no interpreter to compile with)."""
+    monkeypatch.setattr(bundle, "runtime_python", lambda: None)
+
+
+@pytest.mark.usefixtures("no_runtime_python")
 def test_dependencies_installed_for_lambda_platform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[list[str]] = []
 
@@ -89,6 +96,7 @@ def test_dependencies_installed_for_lambda_platform(monkeypatch: pytest.MonkeyPa
     assert changed != first and len(calls) == 2
 
 
+@pytest.mark.usefixtures("no_runtime_python")
 def test_package_copied_without_the_demo(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, infra_policy: Any
 ) -> None:
@@ -106,6 +114,7 @@ def test_package_copied_without_the_demo(
     assert moto_imports(asset) == []
 
 
+@pytest.mark.usefixtures("no_runtime_python")
 def test_failed_install_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(
         bundle.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1, "", "no wheel")
@@ -117,6 +126,63 @@ def test_failed_install_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, t
     assert list((tmp_path / "build").iterdir()) == []
 
 
+def test_the_runtime_python_is_of_the_runtimes_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(bundle.RUNTIME_PYTHON_VARIABLE, sys.executable)  # this machine's 3.11: refused
+    assert sys.version_info[:2] != (3, 13) and bundle.runtime_python() is None
+    monkeypatch.setenv(bundle.RUNTIME_PYTHON_VARIABLE, "/nowhere/python3.13")
+    assert bundle.runtime_python() is None
+    monkeypatch.delenv(bundle.RUNTIME_PYTHON_VARIABLE)
+    found = bundle.runtime_python()
+    if found is not None:
+        assert bundle._version_of(found) == "3.13"
+
+
+def test_assets_with_and_without_bytecode_have_different_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, infra_policy: Any
+) -> None:
+    compiled: list[Path] = []
+
+    def fake_run(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        if "compileall" in command:
+            compiled.append(Path(command[-1]))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bundle.subprocess, "run", fake_run)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("boto3==1.44.8\n")
+    build = tmp_path / "build"
+    monkeypatch.setattr(bundle, "runtime_python", lambda: None)
+    sources, _ = bundle.code_asset(infra_policy, requirements=requirements, build_dir=build)
+    assert compiled == []
+    monkeypatch.setattr(bundle, "runtime_python", lambda: "/opt/python3.13")
+    with_bytecode, _ = bundle.code_asset(infra_policy, requirements=requirements, build_dir=build)
+    assert with_bytecode != sources
+    # The dependencies (in their staging directory) and then the package are compiled.
+    assert [p.parent.name.startswith(".deps-") or p.name.startswith(".deps-") for p in compiled] == [
+        True,
+        False,
+    ]
+    assert compiled[1].name == "ami_janitor"
+
+
+def test_a_failed_compile_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def fake_run(command: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        code = 1 if "compileall" in command else 0
+        return subprocess.CompletedProcess(command, code, "", "*** Error compiling 'broken.py'")
+
+    monkeypatch.setattr(bundle.subprocess, "run", fake_run)
+    monkeypatch.setattr(bundle, "runtime_python", lambda: "/opt/python3.13")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("boto3==1.44.8\n")
+    with pytest.raises(bundle.BundleError, match=r"broken\.py"):
+        bundle.dependencies(requirements=requirements, build_dir=tmp_path / "build")
+    assert list((tmp_path / "build").iterdir()) == []
+
+
+def _bytecode_flags(pyc: Path) -> int:
+    return int.from_bytes(pyc.read_bytes()[4:8], "little")
+
+
 @pytest.mark.slow
 def test_staged_asset_contents(synth: Synth) -> None:
     asset = synth.code_asset_dir(STACK)
@@ -124,7 +190,16 @@ def test_staged_asset_contents(synth: Synth) -> None:
     handlers = {p.name for p in (asset / "ami_janitor" / "handlers").glob("*.py")}
     assert {"ami_event.py", "bake.py", "replicate.py", "scheduled.py", "slices.py"} <= handlers
     assert (asset / "policy.json").is_file()
-    assert not list(asset.rglob("__pycache__"))
+    # Bytecode for the runtime's Python (unchecked hashes: flags 0b01) where an interpreter of that
+    # version is here, of every module of the package and of the dependencies; else none at all.
+    bytecode = list(asset.rglob("*.pyc"))
+    if bundle.runtime_python() is None:
+        assert bytecode == []
+    else:
+        assert bytecode and all(p.name.endswith(".cpython-313.pyc") for p in bytecode)
+        assert {_bytecode_flags(p) for p in bytecode} == {1}
+        for module in [*(asset / "ami_janitor").rglob("*.py"), asset / "botocore" / "client.py"]:
+            assert (module.parent / "__pycache__" / f"{module.stem}.cpython-313.pyc").is_file(), module
     # Built for the runtime: CPython 3.13 on arm64, boto3 at the pinned version.
     (extension,) = (asset / "pydantic_core").glob("_pydantic_core.*.so")
     assert "cpython-313-aarch64-linux-gnu" in extension.name
