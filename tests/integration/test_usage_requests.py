@@ -239,3 +239,66 @@ def test_an_account_that_may_not_read_organizations_knows_no_expansion(stubbed: 
 
     assert expansions == {f"ou:{OU_ARN}": None}
     assert notes and "AccessDeniedException" in notes[0]
+
+
+def test_the_account_and_an_organizations_accounts_are_asked_once_per_run(stubbed: Stubbed) -> None:
+    """Two regions of one run (a ClientFactory's regions share their run facts): one GetCallerIdentity,
+    one expansion of the organization; each region reads its own reports."""
+    facts: dict[str, Any] = {}
+    regions = [
+        RegionClients(region, read_workers=1, run_facts=facts, **stubbed.raw)
+        for region in (REGION, "eu-west-1")
+    ]
+    shared = image(image_id="ami-00000000000000001").model_copy(
+        update={"launch_permissions": (LaunchPermission(kind="org", value=ORG_ARN),)}
+    )
+    stubbed.add("sts", "get_caller_identity", {"Account": OWNER}, {})
+    stubbed.add(
+        "organizations", "describe_organization", {"Organization": {"Id": ORG_ID, "Arn": ORG_ARN}}, {}
+    )
+    stubbed.add(
+        "organizations",
+        "list_accounts",
+        {"Accounts": [{"Id": CONSUMER, "State": "ACTIVE"}]},
+        {"MaxResults": 20},
+    )
+    for clients in regions:
+        report = {
+            "version": 1,
+            "account": CONSUMER,
+            "region": clients.region,
+            "generated_at": "2026-11-25T00:00:00Z",
+        }
+        stubbed.add(
+            "s3",
+            "get_object",
+            {"Body": body({**report, "uses": {}}), "LastModified": NOW},
+            {"Bucket": "usage-inbox", "Key": f"org/reports/{CONSUMER}/{clients.region}.json"},
+        )
+
+    loaded = [
+        usage.load_usage(
+            clients, INBOX, RegionInventory(region=clients.region, images=(shared,)), [shared.image_id]
+        )
+        for clients in regions
+    ]
+
+    for inventory in loaded:
+        assert inventory.usage is not None and inventory.usage.own_account == OWNER
+        assert inventory.usage.expansions == {f"org:{ORG_ARN}": (CONSUMER,)}
+        assert set(inventory.usage.reports) == {CONSUMER}
+    assert usage.own_account(regions[1]) == OWNER  # the run's report publisher asks nothing more
+
+
+def test_an_expansion_organizations_refused_is_asked_again_in_the_next_region(stubbed: Stubbed) -> None:
+    facts: dict[str, Any] = {}
+    regions = [
+        RegionClients(region, read_workers=1, run_facts=facts, **stubbed.raw)
+        for region in (REGION, "eu-west-1")
+    ]
+    for _ in regions:
+        stubbed.stubs["organizations"].add_client_error(
+            "describe_organization", service_error_code="AccessDeniedException", http_status_code=400
+        )
+    expansions = [usage._expansions(clients, {f"org:{ORG_ARN}"}) for clients in regions]
+    assert all(found == {f"org:{ORG_ARN}": None} and notes for found, notes in expansions)

@@ -73,7 +73,9 @@ def _collector_paused() -> Iterator[None]:
 
 class RegionClients:
     """Lazily created clients of one region. Pass a session (profile) or prebuilt clients (tests);
-    `read_workers=1` keeps reads in order (a Stubber expects its calls in sequence)."""
+    `read_workers=1` keeps reads in order (a Stubber expects its calls in sequence). `run_facts` holds
+    what is the same in every region of a run (the account, an organization's accounts): a
+    ClientFactory's regions share one, so each is asked once per run."""
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class RegionClients:
         *,
         read_workers: int = READ_WORKERS,
         pacer: Pacer | None = None,
+        run_facts: dict[str, Any] | None = None,
         **clients: Any,
     ) -> None:
         self.region = region
@@ -89,6 +92,7 @@ class RegionClients:
         self._clients: dict[str, Any] = dict(clients)
         self.read_workers = read_workers
         self.pacer = pacer
+        self.run_facts: dict[str, Any] = {} if run_facts is None else run_facts
 
     def client(self, service: str) -> Any:
         if service not in self._clients:
@@ -196,11 +200,14 @@ class ClientFactory:
         # One session for every region: it loads each service's model once, not once per region.
         self._session = session or boto3.Session()
         self._regions: dict[str, RegionClients] = {}
+        self._run_facts: dict[str, Any] = {}
         self.paced = paced
 
     def __call__(self, region: str) -> RegionClients:
         if region not in self._regions:
             # Paced: EC2's calls wait for the region's token buckets, claiming no burst at first.
             pacer = Pacer(full=False) if self.paced else None
-            self._regions[region] = RegionClients(region, self._session, pacer=pacer)
+            self._regions[region] = RegionClients(
+                region, self._session, pacer=pacer, run_facts=self._run_facts
+            )
         return self._regions[region]

@@ -46,8 +46,10 @@ _GONE = frozenset({"SUSPENDED", "PENDING_CLOSURE", "CLOSED"})
 
 
 def own_account(clients: RegionClients) -> str:
-    """The account the janitor runs as (GetCallerIdentity needs no permission)."""
-    return str(clients.sts.get_caller_identity()["Account"])
+    """The account the janitor runs as (GetCallerIdentity needs no permission), asked once per run."""
+    if "account" not in clients.run_facts:
+        clients.run_facts["account"] = str(clients.sts.get_caller_identity()["Account"])
+    return str(clients.run_facts["account"])
 
 
 def publish_report(
@@ -123,6 +125,18 @@ def expand_grants(
     return expansions, []
 
 
+def _expansions(
+    clients: RegionClients, grants: set[str]
+) -> tuple[dict[str, tuple[str, ...] | None], list[str]]:
+    """expand_grants, each grant asked once per run: an organization's accounts are the same from
+    every region. Where Organizations could not answer, the next region that needs it asks again."""
+    known: dict[str, tuple[str, ...] | None] = clients.run_facts.setdefault("expansions", {})
+    asked, notes = expand_grants(clients.organizations, grants - known.keys())
+    if not notes:
+        known.update(asked)
+    return {grant: asked[grant] if grant in asked else known[grant] for grant in grants}, notes
+
+
 def _accounts_under(organizations: Any, parent: str) -> tuple[str, ...]:
     accounts = set(_active(_pages(organizations, "list_accounts_for_parent", "Accounts", ParentId=parent)))
     children = _pages(
@@ -162,7 +176,7 @@ def load_usage(
     if not shared:
         return inventory.model_copy(update={"usage": UsageView(own_account=account)})
     grants = {g for image in shared for g in consumer_grants(image, account) if not g.startswith("user:")}
-    expansions, notes = expand_grants(clients.organizations, grants) if grants else ({}, [])
+    expansions, notes = _expansions(clients, grants)
     accounts = reports_needed(shared, account, expansions)
     received = [read_report(clients.s3, settings, a, inventory.region) for a in sorted(accounts)]
     reports = {r.account: r for r in received if r is not None}
