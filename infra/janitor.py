@@ -56,12 +56,15 @@ def compose_janitor(
     policy: Policy,
     code: lambda_.Code,
     ledger_table_exists: bool = False,
+    ledger_table_condition: CfnCondition | None = None,
     ledger_deployer: str = CFN_EXEC_ROLE,
     name_prefix: str | None = None,
 ) -> Janitor:
     """Everything one region needs, in `stack`; no custom resources (nothing runs Lambda at deploy time).
 
-    `ledger_deployer` is the role name pattern that deploys the stack (it updates the ledger table);
+    `ledger_table_condition` creates the ledger table only where it holds (a StackSet member: a parameter
+    says the account's table was made before); `ledger_deployer` is the role name pattern that deploys
+    the stack (it updates the ledger table);
     `name_prefix` names the resources that need a name where the stack's own name is not known at synth
     (the StackSet names its stacks)."""
     region = stack.region
@@ -76,6 +79,8 @@ def compose_janitor(
         existing=ledger_table_exists,
         deployer=ledger_deployer,
     )
+    if ledger_table_condition is not None:
+        only_if(ledger, ledger_table_condition)  # nothing else names the table's resource: its ARN is built
     alerts = Alerts(stack, "Alerts", email=policy.notify.email if policy.notify else None)
     dead_letters = DeadLetters(stack, "DeadLetters", alerts=alerts)
     reports = Reports(stack, "Reports")

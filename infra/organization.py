@@ -10,7 +10,7 @@ bucket `<organization.code_bucket_prefix>-<region>` of the region they are deplo
 
 from __future__ import annotations
 
-from aws_cdk import Annotations, Aws, Environment, Fn, Stack
+from aws_cdk import Annotations, Aws, CfnCondition, CfnParameter, Environment, Fn, Stack
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_s3 as s3
 from cdk_stacksets import (
@@ -32,6 +32,8 @@ from infra.ledger import STACKSET_EXEC_ROLE
 
 ORG_STACK_NAME = "AmiJanitorOrg"
 STACK_SET_NAME = "AmiJanitor"
+# The member parameter an account whose ledger table exists already is deployed with as true.
+LEDGER_TABLE_EXISTS = "LedgerTableExists"
 # A deployment to a large organization: a quarter of the accounts at a time, every region at once; an
 # operation stops in a region where more than a tenth of the accounts failed.
 MAX_CONCURRENT_PERCENTAGE = 25
@@ -58,10 +60,24 @@ class MemberStack(StackSetStack):
             "@aws-cdk/aws-lambda:codeFromBucketObjectVersionNotSpecified",
             "The key is the code's content hash: new code is a new key, which updates the functions.",
         )
+        # An account whose ledger table `ami-janitor ledger create` made before the StackSet reached it:
+        # its stack instance takes this parameter as true (README) and uses that table.
+        table_exists = CfnParameter(
+            self,
+            LEDGER_TABLE_EXISTS,
+            type="String",
+            allowed_values=["false", "true"],
+            default="false",
+            description=f"true where the account already has the ledger table {policy.ledger.table}",
+        )
+        create_table = CfnCondition(
+            self, "CreateLedgerTable", expression=Fn.condition_equals(table_exists.value_as_string, "false")
+        )
         self.janitor = compose_janitor(
             self,
             policy=policy,
             code=code,
+            ledger_table_condition=create_table,
             ledger_deployer=STACKSET_EXEC_ROLE,
             # The StackSet names each stack instance (StackSet-AmiJanitor-<id>) at deploy time.
             name_prefix=STACK_SET_NAME,

@@ -137,12 +137,12 @@ def test_member_functions_read_the_zip_from_their_regions_code_bucket(
 
 
 def test_member_template_serves_every_region(member: dict[str, Any]) -> None:
-    """No parameter to fill per region; the bake schedule exists only in policy.regions (a condition)."""
-    assert "Parameters" not in member
-    assert member["Conditions"] == {"BakeRegion": BAKE_CONDITION}
-    conditioned = {k for k, v in member["Resources"].items() if "Condition" in v}
+    """No parameter to fill per region (the one parameter, with its default, is per account); the bake
+    schedule exists only in policy.regions (a condition)."""
+    assert list(member["Parameters"]) == ["LedgerTableExists"]
+    assert member["Conditions"]["BakeRegion"] == BAKE_CONDITION
+    conditioned = {k for k, v in member["Resources"].items() if v.get("Condition") == "BakeRegion"}
     assert conditioned == {k for k in member["Resources"] if k.startswith("BakeSchedule")}
-    assert {member["Resources"][k]["Condition"] for k in conditioned} == {"BakeRegion"}
     # Its rules' delivery failures go to a queue of its own, within the condition.
     bake = Template.from_json(member)
     bake.has_resource(
@@ -235,6 +235,28 @@ def test_member_ledger_accepts_the_stack_sets_execution_role(member: dict[str, A
     [statement] = table["Properties"]["ResourcePolicy"]["PolicyDocument"]["Statement"]
     writers = [_flat(p) for p in statement["Condition"]["ArnNotLike"]["aws:PrincipalArn"]]
     assert writers == ["arn:aws:iam::*:role/ami-janitor/*", "arn:aws:iam::123456789012:role/stacksets-exec-*"]
+
+
+def test_member_ledger_table_is_made_unless_the_account_has_one(
+    org_synth: Synth, member: dict[str, Any]
+) -> None:
+    """An account whose table `ami-janitor ledger create` made before the StackSet reached it is
+    deployed with LedgerTableExists=true: its stack uses that table (the functions' grants name the
+    table by its ARN, never the resource)."""
+    assert member["Parameters"]["LedgerTableExists"] == {
+        "Type": "String",
+        "Default": "false",
+        "AllowedValues": ["false", "true"],
+        "Description": "true where the account already has the ledger table ami-janitor-ledger",
+    }
+    [(name, table)] = resources(member, "AWS::DynamoDB::Table").items()
+    assert member["Conditions"][table["Condition"]] == {"Fn::Equals": [{"Ref": "LedgerTableExists"}, "false"]}
+    others = {k: v for k, v in member["Resources"].items() if k != name}
+    assert name not in str(others)  # no Ref, GetAtt or DependsOn on a resource that may not exist
+    for stack in [name for name in org_synth.stack_names() if name.startswith("AmiJanitor-")]:
+        regional = org_synth.template(stack)
+        assert "LedgerTableExists" not in regional.get("Parameters", {})
+        assert all("Condition" not in t for t in resources(regional, "AWS::DynamoDB::Table").values())
 
 
 def test_member_work_queues_are_named_for_the_stack_set(member: dict[str, Any]) -> None:
