@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import boto3
 import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
@@ -43,7 +44,7 @@ def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
         make_ledger((US, EU))
-        yield ClientFactory()
+        yield ClientFactory(boto3.Session())  # a full SDK: the tests make resources the janitor never does
 
 
 def key(aws: ClientFactory, alias: str | None = None) -> str:

@@ -68,7 +68,7 @@ def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
         make_ledger((US, EU, WEST))
-        yield ClientFactory()
+        yield ClientFactory(boto3.Session())  # a full SDK: the tests make resources the janitor never does
 
 
 def read(factory: ClientFactory, region: str, image_id: str) -> Image:

@@ -52,7 +52,7 @@ def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
         make_ledger((US,))
-        yield ClientFactory()
+        yield ClientFactory(boto3.Session())  # a full SDK: the tests make resources the janitor never does
 
 
 def bake(factory: ClientFactory, name: str) -> str:

@@ -169,7 +169,9 @@ def account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Account
         ]
         arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         monkeypatch.setenv("REPLICATION_QUEUE_URL", url)
-        recorded = Account(ClientFactory(), url, arn, dlq_url)
+        recorded = Account(
+            ClientFactory(boto3.Session()), url, arn, dlq_url
+        )  # a full SDK: it makes resources
         monkeypatch.setattr(replicate, "ClientFactory", lambda *_: RecordingClients(recorded.copy_requests))
         yield recorded
 

@@ -131,7 +131,7 @@ OPERATOR_SESSION_NAME = "ami-janitor-cli"
 
 def known_regions(session: boto3.Session | None = None) -> set[str]:
     """Every EC2 region of every partition the installed SDK knows. Pass the session the clients will
-    come from: the SDK's endpoint data it parses for this (about 100 ms) is then parsed once."""
+    come from: the SDK's endpoint data it parses for this is then parsed once."""
     session = session or boto3.Session()
     return {
         region
@@ -197,8 +197,9 @@ class ClientFactory:
     """RegionClients per region, shared by one run (the engine acts on several regions from the CLI)."""
 
     def __init__(self, session: boto3.Session | None = None, *, paced: bool = False) -> None:
-        # One session for every region: it loads each service's model once, not once per region.
-        self._session = session or boto3.Session()
+        # One session for every region: it loads each service's model once, not once per region; by
+        # default the janitor's, which loads the cut of the SDK's data (janitor_session).
+        self._session = session or janitor_session()
         self._regions: dict[str, RegionClients] = {}
         self._run_facts: dict[str, Any] = {}
         self.paced = paced

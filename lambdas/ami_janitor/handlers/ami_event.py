@@ -10,7 +10,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import engine
 from ami_janitor.aws import copier
-from ami_janitor.aws.clients import ClientFactory, janitor_session
+from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.handlers.events import configured, parse_ami_event
 from ami_janitor.handlers.observe import logger, metrics
 
@@ -23,7 +23,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     ami_event = parse_ami_event(event)
     detail = ami_event.detail
     env, policy = configured()
-    clients = ClientFactory(janitor_session())(ami_event.region)
+    clients = ClientFactory()(ami_event.region)
     queue = env.replication_queue_url
     outcome = engine.handle_ami_event(
         detail.ImageId,

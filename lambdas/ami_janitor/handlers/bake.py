@@ -19,7 +19,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import engine
 from ami_janitor.aws import baker
-from ami_janitor.aws.clients import ClientFactory, janitor_session
+from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.core.policy import Family, Policy
 from ami_janitor.handlers.events import (
     BadEvent,
@@ -50,7 +50,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if paused(policy, family=request.family):
         return engine.BakeOutcome(mode="paused", family=request.family).model_dump(mode="json")
     family = baked_family(policy, request.family)
-    clients = ClientFactory(janitor_session())(env.region)
+    clients = ClientFactory()(env.region)
     outcome = engine.scheduled_bake(policy, family, clients, datetime.now(UTC).replace(microsecond=0))
     answer = outcome.model_dump(mode="json")
     # LogRecord reserves `name`: the image name is logged as image_name.

@@ -30,7 +30,7 @@ from pydantic import Json, ValidationError
 
 from ami_janitor import engine
 from ami_janitor.aws import copier, kms
-from ami_janitor.aws.clients import ClientFactory, janitor_session
+from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.core import replication
 from ami_janitor.core.policy import Policy
@@ -134,7 +134,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
         )
         metrics.add_metric(name="CopyRequestsDropped", unit=MetricUnit.Count, value=dropped)
         return {"batchItemFailures": []}
-    factory = ClientFactory(janitor_session())
+    factory = ClientFactory()
     # A batch whose every record failed is answered like any other (each record a batch item failure),
     # not raised: a batch of one refused request is common, and SQS redrives either way (after the
     # visibility timeout, which paces the retries).

@@ -12,7 +12,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from ami_janitor import engine
 from ami_janitor.aws import copier
-from ami_janitor.aws.clients import ClientFactory, janitor_session
+from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.handlers.events import (
     Environment,
     ScheduledRunResult,
@@ -99,7 +99,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     env, policy = configured()
     if paused(policy):
         return ScheduledRunResult(mode="paused").model_dump(mode="json")
-    factory = ClientFactory(janitor_session())
+    factory = ClientFactory()
     result = engine.run(
         policy,
         [env.region],

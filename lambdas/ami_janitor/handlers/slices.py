@@ -22,7 +22,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import Json
 
 from ami_janitor import engine
-from ami_janitor.aws.clients import ClientFactory, RegionClients, janitor_session
+from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers.events import Environment, configured
@@ -123,7 +123,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
     if paused(policy, dropped=len(event.get("Records") or [])):
         # The kill switch: nothing is written. The slices are consumed; an enforce run plans again.
         return {"batchItemFailures": []}
-    factory = ClientFactory(janitor_session(), paced=True)
+    factory = ClientFactory(paced=True)
     # FIFO: the first record that fails fails the records after it too (they come again, in order).
     processor = SqsFifoPartialProcessor(model=WorkSliceRecord)
     return process_partial_response(
