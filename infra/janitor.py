@@ -62,10 +62,8 @@ def compose_janitor(
 ) -> Janitor:
     """Everything one region needs, in `stack`; no custom resources (nothing runs Lambda at deploy time).
 
-    `ledger_table_condition` creates the ledger table only where it holds (a StackSet member: a parameter
-    says the account's table was made before); `ledger_deployer` is the role name pattern that deploys
-    the stack (it updates the ledger table);
-    `name_prefix` names the resources that need a name where the stack's own name is not known at synth
+    `ledger_table_condition`: see LedgerTable; `ledger_deployer` is the role name pattern that deploys the
+    stack (it updates the ledger table); `name_prefix` names the resources that need a name where the stack's own name is not known at synth
     (the StackSet names its stacks)."""
     region = stack.region
     own_region = Scope.from_policy(policy, partition=stack.partition, account=stack.account, region=region)
@@ -77,10 +75,9 @@ def compose_janitor(
         "Ledger",
         table_name=policy.ledger.table,
         existing=ledger_table_exists,
+        condition=ledger_table_condition,
         deployer=ledger_deployer,
     )
-    if ledger_table_condition is not None:
-        only_if(ledger, ledger_table_condition)  # nothing else names the table's resource: its ARN is built
     alerts = Alerts(stack, "Alerts", email=policy.notify.email if policy.notify else None)
     dead_letters = DeadLetters(stack, "DeadLetters", alerts=alerts)
     reports = Reports(stack, "Reports")

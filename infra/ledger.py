@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from aws_cdk import RemovalPolicy, Stack
+from typing import cast
+
+from aws_cdk import CfnCondition, CfnResource, RemovalPolicy, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from constructs import Construct
@@ -22,7 +24,9 @@ class LedgerTable(Construct):
     resource policy that denies writes to every principal outside the IAM path /ami-janitor/.
 
     With `existing=True` the stack references a table `ami-janitor ledger create` made instead of
-    creating it (that command set the same guards; README, "Adopting a ledger table"). `deployer` is the
+    creating it (that command set the same guards; README, "Adopting a ledger table"); with `condition`,
+    the table is created only where it holds (a StackSet member whose account may have one already:
+    nothing else names the table's resource, its ARN is built from the name). `deployer` is the
     name pattern of the role that deploys the stack (it may write the table and its policy)."""
 
     def __init__(
@@ -32,6 +36,7 @@ class LedgerTable(Construct):
         *,
         table_name: str,
         existing: bool = False,
+        condition: CfnCondition | None = None,
         deployer: str = CFN_EXEC_ROLE,
     ) -> None:
         super().__init__(scope, id)
@@ -58,3 +63,5 @@ class LedgerTable(Construct):
             time_to_live_attribute=ledger.TTL_ATTRIBUTE,
             resource_policy=iam.PolicyDocument.from_json(document),
         )
+        if condition is not None:
+            cast(CfnResource, self.table.node.default_child).cfn_options.condition = condition
