@@ -5,14 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from ami_janitor.handlers import collector_paused
 
-from ami_janitor import engine
-from ami_janitor.aws import copier
-from ami_janitor.aws.clients import ClientFactory
-from ami_janitor.handlers.events import configured, parse_ami_event
-from ami_janitor.handlers.observe import logger, metrics
+with collector_paused():
+    from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+    from ami_janitor import engine
+    from ami_janitor.aws import copier
+    from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.handlers.events import configured, parse_ami_event
+    from ami_janitor.handlers.observe import logger, metrics
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 

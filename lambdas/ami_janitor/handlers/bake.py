@@ -14,19 +14,22 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from ami_janitor.handlers import collector_paused
 
-from ami_janitor import engine
-from ami_janitor.aws import baker
-from ami_janitor.aws.clients import ClientFactory
-from ami_janitor.core.policy import Family, Policy
-from ami_janitor.handlers.events import (
-    BadEvent,
-    configured,
-    parse_bake_event,
-)
-from ami_janitor.handlers.observe import logger, metrics, paused
+with collector_paused():
+    from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+    from ami_janitor import engine
+    from ami_janitor.aws import baker
+    from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.core.policy import Family, Policy
+    from ami_janitor.handlers.events import (
+        BadEvent,
+        configured,
+        parse_bake_event,
+    )
+    from ami_janitor.handlers.observe import logger, metrics, paused
 
 # The bake itself, and the check that the region's ledger table is there (engine.require_ledgers).
 PERMISSIONS: list[str] = sorted({*baker.SCHEDULED_PERMISSIONS, "dynamodb:DescribeTable"})

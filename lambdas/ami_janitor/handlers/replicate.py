@@ -14,29 +14,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.batch import (
-    BatchProcessor,
-    EventType,
-    ExceptionInfo,
-    FailureResponse,
-    process_partial_response,
-)
-from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
-from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
-from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
-from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import Json, ValidationError
+from ami_janitor.handlers import collector_paused
 
-from ami_janitor import engine
-from ami_janitor.aws import copier, kms
-from ami_janitor.aws.clients import ClientFactory
-from ami_janitor.aws.ledger import LedgerMissing
-from ami_janitor.core import replication
-from ami_janitor.core.policy import Policy
-from ami_janitor.core.validation import describe_validation_error
-from ami_janitor.handlers.events import configured
-from ami_janitor.handlers.observe import logger, metrics
+with collector_paused():
+    from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.utilities.batch import (
+        BatchProcessor,
+        EventType,
+        ExceptionInfo,
+        FailureResponse,
+        process_partial_response,
+    )
+    from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+    from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+    from pydantic import Json, ValidationError
+
+    from ami_janitor import engine
+    from ami_janitor.aws import copier, kms
+    from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.aws.ledger import LedgerMissing
+    from ami_janitor.core import replication
+    from ami_janitor.core.policy import Policy
+    from ami_janitor.core.validation import describe_validation_error
+    from ami_janitor.handlers.events import configured
+    from ami_janitor.handlers.observe import logger, metrics
 
 # inventory.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS), the
 # ledger checks and item reads are the copier's too (dynamodb:DescribeTable, BatchGetItem); the KMS

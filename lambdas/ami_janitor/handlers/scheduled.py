@@ -7,19 +7,22 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from ami_janitor.handlers import collector_paused
 
-from ami_janitor import engine
-from ami_janitor.aws import copier
-from ami_janitor.aws.clients import ClientFactory
-from ami_janitor.handlers.events import (
-    Environment,
-    ScheduledRunResult,
-    configured,
-    parse_scheduled_event,
-)
-from ami_janitor.handlers.observe import logger, metrics, paused
+with collector_paused():
+    from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+    from ami_janitor import engine
+    from ami_janitor.aws import copier
+    from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.handlers.events import (
+        Environment,
+        ScheduledRunResult,
+        configured,
+        parse_scheduled_event,
+    )
+    from ami_janitor.handlers.observe import logger, metrics, paused
 
 if TYPE_CHECKING:
     from ami_janitor.core.model import Copy

@@ -14,20 +14,23 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
-from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
-from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
-from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import Json
+from ami_janitor.handlers import collector_paused
 
-from ami_janitor import engine
-from ami_janitor.aws.clients import ClientFactory, RegionClients
-from ami_janitor.core.policy import Policy
-from ami_janitor.core.slices import WorkSlice
-from ami_janitor.handlers.events import Environment, configured
-from ami_janitor.handlers.observe import logger, metrics, paused
-from ami_janitor.handlers.scheduled import publish, report_key
+with collector_paused():
+    from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
+    from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+    from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+    from pydantic import Json
+
+    from ami_janitor import engine
+    from ami_janitor.aws.clients import ClientFactory, RegionClients
+    from ami_janitor.core.policy import Policy
+    from ami_janitor.core.slices import WorkSlice
+    from ami_janitor.handlers.events import Environment, configured
+    from ami_janitor.handlers.observe import logger, metrics, paused
+    from ami_janitor.handlers.scheduled import publish, report_key
 
 PERMISSIONS: list[str] = engine.SLICE_PERMISSIONS
 # No AMI is started with less than this left of the invocation (an AMI's stages take seconds; the
