@@ -120,14 +120,14 @@ EVENT_PERMISSIONS: list[str] = sorted(
 class ReplicateResult(BaseModel):
     """Shares and copies planned, and what applying them did."""
 
-    shares: list[Share] = Field(default_factory=list)
-    copies: list[Copy] = Field(default_factory=list)
-    problems: list[str] = Field(default_factory=list)
-    share_results: list[sharer.ShareResult] = Field(default_factory=list)
-    copy_results: list[replication.CopyResult] = Field(default_factory=list)
+    shares: list[Share] = []
+    copies: list[Copy] = []
+    problems: list[str] = []
+    share_results: list[sharer.ShareResult] = []
+    copy_results: list[replication.CopyResult] = []
     queued: int = 0
     # Regions that could not be read ("region: error"): nothing was planned there.
-    skipped: list[str] = Field(default_factory=list)
+    skipped: list[str] = []
 
     @property
     def failed(self) -> int:
@@ -149,28 +149,28 @@ class RunReport(Plan):
     did."""
 
     summary: RunSummary = RunSummary()
-    results: list[ActionResult] = Field(default_factory=list)
-    rotations: list[rotator.RotationResult] = Field(default_factory=list)
-    share_results: list[sharer.ShareResult] = Field(default_factory=list)
-    copy_results: list[replication.CopyResult] = Field(default_factory=list)
+    results: list[ActionResult] = []
+    rotations: list[rotator.RotationResult] = []
+    share_results: list[sharer.ShareResult] = []
+    copy_results: list[replication.CopyResult] = []
     copies_queued: int = 0
     slices_queued: int = 0
     # Usage reports written to the inbox (s3:// URLs), and those that could not be.
-    usage_reports: list[str] = Field(default_factory=list)
-    usage_problems: list[str] = Field(default_factory=list)
+    usage_reports: list[str] = []
+    usage_problems: list[str] = []
 
 
 class RunResult(BaseModel):
     """A plan and what applying it did (empty results in dry-run)."""
 
     plan: Plan
-    results: list[ActionResult] = Field(default_factory=list)
-    rotations: list[rotator.RotationResult] = Field(default_factory=list)
+    results: list[ActionResult] = []
+    rotations: list[rotator.RotationResult] = []
     replicated: ReplicateResult = ReplicateResult()
     # Slices of due stages queued to the slice worker (their results come with the run's last slice).
     slices_queued: int = 0
-    usage_reports: list[str] = Field(default_factory=list)
-    usage_problems: list[str] = Field(default_factory=list)
+    usage_reports: list[str] = []
+    usage_problems: list[str] = []
 
     @property
     def failed(self) -> int:
@@ -680,7 +680,7 @@ class BakeOutcome(Outcome):
     image_id: str | None = None
     name: str | None = None
     state: str | None = None
-    warnings: list[str] = Field(default_factory=list)
+    warnings: list[str] = []
     # The CreateImage request a dry run built without sending it: logged, not answered.
     create_image: dict[str, Any] | None = Field(None, exclude=True)
 
@@ -755,8 +755,8 @@ class SliceOutcome(BaseModel):
     run: str
     index: int
     count: int
-    results: list[ActionResult] = Field(default_factory=list)
-    held: dict[str, str] = Field(default_factory=dict)
+    results: list[ActionResult] = []
+    held: dict[str, str] = {}
     dropped: str | None = None  # why the whole slice was not run
     progress: runs.RunProgress | None = None
     # This worker sends the run's summary: the run's last slice is done, and nobody sent it before.

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.errors import error_code, error_text
@@ -87,7 +87,7 @@ class BakeResult(BaseModel):
     image_id: str
     name: str
     state: str
-    warnings: list[str] = Field(default_factory=list)
+    warnings: list[str] = []
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text
@@ -86,12 +86,12 @@ class ActionResult(BaseModel):
     action: ResultAction
     status: Status
     error: str | None = None
-    snapshots_deleted: list[str] = Field(default_factory=list)
+    snapshots_deleted: list[str] = []
     detail: str | None = None
 
 
 class ApplyResult(BaseModel):
-    results: list[ActionResult] = Field(default_factory=list)
+    results: list[ActionResult] = []
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import (
@@ -120,8 +120,8 @@ class CreateResult(BaseModel):
     region: str
     table: str
     created: bool = False
-    changes: list[str] = Field(default_factory=list)
-    writers: list[str] = Field(default_factory=list)
+    changes: list[str] = []
+    writers: list[str] = []
 
 
 def key(image_id: str) -> dict[str, Any]:

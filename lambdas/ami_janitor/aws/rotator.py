@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images
@@ -62,19 +62,19 @@ class AmiEventOutcome(Outcome):
     # ignored: why
     why: str | None = None
     # dry-run: the Latest changes a rotation would write
-    would: list[LatestChange] = Field(default_factory=list)
+    would: list[LatestChange] = []
     # rotated: what was written
-    rotations: list[RotationResult] = Field(default_factory=list)
+    rotations: list[RotationResult] = []
     # a failed AMI: what becomes of its copy
     copy_retry: str | None = None
     # a new source outside enforce: its share (None: none) and how many copies it would queue
     would_share: Share | None = None
     would_copy: int | None = None
     # a new source in enforce: what sharing it did and how many copies were queued
-    shared: list[ShareResult] = Field(default_factory=list)
+    shared: list[ShareResult] = []
     copies_queued: int | None = None
     # a new source: the copy targets skipped (an alias that cannot be resolved or now names another key)
-    copies_skipped: list[str] = Field(default_factory=list)
+    copies_skipped: list[str] = []
 
 
 def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list[str]:

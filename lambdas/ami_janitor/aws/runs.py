@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ami_janitor.aws.ledger import TTL_ATTRIBUTE, Written, conditional_update
 from ami_janitor.core.model import iso
@@ -32,8 +32,8 @@ class RunProgress(BaseModel):
 
     slices: int
     done: frozenset[int] = frozenset()
-    counts: dict[str, int] = Field(default_factory=dict)
-    plan_summary: dict[str, int] = Field(default_factory=dict)
+    counts: dict[str, int] = {}
+    plan_summary: dict[str, int] = {}
     summary_sent: str | None = None
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.aws.ledger import Ledger, LedgerFor
@@ -43,8 +43,8 @@ class ShareResult(BaseModel):
     region: str
     image_id: str
     status: ShareStatus
-    added: list[str] = Field(default_factory=list)
-    removed: list[str] = Field(default_factory=list)
+    added: list[str] = []
+    removed: list[str] = []
     error: str | None = None
     detail: str | None = None
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from ami_janitor.aws import executor, runs, usage
 from ami_janitor.aws.executor import ActionResult
@@ -78,8 +78,8 @@ _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 class SliceResult(BaseModel):
     """What one slice did: a result per stage (held-back AMIs' stages are skipped, with the reason)."""
 
-    results: list[ActionResult] = Field(default_factory=list)
-    held: dict[str, str] = Field(default_factory=dict)
+    results: list[ActionResult] = []
+    held: dict[str, str] = {}
 
     def counts(self) -> dict[str, int]:
         return {

@@ -49,6 +49,9 @@ def iso(value: datetime | None) -> str | None:
 Status = Literal["ok", "failed", "skipped"]
 
 
+# Empty lists and dicts are plain defaults (`= []`) throughout the package: pydantic gives each instance
+# its own copy, and unlike `default_factory=list` it need not inspect a signature for each field when
+# the class is made (a cold start makes every model class).
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -92,7 +95,7 @@ class Image(_Frozen):
     architecture: str
     state: str
     created: datetime
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = {}
     snapshot_ids: tuple[str, ...] = ()
     size_gib: int = 0
     root_device_type: str = "ebs"
@@ -214,7 +217,7 @@ class BuildInstance(_Frozen):
     instance_id: str
     state: str
     launched: datetime | None = None
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = {}
 
     @classmethod
     def from_api(cls, raw: dict[str, Any]) -> BuildInstance:
@@ -233,7 +236,7 @@ class ReceivedReport(_Frozen):
     account: str
     received_at: datetime
     # AMI id -> what uses it in that account (launch template, instance, SSM parameter...).
-    uses: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    uses: dict[str, tuple[str, ...]] = {}
     problem: str | None = None
 
 
@@ -242,9 +245,9 @@ class UsageView(_Frozen):
 
     own_account: str
     # account -> its report for this region; an account missing here sent none.
-    reports: dict[str, ReceivedReport] = Field(default_factory=dict)
+    reports: dict[str, ReceivedReport] = {}
     # 'org:ARN' / 'ou:ARN' -> the accounts in it; None where Organizations could not say.
-    expansions: dict[str, tuple[str, ...] | None] = Field(default_factory=dict)
+    expansions: dict[str, tuple[str, ...] | None] = {}
 
 
 class RegionInventory(_Frozen):
@@ -254,7 +257,7 @@ class RegionInventory(_Frozen):
     # The live instances some family's bake names: what the plan says a scheduled bake would image.
     build_instances: tuple[BuildInstance, ...] = ()
     # name -> value of every SSM parameter the policy points at (Latest pointers).
-    parameters: dict[str, str] = Field(default_factory=dict)
+    parameters: dict[str, str] = {}
     retired_snapshots: tuple[RetiredSnapshot, ...] = ()
     recycle_bin_rules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -314,11 +317,11 @@ class Decision(_PlanModel):
     candidate_since: str | None = None
     next_action: Stage | None = None
     next_action_at: str | None = None
-    snapshots: list[str] = Field(default_factory=list)
+    snapshots: list[str] = []
     size_gib: int = 0
     source_image_id: str | None = None
     # The stages this run applies, in order (all that are due): ["deprecate", "disable", "deregister"].
-    stages: list[Stage] = Field(default_factory=list)
+    stages: list[Stage] = []
 
 
 class LatestChange(_PlanModel):
@@ -329,7 +332,7 @@ class LatestChange(_PlanModel):
     to: str | None
     ssm_parameter: str | None = None
     # Tag holders that lose the tag (more than one after a race or a hand edit).
-    untag: list[str] = Field(default_factory=list)
+    untag: list[str] = []
     warning: str | None = None
 
 
@@ -348,8 +351,8 @@ class Copy(_PlanModel):
 class Share(_PlanModel):
     image_id: str
     region: str
-    add: list[str] = Field(default_factory=list)
-    remove: list[str] = Field(default_factory=list)
+    add: list[str] = []
+    remove: list[str] = []
 
 
 class Summary(_PlanModel):
@@ -393,17 +396,17 @@ class Plan(_PlanModel):
     generated_at: str
     regions: list[RegionStatus]
     decisions: list[Decision]
-    latest: list[LatestChange] = Field(default_factory=list)
-    copies: list[Copy] = Field(default_factory=list)
-    shares: list[Share] = Field(default_factory=list)
-    bakes: list[ScheduledBake] = Field(default_factory=list)
+    latest: list[LatestChange] = []
+    copies: list[Copy] = []
+    shares: list[Share] = []
+    bakes: list[ScheduledBake] = []
     summary: Summary = Summary()
-    policy_errors: list[str] = Field(default_factory=list)
-    notes: list[str] = Field(default_factory=list)
+    policy_errors: list[str] = []
+    notes: list[str] = []
     # Snapshots the ledger recorded for an AMI whose deregistration a crash interrupted: deleted by an
     # enforce run (never on a tag's word).
-    unfinished_snapshots: list[str] = Field(default_factory=list)
-    tampered: list[Tampered] = Field(default_factory=list)
+    unfinished_snapshots: list[str] = []
+    tampered: list[Tampered] = []
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -463,7 +466,7 @@ class LedgerItem(_Frozen):
 
     image_id: str
     first_candidate: datetime | None = None
-    stages: dict[Stage, LedgerStage] = Field(default_factory=dict)
+    stages: dict[Stage, LedgerStage] = {}
     grants: tuple[str, ...] = ()  # launch permission keys the janitor granted
     copies: tuple[LedgerCopy, ...] = ()
     snapshots: tuple[LedgerSnapshot, ...] = ()
@@ -502,11 +505,11 @@ class LedgerView(_Frozen):
     """A region's ledger as one run read it (one Scan, consistent): every item by AMI id."""
 
     table: str
-    items: dict[str, LedgerItem] = Field(default_factory=dict)
+    items: dict[str, LedgerItem] = {}
     # When an enforce run adopted the janitor tags it found (None: not yet; `tampered` stays quiet).
     adopted: datetime | None = None
     # Items the first enforce run writes from the tags it adopts (already merged into `items`).
-    adopting: dict[str, LedgerItem] = Field(default_factory=dict)
+    adopting: dict[str, LedgerItem] = {}
 
 
 # Their ledger fields name models defined after them.

@@ -104,7 +104,7 @@ class Rules(_Strict):
 
 
 class Match(_Strict):
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = {}
     name: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
@@ -191,9 +191,9 @@ class ReplicateTarget(_Strict):
 
 
 class ShareWith(_Strict):
-    accounts: list[str] = Field(default_factory=list)
-    organizations: list[str] = Field(default_factory=list)
-    organizational_units: list[str] = Field(default_factory=list)
+    accounts: list[str] = []
+    organizations: list[str] = []
+    organizational_units: list[str] = []
 
     @field_validator("accounts")
     @classmethod
@@ -246,7 +246,7 @@ class Family(_Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     match: Match
     latest: Latest | None = None
-    replicate: list[ReplicateTarget] = Field(default_factory=list)
+    replicate: list[ReplicateTarget] = []
     share_with: ShareWith = ShareWith()
     public: bool = Field(False, strict=True)
     bake: Bake | None = None

@@ -33,7 +33,7 @@ class UsageReport(BaseModel):
     region: str = Field(min_length=1)
     generated_at: datetime
     # AMI id -> what uses it here, sorted; only AMIs other accounts own.
-    uses: dict[str, list[str]] = Field(default_factory=dict)
+    uses: dict[str, list[str]] = {}
 
 
 def report_of(
