@@ -1171,7 +1171,7 @@ _serializer = TypeSerializer()
 
 class FakeDynamoDB:
     """The ledger table as a DynamoDB client shows it to a reader of a few AMIs' items (aws/ledger.py's
-    `exists` and `read_items`: DescribeTable, BatchGetItem), answered from the fake's ledger. Requests
+    `read_items`: BatchGetItem, DescribeTable), answered from the fake's ledger. Requests
     are checked against botocore's DynamoDB model; each call takes the fake's latency and is counted in
     `calls` (DynamoDB's limits are not EC2's buckets: never throttled)."""
 

@@ -30,6 +30,7 @@ from ami_janitor.aws.inventory import (
     load_images,
     load_inventory,
     load_launch_permissions,
+    read_ledger_items,
 )
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
 from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
@@ -1483,7 +1484,6 @@ def test_a_slice_reads_its_amis_their_snapshots_users_ledger_items_and_reference
         BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"SnapshotId": f"snap-{ami(2)[4:]}"}}],
     )
     s.add("ec2", "describe_images", {"Images": [sharer]}, {**IMAGES, "Filters": by_snapshot})
-    s.add("dynamodb", "describe_table", {"Table": {"TableName": TABLE}}, {"TableName": TABLE})
     keys = [{"pk": {"S": f"image#{i}"}, "sk": {"S": "item"}} for i in (ami(1), ami(2))]
     s.add(
         "dynamodb",
@@ -1583,3 +1583,23 @@ def test_slices_are_queued_in_batches_of_ten_one_group_per_region_deduplicated_b
             slicer.enqueue_slices(sqs, url, work[:1])
     stub.assert_no_pending_responses()
     assert len({slicer.deduplication_id(w) for w in work}) == 11
+
+
+def test_the_ledger_items_of_a_few_amis_are_one_batch_get_whose_answer_says_the_table_is_missing(
+    stubbed: Stubbed,
+) -> None:
+    """A reader of single AMIs (an event, a slice) asks BatchGetItem alone: its ResourceNotFound is "no
+    table yet" (None); any other failure is raised as it is."""
+    s = stubbed
+    keys = [{"pk": {"S": f"image#{ami(1)}"}, "sk": {"S": "item"}}]
+    request = {"RequestItems": {TABLE: {"Keys": keys, "ConsistentRead": True}}}
+    s.fail("dynamodb", "batch_get_item", "ResourceNotFoundException", request)
+    s.add("dynamodb", "batch_get_item", {"Responses": {TABLE: []}}, request)
+    s.fail("dynamodb", "batch_get_item", "AccessDeniedException", request, status=403)
+
+    assert read_ledger_items(s.clients, TABLE, [ami(1)]) is None
+    view = read_ledger_items(s.clients, TABLE, [ami(1)])
+    assert view is not None and view.table == TABLE and view.items == {}
+    with pytest.raises(ClientError, match="AccessDenied"):
+        read_ledger_items(s.clients, TABLE, [ami(1)])
+    s.verify()

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # The region's table once per run (read_ledger).
 PERMISSIONS: list[str] = ["dynamodb:Scan"]
 # The items of a few AMIs (read_ledger_items), for the readers of single AMIs.
-ITEM_PERMISSIONS: list[str] = ["dynamodb:BatchGetItem", "dynamodb:DescribeTable"]
+ITEM_PERMISSIONS: list[str] = ["dynamodb:BatchGetItem"]
 
 
 def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
@@ -34,7 +34,11 @@ def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
 
 def read_ledger_items(clients: RegionClients, table: str, image_ids: Iterable[str]) -> LedgerView | None:
     """The ledger items of a few AMIs (BatchGetItem), for a reader of single AMIs (an event, a queued
-    copy); None where the region has no table yet."""
-    if not ledger.exists(clients, table):
-        return None
-    return LedgerView(table=table, items=ledger.Ledger(clients, table).read_items(image_ids))
+    copy); None where the region has no table yet (BatchGetItem says so: no DescribeTable first). No
+    AMI, no call: an empty view."""
+    try:
+        return LedgerView(table=table, items=ledger.Ledger(clients, table).read_items(image_ids))
+    except ClientError as error:
+        if ledger.not_found(error):
+            return None
+        raise
