@@ -8,6 +8,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from operator import attrgetter
+from typing import Any
 
 from ami_janitor.core import build_instance, guardrails, trust
 from ami_janitor.core.model import (
@@ -45,14 +47,6 @@ class Group:
     members: list[Image] = field(default_factory=list)
     # Originals whose encrypted same-region copy stands in for them (set by build_groups).
     superseded: set[str] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class _Verdict:
-    image: Image
-    group: Group
-    keep: list[str] = field(default_factory=list)  # reasons that keep it (and rescue a candidate)
-    why_candidate: list[str] = field(default_factory=list)
 
 
 def order_key(image: Image) -> tuple[datetime, str, str]:
@@ -184,65 +178,88 @@ def _day(value: datetime) -> str:
     return value.strftime("%Y-%m-%d")
 
 
-def _judge(
-    group: Group,
-    now: datetime,
-    references: dict[str, list[str]],
-    conflicts: dict[str, list[str]],
-    latest_id: str | None,
-    tag_stays: bool,
-) -> list[_Verdict]:
-    """Why each member is kept, or why it is a candidate. The Latest tag keeps its holders only where
-    this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to `latest_id` first."""
-    rules = group.rules
-    family = group.family
-    superseded = group.superseded
-    allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
-    verdicts: list[_Verdict] = []
-    rank = 0
-    # Loop invariants, hoisted: this loop runs once per AMI of the account.
-    young_after = now - timedelta(days=rules.min_age_days)
-    launched_after = now - timedelta(days=rules.launched_within_days)
-    latest_tag = family.latest.tag if family.latest and tag_stays else None
-    among = f"among the {rules.keep_latest} newest of its group (#"
-    not_among = f"not among the {rules.keep_latest} newest of its group"
-    older = f"older than {rules.min_age_days} days"
-    for image in group.members:
-        verdict = _Verdict(image, group)
-        keep = verdict.keep
-        if image.image_id in conflicts:
-            keep.append(f"matches several families ({', '.join(conflicts[image.image_id])}): policy error")
+class _Judge:
+    """Why each member of one group is kept, or why it is a candidate, members taken newest first. The
+    loop's invariants are hoisted: it runs once per AMI of the account. The Latest tag keeps its holders
+    only where this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to `latest_id`."""
+
+    __slots__ = (
+        "allowed",
+        "among",
+        "conflicts",
+        "family",
+        "latest_id",
+        "latest_tag",
+        "launched_after",
+        "not_among",
+        "older",
+        "rank",
+        "references",
+        "rules",
+        "superseded",
+        "young_after",
+    )
+
+    def __init__(
+        self,
+        group: Group,
+        now: datetime,
+        references: dict[str, list[str]],
+        conflicts: dict[str, list[str]],
+        latest_id: str | None,
+        tag_stays: bool,
+    ) -> None:
+        rules = self.rules = group.rules
+        family = self.family = group.family
+        self.superseded = group.superseded
+        self.references, self.conflicts, self.latest_id = references, conflicts, latest_id
+        self.allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
+        self.rank = 0  # of the ranked members seen so far
+        self.young_after = now - timedelta(days=rules.min_age_days)
+        self.launched_after = now - timedelta(days=rules.launched_within_days)
+        self.latest_tag = family.latest.tag if family.latest and tag_stays else None
+        self.among = f"among the {rules.keep_latest} newest of its group (#"
+        self.not_among = f"not among the {rules.keep_latest} newest of its group"
+        self.older = f"older than {rules.min_age_days} days"
+
+    def judge(self, image: Image, order_time: datetime) -> tuple[list[str], list[str]]:
+        """(reasons that keep it (and rescue a candidate), why it is a candidate) of the next member."""
+        keep: list[str] = []
+        why: list[str] = []
+        image_id = image.image_id
+        rules = self.rules
+        if image_id in self.conflicts:
+            keep.append(f"matches several families ({', '.join(self.conflicts[image_id])}): policy error")
         if image.state not in RANKED_STATES:
             keep.append(f"state {image.state}: not managed until available")
-        elif image.image_id in superseded:
-            verdict.why_candidate.append("its encrypted copy in this region stands in for it")
+        elif image_id in self.superseded:
+            why.append("its encrypted copy in this region stands in for it")
         else:
-            rank += 1
-            if rank <= rules.keep_latest:
-                keep.append(f"{among}{rank})")
+            self.rank += 1
+            if self.rank <= rules.keep_latest:
+                keep.append(f"{self.among}{self.rank})")
             else:
-                verdict.why_candidate.append(not_among)
-        order_time = image.order_time
-        if order_time > young_after:
+                why.append(self.not_among)
+        if order_time > self.young_after:
             age_from = "source created" if order_time != image.created else "created"
             keep.append(f"younger than {rules.min_age_days} days ({age_from} {_day(order_time)})")
         else:
-            verdict.why_candidate.append(older)
-        if image.image_id == latest_id:
+            why.append(self.older)
+        if image_id == self.latest_id:
             keep.append("Latest of its group")
-        if latest_tag and latest_tag in image.tags and image.image_id != latest_id:
-            keep.append(f"carries the {latest_tag} tag")
-        keep.extend(references.get(image.image_id, ()))
-        if image.last_launched and image.last_launched >= launched_after:
+        elif self.latest_tag and self.latest_tag in image.tags:
+            keep.append(f"carries the {self.latest_tag} tag")
+        if image_id in self.references:
+            keep.extend(self.references[image_id])
+        if image.last_launched and image.last_launched >= self.launched_after:
             keep.append(f"launched {_day(image.last_launched)} (within {rules.launched_within_days} days)")
-        if not rules.allow_shared:
-            keep.extend(shared_outside(image, family, allowed))
+        if not rules.allow_shared and (image.public or image.launch_permissions):
+            keep.extend(shared_outside(image, self.family, self.allowed))
         if rules.opt_out_tag in image.tags:
             keep.append(f"opted out (tag {rules.opt_out_tag})")
         if image.deregistration_protection:
             keep.append("deregistration protection is on")
-        verdicts.append(verdict)
-    return verdicts
+        return keep, why
 
 
 def shared_outside(image: Image, family: Family, allowed: set[str] | None = None) -> list[str]:
@@ -267,77 +284,83 @@ def _configured_stages(rules: Rules) -> list[tuple[Stage, int]]:
 
 
 _ALL_FIELDS = set(Decision.model_fields)
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _decision(fields: dict[str, Any]) -> Decision:
+    """A Decision over `fields`, its own dict. Every field comes from validated models, so validation
+    (and model_construct's per-field loop) is skipped: a plan of 50,000 AMIs makes 50,000 of these.
+    Decisions are frozen, so they share one fields-set. The caps still edit the dict of those that
+    act, before the plan is returned."""
+    decision = _new(Decision)
+    _set(decision, "__dict__", fields)
+    _set(decision, "__pydantic_fields_set__", _ALL_FIELDS)
+    _set(decision, "__pydantic_extra__", None)
+    _set(decision, "__pydantic_private__", None)
+    return decision
 
 
 @dataclass(slots=True)
-class _Draft:
-    """A decision while the caps may still hold it back; `order` is set on those that act."""
+class _Acting:
+    """A decision whose stages are due, while the caps may still hold it back (the oldest move first)."""
 
+    order: tuple[datetime, str, str]
     group: Group
     image: Image
-    action: str
-    reasons: list[str]
-    candidate_since: str | None
-    next_action: Stage | None
-    next_action_at: str | None
-    stages: list[Stage]
-    order: tuple[datetime, str, str] | None  # the caps move the oldest first
+    fields: dict[str, Any]  # the decision's own dict
 
     def hold_back(self, reason: str) -> None:
-        self.reasons.append(reason)
-        self.next_action = self.stages[0]
-        self.action, self.stages, self.next_action_at = "keep", [], None
-
-    def decision(self) -> Decision:
-        # Every field comes from validated models, so skip validation (and model_construct's per-field
-        # loop): it keeps a plan of 50,000 AMIs near a second. Decisions are frozen, so they can share
-        # one fields-set.
-        image, group = self.image, self.group
-        decision = Decision.__new__(Decision)
-        fields = {
-            "region": group.region,
-            "family": group.family.name,
-            "architecture": group.architecture,
-            "image_id": image.image_id,
-            "name": image.name,
-            "created": iso(image.created) or "",
-            "action": self.action,
-            "reasons": self.reasons,
-            "candidate_since": self.candidate_since,
-            "next_action": self.next_action,
-            "next_action_at": self.next_action_at,
-            "snapshots": list(image.snapshot_ids),
-            "size_gib": image.size_gib,
-            "source_image_id": image.source_image_id,
-            "stages": self.stages,
-        }
-        object.__setattr__(decision, "__dict__", fields)
-        object.__setattr__(decision, "__pydantic_fields_set__", _ALL_FIELDS)
-        object.__setattr__(decision, "__pydantic_extra__", None)
-        object.__setattr__(decision, "__pydantic_private__", None)
-        return decision
+        fields = self.fields
+        fields["reasons"].append(reason)
+        fields["next_action"] = fields["stages"][0]
+        fields["action"], fields["stages"], fields["next_action_at"] = "keep", [], None
 
 
-def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list[_Draft]:
-    """The decisions of one group, as drafts (the caps still edit them)."""
-    drafts: list[_Draft] = []
+_NOTHING_KEEPS = "not referenced, not launched recently, not Latest, not shared outside share_with"
+
+
+def _candidate(
+    image: Image, reasons: list[str], plan: trust.StagePlan, since: str | None, next_at: str | None
+) -> str:
+    """The action of a candidate (nothing keeps it); adds the reasons its stage plan gives."""
+    reasons.append(_NOTHING_KEEPS)
+    due = plan.due
+    if image.root_device_type == "instance-store" and "deregister" in due:
+        reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
+    if plan.finishing:
+        reasons.append(f"{plan.finishing} recorded in the ledger but not done: done again")
+    if due:
+        reasons.append(f"{', '.join(due)} due (candidate since {since})")
+        return due[-1]
+    reasons.append(f"{plan.next_stage} due {next_at}" if plan.next_stage else "no further stage configured")
+    return "wait"
+
+
+def _decide_group(group: Group, judge: _Judge, now: datetime, acting: list[_Acting]) -> list[Decision]:
+    """The decisions of one group; those whose stages are due are added to `acting` (the caps still
+    edit them)."""
+    decisions: list[Decision] = []
+    region, family, architecture = group.region, group.family.name, group.architecture
     configured = _configured_stages(group.rules)
     # Every candidate without a ledger clock has the same stage plan: made once (a backlog of tens of
     # thousands is mostly such candidates, and the caps hold most of them back).
     fresh: tuple[trust.StagePlan, str | None, str | None] | None = None
-    for verdict in verdicts:
-        image = verdict.image
-        order: tuple[datetime, str, str] | None = None
-        stages: list[Stage] = []
+    for image in group.members:
+        # image.order_time, without the property's call for the AMIs that are no copy (most).
+        order_time = image.created if image.copied_from is None else image.order_time
+        keep, reasons = judge.judge(image, order_time)
+        item = image.ledger
+        clock = item if item is not None and item.is_open else None
         next_stage: Stage | None = None
         next_text: str | None = None
-        if verdict.keep:
-            clock = trust.open_item(image)
+        stages: list[Stage] = []
+        if keep:
             since_text = iso(clock.first_candidate) if clock is not None else None
             action = "rescue" if clock is not None else "keep"
-            reasons = verdict.keep
+            reasons = keep
         else:
-            if trust.open_item(image) is None:
+            if clock is None:
                 if fresh is None:
                     shared = trust.stage_plan(image, configured, now)
                     fresh = (shared, iso(shared.since), iso(shared.next_at))
@@ -345,23 +368,29 @@ def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list
             else:
                 stage_plan = trust.stage_plan(image, configured, now)
                 since_text, next_text = iso(stage_plan.since), iso(stage_plan.next_at)
-            due, next_stage = list(stage_plan.due), stage_plan.next_stage
-            reasons = verdict.why_candidate
-            reasons.append("not referenced, not launched recently, not Latest, not shared outside share_with")
-            if image.root_device_type == "instance-store" and "deregister" in due:
-                reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
-            if stage_plan.finishing:
-                reasons.append(f"{stage_plan.finishing} recorded in the ledger but not done: done again")
-            if due:
-                reasons.append(f"{', '.join(due)} due (candidate since {since_text})")
-                action, stages, order = due[-1], due, order_key(image)
-            else:
-                reasons.append(
-                    f"{next_stage} due {next_text}" if next_stage else "no further stage configured"
-                )
-                action = "wait"
-        drafts.append(_Draft(group, image, action, reasons, since_text, next_stage, next_text, stages, order))
-    return drafts
+            action = _candidate(image, reasons, stage_plan, since_text, next_text)
+            next_stage, stages = stage_plan.next_stage, list(stage_plan.due)
+        fields = {
+            "region": region,
+            "family": family,
+            "architecture": architecture,
+            "image_id": image.image_id,
+            "name": image.name,
+            "created": iso(image.created) or "",
+            "action": action,
+            "reasons": reasons,
+            "candidate_since": since_text,
+            "next_action": next_stage,
+            "next_action_at": next_text,
+            "snapshots": list(image.snapshot_ids),
+            "size_gib": image.size_gib,
+            "source_image_id": None if image.copied_from is None else image.source_image_id,
+            "stages": stages,
+        }
+        decisions.append(_decision(fields))
+        if stages:
+            acting.append(_Acting((order_time, image.name, image.image_id), group, image, fields))
+    return decisions
 
 
 def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> Counter[str]:
@@ -370,16 +399,16 @@ def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> C
     return Counter(s for image in images for s in image.snapshot_ids)
 
 
-def _cost(draft: _Draft, users: Counter[str] | None) -> int:
+def _cost(draft: _Acting, users: Counter[str] | None) -> int:
     """Actions a decision spends of max_actions_per_run: its stage move, plus each snapshot its
     deregistration deletes (snapshot deletions count toward the caps)."""
-    if draft.action != "deregister" or users is None:
+    if draft.fields["action"] != "deregister" or users is None:
         return 1
     return 1 + sum(1 for s in draft.image.snapshot_ids if users[s] <= 1)
 
 
 def _apply_caps(
-    drafts: list[_Draft],
+    acting: list[_Acting],
     groups: list[Group],
     policy: Policy,
     inventory: RegionInventory | None = None,
@@ -399,12 +428,12 @@ def _apply_caps(
         )
     budget = policy.defaults.limits.max_actions_per_run - spent
     region_reason = f"held back by max_actions_per_run ({policy.defaults.limits.max_actions_per_run})"
-    acting = sorted((d for d in drafts if d.order is not None), key=lambda d: d.order or ())
-    deregistering = any(d.action == "deregister" for d in acting)
+    ordered = sorted(acting, key=attrgetter("order"))
+    deregistering = any(d.fields["action"] == "deregister" for d in ordered)
     users = _snapshot_users(groups, inventory) if deregistering else None
     moved: dict[tuple[str, str], int] = defaultdict(int)
     total = 0
-    for draft in acting:
+    for draft in ordered:
         key = (draft.group.family.name, draft.group.architecture)
         cost = _cost(draft, users)
         if moved[key] >= allowed[key]:
@@ -439,18 +468,19 @@ def plan_region(
         if change is not None and change.ssm_parameter and change.to:
             parameters[change.ssm_parameter] = change.to
     references = _references_index(inventory, parameters)
-    drafts: list[_Draft] = []
+    decisions: list[Decision] = []
+    acting: list[_Acting] = []
     for group in groups:
         target = latest_target(group, now) if group.family.latest else None
         tag_stays = group.family.name in errors
-        verdicts = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
-        drafts.extend(_decide_group(group, verdicts, now))
-    _apply_caps(drafts, groups, policy, inventory, spent)
-    rescued = {d.image.image_id for d in drafts if d.action == "rescue"}
+        judge = _Judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
+        decisions.extend(_decide_group(group, judge, now, acting))
+    _apply_caps(acting, groups, policy, inventory, spent)
+    rescued = {d.image_id for d in decisions if d.action == "rescue"}
     changes: list[LatestChange] = []
     for group in groups:
         change = before[id(group)]
-        if rescued.intersection(m.image_id for m in group.members):
+        if rescued and rescued.intersection(m.image_id for m in group.members):
             after = after_rescues(group, rescued, now)
             change = rotation(after, inventory, now, errors.get(group.family.name))
         if change is not None:
@@ -459,7 +489,7 @@ def plan_region(
         f"{image_id} matches several families ({', '.join(names)}): kept"
         for image_id, names in sorted(conflicts.items())
     ]
-    return [draft.decision() for draft in drafts], changes, policy_errors
+    return decisions, changes, policy_errors
 
 
 def after_rescues(group: Group, rescued: set[str], now: datetime) -> Group:
