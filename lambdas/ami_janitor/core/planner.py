@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from ami_janitor.core import build_instance, guardrails, trust
@@ -67,10 +67,13 @@ def janitor_grants(image: Image) -> set[str]:
 def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group], dict[str, list[str]]]:
     """Groups of the region's managed AMIs, and for AMIs matching several families, those names."""
     by_key: dict[tuple[str, str], Group] = {}
+    # Each group's members with their order keys (made here, in the one loop over the region's AMIs).
+    keyed: dict[tuple[str, str], list[tuple[tuple[datetime, str, str], Image]]] = {}
     conflicts: dict[str, list[str]] = {}
-    all_families = policy.families
+    matchers = [(family, family.match.matcher()) for family in policy.families]
     for image in inventory.images:
-        families = [f for f in all_families if f.match.matches(image.name, image.tags)]
+        name, tags = image.name, image.tags
+        families = [family for family, matches in matchers if matches(name, tags)]
         if not families:
             continue
         if len(families) == 1:
@@ -81,20 +84,30 @@ def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group
         key = (family.name, image.architecture)
         if key not in by_key:
             by_key[key] = Group(inventory.region, family, image.architecture, policy.rules_for(family))
-        by_key[key].members.append(image)
-    groups = [by_key[key] for key in sorted(by_key)]
-    for group in groups:
-        group.members.sort(key=order_key, reverse=True)
+            keyed[key] = []
+        # order_key(image), without its calls for the AMIs that are no copy (most).
+        order_time = image.created if image.copied_from is None else image.order_time
+        keyed[key].append(((order_time, name, image.image_id), image))
+    groups = []
+    for key in sorted(by_key):
+        group = by_key[key]
+        members = keyed[key]
+        members.sort(key=itemgetter(0), reverse=True)
+        group.members = [image for _, image in members]
         group.superseded = superseded_ids(group)
+        groups.append(group)
     return groups, conflicts
 
 
 def superseded_ids(group: Group) -> set[str]:
     """Originals whose encrypted same-region copy stands in for them (encrypt in place)."""
     return {
-        image.source_image_id
+        source
         for image in group.members
-        if image.source_image_id and image.source_region == group.region and image.state == "available"
+        if image.copied_from is not None  # most AMIs: no copy at all
+        if (source := image.source_image_id)
+        and image.source_region == group.region
+        and image.state == "available"
     }
 
 
