@@ -5,9 +5,9 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -292,6 +292,24 @@ def shared_outside(image: Image, family: Family, allowed: set[str] | None = None
     return reasons
 
 
+def _stamper() -> Callable[[datetime], str]:
+    """iso(), for the creation time of every AMI of a region: the date part made once per day, the
+    rest from the clock's fields (an aware datetime's isoformat costs twice as much, and a plan of
+    50,000 AMIs formats 50,000 of them)."""
+    dates: dict[int, str] = {}
+
+    def stamp(value: datetime) -> str:
+        if value.tzinfo is not UTC:
+            return iso(value) or ""
+        day = value.toordinal()
+        date = dates.get(day)
+        if date is None:
+            date = dates[day] = value.date().isoformat() + "T"
+        return date + "%02d:%02d:%02dZ" % (value.hour, value.minute, value.second)  # noqa: UP031
+
+    return stamp
+
+
 def _configured_stages(rules: Rules) -> list[tuple[Stage, int]]:
     return [(stage, days) for stage, days in rules.lifecycle.stage_days() if days is not None]  # type: ignore[misc]
 
@@ -350,7 +368,9 @@ def _candidate(
     return "wait"
 
 
-def _decide_group(group: Group, judge: _Judge, now: datetime, acting: list[_Acting]) -> list[Decision]:
+def _decide_group(
+    group: Group, judge: _Judge, now: datetime, stamp: Callable[[datetime], str], acting: list[_Acting]
+) -> list[Decision]:
     """The decisions of one group; those whose stages are due are added to `acting` (the caps still
     edit them)."""
     decisions: list[Decision] = []
@@ -389,7 +409,7 @@ def _decide_group(group: Group, judge: _Judge, now: datetime, acting: list[_Acti
             "architecture": architecture,
             "image_id": image.image_id,
             "name": image.name,
-            "created": iso(image.created) or "",
+            "created": stamp(image.created),
             "action": action,
             "reasons": reasons,
             "candidate_since": since_text,
@@ -483,11 +503,12 @@ def plan_region(
     references = _references_index(inventory, parameters)
     decisions: list[Decision] = []
     acting: list[_Acting] = []
+    stamp = _stamper()
     for group in groups:
         target = latest_target(group, now) if group.family.latest else None
         tag_stays = group.family.name in errors
         judge = _Judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
-        decisions.extend(_decide_group(group, judge, now, acting))
+        decisions.extend(_decide_group(group, judge, now, stamp, acting))
     _apply_caps(acting, groups, policy, inventory, spent)
     rescued = {d.image_id for d in decisions if d.action == "rescue"}
     changes: list[LatestChange] = []
