@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
 from ami_janitor.core import build_instance, guardrails, trust
@@ -332,32 +332,21 @@ def _decision(fields: dict[str, Any]) -> Decision:
     return decision
 
 
-@dataclass(slots=True)
-class _Acting:
-    """A decision whose stages are due, while the caps may still hold it back (the oldest move first)."""
-
-    order: tuple[datetime, str, str]
-    group: Group
-    image: Image
-    fields: dict[str, Any]  # the decision's own dict
-
-    def hold_back(self, reason: str) -> None:
-        fields = self.fields
-        fields["reasons"].append(reason)
-        fields["next_action"] = fields["stages"][0]
-        fields["action"], fields["stages"], fields["next_action_at"] = "keep", [], None
-
+# A decision whose stages are due, while the caps may still hold it back (the oldest move first):
+# (order key, index of its group, image, the stages due, the decision's own field dict). A tuple, not
+# an object: a backlog makes tens of thousands of them.
+_Acting = tuple[tuple[datetime, str, str], int, Image, list[Stage], dict[str, Any]]
 
 _NOTHING_KEEPS = "not referenced, not launched recently, not Latest, not shared outside share_with"
 
 
 def _candidate(
-    image: Image, reasons: list[str], plan: trust.StagePlan, since: str | None, next_at: str | None
+    reasons: list[str], plan: trust.StagePlan, since: str | None, next_at: str | None, instance_store: bool
 ) -> str:
     """The action of a candidate (nothing keeps it); adds the reasons its stage plan gives."""
     reasons.append(_NOTHING_KEEPS)
     due = plan.due
-    if image.root_device_type == "instance-store" and "deregister" in due:
+    if instance_store and "deregister" in due:
         reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
     if plan.finishing:
         reasons.append(f"{plan.finishing} recorded in the ledger but not done: done again")
@@ -368,17 +357,35 @@ def _candidate(
     return "wait"
 
 
+# A candidate's stage plan, its candidate_since and next_action_at texts, its action and the reasons
+# the plan adds.
+_Staged = tuple[trust.StagePlan, str | None, str | None, str, tuple[str, ...]]
+
+
+def _staged(image: Image, configured: list[tuple[Stage, int]], now: datetime) -> _Staged:
+    plan = trust.stage_plan(image, configured, now)
+    since, next_at = iso(plan.since), iso(plan.next_at)
+    reasons: list[str] = []
+    action = _candidate(reasons, plan, since, next_at, image.root_device_type == "instance-store")
+    return plan, since, next_at, action, tuple(reasons)
+
+
 def _decide_group(
-    group: Group, judge: _Judge, now: datetime, stamp: Callable[[datetime], str], acting: list[_Acting]
+    group: Group,
+    index: int,
+    judge: _Judge,
+    now: datetime,
+    stamp: Callable[[datetime], str],
+    acting: list[_Acting],
 ) -> list[Decision]:
-    """The decisions of one group; those whose stages are due are added to `acting` (the caps still
-    edit them)."""
+    """The decisions of the group at `index`; those whose stages are due are added to `acting`, their
+    stages still empty (the caps set them, or hold them back)."""
     decisions: list[Decision] = []
     region, family, architecture = group.region, group.family.name, group.architecture
     configured = _configured_stages(group.rules)
-    # Every candidate without a ledger clock has the same stage plan: made once (a backlog of tens of
-    # thousands is mostly such candidates, and the caps hold most of them back).
-    fresh: tuple[trust.StagePlan, str | None, str | None] | None = None
+    # Every EBS-backed candidate without a ledger clock has the same stage plan and its reasons: made
+    # once (a backlog of tens of thousands is mostly such candidates, and the caps hold most back).
+    fresh: _Staged | None = None
     for image in group.members:
         # image.order_time, without the property's call for the AMIs that are no copy (most).
         order_time = image.created if image.copied_from is None else image.order_time
@@ -387,22 +394,19 @@ def _decide_group(
         clock = item if item is not None and item.is_open else None
         next_stage: Stage | None = None
         next_text: str | None = None
-        stages: list[Stage] = []
+        due: list[Stage] = []
         if keep:
             since_text = iso(clock.first_candidate) if clock is not None else None
             action = "rescue" if clock is not None else "keep"
             reasons = keep
         else:
-            if clock is None:
-                if fresh is None:
-                    shared = trust.stage_plan(image, configured, now)
-                    fresh = (shared, iso(shared.since), iso(shared.next_at))
-                stage_plan, since_text, next_text = fresh
+            if clock is None and image.root_device_type != "instance-store":
+                staged = fresh = fresh or _staged(image, configured, now)
             else:
-                stage_plan = trust.stage_plan(image, configured, now)
-                since_text, next_text = iso(stage_plan.since), iso(stage_plan.next_at)
-            action = _candidate(image, reasons, stage_plan, since_text, next_text)
-            next_stage, stages = stage_plan.next_stage, list(stage_plan.due)
+                staged = _staged(image, configured, now)
+            stage_plan, since_text, next_text, action, tail = staged
+            reasons.extend(tail)
+            next_stage, due = stage_plan.next_stage, stage_plan.due
         fields = {
             "region": region,
             "family": family,
@@ -418,11 +422,11 @@ def _decide_group(
             "snapshots": list(image.snapshot_ids),
             "size_gib": image.size_gib,
             "source_image_id": None if image.copied_from is None else image.source_image_id,
-            "stages": stages,
+            "stages": [],
         }
         decisions.append(_decision(fields))
-        if stages:
-            acting.append(_Acting((order_time, image.name, image.image_id), group, image, fields))
+        if due:
+            acting.append(((order_time, image.name, image.image_id), index, image, due, fields))
     return decisions
 
 
@@ -432,12 +436,12 @@ def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> C
     return Counter(s for image in images for s in image.snapshot_ids)
 
 
-def _cost(draft: _Acting, users: Counter[str] | None) -> int:
+def _cost(image: Image, action: str, users: Counter[str] | None) -> int:
     """Actions a decision spends of max_actions_per_run: its stage move, plus each snapshot its
     deregistration deletes (snapshot deletions count toward the caps)."""
-    if draft.fields["action"] != "deregister" or users is None:
+    if action != "deregister" or users is None:
         return 1
-    return 1 + sum(1 for s in draft.image.snapshot_ids if users[s] <= 1)
+    return 1 + sum(1 for s in image.snapshot_ids if users[s] <= 1)
 
 
 def _apply_caps(
@@ -448,38 +452,38 @@ def _apply_caps(
     spent: int = 0,
 ) -> None:
     """Hold back the AMIs over a cap (oldest move first): per group a fraction of the AMIs, per region
-    a count of actions (stage moves and snapshot deletions)."""
-    allowed: dict[tuple[str, str], int] = {}
-    group_reason: dict[tuple[str, str], str] = {}
+    a count of actions (stage moves and snapshot deletions). Those that move get their stages."""
+    allowed: list[int] = []
+    group_reason: list[str] = []
     for g in groups:
-        key = (g.family.name, g.architecture)
         fraction = g.rules.limits.max_fraction_per_family
-        allowed[key] = math.floor(fraction * len(g.members))
-        group_reason[key] = (
+        allowed.append(math.floor(fraction * len(g.members)))
+        group_reason.append(
             f"held back by max_fraction_per_family ({fraction:g} of {len(g.members)} members"
-            f" = {allowed[key]} per run)"
+            f" = {allowed[-1]} per run)"
         )
     budget = policy.defaults.limits.max_actions_per_run - spent
     region_reason = f"held back by max_actions_per_run ({policy.defaults.limits.max_actions_per_run})"
-    ordered = sorted(acting, key=attrgetter("order"))
-    deregistering = any(d.fields["action"] == "deregister" for d in ordered)
+    acting.sort(key=itemgetter(0))  # stable: the order in which the groups made them
+    deregistering = any(fields["action"] == "deregister" for *_, fields in acting)
     users = _snapshot_users(groups, inventory) if deregistering else None
-    moved: dict[tuple[str, str], int] = defaultdict(int)
+    moved = [0] * len(groups)
     total = 0
-    for draft in ordered:
-        key = (draft.group.family.name, draft.group.architecture)
-        cost = _cost(draft, users)
-        if moved[key] >= allowed[key]:
-            reason = group_reason[key]
+    for _, index, image, due, fields in acting:
+        cost = _cost(image, fields["action"], users)
+        if moved[index] >= allowed[index]:
+            reason = group_reason[index]
         elif total + cost > budget:
             reason = region_reason
             if cost > 1:
                 reason += f": deregistering it would delete {cost - 1} snapshot(s), {cost} actions"
         else:
-            moved[key] += 1
+            moved[index] += 1
             total += cost
+            fields["stages"] = list(due)
             continue
-        draft.hold_back(reason)
+        fields["reasons"].append(reason)
+        fields["action"], fields["next_action"], fields["next_action_at"] = "keep", due[0], None
 
 
 def plan_region(
@@ -504,11 +508,11 @@ def plan_region(
     decisions: list[Decision] = []
     acting: list[_Acting] = []
     stamp = _stamper()
-    for group in groups:
+    for index, group in enumerate(groups):
         target = latest_target(group, now) if group.family.latest else None
         tag_stays = group.family.name in errors
         judge = _Judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
-        decisions.extend(_decide_group(group, judge, now, stamp, acting))
+        decisions.extend(_decide_group(group, index, judge, now, stamp, acting))
     _apply_caps(acting, groups, policy, inventory, spent)
     rescued = {d.image_id for d in decisions if d.action == "rescue"}
     changes: list[LatestChange] = []
