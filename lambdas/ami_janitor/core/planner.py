@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from typing import Any
 
+from pydantic import BaseModel
+
 from ami_janitor.core import build_instance, guardrails, trust
 from ami_janitor.core.model import (
     Decision,
@@ -147,7 +149,8 @@ def rotation(
     if latest is None or pointer_error:
         return None
     target = latest_target(group, now)
-    holders = [i.image_id for i in group.members if latest.tag and latest.tag in i.tags]
+    tag = latest.tag
+    holders = [i.image_id for i in group.members if tag in i.tags] if tag else []
     parameter = latest.parameter_for(group.architecture)
     current = inventory.parameters.get(parameter) if parameter else None
     if target is None:
@@ -191,88 +194,72 @@ def _day(value: datetime) -> str:
     return value.strftime("%Y-%m-%d")
 
 
-class _Judge:
-    """Why each member of one group is kept, or why it is a candidate, members taken newest first. The
-    loop's invariants are hoisted: it runs once per AMI of the account. The Latest tag keeps its holders
-    only where this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to `latest_id`."""
+# Judges one member of a group: (reasons that keep it (and rescue a candidate), why it is a candidate).
+_Judge = Callable[[Image, datetime], tuple[list[str], list[str]]]
 
-    __slots__ = (
-        "allowed",
-        "among",
-        "conflicts",
-        "family",
-        "latest_id",
-        "latest_tag",
-        "launched_after",
-        "not_among",
-        "older",
-        "rank",
-        "references",
-        "rules",
-        "superseded",
-        "young_after",
-    )
 
-    def __init__(
-        self,
-        group: Group,
-        now: datetime,
-        references: dict[str, list[str]],
-        conflicts: dict[str, list[str]],
-        latest_id: str | None,
-        tag_stays: bool,
-    ) -> None:
-        rules = self.rules = group.rules
-        family = self.family = group.family
-        self.superseded = group.superseded
-        self.references, self.conflicts, self.latest_id = references, conflicts, latest_id
-        self.allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
-        self.rank = 0  # of the ranked members seen so far
-        self.young_after = now - timedelta(days=rules.min_age_days)
-        self.launched_after = now - timedelta(days=rules.launched_within_days)
-        self.latest_tag = family.latest.tag if family.latest and tag_stays else None
-        self.among = f"among the {rules.keep_latest} newest of its group (#"
-        self.not_among = f"not among the {rules.keep_latest} newest of its group"
-        self.older = f"older than {rules.min_age_days} days"
+def _judge(
+    group: Group,
+    now: datetime,
+    references: dict[str, list[str]],
+    conflicts: dict[str, list[str]],
+    latest_id: str | None,
+    tag_stays: bool,
+) -> _Judge:
+    """Why each member of one group is kept, or why it is a candidate, members taken newest first (the
+    rank counts on). A closure over the loop's invariants: it runs once per AMI of the account. The
+    Latest tag keeps its holders only where this run cannot rotate (`tag_stays`): elsewhere the
+    rotation moves it to `latest_id` first."""
+    rules, family, superseded = group.rules, group.family, group.superseded
+    allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
+    keep_latest, opt_out, check_shares = rules.keep_latest, rules.opt_out_tag, not rules.allow_shared
+    young_after = now - timedelta(days=rules.min_age_days)
+    launched_after = now - timedelta(days=rules.launched_within_days)
+    latest_tag = family.latest.tag if family.latest and tag_stays else None
+    among = f"among the {keep_latest} newest of its group (#"
+    not_among = f"not among the {keep_latest} newest of its group"
+    older = f"older than {rules.min_age_days} days"
+    rank = 0  # of the ranked members judged so far
 
-    def judge(self, image: Image, order_time: datetime) -> tuple[list[str], list[str]]:
-        """(reasons that keep it (and rescue a candidate), why it is a candidate) of the next member."""
+    def judge(image: Image, order_time: datetime) -> tuple[list[str], list[str]]:
+        nonlocal rank
         keep: list[str] = []
         why: list[str] = []
         image_id = image.image_id
-        rules = self.rules
-        if image_id in self.conflicts:
-            keep.append(f"matches several families ({', '.join(self.conflicts[image_id])}): policy error")
+        if image_id in conflicts:
+            keep.append(f"matches several families ({', '.join(conflicts[image_id])}): policy error")
         if image.state not in RANKED_STATES:
             keep.append(f"state {image.state}: not managed until available")
-        elif image_id in self.superseded:
+        elif image_id in superseded:
             why.append("its encrypted copy in this region stands in for it")
         else:
-            self.rank += 1
-            if self.rank <= rules.keep_latest:
-                keep.append(f"{self.among}{self.rank})")
+            rank += 1
+            if rank <= keep_latest:
+                keep.append(f"{among}{rank})")
             else:
-                why.append(self.not_among)
-        if order_time > self.young_after:
+                why.append(not_among)
+        if order_time > young_after:
             age_from = "source created" if order_time != image.created else "created"
             keep.append(f"younger than {rules.min_age_days} days ({age_from} {_day(order_time)})")
         else:
-            why.append(self.older)
-        if image_id == self.latest_id:
+            why.append(older)
+        if image_id == latest_id:
             keep.append("Latest of its group")
-        elif self.latest_tag and self.latest_tag in image.tags:
-            keep.append(f"carries the {self.latest_tag} tag")
-        if image_id in self.references:
-            keep.extend(self.references[image_id])
-        if image.last_launched and image.last_launched >= self.launched_after:
+        elif latest_tag and latest_tag in image.tags:
+            keep.append(f"carries the {latest_tag} tag")
+        if image_id in references:
+            keep.extend(references[image_id])
+        if image.last_launched and image.last_launched >= launched_after:
             keep.append(f"launched {_day(image.last_launched)} (within {rules.launched_within_days} days)")
-        if not rules.allow_shared and (image.public or image.launch_permissions):
-            keep.extend(shared_outside(image, self.family, self.allowed))
-        if rules.opt_out_tag in image.tags:
-            keep.append(f"opted out (tag {rules.opt_out_tag})")
+        if check_shares and (image.public or image.launch_permissions):
+            keep.extend(shared_outside(image, family, allowed))
+        if opt_out in image.tags:
+            keep.append(f"opted out (tag {opt_out})")
         if image.deregistration_protection:
             keep.append("deregistration protection is on")
         return keep, why
+
+    return judge
 
 
 def shared_outside(image: Image, family: Family, allowed: set[str] | None = None) -> list[str]:
@@ -315,8 +302,13 @@ def _configured_stages(rules: Rules) -> list[tuple[Stage, int]]:
 
 
 _ALL_FIELDS = set(Decision.model_fields)
-_new = object.__new__
-_set = object.__setattr__
+# The setters of the slots every pydantic model has (what model_construct sets), called directly:
+# object.__setattr__ looks each one up again.
+_SLOTS = BaseModel.__dict__
+_set_dict = _SLOTS["__dict__"].__set__
+_set_fields_set = _SLOTS["__pydantic_fields_set__"].__set__
+_set_extra = _SLOTS["__pydantic_extra__"].__set__
+_set_private = _SLOTS["__pydantic_private__"].__set__
 
 
 def _decision(fields: dict[str, Any]) -> Decision:
@@ -324,11 +316,11 @@ def _decision(fields: dict[str, Any]) -> Decision:
     (and model_construct's per-field loop) is skipped: a plan of 50,000 AMIs makes 50,000 of these.
     Decisions are frozen, so they share one fields-set. The caps still edit the dict of those that
     act, before the plan is returned."""
-    decision = _new(Decision)
-    _set(decision, "__dict__", fields)
-    _set(decision, "__pydantic_fields_set__", _ALL_FIELDS)
-    _set(decision, "__pydantic_extra__", None)
-    _set(decision, "__pydantic_private__", None)
+    decision = object.__new__(Decision)
+    _set_dict(decision, fields)
+    _set_fields_set(decision, _ALL_FIELDS)
+    _set_extra(decision, None)
+    _set_private(decision, None)
     return decision
 
 
@@ -389,7 +381,7 @@ def _decide_group(
     for image in group.members:
         # image.order_time, without the property's call for the AMIs that are no copy (most).
         order_time = image.created if image.copied_from is None else image.order_time
-        keep, reasons = judge.judge(image, order_time)
+        keep, reasons = judge(image, order_time)
         item = image.ledger
         clock = item if item is not None and item.is_open else None
         next_stage: Stage | None = None
@@ -470,7 +462,7 @@ def _apply_caps(
     moved = [0] * len(groups)
     total = 0
     for _, index, image, due, fields in acting:
-        cost = _cost(image, fields["action"], users)
+        cost = 1 if users is None else _cost(image, fields["action"], users)
         if moved[index] >= allowed[index]:
             reason = group_reason[index]
         elif total + cost > budget:
@@ -511,7 +503,7 @@ def plan_region(
     for index, group in enumerate(groups):
         target = latest_target(group, now) if group.family.latest else None
         tag_stays = group.family.name in errors
-        judge = _Judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
+        judge = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
         decisions.extend(_decide_group(group, index, judge, now, stamp, acting))
     _apply_caps(acting, groups, policy, inventory, spent)
     rescued = {d.image_id for d in decisions if d.action == "rescue"}
