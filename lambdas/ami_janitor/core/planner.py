@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from pydantic import BaseModel
@@ -66,39 +66,53 @@ def janitor_grants(image: Image) -> set[str]:
     return set(image.ledger.grants) if image.ledger is not None else set()
 
 
+# order_key of an AMI that is no copy, made in C: most groups have no copy at all.
+_BY_CREATION = attrgetter("created", "name", "image_id")
+
+
 def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group], dict[str, list[str]]]:
     """Groups of the region's managed AMIs, and for AMIs matching several families, those names."""
     by_key: dict[tuple[str, str], Group] = {}
-    # Each group's members with their order keys (made here, in the one loop over the region's AMIs).
-    keyed: dict[tuple[str, str], list[tuple[tuple[datetime, str, str], Image]]] = {}
+    with_copies: set[tuple[str, str]] = set()  # groups ordered by order_key, not by creation
     conflicts: dict[str, list[str]] = {}
     matchers = [(family, family.match.matcher()) for family in policy.families]
     for image in inventory.images:
         name, tags = image.name, image.tags
-        families = [family for family, matches in matchers if matches(name, tags)]
-        if not families:
+        family: Family | None = None
+        for candidate, matches in matchers:  # a loop, not a list per AMI: one family matches, mostly
+            if matches(name, tags):
+                if family is not None:
+                    family = _conflict(image, matchers, conflicts)
+                    break
+                family = candidate
+        if family is None:
             continue
-        if len(families) == 1:
-            family = families[0]
-        else:
-            conflicts[image.image_id] = sorted(f.name for f in families)
-            family = min(families, key=lambda f: f.name)
         key = (family.name, image.architecture)
-        if key not in by_key:
-            by_key[key] = Group(inventory.region, family, image.architecture, policy.rules_for(family))
-            keyed[key] = []
-        # order_key(image), without its calls for the AMIs that are no copy (most).
-        order_time = image.created if image.copied_from is None else image.order_time
-        keyed[key].append(((order_time, name, image.image_id), image))
-    groups = []
-    for key in sorted(by_key):
-        group = by_key[key]
-        members = keyed[key]
-        members.sort(key=itemgetter(0), reverse=True)
-        group.members = [image for _, image in members]
-        group.superseded = superseded_ids(group)
-        groups.append(group)
+        group = by_key.get(key)
+        if group is None:
+            group = by_key[key] = Group(
+                inventory.region, family, image.architecture, policy.rules_for(family)
+            )
+        group.members.append(image)
+        if image.copied_from is not None:
+            with_copies.add(key)
+    groups = [by_key[key] for key in sorted(by_key)]
+    for group in groups:
+        copies = (group.family.name, group.architecture) in with_copies
+        group.members.sort(key=order_key if copies else _BY_CREATION, reverse=True)
+        group.superseded = superseded_ids(group) if copies else set()
     return groups, conflicts
+
+
+def _conflict(
+    image: Image,
+    matchers: list[tuple[Family, Callable[[str, dict[str, str]], bool]]],
+    conflicts: dict[str, list[str]],
+) -> Family:
+    """The family an AMI matching several is grouped with (it is kept: a policy error); records them."""
+    families = [family for family, matches in matchers if matches(image.name, image.tags)]
+    conflicts[image.image_id] = sorted(f.name for f in families)
+    return min(families, key=lambda f: f.name)
 
 
 def superseded_ids(group: Group) -> set[str]:
