@@ -293,11 +293,15 @@ def shared_outside(image: Image, family: Family, allowed: set[str] | None = None
     return reasons
 
 
+_SECONDS = tuple(f"{second:02}Z" for second in range(60))
+
+
 def _stamper() -> Callable[[datetime], str]:
-    """iso(), for the creation time of every AMI of a region: the date part made once per day, the
-    rest from the clock's fields (an aware datetime's isoformat costs twice as much, and a plan of
-    50,000 AMIs formats 50,000 of them)."""
+    """iso(), for the creation time of every AMI of a region: the date and the hour and minute made
+    once each and kept (an aware datetime's isoformat costs four times as much, and a plan of 50,000
+    AMIs formats 50,000 of them)."""
     dates: dict[int, str] = {}
+    minutes: dict[int, str] = {}
 
     def stamp(value: datetime) -> str:
         if value.tzinfo is not UTC:
@@ -306,7 +310,11 @@ def _stamper() -> Callable[[datetime], str]:
         date = dates.get(day)
         if date is None:
             date = dates[day] = value.date().isoformat() + "T"
-        return date + "%02d:%02d:%02dZ" % (value.hour, value.minute, value.second)  # noqa: UP031
+        minute = value.hour * 60 + value.minute
+        clock = minutes.get(minute)
+        if clock is None:
+            clock = minutes[minute] = f"{value.hour:02}:{value.minute:02}:"
+        return date + clock + _SECONDS[value.second]
 
     return stamp
 
