@@ -346,11 +346,6 @@ def _decision(fields: dict[str, Any]) -> Decision:
     return decision
 
 
-# A decision whose stages are due, while the caps may still hold it back (the oldest move first):
-# (order key, index of its group, image, the stages due, the decision's own field dict). A tuple, not
-# an object: a backlog makes tens of thousands of them.
-_Acting = tuple[tuple[datetime, str, str], int, Image, list[Stage], dict[str, Any]]
-
 _NOTHING_KEEPS = "not referenced, not launched recently, not Latest, not shared outside share_with"
 
 
@@ -384,17 +379,19 @@ def _staged(image: Image, configured: list[tuple[Stage, int]], now: datetime) ->
     return plan, since, next_at, action, tuple(reasons)
 
 
+# A decision whose stages are due, made held back until the caps let it move (they hold back most of a
+# backlog): (image, the decision's own field dict, its stage plan as _staged made it). A tuple, not an
+# object: a backlog makes tens of thousands of them.
+_Due = tuple[Image, dict[str, Any], _Staged]
+
+
 def _decide_group(
-    group: Group,
-    index: int,
-    judge: _Judge,
-    now: datetime,
-    stamp: Callable[[datetime], str],
-    acting: list[_Acting],
-) -> list[Decision]:
-    """The decisions of the group at `index`; those whose stages are due are added to `acting`, their
-    stages still empty (the caps set them, or hold them back)."""
+    group: Group, judge: _Judge, now: datetime, stamp: Callable[[datetime], str]
+) -> tuple[list[Decision], list[_Due]]:
+    """The decisions of the group, and those whose stages are due (newest first), held back until the
+    caps let them move."""
     decisions: list[Decision] = []
+    due: list[_Due] = []
     region, family, architecture = group.region, group.family.name, group.architecture
     configured = _configured_stages(group.rules)
     # Every EBS-backed candidate without a ledger clock has the same stage plan and its reasons: made
@@ -408,7 +405,7 @@ def _decide_group(
         clock = item if item is not None and item.is_open else None
         next_stage: Stage | None = None
         next_text: str | None = None
-        due: list[Stage] = []
+        pending: _Staged | None = None
         if keep:
             since_text = iso(clock.first_candidate) if clock is not None else None
             action = "rescue" if clock is not None else "keep"
@@ -420,7 +417,9 @@ def _decide_group(
                 staged = _staged(image, configured, now)
             stage_plan, since_text, next_text, action, tail = staged
             reasons.extend(tail)
-            next_stage, due = stage_plan.next_stage, stage_plan.due
+            next_stage = stage_plan.next_stage
+            if stage_plan.due:
+                pending, action, next_stage, next_text = staged, "keep", stage_plan.due[0], None
         fields = {
             "region": region,
             "family": family,
@@ -439,9 +438,9 @@ def _decide_group(
             "stages": [],
         }
         decisions.append(_decision(fields))
-        if due:
-            acting.append(((order_time, image.name, image.image_id), index, image, due, fields))
-    return decisions
+        if pending is not None:
+            due.append((image, fields, pending))
+    return decisions, due
 
 
 def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> Counter[str]:
@@ -458,15 +457,23 @@ def _cost(image: Image, action: str, users: Counter[str] | None) -> int:
     return 1 + sum(1 for s in image.snapshot_ids if users[s] <= 1)
 
 
+def _move(fields: dict[str, Any], staged: _Staged) -> None:
+    """A due decision the caps let move: its action and stages."""
+    plan, _, next_at, action, _ = staged
+    fields["action"], fields["next_action"], fields["next_action_at"] = action, plan.next_stage, next_at
+    fields["stages"] = list(plan.due)
+
+
 def _apply_caps(
-    acting: list[_Acting],
+    due: list[list[_Due]],
     groups: list[Group],
     policy: Policy,
     inventory: RegionInventory | None = None,
     spent: int = 0,
 ) -> None:
-    """Hold back the AMIs over a cap (oldest move first): per group a fraction of the AMIs, per region
-    a count of actions (stage moves and snapshot deletions). Those that move get their stages."""
+    """Let the due decisions of each group (`due`, by group, newest first) move, oldest first, up to the
+    caps, and say which cap holds back each of the others: per group a fraction of the AMIs, per region
+    a count of actions (stage moves and snapshot deletions)."""
     allowed: list[int] = []
     group_reason: list[str] = []
     for g in groups:
@@ -478,13 +485,24 @@ def _apply_caps(
         )
     budget = policy.defaults.limits.max_actions_per_run - spent
     region_reason = f"held back by max_actions_per_run ({policy.defaults.limits.max_actions_per_run})"
-    acting.sort(key=itemgetter(0))  # stable: the order in which the groups made them
-    deregistering = any(fields["action"] == "deregister" for *_, fields in acting)
+    deregistering = any(staged[3] == "deregister" for entries in due for _, _, staged in entries)
     users = _snapshot_users(groups, inventory) if deregistering else None
+    # Where every move costs one action, a group moves only among its oldest min(allowed, budget): the
+    # newer ones wait behind them, held back by whichever cap has filled by then. Only the oldest are
+    # put in order (a backlog of tens of thousands, capped at a thousand a run).
+    heads: list[tuple[tuple[datetime, str, str], int, Image, dict[str, Any], _Staged]] = []
+    tails: list[list[_Due]] = []
+    for index, entries in enumerate(due):
+        split = max(0, len(entries) - max(0, min(allowed[index], budget))) if users is None else 0
+        tails.append(entries[:split])
+        heads.extend(
+            (order_key(image), index, image, fields, staged) for image, fields, staged in entries[split:]
+        )
+    heads.sort(key=itemgetter(0))
     moved = [0] * len(groups)
     total = 0
-    for _, index, image, due, fields in acting:
-        cost = 1 if users is None else _cost(image, fields["action"], users)
+    for _, index, image, fields, staged in heads:
+        cost = 1 if users is None else _cost(image, staged[3], users)
         if moved[index] >= allowed[index]:
             reason = group_reason[index]
         elif total + cost > budget:
@@ -494,10 +512,13 @@ def _apply_caps(
         else:
             moved[index] += 1
             total += cost
-            fields["stages"] = list(due)
+            _move(fields, staged)
             continue
         fields["reasons"].append(reason)
-        fields["action"], fields["next_action"], fields["next_action_at"] = "keep", due[0], None
+    for index, tail in enumerate(tails):
+        reason = group_reason[index] if moved[index] >= allowed[index] else region_reason
+        for _, fields, _ in tail:
+            fields["reasons"].append(reason)
 
 
 def plan_region(
@@ -520,14 +541,16 @@ def plan_region(
             parameters[change.ssm_parameter] = change.to
     references = _references_index(inventory, parameters)
     decisions: list[Decision] = []
-    acting: list[_Acting] = []
+    due: list[list[_Due]] = []
     stamp = _stamper()
-    for index, group in enumerate(groups):
+    for group in groups:
         target = latest_target(group, now) if group.family.latest else None
         tag_stays = group.family.name in errors
         judge = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
-        decisions.extend(_decide_group(group, index, judge, now, stamp, acting))
-    _apply_caps(acting, groups, policy, inventory, spent)
+        group_decisions, group_due = _decide_group(group, judge, now, stamp)
+        decisions.extend(group_decisions)
+        due.append(group_due)
+    _apply_caps(due, groups, policy, inventory, spent)
     rescued = {d.image_id for d in decisions if d.action == "rescue"}
     changes: list[LatestChange] = []
     for group in groups:
