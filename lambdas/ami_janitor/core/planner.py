@@ -208,8 +208,9 @@ def _day(value: datetime) -> str:
     return value.strftime("%Y-%m-%d")
 
 
-# Judges one member of a group: (reasons that keep it (and rescue a candidate), why it is a candidate).
-_Judge = Callable[[Image, datetime], tuple[list[str], list[str]]]
+# Judges one member of a group: the reasons that keep it (and rescue a candidate); none: a candidate.
+_Judge = Callable[[Image, datetime], list[str]]
+_STANDS_IN = "its encrypted copy in this region stands in for it"
 
 
 def _judge(
@@ -220,10 +221,11 @@ def _judge(
     latest_id: str | None,
     tag_stays: bool,
 ) -> _Judge:
-    """Why each member of one group is kept, or why it is a candidate, members taken newest first (the
-    rank counts on). A closure over the loop's invariants: it runs once per AMI of the account. The
-    Latest tag keeps its holders only where this run cannot rotate (`tag_stays`): elsewhere the
-    rotation moves it to `latest_id` first."""
+    """Why each member of one group is kept, members taken newest first (the rank counts on). A member
+    nothing keeps is a candidate: ranked, superseded or not among the newest, and old (_decide_group).
+    A closure over the loop's invariants: it runs once per AMI of the account. The Latest tag keeps its
+    holders only where this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to
+    `latest_id` first."""
     rules, family, superseded = group.rules, group.family, group.superseded
     allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
     keep_latest, opt_out, check_shares = rules.keep_latest, rules.opt_out_tag, not rules.allow_shared
@@ -231,32 +233,23 @@ def _judge(
     launched_after = now - timedelta(days=rules.launched_within_days)
     latest_tag = family.latest.tag if family.latest and tag_stays else None
     among = f"among the {keep_latest} newest of its group (#"
-    not_among = f"not among the {keep_latest} newest of its group"
-    older = f"older than {rules.min_age_days} days"
     rank = 0  # of the ranked members judged so far
 
-    def judge(image: Image, order_time: datetime) -> tuple[list[str], list[str]]:
+    def judge(image: Image, order_time: datetime) -> list[str]:
         nonlocal rank
         keep: list[str] = []
-        why: list[str] = []
         image_id = image.image_id
         if image_id in conflicts:
             keep.append(f"matches several families ({', '.join(conflicts[image_id])}): policy error")
         if image.state not in RANKED_STATES:
             keep.append(f"state {image.state}: not managed until available")
-        elif image_id in superseded:
-            why.append("its encrypted copy in this region stands in for it")
-        else:
+        elif image_id not in superseded:
             rank += 1
             if rank <= keep_latest:
                 keep.append(f"{among}{rank})")
-            else:
-                why.append(not_among)
         if order_time > young_after:
             age_from = "source created" if order_time != image.created else "created"
             keep.append(f"younger than {rules.min_age_days} days ({age_from} {_day(order_time)})")
-        else:
-            why.append(older)
         if image_id == latest_id:
             keep.append("Latest of its group")
         elif latest_tag and latest_tag in image.tags:
@@ -271,7 +264,7 @@ def _judge(
             keep.append(f"opted out (tag {opt_out})")
         if image.deregistration_protection:
             keep.append("deregistration protection is on")
-        return keep, why
+        return keep
 
     return judge
 
@@ -397,10 +390,13 @@ def _decide_group(
     # Every EBS-backed candidate without a ledger clock has the same stage plan and its reasons: made
     # once (a backlog of tens of thousands is mostly such candidates, and the caps hold most back).
     fresh: _Staged | None = None
+    superseded, rules = group.superseded, group.rules
+    not_among = f"not among the {rules.keep_latest} newest of its group"
+    older = f"older than {rules.min_age_days} days"
     for image in group.members:
         # image.order_time, without the property's call for the AMIs that are no copy (most).
         order_time = image.created if image.copied_from is None else image.order_time
-        keep, reasons = judge(image, order_time)
+        keep = judge(image, order_time)
         item = image.ledger
         clock = item if item is not None and item.is_open else None
         next_stage: Stage | None = None
@@ -416,7 +412,8 @@ def _decide_group(
             else:
                 staged = _staged(image, configured, now)
             stage_plan, since_text, next_text, action, tail = staged
-            reasons.extend(tail)
+            # Nothing keeps it: ranked and not among the newest (or superseded), and old.
+            reasons = [_STANDS_IN if image.image_id in superseded else not_among, older, *tail]
             next_stage = stage_plan.next_stage
             if stage_plan.due:
                 pending, action, next_stage, next_text = staged, "keep", stage_plan.due[0], None
