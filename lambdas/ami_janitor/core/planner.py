@@ -486,7 +486,8 @@ def _apply_caps(
     users = _snapshot_users(groups, inventory) if deregistering else None
     # Where every move costs one action, a group moves only among its oldest min(allowed, budget): the
     # newer ones wait behind them, held back by whichever cap has filled by then. Only the oldest are
-    # put in order (a backlog of tens of thousands, capped at a thousand a run).
+    # put in order (a backlog of tens of thousands, capped at a thousand a run). A region's AMI ids are
+    # unique, so the oldest of a group are the last of its newest-first list.
     heads: list[tuple[tuple[datetime, str, str], int, Image, dict[str, Any], _Staged]] = []
     tails: list[list[_Due]] = []
     for index, entries in enumerate(due):
