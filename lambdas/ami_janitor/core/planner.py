@@ -5,9 +5,13 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from operator import attrgetter, itemgetter
+from typing import Any
+
+from pydantic import BaseModel
 
 from ami_janitor.core import build_instance, guardrails, trust
 from ami_janitor.core.model import (
@@ -47,14 +51,6 @@ class Group:
     superseded: set[str] = field(default_factory=set)
 
 
-@dataclass(slots=True)
-class _Verdict:
-    image: Image
-    group: Group
-    keep: list[str] = field(default_factory=list)  # reasons that keep it (and rescue a candidate)
-    why_candidate: list[str] = field(default_factory=list)
-
-
 def order_key(image: Image) -> tuple[datetime, str, str]:
     return (image.order_time, image.name, image.image_id)
 
@@ -70,37 +66,64 @@ def janitor_grants(image: Image) -> set[str]:
     return set(image.ledger.grants) if image.ledger is not None else set()
 
 
+# order_key of an AMI that is no copy, made in C: most groups have no copy at all.
+_BY_CREATION = attrgetter("created", "name", "image_id")
+
+
 def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group], dict[str, list[str]]]:
     """Groups of the region's managed AMIs, and for AMIs matching several families, those names."""
     by_key: dict[tuple[str, str], Group] = {}
+    with_copies: set[tuple[str, str]] = set()  # groups ordered by order_key, not by creation
     conflicts: dict[str, list[str]] = {}
-    all_families = policy.families
+    matchers = [(family, family.match.matcher()) for family in policy.families]
     for image in inventory.images:
-        families = [f for f in all_families if f.match.matches(image.name, image.tags)]
-        if not families:
+        name, tags = image.name, image.tags
+        family: Family | None = None
+        for candidate, matches in matchers:  # a loop, not a list per AMI: one family matches, mostly
+            if matches(name, tags):
+                if family is not None:
+                    family = _conflict(image, matchers, conflicts)
+                    break
+                family = candidate
+        if family is None:
             continue
-        if len(families) == 1:
-            family = families[0]
-        else:
-            conflicts[image.image_id] = sorted(f.name for f in families)
-            family = min(families, key=lambda f: f.name)
         key = (family.name, image.architecture)
-        if key not in by_key:
-            by_key[key] = Group(inventory.region, family, image.architecture, policy.rules_for(family))
-        by_key[key].members.append(image)
+        group = by_key.get(key)
+        if group is None:
+            group = by_key[key] = Group(
+                inventory.region, family, image.architecture, policy.rules_for(family)
+            )
+        group.members.append(image)
+        if image.copied_from is not None:
+            with_copies.add(key)
     groups = [by_key[key] for key in sorted(by_key)]
     for group in groups:
-        group.members.sort(key=order_key, reverse=True)
-        group.superseded = superseded_ids(group)
+        copies = (group.family.name, group.architecture) in with_copies
+        group.members.sort(key=order_key if copies else _BY_CREATION, reverse=True)
+        group.superseded = superseded_ids(group) if copies else set()
     return groups, conflicts
+
+
+def _conflict(
+    image: Image,
+    matchers: list[tuple[Family, Callable[[str, dict[str, str]], bool]]],
+    conflicts: dict[str, list[str]],
+) -> Family:
+    """The family an AMI matching several is grouped with (it is kept: a policy error); records them."""
+    families = [family for family, matches in matchers if matches(image.name, image.tags)]
+    conflicts[image.image_id] = sorted(f.name for f in families)
+    return min(families, key=lambda f: f.name)
 
 
 def superseded_ids(group: Group) -> set[str]:
     """Originals whose encrypted same-region copy stands in for them (encrypt in place)."""
     return {
-        image.source_image_id
+        source
         for image in group.members
-        if image.source_image_id and image.source_region == group.region and image.state == "available"
+        if image.copied_from is not None  # most AMIs: no copy at all
+        if (source := image.source_image_id)
+        and image.source_region == group.region
+        and image.state == "available"
     }
 
 
@@ -140,7 +163,8 @@ def rotation(
     if latest is None or pointer_error:
         return None
     target = latest_target(group, now)
-    holders = [i.image_id for i in group.members if latest.tag and latest.tag in i.tags]
+    tag = latest.tag
+    holders = [i.image_id for i in group.members if tag in i.tags] if tag else []
     parameter = latest.parameter_for(group.architecture)
     current = inventory.parameters.get(parameter) if parameter else None
     if target is None:
@@ -184,6 +208,11 @@ def _day(value: datetime) -> str:
     return value.strftime("%Y-%m-%d")
 
 
+# Judges one member of a group: the reasons that keep it (and rescue a candidate); none: a candidate.
+_Judge = Callable[[Image, datetime], list[str]]
+_STANDS_IN = "its encrypted copy in this region stands in for it"
+
+
 def _judge(
     group: Group,
     now: datetime,
@@ -191,58 +220,53 @@ def _judge(
     conflicts: dict[str, list[str]],
     latest_id: str | None,
     tag_stays: bool,
-) -> list[_Verdict]:
-    """Why each member is kept, or why it is a candidate. The Latest tag keeps its holders only where
-    this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to `latest_id` first."""
-    rules = group.rules
-    family = group.family
-    superseded = group.superseded
+) -> _Judge:
+    """Why each member of one group is kept, members taken newest first (the rank counts on). A member
+    nothing keeps is a candidate: ranked, superseded or not among the newest, and old (_decide_group).
+    A closure over the loop's invariants: it runs once per AMI of the account. The Latest tag keeps its
+    holders only where this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to
+    `latest_id` first."""
+    rules, family, superseded = group.rules, group.family, group.superseded
     allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
-    verdicts: list[_Verdict] = []
-    rank = 0
-    # Loop invariants, hoisted: this loop runs once per AMI of the account.
+    keep_latest, opt_out, check_shares = rules.keep_latest, rules.opt_out_tag, not rules.allow_shared
     young_after = now - timedelta(days=rules.min_age_days)
     launched_after = now - timedelta(days=rules.launched_within_days)
     latest_tag = family.latest.tag if family.latest and tag_stays else None
-    among = f"among the {rules.keep_latest} newest of its group (#"
-    not_among = f"not among the {rules.keep_latest} newest of its group"
-    older = f"older than {rules.min_age_days} days"
-    for image in group.members:
-        verdict = _Verdict(image, group)
-        keep = verdict.keep
-        if image.image_id in conflicts:
-            keep.append(f"matches several families ({', '.join(conflicts[image.image_id])}): policy error")
+    among = f"among the {keep_latest} newest of its group (#"
+    rank = 0  # of the ranked members judged so far
+
+    def judge(image: Image, order_time: datetime) -> list[str]:
+        nonlocal rank
+        keep: list[str] = []
+        image_id = image.image_id
+        if image_id in conflicts:
+            keep.append(f"matches several families ({', '.join(conflicts[image_id])}): policy error")
         if image.state not in RANKED_STATES:
             keep.append(f"state {image.state}: not managed until available")
-        elif image.image_id in superseded:
-            verdict.why_candidate.append("its encrypted copy in this region stands in for it")
-        else:
+        elif image_id not in superseded:
             rank += 1
-            if rank <= rules.keep_latest:
+            if rank <= keep_latest:
                 keep.append(f"{among}{rank})")
-            else:
-                verdict.why_candidate.append(not_among)
-        order_time = image.order_time
         if order_time > young_after:
             age_from = "source created" if order_time != image.created else "created"
             keep.append(f"younger than {rules.min_age_days} days ({age_from} {_day(order_time)})")
-        else:
-            verdict.why_candidate.append(older)
-        if image.image_id == latest_id:
+        if image_id == latest_id:
             keep.append("Latest of its group")
-        if latest_tag and latest_tag in image.tags and image.image_id != latest_id:
+        elif latest_tag and latest_tag in image.tags:
             keep.append(f"carries the {latest_tag} tag")
-        keep.extend(references.get(image.image_id, ()))
+        if image_id in references:
+            keep.extend(references[image_id])
         if image.last_launched and image.last_launched >= launched_after:
             keep.append(f"launched {_day(image.last_launched)} (within {rules.launched_within_days} days)")
-        if not rules.allow_shared:
+        if check_shares and (image.public or image.launch_permissions):
             keep.extend(shared_outside(image, family, allowed))
-        if rules.opt_out_tag in image.tags:
-            keep.append(f"opted out (tag {rules.opt_out_tag})")
+        if opt_out in image.tags:
+            keep.append(f"opted out (tag {opt_out})")
         if image.deregistration_protection:
             keep.append("deregistration protection is on")
-        verdicts.append(verdict)
-    return verdicts
+        return keep
+
+    return judge
 
 
 def shared_outside(image: Image, family: Family, allowed: set[str] | None = None) -> list[str]:
@@ -262,106 +286,158 @@ def shared_outside(image: Image, family: Family, allowed: set[str] | None = None
     return reasons
 
 
+_SECONDS = tuple(f"{second:02}Z" for second in range(60))
+
+
+def _stamper() -> Callable[[datetime], str]:
+    """iso(), for the creation time of every AMI of a region: the date and the hour and minute made
+    once each and kept (an aware datetime's isoformat costs four times as much, and a plan of 50,000
+    AMIs formats 50,000 of them)."""
+    dates: dict[int, str] = {}
+    minutes: dict[int, str] = {}
+
+    def stamp(value: datetime) -> str:
+        if value.tzinfo is not UTC:
+            return iso(value) or ""
+        day = value.toordinal()
+        date = dates.get(day)
+        if date is None:
+            date = dates[day] = value.date().isoformat() + "T"
+        minute = value.hour * 60 + value.minute
+        clock = minutes.get(minute)
+        if clock is None:
+            clock = minutes[minute] = f"{value.hour:02}:{value.minute:02}:"
+        return date + clock + _SECONDS[value.second]
+
+    return stamp
+
+
 def _configured_stages(rules: Rules) -> list[tuple[Stage, int]]:
     return [(stage, days) for stage, days in rules.lifecycle.stage_days() if days is not None]  # type: ignore[misc]
 
 
 _ALL_FIELDS = set(Decision.model_fields)
+# The setters of the slots every pydantic model has (what model_construct sets), called directly:
+# object.__setattr__ looks each one up again.
+_SLOTS = BaseModel.__dict__
+_set_dict = _SLOTS["__dict__"].__set__
+_set_fields_set = _SLOTS["__pydantic_fields_set__"].__set__
+_set_extra = _SLOTS["__pydantic_extra__"].__set__
+_set_private = _SLOTS["__pydantic_private__"].__set__
 
 
-@dataclass(slots=True)
-class _Draft:
-    """A decision while the caps may still hold it back; `order` is set on those that act."""
-
-    group: Group
-    image: Image
-    action: str
-    reasons: list[str]
-    candidate_since: str | None
-    next_action: Stage | None
-    next_action_at: str | None
-    stages: list[Stage]
-    order: tuple[datetime, str, str] | None  # the caps move the oldest first
-
-    def hold_back(self, reason: str) -> None:
-        self.reasons.append(reason)
-        self.next_action = self.stages[0]
-        self.action, self.stages, self.next_action_at = "keep", [], None
-
-    def decision(self) -> Decision:
-        # Every field comes from validated models, so skip validation (and model_construct's per-field
-        # loop): it keeps a plan of 50,000 AMIs near a second. Decisions are frozen, so they can share
-        # one fields-set.
-        image, group = self.image, self.group
-        decision = Decision.__new__(Decision)
-        fields = {
-            "region": group.region,
-            "family": group.family.name,
-            "architecture": group.architecture,
-            "image_id": image.image_id,
-            "name": image.name,
-            "created": iso(image.created) or "",
-            "action": self.action,
-            "reasons": self.reasons,
-            "candidate_since": self.candidate_since,
-            "next_action": self.next_action,
-            "next_action_at": self.next_action_at,
-            "snapshots": list(image.snapshot_ids),
-            "size_gib": image.size_gib,
-            "source_image_id": image.source_image_id,
-            "stages": self.stages,
-        }
-        object.__setattr__(decision, "__dict__", fields)
-        object.__setattr__(decision, "__pydantic_fields_set__", _ALL_FIELDS)
-        object.__setattr__(decision, "__pydantic_extra__", None)
-        object.__setattr__(decision, "__pydantic_private__", None)
-        return decision
+def _decision(fields: dict[str, Any]) -> Decision:
+    """A Decision over `fields`, its own dict. Every field comes from validated models, so validation
+    (and model_construct's per-field loop) is skipped: a plan of 50,000 AMIs makes 50,000 of these.
+    Decisions are frozen, so they share one fields-set. The caps still edit the dict of those that
+    act, before the plan is returned."""
+    decision = object.__new__(Decision)
+    _set_dict(decision, fields)
+    _set_fields_set(decision, _ALL_FIELDS)
+    _set_extra(decision, None)
+    _set_private(decision, None)
+    return decision
 
 
-def _decide_group(group: Group, verdicts: list[_Verdict], now: datetime) -> list[_Draft]:
-    """The decisions of one group, as drafts (the caps still edit them)."""
-    drafts: list[_Draft] = []
+_NOTHING_KEEPS = "not referenced, not launched recently, not Latest, not shared outside share_with"
+
+
+def _candidate(
+    reasons: list[str], plan: trust.StagePlan, since: str | None, next_at: str | None, instance_store: bool
+) -> str:
+    """The action of a candidate (nothing keeps it); adds the reasons its stage plan gives."""
+    reasons.append(_NOTHING_KEEPS)
+    due = plan.due
+    if instance_store and "deregister" in due:
+        reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
+    if plan.finishing:
+        reasons.append(f"{plan.finishing} recorded in the ledger but not done: done again")
+    if due:
+        reasons.append(f"{', '.join(due)} due (candidate since {since})")
+        return due[-1]
+    reasons.append(f"{plan.next_stage} due {next_at}" if plan.next_stage else "no further stage configured")
+    return "wait"
+
+
+# A candidate's stage plan, its candidate_since and next_action_at texts, its action and the reasons
+# the plan adds.
+_Staged = tuple[trust.StagePlan, str | None, str | None, str, tuple[str, ...]]
+
+
+def _staged(image: Image, configured: list[tuple[Stage, int]], now: datetime) -> _Staged:
+    plan = trust.stage_plan(image, configured, now)
+    since, next_at = iso(plan.since), iso(plan.next_at)
+    reasons: list[str] = []
+    action = _candidate(reasons, plan, since, next_at, image.root_device_type == "instance-store")
+    return plan, since, next_at, action, tuple(reasons)
+
+
+# A decision whose stages are due, made held back until the caps let it move (they hold back most of a
+# backlog): (image, the decision's own field dict, its stage plan as _staged made it). A tuple, not an
+# object: a backlog makes tens of thousands of them.
+_Due = tuple[Image, dict[str, Any], _Staged]
+
+
+def _decide_group(
+    group: Group, judge: _Judge, now: datetime, stamp: Callable[[datetime], str]
+) -> tuple[list[Decision], list[_Due]]:
+    """The decisions of the group, and those whose stages are due (newest first), held back until the
+    caps let them move."""
+    decisions: list[Decision] = []
+    due: list[_Due] = []
+    region, family, architecture = group.region, group.family.name, group.architecture
     configured = _configured_stages(group.rules)
-    # Every candidate without a ledger clock has the same stage plan: made once (a backlog of tens of
-    # thousands is mostly such candidates, and the caps hold most of them back).
-    fresh: tuple[trust.StagePlan, str | None, str | None] | None = None
-    for verdict in verdicts:
-        image = verdict.image
-        order: tuple[datetime, str, str] | None = None
-        stages: list[Stage] = []
+    # Every EBS-backed candidate without a ledger clock has the same stage plan and its reasons: made
+    # once (a backlog of tens of thousands is mostly such candidates, and the caps hold most back).
+    fresh: _Staged | None = None
+    superseded, rules = group.superseded, group.rules
+    not_among = f"not among the {rules.keep_latest} newest of its group"
+    older = f"older than {rules.min_age_days} days"
+    for image in group.members:
+        # image.order_time, without the property's call for the AMIs that are no copy (most).
+        order_time = image.created if image.copied_from is None else image.order_time
+        keep = judge(image, order_time)
+        item = image.ledger
+        clock = item if item is not None and item.is_open else None
         next_stage: Stage | None = None
         next_text: str | None = None
-        if verdict.keep:
-            clock = trust.open_item(image)
+        pending: _Staged | None = None
+        if keep:
             since_text = iso(clock.first_candidate) if clock is not None else None
             action = "rescue" if clock is not None else "keep"
-            reasons = verdict.keep
+            reasons = keep
         else:
-            if trust.open_item(image) is None:
-                if fresh is None:
-                    shared = trust.stage_plan(image, configured, now)
-                    fresh = (shared, iso(shared.since), iso(shared.next_at))
-                stage_plan, since_text, next_text = fresh
+            if clock is None and image.root_device_type != "instance-store":
+                staged = fresh = fresh or _staged(image, configured, now)
             else:
-                stage_plan = trust.stage_plan(image, configured, now)
-                since_text, next_text = iso(stage_plan.since), iso(stage_plan.next_at)
-            due, next_stage = list(stage_plan.due), stage_plan.next_stage
-            reasons = verdict.why_candidate
-            reasons.append("not referenced, not launched recently, not Latest, not shared outside share_with")
-            if image.root_device_type == "instance-store" and "deregister" in due:
-                reasons.append("instance-store backed: deregistration leaves its S3 bundle in place")
-            if stage_plan.finishing:
-                reasons.append(f"{stage_plan.finishing} recorded in the ledger but not done: done again")
-            if due:
-                reasons.append(f"{', '.join(due)} due (candidate since {since_text})")
-                action, stages, order = due[-1], due, order_key(image)
-            else:
-                reasons.append(
-                    f"{next_stage} due {next_text}" if next_stage else "no further stage configured"
-                )
-                action = "wait"
-        drafts.append(_Draft(group, image, action, reasons, since_text, next_stage, next_text, stages, order))
-    return drafts
+                staged = _staged(image, configured, now)
+            stage_plan, since_text, next_text, action, tail = staged
+            # Nothing keeps it: ranked and not among the newest (or superseded), and old.
+            reasons = [_STANDS_IN if image.image_id in superseded else not_among, older, *tail]
+            next_stage = stage_plan.next_stage
+            if stage_plan.due:
+                pending, action, next_stage, next_text = staged, "keep", stage_plan.due[0], None
+        fields = {
+            "region": region,
+            "family": family,
+            "architecture": architecture,
+            "image_id": image.image_id,
+            "name": image.name,
+            "created": stamp(image.created),
+            "action": action,
+            "reasons": reasons,
+            "candidate_since": since_text,
+            "next_action": next_stage,
+            "next_action_at": next_text,
+            "snapshots": list(image.snapshot_ids),
+            "size_gib": image.size_gib,
+            "source_image_id": None if image.copied_from is None else image.source_image_id,
+            "stages": [],
+        }
+        decisions.append(_decision(fields))
+        if pending is not None:
+            due.append((image, fields, pending))
+    return decisions, due
 
 
 def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> Counter[str]:
@@ -370,54 +446,77 @@ def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> C
     return Counter(s for image in images for s in image.snapshot_ids)
 
 
-def _cost(draft: _Draft, users: Counter[str] | None) -> int:
+def _cost(image: Image, action: str, users: Counter[str] | None) -> int:
     """Actions a decision spends of max_actions_per_run: its stage move, plus each snapshot its
     deregistration deletes (snapshot deletions count toward the caps)."""
-    if draft.action != "deregister" or users is None:
+    if action != "deregister" or users is None:
         return 1
-    return 1 + sum(1 for s in draft.image.snapshot_ids if users[s] <= 1)
+    return 1 + sum(1 for s in image.snapshot_ids if users[s] <= 1)
+
+
+def _move(fields: dict[str, Any], staged: _Staged) -> None:
+    """A due decision the caps let move: its action and stages."""
+    plan, _, next_at, action, _ = staged
+    fields["action"], fields["next_action"], fields["next_action_at"] = action, plan.next_stage, next_at
+    fields["stages"] = list(plan.due)
 
 
 def _apply_caps(
-    drafts: list[_Draft],
+    due: list[list[_Due]],
     groups: list[Group],
     policy: Policy,
     inventory: RegionInventory | None = None,
     spent: int = 0,
 ) -> None:
-    """Hold back the AMIs over a cap (oldest move first): per group a fraction of the AMIs, per region
+    """Let the due decisions of each group (`due`, by group, newest first) move, oldest first, up to the
+    caps, and say which cap holds back each of the others: per group a fraction of the AMIs, per region
     a count of actions (stage moves and snapshot deletions)."""
-    allowed: dict[tuple[str, str], int] = {}
-    group_reason: dict[tuple[str, str], str] = {}
+    allowed: list[int] = []
+    group_reason: list[str] = []
     for g in groups:
-        key = (g.family.name, g.architecture)
         fraction = g.rules.limits.max_fraction_per_family
-        allowed[key] = math.floor(fraction * len(g.members))
-        group_reason[key] = (
+        allowed.append(math.floor(fraction * len(g.members)))
+        group_reason.append(
             f"held back by max_fraction_per_family ({fraction:g} of {len(g.members)} members"
-            f" = {allowed[key]} per run)"
+            f" = {allowed[-1]} per run)"
         )
     budget = policy.defaults.limits.max_actions_per_run - spent
     region_reason = f"held back by max_actions_per_run ({policy.defaults.limits.max_actions_per_run})"
-    acting = sorted((d for d in drafts if d.order is not None), key=lambda d: d.order or ())
-    deregistering = any(d.action == "deregister" for d in acting)
+    deregistering = any(staged[3] == "deregister" for entries in due for _, _, staged in entries)
     users = _snapshot_users(groups, inventory) if deregistering else None
-    moved: dict[tuple[str, str], int] = defaultdict(int)
+    # Where every move costs one action, a group moves only among its oldest min(allowed, budget): the
+    # newer ones wait behind them, held back by whichever cap has filled by then. Only the oldest are
+    # put in order (a backlog of tens of thousands, capped at a thousand a run). A region's AMI ids are
+    # unique, so the oldest of a group are the last of its newest-first list.
+    heads: list[tuple[tuple[datetime, str, str], int, Image, dict[str, Any], _Staged]] = []
+    tails: list[list[_Due]] = []
+    for index, entries in enumerate(due):
+        split = max(0, len(entries) - max(0, min(allowed[index], budget))) if users is None else 0
+        tails.append(entries[:split])
+        heads.extend(
+            (order_key(image), index, image, fields, staged) for image, fields, staged in entries[split:]
+        )
+    heads.sort(key=itemgetter(0))
+    moved = [0] * len(groups)
     total = 0
-    for draft in acting:
-        key = (draft.group.family.name, draft.group.architecture)
-        cost = _cost(draft, users)
-        if moved[key] >= allowed[key]:
-            reason = group_reason[key]
+    for _, index, image, fields, staged in heads:
+        cost = 1 if users is None else _cost(image, staged[3], users)
+        if moved[index] >= allowed[index]:
+            reason = group_reason[index]
         elif total + cost > budget:
             reason = region_reason
             if cost > 1:
                 reason += f": deregistering it would delete {cost - 1} snapshot(s), {cost} actions"
         else:
-            moved[key] += 1
+            moved[index] += 1
             total += cost
+            _move(fields, staged)
             continue
-        draft.hold_back(reason)
+        fields["reasons"].append(reason)
+    for index, tail in enumerate(tails):
+        reason = group_reason[index] if moved[index] >= allowed[index] else region_reason
+        for _, fields, _ in tail:
+            fields["reasons"].append(reason)
 
 
 def plan_region(
@@ -439,18 +538,22 @@ def plan_region(
         if change is not None and change.ssm_parameter and change.to:
             parameters[change.ssm_parameter] = change.to
     references = _references_index(inventory, parameters)
-    drafts: list[_Draft] = []
+    decisions: list[Decision] = []
+    due: list[list[_Due]] = []
+    stamp = _stamper()
     for group in groups:
         target = latest_target(group, now) if group.family.latest else None
         tag_stays = group.family.name in errors
-        verdicts = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
-        drafts.extend(_decide_group(group, verdicts, now))
-    _apply_caps(drafts, groups, policy, inventory, spent)
-    rescued = {d.image.image_id for d in drafts if d.action == "rescue"}
+        judge = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
+        group_decisions, group_due = _decide_group(group, judge, now, stamp)
+        decisions.extend(group_decisions)
+        due.append(group_due)
+    _apply_caps(due, groups, policy, inventory, spent)
+    rescued = {d.image_id for d in decisions if d.action == "rescue"}
     changes: list[LatestChange] = []
     for group in groups:
         change = before[id(group)]
-        if rescued.intersection(m.image_id for m in group.members):
+        if rescued and rescued.intersection(m.image_id for m in group.members):
             after = after_rescues(group, rescued, now)
             change = rotation(after, inventory, now, errors.get(group.family.name))
         if change is not None:
@@ -459,7 +562,7 @@ def plan_region(
         f"{image_id} matches several families ({', '.join(names)}): kept"
         for image_id, names in sorted(conflicts.items())
     ]
-    return [draft.decision() for draft in drafts], changes, policy_errors
+    return decisions, changes, policy_errors
 
 
 def after_rescues(group: Group, rescued: set[str], now: datetime) -> Group:
@@ -509,9 +612,13 @@ def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[Schedule
     return bakes
 
 
+_ACTION = attrgetter("action")
+
+
 def summarize(decisions: list[Decision], inventories: Sequence[RegionInventory], skipped: int) -> Summary:
-    counts = Counter(d.action for d in decisions)
-    freed = [d for d in decisions if d.action == "deregister"]
+    # Counted in C, and the deregistrations looked for only where there are some: a plan of 50,000.
+    counts = Counter(map(_ACTION, decisions))
+    freed = [d for d in decisions if d.action == "deregister"] if counts["deregister"] else []
     deregistered = {d.image_id for d in freed}
     candidates = {s for d in freed for s in d.snapshots}
     still_used: set[str] = set()

@@ -124,6 +124,21 @@ class Match(_Strict):
                 return False
         return True
 
+    def matcher(self) -> Callable[[str, dict[str, str]], bool]:
+        """`matches`, with the glob and the tags looked up once: for a loop over a region's AMIs."""
+        glob = _glob(self.name) if self.name is not None else None
+        wanted = tuple(self.tags.items())
+
+        def matches(name: str, tags: dict[str, str]) -> bool:
+            if glob is not None and glob(name) is None:
+                return False
+            for key, value in wanted:  # noqa: SIM110 (a generator costs more per AMI)
+                if tags.get(key) != value:
+                    return False
+            return True
+
+        return matches
+
 
 @functools.lru_cache(maxsize=4096)
 def _glob(pattern: str) -> Callable[[str], re.Match[str] | None]:

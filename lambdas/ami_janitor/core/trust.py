@@ -174,27 +174,26 @@ def unfinished_deregistrations(inventory: RegionInventory) -> list[LedgerItem]:
     ledger = inventory.ledger
     if ledger is None:
         return []
+    started = [
+        item
+        for item in ledger.items.values()
+        if "deregister" in item.stages and item.deregistered is None and item.closed is None
+    ]
+    if not started:  # the AMIs are gathered only when some deregistration was left open
+        return []
     present = {i.image_id for i in inventory.images if i.state not in GONE_STATES}
-    return sorted(
-        (
-            item
-            for item in ledger.items.values()
-            if "deregister" in item.stages and item.deregistered is None and item.closed is None
-            if item.image_id not in present
-        ),
-        key=lambda item: item.image_id,
-    )
+    return sorted((item for item in started if item.image_id not in present), key=lambda item: item.image_id)
 
 
 def unfinished_snapshots(inventory: RegionInventory) -> list[LedgerSnapshot]:
     """The snapshots of unfinished deregistrations that no remaining AMI uses: the only snapshots ever
     deleted without their AMI."""
+    unfinished = unfinished_deregistrations(inventory)
+    if not unfinished:  # every plan asks; the snapshots of every AMI are gathered only when needed
+        return []
     used = {s for i in inventory.images if i.state not in GONE_STATES for s in i.snapshot_ids}
     return [
-        snapshot
-        for item in unfinished_deregistrations(inventory)
-        for snapshot in item.snapshots
-        if snapshot.snapshot_id not in used
+        snapshot for item in unfinished for snapshot in item.snapshots if snapshot.snapshot_id not in used
     ]
 
 
