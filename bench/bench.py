@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -283,6 +285,7 @@ print(time.perf_counter() - started)
 # `import pydantic` alone loads two modules (its names are imported on first use): the library's
 # import is its BaseModel.
 LIBRARIES = "import boto3; from pydantic import BaseModel; from aws_lambda_powertools import Logger, Metrics"
+TIMED = "import time; t=time.perf_counter(); {}; print(time.perf_counter()-t)"
 COLD_START_POLICY = """{"mode": "enforce", "regions": ["us-east-1"], "families": [{"name": "app", "match": {"name": "app-*"}}]}"""
 
 
@@ -292,7 +295,6 @@ def _compiled_package() -> str:
     has none under `make bench` (PYTHONDONTWRITEBYTECODE) and has it once run without: the package is
     timed compiled, like them, whichever way the bench is run."""
     import compileall
-    import shutil
     import tempfile
 
     import ami_janitor
@@ -305,10 +307,15 @@ def _compiled_package() -> str:
     return os.path.dirname(target)
 
 
-def _against_emulator(package: str, snippets: Sequence[str], runs: int = 7) -> list[float]:
-    """The median over `runs` fresh interpreters of each snippet's printed time (the package from
-    `package`), the snippets taking turns so that a busy moment weighs on each alike; after one round
-    that warms the emulator (its own start is not the function's)."""
+def _against_emulator(
+    package: str,
+    snippets: Sequence[str],
+    runs: int = 7,
+    measure: Callable[[str, dict[str, str]], float] = _fresh_interpreter_time,
+) -> list[float]:
+    """The median over `runs` fresh interpreters of each snippet's `measure` (its printed time; the
+    package from `package`), the snippets taking turns so that a busy moment weighs on each alike; after
+    one round that warms the emulator (its own start is not the function's)."""
     cli = os.path.join(os.path.dirname(sys.executable), "ami-janitor")
     server = subprocess.Popen(
         [cli, "emulator", "--empty", "--exit-after", "600"], stdout=subprocess.PIPE, text=True
@@ -328,9 +335,10 @@ def _against_emulator(package: str, snippets: Sequence[str], runs: int = 7) -> l
         )
         subprocess.run([cli, "ledger", "create"], env=env, check=True, capture_output=True)
         times: list[list[float]] = [[] for _ in snippets]
-        for _ in range(runs + 1):
+        for round_ in range(runs + 1):
             for taken, snippet in zip(times, snippets, strict=True):
-                taken.append(_fresh_interpreter_time(snippet, env))
+                # The warming round is timed whatever is measured: it is dropped.
+                taken.append((measure if round_ else _fresh_interpreter_time)(snippet, env))
     finally:
         server.terminate()
         server.wait()
@@ -348,7 +356,6 @@ ASSET_LIBRARIES = (
 
 def bench_asset_bytecode() -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import shutil
     import tempfile
 
     from infra import bundle
@@ -380,12 +387,11 @@ def bench_asset_bytecode() -> None:
 
 def bench_cold_start() -> None:
     package = _compiled_package()
-    timed = "import time; t=time.perf_counter(); {}; print(time.perf_counter()-t)"
     libraries, handler, cold, floor = _against_emulator(
         package,
         [
-            timed.format(LIBRARIES),
-            timed.format("import ami_janitor.handlers.scheduled"),
+            TIMED.format(LIBRARIES),
+            TIMED.format("import ami_janitor.handlers.scheduled"),
             FIRST_INVOCATION,
             FLOOR,
         ],
@@ -406,6 +412,38 @@ def bench_cold_start() -> None:
         f"  the floor, the libraries' import plus a janitor session, an EC2 client and one DescribeImages: "
         f"{floor * 1000:.0f} ms, ratio {floor / libraries:.2f}; the handler's cold start is "
         f"{(cold - floor) * 1000:.0f} ms over it"
+    )
+
+
+def _instructions(snippet: str, env: dict[str, str]) -> float:
+    """The instructions a fresh interpreter runs for `snippet`, counted by valgrind: the same on a quiet
+    machine and a busy one (unlike time; the collector's cache misses, which instructions do not see,
+    weigh more in time)."""
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
+    answer = subprocess.run(
+        [*command, "-X", "frozen_modules=on", "-c", snippet],
+        env={**env, "PYTHONHASHSEED": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"Collected : (\d+)", answer.stderr)
+    if found is None:
+        raise RuntimeError(f"valgrind printed no count: {answer.stderr[-300:]}")
+    return float(found[1])
+
+
+def bench_cold_start_instructions() -> None:
+    if shutil.which("valgrind") is None:
+        print("\nthe cold start in instructions: no valgrind here")
+        return
+    libraries, cold, floor = _against_emulator(
+        _compiled_package(), [TIMED.format(LIBRARIES), FIRST_INVOCATION, FLOOR], runs=1, measure=_instructions
+    )
+    print(
+        f"\nthe cold start in instructions (valgrind; one fresh interpreter each): {cold / 1e6:,.0f} million, "
+        f"{cold / libraries:.2f} times the libraries' import ({libraries / 1e6:,.0f} million; target 1.30 in "
+        f"time) {verdict(cold <= 1.3 * libraries)}; the floor {floor / 1e6:,.0f} million, {floor / libraries:.2f}"
     )
 
 
@@ -588,6 +626,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "inventory": bench_inventory_calls,
     "policy": bench_policy_load,
     "cold-start": bench_cold_start,
+    "cold-start-instructions": bench_cold_start_instructions,
     "bytecode": bench_asset_bytecode,
     "cli": bench_cli_plan_on_emulator,
     "fleet": bench_fleet,
