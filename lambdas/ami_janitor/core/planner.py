@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from itertools import repeat
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -49,6 +50,9 @@ class Group:
     members: list[Image] = field(default_factory=list)
     # Originals whose encrypted same-region copy stands in for them (set by build_groups).
     superseded: set[str] = field(default_factory=set)
+    # Members carrying the family's Latest tag, newest first (set by build_groups: tags never change
+    # in a plan, so a rescued view of the group keeps them).
+    tag_holders: list[str] = field(default_factory=list)
 
 
 def order_key(image: Image) -> tuple[datetime, str, str]:
@@ -68,6 +72,7 @@ def janitor_grants(image: Image) -> set[str]:
 
 # order_key of an AMI that is no copy, made in C: most groups have no copy at all.
 _BY_CREATION = attrgetter("created", "name", "image_id")
+_CREATED = attrgetter("created")
 
 
 def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group], dict[str, list[str]]]:
@@ -76,6 +81,8 @@ def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group
     with_copies: set[tuple[str, str]] = set()  # groups ordered by order_key, not by creation
     conflicts: dict[str, list[str]] = {}
     matchers = [(family, family.match.matcher()) for family in policy.families]
+    latest_tags = {family.name: family.latest.tag for family in policy.families if family.latest}
+    tagged: dict[tuple[str, str], list[Image]] = defaultdict(list)
     for image in inventory.images:
         name, tags = image.name, image.tags
         family: Family | None = None
@@ -96,12 +103,30 @@ def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group
         group.members.append(image)
         if image.copied_from is not None:
             with_copies.add(key)
+        tag = latest_tags.get(family.name)
+        if tag is not None and tag in tags:
+            tagged[key].append(image)
     groups = [by_key[key] for key in sorted(by_key)]
     for group in groups:
         copies = (group.family.name, group.architecture) in with_copies
-        group.members.sort(key=order_key if copies else _BY_CREATION, reverse=True)
+        _newest_first(group.members, copies)
+        holders = tagged.get((group.family.name, group.architecture))
+        if holders:
+            _newest_first(holders, copies)
+            group.tag_holders = [holder.image_id for holder in holders]
         group.superseded = superseded_ids(group) if copies else set()
     return groups, conflicts
+
+
+def _newest_first(images: list[Image], copies: bool) -> None:
+    """Sorts by order_key, newest first. Without copies, by creation time alone where no two AMIs share
+    one (the same order, without a key tuple per AMI)."""
+    if copies:
+        images.sort(key=order_key, reverse=True)
+    elif len(set(map(_CREATED, images))) == len(images):
+        images.sort(key=_CREATED, reverse=True)
+    else:
+        images.sort(key=_BY_CREATION, reverse=True)
 
 
 def _conflict(
@@ -164,7 +189,7 @@ def rotation(
         return None
     target = latest_target(group, now)
     tag = latest.tag
-    holders = [i.image_id for i in group.members if tag in i.tags] if tag else []
+    holders = group.tag_holders if tag else []
     parameter = latest.parameter_for(group.architecture)
     current = inventory.parameters.get(parameter) if parameter else None
     if target is None:
@@ -208,8 +233,9 @@ def _day(value: datetime) -> str:
     return value.strftime("%Y-%m-%d")
 
 
-# Judges one member of a group: the reasons that keep it (and rescue a candidate); none: a candidate.
-_Judge = Callable[[Image, datetime], list[str]]
+# Judges one member of a group (the AMI, its field dict, its order time): the reasons that keep it (and
+# rescue a candidate); none: a candidate.
+_Judge = Callable[[Image, dict[str, Any], datetime], list[str]]
 _STANDS_IN = "its encrypted copy in this region stands in for it"
 
 
@@ -235,34 +261,35 @@ def _judge(
     among = f"among the {keep_latest} newest of its group (#"
     rank = 0  # of the ranked members judged so far
 
-    def judge(image: Image, order_time: datetime) -> list[str]:
+    def judge(image: Image, values: dict[str, Any], order_time: datetime) -> list[str]:
         nonlocal rank
         keep: list[str] = []
-        image_id = image.image_id
+        image_id, state, tags = values["image_id"], values["state"], values["tags"]
         if image_id in conflicts:
             keep.append(f"matches several families ({', '.join(conflicts[image_id])}): policy error")
-        if image.state not in RANKED_STATES:
-            keep.append(f"state {image.state}: not managed until available")
+        if state not in RANKED_STATES:
+            keep.append(f"state {state}: not managed until available")
         elif image_id not in superseded:
             rank += 1
             if rank <= keep_latest:
                 keep.append(f"{among}{rank})")
         if order_time > young_after:
-            age_from = "source created" if order_time != image.created else "created"
+            age_from = "source created" if order_time != values["created"] else "created"
             keep.append(f"younger than {rules.min_age_days} days ({age_from} {_day(order_time)})")
         if image_id == latest_id:
             keep.append("Latest of its group")
-        elif latest_tag and latest_tag in image.tags:
+        elif latest_tag and latest_tag in tags:
             keep.append(f"carries the {latest_tag} tag")
         if image_id in references:
             keep.extend(references[image_id])
-        if image.last_launched and image.last_launched >= launched_after:
-            keep.append(f"launched {_day(image.last_launched)} (within {rules.launched_within_days} days)")
-        if check_shares and (image.public or image.launch_permissions):
+        last_launched = values["last_launched"]
+        if last_launched and last_launched >= launched_after:
+            keep.append(f"launched {_day(last_launched)} (within {rules.launched_within_days} days)")
+        if check_shares and (values["public"] or values["launch_permissions"]):
             keep.extend(shared_outside(image, family, allowed))
-        if opt_out in image.tags:
+        if opt_out in tags:
             keep.append(f"opted out (tag {opt_out})")
-        if image.deregistration_protection:
+        if values["deregistration_protection"]:
             keep.append("deregistration protection is on")
         return keep
 
@@ -379,10 +406,10 @@ _Due = tuple[Image, dict[str, Any], _Staged]
 
 
 def _decide_group(
-    group: Group, judge: _Judge, now: datetime, stamp: Callable[[datetime], str]
+    group: Group, judge: _Judge, now: datetime, stamp: Callable[[datetime], str], rescued: set[str]
 ) -> tuple[list[Decision], list[_Due]]:
     """The decisions of the group, and those whose stages are due (newest first), held back until the
-    caps let them move."""
+    caps let them move. Adds the AMIs it rescues to `rescued`."""
     decisions: list[Decision] = []
     due: list[_Due] = []
     region, family, architecture = group.region, group.family.name, group.architecture
@@ -394,26 +421,33 @@ def _decide_group(
     not_among = f"not among the {rules.keep_latest} newest of its group"
     older = f"older than {rules.min_age_days} days"
     for image in group.members:
+        # The AMI's fields read from its dict: an attribute of a pydantic model is looked up on its
+        # class first (a dozen reads per AMI, for every AMI of the account).
+        values = image.__dict__
+        created, image_id, copied_from = values["created"], values["image_id"], values["copied_from"]
         # image.order_time, without the property's call for the AMIs that are no copy (most).
-        order_time = image.created if image.copied_from is None else image.order_time
-        keep = judge(image, order_time)
-        item = image.ledger
+        order_time = created if copied_from is None else image.order_time
+        keep = judge(image, values, order_time)
+        item = values["ledger"]
         clock = item if item is not None and item.is_open else None
         next_stage: Stage | None = None
         next_text: str | None = None
         pending: _Staged | None = None
         if keep:
             since_text = iso(clock.first_candidate) if clock is not None else None
-            action = "rescue" if clock is not None else "keep"
+            action = "keep"
+            if clock is not None:
+                action = "rescue"
+                rescued.add(image_id)
             reasons = keep
         else:
-            if clock is None and image.root_device_type != "instance-store":
+            if clock is None and values["root_device_type"] != "instance-store":
                 staged = fresh = fresh or _staged(image, configured, now)
             else:
                 staged = _staged(image, configured, now)
             stage_plan, since_text, next_text, action, tail = staged
             # Nothing keeps it: ranked and not among the newest (or superseded), and old.
-            reasons = [_STANDS_IN if image.image_id in superseded else not_among, older, *tail]
+            reasons = [_STANDS_IN if image_id in superseded else not_among, older, *tail]
             next_stage = stage_plan.next_stage
             if stage_plan.due:
                 pending, action, next_stage, next_text = staged, "keep", stage_plan.due[0], None
@@ -421,17 +455,17 @@ def _decide_group(
             "region": region,
             "family": family,
             "architecture": architecture,
-            "image_id": image.image_id,
-            "name": image.name,
-            "created": stamp(image.created),
+            "image_id": image_id,
+            "name": values["name"],
+            "created": stamp(created),
             "action": action,
             "reasons": reasons,
             "candidate_since": since_text,
             "next_action": next_stage,
             "next_action_at": next_text,
-            "snapshots": list(image.snapshot_ids),
-            "size_gib": image.size_gib,
-            "source_image_id": None if image.copied_from is None else image.source_image_id,
+            "snapshots": list(values["snapshot_ids"]),
+            "size_gib": values["size_gib"],
+            "source_image_id": None if copied_from is None else image.source_image_id,
             "stages": [],
         }
         decisions.append(_decision(fields))
@@ -452,6 +486,10 @@ def _cost(image: Image, action: str, users: Counter[str] | None) -> int:
     if action != "deregister" or users is None:
         return 1
     return 1 + sum(1 for s in image.snapshot_ids if users[s] <= 1)
+
+
+# A due decision's _Staged, and the action it moves to if the caps let it: read in C.
+_STAGED, _STAGED_ACTION = itemgetter(2), itemgetter(3)
 
 
 def _move(fields: dict[str, Any], staged: _Staged) -> None:
@@ -482,7 +520,7 @@ def _apply_caps(
         )
     budget = policy.defaults.limits.max_actions_per_run - spent
     region_reason = f"held back by max_actions_per_run ({policy.defaults.limits.max_actions_per_run})"
-    deregistering = any(staged[3] == "deregister" for entries in due for _, _, staged in entries)
+    deregistering = any("deregister" in map(_STAGED_ACTION, map(_STAGED, entries)) for entries in due)
     users = _snapshot_users(groups, inventory) if deregistering else None
     # Where every move costs one action, a group moves only among its oldest min(allowed, budget): the
     # newer ones wait behind them, held back by whichever cap has filled by then. Only the oldest are
@@ -541,15 +579,15 @@ def plan_region(
     decisions: list[Decision] = []
     due: list[list[_Due]] = []
     stamp = _stamper()
+    rescued: set[str] = set()
     for group in groups:
         target = latest_target(group, now) if group.family.latest else None
         tag_stays = group.family.name in errors
         judge = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
-        group_decisions, group_due = _decide_group(group, judge, now, stamp)
+        group_decisions, group_due = _decide_group(group, judge, now, stamp, rescued)
         decisions.extend(group_decisions)
         due.append(group_due)
     _apply_caps(due, groups, policy, inventory, spent)
-    rescued = {d.image_id for d in decisions if d.action == "rescue"}
     changes: list[LatestChange] = []
     for group in groups:
         change = before[id(group)]
@@ -613,6 +651,7 @@ def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[Schedule
 
 
 _ACTION = attrgetter("action")
+_REASONS, _LAST = attrgetter("reasons"), itemgetter(-1)
 
 
 def summarize(decisions: list[Decision], inventories: Sequence[RegionInventory], skipped: int) -> Summary:
@@ -627,7 +666,9 @@ def summarize(decisions: list[Decision], inventories: Sequence[RegionInventory],
             for image in inventory.images:
                 if image.image_id not in deregistered:
                     still_used.update(s for s in image.snapshot_ids if s in candidates)
-    held = sum(1 for d in decisions if d.action == "keep" and d.reasons[-1].startswith("held back by"))
+    # Only the caps end a decision's reasons so, and only on one they leave a "keep": read in C.
+    last_reasons = map(_LAST, map(_REASONS, decisions))
+    held = sum(map(str.startswith, last_reasons, repeat("held back by"))) if counts["keep"] else 0
     return Summary(
         images=len(decisions),
         kept=counts["keep"] + counts["rescue"],
