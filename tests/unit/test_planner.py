@@ -54,6 +54,27 @@ def test_groups_are_per_architecture() -> None:
     assert [result[i.image_id].action for i in arm] == ["keep", "keep", "deprecate"]
 
 
+def test_amis_created_at_the_same_time_rank_by_name_then_id() -> None:
+    # keep_latest 2 of four AMIs made the same second: the two greatest names are the newest.
+    same = [image(days_old=100, name=name) for name in ("app-b", "app-d", "app-a", "app-c")]
+    twins = [image(days_old=100, name="app-e", image_id=f"ami-{n:017x}") for n in (0xF1, 0xF2)]
+    result = by_id(plan([inventory(*same)], policy(), NOW))
+    assert {i.name for i in same if result[i.image_id].action == "keep"} == {"app-c", "app-d"}
+    assert "among the 2 newest of its group (#1)" in result[same[1].image_id].reasons
+    result = by_id(plan([inventory(*twins, image(days_old=200))], policy(), NOW))
+    assert "among the 2 newest of its group (#1)" in result[twins[1].image_id].reasons
+
+
+def test_the_latest_tag_moves_from_every_holder_newest_first() -> None:
+    holders = [image(days_old=d, tags={"Latest": "true"}) for d in (50, 3, 20)]
+    newest = image(days_old=1)
+    family = {"latest": {"tag": "Latest"}}
+    (change,) = plan([inventory(*holders, newest)], policy(family), NOW).latest
+    assert change.to == newest.image_id
+    assert change.from_ == holders[1].image_id
+    assert change.untag == [holders[1].image_id, holders[2].image_id, holders[0].image_id]
+
+
 def test_min_age_keeps_young_amis() -> None:
     images = [image(days_old=d) for d in (1, 2, 3, 40)]
     result = by_id(plan([inventory(*images)], policy(), NOW))
