@@ -1,6 +1,7 @@
 """Inventory models (the AWS answers, parsed once) and the plan (the engine's contract)."""
 
-from __future__ import annotations
+# Annotations evaluated when the module runs (no `from __future__ import annotations`): pydantic
+# would otherwise compile and evaluate each field's annotation string at every cold start.
 
 import json
 from collections.abc import Mapping
@@ -65,12 +66,12 @@ class LaunchPermission(_Frozen):
         return f"{self.kind}:{self.value}"
 
     @classmethod
-    def from_key(cls, key: str) -> LaunchPermission:
+    def from_key(cls, key: str) -> "LaunchPermission":
         kind, _, value = key.partition(":")
         return cls(kind=kind, value=value)
 
     @classmethod
-    def from_api(cls, raw: dict[str, str]) -> LaunchPermission:
+    def from_api(cls, raw: dict[str, str]) -> "LaunchPermission":
         if "UserId" in raw:
             return cls(kind="user", value=raw["UserId"])
         if "Group" in raw:
@@ -111,10 +112,10 @@ class Image(_Frozen):
     copied_from: str | None = None
     copied_from_region: str | None = None
     # The janitor's ledger item of this AMI (attached by with_ledger; None: nothing recorded).
-    ledger: LedgerItem | None = None
+    ledger: "LedgerItem | None" = None
 
     @classmethod
-    def from_api(cls, region: str, raw: dict[str, Any]) -> Image:
+    def from_api(cls, region: str, raw: dict[str, Any]) -> "Image":
         snapshots: list[str] = []
         size = 0
         for mapping in raw.get("BlockDeviceMappings") or []:
@@ -151,7 +152,7 @@ class Image(_Frozen):
         )
 
     @property
-    def replica_record(self) -> LedgerCopy | None:
+    def replica_record(self) -> "LedgerCopy | None":
         """The ledger's record that the janitor made this AMI as a copy, where EC2 names the same source
         (SourceImageId/SourceImageRegion): only then is it a replica. No tag has a say; a copy EC2 knows
         of but the ledger does not is an original (its own CreationDate: it keeps more)."""
@@ -220,7 +221,7 @@ class BuildInstance(_Frozen):
     tags: dict[str, str] = {}
 
     @classmethod
-    def from_api(cls, raw: dict[str, Any]) -> BuildInstance:
+    def from_api(cls, raw: dict[str, Any]) -> "BuildInstance":
         return cls(
             instance_id=raw["InstanceId"],
             state=str((raw.get("State") or {}).get("Name") or "unknown"),
@@ -262,7 +263,7 @@ class RegionInventory(_Frozen):
     recycle_bin_rules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     # The region's ledger; None where it has no ledger table (a plan says so, an apply is refused).
-    ledger: LedgerView | None = None
+    ledger: "LedgerView | None" = None
     # What the scan saw, for the per-AMI reads after the plan: the live instances (a reference from a
     # terminated one does not count) and the parameter names (how a parameter ARN is spelled).
     instance_ids: frozenset[str] = frozenset()

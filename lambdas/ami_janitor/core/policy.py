@@ -1,6 +1,7 @@
 """The policy file: pydantic models, loading, and error messages that name the key path."""
 
-from __future__ import annotations
+# Annotations evaluated when the module runs (no `from __future__ import annotations`): pydantic
+# would otherwise compile and evaluate each field's annotation string at every cold start.
 
 import fnmatch
 import functools
@@ -60,7 +61,7 @@ class Lifecycle(_Strict):
     deregister_after_days: int | None = Field(14, ge=0, strict=True)
 
     @model_validator(mode="after")
-    def _ordered(self) -> Lifecycle:
+    def _ordered(self) -> "Lifecycle":
         days = [d for d in self.stage_days() if d[1] is not None]
         for (earlier, a), (later, b) in itertools.pairwise(days):
             if a is not None and b is not None and b < a:
@@ -108,7 +109,7 @@ class Match(_Strict):
     name: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _something(self) -> Match:
+    def _something(self) -> "Match":
         if not self.tags and not self.name:
             raise ValueError("give tags and/or a name glob; an empty match would select every AMI")
         if not self.tags and self.name and not self.name.strip("*"):
@@ -190,7 +191,7 @@ class ReplicateTarget(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _key_in_target_region(self) -> ReplicateTarget:
+    def _key_in_target_region(self) -> "ReplicateTarget":
         # KMS keys and aliases are regional: CopyImage in the target region can use only one of its own.
         region = kms_arn_region(self.kms_key_id)
         if region is not None and region != self.region:
@@ -246,7 +247,7 @@ class Bake(_Strict):
     no_reboot: bool = Field(False, strict=True)
 
     @model_validator(mode="after")
-    def _names_an_instance(self) -> Bake:
+    def _names_an_instance(self) -> "Bake":
         if self.instance_id is None and not self.instance_tag:
             raise ValueError("give instance_id and/or instance_tag: they name the instance to bake")
         return self
@@ -275,7 +276,7 @@ class Family(_Strict):
     limits: FamilyLimits | None = None
 
     @model_validator(mode="after")
-    def _bake_names_match(self) -> Family:
+    def _bake_names_match(self) -> "Family":
         # A bake its own family does not select would never be rotated, shared or retired.
         example = f"{self.name}-20261125T030000Z"
         if self.bake is not None and self.match.name and not fnmatch.fnmatchcase(example, self.match.name):
@@ -386,7 +387,7 @@ class Policy(_Strict):
         return _check_schedule(value)
 
     @model_validator(mode="after")
-    def _families(self) -> Policy:
+    def _families(self) -> "Policy":
         seen: set[str] = set()
         for family in self.families:
             if family.name in seen:

@@ -3,21 +3,45 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from ami_janitor.handlers import collector_paused
 
 with collector_paused():
     from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
     from aws_lambda_powertools.utilities.typing import LambdaContext
+    from pydantic import BaseModel, ConfigDict, Field
 
     from ami_janitor import engine
     from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory
-    from ami_janitor.handlers.events import configured, parse_ami_event
+    from ami_janitor.core.model import AmiState
+    from ami_janitor.handlers.events import configured, parse_event
     from ami_janitor.handlers.observe import logger, metrics
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
+
+
+# Here rather than with the other events (handlers.events): Powertools' parser models, which
+# EventBridgeModel loads, would otherwise be imported by every handler's cold start.
+class AmiStateDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    ImageId: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
+    State: AmiState
+    RequestId: str | None = None
+    ErrorMessage: str | None = None
+
+
+class AmiStateChangeEvent(EventBridgeModel):
+    source: Literal["aws.ec2"]
+    detail_type: Literal["EC2 AMI State Change"] = Field(alias="detail-type")
+    detail: AmiStateDetail
+
+
+def parse_ami_event(raw: object) -> AmiStateChangeEvent:
+    return parse_event(AmiStateChangeEvent, raw, "EC2 AMI State Change event")
 
 
 @logger.inject_lambda_context

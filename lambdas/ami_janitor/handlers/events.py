@@ -1,17 +1,17 @@
 """The boundary of the Lambda handlers: their events and environment (parsed once, into models) and the
-answer of the scheduled run. The other answers are the engine's (engine.BakeOutcome,
+answer of the scheduled run. The AMI state change event is its handler's (handlers.ami_event: only it
+loads Powertools' EventBridge model). The other answers are the engine's (engine.BakeOutcome,
 rotator.AmiEventOutcome) and Powertools' (the replication worker's partial batch response)."""
 
 from __future__ import annotations
 
 import os
 from datetime import datetime
-from typing import Literal, TypeVar
+from typing import TypeVar
 
-from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ami_janitor.core.model import AmiState, Outcome
+from ami_janitor.core.model import Outcome
 from ami_janitor.core.policy import Mode, Policy, load_policy
 from ami_janitor.core.validation import describe_validation_error
 from ami_janitor.engine import RunSummary
@@ -25,21 +25,6 @@ METRICS_NAMESPACE = "AmiJanitor"
 class BadEvent(ValueError):
     """An event the handler cannot use: the message names the bad field. The invocation fails, so the
     event ends in the function's failure destination instead of being retried forever."""
-
-
-class AmiStateDetail(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    ImageId: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
-    State: AmiState
-    RequestId: str | None = None
-    ErrorMessage: str | None = None
-
-
-class AmiStateChangeEvent(EventBridgeModel):
-    source: Literal["aws.ec2"]
-    detail_type: Literal["EC2 AMI State Change"] = Field(alias="detail-type")
-    detail: AmiStateDetail
 
 
 class ScheduledEvent(BaseModel):
@@ -91,7 +76,7 @@ class Environment(BaseModel):
 EventModel = TypeVar("EventModel", bound=BaseModel)
 
 
-def _parse(model: type[EventModel], raw: object, what: str, shape: str) -> EventModel:
+def parse_event(model: type[EventModel], raw: object, what: str, shape: str = "") -> EventModel:
     """The event as its model, or BadEvent naming what is wrong."""
     if not isinstance(raw, dict):
         raise BadEvent(f"the event is not a JSON object{shape}")
@@ -101,16 +86,12 @@ def _parse(model: type[EventModel], raw: object, what: str, shape: str) -> Event
         raise BadEvent(f"malformed {what}: {describe_validation_error(error)}") from None
 
 
-def parse_ami_event(raw: object) -> AmiStateChangeEvent:
-    return _parse(AmiStateChangeEvent, raw, "EC2 AMI State Change event", "")
-
-
 def parse_scheduled_event(raw: object) -> ScheduledEvent:
-    return _parse(ScheduledEvent, raw, "scheduled event", "")
+    return parse_event(ScheduledEvent, raw, "scheduled event")
 
 
 def parse_bake_event(raw: object) -> BakeEvent:
-    return _parse(BakeEvent, raw, "bake event", ' like {"family": "NAME"}')
+    return parse_event(BakeEvent, raw, "bake event", ' like {"family": "NAME"}')
 
 
 def configured() -> tuple[Environment, Policy]:
