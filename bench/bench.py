@@ -325,11 +325,10 @@ def _against_emulator(
         config = os.path.join(os.path.dirname(env["AMI_JANITOR_CONFIG"]), "cold-start.json")
         with open(config, "w", encoding="utf-8") as out:
             out.write(COLD_START_POLICY)
+        env.update(_function_environment())  # as the stack deploys the functions
         env.update(
             AMI_JANITOR_CONFIG=config,
             AWS_REGION="us-east-1",
-            POWERTOOLS_SERVICE_NAME="ami-janitor",
-            POWERTOOLS_METRICS_NAMESPACE="AmiJanitor",
             POWERTOOLS_LOG_LEVEL="WARNING",
             PYTHONPATH=package,
         )
@@ -343,6 +342,14 @@ def _against_emulator(
         server.terminate()
         server.wait()
     return [statistics.median(taken[1:]) for taken in times]
+
+
+def _function_environment() -> dict[str, str]:
+    """The variables every deployed function has (infra.environment), but the policy's path."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from infra.environment import AMI_JANITOR_CONFIG, common_environment
+
+    return {name: value for name, value in common_environment().items() if name != AMI_JANITOR_CONFIG}
 
 
 # What Lambda's runtime imports of the libraries it cannot avoid, from the asset's bytecode or (as

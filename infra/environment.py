@@ -12,6 +12,7 @@ AMI_JANITOR_CONFIG = "AMI_JANITOR_CONFIG"
 POWERTOOLS_SERVICE_NAME = "POWERTOOLS_SERVICE_NAME"
 POWERTOOLS_METRICS_NAMESPACE = "POWERTOOLS_METRICS_NAMESPACE"
 LOG_LEVEL = "LOG_LEVEL"
+PYDANTIC_DISABLE_PLUGINS = "PYDANTIC_DISABLE_PLUGINS"
 REPORT_BUCKET = "REPORT_BUCKET"
 TOPIC_ARN = "TOPIC_ARN"
 REPLICATION_QUEUE_URL = "REPLICATION_QUEUE_URL"
@@ -22,6 +23,9 @@ WORK_QUEUE_URL = "WORK_QUEUE_URL"
 SERVICE_NAME = "ami-janitor"
 METRICS_NAMESPACE = "AmiJanitor"
 DEFAULT_LOG_LEVEL = "INFO"
+# The functions use no pydantic plugin. Without this, the first validator pydantic builds looks for
+# plugins in the entry points of every installed distribution, at every cold start.
+NO_PYDANTIC_PLUGINS = "__all__"
 
 # Metrics the handlers emit (Powertools, namespace METRICS_NAMESPACE, dimension service=SERVICE_NAME).
 METRIC_ACTIONS_FAILED = "ActionsFailed"
@@ -42,4 +46,5 @@ def common_environment(*, log_level: str = DEFAULT_LOG_LEVEL) -> dict[str, str]:
         POWERTOOLS_SERVICE_NAME: SERVICE_NAME,
         POWERTOOLS_METRICS_NAMESPACE: METRICS_NAMESPACE,
         LOG_LEVEL: log_level,
+        PYDANTIC_DISABLE_PLUGINS: NO_PYDANTIC_PLUGINS,
     }

@@ -16,6 +16,7 @@ from infra.environment import (
     POLICY_PATH_IN_LAMBDA,
     POWERTOOLS_METRICS_NAMESPACE,
     POWERTOOLS_SERVICE_NAME,
+    PYDANTIC_DISABLE_PLUGINS,
     REPLICATION_QUEUE_URL,
     REPORT_BUCKET,
     TOPIC_ARN,
@@ -77,6 +78,7 @@ def test_environment_contract(source: dict[str, Any]) -> None:
         POWERTOOLS_SERVICE_NAME: "ami-janitor",
         POWERTOOLS_METRICS_NAMESPACE: "AmiJanitor",
         LOG_LEVEL: "INFO",
+        PYDANTIC_DISABLE_PLUGINS: "__all__",
     }
     assert POLICY_PATH_IN_LAMBDA == "/var/task/policy.json"
     queue = _queue(source, "ReplicationQueue")
