@@ -775,9 +775,15 @@ def work_slice(
     """One queued slice: dropped (each stage skipped, with why) when the policy is no longer the plan's
     or the slice is stale, else run (slicer.run_slice, which reads its AMIs again); `keep` is given the
     results before the run's record counts the slice (the report keeps them); then counted once.
-    Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again."""
+    Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again; and before anything,
+    SliceNotRecorded (or RunNotStarted) for a slice its run did not record: SQS delivers it again, then
+    parks it in the dead-letter queue, which alarms."""
     if work.region != clients.region:
         raise ValueError(f"a slice of region {work.region} reached the worker of {clients.region}")
+    records = runs.RunRecords(
+        clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
+    )
+    records.check_slice(work.region, work.run, work.index, slices.slice_digest(work))
     dropped = None
     if work.policy != slices.policy_digest(policy):
         dropped = "the policy changed since the plan: the next run plans again"
@@ -806,9 +812,6 @@ def work_slice(
     if keep is not None:
         keep(outcome)
     counts = slicer.SliceResult(results=outcome.results, held=outcome.held).counts()
-    records = runs.RunRecords(
-        clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
-    )
     progress = records.finish_slice(work.region, work.run, work.index, counts)
     outcome.progress = progress or records.read(work.region, work.run)
     outcome.last = outcome.progress.complete and records.claim_summary(work.region, work.run, now)

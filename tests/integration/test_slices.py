@@ -141,6 +141,38 @@ def test_a_run_applies_its_due_stages_in_slices_and_reports_once_after_the_last(
     assert progress.done == {0, 1, 2} and progress.counts["held_back"] == 0
 
 
+def test_a_slice_its_run_did_not_queue_is_refused_before_it_reads_or_counts(deployed: Deployment) -> None:
+    # Someone able to send to the work queue, not to write the ledger table: a slice of the run with an
+    # AMI the plan kept added, its consumers changed, or a slice of a run that never was.
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    first = WorkSlice.model_validate_json(bodies[0])
+    planned = {i.image_id for body in bodies for i in WorkSlice.model_validate_json(body).items}
+    kept = sorted(set(fleet.images) - planned)[0]
+    added = first.items[0].model_copy(update={"image_id": kept})
+    forged = [
+        first.model_copy(update={"items": (*first.items, added)}),
+        first.model_copy(
+            update={"items": (first.items[0].model_copy(update={"consumers": ("999988887777",)}),)}
+        ),
+        first.model_copy(update={"run": "2026-01-01T00:00:00Z"}),
+    ]
+
+    for work in forged:
+        with pytest.raises(BatchProcessingError):  # SQS delivers it again, then to the DLQ (alarmed)
+            deployed.work(work.model_dump_json())
+
+    assert set(fleet.images) <= image_ids()
+    records = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE)
+    assert records.read(REGION, first.run).done == frozenset()  # no slice counted
+    assert deployed.keys() == [f"runs/{REGION}/{first.run}/run.json"]  # no result written
+    assert deployed.work(bodies[0]) == {"batchItemFailures": []}  # the run's own slice still runs
+    assert first.items[0].image_id not in image_ids()
+
+
 def test_a_slice_holds_back_an_ami_opted_out_since_the_plan(deployed: Deployment) -> None:
     deployed.write_policy("enforce")
     fleet = seed_fleet(now())

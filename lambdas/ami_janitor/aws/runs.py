@@ -35,6 +35,8 @@ class RunProgress(BaseModel):
     counts: dict[str, int] = {}
     plan_summary: dict[str, int] = {}
     summary_sent: str | None = None
+    # Each slice's digest (core.slices.slice_digest), by index, as the run queued it.
+    digests: dict[int, str] = {}
 
     @property
     def complete(self) -> bool:
@@ -43,6 +45,10 @@ class RunProgress(BaseModel):
 
 class RunNotStarted(RuntimeError):
     """A slice of a run whose record is not in the table (never started, or expired)."""
+
+
+class SliceNotRecorded(RuntimeError):
+    """A slice that differs from what its run recorded when it queued it: not the run's own."""
 
 
 def run_key(region: str, run: str) -> dict[str, Any]:
@@ -56,6 +62,7 @@ def _progress(raw: Mapping[str, Any]) -> RunProgress:
         counts={name: int(raw.get(f"n_{name}", {}).get("N", "0")) for name in COUNTERS},
         plan_summary={k: int(v["N"]) for k, v in raw.get("plan_summary", {}).get("M", {}).items()},
         summary_sent=raw.get("summary_sent", {}).get("S"),
+        digests={int(k): v["S"] for k, v in raw.get("digests", {}).get("M", {}).items()},
     )
 
 
@@ -73,18 +80,20 @@ class RunRecords:
         slices: int,
         plan_summary: Mapping[str, int],
         counts: Mapping[str, int],
+        digests: Mapping[int, str],
         at: datetime,
     ) -> Written:
-        """Record a run's slices before the first is queued, with the plan's summary and what the run
-        did before its slices (rescues, clocks...). Once per run."""
+        """Record a run's slices before the first is queued: their digests (a worker runs only a slice
+        that matches its run's record), the plan's summary and what the run did before its slices
+        (rescues, clocks...). Once per run."""
         expires = int((at + timedelta(days=self.retention_days)).timestamp())
         return conditional_update(
             self.db,
             self.table,
             run_key(region, run),
             UpdateExpression=(
-                "SET slices = :slices, started = :at, plan_summary = :summary, #ttl = :ttl, "
-                + ", ".join(f"n_{name} = :n_{name}" for name in COUNTERS)
+                "SET slices = :slices, started = :at, plan_summary = :summary, digests = :digests, "
+                "#ttl = :ttl, " + ", ".join(f"n_{name} = :n_{name}" for name in COUNTERS)
             ),
             ConditionExpression="attribute_not_exists(slices)",
             ExpressionAttributeNames={"#ttl": TTL_ATTRIBUTE},
@@ -92,6 +101,7 @@ class RunRecords:
                 ":slices": {"N": str(slices)},
                 ":at": {"S": iso(at) or ""},
                 ":summary": {"M": {k: {"N": str(v)} for k, v in sorted(plan_summary.items())}},
+                ":digests": {"M": {str(i): {"S": d} for i, d in sorted(digests.items())}},
                 ":ttl": {"N": str(expires)},
                 **{f":n_{name}": {"N": str(int(counts.get(name, 0)))} for name in COUNTERS},
             },
@@ -129,6 +139,17 @@ class RunRecords:
         if "Item" not in answer:
             raise RunNotStarted(f"no record of run {run} in {region}")
         return _progress(answer["Item"])
+
+    def check_slice(self, region: str, run: str, index: int, digest: str) -> None:
+        """Raises unless the run recorded this slice, by its digest, when it queued it (RunNotStarted
+        where the run has no record). Only the scheduled run's role writes the ledger table; others
+        may be able to send to the queue."""
+        recorded = self.read(region, run).digests.get(index)
+        if recorded != digest:
+            raise SliceNotRecorded(
+                f"slice {index + 1} of run {run} in {region} is not the one its run recorded in the "
+                f"ledger table ({'no digest' if recorded is None else 'another digest'}): not run"
+            )
 
     def claim_summary(self, region: str, run: str, at: datetime) -> bool:
         """True for the one caller that sends the run's summary (after its last slice)."""

@@ -35,7 +35,7 @@ from ami_janitor.core.model import (
     with_ledger,
 )
 from ami_janitor.core.policy import Policy
-from ami_janitor.core.slices import SliceItem, WorkSlice, hold_reason
+from ami_janitor.core.slices import SliceItem, WorkSlice, hold_reason, slice_digest
 from ami_janitor.core.usage import account_reason
 
 if TYPE_CHECKING:
@@ -274,7 +274,13 @@ def queue_run(
         clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
     )
     records.start(
-        clients.region, work[0].run, slices=len(work), plan_summary=plan_summary, counts=counts, at=now
+        clients.region,
+        work[0].run,
+        slices=len(work),
+        plan_summary=plan_summary,
+        counts=counts,
+        digests={part.index: slice_digest(part) for part in work},
+        at=now,
     )
     return enqueue_slices(clients.sqs, queue_url, work)
 

@@ -62,6 +62,12 @@ def policy_digest(policy: Policy) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def slice_digest(work: WorkSlice) -> str:
+    """What the run recorded of each slice it queued, in the ledger table: a message that differs
+    (consumers dropped, an AMI or a stage added) was not queued by the run, and is not run."""
+    return hashlib.sha256(work.model_dump_json().encode()).hexdigest()[:32]
+
+
 def due_stages(decision: Decision) -> tuple[Stage, ...]:
     """The stages a decision takes this run, in order."""
     if decision.stages:
