@@ -1,6 +1,12 @@
 # Everything a fresh clone needs: `make demo` and `make test` install what they use.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The functions' own Python (Lambda's python3.13) where this machine has one that runs, so that the suite
+# and the bench run on the version the functions run on (infra/bundle.py looks in the same places);
+# else python3.
+RUNTIME_PYTHON := $(shell for p in "$$AMI_JANITOR_RUNTIME_PYTHON" python3.13 \
+	$$(ls -r $(HOME)/.pyenv/versions/3.13.*/bin/python3.13 2>/dev/null); do [ -n "$$p" ] && \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null && { command -v "$$p"; break; }; done)
+PYTHON ?= $(or $(RUNTIME_PYTHON),python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

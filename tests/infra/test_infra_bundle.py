@@ -126,9 +126,14 @@ def test_failed_install_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, t
     assert list((tmp_path / "build").iterdir()) == []
 
 
-def test_the_runtime_python_is_of_the_runtimes_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(bundle.RUNTIME_PYTHON_VARIABLE, sys.executable)  # this machine's 3.11: refused
-    assert sys.version_info[:2] != (3, 13) and bundle.runtime_python() is None
+def test_the_runtime_python_is_of_the_runtimes_version(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    other = tmp_path / "python3.11"  # an interpreter of another version: refused
+    other.write_text("#!/bin/sh\necho 3.11\n")
+    other.chmod(0o755)
+    monkeypatch.setenv(bundle.RUNTIME_PYTHON_VARIABLE, str(other))
+    assert bundle.runtime_python() is None
     monkeypatch.setenv(bundle.RUNTIME_PYTHON_VARIABLE, "/nowhere/python3.13")
     assert bundle.runtime_python() is None
     monkeypatch.delenv(bundle.RUNTIME_PYTHON_VARIABLE)
