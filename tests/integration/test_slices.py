@@ -141,7 +141,9 @@ def test_a_run_applies_its_due_stages_in_slices_and_reports_once_after_the_last(
     assert progress.done == {0, 1, 2} and progress.counts["held_back"] == 0
 
 
-def test_a_slice_its_run_did_not_queue_is_refused_before_it_reads_or_counts(deployed: Deployment) -> None:
+def test_a_slice_its_run_did_not_queue_is_refused_before_it_reads_or_counts(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Someone able to send to the work queue, not to write the ledger table: a slice of the run with an
     # AMI the plan kept added, its consumers changed, or a slice of a run that never was.
     deployed.write_policy("enforce")
@@ -161,10 +163,15 @@ def test_a_slice_its_run_did_not_queue_is_refused_before_it_reads_or_counts(depl
         first.model_copy(update={"run": "2026-01-01T00:00:00Z"}),
     ]
 
+    logged: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(slices.logger, "error", lambda message, extra: logged.append((message, extra)))
     for work in forged:
         with pytest.raises(BatchProcessingError):  # SQS delivers it again, then to the DLQ (alarmed)
             deployed.work(work.model_dump_json())
 
+    assert [m for m, _ in logged] == ["slice refused"] * 3  # every delivery says why
+    assert "not the one its run recorded" in logged[0][1]["reason"]
+    assert "no record of run 2026-01-01T00:00:00Z" in logged[2][1]["reason"]
     assert set(fleet.images) <= image_ids()
     records = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE)
     assert records.read(REGION, first.run).done == frozenset()  # no slice counted

@@ -26,6 +26,7 @@ with collector_paused():
 
     from ami_janitor import engine
     from ami_janitor.aws.clients import ClientFactory, RegionClients
+    from ami_janitor.aws.runs import RunNotStarted, SliceNotRecorded
     from ami_janitor.core.policy import Policy
     from ami_janitor.core.slices import WorkSlice
     from ami_janitor.handlers.events import Environment, configured
@@ -86,14 +87,27 @@ def slice_record(
     record: WorkSliceRecord, env: Environment, policy: Policy, factory: ClientFactory, context: LambdaContext
 ) -> dict[str, Any]:
     clients = factory(env.region)
-    outcome = engine.work_slice(
-        policy,
-        record.body,
-        clients,
-        datetime.now(UTC).replace(microsecond=0),
-        keep=_keep(env, clients),
-        out_of_time=lambda: context.get_remaining_time_in_millis() < RESERVE_MILLIS,
-    )
+    try:
+        outcome = engine.work_slice(
+            policy,
+            record.body,
+            clients,
+            datetime.now(UTC).replace(microsecond=0),
+            keep=_keep(env, clients),
+            out_of_time=lambda: context.get_remaining_time_in_millis() < RESERVE_MILLIS,
+        )
+    except (SliceNotRecorded, RunNotStarted) as refused:
+        # On every delivery: the last is the message the dead-letter queue keeps (and alarms on).
+        logger.error(
+            "slice refused",
+            extra={
+                "reason": str(refused),
+                "message_id": record.messageId,
+                "receive_count": record.attributes.ApproximateReceiveCount,
+            },
+        )
+        metrics.add_metric(name="SlicesRefused", unit=MetricUnit.Count, value=1)
+        raise
     failed = sum(1 for r in outcome.results if r.status == "failed")
     metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=failed)
     metrics.add_metric(name="SliceHeldBack", unit=MetricUnit.Count, value=len(outcome.held))
