@@ -344,9 +344,16 @@ def _against_emulator(
     return [statistics.median(taken[1:]) for taken in times]
 
 
+def _with_infra() -> None:
+    """The repository's root on the path, for `infra` (the stack's constants and the asset's bundler)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def _function_environment() -> dict[str, str]:
     """The variables every deployed function has (infra.environment), but the policy's path."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _with_infra()
     from infra.environment import AMI_JANITOR_CONFIG, common_environment
 
     return {name: value for name, value in common_environment().items() if name != AMI_JANITOR_CONFIG}
@@ -362,7 +369,7 @@ ASSET_LIBRARIES = (
 
 
 def bench_asset_bytecode() -> None:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _with_infra()
     import tempfile
 
     from infra import bundle
