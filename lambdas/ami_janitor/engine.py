@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.aws import (
     baker,
@@ -672,6 +672,9 @@ def rescue(
 class BakeOutcome(Outcome):
     """What the scheduled bake of a family did. Only the keys that apply are in its JSON."""
 
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
+
     mode: Mode
     region: str | None = None
     family: str
@@ -750,6 +753,9 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
 
 class SliceOutcome(BaseModel):
     """What the slice worker did with one slice, and the run's record after it."""
+
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
 
     region: str
     run: str

@@ -127,6 +127,14 @@ def test_a_slice_survives_its_queue_message() -> None:
     assert WorkSlice.model_validate_json(work.model_dump_json()) == work
     with pytest.raises(ValueError):
         WorkSlice.model_validate({**work.model_dump(), "items": []})
+    # A message with a key the janitor never writes is not one of its slices, at either level.
+    with pytest.raises(ValueError, match="extra"):
+        WorkSlice.model_validate({**work.model_dump(), "force": True})
+    [item] = work.model_dump()["items"]
+    with pytest.raises(ValueError, match="extra"):
+        WorkSlice.model_validate({**work.model_dump(), "items": [{**item, "skip_checks": True}]})
+    with pytest.raises(ValueError, match="frozen"):
+        work.items[0].image_id = "ami-00000000"
 
 
 def test_the_policy_digest_changes_with_the_policy() -> None:

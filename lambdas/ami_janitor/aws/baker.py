@@ -80,7 +80,8 @@ Progress = Callable[[str], None]
 
 
 class BakeResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True, frozen=True)
 
     family: str
     instance_id: str

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import (
@@ -116,6 +116,9 @@ class LedgerMissing(Exception):
 
 class CreateResult(BaseModel):
     """What `ledger create` did in one region."""
+
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
 
     region: str
     table: str
@@ -307,6 +310,9 @@ def create_table(clients: RegionClients, table: str, writer_arns: Sequence[str])
 
 class Prior(BaseModel):
     """What a stage changes, recorded before it changes it."""
+
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
 
     deprecation: datetime | None = None
     launch_permissions: tuple[str, ...] = ()

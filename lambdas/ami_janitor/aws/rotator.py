@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images
@@ -53,6 +53,9 @@ class RotationResult(BaseModel):
 class AmiEventOutcome(Outcome):
     """What one EC2 AMI State Change event did: the rotation (handle_state_change), then what sharing and
     copying a new source did (engine.handle_ami_event). Only the keys that apply are in its JSON."""
+
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
 
     image_id: str
     state: AmiState

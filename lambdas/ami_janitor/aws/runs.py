@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.ledger import TTL_ATTRIBUTE, Written, conditional_update
 from ami_janitor.core.model import iso
@@ -29,6 +29,9 @@ COUNTERS = ("snapshots_deleted", "actions_failed", "held_back")
 
 class RunProgress(BaseModel):
     """A run's record as read back: its slices, those done, and the counts they added."""
+
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
 
     slices: int
     done: frozenset[int] = frozenset()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws import executor, runs, usage
 from ami_janitor.aws.executor import ActionResult
@@ -77,6 +77,9 @@ _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 
 class SliceResult(BaseModel):
     """What one slice did: a result per stage (held-back AMIs' stages are skipped, with the reason)."""
+
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
 
     results: list[ActionResult] = []
     held: dict[str, str] = {}

@@ -603,6 +603,9 @@ class CopyRequest(Copy):
     """A copy request as the replication queue carries it (the message body is its JSON): a copy of an
     AMI, in a generation from 1. Everything else about it is checked against the policy and EC2."""
 
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
+
     @field_validator("source_image_id")
     @classmethod
     def _an_ami(cls, value: str) -> str:

@@ -28,7 +28,8 @@ STAGE_ACTIONS = frozenset({"deprecate", "disable", "deregister"})
 
 
 class SliceItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True, extra="forbid", frozen=True)
 
     image_id: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
     family: str = Field(min_length=1)
@@ -40,7 +41,8 @@ class SliceItem(BaseModel):
 class WorkSlice(BaseModel):
     """One message of the work queue: part of one region's due stages of one run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True, extra="forbid", frozen=True)
 
     run: str = Field(min_length=1)  # the plan's generated_at: one run per region and time
     region: str = Field(min_length=1)

@@ -26,7 +26,8 @@ class UsageReport(BaseModel):
     """The body of `reports/<account>/<region>.json` in the inbox. The owner believes the account from
     the key's prefix, where the inbox lets only that account write, and the date from S3."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True, extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     account: str = Field(pattern=_ACCOUNT)

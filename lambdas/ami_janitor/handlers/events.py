@@ -39,7 +39,8 @@ class ScheduledEvent(BaseModel):
 class BakeEvent(BaseModel):
     """The bake rule's constant input: `{"family": NAME}`."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True, extra="forbid")
 
     family: str = Field(min_length=1)
 
