@@ -81,7 +81,10 @@ METRIC_ACTIONS = frozenset({"cloudwatch:PutMetricData"})
 SEND_COMMAND_ACTIONS = frozenset({"ssm:SendCommand"})
 # The ledger's item calls and what `ledger create` calls: on the ledger table only.
 LEDGER_ACTIONS = (
-    frozenset(ledger.PERMISSIONS) | frozenset(ledger.CREATE_PERMISSIONS) | frozenset(runs.PERMISSIONS)
+    frozenset(ledger.PERMISSIONS)
+    | frozenset(ledger.CHECK_PERMISSIONS)
+    | frozenset(ledger.CREATE_PERMISSIONS)
+    | frozenset(runs.PERMISSIONS)
 )
 # The usage inbox (`usage_reports`): a report written under the account's own prefix, reports read.
 USAGE_ACTIONS = frozenset(usage.PUBLISH_PERMISSIONS) | frozenset(usage.READ_PERMISSIONS)

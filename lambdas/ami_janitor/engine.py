@@ -104,6 +104,7 @@ CLI_PERMISSIONS: list[str] = sorted(
     | set(copier.PERMISSIONS)
     | set(copier.KMS_PERMISSIONS)
     | set(baker.PERMISSIONS)
+    | set(ledger.CHECK_PERMISSIONS)
     | set(ledger.CREATE_PERMISSIONS)
 )
 # The event function: rotation, and sharing a new AMI at once (its copies are queued, with the aliases
@@ -240,6 +241,16 @@ def require_ledgers(policy: Policy, regions: Sequence[str], clients_for: Clients
     missing = missing_ledgers(policy, regions, clients_for)
     if missing:
         raise ledger.LedgerMissing(sorted(missing), policy.ledger.table, details=list(missing.values()))
+
+
+def _require_scanned_ledgers(
+    policy: Policy, regions: Sequence[str], loaded: Mapping[str, RegionInventory]
+) -> None:
+    """LedgerMissing where a region was read in full but its ledger's Scan found no table (a region that
+    could not be read is skipped by the plan)."""
+    missing = [r for r in regions if r in loaded and loaded[r].error is None and loaded[r].ledger is None]
+    if missing:
+        raise ledger.LedgerMissing(missing, policy.ledger.table)
 
 
 def ledger_notes(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> list[str]:
@@ -400,14 +411,15 @@ def run(
     kept as public once, and retires by the usual rules from the next run on.
 
     Applying needs each region's ledger table: without one, LedgerMissing is raised before anything
-    is read or written (the CLI checks first, to refuse before it asks).
+    is written. The inventory's Scan of the table says whether it is there, so no DescribeTable is
+    asked first (the CLI asks, to refuse before it reads and asks the operator).
 
     With `publish_reports` (a scheduled run, dry-run or enforce) and `usage_reports` configured, each
     region read in full sends the account's usage report to the inbox, before anything else is done.
     """
-    if apply:
-        require_ledgers(policy, regions, clients_for)
     plan, loaded = build_plan(policy, regions, clients_for, now, progress)
+    if apply:
+        _require_scanned_ledgers(policy, regions, loaded)
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     read = [loaded[r] for r in regions if r in loaded]
     usage = publish_usage(policy, read, clients_for, now) if publish_reports else {}

@@ -253,7 +253,7 @@ def _table(region: str) -> str:
 
 # On the copy targets' ledgers: the scheduled run reads them (its plan), the roles that copy record there.
 TARGET_LEDGER_ACTIONS = {
-    "scheduled": {"dynamodb:DescribeTable", "dynamodb:Scan"},
+    "scheduled": {"dynamodb:Scan"},  # its Scan says whether the table is there
     "replicate": {"dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:UpdateItem"},
     "operator": {"dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:Scan", "dynamodb:UpdateItem"},
 }

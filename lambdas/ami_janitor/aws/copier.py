@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
-from ami_janitor.aws.ledger import Ledger, LedgerFor, LedgerMissing, ledgers
+from ami_janitor.aws.ledger import CHECK_PERMISSIONS, Ledger, LedgerFor, LedgerMissing, ledgers
 from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import (
     SOURCE_IMAGE_TAG,
@@ -41,9 +41,7 @@ if TYPE_CHECKING:
 EC2_PERMISSIONS: list[str] = sorted(["ec2:CopyImage", "ec2:CreateTags", "ec2:DescribeImages"])
 # And in the ledgers of the source and the destination: check both tables are there, read the found
 # copies' items, record the copy on the source and the replica on the new AMI.
-LEDGER_PERMISSIONS: list[str] = sorted(
-    ["dynamodb:BatchGetItem", "dynamodb:DescribeTable", "dynamodb:UpdateItem"]
-)
+LEDGER_PERMISSIONS: list[str] = sorted(["dynamodb:BatchGetItem", *CHECK_PERMISSIONS, "dynamodb:UpdateItem"])
 PERMISSIONS: list[str] = sorted([*EC2_PERMISSIONS, *LEDGER_PERMISSIONS])
 
 # What EC2 does with a customer managed key on the caller's behalf while it copies and encrypts the

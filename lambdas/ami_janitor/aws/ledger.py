@@ -43,17 +43,19 @@ from ami_janitor.core.policy import Ledger as LedgerConfig
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
-# What the functions call: the existence check and the item reads and conditional writes.
+# What the functions call: the item reads and conditional writes.
 PERMISSIONS: list[str] = sorted(
     [
         "dynamodb:BatchGetItem",  # read_items
-        "dynamodb:DescribeTable",  # exists
         "dynamodb:Scan",  # read_all
         # record_candidate, record_stage, close, record_copy, record_replica, record_grants,
         # forget_grants, record_bake
         "dynamodb:UpdateItem",
     ]
 )
+# The existence check (exists), for those that write before they read the table: a rescue, a bake, a
+# copy. A scheduled run's Scan says whether the table is there.
+CHECK_PERMISSIONS: list[str] = ["dynamodb:DescribeTable"]
 # What `ami-janitor ledger create` calls besides (with the caller's credentials).
 CREATE_PERMISSIONS: list[str] = sorted(
     [

@@ -21,7 +21,7 @@ with collector_paused():
     from aws_lambda_powertools.utilities.typing import LambdaContext
 
     from ami_janitor import engine
-    from ami_janitor.aws import baker
+    from ami_janitor.aws import baker, ledger
     from ami_janitor.aws.clients import ClientFactory
     from ami_janitor.core.policy import Family, Policy
     from ami_janitor.handlers.events import (
@@ -32,7 +32,7 @@ with collector_paused():
     from ami_janitor.handlers.observe import logger, metrics, paused
 
 # The bake itself, and the check that the region's ledger table is there (engine.require_ledgers).
-PERMISSIONS: list[str] = sorted({*baker.SCHEDULED_PERMISSIONS, "dynamodb:DescribeTable"})
+PERMISSIONS: list[str] = sorted({*baker.SCHEDULED_PERMISSIONS, *ledger.CHECK_PERMISSIONS})
 
 
 def baked_family(policy: Policy, name: str) -> Family:
