@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
@@ -91,8 +90,7 @@ class BakeResult(BaseModel):
     warnings: list[str] = []
 
 
-@dataclass(frozen=True)
-class Timing:
+class Timing(NamedTuple):
     """Polling bounds. Attempts are counted from timeout / delay, so the bounds do not need a clock."""
 
     command_delay: float = 2.0

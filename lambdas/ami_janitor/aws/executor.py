@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
@@ -192,8 +191,7 @@ def _deprecate(ec2: EC2Client, image_id: str, at: datetime | None) -> None:
 # ---- snapshots ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SnapshotOutcome:
+class SnapshotOutcome(NamedTuple):
     """One snapshot of delete_unused_snapshots: deleted, or kept with a note, or failed with an error."""
 
     snapshot_id: str

@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 NON_MUTATING = "non-mutating"  # DescribeImages and every other Describe* (and Get*) call
@@ -73,12 +72,14 @@ def bucket_of(api: str) -> tuple[int, float]:
     return SIZES[bucket_name(api)]
 
 
-@dataclass
 class _Bucket:
-    capacity: float
-    refill: float
-    tokens: float
-    updated: float
+    __slots__ = ("capacity", "refill", "tokens", "updated")
+
+    def __init__(self, capacity: float, refill: float, tokens: float, updated: float) -> None:
+        self.capacity = capacity
+        self.refill = refill
+        self.tokens = tokens
+        self.updated = updated
 
     def take(self, now: float) -> float:
         """Takes a token, on credit if there is none yet; returns how long until that token is there.

@@ -9,7 +9,7 @@ running or stopped instance may carry the tags, and several are refused.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ami_janitor.core.model import BuildInstance
 from ami_janitor.core.policy import Family
@@ -19,8 +19,7 @@ BAKEABLE_STATES = frozenset({"running", "stopped"})
 PINNED = "pinned by bake.instance_id"
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     """The instance to image and why, or (instance_id None) why the bake refuses."""
 
     instance_id: str | None

@@ -10,8 +10,8 @@ ARN). The edge resolves the aliases (DescribeKey in the target region); this mod
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from ami_janitor.core.model import LedgerCopy, LedgerItem, RegionInventory
 from ami_janitor.core.policy import Policy, ReplicateTarget
@@ -19,8 +19,7 @@ from ami_janitor.core.policy import Policy, ReplicateTarget
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class ResolvedKey:
+class ResolvedKey(NamedTuple):
     """What an alias names now: its key ARN, or (one line) why it cannot be used."""
 
     arn: str | None = None

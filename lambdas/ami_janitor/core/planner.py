@@ -6,7 +6,6 @@ import gc
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from operator import attrgetter, itemgetter
@@ -39,20 +38,47 @@ ACTING: frozenset[str] = frozenset({"deprecate", "disable", "deregister"})
 RANKED_STATES = frozenset({"available", "disabled"})
 
 
-@dataclass
+# The package's records are NamedTuples (the frozen ones) or plain classes with slots like this one,
+# not the standard library's data classes: each of those compiles generated code as its module loads
+# (about 3.5 million instructions), and these modules load at every cold start.
 class Group:
     """A family's members in one region with one architecture, newest first."""
 
-    region: str
-    family: Family
-    architecture: str
-    rules: Rules
-    members: list[Image] = field(default_factory=list)
-    # Originals whose encrypted same-region copy stands in for them (set by build_groups).
-    superseded: set[str] = field(default_factory=set)
-    # Members carrying the family's Latest tag, newest first (set by build_groups: tags never change
-    # in a plan, so a rescued view of the group keeps them).
-    tag_holders: list[str] = field(default_factory=list)
+    __slots__ = ("architecture", "family", "members", "region", "rules", "superseded", "tag_holders")
+
+    def __init__(
+        self,
+        region: str,
+        family: Family,
+        architecture: str,
+        rules: Rules,
+        members: list[Image] | None = None,
+        superseded: set[str] | None = None,
+        tag_holders: list[str] | None = None,
+    ) -> None:
+        self.region = region
+        self.family = family
+        self.architecture = architecture
+        self.rules = rules
+        self.members: list[Image] = [] if members is None else members
+        # Originals whose encrypted same-region copy stands in for them (set by build_groups).
+        self.superseded: set[str] = set() if superseded is None else superseded
+        # Members carrying the family's Latest tag, newest first (set by build_groups: tags never change
+        # in a plan, so a rescued view of the group keeps them).
+        self.tag_holders: list[str] = [] if tag_holders is None else tag_holders
+
+    def with_members(self, members: list[Image], superseded: set[str] | None = None) -> Group:
+        """A copy of the group with `members` (and `superseded`, when given); its other fields are this
+        group's own objects, the Latest tag's holders among them."""
+        return Group(
+            self.region,
+            self.family,
+            self.architecture,
+            self.rules,
+            members,
+            self.superseded if superseded is None else superseded,
+            self.tag_holders,
+        )
 
 
 def order_key(image: Image) -> tuple[datetime, str, str]:
@@ -606,7 +632,7 @@ def plan_region(
 def after_rescues(group: Group, rescued: set[str], now: datetime) -> Group:
     """The group as EC2 will show it once the rescues are done: enabled, deprecation restored."""
     members = [_rescued_view(m, now) if m.image_id in rescued else m for m in group.members]
-    after = replace(group, members=members)
+    after = group.with_members(members)
     after.superseded = superseded_ids(after)
     return after
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -89,8 +88,7 @@ class CopyResult(BaseModel):
         )
 
 
-@dataclass(frozen=True)
-class Retry:
+class Retry(NamedTuple):
     """The answer to a failed replica: the copy to start again (None: none), and why."""
 
     copy: Copy | None
@@ -199,7 +197,7 @@ def wanted_sources(group: Group, conflicts: Mapping[str, Sequence[str]], now: da
     sources = [m for m in group.members if not m.is_replica and m.image_id not in conflicts]
     available = [s for s in sources if s.state == "available"]
     wanted = available[: group.rules.keep_latest]
-    latest = latest_target(replace(group, members=sources, superseded=set()), now)
+    latest = latest_target(group.with_members(sources, superseded=set()), now)
     if latest is not None and latest not in wanted:
         wanted.append(latest)
     return sorted(wanted, key=order_key, reverse=True)

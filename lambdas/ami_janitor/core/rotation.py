@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from ami_janitor.core.model import LatestChange, RegionInventory
 from ami_janitor.core.planner import Group, build_groups, pointer_errors, rotation
 from ami_janitor.core.policy import Policy
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
     """The groups a rotation looks at: every group, or those of some families, or some (family,
     architecture) groups (an AMI's event rotates only its own group)."""
 

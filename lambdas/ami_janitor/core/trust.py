@@ -8,8 +8,8 @@ and how the first enforce run adopts the tags an older janitor wrote (the safe d
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from ami_janitor.core.model import (
     Image,
@@ -61,8 +61,7 @@ def shows(image: Image, stage: Stage, entry: LedgerStage | None = None) -> bool:
     return False
 
 
-@dataclass(frozen=True, slots=True)
-class StagePlan:
+class StagePlan(NamedTuple):
     since: datetime  # the candidate clock's start (now for a new candidate)
     due: list[Stage]  # the stages this run applies, in order
     next_stage: Stage | None
@@ -209,8 +208,7 @@ def unconfirmed_stages(image: Image) -> list[Stage]:
 # ---- adopting the tags of an older janitor -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Adoption:
+class Adoption(NamedTuple):
     """What the first enforce run with a ledger records from the janitor tags it finds."""
 
     items: dict[str, LedgerItem]

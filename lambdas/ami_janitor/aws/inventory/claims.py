@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ami_janitor.aws.inventory.reading import Raw
 from ami_janitor.core.model import Reference
@@ -18,8 +17,7 @@ ALIAS_PREFIX = "resolve:ssm:"
 _AMI_ID = re.compile(r"\bami-[0-9a-f]+\b")
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(NamedTuple):
     """A resource naming an image value (an AMI id, a resolve:ssm: alias, or text holding AMI ids)."""
 
     value: str
@@ -34,8 +32,7 @@ def claim(value: Any, kind: str, resource_id: str, subject: str, verb: str = "re
     return [Claim(str(value), kind, resource_id, subject, verb)] if value else []
 
 
-@dataclass(frozen=True)
-class Spec:
+class Spec(NamedTuple):
     """A launch template and version as an ASG, a fleet or Batch names it."""
 
     template_id: str | None
@@ -56,8 +53,7 @@ class Spec:
         return f"{self.template_id or self.template_name} version {self.version}"
 
 
-@dataclass(frozen=True)
-class TemplateUse:
+class TemplateUse(NamedTuple):
     """A resource launching from a launch template version: a claim on whatever image that version names."""
 
     kind: str
@@ -66,12 +62,14 @@ class TemplateUse:
     spec: Spec
 
 
-@dataclass
 class Claims:
     """What one source's resources name, in the order it read them: images, and launch templates."""
 
-    claims: list[Claim] = field(default_factory=list)
-    uses: list[TemplateUse] = field(default_factory=list)
+    __slots__ = ("claims", "uses")
+
+    def __init__(self, claims: list[Claim] | None = None, uses: list[TemplateUse] | None = None) -> None:
+        self.claims: list[Claim] = [] if claims is None else claims
+        self.uses: list[TemplateUse] = [] if uses is None else uses
 
     def claim(self, value: Any, kind: str, resource_id: str, subject: str) -> None:
         self.claims += claim(value, kind, resource_id, subject)

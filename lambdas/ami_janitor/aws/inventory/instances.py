@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ami_janitor.aws.inventory.claims import Claim, claim
 from ami_janitor.aws.inventory.reading import Raw, items, source, tag
@@ -20,8 +19,7 @@ PERMISSIONS: list[str] = ["ec2:DescribeInstances"]
 _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 
 
-@dataclass(frozen=True)
-class Instances:
+class Instances(NamedTuple):
     """The live instances: their ids, the AMIs they use, and those some family's bake names."""
 
     ids: frozenset[str]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ami_janitor.aws.inventory.aliases import resolve_aliases
 from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_groups
@@ -103,8 +102,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     return with_ledger(inventory)
 
 
-@dataclass(frozen=True)
-class _Beside:
+class _Beside(NamedTuple):
     """What the plan reports beside its decisions, read in every region."""
 
     retired_snapshots: tuple[RetiredSnapshot, ...]

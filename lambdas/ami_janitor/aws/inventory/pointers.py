@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ami_janitor.aws.inventory.get_parameters import get_parameters
 from ami_janitor.aws.inventory.reading import source
@@ -22,8 +21,7 @@ if TYPE_CHECKING:
 PERMISSIONS: list[str] = ["ssm:GetParameters"]
 
 
-@dataclass(frozen=True)
-class Pointers:
+class Pointers(NamedTuple):
     """The pointer names in this region ({arch} filled in from the families' images), and the patterns
     that recognise any pointer of the policy."""
 

@@ -3,29 +3,39 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 from ami_janitor.aws.inventory.claims import Spec
 from ami_janitor.aws.inventory.reading import Raw
 
 
-@dataclass
 class Template:
-    template_id: str
-    name: str
-    default: int | None = None
-    latest: int | None = None
+    __slots__ = ("default", "latest", "name", "template_id")
+
+    def __init__(
+        self, template_id: str, name: str, default: int | None = None, latest: int | None = None
+    ) -> None:
+        self.template_id = template_id
+        self.name = name
+        self.default = default
+        self.latest = latest
 
 
-@dataclass
 class Templates:
     """Templates by id and the image each loaded version names."""
 
-    by_id: dict[str, Template] = field(default_factory=dict)
-    # (template id, version) -> the version's ImageId ("" when it names none).
-    image_of: dict[tuple[str, int], str] = field(default_factory=dict)
-    # Specs of templates missing from the listing, fetched one by one: (id or name, version) -> key.
-    by_spec: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    __slots__ = ("by_id", "by_spec", "image_of")
+
+    def __init__(
+        self,
+        by_id: dict[str, Template] | None = None,
+        image_of: dict[tuple[str, int], str] | None = None,
+        by_spec: dict[tuple[str, str], tuple[str, int]] | None = None,
+    ) -> None:
+        self.by_id: dict[str, Template] = {} if by_id is None else by_id
+        # (template id, version) -> the version's ImageId ("" when it names none).
+        self.image_of: dict[tuple[str, int], str] = {} if image_of is None else image_of
+        # Specs of templates missing from the listing, fetched one by one: (id or name, version) -> key.
+        self.by_spec: dict[tuple[str, str], tuple[str, int]] = {} if by_spec is None else by_spec
 
     def copy(self) -> Templates:
         return copy.deepcopy(self)
