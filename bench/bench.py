@@ -232,6 +232,54 @@ def bench_inventory_calls() -> None:
     )
 
 
+# A network's round trip for each call (moto in this process answers at once): what reading sources
+# side by side saves.
+ROUND_TRIP_SECONDS = 0.025
+
+
+def bench_inventory_round_trips() -> None:
+    import boto3
+    from moto import mock_aws
+
+    from ami_janitor.aws import ledger
+    from ami_janitor.aws.clients import READ_WORKERS, RegionClients
+    from ami_janitor.aws.inventory import load_inventory
+    from ami_janitor.demo import emulator
+
+    policy = parse_policy(
+        {"regions": ["us-east-1"], "families": [{"name": "app", "match": {"name": "app-*"}}]}
+    )
+    emulator.install()
+    taken: dict[tuple[str, int], float] = {}
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        ledger.create_table(
+            RegionClients("us-east-1"), policy.ledger.table, ["arn:aws:iam::123456789012:root"]
+        )
+        for region in ("empty", "one family AMI"):
+            if region != "empty":
+                ec2.register_image(Name="app-1")
+            # Each way twice, the second kept: the first loads what a process loads once.
+            for workers in (READ_WORKERS, 1, READ_WORKERS, 1):
+                session = boto3.Session(region_name="us-east-1")
+                session.events.register("before-call", lambda **_: time.sleep(ROUND_TRIP_SECONDS))
+                clients = RegionClients("us-east-1", session, read_workers=workers)
+                start = time.perf_counter()
+                inventory = load_inventory(clients, policy)
+                taken[region, workers] = time.perf_counter() - start
+                if inventory.error is not None:
+                    raise RuntimeError(inventory.error)
+    print(
+        f"\nan inventory's wall time, {ROUND_TRIP_SECONDS * 1000:.0f} ms of round trip added to each call (moto):"
+    )
+    for region in ("empty", "one family AMI"):
+        alone, ahead = taken[region, 1], taken[region, READ_WORKERS]
+        print(
+            f"  {region} region: {alone * 1000:.0f} ms reading one source after another, {ahead * 1000:.0f} ms "
+            f"with the retired snapshots, image block public access and the ledger read beside the others"
+        )
+
+
 def bench_policy_load() -> None:
     families = [{"name": f"f{n}", "match": {"name": f"f{n}-*"}} for n in range(100_000)]
     start = time.perf_counter()
@@ -638,6 +686,7 @@ def bench_org(regions: int = ORG_REGIONS) -> None:
 SECTIONS: dict[str, Callable[[], None]] = {
     "plan": bench_plan,
     "inventory": bench_inventory_calls,
+    "round-trips": bench_inventory_round_trips,
     "policy": bench_policy_load,
     "cold-start": bench_cold_start,
     "cold-start-instructions": bench_cold_start_instructions,

@@ -1310,6 +1310,31 @@ def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
     assert sorted(calls) == sorted(expected + ["rbin:ListRules"] * ledger_items)
 
 
+@pytest.mark.parametrize("failing", [["dynamodb:Scan"], ["ec2:DescribeImages", "dynamodb:Scan"]])
+def test_sources_read_ahead_still_fail_in_the_recipes_order(moto_aws: None, failing: list[str]) -> None:
+    """The retired snapshots, image block public access and the ledger are read on threads beside the
+    other sources: a failure among them still skips the region, and where an earlier source fails too,
+    the earlier one names the error, as when every source is read one after another."""
+    from ami_janitor.aws import ledger
+
+    ledger.create_table(RegionClients("us-east-1"), "ami-janitor-ledger", ["arn:aws:iam::123456789012:root"])
+    session = boto3.Session(region_name="us-east-1")
+
+    def deny(model: Any, **_: Any) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied here"}}, model.name)
+
+    for call in failing:
+        service, operation = call.split(":")
+        session.events.register(f"before-call.{service}.{operation}", deny)
+    clients = RegionClients("us-east-1", session)
+    assert clients.read_workers > 1
+
+    inventory = load_inventory(clients, policy())
+
+    assert inventory.error == f"{failing[0]}: AccessDenied: denied here"
+    assert inventory.images == () and inventory.ledger is None
+
+
 def test_a_failing_source_skips_the_region_with_no_images(stubbed: Stubbed) -> None:
     s = stubbed
     s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP)]}, IMAGES)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from ami_janitor.aws.inventory.aliases import resolve_aliases
 from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_groups
@@ -35,6 +37,8 @@ from ami_janitor.core.policy import Policy
 if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
+T = TypeVar("T")
+
 
 def load_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     """Everything the planner needs about one region, or an inventory with only `error` set."""
@@ -44,14 +48,41 @@ def load_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
         return RegionInventory(region=clients.region, error=str(failure))
 
 
+@contextmanager
+def _ahead(clients: RegionClients, read: Callable[[], T]) -> Iterator[Callable[[], T]]:
+    """`read` started now, on a thread of its own, while the caller reads its other sources: their calls
+    wait on the network side by side. Its answer (or its SourceFailed) comes where the caller asks for
+    it, so the first source to fail in the recipe's order still names the region's error. With one read
+    worker (a Stubber expects its calls in order) `read` runs where it is asked for."""
+    if clients.read_workers <= 1:
+        yield read
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:  # waited for, even when another source fails
+        yield pool.submit(read).result
+
+
 def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     # The sources are read in this order, so the first to fail names the region's error; the claims
-    # keep it too, so that notes come out in the order of the resources they are about.
+    # keep it too, so that notes come out in the order of the resources they are about. What the plan
+    # reports beside its decisions depends on no other source: it is read ahead, beside them.
+    with (
+        _ahead(clients, lambda: read_retired_snapshots(clients.ec2)) as retired_snapshots,
+        _ahead(clients, lambda: read_block_public_access(clients.ec2, clients.region)) as public_access,
+        _ahead(clients, lambda: read_ledger(clients, policy.ledger.table)) as ledger,
+    ):
+        return _read_sources(
+            clients, policy, lambda: _BesideSources(retired_snapshots(), public_access(), ledger())
+        )
+
+
+def _read_sources(
+    clients: RegionClients, policy: Policy, beside_sources: Callable[[], _BesideSources]
+) -> RegionInventory:
     region = clients.region
     images = read_images(clients.ec2, region)
     # An account that reports its use of other accounts' AMIs reads its references everywhere.
     if policy.usage_reports is None and not any(_in_a_family(policy, image) for image in images):
-        return _without_references(clients, policy, images)
+        return _without_references(clients, policy, images, beside_sources)
     ec2, ssm = clients.ec2, clients.ssm
     pointers = Pointers.of(policy, images)
     instances = read_instances(ec2, policy)
@@ -85,7 +116,7 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     references, alias_notes = references_of(claims, resolved)
 
     latest = read_pointer_values(ssm, pointers, parameter_values)
-    beside = _read_beside(clients, policy, images)
+    beside = _read_beside(clients, images, beside_sources())
     inventory = RegionInventory(
         region=region,
         images=images,
@@ -111,10 +142,16 @@ class _Beside(NamedTuple):
     ledger: LedgerView | None
 
 
-def _read_beside(clients: RegionClients, policy: Policy, images: tuple[Image, ...]) -> _Beside:
-    retired_snapshots = read_retired_snapshots(clients.ec2)
-    block_public_access_notes = read_block_public_access(clients.ec2, clients.region)
-    ledger = read_ledger(clients, policy.ledger.table)
+class _BesideSources(NamedTuple):
+    """The sources of what the plan reports beside its decisions that depend on no other source."""
+
+    retired_snapshots: tuple[RetiredSnapshot, ...]
+    block_public_access_notes: list[str]
+    ledger: LedgerView | None
+
+
+def _read_beside(clients: RegionClients, images: tuple[Image, ...], sources: _BesideSources) -> _Beside:
+    retired_snapshots, block_public_access_notes, ledger = sources
     recycle_bin_rules: tuple[str, ...] = ()
     recycle_bin_notes: list[str] = []
     # Recycle Bin only matters where a snapshot may be deleted: not in a region with no AMI, no retired
@@ -130,14 +167,19 @@ def _in_a_family(policy: Policy, image: Image) -> bool:
     return any(family.match.matches(image.name, image.tags) for family in policy.families)
 
 
-def _without_references(clients: RegionClients, policy: Policy, images: tuple[Image, ...]) -> RegionInventory:
+def _without_references(
+    clients: RegionClients,
+    policy: Policy,
+    images: tuple[Image, ...],
+    beside_sources: Callable[[], _BesideSources],
+) -> RegionInventory:
     """A region where no AMI matches a family: the plan decides nothing there, so nothing a reference
     could keep and no Latest to rotate; the reference sources and the pointers are not read (nor their
     clients made). What the plan says beside its decisions is read as always: the instances a bake
     names, the retired snapshots, Recycle Bin, image block public access and the ledger."""
     baking = any(family.bake is not None for family in policy.families)
     instances = read_instances(clients.ec2, policy) if baking else None
-    beside = _read_beside(clients, policy, images)
+    beside = _read_beside(clients, images, beside_sources())
     inventory = RegionInventory(
         region=clients.region,
         images=images,
