@@ -276,7 +276,7 @@ def bench_inventory_round_trips() -> None:
         alone, ahead = taken[region, 1], taken[region, READ_WORKERS]
         print(
             f"  {region} region: {alone * 1000:.0f} ms reading one source after another, {ahead * 1000:.0f} ms "
-            f"with the retired snapshots, image block public access and the ledger read beside the others"
+            f"with the sources that depend on no other read side by side (8 read workers)"
         )
 
 

@@ -11,7 +11,7 @@ from ami_janitor.aws.inventory.aliases import resolve_aliases
 from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_groups
 from ami_janitor.aws.inventory.batch import read_batch_compute_environments
 from ami_janitor.aws.inventory.block_public_access import read_block_public_access
-from ami_janitor.aws.inventory.claims import named_aliases, references_of
+from ami_janitor.aws.inventory.claims import Claims, named_aliases, references_of
 from ami_janitor.aws.inventory.emr import read_emr_clusters
 from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
 from ami_janitor.aws.inventory.image_references import read_image_references, sort_references
@@ -85,15 +85,26 @@ def _read_sources(
         return _without_references(clients, policy, images, beside_sources)
     ec2, ssm = clients.ec2, clients.ssm
     pointers = Pointers.of(policy, images)
-    instances = read_instances(ec2, policy)
-    parameter_values = read_parameters(ssm)
-    templates, version_claims = read_launch_templates(ec2, policy.references.launch_template_versions)
-    configurations = read_launch_configurations(clients.autoscaling)
-    groups = read_auto_scaling_groups(clients.autoscaling, configurations)
-    spot_fleets = read_spot_fleets(ec2)
-    ec2_fleets = read_ec2_fleets(ec2)
-    batch_environments = read_batch_compute_environments(clients.batch)
-    emr_claims = read_emr_clusters(clients.emr)
+    versions = policy.references.launch_template_versions
+    # The reference sources depend on no other: all read side by side, their answers taken in order.
+    with (
+        _ahead(clients, lambda: read_instances(ec2, policy)) as instances_read,
+        _ahead(clients, lambda: read_parameters(ssm)) as parameters_read,
+        _ahead(clients, lambda: read_launch_templates(ec2, versions)) as templates_read,
+        _ahead(clients, lambda: _read_auto_scaling(clients)) as auto_scaling_read,
+        _ahead(clients, lambda: read_spot_fleets(ec2)) as spot_fleets_read,
+        _ahead(clients, lambda: read_ec2_fleets(ec2)) as ec2_fleets_read,
+        _ahead(clients, lambda: read_batch_compute_environments(clients.batch)) as batch_read,
+        _ahead(clients, lambda: read_emr_clusters(clients.emr)) as emr_read,
+    ):
+        instances = instances_read()
+        parameter_values = parameters_read()
+        templates, version_claims = templates_read()
+        configurations, groups = auto_scaling_read()
+        spot_fleets = spot_fleets_read()
+        ec2_fleets = ec2_fleets_read()
+        batch_environments = batch_read()
+        emr_claims = emr_read()
 
     # What launches from a launch template keeps the image of the version it names.
     uses = [*groups.uses, *spot_fleets.uses, *ec2_fleets.uses, *batch_environments.uses]
@@ -131,6 +142,12 @@ def _read_sources(
         notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *beside.notes])),
     )
     return with_ledger(inventory)
+
+
+def _read_auto_scaling(clients: RegionClients) -> tuple[dict[str, str], Claims]:
+    """The launch configurations, then the groups (which launch from them)."""
+    configurations = read_launch_configurations(clients.autoscaling)
+    return configurations, read_auto_scaling_groups(clients.autoscaling, configurations)
 
 
 class _Beside(NamedTuple):
