@@ -1310,22 +1310,37 @@ def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
     assert sorted(calls) == sorted(expected + ["rbin:ListRules"] * ledger_items)
 
 
-@pytest.mark.parametrize("failing", [["dynamodb:Scan"], ["ec2:DescribeImages", "dynamodb:Scan"]])
-def test_sources_read_ahead_still_fail_in_the_recipes_order(moto_aws: None, failing: list[str]) -> None:
-    """The retired snapshots, image block public access and the ledger are read on threads beside the
-    other sources: a failure among them still skips the region, and where an earlier source fails too,
-    the earlier one names the error, as when every source is read one after another."""
+@pytest.mark.parametrize(
+    ("failing", "family_ami"),
+    [
+        (["dynamodb:Scan"], False),
+        (["ec2:DescribeImages", "dynamodb:Scan"], False),
+        (["ssm:DescribeParameters", "autoscaling:DescribeAutoScalingGroups", "dynamodb:Scan"], True),
+        (["elasticmapreduce:ListClusters"], True),
+    ],
+)
+def test_sources_read_side_by_side_still_fail_in_the_recipes_order(
+    moto_aws: None, failing: list[str], family_ami: bool
+) -> None:
+    """The sources that depend on no other are read on threads side by side: a failure among them still
+    skips the region, and where an earlier source in the recipe fails too, the earlier one names the
+    error, as when every source is read one after another."""
     from ami_janitor.aws import ledger
 
     ledger.create_table(RegionClients("us-east-1"), "ami-janitor-ledger", ["arn:aws:iam::123456789012:root"])
+    if family_ami:
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image_id = ec2.register_image(Name="app-1")["ImageId"]
+        ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "App"}])
     session = boto3.Session(region_name="us-east-1")
 
     def deny(model: Any, **_: Any) -> None:
         raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied here"}}, model.name)
 
+    services = {"elasticmapreduce": "emr", "autoscaling": "auto-scaling"}  # the SDK's event names
     for call in failing:
         service, operation = call.split(":")
-        session.events.register(f"before-call.{service}.{operation}", deny)
+        session.events.register(f"before-call.{services.get(service, service)}.{operation}", deny)
     clients = RegionClients("us-east-1", session)
     assert clients.read_workers > 1
 
