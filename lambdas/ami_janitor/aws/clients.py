@@ -73,9 +73,10 @@ def _collector_paused() -> Iterator[None]:
 
 class RegionClients:
     """Lazily created clients of one region. Pass a session (profile) or prebuilt clients (tests);
-    `read_workers=1` keeps reads in order (a Stubber expects its calls in sequence). `run_facts` holds
-    what is the same in every region of a run (the account, an organization's accounts): a
-    ClientFactory's regions share one, so each is asked once per run."""
+    `read_workers=1` keeps reads in order (a Stubber expects its calls in sequence); otherwise per-AMI
+    reads go `read_workers` at a time and the inventory's independent sources side by side.
+    `run_facts` holds what is the same in every region of a run (the account, an organization's
+    accounts): a ClientFactory's regions share one, so each is asked once per run."""
 
     def __init__(
         self,
