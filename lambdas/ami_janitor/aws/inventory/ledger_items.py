@@ -3,7 +3,7 @@ decision to act sooner, delete, grant or revoke believes (tags are only a mirror
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
@@ -24,20 +24,21 @@ ITEM_PERMISSIONS: list[str] = ["dynamodb:BatchGetItem"]
 def read_ledger(clients: RegionClients, table: str) -> LedgerView | None:
     """Every item of the region's ledger table; None where the region has no table yet."""
     with source("dynamodb:Scan"):
-        try:
-            return ledger.Ledger(clients, table).read_all()
-        except ClientError as error:  # the Scan says the table is missing: no DescribeTable first
-            if ledger.not_found(error):
-                return None
-            raise
+        return _unless_missing(lambda: ledger.Ledger(clients, table).read_all())
 
 
 def read_ledger_items(clients: RegionClients, table: str, image_ids: Iterable[str]) -> LedgerView | None:
     """The ledger items of a few AMIs (BatchGetItem), for a reader of single AMIs (an event, a queued
-    copy); None where the region has no table yet (BatchGetItem says so: no DescribeTable first). No
-    AMI, no call: an empty view."""
+    copy); None where the region has no table yet. No AMI, no call: an empty view."""
+    return _unless_missing(
+        lambda: LedgerView(table=table, items=ledger.Ledger(clients, table).read_items(image_ids))
+    )
+
+
+def _unless_missing(read: Callable[[], LedgerView]) -> LedgerView | None:
+    """`read`'s view, or None where its answer says the table is missing: no DescribeTable first."""
     try:
-        return LedgerView(table=table, items=ledger.Ledger(clients, table).read_items(image_ids))
+        return read()
     except ClientError as error:
         if ledger.not_found(error):
             return None
