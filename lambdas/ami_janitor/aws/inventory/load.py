@@ -71,18 +71,20 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
         _ahead(clients, lambda: read_ledger(clients, policy.ledger.table)) as ledger,
     ):
         return _read_sources(
-            clients, policy, lambda: _BesideSources(retired_snapshots(), public_access(), ledger())
+            clients,
+            policy,
+            lambda images: _read_beside(clients, images, retired_snapshots(), public_access(), ledger()),
         )
 
 
 def _read_sources(
-    clients: RegionClients, policy: Policy, beside_sources: Callable[[], _BesideSources]
+    clients: RegionClients, policy: Policy, read_beside: Callable[[tuple[Image, ...]], _Beside]
 ) -> RegionInventory:
     region = clients.region
     images = read_images(clients.ec2, region)
     # An account that reports its use of other accounts' AMIs reads its references everywhere.
     if policy.usage_reports is None and not any(_in_a_family(policy, image) for image in images):
-        return _without_references(clients, policy, images, beside_sources)
+        return _without_references(clients, policy, images, read_beside)
     ec2, ssm = clients.ec2, clients.ssm
     pointers = Pointers.of(policy, images)
     versions = policy.references.launch_template_versions
@@ -127,7 +129,7 @@ def _read_sources(
     references, alias_notes = references_of(claims, resolved)
 
     latest = read_pointer_values(ssm, pointers, parameter_values)
-    beside = _read_beside(clients, images, beside_sources())
+    beside = read_beside(images)
     inventory = RegionInventory(
         region=region,
         images=images,
@@ -159,16 +161,13 @@ class _Beside(NamedTuple):
     ledger: LedgerView | None
 
 
-class _BesideSources(NamedTuple):
-    """The sources of what the plan reports beside its decisions that depend on no other source."""
-
-    retired_snapshots: tuple[RetiredSnapshot, ...]
-    block_public_access_notes: list[str]
-    ledger: LedgerView | None
-
-
-def _read_beside(clients: RegionClients, images: tuple[Image, ...], sources: _BesideSources) -> _Beside:
-    retired_snapshots, block_public_access_notes, ledger = sources
+def _read_beside(
+    clients: RegionClients,
+    images: tuple[Image, ...],
+    retired_snapshots: tuple[RetiredSnapshot, ...],
+    block_public_access_notes: list[str],
+    ledger: LedgerView | None,
+) -> _Beside:
     recycle_bin_rules: tuple[str, ...] = ()
     recycle_bin_notes: list[str] = []
     # Recycle Bin only matters where a snapshot may be deleted: not in a region with no AMI, no retired
@@ -188,7 +187,7 @@ def _without_references(
     clients: RegionClients,
     policy: Policy,
     images: tuple[Image, ...],
-    beside_sources: Callable[[], _BesideSources],
+    read_beside: Callable[[tuple[Image, ...]], _Beside],
 ) -> RegionInventory:
     """A region where no AMI matches a family: the plan decides nothing there, so nothing a reference
     could keep and no Latest to rotate; the reference sources and the pointers are not read (nor their
@@ -196,7 +195,7 @@ def _without_references(
     names, the retired snapshots, Recycle Bin, image block public access and the ledger."""
     baking = any(family.bake is not None for family in policy.families)
     instances = read_instances(clients.ec2, policy) if baking else None
-    beside = _read_beside(clients, images, beside_sources())
+    beside = read_beside(images)
     inventory = RegionInventory(
         region=clients.region,
         images=images,
