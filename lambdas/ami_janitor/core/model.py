@@ -22,6 +22,8 @@ from ami_janitor.core.policy import Mode
 # The states an EC2 AMI State Change event reports (detail.State), which the event rule selects.
 AmiState = Literal["available", "failed", "deregistered", "disabled"]
 AMI_STATES: tuple[AmiState, ...] = get_args(AmiState)
+# An AMI id as an event or a queue message must spell it.
+AMI_ID_PATTERN = r"^ami-[0-9a-f]{8,17}$"
 
 
 def parse_time(value: str | datetime | None) -> datetime | None:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.core import trust
-from ami_janitor.core.model import Decision, Image, Stage, iso
+from ami_janitor.core.model import AMI_ID_PATTERN, Decision, Image, Stage, iso
 from ami_janitor.core.policy import Policy
 
 # A slice older than this is not run: the next scheduled run plans again from what is there then.
@@ -31,7 +31,7 @@ class SliceItem(BaseModel):
     # Off the scheduled run's path: its validator is built when first used, not at each cold start.
     model_config = ConfigDict(defer_build=True, extra="forbid", frozen=True)
 
-    image_id: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
+    image_id: str = Field(pattern=AMI_ID_PATTERN)
     family: str = Field(min_length=1)
     stages: tuple[Stage, ...] = Field(min_length=1)
     # The accounts it is shared with whose usage reports the plan read: the slice reads them again.

@@ -16,7 +16,7 @@ with collector_paused():
     from ami_janitor import engine
     from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory
-    from ami_janitor.core.model import AmiState
+    from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
     from ami_janitor.handlers.events import configured, parse_event
     from ami_janitor.handlers.observe import logger, metrics
 
@@ -28,7 +28,7 @@ PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 class AmiStateDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    ImageId: str = Field(pattern=r"^ami-[0-9a-f]{8,17}$")
+    ImageId: str = Field(pattern=AMI_ID_PATTERN)
     State: AmiState
     RequestId: str | None = None
     ErrorMessage: str | None = None
