@@ -290,6 +290,10 @@ def test_latest_pointer_parameters_are_read_per_architecture_and_are_not_referen
     x86 = make_ami("app-x86", tags=APP, arch="x86_64")
     make_ami("app-arm", tags=APP, arch="arm64")
     ssm.put_parameter(Name="/ami/app/x86_64/latest", Value=x86, Type="String")
+    ssm.put_parameter(Name="/ami/app/i386/latest", Value=x86, Type="String")  # a pointer, if stale
+    # A user's parameter whose name would fit `{arch}` as a pattern: it is no pointer, so a reference.
+    pinned = make_ami("app-pinned", tags=APP, arch="x86_64")
+    ssm.put_parameter(Name="/ami/app/prod/latest", Value=pinned, Type="String")
     clients = moto_clients()
     calls = count_calls(clients.ssm)
     family = {"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"}}
@@ -297,7 +301,9 @@ def test_latest_pointer_parameters_are_read_per_architecture_and_are_not_referen
     inventory = load_inventory(clients, policy(family))
 
     assert inventory.parameters == {"/ami/app/x86_64/latest": x86}  # arm64's is absent, so left out
-    assert refs(inventory, "ssm-parameter") == set()
+    assert refs(inventory, "ssm-parameter") == {
+        (pinned, "ssm-parameter", "/ami/app/prod/latest", "value of SSM parameter /ami/app/prod/latest")
+    }
     assert calls["ssm:GetParameters"] == 2  # the scan's batch, then the absent arm64 pointer
 
 

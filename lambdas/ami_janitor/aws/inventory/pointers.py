@@ -6,7 +6,6 @@ from them after this run's rotation, not from the old value.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -21,34 +20,41 @@ if TYPE_CHECKING:
 PERMISSIONS: list[str] = ["ssm:GetParameters"]
 
 
+# EC2's architectures (DescribeImages' ArchitectureValues): what `{arch}` in a pointer can become.
+ARCHITECTURES = ("i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac")
+
+
 class Pointers(NamedTuple):
-    """The pointer names in this region ({arch} filled in from the families' images), and the patterns
-    that recognise any pointer of the policy."""
+    """The pointer names to read in this region ({arch} filled in from the families' images), and every
+    name a pointer of the policy can have ({arch} filled in with each of EC2's architectures)."""
 
     names: frozenset[str]
-    patterns: tuple[re.Pattern[str], ...]
+    owned: frozenset[str]
 
     @classmethod
     def of(cls, policy: Policy, images: Iterable[Image]) -> Pointers:
         names: set[str] = set()
-        patterns: list[re.Pattern[str]] = []
+        owned: set[str] = set()
         for family in policy.families:
             template = family.latest.ssm_parameter if family.latest else None
             if template is None:
                 continue
-            patterns.append(re.compile(re.escape(template).replace(re.escape("{arch}"), "[^/]+")))
             if "{arch}" not in template:
                 names.add(template)
+                owned.add(template)
                 continue
+            # Exact names, never a pattern: `/ami/web/{arch}/latest` owns `/ami/web/arm64/latest`, not
+            # a user's `/ami/web/prod/latest`, whose value stays a reference.
+            owned.update(template.replace("{arch}", arch) for arch in ARCHITECTURES)
             names.update(
                 template.replace("{arch}", image.architecture)
                 for image in images
                 if family.match.matches(image.name, image.tags)
             )
-        return cls(frozenset(names), tuple(patterns))
+        return cls(frozenset(names), frozenset(owned | names))
 
     def owns(self, name: str) -> bool:
-        return any(pattern.fullmatch(name) for pattern in self.patterns)
+        return name in self.owned
 
 
 def read_pointer_values(ssm: SSMClient, pointers: Pointers, scanned: Mapping[str, str]) -> dict[str, str]:
