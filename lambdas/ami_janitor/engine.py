@@ -432,9 +432,16 @@ def run(
         changes = [c for c in plan.latest if c.region == region]
         written = rotator.write_changes(clients_for(region), policy, changes, skip=failed_rescues)
         rotations.extend(written)
-        # Where Latest could not move, its old holders and pointer value stay kept this run.
+        # Where Latest could not move, its old holders and the AMI its parameter names (which launches
+        # read; `from` is the tag's holder where there is one) stay kept this run.
+        parameters = loaded[region].parameters
         stuck = [c for c, r in zip(changes, written, strict=True) if r.status == "failed"]
-        return {i for c in stuck for i in (*c.untag, c.from_) if i}
+        return {
+            i
+            for c in stuck
+            for i in (*c.untag, c.from_, parameters.get(c.ssm_parameter) if c.ssm_parameter else None)
+            if i
+        }
 
     grants = {family.name: sorted(sharing.desired_grants(family)) for family in policy.families}
     ledgers = ledger_for(policy, clients_for)

@@ -186,6 +186,42 @@ def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path:
     assert run("rotate", "--config", write_policy(tmp_path), "--family", "nope")[0] == 2
 
 
+def test_a_latest_pointer_that_cannot_be_written_keeps_the_ami_it_still_names(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier rotation moved the tag and failed to write the parameter, which launches read: while
+    the parameter cannot be written, the AMI it names is kept, though the plan retires it."""
+    import botocore.client
+
+    fleet = seed_fleet(now())
+    newest, named = fleet.images[-1], fleet.images[1]  # `named`: older than keep-N, nothing else keeps it
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    ssm.put_parameter(Name="/ami/web/latest", Value=named, Type="String")
+    ec2().create_tags(Resources=[newest], Tags=[{"Key": "Latest", "Value": "true"}])
+    make_ledger()
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def denied(self: Any, called: str, params: dict[str, Any]) -> Any:
+        if called == "PutParameter":
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "AccessDeniedException", "Message": "denied"}}, called
+            )
+        return real_call(self, called, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", denied)
+    code, output = run("apply", "--config", write_policy(tmp_path), "--yes", "--format", "json")
+
+    report = json.loads(output)
+    assert code == 1 and [r["status"] for r in report["rotations"]] == ["failed"]
+    assert next(d for d in report["decisions"] if d["image_id"] == named)["action"] != "keep"
+    assert named in image_ids()
+    stages = [r for r in report["results"] if r["image_id"] == named and r["action"] != "mark-candidate"]
+    assert stages and {(r["status"], r["detail"]) for r in stages} == {
+        ("skipped", "Latest could not be moved away from it")
+    }
+    assert ssm.get_parameter(Name="/ami/web/latest")["Parameter"]["Value"] == named
+
+
 def test_console_script_plan_json(endpoint: str, tmp_path: Path) -> None:
     seed_fleet(now())
     script = Path(sys.executable).with_name("ami-janitor")
