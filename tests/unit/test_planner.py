@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from datetime import timedelta
+from typing import Any
 
 from ami_janitor.core import run_plan
 from ami_janitor.core.model import (
@@ -22,6 +23,7 @@ from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     PRIOR_DEPRECATION_TAG,
     SHARED_BY_JANITOR_TAG,
+    Policy,
 )
 from builders import ADOPTED, NOW, copied, granted, image, inventory, ledger_item, policy, reference
 
@@ -176,6 +178,19 @@ def test_pointer_without_arch_on_multi_arch_family_is_a_policy_error() -> None:
     assert params == {"/ami/app/x86_64/latest", "/ami/app/arm64/latest"}
 
 
+def test_a_pointer_without_arch_is_judged_per_region_as_each_function_plans_it() -> None:
+    """A parameter is regional: one region's x86_64 AMIs and another's arm64 ones ask for no {arch}."""
+    pol = policy(
+        {"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}}, regions=["us-east-1", "eu-west-1"]
+    )
+    us = inventory(image(arch="x86_64"))
+    eu = inventory(image(arch="arm64", region="eu-west-1"), region="eu-west-1")
+    both, alone = plan([us, eu], pol, NOW), plan([us], pol, NOW)
+    assert both.policy_errors == alone.policy_errors == []
+    assert [c.region for c in both.latest] == ["eu-west-1", "us-east-1"]
+    assert [c.region for c in alone.latest] == ["us-east-1"]
+
+
 def test_recent_launch_keeps() -> None:
     images = [image(days_old=100 + i) for i in range(3)]
     launched = image(days_old=200, last_launched=NOW - timedelta(days=3))
@@ -272,6 +287,73 @@ def test_two_families_keep_and_report() -> None:
     assert decision.action == "keep" and decision.family == "app"
     assert decision.reasons[0] == "matches several families (app, shared): policy error"
     assert result.policy_errors == [f"{both.image_id} matches several families (app, shared): kept"]
+
+
+def two_families(a: dict[str, Any], b: dict[str, Any]) -> Policy:
+    latest = {"tag": "Latest"}
+    return policy(
+        families=[
+            {"name": "a", "match": a, "latest": {**latest, "ssm_parameter": "/ami/a"}},
+            {"name": "b", "match": b, "latest": {**latest, "ssm_parameter": "/ami/b"}},
+        ]
+    )
+
+
+def test_an_ami_of_two_families_takes_no_keep_slot_and_no_latest() -> None:
+    pol = two_families({"name": "app-*"}, {"tags": {"Team": "X"}})
+    own = [image(days_old=100 + 10 * n, name=f"app-{n}", tags={}) for n in range(3)]
+    both = image(days_old=90, name="app-other", tags={"Team": "X", "Latest": "true"})  # a by name, b by tag
+
+    result = plan([inventory(*own, both, parameters={"/ami/a": own[0].image_id})], pol, NOW)
+
+    decisions = by_id(result)
+    assert decisions[both.image_id].action == "keep"
+    # The two newest of a's own AMIs keep their ranks: the contested one holds none.
+    assert [decisions[i.image_id].reasons[0] for i in own[:2]] == [
+        "among the 2 newest of its group (#1)",
+        "among the 2 newest of its group (#2)",
+    ]
+    assert decisions[own[2].image_id].action == "deprecate"
+    # a's Latest moves neither to it nor back past it; the tag stays on it, the parameter as it is.
+    assert result.latest == []
+    assert f"family a (x86_64) in us-east-1: {both.image_id}" in result.policy_errors[0]
+    assert "Latest not rotated" in result.policy_errors[0]
+
+
+def test_a_tag_that_enrolls_a_familys_newest_elsewhere_moves_its_latest_nowhere() -> None:
+    pol = two_families({"tags": {"Team": "X"}}, {"name": "app-*", "tags": {"Project": "App"}})
+    newest, older, oldest = (image(days_old=100 + 10 * n, name=f"app-{n}") for n in range(3))
+    current = {"parameters": {"/ami/b": newest.image_id}}
+    before = plan(
+        [
+            inventory(
+                newest.model_copy(update={"tags": {**newest.tags, "Latest": "true"}}),
+                older,
+                oldest,
+                **current,
+            )
+        ],
+        pol,
+        NOW,
+    )
+    assert before.latest == []  # b's Latest is on its newest
+
+    tagged = newest.model_copy(update={"tags": {**newest.tags, "Latest": "true", "Team": "X"}})
+    after = plan([inventory(tagged, older, oldest, **current)], pol, NOW)
+
+    assert after.latest == []  # neither /ami/b to an older AMI, nor /ami/a to b's
+    decisions = by_id(after)
+    assert decisions[tagged.image_id].action == "keep"
+    assert {decisions[i.image_id].action for i in (older, oldest)} == {"keep"}
+    assert any(e.startswith("family b (x86_64) in us-east-1") for e in after.policy_errors)
+
+
+def test_an_older_ami_of_two_families_lets_latest_move_on() -> None:
+    pol = two_families({"name": "app-*"}, {"tags": {"Team": "X"}})
+    newest = image(days_old=50, name="app-2", tags={})
+    both = image(days_old=90, name="app-other", tags={"Team": "X"})
+    [change] = plan([inventory(newest, both)], pol, NOW).latest
+    assert (change.family, change.to) == ("a", newest.image_id)
 
 
 def test_stage_clock() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import repeat
 from operator import attrgetter, itemgetter
@@ -44,7 +44,16 @@ RANKED_STATES = frozenset({"available", "disabled"})
 class Group:
     """A family's members in one region with one architecture, newest first."""
 
-    __slots__ = ("architecture", "family", "members", "region", "rules", "superseded", "tag_holders")
+    __slots__ = (
+        "architecture",
+        "contested",
+        "family",
+        "members",
+        "region",
+        "rules",
+        "superseded",
+        "tag_holders",
+    )
 
     def __init__(
         self,
@@ -55,6 +64,7 @@ class Group:
         members: list[Image] | None = None,
         superseded: set[str] | None = None,
         tag_holders: list[str] | None = None,
+        contested: frozenset[str] = frozenset(),
     ) -> None:
         self.region = region
         self.family = family
@@ -66,6 +76,9 @@ class Group:
         # Members carrying the family's Latest tag, newest first (set by build_groups: tags never change
         # in a plan, so a rescued view of the group keeps them).
         self.tag_holders: list[str] = [] if tag_holders is None else tag_holders
+        # Members that match several families too (set by build_groups): kept, a policy error, and
+        # neither ranked, nor a Latest target, nor a Latest holder to untag.
+        self.contested = contested
 
     def with_members(self, members: list[Image], superseded: set[str] | None = None) -> Group:
         """A copy of the group with `members` (and `superseded`, when given); its other fields are this
@@ -78,6 +91,7 @@ class Group:
             members,
             self.superseded if superseded is None else superseded,
             self.tag_holders,
+            self.contested,
         )
 
 
@@ -130,7 +144,7 @@ def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group
         if image.copied_from is not None:
             with_copies.add(key)
         tag = latest_tags.get(family.name)
-        if tag is not None and tag in tags:
+        if tag is not None and tag in tags and image.image_id not in conflicts:
             tagged[key].append(image)
     groups = [by_key[key] for key in sorted(by_key)]
     for group in groups:
@@ -141,6 +155,8 @@ def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group
             _newest_first(holders, copies)
             group.tag_holders = [holder.image_id for holder in holders]
         group.superseded = superseded_ids(group) if copies else set()
+        if conflicts:
+            group.contested = frozenset(m.image_id for m in group.members if m.image_id in conflicts)
     return groups, conflicts
 
 
@@ -185,24 +201,60 @@ def latest_target(group: Group, now: datetime) -> Image | None:
             image.state == "available"
             and not image.deprecated_at(now)
             and image.image_id not in group.superseded
+            and image.image_id not in group.contested
         ):
             return image
     return None
 
 
-def pointer_errors(groups: Iterable[Group], policy: Policy) -> dict[str, str]:
-    """Families whose one SSM parameter would have to name AMIs of several architectures."""
-    errors: dict[str, str] = {}
+GroupKey = tuple[str, str]  # a group's family and architecture
+
+
+def rotation_errors(
+    groups: Sequence[Group], conflicts: Mapping[str, Sequence[str]], policy: Policy, now: datetime
+) -> dict[GroupKey, str]:
+    """The groups of one region whose Latest this run leaves where it is, and why: their one SSM
+    parameter would have to name AMIs of several architectures, or an AMI newer than their Latest
+    target matches several families (moving Latest to the target would move it back past that AMI:
+    a tag written on a family's newest AMI must not move its Latest to an older one)."""
+    errors: dict[GroupKey, str] = {}
     archs: dict[str, set[str]] = defaultdict(set)
     for group in groups:
         archs[group.family.name].add(group.architecture)
     for family in policy.families:
         parameter = family.latest.ssm_parameter if family.latest else None
-        if parameter and "{arch}" not in parameter and len(archs.get(family.name, ())) > 1:
-            errors[family.name] = (
-                f"family {family.name}: latest.ssm_parameter {parameter} must contain {{arch}}: "
-                f"its AMIs have several architectures ({', '.join(sorted(archs[family.name]))}); not rotated"
+        found = archs.get(family.name, set())
+        if parameter and "{arch}" not in parameter and len(found) > 1:
+            message = (
+                f"family {family.name}: latest.ssm_parameter {parameter} must contain {{arch}}: its AMIs in "
+                f"{groups[0].region} have several architectures ({', '.join(sorted(found))}); not rotated"
             )
+            errors.update(((family.name, arch), message) for arch in found)
+    if not conflicts:
+        return errors
+    contested = [
+        image
+        for group in groups
+        for image in group.members
+        if image.image_id in group.contested and image.state == "available" and not image.deprecated_at(now)
+    ]
+    for group in groups:
+        key = (group.family.name, group.architecture)
+        if group.family.latest is None or key in errors:
+            continue
+        target = latest_target(group, now)
+        for image in contested:
+            if (
+                image.architecture == group.architecture
+                and group.family.name in conflicts[image.image_id]
+                and (target is None or order_key(image) > order_key(target))
+            ):
+                errors[key] = (
+                    f"family {group.family.name} ({group.architecture}) in {group.region}: {image.image_id}, "
+                    f"newer than any other AMI of the group, matches several families "
+                    f"({', '.join(conflicts[image.image_id])}); Latest not rotated"
+                )
+                break
     return errors
 
 
@@ -278,7 +330,7 @@ def _judge(
     A closure over the loop's invariants: it runs once per AMI of the account. The Latest tag keeps its
     holders only where this run cannot rotate (`tag_stays`): elsewhere the rotation moves it to
     `latest_id` first."""
-    rules, family, superseded = group.rules, group.family, group.superseded
+    rules, family, superseded, contested = group.rules, group.family, group.superseded, group.contested
     allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
     keep_latest, opt_out, check_shares = rules.keep_latest, rules.opt_out_tag, not rules.allow_shared
     young_after = now - timedelta(days=rules.min_age_days)
@@ -295,7 +347,7 @@ def _judge(
             keep.append(f"matches several families ({', '.join(conflicts[image_id])}): policy error")
         if state not in RANKED_STATES:
             keep.append(f"state {state}: not managed until available")
-        elif image_id not in superseded:
+        elif image_id not in superseded and image_id not in contested:
             rank += 1
             if rank <= keep_latest:
                 keep.append(f"{among}{rank})")
@@ -588,7 +640,6 @@ def plan_region(
     policy: Policy,
     now: datetime,
     grouped: tuple[list[Group], dict[str, list[str]]],
-    errors: dict[str, str],
     spent: int = 0,
 ) -> tuple[list[Decision], list[LatestChange], list[str]]:
     """Decisions and Latest changes of one region (inventory complete), plus policy errors.
@@ -596,7 +647,8 @@ def plan_region(
     Judged after this run's rotation: the Latest pointer parameters hold the values the rotation
     writes. Latest changes are those after this run's rescues (a rescued AMI may be the newest)."""
     groups, conflicts = grouped
-    before = {id(group): rotation(group, inventory, now, errors.get(group.family.name)) for group in groups}
+    errors = rotation_errors(groups, conflicts, policy, now)
+    before = {id(group): rotation(group, inventory, now, errors.get(_key(group))) for group in groups}
     parameters = dict(inventory.parameters)
     for change in before.values():
         if change is not None and change.ssm_parameter and change.to:
@@ -608,7 +660,7 @@ def plan_region(
     rescued: set[str] = set()
     for group in groups:
         target = latest_target(group, now) if group.family.latest else None
-        tag_stays = group.family.name in errors
+        tag_stays = _key(group) in errors
         judge = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
         group_decisions, group_due = _decide_group(group, judge, now, stamp, rescued)
         decisions.extend(group_decisions)
@@ -619,14 +671,21 @@ def plan_region(
         change = before[id(group)]
         if rescued and rescued.intersection(m.image_id for m in group.members):
             after = after_rescues(group, rescued, now)
-            change = rotation(after, inventory, now, errors.get(group.family.name))
+            change = rotation(after, inventory, now, errors.get(_key(group)))
         if change is not None:
             changes.append(change)
     policy_errors = [
-        f"{image_id} matches several families ({', '.join(names)}): kept"
-        for image_id, names in sorted(conflicts.items())
+        *sorted(set(errors.values())),
+        *(
+            f"{image_id} matches several families ({', '.join(names)}): kept"
+            for image_id, names in sorted(conflicts.items())
+        ),
     ]
     return decisions, changes, policy_errors
+
+
+def _key(group: Group) -> GroupKey:
+    return (group.family.name, group.architecture)
 
 
 def after_rescues(group: Group, rescued: set[str], now: datetime) -> Group:
@@ -741,11 +800,10 @@ def _plan(
     usable = [inv for inv in ordered if inv.error is None]
     if grouped is None:
         grouped = group_regions(usable, policy)
-    errors = pointer_errors((g for groups, _ in grouped.values() for g in groups), policy)
     statuses: list[RegionStatus] = []
     decisions: list[Decision] = []
     changes: list[LatestChange] = []
-    policy_errors: list[str] = sorted(set(errors.values()))
+    policy_errors: list[str] = []
     notes: list[str] = []
     unfinished: list[str] = []
     tampered: list[Tampered] = []
@@ -762,7 +820,7 @@ def _plan(
         # and counted toward the region's max_actions_per_run.
         orphaned = [s.snapshot_id for s in trust.unfinished_snapshots(inventory)]
         region_decisions, region_changes, region_errors = plan_region(
-            inventory, policy, now, grouped[inventory.region], errors, spent=len(orphaned)
+            inventory, policy, now, grouped[inventory.region], spent=len(orphaned)
         )
         decisions.extend(region_decisions)
         changes.extend(region_changes)

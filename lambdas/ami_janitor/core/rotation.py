@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from ami_janitor.core.model import LatestChange, RegionInventory
-from ami_janitor.core.planner import Group, build_groups, pointer_errors, rotation
+from ami_janitor.core.planner import Group, build_groups, rotation, rotation_errors
 from ami_janitor.core.policy import Policy
 
 
@@ -31,13 +31,13 @@ def changes_for(
     inventory: RegionInventory, policy: Policy, now: datetime, only: Selection = EVERY_GROUP
 ) -> list[LatestChange]:
     """The Latest changes a region needs now, for the groups `only` selects."""
-    groups, _ = build_groups(inventory, policy)
-    errors = pointer_errors(groups, policy)
+    groups, conflicts = build_groups(inventory, policy)
+    errors = rotation_errors(groups, conflicts, policy, now)
     changes = []
     for group in groups:
         if not only.covers(group):
             continue
-        change = rotation(group, inventory, now, errors.get(group.family.name))
+        change = rotation(group, inventory, now, errors.get((group.family.name, group.architecture)))
         if change is not None:
             changes.append(change)
     return changes

@@ -1,0 +1,80 @@
+"""A tag that enrolls one family's AMI in another family too must do no harm.
+
+Two families told apart by a tag key: anyone who can tag may put family a's key on family b's newest
+AMI. That AMI then matches both: it is kept and reported, and it moves neither family's Latest, takes
+no keep-N place and retires nothing. Played through the CLI, on the emulator, with `apply --yes`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from ami_janitor import cli
+from ami_janitor.demo import emulator
+from server import ec2, image_ids, make_ledger, now
+
+POLICY = """\
+mode: enforce
+regions: [us-east-1]
+defaults:
+  keep_latest: 1
+  min_age_days: 1
+  lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
+  limits: {max_actions_per_run: 100, max_fraction_per_family: 1.0}
+families:
+  - name: a
+    match: {tags: {TeamA: "1"}, name: "svc-*"}
+    latest: {tag: Latest, ssm_parameter: "/ami/a"}
+  - name: b
+    match: {tags: {TeamB: "1"}, name: "svc-*"}
+    latest: {tag: Latest, ssm_parameter: "/ami/b"}
+"""
+
+
+def apply(config: Path) -> dict[str, Any]:
+    out = io.StringIO()
+    assert cli.main(["apply", "--config", str(config), "--yes", "--format", "json"], out=out) == 0
+    return dict(json.loads(out.getvalue()))
+
+
+def test_a_tag_of_another_family_on_a_familys_newest_ami_moves_and_retires_nothing(
+    endpoint: str, tmp_path: Path
+) -> None:
+    client = ec2()
+    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
+    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+
+    def bake(name: str, tag: str, days_old: int) -> str:
+        tags = [{"ResourceType": "image", "Tags": [{"Key": tag, "Value": "1"}]}]
+        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
+        emulator.set_image_fields("us-east-1", image_id, creation_date=now() - timedelta(days=days_old))
+        return image_id
+
+    a_only = bake("svc-a-1", "TeamA", 30)
+    b_old, b_new = bake("svc-b-1", "TeamB", 20), bake("svc-b-2", "TeamB", 2)
+    config = tmp_path / "janitor.yaml"
+    config.write_text(POLICY)
+    make_ledger()
+    ssm = boto3.client("ssm", region_name="us-east-1")
+
+    def pointers() -> tuple[str, str]:
+        return tuple(ssm.get_parameter(Name=n)["Parameter"]["Value"] for n in ("/ami/a", "/ami/b"))  # type: ignore[return-value]
+
+    apply(config)  # the steady state: each family's Latest on its newest; b's older AMI retired
+    assert pointers() == (a_only, b_new) and b_old not in image_ids()
+
+    client.create_tags(Resources=[b_new], Tags=[{"Key": "TeamA", "Value": "1"}])
+    report = apply(config)
+
+    assert pointers() == (a_only, b_new)
+    assert {a_only, b_new} <= image_ids()
+    assert [r for r in report["results"] if r["status"] == "ok"] == []
+    assert any(f"{b_new} matches several families (a, b)" in e for e in report["policy_errors"])
+    tags = client.describe_tags(Filters=[{"Name": "key", "Values": ["Latest"]}])["Tags"]
+    assert sorted(t["ResourceId"] for t in tags) == sorted([a_only, b_new])
