@@ -170,6 +170,19 @@ def test_malformed_event_fails_naming_the_field(lambda_env: Path) -> None:
         ami_event.handler([], Context())  # type: ignore[arg-type]
 
 
+def test_an_event_of_another_region_is_refused_and_changes_nothing_there(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    seed_fleet(now())
+    west = boto3.client("ec2", region_name="eu-west-1")
+    image_id = west.register_image(Name="web-west", RootDeviceName="/dev/xvda")["ImageId"]
+    west.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "Web"}])
+    other = {**event("ami_available.json", image_id), "region": "eu-west-1"}
+
+    with pytest.raises(BadEvent, match="the event is of region eu-west-1; this function handles us-east-1"):
+        ami_event.handler(other, Context())
+    assert boto3.client("ssm", region_name="eu-west-1").describe_parameters()["Parameters"] == []
+
+
 def test_an_older_ami_becoming_available_later_does_not_take_latest(lambda_env: Path) -> None:
     write_policy(lambda_env, "enforce")
     fleet = seed_fleet(now())

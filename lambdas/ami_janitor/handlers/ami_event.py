@@ -17,7 +17,7 @@ with collector_paused():
     from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory
     from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
-    from ami_janitor.handlers.events import configured, parse_event
+    from ami_janitor.handlers.events import BadEvent, configured, parse_event
     from ami_janitor.handlers.observe import logger, metrics
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
@@ -50,7 +50,11 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     ami_event = parse_ami_event(event)
     detail = ami_event.detail
     env, policy = configured()
-    clients = ClientFactory()(ami_event.region)
+    # Each region's stack handles its own region's AMIs (EventBridge delivers no other): an event
+    # naming another region, invoked by hand, is refused rather than acted on there.
+    if ami_event.region != env.region:
+        raise BadEvent(f"the event is of region {ami_event.region}; this function handles {env.region}")
+    clients = ClientFactory()(env.region)
     queue = env.replication_queue_url
     outcome = engine.handle_ami_event(
         detail.ImageId,
