@@ -13,7 +13,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -193,6 +194,17 @@ def _interesting(decision: Any) -> bool:
     )
 
 
+@contextmanager
+def _function_of(region: str) -> Iterator[None]:
+    """The handlers called here run as `region`'s stack deploys them (its AWS_REGION)."""
+    home = os.environ["AWS_REGION"]
+    os.environ["AWS_REGION"] = region
+    try:
+        yield
+    finally:
+        os.environ["AWS_REGION"] = home
+
+
 class _Context:
     """What the Lambda runtime passes a handler (the demo calls the handlers directly)."""
 
@@ -341,7 +353,8 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
             f"{replica.kms_key_arn if replica else '?'}: CopyImage got that key ARN, and the ledger records "
             "it with the copy (an alias later moved to another key is refused)\n"
         )
-        ami_event.handler(ami_state_event("eu-west-1", copy["ImageId"], "available"), _Context())
+        with _function_of("eu-west-1"):  # the copy's event reaches eu-west-1's stack
+            ami_event.handler(ami_state_event("eu-west-1", copy["ImageId"], "available"), _Context())
         pointer = west.ssm.get_parameter(Name="/ami/pettracker-api/latest")["Parameter"]["Value"]
         out.write(f"  the copy's available event in eu-west-1: /ami/pettracker-api/latest -> {pointer}\n")
     again = replicate.handler(_sqs_event(messages, queue_arn), _Context())
