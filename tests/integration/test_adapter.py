@@ -32,8 +32,11 @@ from ami_janitor.aws.inventory import (
     load_launch_permissions,
     read_ledger_items,
 )
+from ami_janitor.aws.inventory.copy_sources import read_copy_sources
+from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
 from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
+from ami_janitor.demo import emulator
 from builders import image, policy
 
 REGION = "us-east-1"
@@ -305,6 +308,61 @@ def test_latest_pointer_parameters_are_read_per_architecture_and_are_not_referen
         (pinned, "ssm-parameter", "/ami/app/prod/latest", "value of SSM parameter /ami/app/prod/latest")
     }
     assert calls["ssm:GetParameters"] == 2  # the scan's batch, then the absent arm64 pointer
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_a_copy_the_ledger_does_not_record_counts_from_its_sources_creation() -> None:
+    """A copy made by hand of an old AMI: its source's CreationDate, asked in the source's region (one
+    call for all such copies there), or this region's own AMI; a source nobody can see leaves a note."""
+    old = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    source = make_ami("app-old", tags=APP)
+    emulator.set_image_fields(REGION, source, creation_date=old)
+    west = boto3.client("ec2", region_name="eu-west-1")
+    late = west.copy_image(SourceImageId=source, SourceRegion=REGION, Name="app-old-copy")["ImageId"]
+    here = west.register_image(Name="app-west")["ImageId"]
+    emulator.set_image_fields("eu-west-1", here, creation_date=old)
+    local = west.copy_image(SourceImageId=here, SourceRegion="eu-west-1", Name="app-west-copy")["ImageId"]
+    gone = make_ami("app-gone", tags=APP)
+    orphan = west.copy_image(SourceImageId=gone, SourceRegion=REGION, Name="app-gone-copy")["ImageId"]
+    boto3.client("ec2", region_name=REGION).deregister_image(ImageId=gone)
+    west.create_tags(Resources=[late, here, local, orphan], Tags=[{"Key": "Project", "Value": "App"}])
+    clients = RegionClients("eu-west-1", session())
+    elsewhere = count_calls(clients.ec2_in(REGION))
+
+    inventory = load_inventory(clients, policy())
+
+    assert inventory.error is None
+    images = {i.image_id: i for i in inventory.images}
+    assert images[late].copied_from_created == old and images[late].order_time == old
+    assert images[local].order_time == old
+    assert images[orphan].copied_from_created is None
+    assert images[orphan].order_time == images[orphan].created
+    assert (
+        f"{orphan} is a copy of {gone} ({REGION}), which is not visible: it counts from its own creation"
+        in (inventory.notes)
+    )
+    assert elsewhere == {"ec2:DescribeImages": 1}
+
+
+def test_the_sources_of_copies_exact_request_and_a_failing_read_skips_the_region() -> None:
+    source_ec2 = botocore.session.get_session().create_client(
+        "ec2", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    copy = image(copied_from="ami-0123456789abcdef0", copied_from_region=REGION, region="eu-west-1")
+    request = {
+        "Filters": [{"Name": "image-id", "Values": ["ami-0123456789abcdef0"]}],
+        "IncludeDeprecated": True,
+        "IncludeDisabled": True,
+        "MaxResults": 1000,
+    }
+    created = {"ImageId": "ami-0123456789abcdef0", "CreationDate": "2025-01-02T03:04:05.000Z"}
+    with Stubber(source_ec2) as stub:
+        stub.add_response("describe_images", {"Images": [created]}, request)
+        stub.add_client_error("describe_images", "UnauthorizedOperation", expected_params=request)
+        [aged], notes = read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
+        assert aged.order_time == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) and notes == []
+        with pytest.raises(SourceFailed, match=rf"ec2:DescribeImages \(the sources of copies, in {REGION}\)"):
+            read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
 
 
 @pytest.mark.usefixtures("moto_aws")

@@ -97,6 +97,25 @@ def test_replica_age_comes_from_its_source() -> None:
     )
 
 
+def test_a_copy_made_by_hand_counts_from_its_source_as_ec2_reports_it() -> None:
+    """Not the janitor's copy (the ledger has no record): the inventory read its source's creation, so
+    a copy made today of a 300-day-old AMI is neither young, nor the newest, nor Latest."""
+    originals = [image(days_old=40 + 10 * n) for n in range(3)]
+    late = copied("ami-0000000000000beef", "eu-west-1", NOW, recorded=False, days_old=0.1)
+    aged = late.model_copy(update={"copied_from_created": NOW - timedelta(days=300)})
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
+
+    result = plan([inventory(*originals, aged)], pol, NOW)
+
+    decisions = by_id(result)
+    assert [c.to for c in result.latest] == [originals[0].image_id]
+    assert decisions[aged.image_id].action == "deprecate"
+    assert [decisions[i.image_id].action for i in originals] == ["keep", "keep", "deprecate"]
+    # Without its source's creation it counts from its own (young: kept), as before any read.
+    unknown = by_id(plan([inventory(*originals, late)], pol, NOW))[late.image_id]
+    assert unknown.action == "keep" and any(r.startswith("younger than") for r in unknown.reasons)
+
+
 def test_references_keep_with_their_detail() -> None:
     images = [image(days_old=100 + i) for i in range(3)]
     detail = "referenced by launch template lt-0abc (web) version 3"

@@ -110,6 +110,20 @@ class RegionClients:
                     self._clients[service] = made
         return self._clients[service]
 
+    def ec2_in(self, region: str) -> EC2Client:
+        """EC2 in `region` on this session (a copy's source region, read only): this region's own
+        client here; elsewhere one made once, unpaced (the pacer keeps this region's buckets)."""
+        if region == self.region:
+            return self.ec2
+        key = f"ec2 in {region}"
+        if key not in self._clients:
+            with _SESSION_LOCK, _collector_paused():
+                if key not in self._clients:
+                    self._clients[key] = self._session.client(
+                        "ec2", region_name=region, config=client_config()
+                    )
+        return cast("EC2Client", self._clients[key])
+
     ec2: _Client[EC2Client] = _Client("ec2")
     ssm: _Client[SSMClient] = _Client("ssm")
     autoscaling: _Client[AutoScalingClient] = _Client("autoscaling")

@@ -113,6 +113,9 @@ class Image(_Frozen):
     # What CopyImage made it from, as EC2 says (SourceImageId, SourceImageRegion): set by EC2, not a tag.
     copied_from: str | None = None
     copied_from_region: str | None = None
+    # For a copy the ledger does not record: its source's creation (or order), as EC2 reports it in the
+    # source's region (set by the inventory; None: not a copy, recorded, or the source is not visible).
+    copied_from_created: datetime | None = None
     # The janitor's ledger item of this AMI (attached by with_ledger; None: nothing recorded).
     ledger: "LedgerItem | None" = None
 
@@ -157,7 +160,8 @@ class Image(_Frozen):
     def replica_record(self) -> "LedgerCopy | None":
         """The ledger's record that the janitor made this AMI as a copy, where EC2 names the same source
         (SourceImageId/SourceImageRegion): only then is it a replica. No tag has a say; a copy EC2 knows
-        of but the ledger does not is an original (its own CreationDate: it keeps more)."""
+        of but the ledger does not is an original, ordered by its source's creation where the inventory
+        could read it (copied_from_created)."""
         if self.copied_from is None or self.ledger is None:
             return None
         record = self.ledger.replica
@@ -185,13 +189,16 @@ class Image(_Frozen):
 
     @property
     def order_time(self) -> datetime:
-        """Age and order: a replica counts from its source's creation (as the ledger recorded it when the
-        copy started), so a late copy is never young."""
+        """Age and order: a copy counts from its source's creation (as the ledger recorded it when the
+        janitor started the copy, else as EC2 reports the source), so a late copy is never young, nor
+        newer than what it copies."""
         if self.copied_from is None:
             return self.created
         record = self.replica_record
         if record is not None and record.source_created is not None:
             return record.source_created
+        if self.copied_from_created is not None:
+            return min(self.copied_from_created, self.created)
         return self.created
 
     def deprecated_at(self, now: datetime) -> bool:

@@ -13,6 +13,7 @@ from ami_janitor.aws.inventory import (
     auto_scaling_groups,
     batch,
     block_public_access,
+    copy_sources,
     emr,
     fleets,
     get_parameters,
@@ -57,6 +58,7 @@ CALLED: list[str] = sorted(
         auto_scaling_groups.PERMISSIONS,
         batch.PERMISSIONS,
         block_public_access.PERMISSIONS,
+        copy_sources.PERMISSIONS,
         emr.PERMISSIONS,
         fleets.PERMISSIONS,
         get_parameters.PERMISSIONS,
@@ -78,5 +80,8 @@ IMAGE_REFERENCES_DEPENDENCIES: list[str] = image_references.DEPENDENCIES
 PERMISSIONS: list[str] = sorted(set(CALLED) | set(IMAGE_REFERENCES_DEPENDENCIES))
 # What load_images and describe_image call (the event-driven rotation reads only these).
 IMAGE_PERMISSIONS: list[str] = sorted(
-    set(images.PERMISSIONS) | set(pointers.PERMISSIONS) | set(ledger_items.PERMISSIONS)
+    set(images.PERMISSIONS)
+    | set(copy_sources.PERMISSIONS)
+    | set(pointers.PERMISSIONS)
+    | set(ledger_items.PERMISSIONS)
 )

@@ -12,6 +12,7 @@ from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_grou
 from ami_janitor.aws.inventory.batch import read_batch_compute_environments
 from ami_janitor.aws.inventory.block_public_access import read_block_public_access
 from ami_janitor.aws.inventory.claims import Claims, named_aliases, references_of
+from ami_janitor.aws.inventory.copy_sources import read_copy_sources
 from ami_janitor.aws.inventory.emr import read_emr_clusters
 from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
 from ami_janitor.aws.inventory.image_references import read_image_references, sort_references
@@ -143,7 +144,17 @@ def _read_sources(
         parameter_names=frozenset(parameter_values),
         notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *beside.notes])),
     )
-    return with_ledger(inventory)
+    return _with_copy_sources(clients, policy, with_ledger(inventory))
+
+
+def _with_copy_sources(clients: RegionClients, policy: Policy, inventory: RegionInventory) -> RegionInventory:
+    """The inventory's copies counted from their sources' creation (copy_sources)."""
+    images, notes = read_copy_sources(inventory.images, inventory.region, policy, clients.ec2_in)
+    if not notes and images is inventory.images:
+        return inventory
+    return inventory.model_copy(
+        update={"images": images, "notes": tuple(dict.fromkeys([*inventory.notes, *notes]))}
+    )
 
 
 def _read_auto_scaling(clients: RegionClients) -> tuple[dict[str, str], Claims]:
@@ -264,8 +275,9 @@ def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:
         images = read_images(clients.ec2, clients.region)
         latest = read_pointer_values(clients.ssm, Pointers.of(policy, images), scanned={})
         ledger = read_ledger(clients, policy.ledger.table)
+        inventory = with_ledger(
+            RegionInventory(region=clients.region, images=images, parameters=latest, ledger=ledger)
+        )
+        return _with_copy_sources(clients, policy, inventory)
     except SourceFailed as failure:
         return RegionInventory(region=clients.region, error=str(failure))
-    return with_ledger(
-        RegionInventory(region=clients.region, images=images, parameters=latest, ledger=ledger)
-    )
