@@ -376,3 +376,49 @@ def test_many_families_load_in_linear_time() -> None:
     assert len(loaded.families) == 20_000
     twice = [*families, {"name": "f7", "match": {"name": "x-*"}}]
     assert "family 'f7' is defined twice" in error_of({"regions": ["us-east-1"], "families": twice})
+
+
+def latest_families(*parameters: str) -> dict[str, object]:
+    families = [
+        {"name": f"f{n}", "match": {"name": f"f{n}-*"}, "latest": {"ssm_parameter": parameter}}
+        for n, parameter in enumerate(parameters)
+    ]
+    return {"regions": ["us-east-1"], "families": families}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        (("/ami/latest", "/ami/latest"), "'f0' (latest.ssm_parameter /ami/latest) and 'f1' (/ami/latest) "),
+        # One family's name is what the other's template makes for x86_64.
+        (("/ami/x86_64", "/ami/{arch}"), "'f0' (latest.ssm_parameter /ami/x86_64) and 'f1' (/ami/{arch}) "),
+        (("/ami/{arch}", "/ami/web", "/ami/{arch}"), "'f0' (latest.ssm_parameter /ami/{arch}) and 'f2' "),
+        # Another architecture on each side: {arch}_mac with arm64 is {arch} with arm64_mac.
+        (
+            ("/ami/{arch}_mac", "/ami/web", "/ami/{arch}"),
+            "'f0' (latest.ssm_parameter /ami/{arch}_mac) and 'f2' ",
+        ),
+    ],
+)
+def test_two_families_may_not_write_one_latest_parameter(parameters: tuple[str, ...], expected: str) -> None:
+    # Each family's rotation writes its own AMI there: the parameter would flip between them.
+    message = error_of(latest_families(*parameters))
+    assert f"(top level): families {expected}" in message, message
+    assert "can both write the SSM parameter /ami/" in message, message
+
+
+def test_the_parameter_two_families_would_share_is_named() -> None:
+    message = error_of(latest_families("/ami/{arch}_mac", "/ami/{arch}"))
+    assert "can both write the SSM parameter /ami/arm64_mac: each family needs its own" in message, message
+
+
+def test_families_with_parameters_of_their_own_are_taken() -> None:
+    loaded = parse_policy(
+        latest_families("/ami/web/{arch}", "/ami/api/{arch}", "/ami/x86_64/latest", "/ami/{arch}")
+    )
+    assert [f.latest.ssm_parameter for f in loaded.families if f.latest] == [
+        "/ami/web/{arch}",
+        "/ami/api/{arch}",
+        "/ami/x86_64/latest",
+        "/ami/{arch}",
+    ]

@@ -43,6 +43,8 @@ _ALIAS_RE = re.compile(f"^{_ALIAS_NAME}$")
 # s3://bucket or s3://bucket/prefix (S3 bucket names: 3-63 of lowercase letters, digits, '.', '-').
 _INBOX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 _ALIAS_ARN_RE = re.compile(_KMS_ARN + f"(?P<alias>{_ALIAS_NAME})$")
+# EC2's image architectures (ArchitectureValues): what `{arch}` in a Latest SSM parameter becomes.
+ARCHITECTURES = ("i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac")
 
 
 class PolicyError(ValueError):
@@ -395,6 +397,7 @@ class Policy(_Strict):
             if family.name in seen:
                 raise ValueError(f"family {family.name!r} is defined twice")
             seen.add(family.name)
+        self._latest_parameters_apart()
         for index, family in enumerate(self.families):
             try:
                 self.rules_for(family)
@@ -403,6 +406,22 @@ class Policy(_Strict):
                     f"families[{index}]: {describe_validation_error(error, friendly=True)}"
                 ) from None
         return self
+
+    def _latest_parameters_apart(self) -> None:
+        # Each family's rotation writes its own AMI to its parameter: two families that can name one
+        # parameter (for any architecture of either) would flip it between their AMIs.
+        writers: dict[str, tuple[str, str]] = {}  # parameter name: (family, its ssm_parameter)
+        for family in self.families:
+            template = family.latest.ssm_parameter if family.latest else None
+            if template is None:
+                continue
+            for name in sorted({template.replace("{arch}", arch) for arch in ARCHITECTURES}):
+                other, other_template = writers.setdefault(name, (family.name, template))
+                if other != family.name:
+                    raise ValueError(
+                        f"families {other!r} (latest.ssm_parameter {other_template}) and {family.name!r} "
+                        f"({template}) can both write the SSM parameter {name}: each family needs its own"
+                    )
 
     @property
     def managed_regions(self) -> list[str]:
