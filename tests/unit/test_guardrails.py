@@ -3,13 +3,17 @@ and the plan's warning about families any tagger can enroll into."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from ami_janitor.aws import ledger
 from ami_janitor.core.guardrails import family_warnings
 from ami_janitor.core.planner import plan
-from ami_janitor.core.policy import JANITOR_TAG_PREFIX, parse_policy
+from ami_janitor.core.policy import JANITOR_TAG_PREFIX, Rules, parse_policy
 from builders import NOW, inventory, policy
 
 SCP = Path(__file__).resolve().parents[2] / "docs" / "scp-ami-janitor-tags.json"
@@ -25,11 +29,54 @@ def test_scp_denies_janitor_tag_writes_outside_the_janitor_path() -> None:
     condition = statement["Condition"]
     # Any key of the request like ami-janitor:* (ForAnyValue: one such key is enough).
     assert condition["ForAnyValue:StringLike"] == {"aws:TagKeys": [f"{JANITOR_TAG_PREFIX}*"]}
+    # ...other than the default opt-out key: it can only keep an AMI, and anyone may be let write it.
+    assert condition["ForAnyValue:StringNotEquals"] == {"aws:TagKeys": [Rules().opt_out_tag]}
     # Every role the stacks make lives under the path the ledger's resource policy trusts as well.
     assert condition["ArnNotLike"] == {"aws:PrincipalArn": [ledger.janitor_principal_pattern("aws")]}
     assert ledger.janitor_principal_pattern("aws") == "arn:aws:iam::*:role/ami-janitor/*"
     # An SCP has no Principal element.
     assert "Principal" not in statement
+
+
+def scp_denies(action: str, principal: str, tag_keys: list[str]) -> bool:
+    """The SCP's answer to a request, by IAM's rules for the operators it uses."""
+    context: dict[str, Any] = {"aws:TagKeys": tag_keys, "aws:PrincipalArn": principal}
+    held = {
+        # ForAnyValue: some value of the request matches some value of the policy (none: false).
+        "ForAnyValue:StringLike": lambda got, wanted: any(
+            fnmatch.fnmatchcase(v, w) for v in got for w in wanted
+        ),
+        # A negated operator: some value of the request equals none of the policy's.
+        "ForAnyValue:StringNotEquals": lambda got, wanted: any(v not in wanted for v in got),
+        "ArnNotLike": lambda got, wanted: not any(fnmatch.fnmatchcase(got, w) for w in wanted),
+    }
+    document = json.loads(SCP.read_text(encoding="utf-8"))
+    return any(
+        statement["Effect"] == "Deny"
+        and action in statement["Action"]
+        and all(
+            held[operator](context[key], wanted)
+            for operator, keys in statement["Condition"].items()
+            for key, wanted in keys.items()
+        )
+        for statement in document["Statement"]
+    )
+
+
+SOMEONE = "arn:aws:iam::111122223333:role/platform-builds"
+JANITOR = "arn:aws:iam::111122223333:role/ami-janitor/ami-janitor-scheduled"
+
+
+@pytest.mark.parametrize("action", ["ec2:CreateTags", "ec2:DeleteTags"])
+def test_under_the_scp_anyone_may_write_the_opt_out_tag_and_only_the_janitor_its_own(action: str) -> None:
+    keep = Rules().opt_out_tag
+    assert not scp_denies(action, SOMEONE, [keep])  # an owner opts an AMI out, or back in
+    assert not scp_denies(action, SOMEONE, ["Name", "Project"])
+    assert scp_denies(action, SOMEONE, ["ami-janitor:candidate-since"])
+    assert scp_denies(action, SOMEONE, [keep, "ami-janitor:shared"])
+    # The opt-out tag goes in a request of its own: with another key, the SCP cannot tell them apart.
+    assert scp_denies(action, SOMEONE, [keep, "Name"])
+    assert not scp_denies(action, JANITOR, ["ami-janitor:candidate-since", keep])
 
 
 TAGS_ALONE = "family {} is matched by tags alone: anyone who may tag an AMI can enroll it (add a name glob)"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import types
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from ami_janitor.core.policy import PolicyError, load_policy, parse_policy
+from ami_janitor.core.policy import Policy, PolicyError, load_policy, parse_policy
 from builders import policy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,11 +200,150 @@ def test_ledger_defaults_and_errors() -> None:
         ({**BASE, "defaults": {"allow_shared": "yes"}}, "defaults.allow_shared"),
         (with_family(public=1), "families[1].public"),
         (with_family(keep_latest=False), "families[1].keep_latest"),
+        # `yes` is not 1.0: the cap would be off.
+        (
+            {**BASE, "defaults": {"limits": {"max_fraction_per_family": True}}},
+            "defaults.limits.max_fraction_per_family",
+        ),
+        (
+            with_family(limits={"max_fraction_per_family": "0.5"}),
+            "families[1].limits.max_fraction_per_family",
+        ),
+        # `yes` is not 1: fewer template versions would count as references.
+        ({**BASE, "references": {"launch_template_versions": True}}, "references.launch_template_versions"),
+        ({**BASE, "references": {"launch_template_versions": "3"}}, "references.launch_template_versions"),
+        ({**BASE, "references": {"launch_template_versions": 2.0}}, "references.launch_template_versions"),
     ],
 )
 def test_numbers_and_switches_must_be_what_they_say(data: object, expected: str) -> None:
     # `keep_latest: true` is not 1: a value of the wrong kind is refused, not converted.
-    assert expected in error_of(data)
+    assert f"{expected}: " in error_of(data)
+
+
+def test_a_fraction_may_be_written_as_an_integer() -> None:
+    for written in (0, 1):
+        loaded = parse_policy({**BASE, "defaults": {"limits": {"max_fraction_per_family": written}}})
+        assert loaded.defaults.limits.max_fraction_per_family == float(written)
+    loaded = parse_policy({**BASE, "references": {"launch_template_versions": 3}})
+    assert loaded.references.launch_template_versions == 3
+
+
+# Every model of the policy file, each optional one present, each optional value set: the walk below
+# reaches every field through it.
+EVERY_FIELD: dict[str, Any] = {
+    "mode": "dry-run",
+    "regions": ["us-east-1"],
+    "schedule": "rate(1 day)",
+    "notify": {"email": "ops@example.com"},
+    "ledger": {"table": "ami-janitor-ledger", "retention_days": 90},
+    "references": {"launch_template_versions": "all"},
+    "defaults": {
+        "keep_latest": 3,
+        "min_age_days": 30,
+        "launched_within_days": 14,
+        "opt_out_tag": "ami-janitor:keep",
+        "allow_shared": False,
+        "lifecycle": {"deprecate_after_days": 0, "disable_after_days": 7, "deregister_after_days": 14},
+        "limits": {"max_actions_per_run": 50, "max_fraction_per_family": 0.5},
+    },
+    "families": [
+        {
+            "name": "web",
+            "match": {"tags": {"Project": "Web"}, "name": "web-*"},
+            "latest": {"tag": "Latest", "ssm_parameter": "/ami/web/{arch}"},
+            "replicate": [{"region": "eu-west-1", "kms_key_id": "alias/web"}],
+            "share_with": {
+                "accounts": ["123456789012"],
+                "organizations": ["arn:aws:organizations::123456789012:organization/o-abcdefghij"],
+                "organizational_units": [
+                    "arn:aws:organizations::123456789012:ou/o-abcdefghij/ou-ab12-abcdefgh"
+                ],
+            },
+            "public": False,
+            "bake": {
+                "instance_id": "i-0123456789abcdef0",
+                "instance_tag": {"Role": "web"},
+                "schedule": "rate(1 day)",
+                "no_reboot": False,
+            },
+            "keep_latest": 2,
+            "min_age_days": 7,
+            "launched_within_days": 7,
+            "opt_out_tag": "keep",
+            "allow_shared": True,
+            "lifecycle": {"deprecate_after_days": 1, "disable_after_days": 2, "deregister_after_days": 3},
+            "limits": {"max_fraction_per_family": 0.25},
+        }
+    ],
+    "usage_reports": {"inbox": "s3://usage-inbox/janitor", "max_age_hours": 48, "required": True},
+    "organization": {
+        "id": "o-abcdefghij",
+        "deploy_to": ["ou-ab12-abcdefgh"],
+        "code_bucket_prefix": "ami-janitor-code",
+    },
+}
+
+# Values of each kind, to put where a field does not take that kind (an int is a float).
+WRONG_KINDS: list[object] = [True, 1, 2.0, "0", "3", "yes"]
+
+
+def _kinds(annotation: Any) -> list[Any]:
+    """The kinds a field's annotation names: its types, unions and Optional flattened (None dropped)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [kind for arg in typing.get_args(annotation) for kind in _kinds(arg)]
+    return [] if annotation is type(None) else [annotation]
+
+
+def _scalar_fields(model: type[BaseModel], data: Any, path: str) -> Iterator[tuple[str, list[Any], Any]]:
+    """(key path, the value's place in `data` as keys, the scalar kinds it takes), for each scalar in
+    the policy: a field, an item of a list of them or a value of a mapping of them."""
+    for key, field in model.model_fields.items():
+        assert key in data, f"{path}{key}: add it to EVERY_FIELD, so that the walk checks its kind"
+        for kind in _kinds(field.annotation):
+            origin, args = typing.get_origin(kind), typing.get_args(kind)
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from (
+                    (f"{path}{key}.{p}", [key, *at], k) for p, at, k in _scalar_fields(kind, data[key], "")
+                )
+            elif origin is list and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+                inner = _scalar_fields(args[0], data[key][0], "")
+                yield from ((f"{path}{key}[0].{p}", [key, 0, *at], k) for p, at, k in inner)
+            elif origin is list:
+                yield f"{path}{key}[0]", [key, 0], args[0]
+            elif origin is dict:
+                [first] = list(data[key])[:1]
+                yield f"{path}{key}.{first}", [key, first], args[1]
+            else:
+                yield f"{path}{key}", [key], kind
+
+
+def _takes(kind: Any, value: object) -> bool:
+    if typing.get_origin(kind) is typing.Literal:
+        return value in typing.get_args(kind)
+    if kind is float:
+        return type(value) in (int, float)
+    assert kind in (bool, int, float, str), f"a field of kind {kind}: teach this test which values it refuses"
+    return type(value) is kind
+
+
+def test_every_field_refuses_a_value_of_another_kind() -> None:
+    # A bool, a string or a float must never become a number, nor a number a string or a bool: a
+    # field added without that strictness fails here.
+    assert parse_policy(EVERY_FIELD)
+    fields: dict[str, tuple[list[Any], list[Any]]] = {}
+    for path, at, kind in _scalar_fields(Policy, EVERY_FIELD, ""):
+        fields.setdefault(path, (at, []))[1].append(kind)
+    assert len(fields) > 40 and "defaults.limits.max_fraction_per_family" in fields
+    for path, (at, kinds) in fields.items():
+        for wrong in WRONG_KINDS:
+            if any(_takes(kind, wrong) for kind in kinds):
+                continue
+            data = copy.deepcopy(EVERY_FIELD)
+            place = data
+            for key in at[:-1]:
+                place = place[key]
+            place[at[-1]] = wrong
+            assert f"\n{path}: " in error_of(data), f"{path}: {wrong!r} was taken"
 
 
 def test_a_name_glob_of_only_stars_selects_every_ami_and_is_refused() -> None:
@@ -231,3 +376,49 @@ def test_many_families_load_in_linear_time() -> None:
     assert len(loaded.families) == 20_000
     twice = [*families, {"name": "f7", "match": {"name": "x-*"}}]
     assert "family 'f7' is defined twice" in error_of({"regions": ["us-east-1"], "families": twice})
+
+
+def latest_families(*parameters: str) -> dict[str, object]:
+    families = [
+        {"name": f"f{n}", "match": {"name": f"f{n}-*"}, "latest": {"ssm_parameter": parameter}}
+        for n, parameter in enumerate(parameters)
+    ]
+    return {"regions": ["us-east-1"], "families": families}
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        (("/ami/latest", "/ami/latest"), "'f0' (latest.ssm_parameter /ami/latest) and 'f1' (/ami/latest) "),
+        # One family's name is what the other's template makes for x86_64.
+        (("/ami/x86_64", "/ami/{arch}"), "'f0' (latest.ssm_parameter /ami/x86_64) and 'f1' (/ami/{arch}) "),
+        (("/ami/{arch}", "/ami/web", "/ami/{arch}"), "'f0' (latest.ssm_parameter /ami/{arch}) and 'f2' "),
+        # Another architecture on each side: {arch}_mac with arm64 is {arch} with arm64_mac.
+        (
+            ("/ami/{arch}_mac", "/ami/web", "/ami/{arch}"),
+            "'f0' (latest.ssm_parameter /ami/{arch}_mac) and 'f2' ",
+        ),
+    ],
+)
+def test_two_families_may_not_write_one_latest_parameter(parameters: tuple[str, ...], expected: str) -> None:
+    # Each family's rotation writes its own AMI there: the parameter would flip between them.
+    message = error_of(latest_families(*parameters))
+    assert f"(top level): families {expected}" in message, message
+    assert "can both write the SSM parameter /ami/" in message, message
+
+
+def test_the_parameter_two_families_would_share_is_named() -> None:
+    message = error_of(latest_families("/ami/{arch}_mac", "/ami/{arch}"))
+    assert "can both write the SSM parameter /ami/arm64_mac: each family needs its own" in message, message
+
+
+def test_families_with_parameters_of_their_own_are_taken() -> None:
+    loaded = parse_policy(
+        latest_families("/ami/web/{arch}", "/ami/api/{arch}", "/ami/x86_64/latest", "/ami/{arch}")
+    )
+    assert [f.latest.ssm_parameter for f in loaded.families if f.latest] == [
+        "/ami/web/{arch}",
+        "/ami/api/{arch}",
+        "/ami/x86_64/latest",
+        "/ami/{arch}",
+    ]

@@ -43,6 +43,8 @@ _ALIAS_RE = re.compile(f"^{_ALIAS_NAME}$")
 # s3://bucket or s3://bucket/prefix (S3 bucket names: 3-63 of lowercase letters, digits, '.', '-').
 _INBOX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 _ALIAS_ARN_RE = re.compile(_KMS_ARN + f"(?P<alias>{_ALIAS_NAME})$")
+# EC2's image architectures (ArchitectureValues): what `{arch}` in a Latest SSM parameter becomes.
+ARCHITECTURES = ("i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac")
 
 
 class PolicyError(ValueError):
@@ -50,15 +52,17 @@ class PolicyError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Values are taken as written: a bool, a string or a float never becomes an int, nor a bool or a
+    # string a float, nor a number a string or a bool. An int is a float (`max_fraction_per_family: 1`).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Lifecycle(_Strict):
     """Days since the AMI first became a candidate; null skips the stage."""
 
-    deprecate_after_days: int | None = Field(0, ge=0, strict=True)
-    disable_after_days: int | None = Field(7, ge=0, strict=True)
-    deregister_after_days: int | None = Field(14, ge=0, strict=True)
+    deprecate_after_days: int | None = Field(0, ge=0)
+    disable_after_days: int | None = Field(7, ge=0)
+    deregister_after_days: int | None = Field(14, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Lifecycle":
@@ -77,13 +81,13 @@ class Lifecycle(_Strict):
 
 
 class LifecycleOverride(_Strict):
-    deprecate_after_days: int | None = Field(None, ge=0, strict=True)
-    disable_after_days: int | None = Field(None, ge=0, strict=True)
-    deregister_after_days: int | None = Field(None, ge=0, strict=True)
+    deprecate_after_days: int | None = Field(None, ge=0)
+    disable_after_days: int | None = Field(None, ge=0)
+    deregister_after_days: int | None = Field(None, ge=0)
 
 
 class Limits(_Strict):
-    max_actions_per_run: int = Field(50, ge=0, strict=True)
+    max_actions_per_run: int = Field(50, ge=0)
     max_fraction_per_family: float = Field(0.5, ge=0.0, le=1.0)
 
 
@@ -95,11 +99,11 @@ class FamilyLimits(_Strict):
 class Rules(_Strict):
     """The retention rules of `defaults`, and of a family once its overrides are merged."""
 
-    keep_latest: int = Field(3, ge=1, strict=True)
-    min_age_days: int = Field(30, ge=0, strict=True)
-    launched_within_days: int = Field(14, ge=0, strict=True)
+    keep_latest: int = Field(3, ge=1)
+    min_age_days: int = Field(30, ge=0)
+    launched_within_days: int = Field(14, ge=0)
     opt_out_tag: str = Field("ami-janitor:keep", min_length=1, max_length=128)
-    allow_shared: bool = Field(False, strict=True)
+    allow_shared: bool = False
     lifecycle: Lifecycle = Lifecycle()
     limits: Limits = Limits()
 
@@ -244,7 +248,7 @@ class Bake(_Strict):
     instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
     instance_tag: dict[str, str] | None = Field(None, min_length=1)
     schedule: str | None = None
-    no_reboot: bool = Field(False, strict=True)
+    no_reboot: bool = False
 
     @model_validator(mode="after")
     def _names_an_instance(self) -> "Bake":
@@ -264,14 +268,14 @@ class Family(_Strict):
     latest: Latest | None = None
     replicate: list[ReplicateTarget] = []
     share_with: ShareWith = ShareWith()
-    public: bool = Field(False, strict=True)
+    public: bool = False
     bake: Bake | None = None
     # Overrides of `defaults` (None = inherit).
-    keep_latest: int | None = Field(None, ge=1, strict=True)
-    min_age_days: int | None = Field(None, ge=0, strict=True)
-    launched_within_days: int | None = Field(None, ge=0, strict=True)
+    keep_latest: int | None = Field(None, ge=1)
+    min_age_days: int | None = Field(None, ge=0)
+    launched_within_days: int | None = Field(None, ge=0)
     opt_out_tag: str | None = Field(None, min_length=1, max_length=128)
-    allow_shared: bool | None = Field(None, strict=True)
+    allow_shared: bool | None = None
     lifecycle: LifecycleOverride | None = None
     limits: FamilyLimits | None = None
 
@@ -316,7 +320,7 @@ class Ledger(_Strict):
     # DynamoDB table names: 3-255 of letters, digits, '_', '-', '.'.
     table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_.-]{3,255}$")
     # Items of deregistered AMIs expire this many days after deregistration (DynamoDB TTL).
-    retention_days: int = Field(90, ge=1, strict=True)
+    retention_days: int = Field(90, ge=1)
 
 
 class UsageReports(_Strict):
@@ -325,9 +329,9 @@ class UsageReports(_Strict):
 
     inbox: str = Field(pattern=_INBOX_PATTERN)
     # A report older than this is stale: the AMIs shared with its account are kept (fail safe).
-    max_age_hours: int = Field(48, ge=1, strict=True)
+    max_age_hours: int = Field(48, ge=1)
     # false: an account that never reported is taken as not using the AMIs shared with it (noted).
-    required: bool = Field(True, strict=True)
+    required: bool = True
 
     @property
     def bucket(self) -> str:
@@ -393,6 +397,7 @@ class Policy(_Strict):
             if family.name in seen:
                 raise ValueError(f"family {family.name!r} is defined twice")
             seen.add(family.name)
+        self._latest_parameters_apart()
         for index, family in enumerate(self.families):
             try:
                 self.rules_for(family)
@@ -401,6 +406,22 @@ class Policy(_Strict):
                     f"families[{index}]: {describe_validation_error(error, friendly=True)}"
                 ) from None
         return self
+
+    def _latest_parameters_apart(self) -> None:
+        # Each family's rotation writes its own AMI to its parameter: two families that can name one
+        # parameter (for any architecture of either) would flip it between their AMIs.
+        writers: dict[str, tuple[str, str]] = {}  # parameter name: (family, its ssm_parameter)
+        for family in self.families:
+            template = family.latest.ssm_parameter if family.latest else None
+            if template is None:
+                continue
+            for name in sorted({template.replace("{arch}", arch) for arch in ARCHITECTURES}):
+                other, other_template = writers.setdefault(name, (family.name, template))
+                if other != family.name:
+                    raise ValueError(
+                        f"families {other!r} (latest.ssm_parameter {other_template}) and {family.name!r} "
+                        f"({template}) can both write the SSM parameter {name}: each family needs its own"
+                    )
 
     @property
     def managed_regions(self) -> list[str]:
