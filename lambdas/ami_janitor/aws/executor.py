@@ -234,8 +234,8 @@ def _errors(outcomes: Iterable[SnapshotOutcome]) -> list[str]:
 
 
 def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | None:
-    """Put back the deprecation time the ledger recorded before the deprecate stage."""
-    entry = trust.recorded_stage(image, "deprecate")
+    """Put back the deprecation time the ledger recorded before its own deprecate stage."""
+    entry = trust.undoable_stage(image, "deprecate")
     if entry is None:
         return None
     prior = entry.prior_deprecation
@@ -277,13 +277,14 @@ def _rescue_steps(
 ) -> None:
     """Undo what the ledger says the stages did, noting each change in `done`; then close the clock.
     The ledger is closed after EC2 is back: a crash leaves the clock open for a rerun to finish."""
-    disable = trust.recorded_stage(image, "disable")
+    disable = trust.undoable_stage(image, "disable")
     if image.state == "disabled" and disable is not None and not disable.already_disabled:
         _enable_image(ec2, image.image_id)
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
     done += _restore_permissions(ec2, image, public_allowed)
+    done += trust.left_as_adopted(image)
     marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]
     if marked:
         ec2.delete_tags(Resources=marked, Tags=[{"Key": RETIRED_FROM_TAG}])
