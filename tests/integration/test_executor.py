@@ -893,9 +893,13 @@ def test_the_adoption_writes_items_marker_and_mirror_once(fake_aws_env: None) ->
         assert items[deprecated] == LedgerItem(
             image_id=deprecated,
             first_candidate=NOW,
-            stages={"deprecate": LedgerStage(at=NOW, confirmed=NOW)},
+            stages={"deprecate": LedgerStage(at=NOW, confirmed=NOW, adopted=True)},
         )
-        assert items[disabled].stages["disable"] == LedgerStage(at=NOW, confirmed=NOW)  # no account adopted
+        # No account adopted (outside share_with); recorded as adopted and already disabled: a rescue
+        # leaves it disabled.
+        assert items[disabled].stages["disable"] == LedgerStage(
+            at=NOW, confirmed=NOW, already_disabled=True, adopted=True
+        )
         assert items[waiting] == LedgerItem(image_id=waiting, first_candidate=NOW)
         assert items[plain] == LedgerItem(image_id=plain, first_candidate=NOW)
         for image_id in (deprecated, disabled, waiting, plain):

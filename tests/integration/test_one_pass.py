@@ -3,32 +3,34 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import yaml
 from botocore.awsrequest import AWSResponse
 
 from ami_janitor import engine
-from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.inventory import count_calls
-from ami_janitor.core.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, parse_policy
+from ami_janitor.aws.ledger import Ledger, Prior
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
 from server import POLICY, ec2, make_ledger, now, seed_fleet
 
 
 def test_an_applied_run_reads_each_region_once(endpoint: str) -> None:
     fleet = seed_fleet(now())
     make_ledger()
-    # One AMI the janitor had disabled, now in use again: the run rescues it and rotates Latest after.
+    # One AMI the janitor had disabled (as its ledger records), now in use again: the run rescues it
+    # and rotates Latest after.
     rescued = fleet.images[1]
     client = ec2()
     client.run_instances(ImageId=rescued, MinCount=1, MaxCount=1)
-    client.create_tags(
-        Resources=[rescued],
-        Tags=[
-            {"Key": CANDIDATE_TAG, "Value": "2026-01-01T00:00:00Z"},
-            {"Key": PRIOR_DEPRECATION_TAG, "Value": "none"},
-        ],
-    )
+    book = Ledger(RegionClients("us-east-1"), DEFAULT_LEDGER_TABLE)
+    since = now() - timedelta(days=30)
+    assert book.record_candidate(rescued, since) == "recorded"
+    for stage in ("deprecate", "disable"):
+        assert book.record_stage(rescued, stage, since, Prior()) == "recorded"
+        book.confirm_stage(rescued, stage, since)
     client.disable_image(ImageId=rescued)
     policy = parse_policy(yaml.safe_load(POLICY.format(mode="enforce")))
     factory = ClientFactory()

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ami_janitor import cli
-from ami_janitor.core.policy import PRIOR_PERMISSIONS_TAG, RETIRED_FROM_TAG
+from ami_janitor.core.model import parse_time
+from ami_janitor.core.policy import (
+    CANDIDATE_TAG,
+    PRIOR_DEPRECATION_TAG,
+    PRIOR_PERMISSIONS_TAG,
+    RETIRED_FROM_TAG,
+)
 from server import POLICY, ec2, make_ledger, now, seed_fleet, snapshot_ids
 
 OUTSIDE_ACCOUNT = "999988887777"
@@ -125,6 +132,62 @@ def test_a_forged_permission_record_makes_no_rescue_by_hand_public(
     assert "enabled" not in output and "restored" not in output
     assert permissions(target) == [] and not _is_public(target)
     assert ec2().describe_images(ImageIds=[target])["Images"][0]["State"] == "disabled"
+
+
+def test_a_forged_clock_makes_no_rescue_enable_or_share_an_ami_its_owner_disabled(
+    endpoint: str, tmp_path: Path
+) -> None:
+    fleet = seed_fleet(now())
+    target = fleet.images[-1]  # kept (keep-N): the adopted clock is rescued at once
+    ec2().disable_image(ImageId=target)  # its owner pulls a bad build by hand
+    # Tags alone make it look like the janitor's work, with a permission share_with would allow.
+    forged = [
+        {"Key": CANDIDATE_TAG, "Value": "2020-01-01T00:00:00Z"},
+        {"Key": PRIOR_PERMISSIONS_TAG, "Value": f"user:{SHARED_ACCOUNT}"},
+    ]
+    ec2().create_tags(Resources=[target], Tags=forged)
+    text = POLICY.format(mode="enforce") + f"    share_with: {{accounts: ['{SHARED_ACCOUNT}']}}\n"
+    config = write_policy(tmp_path, text)
+
+    make_ledger()
+    code, output = run("apply", "--config", config, "--yes", "--format", "json")
+
+    assert code == 0, output
+    rescue = [r for r in json.loads(output)["results"] if r["image_id"] == target and r["action"] == "rescue"]
+    assert len(rescue) == 1 and rescue[0]["status"] == "ok", rescue
+    # The adopted disable is not the janitor's to undo: left disabled, nothing granted, and said so.
+    state = ec2().describe_images(ImageIds=[target], IncludeDisabled=True)["Images"][0]["State"]
+    assert state == "disabled", rescue
+    assert permissions(target) == []
+    done = rescue[0]["detail"].split("; ")
+    assert "enabled" not in done and not any(d.startswith("launch permissions restored") for d in done)
+    assert "left disabled (adopted from tags" in rescue[0]["detail"]
+
+
+def test_a_forged_prior_deprecation_makes_no_rescue_cancel_the_owners_deprecation(
+    endpoint: str, tmp_path: Path
+) -> None:
+    fleet = seed_fleet(now())
+    target = fleet.images[-1]  # kept (keep-N): the adopted clock is rescued at once
+    owners = now().replace(second=0) + timedelta(days=30)
+    ec2().enable_image_deprecation(ImageId=target, DeprecateAt=owners)
+    forged = [
+        {"Key": CANDIDATE_TAG, "Value": "2020-01-01T00:00:00Z"},
+        {"Key": PRIOR_DEPRECATION_TAG, "Value": "none"},  # "the janitor deprecated it, undo that"
+    ]
+    ec2().create_tags(Resources=[target], Tags=forged)
+    config = write_policy(tmp_path, POLICY.format(mode="enforce"))
+
+    make_ledger()
+    code, output = run("apply", "--config", config, "--yes", "--format", "json")
+
+    assert code == 0, output
+    rescue = [r for r in json.loads(output)["results"] if r["image_id"] == target and r["action"] == "rescue"]
+    assert len(rescue) == 1, rescue
+    shown = ec2().describe_images(ImageIds=[target])["Images"][0].get("DeprecationTime")
+    assert parse_time(shown) == owners, rescue
+    assert "deprecation cancelled" not in rescue[0]["detail"]
+    assert "left deprecated (adopted from tags" in rescue[0]["detail"]
 
 
 def _is_public(image_id: str) -> bool:

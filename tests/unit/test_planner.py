@@ -6,7 +6,7 @@ import random
 from datetime import timedelta
 from typing import Any
 
-from ami_janitor.core import run_plan
+from ami_janitor.core import run_plan, trust
 from ami_janitor.core.model import (
     BuildInstance,
     Decision,
@@ -167,6 +167,27 @@ def test_latest_follows_a_rescue_of_the_newest() -> None:
     assert by_id(result)[rescued.image_id].action == "rescue"
     [change] = result.latest
     assert (change.from_, change.to, change.untag) == (older.image_id, rescued.image_id, [older.image_id])
+
+
+def test_a_rescue_leaves_stages_adopted_from_tags_as_ec2_shows_them() -> None:
+    # Disabled and deprecated by anyone; the tags say the janitor did it. Adopted, then rescued (opted
+    # out): the rescue enables nothing, so Latest does not follow it and stays where it is.
+    older = image(days_old=100, tags={"Latest": "true"})
+    tagged = image(
+        days_old=90,
+        state="disabled",
+        deprecation_time=NOW - timedelta(days=3),
+        tags={CANDIDATE_TAG: "2020-01-01T00:00:00Z", PRIOR_DEPRECATION_TAG: "none", "Keep": "yes"},
+    )
+    pol = policy({"latest": {"tag": "Latest"}, "opt_out_tag": "Keep"})
+    view = trust.adopted_view(inventory(older, tagged, ledger=LedgerView(table="t")), pol, NOW)
+    adopted = {i.image_id: i for i in view.images}[tagged.image_id]
+    assert adopted.ledger is not None
+    assert all(entry.adopted for entry in adopted.ledger.stages.values())
+    assert adopted.ledger.stages["disable"].already_disabled
+    result = plan([view], pol, NOW)
+    assert by_id(result)[tagged.image_id].action == "rescue"
+    assert result.latest == []
 
 
 def test_latest_skips_disabled_and_deprecated() -> None:

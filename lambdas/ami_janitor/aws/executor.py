@@ -72,6 +72,10 @@ SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSna
 
 # (region, AMIs whose rescue failed) -> AMIs that must not retire in this run.
 AfterRescues = Callable[[str, set[str]], set[str]]
+# The AMI with its launch permissions read now -> why its shares keep it (rule 5), or None.
+SharesKeep = Callable[[Image], str | None]
+# How a stage result says its AMI was held back for what was read before it acted.
+HELD_BACK = "held back: "
 ResultAction = Literal[
     "adopt", "mark-candidate", "deprecate", "disable", "deregister", "rescue", "finish-deregistration"
 ]
@@ -234,8 +238,8 @@ def _errors(outcomes: Iterable[SnapshotOutcome]) -> list[str]:
 
 
 def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | None:
-    """Put back the deprecation time the ledger recorded before the deprecate stage."""
-    entry = trust.recorded_stage(image, "deprecate")
+    """Put back the deprecation time the ledger recorded before its own deprecate stage."""
+    entry = trust.undoable_stage(image, "deprecate")
     if entry is None:
         return None
     prior = entry.prior_deprecation
@@ -277,13 +281,14 @@ def _rescue_steps(
 ) -> None:
     """Undo what the ledger says the stages did, noting each change in `done`; then close the clock.
     The ledger is closed after EC2 is back: a crash leaves the clock open for a rerun to finish."""
-    disable = trust.recorded_stage(image, "disable")
+    disable = trust.undoable_stage(image, "disable")
     if image.state == "disabled" and disable is not None and not disable.already_disabled:
         _enable_image(ec2, image.image_id)
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
     done += _restore_permissions(ec2, image, public_allowed)
+    done += trust.left_as_adopted(image)
     marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]
     if marked:
         ec2.delete_tags(Resources=marked, Tags=[{"Key": RETIRED_FROM_TAG}])
@@ -343,13 +348,22 @@ class _RegionRun:
     after; remembers what it deregistered so that snapshot deletion never trusts a stale view."""
 
     def __init__(
-        self, region: str, ec2: EC2Client, ledger: Ledger, inventory: RegionInventory, now: datetime
+        self,
+        region: str,
+        ec2: EC2Client,
+        ledger: Ledger,
+        inventory: RegionInventory,
+        now: datetime,
+        shares_keep: SharesKeep | None = None,
     ) -> None:
         self.region = region
         self.ec2 = ec2
         self.ledger = ledger
         self.inventory = inventory
         self.now = now
+        # Where the AMIs were read after their plan (a slice): the launch permissions a stage reads
+        # are judged again, and a share the plan did not see holds the AMI back.
+        self.shares_keep = shares_keep
         self.images = {image.image_id: image for image in inventory.images}
         self.gone: set[str] = set()
         self.results: list[ActionResult] = []
@@ -357,6 +371,8 @@ class _RegionRun:
         self.last: dict[str, Stage | None] = {}
         # AMIs this run takes through deregistration: their stages' mirror tags would go with them.
         self.deregistering: set[str] = set()
+        # AMIs this run disabled: EC2 removed their launch permissions.
+        self.disabled: set[str] = set()
 
     def mirror_tags(self, image_id: str, tags: Mapping[str, str]) -> None:
         """A stage's mirror tags (the ledger holds the record), unless the AMI is deregistered in this
@@ -443,10 +459,25 @@ class _RegionRun:
         self.ledger.confirm_stage(image.image_id, "deprecate", self.now)
         return self.result(image.image_id, "deprecate", "ok", detail=_join(done))
 
+    def _shared_since(self, image: Image, permissions: tuple[LaunchPermission, ...]) -> str | None:
+        """Why the AMI's shares, as just read, keep it (None where nothing was read after the plan)."""
+        if self.shares_keep is None:
+            return None
+        return self.shares_keep(image.model_copy(update={"launch_permissions": permissions}))
+
+    def _permissions(self, image: Image) -> tuple[LaunchPermission, ...]:
+        if image.launch_permissions is not None:
+            return image.launch_permissions
+        return read_launch_permissions(self.ec2, image.image_id)
+
     def disable(self, image: Image) -> ActionResult:
-        permissions = image.launch_permissions
-        if permissions is None:
-            permissions = read_launch_permissions(self.ec2, image.image_id)
+        permissions = self._permissions(image)
+        # DisableImage removes every launch permission: a share the plan did not see (outside
+        # share_with and the janitor's own grants) keeps the AMI instead, untouched.
+        shared = self._shared_since(image, permissions)
+        if shared is not None:
+            detail = f"{HELD_BACK}{shared}: not disabled, its launch permissions left as they are"
+            return self.result(image.image_id, "disable", "skipped", detail=detail)
         entry = trust.recorded_stage(image, "disable")
         # A record from a run that stopped half way stands: the image may hold fewer permissions now.
         prior = (
@@ -462,6 +493,7 @@ class _RegionRun:
             self.ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
         if image.state != "disabled":
             _disable_image(self.ec2, image.image_id)
+        self.disabled.add(image.image_id)
         self.ledger.confirm_stage(image.image_id, "disable", self.now)
         removed = ",".join(prior) or "none"
         return self.result(
@@ -472,6 +504,13 @@ class _RegionRun:
         )
 
     def deregister(self, image: Image) -> ActionResult:
+        # An AMI that was never disabled (a lifecycle without the disable stage) still holds its launch
+        # permissions, and nothing read them since the plan: read here, one call for such an AMI only.
+        if self.shares_keep is not None and image.state != "disabled" and image.image_id not in self.disabled:
+            shared = self._shared_since(image, self._permissions(image))
+            if shared is not None:
+                detail = f"{HELD_BACK}{shared}: not deregistered"
+                return self.result(image.image_id, "deregister", "skipped", detail=detail)
         own = list(image.snapshot_ids)
         # The ledger records the AMI's own snapshots before DeregisterImage: the only ones a later run
         # may delete if this one stops in between. A snapshot another AMI uses is not this image's.
@@ -752,14 +791,17 @@ def apply_stages(
     out_of_time: Callable[[], bool] | None = None,
     workers: int = 1,
     side_by_side: SideBySide | None = None,
+    shares_keep: SharesKeep | None = None,
 ) -> list[ActionResult]:
     """One slice: each (AMI, its due stages, why it is held back or None) on `inventory`, the slice's
     AMIs as read when it started and the other AMIs that share their snapshots; `workers` AMIs at a
     time (each AMI's calls go one after another: several in flight keep a paced client at its token
     buckets' rate rather than at one call's latency). Results in the order of `work`. Once
     `out_of_time()` says so, the AMIs left are not started (their stages skipped): an AMI is never left
-    half way by a timeout, and the next run plans the rest again."""
-    run = _RegionRun(region, ec2, ledger, inventory, now)
+    half way by a timeout, and the next run plans the rest again. `shares_keep` judges the launch
+    permissions the disable stage reads (and the deregister stage of an AMI never disabled): an AMI
+    they keep is held back there, its later stages skipped."""
+    run = _RegionRun(region, ec2, ledger, inventory, now, shares_keep)
 
     def one(entry: SlicePart) -> list[ActionResult]:
         image_id, stages, held = entry

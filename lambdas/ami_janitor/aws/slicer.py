@@ -4,7 +4,9 @@ A slice reads its AMIs again when it starts (a few calls: DescribeImages by id a
 they use, their ledger items, DescribeImageReferences), holds back any AMI a fresh fact puts in doubt
 (core.slices.hold_reason), and takes the others' stages through the executor, on the view of its own
 AMIs and of every other AMI that shares their snapshots (a snapshot another AMI uses is never
-deleted). Deleting nothing it did not read is what keeps a partial view safe here.
+deleted). Deleting nothing it did not read is what keeps a partial view safe here. The launch
+permissions a stage reads are judged again too (core.slices.share_hold): a share made since the plan
+that rule 5 keeps holds the AMI back there.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ami_janitor.core.model import (
     with_ledger,
 )
 from ami_janitor.core.policy import Policy
-from ami_janitor.core.slices import SliceItem, WorkSlice, hold_reason, slice_digest
+from ami_janitor.core.slices import SliceItem, WorkSlice, hold_reason, share_hold, slice_digest
 from ami_janitor.core.usage import account_reason
 
 if TYPE_CHECKING:
@@ -191,7 +193,12 @@ def run_slice(
         ) or _usage_hold(item, work.region, reports, policy, now)
         if why is not None:
             held[item.image_id] = why
-        todo.append((item.image_id, item.stages, f"held back: {why}" if why else None))
+        todo.append((item.image_id, item.stages, f"{executor.HELD_BACK}{why}" if why else None))
+    by_image = {item.image_id: item for item in work.items}
+
+    def shares_keep(image: Image) -> str | None:
+        return share_hold(by_image[image.image_id], image, policy)
+
     results = executor.apply_stages(
         clients.region,
         clients.ec2,
@@ -202,7 +209,13 @@ def run_slice(
         out_of_time=out_of_time,
         workers=workers,
         side_by_side=side_by_side,
+        shares_keep=shares_keep,
     )
+    # The stages that read launch permissions hold back what a share made since the plan keeps.
+    for result in results:
+        detail = result.detail or ""
+        if result.status == "skipped" and detail.startswith(executor.HELD_BACK):
+            held.setdefault(result.image_id, detail.removeprefix(executor.HELD_BACK))
     return SliceResult(results=results, held=held)
 
 

@@ -436,6 +436,9 @@ class LedgerStage(_Frozen):
     prior_launch_permissions: tuple[str, ...] = ()  # LaunchPermission keys ("user:123456789012")
     # The AMI was disabled before the janitor's disable stage (by its owner): a rescue leaves it so.
     already_disabled: bool = False
+    # Recorded from an older janitor's tags when the ledger adopted them, not from a change the janitor
+    # made here: anyone may have written those tags, so a rescue restores nothing from this record.
+    adopted: bool = False
     # When EC2 accepted the change (None: recorded, then the run stopped before or during the call).
     confirmed: datetime | None = None
 

@@ -697,16 +697,17 @@ def after_rescues(group: Group, rescued: set[str], now: datetime) -> Group:
 
 
 def _rescued_view(image: Image, now: datetime) -> Image:
-    """What a rescue leaves, by the ledger: a disable it recorded undone, its prior deprecation back."""
+    """What a rescue leaves, by the ledger: a disable it recorded undone, its prior deprecation back
+    (stages adopted from tags stay as EC2 shows them)."""
     deprecation = image.deprecation_time
-    deprecate = trust.recorded_stage(image, "deprecate")
+    deprecate = trust.undoable_stage(image, "deprecate")
     if deprecate is not None:
         prior = deprecate.prior_deprecation
         if prior is None:
             deprecation = None
         elif prior > now:
             deprecation = prior
-    disable = trust.recorded_stage(image, "disable")
+    disable = trust.undoable_stage(image, "disable")
     disabled = image.state == "disabled" and disable is not None and not disable.already_disabled
     state = "available" if disabled else image.state
     return image.model_copy(update={"state": state, "deprecation_time": deprecation})

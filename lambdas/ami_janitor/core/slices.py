@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.core import trust
 from ami_janitor.core.model import AMI_ID_PATTERN, Decision, Image, Stage, iso
+from ami_janitor.core.planner import shared_outside
 from ami_janitor.core.policy import Policy
 
 # A slice older than this is not run: the next scheduled run plans again from what is there then.
@@ -178,6 +179,9 @@ def hold_reason(
         return f"launched {iso(image.last_launched)}, after the plan"
     if references:
         return "in use since the plan: " + "; ".join(sorted(set(references)))
+    shared = share_hold(item, image, policy)
+    if shared is not None:
+        return shared
     configured = [(stage, days) for stage, days in rules.lifecycle.stage_days() if days is not None]
     due = trust.stage_plan(image, configured, now).due  # type: ignore[arg-type]
     item_ledger = trust.open_item(image)
@@ -186,3 +190,15 @@ def hold_reason(
     if early:
         return f"{early[0]} is not due by the ledger's clock"
     return None
+
+
+def share_hold(item: SliceItem, image: Image, policy: Policy) -> str | None:
+    """Rule 5 on the AMI as read now: why its shares keep it, or None (always None where the family
+    allows shares). Public is DescribeImages' own field, read with the slice; other shares count once
+    the AMI's launch permissions are read (the disable stage reads them anyway). Grants in share_with
+    and those the ledger records as the janitor's retire with the AMI, as in the plan."""
+    family = policy.family(item.family)
+    if policy.rules_for(family).allow_shared:
+        return None
+    reasons = shared_outside(image, family)
+    return "; ".join(reasons) + " since the plan" if reasons else None

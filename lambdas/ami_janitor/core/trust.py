@@ -235,12 +235,15 @@ def _adopted_item(image: Image, allowed: set[str], now: datetime, refused: list[
     refused += [f"{image.image_id} grant {g} (outside share_with)" for g in sorted(grants - allowed)]
     if not retiring and not kept_grants:
         return None
+    # Stages EC2 shows are recorded as adopted: the tags do not prove the janitor made those changes
+    # (the owner may have), so a rescue never undoes them. What the tags say came before is kept in
+    # the record for a person (and the tampered check), never restored.
     stages: dict[Stage, LedgerStage] = {}
     disabled = image.state == "disabled" and retiring
     if retiring and (shows(image, "deprecate") or disabled):
         recorded = tags.get(PRIOR_DEPRECATION_TAG)
         prior = None if recorded in (None, "none") else parse_time(recorded)
-        stages["deprecate"] = LedgerStage(at=now, prior_deprecation=prior, confirmed=now)
+        stages["deprecate"] = LedgerStage(at=now, prior_deprecation=prior, confirmed=now, adopted=True)
     if disabled:
         permissions = set(joined_values(PRIOR_PERMISSIONS_TAG, tags))
         refused += [
@@ -248,7 +251,11 @@ def _adopted_item(image: Image, allowed: set[str], now: datetime, refused: list[
             for p in sorted(permissions - allowed)
         ]
         stages["disable"] = LedgerStage(
-            at=now, prior_launch_permissions=tuple(sorted(permissions & allowed)), confirmed=now
+            at=now,
+            prior_launch_permissions=tuple(sorted(permissions & allowed)),
+            already_disabled=True,
+            confirmed=now,
+            adopted=True,
         )
     return LedgerItem(
         image_id=image.image_id,
@@ -260,8 +267,9 @@ def _adopted_item(image: Image, allowed: set[str], now: datetime, refused: list[
 
 def adoption(inventory: RegionInventory, policy: Policy, now: datetime) -> Adoption:
     """The safe direction only: candidate clocks restart now; stages EC2 already shows are recorded
-    now; recorded grants and prior launch permissions are kept only inside share_with; retired-from
-    marks are reported for a person, never adopted. Nothing is adopted once the region was adopted."""
+    now, as adopted (a rescue leaves them: the AMI stays disabled and deprecated); recorded grants and
+    prior launch permissions are kept only inside share_with; retired-from marks are reported for a
+    person, never adopted. Nothing is adopted once the region was adopted."""
     ledger = inventory.ledger
     if ledger is not None and ledger.adopted is not None:
         return Adoption({}, [])
@@ -325,10 +333,38 @@ def recorded_stage(image: Image, stage: Stage) -> LedgerStage | None:
     return item.stages.get(stage) if item is not None else None
 
 
+def undoable_stage(image: Image, stage: Stage) -> LedgerStage | None:
+    """The stage's record where a rescue undoes it: one the janitor wrote before its own change, never
+    one adopted from tags (they do not show that the janitor made the change, nor what came before)."""
+    entry = recorded_stage(image, stage)
+    return entry if entry is not None and not entry.adopted else None
+
+
+def left_as_adopted(image: Image) -> list[str]:
+    """What a rescue leaves of the stages adopted from tags, said for a person to undo by hand."""
+    notes: list[str] = []
+    deprecate = recorded_stage(image, "deprecate")
+    if deprecate is not None and deprecate.adopted and image.deprecation_time is not None:
+        notes.append(
+            "left deprecated (adopted from tags: the ledger does not show the janitor deprecated it)"
+        )
+    disable = recorded_stage(image, "disable")
+    if disable is not None and disable.adopted:
+        if image.state == "disabled":
+            notes.append(
+                "left disabled (adopted from tags: the ledger does not show the janitor disabled it)"
+            )
+        if disable.prior_launch_permissions:
+            notes.append(
+                "launch permissions named by tags not restored: " + ",".join(disable.prior_launch_permissions)
+            )
+    return notes
+
+
 def restorable_permissions(image: Image, allowed_public: bool) -> tuple[list[str], list[str]]:
     """(what a rescue restores, what it leaves out): the launch permissions the ledger recorded before
-    the disable stage; the public group only where the family says public: true."""
-    entry = recorded_stage(image, "disable")
+    its own disable stage; the public group only where the family says public: true."""
+    entry = undoable_stage(image, "disable")
     recorded: Iterable[str] = entry.prior_launch_permissions if entry is not None else ()
     keep = sorted(p for p in recorded if p != "group:all" or allowed_public)
     left = sorted(p for p in recorded if p == "group:all" and not allowed_public)
