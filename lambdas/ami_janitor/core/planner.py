@@ -190,6 +190,23 @@ def latest_target(group: Group, now: datetime) -> Image | None:
     return None
 
 
+def kept_by_rank(group: Group, now: datetime) -> set[str]:
+    """The members the group keeps by its order alone: its `keep_latest` newest ranked members (available
+    or disabled, not superseded) and its Latest. _judge applies the same two rules one AMI at a time."""
+    kept: set[str] = set()
+    rank = 0
+    for image in group.members:
+        if image.state in RANKED_STATES and image.image_id not in group.superseded:
+            rank += 1
+            if rank > group.rules.keep_latest:
+                break
+            kept.add(image.image_id)
+    latest = latest_target(group, now)
+    if latest is not None:
+        kept.add(latest.image_id)
+    return kept
+
+
 def pointer_errors(groups: Iterable[Group], policy: Policy) -> dict[str, str]:
     """Families whose one SSM parameter would have to name AMIs of several architectures."""
     errors: dict[str, str] = {}
