@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -674,3 +674,77 @@ def test_the_worker_copies_nothing_unless_the_policy_is_enforce(aws: ClientFacto
     answer = replicate.handler(sqs_event(copy_of(source).model_dump_json()), Context())  # type: ignore[arg-type]
     assert answer == {"batchItemFailures": []}
     assert copies_in(aws, EU, source.image_id) == []
+
+
+# ---- replication and retirement in the target, run after run ----------------------------------------
+
+# Sources in both regions, copied to eu-west-1 (its own builds encrypted in place there): eu-west-1's
+# group holds its own builds and the copies, and the janitor retires there by that group's order.
+BOTH_REGIONS: Policy = parse_policy(
+    {
+        "mode": "enforce",
+        "regions": [US, EU],
+        "defaults": {"limits": {"max_fraction_per_family": 1.0}},
+        "families": [
+            {
+                "name": "web",
+                "match": {"tags": {"Project": "Web"}, "name": "web-*"},
+                "latest": {"tag": "Latest"},
+                "keep_latest": 2,
+                "replicate": [{"region": EU, "kms_key_id": KEY_EU}],
+            }
+        ],
+    }
+)
+
+
+def bake_in(factory: ClientFactory, region: str, name: str, created: datetime) -> Image:
+    ec2 = factory(region).ec2
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    image_id = ec2.create_image(InstanceId=instance["InstanceId"], Name=name)["ImageId"]
+    ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "Web"}])
+    emulator.set_image_fields(region, image_id, creation_date=created)
+    return read(factory, region, image_id)
+
+
+def generations_started(factory: ClientFactory, source: Image, region: str) -> list[int]:
+    """The generations of copies of `source` to `region` its ledger item records."""
+    recorded = read(factory, source.region, source.image_id).ledger
+    return [c.generation for c in recorded.copies if c.region == region] if recorded else []
+
+
+def test_a_copy_the_target_retired_is_not_made_again_run_after_run_until_its_group_would_keep_it(
+    aws: ClientFactory,
+) -> None:
+    start = datetime.now(UTC).replace(microsecond=0)
+    s1 = bake_in(aws, US, "web-s1", start - timedelta(days=10))
+    s2 = bake_in(aws, US, "web-s2", start - timedelta(days=40))
+    e1 = bake_in(aws, EU, "web-e1", start - timedelta(days=5))
+    bake_in(aws, EU, "web-e2", start - timedelta(days=35))
+    # A copy of s2 made earlier: eu-west-1 keeps e1 and the copy of s1 before it, so the janitor retires it.
+    stale = start_copy(aws, copy_of(s2), s2, BOTH_REGIONS)
+    assert stale.image_id is not None
+    for day in range(0, 42, 7):
+        result = engine.run(BOTH_REGIONS, [US, EU], aws, start + timedelta(days=day), apply=True)
+        assert not [n for n in result.plan.notes if "not started again" in n], result.plan.notes
+        # Each copy planned is one eu-west-1 keeps: e1 encrypted in place, and s1; never s2 again.
+        assert sorted((c.source_image_id, c.generation) for c in result.plan.copies) == (
+            sorted([(e1.image_id, 1), (s1.image_id, 1)]) if day == 0 else []
+        )
+    assert aws(EU).ec2.describe_images(ImageIds=[stale.image_id])["Images"] == []  # retired
+    assert generations_started(aws, s2, EU) == [1]
+    # Nothing eu-west-1 holds of the janitor's copies is a candidate there.
+    plan, _ = engine.build_plan(BOTH_REGIONS, [EU], aws, start + timedelta(days=42))
+    replicas = [d for d in plan.decisions if d.source_image_id]
+    assert len(replicas) == 2 and {d.action for d in replicas} == {"keep"}
+    # e1 and its copy are deregistered by hand: eu-west-1 would keep a copy of s2 once more. It is made
+    # with the next generation (its retired copy's token is spent), and no failure is reported.
+    for replica in replicas:
+        if replica.source_image_id == e1.image_id:
+            aws(EU).ec2.deregister_image(ImageId=replica.image_id)
+    aws(EU).ec2.deregister_image(ImageId=e1.image_id)
+    result = engine.run(BOTH_REGIONS, [US, EU], aws, start + timedelta(days=42), apply=True)
+    assert [(c.source_image_id, c.generation) for c in result.plan.copies] == [(s2.image_id, 2)]
+    assert not [n for n in result.plan.notes if "not started again" in n]
+    assert generations_started(aws, s2, EU) == [1, 2]
+    assert [raw["State"] for raw in copies_in(aws, EU, s2.image_id)] == ["available"]

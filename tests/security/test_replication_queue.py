@@ -236,7 +236,10 @@ FORGERIES = [
         id="other-key",
     ),
     pytest.param(
-        ("web-1", US, "Web"), {"generation": 99}, "generation 99 is outside 1..3", id="generation-99"
+        ("web-1", US, "Web"),
+        {"generation": 99},
+        "generation 99 is above 1, the highest the janitor could plan",
+        id="generation-99",
     ),
     pytest.param(
         ("web-1", US, "Web"),

@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from ami_janitor.aws.copier import enqueue_copies
-from ami_janitor.core.model import Copy, Image, LedgerCopy, LedgerItem, LedgerView, RegionInventory, iso
+from ami_janitor.core.model import (
+    Copy,
+    Image,
+    LedgerCopy,
+    LedgerItem,
+    LedgerStage,
+    LedgerView,
+    RegionInventory,
+    iso,
+)
+from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     COPY_GENERATION_TAG_PREFIX,
@@ -88,6 +98,25 @@ def started(source: Image, *generations: int, region: str = EU) -> Image:
     return source.model_copy(update={"ledger": LedgerItem(image_id=source.image_id, copies=copies)})
 
 
+def retired(copy: Image) -> Image:
+    """The copy as the janitor leaves it once retired: gone from EC2, its item records the deregistration."""
+    assert copy.ledger is not None
+    done = NOW - timedelta(days=1)
+    item = copy.ledger.model_copy(
+        update={
+            "first_candidate": NOW - timedelta(days=15),
+            "stages": {"deregister": LedgerStage(at=done, confirmed=done)},
+            "deregistered": done,
+        }
+    )
+    return copy.model_copy(update={"state": "deregistered", "ledger": item})
+
+
+def ledger_of(*copies: Image) -> LedgerView:
+    """A target region's ledger holding the items of `copies` (those gone from EC2 too)."""
+    return LedgerView(table="ami-janitor-ledger", items={c.image_id: c.ledger for c in copies if c.ledger})
+
+
 def pairs(copies: list[Copy]) -> list[tuple[str, str, int]]:
     return [(c.source_image_id, c.region, c.generation) for c in copies]
 
@@ -106,17 +135,24 @@ def test_the_keep_latest_newest_available_sources_are_copied_newest_first() -> N
     )
 
 
-def test_the_latest_is_copied_even_when_older_than_the_keep_latest() -> None:
-    # The two newest are deprecated: they still count toward keep-N, but the Latest is the third.
+def test_the_latest_of_the_target_group_is_copied_even_when_older_than_its_keep_latest() -> None:
+    # The target's two newest AMIs are deprecated: they still count toward keep-N, but its Latest is the
+    # copy of the newest source.
+    past = NOW - timedelta(days=1)
+    deprecated = [image(days_old=d, region=EU, deprecation_time=past) for d in (10, 20)]
+    latest, old = image(days_old=30), image(days_old=40)
+    copies = plan_copies([inventory(latest, old), inventory(*deprecated, region=EU)], EU_ONLY, NOW)
+    assert [c.source_image_id for c in copies] == [latest.image_id]
+
+
+def test_a_copy_carries_no_deprecation_so_a_deprecated_source_ranks_as_it_is_there() -> None:
+    # The source region's two newest are deprecated; their copies are not, so the copy of the first is
+    # the target's Latest and a copy of the source region's Latest would be a candidate there.
     past = NOW - timedelta(days=1)
     deprecated = [image(days_old=d, deprecation_time=past) for d in (10, 20)]
     latest, old = image(days_old=30), image(days_old=40)
     copies = plan_copies([inventory(*deprecated, latest, old), inventory(region=EU)], EU_ONLY, NOW)
-    assert [c.source_image_id for c in copies] == [
-        deprecated[0].image_id,
-        deprecated[1].image_id,
-        latest.image_id,
-    ]
+    assert [c.source_image_id for c in copies] == [deprecated[0].image_id, deprecated[1].image_id]
 
 
 def test_a_copy_in_any_state_but_failed_counts_as_made() -> None:
@@ -133,20 +169,84 @@ def test_a_copy_in_any_state_but_failed_counts_as_made() -> None:
 
 def test_a_retired_copy_is_not_made_again_unless_its_source_is_wanted_again() -> None:
     old, new1, new2 = image(days_old=300), image(days_old=10), image(days_old=20)
-    # The copy of `old` was retired (deregistered): `old` is no longer among the wanted sources.
+    # The janitor retired the copy of `old`: `old` is no longer among the wanted sources.
     old = started(old, 1)
-    retired = replica(old, state="deregistered")
-    assert retired.ledger is not None
+    gone = retired(replica(old))
     copies = [replica(new1), replica(new2)]
-    items = {c.image_id: c.ledger for c in [retired, *copies] if c.ledger is not None}
-    target = inventory(*copies, region=EU, ledger=LedgerView(table="ami-janitor-ledger", items=items))
-    assert plan_copies([inventory(old, new1, new2), target], EU_ONLY, NOW) == []
+    target = inventory(*copies, region=EU, ledger=ledger_of(gone, *copies))
+    assert plan_replication([inventory(old, new1, new2), target], EU_ONLY, NOW) == ([], [])
     # Both newer sources are deregistered: `old` is wanted again, and its old token must not be reused.
-    gone = inventory(
-        region=EU, ledger=LedgerView(table="ami-janitor-ledger", items={retired.image_id: retired.ledger})
+    copies_planned, problems = plan_replication(
+        [inventory(old), inventory(region=EU, ledger=ledger_of(gone))], EU_ONLY, NOW
     )
-    copies_planned = plan_copies([inventory(old), gone], EU_ONLY, NOW)
-    assert pairs(copies_planned) == [(old.image_id, EU, 2)]
+    assert pairs(copies_planned) == [(old.image_id, EU, 2)] and problems == []
+
+
+# Sources in both regions, each copied to eu-west-1 (its own builds encrypted in place there).
+BOTH_REGIONS = policy(
+    {"replicate": [{"region": EU, "kms_key_id": KEY_EU}], "latest": {"tag": "Latest"}}, regions=[US, EU]
+)
+
+
+def test_a_copy_its_target_group_would_not_keep_is_not_made() -> None:
+    s1, s2 = image(days_old=10), image(days_old=40)
+    e1, e2 = image(days_old=5, region=EU), image(days_old=35, region=EU)
+    copies, problems = plan_replication([inventory(s1, s2), inventory(e1, e2, region=EU)], BOTH_REGIONS, NOW)
+    # eu-west-1 keeps its 2 newest: e1 (encrypted in place) and the copy of s1; a copy of s2 (or of e2)
+    # would rank third there, although s2 is among the 2 newest of us-east-1.
+    assert pairs(copies) == [(e1.image_id, EU, 1), (s1.image_id, EU, 1)] and problems == []
+    # Made and available, each copy is among the 2 newest of its group there: none is a candidate.
+    made = [replica(e1, encrypted=True), replica(s1)]
+    after = inventory(e1, e2, *made, region=EU)
+    decisions = {d.image_id: d for d in plan([after], BOTH_REGIONS, NOW).decisions}
+    for copy in made:
+        assert decisions[copy.image_id].action == "keep"
+        assert decisions[copy.image_id].reasons[0].startswith("among the 2 newest of its group")
+    assert plan_replication([inventory(s1, s2), after], BOTH_REGIONS, NOW) == ([], [])
+
+
+def test_a_copy_the_janitor_retired_is_made_again_only_once_its_target_group_would_keep_it() -> None:
+    s1, s2 = started(image(days_old=10), 1), started(image(days_old=40), 1)
+    e1 = image(days_old=5, region=EU)
+    copy1, gone = replica(s1), retired(replica(s2))
+    # eu-west-1 keeps e1 and the copy of s1: the copy of s2 was a candidate there, and the janitor
+    # retired it. s2 is still among the 2 newest of us-east-1: it is not copied again, and its retired
+    # copy is no failure.
+    eu = inventory(e1, copy1, region=EU, ledger=ledger_of(copy1, gone))
+    assert plan_replication([inventory(s1, s2), eu], EU_ONLY, NOW) == ([], [])
+    # e1 is deregistered by hand: the copy of s2 would be among the 2 newest there once more.
+    eu = inventory(copy1, region=EU, ledger=ledger_of(copy1, gone))
+    copies, problems = plan_replication([inventory(s1, s2), eu], EU_ONLY, NOW)
+    assert pairs(copies) == [(s2.image_id, EU, 2)] and problems == []
+
+
+def test_a_retired_copy_counts_no_failure_toward_the_bound() -> None:
+    source = started(image(days_old=10), 1, 2, 3)
+    # Retired three times (its source dropped out of the wanted and came back each time).
+    gone = [retired(replica(source, generation=g)) for g in (1, 2, 3)]
+    eu = inventory(region=EU, ledger=ledger_of(*gone))
+    copies, problems = plan_replication([inventory(source), eu], EU_ONLY, NOW)
+    assert pairs(copies) == [(source.image_id, EU, 4)] and problems == []
+    # The worker takes the generation the janitor planned.
+    assert rebuild_copy(copies[0], source, EU_ONLY) == copies[0]
+    # Two failed and one retired: a third generation may still fail.
+    failed = [replica(source, state="failed", generation=g) for g in (1, 2)]
+    eu = inventory(*failed, region=EU, ledger=ledger_of(*failed, gone[2]))
+    assert pairs(plan_copies([inventory(source), eu], EU_ONLY, NOW)) == [(source.image_id, EU, 4)]
+    # Three failed: given up and reported, the retired one aside.
+    source = started(source, 1, 2, 3, 4)
+    failed.append(replica(source, state="failed", generation=4))
+    eu = inventory(*failed, region=EU, ledger=ledger_of(*failed, gone[2]))
+    copies, problems = plan_replication([inventory(source), eu], EU_ONLY, NOW)
+    assert copies == [] and len(problems) == 1 and "3 generations failed" in problems[0]
+
+
+def test_a_copy_in_flight_counts_as_the_available_copy_it_becomes() -> None:
+    s1, s2 = image(days_old=10), image(days_old=20)
+    native = image(days_old=15, region=EU)
+    # Once the copy of s1 is available, eu-west-1 keeps it and its own build: a copy of s2 would be third.
+    in_flight = replica(s1, state="pending")
+    assert plan_copies([inventory(s1, s2), inventory(native, in_flight, region=EU)], EU_ONLY, NOW) == []
 
 
 def test_a_failed_copy_is_started_again_with_the_next_generation_up_to_the_bound() -> None:
@@ -159,12 +259,14 @@ def test_a_failed_copy_is_started_again_with_the_next_generation_up_to_the_bound
     ahead = started(source, 1, 2)
     copies = plan_copies([inventory(ahead), inventory(first, region=EU)], EU_ONLY, NOW)
     assert pairs(copies) == [(source.image_id, EU, 2)]
+    second = replica(source, state="failed", generation=2)
     last = replica(source, state="failed", generation=MAX_COPY_GENERATIONS)
-    copies, problems = plan_replication([inventory(source), inventory(first, last, region=EU)], EU_ONLY, NOW)
+    failed = inventory(first, second, last, region=EU)
+    copies, problems = plan_replication([inventory(source), failed], EU_ONLY, NOW)
     assert copies == []
     assert len(problems) == 1
-    assert source.image_id in problems[0] and EU in problems[0] and "3 generations" in problems[0]
-    assert copy_problems([inventory(source), inventory(first, last, region=EU)], EU_ONLY, NOW) == problems
+    assert source.image_id in problems[0] and EU in problems[0] and "3 generations failed" in problems[0]
+    assert copy_problems([inventory(source), failed], EU_ONLY, NOW) == problems
 
 
 def test_a_copy_the_ledger_does_not_record_is_no_copy_of_the_source() -> None:
@@ -401,7 +503,10 @@ def test_a_failed_replica_plans_its_next_generation() -> None:
 @pytest.mark.parametrize(
     ("make", "why"),
     [
-        (lambda s: replica(s, state="failed", generation=MAX_COPY_GENERATIONS), "the last one allowed"),
+        (
+            lambda s: replica(s, state="failed", generation=MAX_COPY_GENERATIONS),
+            f"starts it again only if fewer than {MAX_COPY_GENERATIONS} of its generations failed",
+        ),
         (lambda s: replica(s, state="available", generation=1), "nothing to retry"),
         (lambda s: s.model_copy(update={"state": "failed"}), "not a copy made by the janitor"),
         (lambda s: replica(s, region=WEST, state="failed"), "no longer a replicate target"),
@@ -469,8 +574,8 @@ def test_a_request_the_planner_makes_is_rebuilt_as_it_is_with_the_policy_key() -
         ({"kms_key_id": None}, f"kms_key_id missing: target eu-west-1 encrypts copies with {KEY_EU}"),
         ({"kms_key_id": OTHER_KEY}, f"kms_key_id {OTHER_KEY} is not the key target eu-west-1 configures"),
         ({"region": WEST, "kms_key_id": KEY_EU}, "target us-west-2 configures no key"),
-        ({"generation": 99}, f"generation 99 is outside 1..{MAX_COPY_GENERATIONS}"),
-        ({"generation": 0}, "generation 0 is outside"),
+        ({"generation": 99}, "generation 99 is above 1, the highest the janitor could plan"),
+        ({"generation": 0}, "generation 0 is below 1"),
     ],
 )
 def test_a_request_the_policy_does_not_make_is_refused_with_the_reason(

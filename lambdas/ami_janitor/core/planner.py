@@ -207,6 +207,27 @@ def latest_target(group: Group, now: datetime) -> Image | None:
     return None
 
 
+def kept_by_rank(group: Group, now: datetime) -> set[str]:
+    """The members the group keeps by its order alone: its `keep_latest` newest ranked members (available
+    or disabled, not superseded, not contested) and its Latest. _judge applies the same two rules one AMI at a time."""
+    kept: set[str] = set()
+    rank = 0
+    for image in group.members:
+        if (
+            image.state in RANKED_STATES
+            and image.image_id not in group.superseded
+            and image.image_id not in group.contested
+        ):
+            rank += 1
+            if rank > group.rules.keep_latest:
+                break
+            kept.add(image.image_id)
+    latest = latest_target(group, now)
+    if latest is not None:
+        kept.add(latest.image_id)
+    return kept
+
+
 GroupKey = tuple[str, str]  # a group's family and architecture
 
 

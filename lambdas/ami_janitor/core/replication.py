@@ -1,21 +1,29 @@
 """Replication: which copies each target region needs (pure), and starting one copy (idempotent).
 
+A target gets the copies its own group would keep: planned against the target group as it will be once
+the copies in flight and the copies planned now are available (core.planner.kept_by_rank), so a fresh
+copy is never a candidate there, and a copy the janitor retired is made again only when its source is
+once more among those its group keeps.
+
 A copy is found by provenance, never by name or tag: EC2 says what an AMI was copied from
 (SourceImageId/SourceImageRegion) and the ledger of its region records that the janitor made it (its
 `replica`), so a duplicate event, a redriven message or a second planner never makes a second copy, and
-no tag makes an AMI a copy (or an original superseded by one). A copy that fails (or is gone: retired,
-deregistered by hand) is started again with the next generation, up to MAX_COPY_GENERATIONS. The
-generation is part of the ClientToken, because EC2 remembers a token and would answer a new request with
-the old (failed or deregistered) copy. Each generation is recorded in the source's ledger item (its
-`copies`) before CopyImage is called, so a generation is never used twice, and in the copy's own item
-after, so the retry of a failed copy can be planned from the copy alone (its event arrives in the
-destination region). A generation recorded on the source but on no copy was interrupted between the two
-writes: it is started again with the same token (EC2 answers with the copy it made, if any).
+no tag makes an AMI a copy (or an original superseded by one). A copy that fails (or is gone without the
+janitor retiring it: deregistered by hand) is started again with the next generation, until
+MAX_COPY_GENERATIONS generations failed; a copy the janitor retired is no failure. The generation is part
+of the ClientToken, because EC2 remembers a token and would answer a new request with the old (failed or
+deregistered) copy, so a retired copy made again takes the next generation too. Each generation is
+recorded in the source's ledger item (its `copies`) before CopyImage is called, so a generation is never
+used twice, and in the copy's own item after, so the retry of a failed copy can be planned from the copy
+alone (its event arrives in the destination region). A generation recorded on the source but on no copy
+was interrupted between the two writes: it is started again with the same token (EC2 answers with the
+copy it made, if any).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -26,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from ami_janitor.core.keys import KeyResolutions, LastKeys, ResolvedKey, copy_records, last_keys, target_key
 from ami_janitor.core.keys import inventory_records as _records
 from ami_janitor.core.model import Copy, Image, LedgerCopy, RegionInventory, Status, iso
-from ami_janitor.core.planner import Group, Grouped, build_groups, latest_target, order_key
+from ami_janitor.core.planner import Group, Grouped, build_groups, kept_by_rank, order_key, superseded_ids
 from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
     JANITOR_TAG_PREFIX,
@@ -40,6 +48,8 @@ from ami_janitor.core.policy import (
 )
 from ami_janitor.core.validation import describe_validation_error
 
+# Generations of a copy that may fail (or go without the janitor retiring them) before it is given up
+# and reported.
 MAX_COPY_GENERATIONS = 3
 
 # States of a copy that failed (EC2 says so): it needs a new generation.
@@ -175,13 +185,29 @@ def _copies_by_source(inventory: RegionInventory) -> dict[str, list[Image]]:
     return index
 
 
-def _replicas_recorded(inventory: RegionInventory) -> dict[tuple[str, str], set[int]]:
-    """(source, source region) -> the generations the region's ledger records a copy of (any state, gone
-    ones too): their CopyImage returned."""
-    index: dict[tuple[str, str], set[int]] = defaultdict(set)
+class RecordedCopies(NamedTuple):
+    """What a target region's ledger records of the copies of one source: the generations whose CopyImage
+    returned (any state, gone ones too), and those of them the janitor retired (no failure)."""
+
+    generations: set[int]
+    retired: set[int]
+
+    @property
+    def failed(self) -> set[int]:
+        """Generations that failed or are gone without the janitor retiring them."""
+        return self.generations - self.retired
+
+
+def _replicas_recorded(inventory: RegionInventory) -> dict[tuple[str, str], RecordedCopies]:
+    """(source, source region) -> the copies the region's ledger records. A copy the janitor retired is
+    one whose item records its deregistration."""
+    index: dict[tuple[str, str], RecordedCopies] = defaultdict(lambda: RecordedCopies(set(), set()))
     for item in inventory.ledger.items.values() if inventory.ledger is not None else ():
         if item.replica is not None:
-            index[(item.replica.source_image_id, item.replica.source_region)].add(item.replica.generation)
+            copies = index[(item.replica.source_image_id, item.replica.source_region)]
+            copies.generations.add(item.replica.generation)
+            if "deregister" in item.stages:
+                copies.retired.add(item.replica.generation)
     return index
 
 
@@ -191,16 +217,28 @@ def _tried(source: Image, region: str, copies: Iterable[Image]) -> int:
     return max([recorded_generation(source, region), *made])
 
 
-def wanted_sources(group: Group, conflicts: Mapping[str, Sequence[str]], now: datetime) -> list[Image]:
-    """The sources a target group would keep: the `keep_latest` newest available sources of the group
-    (by creation) plus its Latest, newest first. Replicas and AMIs of several families are no sources."""
-    sources = [m for m in group.members if not m.is_replica and m.image_id not in conflicts]
-    available = [s for s in sources if s.state == "available"]
-    wanted = available[: group.rules.keep_latest]
-    latest = latest_target(group.with_members(sources, superseded=set()), now)
-    if latest is not None and latest not in wanted:
-        wanted.append(latest)
-    return sorted(wanted, key=order_key, reverse=True)
+def _in_flight_as_available(image: Image) -> Image:
+    """A copy being made counts as the available AMI it becomes (it will rank in its group)."""
+    if image.state == "pending" and image.is_replica:
+        return image.model_copy(update={"state": "available"})
+    return image
+
+
+def wanted_sources(target: Group, offered: Sequence[Image], now: datetime) -> set[str]:
+    """Of the `offered` sources (available, none with a usable copy in the target group's region), those
+    whose copy the target group would keep (planner.kept_by_rank): among its `keep_latest` newest members
+    (by source creation) or its Latest, once the copies in flight and the offered copies are available. A
+    copy carries no deprecation time, and a copy in its source's region stands in for the source."""
+    # Every offered copy ranks and may be the Latest: only the keep_latest newest of them can be kept.
+    newest = heapq.nlargest(target.rules.keep_latest, offered, key=order_key)
+    ids = {source.image_id for source in newest}
+    members = [_in_flight_as_available(m) for m in target.members if m.image_id not in ids]
+    # The copy of a source, as the group sees it: the source's order, available, not deprecated.
+    members += [s.model_copy(update={"region": target.region, "deprecation_time": None}) for s in newest]
+    members.sort(key=order_key, reverse=True)
+    prospect = target.with_members(members, superseded=set())
+    prospect.superseded = superseded_ids(prospect)
+    return ids & kept_by_rank(prospect, now)
 
 
 def _targets(family: Family, region: str) -> tuple[list[ReplicateTarget], list[str]]:
@@ -263,37 +301,41 @@ def new_source_copies(
         for target, arn in targets
         if not (target.region == source.region and source.encrypted)  # encrypt in place: unencrypted only
     ]
-    # A record past the bound (written by hand): the worker would refuse it; the scheduled run reports it.
-    return [c for c in copies if c.generation <= MAX_COPY_GENERATIONS], problems
+    return copies, problems
 
 
-def _plan_one(
-    family: Family,
-    source: Image,
-    target: ReplicateTarget,
-    copies: Sequence[Image],
-    replicated: set[int],
-) -> Copy | str | None:
-    """The copy `source` needs in `target` (None: none; a str: a problem that stops it). `copies`: the
-    replicas of `source` there, `replicated`: the generations the target's ledger records a copy of."""
-    if target.region == source.region and source.encrypted:
-        return None  # encrypt in place applies only to unencrypted sources
-    if any(is_usable(c) for c in copies):
-        return None
+def _plan_one(family: Family, source: Image, target: ReplicateTarget, copies: RecordedCopies) -> Copy | str:
+    """The copy `source` needs in `target`, where it has no usable copy (a str: a problem that stops it).
+    `copies`: what the target's ledger records of its copies."""
     recorded = recorded_generation(source, target.region)
-    if recorded and recorded not in replicated:
+    if recorded and recorded not in copies.generations:
         # Recorded before CopyImage, never recorded as made: the same token again finishes it.
         return copy_to(family.name, source.image_id, source.region, target, recorded)
-    tried = max([recorded, *replicated])
-    generation = tried + 1
-    if generation > MAX_COPY_GENERATIONS:
+    failed = len(copies.failed)
+    if failed >= MAX_COPY_GENERATIONS:
         return (
             f"family {family.name}: copy of {source.image_id} ({source.region}) to {target.region} not "
-            f"started again: {tried} generations were started and none is usable (failed or gone); "
-            f"fix the cause and deregister the failed copies: the ledger item of {source.image_id} "
-            f"records each generation started"
+            f"started again: {failed} generations failed or are gone (not retired by the janitor) and "
+            f"none is usable; fix the cause and deregister the failed copies: the ledger item of "
+            f"{source.image_id} records each generation started"
         )
+    # A new token: EC2 would answer an old one with its failed or deregistered copy.
+    generation = max([recorded, *copies.generations]) + 1
     return copy_to(family.name, source.image_id, source.region, target, generation)
+
+
+def _is_source(image: Image, conflicts: Mapping[str, Sequence[str]]) -> bool:
+    """An available AMI of one family that is no copy: it may be copied."""
+    return image.state == "available" and not image.is_replica and image.image_id not in conflicts
+
+
+def _needs_copy(source: Image, target: ReplicateTarget, copies: Sequence[Image]) -> bool:
+    """A source that may have a copy in `target` and has none that is usable."""
+    if source.root_device_type == "instance-store":
+        return False
+    if target.region == source.region and source.encrypted:
+        return False  # encrypt in place applies only to unencrypted sources
+    return not any(is_usable(c) for c in copies)
 
 
 def plan_replication(
@@ -305,46 +347,77 @@ def plan_replication(
 ) -> tuple[list[Copy], list[str]]:
     """The copies to start and the problems to report. Sources are read in the policy's `regions`, copies
     in the targets; a region without a usable inventory (absent, or with an error) is left alone: no copy
-    from it, none to it. `keys`: what each alias target resolves to now (without it, alias targets are
+    from it, none to it. A source is copied to a target where the target's group would keep its copy
+    (wanted_sources). `keys`: what each alias target resolves to now (without it, alias targets are
     skipped); every ledger read holds records of the key ARNs copies were made with.
     Order: source region, family, architecture, source newest first, target region."""
     usable = {inv.region: inv for inv in inventories if inv.error is None}
     last = last_keys(_records(usable.values()))
     indexes = {region: _copies_by_source(inv) for region, inv in usable.items()}
     replicated = {region: _replicas_recorded(inv) for region, inv in usable.items()}
-    copies: list[Copy] = []
-    problems: list[str] = []
-    for region in sorted(set(policy.regions) & set(usable)):
+    built: Grouped = dict(grouped or {})
+
+    def groups_of(region: str) -> tuple[list[Group], dict[str, list[str]]]:
         # A copy target read for this run only (not planned here) has no groups yet.
-        groups, conflicts = (
-            grouped[region] if grouped and region in grouped else build_groups(usable[region], policy)
-        )
+        if region not in built:
+            built[region] = build_groups(usable[region], policy)
+        return built[region]
+
+    problems: list[str] = []
+    # Each source group with its targets and sources, and what each target group is offered.
+    sources_of: list[tuple[Group, list[tuple[ReplicateTarget, str | None]], list[Image]]] = []
+    offered: dict[tuple[str, str, str], list[Image]] = defaultdict(list)
+    for region in sorted(set(policy.regions) & set(usable)):
+        groups, conflicts = groups_of(region)
         for group in groups:
             if not group.family.replicate:
                 continue
             targets, target_problems = _keyed_targets(group.family, region, keys, last)
             # One line per family, not one per architecture group.
             problems.extend(p for p in target_problems if p not in problems)
-            for source in wanted_sources(group, conflicts, now):
-                if source.root_device_type == "instance-store":
-                    problems.append(f"{source.image_id} ({region}) is instance-store backed: not replicated")
+            targets = [(t, arn) for t, arn in targets if t.region in usable]
+            sources = [m for m in group.members if _is_source(m, conflicts)]
+            sources_of.append((group, targets, sources))
+            for target, _arn in targets:
+                key = (target.region, group.family.name, group.architecture)
+                index = indexes[target.region]
+                offered[key] += [s for s in sources if _needs_copy(s, target, index.get(s.image_id, []))]
+    wanted = {
+        key: wanted_sources(_target_group(groups_of(key[0])[0], key, policy), sources, now)
+        for key, sources in offered.items()
+    }
+    copies: list[Copy] = []
+    for group, targets, sources in sources_of:
+        kept = kept_by_rank(group, now)
+        for source in sources:
+            if source.root_device_type == "instance-store" and source.image_id in kept:
+                problems.append(
+                    f"{source.image_id} ({group.region}) is instance-store backed: not replicated"
+                )
+            for target, arn in targets:
+                key = (target.region, group.family.name, group.architecture)
+                if source.image_id not in wanted.get(key, ()):
                     continue
-                for target, arn in targets:
-                    if target.region not in indexes:
-                        continue
-                    planned = _plan_one(
-                        group.family,
-                        source,
-                        target,
-                        indexes[target.region].get(source.image_id, []),
-                        replicated[target.region].get((source.image_id, region), set()),
-                    )
-                    if isinstance(planned, Copy):
-                        resolved = arn if target.kms_alias is not None else None
-                        copies.append(planned.model_copy(update={"kms_key_arn": resolved}))
-                    elif planned is not None:
-                        problems.append(planned)
+                recorded = replicated[target.region].get(
+                    (source.image_id, group.region), RecordedCopies(set(), set())
+                )
+                planned = _plan_one(group.family, source, target, recorded)
+                if isinstance(planned, str):
+                    problems.append(planned)
+                    continue
+                resolved = arn if target.kms_alias is not None else None
+                copies.append(planned.model_copy(update={"kms_key_arn": resolved}))
     return copies, problems
+
+
+def _target_group(groups: Sequence[Group], key: tuple[str, str, str], policy: Policy) -> Group:
+    """The group of `key` (region, family, architecture) in a target region: empty where it has none."""
+    region, family, architecture = key
+    found = next((g for g in groups if (g.family.name, g.architecture) == (family, architecture)), None)
+    if found is not None:
+        return found
+    chosen = policy.family(family)
+    return Group(region, chosen, architecture, policy.rules_for(chosen))
 
 
 def plan_copies(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> list[Copy]:
@@ -353,7 +426,7 @@ def plan_copies(inventories: Sequence[RegionInventory], policy: Policy, now: dat
 
 
 def copy_problems(inventories: Sequence[RegionInventory], policy: Policy, now: datetime) -> list[str]:
-    """Plan notes: copies given up after MAX_COPY_GENERATIONS, policy targets that cannot work."""
+    """Plan notes: copies given up after MAX_COPY_GENERATIONS failed, policy targets that cannot work."""
     return plan_replication(inventories, policy, now)[1]
 
 
@@ -375,11 +448,13 @@ def handle_failed_replica(image: Image, policy: Policy) -> Retry:
     if target.region == record.source_region and target.kms_key_id is None:
         return Retry(None, f"{image.region} is the source region and has no kms_key_id: not retried")
     generation = record.generation + 1
-    if generation > MAX_COPY_GENERATIONS:
+    if record.generation >= MAX_COPY_GENERATIONS:
+        # Its earlier generations may have failed too: only the target's ledger tells (the scheduled run).
         return Retry(
             None,
             f"copy of {record.source_image_id} to {image.region} failed in generation "
-            f"{generation - 1}, the last one allowed: not started again",
+            f"{record.generation}: the next scheduled run starts it again only if fewer than "
+            f"{MAX_COPY_GENERATIONS} of its generations failed",
         )
     copy = copy_to(family.name, record.source_image_id, record.source_region, target, generation)
     return Retry(copy, f"{image.image_id} failed: generation {generation} planned")
@@ -495,7 +570,7 @@ def _policy_change(copy: Copy, policy: Policy) -> str | None:
 def allowed_target(request: Copy, policy: Policy) -> ReplicateTarget:
     """The policy's target for a queued request, checked on the request alone (before any AWS call, so a
     forged region is never called): its source region is one of the policy's `regions`, its family
-    replicates there, its key is exactly the target's, its generation within the bound. RefusedCopy else."""
+    replicates there, its key is exactly the target's, its generation from 1. RefusedCopy else."""
     if request.source_region not in policy.regions:
         raise RefusedCopy(
             f"source region {request.source_region} is not one of the policy's regions "
@@ -515,8 +590,8 @@ def allowed_target(request: Copy, policy: Policy) -> ReplicateTarget:
         )
     if request.kms_key_id != target.kms_key_id:
         raise RefusedCopy(_key_mismatch(request.kms_key_id, target), request)
-    if not 1 <= request.generation <= MAX_COPY_GENERATIONS:
-        raise RefusedCopy(f"generation {request.generation} is outside 1..{MAX_COPY_GENERATIONS}", request)
+    if request.generation < 1:
+        raise RefusedCopy(f"generation {request.generation} is below 1", request)
     return target
 
 
