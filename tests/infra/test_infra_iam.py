@@ -96,6 +96,33 @@ def test_role_actions_are_handler_permissions_plus_infra_extras(templates: dict[
             assert granted == expected, (name, module, granted ^ expected)
 
 
+# What DescribeImageReferences reads with the caller's own permissions (AWS's managed policy
+# AmazonEC2ImageReferencesAccessPolicy): written out here, not taken from the code it checks.
+IMAGE_REFERENCES_NEEDS = {
+    "ec2:DescribeInstances",
+    "ec2:DescribeLaunchTemplates",
+    "ec2:DescribeLaunchTemplateVersions",
+    "ssm:DescribeParameters",
+    "ssm:GetParameters",
+    "imagebuilder:ListImageRecipes",
+    "imagebuilder:ListContainerRecipes",
+    "imagebuilder:GetContainerRecipe",
+}
+
+
+def test_every_role_that_asks_describe_image_references_may_read_what_it_looks_at(
+    templates: dict[str, dict[str, Any]],
+) -> None:
+    asking = 0
+    for template in templates.values():
+        for module, role_id in _roles(template).items():
+            actions = {a for s in _statements(template, role_id) for a in as_list(s["Action"])}
+            if "ec2:DescribeImageReferences" in actions:
+                asking += 1
+                assert IMAGE_REFERENCES_NEEDS <= actions, (module, sorted(IMAGE_REFERENCES_NEEDS - actions))
+    assert asking >= 2  # the scheduled run and the slice worker, at least
+
+
 def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[str, Any]]) -> None:
     for template in templates.values():
         queue = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("ReplicationQueue"))

@@ -18,12 +18,19 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
 PERMISSIONS: list[str] = ["ec2:DescribeImageReferences"]
-# With IncludeAllResourceTypes the API looks at those resources with the caller's own permissions
-# (AmazonEC2ImageReferencesAccessPolicy): without these the call is refused and the region is skipped.
+# With IncludeAllResourceTypes the API looks at each resource type with the caller's own permissions
+# (what AWS's AmazonEC2ImageReferencesAccessPolicy grants): without these the call is refused and the
+# region is skipped, or the slice is not run. Every role that calls it needs them all, even where its
+# other calls do not.
 DEPENDENCIES: list[str] = [
+    "ec2:DescribeInstances",
+    "ec2:DescribeLaunchTemplateVersions",
+    "ec2:DescribeLaunchTemplates",
     "imagebuilder:GetContainerRecipe",
     "imagebuilder:ListContainerRecipes",
     "imagebuilder:ListImageRecipes",
+    "ssm:DescribeParameters",
+    "ssm:GetParameters",
 ]
 
 _BATCH = 10  # DescribeImageReferences takes at most 10 image ids
