@@ -129,6 +129,20 @@ def test_a_slice_reads_its_amis_references_live_instances_and_ledger_items() -> 
     assert fake.dynamodb.calls == {"BatchGetItem": 1}
 
 
+def test_many_instances_of_a_slices_amis_are_asked_within_ec2s_200_filter_values_a_call() -> None:
+    """The instance ids and the live states share one call's 200 filter values."""
+    fake = fleet(2)
+    fake.references = [
+        Reference(image_id="ami-00000000", kind="instance", resource_id=f"i-{n:08x}", detail="x")
+        for n in range(400)
+    ]
+    fake.instances.update({f"i-{n:08x}": "terminated" for n in range(0, 400, 2)})
+    inventory = slicer.read_slice(clients(fake), POLICY, work("ami-00000000"))
+    assert len(inventory.references) == 200  # the running half
+    asked = [c for c in fake.calls if c.operation == "describe_instances"]
+    assert len(asked) == 3 and all(sum(len(f["Values"]) for f in c.params["Filters"]) <= 200 for c in asked)
+
+
 def test_a_slice_without_the_ledger_table_reads_no_items() -> None:
     fake = fleet(2)
     fake.ledger.table = "another-table"

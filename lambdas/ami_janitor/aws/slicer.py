@@ -12,7 +12,7 @@ that rule 5 keeps holds the AMI back there.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -73,8 +73,9 @@ STAGE_REFILL: dict[Stage, float] = {
 # AMIs in flight at once in the slice worker: each AMI's calls go one after another, so with one in
 # flight a slice runs at one call's latency; a few keep its paced client at the token buckets' rate.
 SLICE_WORKERS = 4
-FILTER_VALUES_MAX = 200  # values per DescribeInstances filter
+FILTER_VALUES_MAX = 200  # filter values per DescribeInstances call, all filters together
 SEND_BATCH_MAX = 10  # SendMessageBatch entries
+SEND_BATCH_BYTES = 1_048_576  # SendMessageBatch: the bodies of its messages together
 _LIVE_STATES = ["pending", "running", "shutting-down", "stopping", "stopped"]
 
 
@@ -97,7 +98,8 @@ class SliceResult(BaseModel):
 
 def _live(ec2: EC2Client, instance_ids: Iterable[str]) -> set[str]:
     live: set[str] = set()
-    for batch in chunks(sorted(set(instance_ids)), FILTER_VALUES_MAX):
+    # EC2's 200 filter values are a call's, the states' included.
+    for batch in chunks(sorted(set(instance_ids)), FILTER_VALUES_MAX - len(_LIVE_STATES)):
         raws = items(
             ec2,
             "describe_instances",
@@ -249,29 +251,45 @@ def deduplication_id(work: WorkSlice) -> str:
     return hashlib.sha256(work.key.encode()).hexdigest()
 
 
+def _send_batches(slices: Sequence[WorkSlice]) -> Iterator[list[tuple[WorkSlice, str]]]:
+    """The slices with their message bodies, in order, in batches SendMessageBatch takes: at most ten
+    messages, and at most 1 MiB of bodies together (a slice of 1,000 AMIs is about 130 KB)."""
+    batch: list[tuple[WorkSlice, str]] = []
+    size = 0
+    for work in slices:
+        body = work.model_dump_json()
+        length = len(body.encode())
+        if batch and (len(batch) == SEND_BATCH_MAX or size + length > SEND_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append((work, body))
+        size += length
+    if batch:
+        yield batch
+
+
 def enqueue_slices(sqs: SQSClient, queue_url: str, slices: Sequence[WorkSlice]) -> int:
     """Queue the slices (a FIFO queue: one message group per region, so a region's slices run one
     after the other; deduplicated by slice, so queueing again within SQS's window adds nothing).
     Raises when SQS refuses any: the run then reports it and the next run plans again."""
-    for start in range(0, len(slices), SEND_BATCH_MAX):
-        batch = slices[start : start + SEND_BATCH_MAX]
+    for batch in _send_batches(slices):
         answer = sqs.send_message_batch(
             QueueUrl=queue_url,
             Entries=[
                 {
                     "Id": str(work.index),
-                    "MessageBody": work.model_dump_json(),
+                    "MessageBody": body,
                     "MessageGroupId": work.region,
                     "MessageDeduplicationId": deduplication_id(work),
                 }
-                for work in batch
+                for work, body in batch
             ],
         )
         failed = answer.get("Failed") or []
         if failed:
-            first = failed[0]
+            first, (work, _body) = failed[0], batch[0]
             raise RuntimeError(
-                f"SQS refused {len(failed)} slice(s) of run {batch[0].run} in {batch[0].region}: "
+                f"SQS refused {len(failed)} slice(s) of run {work.run} in {work.region}: "
                 f"{first.get('Code')}: {first.get('Message')}"
             )
     return len(slices)
