@@ -10,7 +10,11 @@ import boto3
 import pytest
 import yaml
 
+from ami_janitor.aws import rotator
+from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.aws.inventory import count_calls
 from ami_janitor.aws.ledger import LedgerMissing
+from ami_janitor.core.policy import load_policy
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
 from lambda_events import Context
@@ -114,6 +118,33 @@ def test_disabled_and_deregistered_events_move_latest_to_the_next_newest(lambda_
     ami_event.handler(event("ami_deregistered.json", fleet.images[-2]), Context())
     assert latest_holders(fleet.images[:-2] + fleet.images[-1:]) == [fleet.images[-3]]
     assert parameter() == fleet.images[-3]
+
+
+def test_the_janitors_own_retirements_events_read_one_ledger_item_and_a_current_latest_one_read(
+    lambda_env: Path,
+) -> None:
+    """The janitor moved Latest away before its stages: their events ask the ledger alone. Any other
+    event reads the region once when nothing needs writing (the rotation's first round is that read)."""
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    scheduled.handler(event("scheduled.json"), Context())  # every stage is due at once: it retires
+    retired = [i for i in fleet.images if i not in image_ids()]
+    assert retired
+    policy = load_policy(str(lambda_env))
+    clients = ClientFactory()("us-east-1")
+    calls = count_calls(clients.ec2, clients.dynamodb)
+
+    for state, stage in (("disabled", "disable"), ("deregistered", "deregister")):
+        outcome = rotator.handle_state_change(retired[0], state, clients, policy, now())
+        assert outcome.outcome == "ignored" and outcome.why is not None
+        assert outcome.why.startswith(f"the janitor's own {stage} stage")
+    assert calls == {"dynamodb:BatchGetItem": 2}
+
+    calls.clear()
+    outcome = rotator.handle_state_change(fleet.images[-1], "available", clients, policy, now())
+    assert outcome.outcome == "rotated" and outcome.rotations == []
+    assert calls["ec2:DescribeImages"] == 1
 
 
 def test_an_enforce_run_without_a_ledger_is_refused_before_it_writes(lambda_env: Path) -> None:

@@ -15,9 +15,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images
+from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images, read_ledger_items
 from ami_janitor.aws.sharer import ShareResult
-from ami_janitor.core.model import AmiState, LatestChange, Outcome, RegionInventory, Share
+from ami_janitor.core.model import AmiState, LatestChange, Outcome, RegionInventory, Share, Stage
 from ami_janitor.core.policy import Mode, Policy
 from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for
 
@@ -137,12 +137,14 @@ def converge(
     only: Selection = EVERY_GROUP,
     *,
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
+    first: RegionInventory | None = None,
 ) -> list[RotationResult]:
-    """Rotate the region's groups (those `only` selects) until EC2 and SSM agree with the plan."""
+    """Rotate the region's groups (those `only` selects) until EC2 and SSM agree with the plan; `first`:
+    the region as its caller has just read it (the first round's, not read again)."""
     read = load or load_images
     results: dict[tuple[str, str], RotationResult] = {}
-    for _ in range(MAX_ROUNDS):
-        inventory = read(clients, policy)
+    for round_ in range(MAX_ROUNDS):
+        inventory = first if round_ == 0 and first is not None else read(clients, policy)
         if inventory.error:
             results[("*", "*")] = RotationResult.unreadable(clients.region, inventory.error)
             break
@@ -170,6 +172,17 @@ def converge(
     return [results[key] for key in sorted(results)]
 
 
+# The stage of the janitor's that makes EC2 send an event of this state.
+_JANITORS_STAGE: dict[str, Stage] = {"disabled": "disable", "deregistered": "deregister"}
+
+
+def _ledger_records(clients: RegionClients, policy: Policy, image_id: str, stage: Stage) -> bool:
+    """The AMI's ledger item records the janitor's `stage` (a region without a table records none)."""
+    view = read_ledger_items(clients, policy.ledger.table, [image_id])
+    item = view.items.get(image_id) if view is not None else None
+    return item is not None and stage in item.stages
+
+
 def handle_state_change(
     image_id: str,
     state: AmiState,
@@ -191,6 +204,12 @@ def handle_state_change(
         return outcome(outcome="paused")
     if state == "failed":
         return outcome(outcome="failed-counted")
+    stage = _JANITORS_STAGE.get(state)
+    if stage is not None and _ledger_records(clients, policy, image_id, stage):
+        # The janitor moves Latest away from an AMI before any stage: its own disable or deregister
+        # leaves Latest where it was (one BatchGetItem, not the region's AMIs read twice; the
+        # scheduled run reconciles anything else).
+        return outcome(outcome="ignored", why=f"the janitor's own {stage} stage, which the ledger records")
     inventory = read(clients, policy)
     if inventory.error:
         # Raise so the invocation is retried and then lands in the failure destination.
@@ -207,7 +226,7 @@ def handle_state_change(
     if policy.mode != "enforce":
         changes = changes_for(inventory, policy, now, only)
         return outcome(outcome="dry-run", would=changes)
-    results = converge(clients, policy, now, only, load=read)
+    results = converge(clients, policy, now, only, load=read, first=inventory)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         raise RuntimeError(f"rotation failed: {failed[0].error}")
