@@ -10,6 +10,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.exceptions import ClientError
 from botocore.stub import ANY, Stubber
 
 from ami_janitor.aws import ledger
@@ -289,3 +290,31 @@ def test_ledger_create_whose_create_and_ttl_answers_were_lost_finishes(
     assert table["DeletionProtectionEnabled"] is True
     ttl = clients.dynamodb.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
     assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", "ttl")
+
+
+def test_unprocessed_keys_are_asked_again_after_a_growing_wait_then_fail_as_an_aws_error(
+    fake_aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = boto3.client("dynamodb", region_name="us-east-1")
+    waits: list[float] = []
+    monkeypatch.setattr(ledger.time, "sleep", waits.append)
+    keys = [ledger.key("ami-1"), ledger.key("ami-2")]
+    raw = {**ledger.key("ami-1"), "image_id": {"S": "ami-1"}}
+    with Stubber(db) as stub:
+        ask = {"RequestItems": {TABLE: {"Keys": keys, "ConsistentRead": True}}}
+        left = {TABLE: {"Keys": [ledger.key("ami-2")], "ConsistentRead": True}}
+        stub.add_response("batch_get_item", {"Responses": {TABLE: [raw]}, "UnprocessedKeys": left}, ask)
+        again = {"RequestItems": {TABLE: {"Keys": [ledger.key("ami-2")], "ConsistentRead": True}}}
+        stub.add_response("batch_get_item", {"Responses": {TABLE: []}, "UnprocessedKeys": {}}, again)
+        book = Ledger(RegionClients("us-east-1", dynamodb=db), TABLE)
+        assert list(book.read_items(["ami-2", "ami-1"])) == ["ami-1"]
+        assert len(waits) == 1 and 0 <= waits[0] <= 0.1
+
+        waits.clear()
+        for _ in range(5):
+            stub.add_response("batch_get_item", {"Responses": {TABLE: []}, "UnprocessedKeys": left}, again)
+        with pytest.raises(ClientError) as refused:
+            book.read_items(["ami-2"])
+    assert refused.value.response["Error"]["Code"] == "ProvisionedThroughputExceededException"
+    assert "left 1 keys unprocessed after 5 tries" in str(refused.value)
+    assert len(waits) == 4 and all(0 <= w <= 0.1 * 2**n for n, w in enumerate(waits))

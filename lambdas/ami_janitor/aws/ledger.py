@@ -18,6 +18,8 @@ stacks put every role) and the writers `ledger create` names.
 from __future__ import annotations
 
 import json
+import random
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
@@ -97,6 +99,9 @@ STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
 WRITE_ID_ATTRIBUTE = "last_write"
 BATCH_GET_KEYS = 100  # BatchGetItem's limit per call
 _BATCH_RETRIES = 5
+# Unprocessed keys are asked again after a wait of up to this, doubled each time (DynamoDB's advice:
+# exponential backoff with jitter); at most about 1.5 s in all.
+_BATCH_BACKOFF_SECONDS = 0.1
 
 Written = Literal["recorded", "already-recorded"]
 
@@ -638,7 +643,9 @@ class Ledger(_Made):
         found: dict[str, LedgerItem] = {}
         for start in range(0, len(wanted), BATCH_GET_KEYS):
             keys: list[Any] = [key(i) for i in wanted[start : start + BATCH_GET_KEYS]]
-            for _ in range(_BATCH_RETRIES):
+            for attempt in range(_BATCH_RETRIES):
+                if attempt:
+                    time.sleep(random.uniform(0, _BATCH_BACKOFF_SECONDS * 2 ** (attempt - 1)))
                 answer = self._db.batch_get_item(
                     RequestItems={self.table: {"Keys": keys, "ConsistentRead": True}}
                 )
@@ -650,7 +657,12 @@ class Ledger(_Made):
                 if not keys:
                     break
             else:
-                raise RuntimeError(f"{self.table}: BatchGetItem left {len(keys)} keys unprocessed")
+                # As DynamoDB names the throttling it reports: every caller handles an AWS error.
+                message = f"{self.table}: BatchGetItem left {len(keys)} keys unprocessed after {_BATCH_RETRIES} tries"
+                raise ClientError(
+                    {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": message}},
+                    "BatchGetItem",
+                )
         return found
 
 
