@@ -1455,6 +1455,32 @@ def test_exact_requests_when_delete_snapshot_results_are_absent(stubbed: tuple[A
     assert item.deregistered == FIXED_NOW
 
 
+def test_a_partition_without_delete_associated_snapshots_deregisters_without_it(
+    stubbed: tuple[Any, Stubber],
+) -> None:
+    """EC2 refuses a parameter it does not know: the AMI is deregistered without it, and its own
+    snapshot deleted one by one, as where no DeleteSnapshotResults come back."""
+    client, stub = stubbed
+    image = stub_image(state="disabled", snapshot_ids=("snap-0000000000000001",))
+    (snap,) = image.snapshot_ids
+    book = stub_ledger(client, clocked(image.image_id, ["deprecate", "disable"]))
+    stub.add_response("create_tags", {}, tags_param([snap], **{RETIRED_FROM_TAG: image.image_id}))
+    stub.add_client_error(
+        "deregister_image",
+        "UnknownParameter",
+        "The parameter DeleteAssociatedSnapshots is not recognized",
+        expected_params={"ImageId": image.image_id, "DeleteAssociatedSnapshots": True},
+    )
+    stub.add_response("deregister_image", {"Return": True}, {"ImageId": image.image_id})
+    stub.add_response("delete_snapshot", {}, {"SnapshotId": snap})
+
+    result = apply_stubbed(client, [decision(image.image_id, "deregister", ["deregister"])], [image], book)
+
+    (only,) = result.results
+    assert (only.action, only.status, only.snapshots_deleted) == ("deregister", "ok", [snap])
+    assert book.read_all().items[image.image_id].deregistered == FIXED_NOW
+
+
 def test_a_failing_delete_snapshot_code_fails_the_stage_and_leaves_it_unfinished(
     stubbed: tuple[Any, Stubber],
 ) -> None:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from ami_janitor.aws.clients import RegionClients
@@ -520,9 +521,7 @@ class _RegionRun:
         if mine:
             _tag(self.ec2, mine, {RETIRED_FROM_TAG: image.image_id})  # the mirror, for people
         try:
-            answer: Mapping[str, Any] = self.ec2.deregister_image(
-                ImageId=image.image_id, DeleteAssociatedSnapshots=True
-            )
+            answer = _deregister_image(self.ec2, image.image_id)
         except AWS_ERRORS as error:
             if error_code(error) not in GONE_CODES:
                 raise
@@ -545,6 +544,18 @@ class _RegionRun:
             )
             return
         self.results.append(_rescue(self.region, self.ec2, self.ledger, image, self.now, public_allowed))
+
+
+def _deregister_image(ec2: EC2Client, image_id: str) -> Mapping[str, Any]:
+    """DeregisterImage, EC2 deleting the AMI's own snapshots. A partition that does not know
+    DeleteAssociatedSnapshots refuses it (UnknownParameter): deregistered without it there, and the
+    snapshots are deleted one by one, as where EC2 reports no DeleteSnapshotResults."""
+    try:
+        return ec2.deregister_image(ImageId=image_id, DeleteAssociatedSnapshots=True)
+    except ClientError as error:
+        if error_code(error) != "UnknownParameter":
+            raise
+    return ec2.deregister_image(ImageId=image_id)
 
 
 def _snapshots_after(run: _RegionRun, image: Image, own: list[str], reported: Sequence[Any]) -> ActionResult:
