@@ -319,3 +319,25 @@ def test_a_request_of_the_janitor_itself_copies_with_the_policy_key(
     recorded = inventory.read_ledger_items(account.clients(US), "ami-janitor-ledger", [source.image_id])
     assert recorded is not None
     assert sorted(c.region for c in recorded.items[source.image_id].copies) == [EU, WEST]
+
+
+def test_a_request_for_another_generation_beside_a_usable_copy_copies_nothing(
+    account: Account, worker_log: io.StringIO
+) -> None:
+    """Even from a janitor's role: the generation one above the highest started passes the request's
+    checks, but no copy is made beside a usable one, so repeated requests cannot multiply copies."""
+    source = bake(account, "web-2")
+    event = json.loads((EVENTS / "ami_available.json").read_text())
+    event["detail"]["ImageId"] = source.image_id
+    event["resources"] = [f"arn:aws:ec2:{US}::image/{source.image_id}"]
+    ami_event.handler(event, Context())
+    account.deliver()
+    made = images_in(account, EU)
+    assert len(made) == 1
+    account.copy_requests.clear()
+
+    for generation in (2, 2, 3):
+        account.send(forged(source, generation=generation))
+        account.deliver()
+
+    assert account.copy_requests == [] and images_in(account, EU) == made
