@@ -220,10 +220,16 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
         **{SHARED_BY_JANITOR_TAG: f"user:{A}", f"{SHARED_BY_JANITOR_TAG}:2": f"org:{ORG}"},
     )
     share = Share(image_id=image.image_id, region=US, add=["group:all", f"user:{B}"], remove=[f"org:{ORG}"])
+    # The accounts first, then the public group in a call of its own.
     stub.add_response(
         "modify_image_attribute",
         {},
-        {"ImageId": image.image_id, "LaunchPermission": {"Add": [{"Group": "all"}, {"UserId": B}]}},
+        {"ImageId": image.image_id, "LaunchPermission": {"Add": [{"UserId": B}]}},
+    )
+    stub.add_response(
+        "modify_image_attribute",
+        {},
+        {"ImageId": image.image_id, "LaunchPermission": {"Add": [{"Group": "all"}]}},
     )
     stub.add_response(
         "modify_image_attribute",
@@ -249,10 +255,12 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
         lambda region: RecordingLedger(calls),  # type: ignore[arg-type,return-value]
     )
     assert (result.status, result.added, result.removed) == ("ok", ["group:all", f"user:{B}"], [f"org:{ORG}"])
-    assert result.detail == f"granted group:all,user:{B}; revoked org:{ORG}; record updated"
+    assert result.detail == f"granted user:{B}; granted group:all; revoked org:{ORG}; record updated"
     # Recorded before the grant, forgotten after the revoke, mirrored last.
     assert calls == [
-        f"ledger: {image.image_id} +group:all,user:{B}",
+        f"ledger: {image.image_id} +user:{B}",
+        "ec2: ModifyImageAttribute",
+        f"ledger: {image.image_id} +group:all",
         "ec2: ModifyImageAttribute",
         "ec2: ModifyImageAttribute",
         f"ledger: {image.image_id} -org:{ORG}",
@@ -261,17 +269,23 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
     ]
 
 
-def test_a_refused_grant_fails_that_ami_and_leaves_the_record(stubbed: tuple[Any, Stubber]) -> None:
+def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants_it_again(
+    stubbed: tuple[Any, Stubber],
+) -> None:
+    """EC2 refused it, so nothing was granted: the record goes too (a record without the grant would
+    never be granted again). The public group refused under image block public access takes the
+    accounts' grants, made in the call before it, with it."""
     client, stub = stubbed
     image = stub_image()
     second = stub_image().model_copy(update={"image_id": "ami-0aaaaaaaaaaaaaaa2"})
+    stub.add_response("modify_image_attribute", {})  # user:B on the first AMI
     stub.add_client_error(
         "modify_image_attribute", "OperationNotPermitted", "Image block public access is enabled"
     )
     stub.add_response("modify_image_attribute", {})
     stub.add_response("create_tags", {})
     shares = [
-        Share(image_id=image.image_id, region=US, add=["group:all"]),
+        Share(image_id=image.image_id, region=US, add=["group:all", f"user:{B}"]),
         Share(image_id=second.image_id, region=US, add=[f"user:{A}"]),
     ]
     calls: list[str] = []
@@ -282,6 +296,13 @@ def test_a_refused_grant_fails_that_ami_and_leaves_the_record(stubbed: tuple[Any
     assert [(r.status, r.error) for r in results] == [
         ("failed", "OperationNotPermitted: Image block public access is enabled"),
         ("ok", None),
+    ]
+    assert results[0].detail == f"granted user:{B}"
+    assert calls[:4] == [
+        f"ledger: {image.image_id} +user:{B}",
+        f"ledger: {image.image_id} +group:all",
+        f"ledger: {image.image_id} -group:all",
+        f"ledger: {second.image_id} +user:{A}",
     ]
     missing = apply_shares(
         lambda region: RegionClients(region, ec2=client),

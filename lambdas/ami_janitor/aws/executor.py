@@ -36,6 +36,7 @@ from ami_janitor.core.policy import (
     PRIOR_PERMISSIONS_TAG,
     RETIRED_FROM_TAG,
 )
+from ami_janitor.core.sharing import public_apart
 from ami_janitor.core.slices import due_stages
 from ami_janitor.core.tags import is_part_key, joined_values, split_values
 
@@ -267,13 +268,15 @@ def _restore_permissions(ec2: EC2Client, image: Image, public_allowed: bool) -> 
         ["recorded launch permissions not restored (public: true not set): " + ",".join(left)] if left else []
     )
     wanted = set(restore) - {p.key for p in image.launch_permissions or ()}
-    if wanted:
-        grants = [LaunchPermission.from_key(key) for key in sorted(wanted)]
+    restored: list[str] = []
+    for keys in public_apart(sorted(wanted)):  # the public group alone: block public access refuses it
+        grants = [LaunchPermission.from_key(key).to_api() for key in keys]
         ec2.modify_image_attribute(
-            ImageId=image.image_id,
-            LaunchPermission={"Add": cast("list[LaunchPermissionTypeDef]", [g.to_api() for g in grants])},
+            ImageId=image.image_id, LaunchPermission={"Add": cast("list[LaunchPermissionTypeDef]", grants)}
         )
-        notes.insert(0, "launch permissions restored: " + ",".join(sorted(wanted)))
+        restored += keys
+    if restored:
+        notes.insert(0, "launch permissions restored: " + ",".join(restored))
     return notes
 
 

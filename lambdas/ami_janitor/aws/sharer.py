@@ -1,23 +1,28 @@
 """Applying share_with: launch permission changes and the record of what the janitor granted.
 
 The ledger records a grant before ModifyImageAttribute makes it and forgets a grant after it is revoked:
-a crash in between leaves a grant recorded that was not made (harmless: granted on a later reconcile, or
-revoked when no longer wanted), never one made that the janitor could not revoke. The tag
-`ami-janitor:shared` is written last, as a mirror for people. No share where the region has no ledger.
+a crash in between leaves a grant recorded that was not made (harmless: revoked when no longer wanted),
+never one made that the janitor could not revoke. Where EC2 refuses the grant (throttled past the SDK's
+retries, image block public access), nothing was granted: the record is taken back, so the next run
+grants it again. The public group is granted in a call of its own, so that a refusal of it takes no
+account's grant with it. The tag `ami-janitor:shared` is written last, as a mirror for people. No share
+where the region has no ledger.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, Literal, cast
 
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.aws.ledger import Ledger, LedgerFor
 from ami_janitor.core.model import Image, LaunchPermission, RegionInventory, Share
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG
-from ami_janitor.core.sharing import recorded_grants
+from ami_janitor.core.sharing import public_apart, recorded_grants
 from ami_janitor.core.tags import part_keys, split_values
 
 if TYPE_CHECKING:
@@ -69,12 +74,23 @@ def _write_record(ec2: EC2Client, image: Image, grants: set[str]) -> bool:
     return bool(changed or stale)
 
 
+def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> None:
+    # Recorded first: no grant exists that the ledger does not know the janitor made.
+    ledger.record_grants(image_id, grants)
+    try:
+        ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": _permissions(grants)})
+    except ClientError:
+        # EC2 answered, refusing: nothing was granted. Taken back, so the next run grants it again
+        # (where even that fails, the record stays, as after a crash).
+        with suppress(*AWS_ERRORS):
+            ledger.forget_grants(image_id, grants)
+        raise
+
+
 def _apply(ec2: EC2Client, ledger: Ledger, share: Share, image: Image, done: list[str]) -> None:
-    if share.add:
-        # Recorded first: no grant exists that the ledger does not know the janitor made.
-        ledger.record_grants(image.image_id, share.add)
-        ec2.modify_image_attribute(ImageId=image.image_id, LaunchPermission={"Add": _permissions(share.add)})
-        done.append("granted " + ",".join(share.add))
+    for grants in public_apart(share.add):
+        _grant(ec2, ledger, image.image_id, grants)
+        done.append("granted " + ",".join(grants))
     if share.remove:
         ec2.modify_image_attribute(
             ImageId=image.image_id, LaunchPermission={"Remove": _permissions(share.remove)}

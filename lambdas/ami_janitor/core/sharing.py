@@ -10,7 +10,7 @@ planner reports them, and they keep the AMI unless `allow_shared`), whatever a t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from ami_janitor.core import trust
@@ -84,3 +84,14 @@ def plan_shares(
                 if share is not None:
                     shares.append(share)
     return shares
+
+
+_PUBLIC = "group:all"
+
+
+def public_apart(grants: Iterable[str]) -> list[list[str]]:
+    """The grants in the calls that make them: the accounts, organizations and OUs, then the public group
+    alone (image block public access refuses only that one)."""
+    grants = list(grants)
+    calls = [[g for g in grants if g != _PUBLIC], [g for g in grants if g == _PUBLIC]]
+    return [call for call in calls if call]
