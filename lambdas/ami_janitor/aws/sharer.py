@@ -88,9 +88,9 @@ def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> 
 
 
 def _apply(ec2: EC2Client, ledger: Ledger, share: Share, image: Image, done: list[str]) -> None:
-    for grants in public_apart(share.add):
-        _grant(ec2, ledger, image.image_id, grants)
-        done.append("granted " + ",".join(grants))
+    for call in public_apart(share.add):
+        _grant(ec2, ledger, image.image_id, call)
+        done.append("granted " + ",".join(call))
     if share.remove:
         ec2.modify_image_attribute(
             ImageId=image.image_id, LaunchPermission={"Remove": _permissions(share.remove)}
