@@ -33,7 +33,6 @@ from ami_janitor.aws.inventory import (
     read_ledger_items,
 )
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
-from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
 from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
 from ami_janitor.demo import emulator
@@ -344,7 +343,9 @@ def test_a_copy_the_ledger_does_not_record_counts_from_its_sources_creation() ->
     assert elsewhere == {"ec2:DescribeImages": 1}
 
 
-def test_the_sources_of_copies_exact_request_and_a_failing_read_skips_the_region() -> None:
+def test_the_sources_of_copies_exact_request_and_a_region_that_cannot_be_read() -> None:
+    """A source region the account may not read (a region-deny SCP) leaves its copies counting from
+    their own creation, with a note: it does not stop the region's plans and events."""
     source_ec2 = botocore.session.get_session().create_client(
         "ec2", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
     )
@@ -358,11 +359,19 @@ def test_the_sources_of_copies_exact_request_and_a_failing_read_skips_the_region
     created = {"ImageId": "ami-0123456789abcdef0", "CreationDate": "2025-01-02T03:04:05.000Z"}
     with Stubber(source_ec2) as stub:
         stub.add_response("describe_images", {"Images": [created]}, request)
-        stub.add_client_error("describe_images", "UnauthorizedOperation", expected_params=request)
+        stub.add_client_error(
+            "describe_images", "UnauthorizedOperation", "denied by a policy", expected_params=request
+        )
         [aged], notes = read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
         assert aged.order_time == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) and notes == []
-        with pytest.raises(SourceFailed, match=rf"ec2:DescribeImages \(the sources of copies, in {REGION}\)"):
-            read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
+        [unread], notes = read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
+    assert unread.order_time == copy.created
+    [note] = notes
+    assert note.startswith(
+        f"{copy.image_id} is a copy of ami-0123456789abcdef0 ({REGION}), which is not readable "
+        f"(ec2:DescribeImages (the sources of copies, in {REGION}): UnauthorizedOperation"
+    )
+    assert note.endswith(": it counts from its own creation")
 
 
 @pytest.mark.usefixtures("moto_aws")

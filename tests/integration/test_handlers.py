@@ -13,8 +13,8 @@ import yaml
 from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.aws.inventory import count_calls
-from ami_janitor.aws.ledger import LedgerMissing
-from ami_janitor.core.policy import load_policy
+from ami_janitor.aws.ledger import Ledger, LedgerMissing, Prior
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, load_policy
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
 from lambda_events import Context
@@ -145,6 +145,27 @@ def test_the_janitors_own_retirements_events_read_one_ledger_item_and_a_current_
     outcome = rotator.handle_state_change(fleet.images[-1], "available", clients, policy, now())
     assert outcome.outcome == "rotated" and outcome.rotations == []
     assert calls["ec2:DescribeImages"] == 1
+
+
+def test_a_hand_disable_of_an_ami_the_janitor_once_rescued_moves_latest(lambda_env: Path) -> None:
+    """A rescue closed the item and kept its history: the stage recorded there is no longer the
+    janitor's doing now, so the event rotates."""
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    newest = fleet.images[-1]
+    ami_event.handler(event("ami_available.json", newest), Context())
+    book = Ledger(ClientFactory()("us-east-1"), DEFAULT_LEDGER_TABLE)
+    book.record_candidate(newest, now())
+    for stage in ("deprecate", "disable"):
+        assert book.record_stage(newest, stage, now(), Prior()) == "recorded"
+    book.close(newest, now())
+    assert "disable" in book.read_items([newest])[newest].stages  # its history stays
+
+    ec2().disable_image(ImageId=newest)
+    outcome = ami_event.handler(event("ami_disabled.json", newest), Context())
+
+    assert outcome["outcome"] == "rotated" and parameter() == fleet.images[-2]
 
 
 def test_an_enforce_run_without_a_ledger_is_refused_before_it_writes(lambda_env: Path) -> None:

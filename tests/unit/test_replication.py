@@ -677,3 +677,16 @@ def test_enqueue_sends_ten_per_call_and_retries_refused_entries_once() -> None:
         c.source_image_id for c in copies
     )
     assert enqueue_copies(FlakySqs(broken=True), "https://queue", copies) == 0  # type: ignore[arg-type]
+
+
+def test_a_family_without_latest_copies_only_what_its_target_keeps_by_rank() -> None:
+    """No Latest keeps a copy where the family has none: with keep_latest 1 and the target's newest copy
+    disabled by its owner, the next source is not copied (its copy would be retired there at once)."""
+    no_latest = policy({"replicate": [{"region": EU}], "keep_latest": 1}, regions=[US])
+    s1, s2 = image(days_old=40), image(days_old=50)
+    s2 = s2.model_copy(update={"tags": {**s2.tags, "ami-janitor:keep": "1"}})  # kept in us-east-1
+    d1 = replica(s1, state="disabled")
+    copies, _ = plan_replication(
+        [inventory(s1, s2), inventory(d1, region=EU, ledger=ledger_of(d1))], no_latest, NOW
+    )
+    assert pairs(copies) == []

@@ -177,10 +177,14 @@ _JANITORS_STAGE: dict[str, Stage] = {"disabled": "disable", "deregistered": "der
 
 
 def _ledger_records(clients: RegionClients, policy: Policy, image_id: str, stage: Stage) -> bool:
-    """The AMI's ledger item records the janitor's `stage` (a region without a table records none)."""
+    """The AMI's open ledger item records the janitor's own `stage` (not one adopted from tags, nor one
+    a rescue closed: the owner may disable a rescued AMI; a region without a table records none)."""
     view = read_ledger_items(clients, policy.ledger.table, [image_id])
     item = view.items.get(image_id) if view is not None else None
-    return item is not None and stage in item.stages
+    if item is None or not item.is_open:
+        return False
+    entry = item.stages.get(stage)
+    return entry is not None and not entry.adopted
 
 
 def handle_state_change(

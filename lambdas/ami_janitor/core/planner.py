@@ -209,7 +209,8 @@ def latest_target(group: Group, now: datetime) -> Image | None:
 
 def kept_by_rank(group: Group, now: datetime) -> set[str]:
     """The members the group keeps by its order alone: its `keep_latest` newest ranked members (available
-    or disabled, not superseded, not contested) and its Latest. _judge applies the same two rules one AMI at a time."""
+    or disabled, not superseded, not contested) and its Latest where the family has one. _judge applies
+    the same two rules one AMI at a time."""
     kept: set[str] = set()
     rank = 0
     for image in group.members:
@@ -222,7 +223,7 @@ def kept_by_rank(group: Group, now: datetime) -> set[str]:
             if rank > group.rules.keep_latest:
                 break
             kept.add(image.image_id)
-    latest = latest_target(group, now)
+    latest = latest_target(group, now) if group.family.latest is not None else None
     if latest is not None:
         kept.add(latest.image_id)
     return kept
@@ -253,23 +254,26 @@ def rotation_errors(
             errors.update(((family.name, arch), message) for arch in found)
     if not conflicts:
         return errors
-    contested = [
-        image
-        for group in groups
-        for image in group.members
-        if image.image_id in group.contested and image.state == "available" and not image.deprecated_at(now)
-    ]
+    # The contested AMIs that could be Latest, by each (family, architecture) they match.
+    contested: dict[GroupKey, list[Image]] = defaultdict(list)
+    for group in groups:
+        if not group.contested:
+            continue
+        for image in group.members:
+            if (
+                image.image_id in group.contested
+                and image.state == "available"
+                and not image.deprecated_at(now)
+            ):
+                for name in conflicts[image.image_id]:
+                    contested[(name, image.architecture)].append(image)
     for group in groups:
         key = (group.family.name, group.architecture)
-        if group.family.latest is None or key in errors:
+        if group.family.latest is None or key in errors or key not in contested:
             continue
         target = latest_target(group, now)
-        for image in contested:
-            if (
-                image.architecture == group.architecture
-                and group.family.name in conflicts[image.image_id]
-                and (target is None or order_key(image) > order_key(target))
-            ):
+        for image in contested[key]:
+            if target is None or order_key(image) > order_key(target):
                 errors[key] = (
                     f"family {group.family.name} ({group.architecture}) in {group.region}: {image.image_id}, "
                     f"newer than any other AMI of the group, matches several families "

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.inventory.images import FILTER_VALUES_MAX
-from ami_janitor.aws.inventory.reading import chunks, items, source
+from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
 from ami_janitor.core.model import Image, parse_time
 from ami_janitor.core.policy import Policy
 
@@ -34,9 +34,9 @@ def read_copy_sources(
 ) -> tuple[tuple[Image, ...], list[str]]:
     """`images` (their ledger items attached) with the source creation of each family's copy the
     ledger does not record, and a note for each whose source is not visible (deregistered, or another
-    account's no longer shared): it counts from its own creation. Sources in `region` are its own AMIs;
-    the others are asked for in their region (`ec2_in`), 200 ids a call. Raises SourceFailed: a copy's
-    age is part of what the plan decides on."""
+    account's no longer shared, or its region not readable): it counts from its own creation, as
+    before any read. Sources in `region` are its own AMIs; the others are asked for in their region
+    (`ec2_in`), 200 ids a call."""
     copies = [image for image in images if _unrecorded(image, policy)]
     if not copies:
         return images, []
@@ -47,16 +47,29 @@ def read_copy_sources(
         source_id = str(copy.copied_from)
         if source_id not in created:
             wanted[copy.copied_from_region or region].add(source_id)
+    unreadable: dict[str, str] = {}
     for source_region, ids in sorted(wanted.items()):
-        with source(f"ec2:DescribeImages (the sources of copies, in {source_region})"):
-            created.update(_creation(ec2_in(source_region), sorted(ids)))
+        try:
+            with source(f"ec2:DescribeImages (the sources of copies, in {source_region})"):
+                created.update(_creation(ec2_in(source_region), sorted(ids)))
+        except SourceFailed as failure:
+            # Only the copies' order rests on it: a region the account may not read (a region-deny
+            # SCP, an opt-in region turned off) must not stop every plan and event here.
+            unreadable[source_region] = str(failure)
     sources = {copy.image_id: created.get(str(copy.copied_from)) for copy in copies}
-    notes = [
-        f"{copy.image_id} is a copy of {copy.copied_from} ({copy.copied_from_region or region}), which is "
-        "not visible: it counts from its own creation"
-        for copy in copies
-        if sources[copy.image_id] is None
-    ]
+    notes: list[str] = []
+    for copy in copies:
+        if sources[copy.image_id] is None:
+            source_region = copy.copied_from_region or region
+            why = (
+                f"not readable ({unreadable[source_region]})"
+                if source_region in unreadable
+                else "not visible"
+            )
+            notes.append(
+                f"{copy.image_id} is a copy of {copy.copied_from} ({source_region}), which is {why}: it "
+                "counts from its own creation"
+            )
     return tuple(
         image.model_copy(update={"copied_from_created": sources[image.image_id]})
         if sources.get(image.image_id) is not None
