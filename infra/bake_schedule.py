@@ -76,7 +76,11 @@ class BakeSchedule(Construct):
             rule.add_target(
                 targets.LambdaFunction(
                     self.function.function,
-                    event=events.RuleTargetInput.from_object({"family": family.name}),
+                    # The scheduled time, the same in every delivery of the event, names the bake:
+                    # a repeated delivery meets the image the first made.
+                    event=events.RuleTargetInput.from_object(
+                        {"family": family.name, "time": events.EventField.time}
+                    ),
                     dead_letter_queue=self.event_dead_letters,
                     max_event_age=MAX_EVENT_AGE,
                     retry_attempts=TARGET_RETRY_ATTEMPTS,

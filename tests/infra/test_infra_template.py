@@ -6,6 +6,9 @@ architecture) is asserted here.
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +27,11 @@ from infra.environment import (
 )
 from synth_support import Synth, as_list, functions_by_handler, ref_id, resources
 
+from ami_janitor.handlers.events import BakeEvent, parse_bake_event
+
 SOURCE = "AmiJanitor-us-east-1"  # in policy.regions: has the bake schedule
 TARGET = "AmiJanitor-eu-west-1"  # a replication target only
+EVENTS = Path(__file__).resolve().parents[1] / "events"
 
 HANDLERS = {
     "scheduled": "ami_janitor.handlers.scheduled.handler",
@@ -134,16 +140,30 @@ def test_bake_rules_one_per_scheduled_family(
 ) -> None:
     source = all_templates[SOURCE]
     bake_id, _ = functions_by_handler(source)["bake"]
-    input_capture = Capture()
+    transformer = Capture()
     template = Template.from_json(source)
     template.has_resource_properties(
         "AWS::Events::Rule",
         {
             "ScheduleExpression": "cron(0 2 * * ? *)",
-            "Targets": [Match.object_like({"Arn": {"Fn::GetAtt": [bake_id, "Arn"]}, "Input": input_capture})],
+            "Targets": [
+                Match.object_like({"Arn": {"Fn::GetAtt": [bake_id, "Arn"]}, "InputTransformer": transformer})
+            ],
         },
     )
-    assert input_capture.as_string() == '{"family":"pettracker-ml"}'
+    # The scheduled event's time, the same in every delivery of it, names the bake.
+    assert transformer.as_object() == {
+        "InputPathsMap": {"time": "$.time"},
+        "InputTemplate": '{"family":"pettracker-ml","time":<time>}',
+    }
+    # EventBridge writes a string at an unquoted placeholder as a JSON string: the bake function reads it.
+    scheduled_event = json.loads((EVENTS / "scheduled.json").read_text())
+    delivered = transformer.as_object()["InputTemplate"].replace(
+        "<time>", json.dumps(scheduled_event["time"])
+    )
+    assert parse_bake_event(json.loads(delivered)) == BakeEvent(
+        family="pettracker-ml", time=datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
+    )
     scheduled = [f for f in infra_policy.families if f.bake and f.bake.schedule]
     assert [f.name for f in scheduled] == ["pettracker-ml"]  # base-linux bakes only by hand
     bake_rules = [

@@ -293,6 +293,57 @@ def test_handler_in_enforce_bakes_the_tagged_instance_without_waiting(lambda_env
     assert recorded["instance_id"] == instance_id
 
 
+# What the bake rule sends: the family and the scheduled event's time.
+SCHEDULED_EVENT = {"family": "pettracker-ml", "time": "2026-11-25T02:00:00Z"}
+SCHEDULED_NAME = "pettracker-ml-20261125T020000Z"
+
+
+def test_handler_given_the_same_scheduled_event_twice_makes_one_image(lambda_env: Path) -> None:
+    """EventBridge delivers at least once: every delivery of one event names the same image, and a
+    repeated delivery answers with the image the first made."""
+    write_policy(lambda_env, "enforce")
+    instance_id = launch(ROLE)
+
+    first = bake_handler.handler(dict(SCHEDULED_EVENT), Context())
+    again = bake_handler.handler(dict(SCHEDULED_EVENT), Context())
+
+    [image] = own_images()
+    assert image["Name"] == SCHEDULED_NAME
+    assert tags_of(image)["Version"] == "20261125T020000Z"
+    assert first["name"] == again["name"] == SCHEDULED_NAME
+    assert first["image_id"] == again["image_id"] == image["ImageId"]
+    assert again["outcome"] == "baked"
+    assert bakes_recorded(image["ImageId"]) == [{"instance_id": instance_id, "at": "2026-11-25T02:00:00Z"}]
+
+
+def test_handler_retried_after_an_unrecorded_bake_records_it_on_the_image_made(lambda_env: Path) -> None:
+    """A delivery whose CreateImage took effect but whose bake was not recorded (the function failed in
+    between): the next delivery of the event records the bake on that image and makes no other."""
+    write_policy(lambda_env, "enforce")
+    instance_id = launch(ROLE)
+    made = ec2().create_image(InstanceId=instance_id, Name=SCHEDULED_NAME)["ImageId"]
+
+    result = bake_handler.handler(dict(SCHEDULED_EVENT), Context())
+
+    assert result["outcome"] == "baked" and result["image_id"] == made
+    assert [i["ImageId"] for i in own_images()] == [made]
+    assert bakes_recorded(made) == [{"instance_id": instance_id, "at": "2026-11-25T02:00:00Z"}]
+
+
+def test_handler_refuses_a_scheduled_name_taken_by_an_image_of_another_instance(lambda_env: Path) -> None:
+    """The image already named for this bake was made from another instance: not this bake's, so it is
+    neither answered nor recorded, and the bake fails loudly."""
+    write_policy(lambda_env, "enforce")
+    launch(ROLE)
+    other = ec2().create_image(InstanceId=launch(), Name=SCHEDULED_NAME)["ImageId"]
+
+    with pytest.raises(baking.BakeError, match=r"InvalidAMIName\.Duplicate"):
+        bake_handler.handler(dict(SCHEDULED_EVENT), Context())
+
+    assert [i["ImageId"] for i in own_images()] == [other]
+    assert other not in ledger.Ledger(clients(), "ami-janitor-ledger").read_items([other])  # no item
+
+
 def test_handler_in_enforce_without_a_ledger_table_bakes_nothing(lambda_env: Path) -> None:
     write_policy(lambda_env, "enforce")
     launch(ROLE)
@@ -336,6 +387,14 @@ def test_handler_when_paused_does_nothing(lambda_env: Path) -> None:
         (
             {"family": "pettracker-ml", "extra": 1},
             "malformed bake event: extra: Extra inputs are not permitted",
+        ),
+        (
+            {"family": "pettracker-ml", "time": "tonight"},
+            "malformed bake event: time: Input should be a valid",
+        ),
+        (
+            {"family": "pettracker-ml", "time": "2026-11-25T02:00:00"},
+            "malformed bake event: time: Input should have timezone info",
         ),
         ({"family": "nope"}, "family 'nope' is not in the policy"),
         ({"family": "web"}, "family 'web' has no bake section"),

@@ -1,7 +1,8 @@
 """EC2 behaviour that moto 5.2.5 lacks or gets wrong, added to moto in this process (demo and tests only).
 
 What EC2 does and moto does not: image deprecation, deregistration protection (and its refusal to
-deregister), LastLaunchedTime, DisableImage dropping launch permissions, snapshot tags at CreateImage,
+deregister), LastLaunchedTime, DisableImage dropping launch permissions, snapshot tags at CreateImage
+and its refusal of a name the account already gave an image in the region (InvalidAMIName.Duplicate),
 TagSpecifications and ClientToken on CopyImage, DeleteSnapshot refusing a snapshot any AMI still uses,
 the image block public access state (per account and region, on as for a new account; reported,
 not enforced: a public launch permission is still accepted).
@@ -208,6 +209,14 @@ def _wrap_create_image(original: Callable[..., Any]) -> Callable[..., Any]:
     def create_image(
         self: Any, instance_id: str, name: str, description: str, tag_specifications: list[dict[str, Any]]
     ) -> Any:
+        # EC2 keeps an image name unique per account and region; moto takes any name again.
+        taken = next(
+            (ami for ami in self.amis.values() if ami.name == name and ami.owner_id == self.account_id), None
+        )
+        if taken is not None:
+            raise EC2ClientError(
+                "InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {taken.id}"
+            )
         # moto raises NotImplementedError on a snapshot TagSpecification: tag the snapshot here instead.
         snapshot_specs = [s for s in tag_specifications if s.get("ResourceType") == "snapshot"]
         other_specs = [s for s in tag_specifications if s.get("ResourceType") != "snapshot"]

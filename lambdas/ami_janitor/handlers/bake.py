@@ -4,7 +4,9 @@ bake.instance_id pins or else the only running or stopped instance carrying its 
 
 The CLI's `bake` acts whenever it is called (the user asked by name), but this one is a deployed
 automatic action, so it follows the policy mode like every other function: paused does nothing,
-dry-run logs what it would bake, enforce bakes. It does not wait for the image: the AMI's
+dry-run logs what it would bake, enforce bakes. The image is named from the scheduled event's time
+(events.BakeEvent), so a repeated delivery of the event meets the image the first made (baker:
+CreateImage refuses the duplicate name) and answers with it. It does not wait for the image: the AMI's
 `available` event then drives rotation and replication. It runs no stop/start commands, so its role
 has no ssm:SendCommand.
 """
@@ -54,7 +56,9 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         return engine.BakeOutcome(mode="paused", family=request.family).model_dump(mode="json")
     family = baked_family(policy, request.family)
     clients = ClientFactory()(env.region)
-    outcome = engine.scheduled_bake(policy, family, clients, datetime.now(UTC).replace(microsecond=0))
+    # The scheduled time names the bake, so every delivery of one event names the same image.
+    scheduled = request.time or datetime.now(UTC)
+    outcome = engine.scheduled_bake(policy, family, clients, scheduled.astimezone(UTC).replace(microsecond=0))
     answer = outcome.model_dump(mode="json")
     # LogRecord reserves `name`: the image name is logged as image_name.
     logged = {key if key != "name" else "image_name": value for key, value in answer.items()}

@@ -9,7 +9,7 @@ import os
 from datetime import datetime
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from ami_janitor.core.model import Outcome
 from ami_janitor.core.policy import Mode, Policy, load_policy
@@ -37,12 +37,16 @@ class ScheduledEvent(BaseModel):
 
 
 class BakeEvent(BaseModel):
-    """The bake rule's constant input: `{"family": NAME}`."""
+    """The bake rule's input: `{"family": NAME, "time": SCHEDULED_TIME}`. The time is the scheduled
+    event's, the same in every delivery of it (EventBridge delivers at least once), so the bake it
+    names is the same: a repeated delivery meets its own image instead of making a second. Without
+    it (`{"family": NAME}`, invoked by hand) the bake is named from the clock."""
 
     # Off the scheduled run's path: its validator is built when first used, not at each cold start.
     model_config = ConfigDict(defer_build=True, extra="forbid")
 
     family: str = Field(min_length=1)
+    time: AwareDatetime | None = None
 
 
 class ScheduledRunResult(Outcome):
