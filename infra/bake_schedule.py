@@ -19,7 +19,9 @@ from infra.permissions import Scope
 
 MAX_EVENT_AGE = Duration.hours(1)
 TARGET_RETRY_ATTEMPTS = 4
-# CreateImage has no idempotency token: a retried bake could make a second AMI.
+# CreateImage has no idempotency token. A repeated delivery names the image from the event's time, so
+# it finds the first one (a duplicate name); a failed bake is still left to the on-failure queue, for a
+# person, rather than retried by Lambda.
 INVOKE_RETRY_ATTEMPTS = 0
 
 
