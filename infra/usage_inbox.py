@@ -14,12 +14,16 @@ from infra.buckets import access_log_bucket, private_bucket_settings
 # A report is written again by every scheduled run: one not rewritten for this long is of an account
 # that left (its absence then reads as a missing report, never as a fresh one).
 REPORT_RETENTION = Duration.days(30)
+# What changes a report. Only S3's lifecycle deletes one (it is not subject to the bucket policy).
+REPORT_WRITES = ["s3:DeleteObject", "s3:PutObject"]
 
 
 class UsageInbox(Construct):
     """Bucket `usage_reports.bucket`. Principals of the organization under the IAM path /ami-janitor/
     (the janitor's roles in every account) may write only under `<prefix>reports/<their own account>/`
-    and read and list `<prefix>reports/`; objects belong to the bucket owner whoever wrote them."""
+    and read and list `<prefix>reports/`; objects belong to the bucket owner whoever wrote them. No other
+    principal, of the bucket's own account included, may write or delete an object, and none anywhere
+    but under its own account's prefix."""
 
     def __init__(self, scope: Construct, id: str, *, settings: UsageReports, organization_id: str) -> None:
         super().__init__(scope, id)
@@ -41,17 +45,15 @@ class UsageInbox(Construct):
             server_access_logs_prefix="inbox/",
             **private_bucket_settings(),
         )
+        janitor_roles = ledger.janitor_principal_pattern(stack.partition)
         janitors = {
             "StringEquals": {"aws:PrincipalOrgID": organization_id},
-            "ArnLike": {"aws:PrincipalArn": ledger.janitor_principal_pattern(stack.partition)},
+            "ArnLike": {"aws:PrincipalArn": janitor_roles},
         }
+        own_reports = self.bucket.arn_for_objects(f"{reports}${{aws:PrincipalAccount}}/*")
         for sid, action, resource in (
             # ${aws:PrincipalAccount} is the writer's own account: no account writes another's report.
-            (
-                "JanitorsWriteOwnReports",
-                "s3:PutObject",
-                self.bucket.arn_for_objects(f"{reports}${{aws:PrincipalAccount}}/*"),
-            ),
+            ("JanitorsWriteOwnReports", "s3:PutObject", own_reports),
             ("JanitorsReadReports", "s3:GetObject", self.bucket.arn_for_objects(f"{reports}*")),
             # No s3:prefix condition: S3 checks ListBucket for a GetObject of a missing key (to answer
             # 404, not 403) without a prefix in the context.
@@ -66,4 +68,26 @@ class UsageInbox(Construct):
                     conditions=janitors,
                 )
             )
+        # In the inbox's own account an identity policy alone grants access, whatever the Allows above
+        # say: these Denies hold the write rules for every principal, that account's own included.
+        self.bucket.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="DenyWritesOutsideOwnReports",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=REPORT_WRITES,
+                # Every object but those under the writer's own account's prefix.
+                not_resources=[own_reports],
+            )
+        )
+        self.bucket.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="DenyWritesOutsideJanitors",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=REPORT_WRITES,
+                resources=[self.bucket.arn_for_objects("*")],
+                conditions={"ArnNotLike": {"aws:PrincipalArn": janitor_roles}},
+            )
+        )
         CfnOutput(stack, "UsageInboxBucket", value=self.bucket.bucket_name)

@@ -3,13 +3,15 @@ janitors each under its own account, read by them all."""
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aws_cdk import Stack
 from aws_cdk.assertions import Annotations, Capture, Match, Template
-from synth_support import TEST_ACCOUNT, Synth, cdk_context, flatten, resources
+from synth_support import TEST_ACCOUNT, Synth, as_list, cdk_context, flatten, resources
 
 from ami_janitor.core.policy import Policy, parse_policy
 
@@ -117,10 +119,129 @@ def test_inbox_policy_each_account_writes_under_its_own_id(org_synth: Synth) -> 
                         # No prefix condition: a GetObject of a missing key is checked against it.
                         "Condition": JANITORS,
                     },
+                    # The owner's account too: its identity policies alone would let it write.
+                    {
+                        "Sid": "DenyWritesOutsideOwnReports",
+                        "Effect": "Deny",
+                        "Principal": {"AWS": "*"},
+                        "Action": ["s3:DeleteObject", "s3:PutObject"],
+                        "NotResource": _objects(inbox, "/janitor/reports/${aws:PrincipalAccount}/*"),
+                    },
+                    {
+                        "Sid": "DenyWritesOutsideJanitors",
+                        "Effect": "Deny",
+                        "Principal": {"AWS": "*"},
+                        "Action": ["s3:DeleteObject", "s3:PutObject"],
+                        "Resource": _objects(inbox, "/*"),
+                        "Condition": {
+                            "ArnNotLike": {"aws:PrincipalArn": "arn:aws:iam::*:role/ami-janitor/*"}
+                        },
+                    },
                 ],
             },
         },
     )
+
+
+OWNER, MEMBER, OTHER_MEMBER = TEST_ACCOUNT, "222222222222", "333333333333"
+ORGANIZATION = "o-a1b2c3d4e5"
+OWNER_JANITOR = f"arn:aws:iam::{OWNER}:role/ami-janitor/AmiJanitor-us-east-1-ScheduledRunFunctionRole-A1"
+OWNER_CI = f"arn:aws:iam::{OWNER}:role/ci-deploy"
+MEMBER_JANITOR = f"arn:aws:iam::{MEMBER}:role/ami-janitor/StackSet-AmiJanitor-ScheduledRunFunctionRole-B2"
+MEMBER_CI = f"arn:aws:iam::{MEMBER}:role/ci-deploy"
+INBOX_ARN = "arn:aws:s3:::example-ami-usage"
+
+
+def inbox_allows(
+    template: dict[str, Any], action: str, key: str | None, principal: str, organization: str = ORGANIZATION
+) -> bool:
+    """The inbox policy's answer, by IAM's rules, to a principal whose identity policy grants `action`
+    on every resource (a CI role with s3:PutObject on *): in the inbox's account that grant is enough
+    unless a Deny applies; from another account the bucket policy must allow as well. `key` None
+    asks about the bucket itself (ListBucket)."""
+    account = principal.split(":")[4]
+    context = {
+        "aws:PrincipalArn": principal,
+        "aws:PrincipalAccount": account,
+        "aws:PrincipalOrgID": organization,
+        "aws:SecureTransport": "true",
+    }
+    requested = INBOX_ARN if key is None else f"{INBOX_ARN}/{key}"
+
+    def resource_matches(patterns: Any) -> bool:
+        arns = [
+            re.sub(r"<UsageInboxBucket\w+>", INBOX_ARN, flatten(p)).replace(
+                "${aws:PrincipalAccount}", account
+            )
+            for p in as_list(patterns)
+        ]
+        return any(fnmatch.fnmatchcase(requested, arn) for arn in arns)
+
+    held = {
+        "StringEquals": lambda got, wanted: got in wanted,
+        "Bool": lambda got, wanted: got in wanted,
+        "ArnLike": lambda got, wanted: any(fnmatch.fnmatchcase(got, w) for w in wanted),
+        "ArnNotLike": lambda got, wanted: not any(fnmatch.fnmatchcase(got, w) for w in wanted),
+    }
+
+    def applies(statement: dict[str, Any]) -> bool:
+        return (
+            statement["Principal"] == {"AWS": "*"}
+            and any(fnmatch.fnmatchcase(action, a) for a in as_list(statement["Action"]))
+            and (
+                resource_matches(statement["Resource"])
+                if "Resource" in statement
+                else not resource_matches(statement["NotResource"])
+            )
+            and all(
+                held[operator](context[key], as_list(wanted))
+                for operator, keys in statement.get("Condition", {}).items()
+                for key, wanted in keys.items()
+            )
+        )
+
+    [inbox_policy] = [
+        p
+        for name, p in resources(template, "AWS::S3::BucketPolicy").items()
+        if name.startswith("UsageInboxBucketPolicy")
+    ]
+    statements = [s for s in inbox_policy["Properties"]["PolicyDocument"]["Statement"] if applies(s)]
+    if any(s["Effect"] == "Deny" for s in statements):
+        return False
+    return account == OWNER or any(s["Effect"] == "Allow" for s in statements)
+
+
+def test_only_janitors_write_and_only_under_their_own_account(org_synth: Synth, org_policy: Policy) -> None:
+    template = org_synth.template("AmiJanitor-us-east-1")
+    reports = org_policy.usage_reports
+    assert reports is not None
+
+    def report(account: str) -> str:
+        return reports.report_key(account, "us-east-1")  # the key the scheduled run writes and reads
+
+    assert report(MEMBER) == f"janitor/reports/{MEMBER}/us-east-1.json"
+    # In the owner's account, a role whose own policy grants s3:PutObject and s3:DeleteObject on *
+    # forges no report, of another account or of its own, and deletes none; it still reads.
+    assert not inbox_allows(template, "s3:PutObject", report(MEMBER), OWNER_CI)
+    assert not inbox_allows(template, "s3:PutObject", report(OWNER), OWNER_CI)
+    assert not inbox_allows(template, "s3:DeleteObject", report(MEMBER), OWNER_CI)
+    assert inbox_allows(template, "s3:GetObject", report(MEMBER), OWNER_CI)
+    # The owner's janitor writes its own report and reads the members'.
+    assert inbox_allows(template, "s3:PutObject", report(OWNER), OWNER_JANITOR)
+    assert not inbox_allows(template, "s3:PutObject", report(MEMBER), OWNER_JANITOR)
+    assert not inbox_allows(template, "s3:DeleteObject", report(MEMBER), OWNER_JANITOR)
+    assert inbox_allows(template, "s3:GetObject", report(MEMBER), OWNER_JANITOR)
+    assert inbox_allows(template, "s3:ListBucket", None, OWNER_JANITOR)
+    # A member's janitor writes its own report only, and reads the others'.
+    assert inbox_allows(template, "s3:PutObject", report(MEMBER), MEMBER_JANITOR)
+    assert not inbox_allows(template, "s3:PutObject", report(OTHER_MEMBER), MEMBER_JANITOR)
+    assert not inbox_allows(template, "s3:PutObject", f"janitor/{MEMBER}/us-east-1.json", MEMBER_JANITOR)
+    assert not inbox_allows(template, "s3:DeleteObject", report(MEMBER), MEMBER_JANITOR)
+    assert inbox_allows(template, "s3:GetObject", report(OTHER_MEMBER), MEMBER_JANITOR)
+    # Nobody else in a member account, nor a janitor of another organization.
+    assert not inbox_allows(template, "s3:PutObject", report(MEMBER), MEMBER_CI)
+    assert not inbox_allows(template, "s3:PutObject", report(MEMBER), MEMBER_JANITOR, "o-zz99yy88xx")
+    assert not inbox_allows(template, "s3:GetObject", report(OWNER), MEMBER_JANITOR, "o-zz99yy88xx")
 
 
 def test_usage_reports_without_organization_makes_no_inbox(tmp_path: Path) -> None:
