@@ -215,6 +215,7 @@ def test_shares_to_the_organization_and_an_ou_are_expanded_at_the_largest_page(s
             f"org:{ORG_ARN}",
             f"ou:{OU_ARN}",
             "ou:arn:aws:organizations::999999999999:ou/o-zzzzzzzzzz/ou-zz-zzzzzzzz",
+            f"org:arn:aws:organizations::999999999999:organization/{ORG_ID}xy",
         ],
     )
 
@@ -224,6 +225,8 @@ def test_shares_to_the_organization_and_an_ou_are_expanded_at_the_largest_page(s
         f"ou:{OU_ARN}": ("555555555555", "666666666666"),
         # Another organization's OU: its accounts cannot be known here.
         "ou:arn:aws:organizations::999999999999:ou/o-zzzzzzzzzz/ou-zz-zzzzzzzz": None,
+        # An organization whose id only begins with ours is another.
+        f"org:arn:aws:organizations::999999999999:organization/{ORG_ID}xy": None,
     }
 
 

@@ -113,7 +113,8 @@ def expand_grants(
         expansions: dict[str, tuple[str, ...] | None] = {}
         for grant in wanted:
             kind, _, arn = grant.partition(":")
-            if f"/{own_org}" not in arn:
+            # organization/o-id or ou/o-id/ou-id: the id exactly (o-abc is not o-abcdef).
+            if arn.split("/")[1:2] != [own_org]:
                 expansions[grant] = None
             elif kind == "org":
                 expansions[grant] = _active(_pages(organizations, "list_accounts", "Accounts"))
