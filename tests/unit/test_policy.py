@@ -60,6 +60,11 @@ def test_defaults() -> None:
             "defaults.limits.max_fraction_per_family: must be <= 1",
         ),
         ({**BASE, "schedule": "every day"}, "schedule: must be an EventBridge expression"),
+        # What EventBridge itself refuses: refused here, not at deploy.
+        ({**BASE, "schedule": "cron(0 2 * * * *)"}, "day-of-month and day-of-week must be ?"),
+        ({**BASE, "schedule": "rate(1 minutes)"}, "EventBridge writes it rate(1 minute)"),
+        ({**BASE, "schedule": "rate(5 minute)"}, "EventBridge writes it rate(5 minutes)"),
+        ({**BASE, "schedule": "rate(0 days)"}, "a rate is at least 1"),
         (with_family(match={}), "families[1].match: give tags and/or a name glob"),
         (
             with_family(share_with={"accounts": ["12"]}),

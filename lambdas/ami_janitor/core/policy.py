@@ -473,9 +473,21 @@ def _check_region(value: str) -> str:
 
 
 def _check_schedule(value: str) -> str:
-    if re.match(r"^cron\((\S+ ){5}\S+\)$", value) or re.match(
-        r"^rate\(\d+ (minute|minutes|hour|hours|day|days)\)$", value
-    ):
+    """An expression EventBridge takes: six cron fields, one of day-of-month and day-of-week `?`; or a
+    rate of a positive whole number, its unit singular for 1 and plural otherwise."""
+    cron = re.match(r"^cron\((\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\)$", value)
+    if cron:
+        if "?" not in (cron.group(3), cron.group(5)):
+            raise ValueError(f"{value}: one of day-of-month and day-of-week must be ? (EventBridge's cron)")
+        return value
+    rate = re.match(r"^rate\((\d+) (minute|hour|day)(s?)\)$", value)
+    if rate:
+        count, plural = int(rate.group(1)), rate.group(3) == "s"
+        if count < 1:
+            raise ValueError(f"{value}: a rate is at least 1")
+        if plural == (count == 1):
+            unit = rate.group(2) + ("" if count == 1 else "s")
+            raise ValueError(f"{value}: EventBridge writes it rate({count} {unit})")
         return value
     raise ValueError("must be an EventBridge expression: cron(m h dom mon dow year) or rate(N unit)")
 
