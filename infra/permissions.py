@@ -360,7 +360,10 @@ def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     if restore:
         out.append(Statement("RestoreAndShareImages", tuple(restore), (scope.image_arn(region),)))
     tags = sorted(chosen & TAG_ACTIONS)
-    if tags:
+    # A role that creates AMIs and never removes a tag (the bake, the copier) tags only what it creates,
+    # at creation (TagOnCreate below): it gets no tag change on existing AMIs and snapshots.
+    edits_tags = bool(tags) and ("ec2:DeleteTags" in chosen or not chosen & CREATE_ACTIONS)
+    if edits_tags:
         # Tag changes on existing AMIs and snapshots: janitor-owned keys and Latest tags only. The
         # Null check refuses a DeleteTags without keys, which would remove every tag.
         out.append(

@@ -194,6 +194,24 @@ def test_mutating_ec2_actions_are_scoped_and_conditioned(
                         assert condition["Null"] == {"aws:TagKeys": "false"}
 
 
+def test_roles_that_only_create_amis_tag_only_what_they_create(templates: dict[str, dict[str, Any]]) -> None:
+    """The bake and the copier tag their new AMI at creation: neither may change a tag (a janitor key, a
+    Latest tag) on an existing AMI or snapshot."""
+    seen = set()
+    for template in templates.values():
+        for module, role_id in _roles(template).items():
+            if module not in ("bake", "replicate"):
+                continue
+            seen.add(module)
+            for statement in _statements(template, role_id):
+                if set(as_list(statement["Action"])) & TAG_ACTIONS:
+                    assert "ec2:CreateAction" in statement.get("Condition", {}).get("StringEquals", {}), (
+                        module,
+                        statement,
+                    )
+    assert seen == {"bake", "replicate"}
+
+
 def test_kms_only_on_configured_key_arns(templates: dict[str, dict[str, Any]], infra_policy: Any) -> None:
     configured = {
         t.kms_key_id for f in infra_policy.families for t in f.replicate if t.kms_key_id and not t.kms_alias
