@@ -158,11 +158,19 @@ def _ami_events(
 def _bake_schedule(
     stack: Stack, policy: Policy, code: lambda_.Code, scope: Scope, alerts: Alerts, dead_letters: DeadLetters
 ) -> BakeSchedule | None:
-    """The bake rules of the families that bake here: build instances live where the sources are, so
-    replication-only regions get none (in the member template: a condition on the region)."""
-    baked = [f for f in policy.families if f.bake is not None and f.bake.schedule is not None]
+    """The bake rules of the families that bake here (Policy.bake_regions: where their build instances
+    live, never a replication-only region). The member template has the rules of every family, in the
+    regions where any bakes (a condition on the region); the function leaves the others' to their
+    regions."""
     agnostic = Token.is_unresolved(stack.region)
-    if not baked or (not agnostic and stack.region not in policy.regions):
+    baked = [
+        f
+        for f in policy.families
+        if f.bake is not None
+        and f.bake.schedule is not None
+        and (agnostic or stack.region in policy.bake_regions(f))
+    ]
+    if not baked:
         return None
     schedule = BakeSchedule(
         stack,
@@ -176,7 +184,8 @@ def _bake_schedule(
         own_event_dead_letters=agnostic,  # nothing outside the condition may name its rules
     )
     if agnostic:
-        in_regions = CfnCondition(stack, "BakeRegion", expression=region_in(policy.regions))
+        bake_regions = sorted({region for family in baked for region in policy.bake_regions(family)})
+        in_regions = CfnCondition(stack, "BakeRegion", expression=region_in(bake_regions))
         only_if(schedule, in_regions)
     return schedule
 

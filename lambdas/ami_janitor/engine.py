@@ -697,7 +697,8 @@ class BakeOutcome(Outcome):
     mode: Mode
     region: str | None = None
     family: str
-    outcome: Literal["would-bake", "baked"] | None = None
+    # not-here: the family's bake runs in other regions (bake.regions), where its build instance lives.
+    outcome: Literal["would-bake", "baked", "not-here"] | None = None
     instance_id: str | None = None
     image_id: str | None = None
     name: str | None = None
@@ -713,6 +714,8 @@ def scheduled_bake(policy: Policy, family: Family, clients: RegionClients, now: 
     for it (its `available` event drives rotation and replication)."""
     if policy.mode == "paused":
         return BakeOutcome(mode=policy.mode, family=family.name)
+    if clients.region not in policy.bake_regions(family):
+        return BakeOutcome(mode=policy.mode, region=clients.region, family=family.name, outcome="not-here")
     instance_id = baker.find_bake_instance(clients, family)
     no_reboot = family.bake is not None and family.bake.no_reboot
     if policy.mode == "dry-run":

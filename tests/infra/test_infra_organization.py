@@ -6,6 +6,7 @@ test_infra_cfn_lint.py, checked by cdk-nag in test_infra_nag.py).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -342,3 +343,25 @@ def test_region_condition_nests_past_ten(regions: list[str], expected: dict[str,
 
     stack = Stack(App(), "Conditions")
     assert stack.resolve(region_in(regions)) == expected
+
+
+def _bake_rule_families(template: dict[str, Any]) -> list[str]:
+    """The families whose scheduled bake the template's rules start (from each rule's input)."""
+    found = []
+    for rule in resources(template, "AWS::Events::Rule").values():
+        for target in rule["Properties"]["Targets"]:
+            transformer = target.get("InputTransformer")
+            if transformer and '"family"' in transformer["InputTemplate"]:
+                found.append(json.loads(transformer["InputTemplate"].replace("<time>", '"t"'))["family"])
+    return sorted(found)
+
+
+def test_a_family_is_baked_only_in_its_bake_regions(org_synth: Synth, member: dict[str, Any]) -> None:
+    """base-linux pins a build instance of us-east-2 (bake.regions): no rule bakes it elsewhere. The
+    member template, one for every region, has both rules where any family bakes; the function leaves
+    a family to its own regions."""
+    assert _bake_rule_families(org_synth.template("AmiJanitor-us-east-1")) == ["pettracker-ml"]
+    assert _bake_rule_families(org_synth.template("AmiJanitor-us-east-2")) == ["base-linux", "pettracker-ml"]
+    assert _bake_rule_families(org_synth.template("AmiJanitor-eu-west-1")) == []
+    assert _bake_rule_families(member) == ["base-linux", "pettracker-ml"]
+    assert member["Conditions"]["BakeRegion"] == BAKE_CONDITION

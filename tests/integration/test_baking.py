@@ -441,6 +441,22 @@ def test_handler_bakes_the_pinned_instance_even_with_a_later_tagged_one(lambda_e
     assert tags_of(image)["ami-janitor:baked-from"] == builder
 
 
+@pytest.mark.parametrize("mode", ["enforce", "dry-run"])
+def test_handler_in_a_region_the_family_does_not_bake_in_does_nothing(lambda_env: Path, mode: str) -> None:
+    """The member template makes the bake rules in each region where some family bakes: a family
+    whose build instance lives elsewhere (bake.regions) is not baked here, and that is no failure."""
+    launch(ROLE)
+    data = policy_data(mode)
+    data["regions"] = [REGION, "eu-west-1"]
+    data["families"][0]["bake"] |= {"instance_id": "i-0123456789abcdef0", "regions": ["eu-west-1"]}
+    lambda_env.write_text(json.dumps(data))
+
+    result = bake_handler.handler(dict(SCHEDULED_EVENT), Context())
+
+    assert result == {"mode": mode, "region": REGION, "family": "pettracker-ml", "outcome": "not-here"}
+    assert own_images() == []
+
+
 def test_handler_permissions_are_the_unattended_bake_only() -> None:
     assert bake_handler.PERMISSIONS == [
         "dynamodb:DescribeTable",  # the ledger table is there

@@ -327,6 +327,33 @@ def test_bake_refuses_when_several_instances_carry_the_bake_tag(
     assert {"Key": "ami-janitor:baked-from", "Value": builder} in baked["Tags"]
 
 
+def test_bake_acts_in_the_region_the_family_bakes_in(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seed_fleet(now())
+    make_ledger()
+    builder = launch_build_instance()
+    text = POLICY.format(mode="dry-run").replace("regions: [us-east-1]", "regions: [us-east-1, eu-west-1]")
+    pinned = f'    bake: {{instance_id: {builder}, regions: [us-east-1], schedule: "cron(0 2 * * ? *)"}}\n'
+    config = write_policy(tmp_path, text=text + pinned)
+    before = image_ids()
+
+    code, output = run("bake", "--family", "web", "--config", config, "--region", "eu-west-1")
+
+    assert (code, output) == (2, "")
+    assert (
+        "family web bakes in us-east-1 (bake.regions), not eu-west-1: give --region with one of those, "
+        "or --instance-id"
+    ) in capsys.readouterr().err
+    assert image_ids() == before
+    # Without --region, the one region the family bakes in, not the profile's.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    code, output = run("bake", "--family", "web", "--config", config)
+    assert code == 0, output
+    baked = ec2().describe_images(ImageIds=[output.strip()])["Images"][0]
+    assert {"Key": "ami-janitor:baked-from", "Value": builder} in baked["Tags"]
+
+
 def test_plan_names_the_instance_a_scheduled_bake_will_image(endpoint: str, tmp_path: Path) -> None:
     seed_fleet(now())
     builder = launch_build_instance()

@@ -687,3 +687,14 @@ def test_only_scheduled_bakes_of_readable_policy_regions_are_planned() -> None:
     assert plan([target], pol, NOW).bakes == []
     skipped = inventory(region="us-east-1", error="ec2:DescribeInstances: Throttling: slow down")
     assert plan([skipped], pol, NOW).bakes == []
+
+
+def test_a_scheduled_bake_is_planned_only_in_its_bake_regions() -> None:
+    builder = (build_instance("i-0b0b"),)
+    pol = policy(
+        {"bake": {**SCHEDULED_BAKE, "instance_id": "i-0b0b", "regions": ["eu-west-1"]}},
+        regions=["us-east-1", "eu-west-1"],
+    )
+    assert plan([inventory(build_instances=builder, region="us-east-1")], pol, NOW).bakes == []
+    [bake] = plan([inventory(build_instances=builder, region="eu-west-1")], pol, NOW).bakes
+    assert (bake.region, bake.instance_id) == ("eu-west-1", "i-0b0b")

@@ -233,6 +233,39 @@ def test_a_fraction_may_be_written_as_an_integer() -> None:
     assert loaded.references.launch_template_versions == 3
 
 
+def test_a_pinned_build_instance_bakes_in_the_one_region_it_lives_in() -> None:
+    pinned = {"instance_id": "i-0b0b", "schedule": "rate(1 day)"}
+    two = {**BASE, "regions": ["us-east-1", "eu-west-1"]}
+    family = {"name": "app", "match": {"name": "app-*"}}
+
+    # An instance lives in one region: a scheduled bake of it everywhere would fail daily elsewhere.
+    assert (
+        "families[0].bake.instance_id: i-0b0b is an instance of one region, and family app bakes in "
+        "us-east-1, eu-west-1: set bake.regions to the region it lives in"
+    ) in error_of({**two, "families": [{**family, "bake": pinned}]})
+    loaded = parse_policy({**two, "families": [{**family, "bake": {**pinned, "regions": ["eu-west-1"]}}]})
+    assert loaded.bake_regions(loaded.families[0]) == ["eu-west-1"]
+    # One policy region: that is where it lives.
+    alone = parse_policy({**BASE, "families": [{**family, "bake": pinned}]})
+    assert alone.bake_regions(alone.families[0]) == BASE["regions"]
+    # Tagged build instances may live in several regions: by default the bake runs in each.
+    tagged = parse_policy({**two, "families": [{**family, "bake": {"instance_tag": {"Role": "b"}}}]})
+    assert tagged.bake_regions(tagged.families[0]) == ["us-east-1", "eu-west-1"]
+
+
+def test_bake_regions_are_regions_of_the_policy() -> None:
+    family = {"name": "app", "match": {"name": "app-*"}}
+    outside = {"instance_tag": {"Role": "b"}, "regions": ["us-east-1", "ap-south-1"]}
+    assert (
+        "families[0].bake.regions: ap-south-1 not in regions (us-east-1): builds are baked where the "
+        "policy manages sources"
+    ) in error_of({**BASE, "regions": ["us-east-1"], "families": [{**family, "bake": outside}]})
+    twice = {"instance_tag": {"Role": "b"}, "regions": ["us-east-1", "us-east-1"]}
+    assert "a region is named twice" in error_of({**BASE, "families": [{**family, "bake": twice}]})
+    bad = {"instance_tag": {"Role": "b"}, "regions": ["useast1"]}
+    assert "'useast1' is not an AWS region name" in error_of({**BASE, "families": [{**family, "bake": bad}]})
+
+
 # Every model of the policy file, each optional one present, each optional value set: the walk below
 # reaches every field through it.
 EVERY_FIELD: dict[str, Any] = {
@@ -270,6 +303,7 @@ EVERY_FIELD: dict[str, Any] = {
                 "instance_tag": {"Role": "web"},
                 "schedule": "rate(1 day)",
                 "no_reboot": False,
+                "regions": ["us-east-1"],
             },
             "keep_latest": 2,
             "min_age_days": 7,

@@ -21,7 +21,7 @@ from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
 from ami_janitor.core import rotation
 from ami_janitor.core.model import Plan
-from ami_janitor.core.policy import Policy, PolicyError, load_policy
+from ami_janitor.core.policy import Family, Policy, PolicyError, load_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DECLINED = 0, 1, 2, 3
 
@@ -198,18 +198,28 @@ def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
 
 
-def _one_region(policy: Policy, args: argparse.Namespace) -> str:
+def _bake_region(policy: Policy, family: Family, args: argparse.Namespace) -> str:
+    """The region `bake` acts in: --region, else the one region the family bakes in, else the profile's.
+    Without --instance-id, only a region the family bakes in (where its build instance lives)."""
+    bakes_in = policy.bake_regions(family) or policy.regions
     if args.region:
         regions = _regions(policy, args)
         if len(regions) != 1:
             raise UsageError("bake acts in one region: give --region once")
-        return regions[0]
-    if len(policy.regions) == 1:
-        return policy.regions[0]  # the one region the policy bakes in
-    session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
-    if not session.region_name:
-        raise UsageError("no region: give --region (or set one in the profile)")
-    return session.region_name
+        region = regions[0]
+    elif len(bakes_in) == 1:
+        region = bakes_in[0]
+    else:
+        session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
+        if not session.region_name:
+            raise UsageError("no region: give --region (or set one in the profile)")
+        region = session.region_name
+    if region not in bakes_in and not args.instance_id:
+        raise UsageError(
+            f"family {family.name} bakes in {', '.join(bakes_in)} (bake.regions), not {region}: give "
+            "--region with one of those, or --instance-id"
+        )
+    return region
 
 
 def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
@@ -223,7 +233,7 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
     except KeyError:
         raise UsageError(f"--family {args.family}: no such family in the policy") from None
     factory = _factory(args)
-    region = _one_region(policy, args)
+    region = _bake_region(policy, family, args)
     try:
         engine.require_ledgers(policy, [region], factory)  # every bake is recorded on its AMI's item
     except LedgerMissing as error:

@@ -741,12 +741,13 @@ def _rescued_view(image: Image, now: datetime) -> Image:
 def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[ScheduledBake]:
     """The instance each scheduled bake of the region would image now, or why it would refuse.
 
-    Scheduled bakes run in the policy's regions only (replication targets hold copies, not builds)."""
-    if inventory.region not in policy.regions:
-        return []
+    A family's scheduled bake runs in its bake regions only (Policy.bake_regions: within the policy's
+    regions, as replication targets hold copies, not builds)."""
     bakes: list[ScheduledBake] = []
     for family in policy.families:
         if family.bake is None or family.bake.schedule is None:
+            continue
+        if inventory.region not in policy.bake_regions(family):
             continue
         choice = build_instance.choose(family, inventory.region, inventory.build_instances)
         bakes.append(

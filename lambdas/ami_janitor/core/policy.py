@@ -249,6 +249,8 @@ class Bake(_Strict):
     instance_tag: dict[str, str] | None = Field(None, min_length=1)
     schedule: str | None = None
     no_reboot: bool = False
+    # Where the build instance lives (default: every region of `regions`); the schedule bakes there only.
+    regions: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _names_an_instance(self) -> "Bake":
@@ -260,6 +262,15 @@ class Bake(_Strict):
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
         return value if value is None else _check_schedule(value)
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, value: list[str] | None) -> list[str] | None:
+        for region in value or ():
+            _check_region(region)
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a region is named twice")
+        return value
 
 
 class Family(_Strict):
@@ -398,6 +409,7 @@ class Policy(_Strict):
                 raise ValueError(f"family {family.name!r} is defined twice")
             seen.add(family.name)
         self._latest_parameters_apart()
+        self._bakes_where_their_instances_live()
         for index, family in enumerate(self.families):
             try:
                 self.rules_for(family)
@@ -422,6 +434,31 @@ class Policy(_Strict):
                         f"families {other!r} (latest.ssm_parameter {other_template}) and {family.name!r} "
                         f"({template}) can both write the SSM parameter {name}: each family needs its own"
                     )
+
+    def _bakes_where_their_instances_live(self) -> None:
+        for index, family in enumerate(self.families):
+            if family.bake is None:
+                continue
+            outside = sorted(set(family.bake.regions or ()) - set(self.regions))
+            if outside:
+                raise ValueError(
+                    f"families[{index}].bake.regions: {', '.join(outside)} not in regions "
+                    f"({', '.join(self.regions)}): builds are baked where the policy manages sources"
+                )
+            regions = self.bake_regions(family)
+            if family.bake.instance_id is not None and len(regions) > 1:
+                # An instance lives in one region: everywhere else its scheduled bake would fail daily.
+                raise ValueError(
+                    f"families[{index}].bake.instance_id: {family.bake.instance_id} is an instance of one "
+                    f"region, and family {family.name} bakes in {', '.join(regions)}: set bake.regions to "
+                    "the region it lives in"
+                )
+
+    def bake_regions(self, family: Family) -> list[str]:
+        """The regions the family's bake runs in: its bake.regions, else the policy's regions."""
+        if family.bake is None:
+            return []
+        return list(family.bake.regions or self.regions)
 
     @property
     def managed_regions(self) -> list[str]:

@@ -62,6 +62,12 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     answer = outcome.model_dump(mode="json")
     # LogRecord reserves `name`: the image name is logged as image_name.
     logged = {key if key != "name" else "image_name": value for key, value in answer.items()}
+    if outcome.outcome == "not-here":
+        logger.info(
+            "not baked: the family bakes in other regions",
+            extra={**logged, "bake_regions": policy.bake_regions(family)},
+        )
+        return answer
     if outcome.outcome == "would-bake":
         logger.info("dry-run: would bake", extra={**logged, "create_image": outcome.create_image})
         return answer
