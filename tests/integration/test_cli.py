@@ -222,6 +222,43 @@ def test_a_latest_pointer_that_cannot_be_written_keeps_the_ami_it_still_names(
     assert ssm.get_parameter(Name="/ami/web/latest")["Parameter"]["Value"] == named
 
 
+@pytest.mark.parametrize("command", ["rotate", "apply"])
+def test_a_latest_parameter_that_already_names_the_target_is_not_written_again(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The Latest tag sits on an older AMI (a hand edit) while the parameter already names the newest:
+    the rotation moves the tag and leaves the parameter alone (a PutParameter of the same value would
+    make a new version of it, and send its change event, for nothing)."""
+    import botocore.client
+
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    ssm.put_parameter(Name="/ami/web/latest", Value=newest, Type="String", DataType="aws:ec2:image")
+    ec2().create_tags(Resources=[older], Tags=[{"Key": "Latest", "Value": "true"}])
+    make_ledger()
+    real_call = botocore.client.BaseClient._make_api_call
+    puts: list[dict[str, Any]] = []
+
+    def counted(self: Any, called: str, params: dict[str, Any]) -> Any:
+        if called == "PutParameter":
+            puts.append(params)
+        return real_call(self, called, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
+    argv = [command, "--config", write_policy(tmp_path)] + (["--yes"] if command == "apply" else [])
+    code, output = run(*argv)
+
+    assert code == 0, output
+    assert puts == []
+    holders = {
+        i["ImageId"]
+        for i in ec2().describe_images(Filters=[{"Name": "tag:Latest", "Values": ["true"]}])["Images"]
+    }
+    assert holders == {newest}
+    assert ssm.get_parameter(Name="/ami/web/latest")["Parameter"]["Version"] == 1
+
+
 def test_console_script_plan_json(endpoint: str, tmp_path: Path) -> None:
     seed_fleet(now())
     script = Path(sys.executable).with_name("ami-janitor")
