@@ -475,6 +475,20 @@ def test_paused_stops_rescue_and_bake_and_plan_still_reads(
     assert code == 0 and "mode is paused: nothing is applied" in json.loads(output)["notes"]
 
 
+def test_paused_rotate_and_replicate_write_nothing(endpoint: str, tmp_path: Path) -> None:
+    """The kill switch holds for the commands that reconcile by hand too: they only say what they
+    would do."""
+    fleet = seed_fleet(now())
+    make_ledger()
+    config = write_policy(tmp_path, "paused")
+    code, output = run("rotate", "--config", config)
+    assert code == 0 and fleet.images[-1] in output
+    assert run("replicate", "--config", config)[0] == 0
+    tagged = ec2().describe_images(Filters=[{"Name": "tag:Latest", "Values": ["true"]}])["Images"]
+    assert tagged == []
+    assert boto3.client("ssm", region_name="us-east-1").describe_parameters()["Parameters"] == []
+
+
 class ClosedPipe(io.StringIO):
     def write(self, text: str) -> int:
         raise BrokenPipeError(32, "Broken pipe")
