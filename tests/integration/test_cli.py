@@ -171,6 +171,20 @@ def test_rescue_by_hand_restores_a_disabled_ami(endpoint: str, tmp_path: Path) -
     assert run("rescue", "ami-0000000000000dead", "--config", config)[0] == 2
 
 
+def test_rescue_without_a_ledger_is_refused_naming_ledger_create(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a rescue undoes is what the ledger recorded: without the table it changes nothing."""
+    fleet = seed_fleet(now())
+    target = fleet.images[0]
+    ec2().disable_image(ImageId=target)
+    code, output = run("rescue", target, "--config", write_policy(tmp_path, "dry-run"))
+    assert code == 2 and output == ""
+    assert "`ami-janitor ledger create` makes it" in capsys.readouterr().err
+    state = ec2().describe_images(ImageIds=[target], IncludeDisabled=True)["Images"][0]["State"]
+    assert state == "disabled"
+
+
 def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path: Path) -> None:
     fleet = seed_fleet(now())
     code, output = run("rotate", "--config", write_policy(tmp_path, "dry-run"))
