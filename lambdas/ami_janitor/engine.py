@@ -430,11 +430,13 @@ def run(
 
     def write_latest(region: str, failed_rescues: set[str]) -> set[str]:
         changes = [c for c in plan.latest if c.region == region]
-        written = rotator.write_changes(clients_for(region), policy, changes, skip=failed_rescues)
+        parameters = loaded[region].parameters
+        written = rotator.write_changes(
+            clients_for(region), policy, changes, current=parameters, skip=failed_rescues
+        )
         rotations.extend(written)
         # Where Latest could not move, its old holders and the AMI its parameter names (which launches
         # read; `from` is the tag's holder where there is one) stay kept this run.
-        parameters = loaded[region].parameters
         stuck = [c for c, r in zip(changes, written, strict=True) if r.status == "failed"]
         return {
             i

@@ -171,6 +171,20 @@ def test_rescue_by_hand_restores_a_disabled_ami(endpoint: str, tmp_path: Path) -
     assert run("rescue", "ami-0000000000000dead", "--config", config)[0] == 2
 
 
+def test_rescue_without_a_ledger_is_refused_naming_ledger_create(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a rescue undoes is what the ledger recorded: without the table it changes nothing."""
+    fleet = seed_fleet(now())
+    target = fleet.images[0]
+    ec2().disable_image(ImageId=target)
+    code, output = run("rescue", target, "--config", write_policy(tmp_path, "dry-run"))
+    assert code == 2 and output == ""
+    assert "`ami-janitor ledger create` makes it" in capsys.readouterr().err
+    state = ec2().describe_images(ImageIds=[target], IncludeDisabled=True)["Images"][0]["State"]
+    assert state == "disabled"
+
+
 def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path: Path) -> None:
     fleet = seed_fleet(now())
     code, output = run("rotate", "--config", write_policy(tmp_path, "dry-run"))
@@ -220,6 +234,43 @@ def test_a_latest_pointer_that_cannot_be_written_keeps_the_ami_it_still_names(
         ("skipped", "Latest could not be moved away from it")
     }
     assert ssm.get_parameter(Name="/ami/web/latest")["Parameter"]["Value"] == named
+
+
+@pytest.mark.parametrize("command", ["rotate", "apply"])
+def test_a_latest_parameter_that_already_names_the_target_is_not_written_again(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The Latest tag sits on an older AMI (a hand edit) while the parameter already names the newest:
+    the rotation moves the tag and leaves the parameter alone (a PutParameter of the same value would
+    make a new version of it, and send its change event, for nothing)."""
+    import botocore.client
+
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    ssm.put_parameter(Name="/ami/web/latest", Value=newest, Type="String", DataType="aws:ec2:image")
+    ec2().create_tags(Resources=[older], Tags=[{"Key": "Latest", "Value": "true"}])
+    make_ledger()
+    real_call = botocore.client.BaseClient._make_api_call
+    puts: list[dict[str, Any]] = []
+
+    def counted(self: Any, called: str, params: dict[str, Any]) -> Any:
+        if called == "PutParameter":
+            puts.append(params)
+        return real_call(self, called, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", counted)
+    argv = [command, "--config", write_policy(tmp_path)] + (["--yes"] if command == "apply" else [])
+    code, output = run(*argv)
+
+    assert code == 0, output
+    assert puts == []
+    holders = {
+        i["ImageId"]
+        for i in ec2().describe_images(Filters=[{"Name": "tag:Latest", "Values": ["true"]}])["Images"]
+    }
+    assert holders == {newest}
+    assert ssm.get_parameter(Name="/ami/web/latest")["Parameter"]["Version"] == 1
 
 
 def test_console_script_plan_json(endpoint: str, tmp_path: Path) -> None:
@@ -463,6 +514,20 @@ def test_paused_stops_rescue_and_bake_and_plan_still_reads(
     assert ec2().describe_images(ImageIds=[fleet.images[0]])["Images"][0]["State"] == "disabled"
     code, output = run("plan", "--config", config, "--format", "json")
     assert code == 0 and "mode is paused: nothing is applied" in json.loads(output)["notes"]
+
+
+def test_paused_rotate_and_replicate_write_nothing(endpoint: str, tmp_path: Path) -> None:
+    """The kill switch holds for the commands that reconcile by hand too: they only say what they
+    would do."""
+    fleet = seed_fleet(now())
+    make_ledger()
+    config = write_policy(tmp_path, "paused")
+    code, output = run("rotate", "--config", config)
+    assert code == 0 and fleet.images[-1] in output
+    assert run("replicate", "--config", config)[0] == 0
+    tagged = ec2().describe_images(Filters=[{"Name": "tag:Latest", "Values": ["true"]}])["Images"]
+    assert tagged == []
+    assert boto3.client("ssm", region_name="us-east-1").describe_parameters()["Parameters"] == []
 
 
 class ClosedPipe(io.StringIO):

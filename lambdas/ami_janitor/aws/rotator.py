@@ -7,7 +7,7 @@ available AMI from what EC2 says now, and writes only what differs, until a read
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -80,7 +80,11 @@ class AmiEventOutcome(Outcome):
     copies_skipped: list[str] = []
 
 
-def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list[str]:
+def _write(
+    clients: RegionClients, policy: Policy, change: LatestChange, current: Mapping[str, str]
+) -> list[str]:
+    """Write one change; `current`: the pointer parameters' values as last read (a parameter that
+    already names the target is not written: each PutParameter makes a new version and a change event)."""
     latest = policy.family(change.family).latest
     written: list[str] = []
     if latest is None:
@@ -92,7 +96,7 @@ def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list
     if latest.tag and change.untag:
         clients.ec2.delete_tags(Resources=list(change.untag), Tags=[{"Key": latest.tag}])
         written.append(f"untag {latest.tag} from {', '.join(change.untag)}")
-    if change.ssm_parameter and change.to:
+    if change.ssm_parameter and change.to and current.get(change.ssm_parameter) != change.to:
         clients.ssm.put_parameter(
             Name=change.ssm_parameter,
             Value=change.to,
@@ -105,10 +109,16 @@ def _write(clients: RegionClients, policy: Policy, change: LatestChange) -> list
 
 
 def write_changes(
-    clients: RegionClients, policy: Policy, changes: Iterable[LatestChange], *, skip: Iterable[str] = ()
+    clients: RegionClients,
+    policy: Policy,
+    changes: Iterable[LatestChange],
+    *,
+    current: Mapping[str, str],
+    skip: Iterable[str] = (),
 ) -> list[RotationResult]:
-    """Write a plan's Latest changes once each (the scheduled run: its plan was read just now). A
-    change to an AMI in `skip` (its rescue failed: it is not launchable) is left for the next run."""
+    """Write a plan's Latest changes once each (the scheduled run: its plan was read just now, with the
+    pointer values `current`). A change to an AMI in `skip` (its rescue failed: it is not launchable)
+    is left for the next run."""
     unusable = set(skip)
     results: list[RotationResult] = []
     for change in changes:
@@ -123,7 +133,7 @@ def write_changes(
             result.status, result.error = "failed", f"{change.to} could not be rescued: Latest not moved"
         else:
             try:
-                result.written.extend(_write(clients, policy, change))
+                result.written.extend(_write(clients, policy, change, current))
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
         results.append(result)
@@ -165,7 +175,7 @@ def converge(
             )
             result.to = change.to
             try:
-                result.written.extend(_write(clients, policy, change))
+                result.written.extend(_write(clients, policy, change, inventory.parameters))
                 result.status, result.error = "ok", None
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
