@@ -698,3 +698,26 @@ def test_a_scheduled_bake_is_planned_only_in_its_bake_regions() -> None:
     assert plan([inventory(build_instances=builder, region="us-east-1")], pol, NOW).bakes == []
     [bake] = plan([inventory(build_instances=builder, region="eu-west-1")], pol, NOW).bakes
     assert (bake.region, bake.instance_id) == ("eu-west-1", "i-0b0b")
+
+
+def test_an_ami_left_by_the_policy_mid_retirement_is_named_in_a_note() -> None:
+    """A family removed or its match narrowed: the janitor neither retires such an AMI further nor
+    rescues it, and says so, so that a disabled one does not stay disabled unseen."""
+    left = image(
+        days_old=300,
+        tags={"Project": "Gone"},
+        state="disabled",
+        ledger=ledger_item(9, {"deprecate": 9, "disable": 2}),
+    )
+    clock_only = image(days_old=300, tags={"Project": "Gone"}, ledger=ledger_item(1))
+    member = image(days_old=300, state="disabled", ledger=ledger_item(9, {"deprecate": 9, "disable": 2}))
+
+    result = plan(
+        [inventory(image(days_old=10), image(days_old=11), left, clock_only, member)], policy(), NOW
+    )
+
+    assert [n for n in result.notes if "no family" in n] == [
+        f"us-east-1: in no family of the policy, with stages the janitor applied and no longer follows (left "
+        f"as they are; `ami-janitor rescue AMI_ID` undoes them): {left.image_id}"
+    ]
+    assert left.image_id not in by_id(result)

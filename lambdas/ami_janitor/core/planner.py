@@ -738,6 +738,26 @@ def _rescued_view(image: Image, now: datetime) -> Image:
     return image.model_copy(update={"state": state, "deprecation_time": deprecation})
 
 
+# AMIs a plan note names by id; the rest are counted.
+_LISTED = 20
+
+
+def left_by_the_policy(inventory: RegionInventory, groups: Sequence[Group]) -> list[str]:
+    """AMIs the ledger has a candidate clock on that no family selects any more (a family removed, its
+    match narrowed, its tags changed): neither retired further nor rescued, so a disabled one would
+    stay disabled unseen."""
+    staged = [
+        image.image_id
+        for image in inventory.images
+        if trust.open_item(image) is not None
+        and any(trust.undoable_stage(image, stage) for stage in ("deprecate", "disable"))
+    ]
+    if not staged:
+        return []
+    members = {member.image_id for group in groups for member in group.members}
+    return sorted(image_id for image_id in staged if image_id not in members)
+
+
 def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[ScheduledBake]:
     """The instance each scheduled bake of the region would image now, or why it would refuse.
 
@@ -862,6 +882,15 @@ def _plan(
                 f"{len(orphaned)}, deleted by this run where it applies"
             )
         unfinished.extend(orphaned)
+        left = left_by_the_policy(inventory, grouped[inventory.region][0])
+        if left:
+            shown = ", ".join(left[:_LISTED]) + (
+                f" and {len(left) - _LISTED} more" if len(left) > _LISTED else ""
+            )
+            notes.append(
+                f"{inventory.region}: in no family of the policy, with stages the janitor applied and no "
+                f"longer follows (left as they are; `ami-janitor rescue AMI_ID` undoes them): {shown}"
+            )
         tampered.extend(trust.tampered(inventory))
         if inventory.ledger is None:
             notes.append(
