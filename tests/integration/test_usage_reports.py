@@ -284,3 +284,40 @@ def test_where_organizations_cannot_be_read_a_share_to_an_ou_keeps_the_ami(accou
     assert any("organizations: " in n and "kept (fail safe)" in n for n in result.plan.notes), (
         result.plan.notes
     )
+
+
+def test_a_disabled_ami_its_recorded_consumer_reports_used_again_is_rescued_with_its_share(
+    accounts: Accounts,
+) -> None:
+    """Disabling removed the AMI's launch permissions, so EC2 no longer shows who it was shared with:
+    the consumers are those the ledger recorded. The consumer reports it unused, the AMI is disabled;
+    then the consumer uses it again and reports so: the next run rescues it, its share restored."""
+    make_ledger((US,))
+    weekly = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
+    weekly["mode"] = "enforce"
+    weekly["defaults"]["lifecycle"] = {
+        "deprecate_after_days": 0,
+        "disable_after_days": 0,
+        "deregister_after_days": 7,
+    }
+    enforce = parse_policy(weekly)
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    consumer_run(accounts, wall_clock())
+    owner_ec2 = accounts.owner(US).ec2
+
+    first = engine.run(enforce, [US], accounts.owner, wall_clock(), apply=True)
+    assert {d.image_id: d.action for d in first.plan.decisions}[accounts.shared] == "disable"
+    assert owner_ec2.describe_images(ImageIds=[accounts.shared])["Images"][0]["State"] == "disabled"
+
+    accounts.consumer(US).ec2.create_launch_template(
+        LaunchTemplateName="web-fleet-2", LaunchTemplateData={"ImageId": accounts.shared}
+    )
+    consumer_run(accounts, wall_clock())
+    second = engine.run(enforce, [US], accounts.owner, wall_clock() + timedelta(hours=1), apply=True)
+
+    rescued = next(d for d in second.plan.decisions if d.image_id == accounts.shared)
+    assert rescued.action == "rescue", rescued.reasons
+    assert any(r.startswith(f"used in account {CONSUMER} by launch template") for r in rescued.reasons)
+    assert owner_ec2.describe_images(ImageIds=[accounts.shared])["Images"][0]["State"] == "available"
+    permissions = owner_ec2.describe_image_attribute(ImageId=accounts.shared, Attribute="launchPermission")
+    assert {p.get("UserId") for p in permissions["LaunchPermissions"]} == {CONSUMER}
