@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from ami_janitor import engine
 from ami_janitor.aws.clients import ClientFactory
@@ -119,6 +120,29 @@ def test_the_consumer_reports_what_it_uses_under_its_own_prefix(accounts: Accoun
     uses = body["uses"]
     assert isinstance(uses, dict) and list(uses) == [accounts.shared]
     assert any(accounts.template in detail for detail in uses[accounts.shared])
+
+
+def test_a_region_read_in_part_sends_no_report_and_the_run_exits_1(accounts: Accounts) -> None:
+    """A report written from a partial inventory would leave out what the unread source uses, and its
+    owner would retire it: the region sends nothing, and its last report grows stale (fail safe)."""
+    consumer_run(accounts, wall_clock())
+    before = accounts.owner(US).s3.head_object(Bucket=INBOX, Key=f"org/reports/{CONSUMER}/{US}.json")
+    session = session_of(CONSUMER)
+
+    def refuse(**_: object) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DescribeParameters")
+
+    session.events.register("before-call.ssm.DescribeParameters", refuse)
+
+    result = engine.run(
+        policy([CONSUMER]), [US], ClientFactory(session), wall_clock(), apply=False, publish_reports=True
+    )
+
+    assert [r.status for r in result.plan.regions] == ["skipped"]
+    assert result.usage_reports == [] and result.exit_code == 1
+    after = accounts.owner(US).s3.head_object(Bucket=INBOX, Key=f"org/reports/{CONSUMER}/{US}.json")
+    assert after["ETag"] == before["ETag"] and after["LastModified"] == before["LastModified"]
+    assert list(report_body(accounts, CONSUMER)["uses"]) == [accounts.shared]
 
 
 def test_the_owner_keeps_an_ami_a_fresh_report_says_is_used(accounts: Accounts) -> None:
