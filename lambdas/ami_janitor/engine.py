@@ -804,8 +804,9 @@ def work_slice(
 ) -> SliceOutcome:
     """One queued slice: dropped (each stage skipped, with why) when the policy is no longer the plan's
     or the slice is stale, else run (slicer.run_slice, which reads its AMIs again); `keep` is given the
-    results before the run's record counts the slice (the report keeps them); then counted once.
-    Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again; and before anything,
+    results before the run's record counts the slice (the report keeps them); then counted once. A
+    slice the record counted already (delivered again) is not run again: it only sends the summary,
+    where nobody sent it. Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again; and before anything,
     SliceNotRecorded (or RunNotStarted) for a slice its run did not record: SQS delivers it again, then
     parks it in the dead-letter queue, which alarms."""
     if work.region != clients.region:
@@ -813,13 +814,19 @@ def work_slice(
     records = runs.RunRecords(
         clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
     )
-    records.check_slice(work.region, work.run, work.index, slices.slice_digest(work))
+    recorded = records.check_slice(work.region, work.run, work.index, slices.slice_digest(work))
+    outcome = SliceOutcome(region=work.region, run=work.run, index=work.index, count=work.count)
+    if work.index in recorded.done:
+        # Delivered again after it was counted (its summary could not be sent): its results are in the
+        # report already, and its AMIs were acted on. Nothing is read, done or written again.
+        outcome.progress = recorded
+        outcome.last = recorded.complete and records.claim_summary(work.region, work.run, now)
+        return outcome
     dropped = None
     if work.policy != slices.policy_digest(policy):
         dropped = "the policy changed since the plan: the next run plans again"
     else:
         dropped = slices.stale(work, now)
-    outcome = SliceOutcome(region=work.region, run=work.run, index=work.index, count=work.count)
     if dropped is not None:
         outcome.dropped = dropped
         outcome.results = [

@@ -319,3 +319,38 @@ def test_a_summary_that_could_not_be_sent_is_sent_by_the_slices_next_delivery(de
     assert deployed.work(bodies[-1]) == {"batchItemFailures": []}  # SQS delivers it again
     [mail] = deployed.mails()
     assert "images retired: 3" in mail
+
+
+def test_a_slice_delivered_again_after_it_was_counted_leaves_its_results_in_the_report(
+    deployed: Deployment,
+) -> None:
+    """The last slice retires its AMI, is counted, then cannot send the summary: SQS delivers it again.
+    The second delivery finds the slice counted: it reads and does nothing again, and the run's report
+    keeps what the first delivery did (not its AMI's stages skipped as gone)."""
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    last = WorkSlice.model_validate_json(bodies[-1])
+    part = f"runs/{REGION}/{last.run}/run.json"
+    kept = deployed.s3.get_object(Bucket="reports", Key=part)["Body"].read()
+    deployed.s3.delete_object(Bucket="reports", Key=part)  # the run's part cannot be read for a while
+    for body in bodies[:-1]:
+        deployed.work(body)
+    with pytest.raises(BatchProcessingError):
+        deployed.work(bodies[-1])
+    deployed.s3.put_object(Bucket="reports", Key=part, Body=kept)
+
+    again = deployed.work(bodies[-1])
+
+    assert again == {"batchItemFailures": []}
+    [mail] = deployed.mails()
+    assert "images retired: 3" in mail
+    report = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=f"runs/{REGION}/{last.run}.json")["Body"].read()
+    )
+    [item] = last.items
+    mine = [r for r in report["results"] if r["image_id"] == item.image_id and r["action"] in item.stages]
+    assert [(r["action"], r["status"]) for r in mine] == [(stage, "ok") for stage in item.stages], mine
+    assert mine[-1]["snapshots_deleted"] != []

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 from ami_janitor import engine
 from ami_janitor.aws.clients import ClientFactory
@@ -119,6 +120,29 @@ def test_the_consumer_reports_what_it_uses_under_its_own_prefix(accounts: Accoun
     uses = body["uses"]
     assert isinstance(uses, dict) and list(uses) == [accounts.shared]
     assert any(accounts.template in detail for detail in uses[accounts.shared])
+
+
+def test_a_region_read_in_part_sends_no_report_and_the_run_exits_1(accounts: Accounts) -> None:
+    """A report written from a partial inventory would leave out what the unread source uses, and its
+    owner would retire it: the region sends nothing, and its last report grows stale (fail safe)."""
+    consumer_run(accounts, wall_clock())
+    before = accounts.owner(US).s3.head_object(Bucket=INBOX, Key=f"org/reports/{CONSUMER}/{US}.json")
+    session = session_of(CONSUMER)
+
+    def refuse(**_: object) -> None:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DescribeParameters")
+
+    session.events.register("before-call.ssm.DescribeParameters", refuse)
+
+    result = engine.run(
+        policy([CONSUMER]), [US], ClientFactory(session), wall_clock(), apply=False, publish_reports=True
+    )
+
+    assert [r.status for r in result.plan.regions] == ["skipped"]
+    assert result.usage_reports == [] and result.exit_code == 1
+    after = accounts.owner(US).s3.head_object(Bucket=INBOX, Key=f"org/reports/{CONSUMER}/{US}.json")
+    assert after["ETag"] == before["ETag"] and after["LastModified"] == before["LastModified"]
+    assert list(report_body(accounts, CONSUMER)["uses"]) == [accounts.shared]
 
 
 def test_the_owner_keeps_an_ami_a_fresh_report_says_is_used(accounts: Accounts) -> None:
@@ -284,3 +308,40 @@ def test_where_organizations_cannot_be_read_a_share_to_an_ou_keeps_the_ami(accou
     assert any("organizations: " in n and "kept (fail safe)" in n for n in result.plan.notes), (
         result.plan.notes
     )
+
+
+def test_a_disabled_ami_its_recorded_consumer_reports_used_again_is_rescued_with_its_share(
+    accounts: Accounts,
+) -> None:
+    """Disabling removed the AMI's launch permissions, so EC2 no longer shows who it was shared with:
+    the consumers are those the ledger recorded. The consumer reports it unused, the AMI is disabled;
+    then the consumer uses it again and reports so: the next run rescues it, its share restored."""
+    make_ledger((US,))
+    weekly = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
+    weekly["mode"] = "enforce"
+    weekly["defaults"]["lifecycle"] = {
+        "deprecate_after_days": 0,
+        "disable_after_days": 0,
+        "deregister_after_days": 7,
+    }
+    enforce = parse_policy(weekly)
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    consumer_run(accounts, wall_clock())
+    owner_ec2 = accounts.owner(US).ec2
+
+    first = engine.run(enforce, [US], accounts.owner, wall_clock(), apply=True)
+    assert {d.image_id: d.action for d in first.plan.decisions}[accounts.shared] == "disable"
+    assert owner_ec2.describe_images(ImageIds=[accounts.shared])["Images"][0]["State"] == "disabled"
+
+    accounts.consumer(US).ec2.create_launch_template(
+        LaunchTemplateName="web-fleet-2", LaunchTemplateData={"ImageId": accounts.shared}
+    )
+    consumer_run(accounts, wall_clock())
+    second = engine.run(enforce, [US], accounts.owner, wall_clock() + timedelta(hours=1), apply=True)
+
+    rescued = next(d for d in second.plan.decisions if d.image_id == accounts.shared)
+    assert rescued.action == "rescue", rescued.reasons
+    assert any(r.startswith(f"used in account {CONSUMER} by launch template") for r in rescued.reasons)
+    assert owner_ec2.describe_images(ImageIds=[accounts.shared])["Images"][0]["State"] == "available"
+    permissions = owner_ec2.describe_image_attribute(ImageId=accounts.shared, Attribute="launchPermission")
+    assert {p.get("UserId") for p in permissions["LaunchPermissions"]} == {CONSUMER}

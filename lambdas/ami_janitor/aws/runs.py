@@ -143,16 +143,18 @@ class RunRecords:
             raise RunNotStarted(f"no record of run {run} in {region}")
         return _progress(answer["Item"])
 
-    def check_slice(self, region: str, run: str, index: int, digest: str) -> None:
-        """Raises unless the run recorded this slice, by its digest, when it queued it (RunNotStarted
-        where the run has no record). Only the scheduled run's role writes the ledger table; others
-        may be able to send to the queue."""
-        recorded = self.read(region, run).digests.get(index)
+    def check_slice(self, region: str, run: str, index: int, digest: str) -> RunProgress:
+        """The run's record, once it shows the run recorded this slice, by its digest, when it queued
+        it; raises otherwise (RunNotStarted where the run has no record). Only the scheduled run's role
+        writes the ledger table; others may be able to send to the queue."""
+        progress = self.read(region, run)
+        recorded = progress.digests.get(index)
         if recorded != digest:
             raise SliceNotRecorded(
                 f"slice {index + 1} of run {run} in {region} is not the one its run recorded in the "
                 f"ledger table ({'no digest' if recorded is None else 'another digest'}): not run"
             )
+        return progress
 
     def claim_summary(self, region: str, run: str, at: datetime) -> bool:
         """True for the one caller that sends the run's summary (after its last slice)."""
