@@ -663,10 +663,12 @@ def ledger_for(policy: Policy, clients_for: ClientsFor) -> executor.LedgerFor:
     return region_ledger
 
 
-def rescue_may_be_public(policy: Policy, image: Image) -> bool:
-    """A rescue makes an AMI public again only where every family it matches says public: true."""
+def rescue_shares(policy: Policy, image: Image) -> frozenset[str]:
+    """What a rescue may grant again: what every family the AMI matches shares now (none: nothing)."""
     families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
-    return bool(families) and all(f.public for f in families)
+    if not families:
+        return frozenset()
+    return frozenset.intersection(*(frozenset(sharing.desired_grants(f)) for f in families))
 
 
 def rescue(
@@ -685,7 +687,7 @@ def rescue(
             ledger_for(policy, clients_for)(region),
             image,
             now,
-            public_allowed=rescue_may_be_public(policy, image),
+            shared=rescue_shares(policy, image),
         )
     raise LookupError(f"{image_id} was not found in {', '.join(regions)}")
 

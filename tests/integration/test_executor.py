@@ -482,6 +482,29 @@ def test_a_rescue_makes_an_ami_public_only_where_its_family_is_public(ec2: Any) 
     assert result[(public, "rescue")].status == "ok"
 
 
+def test_a_rescue_does_not_grant_again_what_share_with_no_longer_lists(ec2: Any) -> None:
+    # The janitor granted ACCOUNT_A (its ledger says so); ACCOUNT_B was granted by hand. The AMI is
+    # disabled, then ACCOUNT_A is removed from share_with, then a keep reason returns.
+    image_id = make_image(ec2, "web-1", share_with=[{"UserId": ACCOUNT_A}, {"UserId": ACCOUNT_B}])
+    ledger_of(ec2).record_grants(image_id, [f"user:{ACCOUNT_A}"])
+    assert apply(ec2, [decision(image_id, "disable", ["disable"])], load_inventory(ec2)).failed == 0
+
+    rescued = apply(ec2, [decision(image_id, "rescue")], load_inventory(ec2), family_grants={"web": []})
+
+    # The owner's grant comes back; the janitor's own grant the policy withdrew does not, and says why.
+    assert permissions_of(ec2, image_id) == [{"UserId": ACCOUNT_B}]
+    detail = by_key(rescued)[(image_id, "rescue")].detail or ""
+    assert f"not restored (no longer in share_with): user:{ACCOUNT_A}" in detail
+    # By hand, the same: the policy's families decide what a rescue may grant again.
+    other = make_image(ec2, "web-2", share_with=[{"UserId": ACCOUNT_A}])
+    ledger_of(ec2).record_grants(other, [f"user:{ACCOUNT_A}"])
+    assert apply(ec2, [decision(other, "disable", ["disable"])], load_inventory(ec2)).failed == 0
+    image = Image.from_api(REGION, ec2.describe_images(ImageIds=[other])["Images"][0])
+    results = rescue_image(RegionClients(REGION, ec2=ec2, dynamodb=dynamodb()), ledger_of(ec2), image, NOW)
+    assert [r.status for r in results] == ["ok"]
+    assert permissions_of(ec2, other) == []
+
+
 def test_rescue_image_reads_the_ledger_item_and_grants_what_it_recorded(ec2: Any) -> None:
     image_id = make_image(ec2, "web-1", share_with=[{"UserId": ACCOUNT_A}, {"Group": "all"}])
     assert apply(ec2, [decision(image_id, "disable", ["disable"])], load_inventory(ec2)).failed == 0
@@ -494,7 +517,7 @@ def test_rescue_image_reads_the_ledger_item_and_grants_what_it_recorded(ec2: Any
     results = rescue_image(RegionClients(REGION, ec2=ec2, dynamodb=dynamodb()), ledger_of(ec2), image, NOW)
 
     # ACCOUNT_A was recorded by the disable stage; ACCOUNT_B only by a forged tag; public needs
-    # public_allowed.
+    # `shared` (public: true).
     assert [r.status for r in results] == ["ok"]
     assert permissions_of(ec2, image_id) == [{"UserId": ACCOUNT_A}]
     assert "not restored (public: true not set): group:all" in (results[0].detail or "")
@@ -1567,7 +1590,7 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
     stub.add_response(
         "modify_image_attribute",
         {},
-        # What the ledger recorded; the public group only with public_allowed.
+        # What the ledger recorded; the public group only where the family shares it.
         {"ImageId": ami, "LaunchPermission": {"Add": [{"OrganizationArn": ORG}, {"UserId": ACCOUNT_A}]}},
     )
     # EC2 is back, the snapshots unmarked and the mirror gone before the ledger closes the clock: a

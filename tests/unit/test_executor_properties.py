@@ -551,8 +551,7 @@ def test_rescue_undoes_every_stage(
     inventory = {i.image_id: i for i in fake.describe().images}
     for image_id in sorted(i for i in fake.images if janitor_started(fake, i)):
         image = inventory[image_id].model_copy(update={"ledger": None})  # as DescribeImages gives it
-        public = "group:all" in extra
-        results = rescue_image(clients_for(fake), fake.ledger, image, now, public_allowed=public)
+        results = rescue_image(clients_for(fake), fake.ledger, image, now, shared=extra)
         assert [r.status for r in results] == ["ok"], results
         assert not janitor_started(fake, image_id)
         assert_restored(fake.images[image_id], originals[image_id], now, extra)

@@ -450,6 +450,29 @@ def test_all_zero_stages_deregister_at_once_and_null_skips() -> None:
     assert (decision.action, decision.next_action_at) == ("wait", iso(NOW + timedelta(days=14)))
 
 
+def test_lifecycle_days_edited_mid_clock_count_from_when_the_stages_happened() -> None:
+    keepers = [image(days_old=10 + i) for i in range(2)]
+    # Deprecated 10 days ago, disabled 3 days ago (disable_after_days: 7).
+    clock = {"ledger": ledger_item(10, {"deprecate": 10, "disable": 3}), "state": "disabled"}
+
+    def decide(lifecycle: dict[str, int | None]) -> Decision:
+        target = image(days_old=300, **clock)  # type: ignore[arg-type]
+        return by_id(plan([inventory(*keepers, target)], policy({"lifecycle": lifecycle}), NOW))[
+            target.image_id
+        ]
+
+    # Lengthened: the new delay counts from the disable stage as the ledger recorded it.
+    longer = decide({"disable_after_days": 7, "deregister_after_days": 30})
+    assert (longer.action, longer.next_action_at) == ("wait", iso(NOW + timedelta(days=20)))
+    # Shortened below what has elapsed: due once the disabled AMI has waited the new gap (here 1 day).
+    shorter = decide({"disable_after_days": 7, "deregister_after_days": 8})
+    assert (shorter.action, shorter.stages) == ("deregister", ["deregister"])
+    # The disable stage lengthened past the clock: the AMI disabled under the old rules waits the new
+    # gap after its disable, never less.
+    wider = decide({"disable_after_days": 20, "deregister_after_days": 25})
+    assert (wider.action, wider.next_action_at) == ("wait", iso(NOW + timedelta(days=15)))
+
+
 def test_rescue_when_a_keep_reason_returns() -> None:
     keepers = [image(days_old=10 + i) for i in range(2)]
     back = image(days_old=300, state="disabled", ledger=ledger_item(9, {"deprecate": 9, "disable": 2}))

@@ -7,7 +7,7 @@ error fails one image's step, never the run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
@@ -36,7 +36,7 @@ from ami_janitor.core.policy import (
     PRIOR_PERMISSIONS_TAG,
     RETIRED_FROM_TAG,
 )
-from ami_janitor.core.sharing import public_apart
+from ami_janitor.core.sharing import PUBLIC, public_apart
 from ami_janitor.core.slices import due_stages
 from ami_janitor.core.tags import is_part_key, joined_values, split_values
 
@@ -260,13 +260,18 @@ def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | N
     return f"deprecation restored to {iso(at)}"
 
 
-def _restore_permissions(ec2: EC2Client, image: Image, public_allowed: bool) -> list[str]:
-    """Grant back what the ledger recorded before the disable stage; the public group only where the
-    family says public: true."""
-    restore, left = trust.restorable_permissions(image, public_allowed)
-    notes = (
-        ["recorded launch permissions not restored (public: true not set): " + ",".join(left)] if left else []
-    )
+def _restore_permissions(ec2: EC2Client, image: Image, shared: Collection[str]) -> list[str]:
+    """Grant back what the ledger recorded before the disable stage; the public group and the janitor's
+    own grants only where the family (`shared`: what it shares now) still lists them."""
+    restore, left = trust.restorable_permissions(image, shared)
+    notes = [
+        f"recorded launch permissions not restored ({why}): " + ",".join(keys)
+        for why, keys in (
+            ("public: true not set", [k for k in left if k == PUBLIC]),
+            ("no longer in share_with", [k for k in left if k != PUBLIC]),
+        )
+        if keys
+    ]
     wanted = set(restore) - {p.key for p in image.launch_permissions or ()}
     restored: list[str] = []
     for keys in public_apart(sorted(wanted)):  # the public group alone: block public access refuses it
@@ -281,7 +286,7 @@ def _restore_permissions(ec2: EC2Client, image: Image, public_allowed: bool) -> 
 
 
 def _rescue_steps(
-    ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, public_allowed: bool, done: list[str]
+    ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, shared: Collection[str], done: list[str]
 ) -> None:
     """Undo what the ledger says the stages did, noting each change in `done`; then close the clock.
     The ledger is closed after EC2 is back: a crash leaves the clock open for a rerun to finish."""
@@ -291,7 +296,7 @@ def _rescue_steps(
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
-    done += _restore_permissions(ec2, image, public_allowed)
+    done += _restore_permissions(ec2, image, shared)
     done += trust.left_as_adopted(image)
     marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]
     if marked:
@@ -307,10 +312,11 @@ def _rescue_steps(
 
 
 def rescue_image(
-    clients: RegionClients, ledger: Ledger, image: Image, now: datetime, *, public_allowed: bool = False
+    clients: RegionClients, ledger: Ledger, image: Image, now: datetime, *, shared: Collection[str] = ()
 ) -> list[ActionResult]:
     """Undo the retirement of one AMI as the ledger recorded it: enable it, restore its deprecation
-    time and the launch permissions it had (public only with `public_allowed`), close its clock."""
+    time and the launch permissions it had (public and the janitor's own grants only where `shared`, what
+    its family shares now, lists them), close its clock."""
     if image.ledger is None:
         try:
             found = ledger.read_items([image.image_id])
@@ -320,16 +326,16 @@ def rescue_image(
             )
             return [failed.model_copy(update={"error": f"ledger: {error_text(error)}"})]
         image = image.model_copy(update={"ledger": found.get(image.image_id)})
-    return [_rescue(clients.region, clients.ec2, ledger, image, now, public_allowed)]
+    return [_rescue(clients.region, clients.ec2, ledger, image, now, shared)]
 
 
 def _rescue(
-    region: str, ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, public_allowed: bool
+    region: str, ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, shared: Collection[str]
 ) -> ActionResult:
     done: list[str] = []
     result = ActionResult(region=region, image_id=image.image_id, action="rescue", status="skipped")
     try:
-        _rescue_steps(ec2, ledger, image, now, public_allowed, done)
+        _rescue_steps(ec2, ledger, image, now, shared, done)
     except STEP_ERRORS as error:
         return result.model_copy(
             update={"status": "failed", "error": error_text(error), "detail": _join(done)}
@@ -539,14 +545,14 @@ class _RegionRun:
 
     # rescues ------------------------------------------------------------------------------------------
 
-    def rescue(self, decision: Decision, public_allowed: bool) -> None:
+    def rescue(self, decision: Decision, shared: Collection[str]) -> None:
         image = self.images.get(decision.image_id)
         if image is None:
             self.results.append(
                 self.result(decision.image_id, "rescue", "failed", error="not in the region's inventory")
             )
             return
-        self.results.append(_rescue(self.region, self.ec2, self.ledger, image, self.now, public_allowed))
+        self.results.append(_rescue(self.region, self.ec2, self.ledger, image, self.now, shared))
 
 
 def _deregister_image(ec2: EC2Client, image_id: str) -> Mapping[str, Any]:
@@ -740,8 +746,8 @@ def apply_plan(
     ledger), rescues, then `after_rescues(region, failed rescues)` (the run writes Latest there; it
     returns AMIs that must not retire now), candidate clocks, the snapshots of deregistrations a crash
     interrupted (those the ledger recorded, only), then the due stages: through `run_due` (the run's
-    slices, which read their AMIs again), else here on the plan's view. `family_grants` say which
-    families may be public again after a rescue. AWS errors become failed results; the run goes on."""
+    slices, which read their AMIs again), else here on the plan's view. `family_grants` (family ->
+    what it shares now) say which grants a rescue may make again. AWS errors become failed results; the run goes on."""
     if plan.mode != "enforce":
         raise ValueError(f"apply_plan needs an enforce plan, got mode {plan.mode!r}")
     regions = [r.region for r in plan.regions if r.status == "ok"]
@@ -750,12 +756,11 @@ def apply_plan(
     if unusable:
         raise ValueError(f"no usable inventory for region(s) {', '.join(unusable)} that the plan calls ok")
     results: list[ActionResult] = []
-    grants = family_grants or {}
-    public = {family for family, keys in grants.items() if "group:all" in keys}
+    grants = {family: frozenset(keys) for family, keys in (family_grants or {}).items()}
     for region in regions:
         decisions = [d for d in plan.decisions if d.region == region]
         run = _RegionRun(region, clients_for(region).ec2, ledger_for(region), inventories[region], now)
-        staged = _apply_region(run, decisions, public, after_rescues)
+        staged = _apply_region(run, decisions, grants, after_rescues)
         for decision, blocked in staged:
             if blocked is not None or run_due is None:
                 run.results += run.run_stages(decision.image_id, due_stages(decision), blocked)
@@ -766,14 +771,17 @@ def apply_plan(
 
 
 def _apply_region(
-    run: _RegionRun, decisions: Sequence[Decision], public: set[str], after_rescues: AfterRescues | None
+    run: _RegionRun,
+    decisions: Sequence[Decision],
+    grants: Mapping[str, frozenset[str]],
+    after_rescues: AfterRescues | None,
 ) -> list[tuple[Decision, str | None]]:
     """Everything but the due stages, which it returns in plan order with what blocks each, if any."""
     waiting = adopt(run)
     # Rescues first: an AMI back in use must launch again before anything else is changed.
     for decision in decisions:
         if decision.action == "rescue":
-            run.rescue(decision, decision.family in public)
+            run.rescue(decision, grants.get(decision.family, frozenset()))
     failed = {r.image_id for r in run.results if r.status == "failed"}
     pinned = after_rescues(run.region, failed) if after_rescues is not None else set()
     if waiting is None:

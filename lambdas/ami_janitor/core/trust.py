@@ -7,7 +7,7 @@ and how the first enforce run adopts the tags an older janitor wrote (the safe d
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -361,11 +361,16 @@ def left_as_adopted(image: Image) -> list[str]:
     return notes
 
 
-def restorable_permissions(image: Image, allowed_public: bool) -> tuple[list[str], list[str]]:
+def restorable_permissions(image: Image, shared: Collection[str]) -> tuple[list[str], list[str]]:
     """(what a rescue restores, what it leaves out): the launch permissions the ledger recorded before
-    its own disable stage; the public group only where the family says public: true."""
+    its own disable stage, given `shared`, what the AMI's family shares now (its share_with, and the
+    public group where it says public: true). The public group and the grants the janitor made itself
+    (its ledger's `grants`) come back only where `shared` still lists them: a rescue never restores a
+    grant the policy has withdrawn since the disable stage. Other grants are their owners' and come back."""
     entry = undoable_stage(image, "disable")
     recorded: Iterable[str] = entry.prior_launch_permissions if entry is not None else ()
-    keep = sorted(p for p in recorded if p != "group:all" or allowed_public)
-    left = sorted(p for p in recorded if p == "group:all" and not allowed_public)
+    own = set(image.ledger.grants) if image.ledger is not None else set()
+    own.add("group:all")
+    keep = sorted(p for p in recorded if p not in own or p in shared)
+    left = sorted(p for p in recorded if p in own and p not in shared)
     return keep, left
