@@ -171,6 +171,24 @@ def test_rescue_by_hand_restores_a_disabled_ami(endpoint: str, tmp_path: Path) -
     assert run("rescue", "ami-0000000000000dead", "--config", config)[0] == 2
 
 
+def test_rescue_reaches_a_region_since_removed_from_the_policy(endpoint: str, tmp_path: Path) -> None:
+    """A region removed from `regions` is read no more: what the janitor disabled there stays so, and
+    `rescue --region` still undoes it from that region's ledger."""
+    fleet = seed_fleet(now())
+    make_ledger()
+    text = POLICY.format(mode="enforce").replace("deregister_after_days: 0", "deregister_after_days: 30")
+    assert run("apply", "--config", write_policy(tmp_path, text=text), "--yes")[0] == 0
+    target = fleet.images[0]
+    assert ec2().describe_images(ImageIds=[target], IncludeDisabled=True)["Images"][0]["State"] == "disabled"
+    moved = write_policy(tmp_path, text=text.replace("regions: [us-east-1]", "regions: [eu-west-1]"))
+
+    code, output = run("rescue", target, "--config", moved, "--region", "us-east-1")
+
+    assert code == 0, output
+    assert ec2().describe_images(ImageIds=[target])["Images"][0]["State"] == "available"
+    assert run("rescue", target, "--config", moved, "--region", "useast1")[0] == 2
+
+
 def test_rescue_without_a_ledger_is_refused_naming_ledger_create(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

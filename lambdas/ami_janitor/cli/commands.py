@@ -21,7 +21,7 @@ from ami_janitor.aws.ledger import LedgerMissing
 from ami_janitor.cli import render
 from ami_janitor.core import rotation
 from ami_janitor.core.model import Plan
-from ami_janitor.core.policy import Family, Policy, PolicyError, load_policy
+from ami_janitor.core.policy import Family, Policy, PolicyError, check_region, load_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DECLINED = 0, 1, 2, 3
 
@@ -183,10 +183,21 @@ def _not_paused(policy: Policy, command: str) -> None:
         )
 
 
+def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
+    """Where `rescue` looks: every managed region, or the regions named, managed or not. A rescue only
+    undoes what the region's ledger recorded, so it also reaches AMIs left in a region since removed
+    from the policy."""
+    named = sorted({r.strip() for value in args.region or () for r in value.split(",") if r.strip()})
+    try:
+        return [check_region(region) for region in named] or policy.managed_regions
+    except ValueError as error:
+        raise UsageError(f"--region: {error}") from None
+
+
 def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
     policy = _policy(args)
     _not_paused(policy, "rescue")
-    regions = _regions(policy, args)
+    regions = _rescue_regions(policy, args)
     try:
         results = engine.rescue(policy, args.image_id, regions, _factory(args), _now())
     except (LookupError, LedgerMissing) as error:

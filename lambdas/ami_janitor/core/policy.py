@@ -180,7 +180,7 @@ class ReplicateTarget(_Strict):
     @field_validator("region")
     @classmethod
     def _region(cls, value: str) -> str:
-        return _check_region(value)
+        return check_region(value)
 
     @field_validator("kms_key_id")
     @classmethod
@@ -267,7 +267,7 @@ class Bake(_Strict):
     @classmethod
     def _regions(cls, value: list[str] | None) -> list[str] | None:
         for region in value or ():
-            _check_region(region)
+            check_region(region)
         if value is not None and len(set(value)) != len(value):
             raise ValueError("a region is named twice")
         return value
@@ -393,7 +393,7 @@ class Policy(_Strict):
     @classmethod
     def _regions(cls, value: list[str]) -> list[str]:
         for region in value:
-            _check_region(region)
+            check_region(region)
         return value
 
     @field_validator("schedule")
@@ -503,7 +503,7 @@ def kms_arn_region(kms_key_id: str | None) -> str | None:
     return match.group("region") if match else None
 
 
-def _check_region(value: str) -> str:
+def check_region(value: str) -> str:
     if not _REGION_RE.match(value):
         raise ValueError(f"{value!r} is not an AWS region name (like us-east-1)")
     return value
