@@ -10,7 +10,10 @@ bucket `<organization.code_bucket_prefix>-<region>` of the region they are deplo
 
 from __future__ import annotations
 
+from typing import cast
+
 from aws_cdk import Annotations, Aws, CfnCondition, CfnParameter, Environment, Fn, Stack
+from aws_cdk import aws_cloudformation as cloudformation
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_s3 as s3
 from cdk_stacksets import (
@@ -38,6 +41,9 @@ LEDGER_TABLE_EXISTS = "LedgerTableExists"
 # operation stops in a region where more than a tenth of the accounts failed.
 MAX_CONCURRENT_PERCENTAGE = 25
 FAILURE_TOLERANCE_PERCENTAGE = 10
+# The default (STRICT_FAILURE_TOLERANCE) caps the concurrency at the failure tolerance plus one account:
+# a tenth and one at a time, not a quarter. SOFT keeps the two apart.
+CONCURRENCY_MODE = "SOFT_FAILURE_TOLERANCE"
 
 
 class MemberStack(StackSetStack):
@@ -135,4 +141,8 @@ class OrganizationStack(Stack):
                 max_concurrent_percentage=MAX_CONCURRENT_PERCENTAGE,
                 failure_tolerance_percentage=FAILURE_TOLERANCE_PERCENTAGE,
             ),
+        )
+        # cdk-stacksets' OperationPreferences has no concurrency mode.
+        cast(cloudformation.CfnStackSet, self.stack_set.node.default_child).add_property_override(
+            "OperationPreferences.ConcurrencyMode", CONCURRENCY_MODE
         )

@@ -84,11 +84,16 @@ def test_stack_set_is_service_managed_and_deploys_to_the_ous_in_every_managed_re
                     "Regions": MANAGED,
                 }
             ],
-            "OperationPreferences": {
-                "RegionConcurrencyType": "PARALLEL",
-                "MaxConcurrentPercentage": 25,
-                "FailureTolerancePercentage": 10,
-            },
+            # Exact: the default concurrency mode (STRICT_FAILURE_TOLERANCE) would deploy to a tenth of
+            # the accounts plus one at a time, whatever MaxConcurrentPercentage says.
+            "OperationPreferences": Match.exact(
+                {
+                    "RegionConcurrencyType": "PARALLEL",
+                    "MaxConcurrentPercentage": 25,
+                    "FailureTolerancePercentage": 10,
+                    "ConcurrencyMode": "SOFT_FAILURE_TOLERANCE",
+                }
+            ),
             "TemplateURL": {"Fn::Sub": url},
         },
     )
@@ -365,3 +370,4 @@ def test_a_family_is_baked_only_in_its_bake_regions(org_synth: Synth, member: di
     assert _bake_rule_families(org_synth.template("AmiJanitor-eu-west-1")) == []
     assert _bake_rule_families(member) == ["base-linux", "pettracker-ml"]
     assert member["Conditions"]["BakeRegion"] == BAKE_CONDITION
+
