@@ -371,3 +371,88 @@ def test_a_family_is_baked_only_in_its_bake_regions(org_synth: Synth, member: di
     assert _bake_rule_families(member) == ["base-linux", "pettracker-ml"]
     assert member["Conditions"]["BakeRegion"] == BAKE_CONDITION
 
+
+def _alarmed(template: dict[str, Any], metric: str) -> set[str | None]:
+    """The resources an alarm on `metric` watches (a function's name, a queue's name)."""
+    return {
+        ref_id(dimension["Value"])
+        for alarm in resources(template, "AWS::CloudWatch::Alarm").values()
+        if alarm["Properties"].get("MetricName") == metric
+        for dimension in alarm["Properties"]["Dimensions"]
+    }
+
+
+def _allows_events_from(template: dict[str, Any], queue: str, rule: str) -> bool:
+    """The queue's policy lets EventBridge send the rule's failed deliveries."""
+    return any(
+        statement["Effect"] == "Allow"
+        and statement["Principal"] == {"Service": "events.amazonaws.com"}
+        and statement["Action"] == "sqs:SendMessage"
+        and ref_id(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == rule
+        for policy in resources(template, "AWS::SQS::QueuePolicy").values()
+        if [ref_id(q) for q in policy["Properties"]["Queues"]] == [queue]
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+    )
+
+
+def test_member_template_has_the_safety_nets_of_the_regional_stacks(member: dict[str, Any]) -> None:
+    """README, "Deploy": every EventBridge target a retry policy and a DLQ, every asynchronously invoked
+    function bounded retries and an on-failure queue, every SQS source a redrive DLQ; an alarm on each
+    function's errors and on each of those queues, all publishing to the region's topic. The member
+    template composes the same constructs, but its bake rules have a queue of their own."""
+    [topic] = resources(member, "AWS::SNS::Topic")
+    alarms = resources(member, "AWS::CloudWatch::Alarm").values()
+    assert all(alarm["Properties"]["AlarmActions"] == [{"Ref": topic}] for alarm in alarms)
+    functions = resources(member, "AWS::Lambda::Function")
+    assert _alarmed(member, "Errors") == set(functions)
+    watched_queues = _alarmed(member, "ApproximateNumberOfMessagesVisible")
+    for metric in ("ActionsFailed", "RegionSkipped"):
+        assert _alarmed(member, metric) == {None}, metric  # dimension service=ami-janitor, no resource
+    rules = resources(member, "AWS::Events::Rule")
+    invoked_by_rules = set()
+    for rule_id, rule in rules.items():
+        for target in rule["Properties"]["Targets"]:
+            retry = target["RetryPolicy"]
+            assert 1 <= retry["MaximumRetryAttempts"] <= 10 and retry["MaximumEventAgeInSeconds"] <= 2 * 3600
+            dead_letters = ref_id(target["DeadLetterConfig"]["Arn"])
+            assert dead_letters in watched_queues, rule_id
+            assert _allows_events_from(member, dead_letters, rule_id), rule_id
+            # The queue exists wherever the rule does.
+            assert member["Resources"][dead_letters].get("Condition") in (None, rule.get("Condition")), (
+                rule_id
+            )
+            invoked_by_rules.add(ref_id(target["Arn"]))
+    assert {
+        module for module, (fid, _) in functions_by_handler(member).items() if fid in invoked_by_rules
+    } == {
+        "scheduled",
+        "ami_event",
+        "bake",
+    }
+    configs = {
+        ref_id(c["Properties"]["FunctionName"]): c["Properties"]
+        for c in resources(member, "AWS::Lambda::EventInvokeConfig").values()
+    }
+    assert set(configs) == invoked_by_rules
+    for function_id, config in configs.items():
+        assert config["Qualifier"] == "$LATEST" and config["MaximumRetryAttempts"] <= 2, function_id
+        assert config["MaximumEventAgeInSeconds"] <= 2 * 3600, function_id
+        on_failure = ref_id(config["DestinationConfig"]["OnFailure"]["Destination"])
+        assert on_failure in watched_queues, function_id
+        # Lambda sends the failure record with the function's own role.
+        role = ref_id(functions[function_id]["Properties"]["Role"])
+        assert any(
+            "sqs:SendMessage" in as_list(s["Action"])
+            and on_failure in {ref_id(r) for r in as_list(s["Resource"])}
+            for policy in member["Resources"][role]["Properties"]["Policies"]
+            for s in policy["PolicyDocument"]["Statement"]
+        ), function_id
+    mappings = resources(member, "AWS::Lambda::EventSourceMapping").values()
+    assert {ref_id(m["Properties"]["FunctionName"]) for m in mappings} == set(functions) - invoked_by_rules
+    for mapping in mappings:
+        queue = member["Resources"][ref_id(mapping["Properties"]["EventSourceArn"])]["Properties"]
+        assert ref_id(queue["RedrivePolicy"]["deadLetterTargetArn"]) in watched_queues
+        assert 1 < queue["RedrivePolicy"]["maxReceiveCount"] <= 10
+    # The event function rotates one event at a time per region.
+    _, event_function = functions_by_handler(member)["ami_event"]
+    assert event_function["ReservedConcurrentExecutions"] == 1
