@@ -7,12 +7,13 @@ test_infra_cfn_lint.py, checked by cdk-nag in test_infra_nag.py).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aws_cdk import App, Stack
 from aws_cdk.assertions import Capture, Match, Template
-from synth_support import Synth, as_list, flatten, functions_by_handler, ref_id, resources
+from synth_support import Synth, as_list, cdk_context, flatten, functions_by_handler, ref_id, resources
 
 from ami_janitor.core.policy import Policy
 
@@ -102,6 +103,27 @@ def test_stack_set_is_service_managed_and_deploys_to_the_ous_in_every_managed_re
     [entry] = [e for e in org_synth.assets(ORG)["files"].values() if e["source"]["path"] == member_file.name]
     [destination] = entry["destinations"].values()
     assert url.as_string().endswith(f"/{destination['bucketName']}/{destination['objectKey']}")
+
+
+@pytest.mark.parametrize(("flag", "call_as"), [("true", "DELEGATED_ADMIN"), ("false", "SELF")])
+def test_stack_set_called_as_a_delegated_administrator_with_the_context_flag(
+    org_policy: Policy, tmp_path: Path, flag: str, call_as: str
+) -> None:
+    """`cdk deploy AmiJanitorOrg -c stackset_delegated_admin=true` from a delegated administrator of
+    StackSets: CloudFormation refuses a service-managed StackSet called as SELF outside the management
+    account."""
+    from infra.stack import build_app
+
+    app = build_app(
+        org_policy,
+        context={**cdk_context(), "stackset_delegated_admin": flag},
+        outdir=str(tmp_path),
+        nag=False,
+    )
+    [org] = [child for child in app.node.children if isinstance(child, Stack) and child.stack_name == ORG]
+    Template.from_stack(org).has_resource_properties(
+        "AWS::CloudFormation::StackSet", {"PermissionModel": "SERVICE_MANAGED", "CallAs": call_as}
+    )
 
 
 def test_no_custom_resource_and_no_asset_copy(org_synth: Synth, member: dict[str, Any]) -> None:
