@@ -143,6 +143,9 @@ class RunSummary(Summary):
     actions_failed: int = 0
     # AMIs a slice held back: a fresh read put the plan's decision in doubt (planned again next run).
     held_back: int = 0
+    # AMIs whose stages a slice dropped whole: the policy (or its mode) changed since the plan, or the
+    # slice went stale. The plan's counts above were not done for them.
+    not_run: int = 0
 
 
 class RunReport(Plan):
@@ -556,6 +559,7 @@ def _queue_slices(
         "snapshots_deleted": report.summary.snapshots_deleted if result.results else 0,
         "actions_failed": report.summary.actions_failed,
         "held_back": 0,
+        "not_run": 0,
     }
     summary = {k: v for k, v in report.summary.model_dump().items() if isinstance(v, int)}
     try:
@@ -825,7 +829,11 @@ def work_slice(
         outcome.last = recorded.complete and records.claim_summary(work.region, work.run, now)
         return outcome
     dropped = None
-    if work.policy != slices.policy_digest(policy):
+    if policy.mode != "enforce":
+        # Switched to dry-run (or paused) after the enforce run queued it: its stages wait for an
+        # enforce run, which plans them again from the ledger's clocks.
+        dropped = f"the policy's mode is {policy.mode} since the plan: nothing is done; the next enforce run plans again"
+    elif work.policy != slices.policy_digest(policy):
         dropped = "the policy changed since the plan: the next run plans again"
     else:
         dropped = slices.stale(work, now)
@@ -850,7 +858,8 @@ def work_slice(
         outcome.results, outcome.held = done.results, done.held
     if keep is not None:
         keep(outcome)
-    counts = slicer.SliceResult(results=outcome.results, held=outcome.held).counts()
+    not_run = frozenset(i.image_id for i in work.items) if dropped is not None else frozenset()
+    counts = slicer.SliceResult(results=outcome.results, held=outcome.held, not_run=not_run).counts()
     progress = records.finish_slice(work.region, work.run, work.index, counts)
     outcome.progress = progress or records.read(work.region, work.run)
     outcome.last = outcome.progress.complete and records.claim_summary(work.region, work.run, now)
@@ -878,6 +887,7 @@ def final_report(first: RunReport, outcomes: Sequence[SliceOutcome], progress: r
             "snapshots_deleted": totals.get("snapshots_deleted", 0),
             "actions_failed": totals.get("actions_failed", 0),
             "held_back": totals.get("held_back", 0),
+            "not_run": totals.get("not_run", 0),
         }
     )
     ordered = sorted(outcomes, key=lambda o: o.index)

@@ -14,6 +14,8 @@ import yaml
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
 from ami_janitor import engine
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.runs import RunRecords
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE
 from ami_janitor.core.slices import WorkSlice
@@ -225,6 +227,43 @@ def test_a_paused_policy_stops_the_queued_slices_without_a_write(deployed: Deplo
     assert deployed.keys() == [f"runs/{REGION}/{run}/run.json"]
 
 
+def test_a_slice_queued_in_enforce_and_worked_in_dry_run_changes_no_ami_and_says_why(
+    deployed: Deployment,
+) -> None:
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    retiring = sorted(i.image_id for b in bodies for i in WorkSlice.model_validate_json(b).items)
+    table = Ledger(
+        RegionClients(REGION, dynamodb=boto3.client("dynamodb", region_name=REGION)), DEFAULT_LEDGER_TABLE
+    )
+    clocks = table.read_items(retiring)
+    deployed.write_policy("dry-run")  # the operator's switch, before the worker takes the slices
+
+    for body in bodies:
+        assert deployed.work(body) == {"batchItemFailures": []}
+
+    described = ec2().describe_images(ImageIds=retiring)["Images"]
+    assert set(fleet.images) <= image_ids()
+    assert {(i["State"], i.get("DeprecationTime")) for i in described} == {("available", None)}
+    assert table.read_items(retiring) == clocks  # the clocks stand as the enforce run left them
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    part = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 0))["Body"].read()
+    )
+    why = "the policy's mode is dry-run since the plan: nothing is done; the next enforce run plans again"
+    assert part["dropped"] == why
+    assert {(r["status"], r["detail"]) for r in part["results"]} == {("skipped", why)}
+    [mail] = deployed.mails()  # the enforce run's one summary says what was planned and not run
+    assert "images retired: 3" in mail
+    assert (
+        "not run: a queued slice was dropped (see the report's results; planned again by the next enforce run): 3"
+        in mail
+    )
+
+
 def test_a_slice_of_another_policy_is_dropped_and_counted(deployed: Deployment) -> None:
     deployed.write_policy("enforce")
     fleet = seed_fleet(now())
@@ -239,6 +278,7 @@ def test_a_slice_of_another_policy_is_dropped_and_counted(deployed: Deployment) 
     assert set(fleet.images) <= image_ids()
     [mail] = deployed.mails()
     assert "ami-janitor enforce run" in mail
+    assert "planned again by the next enforce run): 3" in mail
     run = WorkSlice.model_validate_json(bodies[0]).run
     part = json.loads(
         deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 0))["Body"].read()

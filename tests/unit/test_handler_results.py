@@ -125,6 +125,7 @@ def test_the_scheduled_run_answers_with_its_result(mode: Any, monkeypatch: pytes
         "snapshots_deleted": 2,
         "actions_failed": 0,
         "held_back": 0,
+        "not_run": 0,
     }
     assert report["latest"][0]["from"] == "ami-1"
     mode("paused")

@@ -310,6 +310,41 @@ def test_a_same_region_target_without_a_key_is_a_policy_problem() -> None:
     ]
 
 
+def made_with(copy: Image, key: str | None) -> Image:
+    """The copy as its ledger item records it made by the family with `key` (None: before keys were recorded)."""
+    assert copy.ledger is not None and copy.ledger.replica is not None
+    record = copy.ledger.replica.model_copy(update={"family": "app", "kms_key_id": key, "kms_key_arn": key})
+    return copy.model_copy(update={"ledger": copy.ledger.model_copy(update={"replica": record})})
+
+
+def test_copies_made_with_a_key_the_target_no_longer_names_stand_and_the_plan_says_so() -> None:
+    new_key = "arn:aws:kms:eu-west-1:111122223333:key/new"
+    sources = [image(days_old=d) for d in (10, 20, 30)]
+    old = [made_with(replica(s), KEY_EU) for s in sources[1:]]
+    pending = made_with(replica(sources[0], state="pending"), KEY_EU)
+    unknown = made_with(replica(image(days_old=40)), None)  # before keys were recorded: not judged
+    target = inventory(*old, pending, unknown, region=EU).model_copy(
+        update={"ledger": ledger_of(*old, pending, unknown)}
+    )
+    rekeyed = replicating({"region": EU, "kms_key_id": new_key})
+
+    copies, problems = plan_replication([inventory(*sources), target], rekeyed, NOW)
+
+    assert copies == []  # each source has a usable copy there: none is made again with the new key
+    ids = ", ".join(sorted(c.image_id for c in [*old, pending]))
+    assert problems == [
+        f"family app: 3 copies of sources in {US} to {EU} were made with {KEY_EU} and the target names "
+        f"{new_key} now ({ids}): they stand for their sources there and retire by that region's rules; "
+        "only a source without a usable copy there is copied with the target's key"
+    ]
+    unkeyed = replicating({"region": EU})
+    assert plan_replication([inventory(*sources), target], unkeyed, NOW)[1][0].startswith(
+        f"family app: 3 copies of sources in {US} to {EU} were made with {KEY_EU} and the target names no key now"
+    )
+    # The key the target names: nothing to say.
+    assert plan_replication([inventory(*sources), target], EU_ONLY, NOW) == ([], [])
+
+
 def test_no_copy_to_a_target_whose_inventory_failed_or_is_missing() -> None:
     source = image(days_old=10)
     two = replicating({"region": EU}, {"region": WEST})

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 PERMISSIONS: list[str] = sorted(["dynamodb:GetItem", "dynamodb:UpdateItem"])
 # What slices add up (ActionResult counts); the plan's own summary is stored once at the start.
-COUNTERS = ("snapshots_deleted", "actions_failed", "held_back")
+# not_run: AMIs whose stages a slice dropped whole (the policy or its mode changed, or it went stale).
+COUNTERS = ("snapshots_deleted", "actions_failed", "held_back", "not_run")
 
 
 class RunProgress(BaseModel):

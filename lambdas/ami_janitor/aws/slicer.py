@@ -87,12 +87,15 @@ class SliceResult(BaseModel):
 
     results: list[ActionResult] = []
     held: dict[str, str] = {}
+    # The AMIs of a slice dropped whole (nothing read, nothing done).
+    not_run: frozenset[str] = frozenset()
 
     def counts(self) -> dict[str, int]:
         return {
             "snapshots_deleted": sum(len(r.snapshots_deleted) for r in self.results),
             "actions_failed": sum(1 for r in self.results if r.status == "failed"),
             "held_back": len(self.held),
+            "not_run": len(self.not_run),
         }
 
 

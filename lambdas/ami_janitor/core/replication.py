@@ -382,6 +382,7 @@ def plan_replication(
                 key = (target.region, group.family.name, group.architecture)
                 index = indexes[target.region]
                 offered[key] += [s for s in sources if _needs_copy(s, target, index.get(s.image_id, []))]
+    problems.extend(_other_key_notes(sources_of, usable))
     wanted = {
         key: wanted_sources(_target_group(groups_of(key[0])[0], key, policy), sources, now)
         for key, sources in offered.items()
@@ -408,6 +409,46 @@ def plan_replication(
                 resolved = arn if target.kms_alias is not None else None
                 copies.append(planned.model_copy(update={"kms_key_arn": resolved}))
     return copies, problems
+
+
+def _other_key_notes(
+    sources_of: Sequence[tuple[Group, Sequence[tuple[ReplicateTarget, str | None]], Sequence[Image]]],
+    usable: Mapping[str, RegionInventory],
+) -> list[str]:
+    """One line per family, source region and target whose usable copies the ledger records as made with
+    another key than the target's now (its kms_key_id edited, or no key named any more). Such a copy
+    counts as its source's copy: no copy is made again with the new key, and it retires by its region's
+    rules. Copies recorded without a key (made before keys were recorded) are not judged."""
+    notes: list[str] = []
+    seen: set[tuple[str, str, str]] = set()
+    for group, targets, _sources in sources_of:
+        for target, arn in targets:
+            where = (group.family.name, group.region, target.region)
+            if where in seen:
+                continue
+            seen.add(where)
+            other: dict[str, list[str]] = defaultdict(list)
+            for copy in usable[target.region].images:
+                record = copy.replica_record
+                if (
+                    record is not None
+                    and is_usable(copy)
+                    and record.source_region == group.region
+                    and record.family == group.family.name
+                    and record.kms_key_arn is not None
+                    and record.kms_key_arn != arn
+                ):
+                    other[record.kms_key_arn].append(copy.image_id)
+            now_named = f"the target names {arn} now" if arn else "the target names no key now"
+            for key, ids in sorted(other.items()):
+                shown = ", ".join(sorted(ids)[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+                notes.append(
+                    f"family {group.family.name}: {len(ids)} copies of sources in {group.region} to "
+                    f"{target.region} were made with {key} and {now_named} ({shown}): they stand for their "
+                    "sources there and retire by that region's rules; only a source without a usable copy "
+                    "there is copied with the target's key"
+                )
+    return notes
 
 
 def _target_group(groups: Sequence[Group], key: tuple[str, str, str], policy: Policy) -> Group:

@@ -45,6 +45,11 @@ def summary_text(region: str, report: engine.RunReport) -> str:
     ]
     if s.held_back:
         lines.append(f"held back by a slice's fresh read (planned again next run): {s.held_back}")
+    if s.not_run:
+        lines.append(
+            f"not run: a queued slice was dropped (see the report's results; planned again by the next "
+            f"enforce run): {s.not_run}"
+        )
     lines += [f"skipped {r.region}: {r.error}" for r in skipped]
     lines += [f"usage report not sent: {p}" for p in report.usage_problems]
     lines += [f"policy error: {e}" for e in report.policy_errors]
