@@ -213,7 +213,7 @@ def simulate(
         lambda _region: scheduled,
         NOW,
         ledger_for=lambda _region: fake.ledger,
-        family_grants={f.name: sorted(sharing.desired_grants(f)) for f in policy.families},
+        rescue_grants=lambda image: sharing.rescue_grants(policy, image),
         run_due=run_due,
     )
     run.statuses.update(r.status for r in applied.results)

@@ -301,14 +301,13 @@ def run_account_region(area: AccountRegion, policy: Policy, start: float) -> Reg
         return []
 
     if not run.skipped:
-        grants = {f.name: sorted(sharing.desired_grants(f)) for f in policy.families}
         applied = executor.apply_plan(
             plan,
             loaded,
             clients_for,
             now,
             ledger_for=lambda _region: fake.ledger,
-            family_grants=grants,
+            rescue_grants=lambda image: sharing.rescue_grants(policy, image),
             run_due=run_due,
         )
         run.statuses.update(r.status for r in applied.results)

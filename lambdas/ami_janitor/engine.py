@@ -448,7 +448,6 @@ def run(
             if i
         }
 
-    grants = {family.name: sorted(sharing.desired_grants(family)) for family in policy.families}
     ledgers = ledger_for(policy, clients_for)
     cut: dict[str, list[slices.WorkSlice]] = {}
 
@@ -469,7 +468,7 @@ def run(
         clients_for,
         now,
         ledger_for=ledgers,
-        family_grants=grants,
+        rescue_grants=lambda image: sharing.rescue_grants(policy, image),
         after_rescues=write_latest,
         run_due=run_due,
     )
@@ -667,14 +666,6 @@ def ledger_for(policy: Policy, clients_for: ClientsFor) -> executor.LedgerFor:
     return region_ledger
 
 
-def rescue_shares(policy: Policy, image: Image) -> frozenset[str]:
-    """What a rescue may grant again: what every family the AMI matches shares now (none: nothing)."""
-    families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
-    if not families:
-        return frozenset()
-    return frozenset.intersection(*(frozenset(sharing.desired_grants(f)) for f in families))
-
-
 def rescue(
     policy: Policy, image_id: str, regions: Sequence[str], clients_for: ClientsFor, now: datetime
 ) -> list[ActionResult]:
@@ -691,7 +682,7 @@ def rescue(
             ledger_for(policy, clients_for)(region),
             image,
             now,
-            shared=rescue_shares(policy, image),
+            shared=sharing.rescue_grants(policy, image),
         )
     raise LookupError(f"{image_id} was not found in {', '.join(regions)}")
 

@@ -204,7 +204,8 @@ def apply(
         clients_for(ec2, db),
         now,
         ledger_for=lambda region: ledger_of(ec2, db),
-        family_grants=family_grants,
+        # The families' grants, each AMI's family read off its name ("web-1": web).
+        rescue_grants=(lambda image: family_grants[image.name.split("-")[0]]) if family_grants else None,
     )
 
 

@@ -51,7 +51,7 @@ from ami_janitor.core.policy import (
     parse_policy,
 )
 from ami_janitor.core.run_plan import needed_details, plan_run, settle
-from ami_janitor.core.sharing import desired_grants
+from ami_janitor.core.sharing import desired_grants, rescue_grants
 from fake_ec2 import MUTATING, Call, Crash, FakeEC2, FakeImage, ImageView
 
 REGION = "us-east-1"
@@ -324,7 +324,6 @@ def run(
     before = fake.views()
     start = len(fake.calls)
     result, inventory = plan_region(fake, policy, now, all_permissions)
-    family_grants = {f.name: sorted(desired_grants(f)) for f in policy.families} if grants else None
     try:
         applied: ApplyResult | None = apply_plan(
             result,
@@ -332,7 +331,7 @@ def run(
             lambda _: clients_for(fake),
             now,
             ledger_for=lambda _: fake.ledger,
-            family_grants=family_grants,
+            rescue_grants=(lambda image: rescue_grants(policy, image)) if grants else None,
             run_due=sliced_runner(fake, policy, result, now, sliced) if sliced is not None else None,
         )
     except Crash:

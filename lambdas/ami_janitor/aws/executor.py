@@ -76,6 +76,8 @@ SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSna
 AfterRescues = Callable[[str, set[str]], set[str]]
 # The AMI with its launch permissions read now -> why its shares keep it (rule 5), or None.
 SharesKeep = Callable[[Image], str | None]
+# An AMI -> what a rescue may grant it again (sharing.rescue_grants under the run's policy).
+RescueGrants = Callable[[Image], Collection[str]]
 # How a stage result says its AMI was held back for what was read before it acted.
 HELD_BACK = "held back: "
 ResultAction = Literal[
@@ -545,13 +547,16 @@ class _RegionRun:
 
     # rescues ------------------------------------------------------------------------------------------
 
-    def rescue(self, decision: Decision, shared: Collection[str]) -> None:
+    def rescue(self, decision: Decision, rescue_grants: RescueGrants | None) -> None:
         image = self.images.get(decision.image_id)
         if image is None:
             self.results.append(
                 self.result(decision.image_id, "rescue", "failed", error="not in the region's inventory")
             )
             return
+        # Judged on the AMI, not the decision's family: one a tag put in several families gets only
+        # what all of them share.
+        shared = rescue_grants(image) if rescue_grants is not None else ()
         self.results.append(_rescue(self.region, self.ec2, self.ledger, image, self.now, shared))
 
 
@@ -738,7 +743,7 @@ def apply_plan(
     now: datetime,
     *,
     ledger_for: LedgerFor,
-    family_grants: Mapping[str, Iterable[str]] | None = None,
+    rescue_grants: RescueGrants | None = None,
     after_rescues: AfterRescues | None = None,
     run_due: RunDue | None = None,
 ) -> ApplyResult:
@@ -746,8 +751,9 @@ def apply_plan(
     ledger), rescues, then `after_rescues(region, failed rescues)` (the run writes Latest there; it
     returns AMIs that must not retire now), candidate clocks, the snapshots of deregistrations a crash
     interrupted (those the ledger recorded, only), then the due stages: through `run_due` (the run's
-    slices, which read their AMIs again), else here on the plan's view. `family_grants` (family ->
-    what it shares now) say which grants a rescue may make again. AWS errors become failed results; the run goes on."""
+    slices, which read their AMIs again), else here on the plan's view. `rescue_grants(image)` says which
+    grants a rescue may make again (none where not given). AWS errors become failed results; the run
+    goes on."""
     if plan.mode != "enforce":
         raise ValueError(f"apply_plan needs an enforce plan, got mode {plan.mode!r}")
     regions = [r.region for r in plan.regions if r.status == "ok"]
@@ -756,11 +762,10 @@ def apply_plan(
     if unusable:
         raise ValueError(f"no usable inventory for region(s) {', '.join(unusable)} that the plan calls ok")
     results: list[ActionResult] = []
-    grants = {family: frozenset(keys) for family, keys in (family_grants or {}).items()}
     for region in regions:
         decisions = [d for d in plan.decisions if d.region == region]
         run = _RegionRun(region, clients_for(region).ec2, ledger_for(region), inventories[region], now)
-        staged = _apply_region(run, decisions, grants, after_rescues)
+        staged = _apply_region(run, decisions, rescue_grants, after_rescues)
         for decision, blocked in staged:
             if blocked is not None or run_due is None:
                 run.results += run.run_stages(decision.image_id, due_stages(decision), blocked)
@@ -773,7 +778,7 @@ def apply_plan(
 def _apply_region(
     run: _RegionRun,
     decisions: Sequence[Decision],
-    grants: Mapping[str, frozenset[str]],
+    rescue_grants: RescueGrants | None,
     after_rescues: AfterRescues | None,
 ) -> list[tuple[Decision, str | None]]:
     """Everything but the due stages, which it returns in plan order with what blocks each, if any."""
@@ -781,7 +786,7 @@ def _apply_region(
     # Rescues first: an AMI back in use must launch again before anything else is changed.
     for decision in decisions:
         if decision.action == "rescue":
-            run.rescue(decision, grants.get(decision.family, frozenset()))
+            run.rescue(decision, rescue_grants)
     failed = {r.image_id for r in run.results if r.status == "failed"}
     pinned = after_rescues(run.region, failed) if after_rescues is not None else set()
     if waiting is None:

@@ -42,6 +42,15 @@ def desired_grants(family: Family) -> set[str]:
     return grants
 
 
+def rescue_grants(policy: Policy, image: Image) -> frozenset[str]:
+    """What a rescue of the AMI may grant again: what every family it matches shares now (none: nothing).
+    An AMI a tag enrolled in a second family gets only what both share, never the other's grants."""
+    families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
+    if not families:
+        return frozenset()
+    return frozenset.intersection(*(frozenset(desired_grants(f)) for f in families))
+
+
 def share_for(image: Image, family: Family) -> Share | None:
     """The change one member of `family` needs, or None.
 
