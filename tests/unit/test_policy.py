@@ -171,6 +171,18 @@ def test_managed_regions_include_replicate_targets() -> None:
     assert loaded.managed_regions == ["eu-west-1", "us-east-1"]
 
 
+def test_a_missing_default_policy_file_says_how_to_name_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AMI_JANITOR_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PolicyError) as raised:
+        load_policy()
+    assert str(raised.value) == (
+        f"no policy file janitor.yaml in {tmp_path}: pass --config FILE or set AMI_JANITOR_CONFIG"
+    )
+
+
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read the policy file"):
         load_policy(tmp_path / "missing.yaml")

@@ -541,10 +541,16 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
 
 def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
     """Load a policy from YAML or JSON (the deployed functions get JSON, so no YAML parser is needed)."""
-    file = Path(path or os.environ.get("AMI_JANITOR_CONFIG") or DEFAULT_CONFIG_PATH)
+    named = path or os.environ.get("AMI_JANITOR_CONFIG")
+    file = Path(named or DEFAULT_CONFIG_PATH)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as error:
+        if isinstance(error, FileNotFoundError) and not named:
+            # Nothing named a file: say where the default was looked for and how to name another.
+            raise PolicyError(
+                f"no policy file {file} in {Path.cwd()}: pass --config FILE or set AMI_JANITOR_CONFIG"
+            ) from None
         raise PolicyError(f"{file}: cannot read the policy file ({error.strerror})") from None
     except UnicodeDecodeError as error:
         raise PolicyError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
