@@ -589,7 +589,14 @@ def test_the_emulator_command_serves_the_demo_account_and_says_how_to_use_it(
     config = text.split("export AMI_JANITOR_CONFIG=")[1].split()[0]
     monkeypatch.setenv("AWS_ENDPOINT_URL", served)
     code, output = run("plan", "--config", config, "--format", "json")
-    assert code == 0 and json.loads(output)["summary"]["images"] > 50
+    plan = json.loads(output)
+    assert code == 0 and plan["summary"]["images"] > 50
+    # The policy's replica key and build instance are there: `replicate` and `bake` work as written.
+    assert not [note for note in plan["notes"] if "cannot resolve" in note], plan["notes"]
+    assert {copy["region"] for copy in plan["copies"]} == {"eu-west-1"}
+    assert run("ledger", "create", "--config", config)[0] == 0
+    code, output = run("bake", "--family", "pettracker-api", "--config", config, "--no-wait")
+    assert code == 0 and output.startswith("ami-"), output
 
 
 def test_progress_lines_on_a_terminal_only(

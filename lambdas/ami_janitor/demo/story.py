@@ -120,6 +120,13 @@ class Fleet:
             self.api.append(self._bake("us-east-1", f"pettracker-api-{stamp}", "x86_64", age, f"2.{week}"))
         self._add_references()
 
+    def tag_api_builder(self) -> None:
+        """pettracker-api's bake.instance_tag on the us-east-1 build instance: `bake` then finds it."""
+        builder = self.builders["us-east-1"]
+        self.ec2["us-east-1"].create_tags(
+            Resources=[builder], Tags=[{"Key": "Role", "Value": "pettracker-api"}]
+        )
+
     def _add_references(self) -> None:
         east, ssm = self.ec2["us-east-1"], self.ssm["us-east-1"]
         ml = self.ml[("us-east-1", "x86_64")]
@@ -314,8 +321,7 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     out.write("\n== Bake, share, replicate ==\n")
     east = RegionClients("us-east-1")
     family = policy.family("pettracker-api")
-    builder = fleet.builders["us-east-1"]
-    east.ec2.create_tags(Resources=[builder], Tags=[{"Key": "Role", "Value": "pettracker-api"}])
+    fleet.tag_api_builder()
     instance = baker.find_bake_instance(east, family)
     baked = baker.bake(east, family, instance, datetime.now(UTC), no_reboot=False)
     out.write(f"ami-janitor bake --family pettracker-api: {baked.image_id} ({baked.name}) from {instance}\n")
@@ -382,7 +388,11 @@ def serve_emulator(
     _isolate_from_real_aws(endpoint, config)
     try:
         if seeded:
-            Fleet(datetime.now(UTC).replace(microsecond=0)).seed()
+            fleet = Fleet(datetime.now(UTC).replace(microsecond=0))
+            fleet.seed()
+            # What the demo sets up on its way, so that `bake` and `replicate` work here as written.
+            fleet.tag_api_builder()
+            _make_replica_key()
         out.write(
             f"# the emulator listens on {endpoint} ({'the demo account' if seeded else 'empty'}); "
             "in another shell:\n"
@@ -452,13 +462,18 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
 REPLICA_ALIAS = "alias/pettracker-key"
 
 
-def _replica_key(out: TextIO) -> str:
+def _make_replica_key() -> str:
     """The key pettracker-api's copies to eu-west-1 are encrypted with, named by its alias in the policy."""
     import boto3
 
     kms = boto3.client("kms", region_name="eu-west-1")
     arn = str(kms.create_key(Description="PetTracker AMI copies")["KeyMetadata"]["Arn"])
     kms.create_alias(AliasName=REPLICA_ALIAS, TargetKeyId=arn)
+    return arn
+
+
+def _replica_key(out: TextIO) -> str:
+    arn = _make_replica_key()
     out.write(f"Replica key in eu-west-1: {REPLICA_ALIAS} -> {arn} (the policy names the alias).\n\n")
     return arn
 
