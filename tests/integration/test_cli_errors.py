@@ -64,7 +64,13 @@ CASES = [
         f"cannot reach {DEAD_ENDPOINT}",
         dead_endpoint,
     ),
-    Case("unknown profile", ["plan", "--profile", "nosuch"], 2, "nosuch"),
+    Case(
+        "unknown profile",
+        ["plan", "--profile", "nosuch"],
+        2,
+        "no AWS profile nosuch in the AWS config files (--profile or AWS_PROFILE): "
+        "name one that `aws configure list-profiles` lists, or leave it out",
+    ),
     Case("a region the policy does not manage", ["plan", "--region", "eu-west-3"], 2, "not managed"),
     Case(
         "a region no partition has",

@@ -39,7 +39,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         sys.stderr.write("ami-janitor: interrupted\n")
         return EXIT_DECLINED
     except ProfileNotFound as error:
-        sys.stderr.write(f"ami-janitor: {error}\n")
+        profile = error.kwargs.get("profile")
+        sys.stderr.write(
+            f"ami-janitor: no AWS profile {profile} in the AWS config files (--profile or AWS_PROFILE): "
+            "name one that `aws configure list-profiles` lists, or leave it out\n"
+        )
         return EXIT_USAGE
     except AWS_ERRORS as error:
         # Whatever a command could not turn into a result: one line, what failed and what to do.
