@@ -113,9 +113,11 @@ def test_apply_asks_in_a_terminal_and_a_no_changes_nothing(
             return True
 
     monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
-    code, output = run("apply", "--config", write_policy(tmp_path))
+    shared = POLICY.format(mode="enforce") + '    share_with: {accounts: ["111122223333"]}\n'
+    code, output = run("apply", "--config", write_policy(tmp_path, text=shared))
     assert code == 3
-    assert "declined" in output
+    # The question counts every write apply would make, the shares included.
+    assert "Apply 3 actions, 1 Latest changes, 3 shares and 0 copies? [y/N] declined" in output, output
     assert image_ids() >= set(fleet.images)
     monkeypatch.setattr(sys, "stdin", Terminal("y\n"))
     assert run("apply", "--config", write_policy(tmp_path))[0] == 0

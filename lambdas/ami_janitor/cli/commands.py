@@ -96,7 +96,11 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 
 def _confirm(plan: Plan, out: TextIO) -> bool:
     acting = sum(1 for d in plan.decisions if d.action not in ("keep", "wait"))
-    out.write(f"Apply {acting} actions and {len(plan.latest)} Latest changes? [y/N] ")
+    # Everything apply writes is counted: shares and copies too, not only stages and Latest.
+    out.write(
+        f"Apply {acting} actions, {len(plan.latest)} Latest changes, {len(plan.shares)} shares and "
+        f"{len(plan.copies)} copies? [y/N] "
+    )
     out.flush()
     answer = sys.stdin.readline().strip().lower()
     return answer in ("y", "yes")
