@@ -301,6 +301,14 @@ def test_unread_launch_permissions_are_asked_for_then_settle_the_plan() -> None:
         ["shared with user:999988887777 (not in share_with)"],
     )
     assert settled[touched.image_id].action == by_id(first)[touched.image_id].action
+    # Planned to retire, it had no share; kept, it gets the family's share_with as any kept member does.
+    assert unknown.image_id not in {s.image_id for s in first.shares}
+    [share] = [s for s in settled_plan.shares if s.image_id == unknown.image_id]
+    assert share.add == ["user:111122223333"] and share.remove == []
+    order = [d.image_id for d in settled_plan.decisions]
+    assert [s.image_id for s in settled_plan.shares] == sorted(
+        (s.image_id for s in settled_plan.shares), key=order.index
+    )
 
 
 def test_opt_out_and_protection_keep() -> None:

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 from ami_janitor.core import planner
 from ami_janitor.core.keys import KeyResolutions
-from ami_janitor.core.model import Decision, Image, Plan, RegionInventory, UsageView, parse_time
+from ami_janitor.core.model import Decision, Image, Plan, RegionInventory, Share, UsageView, parse_time
 from ami_janitor.core.planner import is_janitor_touched, shared_outside
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.replication import plan_replication
-from ami_janitor.core.sharing import plan_shares
+from ami_janitor.core.sharing import plan_shares, share_for
 from ami_janitor.core.usage import usage_reasons
 
 # Decisions of AMIs this run retires (or may retire soon): never shared first, and their launch
@@ -112,7 +112,33 @@ def settle(plan: Plan, inventories: Mapping[str, RegionInventory], policy: Polic
     summary = planner.summarize(decisions, usable, plan.summary.regions_skipped).model_copy(
         update={"tampered": plan.summary.tampered}
     )
-    return plan.model_copy(update={"decisions": decisions, "summary": summary, "notes": notes})
+    shares = _with_shares_of_the_kept(plan, decisions, inventories, policy)
+    return plan.model_copy(
+        update={"decisions": decisions, "summary": summary, "notes": notes, "shares": shares}
+    )
+
+
+def _with_shares_of_the_kept(
+    plan: Plan, decisions: Sequence[Decision], inventories: Mapping[str, RegionInventory], policy: Policy
+) -> list[Share]:
+    """The plan's shares, and those of the AMIs the details kept: planned to retire, they had none
+    (plan_run), and kept now they get the family's share_with as any kept member does."""
+    kept = [
+        new
+        for new, old in zip(decisions, plan.decisions, strict=True)
+        if new is not old and old.action in RETIRING and new.action not in RETIRING
+    ]
+    if not kept:
+        return plan.shares
+    images = {(region, image.image_id): image for region, inv in inventories.items() for image in inv.images}
+    added = [
+        share
+        for decision in kept
+        if (share := share_for(images[(decision.region, decision.image_id)], policy.family(decision.family)))
+    ]
+    # In the plan's order (region, family, architecture, newest first): the decisions' order.
+    order = {(d.region, d.image_id): index for index, d in enumerate(decisions)}
+    return sorted([*plan.shares, *added], key=lambda share: order[(share.region, share.image_id)])
 
 
 def _settled(
