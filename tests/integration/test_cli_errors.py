@@ -73,6 +73,15 @@ CASES = [
     ),
     Case("a region the policy does not manage", ["plan", "--region", "eu-west-3"], 2, "not managed"),
     Case(
+        "not an AMI id", ["rescue", "bogus"], 2, "bogus: not an AMI id (ami- and 8 or 17 hexadecimal digits)"
+    ),
+    Case(
+        "a writer that is no principal ARN",
+        ["ledger", "create", "--writer", "bogus"],
+        2,
+        "--writer bogus: not a principal ARN (arn:aws:iam::ACCOUNT:role/NAME, wildcards allowed)",
+    ),
+    Case(
         "a region no partition has",
         ["plan"],
         2,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from datetime import UTC, datetime
 from types import ModuleType
@@ -187,6 +188,11 @@ def _not_paused(policy: Policy, command: str) -> None:
         )
 
 
+# A writer the table's resource policy names in ArnLike: an IAM or STS principal ARN, wildcards allowed.
+_PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:(iam|sts)::(\d{12}|\*):\S+$")
+_AMI_ID = re.compile(r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$")
+
+
 def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
     """Where `rescue` looks: every managed region, or the regions named, managed or not. A rescue only
     undoes what the region's ledger recorded, so it also reaches AMIs left in a region since removed
@@ -199,6 +205,8 @@ def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
 
 
 def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
+    if not _AMI_ID.match(args.image_id):
+        raise UsageError(f"{args.image_id}: not an AMI id (ami- and 8 or 17 hexadecimal digits)")
     policy = _policy(args)
     _not_paused(policy, "rescue")
     regions = _rescue_regions(policy, args)
@@ -315,6 +323,11 @@ def cmd_replicate(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     """`ledger create`: the table in every managed region (or those given), created or adopted."""
+    for writer in args.writer or ():
+        if not _PRINCIPAL_ARN.match(writer):
+            raise UsageError(
+                f"--writer {writer}: not a principal ARN (arn:aws:iam::ACCOUNT:role/NAME, wildcards allowed)"
+            )
     policy = _policy(args)
     regions = _regions(policy, args)
     results = engine.create_ledgers(policy, regions, _factory(args), args.writer)
