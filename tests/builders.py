@@ -155,7 +155,7 @@ def policy(family: dict[str, Any] | None = None, **top: Any) -> Policy:
         "limits": {"max_actions_per_run": 100, "max_fraction_per_family": 1.0},
     }
     defaults.update(top.pop("defaults", {}))
-    fam: dict[str, Any] = {"name": "app", "match": {"tags": {"Project": "App"}}}
+    fam: dict[str, Any] = {"name": "app", "match": {"tags": {"Project": "App"}, "name": "app-*"}}
     fam.update(family or {})
     data: dict[str, Any] = {"regions": ["us-east-1"], "defaults": defaults, "families": [fam]}
     data.update(top)

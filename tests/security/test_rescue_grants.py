@@ -1,7 +1,8 @@
 """A rescue grants again only what every family of the AMI shares now.
 
-Anyone who may tag can enroll an AMI in a family matched by tags alone. Where that AMI is also another
-family's, it matches several families: kept (a policy error), and, disabled by the janitor, rescued.
+Anyone who may tag can enroll an AMI in a family matched by tags, where its name glob selects the AMI
+too. Where that AMI is also another family's, it matches several families: kept (a policy error), and,
+disabled by the janitor, rescued.
 That rescue must not grant back what the AMI's own family withdrew because the other family lists it.
 Played through the CLI, on the emulator, with `apply --yes`.
 """
@@ -30,7 +31,7 @@ defaults:
   limits: {{max_actions_per_run: 100, max_fraction_per_family: 1.0}}
 families:
   - name: apps
-    match: {{tags: {{Team: apps}}}}
+    match: {{tags: {{Team: apps}}, name: "web-*"}}
     share_with: {{accounts: ["{withdrawn}"]}}
   - name: web
     match: {{name: "web-*"}}
@@ -83,7 +84,7 @@ def test_a_tag_enrolling_a_disabled_ami_in_another_family_restores_no_grant_its_
         apply(config)
     assert state(old) == "disabled" and permissions(old) == []
 
-    policy(min_age=1, web_shares="")  # web withdraws WITHDRAWN; apps (matched by tags alone) lists it
+    policy(min_age=1, web_shares="")  # web withdraws WITHDRAWN; apps (its Team tag on a web-* name) lists it
     client.create_tags(Resources=[old], Tags=[{"Key": "Team", "Value": "apps"}])
     report = apply(config)
 

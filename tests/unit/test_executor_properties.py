@@ -85,7 +85,7 @@ def policies(draw: st.DrawFn) -> Policy:
         }
     family: dict[str, Any] = {
         "name": "app",
-        "match": {"tags": {"Project": "App"}},
+        "match": {"tags": {"Project": "App"}, "name": "app-*"},
         "latest": {"tag": LATEST, "ssm_parameter": "/ami/app/{arch}/latest"},
         "share_with": {"accounts": [OWN_ACCOUNT, *PARTNERS], "organizations": [ORG]},
         "public": draw(st.booleans()),
@@ -756,7 +756,11 @@ def test_a_rescue_stopped_half_way_keeps_the_recorded_launch_permissions() -> No
                 },
             },
             "families": [
-                {"name": "app", "match": {"tags": {"Project": "App"}}, "share_with": {"accounts": PARTNERS}}
+                {
+                    "name": "app",
+                    "match": {"tags": {"Project": "App"}, "name": "app-*"},
+                    "share_with": {"accounts": PARTNERS},
+                }
             ],
         }
     )

@@ -98,7 +98,7 @@ def test_a_family_matched_by_tags_alone_is_warned() -> None:
 
 
 def test_the_warning_is_a_plan_note_once_whatever_the_regions() -> None:
-    tags_alone = policy(regions=["us-east-1", "eu-west-1"])
+    tags_alone = policy({"match": {"tags": {"Project": "App"}}}, regions=["us-east-1", "eu-west-1"])
     result = plan([inventory(region="us-east-1"), inventory(region="eu-west-1")], tags_alone, NOW)
     assert result.notes.count(TAGS_ALONE.format("app")) == 1
 

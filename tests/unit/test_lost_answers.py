@@ -39,7 +39,11 @@ def policy(deregister_after_days: int) -> Policy:
                 },
             },
             "families": [
-                {"name": "app", "match": {"tags": {"Project": "App"}}, "share_with": {"accounts": [PARTNER]}}
+                {
+                    "name": "app",
+                    "match": {"tags": {"Project": "App"}, "name": "app-*"},
+                    "share_with": {"accounts": [PARTNER]},
+                }
             ],
         }
     )

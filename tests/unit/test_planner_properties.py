@@ -42,7 +42,7 @@ def policies(draw: st.DrawFn) -> Policy:
         lifecycle[key] = days.pop(0) if days and draw(st.booleans()) else None
     family: dict[str, Any] = {
         "name": "app",
-        "match": {"tags": {"Project": "App"}},
+        "match": {"tags": {"Project": "App"}, "name": "app-*"},
         "latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"},
         "share_with": {"accounts": [OWN_ACCOUNT]},
         "public": draw(st.booleans()),

@@ -265,6 +265,24 @@ def test_a_pinned_build_instance_bakes_in_the_one_region_it_lives_in() -> None:
     assert tagged.bake_regions(tagged.families[0]) == ["us-east-1", "eu-west-1"]
 
 
+@pytest.mark.parametrize("match", [{"tags": {"P": "A"}}, {"tags": {"P": "A"}, "name": "*"}])
+@pytest.mark.parametrize(
+    ("sharing", "what"),
+    [({"share_with": {"accounts": ["123456789012"]}}, "share_with"), ({"public": True}, "public: true")],
+)
+def test_a_family_that_shares_needs_a_name_glob(
+    match: dict[str, Any], sharing: dict[str, Any], what: str
+) -> None:
+    """Matched by tags alone, any AMI a tag-writer enrolls would be shared: a tag never widens a grant."""
+    data = {**BASE, "families": [{"name": "a", "match": match, **sharing}]}
+    assert (
+        f"families[0]: {what} needs a match.name glob that names the family's images: matched by tags "
+        "alone, anyone who may tag an AMI could enroll it and have it shared"
+    ) in error_of(data)
+    named = {"name": "a", "match": {**match, "name": "a-*"}, **sharing}
+    assert parse_policy({**BASE, "families": [named]}).families[0].match.name == "a-*"
+
+
 def test_bake_regions_are_regions_of_the_policy() -> None:
     family = {"name": "app", "match": {"name": "app-*"}}
     outside = {"instance_tag": {"Role": "b"}, "regions": ["us-east-1", "ap-south-1"]}

@@ -123,7 +123,11 @@ def test_amis_of_several_families_and_of_no_family_are_left_alone() -> None:
     both = policy(
         {"share_with": {"accounts": [A]}},
         families=[
-            {"name": "app", "match": {"tags": {"Project": "App"}}, "share_with": {"accounts": [A]}},
+            {
+                "name": "app",
+                "match": {"tags": {"Project": "App"}, "name": "app-*"},
+                "share_with": {"accounts": [A]},
+            },
             {"name": "all", "match": {"name": "app-*"}},
         ],
     )

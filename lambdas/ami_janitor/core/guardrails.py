@@ -16,5 +16,5 @@ def family_warnings(policy: Policy) -> list[str]:
         f"family {family.name} is matched by tags alone: anyone who may tag an AMI can enroll it "
         "(add a name glob)"
         for family in policy.families
-        if family.match.tags and family.match.name is None
+        if family.match.by_tags_alone
     ]

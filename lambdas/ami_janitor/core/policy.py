@@ -120,6 +120,12 @@ class Match(_Strict):
             raise ValueError(f"name glob {self.name!r} alone would select every AMI: narrow it or add tags")
         return self
 
+    @property
+    def by_tags_alone(self) -> bool:
+        """No name glob, or one of wildcards only: anyone who may tag an AMI can make it match (a name is
+        set when the AMI is made and never changes)."""
+        return self.name is None or not self.name.strip("*?")
+
     def matches(self, name: str, tags: dict[str, str]) -> bool:
         # Asked of every AMI for every family: the glob compiled once, a loop rather than a generator.
         if self.name is not None and _glob(self.name)(name) is None:
@@ -297,6 +303,18 @@ class Family(_Strict):
         if self.bake is not None and self.match.name and not fnmatch.fnmatchcase(example, self.match.name):
             raise ValueError(
                 f"bake names images like {example}, which match.name {self.match.name!r} does not select"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _shares_only_named_images(self) -> "Family":
+        # Anyone who may tag an AMI could enroll it in a family matched by tags alone: its grants would
+        # then share any AMI of the account, and a tag must never widen a launch permission.
+        if self.match.by_tags_alone and (self.share_with.grants() or self.public):
+            what = "public: true" if self.public else "share_with"
+            raise ValueError(
+                f"{what} needs a match.name glob that names the family's images: matched by tags alone, "
+                "anyone who may tag an AMI could enroll it and have it shared"
             )
         return self
 
