@@ -211,10 +211,14 @@ class RunResult(BaseModel):
         )
 
 
+def named_regions(values: Sequence[str] | None) -> list[str]:
+    """The regions `--region a --region b` or `--region a,b` names, sorted, each once."""
+    return sorted({r.strip() for value in values or () for r in value.split(",") if r.strip()})
+
+
 def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
     """The regions a run acts on: the ones asked for, else every managed region."""
-    # `--region a --region b` or `--region a,b`.
-    regions = [r.strip() for value in regions or () for r in value.split(",") if r.strip()]
+    regions = named_regions(regions)
     if not regions:
         return policy.managed_regions
     unknown = sorted(set(regions) - set(policy.managed_regions))
@@ -222,7 +226,7 @@ def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
         raise ValueError(
             f"region {unknown[0]} is not managed by the policy (managed: {', '.join(policy.managed_regions)})"
         )
-    return sorted(set(regions))
+    return regions
 
 
 def missing_ledgers(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> dict[str, str]:

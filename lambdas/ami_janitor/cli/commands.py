@@ -197,7 +197,7 @@ def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
     """Where `rescue` looks: every managed region, or the regions named, managed or not. A rescue only
     undoes what the region's ledger recorded, so it also reaches AMIs left in a region since removed
     from the policy."""
-    named = sorted({r.strip() for value in args.region or () for r in value.split(",") if r.strip()})
+    named = engine.named_regions(args.region)
     try:
         return [check_region(region) for region in named] or policy.managed_regions
     except ValueError as error:

@@ -419,6 +419,8 @@ def _other_key_notes(
     another key than the target's now (its kms_key_id edited, or no key named any more). Such a copy
     counts as its source's copy: no copy is made again with the new key, and it retires by its region's
     rules. Copies recorded without a key (made before keys were recorded) are not judged."""
+    # Each target region's usable copies with a recorded key, by (family, source region): read once.
+    keyed: dict[str, dict[tuple[str, str], list[tuple[str, str]]]] = {}
     notes: list[str] = []
     seen: set[tuple[str, str, str]] = set()
     for group, targets, _sources in sources_of:
@@ -427,18 +429,12 @@ def _other_key_notes(
             if where in seen:
                 continue
             seen.add(where)
+            if target.region not in keyed:
+                keyed[target.region] = _keyed_copies(usable[target.region])
             other: dict[str, list[str]] = defaultdict(list)
-            for copy in usable[target.region].images:
-                record = copy.replica_record
-                if (
-                    record is not None
-                    and is_usable(copy)
-                    and record.source_region == group.region
-                    and record.family == group.family.name
-                    and record.kms_key_arn is not None
-                    and record.kms_key_arn != arn
-                ):
-                    other[record.kms_key_arn].append(copy.image_id)
+            for image_id, key in keyed[target.region].get((group.family.name, group.region), ()):
+                if key != arn:
+                    other[key].append(image_id)
             now_named = f"the target names {arn} now" if arn else "the target names no key now"
             for key, ids in sorted(other.items()):
                 shown = ", ".join(sorted(ids)[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
@@ -449,6 +445,17 @@ def _other_key_notes(
                     "there is copied with the target's key"
                 )
     return notes
+
+
+def _keyed_copies(inventory: RegionInventory) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """(family, source region) -> (copy, the key ARN its ledger record names) of the region's usable
+    copies whose record names both."""
+    found: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
+    for copy in inventory.images:
+        record = copy.replica_record
+        if record is not None and record.family and record.kms_key_arn is not None and is_usable(copy):
+            found[(record.family, record.source_region)].append((copy.image_id, record.kms_key_arn))
+    return found
 
 
 def _target_group(groups: Sequence[Group], key: tuple[str, str, str], policy: Policy) -> Group:
