@@ -293,11 +293,10 @@ def test_ledger_create_whose_create_and_ttl_answers_were_lost_finishes(
 
 
 def test_unprocessed_keys_are_asked_again_after_a_growing_wait_then_fail_as_an_aws_error(
-    fake_aws_env: None, monkeypatch: pytest.MonkeyPatch
+    fake_aws_env: None,
 ) -> None:
     db = boto3.client("dynamodb", region_name="us-east-1")
     waits: list[float] = []
-    monkeypatch.setattr(ledger.time, "sleep", waits.append)
     keys = [ledger.key("ami-1"), ledger.key("ami-2")]
     raw = {**ledger.key("ami-1"), "image_id": {"S": "ami-1"}}
     with Stubber(db) as stub:
@@ -306,7 +305,7 @@ def test_unprocessed_keys_are_asked_again_after_a_growing_wait_then_fail_as_an_a
         stub.add_response("batch_get_item", {"Responses": {TABLE: [raw]}, "UnprocessedKeys": left}, ask)
         again = {"RequestItems": {TABLE: {"Keys": [ledger.key("ami-2")], "ConsistentRead": True}}}
         stub.add_response("batch_get_item", {"Responses": {TABLE: []}, "UnprocessedKeys": {}}, again)
-        book = Ledger(RegionClients("us-east-1", dynamodb=db), TABLE)
+        book = Ledger(RegionClients("us-east-1", dynamodb=db), TABLE, sleep=waits.append)
         assert list(book.read_items(["ami-2", "ami-1"])) == ["ami-1"]
         assert len(waits) == 1 and 0 <= waits[0] <= 0.1
 

@@ -479,10 +479,18 @@ class _Made:
 class Ledger(_Made):
     """The ledger table of one region: the item API the engine uses."""
 
-    def __init__(self, clients: RegionClients, table: str, *, retention_days: int = 90) -> None:
+    def __init__(
+        self,
+        clients: RegionClients,
+        table: str,
+        *,
+        retention_days: int = 90,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.clients = clients
         self.table = table
         self.retention_days = retention_days
+        self.sleep = sleep  # passed in: the wait before unprocessed keys are asked again
 
     @property
     def _db(self) -> DynamoDBClient:
@@ -645,7 +653,7 @@ class Ledger(_Made):
             keys: list[Any] = [key(i) for i in wanted[start : start + BATCH_GET_KEYS]]
             for attempt in range(_BATCH_RETRIES):
                 if attempt:
-                    time.sleep(random.uniform(0, _BATCH_BACKOFF_SECONDS * 2 ** (attempt - 1)))
+                    self.sleep(random.uniform(0, _BATCH_BACKOFF_SECONDS * 2 ** (attempt - 1)))
                 answer = self._db.batch_get_item(
                     RequestItems={self.table: {"Keys": keys, "ConsistentRead": True}}
                 )
