@@ -1454,6 +1454,22 @@ def test_a_malformed_image_skips_the_region_instead_of_crashing(stubbed: Stubbed
     assert inventory.images == ()
 
 
+def test_an_ami_listed_twice_by_describe_images_skips_the_region(stubbed: Stubbed) -> None:
+    """A listing whose pages repeat an AMI is no consistent inventory: counted twice, the newest AMI
+    would take two of keep_latest's places and push out one it keeps (and what a page skipped while
+    the listing shifted, a plan cannot see). The region is skipped and the error names the AMI."""
+    s = stubbed
+    newest, older = raw_image(ami(1), "app-1", APP), raw_image(ami(2), "app-2", APP)
+    s.add("ec2", "describe_images", {"Images": [newest], "NextToken": "page-2"}, IMAGES)
+    s.add("ec2", "describe_images", {"Images": [newest, older]}, {**IMAGES, "NextToken": "page-2"})
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error == f"ec2:DescribeImages: MalformedResponse: ValueError: AMI {ami(1)} listed twice"
+    assert inventory.images == ()
+
+
 def test_describe_image_includes_disabled_and_deprecated_amis(stubbed: Stubbed) -> None:
     s = stubbed
     asked = {"ImageIds": [ami(1)], "Owners": ["self"], "IncludeDeprecated": True, "IncludeDisabled": True}

@@ -43,7 +43,18 @@ def read_images(ec2: EC2Client, region: str) -> tuple[Image, ...]:
     every AMI's snapshots (a snapshot another AMI uses is never deleted)."""
     with source("ec2:DescribeImages"):
         images = _own_images(ec2, region)
+        _each_once(images)
     return tuple(sorted(images, key=lambda image: image.image_id))
+
+
+def _each_once(images: Sequence[Image]) -> None:
+    """Raises ValueError where the listing names an AMI twice (its pages shifted while read): counted
+    twice, an AMI would take two of keep_latest's places, and a shifted listing may have skipped one."""
+    seen: set[str] = set()
+    for image in images:
+        if image.image_id in seen:
+            raise ValueError(f"AMI {image.image_id} listed twice")
+        seen.add(image.image_id)
 
 
 def images_where(ec2: EC2Client, region: str, name: str, values: Sequence[str]) -> list[Image]:
