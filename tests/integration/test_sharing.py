@@ -272,8 +272,8 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
 def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants_it_again(
     stubbed: tuple[Any, Stubber],
 ) -> None:
-    """EC2 refused it, so nothing was granted: the record goes too (a record without the grant would
-    never be granted again). The public group refused under image block public access takes the
+    """EC2 refused it, and the launch permissions read back do not show it: the record goes too (a
+    record without the grant would never be granted again). The public group refused under image block public access takes the
     accounts' grants, made in the call before it, with it."""
     client, stub = stubbed
     image = stub_image()
@@ -281,6 +281,12 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
     stub.add_response("modify_image_attribute", {})  # user:B on the first AMI
     stub.add_client_error(
         "modify_image_attribute", "OperationNotPermitted", "Image block public access is enabled"
+    )
+    # Read back after the refusal: the account's grant is there, the public group is not.
+    stub.add_response(
+        "describe_image_attribute",
+        {"ImageId": image.image_id, "LaunchPermissions": [{"UserId": B}]},
+        {"ImageId": image.image_id, "Attribute": "launchPermission"},
     )
     stub.add_response("modify_image_attribute", {})
     stub.add_response("create_tags", {})
@@ -318,5 +324,6 @@ def test_permissions_name_what_the_code_calls() -> None:
         "dynamodb:UpdateItem",
         "ec2:CreateTags",
         "ec2:DeleteTags",
+        "ec2:DescribeImageAttribute",
         "ec2:ModifyImageAttribute",
     ]

@@ -12,9 +12,11 @@ import pytest
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.executor import ApplyResult, apply_plan
+from ami_janitor.aws.sharer import ShareResult, apply_shares
 from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.run_plan import plan_run
+from ami_janitor.core.sharing import plan_shares
 from fake_ec2 import MUTATING, FakeEC2, FakeImage
 
 REGION = "us-east-1"
@@ -23,7 +25,7 @@ PARTNER = "200000000001"
 SESSION = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
 
 
-def policy(deregister_after_days: int) -> Policy:
+def policy(deregister_after_days: int, partners: list[str] | None = None) -> Policy:
     return parse_policy(
         {
             "mode": "enforce",
@@ -42,7 +44,7 @@ def policy(deregister_after_days: int) -> Policy:
                 {
                     "name": "app",
                     "match": {"tags": {"Project": "App"}, "name": "app-*"},
-                    "share_with": {"accounts": [PARTNER]},
+                    "share_with": {"accounts": [PARTNER] if partners is None else partners},
                 }
             ],
         }
@@ -185,3 +187,40 @@ def assert_converged_later(fake: FakeEC2, rules: Policy) -> None:
     assert_done(apply(fake, rules, BASE + timedelta(days=1)))
     assert set(fake.images) == {"ami-new"}
     assert not [c for c in fake.mutations() if c.operation not in MUTATING]
+
+
+def share(fake: FakeEC2, rules: Policy) -> ShareResult:
+    """Share the newest AMI alone (the janitor's first share: the first call's fault is its)."""
+    inventory = fake.describe()
+    planned = [s for s in plan_shares([inventory], rules, BASE) if s.image_id == "ami-new"]
+    [result] = apply_shares(
+        lambda _: RegionClients(REGION, SESSION, ec2=fake), planned, [inventory], lambda _: fake.ledger
+    )
+    return result
+
+
+def test_a_grant_whose_answer_is_lost_stays_recorded_so_it_is_revoked_when_no_longer_wanted() -> None:
+    """The retries ran out, but the first attempt took effect: EC2 shows the grant, so the ledger keeps
+    it as the janitor's own, and it is revoked once the partner leaves share_with."""
+    fake, rules = fleet(), policy(deregister_after_days=30)
+    fake.next_call_faults = {"ModifyImageAttribute": "lost"}
+    failed = share(fake, rules)
+    assert (failed.status, failed.error) == ("failed", "InternalError: An internal error has occurred")
+    assert fake.images["ami-new"].permissions == {f"user:{PARTNER}"}
+    assert fake.ledger.items["ami-new"].grants == (f"user:{PARTNER}",)
+    unshared = policy(deregister_after_days=30, partners=[])
+    revoked = share(fake, unshared)
+    assert (revoked.status, revoked.removed) == ("ok", [f"user:{PARTNER}"])
+    assert fake.images["ami-new"].permissions == set()
+
+
+def test_a_refused_grant_is_taken_back_from_the_ledger() -> None:
+    fake, rules = fleet(), policy(deregister_after_days=30)
+    fake.next_call_faults = {"ModifyImageAttribute": "throttle"}
+    failed = share(fake, rules)
+    assert failed.status == "failed"
+    assert fake.images["ami-new"].permissions == set()
+    assert fake.ledger.items["ami-new"].grants == ()
+    granted = share(fake, rules)
+    assert (granted.status, granted.added) == ("ok", [f"user:{PARTNER}"])
+    assert fake.images["ami-new"].permissions == {f"user:{PARTNER}"}

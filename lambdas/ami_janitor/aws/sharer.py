@@ -2,9 +2,10 @@
 
 The ledger records a grant before ModifyImageAttribute makes it and forgets a grant after it is revoked:
 a crash in between leaves a grant recorded that was not made (harmless: revoked when no longer wanted),
-never one made that the janitor could not revoke. Where EC2 refuses the grant (throttled past the SDK's
-retries, image block public access), nothing was granted: the record is taken back, so the next run
-grants it again. The public group is granted in a call of its own, so that a refusal of it takes no
+never one made that the janitor could not revoke. Where the grant fails (throttled past the SDK's
+retries, image block public access, an answer lost after it took effect), the launch permissions are
+read back and the grants EC2 does not show are taken back from the record, so the next run grants them
+again. The public group is granted in a call of its own, so that a refusal of it takes no
 account's grant with it. The tag `ami-janitor:shared` is written last, as a mirror for people. No share
 where the region has no ledger.
 """
@@ -19,6 +20,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
+from ami_janitor.aws.inventory import read_launch_permissions
 from ami_janitor.aws.ledger import Ledger, LedgerFor
 from ami_janitor.core.model import Image, LaunchPermission, RegionInventory, Share
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG
@@ -32,9 +34,16 @@ if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 
-# The change and its mirror tag; the ledger's item write (record_grants, forget_grants).
+# The change and its mirror tag; the read-back of a grant that failed; the ledger's item write
+# (record_grants, forget_grants).
 PERMISSIONS: list[str] = sorted(
-    ["dynamodb:UpdateItem", "ec2:CreateTags", "ec2:DeleteTags", "ec2:ModifyImageAttribute"]
+    [
+        "dynamodb:UpdateItem",
+        "ec2:CreateTags",
+        "ec2:DeleteTags",
+        "ec2:DescribeImageAttribute",
+        "ec2:ModifyImageAttribute",
+    ]
 )
 
 ShareStatus = Literal["ok", "failed"]
@@ -80,10 +89,13 @@ def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> 
     try:
         ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": _permissions(grants)})
     except ClientError:
-        # EC2 answered, refusing: nothing was granted. Taken back, so the next run grants it again
-        # (where even that fails, the record stays, as after a crash).
+        # A refusal granted nothing, but an error may also be an answer lost after the grant took
+        # effect: what EC2 shows is read back and only the grants it does not show are taken back, so
+        # the next run makes them again (where the read or the write fails, the record stays, as after
+        # a crash).
         with suppress(*AWS_ERRORS):
-            ledger.forget_grants(image_id, grants)
+            shown = {p.key for p in read_launch_permissions(ec2, image_id)}
+            ledger.forget_grants(image_id, [g for g in grants if g not in shown])
         raise
 
 
