@@ -1048,7 +1048,18 @@ class FakeLedger(Ledger):
     def record_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         self._write("ledger_record_grants", image_id)
         item = self._item(image_id)
-        self.items[image_id] = item.model_copy(update={"grants": tuple(sorted({*item.grants, *grants}))})
+        update = {"grants": {*item.grants, *grants}, "granting": {*item.granting, *grants}}
+        self.items[image_id] = item.model_copy(update={k: tuple(sorted(v)) for k, v in update.items()})
+        return "recorded"
+
+    @_ledger_write
+    def confirm_grants(self, image_id: str, grants: Iterable[str]) -> Written:
+        self._write("ledger_confirm_grants", image_id)
+        item = self.items.get(image_id)
+        if item is None or not item.granting:  # the table's condition: the granting attribute exists
+            return "already-recorded"
+        left = tuple(sorted(set(item.granting) - set(grants)))
+        self.items[image_id] = item.model_copy(update={"granting": left})
         return "recorded"
 
     @_ledger_write
@@ -1057,8 +1068,8 @@ class FakeLedger(Ledger):
         item = self.items.get(image_id)
         if item is None or not item.grants:  # the table's condition: the grants attribute exists
             return "already-recorded"
-        left = tuple(sorted(set(item.grants) - set(grants)))
-        self.items[image_id] = item.model_copy(update={"grants": left})
+        update = {"grants": set(item.grants) - set(grants), "granting": set(item.granting) - set(grants)}
+        self.items[image_id] = item.model_copy(update={k: tuple(sorted(v)) for k, v in update.items()})
         return "recorded"
 
     def _set(self, image_id: str, **update: Any) -> None:

@@ -62,6 +62,10 @@ def _grants(grants: list[str]) -> Write:
     return lambda book, image_id: book.record_grants(image_id, grants)
 
 
+def _confirm_grants(grants: list[str]) -> Write:
+    return lambda book, image_id: book.confirm_grants(image_id, grants)
+
+
 def _forget(grants: list[str]) -> Write:
     return lambda book, image_id: book.forget_grants(image_id, grants)
 
@@ -76,6 +80,7 @@ writes = st.one_of(
     st.builds(_deregistered, days),
     st.builds(_close, days),
     st.builds(_grants, grant_sets),
+    st.builds(_confirm_grants, grant_sets),
     st.builds(_forget, grant_sets),
 )
 steps = st.lists(st.tuples(st.sampled_from(IMAGES), writes), min_size=1, max_size=12)

@@ -146,6 +146,25 @@ def test_two_runs_racing_on_a_stage_one_wins(clients: RegionClients) -> None:
     assert first.read_items(["ami-1"])["ami-1"].stages["disable"].at == later
 
 
+def test_grants_are_marked_until_confirmed_made(clients: RegionClients) -> None:
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE)
+    a, b, c = "user:111122223333", "user:444455556666", "org:o-abc123"
+    assert book.confirm_grants("ami-1", [a]) == "already-recorded"  # nothing marked
+    assert book.record_grants("ami-1", [a, b]) == "recorded"
+    item = book.read_items(["ami-1"])["ami-1"]
+    assert (item.grants, item.granting) == ((a, b), (a, b))
+    assert book.confirm_grants("ami-1", [a]) == "recorded"
+    book.record_grants("ami-1", [c])
+    item = book.read_items(["ami-1"])["ami-1"]
+    assert (item.grants, item.granting) == ((c, a, b), (c, b))
+    assert book.forget_grants("ami-1", [b]) == "recorded"  # revoked: neither recorded nor marked
+    item = book.read_items(["ami-1"])["ami-1"]
+    assert (item.grants, item.granting) == ((c, a), (c,))
+    book.confirm_grants("ami-1", [c])
+    assert book.read_items(["ami-1"])["ami-1"].granting == ()
+
+
 def test_read_items_pages_by_100_keys(clients: RegionClients) -> None:
     ledger.create_table(clients, TABLE, [WRITER])
     book = Ledger(clients, TABLE)
@@ -240,6 +259,7 @@ def test_every_conditional_write_counts_its_own_retried_write_as_recorded(retryi
     assert book.record_bake("ami-2", LedgerBake(instance_id="i-1", at=NOW)) == "recorded"
     assert book.forget_grants("ami-3", ["user:111122223333"]) == "already-recorded"  # none recorded
     book.record_grants("ami-3", ["user:111122223333"])
+    assert book.confirm_grants("ami-3", ["user:111122223333"]) == "recorded"
     assert book.forget_grants("ami-3", ["user:111122223333"]) == "recorded"
     assert book.adopt(LedgerItem(image_id="ami-4", first_candidate=NOW)) == "recorded"
     items = book.read_items(["ami-1", "ami-2", "ami-3", "ami-4"])

@@ -179,6 +179,12 @@ class RecordingLedger:
         self.calls.append(f"ledger: {image_id} +{','.join(grants)}")
         return "recorded"
 
+    def confirm_grants(self, image_id: str, grants: list[str]) -> str:
+        if not grants:
+            return "already-recorded"  # as the table's: no write
+        self.calls.append(f"ledger: {image_id} made {','.join(grants)}")
+        return "recorded"
+
     def forget_grants(self, image_id: str, grants: list[str]) -> str:
         self.calls.append(f"ledger: {image_id} -{','.join(grants)}")
         return "recorded"
@@ -256,12 +262,14 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
     )
     assert (result.status, result.added, result.removed) == ("ok", ["group:all", f"user:{B}"], [f"org:{ORG}"])
     assert result.detail == f"granted user:{B}; granted group:all; revoked org:{ORG}; record updated"
-    # Recorded before the grant, forgotten after the revoke, mirrored last.
+    # Recorded before the grant and confirmed after it, forgotten after the revoke, mirrored last.
     assert calls == [
         f"ledger: {image.image_id} +user:{B}",
         "ec2: ModifyImageAttribute",
+        f"ledger: {image.image_id} made user:{B}",
         f"ledger: {image.image_id} +group:all",
         "ec2: ModifyImageAttribute",
+        f"ledger: {image.image_id} made group:all",
         "ec2: ModifyImageAttribute",
         f"ledger: {image.image_id} -org:{ORG}",
         "ec2: CreateTags",
@@ -304,11 +312,13 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
         ("ok", None),
     ]
     assert results[0].detail == f"granted user:{B}"
-    assert calls[:4] == [
+    assert calls[:6] == [
         f"ledger: {image.image_id} +user:{B}",
+        f"ledger: {image.image_id} made user:{B}",
         f"ledger: {image.image_id} +group:all",
         f"ledger: {image.image_id} -group:all",
         f"ledger: {second.image_id} +user:{A}",
+        f"ledger: {second.image_id} made user:{A}",
     ]
     missing = apply_shares(
         lambda region: RegionClients(region, ec2=client),

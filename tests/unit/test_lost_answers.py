@@ -17,7 +17,7 @@ from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.run_plan import plan_run
 from ami_janitor.core.sharing import plan_shares
-from fake_ec2 import MUTATING, FakeEC2, FakeImage
+from fake_ec2 import MUTATING, Crash, FakeEC2, FakeImage
 
 REGION = "us-east-1"
 BASE = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(days=1)
@@ -212,6 +212,34 @@ def test_a_grant_whose_answer_is_lost_stays_recorded_so_it_is_revoked_when_no_lo
     revoked = share(fake, unshared)
     assert (revoked.status, revoked.removed) == ("ok", [f"user:{PARTNER}"])
     assert fake.images["ami-new"].permissions == set()
+
+
+def test_a_grant_recorded_by_a_run_that_died_before_making_it_is_made_by_the_next_run() -> None:
+    fake, rules = fleet(), policy(deregister_after_days=30)
+    fake.next_call_faults = {"ModifyImageAttribute": "crash"}
+    with pytest.raises(Crash):
+        share(fake, rules)
+    assert fake.images["ami-new"].permissions == set()
+    assert fake.ledger.items["ami-new"].granting == (f"user:{PARTNER}",)  # recorded, never made
+    granted = share(fake, rules)
+    assert (granted.status, granted.added) == ("ok", [f"user:{PARTNER}"])
+    assert fake.images["ami-new"].permissions == {f"user:{PARTNER}"}
+    item = fake.ledger.items["ami-new"]
+    assert (item.grants, item.granting) == ((f"user:{PARTNER}",), ())
+    left = [s for s in plan_shares([fake.describe()], rules, BASE) if s.image_id == "ami-new"]
+    assert not left  # made and confirmed: nothing left to do
+
+
+def test_an_unmade_grant_the_family_no_longer_lists_is_taken_back() -> None:
+    fake, rules = fleet(), policy(deregister_after_days=30)
+    fake.next_call_faults = {"ModifyImageAttribute": "crash"}
+    with pytest.raises(Crash):
+        share(fake, rules)
+    unshared = policy(deregister_after_days=30, partners=[])
+    revoked = share(fake, unshared)
+    assert (revoked.status, revoked.removed) == ("ok", [f"user:{PARTNER}"])
+    item = fake.ledger.items["ami-new"]
+    assert (item.grants, item.granting, fake.images["ami-new"].permissions) == ((), (), set())
 
 
 def test_a_refused_grant_is_taken_back_from_the_ledger() -> None:

@@ -51,7 +51,7 @@ PERMISSIONS: list[str] = sorted(
         "dynamodb:BatchGetItem",  # read_items
         "dynamodb:Scan",  # read_all
         # record_candidate, record_stage, close, record_copy, record_replica, record_grants,
-        # forget_grants, record_bake
+        # confirm_grants, forget_grants, record_bake
         "dynamodb:UpdateItem",
     ]
 )
@@ -440,14 +440,27 @@ class _Made:
 
     def record_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         """Add launch permissions (LaunchPermission keys) to what the janitor granted on this AMI, before
-        granting them (a string set: adding one twice is a no-op)."""
+        granting them, marked as not yet made (`granting`) until confirm_grants (string sets: adding one
+        twice is a no-op)."""
         keys = set(grants)
         if not keys:
             return "already-recorded"
         return self._update(
             image_id,
-            UpdateExpression="SET image_id = :id ADD grants :grants",
+            UpdateExpression="SET image_id = :id ADD grants :grants, granting :grants",
             ExpressionAttributeValues={":id": _value(image_id), ":grants": {"SS": sorted(keys)}},
+        )
+
+    def confirm_grants(self, image_id: str, grants: Iterable[str]) -> Written:
+        """After ModifyImageAttribute granted them: they are made (the mark goes; the record stays)."""
+        keys = set(grants)
+        if not keys:
+            return "already-recorded"
+        return self._update(
+            image_id,
+            UpdateExpression="DELETE granting :grants",
+            ConditionExpression="attribute_exists(granting)",
+            ExpressionAttributeValues={":grants": {"SS": sorted(keys)}},
         )
 
     def forget_grants(self, image_id: str, grants: Iterable[str]) -> Written:
@@ -458,7 +471,7 @@ class _Made:
             return "already-recorded"
         return self._update(
             image_id,
-            UpdateExpression="DELETE grants :grants",
+            UpdateExpression="DELETE grants :grants, granting :grants",
             ConditionExpression="attribute_exists(grants)",
             ExpressionAttributeValues={":grants": {"SS": sorted(keys)}},
         )
@@ -589,8 +602,9 @@ class Ledger(_Made):
         """Write an item adopted from an older janitor's tags, only where the AMI has none yet."""
         data = item.model_dump(mode="json", exclude_none=True)
         data = {k: v for k, v in data.items() if v not in ((), [], {}) or k == "stages"}
-        if item.grants:
-            data["grants"] = set(item.grants)  # a string set: grants are added and removed one by one
+        for grants in ("grants", "granting"):
+            if getattr(item, grants):
+                data[grants] = set(getattr(item, grants))  # string sets: grants come and go one by one
         stages = list(item.stages)
         if stages:
             data["last_stage"] = max(stages, key=STAGES.index)

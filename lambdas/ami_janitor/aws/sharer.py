@@ -1,8 +1,9 @@
 """Applying share_with: launch permission changes and the record of what the janitor granted.
 
-The ledger records a grant before ModifyImageAttribute makes it and forgets a grant after it is revoked:
-a crash in between leaves a grant recorded that was not made (harmless: revoked when no longer wanted),
-never one made that the janitor could not revoke. Where the grant fails (throttled past the SDK's
+The ledger records a grant before ModifyImageAttribute makes it, marked as not yet made until the call
+answers, and forgets a grant after it is revoked: a crash in between leaves a grant recorded and marked
+(the next run grants it again while the family lists it, and revokes it when it does not), never one
+made that the janitor could not revoke. Where the grant fails (throttled past the SDK's
 retries, image block public access, an answer lost after it took effect), the launch permissions are
 read back and the grants EC2 does not show are taken back from the record, so the next run grants them
 again. The public group is granted in a call of its own, so that a refusal of it takes no
@@ -88,6 +89,7 @@ def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> 
     ledger.record_grants(image_id, grants)
     try:
         ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": _permissions(grants)})
+        ledger.confirm_grants(image_id, grants)  # where this write fails, the next run grants them again
     except ClientError:
         # A refusal granted nothing, but an error may also be an answer lost after the grant took
         # effect: what EC2 shows is read back and only the grants it does not show are taken back, so
@@ -96,6 +98,7 @@ def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> 
         with suppress(*AWS_ERRORS):
             shown = {p.key for p in read_launch_permissions(ec2, image_id)}
             ledger.forget_grants(image_id, [g for g in grants if g not in shown])
+            ledger.confirm_grants(image_id, [g for g in grants if g in shown])
         raise
 
 

@@ -481,6 +481,9 @@ class LedgerItem(_Frozen):
     first_candidate: datetime | None = None
     stages: dict[Stage, LedgerStage] = {}
     grants: tuple[str, ...] = ()  # launch permission keys the janitor granted
+    # Of those, the ones recorded and not yet confirmed made (a run died before ModifyImageAttribute
+    # answered): granted again while the family lists them.
+    granting: tuple[str, ...] = ()
     copies: tuple[LedgerCopy, ...] = ()
     snapshots: tuple[LedgerSnapshot, ...] = ()
     bakes: tuple[LedgerBake, ...] = ()
@@ -500,10 +503,10 @@ class LedgerItem(_Frozen):
             return [value[key] for key in sorted(value)]
         return value
 
-    @field_validator("grants", mode="before")
+    @field_validator("grants", "granting", mode="before")
     @classmethod
     def _grants_sorted(cls, value: Any) -> Any:
-        """The table keeps grants as a string set."""
+        """The table keeps grants as string sets."""
         if isinstance(value, set | frozenset):
             return sorted(value)
         return value

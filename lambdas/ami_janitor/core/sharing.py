@@ -1,7 +1,9 @@
 """Launch permissions from `share_with`: grant what the family lists, revoke only what the janitor granted.
 
-What the janitor granted is recorded in its ledger (the AMI's item, `grants`) before it grants it; the
-tag `ami-janitor:shared` (then `:2`, `:3`, ...) mirrors that record for people and is never read here.
+What the janitor granted is recorded in its ledger (the AMI's item, `grants`) before it grants it, and
+marked (`granting`) until ModifyImageAttribute answers: a marked grant the family still lists is granted
+again (a run died in between; adding a permission twice is harmless). The tag `ami-janitor:shared`
+(then `:2`, `:3`, ...) mirrors that record for people and is never read here.
 Planning compares the ledger's record with the policy, so the steady state costs no call per AMI
 (DescribeImageAttribute is one call per AMI); `Public` comes with DescribeImages, so a public AMI whose
 family does not say `public: true` is always seen. Grants somebody else made are left alone (the
@@ -34,6 +36,13 @@ def recorded_grants(image: Image) -> set[str]:
     return {key for key in image.ledger.grants if _is_grant(key)}
 
 
+def unconfirmed_grants(image: Image) -> set[str]:
+    """The recorded grants whose ModifyImageAttribute never answered (the run died first)."""
+    if image.ledger is None:
+        return set()
+    return recorded_grants(image) & set(image.ledger.granting)
+
+
 def desired_grants(family: Family) -> set[str]:
     """What the family shares: its share_with, plus the public group where it says public: true."""
     grants = set(family.share_with.grants())
@@ -61,7 +70,7 @@ def share_for(image: Image, family: Family) -> Share | None:
         return None
     desired = desired_grants(family)
     recorded = recorded_grants(image)
-    add = desired - recorded
+    add = desired - (recorded - unconfirmed_grants(image))
     if image.launch_permissions is not None:
         # Loaded for this AMI anyway: a grant removed by hand is granted again.
         add |= desired - {p.key for p in image.launch_permissions}
