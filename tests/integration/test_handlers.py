@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore.client
+import botocore.exceptions
 import pytest
 import yaml
 
@@ -15,6 +17,7 @@ from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.aws.inventory import count_calls
 from ami_janitor.aws.ledger import Ledger, LedgerMissing, Prior
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, load_policy
+from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
 from lambda_events import Context
@@ -190,6 +193,58 @@ def test_a_stale_latest_is_repaired_by_reconcile(lambda_env: Path) -> None:
     )
     scheduled.handler(event("scheduled.json"), Context())
     assert latest_holders(fleet.images) == [fleet.images[-1]] and parameter() == fleet.images[-1]
+
+
+def test_an_event_whose_group_the_policy_leaves_unrotated_says_why(lambda_env: Path) -> None:
+    """One parameter for a family of two architectures is a policy error: the event writes nothing
+    and its answer says so, rather than answering as if the pointer were current."""
+    fleet = seed_fleet(now())
+    arm = ec2().register_image(Name="web-arm", RootDeviceName="/dev/xvda")["ImageId"]
+    ec2().create_tags(Resources=[arm], Tags=[{"Key": "Project", "Value": "Web"}])
+    emulator.set_image_fields("us-east-1", arm, architecture="arm64")
+    for mode in ("dry-run", "enforce"):
+        write_policy(lambda_env, mode)
+        result = ami_event.handler(event("ami_available.json", fleet.images[-1]), Context())
+        assert result["outcome"] in ("dry-run", "rotated")
+        assert result.get("would", result.get("rotations")) == []
+        [why] = result["not_rotated"]
+        assert "latest.ssm_parameter /ami/web/latest must contain {arch}" in why
+    assert latest_holders([*fleet.images, arm]) == []
+
+
+def test_a_rotation_that_fails_after_moving_the_tag_says_what_it_wrote_and_the_next_event_converges(
+    lambda_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    ami_event.handler(event("ami_available.json", older), Context())
+    ec2().delete_tags(Resources=[newest], Tags=[{"Key": "Latest"}])
+    ec2().create_tags(Resources=[older], Tags=[{"Key": "Latest", "Value": "true"}])
+    boto3.client("ssm", region_name="us-east-1").put_parameter(
+        Name="/ami/web/latest", Value=older, Type="String", DataType="aws:ec2:image", Overwrite=True
+    )
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def denied(self: Any, called: str, params: dict[str, Any]) -> Any:
+        if called == "PutParameter":
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "AccessDeniedException", "Message": "denied"}}, called
+            )
+        return real_call(self, called, params)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(botocore.client.BaseClient, "_make_api_call", denied)
+        with pytest.raises(RuntimeError) as failure:
+            ami_event.handler(event("ami_available.json", newest), Context())
+    message = str(failure.value)
+    assert f"web (x86_64) in us-east-1 to {newest}: ClientError" in message and "AccessDenied" in message
+    assert f"written before it: tag Latest=true on {newest}, untag Latest from {older})" in message
+    assert latest_holders(fleet.images) == [newest] and parameter() == older
+
+    again = ami_event.handler(event("ami_available.json", older), Context())
+    assert again["rotations"][0]["written"][-1] == f"/ami/web/latest = {newest}"
+    assert parameter() == newest
 
 
 def test_failed_event_is_counted_and_an_ami_of_no_family_is_ignored(

@@ -19,7 +19,7 @@ from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images, read_ledge
 from ami_janitor.aws.sharer import ShareResult
 from ami_janitor.core.model import AmiState, LatestChange, Outcome, RegionInventory, Share, Stage
 from ami_janitor.core.policy import Mode, Policy
-from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for
+from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for, rotation_for
 
 PERMISSIONS: list[str] = sorted(
     {
@@ -64,6 +64,8 @@ class AmiEventOutcome(Outcome):
     outcome: Literal["paused", "failed-counted", "ignored", "dry-run", "rotated"]
     # ignored: why
     why: str | None = None
+    # dry-run or rotated: why a group the event names is left as it is (a policy error)
+    not_rotated: list[str] = []
     # dry-run: the Latest changes a rotation would write
     would: list[LatestChange] = []
     # rotated: what was written
@@ -81,14 +83,19 @@ class AmiEventOutcome(Outcome):
 
 
 def _write(
-    clients: RegionClients, policy: Policy, change: LatestChange, current: Mapping[str, str]
-) -> list[str]:
-    """Write one change; `current`: the pointer parameters' values as last read (a parameter that
-    already names the target is not written: each PutParameter makes a new version and a change event)."""
+    clients: RegionClients,
+    policy: Policy,
+    change: LatestChange,
+    current: Mapping[str, str],
+    written: list[str],
+) -> None:
+    """Write one change, adding each write to `written` as it is made (a failure part-way leaves there
+    what was written before it); `current`: the pointer parameters' values as last read (a parameter
+    that already names the target is not written: each PutParameter makes a new version and a change
+    event)."""
     latest = policy.family(change.family).latest
-    written: list[str] = []
     if latest is None:
-        return written
+        return
     if latest.tag and change.to:
         # Tag the new Latest before untagging the old: a reader never sees no Latest at all.
         clients.ec2.create_tags(Resources=[change.to], Tags=[{"Key": latest.tag, "Value": "true"}])
@@ -105,7 +112,6 @@ def _write(
             Overwrite=True,
         )
         written.append(f"{change.ssm_parameter} = {change.to}")
-    return written
 
 
 def write_changes(
@@ -133,7 +139,7 @@ def write_changes(
             result.status, result.error = "failed", f"{change.to} could not be rescued: Latest not moved"
         else:
             try:
-                result.written.extend(_write(clients, policy, change, current))
+                _write(clients, policy, change, current, result.written)
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
         results.append(result)
@@ -175,7 +181,7 @@ def converge(
             )
             result.to = change.to
             try:
-                result.written.extend(_write(clients, policy, change, inventory.parameters))
+                _write(clients, policy, change, inventory.parameters, result.written)
                 result.status, result.error = "ok", None
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
@@ -237,11 +243,22 @@ def handle_state_change(
                 return outcome(outcome="ignored", why="the AMI belongs to no family")
             only = Selection(frozenset(matching), frozenset((name, image.architecture) for name in matching))
     # deregistered / disabled (or an AMI no longer listed): it may have been the Latest of any group.
+    changes, blocked = rotation_for(inventory, policy, now, only)
+    why_not = {"not_rotated": blocked} if blocked else {}
     if policy.mode != "enforce":
-        changes = changes_for(inventory, policy, now, only)
-        return outcome(outcome="dry-run", would=changes)
+        return outcome(outcome="dry-run", would=changes, **why_not)
     results = converge(clients, policy, now, only, load=read, first=inventory)
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        raise RuntimeError(f"rotation failed: {failed[0].error}")
-    return outcome(outcome="rotated", rotations=results)
+        # The error is what the invocation's log and failure destination keep: it names what was
+        # written before the failure (a tag moved while the parameter still names the old AMI).
+        raise RuntimeError("rotation failed: " + "; ".join(map(_failure, failed)))
+    return outcome(outcome="rotated", rotations=results, **why_not)
+
+
+def _failure(result: RotationResult) -> str:
+    written = ", ".join(dict.fromkeys(result.written)) or "nothing"
+    return (
+        f"{result.family} ({result.architecture}) in {result.region} to {result.to}: {result.error} "
+        f"(written before it: {written})"
+    )

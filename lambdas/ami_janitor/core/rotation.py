@@ -31,13 +31,25 @@ def changes_for(
     inventory: RegionInventory, policy: Policy, now: datetime, only: Selection = EVERY_GROUP
 ) -> list[LatestChange]:
     """The Latest changes a region needs now, for the groups `only` selects."""
+    return rotation_for(inventory, policy, now, only)[0]
+
+
+def rotation_for(
+    inventory: RegionInventory, policy: Policy, now: datetime, only: Selection = EVERY_GROUP
+) -> tuple[list[LatestChange], list[str]]:
+    """The Latest changes a region needs now for the groups `only` selects, and why any of those groups
+    is left as it is (a policy error, once per message)."""
     groups, conflicts = build_groups(inventory, policy)
     errors = rotation_errors(groups, conflicts, policy, now)
     changes = []
+    blocked: dict[str, None] = {}
     for group in groups:
         if not only.covers(group):
             continue
-        change = rotation(group, inventory, now, errors.get((group.family.name, group.architecture)))
+        error = errors.get((group.family.name, group.architecture))
+        if error:
+            blocked[error] = None
+        change = rotation(group, inventory, now, error)
         if change is not None:
             changes.append(change)
-    return changes
+    return changes, list(blocked)
