@@ -104,7 +104,7 @@ def _read_at_most(stream: Any, limit: int) -> bytes | None:
     """The whole body, or None (the rest unread) once it is longer than `limit` bytes. Read to its end
     otherwise, so that botocore still checks it against its Content-Length."""
     body = bytearray()
-    for chunk in stream.iter_chunks(_READ_CHUNK):
+    while chunk := stream.read(_READ_CHUNK):
         body += chunk
         if len(body) > limit:
             stream.close()
