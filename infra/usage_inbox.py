@@ -14,8 +14,12 @@ from infra.buckets import access_log_bucket, private_bucket_settings
 # A report is written again by every scheduled run: one not rewritten for this long is of an account
 # that left (its absence then reads as a missing report, never as a fresh one).
 REPORT_RETENTION = Duration.days(30)
-# What changes a report. Only S3's lifecycle deletes one (it is not subject to the bucket policy).
-REPORT_WRITES = ["s3:DeleteObject", "s3:PutObject"]
+# What changes a report: a write, a delete (of the object or of a version of it: the "null" version of
+# an unversioned bucket is the object itself), a replication into the bucket. Only S3's lifecycle
+# deletes one (it is not subject to the bucket policy).
+REPORT_WRITES = sorted(
+    ["s3:DeleteObject", "s3:DeleteObjectVersion", "s3:PutObject", "s3:ReplicateDelete", "s3:ReplicateObject"]
+)
 
 
 class UsageInbox(Construct):

@@ -17,6 +17,13 @@ from ami_janitor.core.policy import Policy, parse_policy
 
 pytestmark = pytest.mark.slow  # synthesizes the stacks (or reads their synthesized templates)
 
+REPORT_WRITES = [
+    "s3:DeleteObject",
+    "s3:DeleteObjectVersion",
+    "s3:PutObject",
+    "s3:ReplicateDelete",
+    "s3:ReplicateObject",
+]
 JANITORS = {
     "StringEquals": {"aws:PrincipalOrgID": "o-a1b2c3d4e5"},
     "ArnLike": {"aws:PrincipalArn": "arn:aws:iam::*:role/ami-janitor/*"},
@@ -124,14 +131,14 @@ def test_inbox_policy_each_account_writes_under_its_own_id(org_synth: Synth) -> 
                         "Sid": "DenyWritesOutsideOwnReports",
                         "Effect": "Deny",
                         "Principal": {"AWS": "*"},
-                        "Action": ["s3:DeleteObject", "s3:PutObject"],
+                        "Action": REPORT_WRITES,
                         "NotResource": _objects(inbox, "/janitor/reports/${aws:PrincipalAccount}/*"),
                     },
                     {
                         "Sid": "DenyWritesOutsideJanitors",
                         "Effect": "Deny",
                         "Principal": {"AWS": "*"},
-                        "Action": ["s3:DeleteObject", "s3:PutObject"],
+                        "Action": REPORT_WRITES,
                         "Resource": _objects(inbox, "/*"),
                         "Condition": {
                             "ArnNotLike": {"aws:PrincipalArn": "arn:aws:iam::*:role/ami-janitor/*"}
@@ -225,6 +232,10 @@ def test_only_janitors_write_and_only_under_their_own_account(org_synth: Synth, 
     assert not inbox_allows(template, "s3:PutObject", report(MEMBER), OWNER_CI)
     assert not inbox_allows(template, "s3:PutObject", report(OWNER), OWNER_CI)
     assert not inbox_allows(template, "s3:DeleteObject", report(MEMBER), OWNER_CI)
+    # Nor by deleting a report's version (the "null" one of an unversioned bucket), nor by replication.
+    assert not inbox_allows(template, "s3:DeleteObjectVersion", report(MEMBER), OWNER_CI)
+    assert not inbox_allows(template, "s3:ReplicateObject", report(MEMBER), OWNER_CI)
+    assert not inbox_allows(template, "s3:ReplicateDelete", report(MEMBER), OWNER_CI)
     assert inbox_allows(template, "s3:GetObject", report(MEMBER), OWNER_CI)
     # The owner's janitor writes its own report and reads the members'.
     assert inbox_allows(template, "s3:PutObject", report(OWNER), OWNER_JANITOR)

@@ -71,6 +71,15 @@ def test_defaults() -> None:
             "families[1].share_with.accounts: '12' is not a 12-digit",
         ),
         ({**BASE, "references": {"launch_template_versions": 0}}, "references.launch_template_versions"),
+        (
+            {**BASE, "usage_reports": {"inbox": "s3://usage-inbox", "max_age_hours": 0}},
+            "usage_reports.max_age_hours: must be >= 1",
+        ),
+        # A bound past the inbox's retention, or past what a datetime can subtract, is refused here.
+        (
+            {**BASE, "usage_reports": {"inbox": "s3://usage-inbox", "max_age_hours": 100_000_000}},
+            "usage_reports.max_age_hours: must be <= 720",
+        ),
         ({**BASE, "families": [BASE["families"][0], BASE["families"][0]]}, "family 'a' is defined twice"),
         (
             with_family(lifecycle={"disable_after_days": 30, "deregister_after_days": 3}),

@@ -42,6 +42,10 @@ ORGANIZATIONS_PERMISSIONS: list[str] = sorted(
 )
 # Organizations' largest pages (ListAccounts, ListAccountsForParent: 20; ListChildren: 20).
 _ORGANIZATIONS_PAGE = 20
+# The largest report an owner reads (about 300,000 references): one account's report larger than
+# this is not read, so it cannot exhaust the memory of the run that reads it (its AMIs are kept).
+MAX_REPORT_BYTES = 32 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
 _GONE = frozenset({"SUSPENDED", "PENDING_CLOSURE", "CLOSED"})
 
 
@@ -74,14 +78,16 @@ def read_report(s3: S3Client, settings: UsageReports, account: str, region: str)
     key = settings.report_key(account, region)
     try:
         answer = s3.get_object(Bucket=settings.bucket, Key=key)
-        body = answer["Body"].read()
         received_at = answer["LastModified"]
+        body = _read_at_most(answer["Body"], MAX_REPORT_BYTES)
     except ClientError as error:
         if error_code(error) in ("NoSuchKey", "404"):
             return None
         return _unreadable(account, f"s3://{settings.bucket}/{key}: {error_text(error)}")
     except (BotoCoreError, KeyError) as error:
         return _unreadable(account, f"s3://{settings.bucket}/{key}: {error_text(error)}")
+    if body is None:
+        return _unreadable(account, f"{key}: larger than {MAX_REPORT_BYTES:,} bytes: not read", received_at)
     try:
         report = UsageReport.model_validate_json(body)
     except ValidationError as error:
@@ -92,6 +98,18 @@ def read_report(s3: S3Client, settings: UsageReports, account: str, region: str)
         )
     uses = {image_id: tuple(details) for image_id, details in report.uses.items()}
     return ReceivedReport(account=account, received_at=received_at, uses=uses)
+
+
+def _read_at_most(stream: Any, limit: int) -> bytes | None:
+    """The whole body, or None (the rest unread) once it is longer than `limit` bytes. Read to its end
+    otherwise, so that botocore still checks it against its Content-Length."""
+    body = bytearray()
+    while chunk := stream.read(_READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            stream.close()
+            return None
+    return bytes(body)
 
 
 def _unreadable(account: str, problem: str, received_at: datetime | None = None) -> ReceivedReport:

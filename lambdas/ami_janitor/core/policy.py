@@ -357,8 +357,10 @@ class UsageReports(_Strict):
     uses to `inbox` (under `reports/<its account id>/`), and an owner keeps what they report in use."""
 
     inbox: str = Field(pattern=_INBOX_PATTERN)
-    # A report older than this is stale: the AMIs shared with its account are kept (fail safe).
-    max_age_hours: int = Field(48, ge=1)
+    # A report older than this is stale: the AMIs shared with its account are kept (fail safe). At most
+    # 30 days: the inbox deletes a report not rewritten for that long (and a larger bound would date
+    # the cut-off before the year 1, which no datetime holds).
+    max_age_hours: int = Field(48, ge=1, le=720)
     # false: an account that never reported is taken as not using the AMIs shared with it (noted).
     required: bool = True
 
