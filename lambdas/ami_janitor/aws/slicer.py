@@ -124,15 +124,16 @@ class _Everyone:
         return True
 
 
-def _references(clients: RegionClients, policy: Policy, images: Sequence[Image]) -> list[Reference]:
+def _references(clients: RegionClients, images: Sequence[Image]) -> list[Reference]:
     """DescribeImageReferences about the slice's AMIs; an instance counts only while it is not
-    terminated. A Latest pointer never counts, as in the plan."""
+    terminated. A family's Latest parameter counts too: the run's rotation pointed it at an AMI the
+    plan keeps, so one it names now was pointed at since the plan (rule 2 keeps it)."""
     found, _notes = read_image_references(
         clients.ec2,
         clients.region,
         [i.image_id for i in images],
         known=(),
-        pointers=Pointers.of(policy, images),
+        pointers=Pointers(names=frozenset(), owned=frozenset()),
         live_instances=_Everyone(),  # type: ignore[arg-type]
         parameter_names=frozenset(),
     )
@@ -155,7 +156,7 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
     with source("dynamodb:BatchGetItem"):
         view = ledger_items.read_ledger_items(clients, policy.ledger.table, ids)
     with source("ec2:DescribeImageReferences"):
-        references = _references(clients, policy, own)
+        references = _references(clients, own)
     images = {i.image_id: i for i in [*sharing, *own]}
     inventory = with_ledger(
         RegionInventory(
