@@ -17,7 +17,7 @@ from ami_janitor import engine
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.runs import RunRecords
-from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers import scheduled, slices
 from lambda_events import Context, sqs_event
@@ -206,6 +206,34 @@ def test_a_slice_holds_back_an_ami_opted_out_since_the_plan(deployed: Deployment
     held = [r for r in report["results"] if r["image_id"] == kept and r["action"] == "deregister"]
     assert held[0]["status"] == "skipped"
     assert held[0]["detail"] == "held back: opted out (tag ami-janitor:keep) since the plan"
+
+
+def test_a_slice_holds_back_an_ami_rescued_by_hand_since_the_plan(deployed: Deployment) -> None:
+    """`ami-janitor rescue` closes the AMI's clock between the plan and its slice: held back, with why,
+    and counted as held back in the run's summary."""
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    rescued = WorkSlice.model_validate_json(bodies[1]).items[0].image_id
+    policy = parse_policy(json.loads(deployed.policy_path.read_text()))
+    [rescue] = engine.rescue(policy, rescued, [REGION], lambda region: RegionClients(region), now())
+    assert "candidate clock closed in the ledger" in (rescue.detail or "")
+
+    for body in bodies:
+        deployed.work(body)
+
+    assert rescued in image_ids()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    part = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 1))["Body"].read()
+    )
+    why = "no candidate clock open in the ledger (rescued since the plan)"
+    assert part["held"] == {rescued: why}
+    assert {(r["status"], r["detail"]) for r in part["results"]} == {("skipped", f"held back: {why}")}
+    [mail] = deployed.mails()
+    assert "held back by a slice's fresh read (planned again next run): 1" in mail
 
 
 def test_a_paused_policy_stops_the_queued_slices_without_a_write(deployed: Deployment) -> None:

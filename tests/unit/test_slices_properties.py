@@ -72,6 +72,8 @@ def image(**fields: object) -> Image:
         "architecture": "x86_64",
         "state": "available",
         "created": NOW - timedelta(days=90),
+        # The clock the run started before it queued the slice.
+        "ledger": LedgerItem(image_id="ami-00000000000000001", first_candidate=NOW - timedelta(days=1)),
     }
     return Image.model_validate({**base, **fields})
 
@@ -172,6 +174,13 @@ def test_what_holds_an_ami_back_when_its_slice_runs(
     fields: dict[str, object], references: list[str], why: str | None
 ) -> None:
     assert hold_reason(ITEM, image(**fields), references, NOW, POLICY, NOW) == why
+
+
+def test_an_ami_whose_clock_was_closed_since_the_plan_is_held_back() -> None:
+    rescued = LedgerItem(image_id=ITEM.image_id, first_candidate=NOW - timedelta(days=1), closed=NOW)
+    why = "no candidate clock open in the ledger (rescued since the plan)"
+    assert hold_reason(ITEM, image(ledger=rescued), [], NOW, POLICY, NOW) == why
+    assert hold_reason(ITEM, image(ledger=None), [], NOW, POLICY, NOW) == why
 
 
 def test_a_vanished_ami_or_family_holds_the_item_back() -> None:

@@ -182,10 +182,13 @@ def hold_reason(
     shared = share_hold(item, image, policy)
     if shared is not None:
         return shared
+    # The run started every clock its slices need; a clock closed since is a rescue (by hand, mostly).
+    item_ledger = trust.open_item(image)
+    if item_ledger is None:
+        return "no candidate clock open in the ledger (rescued since the plan)"
     configured = [(stage, days) for stage, days in rules.lifecycle.stage_days() if days is not None]
     due = trust.stage_plan(image, configured, now).due  # type: ignore[arg-type]
-    item_ledger = trust.open_item(image)
-    recorded = set(item_ledger.stages) if item_ledger is not None else set()
+    recorded = set(item_ledger.stages)
     early = [stage for stage in item.stages if stage not in due and stage not in recorded]
     if early:
         return f"{early[0]} is not due by the ledger's clock"
