@@ -208,6 +208,35 @@ def test_a_slice_holds_back_an_ami_opted_out_since_the_plan(deployed: Deployment
     assert held[0]["detail"] == "held back: opted out (tag ami-janitor:keep) since the plan"
 
 
+def test_where_describe_image_references_is_not_offered_a_slice_reads_every_source_again(
+    deployed: Deployment,
+) -> None:
+    """moto has no DescribeImageReferences (as some partitions): a launch template made since the plan
+    still holds its AMI back, found by reading the region's reference sources again."""
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    used = WorkSlice.model_validate_json(bodies[1]).items[0].image_id
+    template = ec2().create_launch_template(
+        LaunchTemplateName="since-the-plan", LaunchTemplateData={"ImageId": used}
+    )["LaunchTemplate"]["LaunchTemplateId"]
+
+    for body in bodies:
+        deployed.work(body)
+
+    assert used in image_ids()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    part = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 1))["Body"].read()
+    )
+    why = f"in use since the plan: referenced by launch template {template} (since-the-plan) version 1"
+    assert part["held"] == {used: why}
+    [mail] = deployed.mails()
+    assert "held back by a slice's fresh read (planned again next run): 1" in mail
+
+
 def test_a_slice_holds_back_an_ami_rescued_by_hand_since_the_plan(deployed: Deployment) -> None:
     """`ami-janitor rescue` closes the AMI's clock between the plan and its slice: held back, with why,
     and counted as held back in the run's summary."""

@@ -1,7 +1,8 @@
 """The edge of a run's slices: queued to the work queue, and each run where its worker is.
 
 A slice reads its AMIs again when it starts (a few calls: DescribeImages by id and by the snapshots
-they use, their ledger items, DescribeImageReferences), holds back any AMI a fresh fact puts in doubt
+they use, their ledger items, DescribeImageReferences, or every reference source where that API is not
+offered), holds back any AMI a fresh fact puts in doubt
 (core.slices.hold_reason), and takes the others' stages through the executor, on the view of its own
 AMIs and of every other AMI that shares their snapshots (a snapshot another AMI uses is never
 deleted). Deleting nothing it did not read is what keeps a partial view safe here. The launch
@@ -24,6 +25,7 @@ from ami_janitor.aws.inventory import image_references, ledger_items
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
 from ami_janitor.aws.inventory.image_references import read_image_references
 from ami_janitor.aws.inventory.images import images_where
+from ami_janitor.aws.inventory.load import REFERENCE_SOURCE_PERMISSIONS, read_reference_sources
 from ami_janitor.aws.inventory.pointers import Pointers
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
 from ami_janitor.aws.ledger import Ledger
@@ -52,6 +54,7 @@ READ_PERMISSIONS: list[str] = sorted(
     {"ec2:DescribeImages", "ec2:DescribeInstances"}
     | set(image_references.PERMISSIONS)
     | set(image_references.DEPENDENCIES)
+    | set(REFERENCE_SOURCE_PERMISSIONS)
     | set(ledger_items.ITEM_PERMISSIONS)
 )
 PERMISSIONS: list[str] = sorted(
@@ -124,19 +127,28 @@ class _Everyone:
         return True
 
 
-def _references(clients: RegionClients, images: Sequence[Image]) -> list[Reference]:
+def _references(clients: RegionClients, policy: Policy, images: Sequence[Image]) -> list[Reference]:
     """DescribeImageReferences about the slice's AMIs; an instance counts only while it is not
     terminated. A family's Latest parameter counts too: the run's rotation pointed it at an AMI the
-    plan keeps, so one it names now was pointed at since the plan (rule 2 keeps it)."""
-    found, _notes = read_image_references(
+    plan keeps, so one it names now was pointed at since the plan (rule 2 keeps it). Where the API is
+    not offered (some partitions, the emulator), every reference source is read again in full: a
+    launch template made since the plan still holds its AMI back."""
+    ids = [i.image_id for i in images]
+    none_owned = Pointers(names=frozenset(), owned=frozenset())
+    found, not_offered = read_image_references(
         clients.ec2,
         clients.region,
-        [i.image_id for i in images],
+        ids,
         known=(),
-        pointers=Pointers(names=frozenset(), owned=frozenset()),
+        pointers=none_owned,
         live_instances=_Everyone(),  # type: ignore[arg-type]
         parameter_names=frozenset(),
     )
+    if not_offered:
+        wanted = set(ids)
+        return [
+            r for r in read_reference_sources(clients, policy, none_owned).references if r.image_id in wanted
+        ]
     instance_ids = [r.resource_id for r in found if r.kind == "instance"]
     if not instance_ids:
         return found
@@ -156,7 +168,7 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
     with source("dynamodb:BatchGetItem"):
         view = ledger_items.read_ledger_items(clients, policy.ledger.table, ids)
     with source("ec2:DescribeImageReferences"):
-        references = _references(clients, own)
+        references = _references(clients, policy, own)
     images = {i.image_id: i for i in [*sharing, *own]}
     inventory = with_ledger(
         RegionInventory(

@@ -7,6 +7,18 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
+from ami_janitor.aws.inventory import (
+    aliases,
+    auto_scaling_groups,
+    batch,
+    emr,
+    fleets,
+    instances,
+    launch_configurations,
+    launch_templates,
+    parameters,
+    template_uses,
+)
 from ami_janitor.aws.inventory.aliases import resolve_aliases
 from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_groups
 from ami_janitor.aws.inventory.batch import read_batch_compute_environments
@@ -17,7 +29,7 @@ from ami_janitor.aws.inventory.emr import read_emr_clusters
 from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
 from ami_janitor.aws.inventory.image_references import read_image_references, sort_references
 from ami_janitor.aws.inventory.images import read_images
-from ami_janitor.aws.inventory.instances import read_instances
+from ami_janitor.aws.inventory.instances import Instances, read_instances
 from ami_janitor.aws.inventory.launch_configurations import (
     launch_configuration_claims,
     read_launch_configurations,
@@ -32,13 +44,36 @@ from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
 from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
 from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
 from ami_janitor.aws.usage import load_usage
-from ami_janitor.core.model import Image, LedgerView, RegionInventory, RetiredSnapshot, with_ledger
+from ami_janitor.core.model import (
+    Image,
+    LedgerView,
+    Reference,
+    RegionInventory,
+    RetiredSnapshot,
+    with_ledger,
+)
 from ami_janitor.core.policy import Policy
 
 if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 T = TypeVar("T")
+
+# What read_reference_sources calls (a slice reads them where DescribeImageReferences is not offered).
+REFERENCE_SOURCE_PERMISSIONS: list[str] = sorted(
+    set().union(
+        aliases.PERMISSIONS,
+        auto_scaling_groups.PERMISSIONS,
+        batch.PERMISSIONS,
+        emr.PERMISSIONS,
+        fleets.PERMISSIONS,
+        instances.PERMISSIONS,
+        launch_configurations.PERMISSIONS,
+        launch_templates.PERMISSIONS,
+        parameters.PERMISSIONS,
+        template_uses.PERMISSIONS,
+    )
+)
 
 
 def load_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
@@ -86,8 +121,39 @@ def _read_sources(
     # An account that reports its use of other accounts' AMIs reads its references everywhere.
     if policy.usage_reports is None and not any(_in_a_family(policy, image) for image in images):
         return _without_references(clients, policy, images, read_beside)
-    ec2, ssm = clients.ec2, clients.ssm
     pointers = Pointers.of(policy, images)
+    found = read_reference_sources(clients, policy, pointers)
+    latest = read_pointer_values(clients.ssm, pointers, found.parameter_values)
+    beside = read_beside(images)
+    inventory = RegionInventory(
+        region=region,
+        images=images,
+        references=sort_references(found.references),
+        build_instances=found.instances.builds,
+        parameters=latest,
+        retired_snapshots=beside.retired_snapshots,
+        recycle_bin_rules=beside.recycle_bin_rules,
+        ledger=beside.ledger,
+        instance_ids=found.instances.ids,
+        parameter_names=frozenset(found.parameter_values),
+        notes=tuple(dict.fromkeys([*found.notes, *beside.notes])),
+    )
+    return _with_copy_sources(clients, policy, with_ledger(inventory))
+
+
+class ReferenceSources(NamedTuple):
+    """What the reference sources (every one but DescribeImageReferences) found in a region."""
+
+    references: list[Reference]
+    instances: Instances
+    parameter_values: dict[str, str]
+    notes: list[str]
+
+
+def read_reference_sources(clients: RegionClients, policy: Policy, pointers: Pointers) -> ReferenceSources:
+    """Every reference source of the region, read in full (the parameters `pointers` owns are no
+    references). Raises SourceFailed naming the first source that cannot be read."""
+    ec2, ssm = clients.ec2, clients.ssm
     versions = policy.references.launch_template_versions
     # The reference sources depend on no other: all read side by side, their answers taken in order.
     with (
@@ -128,23 +194,7 @@ def _read_sources(
     ]
     resolved = resolve_aliases(ssm, named_aliases(claims), parameter_values)
     references, alias_notes = references_of(claims, resolved)
-
-    latest = read_pointer_values(ssm, pointers, parameter_values)
-    beside = read_beside(images)
-    inventory = RegionInventory(
-        region=region,
-        images=images,
-        references=sort_references(references),
-        build_instances=instances.builds,
-        parameters=latest,
-        retired_snapshots=beside.retired_snapshots,
-        recycle_bin_rules=beside.recycle_bin_rules,
-        ledger=beside.ledger,
-        instance_ids=instances.ids,
-        parameter_names=frozenset(parameter_values),
-        notes=tuple(dict.fromkeys([*template_notes, *alias_notes, *beside.notes])),
-    )
-    return _with_copy_sources(clients, policy, with_ledger(inventory))
+    return ReferenceSources(references, instances, parameter_values, [*template_notes, *alias_notes])
 
 
 def _with_copy_sources(clients: RegionClients, policy: Policy, inventory: RegionInventory) -> RegionInventory:
