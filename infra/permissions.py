@@ -138,6 +138,8 @@ class Scope:
     # The usage inbox of `usage_reports`: its bucket ("" without one) and key prefix ("" or ending in /).
     usage_bucket: str = ""
     usage_prefix: str = ""
+    # The account that owns that bucket ("" where usage_reports.inbox_account is unset).
+    usage_account: str = ""
 
     @classmethod
     def from_policy(
@@ -186,6 +188,7 @@ class Scope:
             ledger_table=policy.ledger.table,
             usage_bucket=policy.usage_reports.bucket if policy.usage_reports else "",
             usage_prefix=policy.usage_reports.prefix if policy.usage_reports else "",
+            usage_account=(policy.usage_reports.inbox_account or "") if policy.usage_reports else "",
         )
 
     def image_arn(self, region: str) -> str:
@@ -315,16 +318,21 @@ def _usage_statements(chosen: set[str], scope: Scope) -> list[Statement]:
         return []  # no inbox configured: nothing to grant
     reports = scope.usage_reports_prefix()
     objects = f"{scope.usage_bucket_arn()}/{reports}"
+    # A bucket name is global: with the owner's account known, no statement reaches a bucket of that
+    # name in another account, even by a call that does not pass ExpectedBucketOwner.
+    owner = {"StringEquals": {"s3:ResourceAccount": scope.usage_account}} if scope.usage_account else {}
     out: list[Statement] = []
     if "s3:PutObject" in chosen:
-        out.append(Statement("PublishUsageReport", ("s3:PutObject",), (f"{objects}{scope.account}/*",)))
+        out.append(
+            Statement("PublishUsageReport", ("s3:PutObject",), (f"{objects}{scope.account}/*",), owner)
+        )
     if "s3:GetObject" in chosen:
-        out.append(Statement("ReadUsageReports", ("s3:GetObject",), (f"{objects}*",)))
+        out.append(Statement("ReadUsageReports", ("s3:GetObject",), (f"{objects}*",), owner))
     if "s3:ListBucket" in chosen:
         # No s3:prefix condition: S3 checks ListBucket when GetObject meets a missing key (404 rather
         # than 403) without a prefix in the request context, so a condition would make every missing
         # report look unreadable. Listing shows only which accounts reported.
-        out.append(Statement("ListUsageReports", ("s3:ListBucket",), (scope.usage_bucket_arn(),)))
+        out.append(Statement("ListUsageReports", ("s3:ListBucket",), (scope.usage_bucket_arn(),), owner))
     return out
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aws_cdk import Annotations, App, AssetHashType, Environment, Stack, Validations
+from aws_cdk import Annotations, App, AssetHashType, Environment, Stack, Token, Validations
 from aws_cdk import aws_lambda as lambda_
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
@@ -73,6 +73,13 @@ class JanitorStack(Stack):
                 "yourself (the janitor's roles are granted its use in this account)",
             )
             return None
+        expected = policy.usage_reports.inbox_account
+        if expected and not Token.is_unresolved(self.account) and expected != self.account:
+            # This stack makes the inbox in its own account: every janitor would refuse that bucket.
+            raise ValueError(
+                f"usage_reports.inbox_account is {expected}, but this stack makes the inbox "
+                f"s3://{policy.usage_reports.bucket} in account {self.account}"
+            )
         return UsageInbox(
             self, "UsageInbox", settings=policy.usage_reports, organization_id=policy.organization.id
         )

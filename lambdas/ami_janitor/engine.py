@@ -517,7 +517,8 @@ def publish_usage(
         try:
             key = usage.publish_report(clients_for(region.region), settings, account, region, now)
         except (BotoCoreError, ClientError) as error:
-            problems.append(f"{region.region}: usage report not sent: s3:PutObject: {error_text(error)}")
+            problem = usage.inbox_error(settings, error)
+            problems.append(f"{region.region}: usage report not sent: s3:PutObject: {problem}")
             continue
         written.append(f"s3://{settings.bucket}/{key}")
     return {"usage_reports": written, "usage_problems": problems}

@@ -335,4 +335,56 @@ def test_roles_use_the_inbox_as_their_code_declares(org_synth: Synth) -> None:
             assert set(found) == {USAGE_SIDS[a] for a in declared[module] if a in USAGE_SIDS}, (name, module)
             for sid, statement in found.items():
                 flat = {**statement, "Resource": flatten(statement["Resource"])}
-                assert flat == {"Sid": sid, "Effect": "Allow", **expected_statements[sid]}, (name, module)
+                owner = {"StringEquals": {"s3:ResourceAccount": TEST_ACCOUNT}}  # inbox_account
+                expected = {"Sid": sid, "Effect": "Allow", **expected_statements[sid], "Condition": owner}
+                assert flat == expected, (name, module)
+
+
+def test_every_inbox_statement_holds_to_the_inbox_account(org_synth: Synth) -> None:
+    """With usage_reports.inbox_account, no role's statement on the inbox reaches a bucket of that
+    name in another account, whether or not the call passes ExpectedBucketOwner."""
+    templates = [org_synth.template(n) for n in org_synth.stack_names() if n.startswith("AmiJanitor-")]
+    for template in [*templates, org_synth.member_template()]:
+        for sid in USAGE_SIDS.values():
+            owner = Capture()
+            Template.from_json(template).has_resource_properties(
+                "AWS::IAM::Role",
+                {
+                    "Policies": Match.array_with(
+                        [
+                            Match.object_like(
+                                {
+                                    "PolicyDocument": Match.object_like(
+                                        {
+                                            "Statement": Match.array_with(
+                                                [
+                                                    Match.object_like(
+                                                        {"Sid": sid, "Condition": {"StringEquals": owner}}
+                                                    )
+                                                ]
+                                            )
+                                        }
+                                    )
+                                }
+                            )
+                        ]
+                    )
+                },
+            )
+            assert owner.as_object() == {"s3:ResourceAccount": TEST_ACCOUNT}, sid
+
+
+@pytest.mark.parametrize(("account", "made"), [(TEST_ACCOUNT, True), ("111122223333", False)])
+def test_the_owners_stack_makes_the_inbox_only_in_the_inbox_account(
+    tmp_path: Path, org_policy: Policy, account: str, made: bool
+) -> None:
+    from infra.stack import build_app
+
+    context = {**cdk_context(), "account": account}
+    if made:
+        build_app(org_policy, context=context, outdir=str(tmp_path), nag=False)
+        return
+    with pytest.raises(
+        ValueError, match=r"usage_reports.inbox_account is 123456789012, but this stack makes"
+    ):
+        build_app(org_policy, context=context, outdir=str(tmp_path), nag=False)

@@ -16,10 +16,11 @@ from botocore.config import Config
 from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
 
+from ami_janitor import engine
 from ami_janitor.aws import usage
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory
-from ami_janitor.core.policy import UsageReports
+from ami_janitor.core.policy import UsageReports, parse_policy
 from builders import image
 
 REGION = "us-east-1"
@@ -305,3 +306,86 @@ def test_an_expansion_organizations_refused_is_asked_again_in_the_next_region(st
         )
     expansions = [usage._expansions(clients, {f"org:{ORG_ARN}"}) for clients in regions]
     assert all(found == {f"org:{ORG_ARN}": None} and notes for found, notes in expansions)
+
+
+# moto does not check ExpectedBucketOwner (it answers a bucket of any account): the Stubber does.
+OWNED_INBOX = UsageReports(inbox="s3://usage-inbox/org/", inbox_account="999988887777")
+OWNER_CHECK = {"ExpectedBucketOwner": "999988887777"}
+
+
+def test_with_inbox_account_every_call_on_the_inbox_asks_s3_to_check_its_owner(stubbed: Stubbed) -> None:
+    key = f"org/reports/{CONSUMER}/{REGION}.json"
+    stubbed.add(
+        "s3",
+        "put_object",
+        {},
+        {"Bucket": "usage-inbox", "Key": key, "Body": ANY, "ContentType": "application/json", **OWNER_CHECK},
+    )
+    report = {"version": 1, "account": CONSUMER, "region": REGION, "generated_at": "2026-11-25T00:00:00Z"}
+    stubbed.add(
+        "s3",
+        "get_object",
+        {"Body": body({**report, "uses": {}}), "LastModified": NOW},
+        {"Bucket": "usage-inbox", "Key": key, **OWNER_CHECK},
+    )
+
+    usage.publish_report(stubbed.clients, OWNED_INBOX, CONSUMER, RegionInventory(region=REGION), NOW)
+    received = usage.read_report(stubbed.raw["s3"], OWNED_INBOX, CONSUMER, REGION)
+
+    assert received is not None and received.problem is None
+
+
+def test_a_bucket_of_another_account_is_an_unreadable_report_naming_the_owner_check(stubbed: Stubbed) -> None:
+    shared = image(image_id="ami-00000000000000001").model_copy(
+        update={"launch_permissions": (LaunchPermission(kind="user", value=CONSUMER),)}
+    )
+    stubbed.add("sts", "get_caller_identity", {"Account": OWNER}, {})
+    stubbed.stubs["s3"].add_client_error(
+        "get_object",
+        service_error_code="AccessDenied",
+        http_status_code=403,
+        expected_params={
+            "Bucket": "usage-inbox",
+            "Key": f"org/reports/{CONSUMER}/{REGION}.json",
+            **OWNER_CHECK,
+        },
+    )
+
+    loaded = usage.load_usage(
+        stubbed.clients, OWNED_INBOX, RegionInventory(region=REGION, images=(shared,)), [shared.image_id]
+    )
+
+    assert loaded.usage is not None
+    problem = loaded.usage.reports[CONSUMER].problem  # a report with a problem keeps what is shared
+    assert problem is not None and "AccessDenied" in problem
+    assert "not owned by 999988887777, usage_reports.inbox_account" in problem
+
+
+def test_a_report_refused_by_the_owner_check_is_a_failed_publish(stubbed: Stubbed) -> None:
+    policy = parse_policy(
+        {
+            "regions": [REGION],
+            "families": [{"name": "web", "match": {"name": "web-*"}}],
+            "usage_reports": {"inbox": "s3://usage-inbox/org", "inbox_account": "999988887777"},
+        }
+    )
+    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.stubs["s3"].add_client_error(
+        "put_object",
+        service_error_code="AccessDenied",
+        http_status_code=403,
+        expected_params={
+            "Bucket": "usage-inbox",
+            "Key": f"org/reports/{CONSUMER}/{REGION}.json",
+            "Body": ANY,
+            "ContentType": "application/json",
+            **OWNER_CHECK,
+        },
+    )
+
+    sent = engine.publish_usage(policy, [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW)
+
+    assert sent["usage_reports"] == []
+    [problem] = sent["usage_problems"]  # counted as failed: the run exits 1
+    assert problem.startswith(f"{REGION}: usage report not sent: s3:PutObject: ")
+    assert "not owned by 999988887777, usage_reports.inbox_account" in problem

@@ -1,5 +1,6 @@
 """Guardrails: the organization SCP the README offers for janitor tags (docs/scp-ami-janitor-tags.json),
-and the plan's warning about families any tagger can enroll into."""
+the plan's warning about families any tagger can enroll into, and about a usage inbox whose owner is
+not checked."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from ami_janitor.aws import ledger
-from ami_janitor.core.guardrails import family_warnings
+from ami_janitor.core.guardrails import family_warnings, inbox_warnings
 from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import JANITOR_TAG_PREFIX, Rules, parse_policy
 from builders import NOW, inventory, policy
@@ -104,3 +105,23 @@ def test_the_warning_is_a_plan_note_once_whatever_the_regions() -> None:
 
     with_a_glob = policy({"match": {"tags": {"Project": "App"}, "name": "app-*"}})
     assert not any("tags alone" in note for note in plan([inventory()], with_a_glob, NOW).notes)
+
+
+UNCHECKED_INBOX = (
+    "the usage inbox's owner is not checked: whoever owns the bucket usage-inbox can forge the usage "
+    "reports read and receives those written (set usage_reports.inbox_account)"
+)
+
+
+def test_usage_reports_without_the_inbox_account_are_warned_once_in_the_plan() -> None:
+    base = {"regions": ["us-east-1", "eu-west-1"], "families": [{"name": "app", "match": {"name": "app-*"}}]}
+    unchecked = parse_policy({**base, "usage_reports": {"inbox": "s3://usage-inbox/org"}})
+    checked = parse_policy(
+        {**base, "usage_reports": {"inbox": "s3://usage-inbox/org", "inbox_account": "111122223333"}}
+    )
+    assert inbox_warnings(unchecked) == [UNCHECKED_INBOX]
+    assert inbox_warnings(checked) == inbox_warnings(parse_policy(base)) == []
+
+    inventories = [inventory(region="us-east-1"), inventory(region="eu-west-1")]
+    assert plan(inventories, unchecked, NOW).notes.count(UNCHECKED_INBOX) == 1
+    assert not any("inbox" in note for note in plan(inventories, checked, NOW).notes)

@@ -80,6 +80,10 @@ def test_defaults() -> None:
             {**BASE, "usage_reports": {"inbox": "s3://usage-inbox", "max_age_hours": 100_000_000}},
             "usage_reports.max_age_hours: must be <= 720",
         ),
+        (
+            {**BASE, "usage_reports": {"inbox": "s3://usage-inbox", "inbox_account": "1234"}},
+            "usage_reports.inbox_account: '1234' is not a 12-digit account id",
+        ),
         ({**BASE, "families": [BASE["families"][0], BASE["families"][0]]}, "family 'a' is defined twice"),
         (
             with_family(lifecycle={"disable_after_days": 30, "deregister_after_days": 3}),
@@ -353,7 +357,12 @@ EVERY_FIELD: dict[str, Any] = {
             "limits": {"max_fraction_per_family": 0.25},
         }
     ],
-    "usage_reports": {"inbox": "s3://usage-inbox/janitor", "max_age_hours": 48, "required": True},
+    "usage_reports": {
+        "inbox": "s3://usage-inbox/janitor",
+        "max_age_hours": 48,
+        "required": True,
+        "inbox_account": "111122223333",
+    },
     "organization": {
         "id": "o-abcdefghij",
         "deploy_to": ["ou-ab12-abcdefgh"],

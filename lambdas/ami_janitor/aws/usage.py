@@ -67,8 +67,21 @@ def publish_report(
         Key=key,
         Body=report.model_dump_json(indent=1).encode(),
         ContentType="application/json",
+        **settings.owner_check(),
     )
     return key
+
+
+def inbox_error(settings: UsageReports, error: ClientError | BotoCoreError) -> str:
+    """The error of a call on the inbox; an AccessDenied where S3 checks the bucket's owner says that
+    the bucket may be of another account (a mistyped name, or one deleted and taken by an outsider)."""
+    text = error_text(error)
+    if settings.inbox_account and isinstance(error, ClientError) and error_code(error) == "AccessDenied":
+        text += (
+            f" (the owner check: S3 refuses a bucket not owned by {settings.inbox_account},"
+            " usage_reports.inbox_account)"
+        )
+    return text
 
 
 def read_report(s3: S3Client, settings: UsageReports, account: str, region: str) -> ReceivedReport | None:
@@ -77,13 +90,13 @@ def read_report(s3: S3Client, settings: UsageReports, account: str, region: str)
     problem: it keeps what is shared with the account (fail safe)."""
     key = settings.report_key(account, region)
     try:
-        answer = s3.get_object(Bucket=settings.bucket, Key=key)
+        answer = s3.get_object(Bucket=settings.bucket, Key=key, **settings.owner_check())
         received_at = answer["LastModified"]
         body = _read_at_most(answer["Body"], MAX_REPORT_BYTES)
     except ClientError as error:
         if error_code(error) in ("NoSuchKey", "404"):
             return None
-        return _unreadable(account, f"s3://{settings.bucket}/{key}: {error_text(error)}")
+        return _unreadable(account, f"s3://{settings.bucket}/{key}: {inbox_error(settings, error)}")
     except (BotoCoreError, KeyError) as error:
         return _unreadable(account, f"s3://{settings.bucket}/{key}: {error_text(error)}")
     if body is None:

@@ -858,6 +858,7 @@ def _plan(
     if policy.mode == "paused":
         notes.append("mode is paused: nothing is applied")
     notes.extend(guardrails.family_warnings(policy))
+    notes.extend(guardrails.inbox_warnings(policy))
     for inventory in ordered:
         if inventory.error is not None:
             statuses.append(RegionStatus(region=inventory.region, status="skipped", error=inventory.error))

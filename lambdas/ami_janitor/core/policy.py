@@ -363,6 +363,20 @@ class UsageReports(_Strict):
     max_age_hours: int = Field(48, ge=1, le=720)
     # false: an account that never reported is taken as not using the AMIs shared with it (noted).
     required: bool = True
+    # The account that owns the inbox's bucket: every call on it asks S3 to check so (a bucket name is
+    # global: a mistyped or re-created name would otherwise reach an outsider's bucket).
+    inbox_account: str | None = None
+
+    @field_validator("inbox_account")
+    @classmethod
+    def _inbox_account(cls, value: str | None) -> str | None:
+        if value is not None and not _ACCOUNT_RE.match(value):
+            raise ValueError(f"{value!r} is not a 12-digit account id")
+        return value
+
+    def owner_check(self) -> dict[str, Any]:
+        """The parameters that make S3 refuse a call on a bucket of another account ({} where unset)."""
+        return {"ExpectedBucketOwner": self.inbox_account} if self.inbox_account else {}
 
     @property
     def bucket(self) -> str:
