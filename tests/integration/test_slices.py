@@ -494,3 +494,52 @@ def test_the_next_run_says_once_which_earlier_run_never_finished_its_slices(depl
     table = Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
     assert table.read_all().unfinished_runs == ()
     assert not record.mark_unfinished_reported(REGION, run, now())
+
+
+def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts_its_amis_retired(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stops between a slice's stages and its count: SQS delivers the slice again, which
+    finds its AMI gone. The ledger shows the AMI deregistered since the plan: done by the first
+    delivery, not held back, and the summary counts nothing held back."""
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    last = WorkSlice.model_validate_json(bodies[-1])
+    [item] = last.items
+    count = RunRecords.finish_slice
+    stops = iter([True])
+
+    def stop_once(self: RunRecords, *args: Any) -> Any:
+        if next(stops, False):
+            raise RuntimeError("the invocation ended before the slice was counted")
+        return count(self, *args)
+
+    for body in bodies[:-1]:
+        deployed.work(body)
+    monkeypatch.setattr(RunRecords, "finish_slice", stop_once)
+    with pytest.raises(BatchProcessingError):
+        deployed.work(bodies[-1])
+    assert item.image_id not in image_ids()  # retired by the first delivery, not counted
+
+    assert deployed.work(bodies[-1]) == {"batchItemFailures": []}  # SQS delivers it again
+
+    part = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, last.run, last.index))[
+            "Body"
+        ].read()
+    )
+    assert part["held"] == {}
+    details = {(r["action"], r["status"], r["detail"]) for r in part["results"]}
+    assert {(action, status) for action, status, _ in details} == {(s, "skipped") for s in item.stages}
+    assert all(
+        d.startswith("done by an earlier delivery of this slice (deregistered ") for _, _, d in details
+    )
+    progress = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE).read(
+        REGION, last.run
+    )
+    assert progress.counts["held_back"] == 0
+    [mail] = deployed.mails()
+    assert "images retired: 3" in mail and "held back" not in mail
