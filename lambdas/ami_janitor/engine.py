@@ -162,6 +162,8 @@ class RunReport(Plan):
     # Usage reports written to the inbox (s3:// URLs), and those that could not be.
     usage_reports: list[str] = []
     usage_problems: list[str] = []
+    # Earlier runs whose slices never all finished (their report and summary never come), each once.
+    unfinished_runs: list[str] = []
 
 
 class RunResult(BaseModel):
@@ -175,6 +177,7 @@ class RunResult(BaseModel):
     slices_queued: int = 0
     usage_reports: list[str] = []
     usage_problems: list[str] = []
+    unfinished_runs: list[str] = []
 
     @property
     def failed(self) -> int:
@@ -207,6 +210,7 @@ class RunResult(BaseModel):
                 "slices_queued": self.slices_queued,
                 "usage_reports": self.usage_reports,
                 "usage_problems": self.usage_problems,
+                "unfinished_runs": self.unfinished_runs,
             }
         )
 
@@ -483,7 +487,38 @@ def run(
     )
     for region, work in sorted(cut.items()):
         result = _queue_slices(result, region, work, policy, clients_for(region), work_queue or "", now)
+    if work_queue is not None:
+        result = result.model_copy(update={"unfinished_runs": unfinished_runs(policy, own, clients_for, now)})
     return result
+
+
+def unfinished_runs(
+    policy: Policy, inventories: Sequence[RegionInventory], clients_for: ClientsFor, now: datetime
+) -> list[str]:
+    """The earlier runs of these regions (from the ledger's Scan) whose slices were not all counted
+    though a queued slice is dropped after slices.MAX_SLICE_AGE: a slice of theirs ended in the work
+    queue's dead-letter queue, and their report and summary never come. Each is said by the one run
+    that marks it reported in its record; one that cannot be marked now is said by a later run."""
+    lines: list[str] = []
+    for region in inventories:
+        view = region.ledger
+        if view is None:
+            continue
+        records = runs.RunRecords(clients_for(region.region).dynamodb, policy.ledger.table)
+        for run in view.unfinished_runs:
+            if run.started is None or now - run.started <= slices.MAX_SLICE_AGE:
+                continue
+            try:
+                if not records.mark_unfinished_reported(region.region, run.run, now):
+                    continue
+            except (BotoCoreError, ClientError):
+                continue
+            lines.append(
+                f"{region.region}: run {run.run}: {run.slices - run.done} of its {run.slices} slices "
+                "never finished, so its report and summary never came: see the work queue's dead-letter "
+                "queue (the next run plans those AMIs again)"
+            )
+    return lines
 
 
 def _consumers(region: RegionInventory) -> dict[str, list[str]]:

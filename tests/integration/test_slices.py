@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from ami_janitor import engine
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger
-from ami_janitor.aws.runs import RunRecords
+from ami_janitor.aws.runs import RunRecords, run_key
+from ami_janitor.core.model import iso
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers import scheduled, slices
@@ -451,3 +453,93 @@ def test_a_slice_delivered_again_after_it_was_counted_leaves_its_results_in_the_
     mine = [r for r in report["results"] if r["image_id"] == item.image_id and r["action"] in item.stages]
     assert [(r["action"], r["status"]) for r in mine] == [(stage, "ok") for stage in item.stages], mine
     assert mine[-1]["snapshots_deleted"] != []
+
+
+def test_the_next_run_says_once_which_earlier_run_never_finished_its_slices(deployed: Deployment) -> None:
+    """A slice that ends in the dead-letter queue leaves its run without a report or summary: the next
+    scheduled run past the age a queued slice may reach names that run in its report and mail, once."""
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    for body in bodies[:-1]:
+        deployed.work(body)  # the last slice is parked in the dead-letter queue: never worked
+    assert deployed.mails() == []
+    db = boto3.client("dynamodb", region_name=REGION)
+    record = RunRecords(db, DEFAULT_LEDGER_TABLE)
+    db.update_item(  # the run started 13 hours ago: none of its slices can still come
+        TableName=DEFAULT_LEDGER_TABLE,
+        Key=run_key(REGION, run),
+        UpdateExpression="SET started = :at",
+        ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
+    )
+
+    scheduled.handler(SCHEDULED, Context())
+    for body in deployed.queued():
+        deployed.work(body)
+
+    [mail] = deployed.mails()
+    line = (
+        f"unfinished run: {REGION}: run {run}: 1 of its 3 slices never finished, so its report and "
+        "summary never came: see the work queue's dead-letter queue (the next run plans those AMIs again)"
+    )
+    assert line in mail.splitlines()
+    stored = deployed.keys()
+    [later] = [k for k in stored if k.endswith(".json") and k.count("/") == 2 and run not in k]
+    report = json.loads(deployed.s3.get_object(Bucket="reports", Key=later)["Body"].read())
+    assert report["unfinished_runs"] == [line.removeprefix("unfinished run: ")]
+    # Said once: the record is marked, so no later run's Scan finds it again.
+    table = Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
+    assert table.read_all().unfinished_runs == ()
+    assert not record.mark_unfinished_reported(REGION, run, now())
+
+
+def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts_its_amis_retired(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stops between a slice's stages and its count: SQS delivers the slice again, which
+    finds its AMI gone. The ledger shows the AMI deregistered since the plan: done by the first
+    delivery, not held back, and the summary counts nothing held back."""
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    scheduled.handler(SCHEDULED, Context())
+    bodies = deployed.queued()
+    last = WorkSlice.model_validate_json(bodies[-1])
+    [item] = last.items
+    count = RunRecords.finish_slice
+    stops = iter([True])
+
+    def stop_once(self: RunRecords, *args: Any) -> Any:
+        if next(stops, False):
+            raise RuntimeError("the invocation ended before the slice was counted")
+        return count(self, *args)
+
+    for body in bodies[:-1]:
+        deployed.work(body)
+    monkeypatch.setattr(RunRecords, "finish_slice", stop_once)
+    with pytest.raises(BatchProcessingError):
+        deployed.work(bodies[-1])
+    assert item.image_id not in image_ids()  # retired by the first delivery, not counted
+
+    assert deployed.work(bodies[-1]) == {"batchItemFailures": []}  # SQS delivers it again
+
+    part = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, last.run, last.index))[
+            "Body"
+        ].read()
+    )
+    assert part["held"] == {}
+    details = {(r["action"], r["status"], r["detail"]) for r in part["results"]}
+    assert {(action, status) for action, status, _ in details} == {(s, "skipped") for s in item.stages}
+    assert all(
+        d.startswith("done by an earlier delivery of this slice (deregistered ") for _, _, d in details
+    )
+    progress = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE).read(
+        REGION, last.run
+    )
+    assert progress.counts["held_back"] == 0
+    [mail] = deployed.mails()
+    assert "images retired: 3" in mail and "held back" not in mail

@@ -115,6 +115,7 @@ def test_the_scheduled_run_answers_with_its_result(mode: Any, monkeypatch: pytes
         "slices_queued",
         "usage_reports",
         "usage_problems",
+        "unfinished_runs",
     ]
     assert list(report) == [*planned, *extra]
     assert {key: report[key] for key in planned if key != "summary"} == {

@@ -8,13 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami_janitor.core.model import Decision, Image, LedgerItem, LedgerStage, Stage
+from ami_janitor.core.model import Decision, Image, LedgerItem, LedgerStage, Stage, iso
 from ami_janitor.core.policy import parse_policy
 from ami_janitor.core.slices import (
     MAX_SLICE_ITEMS,
     SliceItem,
     WorkSlice,
     cut,
+    done_before,
     hold_reason,
     item_cost,
     policy_digest,
@@ -187,6 +188,21 @@ def test_a_vanished_ami_or_family_holds_the_item_back() -> None:
     assert hold_reason(ITEM, None, [], NOW, POLICY, NOW) == "no longer in the region"
     gone = SliceItem(image_id=ITEM.image_id, family="web", stages=("deregister",))
     assert hold_reason(gone, image(), [], NOW, POLICY, NOW) == "family web is no longer in the policy"
+
+
+def test_a_gone_ami_is_done_only_where_the_ledger_shows_it_deregistered_since_the_plan() -> None:
+    def item(at: datetime, confirmed: datetime | None) -> LedgerItem:
+        stage = LedgerStage(at=at)
+        return LedgerItem(image_id=ITEM.image_id, stages={"deregister": stage}, deregistered=confirmed)
+
+    later = NOW + timedelta(minutes=5)
+    why = f"done by an earlier delivery of this slice (deregistered {iso(later)})"
+    assert done_before(ITEM, item(later, later), NOW) == why
+    assert done_before(ITEM, item(later, None), NOW) is None  # not confirmed: held back as gone
+    assert done_before(ITEM, item(NOW - timedelta(days=1), later), NOW) is None  # before the plan
+    assert done_before(ITEM, None, NOW) is None
+    disable_only = ITEM.model_copy(update={"stages": ("disable",)})
+    assert done_before(disable_only, item(later, later), NOW) is None
 
 
 def test_a_stage_the_ledgers_clock_does_not_make_due_is_held_back_whatever_the_slice_says() -> None:

@@ -408,7 +408,7 @@ class _RegionRun:
         a snapshot counts as used until its AMI is gone."""
         results: list[ActionResult] = []
         image = self.images.get(image_id)
-        if image is None:
+        if image is None and blocked is None:
             blocked = "not in the region's inventory"
         if "deregister" in stages:
             self.deregistering.add(image_id)

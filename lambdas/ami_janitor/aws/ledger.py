@@ -37,6 +37,7 @@ from ami_janitor.core.model import (
     LedgerStage,
     LedgerView,
     Stage,
+    UnfinishedRun,
     iso,
     parse_time,
 )
@@ -107,6 +108,21 @@ Written = Literal["recorded", "already-recorded"]
 
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
+
+
+def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
+    """A run record (aws/runs.py: "run#<region>#<run>") whose slices were not all counted and that no
+    later run reported yet; None for any other."""
+    if "slices" not in raw or "unfinished_reported" in raw:
+        return None
+    slices = int(raw["slices"]["N"])
+    done = len(raw.get("done", {}).get("SS", []))
+    if done >= slices:
+        return None
+    run = raw["pk"]["S"].split("#", 2)[-1]
+    return UnfinishedRun(
+        run=run, slices=slices, done=done, started=parse_time(raw.get("started", {}).get("S"))
+    )
 
 
 class LedgerMissing(Exception):
@@ -632,6 +648,7 @@ class Ledger(_Made):
         expire), so this is the janitor's own work, not the fleet."""
         items: dict[str, LedgerItem] = {}
         adopted = None
+        unfinished: list[UnfinishedRun] = []
         request: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True, "Limit": SCAN_PAGE}
         while True:
             page = self._db.scan(**request)
@@ -642,8 +659,12 @@ class Ledger(_Made):
                 elif partition.startswith("image#"):
                     item = _item(raw)
                     items[item.image_id] = item
+                elif partition.startswith("run#") and (run := _unfinished_run(raw)) is not None:
+                    unfinished.append(run)
             if not page.get("LastEvaluatedKey"):
-                return LedgerView(table=self.table, items=items, adopted=adopted)
+                return LedgerView(
+                    table=self.table, items=items, adopted=adopted, unfinished_runs=tuple(unfinished)
+                )
             request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def record_adoption(self, at: datetime) -> Written:

@@ -1,8 +1,10 @@
 """A run's record in the ledger table: how many slices its due stages were cut into, which are done,
 and their counts, so that the run's summary waits for its last slice and is sent once.
 
-Key: `pk` = "run#<region>#<run>" (the plan's generated_at), `sk` = "item". The ledger's Scan skips
-these items (it reads only `image#` partitions); they expire with the ledger's retention.
+Key: `pk` = "run#<region>#<run>" (the plan's generated_at), `sk` = "item". The ledger's Scan reads
+them only for the runs whose slices were not all counted (LedgerView.unfinished_runs): the next
+scheduled run reports one once it is older than a queued slice may be, and marks it reported. They
+expire with the ledger's retention.
 Every write is conditional: a slice delivered twice (SQS is at least once) or a write the SDK sent
 again is counted once, and only one worker claims the summary.
 """
@@ -165,6 +167,18 @@ class RunRecords:
             run_key(region, run),
             UpdateExpression="SET summary_sent = :at",
             ConditionExpression="attribute_exists(slices) AND attribute_not_exists(summary_sent)",
+            ExpressionAttributeValues={":at": {"S": iso(at) or ""}},
+        )
+        return written == "recorded"
+
+    def mark_unfinished_reported(self, region: str, run: str, at: datetime) -> bool:
+        """True for the one later run that reports this run as never finished (the Scan then skips it)."""
+        written = conditional_update(
+            self.db,
+            self.table,
+            run_key(region, run),
+            UpdateExpression="SET unfinished_reported = :at",
+            ConditionExpression="attribute_exists(slices) AND attribute_not_exists(unfinished_reported)",
             ExpressionAttributeValues={":at": {"S": iso(at) or ""}},
         )
         return written == "recorded"

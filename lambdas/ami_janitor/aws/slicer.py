@@ -40,7 +40,14 @@ from ami_janitor.core.model import (
     with_ledger,
 )
 from ami_janitor.core.policy import Policy
-from ami_janitor.core.slices import SliceItem, WorkSlice, hold_reason, share_hold, slice_digest
+from ami_janitor.core.slices import (
+    SliceItem,
+    WorkSlice,
+    done_before,
+    hold_reason,
+    share_hold,
+    slice_digest,
+)
 from ami_janitor.core.usage import account_reason
 
 if TYPE_CHECKING:
@@ -205,9 +212,15 @@ def run_slice(
     reports = _consumer_reports(clients, policy, work)
     held: dict[str, str] = {}
     todo: list[tuple[str, Sequence[Stage], str | None]] = []
+    recorded = inventory.ledger.items if inventory.ledger is not None else {}
     for item in work.items:
+        image = images.get(item.image_id)
+        done = done_before(item, recorded.get(item.image_id), work.planned_at) if image is None else None
+        if done is not None:
+            todo.append((item.image_id, item.stages, done))  # retired, not held back
+            continue
         why = hold_reason(
-            item, images.get(item.image_id), referenced.get(item.image_id, []), work.planned_at, policy, now
+            item, image, referenced.get(item.image_id, []), work.planned_at, policy, now
         ) or _usage_hold(item, work.region, reports, policy, now)
         if why is not None:
             held[item.image_id] = why

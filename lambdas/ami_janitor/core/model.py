@@ -517,6 +517,16 @@ class LedgerItem(_Frozen):
         return self.first_candidate is not None and self.closed is None
 
 
+class UnfinishedRun(_Frozen):
+    """A run whose record in the ledger table (aws/runs.py) counts fewer slices done than it queued,
+    and that no later run has reported yet."""
+
+    run: str
+    slices: int
+    done: int
+    started: datetime | None = None
+
+
 class LedgerView(_Frozen):
     """A region's ledger as one run read it (one Scan, consistent): every item by AMI id."""
 
@@ -526,6 +536,8 @@ class LedgerView(_Frozen):
     adopted: datetime | None = None
     # Items the first enforce run writes from the tags it adopts (already merged into `items`).
     adopting: dict[str, LedgerItem] = {}
+    # Earlier runs whose slices were not all counted (the same Scan reads the run records).
+    unfinished_runs: tuple[UnfinishedRun, ...] = ()
 
 
 # Their ledger fields name models defined after them.

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel, ConfigDict, Field
 
 from ami_janitor.core import trust
-from ami_janitor.core.model import AMI_ID_PATTERN, Decision, Image, Stage, iso
+from ami_janitor.core.model import AMI_ID_PATTERN, Decision, Image, LedgerItem, Stage, iso
 from ami_janitor.core.planner import shared_outside
 from ami_janitor.core.policy import Policy
 
@@ -137,6 +137,18 @@ def stale(work: WorkSlice, now: datetime) -> str | None:
     if now - work.planned_at > MAX_SLICE_AGE:
         return f"planned at {iso(work.planned_at)}, more than {MAX_SLICE_AGE} ago: the next run plans again"
     return None
+
+
+def done_before(item: SliceItem, recorded: LedgerItem | None, planned_at: datetime) -> str | None:
+    """Why an AMI the slice finds gone needs nothing more: its ledger item shows the deregister stage
+    recorded since the plan and confirmed, so an earlier delivery of this slice retired it (the worker
+    stopped before the run's record counted the slice). None otherwise: a gone AMI is held back."""
+    if recorded is None or recorded.deregistered is None or "deregister" not in item.stages:
+        return None
+    entry = recorded.stages.get("deregister")
+    if entry is None or entry.at < planned_at:
+        return None
+    return f"done by an earlier delivery of this slice (deregistered {iso(recorded.deregistered)})"
 
 
 def hold_reason(
