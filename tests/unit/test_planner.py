@@ -433,6 +433,16 @@ def test_stage_clock() -> None:
     # EC2 shows a later stage: the earlier one is settled (a disabled AMI launches no more).
     settled = decide(ledger=ledger_item(30, {"deprecate": 30, "disable": 23}), state="disabled")
     assert "deprecate recorded in the ledger but not done: done again" not in settled.reasons
+    # A disable the ledger recorded that EC2 does not show (a rescue that stopped half way, then its keep
+    # reason lapsed) is done again once the clock makes it due: now under the policy it was recorded
+    # under, but not sooner than the policy's raised days allow.
+    undone = {"ledger": ledger_item(8, {"deprecate": 8, "disable": 1}), "deprecation_time": deprecated}
+    assert decide(**undone).action == "disable"
+    later = {"lifecycle": {"deprecate_after_days": 0, "disable_after_days": 30, "deregister_after_days": 40}}
+    target = image(days_old=300, **undone)  # type: ignore[arg-type]
+    waits = by_id(plan([inventory(*keepers, target)], policy(defaults=later), NOW))[target.image_id]
+    assert (waits.action, waits.next_action) == ("wait", "disable")
+    assert waits.next_action_at == iso(NOW + timedelta(days=22))
     # A clock that started long ago, but no stage recorded: the stages still go one after another,
     # each its own delay after the one before (deprecate now, disable 7 days later).
     overdue = decide(ledger=ledger_item(20))

@@ -76,7 +76,8 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
     stage this run applies counts as applied now, so all-zero stages still deregister in one run. A
     recorded stage whose change EC2 does not show (a crash between the ledger write and the EC2 call,
     or a rescue that stopped half way) is done again, under its first record, before any later stage,
-    unless EC2 shows a later stage (a disabled AMI has settled its deprecation)."""
+    unless EC2 shows a later stage (a disabled AMI has settled its deprecation), once the clock makes it
+    due (as it did when it was first recorded, unless the policy's days were raised since)."""
     item = open_item(image)
     since = item.first_candidate if item is not None and item.first_candidate else now
     recorded = item.stages if item is not None else {}
@@ -86,18 +87,17 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
     previous_at, previous_days = since, 0
     for stage, days in configured:
         entry = recorded.get(stage)
-        if entry is not None:
-            if STAGES.index(stage) > shown and not shows(image, stage, entry):
-                due.append(stage)
-                finishing = finishing or stage
-                previous_at, previous_days = now, days
-            else:
-                previous_at, previous_days = entry.at, days
+        if entry is not None and (STAGES.index(stage) <= shown or shows(image, stage, entry)):
+            previous_at, previous_days = entry.at, days
             continue
         at = max(since + timedelta(days=days), previous_at + timedelta(days=days - previous_days))
         if at > now:
+            # A recorded stage EC2 does not show waits too where the policy's clock now says later
+            # (its days raised since): doing it again never comes sooner than doing it first would.
             return StagePlan(since, due, stage, at, finishing)
         due.append(stage)
+        if entry is not None:
+            finishing = finishing or stage
         previous_at, previous_days = now, days
     return StagePlan(since, due, None, None, finishing)
 
