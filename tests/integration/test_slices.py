@@ -88,6 +88,13 @@ class Deployment:
         answer = self.sqs.receive_message(QueueUrl=self.mail_url, MaxNumberOfMessages=10)
         return [json.loads(m["Body"])["Message"] for m in answer.get("Messages", [])]
 
+    def part(self, bodies: list[str], index: int) -> dict[str, Any]:
+        """What slice `index` of the run whose slices `bodies` are wrote beside the run's report."""
+        run = WorkSlice.model_validate_json(bodies[0]).run
+        key = slices.slice_key(REGION, run, index)
+        answer: dict[str, Any] = json.loads(self.s3.get_object(Bucket="reports", Key=key)["Body"].read())
+        return answer
+
     def keys(self) -> list[str]:
         return sorted(o["Key"] for o in self.s3.list_objects_v2(Bucket="reports").get("Contents", []))
 
@@ -229,10 +236,7 @@ def test_where_describe_image_references_is_not_offered_a_slice_reads_every_sour
         deployed.work(body)
 
     assert used in image_ids()
-    run = WorkSlice.model_validate_json(bodies[0]).run
-    part = json.loads(
-        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 1))["Body"].read()
-    )
+    part = deployed.part(bodies, 1)
     why = f"in use since the plan: referenced by launch template {template} (since-the-plan) version 1"
     assert part["held"] == {used: why}
     [mail] = deployed.mails()
@@ -256,10 +260,7 @@ def test_a_slice_holds_back_an_ami_rescued_by_hand_since_the_plan(deployed: Depl
         deployed.work(body)
 
     assert rescued in image_ids()
-    run = WorkSlice.model_validate_json(bodies[0]).run
-    part = json.loads(
-        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 1))["Body"].read()
-    )
+    part = deployed.part(bodies, 1)
     why = "no candidate clock open in the ledger (rescued since the plan)"
     assert part["held"] == {rescued: why}
     assert {(r["status"], r["detail"]) for r in part["results"]} == {("skipped", f"held back: {why}")}
@@ -308,10 +309,7 @@ def test_a_slice_queued_in_enforce_and_worked_in_dry_run_changes_no_ami_and_says
     assert set(fleet.images) <= image_ids()
     assert {(i["State"], i.get("DeprecationTime")) for i in described} == {("available", None)}
     assert table.read_items(retiring) == clocks  # the clocks stand as the enforce run left them
-    run = WorkSlice.model_validate_json(bodies[0]).run
-    part = json.loads(
-        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 0))["Body"].read()
-    )
+    part = deployed.part(bodies, 0)
     why = "the policy's mode is dry-run since the plan: nothing is done; the next enforce run plans again"
     assert part["dropped"] == why
     assert {(r["status"], r["detail"]) for r in part["results"]} == {("skipped", why)}
@@ -338,10 +336,7 @@ def test_a_slice_of_another_policy_is_dropped_and_counted(deployed: Deployment) 
     [mail] = deployed.mails()
     assert "ami-janitor enforce run" in mail
     assert "planned again by the next enforce run): 3" in mail
-    run = WorkSlice.model_validate_json(bodies[0]).run
-    part = json.loads(
-        deployed.s3.get_object(Bucket="reports", Key=slices.slice_key(REGION, run, 0))["Body"].read()
-    )
+    part = deployed.part(bodies, 0)
     assert part["dropped"] == "the policy changed since the plan: the next run plans again"
     assert {r["status"] for r in part["results"]} == {"skipped"}
 
