@@ -23,7 +23,7 @@ from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers import scheduled, slices
 from lambda_events import Context, sqs_event
-from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
+from server import POLICY, Fleet, ec2, image_ids, make_ledger, now, seed_fleet
 
 REGION = "us-east-1"
 SCHEDULED = {"version": "0", "detail-type": "Scheduled Event", "source": "aws.events", "detail": {}}
@@ -87,6 +87,14 @@ class Deployment:
     def mails(self) -> list[str]:
         answer = self.sqs.receive_message(QueueUrl=self.mail_url, MaxNumberOfMessages=10)
         return [json.loads(m["Body"])["Message"] for m in answer.get("Messages", [])]
+
+    def planned(self) -> tuple[Fleet, list[str]]:
+        """An enforce run on the seeded fleet, with its ledger: the fleet, and the slices it queued."""
+        self.write_policy("enforce")
+        fleet = seed_fleet(now())
+        make_ledger()
+        scheduled.handler(SCHEDULED, Context())
+        return fleet, self.queued()
 
     def part(self, bodies: list[str], index: int) -> dict[str, Any]:
         """What slice `index` of the run whose slices `bodies` are wrote beside the run's report."""
@@ -157,11 +165,7 @@ def test_a_slice_its_run_did_not_queue_is_refused_before_it_reads_or_counts(
 ) -> None:
     # Someone able to send to the work queue, not to write the ledger table: a slice of the run with an
     # AMI the plan kept added, its consumers changed, or a slice of a run that never was.
-    deployed.write_policy("enforce")
-    fleet = seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    fleet, bodies = deployed.planned()
     first = WorkSlice.model_validate_json(bodies[0])
     planned = {i.image_id for body in bodies for i in WorkSlice.model_validate_json(body).items}
     kept = sorted(set(fleet.images) - planned)[0]
@@ -192,11 +196,7 @@ def test_a_slice_its_run_did_not_queue_is_refused_before_it_reads_or_counts(
 
 
 def test_a_slice_holds_back_an_ami_opted_out_since_the_plan(deployed: Deployment) -> None:
-    deployed.write_policy("enforce")
-    fleet = seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    fleet, bodies = deployed.planned()
     kept = WorkSlice.model_validate_json(bodies[1]).items[0].image_id
     ec2().create_tags(Resources=[kept], Tags=[{"Key": "ami-janitor:keep", "Value": "incident 42"}])
 
@@ -222,11 +222,7 @@ def test_where_describe_image_references_is_not_offered_a_slice_reads_every_sour
 ) -> None:
     """moto has no DescribeImageReferences (as some partitions): a launch template made since the plan
     still holds its AMI back, found by reading the region's reference sources again."""
-    deployed.write_policy("enforce")
-    seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    _, bodies = deployed.planned()
     used = WorkSlice.model_validate_json(bodies[1]).items[0].image_id
     template = ec2().create_launch_template(
         LaunchTemplateName="since-the-plan", LaunchTemplateData={"ImageId": used}
@@ -246,11 +242,7 @@ def test_where_describe_image_references_is_not_offered_a_slice_reads_every_sour
 def test_a_slice_holds_back_an_ami_rescued_by_hand_since_the_plan(deployed: Deployment) -> None:
     """`ami-janitor rescue` closes the AMI's clock between the plan and its slice: held back, with why,
     and counted as held back in the run's summary."""
-    deployed.write_policy("enforce")
-    seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    _, bodies = deployed.planned()
     rescued = WorkSlice.model_validate_json(bodies[1]).items[0].image_id
     policy = parse_policy(json.loads(deployed.policy_path.read_text()))
     [rescue] = engine.rescue(policy, rescued, [REGION], lambda region: RegionClients(region), now())
@@ -269,11 +261,7 @@ def test_a_slice_holds_back_an_ami_rescued_by_hand_since_the_plan(deployed: Depl
 
 
 def test_a_paused_policy_stops_the_queued_slices_without_a_write(deployed: Deployment) -> None:
-    deployed.write_policy("enforce")
-    fleet = seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    fleet, bodies = deployed.planned()
     deployed.write_policy("paused")
 
     assert deployed.work(bodies[0]) == {"batchItemFailures": []}
@@ -290,11 +278,7 @@ def test_a_paused_policy_stops_the_queued_slices_without_a_write(deployed: Deplo
 def test_a_slice_queued_in_enforce_and_worked_in_dry_run_changes_no_ami_and_says_why(
     deployed: Deployment,
 ) -> None:
-    deployed.write_policy("enforce")
-    fleet = seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    fleet, bodies = deployed.planned()
     retiring = sorted(i.image_id for b in bodies for i in WorkSlice.model_validate_json(b).items)
     table = Ledger(
         RegionClients(REGION, dynamodb=boto3.client("dynamodb", region_name=REGION)), DEFAULT_LEDGER_TABLE
@@ -322,11 +306,7 @@ def test_a_slice_queued_in_enforce_and_worked_in_dry_run_changes_no_ami_and_says
 
 
 def test_a_slice_of_another_policy_is_dropped_and_counted(deployed: Deployment) -> None:
-    deployed.write_policy("enforce")
-    fleet = seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    fleet, bodies = deployed.planned()
     deployed.write_policy("enforce", keep_latest=5)  # deployed since the plan: it would keep more
 
     for body in bodies:
@@ -342,11 +322,7 @@ def test_a_slice_of_another_policy_is_dropped_and_counted(deployed: Deployment) 
 
 
 def test_a_slice_starts_no_ami_once_its_invocation_runs_short_of_time(deployed: Deployment) -> None:
-    deployed.write_policy("enforce")
-    fleet = seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    fleet, bodies = deployed.planned()
 
     for body in bodies:
         slices.handler(
@@ -393,11 +369,7 @@ def test_one_slice_takes_its_amis_side_by_side_and_reports_them_in_plan_order(
 
 
 def test_a_summary_that_could_not_be_sent_is_sent_by_the_slices_next_delivery(deployed: Deployment) -> None:
-    deployed.write_policy("enforce")
-    seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    _, bodies = deployed.planned()
     run = WorkSlice.model_validate_json(bodies[0]).run
     part = f"runs/{REGION}/{run}/run.json"
     kept = deployed.s3.get_object(Bucket="reports", Key=part)["Body"].read()
@@ -421,11 +393,7 @@ def test_a_slice_delivered_again_after_it_was_counted_leaves_its_results_in_the_
     """The last slice retires its AMI, is counted, then cannot send the summary: SQS delivers it again.
     The second delivery finds the slice counted: it reads and does nothing again, and the run's report
     keeps what the first delivery did (not its AMI's stages skipped as gone)."""
-    deployed.write_policy("enforce")
-    seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    _, bodies = deployed.planned()
     last = WorkSlice.model_validate_json(bodies[-1])
     part = f"runs/{REGION}/{last.run}/run.json"
     kept = deployed.s3.get_object(Bucket="reports", Key=part)["Body"].read()
@@ -453,11 +421,7 @@ def test_a_slice_delivered_again_after_it_was_counted_leaves_its_results_in_the_
 def test_the_next_run_says_once_which_earlier_run_never_finished_its_slices(deployed: Deployment) -> None:
     """A slice that ends in the dead-letter queue leaves its run without a report or summary: the next
     scheduled run past the age a queued slice may reach names that run in its report and mail, once."""
-    deployed.write_policy("enforce")
-    seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    _, bodies = deployed.planned()
     run = WorkSlice.model_validate_json(bodies[0]).run
     for body in bodies[:-1]:
         deployed.work(body)  # the last slice is parked in the dead-letter queue: never worked
@@ -497,11 +461,7 @@ def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts
     """The worker stops between a slice's stages and its count: SQS delivers the slice again, which
     finds its AMI gone. The ledger shows the AMI deregistered since the plan: done by the first
     delivery, not held back, and the summary counts nothing held back."""
-    deployed.write_policy("enforce")
-    seed_fleet(now())
-    make_ledger()
-    scheduled.handler(SCHEDULED, Context())
-    bodies = deployed.queued()
+    _, bodies = deployed.planned()
     last = WorkSlice.model_validate_json(bodies[-1])
     [item] = last.items
     count = RunRecords.finish_slice

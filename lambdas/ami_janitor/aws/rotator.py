@@ -154,9 +154,11 @@ def converge(
     *,
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
     first: RegionInventory | None = None,
+    first_changes: list[LatestChange] | None = None,
 ) -> list[RotationResult]:
     """Rotate the region's groups (those `only` selects) until EC2 and SSM agree with the plan; `first`:
-    the region as its caller has just read it (the first round's, not read again)."""
+    the region as its caller has just read it (the first round's, not read again), and `first_changes`
+    what its caller found it needs (not grouped again)."""
     read = load or load_images
     results: dict[tuple[str, str], RotationResult] = {}
     for round_ in range(MAX_ROUNDS):
@@ -164,7 +166,10 @@ def converge(
         if inventory.error:
             results[("*", "*")] = RotationResult.unreadable(clients.region, inventory.error)
             break
-        changes = changes_for(inventory, policy, now, only)
+        if round_ == 0 and first is not None and first_changes is not None:
+            changes = first_changes
+        else:
+            changes = changes_for(inventory, policy, now, only)
         if not changes:
             break
         for change in changes:
@@ -247,7 +252,7 @@ def handle_state_change(
     why_not = {"not_rotated": blocked} if blocked else {}
     if policy.mode != "enforce":
         return outcome(outcome="dry-run", would=changes, **why_not)
-    results = converge(clients, policy, now, only, load=read, first=inventory)
+    results = converge(clients, policy, now, only, load=read, first=inventory, first_changes=changes)
     failed = [r for r in results if r.status == "failed"]
     if failed:
         # The error is what the invocation's log and failure destination keep: it names what was
