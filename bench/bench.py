@@ -329,7 +329,7 @@ import time
 started = time.perf_counter()
 import boto3; from pydantic import BaseModel; from aws_lambda_powertools import Logger, Metrics
 from ami_janitor.aws.clients import janitor_session
-janitor_session().client("ec2", region_name="us-east-1").describe_images(Owners=["self"])
+janitor_session().create_client("ec2", region_name="us-east-1").describe_images(Owners=["self"])
 print(time.perf_counter() - started)
 """
 # `import pydantic` alone loads two modules (its names are imported on first use): the library's

@@ -20,7 +20,6 @@ from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
-import boto3
 import botocore.session
 from botocore import xform_name
 from botocore.model import ServiceModel
@@ -29,8 +28,9 @@ from botocore.validate import ParamValidator
 
 from ami_janitor.aws.clients import RegionClients
 from fake_ec2 import FakeEC2, client_error
+from sessions import botocore_session
 
-_SESSION = boto3.Session(region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+_SESSION = botocore_session("us-east-1", "x", "x")
 _VALIDATOR = ParamValidator()
 
 

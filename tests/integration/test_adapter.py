@@ -14,6 +14,7 @@ import botocore.session
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from botocore.session import Session
 from botocore.stub import Stubber
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
@@ -37,6 +38,7 @@ from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory,
 from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
 from ami_janitor.demo import emulator
 from builders import image, policy
+from sessions import botocore_session
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -69,13 +71,8 @@ def shared_botocore_session() -> botocore.session.Session:
     return botocore.session.get_session()
 
 
-def session() -> boto3.Session:
-    return boto3.Session(
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        botocore_session=shared_botocore_session(),
-    )
+def session() -> Session:
+    return botocore_session(REGION, "testing", "testing", base=shared_botocore_session())
 
 
 def moto_clients() -> RegionClients:
@@ -528,7 +525,7 @@ class Stubbed:
 
     def __init__(self) -> None:
         config = Config(retries={"max_attempts": 1})
-        self.raw = {name: session().client(name, config=config) for name in SERVICES}  # type: ignore[call-overload]
+        self.raw = {name: session().create_client(name, config=config) for name in SERVICES}
         self.stubs = {name: Stubber(client) for name, client in self.raw.items()}
         self.clients = RegionClients(REGION, read_workers=1, **self.raw)  # the Stubber answers in order
         for stub in self.stubs.values():
@@ -1405,7 +1402,7 @@ def test_sources_read_side_by_side_still_fail_in_the_recipes_order(
         ec2 = boto3.client("ec2", region_name="us-east-1")
         image_id = ec2.register_image(Name="app-1")["ImageId"]
         ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "App"}])
-    session = boto3.Session(region_name="us-east-1")
+    session = botocore_session("us-east-1")
 
     def deny(model: Any, **_: Any) -> None:
         raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied here"}}, model.name)
@@ -1413,7 +1410,7 @@ def test_sources_read_side_by_side_still_fail_in_the_recipes_order(
     services = {"elasticmapreduce": "emr", "autoscaling": "auto-scaling"}  # the SDK's event names
     for call in failing:
         service, operation = call.split(":")
-        session.events.register(f"before-call.{services.get(service, service)}.{operation}", deny)
+        session.register(f"before-call.{services.get(service, service)}.{operation}", deny)
     clients = RegionClients("us-east-1", session)
     assert clients.read_workers > 1
 
@@ -1658,7 +1655,7 @@ def test_slices_are_queued_in_batches_of_ten_one_group_per_region_deduplicated_b
     from ami_janitor.aws import slicer
     from ami_janitor.core.slices import SliceItem, WorkSlice
 
-    sqs = session().client("sqs")
+    sqs = session().create_client("sqs")
     stub = Stubber(sqs)
     url = "https://sqs.us-east-1.amazonaws.com/123456789012/work.fifo"
     work = [

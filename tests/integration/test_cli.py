@@ -703,9 +703,11 @@ def test_role_arn_exact_assume_role_request(fake_aws_env: None) -> None:
     }
 
     class Base:
-        region_name = "eu-west-1"
+        def get_config_variable(self, name: str) -> str:
+            assert name == "region"
+            return "eu-west-1"
 
-        def client(self, service: str, **_: Any) -> Any:
+        def create_client(self, service: str, **_: Any) -> Any:
             assert service == "sts"
             return sts
 
@@ -720,5 +722,5 @@ def test_role_arn_exact_assume_role_request(fake_aws_env: None) -> None:
 
     frozen = session.get_credentials().get_frozen_credentials()
     assert (frozen.access_key, frozen.secret_key, frozen.token) == ("ASIAOPERATOREXAMPLE", "s3cr3t", "tok")
-    assert session.region_name == "eu-west-1"
+    assert session.get_config_variable("region") == "eu-west-1"
     assert OPERATOR_SESSION_NAME == "ami-janitor-cli"

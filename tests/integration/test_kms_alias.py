@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
@@ -19,6 +18,7 @@ from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.replication import RefusedCopy
 from ami_janitor.demo import emulator
 from server import make_ledger
+from sessions import botocore_session
 
 US, EU = "us-east-1", "eu-west-1"
 ALIAS = "alias/web-key"
@@ -44,7 +44,7 @@ def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
         make_ledger((US, EU))
-        yield ClientFactory(boto3.Session())  # a full SDK: the tests make resources the janitor never does
+        yield ClientFactory(botocore_session())  # a full SDK: the tests make resources the janitor never does
 
 
 def key(aws: ClientFactory, alias: str | None = None) -> str:

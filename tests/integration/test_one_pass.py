@@ -15,6 +15,7 @@ from ami_janitor.aws.inventory import count_calls
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
 from server import POLICY, ec2, make_ledger, now, seed_fleet
+from sessions import botocore_session
 
 
 def test_an_applied_run_reads_each_region_once(endpoint: str) -> None:
@@ -141,13 +142,13 @@ def test_a_region_without_a_family_ami_makes_no_client_for_the_reference_sources
     make_ledger()
 
     def run() -> tuple[engine.RunResult, set[str], Counter[str]]:
-        session = boto3.Session(region_name="us-east-1")
+        session = botocore_session("us-east-1")
         made: set[str] = set()
 
         def record(event_name: str, **_: Any) -> None:
             made.add(event_name.removeprefix("creating-client-class."))
 
-        session.events.register("creating-client-class", record)
+        session.register("creating-client-class", record)
         factory = ClientFactory(session)
         clients = factory("us-east-1")
         calls = count_calls(clients.ec2, clients.dynamodb)

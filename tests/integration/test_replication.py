@@ -42,6 +42,7 @@ from ami_janitor.demo import emulator
 from ami_janitor.handlers import replicate
 from builders import ledger_write
 from server import make_ledger
+from sessions import botocore_session
 
 US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
 KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -68,7 +69,7 @@ def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
         make_ledger((US, EU, WEST))
-        yield ClientFactory(boto3.Session())  # a full SDK: the tests make resources the janitor never does
+        yield ClientFactory(botocore_session())  # a full SDK: the tests make resources the janitor never does
 
 
 def read(factory: ClientFactory, region: str, image_id: str) -> Image:

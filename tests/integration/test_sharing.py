@@ -22,6 +22,7 @@ from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
 from ami_janitor.core.sharing import plan_shares
 from ami_janitor.demo import emulator
 from server import make_ledger
+from sessions import botocore_session
 
 US = "us-east-1"
 A, B, C = "111111111111", "222222222222", "333333333333"
@@ -52,7 +53,7 @@ def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
         make_ledger((US,))
-        yield ClientFactory(boto3.Session())  # a full SDK: the tests make resources the janitor never does
+        yield ClientFactory(botocore_session())  # a full SDK: the tests make resources the janitor never does
 
 
 def bake(factory: ClientFactory, name: str) -> str:

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from botocore.session import Session
 
 from ami_janitor import engine
 from ami_janitor.aws.clients import ClientFactory
@@ -23,6 +24,7 @@ from ami_janitor.core.slices import WorkSlice
 from ami_janitor.demo import emulator
 from server import make_ledger
 from server import now as wall_clock
+from sessions import botocore_session
 
 US = "us-east-1"
 OWNER = "123456789012"
@@ -54,16 +56,13 @@ def policy(accounts: list[str], *, required: bool = True, units: tuple[str, ...]
     )
 
 
-def session_of(account: str) -> boto3.Session:
+def session_of(account: str) -> Session:
     """A session acting as `account`, as the emulator maps an assumed role's credentials."""
     credentials = boto3.client("sts", region_name=US).assume_role(
         RoleArn=f"arn:aws:iam::{account}:role/ami-janitor/scheduled", RoleSessionName="ami-janitor"
     )["Credentials"]
-    return boto3.Session(
-        aws_access_key_id=credentials["AccessKeyId"],
-        aws_secret_access_key=credentials["SecretAccessKey"],
-        aws_session_token=credentials["SessionToken"],
-        region_name=US,
+    return botocore_session(
+        US, credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]
     )
 
 
@@ -78,7 +77,7 @@ class Accounts:
 
 @pytest.fixture
 def accounts(endpoint: str) -> Iterator[Accounts]:
-    owner = ClientFactory(boto3.Session(region_name=US))
+    owner = ClientFactory(botocore_session(US))
     ec2 = owner(US).ec2
     instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
     images = [ec2.create_image(InstanceId=instance, Name=f"web-{n:02d}")["ImageId"] for n in range(3)]
@@ -132,7 +131,7 @@ def test_a_region_read_in_part_sends_no_report_and_the_run_exits_1(accounts: Acc
     def refuse(**_: object) -> None:
         raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DescribeParameters")
 
-    session.events.register("before-call.ssm.DescribeParameters", refuse)
+    session.register("before-call.ssm.DescribeParameters", refuse)
 
     result = engine.run(
         policy([CONSUMER]), [US], ClientFactory(session), wall_clock(), apply=False, publish_reports=True

@@ -27,6 +27,7 @@ from ami_janitor.core.policy import SOURCE_IMAGE_TAG
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, replicate
 from server import make_ledger
+from sessions import botocore_session
 
 US, EU, WEST, SOUTH = "us-east-1", "eu-west-1", "us-west-2", "ap-south-1"
 KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -170,7 +171,7 @@ def account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Account
         arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
         monkeypatch.setenv("REPLICATION_QUEUE_URL", url)
         recorded = Account(
-            ClientFactory(boto3.Session()), url, arn, dlq_url
+            ClientFactory(botocore_session()), url, arn, dlq_url
         )  # a full SDK: it makes resources
         monkeypatch.setattr(replicate, "ClientFactory", lambda *_: RecordingClients(recorded.copy_requests))
         yield recorded

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import boto3
 from botocore.exceptions import ClientError
 from hypothesis import given
 from hypothesis import strategies as st
@@ -53,6 +52,7 @@ from ami_janitor.core.policy import (
 from ami_janitor.core.run_plan import needed_details, plan_run, settle
 from ami_janitor.core.sharing import desired_grants, rescue_grants
 from fake_ec2 import MUTATING, Call, Crash, FakeEC2, FakeImage, ImageView
+from sessions import botocore_session
 
 REGION = "us-east-1"
 BASE = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(days=1)
@@ -63,7 +63,7 @@ PARTNERS = [f"2000000000{n:02d}" for n in range(20)]  # in share_with: AMIs shar
 FOREIGN = "999988887777"  # not in share_with: an AMI shared with it is kept unless allow_shared
 ORG = "arn:aws:organizations::123456789012:organization/o-abc123def4"
 STAGE_DAYS = ("deprecate_after_days", "disable_after_days", "deregister_after_days")
-SESSION = boto3.Session()  # one for all: RegionClients would build one per call otherwise
+SESSION = botocore_session()  # one for all: RegionClients would build one per call otherwise
 
 
 # ---- policies and fleets --------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
 
@@ -20,10 +19,11 @@ from ami_janitor.core.policy import parse_policy
 from ami_janitor.core.slices import SliceItem, WorkSlice, policy_digest
 from fake_ec2 import FakeEC2, FakeImage
 from fake_throttle import AccountBuckets
+from sessions import botocore_session
 
 REGION = "us-east-1"
 START = datetime(2026, 11, 25, 3, tzinfo=UTC)
-SESSION = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+SESSION = botocore_session(REGION, "x", "x")
 POLICY = parse_policy(
     {"mode": "enforce", "regions": [REGION], "families": [{"name": "app", "match": {"name": "app-*"}}]}
 )

@@ -68,3 +68,23 @@ def test_a_failed_import_resumes_the_collector() -> None:
     with pytest.raises(ImportError), collector_paused():
         import ami_janitor.handlers.no_such_handler  # noqa: F401
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("module", HANDLER_MODULES)
+def test_a_function_never_imports_boto3(module: str) -> None:
+    """Its clients come from botocore sessions: boto3's import was about a twentieth of a cold start."""
+    code = (
+        "import pkgutil, sys, importlib\n"
+        f"import ami_janitor.handlers.{module}\n"
+        "import ami_janitor.aws, ami_janitor.core\n"
+        "for package in (ami_janitor.aws, ami_janitor.core):\n"
+        "    for found in pkgutil.walk_packages(package.__path__, package.__name__ + '.'):\n"
+        "        importlib.import_module(found.name)\n"
+        "from ami_janitor.aws.clients import ClientFactory\n"
+        "clients = ClientFactory()('us-east-1')\n"
+        "clients.ec2, clients.dynamodb\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('boto3', 's3transfer')))\n"
+    )
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1"}
+    answer = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert answer.stdout.strip() == "[]"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import boto3
 import pytest
 
 from ami_janitor.aws.clients import RegionClients
@@ -18,11 +17,12 @@ from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.run_plan import plan_run
 from ami_janitor.core.sharing import plan_shares
 from fake_ec2 import MUTATING, Crash, FakeEC2, FakeImage
+from sessions import botocore_session
 
 REGION = "us-east-1"
 BASE = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(days=1)
 PARTNER = "200000000001"
-SESSION = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+SESSION = botocore_session(REGION, "x", "x")
 
 
 def policy(deregister_after_days: int, partners: list[str] | None = None) -> Policy:

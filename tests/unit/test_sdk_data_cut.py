@@ -7,7 +7,6 @@ import json
 import re
 from pathlib import Path
 
-import boto3
 import botocore.loaders
 import botocore.model
 import botocore.session
@@ -18,6 +17,7 @@ from ami_janitor.aws import models
 from ami_janitor.aws.clients import ClientFactory, janitor_session, known_regions
 from ami_janitor.aws.models.__main__ import botocore_loader
 from ami_janitor.aws.models.trim import endpoints_of, trimmed
+from sessions import botocore_session
 
 PACKAGE = Path(models.__file__).resolve().parents[2]
 CUT = sorted(models.OPERATIONS)
@@ -126,7 +126,7 @@ def test_the_janitors_clients_load_the_cut() -> None:
 
 
 def test_the_loader_looks_only_for_the_janitors_services() -> None:
-    loader = janitor_session()._session.get_component("data_loader")
+    loader = janitor_session().get_component("data_loader")
     assert loader.list_available_services("service-2") == list(models.SERVICES)
     assert "rbin" not in loader.list_available_services("waiters-2")  # a type a service lacks
     assert "ec2" in loader.list_available_services("waiters-2")
@@ -136,16 +136,16 @@ def test_the_loader_looks_only_for_the_janitors_services() -> None:
     "region", ["us-east-1", "eu-west-1", "ap-southeast-7", "cn-north-1", "us-gov-west-1", "us-iso-east-1"]
 )
 def test_every_client_reaches_the_endpoint_botocores_own_data_gives(region: str) -> None:
-    janitor, stock = janitor_session(), boto3.Session()
+    janitor, stock = janitor_session(), botocore_session()
     for service in models.SERVICES:
-        ours = janitor.client(service, region_name=region)  # type: ignore[call-overload]
-        theirs = stock.client(service, region_name=region)  # type: ignore[call-overload]
+        ours = janitor.create_client(service, region_name=region)
+        theirs = stock.create_client(service, region_name=region)
         assert ours.meta.endpoint_url == theirs.meta.endpoint_url, service
         assert ours.meta.region_name == theirs.meta.region_name, service
 
 
 def test_the_known_regions_are_botocores() -> None:
-    assert known_regions(janitor_session()) == known_regions(boto3.Session())
+    assert known_regions(janitor_session()) == known_regions(botocore_session())
     assert {"us-east-1", "cn-north-1", "us-gov-west-1"} <= known_regions(janitor_session())
 
 
@@ -156,9 +156,12 @@ def test_a_users_models_come_first(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     own.mkdir(parents=True)
     (own / "service-2.json").write_text(json.dumps(botocore_model("ec2")))
     monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
-    paths = janitor_session()._session.get_component("data_loader").search_paths
+    paths = janitor_session().get_component("data_loader").search_paths
     assert paths.index(str(tmp_path)) < paths.index(str(models.DATA_PATH))
     assert paths.index(str(models.DATA_PATH)) < paths.index(botocore.loaders.Loader.BUILTIN_DATA_PATH)
     assert (
-        len(janitor_session().client("ec2", region_name="us-east-1").meta.service_model.operation_names) > 800
+        len(
+            janitor_session().create_client("ec2", region_name="us-east-1").meta.service_model.operation_names
+        )
+        > 800
     )

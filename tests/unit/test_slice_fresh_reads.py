@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import boto3
-
 from ami_janitor.aws import slicer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import parse_policy
 from ami_janitor.core.slices import SliceItem, WorkSlice, policy_digest
 from fake_ec2 import FakeEC2, FakeImage
+from sessions import botocore_session
 
 REGION = "us-east-1"
 START = datetime(2026, 11, 25, 3, tzinfo=UTC)
-SESSION = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+SESSION = botocore_session(REGION, "x", "x")
 RETIRE = ("deprecate", "disable", "deregister")
 POINTER = "/ami/app/latest"
 # Latest published in an SSM parameter only (no tag): the parameter is all that names it.

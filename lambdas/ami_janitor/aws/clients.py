@@ -1,4 +1,7 @@
-"""boto3 clients per region, with adaptive retries. The only place clients are configured."""
+"""Clients per region, with adaptive retries. The only place clients are configured.
+
+Sessions are botocore's (boto3's clients are botocore's clients): the functions never import boto3,
+whose import (its session, resources and transfer modules) was about a twentieth of a cold start."""
 
 from __future__ import annotations
 
@@ -9,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-import boto3
 import botocore.session
 from botocore.config import Config
+from botocore.session import Session
 
 from ami_janitor.aws import models
 from ami_janitor.aws.pacing import Pacer, pace
@@ -81,7 +84,7 @@ class RegionClients:
     def __init__(
         self,
         region: str,
-        session: boto3.Session | None = None,
+        session: Session | None = None,
         *,
         read_workers: int = READ_WORKERS,
         pacer: Pacer | None = None,
@@ -89,7 +92,7 @@ class RegionClients:
         **clients: Any,
     ) -> None:
         self.region = region
-        self._session = session or boto3.Session()
+        self._session = session or botocore.session.get_session()
         self._clients: dict[str, Any] = dict(clients)
         self.read_workers = read_workers
         self.pacer = pacer
@@ -100,7 +103,7 @@ class RegionClients:
             with _SESSION_LOCK:  # a session is not thread-safe; the regions of a run share one
                 if service not in self._clients:
                     with _collector_paused():
-                        made = self._session.client(  # type: ignore[call-overload]
+                        made = self._session.create_client(
                             service,
                             region_name=self.region,
                             config=client_config(),
@@ -119,7 +122,7 @@ class RegionClients:
         if key not in self._clients:
             with _SESSION_LOCK, _collector_paused():
                 if key not in self._clients:
-                    self._clients[key] = self._session.client(
+                    self._clients[key] = self._session.create_client(
                         "ec2", region_name=region, config=client_config()
                     )
         return cast("EC2Client", self._clients[key])
@@ -144,10 +147,10 @@ class RegionClients:
 OPERATOR_SESSION_NAME = "ami-janitor-cli"
 
 
-def known_regions(session: boto3.Session | None = None) -> set[str]:
+def known_regions(session: Session | None = None) -> set[str]:
     """Every EC2 region of every partition the installed SDK knows. Pass the session the clients will
     come from: the SDK's endpoint data it parses for this is then parsed once."""
-    session = session or boto3.Session()
+    session = session or botocore.session.get_session()
     return {
         region
         for partition in session.get_available_partitions()
@@ -155,7 +158,7 @@ def known_regions(session: boto3.Session | None = None) -> set[str]:
     }
 
 
-def unknown_regions(regions: list[str], session: boto3.Session | None = None) -> list[str]:
+def unknown_regions(regions: list[str], session: Session | None = None) -> list[str]:
     """'R (did you mean N?)' for each region the SDK does not know (a typo, or an SDK to update)."""
     import difflib  # the CLI and the synth ask; the functions never do, so they do not load it
 
@@ -169,9 +172,7 @@ def unknown_regions(regions: list[str], session: boto3.Session | None = None) ->
     return problems
 
 
-def unknown_regions_message(
-    regions: list[str], source: str, session: boto3.Session | None = None
-) -> str | None:
+def unknown_regions_message(regions: list[str], source: str, session: Session | None = None) -> str | None:
     """The policy error for regions the SDK does not know, or None: the CLI and the synth say the same."""
     unknown = unknown_regions(regions, session)
     if not unknown:
@@ -182,22 +183,23 @@ def unknown_regions_message(
     )
 
 
-def assumed_session(base: boto3.Session, role_arn: str) -> boto3.Session:
+def assumed_session(base: Session, role_arn: str) -> Session:
     """A session acting as `role_arn` (the operator role the stacks make under /ami-janitor/): the
     ledger's resource policy lets only that path write, so the CLI's writers go through it."""
-    answer = base.client("sts", config=client_config()).assume_role(
-        RoleArn=role_arn, RoleSessionName=OPERATOR_SESSION_NAME, DurationSeconds=3600
-    )
+    sts = cast("STSClient", base.create_client("sts", config=client_config()))
+    answer = sts.assume_role(RoleArn=role_arn, RoleSessionName=OPERATOR_SESSION_NAME, DurationSeconds=3600)
     credentials = answer["Credentials"]
-    return boto3.Session(
-        aws_access_key_id=credentials["AccessKeyId"],
-        aws_secret_access_key=credentials["SecretAccessKey"],
-        aws_session_token=credentials["SessionToken"],
-        region_name=base.region_name,
+    session = janitor_session()
+    session.set_credentials(
+        credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]
     )
+    region = base.get_config_variable("region")
+    if region:
+        session.set_config_variable("region", region)
+    return session
 
 
-def janitor_session(profile_name: str | None = None) -> boto3.Session:
+def janitor_session(profile_name: str | None = None) -> Session:
     """A session for the functions and the CLI that loads the janitor's cut of the SDK's data
     (`aws.models`): its services' models and endpoints parsed in a few ms instead of about 150, behind a
     user's own data (~/.aws/models, AWS_DATA_PATH)."""
@@ -205,13 +207,13 @@ def janitor_session(profile_name: str | None = None) -> boto3.Session:
     if profile_name is not None:  # before the loader: it reads the profile (ProfileNotFound, its data_path)
         session.set_config_variable("profile", profile_name)
     session.register_component("data_loader", models.janitor_loader(session.get_config_variable("data_path")))
-    return boto3.Session(botocore_session=session, profile_name=profile_name)
+    return session
 
 
 class ClientFactory:
     """RegionClients per region, shared by one run (the engine acts on several regions from the CLI)."""
 
-    def __init__(self, session: boto3.Session | None = None, *, paced: bool = False) -> None:
+    def __init__(self, session: Session | None = None, *, paced: bool = False) -> None:
         # One session for every region: it loads each service's model once, not once per region; by
         # default the janitor's, which loads the cut of the SDK's data (janitor_session).
         self._session = session or janitor_session()

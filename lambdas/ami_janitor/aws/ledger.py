@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
+from ami_janitor.aws.attribute_values import from_attribute, to_attribute
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import (
     LedgerBake,
@@ -105,9 +105,6 @@ _BATCH_RETRIES = 5
 _BATCH_BACKOFF_SECONDS = 0.1
 
 Written = Literal["recorded", "already-recorded"]
-
-_serializer = TypeSerializer()
-_deserializer = TypeDeserializer()
 
 
 def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
@@ -343,7 +340,7 @@ class Prior(BaseModel):
 
 
 def _value(data: Any) -> Any:
-    return _serializer.serialize(data)
+    return to_attribute(data)
 
 
 def _with_write_id(request: dict[str, Any], write_id: str) -> dict[str, Any]:
@@ -394,7 +391,7 @@ def conditional_update(db: DynamoDBClient, table: str, item_key: dict[str, Any],
 
 def _item(raw: dict[str, Any]) -> LedgerItem:
     internal = ("pk", "sk", "last_stage", WRITE_ID_ATTRIBUTE)
-    data = {k: _deserializer.deserialize(v) for k, v in raw.items() if k not in internal}
+    data = {k: from_attribute(v) for k, v in raw.items() if k not in internal}
     return LedgerItem.model_validate(data)
 
 

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from types import ModuleType
 from typing import TextIO
 
-import boto3
 from botocore.exceptions import ProfileNotFound
+from botocore.session import Session
 
 from ami_janitor import engine
 from ami_janitor.aws import rotator
@@ -35,10 +35,10 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _session(args: argparse.Namespace) -> boto3.Session:
+def _session(args: argparse.Namespace) -> Session:
     """The command's session (--profile), made once: the policy's region check and the clients then
     share what the SDK loads for both (its endpoint data, parsed once instead of twice)."""
-    session: boto3.Session | None = getattr(args, "_session", None)
+    session: Session | None = getattr(args, "_session", None)
     if session is None:
         session = janitor_session(args.profile)
         args._session = session
@@ -48,7 +48,7 @@ def _session(args: argparse.Namespace) -> boto3.Session:
 def _policy(args: argparse.Namespace) -> Policy:
     policy = load_policy(args.config)
     try:
-        session: boto3.Session | None = _session(args)
+        session: Session | None = _session(args)
     except ProfileNotFound:
         session = None  # reported where the clients are made, after the policy's own errors
     problem = unknown_regions_message(policy.managed_regions, args.config or "the policy", session)
@@ -233,10 +233,9 @@ def _bake_region(policy: Policy, family: Family, args: argparse.Namespace) -> st
     elif len(bakes_in) == 1:
         region = bakes_in[0]
     else:
-        session = boto3.Session(profile_name=args.profile) if args.profile else boto3.Session()
-        if not session.region_name:
+        region = _session(args).get_config_variable("region")
+        if not region:
             raise UsageError("no region: give --region (or set one in the profile)")
-        region = session.region_name
     if region not in bakes_in and not args.instance_id:
         raise UsageError(
             f"family {family.name} bakes in {', '.join(bakes_in)} (bake.regions), not {region}: give "
