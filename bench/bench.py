@@ -335,6 +335,9 @@ print(time.perf_counter() - started)
 # `import pydantic` alone loads two modules (its names are imported on first use): the library's
 # import is its BaseModel.
 LIBRARIES = "import boto3; from pydantic import BaseModel; from aws_lambda_powertools import Logger, Metrics"
+# Shown beside it, not judged: the functions make their clients from botocore sessions and never import
+# boto3, so the libraries they do import are botocore's session, pydantic and Powertools.
+LIBRARIES_IMPORTED = "import botocore.session; from pydantic import BaseModel; from aws_lambda_powertools import Logger, Metrics"
 # Shown beside it, not judged: pydantic loads its field machinery (pydantic.fields, pydantic.types,
 # annotated_types) when the first model's class is made, so any function with one model pays it too.
 LIBRARIES_WITH_FIELDS = f"{LIBRARIES}; import pydantic.fields"
@@ -454,7 +457,7 @@ def bench_asset_bytecode() -> None:
 
 def bench_cold_start() -> None:
     package = _compiled_package()
-    libraries, handler, cold, floor, with_fields = _against_emulator(
+    libraries, handler, cold, floor, with_fields, imported = _against_emulator(
         package,
         [
             TIMED.format(LIBRARIES),
@@ -462,13 +465,14 @@ def bench_cold_start() -> None:
             FIRST_INVOCATION,
             FLOOR,
             TIMED.format(LIBRARIES_WITH_FIELDS),
+            TIMED.format(LIBRARIES_IMPORTED),
         ],
     )
     print(
         f"\nimport of the cleanup handler module: median {handler * 1000:.0f} ms "
         f"(target < 300 ms) {verdict(handler < 0.3)}; the libraries it cannot avoid (boto3, pydantic's "
         f"BaseModel, Powertools Logger and Metrics) {libraries * 1000:.0f} ms (both from bytecode; each figure here "
-        "the median of 7 fresh interpreters, the five measures taking turns)"
+        "the median of 7 fresh interpreters, the six measures taking turns)"
     )
     print(
         f"its cold start, import and first invocation on an empty region (`ami-janitor emulator --empty`): "
@@ -484,6 +488,10 @@ def bench_cold_start() -> None:
     print(
         f"  beside it, not judged: the libraries with pydantic's field machinery, which the first model's "
         f"class loads, {with_fields * 1000:.0f} ms; the cold start {cold / with_fields:.2f} times that"
+    )
+    print(
+        f"  beside it, not judged: the libraries the function does import (botocore's session in place of boto3, "
+        f"which it never imports) {imported * 1000:.0f} ms; the cold start {cold / imported:.2f} times that"
     )
 
 
@@ -509,9 +517,15 @@ def bench_cold_start_instructions() -> None:
     if shutil.which("valgrind") is None:
         print("\nthe cold start in instructions: no valgrind here")
         return
-    libraries, cold, floor, with_fields = _against_emulator(
+    libraries, cold, floor, with_fields, imported = _against_emulator(
         _compiled_package(),
-        [TIMED.format(LIBRARIES), FIRST_INVOCATION, FLOOR, TIMED.format(LIBRARIES_WITH_FIELDS)],
+        [
+            TIMED.format(LIBRARIES),
+            FIRST_INVOCATION,
+            FLOOR,
+            TIMED.format(LIBRARIES_WITH_FIELDS),
+            TIMED.format(LIBRARIES_IMPORTED),
+        ],
         runs=1,
         measure=_instructions,
     )
@@ -522,7 +536,8 @@ def bench_cold_start_instructions() -> None:
     )
     print(
         f"  beside it, not judged: the libraries with pydantic's field machinery {with_fields / 1e6:,.0f} million; "
-        f"the cold start {cold / with_fields:.2f} times that"
+        f"the cold start {cold / with_fields:.2f} times that; the libraries the function does import (botocore's "
+        f"session in place of boto3) {imported / 1e6:,.0f} million, the cold start {cold / imported:.2f} times that"
     )
 
 
