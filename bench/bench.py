@@ -239,6 +239,7 @@ ROUND_TRIP_SECONDS = 0.025
 
 def bench_inventory_round_trips() -> None:
     import boto3
+    import botocore.session
     from moto import mock_aws
 
     from ami_janitor.aws import ledger
@@ -262,8 +263,9 @@ def bench_inventory_round_trips() -> None:
             # Each way six times, taking turns; the first round (it loads what a process loads once) dropped.
             for _ in range(6):
                 for workers in (READ_WORKERS, 1):
-                    session = boto3.Session(region_name="us-east-1")
-                    session.events.register("before-call", lambda **_: time.sleep(ROUND_TRIP_SECONDS))
+                    session = botocore.session.get_session()
+                    session.set_config_variable("region", "us-east-1")
+                    session.register("before-call", lambda **_: time.sleep(ROUND_TRIP_SECONDS))
                     clients = RegionClients("us-east-1", session, read_workers=workers)
                     start = time.perf_counter()
                     inventory = load_inventory(clients, policy)
