@@ -34,8 +34,6 @@ TESTS = str(Path(__file__).resolve().parents[1] / "tests")
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
-import boto3  # noqa: E402
-
 from ami_janitor import engine  # noqa: E402
 from ami_janitor.aws import executor, slicer  # noqa: E402
 from ami_janitor.aws.clients import RegionClients  # noqa: E402
@@ -53,6 +51,7 @@ from ami_janitor.core.run_plan import plan_run  # noqa: E402
 from ami_janitor.engine import SLICE_BUDGET_SECONDS  # noqa: E402
 from fake_ec2 import MUTATING, FakeEC2, FakeImage, nearest_minute  # noqa: E402
 from fake_throttle import AccountBuckets  # noqa: E402
+from sessions import botocore_session  # noqa: E402
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
@@ -61,7 +60,7 @@ GAP = 1.0  # simulated seconds between two invocations
 # The janitor deprecated the due AMIs this long ago, and disabled them a week later (the default
 # lifecycle: deprecate at 0 days, disable at 7, deregister at 14).
 STARTED = NOW - timedelta(days=40)
-_SESSION = boto3.Session(region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
+_SESSION = botocore_session(REGION, "x", "x")
 
 
 def fleet_policy(due: int) -> Policy:
