@@ -36,7 +36,6 @@ if TESTS not in sys.path:
 
 from ami_janitor import engine  # noqa: E402
 from ami_janitor.aws import executor, slicer  # noqa: E402
-from ami_janitor.aws.clients import RegionClients  # noqa: E402
 from ami_janitor.aws.pacing import bucket_of  # noqa: E402
 from ami_janitor.core import sharing, slices  # noqa: E402
 from ami_janitor.core.model import Decision, LedgerItem, LedgerStage, iso  # noqa: E402
@@ -49,9 +48,9 @@ from ami_janitor.core.policy import (  # noqa: E402
 )
 from ami_janitor.core.run_plan import plan_run  # noqa: E402
 from ami_janitor.engine import SLICE_BUDGET_SECONDS  # noqa: E402
+from fake_aws import region_clients  # noqa: E402
 from fake_ec2 import MUTATING, FakeEC2, FakeImage, nearest_minute  # noqa: E402
 from fake_throttle import AccountBuckets  # noqa: E402
-from sessions import botocore_session  # noqa: E402
 
 REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
@@ -60,7 +59,6 @@ GAP = 1.0  # simulated seconds between two invocations
 # The janitor deprecated the due AMIs this long ago, and disabled them a week later (the default
 # lifecycle: deprecate at 0 days, disable at 7, deregister at 14).
 STARTED = NOW - timedelta(days=40)
-_SESSION = botocore_session(REGION, "x", "x")
 
 
 def fleet_policy(due: int) -> Policy:
@@ -205,7 +203,7 @@ def simulate(
         work.extend(engine.cut_due(plan, policy, region, decisions, NOW, budget))
         return []
 
-    scheduled = RegionClients(REGION, _SESSION, ec2=fake, dynamodb=fake.dynamodb, read_workers=1)
+    scheduled = region_clients(fake)
     applied = executor.apply_plan(
         plan,
         {REGION: inventory},
@@ -224,7 +222,7 @@ def simulate(
             fake.advance(gap)
         if paced:
             fake.pacer(full=False)
-        clients = RegionClients(REGION, _SESSION, ec2=fake, dynamodb=fake.dynamodb, read_workers=1)
+        clients = region_clients(fake)
         began, first = fake.elapsed, len(fake.calls)
         done = slicer.run_slice(
             clients,

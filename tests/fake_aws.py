@@ -122,13 +122,19 @@ class FakeSSM(FakeService):
 
 
 class FakeAutoScaling(FakeService):
-    """No Auto Scaling group nor launch configuration."""
+    """The launch configurations a test adds (`launch_configurations`, as DescribeLaunchConfigurations
+    answers them); no Auto Scaling group."""
 
     service = "autoscaling"
 
+    def __init__(self, ec2: FakeEC2, calls: Counter[str]) -> None:
+        super().__init__(ec2, calls)
+        self.launch_configurations: list[dict[str, Any]] = []
+
     def describe_launch_configurations(self, **params: Any) -> dict[str, Any]:
         self._request("describe_launch_configurations", params)
-        return {"LaunchConfigurations": []}
+        page, token = _paged(self.launch_configurations, params, "MaxRecords")
+        return {"LaunchConfigurations": page, **token}
 
     def describe_auto_scaling_groups(self, **params: Any) -> dict[str, Any]:
         self._request("describe_auto_scaling_groups", params)
@@ -322,3 +328,10 @@ def account_region(
     if organization is not None:
         services["organizations"] = FakeOrganizations(ec2, calls, organization)
     return AccountRegion(account=account, ec2=ec2, ssm=ssm, calls=calls, services=services)
+
+
+def region_clients(ec2: FakeEC2, *, read_workers: int = 1, account: str = "123456789012") -> RegionClients:
+    """The clients of `ec2`'s region on the fakes (its EC2 and ledger, and an account's other
+    services, each empty): what a scheduled run or a slice reads."""
+    services = account_region(ec2, account, Inbox()).services
+    return RegionClients(ec2.region, _SESSION, read_workers=read_workers, **services)

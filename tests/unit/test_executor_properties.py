@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ami_janitor import engine
 from ami_janitor.aws import slicer
-from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.clients import READ_WORKERS, RegionClients
 from ami_janitor.aws.executor import ActionResult, ApplyResult, RunDue, apply_plan, deprecate_at, rescue_image
 from ami_janitor.core.model import (
     Decision,
@@ -51,8 +51,8 @@ from ami_janitor.core.policy import (
 )
 from ami_janitor.core.run_plan import needed_details, plan_run, settle
 from ami_janitor.core.sharing import desired_grants, rescue_grants
+from fake_aws import region_clients
 from fake_ec2 import MUTATING, Call, Crash, FakeEC2, FakeImage, ImageView
-from sessions import botocore_session
 
 REGION = "us-east-1"
 BASE = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(days=1)
@@ -63,7 +63,6 @@ PARTNERS = [f"2000000000{n:02d}" for n in range(20)]  # in share_with: AMIs shar
 FOREIGN = "999988887777"  # not in share_with: an AMI shared with it is kept unless allow_shared
 ORG = "arn:aws:organizations::123456789012:organization/o-abc123def4"
 STAGE_DAYS = ("deprecate_after_days", "disable_after_days", "deregister_after_days")
-SESSION = botocore_session()  # one for all: RegionClients would build one per call otherwise
 
 
 # ---- policies and fleets --------------------------------------------------------------------------
@@ -276,7 +275,7 @@ class Round:
 
 
 def clients_for(fake: FakeEC2) -> RegionClients:
-    return RegionClients(fake.region, SESSION, ec2=fake, dynamodb=fake.dynamodb)
+    return region_clients(fake, read_workers=READ_WORKERS)
 
 
 def slice_budgets() -> st.SearchStrategy[float | None]:

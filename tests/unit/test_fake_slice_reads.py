@@ -17,13 +17,12 @@ from ami_janitor.aws.ledger import Prior
 from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import parse_policy
 from ami_janitor.core.slices import SliceItem, WorkSlice, policy_digest
+from fake_aws import region_clients
 from fake_ec2 import FakeEC2, FakeImage
 from fake_throttle import AccountBuckets
-from sessions import botocore_session
 
 REGION = "us-east-1"
 START = datetime(2026, 11, 25, 3, tzinfo=UTC)
-SESSION = botocore_session(REGION, "x", "x")
 POLICY = parse_policy(
     {"mode": "enforce", "regions": [REGION], "families": [{"name": "app", "match": {"name": "app-*"}}]}
 )
@@ -42,7 +41,7 @@ def fleet(count: int, throttle: AccountBuckets | None = None) -> FakeEC2:
 
 
 def clients(fake: FakeEC2) -> RegionClients:
-    return RegionClients(REGION, SESSION, ec2=fake, dynamodb=fake.dynamodb, read_workers=1)
+    return region_clients(fake)
 
 
 def work(*image_ids: str) -> WorkSlice:

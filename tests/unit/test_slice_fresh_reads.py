@@ -10,12 +10,12 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import parse_policy
 from ami_janitor.core.slices import SliceItem, WorkSlice, policy_digest
+from fake_aws import Inbox, account_region
 from fake_ec2 import FakeEC2, FakeImage
-from sessions import botocore_session
 
 REGION = "us-east-1"
 START = datetime(2026, 11, 25, 3, tzinfo=UTC)
-SESSION = botocore_session(REGION, "x", "x")
+ACCOUNT = "123456789012"
 RETIRE = ("deprecate", "disable", "deregister")
 POINTER = "/ami/app/latest"
 # Latest published in an SSM parameter only (no tag): the parameter is all that names it.
@@ -47,7 +47,9 @@ def fleet(count: int) -> FakeEC2:
 
 
 def clients(fake: FakeEC2) -> RegionClients:
-    return RegionClients(REGION, SESSION, ec2=fake, dynamodb=fake.dynamodb, read_workers=1)
+    """The region's clients on the fakes: EC2 (with DescribeImageReferences) and the ledger, SSM, Auto
+    Scaling, Batch, EMR."""
+    return account_region(fake, ACCOUNT, Inbox()).clients
 
 
 def work(*image_ids: str) -> WorkSlice:
@@ -79,3 +81,22 @@ def test_an_ami_the_latest_parameter_names_since_the_plan_is_held_back() -> None
     assert "ami-00000000" in fake.images and fake.images["ami-00000000"].state == "available"
     assert "ami-00000001" not in fake.images  # the other AMI of the slice retires as planned
     assert [r.status for r in done.results if r.image_id == "ami-00000000"] == ["skipped"] * 3
+
+
+def test_a_launch_configuration_made_since_the_plan_holds_its_ami_back() -> None:
+    """DescribeImageReferences does not look at launch configurations (nor Auto Scaling groups' pinned
+    template versions, fleets, Batch or EMR): the slice reads those sources again itself."""
+    fake = fleet(2)
+    region = account_region(fake, ACCOUNT, Inbox())
+    region.services["autoscaling"].launch_configurations.append(
+        {"LaunchConfigurationName": "web-since-the-plan", "ImageId": "ami-00000000"}
+    )
+
+    done = slicer.run_slice(region.clients, fake.ledger, POLICY, work("ami-00000000", "ami-00000001"), START)
+
+    assert done.held == {
+        "ami-00000000": "in use since the plan: referenced by launch configuration web-since-the-plan"
+    }
+    assert fake.images["ami-00000000"].state == "available"
+    assert "ami-00000001" not in fake.images
+    assert region.calls["autoscaling:DescribeLaunchConfigurations"] == 1

@@ -1,8 +1,8 @@
 """The edge of a run's slices: queued to the work queue, and each run where its worker is.
 
 A slice reads its AMIs again when it starts (a few calls: DescribeImages by id and by the snapshots
-they use, their ledger items, DescribeImageReferences, or every reference source where that API is not
-offered), holds back any AMI a fresh fact puts in doubt
+they use, their ledger items, DescribeImageReferences and the reference sources it does not look at,
+or every reference source where that API is not offered), holds back any AMI a fresh fact puts in doubt
 (core.slices.hold_reason), and takes the others' stages through the executor, on the view of its own
 AMIs and of every other AMI that shares their snapshots (a snapshot another AMI uses is never
 deleted). Deleting nothing it did not read is what keeps a partial view safe here. The launch
@@ -135,12 +135,15 @@ class _Everyone:
 
 
 def _references(clients: RegionClients, policy: Policy, images: Sequence[Image]) -> list[Reference]:
-    """DescribeImageReferences about the slice's AMIs; an instance counts only while it is not
-    terminated. A family's Latest parameter counts too: the run's rotation pointed it at an AMI the
-    plan keeps, so one it names now was pointed at since the plan (rule 2 keeps it). Where the API is
-    not offered (some partitions, the emulator), every reference source is read again in full: a
-    launch template made since the plan still holds its AMI back."""
+    """DescribeImageReferences about the slice's AMIs (an instance counts only while it is not
+    terminated), and the reference sources it does not look at, read again in full: a launch
+    configuration, an Auto Scaling group's pinned template version, a fleet, a Batch compute
+    environment or an EMR cluster made since the plan holds its AMI back. A family's Latest parameter
+    counts too: the run's rotation pointed it at an AMI the plan keeps, so one it names now was
+    pointed at since the plan (rule 2 keeps it). Where the API is not offered (some partitions, the
+    emulator), every reference source is read again in full."""
     ids = [i.image_id for i in images]
+    wanted = set(ids)
     none_owned = Pointers(names=frozenset(), owned=frozenset())
     found, not_offered = read_image_references(
         clients.ec2,
@@ -152,16 +155,20 @@ def _references(clients: RegionClients, policy: Policy, images: Sequence[Image])
         parameter_names=frozenset(),
     )
     if not_offered:
-        wanted = set(ids)
         return [
             r for r in read_reference_sources(clients, policy, none_owned).references if r.image_id in wanted
         ]
+    beside = read_reference_sources(clients, policy, none_owned, beside_image_references=True).references
     instance_ids = [r.resource_id for r in found if r.kind == "instance"]
-    if not instance_ids:
-        return found
-    with source("ec2:DescribeInstances"):
-        live = _live(clients.ec2, instance_ids)
-    return [r for r in found if r.kind != "instance" or r.resource_id in live]
+    if instance_ids:
+        with source("ec2:DescribeInstances"):
+            live = _live(clients.ec2, instance_ids)
+        found = [r for r in found if r.kind != "instance" or r.resource_id in live]
+    seen = {(r.image_id, r.kind, r.resource_id) for r in found}
+    return [
+        *found,
+        *(r for r in beside if r.image_id in wanted and (r.image_id, r.kind, r.resource_id) not in seen),
+    ]
 
 
 def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> RegionInventory:

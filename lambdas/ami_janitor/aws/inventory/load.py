@@ -150,15 +150,32 @@ class ReferenceSources(NamedTuple):
     notes: list[str]
 
 
-def read_reference_sources(clients: RegionClients, policy: Policy, pointers: Pointers) -> ReferenceSources:
+_NO_INSTANCES = Instances(ids=frozenset(), claims=[], builds=())
+
+
+def read_reference_sources(
+    clients: RegionClients, policy: Policy, pointers: Pointers, *, beside_image_references: bool = False
+) -> ReferenceSources:
     """Every reference source of the region, read in full (the parameters `pointers` owns are no
-    references). Raises SourceFailed naming the first source that cannot be read."""
+    references). Raises SourceFailed naming the first source that cannot be read.
+
+    `beside_image_references`: only the sources DescribeImageReferences does not look at itself (it
+    finds the instances and the SSM parameters, not launch configurations, Auto Scaling groups,
+    fleets, Batch or EMR; launch templates are read too, as the policy counts their versions and as
+    those name them)."""
     ec2, ssm = clients.ec2, clients.ssm
     versions = policy.references.launch_template_versions
+
+    def instances() -> Instances:
+        return _NO_INSTANCES if beside_image_references else read_instances(ec2, policy)
+
+    def parameters() -> dict[str, str]:
+        return {} if beside_image_references else read_parameters(ssm)
+
     # The reference sources depend on no other: all read side by side, their answers taken in order.
     with (
-        _ahead(clients, lambda: read_instances(ec2, policy)) as instances_read,
-        _ahead(clients, lambda: read_parameters(ssm)) as parameters_read,
+        _ahead(clients, instances) as instances_read,
+        _ahead(clients, parameters) as parameters_read,
         _ahead(clients, lambda: read_launch_templates(ec2, versions)) as templates_read,
         _ahead(clients, lambda: _read_auto_scaling(clients)) as auto_scaling_read,
         _ahead(clients, lambda: read_spot_fleets(ec2)) as spot_fleets_read,
