@@ -166,16 +166,16 @@ def read_reference_sources(
     ec2, ssm = clients.ec2, clients.ssm
     versions = policy.references.launch_template_versions
 
-    def instances() -> Instances:
+    def instance_source() -> Instances:
         return _NO_INSTANCES if beside_image_references else read_instances(ec2, policy)
 
-    def parameters() -> dict[str, str]:
+    def parameter_source() -> dict[str, str]:
         return {} if beside_image_references else read_parameters(ssm)
 
     # The reference sources depend on no other: all read side by side, their answers taken in order.
     with (
-        _ahead(clients, instances) as instances_read,
-        _ahead(clients, parameters) as parameters_read,
+        _ahead(clients, instance_source) as instances_read,
+        _ahead(clients, parameter_source) as parameters_read,
         _ahead(clients, lambda: read_launch_templates(ec2, versions)) as templates_read,
         _ahead(clients, lambda: _read_auto_scaling(clients)) as auto_scaling_read,
         _ahead(clients, lambda: read_spot_fleets(ec2)) as spot_fleets_read,
