@@ -178,6 +178,9 @@ class RunResult(BaseModel):
     usage_reports: list[str] = []
     usage_problems: list[str] = []
     unfinished_runs: list[str] = []
+    # (region, run) of each earlier run `unfinished_runs` names: marked reported once the report that
+    # names it is out (mark_unfinished_reported), so a run that dies before leaves them to the next.
+    unfinished_keys: list[tuple[str, str]] = []
 
     @property
     def failed(self) -> int:
@@ -488,37 +491,46 @@ def run(
     for region, work in sorted(cut.items()):
         result = _queue_slices(result, region, work, policy, clients_for(region), work_queue or "", now)
     if work_queue is not None:
-        result = result.model_copy(update={"unfinished_runs": unfinished_runs(policy, own, clients_for, now)})
+        keys, lines = unfinished_runs(own, now)
+        result = result.model_copy(update={"unfinished_runs": lines, "unfinished_keys": keys})
     return result
 
 
 def unfinished_runs(
-    policy: Policy, inventories: Sequence[RegionInventory], clients_for: ClientsFor, now: datetime
-) -> list[str]:
+    inventories: Sequence[RegionInventory], now: datetime
+) -> tuple[list[tuple[str, str]], list[str]]:
     """The earlier runs of these regions (from the ledger's Scan) whose slices were not all counted
     though a queued slice is dropped after slices.MAX_SLICE_AGE: a slice of theirs ended in the work
-    queue's dead-letter queue, and their report and summary never come. Each is said by the one run
-    that marks it reported in its record; one that cannot be marked now is said by a later run."""
+    queue's dead-letter queue, and their report and summary never come. Their (region, run) keys and
+    a line for each; the Scan skips those a run marked reported (mark_unfinished_reported)."""
+    keys: list[tuple[str, str]] = []
     lines: list[str] = []
     for region in inventories:
-        view = region.ledger
-        if view is None:
-            continue
-        records = runs.RunRecords(clients_for(region.region).dynamodb, policy.ledger.table)
-        for run in view.unfinished_runs:
+        for run in region.ledger.unfinished_runs if region.ledger is not None else ():
             if run.started is None or now - run.started <= slices.MAX_SLICE_AGE:
                 continue
-            try:
-                if not records.mark_unfinished_reported(region.region, run.run, now):
-                    continue
-            except (BotoCoreError, ClientError):
-                continue
+            keys.append((region.region, run.run))
             lines.append(
                 f"{region.region}: run {run.run}: {run.slices - run.done} of its {run.slices} slices "
                 "never finished, so its report and summary never came: see the work queue's dead-letter "
                 "queue (the next run plans those AMIs again)"
             )
-    return lines
+    return keys, lines
+
+
+def mark_unfinished_reported(
+    policy: Policy, result: RunResult, clients_for: ClientsFor, now: datetime
+) -> None:
+    """Mark the earlier runs `result` names unfinished as reported, after the report that names them
+    is out: a run that dies before leaves them to the next run, and one that cannot mark them now
+    too (said twice then, rather than never)."""
+    for region, run in result.unfinished_keys:
+        try:
+            runs.RunRecords(clients_for(region).dynamodb, policy.ledger.table).mark_unfinished_reported(
+                region, run, now
+            )
+        except (BotoCoreError, ClientError):
+            continue
 
 
 def _consumers(region: RegionInventory) -> dict[str, list[str]]:

@@ -13,6 +13,7 @@ import boto3
 import pytest
 import yaml
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
+from botocore.exceptions import ClientError
 
 from ami_janitor import engine
 from ami_janitor.aws.clients import RegionClients
@@ -453,6 +454,41 @@ def test_the_next_run_says_once_which_earlier_run_never_finished_its_slices(depl
     table = Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
     assert table.read_all().unfinished_runs == ()
     assert not record.mark_unfinished_reported(REGION, run, now())
+
+
+def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_the_next(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run that names an unfinished run fails to write its report (here the bucket is gone, and
+    EventBridge invokes the function again): the record is not marked, so the next run names it."""
+    _, bodies = deployed.planned()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    for body in bodies[:-1]:
+        deployed.work(body)  # the last slice is parked in the dead-letter queue: never worked
+    db = boto3.client("dynamodb", region_name=REGION)
+    db.update_item(
+        TableName=DEFAULT_LEDGER_TABLE,
+        Key=run_key(REGION, run),
+        UpdateExpression="SET started = :at",
+        ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
+    )
+    table = Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
+
+    monkeypatch.setenv("REPORT_BUCKET", "reports-gone")
+    with pytest.raises(ClientError):
+        scheduled.handler(SCHEDULED, Context())
+    deployed.queued()  # that run's slices: it failed, the next plans those AMIs again
+    assert run in [u.run for u in table.read_all().unfinished_runs]  # not marked: nobody was told
+
+    monkeypatch.setenv("REPORT_BUCKET", "reports")
+    scheduled.handler(SCHEDULED, Context())
+    for body in deployed.queued():
+        deployed.work(body)
+    [mail] = deployed.mails()
+    assert (
+        sum(1 for line in mail.splitlines() if line.startswith(f"unfinished run: {REGION}: run {run}:")) == 1
+    )
+    assert run not in [u.run for u in table.read_all().unfinished_runs]  # marked: said once
 
 
 def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts_its_amis_retired(

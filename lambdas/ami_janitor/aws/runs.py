@@ -172,7 +172,8 @@ class RunRecords:
         return written == "recorded"
 
     def mark_unfinished_reported(self, region: str, run: str, at: datetime) -> bool:
-        """True for the one later run that reports this run as never finished (the Scan then skips it)."""
+        """Mark this run reported as never finished, once a later run's report named it (the Scan then
+        skips it); False where a run marked it already."""
         written = conditional_update(
             self.db,
             self.table,

@@ -109,11 +109,12 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     if paused(policy):
         return ScheduledRunResult(mode="paused").model_dump(mode="json")
     factory = ClientFactory()
+    now = datetime.now(UTC).replace(microsecond=0)
     result = engine.run(
         policy,
         [env.region],
         factory,
-        datetime.now(UTC).replace(microsecond=0),
+        now,
         apply=policy.mode == "enforce",
         enqueue=_enqueuer(factory, env.region, env.replication_queue_url),
         work_queue=env.work_queue_url,
@@ -130,6 +131,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         if status.status == "skipped":
             logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})
     publish(env, factory, report, waiting=result.slices_queued > 0)
+    engine.mark_unfinished_reported(policy, result, factory, now)  # once the report naming them is out
     answer = ScheduledRunResult(
         mode=policy.mode, region=env.region, summary=summary, slices_queued=result.slices_queued
     ).model_dump(mode="json")
