@@ -236,25 +236,50 @@ def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:
     return regions
 
 
+def _check_ledgers(
+    policy: Policy, regions: Sequence[str], clients_for: ClientsFor
+) -> tuple[list[str], dict[str, BotoCoreError | ClientError]]:
+    """The regions whose ledger table is absent, and those where it could not be checked (the error)."""
+    absent: list[str] = []
+    unchecked: dict[str, BotoCoreError | ClientError] = {}
+    for region in regions:
+        try:
+            if not ledger.exists(clients_for(region), policy.ledger.table):
+                absent.append(region)
+        except (BotoCoreError, ClientError) as error:
+            unchecked[region] = error
+    return absent, unchecked
+
+
+def _ledger_problems(
+    table: str, absent: Sequence[str], unchecked: Mapping[str, BaseException]
+) -> dict[str, str]:
+    problems = {region: f"no ledger table {table} in {region}" for region in absent}
+    for region, error in unchecked.items():
+        problems[region] = f"cannot check the ledger table {table} in {region} ({error})"
+    return problems
+
+
 def missing_ledgers(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> dict[str, str]:
     """Regions whose ledger table is absent (or cannot be checked), with why. An enforce run records
     every step in the ledger before it takes it, so these regions may only be planned."""
-    table = policy.ledger.table
-    missing: dict[str, str] = {}
-    for region in regions:
-        try:
-            if not ledger.exists(clients_for(region), table):
-                missing[region] = f"no ledger table {table} in {region}"
-        except (BotoCoreError, ClientError) as error:
-            missing[region] = f"cannot check the ledger table {table} in {region} ({error})"
-    return missing
+    return _ledger_problems(policy.ledger.table, *_check_ledgers(policy, regions, clients_for))
 
 
 def require_ledgers(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> None:
-    """Refuse an applying run before it writes anything where a region has no ledger table."""
-    missing = missing_ledgers(policy, regions, clients_for)
-    if missing:
-        raise ledger.LedgerMissing(sorted(missing), policy.ledger.table, details=list(missing.values()))
+    """Refuse an applying run before it writes anything where a region has no ledger table or where it
+    cannot be checked. The error keeps the two apart: a table to make is bad input, a failed check an
+    AWS failure."""
+    absent, unchecked = _check_ledgers(policy, regions, clients_for)
+    if absent or unchecked:
+        problems = _ledger_problems(policy.ledger.table, absent, unchecked)
+        raise ledger.LedgerMissing(
+            sorted(problems),
+            policy.ledger.table,
+            details=list(problems.values()),
+            absent=absent,
+            failures=list(unchecked.values()),
+        )
 
 
 def _require_scanned_ledgers(

@@ -123,11 +123,24 @@ def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
 
 
 class LedgerMissing(Exception):
-    """Regions without a ledger table (or where it cannot be checked): an enforce run is refused."""
+    """Regions without a ledger table (or where it cannot be checked): an enforce run is refused.
 
-    def __init__(self, regions: Sequence[str], table: str, *, details: Sequence[str] = ()) -> None:
+    `absent` names the regions found without the table (all of `regions` unless told), `failures` the
+    AWS errors of the checks that failed."""
+
+    def __init__(
+        self,
+        regions: Sequence[str],
+        table: str,
+        *,
+        details: Sequence[str] = (),
+        absent: Sequence[str] | None = None,
+        failures: Sequence[Exception] = (),
+    ) -> None:
         self.regions = list(regions)
         self.table = table
+        self.absent = list(regions if absent is None else absent)
+        self.failures = list(failures)
         why = "; ".join(details) or f"no ledger table {table} in {', '.join(regions)}"
         super().__init__(
             f"{why}: enforce records every step in the ledger; `ami-janitor ledger create` makes it"

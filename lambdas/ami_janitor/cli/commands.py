@@ -64,6 +64,15 @@ def _factory(args: argparse.Namespace) -> ClientFactory:
     return ClientFactory(session)
 
 
+def _ledger_refusal(error: LedgerMissing) -> Exception:
+    """What ends a command refused for its ledger tables: a table that is not there is the user's to
+    make (exit 2, naming `ledger create`); a check that failed only is an AWS failure (exit 1, its own
+    line), which making a table would not mend."""
+    if error.failures and not error.absent:
+        return error.failures[0]
+    return UsageError(str(error))
+
+
 def _progress(line: str) -> None:
     """Progress for a person at a terminal; pipes, files and JSON consumers never see it."""
     if sys.stderr.isatty():
@@ -118,7 +127,7 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     try:
         engine.require_ledgers(policy, regions, factory)  # before anything is written or asked
     except LedgerMissing as error:
-        raise UsageError(str(error)) from None
+        raise _ledger_refusal(error) from None
     now = _now()
     if not args.yes:
         preview = engine.run(policy, regions, factory, now, apply=False, progress=_progress)
@@ -212,8 +221,10 @@ def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
     regions = _rescue_regions(policy, args)
     try:
         results = engine.rescue(policy, args.image_id, regions, _factory(args), _now())
-    except (LookupError, LedgerMissing) as error:
+    except LookupError as error:
         raise UsageError(str(error)) from None
+    except LedgerMissing as error:
+        raise _ledger_refusal(error) from None
     if args.format == "json":
         render.emit_json([r.model_dump(mode="json") for r in results], out)
     else:
@@ -259,7 +270,7 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
     try:
         engine.require_ledgers(policy, [region], factory)  # every bake is recorded on its AMI's item
     except LedgerMissing as error:
-        raise UsageError(str(error)) from None
+        raise _ledger_refusal(error) from None
     clients = factory(region)
     terminal = sys.stderr.isatty()
 
@@ -312,7 +323,7 @@ def cmd_replicate(args: argparse.Namespace, out: TextIO) -> int:
     try:
         result = engine.replicate(policy, regions, factory, _now(), apply=apply, families=args.family)
     except LedgerMissing as error:
-        raise UsageError(str(error)) from None
+        raise _ledger_refusal(error) from None
     if args.format == "json":
         render.emit_json(result.model_dump(mode="json"), out)
         return EXIT_FAILED if result.failed else EXIT_OK
