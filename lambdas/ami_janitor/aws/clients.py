@@ -39,9 +39,12 @@ ClientT = TypeVar("ClientT")
 
 def client_config() -> Config:
     # Throttling is normal at scale: adaptive retries pace the calls instead of failing them.
-    # AMI_JANITOR_MAX_ATTEMPTS=1 for the emulator, where an unimplemented call is an HTTP 500.
+    # AMI_JANITOR_MAX_ATTEMPTS=1 for the emulator, where an unimplemented call is an HTTP 500: one
+    # attempt, the first included (botocore's `max_attempts` would count the retries alone).
     attempts = int(os.environ.get("AMI_JANITOR_MAX_ATTEMPTS", "10"))
-    return Config(retries={"mode": "adaptive", "max_attempts": attempts}, user_agent_extra="ami-janitor")
+    return Config(
+        retries={"mode": "adaptive", "total_max_attempts": attempts}, user_agent_extra="ami-janitor"
+    )
 
 
 class _Client(Generic[ClientT]):

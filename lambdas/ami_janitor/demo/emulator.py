@@ -564,7 +564,7 @@ class _EmulatorServer(ThreadedMotoServer):
 def start_server(host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadedMotoServer, str]:
     """Install the patches and start moto's server in this process; returns (server, endpoint URL).
 
-    Port 0 picks a free port. Clients on the endpoint should use retries={'max_attempts': 1}: a call
+    Port 0 picks a free port. Clients on the endpoint should use retries={'total_max_attempts': 1}: a call
     moto cannot do is an HTTP 500, which boto3 would retry.
     """
     install()
