@@ -19,11 +19,13 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
+from moto.ec2.models import ec2_backends
 
 from ami_janitor.aws import inventory
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import SOURCE_IMAGE_TAG
+from ami_janitor.core.replication import MAX_COPY_GENERATIONS
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, replicate
 from server import make_ledger
@@ -342,3 +344,30 @@ def test_a_request_for_another_generation_beside_a_usable_copy_copies_nothing(
         account.deliver()
 
     assert account.copy_requests == [] and images_in(account, EU) == made
+
+
+def test_a_request_past_the_bound_of_failed_generations_copies_nothing(
+    account: Account, worker_log: io.StringIO
+) -> None:
+    """The janitor stops at MAX_COPY_GENERATIONS failed copies and reports them; a queued request for one
+    more generation is no request of the policy's, however well it counts."""
+    source = bake(account, "web-2")
+    for generation in range(1, MAX_COPY_GENERATIONS + 1):
+        before = images_in(account, EU)
+        account.send(forged(source, generation=generation))
+        account.deliver()
+        [copy_id] = set(images_in(account, EU)) - set(before)
+        ec2_backends[emulator.DEFAULT_ACCOUNT_ID][EU].amis[copy_id].state = "failed"
+    failed = images_in(account, EU)
+    account.copy_requests.clear()
+    assert len(failed) == MAX_COPY_GENERATIONS
+
+    body = forged(source, generation=MAX_COPY_GENERATIONS + 1)
+    account.send(body)
+    account.deliver()
+
+    assert account.copy_requests == [] and images_in(account, EU) == failed
+    assert account.dead_letters() == [body]
+    assert (
+        f"{MAX_COPY_GENERATIONS} generations of its copy to {EU} failed" in refusals(worker_log)[-1]["reason"]
+    )

@@ -674,6 +674,18 @@ def test_the_generation_is_at_most_one_above_the_highest_started() -> None:
     assert rebuild_copy(copy_of(recorded), recorded, TWO_FAMILIES).generation == 1
 
 
+def test_no_new_generation_once_the_bound_of_failed_copies_is_reached() -> None:
+    fresh = image(days_old=1)
+    failed = [replica(fresh, state="failed", generation=g) for g in range(1, MAX_COPY_GENERATIONS + 1)]
+    with pytest.raises(RefusedCopy, match=f"{MAX_COPY_GENERATIONS} generations of its copy to {EU} failed"):
+        rebuild_copy(copy_of(fresh, generation=MAX_COPY_GENERATIONS + 1), fresh, TWO_FAMILIES, failed)
+    # A generation already started is no new one: start_copy finds it failed and copies nothing.
+    assert rebuild_copy(copy_of(fresh, generation=3), fresh, TWO_FAMILIES, failed).generation == 3
+    # A copy the janitor retired is no failure.
+    one_retired = [*failed[:-1], retired(failed[-1])]
+    assert rebuild_copy(copy_of(fresh, generation=4), fresh, TWO_FAMILIES, one_retired).generation == 4
+
+
 class FlakySqs:
     """send_message_batch that refuses some entries once (not the sender's fault), or fails outright."""
 

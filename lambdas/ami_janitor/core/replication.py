@@ -217,6 +217,18 @@ def _tried(source: Image, region: str, copies: Iterable[Image]) -> int:
     return max([recorded_generation(source, region), *made])
 
 
+def _failed_generations(copies: Iterable[Image]) -> set[int]:
+    """The generations of these copies (as EC2 lists them, with their items) that failed or went without
+    the janitor retiring them."""
+    return {
+        c.replica_record.generation
+        for c in copies
+        if c.replica_record is not None
+        and not is_usable(c)
+        and not (c.ledger is not None and "deregister" in c.ledger.stages)
+    }
+
+
 def _in_flight_as_available(image: Image) -> Image:
     """A copy being made counts as the available AMI it becomes (it will rank in its group)."""
     if image.state == "pending" and image.is_replica:
@@ -675,7 +687,8 @@ def rebuild_copy(
     `source` is the request's source as EC2 describes it now in the request's source region, `copies`
     its copies in the target region. Besides allowed_target's checks: the source is a member of exactly
     the request's family and no copy itself, and the generation is no higher than the janitor could
-    have planned (the highest the ledger records started, on the source or a copy, plus one). Only the generation
+    have planned (the highest the ledger records started, on the source or a copy, plus one; no new one
+    once MAX_COPY_GENERATIONS of the copies EC2 lists there failed). Only the generation
     is the request's own: the source is EC2's, the family, regions and key are the policy's. `key`: what the
     target's alias resolves to now; it must be the key ARN the request was planned with and, as far as the
     source's and its copies' ledger items tell, the key of the last copy there.
@@ -686,11 +699,21 @@ def rebuild_copy(
     problem = _membership_problem(request, source, policy)
     if problem is not None:
         raise RefusedCopy(problem, request)
-    highest = _tried(source, target.region, copies) + 1
+    tried = _tried(source, target.region, copies)
+    highest = tried + 1
     if request.generation > highest:
         raise RefusedCopy(
             f"generation {request.generation} is above {highest}, the highest the janitor could plan "
             f"for {source.image_id} in {target.region}",
+            request,
+        )
+    failed = _failed_generations(copies)
+    if request.generation > tried and len(failed) >= MAX_COPY_GENERATIONS:
+        # The planner gives the copy up here and reports it: a new generation is none of its requests (one
+        # already started goes on to start_copy, which finds it failed or superseded).
+        raise RefusedCopy(
+            f"{len(failed)} generations of its copy to {target.region} failed "
+            f"({', '.join(map(str, sorted(failed)))}): not started again past {MAX_COPY_GENERATIONS}",
             request,
         )
     arn = _requested_key(request, target, source, copies, key)
