@@ -10,6 +10,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ReadTimeoutError
 from botocore.stub import Stubber
 from moto import mock_aws
 
@@ -187,6 +188,8 @@ class RecordingLedger:
         return "recorded"
 
     def forget_grants(self, image_id: str, grants: list[str]) -> str:
+        if not grants:
+            return "already-recorded"  # as the table's: no write
         self.calls.append(f"ledger: {image_id} -{','.join(grants)}")
         return "recorded"
 
@@ -328,6 +331,37 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
         recording,
     )
     assert (missing[0].status, missing[0].error) == ("failed", "not in the region's inventory")
+
+
+def test_a_grant_whose_answer_was_lost_is_read_back_and_kept_recorded(stubbed: tuple[Any, Stubber]) -> None:
+    """ModifyImageAttribute took effect and its answer was lost (a read timeout, which botocore raises
+    as no ClientError): the launch permissions read back show the grant, so it is confirmed in the
+    ledger, and can be revoked once the family no longer lists the account."""
+    client, stub = stubbed
+    image = stub_image()
+    stub.add_response("modify_image_attribute", {})
+    lost = iter([True])
+
+    def lose_the_answer(**_: Any) -> None:
+        if next(lost, False):
+            raise ReadTimeoutError(endpoint_url="https://ec2.us-east-1.amazonaws.com/")
+
+    client.meta.events.register("after-call.ec2.ModifyImageAttribute", lose_the_answer)
+    stub.add_response(
+        "describe_image_attribute",
+        {"ImageId": image.image_id, "LaunchPermissions": [{"UserId": B}]},
+        {"ImageId": image.image_id, "Attribute": "launchPermission"},
+    )
+    calls: list[str] = []
+    [result] = apply_shares(
+        lambda region: RegionClients(region, ec2=client),
+        [Share(image_id=image.image_id, region=US, add=[f"user:{B}"])],
+        [with_ledger(image)],
+        lambda region: RecordingLedger(calls),  # type: ignore[arg-type,return-value]
+    )
+    assert result.status == "failed"
+    assert calls == [f"ledger: {image.image_id} +user:{B}", f"ledger: {image.image_id} made user:{B}"]
+    stub.assert_no_pending_responses()
 
 
 def test_permissions_name_what_the_code_calls() -> None:

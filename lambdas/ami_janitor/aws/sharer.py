@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Literal, cast
 
-from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
@@ -90,9 +89,9 @@ def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> 
     try:
         ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": _permissions(grants)})
         ledger.confirm_grants(image_id, grants)  # where this write fails, the next run grants them again
-    except ClientError:
+    except AWS_ERRORS:
         # A refusal granted nothing, but an error may also be an answer lost after the grant took
-        # effect: what EC2 shows is read back and only the grants it does not show are taken back, so
+        # effect (a timeout, a closed connection): what EC2 shows is read back and only the grants it does not show are taken back, so
         # the next run makes them again (where the read or the write fails, the record stays, as after
         # a crash).
         with suppress(*AWS_ERRORS):
