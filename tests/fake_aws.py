@@ -90,7 +90,7 @@ def _paged(
 
 
 class FakeSSM(FakeService):
-    """String parameters, name -> value."""
+    """String parameters, name -> value, each with the simulated time it last changed (`put`)."""
 
     service = "ssm"
 
@@ -99,10 +99,18 @@ class FakeSSM(FakeService):
     ) -> None:
         super().__init__(ec2, calls)
         self.parameters = dict(parameters or {})
+        self.modified = dict.fromkeys(self.parameters, ec2.clock)
+
+    def put(self, name: str, value: str, at: datetime | None = None) -> None:
+        self.parameters[name] = value
+        self.modified[name] = at or self.ec2.clock
 
     def describe_parameters(self, **params: Any) -> dict[str, Any]:
         self._request("describe_parameters", params)
-        found = [{"Name": name, "Type": "String"} for name in sorted(self.parameters)]
+        found = [
+            {"Name": name, "Type": "String", "LastModifiedDate": self.modified.get(name, self.ec2.clock)}
+            for name in sorted(self.parameters)
+        ]
         page, token = _paged(found, params, "MaxResults")
         return {"Parameters": page, **token}
 

@@ -1629,11 +1629,10 @@ def test_a_slice_reads_its_amis_their_snapshots_users_ledger_items_and_reference
         },
         {"ImageIds": [ami(1), ami(2)], "IncludeAllResourceTypes": True},
     )
-    # The reference sources DescribeImageReferences does not look at, read again (empty here).
+    # What DescribeImageReferences may not find, read again (empty here; parameters changed since the plan).
     s.queue(
         images=None,
         instances=None,
-        parameters=None,
         snapshots=None,
         rbin=None,
         block_public_access=None,

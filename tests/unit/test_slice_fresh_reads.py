@@ -100,3 +100,21 @@ def test_a_launch_configuration_made_since_the_plan_holds_its_ami_back() -> None
     assert fake.images["ami-00000000"].state == "available"
     assert "ami-00000001" not in fake.images
     assert region.calls["autoscaling:DescribeLaunchConfigurations"] == 1
+
+
+def test_a_plain_text_parameter_made_since_the_plan_holds_its_ami_back() -> None:
+    """DescribeImageReferences may look only at parameters of the aws:ec2:image data type, where the
+    plan reads every plain-text value: the slice reads again the parameters changed since its plan,
+    and only those."""
+    fake = fleet(3)
+    region = account_region(fake, ACCOUNT, Inbox(), parameters={"/old/config": "ami-00000002"})
+    ssm = region.services["ssm"]
+    ssm.modified["/old/config"] = START - timedelta(days=3)  # the plan read it: it kept ami-00000002
+    ssm.put("/app/config", '{"image": "ami-00000000"}')
+
+    done = slicer.run_slice(region.clients, fake.ledger, POLICY, work("ami-00000000", "ami-00000001"), START)
+
+    assert done.held == {"ami-00000000": "in use since the plan: value of SSM parameter /app/config"}
+    assert fake.images["ami-00000000"].state == "available"
+    assert "ami-00000001" not in fake.images
+    assert region.calls["ssm:GetParameters"] == 1  # /app/config alone: /old/config is older than the plan

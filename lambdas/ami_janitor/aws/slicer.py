@@ -134,11 +134,13 @@ class _Everyone:
         return True
 
 
-def _references(clients: RegionClients, policy: Policy, images: Sequence[Image]) -> list[Reference]:
+def _references(
+    clients: RegionClients, policy: Policy, images: Sequence[Image], planned_at: datetime
+) -> list[Reference]:
     """DescribeImageReferences about the slice's AMIs (an instance counts only while it is not
-    terminated), and the reference sources it does not look at, read again in full: a launch
-    configuration, an Auto Scaling group's pinned template version, a fleet, a Batch compute
-    environment or an EMR cluster made since the plan holds its AMI back. A family's Latest parameter
+    terminated), and what it may not find, read again: a launch configuration, an Auto Scaling
+    group's pinned template version, a fleet, a Batch compute environment, an EMR cluster or a
+    plain-text SSM parameter made since the plan holds its AMI back. A family's Latest parameter
     counts too: the run's rotation pointed it at an AMI the plan keeps, so one it names now was
     pointed at since the plan (rule 2 keeps it). Where the API is not offered (some partitions, the
     emulator), every reference source is read again in full."""
@@ -158,7 +160,9 @@ def _references(clients: RegionClients, policy: Policy, images: Sequence[Image])
         return [
             r for r in read_reference_sources(clients, policy, none_owned).references if r.image_id in wanted
         ]
-    beside = read_reference_sources(clients, policy, none_owned, beside_image_references=True).references
+    beside = read_reference_sources(
+        clients, policy, none_owned, beside_image_references=planned_at
+    ).references
     instance_ids = [r.resource_id for r in found if r.kind == "instance"]
     if instance_ids:
         with source("ec2:DescribeInstances"):
@@ -182,7 +186,7 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
     with source("dynamodb:BatchGetItem"):
         view = ledger_items.read_ledger_items(clients, policy.ledger.table, ids)
     with source("ec2:DescribeImageReferences"):
-        references = _references(clients, policy, own)
+        references = _references(clients, policy, own, work.planned_at)
     images = {i.image_id: i for i in [*sharing, *own]}
     inventory = with_ledger(
         RegionInventory(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from ami_janitor.aws.inventory import (
@@ -154,23 +155,29 @@ _NO_INSTANCES = Instances(ids=frozenset(), claims=[], builds=())
 
 
 def read_reference_sources(
-    clients: RegionClients, policy: Policy, pointers: Pointers, *, beside_image_references: bool = False
+    clients: RegionClients,
+    policy: Policy,
+    pointers: Pointers,
+    *,
+    beside_image_references: datetime | None = None,
 ) -> ReferenceSources:
     """Every reference source of the region, read in full (the parameters `pointers` owns are no
     references). Raises SourceFailed naming the first source that cannot be read.
 
-    `beside_image_references`: only the sources DescribeImageReferences does not look at itself (it
-    finds the instances and the SSM parameters, not launch configurations, Auto Scaling groups,
-    fleets, Batch or EMR; launch templates are read too, as the policy counts their versions and as
-    those name them)."""
+    `beside_image_references` (a slice's plan time): what DescribeImageReferences may not find, beside
+    it. Not the instances (it finds them); the plain-text SSM parameters changed since then only (it
+    may look only at parameters of the `aws:ec2:image` data type, where the plan reads every value);
+    the other sources in full (it looks at no launch configuration, Auto Scaling group, fleet, Batch
+    or EMR; launch templates are read too, as the policy counts their versions and as those name them)."""
     ec2, ssm = clients.ec2, clients.ssm
     versions = policy.references.launch_template_versions
+    since = beside_image_references
 
     def instance_source() -> Instances:
-        return _NO_INSTANCES if beside_image_references else read_instances(ec2, policy)
+        return _NO_INSTANCES if since is not None else read_instances(ec2, policy)
 
     def parameter_source() -> dict[str, str]:
-        return {} if beside_image_references else read_parameters(ssm)
+        return read_parameters(ssm, changed_since=since)
 
     # The reference sources depend on no other: all read side by side, their answers taken in order.
     with (
