@@ -1,12 +1,15 @@
-"""Lost answers for clients on the in-process moto: the request takes effect, the connection closes
-before its answer arrives, and botocore's own retry sends it again (the path a real lost answer takes)."""
+"""Faults for clients on the in-process moto. Lost answers: the request takes effect, the connection
+closes before its answer arrives, and botocore's own retry sends it again (the path a real lost
+answer takes). Refusals: an operation every client is denied."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import botocore.client
+import pytest
 from botocore.awsrequest import AWSPreparedRequest
-from botocore.exceptions import ConnectionClosedError
+from botocore.exceptions import ClientError, ConnectionClosedError
 from moto.core.models import botocore_stubber
 
 
@@ -33,3 +36,15 @@ class LoseFirstAnswers:
             botocore_stubber(event_name, request)  # the request takes effect
             self.lost.append(operation)
             raise ConnectionClosedError(endpoint_url=request.url, request=request)
+
+
+def deny(patch: pytest.MonkeyPatch, operation: str) -> None:
+    """Every client's `operation` (its API name, "PutParameter") refused with AccessDeniedException."""
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def denied(self: Any, called: str, params: dict[str, Any]) -> Any:
+        if called == operation:
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "denied"}}, called)
+        return real_call(self, called, params)
+
+    patch.setattr(botocore.client.BaseClient, "_make_api_call", denied)

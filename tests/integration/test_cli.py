@@ -15,6 +15,7 @@ import boto3
 import pytest
 
 from ami_janitor import cli
+from sdk_faults import deny
 from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet, snapshot_ids
 
 
@@ -225,7 +226,6 @@ def test_a_latest_pointer_that_cannot_be_written_keeps_the_ami_it_still_names(
 ) -> None:
     """An earlier rotation moved the tag and failed to write the parameter, which launches read: while
     the parameter cannot be written, the AMI it names is kept, though the plan retires it."""
-    import botocore.client
 
     fleet = seed_fleet(now())
     newest, named = fleet.images[-1], fleet.images[1]  # `named`: older than keep-N, nothing else keeps it
@@ -233,16 +233,7 @@ def test_a_latest_pointer_that_cannot_be_written_keeps_the_ami_it_still_names(
     ssm.put_parameter(Name="/ami/web/latest", Value=named, Type="String")
     ec2().create_tags(Resources=[newest], Tags=[{"Key": "Latest", "Value": "true"}])
     make_ledger()
-    real_call = botocore.client.BaseClient._make_api_call
-
-    def denied(self: Any, called: str, params: dict[str, Any]) -> Any:
-        if called == "PutParameter":
-            raise botocore.exceptions.ClientError(
-                {"Error": {"Code": "AccessDeniedException", "Message": "denied"}}, called
-            )
-        return real_call(self, called, params)
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", denied)
+    deny(monkeypatch, "PutParameter")
     code, output = run("apply", "--config", write_policy(tmp_path), "--yes", "--format", "json")
 
     report = json.loads(output)

@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import botocore.client
-import botocore.exceptions
 import pytest
 import yaml
 
@@ -21,6 +19,7 @@ from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
 from lambda_events import Context
+from sdk_faults import deny
 from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
@@ -224,17 +223,8 @@ def test_a_rotation_that_fails_after_moving_the_tag_says_what_it_wrote_and_the_n
     boto3.client("ssm", region_name="us-east-1").put_parameter(
         Name="/ami/web/latest", Value=older, Type="String", DataType="aws:ec2:image", Overwrite=True
     )
-    real_call = botocore.client.BaseClient._make_api_call
-
-    def denied(self: Any, called: str, params: dict[str, Any]) -> Any:
-        if called == "PutParameter":
-            raise botocore.exceptions.ClientError(
-                {"Error": {"Code": "AccessDeniedException", "Message": "denied"}}, called
-            )
-        return real_call(self, called, params)
-
     with monkeypatch.context() as patched:
-        patched.setattr(botocore.client.BaseClient, "_make_api_call", denied)
+        deny(patched, "PutParameter")
         with pytest.raises(RuntimeError) as failure:
             ami_event.handler(event("ami_available.json", newest), Context())
     message = str(failure.value)

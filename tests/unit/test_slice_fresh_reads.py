@@ -10,7 +10,7 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import parse_policy
 from ami_janitor.core.slices import SliceItem, WorkSlice, policy_digest
-from fake_aws import Inbox, account_region
+from fake_aws import Inbox, account_region, region_clients
 from fake_ec2 import FakeEC2, FakeImage
 
 REGION = "us-east-1"
@@ -49,7 +49,7 @@ def fleet(count: int) -> FakeEC2:
 def clients(fake: FakeEC2) -> RegionClients:
     """The region's clients on the fakes: EC2 (with DescribeImageReferences) and the ledger, SSM, Auto
     Scaling, Batch, EMR."""
-    return account_region(fake, ACCOUNT, Inbox()).clients
+    return region_clients(fake, account=ACCOUNT)
 
 
 def work(*image_ids: str) -> WorkSlice:
