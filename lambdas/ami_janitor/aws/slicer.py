@@ -1,8 +1,9 @@
 """The edge of a run's slices: queued to the work queue, and each run where its worker is.
 
 A slice reads its AMIs again when it starts (a few calls: DescribeImages by id and by the snapshots
-they use, their ledger items, DescribeImageReferences and the reference sources it does not look at,
-or every reference source where that API is not offered), holds back any AMI a fresh fact puts in doubt
+they use, their ledger items, DescribeImageReferences and what it may not find: the reference sources
+it does not look at and the SSM parameters changed since the plan; or every reference source where
+that API is not offered), holds back any AMI a fresh fact puts in doubt
 (core.slices.hold_reason), and takes the others' stages through the executor, on the view of its own
 AMIs and of every other AMI that shares their snapshots (a snapshot another AMI uses is never
 deleted). Deleting nothing it did not read is what keeps a partial view safe here. The launch

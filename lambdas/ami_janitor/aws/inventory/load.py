@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# What read_reference_sources calls (a slice reads them where DescribeImageReferences is not offered).
+# What read_reference_sources calls (a slice reads them too: beside DescribeImageReferences, or all of
+# them where that API is not offered).
 REFERENCE_SOURCE_PERMISSIONS: list[str] = sorted(
     set().union(
         aliases.PERMISSIONS,
