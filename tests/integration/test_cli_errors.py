@@ -107,6 +107,18 @@ CASES = [
         "not an AMI id", ["rescue", "bogus"], 2, "bogus: not an AMI id (ami- and 8 or 17 hexadecimal digits)"
     ),
     Case(
+        "an AMI id with a last newline",
+        ["rescue", "ami-0123456789abcdef0\n"],
+        2,
+        "not an AMI id (ami- and 8 or 17 hexadecimal digits)",
+    ),
+    Case(
+        "a writer ARN with a last newline",
+        ["ledger", "create", "--writer", "arn:aws:iam::123456789012:role/ops\n"],
+        2,
+        "not a principal ARN",
+    ),
+    Case(
         "a writer that is no principal ARN",
         ["ledger", "create", "--writer", "bogus"],
         2,

@@ -109,6 +109,42 @@ def test_errors_name_the_key_path(data: object, expected: str) -> None:
     assert expected in message, message
 
 
+# Python's `$` also matches before a last newline, and `\d` any Unicode digit: a value with either
+# passed a check written so (a block scalar in YAML ends its text with a newline).
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({**BASE, "regions": ["us-east-1\n"]}, "regions: 'us-east-1\\n' is not an AWS region name"),
+        (with_family(share_with={"accounts": ["123456789012\n"]}), "families[1].share_with.accounts:"),
+        (with_family(share_with={"accounts": ["\u0661" * 12]}), "is not a 12-digit"),
+        (
+            {**BASE, "usage_reports": {"inbox": "s3://usage-inbox", "inbox_account": "123456789012\n"}},
+            "usage_reports.inbox_account:",
+        ),
+        (
+            {**BASE, "usage_reports": {"inbox": "s3://usage-inbox\n"}},
+            "usage_reports.inbox: string should match",
+        ),
+        ({**BASE, "ledger": {"table": "ami-janitor-ledger\n"}}, "ledger.table: string should match pattern"),
+        (with_family(name="b\n"), "families[1].name: string should match pattern"),
+        ({**BASE, "notify": {"email": "ops@example.com\n"}}, "notify.email: string should match pattern"),
+        ({**BASE, "schedule": "rate(5 minutes)\n"}, "schedule: must be an EventBridge expression"),
+        ({**BASE, "schedule": "rate(\u0665 minutes)"}, "schedule: must be an EventBridge expression"),
+        (
+            with_family(replicate=[{"region": "eu-west-1", "kms_key_id": "alias/pettracker-key\n"}]),
+            "is not a KMS key ARN",
+        ),
+        (
+            with_family(bake={"instance_id": "i-0123456789abcdef0\n"}, match={"name": "b-*"}),
+            "families[1].bake.instance_id: string should match pattern",
+        ),
+    ],
+)
+def test_a_value_ending_in_a_newline_or_with_other_digits_is_refused(data: object, expected: str) -> None:
+    message = error_of(data)
+    assert expected in message, message
+
+
 KEY_EU = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 
 

@@ -198,8 +198,8 @@ def _not_paused(policy: Policy, command: str) -> None:
 
 
 # A writer the table's resource policy names in ArnLike: an IAM or STS principal ARN, wildcards allowed.
-_PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:(iam|sts)::(\d{12}|\*):\S+$")
-_AMI_ID = re.compile(r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$")
+_PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:(iam|sts)::([0-9]{12}|\*):\S+\Z")
+_AMI_ID = re.compile(r"^ami-([0-9a-f]{8}|[0-9a-f]{17})\Z")
 
 
 def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
@@ -213,9 +213,14 @@ def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--region: {error}") from None
 
 
+def _shown(argument: str) -> str:
+    """An argument as typed, or quoted where it holds a newline or another unprintable: one line."""
+    return argument if argument.isprintable() else repr(argument)
+
+
 def cmd_rescue(args: argparse.Namespace, out: TextIO) -> int:
     if not _AMI_ID.match(args.image_id):
-        raise UsageError(f"{args.image_id}: not an AMI id (ami- and 8 or 17 hexadecimal digits)")
+        raise UsageError(f"{_shown(args.image_id)}: not an AMI id (ami- and 8 or 17 hexadecimal digits)")
     policy = _policy(args)
     _not_paused(policy, "rescue")
     regions = _rescue_regions(policy, args)
@@ -336,7 +341,8 @@ def cmd_ledger(args: argparse.Namespace, out: TextIO) -> int:
     for writer in args.writer or ():
         if not _PRINCIPAL_ARN.match(writer):
             raise UsageError(
-                f"--writer {writer}: not a principal ARN (arn:aws:iam::ACCOUNT:role/NAME, wildcards allowed)"
+                f"--writer {_shown(writer)}: not a principal ARN (arn:aws:iam::ACCOUNT:role/NAME, wildcards "
+                "allowed)"
             )
     policy = _policy(args)
     regions = _regions(policy, args)

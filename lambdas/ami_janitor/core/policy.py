@@ -33,16 +33,18 @@ DEFAULT_LEDGER_TABLE = "ami-janitor-ledger"
 # What the deployed functions do: nothing (paused), say what they would do (dry-run), or act (enforce).
 Mode = Literal["dry-run", "enforce", "paused"]
 
-_REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
-_ACCOUNT_RE = re.compile(r"^\d{12}$")
-_KMS_ARN = r"^arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):\d{12}:"
-_KEY_ARN_RE = re.compile(_KMS_ARN + r"key/[A-Za-z0-9-]+$")
+# Python's patterns: `\Z` ends the text (`$` also matches before a last newline), `[0-9]` is an ASCII
+# digit (`\d` any Unicode digit). pydantic's `pattern`s are Rust's, where `$` ends the text.
+_REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]\Z")
+_ACCOUNT_RE = re.compile(r"^[0-9]{12}\Z")
+_KMS_ARN = r"^arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):[0-9]{12}:"
+_KEY_ARN_RE = re.compile(_KMS_ARN + r"key/[A-Za-z0-9-]+\Z")
 # Alias names: alias/ then letters, digits, '/', '_', '-' (alias/aws/ is reserved for AWS managed keys).
 _ALIAS_NAME = r"alias/(?!aws/)[A-Za-z0-9/_-]+"
-_ALIAS_RE = re.compile(f"^{_ALIAS_NAME}$")
+_ALIAS_RE = re.compile(f"^{_ALIAS_NAME}\\Z")
 # s3://bucket or s3://bucket/prefix (S3 bucket names: 3-63 of lowercase letters, digits, '.', '-').
 _INBOX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
-_ALIAS_ARN_RE = re.compile(_KMS_ARN + f"(?P<alias>{_ALIAS_NAME})$")
+_ALIAS_ARN_RE = re.compile(_KMS_ARN + f"(?P<alias>{_ALIAS_NAME})\\Z")
 # EC2's image architectures (ArchitectureValues): what `{arch}` in a Latest SSM parameter becomes.
 ARCHITECTURES = ("i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac")
 
@@ -406,7 +408,7 @@ class Organization(_Strict):
     @classmethod
     def _targets(cls, value: list[str]) -> list[str]:
         for target in value:
-            if not re.match(r"^(ou-[a-z0-9]{4,32}-[a-z0-9]{8,32}|r-[a-z0-9]{4,32})$", target):
+            if not re.match(r"^(ou-[a-z0-9]{4,32}-[a-z0-9]{8,32}|r-[a-z0-9]{4,32})\Z", target):
                 raise ValueError(f"{target!r} is not an organizational unit (ou-...) or root (r-...) id")
         return value
 
@@ -546,12 +548,12 @@ def check_region(value: str) -> str:
 def _check_schedule(value: str) -> str:
     """An expression EventBridge takes: six cron fields, one of day-of-month and day-of-week `?`; or a
     rate of a positive whole number, its unit singular for 1 and plural otherwise."""
-    cron = re.match(r"^cron\((\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\)$", value)
+    cron = re.match(r"^cron\((\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\)\Z", value)
     if cron:
         if "?" not in (cron.group(3), cron.group(5)):
             raise ValueError(f"{value}: one of day-of-month and day-of-week must be ? (EventBridge's cron)")
         return value
-    rate = re.match(r"^rate\((\d+) (minute|hour|day)(s?)\)$", value)
+    rate = re.match(r"^rate\(([0-9]+) (minute|hour|day)(s?)\)\Z", value)
     if rate:
         count, plural = int(rate.group(1)), rate.group(3) == "s"
         if count < 1:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ami_janitor.core.model import Image, ReceivedReport, Reference, UsageView, iso
 from ami_janitor.core.policy import UsageReports
 
-_ACCOUNT = r"^\d{12}$"
+_ACCOUNT = r"^[0-9]{12}$"  # pydantic's pattern (Rust's): `\d` would be any Unicode digit
 
 
 class UsageReport(BaseModel):
