@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import botocore.handlers
 import botocore.loaders
 import botocore.model
 import botocore.session
@@ -14,7 +15,7 @@ import pytest
 from botocore import xform_name
 
 from ami_janitor.aws import models
-from ami_janitor.aws.clients import ClientFactory, janitor_session, known_regions
+from ami_janitor.aws.clients import ClientFactory, janitor_handlers, janitor_session, known_regions
 from ami_janitor.aws.models.__main__ import botocore_loader
 from ami_janitor.aws.models.trim import endpoints_of, trimmed
 from sessions import botocore_session
@@ -165,3 +166,62 @@ def test_a_users_models_come_first(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         )
         > 800
     )
+
+
+def _handlers_called(session: botocore.session.Session, event_name: str) -> list[str]:
+    """The handlers the session's emitter would call for `event_name`, in order, by name (botocore's own
+    trie: emitting would run them; a library's initializer makes its handler anew for each session)."""
+    events = session.get_component("event_emitter")
+    found = events._emitter._handlers.prefix_search(events._alias_event_name(event_name))
+    return [getattr(handler, "__qualname__", type(handler).__qualname__) for handler in found]
+
+
+@pytest.mark.parametrize("service", models.SERVICES)
+def test_a_janitor_sessions_clients_call_the_handlers_botocores_would(service: str) -> None:
+    """A janitor session registers only the built-in handlers its services' clients can call: for every
+    kind of event botocore has a handler for, of the service, of each of its operations (and each
+    method name), the handlers called are botocore's, in botocore's order."""
+    janitor, stock = janitor_session(), botocore_session()
+    model = stock.get_service_model(service)
+    kinds = {spec[0].split(".")[0] for spec in botocore.handlers.BUILTIN_HANDLERS} - {"docs"}
+    names = [model.service_id.hyphenize(), service]
+    operations = [*model.operation_names, *map(xform_name, model.operation_names)]
+    events = [
+        *kinds,
+        *(f"{kind}.{name}" for kind in kinds for name in names),
+        *(f"{kind}.{name}.{op}" for kind in kinds for name in names for op in operations),
+    ]
+    called = 0
+    for event in events:
+        theirs = _handlers_called(stock, event)
+        assert _handlers_called(janitor, event) == theirs, event
+        called += len(theirs)
+    assert called > 0
+
+
+def test_a_janitor_session_leaves_out_only_documentation_and_other_services() -> None:
+    left_out = [spec[0] for spec in botocore.handlers.BUILTIN_HANDLERS if spec not in janitor_handlers()]
+    assert any(name.startswith("docs.") for name in left_out)
+    assert any(name.startswith("before-call.glacier") for name in left_out)
+    for name in left_out:
+        service = name.split(".")[1]
+        assert name.startswith("docs.") or service not in {*models.SERVICES, "auto-scaling"}, name
+    kept = [spec[0] for spec in janitor_handlers()]
+    assert "before-parameter-build.s3.PutObject" in kept and "before-parameter-build" in kept
+
+
+@pytest.mark.parametrize("service", models.SERVICES)
+def test_the_loader_reads_each_file_as_botocores_does(service: str) -> None:
+    """The janitor's loader reads its files into dicts: the same values as botocore's reader, key for
+    key in the same order."""
+    ours = janitor_session().get_component("data_loader")
+    theirs = botocore.loaders.Loader(extra_search_paths=[str(models.DATA_PATH)])
+    for type_name in ("service-2", "endpoint-rule-set-1", "paginators-1", "waiters-2"):
+        try:
+            expected = theirs.load_service_model(service, type_name)
+        except botocore.exceptions.DataNotFoundError:
+            continue
+        found = ours.load_service_model(service, type_name)
+        assert found == expected and json.dumps(found) == json.dumps(expected), type_name
+    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+        assert json.dumps(ours.load_data(name)) == json.dumps(theirs.load_data(name)), name

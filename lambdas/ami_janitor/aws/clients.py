@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import botocore.session
+from botocore import handlers
 from botocore.config import Config
+from botocore.hooks import EVENT_ALIASES, EventAliaser, HierarchicalEmitter
 from botocore.session import Session
 
 from ami_janitor.aws import models
@@ -202,11 +204,49 @@ def assumed_session(base: Session, role_arn: str) -> Session:
     return session
 
 
+# The names a handler's event gives the janitor's services: their own and their aliases (botocore's
+# events name Auto Scaling `auto-scaling`, its handlers `autoscaling`).
+_EVENT_SERVICES = frozenset({*models.SERVICES, *(EVENT_ALIASES.get(name, name) for name in models.SERVICES)})
+
+
+def janitor_handlers() -> list[tuple[Any, ...]]:
+    """botocore's built-in handlers that a janitor session's clients can call: those of every service
+    and those of the janitor's services. Not the documentation's (`docs.`, run only by the SDK's
+    documentation generator) nor those of other services (Glacier, RDS, Polly...). Registering each
+    costs botocore about half a million instructions (it aliases the event's name and inspects the
+    handler's signature): all 127 were most of the cost of making a session (58 million instructions,
+    25 with these 56), and over half never run."""
+    kept = []
+    for spec in handlers.BUILTIN_HANDLERS:
+        kind, _, rest = spec[0].partition(".")
+        service = rest.split(".", 1)[0]
+        if kind != "docs" and (not rest or service in _EVENT_SERVICES):
+            kept.append(spec)
+    return kept
+
+
+def _builtin_events() -> HierarchicalEmitter:
+    """The events a botocore Session is made with, its built-in handlers registered: those kept alone,
+    in botocore's order and before a library's initializers add theirs (Powertools')."""
+    emitter = HierarchicalEmitter()
+    events = EventAliaser(emitter)
+    for spec in janitor_handlers():
+        event_name, handler, *register_type = spec
+        if not register_type:
+            events.register(event_name, handler)
+        elif register_type[0] is handlers.REGISTER_FIRST:
+            events.register_first(event_name, handler)
+        elif register_type[0] is handlers.REGISTER_LAST:
+            events.register_last(event_name, handler)
+    return emitter
+
+
 def janitor_session(profile_name: str | None = None) -> Session:
     """A session for the functions and the CLI that loads the janitor's cut of the SDK's data
     (`aws.models`): its services' models and endpoints parsed in a few ms instead of about 150, behind a
-    user's own data (~/.aws/models, AWS_DATA_PATH)."""
-    session = botocore.session.get_session()
+    user's own data (~/.aws/models, AWS_DATA_PATH); with botocore's built-in handlers of those services
+    alone (janitor_handlers)."""
+    session = botocore.session.Session(event_hooks=_builtin_events(), include_builtin_handlers=False)
     if profile_name is not None:  # before the loader: it reads the profile (ProfileNotFound, its data_path)
         session.set_config_variable("profile", profile_name)
     session.register_component("data_loader", models.janitor_loader(session.get_config_variable("data_path")))
