@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import botocore.handlers
+import botocore.hooks
 import botocore.loaders
 import botocore.model
 import botocore.session
@@ -15,7 +16,13 @@ import pytest
 from botocore import xform_name
 
 from ami_janitor.aws import models
-from ami_janitor.aws.clients import ClientFactory, janitor_handlers, janitor_session, known_regions
+from ami_janitor.aws.clients import (
+    ClientFactory,
+    aliased_event,
+    janitor_handlers,
+    janitor_session,
+    known_regions,
+)
 from ami_janitor.aws.models.__main__ import botocore_loader
 from ami_janitor.aws.models.trim import endpoints_of, trimmed
 from sessions import botocore_session
@@ -208,6 +215,11 @@ def test_a_janitor_session_leaves_out_only_documentation_and_other_services() ->
         assert name.startswith("docs.") or service not in {*models.SERVICES, "auto-scaling"}, name
     kept = [spec[0] for spec in janitor_handlers()]
     assert "before-parameter-build.s3.PutObject" in kept and "before-parameter-build" in kept
+    aliaser = botocore.hooks.EventAliaser(botocore.hooks.HierarchicalEmitter())
+    assert [aliased_event(name) for name in kept] == [aliaser._alias_event_name(name) for name in kept]
+    assert aliased_event("before-parameter-build.autoscaling.CreateLaunchConfiguration").split(".")[1] == (
+        "auto-scaling"
+    )
 
 
 @pytest.mark.parametrize("service", models.SERVICES)
