@@ -50,6 +50,9 @@ def iso(value: datetime | None) -> str | None:
 
 # What an applied step did: done, failed, or nothing to do.
 Status = Literal["ok", "failed", "skipped"]
+# What a plan decides for an AMI, and the retirement stages (the ledger records each it applied).
+Action = Literal["keep", "wait", "deprecate", "disable", "deregister", "rescue"]
+Stage = Literal["deprecate", "disable", "deregister"]
 
 
 # Empty lists and dicts are plain defaults (`= []`) throughout the package: pydantic gives each instance
@@ -57,6 +60,123 @@ Status = Literal["ok", "failed", "skipped"]
 # the class is made (a cold start makes every model class).
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---- the ledger -----------------------------------------------------------------------------------
+# Before the inventory: an Image carries its ledger item, an inventory its ledger. (Defined after them,
+# they were forward references: each of those models was built twice, first in vain.)
+
+
+class LedgerStage(_Frozen):
+    """A retirement stage the janitor applied, and what it recorded before changing the AMI."""
+
+    at: datetime
+    prior_deprecation: datetime | None = None
+    prior_launch_permissions: tuple[str, ...] = ()  # LaunchPermission keys ("user:123456789012")
+    # The AMI was disabled before the janitor's disable stage (by its owner): a rescue leaves it so.
+    already_disabled: bool = False
+    # Recorded from an older janitor's tags when the ledger adopted them, not from a change the janitor
+    # made here: anyone may have written those tags, so a rescue restores nothing from this record.
+    adopted: bool = False
+    # When EC2 accepted the change (None: recorded, then the run stopped before or during the call).
+    confirmed: datetime | None = None
+
+
+class LedgerCopy(_Frozen):
+    """A copy the janitor started: its source, destination, generation and ClientToken."""
+
+    source_image_id: str
+    source_region: str
+    region: str
+    generation: int = 1
+    token: str
+    image_id: str | None = None
+    # The source's CreationDate as EC2 reported it when the copy started: a replica's age and order.
+    source_created: datetime | None = None
+    # The family, the key as the policy named it and the key ARN the copy was made with: a later alias
+    # that resolves elsewhere is refused (see core.keys).
+    family: str | None = None
+    kms_key_id: str | None = None
+    kms_key_arn: str | None = None
+    started: datetime | None = None
+
+
+class LedgerSnapshot(_Frozen):
+    """A snapshot marked for deletion with the AMI being deregistered."""
+
+    snapshot_id: str
+    image_id: str
+
+
+class LedgerBake(_Frozen):
+    instance_id: str
+    at: datetime
+
+
+class LedgerItem(_Frozen):
+    """What the janitor did to one AMI (one ledger item); EC2's own facts are never copied here."""
+
+    image_id: str
+    first_candidate: datetime | None = None
+    stages: dict[Stage, LedgerStage] = {}
+    grants: tuple[str, ...] = ()  # launch permission keys the janitor granted
+    # Of those, the ones recorded and not yet confirmed made (a run died before ModifyImageAttribute
+    # answered): granted again while the family lists them.
+    granting: tuple[str, ...] = ()
+    copies: tuple[LedgerCopy, ...] = ()
+    snapshots: tuple[LedgerSnapshot, ...] = ()
+    bakes: tuple[LedgerBake, ...] = ()
+    # This AMI is a copy the janitor made (in this region's ledger): its source and the source's age.
+    replica: LedgerCopy | None = None
+    closed: datetime | None = None
+    # Set once DeregisterImage succeeded and its recorded snapshots were handled (the confirmation).
+    deregistered: datetime | None = None
+    # Epoch seconds after which DynamoDB deletes the item (set once the AMI is deregistered).
+    ttl: int | None = None
+
+    @field_validator("copies", mode="before")
+    @classmethod
+    def _copies_in_order(cls, value: Any) -> Any:
+        """The table keeps copies as a map by "<region>#<generation>" (so each is recorded once)."""
+        if isinstance(value, Mapping):
+            return [value[key] for key in sorted(value)]
+        return value
+
+    @field_validator("grants", "granting", mode="before")
+    @classmethod
+    def _grants_sorted(cls, value: Any) -> Any:
+        """The table keeps grants as string sets."""
+        if isinstance(value, set | frozenset):
+            return sorted(value)
+        return value
+
+    @property
+    def is_open(self) -> bool:
+        """A candidate clock runs (a rescue closes it; a later candidacy starts a new one)."""
+        return self.first_candidate is not None and self.closed is None
+
+
+class UnfinishedRun(_Frozen):
+    """A run whose record in the ledger table (aws/runs.py) counts fewer slices done than it queued,
+    and that no later run has reported yet."""
+
+    run: str
+    slices: int
+    done: int
+    started: datetime | None = None
+
+
+class LedgerView(_Frozen):
+    """A region's ledger as one run read it (one Scan, consistent): every item by AMI id."""
+
+    table: str
+    items: dict[str, LedgerItem] = {}
+    # When an enforce run adopted the janitor tags it found (None: not yet; `tampered` stays quiet).
+    adopted: datetime | None = None
+    # Items the first enforce run writes from the tags it adopts (already merged into `items`).
+    adopting: dict[str, LedgerItem] = {}
+    # Earlier runs whose slices were not all counted (the same Scan reads the run records).
+    unfinished_runs: tuple[UnfinishedRun, ...] = ()
 
 
 class LaunchPermission(_Frozen):
@@ -117,7 +237,7 @@ class Image(_Frozen):
     # source's region (set by the inventory; None: not a copy, recorded, or the source is not visible).
     copied_from_created: datetime | None = None
     # The janitor's ledger item of this AMI (attached by with_ledger; None: nothing recorded).
-    ledger: "LedgerItem | None" = None
+    ledger: LedgerItem | None = None
 
     @classmethod
     def from_api(cls, region: str, raw: dict[str, Any]) -> "Image":
@@ -272,7 +392,7 @@ class RegionInventory(_Frozen):
     recycle_bin_rules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     # The region's ledger; None where it has no ledger table (a plan says so, an apply is refused).
-    ledger: "LedgerView | None" = None
+    ledger: LedgerView | None = None
     # What the scan saw, for the per-AMI reads after the plan: the live instances (a reference from a
     # terminated one does not count) and the parameter names (how a parameter ARN is spelled).
     instance_ids: frozenset[str] = frozenset()
@@ -299,9 +419,6 @@ class Outcome(BaseModel):
 
 
 # ---- the plan -------------------------------------------------------------------------------------
-
-Action = Literal["keep", "wait", "deprecate", "disable", "deregister", "rescue"]
-Stage = Literal["deprecate", "disable", "deregister"]
 
 
 class _PlanModel(BaseModel):
@@ -423,126 +540,6 @@ class Plan(_PlanModel):
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False) + "\n"
-
-
-# ---- the ledger -----------------------------------------------------------------------------------
-
-
-class LedgerStage(_Frozen):
-    """A retirement stage the janitor applied, and what it recorded before changing the AMI."""
-
-    at: datetime
-    prior_deprecation: datetime | None = None
-    prior_launch_permissions: tuple[str, ...] = ()  # LaunchPermission keys ("user:123456789012")
-    # The AMI was disabled before the janitor's disable stage (by its owner): a rescue leaves it so.
-    already_disabled: bool = False
-    # Recorded from an older janitor's tags when the ledger adopted them, not from a change the janitor
-    # made here: anyone may have written those tags, so a rescue restores nothing from this record.
-    adopted: bool = False
-    # When EC2 accepted the change (None: recorded, then the run stopped before or during the call).
-    confirmed: datetime | None = None
-
-
-class LedgerCopy(_Frozen):
-    """A copy the janitor started: its source, destination, generation and ClientToken."""
-
-    source_image_id: str
-    source_region: str
-    region: str
-    generation: int = 1
-    token: str
-    image_id: str | None = None
-    # The source's CreationDate as EC2 reported it when the copy started: a replica's age and order.
-    source_created: datetime | None = None
-    # The family, the key as the policy named it and the key ARN the copy was made with: a later alias
-    # that resolves elsewhere is refused (see core.keys).
-    family: str | None = None
-    kms_key_id: str | None = None
-    kms_key_arn: str | None = None
-    started: datetime | None = None
-
-
-class LedgerSnapshot(_Frozen):
-    """A snapshot marked for deletion with the AMI being deregistered."""
-
-    snapshot_id: str
-    image_id: str
-
-
-class LedgerBake(_Frozen):
-    instance_id: str
-    at: datetime
-
-
-class LedgerItem(_Frozen):
-    """What the janitor did to one AMI (one ledger item); EC2's own facts are never copied here."""
-
-    image_id: str
-    first_candidate: datetime | None = None
-    stages: dict[Stage, LedgerStage] = {}
-    grants: tuple[str, ...] = ()  # launch permission keys the janitor granted
-    # Of those, the ones recorded and not yet confirmed made (a run died before ModifyImageAttribute
-    # answered): granted again while the family lists them.
-    granting: tuple[str, ...] = ()
-    copies: tuple[LedgerCopy, ...] = ()
-    snapshots: tuple[LedgerSnapshot, ...] = ()
-    bakes: tuple[LedgerBake, ...] = ()
-    # This AMI is a copy the janitor made (in this region's ledger): its source and the source's age.
-    replica: LedgerCopy | None = None
-    closed: datetime | None = None
-    # Set once DeregisterImage succeeded and its recorded snapshots were handled (the confirmation).
-    deregistered: datetime | None = None
-    # Epoch seconds after which DynamoDB deletes the item (set once the AMI is deregistered).
-    ttl: int | None = None
-
-    @field_validator("copies", mode="before")
-    @classmethod
-    def _copies_in_order(cls, value: Any) -> Any:
-        """The table keeps copies as a map by "<region>#<generation>" (so each is recorded once)."""
-        if isinstance(value, Mapping):
-            return [value[key] for key in sorted(value)]
-        return value
-
-    @field_validator("grants", "granting", mode="before")
-    @classmethod
-    def _grants_sorted(cls, value: Any) -> Any:
-        """The table keeps grants as string sets."""
-        if isinstance(value, set | frozenset):
-            return sorted(value)
-        return value
-
-    @property
-    def is_open(self) -> bool:
-        """A candidate clock runs (a rescue closes it; a later candidacy starts a new one)."""
-        return self.first_candidate is not None and self.closed is None
-
-
-class UnfinishedRun(_Frozen):
-    """A run whose record in the ledger table (aws/runs.py) counts fewer slices done than it queued,
-    and that no later run has reported yet."""
-
-    run: str
-    slices: int
-    done: int
-    started: datetime | None = None
-
-
-class LedgerView(_Frozen):
-    """A region's ledger as one run read it (one Scan, consistent): every item by AMI id."""
-
-    table: str
-    items: dict[str, LedgerItem] = {}
-    # When an enforce run adopted the janitor tags it found (None: not yet; `tampered` stays quiet).
-    adopted: datetime | None = None
-    # Items the first enforce run writes from the tags it adopts (already merged into `items`).
-    adopting: dict[str, LedgerItem] = {}
-    # Earlier runs whose slices were not all counted (the same Scan reads the run records).
-    unfinished_runs: tuple[UnfinishedRun, ...] = ()
-
-
-# Their ledger fields name models defined after them.
-Image.model_rebuild()
-RegionInventory.model_rebuild()
 
 
 def with_ledger(inventory: RegionInventory) -> RegionInventory:
