@@ -278,19 +278,15 @@ def test_unread_launch_permissions_are_asked_for_then_settle_the_plan() -> None:
     }
     # The edge reads them: one is shared with an account share_with does not list, one only with ours.
     read = {unknown.image_id: ("user:999988887777",), touched.image_id: ("user:111122223333",)}
-    loaded = inv.model_copy(
-        update={
-            "images": tuple(
-                i.model_copy(
-                    update={
-                        "launch_permissions": tuple(LaunchPermission.from_key(k) for k in read[i.image_id])
-                    }
-                )
-                if i.image_id in read
-                else i
-                for i in inv.images
+    loaded = inv._replace(
+        images=tuple(
+            i.model_copy(
+                update={"launch_permissions": tuple(LaunchPermission.from_key(k) for k in read[i.image_id])}
             )
-        }
+            if i.image_id in read
+            else i
+            for i in inv.images
+        )
     )
     settled_plan = run_plan.settle(first, {inv.region: loaded}, pol)
     # The forged clock tag on `touched` stays reported through the settling.

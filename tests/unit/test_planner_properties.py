@@ -166,14 +166,12 @@ def planned(inventory: RegionInventory, policy: Policy) -> Plan:
         for i in inventory.images
     )
     seen = tuple(r for r in inventory.references if r.image_id not in hidden)
-    blank = inventory.model_copy(update={"images": unread, "references": seen})
+    blank = inventory._replace(images=unread, references=seen)
     first = plan_run([blank], policy, NOW)
     needed = set(needed_details(first, {blank.region: blank}).get(blank.region, []))
     read = tuple(truth[i.image_id] if i.image_id in needed else i for i in unread)
     found = tuple(r for r in inventory.references if r.image_id not in hidden or r.image_id in needed)
-    return settle(
-        first, {blank.region: blank.model_copy(update={"images": read, "references": found})}, policy
-    )
+    return settle(first, {blank.region: blank._replace(images=read, references=found)}, policy)
 
 
 @given(fleets(), policies())
@@ -221,7 +219,7 @@ def test_caps_hold(inventory: RegionInventory, policy: Policy) -> None:
 def test_plan_is_deterministic(inventory: RegionInventory, policy: Policy, rng: random.Random) -> None:
     shuffled = list(inventory.images)
     rng.shuffle(shuffled)
-    again = inventory.model_copy(update={"images": tuple(shuffled)})
+    again = inventory._replace(images=tuple(shuffled))
     assert planned(inventory, policy).to_json() == planned(again, policy).to_json()
 
 

@@ -323,9 +323,7 @@ def test_copies_made_with_a_key_the_target_no_longer_names_stand_and_the_plan_sa
     old = [made_with(replica(s), KEY_EU) for s in sources[1:]]
     pending = made_with(replica(sources[0], state="pending"), KEY_EU)
     unknown = made_with(replica(image(days_old=40)), None)  # before keys were recorded: not judged
-    target = inventory(*old, pending, unknown, region=EU).model_copy(
-        update={"ledger": ledger_of(*old, pending, unknown)}
-    )
+    target = inventory(*old, pending, unknown, region=EU)._replace(ledger=ledger_of(*old, pending, unknown))
     rekeyed = replicating({"region": EU, "kms_key_id": new_key})
 
     copies, problems = plan_replication([inventory(*sources), target], rekeyed, NOW)

@@ -424,7 +424,7 @@ def as_available(inventory: RegionInventory) -> RegionInventory:
         i.model_copy(update={"state": "available"}) if i.is_replica and i.state == "pending" else i
         for i in inventory.images
     )
-    return inventory.model_copy(update={"images": images})
+    return inventory._replace(images=images)
 
 
 def kept_by_its_group(inventory: RegionInventory, image_id: str, policy: Policy) -> bool:
@@ -453,7 +453,7 @@ def with_copy(inventory: RegionInventory, source: Image) -> tuple[RegionInventor
             "ledger": LedgerItem(image_id=copy_id, replica=record),
         }
     )
-    return inventory.model_copy(update={"images": (*inventory.images, copy)}), copy_id
+    return inventory._replace(images=(*inventory.images, copy)), copy_id
 
 
 def copyable(fleet: Fleet, source: Image, region: str, key: str | None) -> bool:

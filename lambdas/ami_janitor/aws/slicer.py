@@ -199,7 +199,7 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
     )
     # A copy's age is its source's, as in the plan (a copy made late would look young here).
     aged, _notes = read_copy_sources(inventory.images, clients.region, policy, clients.ec2_in)
-    return inventory.model_copy(update={"images": aged}) if aged is not inventory.images else inventory
+    return inventory._replace(images=aged) if aged is not inventory.images else inventory
 
 
 def run_slice(

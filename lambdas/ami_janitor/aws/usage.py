@@ -206,7 +206,7 @@ def load_usage(
         return RegionInventory(region=inventory.region, notes=inventory.notes, error=failure)
     shared = [i for i in inventory.images if i.image_id in wanted and consumer_grants(i, account)]
     if not shared:
-        return inventory.model_copy(update={"usage": UsageView(own_account=account)})
+        return inventory._replace(usage=UsageView(own_account=account))
     grants = {g for image in shared for g in consumer_grants(image, account) if not g.startswith("user:")}
     expansions, notes = _expansions(clients, grants)
     accounts = reports_needed(shared, account, expansions)
@@ -219,6 +219,4 @@ def load_usage(
             for a in sorted(accounts - set(reports))
         ]
     view = UsageView(own_account=account, reports=reports, expansions=expansions)
-    return inventory.model_copy(
-        update={"usage": view, "notes": tuple(dict.fromkeys([*inventory.notes, *notes]))}
-    )
+    return inventory._replace(usage=view, notes=tuple(dict.fromkeys([*inventory.notes, *notes])))

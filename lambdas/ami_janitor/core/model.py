@@ -6,7 +6,8 @@
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import (
     BaseModel,
@@ -53,6 +54,10 @@ Status = Literal["ok", "failed", "skipped"]
 # What a plan decides for an AMI, and the retirement stages (the ledger records each it applied).
 Action = Literal["keep", "wait", "deprecate", "disable", "deregister", "rescue"]
 Stage = Literal["deprecate", "disable", "deregister"]
+
+
+# What a record holds where it holds nothing, read only: a NamedTuple's default is shared.
+_NOTHING: Mapping[Any, Any] = MappingProxyType({})
 
 
 # Empty lists and dicts are plain defaults (`= []`) throughout the package: pydantic gives each instance
@@ -166,15 +171,15 @@ class UnfinishedRun(_Frozen):
     started: datetime | None = None
 
 
-class LedgerView(_Frozen):
+class LedgerView(NamedTuple):
     """A region's ledger as one run read it (one Scan, consistent): every item by AMI id."""
 
     table: str
-    items: dict[str, LedgerItem] = {}
+    items: Mapping[str, LedgerItem] = _NOTHING
     # When an enforce run adopted the janitor tags it found (None: not yet; `tampered` stays quiet).
     adopted: datetime | None = None
     # Items the first enforce run writes from the tags it adopts (already merged into `items`).
-    adopting: dict[str, LedgerItem] = {}
+    adopting: Mapping[str, LedgerItem] = _NOTHING
     # Earlier runs whose slices were not all counted (the same Scan reads the run records).
     unfinished_runs: tuple[UnfinishedRun, ...] = ()
 
@@ -359,35 +364,37 @@ class BuildInstance(_Frozen):
         )
 
 
-class ReceivedReport(_Frozen):
+class ReceivedReport(NamedTuple):
     """An account's usage report for one region, as the owner read it from that account's prefix of
     the inbox: dated by S3's LastModified (the writer cannot set it); `problem` where it is unreadable."""
 
     account: str
     received_at: datetime
     # AMI id -> what uses it in that account (launch template, instance, SSM parameter...).
-    uses: dict[str, tuple[str, ...]] = {}
+    uses: Mapping[str, tuple[str, ...]] = _NOTHING
     problem: str | None = None
 
 
-class UsageView(_Frozen):
+class UsageView(NamedTuple):
     """What an owner knows of other accounts' use of its shared AMIs, in one region."""
 
     own_account: str
     # account -> its report for this region; an account missing here sent none.
-    reports: dict[str, ReceivedReport] = {}
+    reports: Mapping[str, ReceivedReport] = _NOTHING
     # 'org:ARN' / 'ou:ARN' -> the accounts in it; None where Organizations could not say.
-    expansions: dict[str, tuple[str, ...] | None] = {}
+    expansions: Mapping[str, tuple[str, ...] | None] = _NOTHING
 
 
-class RegionInventory(_Frozen):
+class RegionInventory(NamedTuple):
+    """What a run read of one region: the AMIs (each parsed from EC2's answer) and what refers to them."""
+
     region: str
     images: tuple[Image, ...] = ()
     references: tuple[Reference, ...] = ()
     # The live instances some family's bake names: what the plan says a scheduled bake would image.
     build_instances: tuple[BuildInstance, ...] = ()
     # name -> value of every SSM parameter the policy points at (Latest pointers).
-    parameters: dict[str, str] = {}
+    parameters: Mapping[str, str] = _NOTHING
     retired_snapshots: tuple[RetiredSnapshot, ...] = ()
     recycle_bin_rules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -551,4 +558,4 @@ def with_ledger(inventory: RegionInventory) -> RegionInventory:
         image.model_copy(update={"ledger": items[image.image_id]}) if image.image_id in items else image
         for image in inventory.images
     )
-    return inventory.model_copy(update={"images": images})
+    return inventory._replace(images=images)

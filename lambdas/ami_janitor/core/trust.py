@@ -310,13 +310,9 @@ def adopted_view(inventory: RegionInventory, policy: Policy, now: datetime) -> R
         return inventory
     ledger = inventory.ledger or LedgerView(table="")
     merged = {**ledger.items, **found.items}
-    view = inventory.model_copy(
-        update={
-            "ledger": ledger.model_copy(update={"items": merged, "adopting": found.items})
-            if inventory.ledger is not None
-            else None,
-            "notes": (*inventory.notes, *found.notes),
-        }
+    view = inventory._replace(
+        ledger=ledger._replace(items=merged, adopting=found.items) if inventory.ledger is not None else None,
+        notes=(*inventory.notes, *found.notes),
     )
     if inventory.ledger is None:
         # No table yet: the plan shows the adopted clocks, nothing is kept to write.
@@ -324,7 +320,7 @@ def adopted_view(inventory: RegionInventory, policy: Policy, now: datetime) -> R
             i.model_copy(update={"ledger": found.items[i.image_id]}) if i.image_id in found.items else i
             for i in inventory.images
         )
-        return view.model_copy(update={"images": images})
+        return view._replace(images=images)
     return with_ledger(view)
 
 

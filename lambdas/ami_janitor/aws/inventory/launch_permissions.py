@@ -45,7 +45,7 @@ def load_launch_permissions(
         else image
         for image in inventory.images
     )
-    return inventory.model_copy(update={"images": images})
+    return inventory._replace(images=images)
 
 
 def read_launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermission, ...]:

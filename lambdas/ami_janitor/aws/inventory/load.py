@@ -227,9 +227,7 @@ def _with_copy_sources(clients: RegionClients, policy: Policy, inventory: Region
     images, notes = read_copy_sources(inventory.images, inventory.region, policy, clients.ec2_in)
     if not notes and images is inventory.images:
         return inventory
-    return inventory.model_copy(
-        update={"images": images, "notes": tuple(dict.fromkeys([*inventory.notes, *notes]))}
-    )
+    return inventory._replace(images=images, notes=tuple(dict.fromkeys([*inventory.notes, *notes])))
 
 
 def _read_auto_scaling(clients: RegionClients) -> tuple[dict[str, str], Claims]:
@@ -319,11 +317,9 @@ def load_details(
         )
     except SourceFailed as failure:
         return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
-    described_inventory = inventory.model_copy(
-        update={
-            "references": sort_references([*inventory.references, *described]),
-            "notes": tuple(dict.fromkeys([*inventory.notes, *notes])),
-        }
+    described_inventory = inventory._replace(
+        references=sort_references([*inventory.references, *described]),
+        notes=tuple(dict.fromkeys([*inventory.notes, *notes])),
     )
     # A disabled AMI has no launch permissions (disabling makes it private): nothing to ask.
     shareable = [
@@ -338,7 +334,7 @@ def load_details(
         else i
         for i in loaded.images
     )
-    loaded = loaded.model_copy(update={"images": images})
+    loaded = loaded._replace(images=images)
     if policy.usage_reports is None:
         return loaded
     return load_usage(clients, policy.usage_reports, loaded, wanted)
