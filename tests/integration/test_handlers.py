@@ -114,12 +114,35 @@ def test_disabled_and_deregistered_events_move_latest_to_the_next_newest(lambda_
     fleet = seed_fleet(now())
     ami_event.handler(event("ami_available.json", fleet.images[-1]), Context())
     ec2().disable_image(ImageId=fleet.images[-1])
-    ami_event.handler(event("ami_disabled.json", fleet.images[-1]), Context())
+    disabled = ami_event.handler(event("ami_disabled.json", fleet.images[-1]), Context())
     assert latest_holders(fleet.images) == [fleet.images[-2]] and parameter() == fleet.images[-2]
     ec2().deregister_image(ImageId=fleet.images[-2])
-    ami_event.handler(event("ami_deregistered.json", fleet.images[-2]), Context())
+    deregistered = ami_event.handler(event("ami_deregistered.json", fleet.images[-2]), Context())
     assert latest_holders(fleet.images[:-2] + fleet.images[-1:]) == [fleet.images[-3]]
     assert parameter() == fleet.images[-3]
+    # The event names no group: every group is reconciled, and the answer says so.
+    assert disabled["outcome"] == deregistered["outcome"] == "rotated"
+    assert disabled["why"] == "every group reconciled: a disabled AMI may have been the Latest of any of them"
+    assert deregistered["why"] == (
+        f"every group reconciled: DescribeImages does not list {fleet.images[-2]} (not yet, or no longer)"
+    )
+
+
+def test_an_available_event_for_an_ami_not_listed_reconciles_every_group_and_says_why(
+    lambda_env: Path,
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    unlisted = "ami-0123456789abcdef0"
+    result = ami_event.handler(event("ami_available.json", unlisted), Context())
+    assert result["outcome"] == "rotated"
+    assert (
+        result["why"]
+        == f"every group reconciled: DescribeImages does not list {unlisted} (not yet, or no longer)"
+    )
+    assert latest_holders(fleet.images) == [fleet.images[-1]] and parameter() == fleet.images[-1]
+    # An event for a listed AMI names its group: no reason to give.
+    assert "why" not in ami_event.handler(event("ami_available.json", fleet.images[-1]), Context())
 
 
 def test_the_janitors_own_retirements_events_read_one_ledger_item_and_a_current_latest_one_read(

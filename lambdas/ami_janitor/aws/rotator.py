@@ -62,7 +62,7 @@ class AmiEventOutcome(Outcome):
     region: str
     mode: Mode
     outcome: Literal["paused", "failed-counted", "ignored", "dry-run", "rotated"]
-    # ignored: why
+    # ignored: why; dry-run or rotated: why every group was reconciled, where the event named no group
     why: str | None = None
     # dry-run or rotated: why a group the event names is left as it is (a policy error)
     not_rotated: list[str] = []
@@ -240,16 +240,21 @@ def handle_state_change(
         # Raise so the invocation is retried and then lands in the failure destination.
         raise RuntimeError(f"cannot read the AMIs of {clients.region}: {inventory.error}")
     only = EVERY_GROUP
-    if state == "available":
-        image = next((i for i in inventory.images if i.image_id == image_id), None)
-        if image is not None:
-            matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
-            if not matching:
-                return outcome(outcome="ignored", why="the AMI belongs to no family")
-            only = Selection(frozenset(matching), frozenset((name, image.architecture) for name in matching))
+    image = next((i for i in inventory.images if i.image_id == image_id), None)
+    if state == "available" and image is not None:
+        matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
+        if not matching:
+            return outcome(outcome="ignored", why="the AMI belongs to no family")
+        only = Selection(frozenset(matching), frozenset((name, image.architecture) for name in matching))
     # deregistered / disabled (or an AMI no longer listed): it may have been the Latest of any group.
     changes, blocked = rotation_for(inventory, policy, now, only)
-    why_not = {"not_rotated": blocked} if blocked else {}
+    why_not: dict[str, Any] = {"not_rotated": blocked} if blocked else {}
+    if only is EVERY_GROUP:
+        why_not["why"] = (
+            f"every group reconciled: DescribeImages does not list {image_id} (not yet, or no longer)"
+            if image is None
+            else f"every group reconciled: a {state} AMI may have been the Latest of any of them"
+        )
     if policy.mode != "enforce":
         return outcome(outcome="dry-run", would=changes, **why_not)
     results = converge(clients, policy, now, only, load=read, first=inventory, first_changes=changes)
