@@ -222,6 +222,30 @@ def test_a_janitor_session_leaves_out_only_documentation_and_other_services() ->
     )
 
 
+@pytest.mark.parametrize(
+    "event_name", ["before-call.elasticmapreduce.ListClusters", "before-call.autoscaling", "after-call.emr"]
+)
+def test_a_handler_named_with_an_older_name_of_a_janitor_service_is_kept(
+    event_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later botocore may name a handler's service the old way (EMR's `elasticmapreduce`): kept, and
+    registered under the name its aliaser gives it."""
+
+    def handler(**kwargs: object) -> None:
+        pass
+
+    monkeypatch.setattr(
+        botocore.handlers, "BUILTIN_HANDLERS", [*botocore.handlers.BUILTIN_HANDLERS, (event_name, handler)]
+    )
+    assert (event_name, handler) in janitor_handlers()
+    aliaser = botocore.hooks.EventAliaser(botocore.hooks.HierarchicalEmitter())
+    aliased = aliaser._alias_event_name(event_name)
+    assert aliased_event(event_name) == aliased
+    assert handler in janitor_session().get_component("event_emitter")._emitter._handlers.prefix_search(
+        aliased
+    )
+
+
 @pytest.mark.parametrize("service", models.SERVICES)
 def test_the_loader_reads_each_file_as_botocores_does(service: str) -> None:
     """The janitor's loader reads its files into dicts: the same values as botocore's reader, key for

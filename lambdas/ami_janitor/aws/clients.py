@@ -204,9 +204,13 @@ def assumed_session(base: Session, role_arn: str) -> Session:
     return session
 
 
-# The names a handler's event gives the janitor's services: their own and their aliases (botocore's
-# events name Auto Scaling `auto-scaling`, its handlers `autoscaling`).
-_EVENT_SERVICES = frozenset({*models.SERVICES, *(EVENT_ALIASES.get(name, name) for name in models.SERVICES)})
+# The names a handler's event gives the janitor's services: their own, the names botocore's events give
+# them (Auto Scaling's events say `auto-scaling`) and the older names botocore aliases to those (EMR's
+# `elasticmapreduce`).
+_EVENT_NAMES = {*models.SERVICES, *(EVENT_ALIASES.get(name, name) for name in models.SERVICES)}
+_EVENT_SERVICES = frozenset(
+    {*_EVENT_NAMES, *(old for old, new in EVENT_ALIASES.items() if new in _EVENT_NAMES)}
+)
 
 
 def janitor_handlers() -> list[tuple[Any, ...]]:
