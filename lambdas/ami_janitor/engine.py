@@ -816,7 +816,8 @@ def scheduled_bake(policy: Policy, family: Family, clients: RegionClients, now: 
 def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor) -> replication.CopyResult:
     """One queued copy request: rebuilt from the policy and the source as EC2 describes it now, then
     started. The request only says which copy; what is copied and with which key is the policy's.
-    RefusedCopy when the policy would not make it; a source gone since is a skipped copy; LedgerMissing
+    RefusedCopy when the policy would not make it; a source not found (gone since, or never this
+    account's) is a skipped copy; LedgerMissing
     where the source's or the target's region has no ledger table (no copy is made unrecorded)."""
     # Checked before any AWS call: no client is made for a region the policy does not name.
     target = replication.allowed_target(request, policy)
@@ -824,7 +825,8 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
     ledger_for = ledger.ledgers(clients_for, policy.ledger)
     described = inventory.describe_image(clients_for(request.source_region), request.source_image_id)
     if described is None:
-        # Deregistered since the request was queued: retrying cannot help.
+        # Deregistered since the request was queued, or never this account's (a forged request): retrying
+        # cannot help.
         return replication.CopyResult(
             family=request.family,
             source_image_id=request.source_image_id,
@@ -832,7 +834,10 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
             region=request.region,
             generation=request.generation,
             status="skipped",
-            detail="source gone",
+            detail=(
+                f"source {request.source_image_id} is not one of this account's AMIs in {request.source_region}: "
+                "deregistered since the request was queued, or never one of them"
+            ),
         )
     items = ledger_for(request.source_region).read_items([described.image_id])
     source = described.model_copy(update={"ledger": items.get(described.image_id)})

@@ -337,6 +337,18 @@ def test_replicate_plans_without_a_ledger_table_and_says_so_but_applies_only_wit
     assert not any("no ledger table" in p for p in applied.problems)
 
 
+def test_a_request_for_a_source_this_account_does_not_have_is_skipped_saying_so(aws: ClientFactory) -> None:
+    source = bake(aws, "web-2")
+    unknown = copy_of(source).model_copy(update={"source_image_id": "ami-0123456789abcdef0"})
+    result = engine.start_requested_copy(unknown, POLICY, aws)
+    assert (result.status, result.detail) == (
+        "skipped",
+        f"source ami-0123456789abcdef0 is not one of this account's AMIs in {US}: deregistered since the "
+        "request was queued, or never one of them",
+    )
+    assert copies_in(aws, EU, "ami-0123456789abcdef0") == []
+
+
 def test_a_request_from_an_older_policy_is_skipped(aws: ClientFactory) -> None:
     source = bake(aws, "web-3")
     gone = copy_of(source, region="ap-south-1")
