@@ -471,7 +471,7 @@ def run(
         changes = [c for c in plan.latest if c.region == region]
         parameters = loaded[region].parameters
         written = rotator.write_changes(
-            clients_for(region), policy, changes, current=parameters, skip=failed_rescues
+            clients_for(region), policy, changes, inventory=loaded[region], skip=failed_rescues
         )
         rotations.extend(written)
         # Where Latest could not move, its old holders and the AMI its parameter names (which launches

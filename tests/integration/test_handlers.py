@@ -109,6 +109,20 @@ def test_available_event_rotates_its_group_and_a_late_old_event_does_not_move_it
     assert latest_holders(fleet.images) == [newest] and parameter() == newest
 
 
+def test_a_parameter_edited_by_hand_is_written_back_alone(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    ami_event.handler(event("ami_available.json", newest), Context())
+    boto3.client("ssm", region_name="us-east-1").put_parameter(
+        Name="/ami/web/latest", Value=older, Type="String", Overwrite=True
+    )
+    again = ami_event.handler(event("ami_available.json", newest), Context())
+    # The newest already carries the Latest tag: the parameter is the one write.
+    assert [r["written"] for r in again["rotations"]] == [[f"/ami/web/latest = {newest}"]]
+    assert latest_holders(fleet.images) == [newest] and parameter() == newest
+
+
 def test_disabled_and_deregistered_events_move_latest_to_the_next_newest(lambda_env: Path) -> None:
     write_policy(lambda_env, "enforce")
     fleet = seed_fleet(now())

@@ -7,7 +7,7 @@ available AMI from what EC2 says now, and writes only what differs, until a read
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -86,24 +86,24 @@ def _write(
     clients: RegionClients,
     policy: Policy,
     change: LatestChange,
-    current: Mapping[str, str],
+    inventory: RegionInventory,
     written: list[str],
 ) -> None:
     """Write one change, adding each write to `written` as it is made (a failure part-way leaves there
-    what was written before it); `current`: the pointer parameters' values as last read (a parameter
-    that already names the target is not written: each PutParameter makes a new version and a change
-    event)."""
+    what was written before it), against the region as last read: a parameter that already names the
+    target is not written (each PutParameter makes a new version and a change event), nor a tag the
+    target already carries (a change of the parameter alone writes the parameter alone)."""
     latest = policy.family(change.family).latest
     if latest is None:
         return
-    if latest.tag and change.to:
+    if latest.tag and change.to and not _carries(inventory, change.to, latest.tag):
         # Tag the new Latest before untagging the old: a reader never sees no Latest at all.
         clients.ec2.create_tags(Resources=[change.to], Tags=[{"Key": latest.tag, "Value": "true"}])
         written.append(f"tag {latest.tag}=true on {change.to}")
     if latest.tag and change.untag:
         clients.ec2.delete_tags(Resources=list(change.untag), Tags=[{"Key": latest.tag}])
         written.append(f"untag {latest.tag} from {', '.join(change.untag)}")
-    if change.ssm_parameter and change.to and current.get(change.ssm_parameter) != change.to:
+    if change.ssm_parameter and change.to and inventory.parameters.get(change.ssm_parameter) != change.to:
         clients.ssm.put_parameter(
             Name=change.ssm_parameter,
             Value=change.to,
@@ -114,17 +114,21 @@ def _write(
         written.append(f"{change.ssm_parameter} = {change.to}")
 
 
+def _carries(inventory: RegionInventory, image_id: str, tag: str) -> bool:
+    return any(i.image_id == image_id and i.tags.get(tag) == "true" for i in inventory.images)
+
+
 def write_changes(
     clients: RegionClients,
     policy: Policy,
     changes: Iterable[LatestChange],
     *,
-    current: Mapping[str, str],
+    inventory: RegionInventory,
     skip: Iterable[str] = (),
 ) -> list[RotationResult]:
-    """Write a plan's Latest changes once each (the scheduled run: its plan was read just now, with the
-    pointer values `current`). A change to an AMI in `skip` (its rescue failed: it is not launchable)
-    is left for the next run."""
+    """Write a plan's Latest changes once each (the scheduled run: its plan was made from `inventory`,
+    read just now). A change to an AMI in `skip` (its rescue failed: it is not launchable) is left for
+    the next run."""
     unusable = set(skip)
     results: list[RotationResult] = []
     for change in changes:
@@ -139,7 +143,7 @@ def write_changes(
             result.status, result.error = "failed", f"{change.to} could not be rescued: Latest not moved"
         else:
             try:
-                _write(clients, policy, change, current, result.written)
+                _write(clients, policy, change, inventory, result.written)
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
         results.append(result)
@@ -186,7 +190,7 @@ def converge(
             )
             result.to = change.to
             try:
-                _write(clients, policy, change, inventory.parameters, result.written)
+                _write(clients, policy, change, inventory, result.written)
                 result.status, result.error = "ok", None
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
