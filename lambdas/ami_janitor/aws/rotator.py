@@ -7,7 +7,7 @@ available AMI from what EC2 says now, and writes only what differs, until a read
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images, read_ledger_items
 from ami_janitor.aws.sharer import ShareResult
-from ami_janitor.core.model import AmiState, LatestChange, Outcome, RegionInventory, Share, Stage
+from ami_janitor.core.model import AmiState, Image, LatestChange, Outcome, RegionInventory, Share, Stage
 from ami_janitor.core.policy import Mode, Policy
 from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for, rotation_for
 
@@ -87,16 +87,19 @@ def _write(
     policy: Policy,
     change: LatestChange,
     inventory: RegionInventory,
+    targets: Mapping[str, Image],
     written: list[str],
 ) -> None:
     """Write one change, adding each write to `written` as it is made (a failure part-way leaves there
     what was written before it), against the region as last read: a parameter that already names the
     target is not written (each PutParameter makes a new version and a change event), nor a tag the
-    target already carries (a change of the parameter alone writes the parameter alone)."""
+    target already carries (a change of the parameter alone writes the parameter alone); `targets`: the
+    changes' targets as read (_targets)."""
     latest = policy.family(change.family).latest
     if latest is None:
         return
-    if latest.tag and change.to and not _carries(inventory, change.to, latest.tag):
+    target = targets.get(change.to) if change.to else None
+    if latest.tag and change.to and (target is None or target.tags.get(latest.tag) != "true"):
         # Tag the new Latest before untagging the old: a reader never sees no Latest at all.
         clients.ec2.create_tags(Resources=[change.to], Tags=[{"Key": latest.tag, "Value": "true"}])
         written.append(f"tag {latest.tag}=true on {change.to}")
@@ -114,8 +117,10 @@ def _write(
         written.append(f"{change.ssm_parameter} = {change.to}")
 
 
-def _carries(inventory: RegionInventory, image_id: str, tag: str) -> bool:
-    return any(i.image_id == image_id and i.tags.get(tag) == "true" for i in inventory.images)
+def _targets(inventory: RegionInventory, changes: Iterable[LatestChange]) -> dict[str, Image]:
+    """The images the changes move Latest to, found in one pass over the region's."""
+    wanted = {change.to for change in changes if change.to}
+    return {image.image_id: image for image in inventory.images if image.image_id in wanted}
 
 
 def write_changes(
@@ -130,6 +135,8 @@ def write_changes(
     read just now). A change to an AMI in `skip` (its rescue failed: it is not launchable) is left for
     the next run."""
     unusable = set(skip)
+    changes = list(changes)
+    targets = _targets(inventory, changes)
     results: list[RotationResult] = []
     for change in changes:
         result = RotationResult(
@@ -143,7 +150,7 @@ def write_changes(
             result.status, result.error = "failed", f"{change.to} could not be rescued: Latest not moved"
         else:
             try:
-                _write(clients, policy, change, inventory, result.written)
+                _write(clients, policy, change, inventory, targets, result.written)
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
         results.append(result)
@@ -176,6 +183,7 @@ def converge(
             changes = changes_for(inventory, policy, now, only)
         if not changes:
             break
+        targets = _targets(inventory, changes)
         for change in changes:
             key = (change.family, change.architecture)
             result = results.setdefault(
@@ -190,7 +198,7 @@ def converge(
             )
             result.to = change.to
             try:
-                _write(clients, policy, change, inventory, result.written)
+                _write(clients, policy, change, inventory, targets, result.written)
                 result.status, result.error = "ok", None
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
