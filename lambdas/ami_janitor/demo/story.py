@@ -563,10 +563,10 @@ def _left_story(result: Any, before: Mapping[str, int], after: Mapping[str, int]
     freed = sum(d.size_gib for d in result.plan.decisions if d.image_id in done)
     next_at = min((d.next_action_at for d in waiting if d.next_action_at), default=None)
     out.write(
-        f"\n== What is left ==\nAMIs: {before['images']} -> {after['images']} "
+        f"\n== What is left ==\nThe cleanup run: AMIs {before['images']} -> {after['images']} "
         f"({result.plan.summary.retired} retired, {len(result.replicated.copy_results)} copies made in "
-        f"eu-west-1); snapshots deleted: {deleted} ({freed} GiB, an upper bound: snapshots are "
-        f"incremental)\n"
+        f"eu-west-1; the bakes and copies since are not counted); snapshots deleted: {deleted} ({freed} "
+        f"GiB, an upper bound: snapshots are incremental)\n"
         f"pettracker-api (all stages at 0 days) was retired at once; pettracker-ml is on the staged "
         f"path: next stage {waiting[0].next_action if waiting else '-'} at {next_at}.\n"
     )
