@@ -470,13 +470,12 @@ def run(
     def write_latest(region: str, failed_rescues: set[str]) -> set[str]:
         changes = [c for c in plan.latest if c.region == region]
         parameters = loaded[region].parameters
-        written = rotator.write_changes(
-            clients_for(region), policy, changes, inventory=loaded[region], skip=failed_rescues
-        )
+        written = rotator.write_changes(clients_for(region), policy, changes, now, skip=failed_rescues)
         rotations.extend(written)
-        # Where Latest could not move, its old holders and the AMI its parameter names (which launches
-        # read; `from` is the tag's holder where there is one) stay kept this run.
-        stuck = [c for c, r in zip(changes, written, strict=True) if r.status == "failed"]
+        # Where Latest did not move as planned (a failure, or the group changed since the plan), its old
+        # holders and the AMI its parameter names (which launches read; `from` is the tag's holder where
+        # there is one) stay kept this run.
+        stuck = [c for c, r in zip(changes, written, strict=True) if r.status != "ok"]
         return {
             i
             for c in stuck

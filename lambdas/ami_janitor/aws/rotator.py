@@ -39,6 +39,7 @@ class RotationResult(BaseModel):
     architecture: str
     to: str | None
     written: list[str]
+    # ok; failed; superseded: a scheduled change the region, read again, no longer asks for (not written)
     status: str = "ok"
     error: str | None = None
 
@@ -127,33 +128,58 @@ def write_changes(
     clients: RegionClients,
     policy: Policy,
     changes: Iterable[LatestChange],
+    now: datetime,
     *,
-    inventory: RegionInventory,
     skip: Iterable[str] = (),
+    load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
 ) -> list[RotationResult]:
-    """Write a plan's Latest changes once each (the scheduled run: its plan was made from `inventory`,
-    read just now). A change to an AMI in `skip` (its rescue failed: it is not launchable) is left for
-    the next run."""
+    """Write a plan's Latest changes once each (the scheduled run), each only where the region, read
+    again now, still asks for the same move. The plan was made from a read that may be minutes old,
+    and the event function rotates the same groups meanwhile: a newer AMI it made Latest, or a planned
+    target disabled since, is not undone. Such a change is left as it is ("superseded": its events and
+    the next run settle the group). A change to an AMI in `skip` (its rescue failed: it is not
+    launchable) is left for the next run."""
     unusable = set(skip)
     changes = list(changes)
-    targets = _targets(inventory, changes)
-    results: list[RotationResult] = []
-    for change in changes:
-        result = RotationResult(
-            region=clients.region,
-            family=change.family,
-            architecture=change.architecture,
-            to=change.to,
-            written=[],
+    results = [
+        RotationResult(
+            region=clients.region, family=c.family, architecture=c.architecture, to=c.to, written=[]
         )
+        for c in changes
+    ]
+    pending = []
+    for change, result in zip(changes, results, strict=True):
         if change.to in unusable:
             result.status, result.error = "failed", f"{change.to} could not be rescued: Latest not moved"
         else:
-            try:
-                _write(clients, policy, change, inventory, targets, result.written)
-            except (ClientError, BotoCoreError) as error:
-                result.status, result.error = "failed", f"{type(error).__name__}: {error}"
-        results.append(result)
+            pending.append((change, result))
+    if not pending:
+        return results
+    region = (load or load_images)(clients, policy)
+    if region.error:
+        for _change, result in pending:
+            result.status, result.error = (
+                "failed",
+                f"cannot read the AMIs of {clients.region} again: {region.error}",
+            )
+        return results
+    groups = frozenset((change.family, change.architecture) for change, _result in pending)
+    needed = {
+        (c.family, c.architecture): c for c in changes_for(region, policy, now, Selection(groups=groups))
+    }
+    targets = _targets(region, needed.values())
+    for change, result in pending:
+        current = needed.get((change.family, change.architecture))
+        if current is None or current.to != change.to:
+            now_to = f"Latest now goes to {current.to}" if current is not None else "it needs no change now"
+            result.status = "superseded"
+            result.error = f"the group changed since the plan was read ({now_to}): not written"
+            continue
+        try:
+            # The change as the region reads now: the holders to untag are those of this read.
+            _write(clients, policy, current, region, targets, result.written)
+        except (ClientError, BotoCoreError) as error:
+            result.status, result.error = "failed", f"{type(error).__name__}: {error}"
     return results
 
 

@@ -110,7 +110,9 @@ def print_rotations(rotations: Iterable[RotationResult], out: TextIO, *, prefix:
         if rot.family == "*" and rot.status == "failed":  # the region could not be read at all
             out.write(f"{prefix}{rot.region}: skipped, could not be read ({rot.error})\n")
             continue
-        status = "ok" if rot.status == "ok" else f"FAILED {rot.error}"
+        status = {"ok": "ok", "superseded": f"left as it is: {rot.error}"}.get(
+            rot.status, f"FAILED {rot.error}"
+        )
         out.write(f"{prefix}{rot.region} {rot.family} {rot.architecture} -> {rot.to}: {status}\n")
         for line in rot.written:
             out.write(f"    {line}\n")

@@ -1,0 +1,113 @@
+"""The scheduled run writes its plan's Latest changes only where the region, read again, still asks for
+them: the event function rotates the same groups while the run reads and rescues, and its rotation is
+not undone (moto in process)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import boto3
+import pytest
+import yaml
+
+from ami_janitor.aws import rotator
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.inventory import load_images
+from ami_janitor.core.model import LatestChange
+from ami_janitor.core.policy import Policy, parse_policy
+from ami_janitor.core.rotation import changes_for
+from ami_janitor.demo import emulator
+from server import POLICY, ec2, make_ledger, now
+
+PARAMETER = "/ami/web/latest"
+
+
+class Group:
+    """The web family in us-east-1: `old` Latest by tag and parameter, `mid` made since (its event
+    missed), so that a scheduled plan moves Latest from `old` to `mid`."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at = at
+        client = ec2()
+        base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
+        reservation = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)
+        self.instance = reservation["Instances"][0]["InstanceId"]
+        self.old, self.mid = self.bake("00", 20), self.bake("01", 10)
+        client.create_tags(Resources=[self.old], Tags=[{"Key": "Latest", "Value": "true"}])
+        boto3.client("ssm", region_name="us-east-1").put_parameter(
+            Name=PARAMETER, Value=self.old, Type="String"
+        )
+
+    def bake(self, suffix: str, days_old: int) -> str:
+        image = ec2().create_image(
+            InstanceId=self.instance,
+            Name=f"web-{suffix}",
+            TagSpecifications=[{"ResourceType": "image", "Tags": [{"Key": "Project", "Value": "Web"}]}],
+        )["ImageId"]
+        emulator.set_image_fields("us-east-1", image, creation_date=self.at - timedelta(days=days_old))
+        return image
+
+    def tagged(self) -> list[str]:
+        images = ec2().describe_images(Owners=["self"], IncludeDisabled=True)["Images"]
+        return sorted(i["ImageId"] for i in images if {"Key": "Latest", "Value": "true"} in i.get("Tags", []))
+
+    def parameter(self) -> str:
+        ssm = boto3.client("ssm", region_name="us-east-1")
+        return str(ssm.get_parameter(Name=PARAMETER)["Parameter"]["Value"])
+
+
+@pytest.fixture
+def policy(moto_aws: None) -> Policy:
+    make_ledger()
+    return parse_policy(yaml.safe_load(POLICY.format(mode="enforce")))
+
+
+def planned(clients: RegionClients, policy: Policy, at: datetime, group: Group) -> list[LatestChange]:
+    changes = changes_for(load_images(clients, policy), policy, at)
+    assert [(c.from_, c.to) for c in changes] == [(group.old, group.mid)]
+    return changes
+
+
+def test_a_newer_ami_the_event_made_latest_is_not_undone(policy: Policy) -> None:
+    at = now()
+    group, clients = Group(at), RegionClients("us-east-1")
+    changes = planned(clients, policy, at, group)
+    # While the run reads the references and rescues, tonight's bake becomes available and its event
+    # makes it Latest.
+    new = group.bake("02", 0)
+    assert rotator.handle_state_change(new, "available", clients, policy, at).outcome == "rotated"
+
+    (result,) = rotator.write_changes(clients, policy, changes, at)
+
+    assert result.status == "superseded" and result.written == [], result
+    assert "the group changed since the plan was read" in (result.error or "")
+    assert group.tagged() == [new] and group.parameter() == new
+
+
+def test_a_planned_target_disabled_since_the_plan_is_not_made_latest(policy: Policy) -> None:
+    at = now()
+    group, clients = Group(at), RegionClients("us-east-1")
+    changes = planned(clients, policy, at, group)
+    ec2().disable_image(ImageId=group.mid)  # its owner pulls a bad build
+    rotator.handle_state_change(group.mid, "disabled", clients, policy, at)
+
+    (result,) = rotator.write_changes(clients, policy, changes, at)
+
+    assert result.status == "superseded" and result.written == [], result
+    assert group.tagged() == [group.old] and group.parameter() == group.old
+
+
+def test_a_change_the_region_still_asks_for_is_written(policy: Policy) -> None:
+    at = now()
+    group, clients = Group(at), RegionClients("us-east-1")
+    changes = planned(clients, policy, at, group)
+
+    (result,) = rotator.write_changes(clients, policy, changes, at)
+
+    assert result.status == "ok", result
+    assert result.written == [
+        f"tag Latest=true on {group.mid}",
+        f"untag Latest from {group.old}",
+        f"{PARAMETER} = {group.mid}",
+    ]
+    assert group.tagged() == [group.mid] and group.parameter() == group.mid
