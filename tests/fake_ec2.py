@@ -1149,6 +1149,14 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
+    def redo_stage(self, image_id: str, stage: Stage) -> Written:
+        self._write("ledger_redo_stage", image_id)
+        item = self.items.get(image_id)
+        return (
+            "recorded" if item is not None and item.is_open and stage in item.stages else "already-recorded"
+        )
+
+    @_ledger_write
     def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
         self._write("ledger_confirm_stage", image_id)
         item = self.items.get(image_id)

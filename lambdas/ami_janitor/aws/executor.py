@@ -432,7 +432,9 @@ class _RegionRun:
     def _record(self, stage: Stage, image: Image, prior: Prior, snapshots: Sequence[str] = ()) -> bool:
         """Record the stage in the ledger before its change; False where another run recorded it."""
         if trust.recorded_stage(image, stage) is not None:
-            return True  # recorded by an earlier run that stopped before EC2 took it: done again
+            # Recorded by an earlier run that stopped before EC2 took it: done again, unless a rescue
+            # closed the item since this run read it (the ledger says so, not the item as read).
+            return self.ledger.redo_stage(image.image_id, stage) == "recorded"
         previous = self._previous(image)
         written = self.ledger.record_stage(
             image.image_id, stage, self.now, prior, previous=previous, snapshots=snapshots

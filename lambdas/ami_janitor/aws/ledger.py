@@ -600,6 +600,18 @@ class Ledger(_Made):
             ExpressionAttributeValues=values,
         )
 
+    def redo_stage(self, image_id: str, stage: Stage) -> Written:
+        """Before a stage an earlier run recorded (and stopped before EC2 took) is done again: "recorded"
+        only where the item still records it and is still open. A rescue since the caller read the item
+        closed it (or a new candidate clock replaced it): the stage is not done again. Writes nothing
+        but the condition's proof (`last_write`)."""
+        return self._update(
+            image_id,
+            UpdateExpression="SET stages.#stage.#at = stages.#stage.#at",
+            ConditionExpression="attribute_exists(stages.#stage) AND attribute_not_exists(closed)",
+            ExpressionAttributeNames={"#stage": stage, "#at": "at"},
+        )
+
     def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
         """EC2 accepted the stage's change: a later run no longer does it again."""
         return self._update(
