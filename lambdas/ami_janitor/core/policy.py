@@ -118,7 +118,7 @@ class Match(_Strict):
     def _something(self) -> "Match":
         if not self.tags and not self.name:
             raise ValueError("give tags and/or a name glob; an empty match would select every AMI")
-        if not self.tags and self.name and not self.name.strip("*"):
+        if not self.tags and self.name and not self.name.strip("*?"):  # wildcards only: any name
             raise ValueError(f"name glob {self.name!r} alone would select every AMI: narrow it or add tags")
         return self
 
