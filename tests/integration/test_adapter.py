@@ -34,6 +34,7 @@ from ami_janitor.aws.inventory import (
     read_ledger_items,
 )
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
+from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
 from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
 from ami_janitor.demo import emulator
@@ -369,6 +370,45 @@ def test_the_sources_of_copies_exact_request_and_a_region_that_cannot_be_read() 
         f"(ec2:DescribeImages (the sources of copies, in {REGION}): UnauthorizedOperation"
     )
     assert note.endswith(": it counts from its own creation")
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("RequestLimitExceeded", 503), ("InternalError", 500), ("Unavailable", 503)]
+)
+def test_a_passing_failure_of_the_source_region_stops_the_region(code: str, status: int) -> None:
+    """Throttling or a 5xx in the source region is no lasting deny: the copy's order is not known (it
+    would count as newer than it is, and could take a keep slot or Latest), so the read fails."""
+    source_ec2 = botocore.session.get_session().create_client(
+        "ec2", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    copy = image(copied_from="ami-0123456789abcdef0", copied_from_region=REGION, region="eu-west-1")
+    with Stubber(source_ec2) as stub:
+        stub.add_client_error("describe_images", code, "try again", http_status_code=status)
+        with pytest.raises(SourceFailed, match=f"the sources of copies, in {REGION}\\): {code}"):
+            read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
+
+
+@pytest.mark.usefixtures("moto_aws")
+def test_a_region_whose_copy_sources_cannot_be_read_is_not_planned() -> None:
+    """The inventory of a region with a hand-made copy of an AMI in a region that answers throttled:
+    the region's error, and no images to plan from."""
+    source = make_ami("app-old", tags=APP)
+    west = boto3.client("ec2", region_name="eu-west-1")
+    late = west.copy_image(SourceImageId=source, SourceRegion=REGION, Name="app-old-copy")["ImageId"]
+    west.create_tags(Resources=[late], Tags=[{"Key": "Project", "Value": "App"}])
+    source_ec2 = botocore.session.get_session().create_client(
+        "ec2", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    clients = RegionClients("eu-west-1", session(), **{f"ec2 in {REGION}": source_ec2})
+    with Stubber(source_ec2) as stub:
+        stub.add_client_error("describe_images", "RequestLimitExceeded", "slow down", http_status_code=503)
+        inventory = load_inventory(clients, policy())
+        stub.assert_no_pending_responses()
+    assert inventory.images == ()
+    assert inventory.error is not None
+    assert inventory.error.startswith(
+        f"ec2:DescribeImages (the sources of copies, in {REGION}): RequestLimitExceeded"
+    )
 
 
 @pytest.mark.usefixtures("moto_aws")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ami_janitor.aws.errors import error_code
 from ami_janitor.aws.inventory.images import FILTER_VALUES_MAX
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
 from ami_janitor.core.model import Image, parse_time
@@ -18,6 +19,13 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
 PERMISSIONS: list[str] = ["ec2:DescribeImages"]
+
+# The answers that say the account may not read a region at all (an SCP or IAM deny, an opt-in region
+# not enabled): lasting, and not the source's fault. Any other failure (throttling, a 5xx, a lost or
+# malformed answer) is passing, and a copy whose source it hid would count as newer than it is.
+_DENIED_CODES = frozenset(
+    {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure", "OptInRequired"}
+)
 
 
 def _unrecorded(image: Image, policy: Policy) -> bool:
@@ -34,9 +42,10 @@ def read_copy_sources(
 ) -> tuple[tuple[Image, ...], list[str]]:
     """`images` (their ledger items attached) with the source creation of each family's copy the
     ledger does not record, and a note for each whose source is not visible (deregistered, or another
-    account's no longer shared, or its region not readable): it counts from its own creation, as
-    before any read. Sources in `region` are its own AMIs; the others are asked for in their region
-    (`ec2_in`), 200 ids a call."""
+    account's no longer shared, or its region one the account may not read): it counts from its own
+    creation, as before any read. Sources in `region` are its own AMIs; the others are asked for in
+    their region (`ec2_in`), 200 ids a call. Any other failure of that read raises SourceFailed: the
+    copies' order is not known, and a late copy of an old AMI would take a keep slot or Latest."""
     copies = [image for image in images if _unrecorded(image, policy)]
     if not copies:
         return images, []
@@ -53,8 +62,10 @@ def read_copy_sources(
             with source(f"ec2:DescribeImages (the sources of copies, in {source_region})"):
                 created.update(_creation(ec2_in(source_region), sorted(ids)))
         except SourceFailed as failure:
-            # Only the copies' order rests on it: a region the account may not read (a region-deny
-            # SCP, an opt-in region turned off) must not stop every plan and event here.
+            # A region the account may not read (a region-deny SCP, an opt-in region turned off) must
+            # not stop every plan and event here for good; a passing failure stops this one.
+            if error_code(failure.__cause__ or failure) not in _DENIED_CODES:
+                raise
             unreadable[source_region] = str(failure)
     sources = {copy.image_id: created.get(str(copy.copied_from)) for copy in copies}
     notes: list[str] = []
