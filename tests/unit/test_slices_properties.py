@@ -163,7 +163,9 @@ def test_a_slice_older_than_half_a_day_is_stale() -> None:
         ({"deregistration_protection": True}, [], "deregistration protection is on"),
         ({"tags": {"Latest": "true"}}, [], "carries the Latest tag"),
         ({"last_launched": NOW + timedelta(minutes=5)}, [], "launched 2026-11-25T03:05:00Z, after the plan"),
-        ({"last_launched": NOW - timedelta(days=1)}, [], None),
+        # A launch EC2 reported late (before the plan, unseen by it) keeps the AMI as the plan's rule does.
+        ({"last_launched": NOW - timedelta(days=1)}, [], "launched 2026-11-24T03:00:00Z (within 14 days)"),
+        ({"last_launched": NOW - timedelta(days=15)}, [], None),
         (
             {},
             ["referenced by ec2:LaunchTemplate lt-1"],

@@ -189,6 +189,11 @@ def hold_reason(
         return f"carries the {latest_tag} tag"
     if image.last_launched is not None and image.last_launched > planned_at:
         return f"launched {iso(image.last_launched)}, after the plan"
+    # EC2 reports a launch up to a day late: one before the plan, unseen by it, keeps the AMI as the
+    # plan's own rule would have.
+    launched_after = now - timedelta(days=rules.launched_within_days)
+    if image.last_launched is not None and image.last_launched >= launched_after:
+        return f"launched {iso(image.last_launched)} (within {rules.launched_within_days} days)"
     if references:
         return "in use since the plan: " + "; ".join(sorted(set(references)))
     shared = share_hold(item, image, policy)
