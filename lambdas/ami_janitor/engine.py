@@ -710,7 +710,10 @@ def _new_source_copies(
     image: Image, family: Family, policy: Policy, clients: RegionClients, clients_for: ClientsFor | None
 ) -> tuple[list[Copy], list[str]]:
     """The copies a new source needs, with the aliases of their keys resolved and checked against the
-    key ARNs of the copies its region's ledger records (read only where a target names an alias)."""
+    key ARNs of the copies its region's ledger records (read only where a target names an alias). None
+    for a source outside the policy's regions (a target region's own AMI): the worker refuses those."""
+    if image.region not in policy.regions:
+        return [], [f"{image.image_id}: {image.region} is not one of the policy's regions: no copies"]
     aliases = keys.aliases_to_resolve(policy, [family.name])
     if not aliases:
         return replication.new_source_copies(image, family)

@@ -245,6 +245,52 @@ def test_a_failed_copy_event_plans_its_retry_from_the_ledger_never_from_a_tag(aw
     assert outcome.copy_retry == f"{lookalike} is not a copy made by the janitor"
 
 
+def test_an_available_event_leaves_a_recorded_copy_to_the_scheduled_run(aws: ClientFactory) -> None:
+    """An older source available again (the owner enabled it, a rescue): its copy to eu-west-1 is
+    recorded, then deregistered. The event queues only the target with no copy recorded; the old token
+    would be answered with the gone copy and reported started."""
+    source = bake(aws, "web-2")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    assert first.status == "ok" and first.image_id is not None
+    aws(EU).ec2.deregister_image(ImageId=first.image_id)
+    queued: list[Copy] = []
+
+    def enqueue(copies: list[Copy]) -> int:
+        queued.extend(copies)
+        return len(copies)
+
+    outcome = engine.handle_ami_event(
+        source.image_id, "available", aws(US), POLICY, source.created, enqueue=enqueue
+    )
+
+    assert queued == [copy_of(source, region=WEST, key=None)]
+    assert outcome.copies_queued == 1
+    assert outcome.copies_skipped == [
+        f"family web: copy of {source.image_id} to {EU} recorded already (generation 1): the scheduled run checks it"
+    ]
+
+
+def test_an_available_event_outside_the_policys_regions_queues_no_copy(aws: ClientFactory) -> None:
+    """A family's AMI made in a replicate target that is no source region: the worker would refuse its
+    copies every time, into the dead-letter queue."""
+    ec2 = aws(EU).ec2
+    instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
+    image_id = ec2.create_image(InstanceId=instance["InstanceId"], Name="web-eu")["ImageId"]
+    ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "Web"}])
+    queued: list[Copy] = []
+
+    def enqueue(copies: list[Copy]) -> int:
+        queued.extend(copies)
+        return len(copies)
+
+    outcome = engine.handle_ami_event(
+        image_id, "available", aws(EU), POLICY, datetime.now(UTC), enqueue=enqueue
+    )
+
+    assert queued == [] and outcome.copies_queued == 0
+    assert outcome.copies_skipped == [f"{image_id}: {EU} is not one of the policy's regions: no copies"]
+
+
 def test_plan_then_copy_then_plan_again_on_adapter_inventories(aws: ClientFactory) -> None:
     sources = [bake(aws, f"web-{n}") for n in range(3)]
     for n, source in enumerate(sources):

@@ -294,25 +294,26 @@ def copies_of_new_source(
 def new_source_copies(
     source: Image, family: Family, keys: KeyResolutions | None = None, last: LastKeys | None = None
 ) -> tuple[list[Copy], list[str]]:
-    """The copies a source just made available needs (its `available` event), at the generation its
-    ledger item records (pass the source with it), and the targets skipped (an alias that cannot be
-    resolved or that resolves to another key than the last copy's): the worker finds an existing copy
-    by provenance, so a repeat makes none."""
+    """The copies a source just made available needs (its `available` event), generation 1 each, and
+    the targets skipped (an alias that cannot be resolved or that resolves to another key than the last
+    copy's; a copy its ledger item records already, pass the source with it). A target with a recorded
+    copy is the scheduled run's: only it reads whether that copy is still usable, and an old token
+    would be answered with a copy failed, gone or retired since (an older source enabled again)."""
     if source.is_replica or source.root_device_type == "instance-store":
         return [], []
     targets, problems = _keyed_targets(family, source.region, keys, last or {})
-    copies = [
-        copy_to(
-            family.name,
-            source.image_id,
-            source.region,
-            target,
-            max(recorded_generation(source, target.region), 1),
-            arn,
-        )
-        for target, arn in targets
-        if not (target.region == source.region and source.encrypted)  # encrypt in place: unencrypted only
-    ]
+    copies: list[Copy] = []
+    for target, arn in targets:
+        if target.region == source.region and source.encrypted:  # encrypt in place: unencrypted only
+            continue
+        recorded = recorded_generation(source, target.region)
+        if recorded:
+            problems.append(
+                f"family {family.name}: copy of {source.image_id} to {target.region} recorded already "
+                f"(generation {recorded}): the scheduled run checks it"
+            )
+            continue
+        copies.append(copy_to(family.name, source.image_id, source.region, target, 1, arn))
     return copies, problems
 
 
