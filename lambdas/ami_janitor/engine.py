@@ -703,7 +703,10 @@ def handle_ami_event(
         else []
     )
     queued = enqueue(copies) if enqueue is not None and copies else 0
-    return outcome.model_copy(update={"shared": shared, "copies_queued": queued})
+    update: dict[str, Any] = {"shared": shared, "copies_queued": queued}
+    if enqueue is not None and queued < len(copies):
+        update["copies_not_queued"] = len(copies) - queued
+    return outcome.model_copy(update=update)
 
 
 def _new_source_copies(

@@ -270,6 +270,20 @@ def test_an_available_event_leaves_a_recorded_copy_to_the_scheduled_run(aws: Cli
     ]
 
 
+def test_an_available_event_counts_the_copies_sqs_did_not_take(aws: ClientFactory) -> None:
+    """SQS took one of the two copies: the outcome says so (and the handler fails the invocation)."""
+    source = bake(aws, "web-3")
+    outcome = engine.handle_ami_event(
+        source.image_id, "available", aws(US), POLICY, source.created, enqueue=lambda copies: len(copies) - 1
+    )
+    assert (outcome.copies_queued, outcome.copies_not_queued) == (1, 1)
+    everything = engine.handle_ami_event(
+        source.image_id, "available", aws(US), POLICY, source.created, enqueue=len
+    )
+    assert (everything.copies_queued, everything.copies_not_queued) == (2, None)
+    assert "copies_not_queued" not in everything.model_dump(mode="json")
+
+
 def test_an_available_event_outside_the_policys_regions_queues_no_copy(aws: ClientFactory) -> None:
     """A family's AMI made in a replicate target that is no source region: the worker would refuse its
     copies every time, into the dead-letter queue."""

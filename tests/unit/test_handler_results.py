@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from ami_janitor import engine
 from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.rotator import AmiEventOutcome, RotationResult
+from ami_janitor.aws.sharer import ShareResult
 from ami_janitor.core.model import Copy, LatestChange, Plan, RegionStatus, Summary, Tampered
 from ami_janitor.core.policy import Family, Policy
 from ami_janitor.core.replication import CopyResult, RefusedCopy
@@ -254,6 +255,43 @@ def test_the_ami_event_answers_with_its_outcome(
     assert set(answer) == {"image_id", "state", "region", "mode", *outcome}
     if "would" in outcome:
         assert answer["would"][0]["from"] is None and answer["would_share"] is None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "why"),
+    [
+        (
+            {
+                "shared": [
+                    ShareResult(region=REGION, image_id="ami-2", status="failed", error="Throttling: slow")
+                ]
+            },
+            "sharing failed: Throttling: slow",
+        ),
+        ({"shared": [], "copies_queued": 1, "copies_not_queued": 2}, "2 of its copies not queued"),
+    ],
+)
+def test_the_ami_event_fails_when_a_new_sources_share_or_copies_are_left_undone(
+    mode: Any, monkeypatch: pytest.MonkeyPatch, outcome: dict[str, Any], why: str
+) -> None:
+    """Logged, then raised: Lambda tries the event again, then its failed-invocations queue alarms."""
+
+    def handle(image_id: str, state: Any, clients: Any, policy: Policy, *args: Any, **kwargs: Any) -> Any:
+        return AmiEventOutcome(
+            image_id=image_id,
+            state=state,
+            region=clients.region,
+            mode=policy.mode,
+            outcome="rotated",
+            **outcome,
+        )
+
+    monkeypatch.setattr(engine, "handle_ami_event", handle)
+    mode("enforce")
+    event = ami_event_json()
+    with pytest.raises(RuntimeError) as raised:
+        ami_event.handler(event, Context())
+    assert str(raised.value) == f"AMI {event['detail']['ImageId']}: {why}"
 
 
 @pytest.mark.parametrize("policy_mode", ["paused", "dry-run", "enforce"])

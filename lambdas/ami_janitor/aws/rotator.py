@@ -79,6 +79,8 @@ class AmiEventOutcome(Outcome):
     # a new source in enforce: what sharing it did and how many copies were queued
     shared: list[ShareResult] = []
     copies_queued: int | None = None
+    # a new source in enforce: the copies SQS did not take (the invocation fails, so it is tried again)
+    copies_not_queued: int | None = None
     # a new source: the copy targets skipped (an alias that cannot be resolved or now names another key)
     copies_skipped: list[str] = []
 

@@ -16,6 +16,7 @@ with collector_paused():
     from ami_janitor import engine
     from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.aws.rotator import AmiEventOutcome
     from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
     from ami_janitor.handlers.events import BadEvent, configured, parse_event
     from ami_janitor.handlers.observe import logger, metrics
@@ -72,4 +73,19 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     answer = outcome.model_dump(mode="json")
     log = logger.debug if outcome.outcome == "ignored" else logger.info
     log("AMI state change handled", extra=answer)
+    unfinished = unfinished_work(outcome)
+    if unfinished:
+        # Failed, the invocation is tried again (each step is idempotent), then lands in the
+        # failed-invocations queue, which alarms; the scheduled run reconciles whatever is left.
+        raise RuntimeError(f"AMI {detail.ImageId}: " + "; ".join(unfinished))
     return answer
+
+
+def unfinished_work(outcome: AmiEventOutcome) -> list[str]:
+    """What a new source's sharing and copying left undone (a rotation that fails raises itself)."""
+    unfinished = [
+        f"sharing failed: {s.error or s.detail or 'unknown'}" for s in outcome.shared if s.status == "failed"
+    ]
+    if outcome.copies_not_queued:
+        unfinished.append(f"{outcome.copies_not_queued} of its copies not queued")
+    return unfinished
