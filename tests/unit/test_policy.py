@@ -495,6 +495,30 @@ def test_file_errors_name_the_file_and_the_place(tmp_path: Path) -> None:
         load_policy(latin)
 
 
+def test_a_key_given_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    """Both parsers keep the last of two keys silently: a `mode: enforce` further down would win."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(
+        "mode: dry-run\nregions: [us-east-1]\nfamilies:\n  - name: app\n    match: {name: app-*}\n"
+        "    keep_latest: 5\n    keep_latest: 1\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(twice)
+    assert str(caught.value) == f"{twice}: not valid YAML (line 7, column 5: key 'keep_latest' given twice)"
+    as_json = tmp_path / "twice.json"
+    as_json.write_text('{"mode": "dry-run", "regions": ["us-east-1"], "mode": "enforce"}')
+    with pytest.raises(PolicyError) as caught:
+        load_policy(as_json)
+    assert str(caught.value) == f"{as_json}: not valid JSON (key 'mode' given twice in one object)"
+    # A merge key repeats keys on purpose: the mapping's own win, as YAML says.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(
+        "regions: [us-east-1]\nfamilies:\n  - &app {name: app, match: {name: app-*}, keep_latest: 5}\n"
+        "  - <<: *app\n    name: web\n    match: {name: web-*}\n"
+    )
+    assert [(f.name, f.keep_latest) for f in load_policy(merged).families] == [("app", 5), ("web", 5)]
+
+
 def test_many_families_load_in_linear_time() -> None:
     families = [{"name": f"f{n}", "match": {"name": f"f{n}-*"}} for n in range(20_000)]
     loaded = parse_policy({"regions": ["us-east-1"], "families": families})

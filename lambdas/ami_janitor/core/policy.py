@@ -592,17 +592,64 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
         raise PolicyError(f"{file}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     if file.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as duplicate:
+            raise PolicyError(f"{file}: not valid JSON ({duplicate})") from None
         except json.JSONDecodeError as error:
             raise PolicyError(f"{file}: not valid JSON (line {error.lineno}: {error.msg})") from None
     else:
         import yaml  # only the CLI and the deploy read YAML
 
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
             what = getattr(error, "problem", None) or str(error)
             raise PolicyError(f"{file}: not valid YAML ({where}{what})") from None
     return parse_policy(data, source=str(file))
+
+
+# A key given twice in one mapping: both parsers would keep the last silently, so a policy could say
+# `mode: dry-run` on top and `mode: enforce` further down. Refused, naming the key.
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    mapping: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise _DuplicateKey(f"key {key!r} given twice in one object")
+        mapping[key] = value
+    return mapping
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml's SafeLoader, refusing a key given twice in one mapping (a merge key `<<` may repeat keys:
+    the mapping's own win, as YAML says)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: SafeLoader names it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"key {key!r} given twice",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
