@@ -343,10 +343,15 @@ def build_plan(
         progress(f"{region}: references and launch permissions of {len(needed[region]):,} AMIs")
         return inventory.load_details(clients_for(region), policy, loaded[region], needed[region])
 
+    planned_on = dict(loaded)
     loaded.update((inv.region, inv) for inv in _each_region(sorted(needed), details))
-    if any(loaded[region].error is not None for region in needed):
-        # A region whose details could not be read is skipped, like any failing source.
-        return run_plan.plan_run(list(loaded.values()), policy, now, targets, resolved), loaded
+    failed = {region for region in needed if loaded[region].error is not None}
+    if failed:
+        # A region whose details could not be read is skipped, like any failing source. The others are
+        # planned on what they were planned on (each region's decisions are its own), then settled:
+        # planned on their details instead, the caps would let through AMIs whose details nobody read.
+        inputs = [loaded[region] if region in failed else planned_on[region] for region in planned_on]
+        plan = run_plan.plan_run(inputs, policy, now, targets, resolved)
     return run_plan.settle(plan, loaded, policy), loaded
 
 

@@ -11,8 +11,9 @@ from botocore.awsrequest import AWSResponse
 
 from ami_janitor import engine
 from ami_janitor.aws.clients import ClientFactory, RegionClients
-from ami_janitor.aws.inventory import count_calls
+from ami_janitor.aws.inventory import count_calls, load_inventory
 from ami_janitor.aws.ledger import Ledger, Prior
+from ami_janitor.core import run_plan
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
 from server import POLICY, ec2, make_ledger, now, seed_fleet
 from sessions import botocore_session
@@ -178,3 +179,62 @@ def test_a_region_without_a_family_ami_makes_no_client_for_the_reference_sources
     assert result.exit_code == 0 and [d.image_id for d in result.plan.decisions] == [app]
     assert {"ssm", "auto-scaling", "batch", "emr"} <= made
     assert calls["ec2:DescribeInstances"] == 1 and calls["ec2:DescribeLaunchTemplates"] == 1
+
+
+def test_a_region_whose_details_fail_leaves_the_others_settled_not_planned_again(moto_aws: None) -> None:
+    """us-east-1's launch permissions cannot be read: it is skipped. eu-west-1's plan is the one its
+    details settled: the AMI the cap let through is kept (shared outside share_with), and the cap is not
+    spent again on the next candidate, whose details were never read."""
+    import boto3
+
+    policy = parse_policy(
+        {
+            "regions": ["us-east-1", "eu-west-1"],
+            "defaults": {
+                "keep_latest": 1,
+                "min_age_days": 0,
+                "lifecycle": {"deprecate_after_days": 0},
+                "limits": {"max_actions_per_run": 1, "max_fraction_per_family": 1.0},
+            },
+            "families": [{"name": "app", "match": {"name": "app-*"}}],
+        }
+    )
+    for region in ("us-east-1", "eu-west-1"):
+        client = boto3.client("ec2", region_name=region)
+        for n in range(3):
+            client.register_image(Name=f"app-{n}")
+    factory = ClientFactory()
+    asked: dict[str, list[str]] = {}
+    for region in ("us-east-1", "eu-west-1"):
+        events = factory(region).ec2.meta.events
+
+        def no_references(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+            return AWSResponse("", 200, {}, None), {"ImageReferences": []}  # moto lacks the call
+
+        def permissions(params: dict[str, Any], region: str = region, **_: Any) -> None:
+            asked.setdefault(region, []).append(params["ImageId"])
+
+        events.register("before-call.ec2.DescribeImageReferences", no_references)
+        events.register("before-parameter-build.ec2.DescribeImageAttribute", permissions)
+
+    def denied(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        return AWSResponse("", 403, {}, None), {"Error": {"Code": "UnauthorizedOperation", "Message": "no"}}
+
+    factory("us-east-1").ec2.meta.events.register("before-call.ec2.DescribeImageAttribute", denied)
+    # The candidate the cap lets act in eu-west-1 is shared with an account share_with does not list.
+    draft = run_plan.plan_run([load_inventory(factory("eu-west-1"), policy)], policy, now())
+    [through] = [d.image_id for d in draft.decisions if d.action == "deprecate"]
+    boto3.client("ec2", region_name="eu-west-1").modify_image_attribute(
+        ImageId=through, LaunchPermission={"Add": [{"UserId": "999988887777"}]}
+    )
+
+    plan, _ = engine.build_plan(policy, ["us-east-1", "eu-west-1"], factory, now())
+
+    statuses = {r.region: r.status for r in plan.regions}
+    assert statuses == {"us-east-1": "skipped", "eu-west-1": "ok"}, plan.regions
+    decisions = {d.image_id: d for d in plan.decisions if d.region == "eu-west-1"}
+    assert decisions[through].action == "keep"
+    assert decisions[through].reasons == ["shared with user:999988887777 (not in share_with)"]
+    # Nothing else acts in eu-west-1: the only launch permissions read there were those of `through`.
+    assert [d.action for d in decisions.values()].count("deprecate") == 0, decisions
+    assert asked["eu-west-1"] == [through]
