@@ -252,3 +252,37 @@ def test_a_refused_grant_is_taken_back_from_the_ledger() -> None:
     granted = share(fake, rules)
     assert (granted.status, granted.added) == ("ok", [f"user:{PARTNER}"])
     assert fake.images["ami-new"].permissions == {f"user:{PARTNER}"}
+
+
+def test_a_throttled_confirmation_after_deregister_image_reports_the_deregistration_done() -> None:
+    """DeregisterImage took effect and the snapshot is gone; only the ledger's confirmation failed. The
+    result says what was done (the snapshot deleted) and the next run writes the confirmation."""
+    fake = fleet()
+    fake.next_call_faults["ledger_confirm_deregistered"] = "throttle"
+    rules = policy(deregister_after_days=0)
+
+    first = apply(fake, rules, BASE)
+
+    [confirmed_late] = [
+        r
+        for r in first.results
+        if r.action == "deregister" and "confirmation not written" in (r.detail or "")
+    ]
+    assert confirmed_late.status == "ok" and confirmed_late.error is None
+    assert confirmed_late.snapshots_deleted == [
+        fake.ledger.items[confirmed_late.image_id].snapshots[0].snapshot_id
+    ]
+    assert "(ThrottlingException: Rate exceeded.): the next run writes it" in (confirmed_late.detail or "")
+    assert confirmed_late.image_id not in fake.images
+    assert fake.ledger.items[confirmed_late.image_id].deregistered is None
+    assert first.failed == 0, first.results
+
+    second = apply(fake, rules, BASE + timedelta(hours=1))
+
+    [finished] = [r for r in second.results if r.image_id == confirmed_late.image_id]
+    assert (finished.action, finished.status, finished.snapshots_deleted) == (
+        "finish-deregistration",
+        "ok",
+        [],
+    )
+    assert fake.ledger.items[confirmed_late.image_id].deregistered == BASE + timedelta(hours=1)

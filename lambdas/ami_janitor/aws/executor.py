@@ -544,7 +544,13 @@ class _RegionRun:
         self.gone.add(image.image_id)
         result = _snapshots_after(self, image, own, answer.get("DeleteSnapshotResults") or [])
         if result.status == "ok":
-            self.ledger.confirm_deregistered(image.image_id, self.now)
+            try:
+                self.ledger.confirm_deregistered(image.image_id, self.now)
+            except STEP_ERRORS as error:
+                # Deregistered and its snapshots deleted, whatever the ledger says: reported as done.
+                # The item records the stage, so the next run finishes it (finish_deregistrations).
+                late = f"the ledger's confirmation not written ({error_text(error)}): the next run writes it"
+                return result.model_copy(update={"detail": _join(n for n in (result.detail, late) if n)})
         return result
 
     # rescues ------------------------------------------------------------------------------------------
