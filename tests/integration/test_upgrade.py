@@ -76,6 +76,7 @@ def test_the_first_enforce_run_adopts_old_tags_safely_and_once(endpoint: str, tm
     assert "adopting the janitor tags of 2 AMI(s)" in notes
     assert f"{disabled} prior launch permission user:{STRANGER} (outside share_with)" in notes
     assert f"{waiting} grant user:{STRANGER} (outside share_with)" in notes
+    assert f"{waiting} grant user:{PARTNER} (in share_with: a tag's record, never revoked)" in notes
     assert "snapshots marked ami-janitor:retired-from: 1, for a person to check" in notes
     decisions = {d["image_id"]: d for d in plan["decisions"]}
     # Clocks restart at this run: the disabled AMI waits its full deregistration delay again.
@@ -93,7 +94,7 @@ def test_the_first_enforce_run_adopts_old_tags_safely_and_once(endpoint: str, tm
     item = view.items[disabled]
     assert set(item.stages) == {"deprecate", "disable"}
     assert item.stages["disable"].prior_launch_permissions == (f"user:{PARTNER}",)
-    assert view.items[waiting].grants == (f"user:{PARTNER}",)
+    assert view.items[waiting].grants == ()  # a tag's record of a grant: no grant of the janitor's
     # The mirror now says what the ledger says.
     tags = {t["Key"]: t["Value"] for t in client.describe_images(ImageIds=[disabled])["Images"][0]["Tags"]}
     assert tags[CANDIDATE_TAG] == iso(item.first_candidate)

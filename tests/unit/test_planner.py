@@ -25,6 +25,7 @@ from ami_janitor.core.policy import (
     SHARED_BY_JANITOR_TAG,
     Policy,
 )
+from ami_janitor.core.sharing import share_for
 from builders import ADOPTED, NOW, copied, granted, image, inventory, ledger_item, policy, reference
 
 ALL_ZERO = {"lifecycle": {"deprecate_after_days": 0, "disable_after_days": 0, "deregister_after_days": 0}}
@@ -188,6 +189,26 @@ def test_a_rescue_leaves_stages_adopted_from_tags_as_ec2_shows_them() -> None:
     result = plan([view], pol, NOW)
     assert by_id(result)[tagged.image_id].action == "rescue"
     assert result.latest == []
+
+
+def test_a_grant_a_tag_records_is_reported_never_adopted() -> None:
+    """A candidate shared by hand with an account share_with lists, its tag saying the janitor made the
+    grant. Adopted, the grant would be the janitor's: rescued once share_with no longer lists the
+    account, the AMI would have it revoked, on a tag's word. It is reported and left instead."""
+    partner = "111122223333"
+    tagged = image(
+        days_old=90,
+        tags={CANDIDATE_TAG: "2020-01-01T00:00:00Z", SHARED_BY_JANITOR_TAG: f"user:{partner}"},
+    )
+    shared = policy({"share_with": {"accounts": [partner]}})
+    view = trust.adopted_view(inventory(image(days_old=1), tagged, ledger=LedgerView(table="t")), shared, NOW)
+    adopted = {i.image_id: i for i in view.images}[tagged.image_id]
+    assert adopted.ledger is not None and adopted.ledger.grants == ()
+    assert f"{tagged.image_id} grant user:{partner} (in share_with: a tag's record, never revoked)" in (
+        " | ".join(view.notes)
+    )
+    rescued = adopted.model_copy(update={"ledger": adopted.ledger.model_copy(update={"closed": NOW})})
+    assert share_for(rescued, policy({}).families[0]) is None
 
 
 def test_latest_skips_disabled_and_deprecated() -> None:

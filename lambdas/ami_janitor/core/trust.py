@@ -230,10 +230,15 @@ def _adopted_item(image: Image, allowed: set[str], now: datetime, refused: list[
         or PRIOR_DEPRECATION_TAG in tags
         or any(is_part_key(PRIOR_PERMISSIONS_TAG, k) for k in tags)
     )
+    # No grant is adopted: the ledger's grants are the janitor's to revoke (when share_with drops them),
+    # and a tag never revokes. Those launch permissions stay as they are, like anyone's.
     grants = set(joined_values(SHARED_BY_JANITOR_TAG, tags))
-    kept_grants = grants & allowed
-    refused += [f"{image.image_id} grant {g} (outside share_with)" for g in sorted(grants - allowed)]
-    if not retiring and not kept_grants:
+    refused += [
+        f"{image.image_id} grant {g} "
+        + ("(in share_with: a tag's record, never revoked)" if g in allowed else "(outside share_with)")
+        for g in sorted(grants)
+    ]
+    if not retiring:
         return None
     # Stages EC2 shows are recorded as adopted: the tags do not prove the janitor made those changes
     # (the owner may have), so a rescue never undoes them. What the tags say came before is kept in
@@ -261,15 +266,14 @@ def _adopted_item(image: Image, allowed: set[str], now: datetime, refused: list[
         image_id=image.image_id,
         first_candidate=now if retiring else None,
         stages=stages,
-        grants=tuple(sorted(kept_grants)),
     )
 
 
 def adoption(inventory: RegionInventory, policy: Policy, now: datetime) -> Adoption:
     """The safe direction only: candidate clocks restart now; stages EC2 already shows are recorded
-    now, as adopted (a rescue leaves them: the AMI stays disabled and deprecated); recorded grants and
-    prior launch permissions are kept only inside share_with; retired-from marks are reported for a
-    person, never adopted. Nothing is adopted once the region was adopted."""
+    now, as adopted (a rescue leaves them: the AMI stays disabled and deprecated); prior launch
+    permissions are kept only inside share_with; recorded grants and retired-from marks are reported
+    for a person, never adopted. Nothing is adopted once the region was adopted."""
     ledger = inventory.ledger
     if ledger is not None and ledger.adopted is not None:
         return Adoption({}, [])
