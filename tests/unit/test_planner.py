@@ -626,6 +626,25 @@ def test_snapshot_deletions_count_toward_max_actions_per_run() -> None:
     assert decisions[none.image_id].action == "deregister"
 
 
+def test_a_snapshot_two_deregistrations_share_is_paid_for_by_the_second() -> None:
+    """Both AMIs go this run: the first leaves the snapshot to the second, whose deregistration
+    deletes it (the executor counts the first as gone), so the second costs 2 actions."""
+    first = image(days_old=300, snapshots=("snap-both",))
+    second = image(days_old=200, snapshots=("snap-both",))
+    kept = image(days_old=1)
+    limits = {"max_actions_per_run": 2, "max_fraction_per_family": 1}
+    pol = policy({"keep_latest": 1, **ALL_ZERO}, defaults={"limits": limits})
+    decisions = by_id(plan([inventory(first, second, kept)], pol, NOW))
+    assert decisions[first.image_id].action == "deregister"
+    assert decisions[second.image_id].action == "keep"
+    assert decisions[second.image_id].reasons[-1] == (
+        "held back by max_actions_per_run (2): deregistering it would delete 1 snapshot(s), 2 actions"
+    )
+    roomy = policy({"keep_latest": 1, **ALL_ZERO}, defaults={"limits": {**limits, "max_actions_per_run": 3}})
+    decisions = by_id(plan([inventory(first, second, kept)], roomy, NOW))
+    assert [decisions[i.image_id].action for i in (first, second)] == ["deregister", "deregister"]
+
+
 def test_summary_counts_only_snapshots_no_remaining_ami_uses() -> None:
     keepers = [image(days_old=10, snapshots=("snap-shared",)), image(days_old=11)]
     old = image(days_old=300, snapshots=("snap-shared", "snap-own"), size_gib=20)

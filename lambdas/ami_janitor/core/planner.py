@@ -652,6 +652,9 @@ def _apply_caps(
             moved[index] += 1
             total += cost
             _move(fields, staged)
+            if users is not None and staged[3] == "deregister":
+                # Gone with this run: the last of a snapshot's users deletes it, and pays for it.
+                users.subtract(image.snapshot_ids)
             continue
         fields["reasons"].append(reason)
     for index, tail in enumerate(tails):
