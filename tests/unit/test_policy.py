@@ -52,7 +52,7 @@ def test_defaults() -> None:
         ({**BASE, "regions": []}, "regions: must not be empty"),
         (
             with_family(limits={"max_actions_per_run": 5}),
-            "families[1].limits.max_actions_per_run: unknown key",
+            "families[1].limits: max_actions_per_run is a budget of each region's run, shared by its families",
         ),
         (with_family(keep_lates=3), "families[1].keep_lates: unknown key"),
         (

@@ -94,8 +94,17 @@ class Limits(_Strict):
 
 
 class FamilyLimits(_Strict):
-    # max_actions_per_run is a per-region budget, so a family cannot override it.
     max_fraction_per_family: float | None = Field(None, ge=0.0, le=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_region_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_actions_per_run" in data:
+            raise ValueError(
+                "max_actions_per_run is a budget of each region's run, shared by its families: set it "
+                "in defaults.limits"
+            )
+        return data
 
 
 class Rules(_Strict):
