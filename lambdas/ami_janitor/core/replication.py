@@ -299,8 +299,8 @@ def new_source_copies(
     copy's; a copy its ledger item records already, pass the source with it). A target with a recorded
     copy is the scheduled run's: only it reads whether that copy is still usable, and an old token
     would be answered with a copy failed, gone or retired since (an older source enabled again)."""
-    if source.is_replica or source.root_device_type == "instance-store":
-        return [], []
+    if source.is_replica or source.copied_from is not None or source.root_device_type == "instance-store":
+        return [], []  # a copy, the janitor's or not, is never copied onward
     targets, problems = _keyed_targets(family, source.region, keys, last or {})
     copies: list[Copy] = []
     for target, arn in targets:
@@ -338,8 +338,13 @@ def _plan_one(family: Family, source: Image, target: ReplicateTarget, copies: Re
 
 
 def _is_source(image: Image, conflicts: Mapping[str, Sequence[str]]) -> bool:
-    """An available AMI of one family that is no copy: it may be copied."""
-    return image.state == "available" and not image.is_replica and image.image_id not in conflicts
+    """An available AMI of one family that is no copy (EC2 names no source image): it may be copied."""
+    return (
+        image.state == "available"
+        and image.copied_from is None
+        and not image.is_replica
+        and image.image_id not in conflicts
+    )
 
 
 def _needs_copy(source: Image, target: ReplicateTarget, copies: Sequence[Image]) -> bool:
@@ -668,6 +673,10 @@ def _membership_problem(request: Copy, source: Image, policy: Policy) -> str | N
     """Why `source` is not a source of the request's family (None: it is)."""
     if source.is_replica:
         return f"source {source.image_id} is itself a copy (of {source.source_image_id}): never a source"
+    if source.copied_from is not None:
+        # EC2's own SourceImageId: a copy made by hand, by another tool, or by a janitor run that
+        # stopped before recording it. Copied onward, it would make copies of copies.
+        return f"source {source.image_id} is a copy (of {source.copied_from}, EC2 says): never a source"
     if source.root_device_type == "instance-store":
         return f"source {source.image_id} is instance-store backed: never replicated"
     families = sorted(f.name for f in policy.families if f.match.matches(source.name, source.tags))
