@@ -198,6 +198,37 @@ def test_a_duplicate_request_makes_no_second_copy(aws: ClientFactory) -> None:
     assert len(copies_in(aws, EU, source.image_id)) == 1
 
 
+def test_a_copy_into_a_region_that_bakes_the_family_too_is_named_apart(aws: ClientFactory) -> None:
+    """eu-west-1 baked the same night under the same name (AMI names are unique per region, and the
+    emulator refuses a taken name as EC2 does): the copy of us-east-1's bake is named after its source
+    region, and is made."""
+    baking = parse_policy(
+        {
+            **POLICY_DATA,
+            "regions": [US, EU],
+            "families": [
+                {
+                    **POLICY_DATA["families"][0],
+                    "replicate": [{"region": EU}],
+                    "bake": {"instance_tag": {"Role": "web"}},
+                }
+            ],
+        }
+    )
+    source = bake(aws, "web-20261125T020000Z")
+    eu = aws(EU).ec2
+    instance = eu.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    eu.create_image(InstanceId=instance, Name="web-20261125T020000Z")
+    with pytest.raises(ClientError, match="InvalidAMIName.Duplicate"):
+        eu.copy_image(SourceImageId=source.image_id, SourceRegion=US, Name="web-20261125T020000Z")
+
+    result = start_copy(aws, copy_of(source, key=None), source, baking)
+
+    assert result.status == "ok" and result.image_id is not None, result
+    [made] = eu.describe_images(ImageIds=[result.image_id])["Images"]
+    assert made["Name"] == "web-20261125T020000Z-us-east-1"
+
+
 def test_a_failed_copy_is_started_again_with_the_next_generation(aws: ClientFactory) -> None:
     source = bake(aws, "web-2")
     first = start_copy(aws, copy_of(source), source, POLICY)

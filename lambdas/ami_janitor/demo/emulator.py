@@ -2,7 +2,8 @@
 
 What EC2 does and moto does not: image deprecation, deregistration protection (and its refusal to
 deregister), LastLaunchedTime, DisableImage dropping launch permissions, snapshot tags at CreateImage
-and its refusal of a name the account already gave an image in the region (InvalidAMIName.Duplicate),
+and its refusal (CreateImage's and CopyImage's) of a name the account already gave an image in the
+region (InvalidAMIName.Duplicate),
 TagSpecifications and ClientToken on CopyImage, DeleteSnapshot refusing a snapshot any AMI still uses,
 the image block public access state (per account and region, on as for a new account; reported,
 not enforced: a public launch permission is still accepted).
@@ -241,6 +242,13 @@ def _wrap_copy_image(original: Callable[..., Any]) -> Callable[..., Any]:
         tokens: dict[str, Any] = self.__dict__.setdefault("_ami_janitor_copy_tokens", {})
         if client_token and client_token in tokens:
             return tokens[client_token]
+        taken = next(
+            (ami for ami in self.amis.values() if ami.name == name and ami.owner_id == self.account_id), None
+        )
+        if name is not None and taken is not None:  # unique per account and region, as for CreateImage
+            raise EC2ClientError(
+                "InvalidAMIName.Duplicate", f"AMI name {name} is already in use by AMI {taken.id}"
+            )
         ami = original(self, source_image_id, source_region, name, description)
         ami.source_image_id = source_image_id
         ami.source_image_region = source_region
