@@ -219,7 +219,7 @@ def test_a_copy_into_a_region_that_bakes_the_family_too_is_named_apart(aws: Clie
     eu = aws(EU).ec2
     instance = eu.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
     eu.create_image(InstanceId=instance, Name="web-20261125T020000Z")
-    with pytest.raises(ClientError, match="InvalidAMIName.Duplicate"):
+    with pytest.raises(ClientError, match=r"InvalidAMIName\.Duplicate"):
         eu.copy_image(SourceImageId=source.image_id, SourceRegion=US, Name="web-20261125T020000Z")
 
     result = start_copy(aws, copy_of(source, key=None), source, baking)

@@ -263,7 +263,13 @@ def test_the_ami_event_answers_with_its_outcome(
         (
             {
                 "shared": [
-                    ShareResult(region=REGION, image_id="ami-2", status="failed", error="Throttling: slow")
+                    ShareResult(
+                        region=REGION,
+                        image_id="ami-2",
+                        status="failed",
+                        error="Throttling: slow",
+                        passing=True,
+                    )
                 ]
             },
             "sharing failed: Throttling: slow",
@@ -292,6 +298,31 @@ def test_the_ami_event_fails_when_a_new_sources_share_or_copies_are_left_undone(
     with pytest.raises(RuntimeError) as raised:
         ami_event.handler(event, Context())
     assert str(raised.value) == f"AMI {event['detail']['ImageId']}: {why}"
+
+
+def test_the_ami_event_answers_when_a_share_is_refused_for_good(
+    mode: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ledger table, or image block public access refusing the public group: a retry fails the same
+    way, so the invocation answers (the failed share is in the answer and its log)."""
+    refused = ShareResult(
+        region=REGION, image_id="ami-2", status="failed", error="no ledger table in us-east-1"
+    )
+
+    def handle(image_id: str, state: Any, clients: Any, policy: Policy, *args: Any, **kwargs: Any) -> Any:
+        return AmiEventOutcome(
+            image_id=image_id,
+            state=state,
+            region=clients.region,
+            mode=policy.mode,
+            outcome="rotated",
+            shared=[refused],
+        )
+
+    monkeypatch.setattr(engine, "handle_ami_event", handle)
+    mode("enforce")
+    answer = ami_event.handler(ami_event_json(), Context())
+    assert answer["shared"][0]["status"] == "failed" and answer["shared"][0]["passing"] is False
 
 
 @pytest.mark.parametrize("policy_mode", ["paused", "dry-run", "enforce"])

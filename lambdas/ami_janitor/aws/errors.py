@@ -25,3 +25,31 @@ def error_text(error: BaseException) -> str:
     else:
         text = str(error) or type(error).__name__
     return " ".join(text.split())
+
+
+# Answers a later try may not meet again: throttling past the SDK's retries, AWS's own faults.
+_PASSING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "Unavailable",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+
+
+def is_passing(error: BaseException) -> bool:
+    """Whether trying again may succeed: a throttle, a 5xx, a lost or unreadable answer (a refusal of
+    the request itself, say AccessDenied or an invalid parameter, is met again)."""
+    if isinstance(error, ClientError):
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return error_code(error) in _PASSING_CODES or status >= 500
+    return isinstance(error, (BotoCoreError, ResponseParserError))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from pydantic import BaseModel, ConfigDict
 
-from ami_janitor.aws.errors import AWS_ERRORS, error_text
+from ami_janitor.aws.errors import AWS_ERRORS, error_text, is_passing
 from ami_janitor.aws.inventory import read_launch_permissions
 from ami_janitor.aws.ledger import Ledger, LedgerFor
 from ami_janitor.core.model import Image, LaunchPermission, RegionInventory, Share
@@ -61,6 +61,8 @@ class ShareResult(BaseModel):
     removed: list[str] = []
     error: str | None = None
     detail: str | None = None
+    # A failure that may pass (throttling, a 5xx, a lost answer): the AMI event is tried again for it.
+    passing: bool = False
 
 
 def _permissions(keys: Iterable[str]) -> list[LaunchPermissionTypeDef]:
@@ -151,6 +153,7 @@ def apply_shares(
                     status="failed",
                     error=error_text(error),
                     detail="; ".join(done) or None,
+                    passing=is_passing(error),
                 )
             )
             continue

@@ -82,9 +82,14 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
 
 
 def unfinished_work(outcome: AmiEventOutcome) -> list[str]:
-    """What a new source's sharing and copying left undone (a rotation that fails raises itself)."""
+    """What a new source's sharing and copying left undone that trying again may finish (a rotation that
+    fails raises itself). A share refused for good (no ledger table, image block public access refusing
+    the public group) is in the answer and its log, and waits for its cause to be fixed: retried, it
+    would only fail the same way into the failure destination."""
     unfinished = [
-        f"sharing failed: {s.error or s.detail or 'unknown'}" for s in outcome.shared if s.status == "failed"
+        f"sharing failed: {s.error or s.detail or 'unknown'}"
+        for s in outcome.shared
+        if s.status == "failed" and s.passing
     ]
     if outcome.copies_not_queued:
         unfinished.append(f"{outcome.copies_not_queued} of its copies not queued")

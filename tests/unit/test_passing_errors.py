@@ -1,0 +1,35 @@
+"""Which AWS failures a later try may not meet again: the AMI event is tried again only for those."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from ami_janitor.aws.errors import is_passing
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "passing"),
+    [
+        (client_error("RequestLimitExceeded", 503), True),
+        (client_error("ThrottlingException", 400), True),
+        (client_error("InternalError", 500), True),
+        (client_error("SomethingNew", 502), True),
+        (ReadTimeoutError(endpoint_url="https://ec2.us-east-1.amazonaws.com/"), True),
+        (EndpointConnectionError(endpoint_url="https://ec2.us-east-1.amazonaws.com/"), True),
+        (client_error("OperationNotPermitted", 400), False),
+        (client_error("UnauthorizedOperation", 403), False),
+        (client_error("InvalidAMIID.NotFound", 400), False),
+        (ValueError("no ledger table"), False),
+    ],
+)
+def test_a_throttle_a_5xx_or_a_lost_answer_may_pass_a_refusal_does_not(
+    error: BaseException, passing: bool
+) -> None:
+    assert is_passing(error) is passing
