@@ -286,3 +286,25 @@ def test_a_throttled_confirmation_after_deregister_image_reports_the_deregistrat
         [],
     )
     assert fake.ledger.items[confirmed_late.image_id].deregistered == BASE + timedelta(hours=1)
+
+
+def test_a_throttled_confirmation_of_a_stage_reports_the_stage_done() -> None:
+    """EnableImageDeprecation took effect, its confirmation was throttled: reported done (the detail
+    says the confirmation is left), the AMI's later stages go on, and the next run confirms it."""
+    fake = fleet()
+    fake.next_call_faults["ledger_confirm_stage"] = "throttle"
+    rules = policy(deregister_after_days=7)
+
+    first = apply(fake, rules, BASE)
+
+    assert first.failed == 0, first.results
+    [late] = [r for r in first.results if "confirmation not written" in (r.detail or "")]
+    assert late.action == "deprecate" and late.status == "ok"
+    assert late.detail is not None and late.detail.startswith("recorded in the ledger; deprecated at ")
+    assert fake.ledger.items[late.image_id].stages["deprecate"].confirmed is None
+    disabled = [r for r in first.results if r.image_id == late.image_id and r.action == "disable"]
+    assert [r.status for r in disabled] == ["ok"]
+
+    apply(fake, rules, BASE + timedelta(hours=1))
+
+    assert fake.ledger.items[late.image_id].stages["deprecate"].confirmed == BASE + timedelta(hours=1)

@@ -470,7 +470,7 @@ class _RegionRun:
             done.append(f"deprecated at {iso(target)}")
         else:
             done.append(f"kept the earlier deprecation time {iso(image.deprecation_time)}")
-        self.ledger.confirm_stage(image.image_id, "deprecate", self.now)
+        done += self._confirm(image.image_id, "deprecate")
         return self.result(image.image_id, "deprecate", "ok", detail=_join(done))
 
     def _shared_since(self, image: Image, permissions: tuple[LaunchPermission, ...]) -> str | None:
@@ -508,14 +508,29 @@ class _RegionRun:
         if image.state != "disabled":
             _disable_image(self.ec2, image.image_id)
         self.disabled.add(image.image_id)
-        self.ledger.confirm_stage(image.image_id, "disable", self.now)
+        late = self._confirm(image.image_id, "disable")
         removed = ",".join(prior) or "none"
         return self.result(
             image.image_id,
             "disable",
             "ok",
-            detail=f"recorded in the ledger; disabled; launch permissions removed: {removed}",
+            detail=_join(
+                ["recorded in the ledger", "disabled", f"launch permissions removed: {removed}", *late]
+            ),
         )
+
+    def _confirm(self, image_id: str, stage: Stage) -> list[str]:
+        """The stage's confirmation in the ledger, once EC2 took it; where that write fails, the stage is
+        still done (the report says so, with what it did) and the next run confirms it (confirm_shown,
+        finish_deregistrations): a note to add to the result's detail."""
+        try:
+            if stage == "deregister":
+                self.ledger.confirm_deregistered(image_id, self.now)
+            else:
+                self.ledger.confirm_stage(image_id, stage, self.now)
+        except STEP_ERRORS as error:
+            return [f"the ledger's confirmation not written ({error_text(error)}): the next run writes it"]
+        return []
 
     def deregister(self, image: Image) -> ActionResult:
         # An AMI that was never disabled (a lifecycle without the disable stage) still holds its launch
@@ -544,13 +559,9 @@ class _RegionRun:
         self.gone.add(image.image_id)
         result = _snapshots_after(self, image, own, answer.get("DeleteSnapshotResults") or [])
         if result.status == "ok":
-            try:
-                self.ledger.confirm_deregistered(image.image_id, self.now)
-            except STEP_ERRORS as error:
-                # Deregistered and its snapshots deleted, whatever the ledger says: reported as done.
-                # The item records the stage, so the next run finishes it (finish_deregistrations).
-                late = f"the ledger's confirmation not written ({error_text(error)}): the next run writes it"
-                return result.model_copy(update={"detail": _join(n for n in (result.detail, late) if n)})
+            late = self._confirm(image.image_id, "deregister")
+            if late:
+                return result.model_copy(update={"detail": _join([*filter(None, [result.detail]), *late])})
         return result
 
     # rescues ------------------------------------------------------------------------------------------
