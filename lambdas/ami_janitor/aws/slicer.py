@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict
 from ami_janitor.aws import executor, runs, usage
 from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.inventory import image_references, ledger_items
-from ami_janitor.aws.inventory.copy_sources import read_copy_sources
 from ami_janitor.aws.inventory.image_references import read_image_references
 from ami_janitor.aws.inventory.images import images_where
 from ami_janitor.aws.inventory.load import REFERENCE_SOURCE_PERMISSIONS, read_reference_sources
@@ -189,7 +188,9 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
     with source("ec2:DescribeImageReferences"):
         references = _references(clients, policy, own, work.planned_at)
     images = {i.image_id: i for i in [*sharing, *own]}
-    inventory = with_ledger(
+    # No copy's source is read: what holds an AMI back here is EC2's state and the ledger's clock, never
+    # an AMI's age or order (the plan judged those).
+    return with_ledger(
         RegionInventory(
             region=clients.region,
             images=tuple(sorted(images.values(), key=lambda i: i.image_id)),
@@ -197,9 +198,6 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
             ledger=view or LedgerView(table=policy.ledger.table),
         )
     )
-    # A copy's age is its source's, as in the plan (a copy made late would look young here).
-    aged, _notes = read_copy_sources(inventory.images, clients.region, policy, clients.ec2_in)
-    return inventory._replace(images=aged) if aged is not inventory.images else inventory
 
 
 def run_slice(
