@@ -354,6 +354,35 @@ def launch_build_instance() -> str:
     return str(answer["Instances"][0]["InstanceId"])
 
 
+def test_bake_reboots_as_the_familys_bake_no_reboot_says_unless_told(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bake.no_reboot: true`: the command bakes without a reboot, as the scheduled bake does;
+    `--reboot` overrides it. (The emulator ignores NoReboot: the value given to the bake is checked;
+    tests/unit/test_bake_requests.py checks the CreateImage request it makes.)"""
+    from ami_janitor.aws import baker
+
+    seed_fleet(now())
+    make_ledger()
+    launch_build_instance()
+    text = POLICY.format(mode="dry-run") + "    bake: {instance_tag: {Role: web}, no_reboot: true}\n"
+    config = write_policy(tmp_path, text=text)
+    given: list[bool] = []
+    bake = baker.bake
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        given.append(kwargs["no_reboot"])
+        return bake(*args, **kwargs)
+
+    monkeypatch.setattr(baker, "bake", recorded)
+    for flags in ([], ["--reboot"], ["--no-reboot"]):
+        code, output = run("bake", "--family", "web", "--config", config, "--region", "us-east-1", *flags)
+        assert code == 0, output
+    assert given == [True, False, True]
+    with pytest.raises(SystemExit):
+        run("bake", "--family", "web", "--config", config, "--reboot", "--no-reboot")
+
+
 def test_bake_refuses_when_several_instances_carry_the_bake_tag(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -46,8 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--instance-id",
         help="default: the family's bake.instance_id, else the only instance carrying its bake.instance_tag",
     )
-    bake.add_argument(
-        "--no-reboot", action="store_true", help="do not reboot (the file system may be inconsistent)"
+    reboot = bake.add_mutually_exclusive_group()
+    reboot.add_argument(
+        "--no-reboot",
+        action="store_const",
+        const=True,
+        dest="no_reboot",
+        help="do not reboot (the file system may be inconsistent); default: the family's bake.no_reboot",
+    )
+    reboot.add_argument(
+        "--reboot",
+        action="store_const",
+        const=False,
+        dest="no_reboot",
+        help="reboot, whatever bake.no_reboot says",
     )
     bake.add_argument("--stop-command", help="run on the instance (SSM Run Command) before CreateImage")
     bake.add_argument("--start-command", help="run after CreateImage returns, even if it failed")

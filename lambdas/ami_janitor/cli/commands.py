@@ -290,7 +290,10 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
             family,
             instance_id,
             _now(),
-            no_reboot=args.no_reboot,
+            # As the scheduled bake does, unless the command line says otherwise.
+            no_reboot=family.bake is not None and family.bake.no_reboot
+            if args.no_reboot is None
+            else args.no_reboot,
             stop_command=args.stop_command,
             start_command=args.start_command,
             wait=not args.no_wait,
