@@ -284,6 +284,49 @@ def test_a_create_image_retried_after_its_answer_was_lost_is_the_image_it_made(a
     aws.dynamodb.assert_no_pending_responses()
 
 
+def test_the_image_a_lost_create_image_made_is_looked_for_until_ec2_lists_it(aws: Stubbed) -> None:
+    """EC2 refused the retry's name, and DescribeImages does not list the first attempt's image yet
+    (eventual consistency): it is asked again after 2 and 4 seconds, and the bake is that image."""
+    duplicate_name(aws)
+    name_filter = {
+        "Owners": ["self"],
+        "IncludeDisabled": True,
+        "Filters": [{"Name": "name", "Values": [CREATE_IMAGE["Name"]]}],
+    }
+    aws.ec2.add_response("describe_images", {"Images": []}, name_filter)
+    aws.ec2.add_response(
+        "describe_images",
+        {"Images": [{"ImageId": IMAGE, "Name": CREATE_IMAGE["Name"], "SourceInstanceId": INSTANCE}]},
+        name_filter,
+    )
+    aws.ledger_record(IMAGE)
+
+    result = aws.bake(wait=False)
+
+    assert result.image_id == IMAGE
+    assert aws.sleeps == [2.0, 4.0]
+
+
+def test_a_duplicate_name_nobody_lists_or_a_failed_lookup_is_a_bake_error(aws: Stubbed) -> None:
+    duplicate_name(aws)
+    name_filter = {
+        "Owners": ["self"],
+        "IncludeDisabled": True,
+        "Filters": [{"Name": "name", "Values": [CREATE_IMAGE["Name"]]}],
+    }
+    for _ in range(3):
+        aws.ec2.add_response("describe_images", {"Images": []}, name_filter)
+    with pytest.raises(baking.BakeError, match=r"InvalidAMIName\.Duplicate") as refused:
+        aws.bake(wait=False)
+    assert refused.value.image_id is None and aws.sleeps == [2.0, 4.0, 8.0]
+    aws.create_fails("InvalidAMIName.Duplicate", "AMI name is already in use")
+    aws.ec2.add_client_error(
+        "describe_images", "RequestLimitExceeded", "slow down", expected_params=name_filter
+    )
+    with pytest.raises(baking.BakeError, match="could not be looked up: RequestLimitExceeded: slow down"):
+        aws.bake(wait=False)
+
+
 def test_a_duplicate_name_made_from_another_instance_is_no_bake_of_this_one(aws: Stubbed) -> None:
     # EC2 says who made it: a baked-from tag naming this instance does not override that.
     tags = [{"Key": "ami-janitor:baked-from", "Value": INSTANCE}]

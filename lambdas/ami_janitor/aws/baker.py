@@ -98,6 +98,8 @@ class Timing(NamedTuple):
     image_delay: float = 15.0
     image_timeout: float = 3600.0  # large volumes take a while to snapshot
     sleep: Callable[[float], None] = time.sleep
+    # Looking for the image a retried CreateImage met: DescribeImages may not show it for a few seconds.
+    lookup_delays: tuple[float, ...] = (0.0, 2.0, 4.0, 8.0)
 
 
 def bake(
@@ -124,7 +126,7 @@ def bake(
 
     def create() -> str:
         report(f"creating image {request['Name']} from {instance_id}")
-        image_id = _create_image(clients.ec2, request)
+        image_id = _create_image(clients.ec2, request, bounds)
         _record_bake(Ledger(clients, ledger_table), image_id, instance_id, now)
         return image_id
 
@@ -150,32 +152,45 @@ def _silent(line: str) -> None:
     return None
 
 
-def _create_image(ec2: EC2Client, request: dict[str, Any]) -> str:
+def _create_image(ec2: EC2Client, request: dict[str, Any], timing: Timing) -> str:
     try:
         answer = ec2.create_image(**request)
     except (ClientError, BotoCoreError) as error:
-        made = _made_already(ec2, request) if error_code(error) == "InvalidAMIName.Duplicate" else None
+        failed = f"CreateImage from {request['InstanceId']} failed: {error_text(error)}"
+        if error_code(error) != "InvalidAMIName.Duplicate":
+            raise BakeError(failed) from None
+        made = _made_already(ec2, request, timing, failed)
         if made is None:
-            raise BakeError(f"CreateImage from {request['InstanceId']} failed: {error_text(error)}") from None
+            raise BakeError(failed) from None
         return made
     return str(answer["ImageId"])
 
 
-def _made_already(ec2: EC2Client, request: dict[str, Any]) -> str | None:
+def _made_already(ec2: EC2Client, request: dict[str, Any], timing: Timing, failed: str) -> str | None:
     """The image a CreateImage refused as a duplicate name made itself. CreateImage has no client
     token: when its answer is lost the SDK sends it again, and the retry meets the image the first
     attempt made under the same name (unique: it holds this bake's timestamp). It is this bake's
     only where EC2 says it was made from this instance (SourceInstanceId): never by a tag, which
-    anyone may write on an image of that name."""
-    try:
-        answer = ec2.describe_images(
-            Owners=["self"], IncludeDisabled=True, Filters=[{"Name": "name", "Values": [request["Name"]]}]
-        )
-    except (ClientError, BotoCoreError):
-        return None
-    for image in answer.get("Images") or []:
-        if image.get("SourceInstanceId") == request["InstanceId"]:
-            return str(image["ImageId"])
+    anyone may write on an image of that name. EC2 may not list a new image for a few seconds: it is
+    looked for again while none of that name is visible (`timing.lookup_delays`); one made from
+    another instance ends the search. A lookup that fails is a BakeError naming both failures."""
+    for delay in timing.lookup_delays:
+        if delay:
+            timing.sleep(delay)
+        try:
+            answer = ec2.describe_images(
+                Owners=["self"], IncludeDisabled=True, Filters=[{"Name": "name", "Values": [request["Name"]]}]
+            )
+        except (ClientError, BotoCoreError) as error:
+            raise BakeError(
+                f"{failed}; the image of that name could not be looked up: {error_text(error)}"
+            ) from None
+        images = answer.get("Images") or []
+        for image in images:
+            if image.get("SourceInstanceId") == request["InstanceId"]:
+                return str(image["ImageId"])
+        if images:
+            return None
     return None
 
 
