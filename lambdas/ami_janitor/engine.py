@@ -29,7 +29,7 @@ from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
-from ami_janitor.core import baking, keys, replication, run_plan, sharing, slices, trust
+from ami_janitor.core import baking, keys, planner, replication, run_plan, sharing, slices, trust
 from ami_janitor.core import usage as core_usage
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
@@ -676,7 +676,13 @@ def handle_ami_event(
     """One EC2 AMI State Change event: rotate; a new source is shared and queued for its copies at once
     (the scheduled run reconciles anything an event missed). `clients_for`: the target regions' clients
     (the aliases of their keys are resolved there)."""
-    outcome = rotator.handle_state_change(image_id, state, clients, policy, now)
+    read: list[RegionInventory] = []
+
+    def load(region_clients: RegionClients, loaded_policy: Policy) -> RegionInventory:
+        read.append(inventory.load_images(region_clients, loaded_policy))
+        return read[-1]
+
+    outcome = rotator.handle_state_change(image_id, state, clients, policy, now, load=load)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
     described = inventory.describe_image(clients, image_id)
@@ -697,6 +703,11 @@ def handle_ami_event(
     family = families[0]
     share = sharing.share_for(image, family)
     copies, skipped = _new_source_copies(image, family, policy, clients, clients_for)
+    if copies:
+        region_now = read[-1] if read and read[-1].error is None else inventory.load_images(clients, policy)
+        older = _older_than_kept(image, policy, region_now)
+        if older is not None:
+            copies, skipped = [], [*skipped, older]
     outcome = outcome.model_copy(update={"copies_skipped": skipped})
     if policy.mode != "enforce":
         return outcome.model_copy(update={"would_share": share, "would_copy": len(copies)})
@@ -712,6 +723,24 @@ def handle_ami_event(
     if enqueue is not None and queued < len(copies):
         update["copies_not_queued"] = len(copies) - queued
     return outcome.model_copy(update=update)
+
+
+def _older_than_kept(image: Image, policy: Policy, region: RegionInventory) -> str | None:
+    """Why the event leaves a source's copies to the scheduled run: it is not among the `keep_latest`
+    newest of its group (an older AMI enabled again, say), whose copies a target group would not keep
+    (the scheduled run copies only those: replication.wanted_sources). None for a new build, and for an
+    AMI the region's read does not list yet."""
+    if region.error is not None:
+        return None
+    groups, _conflicts = planner.build_groups(region, policy)
+    for group in groups:
+        ranked = [m.image_id for m in group.members]
+        if image.image_id in ranked and image.image_id not in ranked[: group.rules.keep_latest]:
+            return (
+                f"{image.image_id} is not among the {group.rules.keep_latest} newest of its group in "
+                f"{region.region}: the scheduled run decides its copies"
+            )
+    return None
 
 
 def _new_source_copies(

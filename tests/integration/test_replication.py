@@ -301,6 +301,32 @@ def test_an_available_event_leaves_a_recorded_copy_to_the_scheduled_run(aws: Cli
     ]
 
 
+def test_an_available_event_leaves_an_older_sources_copies_to_the_scheduled_run(aws: ClientFactory) -> None:
+    """An AMI older than the keep_latest (2) newest of its group, available again (enabled by hand, a
+    rescue) and never copied: a target group would not keep its copy, so the event queues none; the
+    newest still gets its copies at once."""
+    sources = [bake(aws, f"web-{n}") for n in range(3)]
+    for n, source in enumerate(sources):
+        emulator.set_image_fields(US, source.image_id, creation_date=source.created.replace(day=1 + n))
+    queued: list[Copy] = []
+
+    def enqueue(copies: list[Copy]) -> int:
+        queued.extend(copies)
+        return len(copies)
+
+    old = engine.handle_ami_event(
+        sources[0].image_id, "available", aws(US), POLICY, sources[2].created, enqueue=enqueue
+    )
+    assert queued == [] and old.copies_queued == 0
+    assert old.copies_skipped == [
+        f"{sources[0].image_id} is not among the 2 newest of its group in {US}: the scheduled run decides its copies"
+    ]
+    new = engine.handle_ami_event(
+        sources[2].image_id, "available", aws(US), POLICY, sources[2].created, enqueue=enqueue
+    )
+    assert new.copies_queued == 2 and {c.source_image_id for c in queued} == {sources[2].image_id}
+
+
 def test_an_available_event_counts_the_copies_sqs_did_not_take(aws: ClientFactory) -> None:
     """SQS took one of the two copies: the outcome says so (and the handler fails the invocation)."""
     source = bake(aws, "web-3")
