@@ -229,6 +229,22 @@ def test_a_copy_into_a_region_that_bakes_the_family_too_is_named_apart(aws: Clie
     assert made["Name"] == "web-20261125T020000Z-us-east-1"
 
 
+def test_a_copy_whose_provenance_tag_was_removed_is_still_found(aws: ClientFactory) -> None:
+    """The worker finds a source's copies by what EC2 records (SourceImageId), not by a tag anyone may
+    remove: a request delivered again after EC2 forgot its ClientToken makes no second copy."""
+    source = bake(aws, "web-2")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    assert first.status == "ok" and first.image_id is not None
+    aws(EU).ec2.delete_tags(Resources=[first.image_id], Tags=[{"Key": SOURCE_IMAGE_TAG}])
+    ec2_backends[emulator.DEFAULT_ACCOUNT_ID][EU].__dict__.pop("_ami_janitor_copy_tokens", None)  # forgotten
+
+    again = start_copy(aws, copy_of(source), read(aws, US, source.image_id), POLICY)
+
+    assert (again.status, again.started, again.detail) == ("ok", False, "already copied (available)"), again
+    assert again.image_id == first.image_id
+    assert [i["ImageId"] for i in aws(EU).ec2.describe_images(Owners=["self"])["Images"]] == [first.image_id]
+
+
 def test_a_failed_copy_is_started_again_with_the_next_generation(aws: ClientFactory) -> None:
     source = bake(aws, "web-2")
     first = start_copy(aws, copy_of(source), source, POLICY)
@@ -605,7 +621,7 @@ def lookup(source_id: str) -> dict[str, Any]:
         "Owners": ["self"],
         "IncludeDeprecated": True,
         "IncludeDisabled": True,
-        "Filters": [{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source_id]}],
+        "Filters": [{"Name": "source-image-id", "Values": [source_id]}],
     }
 
 

@@ -239,11 +239,14 @@ class FakeEc2:
     # -- the calls ---------------------------------------------------------------------------------
     def describe_images(self, **params: Any) -> dict[str, Any]:
         view = self.frozen if self.frozen is not None else self.images
-        wanted = {f["Name"][4:]: set(f["Values"]) for f in params.get("Filters", [])}
+        filters = {f["Name"]: set(f["Values"]) for f in params.get("Filters", [])}
+        sources = filters.pop("source-image-id", None)
+        wanted = {name.removeprefix("tag:"): values for name, values in filters.items()}
         found = [
             self.api(raw)
             for raw in view.values()
             if all(raw["Tags"].get(key) in values for key, values in wanted.items())
+            and (sources is None or raw["SourceImageId"] in sources)
         ]
         return {"Images": found}
 

@@ -16,7 +16,6 @@ from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.aws.ledger import CHECK_PERMISSIONS, Ledger, LedgerFor, LedgerMissing, ledgers
 from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import (
-    SOURCE_IMAGE_TAG,
     Policy,
 )
 from ami_janitor.core.replication import (
@@ -64,14 +63,15 @@ SEND_MESSAGE_BATCH_MAX = 10
 def find_copies(ec2: EC2Client, ledger: Ledger, source_image_id: str, region: str) -> list[Image]:
     """Every copy the janitor made of the source in the client's region, any state, with its ledger item.
 
-    The provenance tag only finds the AMIs to look at; a copy is one EC2 says was copied from the
-    source and whose item in `ledger` (the region's) records it as the janitor's copy of that source.
+    Found by what EC2 itself records (`source-image-id`), never by the provenance tag, which anyone may
+    remove; a copy is one whose item in `ledger` (the region's) records it as the janitor's copy of
+    that source.
     """
     answer = ec2.describe_images(
         Owners=["self"],
         IncludeDeprecated=True,
         IncludeDisabled=True,
-        Filters=[{"Name": f"tag:{SOURCE_IMAGE_TAG}", "Values": [source_image_id]}],
+        Filters=[{"Name": "source-image-id", "Values": [source_image_id]}],
     )
     images = [Image.from_api(region, dict(raw)) for raw in answer.get("Images") or []]
     items = ledger.read_items(i.image_id for i in images) if images else {}

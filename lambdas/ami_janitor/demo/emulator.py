@@ -136,10 +136,13 @@ def _is_protected(ami: Any) -> bool:
 
 def _wrap_get_filter_value(original: Callable[..., Any]) -> Callable[..., Any]:
     def get_filter_value(self: Any, filter_name: str, method_name: str | None = None) -> Any:
-        # DescribeImages' filter by the snapshot an AMI uses (moto has one snapshot per AMI).
+        # DescribeImages' filters by the snapshot an AMI uses (moto has one snapshot per AMI) and by
+        # the image a copy was made from.
         if filter_name == "block-device-mapping.snapshot-id":
             snapshot = getattr(self, "ebs_snapshot", None)
             return [snapshot.id] if snapshot is not None else []
+        if filter_name == "source-image-id":  # set by CopyImage (below), as EC2 does
+            return getattr(self, "source_image_id", None)
         return original(self, filter_name, method_name)
 
     return get_filter_value
