@@ -159,8 +159,14 @@ def test_copy_image_honours_tag_specifications_and_client_token(ec2: Any) -> Non
     )["ImageId"]
     again = ec2.copy_image(SourceImageId=source, SourceRegion=REGION, Name="copy-1", ClientToken="tok-1")
     assert again["ImageId"] == copy
-    other = ec2.copy_image(SourceImageId=source, SourceRegion=REGION, Name="copy-1", ClientToken="tok-2")
+    # A new token makes a new copy, under a name of its own: names are unique per region.
+    with pytest.raises(ClientError, match=r"InvalidAMIName\.Duplicate"):
+        ec2.copy_image(SourceImageId=source, SourceRegion=REGION, Name="copy-1", ClientToken="tok-2")
+    other = ec2.copy_image(SourceImageId=source, SourceRegion=REGION, Name="copy-2", ClientToken="tok-2")
     assert other["ImageId"] != copy
+    # EC2's own record of the source, which DescribeImages filters on.
+    found = ec2.describe_images(Owners=["self"], Filters=[{"Name": "source-image-id", "Values": [source]}])
+    assert sorted(i["ImageId"] for i in found["Images"]) == sorted([copy, other["ImageId"]])
 
     raw = describe(ec2, copy)
     assert raw["Tags"] == [{"Key": "ami-janitor:source-image", "Value": source}]  # no source tags copied
