@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from aws_cdk import Duration
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_lambda as lambda_
@@ -65,6 +65,9 @@ class AmiEvents(Construct):
             event_pattern=events.EventPattern(
                 source=["aws.ec2"],
                 detail_type=["EC2 AMI State Change"],
+                # Only this account's AMIs: a bus that receives other accounts' events (forwarded to it)
+                # would otherwise have every such event rotate the region's groups.
+                account=[Stack.of(self).account],
                 # EventBridge delivers "EC2 AMI State Change" with the state in detail.State (capital S).
                 detail={"State": list(AMI_STATES)},
             ),

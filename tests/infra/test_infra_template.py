@@ -127,6 +127,8 @@ def test_ami_state_change_rule(all_templates: dict[str, dict[str, Any]]) -> None
                     {
                         "source": ["aws.ec2"],
                         "detail-type": ["EC2 AMI State Change"],
+                        # This account's events only (a bus may receive others', forwarded).
+                        "account": [{"Ref": "AWS::AccountId"}],
                         "detail": {"State": ["available", "failed", "deregistered", "disabled"]},
                     }
                 ),
