@@ -23,7 +23,18 @@ SCP = Path(__file__).resolve().parents[2] / "docs" / "scp-ami-janitor-tags.json"
 def test_scp_denies_janitor_tag_writes_outside_the_janitor_path() -> None:
     document = json.loads(SCP.read_text(encoding="utf-8"))
     assert document["Version"] == "2012-10-17"
-    [statement] = document["Statement"]
+    statement, every_tag = document["Statement"]
+    # DeleteTags without keys removes every tag and sends no aws:TagKeys, which the first cannot see.
+    assert every_tag == {
+        "Sid": "NoDeleteOfEveryTag",
+        "Effect": "Deny",
+        "Action": ["ec2:DeleteTags"],
+        "Resource": "*",
+        "Condition": {
+            "Null": {"aws:TagKeys": "true"},
+            "ArnNotLike": {"aws:PrincipalArn": [ledger.janitor_principal_pattern("aws")]},
+        },
+    }
     assert statement["Effect"] == "Deny"
     assert sorted(statement["Action"]) == ["ec2:CreateTags", "ec2:DeleteTags"]
     assert statement["Resource"] == "*"
@@ -39,16 +50,19 @@ def test_scp_denies_janitor_tag_writes_outside_the_janitor_path() -> None:
     assert "Principal" not in statement
 
 
-def scp_denies(action: str, principal: str, tag_keys: list[str]) -> bool:
-    """The SCP's answer to a request, by IAM's rules for the operators it uses."""
+def scp_denies(action: str, principal: str, tag_keys: list[str] | None) -> bool:
+    """The SCP's answer to a request, by IAM's rules for the operators it uses (`tag_keys` None: the
+    request names no key, as a DeleteTags of every tag)."""
     context: dict[str, Any] = {"aws:TagKeys": tag_keys, "aws:PrincipalArn": principal}
     held = {
+        # Null "true": the request has no such key.
+        "Null": lambda got, wanted: (got is None) == (wanted == "true"),
         # ForAnyValue: some value of the request matches some value of the policy (none: false).
         "ForAnyValue:StringLike": lambda got, wanted: any(
-            fnmatch.fnmatchcase(v, w) for v in got for w in wanted
+            fnmatch.fnmatchcase(v, w) for v in got or () for w in wanted
         ),
         # A negated operator: some value of the request equals none of the policy's.
-        "ForAnyValue:StringNotEquals": lambda got, wanted: any(v not in wanted for v in got),
+        "ForAnyValue:StringNotEquals": lambda got, wanted: any(v not in wanted for v in got or ()),
         "ArnNotLike": lambda got, wanted: not any(fnmatch.fnmatchcase(got, w) for w in wanted),
     }
     document = json.loads(SCP.read_text(encoding="utf-8"))
@@ -78,6 +92,13 @@ def test_under_the_scp_anyone_may_write_the_opt_out_tag_and_only_the_janitor_its
     # The opt-out tag goes in a request of its own: with another key, the SCP cannot tell them apart.
     assert scp_denies(action, SOMEONE, [keep, "Name"])
     assert not scp_denies(action, JANITOR, ["ami-janitor:candidate-since", keep])
+
+
+def test_under_the_scp_only_the_janitor_may_delete_every_tag_of_a_resource() -> None:
+    """DeleteTags without keys removes every tag, the janitor's too, and sends no aws:TagKeys."""
+    assert scp_denies("ec2:DeleteTags", SOMEONE, None)
+    assert not scp_denies("ec2:CreateTags", SOMEONE, None)  # CreateTags always names its keys
+    assert not scp_denies("ec2:DeleteTags", JANITOR, None)
 
 
 TAGS_ALONE = "family {} is matched by tags alone: anyone who may tag an AMI can enroll it (add a name glob)"
