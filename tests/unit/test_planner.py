@@ -475,6 +475,19 @@ def test_stage_clock() -> None:
     assert (forged.action, forged.stages, forged.candidate_since) == ("deprecate", ["deprecate"], iso(NOW))
 
 
+def test_a_stage_done_again_gives_the_next_its_full_delay_from_then() -> None:
+    """Disable recorded 13 days ago, its DisableImage refused (throttled, a crash, a region skipped for
+    days), done again and confirmed yesterday: deregistration (7 days after disable) waits until 6
+    days from now, not at once from the first record."""
+    keepers = [image(days_old=10 + i) for i in range(2)]
+    item = ledger_item(20, {"deprecate": 20, "disable": 13}).model_copy(deep=True)
+    item.stages["disable"] = item.stages["disable"].model_copy(update={"confirmed": NOW - timedelta(days=1)})
+    target = image(days_old=300, state="disabled", ledger=item, deprecation_time=NOW - timedelta(days=20))
+    decision = by_id(plan([inventory(*keepers, target)], policy(), NOW))[target.image_id]
+    assert (decision.action, decision.next_action) == ("wait", "deregister")
+    assert decision.next_action_at == iso(NOW + timedelta(days=6))
+
+
 def test_all_zero_stages_deregister_at_once_and_null_skips() -> None:
     keepers = [image(days_old=10 + i) for i in range(2)]
     old = image(days_old=300)
