@@ -11,12 +11,12 @@ from ami_janitor.aws import ledger
 from ami_janitor.core.policy import UsageReports
 from infra.buckets import access_log_bucket, private_bucket_settings
 
-# A report is written again by every scheduled run: one not rewritten for this long is of an account
-# that left (its absence then reads as a missing report, never as a fresh one).
-REPORT_RETENTION = Duration.days(30)
+# A report never expires: one that vanished would read as missing, which `required: false` takes as
+# "not used", while a stale one keeps its AMIs (fail safe). Each account's report of a region is one
+# object, overwritten by every scheduled run: the inbox does not grow.
 # What changes a report: a write, a delete (of the object or of a version of it: the "null" version of
-# an unversioned bucket is the object itself), a replication into the bucket. Only S3's lifecycle
-# deletes one (it is not subject to the bucket policy).
+# an unversioned bucket is the object itself), a replication into the bucket. The bucket policy denies
+# them to all but each account's own janitor roles, under that account's prefix.
 REPORT_WRITES = sorted(
     ["s3:DeleteObject", "s3:DeleteObjectVersion", "s3:PutObject", "s3:ReplicateDelete", "s3:ReplicateObject"]
 )
@@ -39,11 +39,7 @@ class UsageInbox(Construct):
             "Bucket",
             bucket_name=settings.bucket,
             lifecycle_rules=[
-                s3.LifecycleRule(
-                    prefix=reports,
-                    expiration=REPORT_RETENTION,
-                    abort_incomplete_multipart_upload_after=Duration.days(1),
-                )
+                s3.LifecycleRule(prefix=reports, abort_incomplete_multipart_upload_after=Duration.days(1))
             ],
             server_access_logs_bucket=self.access_logs,
             server_access_logs_prefix="inbox/",

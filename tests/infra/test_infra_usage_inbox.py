@@ -67,9 +67,10 @@ def test_inbox_bucket(org_synth: Synth) -> None:
                     },
                     "LifecycleConfiguration": {
                         "Rules": [
+                            # No expiry: a report that vanished would read as missing ("not used"
+                            # under `required: false`); a stale one keeps its AMIs.
                             {
                                 "Prefix": "janitor/reports/",
-                                "ExpirationInDays": 30,
                                 "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
                                 "Status": "Enabled",
                             }
