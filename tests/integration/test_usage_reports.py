@@ -309,12 +309,15 @@ def test_where_organizations_cannot_be_read_a_share_to_an_ou_keeps_the_ami(accou
     )
 
 
+@pytest.mark.parametrize("enabled_by_hand", [False, True])
 def test_a_disabled_ami_its_recorded_consumer_reports_used_again_is_rescued_with_its_share(
-    accounts: Accounts,
+    accounts: Accounts, enabled_by_hand: bool
 ) -> None:
     """Disabling removed the AMI's launch permissions, so EC2 no longer shows who it was shared with:
     the consumers are those the ledger recorded. The consumer reports it unused, the AMI is disabled;
-    then the consumer uses it again and reports so: the next run rescues it, its share restored."""
+    then the consumer uses it again and reports so: the next run rescues it, its share restored. So
+    too where the owner enabled it by hand meanwhile (EnableImage gives no launch permission back):
+    the consumers the ledger recorded still count, and the AMI is not disabled again."""
     make_ledger((US,))
     weekly = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
     weekly["mode"] = "enforce"
@@ -336,6 +339,8 @@ def test_a_disabled_ami_its_recorded_consumer_reports_used_again_is_rescued_with
         LaunchTemplateName="web-fleet-2", LaunchTemplateData={"ImageId": accounts.shared}
     )
     consumer_run(accounts, wall_clock())
+    if enabled_by_hand:
+        owner_ec2.enable_image(ImageId=accounts.shared)
     second = engine.run(enforce, [US], accounts.owner, wall_clock() + timedelta(hours=1), apply=True)
 
     rescued = next(d for d in second.plan.decisions if d.image_id == accounts.shared)

@@ -62,10 +62,12 @@ def report_of(
 def consumer_grants(image: Image, own_account: str) -> list[str]:
     """The launch permissions that let other accounts use an AMI: 'user:ID', 'org:ARN', 'ou:ARN'
     (public is the public rule's business: its users cannot be known). A disabled AMI has none: those
-    the ledger recorded before the janitor disabled it count (its consumers may still want it back)."""
+    the ledger recorded before the janitor disabled it count (its consumers may still want it back), as
+    long as its clock is open, whatever its state (EnableImage by hand gives no permission back)."""
     keys = [p.key for p in image.launch_permissions or ()]
-    if image.state == "disabled" and image.ledger is not None and "disable" in image.ledger.stages:
-        keys += image.ledger.stages["disable"].prior_launch_permissions
+    item = image.ledger
+    if item is not None and item.closed is None and "disable" in item.stages:
+        keys += item.stages["disable"].prior_launch_permissions
     return sorted(
         {
             k
