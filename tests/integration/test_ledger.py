@@ -183,6 +183,37 @@ def test_read_items_pages_by_100_keys(clients: RegionClients) -> None:
     assert calls == [100, 100, 31]
 
 
+def test_an_item_that_cannot_be_read_is_named_by_its_key(clients: RegionClients) -> None:
+    """One item written by hand with a stage time that is no time: the region's error names its key
+    first (an error is cut to 300 characters), so an operator finds it among thousands."""
+    from ami_janitor.aws.inventory.ledger_items import read_ledger
+    from ami_janitor.aws.inventory.reading import SourceFailed
+
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE)
+    book.record_candidate("ami-0aaaaaaaaaaaaaaa1", NOW)
+    bad = {
+        "pk": {"S": "image#ami-0bad"},
+        "sk": {"S": "item"},
+        "image_id": {"S": "ami-0bad"},
+        "stages": {"M": {"deprecate": {"M": {"at": {"S": "not a time"}}}}},
+    }
+    boto3.client("dynamodb", region_name="us-east-1").put_item(TableName=TABLE, Item=bad)
+
+    with pytest.raises(
+        ledger.MalformedItem, match=r"^ledger item image#ami-0bad cannot be read: stages\.deprecate\.at: "
+    ):
+        book.read_all()
+    with pytest.raises(ledger.MalformedItem, match="ledger item image#ami-0bad cannot be read"):
+        book.read_items(["ami-0bad"])
+    with pytest.raises(SourceFailed) as failed:
+        read_ledger(clients, TABLE)
+    assert str(failed.value).startswith(
+        "dynamodb:Scan: MalformedResponse: MalformedItem: ledger item image#ami-0bad cannot be read: "
+        "stages.deprecate.at: "
+    )
+
+
 def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env: None) -> None:
     client = boto3.client("dynamodb", region_name="us-east-1")
     clients = RegionClients("us-east-1", dynamodb=client)

@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ami_janitor.aws.attribute_values import from_attribute, to_attribute
 from ami_janitor.aws.clients import RegionClients
@@ -42,6 +42,7 @@ from ami_janitor.core.model import (
     parse_time,
 )
 from ami_janitor.core.policy import Ledger as LedgerConfig
+from ami_janitor.core.validation import describe_validation_error
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -402,10 +403,22 @@ def conditional_update(db: DynamoDBClient, table: str, item_key: dict[str, Any],
     return "recorded"
 
 
+class MalformedItem(ValueError):
+    """An item the janitor cannot read back (written by hand, or by another tool): its key first, so
+    that an operator finds it in a table of thousands (a region's error keeps 300 characters)."""
+
+
 def _item(raw: dict[str, Any]) -> LedgerItem:
     internal = ("pk", "sk", "last_stage", WRITE_ID_ATTRIBUTE)
-    data = {k: from_attribute(v) for k, v in raw.items() if k not in internal}
-    return LedgerItem.model_validate(data)
+    try:
+        data = {k: from_attribute(v) for k, v in raw.items() if k not in internal}
+        return LedgerItem.model_validate(data)
+    except ValidationError as error:
+        problem = describe_validation_error(error)
+    except (KeyError, TypeError, ValueError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    partition = str((raw.get("pk") or {}).get("S") or "?")
+    raise MalformedItem(f"ledger item {partition} cannot be read: {problem}")
 
 
 class _Made:
