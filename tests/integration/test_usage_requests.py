@@ -174,6 +174,8 @@ def test_shares_to_the_organization_and_an_ou_are_expanded_at_the_largest_page(s
             "Accounts": [
                 {"Id": "111111111111", "Status": "ACTIVE"},
                 {"Id": "444444444444", "Status": "SUSPENDED"},
+                {"Id": "777777777777", "State": "PENDING_CLOSURE"},
+                {"Id": "888888888888", "State": "CLOSED"},
             ],
             "NextToken": "t",
         },
@@ -222,7 +224,9 @@ def test_shares_to_the_organization_and_an_ou_are_expanded_at_the_largest_page(s
 
     assert notes == []
     assert expansions == {
-        f"org:{ORG_ARN}": ("111111111111", CONSUMER),
+        # A suspended account (or one pending closure) may be reinstated: still a consumer. A closed
+        # one is gone.
+        f"org:{ORG_ARN}": ("111111111111", CONSUMER, "444444444444", "777777777777"),
         f"ou:{OU_ARN}": ("555555555555", "666666666666"),
         # Another organization's OU: its accounts cannot be known here.
         "ou:arn:aws:organizations::999999999999:ou/o-zzzzzzzzzz/ou-zz-zzzzzzzz": None,

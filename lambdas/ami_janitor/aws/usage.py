@@ -46,7 +46,9 @@ _ORGANIZATIONS_PAGE = 20
 # this is not read, so it cannot exhaust the memory of the run that reads it (its AMIs are kept).
 MAX_REPORT_BYTES = 32 * 1024 * 1024
 _READ_CHUNK = 1024 * 1024
-_GONE = frozenset({"SUSPENDED", "PENDING_CLOSURE", "CLOSED"})
+# Only a closed account is gone: a suspended one (or one pending closure) may be reinstated within 90
+# days, its launch templates still naming the AMI, so it still counts as a consumer (fail safe).
+_GONE = frozenset({"CLOSED"})
 
 
 def own_account(clients: RegionClients) -> str:
