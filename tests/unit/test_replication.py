@@ -491,22 +491,24 @@ def test_a_suffix_goes_where_the_family_name_glob_still_matches() -> None:
     assert len(name) == 128 and name.endswith("-encrypted-copy2")
 
 
-def test_a_copy_into_a_region_where_the_family_bakes_too_is_named_apart() -> None:
-    """The same night's bakes share a name in every region: a copy of us-east-1's into eu-west-1, which
-    bakes too, takes its source region as a suffix (CopyImage would refuse the bake's name every time)."""
-    baking = policy(
-        {"replicate": [{"region": EU}], "bake": {"instance_tag": {"Role": "app"}}}, regions=[US, EU]
-    )
-    source = image(days_old=1, name="app-20261125T020000Z")
-    assert copy_request(copy_of(source, key=None), source, baking)["Name"] == "app-20261125T020000Z-us-east-1"
-    second = copy_of(source, key=None, generation=2)
-    assert copy_request(second, source, baking)["Name"] == "app-20261125T020000Z-us-east-1-copy2"
-    # Baked in us-east-1 alone: the copy keeps its source's name.
-    here = policy(
-        {"replicate": [{"region": EU}], "bake": {"instance_tag": {"Role": "app"}, "regions": [US]}},
+def test_a_copy_is_named_after_its_source_region_where_the_family_has_sources_in_several() -> None:
+    """The same night's bakes share a name in every region: a copy of us-east-1's into eu-west-1 (which
+    bakes too), or of both regions' into a third, takes its source region as a suffix (CopyImage would
+    refuse the taken name every time). With one source region, a copy keeps its source's name."""
+    several = policy(
+        {"replicate": [{"region": EU}, {"region": WEST}], "bake": {"instance_tag": {"Role": "app"}}},
         regions=[US, EU],
     )
-    assert copy_request(copy_of(source, key=None), source, here)["Name"] == "app-20261125T020000Z"
+    source = image(days_old=1, name="app-20261125T020000Z")
+    assert (
+        copy_request(copy_of(source, key=None), source, several)["Name"] == "app-20261125T020000Z-us-east-1"
+    )
+    to_west = copy_of(source, region=WEST, key=None)
+    assert copy_request(to_west, source, several)["Name"] == "app-20261125T020000Z-us-east-1"
+    second = copy_of(source, key=None, generation=2)
+    assert copy_request(second, source, several)["Name"] == "app-20261125T020000Z-us-east-1-copy2"
+    one = policy({"replicate": [{"region": EU}], "bake": {"instance_tag": {"Role": "app"}}}, regions=[US])
+    assert copy_request(copy_of(source, key=None), source, one)["Name"] == "app-20261125T020000Z"
 
 
 def test_the_opt_out_tag_of_the_family_is_not_copied_even_when_it_is_not_janitor_owned() -> None:

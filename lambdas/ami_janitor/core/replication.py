@@ -533,14 +533,15 @@ def client_token(copy: Copy) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def replica_name(source: Image, copy: Copy, family: Family, *, bakes_there: bool = False) -> str:
+def replica_name(source: Image, copy: Copy, family: Family, *, sources_apart: bool = False) -> str:
     """The copy's name. Names are unique per region: a same-region copy and a new generation (its failed
-    predecessor may still hold the name) get a suffix, and so does a copy into a region where the family
-    bakes too (`bakes_there`: a night's bakes share a name in every region, so the copy would take that
-    region's own bake's name). The suffix is placed so that the family's name glob still matches where
-    it can (else the copy would belong to no family)."""
+    predecessor may still hold the name) get a suffix, and so does a copy from another region where the
+    family has sources in several (`sources_apart`): a night's bakes share a name in every region, so
+    copies of two regions' builds into a third, or into one that bakes too, would take one name. The
+    suffix is placed so that the family's name glob still matches where it can (else the copy would
+    belong to no family)."""
     suffix = ENCRYPTED_SUFFIX if copy.region == copy.source_region else ""
-    if bakes_there and copy.region != copy.source_region:
+    if sources_apart and copy.region != copy.source_region:
         suffix += f"-{copy.source_region}"
     if copy.generation > 1:
         suffix += f"-copy{copy.generation}"
@@ -594,7 +595,8 @@ def copy_request(copy: Copy, source: Image, policy: Policy) -> dict[str, Any]:
     request: dict[str, Any] = {
         "SourceRegion": copy.source_region,
         "SourceImageId": copy.source_image_id,
-        "Name": replica_name(source, copy, family, bakes_there=copy.region in policy.bake_regions(family)),
+        # Sources in every region of `regions`: with more than one, two builds may share a name.
+        "Name": replica_name(source, copy, family, sources_apart=len(set(policy.regions)) > 1),
         "Description": f"[Copied {source.image_id} from {source.region}] {source.name}"[:DESCRIPTION_MAX],
         "ClientToken": client_token(copy),
         # Never copy the source's tags wholesale: that would bring Latest and the stage clock along.
