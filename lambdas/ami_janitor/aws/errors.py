@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
 from botocore.parsers import ResponseParserError
 
 # ResponseParserError (an HTML error page where XML or JSON was due) is no BotoCoreError.
@@ -27,29 +27,44 @@ def error_text(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-# Answers a later try may not meet again: throttling past the SDK's retries, AWS's own faults.
-_PASSING_CODES = frozenset(
+# Answers a later try may not meet again: what the SDK's standard retry mode retries (its throttling
+# and transient codes, statuses and failures: tests/unit/test_passing_errors.py compares them with the
+# installed botocore), AWS's own faults, and an expired session's token (a new invocation has another).
+PASSING_CODES = frozenset(
     {
-        "Throttling",
-        "ThrottlingException",
+        "BandwidthLimitExceeded",
+        "EC2ThrottledException",
+        "LimitExceededException",
+        "PriorRequestNotComplete",
+        "ProvisionedThroughputExceededException",
         "RequestLimitExceeded",
         "RequestThrottled",
+        "RequestThrottledException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "SlowDown",
+        "ThrottledException",
+        "Throttling",
+        "ThrottlingException",
         "TooManyRequestsException",
-        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
         "InternalError",
         "InternalFailure",
         "ServiceUnavailable",
         "Unavailable",
-        "RequestTimeout",
-        "RequestTimeoutException",
+        "TransactionConflictException",
+        "ExpiredToken",
+        "ExpiredTokenException",
     }
 )
+PASSING_FAILURES: tuple[type[Exception], ...] = (ConnectionError, HTTPClientError, ResponseParserError)
 
 
 def is_passing(error: BaseException) -> bool:
-    """Whether trying again may succeed: a throttle, a 5xx, a lost or unreadable answer (a refusal of
-    the request itself, say AccessDenied or an invalid parameter, is met again)."""
+    """Whether trying again may succeed: a throttle, a 5xx, a lost or unreadable answer. A refusal of
+    the request itself (AccessDenied, an invalid parameter), a request the SDK refused to send or one
+    without credentials is met again."""
     if isinstance(error, ClientError):
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        return error_code(error) in _PASSING_CODES or status >= 500
-    return isinstance(error, (BotoCoreError, ResponseParserError))
+        return error_code(error) in PASSING_CODES or status >= 500
+    return isinstance(error, PASSING_FAILURES)
