@@ -24,12 +24,13 @@ def test_scp_denies_janitor_tag_writes_outside_the_janitor_path() -> None:
     document = json.loads(SCP.read_text(encoding="utf-8"))
     assert document["Version"] == "2012-10-17"
     statement, every_tag = document["Statement"]
-    # DeleteTags without keys removes every tag and sends no aws:TagKeys, which the first cannot see.
+    # DeleteTags without keys removes every tag and sends no aws:TagKeys, which the first cannot see;
+    # on AMIs and snapshots only (instances, volumes and the rest keep their owners' ways).
     assert every_tag == {
-        "Sid": "NoDeleteOfEveryTag",
+        "Sid": "NoDeleteOfEveryTagOfAnImage",
         "Effect": "Deny",
         "Action": ["ec2:DeleteTags"],
-        "Resource": "*",
+        "Resource": ["arn:*:ec2:*::image/*", "arn:*:ec2:*::snapshot/*"],
         "Condition": {
             "Null": {"aws:TagKeys": "true"},
             "ArnNotLike": {"aws:PrincipalArn": [ledger.janitor_principal_pattern("aws")]},
