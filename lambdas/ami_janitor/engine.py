@@ -725,6 +725,24 @@ def handle_ami_event(
     return outcome.model_copy(update=update)
 
 
+def _copy_of_own(image: Image, clients: RegionClients, clients_for: ClientsFor | None) -> str | None:
+    """Why a copy (EC2 names its source) queues no copy of its own: its source is one of the account's
+    AMIs (copied by hand, or by a run that stopped before recording it: copied onward, it would make
+    copies of copies), or that cannot be told now (the scheduled run decides). None for no copy, and
+    for one copied in from another account (a golden image shared with it), a source like any build."""
+    if image.copied_from is None:
+        return None
+    region = image.copied_from_region or image.region
+    factory = clients_for or _with_own(clients)
+    try:
+        source = inventory.describe_image(factory(region), image.copied_from)
+    except (BotoCoreError, ClientError) as error:
+        return f"{image.image_id} is a copy of {image.copied_from} ({region}), which cannot be read now ({error_text(error)}): the scheduled run decides its copies"
+    if source is None:
+        return None
+    return f"{image.image_id} is a copy of {image.copied_from} ({region}), one of this account's AMIs: never copied onward"
+
+
 def _older_than_kept(image: Image, policy: Policy, region: RegionInventory) -> str | None:
     """Why the event leaves a source's copies to the scheduled run: it is not among the `keep_latest`
     newest of its group (an older AMI enabled again, say), whose copies a target group would not keep
@@ -751,6 +769,9 @@ def _new_source_copies(
     for a source outside the policy's regions (a target region's own AMI): the worker refuses those."""
     if image.region not in policy.regions:
         return [], [f"{image.image_id}: {image.region} is not one of the policy's regions: no copies"]
+    copy_of_own = _copy_of_own(image, clients, clients_for)
+    if copy_of_own is not None:
+        return [], [copy_of_own]
     aliases = keys.aliases_to_resolve(policy, [family.name])
     if not aliases:
         return replication.new_source_copies(image, family)

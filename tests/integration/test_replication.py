@@ -357,6 +357,37 @@ def test_an_available_event_counts_the_copies_sqs_did_not_take(aws: ClientFactor
     assert "copies_not_queued" not in everything.model_dump(mode="json")
 
 
+def test_an_available_event_for_a_copy_of_an_own_ami_queues_no_copy(aws: ClientFactory) -> None:
+    """A copy made by hand in eu-west-1 of a us-east-1 AMI (both source regions): its event queues no
+    copy of it (EC2 names its source, one of the account's AMIs); its source's own copies are the
+    scheduled run's and its event's."""
+    both = parse_policy(
+        {
+            **POLICY_DATA,
+            "regions": [US, EU],
+            "families": [{**POLICY_DATA["families"][0], "replicate": [{"region": WEST}]}],
+        }
+    )
+    source = bake(aws, "web-2")
+    eu = aws(EU).ec2
+    by_hand = eu.copy_image(SourceImageId=source.image_id, SourceRegion=US, Name="web-2-by-hand")["ImageId"]
+    eu.create_tags(Resources=[by_hand], Tags=[{"Key": "Project", "Value": "Web"}])
+    queued: list[Copy] = []
+
+    def enqueue(copies: list[Copy]) -> int:
+        queued.extend(copies)
+        return len(copies)
+
+    outcome = engine.handle_ami_event(
+        by_hand, "available", aws(EU), both, source.created, enqueue=enqueue, clients_for=aws
+    )
+
+    assert queued == [] and outcome.copies_queued == 0
+    assert outcome.copies_skipped == [
+        f"{by_hand} is a copy of {source.image_id} ({US}), one of this account's AMIs: never copied onward"
+    ]
+
+
 def test_an_available_event_outside_the_policys_regions_queues_no_copy(aws: ClientFactory) -> None:
     """A family's AMI made in a replicate target that is no source region: the worker would refuse its
     copies every time, into the dead-letter queue."""

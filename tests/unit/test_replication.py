@@ -37,7 +37,6 @@ from ami_janitor.core.replication import (
     copy_problems,
     copy_request,
     handle_failed_replica,
-    new_source_copies,
     plan_copies,
     plan_replication,
     rebuild_copy,
@@ -650,11 +649,6 @@ def test_a_request_the_policy_does_not_make_is_refused_with_the_reason(
         (lambda: image(days_old=1, tags={"Project": "Other"}), "is in no family of the policy"),
         (lambda: image(days_old=1, tags={"Project": "Db"}), "is a member of family db, not app"),
         (lambda: replica(image(days_old=1), region=US), "is itself a copy"),
-        # EC2 names its source, the ledger records no copy: made by hand, or by a run that stopped.
-        (
-            lambda: image(days_old=1, copied_from="ami-0123456789abcdef0", copied_from_region=EU),
-            r"is a copy \(of ami-0123456789abcdef0, EC2 says\): never a source",
-        ),
         (lambda: image(days_old=1, root_device_type="instance-store"), "instance-store backed"),
     ],
 )
@@ -664,15 +658,18 @@ def test_a_source_that_is_no_member_of_the_family_is_refused(make: Any, reason: 
         rebuild_copy(copy_of(source), source, TWO_FAMILIES)
 
 
-def test_a_copy_the_ledger_does_not_record_is_never_copied_onward() -> None:
-    """A hand-made copy (or one a stopped run never recorded) in eu-west-1 of a us-east-1 AMI: neither
-    the plan nor the available event copies it again (a copy of a copy, a second copy in a third region)."""
+def test_a_copy_of_an_own_ami_is_never_copied_onward_one_copied_in_is_a_source() -> None:
+    """A hand-made copy (or one a stopped run never recorded) in eu-west-1 of a us-east-1 AMI is never
+    copied again (a copy of a copy, a second copy in a third region); an AMI copied in from another
+    account (a golden image shared with it: its source is none of this account's) is a source."""
     pol = policy({"replicate": [{"region": EU}, {"region": WEST}]}, regions=[US, EU])
-    source = image(region=US, days_old=2)
-    by_hand = image(region=EU, days_old=1, copied_from=source.image_id, copied_from_region=US)
-    copies = plan_copies([inventory(source), inventory(by_hand, region=EU), inventory(region=WEST)], pol, NOW)
-    assert {c.source_image_id for c in copies} == {source.image_id}
-    assert new_source_copies(by_hand, pol.families[0]) == ([], [])
+    source = image(region=US, days_old=3)
+    by_hand = image(region=EU, days_old=2, copied_from=source.image_id, copied_from_region=US)
+    golden = image(region=EU, days_old=1, copied_from="ami-0aaaaaaaaaaaaaaa9", copied_from_region=US)
+    copies = plan_copies(
+        [inventory(source), inventory(by_hand, golden, region=EU), inventory(region=WEST)], pol, NOW
+    )
+    assert {c.source_image_id for c in copies} == {source.image_id, golden.image_id}
 
 
 def test_a_source_of_two_families_is_refused() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -299,8 +299,8 @@ def new_source_copies(
     copy's; a copy its ledger item records already, pass the source with it). A target with a recorded
     copy is the scheduled run's: only it reads whether that copy is still usable, and an old token
     would be answered with a copy failed, gone or retired since (an older source enabled again)."""
-    if source.is_replica or source.copied_from is not None or source.root_device_type == "instance-store":
-        return [], []  # a copy, the janitor's or not, is never copied onward
+    if source.is_replica or source.root_device_type == "instance-store":
+        return [], []
     targets, problems = _keyed_targets(family, source.region, keys, last or {})
     copies: list[Copy] = []
     for target, arn in targets:
@@ -337,12 +337,15 @@ def _plan_one(family: Family, source: Image, target: ReplicateTarget, copies: Re
     return copy_to(family.name, source.image_id, source.region, target, generation)
 
 
-def _is_source(image: Image, conflicts: Mapping[str, Sequence[str]]) -> bool:
-    """An available AMI of one family that is no copy (EC2 names no source image): it may be copied."""
+def _is_source(image: Image, conflicts: Mapping[str, Sequence[str]], own: Collection[str]) -> bool:
+    """An available AMI of one family that is no copy of one of the account's own AMIs (`own`, those
+    read this run): a copy the ledger records, or one made by hand or by a run that stopped before
+    recording it, would make copies of copies. An AMI copied in from another account (a golden image
+    shared with it) is a source like any build."""
     return (
         image.state == "available"
-        and image.copied_from is None
         and not image.is_replica
+        and (image.copied_from is None or image.copied_from not in own)
         and image.image_id not in conflicts
     )
 
@@ -370,6 +373,7 @@ def plan_replication(
     skipped); every ledger read holds records of the key ARNs copies were made with.
     Order: source region, family, architecture, source newest first, target region."""
     usable = {inv.region: inv for inv in inventories if inv.error is None}
+    own = {image.image_id for inv in usable.values() for image in inv.images}
     last = last_keys(_records(usable.values()))
     indexes = {region: _copies_by_source(inv) for region, inv in usable.items()}
     replicated = {region: _replicas_recorded(inv) for region, inv in usable.items()}
@@ -394,7 +398,7 @@ def plan_replication(
             # One line per family, not one per architecture group.
             problems.extend(p for p in target_problems if p not in problems)
             targets = [(t, arn) for t, arn in targets if t.region in usable]
-            sources = [m for m in group.members if _is_source(m, conflicts)]
+            sources = [m for m in group.members if _is_source(m, conflicts, own)]
             sources_of.append((group, targets, sources))
             for target, _arn in targets:
                 key = (target.region, group.family.name, group.architecture)
@@ -679,10 +683,6 @@ def _membership_problem(request: Copy, source: Image, policy: Policy) -> str | N
     """Why `source` is not a source of the request's family (None: it is)."""
     if source.is_replica:
         return f"source {source.image_id} is itself a copy (of {source.source_image_id}): never a source"
-    if source.copied_from is not None:
-        # EC2's own SourceImageId: a copy made by hand, by another tool, or by a janitor run that
-        # stopped before recording it. Copied onward, it would make copies of copies.
-        return f"source {source.image_id} is a copy (of {source.copied_from}, EC2 says): never a source"
     if source.root_device_type == "instance-store":
         return f"source {source.image_id} is instance-store backed: never replicated"
     families = sorted(f.name for f in policy.families if f.match.matches(source.name, source.tags))
