@@ -1149,12 +1149,14 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
-    def redo_stage(self, image_id: str, stage: Stage) -> Written:
+    def redo_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
         self._write("ledger_redo_stage", image_id)
         item = self.items.get(image_id)
-        return (
-            "recorded" if item is not None and item.is_open and stage in item.stages else "already-recorded"
-        )
+        if item is None or not item.is_open or stage not in item.stages:
+            return "already-recorded"
+        entry = item.stages[stage].model_copy(update={"redone": at})
+        self._set(image_id, stages={**item.stages, stage: entry})
+        return "recorded"
 
     @_ledger_write
     def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:

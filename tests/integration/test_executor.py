@@ -674,7 +674,7 @@ def test_a_throttled_call_fails_one_image_and_the_rerun_does_the_recorded_stage_
     assert [(r.action, r.status) for r in rerun.results] == [("disable", "ok"), ("deregister", "ok")]
     assert image_or_none(ec2, first) is None
     assert log.count("UpdateItem", stage_write(first, "disable")) == 0
-    assert items_of(ec2)[first].stages["disable"] == LedgerStage(at=NOW, confirmed=LATER)
+    assert items_of(ec2)[first].stages["disable"] == LedgerStage(at=NOW, confirmed=LATER, redone=LATER)
 
 
 def test_a_throttled_call_is_retried_by_the_client(ec2: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -780,10 +780,10 @@ def test_a_recorded_stage_ec2_does_not_show_is_done_again_without_a_second_recor
         "UpdateItem", stage_confirm(disabled, "disable")
     )
     items = items_of(ec2)
-    assert items[deprecated].stages["deprecate"] == LedgerStage(at=EARLIER, confirmed=NOW)
+    assert items[deprecated].stages["deprecate"] == LedgerStage(at=EARLIER, confirmed=NOW, redone=NOW)
     assert items[deprecated].stages["disable"] == LedgerStage(at=NOW, confirmed=NOW)
     assert items[disabled].stages["disable"] == LedgerStage(
-        at=recent, prior_launch_permissions=(f"user:{ACCOUNT_A}",), confirmed=NOW
+        at=recent, prior_launch_permissions=(f"user:{ACCOUNT_A}",), confirmed=NOW, redone=NOW
     )
     assert Image.from_api(REGION, image_or_none(ec2, deprecated) or {}).deprecation_time == deprecate_at(NOW)
     assert _tags(image_or_none(ec2, disabled) or {})[PRIOR_PERMISSIONS_TAG] == f"user:{ACCOUNT_A}"
@@ -818,7 +818,7 @@ def test_a_recorded_deprecation_done_again_days_later_is_done(ec2: Any) -> None:
     assert apply(ec2, [first], inventory).failed == 0
     image = image_in(load_inventory(ec2), image_id)
     assert image.deprecation_time == deprecate_at(NOW)
-    assert items_of(ec2)[image_id].stages["deprecate"] == LedgerStage(at=EARLIER, confirmed=NOW)
+    assert items_of(ec2)[image_id].stages["deprecate"] == LedgerStage(at=EARLIER, confirmed=NOW, redone=NOW)
 
     # Done: nothing is due an hour later; the disable stage comes due within its 30 days.
     assert planned(image, configured, LATER).stages == []
@@ -1010,6 +1010,9 @@ def end_state(ec2: Any, labels: dict[str, str], snapshots: dict[str, str]) -> di
 
     def recorded(item: LedgerItem) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(named(item.model_dump_json()))
+        for stage in data.get("stages", {}).values():
+            # When a rerun did a stage the crash interrupted: the rerun's own history, not its state.
+            stage.pop("redone", None)
         return data
 
     label_of = {image_id: label for label, image_id in labels.items()}

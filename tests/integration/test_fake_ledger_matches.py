@@ -50,8 +50,8 @@ def _confirm(stage: str, day: int) -> Write:
     return lambda book, image_id: book.confirm_stage(image_id, stage, START + timedelta(days=day))  # type: ignore[arg-type]
 
 
-def _redo(stage: str) -> Write:
-    return lambda book, image_id: book.redo_stage(image_id, stage)  # type: ignore[arg-type]
+def _redo(stage: str, day: int) -> Write:
+    return lambda book, image_id: book.redo_stage(image_id, stage, START + timedelta(days=day))  # type: ignore[arg-type]
 
 
 def _deregistered(day: int) -> Write:
@@ -81,7 +81,7 @@ writes = st.one_of(
     st.builds(_candidate, days),
     st.builds(_stage, stages, st.one_of(st.none(), stages), days),
     st.builds(_confirm, stages, days),
-    st.builds(_redo, stages),
+    st.builds(_redo, stages, days),
     st.builds(_deregistered, days),
     st.builds(_close, days),
     st.builds(_grants, grant_sets),

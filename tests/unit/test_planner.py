@@ -477,15 +477,24 @@ def test_stage_clock() -> None:
 
 def test_a_stage_done_again_gives_the_next_its_full_delay_from_then() -> None:
     """Disable recorded 13 days ago, its DisableImage refused (throttled, a crash, a region skipped for
-    days), done again and confirmed yesterday: deregistration (7 days after disable) waits until 6
-    days from now, not at once from the first record."""
+    days), done again yesterday: deregistration (7 days after disable) waits until 6 days from now,
+    not at once from the first record. A confirmation written late moves nothing (EC2 took the stage
+    when it was recorded)."""
     keepers = [image(days_old=10 + i) for i in range(2)]
     item = ledger_item(20, {"deprecate": 20, "disable": 13}).model_copy(deep=True)
-    item.stages["disable"] = item.stages["disable"].model_copy(update={"confirmed": NOW - timedelta(days=1)})
+    yesterday = NOW - timedelta(days=1)
+    item.stages["disable"] = item.stages["disable"].model_copy(
+        update={"confirmed": yesterday, "redone": yesterday}
+    )
     target = image(days_old=300, state="disabled", ledger=item, deprecation_time=NOW - timedelta(days=20))
     decision = by_id(plan([inventory(*keepers, target)], policy(), NOW))[target.image_id]
     assert (decision.action, decision.next_action) == ("wait", "deregister")
     assert decision.next_action_at == iso(NOW + timedelta(days=6))
+    late = item.model_copy(deep=True)
+    late.stages["disable"] = late.stages["disable"].model_copy(update={"redone": None})
+    confirmed_late = target.model_copy(update={"ledger": late})
+    decision = by_id(plan([inventory(*keepers, confirmed_late)], policy(), NOW))[target.image_id]
+    assert (decision.action, decision.stages) == ("deregister", ["deregister"])
 
 
 def test_all_zero_stages_deregister_at_once_and_null_skips() -> None:

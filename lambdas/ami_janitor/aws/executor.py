@@ -434,7 +434,7 @@ class _RegionRun:
         if trust.recorded_stage(image, stage) is not None:
             # Recorded by an earlier run that stopped before EC2 took it: done again, unless a rescue
             # closed the item since this run read it (the ledger says so, not the item as read).
-            return self.ledger.redo_stage(image.image_id, stage) == "recorded"
+            return self.ledger.redo_stage(image.image_id, stage, self.now) == "recorded"
         previous = self._previous(image)
         written = self.ledger.record_stage(
             image.image_id, stage, self.now, prior, previous=previous, snapshots=snapshots

@@ -613,16 +613,17 @@ class Ledger(_Made):
             ExpressionAttributeValues=values,
         )
 
-    def redo_stage(self, image_id: str, stage: Stage) -> Written:
+    def redo_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
         """Before a stage an earlier run recorded (and stopped before EC2 took) is done again: "recorded"
         only where the item still records it and is still open. A rescue since the caller read the item
-        closed it (or a new candidate clock replaced it): the stage is not done again. Writes nothing
-        but the condition's proof (`last_write`)."""
+        closed it (or a new candidate clock replaced it): the stage is not done again. Writes when it is
+        done again (`redone`): the next stage's delay counts from then, not from the first record."""
         return self._update(
             image_id,
-            UpdateExpression="SET stages.#stage.#at = stages.#stage.#at",
+            UpdateExpression="SET stages.#stage.redone = :at",
             ConditionExpression="attribute_exists(stages.#stage) AND attribute_not_exists(closed)",
-            ExpressionAttributeNames={"#stage": stage, "#at": "at"},
+            ExpressionAttributeNames={"#stage": stage},
+            ExpressionAttributeValues={":at": _value(iso(at))},
         )
 
     def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:

@@ -85,6 +85,8 @@ class LedgerStage(_Frozen):
     adopted: bool = False
     # When EC2 accepted the change (None: recorded, then the run stopped before or during the call).
     confirmed: datetime | None = None
+    # When a later run did it again, EC2 having never taken it: the next stage's delay counts from then.
+    redone: datetime | None = None
 
 
 class LedgerCopy(_Frozen):

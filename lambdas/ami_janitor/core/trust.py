@@ -73,7 +73,7 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
     """Which stages are due, from the ledger only.
 
     Stage S is due at max(first_candidate + S_days, applied(previous) + S_days - previous_days), where
-    a recorded stage was applied when the ledger confirmed it (else when recorded); a stage this run
+    a recorded stage was applied when it was last done (`redone`, else its record); a stage this run
     applies counts as applied now, so all-zero stages still deregister in one run. A
     recorded stage whose change EC2 does not show (a crash between the ledger write and the EC2 call,
     or a rescue that stopped half way) is done again, under its first record, before any later stage,
@@ -89,9 +89,9 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
     for stage, days in configured:
         entry = recorded.get(stage)
         if entry is not None and (STAGES.index(stage) <= shown or shows(image, stage, entry)):
-            # Applied when EC2 took it: a stage done again runs after its first record, and the next
-            # waits its full delay from then (a confirmation is written once EC2 shows the stage).
-            previous_at, previous_days = max(entry.at, entry.confirmed or entry.at), days
+            # A stage done again (EC2 never took the first try) counts from then: the next waits its full
+            # delay after it. A late confirmation moves nothing: EC2 took the stage when it was recorded.
+            previous_at, previous_days = max(entry.at, entry.redone or entry.at), days
             continue
         at = max(since + timedelta(days=days), previous_at + timedelta(days=days - previous_days))
         if at > now:
