@@ -92,6 +92,10 @@ PERMISSIONS: list[str] = sorted(
     | set(usage.READ_PERMISSIONS)
     | set(usage.ORGANIZATIONS_PERMISSIONS)
 )
+# The deployed scheduled run: its work queue is always configured, so every due stage goes to the slice
+# worker and it never disables or deregisters an AMI itself (it still deprecates again in a rescue that
+# restores an owner's deprecation, and deletes the recorded snapshots of unfinished deregistrations).
+SCHEDULED_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) - {"ec2:DeregisterImage", "ec2:DisableImage"})
 # The slice worker: a slice's reads (consumers' usage reports included), the executor's stages, and
 # the run's record.
 SLICE_PERMISSIONS: list[str] = slicer.PERMISSIONS

@@ -27,7 +27,7 @@ with collector_paused():
 if TYPE_CHECKING:
     from ami_janitor.core.model import Copy
 
-PERMISSIONS: list[str] = engine.PERMISSIONS
+PERMISSIONS: list[str] = engine.SCHEDULED_PERMISSIONS
 # The summary mail names this many tampered tags; the report in S3 has them all.
 _TAMPERED_LINES = 20
 
