@@ -5,7 +5,7 @@ ignores (encryption, the KMS key), the exact requests through botocore's Stubber
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -292,6 +292,16 @@ def test_a_failed_copy_event_plans_its_retry_from_the_ledger_never_from_a_tag(aw
     assert outcome.copy_retry == f"{lookalike} is not a copy made by the janitor"
 
 
+def queue_into(queued: list[Copy]) -> engine.Enqueue:
+    """An enqueue that takes every copy into `queued` (what SQS would have been sent)."""
+
+    def enqueue(copies: Sequence[Copy]) -> int:
+        queued.extend(copies)
+        return len(copies)
+
+    return enqueue
+
+
 def test_an_available_event_leaves_a_recorded_copy_to_the_scheduled_run(aws: ClientFactory) -> None:
     """An older source available again (the owner enabled it, a rescue): its copy to eu-west-1 is
     recorded, then deregistered. The event queues only the target with no copy recorded; the old token
@@ -301,10 +311,7 @@ def test_an_available_event_leaves_a_recorded_copy_to_the_scheduled_run(aws: Cli
     assert first.status == "ok" and first.image_id is not None
     aws(EU).ec2.deregister_image(ImageId=first.image_id)
     queued: list[Copy] = []
-
-    def enqueue(copies: list[Copy]) -> int:
-        queued.extend(copies)
-        return len(copies)
+    enqueue = queue_into(queued)
 
     outcome = engine.handle_ami_event(
         source.image_id, "available", aws(US), POLICY, source.created, enqueue=enqueue
@@ -325,10 +332,7 @@ def test_an_available_event_leaves_an_older_sources_copies_to_the_scheduled_run(
     for n, source in enumerate(sources):
         emulator.set_image_fields(US, source.image_id, creation_date=source.created.replace(day=1 + n))
     queued: list[Copy] = []
-
-    def enqueue(copies: list[Copy]) -> int:
-        queued.extend(copies)
-        return len(copies)
+    enqueue = queue_into(queued)
 
     old = engine.handle_ami_event(
         sources[0].image_id, "available", aws(US), POLICY, sources[2].created, enqueue=enqueue
@@ -373,10 +377,7 @@ def test_an_available_event_for_a_copy_of_an_own_ami_queues_no_copy(aws: ClientF
     by_hand = eu.copy_image(SourceImageId=source.image_id, SourceRegion=US, Name="web-2-by-hand")["ImageId"]
     eu.create_tags(Resources=[by_hand], Tags=[{"Key": "Project", "Value": "Web"}])
     queued: list[Copy] = []
-
-    def enqueue(copies: list[Copy]) -> int:
-        queued.extend(copies)
-        return len(copies)
+    enqueue = queue_into(queued)
 
     outcome = engine.handle_ami_event(
         by_hand, "available", aws(EU), both, source.created, enqueue=enqueue, clients_for=aws
@@ -396,10 +397,7 @@ def test_an_available_event_outside_the_policys_regions_queues_no_copy(aws: Clie
     image_id = ec2.create_image(InstanceId=instance["InstanceId"], Name="web-eu")["ImageId"]
     ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "Web"}])
     queued: list[Copy] = []
-
-    def enqueue(copies: list[Copy]) -> int:
-        queued.extend(copies)
-        return len(copies)
+    enqueue = queue_into(queued)
 
     outcome = engine.handle_ami_event(
         image_id, "available", aws(EU), POLICY, datetime.now(UTC), enqueue=enqueue

@@ -257,6 +257,17 @@ def test_the_ami_event_answers_with_its_outcome(
         assert answer["would"][0]["from"] is None and answer["would_share"] is None
 
 
+def answer_with(monkeypatch: pytest.MonkeyPatch, **fields: Any) -> None:
+    """engine.handle_ami_event answers with an outcome of these fields, whatever the event."""
+
+    def handle(image_id: str, state: Any, clients: Any, policy: Policy, *args: Any, **kwargs: Any) -> Any:
+        return AmiEventOutcome(
+            image_id=image_id, state=state, region=clients.region, mode=policy.mode, **fields
+        )
+
+    monkeypatch.setattr(engine, "handle_ami_event", handle)
+
+
 @pytest.mark.parametrize(
     ("outcome", "why"),
     [
@@ -282,17 +293,7 @@ def test_the_ami_event_fails_when_a_new_sources_share_or_copies_are_left_undone(
 ) -> None:
     """Logged, then raised: Lambda tries the event again, then its failed-invocations queue alarms."""
 
-    def handle(image_id: str, state: Any, clients: Any, policy: Policy, *args: Any, **kwargs: Any) -> Any:
-        return AmiEventOutcome(
-            image_id=image_id,
-            state=state,
-            region=clients.region,
-            mode=policy.mode,
-            outcome="rotated",
-            **outcome,
-        )
-
-    monkeypatch.setattr(engine, "handle_ami_event", handle)
+    answer_with(monkeypatch, outcome="rotated", **outcome)
     mode("enforce")
     event = ami_event_json()
     with pytest.raises(RuntimeError) as raised:
@@ -309,17 +310,7 @@ def test_the_ami_event_answers_when_a_share_is_refused_for_good(
         region=REGION, image_id="ami-2", status="failed", error="no ledger table in us-east-1"
     )
 
-    def handle(image_id: str, state: Any, clients: Any, policy: Policy, *args: Any, **kwargs: Any) -> Any:
-        return AmiEventOutcome(
-            image_id=image_id,
-            state=state,
-            region=clients.region,
-            mode=policy.mode,
-            outcome="rotated",
-            shared=[refused],
-        )
-
-    monkeypatch.setattr(engine, "handle_ami_event", handle)
+    answer_with(monkeypatch, outcome="rotated", shared=[refused])
     mode("enforce")
     answer = ami_event.handler(ami_event_json(), Context())
     assert answer["shared"][0]["status"] == "failed" and answer["shared"][0]["passing"] is False
