@@ -629,6 +629,37 @@ def check_stage_call(call: Call, decision: Decision | None, item: LedgerItem | N
         assert deprecated or image.state == "disabled", ("not deprecated first", image)
 
 
+# A stage's call -> the stage before it that EC2 shows in the call's view of the AMI.
+_SHOWN_BEFORE = {"disable_image": "enable_image_deprecation", "deregister_image": "disable_image"}
+# Runs are days apart; a run's calls spread over its simulated seconds.
+_WITHIN_A_RUN = timedelta(hours=1)
+
+
+def check_brownout(call: Call, last_call: dict[tuple[str, str], datetime], policy: Policy) -> None:
+    """A stage waits its configured gap after the janitor's call that made the stage before it take
+    effect (the last such call before it: a failed first try does not count), never less: the brownout
+    before a disable or a deregistration is what lets an AMI's users notice."""
+    earlier = _SHOWN_BEFORE.get(call.operation)
+    image = call.before
+    if earlier is None or image is None:
+        return
+    shown = (
+        image.deprecation_time is not None
+        if earlier == "enable_image_deprecation"
+        else image.state == "disabled"
+    )
+    made = last_call.get((image.image_id, earlier))
+    days = stage_days(policy)
+    stage, previous = {
+        "disable_image": ("disable", "deprecate"),
+        "deregister_image": ("deregister", "disable"),
+    }[call.operation]
+    if not shown or made is None or days[stage] is None or days[previous] is None:
+        return  # the owner's change, or a stage the policy skips: no janitor call to count from
+    gap = timedelta(days=days[stage] - days[previous])  # type: ignore[operator]
+    assert made + gap <= call.clock + _WITHIN_A_RUN, (call.operation, image.image_id, made, gap, call.clock)
+
+
 @given(
     fleets(),
     policies(),
@@ -642,6 +673,7 @@ def test_stages_run_in_order_and_only_when_due(
 ) -> None:
     fake = fleet.build(fail_rate=0.05 if faults else 0.0, crash_rate=0.01 if faults else 0.0)
     now = BASE
+    last_call: dict[tuple[str, str], datetime] = {}
     for step in days:
         now += timedelta(days=step)
         round_ = run(fake, policy, now, grants, sliced=sliced)
@@ -654,6 +686,9 @@ def test_stages_run_in_order_and_only_when_due(
                 call.operation == "enable_image_deprecation" and not rescue
             ):
                 check_stage_call(call, decision, fake.ledger.items.get(call.image_id or ""), policy)
+                check_brownout(call, last_call, policy)
+            if call.image_id is not None and not rescue:
+                last_call[(call.image_id, call.operation)] = call.clock
 
 
 # ---- 6. forged janitor tags ------------------------------------------------------------------------
