@@ -5,7 +5,7 @@ where each action may apply:
 - read-only calls (Describe*, List*, Get*) on "*": EC2, Auto Scaling, Batch, EMR, SSM reads and the
   Recycle Bin do not support resource-level permissions for them;
 - mutating EC2 calls only on the images and snapshots of the function's region, with tag conditions
-  that say "the janitor marked this": the stage actions need the candidate tag, DeleteSnapshot the
+  that say "the janitor marked this": disable and deregister need the candidate tag, DeleteSnapshot the
   retired-from tag, tag changes are limited to janitor-owned keys and the families' Latest tags;
 - KMS calls only on the key ARNs the policy configures for replication, and only through EC2; for a
   target named by an alias, on the keys of its region that carry the alias (`kms:ResourceAliases`), and
@@ -44,10 +44,19 @@ NO_WILDCARD_READS = frozenset({"kms", "s3", "secretsmanager", "sqs", "sns", "log
 # Services whose resources belong to the stack: the constructs grant them on their own resources.
 INFRA_SERVICES = frozenset({"logs", "s3", "sns", "sqs"})
 
-# Forward retirement stages: only on AMIs the janitor has marked as candidates.
-RETIRE_ACTIONS = frozenset({"ec2:DeregisterImage", "ec2:DisableImage", "ec2:EnableImageDeprecation"})
-# Rescue and rotation helpers: they make an AMI usable again or change its launch permissions.
-RESTORE_ACTIONS = frozenset({"ec2:EnableImage", "ec2:DisableImageDeprecation", "ec2:ModifyImageAttribute"})
+# The retirement stages that stop launches: only on AMIs the janitor has marked as candidates.
+RETIRE_ACTIONS = frozenset({"ec2:DeregisterImage", "ec2:DisableImage"})
+# Rescue and rotation helpers: they make an AMI usable again, put back its owner's deprecation time, or
+# change its launch permissions. A deprecation only hides an AMI (it still launches): it is not bound
+# to the candidate tag, whose removal would otherwise stop a rescue from restoring the owner's time.
+RESTORE_ACTIONS = frozenset(
+    {
+        "ec2:EnableImage",
+        "ec2:DisableImageDeprecation",
+        "ec2:EnableImageDeprecation",
+        "ec2:ModifyImageAttribute",
+    }
+)
 TAG_ACTIONS = frozenset({"ec2:CreateTags", "ec2:DeleteTags"})
 CREATE_ACTIONS = frozenset({"ec2:CopyImage", "ec2:CreateImage"})
 SNAPSHOT_DELETE_ACTIONS = frozenset({"ec2:DeleteSnapshot"})

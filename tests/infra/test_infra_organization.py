@@ -254,8 +254,8 @@ def test_member_roles_are_the_regional_stacks_with_the_region_as_a_pseudo_parame
     assert {role["Properties"]["Path"] for role in roles.values()} == {"/ami-janitor/"}
     # Scoped to the region the stack instance is in: the mutating EC2 calls name AWS::Region.
     scheduled = next(r for r in roles if r.startswith("ScheduledRunFunctionRole"))
-    retire = next(s for s in in_member[scheduled] if s["Sid"] == "RetireCandidates")
-    assert retire["Resource"] == ["arn:aws:ec2:REGION::image/*"]
+    restore = next(s for s in in_member[scheduled] if s["Sid"] == "RestoreAndShareImages")
+    assert restore["Resource"] == ["arn:aws:ec2:REGION::image/*"]
 
 
 def test_member_ledger_accepts_the_stack_sets_execution_role(member: dict[str, Any]) -> None:

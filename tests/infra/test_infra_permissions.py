@@ -98,11 +98,14 @@ def test_mutating_image_actions(scope: Scope) -> None:
     snapshot = "arn:aws:ec2:us-east-1::snapshot/*"
     assert s["RetireCandidates"] == Statement(
         "RetireCandidates",
-        ("ec2:DeregisterImage", "ec2:DisableImage", "ec2:EnableImageDeprecation"),
+        ("ec2:DeregisterImage", "ec2:DisableImage"),
         (image,),
         {"Null": {"aws:ResourceTag/ami-janitor:candidate-since": "false"}},
     )
     assert s["RestoreAndShareImages"].resources == (image,)
+    # A rescue restores an owner's deprecation time whatever tags the AMI carries now.
+    assert "ec2:EnableImageDeprecation" in s["RestoreAndShareImages"].actions
+    assert not s["RestoreAndShareImages"].conditions
     assert s["TagJanitorKeys"] == Statement(
         "TagJanitorKeys",
         ("ec2:CreateTags", "ec2:DeleteTags"),
