@@ -756,7 +756,9 @@ def _older_than_kept(image: Image, policy: Policy, region: RegionInventory) -> s
         return None
     groups, _conflicts = planner.build_groups(region, policy)
     for group in groups:
-        ranked = [m.image_id for m in group.members]
+        # Among the AMIs that launch (as the scheduled run offers sources): a rollback that enables an
+        # older AMI while the newer are disabled makes it one of the newest again.
+        ranked = [m.image_id for m in group.members if m.state == "available"]
         if image.image_id in ranked and image.image_id not in ranked[: group.rules.keep_latest]:
             return (
                 f"{image.image_id} is not among the {group.rules.keep_latest} newest of its group in "

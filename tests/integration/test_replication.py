@@ -345,6 +345,13 @@ def test_an_available_event_leaves_an_older_sources_copies_to_the_scheduled_run(
         sources[2].image_id, "available", aws(US), POLICY, sources[2].created, enqueue=enqueue
     )
     assert new.copies_queued == 2 and {c.source_image_id for c in queued} == {sources[2].image_id}
+    # A rollback: the newer two disabled, the oldest is among the newest that launch again.
+    for newer in sources[1:]:
+        aws(US).ec2.disable_image(ImageId=newer.image_id)
+    back = engine.handle_ami_event(
+        sources[0].image_id, "available", aws(US), POLICY, sources[2].created, enqueue=enqueue
+    )
+    assert back.copies_queued == 2 and back.copies_skipped == []
 
 
 def test_an_available_event_counts_the_copies_sqs_did_not_take(aws: ClientFactory) -> None:
