@@ -27,6 +27,8 @@ WILDCARD_REASONS = {
     "ReadInventory": "Read-only Describe/List/Get calls of the inventory sources (EC2, Auto Scaling, SSM, "
     "Batch, EMR, Image Builder, Recycle Bin): most take no resource ARN, the others must read every "
     "resource of the region to find what references an AMI.",
+    "ReadOrganization": "Organizations reads take no resource ARN; granted only with usage_reports, to "
+    "expand a share to an organization or OU into the accounts whose usage reports count.",
     "RetireCandidates": "AMI ids are not known at deploy time; limited to this region's AMIs that carry "
     "the ami-janitor:candidate-since tag the janitor sets before any stage.",
     "RestoreAndShareImages": "AMI ids are not known at deploy time; limited to this region's AMIs "

@@ -13,7 +13,8 @@ where each action may apply:
 - SSM writes only on the families' Latest parameters;
 - the usage inbox's S3 calls (`usage_reports`) only in the inbox: a report written only under
   `<prefix>reports/<the account>/`, reports read and listed only under `<prefix>reports/`; without
-  `usage_reports` they are dropped (there is no inbox to grant);
+  `usage_reports` they are dropped (there is no inbox to grant), and so are the Organizations reads
+  that only expand shares for the reports;
 - DynamoDB calls only on the region's ledger table (the table's resource policy also denies writes to
   every principal outside the IAM path /ami-janitor/), and on the ledger tables of the replication
   targets: their reads (a plan knows the copies there), and, for a role that copies, the item reads and
@@ -95,8 +96,12 @@ LEDGER_ACTIONS = (
     | frozenset(ledger.CREATE_PERMISSIONS)
     | frozenset(runs.PERMISSIONS)
 )
-# The usage inbox (`usage_reports`): a report written under the account's own prefix, reports read.
-USAGE_ACTIONS = frozenset(usage.PUBLISH_PERMISSIONS) | frozenset(usage.READ_PERMISSIONS)
+# The usage inbox (`usage_reports`): a report written under the account's own prefix, reports read; and
+# Organizations, read to expand a share to an organization or OU into the accounts whose reports count.
+ORGANIZATIONS_ACTIONS = frozenset(usage.ORGANIZATIONS_PERMISSIONS)
+USAGE_ACTIONS = (
+    frozenset(usage.PUBLISH_PERMISSIONS) | frozenset(usage.READ_PERMISSIONS) | ORGANIZATIONS_ACTIONS
+)
 # On the ledger tables of the copy targets: what reading a target's inventory calls ...
 TARGET_LEDGER_READS = frozenset({"dynamodb:DescribeTable", "dynamodb:Scan"})
 # ... and what recording a copy there calls (a role with ec2:CopyImage only).
@@ -331,6 +336,10 @@ def _usage_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     # name in another account, even by a call that does not pass ExpectedBucketOwner.
     owner = {"StringEquals": {"s3:ResourceAccount": scope.usage_account}} if scope.usage_account else {}
     out: list[Statement] = []
+    organizations = sorted(chosen & ORGANIZATIONS_ACTIONS)
+    if organizations:
+        # Organizations has no resource-level permissions for these reads.
+        out.append(Statement("ReadOrganization", tuple(organizations), ("*",)))
     if "s3:PutObject" in chosen:
         out.append(
             Statement("PublishUsageReport", ("s3:PutObject",), (f"{objects}{scope.account}/*",), owner)

@@ -389,3 +389,30 @@ def test_the_owners_stack_makes_the_inbox_only_in_the_inbox_account(
         ValueError, match=r"usage_reports.inbox_account is 123456789012, but this stack makes"
     ):
         build_app(org_policy, context=context, outdir=str(tmp_path), nag=False)
+
+
+def test_organizations_is_read_only_with_usage_reports(org_synth: Synth, synth: Synth) -> None:
+    """Organizations expands a share to an organization or OU into the accounts whose usage reports
+    count: with `usage_reports` the roles whose code reads it get it (on "*", it has no resource ARN);
+    without, no role does (in the management account it would list the whole organization)."""
+    from ami_janitor.aws import usage
+
+    reads = set(usage.ORGANIZATIONS_PERMISSIONS)
+    scheduled = org_synth.template(next(n for n in org_synth.stack_names() if n.startswith("AmiJanitor-")))
+    [role] = [
+        r
+        for k, r in resources(scheduled, "AWS::IAM::Role").items()
+        if k.startswith(ROLE_PREFIXES["scheduled"])
+    ]
+    statements = [s for p in role["Properties"]["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    [organization] = [s for s in statements if s.get("Sid") == "ReadOrganization"]
+    assert set(as_list(organization["Action"])) == reads and organization["Resource"] == "*"
+    for name in synth.stack_names():  # the test policy without usage_reports
+        for key, resource in resources(synth.template(name), "AWS::IAM::Role").items():
+            granted = {
+                a
+                for p in resource["Properties"].get("Policies", [])
+                for s in p["PolicyDocument"]["Statement"]
+                for a in as_list(s["Action"])
+            }
+            assert not granted & reads, key
