@@ -29,7 +29,7 @@ from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.rotator import AmiEventOutcome
-from ami_janitor.core import baking, keys, planner, replication, run_plan, sharing, slices, trust
+from ami_janitor.core import baking, keys, replication, run_plan, sharing, slices, trust
 from ami_janitor.core import usage as core_usage
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
@@ -709,7 +709,7 @@ def handle_ami_event(
     copies, skipped = _new_source_copies(image, family, policy, clients, clients_for)
     if copies:
         region_now = read[-1] if read and read[-1].error is None else inventory.load_images(clients, policy)
-        older = _older_than_kept(image, policy, region_now)
+        older = replication.not_kept_by_its_group(image, region_now, policy, now)
         if older is not None:
             copies, skipped = [], [*skipped, older]
     outcome = outcome.model_copy(update={"copies_skipped": skipped})
@@ -745,26 +745,6 @@ def _copy_of_own(image: Image, clients: RegionClients, clients_for: ClientsFor |
     if source is None:
         return None
     return f"{image.image_id} is a copy of {image.copied_from} ({region}), one of this account's AMIs: never copied onward"
-
-
-def _older_than_kept(image: Image, policy: Policy, region: RegionInventory) -> str | None:
-    """Why the event leaves a source's copies to the scheduled run: it is not among the `keep_latest`
-    newest of its group (an older AMI enabled again, say), whose copies a target group would not keep
-    (the scheduled run copies only those: replication.wanted_sources). None for a new build, and for an
-    AMI the region's read does not list yet."""
-    if region.error is not None:
-        return None
-    groups, _conflicts = planner.build_groups(region, policy)
-    for group in groups:
-        # Among the AMIs that launch (as the scheduled run offers sources): a rollback that enables an
-        # older AMI while the newer are disabled makes it one of the newest again.
-        ranked = [m.image_id for m in group.members if m.state == "available"]
-        if image.image_id in ranked and image.image_id not in ranked[: group.rules.keep_latest]:
-            return (
-                f"{image.image_id} is not among the {group.rules.keep_latest} newest of its group in "
-                f"{region.region}: the scheduled run decides its copies"
-            )
-    return None
 
 
 def _new_source_copies(

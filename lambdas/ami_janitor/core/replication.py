@@ -317,6 +317,23 @@ def new_source_copies(
     return copies, problems
 
 
+def not_kept_by_its_group(image: Image, region: RegionInventory, policy: Policy, now: datetime) -> str | None:
+    """Why an `available` event leaves a source's copies to the scheduled run: its own group keeps it
+    neither among its `keep_latest` newest nor as its Latest (planner.kept_by_rank), as an older AMI
+    enabled again while newer ones launch, so a target group would not keep its copy either (the run
+    copies only those: wanted_sources). None for a new build, and for an AMI the read does not list."""
+    groups, _conflicts = build_groups(region, policy)
+    for group in groups:
+        if any(m.image_id == image.image_id for m in group.members) and image.image_id not in kept_by_rank(
+            group, now
+        ):
+            return (
+                f"{image.image_id} is not among the {group.rules.keep_latest} newest of its group in "
+                f"{region.region}: the scheduled run decides its copies"
+            )
+    return None
+
+
 def _plan_one(family: Family, source: Image, target: ReplicateTarget, copies: RecordedCopies) -> Copy | str:
     """The copy `source` needs in `target`, where it has no usable copy (a str: a problem that stops it).
     `copies`: what the target's ledger records of its copies."""
