@@ -68,3 +68,16 @@ def is_passing(error: BaseException) -> bool:
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         return error_code(error) in PASSING_CODES or status >= 500
     return isinstance(error, PASSING_FAILURES)
+
+
+# The answers that say the caller may not call at all there (an IAM or SCP deny, an opt-in region not
+# enabled): lasting, whatever is asked.
+_DENIED_CODES = frozenset(
+    {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure", "OptInRequired"}
+)
+
+
+def is_denied(error: BaseException) -> bool:
+    """Whether AWS refused the caller itself (trying again meets the same refusal until a policy or
+    the account changes)."""
+    return error_code(error) in _DENIED_CODES

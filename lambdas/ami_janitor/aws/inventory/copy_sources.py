@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from ami_janitor.aws.errors import error_code
+from ami_janitor.aws.errors import is_denied
 from ami_janitor.aws.inventory.images import FILTER_VALUES_MAX
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
 from ami_janitor.core.model import Image, parse_time
@@ -19,13 +19,6 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
 PERMISSIONS: list[str] = ["ec2:DescribeImages"]
-
-# The answers that say the account may not read a region at all (an SCP or IAM deny, an opt-in region
-# not enabled): lasting, and not the source's fault. Any other failure (throttling, a 5xx, a lost or
-# malformed answer) is passing, and a copy whose source it hid would count as newer than it is.
-_DENIED_CODES = frozenset(
-    {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure", "OptInRequired"}
-)
 
 
 def _unrecorded(image: Image, policy: Policy) -> bool:
@@ -64,7 +57,9 @@ def read_copy_sources(
         except SourceFailed as failure:
             # A region the account may not read (a region-deny SCP, an opt-in region turned off) must
             # not stop every plan and event here for good; a passing failure stops this one.
-            if error_code(failure.__cause__ or failure) not in _DENIED_CODES:
+            # Any other failure (throttling, a 5xx, a lost or malformed answer) may pass, and a copy
+            # whose source it hid would count as newer than it is.
+            if not is_denied(failure.__cause__ or failure):
                 raise
             unreadable[source_region] = str(failure)
     sources = {copy.image_id: created.get(str(copy.copied_from)) for copy in copies}
