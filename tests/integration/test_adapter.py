@@ -1050,7 +1050,15 @@ def test_image_block_public_access_refused_skips_the_region(stubbed: Stubbed) ->
 
 @pytest.mark.usefixtures("moto_aws")
 def test_image_block_public_access_on_the_emulator() -> None:
-    # On as for a new account; turned off in one region, only that region's inventory says so.
+    # On as for a new account; turned off in one region, only that region's inventory says so, once it
+    # holds an AMI (before, there is nothing to make public there).
+    boto3.client("ec2", region_name=REGION).disable_image_block_public_access()
+    assert BLOCK_PUBLIC_ACCESS_NOTE not in load_inventory(moto_clients(), policy()).notes
+    make_ami("other-1")
+    assert BLOCK_PUBLIC_ACCESS_NOTE in load_inventory(moto_clients(), policy()).notes
+    boto3.client("ec2", region_name=REGION).enable_image_block_public_access(
+        ImageBlockPublicAccessState="block-new-sharing"
+    )
     assert BLOCK_PUBLIC_ACCESS_NOTE not in load_inventory(moto_clients(), policy()).notes
     boto3.client("ec2", region_name=REGION).disable_image_block_public_access()
 
@@ -1392,7 +1400,8 @@ def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
     stubbed: Stubbed, ledger_items: int
 ) -> None:
     """No AMI, no retired snapshot: no snapshot can be deleted here, so Recycle Bin is not asked, unless
-    the ledger has an item (its snapshots may still be deleted)."""
+    the ledger has an item (its snapshots may still be deleted). Image block public access is never
+    asked: with no AMI, there is nothing to make public (the Stubber refuses a call not queued)."""
     s = stubbed
     no_reference = dict.fromkeys(
         ["instances", "parameters", "templates", "configurations", "groups", "spot", "fleets", "batch", "emr"]
@@ -1403,6 +1412,7 @@ def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
         images=lambda: s.add("ec2", "describe_images", {"Images": []}, IMAGES),
         ledger=lambda: s.add("dynamodb", "scan", {"Items": items}, SCAN),
         rbin=s._no_recycle_bin_rules if ledger_items else None,
+        block_public_access=None,
         **no_reference,
     )
     calls = count_calls(*s.raw.values())
@@ -1411,12 +1421,7 @@ def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
 
     s.verify()
     assert inventory.error is None and inventory.ledger is not None
-    expected = [
-        "dynamodb:Scan",
-        "ec2:DescribeImages",
-        "ec2:DescribeSnapshots",
-        "ec2:GetImageBlockPublicAccessState",
-    ]
+    expected = ["dynamodb:Scan", "ec2:DescribeImages", "ec2:DescribeSnapshots"]
     assert sorted(calls) == sorted(expected + ["rbin:ListRules"] * ledger_items)
 
 

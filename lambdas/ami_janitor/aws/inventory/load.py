@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
@@ -105,21 +105,32 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
     # reports beside its decisions depends on no other source: it is read ahead, beside them.
     with (
         _ahead(clients, lambda: read_retired_snapshots(clients.ec2)) as retired_snapshots,
-        _ahead(clients, lambda: read_block_public_access(clients.ec2, clients.region)) as public_access,
         _ahead(clients, lambda: read_ledger(clients, policy.ledger.table)) as ledger,
     ):
-        return _read_sources(
-            clients,
-            policy,
-            lambda images: _read_beside(clients, images, retired_snapshots(), public_access(), ledger()),
+        images = read_images(clients.ec2, clients.region)
+        # Image block public access is about the region's AMIs: where it has none, there is nothing to
+        # make public, and the state is not asked (most regions of most accounts hold no AMI).
+        public_access_read = (
+            _ahead(clients, lambda: read_block_public_access(clients.ec2, clients.region))
+            if images
+            else nullcontext(list[str])
         )
+        with public_access_read as public_access:
+            return _read_sources(
+                clients,
+                policy,
+                images,
+                lambda images: _read_beside(clients, images, retired_snapshots(), public_access(), ledger()),
+            )
 
 
 def _read_sources(
-    clients: RegionClients, policy: Policy, read_beside: Callable[[tuple[Image, ...]], _Beside]
+    clients: RegionClients,
+    policy: Policy,
+    images: tuple[Image, ...],
+    read_beside: Callable[[tuple[Image, ...]], _Beside],
 ) -> RegionInventory:
     region = clients.region
-    images = read_images(clients.ec2, region)
     # An account that reports its use of other accounts' AMIs reads its references everywhere.
     if policy.usage_reports is None and not any(_in_a_family(policy, image) for image in images):
         return _without_references(clients, policy, images, read_beside)
