@@ -1035,6 +1035,20 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
+    def confirm_copy(self, copy: LedgerCopy, image_id: str) -> Written:
+        self._write("ledger_confirm_copy", copy.source_image_id)
+        item = self._item(copy.source_image_id)
+        at = (copy.region, copy.generation)
+        if not any((c.region, c.generation) == at for c in item.copies):  # the table's condition
+            return "already-recorded"
+        copies = tuple(
+            c.model_copy(update={"image_id": image_id}) if (c.region, c.generation) == at else c
+            for c in item.copies
+        )
+        self.items[item.image_id] = item.model_copy(update={"copies": copies})
+        return "recorded"
+
+    @_ledger_write
     def record_replica(self, image_id: str, replica: LedgerCopy) -> Written:
         self._write("ledger_record_replica", image_id)
         item = self._item(image_id)

@@ -16,7 +16,7 @@ from botocore.stub import ANY, Stubber
 from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger, Prior
-from ami_janitor.core.model import LedgerBake, LedgerItem
+from ami_janitor.core.model import LedgerBake, LedgerCopy, LedgerItem
 from sdk_faults import LoseFirstAnswers
 
 TABLE = "ami-janitor-ledger"
@@ -299,6 +299,20 @@ def test_every_conditional_write_counts_its_own_retried_write_as_recorded(retryi
     # A second run after all that: every write is another's now.
     assert book.record_adoption(NOW) == "already-recorded"
     assert book.record_bake("ami-2", LedgerBake(instance_id="i-1", at=NOW)) == "already-recorded"
+
+
+def test_a_copy_is_confirmed_made_on_its_sources_record(retrying: RegionClients) -> None:
+    book = Ledger(retrying, TABLE)
+    record = LedgerCopy(source_image_id="ami-1", source_region="us-east-1", region="eu-west-1", token="t-1")
+    assert book.record_copy(record) == "recorded"
+    LoseFirstAnswers(retrying.dynamodb, "UpdateItem")  # its retry meets its own write: still recorded
+    assert book.confirm_copy(record, "ami-9") == "recorded"
+    [copy] = book.read_items(["ami-1"])["ami-1"].copies
+    assert (copy.generation, copy.token, copy.image_id) == (1, "t-1", "ami-9")
+    # A generation never recorded is not made up by its confirmation.
+    second = record.model_copy(update={"generation": 2, "token": "t-2"})
+    assert book.confirm_copy(second, "ami-8") == "already-recorded"
+    assert [c.generation for c in book.read_items(["ami-1"])["ami-1"].copies] == [1]
 
 
 class _Body:

@@ -153,7 +153,8 @@ def test_a_copy_is_started_in_the_destination_with_its_tags_and_provenance(aws: 
     assert tags_of(snap) == tags_of(raw)
     # EC2 says what it was copied from.
     assert (raw["SourceImageId"], raw["SourceImageRegion"]) == (source.image_id, US)
-    # The copy is recorded on the source's item (before CopyImage), the replica on the copy's (after).
+    # The copy is recorded on the source's item (before CopyImage), the replica on the copy's (after),
+    # then the copy's id on the source's record (the generation is made).
     recorded = {
         "source_image_id": {"S": source.image_id},
         "source_region": {"S": US},
@@ -170,7 +171,7 @@ def test_a_copy_is_started_in_the_destination_with_its_tags_and_provenance(aws: 
         "pk": {"S": f"image#{source.image_id}"},
         "sk": {"S": "item"},
         "image_id": {"S": source.image_id},
-        "copies": {"M": {f"{EU}#1": {"M": recorded}}},
+        "copies": {"M": {f"{EU}#1": {"M": {**recorded, "image_id": {"S": raw["ImageId"]}}}}},
     }
     assert item(aws, EU, raw["ImageId"]) == {
         "pk": {"S": f"image#{raw['ImageId']}"},
@@ -616,6 +617,24 @@ def expect_record_copy(stub: Stubber, copy: Copy, *, recorded_before: bool = Fal
         stub.add_response("update_item", {}, expected)
 
 
+def expect_confirm_copy(stub: Stubber, copy: Copy, image_id: str, *, error: str | None = None) -> None:
+    """Ledger.confirm_copy on the source's item: the copy's id on its record of that generation."""
+    expected = ledger_write(
+        {
+            "TableName": TABLE,
+            "Key": ledger.key(copy.source_image_id),
+            "UpdateExpression": "SET copies.#copy.image_id = :image",
+            "ConditionExpression": "attribute_exists(copies.#copy)",
+            "ExpressionAttributeNames": {"#copy": f"{copy.region}#{copy.generation}"},
+            "ExpressionAttributeValues": {":image": {"S": image_id}},
+        }
+    )
+    if error:
+        stub.add_client_error("update_item", service_error_code=error, expected_params=expected)
+    else:
+        stub.add_response("update_item", {}, expected)
+
+
 def expect_record_replica(stub: Stubber, copy: Copy, image_id: str) -> None:
     entry = ledger_entry(copy)
     stub.add_response(
@@ -697,8 +716,10 @@ def test_exact_requests_of_an_encrypted_copy(stubbed: dict[str, tuple[Any, Stubb
         },
     )
     expect_record_replica(eu_db, copy, "ami-0fedcba9876543210")
+    expect_confirm_copy(us_db, copy, "ami-0fedcba9876543210")
     result = start_copy(region_clients(stubbed).__getitem__, copy, source, POLICY)
     assert (result.status, result.image_id) == ("ok", "ami-0fedcba9876543210")
+    assert result.detail == "copy started (generation 2)"
     # No tag is written on the source: its EC2 Stubber expects no call.
 
 
@@ -724,8 +745,36 @@ def test_exact_request_of_an_encrypt_in_place_copy(stubbed: dict[str, tuple[Any,
     expect_record_copy(us_db, copy, recorded_before=True)
     us_stub.add_response("copy_image", {"ImageId": "ami-0fedcba9876543210"}, request)
     expect_record_replica(us_db, copy, "ami-0fedcba9876543210")
+    expect_confirm_copy(us_db, copy, "ami-0fedcba9876543210")
     result = start_copy(region_clients(stubbed).__getitem__, copy, source, in_place)
     assert (result.status, result.detail) == ("ok", "copy started (generation 1)")
+
+
+def test_a_copy_whose_id_the_source_item_cannot_take_is_still_started(
+    stubbed: dict[str, tuple[Any, Stubber]],
+) -> None:
+    # The copy is made and its own item records it: the source's record lacks only its id, which a
+    # retired copy's expired item would one day need (then its token is tried once more).
+    eu_stub = stubbed[EU][1]
+    us_db, eu_db = stubbed[f"db:{US}"][1], stubbed[f"db:{EU}"][1]
+    source = source_image()
+    copy = copy_of(source)
+    eu_stub.add_response("describe_images", {"Images": []}, lookup(source.image_id))
+    expect_table(us_db)
+    expect_table(eu_db)
+    expect_record_copy(us_db, copy)
+    eu_stub.add_response(
+        "copy_image", {"ImageId": "ami-0fedcba9876543210"}, copy_request(copy, source, POLICY)
+    )
+    expect_record_replica(eu_db, copy, "ami-0fedcba9876543210")
+    expect_confirm_copy(us_db, copy, "ami-0fedcba9876543210", error="ProvisionedThroughputExceededException")
+    result = start_copy(region_clients(stubbed).__getitem__, copy, source, POLICY)
+    us_db.assert_no_pending_responses()
+    assert (result.status, result.image_id, result.started) == ("ok", "ami-0fedcba9876543210", True)
+    assert result.detail is not None
+    assert result.detail.startswith(
+        "copy started (generation 1); its id not recorded on the source's item: ProvisionedThroughputExceededException"
+    )
 
 
 def test_a_throttled_copy_is_a_failed_result_not_an_exception(

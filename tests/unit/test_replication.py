@@ -241,6 +241,23 @@ def test_a_retired_copy_counts_no_failure_toward_the_bound() -> None:
     assert copies == [] and len(problems) == 1 and "3 generations failed" in problems[0]
 
 
+def test_a_made_copy_whose_item_expired_takes_the_next_generation() -> None:
+    # The janitor retired the copy of generation 1, and retention_days later its item expired: the
+    # target's ledger no longer names it. The source's record has the copy's id (it was made), so the
+    # next copy takes a new generation: EC2 would answer the old token with the deregistered copy.
+    source = image(days_old=10)
+    made = (copy_record(source, EU, 1, image_id="ami-0aaaaaaaaaaaaaaa1"),)
+    source_made = source.model_copy(update={"ledger": LedgerItem(image_id=source.image_id, copies=made)})
+    expired = inventory(region=EU, ledger=ledger_of())
+    copies, problems = plan_replication([inventory(source_made), expired], EU_ONLY, NOW)
+    assert pairs(copies) == [(source.image_id, EU, 2)] and problems == []
+    assert rebuild_copy(copies[0], source_made, EU_ONLY) == copies[0]
+    # Without the id the generation was started and never made (CopyImage unanswered): its own token.
+    assert pairs(plan_copies([inventory(started(source, 1)), expired], EU_ONLY, NOW)) == [
+        (source.image_id, EU, 1)
+    ]
+
+
 def test_a_copy_in_flight_counts_as_the_available_copy_it_becomes() -> None:
     s1, s2 = image(days_old=10), image(days_old=20)
     native = image(days_old=15, region=EU)

@@ -299,8 +299,9 @@ def _key(item: dict[str, str]) -> str:
 
 SOURCE_STATES = ["available", "available", "available", "pending", "failed", "disabled"]
 # What a target already holds for a source: nothing, a copy in some state, a failed one, one gone
-# (deregistered by hand) or one the janitor retired.
-EXISTING = [None, None, "pending", "available", "disabled", "failed", "gone", "retired"]
+# (deregistered by hand), one the janitor retired, or one it retired whose item has since expired
+# (retention_days: the target's ledger no longer names it, while EC2 may still remember its token).
+EXISTING = [None, None, "pending", "available", "disabled", "failed", "gone", "retired", "expired"]
 
 
 @dataclass
@@ -338,8 +339,8 @@ def seed_copy(
 ) -> None:
     """A target's earlier history with `source`: its copies of generations 1..generation (the last in
     `state`, the earlier ones gone), with EC2's memory of their tokens and the ledgers' records (the
-    copy's always; the source's unless `recorded` is False; a retired copy's item records its
-    deregistration)."""
+    copy's always; the source's unless `recorded` is False, with the copy's id once the copy's item
+    records it; a retired copy's item records its deregistration, an expired one's is gone)."""
     image = Image.from_api(US, FakeEc2.api(source))
     family = policy.families[0]
     target = next(t for t in family.replicate if t.region == region)
@@ -358,9 +359,13 @@ def seed_copy(
         if recorded:
             account.ledger(US).record_copy(record)
         account.ledger(region).record_replica(copy_id, record)
-        if g == generation and state == "retired":
+        if recorded:
+            account.ledger(US).confirm_copy(record, copy_id)
+        if g == generation and state in ("retired", "expired"):
             retire(account, region, copy_id)
-        if g == generation and state not in ("gone", "retired"):
+        if g == generation and state == "expired":
+            del account.ledger(region).items[copy_id]
+        if g == generation and state not in ("gone", "retired", "expired"):
             tags = {
                 SOURCE_IMAGE_TAG: source["ImageId"],
                 SOURCE_REGION_TAG: US,
@@ -400,7 +405,9 @@ def fleets(draw: st.DrawFn) -> Fleet:
         for region, _key_id in [(t.region, t.kms_key_id) for t in policy.families[0].replicate]:
             state = draw(st.sampled_from(EXISTING))
             if state is not None:
-                generation = draw(st.integers(1, 4)) if state in ("failed", "gone", "retired") else 1
+                generation = (
+                    draw(st.integers(1, 4)) if state in ("failed", "gone", "retired", "expired") else 1
+                )
                 # The code records every generation before it copies; only a failed copy (which carries its
                 # own generation) is also tried with the source's record lost.
                 recorded = state != "failed" or draw(st.booleans())

@@ -147,14 +147,14 @@ def _start(
     image_id = answer["ImageId"]
     if target_ledger.record_replica(image_id, record) == "already-recorded":
         raise ValueError(f"the ledger of {copy.region} records {image_id} as another copy")
-    return result.model_copy(
-        update={
-            "status": "ok",
-            "started": True,
-            "image_id": image_id,
-            "detail": f"copy started (generation {copy.generation})",
-        }
-    )
+    detail = f"copy started (generation {copy.generation})"
+    try:
+        source_ledger.confirm_copy(record, image_id)
+    except AWS_ERRORS as error:
+        # The copy is made and its own item records it: only a retired copy's expired item, long after,
+        # would be taken for a generation never made (its token tried once more, the next one after).
+        detail += f"; its id not recorded on the source's item: {error_text(error)}"
+    return result.model_copy(update={"status": "ok", "started": True, "image_id": image_id, "detail": detail})
 
 
 def enqueue_copies(sqs_client: SQSClient, queue_url: str, copies: Sequence[Copy]) -> int:

@@ -460,6 +460,19 @@ class _Made:
             ExpressionAttributeValues={":copy": _value(entry)},
         )
 
+    def confirm_copy(self, copy: LedgerCopy, image_id: str) -> Written:
+        """After the copy's own item records it (record_replica): its id on the source's record of that
+        generation, which is then made. The copy's item expires `retention_days` after the janitor
+        retired it, and the source's record, without the id, would read as a generation started and
+        never made: its token would be used again, and EC2 would answer with the deregistered copy."""
+        return self._update(
+            copy.source_image_id,
+            UpdateExpression="SET copies.#copy.image_id = :image",
+            ConditionExpression="attribute_exists(copies.#copy)",
+            ExpressionAttributeNames={"#copy": f"{copy.region}#{copy.generation}"},
+            ExpressionAttributeValues={":image": _value(image_id)},
+        )
+
     def record_replica(self, image_id: str, replica: LedgerCopy) -> Written:
         """Record, on the new AMI's item in its own region's ledger, that the janitor made it as this copy
         (with the source's CreationDate: a replica's age and order). Repeating the same copy (same

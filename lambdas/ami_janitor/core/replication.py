@@ -17,7 +17,8 @@ recorded in the source's ledger item (its `copies`) before CopyImage is called, 
 used twice, and in the copy's own item after, so the retry of a failed copy can be planned from the copy
 alone (its event arrives in the destination region). A generation recorded on the source but on no copy
 was interrupted between the two writes: it is started again with the same token (EC2 answers with the
-copy it made, if any).
+copy it made, if any). Once the copy's item records it, the source's record gets the copy's id too: a
+retired copy's item expires (`retention_days`), and its generation, made, then takes the next one.
 """
 
 from __future__ import annotations
@@ -152,6 +153,17 @@ def recorded_generation(source: Image, region: str) -> int:
     if source.ledger is None:
         return 0
     return max((c.generation for c in source.ledger.copies if c.region == region), default=0)
+
+
+def made_generation(source: Image, region: str, generation: int) -> bool:
+    """Whether the source's item records the copy of that generation as made (its id, written once the
+    copy's own item recorded it: Ledger.confirm_copy)."""
+    if source.ledger is None:
+        return False
+    return any(
+        c.region == region and c.generation == generation and c.image_id is not None
+        for c in source.ledger.copies
+    )
 
 
 def ledger_copy(copy: Copy, source: Image, started: datetime | None = None) -> LedgerCopy:
@@ -338,8 +350,14 @@ def _plan_one(family: Family, source: Image, target: ReplicateTarget, copies: Re
     """The copy `source` needs in `target`, where it has no usable copy (a str: a problem that stops it).
     `copies`: what the target's ledger records of its copies."""
     recorded = recorded_generation(source, target.region)
-    if recorded and recorded not in copies.generations:
-        # Recorded before CopyImage, never recorded as made: the same token again finishes it.
+    if (
+        recorded
+        and recorded not in copies.generations
+        and not made_generation(source, target.region, recorded)
+    ):
+        # Recorded before CopyImage, never recorded as made: the same token again finishes it. A copy
+        # made whose item the target no longer has (it expired after the janitor retired the copy) takes
+        # the next generation below: its token would be answered with the deregistered copy.
         return copy_to(family.name, source.image_id, source.region, target, recorded)
     failed = len(copies.failed)
     if failed >= MAX_COPY_GENERATIONS:
