@@ -207,10 +207,11 @@ def only_if(construct: IConstruct, condition: CfnCondition) -> None:
 
 
 def _operator_role(stack: Stack, scope: Scope) -> iam.Role:
-    """The role `ami-janitor` assumes to act in this region: what the CLI calls (engine.CLI_PERMISSIONS,
-    the ledger's calls included), under /ami-janitor/ so the ledger accepts its writes. Any principal
-    of the account that its own IAM policy allows to assume it may (the account root is trusted)."""
-    statements = statements_for(engine.CLI_PERMISSIONS, scope)
+    """The role `ami-janitor` assumes to act in this region: what the CLI calls but `ledger create`
+    (engine.OPERATOR_PERMISSIONS: the stack owns the table), under /ami-janitor/ so the ledger accepts
+    its writes. Any principal of the account that its own IAM policy allows to assume it may (the
+    account root is trusted)."""
+    statements = statements_for(engine.OPERATOR_PERMISSIONS, scope)
     role = iam.Role(
         stack,
         "OperatorRole",

@@ -111,6 +111,10 @@ CLI_PERMISSIONS: list[str] = sorted(
     | set(ledger.CHECK_PERMISSIONS)
     | set(ledger.CREATE_PERMISSIONS)
 )
+# The operator role a stack makes for the CLI: all of it but `ledger create`'s table administration
+# (resource policy, backups, TTL, deletion protection). In a stack's region the stack owns the table;
+# a role that could rewrite the table's resource policy could open its writes to anyone.
+OPERATOR_PERMISSIONS: list[str] = sorted(set(CLI_PERMISSIONS) - set(ledger.CREATE_PERMISSIONS))
 # The event function: rotation, and sharing a new AMI at once (its copies are queued, with the aliases
 # of their keys resolved).
 EVENT_PERMISSIONS: list[str] = sorted(

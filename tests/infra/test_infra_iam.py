@@ -318,7 +318,7 @@ def test_ledger_calls_only_on_the_ledger_tables_of_the_region_and_its_copy_targe
                 for s in _statements(template, role_id)
                 if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))
             ]
-            wanted = set(engine.CLI_PERMISSIONS if module == "operator" else _permissions(module))
+            wanted = set(engine.OPERATOR_PERMISSIONS if module == "operator" else _permissions(module))
             assert {a for s in statements for a in as_list(s["Action"])} == {
                 a for a in wanted if a.startswith("dynamodb:")
             }, module
@@ -347,6 +347,9 @@ def test_operator_role_is_the_clis_permissions_trusting_the_account(
         assert trust["Action"] == "sts:AssumeRole"
         assert flatten(trust["Principal"]["AWS"]) == f"arn:aws:iam::{TEST_ACCOUNT}:root"
         granted = {a for s in _statements(template, role_id) for a in as_list(s["Action"])}
-        assert granted == set(engine.CLI_PERMISSIONS) - USAGE_ACTIONS  # no usage_reports: no inbox
+        assert granted == set(engine.OPERATOR_PERMISSIONS) - USAGE_ACTIONS  # no usage_reports: no inbox
+        # The stack owns the table: no table administration (its resource policy least of all).
+        assert not granted & set(ledger.CREATE_PERMISSIONS)
+        assert {"dynamodb:PutResourcePolicy", "dynamodb:UpdateTable"}.isdisjoint(granted)
         outputs = template["Outputs"]
         assert ref_id(outputs["OperatorRoleArn"]["Value"]) == role_id

@@ -309,7 +309,7 @@ def test_roles_use_the_inbox_as_their_code_declares(org_synth: Synth) -> None:
         "ami_event": ami_event.PERMISSIONS,
         "replicate": replicate.PERMISSIONS,
         "bake": bake.PERMISSIONS,
-        "operator": engine.CLI_PERMISSIONS,
+        "operator": engine.OPERATOR_PERMISSIONS,
     }
     assert {USAGE_SIDS[a] for a in declared["scheduled"] if a in USAGE_SIDS} == set(USAGE_SIDS.values())
     assert {USAGE_SIDS[a] for a in declared["slices"] if a in USAGE_SIDS} == {
