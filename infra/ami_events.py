@@ -1,4 +1,4 @@
-"""Latest rotation (and copy retries) on EC2 AMI state-change events."""
+"""Latest rotation (and copy retries) on EC2 AMI state-change events, one at a time per region."""
 
 from __future__ import annotations
 
@@ -8,19 +8,29 @@ from aws_cdk import Duration, Stack
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from ami_janitor.core.model import AMI_STATES
 from infra.alerts import Alerts
 from infra.dead_letters import DeadLetters
 from infra.environment import AMI_EVENT_HANDLER, REPLICATION_QUEUE_URL
-from infra.function import AsyncInvoke, JanitorFunction
-from infra.permissions import Scope
+from infra.function import JanitorFunction
+from infra.permissions import Scope, Statement
+from infra.queues import secure_queue
 from infra.replication import Replication
 
 MAX_EVENT_AGE = Duration.hours(1)  # events are best effort anyway: the scheduled run reconciles
 TARGET_RETRY_ATTEMPTS = 8
-INVOKE_RETRY_ATTEMPTS = 2  # the handler converges on current state, so a retry is safe
+FUNCTION_TIMEOUT = Duration.minutes(5)
+MAX_RECEIVE_COUNT = 3  # the handler converges on current state, so a delivery again is safe
+BATCH_SIZE = 10
+# The region's events are one FIFO message group: SQS hands out one batch at a time, in order, so two
+# rotations never race on a Latest tag. (A reserved concurrency of 1 did that before: a new account's
+# Lambda quota of 10 refuses any reservation, which failed the StackSet there.) The mapping's maximum
+# concurrency is the smallest it takes; the one group is what serializes.
+MESSAGE_GROUP = "ami-state-changes"
+MAX_CONCURRENCY = 2
 
 
 class AmiEvents(Construct):
@@ -35,8 +45,28 @@ class AmiEvents(Construct):
         alerts: Alerts,
         dead_letters: DeadLetters,
         replication: Replication,
+        name_prefix: str | None = None,
     ) -> None:
         super().__init__(scope, id)
+        # Named: a FIFO queue's name must end in .fifo (see WorkSlices).
+        prefix = name_prefix or Stack.of(self).stack_name
+        self.dead_letters = secure_queue(
+            self, "DeadLetters", fifo=True, queue_name=f"{prefix}-ami-events-dlq.fifo"
+        )
+        self.queue = secure_queue(
+            self,
+            "Queue",
+            fifo=True,
+            # EventBridge asks it of a FIFO target; a second delivery of one event within five minutes
+            # (the same event, the same body) is dropped.
+            content_based_deduplication=True,
+            queue_name=f"{prefix}-ami-events.fifo",
+            # Lambda's advice for SQS sources: at least six times the function timeout.
+            visibility_timeout=Duration.seconds(FUNCTION_TIMEOUT.to_seconds() * 6),
+            dead_letter_queue=sqs.DeadLetterQueue(
+                queue=self.dead_letters, max_receive_count=MAX_RECEIVE_COUNT
+            ),
+        )
         self.function = JanitorFunction(
             self,
             "Function",
@@ -46,17 +76,33 @@ class AmiEvents(Construct):
             permissions=permissions,
             permission_scope=permission_scope,
             alerts=alerts,
-            timeout=Duration.minutes(5),
+            timeout=FUNCTION_TIMEOUT,
             memory_size=512,
-            # One rotation at a time per region: concurrent events would race on the Latest tag.
-            reserved_concurrency=1,
             environment={REPLICATION_QUEUE_URL: replication.queue.queue_url},
-            infra=[replication.send_statement()],
-            async_invoke=AsyncInvoke(
-                retry_attempts=INVOKE_RETRY_ATTEMPTS,
-                max_event_age=MAX_EVENT_AGE,
-                on_failure=dead_letters.failed_invocations,
-            ),
+            infra=[
+                replication.send_statement(),
+                # What the event source mapping does with the function's role.
+                Statement(
+                    "ConsumeAmiEvents",
+                    ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"),
+                    (self.queue.queue_arn,),
+                ),
+            ],
+        )
+        lambda_.EventSourceMapping(
+            self,
+            "Events",
+            target=self.function.function,
+            event_source_arn=self.queue.queue_arn,
+            batch_size=BATCH_SIZE,
+            max_concurrency=MAX_CONCURRENCY,
+            report_batch_item_failures=True,
+        )
+        alerts.alarm_on_dead_letters(
+            self.dead_letters,
+            "Messages",
+            queue=self.dead_letters,
+            description=f"ami-janitor: an AMI state-change event failed {MAX_RECEIVE_COUNT} times",
         )
         self.rule = events.Rule(
             self,
@@ -73,8 +119,9 @@ class AmiEvents(Construct):
             ),
         )
         self.rule.add_target(
-            targets.LambdaFunction(
-                self.function.function,
+            targets.SqsQueue(
+                self.queue,
+                message_group_id=MESSAGE_GROUP,
                 dead_letter_queue=dead_letters.event_targets,
                 max_event_age=MAX_EVENT_AGE,
                 retry_attempts=TARGET_RETRY_ATTEMPTS,

@@ -109,7 +109,6 @@ class JanitorFunction(Construct):
         memory_size: int,
         infra: Sequence[Statement] = (),
         environment: Mapping[str, str] | None = None,
-        reserved_concurrency: int | None = None,
         async_invoke: AsyncInvoke | None = None,
     ) -> None:
         super().__init__(scope, id)
@@ -150,7 +149,6 @@ class JanitorFunction(Construct):
             memory_size=memory_size,
             environment={**common_environment(), **(environment or {})},
             log_group=self.log_group,
-            reserved_concurrent_executions=reserved_concurrency,
         )
         acknowledge(
             self.function,

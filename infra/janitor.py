@@ -113,7 +113,9 @@ def compose_janitor(
         work_slices=work_slices,
     )
     work_slices.accept_slices_only_from([scheduled_run.function.role])
-    ami_events = _ami_events(stack, code, own_region, alerts, dead_letters, replication, scheduled_run)
+    ami_events = _ami_events(
+        stack, code, own_region, alerts, dead_letters, replication, scheduled_run, name_prefix
+    )
     bake_schedule = _bake_schedule(stack, policy, code, own_region, alerts, dead_letters)
     operator_role = _operator_role(stack, with_copies)
     return Janitor(
@@ -138,6 +140,7 @@ def _ami_events(
     dead_letters: DeadLetters,
     replication: Replication,
     scheduled_run: ScheduledRun,
+    name_prefix: str | None,
 ) -> AmiEvents:
     """The AMI event function; only it and the scheduled run (the functions that plan copies) may queue
     copies."""
@@ -150,6 +153,7 @@ def _ami_events(
         alerts=alerts,
         dead_letters=dead_letters,
         replication=replication,
+        name_prefix=name_prefix,
     )
     replication.accept_requests_only_from([scheduled_run.function.role, ami_events.function.role])
     return ami_events

@@ -14,12 +14,14 @@ def secure_queue(
     visibility_timeout: Duration | None = None,
     dead_letter_queue: sqs.DeadLetterQueue | None = None,
     fifo: bool | None = None,
+    content_based_deduplication: bool | None = None,
     queue_name: str | None = None,
 ) -> sqs.Queue:
     return sqs.Queue(
         scope,
         id,
         fifo=fifo,
+        content_based_deduplication=content_based_deduplication,
         queue_name=queue_name,
         encryption=sqs.QueueEncryption.SQS_MANAGED,
         enforce_ssl=True,

@@ -175,7 +175,7 @@ def test_stack_created_with_functions_rules_and_queues(deployment: Deployment, s
 
     sqs = boto3.client("sqs", region_name=REGION)
     queue_urls = set(sqs.list_queues()["QueueUrls"])
-    assert len(queue_urls) == 6
+    assert len(queue_urls) == 8
     replication_id = next(k for k in resources if k.startswith("ReplicationQueue") and "Policy" not in k)
     replication_url = resources[replication_id]
     assert replication_url in queue_urls
@@ -196,10 +196,19 @@ def test_stack_created_with_functions_rules_and_queues(deployment: Deployment, s
     assert len(rules) == 3
     targets = {t["Arn"] for name in rules for t in events.list_targets_by_rule(Rule=name)["Targets"]}
     arns = {module: config["FunctionArn"] for module, config in deployment.functions.items()}
-    assert targets == {arns["scheduled"], arns["ami_event"], arns["bake"]}
+    # The AMI state changes go to the region's FIFO queue, which the event function consumes.
+    events_url = next(u for u in queue_urls if u.endswith("-ami-events.fifo"))
+    events_arn = sqs.get_queue_attributes(QueueUrl=events_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    assert targets == {arns["scheduled"], events_arn, arns["bake"]}
 
     mappings = boto3.client("lambda", region_name=REGION).list_event_source_mappings()["EventSourceMappings"]
-    assert sorted(m["FunctionArn"] for m in mappings) == sorted([arns["replicate"], arns["slices"]])
+    assert sorted(m["FunctionArn"] for m in mappings) == sorted(
+        [arns["replicate"], arns["slices"], arns["ami_event"]]
+    )
+    [events_mapping] = [m for m in mappings if m["FunctionArn"] == arns["ami_event"]]
+    assert events_mapping["EventSourceArn"] == events_arn
 
     # The ledger table (its resource policy, PITR and TTL are skipped here: test_infra_ledger checks them).
     table = boto3.client("dynamodb", region_name=REGION).describe_table(TableName="ami-janitor-ledger")[

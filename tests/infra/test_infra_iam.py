@@ -34,8 +34,9 @@ LOGS = {"logs:CreateLogStream", "logs:PutLogEvents"}  # its own log group
 INFRA_EXTRAS = {
     # reports bucket, alert topic, replication queue + the on-failure destination queue
     "scheduled": LOGS | {"s3:PutObject", "sns:Publish", "sqs:SendMessage"},
-    # replication queue + the on-failure destination queue
-    "ami_event": LOGS | {"sqs:SendMessage"},
+    # replication queue, and what its SQS event source mapping does with the role (the AMI event queue)
+    "ami_event": LOGS
+    | {"sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
     # what its SQS event source mapping does with the role
     "replicate": LOGS | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
     # the on-failure destination queue
@@ -128,6 +129,7 @@ def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[
         queue = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("ReplicationQueue"))
         work = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("WorkSlicesQueue"))
         failed = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("DeadLettersFailed"))
+        events = next(k for k in resources(template, "AWS::SQS::Queue") if k.startswith("AmiEventsQueue"))
         bucket = next(k for k in resources(template, "AWS::S3::Bucket") if k.startswith("ReportsBucket"))
         topic = next(iter(resources(template, "AWS::SNS::Topic")))
         functions = functions_by_handler(template)
@@ -147,9 +149,11 @@ def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[
                         assert targets == {f"<{topic}>"}
                     elif action == "sqs:SendMessage":
                         sends = {"scheduled": {queue, work}, "ami_event": {queue}}.get(module, set())
-                        assert targets <= {f"<{q}>" for q in {failed, *sends}}
+                        # The failed-invocations queue: the functions invoked asynchronously.
+                        destinations = {failed} if module in ("scheduled", "bake") else set()
+                        assert targets <= {f"<{q}>" for q in {*destinations, *sends}}, module
                     elif service == "sqs":
-                        consumed = {"replicate": queue, "slices": work}[module]
+                        consumed = {"replicate": queue, "slices": work, "ami_event": events}[module]
                         assert targets == {f"<{consumed}>"}
 
 

@@ -41,7 +41,7 @@ HANDLERS = {
     "slices": "ami_janitor.handlers.slices.handler",
 }
 # Asynchronously invoked functions: Lambda's retries, then the on-failure destination.
-ASYNC_RETRY_ATTEMPTS = {"scheduled": 1, "ami_event": 2, "bake": 0}
+ASYNC_RETRY_ATTEMPTS = {"scheduled": 1, "bake": 0}
 
 
 pytestmark = pytest.mark.slow  # synthesizes the stacks (or reads their synthesized templates)
@@ -118,7 +118,7 @@ def test_scheduled_run_rule(source: dict[str, Any], infra_policy: Any) -> None:
 
 def test_ami_state_change_rule(all_templates: dict[str, dict[str, Any]]) -> None:
     for template in all_templates.values():
-        event_id, _ = functions_by_handler(template)["ami_event"]
+        queue = _queue(template, "AmiEventsQueue")
         Template.from_json(template).has_resource_properties(
             "AWS::Events::Rule",
             {
@@ -132,7 +132,15 @@ def test_ami_state_change_rule(all_templates: dict[str, dict[str, Any]]) -> None
                         "detail": {"State": ["available", "failed", "deregistered", "disabled"]},
                     }
                 ),
-                "Targets": [Match.object_like({"Arn": {"Fn::GetAtt": [event_id, "Arn"]}})],
+                # The region's events are one message group of the FIFO queue: one batch at a time.
+                "Targets": [
+                    Match.object_like(
+                        {
+                            "Arn": {"Fn::GetAtt": [queue, "Arn"]},
+                            "SqsParameters": {"MessageGroupId": "ami-state-changes"},
+                        }
+                    )
+                ],
             },
         )
 
@@ -227,15 +235,65 @@ def test_async_functions_have_bounded_retries_and_failure_destination(
             assert config["MaximumEventAgeInSeconds"] <= 2 * 3600
             assert config["Qualifier"] == "$LATEST"
             assert ref_id(config["DestinationConfig"]["OnFailure"]["Destination"]) == failed
-        assert configs == {}  # the replication worker is invoked by SQS, not asynchronously
+        assert configs == {}  # the AMI event, slice and replication functions are invoked by SQS
 
 
-def test_event_function_reserved_concurrency_is_one(all_templates: dict[str, dict[str, Any]]) -> None:
+def test_ami_events_one_batch_at_a_time_per_region_from_a_fifo_queue_with_redrive(
+    all_templates: dict[str, dict[str, Any]],
+) -> None:
+    for name, template in all_templates.items():
+        queue = _queue(template, "AmiEventsQueue")
+        dlq = _queue(template, "AmiEventsDeadLetters")
+        function_id, function = functions_by_handler(template)["ami_event"]
+        Template.from_json(template).has_resource_properties(
+            "AWS::Lambda::EventSourceMapping",
+            {
+                "EventSourceArn": {"Fn::GetAtt": [queue, "Arn"]},
+                "FunctionName": {"Ref": function_id},
+                "FunctionResponseTypes": ["ReportBatchItemFailures"],
+                "ScalingConfig": {"MaximumConcurrency": 2},
+            },
+        )
+        props = template["Resources"][queue]["Properties"]
+        # FIFO, as EventBridge's FIFO targets ask: content-based deduplication (a repeated delivery of
+        # an event is dropped).
+        assert props["FifoQueue"] is True and props["ContentBasedDeduplication"] is True, name
+        assert template["Resources"][dlq]["Properties"]["FifoQueue"] is True
+        assert ref_id(props["RedrivePolicy"]["deadLetterTargetArn"]) == dlq
+        assert 1 < props["RedrivePolicy"]["maxReceiveCount"] <= 10
+        assert props["VisibilityTimeout"] >= 6 * function["Timeout"]
+        alarmed = Capture()
+        Template.from_json(template).has_resource_properties(
+            "AWS::CloudWatch::Alarm",
+            {
+                "MetricName": "ApproximateNumberOfMessagesVisible",
+                "Dimensions": [{"Name": "QueueName", "Value": {"Fn::GetAtt": [alarmed, "QueueName"]}}],
+                "AlarmDescription": Match.string_like_regexp("AMI state-change event failed"),
+            },
+        )
+        assert alarmed.as_string() == dlq
+        # Only EventBridge, for this rule, may send to it.
+        [rule_id] = [
+            k
+            for k, r in resources(template, "AWS::Events::Rule").items()
+            if any(ref_id(t["Arn"]) == queue for t in r["Properties"]["Targets"])
+        ]
+        allowed = [
+            s
+            for p in resources(template, "AWS::SQS::QueuePolicy").values()
+            if [ref_id(q) for q in p["Properties"]["Queues"]] == [queue]
+            for s in p["Properties"]["PolicyDocument"]["Statement"]
+            if s["Effect"] == "Allow"
+        ]
+        assert [s["Principal"] for s in allowed] == [{"Service": "events.amazonaws.com"}]
+        assert ref_id(allowed[0]["Condition"]["ArnEquals"]["aws:SourceArn"]) == rule_id
+
+
+def test_no_function_has_reserved_concurrency(all_templates: dict[str, dict[str, Any]]) -> None:
+    # A new account's Lambda quota of 10 refuses any reservation; one would also throttle SQS pollers.
     for template in all_templates.values():
-        functions = functions_by_handler(template)
-        assert functions["ami_event"][1]["ReservedConcurrentExecutions"] == 1
-        for module in set(functions) - {"ami_event"}:
-            assert "ReservedConcurrentExecutions" not in functions[module][1]
+        for _, function in functions_by_handler(template).values():
+            assert "ReservedConcurrentExecutions" not in function
 
 
 def test_replication_queue_worker_and_redrive(source: dict[str, Any]) -> None:
@@ -347,8 +405,8 @@ def test_only_the_roles_that_enqueue_may_send_copy_requests(all_templates: dict[
 def test_queues_encrypted_and_tls_only(all_templates: dict[str, dict[str, Any]]) -> None:
     for template in all_templates.values():
         queues = resources(template, "AWS::SQS::Queue")
-        # event-target DLQ, failed invocations, the replication and work queues and their DLQs
-        assert len(queues) == 6
+        # event-target DLQ, failed invocations, the AMI event, replication and work queues and their DLQs
+        assert len(queues) == 8
         tls_only: set[str | None] = set()
         for policy in resources(template, "AWS::SQS::QueuePolicy").values():
             for statement in policy["Properties"]["PolicyDocument"]["Statement"]:
@@ -386,6 +444,7 @@ def test_alarms_publish_to_the_topic(all_templates: dict[str, dict[str, Any]]) -
             _queue(template, "DeadLettersFailedInvocations"),
             _queue(template, "ReplicationDeadLetters"),
             _queue(template, "WorkSlicesDeadLetters"),
+            _queue(template, "AmiEventsDeadLetters"),
         }
         assert visible == dead_letter_queues
         for metric in ("ActionsFailed", "RegionSkipped"):
@@ -470,6 +529,7 @@ def test_no_custom_resources(all_templates: dict[str, dict[str, Any]]) -> None:
         # The only functions are the handlers (custom resource providers would add their own).
         for props in (r["Properties"] for r in resources(template, "AWS::Lambda::Function").values()):
             assert props["Handler"] in HANDLERS.values()
+        targets = {*resources(template, "AWS::Lambda::Function"), _queue(template, "AmiEventsQueue")}
         for rule in resources(template, "AWS::Events::Rule").values():
             for target in rule["Properties"]["Targets"]:
-                assert ref_id(target["Arn"]) in resources(template, "AWS::Lambda::Function")
+                assert ref_id(target["Arn"]) in targets

@@ -9,6 +9,7 @@ from typing import Any
 import boto3
 import pytest
 import yaml
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 
 from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import ClientFactory
@@ -18,7 +19,7 @@ from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, load_policy
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
-from lambda_events import Context
+from lambda_events import Context, sqs_event
 from sdk_faults import deny
 from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
 
@@ -302,6 +303,63 @@ def test_malformed_event_fails_naming_the_field(lambda_env: Path) -> None:
         ami_event.handler(event("ami_malformed.json"), Context())
     with pytest.raises(BadEvent, match="not a JSON object"):
         ami_event.handler([], Context())  # type: ignore[arg-type]
+
+
+EVENTS_QUEUE = "arn:aws:sqs:us-east-1:123456789012:AmiJanitor-us-east-1-ami-events.fifo"
+
+
+def queued(*events: dict[str, Any]) -> dict[str, Any]:
+    """The events as the region's FIFO queue hands them to the function: one message group."""
+    return sqs_event(*(json.dumps(e) for e in events), queue_arn=EVENTS_QUEUE, group="ami-state-changes")
+
+
+def test_queued_events_are_handled_in_order_one_batch_at_a_time(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    # In order: the older AMI's event first, then the newest's; Latest ends on the newest.
+    answer = ami_event.handler(
+        queued(event("ami_available.json", older), event("ami_available.json", newest)), Context()
+    )
+    assert answer == {"batchItemFailures": []}
+    assert latest_holders(fleet.images) == [newest] and parameter() == newest
+
+
+def test_a_queued_event_that_fails_fails_those_after_it_and_is_logged(
+    lambda_env: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    handled: list[str] = []
+    handle = ami_event.handle_state_change
+
+    def recorded(ami: ami_event.AmiStateChangeEvent, *args: Any) -> dict[str, Any]:
+        handled.append(ami.detail.ImageId)
+        return handle(ami, *args)
+
+    monkeypatch.setattr(ami_event, "handle_state_change", recorded)
+    batch = queued(
+        event("ami_available.json", older), event("ami_malformed.json"), event("ami_available.json", newest)
+    )
+    answer = ami_event.handler(batch, Context())
+    # FIFO: the malformed event and the one after it come again, in order (then the dead-letter queue);
+    # the one before it is done.
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]}
+    # The newest's event was not handled out of order (the older's rotated the group all the same).
+    assert handled == [older] and latest_holders(fleet.images) == [newest]
+    [failed] = [r for r in caplog.records if r.getMessage() == "AMI event failed"]
+    assert (getattr(failed, "message_id", None), getattr(failed, "receive_count", None)) == ("message-1", "1")
+    assert failed.exc_info is not None and "detail.State: Field required" in str(failed.exc_info[1])
+    metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    assert any(m.get("AmiEventsFailed") in ([1.0], 1.0) for m in metrics)
+    # A batch whose every record fails fails the invocation: SQS delivers it all again.
+    with pytest.raises(BatchProcessingError):
+        ami_event.handler(queued(event("ami_malformed.json"), event("ami_available.json", newest)), Context())
+    assert handled == [older]
 
 
 def test_an_event_of_another_region_is_refused_and_changes_nothing_there(lambda_env: Path) -> None:

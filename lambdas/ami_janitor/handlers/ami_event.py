@@ -1,7 +1,15 @@
-"""EC2 AMI State Change events: rotate the Latest pointer of the group the AMI belongs to."""
+"""EC2 AMI State Change events: rotate the Latest pointer of the group the AMI belongs to.
+
+EventBridge puts the region's events on a FIFO queue, one message group, so the function takes them
+one batch at a time and in order: two rotations never race on a Latest tag. (A reserved concurrency of 1
+did that before; a new account's Lambda quota of 10 refuses any reservation, and it would throttle the
+queue's poller into the dead-letter queue.) A record that fails fails the records after it: SQS delivers
+them again, in order, and parks a record that failed 3 times in the dead-letter queue, which alarms.
+"""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -9,6 +17,8 @@ from ami_janitor.handlers import collector_paused
 
 with collector_paused():
     from aws_lambda_powertools.metrics import MetricUnit
+    from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
     from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
     from aws_lambda_powertools.utilities.typing import LambdaContext
     from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +28,8 @@ with collector_paused():
     from ami_janitor.aws.clients import ClientFactory
     from ami_janitor.aws.rotator import AmiEventOutcome
     from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
-    from ami_janitor.handlers.events import BadEvent, configured, parse_event
+    from ami_janitor.core.policy import Policy
+    from ami_janitor.handlers.events import BadEvent, Environment, configured, parse_event
     from ami_janitor.handlers.observe import logger, metrics
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
@@ -48,9 +59,35 @@ def parse_ami_event(raw: object) -> AmiStateChangeEvent:
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    ami_event = parse_ami_event(event)
-    detail = ami_event.detail
+    """The records of the region's AMI event queue, in order; or one event, invoked by hand."""
     env, policy = configured()
+    if isinstance(event, dict) and "Records" in event:
+        return dict(
+            process_partial_response(
+                event=event,
+                record_handler=lambda record: handle_record(record, env, policy),
+                processor=SqsFifoPartialProcessor(),
+                context=context,
+            )
+        )
+    return handle_state_change(parse_ami_event(event), env, policy)
+
+
+def handle_record(record: SQSRecord, env: Environment, policy: Policy) -> dict[str, Any]:
+    """One queued event; what fails is logged with the message (the record is delivered again)."""
+    try:
+        return handle_state_change(parse_ami_event(json.loads(record.body)), env, policy)
+    except Exception:
+        receives = record.attributes.approximate_receive_count
+        logger.exception(
+            "AMI event failed", extra={"message_id": record.message_id, "receive_count": receives}
+        )
+        metrics.add_metric(name="AmiEventsFailed", unit=MetricUnit.Count, value=1)
+        raise
+
+
+def handle_state_change(ami_event: AmiStateChangeEvent, env: Environment, policy: Policy) -> dict[str, Any]:
+    detail = ami_event.detail
     # Each region's stack handles its own region's AMIs (EventBridge delivers no other): an event
     # naming another region, invoked by hand, is refused rather than acted on there.
     if ami_event.region != env.region:
@@ -65,7 +102,6 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         datetime.now(UTC).replace(microsecond=0),
         enqueue=(lambda copies: copier.enqueue_copies(clients.sqs, queue, copies)) if queue else None,
     )
-    metrics.add_dimension(name="State", value=detail.State)
     metrics.add_metric(name="AmiStateChanges", unit=MetricUnit.Count, value=1)
     if detail.State == "failed":
         metrics.add_metric(name="AmiFailedEvents", unit=MetricUnit.Count, value=1)
