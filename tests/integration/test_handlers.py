@@ -325,6 +325,27 @@ def test_queued_events_are_handled_in_order_one_batch_at_a_time(lambda_env: Path
     assert latest_holders(fleet.images) == [newest] and parameter() == newest
 
 
+def test_queued_events_left_without_time_come_again_in_a_fresh_invocation(lambda_env: Path) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+
+    class Running(Context):
+        """An invocation with time for its first event only."""
+
+        def get_remaining_time_in_millis(self) -> int:
+            self.remaining_millis -= 250_000
+            return self.remaining_millis + 250_000
+
+    batch = queued(event("ami_available.json", older), event("ami_available.json", newest))
+    answer = ami_event.handler(batch, Running(remaining_millis=300_000))
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
+    # The second comes again, in order, and is handled in an invocation of its own.
+    again = queued(event("ami_available.json", newest))
+    assert ami_event.handler(again, Running(remaining_millis=300_000)) == {"batchItemFailures": []}
+    assert latest_holders(fleet.images) == [newest]
+
+
 def test_a_queued_event_that_fails_fails_those_after_it_and_is_logged(
     lambda_env: Path,
     capsys: pytest.CaptureFixture[str],

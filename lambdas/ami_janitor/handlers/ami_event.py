@@ -33,6 +33,14 @@ with collector_paused():
     from ami_janitor.handlers.observe import logger, metrics
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
+# No queued event is started with less than this left of the invocation (an event that reads a large
+# region takes tens of seconds): the rest of the batch comes again, where a timeout would deliver the
+# records already handled again too, and a batch that never fits would end in the dead-letter queue.
+RESERVE_MILLIS = 90_000
+
+
+class OutOfTime(RuntimeError):
+    """Too little of the invocation is left to start the next queued event."""
 
 
 # Here rather than with the other events (handlers.events): Powertools' parser models, which
@@ -65,7 +73,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         return dict(
             process_partial_response(
                 event=event,
-                record_handler=lambda record: handle_record(record, env, policy),
+                record_handler=lambda record: handle_record(record, env, policy, context),
                 processor=SqsFifoPartialProcessor(),
                 context=context,
             )
@@ -73,8 +81,14 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return handle_state_change(parse_ami_event(event), env, policy)
 
 
-def handle_record(record: SQSRecord, env: Environment, policy: Policy) -> dict[str, Any]:
+def handle_record(
+    record: SQSRecord, env: Environment, policy: Policy, context: LambdaContext
+) -> dict[str, Any]:
     """One queued event; what fails is logged with the message (the record is delivered again)."""
+    if context.get_remaining_time_in_millis() < RESERVE_MILLIS:
+        # Not an error of the event: it and those after it come again, in order, in a fresh invocation.
+        logger.info("AMI event left for the next invocation", extra={"message_id": record.message_id})
+        raise OutOfTime(f"{record.message_id} left for the next invocation")
     try:
         return handle_state_change(parse_ami_event(json.loads(record.body)), env, policy)
     except Exception:
