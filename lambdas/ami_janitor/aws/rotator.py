@@ -277,7 +277,7 @@ def handle_state_change(
         return outcome(outcome="ignored", why=f"the janitor's own {stage} stage, which the ledger records")
     inventory = read(clients, policy)
     if inventory.error:
-        # Raise so the invocation is retried and then lands in the failure destination.
+        # Raise so the event is delivered again and then lands in the dead-letter queue.
         raise RuntimeError(f"cannot read the AMIs of {clients.region}: {inventory.error}")
     only = EVERY_GROUP
     image = next((i for i in inventory.images if i.image_id == image_id), None)
@@ -300,7 +300,7 @@ def handle_state_change(
     results = converge(clients, policy, now, only, load=read, first=inventory, first_changes=changes)
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        # The error is what the invocation's log and failure destination keep: it names what was
+        # The error is what the event's log and the dead-letter queue keep: it names what was
         # written before the failure (a tag moved while the parameter still names the old AMI).
         raise RuntimeError("rotation failed: " + "; ".join(map(_failure, failed)))
     return outcome(outcome="rotated", rotations=results, **why_not)

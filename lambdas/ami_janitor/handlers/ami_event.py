@@ -125,8 +125,8 @@ def handle_state_change(ami_event: AmiStateChangeEvent, env: Environment, policy
     log("AMI state change handled", extra=answer)
     unfinished = unfinished_work(outcome)
     if unfinished:
-        # Failed, the invocation is tried again (each step is idempotent), then lands in the
-        # failed-invocations queue, which alarms; the scheduled run reconciles whatever is left.
+        # Failed, the event is delivered again (each step is idempotent), then lands in the
+        # queue's dead-letter queue, which alarms; the scheduled run reconciles whatever is left.
         raise RuntimeError(f"AMI {detail.ImageId}: " + "; ".join(unfinished))
     return answer
 
@@ -135,7 +135,7 @@ def unfinished_work(outcome: AmiEventOutcome) -> list[str]:
     """What a new source's sharing and copying left undone that trying again may finish (a rotation that
     fails raises itself). A share refused for good (no ledger table, image block public access refusing
     the public group) is in the answer and its log, and waits for its cause to be fixed: retried, it
-    would only fail the same way into the failure destination."""
+    would only fail the same way into the dead-letter queue."""
     unfinished = [
         f"sharing failed: {s.error or s.detail or 'unknown'}"
         for s in outcome.shared
