@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -117,6 +118,19 @@ class AmiEvents(Construct):
                 # EventBridge delivers "EC2 AMI State Change" with the state in detail.State (capital S).
                 detail={"State": list(AMI_STATES)},
             ),
+        )
+        # Only this rule puts events on the queue: the handler re-reads EC2 for every event anyway, but
+        # a principal of the account with a broad sqs:SendMessage could otherwise fill the one message
+        # group and hold back the real events behind its own.
+        self.queue.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheStateChangeRuleSends",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["sqs:SendMessage"],
+                resources=[self.queue.queue_arn],
+                conditions={"ArnNotEquals": {"aws:SourceArn": self.rule.rule_arn}},
+            )
         )
         self.rule.add_target(
             targets.SqsQueue(

@@ -287,6 +287,16 @@ def test_ami_events_one_batch_at_a_time_per_region_from_a_fifo_queue_with_redriv
         ]
         assert [s["Principal"] for s in allowed] == [{"Service": "events.amazonaws.com"}]
         assert ref_id(allowed[0]["Condition"]["ArnEquals"]["aws:SourceArn"]) == rule_id
+        # And every other sender is denied (an absent aws:SourceArn is not the rule's).
+        [deny] = [
+            s
+            for p in resources(template, "AWS::SQS::QueuePolicy").values()
+            if [ref_id(q) for q in p["Properties"]["Queues"]] == [queue]
+            for s in p["Properties"]["PolicyDocument"]["Statement"]
+            if s["Effect"] == "Deny" and s["Action"] == "sqs:SendMessage"
+        ]
+        assert deny["Principal"] == {"AWS": "*"}
+        assert ref_id(deny["Condition"]["ArnNotEquals"]["aws:SourceArn"]) == rule_id
 
 
 def test_no_function_has_reserved_concurrency(all_templates: dict[str, dict[str, Any]]) -> None:
