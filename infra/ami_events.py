@@ -15,7 +15,7 @@ from constructs import Construct
 from ami_janitor.core.model import AMI_STATES
 from infra.alerts import Alerts
 from infra.dead_letters import DeadLetters
-from infra.environment import AMI_EVENT_HANDLER, REPLICATION_QUEUE_URL
+from infra.environment import AMI_EVENT_HANDLER, AMI_EVENTS_QUEUE_URL, REPLICATION_QUEUE_URL
 from infra.function import JanitorFunction
 from infra.permissions import Scope, Statement
 from infra.queues import secure_queue
@@ -24,7 +24,9 @@ from infra.replication import Replication
 MAX_EVENT_AGE = Duration.hours(1)  # events are best effort anyway: the scheduled run reconciles
 TARGET_RETRY_ATTEMPTS = 8
 FUNCTION_TIMEOUT = Duration.minutes(5)
-MAX_RECEIVE_COUNT = 3  # the handler converges on current state, so a delivery again is safe
+# The handler converges on current state, so a delivery again is safe; a record the invocation had no
+# time left for counts a delivery too.
+MAX_RECEIVE_COUNT = 5
 BATCH_SIZE = 10
 # The region's events are one FIFO message group: SQS hands out one batch at a time, in order, so two
 # rotations never race on a Latest tag. (A reserved concurrency of 1 did that before: a new account's
@@ -79,13 +81,23 @@ class AmiEvents(Construct):
             alerts=alerts,
             timeout=FUNCTION_TIMEOUT,
             memory_size=512,
-            environment={REPLICATION_QUEUE_URL: replication.queue.queue_url},
+            # Its own queue: a record to try again is made visible again soon (the handler's retry_soon).
+            environment={
+                REPLICATION_QUEUE_URL: replication.queue.queue_url,
+                AMI_EVENTS_QUEUE_URL: self.queue.queue_url,
+            },
             infra=[
                 replication.send_statement(),
-                # What the event source mapping does with the function's role.
+                # What the event source mapping does with the function's role, and the handler's
+                # ChangeMessageVisibilityBatch on the records to try again.
                 Statement(
                     "ConsumeAmiEvents",
-                    ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"),
+                    (
+                        "sqs:ReceiveMessage",
+                        "sqs:DeleteMessage",
+                        "sqs:GetQueueAttributes",
+                        "sqs:ChangeMessageVisibility",
+                    ),
                     (self.queue.queue_arn,),
                 ),
             ],

@@ -34,9 +34,11 @@ LOGS = {"logs:CreateLogStream", "logs:PutLogEvents"}  # its own log group
 INFRA_EXTRAS = {
     # reports bucket, alert topic, replication queue + the on-failure destination queue
     "scheduled": LOGS | {"s3:PutObject", "sns:Publish", "sqs:SendMessage"},
-    # replication queue, and what its SQS event source mapping does with the role (the AMI event queue)
+    # replication queue, and what its SQS event source mapping does with the role (the AMI event queue),
+    # and the visibility of the records it tries again
     "ami_event": LOGS
-    | {"sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
+    | {"sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
+    | {"sqs:ChangeMessageVisibility"},
     # what its SQS event source mapping does with the role
     "replicate": LOGS | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
     # the on-failure destination queue

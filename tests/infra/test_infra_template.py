@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Capture, Match, Template
 from infra.environment import (
+    AMI_EVENTS_QUEUE_URL,
     AMI_JANITOR_CONFIG,
     LOG_LEVEL,
     POLICY_PATH_IN_LAMBDA,
@@ -99,7 +100,11 @@ def test_environment_contract(source: dict[str, Any]) -> None:
         WORK_QUEUE_URL: {"Ref": _queue(source, "WorkSlicesQueue")},
     }
     assert env["slices"] == {**common, REPORT_BUCKET: {"Ref": bucket}, TOPIC_ARN: {"Ref": topic}}
-    assert env["ami_event"] == {**common, REPLICATION_QUEUE_URL: {"Ref": queue}}
+    assert env["ami_event"] == {
+        **common,
+        REPLICATION_QUEUE_URL: {"Ref": queue},
+        AMI_EVENTS_QUEUE_URL: {"Ref": _queue(source, "AmiEventsQueue")},
+    }
     assert env["replicate"] == common
     assert env["bake"] == common
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 import yaml
-from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.core.utils import unix_time_millis
+from moto.sqs.models import sqs_backends
 
 from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import ClientFactory
@@ -19,7 +22,7 @@ from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, load_policy
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
-from lambda_events import Context, sqs_event
+from lambda_events import Context
 from sdk_faults import deny
 from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
 
@@ -305,56 +308,58 @@ def test_malformed_event_fails_naming_the_field(lambda_env: Path) -> None:
         ami_event.handler([], Context())  # type: ignore[arg-type]
 
 
-EVENTS_QUEUE = "arn:aws:sqs:us-east-1:123456789012:AmiJanitor-us-east-1-ami-events.fifo"
+@pytest.fixture
+def events_queue(lambda_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The region's AMI event queue (FIFO, as the stack makes it), named to the function."""
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    url = sqs.create_queue(
+        QueueName="AmiJanitor-us-east-1-ami-events.fifo",
+        Attributes={"FifoQueue": "true", "ContentBasedDeduplication": "true", "VisibilityTimeout": "1800"},
+    )["QueueUrl"]
+    monkeypatch.setenv("AMI_EVENTS_QUEUE_URL", url)
+    return url
 
 
-def queued(*events: dict[str, Any]) -> dict[str, Any]:
-    """The events as the region's FIFO queue hands them to the function: one message group."""
-    return sqs_event(*(json.dumps(e) for e in events), queue_arn=EVENTS_QUEUE, group="ami-state-changes")
+def delivered(queue_url: str, *events: dict[str, Any]) -> dict[str, Any]:
+    """The events sent by the rule (one message group), received as the event source mapping receives
+    them, as the function's event."""
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    for e in events:
+        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(e), MessageGroupId="ami-state-changes")
+    return received(queue_url)
 
 
-def test_queued_events_are_handled_in_order_one_batch_at_a_time(lambda_env: Path) -> None:
-    write_policy(lambda_env, "enforce")
-    fleet = seed_fleet(now())
-    newest, older = fleet.images[-1], fleet.images[-2]
-    # In order: the older AMI's event first, then the newest's; Latest ends on the newest.
-    answer = ami_event.handler(
-        queued(event("ami_available.json", older), event("ami_available.json", newest)), Context()
-    )
-    assert answer == {"batchItemFailures": []}
-    assert latest_holders(fleet.images) == [newest] and parameter() == newest
+def received(queue_url: str) -> dict[str, Any]:
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    answer = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"])
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m["Attributes"],
+                "messageAttributes": {},
+                "md5OfBody": m["MD5OfBody"],
+                "eventSource": "aws:sqs",
+                "eventSourceARN": arn,
+                "awsRegion": "us-east-1",
+            }
+            for m in answer.get("Messages", [])
+        ]
+    }
 
 
-def test_queued_events_left_without_time_come_again_in_a_fresh_invocation(lambda_env: Path) -> None:
-    write_policy(lambda_env, "enforce")
-    fleet = seed_fleet(now())
-    newest, older = fleet.images[-1], fleet.images[-2]
-
-    class Running(Context):
-        """An invocation with time for its first event only."""
-
-        def get_remaining_time_in_millis(self) -> int:
-            self.remaining_millis -= 250_000
-            return self.remaining_millis + 250_000
-
-    batch = queued(event("ami_available.json", older), event("ami_available.json", newest))
-    answer = ami_event.handler(batch, Running(remaining_millis=300_000))
-    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
-    # The second comes again, in order, and is handled in an invocation of its own.
-    again = queued(event("ami_available.json", newest))
-    assert ami_event.handler(again, Running(remaining_millis=300_000)) == {"batchItemFailures": []}
-    assert latest_holders(fleet.images) == [newest]
+def seconds_until_visible(queue_url: str, message_id: str) -> float:
+    """When the emulator makes the message visible again (no API tells it)."""
+    queue = sqs_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].queues[queue_url.rsplit("/", 1)[1]]
+    [message] = [m for m in queue._messages if m.id == message_id]  # (`messages`: the visible ones)
+    return (message.visible_at - unix_time_millis()) / 1000
 
 
-def test_a_queued_event_that_fails_fails_those_after_it_and_is_logged(
-    lambda_env: Path,
-    capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    write_policy(lambda_env, "enforce")
-    fleet = seed_fleet(now())
-    newest, older = fleet.images[-1], fleet.images[-2]
+def recorder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The AMIs whose events the handler handles, in order."""
     handled: list[str] = []
     handle = ami_event.handle_state_change
 
@@ -363,24 +368,108 @@ def test_a_queued_event_that_fails_fails_those_after_it_and_is_logged(
         return handle(ami, *args)
 
     monkeypatch.setattr(ami_event, "handle_state_change", recorded)
-    batch = queued(
-        event("ami_available.json", older), event("ami_malformed.json"), event("ami_available.json", newest)
+    return handled
+
+
+def ids(batch: dict[str, Any]) -> list[str]:
+    return [r["messageId"] for r in batch["Records"]]
+
+
+def failures(*message_ids: str) -> dict[str, Any]:
+    return {"batchItemFailures": [{"itemIdentifier": m} for m in message_ids]}
+
+
+def test_queued_events_are_each_handled_in_order(
+    events_queue: str, lambda_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    handled = recorder(monkeypatch)
+    batch = delivered(events_queue, event("ami_available.json", older), event("ami_available.json", newest))
+    assert ami_event.handler(batch, Context()) == failures()
+    assert handled == [older, newest]
+    assert latest_holders(fleet.images) == [newest] and parameter() == newest
+
+
+def test_queued_events_left_without_time_come_again_at_once(
+    events_queue: str, lambda_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    handled = recorder(monkeypatch)
+
+    class Running(Context):
+        """An invocation with time for its first event only."""
+
+        def get_remaining_time_in_millis(self) -> int:
+            self.remaining_millis -= 250_000
+            return self.remaining_millis + 250_000
+
+    batch = delivered(events_queue, event("ami_available.json", older), event("ami_available.json", newest))
+    assert ami_event.handler(batch, Running(remaining_millis=300_000)) == failures(ids(batch)[1])
+    assert handled == [older]
+    # Lambda deletes the record handled; the one left is visible again at once (not in half an hour).
+    boto3.client("sqs", region_name="us-east-1").delete_message(
+        QueueUrl=events_queue, ReceiptHandle=batch["Records"][0]["receiptHandle"]
+    )
+    again = received(events_queue)
+    assert ids(again) == ids(batch)[1:]
+    assert ami_event.handler(again, Running(remaining_millis=300_000)) == failures()
+    assert handled == [older, newest]
+
+
+def test_a_queued_event_that_fails_is_logged_tried_again_soon_and_holds_back_no_other(
+    events_queue: str,
+    lambda_env: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    handled = recorder(monkeypatch)
+    logged: list[tuple[str, dict[str, Any], str]] = []
+
+    def exception(message: str, *, extra: dict[str, Any]) -> None:
+        logged.append((message, extra, str(sys.exc_info()[1])))
+
+    monkeypatch.setattr(ami_event.logger, "exception", exception)
+    batch = delivered(
+        events_queue,
+        event("ami_available.json", older),
+        event("ami_malformed.json"),
+        event("ami_available.json", newest),
     )
     answer = ami_event.handler(batch, Context())
-    # FIFO: the malformed event and the one after it come again, in order (then the dead-letter queue);
-    # the one before it is done.
-    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]}
-    # The newest's event was not handled out of order (the older's rotated the group all the same).
-    assert handled == [older] and latest_holders(fleet.images) == [newest]
-    [failed] = [r for r in caplog.records if r.getMessage() == "AMI event failed"]
-    assert (getattr(failed, "message_id", None), getattr(failed, "receive_count", None)) == ("message-1", "1")
-    assert failed.exc_info is not None and "detail.State: Field required" in str(failed.exc_info[1])
+    # Only the malformed event comes again; those before and after it are handled.
+    assert answer == failures(ids(batch)[1])
+    assert handled == [older, newest] and latest_holders(fleet.images) == [newest]
+    [(message, extra, error)] = logged
+    assert message == "AMI event failed" and extra == {"message_id": ids(batch)[1], "receive_count": "1"}
+    assert "detail.State: Field required" in error
     metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
     assert any(m.get("AmiEventsFailed") in ([1.0], 1.0) for m in metrics)
-    # A batch whose every record fails fails the invocation: SQS delivers it all again.
-    with pytest.raises(BatchProcessingError):
-        ami_event.handler(queued(event("ami_malformed.json"), event("ami_available.json", newest)), Context())
-    assert handled == [older]
+    # It is tried again after a minute (times its deliveries), not after the queue's half hour: the
+    # one message group is held that long only.
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    for record in (batch["Records"][0], batch["Records"][2]):
+        sqs.delete_message(QueueUrl=events_queue, ReceiptHandle=record["receiptHandle"])
+    assert 50 < seconds_until_visible(events_queue, ids(batch)[1]) <= ami_event.RETRY_AFTER_SECONDS
+    # Until then the region's one message group waits: nothing else is handed out.
+    assert received(events_queue) == {"Records": []}
+
+
+def test_a_batch_whose_every_event_fails_does_not_fail_the_invocation(
+    events_queue: str, lambda_env: Path
+) -> None:
+    # Its records' visibility is set all the same: a failed invocation would leave them to the queue's
+    # visibility timeout (half an hour, the region's events held back behind them).
+    write_policy(lambda_env, "enforce")
+    alone = delivered(events_queue, event("ami_malformed.json"))
+    assert ami_event.handler(alone, Context()) == failures(*ids(alone))
+    assert 50 < seconds_until_visible(events_queue, ids(alone)[0]) <= ami_event.RETRY_AFTER_SECONDS
 
 
 def test_an_event_of_another_region_is_refused_and_changes_nothing_there(lambda_env: Path) -> None:

@@ -1,23 +1,26 @@
 """EC2 AMI State Change events: rotate the Latest pointer of the group the AMI belongs to.
 
 EventBridge puts the region's events on a FIFO queue, one message group, so the function takes them
-one batch at a time and in order: two rotations never race on a Latest tag. (A reserved concurrency of 1
-did that before; a new account's Lambda quota of 10 refuses any reservation, and it would throttle the
-queue's poller into the dead-letter queue.) A record that fails fails the records after it: SQS delivers
-them again, in order, and parks a record that failed 3 times in the dead-letter queue, which alarms.
+one batch at a time: two rotations never race on a Latest tag. (A reserved concurrency of 1 did that
+before; a new account's Lambda quota of 10 refuses any reservation, and it would throttle the queue's
+poller.) Every record of a batch is tried: the handler converges on EC2's state, whatever order the
+events come in. A record that fails, or that the invocation has no time left for, is made visible again
+soon (a failed one after a growing wait): the queue's visibility timeout would otherwise hold the one
+message group, and every event after it, for half an hour. After 5 deliveries a record goes to the
+dead-letter queue, which alarms.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ami_janitor.handlers import collector_paused
 
 with collector_paused():
-    from aws_lambda_powertools.metrics import MetricUnit
-    from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
+    from aws_lambda_powertools.metrics import MetricUnit, single_metric
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
     from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -25,18 +28,31 @@ with collector_paused():
 
     from ami_janitor import engine
     from ami_janitor.aws import copier
-    from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.aws.clients import ClientFactory, RegionClients
+    from ami_janitor.aws.errors import AWS_ERRORS, error_text
     from ami_janitor.aws.rotator import AmiEventOutcome
     from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
     from ami_janitor.core.policy import Policy
-    from ami_janitor.handlers.events import BadEvent, Environment, configured, parse_event
+    from ami_janitor.handlers.events import (
+        METRICS_NAMESPACE,
+        SERVICE,
+        BadEvent,
+        Environment,
+        configured,
+        parse_event,
+    )
     from ami_janitor.handlers.observe import logger, metrics
+
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 # No queued event is started with less than this left of the invocation (an event that reads a large
 # region takes tens of seconds): the rest of the batch comes again, where a timeout would deliver the
 # records already handled again too, and a batch that never fits would end in the dead-letter queue.
 RESERVE_MILLIS = 90_000
+# A failed record is tried again after this many seconds times its deliveries so far (1, 2, 3 minutes...).
+RETRY_AFTER_SECONDS = 60
 
 
 class OutOfTime(RuntimeError):
@@ -67,30 +83,49 @@ def parse_ami_event(raw: object) -> AmiStateChangeEvent:
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """The records of the region's AMI event queue, in order; or one event, invoked by hand."""
+    """The records of the region's AMI event queue; or one event, invoked by hand."""
     env, policy = configured()
+    clients = ClientFactory()(env.region)
     if isinstance(event, dict) and "Records" in event:
-        return dict(
-            process_partial_response(
-                event=event,
-                record_handler=lambda record: handle_record(record, env, policy, context),
-                processor=SqsFifoPartialProcessor(),
-                context=context,
-            )
-        )
-    return handle_state_change(parse_ami_event(event), env, policy)
+        metrics.add_metric(name="AmiEventsReceived", unit=MetricUnit.Count, value=len(event["Records"]))
+        return handle_records(event, env, policy, clients, context)
+    metrics.add_metric(name="AmiEventsReceived", unit=MetricUnit.Count, value=1)
+    return handle_state_change(parse_ami_event(event), env, policy, clients)
+
+
+def handle_records(
+    event: dict[str, Any], env: Environment, policy: Policy, clients: RegionClients, context: LambdaContext
+) -> dict[str, Any]:
+    """Every record of the batch, in order; those to try again are made visible again soon."""
+    deferred: set[str] = set()
+
+    def record_handler(record: SQSRecord) -> dict[str, Any]:
+        if context.get_remaining_time_in_millis() < RESERVE_MILLIS:
+            # Not an error of the event: it comes again at once, in a fresh invocation.
+            deferred.add(record.message_id)
+            raise OutOfTime(f"{record.message_id} left for the next invocation")
+        return handle_record(record, env, policy, clients)
+
+    # Not raised when every record fails: their visibility is set below all the same.
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    answer = process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )
+    again = {failure["itemIdentifier"] for failure in answer["batchItemFailures"]}
+    if again and env.ami_events_queue_url:
+        records = [SQSRecord(raw) for raw in event["Records"] if raw["messageId"] in again]
+        retry_soon(clients.sqs, env.ami_events_queue_url, records, deferred)
+    if deferred:
+        logger.info("AMI events left for the next invocation", extra={"message_ids": sorted(deferred)})
+    return dict(answer)
 
 
 def handle_record(
-    record: SQSRecord, env: Environment, policy: Policy, context: LambdaContext
+    record: SQSRecord, env: Environment, policy: Policy, clients: RegionClients
 ) -> dict[str, Any]:
     """One queued event; what fails is logged with the message (the record is delivered again)."""
-    if context.get_remaining_time_in_millis() < RESERVE_MILLIS:
-        # Not an error of the event: it and those after it come again, in order, in a fresh invocation.
-        logger.info("AMI event left for the next invocation", extra={"message_id": record.message_id})
-        raise OutOfTime(f"{record.message_id} left for the next invocation")
     try:
-        return handle_state_change(parse_ami_event(json.loads(record.body)), env, policy)
+        return handle_state_change(parse_ami_event(json.loads(record.body)), env, policy, clients)
     except Exception:
         receives = record.attributes.approximate_receive_count
         logger.exception(
@@ -100,13 +135,37 @@ def handle_record(
         raise
 
 
-def handle_state_change(ami_event: AmiStateChangeEvent, env: Environment, policy: Policy) -> dict[str, Any]:
+def retry_soon(sqs: SQSClient, queue_url: str, records: list[SQSRecord], deferred: set[str]) -> None:
+    """ChangeMessageVisibilityBatch (a batch is at most ten records, as is this call): a deferred record
+    is visible again at once, a failed one after RETRY_AFTER_SECONDS times its deliveries. Where this
+    fails, the queue's visibility timeout applies (logged)."""
+    entries = [
+        {
+            "Id": str(n),
+            "ReceiptHandle": record.receipt_handle,
+            "VisibilityTimeout": 0
+            if record.message_id in deferred
+            else RETRY_AFTER_SECONDS * int(record.attributes.approximate_receive_count),
+        }
+        for n, record in enumerate(records)
+    ]
+    try:
+        answer = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)  # type: ignore[arg-type]
+    except AWS_ERRORS as error:
+        logger.warning("AMI events not made visible again", extra={"error": error_text(error)})
+        return
+    if answer.get("Failed"):
+        logger.warning("AMI events not made visible again", extra={"failed": answer["Failed"]})
+
+
+def handle_state_change(
+    ami_event: AmiStateChangeEvent, env: Environment, policy: Policy, clients: RegionClients
+) -> dict[str, Any]:
     detail = ami_event.detail
     # Each region's stack handles its own region's AMIs (EventBridge delivers no other): an event
     # naming another region, invoked by hand, is refused rather than acted on there.
     if ami_event.region != env.region:
         raise BadEvent(f"the event is of region {ami_event.region}; this function handles {env.region}")
-    clients = ClientFactory()(env.region)
     queue = env.replication_queue_url
     outcome = engine.handle_ami_event(
         detail.ImageId,
@@ -116,9 +175,18 @@ def handle_state_change(ami_event: AmiStateChangeEvent, env: Environment, policy
         datetime.now(UTC).replace(microsecond=0),
         enqueue=(lambda copies: copier.enqueue_copies(clients.sqs, queue, copies)) if queue else None,
     )
-    metrics.add_metric(name="AmiStateChanges", unit=MetricUnit.Count, value=1)
+    # One metric each, with its State dimension (a batch's metrics flush together, under one dimension set).
+    names = ["AmiStateChanges", "AmiFailedEvents"] if detail.State == "failed" else ["AmiStateChanges"]
+    for name in names:
+        with single_metric(
+            name=name,
+            unit=MetricUnit.Count,
+            value=1,
+            namespace=METRICS_NAMESPACE,
+            default_dimensions={"service": SERVICE, "State": detail.State},
+        ):
+            pass
     if detail.State == "failed":
-        metrics.add_metric(name="AmiFailedEvents", unit=MetricUnit.Count, value=1)
         logger.warning("AMI failed", extra={"image_id": detail.ImageId, "error": detail.ErrorMessage})
     answer = outcome.model_dump(mode="json")
     log = logger.debug if outcome.outcome == "ignored" else logger.info

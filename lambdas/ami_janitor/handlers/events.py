@@ -68,6 +68,7 @@ class Environment(BaseModel):
     report_bucket: str | None = Field(None, alias="REPORT_BUCKET")
     topic_arn: str | None = Field(None, alias="TOPIC_ARN")
     replication_queue_url: str | None = Field(None, alias="REPLICATION_QUEUE_URL")
+    ami_events_queue_url: str | None = Field(None, alias="AMI_EVENTS_QUEUE_URL")
     work_queue_url: str | None = Field(None, alias="WORK_QUEUE_URL")
 
     @classmethod

@@ -99,7 +99,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     ),
     "rbin": ("ListRules",),
     "sns": ("Publish",),
-    "sqs": ("SendMessage", "SendMessageBatch"),
+    "sqs": ("ChangeMessageVisibilityBatch", "SendMessage", "SendMessageBatch"),
     "ssm": (
         "DeleteResourcePolicy",
         "DescribeParameters",
