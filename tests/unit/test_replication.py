@@ -241,7 +241,7 @@ def test_a_retired_copy_counts_no_failure_toward_the_bound() -> None:
     assert copies == [] and len(problems) == 1 and "3 generations failed" in problems[0]
 
 
-def test_a_made_copy_whose_item_expired_takes_the_next_generation() -> None:
+def test_a_made_copy_whose_item_expired_takes_the_next_generation_unless_ec2_still_lists_it() -> None:
     # The janitor retired the copy of generation 1, and retention_days later its item expired: the
     # target's ledger no longer names it. The source's record has the copy's id (it was made), so the
     # next copy takes a new generation: EC2 would answer the old token with the deregistered copy.
@@ -256,6 +256,11 @@ def test_a_made_copy_whose_item_expired_takes_the_next_generation() -> None:
     assert pairs(plan_copies([inventory(started(source, 1)), expired], EU_ONLY, NOW)) == [
         (source.image_id, EU, 1)
     ]
+    # Made, and EC2 still lists it, but its item is gone (the table restored or made again): its own
+    # token too, which EC2 answers with that copy (its item is written again), never a second copy.
+    alive = replica(source).model_copy(update={"image_id": "ami-0aaaaaaaaaaaaaaa1", "ledger": None})
+    lost = inventory(alive, region=EU, ledger=ledger_of())
+    assert pairs(plan_copies([inventory(source_made), lost], EU_ONLY, NOW)) == [(source.image_id, EU, 1)]
 
 
 def test_a_copy_in_flight_counts_as_the_available_copy_it_becomes() -> None:

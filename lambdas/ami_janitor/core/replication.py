@@ -155,15 +155,13 @@ def recorded_generation(source: Image, region: str) -> int:
     return max((c.generation for c in source.ledger.copies if c.region == region), default=0)
 
 
-def made_generation(source: Image, region: str, generation: int) -> bool:
-    """Whether the source's item records the copy of that generation as made (its id, written once the
-    copy's own item recorded it: Ledger.confirm_copy)."""
+def made_copy(source: Image, region: str, generation: int) -> str | None:
+    """The copy of that generation the source's item records as made (its id, written once the copy's
+    own item recorded it: Ledger.confirm_copy); None where it records none."""
     if source.ledger is None:
-        return False
-    return any(
-        c.region == region and c.generation == generation and c.image_id is not None
-        for c in source.ledger.copies
-    )
+        return None
+    made = [c.image_id for c in source.ledger.copies if (c.region, c.generation) == (region, generation)]
+    return made[0] if made else None
 
 
 def ledger_copy(copy: Copy, source: Image, started: datetime | None = None) -> LedgerCopy:
@@ -346,18 +344,18 @@ def not_kept_by_its_group(image: Image, region: RegionInventory, policy: Policy,
     return None
 
 
-def _plan_one(family: Family, source: Image, target: ReplicateTarget, copies: RecordedCopies) -> Copy | str:
+def _plan_one(
+    family: Family, source: Image, target: ReplicateTarget, copies: RecordedCopies, listed: Collection[str]
+) -> Copy | str:
     """The copy `source` needs in `target`, where it has no usable copy (a str: a problem that stops it).
-    `copies`: what the target's ledger records of its copies."""
+    `copies`: what the target's ledger records of its copies; `listed`: the AMIs EC2 lists there."""
     recorded = recorded_generation(source, target.region)
-    if (
-        recorded
-        and recorded not in copies.generations
-        and not made_generation(source, target.region, recorded)
-    ):
-        # Recorded before CopyImage, never recorded as made: the same token again finishes it. A copy
-        # made whose item the target no longer has (it expired after the janitor retired the copy) takes
-        # the next generation below: its token would be answered with the deregistered copy.
+    made = made_copy(source, target.region, recorded) if recorded else None
+    if recorded and recorded not in copies.generations and (made is None or made in listed):
+        # Recorded before CopyImage, never recorded as made: the same token again finishes it. Made and
+        # still there, its item gone (the table restored or made again): the same token answers with it,
+        # and its item is written again. Made and gone, its item too (expired after the janitor retired
+        # it): the next generation below, as the old token would be answered with the deregistered copy.
         return copy_to(family.name, source.image_id, source.region, target, recorded)
     failed = len(copies.failed)
     if failed >= MAX_COPY_GENERATIONS:
@@ -412,6 +410,7 @@ def plan_replication(
     last = last_keys(_records(usable.values()))
     indexes = {region: _copies_by_source(inv) for region, inv in usable.items()}
     replicated = {region: _replicas_recorded(inv) for region, inv in usable.items()}
+    listed = {region: {image.image_id for image in inv.images} for region, inv in usable.items()}
     built: Grouped = dict(grouped or {})
 
     def groups_of(region: str) -> tuple[list[Group], dict[str, list[str]]]:
@@ -459,7 +458,7 @@ def plan_replication(
                 recorded = replicated[target.region].get(
                     (source.image_id, group.region), RecordedCopies(set(), set())
                 )
-                planned = _plan_one(group.family, source, target, recorded)
+                planned = _plan_one(group.family, source, target, recorded, listed[target.region])
                 if isinstance(planned, str):
                     problems.append(planned)
                     continue
