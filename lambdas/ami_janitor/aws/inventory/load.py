@@ -248,7 +248,8 @@ def _read_auto_scaling(clients: RegionClients) -> tuple[dict[str, str], Claims]:
 
 
 class _Beside(NamedTuple):
-    """What the plan reports beside its decisions, read in every region."""
+    """What the plan reports beside its decisions, read in every region (Recycle Bin and image block
+    public access only where there is something they concern)."""
 
     retired_snapshots: tuple[RetiredSnapshot, ...]
     recycle_bin_rules: tuple[str, ...]
@@ -287,7 +288,8 @@ def _without_references(
     """A region where no AMI matches a family: the plan decides nothing there, so nothing a reference
     could keep and no Latest to rotate; the reference sources and the pointers are not read (nor their
     clients made). What the plan says beside its decisions is read as always: the instances a bake
-    names, the retired snapshots, Recycle Bin, image block public access and the ledger."""
+    names, the retired snapshots, Recycle Bin, image block public access (the region has AMIs) and
+    the ledger."""
     baking = any(family.bake is not None for family in policy.families)
     instances = read_instances(clients.ec2, policy) if baking else None
     beside = read_beside(images)
