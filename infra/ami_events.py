@@ -17,8 +17,8 @@ from infra.alerts import Alerts
 from infra.dead_letters import DeadLetters
 from infra.environment import AMI_EVENT_HANDLER, AMI_EVENTS_QUEUE_URL, REPLICATION_QUEUE_URL
 from infra.function import JanitorFunction
-from infra.permissions import Scope, Statement
-from infra.queues import secure_queue
+from infra.permissions import Scope
+from infra.queues import consume, consume_statement, secure_queue
 from infra.replication import Replication
 
 MAX_EVENT_AGE = Duration.hours(1)  # events are best effort anyway: the scheduled run reconciles
@@ -88,28 +88,17 @@ class AmiEvents(Construct):
             },
             infra=[
                 replication.send_statement(),
-                # What the event source mapping does with the function's role, and the handler's
-                # ChangeMessageVisibilityBatch on the records to try again.
-                Statement(
-                    "ConsumeAmiEvents",
-                    (
-                        "sqs:ReceiveMessage",
-                        "sqs:DeleteMessage",
-                        "sqs:GetQueueAttributes",
-                        "sqs:ChangeMessageVisibility",
-                    ),
-                    (self.queue.queue_arn,),
-                ),
+                # And the handler's ChangeMessageVisibilityBatch on the records to try again.
+                consume_statement("ConsumeAmiEvents", self.queue, "sqs:ChangeMessageVisibility"),
             ],
         )
-        lambda_.EventSourceMapping(
+        consume(
             self,
             "Events",
-            target=self.function.function,
-            event_source_arn=self.queue.queue_arn,
+            function=self.function.function,
+            queue=self.queue,
             batch_size=BATCH_SIZE,
             max_concurrency=MAX_CONCURRENCY,
-            report_batch_item_failures=True,
         )
         alerts.alarm_on_dead_letters(
             self.dead_letters,

@@ -1,10 +1,13 @@
-"""SQS queues as every queue of the stack is made: SQS-managed encryption, TLS only."""
+"""SQS queues as every queue of the stack is made (SQS-managed encryption, TLS only), and their consumers."""
 
 from __future__ import annotations
 
 from aws_cdk import Duration
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
+
+from infra.permissions import Statement
 
 
 def secure_queue(
@@ -29,4 +32,34 @@ def secure_queue(
         retention_period=Duration.days(14),
         visibility_timeout=visibility_timeout,
         dead_letter_queue=dead_letter_queue,
+    )
+
+
+# What a Lambda event source mapping does on its queue with the function's role.
+CONSUME_ACTIONS = ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")
+
+
+def consume_statement(sid: str, queue: sqs.IQueue, *more: str) -> Statement:
+    """The function's grant to consume `queue` (and `more` actions of its own on it)."""
+    return Statement(sid, (*CONSUME_ACTIONS, *more), (queue.queue_arn,))
+
+
+def consume(
+    scope: Construct,
+    id: str,
+    *,
+    function: lambda_.IFunction,
+    queue: sqs.IQueue,
+    batch_size: int,
+    max_concurrency: int,
+) -> lambda_.EventSourceMapping:
+    """`function` consumes `queue`, reporting the records that failed (the others are deleted)."""
+    return lambda_.EventSourceMapping(
+        scope,
+        id,
+        target=function,
+        event_source_arn=queue.queue_arn,
+        batch_size=batch_size,
+        max_concurrency=max_concurrency,
+        report_batch_item_failures=True,
     )

@@ -14,7 +14,7 @@ from infra.alerts import Alerts
 from infra.environment import REPLICATE_HANDLER
 from infra.function import JanitorFunction
 from infra.permissions import Scope, Statement
-from infra.queues import secure_queue
+from infra.queues import consume, consume_statement, secure_queue
 
 WORKER_TIMEOUT = Duration.minutes(2)  # CopyImage only starts a copy; it returns in seconds
 MAX_RECEIVE_COUNT = 5
@@ -58,23 +58,15 @@ class Replication(Construct):
             alerts=alerts,
             timeout=WORKER_TIMEOUT,
             memory_size=512,
-            infra=[
-                # What the event source mapping does with the function's role.
-                Statement(
-                    "ConsumeCopyRequests",
-                    ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"),
-                    (self.queue.queue_arn,),
-                )
-            ],
+            infra=[consume_statement("ConsumeCopyRequests", self.queue)],
         )
-        lambda_.EventSourceMapping(
+        consume(
             self,
             "CopyRequests",
-            target=self.worker.function,
-            event_source_arn=self.queue.queue_arn,
+            function=self.worker.function,
+            queue=self.queue,
             batch_size=BATCH_SIZE,
             max_concurrency=MAX_CONCURRENCY,
-            report_batch_item_failures=True,
         )
         alerts.alarm_on_dead_letters(
             self.dead_letters,

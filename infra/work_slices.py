@@ -14,7 +14,7 @@ from infra.alerts import Alerts
 from infra.environment import REPORT_BUCKET, SLICE_HANDLER, TOPIC_ARN
 from infra.function import JanitorFunction
 from infra.permissions import Scope, Statement
-from infra.queues import secure_queue
+from infra.queues import consume, consume_statement, secure_queue
 from infra.reports import Reports
 
 # A slice's paced calls take at most about 5 minutes (engine.SLICE_BUDGET_SECONDS), its reads and
@@ -73,22 +73,16 @@ class WorkSlices(Construct):
             infra=[
                 *reports.slice_statements(),
                 Statement("PublishRunSummaries", ("sns:Publish",), (alerts.topic.topic_arn,)),
-                # What the event source mapping does with the function's role.
-                Statement(
-                    "ConsumeWorkSlices",
-                    ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"),
-                    (self.queue.queue_arn,),
-                ),
+                consume_statement("ConsumeWorkSlices", self.queue),
             ],
         )
-        lambda_.EventSourceMapping(
+        consume(
             self,
             "Slices",
-            target=self.worker.function,
-            event_source_arn=self.queue.queue_arn,
+            function=self.worker.function,
+            queue=self.queue,
             batch_size=1,
             max_concurrency=MAX_CONCURRENCY,
-            report_batch_item_failures=True,
         )
         alerts.alarm_on_dead_letters(
             self.dead_letters,
