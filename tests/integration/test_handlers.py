@@ -457,7 +457,13 @@ def test_a_queued_event_that_fails_is_logged_tried_again_soon_and_holds_back_no_
     for record in (batch["Records"][0], batch["Records"][2]):
         sqs.delete_message(QueueUrl=events_queue, ReceiptHandle=record["receiptHandle"])
     assert 50 < seconds_until_visible(events_queue, ids(batch)[1]) <= ami_event.RETRY_AFTER_SECONDS
-    # Until then the region's one message group waits: nothing else is handed out.
+    # Until then the region's one message group waits: a later event is not handed out.
+    later = boto3.client("sqs", region_name="us-east-1")
+    later.send_message(
+        QueueUrl=events_queue,
+        MessageBody=json.dumps(event("ami_available.json", older)),
+        MessageGroupId="ami-state-changes",
+    )
     assert received(events_queue) == {"Records": []}
 
 

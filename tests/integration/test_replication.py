@@ -199,6 +199,29 @@ def test_a_duplicate_request_makes_no_second_copy(aws: ClientFactory) -> None:
     assert len(copies_in(aws, EU, source.image_id)) == 1
 
 
+def test_a_copy_whose_item_was_lost_is_taken_back_without_copyimage(aws: ClientFactory) -> None:
+    """The target's table was restored (or made again) and lost the copy's item, while EC2 still lists
+    the copy: the source's record names it as made, so its item is written again. No CopyImage: EC2 may
+    have forgotten the token, or would refuse it once the request changed (the source's tags here)."""
+    source = bake(aws, "web-1")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    assert first.image_id is not None
+    aws(EU).dynamodb.delete_item(TableName="ami-janitor-ledger", Key=ledger.key(first.image_id))
+    aws(US).ec2.create_tags(Resources=[source.image_id], Tags=[{"Key": "Team", "Value": "platform"}])
+    recorded = read(aws, US, source.image_id)
+    again = start_copy(aws, copy_of(source), recorded, POLICY)
+    assert (again.status, again.image_id, again.detail) == (
+        "ok",
+        first.image_id,
+        "its copy's item written again",
+    )
+    assert len(copies_in(aws, EU, source.image_id)) == 1
+    restored = item(aws, EU, first.image_id)["replica"]["M"]
+    assert (restored["image_id"]["S"], restored["generation"]["N"]) == (first.image_id, "1")
+    # Found again as the janitor's copy: a later request finds it by provenance.
+    assert start_copy(aws, copy_of(source), recorded, POLICY).detail == "already copied (available)"
+
+
 def test_a_copy_into_a_region_that_bakes_the_family_too_is_named_apart(aws: ClientFactory) -> None:
     """eu-west-1 baked the same night under the same name (AMI names are unique per region, and the
     emulator refuses a taken name as EC2 does): the copy of us-east-1's bake is named after its source

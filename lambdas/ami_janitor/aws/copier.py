@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
+from ami_janitor.aws.inventory.images import describe_image
 from ami_janitor.aws.ledger import CHECK_PERMISSIONS, Ledger, LedgerFor, LedgerMissing, ledgers
 from ami_janitor.core.model import Copy, Image
 from ami_janitor.core.policy import (
@@ -24,6 +25,7 @@ from ami_janitor.core.replication import (
     copy_request,
     is_usable,
     ledger_copy,
+    made_copy,
     recorded_generation,
 )
 
@@ -131,6 +133,11 @@ def _start(
     if any(c.replica_record and c.replica_record.generation == copy.generation for c in existing):
         # EC2 would answer this token with the failed copy: only the next generation can help.
         return result.model_copy(update={"detail": f"generation {copy.generation} failed already"})
+    taken_back = _take_back(clients_for(copy.region), target_ledger, source, copy, existing)
+    if taken_back is not None:
+        return result.model_copy(
+            update={"status": "ok", "image_id": taken_back, "detail": "its copy's item written again"}
+        )
     if source.state != "available":
         return result.model_copy(update={"detail": f"source is {source.state}: not copied"})
     if copy.region == copy.source_region and source.encrypted:
@@ -155,6 +162,27 @@ def _start(
         # would be taken for a generation never made (its token tried once more, the next one after).
         detail += f"; its id not recorded on the source's item: {error_text(error)}"
     return result.model_copy(update={"status": "ok", "started": True, "image_id": image_id, "detail": detail})
+
+
+def _take_back(
+    clients: RegionClients, target_ledger: Ledger, source: Image, copy: Copy, existing: Sequence[Image]
+) -> str | None:
+    """The copy of this generation the source's record names as made, which EC2 still lists as a copy
+    of the source while the target's ledger no longer has its item (the table restored or made again):
+    its item is written again, and its id returned. Never CopyImage for it: EC2 may have forgotten the
+    old token, or would refuse it (IdempotentParameterMismatch) once the request changed. None where
+    the record names no copy, or EC2 no longer lists it (the next generation's case)."""
+    made = made_copy(source, copy.region, copy.generation)
+    if made is None or any(c.image_id == made for c in existing) or source.ledger is None:
+        return None
+    listed = describe_image(clients, made)
+    if listed is None or listed.copied_from != source.image_id:
+        return None
+    [record] = [c for c in source.ledger.copies if (c.region, c.generation) == (copy.region, copy.generation)]
+    target_ledger.require()
+    if target_ledger.record_replica(made, record) == "already-recorded":
+        raise ValueError(f"the ledger of {copy.region} records {made} as another copy")
+    return made
 
 
 def enqueue_copies(sqs_client: SQSClient, queue_url: str, copies: Sequence[Copy]) -> int:

@@ -18,7 +18,9 @@ used twice, and in the copy's own item after, so the retry of a failed copy can 
 alone (its event arrives in the destination region). A generation recorded on the source but on no copy
 was interrupted between the two writes: it is started again with the same token (EC2 answers with the
 copy it made, if any). Once the copy's item records it, the source's record gets the copy's id too: a
-retired copy's item expires (`retention_days`), and its generation, made, then takes the next one.
+retired copy's item expires (`retention_days`), and its generation, made and no longer listed by EC2,
+then takes the next one; a copy EC2 still lists whose item was lost (the table restored or made again)
+is taken back by the worker, its item written again without CopyImage.
 """
 
 from __future__ import annotations
@@ -353,9 +355,10 @@ def _plan_one(
     made = made_copy(source, target.region, recorded) if recorded else None
     if recorded and recorded not in copies.generations and (made is None or made in listed):
         # Recorded before CopyImage, never recorded as made: the same token again finishes it. Made and
-        # still there, its item gone (the table restored or made again): the same token answers with it,
-        # and its item is written again. Made and gone, its item too (expired after the janitor retired
-        # it): the next generation below, as the old token would be answered with the deregistered copy.
+        # still there, its item gone (the table restored or made again): the worker takes that copy back
+        # (its item written again, no CopyImage). Made and gone, its item too (expired after the janitor
+        # retired it): the next generation below, as the old token would be answered with the
+        # deregistered copy.
         return copy_to(family.name, source.image_id, source.region, target, recorded)
     failed = len(copies.failed)
     if failed >= MAX_COPY_GENERATIONS:

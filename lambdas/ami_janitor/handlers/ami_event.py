@@ -53,6 +53,7 @@ PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 RESERVE_MILLIS = 90_000
 # A failed record is tried again after this many seconds times its deliveries so far (1, 2, 3 minutes...).
 RETRY_AFTER_SECONDS = 60
+MAX_RETRY_AFTER = 900  # (SQS takes up to 12 hours; the queue's own timeout is 30 minutes)
 
 
 class OutOfTime(RuntimeError):
@@ -145,7 +146,7 @@ def retry_soon(sqs: SQSClient, queue_url: str, records: list[SQSRecord], deferre
             "ReceiptHandle": record.receipt_handle,
             "VisibilityTimeout": 0
             if record.message_id in deferred
-            else RETRY_AFTER_SECONDS * int(record.attributes.approximate_receive_count),
+            else min(RETRY_AFTER_SECONDS * int(record.attributes.approximate_receive_count), MAX_RETRY_AFTER),
         }
         for n, record in enumerate(records)
     ]
