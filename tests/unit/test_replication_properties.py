@@ -182,6 +182,10 @@ class Account:
 class Clients:
     ec2: FakeEc2
 
+    @property
+    def region(self) -> str:
+        return self.ec2.region
+
 
 class FakeEc2:
     def __init__(self, account: Account, region: str) -> None:
@@ -242,11 +246,13 @@ class FakeEc2:
         filters = {f["Name"]: set(f["Values"]) for f in params.get("Filters", [])}
         sources = filters.pop("source-image-id", None)
         wanted = {name.removeprefix("tag:"): values for name, values in filters.items()}
+        ids = params.get("ImageIds")
         found = [
             self.api(raw)
             for raw in view.values()
             if all(raw["Tags"].get(key) in values for key, values in wanted.items())
             and (sources is None or raw["SourceImageId"] in sources)
+            and (ids is None or raw["ImageId"] in ids)
         ]
         return {"Images": found}
 
