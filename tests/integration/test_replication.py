@@ -222,6 +222,24 @@ def test_a_copy_whose_item_was_lost_is_taken_back_without_copyimage(aws: ClientF
     assert start_copy(aws, copy_of(source), recorded, POLICY).detail == "already copied (available)"
 
 
+def test_a_copy_found_made_is_confirmed_on_its_sources_record(aws: ClientFactory) -> None:
+    # A run stopped between the copy's item and the confirmation on the source: a later request that
+    # finds the copy writes its id there (its item may expire one day; the record must say it was made).
+    source = bake(aws, "web-1")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    aws(US).dynamodb.update_item(
+        TableName="ami-janitor-ledger",
+        Key=ledger.key(source.image_id),
+        UpdateExpression="REMOVE copies.#copy.image_id",
+        ExpressionAttributeNames={"#copy": f"{EU}#1"},
+    )
+    unconfirmed = read(aws, US, source.image_id)
+    assert unconfirmed.ledger is not None and unconfirmed.ledger.copies[0].image_id is None
+    again = start_copy(aws, copy_of(source), unconfirmed, POLICY)
+    assert again.detail == "already copied (available)"
+    assert item(aws, US, source.image_id)["copies"]["M"][f"{EU}#1"]["M"]["image_id"] == {"S": first.image_id}
+
+
 def test_a_copy_into_a_region_that_bakes_the_family_too_is_named_apart(aws: ClientFactory) -> None:
     """eu-west-1 baked the same night under the same name (AMI names are unique per region, and the
     emulator refuses a taken name as EC2 does): the copy of us-east-1's bake is named after its source

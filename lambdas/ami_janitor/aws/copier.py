@@ -123,6 +123,7 @@ def _start(
     usable = sorted((c for c in existing if is_usable(c)), key=lambda c: c.created, reverse=True)
     if usable:
         found = usable[0]
+        _confirm_found(source_ledger, source, found)
         return result.model_copy(
             update={"status": "ok", "image_id": found.image_id, "detail": f"already copied ({found.state})"}
         )
@@ -162,6 +163,19 @@ def _start(
         # would be taken for a generation never made (its token tried once more, the next one after).
         detail += f"; its id not recorded on the source's item: {error_text(error)}"
     return result.model_copy(update={"status": "ok", "started": True, "image_id": image_id, "detail": detail})
+
+
+def _confirm_found(source_ledger: Ledger, source: Image, found: Image) -> None:
+    """A copy found made whose source's record lacks its id (a run stopped between the copy's item and
+    the confirmation): the id is written now, as confirm_copy would have. Best effort: without it the
+    old token is tried once more, long after, when the copy's item has expired."""
+    record = found.replica_record
+    if record is None or source.ledger is None or made_copy(source, found.region, record.generation):
+        return
+    try:
+        source_ledger.confirm_copy(record, found.image_id)
+    except AWS_ERRORS:
+        return
 
 
 def _take_back(
