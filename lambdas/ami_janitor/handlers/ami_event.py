@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 # No queued event is started with less than this left of the invocation (an event that reads a large
-# region takes tens of seconds): the rest of the batch comes again, where a timeout would deliver the
+# region takes tens of seconds): the records left come again at once, where a timeout would deliver the
 # records already handled again too, and a batch that never fits would end in the dead-letter queue.
 RESERVE_MILLIS = 90_000
 # A failed record is tried again after this many seconds times its deliveries so far (1, 2, 3 minutes...).
