@@ -25,8 +25,8 @@ from ami_janitor.core.replication import (
     copy_request,
     is_usable,
     ledger_copy,
-    made_copy,
     recorded_generation,
+    source_record,
 )
 
 if TYPE_CHECKING:
@@ -169,8 +169,9 @@ def _confirm_found(source_ledger: Ledger, source: Image, found: Image) -> None:
     """A copy found made whose source's record lacks its id (a run stopped between the copy's item and
     the confirmation): the id is written now, as confirm_copy would have. Best effort: without it the
     old token is tried once more, long after, when the copy's item has expired."""
-    record = found.replica_record
-    if record is None or source.ledger is None or made_copy(source, found.region, record.generation):
+    replica = found.replica_record
+    record = source_record(source, found.region, replica.generation) if replica is not None else None
+    if record is None or record.image_id is not None:
         return
     try:
         source_ledger.confirm_copy(record, found.image_id)
@@ -186,13 +187,13 @@ def _take_back(
     its item is written again, and its id returned. Never CopyImage for it: EC2 may have forgotten the
     old token, or would refuse it (IdempotentParameterMismatch) once the request changed. None where
     the record names no copy, or EC2 no longer lists it (the next generation's case)."""
-    made = made_copy(source, copy.region, copy.generation)
-    if made is None or any(c.image_id == made for c in existing) or source.ledger is None:
+    record = source_record(source, copy.region, copy.generation)
+    made = record.image_id if record is not None else None
+    if record is None or made is None or any(c.image_id == made for c in existing):
         return None
     listed = describe_image(clients, made)
     if listed is None or listed.copied_from != source.image_id:
         return None
-    [record] = [c for c in source.ledger.copies if (c.region, c.generation) == (copy.region, copy.generation)]
     target_ledger.require()
     if target_ledger.record_replica(made, record) == "already-recorded":
         raise ValueError(f"the ledger of {copy.region} records {made} as another copy")

@@ -157,13 +157,18 @@ def recorded_generation(source: Image, region: str) -> int:
     return max((c.generation for c in source.ledger.copies if c.region == region), default=0)
 
 
+def source_record(source: Image, region: str, generation: int) -> LedgerCopy | None:
+    """The source's record of its copy to `region` of that generation; None where its item has none."""
+    if source.ledger is None:
+        return None
+    return next((c for c in source.ledger.copies if (c.region, c.generation) == (region, generation)), None)
+
+
 def made_copy(source: Image, region: str, generation: int) -> str | None:
     """The copy of that generation the source's item records as made (its id, written once the copy's
     own item recorded it: Ledger.confirm_copy); None where it records none."""
-    if source.ledger is None:
-        return None
-    made = [c.image_id for c in source.ledger.copies if (c.region, c.generation) == (region, generation)]
-    return made[0] if made else None
+    record = source_record(source, region, generation)
+    return record.image_id if record is not None else None
 
 
 def ledger_copy(copy: Copy, source: Image, started: datetime | None = None) -> LedgerCopy:
