@@ -693,12 +693,9 @@ def handle_ami_event(
     outcome = rotator.handle_state_change(image_id, state, clients, policy, now, load=load)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
-    described = inventory.describe_image(clients, image_id)
-    if described is None:
+    own = _event_image(image_id, read[-1] if read else None, clients, policy)
+    if own is None:
         return outcome
-    # With its ledger item: a replica is one the ledger records; no table, nothing is shared.
-    view = inventory.read_ledger_items(clients, policy.ledger.table, [image_id])
-    own = with_ledger(RegionInventory(region=clients.region, images=(described,), ledger=view))
     image = own.images[0]
     if state == "failed":
         retry = replication.handle_failed_replica(image, policy)
@@ -731,6 +728,24 @@ def handle_ami_event(
     if enqueue is not None and queued < len(copies):
         update["copies_not_queued"] = len(copies) - queued
     return outcome.model_copy(update=update)
+
+
+def _event_image(
+    image_id: str, region_read: RegionInventory | None, clients: RegionClients, policy: Policy
+) -> RegionInventory | None:
+    """The event's AMI with its ledger item (a replica is one the ledger records; no table, nothing is
+    shared), as a region of that one AMI; None where the region has no such AMI. Taken from the region's
+    read the rotation has just made (the same DescribeImages, and the whole ledger) where that lists it;
+    else read by id (a failed AMI's event reads no region; a listing may lag the AMI's id)."""
+    if region_read is not None and region_read.error is None:
+        listed = next((i for i in region_read.images if i.image_id == image_id), None)
+        if listed is not None:
+            return RegionInventory(region=clients.region, images=(listed,), ledger=region_read.ledger)
+    described = inventory.describe_image(clients, image_id)
+    if described is None:
+        return None
+    view = inventory.read_ledger_items(clients, policy.ledger.table, [image_id])
+    return with_ledger(RegionInventory(region=clients.region, images=(described,), ledger=view))
 
 
 def _copy_of_own(image: Image, clients: RegionClients, clients_for: ClientsFor | None) -> str | None:

@@ -22,6 +22,7 @@ from ami_janitor import engine
 from ami_janitor.aws import inventory, ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.copier import KMS_PERMISSIONS, PERMISSIONS, enqueue_copies, start_copy
+from ami_janitor.aws.inventory import count_calls
 from ami_janitor.core.model import Copy, Image, iso
 from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
@@ -394,6 +395,27 @@ def test_an_available_event_leaves_an_older_sources_copies_to_the_scheduled_run(
         sources[0].image_id, "available", aws(US), POLICY, sources[2].created, enqueue=enqueue
     )
     assert back.copies_queued == 2 and back.copies_skipped == []
+
+
+def test_an_available_event_reads_its_ami_and_ledger_item_from_the_rotations_read(aws: ClientFactory) -> None:
+    """The rotation has just read the region (every AMI, the whole ledger): the new source and its item
+    are taken from that read, not asked for again by id. A failed AMI's event reads no region, so its
+    AMI is read by id."""
+    source = bake(aws, "web-5")
+    clients = aws(US)
+    calls = count_calls(clients.ec2, clients.dynamodb)
+
+    outcome = engine.handle_ami_event(
+        source.image_id, "available", clients, POLICY, source.created, enqueue=len
+    )
+
+    assert outcome.copies_queued == 2 and outcome.shared == []
+    # The region read before the rotation's write and after it (it converges), and nothing by id.
+    assert calls == {"ec2:DescribeImages": 2, "dynamodb:Scan": 2, "ec2:CreateTags": 1}
+    calls.clear()
+    failed = engine.handle_ami_event(source.image_id, "failed", clients, POLICY, source.created)
+    assert failed.copy_retry is not None
+    assert calls == {"ec2:DescribeImages": 1, "dynamodb:BatchGetItem": 1}
 
 
 def test_an_available_event_counts_the_copies_sqs_did_not_take(aws: ClientFactory) -> None:
