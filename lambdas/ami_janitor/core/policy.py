@@ -369,8 +369,7 @@ class UsageReports(_Strict):
 
     inbox: str = Field(pattern=_INBOX_PATTERN)
     # A report older than this is stale: the AMIs shared with its account are kept (fail safe). At most
-    # 30 days: the inbox deletes a report not rewritten for that long (and a larger bound would date
-    # the cut-off before the year 1, which no datetime holds).
+    # 30 days: a report a month old says nothing of today's use.
     max_age_hours: int = Field(48, ge=1, le=720)
     # false: an account that never reported is taken as not using the AMIs shared with it (noted).
     required: bool = True
