@@ -1145,8 +1145,7 @@ class FakeLedger(Ledger):
         item = self.items.get(image_id)
         if item is None or not item.is_open:
             return "already-recorded"
-        last = max(item.stages, key=STAGES.index) if item.stages else None
-        if last != previous:
+        if _last_stage(item) != previous:
             return "already-recorded"
         entry = LedgerStage(
             at=at,
@@ -1192,13 +1191,27 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
-    def close(self, image_id: str, at: datetime) -> Written:
+    def close(self, image_id: str, at: datetime, last_stage: Stage | None) -> Written:
         self._write("ledger_close", image_id)
         item = self.items.get(image_id)
-        if item is None or not item.is_open:
+        if item is None or not item.is_open or _last_stage(item) != last_stage:
             return "already-recorded"
         self._set(image_id, closed=at)
         return "recorded"
+
+    @_ledger_write
+    def reopen(self, image_id: str, stage: Stage) -> Written:
+        self._write("ledger_reopen", image_id)
+        item = self.items.get(image_id)
+        if item is None or item.closed is None or _last_stage(item) != stage:
+            return "already-recorded"
+        self._set(image_id, closed=None)
+        return "recorded"
+
+
+def _last_stage(item: LedgerItem) -> Stage | None:
+    """The item's last recorded stage (the table's `last_stage` attribute)."""
+    return max(item.stages, key=STAGES.index) if item.stages else None
 
 
 _serializer = TypeSerializer()

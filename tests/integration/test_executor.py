@@ -624,7 +624,7 @@ def test_snapshots_the_ledger_recorded_are_deleted_by_the_next_run_and_a_tag_nev
     ec2.deregister_image(ImageId=forged)
     # A deregistration the ledger recorded, rescued (closed), then deregistered by hand.
     seed(book, rescued, ALL_STAGES, snapshots=[rescued_snapshot])
-    assert book.close(rescued, EARLIER) == "recorded"
+    assert book.close(rescued, EARLIER, "deregister") == "recorded"
     ec2.deregister_image(ImageId=rescued)
     emulator.set_image_fields(REGION, user_b, snapshot_id=shared)
 
@@ -1623,8 +1623,13 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
                     "TableName": TABLE,
                     "Key": _key(ami),
                     "UpdateExpression": "SET closed = :at",
-                    "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)",
-                    "ExpressionAttributeValues": {":at": {"S": "2030-01-02T03:04:05Z"}},
+                    # No stage recorded since the rescue read the item: its last is the one undone last.
+                    "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
+                    " AND last_stage = :seen",
+                    "ExpressionAttributeValues": {
+                        ":at": {"S": "2030-01-02T03:04:05Z"},
+                        ":seen": {"S": "deregister"},
+                    },
                 }
             ),
         )

@@ -58,8 +58,12 @@ def _deregistered(day: int) -> Write:
     return lambda book, image_id: book.confirm_deregistered(image_id, START + timedelta(days=day))
 
 
-def _close(day: int) -> Write:
-    return lambda book, image_id: book.close(image_id, START + timedelta(days=day))
+def _close(day: int, seen: str | None) -> Write:
+    return lambda book, image_id: book.close(image_id, START + timedelta(days=day), seen)  # type: ignore[arg-type]
+
+
+def _reopen(stage: str) -> Write:
+    return lambda book, image_id: book.reopen(image_id, stage)  # type: ignore[arg-type]
 
 
 def _grants(grants: list[str]) -> Write:
@@ -83,7 +87,8 @@ writes = st.one_of(
     st.builds(_confirm, stages, days),
     st.builds(_redo, stages, days),
     st.builds(_deregistered, days),
-    st.builds(_close, days),
+    st.builds(_close, days, st.one_of(st.none(), stages)),
+    st.builds(_reopen, stages),
     st.builds(_grants, grant_sets),
     st.builds(_confirm_grants, grant_sets),
     st.builds(_forget, grant_sets),

@@ -202,7 +202,7 @@ def test_a_hand_disable_of_an_ami_the_janitor_once_rescued_moves_latest(lambda_e
     book.record_candidate(newest, now())
     for stage in ("deprecate", "disable"):
         assert book.record_stage(newest, stage, now(), Prior()) == "recorded"
-    book.close(newest, now())
+    book.close(newest, now(), "disable")
     assert "disable" in book.read_items([newest])[newest].stages  # its history stays
 
     ec2().disable_image(ImageId=newest)

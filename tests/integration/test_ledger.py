@@ -122,8 +122,13 @@ def test_candidate_and_stages_are_recorded_exactly_once(clients: RegionClients) 
     assert book.confirm_deregistered("ami-1", NOW) == "already-recorded"
     item = book.read_items(["ami-1"])["ami-1"]
     assert (item.deregistered, item.ttl) == (NOW, int((NOW + timedelta(days=30)).timestamp()))
-    assert book.close("ami-1", NOW) == "recorded"
-    assert book.close("ami-1", NOW) == "already-recorded"
+    assert book.close("ami-1", NOW, "disable") == "already-recorded"  # not the stage the rescue undid last
+    assert book.close("ami-1", NOW, "deregister") == "recorded"
+    assert book.close("ami-1", NOW, "deregister") == "already-recorded"
+    assert book.reopen("ami-1", "disable") == "already-recorded"  # not the last stage
+    assert book.reopen("ami-1", "deregister") == "recorded"
+    assert book.read_items(["ami-1"])["ami-1"].is_open
+    assert book.close("ami-1", NOW, "deregister") == "recorded"
     # A closed record starts a new clock.
     assert book.record_candidate("ami-1", NOW + timedelta(days=2)) == "recorded"
     fresh = book.read_items(["ami-1"])["ami-1"]
@@ -285,7 +290,9 @@ def test_every_conditional_write_counts_its_own_retried_write_as_recorded(retryi
     LoseFirstAnswers(retrying.dynamodb, "UpdateItem")
     assert book.record_stage("ami-1", "deregister", NOW, Prior(), snapshots=["snap-1"]) == "recorded"
     assert book.confirm_deregistered("ami-1", NOW) == "recorded"
-    assert book.close("ami-1", NOW) == "recorded"
+    assert book.close("ami-1", NOW, "deregister") == "recorded"
+    assert book.reopen("ami-1", "deregister") == "recorded"
+    assert book.close("ami-1", NOW, "deregister") == "recorded"
     assert book.record_adoption(NOW) == "recorded"
     assert book.record_bake("ami-2", LedgerBake(instance_id="i-1", at=NOW)) == "recorded"
     assert book.forget_grants("ami-3", ["user:111122223333"]) == "already-recorded"  # none recorded

@@ -17,13 +17,14 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text
-from ami_janitor.aws.inventory import describe_image, read_launch_permissions
+from ami_janitor.aws.inventory import describe_image, describe_own_image, read_launch_permissions
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core import trust
 from ami_janitor.core.model import (
     Decision,
     Image,
     LaunchPermission,
+    LedgerItem,
     Plan,
     RegionInventory,
     Stage,
@@ -287,11 +288,45 @@ def _restore_permissions(ec2: EC2Client, image: Image, shared: Collection[str]) 
     return notes
 
 
+# A rescue whose close finds a stage recorded since its read reads the AMI again and undoes that too, at
+# most this often (a slice records one stage per AMI per run).
+RESCUE_READS = 3
+
+
 def _rescue_steps(
     ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, shared: Collection[str], done: list[str]
 ) -> None:
-    """Undo what the ledger says the stages did, noting each change in `done`; then close the clock.
-    The ledger is closed after EC2 is back: a crash leaves the clock open for a rerun to finish."""
+    """Undo what the ledger says the stages did, noting each change in `done`; then close the clock, on
+    the condition that no stage was recorded since `image` was read (a slice that read the AMI before
+    it came back into use may be applying one): where one was, the AMI and its item are read again and
+    that stage is undone too. The ledger is closed after EC2 is back: a crash leaves the clock open for
+    a rerun to finish."""
+    for _ in range(RESCUE_READS):
+        item = _undo_stages(ec2, image, now, shared, done)
+        if item is None:
+            return
+        seen = max(item.stages, key=trust.STAGES.index) if item.stages else None
+        if ledger.close(image.image_id, now, seen) == "recorded":
+            done.append("candidate clock closed in the ledger")
+            return
+        # Closed by another rescue meanwhile, or a stage recorded since the read: which, the ledger says.
+        fresh = describe_own_image(ec2, image.region, image.image_id)
+        if fresh is None:  # deregistered since: nothing left to rescue
+            return
+        image = fresh.model_copy(update={"ledger": ledger.read_items([image.image_id]).get(image.image_id)})
+    raise RescueRaced(
+        f"a stage was recorded again each of the {RESCUE_READS} times it was undone: the next run rescues it"
+    )
+
+
+class RescueRaced(RuntimeError):
+    """Stages kept being recorded on the AMI while it was rescued."""
+
+
+def _undo_stages(
+    ec2: EC2Client, image: Image, now: datetime, shared: Collection[str], done: list[str]
+) -> LedgerItem | None:
+    """What the rescue undoes, as `image` and its ledger item show it; the open item, to close after."""
     disable = trust.undoable_stage(image, "disable")
     if image.state == "disabled" and disable is not None and not disable.already_disabled:
         _enable_image(ec2, image.image_id)
@@ -308,9 +343,8 @@ def _rescue_steps(
     if stale:
         ec2.delete_tags(Resources=[image.image_id], Tags=[{"Key": key} for key in stale])
         done.append("janitor tags removed")
-    # Closed last: until then a rerun rescues it again and finishes what a crash left.
-    if trust.open_item(image) is not None and ledger.close(image.image_id, now) == "recorded":
-        done.append("candidate clock closed in the ledger")
+    # Closed last (by the caller): until then a rerun rescues it again and finishes what a crash left.
+    return trust.open_item(image)
 
 
 def rescue_image(
@@ -338,7 +372,7 @@ def _rescue(
     result = ActionResult(region=region, image_id=image.image_id, action="rescue", status="skipped")
     try:
         _rescue_steps(ec2, ledger, image, now, shared, done)
-    except STEP_ERRORS as error:
+    except (*STEP_ERRORS, RescueRaced) as error:
         return result.model_copy(
             update={"status": "failed", "error": error_text(error), "detail": _join(done)}
         )
@@ -526,8 +560,16 @@ class _RegionRun:
         try:
             if stage == "deregister":
                 self.ledger.confirm_deregistered(image_id, self.now)
-            else:
-                self.ledger.confirm_stage(image_id, stage, self.now)
+            elif (
+                self.ledger.confirm_stage(image_id, stage, self.now) != "recorded"
+                # A rescue closed the clock after the stage was recorded, maybe before EC2 took it (it
+                # then undid nothing): open again, the next run rescues it where it is still in use.
+                and self.ledger.reopen(image_id, stage) == "recorded"
+            ):
+                return [
+                    "a rescue closed its clock while this stage was applied: opened again, the next "
+                    "run rescues it where it is still in use"
+                ]
         except STEP_ERRORS as error:
             return [f"the ledger's confirmation not written ({error_text(error)}): the next run writes it"]
         return []

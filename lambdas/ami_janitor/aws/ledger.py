@@ -682,13 +682,34 @@ class Ledger(_Made):
             ExpressionAttributeValues={f":{k}": _value(v) for k, v in data.items()},
         )
 
-    def close(self, image_id: str, at: datetime) -> Written:
-        """Close an open candidate record (a rescue); its history stays until a new candidate clock."""
+    def close(self, image_id: str, at: datetime, last_stage: Stage | None) -> Written:
+        """Close an open candidate record (a rescue) whose last stage is still `last_stage`, the last the
+        rescue undid: a stage recorded since it read the item (a slice that read the AMI before it came
+        back into use) fails the condition, and the rescue reads the AMI again. Its history stays until
+        a new candidate clock."""
+        condition = "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
+        values: dict[str, Any] = {":at": _value(iso(at))}
+        if last_stage is None:
+            condition += " AND attribute_not_exists(last_stage)"
+        else:
+            condition += " AND last_stage = :seen"
+            values[":seen"] = _value(last_stage)
         return self._update(
             image_id,
             UpdateExpression="SET closed = :at",
-            ConditionExpression="attribute_exists(first_candidate) AND attribute_not_exists(closed)",
-            ExpressionAttributeValues={":at": _value(iso(at))},
+            ConditionExpression=condition,
+            ExpressionAttributeValues=values,
+        )
+
+    def reopen(self, image_id: str, stage: Stage) -> Written:
+        """Open again a clock a rescue closed while `stage` was being applied (recorded before the rescue
+        read the item, taken by EC2 after it): the next run judges the AMI from what EC2 shows, and
+        rescues it again where it is still in use. Only where `stage` is still the last recorded."""
+        return self._update(
+            image_id,
+            UpdateExpression="REMOVE closed",
+            ConditionExpression="attribute_exists(closed) AND last_stage = :stage",
+            ExpressionAttributeValues={":stage": _value(stage)},
         )
 
     def read_all(self) -> LedgerView:

@@ -30,7 +30,7 @@ from ami_janitor.aws.inventory import (
     snapshots,
     template_uses,
 )
-from ami_janitor.aws.inventory.images import describe_image
+from ami_janitor.aws.inventory.images import describe_image, describe_own_image
 from ami_janitor.aws.inventory.launch_permissions import load_launch_permissions, read_launch_permissions
 from ami_janitor.aws.inventory.ledger_items import read_ledger_items
 from ami_janitor.aws.inventory.load import load_details, load_images, load_inventory
@@ -43,6 +43,7 @@ __all__ = [
     "PERMISSIONS",
     "count_calls",
     "describe_image",
+    "describe_own_image",
     "load_details",
     "load_images",
     "load_inventory",

@@ -77,8 +77,13 @@ def family_image_ids(policy: Policy, images: Iterable[Image]) -> list[str]:
 
 def describe_image(clients: RegionClients, image_id: str) -> Image | None:
     """One self-owned AMI in any state (disabled included), or None where the region has no such AMI."""
+    return describe_own_image(clients.ec2, clients.region, image_id)
+
+
+def describe_own_image(ec2: EC2Client, region: str, image_id: str) -> Image | None:
+    """describe_image, for a caller holding the region's EC2 client alone."""
     try:
-        answer = clients.ec2.describe_images(
+        answer = ec2.describe_images(
             ImageIds=[image_id], Owners=["self"], IncludeDeprecated=True, IncludeDisabled=True
         )
     except ClientError as error:
@@ -86,4 +91,4 @@ def describe_image(clients: RegionClients, image_id: str) -> Image | None:
             return None
         raise
     raws = answer.get("Images") or []
-    return Image.from_api(clients.region, dict(raws[0])) if raws else None
+    return Image.from_api(region, dict(raws[0])) if raws else None

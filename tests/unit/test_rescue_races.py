@@ -1,0 +1,132 @@
+"""A rescue and a slice's stage on one AMI at once (in-memory EC2 and ledger): the rescue closes the
+clock only where no stage was recorded since it read the AMI, and a slice whose stage landed after a
+rescue closed the clock opens it again. Either way, an AMI back in use does not stay disabled."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ami_janitor.aws import executor
+from ami_janitor.aws.clients import RegionClients
+from ami_janitor.core import planner
+from ami_janitor.core.model import Decision, LedgerItem, LedgerStage, Reference
+from builders import policy
+from fake_ec2 import FakeEC2, FakeImage
+
+REGION = "us-east-1"
+NOW = datetime(2026, 12, 1, 3, tzinfo=UTC)
+STARTED = NOW - timedelta(days=8)
+
+
+def region() -> FakeEC2:
+    """ami-c: a candidate deprecated 8 days ago; its disable stage (after 7 days) is due."""
+    fake = FakeEC2(REGION, results_rate=1.0)
+    fake.clock = NOW
+    fake.add_snapshot("snap-c")
+    fake.add_image(
+        FakeImage(
+            "ami-c",
+            "app-c",
+            NOW - timedelta(days=100),
+            tags={"Project": "App"},
+            snapshot_ids=("snap-c",),
+            deprecation_time=STARTED + timedelta(minutes=1),
+        )
+    )
+    fake.ledger.items["ami-c"] = LedgerItem(
+        image_id="ami-c",
+        first_candidate=STARTED,
+        stages={"deprecate": LedgerStage(at=STARTED, confirmed=STARTED)},
+    )
+    return fake
+
+
+def back_in_use(fake: FakeEC2) -> None:
+    fake.references.append(
+        Reference(image_id="ami-c", kind="launch-template", resource_id="lt-1", detail="referenced by lt-1")
+    )
+
+
+def rescue(fake: FakeEC2, read: Any) -> executor.ActionResult:
+    decision = Decision(
+        region=REGION,
+        family="app",
+        architecture="x86_64",
+        image_id="ami-c",
+        name="app-c",
+        created="2026-08-23T03:00:00Z",
+        action="rescue",
+        reasons=["referenced by launch template lt-1"],
+    )
+    run = executor._RegionRun(REGION, fake, fake.ledger, read, NOW)
+    run.rescue(decision, None)
+    (result,) = run.results
+    return result
+
+
+def next_decision(fake: FakeEC2) -> str:
+    later = planner.plan([fake.describe()], policy(), NOW + timedelta(days=1))
+    return next(d.action for d in later.decisions if d.image_id == "ami-c")
+
+
+def test_a_rescue_on_a_read_from_before_a_slices_disable_undoes_it_too() -> None:
+    """The slice read ami-c unused and disables it; the scheduled run read it before that, back in use,
+    and rescues it: its close finds the disable recorded since, and it reads ami-c again and enables it."""
+    fake = region()
+    slice_read = fake.describe()
+    back_in_use(fake)
+    run_read = fake.describe()
+    (disabled,) = executor.apply_stages(
+        REGION, fake, fake.ledger, slice_read, [("ami-c", ("disable",), None)], NOW
+    )
+    assert disabled.status == "ok" and fake.images["ami-c"].state == "disabled"
+
+    rescued = rescue(fake, run_read)
+
+    assert rescued.status == "ok", rescued
+    assert "enabled" in (rescued.detail or "") and "candidate clock closed" in (rescued.detail or "")
+    assert fake.images["ami-c"].state == "available"
+    assert fake.ledger.items["ami-c"].closed == NOW
+    assert next_decision(fake) == "keep"
+
+
+def test_a_disable_that_lands_after_a_rescue_closed_the_clock_opens_it_again() -> None:
+    """`ami-janitor rescue ami-c` lands between the slice's record of the disable and its DisableImage:
+    the rescue sees the stage recorded and nothing disabled yet, and closes. The slice's confirmation then
+    finds the clock closed and opens it again: the next run rescues ami-c, still in use, and enables it."""
+    fake = region()
+    slice_read = fake.describe()
+    back_in_use(fake)
+    record = fake.ledger.record_stage
+    rescues: list[executor.ActionResult] = []
+
+    def record_then_rescue(*args: Any, **kwargs: Any) -> Any:
+        written = record(*args, **kwargs)
+        clients = RegionClients(REGION, ec2=fake)
+        rescues.extend(executor.rescue_image(clients, fake.ledger, fake.describe().images[0], NOW))
+        return written
+
+    fake.ledger.record_stage = record_then_rescue  # type: ignore[method-assign]
+    (disabled,) = executor.apply_stages(
+        REGION, fake, fake.ledger, slice_read, [("ami-c", ("disable",), None)], NOW
+    )
+    fake.ledger.record_stage = record  # type: ignore[method-assign]
+
+    assert [r.status for r in rescues] == ["ok"]
+    assert "opened again" in (disabled.detail or ""), disabled
+    assert fake.images["ami-c"].state == "disabled" and fake.ledger.items["ami-c"].is_open
+    assert next_decision(fake) == "rescue"
+    assert rescue(fake, fake.describe()).status == "ok"
+    assert fake.images["ami-c"].state == "available" and not fake.ledger.items["ami-c"].is_open
+
+
+def test_a_rescue_that_keeps_finding_new_stages_fails_and_leaves_the_clock_open() -> None:
+    fake = region()
+    back_in_use(fake)
+    fake.ledger.close = lambda *args, **kwargs: "already-recorded"  # type: ignore[method-assign]
+
+    rescued = rescue(fake, fake.describe())
+
+    assert rescued.status == "failed" and "each of the 3 times" in (rescued.error or ""), rescued
+    assert fake.ledger.items["ami-c"].is_open
