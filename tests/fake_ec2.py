@@ -1145,7 +1145,7 @@ class FakeLedger(Ledger):
         item = self.items.get(image_id)
         if item is None or not item.is_open:
             return "already-recorded"
-        if _last_stage(item) != previous:
+        if item.last_stage != previous:
             return "already-recorded"
         entry = LedgerStage(
             at=at,
@@ -1194,7 +1194,7 @@ class FakeLedger(Ledger):
     def close(self, image_id: str, at: datetime, last_stage: Stage | None) -> Written:
         self._write("ledger_close", image_id)
         item = self.items.get(image_id)
-        if item is None or not item.is_open or _last_stage(item) != last_stage:
+        if item is None or not item.is_open or item.last_stage != last_stage:
             return "already-recorded"
         self._set(image_id, closed=at)
         return "recorded"
@@ -1203,15 +1203,10 @@ class FakeLedger(Ledger):
     def reopen(self, image_id: str, stage: Stage) -> Written:
         self._write("ledger_reopen", image_id)
         item = self.items.get(image_id)
-        if item is None or item.closed is None or _last_stage(item) != stage:
+        if item is None or item.closed is None or item.last_stage != stage:
             return "already-recorded"
         self._set(image_id, closed=None)
         return "recorded"
-
-
-def _last_stage(item: LedgerItem) -> Stage | None:
-    """The item's last recorded stage (the table's `last_stage` attribute)."""
-    return max(item.stages, key=STAGES.index) if item.stages else None
 
 
 _serializer = TypeSerializer()

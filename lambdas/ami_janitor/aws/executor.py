@@ -305,8 +305,7 @@ def _rescue_steps(
         item = _undo_stages(ec2, image, now, shared, done)
         if item is None:
             return
-        seen = max(item.stages, key=trust.STAGES.index) if item.stages else None
-        if ledger.close(image.image_id, now, seen) == "recorded":
+        if ledger.close(image.image_id, now, item.last_stage) == "recorded":
             done.append("candidate clock closed in the ledger")
             return
         # Closed by another rescue meanwhile, or a stage recorded since the read: which, the ledger says.
@@ -460,8 +459,7 @@ class _RegionRun:
         if image.image_id in self.last:
             return self.last[image.image_id]
         item = trust.open_item(image)
-        recorded = list(item.stages) if item is not None else []
-        return max(recorded, key=trust.STAGES.index) if recorded else None
+        return item.last_stage if item is not None else None
 
     def _record(self, stage: Stage, image: Image, prior: Prior, snapshots: Sequence[str] = ()) -> bool:
         """Record the stage in the ledger before its change; False where another run recorded it."""

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ami_janitor.aws.attribute_values import from_attribute, to_attribute
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import (
+    STAGES,
     LedgerBake,
     LedgerCopy,
     LedgerItem,
@@ -96,7 +97,6 @@ WRITE_ACTIONS: list[str] = sorted(
         "dynamodb:UpdateTimeToLive",
     ]
 )
-STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
 # The id of the write that last changed an item (see the module's docstring); never read as a record.
 WRITE_ID_ATTRIBUTE = "last_write"
 BATCH_GET_KEYS = 100  # BatchGetItem's limit per call
@@ -670,9 +670,8 @@ class Ledger(_Made):
         for grants in ("grants", "granting"):
             if getattr(item, grants):
                 data[grants] = set(getattr(item, grants))  # string sets: grants come and go one by one
-        stages = list(item.stages)
-        if stages:
-            data["last_stage"] = max(stages, key=STAGES.index)
+        if item.last_stage is not None:
+            data["last_stage"] = item.last_stage
         names = {f"#{k}": k for k in data}
         return self._update(
             item.image_id,

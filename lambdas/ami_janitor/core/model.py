@@ -54,6 +54,7 @@ Status = Literal["ok", "failed", "skipped"]
 # What a plan decides for an AMI, and the retirement stages (the ledger records each it applied).
 Action = Literal["keep", "wait", "deprecate", "disable", "deregister", "rescue"]
 Stage = Literal["deprecate", "disable", "deregister"]
+STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")  # in the order they are applied
 
 
 # What a record holds where it holds nothing, read only: a NamedTuple's default is shared.
@@ -161,6 +162,11 @@ class LedgerItem(_Frozen):
     def is_open(self) -> bool:
         """A candidate clock runs (a rescue closes it; a later candidacy starts a new one)."""
         return self.first_candidate is not None and self.closed is None
+
+    @property
+    def last_stage(self) -> Stage | None:
+        """The latest stage recorded (the table keeps it as `last_stage`, for its conditional writes)."""
+        return max(self.stages, key=STAGES.index) if self.stages else None
 
 
 class UnfinishedRun(_Frozen):

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from ami_janitor.core.model import (
+    STAGES,
     Image,
     LedgerItem,
     LedgerSnapshot,
@@ -33,7 +34,6 @@ from ami_janitor.core.policy import (
 )
 from ami_janitor.core.tags import is_part_key, joined_values
 
-STAGES: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
 GONE_STATES = frozenset({"deregistered"})
 
 
