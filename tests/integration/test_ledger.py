@@ -255,6 +255,42 @@ def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env:
         stub.assert_no_pending_responses()
 
 
+def test_close_and_reopen_requests_are_conditional_on_the_last_stage(fake_aws_env: None) -> None:
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    clients = RegionClients("us-east-1", dynamodb=client)
+    open_clock = "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
+    with Stubber(client) as stub:
+        for condition, values, update in (
+            (f"{open_clock} AND last_stage = :seen", {":seen": {"S": "disable"}}, "SET closed = :at"),
+            (f"{open_clock} AND attribute_not_exists(last_stage)", {}, "SET closed = :at"),
+            (
+                "attribute_exists(closed) AND last_stage = :stage",
+                {":stage": {"S": "disable"}},
+                "REMOVE closed",
+            ),
+        ):
+            at = {":at": {"S": "2026-11-25T03:00:00Z"}} if update.startswith("SET") else {}
+            stub.add_response(
+                "update_item",
+                {},
+                {
+                    "TableName": TABLE,
+                    "Key": {"pk": {"S": "image#ami-1"}, "sk": {"S": "item"}},
+                    "UpdateExpression": "SET #last_write = :last_write"
+                    + (f", {update[4:]}" if update.startswith("SET") else f" {update}"),
+                    "ConditionExpression": condition,
+                    "ExpressionAttributeNames": {"#last_write": "last_write"},
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    "ExpressionAttributeValues": {":last_write": ANY, **at, **values},
+                },
+            )
+        book = Ledger(clients, TABLE)
+        assert book.close("ami-1", NOW, "disable") == "recorded"
+        assert book.close("ami-1", NOW, None) == "recorded"
+        assert book.reopen("ami-1", "disable") == "recorded"
+        stub.assert_no_pending_responses()
+
+
 @pytest.fixture
 def retrying(moto_aws: None, monkeypatch: pytest.MonkeyPatch) -> RegionClients:
     """Clients that retry as deployed (the tests' default is one attempt), without the backoff wait."""
