@@ -1,8 +1,6 @@
 """The engine's entry points, shared by the CLI and the Lambda handlers: plan, apply, rescue, rotate,
 replicate, events, the scheduled bake and the queued copy."""
 
-from __future__ import annotations
-
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor

@@ -11,8 +11,6 @@ has no hook for a progress line per poll, and it gives up on `InvalidAMIID.NotFo
 answer right after CreateImage (eventual consistency).
 """
 
-from __future__ import annotations
-
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -152,7 +150,7 @@ def _silent(line: str) -> None:
     return None
 
 
-def _create_image(ec2: EC2Client, request: dict[str, Any], timing: Timing) -> str:
+def _create_image(ec2: "EC2Client", request: dict[str, Any], timing: Timing) -> str:
     try:
         answer = ec2.create_image(**request)
     except (ClientError, BotoCoreError) as error:
@@ -166,7 +164,7 @@ def _create_image(ec2: EC2Client, request: dict[str, Any], timing: Timing) -> st
     return str(answer["ImageId"])
 
 
-def _made_already(ec2: EC2Client, request: dict[str, Any], timing: Timing, failed: str) -> str | None:
+def _made_already(ec2: "EC2Client", request: dict[str, Any], timing: Timing, failed: str) -> str | None:
     """The image a CreateImage refused as a duplicate name made itself. CreateImage has no client
     token: when its answer is lost the SDK sends it again, and the retry meets the image the first
     attempt made under the same name (unique: it holds this bake's timestamp). It is this bake's
@@ -205,7 +203,7 @@ def _record_bake(ledger: Ledger, image_id: str, instance_id: str, now: datetime)
 
 
 def _create_quiesced(
-    commands: _RunCommand, stop_command: str, start_command: str | None, create: Callable[[], str]
+    commands: "_RunCommand", stop_command: str, start_command: str | None, create: Callable[[], str]
 ) -> str:
     """Stop, create, start. Once the stop command was sent, the start command runs whatever happens."""
     command_id = commands.send("stop", stop_command)
@@ -226,7 +224,7 @@ def _create_quiesced(
 class _RunCommand:
     """A shell command on the build instance through SSM Run Command, awaited with a bounded poll."""
 
-    def __init__(self, ssm: SSMClient, instance_id: str, family: str, timing: Timing, progress: Progress):
+    def __init__(self, ssm: "SSMClient", instance_id: str, family: str, timing: Timing, progress: Progress):
         self.ssm = ssm
         self.instance_id = instance_id
         self.family = family
@@ -308,7 +306,7 @@ def _outcome(invocation: dict[str, Any]) -> str:
 
 
 def wait_until_available(
-    ec2: EC2Client, image_id: str, *, timing: Timing | None = None, progress: Progress | None = None
+    ec2: "EC2Client", image_id: str, *, timing: Timing | None = None, progress: Progress | None = None
 ) -> str:
     """Poll until the image is available; `failed` (or any end state) is a BakeError with its reason."""
     bounds = timing or Timing()
@@ -333,7 +331,7 @@ def wait_until_available(
     )
 
 
-def _image(ec2: EC2Client, image_id: str) -> dict[str, Any]:
+def _image(ec2: "EC2Client", image_id: str) -> dict[str, Any]:
     try:
         answer = ec2.describe_images(ImageIds=[image_id])
     except ClientError as error:
@@ -373,7 +371,7 @@ def find_bake_instance(clients: RegionClients, family: Family) -> str:
     return choice.instance_id
 
 
-def _instance_by_id(ec2: EC2Client, instance_id: str) -> list[BuildInstance]:
+def _instance_by_id(ec2: "EC2Client", instance_id: str) -> list[BuildInstance]:
     try:
         pages = list(ec2.get_paginator("describe_instances").paginate(InstanceIds=[instance_id]))
     except ClientError as error:
@@ -383,7 +381,7 @@ def _instance_by_id(ec2: EC2Client, instance_id: str) -> list[BuildInstance]:
     return _build_instances(pages)
 
 
-def _instances_tagged(ec2: EC2Client, tags: dict[str, str]) -> list[BuildInstance]:
+def _instances_tagged(ec2: "EC2Client", tags: dict[str, str]) -> list[BuildInstance]:
     filters: list[Any] = [{"Name": f"tag:{key}", "Values": [value]} for key, value in sorted(tags.items())]
     filters.append({"Name": "instance-state-name", "Values": sorted(build_instance.BAKEABLE_STATES)})
     return _build_instances(ec2.get_paginator("describe_instances").paginate(Filters=filters))

@@ -5,8 +5,6 @@ after a crash at any point (planned again from a fresh inventory) converges to t
 error fails one image's step, never the run.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -145,7 +143,7 @@ def janitor_state_tags(tags: Mapping[str, str]) -> list[str]:
     return sorted(k for k in tags if k in (CANDIDATE_TAG, PRIOR_DEPRECATION_TAG) or _is_permission_key(k))
 
 
-def _tag(ec2: EC2Client, resources: Sequence[str], tags: Mapping[str, str]) -> None:
+def _tag(ec2: "EC2Client", resources: Sequence[str], tags: Mapping[str, str]) -> None:
     for start in range(0, len(resources), CREATE_TAGS_MAX_RESOURCES):
         ec2.create_tags(
             Resources=list(resources[start : start + CREATE_TAGS_MAX_RESOURCES]),
@@ -156,7 +154,7 @@ def _tag(ec2: EC2Client, resources: Sequence[str], tags: Mapping[str, str]) -> N
 # ---- changes a retry may meet ---------------------------------------------------------------------
 
 
-def _done_already(ec2: EC2Client, image_id: str, shows: Callable[[Image], bool]) -> bool:
+def _done_already(ec2: "EC2Client", image_id: str, shows: Callable[[Image], bool]) -> bool:
     """Whether EC2 now shows the AMI as a refused change would have left it (a failed read: no)."""
     try:
         image = describe_image(RegionClients(ec2.meta.region_name, ec2=ec2), image_id)
@@ -166,7 +164,7 @@ def _done_already(ec2: EC2Client, image_id: str, shows: Callable[[Image], bool])
 
 
 def _change(
-    ec2: EC2Client, image_id: str, call: Callable[[], object], shows: Callable[[Image], bool]
+    ec2: "EC2Client", image_id: str, call: Callable[[], object], shows: Callable[[Image], bool]
 ) -> None:
     """Make a state change of the AMI. The SDK sends a change again when its answer was lost, and the
     retry meets the state its first attempt set; EC2 documents no error code for "already in that state",
@@ -178,15 +176,15 @@ def _change(
             raise
 
 
-def _disable_image(ec2: EC2Client, image_id: str) -> None:
+def _disable_image(ec2: "EC2Client", image_id: str) -> None:
     _change(ec2, image_id, lambda: ec2.disable_image(ImageId=image_id), lambda i: i.state == "disabled")
 
 
-def _enable_image(ec2: EC2Client, image_id: str) -> None:
+def _enable_image(ec2: "EC2Client", image_id: str) -> None:
     _change(ec2, image_id, lambda: ec2.enable_image(ImageId=image_id), lambda i: i.state == "available")
 
 
-def _deprecate(ec2: EC2Client, image_id: str, at: datetime | None) -> None:
+def _deprecate(ec2: "EC2Client", image_id: str, at: datetime | None) -> None:
     """EnableImageDeprecation at `at`, or DisableImageDeprecation where `at` is None."""
 
     def call() -> object:
@@ -210,7 +208,7 @@ class SnapshotOutcome(NamedTuple):
 
 
 def delete_unused_snapshots(
-    ec2: EC2Client, snapshot_ids: Iterable[str], in_use: Iterable[str]
+    ec2: "EC2Client", snapshot_ids: Iterable[str], in_use: Iterable[str]
 ) -> list[SnapshotOutcome]:
     """Delete each snapshot no remaining AMI uses. Gone or in use (another AMI we did not know of) is
     fine; any other error is reported per snapshot so the caller goes on."""
@@ -242,7 +240,7 @@ def _errors(outcomes: Iterable[SnapshotOutcome]) -> list[str]:
 # ---- rescue ---------------------------------------------------------------------------------------
 
 
-def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | None:
+def _restore_deprecation(ec2: "EC2Client", image: Image, now: datetime) -> str | None:
     """Put back the deprecation time the ledger recorded before its own deprecate stage."""
     entry = trust.undoable_stage(image, "deprecate")
     if entry is None:
@@ -263,7 +261,7 @@ def _restore_deprecation(ec2: EC2Client, image: Image, now: datetime) -> str | N
     return f"deprecation restored to {iso(at)}"
 
 
-def _restore_permissions(ec2: EC2Client, image: Image, shared: Collection[str]) -> list[str]:
+def _restore_permissions(ec2: "EC2Client", image: Image, shared: Collection[str]) -> list[str]:
     """Grant back what the ledger recorded before the disable stage; the public group and the janitor's
     own grants only where the family (`shared`: what it shares now) still lists them."""
     restore, left = trust.restorable_permissions(image, shared)
@@ -294,7 +292,7 @@ RESCUE_READS = 3
 
 
 def _rescue_steps(
-    ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, shared: Collection[str], done: list[str]
+    ec2: "EC2Client", ledger: Ledger, image: Image, now: datetime, shared: Collection[str], done: list[str]
 ) -> None:
     """Undo what the ledger says the stages did, noting each change in `done`; then close the clock, on
     the condition that no stage was recorded since `image` was read (a slice that read the AMI before
@@ -323,7 +321,7 @@ class RescueRaced(RuntimeError):
 
 
 def _undo_stages(
-    ec2: EC2Client, image: Image, now: datetime, shared: Collection[str], done: list[str]
+    ec2: "EC2Client", image: Image, now: datetime, shared: Collection[str], done: list[str]
 ) -> LedgerItem | None:
     """What the rescue undoes, as `image` and its ledger item show it; the open item, to close after."""
     disable = trust.undoable_stage(image, "disable")
@@ -365,7 +363,7 @@ def rescue_image(
 
 
 def _rescue(
-    region: str, ec2: EC2Client, ledger: Ledger, image: Image, now: datetime, shared: Collection[str]
+    region: str, ec2: "EC2Client", ledger: Ledger, image: Image, now: datetime, shared: Collection[str]
 ) -> ActionResult:
     done: list[str] = []
     result = ActionResult(region=region, image_id=image.image_id, action="rescue", status="skipped")
@@ -395,7 +393,7 @@ class _RegionRun:
     def __init__(
         self,
         region: str,
-        ec2: EC2Client,
+        ec2: "EC2Client",
         ledger: Ledger,
         inventory: RegionInventory,
         now: datetime,
@@ -619,7 +617,7 @@ class _RegionRun:
         self.results.append(_rescue(self.region, self.ec2, self.ledger, image, self.now, shared))
 
 
-def _deregister_image(ec2: EC2Client, image_id: str) -> Mapping[str, Any]:
+def _deregister_image(ec2: "EC2Client", image_id: str) -> Mapping[str, Any]:
     """DeregisterImage, EC2 deleting the AMI's own snapshots. A partition that does not know
     DeleteAssociatedSnapshots refuses it (UnknownParameter): deregistered without it there, and the
     snapshots are deleted one by one, as where EC2 reports no DeleteSnapshotResults."""
@@ -868,7 +866,7 @@ def _apply_region(
 
 def apply_stages(
     region: str,
-    ec2: EC2Client,
+    ec2: "EC2Client",
     ledger: Ledger,
     inventory: RegionInventory,
     work: Sequence[SlicePart],

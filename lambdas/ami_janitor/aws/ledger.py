@@ -15,8 +15,6 @@ resource policy denies writes to every principal outside the IAM path `/ami-jani
 stacks put every role) and the writers `ledger create` names.
 """
 
-from __future__ import annotations
-
 import json
 import random
 import time
@@ -246,7 +244,7 @@ def writers_in(policy_json: str, partition: str) -> list[str]:
     return []
 
 
-def _create(db: DynamoDBClient, table: str) -> Any:
+def _create(db: "DynamoDBClient", table: str) -> Any:
     """CreateTable; None where the table exists already. Sent again after a lost answer, CreateTable
     meets the table its first attempt made (ResourceInUseException): the caller then reads it and
     checks every setting, as for a table someone else made just before."""
@@ -272,14 +270,14 @@ def _create(db: DynamoDBClient, table: str) -> Any:
         return None
 
 
-def _ttl_enabled(db: DynamoDBClient, table: str) -> bool:
+def _ttl_enabled(db: "DynamoDBClient", table: str) -> bool:
     ttl = db.describe_time_to_live(TableName=table)["TimeToLiveDescription"]
     return (
         ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING") and ttl.get("AttributeName") == TTL_ATTRIBUTE
     )
 
 
-def _enable_ttl(db: DynamoDBClient, table: str) -> None:
+def _enable_ttl(db: "DynamoDBClient", table: str) -> None:
     """UpdateTimeToLive. Sent again after a lost answer, it is refused (ValidationException: TTL is
     already enabled) by the TTL its first attempt enabled: done where the table now shows it."""
     try:
@@ -379,7 +377,7 @@ def _with_write_id(request: dict[str, Any], write_id: str) -> dict[str, Any]:
     }
 
 
-def conditional_update(db: DynamoDBClient, table: str, item_key: dict[str, Any], **request: Any) -> Written:
+def conditional_update(db: "DynamoDBClient", table: str, item_key: dict[str, Any], **request: Any) -> Written:
     """UpdateItem, "already-recorded" where its condition fails against another writer's item.
 
     The SDK sends a write again when its answer was lost (a timeout, a closed connection): that retry
@@ -558,7 +556,7 @@ class Ledger(_Made):
         self.sleep = sleep  # passed in: the wait before unprocessed keys are asked again
 
     @property
-    def _db(self) -> DynamoDBClient:
+    def _db(self) -> "DynamoDBClient":
         return self.clients.dynamodb
 
     def _update(self, image_id: str, **request: Any) -> Written:

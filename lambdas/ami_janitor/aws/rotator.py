@@ -5,8 +5,6 @@ applying a change never trusts the change itself: it re-reads the group, compute
 available AMI from what EC2 says now, and writes only what differs, until a read shows no difference.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -44,7 +42,7 @@ class RotationResult(BaseModel):
     error: str | None = None
 
     @classmethod
-    def unreadable(cls, region: str, error: str) -> RotationResult:
+    def unreadable(cls, region: str, error: str) -> "RotationResult":
         """The region's AMIs could not be read: nothing rotated there."""
         return cls(
             region=region, family="*", architecture="*", to=None, written=[], status="failed", error=error

@@ -9,8 +9,6 @@ Every write is conditional: a slice delivered twice (SQS is at least once) or a 
 again is counted once, and only one worker claims the summary.
 """
 
-from __future__ import annotations
-
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -73,7 +71,7 @@ def _progress(raw: Mapping[str, Any]) -> RunProgress:
 
 
 class RunRecords:
-    def __init__(self, db: DynamoDBClient, table: str, *, retention_days: int = 90) -> None:
+    def __init__(self, db: "DynamoDBClient", table: str, *, retention_days: int = 90) -> None:
         self.db = db
         self.table = table
         self.retention_days = retention_days

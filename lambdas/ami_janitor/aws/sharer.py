@@ -11,8 +11,6 @@ account's grant with it. The tag `ami-janitor:shared` is written last, as a mirr
 where the region has no ledger.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Literal, cast
@@ -65,11 +63,11 @@ class ShareResult(BaseModel):
     passing: bool = False
 
 
-def _permissions(keys: Iterable[str]) -> list[LaunchPermissionTypeDef]:
+def _permissions(keys: Iterable[str]) -> "list[LaunchPermissionTypeDef]":
     return cast("list[LaunchPermissionTypeDef]", [LaunchPermission.from_key(k).to_api() for k in keys])
 
 
-def _write_record(ec2: EC2Client, image: Image, grants: set[str]) -> bool:
+def _write_record(ec2: "EC2Client", image: Image, grants: set[str]) -> bool:
     """Rewrite the record to `grants`; returns whether a tag changed. New parts are written before stale
     ones are deleted: each part holds whole grants, so a crash in between leaves extra grants recorded
     (removed by the next run), never a grant the janitor made and forgot."""
@@ -85,7 +83,7 @@ def _write_record(ec2: EC2Client, image: Image, grants: set[str]) -> bool:
     return bool(changed or stale)
 
 
-def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> None:
+def _grant(ec2: "EC2Client", ledger: Ledger, image_id: str, grants: list[str]) -> None:
     # Recorded first: no grant exists that the ledger does not know the janitor made.
     ledger.record_grants(image_id, grants)
     try:
@@ -103,7 +101,7 @@ def _grant(ec2: EC2Client, ledger: Ledger, image_id: str, grants: list[str]) -> 
         raise
 
 
-def _apply(ec2: EC2Client, ledger: Ledger, share: Share, image: Image, done: list[str]) -> None:
+def _apply(ec2: "EC2Client", ledger: Ledger, share: Share, image: Image, done: list[str]) -> None:
     for call in public_apart(share.add):
         _grant(ec2, ledger, image.image_id, call)
         done.append("granted " + ",".join(call))
@@ -121,7 +119,7 @@ def _apply(ec2: EC2Client, ledger: Ledger, share: Share, image: Image, done: lis
 
 
 def apply_shares(
-    clients_for: Callable[[str], RegionClients],
+    clients_for: "Callable[[str], RegionClients]",
     shares: Sequence[Share],
     inventories: Sequence[RegionInventory],
     ledger_for: LedgerFor,

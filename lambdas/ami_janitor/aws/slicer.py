@@ -11,8 +11,6 @@ permissions a stage reads are judged again too (core.slices.share_hold): a share
 that rule 5 keeps holds the AMI back there.
 """
 
-from __future__ import annotations
-
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -109,7 +107,7 @@ class SliceResult(BaseModel):
         }
 
 
-def _live(ec2: EC2Client, instance_ids: Iterable[str]) -> set[str]:
+def _live(ec2: "EC2Client", instance_ids: Iterable[str]) -> set[str]:
     live: set[str] = set()
     # EC2's 200 filter values are a call's, the states' included.
     for batch in chunks(sorted(set(instance_ids)), FILTER_VALUES_MAX - len(_LIVE_STATES)):
@@ -135,7 +133,7 @@ class _Everyone:
 
 
 def _references(
-    clients: RegionClients, policy: Policy, images: Sequence[Image], planned_at: datetime
+    clients: "RegionClients", policy: Policy, images: Sequence[Image], planned_at: datetime
 ) -> list[Reference]:
     """DescribeImageReferences about the slice's AMIs (an instance counts only while it is not
     terminated), and what it may not find, read again: a launch configuration, an Auto Scaling
@@ -175,7 +173,7 @@ def _references(
     ]
 
 
-def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> RegionInventory:
+def read_slice(clients: "RegionClients", policy: Policy, work: WorkSlice) -> RegionInventory:
     """The slice's AMIs as they are now, with their ledger items and the other AMIs that share their
     snapshots. Raises SourceFailed (the slice is delivered again) when anything cannot be read."""
     ids = [item.image_id for item in work.items]
@@ -201,7 +199,7 @@ def read_slice(clients: RegionClients, policy: Policy, work: WorkSlice) -> Regio
 
 
 def run_slice(
-    clients: RegionClients,
+    clients: "RegionClients",
     ledger: Ledger,
     policy: Policy,
     work: WorkSlice,
@@ -261,7 +259,7 @@ def run_slice(
 
 
 def _consumer_reports(
-    clients: RegionClients, policy: Policy, work: WorkSlice
+    clients: "RegionClients", policy: Policy, work: WorkSlice
 ) -> dict[str, ReceivedReport | None]:
     """The usage reports, read now, of the accounts the slice's shared AMIs are shared with."""
     settings = policy.usage_reports
@@ -307,7 +305,7 @@ def _send_batches(slices: Sequence[WorkSlice]) -> Iterator[list[tuple[WorkSlice,
         yield batch
 
 
-def enqueue_slices(sqs: SQSClient, queue_url: str, slices: Sequence[WorkSlice]) -> int:
+def enqueue_slices(sqs: "SQSClient", queue_url: str, slices: Sequence[WorkSlice]) -> int:
     """Queue the slices (a FIFO queue: one message group per region, so a region's slices run one
     after the other; deduplicated by slice, so queueing again within SQS's window adds nothing).
     Raises when SQS refuses any: the run then reports it and the next run plans again."""
@@ -335,7 +333,7 @@ def enqueue_slices(sqs: SQSClient, queue_url: str, slices: Sequence[WorkSlice]) 
 
 
 def queue_run(
-    clients: RegionClients,
+    clients: "RegionClients",
     policy: Policy,
     queue_url: str,
     work: Sequence[WorkSlice],
@@ -363,7 +361,7 @@ def queue_run(
 
 
 def run_here(
-    clients: RegionClients, ledger: Ledger, policy: Policy, work: WorkSlice, now: datetime
+    clients: "RegionClients", ledger: Ledger, policy: Policy, work: WorkSlice, now: datetime
 ) -> list[ActionResult]:
     """A slice run in this process (the CLI's apply): a slice that cannot read its AMIs fails its
     stages, with the reason, and changes nothing."""

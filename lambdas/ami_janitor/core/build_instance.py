@@ -6,8 +6,6 @@ when `bake.instance_tag` is also set, only while it carries those tags); without
 running or stopped instance may carry the tags, and several are refused.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable
 from typing import NamedTuple
 

@@ -7,8 +7,6 @@ family to that region was made with is refused (a key change is a policy change:
 ARN). The edge resolves the aliases (DescribeKey in the target region); this module only compares.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import NamedTuple

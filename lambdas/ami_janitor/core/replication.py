@@ -23,8 +23,6 @@ then takes the next one; a copy EC2 still lists whose item was lost (the table r
 is taken back by the worker, its item written again without CopyImage.
 """
 
-from __future__ import annotations
-
 import hashlib
 import heapq
 from collections import defaultdict
@@ -90,7 +88,7 @@ class CopyResult(BaseModel):
     detail: str | None = None
 
     @classmethod
-    def of(cls, copy: Copy, status: Status) -> CopyResult:
+    def of(cls, copy: Copy, status: Status) -> "CopyResult":
         return cls(
             family=copy.family,
             source_image_id=copy.source_image_id,

@@ -1,7 +1,5 @@
 """Latest rotation: the changes a region needs now (pure)."""
 
-from __future__ import annotations
-
 from datetime import datetime
 from typing import NamedTuple
 

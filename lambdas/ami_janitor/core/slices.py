@@ -7,8 +7,6 @@ holds back any that a fresh fact puts in doubt (`hold_reason`). The caps were sp
 slices together never act on more AMIs than one run may.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence

@@ -5,8 +5,6 @@ clock, says which tags disagree with it (`tampered`), which deregistrations a cr
 and how the first enforce run adopts the tags an older janitor wrote (the safe direction only).
 """
 
-from __future__ import annotations
-
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple

@@ -8,8 +8,6 @@ disable stage is then the last word, never the first (fail safe). Shares to an o
 through the accounts Organizations lists, and keep the AMI where it could not list them.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Literal

@@ -10,8 +10,6 @@ message group, and every event after it, for half an hour. After 5 deliveries a 
 dead-letter queue, which alarms.
 """
 
-from __future__ import annotations
-
 import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -136,7 +134,7 @@ def handle_record(
         raise
 
 
-def retry_soon(sqs: SQSClient, queue_url: str, records: list[SQSRecord], deferred: set[str]) -> None:
+def retry_soon(sqs: "SQSClient", queue_url: str, records: list[SQSRecord], deferred: set[str]) -> None:
     """ChangeMessageVisibilityBatch (a batch is at most ten records, as is this call): a deferred record
     is visible again at once, a failed one after RETRY_AFTER_SECONDS times its deliveries. Where this
     fails, the queue's visibility timeout applies (logged)."""

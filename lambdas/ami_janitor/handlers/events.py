@@ -3,8 +3,6 @@ answer of the scheduled run. The AMI state change event is its handler's (handle
 loads Powertools' EventBridge model). The other answers are the engine's (engine.BakeOutcome,
 rotator.AmiEventOutcome) and Powertools' (the replication worker's partial batch response)."""
 
-from __future__ import annotations
-
 import os
 from datetime import datetime
 from typing import TypeVar
@@ -72,7 +70,7 @@ class Environment(BaseModel):
     work_queue_url: str | None = Field(None, alias="WORK_QUEUE_URL")
 
     @classmethod
-    def load(cls) -> Environment:
+    def load(cls) -> "Environment":
         try:
             return cls.model_validate(dict(os.environ))
         except ValidationError as error:

@@ -10,8 +10,6 @@ Records are handled one after the other: CopyImage refills at one request per se
 the event source mapping's bounded concurrency paces the rest.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from ami_janitor.handlers import collector_paused

@@ -8,8 +8,6 @@ the run's one report and summary. A slice that cannot read its AMIs fails: SQS d
 after the queue's maxReceiveCount parks it in the dead-letter queue (which alarms).
 """
 
-from __future__ import annotations
-
 import json
 from datetime import UTC, datetime
 from typing import Any

@@ -4,8 +4,6 @@ A claim's value is an AMI id, a `resolve:ssm:` alias, or text holding AMI ids (a
 `references_of` turns claims into the inventory's references once the aliases are resolved.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -40,7 +38,7 @@ class Spec(NamedTuple):
     version: str
 
     @classmethod
-    def of(cls, raw: Raw) -> Spec:
+    def of(cls, raw: Raw) -> "Spec":
         # EC2 and Auto Scaling spell it LaunchTemplateId; Batch spells it launchTemplateId.
         return cls(
             template_id=raw.get("LaunchTemplateId") or raw.get("launchTemplateId"),

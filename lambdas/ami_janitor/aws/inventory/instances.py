@@ -1,7 +1,5 @@
 """Instances in any state but terminated (DescribeInstances): each uses its AMI, and a bake may image one."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -27,7 +25,7 @@ class Instances(NamedTuple):
     builds: tuple[BuildInstance, ...]
 
 
-def read_instances(ec2: EC2Client, policy: Policy) -> Instances:
+def read_instances(ec2: "EC2Client", policy: Policy) -> Instances:
     """Every instance not terminated; the policy says which of them its bakes name."""
     baked = [family for family in policy.families if family.bake is not None]
     state_filter = [{"Name": "instance-state-name", "Values": _LIVE_STATES}]

@@ -1,7 +1,5 @@
 """The recipe: one region's inventory read source by source, each step's outputs feeding the next."""
 
-from __future__ import annotations
-
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -78,7 +76,7 @@ REFERENCE_SOURCE_PERMISSIONS: list[str] = sorted(
 )
 
 
-def load_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
+def load_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
     """Everything the planner needs about one region, or an inventory with only `error` set."""
     try:
         return _read_inventory(clients, policy)
@@ -87,7 +85,7 @@ def load_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
 
 
 @contextmanager
-def _ahead(clients: RegionClients, read: Callable[[], T]) -> Iterator[Callable[[], T]]:
+def _ahead(clients: "RegionClients", read: Callable[[], T]) -> Iterator[Callable[[], T]]:
     """`read` started now, on a thread of its own, while the caller reads its other sources: their calls
     wait on the network side by side. Its answer (or its SourceFailed) comes where the caller asks for
     it, so the first source to fail in the recipe's order still names the region's error. With one read
@@ -99,7 +97,7 @@ def _ahead(clients: RegionClients, read: Callable[[], T]) -> Iterator[Callable[[
         yield pool.submit(read).result
 
 
-def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
+def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
     # The sources are read in this order, so the first to fail names the region's error; the claims
     # keep it too, so that notes come out in the order of the resources they are about. What the plan
     # reports beside its decisions depends on no other source: it is read ahead, beside them.
@@ -125,10 +123,10 @@ def _read_inventory(clients: RegionClients, policy: Policy) -> RegionInventory:
 
 
 def _read_sources(
-    clients: RegionClients,
+    clients: "RegionClients",
     policy: Policy,
     images: tuple[Image, ...],
-    read_beside: Callable[[tuple[Image, ...]], _Beside],
+    read_beside: "Callable[[tuple[Image, ...]], _Beside]",
 ) -> RegionInventory:
     region = clients.region
     # An account that reports its use of other accounts' AMIs reads its references everywhere.
@@ -167,7 +165,7 @@ _NO_INSTANCES = Instances(ids=frozenset(), claims=[], builds=())
 
 
 def read_reference_sources(
-    clients: RegionClients,
+    clients: "RegionClients",
     policy: Policy,
     pointers: Pointers,
     *,
@@ -233,7 +231,9 @@ def read_reference_sources(
     return ReferenceSources(references, instances, parameter_values, [*template_notes, *alias_notes])
 
 
-def _with_copy_sources(clients: RegionClients, policy: Policy, inventory: RegionInventory) -> RegionInventory:
+def _with_copy_sources(
+    clients: "RegionClients", policy: Policy, inventory: RegionInventory
+) -> RegionInventory:
     """The inventory's copies counted from their sources' creation (copy_sources)."""
     images, notes = read_copy_sources(inventory.images, inventory.region, policy, clients.ec2_in)
     if not notes and images is inventory.images:
@@ -241,7 +241,7 @@ def _with_copy_sources(clients: RegionClients, policy: Policy, inventory: Region
     return inventory._replace(images=images, notes=tuple(dict.fromkeys([*inventory.notes, *notes])))
 
 
-def _read_auto_scaling(clients: RegionClients) -> tuple[dict[str, str], Claims]:
+def _read_auto_scaling(clients: "RegionClients") -> tuple[dict[str, str], Claims]:
     """The launch configurations, then the groups (which launch from them)."""
     configurations = read_launch_configurations(clients.autoscaling)
     return configurations, read_auto_scaling_groups(clients.autoscaling, configurations)
@@ -258,7 +258,7 @@ class _Beside(NamedTuple):
 
 
 def _read_beside(
-    clients: RegionClients,
+    clients: "RegionClients",
     images: tuple[Image, ...],
     retired_snapshots: tuple[RetiredSnapshot, ...],
     block_public_access_notes: list[str],
@@ -280,7 +280,7 @@ def _in_a_family(policy: Policy, image: Image) -> bool:
 
 
 def _without_references(
-    clients: RegionClients,
+    clients: "RegionClients",
     policy: Policy,
     images: tuple[Image, ...],
     read_beside: Callable[[tuple[Image, ...]], _Beside],
@@ -307,7 +307,7 @@ def _without_references(
 
 
 def load_details(
-    clients: RegionClients, policy: Policy, inventory: RegionInventory, image_ids: Iterable[str]
+    clients: "RegionClients", policy: Policy, inventory: RegionInventory, image_ids: Iterable[str]
 ) -> RegionInventory:
     """The per-AMI reads, after the plan chose the AMIs that need them (those it acts on or runs a clock
     on): DescribeImageReferences (what the other sources cannot see, Image Builder recipes mostly), then
@@ -353,7 +353,7 @@ def load_details(
     return load_usage(clients, policy.usage_reports, loaded, wanted)
 
 
-def load_images(clients: RegionClients, policy: Policy) -> RegionInventory:
+def load_images(clients: "RegionClients", policy: Policy) -> RegionInventory:
     """Only the AMIs and the Latest pointer values: enough for rotation, cheap enough for every event."""
     try:
         images = read_images(clients.ec2, clients.region)

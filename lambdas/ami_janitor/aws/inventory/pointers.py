@@ -4,8 +4,6 @@ Their values go to the inventory's `parameters` and are never references: the pl
 from them after this run's rotation, not from the old value.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -32,7 +30,7 @@ class Pointers(NamedTuple):
     owned: frozenset[str]
 
     @classmethod
-    def of(cls, policy: Policy, images: Iterable[Image]) -> Pointers:
+    def of(cls, policy: Policy, images: Iterable[Image]) -> "Pointers":
         names: set[str] = set()
         owned: set[str] = set()
         for family in policy.families:
@@ -57,7 +55,7 @@ class Pointers(NamedTuple):
         return name in self.owned
 
 
-def read_pointer_values(ssm: SSMClient, pointers: Pointers, scanned: Mapping[str, str]) -> dict[str, str]:
+def read_pointer_values(ssm: "SSMClient", pointers: Pointers, scanned: Mapping[str, str]) -> dict[str, str]:
     """Pointer name -> value, sorted: from the parameter scan where it saw them (`scanned`), else read
     (a SecureString pointer is left out)."""
     values = {name: scanned[name] for name in pointers.names if name in scanned}
