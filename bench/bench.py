@@ -579,6 +579,77 @@ def bench_cli_plan_on_emulator() -> None:
     )
 
 
+def bench_tls_connections() -> None:
+    """New HTTPS connections as a cold start makes them: two clients, three calls (an empty region's),
+    each on a new connection, against a loopback endpoint whose CA is appended to the SDK's own bundle
+    (so that loading the bundle costs what it costs in Lambda)."""
+    import tempfile
+    from pathlib import Path
+
+    from botocore.config import Config
+    from botocore.httpsession import get_cert_path
+
+    from ami_janitor.aws.clients import RegionClients, janitor_session, verified_context
+
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from tls_server import authority, tls_endpoint
+
+    directory = Path(tempfile.mkdtemp(prefix="ami-janitor-bench-tls-"))
+    ca = authority(directory, "bench-ca")
+    bundle = directory / "bundle.pem"
+    bundle.write_bytes(Path(get_cert_path(True)).read_bytes() + ca.bundle.read_bytes())
+    saved = {name: os.environ.get(name) for name in ("AWS_CA_BUNDLE", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_CA_BUNDLE=str(bundle), AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+
+    def botocore_clients() -> list[Any]:  # the same session, but each client's TLS context botocore's
+        session = janitor_session()
+        config = Config(retries={"total_max_attempts": 1})
+        return [session.create_client("ec2", region_name="us-east-1", config=config) for _ in range(2)]
+
+    def janitor_clients() -> list[Any]:
+        verified_context.cache_clear()  # as in a new process
+        return [RegionClients("us-east-1", janitor_session()).ec2 for _ in range(2)]
+
+    def warm_janitor_clients() -> list[Any]:  # a later invocation of the same process
+        return [RegionClients("us-east-1", janitor_session()).ec2 for _ in range(2)]
+
+    taken: dict[str, list[float]] = {}
+    try:
+        with tls_endpoint(directory, ca) as endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = endpoint
+            for round_ in range(8):
+                for name, make in (
+                    ("botocore", botocore_clients),
+                    ("janitor", janitor_clients),
+                    ("janitor, warm", warm_janitor_clients),
+                ):
+                    start = time.perf_counter()
+                    first, second = make()
+                    for client in (first, first, second):
+                        client.describe_images(Owners=["self"])
+                    if round_:
+                        taken.setdefault(name, []).append(time.perf_counter() - start)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(directory)
+    plain, shared, warm = (
+        statistics.median(taken[k]) * 1000 for k in ("botocore", "janitor", "janitor, warm")
+    )
+    print(
+        f"\nnew HTTPS connections (two clients, three calls, each on a new connection, the SDK's CA bundle; "
+        f"median of 7): with botocore's TLS contexts {plain:.0f} ms (the bundle loaded at each connection), the "
+        f"janitor's {shared:.0f} ms in a new process (loaded once), {warm:.0f} ms in a later invocation "
+        f"(not loaded): {plain - shared:.0f} ms less of a cold start, {plain - warm:.0f} ms less of each later "
+        "invocation, and each read worker's connection in a region with AMIs saves about one load"
+    )
+
+
 def bench_fleet() -> None:
     import fleet
 
@@ -725,6 +796,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "cold-start": bench_cold_start,
     "cold-start-instructions": bench_cold_start_instructions,
     "bytecode": bench_asset_bytecode,
+    "tls": bench_tls_connections,
     "cli": bench_cli_plan_on_emulator,
     "fleet": bench_fleet,
     "org": bench_org,

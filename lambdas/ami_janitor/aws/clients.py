@@ -5,8 +5,10 @@ whose import (its session, resources and transfer modules) was about a twentieth
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from botocore import handlers
 from botocore.config import Config
 from botocore.credentials import Credentials, EnvProvider
 from botocore.hooks import EVENT_ALIASES, HierarchicalEmitter
+from botocore.httpsession import URLLib3Session, create_urllib3_context
 from botocore.session import Session
 
 from ami_janitor.aws import models
@@ -80,6 +83,48 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+@functools.cache
+def verified_context(ca_bundle: str) -> ssl.SSLContext:
+    """The process's one TLS context for `ca_bundle`, the bundle loaded into it once (botocore's own
+    context otherwise: create_urllib3_context)."""
+    context = create_urllib3_context()
+    context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
+class SharedVerifiedSession(URLLib3Session):
+    """botocore's HTTP session, whose direct HTTPS connections use the process's context for the CA
+    bundle botocore names (verified_context), made at the first such connection, not the session's
+    own context with the bundle loaded into it again.
+
+    botocore gives each client a TLS context of its own and names the CA bundle on each connection
+    pool, and urllib3 loads that bundle into the context at every new connection: about 17 ms each, a
+    cold start's connections and each read worker's among them (botocore#3171, urllib3#3623). The
+    bundle, the verification (CERT_REQUIRED, the host name checked) and connections through a proxy
+    are as botocore makes them; a bundle that cannot be loaded fails each connection, as botocore's."""
+
+    def _setup_ssl_cert(self, conn: Any, url: str, verification: Any) -> None:
+        super()._setup_ssl_cert(conn, url, verification)  # type: ignore[misc]
+        bundle = conn.ca_certs  # botocore's: set for an HTTPS pool that verifies, else None
+        if bundle is None or getattr(conn, "proxy", None) is not None:
+            return
+        try:
+            context = verified_context(bundle)
+        except (OSError, ssl.SSLError):  # a directory, a missing file: the connection loads it, as before
+            return
+        conn.conn_kw["ssl_context"] = context  # the pool's new connections
+        conn.ca_certs = None  # in that context already
+
+
+def share_verified_context(client: Any) -> None:
+    """`client`'s HTTP session made a SharedVerifiedSession. A client with a client certificate (which
+    urllib3 would load into the shared context) or whose session is not botocore's own (a test's, or a
+    botocore that changed) keeps its own."""
+    http = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    if type(http) is URLLib3Session and getattr(http, "_cert_file", None) is None:
+        http.__class__ = SharedVerifiedSession
+
+
 class RegionClients:
     """Lazily created clients of one region. Pass a session (profile) or prebuilt clients (tests);
     `read_workers=1` keeps reads in order (a Stubber expects its calls in sequence); otherwise per-AMI
@@ -114,6 +159,7 @@ class RegionClients:
                             region_name=self.region,
                             config=client_config(),
                         )
+                    share_verified_context(made)
                     if service == "ec2" and self.pacer is not None:
                         pace(made, self.pacer)  # each call waits for its token bucket (a slice worker)
                     self._clients[service] = made
@@ -128,9 +174,9 @@ class RegionClients:
         if key not in self._clients:
             with _SESSION_LOCK, _collector_paused():
                 if key not in self._clients:
-                    self._clients[key] = self._session.create_client(
-                        "ec2", region_name=region, config=client_config()
-                    )
+                    made = self._session.create_client("ec2", region_name=region, config=client_config())
+                    share_verified_context(made)
+                    self._clients[key] = made
         return cast("EC2Client", self._clients[key])
 
     ec2: _Client[EC2Client] = _Client("ec2")
