@@ -80,6 +80,20 @@ class _Answer(BaseHTTPRequestHandler):
 
 
 @contextmanager
+def _serving(context: ssl.SSLContext | None) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{'https' if context else 'http'}://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def tls_endpoint(directory: Path, signer: Authority, host_name: str = "127.0.0.1") -> Iterator[str]:
     """An https URL on loopback whose certificate `signer` signed for `host_name` (an IP address or a
     DNS name); the server stops when the block ends."""
@@ -96,14 +110,14 @@ def tls_endpoint(directory: Path, signer: Authority, host_name: str = "127.0.0.1
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(chain)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(context) as url:
+        yield url
+
+
+@contextmanager
+def http_endpoint() -> Iterator[str]:
+    """The same answers over plain http (as the emulator's)."""
+    with _serving(None) as url:
+        yield url

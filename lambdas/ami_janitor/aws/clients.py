@@ -5,7 +5,6 @@ whose import (its session, resources and transfer modules) was about a twentieth
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import ssl
@@ -19,7 +18,7 @@ from botocore import handlers
 from botocore.config import Config
 from botocore.credentials import Credentials, EnvProvider
 from botocore.hooks import EVENT_ALIASES, HierarchicalEmitter
-from botocore.httpsession import URLLib3Session, create_urllib3_context
+from botocore.httpsession import URLLib3Session, create_urllib3_context, get_cert_path
 from botocore.session import Session
 
 from ami_janitor.aws import models
@@ -83,13 +82,23 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-@functools.cache
+# The process's TLS contexts, one per CA bundle (verified_context); the lock makes the first connections
+# of threads that start together load a bundle once, not once each.
+_VERIFIED_CONTEXTS: dict[str, ssl.SSLContext] = {}
+_VERIFIED_CONTEXTS_LOCK = threading.Lock()
+
+
 def verified_context(ca_bundle: str) -> ssl.SSLContext:
-    """The process's one TLS context for `ca_bundle`, the bundle loaded into it once (botocore's own
-    context otherwise: create_urllib3_context)."""
-    context = create_urllib3_context()
-    context.load_verify_locations(cafile=ca_bundle)
-    return context
+    """The process's one TLS context for `ca_bundle`, made as botocore makes a client's
+    (create_urllib3_context), the bundle loaded into it once: as it reads then, for the life of the
+    process (the Lambda asset's, or a short CLI run's). Raises what loading it raises."""
+    with _VERIFIED_CONTEXTS_LOCK:
+        context = _VERIFIED_CONTEXTS.get(ca_bundle)
+        if context is None:
+            context = create_urllib3_context()
+            context.load_verify_locations(cafile=os.path.expanduser(ca_bundle))
+            _VERIFIED_CONTEXTS[ca_bundle] = context
+        return context
 
 
 class SharedVerifiedSession(URLLib3Session):
@@ -100,26 +109,34 @@ class SharedVerifiedSession(URLLib3Session):
     botocore gives each client a TLS context of its own and names the CA bundle on each connection
     pool, and urllib3 loads that bundle into the context at every new connection: about 17 ms each, a
     cold start's connections and each read worker's among them (botocore#3171, urllib3#3623). The
-    bundle, the verification (CERT_REQUIRED, the host name checked) and connections through a proxy
-    are as botocore makes them; a bundle that cannot be loaded fails each connection, as botocore's."""
+    bundle and the verification (CERT_REQUIRED, the host name checked by urllib3) are botocore's; a
+    pool through a proxy (whose own TLS falls back to the pool's bundle), http, a session without
+    verification and a bundle that cannot be loaded (a directory, a missing file: each connection then
+    fails as botocore's) are left to botocore."""
 
     def _setup_ssl_cert(self, conn: Any, url: str, verification: Any) -> None:
+        direct = getattr(conn, "proxy", None) is None and isinstance(getattr(conn, "conn_kw", None), dict)
+        verified = direct and verification and url.lower().startswith("https")
+        bundle = get_cert_path(verification) if verified else None
+        if bundle:
+            try:
+                context = verified_context(bundle)
+            except (OSError, ssl.SSLError):
+                pass
+            else:
+                # What botocore sets, but the bundle: in the context already, and never on the pool
+                # (a connection another thread makes meanwhile would load it again).
+                conn.cert_reqs = "CERT_REQUIRED"
+                conn.conn_kw["ssl_context"] = context
+                conn.ca_certs = None
+                return
         super()._setup_ssl_cert(conn, url, verification)  # type: ignore[misc]
-        bundle = conn.ca_certs  # botocore's: set for an HTTPS pool that verifies, else None
-        if bundle is None or getattr(conn, "proxy", None) is not None:
-            return
-        try:
-            context = verified_context(bundle)
-        except (OSError, ssl.SSLError):  # a directory, a missing file: the connection loads it, as before
-            return
-        conn.conn_kw["ssl_context"] = context  # the pool's new connections
-        conn.ca_certs = None  # in that context already
 
 
 def share_verified_context(client: Any) -> None:
     """`client`'s HTTP session made a SharedVerifiedSession. A client with a client certificate (which
-    urllib3 would load into the shared context) or whose session is not botocore's own (a test's, or a
-    botocore that changed) keeps its own."""
+    urllib3 would load into the shared context), or whose HTTP session is not botocore's URLLib3Session
+    (a test's), keeps its own."""
     http = getattr(getattr(client, "_endpoint", None), "http_session", None)
     if type(http) is URLLib3Session and getattr(http, "_cert_file", None) is None:
         http.__class__ = SharedVerifiedSession
