@@ -39,21 +39,13 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return loads
 
 
-@pytest.fixture
-def aws_over_tls(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
 def _trusting(monkeypatch: pytest.MonkeyPatch, bundle: Path, endpoint: str) -> None:
     monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
 
 
 def test_botocore_loads_the_bundle_again_at_each_new_connection(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loaded: list[Any], aws_over_tls: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loaded: list[Any], fake_aws_env: None
 ) -> None:
     """What the janitor's clients avoid: botocore's own client, four calls, four connections."""
     ca = authority(tmp_path, "test-ca")
@@ -68,7 +60,7 @@ def test_botocore_loads_the_bundle_again_at_each_new_connection(
 
 
 def test_the_janitor_loads_it_once_for_every_connection_of_every_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loaded: list[Any], aws_over_tls: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loaded: list[Any], fake_aws_env: None
 ) -> None:
     ca = authority(tmp_path, "test-ca")
     with tls_endpoint(tmp_path, ca) as endpoint:
@@ -83,7 +75,7 @@ def test_the_janitor_loads_it_once_for_every_connection_of_every_client(
 
 
 def test_a_client_with_a_client_certificate_keeps_botocore_s_session(
-    tmp_path: Path, aws_over_tls: None
+    tmp_path: Path, fake_aws_env: None
 ) -> None:
     """urllib3 would load its certificate into the context every client shares."""
     session = botocore_session("us-east-1")
@@ -96,7 +88,7 @@ def test_a_client_with_a_client_certificate_keeps_botocore_s_session(
 
 
 def test_over_http_no_bundle_is_loaded(
-    monkeypatch: pytest.MonkeyPatch, loaded: list[Any], aws_over_tls: None
+    monkeypatch: pytest.MonkeyPatch, loaded: list[Any], fake_aws_env: None
 ) -> None:
     """The emulator's endpoint, or any http one: nothing to verify, no bundle loaded (botocore loads
     none there either)."""
@@ -109,7 +101,7 @@ def test_over_http_no_bundle_is_loaded(
 
 
 def test_threads_that_connect_together_load_the_bundle_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loaded: list[Any], aws_over_tls: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loaded: list[Any], fake_aws_env: None
 ) -> None:
     """A run's first connections start side by side (its regions, the inventory's reads ahead)."""
     ca = authority(tmp_path, "test-ca")
@@ -129,7 +121,7 @@ def test_threads_that_connect_together_load_the_bundle_once(
 
 
 def test_a_connection_through_a_proxy_keeps_botocore_s_bundle_and_context(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aws_over_tls: None
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_aws_env: None
 ) -> None:
     """Through an HTTPS proxy without a bundle of its own, urllib3 verifies the proxy against the pool's
     bundle: the pool keeps it (and the context botocore made for it)."""
@@ -153,7 +145,7 @@ def test_a_connection_through_a_proxy_keeps_botocore_s_bundle_and_context(
 
 @pytest.mark.parametrize("bundle", ["a directory", "a missing file"])
 def test_a_bundle_that_cannot_be_loaded_fails_each_connection_as_botocore_s(
-    bundle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, aws_over_tls: None
+    bundle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_aws_env: None
 ) -> None:
     """Not the janitor when it makes the client: each call, as botocore's own client fails it."""
     ca = authority(tmp_path, "test-ca")

@@ -12,13 +12,7 @@ from botocore.exceptions import SSLError
 from ami_janitor.aws.clients import RegionClients, janitor_session
 from tls_server import authority, tls_endpoint
 
-
-@pytest.fixture(autouse=True)
-def aws_over_tls(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+pytestmark = pytest.mark.usefixtures("fake_aws_env")
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,9 @@ def verified_context(ca_bundle: str) -> ssl.SSLContext:
     """The process's one TLS context for `ca_bundle`, made as botocore makes a client's
     (create_urllib3_context), the bundle loaded into it once: as it reads then, for the life of the
     process (the Lambda asset's, or a short CLI run's). Raises what loading it raises."""
+    context = _VERIFIED_CONTEXTS.get(ca_bundle)  # every request asks: no lock once it is made
+    if context is not None:
+        return context
     with _VERIFIED_CONTEXTS_LOCK:
         context = _VERIFIED_CONTEXTS.get(ca_bundle)
         if context is None:
