@@ -46,11 +46,12 @@ def test_an_applied_run_reads_each_region_once(endpoint: str) -> None:
     assert actions[rescued] == "rescue"
     assert client.describe_images(ImageIds=[rescued])["Images"][0]["State"] == "available"
     # Inventory once; no second read for shares or copies. The Latest changes are written after the
-    # region's AMIs are read once more (the event function may have rotated since the plan's read).
+    # region's AMIs are read once more (the event function may have rotated since the plan's read), and
+    # the groups written are read once again after (an event may have rotated during the writes).
     # The due stages' one slice reads its own AMIs again: by id, and the AMIs that share their snapshots.
     assert result.slices_queued == 0
     assert result.plan.latest and all(r.status == "ok" for r in result.rotations), result.rotations
-    assert calls["ec2:DescribeImages"] == 1 + 1 + 2, calls
+    assert calls["ec2:DescribeImages"] == 1 + 1 + 1 + 2, calls
     # Launch permissions only for the AMIs the plan retires, one call each; the slice reads them again
     # just before a disable stage records them (they may have changed since the plan).
     retiring = [d for d in result.plan.decisions if d.action in ("deprecate", "disable", "deregister")]

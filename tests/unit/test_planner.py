@@ -421,6 +421,57 @@ def test_an_older_ami_of_two_families_lets_latest_move_on() -> None:
     assert (change.family, change.to) == ("a", newest.image_id)
 
 
+def test_an_older_ami_of_two_families_loses_a_latest_tag_it_carries() -> None:
+    # A tagger's Latest tag on an old AMI, with a tag that enrolls it in b too: it is never a Latest
+    # target, and the rotation of a, whose tag it carries, takes the tag back.
+    pol = two_families({"name": "app-*"}, {"tags": {"Team": "X"}})
+    newest = image(days_old=50, name="app-2", tags={})
+    both = image(days_old=90, name="app-1", tags={"Team": "X", "Latest": "true"})
+    [change] = plan([inventory(newest, both)], pol, NOW).latest
+    assert (change.family, change.to, change.untag) == ("a", newest.image_id, [both.image_id])
+    assert by_id(plan([inventory(newest, both)], pol, NOW))[both.image_id].action == "keep"
+
+
+def test_a_tag_taken_off_a_familys_newest_moves_its_parameter_nowhere() -> None:
+    # The family selects by name and tag: deleting the tag from its newest AMI, named by its parameter,
+    # takes that AMI out of the family, but must not move the parameter back to an older AMI.
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
+    older = image(days_old=40, name="app-1")
+    newest = image(days_old=10, name="app-2", tags={"Latest": "true"})
+    current = {"parameters": {"/ami/app/latest": newest.image_id}}
+    assert plan([inventory(older, newest, **current)], pol, NOW).latest == []
+
+    untagged = newest.model_copy(update={"tags": {"Latest": "true"}})  # Project=App deleted
+    result = plan([inventory(older, untagged, **current)], pol, NOW)
+    assert result.latest == []
+    assert any(
+        f"/ami/app/latest names {newest.image_id}, newer than {older.image_id}" in e
+        for e in result.policy_errors
+    )
+    # EC2's facts move it: that AMI disabled, or deprecated, Latest goes back to the older one.
+    for fact in ({"state": "disabled"}, {"deprecation_time": NOW - timedelta(hours=1)}):
+        gone = untagged.model_copy(update=fact)
+        [change] = plan([inventory(older, gone, **current)], pol, NOW).latest
+        assert change.to == older.image_id
+    # A newer build of the family moves it on.
+    build = image(days_old=1, name="app-3")
+    [change] = plan([inventory(older, untagged, build, **current)], pol, NOW).latest
+    assert change.to == build.image_id
+
+
+def test_a_failed_build_of_another_architecture_leaves_the_rotation_alone() -> None:
+    # Only the architectures Latest could name count toward the parameter's `{arch}` rule.
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
+    old = image(days_old=40, name="app-1", tags={"Latest": "true"})
+    new = image(days_old=1, name="app-2")
+    current = {"parameters": {"/ami/app/latest": old.image_id}}
+    for other in ({"state": "failed"}, {"state": "disabled"}):
+        arm = image(days_old=0, name="app-2-arm", arch="arm64", **other)  # type: ignore[arg-type]
+        result = plan([inventory(old, new, arm, **current)], pol, NOW)
+        assert [c.to for c in result.latest] == [new.image_id]
+        assert not any("must contain {arch}" in e for e in result.policy_errors)
+
+
 def test_stage_clock() -> None:
     keepers = [image(days_old=10 + i) for i in range(2)]
 

@@ -18,6 +18,7 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core.model import Image, RegionInventory
 from ami_janitor.core.planner import build_groups, latest_target
 from ami_janitor.core.policy import Policy, parse_policy
+from ami_janitor.core.rotation import changes_for
 from builders import NOW
 
 POLICY = parse_policy(
@@ -42,7 +43,9 @@ class Account:
         self.images: dict[str, dict[str, Any]] = {}
         self.parameters: dict[str, str] = {}
         self.writes = 0
+        # Called once, just before a write: the first, or the one after `writes_before_hook` more.
         self.on_write: Any = None
+        self.writes_before_hook = 0
 
     # EC2 / SSM calls used by rotation
     def create_tags(self, Resources: list[str], Tags: list[dict[str, str]]) -> None:
@@ -65,12 +68,32 @@ class Account:
         self.parameters[Name] = Value
         self.writes += 1
 
+    # An event's AMI that the region's listing does not show, described by id.
+    def describe_images(self, ImageIds: list[str], **_: Any) -> dict[str, Any]:
+        return {
+            "Images": [
+                {
+                    "ImageId": image_id,
+                    "Name": data["name"],
+                    "Architecture": data["arch"],
+                    "State": data["state"],
+                    "CreationDate": data["created"].strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                    "Tags": [{"Key": k, "Value": v} for k, v in data["tags"].items()],
+                }
+                for image_id in ImageIds
+                if (data := self.images.get(image_id)) is not None and data["state"] != "deregistered"
+            ]
+        }
+
     # The ledger's BatchGetItem: it records no stage here (the AMIs are the property's, not retired
     # by the janitor), so every disabled or deregistered event rotates.
     def batch_get_item(self, RequestItems: dict[str, Any]) -> dict[str, Any]:
         return {"Responses": {table: [] for table in RequestItems}, "UnprocessedKeys": {}}
 
     def _hook(self) -> None:
+        if self.on_write is not None and self.writes_before_hook > 0:
+            self.writes_before_hook -= 1
+            return
         hook, self.on_write = self.on_write, None
         if hook:
             hook()
@@ -193,4 +216,52 @@ def test_two_interleaved_rotations_leave_exactly_one_latest(count: int, racer_at
 
     account.on_write = racer
     rotator.converge(clients, POLICY, NOW, load=account.load)
+    assert_converged(account)
+
+
+def _app(account: Account, image_id: str, days_old: int, **fields: Any) -> None:
+    account.images[image_id] = {
+        "name": f"app-{100 - days_old:03d}",
+        "arch": "x86_64",
+        "state": "available",
+        "created": NOW - timedelta(days=days_old),
+        "tags": {},
+        **fields,
+    }
+
+
+@given(
+    st.integers(1, 4),
+    st.sampled_from(["bake", "disable the target", "disable the holder", "deregister the target"]),
+    st.integers(0, 3),
+)
+def test_a_scheduled_write_interleaved_with_an_event_ends_with_one_latest(
+    newer: int, meanwhile: str, racer_at: int
+) -> None:
+    """The scheduled run writes a plan's changes after reading the region again; an event, handled
+    between any two of its writes, must not be undone by the writes after it (an older AMI, or a
+    disabled one, left Latest)."""
+    account = Account()
+    clients = clients_for(account)
+    _app(account, "ami-0000000000000000a", 60, tags={"Latest": "true"})
+    account.parameters["/ami/app/x86_64/latest"] = "ami-0000000000000000a"
+    made = [f"ami-{n:017x}" for n in range(1, newer + 1)]
+    for n, image_id in enumerate(made):  # baked since, their events missed
+        _app(account, image_id, 50 - n)
+    changes = changes_for(account.load(clients, POLICY), POLICY, NOW)
+    target = made[-1]
+    assert [c.to for c in changes] == [target]
+
+    def event() -> None:
+        if meanwhile == "bake":
+            image_id, state = "ami-0000000000000000c", "available"
+            _app(account, image_id, 0)
+        else:
+            image_id = {"disable the holder": "ami-0000000000000000a"}.get(meanwhile, target)
+            state = "deregistered" if meanwhile.startswith("deregister") else "disabled"
+            account.images[image_id]["state"] = state
+        rotator.handle_state_change(image_id, state, clients, POLICY, NOW, load=account.load)
+
+    account.on_write, account.writes_before_hook = event, racer_at
+    rotator.write_changes(clients, POLICY, changes, NOW, load=account.load)
     assert_converged(account)

@@ -13,7 +13,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, load_images, read_ledger_items
+from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, describe_image, load_images, read_ledger_items
 from ami_janitor.aws.sharer import ShareResult
 from ami_janitor.core.model import AmiState, Image, LatestChange, Outcome, RegionInventory, Share, Stage
 from ami_janitor.core.policy import Mode, Policy
@@ -137,8 +137,9 @@ def write_changes(
     again now, still asks for the same move. The plan was made from a read that may be minutes old,
     and the event function rotates the same groups meanwhile: a newer AMI it made Latest, or a planned
     target disabled since, is not undone. Such a change is left as it is ("superseded": its events and
-    the next run settle the group). A change to an AMI in `skip` (its rescue failed: it is not
-    launchable) is left for the next run."""
+    the next run settle the group). The groups written are then read again and converged, as an event
+    converges its own: what changed between that read and these writes is settled too. A change to an
+    AMI in `skip` (its rescue failed: it is not launchable) is left for the next run."""
     unusable = set(skip)
     changes = list(changes)
     results = [
@@ -180,6 +181,19 @@ def write_changes(
             _write(clients, policy, current, region, targets, result.written)
         except (ClientError, BotoCoreError) as error:
             result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+    # An event may have rotated a group, or its target been disabled, between that read and these
+    # writes: the written groups are read again and converged, so that the older or disabled AMI
+    # written last is not left Latest (the event's own rotation ended before these writes).
+    written = frozenset((c.family, c.architecture) for c, r in pending if r.status == "ok" and r.written)
+    if written:
+        after = converge(clients, policy, now, Selection(groups=written), load=load)
+        by_group = {(r.family, r.architecture): r for r in after}
+        for change, result in pending:
+            again = by_group.pop((change.family, change.architecture), None)
+            if again is not None:
+                result.to, result.status, result.error = again.to, again.status, again.error
+                result.written.extend(again.written)
+        results.extend(by_group.values())  # the region could not be read again: its error
     return results
 
 
@@ -279,6 +293,15 @@ def handle_state_change(
         raise RuntimeError(f"cannot read the AMIs of {clients.region}: {inventory.error}")
     only = EVERY_GROUP
     image = next((i for i in inventory.images if i.image_id == image_id), None)
+    if state == "available" and image is None:
+        described = describe_image(clients, image_id)
+        if described is not None and described.state == "available":
+            # The listing lags the AMI: rotated without it, the event would be answered and lost. Raise
+            # so the event is delivered again (then, past its tries, lands in the dead-letter queue).
+            raise RuntimeError(
+                f"{image_id} is available, but DescribeImages does not list it in {clients.region} yet: "
+                "the event is tried again"
+            )
     if state == "available" and image is not None:
         matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
         if not matching:

@@ -143,9 +143,18 @@ def build_groups(inventory: RegionInventory, policy: Policy) -> tuple[list[Group
         group.members.append(image)
         if image.copied_from is not None:
             with_copies.add(key)
-        tag = latest_tags.get(family.name)
-        if tag is not None and tag in tags and image.image_id not in conflicts:
-            tagged[key].append(image)
+        names = conflicts.get(image.image_id)
+        if names is None:
+            tag = latest_tags.get(family.name)
+            if tag is not None and tag in tags:
+                tagged[key].append(image)
+        else:
+            # Never a Latest target: a Latest tag it carries (a tagger's, as likely as not) is taken
+            # back by the rotation of every family it matches whose tag that is.
+            for name in names:
+                tag = latest_tags.get(name)
+                if tag is not None and tag in tags:
+                    tagged[(name, image.architecture)].append(image)
     groups = [by_key[key] for key in sorted(by_key)]
     for group in groups:
         copies = (group.family.name, group.architecture) in with_copies
@@ -233,25 +242,34 @@ GroupKey = tuple[str, str]  # a group's family and architecture
 
 
 def rotation_errors(
-    groups: Sequence[Group], conflicts: Mapping[str, Sequence[str]], policy: Policy, now: datetime
+    groups: Sequence[Group],
+    conflicts: Mapping[str, Sequence[str]],
+    policy: Policy,
+    now: datetime,
+    inventory: RegionInventory,
 ) -> dict[GroupKey, str]:
     """The groups of one region whose Latest this run leaves where it is, and why: their one SSM
     parameter would have to name AMIs of several architectures, or an AMI newer than their Latest
-    target matches several families (moving Latest to the target would move it back past that AMI:
-    a tag written on a family's newest AMI must not move its Latest to an older one)."""
+    target matches several families, or their parameter names an AMI newer than the target that the
+    family no longer selects (moving Latest to the target would move it back past that AMI: a tag
+    written on, or taken off, a family's newest AMI must not move its Latest to an older one)."""
     errors: dict[GroupKey, str] = {}
+    # The architectures whose groups have an AMI Latest could name (a failed build, or one disabled or
+    # deprecated, never is: the parameter names the others' alone).
     archs: dict[str, set[str]] = defaultdict(set)
     for group in groups:
-        archs[group.family.name].add(group.architecture)
+        if group.family.latest is not None and latest_target(group, now) is not None:
+            archs[group.family.name].add(group.architecture)
     for family in policy.families:
         parameter = family.latest.ssm_parameter if family.latest else None
         found = archs.get(family.name, set())
         if parameter and "{arch}" not in parameter and len(found) > 1:
             message = (
-                f"family {family.name}: latest.ssm_parameter {parameter} must contain {{arch}}: its AMIs in "
-                f"{groups[0].region} have several architectures ({', '.join(sorted(found))}); not rotated"
+                f"family {family.name}: latest.ssm_parameter {parameter} must contain {{arch}}: its available "
+                f"AMIs in {groups[0].region} have several architectures ({', '.join(sorted(found))}); not rotated"
             )
             errors.update(((family.name, arch), message) for arch in found)
+    errors.update(_left_the_family(groups, inventory, now, errors, conflicts))
     if not conflicts:
         return errors
     # The contested AMIs that could be Latest, by each (family, architecture) they match.
@@ -281,6 +299,50 @@ def rotation_errors(
                 )
                 break
     return errors
+
+
+def _left_the_family(
+    groups: Sequence[Group],
+    inventory: RegionInventory,
+    now: datetime,
+    errors: Mapping[GroupKey, str],
+    conflicts: Mapping[str, Sequence[str]],
+) -> dict[GroupKey, str]:
+    """The groups whose SSM parameter names an AMI of theirs that the family no longer selects (its tags
+    changed, or the policy's match), still available and newer than the group's Latest target. The
+    parameter is not moved back to the older target: only EC2's facts (that AMI disabled, deprecated
+    or deregistered) or a person (writing the parameter) move it. An AMI matching several families is
+    left to the check below."""
+    found: dict[GroupKey, str] = {}
+    by_id: dict[str, Image] | None = None
+    for group in groups:
+        latest, key = group.family.latest, _key(group)
+        parameter = latest.parameter_for(group.architecture) if latest is not None else None
+        named = inventory.parameters.get(parameter) if parameter else None
+        if named is None or key in errors or named in conflicts:
+            continue
+        if any(member.image_id == named for member in group.members):
+            continue
+        if by_id is None:
+            by_id = {image.image_id: image for image in inventory.images}
+        image = by_id.get(named)
+        target = latest_target(group, now)
+        if (
+            image is None
+            or target is None
+            or image.architecture != group.architecture
+            or image.state != "available"
+            or image.deprecated_at(now)
+            or order_key(image) <= order_key(target)
+        ):
+            continue
+        found[key] = (
+            f"family {group.family.name} ({group.architecture}) in {group.region}: {parameter} names "
+            f"{named}, newer than {target.image_id} and available, which the family no longer selects "
+            f"(its tags or the policy's match changed); Latest not moved back: disable or deprecate "
+            f"{named}, or write the parameter by hand"
+        )
+    return found
 
 
 def rotation(
@@ -675,7 +737,7 @@ def plan_region(
     Judged after this run's rotation: the Latest pointer parameters hold the values the rotation
     writes. Latest changes are those after this run's rescues (a rescued AMI may be the newest)."""
     groups, conflicts = grouped
-    errors = rotation_errors(groups, conflicts, policy, now)
+    errors = rotation_errors(groups, conflicts, policy, now, inventory)
     before = {id(group): rotation(group, inventory, now, errors.get(_key(group))) for group in groups}
     parameters = dict(inventory.parameters)
     for change in before.values():

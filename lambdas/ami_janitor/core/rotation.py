@@ -38,7 +38,7 @@ def rotation_for(
     """The Latest changes a region needs now for the groups `only` selects, and why any of those groups
     is left as it is (a policy error, once per message)."""
     groups, conflicts = build_groups(inventory, policy)
-    errors = rotation_errors(groups, conflicts, policy, now)
+    errors = rotation_errors(groups, conflicts, policy, now, inventory)
     changes = []
     blocked: dict[str, None] = {}
     for group in groups:
