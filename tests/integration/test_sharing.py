@@ -285,8 +285,8 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
     stubbed: tuple[Any, Stubber],
 ) -> None:
     """EC2 refused it, and the launch permissions read back do not show it: the record goes too (a
-    record without the grant would never be granted again). The public group refused under image block public access takes the
-    accounts' grants, made in the call before it, with it."""
+    record without the grant would never be granted again). The public group refused under image block
+    public access takes neither the accounts' grants, made in the call before it, nor their mirror with it."""
     client, stub = stubbed
     image = stub_image()
     second = stub_image().model_copy(update={"image_id": "ami-0aaaaaaaaaaaaaaa2"})
@@ -299,6 +299,11 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
         "describe_image_attribute",
         {"ImageId": image.image_id, "LaunchPermissions": [{"UserId": B}]},
         {"ImageId": image.image_id, "Attribute": "launchPermission"},
+    )
+    stub.add_response(
+        "create_tags",
+        {},
+        {"Resources": [image.image_id], "Tags": [{"Key": SHARED_BY_JANITOR_TAG, "Value": f"user:{B}"}]},
     )
     stub.add_response("modify_image_attribute", {})
     stub.add_response("create_tags", {})
@@ -316,7 +321,7 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
         ("ok", None),
     ]
     assert not results[0].passing  # refused for good: the AMI event does not try again for it
-    assert results[0].detail == f"granted user:{B}"
+    assert results[0].detail == f"granted user:{B}; record updated"
     assert calls[:6] == [
         f"ledger: {image.image_id} +user:{B}",
         f"ledger: {image.image_id} made user:{B}",
@@ -332,6 +337,47 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
         recording,
     )
     assert (missing[0].status, missing[0].error) == ("failed", "not in the region's inventory")
+
+
+def test_a_refused_public_grant_stops_no_revocation(stubbed: tuple[Any, Stubber]) -> None:
+    """Image block public access refuses a `public: true` family's public group at every run while it is
+    on: an account the family no longer lists is revoked all the same, and the mirror follows."""
+    client, stub = stubbed
+    image = stub_image((f"user:{A}", f"user:{B}"), **{SHARED_BY_JANITOR_TAG: f"user:{A},user:{B}"})
+    stub.add_client_error(
+        "modify_image_attribute",
+        "OperationNotPermitted",
+        "Image block public access is enabled",
+        expected_params={"ImageId": image.image_id, "LaunchPermission": {"Add": [{"Group": "all"}]}},
+    )
+    stub.add_response(
+        "describe_image_attribute",
+        {"ImageId": image.image_id, "LaunchPermissions": [{"UserId": A}, {"UserId": B}]},
+        {"ImageId": image.image_id, "Attribute": "launchPermission"},
+    )
+    stub.add_response(
+        "modify_image_attribute",
+        {},
+        {"ImageId": image.image_id, "LaunchPermission": {"Remove": [{"UserId": B}]}},
+    )
+    stub.add_response(
+        "create_tags",
+        {},
+        {"Resources": [image.image_id], "Tags": [{"Key": SHARED_BY_JANITOR_TAG, "Value": f"user:{A}"}]},
+    )
+    calls = calls_of(client)
+    [result] = apply_shares(
+        lambda region: RegionClients(region, ec2=client),
+        [Share(image_id=image.image_id, region=US, add=["group:all"], remove=[f"user:{B}"])],
+        [with_ledger(image)],
+        lambda region: RecordingLedger(calls),  # type: ignore[arg-type,return-value]
+    )
+    assert (result.status, result.error) == (
+        "failed",
+        "OperationNotPermitted: Image block public access is enabled",
+    )
+    assert result.detail == f"revoked user:{B}; record updated"
+    assert f"ledger: {image.image_id} -user:{B}" in calls
 
 
 def test_a_grant_whose_answer_was_lost_is_read_back_and_kept_recorded(stubbed: tuple[Any, Stubber]) -> None:

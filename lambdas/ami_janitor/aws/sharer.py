@@ -102,8 +102,18 @@ def _grant(ec2: "EC2Client", ledger: Ledger, image_id: str, grants: list[str]) -
 
 
 def _apply(ec2: "EC2Client", ledger: Ledger, share: Share, image: Image, done: list[str]) -> None:
+    """Grants, then revocations, then the mirror. A grant EC2 refuses (the public group under image block
+    public access, every run it stays on) fails the result but stops neither the other grant call nor
+    the revocations: a grant the family no longer lists is revoked all the same."""
+    granted: list[str] = []
+    refused: Exception | None = None
     for call in public_apart(share.add):
-        _grant(ec2, ledger, image.image_id, call)
+        try:
+            _grant(ec2, ledger, image.image_id, call)
+        except AWS_ERRORS as error:
+            refused = refused or error
+            continue
+        granted.extend(call)
         done.append("granted " + ",".join(call))
     if share.remove:
         ec2.modify_image_attribute(
@@ -113,9 +123,11 @@ def _apply(ec2: "EC2Client", ledger: Ledger, share: Share, image: Image, done: l
         # Forgotten after: a crash in between revokes it again (idempotent).
         ledger.forget_grants(image.image_id, share.remove)
     # The mirror, last.
-    grants = (recorded_grants(image) | set(share.add)) - set(share.remove)
+    grants = (recorded_grants(image) | set(granted)) - set(share.remove)
     if _write_record(ec2, image, grants):
         done.append("record updated")
+    if refused is not None:
+        raise refused
 
 
 def apply_shares(
