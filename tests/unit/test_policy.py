@@ -332,6 +332,51 @@ def test_a_family_that_shares_needs_a_name_glob(
     assert parse_policy({**BASE, "families": [named]}).families[0].match.name == "a-*"
 
 
+@pytest.mark.parametrize(
+    ("internal", "partner"),
+    [
+        (
+            {"name": "svc-*", "tags": {"Audience": "internal"}},
+            {"name": "svc-*", "tags": {"Audience": "partner"}},
+        ),
+        # A family matched by tags alone names any AMI.
+        ({"tags": {"Cleanup": "yes"}}, {"name": "svc-*", "tags": {"Audience": "partner"}}),
+        ({"name": "svc-[a-z]*", "tags": {"T": "1"}}, {"name": "*-partner", "tags": {"T": "2"}}),
+    ],
+)
+def test_families_told_apart_by_tags_alone_share_alike(
+    internal: dict[str, Any], partner: dict[str, Any]
+) -> None:
+    """Only tags tell the two families' AMIs apart: a tag-writer could move one from the first to the
+    second (and back), granting (revoking) the second's launch permissions."""
+    sharing = {"share_with": {"accounts": ["123456789012"]}, "public": True}
+    families = [{"name": "internal", "match": internal}, {"name": "partner", "match": partner, **sharing}]
+    assert (
+        "families 'partner' and 'internal' share differently, and only their tags tell their AMIs apart"
+    ) in error_of({**BASE, "families": families})
+    if "name" in internal:  # shared alike, there is nothing for a tag to grant or revoke
+        alike = [{**families[0], **sharing}, families[1]]
+        assert len(parse_policy({**BASE, "families": alike}).families) == 2
+
+
+@pytest.mark.parametrize(
+    "internal",
+    [
+        {"name": "svc-internal-*", "tags": {"Audience": "internal"}},  # names no AMI can have both of
+        {"name": "svc-*"},  # by its name alone: a tag can only make an AMI match both (then it is kept)
+    ],
+)
+def test_families_told_apart_by_name_may_share_differently(internal: dict[str, Any]) -> None:
+    partner = {"name": "svc-partner-*", "tags": {"Audience": "partner"}}
+    if "tags" not in internal:
+        partner = {"name": "svc-*", "tags": {"Audience": "partner"}}
+    families = [
+        {"name": "internal", "match": internal},
+        {"name": "partner", "match": partner, "share_with": {"accounts": ["123456789012"]}},
+    ]
+    assert len(parse_policy({**BASE, "families": families}).families) == 2
+
+
 def test_bake_regions_are_regions_of_the_policy() -> None:
     family = {"name": "app", "match": {"name": "app-*"}}
     outside = {"instance_tag": {"Role": "b"}, "regions": ["us-east-1", "ap-south-1"]}

@@ -3,6 +3,7 @@
 # Annotations evaluated when the module runs (no `from __future__ import annotations`): pydantic
 # would otherwise compile and evaluate each field's annotation string at every cold start.
 
+import bisect
 import fnmatch
 import functools
 import itertools
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ami_janitor.core.globs import globs_overlap
 from ami_janitor.core.validation import describe_validation_error
 
 JANITOR_TAG_PREFIX = "ami-janitor:"
@@ -163,6 +165,11 @@ class Match(_Strict):
 
 
 @functools.lru_cache(maxsize=4096)
+def _literal_start(pattern: str) -> str:
+    """What every name the glob matches starts with: its text before the first `*`, `?` or `[`."""
+    return re.match(r"[^*?\[]*", pattern).group(0)  # type: ignore[union-attr]  # always matches
+
+
 def _glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
     """fnmatch.fnmatchcase's matcher of `pattern` (the same translation), without its per-call lookup."""
     return re.compile(fnmatch.translate(pattern)).match
@@ -453,6 +460,7 @@ class Policy(_Strict):
                 raise ValueError(f"family {family.name!r} is defined twice")
             seen.add(family.name)
         self._latest_parameters_apart()
+        self._shares_apart_by_name()
         self._bakes_where_their_instances_live()
         for index, family in enumerate(self.families):
             try:
@@ -477,6 +485,45 @@ class Policy(_Strict):
                     raise ValueError(
                         f"families {other!r} (latest.ssm_parameter {other_template}) and {family.name!r} "
                         f"({template}) can both write the SSM parameter {name}: each family needs its own"
+                    )
+
+    def _shares_apart_by_name(self) -> None:
+        # Two families whose matches both hold tags, and whose name globs can name one AMI, are told
+        # apart by tags alone: anyone who may tag an AMI could move it from one to the other (take one
+        # family's tag off, put the other's on). Where they share differently, that tag would grant or
+        # revoke its launch permissions. Only the sharing families are compared: most policies have few.
+        # Two globs name one AMI only where one's literal start is a start of the other's: each sharing
+        # family is compared with those alone (a policy of many families stays quick to load).
+        tagged = sorted(
+            (
+                (_literal_start(family.match.name or ""), family)
+                for family in self.families
+                if family.match.tags
+            ),
+            key=lambda entry: entry[0],
+        )
+        starts = [start for start, _ in tagged]
+        by_start: dict[str, list[Family]] = {}
+        for start, family in tagged:
+            by_start.setdefault(start, []).append(family)
+        for start, family in tagged:
+            shares = (family.share_with.grants(), family.public)
+            if not (shares[0] or shares[1]):
+                continue
+            longer = itertools.takewhile(
+                lambda entry: entry[0].startswith(start), tagged[bisect.bisect_left(starts, start) :]
+            )
+            shorter = (other for k in range(len(start)) for other in by_start.get(start[:k], ()))
+            for other in itertools.chain((other for _, other in longer), shorter):
+                if other is family or (other.share_with.grants(), other.public) == shares:
+                    continue
+                if globs_overlap(family.match.name or "*", other.match.name or "*"):
+                    raise ValueError(
+                        f"families {family.name!r} and {other.name!r} share differently, and only their tags "
+                        f"tell their AMIs apart (match.name {family.match.name!r} and {other.match.name!r} "
+                        "can name one AMI): anyone who may tag an AMI could move it from one to the other, "
+                        "and so grant or revoke its launch permissions; give them names no AMI can have "
+                        "both of, or match one of them by its name alone"
                     )
 
     def _bakes_where_their_instances_live(self) -> None:

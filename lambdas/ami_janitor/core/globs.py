@@ -1,0 +1,85 @@
+"""Whether two name globs (fnmatch's, case-sensitive, as `match.name` is read) can name one AMI.
+
+Each glob is read as fnmatch reads it: `*`, or one position (a character, `?`, a bracket). A bracket is
+judged by fnmatch's own translation of it, on representative characters: every character the two globs
+hold (a range's ends are among them) and one character of each gap between those. A bracket accepts
+all of a gap or none of it, so two positions share a character exactly when they share a
+representative.
+"""
+
+import fnmatch
+import re
+from collections.abc import Iterator
+
+
+def _positions(pattern: str) -> Iterator[str | None]:
+    """The glob's positions: None for `*` (a run of them is one), else the text of one position."""
+    i, n = 0, len(pattern)
+    star = False
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            if not star:
+                yield None
+            star = True
+            continue
+        star = False
+        if c != "[":
+            yield c
+            continue
+        j = i  # the closing bracket, found as fnmatch finds it
+        if j < n and pattern[j] == "!":
+            j += 1
+        if j < n and pattern[j] == "]":
+            j += 1
+        while j < n and pattern[j] != "]":
+            j += 1
+        if j >= n:  # unclosed: a literal `[`
+            yield "["
+            continue
+        yield pattern[i - 1 : j + 1]
+        i = j + 1
+
+
+def _representatives(*patterns: str) -> list[str]:
+    points = sorted({ord(c) for pattern in patterns for c in pattern} | {0x10FFFF})
+    chosen = {0}
+    for low, high in zip(points, points[1:], strict=False):
+        chosen.add(low)
+        if high - low > 1:
+            chosen.add(low + 1)
+    chosen.add(points[-1])
+    return [chr(code) for code in sorted(chosen)]
+
+
+def _accepted(position: str | None, candidates: list[str]) -> frozenset[str]:
+    if position is None:
+        return frozenset(candidates)
+    matches = re.compile(fnmatch.translate(position), re.DOTALL).match
+    return frozenset(c for c in candidates if matches(c))
+
+
+def globs_overlap(a: str, b: str) -> bool:
+    """Whether some name matches both globs: the two read side by side, one character at a time."""
+    candidates = _representatives(a, b)
+    ta = [(p is None, _accepted(p, candidates)) for p in _positions(a)]
+    tb = [(p is None, _accepted(p, candidates)) for p in _positions(b)]
+    seen: set[tuple[int, int]] = set()
+    pending = [(0, 0)]
+    while pending:
+        i, j = pending.pop()
+        if (i, j) in seen:
+            continue
+        seen.add((i, j))
+        if i == len(ta) and j == len(tb):
+            return True
+        a_star = i < len(ta) and ta[i][0]
+        b_star = j < len(tb) and tb[j][0]
+        if a_star:  # `*` matching nothing more
+            pending.append((i + 1, j))
+        if b_star:
+            pending.append((i, j + 1))
+        if i < len(ta) and j < len(tb) and ta[i][1] & tb[j][1]:
+            pending.append((i if a_star else i + 1, j if b_star else j + 1))
+    return False
