@@ -423,6 +423,27 @@ def test_a_stop_command_that_cannot_be_sent_runs_nothing_else(aws: Stubbed) -> N
         aws.bake(stop_command=STOP, start_command=START)
 
 
+def test_a_stop_command_whose_answer_was_lost_is_followed_by_the_start_command(aws: Stubbed) -> None:
+    """A 5xx, a throttle or a timeout may come after the command was delivered: the application may be
+    stopped, so the start command runs (on a running one it is harmless). Nothing is imaged."""
+    aws.ssm.add_client_error(
+        "send_command",
+        service_error_code="InternalServerError",
+        service_message="Internal error",
+        http_status_code=500,
+    )
+    aws.send("start", START, START_ID)
+    aws.invocation(START_ID, "Success")
+
+    with pytest.raises(baking.BakeError) as failure:
+        aws.bake(stop_command=STOP, start_command=START)
+
+    assert str(failure.value) == (
+        f"the stop command could not be sent to {INSTANCE}: InternalServerError: Internal error; "
+        "the start command was run after it"
+    )
+
+
 def test_a_failed_start_command_is_an_error_that_still_names_the_image(aws: Stubbed) -> None:
     aws.send("stop", STOP, STOP_ID)
     aws.invocation(STOP_ID, "Success")

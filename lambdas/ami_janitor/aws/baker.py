@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.errors import error_code, error_text
+from ami_janitor.aws.errors import error_code, error_text, is_passing
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.core import build_instance
 from ami_janitor.core.baking import BakeError, BakeUsageError, bake_request, check_options
@@ -202,11 +202,23 @@ def _record_bake(ledger: Ledger, image_id: str, instance_id: str, now: datetime)
         ) from None
 
 
+class _MaybeSent(BakeError):
+    """SendCommand failed in a way that may pass (its answer lost, a 5xx, a throttle): the command may
+    have been delivered all the same."""
+
+
 def _create_quiesced(
     commands: "_RunCommand", stop_command: str, start_command: str | None, create: Callable[[], str]
 ) -> str:
-    """Stop, create, start. Once the stop command was sent, the start command runs whatever happens."""
-    command_id = commands.send("stop", stop_command)
+    """Stop, create, start. Once the stop command was sent, the start command runs whatever happens:
+    also where SendCommand's answer was lost (a timeout, a 5xx, a throttle), since the stop command may
+    have been delivered all the same (a start of a running application is harmless)."""
+    try:
+        command_id = commands.send("stop", stop_command)
+    except _MaybeSent as error:
+        restart = commands.attempt("start", start_command)
+        then = f"then {restart}" if restart is not None else "the start command was run after it"
+        raise BakeError(f"{error}; {then}") from error
     try:
         commands.wait("stop", command_id)
         image_id = create()
@@ -242,7 +254,8 @@ class _RunCommand:
                 TimeoutSeconds=_DELIVERY_TIMEOUT_SECONDS,
             )
         except (ClientError, BotoCoreError) as error:
-            raise BakeError(
+            failure = _MaybeSent if is_passing(error) else BakeError
+            raise failure(
                 f"the {purpose} command could not be sent to {self.instance_id}: {error_text(error)}"
             ) from None
         return str(answer["Command"]["CommandId"])

@@ -8,6 +8,7 @@ representative.
 """
 
 import fnmatch
+import itertools
 import re
 from collections.abc import Iterator
 
@@ -45,7 +46,7 @@ def _positions(pattern: str) -> Iterator[str | None]:
 def _representatives(*patterns: str) -> list[str]:
     points = sorted({ord(c) for pattern in patterns for c in pattern} | {0x10FFFF})
     chosen = {0}
-    for low, high in zip(points, points[1:], strict=False):
+    for low, high in itertools.pairwise(points):
         chosen.add(low)
         if high - low > 1:
             chosen.add(low + 1)

@@ -10,7 +10,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -164,12 +164,24 @@ class Match(_Strict):
         return matches
 
 
-@functools.lru_cache(maxsize=4096)
+def _starting_with(entries: list[tuple[str, "Family"]], starts: list[str], start: str) -> Iterator["Family"]:
+    """The families of `entries` (sorted by literal start, `starts`) whose literal start begins with `start`."""
+    for begins, family in entries[bisect.bisect_left(starts, start) :]:
+        if not begins.startswith(start):
+            return
+        yield family
+
+
+_WILDCARD = re.compile(r"[*?\[]")
+
+
 def _literal_start(pattern: str) -> str:
     """What every name the glob matches starts with: its text before the first `*`, `?` or `[`."""
-    return re.match(r"[^*?\[]*", pattern).group(0)  # type: ignore[union-attr]  # always matches
+    wildcard = _WILDCARD.search(pattern)
+    return pattern[: wildcard.start()] if wildcard else pattern
 
 
+@functools.lru_cache(maxsize=4096)
 def _glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
     """fnmatch.fnmatchcase's matcher of `pattern` (the same translation), without its per-call lookup."""
     return re.compile(fnmatch.translate(pattern)).match
@@ -510,11 +522,8 @@ class Policy(_Strict):
             shares = (family.share_with.grants(), family.public)
             if not (shares[0] or shares[1]):
                 continue
-            longer = itertools.takewhile(
-                lambda entry: entry[0].startswith(start), tagged[bisect.bisect_left(starts, start) :]
-            )
             shorter = (other for k in range(len(start)) for other in by_start.get(start[:k], ()))
-            for other in itertools.chain((other for _, other in longer), shorter):
+            for other in itertools.chain(_starting_with(tagged, starts, start), shorter):
                 if other is family or (other.share_with.grants(), other.public) == shares:
                     continue
                 if globs_overlap(family.match.name or "*", other.match.name or "*"):
