@@ -930,8 +930,9 @@ def _plan(
             continue
         statuses.append(RegionStatus(region=inventory.region, status="ok"))
         # Snapshots of a deregistration the ledger recorded and a crash interrupted: deleted first,
-        # and counted toward the region's max_actions_per_run.
-        orphaned = [s.snapshot_id for s in trust.unfinished_snapshots(inventory)]
+        # and counted toward the region's max_actions_per_run (those past it wait for later runs).
+        finishing = trust.unfinished_within(inventory, policy.defaults.limits.max_actions_per_run)
+        orphaned = [s.snapshot_id for s in finishing.snapshots]
         region_decisions, region_changes, region_errors = plan_region(
             inventory, policy, now, grouped[inventory.region], spent=len(orphaned)
         )
@@ -946,6 +947,15 @@ def _plan(
             notes.append(
                 f"{inventory.region}: snapshots of an unfinished deregistration the ledger recorded: "
                 f"{len(orphaned)}, deleted by this run where it applies"
+            )
+        if finishing.left:
+            shown = ", ".join(finishing.left[:_LISTED]) + (
+                f" and {len(finishing.left) - _LISTED} more" if len(finishing.left) > _LISTED else ""
+            )
+            notes.append(
+                f"{inventory.region}: unfinished deregistrations whose snapshots wait for a later run "
+                f"(max_actions_per_run {policy.defaults.limits.max_actions_per_run}; one whose snapshots "
+                f"alone outnumber it waits until it is raised): {shown}"
             )
         unfinished.extend(orphaned)
         left = left_by_the_policy(inventory, grouped[inventory.region][0])

@@ -197,6 +197,32 @@ def unfinished_snapshots(inventory: RegionInventory) -> list[LedgerSnapshot]:
     ]
 
 
+class Finishing(NamedTuple):
+    """The unfinished deregistrations a run finishes within its budget, and those it leaves."""
+
+    snapshots: list[LedgerSnapshot]  # to delete this run (whole items: an item's all, or none)
+    left: list[str]  # the AMIs whose items wait for a later run
+
+
+def unfinished_within(inventory: RegionInventory, budget: int) -> Finishing:
+    """unfinished_snapshots, item by item in order while their snapshots fit in `budget` (each deletion
+    is an action of max_actions_per_run): an item is finished whole, so that its confirmation follows
+    the deletion of every snapshot it recorded, and a later run deletes none twice."""
+    unfinished = unfinished_deregistrations(inventory)
+    if not unfinished:
+        return Finishing([], [])
+    used = {s for i in inventory.images if i.state not in GONE_STATES for s in i.snapshot_ids}
+    taken: list[LedgerSnapshot] = []
+    left: list[str] = []
+    for item in unfinished:
+        free = [snapshot for snapshot in item.snapshots if snapshot.snapshot_id not in used]
+        if free and (left or len(taken) + len(free) > budget):
+            left.append(item.image_id)  # in order: the next run takes up where this one stops
+        else:
+            taken.extend(free)
+    return Finishing(taken, left)
+
+
 def unconfirmed_stages(image: Image) -> list[Stage]:
     """Stages the ledger recorded on an open clock and EC2 shows, never confirmed (a run stopped
     between the EC2 call and the confirmation): the next run confirms them."""
