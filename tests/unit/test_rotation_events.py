@@ -1,8 +1,10 @@
-"""An AMI's `available` event where the region's listing does not show the AMI yet (DescribeImages by
-owner may lag the AMI's id): the event is tried again, not answered and lost."""
+"""Rotations that must not be answered as done: an AMI's `available` event where the region's listing
+does not show the AMI yet (DescribeImages by owner may lag the AMI's id) is tried again, not answered
+and lost; a group another writer keeps changing through every round is reported failed, not ok."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -53,3 +55,25 @@ def test_an_available_event_of_an_ami_gone_since_reconciles_the_region(since: st
     assert outcome.outcome == "rotated"
     assert "every group reconciled" in (outcome.why or "")
     assert account.parameters[PARAMETER] == OLD
+
+
+def test_a_group_still_changing_after_every_round_is_not_reported_settled() -> None:
+    """Another writer bakes a newer AMI at each write: after its rounds, the rotation reads the group
+    once more and reports it failed (the next event or run settles it), not ok."""
+    account = _account()
+    clients = clients_for(account)
+    baked = iter(range(1, 100))
+
+    def newer_meanwhile() -> None:
+        _app(account, f"ami-1{next(baked):016x}", 0, created=NOW + timedelta(minutes=len(account.images)))
+        account.on_write = newer_meanwhile
+
+    account.on_write = newer_meanwhile
+    [result] = rotator.converge(clients, POLICY, NOW, load=account.load)
+    assert result.status == "failed"
+    assert result.error is not None and result.error.startswith(
+        f"still changing after {rotator.MAX_ROUNDS} rounds"
+    )
+    account.on_write = None
+    [settled] = rotator.converge(clients, POLICY, NOW, load=account.load)
+    assert settled.status == "ok"

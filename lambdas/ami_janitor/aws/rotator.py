@@ -242,6 +242,18 @@ def converge(
                 result.status, result.error = "ok", None
             except (ClientError, BotoCoreError) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+    else:
+        # Every round wrote: a last read says whether the groups agree now, or another writer kept
+        # changing them (then not "ok": the next event or run settles them).
+        last = read(clients, policy)
+        unsettled = [] if last.error else changes_for(last, policy, now, only)
+        for change in unsettled:
+            written = results.get((change.family, change.architecture))
+            if written is not None:
+                written.status = "failed"
+                written.error = (
+                    f"still changing after {MAX_ROUNDS} rounds of writes: Latest now goes to {change.to}"
+                )
     return [results[key] for key in sorted(results)]
 
 
