@@ -678,17 +678,18 @@ def handle_ami_event(
     *,
     enqueue: Enqueue | None = None,
     clients_for: ClientsFor | None = None,
+    sent: datetime | None = None,
 ) -> AmiEventOutcome:
-    """One EC2 AMI State Change event: rotate; a new source is shared and queued for its copies at once
-    (the scheduled run reconciles anything an event missed). `clients_for`: the target regions' clients
-    (the aliases of their keys are resolved there)."""
+    """One EC2 AMI State Change event (`sent`: its time): rotate; a new source is shared and queued for
+    its copies at once (the scheduled run reconciles anything an event missed). `clients_for`: the
+    target regions' clients (the aliases of their keys are resolved there)."""
     read: list[RegionInventory] = []
 
     def load(region_clients: RegionClients, loaded_policy: Policy) -> RegionInventory:
         read.append(inventory.load_images(region_clients, loaded_policy))
         return read[-1]
 
-    outcome = rotator.handle_state_change(image_id, state, clients, policy, now, load=load)
+    outcome = rotator.handle_state_change(image_id, state, clients, policy, now, load=load, sent=sent)
     if policy.mode == "paused" or state not in ("available", "failed"):
         return outcome
     own = _event_image(image_id, read[-1] if read else None, clients, policy)

@@ -467,6 +467,36 @@ def test_a_queued_event_that_fails_is_logged_tried_again_soon_and_holds_back_no_
     assert received(events_queue) == {"Records": []}
 
 
+def test_a_queued_event_of_an_ami_not_tagged_yet_is_tried_again_without_counting_a_failure(
+    events_queue: str,
+    lambda_env: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Packer tags an AMI once it is available: its event, just sent, finds the AMI named as family web
+    names its AMIs but without the family's tag. It comes again in a minute (no failure counted, nothing
+    logged as one), and rotates once the tag is there."""
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    client = ec2()
+    builder = client.run_instances(ImageId=fleet.images[0], MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    packed = client.create_image(InstanceId=builder, Name="web-packer")["ImageId"]
+    just_sent = {**event("ami_available.json", packed), "time": now().strftime("%Y-%m-%dT%H:%M:%SZ")}
+    monkeypatch.setattr(ami_event.logger, "exception", lambda *_, **__: pytest.fail("logged as a failure"))
+
+    batch = delivered(events_queue, just_sent)
+    assert ami_event.handler(batch, Context()) == failures(ids(batch)[0])
+    assert "AmiEventsFailed" not in capsys.readouterr().out
+    assert 50 < seconds_until_visible(events_queue, ids(batch)[0]) <= ami_event.RETRY_AFTER_SECONDS
+    assert packed not in latest_holders([*fleet.images, packed])
+
+    client.create_tags(Resources=[packed], Tags=[{"Key": "Project", "Value": "Web"}])
+    assert ami_event.handler(batch, Context()) == failures()  # delivered again
+    assert latest_holders([*fleet.images, packed]) == [packed] and parameter() == packed
+
+
 def test_a_batch_whose_every_event_fails_does_not_fail_the_invocation(
     events_queue: str, lambda_env: Path
 ) -> None:

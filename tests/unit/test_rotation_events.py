@@ -11,6 +11,7 @@ import pytest
 
 from ami_janitor.aws import rotator
 from ami_janitor.core.model import RegionInventory
+from ami_janitor.core.policy import parse_policy
 from builders import NOW
 from unit.test_rotation_properties import POLICY, Account, _app, clients_for
 
@@ -77,3 +78,58 @@ def test_a_group_still_changing_after_every_round_is_not_reported_settled() -> N
     account.on_write = None
     [settled] = rotator.converge(clients, POLICY, NOW, load=account.load)
     assert settled.status == "ok"
+
+
+TAGGED = parse_policy(
+    {
+        "mode": "enforce",
+        "regions": ["us-east-1"],
+        "families": [
+            {
+                "name": "app",
+                "match": {"name": "app-*", "tags": {"Project": "App"}},
+                "latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}/latest"},
+            },
+            {"name": "team", "match": {"tags": {"Team": "X"}}},
+        ],
+    }
+)
+
+
+def test_an_available_ami_a_family_names_is_waited_for_until_it_is_tagged() -> None:
+    """A builder (Packer among them) tags an AMI once it is available: its `available` event finds it in
+    no family yet. The event is tried again for a few minutes, and rotates once the tags are there."""
+    account = Account()
+    clients = clients_for(account)
+    _app(account, OLD, 30, tags={"Latest": "true", "Project": "App"})
+    account.parameters[PARAMETER] = OLD
+    _app(account, NEW, 0)  # named as the family names its AMIs, not tagged yet
+
+    sent = NOW - timedelta(minutes=1)
+    with pytest.raises(rotator.TagsNotYet, match=f"{NEW} is named as family app names its AMIs"):
+        rotator.handle_state_change(NEW, "available", clients, TAGGED, NOW, load=account.load, sent=sent)
+    assert account.writes == 0
+
+    account.images[NEW]["tags"]["Project"] = "App"
+    outcome = rotator.handle_state_change(
+        NEW, "available", clients, TAGGED, NOW, load=account.load, sent=sent
+    )
+    assert outcome.outcome == "rotated" and account.parameters[PARAMETER] == NEW
+
+
+@pytest.mark.parametrize(
+    ("name", "minutes"),
+    [
+        ("app-untagged", 6),  # sent longer ago than TAGS_WAIT: the tags are not coming
+        ("other-1", 1),  # no family's name glob names it
+    ],
+)
+def test_an_available_ami_no_family_waits_for_is_ignored(name: str, minutes: int) -> None:
+    account = Account()
+    _app(account, NEW, 0)
+    account.images[NEW]["name"] = name
+    sent = NOW - timedelta(minutes=minutes)
+    outcome = rotator.handle_state_change(
+        NEW, "available", clients_for(account), TAGGED, NOW, load=account.load, sent=sent
+    )
+    assert (outcome.outcome, outcome.why) == ("ignored", "the AMI belongs to no family")

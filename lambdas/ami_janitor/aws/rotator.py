@@ -6,7 +6,7 @@ available AMI from what EC2 says now, and writes only what differs, until a read
 """
 
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -29,6 +29,13 @@ PERMISSIONS: list[str] = sorted(
 )
 
 MAX_ROUNDS = 3
+# An `available` event of an AMI that a family's name glob names but whose tags do not match yet is
+# tried again for this long after EC2 sent it: Packer, among others, tags an AMI once it is available.
+TAGS_WAIT = timedelta(minutes=5)
+
+
+class TagsNotYet(RuntimeError):
+    """The event's AMI may still be tagged into a family: the event is tried again in a minute or two."""
 
 
 class RotationResult(BaseModel):
@@ -249,7 +256,7 @@ def converge(
         unsettled = [] if last.error else changes_for(last, policy, now, only)
         for change in unsettled:
             written = results.get((change.family, change.architecture))
-            if written is not None:
+            if written is not None and written.status == "ok":  # a failed write keeps its own error
                 written.status = "failed"
                 written.error = (
                     f"still changing after {MAX_ROUNDS} rounds of writes: Latest now goes to {change.to}"
@@ -280,8 +287,10 @@ def handle_state_change(
     now: datetime,
     *,
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
+    sent: datetime | None = None,
 ) -> AmiEventOutcome:
-    """One EC2 AMI State Change event. Converges on EC2's current state, never on the event's order."""
+    """One EC2 AMI State Change event (`sent`: its time). Converges on EC2's current state, never on the
+    event's order."""
     read = load or load_images
 
     def outcome(**fields: Any) -> AmiEventOutcome:
@@ -317,6 +326,17 @@ def handle_state_change(
     if state == "available" and image is not None:
         matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
         if not matching:
+            named = [
+                f.name
+                for f in policy.families
+                if f.match.tags and not f.match.by_tags_alone and f.match.matches(image.name, f.match.tags)
+            ]
+            if named and sent is not None and now - sent < TAGS_WAIT:
+                raise TagsNotYet(
+                    f"{image_id} is named as family {', '.join(named)} names its AMIs, without its tags yet "
+                    f"(a builder may tag it once it is available): the event is tried again until "
+                    f"{TAGS_WAIT.seconds // 60} minutes after it was sent"
+                )
             return outcome(outcome="ignored", why="the AMI belongs to no family")
         only = Selection(frozenset(matching), frozenset((name, image.architecture) for name in matching))
     # deregistered / disabled (or an AMI no longer listed): it may have been the Latest of any group.

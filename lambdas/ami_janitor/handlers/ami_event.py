@@ -28,7 +28,7 @@ with collector_paused():
     from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory, RegionClients
     from ami_janitor.aws.errors import AWS_ERRORS, error_text
-    from ami_janitor.aws.rotator import AmiEventOutcome
+    from ami_janitor.aws.rotator import AmiEventOutcome, TagsNotYet
     from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
     from ami_janitor.core.policy import Policy
     from ami_janitor.handlers.events import (
@@ -125,6 +125,12 @@ def handle_record(
     """One queued event; what fails is logged with the message (the record is delivered again)."""
     try:
         return handle_state_change(parse_ami_event(json.loads(record.body)), env, policy, clients)
+    except TagsNotYet as waiting:
+        # Not a failure: tried again in a minute or two, before the dead-letter queue's count.
+        logger.info(
+            "AMI event waits for the AMI's tags", extra={"message_id": record.message_id, "why": str(waiting)}
+        )
+        raise
     except Exception:
         receives = record.attributes.approximate_receive_count
         logger.exception(
@@ -173,6 +179,7 @@ def handle_state_change(
         policy,
         datetime.now(UTC).replace(microsecond=0),
         enqueue=(lambda copies: copier.enqueue_copies(clients.sqs, queue, copies)) if queue else None,
+        sent=ami_event.time,
     )
     # One metric each, with its State dimension (a batch's metrics flush together, under one dimension set).
     names = ["AmiStateChanges", "AmiFailedEvents"] if detail.State == "failed" else ["AmiStateChanges"]
