@@ -106,7 +106,7 @@ def test_an_available_ami_a_family_names_is_waited_for_until_it_is_tagged() -> N
     _app(account, NEW, 0)  # named as the family names its AMIs, not tagged yet
 
     sent = NOW - timedelta(minutes=1)
-    with pytest.raises(rotator.TagsNotYet, match=f"{NEW} is named as family app names its AMIs"):
+    with pytest.raises(rotator.NotYet, match=f"{NEW} is named as family app names its AMIs"):
         rotator.handle_state_change(NEW, "available", clients, TAGGED, NOW, load=account.load, sent=sent)
     assert account.writes == 0
 

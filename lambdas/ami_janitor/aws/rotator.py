@@ -34,8 +34,9 @@ MAX_ROUNDS = 3
 TAGS_WAIT = timedelta(minutes=5)
 
 
-class TagsNotYet(RuntimeError):
-    """The event's AMI may still be tagged into a family: the event is tried again in a minute or two."""
+class NotYet(RuntimeError):
+    """The event's AMI is not yet as EC2 will soon show it (listed, tagged into its family): the event is
+    tried again in a minute or two, not counted as a failure."""
 
 
 class RotationResult(BaseModel):
@@ -319,7 +320,7 @@ def handle_state_change(
         if described is not None and described.state == "available":
             # The listing lags the AMI: rotated without it, the event would be answered and lost. Raise
             # so the event is delivered again (then, past its tries, lands in the dead-letter queue).
-            raise RuntimeError(
+            raise NotYet(
                 f"{image_id} is available, but DescribeImages does not list it in {clients.region} yet: "
                 "the event is tried again"
             )
@@ -332,7 +333,7 @@ def handle_state_change(
                 if f.match.tags and not f.match.by_tags_alone and f.match.matches(image.name, f.match.tags)
             ]
             if named and sent is not None and now - sent < TAGS_WAIT:
-                raise TagsNotYet(
+                raise NotYet(
                     f"{image_id} is named as family {', '.join(named)} names its AMIs, without its tags yet "
                     f"(a builder may tag it once it is available): the event is tried again until "
                     f"{TAGS_WAIT.seconds // 60} minutes after it was sent"

@@ -28,7 +28,7 @@ with collector_paused():
     from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory, RegionClients
     from ami_janitor.aws.errors import AWS_ERRORS, error_text
-    from ami_janitor.aws.rotator import AmiEventOutcome, TagsNotYet
+    from ami_janitor.aws.rotator import AmiEventOutcome, NotYet
     from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
     from ami_janitor.core.policy import Policy
     from ami_janitor.handlers.events import (
@@ -125,10 +125,10 @@ def handle_record(
     """One queued event; what fails is logged with the message (the record is delivered again)."""
     try:
         return handle_state_change(parse_ami_event(json.loads(record.body)), env, policy, clients)
-    except TagsNotYet as waiting:
-        # Not a failure: tried again in a minute or two, before the dead-letter queue's count.
+    except NotYet as waiting:
+        # Not a failure: tried again in a minute or two (past the queue's deliveries, the dead-letter queue).
         logger.info(
-            "AMI event waits for the AMI's tags", extra={"message_id": record.message_id, "why": str(waiting)}
+            "AMI event waits for its AMI", extra={"message_id": record.message_id, "why": str(waiting)}
         )
         raise
     except Exception:
