@@ -6,6 +6,7 @@ error fails one image's step, never the run.
 """
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
@@ -758,14 +759,14 @@ def mirror_clocks(run: _RegionRun, decisions: Sequence[Decision]) -> None:
                 continue  # only the mirror: the next run writes it again
 
 
-def finish_deregistrations(run: _RegionRun, planned: Collection[str]) -> None:
+def finish_deregistrations(run: _RegionRun, planned: AbstractSet[str]) -> None:
     """Delete the snapshots the ledger recorded for AMIs a crashed run deregistered (and only those), of
     the items the plan finishes within its cap (`planned`: its unfinished_snapshots); the others wait."""
     free = {s.snapshot_id for s in trust.unfinished_snapshots(run.inventory)}
     for item in trust.unfinished_deregistrations(run.inventory):
         image_id = item.image_id
         snapshot_ids = [s.snapshot_id for s in item.snapshots if s.snapshot_id in free]
-        if not set(snapshot_ids) <= set(planned):
+        if not planned >= set(snapshot_ids):
             continue  # past the plan's max_actions_per_run: a later run finishes it
         outcomes = delete_unused_snapshots(run.ec2, snapshot_ids, run.snapshots_in_use())
         errors = _errors(outcomes)
@@ -825,7 +826,8 @@ def apply_plan(
     for region in regions:
         decisions = [d for d in plan.decisions if d.region == region]
         run = _RegionRun(region, clients_for(region).ec2, ledger_for(region), inventories[region], now)
-        staged = _apply_region(run, decisions, rescue_grants, after_rescues, plan.unfinished_snapshots)
+        unfinished = frozenset(plan.unfinished_snapshots)
+        staged = _apply_region(run, decisions, rescue_grants, after_rescues, unfinished)
         for decision, blocked in staged:
             if blocked is not None or run_due is None:
                 run.results += run.run_stages(decision.image_id, due_stages(decision), blocked)
@@ -840,7 +842,7 @@ def _apply_region(
     decisions: Sequence[Decision],
     rescue_grants: RescueGrants | None,
     after_rescues: AfterRescues | None,
-    unfinished: Collection[str],
+    unfinished: AbstractSet[str],
 ) -> list[tuple[Decision, str | None]]:
     """Everything but the due stages, which it returns in plan order with what blocks each, if any."""
     waiting = adopt(run)
@@ -853,7 +855,7 @@ def _apply_region(
     if waiting is None:
         confirm_shown(run)
         mirror_clocks(run, decisions)
-        finish_deregistrations(run, frozenset(unfinished))
+        finish_deregistrations(run, unfinished)
     unclocked = mark_candidates(run, decisions) if waiting is None else set()
     staged: list[tuple[Decision, str | None]] = []
     for decision in decisions:

@@ -5,6 +5,7 @@ clock, says which tags disagree with it (`tampered`), which deregistrations a cr
 and how the first enforce run adopts the tags an older janitor wrote (the safe direction only).
 """
 
+import sys
 from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -188,13 +189,7 @@ def unfinished_deregistrations(inventory: RegionInventory) -> list[LedgerItem]:
 def unfinished_snapshots(inventory: RegionInventory) -> list[LedgerSnapshot]:
     """The snapshots of unfinished deregistrations that no remaining AMI uses: the only snapshots ever
     deleted without their AMI."""
-    unfinished = unfinished_deregistrations(inventory)
-    if not unfinished:  # every plan asks; the snapshots of every AMI are gathered only when needed
-        return []
-    used = {s for i in inventory.images if i.state not in GONE_STATES for s in i.snapshot_ids}
-    return [
-        snapshot for item in unfinished for snapshot in item.snapshots if snapshot.snapshot_id not in used
-    ]
+    return unfinished_within(inventory, sys.maxsize).snapshots
 
 
 class Finishing(NamedTuple):
@@ -209,7 +204,7 @@ def unfinished_within(inventory: RegionInventory, budget: int) -> Finishing:
     is an action of max_actions_per_run): an item is finished whole, so that its confirmation follows
     the deletion of every snapshot it recorded, and a later run deletes none twice."""
     unfinished = unfinished_deregistrations(inventory)
-    if not unfinished:
+    if not unfinished:  # every plan asks; the snapshots of every AMI are gathered only when needed
         return Finishing([], [])
     used = {s for i in inventory.images if i.state not in GONE_STATES for s in i.snapshot_ids}
     taken: list[LedgerSnapshot] = []
