@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ from sdk_faults import deny
 from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
+
+
+TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def event(name: str, image_id: str | None = None) -> dict[str, Any]:
@@ -208,6 +212,30 @@ def test_a_hand_disable_of_an_ami_the_janitor_once_rescued_moves_latest(lambda_e
     ec2().disable_image(ImageId=newest)
     outcome = ami_event.handler(event("ami_disabled.json", newest), Context())
 
+    assert outcome["outcome"] == "rotated" and parameter() == fleet.images[-2]
+
+
+def test_a_disable_long_after_the_janitors_own_is_someone_elses_and_moves_latest(lambda_env: Path) -> None:
+    """The ledger records the janitor's disable stage of an AMI two days ago, its clock still open; its
+    owner enabled it since (Latest came to it), and disables it now: that event is no echo of the
+    janitor's stage, and Latest moves off the AMI. The janitor's own event, sent then, is ignored."""
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    newest = fleet.images[-1]
+    ami_event.handler(event("ami_available.json", newest), Context())
+    book = Ledger(ClientFactory()("us-east-1"), DEFAULT_LEDGER_TABLE)
+    then = now() - timedelta(days=2)
+    book.record_candidate(newest, then - timedelta(days=1))
+    for stage in ("deprecate", "disable"):
+        assert book.record_stage(newest, stage, then, Prior()) == "recorded"
+        book.confirm_stage(newest, stage, then)
+    ec2().disable_image(ImageId=newest)
+
+    echo = {**event("ami_disabled.json", newest), "time": (then + timedelta(minutes=1)).strftime(TIME)}
+    assert ami_event.handler(echo, Context())["outcome"] == "ignored"
+    later = {**event("ami_disabled.json", newest), "time": now().strftime(TIME)}
+    outcome = ami_event.handler(later, Context())
     assert outcome["outcome"] == "rotated" and parameter() == fleet.images[-2]
 
 
@@ -483,7 +511,7 @@ def test_a_queued_event_of_an_ami_not_tagged_yet_is_tried_again_without_counting
         "InstanceId"
     ]
     packed = client.create_image(InstanceId=builder, Name="web-packer")["ImageId"]
-    just_sent = {**event("ami_available.json", packed), "time": now().strftime("%Y-%m-%dT%H:%M:%SZ")}
+    just_sent = {**event("ami_available.json", packed), "time": now().strftime(TIME)}
     monkeypatch.setattr(ami_event.logger, "exception", lambda *_, **__: pytest.fail("logged as a failure"))
 
     batch = delivered(events_queue, just_sent)

@@ -265,19 +265,29 @@ def converge(
     return [results[key] for key in sorted(results)]
 
 
+# EC2 sends the event of a stage within moments of the janitor's call; one sent later than this after
+# the stage's record is of someone else's change.
+JANITORS_EVENT_WITHIN = timedelta(minutes=30)
 # The stage of the janitor's that makes EC2 send an event of this state.
 _JANITORS_STAGE: dict[str, Stage] = {"disabled": "disable", "deregistered": "deregister"}
 
 
-def _ledger_records(clients: RegionClients, policy: Policy, image_id: str, stage: Stage) -> bool:
+def _ledger_records(
+    clients: RegionClients, policy: Policy, image_id: str, stage: Stage, sent: datetime | None
+) -> bool:
     """The AMI's open ledger item records the janitor's own `stage` (not one adopted from tags, nor one
-    a rescue closed: the owner may disable a rescued AMI; a region without a table records none)."""
+    a rescue closed: the owner may disable a rescued AMI; a region without a table records none), made
+    about when the event was `sent`: an event sent long after it is of a later change (the owner enabled
+    the AMI again, then disabled it)."""
     view = read_ledger_items(clients, policy.ledger.table, [image_id])
     item = view.items.get(image_id) if view is not None else None
     if item is None or not item.is_open:
         return False
     entry = item.stages.get(stage)
-    return entry is not None and not entry.adopted
+    if entry is None or entry.adopted:
+        return False
+    made = max(t for t in (entry.at, entry.redone, entry.confirmed) if t is not None)
+    return sent is None or sent - made <= JANITORS_EVENT_WITHIN
 
 
 def handle_state_change(
@@ -304,7 +314,7 @@ def handle_state_change(
     if state == "failed":
         return outcome(outcome="failed-counted")
     stage = _JANITORS_STAGE.get(state)
-    if stage is not None and _ledger_records(clients, policy, image_id, stage):
+    if stage is not None and _ledger_records(clients, policy, image_id, stage, sent):
         # The janitor moves Latest away from an AMI before any stage: its own disable or deregister
         # leaves Latest where it was (one BatchGetItem, not the region's AMIs read twice; the
         # scheduled run reconciles anything else).
