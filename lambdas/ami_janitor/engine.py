@@ -225,8 +225,12 @@ class RunResult(BaseModel):
 
 
 def named_regions(values: Sequence[str] | None) -> list[str]:
-    """The regions `--region a --region b` or `--region a,b` names, sorted, each once."""
-    return sorted({r.strip() for value in values or () for r in value.split(",") if r.strip()})
+    """The regions `--region a --region b` or `--region a,b` names, sorted, each once. An empty name
+    (`--region "$REGION"` with REGION unset) is refused: taken as none, it would mean every region."""
+    names = [r.strip() for value in values or () for r in value.split(",")]
+    if any(not name for name in names):
+        raise ValueError(f"--region {','.join(values or ())!r} names an empty region")
+    return sorted(set(names))
 
 
 def select_regions(policy: Policy, regions: Sequence[str] | None) -> list[str]:

@@ -1482,17 +1482,22 @@ def test_a_failing_source_skips_the_region_with_no_images(stubbed: Stubbed) -> N
     assert inventory.references == ()
 
 
-def test_a_malformed_image_skips_the_region_instead_of_crashing(stubbed: Stubbed) -> None:
+@pytest.mark.parametrize(
+    ("missing", "says"),
+    # Never guessed: an AMI without a state taken as available would be retired.
+    [("CreationDate", "has no valid CreationDate"), ("State", "has no State")],
+)
+def test_a_malformed_image_skips_the_region_instead_of_crashing(
+    stubbed: Stubbed, missing: str, says: str
+) -> None:
     s = stubbed
     broken = raw_image(ami(1), "app-1", APP)
-    del broken["CreationDate"]
+    del broken[missing]
     s.add("ec2", "describe_images", {"Images": [broken]}, IMAGES)
 
     inventory = load_inventory(s.clients, policy())
 
-    assert inventory.error == (
-        f"ec2:DescribeImages: MalformedResponse: ValueError: image {ami(1)} has no valid CreationDate"
-    )
+    assert inventory.error == f"ec2:DescribeImages: MalformedResponse: ValueError: image {ami(1)} {says}"
     assert inventory.images == ()
 
 

@@ -7,11 +7,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import botocore.client
 import pytest
 
 from ami_janitor import cli
-from server import POLICY
+from server import POLICY, now, seed_fleet
 
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # nothing listens there: connection refused
 
@@ -176,6 +178,58 @@ CASES = [
         policy=policy_text("mode: dry-run", "mode: paused"),
     ),
     Case("the emulator without its extra", ["emulator"], 2, "pip install 'ami-janitor[emulator]'", no_moto),
+    # Refused where the value is read, before a date that far away overflows in the plan or the ledger.
+    Case(
+        "a day count past a hundred years",
+        ["plan"],
+        2,
+        "defaults.min_age_days: must be <= 36500",
+        policy=policy_text("min_age_days: 7", "min_age_days: 1000000"),
+        lines=2,
+    ),
+    Case(
+        "a ledger retention past a hundred years",
+        ["plan"],
+        2,
+        "ledger.retention_days: must be <= 36500",
+        policy=lambda text: text + "ledger: {retention_days: 3000000}\n",
+        lines=2,
+    ),
+    Case(
+        "a policy nested past the parser's depth",
+        ["plan"],
+        2,
+        "janitor.yaml: not valid YAML (nested too deeply)",
+        policy=lambda text: "regions: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    ),
+    Case(
+        "a number of more digits than Python reads",
+        ["plan"],
+        2,
+        "janitor.yaml: not valid YAML (Exceeds the limit (4300 digits) for integer string conversion",
+        policy=policy_text("keep_latest: 2", "keep_latest: " + "9" * 5000),
+    ),
+    # `--region "$REGION"` with REGION unset: taken as no region, it would mean every managed region.
+    Case("an empty region", ["plan", "--region", ""], 2, "--region '' names an empty region"),
+    Case("a region list with an empty name", ["plan", "--region", "us-east-1,"], 2, "names an empty region"),
+    Case(
+        "an empty region to rescue in",
+        ["rescue", "ami-0123456789abcdef0", "--region", " "],
+        2,
+        "empty region",
+    ),
+    Case(
+        "not an instance id",
+        ["bake", "--family", "web", "--instance-id", "bogus"],
+        2,
+        "--instance-id bogus: not an instance id (i- and 8 or 17 hexadecimal digits)",
+    ),
+    Case(
+        "an instance id with a last newline",
+        ["bake", "--family", "web", "--instance-id", "i-0123456789abcdef0\n"],
+        2,
+        "--instance-id 'i-0123456789abcdef0\\n': not an instance id",
+    ),
 ]
 
 
@@ -209,3 +263,28 @@ def test_regions_repeated_or_comma_separated(fake_aws_env: None) -> None:
     two = policy(regions=["us-east-1", "eu-west-1"])
     assert select_regions(two, ["us-east-1,eu-west-1"]) == ["eu-west-1", "us-east-1"]
     assert select_regions(two, ["us-east-1", "eu-west-1"]) == ["eu-west-1", "us-east-1"]
+
+
+def test_an_unreadable_answer_about_the_ami_to_rescue_is_one_line_and_exit_1(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DescribeImages answers about the AMI without its CreationDate: an unreadable answer, one line
+    naming the AMI and exit 1, as any AWS failure of a command."""
+    fleet = seed_fleet(now(), count=3)
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def call(self: Any, operation: str, params: dict[str, Any]) -> Any:
+        answer = real_call(self, operation, params)
+        for raw in answer.get("Images", []) if operation == "DescribeImages" else ():
+            raw.pop("CreationDate", None)
+        return answer
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", call)
+    config = tmp_path / "janitor.yaml"
+    config.write_text(POLICY.format(mode="dry-run"))
+    assert cli.main(["rescue", fleet.images[0], "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (
+        f"DescribeImages answered about {fleet.images[0]} in us-east-1: image {fleet.images[0]} has no" in err
+    )

@@ -15,9 +15,13 @@ from botocore.stub import ANY, Stubber
 
 from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.inventory.ledger_items import read_ledger
+from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core.model import LedgerBake, LedgerCopy, LedgerItem
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE
 from sdk_faults import LoseFirstAnswers
+from server import make_ledger
 
 TABLE = "ami-janitor-ledger"
 WRITER = "arn:aws:iam::123456789012:role/deployer"
@@ -425,3 +429,26 @@ def test_unprocessed_keys_are_asked_again_after_a_growing_wait_then_fail_as_an_a
     assert refused.value.response["Error"]["Code"] == "ProvisionedThroughputExceededException"
     assert "left 1 keys unprocessed after 5 tries" in str(refused.value)
     assert len(waits) == 4 and all(0 <= w <= 0.1 * 2**n for n, w in enumerate(waits))
+
+
+def test_a_run_record_edited_by_hand_skips_the_region_naming_it(moto_aws: None) -> None:
+    make_ledger()
+    key = "run#us-east-1#2026-11-25T03:00:00Z"
+    boto3.client("dynamodb", region_name="us-east-1").put_item(
+        TableName=DEFAULT_LEDGER_TABLE,
+        Item={"pk": {"S": key}, "sk": {"S": "item"}, "slices": {"S": "3"}},  # a number typed as a string
+    )
+    with pytest.raises(SourceFailed, match=f"ledger item {key} cannot be read: KeyError"):
+        read_ledger(RegionClients("us-east-1"), DEFAULT_LEDGER_TABLE)
+
+
+def test_an_adoption_record_edited_by_hand_skips_the_region_not_adopts_again(moto_aws: None) -> None:
+    """Read as "never adopted", every enforce run would adopt the janitor tags again and report no tag
+    as tampered: the region is skipped, naming the record."""
+    make_ledger()
+    boto3.client("dynamodb", region_name="us-east-1").put_item(
+        TableName=DEFAULT_LEDGER_TABLE,
+        Item={"pk": {"S": "ledger#adoption"}, "sk": {"S": "item"}, "at": {"S": "25/11/2026"}},
+    )
+    with pytest.raises(SourceFailed, match="ledger item ledger#adoption cannot be read: at: "):
+        read_ledger(RegionClients("us-east-1"), DEFAULT_LEDGER_TABLE)

@@ -108,17 +108,31 @@ Written = Literal["recorded", "already-recorded"]
 
 def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
     """A run record (aws/runs.py: "run#<region>#<run>") whose slices were not all counted and that no
-    later run reported yet; None for any other."""
+    later run reported yet; None for any other. One that cannot be read is a MalformedItem naming it."""
     if "slices" not in raw or "unfinished_reported" in raw:
         return None
-    slices = int(raw["slices"]["N"])
-    done = len(raw.get("done", {}).get("SS", []))
-    if done >= slices:
-        return None
-    run = raw["pk"]["S"].split("#", 2)[-1]
-    return UnfinishedRun(
-        run=run, slices=slices, done=done, started=parse_time(raw.get("started", {}).get("S"))
-    )
+    try:
+        slices = int(raw["slices"]["N"])
+        done = len(raw.get("done", {}).get("SS", []))
+        if done >= slices:
+            return None
+        run = raw["pk"]["S"].split("#", 2)[-1]
+        started = raw.get("started", {}).get("S")
+        return UnfinishedRun(run=run, slices=slices, done=done, started=parse_time(started))
+    except (KeyError, TypeError, ValueError, ValidationError) as error:
+        partition = str((raw.get("pk") or {}).get("S") or "?")
+        raise MalformedItem(
+            f"ledger item {partition} cannot be read: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _adopted_at(raw: dict[str, Any]) -> datetime:
+    """When the region's janitor tags were adopted: an unreadable record is a MalformedItem, never
+    "not adopted yet" (the next enforce run would adopt the tags again, and `tampered` say nothing)."""
+    at = parse_time((raw.get("at") or {}).get("S"))
+    if at is None:
+        raise MalformedItem(f"ledger item {ADOPTION_KEY['pk']['S']} cannot be read: at: {raw.get('at')!r}")
+    return at
 
 
 class LedgerMissing(Exception):
@@ -722,7 +736,7 @@ class Ledger(_Made):
             for raw in page.get("Items", []):
                 partition = raw.get("pk", {}).get("S", "")
                 if partition == ADOPTION_KEY["pk"]["S"]:
-                    adopted = parse_time(raw.get("at", {}).get("S"))
+                    adopted = _adopted_at(raw)
                 elif partition.startswith("image#"):
                     item = _item(raw)
                     items[item.image_id] = item

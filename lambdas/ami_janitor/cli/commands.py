@@ -200,14 +200,15 @@ def _not_paused(policy: Policy, command: str) -> None:
 # A writer the table's resource policy names in ArnLike: an IAM or STS principal ARN, wildcards allowed.
 _PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:(iam|sts)::([0-9]{12}|\*):\S+\Z")
 _AMI_ID = re.compile(r"^ami-([0-9a-f]{8}|[0-9a-f]{17})\Z")
+_INSTANCE_ID = re.compile(r"^i-([0-9a-f]{8}|[0-9a-f]{17})\Z")
 
 
 def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
     """Where `rescue` looks: every managed region, or the regions named, managed or not. A rescue only
     undoes what the region's ledger recorded, so it also reaches AMIs left in a region since removed
     from the policy."""
-    named = engine.named_regions(args.region)
     try:
+        named = engine.named_regions(args.region)
         return [check_region(region) for region in named] or policy.managed_regions
     except ValueError as error:
         raise UsageError(f"--region: {error}") from None
@@ -264,6 +265,10 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
     from ami_janitor.aws import baker
     from ami_janitor.core import baking
 
+    if args.instance_id is not None and not _INSTANCE_ID.match(args.instance_id):
+        raise UsageError(
+            f"--instance-id {_shown(args.instance_id)}: not an instance id (i- and 8 or 17 hexadecimal digits)"
+        )
     policy = _policy(args)
     _not_paused(policy, "bake")
     try:

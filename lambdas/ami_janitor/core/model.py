@@ -264,13 +264,17 @@ class Image(_Frozen):
         created = parse_time(raw.get("CreationDate"))
         if created is None:
             raise ValueError(f"image {raw.get('ImageId')} has no valid CreationDate")
+        # EC2 always gives it: guessed, a missing state would be taken as available (and retired). (The
+        # architecture is x86_64 where none is given: the emulator gives none for a registered AMI.)
+        if not raw.get("State"):
+            raise ValueError(f"image {raw.get('ImageId')} has no State")
         protection = str(raw.get("DeregistrationProtection") or "disabled")
         return cls(
             image_id=raw["ImageId"],
             region=region,
             name=raw.get("Name") or "",
             architecture=raw.get("Architecture") or "x86_64",
-            state=raw.get("State") or "available",
+            state=raw["State"],
             created=created,
             tags={t["Key"]: t.get("Value", "") for t in raw.get("Tags") or []},
             snapshot_ids=tuple(snapshots),

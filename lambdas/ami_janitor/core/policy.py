@@ -30,6 +30,8 @@ SOURCE_REGION_TAG = "ami-janitor:source-region"
 SOURCE_CREATED_TAG = "ami-janitor:source-created"
 COPY_GENERATION_TAG_PREFIX = "ami-janitor:copy-generation:"
 DEFAULT_CONFIG_PATH = "janitor.yaml"
+# A hundred years: any count of days above it is a typo, and dates that far away overflow.
+MAX_DAYS = 36_500
 DEFAULT_LEDGER_TABLE = "ami-janitor-ledger"
 
 # What the deployed functions do: nothing (paused), say what they would do (dry-run), or act (enforce).
@@ -64,9 +66,9 @@ class _Strict(BaseModel):
 class Lifecycle(_Strict):
     """Days since the AMI first became a candidate; null skips the stage."""
 
-    deprecate_after_days: int | None = Field(0, ge=0)
-    disable_after_days: int | None = Field(7, ge=0)
-    deregister_after_days: int | None = Field(14, ge=0)
+    deprecate_after_days: int | None = Field(0, ge=0, le=MAX_DAYS)
+    disable_after_days: int | None = Field(7, ge=0, le=MAX_DAYS)
+    deregister_after_days: int | None = Field(14, ge=0, le=MAX_DAYS)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Lifecycle":
@@ -85,9 +87,9 @@ class Lifecycle(_Strict):
 
 
 class LifecycleOverride(_Strict):
-    deprecate_after_days: int | None = Field(None, ge=0)
-    disable_after_days: int | None = Field(None, ge=0)
-    deregister_after_days: int | None = Field(None, ge=0)
+    deprecate_after_days: int | None = Field(None, ge=0, le=MAX_DAYS)
+    disable_after_days: int | None = Field(None, ge=0, le=MAX_DAYS)
+    deregister_after_days: int | None = Field(None, ge=0, le=MAX_DAYS)
 
 
 class Limits(_Strict):
@@ -113,8 +115,8 @@ class Rules(_Strict):
     """The retention rules of `defaults`, and of a family once its overrides are merged."""
 
     keep_latest: int = Field(3, ge=1)
-    min_age_days: int = Field(30, ge=0)
-    launched_within_days: int = Field(14, ge=0)
+    min_age_days: int = Field(30, ge=0, le=MAX_DAYS)
+    launched_within_days: int = Field(14, ge=0, le=MAX_DAYS)
     opt_out_tag: str = Field("ami-janitor:keep", min_length=1, max_length=128)
     allow_shared: bool = False
     lifecycle: Lifecycle = Lifecycle()
@@ -319,8 +321,8 @@ class Family(_Strict):
     bake: Bake | None = None
     # Overrides of `defaults` (None = inherit).
     keep_latest: int | None = Field(None, ge=1)
-    min_age_days: int | None = Field(None, ge=0)
-    launched_within_days: int | None = Field(None, ge=0)
+    min_age_days: int | None = Field(None, ge=0, le=MAX_DAYS)
+    launched_within_days: int | None = Field(None, ge=0, le=MAX_DAYS)
     opt_out_tag: str | None = Field(None, min_length=1, max_length=128)
     allow_shared: bool | None = None
     lifecycle: LifecycleOverride | None = None
@@ -379,7 +381,7 @@ class Ledger(_Strict):
     # DynamoDB table names: 3-255 of letters, digits, '_', '-', '.'.
     table: str = Field(DEFAULT_LEDGER_TABLE, pattern=r"^[A-Za-z0-9_.-]{3,255}$")
     # Items of deregistered AMIs expire this many days after deregistration (DynamoDB TTL).
-    retention_days: int = Field(90, ge=1)
+    retention_days: int = Field(90, ge=1, le=MAX_DAYS)
 
 
 class UsageReports(_Strict):
@@ -661,6 +663,8 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
             raise PolicyError(f"{file}: not valid JSON ({duplicate})") from None
         except json.JSONDecodeError as error:
             raise PolicyError(f"{file}: not valid JSON (line {error.lineno}: {error.msg})") from None
+        except (RecursionError, ValueError) as error:  # nested past the parser's depth; a giant number
+            raise PolicyError(f"{file}: not valid JSON ({_unparsable(error)})") from None
     else:
         import yaml  # only the CLI and the deploy read YAML
 
@@ -671,7 +675,15 @@ def load_policy(path: str | os.PathLike[str] | None = None) -> Policy:
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
             what = getattr(error, "problem", None) or str(error)
             raise PolicyError(f"{file}: not valid YAML ({where}{what})") from None
+        except (RecursionError, ValueError) as error:
+            raise PolicyError(f"{file}: not valid YAML ({_unparsable(error)})") from None
     return parse_policy(data, source=str(file))
+
+
+def _unparsable(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]  # Python's limit on an integer's digits, say
 
 
 # A key given twice in one mapping: both parsers would keep the last silently, so a policy could say

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
+from botocore.parsers import ResponseParserError
 
 from ami_janitor.aws.errors import error_code
 from ami_janitor.aws.inventory.reading import chunks, items, source
@@ -91,4 +92,7 @@ def describe_own_image(ec2: EC2Client, region: str, image_id: str) -> Image | No
             return None
         raise
     raws = answer.get("Images") or []
-    return Image.from_api(region, dict(raws[0])) if raws else None
+    try:
+        return Image.from_api(region, dict(raws[0])) if raws else None
+    except (KeyError, TypeError, ValueError) as error:  # as `source` names a listing's: an AWS error
+        raise ResponseParserError(f"DescribeImages answered about {image_id} in {region}: {error}") from error
