@@ -106,6 +106,25 @@ def test_no_due_stage_no_slice_and_a_slice_never_exceeds_its_item_limit() -> Non
     assert [len(w.items) for w in work] == [MAX_SLICE_ITEMS, 1]
 
 
+def test_a_slice_of_amis_shared_with_many_accounts_stays_within_one_sqs_message() -> None:
+    """500 AMIs shared with an organization of 150 accounts, each a consumer whose report the plan
+    read: one slice by count and time, but over a megabyte; cut by size, each message fits."""
+    decisions = [decision(n, stages=ALL) for n in range(500)]
+    accounts = [f"{100000000000 + a}" for a in range(150)]
+    work = cut(
+        decisions,
+        run="2026-11-25T03:00:00Z",
+        region="us-east-1",
+        planned_at=NOW,
+        policy=policy_digest(POLICY),
+        budget_seconds=10_000,
+        refill=REFILL,
+        consumers={d.image_id: accounts for d in decisions},
+    )
+    assert len(work) > 1 and sum(len(w.items) for w in work) == 500
+    assert max(len(w.model_dump_json().encode()) for w in work) <= 256 * 1024
+
+
 @given(
     st.lists(st.sampled_from([(), ("deregister",), ("disable", "deregister"), ALL]), max_size=60),
     st.floats(min_value=0.1, max_value=20),

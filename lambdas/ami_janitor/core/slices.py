@@ -21,9 +21,13 @@ from ami_janitor.core.policy import Policy
 
 # A slice older than this is not run: the next scheduled run plans again from what is there then.
 MAX_SLICE_AGE = timedelta(hours=12)
-# At most this many AMIs per slice (and its message stays far below SQS's 256 KiB).
+# At most this many AMIs per slice, and this many bytes of them in its message: below SQS's 256 KiB
+# with room for the slice's own fields (an AMI shared with an organization lists every consumer).
 MAX_SLICE_ITEMS = 1000
+MAX_SLICE_BYTES = 240_000
 STAGE_ACTIONS = frozenset({"deprecate", "disable", "deregister"})
+# An item without consumers: its id (up to 21), family (up to 64), stages and keys, well under this.
+_PLAIN_ITEM_BYTES = 200
 
 
 class SliceItem(BaseModel):
@@ -95,8 +99,8 @@ def cut(
     consumers: Mapping[str, Sequence[str]] | None = None,
 ) -> list[WorkSlice]:
     """The due stages of `region`'s decisions (in plan order), in slices whose paced calls fit in
-    `budget_seconds` (at `refill` AMIs per second per stage) and MAX_SLICE_ITEMS. `consumers`: AMI id
-    -> the accounts whose usage reports the plan relied on."""
+    `budget_seconds` (at `refill` AMIs per second per stage), MAX_SLICE_ITEMS and MAX_SLICE_BYTES.
+    `consumers`: AMI id -> the accounts whose usage reports the plan relied on."""
     shared = consumers or {}
     items = [
         SliceItem(
@@ -109,14 +113,21 @@ def cut(
         if d.region == region and (stages := due_stages(d))
     ]
     groups: list[list[SliceItem]] = []
-    spent = budget_seconds  # start a first group
+    spent, size = budget_seconds, 0  # start a first group
     for item in items:
         cost = item_cost(item, refill)
-        if spent + cost > budget_seconds or len(groups[-1]) >= MAX_SLICE_ITEMS:
+        # Only an AMI shared with others weighs much: the rest are measured by their consumers' count.
+        length = len(item.model_dump_json()) + 1 if item.consumers else _PLAIN_ITEM_BYTES
+        if (
+            spent + cost > budget_seconds
+            or len(groups[-1]) >= MAX_SLICE_ITEMS
+            or size + length > MAX_SLICE_BYTES
+        ):
             groups.append([])
-            spent = 0.0
+            spent, size = 0.0, 0
         groups[-1].append(item)
         spent += cost
+        size += length
     return [
         WorkSlice(
             run=run,
