@@ -19,9 +19,16 @@ class Context:
 
 
 def sqs_record(
-    body: str, *, message_id: str, queue_arn: str, region: str = "us-east-1", group: str | None = None
+    body: str,
+    *,
+    message_id: str,
+    queue_arn: str,
+    region: str = "us-east-1",
+    group: str | None = None,
+    receive_count: int = 1,
 ) -> dict[str, Any]:
-    """One record of an SQS event source mapping's event (a FIFO queue's when `group`)."""
+    """One record of an SQS event source mapping's event (a FIFO queue's when `group`), delivered for
+    the `receive_count`th time."""
     fifo = (
         {"MessageGroupId": group, "MessageDeduplicationId": "dedup", "SequenceNumber": "1"} if group else {}
     )
@@ -30,7 +37,7 @@ def sqs_record(
         "receiptHandle": f"handle-{message_id}",
         "body": body,
         "attributes": {
-            "ApproximateReceiveCount": "1",
+            "ApproximateReceiveCount": str(receive_count),
             "SentTimestamp": "1764039600000",
             "SenderId": "AIDAEXAMPLE",
             "ApproximateFirstReceiveTimestamp": "1764039600001",
@@ -45,12 +52,19 @@ def sqs_record(
 
 
 def sqs_event(
-    *bodies: str, queue_arn: str, region: str = "us-east-1", group: str | None = None
+    *bodies: str, queue_arn: str, region: str = "us-east-1", group: str | None = None, receive_count: int = 1
 ) -> dict[str, Any]:
     """An SQS event source mapping's event with these message bodies."""
     return {
         "Records": [
-            sqs_record(body, message_id=f"message-{n}", queue_arn=queue_arn, region=region, group=group)
+            sqs_record(
+                body,
+                message_id=f"message-{n}",
+                queue_arn=queue_arn,
+                region=region,
+                group=group,
+                receive_count=receive_count,
+            )
             for n, body in enumerate(bodies)
         ]
     }

@@ -539,8 +539,9 @@ def unfinished_runs(
     inventories: Sequence[RegionInventory], now: datetime
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """The earlier runs of these regions (from the ledger's Scan) whose slices were not all counted
-    though a queued slice is dropped after slices.MAX_SLICE_AGE: a slice of theirs ended in the work
-    queue's dead-letter queue, and their report and summary never come. Their (region, run) keys and
+    though a queued slice is dropped after slices.MAX_SLICE_AGE (a slice of theirs ended in the work
+    queue's dead-letter queue, and their report and summary never come), or whose summary nobody sent
+    (their last slice could not: it ended there too). Their (region, run) keys and
     a line for each; the Scan skips those a run marked reported (mark_unfinished_reported)."""
     keys: list[tuple[str, str]] = []
     lines: list[str] = []
@@ -549,6 +550,13 @@ def unfinished_runs(
             if run.started is None or now - run.started <= slices.MAX_SLICE_AGE:
                 continue
             keys.append((region.region, run.run))
+            if run.done >= run.slices:
+                lines.append(
+                    f"{region.region}: run {run.run}: all its {run.slices} slices finished, but its report "
+                    "and summary could not be sent: see the work queue's dead-letter queue (its last "
+                    "slice) and the slices' results in the report bucket"
+                )
+                continue
             lines.append(
                 f"{region.region}: run {run.run}: {run.slices - run.done} of its {run.slices} slices "
                 "never finished, so its report and summary never came: see the work queue's dead-letter "
@@ -948,8 +956,9 @@ def work_slice(
     *,
     keep: Callable[[SliceOutcome], None] | None = None,
     out_of_time: Callable[[], bool] | None = None,
+    delivery: int = 1,
 ) -> SliceOutcome:
-    """One queued slice: dropped (each stage skipped, with why) when the policy is no longer the plan's
+    """One queued slice (`delivery`: SQS's receive count of its message): dropped (each stage skipped, with why) when the policy is no longer the plan's
     or the slice is stale, else run (slicer.run_slice, which reads its AMIs again); `keep` is given the
     results before the run's record counts the slice (the report keeps them); then counted once. A
     slice the record counted already (delivered again) is not run again: it only sends the summary,
@@ -967,7 +976,9 @@ def work_slice(
         # Delivered again after it was counted (its summary could not be sent): its results are in the
         # report already, and its AMIs were acted on. Nothing is read, done or written again.
         outcome.progress = recorded
-        outcome.last = recorded.complete and records.claim_summary(work.region, work.run, now)
+        outcome.last = recorded.complete and records.claim_summary(
+            work.region, work.run, now, index=work.index, delivery=delivery
+        )
         return outcome
     dropped = None
     if policy.mode != "enforce":
@@ -1003,7 +1014,9 @@ def work_slice(
     counts = slicer.SliceResult(results=outcome.results, held=outcome.held, not_run=not_run).counts()
     progress = records.finish_slice(work.region, work.run, work.index, counts)
     outcome.progress = progress or records.read(work.region, work.run)
-    outcome.last = outcome.progress.complete and records.claim_summary(work.region, work.run, now)
+    outcome.last = outcome.progress.complete and records.claim_summary(
+        work.region, work.run, now, index=work.index, delivery=delivery
+    )
     return outcome
 
 

@@ -79,9 +79,10 @@ class Deployment:
                 bodies.append(message["Body"])
                 self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
 
-    def work(self, body: str) -> dict[str, Any]:
+    def work(self, body: str, delivery: int = 1) -> dict[str, Any]:
+        """The slice worker given this message, on its `delivery`th delivery."""
         answer: dict[str, Any] = slices.handler(
-            sqs_event(body, queue_arn=self.queue_arn, group=REGION), Context()
+            sqs_event(body, queue_arn=self.queue_arn, group=REGION, receive_count=delivery), Context()
         )
         return answer
 

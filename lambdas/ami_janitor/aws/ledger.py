@@ -107,14 +107,16 @@ Written = Literal["recorded", "already-recorded"]
 
 
 def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
-    """A run record (aws/runs.py: "run#<region>#<run>") whose slices were not all counted and that no
-    later run reported yet; None for any other. One that cannot be read is a MalformedItem naming it."""
+    """A run record (aws/runs.py: "run#<region>#<run>") whose slices were not all counted, or whose
+    summary nobody holds (its last slice could not send it, and went to the dead-letter queue), and
+    that no later run reported yet; None for any other. One that cannot be read is a MalformedItem
+    naming it."""
     if "slices" not in raw or "unfinished_reported" in raw:
         return None
     try:
         slices = int(raw["slices"]["N"])
         done = len(raw.get("done", {}).get("SS", []))
-        if done >= slices:
+        if done >= slices and "summary_sent" in raw:
             return None
         run = raw["pk"]["S"].split("#", 2)[-1]
         started = raw.get("started", {}).get("S")

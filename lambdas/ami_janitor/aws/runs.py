@@ -157,15 +157,25 @@ class RunRecords:
             )
         return progress
 
-    def claim_summary(self, region: str, run: str, at: datetime) -> bool:
-        """True for the one caller that sends the run's summary (after its last slice)."""
+    def claim_summary(self, region: str, run: str, at: datetime, *, index: int, delivery: int = 1) -> bool:
+        """True for the one caller that sends the run's summary (after its last slice): the first to
+        claim it, or a later delivery (`delivery`: SQS's receive count) of the slice whose delivery
+        claimed it. SQS delivers a slice again only once the earlier delivery's invocation is over, so
+        that one was killed mid-send (a timeout: no `release_summary` ran) and will send nothing."""
         written = conditional_update(
             self.db,
             self.table,
             run_key(region, run),
-            UpdateExpression="SET summary_sent = :at",
-            ConditionExpression="attribute_exists(slices) AND attribute_not_exists(summary_sent)",
-            ExpressionAttributeValues={":at": {"S": iso(at) or ""}},
+            UpdateExpression="SET summary_sent = :at, summary_slice = :index, summary_delivery = :delivery",
+            ConditionExpression=(
+                "attribute_exists(slices) AND (attribute_not_exists(summary_sent) "
+                "OR (summary_slice = :index AND summary_delivery < :delivery))"
+            ),
+            ExpressionAttributeValues={
+                ":at": {"S": iso(at) or ""},
+                ":index": {"N": str(index)},
+                ":delivery": {"N": str(delivery)},
+            },
         )
         return written == "recorded"
 

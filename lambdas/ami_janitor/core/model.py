@@ -170,8 +170,8 @@ class LedgerItem(_Frozen):
 
 
 class UnfinishedRun(_Frozen):
-    """A run whose record in the ledger table (aws/runs.py) counts fewer slices done than it queued,
-    and that no later run has reported yet."""
+    """A run whose record in the ledger table (aws/runs.py) counts fewer slices done than it queued, or
+    all of them but no summary sent, and that no later run has reported yet."""
 
     run: str
     slices: int

@@ -93,6 +93,7 @@ def slice_record(
             datetime.now(UTC).replace(microsecond=0),
             keep=_keep(env, clients),
             out_of_time=lambda: context.get_remaining_time_in_millis() < RESERVE_MILLIS,
+            delivery=int(record.attributes.ApproximateReceiveCount),
         )
     except (SliceNotRecorded, RunNotStarted) as refused:
         # On every delivery: the last is the message the dead-letter queue keeps (and alarms on).

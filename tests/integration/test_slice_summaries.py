@@ -1,0 +1,78 @@
+"""A run's summary may come twice, never not at all: its last slice's sender killed mid-send (a timeout
+runs no `except`), or every delivery of its last slice failing to send it (the slice then in the
+dead-letter queue, every slice counted), still end in a summary, or a later run's report naming it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import boto3
+import pytest
+from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
+from infra.work_slices import MAX_RECEIVE_COUNT
+
+from ami_janitor.aws.runs import RunRecords, run_key
+from ami_janitor.core.model import iso
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE
+from ami_janitor.core.slices import WorkSlice
+from ami_janitor.handlers import scheduled, slices
+from integration.test_slices import REGION, SCHEDULED, Deployment, deployed  # noqa: F401
+from lambda_events import Context
+from server import now
+
+
+def test_a_run_whose_summary_never_went_out_is_named_by_the_next_run(deployed: Deployment) -> None:  # noqa: F811
+    _, bodies = deployed.planned()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    # The scheduled run's part never reached the bucket (the run timed out after queueing its slices,
+    # say): the last slice cannot make the report, on any delivery.
+    deployed.s3.delete_object(Bucket="reports", Key=f"runs/{REGION}/{run}/run.json")
+    for body in bodies[:-1]:
+        deployed.work(body)
+    for delivery in range(1, MAX_RECEIVE_COUNT + 1):  # then SQS parks it in the dead-letter queue
+        with pytest.raises(BatchProcessingError):
+            deployed.work(bodies[-1], delivery)
+    assert deployed.mails() == []
+    db = boto3.client("dynamodb", region_name=REGION)
+    progress = RunRecords(db, DEFAULT_LEDGER_TABLE).read(REGION, run)
+    assert progress.complete and progress.summary_sent is None
+    db.update_item(  # 13 hours later: none of its slices can still come
+        TableName=DEFAULT_LEDGER_TABLE,
+        Key=run_key(REGION, run),
+        UpdateExpression="SET started = :at",
+        ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
+    )
+
+    scheduled.handler(SCHEDULED, Context())
+    for body in deployed.queued():
+        deployed.work(body)
+
+    [mail] = deployed.mails()
+    assert f"unfinished run: {REGION}: run {run}: all its {len(bodies)} slices finished" in mail, mail
+
+
+class Killed(BaseException):
+    """The invocation ends mid-send (Lambda's timeout, an out-of-memory kill): no `except Exception`."""
+
+
+def test_a_summary_whose_sender_was_killed_mid_send_is_sent_by_the_slices_next_delivery(
+    deployed: Deployment,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, bodies = deployed.planned()
+    for body in bodies[:-1]:
+        deployed.work(body)
+    real = slices.publish
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed()
+
+    monkeypatch.setattr(slices, "publish", killed)
+    with pytest.raises(Killed):
+        deployed.work(bodies[-1])
+    monkeypatch.setattr(slices, "publish", real)
+
+    deployed.work(bodies[0], 2)  # another slice delivered again: the claim is not its to take
+    assert deployed.mails() == []
+    deployed.work(bodies[-1], 2)  # SQS delivers the last slice again once its visibility times out
+    assert len(deployed.mails()) == 1
