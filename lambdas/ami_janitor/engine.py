@@ -665,6 +665,10 @@ def _queue_slices(
             clients, policy, queue_url, work, plan_summary=summary, counts=counts, now=now
         )
     except (BotoCoreError, ClientError, RuntimeError) as error:
+        # The slices SQS took run all the same (their results reach the slice's part of the report):
+        # only the others' stages fail here. The run's record waits for every slice it recorded, so
+        # the next run names this one as unfinished.
+        taken = error.queued if isinstance(error, slicer.SlicesNotQueued) else frozenset()
         failed = [
             ActionResult(
                 region=region,
@@ -674,10 +678,13 @@ def _queue_slices(
                 error=f"slice not queued: {error_text(error)}",
             )
             for part in work
+            if part.index not in taken
             for item in part.items
             for stage in item.stages
         ]
-        return result.model_copy(update={"results": [*result.results, *failed]})
+        return result.model_copy(
+            update={"results": [*result.results, *failed], "slices_queued": result.slices_queued + len(taken)}
+        )
     return result.model_copy(update={"slices_queued": result.slices_queued + queued})
 
 

@@ -19,7 +19,7 @@ from ami_janitor import engine
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.runs import RunRecords, run_key
-from ami_janitor.core.model import iso
+from ami_janitor.core.model import Decision, Plan, RegionStatus, iso
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers import scheduled, slices
@@ -535,3 +535,64 @@ def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts
     assert progress.counts["held_back"] == 0
     [mail] = deployed.mails()
     assert "images retired: 3" in mail and "held back" not in mail
+
+
+class SecondBatchRefused:
+    """The work queue: the first SendMessageBatch goes through, the second is refused."""
+
+    def __init__(self, sqs: Any) -> None:
+        self.sqs, self.calls = sqs, 0
+
+    def send_message_batch(self, **request: Any) -> Any:
+        self.calls += 1
+        if self.calls == 2:
+            raise ClientError(
+                {"Error": {"Code": "RequestThrottled", "Message": "slow down"}}, "SendMessageBatch"
+            )
+        return self.sqs.send_message_batch(**request)
+
+
+def test_slices_sqs_took_before_it_refused_others_are_not_reported_as_not_queued(moto_aws: None) -> None:
+    """Twelve slices, two SendMessageBatch calls: the ten SQS took will run, and report themselves;
+    only the two it refused fail here."""
+    make_ledger()
+    sqs = boto3.client("sqs", region_name=REGION)
+    queue = sqs.create_queue(QueueName="work.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    policy = parse_policy(
+        {"mode": "enforce", "regions": [REGION], "families": [{"name": "app", "match": {"name": "app-*"}}]}
+    )
+    decisions = [
+        Decision(
+            region=REGION,
+            family="app",
+            architecture="x86_64",
+            image_id=f"ami-{n:017x}",
+            name=f"app-{n}",
+            created="2026-01-01T00:00:00Z",
+            action="deregister",
+            reasons=["older"],
+            stages=["deregister"],
+        )
+        for n in range(12)
+    ]
+    plan = Plan(
+        mode="enforce",
+        generated_at=iso(now()) or "",
+        regions=[RegionStatus(region=REGION, status="ok")],
+        decisions=decisions,
+    )
+    work = engine.cut_due(plan, policy, REGION, decisions, now(), budget_seconds=0.2)  # one AMI a slice
+    assert len(work) == 12
+    clients = RegionClients(REGION, sqs=SecondBatchRefused(sqs))  # type: ignore[arg-type]
+
+    result = engine._queue_slices(engine.RunResult(plan=plan), REGION, work, policy, clients, queue, now())
+
+    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    taken = {item.image_id for m in messages for item in WorkSlice.model_validate_json(m["Body"]).items}
+    failed = {r.image_id for r in result.results if r.status == "failed"}
+    assert len(taken) == 10 and result.slices_queued == 10
+    assert failed == {d.image_id for d in decisions} - taken
+    assert all(
+        "slice not queued: " in (r.error or "") and "RequestThrottled" in (r.error or "")
+        for r in result.results
+    )

@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws import executor, runs, usage
+from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.inventory import image_references, ledger_items
 from ami_janitor.aws.inventory.image_references import read_image_references
@@ -305,29 +307,48 @@ def _send_batches(slices: Sequence[WorkSlice]) -> Iterator[list[tuple[WorkSlice,
         yield batch
 
 
+class SlicesNotQueued(RuntimeError):
+    """SQS refused some of a run's slices; `queued`: the indexes of those it took (they will run)."""
+
+    def __init__(self, message: str, queued: frozenset[int]) -> None:
+        super().__init__(message)
+        self.queued = queued
+
+
 def enqueue_slices(sqs: "SQSClient", queue_url: str, slices: Sequence[WorkSlice]) -> int:
     """Queue the slices (a FIFO queue: one message group per region, so a region's slices run one
     after the other; deduplicated by slice, so queueing again within SQS's window adds nothing).
-    Raises when SQS refuses any: the run then reports it and the next run plans again."""
+    Raises SlicesNotQueued when SQS refuses any, naming those it took: the run reports the others, and
+    the next run plans them again."""
+    queued: set[int] = set()
     for batch in _send_batches(slices):
-        answer = sqs.send_message_batch(
-            QueueUrl=queue_url,
-            Entries=[
-                {
-                    "Id": str(work.index),
-                    "MessageBody": body,
-                    "MessageGroupId": work.region,
-                    "MessageDeduplicationId": deduplication_id(work),
-                }
-                for work, body in batch
-            ],
-        )
+        work = batch[0][0]
+        try:
+            answer = sqs.send_message_batch(
+                QueueUrl=queue_url,
+                Entries=[
+                    {
+                        "Id": str(part.index),
+                        "MessageBody": body,
+                        "MessageGroupId": part.region,
+                        "MessageDeduplicationId": deduplication_id(part),
+                    }
+                    for part, body in batch
+                ],
+            )
+        except (BotoCoreError, ClientError) as error:
+            raise SlicesNotQueued(
+                f"SQS refused slices of run {work.run} in {work.region}: {error_text(error)}",
+                frozenset(queued),
+            ) from error
+        queued.update(int(entry["Id"]) for entry in answer.get("Successful") or [])
         failed = answer.get("Failed") or []
         if failed:
-            first, (work, _body) = failed[0], batch[0]
-            raise RuntimeError(
+            first = failed[0]
+            raise SlicesNotQueued(
                 f"SQS refused {len(failed)} slice(s) of run {work.run} in {work.region}: "
-                f"{first.get('Code')}: {first.get('Message')}"
+                f"{first.get('Code')}: {first.get('Message')}",
+                frozenset(queued),
             )
     return len(slices)
 
