@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ami_janitor.handlers import ami_event, scheduled
 from ami_janitor.handlers.events import BadEvent
 from lambda_events import Context
 from sdk_faults import deny
-from server import POLICY, ec2, image_ids, make_ledger, now, seed_fleet
+from server import POLICY, Fleet, ec2, image_ids, make_ledger, now, seed_fleet
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
 
@@ -194,18 +194,27 @@ def test_the_janitors_own_retirements_events_read_one_ledger_item_and_a_current_
     assert calls["ec2:DescribeImages"] == 1
 
 
-def test_a_hand_disable_of_an_ami_the_janitor_once_rescued_moves_latest(lambda_env: Path) -> None:
-    """A rescue closed the item and kept its history: the stage recorded there is no longer the
-    janitor's doing now, so the event rotates."""
+def disabled_by_the_janitor(lambda_env: Path, at: datetime) -> tuple[Fleet, Ledger]:
+    """The fleet with its newest AMI Latest, and the ledger recording the janitor's disable stage of it
+    `at` (its clock open); the AMI itself not disabled yet."""
     write_policy(lambda_env, "enforce")
     fleet = seed_fleet(now())
     make_ledger()
     newest = fleet.images[-1]
     ami_event.handler(event("ami_available.json", newest), Context())
     book = Ledger(ClientFactory()("us-east-1"), DEFAULT_LEDGER_TABLE)
-    book.record_candidate(newest, now())
+    book.record_candidate(newest, at - timedelta(days=1))
     for stage in ("deprecate", "disable"):
-        assert book.record_stage(newest, stage, now(), Prior()) == "recorded"
+        assert book.record_stage(newest, stage, at, Prior()) == "recorded"
+        book.confirm_stage(newest, stage, at)
+    return fleet, book
+
+
+def test_a_hand_disable_of_an_ami_the_janitor_once_rescued_moves_latest(lambda_env: Path) -> None:
+    """A rescue closed the item and kept its history: the stage recorded there is no longer the
+    janitor's doing now, so the event rotates."""
+    fleet, book = disabled_by_the_janitor(lambda_env, now())
+    newest = fleet.images[-1]
     book.close(newest, now(), "disable")
     assert "disable" in book.read_items([newest])[newest].stages  # its history stays
 
@@ -219,17 +228,9 @@ def test_a_disable_long_after_the_janitors_own_is_someone_elses_and_moves_latest
     """The ledger records the janitor's disable stage of an AMI two days ago, its clock still open; its
     owner enabled it since (Latest came to it), and disables it now: that event is no echo of the
     janitor's stage, and Latest moves off the AMI. The janitor's own event, sent then, is ignored."""
-    write_policy(lambda_env, "enforce")
-    fleet = seed_fleet(now())
-    make_ledger()
-    newest = fleet.images[-1]
-    ami_event.handler(event("ami_available.json", newest), Context())
-    book = Ledger(ClientFactory()("us-east-1"), DEFAULT_LEDGER_TABLE)
     then = now() - timedelta(days=2)
-    book.record_candidate(newest, then - timedelta(days=1))
-    for stage in ("deprecate", "disable"):
-        assert book.record_stage(newest, stage, then, Prior()) == "recorded"
-        book.confirm_stage(newest, stage, then)
+    fleet, _ = disabled_by_the_janitor(lambda_env, then)
+    newest = fleet.images[-1]
     ec2().disable_image(ImageId=newest)
 
     echo = {**event("ami_disabled.json", newest), "time": (then + timedelta(minutes=1)).strftime(TIME)}

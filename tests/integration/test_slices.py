@@ -86,6 +86,19 @@ class Deployment:
         )
         return answer
 
+    def next_run_long_after(self, run: str) -> None:
+        """`run` started 13 hours ago (none of its slices can still come); then the next scheduled run,
+        and its slices."""
+        boto3.client("dynamodb", region_name=REGION).update_item(
+            TableName=DEFAULT_LEDGER_TABLE,
+            Key=run_key(REGION, run),
+            UpdateExpression="SET started = :at",
+            ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
+        )
+        scheduled.handler(SCHEDULED, Context())
+        for body in self.queued():
+            self.work(body)
+
     def mails(self) -> list[str]:
         answer = self.sqs.receive_message(QueueUrl=self.mail_url, MaxNumberOfMessages=10)
         return [json.loads(m["Body"])["Message"] for m in answer.get("Messages", [])]
@@ -430,16 +443,8 @@ def test_the_next_run_says_once_which_earlier_run_never_finished_its_slices(depl
     assert deployed.mails() == []
     db = boto3.client("dynamodb", region_name=REGION)
     record = RunRecords(db, DEFAULT_LEDGER_TABLE)
-    db.update_item(  # the run started 13 hours ago: none of its slices can still come
-        TableName=DEFAULT_LEDGER_TABLE,
-        Key=run_key(REGION, run),
-        UpdateExpression="SET started = :at",
-        ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
-    )
 
-    scheduled.handler(SCHEDULED, Context())
-    for body in deployed.queued():
-        deployed.work(body)
+    deployed.next_run_long_after(run)
 
     [mail] = deployed.mails()
     line = (
