@@ -444,6 +444,21 @@ def test_a_stop_command_whose_answer_was_lost_is_followed_by_the_start_command(a
     )
 
 
+def test_a_stop_command_whose_answer_was_lost_without_a_start_command_says_no_more(aws: Stubbed) -> None:
+    aws.ssm.add_client_error(
+        "send_command",
+        service_error_code="InternalServerError",
+        service_message="Internal error",
+        http_status_code=500,
+    )
+    with pytest.raises(baking.BakeError) as failure:
+        aws.bake(stop_command=STOP)
+    assert (
+        str(failure.value)
+        == f"the stop command could not be sent to {INSTANCE}: InternalServerError: Internal error"
+    )
+
+
 def test_a_failed_start_command_is_an_error_that_still_names_the_image(aws: Stubbed) -> None:
     aws.send("stop", STOP, STOP_ID)
     aws.invocation(STOP_ID, "Success")

@@ -459,6 +459,24 @@ def test_a_tag_taken_off_a_familys_newest_moves_its_parameter_nowhere() -> None:
     assert change.to == build.image_id
 
 
+def test_a_rescue_that_gives_another_architecture_a_latest_blocks_a_parameter_without_arch() -> None:
+    # The arm64 group's only AMI, disabled by the janitor, is in use again and rescued: after the rescue
+    # both architectures have an AMI Latest could name, so the one parameter names neither.
+    pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})
+    x86 = image(days_old=100, name="app-x86")
+    arm = image(
+        days_old=90,
+        name="app-arm",
+        arch="arm64",
+        state="disabled",
+        ledger=ledger_item(24, {"deprecate": 20, "disable": 10}),
+    )
+    result = plan([inventory(x86, arm, references=(reference(arm.image_id),))], pol, NOW)
+    assert by_id(result)[arm.image_id].action == "rescue"
+    assert [c for c in result.latest if c.ssm_parameter == "/ami/app/latest" and c.to] == []
+    assert any("must contain {arch}" in e for e in result.policy_errors)
+
+
 def test_a_failed_build_of_another_architecture_leaves_the_rotation_alone() -> None:
     # Only the architectures Latest could name count toward the parameter's `{arch}` rule.
     pol = policy({"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}})

@@ -216,6 +216,8 @@ def _create_quiesced(
     try:
         command_id = commands.send("stop", stop_command)
     except _MaybeSent as error:
+        if start_command is None:
+            raise
         restart = commands.attempt("start", start_command)
         then = f"then {restart}" if restart is not None else "the start command was run after it"
         raise BakeError(f"{error}; {then}") from error

@@ -8,9 +8,10 @@ representative.
 """
 
 import fnmatch
+import functools
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def _positions(pattern: str) -> Iterator[str | None]:
@@ -57,8 +58,15 @@ def _representatives(*patterns: str) -> list[str]:
 def _accepted(position: str | None, candidates: list[str]) -> frozenset[str]:
     if position is None:
         return frozenset(candidates)
-    matches = re.compile(fnmatch.translate(position), re.DOTALL).match
+    if len(position) == 1 and position != "?":  # a plain character: itself
+        return frozenset(candidates) & {position}
+    matches = _position_matcher(position)
     return frozenset(c for c in candidates if matches(c))
+
+
+@functools.lru_cache(maxsize=1024)
+def _position_matcher(position: str) -> Callable[[str], re.Match[str] | None]:
+    return re.compile(fnmatch.translate(position), re.DOTALL).match
 
 
 def globs_overlap(a: str, b: str) -> bool:

@@ -757,15 +757,28 @@ def plan_region(
         due.append(group_due)
     _apply_caps(due, groups, policy, inventory, spent)
     changes: list[LatestChange] = []
-    for group in groups:
-        change = before[id(group)]
-        if rescued and rescued.intersection(m.image_id for m in group.members):
-            after = after_rescues(group, rescued, now)
-            change = rotation(after, inventory, now, errors.get(_key(group)))
+    views = [
+        after_rescues(group, rescued, now)
+        if rescued and rescued.intersection(m.image_id for m in group.members)
+        else group
+        for group in groups
+    ]
+    # The groups as the rescues leave them are judged again: a rescued AMI may give another
+    # architecture an AMI Latest could name (one parameter without {arch} must not name both).
+    settled = errors if all(view is group for view, group in zip(views, groups, strict=True)) else None
+    if settled is None:
+        settled = rotation_errors(views, conflicts, policy, now, inventory)
+    for group, view in zip(groups, views, strict=True):
+        error = settled.get(_key(group))
+        change = (
+            before[id(group)]
+            if view is group and error == errors.get(_key(group))
+            else rotation(view, inventory, now, error)
+        )
         if change is not None:
             changes.append(change)
     policy_errors = [
-        *sorted(set(errors.values())),
+        *sorted(set(errors.values()) | set(settled.values())),
         *(
             f"{image_id} matches several families ({', '.join(names)}): kept"
             for image_id, names in sorted(conflicts.items())

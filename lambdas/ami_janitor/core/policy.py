@@ -168,7 +168,8 @@ class Match(_Strict):
 
 def _starting_with(entries: list[tuple[str, "Family"]], starts: list[str], start: str) -> Iterator["Family"]:
     """The families of `entries` (sorted by literal start, `starts`) whose literal start begins with `start`."""
-    for begins, family in entries[bisect.bisect_left(starts, start) :]:
+    for index in range(bisect.bisect_left(starts, start), len(entries)):
+        begins, family = entries[index]
         if not begins.startswith(start):
             return
         yield family
@@ -181,6 +182,15 @@ def _literal_start(pattern: str) -> str:
     """What every name the glob matches starts with: its text before the first `*`, `?` or `[`."""
     wildcard = _WILDCARD.search(pattern)
     return pattern[: wildcard.start()] if wildcard else pattern
+
+
+def _literal_end(pattern: str) -> str:
+    """What every name the glob matches ends with: its text after the last `*`, `?` or `]` (none where
+    a bracket may be left open: a literal `[` then)."""
+    if "[" in pattern:
+        return ""
+    last = max(pattern.rfind("*"), pattern.rfind("?"))
+    return pattern[last + 1 :]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -502,33 +512,40 @@ class Policy(_Strict):
                     )
 
     def _shares_apart_by_name(self) -> None:
-        # Two families whose matches both hold tags, and whose name globs can name one AMI, are told
+        # Two families whose matches both hold tags beside name globs that can name one AMI are told
         # apart by tags alone: anyone who may tag an AMI could move it from one to the other (take one
         # family's tag off, put the other's on). Where they share differently, that tag would grant or
-        # revoke its launch permissions. Only the sharing families are compared: most policies have few.
-        # Two globs name one AMI only where one's literal start is a start of the other's: each sharing
-        # family is compared with those alone (a policy of many families stays quick to load).
-        tagged = sorted(
+        # revoke its launch permissions. (A family matched by tags alone names any AMI: it is left out
+        # here, as README's "Trust" says.) Two globs name one AMI only where one's literal start is a
+        # start of the other's and one's literal end an end of the other's: each sharing family is
+        # compared with those alone, so that a policy of many families stays quick to load.
+        named = sorted(
             (
-                (_literal_start(family.match.name or ""), family)
+                (_literal_start(family.match.name), family)
                 for family in self.families
-                if family.match.tags
+                if family.match.tags and family.match.name and not family.match.by_tags_alone
             ),
             key=lambda entry: entry[0],
         )
-        starts = [start for start, _ in tagged]
+        starts = [start for start, _ in named]
         by_start: dict[str, list[Family]] = {}
-        for start, family in tagged:
+        for start, family in named:
             by_start.setdefault(start, []).append(family)
-        for start, family in tagged:
+        for start, family in named:
             shares = (family.share_with.grants(), family.public)
             if not (shares[0] or shares[1]):
                 continue
+            assert family.match.name is not None
+            end = _literal_end(family.match.name)
             shorter = (other for k in range(len(start)) for other in by_start.get(start[:k], ()))
-            for other in itertools.chain(_starting_with(tagged, starts, start), shorter):
+            for other in itertools.chain(_starting_with(named, starts, start), shorter):
                 if other is family or (other.share_with.grants(), other.public) == shares:
                     continue
-                if globs_overlap(family.match.name or "*", other.match.name or "*"):
+                assert other.match.name is not None
+                other_end = _literal_end(other.match.name)
+                if not (end.endswith(other_end) or other_end.endswith(end)):
+                    continue
+                if globs_overlap(family.match.name, other.match.name):
                     raise ValueError(
                         f"families {family.name!r} and {other.name!r} share differently, and only their tags "
                         f"tell their AMIs apart (match.name {family.match.name!r} and {other.match.name!r} "
