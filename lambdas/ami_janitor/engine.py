@@ -487,14 +487,15 @@ def run(
         parameters = loaded[region].parameters
         written = rotator.write_changes(clients_for(region), policy, changes, now, skip=failed_rescues)
         rotations.extend(written)
-        # Where Latest did not move as planned (a failure, or the group changed since the plan), its old
-        # holders and the AMI its parameter names (which launches read; `from` is the tag's holder where
-        # there is one) stay kept this run.
-        stuck = [c for c, r in zip(changes, written, strict=True) if r.status != "ok"]
+        # Where Latest did not move as planned (a failure, the group changed since the plan, or changed
+        # again while it was written), its old holders, the AMI its parameter names (which launches
+        # read; `from` is the tag's holder where there is one) and the AMI it went to instead stay
+        # kept this run.
+        stuck = [(c, r) for c, r in zip(changes, written, strict=True) if r.status != "ok" or r.to != c.to]
         return {
             i
-            for c in stuck
-            for i in (*c.untag, c.from_, parameters.get(c.ssm_parameter) if c.ssm_parameter else None)
+            for c, r in stuck
+            for i in (*c.untag, c.from_, parameters.get(c.ssm_parameter) if c.ssm_parameter else None, r.to)
             if i
         }
 

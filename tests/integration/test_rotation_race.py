@@ -5,19 +5,21 @@ not undone (moto in process)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import boto3
 import pytest
 import yaml
 
+from ami_janitor import engine
 from ami_janitor.aws import rotator
-from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.core.model import LatestChange
 from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.rotation import changes_for
 from ami_janitor.demo import emulator
-from server import POLICY, ec2, make_ledger, now
+from server import POLICY, ec2, image_ids, make_ledger, now
 
 PARAMETER = "/ami/web/latest"
 
@@ -111,3 +113,37 @@ def test_a_change_the_region_still_asks_for_is_written(policy: Policy) -> None:
         f"{PARAMETER} = {group.mid}",
     ]
     assert group.tagged() == [group.mid] and group.parameter() == group.mid
+
+
+def test_an_ami_latest_went_to_while_it_was_written_is_not_retired_by_the_same_run(
+    moto_aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduled run plans to move Latest to `mid` and to retire `old`; while it writes, `mid` is
+    disabled and the writes' convergence moves Latest back to `old`: `old` stays this run (the run
+    keeps the AMI Latest went to instead, and its slice's fresh read finds the parameter naming it)."""
+    emulator.install()
+    at = now()
+    group = Group(at)
+    policy = parse_policy(
+        yaml.safe_load(POLICY.format(mode="enforce").replace("keep_latest: 2", "keep_latest: 1"))
+    )
+    make_ledger()
+    real = rotator._write
+    first = [True]
+
+    def disabled_meanwhile(*args: Any, **kwargs: Any) -> None:
+        if first.pop() if first else False:  # after the run read the region again, before its writes
+            ec2().disable_image(ImageId=group.mid)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(rotator, "_write", disabled_meanwhile)
+    planned, _ = engine.build_plan(policy, ["us-east-1"], ClientFactory(), at)
+    assert [(c.from_, c.to) for c in planned.latest] == [(group.old, group.mid)]
+    assert {d.image_id: d.action for d in planned.decisions}[group.old] == "deregister"
+
+    result = engine.run(policy, ["us-east-1"], ClientFactory(), at, apply=True)
+
+    [rotation] = result.rotations
+    assert (rotation.status, rotation.to) == ("ok", group.old)
+    assert group.parameter() == group.old and group.tagged() == [group.old]
+    assert group.old in image_ids(), "the run retired the AMI Latest went back to"

@@ -197,11 +197,12 @@ def write_changes(
         after = converge(clients, policy, now, Selection(groups=written), load=load)
         by_group = {(r.family, r.architecture): r for r in after}
         for change, result in pending:
-            again = by_group.pop((change.family, change.architecture), None)
+            again = by_group.get((change.family, change.architecture))
             if again is not None:
                 result.to, result.status, result.error = again.to, again.status, again.error
                 result.written.extend(again.written)
-        results.extend(by_group.values())  # the region could not be read again: its error
+        # (Where the region cannot be read again, the writes stand as made: the next event or run
+        # settles what changed meanwhile.)
     return results
 
 
