@@ -133,3 +133,20 @@ def test_an_available_ami_no_family_waits_for_is_ignored(name: str, minutes: int
         NEW, "available", clients_for(account), TAGGED, NOW, load=account.load, sent=sent
     )
     assert (outcome.outcome, outcome.why) == ("ignored", "the AMI belongs to no family")
+
+
+def test_a_region_that_cannot_be_read_again_after_the_writes_leaves_them_as_written() -> None:
+    """One result per planned change, whatever the read after the writes says (the run pairs them)."""
+    account = Account()
+    clients = clients_for(account)
+    _app(account, OLD, 30, tags={"Latest": "true"})
+    account.parameters[PARAMETER] = OLD
+    _app(account, NEW, 0)
+    changes = rotator.changes_for(account.load(clients, POLICY), POLICY, NOW)
+    reads = iter([account.load(clients, POLICY)])
+
+    def load(c: Any, p: Any) -> RegionInventory:
+        return next(reads, RegionInventory(region="us-east-1", error="ec2:DescribeImages: Throttling"))
+
+    [result] = rotator.write_changes(clients, POLICY, changes, NOW, load=load)
+    assert (result.status, result.to) == ("ok", NEW) and account.parameters[PARAMETER] == NEW
