@@ -665,6 +665,16 @@ def _queue_slices(
         queued = slicer.queue_run(
             clients, policy, queue_url, work, plan_summary=summary, counts=counts, now=now
         )
+    except slicer.RunRecordedBefore as duplicate:
+        skipped = [
+            ActionResult(
+                region=region, image_id=item.image_id, action=stage, status="skipped", detail=str(duplicate)
+            )
+            for part in work
+            for item in part.items
+            for stage in item.stages
+        ]
+        return result.model_copy(update={"results": [*result.results, *skipped]})
     except (BotoCoreError, ClientError, RuntimeError) as error:
         # The slices SQS took run all the same (their results reach the slice's part of the report):
         # only the others' stages fail here. The run's record waits for every slice it recorded, so

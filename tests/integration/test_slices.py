@@ -20,7 +20,7 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.runs import RunRecords, run_key
 from ami_janitor.core.model import Decision, Plan, RegionStatus, iso
-from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, parse_policy
+from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, Policy, parse_policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers import scheduled, slices
 from lambda_events import Context, sqs_event
@@ -557,9 +557,8 @@ class SecondBatchRefused:
         return self.sqs.send_message_batch(**request)
 
 
-def test_slices_sqs_took_before_it_refused_others_are_not_reported_as_not_queued(moto_aws: None) -> None:
-    """Twelve slices, two SendMessageBatch calls: the ten SQS took will run, and report themselves;
-    only the two it refused fail here."""
+def twelve_slices() -> tuple[Any, str, Policy, Plan, list[WorkSlice]]:
+    """A work queue, and a run's twelve slices of one AMI each (two SendMessageBatch calls)."""
     make_ledger()
     sqs = boto3.client("sqs", region_name=REGION)
     queue = sqs.create_queue(QueueName="work.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
@@ -588,6 +587,14 @@ def test_slices_sqs_took_before_it_refused_others_are_not_reported_as_not_queued
     )
     work = engine.cut_due(plan, policy, REGION, decisions, now(), budget_seconds=0.2)  # one AMI a slice
     assert len(work) == 12
+    return sqs, queue, policy, plan, work
+
+
+def test_slices_sqs_took_before_it_refused_others_are_not_reported_as_not_queued(moto_aws: None) -> None:
+    """Twelve slices, two SendMessageBatch calls: the ten SQS took will run, and report themselves;
+    only the two it refused fail here."""
+    sqs, queue, policy, plan, work = twelve_slices()
+    decisions = plan.decisions
     clients = RegionClients(REGION, sqs=SecondBatchRefused(sqs))  # type: ignore[arg-type]
 
     result = engine._queue_slices(engine.RunResult(plan=plan), REGION, work, policy, clients, queue, now())
@@ -601,3 +608,23 @@ def test_slices_sqs_took_before_it_refused_others_are_not_reported_as_not_queued
         "slice not queued: " in (r.error or "") and "RequestThrottled" in (r.error or "")
         for r in result.results
     )
+
+
+def test_a_run_recorded_first_by_an_invocation_of_the_same_second_queues_nothing_again(
+    moto_aws: None,
+) -> None:
+    """EventBridge delivered the schedule twice: the two invocations plan runs of one key (the region and
+    the second). The first records and queues its slices; the second's stages are skipped, saying why."""
+    _, queue, policy, plan, work = twelve_slices()
+    first = engine._queue_slices(
+        engine.RunResult(plan=plan), REGION, work, policy, RegionClients(REGION), queue, now()
+    )
+    assert first.slices_queued == 12
+
+    second = engine._queue_slices(
+        engine.RunResult(plan=plan), REGION, work, policy, RegionClients(REGION), queue, now()
+    )
+
+    assert second.slices_queued == 0 and {r.status for r in second.results} == {"skipped"}
+    assert len(second.results) == 12
+    assert "recorded by another invocation started the same second" in (second.results[0].detail or "")

@@ -369,7 +369,7 @@ def queue_run(
     records = runs.RunRecords(
         clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
     )
-    records.start(
+    written = records.start(
         clients.region,
         work[0].run,
         slices=len(work),
@@ -378,7 +378,16 @@ def queue_run(
         digests={part.index: slice_digest(part) for part in work},
         at=now,
     )
+    if written != "recorded":
+        raise RunRecordedBefore(
+            f"run {work[0].run} in {clients.region} was recorded by another invocation started the same "
+            "second (the schedule delivered twice): its slices do this run's work, so none is queued again"
+        )
     return enqueue_slices(clients.sqs, queue_url, work)
+
+
+class RunRecordedBefore(RuntimeError):
+    """Another invocation recorded a run of the same key (the same region and second) first."""
 
 
 def run_here(
