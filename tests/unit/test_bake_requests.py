@@ -423,15 +423,20 @@ def test_a_stop_command_that_cannot_be_sent_runs_nothing_else(aws: Stubbed) -> N
         aws.bake(stop_command=STOP, start_command=START)
 
 
-def test_a_stop_command_whose_answer_was_lost_is_followed_by_the_start_command(aws: Stubbed) -> None:
-    """A 5xx, a throttle or a timeout may come after the command was delivered: the application may be
-    stopped, so the start command runs (on a running one it is harmless). Nothing is imaged."""
+def stop_answer_lost(aws: Stubbed) -> None:
+    """SendCommand of the stop command answers a 5xx: it may have been delivered all the same."""
     aws.ssm.add_client_error(
         "send_command",
         service_error_code="InternalServerError",
         service_message="Internal error",
         http_status_code=500,
     )
+
+
+def test_a_stop_command_whose_answer_was_lost_is_followed_by_the_start_command(aws: Stubbed) -> None:
+    """A 5xx, a throttle or a timeout may come after the command was delivered: the application may be
+    stopped, so the start command runs (on a running one it is harmless). Nothing is imaged."""
+    stop_answer_lost(aws)
     aws.send("start", START, START_ID)
     aws.invocation(START_ID, "Success")
 
@@ -445,12 +450,7 @@ def test_a_stop_command_whose_answer_was_lost_is_followed_by_the_start_command(a
 
 
 def test_a_stop_command_whose_answer_was_lost_without_a_start_command_says_no_more(aws: Stubbed) -> None:
-    aws.ssm.add_client_error(
-        "send_command",
-        service_error_code="InternalServerError",
-        service_message="Internal error",
-        http_status_code=500,
-    )
+    stop_answer_lost(aws)
     with pytest.raises(baking.BakeError) as failure:
         aws.bake(stop_command=STOP)
     assert (

@@ -122,10 +122,7 @@ def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
         started = raw.get("started", {}).get("S")
         return UnfinishedRun(run=run, slices=slices, done=done, started=parse_time(started))
     except (KeyError, TypeError, ValueError, ValidationError) as error:
-        partition = str((raw.get("pk") or {}).get("S") or "?")
-        raise MalformedItem(
-            f"ledger item {partition} cannot be read: {type(error).__name__}: {error}"
-        ) from None
+        raise _malformed(raw, f"{type(error).__name__}: {error}") from None
 
 
 def _adopted_at(raw: dict[str, Any]) -> datetime:
@@ -133,7 +130,7 @@ def _adopted_at(raw: dict[str, Any]) -> datetime:
     "not adopted yet" (the next enforce run would adopt the tags again, and `tampered` say nothing)."""
     at = parse_time((raw.get("at") or {}).get("S"))
     if at is None:
-        raise MalformedItem(f"ledger item {ADOPTION_KEY['pk']['S']} cannot be read: at: {raw.get('at')!r}")
+        raise _malformed(raw, f"at: {raw.get('at')!r}")
     return at
 
 
@@ -431,8 +428,13 @@ def _item(raw: dict[str, Any]) -> LedgerItem:
         problem = describe_validation_error(error)
     except (KeyError, TypeError, ValueError) as error:
         problem = f"{type(error).__name__}: {error}"
+    raise _malformed(raw, problem)
+
+
+def _malformed(raw: dict[str, Any], problem: str) -> "MalformedItem":
+    """An item the janitor cannot read back, its key first (see MalformedItem)."""
     partition = str((raw.get("pk") or {}).get("S") or "?")
-    raise MalformedItem(f"ledger item {partition} cannot be read: {problem}")
+    return MalformedItem(f"ledger item {partition} cannot be read: {problem}")
 
 
 class _Made:

@@ -341,7 +341,7 @@ def handle_state_change(
             named = [
                 f.name
                 for f in policy.families
-                if f.match.tags and not f.match.by_tags_alone and f.match.matches(image.name, f.match.tags)
+                if f.match.tags and not f.match.by_tags_alone and f.match.names(image.name)
             ]
             if named and sent is not None and now - sent < TAGS_WAIT:
                 raise NotYet(

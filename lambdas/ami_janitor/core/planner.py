@@ -765,9 +765,8 @@ def plan_region(
     ]
     # The groups as the rescues leave them are judged again: a rescued AMI may give another
     # architecture an AMI Latest could name (one parameter without {arch} must not name both).
-    settled = errors if all(view is group for view, group in zip(views, groups, strict=True)) else None
-    if settled is None:
-        settled = rotation_errors(views, conflicts, policy, now, inventory)
+    rescues_changed_a_group = any(view is not group for view, group in zip(views, groups, strict=True))
+    settled = rotation_errors(views, conflicts, policy, now, inventory) if rescues_changed_a_group else errors
     for group, view in zip(groups, views, strict=True):
         error = settled.get(_key(group))
         change = (

@@ -141,6 +141,10 @@ class Match(_Strict):
         set when the AMI is made and never changes)."""
         return self.name is None or not self.name.strip("*?")
 
+    def names(self, name: str) -> bool:
+        """Whether the name glob (if any) selects `name`: the AMI would match once tagged as asked."""
+        return self.name is None or _glob(self.name)(name) is not None
+
     def matches(self, name: str, tags: dict[str, str]) -> bool:
         # Asked of every AMI for every family: the glob compiled once, a loop rather than a generator.
         if self.name is not None and _glob(self.name)(name) is None:
