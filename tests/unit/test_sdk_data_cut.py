@@ -18,6 +18,7 @@ from botocore import xform_name
 from ami_janitor.aws import models
 from ami_janitor.aws.clients import (
     ClientFactory,
+    QuickAliaser,
     aliased_event,
     janitor_handlers,
     janitor_session,
@@ -220,6 +221,35 @@ def test_a_janitor_session_leaves_out_only_documentation_and_other_services() ->
     assert aliased_event("before-parameter-build.autoscaling.CreateLaunchConfiguration").split(".")[1] == (
         "auto-scaling"
     )
+
+
+@pytest.mark.parametrize(
+    "event_name",
+    [
+        "before-call.autoscaling.DescribeAutoScalingGroups",
+        "before-call.data.iot.Publish",
+        "before-call.metadata.iotx.Get",
+        "before-call.streams.dynamodb.GetRecords",
+        "before-call.ec2.DescribeImages",
+    ],
+)
+def test_the_quick_aliaser_answers_named_events_as_botocores(event_name: str) -> None:
+    theirs = botocore.hooks.EventAliaser(botocore.hooks.HierarchicalEmitter())
+    assert QuickAliaser(botocore.hooks.HierarchicalEmitter())._alias_event_name(event_name) == (
+        theirs._alias_event_name(event_name)
+    )
+
+
+def test_a_janitor_sessions_clients_alias_their_events_quickly() -> None:
+    """Each client copies the session's emitter: the quick aliaser, over the session's handlers (an
+    `autoscaling` event still reaches the handlers registered under `auto-scaling`)."""
+    session = janitor_session()
+    client = session.create_client("autoscaling", region_name="us-east-1")
+    events = client.meta.events
+    assert type(events) is QuickAliaser
+    name = events._alias_event_name("before-parameter-build.autoscaling.CreateLaunchConfiguration")
+    called = [handler.__qualname__ for handler in events._emitter._handlers.prefix_search(name)]
+    assert "base64_encode_user_data" in called, called
 
 
 @pytest.mark.parametrize(

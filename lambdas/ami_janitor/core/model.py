@@ -65,7 +65,9 @@ _NOTHING: Mapping[Any, Any] = MappingProxyType({})
 # its own copy, and unlike `default_factory=list` it need not inspect a signature for each field when
 # the class is made (a cold start makes every model class).
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Built at first use, not at import: the records of AMIs, references and the ledger, which a region
+    # holding no AMI (most regions of most accounts) never makes.
+    model_config = ConfigDict(defer_build=True, frozen=True, extra="forbid")
 
 
 # ---- the ledger -----------------------------------------------------------------------------------

@@ -14,13 +14,12 @@ has no ssm:SendCommand.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ami_janitor.handlers import collector_paused
 
 with collector_paused():
     from aws_lambda_powertools.metrics import MetricUnit
-    from aws_lambda_powertools.utilities.typing import LambdaContext
 
     from ami_janitor import engine
     from ami_janitor.aws import baker, ledger
@@ -32,6 +31,9 @@ with collector_paused():
         parse_bake_event,
     )
     from ami_janitor.handlers.observe import logger, metrics, paused
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 # The bake itself, and the check that the region's ledger table is there (engine.require_ledgers).
 PERMISSIONS: list[str] = sorted({*baker.SCHEDULED_PERMISSIONS, *ledger.CHECK_PERMISSIONS})

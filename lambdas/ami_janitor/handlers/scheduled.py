@@ -11,7 +11,6 @@ from ami_janitor.handlers import collector_paused
 
 with collector_paused():
     from aws_lambda_powertools.metrics import MetricUnit
-    from aws_lambda_powertools.utilities.typing import LambdaContext
 
     from ami_janitor import engine
     from ami_janitor.aws import copier
@@ -25,6 +24,8 @@ with collector_paused():
     from ami_janitor.handlers.observe import logger, metrics, paused
 
 if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
     from ami_janitor.core.model import Copy
 
 PERMISSIONS: list[str] = engine.SCHEDULED_PERMISSIONS
