@@ -92,7 +92,8 @@ class AsyncInvoke:
 
 
 class JanitorFunction(Construct):
-    """A function whose role grants exactly its handler's PERMISSIONS plus `infra` (its own resources)."""
+    """A function whose role grants exactly its `permissions` (ami_janitor.roles) plus `infra` (its own
+    resources)."""
 
     def __init__(
         self,

@@ -17,9 +17,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from constructs import IConstruct
 
-from ami_janitor import engine
+from ami_janitor import roles
 from ami_janitor.core.policy import Policy
-from ami_janitor.handlers import ami_event, bake, replicate, scheduled, slices
 from infra.alerts import Alerts
 from infra.ami_events import AmiEvents
 from infra.bake_schedule import BakeSchedule
@@ -85,7 +84,7 @@ def compose_janitor(
         stack,
         "Replication",
         code=code,
-        permissions=replicate.PERMISSIONS,
+        permissions=roles.REPLICATE_PERMISSIONS,
         permission_scope=with_copies,
         alerts=alerts,
     )
@@ -93,7 +92,7 @@ def compose_janitor(
         stack,
         "WorkSlices",
         code=code,
-        permissions=slices.PERMISSIONS,
+        permissions=roles.SLICE_PERMISSIONS,
         permission_scope=own_region,
         alerts=alerts,
         reports=reports,
@@ -104,7 +103,7 @@ def compose_janitor(
         "ScheduledRun",
         schedule=policy.schedule,
         code=code,
-        permissions=scheduled.PERMISSIONS,
+        permissions=roles.SCHEDULED_PERMISSIONS,
         permission_scope=with_copies,  # its plan reads the copy targets' ledgers (it copies nothing)
         alerts=alerts,
         dead_letters=dead_letters,
@@ -148,7 +147,7 @@ def _ami_events(
         stack,
         "AmiEvents",
         code=code,
-        permissions=ami_event.PERMISSIONS,
+        permissions=roles.EVENT_PERMISSIONS,
         permission_scope=scope,
         alerts=alerts,
         dead_letters=dead_letters,
@@ -181,7 +180,7 @@ def _bake_schedule(
         "BakeSchedule",
         families=baked,
         code=code,
-        permissions=bake.PERMISSIONS,
+        permissions=roles.BAKE_PERMISSIONS,
         permission_scope=scope,
         alerts=alerts,
         dead_letters=dead_letters,
@@ -212,10 +211,10 @@ def only_if(construct: IConstruct, condition: CfnCondition) -> None:
 
 def _operator_role(stack: Stack, scope: Scope) -> iam.Role:
     """The role `ami-janitor` assumes to act in this region: what the CLI calls but `ledger create`
-    (engine.OPERATOR_PERMISSIONS: the stack owns the table), under /ami-janitor/ so the ledger accepts
+    (roles.OPERATOR_PERMISSIONS: the stack owns the table), under /ami-janitor/ so the ledger accepts
     its writes. Any principal of the account that its own IAM policy allows to assume it may (the
     account root is trusted)."""
-    statements = statements_for(engine.OPERATOR_PERMISSIONS, scope)
+    statements = statements_for(roles.OPERATOR_PERMISSIONS, scope)
     role = iam.Role(
         stack,
         "OperatorRole",

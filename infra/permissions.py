@@ -1,7 +1,7 @@
-"""Maps a handler's PERMISSIONS list to IAM statements.
+"""Maps a function's list of IAM actions to IAM statements.
 
-Each handler module declares the IAM actions its code calls (`PERMISSIONS`); this module decides
-where each action may apply:
+Each module declares the IAM actions its code calls (`PERMISSIONS`), and `ami_janitor.roles` gathers
+them per function; this module decides where each action may apply:
 - read-only calls (Describe*, List*, Get*) on "*": EC2, Auto Scaling, Batch, EMR, SSM reads and the
   Recycle Bin do not support resource-level permissions for them;
 - mutating EC2 calls only on the images and snapshots of the function's region, with tag conditions

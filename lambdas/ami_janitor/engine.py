@@ -10,24 +10,16 @@ from typing import Any, Literal
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ami_janitor.aws import (
-    baker,
-    copier,
-    executor,
-    inventory,
-    kms,
-    ledger,
-    rotator,
-    runs,
-    sharer,
-    slicer,
-    usage,
-)
+# Imported where they are used, not here: the slicer (a run with stages due), the usage reports (a
+# policy with usage_reports), the copier (copies started here) and the baker. A scheduled run's cold
+# start in a region with no AMI needs none of them (roles.py gathers their PERMISSIONS).
+from ami_janitor.aws import executor, inventory, kms, ledger, rotator, runs, sharer
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult, ApplyResult
+from ami_janitor.aws.pacing import STAGE_REFILL
 from ami_janitor.aws.rotator import AmiEventOutcome
-from ami_janitor.core import baking, keys, replication, run_plan, sharing, slices, trust
+from ami_janitor.core import keys, replication, run_plan, sharing, slices, trust
 from ami_janitor.core import usage as core_usage
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
@@ -73,55 +65,6 @@ def _read_region(
     else:
         progress(f"{region}: {len(loaded.images):,} AMIs read in {took}")
     return loaded
-
-
-# What a scheduled run calls: the inventory, rotation, shares and the executor, and the aliases of
-# replica keys resolved to plan its copies. Its copies go through the replication queue
-# (sqs:SendMessage comes with the queue).
-PERMISSIONS: list[str] = sorted(
-    set(inventory.PERMISSIONS)
-    | set(executor.PERMISSIONS)
-    | set(rotator.PERMISSIONS)
-    | set(sharer.PERMISSIONS)
-    | set(ledger.PERMISSIONS)
-    | set(kms.PERMISSIONS)
-    | set(slicer.QUEUE_PERMISSIONS)
-    | set(usage.PUBLISH_PERMISSIONS)
-    | set(usage.READ_PERMISSIONS)
-    | set(usage.ORGANIZATIONS_PERMISSIONS)
-)
-# The deployed scheduled run: its work queue is always configured, so every due stage goes to the slice
-# worker and it never disables or deregisters an AMI itself (it still deprecates again in a rescue that
-# restores an owner's deprecation, and deletes the recorded snapshots of unfinished deregistrations).
-SCHEDULED_PERMISSIONS: list[str] = sorted(set(PERMISSIONS) - {"ec2:DeregisterImage", "ec2:DisableImage"})
-# The slice worker: a slice's reads (consumers' usage reports included), the executor's stages, and
-# the run's record.
-SLICE_PERMISSIONS: list[str] = slicer.PERMISSIONS
-# What `ami-janitor` calls with the caller's credentials: a scheduled run's actions (plan, apply,
-# rotate, rescue), the copies it starts itself (`replicate`; EC2 uses the KMS key of an encrypted copy
-# on the caller's behalf), `bake` with its stop and start commands, and `ledger create`.
-CLI_PERMISSIONS: list[str] = sorted(
-    set(PERMISSIONS)
-    | set(SLICE_PERMISSIONS)
-    | set(copier.PERMISSIONS)
-    | set(copier.KMS_PERMISSIONS)
-    | set(baker.PERMISSIONS)
-    | set(ledger.CHECK_PERMISSIONS)
-    | set(ledger.CREATE_PERMISSIONS)
-)
-# The operator role a stack makes for the CLI: all of it but `ledger create`'s table administration
-# (resource policy, backups, TTL, deletion protection). In a stack's region the stack owns the table;
-# a role that could rewrite the table's resource policy could open its writes to anyone.
-OPERATOR_PERMISSIONS: list[str] = sorted(set(CLI_PERMISSIONS) - set(ledger.CREATE_PERMISSIONS))
-# The event function: rotation, and sharing a new AMI at once (its copies are queued, with the aliases
-# of their keys resolved).
-EVENT_PERMISSIONS: list[str] = sorted(
-    set(rotator.PERMISSIONS)
-    | set(sharer.PERMISSIONS)
-    | set(ledger.PERMISSIONS)
-    | set(kms.PERMISSIONS)
-    | {"ec2:DescribeImages"}
-)
 
 
 class ReplicateResult(BaseModel):
@@ -436,6 +379,8 @@ def _apply_replication(
         result.queued = enqueue(result.copies)
         return result
     sources = {(inv.region, image.image_id): image for inv in own for image in inv.images}
+    if result.copies:
+        from ami_janitor.aws import copier
     for copy in result.copies:
         source = sources[(copy.source_region, copy.source_image_id)]
         result.copy_results.append(
@@ -508,6 +453,8 @@ def run(
             cut[region] = work
             return []
         results: list[ActionResult] = []
+        if work:
+            from ami_janitor.aws import slicer
         for part in work:
             progress(f"{region}: slice {part.index + 1} of {part.count} ({len(part.items):,} AMIs)")
             results += slicer.run_here(clients_for(region), ledgers(region), policy, part, now)
@@ -602,6 +549,8 @@ def publish_usage(
     problems: list[str] = []
     if settings is None or not inventories:
         return {}
+    from ami_janitor.aws import usage
+
     try:
         account = usage.own_account(clients_for(inventories[0].region))
     except (BotoCoreError, ClientError) as error:
@@ -637,7 +586,7 @@ def cut_due(
         planned_at=now,
         policy=slices.policy_digest(policy),
         budget_seconds=SLICE_BUDGET_SECONDS if budget_seconds is None else budget_seconds,
-        refill=slicer.STAGE_REFILL,
+        refill=STAGE_REFILL,
         consumers=consumers,
     )
 
@@ -661,6 +610,8 @@ def _queue_slices(
         "not_run": 0,
     }
     summary = {k: v for k, v in report.summary.model_dump().items() if isinstance(v, int)}
+    from ami_janitor.aws import slicer
+
     try:
         queued = slicer.queue_run(
             clients, policy, queue_url, work, plan_summary=summary, counts=counts, now=now
@@ -886,6 +837,9 @@ def scheduled_bake(policy: Policy, family: Family, clients: RegionClients, now: 
         return BakeOutcome(mode=policy.mode, family=family.name)
     if clients.region not in policy.bake_regions(family):
         return BakeOutcome(mode=policy.mode, region=clients.region, family=family.name, outcome="not-here")
+    from ami_janitor.aws import baker
+    from ami_janitor.core import baking
+
     instance_id = baker.find_bake_instance(clients, family)
     no_reboot = family.bake is not None and family.bake.no_reboot
     if policy.mode == "dry-run":
@@ -935,6 +889,8 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
         )
     items = ledger_for(request.source_region).read_items([described.image_id])
     source = described.model_copy(update={"ledger": items.get(described.image_id)})
+    from ami_janitor.aws import copier
+
     existing = copier.find_copies(
         clients_for(request.region).ec2, ledger_for(request.region), source.image_id, request.region
     )
@@ -983,6 +939,8 @@ def work_slice(
     where nobody sent it. Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again; and before anything,
     SliceNotRecorded (or RunNotStarted) for a slice its run did not record: SQS delivers it again, then
     parks it in the dead-letter queue, which alarms."""
+    from ami_janitor.aws import slicer
+
     if work.region != clients.region:
         raise ValueError(f"a slice of region {work.region} reached the worker of {clients.region}")
     records = runs.RunRecords(

@@ -1,8 +1,8 @@
-"""Each function's role: exactly its handler's PERMISSIONS plus the listed infra extras, scoped."""
+"""Each function's role: exactly its actions in ami_janitor.roles (the PERMISSIONS of the code it runs) plus
+the listed infra extras, scoped."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import pytest
@@ -25,11 +25,11 @@ from synth_support import (
     resources,
 )
 
-from ami_janitor import engine
 from ami_janitor.aws import ledger
+from ami_janitor.roles import FUNCTIONS, OPERATOR_PERMISSIONS
 
-# What each function needs from its own stack, on top of its handler's PERMISSIONS. A new entry here is
-# a decision: say in infra/ which resource it is granted on.
+# What each function needs from its own stack, on top of its actions in ami_janitor.roles.FUNCTIONS. A new
+# entry here is a decision: say in infra/ which resource it is granted on.
 LOGS = {"logs:CreateLogStream", "logs:PutLogEvents"}  # its own log group
 INFRA_EXTRAS = {
     # reports bucket, alert topic, replication queue + the on-failure destination queue
@@ -70,7 +70,7 @@ def templates(synth: Synth) -> dict[str, dict[str, Any]]:
 
 
 def _permissions(module: str) -> set[str]:
-    return set(importlib.import_module(f"ami_janitor.handlers.{module}").PERMISSIONS)
+    return set(FUNCTIONS[module])
 
 
 def _operator_role(template: dict[str, Any]) -> str:
@@ -324,7 +324,7 @@ def test_ledger_calls_only_on_the_ledger_tables_of_the_region_and_its_copy_targe
                 for s in _statements(template, role_id)
                 if any(a.startswith("dynamodb:") for a in as_list(s["Action"]))
             ]
-            wanted = set(engine.OPERATOR_PERMISSIONS if module == "operator" else _permissions(module))
+            wanted = set(OPERATOR_PERMISSIONS if module == "operator" else _permissions(module))
             assert {a for s in statements for a in as_list(s["Action"])} == {
                 a for a in wanted if a.startswith("dynamodb:")
             }, module
@@ -353,7 +353,7 @@ def test_operator_role_is_the_clis_permissions_trusting_the_account(
         assert trust["Action"] == "sts:AssumeRole"
         assert flatten(trust["Principal"]["AWS"]) == f"arn:aws:iam::{TEST_ACCOUNT}:root"
         granted = {a for s in _statements(template, role_id) for a in as_list(s["Action"])}
-        assert granted == set(engine.OPERATOR_PERMISSIONS) - USAGE_ACTIONS  # no usage_reports: no inbox
+        assert granted == set(OPERATOR_PERMISSIONS) - USAGE_ACTIONS  # no usage_reports: no inbox
         # The stack owns the table: no table administration (its resource policy least of all).
         assert not granted & set(ledger.CREATE_PERMISSIONS)
         assert {"dynamodb:PutResourcePolicy", "dynamodb:UpdateTable"}.isdisjoint(granted)

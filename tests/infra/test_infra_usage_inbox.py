@@ -300,17 +300,9 @@ def _usage_statements(template: dict[str, Any], prefix: str) -> dict[str, dict[s
 def test_roles_use_the_inbox_as_their_code_declares(org_synth: Synth) -> None:
     """Each role's inbox statements are those of the S3 calls its code declares: the scheduled run
     publishes under its own account and reads, the slice worker reads, the others do not touch it."""
-    from ami_janitor import engine
-    from ami_janitor.handlers import ami_event, bake, replicate, scheduled, slices
+    from ami_janitor import roles
 
-    declared = {
-        "scheduled": scheduled.PERMISSIONS,
-        "slices": slices.PERMISSIONS,
-        "ami_event": ami_event.PERMISSIONS,
-        "replicate": replicate.PERMISSIONS,
-        "bake": bake.PERMISSIONS,
-        "operator": engine.OPERATOR_PERMISSIONS,
-    }
+    declared = {**roles.FUNCTIONS, "operator": roles.OPERATOR_PERMISSIONS}
     assert {USAGE_SIDS[a] for a in declared["scheduled"] if a in USAGE_SIDS} == set(USAGE_SIDS.values())
     assert {USAGE_SIDS[a] for a in declared["slices"] if a in USAGE_SIDS} == {
         "ReadUsageReports",

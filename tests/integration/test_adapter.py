@@ -21,10 +21,7 @@ from moto.ec2.models import ec2_backends
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import (
-    CALLED,
     IMAGE_PERMISSIONS,
-    IMAGE_REFERENCES_DEPENDENCIES,
-    PERMISSIONS,
     count_calls,
     describe_image,
     load_details,
@@ -38,6 +35,7 @@ from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
 from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
 from ami_janitor.demo import emulator
+from ami_janitor.roles import IMAGE_REFERENCES_DEPENDENCIES, INVENTORY_CALLED, INVENTORY_PERMISSIONS
 from builders import image, policy
 from sessions import botocore_session
 
@@ -481,7 +479,7 @@ def test_load_images_reads_only_the_amis_and_the_latest_pointers() -> None:
     assert [i.image_id for i in inventory.images] == [x86]
     assert inventory.parameters == {"/ami/app/x86_64/latest": x86}
     assert inventory.references == ()
-    assert set(calls) <= set(IMAGE_PERMISSIONS) <= set(PERMISSIONS)
+    assert set(calls) <= set(IMAGE_PERMISSIONS) <= set(INVENTORY_PERMISSIONS)
 
 
 @pytest.mark.usefixtures("moto_aws")
@@ -1606,8 +1604,8 @@ def test_permissions_are_exactly_the_calls_the_module_makes(stubbed: Stubbed) ->
 
     s.verify()
     assert inventory.error is None
-    assert sorted(calls) == CALLED
-    assert set(PERMISSIONS) == set(CALLED) | set(IMAGE_REFERENCES_DEPENDENCIES)
+    assert sorted(calls) == INVENTORY_CALLED
+    assert set(INVENTORY_PERMISSIONS) == set(INVENTORY_CALLED) | set(IMAGE_REFERENCES_DEPENDENCIES)
     assert (
         Reference(
             image_id=ami(1),

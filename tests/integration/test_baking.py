@@ -18,6 +18,7 @@ import pytest
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
+from ami_janitor import roles
 from ami_janitor.aws import baker, ledger
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import load_images
@@ -458,7 +459,7 @@ def test_handler_in_a_region_the_family_does_not_bake_in_does_nothing(lambda_env
 
 
 def test_handler_permissions_are_the_unattended_bake_only() -> None:
-    assert bake_handler.PERMISSIONS == [
+    assert roles.BAKE_PERMISSIONS == [
         "dynamodb:DescribeTable",  # the ledger table is there
         "dynamodb:UpdateItem",  # the bake recorded on the new AMI's item
         "ec2:CreateImage",
@@ -466,5 +467,5 @@ def test_handler_permissions_are_the_unattended_bake_only() -> None:
         "ec2:DescribeImages",  # a CreateImage retried after its answer was lost finds its image
         "ec2:DescribeInstances",
     ]
-    assert set(bake_handler.PERMISSIONS) - {"dynamodb:DescribeTable"} < set(baker.PERMISSIONS)
+    assert set(roles.BAKE_PERMISSIONS) - {"dynamodb:DescribeTable"} < set(baker.PERMISSIONS)
     assert sorted(baker.PERMISSIONS) == baker.PERMISSIONS

@@ -18,7 +18,7 @@ from moto import mock_aws
 from moto.ec2.models import ec2_backends
 
 import lambda_events
-from ami_janitor import engine
+from ami_janitor import engine, roles
 from ami_janitor.aws import inventory, ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.copier import KMS_PERMISSIONS, PERMISSIONS, enqueue_copies, start_copy
@@ -865,7 +865,7 @@ def test_permissions_name_what_the_code_calls() -> None:
         "ec2:CreateTags",
         "ec2:DescribeImages",
     ]
-    assert set(replicate.PERMISSIONS) == set(PERMISSIONS) | set(KMS_PERMISSIONS)
+    assert set(roles.REPLICATE_PERMISSIONS) == set(PERMISSIONS) | set(KMS_PERMISSIONS)
     assert "kms:GenerateDataKeyWithoutPlaintext" in KMS_PERMISSIONS
 
 

@@ -1,4 +1,4 @@
-"""engine.CLI_PERMISSIONS, which the README points CLI users to, is exactly the union of the permission
+"""roles.CLI_PERMISSIONS, which the README points CLI users to, is exactly the union of the permission
 lists declared by the modules `ami-janitor` imports (directly or not; the demo aside, it runs on the
 emulator)."""
 
@@ -8,7 +8,7 @@ import importlib
 
 import grimp
 
-from ami_janitor import engine
+from ami_janitor import roles
 
 
 def cli_modules() -> set[str]:
@@ -40,10 +40,10 @@ def test_cli_permissions_are_the_union_of_what_its_modules_declare() -> None:
     assert {"ami_janitor.engine", "ami_janitor.aws.baker", "ami_janitor.aws.copier"} <= modules
     assert not any(m.startswith("ami_janitor.handlers") for m in modules)
     declared = declared_permissions(modules)
-    missing = {name: sorted(actions - set(engine.CLI_PERMISSIONS)) for name, actions in declared.items()}
+    missing = {name: sorted(actions - set(roles.CLI_PERMISSIONS)) for name, actions in declared.items()}
     assert not {name: actions for name, actions in missing.items() if actions}
-    assert set(engine.CLI_PERMISSIONS) == set().union(*declared.values())
-    assert sorted(engine.CLI_PERMISSIONS) == engine.CLI_PERMISSIONS
+    assert set(roles.CLI_PERMISSIONS) == set().union(*declared.values())
+    assert sorted(roles.CLI_PERMISSIONS) == roles.CLI_PERMISSIONS
 
 
 def test_cli_permissions_cover_bake_and_copies() -> None:
@@ -54,4 +54,4 @@ def test_cli_permissions_cover_bake_and_copies() -> None:
         "ec2:CopyImage",
         "kms:CreateGrant",
     ):
-        assert action in engine.CLI_PERMISSIONS, action
+        assert action in roles.CLI_PERMISSIONS, action

@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from ami_janitor import engine
+from ami_janitor.aws import copier
 from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.rotator import AmiEventOutcome, RotationResult
 from ami_janitor.aws.sharer import ShareResult
@@ -163,7 +164,7 @@ def test_the_scheduled_run_makes_the_queue_client_only_to_queue_a_copy(
 
     monkeypatch.setattr(engine, "run", run)
     monkeypatch.setattr(scheduled, "ClientFactory", lambda *_: lambda region: Clients())
-    monkeypatch.setattr(scheduled.copier, "enqueue_copies", enqueue_copies)
+    monkeypatch.setattr(copier, "enqueue_copies", enqueue_copies)
     monkeypatch.setenv("REPLICATION_QUEUE_URL", "https://sqs.us-east-1.amazonaws.com/123456789012/copies")
     mode("enforce")
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from ami_janitor.core.model import Stage
 
 NON_MUTATING = "non-mutating"  # DescribeImages and every other Describe* (and Get*) call
 MUTATING = "mutating"  # the mutating calls without a bucket of their own
@@ -70,6 +73,15 @@ def bucket_name(api: str) -> str:
 def bucket_of(api: str) -> tuple[int, float]:
     """(size, refill per second) of the bucket an EC2 call draws on."""
     return SIZES[bucket_name(api)]
+
+
+# Paced AMIs per second of each stage: the refill of its EC2 call's token bucket (a run cuts its due
+# stages into slices by it, the slice worker paces them at it).
+STAGE_REFILL: Mapping[Stage, float] = {
+    "deprecate": bucket_of("EnableImageDeprecation")[1],
+    "disable": bucket_of("DisableImage")[1],
+    "deregister": bucket_of("DeregisterImage")[1],
+}
 
 
 class _Bucket:

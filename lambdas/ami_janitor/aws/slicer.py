@@ -25,11 +25,10 @@ from ami_janitor.aws.executor import ActionResult
 from ami_janitor.aws.inventory import image_references, ledger_items
 from ami_janitor.aws.inventory.image_references import read_image_references
 from ami_janitor.aws.inventory.images import images_where
-from ami_janitor.aws.inventory.load import REFERENCE_SOURCE_PERMISSIONS, read_reference_sources
 from ami_janitor.aws.inventory.pointers import Pointers
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
+from ami_janitor.aws.inventory.reference_sources import REFERENCE_SOURCE_PERMISSIONS, read_reference_sources
 from ami_janitor.aws.ledger import Ledger
-from ami_janitor.aws.pacing import bucket_of
 from ami_janitor.core.model import (
     Image,
     LedgerView,
@@ -73,12 +72,6 @@ PERMISSIONS: list[str] = sorted(
 # queue_run: the run's record, then the slices (SendMessageBatch is authorized as sqs:SendMessage,
 # which comes with the queue).
 QUEUE_PERMISSIONS: list[str] = list(runs.PERMISSIONS)
-# Paced AMIs per second of each stage: the refill of its EC2 call's token bucket.
-STAGE_REFILL: dict[Stage, float] = {
-    "deprecate": bucket_of("EnableImageDeprecation")[1],
-    "disable": bucket_of("DisableImage")[1],
-    "deregister": bucket_of("DeregisterImage")[1],
-}
 
 # AMIs in flight at once in the slice worker: each AMI's calls go one after another, so with one in
 # flight a slice runs at one call's latency; a few keep its paced client at the token buckets' rate.

@@ -44,7 +44,6 @@ with collector_paused():
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
-PERMISSIONS: list[str] = engine.EVENT_PERMISSIONS
 # No queued event is started with less than this left of the invocation (an event that reads a large
 # region takes tens of seconds): the records left come again at once, where a timeout would deliver the
 # records already handled again too, and a batch that never fits would end in the dead-letter queue.

@@ -22,7 +22,6 @@ with collector_paused():
     from aws_lambda_powertools.metrics import MetricUnit
 
     from ami_janitor import engine
-    from ami_janitor.aws import baker, ledger
     from ami_janitor.aws.clients import ClientFactory
     from ami_janitor.core.policy import Family, Policy
     from ami_janitor.handlers.events import (
@@ -34,9 +33,6 @@ with collector_paused():
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
-
-# The bake itself, and the check that the region's ledger table is there (engine.require_ledgers).
-PERMISSIONS: list[str] = sorted({*baker.SCHEDULED_PERMISSIONS, *ledger.CHECK_PERMISSIONS})
 
 
 def baked_family(policy: Policy, name: str) -> Family:

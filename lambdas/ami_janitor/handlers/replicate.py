@@ -30,7 +30,6 @@ with collector_paused():
     from pydantic import Json, ValidationError
 
     from ami_janitor import engine
-    from ami_janitor.aws import copier, kms
     from ami_janitor.aws.clients import ClientFactory
     from ami_janitor.aws.ledger import LedgerMissing
     from ami_janitor.core import replication
@@ -39,11 +38,6 @@ with collector_paused():
     from ami_janitor.handlers.events import configured
     from ami_janitor.handlers.observe import logger, metrics
 
-# inventory.describe_image reads the source (ec2:DescribeImages, already in copier.PERMISSIONS), the
-# ledger checks and item reads are the copier's too (dynamodb:DescribeTable, BatchGetItem); the KMS
-# actions are what EC2 does with a target's key on this role's behalf, and DescribeKey resolves a
-# target's alias again before the copy.
-PERMISSIONS: list[str] = sorted(set(copier.PERMISSIONS) | set(copier.KMS_PERMISSIONS) | set(kms.PERMISSIONS))
 
 # A refused message's body is logged up to this many characters (the reason says what was wrong).
 MESSAGE_LOGGED_MAX = 2048

@@ -13,7 +13,6 @@ with collector_paused():
     from aws_lambda_powertools.metrics import MetricUnit
 
     from ami_janitor import engine
-    from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory
     from ami_janitor.handlers.events import (
         Environment,
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
     from ami_janitor.core.model import Copy
 
-PERMISSIONS: list[str] = engine.SCHEDULED_PERMISSIONS
 # The summary mail names this many tampered tags; the report in S3 has them all.
 _TAMPERED_LINES = 20
 
@@ -97,7 +95,11 @@ def _enqueuer(factory: ClientFactory, region: str, queue: str | None) -> engine.
         return None
 
     def enqueue(copies: Sequence[Copy]) -> int:
-        return copier.enqueue_copies(factory(region).sqs, queue, copies) if copies else 0
+        if not copies:
+            return 0
+        from ami_janitor.aws import copier
+
+        return copier.enqueue_copies(factory(region).sqs, queue, copies)
 
     return enqueue
 

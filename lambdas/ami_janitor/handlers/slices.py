@@ -31,7 +31,6 @@ with collector_paused():
     from ami_janitor.handlers.observe import logger, metrics, paused
     from ami_janitor.handlers.scheduled import publish, report_key
 
-PERMISSIONS: list[str] = engine.SLICE_PERMISSIONS
 # No AMI is started with less than this left of the invocation (an AMI's stages take seconds; the
 # results still go to the bucket and the run's record after the last).
 RESERVE_MILLIS = 120_000

@@ -1,52 +1,24 @@
-"""The recipe: one region's inventory read source by source, each step's outputs feeding the next."""
+"""The recipe: one region's inventory read source by source, each step's outputs feeding the next.
 
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
-from datetime import datetime
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
+The sources only some regions need are imported where they are read: the reference sources
+(reference_sources) where AMIs are in a family, the per-AMI reads (DescribeImageReferences, launch
+permissions, usage reports) for the AMIs a plan chose, Recycle Bin and image block public access where
+there is something they concern. A region with no AMI (most regions of most accounts) never imports
+them: a cold start of its scheduled run reads only its AMIs, retired snapshots and ledger."""
 
-from ami_janitor.aws.inventory import (
-    aliases,
-    auto_scaling_groups,
-    batch,
-    emr,
-    fleets,
-    instances,
-    launch_configurations,
-    launch_templates,
-    parameters,
-    template_uses,
-)
-from ami_janitor.aws.inventory.aliases import resolve_aliases
-from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_groups
-from ami_janitor.aws.inventory.batch import read_batch_compute_environments
-from ami_janitor.aws.inventory.block_public_access import read_block_public_access
-from ami_janitor.aws.inventory.claims import Claims, named_aliases, references_of
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, NamedTuple
+
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
-from ami_janitor.aws.inventory.emr import read_emr_clusters
-from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
-from ami_janitor.aws.inventory.image_references import read_image_references, sort_references
 from ami_janitor.aws.inventory.images import read_images
-from ami_janitor.aws.inventory.instances import Instances, read_instances
-from ami_janitor.aws.inventory.launch_configurations import (
-    launch_configuration_claims,
-    read_launch_configurations,
-)
-from ami_janitor.aws.inventory.launch_permissions import load_launch_permissions
-from ami_janitor.aws.inventory.launch_templates import read_launch_templates
 from ami_janitor.aws.inventory.ledger_items import read_ledger
-from ami_janitor.aws.inventory.parameters import parameter_claims, read_parameters
 from ami_janitor.aws.inventory.pointers import Pointers, read_pointer_values
-from ami_janitor.aws.inventory.reading import SourceFailed
-from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
+from ami_janitor.aws.inventory.reading import SourceFailed, ahead
 from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
-from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
-from ami_janitor.aws.usage import load_usage
 from ami_janitor.core.model import (
     Image,
     LedgerView,
-    Reference,
     RegionInventory,
     RetiredSnapshot,
     with_ledger,
@@ -55,25 +27,6 @@ from ami_janitor.core.policy import Policy
 
 if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
-
-T = TypeVar("T")
-
-# What read_reference_sources calls (a slice reads them too: beside DescribeImageReferences, or all of
-# them where that API is not offered).
-REFERENCE_SOURCE_PERMISSIONS: list[str] = sorted(
-    set().union(
-        aliases.PERMISSIONS,
-        auto_scaling_groups.PERMISSIONS,
-        batch.PERMISSIONS,
-        emr.PERMISSIONS,
-        fleets.PERMISSIONS,
-        instances.PERMISSIONS,
-        launch_configurations.PERMISSIONS,
-        launch_templates.PERMISSIONS,
-        parameters.PERMISSIONS,
-        template_uses.PERMISSIONS,
-    )
-)
 
 
 def load_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
@@ -84,32 +37,21 @@ def load_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
         return RegionInventory(region=clients.region, error=str(failure))
 
 
-@contextmanager
-def _ahead(clients: "RegionClients", read: Callable[[], T]) -> Iterator[Callable[[], T]]:
-    """`read` started now, on a thread of its own, while the caller reads its other sources: their calls
-    wait on the network side by side. Its answer (or its SourceFailed) comes where the caller asks for
-    it, so the first source to fail in the recipe's order still names the region's error. With one read
-    worker (a Stubber expects its calls in order) `read` runs where it is asked for."""
-    if clients.read_workers <= 1:
-        yield read
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:  # waited for, even when another source fails
-        yield pool.submit(read).result
-
-
 def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
     # The sources are read in this order, so the first to fail names the region's error; the claims
     # keep it too, so that notes come out in the order of the resources they are about. What the plan
     # reports beside its decisions depends on no other source: it is read ahead, beside them.
     with (
-        _ahead(clients, lambda: read_retired_snapshots(clients.ec2)) as retired_snapshots,
-        _ahead(clients, lambda: read_ledger(clients, policy.ledger.table)) as ledger,
+        ahead(clients, lambda: read_retired_snapshots(clients.ec2)) as retired_snapshots,
+        ahead(clients, lambda: read_ledger(clients, policy.ledger.table)) as ledger,
     ):
         images = read_images(clients.ec2, clients.region)
         # Image block public access is about the region's AMIs: where it has none, there is nothing to
         # make public, and the state is not asked (most regions of most accounts hold no AMI).
+        if images:
+            from ami_janitor.aws.inventory.block_public_access import read_block_public_access
         public_access_read = (
-            _ahead(clients, lambda: read_block_public_access(clients.ec2, clients.region))
+            ahead(clients, lambda: read_block_public_access(clients.ec2, clients.region))
             if images
             else nullcontext(list[str])
         )
@@ -132,6 +74,9 @@ def _read_sources(
     # An account that reports its use of other accounts' AMIs reads its references everywhere.
     if policy.usage_reports is None and not any(_in_a_family(policy, image) for image in images):
         return _without_references(clients, policy, images, read_beside)
+    from ami_janitor.aws.inventory.image_references import sort_references
+    from ami_janitor.aws.inventory.reference_sources import read_reference_sources
+
     pointers = Pointers.of(policy, images)
     found = read_reference_sources(clients, policy, pointers)
     latest = read_pointer_values(clients.ssm, pointers, found.parameter_values)
@@ -152,85 +97,6 @@ def _read_sources(
     return _with_copy_sources(clients, policy, with_ledger(inventory))
 
 
-class ReferenceSources(NamedTuple):
-    """What the reference sources (every one but DescribeImageReferences) found in a region."""
-
-    references: list[Reference]
-    instances: Instances
-    parameter_values: dict[str, str]
-    notes: list[str]
-
-
-_NO_INSTANCES = Instances(ids=frozenset(), claims=[], builds=())
-
-
-def read_reference_sources(
-    clients: "RegionClients",
-    policy: Policy,
-    pointers: Pointers,
-    *,
-    beside_image_references: datetime | None = None,
-) -> ReferenceSources:
-    """Every reference source of the region, read in full (the parameters `pointers` owns are no
-    references). Raises SourceFailed naming the first source that cannot be read.
-
-    `beside_image_references` (a slice's plan time): what DescribeImageReferences may not find, beside
-    it. Not the instances (it finds them); the plain-text SSM parameters changed since then only (it
-    may look only at parameters of the `aws:ec2:image` data type, where the plan reads every value);
-    the other sources in full (it looks at no launch configuration, Auto Scaling group, fleet, Batch
-    or EMR; launch templates are read too, as the policy counts their versions and as those name them)."""
-    ec2, ssm = clients.ec2, clients.ssm
-    versions = policy.references.launch_template_versions
-    since = beside_image_references
-
-    def instance_source() -> Instances:
-        return _NO_INSTANCES if since is not None else read_instances(ec2, policy)
-
-    def parameter_source() -> dict[str, str]:
-        return read_parameters(ssm, changed_since=since)
-
-    # The reference sources depend on no other: all read side by side, their answers taken in order.
-    with (
-        _ahead(clients, instance_source) as instances_read,
-        _ahead(clients, parameter_source) as parameters_read,
-        _ahead(clients, lambda: read_launch_templates(ec2, versions)) as templates_read,
-        _ahead(clients, lambda: _read_auto_scaling(clients)) as auto_scaling_read,
-        _ahead(clients, lambda: read_spot_fleets(ec2)) as spot_fleets_read,
-        _ahead(clients, lambda: read_ec2_fleets(ec2)) as ec2_fleets_read,
-        _ahead(clients, lambda: read_batch_compute_environments(clients.batch)) as batch_read,
-        _ahead(clients, lambda: read_emr_clusters(clients.emr)) as emr_read,
-    ):
-        instances = instances_read()
-        parameter_values = parameters_read()
-        templates, version_claims = templates_read()
-        configurations, groups = auto_scaling_read()
-        spot_fleets = spot_fleets_read()
-        ec2_fleets = ec2_fleets_read()
-        batch_environments = batch_read()
-        emr_claims = emr_read()
-
-    # What launches from a launch template keeps the image of the version it names.
-    uses = [*groups.uses, *spot_fleets.uses, *ec2_fleets.uses, *batch_environments.uses]
-    templates = read_missing_versions(ec2, templates, uses)
-    use_claims, template_notes = template_claims(templates, uses)
-
-    claims = [
-        *instances.claims,
-        *parameter_claims(parameter_values, pointers),
-        *version_claims,
-        *launch_configuration_claims(configurations),
-        *groups.claims,
-        *spot_fleets.claims,
-        *ec2_fleets.claims,
-        *batch_environments.claims,
-        *emr_claims,
-        *use_claims,
-    ]
-    resolved = resolve_aliases(ssm, named_aliases(claims), parameter_values)
-    references, alias_notes = references_of(claims, resolved)
-    return ReferenceSources(references, instances, parameter_values, [*template_notes, *alias_notes])
-
-
 def _with_copy_sources(
     clients: "RegionClients", policy: Policy, inventory: RegionInventory
 ) -> RegionInventory:
@@ -239,12 +105,6 @@ def _with_copy_sources(
     if not notes and images is inventory.images:
         return inventory
     return inventory._replace(images=images, notes=tuple(dict.fromkeys([*inventory.notes, *notes])))
-
-
-def _read_auto_scaling(clients: "RegionClients") -> tuple[dict[str, str], Claims]:
-    """The launch configurations, then the groups (which launch from them)."""
-    configurations = read_launch_configurations(clients.autoscaling)
-    return configurations, read_auto_scaling_groups(clients.autoscaling, configurations)
 
 
 class _Beside(NamedTuple):
@@ -269,6 +129,8 @@ def _read_beside(
     # Recycle Bin only matters where a snapshot may be deleted: not in a region with no AMI, no retired
     # snapshot and nothing in the ledger (an empty region's run makes no rbin client).
     if images or retired_snapshots or (ledger is not None and ledger.items):
+        from ami_janitor.aws.inventory.recycle_bin import read_recycle_bin_rules
+
         recycle_bin_rules, recycle_bin_notes = read_recycle_bin_rules(clients.rbin, clients.region)
     return _Beside(
         retired_snapshots, recycle_bin_rules, [*recycle_bin_notes, *block_public_access_notes], ledger
@@ -290,8 +152,11 @@ def _without_references(
     clients made). What the plan says beside its decisions is read as always: the instances a bake
     names, the retired snapshots, Recycle Bin, image block public access (the region has AMIs) and
     the ledger."""
-    baking = any(family.bake is not None for family in policy.families)
-    instances = read_instances(clients.ec2, policy) if baking else None
+    instances = None
+    if any(family.bake is not None for family in policy.families):
+        from ami_janitor.aws.inventory.instances import read_instances
+
+        instances = read_instances(clients.ec2, policy)
     beside = read_beside(images)
     inventory = RegionInventory(
         region=clients.region,
@@ -318,6 +183,9 @@ def load_details(
     unread = [i.image_id for i in inventory.images if i.image_id in wanted and i.launch_permissions is None]
     if not unread:
         return inventory
+    from ami_janitor.aws.inventory.image_references import read_image_references, sort_references
+    from ami_janitor.aws.inventory.launch_permissions import load_launch_permissions
+
     try:
         described, notes = read_image_references(
             clients.ec2,
@@ -350,6 +218,8 @@ def load_details(
     loaded = loaded._replace(images=images)
     if policy.usage_reports is None:
         return loaded
+    from ami_janitor.aws.usage import load_usage
+
     return load_usage(clients, policy.usage_reports, loaded, wanted)
 
 

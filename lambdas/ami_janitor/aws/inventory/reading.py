@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -15,6 +16,8 @@ from ami_janitor.aws.errors import error_code
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
+
+    from ami_janitor.aws.clients import RegionClients
 
 Raw = Mapping[str, Any]
 T = TypeVar("T")
@@ -65,6 +68,19 @@ def source(name: str) -> Iterator[None]:
         raise SourceFailed(name, type(error).__name__, _short(str(error))) from error
     except _MALFORMED as error:
         raise SourceFailed(name, "MalformedResponse", _short(f"{type(error).__name__}: {error}")) from error
+
+
+@contextmanager
+def ahead(clients: RegionClients, read: Callable[[], T]) -> Iterator[Callable[[], T]]:
+    """`read` started now, on a thread of its own, while the caller reads its other sources: their calls
+    wait on the network side by side. Its answer (or its SourceFailed) comes where the caller asks for
+    it, so the first source to fail in the recipe's order still names the region's error. With one read
+    worker (a Stubber expects its calls in order) `read` runs where it is asked for."""
+    if clients.read_workers <= 1:
+        yield read
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:  # waited for, even when another source fails
+        yield pool.submit(read).result
 
 
 def optional(name: str, load: Callable[[], T], *, endpoint_may_lack: bool = False) -> T | None:
