@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import botocore.compat
 import botocore.handlers
 import botocore.hooks
 import botocore.loaders
@@ -238,6 +239,14 @@ def test_the_quick_aliaser_answers_named_events_as_botocores(event_name: str) ->
     assert QuickAliaser(botocore.hooks.HierarchicalEmitter())._alias_event_name(event_name) == (
         theirs._alias_event_name(event_name)
     )
+
+
+def test_every_handler_a_janitor_session_registers_takes_keyword_arguments() -> None:
+    """The session registers botocore's handlers without botocore's check of each one's signature:
+    each passes it (a handler that did not would fail at its first event)."""
+    for event_name, handler, *_ in janitor_handlers():
+        assert callable(handler), event_name
+        assert botocore.compat.accepts_kwargs(handler), event_name
 
 
 def test_a_janitor_sessions_clients_alias_their_events_quickly() -> None:

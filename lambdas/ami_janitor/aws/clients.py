@@ -307,16 +307,18 @@ def aliased_event(event_name: str) -> str:
 
 def _builtin_events() -> HierarchicalEmitter:
     """The events a botocore Session is made with, its built-in handlers registered: those kept alone,
-    in botocore's order and before a library's initializers add theirs (Powertools')."""
+    in botocore's order and before a library's initializers add theirs (Powertools'). They are botocore's
+    own, each taking keyword arguments: registered as botocore's `register` would after checking that
+    (`inspect` reads each one's signature, a third of a session's making), without the check."""
     emitter = HierarchicalEmitter()
     for spec in janitor_handlers():
         event_name, handler, *register_type = spec
         if not register_type:
-            emitter.register(aliased_event(event_name), handler)
+            emitter._register(aliased_event(event_name), handler)  # type: ignore[attr-defined]
         elif register_type[0] is handlers.REGISTER_FIRST:
-            emitter.register_first(aliased_event(event_name), handler)
+            emitter._register_first(aliased_event(event_name), handler)  # type: ignore[attr-defined]
         elif register_type[0] is handlers.REGISTER_LAST:
-            emitter.register_last(aliased_event(event_name), handler)
+            emitter._register_last(aliased_event(event_name), handler, None)  # type: ignore[attr-defined]
     return emitter
 
 

@@ -38,23 +38,29 @@ DEFAULT_LEDGER_TABLE = "ami-janitor-ledger"
 Mode = Literal["dry-run", "enforce", "paused"]
 
 # Python's patterns: `\Z` ends the text (`$` also matches before a last newline), `[0-9]` is an ASCII
-# digit (`\d` any Unicode digit). pydantic's `pattern`s are Rust's, where `$` ends the text.
+# digit (`\d` any Unicode digit). pydantic's `pattern`s are Rust's, where `$` ends the text. Those only
+# some policies need are compiled at their first use (`re.match` keeps them), not at every cold start.
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]\Z")
-_ACCOUNT_RE = re.compile(r"^[0-9]{12}\Z")
+_ACCOUNT = r"^[0-9]{12}\Z"
 _KMS_ARN = r"^arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):[0-9]{12}:"
-_KEY_ARN_RE = re.compile(_KMS_ARN + r"key/[A-Za-z0-9-]+\Z")
+_KEY_ARN = _KMS_ARN + r"key/[A-Za-z0-9-]+\Z"
 # Alias names: alias/ then letters, digits, '/', '_', '-' (alias/aws/ is reserved for AWS managed keys).
 _ALIAS_NAME = r"alias/(?!aws/)[A-Za-z0-9/_-]+"
-_ALIAS_RE = re.compile(f"^{_ALIAS_NAME}\\Z")
+_ALIAS = f"^{_ALIAS_NAME}\\Z"
 # s3://bucket or s3://bucket/prefix (S3 bucket names: 3-63 of lowercase letters, digits, '.', '-').
 _INBOX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
-_ALIAS_ARN_RE = re.compile(_KMS_ARN + f"(?P<alias>{_ALIAS_NAME})\\Z")
+_ALIAS_ARN = _KMS_ARN + f"(?P<alias>{_ALIAS_NAME})\\Z"
 # EC2's image architectures (ArchitectureValues): what `{arch}` in a Latest SSM parameter becomes.
 ARCHITECTURES = ("i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac")
 
 
 class PolicyError(ValueError):
     """A policy file that cannot be used; the message names the key path and the reason."""
+
+
+# A part of one parent model (Family or Policy), validated only inside it: its schema is built with the
+# parent's, not on its own as well.
+_IN_ITS_PARENT = ConfigDict(defer_build=True)
 
 
 class _Strict(BaseModel):
@@ -87,6 +93,8 @@ class Lifecycle(_Strict):
 
 
 class LifecycleOverride(_Strict):
+    model_config = _IN_ITS_PARENT
+
     deprecate_after_days: int | None = Field(None, ge=0, le=MAX_DAYS)
     disable_after_days: int | None = Field(None, ge=0, le=MAX_DAYS)
     deregister_after_days: int | None = Field(None, ge=0, le=MAX_DAYS)
@@ -98,6 +106,8 @@ class Limits(_Strict):
 
 
 class FamilyLimits(_Strict):
+    model_config = _IN_ITS_PARENT
+
     max_fraction_per_family: float | None = Field(None, ge=0.0, le=1.0)
 
     @model_validator(mode="before")
@@ -124,6 +134,8 @@ class Rules(_Strict):
 
 
 class Match(_Strict):
+    model_config = _IN_ITS_PARENT
+
     tags: dict[str, str] = {}
     name: str | None = Field(None, min_length=1)
 
@@ -204,6 +216,8 @@ def _glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
 
 
 class Latest(_Strict):
+    model_config = _IN_ITS_PARENT
+
     tag: str | None = Field("Latest", min_length=1, max_length=128)
     ssm_parameter: str | None = Field(None, min_length=1)
 
@@ -225,6 +239,8 @@ class Latest(_Strict):
 
 
 class ReplicateTarget(_Strict):
+    model_config = _IN_ITS_PARENT
+
     region: str
     # A key ARN, `alias/NAME` or an alias ARN; an alias is resolved (DescribeKey) in the target region.
     kms_key_id: str | None = None
@@ -238,7 +254,7 @@ class ReplicateTarget(_Strict):
     @classmethod
     def _key(cls, value: str | None) -> str | None:
         if value is not None and not (
-            _KEY_ARN_RE.match(value) or _ALIAS_RE.match(value) or _ALIAS_ARN_RE.match(value)
+            re.match(_KEY_ARN, value) or re.match(_ALIAS, value) or re.match(_ALIAS_ARN, value)
         ):
             raise ValueError(
                 f"{value!r} is not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/ID), an alias (alias/NAME) "
@@ -271,7 +287,7 @@ class ShareWith(_Strict):
     @classmethod
     def _accounts(cls, value: list[str]) -> list[str]:
         for account in value:
-            if not _ACCOUNT_RE.match(account):
+            if not re.match(_ACCOUNT, account):
                 raise ValueError(f"{account!r} is not a 12-digit account id")
         return value
 
@@ -297,6 +313,7 @@ class Bake(_Strict):
 
     With both, the pinned instance must also carry the tags."""
 
+    model_config = _IN_ITS_PARENT
     instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
     instance_tag: dict[str, str] | None = Field(None, min_length=1)
     schedule: str | None = None
@@ -386,6 +403,8 @@ class References(_Strict):
 
 
 class Notify(_Strict):
+    model_config = _IN_ITS_PARENT
+
     email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -402,6 +421,7 @@ class UsageReports(_Strict):
     """Usage reports across accounts: each account's scheduled run writes the AMIs of other accounts it
     uses to `inbox` (under `reports/<its account id>/`), and an owner keeps what they report in use."""
 
+    model_config = _IN_ITS_PARENT
     inbox: str = Field(pattern=_INBOX_PATTERN)
     # A report older than this is stale: the AMIs shared with its account are kept (fail safe). At most
     # 30 days: a report a month old says nothing of today's use.
@@ -415,7 +435,7 @@ class UsageReports(_Strict):
     @field_validator("inbox_account")
     @classmethod
     def _inbox_account(cls, value: str | None) -> str | None:
-        if value is not None and not _ACCOUNT_RE.match(value):
+        if value is not None and not re.match(_ACCOUNT, value):
             raise ValueError(f"{value!r} is not a 12-digit account id")
         return value
 
@@ -440,6 +460,7 @@ class UsageReports(_Strict):
 class Organization(_Strict):
     """Deployment to an organization with a service-managed StackSet (see the README)."""
 
+    model_config = _IN_ITS_PARENT
     id: str = Field(pattern=r"^o-[a-z0-9]{10,32}$")
     # Organizational units (ou-...) or the root (r-...) the StackSet deploys to, automatically.
     deploy_to: list[str] = Field(min_length=1)
@@ -614,9 +635,9 @@ def alias_name(kms_key_id: str | None) -> str | None:
     """`alias/NAME` of a kms_key_id naming an alias (`alias/NAME` or its ARN); None otherwise."""
     if kms_key_id is None:
         return None
-    if _ALIAS_RE.match(kms_key_id):
+    if re.match(_ALIAS, kms_key_id):
         return kms_key_id
-    match = _ALIAS_ARN_RE.match(kms_key_id)
+    match = re.match(_ALIAS_ARN, kms_key_id)
     return match.group("alias") if match else None
 
 
