@@ -400,6 +400,7 @@ def run(
     work_queue: str | None = None,
     publish_reports: bool = False,
     progress: Progress = _quiet,
+    event_id: str | None = None,
 ) -> RunResult:
     """A scheduled run in one pass: one plan (retirement, Latest, shares, copies), then applied in a
     fixed order per region: rescues, Latest, candidate clocks; then shares and copies; then the due
@@ -415,6 +416,11 @@ def run(
 
     With `publish_reports` (a scheduled run, dry-run or enforce) and `usage_reports` configured, each
     region read in full sends the account's usage report to the inbox, before anything else is done.
+
+    `event_id` (the scheduled event's): its slices are queued once per region. Lambda runs a failed
+    invocation again with the same event; where the first had queued its slices (and failed after,
+    say writing its report), they may have acted already, and the second plan would pick the next
+    AMIs: up to twice `max_actions_per_run` for one scheduled event. The second queues none.
     """
     plan, loaded = build_plan(policy, regions, clients_for, now, progress)
     if apply:
@@ -476,7 +482,9 @@ def run(
         plan=plan, results=applied.results, rotations=rotations, replicated=replicated, **usage
     )
     for region, work in sorted(cut.items()):
-        result = _queue_slices(result, region, work, policy, clients_for(region), work_queue or "", now)
+        result = _queue_slices(
+            result, region, work, policy, clients_for(region), work_queue or "", now, event_id=event_id
+        )
     if work_queue is not None:
         keys, lines = unfinished_runs(own, now)
         result = result.model_copy(update={"unfinished_runs": lines, "unfinished_keys": keys})
@@ -599,9 +607,12 @@ def _queue_slices(
     clients: RegionClients,
     queue_url: str,
     now: datetime,
+    *,
+    event_id: str | None = None,
 ) -> RunResult:
     """Record the run's slices and queue them; where that fails, their stages fail (nothing was done
-    to them: the next run plans them again)."""
+    to them: the next run plans them again). A scheduled event whose slices were queued before (a
+    retried invocation) queues none: its stages are skipped, saying why."""
     report = result.report()
     counts = {
         "snapshots_deleted": report.summary.snapshots_deleted if result.results else 0,
@@ -614,7 +625,7 @@ def _queue_slices(
 
     try:
         queued = slicer.queue_run(
-            clients, policy, queue_url, work, plan_summary=summary, counts=counts, now=now
+            clients, policy, queue_url, work, plan_summary=summary, counts=counts, now=now, event_id=event_id
         )
     except slicer.RunRecordedBefore as duplicate:
         skipped = [

@@ -497,6 +497,50 @@ def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_t
     assert run not in [u.run for u in table.read_all().unfinished_runs]  # marked: said once
 
 
+def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_event(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run queues its slices, then fails (its invocation times out after its report), and Lambda
+    runs the same event again. Its slices have acted meanwhile: the retry would plan the next AMIs,
+    twice the cap for one scheduled event. The retry queues none; its stages are skipped, saying why.
+    The next scheduled event (another id) plans them again."""
+    deployed.write_policy("enforce", limits={"max_actions_per_run": 2, "max_fraction_per_family": 1.0})
+    fleet = seed_fleet(now())
+    make_ledger()
+    event = {**SCHEDULED, "id": "7bf73129-1428-4cd3-a780-95db273d1602", "time": iso(now())}
+    publish = scheduled.publish
+
+    def publish_then_time_out(*args: Any, **kwargs: Any) -> None:
+        publish(*args, **kwargs)
+        raise TimeoutError("Task timed out")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(scheduled, "publish", publish_then_time_out)
+        with pytest.raises(TimeoutError):
+            scheduled.handler(event, Context())
+    first = deployed.queued()
+    assert first
+    for body in first:
+        deployed.work(body)
+    retired = [i for i in fleet.images if i not in image_ids()]
+    assert 0 < len(retired) <= 2
+
+    retry = scheduled.handler(event, Context())  # the same event, run again by Lambda
+
+    assert deployed.queued() == [] and retry["slices_queued"] == 0
+    assert [i for i in fleet.images if i not in image_ids()] == retired  # nothing more this event
+    stored = deployed.keys()
+    key = max(k for k in stored if k.startswith(f"runs/{REGION}/") and k.count("/") == 2)  # the retry's
+    report = json.loads(deployed.s3.get_object(Bucket="reports", Key=key)["Body"].read())
+    skipped = [r for r in report["results"] if r["status"] == "skipped"]
+    assert skipped and all(
+        f"the scheduled event {event['id']} was run before" in r["detail"] for r in skipped
+    )
+
+    scheduled.handler({**event, "id": "0d6d4c0e-8f0b-4a59-9d2c-2f4c7a1b9e33"}, Context())  # the next one
+    assert deployed.queued()
+
+
 def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts_its_amis_retired(
     deployed: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:

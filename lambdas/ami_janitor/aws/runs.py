@@ -1,7 +1,8 @@
 """A run's record in the ledger table: how many slices its due stages were cut into, which are done,
 and their counts, so that the run's summary waits for its last slice and is sent once.
 
-Key: `pk` = "run#<region>#<run>" (the plan's generated_at), `sk` = "item". The ledger's Scan reads
+Key: `pk` = "run#<region>#<run>" (the plan's generated_at), `sk` = "item"; a scheduled event's claim
+(the run that queued its slices) `pk` = "event#<region>#<event id>". The ledger's Scan reads
 them only for the runs whose slices were not all counted (LedgerView.unfinished_runs): the next
 scheduled run reports one once it is older than a queued slice may be, and marks it reported. They
 expire with the ledger's retention.
@@ -59,6 +60,15 @@ def run_key(region: str, run: str) -> dict[str, Any]:
     return {"pk": {"S": f"run#{region}#{run}"}, "sk": {"S": "item"}}
 
 
+def event_key(region: str, event_id: str) -> dict[str, Any]:
+    return {"pk": {"S": f"event#{region}#{event_id}"}, "sk": {"S": "item"}}
+
+
+# A scheduled event's claim outlives every delivery of the event: Lambda runs a failed invocation again
+# within the event's maximum age (two hours), EventBridge delivers it again within a day.
+EVENT_CLAIM_DAYS = 2
+
+
 def _progress(raw: Mapping[str, Any]) -> RunProgress:
     return RunProgress(
         slices=int(raw["slices"]["N"]),
@@ -110,6 +120,25 @@ class RunRecords:
                 **{f":n_{name}": {"N": str(int(counts.get(name, 0)))} for name in COUNTERS},
             },
         )
+
+    def claim_event(self, region: str, event_id: str, run: str, at: datetime) -> str | None:
+        """Claim a scheduled event's slices in `region` for `run`: None where this run claims it, else
+        the run that claimed it first (a delivery of the same event before this one). A claim this
+        call wrote, whose answer was lost and sent again, is this run's (conditional_update)."""
+        expires = int((at + timedelta(days=EVENT_CLAIM_DAYS)).timestamp())
+        written = conditional_update(
+            self.db,
+            self.table,
+            event_key(region, event_id),
+            UpdateExpression="SET #run = :run, #ttl = :ttl",
+            ConditionExpression="attribute_not_exists(#run)",
+            ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
+            ExpressionAttributeValues={":run": {"S": run}, ":ttl": {"N": str(expires)}},
+        )
+        if written == "recorded":
+            return None
+        answer = self.db.get_item(TableName=self.table, Key=event_key(region, event_id), ConsistentRead=True)
+        return str(answer.get("Item", {}).get("run", {}).get("S") or "unknown")
 
     def finish_slice(
         self, region: str, run: str, index: int, counts: Mapping[str, int]

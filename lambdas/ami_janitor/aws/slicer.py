@@ -355,13 +355,25 @@ def queue_run(
     plan_summary: Mapping[str, int],
     counts: Mapping[str, int],
     now: datetime,
+    event_id: str | None = None,
 ) -> int:
-    """Record the run's slices in the ledger table (its summary waits for the last), then queue them."""
+    """Record the run's slices in the ledger table (its summary waits for the last), then queue them.
+    With `event_id` (a scheduled event's), once per event: RunRecordedBefore where a run of the same
+    event claimed it first."""
     if not work:
         return 0
     records = runs.RunRecords(
         clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
     )
+    if event_id is not None:
+        claimed = records.claim_event(clients.region, event_id, work[0].run, now)
+        if claimed is not None:
+            raise RunRecordedBefore(
+                f"the scheduled event {event_id} was run before in {clients.region} (run {claimed}: Lambda "
+                "runs a failed invocation again, or EventBridge delivered the event twice): that run's "
+                "slices do its work and the caps hold per event, so none is queued again; the next "
+                "scheduled run plans these AMIs again"
+            )
     written = records.start(
         clients.region,
         work[0].run,
@@ -380,7 +392,8 @@ def queue_run(
 
 
 class RunRecordedBefore(RuntimeError):
-    """Another invocation recorded a run of the same key (the same region and second) first."""
+    """Another invocation recorded a run of the same key (the same region and second), or of the same
+    scheduled event, first."""
 
 
 def run_here(

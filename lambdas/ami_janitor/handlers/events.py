@@ -27,10 +27,13 @@ class BadEvent(ValueError):
 
 class ScheduledEvent(BaseModel):
     """The schedule rule's event (EventBridge's Scheduled Event, or `{}` invoked by hand). Nothing in it
-    steers the run, which reads the clock: its time is only logged."""
+    steers the plan, which reads the clock: its time is only logged. Its id is the same in every
+    delivery of it (a retry of a failed invocation, a second delivery): a run queues its slices once
+    per event (engine.run's `event_id`)."""
 
     model_config = ConfigDict(extra="allow")
 
+    id: str | None = Field(None, min_length=1)
     time: datetime | None = None
 
 

@@ -122,6 +122,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         enqueue=_enqueuer(factory, env.region, env.replication_queue_url),
         work_queue=env.work_queue_url,
         publish_reports=True,
+        event_id=scheduled.id,
     )
     report = result.report()
     summary = report.summary
