@@ -378,9 +378,11 @@ def _apply_replication(
     if enqueue is not None:
         result.queued = enqueue(result.copies)
         return result
+    if not result.copies:
+        return result
+    from ami_janitor.aws import copier
+
     sources = {(inv.region, image.image_id): image for inv in own for image in inv.images}
-    if result.copies:
-        from ami_janitor.aws import copier
     for copy in result.copies:
         source = sources[(copy.source_region, copy.source_image_id)]
         result.copy_results.append(
@@ -458,9 +460,11 @@ def run(
         if work_queue is not None:
             cut[region] = work
             return []
+        if not work:
+            return []
+        from ami_janitor.aws import slicer
+
         results: list[ActionResult] = []
-        if work:
-            from ami_janitor.aws import slicer
         for part in work:
             progress(f"{region}: slice {part.index + 1} of {part.count} ({len(part.items):,} AMIs)")
             results += slicer.run_here(clients_for(region), ledgers(region), policy, part, now)

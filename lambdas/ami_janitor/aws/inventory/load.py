@@ -7,7 +7,7 @@ there is something they concern. A region with no AMI (most regions of most acco
 them: a cold start of its scheduled run reads only its AMIs, retired snapshots and ledger."""
 
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, NamedTuple
 
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
@@ -48,20 +48,20 @@ def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory
         images = read_images(clients.ec2, clients.region)
         # Image block public access is about the region's AMIs: where it has none, there is nothing to
         # make public, and the state is not asked (most regions of most accounts hold no AMI).
-        if images:
-            from ami_janitor.aws.inventory.block_public_access import read_block_public_access
-        public_access_read = (
-            ahead(clients, lambda: read_block_public_access(clients.ec2, clients.region))
-            if images
-            else nullcontext(list[str])
-        )
-        with public_access_read as public_access:
+        with _public_access_read(clients) if images else nullcontext(list[str]) as public_access:
             return _read_sources(
                 clients,
                 policy,
                 images,
                 lambda images: _read_beside(clients, images, retired_snapshots(), public_access(), ledger()),
             )
+
+
+def _public_access_read(clients: "RegionClients") -> AbstractContextManager[Callable[[], list[str]]]:
+    """The image block public access state, read ahead (a region with AMIs)."""
+    from ami_janitor.aws.inventory.block_public_access import read_block_public_access
+
+    return ahead(clients, lambda: read_block_public_access(clients.ec2, clients.region))
 
 
 def _read_sources(
