@@ -5,15 +5,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field
 
-# Imported where they are used, not here: the slicer (a run with stages due), the usage reports (a
-# policy with usage_reports), the copier (copies started here) and the baker. A scheduled run's cold
-# start in a region with no AMI needs none of them (roles.py gathers their PERMISSIONS).
-from ami_janitor.aws import executor, inventory, kms, ledger, rotator, runs, sharer
+# Imported where they are used, not here: the slicer and the runs' records (a run with stages due),
+# the usage reports (a policy with usage_reports), the copier (copies started here) and the baker. A
+# scheduled run's cold start in a region with no AMI needs none of them (roles.py gathers their
+# PERMISSIONS).
+from ami_janitor.aws import executor, inventory, kms, ledger, rotator, sharer
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.errors import error_text
 from ami_janitor.aws.executor import ActionResult, ApplyResult
@@ -36,6 +37,10 @@ from ami_janitor.core.model import (
     with_ledger,
 )
 from ami_janitor.core.policy import Family, Mode, Policy
+
+if TYPE_CHECKING:
+    from ami_janitor.aws.runs import RunProgress
+    from ami_janitor.aws.slicer import SliceOutcome
 
 ClientsFor = Callable[[str], RegionClients]
 Enqueue = Callable[[Sequence[Copy]], int]
@@ -531,9 +536,13 @@ def mark_unfinished_reported(
     """Mark the earlier runs `result` names unfinished as reported, after the report that names them
     is out: a run that dies before leaves them to the next run, and one that cannot mark them now
     too (said twice then, rather than never)."""
+    if not result.unfinished_keys:
+        return
+    from ami_janitor.aws.runs import RunRecords
+
     for region, run in result.unfinished_keys:
         try:
-            runs.RunRecords(clients_for(region).dynamodb, policy.ledger.table).mark_unfinished_reported(
+            RunRecords(clients_for(region).dynamodb, policy.ledger.table).mark_unfinished_reported(
                 region, run, now
             )
         except (BotoCoreError, ClientError):
@@ -919,34 +928,16 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
     return copier.start_copy(clients_for, copy, source, policy, existing, ledger_for=ledger_for)
 
 
-class SliceOutcome(BaseModel):
-    """What the slice worker did with one slice, and the run's record after it."""
-
-    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
-    model_config = ConfigDict(defer_build=True)
-
-    region: str
-    run: str
-    index: int
-    count: int
-    results: list[ActionResult] = []
-    held: dict[str, str] = {}
-    dropped: str | None = None  # why the whole slice was not run
-    progress: runs.RunProgress | None = None
-    # This worker sends the run's summary: the run's last slice is done, and nobody sent it before.
-    last: bool = False
-
-
 def work_slice(
     policy: Policy,
     work: slices.WorkSlice,
     clients: RegionClients,
     now: datetime,
     *,
-    keep: Callable[[SliceOutcome], None] | None = None,
+    keep: "Callable[[SliceOutcome], None] | None" = None,
     out_of_time: Callable[[], bool] | None = None,
     delivery: int = 1,
-) -> SliceOutcome:
+) -> "SliceOutcome":
     """One queued slice (`delivery`: SQS's receive count of its message): dropped (each stage skipped, with why) when the policy is no longer the plan's
     or the slice is stale, else run (slicer.run_slice, which reads its AMIs again); `keep` is given the
     results before the run's record counts the slice (the report keeps them); then counted once. A
@@ -954,7 +945,7 @@ def work_slice(
     where nobody sent it. Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again; and before anything,
     SliceNotRecorded (or RunNotStarted) for a slice its run did not record: SQS delivers it again, then
     parks it in the dead-letter queue, which alarms."""
-    from ami_janitor.aws import slicer
+    from ami_janitor.aws import runs, slicer
 
     if work.region != clients.region:
         raise ValueError(f"a slice of region {work.region} reached the worker of {clients.region}")
@@ -962,7 +953,7 @@ def work_slice(
         clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
     )
     recorded = records.check_slice(work.region, work.run, work.index, slices.slice_digest(work))
-    outcome = SliceOutcome(region=work.region, run=work.run, index=work.index, count=work.count)
+    outcome = slicer.SliceOutcome(region=work.region, run=work.run, index=work.index, count=work.count)
     if work.index in recorded.done:
         # Delivered again after it was counted (its summary could not be sent): its results are in the
         # report already, and its AMIs were acted on. Nothing is read, done or written again.
@@ -1012,18 +1003,20 @@ def work_slice(
 
 
 def send_run_summary(
-    policy: Policy, clients: RegionClients, outcome: SliceOutcome, send: Callable[[], None]
+    policy: Policy, clients: RegionClients, outcome: "SliceOutcome", send: Callable[[], None]
 ) -> None:
     """`send` the run's report and summary (the caller claimed them: `outcome.last`); where it fails,
     the claim is given back before the error goes on, so the slice's next delivery sends them."""
     try:
         send()
     except Exception:
-        runs.RunRecords(clients.dynamodb, policy.ledger.table).release_summary(outcome.region, outcome.run)
+        from ami_janitor.aws.runs import RunRecords
+
+        RunRecords(clients.dynamodb, policy.ledger.table).release_summary(outcome.region, outcome.run)
         raise
 
 
-def final_report(first: RunReport, outcomes: Sequence[SliceOutcome], progress: runs.RunProgress) -> RunReport:
+def final_report(first: RunReport, outcomes: "Sequence[SliceOutcome]", progress: "RunProgress") -> RunReport:
     """The run's one report: what the scheduled run did, then every slice's results; the counts are
     the run record's (the scheduled run's own, plus each slice's once)."""
     totals = progress.counts
@@ -1040,7 +1033,7 @@ def final_report(first: RunReport, outcomes: Sequence[SliceOutcome], progress: r
     return first.model_copy(update={"summary": summary, "results": results})
 
 
-def recorded_report(region: str, run: str, progress: runs.RunProgress) -> RunReport:
+def recorded_report(region: str, run: str, progress: "RunProgress") -> RunReport:
     """The run's summary from its record alone (no report bucket to read the details from)."""
     summary = RunSummary.model_validate({**progress.plan_summary, **progress.counts})
     return RunReport(

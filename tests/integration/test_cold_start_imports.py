@@ -23,6 +23,7 @@ NOT_IN_AN_EMPTY_REGION = {
     "ami_janitor.aws.baker",
     "ami_janitor.aws.copier",
     "ami_janitor.aws.slicer",
+    "ami_janitor.aws.runs",
     "ami_janitor.aws.usage",
     "ami_janitor.aws.inventory.reference_sources",
     "ami_janitor.aws.inventory.claims",

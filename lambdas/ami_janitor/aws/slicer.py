@@ -396,6 +396,24 @@ class RunRecordedBefore(RuntimeError):
     scheduled event, first."""
 
 
+class SliceOutcome(BaseModel):
+    """What the slice worker did with one slice, and the run's record after it."""
+
+    # Off the scheduled run's path: its validator is built when first used, not at each cold start.
+    model_config = ConfigDict(defer_build=True)
+
+    region: str
+    run: str
+    index: int
+    count: int
+    results: list[ActionResult] = []
+    held: dict[str, str] = {}
+    dropped: str | None = None  # why the whole slice was not run
+    progress: runs.RunProgress | None = None
+    # This worker sends the run's summary: the run's last slice is done, and nobody sent it before.
+    last: bool = False
+
+
 def run_here(
     clients: "RegionClients", ledger: Ledger, policy: Policy, work: WorkSlice, now: datetime
 ) -> list[ActionResult]:

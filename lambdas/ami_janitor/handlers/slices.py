@@ -25,6 +25,7 @@ with collector_paused():
     from ami_janitor import engine
     from ami_janitor.aws.clients import ClientFactory, RegionClients
     from ami_janitor.aws.runs import RunNotStarted, SliceNotRecorded
+    from ami_janitor.aws.slicer import SliceOutcome
     from ami_janitor.core.policy import Policy
     from ami_janitor.core.slices import WorkSlice
     from ami_janitor.handlers.events import Environment, configured
@@ -47,7 +48,7 @@ def slice_key(region: str, run: str, index: int) -> str:
 
 
 def _keep(env: Environment, clients: RegionClients) -> Any:
-    def keep(outcome: engine.SliceOutcome) -> None:
+    def keep(outcome: SliceOutcome) -> None:
         if env.report_bucket:
             clients.s3.put_object(
                 Bucket=env.report_bucket,
@@ -63,7 +64,7 @@ def _read(clients: RegionClients, bucket: str, key: str) -> Any:
     return json.loads(clients.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def _report(env: Environment, clients: RegionClients, outcome: engine.SliceOutcome) -> engine.RunReport:
+def _report(env: Environment, clients: RegionClients, outcome: SliceOutcome) -> engine.RunReport:
     """The run's one report: the scheduled run's part and every slice's, from the report bucket."""
     assert outcome.progress is not None
     if not env.report_bucket:
@@ -72,7 +73,7 @@ def _report(env: Environment, clients: RegionClients, outcome: engine.SliceOutco
         _read(clients, env.report_bucket, report_key(outcome.region, outcome.run, part="run"))
     )
     parts = [
-        engine.SliceOutcome.model_validate(
+        SliceOutcome.model_validate(
             _read(clients, env.report_bucket, slice_key(outcome.region, outcome.run, index))
         )
         for index in range(outcome.count)
