@@ -4,6 +4,7 @@ FIFO work queue, the slice worker takes them one by one, and the run's last slic
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from botocore.exceptions import ClientError
 
 from ami_janitor import engine
+from ami_janitor.aws import slicer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.runs import RunRecords, run_key
@@ -539,6 +541,66 @@ def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_
 
     scheduled.handler({**event, "id": "0d6d4c0e-8f0b-4a59-9d2c-2f4c7a1b9e33"}, Context())  # the next one
     assert deployed.queued()
+
+
+def test_a_retried_event_whose_first_run_queued_no_slice_queues_them(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQS refused every slice (their stages failed), then the report could not be written: Lambda runs
+    the event again. Nothing of the event was queued, so the first run gave its claim back and the
+    retry queues the slices."""
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    event = {**SCHEDULED, "id": "2c1d7a9e-5b3f-4e8a-9d6c-0f1e2d3c4b5a"}
+
+    def sqs_down(*args: Any, **kwargs: Any) -> int:
+        raise slicer.SlicesNotQueued("SQS refused slices: ServiceUnavailable", frozenset())
+
+    def s3_down(*args: Any, **kwargs: Any) -> None:
+        raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "down"}}, "PutObject")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(slicer, "enqueue_slices", sqs_down)
+        failing.setattr(scheduled, "publish", s3_down)
+        with pytest.raises(ClientError):
+            scheduled.handler(event, Context())
+    assert deployed.queued() == []
+    time.sleep(1.1)  # the retry plans a run of another second
+
+    retry = scheduled.handler(event, Context())
+
+    assert retry["slices_queued"] > 0 and deployed.queued()
+    assert set(fleet.images) <= image_ids()
+
+
+def test_a_retried_event_whose_first_run_was_killed_before_it_recorded_its_slices_queues_them(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The invocation was killed (its timeout: no error handling runs) between the claim of its event
+    and the record of its slices: nothing was queued. The retry takes the claim over and queues them;
+    a further delivery of the event then finds the retry's record, and queues nothing."""
+    deployed.write_policy("enforce")
+    seed_fleet(now())
+    make_ledger()
+    event = {**SCHEDULED, "id": "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"}
+
+    class Killed(BaseException):
+        """What a Lambda timeout is to the code: it stops, and nothing after runs."""
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise Killed()
+
+    with monkeypatch.context() as failing:
+        failing.setattr(RunRecords, "start", killed)
+        with pytest.raises(Killed):
+            scheduled.handler(event, Context())
+    assert deployed.queued() == []
+    time.sleep(1.1)
+
+    assert scheduled.handler(event, Context())["slices_queued"] > 0
+    time.sleep(1.1)
+    assert scheduled.handler(event, Context())["slices_queued"] == 0
 
 
 def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts_its_amis_retired(

@@ -123,13 +123,16 @@ class RunRecords:
 
     def claim_event(self, region: str, event_id: str, run: str, at: datetime) -> str | None:
         """Claim a scheduled event's slices in `region` for `run`: None where this run claims it, else
-        the run that claimed it first (a delivery of the same event before this one). A claim this
-        call wrote, whose answer was lost and sent again, is this run's (conditional_update)."""
+        the run that claimed it first (a delivery of the same event before this one) and recorded its
+        slices. A run that claimed the event and stopped before it recorded them queued nothing (its
+        invocation was killed, a timeout): this run takes its claim over. A claim this call wrote,
+        whose answer was lost and sent again, is this run's (conditional_update)."""
         expires = int((at + timedelta(days=EVENT_CLAIM_DAYS)).timestamp())
+        key = event_key(region, event_id)
         written = conditional_update(
             self.db,
             self.table,
-            event_key(region, event_id),
+            key,
             UpdateExpression="SET #run = :run, #ttl = :ttl",
             ConditionExpression="attribute_not_exists(#run)",
             ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
@@ -137,8 +140,48 @@ class RunRecords:
         )
         if written == "recorded":
             return None
+        answer = self.db.get_item(TableName=self.table, Key=key, ConsistentRead=True)
+        claimed = str(answer.get("Item", {}).get("run", {}).get("S") or "")
+        if claimed and self._recorded(region, claimed):
+            return claimed
+        taken = conditional_update(
+            self.db,
+            self.table,
+            key,
+            UpdateExpression="SET #run = :run, #ttl = :ttl",
+            ConditionExpression="attribute_not_exists(#run) OR #run = :claimed",
+            ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
+            ExpressionAttributeValues={
+                ":run": {"S": run},
+                ":claimed": {"S": claimed},
+                ":ttl": {"N": str(expires)},
+            },
+        )
+        return None if taken == "recorded" else (self._claimed_by(region, event_id) or claimed)
+
+    def _claimed_by(self, region: str, event_id: str) -> str | None:
         answer = self.db.get_item(TableName=self.table, Key=event_key(region, event_id), ConsistentRead=True)
-        return str(answer.get("Item", {}).get("run", {}).get("S") or "unknown")
+        return answer.get("Item", {}).get("run", {}).get("S")
+
+    def release_event(self, region: str, event_id: str, run: str) -> None:
+        """Give back `run`'s claim of a scheduled event none of whose slices were queued (SQS refused
+        them all, or the run failed before): a retry of the event queues them."""
+        try:
+            self.db.update_item(
+                TableName=self.table,
+                Key=event_key(region, event_id),
+                UpdateExpression="REMOVE #run",
+                ConditionExpression="#run = :run",
+                ExpressionAttributeNames={"#run": "run"},
+                ExpressionAttributeValues={":run": {"S": run}},
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise
+
+    def _recorded(self, region: str, run: str) -> bool:
+        answer = self.db.get_item(TableName=self.table, Key=run_key(region, run), ConsistentRead=True)
+        return "slices" in answer.get("Item", {})
 
     def finish_slice(
         self, region: str, run: str, index: int, counts: Mapping[str, int]

@@ -13,6 +13,7 @@ that rule 5 keeps holds the AMI back there.
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -370,25 +371,34 @@ def queue_run(
         if claimed is not None:
             raise RunRecordedBefore(
                 f"the scheduled event {event_id} was run before in {clients.region} (run {claimed}: Lambda "
-                "runs a failed invocation again, or EventBridge delivered the event twice): that run's "
-                "slices do its work and the caps hold per event, so none is queued again; the next "
+                "runs a failed invocation again, or EventBridge delivered the event twice): that run "
+                "recorded its slices and the caps hold per event, so none is queued again; the next "
                 "scheduled run plans these AMIs again"
             )
-    written = records.start(
-        clients.region,
-        work[0].run,
-        slices=len(work),
-        plan_summary=plan_summary,
-        counts=counts,
-        digests={part.index: slice_digest(part) for part in work},
-        at=now,
-    )
-    if written != "recorded":
-        raise RunRecordedBefore(
-            f"run {work[0].run} in {clients.region} was recorded by another invocation started the same "
-            "second (the schedule delivered twice): its slices do this run's work, so none is queued again"
+    try:
+        written = records.start(
+            clients.region,
+            work[0].run,
+            slices=len(work),
+            plan_summary=plan_summary,
+            counts=counts,
+            digests={part.index: slice_digest(part) for part in work},
+            at=now,
         )
-    return enqueue_slices(clients.sqs, queue_url, work)
+        if written != "recorded":
+            raise RunRecordedBefore(
+                f"run {work[0].run} in {clients.region} was recorded by another invocation started the "
+                "same second (the schedule delivered twice): its slices do this run's work, so none is "
+                "queued again"
+            )
+        return enqueue_slices(clients.sqs, queue_url, work)
+    except Exception as error:
+        # Nothing of this event queued: the claim is given back, for a retry of the event to queue (a
+        # claim left by a run killed before it recorded its slices is taken over: claim_event).
+        if event_id is not None and not getattr(error, "queued", None):
+            with suppress(BotoCoreError, ClientError):  # the error that stopped the run is the one to report
+                records.release_event(clients.region, event_id, work[0].run)
+        raise
 
 
 class RunRecordedBefore(RuntimeError):
