@@ -21,7 +21,6 @@ from ami_janitor.aws.executor import ActionResult, ApplyResult
 from ami_janitor.aws.pacing import STAGE_REFILL
 from ami_janitor.aws.rotator import AmiEventOutcome
 from ami_janitor.core import keys, replication, run_plan, sharing, slices, trust
-from ami_janitor.core import usage as core_usage
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.model import (
     AmiState,
@@ -555,7 +554,9 @@ def _consumers(region: RegionInventory) -> dict[str, list[str]]:
     view = region.usage
     if view is None:
         return {}
-    found = {image.image_id: sorted(core_usage.consumers(image, view)[0]) for image in region.images}
+    from ami_janitor.core.usage import consumers
+
+    found = {image.image_id: sorted(consumers(image, view)[0]) for image in region.images}
     return {image_id: accounts for image_id, accounts in found.items() if accounts}
 
 

@@ -33,6 +33,9 @@ NOT_IN_AN_EMPTY_REGION = {
     "ami_janitor.aws.inventory.recycle_bin",
     "ami_janitor.aws.inventory.block_public_access",
     "ami_janitor.core.baking",
+    "ami_janitor.core.build_instance",
+    "ami_janitor.core.globs",
+    "ami_janitor.core.usage",
 }
 
 COLD_START = """

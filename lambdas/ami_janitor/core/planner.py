@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ami_janitor.core import build_instance, guardrails, trust
+from ami_janitor.core import guardrails, trust
 from ami_janitor.core.model import (
     Decision,
     Image,
@@ -846,6 +846,8 @@ def scheduled_bakes(inventory: RegionInventory, policy: Policy) -> list[Schedule
             continue
         if inventory.region not in policy.bake_regions(family):
             continue
+        from ami_janitor.core import build_instance  # a family that bakes here
+
         choice = build_instance.choose(family, inventory.region, inventory.build_instances)
         bakes.append(
             ScheduledBake(

@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ami_janitor.core.globs import globs_overlap
 from ami_janitor.core.validation import describe_validation_error
 
 JANITOR_TAG_PREFIX = "ami-janitor:"
@@ -570,6 +569,8 @@ class Policy(_Strict):
                 other_end = _literal_end(other.match.name)
                 if not (end.endswith(other_end) or other_end.endswith(end)):
                     continue
+                from ami_janitor.core.globs import globs_overlap  # two sharing families' globs to compare
+
                 if globs_overlap(family.match.name, other.match.name):
                     raise ValueError(
                         f"families {family.name!r} and {other.name!r} share differently, and only their tags "

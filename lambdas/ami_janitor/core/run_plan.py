@@ -14,7 +14,6 @@ from ami_janitor.core.planner import is_janitor_touched, shared_outside
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.replication import plan_replication
 from ami_janitor.core.sharing import plan_shares, share_for
-from ami_janitor.core.usage import usage_reasons
 
 # Decisions of AMIs this run retires (or may retire soon): never shared first, and their launch
 # permissions decide whether they are shared outside share_with.
@@ -155,6 +154,8 @@ def _settled(
     if not reasons and not policy.rules_for(family).allow_shared:
         reasons = shared_outside(image, family)
     if not reasons and policy.usage_reports is not None and usage is not None:
+        from ami_janitor.core.usage import usage_reasons  # a policy with usage_reports
+
         reasons = usage_reasons(image, usage[0], policy.usage_reports, usage[1])
     if not reasons:
         return decision
