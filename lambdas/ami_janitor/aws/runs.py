@@ -128,36 +128,33 @@ class RunRecords:
         invocation was killed, a timeout): this run takes its claim over. A claim this call wrote,
         whose answer was lost and sent again, is this run's (conditional_update)."""
         expires = int((at + timedelta(days=EVENT_CLAIM_DAYS)).timestamp())
-        key = event_key(region, event_id)
-        written = conditional_update(
-            self.db,
-            self.table,
-            key,
-            UpdateExpression="SET #run = :run, #ttl = :ttl",
-            ConditionExpression="attribute_not_exists(#run)",
-            ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
-            ExpressionAttributeValues={":run": {"S": run}, ":ttl": {"N": str(expires)}},
-        )
-        if written == "recorded":
+
+        def claim(condition: str, **values: str) -> bool:
+            return (
+                conditional_update(
+                    self.db,
+                    self.table,
+                    event_key(region, event_id),
+                    UpdateExpression="SET #run = :run, #ttl = :ttl",
+                    ConditionExpression=condition,
+                    ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
+                    ExpressionAttributeValues={
+                        ":run": {"S": run},
+                        ":ttl": {"N": str(expires)},
+                        **{f":{name}": {"S": value} for name, value in values.items()},
+                    },
+                )
+                == "recorded"
+            )
+
+        if claim("attribute_not_exists(#run)"):
             return None
-        answer = self.db.get_item(TableName=self.table, Key=key, ConsistentRead=True)
-        claimed = str(answer.get("Item", {}).get("run", {}).get("S") or "")
+        claimed = self._claimed_by(region, event_id) or ""
         if claimed and self._recorded(region, claimed):
             return claimed
-        taken = conditional_update(
-            self.db,
-            self.table,
-            key,
-            UpdateExpression="SET #run = :run, #ttl = :ttl",
-            ConditionExpression="attribute_not_exists(#run) OR #run = :claimed",
-            ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
-            ExpressionAttributeValues={
-                ":run": {"S": run},
-                ":claimed": {"S": claimed},
-                ":ttl": {"N": str(expires)},
-            },
-        )
-        return None if taken == "recorded" else (self._claimed_by(region, event_id) or claimed)
+        if claim("attribute_not_exists(#run) OR #run = :claimed", claimed=claimed):
+            return None
+        return self._claimed_by(region, event_id) or claimed
 
     def _claimed_by(self, region: str, event_id: str) -> str | None:
         answer = self.db.get_item(TableName=self.table, Key=event_key(region, event_id), ConsistentRead=True)
