@@ -4,7 +4,9 @@ Key schema: partition key `pk` = "image#<ami id>", sort key `sk` = "item". One i
 by key (GetItem, BatchGetItem): every question the engine asks is "what did I do to these AMIs". The
 sort key costs nothing now and keeps room for more items under one AMI (or other kinds of items, as
 "run#<time>") later, since a table's key schema cannot change once it exists. The `image#` prefix
-keeps other kinds of partitions apart.
+keeps other kinds of partitions apart: a run's record (`run#`) and a scheduled event's claim
+(`event#`, aws/runs.py), and the adoption record (`ledger#adoption`); the Scan reads each by its prefix
+and leaves any other alone.
 
 Writes are conditional so that two runs racing on one AMI record each step exactly once: the loser
 gets "already-recorded" and must read the item again. Each write also stores a fresh id in
