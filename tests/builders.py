@@ -9,6 +9,7 @@ from typing import Any
 from botocore.stub import ANY
 
 from ami_janitor.core.model import (
+    Decision,
     Image,
     LaunchPermission,
     LedgerCopy,
@@ -17,6 +18,7 @@ from ami_janitor.core.model import (
     LedgerView,
     Reference,
     RegionInventory,
+    Stage,
     iso,
 )
 from ami_janitor.core.policy import (
@@ -160,6 +162,23 @@ def policy(family: dict[str, Any] | None = None, **top: Any) -> Policy:
     data: dict[str, Any] = {"regions": ["us-east-1"], "defaults": defaults, "families": [fam]}
     data.update(top)
     return parse_policy(data)
+
+
+def decision(
+    n: int, action: str = "deregister", stages: tuple[Stage, ...] = (), region: str = "us-east-1"
+) -> Decision:
+    """A due decision of family `app` about its AMI number `n` (ids and names follow `n`)."""
+    return Decision(
+        region=region,
+        family="app",
+        architecture="x86_64",
+        image_id=f"ami-{n:017x}",
+        name=f"app-{n}",
+        created="2026-01-01T00:00:00Z",
+        action=action,  # type: ignore[arg-type]
+        reasons=["older"],
+        stages=list(stages),
+    )
 
 
 def ledger_write(request: dict[str, Any]) -> dict[str, Any]:

@@ -21,10 +21,11 @@ from ami_janitor.aws import slicer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.runs import RunRecords, run_key
-from ami_janitor.core.model import Decision, Plan, RegionStatus, iso
+from ami_janitor.core.model import Plan, RegionStatus, iso
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, Policy, parse_policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers import scheduled, slices
+from builders import decision
 from lambda_events import Context, sqs_event
 from server import POLICY, Fleet, ec2, image_ids, make_ledger, now, seed_fleet
 
@@ -671,20 +672,7 @@ def twelve_slices() -> tuple[Any, str, Policy, Plan, list[WorkSlice]]:
     policy = parse_policy(
         {"mode": "enforce", "regions": [REGION], "families": [{"name": "app", "match": {"name": "app-*"}}]}
     )
-    decisions = [
-        Decision(
-            region=REGION,
-            family="app",
-            architecture="x86_64",
-            image_id=f"ami-{n:017x}",
-            name=f"app-{n}",
-            created="2026-01-01T00:00:00Z",
-            action="deregister",
-            reasons=["older"],
-            stages=["deregister"],
-        )
-        for n in range(12)
-    ]
+    decisions = [decision(n, stages=("deregister",), region=REGION) for n in range(12)]
     plan = Plan(
         mode="enforce",
         generated_at=iso(now()) or "",

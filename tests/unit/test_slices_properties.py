@@ -21,6 +21,7 @@ from ami_janitor.core.slices import (
     policy_digest,
     stale,
 )
+from builders import decision
 
 NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
 REFILL: dict[Stage, float] = {"deprecate": 5.0, "disable": 5.0, "deregister": 5.0}
@@ -35,22 +36,6 @@ POLICY = parse_policy(
     }
 )
 ALL: tuple[Stage, ...] = ("deprecate", "disable", "deregister")
-
-
-def decision(
-    n: int, action: str = "deregister", stages: tuple[Stage, ...] = (), region: str = "us-east-1"
-) -> Decision:
-    return Decision(
-        region=region,
-        family="app",
-        architecture="x86_64",
-        image_id=f"ami-{n:017x}",
-        name=f"app-{n}",
-        created="2026-01-01T00:00:00Z",
-        action=action,  # type: ignore[arg-type]
-        reasons=["older"],
-        stages=list(stages),
-    )
 
 
 def slices_of(decisions: list[Decision], budget: float) -> list[WorkSlice]:
