@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -1461,6 +1462,50 @@ def test_sources_read_side_by_side_still_fail_in_the_recipes_order(
 
     assert inventory.error == f"{failing[0]}: AccessDenied: denied here"
     assert inventory.images == () and inventory.ledger is None
+
+
+def _recording_clients(session: Session, made: list[tuple[str, str]], failing: str | None = None) -> None:
+    """`session` made to record each client it makes (service, thread), and to refuse `failing`'s."""
+    create = session.create_client
+
+    def recording(service: str, *args: Any, **kwargs: Any) -> Any:
+        made.append((service, threading.current_thread().name))
+        if service == failing:
+            raise botocore.exceptions.InvalidEndpointConfigurationError(msg=f"no endpoint for {service}")
+        return create(service, *args, **kwargs)
+
+    session.create_client = recording  # type: ignore[method-assign]
+
+
+def test_the_clients_of_the_reads_side_by_side_are_made_before_they_start(moto_aws: None) -> None:
+    """Made on the reading threads, the clients' making (CPU work under the session's lock) contends
+    with the other threads' calls: they are made on the calling thread, one after the other, first."""
+    session = botocore_session("us-east-1")
+    made: list[tuple[str, str]] = []
+    _recording_clients(session, made)
+    clients = RegionClients("us-east-1", session)
+    assert clients.read_workers > 1
+
+    inventory = load_inventory(clients, policy())
+
+    assert inventory.error is None and inventory.images == ()
+    here = threading.current_thread().name
+    assert made == [("ec2", here), ("dynamodb", here)]
+
+
+def test_a_client_that_cannot_be_made_still_names_its_source(moto_aws: None) -> None:
+    """Made first, a client that cannot be made is left to its reader: the region's error names the
+    source that reads with it, as when the reader made it."""
+    session = botocore_session("us-east-1")
+    made: list[tuple[str, str]] = []
+    _recording_clients(session, made, failing="dynamodb")
+
+    inventory = load_inventory(RegionClients("us-east-1", session), policy())
+
+    assert inventory.error == (
+        "dynamodb:Scan: InvalidEndpointConfigurationError: Invalid endpoint configuration: no endpoint for dynamodb"
+    )
+    assert [service for service, _ in made].count("dynamodb") == 2  # first here, then by its reader
 
 
 def test_a_failing_source_skips_the_region_with_no_images(stubbed: Stubbed) -> None:
