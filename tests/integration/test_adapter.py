@@ -1477,9 +1477,17 @@ def _recording_clients(session: Session, made: list[tuple[str, str]], failing: s
     session.create_client = recording  # type: ignore[method-assign]
 
 
-def test_the_clients_of_the_reads_side_by_side_are_made_before_they_start(moto_aws: None) -> None:
+@pytest.mark.parametrize("family_ami", [False, True])
+def test_the_clients_of_the_reads_side_by_side_are_made_before_they_start(
+    moto_aws: None, family_ami: bool
+) -> None:
     """Made on the reading threads, the clients' making (CPU work under the session's lock) contends
-    with the other threads' calls: they are made on the calling thread, one after the other, first."""
+    with the other threads' calls: they are made on the calling thread, one after the other, first
+    (the reference sources' too, where an AMI is in a family)."""
+    if family_ami:
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        image_id = ec2.register_image(Name="app-1")["ImageId"]
+        ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "App"}])
     session = botocore_session("us-east-1")
     made: list[tuple[str, str]] = []
     _recording_clients(session, made)
@@ -1488,9 +1496,11 @@ def test_the_clients_of_the_reads_side_by_side_are_made_before_they_start(moto_a
 
     inventory = load_inventory(clients, policy())
 
-    assert inventory.error is None and inventory.images == ()
+    assert inventory.error is None and len(inventory.images) == int(family_ami)
     here = threading.current_thread().name
-    assert made == [("ec2", here), ("dynamodb", here)]
+    first = ["ec2", "dynamodb", *(["ssm", "autoscaling", "batch", "emr"] if family_ami else [])]
+    assert [service for service, _ in made[: len(first)]] == first
+    assert {thread for _, thread in made} == {here}  # Recycle Bin's too, after, where AMIs are
 
 
 def test_a_client_that_cannot_be_made_still_names_its_source(moto_aws: None) -> None:

@@ -7,14 +7,14 @@ there is something they concern. A region with no AMI (most regions of most acco
 them: a cold start of its scheduled run reads only its AMIs, retired snapshots and ledger."""
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, NamedTuple
 
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
 from ami_janitor.aws.inventory.images import read_images
 from ami_janitor.aws.inventory.ledger_items import read_ledger
 from ami_janitor.aws.inventory.pointers import Pointers, read_pointer_values
-from ami_janitor.aws.inventory.reading import SourceFailed, ahead
+from ami_janitor.aws.inventory.reading import SourceFailed, ahead, clients_first
 from ami_janitor.aws.inventory.snapshots import read_retired_snapshots
 from ami_janitor.core.model import (
     Image,
@@ -41,7 +41,7 @@ def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory
     # The sources are read in this order, so the first to fail names the region's error; the claims
     # keep it too, so that notes come out in the order of the resources they are about. What the plan
     # reports beside its decisions depends on no other source: it is read ahead, beside them.
-    _clients_first(clients, "ec2", "dynamodb")
+    clients_first(clients, "ec2", "dynamodb")
     with (
         ahead(clients, lambda: read_retired_snapshots(clients.ec2)) as retired_snapshots,
         ahead(clients, lambda: read_ledger(clients, policy.ledger.table)) as ledger,
@@ -56,17 +56,6 @@ def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory
                 images,
                 lambda images: _read_beside(clients, images, retired_snapshots(), public_access(), ledger()),
             )
-
-
-def _clients_first(clients: "RegionClients", *services: str) -> None:
-    """The clients of the reads side by side, made here one after the other before they start: made on
-    the reading threads, their making (CPU work, under the session's lock) contends with the other
-    threads' calls (2-3.5 ms of a cold start's 220 on 2 cores), where the threads then only wait on the
-    network side by side. A client that cannot be made is left to its reader, which meets the same
-    error and names its source, as before."""
-    for service in services:
-        with suppress(Exception):
-            clients.client(service)
 
 
 def _public_access_read(clients: "RegionClients") -> AbstractContextManager[Callable[[], list[str]]]:

@@ -32,7 +32,7 @@ from ami_janitor.aws.inventory.launch_configurations import (
 from ami_janitor.aws.inventory.launch_templates import read_launch_templates
 from ami_janitor.aws.inventory.parameters import parameter_claims, read_parameters
 from ami_janitor.aws.inventory.pointers import Pointers
-from ami_janitor.aws.inventory.reading import ahead
+from ami_janitor.aws.inventory.reading import ahead, clients_first
 from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
 from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import Policy
@@ -85,6 +85,7 @@ def read_reference_sources(
     may look only at parameters of the `aws:ec2:image` data type, where the plan reads every value);
     the other sources in full (it looks at no launch configuration, Auto Scaling group, fleet, Batch
     or EMR; launch templates are read too, as the policy counts their versions and as those name them)."""
+    clients_first(clients, "ec2", "ssm", "autoscaling", "batch", "emr")
     ec2, ssm = clients.ec2, clients.ssm
     versions = policy.references.launch_template_versions
     since = beside_image_references
