@@ -2,7 +2,9 @@
 
 Two families told apart by a tag key: anyone who can tag may put family a's key on family b's newest
 AMI. That AMI then matches both: it is kept and reported, and it moves neither family's Latest, takes
-no keep-N place and retires nothing. Played through the CLI, on the emulator, with `apply --yes`.
+no keep-N place and retires nothing. Nor does taking a family's key off its newest AMI and putting two
+other families' on: a's SSM parameter is not moved back to a's older AMI. Played through the CLI, on
+the emulator, with `apply --yes`.
 """
 
 from __future__ import annotations
@@ -78,3 +80,64 @@ def test_a_tag_of_another_family_on_a_familys_newest_ami_moves_and_retires_nothi
     assert any(f"{b_new} matches several families (a, b)" in e for e in report["policy_errors"])
     tags = client.describe_tags(Filters=[{"Name": "key", "Values": ["Latest"]}])["Tags"]
     assert sorted(t["ResourceId"] for t in tags) == sorted([a_only, b_new])
+
+
+THREE_FAMILIES = """\
+mode: enforce
+regions: [us-east-1]
+defaults:
+  keep_latest: 1
+  min_age_days: 1
+  lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
+  limits: {max_actions_per_run: 100, max_fraction_per_family: 1.0}
+families:
+  - name: a
+    match: {tags: {TeamA: "1"}, name: "svc-*"}
+    latest: {tag: Latest, ssm_parameter: "/ami/a"}
+  - name: b
+    match: {tags: {TeamB: "1"}, name: "svc-*"}
+  - name: c
+    match: {tags: {TeamC: "1"}, name: "svc-*"}
+"""
+
+
+def test_a_familys_newest_ami_moved_into_two_other_families_moves_no_latest_back(
+    endpoint: str, tmp_path: Path
+) -> None:
+    """The AMI a's parameter names then matches b and c (kept, a policy error) and no longer a: the
+    parameter stays on it, as when it leaves a for one family, never goes back to a's older AMI."""
+    client = ec2()
+    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
+    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+
+    def bake(name: str, hours_old: int) -> str:
+        tags = [{"ResourceType": "image", "Tags": [{"Key": "TeamA", "Value": "1"}]}]
+        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
+        emulator.set_image_fields("us-east-1", image_id, creation_date=now() - timedelta(hours=hours_old))
+        return image_id
+
+    older, newest = bake("svc-a-1", 12), bake("svc-a-2", 1)  # both young: kept by min_age_days
+    config = tmp_path / "janitor.yaml"
+    config.write_text(THREE_FAMILIES)
+    make_ledger()
+    ssm = boto3.client("ssm", region_name="us-east-1")
+
+    def parameter() -> str:
+        return str(ssm.get_parameter(Name="/ami/a")["Parameter"]["Value"])
+
+    apply(config)
+    assert parameter() == newest
+
+    client.delete_tags(Resources=[newest], Tags=[{"Key": "TeamA"}])
+    client.create_tags(
+        Resources=[newest], Tags=[{"Key": "TeamB", "Value": "1"}, {"Key": "TeamC", "Value": "1"}]
+    )
+    report = apply(config)
+
+    assert parameter() == newest
+    assert [c for c in report["latest"] if c["family"] == "a"] == []
+    assert any(
+        f"/ami/a names {newest}" in error and "Latest not moved back" in error
+        for error in report["policy_errors"]
+    )
+    assert not any(d["image_id"] in (older, newest) and d["action"] != "keep" for d in report["decisions"])

@@ -311,15 +311,16 @@ def _left_the_family(
     """The groups whose SSM parameter names an AMI of theirs that the family no longer selects (its tags
     changed, or the policy's match), still available and newer than the group's Latest target. The
     parameter is not moved back to the older target: only EC2's facts (that AMI disabled, deprecated
-    or deregistered) or a person (writing the parameter) move it. An AMI matching several families is
-    left to the check below."""
+    or deregistered) or a person (writing the parameter) move it. An AMI matching this family and
+    others is left to the check below; one that matches others but no longer this one has left it too
+    (a tagger who takes a family's key off its newest AMI and puts two other families' on)."""
     found: dict[GroupKey, str] = {}
     by_id: dict[str, Image] | None = None
     for group in groups:
         latest, key = group.family.latest, _key(group)
         parameter = latest.parameter_for(group.architecture) if latest is not None else None
         named = inventory.parameters.get(parameter) if parameter else None
-        if named is None or key in errors or named in conflicts:
+        if named is None or key in errors or group.family.name in conflicts.get(named, ()):
             continue
         if any(member.image_id == named for member in group.members):
             continue
