@@ -209,6 +209,7 @@ def bench_inventory_calls() -> None:
         "ec2:DescribeSnapshots": 1,
         "ec2:DescribeFleets": 1,
         "ec2:DescribeSpotFleetRequests": 1,
+        "ec2:DescribeSpotInstanceRequests": 1,
         "ssm:DescribeParameters": math.ceil(counts["parameters"] / 10),
         "ssm:GetParameters": math.ceil(counts["parameters"] / 10),
         "autoscaling:DescribeAutoScalingGroups": 1,

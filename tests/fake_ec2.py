@@ -152,6 +152,7 @@ _OPERATIONS = {
     "describe_launch_templates": "DescribeLaunchTemplates",
     "describe_launch_template_versions": "DescribeLaunchTemplateVersions",
     "describe_spot_fleet_requests": "DescribeSpotFleetRequests",
+    "describe_spot_instance_requests": "DescribeSpotInstanceRequests",
     "describe_fleets": "DescribeFleets",
     "get_image_block_public_access_state": "GetImageBlockPublicAccessState",
 }
@@ -877,6 +878,11 @@ class FakeEC2:
         """No Spot Fleet request."""
         self._request("describe_spot_fleet_requests", params)
         return {"SpotFleetRequestConfigs": []}
+
+    def describe_spot_instance_requests(self, **params: Any) -> dict[str, Any]:
+        """No Spot Instance request."""
+        self._request("describe_spot_instance_requests", params)
+        return {"SpotInstanceRequests": []}
 
     def describe_fleets(self, **params: Any) -> dict[str, Any]:
         """No EC2 Fleet."""

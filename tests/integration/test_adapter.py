@@ -34,6 +34,7 @@ from ami_janitor.aws.inventory import (
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
 from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
+from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import RETIRED_FROM_TAG, parse_policy
 from ami_janitor.demo import emulator
 from ami_janitor.roles import IMAGE_REFERENCES_DEPENDENCIES, INVENTORY_CALLED, INVENTORY_PERMISSIONS
@@ -638,6 +639,9 @@ class Stubbed:
             "spot": lambda: self.add(
                 "ec2", "describe_spot_fleet_requests", {"SpotFleetRequestConfigs": []}, {"MaxResults": 1000}
             ),
+            "spot_requests": lambda: self.add(
+                "ec2", "describe_spot_instance_requests", {"SpotInstanceRequests": []}, {"MaxResults": 1000}
+            ),
             "fleets": lambda: self.add("ec2", "describe_fleets", {"Fleets": []}, {"MaxResults": 1000}),
             "batch": lambda: self.add(
                 "batch", "describe_compute_environments", {"computeEnvironments": []}, {"maxResults": 100}
@@ -1114,6 +1118,65 @@ def test_recycle_bin_rules_for_images_and_snapshots_are_described(stubbed: Stubb
     )
 
 
+def test_spot_instance_requests_that_may_still_launch_are_references(stubbed: Stubbed) -> None:
+    """Open (waiting, or a persistent request reopened after an interruption), active and disabled
+    requests may launch from their image; closed, cancelled and failed ones never will."""
+    s = stubbed
+    requests = [
+        {"SpotInstanceRequestId": f"sir-{state}", "State": state, "LaunchSpecification": {"ImageId": ami(n)}}
+        for n, state in enumerate(["open", "active", "disabled", "closed", "cancelled", "failed"], start=1)
+    ]
+    requests.append({"SpotInstanceRequestId": "sir-none", "State": "open", "LaunchSpecification": {}})
+    s.queue(
+        spot_requests=lambda: s.add(
+            "ec2",
+            "describe_spot_instance_requests",
+            {"SpotInstanceRequests": requests},
+            {"MaxResults": 1000},
+        )
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert refs(inventory, "spot-request") == {
+        (ami(n), "spot-request", f"sir-{state}", f"referenced by Spot Instance request sir-{state}")
+        for n, state in [(1, "open"), (2, "active"), (3, "disabled")]
+    }
+
+
+def test_a_persistent_spot_request_reopened_after_an_interruption_keeps_its_ami(moto_aws: None) -> None:
+    """Its instance terminated, a reopened persistent request names its image nowhere else (no instance,
+    no template): the plan keeps the AMI it will launch from when capacity returns."""
+    ec2 = boto3.client("ec2", region_name=REGION)
+    old = datetime(2025, 1, 1, tzinfo=UTC)
+    spot_ami = make_ami("app-1", tags=APP)  # the oldest of three: not among keep_latest 2
+    for name in ("app-2", "app-3"):
+        emulator.set_image_fields(REGION, make_ami(name, tags=APP), creation_date=old.replace(month=3))
+    emulator.set_image_fields(REGION, spot_ami, creation_date=old)
+    request_id = ec2.request_spot_instances(
+        SpotPrice="0.50",
+        InstanceCount=1,
+        Type="persistent",
+        InstanceInterruptionBehavior="terminate",
+        LaunchSpecification={"ImageId": spot_ami, "InstanceType": "c5.large"},
+    )["SpotInstanceRequests"][0]["SpotInstanceRequestId"]
+    request = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].spot_instance_requests[request_id]
+    ec2.terminate_instances(InstanceIds=[request.instance.id])
+    request.state = "open"  # what EC2 does to a persistent request whose instance was interrupted
+
+    inventory = load_inventory(moto_clients(), policy())
+
+    assert inventory.error is None
+    assert refs(inventory, "spot-request") == {
+        (spot_ami, "spot-request", request_id, f"referenced by Spot Instance request {request_id}")
+    }
+    decisions = plan([inventory], policy(), datetime(2026, 6, 1, tzinfo=UTC)).decisions
+    kept = next(d for d in decisions if d.image_id == spot_ami)
+    assert kept.action == "keep", kept.reasons
+
+
 def test_spot_fleets_and_ec2_fleets_that_may_still_launch_are_references(stubbed: Stubbed) -> None:
     s = stubbed
     spot = [
@@ -1371,7 +1434,18 @@ def test_a_region_without_a_family_ami_reads_no_reference_source_and_no_pointer(
     is read as in any region."""
     s = stubbed
     no_reference = dict.fromkeys(
-        ["instances", "parameters", "templates", "configurations", "groups", "spot", "fleets", "batch", "emr"]
+        [
+            "instances",
+            "parameters",
+            "templates",
+            "configurations",
+            "groups",
+            "spot",
+            "spot_requests",
+            "fleets",
+            "batch",
+            "emr",
+        ]
     )
     s.queue(
         images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "other-1")]}, IMAGES),
@@ -1403,7 +1477,18 @@ def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
     asked: with no AMI, there is nothing to make public (the Stubber refuses a call not queued)."""
     s = stubbed
     no_reference = dict.fromkeys(
-        ["instances", "parameters", "templates", "configurations", "groups", "spot", "fleets", "batch", "emr"]
+        [
+            "instances",
+            "parameters",
+            "templates",
+            "configurations",
+            "groups",
+            "spot",
+            "spot_requests",
+            "fleets",
+            "batch",
+            "emr",
+        ]
     )
     item = {"pk": {"S": f"image#{ami(1)}"}, "sk": {"S": "item"}, "image_id": {"S": ami(1)}}
     items = [item][:ledger_items]

@@ -1,5 +1,5 @@
-"""Spot Fleet requests and EC2 Fleets that still hold capacity: the images their launch
-specifications, launch templates and overrides name."""
+"""Spot Fleet requests and EC2 Fleets that still hold capacity, and Spot Instance requests that may still
+launch: the images their launch specifications, launch templates and overrides name."""
 
 from __future__ import annotations
 
@@ -12,11 +12,20 @@ from ami_janitor.aws.inventory.reading import Raw, items, source
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
-PERMISSIONS: list[str] = ["ec2:DescribeFleets", "ec2:DescribeSpotFleetRequests"]
+PERMISSIONS: list[str] = [
+    "ec2:DescribeFleets",
+    "ec2:DescribeSpotFleetRequests",
+    "ec2:DescribeSpotInstanceRequests",
+]
 
 # Fleet states that still hold capacity (cancelled_running and deleted_running keep their instances).
 _SPOT_FLEET_STATES = frozenset({"submitted", "active", "modifying", "cancelled_running"})
 _EC2_FLEET_STATES = frozenset({"submitted", "active", "modifying", "deleted_running"})
+# Spot Instance request states that may still launch from the request's image: open (not fulfilled yet,
+# or a persistent request reopened after its instance was interrupted: nothing else names the image
+# then, no instance and no template), active (a persistent one launches again after an interruption)
+# and disabled (a persistent one whose instance was stopped).
+_SPOT_REQUEST_STATES = frozenset({"open", "active", "disabled"})
 
 
 def read_spot_fleets(ec2: EC2Client) -> Claims:
@@ -30,6 +39,19 @@ def read_spot_fleets(ec2: EC2Client) -> Claims:
             for spec in config.get("LaunchSpecifications") or []:
                 found.claim(spec.get("ImageId"), "spot-fleet", request_id, subject)
             _launch_template_configs(found, "spot-fleet", request_id, subject, config)
+    return found
+
+
+def read_spot_instance_requests(ec2: EC2Client) -> Claims:
+    found = Claims()
+    with source("ec2:DescribeSpotInstanceRequests"):
+        requests = items(ec2, "describe_spot_instance_requests", "SpotInstanceRequests", 1000)
+        for request in _holding_capacity(requests, "State", _SPOT_REQUEST_STATES):
+            request_id = str(request["SpotInstanceRequestId"])
+            spec = request.get("LaunchSpecification") or {}
+            found.claim(
+                spec.get("ImageId"), "spot-request", request_id, f"Spot Instance request {request_id}"
+            )
     return found
 
 

@@ -23,7 +23,7 @@ from ami_janitor.aws.inventory.auto_scaling_groups import read_auto_scaling_grou
 from ami_janitor.aws.inventory.batch import read_batch_compute_environments
 from ami_janitor.aws.inventory.claims import Claims, named_aliases, references_of
 from ami_janitor.aws.inventory.emr import read_emr_clusters
-from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets
+from ami_janitor.aws.inventory.fleets import read_ec2_fleets, read_spot_fleets, read_spot_instance_requests
 from ami_janitor.aws.inventory.instances import Instances, read_instances
 from ami_janitor.aws.inventory.launch_configurations import (
     launch_configuration_claims,
@@ -83,7 +83,7 @@ def read_reference_sources(
     `beside_image_references` (a slice's plan time): what DescribeImageReferences may not find, beside
     it. Not the instances (it finds them); the plain-text SSM parameters changed since then only (it
     may look only at parameters of the `aws:ec2:image` data type, where the plan reads every value);
-    the other sources in full (it looks at no launch configuration, Auto Scaling group, fleet, Batch
+    the other sources in full (it looks at no launch configuration, Auto Scaling group, fleet, Spot request, Batch
     or EMR; launch templates are read too, as the policy counts their versions and as those name them)."""
     clients_first(clients, "ec2", "ssm", "autoscaling", "batch", "emr")
     ec2, ssm = clients.ec2, clients.ssm
@@ -103,6 +103,7 @@ def read_reference_sources(
         ahead(clients, lambda: read_launch_templates(ec2, versions)) as templates_read,
         ahead(clients, lambda: _read_auto_scaling(clients)) as auto_scaling_read,
         ahead(clients, lambda: read_spot_fleets(ec2)) as spot_fleets_read,
+        ahead(clients, lambda: read_spot_instance_requests(ec2)) as spot_requests_read,
         ahead(clients, lambda: read_ec2_fleets(ec2)) as ec2_fleets_read,
         ahead(clients, lambda: read_batch_compute_environments(clients.batch)) as batch_read,
         ahead(clients, lambda: read_emr_clusters(clients.emr)) as emr_read,
@@ -112,6 +113,7 @@ def read_reference_sources(
         templates, version_claims = templates_read()
         configurations, groups = auto_scaling_read()
         spot_fleets = spot_fleets_read()
+        spot_requests = spot_requests_read()
         ec2_fleets = ec2_fleets_read()
         batch_environments = batch_read()
         emr_claims = emr_read()
@@ -128,6 +130,7 @@ def read_reference_sources(
         *launch_configuration_claims(configurations),
         *groups.claims,
         *spot_fleets.claims,
+        *spot_requests.claims,
         *ec2_fleets.claims,
         *batch_environments.claims,
         *emr_claims,

@@ -70,6 +70,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "DescribeLaunchTemplates",
         "DescribeSnapshots",
         "DescribeSpotFleetRequests",
+        "DescribeSpotInstanceRequests",
         "DisableImage",
         "DisableImageDeprecation",
         "EnableImage",
