@@ -648,6 +648,7 @@ class Stubbed:
             ),
             "emr": lambda: self.add("emr", "list_clusters", {"Clusters": []}, EMR_STATES),
             "missing_versions": None,
+            "batch_versions": None,
             "aliases": None,
             "pointers": None,
             "snapshots": lambda: self.add("ec2", "describe_snapshots", {"Snapshots": []}, SNAPSHOTS),
@@ -1276,6 +1277,54 @@ def test_batch_compute_environments_are_references(stubbed: Stubbed) -> None:
         (ami(6), "batch-compute-environment", "jobs", f"{by} (ECS_AL2 imageIdOverride)"),
         (ami(1), "batch-compute-environment", "jobs", f"{by} (launch template {LT} version 1)"),
     }
+
+
+def test_a_batch_environment_naming_default_keeps_every_version_of_its_template(stubbed: Stubbed) -> None:
+    """Batch resolves `$Default` (and `$Latest`) when the environment is made or its infrastructure
+    updated, and launches from that version's image since: any version of the template may be the one.
+    Where the policy counts only the default and latest versions, every version is read for it."""
+    s = stubbed
+    environment = {
+        "computeEnvironmentName": "jobs",
+        "computeEnvironmentArn": f"arn:aws:batch:{REGION}:{ACCOUNT}:compute-environment/jobs",
+        "computeResources": {
+            "type": "EC2",
+            "maxvCpus": 4,
+            "subnets": ["subnet-1"],
+            "launchTemplate": {"launchTemplateName": "web", "version": "$Default"},
+        },
+    }
+    every = [raw_version(1, ami(1)), raw_version(2, ami(2), default=True), raw_version(3, ami(3))]
+    s.queue(
+        templates=lambda: s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": [every[2], every[1]]},
+            {"Versions": ["$Latest", "$Default"], "MaxResults": 200},
+        ),
+        batch=lambda: s.add(
+            "batch",
+            "describe_compute_environments",
+            {"computeEnvironments": [environment]},
+            {"maxResults": 100},
+        ),
+        batch_versions=lambda: s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": every},
+            {"LaunchTemplateName": "web", "MaxResults": 200},
+        ),
+    )
+
+    inventory = load_inventory(
+        s.clients, policy(references={"launch_template_versions": "default-and-latest"})
+    )
+
+    s.verify()
+    assert inventory.error is None
+    batch = {r.image_id for r in inventory.references if r.kind == "batch-compute-environment"}
+    assert batch == {ami(1), ami(2), ami(3)}
+    assert {r.image_id for r in inventory.references if r.kind == "launch-template"} == {ami(2), ami(3)}
 
 
 def emr_clusters(s: Stubbed) -> Callable[[], None]:

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 PERMISSIONS: list[str] = ["batch:DescribeComputeEnvironments"]
 
+KIND = "batch-compute-environment"
+
 
 def read_batch_compute_environments(batch: BatchClient) -> Claims:
     found = Claims()
@@ -24,7 +26,7 @@ def read_batch_compute_environments(batch: BatchClient) -> Claims:
 
 def _environment(found: Claims, environment: Raw) -> None:
     name = str(environment["computeEnvironmentName"])
-    kind, subject = "batch-compute-environment", f"Batch compute environment {name}"
+    kind, subject = KIND, f"Batch compute environment {name}"
     resources = environment.get("computeResources") or {}
     found.claim(resources.get("imageId"), kind, name, f"{subject} (imageId)")
     for configuration in resources.get("ec2Configuration") or []:

@@ -33,7 +33,11 @@ from ami_janitor.aws.inventory.launch_templates import read_launch_templates
 from ami_janitor.aws.inventory.parameters import parameter_claims, read_parameters
 from ami_janitor.aws.inventory.pointers import Pointers
 from ami_janitor.aws.inventory.reading import ahead, clients_first
-from ami_janitor.aws.inventory.template_uses import read_missing_versions, template_claims
+from ami_janitor.aws.inventory.template_uses import (
+    batch_version_claims,
+    read_missing_versions,
+    template_claims,
+)
 from ami_janitor.core.model import Reference
 from ami_janitor.core.policy import Policy
 
@@ -122,6 +126,7 @@ def read_reference_sources(
     uses = [*groups.uses, *spot_fleets.uses, *ec2_fleets.uses, *batch_environments.uses]
     templates = read_missing_versions(ec2, templates, uses)
     use_claims, template_notes = template_claims(templates, uses)
+    use_claims += batch_version_claims(ec2, versions, batch_environments.uses)
 
     claims = [
         *instances.claims,

@@ -1,6 +1,7 @@
 """Resources launching from a launch template (Auto Scaling groups, fleets, Batch): each keeps the
 image of the version it names, read if no listing covered it (a pinned old version, a template created
-since the listing)."""
+since the listing). A Batch compute environment naming `$Default` or `$Latest` keeps every version's
+image (batch_version_claims)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from ami_janitor.aws.errors import error_code
+from ami_janitor.aws.inventory import batch
 from ami_janitor.aws.inventory.claims import Claim, Spec, TemplateUse, claim
-from ami_janitor.aws.inventory.launch_templates import read_versions
+from ami_janitor.aws.inventory.launch_templates import Mode, read_versions
 from ami_janitor.aws.inventory.reading import Raw, chunks, source
 from ami_janitor.aws.inventory.template_versions import Templates
 
@@ -88,3 +90,43 @@ def template_claims(templates: Templates, uses: Iterable[TemplateUse]) -> tuple[
         subject = f"{use.subject} (launch template {template_id} version {number})"
         claims += claim(templates.image_of[located], use.kind, use.resource_id, subject)
     return claims, notes
+
+
+# Batch resolves `$Default` and `$Latest` when a compute environment is made or its infrastructure
+# updated, and launches from that version's image until the next such update (unless the environment
+# says updateToLatestImageVersion): the version a template calls default or latest today need not be
+# the one its instances launch from.
+_RESOLVED_WHEN_MADE = ("$Default", "$Latest")
+
+
+def batch_version_claims(ec2: EC2Client, mode: Mode, uses: Iterable[TemplateUse]) -> list[Claim]:
+    """The claims of each Batch compute environment naming a template's `$Default` or `$Latest` on the
+    image of every version of that template: it may launch from any of them. With `all`, the listing
+    read and claimed every version already: no call."""
+    if mode == "all":
+        return []
+    symbolic = {use for use in uses if use.kind == batch.KIND and use.spec.version in _RESOLVED_WHEN_MADE}
+    claims: list[Claim] = []
+    with source("ec2:DescribeLaunchTemplateVersions"):
+        for use in sorted(symbolic):
+            spec = use.spec
+            where = (
+                {"LaunchTemplateId": spec.template_id}
+                if spec.template_id
+                else {"LaunchTemplateName": spec.template_name}
+            )
+            try:
+                versions = list(read_versions(ec2, 200, **where))
+            except ClientError as error:
+                if not error_code(error).startswith("InvalidLaunchTemplate"):
+                    raise
+                continue  # gone: template_claims notes it
+            for raw in versions:
+                subject = (
+                    f"{use.subject} (launch template {raw.get('LaunchTemplateId')} version "
+                    f"{raw.get('VersionNumber')}: Batch launches from the version {spec.version} was when "
+                    "the environment was made or last updated)"
+                )
+                image = (raw.get("LaunchTemplateData") or {}).get("ImageId")
+                claims += claim(image, use.kind, use.resource_id, subject)
+    return claims
