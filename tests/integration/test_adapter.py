@@ -1244,27 +1244,27 @@ def test_spot_fleets_and_ec2_fleets_that_may_still_launch_are_references(stubbed
     }
 
 
-def test_batch_compute_environments_are_references(stubbed: Stubbed) -> None:
-    s = stubbed
+def batch_environment(s: Stubbed, **resources: Any) -> Callable[[], None]:
+    """The step answering DescribeComputeEnvironments with one environment 'jobs' of these resources."""
     environment = {
         "computeEnvironmentName": "jobs",
         "computeEnvironmentArn": f"arn:aws:batch:{REGION}:{ACCOUNT}:compute-environment/jobs",
-        "computeResources": {
-            "type": "EC2",
-            "maxvCpus": 4,
-            "subnets": ["subnet-1"],
-            "imageId": ami(5),
-            "ec2Configuration": [{"imageType": "ECS_AL2", "imageIdOverride": ami(6)}],
-            "launchTemplate": {"launchTemplateName": "web", "version": "$Default"},
-        },
+        "computeResources": {"type": "EC2", "maxvCpus": 4, "subnets": ["subnet-1"], **resources},
     }
+    return lambda: s.add(
+        "batch", "describe_compute_environments", {"computeEnvironments": [environment]}, {"maxResults": 100}
+    )
+
+
+def test_batch_compute_environments_are_references(stubbed: Stubbed) -> None:
+    s = stubbed
     s.queue(
         templates=web_template_all(s, [raw_version(1, ami(1), default=True), raw_version(2, ami(2))]),
-        batch=lambda: s.add(
-            "batch",
-            "describe_compute_environments",
-            {"computeEnvironments": [environment]},
-            {"maxResults": 100},
+        batch=batch_environment(
+            s,
+            imageId=ami(5),
+            ec2Configuration=[{"imageType": "ECS_AL2", "imageIdOverride": ami(6)}],
+            launchTemplate={"launchTemplateName": "web", "version": "$Default"},
         ),
     )
 
@@ -1284,16 +1284,6 @@ def test_a_batch_environment_naming_default_keeps_every_version_of_its_template(
     updated, and launches from that version's image since: any version of the template may be the one.
     Where the policy counts only the default and latest versions, every version is read for it."""
     s = stubbed
-    environment = {
-        "computeEnvironmentName": "jobs",
-        "computeEnvironmentArn": f"arn:aws:batch:{REGION}:{ACCOUNT}:compute-environment/jobs",
-        "computeResources": {
-            "type": "EC2",
-            "maxvCpus": 4,
-            "subnets": ["subnet-1"],
-            "launchTemplate": {"launchTemplateName": "web", "version": "$Default"},
-        },
-    }
     every = [raw_version(1, ami(1)), raw_version(2, ami(2), default=True), raw_version(3, ami(3))]
     s.queue(
         templates=lambda: s.add(
@@ -1302,12 +1292,7 @@ def test_a_batch_environment_naming_default_keeps_every_version_of_its_template(
             {"LaunchTemplateVersions": [every[2], every[1]]},
             {"Versions": ["$Latest", "$Default"], "MaxResults": 200},
         ),
-        batch=lambda: s.add(
-            "batch",
-            "describe_compute_environments",
-            {"computeEnvironments": [environment]},
-            {"maxResults": 100},
-        ),
+        batch=batch_environment(s, launchTemplate={"launchTemplateName": "web", "version": "$Default"}),
         batch_versions=lambda: s.add(
             "ec2",
             "describe_launch_template_versions",
@@ -1477,25 +1462,27 @@ def test_newest_versions_reach_back_past_deleted_versions(stubbed: Stubbed) -> N
     assert {r.image_id for r in inventory.references} == {ami(5), ami(3), ami(1)}
 
 
+# The steps of Stubbed.queue that read a reference source (none where no AMI is in a family).
+REFERENCE_SOURCE_STEPS = (
+    "instances",
+    "parameters",
+    "templates",
+    "configurations",
+    "groups",
+    "spot",
+    "spot_requests",
+    "fleets",
+    "batch",
+    "emr",
+)
+
+
 def test_a_region_without_a_family_ami_reads_no_reference_source_and_no_pointer(stubbed: Stubbed) -> None:
     """No AMI matches a family: the plan decides nothing here, so no reference source is read and no
     Latest pointer either (not even a name without {arch}); what the plan reports beside its decisions
     is read as in any region."""
     s = stubbed
-    no_reference = dict.fromkeys(
-        [
-            "instances",
-            "parameters",
-            "templates",
-            "configurations",
-            "groups",
-            "spot",
-            "spot_requests",
-            "fleets",
-            "batch",
-            "emr",
-        ]
-    )
+    no_reference = dict.fromkeys(REFERENCE_SOURCE_STEPS)
     s.queue(
         images=lambda: s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "other-1")]}, IMAGES),
         **no_reference,
@@ -1525,20 +1512,7 @@ def test_an_empty_region_asks_recycle_bin_only_when_the_ledger_names_an_ami(
     the ledger has an item (its snapshots may still be deleted). Image block public access is never
     asked: with no AMI, there is nothing to make public (the Stubber refuses a call not queued)."""
     s = stubbed
-    no_reference = dict.fromkeys(
-        [
-            "instances",
-            "parameters",
-            "templates",
-            "configurations",
-            "groups",
-            "spot",
-            "spot_requests",
-            "fleets",
-            "batch",
-            "emr",
-        ]
-    )
+    no_reference = dict.fromkeys(REFERENCE_SOURCE_STEPS)
     item = {"pk": {"S": f"image#{ami(1)}"}, "sk": {"S": "item"}, "image_id": {"S": ami(1)}}
     items = [item][:ledger_items]
     s.queue(

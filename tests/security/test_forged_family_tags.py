@@ -21,7 +21,8 @@ from ami_janitor import cli
 from ami_janitor.demo import emulator
 from server import ec2, image_ids, make_ledger, now
 
-POLICY = """\
+# Families told apart by a tag key, one name glob; a's Latest has an SSM parameter.
+DEFAULTS_AND_A = """\
 mode: enforce
 regions: [us-east-1]
 defaults:
@@ -33,10 +34,15 @@ families:
   - name: a
     match: {tags: {TeamA: "1"}, name: "svc-*"}
     latest: {tag: Latest, ssm_parameter: "/ami/a"}
+"""
+POLICY = (
+    DEFAULTS_AND_A
+    + """\
   - name: b
     match: {tags: {TeamB: "1"}, name: "svc-*"}
     latest: {tag: Latest, ssm_parameter: "/ami/b"}
 """
+)
 
 
 def apply(config: Path) -> dict[str, Any]:
@@ -82,23 +88,15 @@ def test_a_tag_of_another_family_on_a_familys_newest_ami_moves_and_retires_nothi
     assert sorted(t["ResourceId"] for t in tags) == sorted([a_only, b_new])
 
 
-THREE_FAMILIES = """\
-mode: enforce
-regions: [us-east-1]
-defaults:
-  keep_latest: 1
-  min_age_days: 1
-  lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
-  limits: {max_actions_per_run: 100, max_fraction_per_family: 1.0}
-families:
-  - name: a
-    match: {tags: {TeamA: "1"}, name: "svc-*"}
-    latest: {tag: Latest, ssm_parameter: "/ami/a"}
+THREE_FAMILIES = (
+    DEFAULTS_AND_A
+    + """\
   - name: b
     match: {tags: {TeamB: "1"}, name: "svc-*"}
   - name: c
     match: {tags: {TeamC: "1"}, name: "svc-*"}
 """
+)
 
 
 def test_a_familys_newest_ami_moved_into_two_other_families_moves_no_latest_back(
