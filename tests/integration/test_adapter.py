@@ -1312,6 +1312,48 @@ def test_a_batch_environment_naming_default_keeps_every_version_of_its_template(
     assert {r.image_id for r in inventory.references if r.kind == "launch-template"} == {ami(2), ami(3)}
 
 
+def test_a_template_batch_names_twice_is_read_once(stubbed: Stubbed) -> None:
+    """An environment's template and its override naming the same template (`$Default`, `$Latest`): its
+    versions are read once (the Stubber refuses a call not queued), each use claims every image."""
+    s = stubbed
+    every = [raw_version(1, ami(1)), raw_version(2, ami(2), default=True)]
+    template = {
+        "launchTemplateName": "web",
+        "version": "$Default",
+        "overrides": [
+            {"launchTemplateName": "web", "version": "$Latest", "targetInstanceTypes": ["c5.large"]}
+        ],
+    }
+    s.queue(
+        templates=lambda: s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": [every[1]]},
+            {"Versions": ["$Latest", "$Default"], "MaxResults": 200},
+        ),
+        batch=batch_environment(s, launchTemplate=template),
+        batch_versions=lambda: s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": every},
+            {"LaunchTemplateName": "web", "MaxResults": 200},
+        ),
+    )
+
+    inventory = load_inventory(
+        s.clients, policy(references={"launch_template_versions": "default-and-latest"})
+    )
+
+    s.verify()
+    assert inventory.error is None
+    claimed = [r for r in inventory.references if r.kind == "batch-compute-environment"]
+    assert {r.image_id for r in claimed} == {ami(1), ami(2)}
+    assert {("$Default" in r.detail, "$Latest" in r.detail) for r in claimed if r.image_id == ami(1)} == {
+        (True, False),
+        (False, True),
+    }
+
+
 def emr_clusters(s: Stubbed) -> Callable[[], None]:
     """Two live clusters: instance groups with their own AMI, and an instance fleet."""
 

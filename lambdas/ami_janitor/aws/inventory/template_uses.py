@@ -107,21 +107,23 @@ def batch_version_claims(ec2: EC2Client, mode: Mode, uses: Iterable[TemplateUse]
         return []
     symbolic = {use for use in uses if use.kind == batch.KIND and use.spec.version in _RESOLVED_WHEN_MADE}
     claims: list[Claim] = []
+    read: dict[tuple[str, str], list[Raw]] = {}  # each template once, however many environments name it
     with source("ec2:DescribeLaunchTemplateVersions"):
-        for use in sorted(symbolic):
+        for use in sorted(symbolic, key=lambda u: (u.resource_id, u.subject, u.spec.label)):
             spec = use.spec
             where = (
-                {"LaunchTemplateId": spec.template_id}
+                ("LaunchTemplateId", spec.template_id)
                 if spec.template_id
-                else {"LaunchTemplateName": spec.template_name}
+                else ("LaunchTemplateName", spec.template_name or "")
             )
-            try:
-                versions = list(read_versions(ec2, 200, **where))
-            except ClientError as error:
-                if not error_code(error).startswith("InvalidLaunchTemplate"):
-                    raise
-                continue  # gone: template_claims notes it
-            for raw in versions:
+            if where not in read:
+                try:
+                    read[where] = list(read_versions(ec2, 200, **dict([where])))
+                except ClientError as error:
+                    if not error_code(error).startswith("InvalidLaunchTemplate"):
+                        raise
+                    read[where] = []  # gone: template_claims notes it
+            for raw in read[where]:
                 subject = (
                     f"{use.subject} (launch template {raw.get('LaunchTemplateId')} version "
                     f"{raw.get('VersionNumber')}: Batch launches from the version {spec.version} was when "
