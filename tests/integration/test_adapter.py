@@ -388,6 +388,25 @@ def test_a_passing_failure_of_the_source_region_stops_the_region(code: str, stat
             read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
 
 
+@pytest.mark.parametrize("creation_date", ["2025-01-0", "Thu, 02 Jan 2025 03:04:05 GMT", "", None])
+def test_a_copy_source_listed_without_a_readable_creation_date_stops_the_region(
+    creation_date: str | None,
+) -> None:
+    """A source listed with a CreationDate that is no time (or none) is a malformed answer, not a
+    source gone: counted from its own creation, a late copy of an old AMI would take a keep slot."""
+    source_ec2 = botocore.session.get_session().create_client(
+        "ec2", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    copy = image(copied_from="ami-0123456789abcdef0", copied_from_region=REGION, region="eu-west-1")
+    listed: dict[str, Any] = {"ImageId": "ami-0123456789abcdef0"}
+    if creation_date is not None:
+        listed["CreationDate"] = creation_date
+    with Stubber(source_ec2) as stub:
+        stub.add_response("describe_images", {"Images": [listed]})
+        with pytest.raises(SourceFailed, match="MalformedResponse: ValueError: image ami-0123456789abcdef0"):
+            read_copy_sources((copy,), "eu-west-1", policy(), lambda _region: source_ec2)
+
+
 @pytest.mark.usefixtures("moto_aws")
 def test_a_region_whose_copy_sources_cannot_be_read_is_not_planned() -> None:
     """The inventory of a region with a hand-made copy of an AMI in a region that answers throttled:
@@ -1701,6 +1720,22 @@ def test_a_malformed_image_skips_the_region_instead_of_crashing(
     inventory = load_inventory(s.clients, policy())
 
     assert inventory.error == f"ec2:DescribeImages: MalformedResponse: ValueError: image {ami(1)} {says}"
+    assert inventory.images == ()
+
+
+@pytest.mark.parametrize("field", ["LastLaunchedTime", "DeprecationTime"])
+@pytest.mark.parametrize("value", ["2026-11-24 10:00:00 UTC", "1764000000", ""])
+def test_a_time_that_is_no_time_skips_the_region(stubbed: Stubbed, field: str, value: str) -> None:
+    """Read as absent, a LastLaunchedTime that is no time would lose rule 4's keep (launched within
+    `launched_within_days`): like a malformed CreationDate, it is a malformed answer."""
+    s = stubbed
+    s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP, **{field: value})]}, IMAGES)
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory.error == (
+        f"ec2:DescribeImages: MalformedResponse: ValueError: image {ami(1)} has {field} {value!r}, which is no time"
+    )
     assert inventory.images == ()
 
 

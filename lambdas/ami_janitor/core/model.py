@@ -40,6 +40,19 @@ def parse_time(value: str | datetime | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def api_time(raw: Mapping[str, Any], key: str, subject: str) -> datetime | None:
+    """A time field of an EC2 answer: None where the answer has none; one that is there but is no time
+    is a malformed answer (ValueError: its source fails and the region is skipped), never taken as
+    absent (a LastLaunchedTime misread would lose a keep reason). Tags and records keep parse_time."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    parsed = parse_time(value)
+    if parsed is None:
+        raise ValueError(f"{subject} has {key} {value!r}, which is no time")
+    return parsed
+
+
 def iso(value: datetime | None) -> str | None:
     """ISO 8601 UTC with a Z and whole seconds: the one time format in tags and plans."""
     if value is None:
@@ -286,11 +299,11 @@ class Image(_Frozen):
             encrypted=any(
                 (m.get("Ebs") or {}).get("Encrypted") for m in raw.get("BlockDeviceMappings") or []
             ),
-            deprecation_time=parse_time(raw.get("DeprecationTime")),
+            deprecation_time=api_time(raw, "DeprecationTime", f"image {raw['ImageId']}"),
             # "enabled", "enabled-with-cooldown" or "disabled-until <time>" (cooldown still protects).
             deregistration_protection=protection.startswith("enabled")
             or protection.startswith("disabled-until"),
-            last_launched=parse_time(raw.get("LastLaunchedTime")),
+            last_launched=api_time(raw, "LastLaunchedTime", f"image {raw['ImageId']}"),
             copied_from=raw.get("SourceImageId") or None,
             copied_from_region=raw.get("SourceImageRegion") or None,
         )

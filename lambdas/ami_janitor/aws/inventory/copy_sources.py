@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ami_janitor.aws.errors import is_denied
 from ami_janitor.aws.inventory.images import FILTER_VALUES_MAX
 from ami_janitor.aws.inventory.reading import SourceFailed, chunks, items, source
-from ami_janitor.core.model import Image, parse_time
+from ami_janitor.core.model import Image, api_time
 from ami_janitor.core.policy import Policy
 
 if TYPE_CHECKING:
@@ -98,7 +98,10 @@ def _creation(ec2: EC2Client, image_ids: list[str]) -> dict[str, datetime]:
             IncludeDeprecated=True,
             IncludeDisabled=True,
         ):
-            when = parse_time(raw.get("CreationDate"))
-            if when is not None:
-                created[str(raw["ImageId"])] = when
+            # Listed, it has a CreationDate (EC2 always gives one): one missing or no time is a
+            # malformed answer, never a source gone (the copy would count from its own creation).
+            when = api_time(raw, "CreationDate", f"image {raw.get('ImageId')}")
+            if when is None:
+                raise ValueError(f"image {raw.get('ImageId')} has no CreationDate")
+            created[str(raw["ImageId"])] = when
     return created
