@@ -222,12 +222,31 @@ def hold_reason(
 
 
 def share_hold(item: SliceItem, image: Image, policy: Policy) -> str | None:
-    """Rule 5 on the AMI as read now: why its shares keep it, or None (always None where the family
-    allows shares). Public is DescribeImages' own field, read with the slice; other shares count once
-    the AMI's launch permissions are read (the disable stage reads them anyway). Grants in share_with
-    and those the ledger records as the janitor's retire with the AMI, as in the plan."""
+    """Rule 5 on the AMI as read now: why its shares keep it, or None. Public is DescribeImages' own
+    field, read with the slice; other shares count once the AMI's launch permissions are read (the
+    disable stage reads them anyway). Grants in share_with and those the ledger records as the janitor's
+    retire with the AMI, as in the plan, unless the family allows shares. With `usage_reports`, a grant
+    whose accounts' reports the plan did not read holds it too, whatever the family allows (as the
+    plan keeps a shared AMI until each consumer's fresh report says it is not used)."""
     family = policy.family(item.family)
-    if policy.rules_for(family).allow_shared:
-        return None
-    reasons = shared_outside(image, family)
+    reasons = [] if policy.rules_for(family).allow_shared else shared_outside(image, family)
+    if not reasons and policy.usage_reports is not None:
+        reasons = _unread_consumers(item, image)
     return "; ".join(reasons) + " since the plan" if reasons else None
+
+
+def _unread_consumers(item: SliceItem, image: Image) -> list[str]:
+    """The grants (share_with's included) whose accounts' usage reports the slice did not read: an
+    account not among the item's consumers; an organization or OU where the plan saw no consumer at all
+    (one the plan expanded into its consumers cannot be told from one granted since). The next plan
+    reads their reports."""
+    from ami_janitor.core.usage import consumer_grants  # a policy with usage_reports
+
+    reasons: list[str] = []
+    for grant in consumer_grants(image, ""):
+        kind, _, value = grant.partition(":")
+        if (kind == "user" and value not in item.consumers) or (kind != "user" and not item.consumers):
+            reasons.append(
+                f"shared with {grant}, whose usage report the plan did not read (the next plan reads it)"
+            )
+    return reasons
