@@ -1298,6 +1298,16 @@ def test_batch_compute_environments_are_references(stubbed: Stubbed) -> None:
     }
 
 
+def every_version_of_web(s: Stubbed, versions: list[dict[str, Any]]) -> Callable[[], None]:
+    """The step reading every version of the template 'web', by its name (Batch's symbolic versions)."""
+    return lambda: s.add(
+        "ec2",
+        "describe_launch_template_versions",
+        {"LaunchTemplateVersions": versions},
+        {"LaunchTemplateName": "web", "MaxResults": 200},
+    )
+
+
 def test_a_batch_environment_naming_default_keeps_every_version_of_its_template(stubbed: Stubbed) -> None:
     """Batch resolves `$Default` (and `$Latest`) when the environment is made or its infrastructure
     updated, and launches from that version's image since: any version of the template may be the one.
@@ -1312,12 +1322,7 @@ def test_a_batch_environment_naming_default_keeps_every_version_of_its_template(
             {"Versions": ["$Latest", "$Default"], "MaxResults": 200},
         ),
         batch=batch_environment(s, launchTemplate={"launchTemplateName": "web", "version": "$Default"}),
-        batch_versions=lambda: s.add(
-            "ec2",
-            "describe_launch_template_versions",
-            {"LaunchTemplateVersions": every},
-            {"LaunchTemplateName": "web", "MaxResults": 200},
-        ),
+        batch_versions=every_version_of_web(s, every),
     )
 
     inventory = load_inventory(
@@ -1351,12 +1356,7 @@ def test_a_template_batch_names_twice_is_read_once(stubbed: Stubbed) -> None:
             {"Versions": ["$Latest", "$Default"], "MaxResults": 200},
         ),
         batch=batch_environment(s, launchTemplate=template),
-        batch_versions=lambda: s.add(
-            "ec2",
-            "describe_launch_template_versions",
-            {"LaunchTemplateVersions": every},
-            {"LaunchTemplateName": "web", "MaxResults": 200},
-        ),
+        batch_versions=every_version_of_web(s, every),
     )
 
     inventory = load_inventory(
