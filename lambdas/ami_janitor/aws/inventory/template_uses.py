@@ -48,17 +48,19 @@ def read_missing_versions(ec2: EC2Client, templates: Templates, uses: Iterable[T
 
 def _fetch_unknown(ec2: EC2Client, templates: Templates, spec: Spec) -> None:
     # A template absent from the listing (created meanwhile, or gone): ask for exactly what the spec says.
-    where = (
-        {"LaunchTemplateId": spec.template_id}
-        if spec.template_id
-        else {"LaunchTemplateName": spec.template_name}
-    )
-    for raw in _fetch(ec2, where, [spec.version]):
+    for raw in _fetch(ec2, _where(spec), [spec.version]):
         template, number, _ = templates.add_version(raw)
         templates.by_spec[(spec.template_id or spec.template_name or "", spec.version)] = (
             template.template_id,
             number,
         )
+
+
+def _where(spec: Spec) -> dict[str, str]:
+    """The template a spec names, as DescribeLaunchTemplateVersions asks for it: by id, else by name."""
+    if spec.template_id:
+        return {"LaunchTemplateId": spec.template_id}
+    return {"LaunchTemplateName": spec.template_name or ""}
 
 
 def _fetch(ec2: EC2Client, where: dict[str, Any], versions: Sequence[str]) -> list[Raw]:
@@ -111,19 +113,16 @@ def batch_version_claims(ec2: EC2Client, mode: Mode, uses: Iterable[TemplateUse]
     with source("ec2:DescribeLaunchTemplateVersions"):
         for use in sorted(symbolic, key=lambda u: (u.resource_id, u.subject, u.spec.label)):
             spec = use.spec
-            where = (
-                ("LaunchTemplateId", spec.template_id)
-                if spec.template_id
-                else ("LaunchTemplateName", spec.template_name or "")
-            )
-            if where not in read:
+            where = _where(spec)
+            template = next(iter(where.items()))
+            if template not in read:
                 try:
-                    read[where] = list(read_versions(ec2, 200, **dict([where])))
+                    read[template] = list(read_versions(ec2, 200, **where))
                 except ClientError as error:
                     if not error_code(error).startswith("InvalidLaunchTemplate"):
                         raise
-                    read[where] = []  # gone: template_claims notes it
-            for raw in read[where]:
+                    read[template] = []  # gone: template_claims notes it
+            for raw in read[template]:
                 subject = (
                     f"{use.subject} (launch template {raw.get('LaunchTemplateId')} version "
                     f"{raw.get('VersionNumber')}: Batch launches from the version {spec.version} was when "
