@@ -337,6 +337,20 @@ def test_malformed_event_fails_naming_the_field(lambda_env: Path) -> None:
         ami_event.handler([], Context())  # type: ignore[arg-type]
 
 
+def test_an_event_whose_time_has_no_zone_is_refused_naming_the_field(lambda_env: Path) -> None:
+    """EventBridge's time always ends in Z. One without a zone, invoked by hand, is refused naming it:
+    the rotation compares it with the clock (an AMI named as its family names them, its tags not yet
+    there, waits for them until five minutes after the event), where it raised a TypeError."""
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    client = ec2()
+    builder = client.run_instances(ImageId=fleet.images[0], MinCount=1, MaxCount=1)["Instances"][0]
+    untagged = client.create_image(InstanceId=builder["InstanceId"], Name="web-packer")["ImageId"]
+    naive = {**event("ami_available.json", untagged), "time": now().strftime("%Y-%m-%dT%H:%M:%S")}
+    with pytest.raises(BadEvent, match=r"malformed EC2 AMI State Change event: time"):
+        ami_event.handler(naive, Context())
+
+
 @pytest.fixture
 def events_queue(lambda_env: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The region's AMI event queue (FIFO, as the stack makes it), named to the function."""

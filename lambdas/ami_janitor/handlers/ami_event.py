@@ -22,7 +22,7 @@ with collector_paused():
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
     from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
     from aws_lambda_powertools.utilities.typing import LambdaContext
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
     from ami_janitor import engine
     from ami_janitor.aws import copier
@@ -69,6 +69,9 @@ class AmiStateDetail(BaseModel):
 
 
 class AmiStateChangeEvent(EventBridgeModel):
+    # EventBridge's time always carries its zone (`Z`); one without is no event of EC2's, and it is
+    # compared with the clock (the wait for a builder's tags, the ledger's record of a stage).
+    time: AwareDatetime
     source: Literal["aws.ec2"]
     detail_type: Literal["EC2 AMI State Change"] = Field(alias="detail-type")
     detail: AmiStateDetail
