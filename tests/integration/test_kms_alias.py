@@ -153,6 +153,26 @@ def test_an_alias_the_role_may_not_describe_skips_its_target(aws: ClientFactory)
     ]
 
 
+@pytest.mark.parametrize("answer", [{}, {"KeyMetadata": {"KeyId": "1234", "KeyState": "Enabled"}}])
+def test_a_describe_key_answer_naming_no_key_skips_its_target(aws: ClientFactory, answer: Any) -> None:
+    """A malformed DescribeKey answer (no KeyMetadata, or no Arn in it) skips the alias's target with
+    the reason, as an alias that cannot be resolved does: the run goes on (it raised a KeyError)."""
+    key(aws, ALIAS)
+    bake(aws, "web-1")
+
+    class Ok:
+        status_code = 200
+
+    aws(EU).kms.meta.events.register("before-call.kms.DescribeKey", lambda **_: (Ok(), answer))
+    sent = copy_requests(aws)
+    result = replicate(aws)
+    assert result.copies == [] and sent == []
+    assert result.problems == [
+        f"family web: replicate target {EU} ({ALIAS}) skipped: DescribeKey in {EU} answered no key ARN; "
+        "not copied"
+    ]
+
+
 def test_the_worker_refuses_a_copy_whose_alias_moved_since_it_was_planned(aws: ClientFactory) -> None:
     key(aws, ALIAS)
     bake(aws, "web-1")

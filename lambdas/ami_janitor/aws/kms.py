@@ -21,11 +21,15 @@ PERMISSIONS: list[str] = ["kms:DescribeKey"]
 def resolve_key(clients: RegionClients, kms_key_id: str) -> ResolvedKey:
     """What `kms_key_id` (an alias) names in the clients' region now, or why it cannot be used."""
     try:
-        metadata = clients.kms.describe_key(KeyId=kms_key_id)["KeyMetadata"]
+        answer = clients.kms.describe_key(KeyId=kms_key_id)
     except AWS_ERRORS as error:
         return ResolvedKey(problem=f"cannot resolve it in {clients.region} ({error_text(error)})")
+    # A malformed answer (no KeyMetadata, no Arn) resolves to nothing: its target is skipped.
+    metadata = answer.get("KeyMetadata") or {}
     arn, state = metadata.get("Arn"), metadata.get("KeyState")
-    if not arn or kms_arn_region(arn) != clients.region:
+    if not arn:
+        return ResolvedKey(problem=f"DescribeKey in {clients.region} answered no key ARN")
+    if kms_arn_region(arn) != clients.region:
         return ResolvedKey(
             problem=f"DescribeKey in {clients.region} answered key {arn!r}, not one of the region"
         )
