@@ -4,7 +4,7 @@ recorded with the copy, a redirected or unresolvable alias refused or skipped wi
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -185,3 +185,43 @@ def test_the_worker_refuses_a_copy_whose_alias_moved_since_it_was_planned(aws: C
     # A request for an alias target without the key it was planned with is refused too.
     with pytest.raises(RefusedCopy):
         engine.start_requested_copy(planned.model_copy(update={"kms_key_arn": None}), POLICY, aws)
+
+
+def test_the_worker_makes_the_copy_planned_after_the_alias_is_named_again(aws: ClientFactory) -> None:
+    """The README's way to move a replica key: the alias names key A; the policy names key B's ARN, and
+    a copy is made with B; the alias, moved to B, is named again. An older source whose copy (made with
+    A) was deregistered by hand is planned again with B, the key of the family's last copy there: the
+    worker makes it. (It read only this source's records, found A, and refused every delivery of it to
+    the dead-letter queue.)"""
+    key_a = key(aws, ALIAS)
+    older = bake(aws, "web-1")
+    assert [r.status for r in engine.replicate(POLICY, [US], aws, NOW, apply=True).copy_results] == ["ok"]
+
+    key_b = key(aws)
+    by_arn = _with_key(key_b)
+    bake(aws, "web-2")
+    later = NOW + timedelta(days=1)
+    assert [r.status for r in engine.replicate(by_arn, [US], aws, later, apply=True).copy_results] == ["ok"]
+
+    aws(EU).kms.update_alias(AliasName=ALIAS, TargetKeyId=key_b)
+    [first_copy] = [
+        i["ImageId"]
+        for i in aws(EU).ec2.describe_images(Owners=["self"])["Images"]
+        if i.get("SourceImageId") == older
+    ]
+    aws(EU).ec2.deregister_image(ImageId=first_copy)  # by hand: no retirement the ledger records
+    [planned] = engine.replicate(POLICY, [US], aws, later + timedelta(days=1), apply=False).copies
+    assert (planned.source_image_id, planned.generation, planned.kms_key_arn) == (older, 2, key_b)
+    assert key_a != key_b
+
+    sent = copy_requests(aws)
+    engine.start_requested_copy(planned, POLICY, aws)
+    [request] = sent
+    assert (request["SourceImageId"], request["KmsKeyId"]) == (older, key_b)
+
+
+def _with_key(arn: str) -> Policy:
+    """POLICY with its target's key named by ARN."""
+    raw = POLICY.model_dump(mode="json", exclude_defaults=True)
+    raw["families"][0]["replicate"][0]["kms_key_id"] = arn
+    return parse_policy(raw)

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from ami_janitor.core.keys import KeyResolutions, LastKeys, ResolvedKey, copy_records, last_keys, target_key
+from ami_janitor.core.keys import KeyResolutions, LastKeys, ResolvedKey, last_keys, target_key
 from ami_janitor.core.keys import inventory_records as _records
 from ami_janitor.core.model import Copy, Image, LedgerCopy, RegionInventory, Status, iso
 from ami_janitor.core.planner import Group, Grouped, build_groups, kept_by_rank, order_key, superseded_ids
@@ -746,8 +746,7 @@ def rebuild_copy(
     have planned (the highest the ledger records started, on the source or a copy, plus one; no new one
     once MAX_COPY_GENERATIONS of the copies EC2 lists there failed). Only the generation
     is the request's own: the source is EC2's, the family, regions and key are the policy's. `key`: what the
-    target's alias resolves to now; it must be the key ARN the request was planned with and, as far as the
-    source's and its copies' ledger items tell, the key of the last copy there.
+    target's alias resolves to now; it must be the key ARN the request was planned with.
     """
     target = allowed_target(request, policy)
     if (source.image_id, source.region) != (request.source_image_id, request.source_region):
@@ -772,22 +771,22 @@ def rebuild_copy(
             f"({', '.join(map(str, sorted(failed)))}): not started again past {MAX_COPY_GENERATIONS}",
             request,
         )
-    arn = _requested_key(request, target, source, copies, key)
+    arn = _requested_key(request, target, key)
     return copy_to(request.family, source.image_id, source.region, target, request.generation, arn)
 
 
-def _requested_key(
-    request: Copy, target: ReplicateTarget, source: Image, copies: Iterable[Image], key: ResolvedKey | None
-) -> str | None:
+def _requested_key(request: Copy, target: ReplicateTarget, key: ResolvedKey | None) -> str | None:
     """The key ARN the worker copies with: the policy's key ARN, or the alias resolved now (RefusedCopy
-    where it cannot be, or resolves elsewhere than when the copy was planned or than the last copy's)."""
+    where it cannot be, or resolves elsewhere than when the copy was planned)."""
     if target.kms_key_id is None or target.kms_alias is None:
         return target.kms_key_id
-    records = copy_records(
-        [*([source.ledger] if source.ledger else []), *(c.ledger for c in copies if c.ledger)]
-    )
+    # The key of the family's last copy to the region was checked where the copy was planned, against
+    # every copy record of the ledgers read; here, that the alias has not moved since. (The records of
+    # this source and its copies alone are not the family's: an older attempt of this source, made
+    # with a key the policy moved from by ARN before naming the alias again, would refuse every
+    # request the planner rightly plans.)
     keys = {(target.region, target.kms_key_id): key} if key is not None else None
-    arn, problem = target_key(request.family, target, keys, last_keys(records))
+    arn, problem = target_key(request.family, target, keys, {})
     if problem is not None:
         raise RefusedCopy(problem, request)
     if request.kms_key_arn != arn:
