@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 
 from ami_janitor import cli
 from ami_janitor.demo import emulator
@@ -139,3 +141,57 @@ def test_a_familys_newest_ami_moved_into_two_other_families_moves_no_latest_back
         for error in report["policy_errors"]
     )
     assert not any(d["image_id"] in (older, newest) and d["action"] != "keep" for d in report["decisions"])
+
+
+def _retag_off(client: Any, image_id: str) -> None:
+    client.delete_tags(Resources=[image_id], Tags=[{"Key": "TeamA"}])
+
+
+def _retag_into_b(client: Any, image_id: str) -> None:
+    client.create_tags(Resources=[image_id], Tags=[{"Key": "TeamB", "Value": "1"}])
+
+
+@pytest.mark.parametrize("retag", [_retag_off, _retag_into_b], ids=["a's key taken off", "b's key put on"])
+def test_a_tag_on_the_newest_ami_of_another_architecture_moves_no_parameter_back(
+    endpoint: str, tmp_path: Path, retag: Callable[[Any, str], None]
+) -> None:
+    """Family a has one parameter for every architecture (`/ami/a`, no `{arch}`). It names a's newest
+    AMI, an arm64 build; an older x86_64 build is available too (its owner registered it since): a
+    policy error, nothing rotated. A tagger then takes a's key off the arm64 AMI, or puts b's on it:
+    with no available arm64 AMI left to a, the error goes, and the x86_64 group moved the parameter
+    back to the older AMI (the checks compared an AMI with its own architecture's group alone)."""
+    client = ec2()
+    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
+    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+
+    def register(name: str, architecture: str, days_old: int) -> str:
+        tags = [{"ResourceType": "image", "Tags": [{"Key": "TeamA", "Value": "1"}]}]
+        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
+        emulator.set_image_fields(
+            "us-east-1", image_id, creation_date=now() - timedelta(days=days_old), architecture=architecture
+        )
+        return image_id
+
+    newest = register("svc-a-2", "arm64", 2)
+    config = tmp_path / "janitor.yaml"
+    config.write_text(POLICY)
+    make_ledger()
+    ssm = boto3.client("ssm", region_name="us-east-1")
+
+    def parameter() -> str:
+        return str(ssm.get_parameter(Name="/ami/a")["Parameter"]["Value"])
+
+    apply(config)
+    assert parameter() == newest
+    older = register("svc-a-1", "x86_64", 30)
+    report = apply(config)
+    assert parameter() == newest
+    assert any("must contain {arch}" in error for error in report["policy_errors"])
+
+    retag(client, newest)
+    report = apply(config)
+
+    assert parameter() == newest
+    assert [c for c in report["latest"] if c["family"] == "a"] == []
+    assert any("/ami/a names" in e or "matches several families" in e for e in report["policy_errors"])
+    assert {older, newest} <= image_ids()

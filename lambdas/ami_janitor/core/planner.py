@@ -272,7 +272,9 @@ def rotation_errors(
     errors.update(_left_the_family(groups, inventory, now, errors, conflicts))
     if not conflicts:
         return errors
-    # The contested AMIs that could be Latest, by each (family, architecture) they match.
+    # The contested AMIs that could be Latest, by each (family, architecture) they match; under the
+    # family's name alone too, for a family with one parameter for every architecture (the group of
+    # another architecture writes that parameter).
     contested: dict[GroupKey, list[Image]] = defaultdict(list)
     for group in groups:
         if not group.contested:
@@ -285,12 +287,17 @@ def rotation_errors(
             ):
                 for name in conflicts[image.image_id]:
                     contested[(name, image.architecture)].append(image)
+                    contested[(name, "")].append(image)
     for group in groups:
+        latest = group.family.latest
         key = (group.family.name, group.architecture)
-        if group.family.latest is None or key in errors or key not in contested:
+        if latest is None or key in errors:
+            continue
+        rivals = contested.get((group.family.name, "") if latest.one_parameter else key)
+        if not rivals:
             continue
         target = latest_target(group, now)
-        for image in contested[key]:
+        for image in rivals:
             if target is None or order_key(image) > order_key(target):
                 errors[key] = (
                     f"family {group.family.name} ({group.architecture}) in {group.region}: {image.image_id}, "
@@ -318,11 +325,18 @@ def _left_the_family(
     by_id: dict[str, Image] | None = None
     for group in groups:
         latest, key = group.family.latest, _key(group)
-        parameter = latest.parameter_for(group.architecture) if latest is not None else None
-        named = inventory.parameters.get(parameter) if parameter else None
-        if named is None or key in errors or group.family.name in conflicts.get(named, ()):
+        if latest is None or latest.ssm_parameter is None or key in errors:
             continue
-        if any(member.image_id == named for member in group.members):
+        parameter = latest.parameter_for(group.architecture)
+        named = inventory.parameters.get(parameter) if parameter else None
+        if named is None or group.family.name in conflicts.get(named, ()):
+            continue
+        # One parameter for every architecture: the groups of the others write it too, and it may name
+        # their AMI; one per architecture naming another architecture's AMI is none of this group's.
+        writers = (
+            [g for g in groups if g.family.name == group.family.name] if latest.one_parameter else [group]
+        )
+        if any(member.image_id == named for writer in writers for member in writer.members):
             continue
         if by_id is None:
             by_id = {image.image_id: image for image in inventory.images}
@@ -331,7 +345,7 @@ def _left_the_family(
         if (
             image is None
             or target is None
-            or image.architecture != group.architecture
+            or (image.architecture != group.architecture and not latest.one_parameter)
             or image.state != "available"
             or image.deprecated_at(now)
             or order_key(image) <= order_key(target)

@@ -236,6 +236,11 @@ class Latest(_Strict):
             return None
         return self.ssm_parameter.replace("{arch}", architecture)
 
+    @property
+    def one_parameter(self) -> bool:
+        """One SSM parameter for every architecture of the family (no `{arch}` in its name)."""
+        return self.ssm_parameter is not None and "{arch}" not in self.ssm_parameter
+
 
 class ReplicateTarget(_Strict):
     model_config = _IN_ITS_PARENT
