@@ -20,6 +20,7 @@ from botocore.stub import Stubber
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
+from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import (
     IMAGE_PERMISSIONS,
@@ -32,6 +33,7 @@ from ami_janitor.aws.inventory import (
     read_ledger_items,
 )
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
+from ami_janitor.aws.inventory.pointers import ARCHITECTURES
 from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.core.model import LaunchPermission, Reference, RegionInventory, RetiredSnapshot
 from ami_janitor.core.planner import plan
@@ -2061,4 +2063,80 @@ def test_the_ledger_items_of_a_few_amis_are_one_batch_get_whose_answer_says_the_
     assert view is not None and view.table == TABLE and view.items == {}
     with pytest.raises(ClientError, match="AccessDenied"):
         read_ledger_items(s.clients, TABLE, [ami(1)])
+    s.verify()
+
+
+# ---- whether an AMI the janitor's stage retired holds Latest (the event of its own stage) ----
+
+ARCH_POLICY = parse_policy(
+    {
+        "regions": [REGION],
+        "families": [
+            {
+                "name": "app",
+                "match": {"tags": APP},
+                "latest": {"tag": "Latest", "ssm_parameter": "/ami/app/{arch}"},
+            },
+            {"name": "web", "match": {"name": "web-*"}, "latest": {"ssm_parameter": "/ami/web"}},
+            {"name": "tagged", "match": {"name": "db-*"}, "latest": {"tag": "Newest"}},
+        ],
+    }
+)
+BY_ID = {"ImageIds": [ami(1)], "Owners": ["self"], "IncludeDeprecated": True, "IncludeDisabled": True}
+
+
+def test_a_deregistered_ami_holds_latest_where_a_parameter_of_any_architecture_names_it(
+    stubbed: Stubbed,
+) -> None:
+    s = stubbed
+    s.add("ec2", "describe_images", {"Images": []}, BY_ID)
+    names = sorted(["/ami/web", *(f"/ami/app/{arch}" for arch in ARCHITECTURES)])
+    answer = {"Parameters": [{"Name": "/ami/app/x86_64_mac", "Type": "String", "Value": ami(1)}]}
+    s.add("ssm", "get_parameters", answer, {"Names": names, "WithDecryption": False})
+
+    assert rotator._holds_latest(s.clients, ARCH_POLICY, ami(1))
+    s.verify()
+
+
+def test_a_disabled_ami_holds_latest_by_a_latest_tag_of_any_family_whatever_its_value(
+    stubbed: Stubbed,
+) -> None:
+    s = stubbed
+    disabled = raw_image(ami(1), "app-1", {**APP, "Newest": "no"}, State="disabled")
+    s.add("ec2", "describe_images", {"Images": [disabled]}, BY_ID)
+
+    assert rotator._holds_latest(s.clients, ARCH_POLICY, ami(1))  # no parameter read
+    s.verify()
+
+
+def test_a_disabled_ami_no_latest_names_holds_none(stubbed: Stubbed) -> None:
+    s = stubbed
+    s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP, State="disabled")]}, BY_ID)
+    # Its own architecture's parameters alone; a SecureString is never read as an AMI id.
+    answer = {
+        "Parameters": [
+            {"Name": "/ami/app/x86_64", "Type": "String", "Value": ami(2)},
+            {"Name": "/ami/web", "Type": "SecureString", "Value": ami(1)},
+        ]
+    }
+    s.add(
+        "ssm", "get_parameters", answer, {"Names": ["/ami/app/x86_64", "/ami/web"], "WithDecryption": False}
+    )
+
+    assert not rotator._holds_latest(s.clients, ARCH_POLICY, ami(1))
+    s.verify()
+
+
+@pytest.mark.parametrize("fails", ["ec2", "ssm"])
+def test_an_ami_whose_latest_cannot_be_read_is_taken_as_holding_it(stubbed: Stubbed, fails: str) -> None:
+    """The event then reads the region and converges, as any other event does."""
+    s = stubbed
+    if fails == "ec2":
+        s.fail("ec2", "describe_images", "RequestLimitExceeded", BY_ID)
+    else:
+        s.add("ec2", "describe_images", {"Images": []}, BY_ID)
+        names = sorted(["/ami/web", *(f"/ami/app/{arch}" for arch in ARCHITECTURES)])
+        s.fail("ssm", "get_parameters", "ThrottlingException", {"Names": names, "WithDecryption": False})
+
+    assert rotator._holds_latest(s.clients, ARCH_POLICY, ami(1))
     s.verify()

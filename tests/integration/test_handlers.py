@@ -170,8 +170,9 @@ def test_an_available_event_for_an_ami_not_listed_reconciles_every_group_and_say
 def test_the_janitors_own_retirements_events_read_one_ledger_item_and_a_current_latest_one_read(
     lambda_env: Path,
 ) -> None:
-    """The janitor moved Latest away before its stages: their events ask the ledger alone. Any other
-    event reads the region once when nothing needs writing (the rotation's first round is that read)."""
+    """The janitor moved Latest away before its stages: their events ask the ledger, the AMI by its id
+    and the Latest parameters alone, not the region. Any other event reads the region once when nothing
+    needs writing (the rotation's first round is that read)."""
     write_policy(lambda_env, "enforce")
     fleet = seed_fleet(now())
     make_ledger()
@@ -180,13 +181,13 @@ def test_the_janitors_own_retirements_events_read_one_ledger_item_and_a_current_
     assert retired
     policy = load_policy(str(lambda_env))
     clients = ClientFactory()("us-east-1")
-    calls = count_calls(clients.ec2, clients.dynamodb)
+    calls = count_calls(clients.ec2, clients.dynamodb, clients.ssm)
 
     for state, stage in (("disabled", "disable"), ("deregistered", "deregister")):
         outcome = rotator.handle_state_change(retired[0], state, clients, policy, now())
         assert outcome.outcome == "ignored" and outcome.why is not None
         assert outcome.why.startswith(f"the janitor's own {stage} stage")
-    assert calls == {"dynamodb:BatchGetItem": 2}
+    assert calls == {"dynamodb:BatchGetItem": 2, "ec2:DescribeImages": 2, "ssm:GetParameters": 2}
 
     calls.clear()
     outcome = rotator.handle_state_change(fleet.images[-1], "available", clients, policy, now())
@@ -225,19 +226,58 @@ def test_a_hand_disable_of_an_ami_the_janitor_once_rescued_moves_latest(lambda_e
 
 
 def test_a_disable_long_after_the_janitors_own_is_someone_elses_and_moves_latest(lambda_env: Path) -> None:
-    """The ledger records the janitor's disable stage of an AMI two days ago, its clock still open; its
-    owner enabled it since (Latest came to it), and disables it now: that event is no echo of the
-    janitor's stage, and Latest moves off the AMI. The janitor's own event, sent then, is ignored."""
+    """The ledger records the janitor's disable stage of an AMI two days ago, its clock still open. Its
+    own event, sent then, when Latest had been moved off the AMI, is ignored. The owner enabled the AMI
+    since (Latest came back to it), and disables it now: that event is no echo of the janitor's stage,
+    and Latest moves off the AMI."""
     then = now() - timedelta(days=2)
     fleet, _ = disabled_by_the_janitor(lambda_env, then)
-    newest = fleet.images[-1]
+    newest, older = fleet.images[-1], fleet.images[-2]
     ec2().disable_image(ImageId=newest)
+    _latest_moved_to(older, off=newest)  # as the janitor moves it before its stages
 
     echo = {**event("ami_disabled.json", newest), "time": (then + timedelta(minutes=1)).strftime(TIME)}
     assert ami_event.handler(echo, Context())["outcome"] == "ignored"
+    ec2().enable_image(ImageId=newest)
+    assert ami_event.handler(event("ami_available.json", newest), Context())["outcome"] == "rotated"
+    assert parameter() == newest
+    ec2().disable_image(ImageId=newest)
     later = {**event("ami_disabled.json", newest), "time": now().strftime(TIME)}
     outcome = ami_event.handler(later, Context())
-    assert outcome["outcome"] == "rotated" and parameter() == fleet.images[-2]
+    assert outcome["outcome"] == "rotated" and parameter() == older
+
+
+def _latest_moved_to(image_id: str, *, off: str) -> None:
+    ec2().delete_tags(Resources=[off], Tags=[{"Key": "Latest"}])
+    ec2().create_tags(Resources=[image_id], Tags=[{"Key": "Latest", "Value": "true"}])
+    boto3.client("ssm", region_name="us-east-1").put_parameter(
+        Name="/ami/web/latest", Value=image_id, Type="String", DataType="aws:ec2:image", Overwrite=True
+    )
+
+
+@pytest.mark.parametrize("holds", ["tag and parameter", "parameter", "tag"])
+def test_the_janitors_own_disable_of_an_ami_an_event_made_latest_since_moves_latest(
+    lambda_env: Path, holds: str
+) -> None:
+    """The run moved Latest off an AMI and planned to disable it; meanwhile the owner pulled the newer
+    build and its event made this AMI Latest again; the run's slice then disabled it (the ledger records
+    the janitor's stage a moment ago). Its event is no mere echo: Latest, tag or parameter, does not stay
+    on a disabled AMI that launch templates resolving the parameter cannot launch (it was ignored)."""
+    fleet, _ = disabled_by_the_janitor(lambda_env, now())
+    newest, older = fleet.images[-1], fleet.images[-2]
+    assert parameter() == newest and latest_holders(fleet.images) == [newest]
+    if holds == "parameter":
+        ec2().delete_tags(Resources=[newest], Tags=[{"Key": "Latest"}])
+    if holds == "tag":
+        boto3.client("ssm", region_name="us-east-1").put_parameter(
+            Name="/ami/web/latest", Value=older, Type="String", DataType="aws:ec2:image", Overwrite=True
+        )
+    ec2().disable_image(ImageId=newest)
+
+    outcome = ami_event.handler(event("ami_disabled.json", newest), Context())
+
+    assert outcome["outcome"] == "rotated"
+    assert parameter() == older and latest_holders(fleet.images) == [older]
 
 
 def test_an_enforce_run_without_a_ledger_is_refused_before_it_writes(lambda_env: Path) -> None:

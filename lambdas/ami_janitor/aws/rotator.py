@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, describe_image, load_images, read_ledger_items
+from ami_janitor.aws.inventory.pointers import ARCHITECTURES, Pointers, read_pointer_values
+from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.sharer import ShareResult
 from ami_janitor.core.model import AmiState, Image, LatestChange, Outcome, RegionInventory, Share, Stage
 from ami_janitor.core.policy import Mode, Policy
@@ -291,6 +293,31 @@ def _ledger_records(
     return sent is None or sent - made <= JANITORS_EVENT_WITHIN
 
 
+def _holds_latest(clients: RegionClients, policy: Policy, image_id: str) -> bool:
+    """The AMI carries a family's Latest tag key, or a family's parameter names it (True, too, where that
+    cannot be read). The janitor moves Latest away before its stages, but an event may move it back
+    meanwhile: the owner disables the newer build while a slice runs, and its event makes Latest of an
+    AMI the slice then disables. One DescribeImages by id and the policy's parameters of the AMI's
+    architecture (of every architecture once the AMI is gone), not the region's AMIs."""
+    try:
+        image = describe_image(clients, image_id)  # disabled included; none once deregistered
+        tags = {f.latest.tag for f in policy.families if f.latest is not None and f.latest.tag}
+        if image is not None and not tags.isdisjoint(image.tags):
+            return True
+        architectures = (image.architecture,) if image is not None else ARCHITECTURES
+        names = frozenset(
+            name
+            for family in policy.families
+            if family.latest is not None
+            for name in map(family.latest.parameter_for, architectures)
+            if name is not None
+        )
+        values = read_pointer_values(clients.ssm, Pointers(names, names), scanned={})
+    except (ClientError, BotoCoreError, SourceFailed):
+        return True  # unknown: the event reads the region and converges, as any other
+    return image_id in values.values()
+
+
 def handle_state_change(
     image_id: str,
     state: AmiState,
@@ -315,10 +342,15 @@ def handle_state_change(
     if state == "failed":
         return outcome(outcome="failed-counted")
     stage = _JANITORS_STAGE.get(state)
-    if stage is not None and _ledger_records(clients, policy, image_id, stage, sent):
-        # The janitor moves Latest away from an AMI before any stage: its own disable or deregister
-        # leaves Latest where it was (one BatchGetItem, not the region's AMIs read twice; the
-        # scheduled run reconciles anything else).
+    if (
+        stage is not None
+        and _ledger_records(clients, policy, image_id, stage, sent)
+        and not _holds_latest(clients, policy, image_id)
+    ):
+        # The janitor moves Latest away from an AMI before any stage: its own disable or deregister of
+        # an AMI that holds no Latest now leaves Latest where it was (one BatchGetItem, one
+        # DescribeImages and GetParameters, not the region's AMIs read; the scheduled run reconciles
+        # anything else).
         return outcome(outcome="ignored", why=f"the janitor's own {stage} stage, which the ledger records")
     inventory = read(clients, policy)
     if inventory.error:
