@@ -38,12 +38,53 @@ def _account() -> Account:
 def test_an_available_ami_the_listing_does_not_show_yet_is_tried_again() -> None:
     account = _account()
     clients = clients_for(account)
-    with pytest.raises(RuntimeError, match=f"{NEW} is available, but DescribeImages does not list it"):
+    with pytest.raises(
+        RuntimeError, match=f"{NEW} is available by its id, but DescribeImages does not list it"
+    ):
         rotator.handle_state_change(NEW, "available", clients, POLICY, NOW, load=_lagging(account, NEW))
     assert account.writes == 0
     # Tried again once the listing shows it: Latest moves.
     outcome = rotator.handle_state_change(NEW, "available", clients, POLICY, NOW, load=account.load)
     assert outcome.outcome == "rotated" and account.parameters[PARAMETER] == NEW
+
+
+def _listed_as(account: Account, image_id: str, state: str) -> Any:
+    def load(clients: Any, policy: Any) -> RegionInventory:
+        listed = account.load(clients, policy)
+        return listed._replace(
+            images=tuple(
+                i.model_copy(update={"state": state}) if i.image_id == image_id else i for i in listed.images
+            )
+        )
+
+    return load
+
+
+@pytest.mark.parametrize("listed", ["pending", "disabled"])
+def test_an_available_ami_the_listing_shows_in_an_older_state_is_tried_again(listed: str) -> None:
+    """The listing still shows the AMI pending (or disabled, before its owner enabled it) while EC2
+    describes it by its id as available: rotated without it, the event was answered and lost."""
+    account = _account()
+    clients = clients_for(account)
+    with pytest.raises(
+        rotator.NotYet, match=f"{NEW} is available by its id, but DescribeImages lists it as {listed}"
+    ):
+        rotator.handle_state_change(
+            NEW, "available", clients, POLICY, NOW, load=_listed_as(account, NEW, listed)
+        )
+    assert account.writes == 0
+    outcome = rotator.handle_state_change(NEW, "available", clients, POLICY, NOW, load=account.load)
+    assert outcome.outcome == "rotated" and account.parameters[PARAMETER] == NEW
+
+
+def test_an_available_event_of_an_ami_pending_by_its_id_too_is_tried_again() -> None:
+    account = _account()
+    account.images[NEW]["state"] = "pending"
+    with pytest.raises(
+        rotator.NotYet, match=f"{NEW} is pending by its id, but DescribeImages lists it as pending"
+    ):
+        rotator.handle_state_change(NEW, "available", clients_for(account), POLICY, NOW, load=account.load)
+    assert account.writes == 0
 
 
 @pytest.mark.parametrize("since", ["deregistered", "disabled"])

@@ -358,14 +358,16 @@ def handle_state_change(
         raise RuntimeError(f"cannot read the AMIs of {clients.region}: {inventory.error}")
     only = EVERY_GROUP
     image = next((i for i in inventory.images if i.image_id == image_id), None)
-    if state == "available" and image is None:
+    if state == "available" and (image is None or image.state != "available"):
         described = describe_image(clients, image_id)
-        if described is not None and described.state == "available":
-            # The listing lags the AMI: rotated without it, the event would be answered and lost. Raise
-            # so the event is delivered again (then, past its tries, lands in the dead-letter queue).
+        if described is not None and described.state in ("available", "pending"):
+            # The listing (or EC2's answer by id, still pending) lags the AMI: rotated without it, the
+            # event would be answered and lost. Raise so the event is delivered again (then, past its
+            # tries, lands in the dead-letter queue). An AMI disabled or gone since is no Latest: rotate.
+            listed = "does not list it" if image is None else f"lists it as {image.state}"
             raise NotYet(
-                f"{image_id} is available, but DescribeImages does not list it in {clients.region} yet: "
-                "the event is tried again"
+                f"{image_id} is {described.state} by its id, but DescribeImages {listed} in "
+                f"{clients.region} yet: the event is tried again"
             )
     if state == "available" and image is not None:
         matching = [f.name for f in policy.families if f.match.matches(image.name, image.tags)]
