@@ -614,3 +614,32 @@ def test_families_with_parameters_of_their_own_are_taken() -> None:
         "/ami/x86_64/latest",
         "/ami/{arch}",
     ]
+
+
+def tagged_latest(tag: str, **defaults: object) -> dict[str, object]:
+    families = [
+        {"name": "web", "match": {"name": "web-*", "tags": {"Team": "web"}}, "latest": {"tag": tag}},
+        {"name": "api", "match": {"name": "api-*"}, "opt_out_tag": "Pinned"},
+    ]
+    return {"regions": ["us-east-1"], "defaults": defaults, "families": families}
+
+
+@pytest.mark.parametrize(
+    ("tag", "defaults", "role"),
+    [
+        # The rotation would take it off every opted-out AMI of the group but its target.
+        ("ami-janitor:keep", {}, "an opt-out tag"),
+        ("Keep", {"opt_out_tag": "Keep"}, "an opt-out tag"),
+        ("Pinned", {}, "an opt-out tag"),  # another family's
+        # It would move the group's AMIs out of the family.
+        ("Team", {}, "a match tag of family 'web'"),
+        ("ami-janitor:latest", {}, "one of the janitor's own tags"),
+    ],
+)
+def test_a_latest_tag_with_another_role_is_refused(tag: str, defaults: dict[str, object], role: str) -> None:
+    message = error_of(tagged_latest(tag, **defaults))
+    assert f"family 'web': latest.tag {tag!r} is {role}; the rotation takes the Latest tag off" in message, message
+
+
+def test_a_latest_tag_of_its_own_is_taken() -> None:
+    assert [f.latest.tag for f in parse_policy(tagged_latest("Latest")).families if f.latest] == ["Latest"]

@@ -522,6 +522,7 @@ class Policy(_Strict):
                 raise ValueError(
                     f"families[{index}]: {describe_validation_error(error, friendly=True)}"
                 ) from None
+        self._latest_tags_apart()
         return self
 
     def _latest_parameters_apart(self) -> None:
@@ -539,6 +540,27 @@ class Policy(_Strict):
                         f"families {other!r} (latest.ssm_parameter {other_template}) and {family.name!r} "
                         f"({template}) can both write the SSM parameter {name}: each family needs its own"
                     )
+
+    def _latest_tags_apart(self) -> None:
+        # The rotation puts a family's Latest tag on one AMI and takes that key off every other of its
+        # group: a key with another role would be taken off with it (an opt-out, which alone keeps an
+        # AMI; a family's match tag, which moves AMIs out of the family; the janitor's own records).
+        roles: dict[str, str] = {}
+        for family in self.families:
+            for key in family.match.tags:
+                roles.setdefault(key, f"a match tag of family {family.name!r}")
+        for family in self.families:
+            roles.setdefault(self.rules_for(family).opt_out_tag, "an opt-out tag")
+        for family in self.families:
+            tag = family.latest.tag if family.latest else None
+            if tag is None:
+                continue
+            role = roles.get(tag) or ("one of the janitor's own tags" if tag.startswith(JANITOR_TAG_PREFIX) else None)
+            if role is not None:
+                raise ValueError(
+                    f"family {family.name!r}: latest.tag {tag!r} is {role}; the rotation takes the Latest tag "
+                    "off every other AMI of the family, so it needs a key of its own"
+                )
 
     def _shares_apart_by_name(self) -> None:
         # Two families whose matches both hold tags beside name globs that can name one AMI are told
