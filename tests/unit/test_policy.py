@@ -638,8 +638,47 @@ def tagged_latest(tag: str, **defaults: object) -> dict[str, object]:
 )
 def test_a_latest_tag_with_another_role_is_refused(tag: str, defaults: dict[str, object], role: str) -> None:
     message = error_of(tagged_latest(tag, **defaults))
-    assert f"family 'web': latest.tag {tag!r} is {role}; the rotation takes the Latest tag off" in message, message
+    assert f"family 'web': latest.tag {tag!r} is {role}; the rotation takes the Latest tag off" in message, (
+        message
+    )
 
 
 def test_a_latest_tag_of_its_own_is_taken() -> None:
     assert [f.latest.tag for f in parse_policy(tagged_latest("Latest")).families if f.latest] == ["Latest"]
+
+
+@pytest.mark.parametrize(
+    ("written", "why"),
+    [
+        ("030", "as octal (YAML 1.1): write it without its leading zeros"),  # 24, not 30
+        ("014", "as octal (YAML 1.1): write it without its leading zeros"),  # 12
+        ("+030", "as octal (YAML 1.1): write it without its leading zeros"),
+        ("1:30", "in base 60 (YAML 1.1): write it without the ':'"),  # 90
+        ("0:30.5", "in base 60 (YAML 1.1): write it without the ':'"),  # a float, 30.5
+    ],
+)
+def test_a_number_yaml_reads_otherwise_than_written_is_refused(
+    tmp_path: Path, written: str, why: str
+) -> None:
+    """YAML 1.1 (PyYAML's) reads `min_age_days: 030` as 24: AMIs would be kept 24 days, not 30."""
+    policy = tmp_path / "janitor.yaml"
+    policy.write_text(
+        f"regions: [us-east-1]\ndefaults:\n  min_age_days: {written}\nfamilies: [{{name: a, match: {{name: a-*}}}}]\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        load_policy(policy)
+    assert (
+        str(caught.value)
+        == f"{policy}: not valid YAML (line 3, column 17: the number {written} would be read {why})"
+    )
+
+
+@pytest.mark.parametrize(("written", "read"), [("30", 30), ("0", 0), ("0x1E", 30), ("1_000", 1000)])
+def test_numbers_read_as_written_are_taken(tmp_path: Path, written: str, read: int) -> None:
+    policy = tmp_path / "janitor.yaml"
+    policy.write_text(
+        f"regions: [us-east-1]\ndefaults:\n  min_age_days: {written}\n  limits: {{max_fraction_per_family: 00.5}}\n"
+        "families: [{name: a, match: {name: a-*}}]\n"
+    )
+    loaded = load_policy(policy)
+    assert (loaded.defaults.min_age_days, loaded.defaults.limits.max_fraction_per_family) == (read, 0.5)

@@ -555,7 +555,9 @@ class Policy(_Strict):
             tag = family.latest.tag if family.latest else None
             if tag is None:
                 continue
-            role = roles.get(tag) or ("one of the janitor's own tags" if tag.startswith(JANITOR_TAG_PREFIX) else None)
+            role = roles.get(tag) or (
+                "one of the janitor's own tags" if tag.startswith(JANITOR_TAG_PREFIX) else None
+            )
             if role is not None:
                 raise ValueError(
                     f"family {family.name!r}: latest.tag {tag!r} is {role}; the rotation takes the Latest tag "
@@ -798,4 +800,34 @@ def _unique_key_loader() -> type:
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+        def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+            _as_written(node, str(self.construct_scalar(node)))
+            return int(super().construct_yaml_int(node))
+
+        def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+            _as_written(node, str(self.construct_scalar(node)), integer=False)
+            return float(super().construct_yaml_float(node))
+
+    # YAML 1.1 (PyYAML's) reads `030` as octal 24 and `1:30` in base 60 (90): a policy's `min_age_days:
+    # 030` would keep AMIs 24 days. Refused, where the line says what to write.
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
+    UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", UniqueKeyLoader.construct_yaml_float)
     return UniqueKeyLoader
+
+
+def _as_written(node: Any, text: str, *, integer: bool = True) -> None:
+    """Refuses a number YAML 1.1 reads otherwise than it is written (an integer's leading zero: octal;
+    `:`: base 60)."""
+    import yaml
+
+    digits = text.replace("_", "").lstrip("+-")
+    octal = integer and len(digits) > 1 and digits[0] == "0" and digits[1].isdigit()
+    if octal or ":" in digits:
+        why = "in base 60" if ":" in digits else "as octal"
+        raise yaml.constructor.ConstructorError(
+            None,
+            None,
+            f"the number {text} would be read {why} (YAML 1.1): write it without "
+            + ("the ':'" if ":" in digits else "its leading zeros"),
+            node.start_mark,
+        )
