@@ -314,7 +314,16 @@ def test_a_pinned_build_instance_bakes_in_the_one_region_it_lives_in() -> None:
     assert tagged.bake_regions(tagged.families[0]) == ["us-east-1", "eu-west-1"]
 
 
-@pytest.mark.parametrize("match", [{"tags": {"P": "A"}}, {"tags": {"P": "A"}, "name": "*"}])
+@pytest.mark.parametrize(
+    "match",
+    [
+        {"tags": {"P": "A"}},
+        {"tags": {"P": "A"}, "name": "*"},
+        # No AMI name holds a `~`: these name any AMI as `*` does.
+        {"tags": {"P": "A"}, "name": "[!~]*"},
+        {"tags": {"P": "A"}, "name": "*[ -~]"},
+    ],
+)
 @pytest.mark.parametrize(
     ("sharing", "what"),
     [({"share_with": {"accounts": ["123456789012"]}}, "share_with"), ({"public": True}, "public: true")],
@@ -512,9 +521,10 @@ def test_every_field_refuses_a_value_of_another_kind() -> None:
             assert f"\n{path}: " in error_of(data), f"{path}: {wrong!r} was taken"
 
 
-@pytest.mark.parametrize("glob", ["*", "**", "?*", "*?*", "???*"])
+@pytest.mark.parametrize("glob", ["*", "**", "?*", "*?*", "???*", "[!~]*", "*[!~]", "[!~]?*", "[ -~]*[!{]"])
 def test_a_name_glob_of_wildcards_only_selects_every_ami_and_is_refused(glob: str) -> None:
-    # An AMI's name has 3 to 128 characters: `?*` or `???*` match them all.
+    # An AMI's name has 3 to 128 characters: `?*` or `???*` match them all; so does a bracket every
+    # character of an AMI's name passes (none is a `~` or a `{`).
     assert "alone would select every AMI" in error_of(
         {**BASE, "families": [{"name": "a", "match": {"name": glob}}]}
     )
@@ -682,3 +692,12 @@ def test_numbers_read_as_written_are_taken(tmp_path: Path, written: str, read: i
     )
     loaded = load_policy(policy)
     assert (loaded.defaults.min_age_days, loaded.defaults.limits.max_fraction_per_family) == (read, 0.5)
+
+
+@pytest.mark.parametrize("glob", ["[a-z]*", "web-*", "[!a]*", "*[!x]", "[]-~ -]*"])
+def test_a_name_glob_a_name_can_escape_is_taken(glob: str) -> None:
+    # A bracket some character of an AMI's name fails (a letter, `[`, a space) narrows the glob.
+    assert (
+        parse_policy({**BASE, "families": [{"name": "a", "match": {"name": glob}}]}).families[0].match.name
+        == glob
+    )

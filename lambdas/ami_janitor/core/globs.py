@@ -92,3 +92,21 @@ def globs_overlap(a: str, b: str) -> bool:
         if i < len(ta) and j < len(tb) and ta[i][1] & tb[j][1]:
             pending.append((i if a_star else i + 1, j if b_star else j + 1))
     return False
+
+
+# The characters EC2 allows in an AMI's name (CreateImage, RegisterImage, CopyImage).
+AMI_NAME_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789()[] ./-'@_"
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def names_any(pattern: str) -> bool:
+    """Whether the glob names any AMI: each of its positions a `*`, a `?` or a bracket that accepts
+    every character an AMI's name may hold (`[!~]`, `[ -~]`), so no character of a name narrows it."""
+    for position in _positions(pattern):
+        if position is None or position == "?":
+            continue
+        if len(position) == 1 or _accepted(position, sorted(AMI_NAME_CHARACTERS)) != AMI_NAME_CHARACTERS:
+            return False
+    return True

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ami_janitor.core.globs import names_any
 from ami_janitor.core.validation import describe_validation_error
 
 JANITOR_TAG_PREFIX = "ami-janitor:"
@@ -142,15 +143,16 @@ class Match(_Strict):
     def _something(self) -> "Match":
         if not self.tags and not self.name:
             raise ValueError("give tags and/or a name glob; an empty match would select every AMI")
-        if not self.tags and self.name and not self.name.strip("*?"):  # wildcards only: any name
+        if not self.tags and self.name and names_any(self.name):  # wildcards only: any name
             raise ValueError(f"name glob {self.name!r} alone would select every AMI: narrow it or add tags")
         return self
 
     @property
     def by_tags_alone(self) -> bool:
-        """No name glob, or one of wildcards only: anyone who may tag an AMI can make it match (a name is
-        set when the AMI is made and never changes)."""
-        return self.name is None or not self.name.strip("*?")
+        """No name glob, or one that names any AMI (wildcards only, or brackets no name's character
+        escapes): anyone who may tag an AMI can make it match (a name is set when the AMI is made and
+        never changes)."""
+        return self.name is None or names_any(self.name)
 
     def names(self, name: str) -> bool:
         """Whether the name glob (if any) selects `name`: the AMI would match once tagged as asked."""
