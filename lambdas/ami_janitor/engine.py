@@ -407,6 +407,7 @@ def run(
     publish_reports: bool = False,
     progress: Progress = _quiet,
     event_id: str | None = None,
+    confirmed: Plan | None = None,
 ) -> RunResult:
     """A scheduled run in one pass: one plan (retirement, Latest, shares, copies), then applied in a
     fixed order per region: rescues, Latest, candidate clocks; then shares and copies; then the due
@@ -427,10 +428,18 @@ def run(
     invocation again with the same event; where the first had queued its slices (and failed after,
     say writing its report), they may have acted already, and the second plan would pick the next
     AMIs: up to twice `max_actions_per_run` for one scheduled event. The second queues none.
+
+    `confirmed`: the plan an operator was shown and agreed to (the CLI's `apply` in a terminal). The
+    plan is made again from a fresh read; where it would write anything that one did not show, nothing
+    is written (PlanChanged). What it no longer asks for (an AMI used again since) is not done.
     """
     plan, loaded = build_plan(policy, regions, clients_for, now, progress)
     if apply:
         _require_scanned_ledgers(policy, regions, loaded)
+    if apply and confirmed is not None:
+        unasked = sorted(_writes(plan) - _writes(confirmed))
+        if unasked:
+            raise PlanChanged(unasked)
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     read = [loaded[r] for r in regions if r in loaded]
     usage = publish_usage(policy, read, clients_for, now) if publish_reports else {}
@@ -497,6 +506,39 @@ def run(
         keys, lines = unfinished_runs(own, now)
         result = result.model_copy(update={"unfinished_runs": lines, "unfinished_keys": keys})
     return result
+
+
+class PlanChanged(RuntimeError):
+    """The plan, made again before writing, writes what the plan the operator agreed to did not show."""
+
+    def __init__(self, unasked: Sequence[str]) -> None:
+        self.unasked = list(unasked)
+        shown = "; ".join(self.unasked[:5]) + (
+            f"; and {len(self.unasked) - 5} more" if len(self.unasked) > 5 else ""
+        )
+        super().__init__(f"the plan changed since it was shown ({shown}): nothing was written")
+
+
+def _writes(plan: Plan) -> set[str]:
+    """Each write a plan asks for, as one line: stages, candidate clocks and rescues, Latest changes,
+    shares and copies."""
+    return {
+        *(f"{d.action} {d.image_id} in {d.region}" for d in plan.decisions if d.action != "keep"),
+        *(
+            f"Latest of {c.family} ({c.architecture}) in {c.region} to {c.to}"
+            + (f", untagging {', '.join(c.untag)}" if c.untag else "")
+            for c in plan.latest
+        ),
+        *(
+            f"share {s.image_id} in {s.region} with {', '.join(s.add) or 'none'}, revoking {', '.join(s.remove) or 'none'}"
+            for s in plan.shares
+        ),
+        *(
+            f"copy {c.source_image_id} ({c.source_region}) to {c.region}, generation {c.generation}"
+            + (f", key {c.kms_key_arn}" if c.kms_key_arn else "")
+            for c in plan.copies
+        ),
+    }
 
 
 def unfinished_runs(

@@ -125,6 +125,75 @@ def test_apply_asks_in_a_terminal_and_a_no_changes_nothing(
     assert fleet.images[0] not in image_ids()
 
 
+class Answering(io.StringIO):
+    """A terminal whose person answers `y`, after `meanwhile` changed the account (while the plan was read)."""
+
+    def __init__(self, meanwhile: Any = None) -> None:
+        super().__init__()
+        self.meanwhile = meanwhile
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, *args: object) -> str:
+        if self.meanwhile is not None:
+            self.meanwhile()
+        return "y\n"
+
+
+def test_apply_writes_nothing_the_plan_it_asked_about_did_not_show(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While the question waits, the stopped instance that kept an AMI is terminated: the plan made again
+    would retire that AMI too, which the person was not asked about. Nothing is written (it was
+    deregistered with the three actions confirmed)."""
+    fleet = seed_fleet(now())
+    make_ledger()
+    monkeypatch.setattr(
+        sys, "stdin", Answering(lambda: ec2().terminate_instances(InstanceIds=[fleet.instance]))
+    )
+    code, output = run("apply", "--config", write_policy(tmp_path))
+    assert "Apply 3 actions" in output.split("[y/N]")[0]
+    assert code == 3
+    err = capsys.readouterr().err
+    assert f"the plan changed since it was shown (deregister {fleet.referenced} in us-east-1" in err, err
+    assert "nothing was written; run apply again to see the plan as it is now" in err
+    assert image_ids() >= set(fleet.images)
+    tags = ec2().describe_tags(Filters=[{"Name": "resource-id", "Values": fleet.images}])["Tags"]
+    assert [t for t in tags if t["Key"] == "Latest" or t["Key"].startswith("ami-janitor:")] == []
+
+
+def test_apply_leaves_what_the_plan_no_longer_asks_for(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the question waits, an instance is launched from the oldest AMI: the plan made again keeps
+    it, and the rest of what was confirmed is written."""
+    fleet = seed_fleet(now())
+    make_ledger()
+
+    def launch() -> None:
+        ec2().run_instances(ImageId=fleet.images[0], MinCount=1, MaxCount=1)
+
+    monkeypatch.setattr(sys, "stdin", Answering(launch))
+    code, output = run("apply", "--config", write_policy(tmp_path))
+    assert "Apply 3 actions" in output.split("[y/N]")[0]
+    assert code == 0, output
+    assert fleet.images[0] in image_ids()
+    assert fleet.images[1] not in image_ids()
+
+
+def test_apply_json_in_a_terminal_prints_the_report_alone(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_fleet(now())
+    make_ledger()
+    monkeypatch.setattr(sys, "stdin", Answering())
+    code, output = run("apply", "--config", write_policy(tmp_path), "--format", "json")
+    assert code == 0
+    assert json.loads(output)["summary"]["retired"] == 3
+    assert "Apply 3 actions, 1 Latest changes, 0 shares and 0 copies? [y/N] " in capsys.readouterr().err
+
+
 def test_bad_policy_and_unknown_region_exit_2(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -129,13 +129,30 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     except LedgerMissing as error:
         raise _ledger_refusal(error) from None
     now = _now()
+    confirmed = None
     if not args.yes:
+        # With --format json, stdout holds the report alone: the preview and the question go to stderr.
+        asking = sys.stderr if args.format == "json" else out
         preview = engine.run(policy, regions, factory, now, apply=False, progress=_progress)
-        render.print_plan(preview.plan, out)
-        if not _confirm(preview.plan, out):
-            out.write("declined: nothing was changed\n")
+        render.print_plan(preview.plan, asking)
+        if not _confirm(preview.plan, asking):
+            asking.write("declined: nothing was changed\n")
             return EXIT_DECLINED
-    result = engine.run(policy, regions, factory, now, apply=True, publish_reports=True, progress=_progress)
+        confirmed = preview.plan
+    try:
+        result = engine.run(
+            policy,
+            regions,
+            factory,
+            now,
+            apply=True,
+            publish_reports=True,
+            progress=_progress,
+            confirmed=confirmed,
+        )
+    except engine.PlanChanged as changed:
+        sys.stderr.write(f"{changed}; run apply again to see the plan as it is now\n")
+        return EXIT_DECLINED
     if args.format == "json":
         render.emit_json(result.report().model_dump(mode="json"), out)
     else:

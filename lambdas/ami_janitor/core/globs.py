@@ -95,9 +95,7 @@ def globs_overlap(a: str, b: str) -> bool:
 
 
 # The characters EC2 allows in an AMI's name (CreateImage, RegisterImage, CopyImage).
-AMI_NAME_CHARACTERS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789()[] ./-'@_"
-)
+AMI_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789()[] ./-'@_")
 
 
 @functools.lru_cache(maxsize=1024)
