@@ -532,7 +532,7 @@ def test_waiting_for_the_image_is_bounded(aws: Stubbed) -> None:
 TAGGED = {
     "Filters": [
         {"Name": "tag:Role", "Values": ["pettracker-ml"]},
-        {"Name": "instance-state-name", "Values": ["running", "stopped"]},
+        {"Name": "instance-state-name", "Values": ["pending", "running", "stopped", "stopping"]},
     ]
 }
 
@@ -586,10 +586,8 @@ def test_find_bake_instance_refuses_several_tagged_instances_across_pages(aws: S
         baker.find_bake_instance(aws.clients, family())
 
     assert not isinstance(refused.value, baking.BakeUsageError)
-    assert "2 running or stopped instances in us-east-1 carry the tags Role=pettracker-ml" in str(
-        refused.value
-    )
-    assert "i-0aaa, i-0bbb" in str(refused.value)
+    assert "2 instances in us-east-1 carry the tags Role=pettracker-ml" in str(refused.value)
+    assert "i-0aaa (running), i-0bbb (stopped)" in str(refused.value)
     assert "bake.instance_id or pass --instance-id" in str(refused.value)
 
 

@@ -33,11 +33,10 @@ def instance(
     )
 
 
-def test_the_only_running_or_stopped_tagged_instance_is_chosen() -> None:
+def test_the_only_live_tagged_instance_is_chosen_when_running_or_stopped() -> None:
     found = [
         instance(BUILDER, state="stopped", days_ago=30),
-        instance("i-0000000000000000d", state="pending", days_ago=0),
-        instance("i-0000000000000000e", state="stopping"),
+        instance("i-0000000000000000d", state="shutting-down", days_ago=0),
         instance("i-0000000000000000f", tags={"Role": "other"}),
     ]
 
@@ -47,6 +46,33 @@ def test_the_only_running_or_stopped_tagged_instance_is_chosen() -> None:
     assert not choice.refused
 
 
+@pytest.mark.parametrize("state", ["pending", "stopping"])
+def test_a_lookalike_is_not_chosen_while_the_build_instance_starts_or_stops(state: str) -> None:
+    """Counting only running or stopped instances, another tagged instance was the only one while the
+    build instance was on its way between the two: it was imaged as the family's build."""
+    found = [instance(BUILDER, state=state, days_ago=30), instance(ATTACKER, days_ago=0)]
+
+    choice = choose(family(instance_tag=ROLE), "us-east-1", found)
+
+    assert choice.refused
+    assert (
+        f"2 instances in us-east-1 carry the tags Role=build (bake.instance_tag): {ATTACKER} (running), "
+        in (choice.reason)
+    )
+    assert f"{BUILDER} ({state})" in choice.reason
+
+
+@pytest.mark.parametrize("state", ["pending", "stopping"])
+def test_the_only_tagged_instance_on_its_way_is_not_imaged_yet(state: str) -> None:
+    choice = choose(family(instance_tag=ROLE), "us-east-1", [instance(BUILDER, state=state)])
+
+    assert choice.refused
+    assert choice.reason == (
+        f"family app: the only instance in us-east-1 tagged Role=build, {BUILDER}, is {state}; only a "
+        "running or stopped instance is baked"
+    )
+
+
 def test_several_tagged_instances_are_refused_naming_each() -> None:
     # The attacker's instance is the most recently launched: it must not win by being newest.
     found = [instance(BUILDER, days_ago=30), instance(ATTACKER, days_ago=0)]
@@ -54,8 +80,8 @@ def test_several_tagged_instances_are_refused_naming_each() -> None:
     choice = choose(family(instance_tag=ROLE), "us-east-1", found)
 
     assert choice.refused and choice.instance_id is None
-    assert "2 running or stopped instances in us-east-1 carry the tags Role=build" in choice.reason
-    assert f"{ATTACKER}, {BUILDER}" in choice.reason
+    assert "2 instances in us-east-1 carry the tags Role=build" in choice.reason
+    assert f"{ATTACKER} (running), {BUILDER} (running)" in choice.reason
     assert "pin the build instance with bake.instance_id or pass --instance-id" in choice.reason
 
 

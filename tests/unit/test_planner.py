@@ -815,7 +815,7 @@ def test_the_plan_names_the_instance_each_scheduled_bake_will_image() -> None:
     pol = policy({"bake": SCHEDULED_BAKE})
 
     result = plan(
-        [inventory(image(), build_instances=(builder, build_instance("i-0c0c", "pending")))], pol, NOW
+        [inventory(image(), build_instances=(builder, build_instance("i-0c0c", "shutting-down")))], pol, NOW
     )
 
     assert result.bakes == [
@@ -838,7 +838,7 @@ def test_the_plan_says_why_a_scheduled_bake_would_refuse() -> None:
     [bake] = plan([inventory(build_instances=several)], pol, NOW).bakes
 
     assert bake.instance_id is None and bake.reason is None
-    assert bake.refusal is not None and "i-0a0a, i-0b0b" in bake.refusal
+    assert bake.refusal is not None and "i-0a0a (running), i-0b0b (stopped)" in bake.refusal
     [bake] = plan([inventory()], pol, NOW).bakes
     assert bake.refusal == (
         "family app: no running or stopped instance in us-east-1 carries the tags Role=build (bake.instance_tag)"

@@ -398,7 +398,7 @@ def _instance_by_id(ec2: "EC2Client", instance_id: str) -> list[BuildInstance]:
 
 def _instances_tagged(ec2: "EC2Client", tags: dict[str, str]) -> list[BuildInstance]:
     filters: list[Any] = [{"Name": f"tag:{key}", "Values": [value]} for key, value in sorted(tags.items())]
-    filters.append({"Name": "instance-state-name", "Values": sorted(build_instance.BAKEABLE_STATES)})
+    filters.append({"Name": "instance-state-name", "Values": sorted(build_instance.LIVE_STATES)})
     return _build_instances(ec2.get_paginator("describe_instances").paginate(Filters=filters))
 
 

@@ -2,8 +2,10 @@
 
 Anyone allowed to launch or tag an instance can make one carry a family's bake tags, so a tag alone
 never chooses between instances: with `bake.instance_id` the bake images that instance only (and,
-when `bake.instance_tag` is also set, only while it carries those tags); without it, exactly one
-running or stopped instance may carry the tags, and several are refused.
+when `bake.instance_tag` is also set, only while it carries those tags); without it, exactly one live
+instance (pending, running, stopping or stopped) may carry the tags, and several are refused; the one
+is imaged when it is running or stopped. (Counting only running or stopped ones, a lookalike would be
+the only one while the build instance starts or stops.)
 """
 
 from collections.abc import Iterable
@@ -14,6 +16,8 @@ from ami_janitor.core.policy import Family
 
 # CreateImage images a running or stopped instance; one on its way between the two is not chosen.
 BAKEABLE_STATES = frozenset({"running", "stopped"})
+# An instance that is, or will soon be, running or stopped: each counts among a family's tagged ones.
+LIVE_STATES = BAKEABLE_STATES | {"pending", "stopping"}
 PINNED = "pinned by bake.instance_id"
 
 
@@ -78,7 +82,9 @@ def _only_tagged(
     family: Family, tags: dict[str, str], region: str, instances: Iterable[BuildInstance]
 ) -> Choice:
     wanted = tags_text(tags)
-    tagged = sorted(i.instance_id for i in instances if i.state in BAKEABLE_STATES and carries(i.tags, tags))
+    tagged = sorted(
+        (i for i in instances if i.state in LIVE_STATES and carries(i.tags, tags)), key=lambda i: i.instance_id
+    )
     if not tagged:
         return Choice(
             None,
@@ -86,11 +92,18 @@ def _only_tagged(
             f"{wanted} (bake.instance_tag)",
         )
     if len(tagged) > 1:
+        named = ", ".join(f"{i.instance_id} ({i.state})" for i in tagged)
         return Choice(
             None,
-            f"family {family.name}: {len(tagged)} running or stopped instances in {region} carry the "
-            f"tags {wanted} (bake.instance_tag): {', '.join(tagged)}; anyone who can launch or tag an "
-            "instance can add one, so none is chosen: pin the build instance with bake.instance_id "
-            "or pass --instance-id",
+            f"family {family.name}: {len(tagged)} instances in {region} carry the tags {wanted} "
+            f"(bake.instance_tag): {named}; anyone who can launch or tag an instance can add one, so none "
+            "is chosen: pin the build instance with bake.instance_id or pass --instance-id",
         )
-    return Choice(tagged[0], f"the only instance tagged {wanted}")
+    [only] = tagged
+    if only.state not in BAKEABLE_STATES:
+        return Choice(
+            None,
+            f"family {family.name}: the only instance in {region} tagged {wanted}, {only.instance_id}, is "
+            f"{only.state}; only a running or stopped instance is baked",
+        )
+    return Choice(only.instance_id, f"the only instance tagged {wanted}")
