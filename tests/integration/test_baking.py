@@ -397,6 +397,15 @@ def test_handler_when_paused_does_nothing(lambda_env: Path) -> None:
             {"family": "pettracker-ml", "time": "2026-11-25T02:00:00"},
             "malformed bake event: time: Input should have timezone info",
         ),
+        # Aware, but no UTC time (it raised an OverflowError where the bake is named).
+        (
+            {"family": "pettracker-ml", "time": "9999-12-31T23:00:00-05:00"},
+            "malformed bake event: time: has no UTC time within the years 1 to 9999",
+        ),
+        (
+            {"family": "pettracker-ml", "time": "0001-01-01T00:30:00+01:00"},
+            "malformed bake event: time: has no UTC time within the years 1 to 9999",
+        ),
         ({"family": "nope"}, "family 'nope' is not in the policy"),
         ({"family": "web"}, "family 'web' has no bake section"),
     ],
@@ -407,6 +416,26 @@ def test_handler_refuses_a_bad_event_naming_the_field(lambda_env: Path, event: A
 
     with pytest.raises(BadEvent, match=message):
         bake_handler.handler(event, Context())
+    assert own_images() == []
+
+
+@pytest.mark.parametrize(("state", "code"), [("stopping", 64), ("pending", 0)])
+def test_handler_bakes_no_lookalike_while_the_build_instance_starts_or_stops(
+    lambda_env: Path, state: str, code: int
+) -> None:
+    """The build instance is starting (for its bake) or stopping, and someone else launched an instance
+    and tagged it as the build: counting only running or stopped instances, the lookalike was the only
+    one, and became the family's next image."""
+    write_policy(lambda_env, "enforce")
+    builder, lookalike = launch(ROLE), launch(ROLE)
+    held = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(builder)
+    held._state.name, held._state.code = state, code
+
+    with pytest.raises(
+        baking.BakeError,
+        match=f"{lookalike} \\(running\\), {builder} \\({state}\\)|{builder} \\({state}\\), {lookalike} \\(running\\)",
+    ):
+        bake_handler.handler(dict(SCHEDULED_EVENT), Context())
     assert own_images() == []
 
 

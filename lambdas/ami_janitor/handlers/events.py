@@ -4,10 +4,10 @@ loads Powertools' EventBridge model). The other answers are the engine's (engine
 rotator.AmiEventOutcome) and Powertools' (the replication worker's partial batch response)."""
 
 import os
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ami_janitor.core.model import Outcome
 from ami_janitor.core.policy import Mode, Policy, load_policy
@@ -48,6 +48,17 @@ class BakeEvent(BaseModel):
 
     family: str = Field(min_length=1)
     time: AwareDatetime | None = None
+
+    @field_validator("time")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        # The bake is named from its UTC time: one that has none (9999-12-31T23:00:00-05:00) is refused.
+        if value is None:
+            return None
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("has no UTC time within the years 1 to 9999") from None
 
 
 class ScheduledRunResult(Outcome):
