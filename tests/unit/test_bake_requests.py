@@ -619,3 +619,110 @@ def test_find_bake_instance_reports_a_failing_describe(aws: Stubbed) -> None:
         baking.BakeError, match="cannot list the build instances of pettracker-ml: UnauthorizedOperation"
     ):
         baker.find_bake_instance(aws.clients, family())
+
+
+# ---- malformed and lost answers around CreateImage and the commands ----
+
+
+def test_a_create_image_answer_without_an_image_id_is_the_image_made_from_the_instance(aws: Stubbed) -> None:
+    """The image may have been made all the same: looked up by its name and its instance, as after a
+    lost answer (a bare KeyError left it unrecorded and named no failure)."""
+    name_filter = {
+        "Owners": ["self"],
+        "IncludeDisabled": True,
+        "Filters": [{"Name": "name", "Values": [CREATE_IMAGE["Name"]]}],
+    }
+    aws.ec2.add_response("create_image", {}, CREATE_IMAGE)
+    made = {"ImageId": IMAGE, "Name": CREATE_IMAGE["Name"], "SourceInstanceId": INSTANCE}
+    aws.ec2.add_response("describe_images", {"Images": [made]}, name_filter)
+    aws.ledger_record(IMAGE)
+
+    assert aws.bake(wait=False).image_id == IMAGE
+
+    aws.ec2.add_response("create_image", {}, CREATE_IMAGE)
+    for _ in baker.Timing().lookup_delays:
+        aws.ec2.add_response("describe_images", {"Images": []}, name_filter)
+    with pytest.raises(baking.BakeError) as refused:
+        aws.bake(wait=False)
+    assert str(refused.value) == (
+        f"CreateImage from {INSTANCE} answered no image id, and no image {CREATE_IMAGE['Name']} made from it "
+        "is listed"
+    )
+
+
+def test_a_malformed_describe_instances_answer_is_a_bake_error(aws: Stubbed) -> None:
+    no_id = {"State": {"Name": "running"}, "Tags": [{"Key": "Role", "Value": "pettracker-ml"}]}
+    aws.ec2.add_response("describe_instances", {"Reservations": [{"Instances": [no_id]}]}, TAGGED)
+
+    with pytest.raises(baking.BakeError) as refused:
+        baker.find_bake_instance(aws.clients, family())
+
+    assert str(refused.value) == (
+        "cannot list the build instances of pettracker-ml: DescribeInstances answered a malformed instance "
+        "(KeyError: 'InstanceId')"
+    )
+
+
+def test_a_stop_command_sent_without_a_command_id_is_followed_by_the_start_command(aws: Stubbed) -> None:
+    """SendCommand took the stop command but named no command: the application may be stopping, so the
+    start command runs (a KeyError left it stopped)."""
+    aws.ssm.add_response(
+        "send_command",
+        {},
+        {
+            "InstanceIds": [INSTANCE],
+            "DocumentName": "AWS-RunShellScript",
+            "Comment": "ami-janitor bake pettracker-ml: stop command",
+            "Parameters": {"commands": [STOP], "executionTimeout": ["30"]},
+            "TimeoutSeconds": 60,
+        },
+    )
+    aws.send("start", START, START_ID)
+    aws.invocation(START_ID, "Success")
+
+    with pytest.raises(baking.BakeError) as refused:
+        aws.bake(stop_command=STOP, start_command=START)
+
+    assert str(refused.value) == (
+        f"the stop command was sent to {INSTANCE}, but SendCommand answered no command id; the start "
+        "command was run after it"
+    )
+
+
+@pytest.mark.parametrize("code", ["ThrottlingException", "InternalServerError"])
+def test_the_stop_command_is_followed_to_its_end_through_an_answer_that_may_pass(
+    aws: Stubbed, code: str
+) -> None:
+    """GetCommandInvocation throttled (past the SDK's retries) while the stop command drains: the stop is
+    asked about again, not taken as ended. (The start command was sent at once, ran beside the stop,
+    ended first, and the stop left the application stopped.)"""
+    aws.send("stop", STOP, STOP_ID)
+    aws.invocation(STOP_ID, "InProgress")
+    aws.ssm.add_client_error(
+        "get_command_invocation",
+        service_error_code=code,
+        http_status_code=500 if code == "InternalServerError" else 400,
+        expected_params={"CommandId": STOP_ID, "InstanceId": INSTANCE},
+    )
+    aws.invocation(STOP_ID, "Success")
+    aws.create()
+    aws.send("start", START, START_ID)
+    aws.invocation(START_ID, "Success")
+
+    assert aws.bake(stop_command=STOP, start_command=START, wait=False).image_id == IMAGE
+
+
+def test_a_command_that_cannot_be_followed_at_all_is_a_bake_error(aws: Stubbed) -> None:
+    aws.send("stop", STOP, STOP_ID)
+    aws.ssm.add_client_error(
+        "get_command_invocation",
+        service_error_code="AccessDeniedException",
+        expected_params={"CommandId": STOP_ID, "InstanceId": INSTANCE},
+    )
+    aws.send("start", START, START_ID)
+    aws.invocation(START_ID, "Success")
+
+    with pytest.raises(
+        baking.BakeError, match=f"the stop command on {INSTANCE} cannot be followed: AccessDenied"
+    ):
+        aws.bake(stop_command=STOP, start_command=START, wait=False)

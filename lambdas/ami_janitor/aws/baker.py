@@ -161,7 +161,15 @@ def _create_image(ec2: "EC2Client", request: dict[str, Any], timing: Timing) -> 
         if made is None:
             raise BakeError(failed) from None
         return made
-    return str(answer["ImageId"])
+    image_id = answer.get("ImageId")
+    if not image_id:
+        # The image may have been made all the same: found as a repeated request's would be.
+        failed = f"CreateImage from {request['InstanceId']} answered no image id"
+        made = _made_already(ec2, request, timing, failed)
+        if made is None:
+            raise BakeError(f"{failed}, and no image {request['Name']} made from it is listed")
+        return made
+    return str(image_id)
 
 
 def _made_already(ec2: "EC2Client", request: dict[str, Any], timing: Timing, failed: str) -> str | None:
@@ -260,7 +268,13 @@ class _RunCommand:
             raise failure(
                 f"the {purpose} command could not be sent to {self.instance_id}: {error_text(error)}"
             ) from None
-        return str(answer["Command"]["CommandId"])
+        command_id = (answer.get("Command") or {}).get("CommandId")
+        if not command_id:
+            # Sent, but not to be followed: it may run all the same (a stop is then followed by the start).
+            raise _MaybeSent(
+                f"the {purpose} command was sent to {self.instance_id}, but SendCommand answered no command id"
+            )
+        return str(command_id)
 
     def wait(self, purpose: str, command_id: str) -> None:
         bound = self.timing.command_timeout + _DELIVERY_TIMEOUT_SECONDS + 30
@@ -293,18 +307,18 @@ class _RunCommand:
         return None
 
     def _invocation(self, purpose: str, command_id: str) -> dict[str, Any]:
+        """The invocation as SSM reports it now; {} where it cannot say yet: not recorded yet (normal
+        for a moment after SendCommand), or an answer that may pass (a throttle, a 5xx, a lost answer):
+        the command is followed on to its end within the bound, never taken as ended (the start
+        command would then run beside a stop command still running, and end first)."""
         try:
             answer = self.ssm.get_command_invocation(CommandId=command_id, InstanceId=self.instance_id)
-        except ClientError as error:
-            # Normal for a moment after SendCommand: the invocation is not recorded yet.
-            if error.response.get("Error", {}).get("Code") == "InvocationDoesNotExist":
+        except (ClientError, BotoCoreError) as error:
+            code = error.response.get("Error", {}).get("Code") if isinstance(error, ClientError) else None
+            if code == "InvocationDoesNotExist" or is_passing(error):
                 return {}
             raise BakeError(
                 f"the {purpose} command on {self.instance_id} cannot be followed: {error_text(error)}"
-            ) from None
-        except BotoCoreError as error:
-            raise BakeError(
-                f"the {purpose} command on {self.instance_id} cannot be followed: {error}"
             ) from None
         return dict(answer)
 
@@ -380,6 +394,11 @@ def find_bake_instance(clients: RegionClients, family: Family) -> str:
             found = _instances_tagged(clients.ec2, bake.instance_tag or {})
     except (ClientError, BotoCoreError) as error:
         raise BakeError(f"cannot list the build instances of {family.name}: {error_text(error)}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # an instance without its id, say
+        raise BakeError(
+            f"cannot list the build instances of {family.name}: DescribeInstances answered a malformed "
+            f"instance ({type(error).__name__}: {error})"
+        ) from None
     choice = build_instance.choose(family, clients.region, found)
     if choice.instance_id is None:
         raise BakeError(choice.reason)

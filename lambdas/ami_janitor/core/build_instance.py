@@ -83,7 +83,8 @@ def _only_tagged(
 ) -> Choice:
     wanted = tags_text(tags)
     tagged = sorted(
-        (i for i in instances if i.state in LIVE_STATES and carries(i.tags, tags)), key=lambda i: i.instance_id
+        (i for i in instances if i.state in LIVE_STATES and carries(i.tags, tags)),
+        key=lambda i: i.instance_id,
     )
     if not tagged:
         return Choice(
