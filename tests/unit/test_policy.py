@@ -701,3 +701,22 @@ def test_a_name_glob_a_name_can_escape_is_taken(glob: str) -> None:
         parse_policy({**BASE, "families": [{"name": "a", "match": {"name": glob}}]}).families[0].match.name
         == glob
     )
+
+
+def test_a_bake_whose_images_another_family_selects_too_is_refused() -> None:
+    """Every bake of pettracker-ml would match pettracker's glob too: kept as a policy error, never
+    Latest, so each scheduled bake made an image its family never rotated, shared or copied."""
+    ml = {
+        "name": "pettracker-ml",
+        "match": {"tags": {"Project": "PetTracker"}, "name": "pettracker-ml-*"},
+        "bake": {"instance_tag": {"Role": "build"}, "schedule": "cron(0 2 * * ? *)"},
+    }
+    broad = {"name": "pettracker", "match": {"name": "pettracker-*"}}
+    message = error_of({"regions": ["us-east-1"], "families": [broad, ml]})
+    assert (
+        "family 'pettracker-ml' bakes images like pettracker-ml-20261125T030000Z, which family 'pettracker' "
+        "selects too"
+    ) in message, message
+    # Told apart by a tag the bake does not write, or a glob that misses, it is taken.
+    for apart in ({"name": "pettracker-*", "tags": {"Project": "Other"}}, {"name": "pettracker-api-*"}):
+        parse_policy({"regions": ["us-east-1"], "families": [{**broad, "match": apart}, ml]})

@@ -525,7 +525,24 @@ class Policy(_Strict):
                     f"families[{index}]: {describe_validation_error(error, friendly=True)}"
                 ) from None
         self._latest_tags_apart()
+        self._bakes_in_their_family_alone()
         return self
+
+    def _bakes_in_their_family_alone(self) -> None:
+        # A bake's image matching another family too is kept as a policy error and never made Latest,
+        # shared or copied: every scheduled bake would make an image its family never uses.
+        for family in self.families:
+            if family.bake is None:
+                continue
+            example = f"{family.name}-20261125T030000Z"
+            tags = {**family.match.tags, "Version": "20261125T030000Z"}
+            others = [o.name for o in self.families if o is not family and o.match.matches(example, tags)]
+            if others:
+                raise ValueError(
+                    f"family {family.name!r} bakes images like {example}, which family {others[0]!r} selects "
+                    "too: such an image matches two families, and neither makes it Latest, shares or "
+                    "copies it; narrow that family's match"
+                )
 
     def _latest_parameters_apart(self) -> None:
         # Each family's rotation writes its own AMI to its parameter: two families that can name one
