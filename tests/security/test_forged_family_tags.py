@@ -47,6 +47,21 @@ POLICY = (
 )
 
 
+def configured(tmp_path: Path, policy: str) -> Path:
+    """The policy's file, and the region's ledger table."""
+    config = tmp_path / "janitor.yaml"
+    config.write_text(policy)
+    make_ledger()
+    return config
+
+
+def parameter() -> str:
+    """Family a's SSM parameter."""
+    return str(
+        boto3.client("ssm", region_name="us-east-1").get_parameter(Name="/ami/a")["Parameter"]["Value"]
+    )
+
+
 def apply(config: Path) -> dict[str, Any]:
     out = io.StringIO()
     assert cli.main(["apply", "--config", str(config), "--yes", "--format", "json"], out=out) == 0
@@ -117,14 +132,7 @@ def test_a_familys_newest_ami_moved_into_two_other_families_moves_no_latest_back
         return image_id
 
     older, newest = bake("svc-a-1", 12), bake("svc-a-2", 1)  # both young: kept by min_age_days
-    config = tmp_path / "janitor.yaml"
-    config.write_text(THREE_FAMILIES)
-    make_ledger()
-    ssm = boto3.client("ssm", region_name="us-east-1")
-
-    def parameter() -> str:
-        return str(ssm.get_parameter(Name="/ami/a")["Parameter"]["Value"])
-
+    config = configured(tmp_path, THREE_FAMILIES)
     apply(config)
     assert parameter() == newest
 
@@ -173,14 +181,7 @@ def test_a_tag_on_the_newest_ami_of_another_architecture_moves_no_parameter_back
         return image_id
 
     newest = register("svc-a-2", "arm64", 2)
-    config = tmp_path / "janitor.yaml"
-    config.write_text(POLICY)
-    make_ledger()
-    ssm = boto3.client("ssm", region_name="us-east-1")
-
-    def parameter() -> str:
-        return str(ssm.get_parameter(Name="/ami/a")["Parameter"]["Value"])
-
+    config = configured(tmp_path, POLICY)
     apply(config)
     assert parameter() == newest
     older = register("svc-a-1", "x86_64", 30)
