@@ -261,6 +261,18 @@ def test_rescue_reaches_a_region_since_removed_from_the_policy(endpoint: str, tm
     assert run("rescue", target, "--config", moved, "--region", "useast1")[0] == 2
 
 
+def test_rescue_in_a_region_the_sdk_does_not_know_is_refused_naming_the_nearest(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A region outside the policy is not checked when it loads: a typo was met as a failure to reach
+    an endpoint that does not exist (exit 1)."""
+    code, _ = run(
+        "rescue", "ami-0123456789abcdef0", "--config", write_policy(tmp_path), "--region", "us-esat-1"
+    )
+    assert code == 2
+    assert "--region: unknown region us-esat-1 (did you mean us-" in capsys.readouterr().err
+
+
 def test_rescue_without_a_ledger_is_refused_naming_ledger_create(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -541,7 +553,7 @@ def test_plan_names_the_instance_a_scheduled_bake_will_image(endpoint: str, tmp_
     assert bake["instance_id"] is None
     assert builder in bake["refusal"] and other in bake["refusal"]
     assert (
-        "the scheduled bake would refuse: family web: 2 running or stopped instances"
+        "the scheduled bake would refuse: family web: 2 instances"
         in run("plan", "--config", bake_policy(tmp_path))[1]
     )
 

@@ -225,10 +225,16 @@ def _rescue_regions(policy: Policy, args: argparse.Namespace) -> list[str]:
     undoes what the region's ledger recorded, so it also reaches AMIs left in a region since removed
     from the policy."""
     try:
-        named = engine.named_regions(args.region)
-        return [check_region(region) for region in named] or policy.managed_regions
+        named = [check_region(region) for region in engine.named_regions(args.region)]
     except ValueError as error:
         raise UsageError(f"--region: {error}") from None
+    # A region outside the policy is not checked when it loads: a typo is named here, not met as a
+    # failure to reach an endpoint that does not exist.
+    outside = [region for region in named if region not in policy.managed_regions]
+    problem = unknown_regions_message(outside, "--region", _session(args)) if outside else None
+    if problem:
+        raise UsageError(problem)
+    return named or policy.managed_regions
 
 
 def _shown(argument: str) -> str:

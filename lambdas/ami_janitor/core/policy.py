@@ -315,7 +315,7 @@ class ShareWith(_Strict):
 
 
 class Bake(_Strict):
-    """The build instance: pinned by id, or the only running or stopped instance carrying the tags.
+    """The build instance: pinned by id, or the only live instance carrying the tags (see build_instance).
 
     With both, the pinned instance must also carry the tags."""
 

@@ -1,6 +1,6 @@
 """The scheduled bake of one family: a versioned image of its build instance, the one its
-bake.instance_id pins or else the only running or stopped instance carrying its bake.instance_tag
-(several such instances are refused: see build_instance).
+bake.instance_id pins or else the only live instance carrying its bake.instance_tag, imaged running or
+stopped (several such instances are refused: see build_instance).
 
 The CLI's `bake` acts whenever it is called (the user asked by name), but this one is a deployed
 automatic action, so it follows the policy mode like every other function: paused does nothing,
