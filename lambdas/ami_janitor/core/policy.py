@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ami_janitor.core.globs import names_any
 from ami_janitor.core.validation import describe_validation_error
 
 JANITOR_TAG_PREFIX = "ami-janitor:"
@@ -143,7 +142,7 @@ class Match(_Strict):
     def _something(self) -> "Match":
         if not self.tags and not self.name:
             raise ValueError("give tags and/or a name glob; an empty match would select every AMI")
-        if not self.tags and self.name and names_any(self.name):  # wildcards only: any name
+        if not self.tags and self.name and _names_any(self.name):  # wildcards only: any name
             raise ValueError(f"name glob {self.name!r} alone would select every AMI: narrow it or add tags")
         return self
 
@@ -152,7 +151,7 @@ class Match(_Strict):
         """No name glob, or one that names any AMI (wildcards only, or brackets no name's character
         escapes): anyone who may tag an AMI can make it match (a name is set when the AMI is made and
         never changes)."""
-        return self.name is None or names_any(self.name)
+        return self.name is None or _names_any(self.name)
 
     def names(self, name: str) -> bool:
         """Whether the name glob (if any) selects `name`: the AMI would match once tagged as asked."""
@@ -181,6 +180,16 @@ class Match(_Strict):
             return True
 
         return matches
+
+
+def _names_any(name: str) -> bool:
+    """globs.names_any, read here where the glob holds no bracket (nearly every policy's: the module is
+    then not loaded)."""
+    if "[" not in name:
+        return not name.strip("*?")
+    from ami_janitor.core.globs import names_any
+
+    return names_any(name)
 
 
 def _starting_with(entries: list[tuple[str, "Family"]], starts: list[str], start: str) -> Iterator["Family"]:
