@@ -349,3 +349,36 @@ def test_a_disabled_ami_its_recorded_consumer_reports_used_again_is_rescued_with
     assert owner_ec2.describe_images(ImageIds=[accounts.shared])["Images"][0]["State"] == "available"
     permissions = owner_ec2.describe_image_attribute(ImageId=accounts.shared, Attribute="launchPermission")
     assert {p.get("UserId") for p in permissions["LaunchPermissions"]} == {CONSUMER}
+
+
+def test_a_consumer_parameter_named_like_a_latest_pointer_is_reported(accounts: Accounts) -> None:
+    """The consumer runs the same policy (one StackSet): a family's Latest pointer name is one it holds
+    no AMI of here, and its own parameter of that name, naming the owner's AMI, is a reference."""
+    with_pointer = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
+    with_pointer["families"][0]["latest"] = {"tag": "Latest", "ssm_parameter": "/ami/web/latest"}
+    consumer_policy = parse_policy(with_pointer)
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    accounts.consumer(US).ssm.put_parameter(Name="/ami/web/latest", Value=accounts.shared, Type="String")
+
+    result = engine.run(consumer_policy, [US], accounts.consumer, wall_clock(), apply=False, publish_reports=True)
+
+    assert result.usage_problems == []
+    uses = report_body(accounts, CONSUMER)["uses"]
+    assert isinstance(uses, dict)
+    assert accounts.shared in uses, uses
+
+
+def test_the_owner_keeps_an_ami_a_consumer_parameter_named_like_a_latest_pointer_holds(
+    accounts: Accounts,
+) -> None:
+    with_pointer = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
+    with_pointer["families"][0]["latest"] = {"tag": "Latest", "ssm_parameter": "/ami/web/latest"}
+    shared_policy = parse_policy(with_pointer)
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    accounts.consumer(US).ssm.put_parameter(Name="/ami/web/latest", Value=accounts.shared, Type="String")
+    engine.run(shared_policy, [US], accounts.consumer, wall_clock(), apply=False, publish_reports=True)
+
+    result = engine.run(shared_policy, [US], accounts.owner, wall_clock(), apply=False)
+
+    decision = next(d for d in result.plan.decisions if d.image_id == accounts.shared)
+    assert decision.action == "keep", (decision.action, decision.reasons)

@@ -46,11 +46,13 @@ def read_parameters(ssm: SSMClient, *, changed_since: datetime | None = None) ->
 
 
 def parameter_claims(values: Mapping[str, str], pointers: Pointers) -> list[Claim]:
-    """Any AMI id in a value counts (a StringList element, or an id inside a config blob); the Latest
-    pointers are not references."""
+    """Any AMI id in a value counts (a StringList element, or an id inside a config blob); a Latest
+    pointer naming one of the region's own AMIs is not a reference. One naming another account's AMI
+    is: the policy is every account's (a StackSet deploys it), and a consumer's parameter of a pointer's
+    name that names the owner's shared AMI is a use its usage report must carry."""
     return [
         each
         for name, value in values.items()
-        if not pointers.owns(name)
+        if not (pointers.owns(name) and value.strip() in pointers.own_images)
         for each in claim(value, "ssm-parameter", name, f"SSM parameter {name}", "value of")
     ]

@@ -23,14 +23,18 @@ ARCHITECTURES = ("i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac")
 
 
 class Pointers(NamedTuple):
-    """The pointer names to read in this region ({arch} filled in from the families' images), and every
-    name a pointer of the policy can have ({arch} filled in with each of EC2's architectures)."""
+    """The pointer names to read in this region ({arch} filled in from the families' images), every
+    name a pointer of the policy can have ({arch} filled in with each of EC2's architectures), and the
+    region's own AMIs (a pointer naming one of them is the rotation's; one naming another account's AMI
+    is a use of it, as any parameter's)."""
 
     names: frozenset[str]
     owned: frozenset[str]
+    own_images: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, policy: Policy, images: Iterable[Image]) -> "Pointers":
+        images = tuple(images)
         names: set[str] = set()
         owned: set[str] = set()
         for family in policy.families:
@@ -49,7 +53,7 @@ class Pointers(NamedTuple):
                 for image in images
                 if family.match.matches(image.name, image.tags)
             )
-        return cls(frozenset(names), frozenset(owned | names))
+        return cls(frozenset(names), frozenset(owned | names), frozenset(i.image_id for i in images))
 
     def owns(self, name: str) -> bool:
         return name in self.owned
