@@ -393,3 +393,38 @@ def test_a_report_refused_by_the_owner_check_is_a_failed_publish(stubbed: Stubbe
     [problem] = sent["usage_problems"]  # counted as failed: the run exits 1
     assert problem.startswith(f"{REGION}: usage report not sent: s3:PutObject: ")
     assert "not owned by 999988887777, usage_reports.inbox_account" in problem
+
+
+def test_a_list_accounts_answer_without_its_accounts_is_no_expansion(stubbed: Stubbed) -> None:
+    """An organization always holds at least its management account: an answer that lists no
+    Accounts key at all says nothing of its members, and must not read as an organization of none."""
+    org = "organizations"
+    stubbed.add(org, "describe_organization", {"Organization": {"Id": ORG_ID, "Arn": ORG_ARN}}, {})
+    stubbed.add(org, "list_accounts", {}, {"MaxResults": 20})
+
+    expansions, notes = usage.expand_grants(stubbed.raw[org], [f"org:{ORG_ARN}"])
+
+    assert expansions == {f"org:{ORG_ARN}": None} and notes, (expansions, notes)
+
+
+def test_an_ou_listed_again_among_its_own_children_is_read_once(stubbed: Stubbed) -> None:
+    """A ListChildren answer naming the OU itself (or an ancestor) is not followed again: it recursed
+    until a RecursionError, which nothing caught, and the run crashed."""
+    org = "organizations"
+    stubbed.add(org, "describe_organization", {"Organization": {"Id": ORG_ID, "Arn": ORG_ARN}}, {})
+    stubbed.add(
+        org,
+        "list_accounts_for_parent",
+        {"Accounts": [{"Id": "555555555555", "Status": "ACTIVE"}]},
+        {"ParentId": "ou-abcd-11111111", "MaxResults": 20},
+    )
+    stubbed.add(
+        org,
+        "list_children",
+        {"Children": [{"Id": "ou-abcd-11111111", "Type": "ORGANIZATIONAL_UNIT"}]},
+        {"ParentId": "ou-abcd-11111111", "ChildType": "ORGANIZATIONAL_UNIT", "MaxResults": 20},
+    )
+
+    expansions, notes = usage.expand_grants(stubbed.raw[org], [f"ou:{OU_ARN}"])
+
+    assert (expansions, notes) == ({f"ou:{OU_ARN}": ("555555555555",)}, [])

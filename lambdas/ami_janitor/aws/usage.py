@@ -150,9 +150,12 @@ def expand_grants(
             if arn.split("/")[1:2] != [own_org]:
                 expansions[grant] = None
             elif kind == "org":
-                expansions[grant] = _active(_pages(organizations, "list_accounts", "Accounts"))
+                listed = _pages(organizations, "list_accounts", "Accounts")
+                if not listed:  # an organization holds its management account at least
+                    raise KeyError("ListAccounts listed no account of the organization")
+                expansions[grant] = _active(listed)
             else:
-                expansions[grant] = _accounts_under(organizations, arn.rsplit("/", 1)[-1])
+                expansions[grant] = _accounts_under(organizations, arn.rsplit("/", 1)[-1], set())
     except (ClientError, BotoCoreError, KeyError) as error:
         note = f"organizations: {error_text(error)}: shares to organizations and OUs are kept (fail safe)"
         return dict.fromkeys(wanted), [note]
@@ -171,20 +174,26 @@ def _expansions(
     return {grant: asked[grant] if grant in asked else known[grant] for grant in grants}, notes
 
 
-def _accounts_under(organizations: Any, parent: str) -> tuple[str, ...]:
+def _accounts_under(organizations: Any, parent: str, seen: set[str]) -> tuple[str, ...]:
+    """The active accounts under `parent`, its nested OUs' included (each OU read once: an answer that
+    names an OU again cannot loop)."""
+    seen.add(parent)
     accounts = set(_active(_pages(organizations, "list_accounts_for_parent", "Accounts", ParentId=parent)))
     children = _pages(
         organizations, "list_children", "Children", ParentId=parent, ChildType="ORGANIZATIONAL_UNIT"
     )
     for child in children:
-        accounts.update(_accounts_under(organizations, str(child["Id"])))
+        if str(child["Id"]) not in seen:
+            accounts.update(_accounts_under(organizations, str(child["Id"]), seen))
     return tuple(sorted(accounts))
 
 
 def _pages(organizations: Any, operation: str, key: str, **params: Any) -> list[dict[str, Any]]:
+    """Every entry of every page; a page without its list is a malformed answer (KeyError: the shares
+    to organizations and OUs are then kept), never an empty one."""
     paginator = organizations.get_paginator(operation)
     pages = paginator.paginate(**params, PaginationConfig={"PageSize": _ORGANIZATIONS_PAGE})
-    return [entry for page in pages for entry in page.get(key, [])]
+    return [entry for page in pages for entry in page[key]]
 
 
 def _active(accounts: Iterable[dict[str, Any]]) -> tuple[str, ...]:
