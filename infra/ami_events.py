@@ -116,6 +116,10 @@ class AmiEvents(Construct):
                 # Only this account's AMIs: a bus that receives other accounts' events (forwarded to it)
                 # would otherwise have every such event rotate the region's groups.
                 account=[Stack.of(self).account],
+                # Only this region's: a bus also receives events another region's rule forwards to it,
+                # which keep their region; the handler refuses those, each held in the queue's one
+                # message group through its deliveries, the region's own events behind it.
+                region=[Stack.of(self).region],
                 # EventBridge delivers "EC2 AMI State Change" with the state in detail.State (capital S).
                 detail={"State": list(AMI_STATES)},
             ),

@@ -10,7 +10,7 @@ only in `policy.regions`) is then decided at synth, or by a CloudFormation condi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aws_cdk import Aws, CfnCondition, CfnOutput, CfnResource, Fn, ICfnConditionExpression, Stack, Token
 from aws_cdk import aws_iam as iam
@@ -25,7 +25,7 @@ from infra.bake_schedule import BakeSchedule
 from infra.dead_letters import DeadLetters
 from infra.function import ROLE_PATH, acknowledge_wildcards
 from infra.ledger import CFN_EXEC_ROLE, LedgerTable
-from infra.permissions import Scope, policy_statement, statements_for
+from infra.permissions import Scope, build_instance_scope, policy_statement, statements_for
 from infra.replication import Replication
 from infra.reports import Reports
 from infra.scheduled_run import ScheduledRun
@@ -181,7 +181,11 @@ def _bake_schedule(
         families=baked,
         code=code,
         permissions=roles.BAKE_PERMISSIONS,
-        permission_scope=scope,
+        # The build instances of the families it bakes here alone, each in its bake regions (a template
+        # for any region has every baking family's): CreateImage reboots an instance.
+        permission_scope=replace(
+            scope, build_instances=tuple(build_instance_scope(f, policy.bake_regions(f)) for f in baked)
+        ),
         alerts=alerts,
         dead_letters=dead_letters,
         own_event_dead_letters=agnostic,  # nothing outside the condition may name its rules

@@ -36,7 +36,7 @@ from typing import Any
 
 from ami_janitor.aws import ledger, runs, usage
 from ami_janitor.aws.baker import RUN_SHELL_DOCUMENT
-from ami_janitor.core.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Policy
+from ami_janitor.core.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Family, Policy
 from infra.environment import METRICS_NAMESPACE
 
 READ_ONLY_PREFIXES = ("Describe", "List", "Get")
@@ -130,6 +130,20 @@ class BuildInstanceScope:
 
     instance_id: str | None = None
     tags: tuple[tuple[str, str], ...] = ()
+    # The regions the family bakes in (aws:RequestedRegion), where the role is the scheduled bake's: a
+    # template for any region (the organization's) cannot leave the others' statements out.
+    regions: tuple[str, ...] = ()
+
+
+def build_instance_scope(family: Family, regions: Iterable[str] = ()) -> BuildInstanceScope:
+    """The instance the family's bake images: its bake.instance_id and bake.instance_tag (in `regions`
+    alone, where given)."""
+    bake = family.bake
+    if bake is None:
+        raise PermissionsError(f"family {family.name} has no bake section")
+    return BuildInstanceScope(
+        bake.instance_id, tuple(sorted((bake.instance_tag or {}).items())), tuple(sorted(regions))
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,8 @@ class Scope:
     # Destination regions of CopyImage besides `region` (replication only).
     copy_regions: tuple[str, ...] = ()
     latest_tag_keys: tuple[str, ...] = ()
+    # The opt-out tags (defaults' and families'): keys the janitor never writes or removes.
+    opt_out_tag_keys: tuple[str, ...] = ()
     kms_key_arns: tuple[str, ...] = ()
     # Targets whose key is named by an alias: (region, account, alias/NAME); its key is found at run time.
     kms_aliases: tuple[tuple[str, str, str], ...] = ()
@@ -171,6 +187,7 @@ class Scope:
             region=region,
             copy_regions=tuple(sorted(copy_regions)),
             latest_tag_keys=tuple(sorted({f.latest.tag for f in families if f.latest and f.latest.tag})),
+            opt_out_tag_keys=tuple(sorted({policy.rules_for(f).opt_out_tag for f in families})),
             kms_key_arns=tuple(
                 sorted(
                     {
@@ -194,11 +211,7 @@ class Scope:
             ssm_parameters=tuple(
                 sorted({f.latest.ssm_parameter for f in families if f.latest and f.latest.ssm_parameter})
             ),
-            build_instances=tuple(
-                BuildInstanceScope(f.bake.instance_id, tuple(sorted((f.bake.instance_tag or {}).items())))
-                for f in families
-                if f.bake is not None
-            ),
+            build_instances=tuple(build_instance_scope(f) for f in families if f.bake is not None),
             ledger_table=policy.ledger.table,
             usage_bucket=policy.usage_reports.bucket if policy.usage_reports else "",
             usage_prefix=policy.usage_reports.prefix if policy.usage_reports else "",
@@ -390,17 +403,19 @@ def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     # at creation (TagOnCreate below): it gets no tag change on existing AMIs and snapshots.
     edits_tags = bool(tags) and ("ec2:DeleteTags" in chosen or not chosen & CREATE_ACTIONS)
     if edits_tags:
-        # Tag changes on existing AMIs and snapshots: janitor-owned keys and Latest tags only. The
-        # Null check refuses a DeleteTags without keys, which would remove every tag.
+        # Tag changes on existing AMIs and snapshots: janitor-owned keys and Latest tags only, never an
+        # opt-out tag (`ami-janitor:keep` is one of the janitor's keys by name, and alone keeps an AMI:
+        # the janitor's roles may neither write nor remove it). The Null check refuses a DeleteTags
+        # without keys, which would remove every tag.
+        keys: dict[str, Mapping[str, Any]] = {
+            "ForAllValues:StringLike": {"aws:TagKeys": scope.tag_keys()},
+            "Null": {"aws:TagKeys": "false"},
+        }
+        if scope.opt_out_tag_keys:
+            keys["ForAllValues:StringNotEquals"] = {"aws:TagKeys": list(scope.opt_out_tag_keys)}
         out.append(
             Statement(
-                "TagJanitorKeys",
-                tuple(tags),
-                (scope.image_arn(region), scope.snapshot_arn(region)),
-                {
-                    "ForAllValues:StringLike": {"aws:TagKeys": scope.tag_keys()},
-                    "Null": {"aws:TagKeys": "false"},
-                },
+                "TagJanitorKeys", tuple(tags), (scope.image_arn(region), scope.snapshot_arn(region)), keys
             )
         )
     creates = sorted(chosen & CREATE_ACTIONS)
@@ -416,14 +431,17 @@ def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
             )
         )
         for index, build in enumerate(scope.build_instances):
-            # The build instance of a family: its bake.instance_id, and carrying its bake.instance_tag.
-            carries = {"StringEquals": {f"aws:ResourceTag/{key}": value for key, value in build.tags}}
+            # The build instance of a family: its bake.instance_id, and carrying its bake.instance_tag
+            # (in the regions it bakes in, where the scope says).
+            where: dict[str, str | list[str]] = {f"aws:ResourceTag/{key}": value for key, value in build.tags}
+            if build.regions:
+                where["aws:RequestedRegion"] = list(build.regions)
             out.append(
                 Statement(
                     f"CreateImagesFromInstances{index}",
                     ("ec2:CreateImage",),
                     (scope.instance_arn(build.instance_id),),
-                    carries if build.tags else {},
+                    {"StringEquals": where} if where else {},
                 )
             )
     if creates and "ec2:CreateTags" in chosen:
@@ -486,23 +504,17 @@ def _kms_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     out: list[Statement] = []
     if scope.kms_key_arns:
         out.extend(_key_statements(kms, scope.kms_key_arns, {}, ""))
-    if scope.kms_aliases:
-        # An alias cannot be a Resource: any key of the target regions that carries the alias. The
-        # ledger's record of each copy's key ARN catches an alias moved to another key.
-        keys = tuple(
-            sorted(
-                {
-                    f"arn:{scope.partition}:kms:{region}:{account}:key/*"
-                    for region, account, _ in scope.kms_aliases
-                }
-            )
-        )
-        aliases = sorted({alias for _, _, alias in scope.kms_aliases})
-        out.extend(
-            _key_statements(
-                kms, keys, {"ForAnyValue:StringEquals": {"kms:ResourceAliases": aliases}}, "ByAlias"
-            )
-        )
+    # An alias cannot be a Resource: any key of a target region (and account) that carries an alias a
+    # target there names, one statement per region (a key of one region carrying another region's
+    # alias is none of the policy's). The ledger's record of each copy's key ARN catches an alias moved
+    # to another key.
+    by_place: dict[tuple[str, str], set[str]] = {}
+    for region, account, alias in scope.kms_aliases:
+        by_place.setdefault((region, account), set()).add(alias)
+    for index, ((region, account), aliases) in enumerate(sorted(by_place.items())):
+        keys = (f"arn:{scope.partition}:kms:{region}:{account}:key/*",)
+        which = {"ForAnyValue:StringEquals": {"kms:ResourceAliases": sorted(aliases)}}
+        out.extend(_key_statements(kms, keys, which, f"ByAlias{index if len(by_place) > 1 else ''}"))
     return out
 
 

@@ -146,6 +146,7 @@ class ServiceAuthorization:
     # Keys defined per action or per service rather than per resource type (cfn-lint's copy lists
     # only the resource-type keys): where each one is documented.
     ACTION_KEYS = {
+        "aws:RequestedRegion": "every action: a global condition key (the region the request is made in)",
         "ec2:CreateAction": "CreateTags: the API that creates and tags a resource",
         "kms:ViaService": "every KMS key operation",
         "kms:CallerAccount": "every KMS key operation",

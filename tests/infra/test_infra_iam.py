@@ -359,3 +359,49 @@ def test_operator_role_is_the_clis_permissions_trusting_the_account(
         assert {"dynamodb:PutResourcePolicy", "dynamodb:UpdateTable"}.isdisjoint(granted)
         outputs = template["Outputs"]
         assert ref_id(outputs["OperatorRoleArn"]["Value"]) == role_id
+
+
+def test_the_bake_role_images_only_the_build_instances_of_families_that_bake_in_its_region(
+    infra_policy: Any, tmp_path: Any
+) -> None:
+    # A family whose build instance lives in another region (bake.regions) is answered `not-here` by
+    # this region's bake function before any EC2 call: its role needs nothing of that family's.
+    import json
+
+    from infra.stack import build_app
+    from synth_support import cdk_context
+
+    from ami_janitor.core.policy import Policy
+
+    data = infra_policy.model_dump(mode="json", exclude_none=True)
+    data["regions"] = ["us-east-1", "us-east-2"]
+    data["families"][1]["bake"] = {
+        "instance_tag": {"Role": "base-linux", "Stage": "build"},
+        "regions": ["us-east-2"],
+        "schedule": "cron(0 4 * * ? *)",
+    }
+    policy = Policy.model_validate(data)
+    assert policy.bake_regions(policy.family("base-linux")) == ["us-east-2"]
+    app = build_app(policy, context=cdk_context(), outdir=str(tmp_path), nag=False)
+    template = app.synth().get_stack_by_name("AmiJanitor-us-east-1").template
+    [(_, bake)] = [
+        (k, v)
+        for k, v in template["Resources"].items()
+        if v["Type"] == "AWS::IAM::Role" and k.startswith("BakeScheduleFunctionRole")
+    ]
+    conditions = [
+        s.get("Condition", {})
+        for p in bake["Properties"]["Policies"]
+        for s in p["PolicyDocument"]["Statement"]
+        if s["Action"] == "ec2:CreateImage" and "instance/" in json.dumps(s["Resource"])
+    ]
+    assert {
+        "StringEquals": {
+            "aws:ResourceTag/Role": "pettracker-ml",
+            "aws:RequestedRegion": ["us-east-1", "us-east-2"],
+        }
+    } in conditions
+    assert all("base-linux" not in json.dumps(c) for c in conditions), (
+        f"the us-east-1 bake role may image any us-east-1 instance tagged as base-linux's build instance, "
+        f"which bakes only in us-east-2: {conditions}"
+    )

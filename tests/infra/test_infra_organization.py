@@ -249,13 +249,30 @@ def test_member_roles_are_the_regional_stacks_with_the_region_as_a_pseudo_parame
             {**s, "Resource": sorted(r.replace(":us-east-1:", ":REGION:") for r in s["Resource"])}
             for s in statements
         ]
-        assert in_member[role_id] == expected, role_id
+        # The scheduled bake's role in the template for any region has the build instance of every
+        # family that bakes anywhere, each limited to its bake regions (aws:RequestedRegion); the
+        # regional stack has those that bake in its region alone.
+        here = [s for s in in_member[role_id] if "us-east-1" in _requested_regions(s)]
+        assert here == expected, role_id
+    bake = next(r for r in in_member if r.startswith("BakeScheduleFunctionRole"))
+    assert [
+        _requested_regions(s) for s in in_member[bake] if s["Sid"].startswith("CreateImagesFromInstances")
+    ] == [
+        ["us-east-1", "us-east-2"],
+        ["us-east-2"],
+    ]
     roles = resources(member, "AWS::IAM::Role")
     assert {role["Properties"]["Path"] for role in roles.values()} == {"/ami-janitor/"}
     # Scoped to the region the stack instance is in: the mutating EC2 calls name AWS::Region.
     scheduled = next(r for r in roles if r.startswith("ScheduledRunFunctionRole"))
     restore = next(s for s in in_member[scheduled] if s["Sid"] == "RestoreAndShareImages")
     assert restore["Resource"] == ["arn:aws:ec2:REGION::image/*"]
+
+
+def _requested_regions(statement: dict[str, Any]) -> list[str]:
+    """The regions a statement is limited to (aws:RequestedRegion), or us-east-1's where it names none."""
+    regions = statement.get("Condition", {}).get("StringEquals", {}).get("aws:RequestedRegion")
+    return ["us-east-1"] if regions is None else ([regions] if isinstance(regions, str) else regions)
 
 
 def test_member_ledger_accepts_the_stack_sets_execution_role(member: dict[str, Any]) -> None:

@@ -113,6 +113,8 @@ def test_mutating_image_actions(scope: Scope) -> None:
         {
             "ForAllValues:StringLike": {"aws:TagKeys": ["ami-janitor:*", "Current", "Latest"]},
             "Null": {"aws:TagKeys": "false"},
+            # The opt-out tag is one of the janitor's keys by name: never written nor removed.
+            "ForAllValues:StringNotEquals": {"aws:TagKeys": ["ami-janitor:keep"]},
         },
     )
     assert s["DeleteRetiredSnapshots"] == Statement(
@@ -326,3 +328,54 @@ def test_usage_inbox_reader_only_reads(infra_policy: Any) -> None:
     assert s["ReadUsageReports"].resources == ("arn:aws:s3:::ami-usage-inbox/reports/*",)
     # Unconditioned: S3 checks ListBucket for a GetObject of a missing key, with no prefix in context.
     assert s["ListUsageReports"].conditions == {}
+
+
+def _tag_keys_allowed(statement: Statement, keys: list[str]) -> bool:
+    """Whether a CreateTags/DeleteTags request naming `keys` meets the statement's aws:TagKeys condition
+    (ForAllValues:StringLike: every requested key must match one of the patterns)."""
+    import fnmatch
+
+    patterns = statement.conditions.get("ForAllValues:StringLike", {}).get("aws:TagKeys", [])
+    excluded = statement.conditions.get("ForAllValues:StringNotEquals", {}).get("aws:TagKeys", [])
+    return all(
+        any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns) and key not in excluded for key in keys
+    )
+
+
+def test_janitor_roles_may_not_remove_or_write_the_opt_out_tag(scope: Scope, infra_policy: Any) -> None:
+    # The opt-out tag only ever makes the janitor keep more; no code path of the janitor writes or
+    # removes it (aws/executor, rotator, sharer delete only janitor mirror tags and Latest tags).
+    opt_out = infra_policy.defaults.opt_out_tag
+    assert opt_out == "ami-janitor:keep"
+    s = _by_sid(statements_for(["ec2:CreateTags", "ec2:DeleteTags"], scope))
+    tagging = s["TagJanitorKeys"]
+    assert set(tagging.actions) == {"ec2:CreateTags", "ec2:DeleteTags"}
+    assert not _tag_keys_allowed(tagging, [opt_out]), (
+        f"the janitor's roles may create and delete the opt-out tag {opt_out!r} on any AMI of the region: "
+        f"{dict(tagging.conditions)}"
+    )
+    assert not _tag_keys_allowed(tagging, ["ami-janitor:candidate-since", opt_out])
+    # What the janitor does write stays allowed.
+    assert _tag_keys_allowed(tagging, ["ami-janitor:candidate-since", "Latest"])
+
+
+def test_an_alias_grants_only_the_keys_of_its_own_target_region() -> None:
+    # Two targets, each naming its key by an alias of its own: a key in eu-west-1 that carries only
+    # us-west-2's alias is no target's key.
+    two = Scope(
+        partition="aws",
+        account=ACCOUNT,
+        region="us-east-1",
+        kms_aliases=(("eu-west-1", ACCOUNT, "alias/eu-key"), ("us-west-2", ACCOUNT, "alias/us-key")),
+    )
+    wanted = {
+        f"arn:aws:kms:eu-west-1:{ACCOUNT}:key/*": {"alias/eu-key"},
+        f"arn:aws:kms:us-west-2:{ACCOUNT}:key/*": {"alias/us-key"},
+    }
+    for statement in statements_for(["kms:CreateGrant", "kms:Decrypt", "kms:DescribeKey"], two):
+        aliases = set(statement.conditions["ForAnyValue:StringEquals"]["kms:ResourceAliases"])
+        for key in statement.resources:
+            assert aliases <= wanted[key], (
+                f"{statement.sid}: {key} is granted when it carries any of {sorted(aliases)}, "
+                f"but only {sorted(wanted[key])} names a key there"
+            )

@@ -122,7 +122,7 @@ def test_scheduled_run_rule(source: dict[str, Any], infra_policy: Any) -> None:
 
 
 def test_ami_state_change_rule(all_templates: dict[str, dict[str, Any]]) -> None:
-    for template in all_templates.values():
+    for name, template in all_templates.items():
         queue = _queue(template, "AmiEventsQueue")
         Template.from_json(template).has_resource_properties(
             "AWS::Events::Rule",
@@ -134,6 +134,8 @@ def test_ami_state_change_rule(all_templates: dict[str, dict[str, Any]]) -> None
                         "detail-type": ["EC2 AMI State Change"],
                         # This account's events only (a bus may receive others', forwarded).
                         "account": [{"Ref": "AWS::AccountId"}],
+                        # This region's only (one forwarded from another would fail in the queue).
+                        "region": [name.removeprefix("AmiJanitor-")],
                         "detail": {"State": ["available", "failed", "deregistered", "disabled"]},
                     }
                 ),
@@ -548,3 +550,20 @@ def test_no_custom_resources(all_templates: dict[str, dict[str, Any]]) -> None:
         for rule in resources(template, "AWS::Events::Rule").values():
             for target in rule["Properties"]["Targets"]:
                 assert ref_id(target["Arn"]) in targets
+
+
+def test_ami_state_change_rule_takes_only_its_own_regions_events(
+    all_templates: dict[str, dict[str, Any]],
+) -> None:
+    # A bus may receive other regions' events too (a cross-Region event bus target forwards them with
+    # their own `region`). The handler refuses an event of another region (BadEvent): queued, it would
+    # fail its five deliveries in the region's one FIFO message group, holding back this region's
+    # events behind it, then land in the dead-letter queue and alarm.
+    for name, template in all_templates.items():
+        region = name.removeprefix("AmiJanitor-")
+        [pattern] = [
+            rule["Properties"]["EventPattern"]
+            for rule in resources(template, "AWS::Events::Rule").values()
+            if "EventPattern" in rule["Properties"]
+        ]
+        assert pattern.get("region") == [region], f"{name}: the AMI state-change rule matches {pattern}"
