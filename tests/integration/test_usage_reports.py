@@ -360,7 +360,9 @@ def test_a_consumer_parameter_named_like_a_latest_pointer_is_reported(accounts: 
     accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
     accounts.consumer(US).ssm.put_parameter(Name="/ami/web/latest", Value=accounts.shared, Type="String")
 
-    result = engine.run(consumer_policy, [US], accounts.consumer, wall_clock(), apply=False, publish_reports=True)
+    result = engine.run(
+        consumer_policy, [US], accounts.consumer, wall_clock(), apply=False, publish_reports=True
+    )
 
     assert result.usage_problems == []
     uses = report_body(accounts, CONSUMER)["uses"]
