@@ -150,12 +150,13 @@ def stale(work: WorkSlice, now: datetime) -> str | None:
 
 def done_before(item: SliceItem, recorded: LedgerItem | None, planned_at: datetime) -> str | None:
     """Why an AMI the slice finds gone needs nothing more: its ledger item shows the deregister stage
-    recorded since the plan and confirmed, so an earlier delivery of this slice retired it (the worker
-    stopped before the run's record counted the slice). None otherwise: a gone AMI is held back."""
+    recorded (or, recorded by an earlier run that stopped before EC2 took it, redone) since the plan
+    and confirmed, so an earlier delivery of this slice retired it (the worker stopped before the run's
+    record counted the slice). None otherwise: a gone AMI is held back."""
     if recorded is None or recorded.deregistered is None or "deregister" not in item.stages:
         return None
     entry = recorded.stages.get("deregister")
-    if entry is None or entry.at < planned_at:
+    if entry is None or max(entry.at, entry.redone or entry.at) < planned_at:
         return None
     return f"done by an earlier delivery of this slice (deregistered {iso(recorded.deregistered)})"
 
