@@ -413,16 +413,33 @@ class _RegionRun:
         self.results: list[ActionResult] = []
         # The last stage the ledger records per AMI (the condition of the next stage's write).
         self.last: dict[str, Stage | None] = {}
-        # AMIs this run takes through deregistration: their stages' mirror tags would go with them.
+        # AMIs this run takes through deregistration: their stages' mirror tags would go with them, so
+        # they wait here, written only where the AMI stays (its deregistration failed or was held).
         self.deregistering: set[str] = set()
+        self.unmirrored: dict[str, dict[str, str]] = {}
         # AMIs this run disabled: EC2 removed their launch permissions.
         self.disabled: set[str] = set()
 
     def mirror_tags(self, image_id: str, tags: Mapping[str, str]) -> None:
         """A stage's mirror tags (the ledger holds the record), unless the AMI is deregistered in this
-        same run: two CreateTags calls saved per AMI a run retires at once."""
-        if tags and image_id not in self.deregistering:
+        same run: two CreateTags calls saved per AMI a run retires at once (written after its stages
+        where it stays: mirror_unretired)."""
+        if not tags:
+            return
+        if image_id in self.deregistering:
+            self.unmirrored.setdefault(image_id, {}).update(tags)
+        else:
             _tag(self.ec2, [image_id], tags)
+
+    def mirror_unretired(self, image_id: str) -> None:
+        """The mirror tags held back for a deregistration that did not happen: the AMI stays, deprecated
+        or disabled, and people read its record there. The ledger holds it whatever this write does."""
+        tags = self.unmirrored.pop(image_id, None)
+        if tags and image_id not in self.gone:
+            try:
+                _tag(self.ec2, [image_id], tags)
+            except AWS_ERRORS:
+                return
 
     def result(self, image_id: str, action: ResultAction, status: Status, **fields: object) -> ActionResult:
         return ActionResult(region=self.region, image_id=image_id, action=action, status=status, **fields)
@@ -452,6 +469,8 @@ class _RegionRun:
             results.append(result)
             if result.status != "ok" or (result.detail or "").startswith("recorded by another run"):
                 blocked = f"{stages[index]} {'failed' if result.status == 'failed' else 'not applied'}"
+        if "deregister" in stages:
+            self.mirror_unretired(image_id)
         return results
 
     def _previous(self, image: Image) -> Stage | None:
