@@ -1146,6 +1146,28 @@ def test_a_crash_between_the_clock_and_its_mirror_tag_leaves_no_tag_unwritten(ec
     assert _tags(image_or_none(ec2, image_id) or {}).get(CANDIDATE_TAG) == iso(NOW)
 
 
+@pytest.mark.parametrize(
+    ("stage", "key"), [("deprecate", PRIOR_DEPRECATION_TAG), ("disable", PRIOR_PERMISSIONS_TAG)]
+)
+def test_a_crash_between_a_stage_and_its_mirror_tag_leaves_no_tag_unwritten(
+    ec2: Any, stage: Stage, key: str
+) -> None:
+    """The ledger recorded the stage, the run stopped before its mirror tag: the rerun leaves the tag
+    written from the ledger's record."""
+    image_id = make_image(ec2, "web-1")
+    configured: list[tuple[Stage, int]] = [("deprecate", 0), ("disable", 0), ("deregister", 30)]
+    crashed_then_rerun(
+        ec2,
+        dynamodb(),
+        "CreateTags",
+        lambda p: p["Resources"] == [image_id] and any(t["Key"] == key for t in p["Tags"]),
+        lambda inventory: [planned(image_in(inventory, image_id), configured)],
+    )
+    tags = _tags(image_or_none(ec2, image_id) or {})
+    assert key in tags, tags
+    assert tags.get(PRIOR_DEPRECATION_TAG) == "none"
+
+
 def test_a_crash_between_a_change_and_its_confirmation_is_confirmed_by_the_rerun(ec2: Any) -> None:
     image_id = make_image(ec2, "web-1")
     configured: list[tuple[Stage, int]] = [("deprecate", 0), ("disable", 30)]

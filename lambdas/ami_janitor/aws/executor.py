@@ -776,6 +776,32 @@ def mirror_clocks(run: _RegionRun, decisions: Sequence[Decision]) -> None:
                 _tag(run.ec2, image_ids[start : start + CREATE_TAGS_MAX_RESOURCES], {CANDIDATE_TAG: value})
             except AWS_ERRORS:
                 continue  # only the mirror: the next run writes it again
+    # So are the records of its stages, where the AMI carries none of them (a run that stopped between
+    # a stage and its mirror, or whose deregistration after them failed); one that differs is reported
+    # as tampered, not rewritten.
+    for decision in decisions:
+        staged = run.images.get(decision.image_id)
+        missing = (
+            _unmirrored_stages(staged) if staged is not None and decision.action in CLOCK_ACTIONS else {}
+        )
+        if missing:
+            try:
+                _tag(run.ec2, [decision.image_id], missing)
+            except AWS_ERRORS:
+                continue
+
+
+def _unmirrored_stages(image: Image) -> dict[str, str]:
+    """The mirror tags of the stages the ledger records the janitor made (not adopted from tags) that
+    the AMI carries no tag of."""
+    tags: dict[str, str] = {}
+    deprecated = trust.undoable_stage(image, "deprecate")
+    if deprecated is not None and PRIOR_DEPRECATION_TAG not in image.tags:
+        tags[PRIOR_DEPRECATION_TAG] = iso(deprecated.prior_deprecation) or "none"
+    disabled = trust.undoable_stage(image, "disable")
+    if disabled is not None and not any(_is_permission_key(key) for key in image.tags):
+        tags.update(permission_tags(LaunchPermission.from_key(k) for k in disabled.prior_launch_permissions))
+    return tags
 
 
 def finish_deregistrations(run: _RegionRun, planned: AbstractSet[str]) -> None:
