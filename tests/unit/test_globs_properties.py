@@ -8,7 +8,14 @@ import fnmatch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami_janitor.core.globs import _accepted, _positions, _representatives, globs_overlap
+from ami_janitor.core.globs import (
+    AMI_NAME_CHARACTERS,
+    _accepted,
+    _positions,
+    _representatives,
+    globs_overlap,
+    names_any,
+)
 
 # Pieces of globs, the odd ones fnmatch reads in its own way among them (an unclosed bracket, a negated
 # empty one, a reversed range, a backslash).
@@ -63,3 +70,17 @@ def test_overlaps_as_fnmatch_reads_the_globs() -> None:
     assert not globs_overlap("app-[", "app-a")  # an unclosed bracket is a literal `[`
     assert globs_overlap("app-[!]", "app-[!]")  # so is this one: `[`, `!`, `]`
     assert not globs_overlap("a[c-a]", "a*")  # a reversed range matches nothing
+
+
+# Globs of wildcards and brackets, some of which every character of an AMI's name passes.
+WIDE_PIECES = ["*", "?", "[!~]", "[ -~]", "[!a]", "[a-z]", "[!{]", "[]-~ -]", "a", "[!]"]
+AMI_NAMES = st.text(alphabet=sorted(AMI_NAME_CHARACTERS), min_size=3, max_size=12)
+
+
+@given(st.lists(st.sampled_from(WIDE_PIECES), max_size=4).map("".join), AMI_NAMES)
+def test_a_glob_said_to_name_any_ami_matches_every_ami_name(glob: str, name: str) -> None:
+    """names_any says a glob selects any AMI (a sharing family with it is matched by tags alone): with a
+    `*` and at most 3 other positions, it must then match every name EC2 allows (3 characters and up)."""
+    positions = list(_positions(glob))
+    if names_any(glob) and None in positions and len(positions) - positions.count(None) <= 3:
+        assert fnmatch.fnmatchcase(name, glob), (glob, name)

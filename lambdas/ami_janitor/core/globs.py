@@ -102,6 +102,8 @@ AMI_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU
 def names_any(pattern: str) -> bool:
     """Whether the glob names any AMI: each of its positions a `*`, a `?` or a bracket that accepts
     every character an AMI's name may hold (`[!~]`, `[ -~]`), so no character of a name narrows it."""
+    if not pattern:
+        return False
     for position in _positions(pattern):
         if position is None or position == "?":
             continue
