@@ -191,3 +191,40 @@ def test_a_region_that_cannot_be_read_again_after_the_writes_leaves_them_as_writ
 
     [result] = rotator.write_changes(clients, POLICY, changes, NOW, load=load)
     assert (result.status, result.to) == ("ok", NEW) and account.parameters[PARAMETER] == NEW
+
+
+def _still_available(account: Account, image_id: str) -> Any:
+    """The listing as it was before the AMI's change: available, where EC2 by its id says otherwise."""
+
+    def load(clients: Any, policy: Any) -> RegionInventory:
+        saved = account.images[image_id]["state"]
+        account.images[image_id]["state"] = "available"
+        try:
+            return account.load(clients, policy)
+        finally:
+            account.images[image_id]["state"] = saved
+
+    return load
+
+
+@pytest.mark.parametrize("state", ["disabled", "deregistered"])
+def test_an_event_of_the_latest_leaving_that_the_listing_still_shows_available_is_tried_again(
+    state: str,
+) -> None:
+    """The listing still shows Latest's AMI available after its owner disabled or deregistered it: the
+    rotation saw nothing to move, and the event was answered and lost (Latest stayed on it)."""
+    account = _account()
+    clients = clients_for(account)
+    rotator.handle_state_change(NEW, "available", clients, POLICY, NOW, load=account.load)
+    assert account.parameters[PARAMETER] == NEW
+    account.images[NEW]["state"] = state
+    writes = account.writes
+
+    with pytest.raises(
+        rotator.NotYet, match=f"{NEW} is {'gone' if state == 'deregistered' else state} by its id"
+    ):
+        rotator.handle_state_change(NEW, state, clients, POLICY, NOW, load=_still_available(account, NEW))
+    assert account.writes == writes
+    # Tried again once the listing shows it: Latest moves back to the AMI still available.
+    rotator.handle_state_change(NEW, state, clients, POLICY, NOW, load=account.load)
+    assert account.parameters[PARAMETER] == OLD

@@ -358,6 +358,16 @@ def handle_state_change(
         raise RuntimeError(f"cannot read the AMIs of {clients.region}: {inventory.error}")
     only = EVERY_GROUP
     image = next((i for i in inventory.images if i.image_id == image_id), None)
+    if state in ("disabled", "deregistered") and image is not None and image.state == "available":
+        described = describe_image(clients, image_id)
+        if described is None or described.state != "available":
+            # The listing lags the AMI the other way: rotated from it, Latest would stay on an AMI that
+            # no longer launches, and the event be answered and lost. Tried again, as above.
+            now_is = "gone" if described is None else described.state
+            raise NotYet(
+                f"{image_id} is {now_is} by its id, but DescribeImages lists it as available in "
+                f"{clients.region} yet: the event is tried again"
+            )
     if state == "available" and (image is None or image.state != "available"):
         described = describe_image(clients, image_id)
         if described is not None and described.state in ("available", "pending"):
