@@ -147,3 +147,36 @@ def test_an_ami_latest_went_to_while_it_was_written_is_not_retired_by_the_same_r
     assert (rotation.status, rotation.to) == ("ok", group.old)
     assert group.parameter() == group.old and group.tagged() == [group.old]
     assert group.old in image_ids(), "the run retired the AMI Latest went back to"
+
+
+@pytest.mark.parametrize("kind", ["SecureString", "StringList"])
+def test_a_pointer_of_another_type_than_string_is_not_overwritten(policy: Policy, kind: str) -> None:
+    """A parameter named as the family's pointer that someone made a SecureString (never read, so it
+    was rewritten on every run) or a StringList: the rotation fails naming it, and leaves it as it is
+    (it was overwritten as a String naming the target)."""
+    at = now()
+    group = Group(at)
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    value = group.old if kind == "SecureString" else f"{group.old},{group.mid}"
+    ssm.put_parameter(Name=PARAMETER, Value=value, Type=kind, Overwrite=True)
+
+    [result] = rotator.converge(RegionClients("us-east-1"), policy, at)
+
+    parameter = ssm.get_parameter(Name=PARAMETER, WithDecryption=True)["Parameter"]
+    assert (parameter["Type"], parameter["Value"]) == (kind, value)
+    assert result.status == "failed"
+    assert result.error == (
+        f"PointerOfAnotherType: {PARAMETER} is a {kind} parameter: the rotation writes a String of data "
+        "type aws:ec2:image and does not overwrite it (delete it, or name another latest.ssm_parameter)"
+    )
+    assert group.tagged() == [group.mid]  # the tag moved before: written first, as always
+
+
+def test_a_pointer_not_there_yet_is_written_as_a_string(policy: Policy) -> None:
+    at = now()
+    group = Group(at)
+    boto3.client("ssm", region_name="us-east-1").delete_parameter(Name=PARAMETER)
+
+    [result] = rotator.converge(RegionClients("us-east-1"), policy, at)
+
+    assert result.status == "ok" and group.parameter() == group.mid

@@ -63,6 +63,13 @@ class Account:
                     self.images[image_id]["tags"].pop(tag["Key"], None)
         self.writes += 1
 
+    def get_parameters(self, Names: list[str], **_: Any) -> dict[str, Any]:
+        """Asked before a parameter is first written (its type): the rotation's are Strings."""
+        found = [
+            {"Name": n, "Type": "String", "Value": self.parameters[n]} for n in Names if n in self.parameters
+        ]
+        return {"Parameters": found, "InvalidParameters": [n for n in Names if n not in self.parameters]}
+
     def put_parameter(self, Name: str, Value: str, **_: Any) -> None:
         self._hook()
         self.parameters[Name] = Value

@@ -5,6 +5,7 @@ applying a change never trusts the change itself: it re-reads the group, compute
 available AMI from what EC2 says now, and writes only what differs, until a read shows no difference.
 """
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -14,10 +15,20 @@ from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory import IMAGE_PERMISSIONS, describe_image, load_images, read_ledger_items
+from ami_janitor.aws.inventory.get_parameters import get_parameters
 from ami_janitor.aws.inventory.pointers import ARCHITECTURES, Pointers, read_pointer_values
 from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.sharer import ShareResult
-from ami_janitor.core.model import AmiState, Image, LatestChange, Outcome, RegionInventory, Share, Stage
+from ami_janitor.core.model import (
+    AMI_ID_PATTERN,
+    AmiState,
+    Image,
+    LatestChange,
+    Outcome,
+    RegionInventory,
+    Share,
+    Stage,
+)
 from ami_janitor.core.policy import Mode, Policy
 from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for, rotation_for
 
@@ -118,6 +129,7 @@ def _write(
         clients.ec2.delete_tags(Resources=list(change.untag), Tags=[{"Key": latest.tag}])
         written.append(f"untag {latest.tag} from {', '.join(change.untag)}")
     if change.ssm_parameter and change.to and inventory.parameters.get(change.ssm_parameter) != change.to:
+        _writable(clients, change.ssm_parameter, inventory.parameters.get(change.ssm_parameter))
         clients.ssm.put_parameter(
             Name=change.ssm_parameter,
             Value=change.to,
@@ -126,6 +138,25 @@ def _write(
             Overwrite=True,
         )
         written.append(f"{change.ssm_parameter} = {change.to}")
+
+
+class PointerOfAnotherType(RuntimeError):
+    """A parameter named as a Latest pointer that is no String: the rotation does not overwrite it."""
+
+
+def _writable(clients: RegionClients, name: str, value: str | None) -> None:
+    """Refuses to overwrite a parameter of another type than String. The read leaves out a SecureString
+    (never decrypted) and gives a StringList as its text: where the value read is no AMI id, the
+    parameter's type is asked first (a pointer the rotation wrote is a String naming one)."""
+    if value is not None and re.match(AMI_ID_PATTERN, value):
+        return
+    found = get_parameters(clients.ssm, [name]).get(name)
+    kind = str(found.get("Type") or "String") if found is not None else "String"
+    if kind != "String":
+        raise PointerOfAnotherType(
+            f"{name} is a {kind} parameter: the rotation writes a String of data type aws:ec2:image and "
+            "does not overwrite it (delete it, or name another latest.ssm_parameter)"
+        )
 
 
 def _targets(inventory: RegionInventory, changes: Iterable[LatestChange]) -> dict[str, Image]:
@@ -189,7 +220,7 @@ def write_changes(
         try:
             # The change as the region reads now: the holders to untag are those of this read.
             _write(clients, policy, current, region, targets, result.written)
-        except (ClientError, BotoCoreError) as error:
+        except (ClientError, BotoCoreError, PointerOfAnotherType) as error:
             result.status, result.error = "failed", f"{type(error).__name__}: {error}"
     # An event may have rotated a group, or its target been disabled, between that read and these
     # writes: the written groups are read again and converged, so that the older or disabled AMI
@@ -251,7 +282,7 @@ def converge(
             try:
                 _write(clients, policy, change, inventory, targets, result.written)
                 result.status, result.error = "ok", None
-            except (ClientError, BotoCoreError) as error:
+            except (ClientError, BotoCoreError, PointerOfAnotherType) as error:
                 result.status, result.error = "failed", f"{type(error).__name__}: {error}"
     else:
         # Every round wrote: a last read says whether the groups agree now, or another writer kept
