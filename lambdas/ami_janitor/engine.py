@@ -80,6 +80,8 @@ class ReplicateResult(BaseModel):
     share_results: list[sharer.ShareResult] = []
     copy_results: list[replication.CopyResult] = []
     queued: int = 0
+    # Copies SQS did not take (the queue, or the call, failed): failures, planned again by the next run.
+    not_queued: int = 0
     # Regions that could not be read ("region: error"): nothing was planned there.
     skipped: list[str] = []
 
@@ -87,7 +89,7 @@ class ReplicateResult(BaseModel):
     def failed(self) -> int:
         shares = sum(1 for r in self.share_results if r.status == "failed")
         copies = sum(1 for r in self.copy_results if r.status == "failed")
-        return shares + copies + len(self.skipped)
+        return shares + copies + self.not_queued + len(self.skipped)
 
 
 class RunSummary(Summary):
@@ -111,6 +113,8 @@ class RunReport(Plan):
     share_results: list[sharer.ShareResult] = []
     copy_results: list[replication.CopyResult] = []
     copies_queued: int = 0
+    # Copies the replication queue did not take (counted among the failures).
+    copies_not_queued: int = 0
     slices_queued: int = 0
     # Usage reports written to the inbox (s3:// URLs), and those that could not be.
     usage_reports: list[str] = []
@@ -163,6 +167,7 @@ class RunResult(BaseModel):
                 "share_results": self.replicated.share_results,
                 "copy_results": self.replicated.copy_results,
                 "copies_queued": self.replicated.queued,
+                "copies_not_queued": self.replicated.not_queued,
                 "slices_queued": self.slices_queued,
                 "usage_reports": self.usage_reports,
                 "usage_problems": self.usage_problems,
@@ -381,6 +386,7 @@ def _apply_replication(
     result.share_results = sharer.apply_shares(clients_for, result.shares, own, ledger_for)
     if enqueue is not None:
         result.queued = enqueue(result.copies)
+        result.not_queued = len(result.copies) - result.queued
         return result
     if not result.copies:
         return result

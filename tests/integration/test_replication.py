@@ -40,7 +40,7 @@ from ami_janitor.core.replication import (
     plan_copies,
 )
 from ami_janitor.demo import emulator
-from ami_janitor.handlers import replicate
+from ami_janitor.handlers import replicate, scheduled
 from builders import ledger_write
 from server import make_ledger
 from sessions import botocore_session
@@ -1042,3 +1042,23 @@ def test_a_copy_the_target_retired_is_not_made_again_run_after_run_until_its_gro
     assert not [n for n in result.plan.notes if "not started again" in n]
     assert generations_started(aws, s2, EU) == [1, 2]
     assert [raw["State"] for raw in copies_in(aws, EU, s2.image_id)] == ["available"]
+
+
+def test_a_run_whose_copies_the_queue_did_not_take_reports_them_failed(aws: ClientFactory) -> None:
+    """enqueue_copies never raises: it counts what SQS took. Copies it did not take are failures of the
+    run (its exit code, ActionsFailed, the summary); the run said nothing of them, the alarm stayed
+    quiet, and a lasting queue problem left targets without copies run after run."""
+    source = bake(aws, "web-1")
+
+    def took_one(copies: Sequence[Copy]) -> int:
+        return 1
+
+    result = engine.run(POLICY, [US], aws, source.created, apply=True, enqueue=took_one)
+
+    assert len(result.plan.copies) == 2
+    report = result.report()
+    assert (report.copies_queued, report.copies_not_queued) == (1, 1)
+    assert report.summary.actions_failed == 1 and result.exit_code == 1
+    assert "copies the replication queue did not take (planned again next run): 1" in scheduled.summary_text(
+        US, report
+    )

@@ -151,6 +151,10 @@ def print_results(result: RunResult, out: TextIO) -> None:
         out.write(f"copy {copied.source_region}/{copied.source_image_id} -> {copied.region}: {status}\n")
     if replicated.queued:
         out.write(f"copies queued for the replication worker: {replicated.queued}\n")
+    if replicated.not_queued:
+        out.write(
+            f"copies SQS did not take (failed; planned again by the next run): {replicated.not_queued}\n"
+        )
     for url in result.usage_reports:
         out.write(f"usage report sent: {url}\n")
     for problem in result.usage_problems:

@@ -49,6 +49,10 @@ def summary_text(region: str, report: engine.RunReport) -> str:
             f"not run: a queued slice was dropped (see the report's results; planned again by the next "
             f"enforce run): {s.not_run}"
         )
+    if report.copies_not_queued:
+        lines.append(
+            f"copies the replication queue did not take (planned again next run): {report.copies_not_queued}"
+        )
     lines += [f"unfinished run: {u}" for u in report.unfinished_runs]
     lines += [f"skipped {r.region}: {r.error}" for r in skipped]
     lines += [f"usage report not sent: {p}" for p in report.usage_problems]
