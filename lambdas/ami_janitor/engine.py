@@ -98,8 +98,8 @@ class RunSummary(Summary):
     actions_failed: int = 0
     # AMIs a slice held back: a fresh read put the plan's decision in doubt (planned again next run).
     held_back: int = 0
-    # AMIs whose stages a slice dropped whole: the policy (or its mode) changed since the plan, or the
-    # slice went stale. The plan's counts above were not done for them.
+    # AMIs whose stages a slice dropped whole (the policy, or its mode, changed since the plan, or the
+    # slice went stale), or had no time for. The plan's counts above were not done for them.
     not_run: int = 0
 
 
@@ -1020,8 +1020,10 @@ def work_slice(
         dropped = "the policy changed since the plan: the next run plans again"
     else:
         dropped = slices.stale(work, now)
+    not_run: frozenset[str] = frozenset()
     if dropped is not None:
         outcome.dropped = dropped
+        not_run = frozenset(i.image_id for i in work.items)
         outcome.results = [
             ActionResult(region=work.region, image_id=i.image_id, action=s, status="skipped", detail=dropped)
             for i in work.items
@@ -1038,10 +1040,9 @@ def work_slice(
             out_of_time=out_of_time,
             workers=slicer.SLICE_WORKERS,
         )
-        outcome.results, outcome.held = done.results, done.held
+        outcome.results, outcome.held, not_run = done.results, done.held, done.not_run
     if keep is not None:
         keep(outcome)
-    not_run = frozenset(i.image_id for i in work.items) if dropped is not None else frozenset()
     counts = slicer.SliceResult(results=outcome.results, held=outcome.held, not_run=not_run).counts()
     progress = records.finish_slice(work.region, work.run, work.index, counts)
     outcome.progress = progress or records.read(work.region, work.run)

@@ -318,7 +318,7 @@ def test_a_slice_queued_in_enforce_and_worked_in_dry_run_changes_no_ami_and_says
     [mail] = deployed.mails()  # the enforce run's one summary says what was planned and not run
     assert "images retired: 3" in mail
     assert (
-        "not run: a queued slice was dropped (see the report's results; planned again by the next enforce run): 3"
+        "not run: a queued slice was dropped or ran out of time (see the report's results; planned again by the next enforce run): 3"
         in mail
     )
 
@@ -722,3 +722,25 @@ def test_a_run_recorded_first_by_an_invocation_of_the_same_second_queues_nothing
     assert second.slices_queued == 0 and {r.status for r in second.results} == {"skipped"}
     assert len(second.results) == 12
     assert "recorded by another invocation started the same second" in (second.results[0].detail or "")
+
+
+def test_the_summary_counts_the_amis_a_slice_had_no_time_for_as_not_run(deployed: Deployment) -> None:
+    """The last slice's invocation has less than its reserve left: its AMI is not started (the next run
+    plans it again). The run's one summary counted it nowhere: retired as planned, nothing amiss."""
+    _, bodies = deployed.planned()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    for body in bodies[:-1]:
+        deployed.work(body)
+    slices.handler(
+        sqs_event(bodies[-1], queue_arn=deployed.queue_arn, group=REGION, receive_count=1),
+        Context(remaining_millis=60_000),
+    )
+    last = deployed.part(bodies, len(bodies) - 1)
+    assert {r["status"] for r in last["results"]} == {"skipped"}
+
+    [mail] = deployed.mails()
+    report = json.loads(
+        deployed.s3.get_object(Bucket="reports", Key=f"runs/{REGION}/{run}.json")["Body"].read()
+    )
+    assert report["summary"]["not_run"] == 1
+    assert "not run: a queued slice was dropped or ran out of time" in mail

@@ -915,6 +915,10 @@ def _apply_region(
     return staged
 
 
+# Why an AMI's stages were skipped where a slice's invocation ran out of time (counted as not run).
+OUT_OF_TIME = "the invocation's time ran out before it: the next run plans it again"
+
+
 def apply_stages(
     region: str,
     ec2: "EC2Client",
@@ -941,7 +945,7 @@ def apply_stages(
     def one(entry: SlicePart) -> list[ActionResult]:
         image_id, stages, held = entry
         if held is None and out_of_time is not None and out_of_time():
-            held = "the invocation's time ran out before it: the next run plans it again"
+            held = OUT_OF_TIME
         return run.run_stages(image_id, stages, held)
 
     if side_by_side is not None:

@@ -91,7 +91,7 @@ class SliceResult(BaseModel):
 
     results: list[ActionResult] = []
     held: dict[str, str] = {}
-    # The AMIs of a slice dropped whole (nothing read, nothing done).
+    # The AMIs of a slice dropped whole (nothing read, nothing done), or that it had no time for.
     not_run: frozenset[str] = frozenset()
 
     def counts(self) -> dict[str, int]:
@@ -246,12 +246,16 @@ def run_slice(
         side_by_side=side_by_side,
         shares_keep=shares_keep,
     )
-    # The stages that read launch permissions hold back what a share made since the plan keeps.
+    # The stages that read launch permissions hold back what a share made since the plan keeps; the
+    # AMIs the invocation had no time for are not run (the run's summary counts them).
+    not_run: set[str] = set()
     for result in results:
         detail = result.detail or ""
         if result.status == "skipped" and detail.startswith(executor.HELD_BACK):
             held.setdefault(result.image_id, detail.removeprefix(executor.HELD_BACK))
-    return SliceResult(results=results, held=held)
+        elif result.status == "skipped" and detail == executor.OUT_OF_TIME:
+            not_run.add(result.image_id)
+    return SliceResult(results=results, held=held, not_run=frozenset(not_run))
 
 
 def _consumer_reports(
