@@ -114,6 +114,7 @@ def test_the_scheduled_run_answers_with_its_result(mode: Any, monkeypatch: pytes
         "share_results",
         "copy_results",
         "copies_queued",
+        "copies_not_queued",
         "slices_queued",
         "usage_reports",
         "usage_problems",
