@@ -889,3 +889,37 @@ def test_an_ami_left_by_the_policy_mid_retirement_is_named_in_a_note() -> None:
         f"as they are; `ami-janitor rescue AMI_ID` undoes them): {left.image_id}"
     ]
     assert left.image_id not in by_id(result)
+
+
+def test_a_rescue_that_leaves_a_one_parameter_family_unrotated_keeps_its_latest_holder() -> None:
+    """One parameter for every architecture. A newer x86_64 build would take Latest from `holder`, but
+    the arm64 group's only AMI, disabled by the janitor and in use again, is rescued: two architectures
+    then have an AMI Latest could name, so the family is not rotated and Latest stays on `holder`. It
+    was judged as if Latest had left it, and deprecated."""
+    pol = policy(
+        {"latest": {"tag": "Latest", "ssm_parameter": "/ami/app/latest"}},
+        defaults={"keep_latest": 1},
+    )
+    holder = image(days_old=100, name="app-x86-1", tags={"Latest": "true"})
+    newer = image(days_old=40, name="app-x86-2")
+    arm = image(
+        days_old=90,
+        name="app-arm",
+        arch="arm64",
+        state="disabled",
+        ledger=ledger_item(24, {"deprecate": 20, "disable": 10}),
+    )
+    inv = inventory(
+        holder,
+        newer,
+        arm,
+        references=(reference(arm.image_id),),
+        parameters={"/ami/app/latest": holder.image_id},
+    )
+
+    result = plan([inv], pol, NOW)
+
+    decisions = by_id(result)
+    assert decisions[arm.image_id].action == "rescue"
+    assert [c for c in result.latest if c.family == "app"] == []
+    assert decisions[holder.image_id].action == "keep", decisions[holder.image_id].reasons

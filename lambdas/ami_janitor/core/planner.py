@@ -754,23 +754,32 @@ def plan_region(
     groups, conflicts = grouped
     errors = rotation_errors(groups, conflicts, policy, now, inventory)
     before = {id(group): rotation(group, inventory, now, errors.get(_key(group))) for group in groups}
-    parameters = dict(inventory.parameters)
-    for change in before.values():
-        if change is not None and change.ssm_parameter and change.to:
-            parameters[change.ssm_parameter] = change.to
-    references = _references_index(inventory, parameters)
-    decisions: list[Decision] = []
-    due: list[list[_Due]] = []
-    stamp = _stamper()
-    rescued: set[str] = set()
-    for group in groups:
-        target = latest_target(group, now) if group.family.latest else None
-        tag_stays = _key(group) in errors
-        judge = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
-        group_decisions, group_due = _decide_group(group, judge, now, stamp, rescued)
-        decisions.extend(group_decisions)
-        due.append(group_due)
-    _apply_caps(due, groups, policy, inventory, spent)
+
+    def judged(
+        errors: Mapping[GroupKey, str], moves: Iterable[LatestChange | None]
+    ) -> tuple[list[Decision], set[str]]:
+        """Every group's decisions (caps applied) and rescues, after the rotation `moves` writes and with
+        the Latest tag staying where `errors` leaves a group unrotated."""
+        parameters = dict(inventory.parameters)
+        for change in moves:
+            if change is not None and change.ssm_parameter and change.to:
+                parameters[change.ssm_parameter] = change.to
+        references = _references_index(inventory, parameters)
+        decisions: list[Decision] = []
+        due: list[list[_Due]] = []
+        stamp = _stamper()
+        rescued: set[str] = set()
+        for group in groups:
+            target = latest_target(group, now) if group.family.latest else None
+            tag_stays = _key(group) in errors
+            judge = _judge(group, now, references, conflicts, target.image_id if target else None, tag_stays)
+            group_decisions, group_due = _decide_group(group, judge, now, stamp, rescued)
+            decisions.extend(group_decisions)
+            due.append(group_due)
+        _apply_caps(due, groups, policy, inventory, spent)
+        return decisions, rescued
+
+    decisions, rescued = judged(errors, before.values())
     changes: list[LatestChange] = []
     views = [
         after_rescues(group, rescued, now)
@@ -791,6 +800,10 @@ def plan_region(
         )
         if change is not None:
             changes.append(change)
+    if settled != errors:
+        # The rescues left a group unrotated that the decisions took as rotated (or the other way): its
+        # Latest holders were judged as if Latest had left them. Judged again, as the rotation will be.
+        decisions, _ = judged(settled, changes)
     policy_errors = [
         *sorted(set(errors.values()) | set(settled.values())),
         *(
