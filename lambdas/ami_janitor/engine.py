@@ -4,7 +4,7 @@ replicate, events, the scheduled bake and the queued copy."""
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -1055,15 +1055,22 @@ def work_slice(
 def send_run_summary(
     policy: Policy, clients: RegionClients, outcome: "SliceOutcome", send: Callable[[], None]
 ) -> None:
-    """`send` the run's report and summary (the caller claimed them: `outcome.last`); where it fails,
-    the claim is given back before the error goes on, so the slice's next delivery sends them."""
+    """`send` the run's report and summary (the caller claimed them: `outcome.last`), then confirm them
+    in the run's record; where sending fails, the claim is given back before the error goes on, so the
+    slice's next delivery sends them. (A confirmation that fails leaves the run to be named by the next
+    run: a summary may come twice, never not at all.)"""
+    from ami_janitor.aws.runs import RunRecords
+
+    records = RunRecords(clients.dynamodb, policy.ledger.table)
     try:
         send()
     except Exception:
-        from ami_janitor.aws.runs import RunRecords
-
-        RunRecords(clients.dynamodb, policy.ledger.table).release_summary(outcome.region, outcome.run)
+        records.release_summary(outcome.region, outcome.run)
         raise
+    try:
+        records.confirm_summary(outcome.region, outcome.run, datetime.now(UTC).replace(microsecond=0))
+    except (BotoCoreError, ClientError):
+        return
 
 
 def final_report(first: RunReport, outcomes: "Sequence[SliceOutcome]", progress: "RunProgress") -> RunReport:

@@ -118,7 +118,10 @@ def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
     try:
         slices = int(raw["slices"]["N"])
         done = len(raw.get("done", {}).get("SS", []))
-        if done >= slices and "summary_sent" in raw:
+        # Sent: claimed, and confirmed where the claim expects it (a holder killed mid-send on its
+        # slice's last delivery left a claim no delivery takes over).
+        sent = "summary_sent" in raw and ("summary_confirmed" in raw or "summary_confirms" not in raw)
+        if done >= slices and sent:
             return None
         run = raw["pk"]["S"].split("#", 2)[-1]
         started = raw.get("started", {}).get("S")

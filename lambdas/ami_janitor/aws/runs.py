@@ -235,7 +235,13 @@ class RunRecords:
             self.db,
             self.table,
             run_key(region, run),
-            UpdateExpression="SET summary_sent = :at, summary_slice = :index, summary_delivery = :delivery",
+            # summary_confirmed expected (a run record without it, from before, counts as sent once
+            # claimed): a claim whose holder was killed mid-send, on its slice's last delivery, is
+            # then told from a summary sent (confirm_summary).
+            UpdateExpression=(
+                "SET summary_sent = :at, summary_slice = :index, summary_delivery = :delivery, "
+                "summary_confirms = :yes"
+            ),
             ConditionExpression=(
                 "attribute_exists(slices) AND (attribute_not_exists(summary_sent) "
                 "OR (summary_slice = :index AND summary_delivery < :delivery))"
@@ -244,9 +250,20 @@ class RunRecords:
                 ":at": {"S": iso(at) or ""},
                 ":index": {"N": str(index)},
                 ":delivery": {"N": str(delivery)},
+                ":yes": {"BOOL": True},
             },
         )
         return written == "recorded"
+
+    def confirm_summary(self, region: str, run: str, at: datetime) -> None:
+        """The run's summary was sent: its record says so (without it, the next run's Scan names the run,
+        whose claimed summary may never have gone out)."""
+        self.db.update_item(
+            TableName=self.table,
+            Key=run_key(region, run),
+            UpdateExpression="SET summary_confirmed = :at",
+            ExpressionAttributeValues={":at": {"S": iso(at) or ""}},
+        )
 
     def mark_unfinished_reported(self, region: str, run: str, at: datetime) -> bool:
         """Mark this run reported as never finished, once a later run's report named it (the Scan then
