@@ -527,9 +527,13 @@ class PlanChanged(RuntimeError):
 
 def _writes(plan: Plan) -> set[str]:
     """Each write a plan asks for, as one line: stages, candidate clocks and rescues, Latest changes,
-    shares and copies."""
+    shares, copies, and the snapshots of interrupted deregistrations it finishes."""
     return {
         *(f"{d.action} {d.image_id} in {d.region}" for d in plan.decisions if d.action != "keep"),
+        *(
+            f"delete snapshot {snapshot} (its AMI's deregistration was interrupted)"
+            for snapshot in plan.unfinished_snapshots
+        ),
         *(
             f"Latest of {c.family} ({c.architecture}) in {c.region} to {c.to}"
             + (f", untagging {', '.join(c.untag)}" if c.untag else "")

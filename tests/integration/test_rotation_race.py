@@ -149,15 +149,16 @@ def test_an_ami_latest_went_to_while_it_was_written_is_not_retired_by_the_same_r
     assert group.old in image_ids(), "the run retired the AMI Latest went back to"
 
 
-@pytest.mark.parametrize("kind", ["SecureString", "StringList"])
+@pytest.mark.parametrize("kind", ["SecureString", "StringList", "StringList of one"])
 def test_a_pointer_of_another_type_than_string_is_not_overwritten(policy: Policy, kind: str) -> None:
     """A parameter named as the family's pointer that someone made a SecureString (never read, so it
-    was rewritten on every run) or a StringList: the rotation fails naming it, and leaves it as it is
-    (it was overwritten as a String naming the target)."""
+    was rewritten on every run) or a StringList (one of a single AMI id reads as that id): the rotation
+    fails naming it, and leaves it as it is (it was overwritten as a String naming the target)."""
     at = now()
     group = Group(at)
     ssm = boto3.client("ssm", region_name="us-east-1")
-    value = group.old if kind == "SecureString" else f"{group.old},{group.mid}"
+    value = group.old if kind != "StringList" else f"{group.old},{group.mid}"
+    kind = kind.removesuffix(" of one")
     ssm.put_parameter(Name=PARAMETER, Value=value, Type=kind, Overwrite=True)
 
     [result] = rotator.converge(RegionClients("us-east-1"), policy, at)

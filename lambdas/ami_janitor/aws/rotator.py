@@ -5,7 +5,6 @@ applying a change never trusts the change itself: it re-reads the group, compute
 available AMI from what EC2 says now, and writes only what differs, until a read shows no difference.
 """
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -20,7 +19,6 @@ from ami_janitor.aws.inventory.pointers import ARCHITECTURES, Pointers, read_poi
 from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.sharer import ShareResult
 from ami_janitor.core.model import (
-    AMI_ID_PATTERN,
     AmiState,
     Image,
     LatestChange,
@@ -129,7 +127,7 @@ def _write(
         clients.ec2.delete_tags(Resources=list(change.untag), Tags=[{"Key": latest.tag}])
         written.append(f"untag {latest.tag} from {', '.join(change.untag)}")
     if change.ssm_parameter and change.to and inventory.parameters.get(change.ssm_parameter) != change.to:
-        _writable(clients, change.ssm_parameter, inventory.parameters.get(change.ssm_parameter))
+        _writable(clients, change.ssm_parameter)
         clients.ssm.put_parameter(
             Name=change.ssm_parameter,
             Value=change.to,
@@ -144,12 +142,10 @@ class PointerOfAnotherType(RuntimeError):
     """A parameter named as a Latest pointer that is no String: the rotation does not overwrite it."""
 
 
-def _writable(clients: RegionClients, name: str, value: str | None) -> None:
-    """Refuses to overwrite a parameter of another type than String. The read leaves out a SecureString
-    (never decrypted) and gives a StringList as its text: where the value read is no AMI id, the
-    parameter's type is asked first (a pointer the rotation wrote is a String naming one)."""
-    if value is not None and re.match(AMI_ID_PATTERN, value):
-        return
+def _writable(clients: RegionClients, name: str) -> None:
+    """Refuses to overwrite a parameter of another type than String: its type is asked before each
+    write (the read leaves out a SecureString, never decrypted, and gives a StringList as its text,
+    one of a single AMI id as that id; a write is rare, when Latest moves)."""
     found = get_parameters(clients.ssm, [name]).get(name)
     kind = str(found.get("Type") or "String") if found is not None else "String"
     if kind != "String":
