@@ -306,6 +306,10 @@ def adoption(inventory: RegionInventory, policy: Policy, now: datetime) -> Adopt
             continue
         if not any(key.startswith("ami-janitor:") for key in image.tags):
             continue
+        if not any(family.match.matches(image.name, image.tags) for family in policy.families):
+            # No family selects it: a clock adopted now would run unseen, and count (with the stages
+            # EC2 shows, dated now) the day a family selects it, retiring it sooner than any other.
+            continue
         item = _adopted_item(image, _allowed_grants(policy, image), now, refused)
         if item is not None:
             items[image.image_id] = item
