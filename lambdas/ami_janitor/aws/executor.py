@@ -326,7 +326,13 @@ def _undo_stages(
 ) -> LedgerItem | None:
     """What the rescue undoes, as `image` and its ledger item show it; the open item, to close after."""
     disable = trust.undoable_stage(image, "disable")
-    if image.state == "disabled" and disable is not None and not disable.already_disabled:
+    # A disable the janitor did again (EC2 no longer showed it: the owner had enabled the AMI) was its
+    # own DisableImage, whatever the first record says (already disabled by the owner, or adopted).
+    redone = trust.recorded_stage(image, "disable")
+    ours = (disable is not None and not disable.already_disabled) or (
+        redone is not None and redone.redone is not None
+    )
+    if image.state == "disabled" and ours:
         _enable_image(ec2, image.image_id)
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
