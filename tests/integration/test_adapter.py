@@ -2140,3 +2140,59 @@ def test_an_ami_whose_latest_cannot_be_read_is_taken_as_holding_it(stubbed: Stub
 
     assert rotator._holds_latest(s.clients, ARCH_POLICY, ami(1))
     s.verify()
+
+
+def test_a_launch_configuration_made_after_the_listing_that_a_group_names_is_read_by_name(
+    stubbed: Stubbed,
+) -> None:
+    """The launch configurations are listed before the groups: a group made since, with its launch
+    configuration (as CloudFormation makes them), names one the listing lacks. It is read by its name
+    and keeps its AMI (it was dropped: no reference, no note, no error)."""
+    s = stubbed
+    groups = [raw_group("made-since", LaunchConfigurationName="lc-since")]
+    configuration = {
+        "LaunchConfigurationName": "lc-since",
+        "ImageId": ami(3),
+        "InstanceType": "t3.micro",
+        "CreatedTime": CREATED,
+    }
+    s.queue(
+        groups=lambda: s.add(
+            "autoscaling", "describe_auto_scaling_groups", {"AutoScalingGroups": groups}, {"MaxRecords": 100}
+        ),
+    )
+    s.add(
+        "autoscaling",
+        "describe_launch_configurations",
+        {"LaunchConfigurations": [configuration]},
+        {"LaunchConfigurationNames": ["lc-since"], "MaxRecords": 100},
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    s.verify()
+    assert inventory.error is None
+    assert ami(3) in {r.image_id for r in inventory.references}
+
+
+def test_a_launch_configuration_a_group_names_that_no_read_finds_skips_the_region(stubbed: Stubbed) -> None:
+    s = stubbed
+    groups = [raw_group("made-since", LaunchConfigurationName="lc-gone")]
+    s.queue(
+        groups=lambda: s.add(
+            "autoscaling", "describe_auto_scaling_groups", {"AutoScalingGroups": groups}, {"MaxRecords": 100}
+        ),
+    )
+    s.add(
+        "autoscaling",
+        "describe_launch_configurations",
+        {"LaunchConfigurations": []},
+        {"LaunchConfigurationNames": ["lc-gone"], "MaxRecords": 100},
+    )
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert inventory.error == (
+        "autoscaling:DescribeLaunchConfigurations: MalformedResponse: ValueError: an Auto Scaling group names "
+        "launch configuration lc-gone, which is not found"
+    )

@@ -3,7 +3,7 @@ overrides or launch configuration name."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ami_janitor.aws.inventory.claims import Claims
@@ -15,16 +15,18 @@ if TYPE_CHECKING:
 PERMISSIONS: list[str] = ["autoscaling:DescribeAutoScalingGroups"]
 
 
-def read_auto_scaling_groups(autoscaling: AutoScalingClient, configurations: Mapping[str, str]) -> Claims:
-    """What every group names; `configurations` (name -> ImageId) gives a launch configuration's image."""
+def read_auto_scaling_groups(autoscaling: AutoScalingClient, image_of: Callable[[str], str]) -> Claims:
+    """What every group names; `image_of` (a launch configuration's name -> its ImageId) gives a launch
+    configuration's image."""
     found = Claims()
     with source("autoscaling:DescribeAutoScalingGroups"):
-        for group in items(autoscaling, "describe_auto_scaling_groups", "AutoScalingGroups", 100):
-            _group(found, group, configurations)
+        groups = list(items(autoscaling, "describe_auto_scaling_groups", "AutoScalingGroups", 100))
+    for group in groups:
+        _group(found, group, image_of)
     return found
 
 
-def _group(found: Claims, group: Raw, configurations: Mapping[str, str]) -> None:
+def _group(found: Claims, group: Raw, image_of: Callable[[str], str]) -> None:
     name = str(group["AutoScalingGroupName"])
     kind, subject = "auto-scaling-group", f"Auto Scaling group {name}"
     found.use_template(kind, name, subject, group.get("LaunchTemplate"))
@@ -35,5 +37,5 @@ def _group(found: Claims, group: Raw, configurations: Mapping[str, str]) -> None
         found.claim(override.get("ImageId"), kind, name, f"{subject} (mixed instances override)")
     configuration = group.get("LaunchConfigurationName")
     if configuration:
-        image = configurations.get(configuration)
+        image = image_of(str(configuration))
         found.claim(image, kind, name, f"{subject} (launch configuration {configuration})")

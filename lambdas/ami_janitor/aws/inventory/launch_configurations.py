@@ -23,6 +23,27 @@ def read_launch_configurations(autoscaling: AutoScalingClient) -> dict[str, str]
         }
 
 
+def with_named(autoscaling: AutoScalingClient, configurations: dict[str, str], name: str) -> str:
+    """The image of launch configuration `name`: from the listing, else read by its name (made since the
+    listing: CloudFormation makes a group right after its configuration). One no read finds is a
+    malformed answer (a configuration in use cannot be deleted): the region is not decided on."""
+    if name not in configurations:
+        with source("autoscaling:DescribeLaunchConfigurations"):
+            for raw in items(
+                autoscaling,
+                "describe_launch_configurations",
+                "LaunchConfigurations",
+                100,
+                LaunchConfigurationNames=[name],
+            ):
+                configurations[str(raw["LaunchConfigurationName"])] = str(raw.get("ImageId") or "")
+            if name not in configurations:
+                raise ValueError(
+                    f"an Auto Scaling group names launch configuration {name}, which is not found"
+                )
+    return configurations[name]
+
+
 def launch_configuration_claims(configurations: Mapping[str, str]) -> list[Claim]:
     return [
         each

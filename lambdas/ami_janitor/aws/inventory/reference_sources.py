@@ -28,6 +28,7 @@ from ami_janitor.aws.inventory.instances import Instances, read_instances
 from ami_janitor.aws.inventory.launch_configurations import (
     launch_configuration_claims,
     read_launch_configurations,
+    with_named,
 )
 from ami_janitor.aws.inventory.launch_templates import read_launch_templates
 from ami_janitor.aws.inventory.parameters import parameter_claims, read_parameters
@@ -149,4 +150,7 @@ def read_reference_sources(
 def _read_auto_scaling(clients: "RegionClients") -> tuple[dict[str, str], Claims]:
     """The launch configurations, then the groups (which launch from them)."""
     configurations = read_launch_configurations(clients.autoscaling)
-    return configurations, read_auto_scaling_groups(clients.autoscaling, configurations)
+    groups = read_auto_scaling_groups(
+        clients.autoscaling, lambda name: with_named(clients.autoscaling, configurations, name)
+    )
+    return configurations, groups
