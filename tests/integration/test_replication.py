@@ -1062,3 +1062,24 @@ def test_a_run_whose_copies_the_queue_did_not_take_reports_them_failed(aws: Clie
     assert "copies the replication queue did not take (planned again next run): 1" in scheduled.summary_text(
         US, report
     )
+
+
+def test_a_late_request_for_a_generation_whose_copy_was_deregistered_sends_no_old_token(
+    aws: ClientFactory,
+) -> None:
+    """Generation 1 was made (its id on the source's record), then deregistered. A late delivery of the
+    generation-1 request (queued by the event and by a run) sent the old token: EC2 answered with the
+    deregistered copy, and the request was acknowledged as a copy started while none existed."""
+    source = bake(aws, "web-1")
+    first = start_copy(aws, copy_of(source), source, POLICY)
+    assert first.started and first.image_id is not None
+    aws(EU).ec2.deregister_image(ImageId=first.image_id)
+    sent = count_calls(aws(EU).ec2)
+
+    late = engine.start_requested_copy(copy_of(source), POLICY, aws)
+
+    assert (late.status, late.started, late.image_id) == ("skipped", False, None), late
+    assert late.detail == (
+        f"generation 1's copy {first.image_id} was made and is gone: the next run plans generation 2"
+    )
+    assert sent["ec2:CopyImage"] == 0

@@ -139,6 +139,16 @@ def _start(
         return result.model_copy(
             update={"status": "ok", "image_id": taken_back, "detail": "its copy's item written again"}
         )
+    made = source_record(source, copy.region, copy.generation)
+    if made is not None and made.image_id:
+        # The source's record names this generation's copy, which EC2 no longer lists (deregistered):
+        # its token would be answered with that copy, reported started while none exists.
+        return result.model_copy(
+            update={
+                "detail": f"generation {copy.generation}'s copy {made.image_id} was made and is gone: the next "
+                f"run plans generation {copy.generation + 1}"
+            }
+        )
     if source.state != "available":
         return result.model_copy(update={"detail": f"source is {source.state}: not copied"})
     if copy.region == copy.source_region and source.encrypted:
