@@ -657,7 +657,8 @@ def _decide_group(
 def _snapshot_users(groups: list[Group], inventory: RegionInventory | None) -> Counter[str]:
     """How many of the region's AMIs use each snapshot (a snapshot another AMI uses is not deleted)."""
     images = inventory.images if inventory is not None else [m for g in groups for m in g.members]
-    return Counter(s for image in images for s in image.snapshot_ids)
+    # Each AMI once per snapshot: one mapping a snapshot on two devices is its only user all the same.
+    return Counter(s for image in images for s in set(image.snapshot_ids))
 
 
 def _cost(image: Image, action: str, users: Counter[str] | None) -> int:
@@ -665,7 +666,7 @@ def _cost(image: Image, action: str, users: Counter[str] | None) -> int:
     deregistration deletes (snapshot deletions count toward the caps)."""
     if action != "deregister" or users is None:
         return 1
-    return 1 + sum(1 for s in image.snapshot_ids if users[s] <= 1)
+    return 1 + sum(1 for s in set(image.snapshot_ids) if users[s] <= 1)
 
 
 # A due decision's _Staged, and the action it moves to if the caps let it: read in C.
@@ -693,7 +694,11 @@ def _apply_caps(
     group_reason: list[str] = []
     for g in groups:
         fraction = g.rules.limits.max_fraction_per_family
-        allowed.append(math.floor(fraction * len(g.members)))
+        # The fraction as written (0.29 x 100 is 28.999... in floating point): floor of the exact product
+        # (fractions loads decimal: imported where a region has groups, not at each cold start).
+        from fractions import Fraction
+
+        allowed.append(math.floor(Fraction(str(fraction)) * len(g.members)))
         group_reason.append(
             f"held back by max_fraction_per_family ({fraction:g} of {len(g.members)} members"
             f" = {allowed[-1]} per run)"
