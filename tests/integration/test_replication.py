@@ -1083,3 +1083,21 @@ def test_a_late_request_for_a_generation_whose_copy_was_deregistered_sends_no_ol
         f"generation 1's copy {first.image_id} was made and is gone: the next run plans generation 2"
     )
     assert sent["ec2:CopyImage"] == 0
+
+
+def test_a_copy_image_answer_without_an_image_id_is_a_failed_copy(aws: ClientFactory) -> None:
+    """No item is written under no id: the copy failed, to be tried again with the same token."""
+    source = bake(aws, "web-1")
+
+    class Ok:
+        status_code = 200
+
+    aws(EU).ec2.meta.events.register("before-call.ec2.CopyImage", lambda **_: (Ok(), {"ImageId": ""}))
+
+    result = start_copy(aws, copy_of(source), source, POLICY)
+
+    assert (result.status, result.started, result.error) == (
+        "failed",
+        False,
+        "CopyImage to eu-west-1 answered no image id",
+    )

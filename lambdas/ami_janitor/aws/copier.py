@@ -162,7 +162,11 @@ def _start(
     # token ("already-recorded": an earlier attempt of this same copy).
     source_ledger.record_copy(record)
     answer = destination.copy_image(**request)
-    image_id = answer["ImageId"]
+    image_id = str(answer.get("ImageId") or "")
+    if not image_id:
+        # Nothing to record (an item keyed by no id): failed, tried again with the same token, which
+        # EC2 answers with the copy it made, if it made one.
+        raise ValueError(f"CopyImage to {copy.region} answered no image id")
     if target_ledger.record_replica(image_id, record) == "already-recorded":
         raise ValueError(f"the ledger of {copy.region} records {image_id} as another copy")
     detail = f"copy started (generation {copy.generation})"
