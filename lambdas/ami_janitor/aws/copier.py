@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.aws.inventory.images import describe_image
 from ami_janitor.aws.ledger import CHECK_PERMISSIONS, Ledger, LedgerFor, LedgerMissing, ledgers
-from ami_janitor.core.model import Copy, Image
+from ami_janitor.core.model import Copy, Image, LedgerCopy
 from ami_janitor.core.policy import (
     Policy,
 )
@@ -134,12 +134,12 @@ def _start(
     if any(c.replica_record and c.replica_record.generation == copy.generation for c in existing):
         # EC2 would answer this token with the failed copy: only the next generation can help.
         return result.model_copy(update={"detail": f"generation {copy.generation} failed already"})
-    taken_back = _take_back(clients_for(copy.region), target_ledger, source, copy, existing)
+    made = source_record(source, copy.region, copy.generation)
+    taken_back = _take_back(clients_for(copy.region), target_ledger, made, copy, source, existing)
     if taken_back is not None:
         return result.model_copy(
             update={"status": "ok", "image_id": taken_back, "detail": "its copy's item written again"}
         )
-    made = source_record(source, copy.region, copy.generation)
     if made is not None and made.image_id:
         # The source's record names this generation's copy, which EC2 no longer lists (deregistered):
         # its token would be answered with that copy, reported started while none exists.
@@ -194,14 +194,18 @@ def _confirm_found(source_ledger: Ledger, source: Image, found: Image) -> None:
 
 
 def _take_back(
-    clients: RegionClients, target_ledger: Ledger, source: Image, copy: Copy, existing: Sequence[Image]
+    clients: RegionClients,
+    target_ledger: Ledger,
+    record: LedgerCopy | None,
+    copy: Copy,
+    source: Image,
+    existing: Sequence[Image],
 ) -> str | None:
-    """The copy of this generation the source's record names as made, which EC2 still lists as a copy
-    of the source while the target's ledger no longer has its item (the table restored or made again):
-    its item is written again, and its id returned. Never CopyImage for it: EC2 may have forgotten the
-    old token, or would refuse it (IdempotentParameterMismatch) once the request changed. None where
-    the record names no copy, or EC2 no longer lists it (the next generation's case)."""
-    record = source_record(source, copy.region, copy.generation)
+    """The copy of this generation the source's record (`record`) names as made, which EC2 still lists
+    as a copy of the source while the target's ledger no longer has its item (the table restored or
+    made again): its item is written again, and its id returned. Never CopyImage for it: EC2 may have
+    forgotten the old token, or would refuse it (IdempotentParameterMismatch) once the request changed.
+    None where the record names no copy, or EC2 no longer lists it (the next generation's case)."""
     made = record.image_id if record is not None else None
     if record is None or made is None or any(c.image_id == made for c in existing):
         return None
