@@ -2142,20 +2142,9 @@ def test_an_ami_whose_latest_cannot_be_read_is_taken_as_holding_it(stubbed: Stub
     s.verify()
 
 
-def test_a_launch_configuration_made_after_the_listing_that_a_group_names_is_read_by_name(
-    stubbed: Stubbed,
-) -> None:
-    """The launch configurations are listed before the groups: a group made since, with its launch
-    configuration (as CloudFormation makes them), names one the listing lacks. It is read by its name
-    and keeps its AMI (it was dropped: no reference, no note, no error)."""
-    s = stubbed
-    groups = [raw_group("made-since", LaunchConfigurationName="lc-since")]
-    configuration = {
-        "LaunchConfigurationName": "lc-since",
-        "ImageId": ami(3),
-        "InstanceType": "t3.micro",
-        "CreatedTime": CREATED,
-    }
+def group_naming_an_unlisted_configuration(s: Stubbed, name: str, found: list[dict[str, Any]]) -> None:
+    """The listing lacks launch configuration `name`; a group names it; reading it by name finds `found`."""
+    groups = [raw_group("made-since", LaunchConfigurationName=name)]
     s.queue(
         groups=lambda: s.add(
             "autoscaling", "describe_auto_scaling_groups", {"AutoScalingGroups": groups}, {"MaxRecords": 100}
@@ -2164,9 +2153,25 @@ def test_a_launch_configuration_made_after_the_listing_that_a_group_names_is_rea
     s.add(
         "autoscaling",
         "describe_launch_configurations",
-        {"LaunchConfigurations": [configuration]},
-        {"LaunchConfigurationNames": ["lc-since"], "MaxRecords": 100},
+        {"LaunchConfigurations": found},
+        {"LaunchConfigurationNames": [name], "MaxRecords": 100},
     )
+
+
+def test_a_launch_configuration_made_after_the_listing_that_a_group_names_is_read_by_name(
+    stubbed: Stubbed,
+) -> None:
+    """The launch configurations are listed before the groups: a group made since, with its launch
+    configuration (as CloudFormation makes them), names one the listing lacks. It is read by its name
+    and keeps its AMI (it was dropped: no reference, no note, no error)."""
+    s = stubbed
+    configuration = {
+        "LaunchConfigurationName": "lc-since",
+        "ImageId": ami(3),
+        "InstanceType": "t3.micro",
+        "CreatedTime": CREATED,
+    }
+    group_naming_an_unlisted_configuration(s, "lc-since", [configuration])
 
     inventory = load_inventory(s.clients, policy())
 
@@ -2177,18 +2182,7 @@ def test_a_launch_configuration_made_after_the_listing_that_a_group_names_is_rea
 
 def test_a_launch_configuration_a_group_names_that_no_read_finds_skips_the_region(stubbed: Stubbed) -> None:
     s = stubbed
-    groups = [raw_group("made-since", LaunchConfigurationName="lc-gone")]
-    s.queue(
-        groups=lambda: s.add(
-            "autoscaling", "describe_auto_scaling_groups", {"AutoScalingGroups": groups}, {"MaxRecords": 100}
-        ),
-    )
-    s.add(
-        "autoscaling",
-        "describe_launch_configurations",
-        {"LaunchConfigurations": []},
-        {"LaunchConfigurationNames": ["lc-gone"], "MaxRecords": 100},
-    )
+    group_naming_an_unlisted_configuration(s, "lc-gone", [])
 
     inventory = load_inventory(s.clients, policy())
 
