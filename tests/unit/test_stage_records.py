@@ -1,14 +1,17 @@
-"""A disable stage recorded on an AMI its owner had disabled, then enabled by the owner: the janitor
-disables it again (the stage done again under its first record); a rescue must enable it."""
+"""What the ledger records of an AMI's stages stays true of EC2 (in-memory EC2 and ledger): the mirror
+tags of stages an AMI kept after its deregistration failed, and a disable the janitor did again after
+the owner enabled the AMI, undone by a rescue."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from ami_janitor.aws import executor
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.core import trust
 from ami_janitor.core.model import LedgerItem, LedgerStage
+from ami_janitor.core.policy import PRIOR_DEPRECATION_TAG, PRIOR_PERMISSIONS_TAG
 from fake_ec2 import FakeEC2, FakeImage
 
 REGION = "us-east-1"
@@ -17,21 +20,42 @@ STARTED = NOW - timedelta(days=14)
 STAGES = [("deprecate", 0), ("disable", 7), ("deregister", 30)]
 
 
-def test_a_rescue_enables_an_ami_the_janitor_disabled_again() -> None:
+def region_with_old_ami(**fields: Any) -> FakeEC2:
+    """A region holding `ami-old`, 100 days old, with its own snapshot."""
     fake = FakeEC2(REGION, results_rate=1.0)
     fake.clock = NOW
     fake.add_snapshot("snap-1")
-    # Disabled by its owner when the disable stage came (recorded as already disabled), enabled since.
     fake.add_image(
-        FakeImage(
-            "ami-old",
-            "app-old",
-            NOW - timedelta(days=100),
-            state="available",
-            snapshot_ids=("snap-1",),
-            deprecation_time=STARTED + timedelta(minutes=1),
-        )
+        FakeImage("ami-old", "app-old", NOW - timedelta(days=100), snapshot_ids=("snap-1",), **fields)
     )
+    return fake
+
+
+def test_a_deregistration_throttled_past_the_retries_leaves_the_stages_mirrored() -> None:
+    fake = region_with_old_ami(permissions={"user:200000000001"})
+    fake.ledger.record_candidate("ami-old", NOW)
+    fake.next_call_faults = {"DeregisterImage": "throttle"}
+
+    results = executor.apply_stages(
+        REGION,
+        fake,
+        fake.ledger,
+        fake.describe(),
+        [("ami-old", ("deprecate", "disable", "deregister"), None)],
+        NOW,
+    )
+
+    assert [r.status for r in results] == ["ok", "ok", "failed"], results
+    image = fake.images["ami-old"]
+    assert image.state == "disabled"
+    # The AMI stays, deprecated and disabled: its mirror says what the ledger recorded.
+    assert PRIOR_DEPRECATION_TAG in image.tags, image.tags
+    assert PRIOR_PERMISSIONS_TAG in image.tags, image.tags
+
+
+def test_a_rescue_enables_an_ami_the_janitor_disabled_again() -> None:
+    # Disabled by its owner when the disable stage came (recorded as already disabled), enabled since.
+    fake = region_with_old_ami(state="available", deprecation_time=STARTED + timedelta(minutes=1))
     disabled_at = STARTED + timedelta(days=7)
     fake.ledger.items["ami-old"] = LedgerItem(
         image_id="ami-old",
