@@ -15,7 +15,6 @@ import pytest
 import yaml
 from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingError
 from botocore.exceptions import ClientError
-from infra.work_slices import MAX_RECEIVE_COUNT
 
 from ami_janitor import engine
 from ami_janitor.aws import slicer
@@ -745,50 +744,3 @@ def test_the_summary_counts_the_amis_a_slice_had_no_time_for_as_not_run(deployed
     )
     assert report["summary"]["not_run"] == 1
     assert "not run: a queued slice was dropped or ran out of time" in mail
-
-
-class Killed(BaseException):
-    """Lambda's timeout mid-send: no `except Exception` runs."""
-
-
-def test_a_summary_killed_on_its_slices_last_delivery_is_named_by_the_next_run(
-    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The last slice's final delivery (its earlier ones failed before it was counted) is killed while
-    it sends the run's summary: SQS parks the message in the dead-letter queue, and no delivery takes
-    the claim over. The record said the summary was sent, and no run named the run: no summary, ever."""
-    _, bodies = deployed.planned()
-    run = WorkSlice.model_validate_json(bodies[0]).run
-    for body in bodies[:-1]:
-        deployed.work(body)
-    real = slices.publish
-
-    def killed(*args: object, **kwargs: object) -> None:
-        raise Killed()
-
-    monkeypatch.setattr(slices, "publish", killed)
-    with pytest.raises(Killed):
-        deployed.work(bodies[-1], MAX_RECEIVE_COUNT)
-    monkeypatch.setattr(slices, "publish", real)
-    assert deployed.mails() == []
-
-    deployed.next_run_long_after(run)
-
-    [mail] = deployed.mails()
-    assert f"run {run}: all its 3 slices finished, but its report and summary could not be sent" in mail
-
-
-def test_a_summary_sent_is_confirmed_and_no_later_run_names_its_run(deployed: Deployment) -> None:
-    _, bodies = deployed.planned()
-    run = WorkSlice.model_validate_json(bodies[0]).run
-    for body in bodies:
-        deployed.work(body)
-    assert len(deployed.mails()) == 1
-    record = boto3.client("dynamodb", region_name=REGION).get_item(
-        TableName=DEFAULT_LEDGER_TABLE, Key=run_key(REGION, run)
-    )["Item"]
-    assert {"summary_sent", "summary_confirms", "summary_confirmed"} <= set(record)
-
-    deployed.next_run_long_after(run)
-
-    assert not any(f"run {run}" in mail for mail in deployed.mails())
