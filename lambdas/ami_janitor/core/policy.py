@@ -578,7 +578,8 @@ class Policy(_Strict):
             for key in family.match.tags:
                 roles.setdefault(key, f"a match tag of family {family.name!r}")
         for family in self.families:
-            roles.setdefault(self.rules_for(family).opt_out_tag, "an opt-out tag")
+            # (The family's own, else the defaults': not its whole rules made again for one key.)
+            roles.setdefault(family.opt_out_tag or self.defaults.opt_out_tag, "an opt-out tag")
         for family in self.families:
             tag = family.latest.tag if family.latest else None
             if tag is None:
