@@ -2190,3 +2190,19 @@ def test_a_launch_configuration_a_group_names_that_no_read_finds_skips_the_regio
         "autoscaling:DescribeLaunchConfigurations: MalformedResponse: ValueError: an Auto Scaling group names "
         "launch configuration lc-gone, which is not found"
     )
+
+
+@pytest.mark.parametrize(
+    ("kind", "refused"), [("String", False), ("SecureString", True), ("StringList", True)]
+)
+def test_a_pointers_type_is_asked_before_it_is_written(stubbed: Stubbed, kind: str, refused: bool) -> None:
+    s = stubbed
+    answer = {"Parameters": [{"Name": "/ami/web", "Type": kind, "Value": ami(1)}]}
+    s.add("ssm", "get_parameters", answer, {"Names": ["/ami/web"], "WithDecryption": False})
+
+    if refused:
+        with pytest.raises(rotator.PointerOfAnotherType, match=f"/ami/web is a {kind} parameter"):
+            rotator._writable(s.clients, "/ami/web")
+    else:
+        rotator._writable(s.clients, "/ami/web")
+    s.verify()
