@@ -15,10 +15,12 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.core.utils import unix_time_millis
 from moto.sqs.models import sqs_backends
 
+from ami_janitor import engine
 from ami_janitor.aws import rotator
 from ami_janitor.aws.clients import ClientFactory
 from ami_janitor.aws.inventory import count_calls
 from ami_janitor.aws.ledger import Ledger, LedgerMissing, Prior
+from ami_janitor.core.model import Plan, RegionStatus, Summary, Tampered
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, load_policy
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, scheduled
@@ -640,3 +642,63 @@ def test_the_scheduled_run_sends_the_accounts_usage_report_unless_paused(lambda_
     report = json.loads(body)
     # The instance's AMI is another account's; the account's own AMI is not reported.
     assert list(report["uses"]) == ["ami-0123456789abcdef0"] and base not in report["uses"]
+
+
+def test_the_summary_mail_names_a_few_of_each_list_however_large_the_fleet(
+    lambda_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each AMI two families match is a policy error of its own: a fleet with thousands of them (and
+    long lines) must still get its summary. SNS refuses a message over 256 KiB, which failed the run
+    after its report was written, and every retry of it."""
+    write_policy(lambda_env, "enforce")
+    sns = boto3.client("sns", region_name="us-east-1")
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    topic = sns.create_topic(Name="janitor")["TopicArn"]
+    mail = sqs.create_queue(QueueName="mail")["QueueUrl"]
+    mail_arn = sqs.get_queue_attributes(QueueUrl=mail, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=mail_arn)
+    monkeypatch.setenv("TOPIC_ARN", topic)
+    conflicts = [f"ami-{n:017x} matches several families (web, web-tagged): kept" for n in range(4000)]
+    tampered = [
+        Tampered(
+            region="us-east-1",
+            image_id=f"ami-{n:017x}",
+            tag="ami-janitor:shared",
+            value="x" * 300,
+            ledger=None,
+        )
+        for n in range(4000)
+    ]
+    plan = Plan(
+        mode="enforce",
+        generated_at="2026-11-25T03:00:00Z",
+        regions=[RegionStatus(region="us-east-1", status="ok")],
+        decisions=[],
+        summary=Summary(images=4000, kept=4000),
+        policy_errors=[*conflicts, "a policy error of one very long line " + "y" * 300_000],
+        tampered=tampered,
+    )
+    unfinished = [f"us-east-1: run 2026-11-{n % 28 + 1:02d}T03:00:00Z: never finished" for n in range(500)]
+    monkeypatch.setattr(
+        engine,
+        "run",
+        lambda *args, **kwargs: engine.RunResult(
+            plan=plan, usage_problems=conflicts, unfinished_runs=unfinished
+        ),
+    )
+
+    assert scheduled.handler(event("scheduled.json"), Context())["mode"] == "enforce"
+
+    [message] = sqs.receive_message(QueueUrl=mail, MaxNumberOfMessages=10)["Messages"]
+    text = json.loads(message["Body"])["Message"]
+    lines = text.splitlines()
+    assert len(text.encode()) < 64 * 1024
+    assert [line for line in lines if line.startswith("policy error: ami-")] == [
+        f"policy error: {c}" for c in conflicts[:20]
+    ]
+    assert "policy error: 3981 more in the report" in lines
+    assert "usage report not sent: 3980 more in the report" in lines
+    assert "unfinished run: 480 more in the report" in lines
+    assert "tampered: 3980 more in the report" in lines
+    assert sum(line.startswith("tampered: us-east-1 ami-") for line in lines) == 20
+    assert max(len(line) for line in lines) <= 1000

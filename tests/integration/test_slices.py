@@ -500,6 +500,42 @@ def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_t
     assert run not in [u.run for u in table.read_all().unfinished_runs]  # marked: said once
 
 
+def test_a_run_with_no_report_bucket_whose_slices_send_the_mail_leaves_the_unfinished_run_to_the_next(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a report bucket, a run that queues slices writes no part: its last slice mails what the
+    run's record holds, which names no earlier run. The unfinished run it found stays unmarked, for a
+    later run to name."""
+    _, bodies = deployed.planned()
+    run = WorkSlice.model_validate_json(bodies[0]).run
+    for body in bodies[:-1]:
+        deployed.work(body)  # the last slice is parked in the dead-letter queue: never worked
+    db = boto3.client("dynamodb", region_name=REGION)
+    db.update_item(
+        TableName=DEFAULT_LEDGER_TABLE,
+        Key=run_key(REGION, run),
+        UpdateExpression="SET started = :at",
+        ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
+    )
+    table = Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
+
+    monkeypatch.delenv("REPORT_BUCKET")
+    assert scheduled.handler(SCHEDULED, Context())["slices_queued"] > 0
+    for body in deployed.queued():
+        deployed.work(body)
+    [mail] = deployed.mails()
+    assert not any(line.startswith(f"unfinished run: {REGION}: run {run}:") for line in mail.splitlines())
+    assert run in [u.run for u in table.read_all().unfinished_runs]  # not marked: nobody was told
+
+    monkeypatch.setenv("REPORT_BUCKET", "reports")
+    scheduled.handler(SCHEDULED, Context())
+    for body in deployed.queued():
+        deployed.work(body)
+    [mail] = deployed.mails()
+    assert sum(line.startswith(f"unfinished run: {REGION}: run {run}:") for line in mail.splitlines()) == 1
+    assert run not in [u.run for u in table.read_all().unfinished_runs]
+
+
 def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_event(
     deployed: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,8 +27,23 @@ if TYPE_CHECKING:
 
     from ami_janitor.core.model import Copy
 
-# The summary mail names this many tampered tags; the report in S3 has them all.
-_TAMPERED_LINES = 20
+# The summary mail names this many of each list (tampered tags, policy errors, ...) and cuts each line
+# at this many characters; the report in S3 has them all. SNS refuses a message over 256 KiB: an AMI
+# that two families match is a policy error of its own, so a large fleet's lists are unbounded.
+_LIST_LINES = 20
+_LINE_CHARACTERS = 1000
+
+
+def _listed(prefix: str, items: Sequence[str]) -> list[str]:
+    """At most _LIST_LINES lines of `items`, each cut to _LINE_CHARACTERS, then how many more."""
+    lines = [_cut(f"{prefix}: {item}") for item in items[:_LIST_LINES]]
+    if len(items) > _LIST_LINES:
+        lines.append(f"{prefix}: {len(items) - _LIST_LINES} more in the report")
+    return lines
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= _LINE_CHARACTERS else f"{line[: _LINE_CHARACTERS - 3]}..."
 
 
 def summary_text(region: str, report: engine.RunReport) -> str:
@@ -39,7 +54,9 @@ def summary_text(region: str, report: engine.RunReport) -> str:
         f"images retired: {s.retired}, deprecated: {s.deprecated}, disabled: {s.disabled}, "
         f"rescued: {s.rescued}",
         f"snapshots deleted: {s.snapshots_deleted}, GiB freed (upper bound): {s.gib_freed_max}",
-        f"failures: {s.actions_failed}, regions skipped: {', '.join(r.region for r in skipped) or 'none'}",
+        _cut(
+            f"failures: {s.actions_failed}, regions skipped: {', '.join(r.region for r in skipped) or 'none'}"
+        ),
         f"janitor tags that disagree with the ledger (reported, not obeyed): {s.tampered}",
     ]
     if s.held_back:
@@ -53,16 +70,14 @@ def summary_text(region: str, report: engine.RunReport) -> str:
         lines.append(
             f"copies the replication queue did not take (planned again next run): {report.copies_not_queued}"
         )
-    lines += [f"unfinished run: {u}" for u in report.unfinished_runs]
-    lines += [f"skipped {r.region}: {r.error}" for r in skipped]
-    lines += [f"usage report not sent: {p}" for p in report.usage_problems]
-    lines += [f"policy error: {e}" for e in report.policy_errors]
-    lines += [
-        f"tampered: {t.region} {t.image_id} {t.tag}={t.value!r}, ledger: {t.ledger!r}"
-        for t in report.tampered[:_TAMPERED_LINES]
-    ]
-    if len(report.tampered) > _TAMPERED_LINES:
-        lines.append(f"tampered: {len(report.tampered) - _TAMPERED_LINES} more in the report")
+    lines += _listed("unfinished run", report.unfinished_runs)
+    lines += _listed("skipped", [f"{r.region}: {r.error}" for r in skipped])
+    lines += _listed("usage report not sent", report.usage_problems)
+    lines += _listed("policy error", report.policy_errors)
+    lines += _listed(
+        "tampered",
+        [f"{t.region} {t.image_id} {t.tag}={t.value!r}, ledger: {t.ledger!r}" for t in report.tampered],
+    )
     return "\n".join(lines)
 
 
@@ -73,9 +88,11 @@ def report_key(region: str, run: str, *, part: str | None = None) -> str:
 
 def publish(
     env: Environment, factory: ClientFactory, report: engine.RunReport, *, waiting: bool = False
-) -> None:
+) -> bool:
     """The report to the bucket and its summary to the topic, where the deploy gives them. A run
-    `waiting` for its queued slices leaves only its part in the bucket: its last slice sends the whole."""
+    `waiting` for its queued slices leaves only its part in the bucket: its last slice sends the whole.
+    True when what the report names is out: written to the bucket, or mailed. Without a bucket, a
+    waiting run's slices only have the run's record to report from, which names no earlier run."""
     clients = factory(env.region)
     if env.report_bucket:
         clients.s3.put_object(
@@ -90,6 +107,7 @@ def publish(
             Subject=f"ami-janitor {env.region}: {report.summary.retired} retired"[:100],
             Message=summary_text(env.region, report),
         )
+    return bool(env.report_bucket) or bool(env.topic_arn and not waiting)
 
 
 def _enqueuer(factory: ClientFactory, region: str, queue: str | None) -> engine.Enqueue | None:
@@ -138,8 +156,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     for status in report.regions:
         if status.status == "skipped":
             logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})
-    publish(env, factory, report, waiting=result.slices_queued > 0)
-    engine.mark_unfinished_reported(policy, result, factory, now)  # once the report naming them is out
+    if publish(env, factory, report, waiting=result.slices_queued > 0):
+        engine.mark_unfinished_reported(policy, result, factory, now)  # once the report naming them is out
     answer = ScheduledRunResult(
         mode=policy.mode, region=env.region, summary=summary, slices_queued=result.slices_queued
     ).model_dump(mode="json")
