@@ -26,7 +26,7 @@ from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE, Policy, parse_policy
 from ami_janitor.core.slices import WorkSlice
 from ami_janitor.handlers import scheduled, slices
 from builders import decision
-from lambda_events import Context, sqs_event
+from lambda_events import Context, sqs_event, sqs_record
 from server import POLICY, Fleet, ec2, image_ids, make_ledger, now, seed_fleet
 
 REGION = "us-east-1"
@@ -360,6 +360,47 @@ def test_a_slice_starts_no_ami_once_its_invocation_runs_short_of_time(deployed: 
     assert {r["detail"] for r in staged} == {
         "the invocation's time ran out before it: the next run plans it again"
     }
+
+
+def test_a_malformed_record_after_a_failed_one_fails_with_it_not_the_whole_batch(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FIFO: once a record fails, the records after it fail too. A malformed one among them is a batch
+    item failure like the others: it had failed the invocation, so that SQS delivered again the record
+    done before the failure."""
+    deployed.write_policy("enforce")
+    handled: list[str] = []
+
+    def slice_record(record: slices.WorkSliceRecord, *args: object) -> dict[str, object]:
+        handled.append(record.messageId)
+        if record.messageId == "m-1":
+            raise RuntimeError("cannot read its AMIs")
+        return {}
+
+    monkeypatch.setattr(slices, "slice_record", slice_record)
+    good = WorkSlice(
+        run="2026-11-25T03:00:00Z",
+        region=REGION,
+        index=0,
+        count=1,
+        planned_at="2026-11-25T03:00:00Z",
+        policy="p",
+        items=[{"image_id": "ami-0123456789abcdef0", "family": "web", "stages": ["deprecate"]}],
+    ).model_dump_json()
+    records = [
+        sqs_record(good, message_id="m-0", queue_arn=deployed.queue_arn, group=REGION),
+        sqs_record(good, message_id="m-1", queue_arn=deployed.queue_arn, group=REGION),
+        sqs_record("not a slice", message_id="m-2", queue_arn=deployed.queue_arn, group=REGION),
+    ]
+
+    answer = slices.handler({"Records": records}, Context())
+
+    assert handled == ["m-0", "m-1"]
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "m-1"}, {"itemIdentifier": "m-2"}]}
+    # Alone, it fails the invocation, as any batch whose every record fails (Powertools): SQS delivers
+    # it again, then parks it in the dead-letter queue.
+    with pytest.raises(BatchProcessingError, match="not a slice|Invalid JSON"):
+        slices.handler({"Records": records[2:]}, Context())
 
 
 def test_one_slice_takes_its_amis_side_by_side_and_reports_them_in_plan_order(

@@ -20,7 +20,7 @@ with collector_paused():
     from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
     from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
     from aws_lambda_powertools.utilities.typing import LambdaContext
-    from pydantic import Json
+    from pydantic import Json, ValidationError
 
     from ami_janitor import engine
     from ami_janitor.aws.clients import ClientFactory, RegionClients
@@ -141,10 +141,21 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
         return {"batchItemFailures": []}
     factory = ClientFactory(paced=True)
     # FIFO: the first record that fails fails the records after it too (they come again, in order).
-    processor = SqsFifoPartialProcessor(model=WorkSliceRecord)
+    # Each record is parsed in its own handling, where a malformed one fails itself: given a model, the
+    # processor parses the records after a failure outside its guard, and one malformed there failed
+    # the whole batch (the records done before it came again).
+    processor = SqsFifoPartialProcessor()
     return process_partial_response(
         event=event,
-        record_handler=lambda record: slice_record(record, env, policy, factory, context),
+        record_handler=lambda record: slice_record(_parsed(record.raw_event), env, policy, factory, context),
         processor=processor,
         context=context,
     )
+
+
+def _parsed(raw: dict[str, Any]) -> WorkSliceRecord:
+    try:
+        return WorkSliceRecord.model_validate(raw)
+    except ValidationError as error:
+        logger.error("malformed slice", extra={"message_id": raw.get("messageId"), "error": str(error)})
+        raise
