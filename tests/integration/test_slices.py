@@ -399,7 +399,7 @@ def test_a_malformed_record_after_a_failed_one_fails_with_it_not_the_whole_batch
     assert answer == {"batchItemFailures": [{"itemIdentifier": "m-1"}, {"itemIdentifier": "m-2"}]}
     # Alone, it fails the invocation, as any batch whose every record fails (Powertools): SQS delivers
     # it again, then parks it in the dead-letter queue.
-    with pytest.raises(BatchProcessingError, match="not a slice|Invalid JSON"):
+    with pytest.raises(BatchProcessingError, match=r"not a slice|Invalid JSON"):
         slices.handler({"Records": records[2:]}, Context())
 
 
