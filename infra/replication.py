@@ -11,12 +11,14 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from infra.alerts import Alerts
-from infra.environment import REPLICATE_HANDLER
+from infra.environment import REPLICATE_HANDLER, REPLICATION_QUEUE_URL
 from infra.function import JanitorFunction
 from infra.permissions import Scope, Statement
 from infra.queues import consume, consume_statement, secure_queue
 
-WORKER_TIMEOUT = Duration.minutes(2)  # CopyImage only starts a copy; it returns in seconds
+# CopyImage only starts a copy and returns in seconds, but a throttled one backs off through the SDK's
+# retries for up to about two minutes (handlers.replicate.RESERVE_MILLIS): room for a batch of them.
+WORKER_TIMEOUT = Duration.minutes(5)
 MAX_RECEIVE_COUNT = 5
 # CopyImage refills at 1 request per second per account and region: two pollers at most.
 MAX_CONCURRENCY = 2
@@ -58,7 +60,9 @@ class Replication(Construct):
             alerts=alerts,
             timeout=WORKER_TIMEOUT,
             memory_size=512,
-            infra=[consume_statement("ConsumeCopyRequests", self.queue)],
+            # The records an invocation has no time left for are made visible again at once.
+            environment={REPLICATION_QUEUE_URL: self.queue.queue_url},
+            infra=[consume_statement("ConsumeCopyRequests", self.queue, "sqs:ChangeMessageVisibility")],
         )
         consume(
             self,

@@ -39,8 +39,10 @@ INFRA_EXTRAS = {
     "ami_event": LOGS
     | {"sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
     | {"sqs:ChangeMessageVisibility"},
-    # what its SQS event source mapping does with the role
-    "replicate": LOGS | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"},
+    # what its SQS event source mapping does with the role, and the visibility of the records it has
+    # no time left for
+    "replicate": LOGS
+    | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ChangeMessageVisibility"},
     # the on-failure destination queue
     "bake": LOGS | {"sqs:SendMessage"},
     # its results beside the run's report and read back, the summary, what its event source mapping does

@@ -28,6 +28,7 @@ from infra.environment import (
 )
 from synth_support import Synth, as_list, functions_by_handler, ref_id, resources
 
+from ami_janitor.handlers import replicate
 from ami_janitor.handlers.events import BakeEvent, parse_bake_event
 
 SOURCE = "AmiJanitor-us-east-1"  # in policy.regions: has the bake schedule
@@ -105,7 +106,7 @@ def test_environment_contract(source: dict[str, Any]) -> None:
         REPLICATION_QUEUE_URL: {"Ref": queue},
         AMI_EVENTS_QUEUE_URL: {"Ref": _queue(source, "AmiEventsQueue")},
     }
-    assert env["replicate"] == common
+    assert env["replicate"] == {**common, REPLICATION_QUEUE_URL: {"Ref": queue}}
     assert env["bake"] == common
 
 
@@ -331,6 +332,9 @@ def test_replication_queue_worker_and_redrive(source: dict[str, Any]) -> None:
     assert ref_id(props["RedrivePolicy"]["deadLetterTargetArn"]) == dlq
     assert 1 < props["RedrivePolicy"]["maxReceiveCount"] <= 10
     assert props["VisibilityTimeout"] >= 6 * worker["Timeout"]
+    # It has time for more than the one record the reserve keeps room for (the records it has no time
+    # left for are made visible again in its own queue: test_environment_contract).
+    assert worker["Timeout"] * 1000 >= 2 * replicate.RESERVE_MILLIS
 
 
 def test_work_slices_one_at_a_time_per_region_from_a_fifo_queue_with_redrive(

@@ -888,11 +888,7 @@ def test_enqueued_copies_come_back_as_the_same_requests(aws: ClientFactory) -> N
     assert sorted(received, key=lambda c: c.source_image_id) == copies
 
 
-class Context:
-    function_name = "ami-janitor-replicate"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-replicate"
-    aws_request_id = "0f6e7d8c-0000-4000-8000-000000000000"
+Context = lambda_events.Context
 
 
 def sqs_event(*bodies: str) -> dict[str, Any]:
@@ -943,6 +939,69 @@ def test_the_worker_reports_only_the_failed_records(
     assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]}
     assert len(copies_in(aws, EU, source.image_id)) == 1
     assert copies_in(aws, WEST, source.image_id) == []
+
+
+class SlowCopies(ClientFactory):
+    """CopyImage in eu-west-1 throttled, the SDK backing off: each call takes 50 s of the invocation
+    (`Clock`); one still running at the function's timeout ends it, its answer lost."""
+
+    def __call__(self, region: str) -> RegionClients:
+        clients = super().__call__(region)
+        if region == EU:
+
+            def slow(**_: Any) -> None:
+                Clock.spent_ms += 50_000
+                if Clock.spent_ms >= Clock.timeout_ms:
+                    raise InvocationTimedOut
+
+            clients.ec2.meta.events.register("before-call.ec2.CopyImage", slow, unique_id="slow")
+        return clients
+
+
+class InvocationTimedOut(BaseException):
+    """Lambda ends the invocation at its timeout: no handler code runs after it."""
+
+
+class Clock(lambda_events.Context):
+    timeout_ms = 300_000  # infra/replication.py WORKER_TIMEOUT
+    spent_ms = 0
+
+    def get_remaining_time_in_millis(self) -> int:
+        return Clock.timeout_ms - Clock.spent_ms
+
+
+def test_the_worker_starts_no_copy_it_has_no_time_left_for_and_makes_it_visible_again_at_once(
+    aws: ClientFactory, worker_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow copies (throttled): the worker stops while it can still answer. Killed at its timeout
+    instead, its answer is lost and SQS delivers every record of the batch again, those done too, each
+    delivery counting toward the dead-letter queue."""
+    monkeypatch.setattr(replicate, "ClientFactory", SlowCopies)
+    monkeypatch.setattr(Clock, "spent_ms", 0)
+    sqs = aws(US).sqs
+    queue = sqs.create_queue(QueueName="copies", Attributes={"VisibilityTimeout": "1800"})["QueueUrl"]
+    monkeypatch.setenv("REPLICATION_QUEUE_URL", queue)
+    sources = [bake(aws, f"web-t{n}") for n in range(5)]
+    for source in sources:
+        sqs.send_message(QueueUrl=queue, MessageBody=copy_of(source).model_dump_json())
+    received = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    assert len(received) == 5
+    event = sqs_event(*(m["Body"] for m in received))
+    for record, message in zip(event["Records"], received, strict=True):
+        record.update(messageId=message["MessageId"], receiptHandle=message["ReceiptHandle"])
+
+    try:
+        answer = replicate.handler(event, Clock())  # type: ignore[arg-type]
+    except InvocationTimedOut:
+        pytest.fail("the invocation ran into its timeout: every record of the batch comes again")
+
+    # 300 s: four copies leave 100 s, under the 120 s reserve: the fifth is left.
+    left = [m["MessageId"] for m in received[4:]]
+    assert answer == {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in left]}
+    assert [len(copies_in(aws, EU, s.image_id)) for s in sources] == [1, 1, 1, 1, 0]
+    # Visible again at once (the queue's visibility timeout is half an hour); the others are not.
+    again = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
+    assert [m["MessageId"] for m in again] == left
 
 
 def test_the_worker_refuses_a_copy_to_a_region_without_a_ledger_table(

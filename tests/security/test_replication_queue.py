@@ -28,6 +28,7 @@ from ami_janitor.core.policy import SOURCE_IMAGE_TAG
 from ami_janitor.core.replication import MAX_COPY_GENERATIONS
 from ami_janitor.demo import emulator
 from ami_janitor.handlers import ami_event, replicate
+from lambda_events import Context
 from server import make_ledger
 from sessions import botocore_session
 
@@ -60,13 +61,6 @@ FAKE_AWS_ENV = {
     "POWERTOOLS_SERVICE_NAME": "ami-janitor",
     "POWERTOOLS_METRICS_NAMESPACE": "AmiJanitor",
 }
-
-
-class Context:
-    function_name = "ami-janitor-replicate"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-replicate"
-    aws_request_id = "0f6e7d8c-0000-4000-8000-000000000000"
 
 
 class RecordingClients(ClientFactory):

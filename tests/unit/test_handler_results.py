@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from ami_janitor.core.policy import Family, Policy
 from ami_janitor.core.replication import CopyResult, RefusedCopy
 from ami_janitor.handlers import ami_event, bake, replicate, scheduled
 from ami_janitor.handlers.events import ScheduledRunResult
-from lambda_events import sqs_record
+from lambda_events import Context, sqs_record
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
 REGION = "us-east-1"
@@ -39,14 +38,6 @@ POLICY: dict[str, Any] = {
         }
     ],
 }
-
-
-@dataclass
-class Context:
-    function_name: str = "ami-janitor-test"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-test"
-    aws_request_id: str = "c6af9ac6-7b61-11e6-9a41-93e812345678"
 
 
 @pytest.fixture

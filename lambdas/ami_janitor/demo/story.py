@@ -220,6 +220,9 @@ class _Context:
     invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:ami-janitor-demo"
     aws_request_id = "00000000-0000-4000-8000-000000000000"
 
+    def get_remaining_time_in_millis(self) -> int:
+        return 900_000  # a fresh invocation of the longest timeout
+
 
 def ami_state_event(region: str, image_id: str, state: str) -> dict[str, Any]:
     """The event EventBridge delivers for an AMI state change."""

@@ -27,7 +27,6 @@ with collector_paused():
     from ami_janitor import engine
     from ami_janitor.aws import copier
     from ami_janitor.aws.clients import ClientFactory, RegionClients
-    from ami_janitor.aws.errors import AWS_ERRORS, error_text
     from ami_janitor.aws.rotator import AmiEventOutcome, NotYet
     from ami_janitor.core.model import AMI_ID_PATTERN, AmiState
     from ami_janitor.core.policy import Policy
@@ -40,6 +39,7 @@ with collector_paused():
         parse_event,
     )
     from ami_janitor.handlers.observe import logger, metrics
+    from ami_janitor.handlers.visibility import change_visibility
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -143,26 +143,24 @@ def handle_record(
 
 
 def retry_soon(sqs: "SQSClient", queue_url: str, records: list[SQSRecord], deferred: set[str]) -> None:
-    """ChangeMessageVisibilityBatch (a batch is at most ten records, as is this call): a deferred record
-    is visible again at once, a failed one after RETRY_AFTER_SECONDS times its deliveries. Where this
-    fails, the queue's visibility timeout applies (logged)."""
-    entries = [
-        {
-            "Id": str(n),
-            "ReceiptHandle": record.receipt_handle,
-            "VisibilityTimeout": 0
-            if record.message_id in deferred
-            else min(RETRY_AFTER_SECONDS * int(record.attributes.approximate_receive_count), MAX_RETRY_AFTER),
-        }
-        for n, record in enumerate(records)
-    ]
-    try:
-        answer = sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)  # type: ignore[arg-type]
-    except AWS_ERRORS as error:
-        logger.warning("AMI events not made visible again", extra={"error": error_text(error)})
-        return
-    if answer.get("Failed"):
-        logger.warning("AMI events not made visible again", extra={"failed": answer["Failed"]})
+    """A deferred record visible again at once, a failed one after RETRY_AFTER_SECONDS times its
+    deliveries."""
+    change_visibility(
+        sqs,
+        queue_url,
+        [
+            (
+                record,
+                0
+                if record.message_id in deferred
+                else min(
+                    RETRY_AFTER_SECONDS * int(record.attributes.approximate_receive_count), MAX_RETRY_AFTER
+                ),
+            )
+            for record in records
+        ],
+        what="AMI events",
+    )
 
 
 def handle_state_change(

@@ -7,7 +7,10 @@ A request is rebuilt from the policy before it runs (engine.start_requested_copy
 would not make, or a body that is no copy request at all, is refused the same way, with the reason in
 the log and the CopyRequestsRefused metric.
 Records are handled one after the other: CopyImage refills at one request per second per region, and
-the event source mapping's bounded concurrency paces the rest.
+the event source mapping's bounded concurrency paces the rest. No record is started with less than
+RESERVE_MILLIS of the invocation left: those left are made visible again at once, where a timeout
+would lose the batch's answer and deliver its records again, those done too, each delivery counting
+toward the dead-letter queue.
 """
 
 from typing import Any
@@ -37,10 +40,19 @@ with collector_paused():
     from ami_janitor.core.validation import describe_validation_error
     from ami_janitor.handlers.events import configured
     from ami_janitor.handlers.observe import logger, metrics
+    from ami_janitor.handlers.visibility import change_visibility
 
 
 # A refused message's body is logged up to this many characters (the reason says what was wrong).
 MESSAGE_LOGGED_MAX = 2048
+# No record is started with less than this left of the invocation: one request's calls, a throttled
+# CopyImage backing off through the SDK's adaptive retries (up to 111 s over its 10 attempts), then its
+# ledger writes.
+RESERVE_MILLIS = 120_000
+
+
+class OutOfTime(RuntimeError):
+    """Too little of the invocation is left to start the next copy request."""
 
 
 class CopyFailed(RuntimeError):
@@ -118,7 +130,7 @@ def copy_record(record: CopyRequestRecord, policy: Policy, clients_for: ClientFa
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
-    _, policy = configured()
+    env, policy = configured()
     if policy.mode != "enforce":
         # The kill switch (paused) or a dry-run policy: nothing is copied. The messages are consumed;
         # the next reconcile in enforce mode plans whatever is still missing.
@@ -130,15 +142,28 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
         metrics.add_metric(name="CopyRequestsDropped", unit=MetricUnit.Count, value=dropped)
         return {"batchItemFailures": []}
     factory = ClientFactory()
+    deferred: set[str] = set()
+
+    def record_handler(record: CopyRequestRecord) -> dict[str, Any]:
+        if context.get_remaining_time_in_millis() < RESERVE_MILLIS:
+            # Not a failure of the request: it comes again at once, in a fresh invocation.
+            deferred.add(record.messageId)
+            raise OutOfTime(f"{record.messageId} left for the next invocation")
+        return copy_record(record, policy, factory)
+
     # A batch whose every record failed is answered like any other (each record a batch item failure),
     # not raised: a batch of one refused request is common, and SQS redrives either way (after the
     # visibility timeout, which paces the retries).
     processor = CopyRequestBatch(
         event_type=EventType.SQS, model=CopyRequestRecord, raise_on_entire_batch_failure=False
     )
-    return process_partial_response(
-        event=event,
-        record_handler=lambda record: copy_record(record, policy, factory),
-        processor=processor,
-        context=context,
+    answer = process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
     )
+    if deferred:
+        logger.info("copy requests left for the next invocation", extra={"message_ids": sorted(deferred)})
+        if env.replication_queue_url:
+            left = [SQSRecord(raw) for raw in event["Records"] if raw["messageId"] in deferred]
+            sqs = factory(env.region).sqs
+            change_visibility(sqs, env.replication_queue_url, [(r, 0) for r in left], what="copy requests")
+    return answer
