@@ -977,6 +977,18 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
         if target.kms_key_id is not None and target.kms_alias is not None
         else None
     )
+    if key is not None and key.passing:
+        # KMS failed for a while: no refusal of the request (the policy may well make it), a copy that
+        # failed for now, tried again with the message.
+        return replication.CopyResult(
+            family=request.family,
+            source_image_id=request.source_image_id,
+            source_region=request.source_region,
+            region=request.region,
+            generation=request.generation,
+            status="failed",
+            error=f"{target.kms_key_id}: {key.problem}",
+        )
     copy = replication.rebuild_copy(request, source, policy, existing, key)
     return copier.start_copy(clients_for, copy, source, policy, existing, ledger_for=ledger_for)
 

@@ -187,6 +187,35 @@ def test_the_worker_refuses_a_copy_whose_alias_moved_since_it_was_planned(aws: C
         engine.start_requested_copy(planned.model_copy(update={"kms_key_arn": None}), POLICY, aws)
 
 
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("ThrottlingException", 400), ("KMSInternalException", 500), ("DependencyTimeoutException", 503)],
+)
+def test_the_worker_fails_for_now_not_refuses_a_copy_when_describe_key_fails_for_a_while(
+    aws: ClientFactory, code: str, status: int
+) -> None:
+    """A DescribeKey throttled or failing on KMS's side (after the SDK's retries) says nothing about the
+    policy: the request is a copy that failed for now (CopiesFailed, tried again), not one the policy
+    would not make (refused: `copy request refused`, CopyRequestsRefused)."""
+    key(aws, ALIAS)
+    bake(aws, "web-1")
+    [planned] = engine.replicate(POLICY, [US], aws, NOW, apply=False).copies
+
+    def unavailable(**_: Any) -> None:
+        raise ClientError(
+            {"Error": {"Code": code, "Message": "try again"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+            "DescribeKey",
+        )
+
+    aws(EU).kms.meta.events.register("before-call.kms.DescribeKey", unavailable)
+    sent = copy_requests(aws)
+
+    result = engine.start_requested_copy(planned, POLICY, aws)
+
+    assert result.status == "failed" and sent == []
+    assert result.error == f"{ALIAS}: cannot resolve it in {EU} now ({code}: try again)"
+
+
 def test_the_worker_makes_the_copy_planned_after_the_alias_is_named_again(aws: ClientFactory) -> None:
     """The README's way to move a replica key: the alias names key A; the policy names key B's ARN, and
     a copy is made with B; the alias, moved to B, is named again. An older source whose copy (made with

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.errors import AWS_ERRORS, error_text
+from ami_janitor.aws.errors import AWS_ERRORS, error_text, is_passing
 from ami_janitor.core.keys import ResolvedKey
 from ami_janitor.core.policy import kms_arn_region
 
@@ -23,6 +23,10 @@ def resolve_key(clients: RegionClients, kms_key_id: str) -> ResolvedKey:
     try:
         answer = clients.kms.describe_key(KeyId=kms_key_id)
     except AWS_ERRORS as error:
+        if is_passing(error):
+            return ResolvedKey(
+                problem=f"cannot resolve it in {clients.region} now ({error_text(error)})", passing=True
+            )
         return ResolvedKey(problem=f"cannot resolve it in {clients.region} ({error_text(error)})")
     # A malformed answer (no KeyMetadata, no Arn) resolves to nothing: its target is skipped.
     metadata = answer.get("KeyMetadata") or {}

@@ -18,10 +18,12 @@ _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 class ResolvedKey(NamedTuple):
-    """What an alias names now: its key ARN, or (one line) why it cannot be used."""
+    """What an alias names now: its key ARN, or (one line) why it cannot be used; `passing` when KMS
+    failed for a while (a throttle, a 5xx), which says nothing about the alias."""
 
     arn: str | None = None
     problem: str | None = None
+    passing: bool = False
 
 
 # (target region, kms_key_id as the policy names it) -> what it resolves to.
