@@ -223,6 +223,28 @@ def test_an_item_that_cannot_be_read_is_named_by_its_key(clients: RegionClients)
     )
 
 
+def test_an_item_whose_time_has_no_zone_is_named_by_its_key(clients: RegionClients) -> None:
+    """A candidate clock written by hand without its zone would be read as a naive time, and the plan
+    that compares it with `now` would stop on a TypeError naming no AMI: the item is refused when read,
+    named by its key, as any item that cannot be read."""
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE)
+    bad = {
+        "pk": {"S": "image#ami-0bad"},
+        "sk": {"S": "item"},
+        "image_id": {"S": "ami-0bad"},
+        "first_candidate": {"S": "2026-11-01T03:00:00"},  # no Z
+    }
+    boto3.client("dynamodb", region_name="us-east-1").put_item(TableName=TABLE, Item=bad)
+
+    with pytest.raises(
+        ledger.MalformedItem, match=r"^ledger item image#ami-0bad cannot be read: first_candidate: "
+    ):
+        book.read_all()
+    with pytest.raises(SourceFailed, match="ledger item image#ami-0bad cannot be read: first_candidate: "):
+        read_ledger(clients, TABLE)
+
+
 def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env: None) -> None:
     client = boto3.client("dynamodb", region_name="us-east-1")
     clients = RegionClients("us-east-1", dynamodb=client)

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import (
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -86,13 +87,15 @@ class _Frozen(BaseModel):
 # ---- the ledger -----------------------------------------------------------------------------------
 # Before the inventory: an Image carries its ledger item, an inventory its ledger. (Defined after them,
 # they were forward references: each of those models was built twice, first in vain.)
+# Their times are aware (AwareDatetime): one stored without a zone (written by hand) makes its item
+# unreadable, named by its key, rather than stopping the plan where it is compared with `now`.
 
 
 class LedgerStage(_Frozen):
     """A retirement stage the janitor applied, and what it recorded before changing the AMI."""
 
-    at: datetime
-    prior_deprecation: datetime | None = None
+    at: AwareDatetime
+    prior_deprecation: AwareDatetime | None = None
     prior_launch_permissions: tuple[str, ...] = ()  # LaunchPermission keys ("user:123456789012")
     # The AMI was disabled before the janitor's disable stage (by its owner): a rescue leaves it so.
     already_disabled: bool = False
@@ -100,9 +103,9 @@ class LedgerStage(_Frozen):
     # made here: anyone may have written those tags, so a rescue restores nothing from this record.
     adopted: bool = False
     # When EC2 accepted the change (None: recorded, then the run stopped before or during the call).
-    confirmed: datetime | None = None
+    confirmed: AwareDatetime | None = None
     # When a later run did it again, EC2 having never taken it: the next stage's delay counts from then.
-    redone: datetime | None = None
+    redone: AwareDatetime | None = None
 
 
 class LedgerCopy(_Frozen):
@@ -115,13 +118,13 @@ class LedgerCopy(_Frozen):
     token: str
     image_id: str | None = None
     # The source's CreationDate as EC2 reported it when the copy started: a replica's age and order.
-    source_created: datetime | None = None
+    source_created: AwareDatetime | None = None
     # The family, the key as the policy named it and the key ARN the copy was made with: a later alias
     # that resolves elsewhere is refused (see core.keys).
     family: str | None = None
     kms_key_id: str | None = None
     kms_key_arn: str | None = None
-    started: datetime | None = None
+    started: AwareDatetime | None = None
 
 
 class LedgerSnapshot(_Frozen):
@@ -133,14 +136,14 @@ class LedgerSnapshot(_Frozen):
 
 class LedgerBake(_Frozen):
     instance_id: str
-    at: datetime
+    at: AwareDatetime
 
 
 class LedgerItem(_Frozen):
     """What the janitor did to one AMI (one ledger item); EC2's own facts are never copied here."""
 
     image_id: str
-    first_candidate: datetime | None = None
+    first_candidate: AwareDatetime | None = None
     stages: dict[Stage, LedgerStage] = {}
     grants: tuple[str, ...] = ()  # launch permission keys the janitor granted
     # Of those, the ones recorded and not yet confirmed made (a run died before ModifyImageAttribute
@@ -151,9 +154,9 @@ class LedgerItem(_Frozen):
     bakes: tuple[LedgerBake, ...] = ()
     # This AMI is a copy the janitor made (in this region's ledger): its source and the source's age.
     replica: LedgerCopy | None = None
-    closed: datetime | None = None
+    closed: AwareDatetime | None = None
     # Set once DeregisterImage succeeded and its recorded snapshots were handled (the confirmation).
-    deregistered: datetime | None = None
+    deregistered: AwareDatetime | None = None
     # Epoch seconds after which DynamoDB deletes the item (set once the AMI is deregistered).
     ttl: int | None = None
 
@@ -191,7 +194,7 @@ class UnfinishedRun(_Frozen):
     run: str
     slices: int
     done: int
-    started: datetime | None = None
+    started: AwareDatetime | None = None
 
 
 class LedgerView(NamedTuple):
