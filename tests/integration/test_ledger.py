@@ -464,6 +464,25 @@ def test_a_run_record_edited_by_hand_skips_the_region_naming_it(moto_aws: None) 
         read_ledger(RegionClients("us-east-1"), DEFAULT_LEDGER_TABLE)
 
 
+def test_an_unfinished_run_whose_start_is_no_time_skips_the_region_naming_it(moto_aws: None) -> None:
+    """A run is named as unfinished once it is old enough, so a start that is no time, read as none,
+    would hide the run from every later report: the region is skipped, naming the record."""
+    make_ledger()
+    key = "run#us-east-1#2026-11-01T03:00:00Z"
+    boto3.client("dynamodb", region_name="us-east-1").put_item(
+        TableName=DEFAULT_LEDGER_TABLE,
+        Item={
+            "pk": {"S": key},
+            "sk": {"S": "item"},
+            "slices": {"N": "3"},
+            "done": {"SS": ["0"]},
+            "started": {"S": "01/11/2026 03:00"},
+        },
+    )
+    with pytest.raises(SourceFailed, match=f"ledger item {key} cannot be read: ValueError: started: "):
+        read_ledger(RegionClients("us-east-1"), DEFAULT_LEDGER_TABLE)
+
+
 def test_an_adoption_record_edited_by_hand_skips_the_region_not_adopts_again(moto_aws: None) -> None:
     """Read as "never adopted", every enforce run would adopt the janitor tags again and report no tag
     as tampered: the region is skipped, naming the record."""

@@ -111,8 +111,8 @@ Written = Literal["recorded", "already-recorded"]
 def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
     """A run record (aws/runs.py: "run#<region>#<run>") whose slices were not all counted, or whose
     summary nobody holds (its last slice could not send it, and went to the dead-letter queue), and
-    that no later run reported yet; None for any other. One that cannot be read is a MalformedItem
-    naming it."""
+    that no later run reported yet; None for any other. One that cannot be read, its start included, is
+    a MalformedItem naming it."""
     if "slices" not in raw or "unfinished_reported" in raw:
         return None
     try:
@@ -124,8 +124,12 @@ def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
         if done >= slices and sent:
             return None
         run = raw["pk"]["S"].split("#", 2)[-1]
-        started = raw.get("started", {}).get("S")
-        return UnfinishedRun(run=run, slices=slices, done=done, started=parse_time(started))
+        # Every run record has its start (RunRecords.start): one that is no time would hide the run
+        # from every later report (a run is named once it is old enough), never named.
+        started = parse_time(raw.get("started", {}).get("S"))
+        if started is None:
+            raise ValueError(f"started: {raw.get('started')!r} is no time")
+        return UnfinishedRun(run=run, slices=slices, done=done, started=started)
     except (KeyError, TypeError, ValueError, ValidationError) as error:
         raise _malformed(raw, f"{type(error).__name__}: {error}") from None
 
