@@ -245,6 +245,32 @@ def test_an_item_whose_time_has_no_zone_is_named_by_its_key(clients: RegionClien
         read_ledger(clients, TABLE)
 
 
+def test_an_item_whose_image_id_is_not_its_key_is_named_not_filed_under_that_ami(
+    clients: RegionClients,
+) -> None:
+    """Items are filed by their `image_id`: one at image#ami-0bad saying ami-0aaaaaaaaaaaaaaa1 (written
+    by hand) would replace that AMI's own record and leave ami-0bad with none. It is refused, named by
+    its key."""
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE)
+    book.record_candidate("ami-0aaaaaaaaaaaaaaa1", NOW)
+    bad = {
+        "pk": {"S": "image#ami-0bad"},
+        "sk": {"S": "item"},
+        "image_id": {"S": "ami-0aaaaaaaaaaaaaaa1"},
+        "first_candidate": {"S": "2020-01-01T00:00:00Z"},
+    }
+    boto3.client("dynamodb", region_name="us-east-1").put_item(TableName=TABLE, Item=bad)
+
+    with pytest.raises(
+        ledger.MalformedItem,
+        match=r"^ledger item image#ami-0bad cannot be read: image_id ami-0aaaaaaaaaaaaaaa1 is not the AMI",
+    ):
+        book.read_all()
+    with pytest.raises(ledger.MalformedItem, match="ledger item image#ami-0bad cannot be read"):
+        book.read_items(["ami-0bad"])
+
+
 def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env: None) -> None:
     client = boto3.client("dynamodb", region_name="us-east-1")
     clients = RegionClients("us-east-1", dynamodb=client)

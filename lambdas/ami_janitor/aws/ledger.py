@@ -429,14 +429,21 @@ class MalformedItem(ValueError):
 
 
 def _item(raw: dict[str, Any]) -> LedgerItem:
+    """An AMI's item, which must be at its own key: one whose `image_id` names another AMI (written by
+    hand) would be filed as that AMI's record, and its own AMI left with none."""
     internal = ("pk", "sk", "last_stage", WRITE_ID_ATTRIBUTE)
     try:
         data = {k: from_attribute(v) for k, v in raw.items() if k not in internal}
-        return LedgerItem.model_validate(data)
+        item = LedgerItem.model_validate(data)
     except ValidationError as error:
         problem = describe_validation_error(error)
     except (KeyError, TypeError, ValueError) as error:
         problem = f"{type(error).__name__}: {error}"
+    else:
+        expected = key(item.image_id)
+        if raw.get("pk") == expected["pk"] and raw.get("sk") == expected["sk"]:
+            return item
+        problem = f"image_id {item.image_id} is not the AMI of its key (image#<ami id>, sort key item)"
     raise _malformed(raw, problem)
 
 
