@@ -18,6 +18,7 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.inventory.ledger_items import read_ledger
 from ami_janitor.aws.inventory.reading import SourceFailed
 from ami_janitor.aws.ledger import Ledger, Prior
+from ami_janitor.aws.runs import RunNotStarted, RunRecords, run_key
 from ami_janitor.core.model import LedgerBake, LedgerCopy, LedgerItem
 from ami_janitor.core.policy import DEFAULT_LEDGER_TABLE
 from sdk_faults import LoseFirstAnswers
@@ -507,6 +508,30 @@ def test_an_unfinished_run_whose_start_is_no_time_skips_the_region_naming_it(mot
     )
     with pytest.raises(SourceFailed, match=f"ledger item {key} cannot be read: ValueError: started: "):
         read_ledger(RegionClients("us-east-1"), DEFAULT_LEDGER_TABLE)
+
+
+def test_a_run_record_without_slices_is_no_record_and_a_malformed_one_is_named(moto_aws: None) -> None:
+    """An item at a run's key without `slices` (only the summary's confirmation, written after the
+    record expired) is no record for every read, as for finish_slice, not a bare KeyError naming
+    nothing; a record whose fields cannot be read is a MalformedItem naming its key."""
+    make_ledger()
+    db = boto3.client("dynamodb", region_name="us-east-1")
+    records = RunRecords(db, DEFAULT_LEDGER_TABLE)
+    run = "2026-11-01T03:00:00Z"
+    records.confirm_summary("us-east-1", run, NOW)  # unconditional: an item without slices
+    with pytest.raises(RunNotStarted):
+        records.finish_slice("us-east-1", run, 0, {})
+    with pytest.raises(RunNotStarted):
+        records.read("us-east-1", run)
+    with pytest.raises(RunNotStarted):
+        records.check_slice("us-east-1", run, 0, "digest")
+
+    db.put_item(
+        TableName=DEFAULT_LEDGER_TABLE,
+        Item={**run_key("us-east-1", run), "slices": {"N": "3"}, "done": {"SS": ["first"]}},
+    )
+    with pytest.raises(ledger.MalformedItem, match=f"^ledger item run#us-east-1#{run} cannot be read: "):
+        records.read("us-east-1", run)
 
 
 def test_an_adoption_record_edited_by_hand_skips_the_region_not_adopts_again(moto_aws: None) -> None:

@@ -131,7 +131,7 @@ def _unfinished_run(raw: dict[str, Any]) -> UnfinishedRun | None:
             raise ValueError(f"started: {raw.get('started')!r} is no time")
         return UnfinishedRun(run=run, slices=slices, done=done, started=started)
     except (KeyError, TypeError, ValueError, ValidationError) as error:
-        raise _malformed(raw, f"{type(error).__name__}: {error}") from None
+        raise malformed(raw, f"{type(error).__name__}: {error}") from None
 
 
 def _adopted_at(raw: dict[str, Any]) -> datetime:
@@ -139,7 +139,7 @@ def _adopted_at(raw: dict[str, Any]) -> datetime:
     "not adopted yet" (the next enforce run would adopt the tags again, and `tampered` say nothing)."""
     at = parse_time((raw.get("at") or {}).get("S"))
     if at is None:
-        raise _malformed(raw, f"at: {raw.get('at')!r}")
+        raise malformed(raw, f"at: {raw.get('at')!r}")
     return at
 
 
@@ -444,10 +444,10 @@ def _item(raw: dict[str, Any]) -> LedgerItem:
         if raw.get("pk") == expected["pk"] and raw.get("sk") == expected["sk"]:
             return item
         problem = f"image_id {item.image_id} is not the AMI of its key (image#<ami id>, sort key item)"
-    raise _malformed(raw, problem)
+    raise malformed(raw, problem)
 
 
-def _malformed(raw: dict[str, Any], problem: str) -> "MalformedItem":
+def malformed(raw: dict[str, Any], problem: str) -> "MalformedItem":
     """An item the janitor cannot read back, its key first (see MalformedItem)."""
     partition = str((raw.get("pk") or {}).get("S") or "?")
     return MalformedItem(f"ledger item {partition} cannot be read: {problem}")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
-from ami_janitor.aws.ledger import TTL_ATTRIBUTE, Written, conditional_update
+from ami_janitor.aws.ledger import TTL_ATTRIBUTE, Written, conditional_update, malformed
 from ami_janitor.core.model import iso
 
 if TYPE_CHECKING:
@@ -69,15 +69,20 @@ def event_key(region: str, event_id: str) -> dict[str, Any]:
 EVENT_CLAIM_DAYS = 2
 
 
-def _progress(raw: Mapping[str, Any]) -> RunProgress:
-    return RunProgress(
-        slices=int(raw["slices"]["N"]),
-        done=frozenset(int(i) for i in raw.get("done", {}).get("SS", [])),
-        counts={name: int(raw.get(f"n_{name}", {}).get("N", "0")) for name in COUNTERS},
-        plan_summary={k: int(v["N"]) for k, v in raw.get("plan_summary", {}).get("M", {}).items()},
-        summary_sent=raw.get("summary_sent", {}).get("S"),
-        digests={int(k): v["S"] for k, v in raw.get("digests", {}).get("M", {}).items()},
-    )
+def _progress(raw: dict[str, Any]) -> RunProgress:
+    """A run's record as read back (one with `slices`); one that cannot be read is a MalformedItem
+    naming it (a ValidationError is a ValueError)."""
+    try:
+        return RunProgress(
+            slices=int(raw["slices"]["N"]),
+            done=frozenset(int(i) for i in raw.get("done", {}).get("SS", [])),
+            counts={name: int(raw.get(f"n_{name}", {}).get("N", "0")) for name in COUNTERS},
+            plan_summary={k: int(v["N"]) for k, v in raw.get("plan_summary", {}).get("M", {}).items()},
+            summary_sent=raw.get("summary_sent", {}).get("S"),
+            digests={int(k): v["S"] for k, v in raw.get("digests", {}).get("M", {}).items()},
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise malformed(raw, f"{type(error).__name__}: {error}") from None
 
 
 class RunRecords:
@@ -205,13 +210,16 @@ class RunRecords:
             if "slices" not in (cast(Any, error.response).get("Item") or {}):
                 raise RunNotStarted(f"no record of run {run} in {region}") from None
             return None
-        return _progress(answer["Attributes"])
+        return _progress(cast(dict[str, Any], answer["Attributes"]))
 
     def read(self, region: str, run: str) -> RunProgress:
+        """The run's record; RunNotStarted where it has none, or only an item without its slices (a
+        write after the record expired: finish_slice reads it the same way)."""
         answer = self.db.get_item(TableName=self.table, Key=run_key(region, run), ConsistentRead=True)
-        if "Item" not in answer:
+        item = cast(dict[str, Any], answer.get("Item") or {})
+        if "slices" not in item:
             raise RunNotStarted(f"no record of run {run} in {region}")
-        return _progress(answer["Item"])
+        return _progress(item)
 
     def check_slice(self, region: str, run: str, index: int, digest: str) -> RunProgress:
         """The run's record, once it shows the run recorded this slice, by its digest, when it queued
