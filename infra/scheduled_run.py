@@ -58,7 +58,9 @@ class ScheduledRun(Construct):
             permissions=permissions,
             permission_scope=permission_scope,
             alerts=alerts,
-            timeout=Duration.minutes(15),  # a large region's inventory and paced writes take minutes
+            # A large region's inventory and paced writes take minutes. aws/runs.py holds an event's claim
+            # as long (SCHEDULED_RUN_TIMEOUT): change both together.
+            timeout=Duration.minutes(15),
             memory_size=1024,
             environment={
                 REPORT_BUCKET: reports.bucket.bucket_name,

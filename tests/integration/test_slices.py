@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from aws_lambda_powertools.utilities.batch.exceptions import BatchProcessingErro
 from botocore.exceptions import ClientError
 
 from ami_janitor import engine
-from ami_janitor.aws import slicer
+from ami_janitor.aws import runs, slicer
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger
 from ami_janitor.aws.runs import RunRecords, run_key
@@ -652,12 +652,29 @@ def test_a_retried_event_whose_first_run_queued_no_slice_queues_them(
     assert set(fleet.images) <= image_ids()
 
 
+def age_claim(event_id: str, by: timedelta) -> None:
+    """Make the event's claim in the ledger table `by` older."""
+    db = boto3.client("dynamodb", region_name=REGION)
+    key = runs.event_key(REGION, event_id)
+    claimed = db.get_item(TableName=DEFAULT_LEDGER_TABLE, Key=key, ConsistentRead=True)["Item"]["claimed"][
+        "S"
+    ]
+    older = iso(datetime.fromisoformat(claimed) - by)
+    db.update_item(
+        TableName=DEFAULT_LEDGER_TABLE,
+        Key=key,
+        UpdateExpression="SET claimed = :at",
+        ExpressionAttributeValues={":at": {"S": older or ""}},
+    )
+
+
 def test_a_retried_event_whose_first_run_was_killed_before_it_recorded_its_slices_queues_them(
     deployed: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The invocation was killed (its timeout: no error handling runs) between the claim of its event
-    and the record of its slices: nothing was queued. The retry takes the claim over and queues them;
-    a further delivery of the event then finds the retry's record, and queues nothing."""
+    and the record of its slices: nothing was queued. The retry, which Lambda makes only after that
+    timeout, takes the claim over and queues them; a further delivery of the event then finds the
+    retry's record, and queues nothing."""
     deployed.write_policy("enforce")
     seed_fleet(now())
     make_ledger()
@@ -674,11 +691,32 @@ def test_a_retried_event_whose_first_run_was_killed_before_it_recorded_its_slice
         with pytest.raises(Killed):
             scheduled.handler(event, Context())
     assert deployed.queued() == []
+    age_claim(event["id"], runs.SCHEDULED_RUN_TIMEOUT)  # the retry comes after the killed one's timeout
     time.sleep(1.1)
 
     assert scheduled.handler(event, Context())["slices_queued"] > 0
     time.sleep(1.1)
     assert scheduled.handler(event, Context())["slices_queued"] == 0
+
+
+def test_a_second_delivery_of_an_event_whose_claim_is_not_recorded_yet_does_not_take_it_over(
+    moto_aws: None,
+) -> None:
+    """EventBridge delivered the event twice: the second run asks while the first holds the claim and has
+    not recorded its slices yet (claim and record are two calls). Taken over as a killed run's claim,
+    both runs would queue their slices, the caps twice for one event: the claim holds until the first
+    run's invocation is surely over (SCHEDULED_RUN_TIMEOUT), and only then is taken over."""
+    make_ledger()
+    records = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE)
+    start = now()
+    first, second, third = (iso(start + timedelta(seconds=s)) or "" for s in (0, 1, 2))
+    assert records.claim_event(REGION, "event-1", first, start) is None
+
+    held = records.claim_event(REGION, "event-1", second, start + timedelta(seconds=1))
+    late = records.claim_event(REGION, "event-1", third, start + runs.SCHEDULED_RUN_TIMEOUT)
+
+    assert held == first  # its stages are skipped: "the scheduled event ... was run before"
+    assert late is None  # the first run is over, having recorded nothing: this one takes the claim over
 
 
 def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts_its_amis_retired(

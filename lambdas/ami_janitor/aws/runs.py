@@ -2,10 +2,10 @@
 and their counts, so that the run's summary waits for its last slice and is sent once.
 
 Key: `pk` = "run#<region>#<run>" (the plan's generated_at), `sk` = "item"; a scheduled event's claim
-(the run that queued its slices) `pk` = "event#<region>#<event id>". The ledger's Scan reads
-them only for the runs whose slices were not all counted (LedgerView.unfinished_runs): the next
-scheduled run reports one once it is older than a queued slice may be, and marks it reported. They
-expire with the ledger's retention.
+(the run that queued its slices, and when it claimed the event) `pk` = "event#<region>#<event id>".
+The ledger's Scan reads them only for the runs whose slices were not all counted
+(LedgerView.unfinished_runs): the next scheduled run reports one once it is older than a queued
+slice may be, and marks it reported. They expire with the ledger's retention.
 Every write is conditional: a slice delivered twice (SQS is at least once) or a write the SDK sent
 again is counted once, and only one worker claims the summary.
 """
@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict
 
 from ami_janitor.aws.ledger import TTL_ATTRIBUTE, Written, conditional_update, malformed
-from ami_janitor.core.model import iso
+from ami_janitor.core.model import iso, parse_time
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -67,6 +67,10 @@ def event_key(region: str, event_id: str) -> dict[str, Any]:
 # A scheduled event's claim outlives every delivery of the event: Lambda runs a failed invocation again
 # within the event's maximum age (two hours), EventBridge delivers it again within a day.
 EVENT_CLAIM_DAYS = 2
+# The scheduled function's timeout (infra/scheduled_run.py): the run that claimed an event at T (its
+# `now`, taken when its invocation began) is over by T plus this, killed if not done. A younger claim
+# not yet recorded may be its run's, between the claim and the record (two calls): it holds.
+SCHEDULED_RUN_TIMEOUT = timedelta(minutes=15)
 
 
 def _progress(raw: dict[str, Any]) -> RunProgress:
@@ -127,10 +131,13 @@ class RunRecords:
         )
 
     def claim_event(self, region: str, event_id: str, run: str, at: datetime) -> str | None:
-        """Claim a scheduled event's slices in `region` for `run`: None where this run claims it, else
-        the run that claimed it first (a delivery of the same event before this one) and recorded its
-        slices. A run that claimed the event and stopped before it recorded them queued nothing (its
-        invocation was killed, a timeout): this run takes its claim over. A claim this call wrote,
+        """Claim a scheduled event's slices in `region` for `run` at `at` (the run's `now`): None where
+        this run claims it, else the run that claimed it first (a delivery of the same event before
+        this one) and recorded its slices, or may still record them: its claim is younger than
+        SCHEDULED_RUN_TIMEOUT (EventBridge delivered the event twice, and that run is between its claim
+        and its record). A run that claimed the event longer ago and recorded nothing queued nothing
+        (its invocation was killed, a timeout; Lambda runs it again only after that): this run takes
+        its claim over, as it does a claim that says not when it was made. A claim this call wrote,
         whose answer was lost and sent again, is this run's (conditional_update)."""
         expires = int((at + timedelta(days=EVENT_CLAIM_DAYS)).timestamp())
 
@@ -140,11 +147,12 @@ class RunRecords:
                     self.db,
                     self.table,
                     event_key(region, event_id),
-                    UpdateExpression="SET #run = :run, #ttl = :ttl",
+                    UpdateExpression="SET #run = :run, claimed = :at, #ttl = :ttl",
                     ConditionExpression=condition,
                     ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
                     ExpressionAttributeValues={
                         ":run": {"S": run},
+                        ":at": {"S": iso(at) or ""},
                         ":ttl": {"N": str(expires)},
                         **{f":{name}": {"S": value} for name, value in values.items()},
                     },
@@ -154,16 +162,20 @@ class RunRecords:
 
         if claim("attribute_not_exists(#run)"):
             return None
-        claimed = self._claimed_by(region, event_id) or ""
+        claimed, claimed_at = self._claim(region, event_id)
         if claimed and self._recorded(region, claimed):
+            return claimed
+        if claimed and claimed_at is not None and at - claimed_at < SCHEDULED_RUN_TIMEOUT:
             return claimed
         if claim("attribute_not_exists(#run) OR #run = :claimed", claimed=claimed):
             return None
-        return self._claimed_by(region, event_id) or claimed
+        return self._claim(region, event_id)[0] or claimed
 
-    def _claimed_by(self, region: str, event_id: str) -> str | None:
+    def _claim(self, region: str, event_id: str) -> tuple[str, datetime | None]:
+        """The run that holds the event's claim ("" for none), and when it claimed it."""
         answer = self.db.get_item(TableName=self.table, Key=event_key(region, event_id), ConsistentRead=True)
-        return answer.get("Item", {}).get("run", {}).get("S")
+        item = answer.get("Item", {})
+        return item.get("run", {}).get("S", ""), parse_time(item.get("claimed", {}).get("S"))
 
     def release_event(self, region: str, event_id: str, run: str) -> None:
         """Give back `run`'s claim of a scheduled event none of whose slices were queued (SQS refused

@@ -376,7 +376,7 @@ def queue_run(
             raise RunRecordedBefore(
                 f"the scheduled event {event_id} was run before in {clients.region} (run {claimed}: Lambda "
                 "runs a failed invocation again, or EventBridge delivered the event twice): that run "
-                "recorded its slices and the caps hold per event, so none is queued again; the next "
+                "records its slices and the caps hold per event, so none is queued again; the next "
                 "scheduled run plans these AMIs again"
             )
     try:
