@@ -59,7 +59,7 @@ class ScheduledRun(Construct):
             permission_scope=permission_scope,
             alerts=alerts,
             # A large region's inventory and paced writes take minutes. aws/runs.py holds an event's claim
-            # as long (SCHEDULED_RUN_TIMEOUT): change both together.
+            # as long (SCHEDULED_RUN_TIMEOUT; the infra tests compare them).
             timeout=Duration.minutes(15),
             memory_size=1024,
             environment={

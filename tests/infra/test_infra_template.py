@@ -28,6 +28,7 @@ from infra.environment import (
 )
 from synth_support import Synth, as_list, functions_by_handler, ref_id, resources
 
+from ami_janitor.aws import runs
 from ami_janitor.handlers import replicate
 from ami_janitor.handlers.events import BakeEvent, parse_bake_event
 
@@ -108,6 +109,13 @@ def test_environment_contract(source: dict[str, Any]) -> None:
     }
     assert env["replicate"] == {**common, REPLICATION_QUEUE_URL: {"Ref": queue}}
     assert env["bake"] == common
+
+
+def test_a_scheduled_events_claim_is_held_as_long_as_its_run_may_last(source: dict[str, Any]) -> None:
+    """A claim younger than the function's timeout may be a live run's, between its claim and its
+    record: a second delivery of the event within it queues nothing (aws/runs.py)."""
+    _, scheduled = functions_by_handler(source)["scheduled"]
+    assert scheduled["Timeout"] == runs.SCHEDULED_RUN_TIMEOUT.total_seconds()
 
 
 def test_scheduled_run_rule(source: dict[str, Any], infra_policy: Any) -> None:
