@@ -302,6 +302,29 @@ def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path:
     assert run("rotate", "--config", write_policy(tmp_path), "--family", "nope")[0] == 2
 
 
+@pytest.mark.parametrize("mode", ["dry-run", "enforce"])
+def test_rotate_names_the_policy_error_that_leaves_a_family_unrotated_instead_of_calling_it_current(
+    endpoint: str, tmp_path: Path, mode: str
+) -> None:
+    """A family with AMIs of two architectures and one parameter without {arch}: the plan reports a
+    policy error and does not rotate it (design.md); `rotate` said every Latest pointer was current."""
+    from ami_janitor.demo import emulator
+
+    fleet = seed_fleet(now())
+    emulator.set_image_fields("us-east-1", fleet.images[-2], architecture="arm64")
+    config = write_policy(tmp_path, mode)  # ssm_parameter "/ami/web/latest"
+    [error] = [e for e in json.loads(run("plan", "--config", config, "--format", "json")[1])["policy_errors"]]
+    assert "{arch}" in error
+
+    code, output = run("rotate", "--config", config)
+    assert code == 0 and f"POLICY ERROR: {error}" in output.splitlines()
+    assert "every Latest pointer is current" not in output
+
+    code, output = run("rotate", "--config", config, "--format", "json")
+    answer = json.loads(output)
+    assert answer["policy_errors"] == [error] and answer["latest"] == [] and answer["rotations"] == []
+
+
 def test_a_latest_pointer_that_cannot_be_written_keeps_the_ami_it_still_names(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -176,31 +176,40 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
     now = _now()
     results: list[rotator.RotationResult] = []
     planned = []
+    # Why a selected group is left as it is (a policy error, as the plan reports it): never "current".
+    blocked: dict[str, None] = {}
     for region in regions:
         clients = factory(region)
+        inventory = load_images(clients, policy)
+        if inventory.error:
+            results.append(rotator.RotationResult.unreadable(region, inventory.error))
+            continue
+        changes, errors = rotation.rotation_for(inventory, policy, now, only)
+        blocked.update(dict.fromkeys(errors))
         if policy.mode == "enforce":
-            results.extend(rotator.converge(clients, policy, now, only))
+            results.extend(
+                rotator.converge(clients, policy, now, only, first=inventory, first_changes=changes)
+            )
         else:
-            inventory = load_images(clients, policy)
-            if inventory.error:
-                results.append(rotator.RotationResult.unreadable(region, inventory.error))
-                continue
-            planned.extend(rotation.changes_for(inventory, policy, now, only))
+            planned.extend(changes)
     if args.format == "json":
         render.emit_json(
             {
                 "mode": policy.mode,
                 "latest": [c.model_dump(mode="json", by_alias=True) for c in planned],
                 "rotations": [r.model_dump(mode="json") for r in results],
+                "policy_errors": list(blocked),
             },
             out,
         )
     else:
+        for error in blocked:
+            out.write(f"POLICY ERROR: {error}\n")
         if policy.mode != "enforce":
             unread = sum(1 for r in results if r.status == "failed")
-            render.print_planned_rotations(policy.mode, planned, out, unread=unread)
+            render.print_planned_rotations(policy.mode, planned, out, unread=unread, blocked=len(blocked))
         render.print_rotations(results, out)
-        if policy.mode == "enforce" and not results:
+        if policy.mode == "enforce" and not results and not blocked:
             out.write("every Latest pointer is current\n")
     return EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK
 

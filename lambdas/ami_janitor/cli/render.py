@@ -119,17 +119,18 @@ def print_rotations(rotations: Iterable[RotationResult], out: TextIO, *, prefix:
 
 
 def print_planned_rotations(
-    mode: str, changes: Sequence[LatestChange], out: TextIO, *, unread: int = 0
+    mode: str, changes: Sequence[LatestChange], out: TextIO, *, unread: int = 0, blocked: int = 0
 ) -> None:
     """The Latest changes `rotate` would make in dry-run or paused mode (`unread`: regions it could
-    not read, so it cannot say every pointer is current)."""
+    not read, `blocked`: policy errors that leave groups unrotated; either way it cannot say every
+    pointer is current)."""
     out.write(f"mode {mode}: nothing is written; these changes would be made:\n")
     for change in changes:
         out.write(
             f"  {change.region} {change.family} {change.architecture}: {change.from_ or '(none)'} -> "
             f"{change.to or '(none)'}" + (f"  WARNING: {change.warning}" if change.warning else "") + "\n"
         )
-    if not changes and not unread:
+    if not changes and not unread and not blocked:
         out.write("  (every Latest pointer is current)\n")
 
 
