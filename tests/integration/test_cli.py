@@ -302,6 +302,46 @@ def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path:
     assert run("rotate", "--config", write_policy(tmp_path), "--family", "nope")[0] == 2
 
 
+def test_a_plan_whose_copy_target_cannot_be_read_says_so_and_exits_1(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plan --region` of a source region reads its copy targets' AMIs too: one that cannot be read gets
+    no copy, and the plan says so (a skipped region, exit 1) rather than dropping the copies silently."""
+    from ami_janitor.aws import inventory
+
+    seed_fleet(now())
+    make_ledger(("us-east-1", "eu-west-1"))
+    config = write_policy(
+        tmp_path, text=POLICY.format(mode="dry-run") + "    replicate: [{region: eu-west-1}]\n"
+    )
+    code, output = run("plan", "--config", config, "--region", "us-east-1", "--format", "json")
+    assert code == 0 and json.loads(output)["copies"]
+
+    read = inventory.load_images
+
+    def eu_unreadable(clients: Any, policy: Any, *args: Any, **kwargs: Any) -> Any:
+        loaded = read(clients, policy, *args, **kwargs)
+        return (
+            loaded._replace(error="ec2:DescribeImages: AccessDenied: no")
+            if clients.region == "eu-west-1"
+            else loaded
+        )
+
+    monkeypatch.setattr(inventory, "load_images", eu_unreadable)
+    code, output = run("plan", "--config", config, "--region", "us-east-1", "--format", "json")
+    plan = json.loads(output)
+    assert code == 1 and plan["copies"] == []
+    assert plan["regions"] == [
+        {"region": "us-east-1", "status": "ok", "error": None},
+        {
+            "region": "eu-west-1",
+            "status": "skipped",
+            "error": "copy target not read: ec2:DescribeImages: AccessDenied: no",
+        },
+    ]
+    assert plan["summary"]["regions_skipped"] == 1
+
+
 @pytest.mark.parametrize("mode", ["dry-run", "enforce"])
 def test_rotate_names_the_policy_error_that_leaves_a_family_unrotated_instead_of_calling_it_current(
     endpoint: str, tmp_path: Path, mode: str

@@ -9,7 +9,16 @@ from datetime import UTC, datetime
 
 from ami_janitor.core import planner
 from ami_janitor.core.keys import KeyResolutions
-from ami_janitor.core.model import Decision, Image, Plan, RegionInventory, Share, UsageView, parse_time
+from ami_janitor.core.model import (
+    Decision,
+    Image,
+    Plan,
+    RegionInventory,
+    RegionStatus,
+    Share,
+    UsageView,
+    parse_time,
+)
 from ami_janitor.core.planner import is_janitor_touched, shared_outside
 from ami_janitor.core.policy import Policy
 from ami_janitor.core.replication import plan_replication
@@ -37,8 +46,19 @@ def plan_run(
     shares = [s for s in plan_shares(usable, policy, now, grouped) if (s.region, s.image_id) not in retiring]
     copies, problems = plan_replication([*usable, *targets], policy, now, grouped, keys)
     planned = {inv.region for inv in usable}
+    # A copy target that could not be read gets no copy this run: skipped, and said so like any region
+    # (the plan of `--region` one source region had dropped its copies there without a word).
+    unread = [
+        RegionStatus(region=t.region, status="skipped", error=f"copy target not read: {t.error}")
+        for t in targets
+        if t.error is not None
+    ]
     return plan.model_copy(
         update={
+            "regions": [*plan.regions, *unread],
+            "summary": plan.summary.model_copy(
+                update={"regions_skipped": plan.summary.regions_skipped + len(unread)}
+            ),
             "shares": shares,
             "copies": [c for c in copies if c.source_region in planned],
             "notes": [*plan.notes, *problems],
