@@ -562,6 +562,39 @@ def test_bake_refuses_when_several_instances_carry_the_bake_tag(
     assert {"Key": "ami-janitor:baked-from", "Value": builder} in baked["Tags"]
 
 
+def test_bake_that_fails_once_its_image_exists_prints_the_id_as_json_under_format_json(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image of a failed bake exists, so its id is printed (exit 1): bare in a table, but under
+    `--format json` stdout is one JSON document that a consumer can parse, never a bare id."""
+    from ami_janitor.aws import baker
+    from ami_janitor.core import baking
+
+    seed_fleet(now())
+    make_ledger()
+    image_id = "ami-0123456789abcdef0"
+
+    def image_failed(*args: Any, **kwargs: Any) -> Any:
+        # What baker.bake raises when the image it made ends in the `failed` state.
+        raise baking.BakeError(f"image {image_id} failed", image_id=image_id)
+
+    monkeypatch.setattr(baker, "bake", image_failed)
+    bake = ("bake", "--family", "web", "--instance-id", "i-0123456789abcdef0", "--region", "us-east-1")
+    config = bake_policy(tmp_path)
+
+    code, output = run(*bake, "--config", config, "--format", "json")
+
+    assert code == 1
+    assert json.loads(output) == {
+        "family": "web",
+        "image_id": image_id,
+        "status": "failed",
+        "error": f"image {image_id} failed",
+    }
+    assert f"bake failed: image {image_id} failed" in capsys.readouterr().err
+    assert run(*bake, "--config", config) == (1, f"{image_id}\n")
+
+
 def test_bake_acts_in_the_region_the_family_bakes_in(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -341,8 +341,17 @@ def cmd_bake(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(str(error)) from None
     except baking.BakeError as error:
         sys.stderr.write(("\n" if terminal else "") + f"ami-janitor: bake failed: {error}\n")
-        if error.image_id:
-            out.write(f"{error.image_id}\n")  # the image exists even so
+        if error.image_id:  # the image exists even so: its id on stdout, as JSON under --format json
+            if args.format == "json":
+                failed = {
+                    "family": family.name,
+                    "image_id": error.image_id,
+                    "status": "failed",
+                    "error": str(error),
+                }
+                render.emit_json(failed, out)
+            else:
+                out.write(f"{error.image_id}\n")
         return EXIT_FAILED
     if terminal:
         sys.stderr.write("\n")
