@@ -182,6 +182,65 @@ def test_apply_leaves_what_the_plan_no_longer_asks_for(
     assert fleet.images[1] not in image_ids()
 
 
+class Interrupting(io.StringIO):
+    """A terminal whose person presses Ctrl-C at the question."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, *args: object) -> str:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_the_question_is_a_no_exit_3_and_nothing_is_written(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 3 says nothing was written: Ctrl-C at the question is a no, as an `n` is."""
+    fleet = seed_fleet(now())
+    make_ledger()
+    monkeypatch.setattr(sys, "stdin", Interrupting())
+    code, output = run("apply", "--config", write_policy(tmp_path))
+    assert code == 3
+    assert output.endswith("[y/N] \ndeclined: nothing was changed\n"), output
+    assert image_ids() >= set(fleet.images)
+    tags = ec2().describe_tags(Filters=[{"Name": "resource-id", "Values": fleet.images}])["Tags"]
+    assert [t for t in tags if t["Key"] == "Latest"] == []
+
+
+def test_ctrl_c_once_apply_wrote_exits_130_saying_changes_may_have_been_made(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 3 would tell a script that nothing was written: a Ctrl-C that stops `apply --yes` after it
+    wrote (here: once the Latest tag and parameter are written) is 130, the shell's code for an
+    interrupt, and says that changes may have been made. `plan` writes nothing, and says only that."""
+    from ami_janitor import engine
+    from ami_janitor.aws import rotator
+
+    fleet = seed_fleet(now())
+    make_ledger()
+    config = write_policy(tmp_path)
+    write_changes = rotator.write_changes
+
+    def written_then_interrupted(*args: Any, **kwargs: Any) -> Any:
+        write_changes(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rotator, "write_changes", written_then_interrupted)
+    code, _ = run("apply", "--config", config, "--yes")
+
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    assert ssm.get_parameter(Name="/ami/web/latest")["Parameter"]["Value"] == fleet.images[-1]  # written
+    assert code == 130
+    assert capsys.readouterr().err == "ami-janitor: interrupted; apply may have made some of its changes\n"
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "run", interrupted)
+    assert run("plan", "--config", config) == (130, "")
+    assert capsys.readouterr().err == "ami-janitor: interrupted\n"
+
+
 def test_apply_json_in_a_terminal_prints_the_report_alone(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,6 +1,7 @@
 """`ami-janitor`: the same engine from a terminal. `args` parses the command line, `commands` runs
 them, `render` prints what they (and the demo) report. Exit codes: 0 done; 1 an action failed or a
-region was skipped; 2 bad input or usage; 3 declined at the prompt."""
+region was skipped; 2 bad input or usage; 3 declined at the prompt (Ctrl-C there too), nothing
+written; 130 interrupted (Ctrl-C) anywhere else."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from botocore.exceptions import EndpointConnectionError, NoCredentialsError, Pro
 
 from ami_janitor.aws.errors import AWS_ERRORS, error_text
 from ami_janitor.cli.args import build_parser
-from ami_janitor.cli.commands import COMMANDS, EXIT_DECLINED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from ami_janitor.cli.commands import (
+    COMMANDS,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    READ_ONLY,
+    UsageError,
+)
 from ami_janitor.core.policy import PolicyError
 
 
@@ -36,8 +45,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         sys.stderr.write(f"ami-janitor: {error}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("ami-janitor: interrupted\n")
-        return EXIT_DECLINED
+        # Not the question's no (that is exit 3, nothing written): the command stopped part way.
+        said = "" if args.command in READ_ONLY else f"; {args.command} may have made some of its changes"
+        sys.stderr.write(("\n" if sys.stderr.isatty() else "") + f"ami-janitor: interrupted{said}\n")
+        return EXIT_INTERRUPTED
     except ProfileNotFound as error:
         profile = error.kwargs.get("profile")
         sys.stderr.write(

@@ -1,5 +1,6 @@
 """The commands of `ami-janitor`. Exit codes: 0 done; 1 an action failed or a region was skipped;
-2 bad input or usage; 3 declined at the prompt."""
+2 bad input or usage; 3 declined at the prompt (Ctrl-C there too): nothing written; 130 interrupted
+elsewhere."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ami_janitor.core.model import Plan
 from ami_janitor.core.policy import Family, Policy, PolicyError, check_region, load_policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DECLINED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
 
 
 class UsageError(Exception):
@@ -112,7 +114,11 @@ def _confirm(plan: Plan, out: TextIO) -> bool:
         f"{len(plan.copies)} copies? [y/N] "
     )
     out.flush()
-    answer = sys.stdin.readline().strip().lower()
+    try:
+        answer = sys.stdin.readline().strip().lower()
+    except KeyboardInterrupt:  # Ctrl-C at the question is a no: nothing was written yet
+        out.write("\n")
+        return False
     return answer in ("y", "yes")
 
 
@@ -430,6 +436,10 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     story = _story("ami-janitor demo")
     return story.run_demo(out, json_output=args.format == "json")
 
+
+# The commands that write nothing to the account (demo and emulator call only the embedded emulator):
+# one Ctrl-C stopped is only interrupted; any other may have written part of what it set out to.
+READ_ONLY = frozenset({"plan", "demo", "emulator"})
 
 COMMANDS = {
     "plan": cmd_plan,
