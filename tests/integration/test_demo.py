@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -63,3 +64,21 @@ def test_demo_keeps_every_ami_in_use_and_retires_the_rest() -> None:
         f"encrypted with alias/pettracker-key, resolved in eu-west-1 to {key.group(1)}: CopyImage got" in out
     )
     assert "the same message delivered again: 1 copy in eu-west-1, 0 failed messages" in out
+
+
+def test_demo_format_json_prints_one_json_document() -> None:
+    """`demo --format json` is for a program to read: stdout is one JSON document, without the EMF
+    metric lines the AMI event handler it calls in-process prints (Powertools' single_metric)."""
+    script = Path(sys.executable).with_name("ami-janitor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    done = subprocess.run(
+        [str(script), "demo", "--format", "json"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        document = json.loads(done.stdout)
+    except json.JSONDecodeError as error:
+        after = done.stdout[error.pos : error.pos + 300]
+        raise AssertionError(f"stdout is not one JSON document: {error}; after it: {after!r}") from None
+    assert document["decisions"], done.stdout[:300]  # the plan
+    assert "Done in " in done.stderr  # the story went to stderr

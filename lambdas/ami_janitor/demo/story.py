@@ -8,13 +8,14 @@ applies it, and prints what is left.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, redirect_stdout
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -224,6 +225,16 @@ class _Context:
         return 900_000  # a fresh invocation of the longest timeout
 
 
+def _invoke(
+    handler: Callable[[dict[str, Any], Any], dict[str, Any]], event: dict[str, Any]
+) -> dict[str, Any]:
+    """A handler called as Lambda would call it. Its metrics are dropped: Powertools prints each
+    `single_metric` as an EMF line on stdout, POWERTOOLS_METRICS_DISABLED or not, and the demo's stdout
+    holds the story (or, with --format json, one JSON document) alone."""
+    with redirect_stdout(io.StringIO()):
+        return handler(event, _Context())
+
+
 def ami_state_event(region: str, image_id: str, state: str) -> dict[str, Any]:
     """The event EventBridge delivers for an AMI state change."""
     return {
@@ -262,13 +273,13 @@ def _rotation_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     out.write(
         f"Tonight's bake {new} becomes available; EventBridge delivers its EC2 AMI State Change event.\n"
     )
-    result = ami_event.handler(ami_state_event(region, new, "available"), _Context())
+    result = _invoke(ami_event.handler, ami_state_event(region, new, "available"))
     holders, value = _pointer(fleet, region, arch)
     out.write(
         f"  event handler: {result['outcome']}; Latest tag on {', '.join(holders)}; parameter {value}\n"
     )
     late = fleet.ml[(region, arch)][-3]
-    again = ami_event.handler(ami_state_event(region, late, "available"), _Context())
+    again = _invoke(ami_event.handler, ami_state_event(region, late, "available"))
     holders, value = _pointer(fleet, region, arch)
     out.write(
         f"A late, out-of-order event for the older {late}: {len(again.get('rotations', []))} writes; "
@@ -334,7 +345,7 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
         "QueueArn"
     ]
     os.environ["REPLICATION_QUEUE_URL"] = queue_url
-    result = ami_event.handler(ami_state_event("us-east-1", baked.image_id, "available"), _Context())
+    result = _invoke(ami_event.handler, ami_state_event("us-east-1", baked.image_id, "available"))
     grants = east.ec2.describe_image_attribute(ImageId=baked.image_id, Attribute="launchPermission")
     shared = ", ".join(p.get("UserId", p.get("Group", "?")) for p in grants["LaunchPermissions"])
     latest = east.ssm.get_parameter(Name="/ami/pettracker-api/latest")["Parameter"]["Value"]
@@ -343,7 +354,7 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
         f"{result.get('copies_queued', 0)} copy queued for eu-west-1\n"
     )
     messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
-    answer = replicate.handler(_sqs_event(messages, queue_arn), _Context())
+    answer = _invoke(replicate.handler, _sqs_event(messages, queue_arn))
     west = RegionClients("eu-west-1")
     copies = west.ec2.describe_images(
         Owners=["self"], Filters=[{"Name": "tag:ami-janitor:source-image", "Values": [baked.image_id]}]
@@ -363,10 +374,10 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
             "it with the copy (an alias later moved to another key is refused)\n"
         )
         with _function_of("eu-west-1"):  # the copy's event reaches eu-west-1's stack
-            ami_event.handler(ami_state_event("eu-west-1", copy["ImageId"], "available"), _Context())
+            _invoke(ami_event.handler, ami_state_event("eu-west-1", copy["ImageId"], "available"))
         pointer = west.ssm.get_parameter(Name="/ami/pettracker-api/latest")["Parameter"]["Value"]
         out.write(f"  the copy's available event in eu-west-1: /ami/pettracker-api/latest -> {pointer}\n")
-    again = replicate.handler(_sqs_event(messages, queue_arn), _Context())
+    again = _invoke(replicate.handler, _sqs_event(messages, queue_arn))
     recount = west.ec2.describe_images(
         Owners=["self"], Filters=[{"Name": "tag:ami-janitor:source-image", "Values": [baked.image_id]}]
     )["Images"]
