@@ -857,6 +857,37 @@ def test_the_emulator_command_serves_the_demo_account_and_says_how_to_use_it(
     assert code == 0 and output.startswith("ami-"), output
 
 
+@pytest.mark.parametrize("port", ["-5", "99999", "in-use"])
+def test_the_emulator_refuses_a_port_it_cannot_listen_on_with_exit_2(port: str) -> None:
+    """Bad input is exit 2 with one line naming it, before any export line: not a thread traceback
+    and a process that never ends (-5, or a port another program holds), nor a server on another
+    port than the one asked for (the socket layer takes 99999 as 34463)."""
+    import socket
+
+    held = socket.socket()
+    if port == "in-use":
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+    script = Path(sys.executable).with_name("ami-janitor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    try:
+        done = subprocess.run(
+            [str(script), "emulator", "--port", port, "--exit-after", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        held.close()
+    assert done.returncode == 2, (done.returncode, done.stdout[:300], done.stderr[-400:])
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+    said = done.stderr.splitlines()[-1]  # argparse's or the command's own line
+    assert "--port" in said and port in said, done.stderr
+
+
 def test_progress_lines_on_a_terminal_only(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,17 @@ def _version() -> str:
         return "(from source)"
 
 
+def _port(text: str) -> int:
+    """A TCP port: 0 (a free one) to 65535. The socket layer would wrap a larger one, or fail in a thread."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a port number (0 to 65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: not a port number (0 to 65535; 0 picks a free one)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="policy file (default: $AMI_JANITOR_CONFIG or ./janitor.yaml)")
@@ -83,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser(
         "emulator", help="start the demo's emulator alone and print the lines that point the CLI at it"
     )
-    emulator.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    emulator.add_argument("--port", type=_port, default=0, help="port to listen on (default: a free one)")
     emulator.add_argument("--empty", action="store_true", help="start empty (default: the demo's account)")
     emulator.add_argument(
         "--exit-after",

@@ -429,7 +429,12 @@ def _story(command: str) -> ModuleType:
 def cmd_emulator(args: argparse.Namespace, out: TextIO) -> int:
     """`ami-janitor emulator`: the demo's emulator on its own, until Ctrl-C (or --exit-after)."""
     story = _story("ami-janitor emulator")
-    return story.serve_emulator(out, port=args.port, seeded=not args.empty, exit_after=args.exit_after)
+    from ami_janitor.demo import emulator
+
+    try:
+        return story.serve_emulator(out, port=args.port, seeded=not args.empty, exit_after=args.exit_after)
+    except emulator.CannotListen as error:  # before the export lines: nothing points at a dead port
+        raise UsageError(f"--port {args.port}: {error}") from None
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:

@@ -553,16 +553,40 @@ class _KeepAliveHandler(MotoRequestHandler):
             self.wfile.write(payload)
 
 
+class CannotListen(OSError):
+    """The server could not listen on the address asked for (a port in use, or one not allowed)."""
+
+
 class _EmulatorServer(ThreadedMotoServer):
-    """moto's threaded server with the keep-alive handler; stopping it closes the open connections."""
+    """moto's threaded server with the keep-alive handler; stopping it closes the open connections.
+    `start` binds the port itself and raises CannotListen where it cannot: in moto's thread, werkzeug
+    would print, exit that thread, and leave `start` waiting forever."""
+
+    _listening: socket.socket | None = None
 
     def _server_entry(self) -> None:
         app = DomainDispatcherApplication(create_backend_app)
-        server = make_server(self._ip_address, self._port, app, True, request_handler=_KeepAliveHandler)
+        assert self._listening is not None, "start() binds the socket"
+        with self._listening:  # werkzeug serves a duplicate of it
+            server = make_server(
+                self._ip_address,
+                self._port,
+                app,
+                True,
+                request_handler=_KeepAliveHandler,
+                fd=self._listening.fileno(),
+            )
         server.open_connections = set()  # type: ignore[attr-defined]
         self._server = server
         self._server_ready_event.set()
         server.serve_forever()
+
+    def start(self) -> None:
+        try:
+            self._listening = socket.create_server((self._ip_address, self._port))
+        except (OSError, OverflowError) as error:  # in use, not allowed, or out of range
+            raise CannotListen(f"cannot listen on {self._ip_address}:{self._port} ({error})") from None
+        super().start()
 
     def stop(self) -> None:
         super().stop()
@@ -575,16 +599,19 @@ class _EmulatorServer(ThreadedMotoServer):
 def start_server(host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadedMotoServer, str]:
     """Install the patches and start moto's server in this process; returns (server, endpoint URL).
 
-    Port 0 picks a free port. Clients on the endpoint should use retries={'total_max_attempts': 1}: a call
-    moto cannot do is an HTTP 500, which boto3 would retry.
+    Port 0 picks a free port; one that cannot be bound is CannotListen. Clients on the endpoint should
+    use retries={'total_max_attempts': 1}: a call moto cannot do is an HTTP 500, which boto3 would retry.
     """
     install()
     # Quiet: the request log and moto's tracebacks would bury the demo.
     logging.getLogger("werkzeug").setLevel(logging.CRITICAL)
     werkzeug_app.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
     server = _EmulatorServer(ip_address=host, port=port, verbose=False)
-    server.start()
+    server.start()  # CannotListen where the port cannot be bound
     bound_host, bound_port = server.get_host_and_port()
+    if port and bound_port != port:  # never meant to happen: the socket was bound to `port`
+        server.stop()
+        raise CannotListen(f"cannot listen on {host}:{port} (the server bound {bound_port} instead)")
     return server, f"http://{bound_host}:{bound_port}"
 
 
