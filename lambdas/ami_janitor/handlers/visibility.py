@@ -13,7 +13,7 @@ from ami_janitor.handlers.observe import logger
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
-# sqs:ChangeMessageVisibility is granted with the function's own queue (infra.queues.consume_statement).
+# The grant to call it comes with the function's own queue (infra.queues.consume_statement).
 
 
 def change_visibility(
