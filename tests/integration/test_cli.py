@@ -361,6 +361,25 @@ def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path:
     assert run("rotate", "--config", write_policy(tmp_path), "--family", "nope")[0] == 2
 
 
+def test_apply_whose_ledger_table_is_gone_since_its_check_is_refused_naming_ledger_create(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table checked before the run (DescribeTable) is gone when the run's Scan reads it (deleted,
+    or made again and still CREATING): refused before anything is written, exit 2 naming the fix, not
+    a traceback."""
+    from ami_janitor import engine
+
+    fleet = seed_fleet(now())
+    monkeypatch.setattr(engine, "require_ledgers", lambda *args, **kwargs: None)  # the check passed
+    capsys.readouterr()
+
+    code, _ = run("apply", "--config", write_policy(tmp_path), "--yes")
+
+    assert code == 2
+    assert "ledger create" in capsys.readouterr().err
+    assert set(fleet.images) <= image_ids()
+
+
 def test_a_plan_whose_copy_target_cannot_be_read_says_so_and_exits_1(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -159,6 +159,9 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     except engine.PlanChanged as changed:
         sys.stderr.write(f"{changed}; run apply again to see the plan as it is now\n")
         return EXIT_DECLINED
+    except LedgerMissing as error:
+        # Gone since the check above (its Scan found no table): refused before anything is written.
+        raise _ledger_refusal(error) from None
     if args.format == "json":
         render.emit_json(result.report().model_dump(mode="json"), out)
     else:
