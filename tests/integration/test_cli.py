@@ -361,6 +361,17 @@ def test_rotate_in_dry_run_prints_and_in_enforce_writes(endpoint: str, tmp_path:
     assert run("rotate", "--config", write_policy(tmp_path), "--family", "nope")[0] == 2
 
 
+def test_rotate_of_a_family_without_latest_is_refused_not_called_current(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_fleet(now())
+    text = POLICY.format(mode="enforce") + '  - name: db\n    match: {name: "db-*"}\n'
+    capsys.readouterr()
+    code, output = run("rotate", "--config", write_policy(tmp_path, text=text), "--family", "db")
+    assert code == 2 and output == ""
+    assert "--family db: the family has no latest" in capsys.readouterr().err
+
+
 def test_apply_whose_ledger_table_is_gone_since_its_check_is_refused_naming_ledger_create(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -177,9 +177,13 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
     families = args.family
     for name in families or ():
         try:
-            policy.family(name)
+            family = policy.family(name)
         except KeyError:
             raise UsageError(f"--family {name}: no such family in the policy") from None
+        if family.latest is None:
+            raise UsageError(
+                f"--family {name}: the family has no latest (tag or ssm_parameter): nothing to rotate"
+            )
     only = rotation.Selection(frozenset(families)) if families else rotation.EVERY_GROUP
     factory = _factory(args)
     now = _now()
