@@ -422,6 +422,10 @@ class FakeEC2:
         self.meta = SimpleNamespace(region_name=region)  # as a boto3 client
         self._validator = ParamValidator()
         self._snapshot_users: dict[str, set[str]] = {}  # snapshot id -> AMIs added with it (an index)
+        # Seconds after DeregisterImage during which EC2 still names the AMI as a user of its snapshots
+        # (DeleteSnapshot answers InvalidSnapshot.InUse, "in use by ami-..."): EC2's eventual consistency.
+        self.deregistration_lag = 0.0
+        self._deregistered_at: dict[str, float] = {}  # AMI id -> `elapsed` when it was deregistered
         self.ledger = FakeLedger(self)
         self.dynamodb = FakeDynamoDB(self)
 
@@ -938,6 +942,7 @@ class FakeEC2:
             )
         del self.images[image.image_id]
         self.deregistered[image.image_id] = image
+        self._deregistered_at[image.image_id] = self.elapsed
         answer: dict[str, Any] = {"Return": True}
         if params.get("DeleteAssociatedSnapshots") and self.rng.random() < self.results_rate:
             results = []
@@ -963,7 +968,12 @@ class FakeEC2:
             raise client_error(
                 "InvalidSnapshot.NotFound", f"The snapshot '{snapshot_id}' does not exist.", api
             )
-        users = self._users(snapshot_id)
+        users = self._users(snapshot_id) or [
+            image_id
+            for image_id, at in sorted(self._deregistered_at.items())
+            if snapshot_id in self.deregistered[image_id].snapshot_ids
+            and self.elapsed - at < self.deregistration_lag
+        ]
         if users:
             self.refused_in_use.append(snapshot_id)
             raise client_error(

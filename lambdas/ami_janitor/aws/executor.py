@@ -70,7 +70,12 @@ CLOCK_ACTIONS = frozenset({"wait", "deprecate", "disable", "deregister"})
 STAGE_ACTIONS = frozenset({"deprecate", "disable", "deregister"})
 CREATE_TAGS_MAX_RESOURCES = 1000  # CreateTags: up to 1000 resource ids per call
 GONE_CODES = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"})
-SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted", "InvalidSnapshot.InUse": "still in use"}
+SNAPSHOT_TOLERATED = {"InvalidSnapshot.NotFound": "already deleted"}
+# A snapshot no AMI the run knows uses, which EC2 still says is in use: for a while after DeregisterImage
+# EC2 names the AMI just deregistered (eventual consistency), or an AMI made since the read uses it.
+# Not final: the deregistration stays unconfirmed, and the next run tries again (a snapshot an AMI
+# of its read uses is then kept, and the deregistration confirmed).
+SNAPSHOT_IN_USE = "InvalidSnapshot.InUse"
 
 # (region, AMIs whose rescue failed) -> AMIs that must not retire in this run.
 AfterRescues = Callable[[str, set[str]], set[str]]
@@ -164,6 +169,15 @@ def _done_already(ec2: "EC2Client", image_id: str, shows: Callable[[Image], bool
     return image is not None and shows(image)
 
 
+def _gone_now(ec2: "EC2Client", image_id: str) -> bool:
+    """Whether EC2 no longer lists the AMI (a failed read: no)."""
+    try:
+        image = describe_image(RegionClients(ec2.meta.region_name, ec2=ec2), image_id)
+    except AWS_ERRORS:
+        return False
+    return image is None or image.state == "deregistered"
+
+
 def _change(
     ec2: "EC2Client", image_id: str, call: Callable[[], object], shows: Callable[[Image], bool]
 ) -> None:
@@ -200,19 +214,22 @@ def _deprecate(ec2: "EC2Client", image_id: str, at: datetime | None) -> None:
 
 
 class SnapshotOutcome(NamedTuple):
-    """One snapshot of delete_unused_snapshots: deleted, or kept with a note, or failed with an error."""
+    """One snapshot of delete_unused_snapshots: deleted, or kept with a note, or failed with an error;
+    `waiting`: EC2 said it is in use, by no AMI the run knows (tried again by the next run)."""
 
     snapshot_id: str
     deleted: bool
     note: str | None = None
     error: str | None = None
+    waiting: bool = False
 
 
 def delete_unused_snapshots(
     ec2: "EC2Client", snapshot_ids: Iterable[str], in_use: Iterable[str]
 ) -> list[SnapshotOutcome]:
-    """Delete each snapshot no remaining AMI uses. Gone or in use (another AMI we did not know of) is
-    fine; any other error is reported per snapshot so the caller goes on."""
+    """Delete each snapshot no remaining AMI uses. Gone is fine; in use by an AMI the caller does not
+    know of is waiting (SNAPSHOT_IN_USE); any other error is reported per snapshot so the caller goes
+    on."""
     used = set(in_use)
     outcomes: list[SnapshotOutcome] = []
     for snapshot_id in snapshot_ids:
@@ -222,6 +239,10 @@ def delete_unused_snapshots(
         try:
             ec2.delete_snapshot(SnapshotId=snapshot_id)
         except AWS_ERRORS as error:
+            if error_code(error) == SNAPSHOT_IN_USE:
+                note = f"still in use, EC2 says ({error_text(error)}): the next run tries again"
+                outcomes.append(SnapshotOutcome(snapshot_id, False, note=note, waiting=True))
+                continue
             tolerated = SNAPSHOT_TOLERATED.get(error_code(error))
             failure = None if tolerated else error_text(error)
             outcomes.append(SnapshotOutcome(snapshot_id, False, note=tolerated, error=failure))
@@ -615,14 +636,20 @@ class _RegionRun:
         try:
             answer = _deregister_image(self.ec2, image.image_id)
         except AWS_ERRORS as error:
-            if error_code(error) not in GONE_CODES:
+            # Gone since the plan read it: our own call whose answer was lost (the SDK retried it, or
+            # its retries ran out on a call EC2 took), or someone else's. Either way it is deregistered;
+            # its recorded snapshots are handled now.
+            if error_code(error) not in GONE_CODES and not _gone_now(self.ec2, image.image_id):
                 raise
-            # Gone since the plan read it: our own call whose answer was lost (the SDK retried it),
-            # or someone else's. Either way it is deregistered; its recorded snapshots are handled now.
-            answer = {}
+            answer = None
         self.gone.add(image.image_id)
-        result = _snapshots_after(self, image, own, answer.get("DeleteSnapshotResults") or [])
-        if result.status == "ok":
+        reported = (answer or {}).get("DeleteSnapshotResults") or []
+        # With the answer lost, EC2 may have deleted the recorded snapshots with the AMI: those now
+        # gone count as deleted by this stage.
+        result, waiting = _snapshots_after(
+            self, image, own, reported, deleted_if_gone=mine if answer is None else ()
+        )
+        if result.status == "ok" and not waiting:
             late = self._confirm(image.image_id, "deregister")
             if late:
                 return result.model_copy(update={"detail": _join([*filter(None, [result.detail]), *late])})
@@ -655,7 +682,16 @@ def _deregister_image(ec2: "EC2Client", image_id: str) -> Mapping[str, Any]:
     return ec2.deregister_image(ImageId=image_id)
 
 
-def _snapshots_after(run: _RegionRun, image: Image, own: list[str], reported: Sequence[Any]) -> ActionResult:
+def _snapshots_after(
+    run: _RegionRun,
+    image: Image,
+    own: list[str],
+    reported: Sequence[Any],
+    *,
+    deleted_if_gone: Collection[str] = (),
+) -> tuple[ActionResult, bool]:
+    """The deregistration's result, and whether a snapshot waits for the next run (SNAPSHOT_IN_USE).
+    `deleted_if_gone`: snapshots a lost DeregisterImage answer may have deleted (found gone: deleted)."""
     notes = ["recorded in the ledger"]
     if image.root_device_type == "instance-store":
         notes.append("instance-store AMI: its S3 bundle is left")
@@ -664,7 +700,7 @@ def _snapshots_after(run: _RegionRun, image: Image, own: list[str], reported: Se
         # "skipped": another AMI still uses the snapshot. Other codes need the operator.
         problems = [f"{s} {code}" for s, code in codes.items() if code not in ("success", "skipped")]
         notes += [f"{s} kept: another AMI uses it" for s, code in codes.items() if code == "skipped"]
-        return run.result(
+        result = run.result(
             image.image_id,
             "deregister",
             "failed" if problems else "ok",
@@ -672,10 +708,16 @@ def _snapshots_after(run: _RegionRun, image: Image, own: list[str], reported: Se
             snapshots_deleted=[s for s, code in codes.items() if code == "success"],
             detail=_join(notes),
         )
+        return result, False
     # No DeleteSnapshotResults (an older partition, the emulator): delete what no remaining AMI uses.
-    outcomes = delete_unused_snapshots(run.ec2, own, run.snapshots_in_use())
+    outcomes = [
+        SnapshotOutcome(o.snapshot_id, True, note="deleted with the AMI (its answer lost)")
+        if o.snapshot_id in deleted_if_gone and o.note == SNAPSHOT_TOLERATED["InvalidSnapshot.NotFound"]
+        else o
+        for o in delete_unused_snapshots(run.ec2, own, run.snapshots_in_use())
+    ]
     errors = _errors(outcomes)
-    return run.result(
+    result = run.result(
         image.image_id,
         "deregister",
         "failed" if errors else "ok",
@@ -683,6 +725,7 @@ def _snapshots_after(run: _RegionRun, image: Image, own: list[str], reported: Se
         snapshots_deleted=[o.snapshot_id for o in outcomes if o.deleted],
         detail=_join(notes + _notes(outcomes)),
     )
+    return result, any(o.waiting for o in outcomes)
 
 
 def adopt(run: _RegionRun) -> str | None:
@@ -821,7 +864,7 @@ def finish_deregistrations(run: _RegionRun, planned: AbstractSet[str]) -> None:
             continue  # past the plan's max_actions_per_run: a later run finishes it
         outcomes = delete_unused_snapshots(run.ec2, snapshot_ids, run.snapshots_in_use())
         errors = _errors(outcomes)
-        if not errors:
+        if not errors and not any(o.waiting for o in outcomes):
             try:
                 run.ledger.confirm_deregistered(image_id, run.now)
             except STEP_ERRORS as error:
