@@ -52,7 +52,10 @@ class BakeSchedule(Construct):
             permissions=permissions,
             permission_scope=permission_scope,
             alerts=alerts,
-            timeout=Duration.minutes(2),  # CreateImage returns once the image is pending
+            # CreateImage returns once the image is pending, but a throttled one backs off through the
+            # SDK's retries for up to about two minutes, then its duplicate name is looked up: the bake
+            # must not end between the image made and its ledger record (it is not invoked again).
+            timeout=Duration.minutes(5),
             memory_size=256,
             async_invoke=AsyncInvoke(
                 retry_attempts=INVOKE_RETRY_ATTEMPTS,

@@ -9,11 +9,10 @@ from constructs import Construct
 from infra.buckets import access_log_bucket, private_bucket_settings
 from infra.permissions import Statement
 
-REPORT_RETENTION = Duration.days(90)
-
 
 class Reports(Construct):
-    """Private, encrypted, TLS-only buckets; reports expire, access logs are kept a year.
+    """Private, encrypted, TLS-only buckets; every run's report stays (the audit trail: the ledger's
+    items of deregistered AMIs expire after its retention), access logs are kept a year.
 
     (cdk-nag's S1 accepts the log bucket without a log of its own, as a logging destination.)
     """
@@ -25,10 +24,7 @@ class Reports(Construct):
             self,
             "Bucket",
             lifecycle_rules=[
-                s3.LifecycleRule(
-                    expiration=REPORT_RETENTION,
-                    abort_incomplete_multipart_upload_after=Duration.days(1),
-                )
+                s3.LifecycleRule(abort_incomplete_multipart_upload_after=Duration.days(1)),
             ],
             server_access_logs_bucket=self.access_logs,
             server_access_logs_prefix="reports/",

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aws_cdk.assertions import Capture, Match, Template
+from botocore.retries.standard import ExponentialBackoff
 from infra.environment import (
     AMI_EVENTS_QUEUE_URL,
     AMI_JANITOR_CONFIG,
@@ -28,7 +29,8 @@ from infra.environment import (
 )
 from synth_support import Synth, as_list, functions_by_handler, ref_id, resources
 
-from ami_janitor.aws import runs
+from ami_janitor.aws import baker, runs
+from ami_janitor.aws.clients import client_config
 from ami_janitor.handlers import replicate
 from ami_janitor.handlers.events import BakeEvent, parse_bake_event
 
@@ -159,6 +161,17 @@ def test_ami_state_change_rule(all_templates: dict[str, dict[str, Any]]) -> None
                 ],
             },
         )
+
+
+def test_the_bake_outlasts_a_throttled_create_image_and_its_duplicate_lookup(source: dict[str, Any]) -> None:
+    """The bake records its AMI in the ledger only after CreateImage answers, and is not invoked again:
+    a timeout between leaves an image made and never recorded. One CreateImage throttled on every
+    attempt backs off for up to the SDK's truncated exponential backoff over the clients' attempts,
+    then a retried attempt refused as a duplicate name is looked up for Timing.lookup_delays."""
+    _, bake = functions_by_handler(source)["bake"]
+    attempts = int(client_config().retries["total_max_attempts"])
+    backoff = sum(min(2**i, ExponentialBackoff._MAX_BACKOFF) for i in range(attempts - 1))
+    assert bake["Timeout"] >= 2 * (backoff + sum(baker.Timing().lookup_delays))
 
 
 def test_bake_rules_one_per_scheduled_family(
@@ -537,8 +550,9 @@ def test_report_bucket(source: dict[str, Any]) -> None:
         assert bucket["DeletionPolicy"] == "Retain"
     report = buckets[report_id]["Properties"]
     assert ref_id(report["LoggingConfiguration"]["DestinationBucketName"]) == logs_id
-    expirations = [r.get("ExpirationInDays") for r in report["LifecycleConfiguration"]["Rules"]]
-    assert 90 in expirations
+    # Every run's report stays (design.md, The ledger): the record that outlives the ledger's retention.
+    rules = report["LifecycleConfiguration"]["Rules"]
+    assert not [r for r in rules if "ExpirationInDays" in r or "ExpirationDate" in r], rules
     tls_only = {
         ref_id(p["Properties"]["Bucket"])
         for p in resources(source, "AWS::S3::BucketPolicy").values()
