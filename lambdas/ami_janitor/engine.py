@@ -952,13 +952,9 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
     if described is None:
         # Deregistered since the request was queued, or never this account's (a forged request): retrying
         # cannot help.
-        return replication.CopyResult(
-            family=request.family,
-            source_image_id=request.source_image_id,
-            source_region=request.source_region,
-            region=request.region,
-            generation=request.generation,
-            status="skipped",
+        return replication.CopyResult.of(
+            request,
+            "skipped",
             detail=(
                 f"source {request.source_image_id} is not one of this account's AMIs in {request.source_region}: "
                 "deregistered since the request was queued, or never one of them"
@@ -980,15 +976,7 @@ def start_requested_copy(request: Copy, policy: Policy, clients_for: ClientsFor)
     if key is not None and key.passing:
         # KMS failed for a while: no refusal of the request (the policy may well make it), a copy that
         # failed for now, tried again with the message.
-        return replication.CopyResult(
-            family=request.family,
-            source_image_id=request.source_image_id,
-            source_region=request.source_region,
-            region=request.region,
-            generation=request.generation,
-            status="failed",
-            error=f"{target.kms_key_id}: {key.problem}",
-        )
+        return replication.CopyResult.of(request, "failed", error=f"{target.kms_key_id}: {key.problem}")
     copy = replication.rebuild_copy(request, source, policy, existing, key)
     return copier.start_copy(clients_for, copy, source, policy, existing, ledger_for=ledger_for)
 

@@ -88,7 +88,9 @@ class CopyResult(BaseModel):
     detail: str | None = None
 
     @classmethod
-    def of(cls, copy: Copy, status: Status) -> "CopyResult":
+    def of(
+        cls, copy: Copy, status: Status, *, error: str | None = None, detail: str | None = None
+    ) -> "CopyResult":
         return cls(
             family=copy.family,
             source_image_id=copy.source_image_id,
@@ -96,6 +98,8 @@ class CopyResult(BaseModel):
             region=copy.region,
             generation=copy.generation,
             status=status,
+            error=error,
+            detail=detail,
         )
 
 
