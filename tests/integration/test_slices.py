@@ -506,15 +506,13 @@ def test_the_next_run_says_once_which_earlier_run_never_finished_its_slices(depl
     assert not record.mark_unfinished_reported(REGION, run, now())
 
 
-def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_the_next(
-    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The run that names an unfinished run fails to write its report (here the bucket is gone, and
-    EventBridge invokes the function again): the record is not marked, so the next run names it."""
+def _run_left_unfinished_long_ago(deployed: Deployment) -> tuple[str, Ledger]:
+    """A run whose last slice was parked in the dead-letter queue (never worked), started 13 hours ago:
+    past the age a queued slice may reach, the next run names it. Its run, and the region's ledger."""
     _, bodies = deployed.planned()
     run = WorkSlice.model_validate_json(bodies[0]).run
     for body in bodies[:-1]:
-        deployed.work(body)  # the last slice is parked in the dead-letter queue: never worked
+        deployed.work(body)
     db = boto3.client("dynamodb", region_name=REGION)
     db.update_item(
         TableName=DEFAULT_LEDGER_TABLE,
@@ -522,7 +520,15 @@ def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_t
         UpdateExpression="SET started = :at",
         ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
     )
-    table = Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
+    return run, Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
+
+
+def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_the_next(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run that names an unfinished run fails to write its report (here the bucket is gone, and
+    EventBridge invokes the function again): the record is not marked, so the next run names it."""
+    run, table = _run_left_unfinished_long_ago(deployed)
 
     monkeypatch.setenv("REPORT_BUCKET", "reports-gone")
     with pytest.raises(ClientError):
@@ -547,18 +553,7 @@ def test_a_run_with_no_report_bucket_whose_slices_send_the_mail_leaves_the_unfin
     """Without a report bucket, a run that queues slices writes no part: its last slice mails what the
     run's record holds, which names no earlier run. The unfinished run it found stays unmarked, for a
     later run to name."""
-    _, bodies = deployed.planned()
-    run = WorkSlice.model_validate_json(bodies[0]).run
-    for body in bodies[:-1]:
-        deployed.work(body)  # the last slice is parked in the dead-letter queue: never worked
-    db = boto3.client("dynamodb", region_name=REGION)
-    db.update_item(
-        TableName=DEFAULT_LEDGER_TABLE,
-        Key=run_key(REGION, run),
-        UpdateExpression="SET started = :at",
-        ExpressionAttributeValues={":at": {"S": iso(now() - timedelta(hours=13))}},
-    )
-    table = Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
+    run, table = _run_left_unfinished_long_ago(deployed)
 
     monkeypatch.delenv("REPORT_BUCKET")
     assert scheduled.handler(SCHEDULED, Context())["slices_queued"] > 0
