@@ -702,3 +702,51 @@ def test_the_summary_mail_names_a_few_of_each_list_however_large_the_fleet(
     assert "tampered: 3980 more in the report" in lines
     assert sum(line.startswith("tampered: us-east-1 ami-") for line in lines) == 20
     assert max(len(line) for line in lines) <= 1000
+
+
+def test_unfinished_runs_the_mail_alone_names_are_marked_reported_and_the_rest_left_for_later(
+    lambda_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a report bucket the mail is the only report: it names 20 unfinished runs, and the runs
+    past them, named nowhere, are left unmarked for a later run's mail (with a bucket, the report
+    names them all)."""
+    write_policy(lambda_env, "enforce")
+    sns = boto3.client("sns", region_name="us-east-1")
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    topic = sns.create_topic(Name="janitor")["TopicArn"]
+    mail = sqs.create_queue(QueueName="mail")["QueueUrl"]
+    mail_arn = sqs.get_queue_attributes(QueueUrl=mail, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=mail_arn)
+    monkeypatch.setenv("TOPIC_ARN", topic)
+    monkeypatch.delenv("REPORT_BUCKET", raising=False)
+    runs = [f"2026-11-{n + 1:02d}T03:00:00Z" for n in range(25)]
+    plan = Plan(
+        mode="enforce",
+        generated_at="2026-11-30T03:00:00Z",
+        regions=[RegionStatus(region="us-east-1", status="ok")],
+        decisions=[],
+    )
+    result = engine.RunResult(
+        plan=plan,
+        unfinished_runs=[f"us-east-1: run {run}: 1 of its 2 slices never finished" for run in runs],
+        unfinished_keys=[("us-east-1", run) for run in runs],
+    )
+    monkeypatch.setattr(engine, "run", lambda *args, **kwargs: result)
+    marked: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        engine, "mark_unfinished_reported", lambda policy, result, *_: marked.extend(result.unfinished_keys)
+    )
+
+    scheduled.handler(event("scheduled.json"), Context())
+
+    [message] = sqs.receive_message(QueueUrl=mail, MaxNumberOfMessages=10)["Messages"]
+    text = json.loads(message["Body"])["Message"]
+    assert marked == [("us-east-1", run) for run in runs[:20]]
+    assert all(f"run {run}:" in text for run in runs[:20]) and "unfinished run: 5 more" in text
+
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="reports")
+    monkeypatch.setenv("REPORT_BUCKET", "reports")
+    marked.clear()
+    scheduled.handler(event("scheduled.json"), Context())
+    assert marked == [("us-east-1", run) for run in runs]

@@ -88,11 +88,12 @@ def report_key(region: str, run: str, *, part: str | None = None) -> str:
 
 def publish(
     env: Environment, factory: ClientFactory, report: engine.RunReport, *, waiting: bool = False
-) -> bool:
+) -> int:
     """The report to the bucket and its summary to the topic, where the deploy gives them. A run
     `waiting` for its queued slices leaves only its part in the bucket: its last slice sends the whole.
-    True when what the report names is out: written to the bucket, or mailed. Without a bucket, a
-    waiting run's slices only have the run's record to report from, which names no earlier run."""
+    Returns how many of the report's unfinished runs are out: all where it is written to the bucket,
+    those the mail names where it is only mailed, none otherwise (without a bucket, a waiting run's
+    slices only have the run's record to report from, which names no earlier run)."""
     clients = factory(env.region)
     if env.report_bucket:
         clients.s3.put_object(
@@ -107,7 +108,9 @@ def publish(
             Subject=f"ami-janitor {env.region}: {report.summary.retired} retired"[:100],
             Message=summary_text(env.region, report),
         )
-    return bool(env.report_bucket) or bool(env.topic_arn and not waiting)
+    if env.report_bucket:
+        return len(report.unfinished_runs)
+    return min(len(report.unfinished_runs), _LIST_LINES) if env.topic_arn and not waiting else 0
 
 
 def _enqueuer(factory: ClientFactory, region: str, queue: str | None) -> engine.Enqueue | None:
@@ -156,8 +159,12 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     for status in report.regions:
         if status.status == "skipped":
             logger.error("region skipped: no decision on a partial inventory", extra={"error": status.error})
-    if publish(env, factory, report, waiting=result.slices_queued > 0):
-        engine.mark_unfinished_reported(policy, result, factory, now)  # once the report naming them is out
+    named = publish(env, factory, report, waiting=result.slices_queued > 0)
+    # Once the report naming them is out; those it could not name are left for a later run.
+    named_keys = result.unfinished_keys[:named]
+    engine.mark_unfinished_reported(
+        policy, result.model_copy(update={"unfinished_keys": named_keys}), factory, now
+    )
     answer = ScheduledRunResult(
         mode=policy.mode, region=env.region, summary=summary, slices_queued=result.slices_queued
     ).model_dump(mode="json")
