@@ -413,6 +413,7 @@ def run(
     publish_reports: bool = False,
     progress: Progress = _quiet,
     event_id: str | None = None,
+    invocation: str | None = None,
     confirmed: Plan | None = None,
 ) -> RunResult:
     """A scheduled run in one pass: one plan (retirement, Latest, shares, copies), then applied in a
@@ -434,6 +435,8 @@ def run(
     invocation again with the same event; where the first had queued its slices (and failed after,
     say writing its report), they may have acted already, and the second plan would pick the next
     AMIs: up to twice `max_actions_per_run` for one scheduled event. The second queues none.
+    `invocation`: Lambda's request id, which its retries keep (a retry takes over the claim of its own
+    earlier attempt that queued nothing).
 
     `confirmed`: the plan an operator was shown and agreed to (the CLI's `apply` in a terminal). The
     plan is made again from a fresh read; where it would write anything that one did not show, nothing
@@ -506,7 +509,15 @@ def run(
     )
     for region, work in sorted(cut.items()):
         result = _queue_slices(
-            result, region, work, policy, clients_for(region), work_queue or "", now, event_id=event_id
+            result,
+            region,
+            work,
+            policy,
+            clients_for(region),
+            work_queue or "",
+            now,
+            event_id=event_id,
+            invocation=invocation,
         )
     if work_queue is not None:
         keys, lines = unfinished_runs(own, now)
@@ -675,6 +686,7 @@ def _queue_slices(
     now: datetime,
     *,
     event_id: str | None = None,
+    invocation: str | None = None,
 ) -> RunResult:
     """Record the run's slices and queue them; where that fails, their stages fail (nothing was done
     to them: the next run plans them again). A scheduled event whose slices were queued before (a
@@ -691,7 +703,15 @@ def _queue_slices(
 
     try:
         queued = slicer.queue_run(
-            clients, policy, queue_url, work, plan_summary=summary, counts=counts, now=now, event_id=event_id
+            clients,
+            policy,
+            queue_url,
+            work,
+            plan_summary=summary,
+            counts=counts,
+            now=now,
+            event_id=event_id,
+            invocation=invocation,
         )
     except slicer.RunRecordedBefore as duplicate:
         skipped = [

@@ -705,13 +705,36 @@ def test_a_second_delivery_of_an_event_whose_claim_is_not_recorded_yet_does_not_
     records = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE)
     start = now()
     first, second, third = (iso(start + timedelta(seconds=s)) or "" for s in (0, 1, 2))
-    assert records.claim_event(REGION, "event-1", first, start) is None
+    assert records.claim_event(REGION, "event-1", first, start, "request-1") is None
 
-    held = records.claim_event(REGION, "event-1", second, start + timedelta(seconds=1))
-    late = records.claim_event(REGION, "event-1", third, start + runs.SCHEDULED_RUN_TIMEOUT)
+    held = records.claim_event(REGION, "event-1", second, start + timedelta(seconds=1), "request-2")
+    late = records.claim_event(REGION, "event-1", third, start + runs.SCHEDULED_RUN_TIMEOUT, "request-3")
 
     assert held == first  # its stages are skipped: "the scheduled event ... was run before"
     assert late is None  # the first run is over, having recorded nothing: this one takes the claim over
+
+
+def test_lambdas_retry_of_an_invocation_that_died_between_claim_and_record_takes_its_claim_over(
+    moto_aws: None,
+) -> None:
+    """The first attempt claimed the event, then died before it recorded its slices, its claim not
+    given back (killed: out of memory). Lambda runs a failed invocation again about a minute later,
+    with the same request id: nothing of the event was queued, and the retry takes the claim over. A
+    second delivery of the event (another invocation) is still held off."""
+    make_ledger()
+    records = RunRecords(boto3.client("dynamodb", region_name=REGION), DEFAULT_LEDGER_TABLE)
+    start = now()
+    first, duplicate, retry = (iso(start + timedelta(seconds=s)) or "" for s in (0, 30, 60))
+    assert records.claim_event(REGION, "event-1", first, start, "request-1") is None
+
+    assert (
+        records.claim_event(REGION, "event-1", duplicate, start + timedelta(seconds=30), "request-2") == first
+    )
+    assert records.claim_event(REGION, "event-1", retry, start + timedelta(minutes=1), "request-1") is None
+    # The retry's claim holds against the duplicate in its turn.
+    assert (
+        records.claim_event(REGION, "event-1", duplicate, start + timedelta(minutes=2), "request-2") == retry
+    )
 
 
 def test_a_slice_delivered_again_after_it_acted_but_before_it_was_counted_counts_its_amis_retired(

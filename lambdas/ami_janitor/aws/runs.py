@@ -130,15 +130,19 @@ class RunRecords:
             },
         )
 
-    def claim_event(self, region: str, event_id: str, run: str, at: datetime) -> str | None:
-        """Claim a scheduled event's slices in `region` for `run` at `at` (the run's `now`): None where
+    def claim_event(
+        self, region: str, event_id: str, run: str, at: datetime, invocation: str | None = None
+    ) -> str | None:
+        """Claim a scheduled event's slices in `region` for `run` at `at` (the run's `now`), by
+        `invocation` (Lambda's request id, which its retries of a failed invocation keep): None where
         this run claims it, else the run that claimed it first (a delivery of the same event before
         this one) and recorded its slices, or may still record them: its claim is younger than
-        SCHEDULED_RUN_TIMEOUT (EventBridge delivered the event twice, and that run is between its claim
-        and its record). A run that claimed the event longer ago and recorded nothing queued nothing
-        (its invocation was killed, a timeout; Lambda runs it again only after that): this run takes
-        its claim over, as it does a claim that says not when it was made. A claim this call wrote,
-        whose answer was lost and sent again, is this run's (conditional_update)."""
+        SCHEDULED_RUN_TIMEOUT and another invocation's (EventBridge delivered the event twice, and that
+        run is between its claim and its record). A claim that recorded nothing is taken over where
+        it is this invocation's own (Lambda runs a failed invocation again about a minute later: the
+        earlier attempt is over, killed or failed before it recorded its slices), older than that, or
+        says not when it was made. A claim this call wrote, whose answer was lost and sent again, is
+        this run's (conditional_update)."""
         expires = int((at + timedelta(days=EVENT_CLAIM_DAYS)).timestamp())
 
         def claim(condition: str, **values: str) -> bool:
@@ -147,12 +151,13 @@ class RunRecords:
                     self.db,
                     self.table,
                     event_key(region, event_id),
-                    UpdateExpression="SET #run = :run, claimed = :at, #ttl = :ttl",
+                    UpdateExpression="SET #run = :run, claimed = :at, invocation = :invocation, #ttl = :ttl",
                     ConditionExpression=condition,
                     ExpressionAttributeNames={"#run": "run", "#ttl": TTL_ATTRIBUTE},
                     ExpressionAttributeValues={
                         ":run": {"S": run},
                         ":at": {"S": iso(at) or ""},
+                        ":invocation": {"S": invocation or ""},
                         ":ttl": {"N": str(expires)},
                         **{f":{name}": {"S": value} for name, value in values.items()},
                     },
@@ -162,20 +167,26 @@ class RunRecords:
 
         if claim("attribute_not_exists(#run)"):
             return None
-        claimed, claimed_at = self._claim(region, event_id)
+        claimed, claimed_at, by = self._claim(region, event_id)
         if claimed and self._recorded(region, claimed):
             return claimed
-        if claimed and claimed_at is not None and at - claimed_at < SCHEDULED_RUN_TIMEOUT:
+        retried = bool(invocation) and by == invocation
+        if claimed and not retried and claimed_at is not None and at - claimed_at < SCHEDULED_RUN_TIMEOUT:
             return claimed
         if claim("attribute_not_exists(#run) OR #run = :claimed", claimed=claimed):
             return None
         return self._claim(region, event_id)[0] or claimed
 
-    def _claim(self, region: str, event_id: str) -> tuple[str, datetime | None]:
-        """The run that holds the event's claim ("" for none), and when it claimed it."""
+    def _claim(self, region: str, event_id: str) -> tuple[str, datetime | None, str]:
+        """The run that holds the event's claim ("" for none), when it claimed it, and by which
+        invocation ("" where it says not)."""
         answer = self.db.get_item(TableName=self.table, Key=event_key(region, event_id), ConsistentRead=True)
         item = answer.get("Item", {})
-        return item.get("run", {}).get("S", ""), parse_time(item.get("claimed", {}).get("S"))
+        return (
+            item.get("run", {}).get("S", ""),
+            parse_time(item.get("claimed", {}).get("S")),
+            item.get("invocation", {}).get("S", ""),
+        )
 
     def release_event(self, region: str, event_id: str, run: str) -> None:
         """Give back `run`'s claim of a scheduled event none of whose slices were queued (SQS refused

@@ -361,17 +361,18 @@ def queue_run(
     counts: Mapping[str, int],
     now: datetime,
     event_id: str | None = None,
+    invocation: str | None = None,
 ) -> int:
     """Record the run's slices in the ledger table (its summary waits for the last), then queue them.
     With `event_id` (a scheduled event's), once per event: RunRecordedBefore where a run of the same
-    event claimed it first."""
+    event claimed it first (`invocation`: Lambda's request id, runs.RunRecords.claim_event)."""
     if not work:
         return 0
     records = runs.RunRecords(
         clients.dynamodb, policy.ledger.table, retention_days=policy.ledger.retention_days
     )
     if event_id is not None:
-        claimed = records.claim_event(clients.region, event_id, work[0].run, now)
+        claimed = records.claim_event(clients.region, event_id, work[0].run, now, invocation)
         if claimed is not None:
             raise RunRecordedBefore(
                 f"the scheduled event {event_id} was run before in {clients.region} (run {claimed}: Lambda "

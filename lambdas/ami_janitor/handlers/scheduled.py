@@ -148,6 +148,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         work_queue=env.work_queue_url,
         publish_reports=True,
         event_id=scheduled.id,
+        invocation=context.aws_request_id,
     )
     report = result.report()
     summary = report.summary
