@@ -644,13 +644,8 @@ def test_the_scheduled_run_sends_the_accounts_usage_report_unless_paused(lambda_
     assert list(report["uses"]) == ["ami-0123456789abcdef0"] and base not in report["uses"]
 
 
-def test_the_summary_mail_names_a_few_of_each_list_however_large_the_fleet(
-    lambda_env: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each AMI two families match is a policy error of its own: a fleet with thousands of them (and
-    long lines) must still get its summary. SNS refuses a message over 256 KiB, which failed the run
-    after its report was written, and every retry of it."""
-    write_policy(lambda_env, "enforce")
+def mail_queue(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The alert topic, with a queue subscribed to it (its URL) that receives the summary mails."""
     sns = boto3.client("sns", region_name="us-east-1")
     sqs = boto3.client("sqs", region_name="us-east-1")
     topic = sns.create_topic(Name="janitor")["TopicArn"]
@@ -658,6 +653,25 @@ def test_the_summary_mail_names_a_few_of_each_list_however_large_the_fleet(
     mail_arn = sqs.get_queue_attributes(QueueUrl=mail, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=mail_arn)
     monkeypatch.setenv("TOPIC_ARN", topic)
+    return str(mail)
+
+
+def mails(queue: str) -> list[str]:
+    """The summary mails `queue` (mail_queue) received."""
+    answer = boto3.client("sqs", region_name="us-east-1").receive_message(
+        QueueUrl=queue, MaxNumberOfMessages=10
+    )
+    return [json.loads(m["Body"])["Message"] for m in answer.get("Messages", [])]
+
+
+def test_the_summary_mail_names_a_few_of_each_list_however_large_the_fleet(
+    lambda_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each AMI two families match is a policy error of its own: a fleet with thousands of them (and
+    long lines) must still get its summary. SNS refuses a message over 256 KiB, which failed the run
+    after its report was written, and every retry of it."""
+    write_policy(lambda_env, "enforce")
+    mail = mail_queue(monkeypatch)
     conflicts = [f"ami-{n:017x} matches several families (web, web-tagged): kept" for n in range(4000)]
     tampered = [
         Tampered(
@@ -689,8 +703,7 @@ def test_the_summary_mail_names_a_few_of_each_list_however_large_the_fleet(
 
     assert scheduled.handler(event("scheduled.json"), Context())["mode"] == "enforce"
 
-    [message] = sqs.receive_message(QueueUrl=mail, MaxNumberOfMessages=10)["Messages"]
-    text = json.loads(message["Body"])["Message"]
+    [text] = mails(mail)
     lines = text.splitlines()
     assert len(text.encode()) < 64 * 1024
     assert [line for line in lines if line.startswith("policy error: ami-")] == [
@@ -711,13 +724,7 @@ def test_unfinished_runs_the_mail_alone_names_are_marked_reported_and_the_rest_l
     past them, named nowhere, are left unmarked for a later run's mail (with a bucket, the report
     names them all)."""
     write_policy(lambda_env, "enforce")
-    sns = boto3.client("sns", region_name="us-east-1")
-    sqs = boto3.client("sqs", region_name="us-east-1")
-    topic = sns.create_topic(Name="janitor")["TopicArn"]
-    mail = sqs.create_queue(QueueName="mail")["QueueUrl"]
-    mail_arn = sqs.get_queue_attributes(QueueUrl=mail, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=mail_arn)
-    monkeypatch.setenv("TOPIC_ARN", topic)
+    mail = mail_queue(monkeypatch)
     monkeypatch.delenv("REPORT_BUCKET", raising=False)
     runs = [f"2026-11-{n + 1:02d}T03:00:00Z" for n in range(25)]
     plan = Plan(
@@ -739,8 +746,7 @@ def test_unfinished_runs_the_mail_alone_names_are_marked_reported_and_the_rest_l
 
     scheduled.handler(event("scheduled.json"), Context())
 
-    [message] = sqs.receive_message(QueueUrl=mail, MaxNumberOfMessages=10)["Messages"]
-    text = json.loads(message["Body"])["Message"]
+    [text] = mails(mail)
     assert marked == [("us-east-1", run) for run in runs[:20]]
     assert all(f"run {run}:" in text for run in runs[:20]) and "unfinished run: 5 more" in text
 

@@ -523,6 +523,19 @@ def _run_left_unfinished_long_ago(deployed: Deployment) -> tuple[str, Ledger]:
     return run, Ledger(RegionClients(REGION, dynamodb=db), DEFAULT_LEDGER_TABLE)
 
 
+def _next_run_with_its_bucket_names_it_once(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch, run: str, table: Ledger
+) -> None:
+    """The next run, with the report bucket, names the unfinished `run` once in its mail and marks it."""
+    monkeypatch.setenv("REPORT_BUCKET", "reports")
+    scheduled.handler(SCHEDULED, Context())
+    for body in deployed.queued():
+        deployed.work(body)
+    [mail] = deployed.mails()
+    assert sum(line.startswith(f"unfinished run: {REGION}: run {run}:") for line in mail.splitlines()) == 1
+    assert run not in [u.run for u in table.read_all().unfinished_runs]  # marked: said once
+
+
 def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_the_next(
     deployed: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -536,15 +549,7 @@ def test_a_run_that_dies_before_its_report_is_out_leaves_the_unfinished_run_to_t
     deployed.queued()  # that run's slices: it failed, the next plans those AMIs again
     assert run in [u.run for u in table.read_all().unfinished_runs]  # not marked: nobody was told
 
-    monkeypatch.setenv("REPORT_BUCKET", "reports")
-    scheduled.handler(SCHEDULED, Context())
-    for body in deployed.queued():
-        deployed.work(body)
-    [mail] = deployed.mails()
-    assert (
-        sum(1 for line in mail.splitlines() if line.startswith(f"unfinished run: {REGION}: run {run}:")) == 1
-    )
-    assert run not in [u.run for u in table.read_all().unfinished_runs]  # marked: said once
+    _next_run_with_its_bucket_names_it_once(deployed, monkeypatch, run, table)
 
 
 def test_a_run_with_no_report_bucket_whose_slices_send_the_mail_leaves_the_unfinished_run_to_the_next(
@@ -563,13 +568,7 @@ def test_a_run_with_no_report_bucket_whose_slices_send_the_mail_leaves_the_unfin
     assert not any(line.startswith(f"unfinished run: {REGION}: run {run}:") for line in mail.splitlines())
     assert run in [u.run for u in table.read_all().unfinished_runs]  # not marked: nobody was told
 
-    monkeypatch.setenv("REPORT_BUCKET", "reports")
-    scheduled.handler(SCHEDULED, Context())
-    for body in deployed.queued():
-        deployed.work(body)
-    [mail] = deployed.mails()
-    assert sum(line.startswith(f"unfinished run: {REGION}: run {run}:") for line in mail.splitlines()) == 1
-    assert run not in [u.run for u in table.read_all().unfinished_runs]
+    _next_run_with_its_bucket_names_it_once(deployed, monkeypatch, run, table)
 
 
 def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_event(
