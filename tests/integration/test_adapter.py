@@ -2206,3 +2206,36 @@ def test_a_pointers_type_is_asked_before_it_is_written(stubbed: Stubbed, kind: s
     else:
         rotator._writable(s.clients, "/ami/web")
     s.verify()
+
+
+def test_records_are_made_visible_again_with_one_exact_change_message_visibility_batch() -> None:
+    """handlers.visibility.change_visibility: one ChangeMessageVisibilityBatch of the records' receipt
+    handles and seconds; a refusal is logged, not raised (the queue's visibility timeout applies)."""
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+    from ami_janitor.handlers.visibility import change_visibility
+    from lambda_events import sqs_record
+
+    sqs = botocore_session("us-east-1", "x", "x").create_client("sqs", region_name="us-east-1")
+    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/copies"
+    records = [
+        SQSRecord(
+            sqs_record("{}", message_id=f"m-{n}", queue_arn="arn:aws:sqs:us-east-1:123456789012:copies")
+        )
+        for n in range(2)
+    ]
+    entries = [
+        {"Id": "0", "ReceiptHandle": "handle-m-0", "VisibilityTimeout": 0},
+        {"Id": "1", "ReceiptHandle": "handle-m-1", "VisibilityTimeout": 120},
+    ]
+    with Stubber(sqs) as stub:
+        stub.add_response(
+            "change_message_visibility_batch",
+            {"Successful": [{"Id": "0"}, {"Id": "1"}], "Failed": []},
+            {"QueueUrl": queue, "Entries": entries},
+        )
+        stub.add_client_error("change_message_visibility_batch", "AWS.SimpleQueueService.NonExistentQueue")
+        change_visibility(sqs, queue, [(records[0], 0), (records[1], 120)], what="copy requests")
+        change_visibility(sqs, queue, [(records[0], 0)], what="copy requests")
+        change_visibility(sqs, queue, [], what="copy requests")  # nothing to change: no call
+        stub.assert_no_pending_responses()
