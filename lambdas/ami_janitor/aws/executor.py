@@ -160,22 +160,23 @@ def _tag(ec2: "EC2Client", resources: Sequence[str], tags: Mapping[str, str]) ->
 # ---- changes a retry may meet ---------------------------------------------------------------------
 
 
-def _done_already(ec2: "EC2Client", image_id: str, shows: Callable[[Image], bool]) -> bool:
-    """Whether EC2 now shows the AMI as a refused change would have left it (a failed read: no)."""
+def _shows_now(ec2: "EC2Client", image_id: str, shows: Callable[[Image | None], bool]) -> bool:
+    """Whether EC2 now shows the AMI (None: no longer listed) as `shows` asks (a failed read: no)."""
     try:
         image = describe_image(RegionClients(ec2.meta.region_name, ec2=ec2), image_id)
     except AWS_ERRORS:
         return False
-    return image is not None and shows(image)
+    return shows(image)
+
+
+def _done_already(ec2: "EC2Client", image_id: str, shows: Callable[[Image], bool]) -> bool:
+    """Whether EC2 now shows the AMI as a refused change would have left it (a failed read: no)."""
+    return _shows_now(ec2, image_id, lambda image: image is not None and shows(image))
 
 
 def _gone_now(ec2: "EC2Client", image_id: str) -> bool:
     """Whether EC2 no longer lists the AMI (a failed read: no)."""
-    try:
-        image = describe_image(RegionClients(ec2.meta.region_name, ec2=ec2), image_id)
-    except AWS_ERRORS:
-        return False
-    return image is None or image.state == "deregistered"
+    return _shows_now(ec2, image_id, lambda image: image is None or image.state == "deregistered")
 
 
 def _change(
