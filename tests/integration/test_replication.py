@@ -21,7 +21,13 @@ import lambda_events
 from ami_janitor import engine, roles
 from ami_janitor.aws import inventory, ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
-from ami_janitor.aws.copier import KMS_PERMISSIONS, PERMISSIONS, enqueue_copies, start_copy
+from ami_janitor.aws.copier import (
+    KMS_PERMISSIONS,
+    PERMISSIONS,
+    enqueue_copies,
+    send_again,
+    start_copy,
+)
 from ami_janitor.aws.inventory import count_calls
 from ami_janitor.core.model import Copy, Image, iso
 from ami_janitor.core.policy import (
@@ -886,6 +892,43 @@ def test_enqueued_copies_come_back_as_the_same_requests(aws: ClientFactory) -> N
             received.append(copy_from_message(message["Body"]))
             sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
     assert sorted(received, key=lambda c: c.source_image_id) == copies
+
+
+def test_requests_are_sent_again_with_exact_send_message_batches() -> None:
+    """copier.send_again: the bodies as they are, each with the delay, ten per call; an entry SQS
+    refuses for a reason of its own is sent once more; what the queue does not take is not raised."""
+    sqs = botocore_session(US, "x", "x").create_client("sqs", region_name=US)
+    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/copies"
+    bodies = [f'{{"n": {n}}}' for n in range(12)]
+
+    def entries(*positions: int) -> list[dict[str, Any]]:
+        return [{"Id": str(n % 10), "MessageBody": bodies[n], "DelaySeconds": 10} for n in positions]
+
+    def taken(*ids: int) -> list[dict[str, str]]:
+        return [{"Id": str(n), "MessageId": f"m-{n}", "MD5OfMessageBody": "0" * 32} for n in ids]
+
+    refused = {"Id": "3", "SenderFault": False, "Code": "InternalError"}
+    with Stubber(sqs) as stub:
+        stub.add_response(
+            "send_message_batch",
+            {"Successful": taken(0, 1, 2, 4, 5, 6, 7, 8, 9), "Failed": [refused]},
+            {"QueueUrl": queue, "Entries": entries(*range(10))},
+        )
+        stub.add_response(
+            "send_message_batch",
+            {"Successful": [], "Failed": [refused]},
+            {"QueueUrl": queue, "Entries": entries(3)},
+        )
+        stub.add_response(
+            "send_message_batch",
+            {"Successful": taken(0, 1), "Failed": []},
+            {"QueueUrl": queue, "Entries": entries(10, 11)},
+        )
+        stub.add_client_error("send_message_batch", "AWS.SimpleQueueService.NonExistentQueue")
+        assert send_again(sqs, queue, bodies, delay_seconds=10) == set(range(12)) - {3}
+        assert send_again(sqs, queue, bodies[:1], delay_seconds=10) == set()
+        assert send_again(sqs, queue, [], delay_seconds=10) == set()  # nothing to send: no call
+        stub.assert_no_pending_responses()
 
 
 Context = lambda_events.Context

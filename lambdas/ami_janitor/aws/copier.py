@@ -224,18 +224,40 @@ def enqueue_copies(sqs_client: SQSClient, queue_url: str, copies: Sequence[Copy]
     An entry SQS refuses for a reason of its own (not the sender's fault) is sent once more; what is
     still refused, or a call that fails, is not queued and not raised: the next reconcile plans it again.
     """
-    sent = 0
-    for start in range(0, len(copies), SEND_MESSAGE_BATCH_MAX):
-        entries: list[SendMessageBatchRequestEntryTypeDef] = [
-            {"Id": str(n), "MessageBody": copy.model_dump_json()}
-            for n, copy in enumerate(copies[start : start + SEND_MESSAGE_BATCH_MAX])
-        ]
+    return len(_send_bodies(sqs_client, queue_url, [copy.model_dump_json() for copy in copies]))
+
+
+# The replication worker's grant to send again (SendMessageBatch is authorized as sqs:SendMessage) comes
+# with its queue, as the senders' grants do (infra.replication: the stack grants sqs actions on its own
+# queues).
+def send_again(
+    sqs_client: SQSClient, queue_url: str, bodies: Sequence[str], *, delay_seconds: int
+) -> set[int]:
+    """Send the message bodies again, each as a new message delivered after `delay_seconds` (ten per
+    call, as enqueue_copies); returns the positions in `bodies` of those SQS took. A new message's
+    receive count starts afresh. Not raised: a body not sent again is the caller's to keep."""
+    return _send_bodies(sqs_client, queue_url, bodies, delay_seconds)
+
+
+def _send_bodies(
+    sqs_client: SQSClient, queue_url: str, bodies: Sequence[str], delay_seconds: int | None = None
+) -> set[int]:
+    """SendMessageBatch of the bodies, ten per call; an entry refused not for the sender's fault is sent
+    once more. The positions in `bodies` of the messages sent."""
+    sent: set[int] = set()
+    for start in range(0, len(bodies), SEND_MESSAGE_BATCH_MAX):
+        entries: list[SendMessageBatchRequestEntryTypeDef] = []
+        for n, body in enumerate(bodies[start : start + SEND_MESSAGE_BATCH_MAX]):
+            entry: SendMessageBatchRequestEntryTypeDef = {"Id": str(n), "MessageBody": body}
+            if delay_seconds is not None:
+                entry["DelaySeconds"] = delay_seconds
+            entries.append(entry)
         for _attempt in range(2):
             try:
                 answer = sqs_client.send_message_batch(QueueUrl=queue_url, Entries=entries)
             except AWS_ERRORS:
                 break
-            sent += len(answer.get("Successful") or [])
+            sent.update(start + int(done["Id"]) for done in answer.get("Successful") or [])
             again = {f["Id"] for f in answer.get("Failed") or [] if not f.get("SenderFault")}
             entries = [entry for entry in entries if entry["Id"] in again]
             if not entries:
