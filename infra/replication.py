@@ -60,9 +60,13 @@ class Replication(Construct):
             alerts=alerts,
             timeout=WORKER_TIMEOUT,
             memory_size=512,
-            # The records an invocation has no time left for are made visible again at once.
+            # The records an invocation has no time left for are sent again to the queue (or, where that
+            # fails, made visible again at once).
             environment={REPLICATION_QUEUE_URL: self.queue.queue_url},
-            infra=[consume_statement("ConsumeCopyRequests", self.queue, "sqs:ChangeMessageVisibility")],
+            infra=[
+                consume_statement("ConsumeCopyRequests", self.queue, "sqs:ChangeMessageVisibility"),
+                Statement("SendCopyRequestsAgain", ("sqs:SendMessage",), (self.queue.queue_arn,)),
+            ],
         )
         consume(
             self,
@@ -93,8 +97,10 @@ class Replication(Construct):
 
     def accept_requests_only_from(self, senders: Sequence[iam.IRole]) -> None:
         """Deny sending copy requests to every principal but `senders` (the roles of the functions that
-        enqueue). An identity policy elsewhere in the account (an administrator's sqs:*) could otherwise
+        enqueue) and the worker (which sends again, unchanged, the requests it received and had no time
+        left for). An identity policy elsewhere in the account (an administrator's sqs:*) could otherwise
         queue a copy; the worker rebuilds every request from the policy as well."""
+        senders = [*senders, self.worker.role]
         self.queue.add_to_resource_policy(
             iam.PolicyStatement(
                 sid="OnlyJanitorSendsCopyRequests",

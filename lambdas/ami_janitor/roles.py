@@ -93,6 +93,7 @@ EVENT_PERMISSIONS: list[str] = sorted(
 # (ec2:DescribeImages, already in copier.PERMISSIONS), the ledger checks and item reads are the
 # copier's too (dynamodb:DescribeTable, BatchGetItem); the KMS actions are what EC2 does with a
 # target's key on this role's behalf, and DescribeKey resolves a target's alias again before the copy.
+# The requests it has no time left for are sent again to its queue (sqs:SendMessage comes with the queue).
 REPLICATE_PERMISSIONS: list[str] = sorted(
     set(copier.PERMISSIONS) | set(copier.KMS_PERMISSIONS) | set(kms.PERMISSIONS)
 )

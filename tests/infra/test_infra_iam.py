@@ -39,10 +39,11 @@ INFRA_EXTRAS = {
     "ami_event": LOGS
     | {"sqs:SendMessage", "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"}
     | {"sqs:ChangeMessageVisibility"},
-    # what its SQS event source mapping does with the role, and the visibility of the records it has
-    # no time left for
+    # what its SQS event source mapping does with the role, and the records it has no time left for:
+    # sent again to its queue, or made visible again where that fails
     "replicate": LOGS
-    | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ChangeMessageVisibility"},
+    | {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ChangeMessageVisibility"}
+    | {"sqs:SendMessage"},
     # the on-failure destination queue
     "bake": LOGS | {"sqs:SendMessage"},
     # its results beside the run's report and read back, the summary, what its event source mapping does
@@ -152,7 +153,10 @@ def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[
                     elif service == "sns":
                         assert targets == {f"<{topic}>"}
                     elif action == "sqs:SendMessage":
-                        sends = {"scheduled": {queue, work}, "ami_event": {queue}}.get(module, set())
+                        # The replication worker sends again the requests it has no time left for.
+                        sends = {"scheduled": {queue, work}, "ami_event": {queue}, "replicate": {queue}}.get(
+                            module, set()
+                        )
                         # The failed-invocations queue: the functions invoked asynchronously.
                         destinations = {failed} if module in ("scheduled", "bake") else set()
                         assert targets <= {f"<{q}>" for q in {*destinations, *sends}}, module
