@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -931,6 +932,44 @@ def test_requests_are_sent_again_with_exact_send_message_batches() -> None:
         stub.assert_no_pending_responses()
 
 
+def test_the_worker_sends_again_each_record_it_has_no_time_for_with_its_delay(
+    worker_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exact SendMessageBatch of the worker's records left for the next invocation: their bodies as
+    received, delivered after SEND_AGAIN_DELAY_SECONDS; the records SQS took are acknowledged."""
+    queue = "https://sqs.us-east-1.amazonaws.com/123456789012/copies"
+    monkeypatch.setenv("REPLICATION_QUEUE_URL", queue)
+    sqs = botocore_session(US, "x", "x").create_client("sqs", region_name=US)
+    monkeypatch.setattr(replicate, "ClientFactory", lambda *_: lambda region: SimpleNamespace(sqs=sqs))
+    bodies = [copy_of(source_image(image_id=f"ami-{n:017x}")).model_dump_json() for n in range(1, 3)]
+    event = sqs_event(*bodies)
+    with Stubber(sqs) as stub:
+        stub.add_response(
+            "send_message_batch",
+            {"Successful": [{"Id": "0", "MessageId": "m-0", "MD5OfMessageBody": "0" * 32}], "Failed": []},
+            {
+                "QueueUrl": queue,
+                "Entries": [
+                    {"Id": str(n), "MessageBody": body, "DelaySeconds": replicate.SEND_AGAIN_DELAY_SECONDS}
+                    for n, body in enumerate(bodies)
+                ],
+            },
+        )
+        # The one SQS did not take is made visible again at once.
+        stub.add_response(
+            "change_message_visibility_batch",
+            {"Successful": [{"Id": "0"}], "Failed": []},
+            {
+                "QueueUrl": queue,
+                "Entries": [{"Id": "0", "ReceiptHandle": "handle-message-1", "VisibilityTimeout": 0}],
+            },
+        )
+        answer = replicate.handler(event, Context(remaining_millis=replicate.RESERVE_MILLIS - 1))  # type: ignore[arg-type]
+        stub.assert_no_pending_responses()
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
+    assert 0 < replicate.SEND_AGAIN_DELAY_SECONDS <= 900  # SQS's bounds of DelaySeconds
+
+
 Context = lambda_events.Context
 
 
@@ -1013,13 +1052,28 @@ class Clock(lambda_events.Context):
         return Clock.timeout_ms - Clock.spent_ms
 
 
-def test_the_worker_starts_no_copy_it_has_no_time_left_for_and_makes_it_visible_again_at_once(
-    aws: ClientFactory, worker_env: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Slow copies (throttled): the worker stops while it can still answer. Killed at its timeout
-    instead, its answer is lost and SQS delivers every record of the batch again, those done too, each
-    delivery counting toward the dead-letter queue."""
-    monkeypatch.setattr(replicate, "ClientFactory", SlowCopies)
+class SlowCopiesNoSending(SlowCopies):
+    """SlowCopies, and SendMessageBatch to the queue refused (throttled past the SDK's retries)."""
+
+    def __call__(self, region: str) -> RegionClients:
+        clients = super().__call__(region)
+        if region == US:
+
+            def refuse(**_: Any) -> None:
+                raise ClientError(
+                    {"Error": {"Code": "RequestThrottled", "Message": "slow"}}, "SendMessageBatch"
+                )
+
+            clients.sqs.meta.events.register("before-call.sqs.SendMessageBatch", refuse, unique_id="refuse")
+        return clients
+
+
+def slow_batch(
+    aws: ClientFactory, monkeypatch: pytest.MonkeyPatch, factory: type[ClientFactory]
+) -> tuple[list[Image], list[dict[str, Any]], Any, str]:
+    """Five copy requests received in one batch from a queue whose visibility timeout is half an hour:
+    the sources, the messages, the queue's client and its URL."""
+    monkeypatch.setattr(replicate, "ClientFactory", factory)
     monkeypatch.setattr(Clock, "spent_ms", 0)
     sqs = aws(US).sqs
     queue = sqs.create_queue(QueueName="copies", Attributes={"VisibilityTimeout": "1800"})["QueueUrl"]
@@ -1029,22 +1083,146 @@ def test_the_worker_starts_no_copy_it_has_no_time_left_for_and_makes_it_visible_
         sqs.send_message(QueueUrl=queue, MessageBody=copy_of(source).model_dump_json())
     received = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
     assert len(received) == 5
+    return sources, received, sqs, queue
+
+
+def handle_slowly(received: list[dict[str, Any]]) -> dict[str, Any]:
     event = sqs_event(*(m["Body"] for m in received))
     for record, message in zip(event["Records"], received, strict=True):
         record.update(messageId=message["MessageId"], receiptHandle=message["ReceiptHandle"])
-
     try:
-        answer = replicate.handler(event, Clock())  # type: ignore[arg-type]
+        return replicate.handler(event, Clock())  # type: ignore[arg-type,return-value]
     except InvocationTimedOut:
         pytest.fail("the invocation ran into its timeout: every record of the batch comes again")
 
-    # 300 s: four copies leave 100 s, under the 120 s reserve: the fifth is left.
+
+def test_the_worker_starts_no_copy_it_has_no_time_left_for_and_sends_it_again_to_the_queue(
+    aws: ClientFactory, worker_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow copies (throttled): the worker stops while it can still answer. Killed at its timeout
+    instead, its answer is lost and SQS delivers every record of the batch again, those done too, each
+    delivery counting toward the dead-letter queue."""
+    sources, received, sqs, queue = slow_batch(aws, monkeypatch, SlowCopies)
+    # moto holds a delayed message back for the real seconds.
+    monkeypatch.setattr(replicate, "SEND_AGAIN_DELAY_SECONDS", 0)
+
+    answer = handle_slowly(received)
+
+    # 300 s: four copies leave 100 s, under the 120 s reserve: the fifth is left, sent again as a new
+    # message and acknowledged (the event source mapping deletes the original).
+    assert answer == {"batchItemFailures": []}
+    assert [len(copies_in(aws, EU, s.image_id)) for s in sources] == [1, 1, 1, 1, 0]
+    [again] = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, AttributeNames=["All"])["Messages"]
+    assert again["Body"] == received[4]["Body"]
+    # A message of its own, on its first receive: the receives of the original count for nothing.
+    assert again["MessageId"] != received[4]["MessageId"]
+    assert again["Attributes"]["ApproximateReceiveCount"] == "1"
+
+
+def test_a_request_not_sent_again_is_made_visible_again_at_once_and_reported_failed(
+    aws: ClientFactory, worker_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the queue does not take the request again, it is not lost: the original comes again at once,
+    a batch item failure (that delivery counted toward the dead-letter queue, as every delivery was
+    before)."""
+    sources, received, sqs, queue = slow_batch(aws, monkeypatch, SlowCopiesNoSending)
+
+    answer = handle_slowly(received)
+
     left = [m["MessageId"] for m in received[4:]]
     assert answer == {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in left]}
     assert [len(copies_in(aws, EU, s.image_id)) for s in sources] == [1, 1, 1, 1, 0]
     # Visible again at once (the queue's visibility timeout is half an hour); the others are not.
     again = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
     assert [m["MessageId"] for m in again] == left
+
+
+# As the deployed queue (infra.replication.MAX_RECEIVE_COUNT): five receives, then the dead-letter queue.
+MAX_RECEIVE_COUNT = 5
+
+
+class ThrottledSlowWest(ClientFactory):
+    """CopyImage in us-west-2 throttled past the SDK's retries: each call takes 200 s of the invocation
+    (`Clock`), then fails. `tries` counts the calls."""
+
+    tries = 0
+
+    def __call__(self, region: str) -> RegionClients:
+        clients = super().__call__(region)
+        if region == WEST:
+
+            def slow_then_throttled(**_: Any) -> None:
+                ThrottledSlowWest.tries += 1
+                Clock.spent_ms += 200_000
+                raise ClientError({"Error": {"Code": "RequestLimitExceeded", "Message": "slow"}}, "CopyImage")
+
+            clients.ec2.meta.events.register(
+                "before-call.ec2.CopyImage", slow_then_throttled, unique_id="slow-then-throttled"
+            )
+        return clients
+
+
+def deliver_until_empty(sqs: Any, queue: str) -> list[dict[str, Any]]:
+    """What the event source mapping does until the queue is empty: receive a batch, invoke the worker
+    with a fresh invocation's time, delete what it did not report as failed (moto parks a message in the
+    dead-letter queue past its redrive policy's maxReceiveCount). The worker's answers, in order."""
+    answers: list[dict[str, Any]] = []
+    for _ in range(4 * MAX_RECEIVE_COUNT):
+        messages = sqs.receive_message(
+            QueueUrl=queue, MaxNumberOfMessages=10, VisibilityTimeout=0, AttributeNames=["All"]
+        ).get("Messages", [])
+        if not messages:
+            return answers
+        event = sqs_event(*(m["Body"] for m in messages))
+        for record, message in zip(event["Records"], messages, strict=True):
+            record.update(
+                messageId=message["MessageId"],
+                receiptHandle=message["ReceiptHandle"],
+                attributes={**record["attributes"], **message["Attributes"]},
+            )
+        Clock.spent_ms = 0
+        answer = replicate.handler(event, Clock())  # type: ignore[arg-type]
+        answers.append(answer)
+        failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
+        for message in messages:
+            if message["MessageId"] not in failed:
+                sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    raise AssertionError("the queue never emptied")
+
+
+def test_a_request_left_for_the_next_invocation_delivery_after_delivery_is_never_parked_untried(
+    aws: ClientFactory, worker_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long throttling: the first request of each batch takes most of the invocation, and the one after
+    it is left for the next invocation, delivery after delivery. Only a request that was tried counts
+    toward the dead-letter queue: the throttled one is parked there after its tries, the one left
+    untried is copied once the queue lets it through."""
+    monkeypatch.setattr(replicate, "ClientFactory", ThrottledSlowWest)
+    monkeypatch.setattr(Clock, "spent_ms", 0)
+    sqs = aws(US).sqs
+    dlq = sqs.create_queue(QueueName="copies-dead-letters")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": MAX_RECEIVE_COUNT}
+    queue = sqs.create_queue(QueueName="copies", Attributes={"RedrivePolicy": json.dumps(redrive)})[
+        "QueueUrl"
+    ]
+    monkeypatch.setenv("REPLICATION_QUEUE_URL", queue)
+    source = bake(aws, "web-d1")
+    throttled = copy_of(source, region=WEST, key=None).model_dump_json()
+    left = copy_of(source).model_dump_json()
+    for body in (throttled, left):
+        sqs.send_message(QueueUrl=queue, MessageBody=body)
+    monkeypatch.setattr(ThrottledSlowWest, "tries", 0)
+    # moto holds a delayed message back for the real seconds.
+    monkeypatch.setattr(replicate, "SEND_AGAIN_DELAY_SECONDS", 0)
+
+    deliver_until_empty(sqs, queue)
+
+    parked = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10).get("Messages", [])
+    # The throttled request was tried on each of its deliveries, then parked, as before.
+    assert ThrottledSlowWest.tries == MAX_RECEIVE_COUNT
+    assert [m["Body"] for m in parked] == [throttled]
+    assert len(copies_in(aws, EU, source.image_id)) == 1
 
 
 def test_the_worker_refuses_a_copy_to_a_region_without_a_ledger_table(

@@ -8,12 +8,16 @@ would not make, or a body that is no copy request at all, is refused the same wa
 the log and the CopyRequestsRefused metric.
 Records are handled one after the other: CopyImage refills at one request per second per region, and
 the event source mapping's bounded concurrency paces the rest. No record is started with less than
-RESERVE_MILLIS of the invocation left: those left are made visible again at once, where a timeout
-would lose the batch's answer and deliver its records again, those done too, each delivery counting
-toward the dead-letter queue.
+RESERVE_MILLIS of the invocation left, where a timeout would lose the batch's answer and deliver its
+records again, those done too, each delivery counting toward the dead-letter queue. The records left
+are sent again to the queue as new messages and acknowledged: every receive of a message counts toward
+the dead-letter queue, and a request left untried delivery after delivery (behind slow copies, under
+throttling) would be parked there never tried; a new message's count starts afresh. A copy request is
+safe to repeat (a duplicate makes no second copy). A record not sent again is made visible again at
+once, a batch item failure as before.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ami_janitor.handlers import collector_paused
 
@@ -42,6 +46,8 @@ with collector_paused():
     from ami_janitor.handlers.observe import logger, metrics
     from ami_janitor.handlers.visibility import change_visibility
 
+if TYPE_CHECKING:
+    from mypy_boto3_sqs import SQSClient
 
 # A refused message's body is logged up to this many characters (the reason says what was wrong).
 MESSAGE_LOGGED_MAX = 2048
@@ -49,6 +55,9 @@ MESSAGE_LOGGED_MAX = 2048
 # CopyImage backing off through the SDK's adaptive retries (up to 111 s over its 10 attempts), then its
 # ledger writes.
 RESERVE_MILLIS = 120_000
+# A request sent again for want of time is delivered after this many seconds: CopyImage's bucket, which
+# slowed the batch, refills meanwhile (one request per second).
+SEND_AGAIN_DELAY_SECONDS = 10
 
 
 class OutOfTime(RuntimeError):
@@ -164,6 +173,28 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
         logger.info("copy requests left for the next invocation", extra={"message_ids": sorted(deferred)})
         if env.replication_queue_url:
             left = [SQSRecord(raw) for raw in event["Records"] if raw["messageId"] in deferred]
-            sqs = factory(env.region).sqs
-            change_visibility(sqs, env.replication_queue_url, [(r, 0) for r in left], what="copy requests")
+            sent = send_again(factory(env.region).sqs, env.replication_queue_url, left)
+            answer = {
+                "batchItemFailures": [
+                    f for f in answer["batchItemFailures"] if f["itemIdentifier"] not in sent
+                ]
+            }
     return answer
+
+
+def send_again(sqs: "SQSClient", queue_url: str, left: list[SQSRecord]) -> set[str]:
+    """The records left for the next invocation, sent again to the queue as new messages with the same
+    bodies; returns the message ids of those sent (acknowledged, the originals are deleted). Those not
+    sent are made visible again at once (delivered again, that delivery counted)."""
+    from ami_janitor.aws import copier
+
+    taken = copier.send_again(sqs, queue_url, [r.body for r in left], delay_seconds=SEND_AGAIN_DELAY_SECONDS)
+    sent = {left[n].message_id for n in taken}
+    kept = [r for r in left if r.message_id not in sent]
+    if kept:
+        logger.warning(
+            "copy requests not sent again: made visible again",
+            extra={"message_ids": sorted(r.message_id for r in kept)},
+        )
+        change_visibility(sqs, queue_url, [(r, 0) for r in kept], what="copy requests")
+    return sent
