@@ -142,7 +142,7 @@ def _ami_events(
     name_prefix: str | None,
 ) -> AmiEvents:
     """The AMI event function; only it and the scheduled run (the functions that plan copies) may queue
-    copies."""
+    new copies (the replication worker sends again only the requests it received and had no time for)."""
     ami_events = AmiEvents(
         stack,
         "AmiEvents",
