@@ -46,7 +46,9 @@ from botocore.model import ServiceModel
 from botocore.paginate import Paginator
 from botocore.validate import ParamValidator
 
-from ami_janitor.aws.ledger import ADOPTION_KEY, STAGES, Ledger, Prior, Written
+import dynamodb_expressions
+from ami_janitor.aws.ledger import ADOPTION_KEY, STAGES, WRITE_ID_ATTRIBUTE, Ledger, Prior, Written
+from ami_janitor.aws.ledger import _item as read_ledger_item
 from ami_janitor.aws.ledger import key as ledger_key
 from ami_janitor.aws.pacing import Pacer
 from ami_janitor.core.model import (
@@ -76,6 +78,7 @@ MUTATING = frozenset(
         "ledger_confirm_stage",
         "ledger_confirm_deregistered",
         "ledger_close",
+        "ledger_update_item",  # aws/ledger.Ledger's write through the fake DynamoDB
         "create_tags",
         "delete_tags",
         "enable_image_deprecation",
@@ -1229,22 +1232,137 @@ _serializer = TypeSerializer()
 
 
 class FakeDynamoDB:
-    """The ledger table as a DynamoDB client shows it to a reader of a few AMIs' items (aws/ledger.py's
-    `read_items`: BatchGetItem, DescribeTable), answered from the fake's ledger. Requests
-    are checked against botocore's DynamoDB model; each call takes the fake's latency and is counted in
-    `calls` (DynamoDB's limits are not EC2's buckets: never throttled)."""
+    """The ledger table as a DynamoDB client shows it: to a reader of a few AMIs' items (aws/ledger.py's
+    `read_items`: BatchGetItem, DescribeTable) and of the whole table (Scan), answered from the fake's
+    ledger; to aws/ledger.Ledger's writes (UpdateItem on an AMI's item, into the fake's ledger) and to
+    a run's record (aws/runs.py: GetItem, UpdateItem on the items that are not an AMI's, kept in
+    `items`), with DynamoDB's expressions (tests/dynamodb_expressions.py). Requests are checked against
+    botocore's DynamoDB model; each call takes the fake's latency and is counted in `calls`, but for a
+    write of an AMI's item, which is a ledger write of the fake EC2 (`ledger_call`: recorded in its
+    `calls` as `ledger_update_item`, with its faults) as the fake ledger's own writes (DynamoDB's
+    limits are not EC2's buckets: never throttled)."""
 
     def __init__(self, ec2: FakeEC2) -> None:
         self.ec2 = ec2
         self.calls: Counter[str] = Counter()
+        self.items: dict[tuple[str, str], dict[str, Any]] = {}  # (pk, sk) -> item, but the AMIs'
+        self._write_ids: dict[str, Any] = {}  # AMI id -> the write id its item holds (aws/ledger.py)
 
-    def _request(self, api: str, params: Mapping[str, Any]) -> None:
+    def _validate(self, api: str, params: Mapping[str, Any]) -> None:
         report = self.ec2._validator.validate(params, _dynamodb_model().operation_model(api).input_shape)
         if report.has_errors():
             raise client_error("ValidationException", report.generate_report(), api)
+
+    def _request(self, api: str, params: Mapping[str, Any]) -> None:
+        self._validate(api, params)
         self.ec2.turn()
         self.calls[api] += 1
         self.ec2.elapsed += self.ec2.latency
+
+    def _table(self, params: Mapping[str, Any], api: str) -> None:
+        if params["TableName"] != self.ec2.ledger.table:
+            raise client_error("ResourceNotFoundException", "Requested resource not found", api)
+
+    @staticmethod
+    def _image_id(item_key: Mapping[str, Any]) -> str | None:
+        partition = str(item_key["pk"].get("S", ""))
+        if partition.startswith("image#") and item_key["sk"].get("S") == "item":
+            return partition.removeprefix("image#")
+        return None
+
+    def _stored(self, item_key: Mapping[str, Any]) -> dict[str, Any] | None:
+        image_id = self._image_id(item_key)
+        if image_id is None:
+            return self.items.get((item_key["pk"]["S"], item_key["sk"]["S"]))
+        item = self.ec2.ledger.items.get(image_id)
+        if item is None:
+            return None
+        raw = _raw_item(item)
+        if item.last_stage is not None:
+            raw["last_stage"] = {"S": item.last_stage}
+        if image_id in self._write_ids:
+            raw[WRITE_ID_ATTRIBUTE] = self._write_ids[image_id]
+        return raw
+
+    def _store(self, item_key: Mapping[str, Any], raw: dict[str, Any]) -> None:
+        image_id = self._image_id(item_key)
+        if image_id is None:
+            self.items[(item_key["pk"]["S"], item_key["sk"]["S"])] = raw
+            return
+        self.ec2.ledger.items[image_id] = read_ledger_item(raw)  # raises where the ledger could not read it
+        if WRITE_ID_ATTRIBUTE in raw:
+            self._write_ids[image_id] = raw[WRITE_ID_ATTRIBUTE]
+
+    def get_item(self, **params: Any) -> dict[str, Any]:
+        self._request("GetItem", params)
+        self._table(params, "GetItem")
+        stored = self._stored(params["Key"])
+        return {"Item": copy.deepcopy(stored)} if stored is not None else {}
+
+    def update_item(self, **params: Any) -> dict[str, Any]:
+        """DynamoDB's UpdateItem with the expressions aws/ledger.py and aws/runs.py write: the item made
+        where there is none, ConditionalCheckFailedException (the item as it was, with
+        ReturnValuesOnConditionCheckFailure ALL_OLD) where the condition fails; ReturnValues NONE or
+        ALL_NEW."""
+        image_id = self._image_id(params["Key"])
+        if image_id is None:
+            self._request("UpdateItem", params)
+            self._table(params, "UpdateItem")
+            return self._update(params)
+        self._validate("UpdateItem", params)
+        self._table(params, "UpdateItem")
+        lost, retried = self.ec2.ledger_call("ledger_update_item", image_id)
+        answer = self._update(params)
+        if lost:
+            raise client_error("InternalServerError", "Internal server error", "UpdateItem")
+        if retried:  # the SDK sends it again: the retry's answer is the caller's
+            self.ec2.retrying = True
+            try:
+                return self._update(params)
+            finally:
+                self.ec2.retrying = False
+        return answer
+
+    def _update(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        item_key = params["Key"]
+        if set(item_key) != {"pk", "sk"}:
+            raise client_error(
+                "ValidationException", "The provided key element does not match the schema", "UpdateItem"
+            )
+        names = params.get("ExpressionAttributeNames", {})
+        values = params.get("ExpressionAttributeValues", {})
+        stored = self._stored(item_key)
+        current = stored if stored is not None else {}
+        used: set[str] = set()
+        try:
+            condition = params.get("ConditionExpression")
+            met = condition is None or dynamodb_expressions.holds(current, condition, names, values, used)
+            new = dynamodb_expressions.update(
+                {**current, **item_key}, params["UpdateExpression"], names, values, used
+            )
+        except (dynamodb_expressions.ExpressionError, dynamodb_expressions.InvalidPath) as error:
+            raise client_error("ValidationException", str(error), "UpdateItem") from None
+        unused = sorted({*names, *values} - used)
+        if unused:
+            raise client_error(
+                "ValidationException",
+                f"Value provided in the expression attributes unused: {unused}",
+                "UpdateItem",
+            )
+        if not met:
+            error = client_error(
+                "ConditionalCheckFailedException", "The conditional request failed", "UpdateItem"
+            )
+            if stored is not None and params.get("ReturnValuesOnConditionCheckFailure") == "ALL_OLD":
+                error.response["Item"] = copy.deepcopy(stored)  # type: ignore[typeddict-unknown-key]
+            raise error
+        returned = params.get("ReturnValues", "NONE")
+        if returned not in ("NONE", "ALL_NEW"):
+            raise client_error(
+                "ValidationException", f"ReturnValues {returned} is not modelled", "UpdateItem"
+            )
+        self._store(item_key, new)
+        return {"Attributes": copy.deepcopy(new)} if returned == "ALL_NEW" else {}
 
     def describe_table(self, **params: Any) -> dict[str, Any]:
         self._request("DescribeTable", params)
@@ -1283,6 +1401,7 @@ class FakeDynamoDB:
         if params["TableName"] != ledger.table:
             raise client_error("ResourceNotFoundException", "Requested resource not found", "Scan")
         raws = [_raw_item(item) for _, item in sorted(ledger.items.items())]
+        raws += [copy.deepcopy(raw) for _, raw in sorted(self.items.items())]
         if ledger.adopted is not None:
             raws.insert(0, {**ADOPTION_KEY, "at": {"S": iso(ledger.adopted) or ""}})
         start = int(params.get("ExclusiveStartKey", {}).get("position", {}).get("N", "0"))
