@@ -1,7 +1,8 @@
 """The services beside EC2 that a scheduled run reads, in memory, for one account and region of an
 organization: SSM parameters, Auto Scaling, Batch, EMR, Recycle Bin (empty but for SSM), STS (the
-account), Organizations (the owner's view of its organization) and S3 (the usage inbox, one store
-shared by every account).
+account), Organizations (the owner's view of its organization), S3 (the usage inbox and the report
+bucket, one store shared by every account), SQS (SendMessageBatch to a FIFO queue) and SNS (Publish),
+their messages kept for the pollers that deliver them (Queues).
 
 Each client belongs to the in-memory EC2 of its account-region (tests/fake_ec2.py): a call takes that
 fake's latency on its simulated clock (and its turn among lanes), is counted in `calls` keyed like IAM
@@ -282,6 +283,76 @@ class FakeS3(FakeService):
         }
 
 
+@dataclass(frozen=True)
+class QueuedMessage:
+    id: str
+    body: str
+    group: str
+    deduplication: str
+
+
+@dataclass
+class Queues:
+    """The messages of every queue, by URL, in the order sent, and the notifications of every topic
+    (shared by every client of an account, as Inbox): what the services' pollers deliver."""
+
+    messages: dict[str, list[QueuedMessage]] = field(default_factory=dict)
+    deduplicated: set[tuple[str, str]] = field(default_factory=set)  # (queue, deduplication id) sent
+    published: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+
+    def take(self, queue_url: str) -> QueuedMessage | None:
+        """The queue's next message, gone from it: Lambda's poller received it, the function handled
+        it and the poller deleted it (Lambda's own calls, not the function's)."""
+        waiting = self.messages.get(queue_url) or []
+        return waiting.pop(0) if waiting else None
+
+
+class FakeSQS(FakeService):
+    """SendMessageBatch to a FIFO queue: at most ten entries; a deduplication id sent before adds
+    nothing (SQS's deduplication window: the fake's whole life)."""
+
+    service = "sqs"
+
+    def __init__(self, ec2: FakeEC2, calls: Counter[str], queues: Queues) -> None:
+        super().__init__(ec2, calls)
+        self.queues = queues
+
+    def send_message_batch(self, **params: Any) -> dict[str, Any]:
+        api = self._request("send_message_batch", params)
+        entries = params["Entries"]
+        if not 1 <= len(entries) <= 10:
+            raise client_error("AWS.SimpleQueueService.TooManyEntriesInBatchRequest", "at most 10", api)
+        queue = params["QueueUrl"]
+        waiting = self.queues.messages.setdefault(queue, [])
+        successful = []
+        for entry in entries:
+            group, deduplication = entry.get("MessageGroupId"), entry.get("MessageDeduplicationId")
+            if not group or not deduplication:
+                raise client_error("MissingParameter", "a FIFO queue's message needs its group and id", api)
+            message = QueuedMessage(f"m-{deduplication[:12]}", entry["MessageBody"], group, deduplication)
+            if (queue, deduplication) not in self.queues.deduplicated:
+                self.queues.deduplicated.add((queue, deduplication))
+                waiting.append(message)
+            successful.append({"Id": entry["Id"], "MessageId": message.id, "MD5OfMessageBody": ""})
+        return {"Successful": successful, "Failed": []}
+
+
+class FakeSNS(FakeService):
+    """Publish to a topic: the notification kept in the shared Queues."""
+
+    service = "sns"
+
+    def __init__(self, ec2: FakeEC2, calls: Counter[str], queues: Queues) -> None:
+        super().__init__(ec2, calls)
+        self.queues = queues
+
+    def publish(self, **params: Any) -> dict[str, Any]:
+        self._request("publish", params)
+        sent = self.queues.published.setdefault(params["TopicArn"], [])
+        sent.append({"Subject": params.get("Subject", ""), "Message": params["Message"]})
+        return {"MessageId": f"n-{len(sent)}"}
+
+
 @dataclass
 class AccountRegion:
     """One account's region: its EC2 (with the ledger), the other services' clients, and their calls."""
@@ -317,10 +388,13 @@ def account_region(
     *,
     organization: Organization | None = None,
     parameters: Mapping[str, str] | None = None,
+    queues: Queues | None = None,
 ) -> AccountRegion:
     """The clients of one account's region around its fake EC2: what a scheduled run and a slice read
-    (`clients` reads one call at a time: the fake is not thread-safe outside its lanes)."""
+    (`clients` reads one call at a time: the fake is not thread-safe outside its lanes); `queues`: the
+    account's SQS queues and SNS topics."""
     calls: Counter[str] = Counter()
+    queued = queues if queues is not None else Queues()
     ssm = FakeSSM(ec2, calls, parameters)
     services: dict[str, Any] = {
         "ec2": ec2,
@@ -332,6 +406,8 @@ def account_region(
         "rbin": FakeRecycleBin(ec2, calls),
         "sts": FakeSTS(ec2, calls, account),
         "s3": FakeS3(ec2, calls, inbox, account),
+        "sqs": FakeSQS(ec2, calls, queued),
+        "sns": FakeSNS(ec2, calls, queued),
     }
     if organization is not None:
         services["organizations"] = FakeOrganizations(ec2, calls, organization)
