@@ -1010,6 +1010,7 @@ def work_slice(
     keep: "Callable[[SliceOutcome], None] | None" = None,
     out_of_time: Callable[[], bool] | None = None,
     delivery: int = 1,
+    side_by_side: executor.SideBySide | None = None,
 ) -> "SliceOutcome":
     """One queued slice (`delivery`: SQS's receive count of its message): dropped (each stage skipped, with why) when the policy is no longer the plan's
     or the slice is stale, else run (slicer.run_slice, which reads its AMIs again); `keep` is given the
@@ -1017,7 +1018,8 @@ def work_slice(
     slice the record counted already (delivered again) is not run again: it only sends the summary,
     where nobody sent it. Raises SourceFailed when its AMIs cannot be read: SQS delivers the slice again; and before anything,
     SliceNotRecorded (or RunNotStarted) for a slice its run did not record: SQS delivers it again, then
-    parks it in the dead-letter queue, which alarms."""
+    parks it in the dead-letter queue, which alarms. `side_by_side`: how its AMIs in flight run side
+    by side (executor.apply_stages; a thread pool by default)."""
     from ami_janitor.aws import runs, slicer
 
     if work.region != clients.region:
@@ -1063,6 +1065,7 @@ def work_slice(
             now,
             out_of_time=out_of_time,
             workers=slicer.SLICE_WORKERS,
+            side_by_side=side_by_side,
         )
         outcome.results, outcome.held, not_run = done.results, done.held, done.not_run
     if keep is not None:
