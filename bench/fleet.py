@@ -6,29 +6,37 @@ The region holds `amis` AMIs of one family; `due` of them were deprecated and di
 long ago (their ledger items record both stages, confirmed), so each takes only its deregister stage
 now; the others are younger than min_age_days and kept. The scheduled run is simulated from its plan
 on: the planner on the fake's inventory, then `executor.apply_plan` with the due stages cut by
-`engine.cut_due`, as `engine.run` cuts them for the work queue. Each slice is then one invocation of
-the slice worker: a new pacer that starts empty (`Pacer(full=False)`, as the worker's new
-ClientFactory), `slicer.run_slice` (its reads, then the executor's stages), timed on the fake's clock.
-Every EC2 call and ledger access takes `latency` simulated seconds; `gap` seconds pass between two
-invocations (SQS hands the region's next slice once the last one is deleted). The scheduled run's own
-reads (the inventory, before the plan) are not simulated: they are one invocation of their own.
+`engine.cut_due`, then, as `engine.run` with a work queue, the run's record of its slices and the
+slices queued (SQS), and its part of the report in the bucket (as the scheduled handler). Each queued
+slice is then one invocation of the slice worker: its message as Lambda's event source hands it,
+parsed by the handler's model, a new pacer that starts empty (`Pacer(full=False)`, as the worker's new
+ClientFactory), `engine.work_slice` (the run record's check, the slice's reads and stages through
+aws/ledger.Ledger, its results to the report bucket, the record's count, the out_of_time reserve of
+the worker's timeout), and for the last slice the run's report and summary (`send_run_summary`, S3,
+SNS); timed on the fake's clock. Every call of any service (EC2, DynamoDB, SSM, Auto Scaling, Batch,
+EMR, S3, SNS, SQS) takes `latency` simulated seconds; `gap` seconds pass between two invocations (SQS
+hands the region's next slice once the last one is deleted). The scheduled run's own reads (the
+inventory, before the plan) are not simulated: they are one invocation of their own.
 
 What is measured: DeregisterImage calls that took effect per simulated second, from the first slice's
-start to the last one's end, against the bucket's refill; the invocations and the longest; EC2 calls
-and ledger accesses per retired AMI; RequestLimitExceeded answers (the account's buckets throttle any
-call a pacer let through too early).
+start to the last one's end, against the bucket's refill; the invocations and the longest; every call
+of every service per retired AMI (the scheduled run's after its plan, and the slices'); RequestLimitExceeded
+answers (the account's buckets throttle any call a pacer let through too early).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 TESTS = str(Path(__file__).resolve().parents[1] / "tests")
 if TESTS not in sys.path:
@@ -36,7 +44,9 @@ if TESTS not in sys.path:
 
 from ami_janitor import engine  # noqa: E402
 from ami_janitor.aws import executor, slicer  # noqa: E402
+from ami_janitor.aws.clients import RegionClients  # noqa: E402
 from ami_janitor.aws.pacing import bucket_of  # noqa: E402
+from ami_janitor.aws.slicer import SliceOutcome  # noqa: E402
 from ami_janitor.core import sharing, slices  # noqa: E402
 from ami_janitor.core.model import Decision, LedgerItem, LedgerStage, iso  # noqa: E402
 from ami_janitor.core.policy import (  # noqa: E402
@@ -47,8 +57,11 @@ from ami_janitor.core.policy import (  # noqa: E402
     parse_policy,
 )
 from ami_janitor.core.run_plan import plan_run  # noqa: E402
-from ami_janitor.engine import SLICE_BUDGET_SECONDS  # noqa: E402
-from fake_aws import region_clients  # noqa: E402
+from ami_janitor.engine import SLICE_BUDGET_SECONDS, RunSummary  # noqa: E402
+from ami_janitor.handlers.events import Environment  # noqa: E402
+from ami_janitor.handlers.scheduled import publish  # noqa: E402
+from ami_janitor.handlers.slices import RESERVE_MILLIS, WorkSliceRecord, _keep, _report  # noqa: E402
+from fake_aws import AccountRegion, Inbox, QueuedMessage, Queues, account_region  # noqa: E402
 from fake_ec2 import MUTATING, FakeEC2, FakeImage, nearest_minute  # noqa: E402
 from fake_throttle import AccountBuckets  # noqa: E402
 
@@ -56,6 +69,17 @@ REGION = "us-east-1"
 NOW = datetime(2026, 11, 25, 3, tzinfo=UTC)
 LATENCY = 0.05  # simulated seconds per EC2 call and per ledger access
 GAP = 1.0  # simulated seconds between two invocations
+ACCOUNT = "123456789012"
+QUEUE_URL = f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/ami-janitor-work.fifo"
+ENVIRONMENT = Environment.model_validate(
+    {
+        "AWS_REGION": REGION,
+        "REPORT_BUCKET": f"ami-janitor-reports-{ACCOUNT}",
+        "TOPIC_ARN": f"arn:aws:sns:{REGION}:{ACCOUNT}:ami-janitor",
+        "WORK_QUEUE_URL": QUEUE_URL,
+    }
+)
+WORKER_TIMEOUT_SECONDS = 15 * 60  # the slice worker's (infra/work_slices.py)
 # The janitor deprecated the due AMIs this long ago, and disabled them a week later (the default
 # lifecycle: deprecate at 0 days, disable at 7, deregister at 14).
 STARTED = NOW - timedelta(days=40)
@@ -132,17 +156,23 @@ class FleetRun:
     budget: float
     workers: int = 1  # AMIs in flight in a slice
     planned_deregistrations: int = 0
-    scheduled_calls: int = 0  # EC2 calls and ledger writes of the scheduled run after its plan
+    slices_queued: int = 0
+    # Every call, keyed like IAM actions ("ec2:DeregisterImage", "dynamodb:UpdateItem", "s3:PutObject"):
+    # the scheduled run's after its plan (its record of the slices, their queueing, its part of the
+    # report), and the slices' (the worker's code: its reads, stages, run record, report and summary).
+    scheduled_calls: Counter[str] = field(default_factory=Counter)
+    calls: Counter[str] = field(default_factory=Counter)
     invocations: list[Invocation] = field(default_factory=list)
-    ec2_calls: Counter[str] = field(default_factory=Counter)  # EC2 API (DeregisterImage) -> calls
-    ledger_writes: int = 0
-    ledger_reads: int = 0  # DescribeTable and BatchGetItem
+    ledger_writes: int = 0  # UpdateItem of the AMIs' items (of the slices' DynamoDB calls)
     refused: int = 0  # RequestLimitExceeded answers
     deregister_calls: Counter[str] = field(default_factory=Counter)  # AMI -> DeregisterImage calls
     deregistered: int = 0  # due AMIs gone from the region
     remaining: int = 0  # AMIs left in the region
     statuses: Counter[str] = field(default_factory=Counter)  # of the slices' results
     held: int = 0
+    summaries: int = 0  # slices that claimed the run's report and summary (the last one's)
+    notifications: int = 0  # summaries published to the topic
+    reported: RunSummary | None = None  # the run's summary as its last slice sent it
     in_time_order: bool = False  # the slices' calls reached the fake in the order of simulated time
     wall: float = 0.0  # seconds of real time the simulation took
 
@@ -150,6 +180,11 @@ class FleetRun:
     def span(self) -> float:
         """Simulated seconds from the first slice's first call to the last slice's last answer."""
         return sum(i.seconds for i in self.invocations) + self.gap * max(0, len(self.invocations) - 1)
+
+    @property
+    def ec2_calls(self) -> Counter[str]:
+        """The slices' EC2 calls by API (DeregisterImage)."""
+        return Counter({k.removeprefix("ec2:"): n for k, n in self.calls.items() if k.startswith("ec2:")})
 
     @property
     def refill(self) -> float:
@@ -174,6 +209,48 @@ class FleetRun:
         return self.deregistered == self.due and set(self.deregister_calls.values()) == {1}
 
 
+def _sqs_record(message: QueuedMessage, receive_count: int = 1) -> dict[str, Any]:
+    """The message as Lambda's SQS event source hands it to the slice worker."""
+    return {
+        "messageId": message.id,
+        "receiptHandle": f"handle-{message.id}",
+        "body": message.body,
+        "attributes": {
+            "ApproximateReceiveCount": str(receive_count),
+            "SentTimestamp": "0",
+            "SenderId": "AROAEXAMPLE:ami-janitor",
+            "ApproximateFirstReceiveTimestamp": "0",
+            "MessageGroupId": message.group,
+            "MessageDeduplicationId": message.deduplication,
+            "SequenceNumber": "1",
+        },
+        "messageAttributes": {},
+        "md5OfBody": hashlib.md5(message.body.encode()).hexdigest(),  # SQS's checksum of the body
+        "eventSource": "aws:sqs",
+        "eventSourceARN": f"arn:aws:sqs:{REGION}:{ACCOUNT}:ami-janitor-work.fifo",
+        "awsRegion": REGION,
+    }
+
+
+def _calls(
+    fake: FakeEC2, since: int, dynamodb: Counter[str], services: Iterable[AccountRegion]
+) -> Counter[str]:
+    """Every call since the fake's `since`-th (EC2's and the ledger writes') and DynamoDB's counts
+    `dynamodb`, with the calls of the other services of `services`: keyed like IAM actions."""
+    counted: Counter[str] = Counter()
+    for call in fake.calls[since:]:
+        if call.operation.startswith("ledger_"):
+            counted["dynamodb:UpdateItem"] += 1
+        else:
+            counted["ec2:" + "".join(word.title() for word in call.operation.split("_"))] += 1
+    counted.update(
+        {f"dynamodb:{api}": n - dynamodb[api] for api, n in fake.dynamodb.calls.items() if n > dynamodb[api]}
+    )
+    for region in services:
+        counted.update(region.calls)
+    return counted
+
+
 def simulate(
     amis: int,
     due: int,
@@ -185,13 +262,20 @@ def simulate(
     paced: bool = True,
     workers: int = slicer.SLICE_WORKERS,
 ) -> FleetRun:
-    """The scheduled run's plan and cut, then each slice as one invocation, `workers` AMIs in flight as
-    the worker keeps them (lanes of simulated time: tests/fake_ec2.Lanes). `paced=False`: the slices
-    run without a pacer (the account's buckets then refuse what goes too fast)."""
+    """The scheduled run's plan, cut, record and queue, then each queued slice as one invocation of the
+    worker's code (engine.work_slice, its results kept in the report bucket; the last slice's report
+    and summary sent), `workers` AMIs in flight as the worker keeps them (lanes of simulated time:
+    tests/fake_ec2.Lanes). `paced=False`: the slices run without a pacer (the account's buckets then
+    refuse what goes too fast)."""
     started = time.perf_counter()
     fake, due_ids = build_fleet(amis, due, latency=latency, seed=seed)
     policy = fleet_policy(due)
     run = FleetRun(amis=amis, due=due, latency=latency, gap=gap, budget=budget, workers=workers)
+    inbox, queues = Inbox(), Queues()
+
+    def invocation() -> AccountRegion:
+        """The clients of a new invocation: new clients on the same fakes (the bucket and the queue)."""
+        return account_region(fake, ACCOUNT, inbox, queues=queues)
 
     # The scheduled run, from its plan on: as engine.run with a work queue.
     inventory = fake.describe(permissions=True)
@@ -203,56 +287,82 @@ def simulate(
         work.extend(engine.cut_due(plan, policy, region, decisions, NOW, budget))
         return []
 
-    scheduled = region_clients(fake)
+    scheduled = invocation()
+    scheduled_clients = scheduled.clients
     applied = executor.apply_plan(
         plan,
         {REGION: inventory},
-        lambda _region: scheduled,
+        lambda _region: scheduled_clients,
         NOW,
-        ledger_for=lambda _region: fake.ledger,
+        ledger_for=engine.ledger_for(policy, lambda _region: scheduled_clients),
         rescue_grants=lambda image: sharing.rescue_grants(policy, image),
         run_due=run_due,
     )
     run.statuses.update(r.status for r in applied.results)
-    run.scheduled_calls = len(fake.calls)
+    # Its record of the slices, then the slices queued; its part of the report in the bucket.
+    result = engine._queue_slices(
+        engine.RunResult(plan=plan, results=applied.results),
+        REGION,
+        work,
+        policy,
+        scheduled_clients,
+        QUEUE_URL,
+        NOW,
+    )
+    run.slices_queued = result.slices_queued
+    publish(ENVIRONMENT, lambda _region: scheduled_clients, result.report(), waiting=result.slices_queued > 0)
+    run.scheduled_calls = _calls(fake, 0, Counter(), [scheduled])
+    first_call, dynamodb = len(fake.calls), Counter(fake.dynamodb.calls)
 
-    # The slices, one invocation each.
-    for index, part in enumerate(work):
-        if index:
+    # The slices, one invocation each, in the order the queue hands them.
+    workers_regions: list[AccountRegion] = []
+    while (message := queues.take(QUEUE_URL)) is not None:
+        record = WorkSliceRecord.model_validate(_sqs_record(message))  # the worker's own parsing
+        part = record.body
+        if run.invocations:
             fake.advance(gap)
-        if paced:
-            fake.pacer(full=False)
-        clients = region_clients(fake)
+        fake.before_call = fake.pacer(full=False).acquire if paced else None
+        region = invocation()
+        workers_regions.append(region)
+        clients = region.clients
         began, first = fake.elapsed, len(fake.calls)
-        done = slicer.run_slice(
-            clients,
-            fake.ledger,
+        deadline = began + WORKER_TIMEOUT_SECONDS - RESERVE_MILLIS / 1000
+        outcome = engine.work_slice(
             policy,
             part,
+            clients,
             fake.clock,
-            side_by_side=fake.side_by_side(workers) if workers > 1 else None,
+            keep=_keep(ENVIRONMENT, clients),
+            out_of_time=lambda deadline=deadline: fake.elapsed >= deadline,
+            delivery=int(record.attributes.ApproximateReceiveCount),
+            side_by_side=fake.side_by_side(workers),
         )
+        if outcome.last:
+            run.summaries += 1
+
+            def send(outcome: SliceOutcome = outcome, clients: RegionClients = clients) -> None:
+                report = _report(ENVIRONMENT, clients, outcome)
+                publish(ENVIRONMENT, lambda _region: clients, report)
+                run.reported = report.summary
+
+            engine.send_run_summary(policy, clients, outcome, send)
         writes = [c for c in fake.calls[first:] if c.operation in MUTATING]
         reading = (writes[0].clock - (NOW + timedelta(seconds=began))).total_seconds() if writes else 0.0
-        run.invocations.append(Invocation(index, len(part.items), fake.elapsed - began, reading))
-        run.statuses.update(r.status for r in done.results)
-        run.held += len(done.held)
+        run.invocations.append(Invocation(part.index, len(part.items), fake.elapsed - began, reading))
+        run.statuses.update(r.status for r in outcome.results)
+        run.held += len(outcome.held)
     fake.before_call = None
 
-    slice_calls = fake.calls[run.scheduled_calls :]
+    slice_calls = fake.calls[first_call:]
     run.in_time_order = all(a.clock <= b.clock for a, b in pairwise(slice_calls))
-    run.ec2_calls.update(
-        "".join(word.title() for word in c.operation.split("_"))  # deregister_image: DeregisterImage
-        for c in slice_calls
-        if not c.operation.startswith("ledger_")
-    )
+    run.calls = _calls(fake, first_call, dynamodb, workers_regions)
     run.ledger_writes = sum(1 for c in slice_calls if c.operation.startswith("ledger_"))
-    run.ledger_reads = sum(fake.dynamodb.calls.values())
     run.refused = sum(fake.throttle.refused.values()) if fake.throttle else 0
     run.deregister_calls.update(
         str(c.params["ImageId"]) for c in slice_calls if c.operation == "deregister_image"
     )
     run.deregistered = len(due_ids & set(fake.deregistered))
     run.remaining = len(fake.images)
+    run.notifications = sum(len(sent) for sent in queues.published.values())
     run.wall = time.perf_counter() - started
     return run
