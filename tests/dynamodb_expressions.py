@@ -113,25 +113,35 @@ def update(
     names: Mapping[str, str],
     values: Mapping[str, Any],
     used: set[str] | None = None,
+    *,
+    paths_checked: bool = True,
 ) -> Item:
     """The item after the update (a new one: `item` is left as it was); `used` is given the names and
-    values the expression used (DynamoDB refuses a request with others)."""
+    values the expression used (DynamoDB refuses a request with others). Not `paths_checked`: a path
+    the item cannot take is passed over (DynamoDB checks the condition before the update's paths: a
+    failed condition is answered as such, whatever the update would have met)."""
     new = copy.deepcopy(item)
     reader = _Reader(expression, names, values)
     while reader.peek() is not None:
         clause = reader.take().upper()
         while True:
             path = reader.path()
-            if clause == "SET":
-                reader.take("=")
-                _parent(new, path)[path[-1]] = copy.deepcopy(reader.value())
-            elif clause == "REMOVE":
-                with contextlib.suppress(InvalidPath):  # nothing there to remove
-                    _parent(new, path).pop(path[-1], None)
-            elif clause == "ADD":
-                _add(_parent(new, path), path[-1], reader.value())
-            else:
-                raise ExpressionError(f"unknown clause {clause}")
+            with contextlib.suppress(*(() if paths_checked else (InvalidPath,))):
+                if clause == "SET":
+                    reader.take("=")
+                    value = copy.deepcopy(reader.value())
+                    _parent(new, path)[path[-1]] = value
+                elif clause == "REMOVE":
+                    with contextlib.suppress(InvalidPath):  # nothing there to remove
+                        _parent(new, path).pop(path[-1], None)
+                elif clause == "ADD":
+                    value = reader.value()
+                    _add(_parent(new, path), path[-1], value)
+                elif clause == "DELETE":
+                    value = reader.value()
+                    _delete(_parent(new, path), path[-1], value)
+                else:
+                    raise ExpressionError(f"unknown clause {clause}")
             if reader.peek() != ",":
                 break
             reader.take(",")
@@ -152,6 +162,24 @@ def _add(members: dict[str, Any], name: str, value: Any) -> None:
         members[name] = {kind: sorted({*(old or {}).get(kind, []), *value[kind]})}
     else:
         raise ExpressionError(f"ADD takes a number or a set, not {next(iter(value))}")
+
+
+def _delete(members: dict[str, Any], name: str, value: Any) -> None:
+    """DELETE of a set's members: those there are taken out; a set left empty is removed (DynamoDB keeps
+    no empty set)."""
+    kind = next(iter(value))
+    if kind not in ("SS", "NS", "BS"):
+        raise ExpressionError(f"DELETE takes a set, not {kind}")
+    old = members.get(name)
+    if old is None:
+        return
+    if kind not in old:
+        raise ExpressionError(f"DELETE of a {kind} from a {next(iter(old))}")
+    left = sorted(set(old[kind]) - set(value[kind]))
+    if left:
+        members[name] = {kind: left}
+    else:
+        del members[name]
 
 
 def holds(

@@ -1338,7 +1338,7 @@ class FakeDynamoDB:
             condition = params.get("ConditionExpression")
             met = condition is None or dynamodb_expressions.holds(current, condition, names, values, used)
             new = dynamodb_expressions.update(
-                {**current, **item_key}, params["UpdateExpression"], names, values, used
+                {**current, **item_key}, params["UpdateExpression"], names, values, used, paths_checked=met
             )
         except (dynamodb_expressions.ExpressionError, dynamodb_expressions.InvalidPath) as error:
             raise client_error("ValidationException", str(error), "UpdateItem") from None
@@ -1414,7 +1414,13 @@ class FakeDynamoDB:
 def _raw_item(item: LedgerItem) -> dict[str, Any]:
     """A ledger item as the table stores it (aws/ledger.py reads it back with `_item`)."""
     data = item.model_dump(mode="json", exclude_none=True)
-    return {
+    raw = {
         **ledger_key(item.image_id),
-        **{name: _serializer.serialize(value) for name, value in data.items()},
+        **{name: _serializer.serialize(value) for name, value in data.items() if name not in _STRING_SETS},
     }
+    # The grants are string sets in the table (ADD and DELETE of their keys), and no set is empty there.
+    raw.update({name: {"SS": sorted(data[name])} for name in _STRING_SETS if data.get(name)})
+    return raw
+
+
+_STRING_SETS = ("grants", "granting")

@@ -1,7 +1,9 @@
 """The in-memory ledger the properties run on (fake_ec2.FakeLedger) answers as the real one does: the
 same sequence of writes on both (the real table on moto's DynamoDB) gives the same answers
 ("recorded" / "already-recorded") and the same items. Its conditions are written twice (Python there,
-DynamoDB condition expressions here); this keeps them one."""
+DynamoDB condition expressions here); this keeps them one. So does the ledger on the fake's DynamoDB
+client (fake_ec2.FakeDynamoDB, which the fleet simulator runs on): the real Ledger's own update and
+condition expressions, evaluated by tests/dynamodb_expressions.py."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core.model import LedgerItem
 from ami_janitor.core.trust import STAGES
-from fake_ec2 import FakeLedger
+from fake_ec2 import FakeEC2, FakeLedger
 
 TABLE = "ami-janitor-ledger"
 START = datetime(2026, 11, 1, 3, tzinfo=UTC)
@@ -103,6 +105,18 @@ def real(moto_aws: None) -> Ledger:
     return Ledger(clients, TABLE)
 
 
+class _FakeTableClients:
+    """What a Ledger asks of its region's clients: the DynamoDB client, here the fake's."""
+
+    def __init__(self, fake: FakeEC2) -> None:
+        self.dynamodb = fake.dynamodb
+
+
+def _on_fake_table() -> Ledger:
+    fake = FakeEC2("us-east-1")
+    return Ledger(_FakeTableClients(fake), fake.ledger.table)  # type: ignore[arg-type]
+
+
 def _comparable(item: LedgerItem) -> dict[str, Any]:
     return item.model_dump(exclude={"image_id"})
 
@@ -111,11 +125,14 @@ def _comparable(item: LedgerItem) -> dict[str, Any]:
 @given(steps)
 def test_the_fake_ledger_answers_as_the_table_does(real: Ledger, steps: list[tuple[str, Write]]) -> None:
     fake = FakeLedger()
+    fake_table = _on_fake_table()
     prefix = f"ami-{next(_examples):08x}"  # one table for the test: each example its own AMIs
     for image, write in steps:
         image_id = f"{prefix}{image}"
-        assert write(fake, image_id) == write(real, image_id)
+        answer = write(real, image_id)
+        assert (write(fake, image_id), write(fake_table, image_id)) == (answer, answer)
     ids = {f"{prefix}{image}" for image in IMAGES}
     table = {i: _comparable(item) for i, item in real.read_all().items.items() if i in ids}
     memory = {i: _comparable(item) for i, item in fake.read_all().items.items() if i in ids}
-    assert memory == table
+    on_fake_table = {i: _comparable(item) for i, item in fake_table.read_all().items.items() if i in ids}
+    assert (memory, on_fake_table) == (table, table)
