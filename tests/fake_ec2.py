@@ -1096,6 +1096,15 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
+    def record_found(self, image_id: str, grants: Iterable[str]) -> Written:
+        self._write("ledger_record_found", image_id)
+        item = self._item(image_id)
+        self.items[image_id] = item.model_copy(
+            update={"grants_found": tuple(sorted({*item.grants_found, *grants}))}
+        )
+        return "recorded"
+
+    @_ledger_write
     def forget_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         self._write("ledger_forget_grants", image_id)
         item = self.items.get(image_id)
@@ -1423,4 +1432,4 @@ def _raw_item(item: LedgerItem) -> dict[str, Any]:
     return raw
 
 
-_STRING_SETS = ("grants", "granting")
+_STRING_SETS = ("grants", "granting", "grants_found")

@@ -80,6 +80,10 @@ def _forget(grants: list[str]) -> Write:
     return lambda book, image_id: book.forget_grants(image_id, grants)
 
 
+def _found(grants: list[str]) -> Write:
+    return lambda book, image_id: book.record_found(image_id, grants)
+
+
 days = st.integers(0, 20)
 stages = st.sampled_from(STAGES)
 grant_sets = st.lists(st.sampled_from(["user:111122223333", "user:444455556666"]), min_size=1, unique=True)
@@ -94,6 +98,7 @@ writes = st.one_of(
     st.builds(_grants, grant_sets),
     st.builds(_confirm_grants, grant_sets),
     st.builds(_forget, grant_sets),
+    st.builds(_found, grant_sets),
 )
 steps = st.lists(st.tuples(st.sampled_from(IMAGES), writes), min_size=1, max_size=12)
 

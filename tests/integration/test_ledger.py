@@ -175,6 +175,18 @@ def test_grants_are_marked_until_confirmed_made(clients: RegionClients) -> None:
     assert book.read_items(["ami-1"])["ami-1"].granting == ()
 
 
+def test_grants_found_in_place_are_kept_apart_from_the_janitors_own(clients: RegionClients) -> None:
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE)
+    a, c = "user:111122223333", "user:444455556666"
+    assert book.record_found("ami-1", []) == "already-recorded"  # nothing to write
+    book.record_grants("ami-1", [a])
+    assert book.record_found("ami-1", [c]) == "recorded"
+    assert book.record_found("ami-1", [c]) == "recorded"  # a string set: once
+    item = book.read_items(["ami-1"])["ami-1"]
+    assert (item.grants, item.granting, item.grants_found) == ((a,), (a,), (c,))
+
+
 def test_read_items_pages_by_100_keys(clients: RegionClients) -> None:
     ledger.create_table(clients, TABLE, [WRITER])
     book = Ledger(clients, TABLE)

@@ -18,7 +18,13 @@ from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.sharer import PERMISSIONS, apply_shares
-from ami_janitor.core.model import Image, LedgerItem, LedgerView, RegionInventory, Share
+from ami_janitor.core.model import (
+    Image,
+    LedgerItem,
+    LedgerView,
+    RegionInventory,
+    Share,
+)
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
 from ami_janitor.core.sharing import plan_shares
 from ami_janitor.demo import emulator
@@ -117,6 +123,22 @@ def test_grants_are_made_revoked_and_recorded_and_foreign_ones_are_left(aws: Cli
     assert grants(aws, image_id) == {f"user:{C}"}
     assert "grants" not in recorded(aws, image_id)  # the set goes with its last grant
     assert SHARED_BY_JANITOR_TAG not in tags(aws, image_id)
+
+
+def test_a_share_made_by_hand_before_share_with_lists_it_is_never_revoked(aws: ClientFactory) -> None:
+    """design.md: the janitor removes only grants it made and reports any other share. C was shared by
+    hand before the family listed it: the janitor finds it in place, does not record it as its own,
+    and leaves it when the family drops C (it is then reported, and keeps the AMI)."""
+    image_id = bake(aws, "web-1")
+    aws(US).ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"UserId": C}]})
+    reconcile(aws, sharing([A, C]))
+    assert grants(aws, image_id) == {f"user:{A}", f"user:{C}"}
+    item = recorded(aws, image_id)
+    assert (item["grants"], item["grants_found"]) == ({"SS": [f"user:{A}"]}, {"SS": [f"user:{C}"]})
+    assert tags(aws, image_id)[SHARED_BY_JANITOR_TAG] == f"user:{A}"
+    assert reconcile(aws, sharing([A, C])) == []  # not planned again
+    reconcile(aws, sharing([A]))
+    assert grants(aws, image_id) == {f"user:{A}", f"user:{C}"}, "the hand-made share with C was revoked"
 
 
 def test_a_region_without_a_ledger_table_is_not_shared(aws: ClientFactory) -> None:
@@ -230,6 +252,13 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
         **{SHARED_BY_JANITOR_TAG: f"user:{A}", f"{SHARED_BY_JANITOR_TAG}:2": f"org:{ORG}"},
     )
     share = Share(image_id=image.image_id, region=US, add=["group:all", f"user:{B}"], remove=[f"org:{ORG}"])
+    # What EC2 shows first: a grant already there is somebody else's, neither made nor recorded as the
+    # janitor's.
+    stub.add_response(
+        "describe_image_attribute",
+        {"ImageId": image.image_id, "LaunchPermissions": [{"UserId": A}]},
+        {"ImageId": image.image_id, "Attribute": "launchPermission"},
+    )
     # The accounts first, then the public group in a call of its own.
     stub.add_response(
         "modify_image_attribute",
@@ -268,6 +297,7 @@ def test_exact_requests_of_a_share_change(stubbed: tuple[Any, Stubber]) -> None:
     assert result.detail == f"granted user:{B}; granted group:all; revoked org:{ORG}; record updated"
     # Recorded before the grant and confirmed after it, forgotten after the revoke, mirrored last.
     assert calls == [
+        "ec2: DescribeImageAttribute",
         f"ledger: {image.image_id} +user:{B}",
         "ec2: ModifyImageAttribute",
         f"ledger: {image.image_id} made user:{B}",
@@ -290,6 +320,7 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
     client, stub = stubbed
     image = stub_image()
     second = stub_image().model_copy(update={"image_id": "ami-0aaaaaaaaaaaaaaa2"})
+    stub.add_response("describe_image_attribute", {"ImageId": image.image_id, "LaunchPermissions": []})
     stub.add_response("modify_image_attribute", {})  # user:B on the first AMI
     stub.add_client_error(
         "modify_image_attribute", "OperationNotPermitted", "Image block public access is enabled"
@@ -305,6 +336,7 @@ def test_a_refused_grant_fails_that_ami_and_is_taken_back_so_the_next_run_grants
         {},
         {"Resources": [image.image_id], "Tags": [{"Key": SHARED_BY_JANITOR_TAG, "Value": f"user:{B}"}]},
     )
+    stub.add_response("describe_image_attribute", {"ImageId": second.image_id, "LaunchPermissions": []})
     stub.add_response("modify_image_attribute", {})
     stub.add_response("create_tags", {})
     shares = [
@@ -344,6 +376,11 @@ def test_a_refused_public_grant_stops_no_revocation(stubbed: tuple[Any, Stubber]
     on: an account the family no longer lists is revoked all the same, and the mirror follows."""
     client, stub = stubbed
     image = stub_image((f"user:{A}", f"user:{B}"), **{SHARED_BY_JANITOR_TAG: f"user:{A},user:{B}"})
+    stub.add_response(
+        "describe_image_attribute",
+        {"ImageId": image.image_id, "LaunchPermissions": [{"UserId": A}, {"UserId": B}]},
+        {"ImageId": image.image_id, "Attribute": "launchPermission"},
+    )
     stub.add_client_error(
         "modify_image_attribute",
         "OperationNotPermitted",
@@ -386,6 +423,7 @@ def test_a_grant_whose_answer_was_lost_is_read_back_and_kept_recorded(stubbed: t
     ledger, and can be revoked once the family no longer lists the account."""
     client, stub = stubbed
     image = stub_image()
+    stub.add_response("describe_image_attribute", {"ImageId": image.image_id, "LaunchPermissions": []})
     stub.add_response("modify_image_attribute", {})
     lost = iter([True])
 

@@ -286,6 +286,25 @@ def test_grants_the_janitor_made_are_not_foreign() -> None:
     assert by_id(plan([inventory(*images, own)], policy(), NOW))[own.image_id].action == "deprecate"
 
 
+def test_a_grant_found_in_place_is_not_the_janitors_and_keeps_the_candidate_once_unlisted() -> None:
+    # Shared by hand with C before share_with listed C: the ledger records it found, not granted, so once
+    # share_with drops C the share keeps the AMI (the disable stage would remove it).
+    images = [image(days_old=100 + i) for i in range(2)]
+    found = image(days_old=200, perms=("user:111111111111", "user:333333333333"))
+    found = granted(found, "user:111111111111")
+    assert found.ledger is not None
+    found = found.model_copy(
+        update={"ledger": found.ledger.model_copy(update={"grants_found": ("user:333333333333",)})}
+    )
+    decision = by_id(
+        plan([inventory(*images, found)], policy({"share_with": {"accounts": ["111111111111"]}}), NOW)
+    )
+    assert (decision[found.image_id].action, decision[found.image_id].reasons) == (
+        "keep",
+        ["shared with user:333333333333 (not in share_with)"],
+    )
+
+
 def test_unread_launch_permissions_are_asked_for_then_settle_the_plan() -> None:
     images = [image(days_old=100 + i) for i in range(2)]
     unknown = image(days_old=200, perms=None)

@@ -72,6 +72,24 @@ def test_a_grant_removed_by_hand_is_granted_again_when_permissions_are_loaded() 
     assert shares == [Share(image_id=loaded.image_id, region="us-east-1", add=[f"user:{A}"])]
 
 
+def test_a_grant_found_in_place_is_neither_planned_again_nor_revoked() -> None:
+    # C was shared by hand before share_with listed it: the ledger keeps it apart from the janitor's own.
+    mine = shared(f"user:{A}", days_old=1, perms=None)
+    assert mine.ledger is not None
+    found = mine.model_copy(
+        update={"ledger": mine.ledger.model_copy(update={"grants_found": (f"user:{C}",)})}
+    )
+    assert plan_shares([inventory(found)], sharing([A, C]), NOW) == []
+    assert plan_shares([inventory(found)], sharing([]), NOW) == [
+        Share(image_id=found.image_id, region="us-east-1", remove=[f"user:{A}"])
+    ]
+    # Loaded, and no longer there: the family lists it, so it is granted (then the janitor's own).
+    gone = found.model_copy(update={"launch_permissions": image(perms=(f"user:{A}",)).launch_permissions})
+    assert plan_shares([inventory(gone)], sharing([A, C]), NOW) == [
+        Share(image_id=found.image_id, region="us-east-1", add=[f"user:{C}"])
+    ]
+
+
 def test_public_is_removed_unless_the_family_says_public_true() -> None:
     public = shared(f"user:{A}", days_old=1, public=True, perms=None)
     shares = plan_shares([inventory(public)], sharing([A]), NOW)

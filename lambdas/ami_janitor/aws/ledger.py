@@ -54,7 +54,7 @@ PERMISSIONS: list[str] = sorted(
         "dynamodb:BatchGetItem",  # read_items
         "dynamodb:Scan",  # read_all
         # record_candidate, record_stage, close, record_copy, record_replica, record_grants,
-        # confirm_grants, forget_grants, record_bake
+        # confirm_grants, forget_grants, record_found, record_bake
         "dynamodb:UpdateItem",
     ]
 )
@@ -547,6 +547,19 @@ class _Made:
             ExpressionAttributeValues={":grants": {"SS": sorted(keys)}},
         )
 
+    def record_found(self, image_id: str, grants: Iterable[str]) -> Written:
+        """Record launch permissions the family lists that EC2 showed before the janitor granted them:
+        somebody else made them, so they are kept apart from the janitor's own (`grants_found`, never
+        revoked); recorded so that the next run does not plan them again."""
+        keys = set(grants)
+        if not keys:
+            return "already-recorded"
+        return self._update(
+            image_id,
+            UpdateExpression="SET image_id = :id ADD grants_found :grants",
+            ExpressionAttributeValues={":id": _value(image_id), ":grants": {"SS": sorted(keys)}},
+        )
+
     def forget_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         """Remove launch permissions from what the janitor granted, after revoking them (the set goes
         with its last element)."""
@@ -699,7 +712,7 @@ class Ledger(_Made):
         """Write an item adopted from an older janitor's tags, only where the AMI has none yet."""
         data = item.model_dump(mode="json", exclude_none=True)
         data = {k: v for k, v in data.items() if v not in ((), [], {}) or k == "stages"}
-        for grants in ("grants", "granting"):
+        for grants in ("grants", "granting", "grants_found"):
             if getattr(item, grants):
                 data[grants] = set(getattr(item, grants))  # string sets: grants come and go one by one
         if item.last_stage is not None:

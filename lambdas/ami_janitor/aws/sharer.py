@@ -6,7 +6,10 @@ answers, and forgets a grant after it is revoked: a crash in between leaves a gr
 made that the janitor could not revoke. Where the grant fails (throttled past the SDK's
 retries, image block public access, an answer lost after it took effect), the launch permissions are
 read back and the grants EC2 does not show are taken back from the record, so the next run grants them
-again. The public group is granted in a call of its own, so that a refusal of it takes no
+again. Before it grants, the janitor reads the AMI's launch permissions (where the inventory does not
+hold them already): a grant EC2 already shows was made by somebody else (shared by hand before the family
+listed it), so it is neither made nor recorded as the janitor's, but recorded apart (`grants_found`), never to
+be revoked by the janitor. The public group is granted in a call of its own, so that a refusal of it takes no
 account's grant with it. The tag `ami-janitor:shared` is written last, as a mirror for people. No share
 where the region has no ledger.
 """
@@ -32,8 +35,8 @@ if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 
-# The change and its mirror tag; the read-back of a grant that failed; the ledger's item write
-# (record_grants, forget_grants).
+# The change and its mirror tag; the read before a grant and the read-back of a grant that failed; the
+# ledger's item write (record_grants, confirm_grants, forget_grants, record_found).
 PERMISSIONS: list[str] = sorted(
     [
         "dynamodb:UpdateItem",
@@ -101,13 +104,33 @@ def _grant(ec2: "EC2Client", ledger: Ledger, image_id: str, grants: list[str]) -
         raise
 
 
-def _apply(ec2: "EC2Client", ledger: Ledger, share: Share, image: Image, done: list[str]) -> None:
-    """Grants, then revocations, then the mirror. A grant EC2 refuses (the public group under image block
-    public access, every run it stays on) fails the result but stops neither the other grant call nor
-    the revocations: a grant the family no longer lists is revoked all the same."""
+def _missing(ec2: "EC2Client", ledger: Ledger, image: Image, grants: list[str], done: list[str]) -> list[str]:
+    """The planned grants EC2 does not show on the AMI yet, which the janitor makes. One it shows is not
+    made again: the janitor's own (recorded, its answer lost) is confirmed; any other was made by
+    somebody else and is recorded apart (`grants_found`), never as the janitor's, which would revoke it once the
+    family stops listing it."""
+    permissions = image.launch_permissions
+    if permissions is None:
+        permissions = read_launch_permissions(ec2, image.image_id)
+    shown = {p.key for p in permissions}
+    own = recorded_grants(image)
+    ledger.confirm_grants(image.image_id, [g for g in grants if g in shown and g in own])
+    found = [g for g in grants if g in shown and g not in own]
+    if found:
+        ledger.record_found(image.image_id, found)
+        done.append("already shared, not by the janitor: " + ",".join(found))
+    return [g for g in grants if g not in shown]
+
+
+def _apply(ec2: "EC2Client", ledger: Ledger, share: Share, image: Image, done: list[str]) -> list[str]:
+    """Grants, then revocations, then the mirror; returns what was granted. A grant EC2 refuses (the
+    public group under image block public access, every run it stays on) fails the result but stops
+    neither the other grant call nor the revocations: a grant the family no longer lists is revoked all
+    the same."""
     granted: list[str] = []
     refused: Exception | None = None
-    for call in public_apart(share.add):
+    wanted = _missing(ec2, ledger, image, list(share.add), done) if share.add else []
+    for call in public_apart(wanted):
         try:
             _grant(ec2, ledger, image.image_id, call)
         except AWS_ERRORS as error:
@@ -128,6 +151,7 @@ def _apply(ec2: "EC2Client", ledger: Ledger, share: Share, image: Image, done: l
         done.append("record updated")
     if refused is not None:
         raise refused
+    return granted
 
 
 def apply_shares(
@@ -154,7 +178,7 @@ def apply_shares(
             continue
         done: list[str] = []
         try:
-            _apply(clients_for(share.region).ec2, ledger_for(share.region), share, image, done)
+            granted = _apply(clients_for(share.region).ec2, ledger_for(share.region), share, image, done)
         except (*AWS_ERRORS, ValueError) as error:
             results.append(
                 ShareResult(
@@ -172,7 +196,7 @@ def apply_shares(
                 region=share.region,
                 image_id=share.image_id,
                 status="ok",
-                added=list(share.add),
+                added=[g for g in share.add if g in granted],
                 removed=list(share.remove),
                 detail="; ".join(done) or None,
             )

@@ -149,6 +149,10 @@ class LedgerItem(_Frozen):
     # Of those, the ones recorded and not yet confirmed made (a run died before ModifyImageAttribute
     # answered): granted again while the family lists them.
     granting: tuple[str, ...] = ()
+    # Launch permissions the family lists that EC2 already showed when the janitor came to grant them:
+    # somebody else made them, so they are not the janitor's (never revoked, never counted as its own);
+    # recorded so that the next run does not plan them again.
+    grants_found: tuple[str, ...] = ()
     copies: tuple[LedgerCopy, ...] = ()
     snapshots: tuple[LedgerSnapshot, ...] = ()
     bakes: tuple[LedgerBake, ...] = ()
@@ -168,7 +172,7 @@ class LedgerItem(_Frozen):
             return [value[key] for key in sorted(value)]
         return value
 
-    @field_validator("grants", "granting", mode="before")
+    @field_validator("grants", "granting", "grants_found", mode="before")
     @classmethod
     def _grants_sorted(cls, value: Any) -> Any:
         """The table keeps grants as string sets."""

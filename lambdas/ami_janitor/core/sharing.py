@@ -7,7 +7,11 @@ again (a run died in between; adding a permission twice is harmless). The tag `a
 Planning compares the ledger's record with the policy, so the steady state costs no call per AMI
 (DescribeImageAttribute is one call per AMI); `Public` comes with DescribeImages, so a public AMI whose
 family does not say `public: true` is always seen. Grants somebody else made are left alone (the
-planner reports them, and they keep the AMI unless `allow_shared`), whatever a tag says.
+planner reports them, and they keep the AMI unless `allow_shared`), whatever a tag says. So is one the
+family lists that was in place before the janitor came to grant it (shared by hand first): the sharer
+reads the AMI's launch permissions before it grants, makes and records as its own only what EC2 does not
+show, and records the rest apart (`grants_found`), so that a later run neither plans them again nor revokes
+them when the family stops listing them.
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ def unconfirmed_grants(image: Image) -> set[str]:
     return recorded_grants(image) & set(image.ledger.granting)
 
 
+def found_grants(image: Image) -> set[str]:
+    """The grants the family lists that EC2 showed before the janitor granted them (somebody else's)."""
+    if image.ledger is None:
+        return set()
+    return {key for key in image.ledger.grants_found if _is_grant(key)}
+
+
 def desired_grants(family: Family) -> set[str]:
     """What the family shares: its share_with, plus the public group where it says public: true."""
     grants = set(family.share_with.grants())
@@ -70,13 +81,13 @@ def share_for(image: Image, family: Family) -> Share | None:
         return None
     desired = desired_grants(family)
     recorded = recorded_grants(image)
-    add = desired - (recorded - unconfirmed_grants(image))
+    add = desired - (recorded - unconfirmed_grants(image)) - found_grants(image)
     if image.launch_permissions is not None:
         # Loaded for this AMI anyway: a grant removed by hand is granted again.
         add |= desired - {p.key for p in image.launch_permissions}
     if PUBLIC in desired and not image.public:
         add.add(PUBLIC)
-    remove = recorded - desired
+    remove = recorded - desired  # never a grant found in place: somebody else's
     if image.public and PUBLIC not in desired:
         remove.add(PUBLIC)  # whoever made it public: only `public: true` allows it
     if not add and not remove:
