@@ -10,20 +10,26 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ReadTimeoutError
 from botocore.stub import Stubber
 from moto import mock_aws
 
 from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
+from ami_janitor.aws.executor import apply_plan, rescue_image
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.sharer import PERMISSIONS, apply_shares
 from ami_janitor.core.model import (
+    Decision,
     Image,
     LedgerItem,
     LedgerView,
+    Plan,
     RegionInventory,
+    RegionStatus,
     Share,
+    iso,
 )
 from ami_janitor.core.policy import SHARED_BY_JANITOR_TAG, Policy, parse_policy
 from ami_janitor.core.sharing import plan_shares
@@ -180,6 +186,85 @@ def test_a_long_record_spans_numbered_tags_and_shrinks_back(aws: ClientFactory) 
     reconcile(aws, sharing(many[:2]))
     assert [k for k in tags(aws, image_id) if k.startswith(SHARED_BY_JANITOR_TAG)] == [SHARED_BY_JANITOR_TAG]
     assert grants(aws, image_id) == {f"user:{a}" for a in many[:2]}
+
+
+# ---- a rescue under image block public access -----------------------------------------------------
+
+
+def _refuse_public_grants(client: Any) -> list[str]:
+    """Image block public access: EC2 refuses a public launch permission (and only that)."""
+    refused: list[str] = []
+
+    def before_call(params: dict[str, Any], **_: Any) -> Any:
+        body = params.get("body") or {}
+        if any(k.startswith("LaunchPermission.Add") and v == "all" for k, v in body.items()):
+            refused.append("group:all")
+            error = {"Error": {"Code": "OperationNotPermitted", "Message": "block public access"}}
+            return AWSResponse("https://ec2.us-east-1.amazonaws.com/", 400, {}, None), error
+        return None
+
+    client.meta.events.register("before-call.ec2.ModifyImageAttribute", before_call)
+    return refused
+
+
+def test_a_rescue_whose_public_grant_is_refused_restores_the_rest_and_closes_its_clock(
+    aws: ClientFactory,
+) -> None:
+    """A rescue restores permissions as a share grants them: the public group in a call of its own, whose
+    refusal (a `public: true` family under image block public access) takes nothing else with it. The
+    rescue enables the AMI, grants the account back, closes its clock and reports the refusal; left
+    open, the clock would fail the same rescue at every run, and resume once nothing keeps the AMI
+    (disabling it again at once instead of starting a new clock)."""
+    clients = aws(US)
+    ec2 = clients.ec2
+    image_id = bake(aws, "web-5")
+    ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"UserId": A}, {"Group": "all"}]})
+    book = ledger.Ledger(clients, "ami-janitor-ledger")
+    book.record_grants(image_id, [f"user:{A}", "group:all"])
+    book.confirm_grants(image_id, [f"user:{A}", "group:all"])
+    view = book.read_all()
+    image = Image.from_api(US, ec2.describe_images(ImageIds=[image_id])["Images"][0])
+    image = image.model_copy(update={"ledger": view.items.get(image_id)})
+    inventory = RegionInventory(region=US, images=(image,), ledger=view)
+    plan = Plan(
+        mode="enforce",
+        generated_at=iso(NOW) or "",
+        regions=[RegionStatus(region=US, status="ok")],
+        decisions=[
+            Decision.model_validate(
+                {
+                    "region": US,
+                    "family": "web",
+                    "architecture": "x86_64",
+                    "image_id": image_id,
+                    "name": "web-5",
+                    "created": "2026-01-01T00:00:00Z",
+                    "action": "disable",
+                    "reasons": [],
+                    "stages": ["disable"],
+                }
+            )
+        ],
+    )
+    disabled = apply_plan(plan, {US: inventory}, aws, NOW, ledger_for=lambda _r: book)
+    assert disabled.failed == 0, disabled.results
+    assert grants(aws, image_id) == set()
+
+    refused = _refuse_public_grants(ec2)
+    image = Image.from_api(US, ec2.describe_images(ImageIds=[image_id])["Images"][0])
+    [result] = rescue_image(clients, book, image, NOW, shared={f"user:{A}", "group:all"})
+    assert refused == ["group:all"]
+    assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] == "available"
+    assert grants(aws, image_id) == {f"user:{A}"}
+    item = book.read_items([image_id])[image_id]
+    assert item.closed is not None, (
+        f"rescue {result.status}: {result.error}; the candidate clock is left open"
+    )
+    assert (result.status, result.error) == (
+        "failed",
+        "public launch permission not restored: OperationNotPermitted: block public access",
+    )
+    assert result.detail is not None and "candidate clock closed in the ledger" in result.detail
 
 
 # ---- exact requests (Stubber) -------------------------------------------------------------------

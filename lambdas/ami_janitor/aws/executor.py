@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text
+from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text, is_passing
 from ami_janitor.aws.inventory import describe_image, describe_own_image, read_launch_permissions
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core import trust
@@ -284,9 +284,14 @@ def _restore_deprecation(ec2: "EC2Client", image: Image, now: datetime) -> str |
     return f"deprecation restored to {iso(at)}"
 
 
-def _restore_permissions(ec2: "EC2Client", image: Image, shared: Collection[str]) -> list[str]:
+def _restore_permissions(
+    ec2: "EC2Client", image: Image, shared: Collection[str], refused: list[str]
+) -> list[str]:
     """Grant back what the ledger recorded before the disable stage; the public group and the janitor's
-    own grants only where the family (`shared`: what it shares now) still lists them."""
+    own grants only where the family (`shared`: what it shares now) still lists them. The public group
+    goes in a call of its own, as the sharer grants it: where EC2 refuses it (image block public access)
+    the refusal is added to `refused` and stops nothing else (the rescue finishes and closes the clock,
+    and reports it; the scheduled run's share plans the public group again, as for any member)."""
     restore, left = trust.restorable_permissions(image, shared)
     notes = [
         f"recorded launch permissions not restored ({why}): " + ",".join(keys)
@@ -300,9 +305,16 @@ def _restore_permissions(ec2: "EC2Client", image: Image, shared: Collection[str]
     restored: list[str] = []
     for keys in public_apart(sorted(wanted)):  # the public group alone: block public access refuses it
         grants = [LaunchPermission.from_key(key).to_api() for key in keys]
-        ec2.modify_image_attribute(
-            ImageId=image.image_id, LaunchPermission={"Add": cast("list[LaunchPermissionTypeDef]", grants)}
-        )
+        try:
+            ec2.modify_image_attribute(
+                ImageId=image.image_id,
+                LaunchPermission={"Add": cast("list[LaunchPermissionTypeDef]", grants)},
+            )
+        except AWS_ERRORS as error:
+            if keys != [PUBLIC] or is_passing(error):
+                raise
+            refused.append(f"public launch permission not restored: {error_text(error)}")
+            continue
         restored += keys
     if restored:
         notes.insert(0, "launch permissions restored: " + ",".join(restored))
@@ -315,7 +327,13 @@ RESCUE_READS = 3
 
 
 def _rescue_steps(
-    ec2: "EC2Client", ledger: Ledger, image: Image, now: datetime, shared: Collection[str], done: list[str]
+    ec2: "EC2Client",
+    ledger: Ledger,
+    image: Image,
+    now: datetime,
+    shared: Collection[str],
+    done: list[str],
+    refused: list[str],
 ) -> None:
     """Undo what the ledger says the stages did, noting each change in `done`; then close the clock, on
     the condition that no stage was recorded since `image` was read (a slice that read the AMI before
@@ -323,7 +341,7 @@ def _rescue_steps(
     that stage is undone too. The ledger is closed after EC2 is back: a crash leaves the clock open for
     a rerun to finish."""
     for _ in range(RESCUE_READS):
-        item = _undo_stages(ec2, image, now, shared, done)
+        item = _undo_stages(ec2, image, now, shared, done, refused)
         if item is None:
             return
         if ledger.close(image.image_id, now, item.last_stage) == "recorded":
@@ -344,7 +362,12 @@ class RescueRaced(RuntimeError):
 
 
 def _undo_stages(
-    ec2: "EC2Client", image: Image, now: datetime, shared: Collection[str], done: list[str]
+    ec2: "EC2Client",
+    image: Image,
+    now: datetime,
+    shared: Collection[str],
+    done: list[str],
+    refused: list[str],
 ) -> LedgerItem | None:
     """What the rescue undoes, as `image` and its ledger item show it; the open item, to close after."""
     disable = trust.undoable_stage(image, "disable")
@@ -359,7 +382,7 @@ def _undo_stages(
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
-    done += _restore_permissions(ec2, image, shared)
+    done += _restore_permissions(ec2, image, shared, refused)
     done += trust.left_as_adopted(image)
     marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]
     if marked:
@@ -395,13 +418,17 @@ def _rescue(
     region: str, ec2: "EC2Client", ledger: Ledger, image: Image, now: datetime, shared: Collection[str]
 ) -> ActionResult:
     done: list[str] = []
+    refused: list[str] = []  # grants EC2 refused for good: reported, the rescue finished all the same
     result = ActionResult(region=region, image_id=image.image_id, action="rescue", status="skipped")
     try:
-        _rescue_steps(ec2, ledger, image, now, shared, done)
+        _rescue_steps(ec2, ledger, image, now, shared, done, refused)
     except (*STEP_ERRORS, RescueRaced) as error:
         return result.model_copy(
             update={"status": "failed", "error": error_text(error), "detail": _join(done)}
         )
+    if refused:
+        reported = _join(dict.fromkeys(refused))
+        return result.model_copy(update={"status": "failed", "error": reported, "detail": _join(done)})
     if not done:
         return result.model_copy(update={"detail": "nothing to undo (the ledger records no stage)"})
     return result.model_copy(update={"status": "ok", "detail": _join(done)})
