@@ -1081,7 +1081,12 @@ class FakeLedger(Ledger):
     def record_grants(self, image_id: str, grants: Iterable[str]) -> Written:
         self._write("ledger_record_grants", image_id)
         item = self._item(image_id)
-        update = {"grants": {*item.grants, *grants}, "granting": {*item.granting, *grants}}
+        grants = set(grants)
+        update = {
+            "grants": {*item.grants, *grants},
+            "granting": {*item.granting, *grants},
+            "grants_found": set(item.grants_found) - grants,
+        }
         self.items[image_id] = item.model_copy(update={k: tuple(sorted(v)) for k, v in update.items()})
         return "recorded"
 

@@ -783,6 +783,13 @@ def handle_ami_event(
     if len(families) != 1 or image.state != "available":
         return outcome
     family = families[0]
+    if trust.open_item(image) is None and (sharing.desired_grants(family) or sharing.recorded_grants(image)):
+        # This AMI's launch permissions, read once: EnableImage restores none of those DisableImage
+        # removed, while the ledger still records the janitor's grants as made (the plan alone would
+        # never grant them again).
+        permissions = inventory.read_launch_permissions(clients.ec2, image.image_id)
+        image = image.model_copy(update={"launch_permissions": permissions})
+        own = own._replace(images=(image,))
     share = sharing.share_for(image, family)
     copies, skipped = _new_source_copies(image, family, policy, clients, clients_for)
     if copies:

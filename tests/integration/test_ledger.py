@@ -185,6 +185,9 @@ def test_grants_found_in_place_are_kept_apart_from_the_janitors_own(clients: Reg
     assert book.record_found("ami-1", [c]) == "recorded"  # a string set: once
     item = book.read_items(["ami-1"])["ami-1"]
     assert (item.grants, item.granting, item.grants_found) == ((a,), (a,), (c,))
+    book.record_grants("ami-1", [c])  # gone since (DisableImage), granted by the janitor: its own
+    item = book.read_items(["ami-1"])["ami-1"]
+    assert (item.grants, item.grants_found) == ((a, c), ())
 
 
 def test_read_items_pages_by_100_keys(clients: RegionClients) -> None:

@@ -15,6 +15,7 @@ from botocore.exceptions import ReadTimeoutError
 from botocore.stub import Stubber
 from moto import mock_aws
 
+from ami_janitor import engine
 from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.executor import apply_plan, rescue_image
@@ -186,6 +187,65 @@ def test_a_long_record_spans_numbered_tags_and_shrinks_back(aws: ClientFactory) 
     reconcile(aws, sharing(many[:2]))
     assert [k for k in tags(aws, image_id) if k.startswith(SHARED_BY_JANITOR_TAG)] == [SHARED_BY_JANITOR_TAG]
     assert grants(aws, image_id) == {f"user:{a}" for a in many[:2]}
+
+
+def test_share_with_grants_come_back_after_the_owner_disables_and_enables_an_ami(aws: ClientFactory) -> None:
+    """EC2's DisableImage removes every launch permission and EnableImage restores none, while the ledger
+    still records the janitor's grants as made: the AMI's `available` event reads its launch permissions
+    and grants what share_with lists and EC2 does not show."""
+    image_id = bake(aws, "web-2")
+    policy = sharing([A])
+    reconcile(aws, policy)
+    assert grants(aws, image_id) == {f"user:{A}"}
+    aws(US).ec2.disable_image(ImageId=image_id)
+    aws(US).ec2.enable_image(ImageId=image_id)
+    assert grants(aws, image_id) == set()  # as EC2 does
+    # The `available` event of the enable, then the scheduled run's share reconciliation.
+    engine.handle_ami_event(image_id, "available", aws(US), policy, NOW)
+    reconcile(aws, policy)
+    assert grants(aws, image_id) == {f"user:{A}"}, "the available member stays unshared with share_with"
+
+
+def test_an_account_share_with_drops_and_lists_again_around_a_rescue_is_granted_again(
+    aws: ClientFactory,
+) -> None:
+    """The rescue does not restore a grant share_with dropped while the AMI was disabled; it forgets it
+    (DisableImage removed it), so that share_with listing the account again grants it."""
+    clients = aws(US)
+    image_id = bake(aws, "web-6")
+    reconcile(aws, sharing([A, B]))
+    book = ledger.Ledger(clients, "ami-janitor-ledger")
+    image = Image.from_api(US, clients.ec2.describe_images(ImageIds=[image_id])["Images"][0])
+    image = image.model_copy(update={"ledger": book.read_items([image_id]).get(image_id)})
+    plan = Plan(
+        mode="enforce",
+        generated_at=iso(NOW) or "",
+        regions=[RegionStatus(region=US, status="ok")],
+        decisions=[
+            Decision.model_validate(
+                {
+                    "region": US,
+                    "family": "web",
+                    "architecture": "x86_64",
+                    "image_id": image_id,
+                    "name": "web-6",
+                    "created": "2026-01-01T00:00:00Z",
+                    "action": "disable",
+                    "reasons": [],
+                    "stages": ["disable"],
+                }
+            )
+        ],
+    )
+    inventory = RegionInventory(region=US, images=(image,), ledger=book.read_all())
+    assert apply_plan(plan, {US: inventory}, aws, NOW, ledger_for=lambda _r: book).failed == 0
+    image = Image.from_api(US, clients.ec2.describe_images(ImageIds=[image_id])["Images"][0])
+    [result] = rescue_image(clients, book, image, NOW, shared={f"user:{A}"})
+    assert result.status == "ok", result
+    assert grants(aws, image_id) == {f"user:{A}"}
+    assert book.read_items([image_id])[image_id].grants == (f"user:{A}",)
+    reconcile(aws, sharing([A, B]))
+    assert grants(aws, image_id) == {f"user:{A}", f"user:{B}"}
 
 
 # ---- a rescue under image block public access -----------------------------------------------------

@@ -285,13 +285,14 @@ def _restore_deprecation(ec2: "EC2Client", image: Image, now: datetime) -> str |
 
 
 def _restore_permissions(
-    ec2: "EC2Client", image: Image, shared: Collection[str], refused: list[str]
+    ec2: "EC2Client", image: Image, shared: Collection[str], refused: list[str], restored: list[str]
 ) -> list[str]:
     """Grant back what the ledger recorded before the disable stage; the public group and the janitor's
     own grants only where the family (`shared`: what it shares now) still lists them. The public group
     goes in a call of its own, as the sharer grants it: where EC2 refuses it (image block public access)
     the refusal is added to `refused` and stops nothing else (the rescue finishes and closes the clock,
-    and reports it; the scheduled run's share plans the public group again, as for any member)."""
+    and reports it; the scheduled run's share plans the public group again, as for any member). What it
+    grants back is added to `restored`."""
     restore, left = trust.restorable_permissions(image, shared)
     notes = [
         f"recorded launch permissions not restored ({why}): " + ",".join(keys)
@@ -301,8 +302,10 @@ def _restore_permissions(
         )
         if keys
     ]
-    wanted = set(restore) - {p.key for p in image.launch_permissions or ()}
-    restored: list[str] = []
+    shown = {p.key for p in image.launch_permissions or ()}
+    restored.extend(k for k in restore if k in shown)
+    wanted = set(restore) - shown
+    granted: list[str] = []
     for keys in public_apart(sorted(wanted)):  # the public group alone: block public access refuses it
         grants = [LaunchPermission.from_key(key).to_api() for key in keys]
         try:
@@ -315,9 +318,10 @@ def _restore_permissions(
                 raise
             refused.append(f"public launch permission not restored: {error_text(error)}")
             continue
-        restored += keys
-    if restored:
-        notes.insert(0, "launch permissions restored: " + ",".join(restored))
+        granted += keys
+    restored.extend(granted)
+    if granted:
+        notes.insert(0, "launch permissions restored: " + ",".join(granted))
     return notes
 
 
@@ -341,11 +345,17 @@ def _rescue_steps(
     that stage is undone too. The ledger is closed after EC2 is back: a crash leaves the clock open for
     a rerun to finish."""
     for _ in range(RESCUE_READS):
-        item = _undo_stages(ec2, image, now, shared, done, refused)
+        lapsed: set[str] = set()
+        item = _undo_stages(ec2, image, now, shared, done, refused, lapsed)
         if item is None:
             return
         if ledger.close(image.image_id, now, item.last_stage) == "recorded":
             done.append("candidate clock closed in the ledger")
+            if lapsed:
+                # After the close: until then a rerun must still know them as the janitor's (a rescue
+                # restores the janitor's grants only while share_with lists them).
+                ledger.forget_grants(image.image_id, sorted(lapsed))
+                done.append("recorded grants not restored forgotten: " + ",".join(sorted(lapsed)))
             return
         # Closed by another rescue meanwhile, or a stage recorded since the read: which, the ledger says.
         fresh = describe_own_image(ec2, image.region, image.image_id)
@@ -368,8 +378,12 @@ def _undo_stages(
     shared: Collection[str],
     done: list[str],
     refused: list[str],
+    lapsed: set[str],
 ) -> LedgerItem | None:
-    """What the rescue undoes, as `image` and its ledger item show it; the open item, to close after."""
+    """What the rescue undoes, as `image` and its ledger item show it; the open item, to close after.
+    Where it enables the AMI, the janitor's recorded grants it does not grant back (share_with dropped
+    them, or EC2 refused them) are added to `lapsed`: DisableImage removed them, so they are no longer
+    in place, and once forgotten the family's shares grant them again if it lists them (again)."""
     disable = trust.undoable_stage(image, "disable")
     # A disable the janitor did again (EC2 no longer showed it: the owner had enabled the AMI) was its
     # own DisableImage, whatever the first record says (already disabled by the owner, or adopted).
@@ -377,12 +391,16 @@ def _undo_stages(
     ours = (disable is not None and not disable.already_disabled) or (
         redone is not None and redone.redone is not None
     )
-    if image.state == "disabled" and ours:
+    enabled = image.state == "disabled" and ours
+    if enabled:
         _enable_image(ec2, image.image_id)
         done.append("enabled")
     deprecation = _restore_deprecation(ec2, image, now)
     done += [deprecation] if deprecation else []
-    done += _restore_permissions(ec2, image, shared, refused)
+    restored: list[str] = []
+    done += _restore_permissions(ec2, image, shared, refused, restored)
+    if enabled and image.ledger is not None:
+        lapsed.update(set(image.ledger.grants) - set(restored))
     done += trust.left_as_adopted(image)
     marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]
     if marked:

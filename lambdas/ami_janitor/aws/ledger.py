@@ -531,7 +531,8 @@ class _Made:
             return "already-recorded"
         return self._update(
             image_id,
-            UpdateExpression="SET image_id = :id ADD grants :grants, granting :grants",
+            # A grant found in place before (somebody else's) and gone since is the janitor's once it makes it.
+            UpdateExpression="SET image_id = :id ADD grants :grants, granting :grants DELETE grants_found :grants",
             ExpressionAttributeValues={":id": _value(image_id), ":grants": {"SS": sorted(keys)}},
         )
 

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 
-# The change and its mirror tag; the read before a grant and the read-back of a grant that failed; the
-# ledger's item write (record_grants, confirm_grants, forget_grants, record_found).
+# The change and its mirror tag; the read before a grant (the AMI event's too, engine.handle_ami_event)
+# and the read-back of a grant that failed; the ledger's item write (record_grants, confirm_grants,
+# forget_grants, record_found).
 PERMISSIONS: list[str] = sorted(
     [
         "dynamodb:UpdateItem",
