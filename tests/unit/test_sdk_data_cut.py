@@ -4,10 +4,12 @@ services the package calls, nothing it calls left out, and every endpoint as bot
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import botocore.compat
+import botocore.exceptions
 import botocore.handlers
 import botocore.hooks
 import botocore.loaders
@@ -140,6 +142,32 @@ def test_the_loader_looks_only_for_the_janitors_services() -> None:
     assert loader.list_available_services("service-2") == list(models.SERVICES)
     assert "rbin" not in loader.list_available_services("waiters-2")  # a type a service lacks
     assert "ec2" in loader.list_available_services("waiters-2")
+
+
+def test_a_services_model_is_looked_for_in_that_services_directories_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore lists every service's directories, in every search path, before it loads one model of
+    each type: a client's first call looked at all 17 janitor services' directories three times over."""
+    loader = janitor_session().get_component("data_loader")
+    listed: list[str] = []
+    listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path=".": listed.append(str(path)) or listdir(path))
+    for type_name in ("service-2", "endpoint-rule-set-1", "paginators-1"):
+        loader.load_service_model("ec2", type_name)
+    assert listed and {Path(path).name for path in listed} == {"ec2"}
+
+
+def test_a_type_a_service_lacks_fails_as_in_botocores_loader() -> None:
+    ours = janitor_session().get_component("data_loader")
+    theirs = botocore.loaders.Loader(extra_search_paths=[str(models.DATA_PATH)])
+    for loader in (ours, theirs):
+        with pytest.raises(botocore.exceptions.UnknownServiceError, match="rbin"):
+            loader.load_service_model("rbin", "waiters-2")
+        with pytest.raises(botocore.exceptions.DataNotFoundError):
+            loader.load_service_model("ec2", "service-2", "2001-01-01")  # no such version
+    with pytest.raises(botocore.exceptions.UnknownServiceError, match="glacier"):
+        ours.load_service_model("glacier", "service-2")  # not a janitor service
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from botocore.exceptions import DataNotFoundError, UnknownServiceError
 from botocore.loaders import JSONFileLoader, Loader, instance_cache
 
 DATA_PATH = Path(__file__).resolve().parent
@@ -140,6 +141,27 @@ class JanitorLoader(Loader):
     read into dicts (DictFileLoader)."""
 
     FILE_LOADER_CLASS = DictFileLoader
+
+    @instance_cache
+    def load_service_model(self, service_name: str, type_name: str, api_version: str | None = None) -> Any:
+        """botocore's, but a janitor service's model is looked for in that service's directories only:
+        botocore first lists every service (here all of SERVICES, each in every search path, for each
+        model type a client loads) to say whether this one exists. The same model, extras included, and
+        the same error where the service lacks the type (UnknownServiceError, a DataNotFoundError)."""
+        if service_name not in SERVICES:
+            return super().load_service_model(service_name, type_name, api_version)
+        try:
+            versions = self.list_api_versions(service_name, type_name)
+        except DataNotFoundError:
+            raise UnknownServiceError(
+                service_name=service_name,
+                known_service_names=", ".join(self.list_available_services(type_name)),
+            ) from None
+        version = api_version or max(versions)
+        model = self.load_data(os.path.join(service_name, version, type_name))
+        extras = self._find_extras(service_name, type_name, version)  # type: ignore[attr-defined]
+        self._extras_processor.process(model, extras)  # type: ignore[attr-defined]  # botocore's, unstubbed
+        return model
 
     @instance_cache
     def list_available_services(self, type_name: str) -> list[str]:
