@@ -730,7 +730,7 @@ class FakeEC2:
     # ---- launch permissions ------------------------------------------------------------------------
     def describe_images(self, **params: Any) -> dict[str, Any]:
         """By id (an unknown id is none), or every AMI (all are the caller's own: Owners is not read),
-        narrowed by the filters image-id and block-device-mapping.snapshot-id. Disabled AMIs only with
+        narrowed by the filters image-id and block-device-mapping.snapshot-id and by ExecutableUsers. Disabled AMIs only with
         IncludeDisabled (EC2's default leaves them out); deprecated ones always (their owner sees them).
         In pages of MaxResults (not with ImageIds, as EC2), in image id order."""
         api, _ = self._request("describe_images", params)
@@ -748,6 +748,9 @@ class FakeEC2:
         else:
             candidates = [self.images[i] for i in sorted(self.images)]
         found = [image for image in candidates if _shown(image, params, wanted)]
+        if "ExecutableUsers" in params:  # explicit launch permissions of these accounts (as EC2: not public)
+            users = {f"user:{account}" for account in params["ExecutableUsers"]}
+            found = [image for image in found if users & image.permissions]
         page, token = _page(found, params, api, (1, 1000))
         return {"Images": [image.to_api() for image in page], **token}
 

@@ -206,6 +206,61 @@ def test_share_with_grants_come_back_after_the_owner_disables_and_enables_an_ami
     assert grants(aws, image_id) == {f"user:{A}"}, "the available member stays unshared with share_with"
 
 
+def test_a_scheduled_run_grants_again_what_a_disable_and_enable_removed_when_the_event_is_lost(
+    aws: ClientFactory,
+) -> None:
+    """The same, with no `available` event: the scheduled run asks EC2 which of the family's AMIs each
+    account the ledger records a grant to may launch (one DescribeImages per account), reads the launch
+    permissions of the AMIs that lost one, and grants back what share_with lists."""
+    kept, lost = bake(aws, "web-3"), bake(aws, "web-4")
+    policy = sharing([A, B])
+    engine.run(policy, [US], aws, NOW, apply=True)
+    assert grants(aws, kept) == grants(aws, lost) == {f"user:{A}", f"user:{B}"}
+    aws(US).ec2.disable_image(ImageId=lost)
+    aws(US).ec2.enable_image(ImageId=lost)
+    asked: list[tuple[str, dict[str, Any]]] = []
+    aws(US).ec2.meta.events.register(
+        "provide-client-params.ec2.*", lambda params, model, **_: asked.append((model.name, params))
+    )
+    result = engine.run(policy, [US], aws, NOW, apply=True)
+    run_asked = list(asked)
+    assert [(s.image_id, s.add) for s in result.replicated.shares] == [(lost, [f"user:{A}", f"user:{B}"])]
+    assert grants(aws, lost) == {f"user:{A}", f"user:{B}"}
+    assert grants(aws, kept) == {f"user:{A}", f"user:{B}"}
+    # One DescribeImages per account recorded, at the largest page; the launch permissions of the one
+    # AMI that lost its grants.
+    executable = [p for name, p in run_asked if name == "DescribeImages" and "ExecutableUsers" in p]
+    assert executable == [
+        {"Owners": ["self"], "ExecutableUsers": [account], "MaxResults": 1000} for account in (A, B)
+    ]
+    assert [p["ImageId"] for name, p in run_asked if name == "DescribeImageAttribute"] == [lost]
+    # The steady state: the accounts asked again, no AMI's launch permissions read.
+    asked.clear()
+    assert engine.run(policy, [US], aws, NOW, apply=True).replicated.shares == []
+    assert not [name for name, _ in asked if name == "DescribeImageAttribute"]
+
+
+def test_a_region_whose_accounts_launch_rights_cannot_be_read_is_skipped(aws: ClientFactory) -> None:
+    """Which AMIs a recorded account may launch is part of the region's inventory: where EC2 will not
+    say, the region is skipped (no decision on a partial inventory), not planned as if nothing was lost."""
+    image_id = bake(aws, "web-5")
+    policy = sharing([A])
+    engine.run(policy, [US], aws, NOW, apply=True)
+
+    def refuse(params: dict[str, Any], **_: Any) -> Any:
+        if any(key.startswith("ExecutableBy") for key in params.get("body") or {}):
+            error = {"Error": {"Code": "UnauthorizedOperation", "Message": "not authorized"}}
+            return AWSResponse("https://ec2.us-east-1.amazonaws.com/", 403, {}, None), error
+        return None
+
+    aws(US).ec2.meta.events.register("before-call.ec2.DescribeImages", refuse)
+    result = engine.run(policy, [US], aws, NOW, apply=True)
+    assert [(r.region, r.status) for r in result.plan.regions] == [(US, "skipped")]
+    assert "ec2:DescribeImages" in (result.plan.regions[0].error or "")
+    assert "UnauthorizedOperation" in (result.plan.regions[0].error or "")
+    assert result.replicated.shares == [] and grants(aws, image_id) == {f"user:{A}"}
+
+
 def test_an_account_share_with_drops_and_lists_again_around_a_rescue_is_granted_again(
     aws: ClientFactory,
 ) -> None:

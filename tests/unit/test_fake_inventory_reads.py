@@ -41,6 +41,7 @@ def region() -> FakeEC2:
     for n in range(3):
         image_id = f"ami-{n:017x}"
         fake.ledger.items[image_id] = LedgerItem(image_id=image_id, grants=("user:111122223333",))
+        fake.images[image_id].permissions.add("user:111122223333")  # granted, as the ledger records
     return fake
 
 
@@ -63,9 +64,11 @@ def test_the_inventory_reads_what_the_fake_holds() -> None:
     assert inventory.ledger.items == fake.ledger.items
     # Every call took the fake's latency on its clock, and was counted.
     calls = area.api_calls()
+    # The AMIs, then those the account the ledger records grants to may launch: none lost a grant.
     assert (
-        calls["ec2:DescribeImages"] == 1 and calls["dynamodb:Scan"] == 1 and calls["ssm:GetParameters"] == 1
+        calls["ec2:DescribeImages"] == 2 and calls["dynamodb:Scan"] == 1 and calls["ssm:GetParameters"] == 1
     )
+    assert calls["ec2:DescribeImageAttribute"] == 0
     assert fake.elapsed == pytest.approx(sum(calls.values()) * 0.05)
 
 
@@ -100,3 +103,16 @@ def test_the_inbox_dates_a_report_by_its_writers_clock_and_the_owner_expands_its
     assert usage.read_report(owner.clients.s3, settings, "333344445555", "us-east-1") is None
     expansions, notes = usage.expand_grants(owner.clients.organizations, [f"org:{org.arn}"])
     assert expansions == {f"org:{org.arn}": ("111122223333", "222233334444", "333344445555")} and notes == []
+
+
+def test_an_ami_that_lost_a_recorded_grant_has_its_launch_permissions_read() -> None:
+    fake = region()
+    fake.images["ami-00000000000000001"].permissions.clear()  # disabled and enabled again
+    area = account_region(fake, "222233334444", Inbox())
+
+    inventory = load_inventory(area.clients, POLICY)
+
+    assert inventory.error is None
+    read = {i.image_id: i.launch_permissions for i in inventory.images if i.launch_permissions is not None}
+    assert read == {"ami-00000000000000001": ()}
+    assert area.api_calls()["ec2:DescribeImageAttribute"] == 1

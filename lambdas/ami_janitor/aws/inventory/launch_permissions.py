@@ -1,5 +1,6 @@
 """Launch permissions (DescribeImageAttribute, one call per AMI): read only for the AMIs a decision
-needs, after the plan has chosen them, several at once."""
+needs, after the plan has chosen them, several at once; and of the AMIs that lost an account's grant
+the ledger records as made (DescribeImages by the accounts that may launch them: one call per account)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from typing import TYPE_CHECKING
 from botocore.exceptions import ClientError
 
 from ami_janitor.aws.errors import error_code
-from ami_janitor.aws.inventory.reading import SourceFailed, source
-from ami_janitor.core.model import LaunchPermission, RegionInventory
+from ami_janitor.aws.inventory.reading import SourceFailed, items, source
+from ami_janitor.core import sharing, trust
+from ami_janitor.core.model import Image, LaunchPermission, RegionInventory
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
     from ami_janitor.aws.clients import RegionClients
 
-PERMISSIONS: list[str] = ["ec2:DescribeImageAttribute"]
+# DescribeImages by the accounts that may launch: the inventory's read of the AMIs already needs it.
+PERMISSIONS: list[str] = ["ec2:DescribeImageAttribute", "ec2:DescribeImages"]
 
 
 def load_launch_permissions(
@@ -60,3 +63,48 @@ def read_launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermis
         LaunchPermission.from_api({k: str(v) for k, v in p.items()})
         for p in answer.get("LaunchPermissions") or []
     )
+
+
+def _accounts_granted(image: Image) -> set[str]:
+    """The accounts the ledger records the janitor granted this AMI (made: ModifyImageAttribute
+    answered), where EC2 should show them: an available AMI the janitor runs no clock on (a candidate's
+    permissions belong to its stages)."""
+    if image.state != "available" or trust.open_item(image) is not None:
+        return set()
+    made = sharing.recorded_grants(image) - sharing.unconfirmed_grants(image)
+    return {key.removeprefix("user:") for key in made if key.startswith("user:")}
+
+
+def load_lost_grants(clients: RegionClients, inventory: RegionInventory) -> RegionInventory:
+    """The inventory with the launch permissions of the AMIs that lost a grant the janitor made, so that
+    their share grants it again: DisableImage removes every launch permission and EnableImage restores
+    none (and an owner may revoke one by hand), while the ledger still records the grants as made. Which
+    AMIs each account may launch is one paginated DescribeImages per account recorded (ExecutableUsers
+    names accounts only: an organization's or OU's grant lost so comes back with the AMI's `available`
+    event). No account recorded: no call."""
+    if inventory.error is not None:
+        return inventory
+    granted = {image.image_id: _accounts_granted(image) for image in inventory.images}
+    accounts = sorted(set().union(*granted.values()))
+    if not accounts:
+        return inventory
+    ec2 = clients.ec2
+    try:
+        with source("ec2:DescribeImages"):
+            launchable = {
+                account: {
+                    str(raw.get("ImageId"))
+                    for raw in items(
+                        ec2, "describe_images", "Images", 1000, Owners=["self"], ExecutableUsers=[account]
+                    )
+                }
+                for account in accounts
+            }
+    except SourceFailed as failure:
+        return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
+    lost = [
+        image_id
+        for image_id, recorded in granted.items()
+        if any(image_id not in launchable[account] for account in recorded)
+    ]
+    return load_launch_permissions(clients, inventory, lost) if lost else inventory

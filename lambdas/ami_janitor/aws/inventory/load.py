@@ -32,9 +32,15 @@ if TYPE_CHECKING:
 def load_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
     """Everything the planner needs about one region, or an inventory with only `error` set."""
     try:
-        return _read_inventory(clients, policy)
+        loaded = _read_inventory(clients, policy)
     except SourceFailed as failure:
         return RegionInventory(region=clients.region, error=str(failure))
+    if not any(image.ledger is not None and image.ledger.grants for image in loaded.images):
+        return loaded
+    # Grants the janitor made that EC2 no longer shows (the AMI disabled and enabled again since).
+    from ami_janitor.aws.inventory.launch_permissions import load_lost_grants
+
+    return load_lost_grants(clients, loaded)
 
 
 def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
