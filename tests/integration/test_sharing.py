@@ -230,6 +230,7 @@ def test_a_scheduled_run_grants_again_what_a_disable_and_enable_removed_when_the
     # One DescribeImages per account recorded, at the largest page; the launch permissions of the one
     # AMI that lost its grants.
     executable = [p for name, p in run_asked if name == "DescribeImages" and "ExecutableUsers" in p]
+    executable.sort(key=lambda p: p["ExecutableUsers"])  # asked side by side
     assert executable == [
         {"Owners": ["self"], "ExecutableUsers": [account], "MaxResults": 1000} for account in (A, B)
     ]

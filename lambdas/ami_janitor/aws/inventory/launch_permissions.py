@@ -79,27 +79,27 @@ def load_lost_grants(clients: RegionClients, inventory: RegionInventory) -> Regi
     """The inventory with the launch permissions of the AMIs that lost a grant the janitor made, so that
     their share grants it again: DisableImage removes every launch permission and EnableImage restores
     none (and an owner may revoke one by hand), while the ledger still records the grants as made. Which
-    AMIs each account may launch is one paginated DescribeImages per account recorded (ExecutableUsers
-    names accounts only: an organization's or OU's grant lost so comes back with the AMI's `available`
-    event). No account recorded: no call."""
+    AMIs each account may launch is one paginated DescribeImages per account recorded, several at once
+    (ExecutableUsers names accounts only: an organization's or OU's grant lost so comes back with the
+    AMI's `available` event). No account recorded: no call."""
     if inventory.error is not None:
         return inventory
     granted = {image.image_id: _accounts_granted(image) for image in inventory.images}
     accounts = sorted(set().union(*granted.values()))
     if not accounts:
         return inventory
-    ec2 = clients.ec2
+    ec2 = clients.ec2  # made before the threads share it
+
+    def launchable_by(account: str) -> set[str]:
+        pages = items(ec2, "describe_images", "Images", 1000, Owners=["self"], ExecutableUsers=[account])
+        return {str(raw.get("ImageId")) for raw in pages}
+
     try:
-        with source("ec2:DescribeImages"):
-            launchable = {
-                account: {
-                    str(raw.get("ImageId"))
-                    for raw in items(
-                        ec2, "describe_images", "Images", 1000, Owners=["self"], ExecutableUsers=[account]
-                    )
-                }
-                for account in accounts
-            }
+        with (
+            source("ec2:DescribeImages"),
+            ThreadPoolExecutor(max_workers=max(1, min(clients.read_workers, len(accounts)))) as pool,
+        ):
+            launchable = dict(zip(accounts, pool.map(launchable_by, accounts), strict=True))
     except SourceFailed as failure:
         return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
     lost = [
