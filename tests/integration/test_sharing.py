@@ -105,6 +105,27 @@ def reconcile(factory: ClientFactory, policy: Policy) -> list[Share]:
     return shares
 
 
+def disabling(image_id: str, name: str) -> Plan:
+    """A plan whose one decision is the web family's AMI's disable stage."""
+    decision = {
+        "region": US,
+        "family": "web",
+        "architecture": "x86_64",
+        "image_id": image_id,
+        "name": name,
+        "created": "2026-01-01T00:00:00Z",
+        "action": "disable",
+        "reasons": [],
+        "stages": ["disable"],
+    }
+    return Plan(
+        mode="enforce",
+        generated_at=iso(NOW) or "",
+        regions=[RegionStatus(region=US, status="ok")],
+        decisions=[Decision.model_validate(decision)],
+    )
+
+
 def test_grants_are_made_revoked_and_recorded_and_foreign_ones_are_left(aws: ClientFactory) -> None:
     image_id = bake(aws, "web-1")
     reconcile(aws, sharing([A, B], (ORG,)))
@@ -273,26 +294,7 @@ def test_an_account_share_with_drops_and_lists_again_around_a_rescue_is_granted_
     book = ledger.Ledger(clients, "ami-janitor-ledger")
     image = Image.from_api(US, clients.ec2.describe_images(ImageIds=[image_id])["Images"][0])
     image = image.model_copy(update={"ledger": book.read_items([image_id]).get(image_id)})
-    plan = Plan(
-        mode="enforce",
-        generated_at=iso(NOW) or "",
-        regions=[RegionStatus(region=US, status="ok")],
-        decisions=[
-            Decision.model_validate(
-                {
-                    "region": US,
-                    "family": "web",
-                    "architecture": "x86_64",
-                    "image_id": image_id,
-                    "name": "web-6",
-                    "created": "2026-01-01T00:00:00Z",
-                    "action": "disable",
-                    "reasons": [],
-                    "stages": ["disable"],
-                }
-            )
-        ],
-    )
+    plan = disabling(image_id, "web-6")
     inventory = RegionInventory(region=US, images=(image,), ledger=book.read_all())
     assert apply_plan(plan, {US: inventory}, aws, NOW, ledger_for=lambda _r: book).failed == 0
     image = Image.from_api(US, clients.ec2.describe_images(ImageIds=[image_id])["Images"][0])
@@ -342,26 +344,7 @@ def test_a_rescue_whose_public_grant_is_refused_restores_the_rest_and_closes_its
     image = Image.from_api(US, ec2.describe_images(ImageIds=[image_id])["Images"][0])
     image = image.model_copy(update={"ledger": view.items.get(image_id)})
     inventory = RegionInventory(region=US, images=(image,), ledger=view)
-    plan = Plan(
-        mode="enforce",
-        generated_at=iso(NOW) or "",
-        regions=[RegionStatus(region=US, status="ok")],
-        decisions=[
-            Decision.model_validate(
-                {
-                    "region": US,
-                    "family": "web",
-                    "architecture": "x86_64",
-                    "image_id": image_id,
-                    "name": "web-5",
-                    "created": "2026-01-01T00:00:00Z",
-                    "action": "disable",
-                    "reasons": [],
-                    "stages": ["disable"],
-                }
-            )
-        ],
-    )
+    plan = disabling(image_id, "web-5")
     disabled = apply_plan(plan, {US: inventory}, aws, NOW, ledger_for=lambda _r: book)
     assert disabled.failed == 0, disabled.results
     assert grants(aws, image_id) == set()
