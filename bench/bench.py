@@ -387,10 +387,12 @@ def _against_emulator(
     snippets: Sequence[str],
     runs: int = 7,
     measure: Callable[[str, dict[str, str]], float] = _fresh_interpreter_time,
+    rounds: list[list[float]] | None = None,
 ) -> list[float]:
     """The median over `runs` fresh interpreters of each snippet's `measure` (its printed time; the
     package from `package`), the snippets taking turns so that a busy moment weighs on each alike; after
-    one round that warms the emulator (its own start is not the function's)."""
+    one round that warms the emulator (its own start is not the function's). `rounds` receives each
+    snippet's measures, round by round, for ratios within a round."""
     cli = os.path.join(os.path.dirname(sys.executable), "ami-janitor")
     server = subprocess.Popen(
         [cli, "emulator", "--empty", "--exit-after", "600"], stdout=subprocess.PIPE, text=True
@@ -416,6 +418,8 @@ def _against_emulator(
     finally:
         server.terminate()
         server.wait()
+    if rounds is not None:
+        rounds.extend(taken[1:] for taken in times)
     return [statistics.median(taken[1:]) for taken in times]
 
 
@@ -474,8 +478,14 @@ def bench_asset_bytecode() -> None:
     )
 
 
+def _paired(measures: Sequence[float], libraries: Sequence[float]) -> float:
+    """The median of the ratios within each round: a busy minute slows both sides of a round alike."""
+    return statistics.median(m / lib for m, lib in zip(measures, libraries, strict=True))
+
+
 def bench_cold_start() -> None:
     package = _compiled_package()
+    rounds: list[list[float]] = []
     libraries, handler, cold, floor, with_fields, imported = _against_emulator(
         package,
         [
@@ -486,6 +496,7 @@ def bench_cold_start() -> None:
             TIMED.format(LIBRARIES_WITH_FIELDS),
             TIMED.format(LIBRARIES_IMPORTED),
         ],
+        rounds=rounds,
     )
     print(
         f"\nimport of the cleanup handler module: median {handler * 1000:.0f} ms "
@@ -503,6 +514,11 @@ def bench_cold_start() -> None:
         f"  the floor, the libraries' import plus a janitor session, an EC2 client and one DescribeImages: "
         f"{floor * 1000:.0f} ms, ratio {floor / libraries:.2f}; the handler's cold start is "
         f"{(cold - floor) * 1000:.0f} ms over it"
+    )
+    print(
+        f"  beside it, not judged: the ratios within each round (the libraries and the cold start measured "
+        f"one after the other), their median: the cold start {_paired(rounds[2], rounds[0]):.2f}, the floor "
+        f"{_paired(rounds[3], rounds[0]):.2f} (a floor ratio far from 1.06-1.11 marks a busy machine)"
     )
     print(
         f"  beside it, not judged: the libraries with pydantic's field machinery, which the first model's "
