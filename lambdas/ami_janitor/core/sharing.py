@@ -71,13 +71,28 @@ def rescue_grants(policy: Policy, image: Image) -> frozenset[str]:
     return frozenset.intersection(*(frozenset(desired_grants(f)) for f in families))
 
 
+def _shareable(image: Image) -> bool:
+    """An available AMI the janitor runs no clock on: a disabled AMI has no launch permissions, and a
+    candidate's belong to the retirement stages."""
+    return image.state == "available" and trust.open_item(image) is None
+
+
+def accounts_granted(image: Image) -> set[str]:
+    """The accounts the ledger records the janitor granted the AMI (made: ModifyImageAttribute answered),
+    where EC2 should show them (a shareable AMI); none elsewhere."""
+    if not _shareable(image):
+        return set()
+    made = recorded_grants(image) - unconfirmed_grants(image)
+    return {key.removeprefix("user:") for key in made if key.startswith("user:")}
+
+
 def share_for(image: Image, family: Family) -> Share | None:
     """The change one member of `family` needs, or None.
 
     Only available AMIs that are not candidates: a disabled AMI has no launch permissions, and a
     candidate's permissions belong to the retirement stages (the disable stage records and removes them,
     a rescue restores them)."""
-    if image.state != "available" or trust.open_item(image) is not None:
+    if not _shareable(image):
         return None
     desired = desired_grants(family)
     recorded = recorded_grants(image)

@@ -12,8 +12,8 @@ from botocore.exceptions import ClientError
 
 from ami_janitor.aws.errors import error_code
 from ami_janitor.aws.inventory.reading import SourceFailed, items, source
-from ami_janitor.core import sharing, trust
-from ami_janitor.core.model import Image, LaunchPermission, RegionInventory
+from ami_janitor.core import sharing
+from ami_janitor.core.model import LaunchPermission, RegionInventory
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
@@ -65,16 +65,6 @@ def read_launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermis
     )
 
 
-def _accounts_granted(image: Image) -> set[str]:
-    """The accounts the ledger records the janitor granted this AMI (made: ModifyImageAttribute
-    answered), where EC2 should show them: an available AMI the janitor runs no clock on (a candidate's
-    permissions belong to its stages)."""
-    if image.state != "available" or trust.open_item(image) is not None:
-        return set()
-    made = sharing.recorded_grants(image) - sharing.unconfirmed_grants(image)
-    return {key.removeprefix("user:") for key in made if key.startswith("user:")}
-
-
 def load_lost_grants(clients: RegionClients, inventory: RegionInventory) -> RegionInventory:
     """The inventory with the launch permissions of the AMIs that lost a grant the janitor made, so that
     their share grants it again: DisableImage removes every launch permission and EnableImage restores
@@ -84,7 +74,7 @@ def load_lost_grants(clients: RegionClients, inventory: RegionInventory) -> Regi
     AMI's `available` event). No account recorded: no call."""
     if inventory.error is not None:
         return inventory
-    granted = {image.image_id: _accounts_granted(image) for image in inventory.images}
+    granted = {image.image_id: sharing.accounts_granted(image) for image in inventory.images}
     accounts = sorted(set().union(*granted.values()))
     if not accounts:
         return inventory
