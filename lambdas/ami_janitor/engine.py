@@ -290,7 +290,10 @@ def build_plan(
     so only for the AMIs it acts on or runs a clock on), and the plan settled on them."""
     # Planned on the view the first enforce run with a ledger has once it adopted older janitor tags.
     read = _each_region(
-        regions, lambda r: _read_region(inventory.load_inventory, r, clients_for, policy, progress)
+        regions,
+        lambda r: _read_region(
+            lambda c, p: inventory.load_inventory(c, p, now), r, clients_for, policy, progress
+        ),
     )
     loaded = {inv.region: trust.adopted_view(inv, policy, now) for inv in read}
     targets = _each_region(

@@ -5,7 +5,7 @@ through botocore's Stubber, in order with the ledger's writes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import boto3
@@ -21,6 +21,7 @@ from ami_janitor.aws.clients import ClientFactory, RegionClients
 from ami_janitor.aws.executor import apply_plan, rescue_image
 from ami_janitor.aws.inventory import load_images
 from ami_janitor.aws.sharer import PERMISSIONS, apply_shares
+from ami_janitor.core import sharing as core_sharing
 from ami_janitor.core.model import (
     Decision,
     Image,
@@ -260,6 +261,63 @@ def test_a_scheduled_run_grants_again_what_a_disable_and_enable_removed_when_the
     asked.clear()
     assert engine.run(policy, [US], aws, NOW, apply=True).replicated.shares == []
     assert not [name for name, _ in asked if name == "DescribeImageAttribute"]
+
+
+def test_a_scheduled_run_grants_an_organization_again_what_a_disable_and_enable_removed(
+    aws: ClientFactory,
+) -> None:
+    """The same for an organization's grant when the event is lost: EC2 says which AMIs an account may
+    launch, not an organization, so the scheduled run reads the launch permissions of the AMIs the
+    janitor granted one (at most sharing.ORGANIZATION_CHECKS_PER_RUN a run, in turns) and grants back
+    what EC2 no longer shows."""
+    kept, lost = bake(aws, "web-3"), bake(aws, "web-4")
+    policy = sharing([], (ORG,))
+    engine.run(policy, [US], aws, NOW, apply=True)
+    assert grants(aws, kept) == grants(aws, lost) == {f"org:{ORG}"}
+    aws(US).ec2.disable_image(ImageId=lost)
+    aws(US).ec2.enable_image(ImageId=lost)
+    assert grants(aws, lost) == set()
+    asked: list[tuple[str, dict[str, Any]]] = []
+    aws(US).ec2.meta.events.register(
+        "provide-client-params.ec2.*", lambda params, model, **_: asked.append((model.name, params))
+    )
+    result = engine.run(policy, [US], aws, NOW, apply=True)
+    run_asked = list(asked)
+    assert [(s.image_id, s.add) for s in result.replicated.shares] == [(lost, [f"org:{ORG}"])]
+    assert grants(aws, lost) == grants(aws, kept) == {f"org:{ORG}"}
+    # No account recorded: no DescribeImages by account. Each AMI granted the organization read once.
+    assert not [p for name, p in run_asked if name == "DescribeImages" and "ExecutableUsers" in p]
+    read = [p for name, p in run_asked if name == "DescribeImageAttribute"]
+    assert sorted(read, key=lambda p: p["ImageId"]) == [
+        {"ImageId": image_id, "Attribute": "launchPermission"} for image_id in sorted([kept, lost])
+    ]
+    # The steady state: both read again, nothing planned.
+    asked.clear()
+    assert engine.run(policy, [US], aws, NOW, apply=True).replicated.shares == []
+    assert sorted(p["ImageId"] for name, p in asked if name == "DescribeImageAttribute") == sorted(
+        [kept, lost]
+    )
+
+
+def test_the_organization_checks_take_their_turn_from_the_run_s_date(
+    aws: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past sharing.ORGANIZATION_CHECKS_PER_RUN AMIs, which ones a run reads depends on its day: the
+    scheduled run gives the inventory its own time, so consecutive days take consecutive turns."""
+    bake(aws, "web-5")
+    policy = sharing([], (ORG,))
+    engine.run(policy, [US], aws, NOW, apply=True)
+    days: list[int] = []
+    checks = core_sharing.organization_checks
+
+    def recording(images: Any, day: int, *args: Any) -> list[str]:
+        days.append(day)
+        return checks(images, day, *args)
+
+    monkeypatch.setattr(core_sharing, "organization_checks", recording)
+    for later in (NOW, NOW + timedelta(days=1)):
+        engine.run(policy, [US], aws, later, apply=True)
+    assert days == [NOW.toordinal(), NOW.toordinal() + 1]
 
 
 def test_a_region_whose_accounts_launch_rights_cannot_be_read_is_skipped(aws: ClientFactory) -> None:

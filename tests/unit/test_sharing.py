@@ -9,7 +9,13 @@ import pytest
 
 from ami_janitor.core.model import Image, RegionInventory, Share
 from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG
-from ami_janitor.core.sharing import plan_shares, recorded_grants, share_for
+from ami_janitor.core.sharing import (
+    organization_checks,
+    organizations_granted,
+    plan_shares,
+    recorded_grants,
+    share_for,
+)
 from ami_janitor.core.tags import TAG_VALUE_MAX, is_part_key, joined_values, part_keys, split_values
 from builders import NOW, granted, image, inventory, ledger_item, policy
 
@@ -207,3 +213,25 @@ def test_a_forged_candidate_tag_does_not_stop_a_share() -> None:
     forged = image(days_old=1, tags={CANDIDATE_TAG: "2026-11-01T00:00:00Z"})
     [share] = plan_shares([inventory(forged)], sharing([A]), NOW)
     assert share.add == [f"user:{A}"]
+
+
+# ---- the organizations' grants a scheduled run checks ----------------------------------------------
+
+
+def test_the_amis_granted_an_organization_or_ou_are_checked_and_no_other() -> None:
+    """EC2 cannot be asked which AMIs an organization may launch: the AMIs the janitor granted one are
+    read. Not an AMI granted accounts only (DescribeImages by account tells those apart), nor one whose
+    organization grant never answered, nor a candidate or a disabled AMI (no grant shows there)."""
+    org, ou = shared(f"org:{ORG}", days_old=1), shared(f"ou:{OU}", f"user:{A}", days_old=2)
+    accounts_only = shared(f"user:{A}", days_old=3)
+    unconfirmed = shared(f"org:{ORG}", days_old=4)
+    assert unconfirmed.ledger is not None
+    unconfirmed = unconfirmed.model_copy(
+        update={"ledger": unconfirmed.ledger.model_copy(update={"granting": (f"org:{ORG}",)})}
+    )
+    candidate = granted(image(days_old=5, ledger=ledger_item(20)), f"org:{ORG}")
+    disabled = shared(f"org:{ORG}", days_old=6, state="disabled")
+    images = [org, ou, accounts_only, unconfirmed, candidate, disabled]
+    assert organizations_granted(ou) == {f"ou:{OU}"}
+    assert organization_checks(images, day=0) == sorted([org.image_id, ou.image_id])
+    assert organization_checks([accounts_only, candidate], day=0) == []

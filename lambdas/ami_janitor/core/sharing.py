@@ -25,6 +25,8 @@ from ami_janitor.core.planner import Grouped, build_groups
 from ami_janitor.core.policy import Family, Policy
 
 PUBLIC = "group:all"
+# Launch permission reads per region and run that check the organizations' and OUs' grants (organization_checks).
+ORGANIZATION_CHECKS_PER_RUN = 100
 
 
 def _is_grant(key: str) -> bool:
@@ -77,13 +79,39 @@ def _shareable(image: Image) -> bool:
     return image.state == "available" and trust.open_item(image) is None
 
 
-def accounts_granted(image: Image) -> set[str]:
-    """The accounts the ledger records the janitor granted the AMI (made: ModifyImageAttribute answered),
-    where EC2 should show them (a shareable AMI); none elsewhere."""
+def _made_grants(image: Image) -> set[str]:
+    """The grants the ledger records the janitor made (ModifyImageAttribute answered), where EC2 should
+    show them (a shareable AMI); none elsewhere."""
     if not _shareable(image):
         return set()
-    made = recorded_grants(image) - unconfirmed_grants(image)
-    return {key.removeprefix("user:") for key in made if key.startswith("user:")}
+    return recorded_grants(image) - unconfirmed_grants(image)
+
+
+def accounts_granted(image: Image) -> set[str]:
+    """The accounts the ledger records the janitor granted the AMI, where EC2 should show them."""
+    return {key.removeprefix("user:") for key in _made_grants(image) if key.startswith("user:")}
+
+
+def organizations_granted(image: Image) -> set[str]:
+    """The organizations and OUs ('org:ARN', 'ou:ARN') the ledger records the janitor granted the AMI,
+    where EC2 should show them."""
+    return {key for key in _made_grants(image) if key.startswith(("org:", "ou:"))}
+
+
+def organization_checks(
+    images: Iterable[Image], day: int, limit: int = ORGANIZATION_CHECKS_PER_RUN
+) -> list[str]:
+    """The AMIs whose launch permissions a scheduled run reads to see that the organizations' and OUs'
+    grants the janitor made are still in place: a disable and enable removes them, as it removes an
+    account's, but EC2 can be asked which AMIs an account may launch (one call per account), not an
+    organization. Every such AMI where they are at most `limit`; else every n-th of them by id
+    (n = ceil(count / limit)), from `day` modulo n, so that over n days (`day`: the run's date) each is
+    read once, and no run reads more than `limit`."""
+    ids = sorted(image.image_id for image in images if organizations_granted(image))
+    if len(ids) <= limit:
+        return ids
+    every = -(-len(ids) // limit)
+    return ids[day % every :: every]
 
 
 def share_for(image: Image, family: Family) -> Share | None:
@@ -131,6 +159,8 @@ def plan_shares(
 
 
 _PUBLIC = "group:all"
+# Launch permission reads per region and run that check the organizations' and OUs' grants (organization_checks).
+ORGANIZATION_CHECKS_PER_RUN = 100
 
 
 def public_apart(grants: Iterable[str]) -> list[list[str]]:

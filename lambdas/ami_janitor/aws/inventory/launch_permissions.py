@@ -1,6 +1,7 @@
 """Launch permissions (DescribeImageAttribute, one call per AMI): read only for the AMIs a decision
-needs, after the plan has chosen them, several at once; and of the AMIs that lost an account's grant
-the ledger records as made (DescribeImages by the accounts that may launch them: one call per account)."""
+needs, after the plan has chosen them, several at once; of the AMIs that lost an account's grant the
+ledger records as made (DescribeImages by the accounts that may launch them: one call per account); and
+of the AMIs the janitor granted an organization or OU, in turns (load_lost_grants)."""
 
 from __future__ import annotations
 
@@ -65,36 +66,39 @@ def read_launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermis
     )
 
 
-def load_lost_grants(clients: RegionClients, inventory: RegionInventory) -> RegionInventory:
-    """The inventory with the launch permissions of the AMIs that lost a grant the janitor made, so that
-    their share grants it again: DisableImage removes every launch permission and EnableImage restores
-    none (and an owner may revoke one by hand), while the ledger still records the grants as made. Which
-    AMIs each account may launch is one paginated DescribeImages per account recorded, several at once
-    (ExecutableUsers names accounts only: an organization's or OU's grant lost so comes back with the
-    AMI's `available` event). No account recorded: no call."""
+def load_lost_grants(clients: RegionClients, inventory: RegionInventory, day: int = 0) -> RegionInventory:
+    """The inventory with the launch permissions of the AMIs that may have lost a grant the janitor made,
+    so that their share grants it again: DisableImage removes every launch permission and EnableImage
+    restores none (and an owner may revoke one by hand), while the ledger still records the grants as
+    made. Which AMIs each account may launch is one paginated DescribeImages per account recorded,
+    several at once, and only the AMIs that lost one are read. EC2 cannot be asked the same of an
+    organization or OU: the AMIs granted one are read, at most sharing.ORGANIZATION_CHECKS_PER_RUN a
+    run, in turns by `day` (sharing.organization_checks). Nothing recorded: no call."""
     if inventory.error is not None:
         return inventory
     granted = {image.image_id: sharing.accounts_granted(image) for image in inventory.images}
     accounts = sorted(set().union(*granted.values()))
-    if not accounts:
-        return inventory
-    ec2 = clients.ec2  # made before the threads share it
+    checked = sharing.organization_checks(inventory.images, day)
+    lost: list[str] = []
+    if accounts:
+        ec2 = clients.ec2  # made before the threads share it
 
-    def launchable_by(account: str) -> set[str]:
-        pages = items(ec2, "describe_images", "Images", 1000, Owners=["self"], ExecutableUsers=[account])
-        return {str(raw.get("ImageId")) for raw in pages}
+        def launchable_by(account: str) -> set[str]:
+            pages = items(ec2, "describe_images", "Images", 1000, Owners=["self"], ExecutableUsers=[account])
+            return {str(raw.get("ImageId")) for raw in pages}
 
-    try:
-        with (
-            source("ec2:DescribeImages"),
-            ThreadPoolExecutor(max_workers=max(1, min(clients.read_workers, len(accounts)))) as pool,
-        ):
-            launchable = dict(zip(accounts, pool.map(launchable_by, accounts), strict=True))
-    except SourceFailed as failure:
-        return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
-    lost = [
-        image_id
-        for image_id, recorded in granted.items()
-        if any(image_id not in launchable[account] for account in recorded)
-    ]
-    return load_launch_permissions(clients, inventory, lost) if lost else inventory
+        try:
+            with (
+                source("ec2:DescribeImages"),
+                ThreadPoolExecutor(max_workers=max(1, min(clients.read_workers, len(accounts)))) as pool,
+            ):
+                launchable = dict(zip(accounts, pool.map(launchable_by, accounts), strict=True))
+        except SourceFailed as failure:
+            return RegionInventory(region=inventory.region, notes=inventory.notes, error=str(failure))
+        lost = [
+            image_id
+            for image_id, recorded in granted.items()
+            if any(image_id not in launchable[account] for account in recorded)
+        ]
+    wanted = list(dict.fromkeys([*lost, *checked]))
+    return load_launch_permissions(clients, inventory, wanted) if wanted else inventory

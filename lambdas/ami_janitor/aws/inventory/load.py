@@ -8,6 +8,7 @@ them: a cold start of its scheduled run reads only its AMIs, retired snapshots a
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 from ami_janitor.aws.inventory.copy_sources import read_copy_sources
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
     from ami_janitor.aws.clients import RegionClients
 
 
-def load_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
-    """Everything the planner needs about one region, or an inventory with only `error` set."""
+def load_inventory(clients: "RegionClients", policy: Policy, now: datetime | None = None) -> RegionInventory:
+    """Everything the planner needs about one region, or an inventory with only `error` set. `now`, the
+    run's time, says which AMIs granted an organization this run checks (load_lost_grants)."""
     try:
         loaded = _read_inventory(clients, policy)
     except SourceFailed as failure:
@@ -40,7 +42,7 @@ def load_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
     # Grants the janitor made that EC2 no longer shows (the AMI disabled and enabled again since).
     from ami_janitor.aws.inventory.launch_permissions import load_lost_grants
 
-    return load_lost_grants(clients, loaded)
+    return load_lost_grants(clients, loaded, day=now.toordinal() if now is not None else 0)
 
 
 def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
