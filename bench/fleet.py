@@ -60,7 +60,13 @@ from ami_janitor.core.run_plan import plan_run  # noqa: E402
 from ami_janitor.engine import SLICE_BUDGET_SECONDS, RunSummary  # noqa: E402
 from ami_janitor.handlers.events import Environment  # noqa: E402
 from ami_janitor.handlers.scheduled import publish  # noqa: E402
-from ami_janitor.handlers.slices import RESERVE_MILLIS, WorkSliceRecord, _keep, _report  # noqa: E402
+from ami_janitor.handlers.slices import (  # noqa: E402
+    RESERVE_MILLIS,
+    WORKER_TIMEOUT_SECONDS,
+    WorkSliceRecord,
+    _keep,
+    _report,
+)
 from fake_aws import AccountRegion, Inbox, QueuedMessage, Queues, account_region  # noqa: E402
 from fake_ec2 import MUTATING, FakeEC2, FakeImage, nearest_minute  # noqa: E402
 from fake_throttle import AccountBuckets  # noqa: E402
@@ -79,7 +85,6 @@ ENVIRONMENT = Environment.model_validate(
         "WORK_QUEUE_URL": QUEUE_URL,
     }
 )
-WORKER_TIMEOUT_SECONDS = 15 * 60  # the slice worker's (infra/work_slices.py)
 # The janitor deprecated the due AMIs this long ago, and disabled them a week later (the default
 # lifecycle: deprecate at 0 days, disable at 7, deregister at 14).
 STARTED = NOW - timedelta(days=40)

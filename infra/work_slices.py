@@ -19,6 +19,7 @@ from infra.reports import Reports
 
 # A slice's paced calls take at most about 5 minutes (engine.SLICE_BUDGET_SECONDS), its reads and
 # retries a few more: well inside this.
+# The worker's own figure (handlers/slices.py WORKER_TIMEOUT_SECONDS, which the infra tests compare).
 WORKER_TIMEOUT = Duration.minutes(15)
 MAX_RECEIVE_COUNT = 3
 # A region's slices are one FIFO message group: SQS hands out one at a time whatever this is (the

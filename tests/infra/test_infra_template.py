@@ -31,7 +31,7 @@ from synth_support import Synth, as_list, functions_by_handler, ref_id, resource
 
 from ami_janitor.aws import baker, runs
 from ami_janitor.aws.clients import client_config
-from ami_janitor.handlers import replicate
+from ami_janitor.handlers import replicate, slices
 from ami_janitor.handlers.events import BakeEvent, parse_bake_event
 
 SOURCE = "AmiJanitor-us-east-1"  # in policy.regions: has the bake schedule
@@ -383,7 +383,8 @@ def test_work_slices_one_at_a_time_per_region_from_a_fifo_queue_with_redrive(
         assert 1 < props["RedrivePolicy"]["maxReceiveCount"] <= 10
         assert props["VisibilityTimeout"] >= 6 * worker["Timeout"]
         # No reserved concurrency: it would throttle the poller into the dead-letter queue.
-        assert "ReservedConcurrentExecutions" not in worker and worker["Timeout"] == 900
+        assert "ReservedConcurrentExecutions" not in worker
+        assert worker["Timeout"] == slices.WORKER_TIMEOUT_SECONDS  # the fleet simulator's too
         alarmed = Capture()
         Template.from_json(template).has_resource_properties(
             "AWS::CloudWatch::Alarm",

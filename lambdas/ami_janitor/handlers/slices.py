@@ -32,6 +32,8 @@ with collector_paused():
     from ami_janitor.handlers.observe import logger, metrics, paused
     from ami_janitor.handlers.scheduled import publish, report_key
 
+# The worker's timeout (the stack sets it; the fleet simulator runs each slice within it).
+WORKER_TIMEOUT_SECONDS = 15 * 60
 # No AMI is started with less than this left of the invocation (an AMI's stages take seconds; the
 # results still go to the bucket and the run's record after the last).
 RESERVE_MILLIS = 120_000
