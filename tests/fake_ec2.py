@@ -730,8 +730,9 @@ class FakeEC2:
     # ---- launch permissions ------------------------------------------------------------------------
     def describe_images(self, **params: Any) -> dict[str, Any]:
         """By id (an unknown id is none), or every AMI (all are the caller's own: Owners is not read),
-        narrowed by the filters image-id and block-device-mapping.snapshot-id and by ExecutableUsers. Disabled AMIs only with
-        IncludeDisabled (EC2's default leaves them out); deprecated ones always (their owner sees them).
+        narrowed by the filters image-id and block-device-mapping.snapshot-id and by ExecutableUsers.
+        Disabled AMIs only with IncludeDisabled (EC2's default leaves them out); deprecated ones always
+        (their owner sees them).
         In pages of MaxResults (not with ImageIds, as EC2), in image id order."""
         api, _ = self._request("describe_images", params)
         ids = params.get("ImageIds")

@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -289,12 +290,8 @@ def build_plan(
     plan, then the per-AMI details the plan asks for (DescribeImageReferences and launch permissions,
     so only for the AMIs it acts on or runs a clock on), and the plan settled on them."""
     # Planned on the view the first enforce run with a ledger has once it adopted older janitor tags.
-    read = _each_region(
-        regions,
-        lambda r: _read_region(
-            lambda c, p: inventory.load_inventory(c, p, now), r, clients_for, policy, progress
-        ),
-    )
+    load = partial(inventory.load_inventory, now=now)
+    read = _each_region(regions, lambda r: _read_region(load, r, clients_for, policy, progress))
     loaded = {inv.region: trust.adopted_view(inv, policy, now) for inv in read}
     targets = _each_region(
         sorted(_copy_targets(policy) - set(regions)),

@@ -158,14 +158,9 @@ def plan_shares(
     return shares
 
 
-_PUBLIC = "group:all"
-# Launch permission reads per region and run that check the organizations' and OUs' grants (organization_checks).
-ORGANIZATION_CHECKS_PER_RUN = 100
-
-
 def public_apart(grants: Iterable[str]) -> list[list[str]]:
     """The grants in the calls that make them: the accounts, organizations and OUs, then the public group
     alone (image block public access refuses only that one)."""
     grants = list(grants)
-    calls = [[g for g in grants if g != _PUBLIC], [g for g in grants if g == _PUBLIC]]
+    calls = [[g for g in grants if g != PUBLIC], [g for g in grants if g == PUBLIC]]
     return [call for call in calls if call]
