@@ -64,8 +64,8 @@ from ami_janitor.handlers.slices import (  # noqa: E402
     RESERVE_MILLIS,
     WORKER_TIMEOUT_SECONDS,
     WorkSliceRecord,
-    _keep,
-    _report,
+    run_report,
+    slice_keeper,
 )
 from fake_aws import AccountRegion, Inbox, QueuedMessage, Queues, account_region  # noqa: E402
 from fake_ec2 import MUTATING, FakeEC2, FakeImage, nearest_minute  # noqa: E402
@@ -305,7 +305,7 @@ def simulate(
     )
     run.statuses.update(r.status for r in applied.results)
     # Its record of the slices, then the slices queued; its part of the report in the bucket.
-    result = engine._queue_slices(
+    result = engine.queue_slices(
         engine.RunResult(plan=plan, results=applied.results),
         REGION,
         work,
@@ -337,7 +337,7 @@ def simulate(
             part,
             clients,
             fake.clock,
-            keep=_keep(ENVIRONMENT, clients),
+            keep=slice_keeper(ENVIRONMENT, clients),
             out_of_time=lambda deadline=deadline: fake.elapsed >= deadline,
             delivery=int(record.attributes.ApproximateReceiveCount),
             side_by_side=fake.side_by_side(workers),
@@ -346,7 +346,7 @@ def simulate(
             run.summaries += 1
 
             def send(outcome: SliceOutcome = outcome, clients: RegionClients = clients) -> None:
-                report = _report(ENVIRONMENT, clients, outcome)
+                report = run_report(ENVIRONMENT, clients, outcome)
                 publish(ENVIRONMENT, lambda _region: clients, report)
                 run.reported = report.summary
 

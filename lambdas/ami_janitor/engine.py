@@ -508,7 +508,7 @@ def run(
         plan=plan, results=applied.results, rotations=rotations, replicated=replicated, **usage
     )
     for region, work in sorted(cut.items()):
-        result = _queue_slices(
+        result = queue_slices(
             result,
             region,
             work,
@@ -676,7 +676,7 @@ def cut_due(
     )
 
 
-def _queue_slices(
+def queue_slices(
     result: RunResult,
     region: str,
     work: list[slices.WorkSlice],

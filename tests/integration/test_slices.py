@@ -823,7 +823,7 @@ def test_slices_sqs_took_before_it_refused_others_are_not_reported_as_not_queued
     decisions = plan.decisions
     clients = RegionClients(REGION, sqs=SecondBatchRefused(sqs))  # type: ignore[arg-type]
 
-    result = engine._queue_slices(engine.RunResult(plan=plan), REGION, work, policy, clients, queue, now())
+    result = engine.queue_slices(engine.RunResult(plan=plan), REGION, work, policy, clients, queue, now())
 
     messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)["Messages"]
     taken = {item.image_id for m in messages for item in WorkSlice.model_validate_json(m["Body"]).items}
@@ -842,12 +842,12 @@ def test_a_run_recorded_first_by_an_invocation_of_the_same_second_queues_nothing
     """EventBridge delivered the schedule twice: the two invocations plan runs of one key (the region and
     the second). The first records and queues its slices; the second's stages are skipped, saying why."""
     _, queue, policy, plan, work = twelve_slices()
-    first = engine._queue_slices(
+    first = engine.queue_slices(
         engine.RunResult(plan=plan), REGION, work, policy, RegionClients(REGION), queue, now()
     )
     assert first.slices_queued == 12
 
-    second = engine._queue_slices(
+    second = engine.queue_slices(
         engine.RunResult(plan=plan), REGION, work, policy, RegionClients(REGION), queue, now()
     )
 

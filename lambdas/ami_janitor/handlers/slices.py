@@ -9,6 +9,7 @@ after the queue's maxReceiveCount parks it in the dead-letter queue (which alarm
 """
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +50,9 @@ def slice_key(region: str, run: str, index: int) -> str:
     return f"runs/{region}/{run}/slice-{index:05d}.json"
 
 
-def _keep(env: Environment, clients: RegionClients) -> Any:
+def slice_keeper(env: Environment, clients: RegionClients) -> Callable[[SliceOutcome], None]:
+    """What a slice does with its outcome: its part of the run's report, in the report bucket."""
+
     def keep(outcome: SliceOutcome) -> None:
         if env.report_bucket:
             clients.s3.put_object(
@@ -66,7 +69,7 @@ def _read(clients: RegionClients, bucket: str, key: str) -> Any:
     return json.loads(clients.s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def _report(env: Environment, clients: RegionClients, outcome: SliceOutcome) -> engine.RunReport:
+def run_report(env: Environment, clients: RegionClients, outcome: SliceOutcome) -> engine.RunReport:
     """The run's one report: the scheduled run's part and every slice's, from the report bucket."""
     assert outcome.progress is not None
     if not env.report_bucket:
@@ -93,7 +96,7 @@ def slice_record(
             record.body,
             clients,
             datetime.now(UTC).replace(microsecond=0),
-            keep=_keep(env, clients),
+            keep=slice_keeper(env, clients),
             out_of_time=lambda: context.get_remaining_time_in_millis() < RESERVE_MILLIS,
             delivery=int(record.attributes.ApproximateReceiveCount),
         )
@@ -126,7 +129,7 @@ def slice_record(
     if outcome.last:
 
         def send() -> None:
-            report = _report(env, clients, outcome)
+            report = run_report(env, clients, outcome)
             publish(env, factory, report)
             logger.info("run done", extra={"run": outcome.run, "summary": report.summary.model_dump()})
 
