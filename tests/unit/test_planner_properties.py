@@ -8,24 +8,36 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ami_janitor.core import trust
 from ami_janitor.core.model import (
     Image,
     LaunchPermission,
     LedgerItem,
     LedgerStage,
+    LedgerView,
     Plan,
     Reference,
     RegionInventory,
     iso,
 )
 from ami_janitor.core.planner import ACTING
-from ami_janitor.core.policy import CANDIDATE_TAG, PRIOR_DEPRECATION_TAG, Policy, parse_policy
+from ami_janitor.core.policy import (
+    CANDIDATE_TAG,
+    COPY_GENERATION_TAG_PREFIX,
+    PRIOR_DEPRECATION_TAG,
+    PRIOR_PERMISSIONS_TAG,
+    RETIRED_FROM_TAG,
+    SHARED_BY_JANITOR_TAG,
+    SOURCE_CREATED_TAG,
+    Policy,
+    parse_policy,
+)
 from ami_janitor.core.run_plan import needed_details, plan_run, settle
 from builders import NOW
 
@@ -265,3 +277,46 @@ def test_latest_points_at_the_newest_available(inventory: RegionInventory, polic
         newest = max(members, key=lambda i: (i.created, i.name, i.image_id))
         assert change.to == newest.image_id
         assert actions[change.to] in ("keep", "rescue")
+
+
+# The janitor's own tag keys (not the opt-out, which keeps), forged with any suffix and value.
+JANITOR_KEYS = (
+    CANDIDATE_TAG,
+    PRIOR_DEPRECATION_TAG,
+    PRIOR_PERMISSIONS_TAG,
+    SHARED_BY_JANITOR_TAG,
+    RETIRED_FROM_TAG,
+    SOURCE_CREATED_TAG,
+    COPY_GENERATION_TAG_PREFIX.rstrip(":"),
+)
+# A suffix is any text, or digits of any script (a part number is `:2`, `:3`...).
+suffixes = st.text(max_size=3) | st.text(st.characters(categories=["Nd", "No"]), min_size=1, max_size=2)
+forged_tags = st.lists(
+    st.tuples(st.integers(0, 39), st.sampled_from(JANITOR_KEYS), suffixes, st.text(max_size=40)),
+    max_size=6,
+)
+
+
+@given(fleets(), policies(), forged_tags, st.sampled_from([None, NOW - timedelta(days=1)]))
+def test_forged_janitor_tags_neither_stop_the_plan_nor_make_it_act(
+    inventory: RegionInventory,
+    policy: Policy,
+    forged: list[tuple[int, str, str, str]],
+    adopted: datetime | None,
+) -> None:
+    """Anyone may write any key and value: the plan is still made, and acts on no AMI, and at no stage,
+    that it would not have without them; whether the region's tags were adopted (`tampered` then reads
+    them) or are about to be (adoption reads them), as the engine reads a region."""
+    items = {i.image_id: i.ledger for i in inventory.images if i.ledger is not None}
+    inventory = inventory._replace(
+        ledger=LedgerView(table="ami-janitor-ledger", items=items, adopted=adopted)
+    )
+    images = list(inventory.images)
+    for index, base, suffix, value in forged if images else []:
+        image = images[index % len(images)]
+        key = f"{base}:{suffix}" if suffix else base
+        images[index % len(images)] = image.model_copy(update={"tags": {**image.tags, key: value}})
+    before = planned(trust.adopted_view(inventory, policy, NOW), policy)
+    after = planned(trust.adopted_view(inventory._replace(images=tuple(images)), policy, NOW), policy)
+    acting = {(d.image_id, d.action) for d in before.decisions if d.action in ACTING}
+    assert {(d.image_id, d.action) for d in after.decisions if d.action in ACTING} <= acting

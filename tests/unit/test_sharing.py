@@ -198,6 +198,13 @@ def test_record_parts_are_read_in_any_order_and_gaps_are_tolerated() -> None:
     assert not is_part_key(SHARED_BY_JANITOR_TAG, f"{SHARED_BY_JANITOR_TAG}:x")
 
 
+def test_a_part_number_is_ascii_digits_only() -> None:
+    # str.isdigit() holds for these, and int() cannot read the first: anyone may write such a key.
+    for number in ("\u00b2", "\u0663", "\uff12"):
+        assert not is_part_key(SHARED_BY_JANITOR_TAG, f"{SHARED_BY_JANITOR_TAG}:{number}")
+        assert joined_values(SHARED_BY_JANITOR_TAG, {f"{SHARED_BY_JANITOR_TAG}:{number}": f"user:{A}"}) == []
+
+
 def test_a_value_that_cannot_be_recorded_is_refused() -> None:
     for bad in ("", "a,b", "x" * 257):
         with pytest.raises(ValueError, match="cannot record"):

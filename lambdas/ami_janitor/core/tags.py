@@ -22,7 +22,9 @@ def is_part_key(base: str, key: str) -> bool:
     if key == base:
         return True
     prefix, _, number = key.rpartition(":")
-    return prefix == base and number.isdigit() and int(number) >= 2
+    # ASCII digits only: str.isdigit() is also true of "²" and other digits int() cannot read, and
+    # anyone may write such a key on any AMI.
+    return prefix == base and number.isascii() and number.isdigit() and int(number) >= 2
 
 
 def split_values(base: str, values: Iterable[str]) -> dict[str, str]:

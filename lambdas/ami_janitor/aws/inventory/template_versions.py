@@ -73,7 +73,7 @@ class Templates:
             return template.default
         if version == "$Latest":
             return template.latest
-        return int(version) if version.isdigit() else None
+        return int(version) if version.isascii() and version.isdigit() else None
 
     def locate(self, spec: Spec) -> tuple[str, int] | None:
         fetched = self.by_spec.get((spec.template_id or spec.template_name or "", spec.version))
