@@ -1726,7 +1726,11 @@ def test_a_malformed_image_skips_the_region_instead_of_crashing(
 
 
 @pytest.mark.parametrize("field", ["LastLaunchedTime", "DeprecationTime"])
-@pytest.mark.parametrize("value", ["2026-11-24 10:00:00 UTC", "1764000000", ""])
+@pytest.mark.parametrize(
+    "value",
+    # the last two are times only until read in UTC (past year 9999, before year 1)
+    ["2026-11-24 10:00:00 UTC", "1764000000", "", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"],
+)
 def test_a_time_that_is_no_time_skips_the_region(stubbed: Stubbed, field: str, value: str) -> None:
     """Read as absent, a LastLaunchedTime that is no time would lose rule 4's keep (launched within
     `launched_within_days`): like a malformed CreationDate, it is a malformed answer."""
@@ -1737,6 +1741,23 @@ def test_a_time_that_is_no_time_skips_the_region(stubbed: Stubbed, field: str, v
 
     assert inventory.error == (
         f"ec2:DescribeImages: MalformedResponse: ValueError: image {ami(1)} has {field} {value!r}, which is no time"
+    )
+    assert inventory.images == ()
+
+
+@pytest.mark.parametrize("value", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+05:00"])
+def test_a_creation_date_past_the_years_a_time_can_hold_skips_the_region(
+    stubbed: Stubbed, value: str
+) -> None:
+    """A time until read in UTC: it stopped every region's plan (OverflowError) where it now skips its own."""
+    s = stubbed
+    s.add("ec2", "describe_images", {"Images": [raw_image(ami(1), "app-1", APP, CreationDate=value)]}, IMAGES)
+
+    inventory = load_inventory(s.clients, policy())
+
+    assert (
+        inventory.error
+        == f"ec2:DescribeImages: MalformedResponse: ValueError: image {ami(1)} has no valid CreationDate"
     )
     assert inventory.images == ()
 

@@ -29,16 +29,18 @@ AMI_ID_PATTERN = r"^ami-[0-9a-f]{8,17}$"
 
 
 def parse_time(value: str | datetime | None) -> datetime | None:
-    """Parse an AWS or tag timestamp; always UTC-aware. None or garbage gives None."""
+    """Parse an AWS or tag timestamp; always in UTC. None or garbage gives None."""
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        # In UTC: a time whose offset takes it past year 1 or 9999 is no time (it could not be compared
+        # with, or written as, another).
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def api_time(raw: Mapping[str, Any], key: str, subject: str) -> datetime | None:
