@@ -96,6 +96,25 @@ def test_defaults() -> None:
             },
             "families[0].latest.ssm_parameter: must be a full parameter path",
         ),
+        *(
+            (
+                {
+                    **BASE,
+                    "families": [
+                        {"name": "a", "match": {"tags": {"P": "A"}}, "latest": {"ssm_parameter": name}}
+                    ],
+                },
+                f"families[0].latest.ssm_parameter: {says}",
+            )
+            for name, says in [
+                ("/ami/web/{arch}/lat est", "SSM allows only letters, digits"),
+                ("/ami/web:latest", "SSM allows only letters, digits"),
+                ("/aws/web/{arch}/latest", "a parameter name may not begin with 'aws' or 'ssm'"),
+                ("/SSM-images/latest", "a parameter name may not begin with 'aws' or 'ssm'"),
+                ("/a" * 16, "SSM allows at most 15 levels"),
+                ("/" + "a" * 1011, "SSM allows at most 15 levels and 1011 characters"),
+            ]
+        ),
         ("just text", "the policy must be a mapping"),
         (
             with_family(match={"name": "b-v*"}, bake={"instance_tag": {"Role": "b"}}),

@@ -225,6 +225,9 @@ def _glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
     return re.compile(fnmatch.translate(pattern)).match
 
 
+_SSM_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
+
+
 class Latest(_Strict):
     model_config = _IN_ITS_PARENT
 
@@ -240,6 +243,15 @@ class Latest(_Strict):
             raise ValueError("must be a full parameter path starting with '/'")
         if "{" in value.replace("{arch}", ""):
             raise ValueError("the only placeholder allowed is {arch}")
+        # SSM's own rules, checked here rather than refused by PutParameter at every rotation. `{arch}`
+        # stands for the longest architecture EC2 names (x86_64_mac).
+        name = value.replace("{arch}", "x86_64_mac")
+        if not _SSM_NAME.fullmatch(name):
+            raise ValueError("SSM allows only letters, digits, '_', '.', '-' and '/' in a parameter name")
+        if name[1:4].lower() in ("aws", "ssm"):
+            raise ValueError("a parameter name may not begin with 'aws' or 'ssm' (SSM reserves them)")
+        if name.count("/") > 15 or len(name) > 1011:
+            raise ValueError("SSM allows at most 15 levels and 1011 characters in a parameter name")
         return value
 
     def parameter_for(self, architecture: str) -> str | None:
