@@ -288,3 +288,35 @@ def test_an_unreadable_answer_about_the_ami_to_rescue_is_one_line_and_exit_1(
     assert (
         f"DescribeImages answered about {fleet.images[0]} in us-east-1: image {fleet.images[0]} has no" in err
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["plan", "--role-arn", "bogus"], "argument --role-arn: 'bogus': not a role ARN"),
+        (["plan", "--role-arn", "arn:aws:iam::1234:role/x"], "not a role ARN"),
+        (["plan", "--role-arn", "arn:aws:iam::123456789012:user/x"], "not a role ARN"),
+        (["emulator", "--exit-after", "-5"], "argument --exit-after: '-5': not a number of seconds above 0"),
+        (["emulator", "--exit-after", "nan"], "not a number of seconds above 0"),
+    ],
+)
+def test_bad_input_on_the_command_line_is_exit_2_before_any_call(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked as the arguments are read: AssumeRole would refuse a malformed ARN as an AWS error
+    (exit 1), and the emulator would stop at once, with 0, after a negative time."""
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_role_arn_with_a_path_in_any_partition_is_taken() -> None:
+    from ami_janitor.cli.args import build_parser
+
+    for arn in (
+        "arn:aws:iam::123456789012:role/ami-janitor/operator",
+        "arn:aws-us-gov:iam::123456789012:role/ami-janitor/operator",
+        "arn:aws-cn:iam::123456789012:role/ops+team@x.y_z",
+    ):
+        assert build_parser().parse_args(["plan", "--role-arn", arn]).role_arn == arn

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
+
+# An IAM role's ARN, as AssumeRole takes it (any partition; a path allowed).
+_ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}")
 
 
 def _version() -> str:
@@ -25,6 +30,23 @@ def _port(text: str) -> int:
     return port
 
 
+def _role_arn(text: str) -> str:
+    """Checked here: AssumeRole would refuse it as an AWS error (exit 1), where it is bad input (exit 2)."""
+    if not _ROLE_ARN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:100]!r}: not a role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number of seconds above 0")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="policy file (default: $AMI_JANITOR_CONFIG or ./janitor.yaml)")
@@ -34,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--profile", help="AWS profile to use")
     common.add_argument(
         "--role-arn",
+        type=_role_arn,
         help="assume this role (the stack's operator role, under /ami-janitor/) for every call",
     )
     common.add_argument("--format", choices=["table", "json"], default="table")
@@ -98,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_argument("--empty", action="store_true", help="start empty (default: the demo's account)")
     emulator.add_argument(
         "--exit-after",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="stop after this long (default: Ctrl-C)",
