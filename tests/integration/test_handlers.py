@@ -103,6 +103,23 @@ def test_scheduled_run_in_dry_run_and_paused_writes_nothing(lambda_env: Path) ->
     assert scheduled.handler(event("scheduled.json"), Context()) == {"mode": "paused"}
 
 
+def test_the_scheduled_run_refuses_another_rules_event_and_runs_on_its_own_or_by_hand(
+    lambda_env: Path,
+) -> None:
+    """An AMI's state change sent to the scheduled function (a rule pointed at the wrong target) is
+    refused naming its detail-type, not taken for a run of every managed region."""
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    with pytest.raises(BadEvent, match="malformed scheduled event: detail-type"):
+        scheduled.handler(event("ami_available.json", fleet.images[-1]), Context())
+    assert set(fleet.images) <= image_ids() and latest_holders(fleet.images) == []
+    with pytest.raises(BadEvent, match="not a JSON object"):
+        scheduled.handler([], Context())  # type: ignore[arg-type]
+    write_policy(lambda_env, "dry-run")
+    assert scheduled.handler({}, Context())["summary"]["retired"] == 3  # invoked by hand: a run
+
+
 def test_available_event_rotates_its_group_and_a_late_old_event_does_not_move_it_back(
     lambda_env: Path,
 ) -> None:

@@ -5,7 +5,7 @@ rotator.AmiEventOutcome) and Powertools' (the replication worker's partial batch
 
 import os
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -35,6 +35,8 @@ class ScheduledEvent(BaseModel):
 
     id: str | None = Field(None, min_length=1)
     time: datetime | None = None
+    # Another rule's event sent here (an AMI's state change, say) is refused, not taken for a run.
+    detail_type: Literal["Scheduled Event"] | None = Field(None, alias="detail-type")
 
 
 class BakeEvent(BaseModel):
