@@ -120,6 +120,34 @@ def test_the_scheduled_run_refuses_another_rules_event_and_runs_on_its_own_or_by
     assert scheduled.handler({}, Context())["summary"]["retired"] == 3  # invoked by hand: a run
 
 
+GARBAGE_BATCHES: list[tuple[object, str]] = [
+    (None, "not a batch of the"),
+    ([], "not a batch of the"),
+    ({}, "not a batch of the"),
+    ({"Records": []}, "not a batch of the"),
+    ({"Records": "x"}, "not a batch of the"),
+    ({"Records": ["x"]}, r"Records\[0\] is no SQS record: messageId, body, attributes missing or malformed"),
+    ({"Records": [{"messageId": "m", "body": "{}"}]}, r"Records\[0\] is no SQS record: attributes missing"),
+]
+
+
+@pytest.mark.parametrize("handler", ["slices", "replicate", "ami_event"])
+@pytest.mark.parametrize(("batch", "says"), GARBAGE_BATCHES)
+def test_a_queue_fed_function_refuses_what_is_no_sqs_batch_naming_what_is_wrong(
+    lambda_env: Path, handler: str, batch: object, says: str
+) -> None:
+    """Invoked by hand with something else, each fails with BadEvent before it reads a record (the
+    batch processor raised a TypeError, AttributeError or KeyError, or failed the whole batch)."""
+    from ami_janitor.handlers import replicate, slices
+
+    write_policy(lambda_env, "enforce")
+    function = {"slices": slices, "replicate": replicate, "ami_event": ami_event}[handler]
+    if handler == "ami_event" and not (isinstance(batch, dict) and "Records" in batch):
+        says = "not a JSON object|malformed EC2 AMI State Change event"  # one event invoked by hand
+    with pytest.raises(BadEvent, match=says):
+        function.handler(batch, Context())  # type: ignore[arg-type]
+
+
 def test_available_event_rotates_its_group_and_a_late_old_event_does_not_move_it_back(
     lambda_env: Path,
 ) -> None:

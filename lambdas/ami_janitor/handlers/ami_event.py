@@ -35,6 +35,7 @@ with collector_paused():
         SERVICE,
         BadEvent,
         Environment,
+        check_sqs_batch,
         configured,
         parse_event,
     )
@@ -88,6 +89,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     env, policy = configured()
     clients = ClientFactory()(env.region)
     if isinstance(event, dict) and "Records" in event:
+        check_sqs_batch(event, "AMI event queue")
         metrics.add_metric(name="AmiEventsReceived", unit=MetricUnit.Count, value=len(event["Records"]))
         return handle_records(event, env, policy, clients, context)
     metrics.add_metric(name="AmiEventsReceived", unit=MetricUnit.Count, value=1)

@@ -106,6 +106,21 @@ def parse_event(model: type[EventModel], raw: object, what: str, shape: str = ""
         raise BadEvent(f"malformed {what}: {describe_validation_error(error)}") from None
 
 
+def check_sqs_batch(raw: object, queue: str) -> None:
+    """A batch as SQS hands it to a function: `Records`, each with its messageId, body and attributes.
+    Anything else (an invocation by hand) is BadEvent naming what is wrong, before any record is read:
+    the batch processor would fail on it as a TypeError or KeyError, or answer that it has no records."""
+    records = raw.get("Records") if isinstance(raw, dict) else None
+    if not isinstance(records, list) or not records:
+        raise BadEvent(f"not a batch of the {queue}: a JSON object with a non-empty list `Records`")
+    for index, record in enumerate(records):
+        fields = record if isinstance(record, dict) else {}
+        wanted = {"messageId": str, "body": str, "attributes": dict}
+        missing = [name for name, kind in wanted.items() if not isinstance(fields.get(name), kind)]
+        if missing:
+            raise BadEvent(f"Records[{index}] is no SQS record: {', '.join(missing)} missing or malformed")
+
+
 def parse_scheduled_event(raw: object) -> ScheduledEvent:
     return parse_event(ScheduledEvent, raw, "scheduled event")
 

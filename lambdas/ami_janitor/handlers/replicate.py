@@ -42,7 +42,7 @@ with collector_paused():
     from ami_janitor.core import replication
     from ami_janitor.core.policy import Policy
     from ami_janitor.core.validation import describe_validation_error
-    from ami_janitor.handlers.events import configured
+    from ami_janitor.handlers.events import check_sqs_batch, configured
     from ami_janitor.handlers.observe import logger, metrics
     from ami_janitor.handlers.visibility import change_visibility
 
@@ -139,11 +139,12 @@ def copy_record(record: CopyRequestRecord, policy: Policy, clients_for: ClientFa
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    check_sqs_batch(event, "replication queue")
     env, policy = configured()
     if policy.mode != "enforce":
         # The kill switch (paused) or a dry-run policy: nothing is copied. The messages are consumed;
         # the next reconcile in enforce mode plans whatever is still missing.
-        dropped = len(event.get("Records") or [])
+        dropped = len(event["Records"])
         logger.warning(
             "policy mode is not enforce: copy requests dropped",
             extra={"mode": policy.mode, "dropped": dropped},

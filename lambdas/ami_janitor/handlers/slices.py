@@ -29,7 +29,7 @@ with collector_paused():
     from ami_janitor.aws.slicer import SliceOutcome
     from ami_janitor.core.policy import Policy
     from ami_janitor.core.slices import WorkSlice
-    from ami_janitor.handlers.events import Environment, configured
+    from ami_janitor.handlers.events import Environment, check_sqs_batch, configured
     from ami_janitor.handlers.observe import logger, metrics, paused
     from ami_janitor.handlers.scheduled import publish, report_key
 
@@ -140,8 +140,9 @@ def slice_record(
 @logger.inject_lambda_context
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
+    check_sqs_batch(event, "work queue")
     env, policy = configured()
-    if paused(policy, dropped=len(event.get("Records") or [])):
+    if paused(policy, dropped=len(event["Records"])):
         # The kill switch: nothing is written. The slices are consumed; an enforce run plans again.
         return {"batchItemFailures": []}
     factory = ClientFactory(paced=True)
