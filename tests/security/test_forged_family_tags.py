@@ -196,3 +196,63 @@ def test_a_tag_on_the_newest_ami_of_another_architecture_moves_no_parameter_back
     assert [c for c in report["latest"] if c["family"] == "a"] == []
     assert any("/ami/a names" in e or "matches several families" in e for e in report["policy_errors"])
     assert {older, newest} <= image_ids()
+
+
+TAG_ONLY = """\
+mode: enforce
+regions: [us-east-1]
+defaults:
+  keep_latest: 1
+  min_age_days: 1
+  lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
+  limits: {max_actions_per_run: 100, max_fraction_per_family: 1.0}
+families:
+  - name: a
+    match: {tags: {TeamA: "1"}, name: "svc-*"}
+    latest: {tag: Latest}
+  - name: b
+    match: {tags: {TeamB: "1"}, name: "svc-*"}
+    latest: {tag: Latest}
+"""
+
+
+def test_a_familys_key_taken_off_its_newest_ami_moves_no_latest_tag_back(
+    endpoint: str, tmp_path: Path
+) -> None:
+    """Family a's Latest is a tag alone. A tagger takes a's key off a's newest AMI, which the rotation
+    tagged Latest: the tag is not written on a's older AMI (it was, and stayed there). The Latest tag of
+    b's newer AMI, which b selects, holds a's rotation back neither before nor after."""
+    client = ec2()
+    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
+    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+
+    def bake(name: str, tag: str, hours_old: int) -> str:
+        tags = [{"ResourceType": "image", "Tags": [{"Key": tag, "Value": "1"}]}]
+        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
+        emulator.set_image_fields("us-east-1", image_id, creation_date=now() - timedelta(hours=hours_old))
+        return image_id
+
+    older, newest, b_newest = (
+        bake("svc-a-1", "TeamA", 12),
+        bake("svc-a-2", "TeamA", 2),
+        bake("svc-b-1", "TeamB", 1),
+    )
+    config = configured(tmp_path, TAG_ONLY)
+
+    def holders() -> list[str]:
+        tags = client.describe_tags(Filters=[{"Name": "key", "Values": ["Latest"]}])["Tags"]
+        return sorted(t["ResourceId"] for t in tags if t["Value"] == "true")
+
+    apply(config)
+    assert holders() == sorted([newest, b_newest])
+
+    client.delete_tags(Resources=[newest], Tags=[{"Key": "TeamA"}])
+    report = apply(config)
+
+    assert holders() == sorted([newest, b_newest])
+    assert [c for c in report["latest"] if c["family"] == "a"] == []
+    assert any(
+        f"{newest} carries its Latest tag Latest" in error and "Latest not moved back" in error
+        for error in report["policy_errors"]
+    )
+    assert not any(d["image_id"] == older and d["action"] != "keep" for d in report["decisions"])

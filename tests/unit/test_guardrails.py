@@ -15,7 +15,7 @@ from ami_janitor.aws import ledger
 from ami_janitor.core.guardrails import family_warnings, inbox_warnings
 from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import JANITOR_TAG_PREFIX, Rules, parse_policy
-from builders import NOW, inventory, policy
+from builders import NOW, image, inventory, policy
 
 SCP = Path(__file__).resolve().parents[2] / "docs" / "scp-ami-janitor-tags.json"
 
@@ -127,6 +127,40 @@ def test_the_warning_is_a_plan_note_once_whatever_the_regions() -> None:
 
     with_a_glob = policy({"match": {"tags": {"Project": "App"}, "name": "app-*"}})
     assert not any("tags alone" in note for note in plan([inventory()], with_a_glob, NOW).notes)
+
+
+def test_amis_a_familys_name_glob_names_but_its_tags_leave_out_are_named_in_the_plan() -> None:
+    """A name glob closes a family to the AMIs it names: those of them its tags leave out, and no family
+    selects, a tagger can enroll (they would count among its newest, and be shared where it shares)."""
+    sharing = policy(
+        {
+            "match": {"tags": {"Project": "App"}, "name": "app-*"},
+            "share_with": {"accounts": ["111122223333"]},
+        },
+        regions=["us-east-1", "eu-west-1"],
+    )
+    member = image(name="app-1", tags={"Project": "App"})
+    scratch = [image(name=f"app-scratch-{n}", tags={"Project": "Scratch"}) for n in range(7)]
+    other_team = image(name="app-2", tags={"Project": "Other"})
+    unrelated = image(name="base", tags={})
+    result = plan(
+        [
+            inventory(member, *scratch, other_team, unrelated),
+            inventory(member.model_copy(update={"region": "eu-west-1"}), region="eu-west-1"),
+        ],
+        sharing,
+        NOW,
+    )
+    outside = sorted(i.image_id for i in [*scratch, other_team])
+    [note] = [n for n in result.notes if "lack its tags" in n]
+    assert note == (
+        f"us-east-1: family app: 8 AMI(s) its name glob app-* names lack its tags ({', '.join(outside[:5])} "
+        "and 3 more): anyone who may tag them can enroll them and have them shared (narrow the name glob)"
+    )
+    # Where the glob names only the family's own AMIs, or the family has no tags to forge, no note.
+    assert not any("lack its tags" in n for n in plan([inventory(member, unrelated)], sharing, NOW).notes)
+    by_name = policy({"match": {"name": "app-*"}})
+    assert not any("lack its tags" in n for n in plan([inventory(member, *scratch)], by_name, NOW).notes)
 
 
 UNCHECKED_INBOX = (

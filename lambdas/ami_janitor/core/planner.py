@@ -270,6 +270,7 @@ def rotation_errors(
             )
             errors.update(((family.name, arch), message) for arch in found)
     errors.update(_left_the_family(groups, inventory, now, errors, conflicts))
+    errors.update(_tag_left_the_family(groups, inventory, now, errors, policy))
     if not conflicts:
         return errors
     # The contested AMIs that could be Latest, by each (family, architecture) they match; under the
@@ -357,6 +358,63 @@ def _left_the_family(
             f"(its tags or the policy's match changed); Latest not moved back: disable or deprecate "
             f"{named}, or write the parameter by hand"
         )
+    return found
+
+
+def _tag_left_the_family(
+    groups: Sequence[Group],
+    inventory: RegionInventory,
+    now: datetime,
+    errors: Mapping[GroupKey, str],
+    policy: Policy,
+) -> dict[GroupKey, str]:
+    """As _left_the_family, for a family whose Latest is a tag: the groups where an AMI its name glob
+    selects, and no family now does, carries its Latest tag and is newer than its Latest target, still
+    available (a tagger took the family's tag off the newest AMI, which the rotation had tagged). The
+    tag is not moved back to the older target. A family matched by tags alone is left out: it names
+    any AMI, and a tag-writer decides its members (the plan warns)."""
+    watched = [
+        g
+        for g in groups
+        if g.family.latest is not None
+        and g.family.latest.tag is not None
+        and not g.family.match.by_tags_alone
+        and _key(g) not in errors
+    ]
+    if not watched:
+        return {}
+    # The AMIs carrying one of those tags that no family selects (a few, where any: one pass).
+    keys = {g.family.latest.tag for g in watched if g.family.latest is not None and g.family.latest.tag}
+    families = [family.match for family in policy.families]
+    loose = [
+        image
+        for image in inventory.images
+        if any(image.tags.get(k) == "true" for k in keys)
+        and not any(match.matches(image.name, image.tags) for match in families)
+    ]
+    found: dict[GroupKey, str] = {}
+    for group in watched if loose else []:
+        latest, match = group.family.latest, group.family.match
+        assert latest is not None and latest.tag is not None
+        target = latest_target(group, now)
+        if target is None:
+            continue
+        for image in loose:
+            if (
+                image.tags.get(latest.tag) == "true"
+                and image.architecture == group.architecture
+                and image.state == "available"
+                and match.names(image.name)
+                and not image.deprecated_at(now)
+                and order_key(image) > order_key(target)
+            ):
+                found[_key(group)] = (
+                    f"family {group.family.name} ({group.architecture}) in {group.region}: {image.image_id} "
+                    f"carries its Latest tag {latest.tag}, newer than {target.image_id} and available, "
+                    f"which the family no longer selects (its tags changed); Latest not moved back: "
+                    f"disable or deprecate {image.image_id}, or take its {latest.tag} tag off"
+                )
+                break
     return found
 
 
@@ -988,6 +1046,9 @@ def _plan(
         bakes.extend(scheduled_bakes(inventory, policy))
         policy_errors.extend(region_errors)
         notes.extend(f"{inventory.region}: {note}" for note in inventory.notes)
+        if guardrails.families_by_tags_and_name(policy):
+            members = {m.image_id for g in grouped[inventory.region][0] for m in g.members}
+            notes.extend(guardrails.enrollable_warnings(inventory, policy, members))
         for rule in inventory.recycle_bin_rules:
             notes.append(f"{inventory.region}: {rule}; storage freed there is deferred until the bin expires")
         if orphaned:
