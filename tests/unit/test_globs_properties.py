@@ -15,7 +15,9 @@ from ami_janitor.core.globs import (
     _representatives,
     globs_overlap,
     names_any,
+    names_some,
 )
+from ami_janitor.core.policy import _names_some
 
 # Pieces of globs, the odd ones fnmatch reads in its own way among them (an unclosed bracket, a negated
 # empty one, a reversed range, a backslash).
@@ -84,3 +86,40 @@ def test_a_glob_said_to_name_any_ami_matches_every_ami_name(glob: str, name: str
     positions = list(_positions(glob))
     if names_any(glob) and None in positions and len(positions) - positions.count(None) <= 3:
         assert fnmatch.fnmatchcase(name, glob), (glob, name)
+
+
+# Pieces that no AMI name holds, or only some positions can take (`{`, `:`, a bracket of neither).
+NAMING_PIECES = [*PIECES, "{", ":", "[{:]", "[!a-zA-Z0-9()[\\] ./'@_-]", "[z-a]", "x", "."]
+
+
+@given(st.lists(st.sampled_from(NAMING_PIECES), max_size=6).map("".join), st.data())
+def test_a_glob_names_some_ami_exactly_when_an_ami_name_matches_it(glob: str, data: st.DataObject) -> None:
+    """names_some refuses a family's glob (the policy is refused): where it says no AMI can match, none
+    must; where it says one can, a name EC2 allows is built that does. The policy's own reading, which
+    leaves a glob without a bracket to itself, says the same."""
+    allowed = sorted(AMI_NAME_CHARACTERS)
+    positions = list(_positions(glob))
+    accepted = [sorted(_accepted(p, allowed)) if p is not None else [] for p in positions]
+    stars = positions.count(None)
+    fixed = len(positions) - stars
+    if names_some(glob):
+        name = "".join(
+            data.draw(st.sampled_from(a)) if p is not None else ""
+            for p, a in zip(positions, accepted, strict=True)
+        )
+        if fixed < 3:  # a star takes what a name needs beyond the glob's fixed positions
+            at = positions.index(None)
+            name = name[:at] + "a" * (3 - fixed) + name[at:]
+        assert 3 <= len(name) <= 128 and set(name) <= AMI_NAME_CHARACTERS
+        assert fnmatch.fnmatchcase(name, glob), (glob, name)
+    else:
+        name = data.draw(AMI_NAMES)
+        assert not fnmatch.fnmatchcase(name, glob), (glob, name)
+    assert _names_some(glob) == names_some(glob), glob
+
+
+def test_globs_that_name_no_ami() -> None:
+    for glob in ("pettracker-{ml,x}-*", "web:*", "web-[z-a]*", "ab", "?" * 129, "[{}]*"):
+        assert not names_some(glob) and not _names_some(glob), glob
+    for glob in ("web-*", "web-[*", "???", "*", "a[!{]c", "[a-z][0-9]?"):
+        assert names_some(glob) and _names_some(glob), glob

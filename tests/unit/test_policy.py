@@ -115,6 +115,13 @@ def test_defaults() -> None:
                 ("/" + "a" * 1011, "SSM allows at most 15 levels and 1011 characters"),
             ]
         ),
+        (
+            with_family(match={"name": "pettracker-{ml,x}-*"}),
+            "families[1].match: name glob 'pettracker-{ml,x}-*' names no AMI: an AMI's name is 3 to "
+            "128 letters, digits, spaces and ( ) [ ] . / - ' @ _ (fnmatch has no {a,b}",
+        ),
+        (with_family(match={"name": "b:*"}), "name glob 'b:*' names no AMI"),
+        (with_family(match={"name": "b-[z-a]*", "tags": {"P": "B"}}), "name glob 'b-[z-a]*' names no AMI"),
         ("just text", "the policy must be a mapping"),
         (
             with_family(match={"name": "b-v*"}, bake={"instance_tag": {"Role": "b"}}),

@@ -13,6 +13,8 @@ import itertools
 import re
 from collections.abc import Callable, Iterator
 
+from ami_janitor.core.policy import AMI_NAME_CHARACTERS, AMI_NAME_LENGTH
+
 
 def _positions(pattern: str) -> Iterator[str | None]:
     """The glob's positions: None for `*` (a run of them is one), else the text of one position."""
@@ -94,8 +96,19 @@ def globs_overlap(a: str, b: str) -> bool:
     return False
 
 
-# The characters EC2 allows in an AMI's name (CreateImage, RegisterImage, CopyImage).
-AMI_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789()[] ./-'@_")
+def names_some(pattern: str) -> bool:
+    """Whether the glob names some AMI: each of its positions accepts a character an AMI's name may
+    hold, and a name of 3 to 128 of them fits it."""
+    allowed = sorted(AMI_NAME_CHARACTERS)
+    fixed, star = 0, False
+    for position in _positions(pattern):
+        if position is None:
+            star = True
+            continue
+        fixed += 1
+        if not _accepted(position, allowed):
+            return False
+    return fixed <= AMI_NAME_LENGTH[1] and (star or fixed >= AMI_NAME_LENGTH[0])
 
 
 @functools.lru_cache(maxsize=1024)

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ami_janitor.core.validation import describe_validation_error
 
+# The characters EC2 allows in an AMI's name (CreateImage, RegisterImage, CopyImage), and how many.
+AMI_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789()[] ./-'@_")
+AMI_NAME_LENGTH = (3, 128)
 JANITOR_TAG_PREFIX = "ami-janitor:"
 CANDIDATE_TAG = "ami-janitor:candidate-since"
 PRIOR_DEPRECATION_TAG = "ami-janitor:prior-deprecation"
@@ -144,6 +147,12 @@ class Match(_Strict):
             raise ValueError("give tags and/or a name glob; an empty match would select every AMI")
         if not self.tags and self.name and _names_any(self.name):  # wildcards only: any name
             raise ValueError(f"name glob {self.name!r} alone would select every AMI: narrow it or add tags")
+        if self.name and not _names_some(self.name):
+            braces = " (fnmatch has no {a,b}: one family per name, or a bracket)" if "{" in self.name else ""
+            raise ValueError(
+                f"name glob {self.name!r} names no AMI: an AMI's name is 3 to 128 letters, digits, spaces "
+                f"and ( ) [ ] . / - ' @ _{braces}"
+            )
         return self
 
     @property
@@ -180,6 +189,21 @@ class Match(_Strict):
             return True
 
         return matches
+
+
+def _names_some(name: str) -> bool:
+    """globs.names_some, read here where the glob holds no bracket (nearly every policy's: the module is
+    then not loaded)."""
+    if "[" in name:
+        from ami_janitor.core.globs import names_some
+
+        return names_some(name)
+    fixed = len(name) - name.count("*")
+    return (
+        set(name) - {"*", "?"} <= AMI_NAME_CHARACTERS
+        and fixed <= AMI_NAME_LENGTH[1]
+        and ("*" in name or fixed >= AMI_NAME_LENGTH[0])
+    )
 
 
 def _names_any(name: str) -> bool:
