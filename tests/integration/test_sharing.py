@@ -154,6 +154,19 @@ def test_grants_are_made_revoked_and_recorded_and_foreign_ones_are_left(aws: Cli
     assert SHARED_BY_JANITOR_TAG not in tags(aws, image_id)
 
 
+def test_replicate_by_hand_grants_nothing_to_a_candidate(aws: ClientFactory) -> None:
+    """`ami-janitor replicate` shares as a scheduled run does: not on an AMI whose clock runs in the
+    ledger (its permissions belong to the stages), while its family's other AMIs get share_with."""
+    candidate, kept = bake(aws, "web-1"), bake(aws, "web-2")
+    ledger.Ledger(aws(US), "ami-janitor-ledger").record_candidate(candidate, NOW - timedelta(days=3))
+    policy = sharing([A])
+
+    planned = engine.replicate(policy, [US], aws, NOW, apply=True)
+
+    assert [s.image_id for s in planned.shares] == [kept]
+    assert grants(aws, kept) == {f"user:{A}"} and grants(aws, candidate) == set()
+
+
 def test_a_share_made_by_hand_before_share_with_lists_it_is_never_revoked(aws: ClientFactory) -> None:
     """design.md: the janitor removes only grants it made and reports any other share. C was shared by
     hand before the family listed it: the janitor finds it in place, does not record it as its own,
