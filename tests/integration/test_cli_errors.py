@@ -320,3 +320,22 @@ def test_a_role_arn_with_a_path_in_any_partition_is_taken() -> None:
         "arn:aws-cn:iam::123456789012:role/ops+team@x.y_z",
     ):
         assert build_parser().parse_args(["plan", "--role-arn", arn]).role_arn == arn
+
+
+def test_ctrl_c_while_the_cli_loads_is_one_line_and_exit_130() -> None:
+    """The SDK, pydantic and the engine take most of a second to import: Ctrl-C then (here raised as
+    the commands module is imported) ends as Ctrl-C does later, not with a traceback."""
+    import subprocess
+
+    interrupted = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def importing(name, *args, **kwargs):\n"
+        "    if name == 'ami_janitor.cli.commands':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = importing\n"
+        "from ami_janitor.cli import main\n"
+    )
+    done = subprocess.run([sys.executable, "-c", interrupted], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "ami-janitor: interrupted\n")

@@ -122,6 +122,10 @@ def test_defaults() -> None:
         ),
         (with_family(match={"name": "b:*"}), "name glob 'b:*' names no AMI"),
         (with_family(match={"name": "b-[z-a]*", "tags": {"P": "B"}}), "name glob 'b-[z-a]*' names no AMI"),
+        (
+            {**BASE, "defaults": {"limits": {"max_fraction_per_family": float("nan")}}},
+            "defaults.limits.max_fraction_per_family: input should be a finite number",
+        ),
         ("just text", "the policy must be a mapping"),
         (
             with_family(match={"name": "b-v*"}, bake={"instance_tag": {"Role": "b"}}),

@@ -11,20 +11,24 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ProfileNotFound
+try:  # the SDK, pydantic and the engine: most of a second, in which Ctrl-C is as likely as later
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError, ProfileNotFound
 
-from ami_janitor.aws.errors import AWS_ERRORS, error_text
-from ami_janitor.cli.args import build_parser
-from ami_janitor.cli.commands import (
-    COMMANDS,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    READ_ONLY,
-    UsageError,
-)
-from ami_janitor.core.policy import PolicyError
+    from ami_janitor.aws.errors import AWS_ERRORS, error_text
+    from ami_janitor.cli.args import build_parser
+    from ami_janitor.cli.commands import (
+        COMMANDS,
+        EXIT_FAILED,
+        EXIT_INTERRUPTED,
+        EXIT_OK,
+        EXIT_USAGE,
+        READ_ONLY,
+        UsageError,
+    )
+    from ami_janitor.core.policy import PolicyError
+except KeyboardInterrupt:
+    sys.stderr.write(("\n" if sys.stderr.isatty() else "") + "ami-janitor: interrupted\n")
+    raise SystemExit(130) from None
 
 
 def aws_failure(error: BaseException) -> str:

@@ -104,13 +104,13 @@ class LifecycleOverride(_Strict):
 
 class Limits(_Strict):
     max_actions_per_run: int = Field(50, ge=0)
-    max_fraction_per_family: float = Field(0.5, ge=0.0, le=1.0)
+    max_fraction_per_family: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 class FamilyLimits(_Strict):
     model_config = _IN_ITS_PARENT
 
-    max_fraction_per_family: float | None = Field(None, ge=0.0, le=1.0)
+    max_fraction_per_family: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
