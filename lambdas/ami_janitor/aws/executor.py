@@ -489,6 +489,9 @@ class _RegionRun:
         # AMIs this run takes through deregistration: their stages' mirror tags would go with them, so
         # they wait here, written only where the AMI stays (its deregistration failed or was held).
         self.deregistering: set[str] = set()
+        # AMIs whose deregistration this run (a slice) is to attempt, known before any starts: a
+        # snapshot only they use besides an AMI is recorded as that AMI's too (see deregister).
+        self.retiring: frozenset[str] = frozenset()
         self.unmirrored: dict[str, dict[str, str]] = {}
         # AMIs this run disabled: EC2 removed their launch permissions.
         self.disabled: set[str] = set()
@@ -517,10 +520,14 @@ class _RegionRun:
     def result(self, image_id: str, action: ResultAction, status: Status, **fields: object) -> ActionResult:
         return ActionResult(region=self.region, image_id=image_id, action=action, status=status, **fields)
 
-    def snapshots_in_use(self, besides: str | None = None) -> set[str]:
-        """Snapshots of the remaining AMIs (other than `besides`). Any state counts: a disabled AMI still
-        needs its snapshots. Only this run's deregistrations free a snapshot."""
-        remaining = (i for i in self.images.values() if i.image_id not in self.gone and i.image_id != besides)
+    def snapshots_in_use(self, besides: str | None = None, going: Collection[str] = ()) -> set[str]:
+        """Snapshots of the remaining AMIs (other than `besides` and those `going`). Any state counts: a
+        disabled AMI still needs its snapshots. Only this run's deregistrations free a snapshot."""
+        remaining = (
+            i
+            for i in self.images.values()
+            if i.image_id not in self.gone and i.image_id != besides and i.image_id not in going
+        )
         return {s for i in remaining for s in i.snapshot_ids}
 
     # the stages (their clocks are started by mark_candidates) ------------------------------------------
@@ -673,8 +680,12 @@ class _RegionRun:
                 return self.result(image.image_id, "deregister", "skipped", detail=detail)
         own = list(image.snapshot_ids)
         # The ledger records the AMI's own snapshots before DeregisterImage: the only ones a later run
-        # may delete if this one stops in between. A snapshot another AMI uses is not this image's.
-        mine = [s for s in own if s not in self.snapshots_in_use(besides=image.image_id)]
+        # may delete if this one stops in between. A snapshot another AMI uses is not this image's,
+        # unless this run deregisters that AMI too: side by side, each would otherwise see the other
+        # still there and record it for neither, and a run stopped after both left it to no run. Each
+        # records it; whichever goes last frees it (a deletion always checks what still uses it).
+        staying = self.snapshots_in_use(besides=image.image_id, going=self.retiring)
+        mine = [s for s in own if s not in staying]
         if not self._record("deregister", image, Prior(), snapshots=mine):
             return self._not_recorded(image, "deregister")
         if mine:
@@ -1036,6 +1047,9 @@ def apply_stages(
     permissions the disable stage reads (and the deregister stage of an AMI never disabled): an AMI
     they keep is held back there, its later stages skipped."""
     run = _RegionRun(region, ec2, ledger, inventory, now, shares_keep)
+    run.retiring = frozenset(
+        image_id for image_id, stages, held in work if held is None and "deregister" in stages
+    )
 
     def one(entry: SlicePart) -> list[ActionResult]:
         image_id, stages, held = entry
