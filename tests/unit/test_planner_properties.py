@@ -305,8 +305,9 @@ def test_forged_janitor_tags_neither_stop_the_plan_nor_make_it_act(
     adopted: datetime | None,
 ) -> None:
     """Anyone may write any key and value: the plan is still made, and acts on no AMI, and at no stage,
-    that it would not have without them; whether the region's tags were adopted (`tampered` then reads
-    them) or are about to be (adoption reads them), as the engine reads a region."""
+    that it would not have acted on without them but for the caps; whether the region's tags were
+    adopted (`tampered` then reads them) or are about to be (adoption reads them), as the engine reads
+    a region."""
     items = {i.image_id: i.ledger for i in inventory.images if i.ledger is not None}
     inventory = inventory._replace(
         ledger=LedgerView(table="ami-janitor-ledger", items=items, adopted=adopted)
@@ -319,4 +320,10 @@ def test_forged_janitor_tags_neither_stop_the_plan_nor_make_it_act(
     before = planned(trust.adopted_view(inventory, policy, NOW), policy)
     after = planned(trust.adopted_view(inventory._replace(images=tuple(images)), policy, NOW), policy)
     acting = {(d.image_id, d.action) for d in before.decisions if d.action in ACTING}
-    assert {(d.image_id, d.action) for d in after.decisions if d.action in ACTING} <= acting
+    # A forged tag may change which of the due AMIs the caps let through (adopted, a forged clock keeps
+    # its AMI as it is, and its place goes to the next): only one the caps held back, whose stage is due
+    # by the ledger's clock.
+    held = {d.image_id for d in before.decisions if any(r.startswith("held back by") for r in d.reasons)}
+    for decision in after.decisions:
+        if decision.action in ACTING and (decision.image_id, decision.action) not in acting:
+            assert decision.image_id in held, decision
