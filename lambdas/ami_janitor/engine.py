@@ -872,16 +872,19 @@ def _new_source_copies(
         unread = ResolvedKey(problem=f"the ledger of {clients.region} cannot be read ({error})")
         return replication.new_source_copies(image, family, dict.fromkeys(aliases, unread))
     last = keys.last_keys(keys.copy_records(view.items.values()))
-    resolved = dict(kms.resolve_keys(factory, aliases))
+    # A target this region's ledger records no copy of the family to is not resolved: the last copy may
+    # have been made from another region, with the key the alias named before it moved. The scheduled
+    # run, which reads every region's records, judges it.
+    recorded = [(region, alias) for region, alias in aliases if (family.name, region) in last]
+    resolved = dict(kms.resolve_keys(factory, recorded)) if recorded else {}
     for region, alias in aliases:
-        if (family.name, region) not in last:
-            # No copy of the family there recorded in this region's ledger: the last one may have been
-            # made from another region, with the key the alias named before it moved. The scheduled
-            # run, which reads every region's records, judges it.
-            resolved[(region, alias)] = ResolvedKey(
+        resolved.setdefault(
+            (region, alias),
+            ResolvedKey(
                 problem=f"no copy of the family to {region} is recorded in {clients.region}'s ledger: the "
                 "scheduled run, which reads every region's records, makes it"
-            )
+            ),
+        )
     return replication.new_source_copies(image, family, resolved, last)
 
 

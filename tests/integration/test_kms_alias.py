@@ -3,7 +3,7 @@ recorded with the copy, a redirected or unresolvable alias refused or skipped wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,13 +14,14 @@ from moto import mock_aws
 from ami_janitor import engine
 from ami_janitor.aws import inventory
 from ami_janitor.aws.clients import ClientFactory
+from ami_janitor.core.model import Copy
 from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.replication import RefusedCopy
 from ami_janitor.demo import emulator
 from server import make_ledger
 from sessions import botocore_session
 
-US, EU = "us-east-1", "eu-west-1"
+US, WEST, EU = "us-east-1", "us-west-2", "eu-west-1"
 ALIAS = "alias/web-key"
 POLICY: Policy = parse_policy(
     {
@@ -36,6 +37,8 @@ POLICY: Policy = parse_policy(
         ],
     }
 )
+# The same family with a second source region.
+TWO_SOURCES: Policy = POLICY.model_copy(update={"regions": [US, WEST]})
 NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 
 
@@ -43,7 +46,7 @@ NOW = datetime(2026, 11, 25, 3, 0, tzinfo=UTC)
 def aws(fake_aws_env: None) -> Iterator[ClientFactory]:
     emulator.install()
     with mock_aws():
-        make_ledger((US, EU))
+        make_ledger((US, WEST, EU))
         yield ClientFactory(botocore_session())  # a full SDK: the tests make resources the janitor never does
 
 
@@ -55,8 +58,8 @@ def key(aws: ClientFactory, alias: str | None = None) -> str:
     return arn
 
 
-def bake(aws: ClientFactory, name: str) -> str:
-    ec2 = aws(US).ec2
+def bake(aws: ClientFactory, name: str, region: str = US) -> str:
+    ec2 = aws(region).ec2
     instance = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0]
     image_id = str(ec2.create_image(InstanceId=instance["InstanceId"], Name=name)["ImageId"])
     ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "Web"}])
@@ -254,3 +257,48 @@ def _with_key(arn: str) -> Policy:
     raw = POLICY.model_dump(mode="json", exclude_defaults=True)
     raw["families"][0]["replicate"][0]["kms_key_id"] = arn
     return parse_policy(raw)
+
+
+def test_a_moved_alias_is_refused_by_the_event_of_another_source_region_too(aws: ClientFactory) -> None:
+    """In a family with two source regions, the `available` event of a new source in the other one,
+    whose ledger records no copy to the target, leaves the copy to the scheduled run, which reads every
+    region's records (it queued the copy with the moved key, and the worker, which checks only that the
+    alias did not move since the copy was planned, made it)."""
+    key(aws, ALIAS)
+    bake(aws, "web-1")
+    done = engine.replicate(TWO_SOURCES, [US], aws, NOW, apply=True)
+    assert [r.status for r in done.copy_results] == ["ok"]
+
+    # Someone with kms:UpdateAlias points the alias at a key they control.
+    other = key(aws)
+    aws(EU).kms.update_alias(AliasName=ALIAS, TargetKeyId=other)
+
+    # A new build in us-west-2 (the family's other source region).
+    newer = bake(aws, "web-2", WEST)
+
+    # The scheduled run of us-west-2 (and a replicate by hand) refuses the target: the last copy there
+    # was made with the first key.
+    planned = engine.replicate(TWO_SOURCES, [WEST], aws, NOW, apply=False)
+    assert planned.copies == []
+    assert any("refused" in p and other in p for p in planned.problems), planned.problems
+
+    # The AMI's `available` event in us-west-2.
+    queued: list[Copy] = []
+
+    def enqueue(copies: Sequence[Copy]) -> int:
+        queued.extend(copies)
+        return len(copies)
+
+    outcome = engine.handle_ami_event(
+        newer, "available", aws(WEST), TWO_SOURCES, NOW, enqueue=enqueue, clients_for=aws
+    )
+    sent = copy_requests(aws)
+    results = [engine.start_requested_copy(c, TWO_SOURCES, aws) for c in queued]
+
+    assert (queued, sent, results) == ([], [], [])
+    assert any(
+        "recorded in us-west-2's ledger" in s and "the scheduled run" in s for s in outcome.copies_skipped
+    ), outcome.copies_skipped
+    # The next copy from us-east-1, where the family's copies are recorded, is refused as before.
+    bake(aws, "web-3")
+    assert engine.replicate(TWO_SOURCES, [US], aws, NOW, apply=False).copies == []

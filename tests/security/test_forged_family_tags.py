@@ -198,22 +198,8 @@ def test_a_tag_on_the_newest_ami_of_another_architecture_moves_no_parameter_back
     assert {older, newest} <= image_ids()
 
 
-TAG_ONLY = """\
-mode: enforce
-regions: [us-east-1]
-defaults:
-  keep_latest: 1
-  min_age_days: 1
-  lifecycle: {deprecate_after_days: 0, disable_after_days: 0, deregister_after_days: 0}
-  limits: {max_actions_per_run: 100, max_fraction_per_family: 1.0}
-families:
-  - name: a
-    match: {tags: {TeamA: "1"}, name: "svc-*"}
-    latest: {tag: Latest}
-  - name: b
-    match: {tags: {TeamB: "1"}, name: "svc-*"}
-    latest: {tag: Latest}
-"""
+# Families a and b, their Latest the tag alone.
+TAG_ONLY = POLICY.replace(', ssm_parameter: "/ami/a"', "").replace(', ssm_parameter: "/ami/b"', "")
 
 
 def test_a_familys_key_taken_off_its_newest_ami_moves_no_latest_tag_back(

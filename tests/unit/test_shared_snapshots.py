@@ -14,7 +14,7 @@ import pytest
 
 from ami_janitor.aws import executor, slicer
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.executor import apply_plan
+from ami_janitor.aws.executor import ActionResult, apply_plan
 from ami_janitor.core.model import LedgerItem, LedgerStage
 from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.run_plan import plan_run
@@ -78,9 +78,6 @@ def recorded_for(fake: FakeEC2) -> dict[str, set[str]]:
     return out
 
 
-# ---- P1: two AMIs sharing a snapshot, deregistered side by side in one slice ------------------------
-
-
 def _shared_pair(results_rate: float) -> FakeEC2:
     fake = FakeEC2(REGION, results_rate=results_rate, latency=0.1)
     fake.clock = BASE
@@ -92,18 +89,22 @@ def _shared_pair(results_rate: float) -> FakeEC2:
     return fake
 
 
-def _side_by_side(results_rate: float) -> FakeEC2:
-    fake = _shared_pair(results_rate)
-    inventory = fake.describe()
-    results = executor.apply_stages(
+def _slice(fake: FakeEC2) -> list[ActionResult]:
+    """The pair's deregistrations in one slice, side by side as the worker runs its AMIs."""
+    return executor.apply_stages(
         REGION,
         fake,
         fake.ledger,
-        inventory,
+        fake.describe(),
         PAIR,
         BASE,
         side_by_side=fake.side_by_side(slicer.SLICE_WORKERS),
     )
+
+
+def _side_by_side(results_rate: float) -> FakeEC2:
+    fake = _shared_pair(results_rate)
+    results = _slice(fake)
     assert [r.status for r in results] == ["ok", "ok"], results
     recorded = recorded_for(fake)
     for snapshot_id in fake.deleted_snapshots:
@@ -126,7 +127,6 @@ def test_a_run_stopped_after_both_deregistrations_leaves_the_shared_snapshot_to_
     """The same slice, stopped after both DeregisterImage calls took effect and before any snapshot was
     deleted: the next run deletes the shared snapshot."""
     fake = _shared_pair(0.0)
-    inventory = fake.describe()
     real = fake.delete_snapshot
 
     def die(**params: Any) -> Any:
@@ -136,15 +136,7 @@ def test_a_run_stopped_after_both_deregistrations_leaves_the_shared_snapshot_to_
 
     fake.delete_snapshot = die  # type: ignore[method-assign]
     with contextlib.suppress(Crash):
-        executor.apply_stages(
-            REGION,
-            fake,
-            fake.ledger,
-            inventory,
-            PAIR,
-            BASE,
-            side_by_side=fake.side_by_side(slicer.SLICE_WORKERS),
-        )
+        _slice(fake)
     fake.delete_snapshot = real  # type: ignore[method-assign]
     later = BASE + timedelta(days=1)
     fake.clock = later

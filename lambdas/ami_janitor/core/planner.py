@@ -373,46 +373,47 @@ def _tag_left_the_family(
     available (a tagger took the family's tag off the newest AMI, which the rotation had tagged). The
     tag is not moved back to the older target. A family matched by tags alone is left out: it names
     any AMI, and a tag-writer decides its members (the plan warns)."""
-    watched = [
-        g
+    tags = {
+        _key(g): g.family.latest.tag
         for g in groups
         if g.family.latest is not None
         and g.family.latest.tag is not None
         and not g.family.match.by_tags_alone
         and _key(g) not in errors
-    ]
-    if not watched:
+    }
+    if not tags:
         return {}
     # The AMIs carrying one of those tags that no family selects (a few, where any: one pass).
-    keys = {g.family.latest.tag for g in watched if g.family.latest is not None and g.family.latest.tag}
-    families = [family.match for family in policy.families]
+    keys = set(tags.values())
+    matches = [family.match.matches for family in policy.families]
     loose = [
         image
         for image in inventory.images
-        if any(image.tags.get(k) == "true" for k in keys)
-        and not any(match.matches(image.name, image.tags) for match in families)
+        if any(image.tags.get(key) == "true" for key in keys)
+        and not any(match(image.name, image.tags) for match in matches)
     ]
+    if not loose:
+        return {}
     found: dict[GroupKey, str] = {}
-    for group in watched if loose else []:
-        latest, match = group.family.latest, group.family.match
-        assert latest is not None and latest.tag is not None
+    for group in (g for g in groups if _key(g) in tags):
+        tag, names = tags[_key(group)], group.family.match.names
         target = latest_target(group, now)
         if target is None:
             continue
         for image in loose:
             if (
-                image.tags.get(latest.tag) == "true"
+                image.tags.get(tag) == "true"
                 and image.architecture == group.architecture
                 and image.state == "available"
-                and match.names(image.name)
+                and names(image.name)
                 and not image.deprecated_at(now)
                 and order_key(image) > order_key(target)
             ):
                 found[_key(group)] = (
                     f"family {group.family.name} ({group.architecture}) in {group.region}: {image.image_id} "
-                    f"carries its Latest tag {latest.tag}, newer than {target.image_id} and available, "
+                    f"carries its Latest tag {tag}, newer than {target.image_id} and available, "
                     f"which the family no longer selects (its tags changed); Latest not moved back: "
-                    f"disable or deprecate {image.image_id}, or take its {latest.tag} tag off"
+                    f"disable or deprecate {image.image_id}, or take its {tag} tag off"
                 )
                 break
     return found
