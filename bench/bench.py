@@ -23,6 +23,7 @@ bytecode, cli, fleet, org).
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
@@ -379,7 +380,9 @@ def _compiled_package() -> str:
     import ami_janitor
 
     source = os.path.dirname(ami_janitor.__file__)
-    target = os.path.join(tempfile.mkdtemp(prefix="ami-janitor-bench-"), "ami_janitor")
+    copy = tempfile.mkdtemp(prefix="ami-janitor-bench-")
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    target = os.path.join(copy, "ami_janitor")
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
     if not compileall.compile_dir(target, quiet=1):
         raise RuntimeError(f"cannot compile {target}")

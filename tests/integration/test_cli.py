@@ -918,6 +918,34 @@ def test_the_emulator_refuses_a_port_it_cannot_listen_on_with_exit_2(port: str) 
     assert "--port" in said and port in said, done.stderr
 
 
+@pytest.mark.parametrize("stop", ["kill", "exit-after"])
+def test_the_emulator_removes_the_directory_of_its_policy_when_it_stops(stop: str) -> None:
+    """The policy it writes points at a server that is gone once it stops: stopped by `kill` (SIGTERM,
+    as a test harness or a process manager stops it) or by `--exit-after`, it leaves nothing behind."""
+    import signal
+
+    script = Path(sys.executable).with_name("ami-janitor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    after = "60" if stop == "kill" else "3"
+    with subprocess.Popen(
+        [str(script), "emulator", "--empty", "--exit-after", after],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as server:
+        assert server.stdout is not None
+        config = None
+        for line in server.stdout:
+            if line.startswith("export AMI_JANITOR_CONFIG="):
+                config = Path(line.split("=", 1)[1].strip())
+                break
+        assert config is not None and config.is_file()
+        if stop == "kill":
+            server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    assert not config.parent.exists()
+
+
 def test_progress_lines_on_a_terminal_only(
     endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,6 +64,9 @@ def test_demo_keeps_every_ami_in_use_and_retires_the_rest() -> None:
         f"encrypted with alias/pettracker-key, resolved in eu-west-1 to {key.group(1)}: CopyImage got" in out
     )
     assert "the same message delivered again: 1 copy in eu-west-1, 0 failed messages" in out
+    # The policy it wrote for the emulator is gone with it.
+    written = re.search(r"^Embedded AWS \(moto\) on \S+; policy (\S+)$", out, re.M)
+    assert written is not None and not Path(written.group(1)).parent.exists()
 
 
 def test_demo_format_json_prints_one_json_document() -> None:

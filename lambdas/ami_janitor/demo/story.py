@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -396,6 +399,8 @@ def serve_emulator(
     from ami_janitor.demo import emulator
 
     server, endpoint = emulator.start_server(port=port)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops it as Ctrl-C does, tidying up
     workdir = Path(tempfile.mkdtemp(prefix="ami-janitor-emulator-"))
     config = workdir / "janitor.yaml"
     config.write_text(DEMO_POLICY)
@@ -424,7 +429,12 @@ def serve_emulator(
         pass
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)  # the policy it wrote points at a server now gone
     return 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def run_demo(out: TextIO, *, json_output: bool = False) -> int:
@@ -471,6 +481,7 @@ def run_demo(out: TextIO, *, json_output: bool = False) -> int:
         return code
     finally:
         server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 REPLICA_ALIAS = "alias/pettracker-key"
