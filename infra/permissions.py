@@ -239,7 +239,9 @@ class Scope:
         one per EC2 architecture (the ARN drops the leading slash). Not parameter/ami/x/*/latest: in IAM, `*`
         crosses `/`, which would let the role write /ami/x/any/depth/latest too."""
         names = [name.replace("{arch}", arch) for arch in ARCHITECTURES] if "{arch}" in name else [name]
-        return [f"arn:{self.partition}:ssm:{self.region}:{self.account}:parameter/{n.lstrip('/')}" for n in names]
+        return [
+            f"arn:{self.partition}:ssm:{self.region}:{self.account}:parameter/{n.lstrip('/')}" for n in names
+        ]
 
     def ledger_table_arn(self, region: str | None = None) -> str:
         where = region or self.region

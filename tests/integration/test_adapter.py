@@ -2214,18 +2214,32 @@ def test_a_launch_configuration_a_group_names_that_no_read_finds_skips_the_regio
 
 
 @pytest.mark.parametrize(
-    ("kind", "refused"), [("String", False), ("SecureString", True), ("StringList", True)]
+    ("kind", "data_type", "written_as"),
+    [
+        ("String", "aws:ec2:image", "aws:ec2:image"),
+        ("String", "text", "text"),  # SSM changes no parameter to or from aws:ec2:image
+        ("String", None, "text"),
+        (None, None, "aws:ec2:image"),  # none yet: made aws:ec2:image
+        ("String", "aws:ssm:integration", None),
+        ("SecureString", "text", None),
+        ("StringList", "text", None),
+    ],
 )
-def test_a_pointers_type_is_asked_before_it_is_written(stubbed: Stubbed, kind: str, refused: bool) -> None:
+def test_a_pointers_type_and_data_type_are_asked_before_it_is_written(
+    stubbed: Stubbed, kind: str | None, data_type: str | None, written_as: str | None
+) -> None:
     s = stubbed
-    answer = {"Parameters": [{"Name": "/ami/web", "Type": kind, "Value": ami(1)}]}
+    found: dict[str, Any] = {"Name": "/ami/web", "Type": kind, "Value": ami(1)}
+    if data_type:
+        found["DataType"] = data_type
+    answer = {"Parameters": [found]} if kind else {"Parameters": [], "InvalidParameters": ["/ami/web"]}
     s.add("ssm", "get_parameters", answer, {"Names": ["/ami/web"], "WithDecryption": False})
 
-    if refused:
-        with pytest.raises(rotator.PointerOfAnotherType, match=f"/ami/web is a {kind} parameter"):
+    if written_as is None:
+        with pytest.raises(rotator.PointerOfAnotherType, match="/ami/web is a"):
             rotator._writable(s.clients, "/ami/web")
     else:
-        rotator._writable(s.clients, "/ami/web")
+        assert rotator._writable(s.clients, "/ami/web") == written_as
     s.verify()
 
 

@@ -170,12 +170,34 @@ def test_a_parameter_edited_by_hand_is_written_back_alone(lambda_env: Path) -> N
     newest, older = fleet.images[-1], fleet.images[-2]
     ami_event.handler(event("ami_available.json", newest), Context())
     boto3.client("ssm", region_name="us-east-1").put_parameter(
-        Name="/ami/web/latest", Value=older, Type="String", Overwrite=True
+        Name="/ami/web/latest", Value=older, Type="String", DataType="aws:ec2:image", Overwrite=True
     )
     again = ami_event.handler(event("ami_available.json", newest), Context())
     # The newest already carries the Latest tag: the parameter is the one write.
     assert [r["written"] for r in again["rotations"]] == [[f"/ami/web/latest = {newest}"]]
     assert latest_holders(fleet.images) == [newest] and parameter() == newest
+
+
+def test_a_pointer_refused_for_good_is_counted_and_its_event_answered(
+    lambda_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SecureString where the family's pointer should be: the tag moves, the parameter is left alone,
+    and the event is answered (tried again it would fail alike) with the refusal, warned and counted as
+    ActionsFailed, which alarms."""
+    write_policy(lambda_env, "enforce")
+    fleet = seed_fleet(now())
+    newest = fleet.images[-1]
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    ssm.put_parameter(Name="/ami/web/latest", Value=fleet.images[0], Type="SecureString", Overwrite=True)
+
+    answer = ami_event.handler(event("ami_available.json", newest), Context())
+
+    [rotation] = answer["rotations"]
+    assert rotation["refused"] and rotation["status"] == "failed"
+    assert "/ami/web/latest is a SecureString parameter" in rotation["error"]
+    assert latest_holders(fleet.images) == [newest]
+    metrics = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    assert any(m.get("ActionsFailed") in ([1.0], 1.0) for m in metrics), metrics
 
 
 def test_disabled_and_deregistered_events_move_latest_to_the_next_newest(lambda_env: Path) -> None:

@@ -167,9 +167,10 @@ def test_a_pointer_of_another_type_than_string_is_not_overwritten(policy: Policy
     assert (parameter["Type"], parameter["Value"]) == (kind, value)
     assert result.status == "failed"
     assert result.error == (
-        f"PointerOfAnotherType: {PARAMETER} is a {kind} parameter: the rotation writes a String of data "
-        "type aws:ec2:image and does not overwrite it (delete it, or name another latest.ssm_parameter)"
+        f"PointerOfAnotherType: {PARAMETER} is a {kind} parameter: the rotation writes a String holding the "
+        "AMI id and does not overwrite it (delete it, or name another latest.ssm_parameter)"
     )
+    assert result.refused  # the event that finds it does not try again
     assert group.tagged() == [group.mid]  # the tag moved before: written first, as always
 
 
@@ -181,3 +182,119 @@ def test_a_pointer_not_there_yet_is_written_as_a_string(policy: Policy) -> None:
     [result] = rotator.converge(RegionClients("us-east-1"), policy, at)
 
     assert result.status == "ok" and group.parameter() == group.mid
+
+
+def data_type() -> str:
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    return str(ssm.get_parameters(Names=[PARAMETER])["Parameters"][0]["DataType"])
+
+
+def test_a_pointer_made_as_text_is_written_as_text(policy: Policy) -> None:
+    """SSM will not change a parameter to or from `aws:ec2:image` (the emulator refuses it as SSM does):
+    a pointer that Packer, Terraform or a person made `text` (the group's is) is written as `text`,
+    not failed at every rotation while the tag moves on."""
+    at = now()
+    group = Group(at)
+    assert data_type() == "text"
+
+    [result] = rotator.converge(RegionClients("us-east-1"), policy, at)
+
+    assert (result.status, result.error) == ("ok", None)
+    assert group.parameter() == group.mid and data_type() == "text"
+
+
+def test_a_pointer_the_rotation_makes_is_of_data_type_aws_ec2_image(policy: Policy) -> None:
+    at = now()
+    group = Group(at)
+    boto3.client("ssm", region_name="us-east-1").delete_parameter(Name=PARAMETER)
+
+    rotator.converge(RegionClients("us-east-1"), policy, at)
+
+    assert group.parameter() == group.mid and data_type() == "aws:ec2:image"
+
+
+def refuse_put_parameter(monkeypatch: pytest.MonkeyPatch, code: str) -> None:
+    import botocore.client
+    from botocore.exceptions import ClientError
+
+    real_call = botocore.client.BaseClient._make_api_call
+
+    def refused(self: Any, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "PutParameter":
+            raise ClientError({"Error": {"Code": code, "Message": "refused"}}, operation)
+        return real_call(self, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", refused)
+
+
+@pytest.mark.parametrize(
+    ("code", "for_good"),
+    [
+        ("ParameterMaxVersionLimitExceeded", True),
+        ("ValidationException", True),
+        ("ThrottlingException", False),
+    ],
+)
+def test_an_event_is_tried_again_only_where_its_rotation_may_yet_succeed(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch, code: str, for_good: bool
+) -> None:
+    """A pointer SSM refuses for good fails its group's rotation without failing the event: tried again it
+    would fail alike, holding the region's later events back, then land in the dead-letter queue. A
+    refusal of the moment (throttling past the retries) fails the event, which is tried again."""
+    at = now()
+    group = Group(at)
+    new = group.bake("02", 0)
+    refuse_put_parameter(monkeypatch, code)
+    clients = RegionClients("us-east-1")
+
+    if not for_good:
+        with pytest.raises(RuntimeError, match=f"rotation failed: web .*{code}"):
+            rotator.handle_state_change(new, "available", clients, policy, at)
+        return
+    outcome = rotator.handle_state_change(new, "available", clients, policy, at)
+
+    [rotation] = outcome.rotations
+    assert outcome.outcome == "rotated" and rotation.status == "failed" and rotation.refused
+    assert rotation.error == (
+        f"PointerRefused: SSM refuses to write {PARAMETER}: An error occurred ({code}) when calling the "
+        "PutParameter operation: refused"
+    )
+    assert group.tagged() == [new] and group.parameter() == group.old  # the tag moved; the parameter waits
+
+
+def test_a_write_whose_answer_was_lost_but_landed_is_reported_ok(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PutParameter took effect and its answer was lost (no retry left): the next round reads the
+    group agreeing and says so, rather than reporting the group failed (and failing its event)."""
+    from sdk_faults import LoseFirstAnswers
+
+    monkeypatch.setenv("AMI_JANITOR_MAX_ATTEMPTS", "1")
+    at = now()
+    group = Group(at)
+    clients = RegionClients("us-east-1")
+    lost = LoseFirstAnswers(clients.ssm, "PutParameter", count=1)
+
+    [result] = rotator.converge(clients, policy, at)
+
+    assert lost.lost == ["PutParameter"]
+    assert (result.status, result.error, result.to) == ("ok", None, group.mid)
+    assert group.parameter() == group.mid
+
+
+def test_a_pointer_written_by_hand_to_an_ami_the_familys_glob_does_not_name_is_written_back(
+    policy: Policy,
+) -> None:
+    """Someone points web's parameter at a newer AMI of another team (`db-1`, which web's glob `web-*`
+    does not name): it was never web's AMI, so the rotation writes the parameter back to web's Latest
+    rather than holding it there as an AMI that left the family (which only a tag change can make)."""
+    at = now()
+    group = Group(at)
+    other = ec2().create_image(InstanceId=group.instance, Name="db-1")["ImageId"]
+    ssm = boto3.client("ssm", region_name="us-east-1")
+    ssm.put_parameter(Name=PARAMETER, Value=other, Type="String", Overwrite=True)
+
+    [result] = rotator.converge(RegionClients("us-east-1"), policy, at)
+
+    assert (result.status, result.to) == ("ok", group.mid)
+    assert group.parameter() == group.mid

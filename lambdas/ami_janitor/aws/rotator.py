@@ -59,6 +59,9 @@ class RotationResult(BaseModel):
     # ok; failed; superseded: a scheduled change the region, read again, no longer asks for (not written)
     status: str = "ok"
     error: str | None = None
+    # failed for good: the parameter is refused until a person changes it (PointerRefused), so an event
+    # does not try again; the scheduled run reports it each time (ActionsFailed)
+    refused: bool = False
 
     @classmethod
     def unreadable(cls, region: str, error: str) -> "RotationResult":
@@ -127,32 +130,73 @@ def _write(
         clients.ec2.delete_tags(Resources=list(change.untag), Tags=[{"Key": latest.tag}])
         written.append(f"untag {latest.tag} from {', '.join(change.untag)}")
     if change.ssm_parameter and change.to and inventory.parameters.get(change.ssm_parameter) != change.to:
-        _writable(clients, change.ssm_parameter)
-        clients.ssm.put_parameter(
-            Name=change.ssm_parameter,
-            Value=change.to,
-            Type="String",
-            DataType="aws:ec2:image",
-            Overwrite=True,
-        )
+        data_type = _writable(clients, change.ssm_parameter)
+        try:
+            clients.ssm.put_parameter(
+                Name=change.ssm_parameter,
+                Value=change.to,
+                Type="String",
+                DataType=data_type,
+                Overwrite=True,
+            )
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in REFUSED_FOR_GOOD:
+                raise PointerRefused(f"SSM refuses to write {change.ssm_parameter}: {error}") from error
+            raise
         written.append(f"{change.ssm_parameter} = {change.to}")
 
 
-class PointerOfAnotherType(RuntimeError):
+class PointerRefused(RuntimeError):
+    """A Latest parameter that the rotation cannot write until a person changes it or the policy: tried
+    again, it fails the same way."""
+
+
+class PointerOfAnotherType(PointerRefused):
     """A parameter named as a Latest pointer that is no String: the rotation does not overwrite it."""
 
 
-def _writable(clients: RegionClients, name: str) -> None:
-    """Refuses to overwrite a parameter of another type than String: its type is asked before each
-    write (the read leaves out a SecureString, never decrypted, and gives a StringList as its text,
-    one of a single AMI id as that id; a write is rare, when Latest moves)."""
+# PutParameter's refusals of what was asked, not of the moment (throttling, a lost answer, an internal
+# error are tried again): the parameter's name, its data type or hierarchy, its versions, the account's
+# limit of parameters.
+REFUSED_FOR_GOOD = frozenset(
+    {
+        "ValidationException",
+        "ParameterPatternMismatchException",
+        "HierarchyTypeMismatchException",
+        "HierarchyLevelLimitExceededException",
+        "UnsupportedParameterType",
+        "ParameterMaxVersionLimitExceeded",
+        "ParameterLimitExceeded",
+    }
+)
+# The data type a pointer the rotation creates gets: SSM checks the AMI id it is given.
+POINTER_DATA_TYPE = "aws:ec2:image"
+
+
+def _writable(clients: RegionClients, name: str) -> str:
+    """The data type to write the pointer with, asked before each write (a write is rare, when Latest
+    moves): its own where it exists, SSM refusing to change a parameter to or from `aws:ec2:image` (one
+    made `text`, by hand or by another tool, stays `text`), `aws:ec2:image` for a new one. Refuses to
+    overwrite a parameter of another type than String (the read leaves out a SecureString, never
+    decrypted, and gives a StringList as its text, one of a single AMI id as that id), or of a data type
+    that holds no AMI id."""
     found = get_parameters(clients.ssm, [name]).get(name)
-    kind = str(found.get("Type") or "String") if found is not None else "String"
+    if found is None:
+        return POINTER_DATA_TYPE
+    kind = str(found.get("Type") or "String")
     if kind != "String":
         raise PointerOfAnotherType(
-            f"{name} is a {kind} parameter: the rotation writes a String of data type aws:ec2:image and "
-            "does not overwrite it (delete it, or name another latest.ssm_parameter)"
+            f"{name} is a {kind} parameter: the rotation writes a String holding the AMI id and does not "
+            "overwrite it (delete it, or name another latest.ssm_parameter)"
         )
+    data_type = str(found.get("DataType") or "text")
+    if data_type not in ("text", POINTER_DATA_TYPE):
+        raise PointerOfAnotherType(
+            f"{name} is a String of data type {data_type}: the rotation writes an AMI id and does not "
+            "overwrite it (delete it, or name another latest.ssm_parameter)"
+        )
+    return data_type
 
 
 def _targets(inventory: RegionInventory, changes: Iterable[LatestChange]) -> dict[str, Image]:
@@ -216,8 +260,8 @@ def write_changes(
         try:
             # The change as the region reads now: the holders to untag are those of this read.
             _write(clients, policy, current, region, targets, result.written)
-        except (ClientError, BotoCoreError, PointerOfAnotherType) as error:
-            result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+        except (ClientError, BotoCoreError, PointerRefused) as error:
+            _failed(result, error)
     # An event may have rotated a group, or its target been disabled, between that read and these
     # writes: the written groups are read again and converged, so that the older or disabled AMI
     # written last is not left Latest (the event's own rotation ended before these writes).
@@ -259,6 +303,11 @@ def converge(
             changes = first_changes
         else:
             changes = changes_for(inventory, policy, now, only)
+        needing = {(change.family, change.architecture) for change in changes}
+        for key, result in results.items():
+            if key not in needing and result.status == "failed":
+                # Agreeing now, its failed write had landed (its answer lost) or another writer's did.
+                result.status, result.error, result.refused = "ok", None, False
         if not changes:
             break
         targets = _targets(inventory, changes)
@@ -277,9 +326,9 @@ def converge(
             result.to = change.to
             try:
                 _write(clients, policy, change, inventory, targets, result.written)
-                result.status, result.error = "ok", None
-            except (ClientError, BotoCoreError, PointerOfAnotherType) as error:
-                result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+                result.status, result.error, result.refused = "ok", None, False
+            except (ClientError, BotoCoreError, PointerRefused) as error:
+                _failed(result, error)
     else:
         # Every round wrote: a last read says whether the groups agree now, or another writer kept
         # changing them (then not "ok": the next event or run settles them).
@@ -293,6 +342,11 @@ def converge(
                     f"still changing after {MAX_ROUNDS} rounds of writes: Latest now goes to {change.to}"
                 )
     return [results[key] for key in sorted(results)]
+
+
+def _failed(result: RotationResult, error: Exception) -> None:
+    result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+    result.refused = isinstance(error, PointerRefused)
 
 
 # EC2 sends the event of a stage within moments of the janitor's call; one sent later than this after
@@ -434,11 +488,13 @@ def handle_state_change(
     if policy.mode != "enforce":
         return outcome(outcome="dry-run", would=changes, **why_not)
     results = converge(clients, policy, now, only, load=read, first=inventory, first_changes=changes)
-    failed = [r for r in results if r.status == "failed"]
+    failed = [r for r in results if r.status == "failed" and not r.refused]
     if failed:
         # The error is what the event's log and the dead-letter queue keep: it names what was
         # written before the failure (a tag moved while the parameter still names the old AMI).
         raise RuntimeError("rotation failed: " + "; ".join(map(_failure, failed)))
+    # A parameter refused for good is in the answer (and its warning): tried again, the event would fail
+    # the same way, holding the region's later events back and then sharing and copying its AMI.
     return outcome(outcome="rotated", rotations=results, **why_not)
 
 

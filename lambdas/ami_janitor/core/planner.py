@@ -321,7 +321,9 @@ def _left_the_family(
     parameter is not moved back to the older target: only EC2's facts (that AMI disabled, deprecated
     or deregistered) or a person (writing the parameter) move it. An AMI matching this family and
     others is left to the check below; one that matches others but no longer this one has left it too
-    (a tagger who takes a family's key off its newest AMI and puts two other families' on)."""
+    (a tagger who takes a family's key off its newest AMI and puts two other families' on). An AMI whose
+    name the family's glob does not name was never the family's (a name never changes): the parameter
+    was written by hand to it, and the rotation writes it back."""
     found: dict[GroupKey, str] = {}
     by_id: dict[str, Image] | None = None
     for group in groups:
@@ -346,6 +348,7 @@ def _left_the_family(
         if (
             image is None
             or target is None
+            or not group.family.match.names(image.name)
             or (image.architecture != group.architecture and not latest.one_parameter)
             or image.state != "available"
             or image.deprecated_at(now)

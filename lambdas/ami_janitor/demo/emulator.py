@@ -7,6 +7,8 @@ region (InvalidAMIName.Duplicate),
 TagSpecifications and ClientToken on CopyImage, DeleteSnapshot refusing a snapshot any AMI still uses,
 the image block public access state (per account and region, on as for a new account; reported,
 not enforced: a public launch permission is still accepted).
+What SSM does and moto does not: PutParameter refusing to change a parameter's data type to or from
+`aws:ec2:image` (or `aws:ssm:integration`).
 What moto lacks altogether (DescribeImageReferences, Recycle Bin) is answered the way AWS answers an
 operation a partition does not offer: an HTTP 4xx naming the operation unknown, never moto's
 NotImplementedError or HTML 500 page, which the janitor rightly reads as a failure.
@@ -70,6 +72,8 @@ from moto.moto_server.werkzeug_app import (  # noqa: E402
     create_backend_app,
 )
 from moto.server import ThreadedMotoServer  # noqa: E402
+from moto.ssm.models import SimpleSystemManagerBackend  # noqa: E402
+from moto.ssm.models import ValidationException as SsmValidationException  # noqa: E402
 from werkzeug.exceptions import InternalServerError  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
@@ -373,6 +377,28 @@ def _wrap_list_of_moto_modules(original: Callable[[], Any]) -> Callable[[], tupl
     return functools.cache(lambda: tuple(original()))
 
 
+# The data types SSM will not change an existing parameter to or from (Parameter Store's "data types").
+_FIXED_DATA_TYPES = frozenset({"aws:ec2:image", "aws:ssm:integration"})
+
+
+def _wrap_put_parameter(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    def put_parameter(self: Any, *args: Any, **kwargs: Any) -> Any:
+        call = signature.bind(self, *args, **kwargs).arguments
+        name, asked = call["name"], call["data_type"] or "text"
+        held = self.get_parameter(name) if call["overwrite"] else None
+        kept = (held.data_type or "text") if held is not None else asked
+        if kept != asked and {kept, asked} & _FIXED_DATA_TYPES:
+            raise SsmValidationException(
+                f"The data type of parameter {name} is {kept}: you can't change a parameter to or from "
+                f"the aws:ec2:image or aws:ssm:integration data type ({asked} asked)"
+            )
+        return original(self, *args, **kwargs)
+
+    return put_parameter
+
+
 # Services the janitor calls that moto 5.2.5 has no backend for (REST-JSON protocol).
 _ABSENT_SERVICES = frozenset({"rbin"})
 _ABSENT_HOST = re.compile(r"^https?://(?P<service>[a-z0-9-]+)\.[^/]*amazonaws\.com(?:/|$)")
@@ -478,6 +504,8 @@ def install() -> None:
     for name, wrap in _BACKEND_WRAPPERS.items():
         setattr(AmiBackend, name, wrap(getattr(AmiBackend, name)))
     setattr(EBSBackend, "delete_snapshot", _wrap_delete_snapshot(EBSBackend.delete_snapshot))  # noqa: B010
+    put_parameter = _wrap_put_parameter(SimpleSystemManagerBackend.put_parameter)
+    setattr(SimpleSystemManagerBackend, "put_parameter", put_parameter)  # noqa: B010
     for name, respond in _RESPONSES.items():
         setattr(AmisResponse, name, respond)
     setattr(EC2Response, "call_action", _wrap_ec2_call_action(EC2Response.call_action))  # noqa: B010

@@ -199,6 +199,11 @@ def handle_state_change(
     answer = outcome.model_dump(mode="json")
     log = logger.debug if outcome.outcome == "ignored" else logger.info
     log("AMI state change handled", extra=answer)
+    refused = [r.error for r in outcome.rotations if r.refused]
+    if refused:
+        # Not tried again (it would fail the same way): counted where the scheduled run counts it, which alarms.
+        logger.warning("Latest parameter refused", extra={"image_id": detail.ImageId, "refused": refused})
+        metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=len(refused))
     unfinished = unfinished_work(outcome)
     if unfinished:
         # Failed, the event is delivered again (each step is idempotent), then lands in the
