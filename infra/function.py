@@ -62,7 +62,7 @@ WILDCARD_REASONS = {
     "PutObject only under this account's own prefix of the inbox.",
     "ReadUsageReports": "An owner reads the report of each account it shares an AMI with, whichever they are; "
     "GetObject only under the reports/ prefix of the usage inbox.",
-    "WriteRunReports": "Report object keys are made per run; PutObject only, in the report bucket.",
+    "WriteRunReports": "Report object keys are made per run; PutObject only, under runs/ in the report bucket.",
 }
 # Every role the stacks make: the ledger's resource policy lets only this path (and named writers) write.
 ROLE_PATH = ledger.ROLE_PATH

@@ -32,14 +32,15 @@ class Reports(Construct):
         )
 
     def write_statement(self) -> Statement:
-        # Report keys are chosen by the handler; it may only add objects, never read or delete.
-        return Statement("WriteRunReports", ("s3:PutObject",), (self.bucket.arn_for_objects("*"),))
+        # Every report key is under runs/ (handlers.scheduled.report_key): the handler may only add
+        # objects there, never read or delete.
+        return Statement("WriteRunReports", ("s3:PutObject",), (self.bucket.arn_for_objects("runs/*"),))
 
     def slice_statements(self) -> list[Statement]:
         """The slice worker writes its results beside the run's report and reads them back (the run's
         last slice makes the one report from every part)."""
         runs = self.bucket.arn_for_objects("runs/*")
         return [
-            Statement("WriteRunReports", ("s3:PutObject",), (self.bucket.arn_for_objects("*"),)),
+            Statement("WriteRunReports", ("s3:PutObject",), (runs,)),
             Statement("ReadRunReportParts", ("s3:GetObject",), (runs,)),
         ]

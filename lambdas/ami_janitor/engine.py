@@ -257,9 +257,12 @@ def _require_scanned_ledgers(
 
 def ledger_notes(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> list[str]:
     """Plan notes for the regions without a ledger: a plan works there, an apply is refused."""
+    absent, unchecked = _check_ledgers(policy, regions, clients_for)
+    problems = _ledger_problems(policy.ledger.table, absent, unchecked)
+    # A table that could not be checked may well be there: no advice to make it, only the error.
     return [
-        f"{why}: plan only; `ami-janitor ledger create` makes it"
-        for why in missing_ledgers(policy, regions, clients_for).values()
+        f"{why}: plan only; `ami-janitor ledger create` makes it" if region in absent else f"{why}: plan only"
+        for region, why in problems.items()
     ]
 
 

@@ -149,7 +149,8 @@ def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[
                     elif action == "s3:GetObject":
                         assert module == "slices" and targets == {f"<{bucket}>/runs/*"}
                     elif service == "s3":
-                        assert targets == {f"<{bucket}>/*"}
+                        # Reports and slice results alone, under runs/ (the handlers' keys, below).
+                        assert targets == {f"<{bucket}>/runs/*"}
                     elif service == "sns":
                         assert targets == {f"<{topic}>"}
                     elif action == "sqs:SendMessage":
@@ -163,6 +164,14 @@ def test_infra_extras_are_on_the_stacks_own_resources(templates: dict[str, dict[
                     elif service == "sqs":
                         consumed = {"replicate": queue, "slices": work, "ami_event": events}[module]
                         assert targets == {f"<{consumed}>"}
+
+
+def test_every_report_key_is_under_the_prefix_the_roles_may_write() -> None:
+    from ami_janitor.handlers.scheduled import report_key
+    from ami_janitor.handlers.slices import slice_key
+
+    keys = [report_key("us-east-1", "2026-12-03T03:00:00Z"), report_key("us-east-1", "r", part="run")]
+    assert all(key.startswith("runs/") for key in [*keys, slice_key("us-east-1", "r", 7)])
 
 
 def test_mutating_ec2_actions_are_scoped_and_conditioned(

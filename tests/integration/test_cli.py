@@ -797,6 +797,26 @@ def test_apply_without_a_ledger_exits_2_before_writing_and_plan_says_so(
     assert run("apply", "--config", config, "--yes")[0] == 0
 
 
+def test_a_ledger_that_cannot_be_checked_is_not_said_to_be_missing(
+    endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DescribeTable refused: the table may be there, so the plan's note gives the error without the
+    advice to make it (which `ledger create` would answer with an error of its own)."""
+    seed_fleet(now())
+    make_ledger()
+    config = write_policy(tmp_path)
+    deny(monkeypatch, "DescribeTable")
+
+    code, output = run("plan", "--config", config, "--format", "json")
+
+    assert code == 0  # a plan does not need the table
+    [note] = [n for n in json.loads(output)["notes"] if "ledger" in n]
+    assert note.startswith("cannot check the ledger table ami-janitor-ledger in us-east-1 (")
+    assert note.endswith(
+        "AccessDeniedException) when calling the DescribeTable operation: denied): plan only"
+    )
+
+
 def test_ledger_create_exits_1_where_a_region_fails(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

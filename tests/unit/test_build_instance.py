@@ -154,6 +154,9 @@ def test_what_a_bake_names_is_what_the_inventory_keeps() -> None:
         ({}, "families[0].bake: give instance_id and/or instance_tag"),
         ({"instance_tag": {}}, "families[0].bake.instance_tag: must not be empty"),
         ({"instance_id": "i-XYZ"}, "families[0].bake.instance_id: string should match pattern"),
+        # i- and 8 or 17 hexadecimal digits, as EC2's ids and `bake --instance-id` take them.
+        ({"instance_id": "i-0123"}, "families[0].bake.instance_id: string should match pattern"),
+        ({"instance_id": "i-0123456789abcdef"}, "families[0].bake.instance_id: string should match pattern"),
     ],
 )
 def test_the_policy_names_the_build_instance(bake: dict[str, Any], message: str) -> None:

@@ -830,7 +830,7 @@ SCHEDULED_BAKE = {"instance_tag": {"Role": "build"}, "schedule": "cron(0 2 * * ?
 
 
 def test_the_plan_names_the_instance_each_scheduled_bake_will_image() -> None:
-    builder = build_instance("i-0b0b")
+    builder = build_instance("i-0b0b0b0b")
     pol = policy({"bake": SCHEDULED_BAKE})
 
     result = plan(
@@ -841,23 +841,23 @@ def test_the_plan_names_the_instance_each_scheduled_bake_will_image() -> None:
         ScheduledBake(
             region="us-east-1",
             family="app",
-            instance_id="i-0b0b",
+            instance_id="i-0b0b0b0b",
             reason="the only instance tagged Role=build",
         )
     ]
-    pinned = policy({"bake": {**SCHEDULED_BAKE, "instance_id": "i-0b0b"}})
+    pinned = policy({"bake": {**SCHEDULED_BAKE, "instance_id": "i-0b0b0b0b"}})
     [bake] = plan([inventory(build_instances=(builder,))], pinned, NOW).bakes
-    assert (bake.instance_id, bake.reason, bake.refusal) == ("i-0b0b", "pinned by bake.instance_id", None)
+    assert (bake.instance_id, bake.reason, bake.refusal) == ("i-0b0b0b0b", "pinned by bake.instance_id", None)
 
 
 def test_the_plan_says_why_a_scheduled_bake_would_refuse() -> None:
     pol = policy({"bake": SCHEDULED_BAKE})
-    several = (build_instance("i-0b0b"), build_instance("i-0a0a", "running"))
+    several = (build_instance("i-0b0b0b0b"), build_instance("i-0a0a", "running"))
 
     [bake] = plan([inventory(build_instances=several)], pol, NOW).bakes
 
     assert bake.instance_id is None and bake.reason is None
-    assert bake.refusal is not None and "i-0a0a (running), i-0b0b (stopped)" in bake.refusal
+    assert bake.refusal is not None and "i-0a0a (running), i-0b0b0b0b (stopped)" in bake.refusal
     [bake] = plan([inventory()], pol, NOW).bakes
     assert bake.refusal == (
         "family app: no running or stopped instance in us-east-1 carries the tags Role=build (bake.instance_tag)"
@@ -865,7 +865,7 @@ def test_the_plan_says_why_a_scheduled_bake_would_refuse() -> None:
 
 
 def test_only_scheduled_bakes_of_readable_policy_regions_are_planned() -> None:
-    builder = (build_instance("i-0b0b"),)
+    builder = (build_instance("i-0b0b0b0b"),)
     unscheduled = policy({"bake": {"instance_tag": {"Role": "build"}}})
     assert plan([inventory(build_instances=builder)], unscheduled, NOW).bakes == []
     # Replication targets get no bake rule; a skipped region's instances are unknown.
@@ -877,14 +877,14 @@ def test_only_scheduled_bakes_of_readable_policy_regions_are_planned() -> None:
 
 
 def test_a_scheduled_bake_is_planned_only_in_its_bake_regions() -> None:
-    builder = (build_instance("i-0b0b"),)
+    builder = (build_instance("i-0b0b0b0b"),)
     pol = policy(
-        {"bake": {**SCHEDULED_BAKE, "instance_id": "i-0b0b", "regions": ["eu-west-1"]}},
+        {"bake": {**SCHEDULED_BAKE, "instance_id": "i-0b0b0b0b", "regions": ["eu-west-1"]}},
         regions=["us-east-1", "eu-west-1"],
     )
     assert plan([inventory(build_instances=builder, region="us-east-1")], pol, NOW).bakes == []
     [bake] = plan([inventory(build_instances=builder, region="eu-west-1")], pol, NOW).bakes
-    assert (bake.region, bake.instance_id) == ("eu-west-1", "i-0b0b")
+    assert (bake.region, bake.instance_id) == ("eu-west-1", "i-0b0b0b0b")
 
 
 def test_an_ami_left_by_the_policy_mid_retirement_is_named_in_a_note() -> None:

@@ -325,13 +325,13 @@ def test_a_fraction_may_be_written_as_an_integer() -> None:
 
 
 def test_a_pinned_build_instance_bakes_in_the_one_region_it_lives_in() -> None:
-    pinned = {"instance_id": "i-0b0b", "schedule": "rate(1 day)"}
+    pinned = {"instance_id": "i-0b0b0b0b", "schedule": "rate(1 day)"}
     two = {**BASE, "regions": ["us-east-1", "eu-west-1"]}
     family = {"name": "app", "match": {"name": "app-*"}}
 
     # An instance lives in one region: a scheduled bake of it everywhere would fail daily elsewhere.
     assert (
-        "families[0].bake.instance_id: i-0b0b is an instance of one region, and family app bakes in "
+        "families[0].bake.instance_id: i-0b0b0b0b is an instance of one region, and family app bakes in "
         "us-east-1, eu-west-1: set bake.regions to the region it lives in"
     ) in error_of({**two, "families": [{**family, "bake": pinned}]})
     loaded = parse_policy({**two, "families": [{**family, "bake": {**pinned, "regions": ["eu-west-1"]}}]})

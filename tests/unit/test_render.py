@@ -61,3 +61,16 @@ def test_rotate_never_says_every_pointer_is_current_when_a_region_was_unread() -
     assert "every Latest pointer is current" not in text
     assert "us-east-1: skipped, could not be read (ec2:DescribeImages: EndpointConnectionError" in text
     assert "-> None" not in text
+
+
+def test_rotate_names_the_parameter_where_the_tag_is_on_the_target_already() -> None:
+    from ami_janitor.core.model import LatestChange
+
+    group = {"region": "us-east-1", "family": "web", "architecture": "x86_64", "from": "ami-2"}
+    parameter_only = LatestChange.model_validate({**group, "to": "ami-2", "ssm_parameter": "/ami/web"})
+    moved = LatestChange.model_validate({**group, "to": "ami-3"})
+    out = io.StringIO()
+    render.print_planned_rotations("dry-run", [parameter_only, moved], out)
+    lines = out.getvalue().splitlines()
+    assert lines[1] == "  us-east-1 web x86_64: ami-2 (tagged already; /ami/web to be written)"
+    assert lines[2] == "  us-east-1 web x86_64: ami-2 -> ami-3"

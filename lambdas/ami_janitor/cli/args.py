@@ -47,12 +47,11 @@ def _seconds(text: str) -> float:
     return seconds
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common(region_help: str) -> argparse.ArgumentParser:
+    """The options of every command that reads a policy (`--region` as the command takes it)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="policy file (default: $AMI_JANITOR_CONFIG or ./janitor.yaml)")
-    common.add_argument(
-        "--region", action="append", help="act on these managed regions only (repeatable or comma-separated)"
-    )
+    common.add_argument("--region", action="append", help=region_help)
     common.add_argument("--profile", help="AWS profile to use")
     common.add_argument(
         "--role-arn",
@@ -60,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="assume this role (the stack's operator role, under /ami-janitor/) for every call",
     )
     common.add_argument("--format", choices=["table", "json"], default="table")
+    return common
 
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common("act on these managed regions only (repeatable or comma-separated)")
     parser = argparse.ArgumentParser(
         prog="ami-janitor",
         description="Reference-aware AMI retention, staged retirement and Latest rotation.",
@@ -98,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     bake.add_argument("--stop-command", help="run on the instance (SSM Run Command) before CreateImage")
     bake.add_argument("--start-command", help="run after CreateImage returns, even if it failed")
     bake.add_argument("--no-wait", action="store_true", help="print the id without waiting for available")
-    rescue = commands.add_parser("rescue", parents=[common], help="undo every retirement stage of one AMI")
+    anywhere = _common(
+        "look in these regions only, managed or not (repeatable or comma-separated; default: every managed region)"
+    )
+    rescue = commands.add_parser("rescue", parents=[anywhere], help="undo every retirement stage of one AMI")
     rescue.add_argument("image_id", metavar="AMI_ID")
     ledger = commands.add_parser("ledger", help="the ledger table of each managed region")
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True, metavar="SUBCOMMAND")

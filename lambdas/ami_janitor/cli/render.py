@@ -126,9 +126,15 @@ def print_planned_rotations(
     pointer is current)."""
     out.write(f"mode {mode}: nothing is written; these changes would be made:\n")
     for change in changes:
+        if change.to is not None and change.from_ == change.to:
+            # The tag is on the target already: its parameter alone names another AMI.
+            move = f"{change.to} (tagged already; {change.ssm_parameter} to be written)"
+        else:
+            move = f"{change.from_ or '(none)'} -> {change.to or '(none)'}"
         out.write(
-            f"  {change.region} {change.family} {change.architecture}: {change.from_ or '(none)'} -> "
-            f"{change.to or '(none)'}" + (f"  WARNING: {change.warning}" if change.warning else "") + "\n"
+            f"  {change.region} {change.family} {change.architecture}: {move}"
+            + (f"  WARNING: {change.warning}" if change.warning else "")
+            + "\n"
         )
     if not changes and not unread and not blocked:
         out.write("  (every Latest pointer is current)\n")

@@ -365,7 +365,7 @@ class Bake(_Strict):
     With both, the pinned instance must also carry the tags."""
 
     model_config = _IN_ITS_PARENT
-    instance_id: str | None = Field(None, pattern=r"^i-[0-9a-f]+$")
+    instance_id: str | None = Field(None, pattern=r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")  # as the CLI's
     instance_tag: dict[str, str] | None = Field(None, min_length=1)
     schedule: str | None = None
     no_reboot: bool = False

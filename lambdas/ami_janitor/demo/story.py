@@ -292,7 +292,11 @@ def _rotation_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     stale = fleet.ml[(region, arch)][-4]
     fleet.ec2[region].create_tags(Resources=[stale], Tags=[{"Key": "Latest", "Value": "true"}])
     fleet.ssm[region].put_parameter(
-        Name=f"/ami/pettracker-ml/{arch}/latest", Value=stale, Type="String", Overwrite=True
+        Name=f"/ami/pettracker-ml/{arch}/latest",
+        Value=stale,
+        Type="String",
+        DataType="aws:ec2:image",  # SSM changes no parameter's data type to or from aws:ec2:image
+        Overwrite=True,
     )
     holders, value = _pointer(fleet, region, arch)
     out.write(f"Someone points Latest at {stale} by hand: tag on {', '.join(holders)}; parameter {value}\n")
