@@ -512,7 +512,9 @@ def _kms_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     if not kms:
         return []
     out: list[Statement] = []
-    if scope.kms_key_arns:
+    if scope.kms_key_arns and "ec2:CopyImage" in chosen:
+        # A key named by its ARN is used by EC2 alone, while it copies: a role that only resolves
+        # aliases (DescribeKey) has no use for it.
         out.extend(_key_statements(kms, scope.kms_key_arns, {}, ""))
     # An alias cannot be a Resource: any key of a target region (and account) that carries an alias a
     # target there names, one statement per region (a key of one region carrying another region's
