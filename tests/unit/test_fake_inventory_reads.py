@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -116,3 +117,44 @@ def test_an_ami_that_lost_a_recorded_grant_has_its_launch_permissions_read() -> 
     read = {i.image_id: i.launch_permissions for i in inventory.images if i.launch_permissions is not None}
     assert read == {"ami-00000000000000001": ()}
     assert area.api_calls()["ec2:DescribeImageAttribute"] == 1
+
+
+@pytest.mark.parametrize("accounts", [[None], [{"Status": "ACTIVE"}], "no list"])
+def test_an_organizations_answer_of_another_shape_keeps_the_shares_it_expands(accounts: Any) -> None:
+    """ListAccounts answering an entry that is no account (as botocore parses a JSON null) is no answer:
+    the organization's shares are kept, with a note, rather than the run failing."""
+    import json
+
+    import botocore.session
+    from botocore.awsrequest import AWSResponse
+
+    bodies = {
+        "DescribeOrganization": {"Organization": {"Id": "o-abcdefghij"}},
+        "ListAccounts": {"Accounts": accounts},
+    }
+
+    class Raw:
+        def __init__(self, body: bytes) -> None:
+            self.body = body
+
+        def stream(self, **_: Any) -> Any:
+            yield self.body
+
+    def answer(request: Any, **_: Any) -> AWSResponse:
+        body = json.dumps(bodies[request.headers["X-Amz-Target"].decode().rsplit(".", 1)[-1]]).encode()
+        response = AWSResponse(request.url, 200, {"content-type": "application/x-amz-json-1.1"}, Raw(body))
+        response._content = body
+        return response
+
+    organizations = botocore.session.get_session().create_client(
+        "organizations", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    organizations.meta.events.register("before-send", answer)
+    grant = "org:arn:aws:organizations::111122223333:organization/o-abcdefghij"
+
+    expansions, [note] = usage.expand_grants(organizations, [grant])
+
+    assert expansions == {grant: None}
+    assert note.startswith("organizations: ") and note.endswith(
+        "shares to organizations and OUs are kept (fail safe)"
+    )

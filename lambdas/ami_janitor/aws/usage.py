@@ -156,7 +156,8 @@ def expand_grants(
                 expansions[grant] = _active(listed)
             else:
                 expansions[grant] = _accounts_under(organizations, arn.rsplit("/", 1)[-1], set())
-    except (ClientError, BotoCoreError, KeyError) as error:
+    except (ClientError, BotoCoreError, KeyError, AttributeError, TypeError) as error:
+        # An answer of another shape than Organizations' (an entry that is no account) is no answer.
         note = f"organizations: {error_text(error)}: shares to organizations and OUs are kept (fail safe)"
         return dict.fromkeys(wanted), [note]
     return expansions, []

@@ -54,14 +54,22 @@ def _friendly(error: ErrorDetails) -> str:
     return msg[0].lower() + msg[1:] if msg else kind
 
 
+# The problems named, at most: a document of many thousand bad values (another account's usage report)
+# is named by its first ones and a count, in a message of bounded length, made in bounded time.
+MAX_PROBLEMS_NAMED = 20
+
+
 def describe_validation_error(
     error: ValidationError, *, separator: str = "; ", friendly: bool = False
 ) -> str:
-    """Each problem once, as `path: message`. `friendly` rewords pydantic's messages (a policy file);
-    without it they are pydantic's own (events, environment, queue messages)."""
-    lines: list[str] = []
-    for item in error.errors():
+    """Each problem once, as `path: message`, the first MAX_PROBLEMS_NAMED of them (then how many there
+    are in all). `friendly` rewords pydantic's messages (a policy file); without it they are pydantic's
+    own (events, environment, queue messages)."""
+    lines: dict[str, None] = {}  # in order, each once
+    for item in error.errors(include_url=False, include_input=False):
         line = f"{field_path(tuple(item['loc']))}: {_friendly(item) if friendly else _plain(item)}"
-        if line not in lines:
-            lines.append(line)
+        lines.setdefault(line)
+        if len(lines) > MAX_PROBLEMS_NAMED:
+            named = separator.join(list(lines)[:MAX_PROBLEMS_NAMED])
+            return f"{named}{separator}... ({error.error_count():,} problems in all)"
     return separator.join(lines)
