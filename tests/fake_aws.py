@@ -271,6 +271,11 @@ class FakeS3(FakeService):
         )
         return {"ETag": f'"{len(data):x}"'}
 
+    def list_objects_v2(self, **params: Any) -> dict[str, Any]:
+        self._request("list_objects_v2", params)
+        keys = self.inbox.keys(params["Bucket"], params.get("Prefix", ""))[: params.get("MaxKeys", 1000)]
+        return {"KeyCount": len(keys), **({"Contents": [{"Key": k} for k in keys]} if keys else {})}
+
     def get_object(self, **params: Any) -> dict[str, Any]:
         api = self._request("get_object", params)
         stored = self.inbox.objects.get((params["Bucket"], params["Key"]))

@@ -191,6 +191,26 @@ def test_without_required_a_missing_report_is_noted_not_kept(accounts: Accounts)
     assert any(f"account {CONSUMER} sent no usage report" in n for n in result.plan.notes), result.plan.notes
 
 
+def test_without_required_a_missing_report_of_an_account_that_reports_elsewhere_keeps(
+    accounts: Accounts,
+) -> None:
+    """The account runs the janitor (it reports for eu-west-1), but sent nothing for us-east-1: its stack
+    there failed or is not deployed yet, not "it runs no janitor". The shared AMI is kept."""
+    eu = {"account": CONSUMER, "region": "eu-west-1", "generated_at": "2026-12-01T00:00:00Z", "uses": {}}
+    accounts.consumer(US).s3.put_object(
+        Bucket=INBOX, Key=f"org/reports/{CONSUMER}/eu-west-1.json", Body=json.dumps(eu).encode()
+    )
+
+    result = engine.run(policy([CONSUMER], required=False), [US], accounts.owner, wall_clock(), apply=False)
+
+    decision = next(d for d in result.plan.decisions if d.image_id == accounts.shared)
+    assert decision.action == "keep"
+    assert any(
+        f"no report for {US}, though the account reports for other regions" in r for r in decision.reasons
+    ), decision.reasons
+    assert not any(f"account {CONSUMER} sent no usage report" in n for n in result.plan.notes)
+
+
 def test_a_report_under_another_accounts_prefix_is_not_believed(accounts: Accounts) -> None:
     """The consumer writes, under the prefix of a third account the AMI is also shared with, a report
     that names the consumer; and under its own prefix a report that names the third account. Neither is

@@ -89,7 +89,9 @@ def inbox_error(settings: UsageReports, error: ClientError | BotoCoreError) -> s
 def read_report(s3: S3Client, settings: UsageReports, account: str, region: str) -> ReceivedReport | None:
     """An account's report for a region, from that account's prefix only; None where it sent none. A
     report that cannot be read or does not describe that account and region is returned with its
-    problem: it keeps what is shared with the account (fail safe)."""
+    problem: it keeps what is shared with the account (fail safe). So is a missing one, with `required:
+    false`, of an account that reports for other regions: it runs the janitor, and its stack in this
+    region is missing or failing (a StackSet instance that failed, a rollout not there yet)."""
     key = settings.report_key(account, region)
     try:
         answer = s3.get_object(Bucket=settings.bucket, Key=key, **settings.owner_check())
@@ -97,7 +99,7 @@ def read_report(s3: S3Client, settings: UsageReports, account: str, region: str)
         body = _read_at_most(answer["Body"], MAX_REPORT_BYTES)
     except ClientError as error:
         if error_code(error) in ("NoSuchKey", "404"):
-            return None
+            return None if settings.required else _none_here(s3, settings, account, region)
         return _unreadable(account, f"s3://{settings.bucket}/{key}: {inbox_error(settings, error)}")
     except (BotoCoreError, KeyError) as error:
         return _unreadable(account, f"s3://{settings.bucket}/{key}: {error_text(error)}")
@@ -125,6 +127,24 @@ def _read_at_most(stream: Any, limit: int) -> bytes | None:
             stream.close()
             return None
     return bytes(body)
+
+
+def _none_here(s3: S3Client, settings: UsageReports, account: str, region: str) -> ReceivedReport | None:
+    """None (no report: not using what is shared with it, as `required: false` takes it) where the
+    account sent no report for any region; a report with its problem where it sent some for other
+    regions, or where that cannot be listed (one ListObjectsV2 of its prefix)."""
+    prefix = settings.report_key(account, region).rsplit("/", 1)[0] + "/"
+    try:
+        listed = s3.list_objects_v2(Bucket=settings.bucket, Prefix=prefix, MaxKeys=1, **settings.owner_check())
+    except (ClientError, BotoCoreError) as error:
+        return _unreadable(account, f"s3://{settings.bucket}/{prefix}: {inbox_error(settings, error)}")
+    if not listed.get("KeyCount") and not listed.get("Contents"):
+        return None
+    return _unreadable(
+        account,
+        f"no report for {region}, though the account reports for other regions (its stack in {region} may be "
+        "missing or failing)",
+    )
 
 
 def _unreadable(account: str, problem: str, received_at: datetime | None = None) -> ReceivedReport:
