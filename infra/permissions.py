@@ -36,14 +36,7 @@ from typing import Any
 
 from ami_janitor.aws import ledger, runs, usage
 from ami_janitor.aws.baker import RUN_SHELL_DOCUMENT
-from ami_janitor.core.policy import (
-    ARCHITECTURES,
-    CANDIDATE_TAG,
-    JANITOR_TAG_PREFIX,
-    RETIRED_FROM_TAG,
-    Family,
-    Policy,
-)
+from ami_janitor.core.policy import CANDIDATE_TAG, JANITOR_TAG_PREFIX, RETIRED_FROM_TAG, Family, Policy
 from infra.environment import METRICS_NAMESPACE
 
 READ_ONLY_PREFIXES = ("Describe", "List", "Get")
@@ -234,14 +227,14 @@ class Scope:
     def instance_arn(self, instance_id: str | None = None) -> str:
         return f"arn:{self.partition}:ec2:{self.region}:{self.account}:instance/{instance_id or '*'}"
 
-    def parameter_arns(self, name: str) -> list[str]:
-        """The ARNs of the parameters `name` makes: "/ami/x/{arch}/latest" -> parameter/ami/x/arm64/latest and
-        one per EC2 architecture (the ARN drops the leading slash). Not parameter/ami/x/*/latest: in IAM, `*`
-        crosses `/`, which would let the role write /ami/x/any/depth/latest too."""
-        names = [name.replace("{arch}", arch) for arch in ARCHITECTURES] if "{arch}" in name else [name]
-        return [
-            f"arn:{self.partition}:ssm:{self.region}:{self.account}:parameter/{n.lstrip('/')}" for n in names
-        ]
+    def parameter_arn(self, name: str) -> str:
+        # "/ami/x/{arch}/latest" -> parameter/ami/x/*/latest (the ARN drops the leading slash). In IAM `*`
+        # crosses `/` (the role may write /ami/x/a/b/latest too, under the family's own prefix and suffix):
+        # one ARN per architecture instead would fill a role's 10,240 characters of inline policy at
+        # about 20 such families.
+        return f"arn:{self.partition}:ssm:{self.region}:{self.account}:parameter/{name.lstrip('/')}".replace(
+            "{arch}", "*"
+        )
 
     def ledger_table_arn(self, region: str | None = None) -> str:
         where = region or self.region
@@ -502,7 +495,7 @@ def _ssm_statements(chosen: set[str], scope: Scope) -> list[Statement]:
         Statement(
             "WriteLatestParameters",
             tuple(writes),
-            tuple(arn for name in scope.ssm_parameters for arn in scope.parameter_arns(name)),
+            tuple(scope.parameter_arn(name) for name in scope.ssm_parameters),
         ),
     ]
 
