@@ -85,3 +85,25 @@ def test_demo_format_json_prints_one_json_document() -> None:
         raise AssertionError(f"stdout is not one JSON document: {error}; after it: {after!r}") from None
     assert document["decisions"], done.stdout[:300]  # the plan
     assert "Done in " in done.stderr  # the story went to stderr
+
+
+def test_a_demo_stopped_by_kill_removes_its_policy_and_says_it_was_interrupted() -> None:
+    import signal
+
+    script = Path(sys.executable).with_name("ami-janitor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    with subprocess.Popen(
+        [str(script), "demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as demo:
+        assert demo.stdout is not None and demo.stderr is not None
+        first = demo.stdout.readline()
+        written = re.search(r"^Embedded AWS \(moto\) on \S+; policy (\S+)$", first)
+        assert written is not None, first
+        policy = Path(written.group(1))
+        assert policy.is_file()
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(timeout=60)
+        said = demo.stderr.read()
+    assert code == 130 and "interrupted" in said, said[-2000:]
+    assert "Traceback" not in said
+    assert not policy.parent.exists()

@@ -298,3 +298,50 @@ def test_a_pointer_written_by_hand_to_an_ami_the_familys_glob_does_not_name_is_w
 
     assert (result.status, result.to) == ("ok", group.mid)
     assert group.parameter() == group.mid
+
+
+def test_a_failed_write_whose_group_is_then_blocked_stays_failed(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parameter's write is throttled past its retries; before the next round reads, a newer AMI
+    is put in two families, which leaves the group unrotated. The group is not settled (its tag moved,
+    its parameter did not): it stays failed, naming both, rather than reported ok."""
+    import botocore.client
+    from botocore.exceptions import ClientError
+
+    two = parse_policy(
+        yaml.safe_load(POLICY.format(mode="enforce"))
+        | {
+            "families": [
+                *yaml.safe_load(POLICY.format(mode="enforce"))["families"],
+                {"name": "other", "match": {"tags": {"Team": "X"}, "name": "web-*"}},
+            ]
+        }
+    )
+    at = now()
+    group = Group(at)
+    real_call = botocore.client.BaseClient._make_api_call
+    throttled: list[str] = []
+
+    def throttle_once(self: Any, operation: str, params: dict[str, Any]) -> Any:
+        if operation == "PutParameter" and not throttled:
+            throttled.append(operation)
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, operation)
+        return real_call(self, operation, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", throttle_once)
+    reads: list[int] = []
+
+    def read(clients: RegionClients, policy: Policy) -> Any:
+        reads.append(1)
+        if len(reads) == 2:  # between the rounds: a newer AMI in both families
+            newer = group.bake("02", 0)
+            ec2().create_tags(Resources=[newer], Tags=[{"Key": "Team", "Value": "X"}])
+        return load_images(clients, policy)
+
+    [result] = rotator.converge(RegionClients("us-east-1"), two, at, load=read)
+
+    assert throttled and result.status == "failed"
+    assert result.error is not None and "ThrottlingException" in result.error
+    assert "then left unrotated" in result.error and "matches several families" in result.error
+    assert group.parameter() == group.old

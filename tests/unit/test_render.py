@@ -69,8 +69,10 @@ def test_rotate_names_the_parameter_where_the_tag_is_on_the_target_already() -> 
     group = {"region": "us-east-1", "family": "web", "architecture": "x86_64", "from": "ami-2"}
     parameter_only = LatestChange.model_validate({**group, "to": "ami-2", "ssm_parameter": "/ami/web"})
     moved = LatestChange.model_validate({**group, "to": "ami-3"})
+    two_holders = LatestChange.model_validate({**group, "to": "ami-2", "untag": ["ami-1"]})
     out = io.StringIO()
-    render.print_planned_rotations("dry-run", [parameter_only, moved], out)
+    render.print_planned_rotations("dry-run", [parameter_only, moved, two_holders], out)
     lines = out.getvalue().splitlines()
     assert lines[1] == "  us-east-1 web x86_64: ami-2 (tagged already; /ami/web to be written)"
     assert lines[2] == "  us-east-1 web x86_64: ami-2 -> ami-3"
+    assert lines[3] == "  us-east-1 web x86_64: ami-2 (tagged already; untag ami-1)"

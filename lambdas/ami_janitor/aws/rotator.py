@@ -28,7 +28,7 @@ from ami_janitor.core.model import (
     Stage,
 )
 from ami_janitor.core.policy import Mode, Policy
-from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for, rotation_for
+from ami_janitor.core.rotation import EVERY_GROUP, Selection, changes_for, rotation_by_group, rotation_for
 
 PERMISSIONS: list[str] = sorted(
     {
@@ -273,6 +273,7 @@ def write_changes(
             again = by_group.get((change.family, change.architecture))
             if again is not None:
                 result.to, result.status, result.error = again.to, again.status, again.error
+                result.refused = again.refused
                 result.written.extend(again.written)
         # (Where the region cannot be read again, the writes stand as made: the next event or run
         # settles what changed meanwhile.)
@@ -299,13 +300,21 @@ def converge(
         if inventory.error:
             results[("*", "*")] = RotationResult.unreadable(clients.region, inventory.error)
             break
+        blocked: dict[tuple[str, str], str] = {}
         if round_ == 0 and first is not None and first_changes is not None:
             changes = first_changes
         else:
-            changes = changes_for(inventory, policy, now, only)
+            changes, blocked = rotation_by_group(inventory, policy, now, only)
         needing = {(change.family, change.architecture) for change in changes}
         for key, result in results.items():
-            if key not in needing and result.status == "failed":
+            if result.status != "failed" or key in needing:
+                continue
+            if key in blocked:
+                # Left as it is now by a policy error (a newer AMI in two families since): not settled.
+                then = f"; then left unrotated: {blocked[key]}"
+                if not (result.error or "").endswith(then):
+                    result.error = f"{result.error}{then}"
+            else:
                 # Agreeing now, its failed write had landed (its answer lost) or another writer's did.
                 result.status, result.error, result.refused = "ok", None, False
         if not changes:

@@ -135,7 +135,9 @@ def _none_here(s3: S3Client, settings: UsageReports, account: str, region: str) 
     regions, or where that cannot be listed (one ListObjectsV2 of its prefix)."""
     prefix = settings.report_key(account, region).rsplit("/", 1)[0] + "/"
     try:
-        listed = s3.list_objects_v2(Bucket=settings.bucket, Prefix=prefix, MaxKeys=1, **settings.owner_check())
+        listed = s3.list_objects_v2(
+            Bucket=settings.bucket, Prefix=prefix, MaxKeys=1, **settings.owner_check()
+        )
     except (ClientError, BotoCoreError) as error:
         return _unreadable(account, f"s3://{settings.bucket}/{prefix}: {inbox_error(settings, error)}")
     if not listed.get("KeyCount") and not listed.get("Contents"):

@@ -126,8 +126,11 @@ def print_planned_rotations(
     pointer is current)."""
     out.write(f"mode {mode}: nothing is written; these changes would be made:\n")
     for change in changes:
-        if change.to is not None and change.from_ == change.to:
-            # The tag is on the target already: its parameter alone names another AMI.
+        if change.to is not None and change.from_ == change.to and change.untag:
+            # The target and older AMIs carry the tag (a hand tag, an untag that failed).
+            move = f"{change.to} (tagged already; untag {', '.join(change.untag)})"
+        elif change.to is not None and change.from_ == change.to and change.ssm_parameter:
+            # The tag is on the target alone: its parameter names another AMI.
             move = f"{change.to} (tagged already; {change.ssm_parameter} to be written)"
         else:
             move = f"{change.from_ or '(none)'} -> {change.to or '(none)'}"

@@ -358,7 +358,7 @@ def _left_the_family(
         found[key] = (
             f"family {group.family.name} ({group.architecture}) in {group.region}: {parameter} names "
             f"{named}, newer than {target.image_id} and available, which the family no longer selects "
-            f"(its tags or the policy's match changed); Latest not moved back: disable or deprecate "
+            f"(its tags changed, or the tags the policy's match asks for); Latest not moved back: disable or deprecate "
             f"{named}, or write the parameter by hand"
         )
     return found

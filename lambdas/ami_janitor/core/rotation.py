@@ -37,17 +37,27 @@ def rotation_for(
 ) -> tuple[list[LatestChange], list[str]]:
     """The Latest changes a region needs now for the groups `only` selects, and why any of those groups
     is left as it is (a policy error, once per message)."""
+    changes, blocked = rotation_by_group(inventory, policy, now, only)
+    return changes, list(dict.fromkeys(blocked.values()))
+
+
+def rotation_by_group(
+    inventory: RegionInventory, policy: Policy, now: datetime, only: Selection = EVERY_GROUP
+) -> tuple[list[LatestChange], dict[tuple[str, str], str]]:
+    """rotation_for, the groups left as they are by (family, architecture): a group in neither needs
+    no change (it agrees with the region)."""
     groups, conflicts = build_groups(inventory, policy)
     errors = rotation_errors(groups, conflicts, policy, now, inventory)
     changes = []
-    blocked: dict[str, None] = {}
+    blocked: dict[tuple[str, str], str] = {}
     for group in groups:
         if not only.covers(group):
             continue
-        error = errors.get((group.family.name, group.architecture))
+        key = (group.family.name, group.architecture)
+        error = errors.get(key)
         if error:
-            blocked[error] = None
+            blocked[key] = error
         change = rotation(group, inventory, now, error)
         if change is not None:
             changes.append(change)
-    return changes, list(blocked)
+    return changes, blocked

@@ -394,17 +394,35 @@ def _bake_story(fleet: Fleet, policy: Any, out: TextIO) -> None:
     )
 
 
+@contextmanager
+def _kill_interrupts() -> Iterator[None]:
+    """`kill` (SIGTERM) interrupts as Ctrl-C does, so that what was started is stopped and its files
+    removed (in the main thread, the only one a signal reaches; the previous handler is put back)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve_emulator(
     out: TextIO, *, port: int = 0, seeded: bool = True, exit_after: float | None = None
 ) -> int:
     """The demo's emulator alone (seeded with the PetTracker account unless asked empty), with the
-    environment lines that point the CLI at it; serves until interrupted or `exit_after` seconds."""
+    environment lines that point the CLI at it; serves until interrupted (Ctrl-C or `kill`) or
+    `exit_after` seconds."""
+    with _kill_interrupts():
+        return _serve_emulator(out, port=port, seeded=seeded, exit_after=exit_after)
+
+
+def _serve_emulator(out: TextIO, *, port: int, seeded: bool, exit_after: float | None) -> int:
     os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
     from ami_janitor.demo import emulator
 
     server, endpoint = emulator.start_server(port=port)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupted)  # `kill` stops it as Ctrl-C does, tidying up
     workdir = Path(tempfile.mkdtemp(prefix="ami-janitor-emulator-"))
     config = workdir / "janitor.yaml"
     config.write_text(DEMO_POLICY)
@@ -442,6 +460,11 @@ def _interrupted(signum: int, frame: object) -> None:
 
 
 def run_demo(out: TextIO, *, json_output: bool = False) -> int:
+    with _kill_interrupts():
+        return _run_demo(out, json_output=json_output)
+
+
+def _run_demo(out: TextIO, *, json_output: bool) -> int:
     started = time.monotonic()
     os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # before moto builds its backends
     # The handlers run in this process: keep their JSON logs and metrics out of the story.
