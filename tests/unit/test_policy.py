@@ -750,3 +750,12 @@ def test_a_bake_whose_images_another_family_selects_too_is_refused() -> None:
     # Told apart by a tag the bake does not write, or a glob that misses, it is taken.
     for apart in ({"name": "pettracker-*", "tags": {"Project": "Other"}}, {"name": "pettracker-api-*"}):
         parse_policy({"regions": ["us-east-1"], "families": [{**broad, "match": apart}, ml]})
+
+
+def test_an_organizations_inbox_names_the_account_that_owns_it() -> None:
+    """Deployed to an organization, members use the inbox before (or without) the stack that makes it:
+    without inbox_account, whoever took the name first would read and write every report."""
+    unchecked = {**EVERY_FIELD, "usage_reports": {**EVERY_FIELD["usage_reports"], "inbox_account": None}}  # type: ignore[dict-item]
+    assert "usage_reports.inbox_account: required with organization" in error_of(unchecked)
+    alone = {k: v for k, v in unchecked.items() if k != "organization"}
+    assert parse_policy(alone).usage_reports is not None

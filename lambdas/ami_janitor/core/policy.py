@@ -571,6 +571,17 @@ class Policy(_Strict):
                 ) from None
         self._latest_tags_apart()
         self._bakes_in_their_family_alone()
+        if (
+            self.organization is not None
+            and self.usage_reports is not None
+            and not self.usage_reports.inbox_account
+        ):
+            # Member stacks read and write the inbox before, or without, the owner's stack that makes it:
+            # until then its name is anyone's to take, with the reports it would receive and serve.
+            raise ValueError(
+                "usage_reports.inbox_account: required with organization (the account whose stack makes the "
+                "inbox): S3 then refuses a bucket of any other account"
+            )
         return self
 
     def _bakes_in_their_family_alone(self) -> None:
