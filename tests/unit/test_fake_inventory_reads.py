@@ -101,6 +101,19 @@ def test_the_inbox_dates_a_report_by_its_writers_clock_and_the_owner_expands_its
     assert report is not None and report.problem is None
     assert report.received_at > NOW + timedelta(seconds=60)  # the writer's clock when S3 stored it
     assert "ami-0000000000000feed" in report.uses  # another account's AMI its launch template names
+    # Read about some AMIs, the report keeps their uses alone (one may name tens of thousands).
+    about = usage.read_report(
+        owner.clients.s3,
+        settings,
+        "222233334444",
+        "us-east-1",
+        {"ami-0000000000000feed", "ami-00000000000000bad"},
+    )
+    assert about is not None and list(about.uses) == ["ami-0000000000000feed"]
+    none = usage.read_report(
+        owner.clients.s3, settings, "222233334444", "us-east-1", {"ami-00000000000000bad"}
+    )
+    assert none is not None and none.uses == {} and none.problem is None
     assert usage.read_report(owner.clients.s3, settings, "333344445555", "us-east-1") is None
     expansions, notes = usage.expand_grants(owner.clients.organizations, [f"org:{org.arn}"])
     assert expansions == {f"org:{org.arn}": ("111122223333", "222233334444", "333344445555")} and notes == []

@@ -266,7 +266,8 @@ def _consumer_reports(
     accounts = sorted({a for item in work.items for a in item.consumers})
     if settings is None or not accounts:
         return {}
-    return {a: usage.read_report(clients.s3, settings, a, work.region) for a in accounts}
+    about = {item.image_id for item in work.items}
+    return {a: usage.read_report(clients.s3, settings, a, work.region, about) for a in accounts}
 
 
 def _usage_hold(

@@ -8,7 +8,7 @@ prefix only, and dates it by S3's LastModified (set by S3, not by the writer).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +86,11 @@ def inbox_error(settings: UsageReports, error: ClientError | BotoCoreError) -> s
     return text
 
 
-def read_report(s3: S3Client, settings: UsageReports, account: str, region: str) -> ReceivedReport | None:
-    """An account's report for a region, from that account's prefix only; None where it sent none. A
+def read_report(
+    s3: S3Client, settings: UsageReports, account: str, region: str, about: Set[str] | None = None
+) -> ReceivedReport | None:
+    """An account's report for a region, from that account's prefix only (its uses of the AMIs `about`
+    alone, where given: a report may name tens of thousands); None where it sent none. A
     report that cannot be read or does not describe that account and region is returned with its
     problem: it keeps what is shared with the account (fail safe). So is a missing one, with `required:
     false`, of an account that reports for other regions: it runs the janitor, and its stack in this
@@ -113,7 +116,11 @@ def read_report(s3: S3Client, settings: UsageReports, account: str, region: str)
         return _unreadable(
             account, f"{key} names account {report.account} in {report.region}: not believed", received_at
         )
-    uses = {image_id: tuple(details) for image_id, details in report.uses.items()}
+    uses = {
+        image_id: tuple(details)
+        for image_id, details in report.uses.items()
+        if about is None or image_id in about
+    }
     return ReceivedReport(account=account, received_at=received_at, uses=uses)
 
 
@@ -244,7 +251,8 @@ def load_usage(
     grants = {g for image in shared for g in consumer_grants(image, account) if not g.startswith("user:")}
     expansions, notes = _expansions(clients, grants)
     accounts = reports_needed(shared, account, expansions)
-    received = [read_report(clients.s3, settings, a, inventory.region) for a in sorted(accounts)]
+    about = {image.image_id for image in shared}
+    received = [read_report(clients.s3, settings, a, inventory.region, about) for a in sorted(accounts)]
     reports = {r.account: r for r in received if r is not None}
     if not settings.required:
         notes += [
