@@ -251,7 +251,9 @@ def load_usage(
     grants = {g for image in shared for g in consumer_grants(image, account) if not g.startswith("user:")}
     expansions, notes = _expansions(clients, grants)
     accounts = reports_needed(shared, account, expansions)
-    about = {image.image_id for image in shared}
+    # The region's own AMIs: a report names others' AMIs it uses, and a decision may weigh it for any of
+    # them (a disabled AMI's consumers are those its ledger recorded, whether or not it was read now).
+    about = {image.image_id for image in inventory.images}
     received = [read_report(clients.s3, settings, a, inventory.region, about) for a in sorted(accounts)]
     reports = {r.account: r for r in received if r is not None}
     if not settings.required:
