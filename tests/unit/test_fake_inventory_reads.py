@@ -171,3 +171,41 @@ def test_an_organizations_answer_of_another_shape_keeps_the_shares_it_expands(ac
     assert note.startswith("organizations: ") and note.endswith(
         "shares to organizations and OUs are kept (fail safe)"
     )
+
+
+@pytest.mark.parametrize(("listed", "kept"), [(0, False), (1, True)])
+def test_a_missing_report_without_required_lists_the_accounts_prefix_once(listed: int, kept: bool) -> None:
+    """required: false, no report for the region: one ListObjectsV2 of the account's prefix (at most one
+    key, the inbox's owner checked) says whether it reports elsewhere, which keeps."""
+    import botocore.session
+    from botocore.stub import Stubber
+
+    settings = parse_policy(
+        {
+            "regions": ["us-east-1"],
+            "families": [{"name": "web", "match": {"name": "web-*"}}],
+            "usage_reports": {"inbox": "s3://inbox/org", "required": False, "inbox_account": "111122223333"},
+        }
+    ).usage_reports
+    assert settings is not None
+    s3 = botocore.session.get_session().create_client(
+        "s3", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    owner = {"ExpectedBucketOwner": "111122223333"}
+    with Stubber(s3) as stub:
+        stub.add_client_error(
+            "get_object",
+            "NoSuchKey",
+            expected_params={"Bucket": "inbox", "Key": "org/reports/222233334444/us-east-1.json", **owner},
+        )
+        contents = {"Contents": [{"Key": "org/reports/222233334444/eu-west-1.json"}]} if listed else {}
+        stub.add_response(
+            "list_objects_v2",
+            {"KeyCount": listed, **contents},
+            {"Bucket": "inbox", "Prefix": "org/reports/222233334444/", "MaxKeys": 1, **owner},
+        )
+        report = usage.read_report(s3, settings, "222233334444", "us-east-1")
+        stub.assert_no_pending_responses()
+
+    assert (report is not None) == kept
+    assert report is None or (report.problem or "").startswith("no report for us-east-1, though")
