@@ -38,13 +38,15 @@ class LoseFirstAnswers:
             raise ConnectionClosedError(endpoint_url=request.url, request=request)
 
 
-def deny(patch: pytest.MonkeyPatch, operation: str) -> None:
-    """Every client's `operation` (its API name, "PutParameter") refused with AccessDeniedException."""
+def deny(
+    patch: pytest.MonkeyPatch, operation: str, code: str = "AccessDeniedException", message: str = "denied"
+) -> None:
+    """Every client's `operation` (its API name, "PutParameter") refused with `code` and `message`."""
     real_call = botocore.client.BaseClient._make_api_call
 
     def denied(self: Any, called: str, params: dict[str, Any]) -> Any:
         if called == operation:
-            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "denied"}}, called)
+            raise ClientError({"Error": {"Code": code, "Message": message}}, called)
         return real_call(self, called, params)
 
     patch.setattr(botocore.client.BaseClient, "_make_api_call", denied)

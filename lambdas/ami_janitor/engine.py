@@ -223,12 +223,6 @@ def _ledger_problems(
     return problems
 
 
-def missing_ledgers(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> dict[str, str]:
-    """Regions whose ledger table is absent (or cannot be checked), with why. An enforce run records
-    every step in the ledger before it takes it, so these regions may only be planned."""
-    return _ledger_problems(policy.ledger.table, *_check_ledgers(policy, regions, clients_for))
-
-
 def require_ledgers(policy: Policy, regions: Sequence[str], clients_for: ClientsFor) -> None:
     """Refuse an applying run before it writes anything where a region has no ledger table or where it
     cannot be checked. The error keeps the two apart: a table to make is bad input, a failed check an

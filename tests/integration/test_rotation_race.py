@@ -19,6 +19,7 @@ from ami_janitor.core.model import LatestChange
 from ami_janitor.core.policy import Policy, parse_policy
 from ami_janitor.core.rotation import changes_for
 from ami_janitor.demo import emulator
+from sdk_faults import deny
 from server import POLICY, ec2, image_ids, make_ledger, now
 
 PARAMETER = "/ami/web/latest"
@@ -213,20 +214,6 @@ def test_a_pointer_the_rotation_makes_is_of_data_type_aws_ec2_image(policy: Poli
     assert group.parameter() == group.mid and data_type() == "aws:ec2:image"
 
 
-def refuse_put_parameter(monkeypatch: pytest.MonkeyPatch, code: str) -> None:
-    import botocore.client
-    from botocore.exceptions import ClientError
-
-    real_call = botocore.client.BaseClient._make_api_call
-
-    def refused(self: Any, operation: str, params: dict[str, Any]) -> Any:
-        if operation == "PutParameter":
-            raise ClientError({"Error": {"Code": code, "Message": "refused"}}, operation)
-        return real_call(self, operation, params)
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", refused)
-
-
 @pytest.mark.parametrize(
     ("code", "for_good"),
     [
@@ -244,7 +231,7 @@ def test_an_event_is_tried_again_only_where_its_rotation_may_yet_succeed(
     at = now()
     group = Group(at)
     new = group.bake("02", 0)
-    refuse_put_parameter(monkeypatch, code)
+    deny(monkeypatch, "PutParameter", code, "refused")
     clients = RegionClients("us-east-1")
 
     if not for_good:

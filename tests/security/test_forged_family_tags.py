@@ -68,21 +68,29 @@ def apply(config: Path) -> dict[str, Any]:
     return dict(json.loads(out.getvalue()))
 
 
+def baker(client: Any) -> Callable[..., str]:
+    """`bake(name, tag, age, architecture=None)`: an AMI of the builder instance, carrying `tag`=1 and
+    made `age` ago."""
+    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
+    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+
+    def bake(name: str, tag: str, age: timedelta, architecture: str | None = None) -> str:
+        tags = [{"ResourceType": "image", "Tags": [{"Key": tag, "Value": "1"}]}]
+        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
+        fields: dict[str, Any] = {"architecture": architecture} if architecture else {}
+        emulator.set_image_fields("us-east-1", image_id, creation_date=now() - age, **fields)
+        return image_id
+
+    return bake
+
+
 def test_a_tag_of_another_family_on_a_familys_newest_ami_moves_and_retires_nothing(
     endpoint: str, tmp_path: Path
 ) -> None:
     client = ec2()
-    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
-    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-
-    def bake(name: str, tag: str, days_old: int) -> str:
-        tags = [{"ResourceType": "image", "Tags": [{"Key": tag, "Value": "1"}]}]
-        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
-        emulator.set_image_fields("us-east-1", image_id, creation_date=now() - timedelta(days=days_old))
-        return image_id
-
-    a_only = bake("svc-a-1", "TeamA", 30)
-    b_old, b_new = bake("svc-b-1", "TeamB", 20), bake("svc-b-2", "TeamB", 2)
+    bake = baker(client)
+    a_only = bake("svc-a-1", "TeamA", timedelta(days=30))
+    b_old, b_new = bake("svc-b-1", "TeamB", timedelta(days=20)), bake("svc-b-2", "TeamB", timedelta(days=2))
     config = tmp_path / "janitor.yaml"
     config.write_text(POLICY)
     make_ledger()
@@ -122,16 +130,12 @@ def test_a_familys_newest_ami_moved_into_two_other_families_moves_no_latest_back
     """The AMI a's parameter names then matches b and c (kept, a policy error) and no longer a: the
     parameter stays on it, as when it leaves a for one family, never goes back to a's older AMI."""
     client = ec2()
-    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
-    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-
-    def bake(name: str, hours_old: int) -> str:
-        tags = [{"ResourceType": "image", "Tags": [{"Key": "TeamA", "Value": "1"}]}]
-        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
-        emulator.set_image_fields("us-east-1", image_id, creation_date=now() - timedelta(hours=hours_old))
-        return image_id
-
-    older, newest = bake("svc-a-1", 12), bake("svc-a-2", 1)  # both young: kept by min_age_days
+    bake = baker(client)
+    # Both young: kept by min_age_days.
+    older, newest = (
+        bake("svc-a-1", "TeamA", timedelta(hours=12)),
+        bake("svc-a-2", "TeamA", timedelta(hours=1)),
+    )
     config = configured(tmp_path, THREE_FAMILIES)
     apply(config)
     assert parameter() == newest
@@ -169,22 +173,12 @@ def test_a_tag_on_the_newest_ami_of_another_architecture_moves_no_parameter_back
     with no available arm64 AMI left to a, the error goes, and the x86_64 group moved the parameter
     back to the older AMI (the checks compared an AMI with its own architecture's group alone)."""
     client = ec2()
-    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
-    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-
-    def register(name: str, architecture: str, days_old: int) -> str:
-        tags = [{"ResourceType": "image", "Tags": [{"Key": "TeamA", "Value": "1"}]}]
-        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
-        emulator.set_image_fields(
-            "us-east-1", image_id, creation_date=now() - timedelta(days=days_old), architecture=architecture
-        )
-        return image_id
-
-    newest = register("svc-a-2", "arm64", 2)
+    bake = baker(client)
+    newest = bake("svc-a-2", "TeamA", timedelta(days=2), "arm64")
     config = configured(tmp_path, POLICY)
     apply(config)
     assert parameter() == newest
-    older = register("svc-a-1", "x86_64", 30)
+    older = bake("svc-a-1", "TeamA", timedelta(days=30), "x86_64")
     report = apply(config)
     assert parameter() == newest
     assert any("must contain {arch}" in error for error in report["policy_errors"])
@@ -209,19 +203,11 @@ def test_a_familys_key_taken_off_its_newest_ami_moves_no_latest_tag_back(
     tagged Latest: the tag is not written on a's older AMI (it was, and stayed there). The Latest tag of
     b's newer AMI, which b selects, holds a's rotation back neither before nor after."""
     client = ec2()
-    base = client.register_image(Name="base", RootDeviceName="/dev/xvda")["ImageId"]
-    builder = client.run_instances(ImageId=base, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-
-    def bake(name: str, tag: str, hours_old: int) -> str:
-        tags = [{"ResourceType": "image", "Tags": [{"Key": tag, "Value": "1"}]}]
-        image_id = str(client.create_image(InstanceId=builder, Name=name, TagSpecifications=tags)["ImageId"])
-        emulator.set_image_fields("us-east-1", image_id, creation_date=now() - timedelta(hours=hours_old))
-        return image_id
-
+    bake = baker(client)
     older, newest, b_newest = (
-        bake("svc-a-1", "TeamA", 12),
-        bake("svc-a-2", "TeamA", 2),
-        bake("svc-b-1", "TeamB", 1),
+        bake("svc-a-1", "TeamA", timedelta(hours=12)),
+        bake("svc-a-2", "TeamA", timedelta(hours=2)),
+        bake("svc-b-1", "TeamB", timedelta(hours=1)),
     )
     config = configured(tmp_path, TAG_ONLY)
 

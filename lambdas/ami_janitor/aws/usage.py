@@ -140,7 +140,7 @@ def _none_here(s3: S3Client, settings: UsageReports, account: str, region: str) 
     """None (no report: not using what is shared with it, as `required: false` takes it) where the
     account sent no report for any region; a report with its problem where it sent some for other
     regions, or where that cannot be listed (one ListObjectsV2 of its prefix)."""
-    prefix = settings.report_key(account, region).rsplit("/", 1)[0] + "/"
+    prefix = settings.account_prefix(account)
     try:
         listed = s3.list_objects_v2(
             Bucket=settings.bucket, Prefix=prefix, MaxKeys=1, **settings.owner_check()

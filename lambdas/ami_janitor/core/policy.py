@@ -504,8 +504,11 @@ class UsageReports(_Strict):
         rest = self.inbox.removeprefix("s3://").partition("/")[2].strip("/")
         return f"{rest}/" if rest else ""
 
+    def account_prefix(self, account: str) -> str:
+        return f"{self.prefix}reports/{account}/"
+
     def report_key(self, account: str, region: str) -> str:
-        return f"{self.prefix}reports/{account}/{region}.json"
+        return f"{self.account_prefix(account)}{region}.json"
 
 
 class Organization(_Strict):
