@@ -449,6 +449,9 @@ def run(
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     read = [loaded[r] for r in regions if r in loaded]
     usage = publish_usage(policy, read, clients_for, now) if publish_reports else {}
+    if usage.get("notes"):
+        plan = plan.model_copy(update={"notes": [*plan.notes, *usage["notes"]]})
+    usage.pop("notes", None)
     if not apply:
         return RunResult(plan=plan, replicated=replicated, **usage)
     progress(f"applying the plan in {', '.join(r.region for r in plan.regions if r.status == 'ok')}")
@@ -624,14 +627,17 @@ def publish_usage(
     policy: Policy, inventories: Sequence[RegionInventory], clients_for: ClientsFor, now: datetime
 ) -> dict[str, list[str]]:
     """This account's usage report of each region read in full, to the inbox: {'usage_reports': the
-    s3:// URLs written, 'usage_problems': what could not be}. A region whose inventory is partial
-    sends none: its last report grows stale, and the owners keep what they share (fail safe)."""
+    s3:// URLs written, 'usage_problems': what could not be, 'notes': for the plan}. A region whose
+    inventory is partial, or whose recipes built on shared AMIs could not be read, sends none: its last
+    report grows stale, and the owners keep what they share (fail safe)."""
     settings = policy.usage_reports
     written: list[str] = []
     problems: list[str] = []
+    notes: list[str] = []
     if settings is None or not inventories:
         return {}
     from ami_janitor.aws import usage
+    from ami_janitor.aws.inventory.reading import SourceFailed
 
     try:
         account = usage.own_account(clients_for(inventories[0].region))
@@ -640,14 +646,21 @@ def publish_usage(
     for region in inventories:
         if region.error is not None:
             continue  # skipped, and said so: its last report grows stale
+        clients = clients_for(region.region)
         try:
-            key = usage.publish_report(clients_for(region.region), settings, account, region, now)
+            recipes, not_offered = usage.recipe_uses(clients, account)
+        except SourceFailed as failure:
+            problems.append(f"{region.region}: usage report not sent: {failure}")
+            continue
+        notes.extend(f"{region.region}: {note}" for note in not_offered)
+        try:
+            key = usage.publish_report(clients, settings, account, region, now, recipes)
         except (BotoCoreError, ClientError) as error:
             problem = usage.inbox_error(settings, error)
             problems.append(f"{region.region}: usage report not sent: s3:PutObject: {problem}")
             continue
         written.append(f"s3://{settings.bucket}/{key}")
-    return {"usage_reports": written, "usage_problems": problems}
+    return {"usage_reports": written, "usage_problems": problems, "notes": notes}
 
 
 def cut_due(

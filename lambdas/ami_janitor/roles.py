@@ -69,6 +69,7 @@ RUN_PERMISSIONS: list[str] = sorted(
     | set(kms.PERMISSIONS)
     | set(slicer.QUEUE_PERMISSIONS)
     | set(usage.PUBLISH_PERMISSIONS)
+    | set(usage.RECIPE_PERMISSIONS)
     | set(usage.READ_PERMISSIONS)
     | set(usage.ORGANIZATIONS_PERMISSIONS)
 )

@@ -10,9 +10,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 from botocore.session import Session
 
@@ -181,6 +183,63 @@ def test_once_the_consumer_reports_it_unused_the_ami_retires(accounts: Accounts)
     assert report_body(accounts, CONSUMER)["uses"] == {}
     retiring = owner_plan(accounts, wall_clock())[accounts.shared]
     assert retiring.action == "deregister", retiring.reasons
+
+
+def test_the_owner_keeps_an_ami_a_consumers_image_builder_recipe_is_built_on(accounts: Accounts) -> None:
+    """The consumer's only use of the shared AMI is an Image Builder recipe: no scan source reads
+    recipes, so its report asks DescribeImageReferences about what is shared with it, and the owner
+    keeps the AMI. moto keeps accounts apart (the consumer's DescribeImages never sees the owner's
+    AMIs) and lacks DescribeImageReferences: both are answered as EC2 would, from the owner's shares."""
+    recipe = f"arn:aws:imagebuilder:{US}:{CONSUMER}:image-recipe/web-build/1.0.0"
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    owner_ec2 = accounts.owner(US).ec2
+    session = session_of(CONSUMER)
+    asked: list[dict[str, Any]] = []
+
+    def shared_with_consumer() -> list[dict[str, Any]]:
+        mine = owner_ec2.describe_images(Owners=["self"])["Images"]
+        return [
+            image
+            for image in mine
+            if {"UserId": CONSUMER}
+            in owner_ec2.describe_image_attribute(ImageId=image["ImageId"], Attribute="launchPermission")[
+                "LaunchPermissions"
+            ]
+        ]
+
+    def remember(params: dict[str, Any], **_: Any) -> None:
+        asked.append(dict(params))
+
+    def answer_images(**_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        if asked[-1].get("ExecutableUsers") != ["self"]:
+            return None  # the consumer's own AMIs: moto's answer
+        return AWSResponse("", 200, {}, None), {"Images": shared_with_consumer()}
+
+    def answer_references(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        found = [
+            {"ImageId": image_id, "ResourceType": "imagebuilder:ImageRecipe", "Arn": recipe}
+            for image_id in asked[-1]["ImageIds"]
+            if image_id == accounts.shared
+        ]
+        return AWSResponse("", 200, {}, None), {"ImageReferences": found}
+
+    for operation in ("DescribeImages", "DescribeImageReferences"):
+        session.register(f"before-parameter-build.ec2.{operation}", remember)
+    session.register("before-call.ec2.DescribeImages", answer_images)
+    session.register("before-call.ec2.DescribeImageReferences", answer_references)
+
+    result = engine.run(
+        policy([CONSUMER]), [US], ClientFactory(session), wall_clock(), apply=False, publish_reports=True
+    )
+
+    assert result.usage_problems == [] and result.exit_code == 0
+    assert report_body(accounts, CONSUMER)["uses"] == {
+        accounts.shared: [f"referenced by imagebuilder:ImageRecipe {recipe} (DescribeImageReferences)"]
+    }
+    kept = owner_plan(accounts, wall_clock())[accounts.shared]
+    assert kept.action == "keep"
+    assert any(f"used in account {CONSUMER} by " in r and recipe in r for r in kept.reasons), kept.reasons
+    assert owner_plan(accounts, wall_clock())[accounts.unshared].action == "deregister"
 
 
 def test_without_required_a_missing_report_is_noted_not_kept(accounts: Accounts) -> None:

@@ -38,7 +38,9 @@ class Stubbed:
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
         )
         config = Config(retries={"max_attempts": 1})
-        self.raw = {name: session.client(name, config=config) for name in ("s3", "sts", "organizations")}  # type: ignore[call-overload]
+        self.raw = {
+            name: session.client(name, config=config) for name in ("s3", "sts", "organizations", "ec2")
+        }  # type: ignore[call-overload]
         self.stubs = {name: Stubber(client) for name, client in self.raw.items()}
         for stub in self.stubs.values():
             stub.activate()
@@ -63,6 +65,45 @@ def body(data: dict[str, Any]) -> StreamingBody:
     return StreamingBody(io.BytesIO(raw), len(raw))
 
 
+# What a consumer asks for the AMIs other accounts share with it (its organization and OUs included).
+SHARED_WITH_US = {"ExecutableUsers": ["self"], "IncludeDeprecated": True, "MaxResults": 1000}
+RECIPE_TYPES = [
+    {"ResourceType": "imagebuilder:ImageRecipe"},
+    {"ResourceType": "imagebuilder:ContainerRecipe"},
+]
+
+
+def _recipe_policy() -> Any:
+    return parse_policy(
+        {
+            "regions": [REGION],
+            "families": [{"name": "web", "match": {"name": "web-*"}}],
+            "usage_reports": {"inbox": "s3://usage-inbox/org"},
+        }
+    )
+
+
+def _shared(*image_ids: str, owner: str = OWNER) -> list[dict[str, Any]]:
+    return [{"ImageId": image_id, "OwnerId": owner} for image_id in image_ids]
+
+
+def _put_report(stubbed: Stubbed, sent: dict[str, Any]) -> None:
+    stubbed.add(
+        "s3",
+        "put_object",
+        {},
+        {
+            "Bucket": "usage-inbox",
+            "Key": f"org/reports/{CONSUMER}/{REGION}.json",
+            "Body": ANY,
+            "ContentType": "application/json",
+        },
+    )
+    stubbed.raw["s3"].meta.events.register(
+        "before-parameter-build.s3.PutObject", lambda params, **_: sent.update(params)
+    )
+
+
 def test_a_report_is_written_under_the_accounts_own_prefix(stubbed: Stubbed) -> None:
     own = image(image_id="ami-00000000000000000")
     inventory = RegionInventory(
@@ -81,20 +122,7 @@ def test_a_report_is_written_under_the_accounts_own_prefix(stubbed: Stubbed) -> 
         ),
     )
     sent: dict[str, Any] = {}
-    stubbed.add(
-        "s3",
-        "put_object",
-        {},
-        {
-            "Bucket": "usage-inbox",
-            "Key": f"org/reports/{CONSUMER}/{REGION}.json",
-            "Body": ANY,
-            "ContentType": "application/json",
-        },
-    )
-    stubbed.raw["s3"].meta.events.register(
-        "before-parameter-build.s3.PutObject", lambda params, **_: sent.update(params)
-    )
+    _put_report(stubbed, sent)
 
     key = usage.publish_report(stubbed.clients, INBOX, CONSUMER, inventory, NOW)
 
@@ -108,6 +136,124 @@ def test_a_report_is_written_under_the_accounts_own_prefix(stubbed: Stubbed) -> 
         "generated_at": "2026-11-25T03:00:00Z",
         "uses": {"ami-0ffffffffffffffff": ["used by instance i-1"]},
     }
+
+
+def test_a_report_names_the_recipes_built_on_amis_shared_with_the_account(stubbed: Stubbed) -> None:
+    """No scan source reads Image Builder recipes, and the scan asks DescribeImageReferences about the
+    account's own AMIs only: the report asks it about every AMI shared with the account (its own left
+    out), recipes only, 10 ids a call, and names each recipe under the AMI it is built on."""
+    shared = [f"ami-0{n:016x}" for n in range(11)]
+    image_recipe = f"arn:aws:imagebuilder:{REGION}:{CONSUMER}:image-recipe/web/1.0.0"
+    container_recipe = f"arn:aws:imagebuilder:{REGION}:{CONSUMER}:container-recipe/svc/2.0.1"
+    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.add(
+        "ec2",
+        "describe_images",
+        {"Images": _shared(*shared[:6]), "NextToken": "page-2"},
+        SHARED_WITH_US,
+    )
+    stubbed.add(
+        "ec2",
+        "describe_images",
+        # The account's own AMI shared with itself is its own plan's business, not the report's.
+        {"Images": [*_shared(*shared[6:]), *_shared("ami-0aaaaaaaaaaaaaaaa", owner=CONSUMER)]},
+        {**SHARED_WITH_US, "NextToken": "page-2"},
+    )
+    stubbed.add(
+        "ec2",
+        "describe_image_references",
+        {
+            "ImageReferences": [
+                {"ImageId": shared[3], "ResourceType": "imagebuilder:ImageRecipe", "Arn": image_recipe},
+                # An answer of another type than asked is not believed here (the scan reads those).
+                {"ImageId": shared[4], "ResourceType": "ec2:Instance", "Arn": "arn:aws:ec2:x:y:instance/i-1"},
+            ]
+        },
+        {"ImageIds": shared[:10], "ResourceTypes": RECIPE_TYPES},
+    )
+    stubbed.add(
+        "ec2",
+        "describe_image_references",
+        {
+            "ImageReferences": [
+                {
+                    "ImageId": shared[10],
+                    "ResourceType": "imagebuilder:ContainerRecipe",
+                    "Arn": container_recipe,
+                }
+            ]
+        },
+        {"ImageIds": shared[10:], "ResourceTypes": RECIPE_TYPES},
+    )
+    sent: dict[str, Any] = {}
+    _put_report(stubbed, sent)
+
+    answer = engine.publish_usage(
+        _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
+    )
+
+    assert answer == {
+        "usage_reports": [f"s3://usage-inbox/org/reports/{CONSUMER}/{REGION}.json"],
+        "usage_problems": [],
+        "notes": [],
+    }
+    assert json.loads(sent["Body"])["uses"] == {
+        shared[3]: [f"referenced by imagebuilder:ImageRecipe {image_recipe} (DescribeImageReferences)"],
+        shared[10]: [
+            f"referenced by imagebuilder:ContainerRecipe {container_recipe} (DescribeImageReferences)"
+        ],
+    }
+
+
+def test_where_recipes_cannot_be_read_the_report_is_not_sent(stubbed: Stubbed) -> None:
+    """A report without the recipes it should name would let the owner retire what they build on: the
+    region sends none, its last report grows stale, and the owner keeps (the run counts a failure)."""
+    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.add("ec2", "describe_images", {"Images": _shared("ami-01111111111111111")}, SHARED_WITH_US)
+    stubbed.stubs["ec2"].add_client_error(
+        "describe_image_references",
+        service_error_code="UnauthorizedOperation",
+        service_message="not authorized to perform: imagebuilder:ListImageRecipes",
+        http_status_code=403,
+        expected_params={"ImageIds": ["ami-01111111111111111"], "ResourceTypes": RECIPE_TYPES},
+    )
+
+    answer = engine.publish_usage(
+        _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
+    )
+
+    assert answer["usage_reports"] == []
+    assert answer["usage_problems"] == [
+        f"{REGION}: usage report not sent: ec2:DescribeImageReferences: UnauthorizedOperation: "
+        "not authorized to perform: imagebuilder:ListImageRecipes"
+    ]
+
+
+def test_where_describe_image_references_is_not_offered_the_report_is_sent_and_the_plan_says_so(
+    stubbed: Stubbed,
+) -> None:
+    """Some partitions lack the call: the report still names what the scan found (as before recipes
+    were read), and the plan notes that recipes are not in it."""
+    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.add("ec2", "describe_images", {"Images": _shared("ami-01111111111111111")}, SHARED_WITH_US)
+    stubbed.stubs["ec2"].add_client_error(
+        "describe_image_references",
+        service_error_code="InvalidAction",
+        http_status_code=400,
+        expected_params={"ImageIds": ["ami-01111111111111111"], "ResourceTypes": RECIPE_TYPES},
+    )
+    _put_report(stubbed, {})
+
+    answer = engine.publish_usage(
+        _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
+    )
+
+    assert answer["usage_reports"] == [f"s3://usage-inbox/org/reports/{CONSUMER}/{REGION}.json"]
+    assert answer["usage_problems"] == []
+    assert answer["notes"] == [
+        f"{REGION}: DescribeImageReferences is not available: the usage report names no Image Builder "
+        "recipe built on an AMI shared with this account"
+    ]
 
 
 def test_an_owner_reads_each_consumers_report_from_its_prefix_and_dates_it_by_s3(stubbed: Stubbed) -> None:
@@ -374,6 +520,7 @@ def test_a_report_refused_by_the_owner_check_is_a_failed_publish(stubbed: Stubbe
         }
     )
     stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.add("ec2", "describe_images", {"Images": []}, SHARED_WITH_US)
     stubbed.stubs["s3"].add_client_error(
         "put_object",
         service_error_code="AccessDenied",

@@ -16,7 +16,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from ami_janitor.aws.errors import error_code, error_text
-from ami_janitor.core.model import ReceivedReport, RegionInventory, UsageView
+from ami_janitor.aws.inventory import image_references
+from ami_janitor.aws.inventory.reading import items, source
+from ami_janitor.core.model import ReceivedReport, Reference, RegionInventory, UsageView
 from ami_janitor.core.policy import UsageReports
 from ami_janitor.core.usage import UsageReport, consumer_grants, report_of, reports_needed
 from ami_janitor.core.validation import describe_validation_error
@@ -26,8 +28,14 @@ if TYPE_CHECKING:
 
     from ami_janitor.aws.clients import RegionClients
 
-# A member account's scheduled run: its own report.
+# A member account's scheduled run: its own report ...
 PUBLISH_PERMISSIONS: list[str] = ["s3:PutObject"]
+# ... with the Image Builder recipes built on what other accounts share with it: DescribeImages of those
+# AMIs, then DescribeImageReferences about them, which reads the recipes with the caller's own
+# imagebuilder permissions (image_references.DEPENDENCIES). The inventory calls them all too.
+RECIPE_PERMISSIONS: list[str] = sorted(
+    {"ec2:DescribeImages", *image_references.PERMISSIONS, *image_references.DEPENDENCIES}
+)
 # An owner's plan, and the slice worker's fresh check: the reports of the accounts it shares with
 # (s3:ListBucket makes a missing report answer 404, not 403).
 READ_PERMISSIONS: list[str] = sorted(["s3:GetObject", "s3:ListBucket"])
@@ -58,11 +66,35 @@ def own_account(clients: RegionClients) -> str:
     return str(clients.run_facts["account"])
 
 
+def shared_with_this_account(clients: RegionClients, account: str) -> list[str]:
+    """The AMIs other accounts share with this one here: with it, its organization or one of its OUs
+    (EC2 answers all three for `self`), deprecated ones included, 1,000 a page; SourceFailed if unread."""
+    with source("ec2:DescribeImages"):
+        raws = items(
+            clients.ec2, "describe_images", "Images", 1000, ExecutableUsers=["self"], IncludeDeprecated=True
+        )
+        return sorted({str(raw["ImageId"]) for raw in raws if raw.get("OwnerId") != account})
+
+
+def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], list[str]]:
+    """This account's Image Builder recipes built on AMIs shared with it, which no scan source reads
+    (the scan asks DescribeImageReferences only about the account's own AMIs), and a note where the
+    API is not offered here. SourceFailed where either read fails: the report is then not sent."""
+    return image_references.read_recipe_references(clients.ec2, shared_with_this_account(clients, account))
+
+
 def publish_report(
-    clients: RegionClients, settings: UsageReports, account: str, inventory: RegionInventory, now: datetime
+    clients: RegionClients,
+    settings: UsageReports,
+    account: str,
+    inventory: RegionInventory,
+    now: datetime,
+    recipes: Iterable[Reference] = (),
 ) -> str:
-    """Write the account's report for the inventory's region to the inbox (its own prefix); the key."""
-    report = report_of(account, inventory.region, inventory.images, inventory.references, now)
+    """Write the account's report for the inventory's region to the inbox (its own prefix), with the
+    `recipes` (recipe_uses) beside the inventory's references; the key."""
+    references = [*inventory.references, *recipes]
+    report = report_of(account, inventory.region, inventory.images, references, now)
     key = settings.report_key(account, inventory.region)
     clients.s3.put_object(
         Bucket=settings.bucket,
