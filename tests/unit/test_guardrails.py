@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ami_janitor.aws import ledger
-from ami_janitor.core.guardrails import family_warnings, inbox_warnings
+from ami_janitor.core.guardrails import brownout_warnings, family_warnings, inbox_warnings
 from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import JANITOR_TAG_PREFIX, Rules, parse_policy
 from builders import NOW, image, inventory, policy
@@ -181,3 +181,44 @@ def test_usage_reports_without_the_inbox_account_are_warned_once_in_the_plan() -
     inventories = [inventory(region="us-east-1"), inventory(region="eu-west-1")]
     assert plan(inventories, unchecked, NOW).notes.count(UNCHECKED_INBOX) == 1
     assert not any("inbox" in note for note in plan(inventories, checked, NOW).notes)
+
+
+def test_sharing_families_whose_brownout_is_shorter_than_a_reports_freshness_are_warned() -> None:
+    """A report written just before an account was granted an AMI does not name it, yet counts while
+    fresh: only the disable stage's brownout, lasting at least max_age_hours, covers that window."""
+    shares = {"share_with": {"accounts": ["222222222222"]}}
+
+    def family(name: str, lifecycle: dict[str, int | None], share: bool = True) -> dict[str, object]:
+        return {
+            "name": name,
+            "match": {"name": f"{name}-*"},
+            "lifecycle": lifecycle,
+            **(shares if share else {}),
+        }
+
+    families = [
+        family("web", {}),  # the defaults: disable at 7 days, deregister at 14
+        family("api", {"disable_after_days": None}),
+        family("batch", {"disable_after_days": 13, "deregister_after_days": 14}),
+        family("solo", {"disable_after_days": None}, share=False),  # shared with nobody by the policy
+        family("kept", {"disable_after_days": None, "deregister_after_days": None}),  # never deregistered
+    ]
+    base = {"regions": ["us-east-1"], "families": families}
+    reporting = parse_policy({**base, "usage_reports": {"inbox": "s3://usage-inbox/org"}})
+
+    [note] = brownout_warnings(reporting)
+
+    assert note == (
+        "families that deregister sooner after the disable stage than usage_reports.max_age_hours (48): "
+        "api (no disable stage), batch (24 hours). A usage report written before an account was granted "
+        "an AMI does not name it, yet counts while fresh: keep disable_after_days at least 2 day(s) before "
+        "deregister_after_days where shares change"
+    )
+    assert plan([inventory()], reporting, NOW).notes.count(note) == 1
+    # A day's freshness is covered by batch's day of brownout; without usage reports, nothing to say.
+    daily = parse_policy({**base, "usage_reports": {"inbox": "s3://usage-inbox/org", "max_age_hours": 24}})
+    assert [n.split(". ")[0] for n in brownout_warnings(daily)] == [
+        "families that deregister sooner after the disable stage than usage_reports.max_age_hours (24): "
+        "api (no disable stage)"
+    ]
+    assert brownout_warnings(parse_policy(base)) == []

@@ -8,6 +8,10 @@ names that the family's tags leave out, a tagger can enroll them, and the plan n
 An S3 bucket name is global: the usage inbox named by name alone is whatever bucket holds that name,
 so a mistyped name, or one deleted and taken by an outsider, lets the outsider forge the reports an
 owner reads and receive those members write. `usage_reports.inbox_account` makes S3 check the owner.
+
+A usage report is not dated against the share it is read for: one written just before an account was
+granted an AMI does not name it, yet stays fresh for `max_age_hours`. The disable stage's brownout is
+what covers that window, where it lasts at least that long before deregistration.
 """
 
 from __future__ import annotations
@@ -58,6 +62,32 @@ def enrollable_warnings(inventory: RegionInventory, policy: Policy, members: Col
             f"{'and have them shared ' if family.share_with.grants() or family.public else ''}(narrow the name glob)"
         )
     return notes
+
+
+def brownout_warnings(policy: Policy) -> list[str]:
+    """One plan note, with usage reports, naming the sharing families that deregister sooner after the
+    disable stage (or without one) than a report stays fresh."""
+    settings = policy.usage_reports
+    if settings is None:
+        return []
+    short: list[str] = []
+    for family in policy.families:
+        lifecycle = policy.rules_for(family).lifecycle
+        deregister, disable = lifecycle.deregister_after_days, lifecycle.disable_after_days
+        if not family.share_with.grants() or deregister is None:
+            continue
+        hours = 0 if disable is None else (deregister - disable) * 24
+        if hours < settings.max_age_hours:
+            short.append(f"{family.name} ({'no disable stage' if disable is None else f'{hours} hours'})")
+    if not short:
+        return []
+    days = -(-settings.max_age_hours // 24)
+    return [
+        f"families that deregister sooner after the disable stage than usage_reports.max_age_hours "
+        f"({settings.max_age_hours}): {', '.join(short)}. A usage report written before an account was "
+        "granted an AMI does not name it, yet counts while fresh: keep disable_after_days at least "
+        f"{days} day(s) before deregister_after_days where shares change"
+    ]
 
 
 def inbox_warnings(policy: Policy) -> list[str]:

@@ -1033,6 +1033,7 @@ def _plan(
         notes.append("mode is paused: nothing is applied")
     notes.extend(guardrails.family_warnings(policy))
     notes.extend(guardrails.inbox_warnings(policy))
+    notes.extend(guardrails.brownout_warnings(policy))
     for inventory in ordered:
         if inventory.error is not None:
             statuses.append(RegionStatus(region=inventory.region, status="skipped", error=inventory.error))
