@@ -460,7 +460,9 @@ def run(
     def write_latest(region: str, failed_rescues: set[str]) -> set[str]:
         changes = [c for c in plan.latest if c.region == region]
         parameters = loaded[region].parameters
-        written = rotator.write_changes(clients_for(region), policy, changes, now, skip=failed_rescues)
+        written = rotator.write_changes(
+            clients_for(region), policy, changes, now, skip=failed_rescues, follow=confirmed is None
+        )
         rotations.extend(written)
         # Where Latest did not move as planned (a failure, the group changed since the plan, or changed
         # again while it was written), its old holders, the AMI its parameter names (which launches

@@ -100,6 +100,45 @@ def test_a_planned_target_disabled_since_the_plan_is_not_made_latest(policy: Pol
     assert group.tagged() == [group.old] and group.parameter() == group.old
 
 
+def test_a_newer_ami_whose_event_was_lost_is_made_latest_by_the_scheduled_write(policy: Policy) -> None:
+    """The region read again asks for Latest on an AMI made since the plan, whose event never came: the
+    scheduled run writes that (its caller keeps the AMI this run), rather than leave the group a day."""
+    at = now()
+    group, clients = Group(at), RegionClients("us-east-1")
+    changes = planned(clients, policy, at, group)
+    new = group.bake("02", 0)  # available, its event lost
+
+    (result,) = rotator.write_changes(clients, policy, changes, at, follow=True)
+
+    assert result.status == "ok" and result.to == new, result
+    assert group.tagged() == [new] and group.parameter() == new
+
+
+def test_an_operators_confirmed_apply_writes_no_latest_it_did_not_show(policy: Policy) -> None:
+    at = now()
+    group, clients = Group(at), RegionClients("us-east-1")
+    changes = planned(clients, policy, at, group)
+    new = group.bake("02", 0)
+
+    (result,) = rotator.write_changes(clients, policy, changes, at)  # follow=False: only what it showed
+
+    assert result.status == "superseded" and result.written == [], result
+    assert f"Latest now goes to {new}" in (result.error or "")
+    assert group.tagged() == [group.old] and group.parameter() == group.old
+
+
+def test_a_move_to_an_ami_whose_rescue_failed_is_not_followed(policy: Policy) -> None:
+    at = now()
+    group, clients = Group(at), RegionClients("us-east-1")
+    changes = planned(clients, policy, at, group)
+    new = group.bake("02", 0)
+
+    (result,) = rotator.write_changes(clients, policy, changes, at, skip=[new], follow=True)
+
+    assert result.status == "superseded" and result.written == [], result
+    assert group.tagged() == [group.old] and group.parameter() == group.old
+
+
 def test_a_change_the_region_still_asks_for_is_written(policy: Policy) -> None:
     at = now()
     group, clients = Group(at), RegionClients("us-east-1")

@@ -213,14 +213,19 @@ def write_changes(
     *,
     skip: Iterable[str] = (),
     load: Callable[[RegionClients, Policy], RegionInventory] | None = None,
+    follow: bool = False,
 ) -> list[RotationResult]:
     """Write a plan's Latest changes once each (the scheduled run), each only where the region, read
-    again now, still asks for the same move. The plan was made from a read that may be minutes old,
-    and the event function rotates the same groups meanwhile: a newer AMI it made Latest, or a planned
-    target disabled since, is not undone. Such a change is left as it is ("superseded": its events and
-    the next run settle the group). The groups written are then read again and converged, as an event
+    again now, still asks for a move. The plan was made from a read that may be minutes old, and the
+    event function rotates the same groups meanwhile: a newer AMI it made Latest, or a planned target
+    disabled since, is not undone. A group that needs no change now is left as it is ("superseded").
+    One that needs a move to another AMI than planned (a newer AMI whose event was lost, say) is
+    written as the region reads now where `follow` (the scheduled run: its caller keeps that AMI this
+    run); without it (an operator's confirmed apply, which writes only what it showed) it is left
+    "superseded" for the next run. The groups written are then read again and converged, as an event
     converges its own: what changed between that read and these writes is settled too. A change to an
-    AMI in `skip` (its rescue failed: it is not launchable) is left for the next run."""
+    AMI in `skip` (its rescue failed: it is not launchable) is left for the next run, as is a move to it
+    that the region's read asks for instead."""
     unusable = set(skip)
     changes = list(changes)
     results = [
@@ -252,11 +257,12 @@ def write_changes(
     targets = _targets(region, needed.values())
     for change, result in pending:
         current = needed.get((change.family, change.architecture))
-        if current is None or current.to != change.to:
+        if current is None or (current.to != change.to and (not follow or current.to in unusable)):
             now_to = f"Latest now goes to {current.to}" if current is not None else "it needs no change now"
             result.status = "superseded"
             result.error = f"the group changed since the plan was read ({now_to}): not written"
             continue
+        result.to = current.to
         try:
             # The change as the region reads now: the holders to untag are those of this read.
             _write(clients, policy, current, region, targets, result.written)
