@@ -17,9 +17,11 @@ shared yet (the owner's run shares it). So each family gives the day three due s
 run a clock, as they do every day.
 
 What uses the owner's AMIs: every consumer's launch templates name recent `golden-a` and `golden-b`
-AMIs; consumer n (n = 1, 2, ...) also keeps `golden-c` aged 37 in a launch template when n % 10 == 1
-and runs an instance of `golden-d` aged 44 when n % 20 == 2. So `golden-c` and `golden-d` stay
-(their consumers report them used) and `golden-a` and `golden-b` retire on schedule.
+AMIs; consumer n (n = 1, 2, ...) also keeps `golden-c` aged 37 in a launch template when n % 10 == 1,
+and runs an instance of `golden-d` aged 44 and builds on `golden-b` aged 37 with an Image Builder
+recipe when n % 20 == 2. So those stay (their consumers report them used: the recipe through
+DescribeImageReferences about the AMIs shared with the consumer) and the same ages of the other golden
+families retire on schedule.
 
 One account-region's day (`run_account_region`) is the scheduled run, as `engine.run` does it with a
 work queue: `engine.build_plan` (the inventory, the plan, launch permissions and, for the owner, the
@@ -50,6 +52,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
 TESTS = str(Path(__file__).resolve().parents[1] / "tests")
@@ -111,6 +114,7 @@ DAYS = 45  # daily AMIs a family holds in its steady state: aged 0 to 44 days
 # Ages (days) of the day's work in a family: a new candidate, the disable and the deregister stages due.
 NEW_CANDIDATE, DISABLE_DUE, DEREGISTER_DUE = 30, 37, 44
 KEEPS_GOLDEN_C, RUNS_GOLDEN_D = (10, 1), (20, 2)  # consumer n with n % m == r
+BUILDS_ON_GOLDEN_B = RUNS_GOLDEN_D  # an Image Builder recipe whose parent is golden-b aged DISABLE_DUE
 
 
 def consumer_id(n: int) -> str:
@@ -197,13 +201,33 @@ def owner_region(region: str, inbox: Inbox, org: Organization, start: datetime) 
     fake = new_region(region, start)
     r = REGIONS.index(region)
     # What some consumer launches (see consumer_region): in use since they were new.
-    in_use = {"golden-c": frozenset({DISABLE_DUE}), "golden-d": frozenset({DEREGISTER_DUE})}
-    for f, name in enumerate(GOLDEN):
-        add_family(fake, 0, r, f, name, f"org:{org.arn}", in_use.get(name, frozenset()))
+    add_golden(fake, r, org)
     return account_region(fake, OWNER, inbox, organization=org)
 
 
-def consumer_region(n: int, region: str, inbox: Inbox) -> AccountRegion:
+def add_golden(fake: FakeEC2, r: int, org: Organization) -> None:
+    """The owner's golden families in region r, shared with the organization."""
+    in_use = {
+        "golden-b": frozenset({DISABLE_DUE}),
+        "golden-c": frozenset({DISABLE_DUE}),
+        "golden-d": frozenset({DEREGISTER_DUE}),
+    }
+    for f, name in enumerate(GOLDEN):
+        add_family(fake, 0, r, f, name, f"org:{org.arn}", in_use.get(name, frozenset()))
+
+
+@cache
+def shared_golden(region: str, organization_id: str) -> dict[str, FakeImage]:
+    """The owner's golden AMIs a consumer sees shared with it here (the disabled ones are shared with
+    nobody), as the day starts: the consumers run before the owner."""
+    owner = new_region(region, NOW)
+    add_golden(owner, REGIONS.index(region), Organization(organization_id, OWNER))
+    for image in owner.images.values():
+        image.owner = OWNER
+    return {i: image for i, image in owner.images.items() if image.permissions}
+
+
+def consumer_region(n: int, region: str, inbox: Inbox, org: Organization) -> AccountRegion:
     """Consumer n's region: its own families, and what it launches of the owner's."""
     fake = new_region(region, NOW)
     r = REGIONS.index(region)
@@ -227,6 +251,13 @@ def consumer_region(n: int, region: str, inbox: Inbox) -> AccountRegion:
         fake.references.append(
             Reference(image_id=ami, kind="instance", resource_id=f"i-{ami[4:]}", detail="")
         )
+    if n % BUILDS_ON_GOLDEN_B[0] == BUILDS_ON_GOLDEN_B[1]:
+        recipe = f"arn:aws:imagebuilder:{region}:{consumer_id(n)}:image-recipe/on-golden-b/1.0.{n}"
+        ami = image_id(0, r, golden["golden-b"], DISABLE_DUE)
+        fake.references.append(
+            Reference(image_id=ami, kind="image-builder-recipe", resource_id=recipe, detail="")
+        )
+    fake.shared_with_me = shared_golden(region, org.id)
     parameters = {"/platform/golden-a/current": image_id(0, r, golden["golden-a"], 0)}
     return account_region(fake, consumer_id(n), inbox, parameters=parameters)
 
@@ -391,7 +422,7 @@ def simulate_org(consumers: int, regions: Sequence[str]) -> OrgRun:
     result = OrgRun(consumers=consumers, regions=tuple(regions), inbox=inbox)
     for region in regions:
         for n in range(1, consumers + 1):
-            result.runs.append(run_account_region(consumer_region(n, region, inbox), policy, 0.0))
+            result.runs.append(run_account_region(consumer_region(n, region, inbox, org), policy, 0.0))
     start = result.owner_start
     for region in regions:
         area = owner_region(region, inbox, org, NOW + timedelta(seconds=start))

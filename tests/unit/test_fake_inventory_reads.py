@@ -209,3 +209,31 @@ def test_a_missing_report_without_required_lists_the_accounts_prefix_once(listed
 
     assert (report is not None) == kept
     assert report is None or (report.problem or "").startswith("no report for us-east-1, though")
+
+
+def test_the_amis_shared_with_the_account_and_the_recipes_built_on_them() -> None:
+    """DescribeImages for `self` answers the other accounts' AMIs shared with this one (a deprecated
+    one only with IncludeDeprecated, as for any AMI not the caller's), and DescribeImageReferences
+    only the resource types asked for."""
+    fake = region()
+    owner = "999988887777"
+    current = FakeImage("ami-0000000000000aaaa", "golden-1", NOW, owner=owner, permissions={"user:x"})
+    deprecated = FakeImage(
+        "ami-0000000000000bbbb", "golden-0", NOW - timedelta(days=40), owner=owner, deprecation_time=NOW
+    )
+    fake.shared_with_me = {image.image_id: image for image in (current, deprecated)}
+    recipe = "arn:aws:imagebuilder:us-east-1:222233334444:image-recipe/web/1.0.0"
+    fake.references += [
+        Reference(image_id=deprecated.image_id, kind="image-builder-recipe", resource_id=recipe, detail=""),
+        Reference(image_id=current.image_id, kind="launch-template", resource_id="lt-2", detail=""),
+    ]
+    area = account_region(fake, "222233334444", Inbox())
+
+    shown = fake.describe_images(ExecutableUsers=["self"])["Images"]
+    assert [(i["ImageId"], i["OwnerId"]) for i in shown] == [(current.image_id, owner)]
+    assert usage.shared_with_this_account(area.clients, "222233334444") == sorted(fake.shared_with_me)
+    found, notes = usage.recipe_uses(area.clients, "222233334444")
+    assert [(r.image_id, r.kind, r.resource_id) for r in found] == [
+        (deprecated.image_id, "image-builder-recipe", recipe)
+    ]
+    assert notes == []
