@@ -19,9 +19,8 @@ run a clock, as they do every day.
 What uses the owner's AMIs: every consumer's launch templates name recent `golden-a` and `golden-b`
 AMIs; consumer n (n = 1, 2, ...) also keeps `golden-c` aged 37 in a launch template when n % 10 == 1,
 and runs an instance of `golden-d` aged 44 and builds on `golden-b` aged 37 with an Image Builder
-recipe when n % 20 == 2. So those stay (their consumers report them used: the recipe through
-DescribeImageReferences about the AMIs shared with the consumer) and the same ages of the other golden
-families retire on schedule.
+recipe when n % 20 == 2. So those stay (their consumers report them used) and the same ages of the
+other golden families retire on schedule.
 
 One account-region's day (`run_account_region`) is the scheduled run, as `engine.run` does it with a
 work queue: `engine.build_plan` (the inventory, the plan, launch permissions and, for the owner, the
@@ -52,7 +51,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import cache
 from pathlib import Path
 
 TESTS = str(Path(__file__).resolve().parents[1] / "tests")
@@ -201,12 +199,6 @@ def owner_region(region: str, inbox: Inbox, org: Organization, start: datetime) 
     fake = new_region(region, start)
     r = REGIONS.index(region)
     # What some consumer launches (see consumer_region): in use since they were new.
-    add_golden(fake, r, org)
-    return account_region(fake, OWNER, inbox, organization=org)
-
-
-def add_golden(fake: FakeEC2, r: int, org: Organization) -> None:
-    """The owner's golden families in region r, shared with the organization."""
     in_use = {
         "golden-b": frozenset({DISABLE_DUE}),
         "golden-c": frozenset({DISABLE_DUE}),
@@ -214,20 +206,10 @@ def add_golden(fake: FakeEC2, r: int, org: Organization) -> None:
     }
     for f, name in enumerate(GOLDEN):
         add_family(fake, 0, r, f, name, f"org:{org.arn}", in_use.get(name, frozenset()))
+    return account_region(fake, OWNER, inbox, organization=org)
 
 
-@cache
-def shared_golden(region: str, organization_id: str) -> dict[str, FakeImage]:
-    """The owner's golden AMIs a consumer sees shared with it here (the disabled ones are shared with
-    nobody), as the day starts: the consumers run before the owner."""
-    owner = new_region(region, NOW)
-    add_golden(owner, REGIONS.index(region), Organization(organization_id, OWNER))
-    for image in owner.images.values():
-        image.owner = OWNER
-    return {i: image for i, image in owner.images.items() if image.permissions}
-
-
-def consumer_region(n: int, region: str, inbox: Inbox, org: Organization) -> AccountRegion:
+def consumer_region(n: int, region: str, inbox: Inbox) -> AccountRegion:
     """Consumer n's region: its own families, and what it launches of the owner's."""
     fake = new_region(region, NOW)
     r = REGIONS.index(region)
@@ -251,15 +233,12 @@ def consumer_region(n: int, region: str, inbox: Inbox, org: Organization) -> Acc
         fake.references.append(
             Reference(image_id=ami, kind="instance", resource_id=f"i-{ami[4:]}", detail="")
         )
+    recipes = {}
     if n % BUILDS_ON_GOLDEN_B[0] == BUILDS_ON_GOLDEN_B[1]:
-        recipe = f"arn:aws:imagebuilder:{region}:{consumer_id(n)}:image-recipe/on-golden-b/1.0.{n}"
-        ami = image_id(0, r, golden["golden-b"], DISABLE_DUE)
-        fake.references.append(
-            Reference(image_id=ami, kind="image-builder-recipe", resource_id=recipe, detail="")
-        )
-    fake.shared_with_me = shared_golden(region, org.id)
+        recipe = f"arn:aws:imagebuilder:{region}:{consumer_id(n)}:image-recipe/on-golden-b/1.0.0"
+        recipes[recipe] = image_id(0, r, golden["golden-b"], DISABLE_DUE)
     parameters = {"/platform/golden-a/current": image_id(0, r, golden["golden-a"], 0)}
-    return account_region(fake, consumer_id(n), inbox, parameters=parameters)
+    return account_region(fake, consumer_id(n), inbox, parameters=parameters, recipes=recipes)
 
 
 @dataclass(frozen=True)
@@ -422,7 +401,7 @@ def simulate_org(consumers: int, regions: Sequence[str]) -> OrgRun:
     result = OrgRun(consumers=consumers, regions=tuple(regions), inbox=inbox)
     for region in regions:
         for n in range(1, consumers + 1):
-            result.runs.append(run_account_region(consumer_region(n, region, inbox, org), policy, 0.0))
+            result.runs.append(run_account_region(consumer_region(n, region, inbox), policy, 0.0))
     start = result.owner_start
     for region in regions:
         area = owner_region(region, inbox, org, NOW + timedelta(seconds=start))

@@ -174,6 +174,27 @@ class FakeRecycleBin(FakeService):
         return {"Rules": []}
 
 
+class FakeImageBuilder(FakeService):
+    """The account's own image recipes, each an ARN -> the AMI id it builds on (its parentImage), in
+    pages of maxResults; no container recipe."""
+
+    service = "imagebuilder"
+
+    def __init__(self, ec2: FakeEC2, calls: Counter[str], recipes: Mapping[str, str] | None = None) -> None:
+        super().__init__(ec2, calls)
+        self.recipes = dict(recipes or {})
+
+    def list_image_recipes(self, **params: Any) -> dict[str, Any]:
+        self._request("list_image_recipes", params)
+        found = [{"arn": arn, "parentImage": image} for arn, image in sorted(self.recipes.items())]
+        page, token = _paged(found, params, "maxResults", "nextToken")
+        return {"imageRecipeSummaryList": page, **token}
+
+    def list_container_recipes(self, **params: Any) -> dict[str, Any]:
+        self._request("list_container_recipes", params)
+        return {"containerRecipeSummaryList": []}
+
+
 class FakeSTS(FakeService):
     service = "sts"
 
@@ -394,10 +415,11 @@ def account_region(
     organization: Organization | None = None,
     parameters: Mapping[str, str] | None = None,
     queues: Queues | None = None,
+    recipes: Mapping[str, str] | None = None,
 ) -> AccountRegion:
     """The clients of one account's region around its fake EC2: what a scheduled run and a slice read
     (`clients` reads one call at a time: the fake is not thread-safe outside its lanes); `queues`: the
-    account's SQS queues and SNS topics."""
+    account's SQS queues and SNS topics; `recipes`: its Image Builder image recipes (ARN -> AMI id)."""
     calls: Counter[str] = Counter()
     queued = queues if queues is not None else Queues()
     ssm = FakeSSM(ec2, calls, parameters)
@@ -409,6 +431,7 @@ def account_region(
         "batch": FakeBatch(ec2, calls),
         "emr": FakeEMR(ec2, calls),
         "rbin": FakeRecycleBin(ec2, calls),
+        "imagebuilder": FakeImageBuilder(ec2, calls, recipes),
         "sts": FakeSTS(ec2, calls, account),
         "s3": FakeS3(ec2, calls, inbox, account),
         "sqs": FakeSQS(ec2, calls, queued),

@@ -241,7 +241,6 @@ class FakeImage:
     protected: bool = False
     last_launched: datetime | None = None
     permissions: set[str] = field(default_factory=set)  # LaunchPermission keys, "kind:value"
-    owner: str = ACCOUNT  # another account's where the AMI is one shared with this one
 
     @property
     def public(self) -> bool:
@@ -261,7 +260,6 @@ class FakeImage:
     def to_api(self) -> dict[str, Any]:
         raw: dict[str, Any] = {
             "ImageId": self.image_id,
-            "OwnerId": self.owner,
             "Name": self.name,
             "Architecture": self.architecture,
             "State": self.state,
@@ -395,9 +393,6 @@ class FakeEC2:
         self.deleted_snapshots: list[str] = []
         self.refused_in_use: list[str] = []  # DeleteSnapshot calls EC2 refused: an AMI still uses it
         self.references: list[Reference] = []
-        # Other accounts' AMIs shared with this one (with it, its organization or an OU): what
-        # DescribeImages answers for ExecutableUsers self, beside nothing of this account's own.
-        self.shared_with_me: dict[str, FakeImage] = {}
         # Instance id -> state for DescribeInstances; an instance a reference names is running unless
         # set here.
         self.instances: dict[str, str] = {}
@@ -757,15 +752,6 @@ class FakeEC2:
         if "ExecutableUsers" in params:  # explicit launch permissions of these accounts (as EC2: not public)
             users = {f"user:{account}" for account in params["ExecutableUsers"]}
             found = [image for image in found if users & image.permissions]
-            if "self" in params["ExecutableUsers"] and ids is None and not wanted:
-                # Shared with this account: a deprecated one only with IncludeDeprecated (it is not ours).
-                found += [
-                    image
-                    for _, image in sorted(self.shared_with_me.items())
-                    if params.get("IncludeDeprecated")
-                    or image.deprecation_time is None
-                    or image.deprecation_time > self.clock
-                ]
         page, token = _page(found, params, api, (1, 1000))
         return {"Images": [image.to_api() for image in page], **token}
 
@@ -792,13 +778,6 @@ class FakeEC2:
         ids = params["ImageIds"]
         if len(ids) > 10:
             raise client_error("InvalidParameterValue", "at most 10 image ids per call", api)
-        if not params.get("IncludeAllResourceTypes") and not params.get("ResourceTypes"):
-            raise client_error(
-                "MissingParameter", "IncludeAllResourceTypes or ResourceTypes is required", api
-            )
-        types = set(_REFERENCE_TYPES.values())
-        if not params.get("IncludeAllResourceTypes"):  # with it, every type (ResourceTypes then scopes)
-            types = {t["ResourceType"] for t in params["ResourceTypes"]}
         found = [
             {
                 "ImageId": r.image_id,
@@ -807,7 +786,7 @@ class FakeEC2:
             }
             for image_id in ids
             for r in sorted(self.references, key=lambda r: (r.kind, r.resource_id))
-            if r.image_id == image_id and r.kind in _REFERENCE_TYPES and _REFERENCE_TYPES[r.kind] in types
+            if r.image_id == image_id and r.kind in _REFERENCE_TYPES
         ]
         page, token = _page(found, params, api, (5, 1000))
         return {"ImageReferences": list(page), **token}

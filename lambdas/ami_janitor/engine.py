@@ -449,9 +449,6 @@ def run(
     replicated = ReplicateResult(shares=plan.shares, copies=plan.copies)
     read = [loaded[r] for r in regions if r in loaded]
     usage = publish_usage(policy, read, clients_for, now) if publish_reports else {}
-    if usage.get("notes"):
-        plan = plan.model_copy(update={"notes": [*plan.notes, *usage["notes"]]})
-    usage.pop("notes", None)
     if not apply:
         return RunResult(plan=plan, replicated=replicated, **usage)
     progress(f"applying the plan in {', '.join(r.region for r in plan.regions if r.status == 'ok')}")
@@ -629,17 +626,16 @@ def publish_usage(
     policy: Policy, inventories: Sequence[RegionInventory], clients_for: ClientsFor, now: datetime
 ) -> dict[str, list[str]]:
     """This account's usage report of each region read in full, to the inbox: {'usage_reports': the
-    s3:// URLs written, 'usage_problems': what could not be, 'notes': for the plan}. A region whose
-    inventory is partial, or whose recipes built on shared AMIs could not be read, sends none: its last
-    report grows stale, and the owners keep what they share (fail safe)."""
+    s3:// URLs written, 'usage_problems': what could not be, or was sent incomplete}. A region whose
+    inventory is partial sends none: its last report grows stale, and the owners keep what they share
+    (fail safe). One whose Image Builder recipes could not be read sends its report saying so, which
+    keeps too (and is never taken for an account that sends none)."""
     settings = policy.usage_reports
     written: list[str] = []
     problems: list[str] = []
-    notes: list[str] = []
     if settings is None or not inventories:
         return {}
     from ami_janitor.aws import usage
-    from ami_janitor.aws.inventory.reading import SourceFailed
 
     try:
         account = usage.own_account(clients_for(inventories[0].region))
@@ -649,20 +645,19 @@ def publish_usage(
         if region.error is not None:
             continue  # skipped, and said so: its last report grows stale
         clients = clients_for(region.region)
+        recipes, unread = usage.recipe_uses(clients)
         try:
-            recipes, not_offered = usage.recipe_uses(clients, account)
-        except SourceFailed as failure:
-            problems.append(f"{region.region}: usage report not sent: {failure}")
-            continue
-        notes.extend(f"{region.region}: {note}" for note in not_offered)
-        try:
-            key = usage.publish_report(clients, settings, account, region, now, recipes)
+            key = usage.publish_report(clients, settings, account, region, now, recipes, unread)
         except (BotoCoreError, ClientError) as error:
             problem = usage.inbox_error(settings, error)
             problems.append(f"{region.region}: usage report not sent: s3:PutObject: {problem}")
             continue
         written.append(f"s3://{settings.bucket}/{key}")
-    return {"usage_reports": written, "usage_problems": problems, "notes": notes}
+        # Sent, saying what it could not read: its owners keep what they share with this account.
+        problems += [
+            f"{region.region}: usage report incomplete (owners keep what they share): {u}" for u in unread
+        ]
+    return {"usage_reports": written, "usage_problems": problems}
 
 
 def cut_due(

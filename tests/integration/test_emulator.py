@@ -256,23 +256,34 @@ def test_an_action_moto_implements_but_cannot_do_still_fails(ec2: Any) -> None:
     assert not (isinstance(failed.value, ClientError) and error_code(failed) == "InvalidAction")
 
 
+ABSENT_CALLS = {
+    "rbin": ("list_rules", {"ResourceType": "EC2_IMAGE"}),
+    "imagebuilder": ("list_image_recipes", {"owner": "Self"}),
+}
+
+
+@pytest.mark.parametrize("service", sorted(ABSENT_CALLS))
 @pytest.mark.parametrize("mode", ["in-process", "server"])
-def test_recycle_bin_is_answered_unknown_operation(
-    mode: str, fake_aws_env: None, request: pytest.FixtureRequest
+def test_a_service_moto_lacks_is_answered_unknown_operation(
+    mode: str, service: str, fake_aws_env: None, request: pytest.FixtureRequest
 ) -> None:
-    # moto has no Recycle Bin at all: the answer of a service that does not know the operation.
+    # moto has no Recycle Bin nor Image Builder at all: the answer of a service that does not know the
+    # operation (which the janitor reads as not offered here).
     config = Config(retries={"max_attempts": 1})
+    operation, params = ABSENT_CALLS[service]
     if mode == "in-process":
         emulator.install()
         with mock_aws():
-            rbin = boto3.client("rbin", region_name=REGION, config=config, **CREDENTIALS)
+            client = boto3.client(service, region_name=REGION, config=config, **CREDENTIALS)  # type: ignore[call-overload]
             with pytest.raises(ClientError) as refused:
-                rbin.list_rules(ResourceType="EC2_IMAGE")
+                getattr(client, operation)(**params)
     else:
         endpoint = request.getfixturevalue("emulator_endpoint")
-        rbin = boto3.client("rbin", region_name=REGION, endpoint_url=endpoint, config=config, **CREDENTIALS)
+        client = boto3.client(
+            service, region_name=REGION, endpoint_url=endpoint, config=config, **CREDENTIALS
+        )  # type: ignore[call-overload]
         with pytest.raises(ClientError) as refused:
-            rbin.list_rules(ResourceType="EC2_IMAGE")
+            getattr(client, operation)(**params)
 
     assert error_code(refused) == "UnknownOperationException"
     assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404

@@ -777,7 +777,7 @@ def test_the_summary_mail_names_a_few_of_each_list_however_large_the_fleet(
         f"policy error: {c}" for c in conflicts[:20]
     ]
     assert "policy error: 3981 more in the report" in lines
-    assert "usage report not sent: 3980 more in the report" in lines
+    assert "usage report problem: 3980 more in the report" in lines
     assert "unfinished run: 480 more in the report" in lines
     assert "tampered: 3980 more in the report" in lines
     assert sum(line.startswith("tampered: us-east-1 ami-") for line in lines) == 20

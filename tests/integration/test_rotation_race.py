@@ -189,6 +189,42 @@ def test_an_ami_latest_went_to_while_it_was_written_is_not_retired_by_the_same_r
     assert group.old in image_ids(), "the run retired the AMI Latest went back to"
 
 
+@pytest.mark.parametrize("confirmed", [False, True])
+def test_the_scheduled_run_follows_a_newer_ami_its_event_lost_and_a_confirmed_apply_does_not(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch, confirmed: bool
+) -> None:
+    """Between the plan and its Latest writes, an AMI becomes available and its event is lost: the
+    scheduled run (no confirmed plan) writes the move its fresh read asks for; an operator's confirmed
+    apply writes none it did not show (the next run moves it). Either way the AMIs concerned stay."""
+    at = now()
+    group = Group(at)
+    real = rotator.load_images
+    baked: list[str] = []
+
+    def a_bake_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        if not baked:  # the write's fresh read of the region
+            baked.append(group.bake("02", 0))
+        return real(*args, **kwargs)
+
+    planned, _ = engine.build_plan(policy, ["us-east-1"], ClientFactory(), at)
+    assert [(c.from_, c.to) for c in planned.latest] == [(group.old, group.mid)]
+    monkeypatch.setattr(rotator, "load_images", a_bake_meanwhile)
+
+    result = engine.run(
+        policy, ["us-east-1"], ClientFactory(), at, apply=True, confirmed=planned if confirmed else None
+    )
+
+    [rotation] = result.rotations
+    [new] = baked
+    if confirmed:
+        assert rotation.status == "superseded" and rotation.written == [], rotation
+        assert group.tagged() == [group.old] and group.parameter() == group.old
+    else:
+        assert (rotation.status, rotation.to) == ("ok", new), rotation
+        assert group.tagged() == [new] and group.parameter() == new
+    assert {group.old, group.mid, new} <= set(image_ids())
+
+
 @pytest.mark.parametrize("kind", ["SecureString", "StringList", "StringList of one"])
 def test_a_pointer_of_another_type_than_string_is_not_overwritten(policy: Policy, kind: str) -> None:
     """A parameter named as the family's pointer that someone made a SecureString (never read, so it

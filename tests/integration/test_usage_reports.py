@@ -96,6 +96,19 @@ def accounts(endpoint: str) -> Iterator[Accounts]:
     yield Accounts(owner, consumer, shared, unshared, template)
 
 
+def weekly_enforce() -> Policy:
+    """The owner's policy, enforced (with its ledger), disabling at once and deregistering a week later."""
+    make_ledger((US,))
+    weekly = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
+    weekly["mode"] = "enforce"
+    weekly["defaults"]["lifecycle"] = {
+        "deprecate_after_days": 0,
+        "disable_after_days": 0,
+        "deregister_after_days": 7,
+    }
+    return parse_policy(weekly)
+
+
 def owner_plan(accounts: Accounts, at: datetime, *, units: tuple[str, ...] = ()) -> dict[str, Decision]:
     result = engine.run(policy([CONSUMER], units=units), [US], accounts.owner, at, apply=False)
     assert [r.status for r in result.plan.regions] == ["ok"]
@@ -185,61 +198,94 @@ def test_once_the_consumer_reports_it_unused_the_ami_retires(accounts: Accounts)
     assert retiring.action == "deregister", retiring.reasons
 
 
-def test_the_owner_keeps_an_ami_a_consumers_image_builder_recipe_is_built_on(accounts: Accounts) -> None:
-    """The consumer's only use of the shared AMI is an Image Builder recipe: no scan source reads
-    recipes, so its report asks DescribeImageReferences about what is shared with it, and the owner
-    keeps the AMI. moto keeps accounts apart (the consumer's DescribeImages never sees the owner's
-    AMIs) and lacks DescribeImageReferences: both are answered as EC2 would, from the owner's shares."""
-    recipe = f"arn:aws:imagebuilder:{US}:{CONSUMER}:image-recipe/web-build/1.0.0"
-    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
-    owner_ec2 = accounts.owner(US).ec2
+def recipe_builder(recipes: list[dict[str, str]]) -> Session:
+    """The consumer's session, its Image Builder answering `recipes` as its own image recipes (moto has
+    no Image Builder: the emulator answers it as a partition without it)."""
     session = session_of(CONSUMER)
-    asked: list[dict[str, Any]] = []
+    lists = {
+        "ListImageRecipes": "imageRecipeSummaryList",
+        "ListContainerRecipes": "containerRecipeSummaryList",
+    }
+    for operation, key in lists.items():
 
-    def shared_with_consumer() -> list[dict[str, Any]]:
-        mine = owner_ec2.describe_images(Owners=["self"])["Images"]
-        return [
-            image
-            for image in mine
-            if {"UserId": CONSUMER}
-            in owner_ec2.describe_image_attribute(ImageId=image["ImageId"], Attribute="launchPermission")[
-                "LaunchPermissions"
-            ]
-        ]
+        def answer(key: str = key, **_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+            return AWSResponse("", 200, {}, None), {key: recipes if key == "imageRecipeSummaryList" else []}
 
-    def remember(params: dict[str, Any], **_: Any) -> None:
-        asked.append(dict(params))
+        session.register(f"before-call.imagebuilder.{operation}", answer)
+    return session
 
-    def answer_images(**_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
-        if asked[-1].get("ExecutableUsers") != ["self"]:
-            return None  # the consumer's own AMIs: moto's answer
-        return AWSResponse("", 200, {}, None), {"Images": shared_with_consumer()}
 
-    def answer_references(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
-        found = [
-            {"ImageId": image_id, "ResourceType": "imagebuilder:ImageRecipe", "Arn": recipe}
-            for image_id in asked[-1]["ImageIds"]
-            if image_id == accounts.shared
-        ]
-        return AWSResponse("", 200, {}, None), {"ImageReferences": found}
+def test_the_owner_keeps_and_rescues_an_ami_a_consumers_image_builder_recipe_builds_on(
+    accounts: Accounts,
+) -> None:
+    """The consumer's only use of the shared AMI is an Image Builder recipe's parent image: its report
+    names it (no reference source lists recipes), and the owner keeps it. Once disabled (its launch
+    permission gone, so the consumer no longer sees it), the recipe still names it: the owner rescues it."""
+    recipe = {"arn": f"arn:aws:imagebuilder:{US}:{CONSUMER}:image-recipe/web-build/1.0.0"}
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    builds = ClientFactory(recipe_builder([{**recipe, "parentImage": accounts.shared}]))
 
-    for operation in ("DescribeImages", "DescribeImageReferences"):
-        session.register(f"before-parameter-build.ec2.{operation}", remember)
-    session.register("before-call.ec2.DescribeImages", answer_images)
-    session.register("before-call.ec2.DescribeImageReferences", answer_references)
+    def consumer_with_recipe() -> engine.RunResult:
+        return engine.run(policy([CONSUMER]), [US], builds, wall_clock(), apply=False, publish_reports=True)
 
-    result = engine.run(
-        policy([CONSUMER]), [US], ClientFactory(session), wall_clock(), apply=False, publish_reports=True
-    )
+    result = consumer_with_recipe()
 
     assert result.usage_problems == [] and result.exit_code == 0
-    assert report_body(accounts, CONSUMER)["uses"] == {
-        accounts.shared: [f"referenced by imagebuilder:ImageRecipe {recipe} (DescribeImageReferences)"]
-    }
+    reported = f"referenced by image recipe {recipe['arn']} (parentImage)"
+    assert report_body(accounts, CONSUMER)["uses"] == {accounts.shared: [reported]}
     kept = owner_plan(accounts, wall_clock())[accounts.shared]
     assert kept.action == "keep"
-    assert any(f"used in account {CONSUMER} by " in r and recipe in r for r in kept.reasons), kept.reasons
+    assert any(f"used in account {CONSUMER} by image recipe {recipe['arn']}" in r for r in kept.reasons), (
+        kept.reasons
+    )
     assert owner_plan(accounts, wall_clock())[accounts.unshared].action == "deregister"
+
+    # Disabled on an earlier report that did not name it (the recipe made since), then reported again.
+    enforce = weekly_enforce()
+    consumer_run(accounts, wall_clock())  # no recipe yet
+    engine.run(enforce, [US], accounts.owner, wall_clock(), apply=True)
+    owner_ec2 = accounts.owner(US).ec2
+    assert owner_ec2.describe_images(ImageIds=[accounts.shared])["Images"][0]["State"] == "disabled"
+    consumer_with_recipe()
+
+    again = engine.run(enforce, [US], accounts.owner, wall_clock() + timedelta(hours=1), apply=True)
+
+    rescued = next(d for d in again.plan.decisions if d.image_id == accounts.shared)
+    assert rescued.action == "rescue", rescued.reasons
+    assert owner_ec2.describe_images(ImageIds=[accounts.shared])["Images"][0]["State"] == "available"
+
+
+def test_a_consumer_whose_recipes_cannot_be_read_sends_a_report_that_keeps(accounts: Accounts) -> None:
+    """An SCP that denies Image Builder: the report goes out saying so (an account that sent none
+    would be taken, without `required`, for one that runs no janitor), and the owner keeps."""
+    session = session_of(CONSUMER)
+
+    def deny(**_: Any) -> None:
+        raise ClientError(
+            {"Error": {"Code": "AccessDeniedException", "Message": "explicit deny"}}, "ListImageRecipes"
+        )
+
+    session.register("before-call.imagebuilder.ListImageRecipes", deny)
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+
+    result = engine.run(
+        policy([CONSUMER], required=False),
+        [US],
+        ClientFactory(session),
+        wall_clock(),
+        apply=False,
+        publish_reports=True,
+    )
+
+    assert result.usage_reports and result.exit_code == 1
+    [problem] = result.usage_problems
+    assert "usage report incomplete" in problem and "AccessDeniedException" in problem
+    owner = engine.run(policy([CONSUMER], required=False), [US], accounts.owner, wall_clock(), apply=False)
+    kept = next(d for d in owner.plan.decisions if d.image_id == accounts.shared)
+    assert kept.action == "keep"
+    assert any(
+        "is incomplete: imagebuilder:ListImageRecipes: AccessDeniedException" in r for r in kept.reasons
+    ), kept.reasons
 
 
 def test_without_required_a_missing_report_is_noted_not_kept(accounts: Accounts) -> None:
@@ -397,15 +443,7 @@ def test_a_disabled_ami_its_recorded_consumer_reports_used_again_is_rescued_with
     then the consumer uses it again and reports so: the next run rescues it, its share restored. So
     too where the owner enabled it by hand meanwhile (EnableImage gives no launch permission back):
     the consumers the ledger recorded still count, and the AMI is not disabled again."""
-    make_ledger((US,))
-    weekly = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
-    weekly["mode"] = "enforce"
-    weekly["defaults"]["lifecycle"] = {
-        "deprecate_after_days": 0,
-        "disable_after_days": 0,
-        "deregister_after_days": 7,
-    }
-    enforce = parse_policy(weekly)
+    enforce = weekly_enforce()
     accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
     consumer_run(accounts, wall_clock())
     owner_ec2 = accounts.owner(US).ec2

@@ -38,9 +38,8 @@ class Stubbed:
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
         )
         config = Config(retries={"max_attempts": 1})
-        self.raw = {
-            name: session.client(name, config=config) for name in ("s3", "sts", "organizations", "ec2")
-        }  # type: ignore[call-overload]
+        services = ("s3", "sts", "organizations", "imagebuilder")
+        self.raw = {name: session.client(name, config=config) for name in services}  # type: ignore[call-overload]
         self.stubs = {name: Stubber(client) for name, client in self.raw.items()}
         for stub in self.stubs.values():
             stub.activate()
@@ -65,12 +64,10 @@ def body(data: dict[str, Any]) -> StreamingBody:
     return StreamingBody(io.BytesIO(raw), len(raw))
 
 
-# What a consumer asks for the AMIs other accounts share with it (its organization and OUs included).
-SHARED_WITH_US = {"ExecutableUsers": ["self"], "IncludeDeprecated": True, "MaxResults": 1000}
-RECIPE_TYPES = [
-    {"ResourceType": "imagebuilder:ImageRecipe"},
-    {"ResourceType": "imagebuilder:ContainerRecipe"},
-]
+# What a consumer asks of Image Builder: its own recipes, at the largest page.
+OWN_RECIPES = {"owner": "Self", "maxResults": 100}
+NO_IMAGE_RECIPES: dict[str, Any] = {"imageRecipeSummaryList": []}
+NO_CONTAINER_RECIPES: dict[str, Any] = {"containerRecipeSummaryList": []}
 
 
 def _recipe_policy() -> Any:
@@ -81,10 +78,6 @@ def _recipe_policy() -> Any:
             "usage_reports": {"inbox": "s3://usage-inbox/org"},
         }
     )
-
-
-def _shared(*image_ids: str, owner: str = OWNER) -> list[dict[str, Any]]:
-    return [{"ImageId": image_id, "OwnerId": owner} for image_id in image_ids]
 
 
 def _put_report(stubbed: Stubbed, sent: dict[str, Any]) -> None:
@@ -138,53 +131,70 @@ def test_a_report_is_written_under_the_accounts_own_prefix(stubbed: Stubbed) -> 
     }
 
 
-def test_a_report_names_the_recipes_built_on_amis_shared_with_the_account(stubbed: Stubbed) -> None:
-    """No scan source reads Image Builder recipes, and the scan asks DescribeImageReferences about the
-    account's own AMIs only: the report asks it about every AMI shared with the account (its own left
-    out), recipes only, 10 ids a call, and names each recipe under the AMI it is built on."""
-    shared = [f"ami-0{n:016x}" for n in range(11)]
-    image_recipe = f"arn:aws:imagebuilder:{REGION}:{CONSUMER}:image-recipe/web/1.0.0"
-    container_recipe = f"arn:aws:imagebuilder:{REGION}:{CONSUMER}:container-recipe/svc/2.0.1"
+def _recipe(kind: str, name: str, image: str) -> dict[str, Any]:
+    arn = f"arn:aws:imagebuilder:{REGION}:{CONSUMER}:{kind}-recipe/{name}/1.0.0"
+    return {"arn": arn, "parentImage" if kind == "image" else "instanceImage": image}
+
+
+def test_a_report_names_the_amis_the_accounts_image_builder_recipes_build_on(stubbed: Stubbed) -> None:
+    """No reference source lists recipes, and DescribeImageReferences is asked about the account's own
+    AMIs only: the report reads the account's own image recipes (their parent image) and container
+    recipes (their build instance's image), 100 a page, and names each AMI of another account there.
+    Read from the recipes, an AMI its owner disabled (no longer shared, so not visible) still counts."""
+    shared, other, own = "ami-0aaaaaaaaaaaaaaaa", "ami-0bbbbbbbbbbbbbbbb", "ami-0cccccccccccccccc"
+    web, svc = _recipe("image", "web", shared), _recipe("container", "svc", other)
     stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
     stubbed.add(
-        "ec2",
-        "describe_images",
-        {"Images": _shared(*shared[:6]), "NextToken": "page-2"},
-        SHARED_WITH_US,
+        "imagebuilder",
+        "list_image_recipes",
+        {"imageRecipeSummaryList": [web, _recipe("image", "mine", own)], "nextToken": "page-2"},
+        OWN_RECIPES,
     )
+    managed = f"arn:aws:imagebuilder:{REGION}:aws:image/amazon-linux-2-x86/x.x.x"
     stubbed.add(
-        "ec2",
-        "describe_images",
-        # The account's own AMI shared with itself is its own plan's business, not the report's.
-        {"Images": [*_shared(*shared[6:]), *_shared("ami-0aaaaaaaaaaaaaaaa", owner=CONSUMER)]},
-        {**SHARED_WITH_US, "NextToken": "page-2"},
-    )
-    stubbed.add(
-        "ec2",
-        "describe_image_references",
+        "imagebuilder",
+        "list_image_recipes",
+        # Not AMI ids: an Image Builder managed image, an SSM parameter resolved at build time.
         {
-            "ImageReferences": [
-                {"ImageId": shared[3], "ResourceType": "imagebuilder:ImageRecipe", "Arn": image_recipe},
-                # An answer of another type than asked is not believed here (the scan reads those).
-                {"ImageId": shared[4], "ResourceType": "ec2:Instance", "Arn": "arn:aws:ec2:x:y:instance/i-1"},
+            "imageRecipeSummaryList": [
+                _recipe("image", "managed", managed),
+                _recipe("image", "p", "ssm:/base"),
             ]
         },
-        {"ImageIds": shared[:10], "ResourceTypes": RECIPE_TYPES},
+        {**OWN_RECIPES, "nextToken": "page-2"},
     )
-    stubbed.add(
-        "ec2",
-        "describe_image_references",
-        {
-            "ImageReferences": [
-                {
-                    "ImageId": shared[10],
-                    "ResourceType": "imagebuilder:ContainerRecipe",
-                    "Arn": container_recipe,
-                }
-            ]
-        },
-        {"ImageIds": shared[10:], "ResourceTypes": RECIPE_TYPES},
+    stubbed.add("imagebuilder", "list_container_recipes", {"containerRecipeSummaryList": [svc]}, OWN_RECIPES)
+    sent: dict[str, Any] = {}
+    _put_report(stubbed, sent)
+    inventory = RegionInventory(region=REGION, images=(image(image_id=own),))
+
+    answer = engine.publish_usage(_recipe_policy(), [inventory], lambda _: stubbed.clients, NOW)
+
+    assert answer == {
+        "usage_reports": [f"s3://usage-inbox/org/reports/{CONSUMER}/{REGION}.json"],
+        "usage_problems": [],
+    }
+    report = json.loads(sent["Body"])
+    assert report["uses"] == {
+        shared: [f"referenced by image recipe {web['arn']} (parentImage)"],
+        other: [f"referenced by container recipe {svc['arn']} (instanceImage)"],
+    }
+    assert "unread" not in report  # only where something could not be read (older owners refuse it)
+
+
+def test_recipes_that_cannot_be_read_send_a_report_that_says_so(stubbed: Stubbed) -> None:
+    """A report without the recipes it should name would let owners retire what they build on; none
+    at all would read as an account that runs no janitor where reports are not required. The report
+    goes out saying what it could not read, which keeps (below), and the run counts a failure."""
+    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.stubs["imagebuilder"].add_client_error(
+        "list_image_recipes",
+        service_error_code="AccessDeniedException",
+        service_message="explicit deny in a service control policy",
+        http_status_code=403,
+        expected_params=OWN_RECIPES,
     )
+    stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, OWN_RECIPES)
     sent: dict[str, Any] = {}
     _put_report(stubbed, sent)
 
@@ -192,68 +202,28 @@ def test_a_report_names_the_recipes_built_on_amis_shared_with_the_account(stubbe
         _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
     )
 
-    assert answer == {
-        "usage_reports": [f"s3://usage-inbox/org/reports/{CONSUMER}/{REGION}.json"],
-        "usage_problems": [],
-        "notes": [],
-    }
-    assert json.loads(sent["Body"])["uses"] == {
-        shared[3]: [f"referenced by imagebuilder:ImageRecipe {image_recipe} (DescribeImageReferences)"],
-        shared[10]: [
-            f"referenced by imagebuilder:ContainerRecipe {container_recipe} (DescribeImageReferences)"
-        ],
-    }
-
-
-def test_where_recipes_cannot_be_read_the_report_is_not_sent(stubbed: Stubbed) -> None:
-    """A report without the recipes it should name would let the owner retire what they build on: the
-    region sends none, its last report grows stale, and the owner keeps (the run counts a failure)."""
-    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
-    stubbed.add("ec2", "describe_images", {"Images": _shared("ami-01111111111111111")}, SHARED_WITH_US)
-    stubbed.stubs["ec2"].add_client_error(
-        "describe_image_references",
-        service_error_code="UnauthorizedOperation",
-        service_message="not authorized to perform: imagebuilder:ListImageRecipes",
-        http_status_code=403,
-        expected_params={"ImageIds": ["ami-01111111111111111"], "ResourceTypes": RECIPE_TYPES},
-    )
-
-    answer = engine.publish_usage(
-        _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
-    )
-
-    assert answer["usage_reports"] == []
-    assert answer["usage_problems"] == [
-        f"{REGION}: usage report not sent: ec2:DescribeImageReferences: UnauthorizedOperation: "
-        "not authorized to perform: imagebuilder:ListImageRecipes"
-    ]
-
-
-def test_where_describe_image_references_is_not_offered_the_report_is_sent_and_the_plan_says_so(
-    stubbed: Stubbed,
-) -> None:
-    """Some partitions lack the call: the report still names what the scan found (as before recipes
-    were read), and the plan notes that recipes are not in it."""
-    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
-    stubbed.add("ec2", "describe_images", {"Images": _shared("ami-01111111111111111")}, SHARED_WITH_US)
-    stubbed.stubs["ec2"].add_client_error(
-        "describe_image_references",
-        service_error_code="InvalidAction",
-        http_status_code=400,
-        expected_params={"ImageIds": ["ami-01111111111111111"], "ResourceTypes": RECIPE_TYPES},
-    )
-    _put_report(stubbed, {})
-
-    answer = engine.publish_usage(
-        _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
-    )
-
+    unread = "imagebuilder:ListImageRecipes: AccessDeniedException: explicit deny in a service control policy"
     assert answer["usage_reports"] == [f"s3://usage-inbox/org/reports/{CONSUMER}/{REGION}.json"]
-    assert answer["usage_problems"] == []
-    assert answer["notes"] == [
-        f"{REGION}: DescribeImageReferences is not available: the usage report names no Image Builder "
-        "recipe built on an AMI shared with this account"
+    assert answer["usage_problems"] == [
+        f"{REGION}: usage report incomplete (owners keep what they share): {unread}"
     ]
+    assert json.loads(sent["Body"])["unread"] == [unread]
+
+
+def test_an_incomplete_report_keeps_what_is_shared_with_its_account(stubbed: Stubbed) -> None:
+    key = f"org/reports/{CONSUMER}/{REGION}.json"
+    unread = "imagebuilder:ListImageRecipes: ThrottlingException: Rate exceeded"
+    written = {"account": CONSUMER, "region": REGION, "generated_at": "2026-11-25T02:00:00Z"}
+    stubbed.add(
+        "s3",
+        "get_object",
+        {"Body": body({**written, "uses": {}, "unread": [unread]}), "LastModified": NOW},
+        {"Bucket": "usage-inbox", "Key": key},
+    )
+
+    received = usage.read_report(stubbed.raw["s3"], INBOX, CONSUMER, REGION)
+
+    assert received is not None and received.problem == f"{key} is incomplete: {unread}"
 
 
 def test_an_owner_reads_each_consumers_report_from_its_prefix_and_dates_it_by_s3(stubbed: Stubbed) -> None:
@@ -520,7 +490,8 @@ def test_a_report_refused_by_the_owner_check_is_a_failed_publish(stubbed: Stubbe
         }
     )
     stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
-    stubbed.add("ec2", "describe_images", {"Images": []}, SHARED_WITH_US)
+    stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, OWN_RECIPES)
+    stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, OWN_RECIPES)
     stubbed.stubs["s3"].add_client_error(
         "put_object",
         service_error_code="AccessDenied",

@@ -211,29 +211,17 @@ def test_a_missing_report_without_required_lists_the_accounts_prefix_once(listed
     assert report is None or (report.problem or "").startswith("no report for us-east-1, though")
 
 
-def test_the_amis_shared_with_the_account_and_the_recipes_built_on_them() -> None:
-    """DescribeImages for `self` answers the other accounts' AMIs shared with this one (a deprecated
-    one only with IncludeDeprecated, as for any AMI not the caller's), and DescribeImageReferences
-    only the resource types asked for."""
+def test_the_recipes_of_the_account_name_the_amis_they_build_on() -> None:
+    """Image Builder's image recipes, in pages of at most 100 (the fake's own page size follows
+    maxResults): every one read, the AMI ids of other accounts reported."""
     fake = region()
-    owner = "999988887777"
-    current = FakeImage("ami-0000000000000aaaa", "golden-1", NOW, owner=owner, permissions={"user:x"})
-    deprecated = FakeImage(
-        "ami-0000000000000bbbb", "golden-0", NOW - timedelta(days=40), owner=owner, deprecation_time=NOW
-    )
-    fake.shared_with_me = {image.image_id: image for image in (current, deprecated)}
-    recipe = "arn:aws:imagebuilder:us-east-1:222233334444:image-recipe/web/1.0.0"
-    fake.references += [
-        Reference(image_id=deprecated.image_id, kind="image-builder-recipe", resource_id=recipe, detail=""),
-        Reference(image_id=current.image_id, kind="launch-template", resource_id="lt-2", detail=""),
-    ]
-    area = account_region(fake, "222233334444", Inbox())
+    recipes = {
+        f"arn:aws:imagebuilder:us-east-1:222233334444:image-recipe/r{n:03d}/1.0.0": f"ami-{n:017x}"
+        for n in range(150)
+    }
+    area = account_region(fake, "222233334444", Inbox(), recipes=recipes)
 
-    shown = fake.describe_images(ExecutableUsers=["self"])["Images"]
-    assert [(i["ImageId"], i["OwnerId"]) for i in shown] == [(current.image_id, owner)]
-    assert usage.shared_with_this_account(area.clients, "222233334444") == sorted(fake.shared_with_me)
-    found, notes = usage.recipe_uses(area.clients, "222233334444")
-    assert [(r.image_id, r.kind, r.resource_id) for r in found] == [
-        (deprecated.image_id, "image-builder-recipe", recipe)
-    ]
-    assert notes == []
+    found, unread = usage.recipe_uses(area.clients)
+
+    assert unread == [] and sorted(r.resource_id for r in found) == sorted(recipes)
+    assert area.api_calls()["imagebuilder:ListImageRecipes"] == 2

@@ -201,6 +201,7 @@ def test_sharing_families_whose_brownout_is_shorter_than_a_reports_freshness_are
         family("api", {"disable_after_days": None}),
         family("batch", {"disable_after_days": 13, "deregister_after_days": 14}),
         family("solo", {"disable_after_days": None}, share=False),  # shared with nobody by the policy
+        {**family("byhand", {"disable_after_days": None}, share=False), "allow_shared": True},
         family("kept", {"disable_after_days": None, "deregister_after_days": None}),  # never deregistered
     ]
     base = {"regions": ["us-east-1"], "families": families}
@@ -210,7 +211,7 @@ def test_sharing_families_whose_brownout_is_shorter_than_a_reports_freshness_are
 
     assert note == (
         "families that deregister sooner after the disable stage than usage_reports.max_age_hours (48): "
-        "api (no disable stage), batch (24 hours). A usage report written before an account was granted "
+        "api (no disable stage), batch (24 hours), byhand (no disable stage). A usage report written before an account was granted "
         "an AMI does not name it, yet counts while fresh: keep disable_after_days at least 2 day(s) before "
         "deregister_after_days where shares change"
     )
@@ -219,6 +220,6 @@ def test_sharing_families_whose_brownout_is_shorter_than_a_reports_freshness_are
     daily = parse_policy({**base, "usage_reports": {"inbox": "s3://usage-inbox/org", "max_age_hours": 24}})
     assert [n.split(". ")[0] for n in brownout_warnings(daily)] == [
         "families that deregister sooner after the disable stage than usage_reports.max_age_hours (24): "
-        "api (no disable stage)"
+        "api (no disable stage), byhand (no disable stage)"
     ]
     assert brownout_warnings(parse_policy(base)) == []

@@ -8,7 +8,7 @@ prefix only, and dates it by S3's LastModified (set by S3, not by the writer).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Sequence, Set
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +16,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from ami_janitor.aws.errors import error_code, error_text
-from ami_janitor.aws.inventory import image_references
-from ami_janitor.aws.inventory.reading import items, source
+from ami_janitor.aws.inventory.reading import SourceFailed, items, optional
 from ami_janitor.core.model import ReceivedReport, Reference, RegionInventory, UsageView
 from ami_janitor.core.policy import UsageReports
 from ami_janitor.core.usage import UsageReport, consumer_grants, report_of, reports_needed
@@ -30,12 +29,11 @@ if TYPE_CHECKING:
 
 # A member account's scheduled run: its own report ...
 PUBLISH_PERMISSIONS: list[str] = ["s3:PutObject"]
-# ... with the Image Builder recipes built on what other accounts share with it: DescribeImages of those
-# AMIs, then DescribeImageReferences about them, which reads the recipes with the caller's own
-# imagebuilder permissions (image_references.DEPENDENCIES). The inventory calls them all too.
-RECIPE_PERMISSIONS: list[str] = sorted(
-    {"ec2:DescribeImages", *image_references.PERMISSIONS, *image_references.DEPENDENCIES}
-)
+# ... with the AMIs its Image Builder recipes build on, which no reference source lists: an image
+# recipe's parent image and a container recipe's build instance image, read from the recipes themselves
+# (an AMI its owner disabled, no longer shared with the account, is still named there).
+RECIPE_PERMISSIONS: list[str] = ["imagebuilder:ListContainerRecipes", "imagebuilder:ListImageRecipes"]
+_RECIPE_PAGE = 100  # ListImageRecipes and ListContainerRecipes: at most 100 a page
 # An owner's plan, and the slice worker's fresh check: the reports of the accounts it shares with
 # (s3:ListBucket makes a missing report answer 404, not 403).
 READ_PERMISSIONS: list[str] = sorted(["s3:GetObject", "s3:ListBucket"])
@@ -66,21 +64,41 @@ def own_account(clients: RegionClients) -> str:
     return str(clients.run_facts["account"])
 
 
-def shared_with_this_account(clients: RegionClients, account: str) -> list[str]:
-    """The AMIs other accounts share with this one here: with it, its organization or one of its OUs
-    (EC2 answers all three for `self`), deprecated ones included, 1,000 a page; SourceFailed if unread."""
-    with source("ec2:DescribeImages"):
-        raws = items(
-            clients.ec2, "describe_images", "Images", 1000, ExecutableUsers=["self"], IncludeDeprecated=True
-        )
-        return sorted({str(raw["ImageId"]) for raw in raws if raw.get("OwnerId") != account})
+def recipe_uses(clients: RegionClients) -> tuple[list[Reference], list[str]]:
+    """The AMIs this account's own Image Builder recipes build on (image recipes' parent image,
+    container recipes' instance image, where each is an AMI id), and what could not be read: each
+    source's failure (the report then says so, and owners keep what they share with the account).
+    Where the region has no Image Builder, it has no recipes."""
+    found: list[Reference] = []
+    unread: list[str] = []
+    for api, operation, key, field, what in (
+        ("ListImageRecipes", "list_image_recipes", "imageRecipeSummaryList", "parentImage", "image recipe"),
+        (
+            "ListContainerRecipes",
+            "list_container_recipes",
+            "containerRecipeSummaryList",
+            "instanceImage",
+            "container recipe",
+        ),
+    ):
 
+        def read(operation: str = operation, key: str = key) -> list[Any]:
+            imagebuilder = clients.client("imagebuilder")
+            return list(items(imagebuilder, operation, key, _RECIPE_PAGE, owner="Self"))
 
-def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], list[str]]:
-    """This account's Image Builder recipes built on AMIs shared with it, which no scan source reads
-    (the scan asks DescribeImageReferences only about the account's own AMIs), and a note where the
-    API is not offered here. SourceFailed where either read fails: the report is then not sent."""
-    return image_references.read_recipe_references(clients.ec2, shared_with_this_account(clients, account))
+        try:
+            recipes = optional(f"imagebuilder:{api}", read, endpoint_may_lack=True) or []
+        except SourceFailed as failure:
+            unread.append(str(failure))
+            continue
+        for recipe in recipes:
+            image_id, arn = str(recipe.get(field) or ""), str(recipe.get("arn") or "")
+            if image_id.startswith("ami-"):  # not an Image Builder image's ARN, nor an ssm: parameter
+                detail = f"referenced by {what} {arn} ({field})"
+                found.append(
+                    Reference(image_id=image_id, kind="image-builder-recipe", resource_id=arn, detail=detail)
+                )
+    return found, unread
 
 
 def publish_report(
@@ -90,16 +108,19 @@ def publish_report(
     inventory: RegionInventory,
     now: datetime,
     recipes: Iterable[Reference] = (),
+    unread: Sequence[str] = (),
 ) -> str:
     """Write the account's report for the inventory's region to the inbox (its own prefix), with the
-    `recipes` (recipe_uses) beside the inventory's references; the key."""
+    `recipes` (recipe_uses) beside the inventory's references, and what it could not read (`unread`:
+    owners then keep what they share with the account); the key."""
     references = [*inventory.references, *recipes]
-    report = report_of(account, inventory.region, inventory.images, references, now)
+    report = report_of(account, inventory.region, inventory.images, references, now, unread)
     key = settings.report_key(account, inventory.region)
     clients.s3.put_object(
         Bucket=settings.bucket,
         Key=key,
-        Body=report.model_dump_json(indent=1).encode(),
+        # `unread` only where it has something: an owner of before the field refuses a report with it.
+        Body=report.model_dump_json(indent=1, exclude=None if unread else {"unread"}).encode(),
         ContentType="application/json",
         **settings.owner_check(),
     )
@@ -148,6 +169,8 @@ def read_report(
         return _unreadable(
             account, f"{key} names account {report.account} in {report.region}: not believed", received_at
         )
+    if report.unread:  # what it names is not all it uses
+        return _unreadable(account, f"{key} is incomplete: {'; '.join(report.unread)}", received_at)
     uses = {
         image_id: tuple(details)
         for image_id, details in report.uses.items()

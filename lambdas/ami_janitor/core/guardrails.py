@@ -65,16 +65,17 @@ def enrollable_warnings(inventory: RegionInventory, policy: Policy, members: Col
 
 
 def brownout_warnings(policy: Policy) -> list[str]:
-    """One plan note, with usage reports, naming the sharing families that deregister sooner after the
-    disable stage (or without one) than a report stays fresh."""
+    """One plan note, with usage reports, naming the sharing families (by share_with, or allow_shared)
+    that deregister sooner after the disable stage (or without one) than a report stays fresh."""
     settings = policy.usage_reports
     if settings is None:
         return []
     short: list[str] = []
     for family in policy.families:
-        lifecycle = policy.rules_for(family).lifecycle
-        deregister, disable = lifecycle.deregister_after_days, lifecycle.disable_after_days
-        if not family.share_with.grants() or deregister is None:
+        rules = policy.rules_for(family)
+        deregister, disable = rules.lifecycle.deregister_after_days, rules.lifecycle.disable_after_days
+        # Shared by the policy, or by hand where allow_shared lets shared AMIs retire.
+        if not (family.share_with.grants() or rules.allow_shared) or deregister is None:
             continue
         hours = 0 if disable is None else (deregister - disable) * 24
         if hours < settings.max_age_hours:

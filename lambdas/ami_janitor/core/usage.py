@@ -33,6 +33,10 @@ class UsageReport(BaseModel):
     generated_at: datetime
     # AMI id -> what uses it here, sorted; only AMIs other accounts own.
     uses: dict[str, list[str]] = {}
+    # The sources the account could not read ('<source>: <code>: <message>'): `uses` may lack what they
+    # hold, so the report keeps, as an unreadable one does (an owner of before this field refuses it:
+    # it keeps too).
+    unread: list[str] = []
 
 
 def report_of(
@@ -41,9 +45,11 @@ def report_of(
     own_images: Iterable[Image],
     references: Sequence[Reference],
     now: datetime,
+    unread: Sequence[str] = (),
 ) -> UsageReport:
     """An account's report for a region: every reference to an AMI it does not own (from each
-    reference source the janitor reads), as found in a complete inventory."""
+    reference source the janitor reads), as found in a complete inventory, and the recipe sources it
+    could not read (`unread`)."""
     own = {image.image_id for image in own_images}
     uses: dict[str, set[str]] = {}
     for reference in references:
@@ -54,6 +60,7 @@ def report_of(
         region=region,
         generated_at=now,
         uses={image_id: sorted(details) for image_id, details in sorted(uses.items())},
+        unread=list(unread),
     )
 
 

@@ -9,9 +9,9 @@ the image block public access state (per account and region, on as for a new acc
 not enforced: a public launch permission is still accepted).
 What SSM does and moto does not: PutParameter refusing to change a parameter's data type to or from
 `aws:ec2:image` (or `aws:ssm:integration`).
-What moto lacks altogether (DescribeImageReferences, Recycle Bin) is answered the way AWS answers an
-operation a partition does not offer: an HTTP 4xx naming the operation unknown, never moto's
-NotImplementedError or HTML 500 page, which the janitor rightly reads as a failure.
+What moto lacks altogether (DescribeImageReferences, Recycle Bin, Image Builder) is answered the way
+AWS answers an operation a partition does not offer: an HTTP 4xx naming the operation unknown, never
+moto's NotImplementedError or HTML 500 page, which the janitor rightly reads as a failure.
 DeregisterImage(DeleteAssociatedSnapshots=True) keeps moto's behaviour (snapshots stay, no
 DeleteSnapshotResults), like the partitions that predate it: callers must handle both.
 
@@ -400,7 +400,7 @@ def _wrap_put_parameter(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # Services the janitor calls that moto 5.2.5 has no backend for (REST-JSON protocol).
-_ABSENT_SERVICES = frozenset({"rbin"})
+_ABSENT_SERVICES = frozenset({"imagebuilder", "rbin"})
 _ABSENT_HOST = re.compile(r"^https?://(?P<service>[a-z0-9-]+)\.[^/]*amazonaws\.com(?:/|$)")
 
 

@@ -72,7 +72,7 @@ def summary_text(region: str, report: engine.RunReport) -> str:
         )
     lines += _listed("unfinished run", report.unfinished_runs)
     lines += _listed("skipped", [f"{r.region}: {r.error}" for r in skipped])
-    lines += _listed("usage report not sent", report.usage_problems)
+    lines += _listed("usage report problem", report.usage_problems)
     lines += _listed("policy error", report.policy_errors)
     lines += _listed(
         "tampered",

@@ -8,7 +8,7 @@ alone (with a note); any other failure skips the region.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence, Set
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ami_janitor.aws.inventory.pointers import Pointers
 from ami_janitor.aws.inventory.reading import Raw, chunks, items, optional
@@ -34,9 +34,6 @@ DEPENDENCIES: list[str] = [
 ]
 
 _BATCH = 10  # DescribeImageReferences takes at most 10 image ids
-# The resources no other reference source reads: asked about the AMIs other accounts share with this
-# one, for its usage report (its instances, launch templates and parameters the scan reads already).
-RECIPE_TYPES = ("imagebuilder:ImageRecipe", "imagebuilder:ContainerRecipe")
 
 
 def read_image_references(
@@ -76,40 +73,11 @@ def read_image_references(
     return references, []
 
 
-def read_recipe_references(ec2: EC2Client, image_ids: Sequence[str]) -> tuple[list[Reference], list[str]]:
-    """The Image Builder recipes (image and container) of this account built on `image_ids`, and a
-    note where DescribeImageReferences is not offered here; any other failure raises SourceFailed."""
-    if not image_ids:
-        return [], []
-    types = [{"ResourceType": resource_type} for resource_type in RECIPE_TYPES]
-    answer = optional(
-        "ec2:DescribeImageReferences", lambda: list(_items(ec2, image_ids, ResourceTypes=types))
-    )
-    if answer is None:
-        note = (
-            "DescribeImageReferences is not available: the usage report names no Image Builder recipe "
-            "built on an AMI shared with this account"
-        )
-        return [], [note]
-    found: dict[tuple[str, str], Reference] = {}
-    for item in answer:
-        resource_type = str(item.get("ResourceType") or "")
-        if resource_type not in RECIPE_TYPES:
-            continue  # asked for recipes only; anything else the scan's own sources read
-        image_id, arn = str(item.get("ImageId") or ""), str(item.get("Arn") or "")
-        detail = f"referenced by {resource_type} {arn} (DescribeImageReferences)"
-        found[(image_id, arn)] = Reference(
-            image_id=image_id, kind="image-builder-recipe", resource_id=arn, detail=detail
-        )
-    return [found[key] for key in sorted(found)], []
-
-
 def sort_references(references: Iterable[Reference]) -> tuple[Reference, ...]:
     return tuple(sorted(references, key=lambda r: (r.image_id, r.kind, r.resource_id, r.detail)))
 
 
-def _items(ec2: EC2Client, image_ids: Sequence[str], **scope: Any) -> Iterator[Raw]:
-    """Every item about `image_ids`, of every resource type or of those `scope` names (ResourceTypes)."""
+def _items(ec2: EC2Client, image_ids: Sequence[str]) -> Iterator[Raw]:
     for batch in chunks(image_ids, _BATCH):
         # No MaxResults: the API documents no maximum, and a wrong guess would fail every region.
         yield from items(
@@ -118,7 +86,7 @@ def _items(ec2: EC2Client, image_ids: Sequence[str], **scope: Any) -> Iterator[R
             "ImageReferences",
             None,
             ImageIds=batch,
-            **(scope or {"IncludeAllResourceTypes": True}),
+            IncludeAllResourceTypes=True,
         )
 
 

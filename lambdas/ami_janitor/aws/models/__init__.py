@@ -81,6 +81,12 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
         "RegisterImage",  # not called: named in aws/pacing.py's table
     ),
     "emr": ("DescribeCluster", "GetSession", "ListClusters", "ListInstanceFleets", "ListInstanceGroups"),
+    "imagebuilder": (
+        "CreateImage",  # not called: named as EC2's
+        "GetContainerRecipe",  # not called: named among DescribeImageReferences' permissions
+        "ListContainerRecipes",
+        "ListImageRecipes",
+    ),
     "kms": (
         "CreateGrant",
         "Decrypt",
