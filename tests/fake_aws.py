@@ -176,7 +176,7 @@ class FakeRecycleBin(FakeService):
 
 class FakeImageBuilder(FakeService):
     """The account's own image recipes, each an ARN -> the AMI id it builds on (its parentImage), in
-    pages of maxResults; no container recipe."""
+    pages of maxResults; none shared with it, no container recipe."""
 
     service = "imagebuilder"
 
@@ -186,7 +186,8 @@ class FakeImageBuilder(FakeService):
 
     def list_image_recipes(self, **params: Any) -> dict[str, Any]:
         self._request("list_image_recipes", params)
-        found = [{"arn": arn, "parentImage": image} for arn, image in sorted(self.recipes.items())]
+        own = params["owner"] == "Self"
+        found = [{"arn": arn, "parentImage": image} for arn, image in sorted(self.recipes.items()) if own]
         page, token = _paged(found, params, "maxResults", "nextToken")
         return {"imageRecipeSummaryList": page, **token}
 

@@ -645,7 +645,7 @@ def publish_usage(
         if region.error is not None:
             continue  # skipped, and said so: its last report grows stale
         clients = clients_for(region.region)
-        recipes, unread = usage.recipe_uses(clients)
+        recipes, unread = usage.recipe_uses(clients, account)
         try:
             key = usage.publish_report(clients, settings, account, region, now, recipes, unread)
         except (BotoCoreError, ClientError) as error:

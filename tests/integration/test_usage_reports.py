@@ -278,13 +278,18 @@ def test_a_consumer_whose_recipes_cannot_be_read_sends_a_report_that_keeps(accou
     )
 
     assert result.usage_reports and result.exit_code == 1
-    [problem] = result.usage_problems
-    assert "usage report incomplete" in problem and "AccessDeniedException" in problem
+    # Its own recipes and those shared with it: neither could be read.
+    assert [p.split(": ")[1:3] for p in result.usage_problems] == [
+        ["usage report incomplete (owners keep what they share)", f"imagebuilder:ListImageRecipes ({owner})"]
+        for owner in ("Self", "Shared")
+    ]
+    assert all("AccessDeniedException" in p for p in result.usage_problems)
     owner = engine.run(policy([CONSUMER], required=False), [US], accounts.owner, wall_clock(), apply=False)
     kept = next(d for d in owner.plan.decisions if d.image_id == accounts.shared)
     assert kept.action == "keep"
     assert any(
-        "is incomplete: imagebuilder:ListImageRecipes: AccessDeniedException" in r for r in kept.reasons
+        "is incomplete: imagebuilder:ListImageRecipes (Self): AccessDeniedException" in r
+        for r in kept.reasons
     ), kept.reasons
 
 

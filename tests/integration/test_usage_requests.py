@@ -66,8 +66,18 @@ def body(data: dict[str, Any]) -> StreamingBody:
 
 # What a consumer asks of Image Builder: its own recipes, at the largest page.
 OWN_RECIPES = {"owner": "Self", "maxResults": 100}
+SHARED_RECIPES = {"owner": "Shared", "maxResults": 100}  # other accounts', shared with it
 NO_IMAGE_RECIPES: dict[str, Any] = {"imageRecipeSummaryList": []}
 NO_CONTAINER_RECIPES: dict[str, Any] = {"containerRecipeSummaryList": []}
+
+
+def _no_recipes(stubbed: Stubbed, *, image: bool = True) -> None:
+    """Empty answers to the recipe listings (the image recipes' too, unless `image` is False)."""
+    if image:
+        stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, OWN_RECIPES)
+        stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, SHARED_RECIPES)
+    stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, OWN_RECIPES)
+    stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, SHARED_RECIPES)
 
 
 def _recipe_policy() -> Any:
@@ -138,11 +148,17 @@ def _recipe(kind: str, name: str, image: str) -> dict[str, Any]:
 
 def test_a_report_names_the_amis_the_accounts_image_builder_recipes_build_on(stubbed: Stubbed) -> None:
     """No reference source lists recipes, and DescribeImageReferences is asked about the account's own
-    AMIs only: the report reads the account's own image recipes (their parent image) and container
-    recipes (their build instance's image), 100 a page, and names each AMI of another account there.
-    Read from the recipes, an AMI its owner disabled (no longer shared, so not visible) still counts."""
-    shared, other, own = "ami-0aaaaaaaaaaaaaaaa", "ami-0bbbbbbbbbbbbbbbb", "ami-0cccccccccccccccc"
+    AMIs only: the report reads the image recipes (their parent image) and container recipes (their
+    build instance's image) of the account and shared with it, 100 a page, and names each AMI of
+    another account there. Read from the recipes, an AMI its owner disabled (no longer shared, so not
+    visible) still counts. An image that stands for no other account's AMI is left out: an AWS-managed
+    or its own Image Builder image, its own SSM parameter (which the parameter scan reads)."""
+    shared, other, theirs, own = (f"ami-0{c * 16}" for c in "abcd")
     web, svc = _recipe("image", "web", shared), _recipe("container", "svc", other)
+    from_them = {
+        "arn": f"arn:aws:imagebuilder:{REGION}:{OWNER}:image-recipe/golden/2.0.0",
+        "parentImage": theirs,
+    }
     stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
     stubbed.add(
         "imagebuilder",
@@ -150,20 +166,21 @@ def test_a_report_names_the_amis_the_accounts_image_builder_recipes_build_on(stu
         {"imageRecipeSummaryList": [web, _recipe("image", "mine", own)], "nextToken": "page-2"},
         OWN_RECIPES,
     )
-    managed = f"arn:aws:imagebuilder:{REGION}:aws:image/amazon-linux-2-x86/x.x.x"
+    not_others = [
+        f"arn:aws:imagebuilder:{REGION}:aws:image/amazon-linux-2-x86/x.x.x",
+        f"arn:aws:imagebuilder:{REGION}:{CONSUMER}:image/base/1.0.0/1",
+        "ssm:/base/ami",
+        f"ssm:arn:aws:ssm:{REGION}:{CONSUMER}:parameter/base/ami",
+    ]
     stubbed.add(
         "imagebuilder",
         "list_image_recipes",
-        # Not AMI ids: an Image Builder managed image, an SSM parameter resolved at build time.
-        {
-            "imageRecipeSummaryList": [
-                _recipe("image", "managed", managed),
-                _recipe("image", "p", "ssm:/base"),
-            ]
-        },
+        {"imageRecipeSummaryList": [_recipe("image", f"n{n}", i) for n, i in enumerate(not_others)]},
         {**OWN_RECIPES, "nextToken": "page-2"},
     )
+    stubbed.add("imagebuilder", "list_image_recipes", {"imageRecipeSummaryList": [from_them]}, SHARED_RECIPES)
     stubbed.add("imagebuilder", "list_container_recipes", {"containerRecipeSummaryList": [svc]}, OWN_RECIPES)
+    stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, SHARED_RECIPES)
     sent: dict[str, Any] = {}
     _put_report(stubbed, sent)
     inventory = RegionInventory(region=REGION, images=(image(image_id=own),))
@@ -178,8 +195,40 @@ def test_a_report_names_the_amis_the_accounts_image_builder_recipes_build_on(stu
     assert report["uses"] == {
         shared: [f"referenced by image recipe {web['arn']} (parentImage)"],
         other: [f"referenced by container recipe {svc['arn']} (instanceImage)"],
+        theirs: [f"referenced by image recipe {from_them['arn']} (parentImage)"],
     }
     assert "unread" not in report  # only where something could not be read (older owners refuse it)
+
+
+def test_a_recipe_image_that_may_stand_for_another_accounts_ami_makes_the_report_incomplete(
+    stubbed: Stubbed,
+) -> None:
+    """Another account's Image Builder image or SSM parameter, or what is none of the known kinds: the
+    AMI behind it is not read, so the report says so, and owners keep what they share with it."""
+    image_arn = f"arn:aws:imagebuilder:{REGION}:{OWNER}:image/golden/1.0.0/4"
+    parameter = f"ssm:arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/current"
+    recipes = [
+        _recipe("image", "a", image_arn),
+        _recipe("image", "b", parameter),
+        _recipe("image", "c", "odd"),
+    ]
+    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.add("imagebuilder", "list_image_recipes", {"imageRecipeSummaryList": recipes}, OWN_RECIPES)
+    stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, SHARED_RECIPES)
+    _no_recipes(stubbed, image=False)
+    sent: dict[str, Any] = {}
+    _put_report(stubbed, sent)
+
+    engine.publish_usage(_recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW)
+
+    a, b, c = (r["arn"] for r in recipes)
+    assert json.loads(sent["Body"])["unread"] == [
+        f"image recipe {a}: its parentImage is Image Builder image {image_arn} of account {OWNER}: the AMIs "
+        "it stands for are not read",
+        f"image recipe {b}: its parentImage is SSM parameter {parameter.removeprefix('ssm:')} of another "
+        "account: the AMI it names is not read",
+        f"image recipe {c}: its parentImage 'odd' is neither an AMI id, an SSM parameter nor an Image Builder image",
+    ]
 
 
 def test_recipes_that_cannot_be_read_send_a_report_that_says_so(stubbed: Stubbed) -> None:
@@ -194,7 +243,8 @@ def test_recipes_that_cannot_be_read_send_a_report_that_says_so(stubbed: Stubbed
         http_status_code=403,
         expected_params=OWN_RECIPES,
     )
-    stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, OWN_RECIPES)
+    stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, SHARED_RECIPES)
+    _no_recipes(stubbed, image=False)
     sent: dict[str, Any] = {}
     _put_report(stubbed, sent)
 
@@ -202,7 +252,7 @@ def test_recipes_that_cannot_be_read_send_a_report_that_says_so(stubbed: Stubbed
         _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
     )
 
-    unread = "imagebuilder:ListImageRecipes: AccessDeniedException: explicit deny in a service control policy"
+    unread = "imagebuilder:ListImageRecipes (Self): AccessDeniedException: explicit deny in a service control policy"
     assert answer["usage_reports"] == [f"s3://usage-inbox/org/reports/{CONSUMER}/{REGION}.json"]
     assert answer["usage_problems"] == [
         f"{REGION}: usage report incomplete (owners keep what they share): {unread}"
@@ -490,8 +540,7 @@ def test_a_report_refused_by_the_owner_check_is_a_failed_publish(stubbed: Stubbe
         }
     )
     stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
-    stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, OWN_RECIPES)
-    stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, OWN_RECIPES)
+    _no_recipes(stubbed)
     stubbed.stubs["s3"].add_client_error(
         "put_object",
         service_error_code="AccessDenied",

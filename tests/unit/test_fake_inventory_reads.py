@@ -221,7 +221,7 @@ def test_the_recipes_of_the_account_name_the_amis_they_build_on() -> None:
     }
     area = account_region(fake, "222233334444", Inbox(), recipes=recipes)
 
-    found, unread = usage.recipe_uses(area.clients)
+    found, unread = usage.recipe_uses(area.clients, "222233334444")
 
     assert unread == [] and sorted(r.resource_id for r in found) == sorted(recipes)
-    assert area.api_calls()["imagebuilder:ListImageRecipes"] == 2
+    assert area.api_calls()["imagebuilder:ListImageRecipes"] == 2 + 1  # its own in 2 pages, none shared

@@ -101,7 +101,7 @@ def test_without_the_consumers_reports_the_owner_keeps_what_it_shares() -> None:
 
 def test_a_consumer_reports_the_ami_its_image_builder_recipe_builds_on() -> None:
     """Consumer 2 builds on golden-b with Image Builder: its report names the AMI, read from its own
-    recipes (one page of each kind)."""
+    recipes (one page of each kind, its own and those shared with it)."""
     organization = org.organization(2)
     policy = org.org_policy(REGIONS, organization)
     inbox = Inbox()
@@ -109,7 +109,8 @@ def test_a_consumer_reports_the_ami_its_image_builder_recipe_builds_on() -> None
 
     run = org.run_account_region(area, policy, 0.0)
 
-    assert run.calls["imagebuilder:ListImageRecipes"] == run.calls["imagebuilder:ListContainerRecipes"] == 1
+    # Its own and those shared with it, of each kind.
+    assert run.calls["imagebuilder:ListImageRecipes"] == run.calls["imagebuilder:ListContainerRecipes"] == 2
     stored = inbox.objects[(org.INBOX_BUCKET, f"org/reports/{org.consumer_id(2)}/us-east-1.json")]
     uses = json.loads(stored.body)["uses"]
     [detail] = uses[golden("us-east-1", "golden-b", org.DISABLE_DUE)]

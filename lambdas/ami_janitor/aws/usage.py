@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence, Set
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from botocore import xform_name
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
@@ -31,9 +32,13 @@ if TYPE_CHECKING:
 PUBLISH_PERMISSIONS: list[str] = ["s3:PutObject"]
 # ... with the AMIs its Image Builder recipes build on, which no reference source lists: an image
 # recipe's parent image and a container recipe's build instance image, read from the recipes themselves
-# (an AMI its owner disabled, no longer shared with the account, is still named there).
+# (an AMI its owner disabled, no longer shared with the account, is still named there): its own recipes
+# and those other accounts share with it (its pipelines may build from them).
 RECIPE_PERMISSIONS: list[str] = ["imagebuilder:ListContainerRecipes", "imagebuilder:ListImageRecipes"]
 _RECIPE_PAGE = 100  # ListImageRecipes and ListContainerRecipes: at most 100 a page
+_RECIPE_OWNERS = ("Self", "Shared")
+# Image Builder images that stand for no AMI of another account the janitor manages.
+_MANAGED_IMAGE_OWNERS = frozenset({"aws", "aws-marketplace"})
 # An owner's plan, and the slice worker's fresh check: the reports of the accounts it shares with
 # (s3:ListBucket makes a missing report answer 404, not 403).
 READ_PERMISSIONS: list[str] = sorted(["s3:GetObject", "s3:ListBucket"])
@@ -64,41 +69,57 @@ def own_account(clients: RegionClients) -> str:
     return str(clients.run_facts["account"])
 
 
-def recipe_uses(clients: RegionClients) -> tuple[list[Reference], list[str]]:
-    """The AMIs this account's own Image Builder recipes build on (image recipes' parent image,
-    container recipes' instance image, where each is an AMI id), and what could not be read: each
-    source's failure (the report then says so, and owners keep what they share with the account).
-    Where the region has no Image Builder, it has no recipes."""
+def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], list[str]]:
+    """The AMIs the Image Builder recipes of this account, or shared with it, build on (image recipes'
+    parent image, container recipes' instance image, where each is an AMI id), and what the report
+    cannot vouch for: a read that failed, or a recipe's image that may stand for another account's AMI
+    without naming it (the report then says so, and owners keep what they share with the account)."""
     found: list[Reference] = []
     unread: list[str] = []
-    for api, operation, key, field, what in (
-        ("ListImageRecipes", "list_image_recipes", "imageRecipeSummaryList", "parentImage", "image recipe"),
-        (
-            "ListContainerRecipes",
-            "list_container_recipes",
-            "containerRecipeSummaryList",
-            "instanceImage",
-            "container recipe",
-        ),
+    for api, key, field, what in (
+        ("ListImageRecipes", "imageRecipeSummaryList", "parentImage", "image recipe"),
+        ("ListContainerRecipes", "containerRecipeSummaryList", "instanceImage", "container recipe"),
     ):
+        for owner in _RECIPE_OWNERS:
 
-        def read(operation: str = operation, key: str = key) -> list[Any]:
-            imagebuilder = clients.client("imagebuilder")
-            return list(items(imagebuilder, operation, key, _RECIPE_PAGE, owner="Self"))
+            def read(operation: str = xform_name(api), key: str = key, owner: str = owner) -> list[Any]:
+                return list(items(clients.client("imagebuilder"), operation, key, _RECIPE_PAGE, owner=owner))
 
-        try:
-            recipes = optional(f"imagebuilder:{api}", read, endpoint_may_lack=True) or []
-        except SourceFailed as failure:
-            unread.append(str(failure))
-            continue
-        for recipe in recipes:
-            image_id, arn = str(recipe.get(field) or ""), str(recipe.get("arn") or "")
-            if image_id.startswith("ami-"):  # not an Image Builder image's ARN, nor an ssm: parameter
-                detail = f"referenced by {what} {arn} ({field})"
-                found.append(
-                    Reference(image_id=image_id, kind="image-builder-recipe", resource_id=arn, detail=detail)
-                )
-    return found, unread
+            try:
+                recipes = optional(f"imagebuilder:{api} ({owner})", read) or []
+            except SourceFailed as failure:
+                unread.append(str(failure))
+                continue
+            for recipe in recipes:
+                image, arn = str(recipe.get(field) or ""), str(recipe.get("arn") or "")
+                if image.startswith("ami-"):
+                    detail = f"referenced by {what} {arn} ({field})"
+                    found.append(
+                        Reference(image_id=image, kind="image-builder-recipe", resource_id=arn, detail=detail)
+                    )
+                elif (problem := _unresolved(image, account)) is not None:
+                    unread.append(f"{what} {arn}: its {field} {problem}")
+    return sorted(found, key=lambda r: (r.image_id, r.resource_id)), unread
+
+
+def _unresolved(image: str, account: str) -> str | None:
+    """Why a recipe's image that is no AMI id may stand for another account's AMI the report does not
+    name; None where it cannot: none given (Image Builder's default), an SSM parameter of the account's
+    own (the parameter scan reports the AMI it names), an AWS-managed or the account's own Image
+    Builder image."""
+    if not image:
+        return None
+    if image.startswith("ssm:"):
+        name = image.removeprefix("ssm:")
+        if name.startswith("arn:") and name.split(":")[4:5] != [account]:
+            return f"is SSM parameter {name} of another account: the AMI it names is not read"
+        return None
+    if image.startswith("arn:") and ":image/" in image:
+        owner = image.split(":")[4]
+        if owner in _MANAGED_IMAGE_OWNERS or owner == account:
+            return None
+        return f"is Image Builder image {image} of account {owner}: the AMIs it stands for are not read"
+    return f"{image!r} is neither an AMI id, an SSM parameter nor an Image Builder image"
 
 
 def publish_report(
