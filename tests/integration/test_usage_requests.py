@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import EndpointConnectionError
 from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
 
@@ -595,3 +598,36 @@ def test_an_ou_listed_again_among_its_own_children_is_read_once(stubbed: Stubbed
     expansions, notes = usage.expand_grants(stubbed.raw[org], [f"ou:{OU_ARN}"])
 
     assert (expansions, notes) == ({f"ou:{OU_ARN}": ("555555555555",)}, [])
+
+
+class _Unreachable:
+    """An Image Builder client whose every call fails to connect, the DNS answering `errno`."""
+
+    def __init__(self, errno: int) -> None:
+        self.errno = errno
+        self.meta = SimpleNamespace(region_name=REGION)
+
+    def get_paginator(self, operation: str) -> Any:
+        return SimpleNamespace(paginate=lambda **_: self._fail())
+
+    def _fail(self) -> Any:
+        host = f"imagebuilder.{REGION}.amazonaws.com"
+        try:
+            raise socket.gaierror(self.errno, "no answer")
+        except socket.gaierror as resolution:
+            raise EndpointConnectionError(endpoint_url=f"https://{host}/", error=resolution) from None
+
+
+@pytest.mark.parametrize("errno", [socket.EAI_NONAME, socket.EAI_AGAIN])
+def test_only_a_region_whose_image_builder_host_does_not_exist_has_no_recipes(errno: int) -> None:
+    """A host that does not resolve (a region without Image Builder) has no recipes to report; a DNS
+    that could not answer is a failed read, which makes the report incomplete (and keeps)."""
+    clients = RegionClients(REGION, read_workers=1, imagebuilder=_Unreachable(errno))
+
+    found, unread = usage.recipe_uses(clients, CONSUMER)
+
+    assert found == []
+    if errno == socket.EAI_NONAME:
+        assert unread == []
+    else:
+        assert len(unread) == 4 and all("EndpointConnectionError" in u for u in unread), unread

@@ -8,6 +8,7 @@ prefix only, and dates it by S3's LastModified (set by S3, not by the writer).
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Sequence, Set
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,8 @@ def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], 
             try:
                 recipes = optional(f"imagebuilder:{api} ({owner})", read) or []
             except SourceFailed as failure:
+                if _no_such_host(failure):
+                    return [], []  # a region without Image Builder has no recipes
                 unread.append(str(failure))
                 continue
             for recipe in recipes:
@@ -100,6 +103,17 @@ def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], 
                 elif (problem := _unresolved(image, account)) is not None:
                     unread.append(f"{what} {arn}: its {field} {problem}")
     return sorted(found, key=lambda r: (r.image_id, r.resource_id)), unread
+
+
+def _no_such_host(error: BaseException) -> bool:
+    """The service's host does not exist here (its name does not resolve: EAI_NONAME), as in a region
+    without the service. A DNS that could not answer (EAI_AGAIN), or any other failure, is not that."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return seen.errno == socket.EAI_NONAME
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _unresolved(image: str, account: str) -> str | None:
