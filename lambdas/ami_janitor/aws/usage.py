@@ -8,7 +8,6 @@ prefix only, and dates it by S3's LastModified (set by S3, not by the writer).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable, Sequence, Set
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from ami_janitor.aws.errors import error_code, error_text
-from ami_janitor.aws.inventory.reading import SourceFailed, items, optional
+from ami_janitor.aws.inventory.reading import SourceFailed, host_not_found, items, optional
 from ami_janitor.core.model import ReceivedReport, Reference, RegionInventory, UsageView
 from ami_janitor.core.policy import UsageReports
 from ami_janitor.core.usage import UsageReport, consumer_grants, report_of, reports_needed
@@ -89,7 +88,7 @@ def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], 
             try:
                 recipes = optional(f"imagebuilder:{api} ({owner})", read) or []
             except SourceFailed as failure:
-                if _no_such_host(failure):
+                if host_not_found(failure):
                     return [], []  # a region without Image Builder has no recipes
                 unread.append(str(failure))
                 continue
@@ -103,17 +102,6 @@ def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], 
                 elif (problem := _unresolved(image, account)) is not None:
                     unread.append(f"{what} {arn}: its {field} {problem}")
     return sorted(found, key=lambda r: (r.image_id, r.resource_id)), unread
-
-
-def _no_such_host(error: BaseException) -> bool:
-    """The service's host does not exist here (its name does not resolve: EAI_NONAME), as in a region
-    without the service. A DNS that could not answer (EAI_AGAIN), or any other failure, is not that."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, socket.gaierror):
-            return seen.errno == socket.EAI_NONAME
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _unresolved(image: str, account: str) -> str | None:

@@ -3,6 +3,7 @@ answer turned into one SourceFailed that names the source (the whole region is t
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,18 @@ def clients_first(clients: RegionClients, *services: str) -> None:
     for service in services:
         with suppress(Exception):
             clients.client(service)
+
+
+def host_not_found(error: BaseException) -> bool:
+    """The service's host does not exist here (its name does not resolve: EAI_NONAME), as in a region
+    without the service. A DNS that could not answer (EAI_AGAIN), or any other failure, is not that
+    (unlike `endpoint_may_lack` below, which takes any failure to connect for a missing endpoint)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return seen.errno == socket.EAI_NONAME
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def optional(name: str, load: Callable[[], T], *, endpoint_may_lack: bool = False) -> T | None:
