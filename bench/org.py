@@ -233,12 +233,22 @@ def consumer_region(n: int, region: str, inbox: Inbox) -> AccountRegion:
         fake.references.append(
             Reference(image_id=ami, kind="instance", resource_id=f"i-{ami[4:]}", detail="")
         )
-    recipes = {}
+    recipes, images = {}, {}
     if n % BUILDS_ON_GOLDEN_B[0] == BUILDS_ON_GOLDEN_B[1]:
         recipe = f"arn:aws:imagebuilder:{region}:{consumer_id(n)}:image-recipe/on-golden-b/1.0.0"
-        recipes[recipe] = image_id(0, r, golden["golden-b"], DISABLE_DUE)
+        ami = image_id(0, r, golden["golden-b"], DISABLE_DUE)
+        if n % (2 * BUILDS_ON_GOLDEN_B[0]) == BUILDS_ON_GOLDEN_B[1]:
+            recipes[recipe] = ami
+        else:  # every other one names the owner's Image Builder build of it
+            recipes[recipe] = golden_b_build(region)
+            images[recipes[recipe]] = {region: ami}
     parameters = {"/platform/golden-a/current": image_id(0, r, golden["golden-a"], 0)}
-    return account_region(fake, consumer_id(n), inbox, parameters=parameters, recipes=recipes)
+    return account_region(fake, consumer_id(n), inbox, parameters=parameters, recipes=recipes, images=images)
+
+
+def golden_b_build(region: str) -> str:
+    """The owner's Image Builder build version of golden-b aged DISABLE_DUE, shared with its consumers."""
+    return f"arn:aws:imagebuilder:{region}:{OWNER}:image/golden-b/1.{DISABLE_DUE}.0/1"
 
 
 @dataclass(frozen=True)

@@ -175,14 +175,22 @@ class FakeRecycleBin(FakeService):
 
 
 class FakeImageBuilder(FakeService):
-    """The account's own image recipes, each an ARN -> the AMI id it builds on (its parentImage), in
-    pages of maxResults; none shared with it, no container recipe."""
+    """The account's own image recipes, each an ARN -> what it builds on (its parentImage: an AMI id or
+    an image's ARN), in pages of maxResults; none shared with it, no container recipe. `images`: the
+    Image Builder images it may read (ARN -> region -> AMI id); any other is not found."""
 
     service = "imagebuilder"
 
-    def __init__(self, ec2: FakeEC2, calls: Counter[str], recipes: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        ec2: FakeEC2,
+        calls: Counter[str],
+        recipes: Mapping[str, str] | None = None,
+        images: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         super().__init__(ec2, calls)
         self.recipes = dict(recipes or {})
+        self.images = dict(images or {})
 
     def list_image_recipes(self, **params: Any) -> dict[str, Any]:
         self._request("list_image_recipes", params)
@@ -194,6 +202,14 @@ class FakeImageBuilder(FakeService):
     def list_container_recipes(self, **params: Any) -> dict[str, Any]:
         self._request("list_container_recipes", params)
         return {"containerRecipeSummaryList": []}
+
+    def get_image(self, **params: Any) -> dict[str, Any]:
+        self._request("get_image", params)
+        arn = params["imageBuildVersionArn"]
+        if arn not in self.images:
+            raise client_error("ResourceNotFoundException", f"{arn} not found", "GetImage")
+        amis = [{"region": region, "image": ami} for region, ami in sorted(self.images[arn].items())]
+        return {"image": {"arn": arn, "outputResources": {"amis": amis}}}
 
 
 class FakeSTS(FakeService):
@@ -417,10 +433,12 @@ def account_region(
     parameters: Mapping[str, str] | None = None,
     queues: Queues | None = None,
     recipes: Mapping[str, str] | None = None,
+    images: Mapping[str, Mapping[str, str]] | None = None,
 ) -> AccountRegion:
     """The clients of one account's region around its fake EC2: what a scheduled run and a slice read
     (`clients` reads one call at a time: the fake is not thread-safe outside its lanes); `queues`: the
-    account's SQS queues and SNS topics; `recipes`: its Image Builder image recipes (ARN -> AMI id)."""
+    account's SQS queues and SNS topics; `recipes`: its Image Builder image recipes (ARN -> AMI id or
+    image ARN) and `images` the Image Builder images it may read (ARN -> region -> AMI id)."""
     calls: Counter[str] = Counter()
     queued = queues if queues is not None else Queues()
     ssm = FakeSSM(ec2, calls, parameters)
@@ -432,7 +450,7 @@ def account_region(
         "batch": FakeBatch(ec2, calls),
         "emr": FakeEMR(ec2, calls),
         "rbin": FakeRecycleBin(ec2, calls),
-        "imagebuilder": FakeImageBuilder(ec2, calls, recipes),
+        "imagebuilder": FakeImageBuilder(ec2, calls, recipes, images),
         "sts": FakeSTS(ec2, calls, account),
         "s3": FakeS3(ec2, calls, inbox, account),
         "sqs": FakeSQS(ec2, calls, queued),

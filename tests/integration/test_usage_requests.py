@@ -41,7 +41,7 @@ class Stubbed:
             aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
         )
         config = Config(retries={"max_attempts": 1})
-        services = ("s3", "sts", "organizations", "imagebuilder")
+        services = ("s3", "sts", "organizations", "imagebuilder", "ssm")
         self.raw = {name: session.client(name, config=config) for name in services}  # type: ignore[call-overload]
         self.stubs = {name: Stubber(client) for name, client in self.raw.items()}
         for stub in self.stubs.values():
@@ -81,6 +81,14 @@ def _no_recipes(stubbed: Stubbed, *, image: bool = True) -> None:
         stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, SHARED_RECIPES)
     stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, OWN_RECIPES)
     stubbed.add("imagebuilder", "list_container_recipes", NO_CONTAINER_RECIPES, SHARED_RECIPES)
+
+
+def _consumer_with_recipes(stubbed: Stubbed, recipes: list[dict[str, Any]]) -> None:
+    """The consumer's account, then its own image recipes `recipes`; nothing else to list."""
+    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
+    stubbed.add("imagebuilder", "list_image_recipes", {"imageRecipeSummaryList": recipes}, OWN_RECIPES)
+    stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, SHARED_RECIPES)
+    _no_recipes(stubbed, image=False)
 
 
 def _recipe_policy() -> Any:
@@ -203,34 +211,137 @@ def test_a_report_names_the_amis_the_accounts_image_builder_recipes_build_on(stu
     assert "unread" not in report  # only where something could not be read (older owners refuse it)
 
 
-def test_a_recipe_image_that_may_stand_for_another_accounts_ami_makes_the_report_incomplete(
+def _built(arn: str, amis: dict[str, str]) -> dict[str, Any]:
+    """GetImage's answer: the build version `arn`, its AMIs by region."""
+    made = [{"region": region, "image": ami, "accountId": OWNER} for region, ami in amis.items()]
+    return {"image": {"arn": arn, "outputResources": {"amis": made}}}
+
+
+def test_another_accounts_image_builder_image_and_ssm_parameter_are_read_for_the_ami_they_stand_for(
     stubbed: Stubbed,
 ) -> None:
-    """Another account's Image Builder image or SSM parameter, or what is none of the known kinds: the
-    AMI behind it is not read, so the report says so, and owners keep what they share with it."""
+    """A recipe that builds on the golden image of the platform account names its Image Builder image
+    (a version with wildcards: its latest available build) or its SSM parameter, not the AMI: the
+    report reads each once (GetImage resolves a version as a build would; the parameters ten a call)
+    and names the AMI it stands for in this region, so owners keep exactly that."""
+    latest = f"arn:aws:imagebuilder:{REGION}:{OWNER}:image/golden/x.x.x"
+    pinned = f"arn:aws:imagebuilder:{REGION}:{OWNER}:image/golden/1.0.0/4"
+    parameter = f"arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/current"
+    newest, older, elsewhere, current = (f"ami-0{c * 16}" for c in "abcd")
+    recipes = [
+        _recipe("image", "a", latest),
+        _recipe("image", "b", pinned),
+        _recipe("image", "c", f"ssm:{parameter}"),
+        _recipe("image", "d", latest),  # the same image: read once
+    ]
+    _consumer_with_recipes(stubbed, recipes)
+    stubbed.add(
+        "ssm",
+        "get_parameters",
+        {"Parameters": [{"Name": parameter, "Value": current, "DataType": "aws:ec2:image"}]},
+        {"Names": [parameter], "WithDecryption": False},
+    )
+    build = latest.replace("x.x.x", "1.1.0/2")
+    stubbed.add(
+        "imagebuilder",
+        "get_image",
+        _built(pinned, {REGION: older}),
+        {"imageBuildVersionArn": pinned},
+    )
+    stubbed.add(
+        "imagebuilder",
+        "get_image",
+        _built(build, {REGION: newest, "eu-west-1": elsewhere}),
+        {"imageBuildVersionArn": latest},
+    )
+    sent: dict[str, Any] = {}
+    _put_report(stubbed, sent)
+
+    answer = engine.publish_usage(
+        _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
+    )
+
+    a, b, c, d = (r["arn"] for r in recipes)
+    assert answer["usage_problems"] == []
+    report = json.loads(sent["Body"])
+    assert report["uses"] == {
+        newest: [
+            f"referenced by image recipe {a} (parentImage {latest})",
+            f"referenced by image recipe {d} (parentImage {latest})",
+        ],
+        older: [f"referenced by image recipe {b} (parentImage {pinned})"],
+        current: [f"referenced by image recipe {c} (parentImage ssm:{parameter})"],
+    }
+    assert "unread" not in report
+
+
+def test_a_recipe_image_that_cannot_be_resolved_makes_the_report_incomplete(stubbed: Stubbed) -> None:
+    """Another account's image or parameter whose AMI could not be read (refused, missing, a value that
+    is no AMI id), or what is none of the known kinds: the report says so, and owners keep what they
+    share with the account."""
     image_arn = f"arn:aws:imagebuilder:{REGION}:{OWNER}:image/golden/1.0.0/4"
-    parameter = f"ssm:arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/current"
+    missing = f"arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/gone"
+    odd_value = f"arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/name"
     recipes = [
         _recipe("image", "a", image_arn),
-        _recipe("image", "b", parameter),
-        _recipe("image", "c", "odd"),
+        _recipe("image", "b", f"ssm:{missing}"),
+        _recipe("image", "c", f"ssm:{odd_value}"),
+        _recipe("image", "d", "odd"),
     ]
-    stubbed.add("sts", "get_caller_identity", {"Account": CONSUMER}, {})
-    stubbed.add("imagebuilder", "list_image_recipes", {"imageRecipeSummaryList": recipes}, OWN_RECIPES)
-    stubbed.add("imagebuilder", "list_image_recipes", NO_IMAGE_RECIPES, SHARED_RECIPES)
-    _no_recipes(stubbed, image=False)
+    _consumer_with_recipes(stubbed, recipes)
+    stubbed.add(
+        "ssm",
+        "get_parameters",
+        {"Parameters": [{"Name": odd_value, "Value": "golden-2026"}], "InvalidParameters": [missing]},
+        {"Names": [missing, odd_value], "WithDecryption": False},
+    )
+    stubbed.stubs["imagebuilder"].add_client_error(
+        "get_image",
+        service_error_code="ForbiddenException",
+        service_message="not shared with this account",
+        http_status_code=403,
+        expected_params={"imageBuildVersionArn": image_arn},
+    )
+    sent: dict[str, Any] = {}
+    _put_report(stubbed, sent)
+
+    answer = engine.publish_usage(
+        _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
+    )
+
+    a, b, c, d = (r["arn"] for r in recipes)
+    unread = [
+        f"image recipe {d}: its parentImage 'odd' is neither an AMI id, an SSM parameter nor an Image Builder image",
+        f"image recipe {a}: its parentImage {image_arn} is not resolved: imagebuilder:GetImage {image_arn}: "
+        "ForbiddenException: not shared with this account",
+        f"image recipe {b}: its parentImage ssm:{missing} is not resolved: not found, or not shared with the account",
+        f"image recipe {c}: its parentImage ssm:{odd_value} is not resolved: its value 'golden-2026' is not an AMI id",
+    ]
+    assert json.loads(sent["Body"])["unread"] == unread
+    assert answer["usage_problems"] == [
+        f"{REGION}: usage report incomplete (owners keep what they share): {u}" for u in unread
+    ]
+
+
+def test_a_failed_parameter_read_leaves_every_parameter_unresolved(stubbed: Stubbed) -> None:
+    parameter = f"arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/current"
+    recipe = _recipe("image", "a", f"ssm:{parameter}")
+    _consumer_with_recipes(stubbed, [recipe])
+    stubbed.stubs["ssm"].add_client_error(
+        "get_parameters",
+        service_error_code="AccessDeniedException",
+        service_message="no ssm:GetParameters",
+        http_status_code=400,
+        expected_params={"Names": [parameter], "WithDecryption": False},
+    )
     sent: dict[str, Any] = {}
     _put_report(stubbed, sent)
 
     engine.publish_usage(_recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW)
 
-    a, b, c = (r["arn"] for r in recipes)
     assert json.loads(sent["Body"])["unread"] == [
-        f"image recipe {a}: its parentImage is Image Builder image {image_arn} of account {OWNER}: the AMIs "
-        "it stands for are not read",
-        f"image recipe {b}: its parentImage is SSM parameter {parameter.removeprefix('ssm:')} of another "
-        "account: the AMI it names is not read",
-        f"image recipe {c}: its parentImage 'odd' is neither an AMI id, an SSM parameter nor an Image Builder image",
+        f"image recipe {recipe['arn']}: its parentImage ssm:{parameter} is not resolved: ssm:GetParameters: "
+        "AccessDeniedException: no ssm:GetParameters"
     ]
 
 

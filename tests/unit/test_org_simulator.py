@@ -115,3 +115,21 @@ def test_a_consumer_reports_the_ami_its_image_builder_recipe_builds_on() -> None
     uses = json.loads(stored.body)["uses"]
     [detail] = uses[golden("us-east-1", "golden-b", org.DISABLE_DUE)]
     assert detail.startswith("referenced by image recipe arn:aws:imagebuilder:us-east-1:")
+
+
+def test_a_consumer_whose_recipe_names_the_owners_image_builder_build_reports_its_ami() -> None:
+    """Consumer 22's recipe names the owner's Image Builder build of golden-b, not the AMI: its report
+    reads the build once (GetImage) and names the AMI it made in the region."""
+    organization = org.organization(22)
+    policy = org.org_policy(REGIONS, organization)
+    inbox = Inbox()
+    area = org.consumer_region(22, "us-east-1", inbox)
+
+    run = org.run_account_region(area, policy, 0.0)
+
+    assert run.calls["imagebuilder:GetImage"] == 1
+    stored = inbox.objects[(org.INBOX_BUCKET, f"org/reports/{org.consumer_id(22)}/us-east-1.json")]
+    report = json.loads(stored.body)
+    [detail] = report["uses"][golden("us-east-1", "golden-b", org.DISABLE_DUE)]
+    assert detail.endswith(f"(parentImage {org.golden_b_build('us-east-1')})")
+    assert "unread" not in report

@@ -17,7 +17,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import ValidationError
 
 from ami_janitor.aws.errors import error_code, error_text
-from ami_janitor.aws.inventory.reading import SourceFailed, host_not_found, items, optional
+from ami_janitor.aws.inventory.get_parameters import get_parameters
+from ami_janitor.aws.inventory.reading import SourceFailed, host_not_found, items, optional, source
 from ami_janitor.core.model import ReceivedReport, Reference, RegionInventory, UsageView
 from ami_janitor.core.policy import UsageReports
 from ami_janitor.core.usage import UsageReport, consumer_grants, report_of, reports_needed
@@ -33,8 +34,15 @@ PUBLISH_PERMISSIONS: list[str] = ["s3:PutObject"]
 # ... with the AMIs its Image Builder recipes build on, which no reference source lists: an image
 # recipe's parent image and a container recipe's build instance image, read from the recipes themselves
 # (an AMI its owner disabled, no longer shared with the account, is still named there): its own recipes
-# and those other accounts share with it (its pipelines may build from them).
-RECIPE_PERMISSIONS: list[str] = ["imagebuilder:ListContainerRecipes", "imagebuilder:ListImageRecipes"]
+# and those other accounts share with it (its pipelines may build from them). Where a recipe names
+# another account's Image Builder image or SSM parameter, the AMI it stands for now is read from it
+# (GetImage resolves a version with wildcards to its latest available build, as a build would).
+RECIPE_PERMISSIONS: list[str] = [
+    "imagebuilder:GetImage",
+    "imagebuilder:ListContainerRecipes",
+    "imagebuilder:ListImageRecipes",
+    "ssm:GetParameters",
+]
 _RECIPE_PAGE = 100  # ListImageRecipes and ListContainerRecipes: at most 100 a page
 _RECIPE_OWNERS = ("Self", "Shared")
 # Image Builder images that stand for no AMI of another account the janitor manages.
@@ -71,11 +79,13 @@ def own_account(clients: RegionClients) -> str:
 
 def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], list[str]]:
     """The AMIs the Image Builder recipes of this account, or shared with it, build on (image recipes'
-    parent image, container recipes' instance image, where each is an AMI id), and what the report
-    cannot vouch for: a read that failed, or a recipe's image that may stand for another account's AMI
-    without naming it (the report then says so, and owners keep what they share with the account)."""
+    parent image, container recipes' instance image: an AMI id, or another account's Image Builder
+    image or SSM parameter, read for the AMI it stands for here now), and what the report cannot vouch
+    for: a read that failed, or a recipe's image that could not be resolved (the report then says so,
+    and owners keep what they share with the account)."""
     found: list[Reference] = []
     unread: list[str] = []
+    elsewhere: dict[str, list[tuple[str, str, str]]] = {}  # image -> (what, recipe, field) naming it
     for api, key, field, what in (
         ("ListImageRecipes", "imageRecipeSummaryList", "parentImage", "image recipe"),
         ("ListContainerRecipes", "containerRecipeSummaryList", "instanceImage", "container recipe"),
@@ -95,33 +105,89 @@ def recipe_uses(clients: RegionClients, account: str) -> tuple[list[Reference], 
             for recipe in recipes:
                 image, arn = str(recipe.get(field) or ""), str(recipe.get("arn") or "")
                 if image.startswith("ami-"):
-                    detail = f"referenced by {what} {arn} ({field})"
-                    found.append(
-                        Reference(image_id=image, kind="image-builder-recipe", resource_id=arn, detail=detail)
-                    )
-                elif (problem := _unresolved(image, account)) is not None:
+                    found.append(_recipe_reference(image, what, arn, field))
+                elif _of_another_account(image, account):
+                    elsewhere.setdefault(image, []).append((what, arn, field))
+                elif (problem := _unresolved(image)) is not None:
                     unread.append(f"{what} {arn}: its {field} {problem}")
+    resolutions = _resolve(clients, sorted(elsewhere))
+    for image, resolved in sorted(resolutions.items()):
+        for what, arn, field in elsewhere[image]:
+            if isinstance(resolved, str):
+                unread.append(f"{what} {arn}: its {field} {image} is not resolved: {resolved}")
+            else:
+                found += [_recipe_reference(ami, what, arn, f"{field} {image}") for ami in resolved]
     return sorted(found, key=lambda r: (r.image_id, r.resource_id)), unread
 
 
-def _unresolved(image: str, account: str) -> str | None:
-    """Why a recipe's image that is no AMI id may stand for another account's AMI the report does not
-    name; None where it cannot: none given (Image Builder's default), an SSM parameter of the account's
-    own (the parameter scan reports the AMI it names), an AWS-managed or the account's own Image
-    Builder image."""
-    if not image:
-        return None
+def _recipe_reference(image_id: str, what: str, recipe: str, field: str) -> Reference:
+    detail = f"referenced by {what} {recipe} ({field})"
+    return Reference(image_id=image_id, kind="image-builder-recipe", resource_id=recipe, detail=detail)
+
+
+def _of_another_account(image: str, account: str) -> bool:
+    """An SSM parameter or Image Builder image, by ARN, of another account than this one (and, for an
+    image, than AWS and the Marketplace): it may stand for an AMI that account shares with this one.
+    The account's own stand for its own AMIs (its SSM parameters are read by the parameter scan)."""
     if image.startswith("ssm:"):
         name = image.removeprefix("ssm:")
-        if name.startswith("arn:") and name.split(":")[4:5] != [account]:
-            return f"is SSM parameter {name} of another account: the AMI it names is not read"
-        return None
+        return name.startswith("arn:") and name.split(":")[4:5] != [account]
     if image.startswith("arn:") and ":image/" in image:
         owner = image.split(":")[4]
-        if owner in _MANAGED_IMAGE_OWNERS or owner == account:
-            return None
-        return f"is Image Builder image {image} of account {owner}: the AMIs it stands for are not read"
+        return owner not in _MANAGED_IMAGE_OWNERS and owner != account
+    return False
+
+
+def _unresolved(image: str) -> str | None:
+    """Why a recipe's image, neither an AMI id nor another account's, may stand for an AMI the report
+    does not name; None where it cannot: none given (Image Builder's default), an SSM parameter or an
+    Image Builder image of the account's own or of AWS's."""
+    if not image or image.startswith("ssm:") or (image.startswith("arn:") and ":image/" in image):
+        return None
     return f"{image!r} is neither an AMI id, an SSM parameter nor an Image Builder image"
+
+
+def _resolve(clients: RegionClients, images: Sequence[str]) -> dict[str, list[str] | str]:
+    """Each of other accounts' Image Builder images and SSM parameters -> the AMIs in this region it
+    stands for now, or why that could not be read."""
+    parameters = [image for image in images if image.startswith("ssm:")]
+    resolved = _parameter_amis(clients, parameters) if parameters else {}
+    for image in images:
+        if image not in resolved:
+            resolved[image] = _image_amis(clients, image)
+    return resolved
+
+
+def _image_amis(clients: RegionClients, image: str) -> list[str] | str:
+    """The AMIs in this region of an Image Builder image: a build version's, or for a version with
+    wildcards its latest available build's (GetImage resolves it as a build would)."""
+    try:
+        with source(f"imagebuilder:GetImage {image}"):
+            answer = clients.client("imagebuilder").get_image(imageBuildVersionArn=image)
+            amis = (answer.get("image") or {}).get("outputResources", {}).get("amis") or []
+            return sorted(str(ami["image"]) for ami in amis if ami.get("region") == clients.region)
+    except SourceFailed as failure:
+        return str(failure)
+
+
+def _parameter_amis(clients: RegionClients, parameters: Sequence[str]) -> dict[str, list[str] | str]:
+    """Each 'ssm:<parameter ARN>' -> the AMI id its value is (ten a call), or why it is not read."""
+    names = {image: image.removeprefix("ssm:") for image in parameters}
+    try:
+        with source("ssm:GetParameters"):
+            read = get_parameters(clients.ssm, names.values())
+    except SourceFailed as failure:
+        return dict.fromkeys(parameters, str(failure))
+    resolved: dict[str, list[str] | str] = {}
+    for image, name in names.items():
+        value = str(read[name].get("Value") or "") if name in read else ""
+        if value.startswith("ami-"):
+            resolved[image] = [value]
+        elif name in read:
+            resolved[image] = f"its value {value[:64]!r} is not an AMI id"
+        else:
+            resolved[image] = "not found, or not shared with the account"
+    return resolved
 
 
 def publish_report(

@@ -84,6 +84,7 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "imagebuilder": (
         "CreateImage",  # not called: named as EC2's
         "GetContainerRecipe",  # not called: named among DescribeImageReferences' permissions
+        "GetImage",
         "ListContainerRecipes",
         "ListImageRecipes",
     ),
