@@ -182,6 +182,7 @@ def test_a_report_names_the_amis_the_accounts_image_builder_recipes_build_on(stu
         f"arn:aws:imagebuilder:{REGION}:{CONSUMER}:image/base/1.0.0/1",
         "ssm:/base/ami",
         f"ssm:arn:aws:ssm:{REGION}:{CONSUMER}:parameter/base/ami",
+        f"ssm:arn:aws:ssm:{REGION}::parameter/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64",
     ]
     stubbed.add(
         "imagebuilder",

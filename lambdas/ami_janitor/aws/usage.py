@@ -131,7 +131,8 @@ def _of_another_account(image: str, account: str) -> bool:
     The account's own stand for its own AMIs (its SSM parameters are read by the parameter scan)."""
     if image.startswith("ssm:"):
         name = image.removeprefix("ssm:")
-        return name.startswith("arn:") and name.split(":")[4:5] != [account]
+        # AWS's public parameters (/aws/service/...) have no account in their ARN.
+        return name.startswith("arn:") and name.split(":")[4:5] not in ([account], [""])
     if image.startswith("arn:") and ":image/" in image:
         owner = image.split(":")[4]
         return owner not in _MANAGED_IMAGE_OWNERS and owner != account
@@ -164,7 +165,7 @@ def _image_amis(clients: RegionClients, image: str) -> list[str] | str:
     try:
         with source(f"imagebuilder:GetImage {image}"):
             answer = clients.client("imagebuilder").get_image(imageBuildVersionArn=image)
-            amis = (answer.get("image") or {}).get("outputResources", {}).get("amis") or []
+            amis = ((answer.get("image") or {}).get("outputResources") or {}).get("amis") or []
             return sorted(str(ami["image"]) for ami in amis if ami.get("region") == clients.region)
     except SourceFailed as failure:
         return str(failure)
