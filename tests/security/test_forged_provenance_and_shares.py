@@ -132,3 +132,55 @@ def test_a_forged_shared_record_revokes_no_hand_made_share_and_keeps_the_ami(
     for share in report["shares"]:
         assert f"user:{OUTSIDE_ACCOUNT}" not in share["remove"], share
     assert oldest in image_ids()
+
+
+# A family matched by tags alone: anyone who may tag an AMI can enroll it, and a tag must not revoke a
+# launch permission. Tagged into one, a public AMI of the account (a product its customers launch) stays
+# public, and an AMI moved out of a family that shared it (its tag changed) keeps the janitor's grants.
+BY_TAGS_ALONE = """\
+  - name: pets
+    match: {tags: {Project: PetTracker}}
+"""
+
+
+def public_product() -> str:
+    """A public AMI of the account, made a day ago, named like none of the policy's globs."""
+    client = ec2()
+    image_id = str(client.register_image(Name="vendor-product-1", RootDeviceName="/dev/xvda")["ImageId"])
+    emulator.set_image_fields("us-east-1", image_id, creation_date=now() - timedelta(days=1))
+    client.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"Group": "all"}]})
+    return image_id
+
+
+def removed(report: dict[str, Any], image_id: str) -> list[str]:
+    return [g for share in report["shares"] if share["image_id"] == image_id for g in share["remove"]]
+
+
+def test_a_public_ami_tagged_into_a_family_matched_by_tags_alone_stays_public(
+    endpoint: str, tmp_path: Path
+) -> None:
+    seed_fleet(now())
+    product = public_product()
+    forge(product, {"Project": "PetTracker"})
+
+    report = apply(tmp_path, POLICY.format(mode="enforce") + BY_TAGS_ALONE)
+
+    assert removed(report, product) == []
+    assert {"Group": "all"} in launch_permissions(product)
+
+
+def test_an_ami_tagged_out_of_a_sharing_family_keeps_the_grants_the_janitor_made(
+    endpoint: str, tmp_path: Path
+) -> None:
+    fleet = seed_fleet(now())
+    newest = fleet.images[-1]
+    sharing = POLICY.format(mode="enforce") + f"    share_with: {{accounts: ['{SHARED_ACCOUNT}']}}\n"
+    apply(tmp_path, sharing + BY_TAGS_ALONE)
+    assert {"UserId": SHARED_ACCOUNT} in launch_permissions(newest)
+    # Out of web (its Project tag changed), into pets: web's grant is no longer listed for it.
+    forge(newest, {"Project": "PetTracker"})
+
+    report = apply(tmp_path, sharing + BY_TAGS_ALONE)
+
+    assert removed(report, newest) == []
+    assert {"UserId": SHARED_ACCOUNT} in launch_permissions(newest)

@@ -160,6 +160,23 @@ def test_amis_of_several_families_and_of_no_family_are_left_alone() -> None:
     assert plan_shares([inventory(other)], sharing([A]), NOW) == []
 
 
+def test_a_family_matched_by_tags_alone_revokes_no_launch_permission() -> None:
+    """Anyone who may tag can enroll an AMI in a family matched by tags alone: a public AMI tagged into it
+    stays public, and grants the janitor recorded while the AMI was in a family that shared (its tag
+    taken off, the other's put on) stay in place (a share the family does not list keeps the AMI)."""
+    by_tags = policy({"name": "pets", "match": {"tags": {"Project": "PetTracker"}}})
+    public = image(days_old=1, tags={"Project": "PetTracker"}, public=True, perms=None)
+    moved = shared(f"user:{A}", days_old=2, perms=(f"user:{A}",))
+    moved = moved.model_copy(update={"tags": {**moved.tags, "Project": "PetTracker"}})
+    assert plan_shares([inventory(public, moved)], by_tags, NOW) == []
+    # The same AMIs in a family its name glob selects: the public one is made private, the grant revoked.
+    named = policy({"name": "pets", "match": {"name": "app-*"}})
+    assert [s.remove for s in plan_shares([inventory(public, moved)], named, NOW)] == [
+        ["group:all"],
+        [f"user:{A}"],
+    ]
+
+
 def test_share_for_one_image_matches_the_plan() -> None:
     fresh = image(days_old=1)
     family = sharing([A]).families[0]

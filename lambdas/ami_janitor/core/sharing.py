@@ -119,8 +119,11 @@ def share_for(image: Image, family: Family) -> Share | None:
 
     Only available AMIs that are not candidates: a disabled AMI has no launch permissions, and a
     candidate's permissions belong to the retirement stages (the disable stage records and removes them,
-    a rescue restores them)."""
-    if not _shareable(image):
+    a rescue restores them). Nor the members of a family matched by tags alone: anyone who may tag an
+    AMI can enroll it there, and a tag must neither widen a launch permission (the policy refuses
+    `share_with` and `public` there) nor revoke one (a public AMI, or grants recorded while it was in a
+    family that shared): they stay, and keep the AMI as any share it does not list."""
+    if not _shareable(image) or family.match.by_tags_alone:
         return None
     desired = desired_grants(family)
     recorded = recorded_grants(image)
