@@ -316,8 +316,10 @@ def run_account_region(area: AccountRegion, policy: Policy, start: float) -> Reg
     work: list[slices.WorkSlice] = []
 
     def run_due(due_region: str, due: list[Decision]) -> list[executor.ActionResult]:
-        consumers = engine._consumers(loaded[due_region])  # as engine.run gives them to the cut
-        work.extend(engine.cut_due(plan, policy, due_region, due, now, consumers=consumers))
+        consumers, expanded = engine._consumers(loaded[due_region])  # as engine.run gives them to the cut
+        work.extend(
+            engine.cut_due(plan, policy, due_region, due, now, consumers=consumers, expanded=expanded)
+        )
         return []
 
     if not run.skipped:

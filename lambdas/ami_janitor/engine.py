@@ -477,7 +477,8 @@ def run(
     cut: dict[str, list[slices.WorkSlice]] = {}
 
     def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
-        work = cut_due(plan, policy, region, due, now, consumers=_consumers(loaded[region]))
+        shared, expanded = _consumers(loaded[region])
+        work = cut_due(plan, policy, region, due, now, consumers=shared, expanded=expanded)
         if work_queue is not None:
             cut[region] = work
             return []
@@ -610,16 +611,28 @@ def mark_unfinished_reported(
             continue
 
 
-def _consumers(region: RegionInventory) -> dict[str, list[str]]:
+def _consumers(region: RegionInventory) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """AMI id -> the accounts it is shared with whose usage reports the plan read (a slice reads them
-    again before it acts)."""
+    again before it acts), and AMI id -> the organization and OU grants the plan expanded into them
+    (any other the slice finds was granted since)."""
     view = region.usage
     if view is None:
-        return {}
-    from ami_janitor.core.usage import consumers
+        return {}, {}
+    from ami_janitor.core.usage import consumer_grants, consumers
 
-    found = {image.image_id: sorted(consumers(image, view)[0]) for image in region.images}
-    return {image_id: accounts for image_id, accounts in found.items() if accounts}
+    accounts, expanded = {}, {}
+    for image in region.images:
+        found = sorted(consumers(image, view)[0])
+        if found:
+            accounts[image.image_id] = found
+        grants = [
+            grant
+            for grant in consumer_grants(image, view.own_account)
+            if not grant.startswith("user:") and view.expansions.get(grant) is not None
+        ]
+        if grants:
+            expanded[image.image_id] = grants
+    return accounts, expanded
 
 
 def publish_usage(
@@ -668,6 +681,7 @@ def cut_due(
     now: datetime,
     budget_seconds: float | None = None,
     consumers: Mapping[str, Sequence[str]] | None = None,
+    expanded: Mapping[str, Sequence[str]] | None = None,
 ) -> list[slices.WorkSlice]:
     """A region's due stages (nothing blocks them) in slices, as a run cuts them: each within
     SLICE_BUDGET_SECONDS (or `budget_seconds`) of calls paced at the stages' refill."""
@@ -680,6 +694,7 @@ def cut_due(
         budget_seconds=SLICE_BUDGET_SECONDS if budget_seconds is None else budget_seconds,
         refill=STAGE_REFILL,
         consumers=consumers,
+        expanded=expanded,
     )
 
 

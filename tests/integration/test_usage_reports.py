@@ -381,9 +381,9 @@ def test_a_slice_holds_back_a_shared_ami_its_consumer_reports_used_since_the_pla
     assert state[accounts.shared] == "available" and accounts.unshared not in state
 
 
-def test_a_share_to_an_organizational_unit_counts_every_account_in_it(accounts: Accounts) -> None:
-    """The owner is the organization's management account: a share to an OU (with a nested OU) is
-    expanded to its accounts, and each of their reports counts."""
+def organization_unit(accounts: Accounts) -> tuple[dict[str, str], str]:
+    """The owner made the organization's management account, with an OU (holding a nested OU, which
+    holds one member account) that the owner's `unshared` AMI is shared with: the OU and the member."""
     org = boto3.client("organizations", region_name=US)
     org.create_organization(FeatureSet="ALL")
     root = org.list_roots()["Roots"][0]["Id"]
@@ -393,10 +393,35 @@ def test_a_share_to_an_organizational_unit_counts_every_account_in_it(accounts: 
         "AccountId"
     ]
     org.move_account(AccountId=member, SourceParentId=root, DestinationParentId=nested["Id"])
-    owner_ec2 = accounts.owner(US).ec2
-    owner_ec2.modify_image_attribute(
+    accounts.owner(US).ec2.modify_image_attribute(
         ImageId=accounts.unshared, LaunchPermission={"Add": [{"OrganizationalUnitArn": unit["Arn"]}]}
     )
+    return unit, member
+
+
+def test_a_slice_item_names_the_ou_its_plan_expanded(accounts: Accounts) -> None:
+    """The plan expands the OU into its member and reads that account's report: the queued item names
+    both, so that the slice tells that share from an organization or OU granted since (which holds)."""
+    unit, member = organization_unit(accounts)
+    member_clients = ClientFactory(session_of(member))
+    engine.run(policy([CONSUMER]), [US], member_clients, wall_clock(), apply=False, publish_reports=True)
+    make_ledger((US,))
+    sqs = accounts.owner(US).sqs
+    queue = sqs.create_queue(QueueName="work.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    enforce = policy([CONSUMER], units=(unit["Arn"],)).model_copy(update={"mode": "enforce"})
+
+    engine.run(enforce, [US], accounts.owner, wall_clock(), apply=True, work_queue=queue)
+
+    body = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=1)["Messages"][0]["Body"]
+    item = next(i for i in WorkSlice.model_validate_json(body).items if i.image_id == accounts.unshared)
+    assert item.consumers == (member,)
+    assert item.grants == (f"ou:{unit['Arn']}",)
+
+
+def test_a_share_to_an_organizational_unit_counts_every_account_in_it(accounts: Accounts) -> None:
+    """The owner is the organization's management account: a share to an OU (with a nested OU) is
+    expanded to its accounts, and each of their reports counts."""
+    unit, member = organization_unit(accounts)
 
     missing = owner_plan(accounts, wall_clock(), units=(unit["Arn"],))[accounts.unshared]
     assert missing.action == "keep"

@@ -27,7 +27,7 @@ CONSUMER = "210987654321"
 AMI = "ami-00000000"
 
 
-def usage_policy(disable_after_days: int | None) -> Policy:
+def usage_policy(disable_after_days: int | None, units: tuple[str, ...] = ()) -> Policy:
     return parse_policy(
         {
             "mode": "enforce",
@@ -45,37 +45,30 @@ def usage_policy(disable_after_days: int | None) -> Policy:
                     "name": "app",
                     "match": {"name": "app-*"},
                     "latest": {"tag": None},
-                    "share_with": {"accounts": [CONSUMER]},
+                    "share_with": {"accounts": [CONSUMER], "organizational_units": list(units)},
                 }
             ],
         }
     )
 
 
-@pytest.mark.parametrize(
-    ("stages", "disable_after_days"),
-    [(("deprecate", "disable", "deregister"), 0), (("deprecate", "deregister"), None)],
-)
-@pytest.mark.parametrize("consumers", [(), (CONSUMER,)])
-def test_a_share_since_the_plan_holds_the_ami_until_its_report_is_read(
-    stages: tuple[str, ...], disable_after_days: int | None, consumers: tuple[str, ...]
-) -> None:
-    policy = usage_policy(disable_after_days)
+OU = "arn:aws:organizations::123456789012:ou/o-abcdefghij/ou-abcd-12345678"
+
+
+def run_slice(
+    policy: Policy, item: SliceItem, granted: list[str], uses: dict[str, list[str]]
+) -> tuple[FakeEC2, slicer.SliceResult]:
+    """The slice of `item` on an AMI granted `granted` since the plan (as EC2 shows it now), the
+    consumer's fresh report saying it uses `uses`."""
     ec2 = FakeEC2(REGION)
     ec2.clock = START
     ec2.add_image(FakeImage(AMI, "app-0", START - timedelta(days=100), snapshot_ids=("snap-0",)))
     ec2.ledger.record_candidate(AMI, START - timedelta(days=30))
     inbox = Inbox()
     region = account_region(ec2, OWNER, inbox)
-    # Since the plan: shared with an account share_with lists, whose fresh report says it uses the AMI.
-    ec2.images[AMI].permissions.add(f"user:{CONSUMER}")
+    ec2.images[AMI].permissions.update(granted)
     consumer = account_region(FakeEC2(REGION), CONSUMER, inbox)
-    report = UsageReport(
-        account=CONSUMER,
-        region=REGION,
-        generated_at=START,
-        uses={AMI: [f"referenced by launch template lt-1 in {CONSUMER}"]},
-    )
+    report = UsageReport(account=CONSUMER, region=REGION, generated_at=START, uses=uses)
     assert policy.usage_reports is not None
     consumer.services["s3"].put_object(
         Bucket="inbox", Key=policy.usage_reports.report_key(CONSUMER, REGION), Body=report.model_dump_json()
@@ -87,14 +80,54 @@ def test_a_share_since_the_plan_holds_the_ami_until_its_report_is_read(
         count=1,
         planned_at=START,
         policy=policy_digest(policy),
-        # () as in a plan that saw no share; (CONSUMER,) as in one that read that account's report.
-        items=(SliceItem(image_id=AMI, family="app", stages=stages, consumers=consumers),),
+        items=(item,),
     )
+    return ec2, slicer.run_slice(region.clients, ec2.ledger, policy, work, START)
 
-    done = slicer.run_slice(region.clients, ec2.ledger, policy, work, START)
+
+@pytest.mark.parametrize(
+    ("stages", "disable_after_days"),
+    [(("deprecate", "disable", "deregister"), 0), (("deprecate", "deregister"), None)],
+)
+@pytest.mark.parametrize("consumers", [(), (CONSUMER,)])
+def test_a_share_since_the_plan_holds_the_ami_until_its_report_is_read(
+    stages: tuple[str, ...], disable_after_days: int | None, consumers: tuple[str, ...]
+) -> None:
+    # Since the plan: shared with an account share_with lists, whose fresh report says it uses the AMI.
+    # () as in a plan that saw no share; (CONSUMER,) as in one that read that account's report.
+    item = SliceItem(image_id=AMI, family="app", stages=stages, consumers=consumers)
+    uses = {AMI: [f"referenced by launch template lt-1 in {CONSUMER}"]}
+
+    ec2, done = run_slice(usage_policy(disable_after_days), item, [f"user:{CONSUMER}"], uses)
 
     assert AMI in done.held, [r.model_dump() for r in done.results]
     assert AMI in ec2.images and ec2.images[AMI].state == "available"
     assert "snap-0" in ec2.snapshots
     expected = "whose usage report the plan did not read" if not consumers else "launch template lt-1"
     assert expected in done.held[AMI]
+
+
+@pytest.mark.parametrize("expanded", [False, True])
+def test_an_ou_granted_since_the_plan_holds_the_ami_though_the_plan_read_another_consumer(
+    expanded: bool,
+) -> None:
+    """The plan read the report of the one account the AMI was shared with, which does not use it; an OU
+    share_with lists was granted since. Its accounts' reports were never read: the slice holds the AMI.
+    Where the plan expanded that OU into its consumers, the slice acts (the stages all due at once)."""
+    policy = usage_policy(0, units=(OU,))
+    item = SliceItem(
+        image_id=AMI,
+        family="app",
+        stages=("deprecate", "disable", "deregister"),
+        consumers=(CONSUMER,),
+        grants=(f"ou:{OU}",) if expanded else (),
+    )
+
+    ec2, done = run_slice(policy, item, [f"user:{CONSUMER}", f"ou:{OU}"], {})
+
+    if expanded:
+        assert AMI not in done.held and AMI not in ec2.images
+    else:
+        assert done.held[AMI].startswith(f"shared with ou:{OU}, whose usage report the plan did not read")
+        assert AMI in ec2.images and ec2.images[AMI].state == "available"
+        assert "snap-0" in ec2.snapshots

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ami_janitor.core import run_plan
 from ami_janitor.core.model import LaunchPermission, ReceivedReport, RegionInventory, UsageView
 from ami_janitor.core.policy import Policy, parse_policy
-from ami_janitor.core.slices import SliceItem
+from ami_janitor.core.slices import SliceItem, share_hold
 from ami_janitor.core.usage import account_reason
 from builders import image
 
@@ -148,3 +148,44 @@ def test_a_slice_acts_on_a_shared_ami_only_on_every_consumers_fresh_word(
     ]
     allowed = {"unused"} | ({"none"} if not required else set())
     assert all(r is None for r in reasons) == all(kinds[a] in allowed for a in consumers)
+
+
+OU_2 = "arn:aws:organizations::123456789012:ou/o-abcdefghij/ou-abcd-22222222"
+
+
+@given(
+    now_shared=st.lists(
+        st.sampled_from([*(f"user:{a}" for a in ACCOUNTS), f"ou:{OU}", f"ou:{OU_2}"]), unique=True
+    ),
+    consumers=st.lists(st.sampled_from(ACCOUNTS), unique=True),
+    expanded=st.lists(st.sampled_from([f"ou:{OU}", f"ou:{OU_2}"]), unique=True),
+)
+def test_a_slice_acts_only_on_the_shares_its_plan_read_the_reports_of(
+    now_shared: list[str], consumers: list[str], expanded: list[str]
+) -> None:
+    """The AMI as the slice reads it is shared with `now_shared` (share_with lists every one, and the
+    family allows shares besides: only the reports count). Its item names the accounts whose reports
+    the plan read and the OUs it expanded: any other grant was made since the plan, and holds the AMI."""
+    allowing = policy(True)
+    allowing = parse_policy(
+        {
+            **allowing.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "defaults": {"allow_shared": True},
+        }
+    )
+    shared = image(name="app-1", perms=tuple(now_shared))
+    item = SliceItem(
+        image_id=shared.image_id,
+        family="app",
+        stages=("disable",),
+        consumers=tuple(sorted(consumers)),
+        grants=tuple(sorted(expanded)),
+    )
+
+    held = share_hold(item, shared, allowing)
+
+    read = {f"user:{a}" for a in consumers} | set(expanded)
+    unread = sorted(set(now_shared) - read)
+    assert (held is None) == (not unread), (held, unread)
+    for grant in unread:
+        assert held is not None and f"shared with {grant}, whose usage report the plan did not read" in held

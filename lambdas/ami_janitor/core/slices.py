@@ -39,6 +39,9 @@ class SliceItem(BaseModel):
     stages: tuple[Stage, ...] = Field(min_length=1)
     # The accounts it is shared with whose usage reports the plan read: the slice reads them again.
     consumers: tuple[str, ...] = ()
+    # The organizations and OUs it is shared with that the plan expanded into those accounts: any other
+    # found by the slice was granted since the plan, its accounts' reports unread.
+    grants: tuple[str, ...] = ()
 
 
 class WorkSlice(BaseModel):
@@ -97,17 +100,20 @@ def cut(
     budget_seconds: float,
     refill: Mapping[Stage, float],
     consumers: Mapping[str, Sequence[str]] | None = None,
+    expanded: Mapping[str, Sequence[str]] | None = None,
 ) -> list[WorkSlice]:
     """The due stages of `region`'s decisions (in plan order), in slices whose paced calls fit in
     `budget_seconds` (at `refill` AMIs per second per stage), MAX_SLICE_ITEMS and MAX_SLICE_BYTES.
-    `consumers`: AMI id -> the accounts whose usage reports the plan relied on."""
-    shared = consumers or {}
+    `consumers`: AMI id -> the accounts whose usage reports the plan relied on; `expanded`: AMI id ->
+    the organization and OU grants the plan expanded into them."""
+    shared, grants = consumers or {}, expanded or {}
     items = [
         SliceItem(
             image_id=d.image_id,
             family=d.family,
             stages=stages,
             consumers=tuple(sorted(shared.get(d.image_id, ()))),
+            grants=tuple(sorted(grants.get(d.image_id, ()))),
         )
         for d in decisions
         if d.region == region and (stages := due_stages(d))
@@ -117,7 +123,7 @@ def cut(
     for item in items:
         cost = item_cost(item, refill)
         # Only an AMI shared with others weighs much: the rest are measured by their consumers' count.
-        length = len(item.model_dump_json()) + 1 if item.consumers else _PLAIN_ITEM_BYTES
+        length = len(item.model_dump_json()) + 1 if item.consumers or item.grants else _PLAIN_ITEM_BYTES
         if (
             spent + cost > budget_seconds
             or len(groups[-1]) >= MAX_SLICE_ITEMS
@@ -238,15 +244,15 @@ def share_hold(item: SliceItem, image: Image, policy: Policy) -> str | None:
 
 def _unread_consumers(item: SliceItem, image: Image) -> list[str]:
     """The grants (share_with's included) whose accounts' usage reports the slice did not read: an
-    account not among the item's consumers; an organization or OU where the plan saw no consumer at all
-    (one the plan expanded into its consumers cannot be told from one granted since). The next plan
-    reads their reports."""
+    account not among the item's consumers; an organization or OU the plan did not expand into them
+    (granted since the plan). The next plan reads their reports. (An account that joined an
+    organization or OU the plan expanded is not seen here: the next plan reads its report.)"""
     from ami_janitor.core.usage import consumer_grants  # a policy with usage_reports
 
     reasons: list[str] = []
     for grant in consumer_grants(image, ""):
         kind, _, value = grant.partition(":")
-        if (kind == "user" and value not in item.consumers) or (kind != "user" and not item.consumers):
+        if (kind == "user" and value not in item.consumers) or (kind != "user" and grant not in item.grants):
             reasons.append(
                 f"shared with {grant}, whose usage report the plan did not read (the next plan reads it)"
             )
