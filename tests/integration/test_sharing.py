@@ -312,6 +312,49 @@ def test_a_scheduled_run_grants_an_organization_again_what_a_disable_and_enable_
     )
 
 
+def test_an_ami_whose_grants_were_read_early_has_its_references_read_before_it_retires(
+    aws: ClientFactory,
+) -> None:
+    """The organization checks read the launch permissions of the AMIs the janitor granted one before
+    the plan: a candidate among them is asked about all the same (DescribeImageReferences, which alone
+    sees an Image Builder recipe), and kept for what it finds."""
+    old, new = bake(aws, "web-1"), bake(aws, "web-2")
+    for image_id in (old, new):
+        emulator.set_image_fields(US, image_id, creation_date=NOW - timedelta(days=1))
+    policy = parse_policy(
+        {
+            "mode": "enforce",
+            "regions": [US],
+            "defaults": {"keep_latest": 1, "min_age_days": 7, "lifecycle": {"deprecate_after_days": 0}},
+            "families": [{"name": "web", "match": {"name": "web-*"}, "share_with": {"organizations": [ORG]}}],
+        }
+    )
+    engine.run(policy, [US], aws, NOW, apply=True)
+    assert grants(aws, old) == {f"org:{ORG}"}
+    emulator.set_image_fields(US, old, creation_date=NOW - timedelta(days=100))
+    recipe = "arn:aws:imagebuilder:us-east-1:123456789012:image-recipe/web/1.0.0"
+    asked: list[str] = []
+
+    def ask(params: dict[str, Any], **_: Any) -> None:
+        asked.extend(params["ImageIds"])
+
+    def answer(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        # moto lacks the call: answered here as EC2 would, before any request is sent.
+        found = [{"ImageId": old, "ResourceType": "imagebuilder:ImageRecipe", "Arn": recipe}]
+        return AWSResponse("", 200, {}, None), {"ImageReferences": found if old in asked else []}
+
+    events = aws(US).ec2.meta.events
+    events.register("before-parameter-build.ec2.DescribeImageReferences", ask)
+    events.register("before-call.ec2.DescribeImageReferences", answer)
+
+    plan, _ = engine.build_plan(policy, [US], aws, NOW)
+
+    assert old in asked
+    kept = next(d for d in plan.decisions if d.image_id == old)
+    assert kept.action == "keep", kept.reasons
+    assert kept.reasons == [f"referenced by imagebuilder:ImageRecipe {recipe} (DescribeImageReferences)"]
+
+
 def test_the_organization_checks_take_their_turn_from_the_run_s_date(
     aws: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -67,10 +67,12 @@ def plan_run(
 
 
 def needed_details(plan: Plan, inventories: Mapping[str, RegionInventory]) -> dict[str, list[str]]:
-    """Region -> the AMIs whose per-AMI details (DescribeImageReferences, launch permissions) the plan
-    needs, so only these are read: the candidates it retires this run (the caps hold back the rest, as
-    keeps) or runs a clock on, and those the janitor has started on that a cap holds back (referenced
-    or shared outside share_with, they are rescued), where the inventory does not hold them yet."""
+    """Region -> the AMIs whose per-AMI details (DescribeImageReferences, launch permissions, and the
+    usage reports of those they are shared with) the plan needs, so only these are read: the candidates
+    it retires this run (the caps hold back the rest, as keeps) or runs a clock on, and those the janitor
+    has started on that a cap holds back (referenced or shared outside share_with, they are rescued).
+    An AMI whose launch permissions were read already (to see whether it lost a grant) is among them:
+    its references and reports are not."""
     actions: dict[str, dict[str, str]] = {}
     for decision in plan.decisions:
         actions.setdefault(decision.region, {})[decision.image_id] = decision.action
@@ -79,9 +81,7 @@ def needed_details(plan: Plan, inventories: Mapping[str, RegionInventory]) -> di
         unread = [
             image.image_id
             for image in inventories[region].images
-            if image.state in ("available", "disabled")
-            and image.launch_permissions is None
-            and _may_need(by_image.get(image.image_id), image)
+            if image.state in ("available", "disabled") and _may_need(by_image.get(image.image_id), image)
         ]
         if unread:
             needed[region] = unread

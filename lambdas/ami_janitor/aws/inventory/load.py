@@ -189,7 +189,8 @@ def load_details(
     if inventory.error is not None:
         return inventory
     wanted = set(image_ids)
-    unread = [i.image_id for i in inventory.images if i.image_id in wanted and i.launch_permissions is None]
+    # Those whose launch permissions were read already (a lost grant's check) are described all the same.
+    unread = [i.image_id for i in inventory.images if i.image_id in wanted]
     if not unread:
         return inventory
     from ami_janitor.aws.inventory.image_references import read_image_references, sort_references
@@ -213,7 +214,9 @@ def load_details(
     )
     # A disabled AMI has no launch permissions (disabling makes it private): nothing to ask.
     shareable = [
-        i.image_id for i in described_inventory.images if i.image_id in wanted and i.state == "available"
+        i.image_id
+        for i in described_inventory.images
+        if i.image_id in wanted and i.state == "available" and i.launch_permissions is None
     ]
     loaded = load_launch_permissions(clients, described_inventory, shareable)
     if loaded.error is not None:
