@@ -805,7 +805,11 @@ def handle_ami_event(
     if len(families) != 1 or image.state != "available":
         return outcome
     family = families[0]
-    if trust.open_item(image) is None and (sharing.desired_grants(family) or sharing.recorded_grants(image)):
+    if (
+        trust.open_item(image) is None
+        and not family.match.by_tags_alone  # share_for changes no launch permission there
+        and (sharing.desired_grants(family) or sharing.recorded_grants(image))
+    ):
         # This AMI's launch permissions, read once: EnableImage restores none of those DisableImage
         # removed, while the ledger still records the janitor's grants as made (the plan alone would
         # never grant them again).

@@ -277,10 +277,12 @@ def test_another_accounts_image_builder_image_and_ssm_parameter_are_read_for_the
 
 
 def test_a_recipe_image_that_cannot_be_resolved_makes_the_report_incomplete(stubbed: Stubbed) -> None:
-    """Another account's image or parameter whose AMI could not be read (refused, missing, a value that
-    is no AMI id), or what is none of the known kinds: the report says so, and owners keep what they
-    share with the account."""
+    """Another account's image or parameter whose AMI could not be read (refused, a build with no AMI
+    here yet, missing, a value that is no AMI id, an ARN that is none: not asked, so that it fails no
+    other parameter's call), or what is none of the known kinds: the report says so, and owners keep
+    what they share with the account."""
     image_arn = f"arn:aws:imagebuilder:{REGION}:{OWNER}:image/golden/1.0.0/4"
+    building = f"arn:aws:imagebuilder:{REGION}:{OWNER}:image/golden/2.0.0/1"
     missing = f"arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/gone"
     odd_value = f"arn:aws:ssm:{REGION}:{OWNER}:parameter/golden/name"
     recipes = [
@@ -288,6 +290,8 @@ def test_a_recipe_image_that_cannot_be_resolved_makes_the_report_incomplete(stub
         _recipe("image", "b", f"ssm:{missing}"),
         _recipe("image", "c", f"ssm:{odd_value}"),
         _recipe("image", "d", "odd"),
+        _recipe("image", "e", building),
+        _recipe("image", "f", "ssm:arn:aws"),
     ]
     _consumer_with_recipes(stubbed, recipes)
     stubbed.add(
@@ -303,6 +307,12 @@ def test_a_recipe_image_that_cannot_be_resolved_makes_the_report_incomplete(stub
         http_status_code=403,
         expected_params={"imageBuildVersionArn": image_arn},
     )
+    stubbed.add(
+        "imagebuilder",
+        "get_image",
+        {"image": {"arn": building, "state": {"status": "BUILDING"}}},
+        {"imageBuildVersionArn": building},
+    )
     sent: dict[str, Any] = {}
     _put_report(stubbed, sent)
 
@@ -310,11 +320,14 @@ def test_a_recipe_image_that_cannot_be_resolved_makes_the_report_incomplete(stub
         _recipe_policy(), [RegionInventory(region=REGION)], lambda _: stubbed.clients, NOW
     )
 
-    a, b, c, d = (r["arn"] for r in recipes)
+    a, b, c, d, e, f = (r["arn"] for r in recipes)
     unread = [
         f"image recipe {d}: its parentImage 'odd' is neither an AMI id, an SSM parameter nor an Image Builder image",
         f"image recipe {a}: its parentImage {image_arn} is not resolved: imagebuilder:GetImage {image_arn}: "
         "ForbiddenException: not shared with this account",
+        f"image recipe {e}: its parentImage {building} is not resolved: build {building} (BUILDING) has no "
+        f"AMI in {REGION}",
+        f"image recipe {f}: its parentImage ssm:arn:aws is not resolved: not a parameter ARN",
         f"image recipe {b}: its parentImage ssm:{missing} is not resolved: not found, or not shared with the account",
         f"image recipe {c}: its parentImage ssm:{odd_value} is not resolved: its value 'golden-2026' is not an AMI id",
     ]

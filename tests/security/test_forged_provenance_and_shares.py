@@ -172,15 +172,26 @@ def test_a_public_ami_tagged_into_a_family_matched_by_tags_alone_stays_public(
 def test_an_ami_tagged_out_of_a_sharing_family_keeps_the_grants_the_janitor_made(
     endpoint: str, tmp_path: Path
 ) -> None:
+    """Moved by a tag into a family matched by tags alone, an old AMI keeps its grant and is kept for it:
+    were it retired, its disable stage would take the grant and no rescue would give it back."""
     fleet = seed_fleet(now())
-    newest = fleet.images[-1]
+    moved = fleet.images[-1]
     sharing = POLICY.format(mode="enforce") + f"    share_with: {{accounts: ['{SHARED_ACCOUNT}']}}\n"
     apply(tmp_path, sharing + BY_TAGS_ALONE)
-    assert {"UserId": SHARED_ACCOUNT} in launch_permissions(newest)
-    # Out of web (its Project tag changed), into pets: web's grant is no longer listed for it.
-    forge(newest, {"Project": "PetTracker"})
+    assert {"UserId": SHARED_ACCOUNT} in launch_permissions(moved)
+    # Out of web (its Project tag changed), into pets, behind two newer pets AMIs; old enough to retire.
+    for n in range(2):
+        newer = str(ec2().register_image(Name=f"pets-{n}", RootDeviceName="/dev/xvda")["ImageId"])
+        emulator.set_image_fields(REGION, newer, creation_date=now() - timedelta(days=1))
+        forge(newer, {"Project": "PetTracker"})
+    emulator.set_image_fields(REGION, moved, creation_date=now() - timedelta(days=100))
+    forge(moved, {"Project": "PetTracker"})
 
     report = apply(tmp_path, sharing + BY_TAGS_ALONE)
 
-    assert removed(report, newest) == []
-    assert {"UserId": SHARED_ACCOUNT} in launch_permissions(newest)
+    kept = decision(report, moved)
+    assert kept["action"] == "keep", kept
+    assert f"shared with user:{SHARED_ACCOUNT} (not in share_with)" in kept["reasons"]
+    assert removed(report, moved) == []
+    assert {"UserId": SHARED_ACCOUNT} in launch_permissions(moved)
+    assert ec2().describe_images(ImageIds=[moved])["Images"][0]["State"] == "available"

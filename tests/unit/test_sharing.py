@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
+from ami_janitor.core import planner
 from ami_janitor.core.model import Image, RegionInventory, Share
-from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG
+from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG, parse_policy
 from ami_janitor.core.sharing import (
+    grants_checked,
     organization_checks,
     organizations_granted,
     plan_shares,
@@ -27,6 +29,10 @@ OU = "arn:aws:organizations::123456789012:ou/o-abc123/ou-ab12-cd34ef56"
 def sharing(accounts: list[str] | None = None, **family: Any) -> Any:
     share_with = {"accounts": accounts or [], "organizations": family.pop("organizations", [])}
     return policy({"share_with": share_with, **family})
+
+
+def parse_policy_families(families: list[dict[str, Any]]) -> Any:
+    return parse_policy({"regions": ["us-east-1"], "families": families})
 
 
 def recorded(*grants: str) -> dict[str, str]:
@@ -175,6 +181,54 @@ def test_a_family_matched_by_tags_alone_revokes_no_launch_permission() -> None:
         ["group:all"],
         [f"user:{A}"],
     ]
+
+
+def test_in_a_family_matched_by_tags_alone_the_janitors_grants_keep_the_ami() -> None:
+    """Left in place there, the grants the janitor made count as any share the family does not list: an
+    old member still holding one is kept (its disable stage would remove the grant, and a rescue would
+    not give it back: the family shares nothing), unless the family allows shares."""
+    by_tags = policy({"name": "pets", "match": {"tags": {"Project": "PetTracker"}}})
+    old = shared(f"user:{A}", days_old=100, perms=(f"user:{A}",))
+    old = old.model_copy(update={"tags": {**old.tags, "Project": "PetTracker"}})
+    newer = [image(days_old=d, tags={"Project": "PetTracker"}) for d in (1, 2)]
+
+    [decision] = [
+        d
+        for d in planner.plan([inventory(old, *newer)], by_tags, NOW).decisions
+        if d.image_id == old.image_id
+    ]
+
+    assert decision.action == "keep"
+    assert f"shared with user:{A} (not in share_with)" in decision.reasons
+    named = policy({"name": "pets", "match": {"name": "app-*"}})
+    [retired] = [
+        d for d in planner.plan([inventory(old, *newer)], named, NOW).decisions if d.image_id == old.image_id
+    ]
+    assert retired.action != "keep"  # in a family its name selects, the janitor's grant retires with it
+
+
+def test_lost_grants_are_checked_only_where_they_would_be_granted_again() -> None:
+    """A lost grant is looked for (one call per account, or per AMI granted an organization) only on an
+    AMI in exactly one family that is not matched by tags alone: share_for grants nothing elsewhere."""
+    mine = shared(f"user:{A}", f"org:{ORG}", days_old=1, perms=None)
+    tagged = mine.model_copy(
+        update={"image_id": "ami-0000000000000tag", "tags": {**mine.tags, "Project": "PetTracker"}}
+    )
+    both = parse_policy_families(
+        [
+            {
+                "name": "app",
+                "match": {"name": "app-*"},
+                "share_with": {"accounts": [A], "organizations": [ORG]},
+            },
+            {"name": "pets", "match": {"tags": {"Project": "PetTracker"}}},
+        ]
+    )
+    alone = parse_policy_families([{"name": "pets", "match": {"tags": {"Project": "App"}}}])
+
+    assert grants_checked(both, [mine, tagged]) == [mine]  # tagged: two families, left alone
+    assert grants_checked(alone, [mine]) == []
+    assert grants_checked(both, [image(days_old=1)]) == []  # nothing recorded: nothing to check
 
 
 def test_share_for_one_image_matches_the_plan() -> None:

@@ -130,9 +130,13 @@ def _of_another_account(image: str, account: str) -> bool:
     image, than AWS and the Marketplace): it may stand for an AMI that account shares with this one.
     The account's own stand for its own AMIs (its SSM parameters are read by the parameter scan)."""
     if image.startswith("ssm:"):
-        name = image.removeprefix("ssm:")
-        # AWS's public parameters (/aws/service/...) have no account in their ARN.
-        return name.startswith("arn:") and name.split(":")[4:5] not in ([account], [""])
+        fields = image.removeprefix("ssm:").split(":", 5)
+        if fields[0] != "arn":
+            return False  # a name: the account's own parameter
+        # AWS's public parameters have no account in their ARN; any other ARN without one is malformed
+        # (resolving it fails, and the report says so).
+        public = len(fields) == 6 and fields[4] == "" and fields[5].startswith("parameter/aws/service/")
+        return not public and (len(fields) < 6 or fields[4] != account)
     if image.startswith("arn:") and ":image/" in image:
         owner = image.split(":")[4]
         return owner not in _MANAGED_IMAGE_OWNERS and owner != account
@@ -164,22 +168,35 @@ def _image_amis(clients: RegionClients, image: str) -> list[str] | str:
     wildcards its latest available build's (GetImage resolves it as a build would)."""
     try:
         with source(f"imagebuilder:GetImage {image}"):
-            answer = clients.client("imagebuilder").get_image(imageBuildVersionArn=image)
-            amis = ((answer.get("image") or {}).get("outputResources") or {}).get("amis") or []
-            return sorted(str(ami["image"]) for ami in amis if ami.get("region") == clients.region)
+            answer = clients.client("imagebuilder").get_image(imageBuildVersionArn=image).get("image") or {}
+            amis = (answer.get("outputResources") or {}).get("amis") or []
+            here = sorted(str(ami["image"]) for ami in amis if ami.get("region") == clients.region)
     except SourceFailed as failure:
         return str(failure)
+    if not here:
+        # A build not done (or not distributed here) names no AMI: what it stands for is not known.
+        state = (answer.get("state") or {}).get("status") or "of no state"
+        return f"build {answer.get('arn') or image} ({state}) has no AMI in {clients.region}"
+    return here
 
 
 def _parameter_amis(clients: RegionClients, parameters: Sequence[str]) -> dict[str, list[str] | str]:
     """Each 'ssm:<parameter ARN>' -> the AMI id its value is (ten a call), or why it is not read."""
-    names = {image: image.removeprefix("ssm:") for image in parameters}
+    resolved: dict[str, list[str] | str] = {}
+    names: dict[str, str] = {}
+    for image in parameters:
+        name = image.removeprefix("ssm:")
+        if len(name.split(":", 5)) < 6:  # asked beside others, it would fail their call too
+            resolved[image] = "not a parameter ARN"
+        else:
+            names[image] = name
+    if not names:
+        return resolved
     try:
         with source("ssm:GetParameters"):
             read = get_parameters(clients.ssm, names.values())
     except SourceFailed as failure:
-        return dict.fromkeys(parameters, str(failure))
-    resolved: dict[str, list[str] | str] = {}
+        return resolved | dict.fromkeys(names, str(failure))
     for image, name in names.items():
         value = str(read[name].get("Value") or "") if name in read else ""
         if value.startswith("ami-"):

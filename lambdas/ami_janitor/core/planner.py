@@ -540,14 +540,16 @@ def _judge(
 
 def shared_outside(image: Image, family: Family, allowed: set[str] | None = None) -> list[str]:
     """Keep reasons of an AMI shared beyond the family's share_with (or public without public: true).
-    `allowed` is the family's grants, when the caller has them at hand."""
+    `allowed` is the family's grants, when the caller has them at hand. The grants the janitor made
+    retire with the AMI, but in a family matched by tags alone: a tag may have brought the AMI there
+    from the family that shared it, and there they are neither revoked nor retired (share_for)."""
     if allowed is None:
         allowed = set(family.share_with.grants()) | ({"group:all"} if family.public else set())
     reasons: list[str] = []
     if image.public and not family.public:
         reasons.append("public (the family does not set public: true)")
     if image.launch_permissions:
-        own = allowed | janitor_grants(image)
+        own = allowed if family.match.by_tags_alone else allowed | janitor_grants(image)
         for grant in sorted(p.key for p in image.launch_permissions if p.key not in own):
             if grant == "group:all" and image.public:
                 continue  # reported as public above

@@ -87,6 +87,19 @@ def _made_grants(image: Image) -> set[str]:
     return recorded_grants(image) - unconfirmed_grants(image)
 
 
+def grants_checked(policy: Policy, images: Iterable[Image]) -> list[Image]:
+    """The AMIs whose lost grants the janitor would grant again, so worth checking: those in exactly one
+    family, not one matched by tags alone (share_for changes no launch permission of the others)."""
+    checked: list[Image] = []
+    for image in images:
+        if not _made_grants(image):
+            continue
+        families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
+        if len(families) == 1 and not families[0].match.by_tags_alone:
+            checked.append(image)
+    return checked
+
+
 def accounts_granted(image: Image) -> set[str]:
     """The accounts the ledger records the janitor granted the AMI, where EC2 should show them."""
     return {key.removeprefix("user:") for key in _made_grants(image) if key.startswith("user:")}

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
 
     from ami_janitor.aws.clients import RegionClients
+    from ami_janitor.core.policy import Policy
 
 # DescribeImages by the accounts that may launch: the inventory's read of the AMIs already needs it.
 PERMISSIONS: list[str] = ["ec2:DescribeImageAttribute", "ec2:DescribeImages"]
@@ -66,7 +67,9 @@ def read_launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermis
     )
 
 
-def load_lost_grants(clients: RegionClients, inventory: RegionInventory, day: int = 0) -> RegionInventory:
+def load_lost_grants(
+    clients: RegionClients, inventory: RegionInventory, policy: Policy, day: int = 0
+) -> RegionInventory:
     """The inventory with the launch permissions of the AMIs that may have lost a grant the janitor made,
     so that their share grants it again: DisableImage removes every launch permission and EnableImage
     restores none (and an owner may revoke one by hand), while the ledger still records the grants as
@@ -76,9 +79,11 @@ def load_lost_grants(clients: RegionClients, inventory: RegionInventory, day: in
     run, in turns by `day` (sharing.organization_checks). Nothing recorded: no call."""
     if inventory.error is not None:
         return inventory
-    granted = {image.image_id: sharing.accounts_granted(image) for image in inventory.images}
+    # Only where a lost grant would be granted again: not in a family matched by tags alone.
+    grantees = sharing.grants_checked(policy, inventory.images)
+    granted = {image.image_id: sharing.accounts_granted(image) for image in grantees}
     accounts = sorted(set().union(*granted.values()))
-    checked = sharing.organization_checks(inventory.images, day)
+    checked = sharing.organization_checks(grantees, day)
     lost: list[str] = []
     if accounts:
         ec2 = clients.ec2  # made before the threads share it

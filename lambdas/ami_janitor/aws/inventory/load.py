@@ -42,7 +42,7 @@ def load_inventory(clients: "RegionClients", policy: Policy, now: datetime | Non
     # Grants the janitor made that EC2 no longer shows (the AMI disabled and enabled again since).
     from ami_janitor.aws.inventory.launch_permissions import load_lost_grants
 
-    return load_lost_grants(clients, loaded, day=now.toordinal() if now is not None else 0)
+    return load_lost_grants(clients, loaded, policy, day=now.toordinal() if now is not None else 0)
 
 
 def _read_inventory(clients: "RegionClients", policy: Policy) -> RegionInventory:
