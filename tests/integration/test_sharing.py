@@ -355,6 +355,37 @@ def test_an_ami_whose_grants_were_read_early_has_its_references_read_before_it_r
     assert kept.reasons == [f"referenced by imagebuilder:ImageRecipe {recipe} (DescribeImageReferences)"]
 
 
+def test_grants_in_a_family_matched_by_tags_alone_are_not_looked_for(aws: ClientFactory) -> None:
+    """The janitor changes no launch permission of an AMI in a family matched by tags alone (a tag may
+    have brought it there): a grant it recorded before, lost since, is not granted again, so neither the
+    AMI's event nor the scheduled run reads its launch permissions or which AMIs the account may launch."""
+    image_id = bake(aws, "web-4")
+    engine.run(sharing([A]), [US], aws, NOW, apply=True)
+    assert grants(aws, image_id) == {f"user:{A}"}
+    aws(US).ec2.create_tags(Resources=[image_id], Tags=[{"Key": "Project", "Value": "Web"}])
+    by_tags = parse_policy(
+        {
+            "mode": "enforce",
+            "regions": [US],
+            "families": [{"name": "web", "match": {"tags": {"Project": "Web"}}}],
+        }
+    )
+    aws(US).ec2.disable_image(ImageId=image_id)
+    aws(US).ec2.enable_image(ImageId=image_id)
+    asked: list[tuple[str, dict[str, Any]]] = []
+    aws(US).ec2.meta.events.register(
+        "provide-client-params.ec2.*", lambda params, model, **_: asked.append((model.name, params))
+    )
+
+    engine.handle_ami_event(image_id, "available", aws(US), by_tags, NOW)
+    result = engine.run(by_tags, [US], aws, NOW, apply=True)
+
+    assert result.replicated.shares == []
+    assert not [name for name, _ in asked if name == "DescribeImageAttribute"], asked
+    assert not [p for name, p in asked if name == "DescribeImages" and "ExecutableUsers" in p]
+    assert grants(aws, image_id) == set()
+
+
 def test_the_organization_checks_take_their_turn_from_the_run_s_date(
     aws: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
