@@ -618,19 +618,13 @@ def _consumers(region: RegionInventory) -> tuple[dict[str, list[str]], dict[str,
     view = region.usage
     if view is None:
         return {}, {}
-    from ami_janitor.core.usage import consumer_grants, consumers
+    from ami_janitor.core.usage import consumers, expanded_grants
 
     accounts, expanded = {}, {}
     for image in region.images:
-        found = sorted(consumers(image, view)[0])
-        if found:
+        if found := sorted(consumers(image, view)[0]):
             accounts[image.image_id] = found
-        grants = [
-            grant
-            for grant in consumer_grants(image, view.own_account)
-            if not grant.startswith("user:") and view.expansions.get(grant) is not None
-        ]
-        if grants:
+        if grants := expanded_grants(image, view):
             expanded[image.image_id] = grants
     return accounts, expanded
 

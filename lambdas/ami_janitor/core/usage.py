@@ -100,6 +100,16 @@ def consumers(image: Image, view: UsageView) -> tuple[set[str], list[str]]:
     return accounts, unknown
 
 
+def expanded_grants(image: Image, view: UsageView) -> list[str]:
+    """The organization and OU grants of an AMI whose accounts the view lists (`consumers` counts them):
+    a slice tells these from one granted since its plan."""
+    return [
+        grant
+        for grant in consumer_grants(image, view.own_account)
+        if not grant.startswith("user:") and view.expansions.get(grant) is not None
+    ]
+
+
 def usage_reasons(image: Image, view: UsageView | None, settings: UsageReports, now: datetime) -> list[str]:
     """Why the consumers of a shared AMI keep it: in use by a fresh report; or a report missing
     (where required), stale or unreadable; or accounts Organizations could not list. [] when every
