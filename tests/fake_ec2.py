@@ -1199,12 +1199,20 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
-    def redo_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
+    def redo_stage(self, image_id: str, stage: Stage, at: datetime, prior: Prior) -> Written:
         self._write("ledger_redo_stage", image_id)
         item = self.items.get(image_id)
         if item is None or not item.is_open or stage not in item.stages:
             return "already-recorded"
-        entry = item.stages[stage].model_copy(update={"redone": at})
+        entry = item.stages[stage].model_copy(
+            update={
+                "redone": at,
+                "prior_deprecation": prior.deprecation,
+                "prior_launch_permissions": prior.launch_permissions,
+                "already_disabled": prior.already_disabled,
+                "adopted": False,
+            }
+        )
         self._set(image_id, stages={**item.stages, stage: entry})
         return "recorded"
 

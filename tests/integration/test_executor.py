@@ -759,7 +759,8 @@ def test_a_recorded_stage_ec2_does_not_show_is_done_again_without_a_second_recor
     seed(book, disabled, ["deprecate", "disable"], at=recent, permissions=(f"user:{ACCOUNT_A}",))
     book.confirm_stage(disabled, "deprecate", recent)
     ec2.enable_image_deprecation(ImageId=disabled, DeprecateAt=deprecate_at(recent))
-    # Since then the AMI was shared with one more account: the recorded prior stands.
+    # Since then the AMI was shared with one more account: done again, the stage records it beside the
+    # first record's (DisableImage removes it too, so a rescue gives it back).
     ec2.modify_image_attribute(ImageId=disabled, LaunchPermission={"Add": [{"UserId": ACCOUNT_B}]})
     inventory = load_inventory(ec2)
     configured: list[tuple[Stage, int]] = [("deprecate", 0), ("disable", 0)]
@@ -783,10 +784,16 @@ def test_a_recorded_stage_ec2_does_not_show_is_done_again_without_a_second_recor
     assert items[deprecated].stages["deprecate"] == LedgerStage(at=EARLIER, confirmed=NOW, redone=NOW)
     assert items[deprecated].stages["disable"] == LedgerStage(at=NOW, confirmed=NOW)
     assert items[disabled].stages["disable"] == LedgerStage(
-        at=recent, prior_launch_permissions=(f"user:{ACCOUNT_A}",), confirmed=NOW, redone=NOW
+        at=recent,
+        prior_launch_permissions=(f"user:{ACCOUNT_A}", f"user:{ACCOUNT_B}"),
+        confirmed=NOW,
+        redone=NOW,
     )
     assert Image.from_api(REGION, image_or_none(ec2, deprecated) or {}).deprecation_time == deprecate_at(NOW)
-    assert _tags(image_or_none(ec2, disabled) or {})[PRIOR_PERMISSIONS_TAG] == f"user:{ACCOUNT_A}"
+    assert (
+        _tags(image_or_none(ec2, disabled) or {})[PRIOR_PERMISSIONS_TAG]
+        == f"user:{ACCOUNT_A},user:{ACCOUNT_B}"
+    )
     assert (image_or_none(ec2, disabled) or {})["State"] == "disabled"
 
 
@@ -804,7 +811,8 @@ def test_a_recorded_deprecation_hidden_by_a_later_owner_deprecation_is_done_agai
     assert result.failed == 0, result.results
     # The janitor's deprecation (a minute after now), not the owner's in 300 days.
     assert Image.from_api(REGION, image_or_none(ec2, image_id) or {}).deprecation_time == deprecate_at(NOW)
-    assert items_of(ec2)[image_id].stages["deprecate"].confirmed == NOW
+    deprecate = items_of(ec2)[image_id].stages["deprecate"]
+    assert (deprecate.confirmed, deprecate.prior_deprecation) == (NOW, owner)
 
 
 def test_a_recorded_deprecation_done_again_days_later_is_done(ec2: Any) -> None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from ami_janitor.aws import ledger
 from ami_janitor.aws.clients import RegionClients
 from ami_janitor.aws.ledger import Ledger, Prior
-from ami_janitor.core.model import LedgerItem
+from ami_janitor.core.model import LedgerItem, LedgerStage
 from ami_janitor.core.trust import STAGES
 from fake_ec2 import FakeEC2, FakeLedger
 
@@ -53,7 +53,21 @@ def _confirm(stage: str, day: int) -> Write:
 
 
 def _redo(stage: str, day: int) -> Write:
-    return lambda book, image_id: book.redo_stage(image_id, stage, START + timedelta(days=day))  # type: ignore[arg-type]
+    # What the stage changes this time replaces the first record's: set, or removed where empty.
+    prior = Prior(
+        deprecation=START + timedelta(days=day) if day % 3 else None,
+        launch_permissions=("user:111122223333", "user:444455556666")[: day % 3],
+        already_disabled=day % 3 == 1,
+    )
+    return lambda book, image_id: book.redo_stage(image_id, stage, START + timedelta(days=day), prior)  # type: ignore[arg-type]
+
+
+def _adopted(stage: str, day: int) -> Write:
+    # A stage adopted from an older janitor's tags (a redo makes the record the janitor's own).
+    at = START + timedelta(days=day)
+    entry = LedgerStage(at=at, prior_launch_permissions=("user:111122223333",), adopted=True)
+    item = LedgerItem(image_id="", first_candidate=at, stages={stage: entry})  # type: ignore[dict-item]
+    return lambda book, image_id: book.adopt(item.model_copy(update={"image_id": image_id}))
 
 
 def _deregistered(day: int) -> Write:
@@ -92,6 +106,7 @@ writes = st.one_of(
     st.builds(_stage, stages, st.one_of(st.none(), stages), days),
     st.builds(_confirm, stages, days),
     st.builds(_redo, stages, days),
+    st.builds(_adopted, stages, days),
     st.builds(_deregistered, days),
     st.builds(_close, days, st.one_of(st.none(), stages)),
     st.builds(_reopen, stages),

@@ -562,9 +562,11 @@ class _RegionRun:
     def _record(self, stage: Stage, image: Image, prior: Prior, snapshots: Sequence[str] = ()) -> bool:
         """Record the stage in the ledger before its change; False where another run recorded it."""
         if trust.recorded_stage(image, stage) is not None:
-            # Recorded by an earlier run that stopped before EC2 took it: done again, unless a rescue
-            # closed the item since this run read it (the ledger says so, not the item as read).
-            return self.ledger.redo_stage(image.image_id, stage, self.now) == "recorded"
+            # Recorded by an earlier run, and EC2 does not show it (that run stopped before EC2 took it,
+            # or the owner undid it since): done again, `prior` recorded in place of the first record's,
+            # unless a rescue closed the item since this run read it (the ledger says so, not the item
+            # as read).
+            return self.ledger.redo_stage(image.image_id, stage, self.now, prior) == "recorded"
         previous = self._previous(image)
         written = self.ledger.record_stage(
             image.image_id, stage, self.now, prior, previous=previous, snapshots=snapshots
@@ -587,13 +589,16 @@ class _RegionRun:
 
     def deprecate(self, image: Image) -> ActionResult:
         target = deprecate_at(self.now)
-        if not self._record("deprecate", image, Prior(deprecation=image.deprecation_time)):
+        # What the stage changes is the deprecation time EC2 shows now, done again too: an earlier run's
+        # record (that run stopped before EC2 took it, or a rescue stopped half way) saw the same time,
+        # and where the owner set one since, a rescue must give back theirs, not the first record's.
+        prior = image.deprecation_time
+        if not self._record("deprecate", image, Prior(deprecation=prior)):
             return self._not_recorded(image, "deprecate")
-        entry = trust.recorded_stage(image, "deprecate")
-        prior = entry.prior_deprecation if entry is not None else image.deprecation_time
         done = ["recorded in the ledger"]
-        if PRIOR_DEPRECATION_TAG not in image.tags:
-            self.mirror_tags(image.image_id, {PRIOR_DEPRECATION_TAG: iso(prior) or "none"})
+        mirror = iso(prior) or "none"
+        if image.tags.get(PRIOR_DEPRECATION_TAG) != mirror:
+            self.mirror_tags(image.image_id, {PRIOR_DEPRECATION_TAG: mirror})
         # An earlier deprecation time (the owner's, or ours from a run that crashed) is kept, never postponed.
         if image.deprecation_time is None or image.deprecation_time > target:
             _deprecate(self.ec2, image.image_id, target)
@@ -623,10 +628,12 @@ class _RegionRun:
             detail = f"{HELD_BACK}{shared}: not disabled, its launch permissions left as they are"
             return self.result(image.image_id, "disable", "skipped", detail=detail)
         entry = trust.recorded_stage(image, "disable")
-        # A record from a run that stopped half way stands: the image may hold fewer permissions now.
-        prior = (
-            entry.prior_launch_permissions if entry is not None else tuple(sorted(p.key for p in permissions))
-        )
+        prior = tuple(sorted(p.key for p in permissions))
+        if entry is not None and not entry.adopted:
+            # Done again (EC2 no longer shows it): what DisableImage removes now joins the first record,
+            # which stands (a rescue stopped half way may not have granted it back yet), so that a rescue
+            # gives back the shares the owner made since too. A record adopted from tags adds nothing.
+            prior = tuple(sorted({*entry.prior_launch_permissions, *prior}))
         already = image.state == "disabled"
         if not self._record("disable", image, Prior(launch_permissions=prior, already_disabled=already)):
             return self._not_recorded(image, "disable")

@@ -672,17 +672,34 @@ class Ledger(_Made):
             ExpressionAttributeValues=values,
         )
 
-    def redo_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:
-        """Before a stage an earlier run recorded (and stopped before EC2 took) is done again: "recorded"
-        only where the item still records it and is still open. A rescue since the caller read the item
-        closed it (or a new candidate clock replaced it): the stage is not done again. Writes when it is
-        done again (`redone`): the next stage's delay counts from then, not from the first record."""
+    def redo_stage(self, image_id: str, stage: Stage, at: datetime, prior: Prior) -> Written:
+        """Before a stage an earlier run recorded (and EC2 no longer shows, or never took) is done again:
+        "recorded" only where the item still records it and is still open. A rescue since the caller read
+        the item closed it (or a new candidate clock replaced it): the stage is not done again. Writes
+        when it is done again (`redone`: the next stage's delay counts from then, not from the first
+        record) and `prior`, what it changes this time, in place of the first record's (the owner may
+        have enabled the AMI and shared it, or set a deprecation time, since): a rescue restores that.
+        The record is the janitor's own from then on, no longer one adopted from tags."""
+        entry = LedgerStage(
+            at=at,
+            prior_deprecation=prior.deprecation,
+            prior_launch_permissions=prior.launch_permissions,
+            already_disabled=prior.already_disabled,
+        ).model_dump(mode="json", exclude_defaults=True)
+        recorded = ("prior_deprecation", "prior_launch_permissions", "already_disabled")
+        values: dict[str, Any] = {":at": _value(iso(at))}
+        assignments = ["stages.#stage.redone = :at"]
+        for name in recorded:
+            if name in entry:
+                assignments.append(f"stages.#stage.{name} = :{name}")
+                values[f":{name}"] = _value(entry[name])
+        removed = [f"stages.#stage.{name}" for name in (*recorded, "adopted") if name not in entry]
         return self._update(
             image_id,
-            UpdateExpression="SET stages.#stage.redone = :at",
+            UpdateExpression=f"SET {', '.join(assignments)} REMOVE {', '.join(removed)}",
             ConditionExpression="attribute_exists(stages.#stage) AND attribute_not_exists(closed)",
             ExpressionAttributeNames={"#stage": stage},
-            ExpressionAttributeValues={":at": _value(iso(at))},
+            ExpressionAttributeValues=values,
         )
 
     def confirm_stage(self, image_id: str, stage: Stage, at: datetime) -> Written:

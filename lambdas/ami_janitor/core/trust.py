@@ -75,7 +75,8 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
     a recorded stage was applied when it was last done (`redone`, else its record); a stage this run
     applies counts as applied now, so all-zero stages still deregister in one run. A
     recorded stage whose change EC2 does not show (a crash between the ledger write and the EC2 call,
-    or a rescue that stopped half way) is done again, under its first record, before any later stage,
+    a rescue that stopped half way, or the owner's undoing it) is done again (recording what it changes
+    then: aws.executor), before any later stage,
     unless EC2 shows a later stage (a disabled AMI has settled its deprecation), once the clock makes it
     due (as it did when it was first recorded, unless the policy's days were raised since)."""
     item = open_item(image)
