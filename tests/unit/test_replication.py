@@ -19,7 +19,7 @@ from ami_janitor.core.model import (
     RegionInventory,
     iso,
 )
-from ami_janitor.core.planner import plan
+from ami_janitor.core.planner import build_groups, plan
 from ami_janitor.core.policy import (
     CANDIDATE_TAG,
     COPY_GENERATION_TAG_PREFIX,
@@ -41,7 +41,7 @@ from ami_janitor.core.replication import (
     plan_replication,
     rebuild_copy,
 )
-from builders import NOW, image, inventory, policy
+from builders import NOW, copied, image, inventory, policy
 
 US, EU, WEST = "us-east-1", "eu-west-1", "us-west-2"
 KEY_US = "arn:aws:kms:us-east-1:111122223333:key/us"
@@ -791,3 +791,31 @@ def test_a_family_without_latest_copies_only_what_its_target_keeps_by_rank() -> 
         [inventory(s1, s2), inventory(d1, region=EU, ledger=ledger_of(d1))], no_latest, NOW
     )
     assert pairs(copies) == []
+
+
+def test_a_suffix_goes_inside_the_name_where_the_glob_ends_with_fixed_text() -> None:
+    """A glob with the build stamp in the middle and fixed text at the end (`app-*-amd64`) names neither
+    `...-amd64-encrypted` nor `encrypted-app-...`: the suffix goes before the fixed end, so the copy is
+    still a member of its family (an encrypt-in-place copy stands in for its original; a replica counts
+    toward its region's keep-N and Latest, and retires there)."""
+    family = {"match": {"tags": {"Project": "App"}, "name": "app-*-amd64"}, "latest": {"tag": "Latest"}}
+    in_place = policy({**family, "replicate": [{"region": US, "kms_key_id": KEY_US}]}, regions=[US])
+    source = image(name="app-20261124-amd64", days_old=1)
+    name = copy_request(copy_of(source, US, KEY_US), source, in_place)["Name"]
+    assert name == "app-20261124-encrypted-amd64"
+    encrypted = copied(source.image_id, US, source.created, name=name, days_old=0, tags={"Project": "App"})
+    [group], _ = build_groups(inventory(source, encrypted), in_place)
+    assert encrypted.image_id in [m.image_id for m in group.members]
+    assert group.superseded == {source.image_id}
+
+    several = policy({**family, "replicate": [{"region": EU}]}, regions=[US, WEST])
+    second = copy_of(source, key=None, generation=2)
+    assert copy_request(second, source, several)["Name"] == "app-20261124-us-east-1-copy2-amd64"
+    # No separator before the fixed end: inside the name all the same.
+    stamped = policy({"match": {"name": "app-2026*amd64"}, "replicate": [{"region": EU}]}, regions=[US, WEST])
+    joined = image(name="app-20261124amd64", days_old=1)
+    assert copy_request(copy_of(joined, key=None), joined, stamped)["Name"] == "app-20261124-us-east-1amd64"
+    # Long names keep their fixed end and stay within 128 characters.
+    long_name = image(name="app-" + "1" * 118 + "-amd64", days_old=1)
+    name = copy_request(copy_of(long_name, US, KEY_US), long_name, in_place)["Name"]
+    assert len(name) == 128 and name.endswith("-encrypted-amd64") and in_place.families[0].match.names(name)

@@ -25,6 +25,7 @@ is taken back by the worker, its item written again without CopyImage.
 
 import hashlib
 import heapq
+import itertools
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -60,6 +61,8 @@ FAILED_STATES = frozenset({"failed", "error", "invalid"})
 UNUSABLE_STATES = FAILED_STATES | {"deregistered"}
 
 NAME_MAX = 128  # AMI names: 3-128 characters
+# Where a suffix may go inside a name (AMI names allow letters, digits and ( ) [ ] space . / - ' @ _).
+NAME_SEPARATORS = "-_./ "
 
 
 DESCRIPTION_MAX = 255
@@ -372,8 +375,9 @@ def _plan_one(
         return (
             f"family {family.name}: copy of {source.image_id} ({source.region}) to {target.region} not "
             f"started again: {failed} generations failed or are gone (not retired by the janitor) and "
-            f"none is usable; fix the cause and deregister the failed copies: the ledger item of "
-            f"{source.image_id} records each generation started"
+            f"none is usable; it is not started again (the failed copies may be deregistered: they "
+            f"still count), the family's later AMIs are copied as usual once the cause is fixed; the "
+            f"ledger item of {source.image_id} records each generation started"
         )
     # A new token: EC2 would answer an old one with its failed or deregistered copy.
     generation = max([recorded, *copies.generations]) + 1
@@ -587,7 +591,8 @@ def replica_name(source: Image, copy: Copy, family: Family, *, sources_apart: bo
     family has sources in several (`sources_apart`): a night's bakes share a name in every region, so
     copies of two regions' builds into a third, or into one that bakes too, would take one name. The
     suffix is placed so that the family's name glob still matches where it can (else the copy would
-    belong to no family)."""
+    belong to no family): at the end, else at the front, else inside, before one of the name's
+    separators where it can (a glob `app-*-amd64` names `app-1-encrypted-amd64`)."""
     suffix = ENCRYPTED_SUFFIX if copy.region == copy.source_region else ""
     if sources_apart and copy.region != copy.source_region:
         suffix += f"-{copy.source_region}"
@@ -596,11 +601,23 @@ def replica_name(source: Image, copy: Copy, family: Family, *, sources_apart: bo
     if not suffix:
         return source.name
     appended = source.name[: NAME_MAX - len(suffix)] + suffix
+    if family.match.name is None:
+        return appended
+    # Before a separator first, the last first; then anywhere (a glob `app-2026*amd64`).
+    places = sorted(range(1, len(source.name)), key=lambda i: (source.name[i] not in NAME_SEPARATORS, -i))
+    inserted = (_inserted(source.name, index, suffix) for index in places)
     prefixed = (suffix.lstrip("-") + "-" + source.name)[:NAME_MAX]
-    for name in (appended, prefixed):
-        if family.match.name is None or family.match.matches(name, source.tags):
+    for name in itertools.chain((appended, prefixed), inserted):
+        if name is not None and family.match.matches(name, source.tags):
             return name
     return appended
+
+
+def _inserted(name: str, index: int, suffix: str) -> str | None:
+    """`name` with `suffix` before its character `index`, its start shortened to fit NAME_MAX (None
+    where the rest leaves no room)."""
+    room = NAME_MAX - len(suffix) - (len(name) - index)
+    return name[: min(index, room)] + suffix + name[index:] if room > 0 else None
 
 
 def replica_tags(source: Image, copy: Copy, policy: Policy) -> dict[str, str]:
