@@ -276,6 +276,37 @@ def test_a_scheduled_run_grants_again_what_a_disable_and_enable_removed_when_the
     assert not [name for name, _ in asked if name == "DescribeImageAttribute"]
 
 
+def test_a_scheduled_run_grants_again_a_listed_grant_it_found_in_place_that_a_disable_and_enable_removed(
+    aws: ClientFactory,
+) -> None:
+    """A grant share_with lists that somebody else made first (recorded as found, never as the janitor's)
+    goes with a disable and enable too: with the event lost, the scheduled run looks for it as for its
+    own grants (one DescribeImages for its account) and grants it again, as the event would have."""
+    image_id = bake(aws, "web-1")
+    aws(US).ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"UserId": C}]})
+    policy = sharing([C])
+    engine.run(policy, [US], aws, NOW, apply=True)
+    book = ledger.Ledger(aws(US), "ami-janitor-ledger")
+    item = book.read_items([image_id])[image_id]
+    assert (item.grants_found, item.grants) == ((f"user:{C}",), ())
+    aws(US).ec2.disable_image(ImageId=image_id)
+    aws(US).ec2.enable_image(ImageId=image_id)
+    assert grants(aws, image_id) == set()
+    asked: list[tuple[str, dict[str, Any]]] = []
+    aws(US).ec2.meta.events.register(
+        "provide-client-params.ec2.*", lambda params, model, **_: asked.append((model.name, params))
+    )
+
+    result = engine.run(policy, [US], aws, NOW, apply=True)
+    run_asked = list(asked)
+
+    assert [(s.image_id, s.add) for s in result.replicated.shares] == [(image_id, [f"user:{C}"])]
+    assert grants(aws, image_id) == {f"user:{C}"}
+    executable = [p for name, p in run_asked if name == "DescribeImages" and "ExecutableUsers" in p]
+    assert [p["ExecutableUsers"] for p in executable] == [[C]]
+    assert [p["ImageId"] for name, p in run_asked if name == "DescribeImageAttribute"] == [image_id]
+
+
 def test_a_scheduled_run_grants_an_organization_again_what_a_disable_and_enable_removed(
     aws: ClientFactory,
 ) -> None:

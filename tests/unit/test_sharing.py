@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from ami_janitor.core import planner
-from ami_janitor.core.model import Image, RegionInventory, Share
+from ami_janitor.core.model import Image, LedgerItem, RegionInventory, Share
 from ami_janitor.core.policy import CANDIDATE_TAG, SHARED_BY_JANITOR_TAG, parse_policy
 from ami_janitor.core.sharing import (
     grants_checked,
     organization_checks,
-    organizations_granted,
+    organizations_in,
     plan_shares,
     recorded_grants,
     share_for,
@@ -226,9 +226,25 @@ def test_lost_grants_are_checked_only_where_they_would_be_granted_again() -> Non
     )
     alone = parse_policy_families([{"name": "pets", "match": {"tags": {"Project": "App"}}}])
 
-    assert grants_checked(both, [mine, tagged]) == [mine]  # tagged: two families, left alone
-    assert grants_checked(alone, [mine]) == []
-    assert grants_checked(both, [image(days_old=1)]) == []  # nothing recorded: nothing to check
+    # tagged: two families, left alone
+    assert grants_checked(both, [mine, tagged]) == {mine.image_id: {f"user:{A}", f"org:{ORG}"}}
+    assert grants_checked(alone, [mine]) == {}
+    assert grants_checked(both, [image(days_old=1)]) == {}  # nothing recorded: nothing to check
+
+
+def test_a_grant_found_in_place_is_checked_while_the_family_lists_it() -> None:
+    """A grant the family lists that somebody else made first (`grants_found`) goes with a disable and
+    enable as the janitor's own do: it is looked for while the family lists it (share_for then grants it
+    again), not once the family no longer does (it would not be made again)."""
+    fresh = image(days_old=1)
+    item = LedgerItem(image_id=fresh.image_id, grants_found=(f"user:{A}", f"user:{B}"))
+    found = fresh.model_copy(update={"ledger": item})
+    lists_a = parse_policy_families(
+        [{"name": "app", "match": {"name": "app-*"}, "share_with": {"accounts": [A]}}]
+    )
+    lists_none = parse_policy_families([{"name": "app", "match": {"name": "app-*"}}])
+    assert grants_checked(lists_a, [found]) == {found.image_id: {f"user:{A}"}}
+    assert grants_checked(lists_none, [found]) == {}
 
 
 def test_share_for_one_image_matches_the_plan() -> None:
@@ -310,6 +326,10 @@ def test_the_amis_granted_an_organization_or_ou_are_checked_and_no_other() -> No
     candidate = granted(image(days_old=5, ledger=ledger_item(20)), f"org:{ORG}")
     disabled = shared(f"org:{ORG}", days_old=6, state="disabled")
     images = [org, ou, accounts_only, unconfirmed, candidate, disabled]
-    assert organizations_granted(ou) == {f"ou:{OU}"}
-    assert organization_checks(images, day=0) == sorted([org.image_id, ou.image_id])
-    assert organization_checks([accounts_only, candidate], day=0) == []
+    shares = parse_policy_families(
+        [{"name": "app", "match": {"name": "app-*"}, "share_with": {"accounts": [A], "organizations": [ORG]}}]
+    )
+    expected = grants_checked(shares, images)
+    assert organizations_in(expected[ou.image_id]) == {f"ou:{OU}"}
+    assert organization_checks(expected, day=0) == sorted([org.image_id, ou.image_id])
+    assert organization_checks(grants_checked(shares, [accounts_only, candidate]), day=0) == []

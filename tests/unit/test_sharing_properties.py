@@ -25,7 +25,8 @@ def test_each_ami_granted_an_organization_is_read_once_in_turn_and_no_run_reads_
     images = GRANTED[:count]
     ids = sorted(i.image_id for i in images)
     turns = max(1, -(-count // limit))
-    days = [organization_checks(images, day + n, limit) for n in range(turns)]
+    granted = {i.image_id: {f"org:{ORG}"} for i in images}
+    days = [organization_checks(granted, day + n, limit) for n in range(turns)]
     assert all(len(checked) <= limit for checked in days)
     assert sorted(i for checked in days for i in checked) == ids
     if count <= limit:

@@ -16,7 +16,7 @@ them when the family stops listing them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from ami_janitor.core import trust
@@ -87,40 +87,48 @@ def _made_grants(image: Image) -> set[str]:
     return recorded_grants(image) - unconfirmed_grants(image)
 
 
-def grants_checked(policy: Policy, images: Iterable[Image]) -> list[Image]:
-    """The AMIs whose lost grants the janitor would grant again, so worth checking: those in exactly one
-    family, not one matched by tags alone (share_for changes no launch permission of the others)."""
-    checked: list[Image] = []
+def grants_checked(policy: Policy, images: Iterable[Image]) -> dict[str, set[str]]:
+    """By AMI id, the grants EC2 should show and whose loss the janitor would mend (share_for grants them
+    again), so worth checking: those the ledger records it made, and those of its family's share_with it
+    found already in place (somebody else's, which a disable and enable removes all the same). Only AMIs
+    in exactly one family, not one matched by tags alone (share_for changes no launch permission of the
+    others)."""
+    checked: dict[str, set[str]] = {}
     for image in images:
-        if not _made_grants(image):
+        if not _shareable(image) or image.ledger is None:
+            continue
+        made, found = _made_grants(image), found_grants(image)
+        if not (made or found):
             continue
         families = [f for f in policy.families if f.match.matches(image.name, image.tags)]
         if len(families) == 1 and not families[0].match.by_tags_alone:
-            checked.append(image)
+            # A found grant the family no longer lists would not be made again: not looked for.
+            grants = made | (found & desired_grants(families[0]))
+            if grants:
+                checked[image.image_id] = grants
     return checked
 
 
-def accounts_granted(image: Image) -> set[str]:
-    """The accounts the ledger records the janitor granted the AMI, where EC2 should show them."""
-    return {key.removeprefix("user:") for key in _made_grants(image) if key.startswith("user:")}
+def accounts_in(grants: Iterable[str]) -> set[str]:
+    """The accounts of the grants ('user:ID' keys)."""
+    return {key.removeprefix("user:") for key in grants if key.startswith("user:")}
 
 
-def organizations_granted(image: Image) -> set[str]:
-    """The organizations and OUs ('org:ARN', 'ou:ARN') the ledger records the janitor granted the AMI,
-    where EC2 should show them."""
-    return {key for key in _made_grants(image) if key.startswith(("org:", "ou:"))}
+def organizations_in(grants: Iterable[str]) -> set[str]:
+    """The organizations' and OUs' grants ('org:ARN', 'ou:ARN' keys)."""
+    return {key for key in grants if key.startswith(("org:", "ou:"))}
 
 
 def organization_checks(
-    images: Iterable[Image], day: int, limit: int = ORGANIZATION_CHECKS_PER_RUN
+    granted: Mapping[str, Collection[str]], day: int, limit: int = ORGANIZATION_CHECKS_PER_RUN
 ) -> list[str]:
-    """The AMIs whose launch permissions a scheduled run reads to see that the organizations' and OUs'
-    grants the janitor made are still in place: a disable and enable removes them, as it removes an
-    account's, but EC2 can be asked which AMIs an account may launch (one call per account), not an
-    organization. Every such AMI where they are at most `limit`; else every n-th of them by id
-    (n = ceil(count / limit)), from `day` modulo n, so that over n days (`day`: the run's date) each is
-    read once, and no run reads more than `limit`."""
-    ids = sorted(image.image_id for image in images if organizations_granted(image))
+    """Of `granted` (AMI id -> the grants EC2 should show, grants_checked), the AMIs whose launch
+    permissions a scheduled run reads to see that their organizations' and OUs' grants are still in
+    place: a disable and enable removes them, as it removes an account's, but EC2 can be asked which
+    AMIs an account may launch (one call per account), not an organization. Every such AMI where they
+    are at most `limit`; else every n-th of them by id (n = ceil(count / limit)), from `day` modulo n,
+    so that over n days (`day`: the run's date) each is read once, and no run reads more than `limit`."""
+    ids = sorted(image_id for image_id, grants in granted.items() if organizations_in(grants))
     if len(ids) <= limit:
         return ids
     every = -(-len(ids) // limit)

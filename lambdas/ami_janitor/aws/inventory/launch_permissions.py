@@ -70,20 +70,20 @@ def read_launch_permissions(ec2: EC2Client, image_id: str) -> tuple[LaunchPermis
 def load_lost_grants(
     clients: RegionClients, inventory: RegionInventory, policy: Policy, day: int = 0
 ) -> RegionInventory:
-    """The inventory with the launch permissions of the AMIs that may have lost a grant the janitor made,
-    so that their share grants it again: DisableImage removes every launch permission and EnableImage
-    restores none (and an owner may revoke one by hand), while the ledger still records the grants as
-    made. Which AMIs each account may launch is one paginated DescribeImages per account recorded,
+    """The inventory with the launch permissions of the AMIs that may have lost a grant the janitor made
+    (or one its family lists that it found in place), so that their share grants it again: DisableImage
+    removes every launch permission and EnableImage restores none (and an owner may revoke one by hand),
+    while the ledger still records the grants as made (or found). Which AMIs each account may launch is one paginated DescribeImages per account recorded,
     several at once, and only the AMIs that lost one are read. EC2 cannot be asked the same of an
     organization or OU: the AMIs granted one are read, at most sharing.ORGANIZATION_CHECKS_PER_RUN a
     run, in turns by `day` (sharing.organization_checks). Nothing recorded: no call."""
     if inventory.error is not None:
         return inventory
     # Only where a lost grant would be granted again: not in a family matched by tags alone.
-    grantees = sharing.grants_checked(policy, inventory.images)
-    granted = {image.image_id: sharing.accounts_granted(image) for image in grantees}
+    expected = sharing.grants_checked(policy, inventory.images)
+    granted = {image_id: sharing.accounts_in(grants) for image_id, grants in expected.items()}
     accounts = sorted(set().union(*granted.values()))
-    checked = sharing.organization_checks(grantees, day)
+    checked = sharing.organization_checks(expected, day)
     lost: list[str] = []
     if accounts:
         ec2 = clients.ec2  # made before the threads share it

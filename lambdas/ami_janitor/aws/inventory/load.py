@@ -37,9 +37,13 @@ def load_inventory(clients: "RegionClients", policy: Policy, now: datetime | Non
         loaded = _read_inventory(clients, policy)
     except SourceFailed as failure:
         return RegionInventory(region=clients.region, error=str(failure))
-    if not any(image.ledger is not None and image.ledger.grants for image in loaded.images):
+    if not any(
+        image.ledger is not None and (image.ledger.grants or image.ledger.grants_found)
+        for image in loaded.images
+    ):
         return loaded
-    # Grants the janitor made that EC2 no longer shows (the AMI disabled and enabled again since).
+    # Grants the janitor made (or found in place) that EC2 no longer shows (the AMI disabled and enabled
+    # again since).
     from ami_janitor.aws.inventory.launch_permissions import load_lost_grants
 
     return load_lost_grants(clients, loaded, policy, day=now.toordinal() if now is not None else 0)
