@@ -61,11 +61,13 @@ class Pointers(NamedTuple):
 
 def read_pointer_values(ssm: "SSMClient", pointers: Pointers, scanned: Mapping[str, str]) -> dict[str, str]:
     """Pointer name -> value, sorted: from the parameter scan where it saw them (`scanned`), else read
-    (a SecureString pointer is left out)."""
-    values = {name: scanned[name] for name in pointers.names if name in scanned}
+    (a SecureString pointer is left out). Without the whitespace around it (`put-parameter --value
+    file://ami.txt` writes a newline): the AMI it names is the one the claims leave to the planner as
+    Latest (parameters.parameter_claims), so the planner must see that AMI there too."""
+    values = {name: scanned[name].strip() for name in pointers.names if name in scanned}
     missing = sorted(pointers.names - values.keys())
     with source("ssm:GetParameters"):
         for name, parameter in get_parameters(ssm, missing).items():
             if parameter.get("Type") != "SecureString":
-                values[name] = str(parameter.get("Value") or "")
+                values[name] = str(parameter.get("Value") or "").strip()
     return dict(sorted(values.items()))
