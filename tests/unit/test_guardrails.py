@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ami_janitor.aws import ledger
-from ami_janitor.core.guardrails import brownout_warnings, family_warnings, inbox_warnings
+from ami_janitor.core.guardrails import bake_warnings, brownout_warnings, family_warnings, inbox_warnings
 from ami_janitor.core.planner import plan
 from ami_janitor.core.policy import JANITOR_TAG_PREFIX, Rules, parse_policy
 from builders import NOW, image, inventory, policy
@@ -223,3 +223,42 @@ def test_sharing_families_whose_brownout_is_shorter_than_a_reports_freshness_are
         "api (no disable stage), byhand (no disable stage)"
     ]
     assert brownout_warnings(parse_policy(base)) == []
+
+
+def test_a_family_that_bakes_by_tag_alone_and_hands_on_what_it_bakes_is_warned() -> None:
+    """Whoever may tag instances can take a build instance's tag off and put it on an instance of their
+    own, which the bake then images under the family's name and tags: where the family shares, makes
+    public or makes Latest what it bakes, the plan says so (once, whatever the regions). A pinned
+    instance, or a family that hands nothing on, is not warned."""
+    bake = {"instance_tag": {"Role": "ml", "Env": "prod"}}
+    loaded = parse_policy(
+        {
+            "regions": ["us-east-1", "eu-west-1"],
+            "families": [
+                {
+                    "name": "shared",
+                    "match": {"name": "shared-*"},
+                    "bake": bake,
+                    "share_with": {"accounts": ["111111111111"]},
+                },
+                {"name": "latest", "match": {"name": "latest-*"}, "bake": bake, "latest": {"tag": "Latest"}},
+                {
+                    "name": "pinned",
+                    "match": {"name": "pinned-*"},
+                    "bake": {**bake, "instance_id": "i-0123456789abcdef0", "regions": ["us-east-1"]},
+                    "latest": {"tag": "Latest"},
+                },
+                {"name": "kept", "match": {"name": "kept-*"}, "bake": bake},
+            ],
+        }
+    )
+    warned = (
+        "family {} bakes the only live instance tagged Env=prod, Role=ml and {} what it bakes: anyone who "
+        "may tag instances can choose that instance (pin bake.instance_id)"
+    )
+    assert bake_warnings(loaded) == [
+        warned.format("shared", "shares"),
+        warned.format("latest", "makes Latest"),
+    ]
+    notes = plan([inventory(region="us-east-1"), inventory(region="eu-west-1")], loaded, NOW).notes
+    assert [note for note in notes if "bakes the only live instance" in note] == bake_warnings(loaded)

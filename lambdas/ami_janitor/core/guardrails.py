@@ -5,6 +5,10 @@ matched by tags alone is only as safe as who may tag. A name glob as well closes
 names (a name is set when the AMI is made and never changes); where the account has AMIs of those
 names that the family's tags leave out, a tagger can enroll them, and the plan names them.
 
+A build instance named by `bake.instance_tag` alone is whichever live instance carries the tag: anyone
+who may tag instances can move it to one of their own, and the plan says so where the family hands on
+what it bakes. `bake.instance_id` pins it (with the tag, the pinned instance must carry it too).
+
 An S3 bucket name is global: the usage inbox named by name alone is whatever bucket holds that name,
 so a mistyped name, or one deleted and taken by an outsider, lets the outsider forge the reports an
 owner reads and receive those members write. `usage_reports.inbox_account` makes S3 check the owner.
@@ -32,6 +36,35 @@ def family_warnings(policy: Policy) -> list[str]:
         for family in policy.families
         if family.match.by_tags_alone
     ]
+
+
+def bake_warnings(policy: Policy) -> list[str]:
+    """One plan note per family that bakes the instance its `bake.instance_tag` names, not a pinned one,
+    and hands on what it bakes (shares it, makes it public, or moves Latest to it): whoever may tag
+    instances can take the tag off the build instance and put it on one of their own, the only tagged
+    one then, which the bake images under the family's name and tags."""
+    notes: list[str] = []
+    for family in policy.families:
+        bake = family.bake
+        if bake is None or bake.instance_id is not None or not bake.instance_tag:
+            continue
+        handed = [
+            what
+            for what, done in (
+                ("shares", bool(family.share_with.grants())),
+                ("makes public", family.public),
+                ("makes Latest", family.latest is not None),
+            )
+            if done
+        ]
+        if not handed:
+            continue
+        tags = ", ".join(f"{key}={value}" for key, value in sorted(bake.instance_tag.items()))
+        notes.append(
+            f"family {family.name} bakes the only live instance tagged {tags} and {', '.join(handed)} what "
+            "it bakes: anyone who may tag instances can choose that instance (pin bake.instance_id)"
+        )
+    return notes
 
 
 def families_by_tags_and_name(policy: Policy) -> list[Family]:

@@ -1034,6 +1034,7 @@ def _plan(
     if policy.mode == "paused":
         notes.append("mode is paused: nothing is applied")
     notes.extend(guardrails.family_warnings(policy))
+    notes.extend(guardrails.bake_warnings(policy))
     notes.extend(guardrails.inbox_warnings(policy))
     notes.extend(guardrails.brownout_warnings(policy))
     for inventory in ordered:
