@@ -165,3 +165,19 @@ def test_a_deprecation_done_again_gives_back_the_owners_time_set_since() -> None
 
     rescue(fake)
     assert fake.images[OLD].deprecation_time == owners
+
+
+def test_a_deprecation_done_again_that_the_run_did_not_confirm_is_the_janitors_own() -> None:
+    # Recorded 10 days ago and never taken; done again 5 days ago, EC2 taking it, and that run stopped
+    # before confirming it. EC2's deprecation time is then the janitor's own, not an owner's: not done a
+    # third time (which would record the janitor's time as the one to give back), and a rescue cancels it.
+    redone = NOW - timedelta(days=5)
+    fake = region(
+        {"deprecate": LedgerStage(at=STARTED, redone=redone)}, deprecation_time=redone + timedelta(minutes=1)
+    )
+    plan = planner.plan([fake.describe()], RULES, NOW)
+    (decision,) = [d for d in plan.decisions if d.image_id == OLD]
+    assert "deprecate" not in decision.stages, decision
+
+    rescue(fake)
+    assert fake.images[OLD].deprecation_time is None

@@ -52,8 +52,13 @@ def shows(image: Image, stage: Stage, entry: LedgerStage | None = None) -> bool:
     if stage == "deprecate":
         if image.deprecation_time is None:
             return False
-        # A stage done again (after a crash or a half-way rescue) is confirmed at that later time.
-        latest = max(entry.at, entry.confirmed or entry.at) if entry is not None else None
+        # A stage done again (after a crash or a half-way rescue) deprecates at that later time, which
+        # its confirmation records, or only `redone` where the run stopped before confirming it.
+        latest = (
+            max(entry.at, entry.redone or entry.at, entry.confirmed or entry.at)
+            if entry is not None
+            else None
+        )
         return latest is None or image.deprecation_time <= latest + DEPRECATION_SLACK
     if stage == "disable":
         return image.state == "disabled"
