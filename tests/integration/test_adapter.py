@@ -1503,18 +1503,19 @@ def test_newest_versions_reach_back_past_deleted_versions(stubbed: Stubbed) -> N
         s.add(
             "ec2", "describe_launch_templates", {"LaunchTemplates": [raw_template(1, 5)]}, {"MaxResults": 200}
         )
+        # Version 4 was deleted; 3 comes along where EC2 reads MinVersion as inclusive: it is no newest.
         s.add(
             "ec2",
             "describe_launch_template_versions",
-            {"LaunchTemplateVersions": [raw_version(5, ami(5))]},  # version 4 was deleted
-            {"LaunchTemplateId": LT, "MinVersion": "4", "MaxVersion": "5", "MaxResults": 200},
+            {"LaunchTemplateVersions": [raw_version(3, ami(3)), raw_version(5, ami(5))]},
+            {"LaunchTemplateId": LT, "MinVersion": "3", "MaxResults": 200},
         )
-        older = [raw_version(1, ami(1), default=True), raw_version(2, ami(2)), raw_version(3, ami(3))]
+        older = [raw_version(n, ami(n), default=n == 1) for n in (1, 2, 3)]
         s.add(
             "ec2",
             "describe_launch_template_versions",
             {"LaunchTemplateVersions": older},
-            {"LaunchTemplateId": LT, "MinVersion": "1", "MaxVersion": "3", "MaxResults": 200},
+            {"LaunchTemplateId": LT, "MaxVersion": "4", "MaxResults": 200},
         )
 
     s.queue(templates=templates)
@@ -1523,6 +1524,31 @@ def test_newest_versions_reach_back_past_deleted_versions(stubbed: Stubbed) -> N
 
     s.verify()  # the default came with the older versions: no further call
     assert {r.image_id for r in inventory.references} == {ami(5), ami(3), ami(1)}
+
+
+def test_newest_versions_are_asked_one_wider_at_each_end(stubbed: Stubbed) -> None:
+    """EC2's reference calls MinVersion "the version number after which" to describe versions: asked one
+    lower, the oldest of the newest is read whichever way EC2 reads it (here as exclusive: 3 asked, 4
+    and 5 answered), and the latest the listing said is no upper bound (a version made since counts)."""
+    s = stubbed
+
+    def templates() -> None:
+        s.add(
+            "ec2", "describe_launch_templates", {"LaunchTemplates": [raw_template(4, 5)]}, {"MaxResults": 200}
+        )
+        s.add(
+            "ec2",
+            "describe_launch_template_versions",
+            {"LaunchTemplateVersions": [raw_version(4, ami(4), default=True), raw_version(5, ami(5))]},
+            {"LaunchTemplateId": LT, "MinVersion": "3", "MaxResults": 200},
+        )
+
+    s.queue(templates=templates)
+
+    inventory = load_inventory(s.clients, policy(references={"launch_template_versions": 2}))
+
+    s.verify()
+    assert {r.image_id for r in inventory.references} == {ami(4), ami(5)}
 
 
 # The steps of Stubbed.queue that read a reference source (none where no AMI is in a family).

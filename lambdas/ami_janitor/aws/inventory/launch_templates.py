@@ -93,12 +93,20 @@ def _newest_versions(ec2: EC2Client, template: Template, count: int) -> list[Raw
 def _version_range(
     ec2: EC2Client, template: Template, low: int, high: int, keep: int
 ) -> tuple[list[Raw], list[Raw]]:
-    """The `keep` newest versions numbered low..high, and the default if it came along in the answer
-    (kept too, rather than asked for again)."""
-    raws = list(
-        read_versions(
-            ec2, 200, LaunchTemplateId=template.template_id, MinVersion=str(low), MaxVersion=str(high)
-        )
-    )
+    """The `keep` newest versions numbered low..high (above `high` too where it is the latest the listing
+    said: a version made since counts), and the default if it came along in the answer (kept too, rather
+    than asked for again). EC2's reference calls MinVersion "the version number after which" and
+    MaxVersion "the version number up to which": each bound is asked one wider than needed, and the
+    answer cut here, so that neither end is missed whichever way EC2 reads them (one call either way)."""
+    latest = high >= (template.latest or 0)
+    bounds = {"MinVersion": str(low - 1)} if low > 1 else {}
+    if not latest:
+        bounds["MaxVersion"] = str(high + 1)
+    answer = list(read_versions(ec2, 200, LaunchTemplateId=template.template_id, **bounds))
+    raws = [
+        raw
+        for raw in answer
+        if low <= int(raw["VersionNumber"]) and (latest or int(raw["VersionNumber"]) <= high)
+    ]
     newest = sorted(raws, key=lambda raw: int(raw["VersionNumber"]), reverse=True)[:keep]
-    return newest, [raw for raw in raws if raw.get("DefaultVersion") and raw not in newest]
+    return newest, [raw for raw in answer if raw.get("DefaultVersion") and raw not in newest]
