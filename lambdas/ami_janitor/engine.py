@@ -326,6 +326,12 @@ def _copy_targets(policy: Policy) -> set[str]:
     return {target.region for family in policy.families for target in family.replicate}
 
 
+def written_regions(policy: Policy, regions: Sequence[str]) -> list[str]:
+    """The regions an applying run of `regions` writes in, each needing its ledger table: those, and
+    the families' copy targets (CopyImage's copies are recorded in the target's ledger)."""
+    return sorted(set(regions) | _copy_targets(policy))
+
+
 def replicate(
     policy: Policy,
     regions: Sequence[str],
@@ -342,7 +348,7 @@ def replicate(
     needs the ledger table of every region it reads (sources and targets): LedgerMissing before
     anything is read or written; a plan says which tables are missing."""
     if apply:
-        require_ledgers(policy, sorted(set(regions) | _copy_targets(policy)), clients_for)
+        require_ledgers(policy, written_regions(policy, regions), clients_for)
     images = {region: inventory.load_images(clients_for(region), policy) for region in regions}
     for region in sorted(_copy_targets(policy) - set(images)):
         images[region] = inventory.load_images(clients_for(region), policy)

@@ -797,6 +797,26 @@ def test_apply_without_a_ledger_exits_2_before_writing_and_plan_says_so(
     assert run("apply", "--config", config, "--yes")[0] == 0
 
 
+def test_apply_of_a_region_whose_copy_target_has_no_ledger_exits_2_before_writing(
+    endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The copies an apply of us-east-1 makes are recorded in eu-west-1's ledger: with no table there, the
+    apply is refused before anything is written (as `replicate` is), and the plan says so."""
+    fleet = seed_fleet(now())
+    make_ledger(("us-east-1",))
+    text = POLICY.format(mode="enforce") + "    replicate: [{region: eu-west-1}]\n"
+    config = write_policy(tmp_path, text=text)
+    code, output = run("plan", "--config", config, "--region", "us-east-1", "--format", "json")
+    note = "no ledger table ami-janitor-ledger in eu-west-1: plan only; `ami-janitor ledger create` makes it"
+    assert code == 0 and note in json.loads(output)["notes"]
+    capsys.readouterr()
+
+    assert run("apply", "--config", config, "--region", "us-east-1", "--yes")[0] == 2
+    err = capsys.readouterr().err
+    assert "no ledger table ami-janitor-ledger in eu-west-1" in err and "ami-janitor ledger create" in err
+    assert image_ids() >= set(fleet.images)
+
+
 def test_a_ledger_that_cannot_be_checked_is_not_said_to_be_missing(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -94,7 +94,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     regions = _regions(policy, args)
     factory = _factory(args)
     result = engine.run(policy, regions, factory, _now(), apply=False, progress=_progress)
-    notes = engine.ledger_notes(policy, regions, factory)
+    notes = engine.ledger_notes(policy, engine.written_regions(policy, regions), factory)
     if notes:
         result = result.model_copy(
             update={"plan": result.plan.model_copy(update={"notes": [*result.plan.notes, *notes]})}
@@ -131,7 +131,8 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
     if not args.yes and not sys.stdin.isatty():
         raise UsageError("apply asks before it writes: pass --yes when not run in a terminal")
     try:
-        engine.require_ledgers(policy, regions, factory)  # before anything is written or asked
+        # Before anything is written or asked, in every region the run writes in (copy targets too).
+        engine.require_ledgers(policy, engine.written_regions(policy, regions), factory)
     except LedgerMissing as error:
         raise _ledger_refusal(error) from None
     now = _now()
