@@ -278,6 +278,12 @@ class Latest(_Strict):
             raise ValueError("SSM allows at most 15 levels and 1011 characters in a parameter name")
         return value
 
+    @model_validator(mode="after")
+    def _names_a_pointer(self) -> "Latest":
+        if self.tag is None and self.ssm_parameter is None:
+            raise ValueError("give tag and/or ssm_parameter: they are what the rotation moves")
+        return self
+
     def parameter_for(self, architecture: str) -> str | None:
         if self.ssm_parameter is None:
             return None
@@ -763,12 +769,14 @@ def check_region(value: str) -> str:
 
 
 def _check_schedule(value: str) -> str:
-    """An expression EventBridge takes: six cron fields, one of day-of-month and day-of-week `?`; or a
-    rate of a positive whole number, its unit singular for 1 and plural otherwise."""
+    """An expression EventBridge takes: six cron fields, exactly one of day-of-month and day-of-week `?`;
+    or a rate of a positive whole number, its unit singular for 1 and plural otherwise."""
     cron = re.match(r"^cron\((\S+) (\S+) (\S+) (\S+) (\S+) (\S+)\)\Z", value)
     if cron:
-        if "?" not in (cron.group(3), cron.group(5)):
-            raise ValueError(f"{value}: one of day-of-month and day-of-week must be ? (EventBridge's cron)")
+        if [cron.group(3), cron.group(5)].count("?") != 1:
+            raise ValueError(
+                f"{value}: exactly one of day-of-month and day-of-week must be ? (EventBridge's cron)"
+            )
         return value
     rate = re.match(r"^rate\(([0-9]+) (minute|hour|day)(s?)\)\Z", value)
     if rate:
