@@ -1109,3 +1109,43 @@ def test_role_arn_exact_assume_role_request(fake_aws_env: None) -> None:
     assert (frozen.access_key, frozen.secret_key, frozen.token) == ("ASIAOPERATOREXAMPLE", "s3cr3t", "tok")
     assert session.get_config_variable("region") == "eu-west-1"
     assert OPERATOR_SESSION_NAME == "ami-janitor-cli"
+
+
+def test_role_arn_credentials_are_assumed_again_before_they_expire(fake_aws_env: None) -> None:
+    """An apply may outlast the assumed role's hour: credentials about to expire are replaced by a new
+    AssumeRole (the same request) before a call is signed with them."""
+    from datetime import UTC, datetime, timedelta
+
+    from botocore.stub import Stubber
+
+    from ami_janitor.aws.clients import OPERATOR_SESSION_NAME, assumed_session
+
+    role = "arn:aws:iam::123456789012:role/ami-janitor/ami-janitor-operator"
+    sts = boto3.Session(region_name="eu-west-1").client("sts")
+    request = {"RoleArn": role, "RoleSessionName": OPERATOR_SESSION_NAME, "DurationSeconds": 3600}
+
+    def answer(key: str, expires_in: timedelta) -> dict[str, Any]:
+        expiry = datetime.now(UTC) + expires_in
+        return {
+            "Credentials": {
+                "AccessKeyId": key,
+                "SecretAccessKey": "s",
+                "SessionToken": "t",
+                "Expiration": expiry,
+            }
+        }
+
+    class Base:
+        def get_config_variable(self, name: str) -> str:
+            return "eu-west-1"
+
+        def create_client(self, service: str, **_: Any) -> Any:
+            return sts
+
+    with Stubber(sts) as stub:
+        stub.add_response("assume_role", answer("ASIAFIRSTEXAMPLE1", timedelta(minutes=5)), request)
+        stub.add_response("assume_role", answer("ASIASECONDEXAMPLE", timedelta(hours=1)), request)
+        session = assumed_session(Base(), role)  # type: ignore[arg-type]
+        # Five minutes left: inside botocore's refresh window, so the next use assumes the role again.
+        assert session.get_credentials().get_frozen_credentials().access_key == "ASIASECONDEXAMPLE"
+        stub.assert_no_pending_responses()

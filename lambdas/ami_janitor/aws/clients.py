@@ -11,12 +11,13 @@ import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import botocore.session
 from botocore import handlers
 from botocore.config import Config
-from botocore.credentials import Credentials, EnvProvider
+from botocore.credentials import Credentials, EnvProvider, RefreshableCredentials
 from botocore.hooks import EVENT_ALIASES, BaseEventHooks, EventAliaser, HierarchicalEmitter
 from botocore.httpsession import URLLib3Session, create_urllib3_context, get_cert_path
 from botocore.session import Session
@@ -257,14 +258,29 @@ def unknown_regions_message(regions: list[str], source: str, session: Session | 
 
 def assumed_session(base: Session, role_arn: str) -> Session:
     """A session acting as `role_arn` (the operator role the stacks make under /ami-janitor/): the
-    ledger's resource policy lets only that path write, so the CLI's writers go through it."""
+    ledger's resource policy lets only that path write, so the CLI's writers go through it. The role is
+    assumed again before its credentials expire (an hour): an apply of many regions, or one whose
+    question waited, may outlast them."""
     sts = cast("STSClient", base.create_client("sts", config=client_config()))
-    answer = sts.assume_role(RoleArn=role_arn, RoleSessionName=OPERATOR_SESSION_NAME, DurationSeconds=3600)
-    credentials = answer["Credentials"]
-    session = janitor_session()
-    session.set_credentials(
-        credentials["AccessKeyId"], credentials["SecretAccessKey"], credentials["SessionToken"]
+
+    def assume() -> dict[str, str]:
+        answer = sts.assume_role(
+            RoleArn=role_arn, RoleSessionName=OPERATOR_SESSION_NAME, DurationSeconds=3600
+        )
+        credentials = answer["Credentials"]
+        expiry = credentials["Expiration"]
+        return {
+            "access_key": credentials["AccessKeyId"],
+            "secret_key": credentials["SecretAccessKey"],
+            "token": credentials["SessionToken"],
+            "expiry_time": expiry.isoformat() if isinstance(expiry, datetime) else str(expiry),
+        }
+
+    refreshed = RefreshableCredentials.create_from_metadata(
+        assume(), refresh_using=assume, method="assume-role"
     )
+    session = janitor_session()
+    session.register_component("credential_provider", _Given(refreshed))
     region = base.get_config_variable("region")
     if region:
         session.set_config_variable("region", region)
@@ -340,6 +356,16 @@ class QuickAliaser(EventAliaser):
         if event_name not in seen and self._first_parts.isdisjoint(event_name.split(".")):
             seen[event_name] = event_name
         return super()._alias_event_name(event_name)  # type: ignore[misc]
+
+
+class _Given:
+    """A session's credential provider that gives the credentials it was made with."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+
+    def load_credentials(self) -> Credentials:
+        return self._credentials
 
 
 class EnvironmentFirst:
