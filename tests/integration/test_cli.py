@@ -366,10 +366,13 @@ def test_rotate_of_a_family_without_latest_is_refused_not_called_current(
 ) -> None:
     seed_fleet(now())
     text = POLICY.format(mode="enforce") + '  - name: db\n    match: {name: "db-*"}\n'
+    # `latest: {tag: null}` keeps the group's Latest but names no pointer: nothing to rotate either.
+    text += '  - name: cache\n    match: {name: "cache-*"}\n    latest: {tag: null}\n'
     capsys.readouterr()
-    code, output = run("rotate", "--config", write_policy(tmp_path, text=text), "--family", "db")
-    assert code == 2 and output == ""
-    assert "--family db: the family has no latest" in capsys.readouterr().err
+    for family in ("db", "cache"):
+        code, output = run("rotate", "--config", write_policy(tmp_path, text=text), "--family", family)
+        assert code == 2 and output == ""
+        assert f"--family {family}: the family has no latest" in capsys.readouterr().err
 
 
 def test_apply_whose_ledger_table_is_gone_since_its_check_is_refused_naming_ledger_create(

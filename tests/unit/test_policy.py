@@ -67,10 +67,6 @@ def test_defaults() -> None:
             with_family(bake={"instance_tag": {"Role": "build"}, "schedule": "cron(0 2 ? * ? *)"}),
             "families[1].bake.schedule: cron(0 2 ? * ? *): exactly one of",
         ),
-        (
-            with_family(latest={"tag": None}),
-            "families[1].latest: give tag and/or ssm_parameter: they are what the rotation moves",
-        ),
         ({**BASE, "schedule": "rate(1 minutes)"}, "EventBridge writes it rate(1 minute)"),
         ({**BASE, "schedule": "rate(5 minute)"}, "EventBridge writes it rate(5 minutes)"),
         ({**BASE, "schedule": "rate(0 days)"}, "a rate is at least 1"),

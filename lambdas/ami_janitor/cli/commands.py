@@ -181,7 +181,8 @@ def cmd_rotate(args: argparse.Namespace, out: TextIO) -> int:
             family = policy.family(name)
         except KeyError:
             raise UsageError(f"--family {name}: no such family in the policy") from None
-        if family.latest is None:
+        # `latest: {tag: null}` keeps the group's Latest and names no pointer: nothing to rotate either.
+        if family.latest is None or (family.latest.tag is None and family.latest.ssm_parameter is None):
             raise UsageError(
                 f"--family {name}: the family has no latest (tag or ssm_parameter): nothing to rotate"
             )

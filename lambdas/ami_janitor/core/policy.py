@@ -278,12 +278,6 @@ class Latest(_Strict):
             raise ValueError("SSM allows at most 15 levels and 1011 characters in a parameter name")
         return value
 
-    @model_validator(mode="after")
-    def _names_a_pointer(self) -> "Latest":
-        if self.tag is None and self.ssm_parameter is None:
-            raise ValueError("give tag and/or ssm_parameter: they are what the rotation moves")
-        return self
-
     def parameter_for(self, architecture: str) -> str | None:
         if self.ssm_parameter is None:
             return None
