@@ -531,3 +531,47 @@ def test_the_owner_keeps_an_ami_a_consumer_parameter_named_like_a_latest_pointer
 
     decision = next(d for d in result.plan.decisions if d.image_id == accounts.shared)
     assert decision.action == "keep", (decision.action, decision.reasons)
+
+
+def test_a_confirmed_apply_judges_the_reports_at_the_time_it_writes(
+    accounts: Accounts, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ami-janitor apply` in a terminal reads the reports again once the operator answers, and judges
+    them at that time, not at the question's: a report that went stale while the question waited keeps
+    the AMI shared with its account (fail safe), whatever it said. Kept, that AMI is shared again
+    (a candidate's shares belong to its stages): a write the question did not show, so nothing is
+    written and the operator is asked to run apply again."""
+    import io
+    import sys
+
+    from ami_janitor import cli
+    from ami_janitor.cli import commands
+
+    # The consumer's last report says it uses nothing; its janitor reports no more after it.
+    accounts.consumer(US).ec2.delete_launch_template(LaunchTemplateId=accounts.template)
+    consumer_run(accounts, wall_clock())
+    make_ledger((US,))
+    enforce = policy([CONSUMER]).model_dump(mode="json", by_alias=True, exclude_none=True)
+    config = tmp_path / "janitor.yaml"
+    config.write_text(json.dumps({**enforce, "mode": "enforce"}))
+    clock = [wall_clock()]
+
+    class SlowTerminal(io.StringIO):
+        """The operator answers yes 49 hours after the question (max_age_hours is 48)."""
+
+        def isatty(self) -> bool:
+            return True
+
+        def readline(self, *_: object) -> str:
+            clock[0] += timedelta(hours=49)
+            return "y\n"
+
+    monkeypatch.setattr(commands, "_now", lambda: clock[0])
+    monkeypatch.setattr(sys, "stdin", SlowTerminal())
+    out = io.StringIO()
+    code = cli.main(["apply", "--config", str(config)], out=out)
+
+    assert code == 3, out.getvalue()
+    assert "the plan changed since it was shown" in capsys.readouterr().err
+    shared = accounts.owner(US).ec2.describe_images(ImageIds=[accounts.shared])["Images"]
+    assert [(i["State"], i.get("DeprecationTime")) for i in shared] == [("available", None)]

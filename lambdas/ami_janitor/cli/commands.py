@@ -146,6 +146,9 @@ def cmd_apply(args: argparse.Namespace, out: TextIO) -> int:
             asking.write("declined: nothing was changed\n")
             return EXIT_DECLINED
         confirmed = preview.plan
+        # The apply judges at the time it writes, however long the answer took: a usage report gone
+        # stale since the question keeps its AMIs; a stage come due since is refused (PlanChanged).
+        now = _now()
     try:
         result = engine.run(
             policy,
