@@ -800,9 +800,11 @@ def _snapshots_after(
     return result, any(o.waiting for o in outcomes)
 
 
-def adopt(run: _RegionRun) -> str | None:
+def adopt(run: _RegionRun, rescued: Collection[str] = ()) -> str | None:
     """The first enforce run with a ledger writes what it adopts from the janitor tags (the plan
-    was made on that view), then marks the region adopted. Returns why stages must wait, if any."""
+    was made on that view), then marks the region adopted. Returns why stages must wait, if any.
+    `rescued`: the AMIs this run rescues, whose adopted clocks it closes at once: no clock tag is
+    mirrored on them (their rescue removes only the janitor tags the plan read)."""
     ledger = run.inventory.ledger
     if ledger is None or ledger.adopted is not None:
         return None
@@ -812,7 +814,11 @@ def adopt(run: _RegionRun) -> str | None:
             run.results.append(run.result(image_id, "adopt", "ok", detail="janitor tags adopted"))
         run.ledger.record_adoption(run.now)
         # The mirror says what the ledger now says: the adopted clocks start at this run.
-        clocks = [i for i, item in sorted(ledger.adopting.items()) if item.first_candidate is not None]
+        clocks = [
+            i
+            for i, item in sorted(ledger.adopting.items())
+            if item.first_candidate is not None and i not in rescued
+        ]
         for start in range(0, len(clocks), CREATE_TAGS_MAX_RESOURCES):
             _tag(
                 run.ec2,
@@ -1011,7 +1017,7 @@ def _apply_region(
     unfinished: AbstractSet[str],
 ) -> list[tuple[Decision, str | None]]:
     """Everything but the due stages, which it returns in plan order with what blocks each, if any."""
-    waiting = adopt(run)
+    waiting = adopt(run, {d.image_id for d in decisions if d.action == "rescue"})
     # Rescues first: an AMI back in use must launch again before anything else is changed.
     for decision in decisions:
         if decision.action == "rescue":
