@@ -57,7 +57,6 @@ from ami_janitor.core.model import (
     LedgerCopy,
     LedgerItem,
     LedgerSnapshot,
-    LedgerStage,
     LedgerView,
     Reference,
     RegionInventory,
@@ -1184,12 +1183,7 @@ class FakeLedger(Ledger):
             return "already-recorded"
         if item.last_stage != previous:
             return "already-recorded"
-        entry = LedgerStage(
-            at=at,
-            prior_deprecation=prior.deprecation,
-            prior_launch_permissions=prior.launch_permissions,
-            already_disabled=prior.already_disabled,
-        )
+        entry = prior.stage_at(at)
         update: dict[str, Any] = {"stages": {**item.stages, stage: entry}}
         if stage == "deregister":
             update["snapshots"] = tuple(
@@ -1204,15 +1198,8 @@ class FakeLedger(Ledger):
         item = self.items.get(image_id)
         if item is None or not item.is_open or stage not in item.stages:
             return "already-recorded"
-        entry = item.stages[stage].model_copy(
-            update={
-                "redone": at,
-                "prior_deprecation": prior.deprecation,
-                "prior_launch_permissions": prior.launch_permissions,
-                "already_disabled": prior.already_disabled,
-                "adopted": False,
-            }
-        )
+        done = item.stages[stage]
+        entry = prior.stage_at(done.at).model_copy(update={"confirmed": done.confirmed, "redone": at})
         self._set(image_id, stages={**item.stages, stage: entry})
         return "recorded"
 

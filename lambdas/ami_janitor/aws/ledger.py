@@ -372,6 +372,15 @@ class Prior(BaseModel):
     launch_permissions: tuple[str, ...] = ()
     already_disabled: bool = False
 
+    def stage_at(self, at: datetime) -> LedgerStage:
+        """The stage's record, made at `at`, holding this."""
+        return LedgerStage(
+            at=at,
+            prior_deprecation=self.deprecation,
+            prior_launch_permissions=self.launch_permissions,
+            already_disabled=self.already_disabled,
+        )
+
 
 def _value(data: Any) -> Any:
     return to_attribute(data)
@@ -641,12 +650,7 @@ class Ledger(_Made):
         if previous == "default":
             index = STAGES.index(stage)
             previous = STAGES[index - 1] if index else None
-        entry = LedgerStage(
-            at=at,
-            prior_deprecation=prior.deprecation,
-            prior_launch_permissions=prior.launch_permissions,
-            already_disabled=prior.already_disabled,
-        )
+        entry = prior.stage_at(at)
         values: dict[str, Any] = {
             ":stage": _value(stage),
             ":entry": _value(entry.model_dump(mode="json", exclude_defaults=True)),
@@ -680,12 +684,7 @@ class Ledger(_Made):
         record) and `prior`, what it changes this time, in place of the first record's (the owner may
         have enabled the AMI and shared it, or set a deprecation time, since): a rescue restores that.
         The record is the janitor's own from then on, no longer one adopted from tags."""
-        entry = LedgerStage(
-            at=at,
-            prior_deprecation=prior.deprecation,
-            prior_launch_permissions=prior.launch_permissions,
-            already_disabled=prior.already_disabled,
-        ).model_dump(mode="json", exclude_defaults=True)
+        entry = prior.stage_at(at).model_dump(mode="json", exclude_defaults=True)
         recorded = ("prior_deprecation", "prior_launch_permissions", "already_disabled")
         values: dict[str, Any] = {":at": _value(iso(at))}
         assignments = ["stages.#stage.redone = :at"]

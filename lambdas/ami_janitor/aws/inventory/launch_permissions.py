@@ -73,8 +73,9 @@ def load_lost_grants(
     """The inventory with the launch permissions of the AMIs that may have lost a grant the janitor made
     (or one its family lists that it found in place), so that their share grants it again: DisableImage
     removes every launch permission and EnableImage restores none (and an owner may revoke one by hand),
-    while the ledger still records the grants as made (or found). Which AMIs each account may launch is one paginated DescribeImages per account recorded,
-    several at once, and only the AMIs that lost one are read. EC2 cannot be asked the same of an
+    while the ledger still records the grants as made (or found). Which AMIs each account may launch
+    is one paginated DescribeImages per account recorded, several at once, and only the AMIs that lost
+    one are read. EC2 cannot be asked the same of an
     organization or OU: the AMIs granted one are read, at most sharing.ORGANIZATION_CHECKS_PER_RUN a
     run, in turns by `day` (sharing.organization_checks). Nothing recorded: no call."""
     if inventory.error is not None:
