@@ -33,3 +33,23 @@ def test_a_snapshot_mapped_twice_in_one_ami_is_paid_for_by_its_deregistration() 
         )
         decision = next(d for d in result.decisions if d.image_id == old.image_id)
         assert (decision.action, result.summary.snapshots_deleted) == (action, deleted), decision.reasons
+
+
+def test_a_snapshot_mapped_twice_is_released_once_by_its_deregistration() -> None:
+    # Three AMIs use snap-x: `oldest` maps it on two devices, `old` once, `young` (kept) once. Neither
+    # deregistration deletes snap-x (the kept AMI still uses it), so each costs one action and both fit
+    # in a budget of 2. The caps took `oldest`'s two mappings for two users gone, so `old` was taken for
+    # the snapshot's last user, charged 2 and held back, with a reason that was false.
+    young = image(days_old=1, snapshots=("snap-x",))
+    oldest = image(days_old=300, snapshots=("snap-x", "snap-x"))
+    old = image(days_old=200, snapshots=("snap-x",))
+    limits = {"max_actions_per_run": 2, "max_fraction_per_family": 1}
+    result = plan(
+        [inventory(young, oldest, old)],
+        policy({"keep_latest": 1, **ALL_ZERO}, defaults={"limits": limits}),
+        NOW,
+    )
+    actions = {d.image_id: (d.action, d.reasons[-1]) for d in result.decisions}
+    assert actions[oldest.image_id][0] == "deregister"
+    assert actions[old.image_id][0] == "deregister", actions[old.image_id]
+    assert result.summary.snapshots_deleted == 0

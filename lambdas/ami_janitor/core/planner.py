@@ -799,8 +799,9 @@ def _apply_caps(
             total += cost
             _move(fields, staged)
             if users is not None and staged[3] == "deregister":
-                # Gone with this run: the last of a snapshot's users deletes it, and pays for it.
-                users.subtract(image.snapshot_ids)
+                # Gone with this run: the last of a snapshot's users deletes it, and pays for it (an AMI
+                # that maps a snapshot twice is one user of it, as _snapshot_users counts).
+                users.subtract(set(image.snapshot_ids))
             continue
         fields["reasons"].append(reason)
     for index, tail in enumerate(tails):
