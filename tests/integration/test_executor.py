@@ -1871,3 +1871,61 @@ def test_rescue_unmarks_the_snapshots_of_a_half_done_deregistration(ec2: Any) ->
     inventory = load_inventory(ec2)
     assert inventory.retired_snapshots == () and trust.unfinished_snapshots(inventory) == []
     assert apply(ec2, [], inventory).results == [] and snapshot in snapshot_ids(ec2)
+
+
+# ---- a stage the policy turns on after a later one was recorded -----------------------------------
+
+# The family's lifecycle before and after its owner turns the deprecate stage on (it was null).
+WITHOUT_DEPRECATE: list[tuple[Stage, int]] = [("disable", 0), ("deregister", 30)]
+WITH_DEPRECATE: list[tuple[Stage, int]] = [("deprecate", 0), ("disable", 0), ("deregister", 30)]
+
+
+def _disabled_then_deprecate_turned_on(ec2: Any) -> str:
+    """An AMI disabled under `deprecate_after_days: null`, then run again once the policy turns the
+    deprecate stage on: one janitor, no other run ever writes its item."""
+    image_id = make_image(ec2, "web-1")
+    inventory = load_inventory(ec2)
+    first = planned(image_in(inventory, image_id), WITHOUT_DEPRECATE)
+    assert first.stages == ["disable"]
+    assert by_key(apply(ec2, [first], inventory))[(image_id, "disable")].status == "ok"
+
+    inventory = load_inventory(ec2)
+    second = planned(image_in(inventory, image_id), WITH_DEPRECATE)
+    # The AMI is past the stage the policy turned on: it is not deprecated after its disable.
+    assert second.stages == []
+    assert apply(ec2, [second], inventory).results == []
+    return image_id
+
+
+def test_the_deregister_stage_follows_a_disable_whose_deprecate_stage_was_turned_on_later(ec2: Any) -> None:
+    image_id = _disabled_then_deprecate_turned_on(ec2)
+    later = NOW + timedelta(days=31)
+    inventory = load_inventory(ec2)
+    third = planned(image_in(inventory, image_id), WITH_DEPRECATE, now=later)
+    assert third.stages == ["deregister"]
+
+    result = by_key(apply(ec2, [third], inventory, now=later))[(image_id, "deregister")]
+
+    # No other run exists: the ledger must not answer "recorded by another run".
+    assert result.status == "ok", result
+    assert set(items_of(ec2)[image_id].stages) == {"disable", "deregister"}
+
+
+def test_a_stage_recorded_before_the_last_keeps_the_last_so_a_rescue_closes_the_clock(ec2: Any) -> None:
+    # A table written before stages were kept in order (or by a run of another version): the deprecate
+    # stage recorded after the disable. The ledger keeps the latest stage as the last, as the item is
+    # read back, so the rescue's close (conditional on it) passes.
+    image_id = make_image(ec2, "web-1")
+    inventory = load_inventory(ec2)
+    first = planned(image_in(inventory, image_id), WITHOUT_DEPRECATE)
+    assert by_key(apply(ec2, [first], inventory))[(image_id, "disable")].status == "ok"
+    book = ledger_of(ec2)
+    assert book.record_stage(image_id, "deprecate", NOW, Prior(), previous="disable") == "recorded"
+    image = image_in(load_inventory(ec2), image_id)
+    assert image.ledger is not None and set(image.ledger.stages) == {"deprecate", "disable"}
+    clients = RegionClients("us-east-1", ec2=ec2, dynamodb=book.clients.dynamodb)
+
+    [result] = rescue_image(clients, book, image, NOW + timedelta(hours=2))
+
+    assert result.status == "ok", result
+    assert trust.open_item(image_in(load_inventory(ec2), image_id)) is None  # the clock is closed

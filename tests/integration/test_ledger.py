@@ -323,6 +323,35 @@ def test_record_stage_request_is_conditional_on_the_previous_stage(fake_aws_env:
         stub.assert_no_pending_responses()
 
 
+def test_a_stage_recorded_after_a_later_one_leaves_the_last_stage_as_it_is(fake_aws_env: None) -> None:
+    # The table's last stage stays the latest by order, as the item is read back: every later write and
+    # a rescue's close are conditional on it.
+    client = boto3.client("dynamodb", region_name="us-east-1")
+    clients = RegionClients("us-east-1", dynamodb=client)
+    with Stubber(client) as stub:
+        stub.add_response(
+            "update_item",
+            {},
+            {
+                "TableName": TABLE,
+                "Key": {"pk": {"S": "image#ami-1"}, "sk": {"S": "item"}},
+                "UpdateExpression": "SET #last_write = :last_write, stages.#stage = :entry",
+                "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
+                " AND last_stage = :previous",
+                "ExpressionAttributeNames": {"#stage": "deprecate", "#last_write": "last_write"},
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                "ExpressionAttributeValues": {
+                    ":last_write": ANY,
+                    ":previous": {"S": "disable"},
+                    ":entry": {"M": {"at": {"S": "2026-11-25T03:00:00Z"}}},
+                },
+            },
+        )
+        book = Ledger(clients, TABLE)
+        assert book.record_stage("ami-1", "deprecate", NOW, Prior(), previous="disable") == "recorded"
+        stub.assert_no_pending_responses()
+
+
 def test_close_and_reopen_requests_are_conditional_on_the_last_stage(fake_aws_env: None) -> None:
     client = boto3.client("dynamodb", region_name="us-east-1")
     clients = RegionClients("us-east-1", dynamodb=client)

@@ -20,6 +20,7 @@ from ami_janitor.aws.inventory import describe_image, describe_own_image, read_l
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core import trust
 from ami_janitor.core.model import (
+    STAGES,
     Decision,
     Image,
     LaunchPermission,
@@ -572,7 +573,8 @@ class _RegionRun:
             image.image_id, stage, self.now, prior, previous=previous, snapshots=snapshots
         )
         if written == "recorded":
-            self.last[image.image_id] = stage
+            # The latest by order, as the ledger keeps it (Ledger.record_stage).
+            self.last[image.image_id] = max(stage, previous or stage, key=STAGES.index)
         return written == "recorded"
 
     def stage(self, stage: Stage, image: Image) -> ActionResult:

@@ -661,7 +661,12 @@ class Ledger(_Made):
         else:
             condition += " AND last_stage = :previous"
             values[":previous"] = _value(previous)
-        update = "SET stages.#stage = :entry, last_stage = :stage"
+        update = "SET stages.#stage = :entry"
+        if previous is None or STAGES.index(stage) > STAGES.index(previous):
+            # The table's last stage is the latest by order, as the item is read back (LedgerItem).
+            update += ", last_stage = :stage"
+        else:
+            del values[":stage"]
         names: dict[str, str] = {"#stage": stage}
         if stage == "deregister":
             update += ", snapshots = :snapshots"

@@ -88,11 +88,18 @@ def stage_plan(image: Image, configured: Sequence[tuple[Stage, int]], now: datet
     since = item.first_candidate if item is not None and item.first_candidate else now
     recorded = item.stages if item is not None else {}
     shown = max((STAGES.index(s) for s, e in recorded.items() if shows(image, s, e)), default=-1)
+    latest = max(map(STAGES.index, recorded), default=-1)
     due: list[Stage] = []
     finishing: Stage | None = None
     previous_at, previous_days = since, 0
     for stage, days in configured:
         entry = recorded.get(stage)
+        if entry is None and STAGES.index(stage) < latest:
+            # A stage the policy turned on after a later one was recorded (its days were null then):
+            # the AMI is past it, as a disabled AMI has settled its deprecation. Stages are recorded in
+            # order, so that the table's last stage, which every later write and a rescue's close
+            # test, stays the latest.
+            continue
         if entry is not None and (STAGES.index(stage) <= shown or shows(image, stage, entry)):
             # A stage done again (EC2 never took the first try) counts from then: the next waits its full
             # delay after it. A late confirmation moves nothing: EC2 took the stage when it was recorded.
