@@ -139,6 +139,10 @@ class RunResult(BaseModel):
     # (region, run) of each earlier run `unfinished_runs` names: marked reported once the report that
     # names it is out (mark_unfinished_reported), so a run that dies before leaves them to the next.
     unfinished_keys: list[tuple[str, str]] = []
+    # What the slices run in this process (an apply without a work queue) held back or had no time
+    # for, counted as the slice worker's run record counts them.
+    held_back: int = 0
+    not_run: int = 0
 
     @property
     def failed(self) -> int:
@@ -162,7 +166,9 @@ class RunResult(BaseModel):
         return RunReport.model_validate(
             {
                 **dict(self.plan),
-                "summary": RunSummary(**summary, actions_failed=self.failed),
+                "summary": RunSummary(
+                    **summary, actions_failed=self.failed, held_back=self.held_back, not_run=self.not_run
+                ),
                 "results": self.results,
                 "rotations": self.rotations,
                 "share_results": self.replicated.share_results,
@@ -481,6 +487,7 @@ def run(
 
     ledgers = ledger_for(policy, clients_for)
     cut: dict[str, list[slices.WorkSlice]] = {}
+    counted = {"held_back": 0, "not_run": 0}  # by the slices run here
 
     def run_due(region: str, due: list[Decision]) -> list[ActionResult]:
         shared, expanded = _consumers(loaded[region])
@@ -495,7 +502,11 @@ def run(
         results: list[ActionResult] = []
         for part in work:
             progress(f"{region}: slice {part.index + 1} of {part.count} ({len(part.items):,} AMIs)")
-            results += slicer.run_here(clients_for(region), ledgers(region), policy, part, now)
+            done = slicer.run_here(clients_for(region), ledgers(region), policy, part, now)
+            results += done.results
+            counts = done.counts()
+            counted["held_back"] += counts["held_back"]
+            counted["not_run"] += counts["not_run"]
         return results
 
     applied: ApplyResult = executor.apply_plan(
@@ -511,7 +522,7 @@ def run(
     own = [loaded[r.region] for r in plan.regions if r.status == "ok" and r.region in loaded]
     replicated = _apply_replication(replicated, own, policy, clients_for, enqueue)
     result = RunResult(
-        plan=plan, results=applied.results, rotations=rotations, replicated=replicated, **usage
+        plan=plan, results=applied.results, rotations=rotations, replicated=replicated, **usage, **counted
     )
     for region, work in sorted(cut.items()):
         result = queue_slices(

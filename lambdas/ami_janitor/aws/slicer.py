@@ -432,16 +432,22 @@ class SliceOutcome(BaseModel):
 
 def run_here(
     clients: "RegionClients", ledger: Ledger, policy: Policy, work: WorkSlice, now: datetime
-) -> list[ActionResult]:
+) -> SliceResult:
     """A slice run in this process (the CLI's apply): a slice that cannot read its AMIs fails its
     stages, with the reason, and changes nothing."""
     try:
-        return run_slice(clients, ledger, policy, work, now).results
+        return run_slice(clients, ledger, policy, work, now)
     except SourceFailed as failure:
-        return [
-            ActionResult(
-                region=work.region, image_id=item.image_id, action=stage, status="failed", error=str(failure)
-            )
-            for item in work.items
-            for stage in item.stages
-        ]
+        return SliceResult(
+            results=[
+                ActionResult(
+                    region=work.region,
+                    image_id=item.image_id,
+                    action=stage,
+                    status="failed",
+                    error=str(failure),
+                )
+                for item in work.items
+                for stage in item.stages
+            ]
+        )
