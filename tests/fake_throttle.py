@@ -18,7 +18,10 @@ TOLERANCE = 1e-9
 class AccountBuckets:
     """The buckets of one account and region, each full until first used."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, full_since: float | None = None) -> None:
+        # Each bucket is full at its first use, or at `full_since` and refilling from then (a caller
+        # that starts its own count later never finds fewer tokens than it counts).
+        self.full_since = full_since
         self._levels: dict[str, tuple[float, float]] = {}  # bucket -> (tokens, when counted)
         self.taken: Counter[str] = Counter()  # API -> calls let through
         self.refused: Counter[str] = Counter()  # API -> calls refused
@@ -26,7 +29,8 @@ class AccountBuckets:
     def tokens(self, api: str, now: float) -> float:
         """The tokens in the bucket of `api` at `now` (seconds on the fake's clock)."""
         size, refill = SIZES[bucket_name(api)]
-        tokens, counted = self._levels.get(bucket_name(api), (float(size), now))
+        start = now if self.full_since is None else self.full_since
+        tokens, counted = self._levels.get(bucket_name(api), (float(size), start))
         return min(float(size), tokens + max(0.0, now - counted) * refill)
 
     def take(self, api: str, now: float) -> bool:

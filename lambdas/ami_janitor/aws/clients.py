@@ -182,7 +182,7 @@ class RegionClients:
                         )
                     share_verified_context(made)
                     if service == "ec2" and self.pacer is not None:
-                        pace(made, self.pacer)  # each call waits for its token bucket (a slice worker)
+                        pace(made, self.pacer)  # each call waits for its token bucket
                     self._clients[service] = made
         return self._clients[service]
 
@@ -409,18 +409,21 @@ def janitor_session(profile_name: str | None = None) -> Session:
 class ClientFactory:
     """RegionClients per region, shared by one run (the engine acts on several regions from the CLI)."""
 
-    def __init__(self, session: Session | None = None, *, paced: bool = False) -> None:
+    def __init__(self, session: Session | None = None, *, burst: bool = True) -> None:
         # One session for every region: it loads each service's model once, not once per region; by
         # default the janitor's, which loads the cut of the SDK's data (janitor_session).
         self._session = session or janitor_session()
         self._regions: dict[str, RegionClients] = {}
         self._run_facts: dict[str, Any] = {}
-        self.paced = paced
+        self.burst = burst
 
     def __call__(self, region: str) -> RegionClients:
         if region not in self._regions:
-            # Paced: EC2's calls wait for the region's token buckets, claiming no burst at first.
-            pacer = Pacer(full=False) if self.paced else None
+            # Every EC2 call of the run waits for its token in the region's buckets (aws/pacing.py): the
+            # run never asks faster than EC2 refills, so its reads side by side (eight launch permissions
+            # at once) throttle neither the run nor the account's other callers. Without `burst` (a slice
+            # worker: the slice before it may have spent the burst) the buckets start empty.
+            pacer = Pacer(full=self.burst)
             self._regions[region] = RegionClients(
                 region, self._session, pacer=pacer, run_facts=self._run_facts
             )

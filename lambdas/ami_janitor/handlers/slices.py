@@ -145,7 +145,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailure
     if paused(policy, dropped=len(event["Records"])):
         # The kill switch: nothing is written. The slices are consumed; an enforce run plans again.
         return {"batchItemFailures": []}
-    factory = ClientFactory(paced=True)
+    factory = ClientFactory(burst=False)
     # FIFO: the first record that fails fails the records after it too (they come again, in order).
     # Each record is parsed in its own handling, where a malformed one fails itself: given a model, the
     # processor parses the records after a failure outside its guard, and one malformed there failed
