@@ -63,8 +63,8 @@ class _Client(Generic[ClientT]):
         return cast(ClientT, clients.client(self.service))
 
 
-# Per-AMI reads (DescribeImageAttribute) in flight at once: the adaptive retry mode paces them to the
-# API's rate, and clients are thread-safe once made.
+# Per-AMI reads (DescribeImageAttribute) in flight at once: the region's pacer keeps them to the API's
+# rate (ClientFactory), and clients are thread-safe once made.
 READ_WORKERS = 8
 _SESSION_LOCK = threading.RLock()
 
