@@ -1223,10 +1223,18 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
-    def close(self, image_id: str, at: datetime, last_stage: Stage | None) -> Written:
+    def close(
+        self,
+        image_id: str,
+        at: datetime,
+        last_stage: Stage | None,
+        redone: Mapping[Stage, datetime | None] | None = None,
+    ) -> Written:
         self._write("ledger_close", image_id)
         item = self.items.get(image_id)
         if item is None or not item.is_open or item.last_stage != last_stage:
+            return "already-recorded"
+        if any(s in item.stages and item.stages[s].redone != when for s, when in (redone or {}).items()):
             return "already-recorded"
         self._set(image_id, closed=at)
         return "recorded"

@@ -1659,7 +1659,12 @@ def test_exact_requests_of_a_rescue(stubbed: tuple[Any, Stubber]) -> None:
                     "UpdateExpression": "SET closed = :at",
                     # No stage recorded since the rescue read the item: its last is the one undone last.
                     "ConditionExpression": "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
-                    " AND last_stage = :seen",
+                    " AND last_stage = :seen"
+                    # ... nor done again since (a redo leaves last_stage as it is).
+                    " AND attribute_not_exists(stages.#s0.redone)"
+                    " AND attribute_not_exists(stages.#s1.redone)"
+                    " AND attribute_not_exists(stages.#s2.redone)",
+                    "ExpressionAttributeNames": {"#s0": "deprecate", "#s1": "deregister", "#s2": "disable"},
                     "ExpressionAttributeValues": {
                         ":at": {"S": "2030-01-02T03:04:05Z"},
                         ":seen": {"S": "deregister"},

@@ -140,6 +140,22 @@ def test_candidate_and_stages_are_recorded_exactly_once(clients: RegionClients) 
     assert fresh.stages == {} and fresh.closed is None and fresh.ttl is None
 
 
+def test_a_close_is_refused_over_a_stage_done_again_since_the_rescue_read(clients: RegionClients) -> None:
+    """A redo leaves last_stage as it is: the close is conditional on each stage's `redone` as read too."""
+    ledger.create_table(clients, TABLE, [WRITER])
+    book = Ledger(clients, TABLE)
+    assert book.record_candidate("ami-1", NOW) == "recorded"
+    assert book.record_stage("ami-1", "deprecate", NOW, Prior()) == "recorded"
+    assert book.record_stage("ami-1", "disable", NOW, Prior(), previous="deprecate") == "recorded"
+    read = book.read_items(["ami-1"])["ami-1"]  # the rescue's read
+    assert book.redo_stage("ami-1", "disable", NOW + timedelta(hours=1), Prior()) == "recorded"
+    as_read = {stage: entry.redone for stage, entry in read.stages.items()}
+    assert book.close("ami-1", NOW, "disable", as_read) == "already-recorded"
+    again = book.read_items(["ami-1"])["ami-1"]
+    assert again.is_open and again.stages["disable"].redone == NOW + timedelta(hours=1)
+    assert book.close("ami-1", NOW, "disable", {s: e.redone for s, e in again.stages.items()}) == "recorded"
+
+
 def test_two_runs_racing_on_a_stage_one_wins(clients: RegionClients) -> None:
     """Two runs that both read "deprecated" and both move the AMI to disable. DynamoDB evaluates a
     condition atomically with its write; moto in-process does not lock between the two (a thread race

@@ -9,6 +9,7 @@ from typing import Any
 
 from ami_janitor.aws import executor
 from ami_janitor.aws.clients import RegionClients
+from ami_janitor.aws.ledger import Ledger
 from ami_janitor.core import planner
 from ami_janitor.core.model import Decision, LedgerItem, LedgerStage, Reference
 from builders import policy
@@ -130,3 +131,80 @@ def test_a_rescue_that_keeps_finding_new_stages_fails_and_leaves_the_clock_open(
 
     assert rescued.status == "failed" and "each of the 3 times" in (rescued.error or ""), rescued
     assert fake.ledger.items["ami-c"].is_open
+
+
+PARTNER = "user:111122223333"
+
+
+def owner_enabled_a_disabled_candidate() -> FakeEC2:
+    """ami-c: deprecated 8 days ago and disabled yesterday by the janitor (both recorded and confirmed);
+    its owner has enabled it since and shared it again, so EC2 no longer shows the disable stage and the
+    next slice does it again (a redo: redone in the ledger, last_stage unchanged)."""
+    fake = FakeEC2(REGION, results_rate=1.0)
+    fake.clock = NOW
+    fake.add_snapshot("snap-c")
+    fake.add_image(
+        FakeImage(
+            "ami-c",
+            "app-c",
+            NOW - timedelta(days=100),
+            tags={"Project": "App"},
+            snapshot_ids=("snap-c",),
+            deprecation_time=STARTED + timedelta(minutes=1),
+            permissions={PARTNER},
+        )
+    )
+    disabled_at = NOW - timedelta(days=1)
+    fake.ledger.items["ami-c"] = LedgerItem(
+        image_id="ami-c",
+        first_candidate=STARTED,
+        stages={
+            "deprecate": LedgerStage(at=STARTED, confirmed=STARTED),
+            "disable": LedgerStage(
+                at=disabled_at, confirmed=disabled_at, prior_launch_permissions=(PARTNER,)
+            ),
+        },
+    )
+    return fake
+
+
+def test_a_rescue_whose_read_predates_a_slices_redone_disable_does_not_close_over_it() -> None:
+    """The slice read ami-c unused; ami-c then comes back into use and an operator runs
+    `ami-janitor rescue ami-c`. The rescue reads ami-c (available: nothing to enable) and undoes what it
+    sees; before its close, the slice does the recorded disable again (redo_stage: allowed, the item is
+    still open) and DisableImage takes it. The redo leaves last_stage as it was, so the rescue's close,
+    conditioned on last_stage only, succeeds over it: ami-c, in use, stays disabled with its clock
+    closed, and no later run rescues it (the ledger says nothing is left to undo)."""
+    fake = owner_enabled_a_disabled_candidate()
+    ledger = Ledger(RegionClients(REGION, ec2=fake, dynamodb=fake.dynamodb), fake.ledger.table)
+    slice_read = fake.describe()  # the slice's read at its start: ami-c unused
+    fake.references.append(
+        Reference(image_id="ami-c", kind="launch-template", resource_id="lt-1", detail="referenced by lt-1")
+    )
+    rescue_read = fake.describe().images[0]  # the rescue's read: ami-c in use, available
+
+    close = ledger.close
+    slice_results: list[executor.ActionResult] = []
+
+    def slice_lands_before_close(*args: Any, **kwargs: Any) -> Any:
+        if not slice_results:  # the slice's disable lands between the rescue's undo and its close
+            slice_results.extend(
+                executor.apply_stages(REGION, fake, ledger, slice_read, [("ami-c", ("disable",), None)], NOW)
+            )
+        return close(*args, **kwargs)
+
+    ledger.close = slice_lands_before_close  # type: ignore[method-assign]
+    (rescued,) = executor.rescue_image(RegionClients(REGION, ec2=fake), ledger, rescue_read, NOW)
+    ledger.close = close  # type: ignore[method-assign]
+
+    (disabled,) = slice_results
+    assert disabled.status == "ok", disabled  # the slice did disable ami-c again
+    item = fake.ledger.items["ami-c"]
+    # Either the rescue saw the redo and enabled ami-c again, or the clock stays open for the next run.
+    assert fake.images["ami-c"].state == "available" or item.is_open, (
+        f"ami-c, in use, left {fake.images['ami-c'].state} with its clock closed "
+        f"(rescue: {rescued.status} {rescued.detail})"
+    )
+    later = planner.plan([fake.describe()], policy(), NOW + timedelta(days=1))
+    action = next(d.action for d in later.decisions if d.image_id == "ami-c")
+    assert fake.images["ami-c"].state == "available" or action == "rescue", action

@@ -350,7 +350,8 @@ def _rescue_steps(
         item = _undo_stages(ec2, image, now, shared, done, refused, lapsed)
         if item is None:
             return
-        if ledger.close(image.image_id, now, item.last_stage) == "recorded":
+        redone = {stage: entry.redone for stage, entry in item.stages.items()}
+        if ledger.close(image.image_id, now, item.last_stage, redone) == "recorded":
             done.append("candidate clock closed in the ledger")
             if lapsed:
                 # After the close: until then a rerun must still know them as the janitor's (a rescue

@@ -21,7 +21,7 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -748,23 +748,39 @@ class Ledger(_Made):
             ExpressionAttributeValues={f":{k}": _value(v) for k, v in data.items()},
         )
 
-    def close(self, image_id: str, at: datetime, last_stage: Stage | None) -> Written:
+    def close(
+        self,
+        image_id: str,
+        at: datetime,
+        last_stage: Stage | None,
+        redone: Mapping[Stage, datetime | None] | None = None,
+    ) -> Written:
         """Close an open candidate record (a rescue) whose last stage is still `last_stage`, the last the
-        rescue undid: a stage recorded since it read the item (a slice that read the AMI before it came
-        back into use) fails the condition, and the rescue reads the AMI again. Its history stays until
-        a new candidate clock."""
+        rescue undid, and whose stages were done again no later than the rescue read (`redone`: each
+        recorded stage's `redone` as read): a stage recorded or done again since it read the item (a
+        slice that read the AMI before it came back into use) fails the condition, and the rescue reads
+        the AMI again. Its history stays until a new candidate clock."""
         condition = "attribute_exists(first_candidate) AND attribute_not_exists(closed)"
         values: dict[str, Any] = {":at": _value(iso(at))}
+        names: dict[str, str] = {}
         if last_stage is None:
             condition += " AND attribute_not_exists(last_stage)"
         else:
             condition += " AND last_stage = :seen"
             values[":seen"] = _value(last_stage)
+        for index, (stage, when) in enumerate(sorted((redone or {}).items())):
+            names[f"#s{index}"] = stage
+            if when is None:
+                condition += f" AND attribute_not_exists(stages.#s{index}.redone)"
+            else:
+                condition += f" AND stages.#s{index}.redone = :r{index}"
+                values[f":r{index}"] = _value(iso(when))
         return self._update(
             image_id,
             UpdateExpression="SET closed = :at",
             ConditionExpression=condition,
             ExpressionAttributeValues=values,
+            **({"ExpressionAttributeNames": names} if names else {}),
         )
 
     def reopen(self, image_id: str, stage: Stage) -> Written:
