@@ -370,7 +370,10 @@ def replicate(
     shares = [s for s in sharing.plan_shares(own, policy, now) if (s.region, s.image_id) in members]
     resolved = kms.resolve_keys(clients_for, keys.aliases_to_resolve(policy, wanted))
     copies, problems = replication.plan_replication(list(images.values()), policy, now, keys=resolved)
-    copies = [c for c in copies if c.source_region in regions and c.family in wanted]
+    copies, held = replication.within_copy_limit(
+        [c for c in copies if c.source_region in regions and c.family in wanted], list(images.values())
+    )
+    problems.extend(held)
     problems.extend(
         f"no ledger table {policy.ledger.table} in {region}: plan only (its copies are not known as the "
         "janitor's); `ami-janitor ledger create` makes it"

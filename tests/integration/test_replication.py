@@ -30,6 +30,7 @@ from ami_janitor.aws.copier import (
     start_copy,
 )
 from ami_janitor.aws.inventory import count_calls
+from ami_janitor.core import replication
 from ami_janitor.core.model import Copy, Image, iso
 from ami_janitor.core.policy import (
     COPY_GENERATION_TAG_PREFIX,
@@ -575,6 +576,35 @@ def test_replicate_plans_without_a_ledger_table_and_says_so_but_applies_only_wit
     applied = engine.replicate(POLICY, [US], aws, source.created, apply=True)
     assert [r.status for r in applied.copy_results] == ["ok", "ok"]
     assert not any("no ledger table" in p for p in applied.problems)
+
+
+def test_replicate_by_hand_plans_only_the_copies_a_region_takes_in_flight(
+    aws: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The limit (300 in EC2; 1 here) counts the copies pending there and those this run makes; copies
+    of a family not asked for take no room."""
+    monkeypatch.setattr(replication, "MAX_CONCURRENT_COPIES", 1)
+    api = {
+        "name": "api",
+        "match": {"tags": {"Project": "Api"}, "name": "api-*"},
+        "replicate": [{"region": EU}],
+    }
+    both = parse_policy({**POLICY_DATA, "families": [*POLICY_DATA["families"], api]})
+    web = bake(aws, "web-5")
+    bake(aws, "api-5", Project="Api")
+    only_web = engine.replicate(both, [US], aws, web.created, families=["web"], apply=False)
+    assert [(c.family, c.region) for c in only_web.copies] == [("web", EU), ("web", WEST)]
+    assert not any("later run" in p for p in only_web.problems)
+    applied = engine.replicate(both, [US], aws, web.created, families=["web"], apply=True)
+    assert [r.status for r in applied.copy_results] == ["ok", "ok"]
+    (copy,) = copies_in(aws, EU, web.image_id)
+    set_state(EU, copy["ImageId"], "pending")
+    planned = engine.replicate(both, [US], aws, web.created, apply=False)
+    assert planned.copies == []  # the api copy waits for the web copy in flight in eu-west-1
+    assert (
+        "1 copy to eu-west-1 left for a later run: EC2 takes 1 copies in flight per region (1 in flight "
+        "there, 0 planned now)"
+    ) in planned.problems
 
 
 def test_a_request_for_a_source_this_account_does_not_have_is_skipped_saying_so(aws: ClientFactory) -> None:

@@ -819,3 +819,71 @@ def test_a_suffix_goes_inside_the_name_where_the_glob_ends_with_fixed_text() -> 
     long_name = image(name="app-" + "1" * 118 + "-amd64", days_old=1)
     name = copy_request(copy_of(long_name, US, KEY_US), long_name, in_place)["Name"]
     assert len(name) == 128 and name.endswith("-encrypted-amd64") and in_place.families[0].match.names(name)
+
+
+def test_copies_planned_to_a_region_stay_within_its_copies_in_flight() -> None:
+    """EC2 takes 300 copies in flight per destination: 280 are pending in eu-west-1, so 20 of the 320
+    copies wanted there are planned and the rest are left, with a note, for a later run."""
+    from ami_janitor.core.replication import MAX_CONCURRENT_COPIES
+    from ami_janitor.core.run_plan import plan_run
+
+    key = "arn:aws:kms:eu-west-1:111122223333:key/eu"
+    many = policy({"replicate": [{"region": "eu-west-1", "kms_key_id": key}]}, defaults={"keep_latest": 400})
+    sources = [image(days_old=40 + n) for n in range(320)]
+    in_flight = [
+        image(
+            days_old=0,
+            region="eu-west-1",
+            state="pending",
+            name=f"other-{n}",
+            copied_from=f"ami-{n:017x}f",
+            copied_from_region="us-east-1",
+        )
+        for n in range(280)
+    ]
+    planned = plan_run([inventory(*sources)], many, NOW, targets=[inventory(*in_flight, region="eu-west-1")])
+    assert MAX_CONCURRENT_COPIES == 300
+    assert len(planned.copies) == 20
+    # The newest sources first: the later run copies the older ones.
+    newest = sorted(sources, key=lambda i: i.created, reverse=True)[:20]
+    assert {c.source_image_id for c in planned.copies} == {i.image_id for i in newest}
+    assert (
+        "300 copies to eu-west-1 left for a later run: EC2 takes 300 copies in flight per region (280 in "
+        "flight there, 20 planned now)"
+    ) in planned.notes
+
+
+def test_a_first_run_over_many_families_plans_no_more_copies_to_a_region_than_it_takes() -> None:
+    from ami_janitor.core.policy import parse_policy
+    from ami_janitor.core.run_plan import plan_run
+
+    families = [
+        {
+            "name": f"svc{n}",
+            "match": {"tags": {"Project": f"Svc{n}"}, "name": f"svc{n}-*"},
+            "replicate": [{"region": "eu-west-1"}, {"region": "us-west-2"}],
+        }
+        for n in range(110)
+    ]
+    org = parse_policy({"regions": ["us-east-1"], "defaults": {"keep_latest": 3}, "families": families})
+    sources = [
+        image(days_old=40 + k, name=f"svc{n}-{k}", tags={"Project": f"Svc{n}"})
+        for n in range(110)
+        for k in range(3)
+    ]
+    # us-west-2 has copies of another account's AMIs in flight; a copy there that is available does not count.
+    other = [
+        image(days_old=0, region="us-west-2", state=state, name=f"x-{n}", copied_from=f"ami-{n:017x}e")
+        for n, state in enumerate(["pending"] * 100 + ["available"] * 50)
+    ]
+    targets = [inventory(region="eu-west-1"), inventory(*other, region="us-west-2")]
+    planned = plan_run([inventory(*sources)], org, NOW, targets=targets)
+    by_region = {r: [c for c in planned.copies if c.region == r] for r in ("eu-west-1", "us-west-2")}
+    assert (len(by_region["eu-west-1"]), len(by_region["us-west-2"])) == (300, 200)
+    held = [n for n in planned.notes if "left for a later run" in n]
+    assert held == [
+        "30 copies to eu-west-1 left for a later run: EC2 takes 300 copies in flight per region (0 in flight "
+        "there, 300 planned now)",
+        "130 copies to us-west-2 left for a later run: EC2 takes 300 copies in flight per region (100 in "
+        "flight there, 200 planned now)",
+    ]

@@ -54,6 +54,10 @@ from ami_janitor.core.validation import describe_validation_error
 # and reported.
 MAX_COPY_GENERATIONS = 3
 
+# EC2 allows this many AMI copies in flight (pending) per destination region; CopyImage past it is
+# refused (ResourceLimitExceeded). Copies past it wait for a later run.
+MAX_CONCURRENT_COPIES = 300
+
 # States of a copy that failed (EC2 says so): it needs a new generation.
 FAILED_STATES = frozenset({"failed", "error", "invalid"})
 
@@ -479,6 +483,36 @@ def plan_replication(
                 resolved = arn if target.kms_alias is not None else None
                 copies.append(planned.model_copy(update={"kms_key_arn": resolved}))
     return copies, problems
+
+
+def within_copy_limit(
+    copies: Sequence[Copy], inventories: Sequence[RegionInventory]
+) -> tuple[list[Copy], list[str]]:
+    """The copies (in plan order) each destination can take now: MAX_CONCURRENT_COPIES less the copies
+    EC2 lists there in flight (pending, with a source); a note per destination for those left for a
+    later run, which plans them again. Applied to the copies a run will actually queue."""
+    pending = {
+        inv.region: sum(1 for i in inv.images if i.state == "pending" and i.copied_from is not None)
+        for inv in inventories
+        if inv.error is None
+    }
+    room: dict[str, int] = {}
+    taken: list[Copy] = []
+    held: dict[str, int] = defaultdict(int)
+    for copy in copies:
+        left = room.setdefault(copy.region, MAX_CONCURRENT_COPIES - pending.get(copy.region, 0))
+        if left <= 0:
+            held[copy.region] += 1
+            continue
+        room[copy.region] = left - 1
+        taken.append(copy)
+    notes = [
+        f"{count} {'copy' if count == 1 else 'copies'} to {region} left for a later run: EC2 takes {MAX_CONCURRENT_COPIES} copies in flight "
+        f"per region ({pending.get(region, 0)} in flight there, "
+        f"{sum(1 for c in taken if c.region == region)} planned now)"
+        for region, count in sorted(held.items())
+    ]
+    return taken, notes
 
 
 def _other_key_notes(

@@ -21,7 +21,7 @@ from ami_janitor.core.model import (
 )
 from ami_janitor.core.planner import is_janitor_touched, shared_outside
 from ami_janitor.core.policy import Policy
-from ami_janitor.core.replication import plan_replication
+from ami_janitor.core.replication import plan_replication, within_copy_limit
 from ami_janitor.core.sharing import plan_shares, share_for
 
 # Decisions of AMIs this run retires (or may retire soon): never shared first, and their launch
@@ -46,6 +46,7 @@ def plan_run(
     shares = [s for s in plan_shares(usable, policy, now, grouped) if (s.region, s.image_id) not in retiring]
     copies, problems = plan_replication([*usable, *targets], policy, now, grouped, keys)
     planned = {inv.region for inv in usable}
+    copies, held = within_copy_limit([c for c in copies if c.source_region in planned], [*usable, *targets])
     # A copy target that could not be read gets no copy this run: skipped, and said so like any region
     # (the plan of `--region` one source region had dropped its copies there without a word).
     unread = [
@@ -60,8 +61,8 @@ def plan_run(
                 update={"regions_skipped": plan.summary.regions_skipped + len(unread)}
             ),
             "shares": shares,
-            "copies": [c for c in copies if c.source_region in planned],
-            "notes": [*plan.notes, *problems],
+            "copies": copies,
+            "notes": [*plan.notes, *problems, *held],
         }
     )
 
