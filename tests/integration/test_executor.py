@@ -926,6 +926,7 @@ def test_the_adoption_writes_items_marker_and_mirror_once(fake_aws_env: None) ->
             image_id=deprecated,
             first_candidate=NOW,
             stages={"deprecate": LedgerStage(at=NOW, confirmed=NOW, adopted=True)},
+            written_last_stage="deprecate",  # the table's, as read
         )
         # No account adopted (outside share_with); recorded as adopted and already disabled: a rescue
         # leaves it disabled.
@@ -1934,3 +1935,50 @@ def test_a_stage_recorded_before_the_last_keeps_the_last_so_a_rescue_closes_the_
 
     assert result.status == "ok", result
     assert trust.open_item(image_in(load_inventory(ec2), image_id)) is None  # the clock is closed
+
+
+def _recorded_out_of_order_by_an_older_version(ec2: Any) -> str:
+    """A table an older version wrote: the deprecate stage recorded after the disable, and the table's
+    last_stage moved back to deprecate (record_stage moved it to whatever it recorded)."""
+    image_id = make_image(ec2, "web-1")
+    inventory = load_inventory(ec2)
+    first = planned(image_in(inventory, image_id), WITHOUT_DEPRECATE)
+    assert by_key(apply(ec2, [first], inventory))[(image_id, "disable")].status == "ok"
+    book = ledger_of(ec2)
+    assert book.record_stage(image_id, "deprecate", NOW, Prior(), previous="disable") == "recorded"
+    dynamodb().update_item(
+        TableName=TABLE,
+        Key={"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}},
+        UpdateExpression="SET last_stage = :stage",
+        ExpressionAttributeValues={":stage": {"S": "deprecate"}},
+    )
+    return image_id
+
+
+def test_an_item_recorded_out_of_order_by_an_older_version_goes_on_to_its_deregister_stage(ec2: Any) -> None:
+    # Its writes compare with the table's last stage as read, not the latest by order: the next stage
+    # is recorded (no "recorded by another run") and the table's last stage is the latest again.
+    image_id = _recorded_out_of_order_by_an_older_version(ec2)
+    later = NOW + timedelta(days=31)
+    inventory = load_inventory(ec2)
+    third = planned(image_in(inventory, image_id), WITH_DEPRECATE, now=later)
+    assert third.stages == ["deregister"]
+
+    result = by_key(apply(ec2, [third], inventory, now=later))[(image_id, "deregister")]
+
+    assert result.status == "ok", result
+    raw = dynamodb().get_item(TableName=TABLE, Key={"pk": {"S": f"image#{image_id}"}, "sk": {"S": "item"}})
+    assert raw["Item"]["last_stage"] == {"S": "deregister"}
+
+
+def test_an_item_recorded_out_of_order_by_an_older_version_is_closed_by_its_rescue(ec2: Any) -> None:
+    image_id = _recorded_out_of_order_by_an_older_version(ec2)
+    book = ledger_of(ec2)
+    image = image_in(load_inventory(ec2), image_id)
+    clients = RegionClients("us-east-1", ec2=ec2, dynamodb=book.clients.dynamodb)
+
+    [result] = rescue_image(clients, book, image, NOW + timedelta(hours=2))
+
+    assert result.status == "ok", result
+    assert trust.open_item(image_in(load_inventory(ec2), image_id)) is None  # the clock is closed
+    assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] == "available"

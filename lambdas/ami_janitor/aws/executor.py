@@ -351,7 +351,7 @@ def _rescue_steps(
         if item is None:
             return
         redone = {stage: entry.redone for stage, entry in item.stages.items()}
-        if ledger.close(image.image_id, now, item.last_stage, redone) == "recorded":
+        if ledger.close(image.image_id, now, item.compared_stage, redone) == "recorded":
             done.append("candidate clock closed in the ledger")
             if lapsed:
                 # After the close: until then a rerun must still know them as the janitor's (a rescue
@@ -559,7 +559,7 @@ class _RegionRun:
         if image.image_id in self.last:
             return self.last[image.image_id]
         item = trust.open_item(image)
-        return item.last_stage if item is not None else None
+        return item.compared_stage if item is not None else None
 
     def _record(self, stage: Stage, image: Image, prior: Prior, snapshots: Sequence[str] = ()) -> bool:
         """Record the stage in the ledger before its change; False where another run recorded it."""

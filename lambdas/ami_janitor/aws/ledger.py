@@ -443,6 +443,8 @@ def _item(raw: dict[str, Any]) -> LedgerItem:
     internal = ("pk", "sk", "last_stage", WRITE_ID_ATTRIBUTE)
     try:
         data = {k: from_attribute(v) for k, v in raw.items() if k not in internal}
+        if "last_stage" in raw:
+            data["written_last_stage"] = from_attribute(raw["last_stage"])
         item = LedgerItem.model_validate(data)
     except ValidationError as error:
         problem = describe_validation_error(error)

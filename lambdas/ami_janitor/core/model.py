@@ -165,6 +165,10 @@ class LedgerItem(_Frozen):
     deregistered: AwareDatetime | None = None
     # Epoch seconds after which DynamoDB deletes the item (set once the AMI is deregistered).
     ttl: int | None = None
+    # The table's `last_stage` as read, which its conditional writes compare with: the latest stage,
+    # but in an item an older version recorded out of order (a stage after a later one) the earlier.
+    # Never written back; None where the item was not read from a table.
+    written_last_stage: Stage | None = Field(None, exclude=True)
 
     @field_validator("copies", mode="before")
     @classmethod
@@ -191,6 +195,11 @@ class LedgerItem(_Frozen):
     def last_stage(self) -> Stage | None:
         """The latest stage recorded (the table keeps it as `last_stage`, for its conditional writes)."""
         return max(self.stages, key=STAGES.index) if self.stages else None
+
+    @property
+    def compared_stage(self) -> Stage | None:
+        """The last stage a conditional write on the item as read compares with: as the table has it."""
+        return self.written_last_stage or self.last_stage
 
 
 class UnfinishedRun(_Frozen):
