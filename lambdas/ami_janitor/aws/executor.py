@@ -401,7 +401,9 @@ def _undo_stages(
     done += [deprecation] if deprecation else []
     restored: list[str] = []
     done += _restore_permissions(ec2, image, shared, refused, restored)
-    if enabled and image.ledger is not None:
+    if (enabled or trust.grants_removed(image)) and image.ledger is not None:
+        # DisableImage removed them (whoever enabled the AMI since): what is not granted back now is no
+        # longer the janitor's, nor in place; a share of the same account shown now is someone else's.
         lapsed.update(set(image.ledger.grants) - set(restored))
     done += trust.left_as_adopted(image)
     marked = [s.snapshot_id for s in (image.ledger.snapshots if image.ledger else ())]

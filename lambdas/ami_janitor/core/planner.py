@@ -106,8 +106,12 @@ def is_janitor_touched(image: Image) -> bool:
 
 
 def janitor_grants(image: Image) -> set[str]:
-    """Launch permissions the janitor granted itself, as its ledger records them (never a tag)."""
-    return set(image.ledger.grants) if image.ledger is not None else set()
+    """Launch permissions the janitor granted itself, as its ledger records them (never a tag), and
+    still in place: none once a disable removed them (trust.grants_removed), so that a share the owner
+    made after enabling the AMI by hand is judged as the owner's."""
+    if image.ledger is None or trust.grants_removed(image):
+        return set()
+    return set(image.ledger.grants)
 
 
 # order_key of an AMI that is no copy, made in C: most groups have no copy at all.

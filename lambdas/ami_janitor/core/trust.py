@@ -372,6 +372,15 @@ def recorded_stage(image: Image, stage: Stage) -> LedgerStage | None:
     return item.stages.get(stage) if item is not None else None
 
 
+def grants_removed(image: Image) -> bool:
+    """Whether a disable EC2 took (its record confirmed) has removed every launch permission since the
+    ledger recorded the janitor's grants on the AMI: DisableImage removes them all and EnableImage
+    restores none, so none of those grants is in place any more unless a rescue granted it back (only
+    while share_with lists it). A launch permission an AMI its owner enabled shows then is the owner's."""
+    entry = recorded_stage(image, "disable")
+    return entry is not None and entry.confirmed is not None
+
+
 def undoable_stage(image: Image, stage: Stage) -> LedgerStage | None:
     """The stage's record where a rescue undoes it: one the janitor wrote before its own change, never
     one adopted from tags (they do not show that the janitor made the change, nor what came before)."""
