@@ -21,13 +21,31 @@ if TYPE_CHECKING:
 PERMISSIONS: list[str] = ["ec2:DescribeImages"]
 
 
-def _unrecorded(image: Image, policy: Policy) -> bool:
+def _follows(image: Image) -> bool:
+    """A copy whose order is its source's, which the ledger does not record."""
     if image.copied_from is None:  # most AMIs: not a copy
         return False
     record = image.replica_record
-    if record is not None and record.source_created is not None:
-        return False
-    return any(family.match.matches(image.name, image.tags) for family in policy.families)
+    return record is None or record.source_created is None
+
+
+def _unrecorded(image: Image, policy: Policy) -> bool:
+    return _follows(image) and any(family.match.matches(image.name, image.tags) for family in policy.families)
+
+
+def _chain(copy: Image, local: dict[str, Image], region: str) -> tuple[list[Image], str, str]:
+    """The copies of this region that `copy` was made from, one from the other (a copy of a copy, say
+    encrypted twice by hand; whichever family they are in), and the AMI the chain starts from: its id
+    and region. That AMI is this region's own (its order) or another region's (asked for there)."""
+    links: list[Image] = []
+    at = copy
+    while True:
+        source_id, source_region = str(at.copied_from), at.copied_from_region or region
+        found = local.get(source_id) if source_region == region else None
+        if found is None or not _follows(found) or found is copy or any(found is link for link in links):
+            return links, source_id, source_region
+        links.append(found)
+        at = found
 
 
 def read_copy_sources(
@@ -37,18 +55,24 @@ def read_copy_sources(
     ledger does not record, and a note for each whose source is not visible (deregistered, or another
     account's no longer shared, or its region one the account may not read): it counts from its own
     creation, as before any read. Sources in `region` are its own AMIs; the others are asked for in
-    their region (`ec2_in`), 200 ids a call. Any other failure of that read raises SourceFailed: the
+    their region (`ec2_in`), 200 ids a call. A copy of such a copy of this region (encrypted twice by
+    hand) counts from the AMI the chain starts from, else from the oldest copy along it. Any other failure of that read raises SourceFailed: the
     copies' order is not known, and a late copy of an old AMI would take a keep slot or Latest."""
     copies = [image for image in images if _unrecorded(image, policy)]
     if not copies:
         return images, []
-    # A source in this region is one of its AMIs (its own order, a copy's own source included).
-    created = {image.image_id: image.order_time for image in images}
+    # A source in this region is one of its AMIs (its own order, a recorded copy's source included).
+    local = {image.image_id: image for image in images}
+    chains = {copy.image_id: _chain(copy, local, region) for copy in copies}
+    created = {
+        start: local[start].order_time
+        for _links, start, start_region in chains.values()
+        if start_region == region and start in local
+    }
     wanted: dict[str, set[str]] = defaultdict(set)
-    for copy in copies:
-        source_id = str(copy.copied_from)
-        if source_id not in created:
-            wanted[copy.copied_from_region or region].add(source_id)
+    for _links, start, start_region in chains.values():
+        if start not in created:
+            wanted[start_region].add(start)
     unreadable: dict[str, str] = {}
     for source_region, ids in sorted(wanted.items()):
         try:
@@ -62,20 +86,29 @@ def read_copy_sources(
             if not is_denied(failure.__cause__ or failure):
                 raise
             unreadable[source_region] = str(failure)
-    sources = {copy.image_id: created.get(str(copy.copied_from)) for copy in copies}
+    # A copy of a copy counts from the oldest it is seen to come from: the AMI the chain starts from,
+    # else (that one not visible) the oldest copy along it.
+    sources = {
+        copy_id: min(
+            [*([created[start]] if start in created else []), *(link.created for link in links)], default=None
+        )
+        for copy_id, (links, start, _start_region) in chains.items()
+    }
     notes: list[str] = []
     for copy in copies:
-        if sources[copy.image_id] is None:
-            source_region = copy.copied_from_region or region
-            why = (
-                f"not readable ({unreadable[source_region]})"
-                if source_region in unreadable
-                else "not visible"
-            )
-            notes.append(
-                f"{copy.image_id} is a copy of {copy.copied_from} ({source_region}), which is {why}: it "
-                "counts from its own creation"
-            )
+        links, start, start_region = chains[copy.image_id]
+        if start in created:
+            continue
+        why = f"not readable ({unreadable[start_region]})" if start_region in unreadable else "not visible"
+        through = f" through {', '.join(link.image_id for link in links)}" if links else ""
+        counted = (
+            f"the creation of {min(links, key=lambda link: link.created).image_id}"
+            if links
+            else "its own creation"
+        )
+        notes.append(
+            f"{copy.image_id} is a copy of {start} ({start_region}){through}, which is {why}: it counts from {counted}"
+        )
     return tuple(
         image.model_copy(update={"copied_from_created": sources[image.image_id]})
         if sources.get(image.image_id) is not None
