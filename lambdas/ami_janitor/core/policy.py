@@ -594,8 +594,7 @@ class Policy(_Strict):
             if family.bake is None:
                 continue
             example = f"{family.name}-20261125T030000Z"
-            tags = {**family.match.tags, "Version": "20261125T030000Z"}
-            others = [o.name for o in self.families if o is not family and o.match.matches(example, tags)]
+            others = [o.name for o in self.families if o is not family and _selects_bakes_of(o, family)]
             if others:
                 raise ValueError(
                     f"family {family.name!r} bakes images like {example}, which family {others[0]!r} selects "
@@ -782,6 +781,27 @@ def _check_schedule(value: str) -> str:
             raise ValueError(f"{value}: EventBridge writes it rate({count} {unit})")
         return value
     raise ValueError("must be an EventBridge expression: cron(m h dom mon dow year) or rate(N unit)")
+
+
+_BAKE_TIMESTAMP_GLOB = "[0-9]" * 8 + "T" + "[0-9]" * 6 + "Z"
+
+
+def _selects_bakes_of(other: Family, family: Family) -> bool:
+    """Whether `other` can select some image `family` bakes (`<family>-<UTC timestamp>`, tagged with
+    its match tags and a timestamp `Version`), at any time of any day, not only at one example time."""
+    if other.match.name is not None:
+        from ami_janitor.core.globs import globs_overlap  # imports this module
+
+        # A family name holds no glob character: the bake names are exactly this glob's.
+        if not globs_overlap(f"{family.name}-{_BAKE_TIMESTAMP_GLOB}", other.match.name):
+            return False
+    for key, value in other.match.tags.items():
+        if key == "Version":  # every bake sets its own timestamp: some bake carries any such value
+            if not fnmatch.fnmatchcase(value, _BAKE_TIMESTAMP_GLOB):
+                return False
+        elif family.match.tags.get(key) != value:
+            return False
+    return True
 
 
 def parse_policy(data: Any, *, source: str = "policy") -> Policy:
