@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -54,6 +54,30 @@ _INBOX_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*
 _ALIAS_ARN = _KMS_ARN + f"(?P<alias>{_ALIAS_NAME})\\Z"
 # EC2's image architectures (ArchitectureValues): what `{arch}` in a Latest SSM parameter becomes.
 ARCHITECTURES = ("i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac")
+
+
+# The tags the janitor writes on AMIs (mirrors of its ledger, and of its copies and bakes); a long value
+# goes on in `KEY:2`, `KEY:3`... keys.
+_WRITTEN_TAGS = frozenset(
+    {
+        CANDIDATE_TAG,
+        PRIOR_DEPRECATION_TAG,
+        PRIOR_PERMISSIONS_TAG,
+        SHARED_BY_JANITOR_TAG,
+        RETIRED_FROM_TAG,
+        SOURCE_IMAGE_TAG,
+        SOURCE_REGION_TAG,
+        SOURCE_CREATED_TAG,
+        f"{JANITOR_TAG_PREFIX}baked-from",
+    }
+)
+
+
+def _written_by_the_janitor(key: str) -> bool:
+    if key.startswith(COPY_GENERATION_TAG_PREFIX) or key in _WRITTEN_TAGS:
+        return True
+    base, _, number = key.rpartition(":")
+    return base in _WRITTEN_TAGS and number.isascii() and number.isdigit()
 
 
 class PolicyError(ValueError):
@@ -133,6 +157,19 @@ class Rules(_Strict):
     allow_shared: bool = False
     lifecycle: Lifecycle = Lifecycle()
     limits: Limits = Limits()
+
+    @field_validator("opt_out_tag")
+    @classmethod
+    def _not_written_by_the_janitor(cls, value: str) -> str:
+        # A key the janitor itself writes on the AMIs it acts on would keep them for its own doing: a
+        # candidate it marks is rescued by the next run, and marked again by the one after (nothing
+        # retires); every replica or bake it makes would be kept for good.
+        if _written_by_the_janitor(value):
+            raise ValueError(
+                f"{value!r} is a tag the janitor writes itself on the AMIs it acts on: an opt-out needs a "
+                "key of its own (ami-janitor:keep, say)"
+            )
+        return value
 
 
 class Match(_Strict):
@@ -257,6 +294,14 @@ class Latest(_Strict):
 
     tag: str | None = Field("Latest", min_length=1, max_length=128)
     ssm_parameter: str | None = Field(None, min_length=1)
+
+    @field_validator("tag")
+    @classmethod
+    def _tag_key(cls, value: str | None) -> str | None:
+        # EC2's own rule, checked here rather than refused by CreateTags at every rotation.
+        if value is not None and value[:4].lower() == "aws:":
+            raise ValueError("EC2 reserves tag keys that begin with 'aws:' (in any case)")
+        return value
 
     @field_validator("ssm_parameter")
     @classmethod
@@ -548,6 +593,10 @@ class Policy(_Strict):
     def _regions(cls, value: list[str]) -> list[str]:
         for region in value:
             check_region(region)
+        # Named twice, a region would count as two where one is meant (the one region a bake runs in).
+        twice = sorted({region for region in value if value.count(region) > 1})
+        if twice:
+            raise ValueError(f"region {twice[0]} is named twice")
         return value
 
     @field_validator("schedule")
@@ -761,6 +810,53 @@ def check_region(value: str) -> str:
     return value
 
 
+class _CronField(NamedTuple):
+    name: str
+    low: int
+    high: int
+    names: tuple[str, ...] = ()  # names of the values from `low` on (JAN..., SUN...)
+    special: str | None = None  # a pattern of what else the field takes (L, W, #)
+    takes: str = ""
+
+
+_MONTHS = ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+_DAYS = ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")
+# EventBridge's cron fields: minutes, hours, day-of-month, month, day-of-week, year; each a list of
+# `*`, values, ranges `a-b` and increments `x/n`.
+_CRON_FIELDS = (
+    _CronField("minutes", 0, 59, takes="0-59"),
+    _CronField("hours", 0, 23, takes="0-23"),
+    _CronField("day-of-month", 1, 31, special=r"L|LW|(?P<day>[0-9]{1,2})W", takes="1-31, L, W"),
+    _CronField("month", 1, 12, _MONTHS, takes="1-12 or JAN-DEC"),
+    _CronField(
+        "day-of-week", 1, 7, _DAYS, special=r"L|(?P<day>[0-9A-Za-z]+)(L|#[1-5])", takes="1-7 or SUN-SAT, L, #"
+    ),
+    _CronField("year", 1970, 2199, takes="1970-2199"),
+)
+
+
+def _cron_value(text: str, field: _CronField) -> bool:
+    if text.isascii() and text.isdigit():
+        return field.low <= int(text) <= field.high
+    return text.upper() in field.names
+
+
+def _cron_item(item: str, field: _CronField) -> bool:
+    """One item of a cron field's list as EventBridge takes it."""
+    if field.special:
+        special = re.fullmatch(field.special, item, re.IGNORECASE)
+        if special:
+            day = special.groupdict().get("day")
+            return day is None or _cron_value(day, field)
+    base, slash, step = item.partition("/")
+    if slash and not (step.isascii() and step.isdigit() and int(step) >= 1):
+        return False
+    if base == "*":
+        return True
+    low, dash, high = base.partition("-")
+    return all(_cron_value(part, field) for part in ((low, high) if dash else (low,)))
+
+
 def _check_schedule(value: str) -> str:
     """An expression EventBridge takes: six cron fields, exactly one of day-of-month and day-of-week `?`;
     or a rate of a positive whole number, its unit singular for 1 and plural otherwise."""
@@ -770,6 +866,11 @@ def _check_schedule(value: str) -> str:
             raise ValueError(
                 f"{value}: exactly one of day-of-month and day-of-week must be ? (EventBridge's cron)"
             )
+        for text, field in zip(cron.groups(), _CRON_FIELDS, strict=True):
+            if text != "?" and not all(_cron_item(item, field) for item in text.split(",")):
+                raise ValueError(
+                    f"{value}: {field.name} {text!r} is not one EventBridge takes ({field.takes})"
+                )
         return value
     rate = re.match(r"^rate\(([0-9]+) (minute|hour|day)(s?)\)\Z", value)
     if rate:
