@@ -814,15 +814,23 @@ def adopt(run: _RegionRun, rescued: Collection[str] = ()) -> str | None:
     if ledger is None or ledger.adopted is not None:
         return None
     try:
+        written: set[str] = set()
         for image_id, item in sorted(ledger.adopting.items()):
-            run.ledger.adopt(item)
-            run.results.append(run.result(image_id, "adopt", "ok", detail="janitor tags adopted"))
-        run.ledger.record_adoption(run.now)
+            if run.ledger.adopt(item) == "recorded":
+                written.add(image_id)
+                run.results.append(run.result(image_id, "adopt", "ok", detail="janitor tags adopted"))
+            else:
+                detail = "the ledger has an item since this plan's read (another run): not adopted"
+                run.results.append(run.result(image_id, "adopt", "skipped", detail=detail))
+        if run.ledger.record_adoption(run.now) != "recorded":
+            # Another run adopted the region since this plan read it: the ledger holds its clocks, not
+            # this plan's, so no mirror is written from them and nothing is decided on them this run.
+            return "another run adopted the janitor tags since this plan was made"
         # The mirror says what the ledger now says: the adopted clocks start at this run.
         clocks = [
             i
             for i, item in sorted(ledger.adopting.items())
-            if item.first_candidate is not None and i not in rescued
+            if item.first_candidate is not None and i not in rescued and i in written
         ]
         for start in range(0, len(clocks), CREATE_TAGS_MAX_RESOURCES):
             _tag(
