@@ -80,11 +80,16 @@ def compose_janitor(
     alerts = Alerts(stack, "Alerts", email=policy.notify.email if policy.notify else None)
     dead_letters = DeadLetters(stack, "DeadLetters", alerts=alerts)
     reports = Reports(stack, "Reports")
+    # Copies start only from the policy's `regions` (replication.allowed_target refuses any other source,
+    # and a failed replica is retried by its source region's run): in a region that is only a replicate
+    # target the worker never copies, and its role gets none of the copy's grants (the member template,
+    # for any region, keeps them).
+    copies_here = Token.is_unresolved(region) or region in policy.regions
     replication = Replication(
         stack,
         "Replication",
         code=code,
-        permissions=roles.REPLICATE_PERMISSIONS,
+        permissions=roles.REPLICATE_PERMISSIONS if copies_here else [],
         permission_scope=with_copies,
         alerts=alerts,
     )
