@@ -542,6 +542,86 @@ def bench_cold_start() -> None:
     )
 
 
+# The cleanup handler's import made `depth` calls down, as the Lambda runtime makes it from a depth of its
+# own: its processor time (the process's, so a busy machine's other work weighs less) and its page faults. Without the wide stack (handlers.imported_on_a_wide_stack), work
+# that recurses across the edge of one of CPython's 16 KiB frame chunks maps and unmaps it each time.
+IMPORT_AT_DEPTH = """
+import importlib, resource, sys, time
+def down(depth):
+    if depth:
+        return down(depth - 1)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    started = time.process_time()
+    importlib.import_module("ami_janitor.handlers.scheduled")
+    took = time.process_time() - started
+    return took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(*down(int(sys.argv[1])))
+"""
+IMPORT_DEPTHS = (0, 8, 16, 24, 32, 40)
+
+
+def _without_the_wide_stack(package: str) -> str:
+    """A copy of the compiled package whose handlers import on the stack they are given."""
+    import compileall
+    import tempfile
+
+    copy = tempfile.mkdtemp(prefix="ami-janitor-bench-")
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    target = os.path.join(copy, "ami_janitor")
+    shutil.copytree(
+        os.path.join(package, "ami_janitor"), target, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    handlers = os.path.join(target, "handlers", "__init__.py")
+    with open(handlers, encoding="utf-8") as source:
+        text = source.read()
+    wide = "_on_a_wide_stack.__code__ = "
+    if wide not in text:
+        raise RuntimeError(f"{handlers} no longer widens its stack as this bench expects")
+    with open(handlers, "w", encoding="utf-8") as out:
+        out.write(text.replace(wide, "_narrow = "))
+    if not compileall.compile_dir(target, quiet=1):
+        raise RuntimeError(f"cannot compile {target}")
+    return copy
+
+
+def bench_import_depth() -> None:
+    package = _compiled_package()
+    packages = {"wide": package, "narrow": _without_the_wide_stack(package)}
+    env = {**os.environ, **_function_environment(), "AWS_DEFAULT_REGION": "us-east-1"}
+    taken: dict[tuple[str, int], list[tuple[float, int]]] = {}
+    for _ in range(6):
+        for depth in IMPORT_DEPTHS:
+            for stack, path in packages.items():
+                answer = subprocess.run(
+                    [sys.executable, "-X", "frozen_modules=on", "-c", IMPORT_AT_DEPTH, str(depth)],
+                    env={**env, "PYTHONPATH": path},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                took, faults = answer.stdout.split()
+                taken.setdefault((stack, depth), []).append((float(took), int(faults)))
+    faults = {key: statistics.median(f for _, f in runs[1:]) for key, runs in taken.items()}
+    # Each narrow import against the wide one just before it: a slow minute weighs on both.
+    saved = [
+        narrow[0] - wide[0]
+        for depth in IMPORT_DEPTHS
+        for wide, narrow in zip(taken["wide", depth][1:], taken["narrow", depth][1:], strict=True)
+    ]
+    print(
+        f"\nthe cleanup handler's import made {', '.join(map(str, IMPORT_DEPTHS))} calls down (the Lambda runtime "
+        "imports it from a depth of its own; 5 fresh interpreters each, after a round that warms the disk "
+        "cache), its page faults on the wide stack and without it:"
+    )
+    for stack in packages:
+        print(f"  {stack}: {', '.join(f'{faults[stack, depth]:,.0f}' for depth in IMPORT_DEPTHS)}")
+    print(
+        f"  the processor time it saves, each import without it against the one on it just before: median "
+        f"{statistics.median(saved) * 1000:.0f} ms, quartiles {statistics.quantiles(saved, n=4)[0] * 1000:.0f} "
+        f"and {statistics.quantiles(saved, n=4)[2] * 1000:.0f} ms"
+    )
+
+
 def _instructions(snippet: str, env: dict[str, str]) -> float:
     """The instructions a fresh interpreter runs for `snippet`, counted by valgrind: the same on a quiet
     machine and a busy one (unlike time; the collector's cache misses, which instructions do not see,
@@ -857,6 +937,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "policy": bench_policy_load,
     "cold-start": bench_cold_start,
     "cold-start-instructions": bench_cold_start_instructions,
+    "import-depth": bench_import_depth,
     "bytecode": bench_asset_bytecode,
     "tls": bench_tls_connections,
     "cli": bench_cli_plan_on_emulator,

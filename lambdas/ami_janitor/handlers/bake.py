@@ -16,9 +16,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ami_janitor.handlers import collector_paused
+from ami_janitor.handlers import loading
 
-with collector_paused():
+with loading("ami_janitor.engine", "ami_janitor.handlers.events", "ami_janitor.handlers.observe"):
     from aws_lambda_powertools.metrics import MetricUnit
 
     from ami_janitor import engine

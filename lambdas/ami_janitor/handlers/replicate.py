@@ -19,9 +19,15 @@ once, a batch item failure as before.
 
 from typing import TYPE_CHECKING, Any
 
-from ami_janitor.handlers import collector_paused
+from ami_janitor.handlers import loading
 
-with collector_paused():
+with loading(
+    "ami_janitor.engine",
+    "ami_janitor.handlers.events",
+    "ami_janitor.handlers.observe",
+    "aws_lambda_powertools.utilities.batch",
+    "aws_lambda_powertools.utilities.parser.models",
+):
     from aws_lambda_powertools.metrics import MetricUnit
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,
