@@ -1,5 +1,7 @@
 """globs_overlap never misses a name two globs both match: a missed one would let a tag move an AMI
-between two families that share differently, unrefused (policy._shares_apart_by_name)."""
+between two families that share differently, unrefused (policy._shares_apart_by_name). uncovered_name
+finds a name one glob matches and the other does not whenever there is one: a missed one would let a
+family load that does not select all of its own bakes (policy.Family._bake_names_match)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ami_janitor.core.globs import (
     globs_overlap,
     names_any,
     names_some,
+    uncovered_name,
 )
 from ami_janitor.core.policy import _names_some
 
@@ -60,6 +63,48 @@ def test_a_name_both_globs_match_is_never_missed(first: str, second: str, data: 
     if fnmatch.fnmatchcase(name, second):
         assert globs_overlap(first, second), name
         assert globs_overlap(second, first), name
+
+
+def _a_name_matching(glob: str, candidates: list[str], data: st.DataObject) -> str | None:
+    """A name built to match `glob`, position by position, of the candidate characters."""
+    name = ""
+    for position in _positions(glob):
+        if position is None:
+            name += "".join(data.draw(st.lists(st.sampled_from(candidates), max_size=3)))
+        else:
+            accepted = sorted(_accepted(position, candidates))
+            if not accepted:
+                return None  # `glob` matches no name at all
+            name += data.draw(st.sampled_from(accepted))
+    return name
+
+
+@given(globs, globs, st.data())
+def test_an_uncovered_name_is_found_whenever_there_is_one(
+    outer: str, inner: str, data: st.DataObject
+) -> None:
+    missed = uncovered_name(outer, inner)
+    if missed is not None:
+        assert fnmatch.fnmatchcase(missed, inner)
+        assert not fnmatch.fnmatchcase(missed, outer)
+        return
+    name = _a_name_matching(inner, _representatives(outer, inner), data)
+    if name is not None:
+        assert fnmatch.fnmatchcase(name, inner)
+        assert fnmatch.fnmatchcase(name, outer), name
+
+
+def test_uncovered_names_as_fnmatch_reads_the_globs() -> None:
+    bakes = "web-" + "[0-9]" * 8 + "T" + "[0-9]" * 6 + "Z"
+    for covering in ("*", "web-*", "we?-*", "web-[0-9]*", "web-*Z", "web-????????T??????Z", "web-[!x]*"):
+        assert uncovered_name(covering, bakes) is None, covering
+    assert uncovered_name("web-2026*", bakes) == "web-00000000T000000Z"
+    assert uncovered_name("web-[0-8]*", bakes) == "web-90000000T000000Z"
+    assert uncovered_name("web-*T03*", bakes) is not None
+    assert uncovered_name("a*", "a*b") is None
+    assert uncovered_name("a*b", "a*") == "a"
+    assert uncovered_name("a?", "a*") == "a"
+    assert uncovered_name("a[c-a]", "a[c-a]") is None  # matches nothing, so nothing is missed
 
 
 def test_overlaps_as_fnmatch_reads_the_globs() -> None:

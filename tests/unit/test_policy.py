@@ -136,6 +136,16 @@ def test_defaults() -> None:
             with_family(match={"name": "b-v*"}, bake={"instance_tag": {"Role": "b"}}),
             "families[1]: bake names images like b-20261125T030000Z, which match.name 'b-v*' does not select",
         ),
+        (
+            # Selects this year's bakes only: from 2027 on, none would be rotated, shared or retired.
+            with_family(match={"name": "b-2026*"}, bake={"instance_tag": {"Role": "b"}}),
+            "families[1]: bake names images b-<UTC timestamp> (like b-20261125T030000Z), and match.name "
+            "'b-2026*' does not select all of them (b-00000000T000000Z, for one)",
+        ),
+        (
+            with_family(match={"name": "b-*T03*"}, bake={"instance_tag": {"Role": "b"}}),
+            "match.name 'b-*T03*' does not select all of them",
+        ),
     ],
 )
 def test_errors_name_the_key_path(data: object, expected: str) -> None:

@@ -1,4 +1,5 @@
-"""Whether two name globs (fnmatch's, case-sensitive, as `match.name` is read) can name one AMI.
+"""Whether two name globs (fnmatch's, case-sensitive, as `match.name` is read) can name one AMI, and
+whether one names every AMI the other does.
 
 Each glob is read as fnmatch reads it: `*`, or one position (a character, `?`, a bracket). A bracket is
 judged by fnmatch's own translation of it, on representative characters: every character the two globs
@@ -94,6 +95,50 @@ def globs_overlap(a: str, b: str) -> bool:
         if i < len(ta) and j < len(tb) and ta[i][1] & tb[j][1]:
             pending.append((i if a_star else i + 1, j if b_star else j + 1))
     return False
+
+
+def uncovered_name(outer: str, inner: str) -> str | None:
+    """A name `inner` matches and `outer` does not (the shortest), or None when `outer` matches every
+    name `inner` does. `inner` is read one character at a time beside every state `outer` can be in,
+    so each (inner position, set of outer states) pair is visited once."""
+    candidates = _representatives(outer, inner)
+    to = [(p is None, _accepted(p, candidates)) for p in _positions(outer)]
+    ti = [(p is None, _accepted(p, candidates)) for p in _positions(inner)]
+
+    def closure(states: frozenset[int]) -> frozenset[int]:
+        reached = set(states)
+        for k in sorted(states):
+            while k < len(to) and to[k][0]:  # `*` matching nothing more
+                k += 1
+                reached.add(k)
+        return frozenset(reached)
+
+    def step(states: frozenset[int], character: str) -> frozenset[int]:
+        return closure(
+            frozenset(k if to[k][0] else k + 1 for k in states if k < len(to) and character in to[k][1])
+        )
+
+    start = (0, closure(frozenset({0})))
+    seen = {start}
+    # Breadth first: the first name found is the shortest.
+    pending: list[tuple[tuple[int, frozenset[int]], str]] = [(start, "")]
+    while pending:
+        following: list[tuple[tuple[int, frozenset[int]], str]] = []
+        for (i, states), name in pending:
+            if i == len(ti) and len(to) not in states:
+                return name
+            moves: list[tuple[tuple[int, frozenset[int]], str]] = []
+            if i < len(ti):
+                star, accepted = ti[i]
+                if star:
+                    moves.append(((i + 1, states), name))
+                moves += [((i if star else i + 1, step(states, c)), name + c) for c in sorted(accepted)]
+            for pair, longer in moves:
+                if pair not in seen:
+                    seen.add(pair)
+                    (pending if len(longer) == len(name) else following).append((pair, longer))
+        pending = following
+    return None
 
 
 def names_some(pattern: str) -> bool:

@@ -457,11 +457,23 @@ class Family(_Strict):
 
     @model_validator(mode="after")
     def _bake_names_match(self) -> "Family":
-        # A bake its own family does not select would never be rotated, shared or retired.
+        # A bake its own family does not select would never be rotated, shared or retired: at any time
+        # of any day (`web-2026*` selects this year's bakes only), not only at one example time.
+        if self.bake is None or not self.match.name:
+            return self
         example = f"{self.name}-20261125T030000Z"
-        if self.bake is not None and self.match.name and not fnmatch.fnmatchcase(example, self.match.name):
+        if not fnmatch.fnmatchcase(example, self.match.name):
             raise ValueError(
                 f"bake names images like {example}, which match.name {self.match.name!r} does not select"
+            )
+        from ami_janitor.core.globs import uncovered_name  # imports this module
+
+        missed = uncovered_name(self.match.name, f"{self.name}-{_BAKE_TIMESTAMP_GLOB}")
+        if missed is not None:
+            raise ValueError(
+                f"bake names images {self.name}-<UTC timestamp> (like {example}), and match.name "
+                f"{self.match.name!r} does not select all of them ({missed}, for one): a bake it does not "
+                "select is never rotated, shared or retired"
             )
         return self
 
