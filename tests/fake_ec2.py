@@ -117,6 +117,10 @@ def _sdk_retry(method: Method) -> Method:
                 return method(self, *args, **params)
             except _AnswerLost:
                 self.retrying = True
+            except ClientError as error:
+                if self.retrying:  # botocore counts the retries in the error's answer too
+                    error.response.setdefault("ResponseMetadata", {})["RetryAttempts"] = 1
+                raise
 
     return call  # type: ignore[return-value]
 

@@ -1517,6 +1517,35 @@ def test_exact_requests_when_delete_snapshot_results_are_absent(stubbed: tuple[A
     assert item.deregistered == FIXED_NOW
 
 
+def test_a_snapshot_the_sdks_retry_finds_gone_counts_as_deleted(stubbed: tuple[Any, Stubber]) -> None:
+    """The first DeleteSnapshot took effect and its answer was lost; botocore's retry met NotFound and
+    says so (RetryAttempts): the run deleted it, and counts it (the GiB freed are an upper bound)."""
+    client, stub = stubbed
+    image = stub_image(state="disabled")
+    other = stub_image(image_id="ami-0aaaaaaaaaaaaaaa2", snapshot_ids=("snap-0000000000000002",))
+    snap1, _snap2 = image.snapshot_ids
+    book = stub_ledger(client, clocked(image.image_id, ["deprecate", "disable"]))
+    stub.add_response("create_tags", {}, tags_param([snap1], **{RETIRED_FROM_TAG: image.image_id}))
+    stub.add_response(
+        "deregister_image", {"Return": True}, {"ImageId": image.image_id, "DeleteAssociatedSnapshots": True}
+    )
+    stub.add_client_error(
+        "delete_snapshot",
+        "InvalidSnapshot.NotFound",
+        "gone",
+        expected_params={"SnapshotId": snap1},
+        response_meta={"RetryAttempts": 1},
+    )
+
+    result = apply_stubbed(
+        client, [decision(image.image_id, "deregister", ["deregister"])], [image, other], book
+    )
+
+    (only,) = result.results
+    assert (only.action, only.status, only.snapshots_deleted) == ("deregister", "ok", [snap1])
+    assert f"{snap1} deleted (the SDK's retry found it gone" in (only.detail or "")
+
+
 def test_a_partition_without_delete_associated_snapshots_deregisters_without_it(
     stubbed: tuple[Any, Stubber],
 ) -> None:

@@ -125,6 +125,18 @@ def test_a_retried_call_of_the_retirement_counts_as_done(call: str) -> None:
     assert_converged(fake, rules, BASE)
 
 
+def test_a_snapshot_whose_delete_answer_was_lost_counts_as_deleted() -> None:
+    """The retry finds it gone because the first attempt deleted it: the run's count of snapshots
+    deleted, and of GiB freed (an upper bound), must not leave it out."""
+    fake, rules = fleet(), policy(deregister_after_days=0)
+    fake.next_call_faults = {"DeleteSnapshot": "retried"}
+    result = apply(fake, rules, BASE)
+    assert not fake.next_call_faults, "the fault was never met"
+    deleted = sorted(s for r in result.results for s in r.snapshots_deleted)
+    assert deleted == ["snap-0", "snap-1"], result.results
+    assert set(fake.snapshots) == set()
+
+
 RESCUE_CALLS = [
     "EnableImage",
     "DisableImageDeprecation",

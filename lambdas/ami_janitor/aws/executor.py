@@ -246,11 +246,22 @@ def delete_unused_snapshots(
                 outcomes.append(SnapshotOutcome(snapshot_id, False, note=note, waiting=True))
                 continue
             tolerated = SNAPSHOT_TOLERATED.get(error_code(error))
+            if tolerated and _retried(error):
+                # The SDK sent the call again (an answer lost, a 5xx): the first attempt deleted it.
+                note = "deleted (the SDK's retry found it gone: the first answer was lost)"
+                outcomes.append(SnapshotOutcome(snapshot_id, True, note=note))
+                continue
             failure = None if tolerated else error_text(error)
             outcomes.append(SnapshotOutcome(snapshot_id, False, note=tolerated, error=failure))
         else:
             outcomes.append(SnapshotOutcome(snapshot_id, True))
     return outcomes
+
+
+def _retried(error: Exception) -> bool:
+    """Whether the SDK sent the call more than once before this answer (botocore's RetryAttempts)."""
+    response = getattr(error, "response", None) or {}
+    return int((response.get("ResponseMetadata") or {}).get("RetryAttempts") or 0) > 0
 
 
 def _notes(outcomes: Iterable[SnapshotOutcome]) -> list[str]:
