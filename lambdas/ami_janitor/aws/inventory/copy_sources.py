@@ -2,8 +2,6 @@
 and order are its source's, as EC2 reports the source in its own region, so a late copy of an old AMI
 never counts as young, nor as the newest of its group."""
 
-from __future__ import annotations
-
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
@@ -49,7 +47,7 @@ def _chain(copy: Image, local: dict[str, Image], region: str) -> tuple[list[Imag
 
 
 def read_copy_sources(
-    images: tuple[Image, ...], region: str, policy: Policy, ec2_in: Callable[[str], EC2Client]
+    images: tuple[Image, ...], region: str, policy: Policy, ec2_in: Callable[[str], "EC2Client"]
 ) -> tuple[tuple[Image, ...], list[str]]:
     """`images` (their ledger items attached) with the source creation of each family's copy the
     ledger does not record, and a note for each whose source is not visible (deregistered, or another
@@ -158,7 +156,7 @@ class _Described(NamedTuple):
     copied_from_region: str | None
 
 
-def _described(ec2: EC2Client, region: str, image_ids: list[str]) -> dict[str, _Described]:
+def _described(ec2: "EC2Client", region: str, image_ids: list[str]) -> "dict[str, _Described]":
     """Each visible AMI's CreationDate (its owner any account: a copy may be of a shared AMI) and, where
     it is a copy too, its source as EC2 says."""
     found: dict[str, _Described] = {}
