@@ -4,6 +4,7 @@ ignores (encryption, the KMS key), the exact requests through botocore's Stubber
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -1411,3 +1412,50 @@ def test_a_copy_image_answer_without_an_image_id_is_a_failed_copy(aws: ClientFac
         False,
         "CopyImage to eu-west-1 answered no image id",
     )
+
+
+class UnreadableSource(ClientFactory):
+    """DescribeImages in the source's region throttled past the SDK's retries: the worker cannot read
+    the request's source now."""
+
+    def __call__(self, region: str) -> RegionClients:
+        clients = super().__call__(region)
+        if region == US:
+
+            def throttled(**_: Any) -> None:
+                raise ClientError(
+                    {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}},
+                    "DescribeImages",
+                )
+
+            clients.ec2.meta.events.register(
+                "before-call.ec2.DescribeImages", throttled, unique_id="throttled"
+            )
+        return clients
+
+
+def test_a_request_that_fails_before_copy_image_says_why_at_each_delivery(
+    aws: ClientFactory, worker_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A request the worker cannot start now (its source unreadable) is a batch item failure, delivered
+    again, then parked in the dead-letter queue, which alarms: each delivery logs its reason with the
+    message id and counts a failed copy, as a CopyImage that fails does."""
+    source = bake(aws, "web-9")
+    log = io.StringIO()
+    monkeypatch.setattr(replicate.logger.registered_handler, "stream", log)
+    monkeypatch.setattr(replicate, "ClientFactory", UnreadableSource)
+
+    answer = replicate.handler(sqs_event(copy_of(source).model_dump_json()), Context())  # type: ignore[arg-type]
+
+    assert answer == {"batchItemFailures": [{"itemIdentifier": "message-0"}]}
+    lines = [
+        json.loads(line)
+        for line in (log.getvalue() + capsys.readouterr().out).splitlines()
+        if line.startswith("{")
+    ]
+    [said] = [line for line in lines if line.get("message") == "copy failed"]
+    assert said["message_id"] == "message-0"
+    assert "RequestLimitExceeded" in said["error"]
+    assert said["request"]["source_image_id"] == source.image_id
+    assert sum(sum(line.get("CopiesFailed", [])) for line in lines if "_aws" in line) == 1
+    assert copies_in(aws, EU, source.image_id) == []

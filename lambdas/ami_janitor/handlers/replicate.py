@@ -5,7 +5,8 @@ One failed record does not fail the batch: it is reported as a batch item failur
 again and, after the queue's maxReceiveCount, parks it in the dead-letter queue (which alarms).
 A request is rebuilt from the policy before it runs (engine.start_requested_copy): one the policy
 would not make, or a body that is no copy request at all, is refused the same way, with the reason in
-the log and the CopyRequestsRefused metric.
+the log and the CopyRequestsRefused metric. A request that fails (CopyImage, or a read before it) is
+logged with its error at each delivery and counted in CopiesFailed.
 Records are handled one after the other: CopyImage refills at one request per second per region, and
 the event source mapping's bounded concurrency paces the rest. No record is started with less than
 RESERVE_MILLIS of the invocation left, where a timeout would lose the batch's answer and deliver its
@@ -44,6 +45,7 @@ with loading(
 
     from ami_janitor import engine
     from ami_janitor.aws.clients import ClientFactory
+    from ami_janitor.aws.errors import error_text
     from ami_janitor.aws.ledger import LedgerMissing
     from ami_janitor.core import replication
     from ami_janitor.core.policy import Policy
@@ -128,6 +130,25 @@ def copy_record(record: CopyRequestRecord, policy: Policy, clients_for: ClientFa
         metrics.add_metric(name="CopiesFailed", unit=MetricUnit.Count, value=1)
         logger.error("copy refused: no ledger table", extra={"reason": str(error), "regions": error.regions})
         raise CopyFailed(str(error)) from None
+    except Exception as error:
+        # Anything else before CopyImage (the source, its ledger item or its copies unreadable now:
+        # throttled past the retries, a 5xx, an answer or an item that cannot be read): a failed copy,
+        # tried again with the message. Said here, at each delivery: the batch processor marks the
+        # record failed and logs nothing, so the dead letter would come with no reason anywhere.
+        metrics.add_metric(name="CopiesFailed", unit=MetricUnit.Count, value=1)
+        logger.warning(
+            "copy failed",
+            extra={
+                "message_id": record.messageId,
+                "receive_count": record.attributes.ApproximateReceiveCount,
+                "request": record.body.model_dump(mode="json"),
+                "error": f"{type(error).__name__}: {error_text(error)}",
+            },
+        )
+        raise CopyFailed(
+            f"copy of {record.body.source_image_id} ({record.body.source_region}) to {record.body.region} "
+            f"failed: {error_text(error)}"
+        ) from error
     outcome = result.model_dump(mode="json")
     if result.status == "failed":
         metrics.add_metric(name="CopiesFailed", unit=MetricUnit.Count, value=1)
