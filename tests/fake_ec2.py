@@ -1197,10 +1197,14 @@ class FakeLedger(Ledger):
         return "recorded"
 
     @_ledger_write
-    def redo_stage(self, image_id: str, stage: Stage, at: datetime, prior: Prior) -> Written:
+    def redo_stage(
+        self, image_id: str, stage: Stage, at: datetime, prior: Prior, seen: datetime | None = None
+    ) -> Written:
         self._write("ledger_redo_stage", image_id)
         item = self.items.get(image_id)
         if item is None or not item.is_open or stage not in item.stages:
+            return "already-recorded"
+        if item.stages[stage].redone != seen:  # done again by another run since the caller's read
             return "already-recorded"
         done = item.stages[stage]
         entry = prior.stage_at(done.at).model_copy(update={"confirmed": done.confirmed, "redone": at})

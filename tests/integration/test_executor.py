@@ -24,6 +24,7 @@ from ami_janitor.aws.executor import (
     ActionResult,
     ApplyResult,
     apply_plan,
+    apply_stages,
     deprecate_at,
     permission_tags,
     recorded_permissions,
@@ -2011,3 +2012,45 @@ def test_an_item_recorded_out_of_order_by_an_older_version_is_closed_by_its_resc
     assert result.status == "ok", result
     assert trust.open_item(image_in(load_inventory(ec2), image_id)) is None  # the clock is closed
     assert ec2.describe_images(ImageIds=[image_id])["Images"][0]["State"] == "available"
+
+
+def test_a_stage_done_again_by_two_concurrent_runs_is_recorded_once(ec2: Any) -> None:
+    """Two runs (the slice worker and an operator's `apply`, say) both read the AMI before either acts,
+    and both would do its recorded disable again. The first records what DisableImage removes (the share
+    the owner made since); the second, reading the launch permissions only when it comes to the AMI
+    (none by then), must not write its redo over the first's: a rescue would not give the share back."""
+    image_id = make_image(ec2, "web-1", share_with=[{"UserId": ACCOUNT_A}])
+    book = ledger_of(ec2)
+    # Deprecated and disabled by the janitor twelve hours ago, A's share recorded; the owner has since
+    # enabled the AMI and shared it with B as well.
+    recent = NOW - timedelta(hours=12)
+    seed(book, image_id, ["deprecate", "disable"], at=recent, permissions=(f"user:{ACCOUNT_A}",))
+    assert book.confirm_stage(image_id, "deprecate", recent) == "recorded"
+    assert book.confirm_stage(image_id, "disable", recent) == "recorded"
+    ec2.enable_image_deprecation(ImageId=image_id, DeprecateAt=deprecate_at(recent))
+    ec2.modify_image_attribute(ImageId=image_id, LaunchPermission={"Add": [{"UserId": ACCOUNT_B}]})
+    configured: list[tuple[Stage, int]] = [("deprecate", 0), ("disable", 0), ("deregister", 30)]
+    first_read, second_read = load_inventory(ec2), load_inventory(ec2)
+    for read in (first_read, second_read):
+        assert planned(image_in(read, image_id), configured).stages == ["disable"]
+
+    (first,) = apply_stages(REGION, ec2, ledger_of(ec2), first_read, [(image_id, ("disable",), None)], NOW)
+    assert first.status == "ok", first
+    both = (f"user:{ACCOUNT_A}", f"user:{ACCOUNT_B}")
+    assert items_of(ec2)[image_id].stages["disable"].prior_launch_permissions == both
+
+    # The second run comes to the AMI now, on its read from before the first run disabled it.
+    (second,) = apply_stages(
+        REGION, ec2, ledger_of(ec2), second_read, [(image_id, ("disable",), None)], LATER
+    )
+
+    assert second.status == "skipped", second
+    assert items_of(ec2)[image_id].stages["disable"].prior_launch_permissions == both
+    # So the rescue, when the AMI is back in use, gives back the share the owner made since.
+    image = image_in(load_inventory(ec2), image_id)
+    (rescued,) = rescue_image(
+        RegionClients(REGION, ec2=ec2, dynamodb=dynamodb()), ledger_of(ec2), image, LATER
+    )
+    assert rescued.status == "ok", rescued
+    shares = ec2.describe_image_attribute(ImageId=image_id, Attribute="launchPermission")
+    assert sorted(p["UserId"] for p in shares["LaunchPermissions"]) == [ACCOUNT_A, ACCOUNT_B]

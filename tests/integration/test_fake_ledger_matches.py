@@ -52,14 +52,16 @@ def _confirm(stage: str, day: int) -> Write:
     return lambda book, image_id: book.confirm_stage(image_id, stage, START + timedelta(days=day))  # type: ignore[arg-type]
 
 
-def _redo(stage: str, day: int) -> Write:
-    # What the stage changes this time replaces the first record's: set, or removed where empty.
+def _redo(stage: str, day: int, seen: int | None) -> Write:
+    # What the stage changes this time replaces the first record's: set, or removed where empty; only
+    # where the stage was last done again when the caller read it (`seen`: that day; None: never).
     prior = Prior(
         deprecation=START + timedelta(days=day) if day % 3 else None,
         launch_permissions=("user:111122223333", "user:444455556666")[: day % 3],
         already_disabled=day % 3 == 1,
     )
-    return lambda book, image_id: book.redo_stage(image_id, stage, START + timedelta(days=day), prior)  # type: ignore[arg-type]
+    at, as_read = START + timedelta(days=day), None if seen is None else START + timedelta(days=seen)
+    return lambda book, image_id: book.redo_stage(image_id, stage, at, prior, as_read)  # type: ignore[arg-type]
 
 
 def _adopted(stage: str, day: int) -> Write:
@@ -105,7 +107,7 @@ writes = st.one_of(
     st.builds(_candidate, days),
     st.builds(_stage, stages, st.one_of(st.none(), stages), days),
     st.builds(_confirm, stages, days),
-    st.builds(_redo, stages, days),
+    st.builds(_redo, stages, days, st.one_of(st.none(), days)),
     st.builds(_adopted, stages, days),
     st.builds(_deregistered, days),
     st.builds(_close, days, st.one_of(st.none(), stages)),

@@ -576,12 +576,14 @@ class _RegionRun:
 
     def _record(self, stage: Stage, image: Image, prior: Prior, snapshots: Sequence[str] = ()) -> bool:
         """Record the stage in the ledger before its change; False where another run recorded it."""
-        if trust.recorded_stage(image, stage) is not None:
+        entry = trust.recorded_stage(image, stage)
+        if entry is not None:
             # Recorded by an earlier run, and EC2 does not show it (that run stopped before EC2 took it,
             # or the owner undid it since): done again, `prior` recorded in place of the first record's,
-            # unless a rescue closed the item since this run read it (the ledger says so, not the item
-            # as read).
-            return self.ledger.redo_stage(image.image_id, stage, self.now, prior) == "recorded"
+            # unless a rescue closed the item since this run read it, or another run did it again since
+            # (the ledger says so, not the item as read): that run's record of what it changed stands.
+            written = self.ledger.redo_stage(image.image_id, stage, self.now, prior, entry.redone)
+            return written == "recorded"
         previous = self._previous(image)
         written = self.ledger.record_stage(
             image.image_id, stage, self.now, prior, previous=previous, snapshots=snapshots

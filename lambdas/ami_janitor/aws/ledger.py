@@ -683,10 +683,15 @@ class Ledger(_Made):
             ExpressionAttributeValues=values,
         )
 
-    def redo_stage(self, image_id: str, stage: Stage, at: datetime, prior: Prior) -> Written:
+    def redo_stage(
+        self, image_id: str, stage: Stage, at: datetime, prior: Prior, seen: datetime | None = None
+    ) -> Written:
         """Before a stage an earlier run recorded (and EC2 no longer shows, or never took) is done again:
-        "recorded" only where the item still records it and is still open. A rescue since the caller read
-        the item closed it (or a new candidate clock replaced it): the stage is not done again. Writes
+        "recorded" only where the item still records it, is still open, and the stage was not done again
+        since the caller read the item (`seen`: its `redone` as read, None where it had none). A rescue
+        since the caller read the item closed it (or a new candidate clock replaced it): the stage is
+        not done again. Another run that did it again since (two runs that both read it undone)
+        recorded what it changed, which stands, as a first record does against a second run's. Writes
         when it is done again (`redone`: the next stage's delay counts from then, not from the first
         record) and `prior`, what it changes this time, in place of the first record's (the owner may
         have enabled the AMI and shared it, or set a deprecation time, since): a rescue restores that.
@@ -700,10 +705,16 @@ class Ledger(_Made):
                 assignments.append(f"stages.#stage.{name} = :{name}")
                 values[f":{name}"] = _value(entry[name])
         removed = [f"stages.#stage.{name}" for name in (*recorded, "adopted") if name not in entry]
+        condition = "attribute_exists(stages.#stage) AND attribute_not_exists(closed)"
+        if seen is None:
+            condition += " AND attribute_not_exists(stages.#stage.redone)"
+        else:
+            condition += " AND stages.#stage.redone = :seen"
+            values[":seen"] = _value(iso(seen))
         return self._update(
             image_id,
             UpdateExpression=f"SET {', '.join(assignments)} REMOVE {', '.join(removed)}",
-            ConditionExpression="attribute_exists(stages.#stage) AND attribute_not_exists(closed)",
+            ConditionExpression=condition,
             ExpressionAttributeNames={"#stage": stage},
             ExpressionAttributeValues=values,
         )
