@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from aws_cdk import Duration
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
@@ -86,9 +88,24 @@ class BakeSchedule(Construct):
                     event=events.RuleTargetInput.from_object(
                         {"family": family.name, "time": events.EventField.time}
                     ),
-                    dead_letter_queue=self.event_dead_letters,
                     max_event_age=MAX_EVENT_AGE,
                     retry_attempts=TARGET_RETRY_ATTEMPTS,
                 )
             )
+            # The dead-letter queue is named here rather than through the target, which would add a
+            # statement per rule to the queue's policy: SQS takes no policy of more than 20 statements
+            # or 8 KB, so some 17 scheduled families would fail the deploy. One statement names them all.
+            cast(events.CfnRule, rule.node.default_child).add_property_override(
+                "Targets.0.DeadLetterConfig", {"Arn": self.event_dead_letters.queue_arn}
+            )
             self.rules[family.name] = rule
+        if self.rules:
+            self.event_dead_letters.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid="AllowBakeRules",
+                    principals=[iam.ServicePrincipal("events.amazonaws.com")],
+                    actions=["sqs:SendMessage"],
+                    resources=[self.event_dead_letters.queue_arn],
+                    conditions={"ArnEquals": {"aws:SourceArn": [r.rule_arn for r in self.rules.values()]}},
+                )
+            )

@@ -432,7 +432,7 @@ def _allows_events_from(template: dict[str, Any], queue: str, rule: str) -> bool
         statement["Effect"] == "Allow"
         and statement["Principal"] == {"Service": "events.amazonaws.com"}
         and statement["Action"] == "sqs:SendMessage"
-        and ref_id(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == rule
+        and rule in {ref_id(arn) for arn in as_list(statement["Condition"]["ArnEquals"]["aws:SourceArn"])}
         for policy in resources(template, "AWS::SQS::QueuePolicy").values()
         if [ref_id(q) for q in policy["Properties"]["Queues"]] == [queue]
         for statement in policy["Properties"]["PolicyDocument"]["Statement"]

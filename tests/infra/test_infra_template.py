@@ -238,10 +238,11 @@ def test_every_rule_target_has_dead_letter_queue_and_retry_policy(
             if [ref_id(q) for q in p["Properties"]["Queues"]] == [dlq]
         ]
         sources = {
-            ref_id(s["Condition"]["ArnEquals"]["aws:SourceArn"])
+            ref_id(arn)
             for p in policies
             for s in p["Properties"]["PolicyDocument"]["Statement"]
             if s["Effect"] == "Allow"
+            for arn in as_list(s["Condition"]["ArnEquals"]["aws:SourceArn"])
         }
         assert sources == set(rules)
 
