@@ -100,7 +100,8 @@ class RunSummary(Summary):
     # AMIs a slice held back: a fresh read put the plan's decision in doubt (planned again next run).
     held_back: int = 0
     # AMIs whose stages a slice dropped whole (the policy, or its mode, changed since the plan, or the
-    # slice went stale), or had no time for. The plan's counts above were not done for them.
+    # slice went stale), or had no time for, or that another run of the same scheduled event had (their
+    # stages skipped, no slice queued). The plan's counts above were not done for them by this run.
     not_run: int = 0
 
 
@@ -758,7 +759,12 @@ def queue_slices(
             for item in part.items
             for stage in item.stages
         ]
-        return result.model_copy(update={"results": [*result.results, *skipped]})
+        # Nothing was done to them by this run: its summary counts them as not run (the plan's counts
+        # include them), as a dropped slice's, not as retired with nothing amiss.
+        not_run = len({item.image_id for part in work for item in part.items})
+        return result.model_copy(
+            update={"results": [*result.results, *skipped], "not_run": result.not_run + not_run}
+        )
     except (BotoCoreError, ClientError, RuntimeError) as error:
         # The slices SQS took run all the same (their results reach the slice's part of the report):
         # only the others' stages fail here. The run's record waits for every slice it recorded, so

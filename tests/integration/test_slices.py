@@ -318,8 +318,8 @@ def test_a_slice_queued_in_enforce_and_worked_in_dry_run_changes_no_ami_and_says
     [mail] = deployed.mails()  # the enforce run's one summary says what was planned and not run
     assert "images retired: 3" in mail
     assert (
-        "not run: a queued slice was dropped or ran out of time (see the report's results; planned again by the next enforce run): 3"
-        in mail
+        "not run: a queued slice was dropped or ran out of time, or another run of the same scheduled event "
+        "had them (see the report's results; planned again by the next enforce run): 3" in mail
     )
 
 
@@ -613,6 +613,47 @@ def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_
 
     scheduled.handler({**event, "id": "0d6d4c0e-8f0b-4a59-9d2c-2f4c7a1b9e33"}, Context())  # the next one
     assert deployed.queued()
+
+
+def test_a_retried_events_summary_counts_its_skipped_stages_as_not_run(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry of an event whose first run's slices did its work skips its stages: its summary must
+    say they were not done by it (the report's, the answer's and the mail's), not count them retired
+    with nothing amiss, the first run's own summary counting the same AMIs retired."""
+    deployed.write_policy("enforce", limits={"max_actions_per_run": 2, "max_fraction_per_family": 1.0})
+    fleet = seed_fleet(now())
+    make_ledger()
+    event = {**SCHEDULED, "id": "7bf73129-1428-4cd3-a780-95db273d1602", "time": iso(now())}
+    publish = scheduled.publish
+
+    def publish_then_time_out(*args: Any, **kwargs: Any) -> None:
+        publish(*args, **kwargs)
+        raise TimeoutError("Task timed out")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(scheduled, "publish", publish_then_time_out)
+        with pytest.raises(TimeoutError):
+            scheduled.handler(event, Context())
+    for body in deployed.queued():
+        deployed.work(body)
+    retired = [i for i in fleet.images if i not in image_ids()]
+    [first_mail] = deployed.mails()  # the first run's summary, sent by its last slice
+    assert f"images retired: {len(retired)}" in first_mail
+
+    answer = scheduled.handler(event, Context())  # the same event, run again by Lambda
+
+    assert answer["slices_queued"] == 0
+    stored = deployed.keys()
+    key = max(k for k in stored if k.startswith(f"runs/{REGION}/") and k.count("/") == 2)  # the retry's
+    report = json.loads(deployed.s3.get_object(Bucket="reports", Key=key)["Body"].read())
+    skipped = {r["image_id"] for r in report["results"] if r["status"] == "skipped"}
+    assert skipped and report["summary"]["retired"] == len(skipped)  # the plan's count: none done here
+    assert report["summary"]["not_run"] == len(skipped)
+    assert answer["summary"]["not_run"] == len(skipped)
+    [mail] = deployed.mails()
+    [line] = [line for line in mail.splitlines() if line.startswith("not run: ")]
+    assert "another run of the same scheduled event had them" in line and line.endswith(f": {len(skipped)}")
 
 
 def test_a_retried_event_whose_first_run_queued_no_slice_queues_them(

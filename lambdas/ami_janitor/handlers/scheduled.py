@@ -63,8 +63,8 @@ def summary_text(region: str, report: engine.RunReport) -> str:
         lines.append(f"held back by a slice's fresh read (planned again next run): {s.held_back}")
     if s.not_run:
         lines.append(
-            f"not run: a queued slice was dropped or ran out of time (see the report's results; planned "
-            f"again by the next enforce run): {s.not_run}"
+            f"not run: a queued slice was dropped or ran out of time, or another run of the same scheduled "
+            f"event had them (see the report's results; planned again by the next enforce run): {s.not_run}"
         )
     if report.copies_not_queued:
         lines.append(
