@@ -103,6 +103,39 @@ def test_scheduled_run_in_dry_run_and_paused_writes_nothing(lambda_env: Path) ->
     assert scheduled.handler(event("scheduled.json"), Context()) == {"mode": "paused"}
 
 
+def _emitted(capsys: pytest.CaptureFixture[str]) -> dict[str, list[float]]:
+    """Each metric's values in the EMF lines the handlers printed since the last read."""
+    emitted: dict[str, list[float]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        if '"_aws"' in line:
+            record = json.loads(line)
+            for metric in record["_aws"]["CloudWatchMetrics"][0]["Metrics"]:
+                value = record[metric["Name"]]
+                emitted.setdefault(metric["Name"], []).extend(value if isinstance(value, list) else [value])
+    return emitted
+
+
+def test_the_retirement_metrics_count_what_the_run_did_not_what_it_planned(
+    lambda_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dry run plans three retirements and does none: ImagesRetired and SnapshotsDeleted say 0; the
+    enforce run (its stages run in process) says what it deregistered and deleted."""
+    seed_fleet(now())
+    make_ledger()
+    write_policy(lambda_env, "dry-run")
+    capsys.readouterr()
+    planned = scheduled.handler(event("scheduled.json"), Context())
+    emitted = _emitted(capsys)
+    assert planned["summary"]["retired"] == 3
+    assert (emitted["ImagesRetired"], emitted["SnapshotsDeleted"]) == ([0.0], [0.0])
+    write_policy(lambda_env, "enforce")
+    done = scheduled.handler(event("scheduled.json"), Context())
+    emitted = _emitted(capsys)
+    assert done["summary"]["retired"] == 3 and emitted["ImagesRetired"] == [3.0]
+    assert emitted["SnapshotsDeleted"] == [float(done["summary"]["snapshots_deleted"])]
+    assert done["summary"]["snapshots_deleted"] > 0
+
+
 def test_the_scheduled_run_refuses_another_rules_event_and_runs_on_its_own_or_by_hand(
     lambda_env: Path,
 ) -> None:

@@ -178,6 +178,36 @@ def test_a_run_applies_its_due_stages_in_slices_and_reports_once_after_the_last(
     assert progress.done == {0, 1, 2} and progress.counts["held_back"] == 0
 
 
+def test_the_retirement_metrics_come_from_the_slices_that_retire(
+    deployed: Deployment, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run that queues the slices retires nothing itself (ImagesRetired 0); each slice worker counts
+    what it deregistered and deleted, so the metric sums to what was done."""
+    deployed.write_policy("enforce")
+    fleet = seed_fleet(now())
+    make_ledger()
+    capsys.readouterr()
+
+    answer = scheduled.handler(SCHEDULED, Context())
+
+    assert answer["summary"]["retired"] == 3 and answer["slices_queued"] == 3
+    assert _metric(capsys, "ImagesRetired") == [0.0]
+    for body in deployed.queued():
+        deployed.work(body)
+    retired = [i for i in fleet.images if i not in image_ids()]
+    assert len(retired) == 3 and sum(_metric(capsys, "ImagesRetired")) == 3
+
+
+def _metric(capsys: pytest.CaptureFixture[str], name: str) -> list[float]:
+    """The values of metric `name` in the EMF lines printed since the last read."""
+    values: list[float] = []
+    for line in capsys.readouterr().out.splitlines():
+        if '"_aws"' in line and f'"{name}"' in line:
+            value = json.loads(line)[name]
+            values += value if isinstance(value, list) else [value]
+    return values
+
+
 def test_a_slice_its_run_did_not_queue_is_refused_before_it_reads_or_counts(
     deployed: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,7 +20,7 @@ with loading("ami_janitor.engine", "ami_janitor.handlers.events", "ami_janitor.h
         configured,
         parse_scheduled_event,
     )
-    from ami_janitor.handlers.observe import logger, metrics, paused
+    from ami_janitor.handlers.observe import count_done, logger, metrics, paused
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -154,8 +154,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     summary = report.summary
     metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=summary.actions_failed)
     metrics.add_metric(name="RegionSkipped", unit=MetricUnit.Count, value=summary.regions_skipped)
-    metrics.add_metric(name="ImagesRetired", unit=MetricUnit.Count, value=summary.retired)
-    metrics.add_metric(name="SnapshotsDeleted", unit=MetricUnit.Count, value=summary.snapshots_deleted)
+    count_done(report.results)
     metrics.add_metric(name="TamperedTags", unit=MetricUnit.Count, value=len(report.tampered))
     for status in report.regions:
         if status.status == "skipped":

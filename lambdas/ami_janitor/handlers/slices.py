@@ -36,7 +36,7 @@ with loading(
     from ami_janitor.core.policy import Policy
     from ami_janitor.core.slices import WorkSlice
     from ami_janitor.handlers.events import Environment, check_sqs_batch, configured
-    from ami_janitor.handlers.observe import logger, metrics, paused
+    from ami_janitor.handlers.observe import count_done, logger, metrics, paused
     from ami_janitor.handlers.scheduled import publish, report_key
 
 # The worker's timeout (the stack sets it; the fleet simulator runs each slice within it).
@@ -121,6 +121,7 @@ def slice_record(
     failed = sum(1 for r in outcome.results if r.status == "failed")
     metrics.add_metric(name="ActionsFailed", unit=MetricUnit.Count, value=failed)
     metrics.add_metric(name="SliceHeldBack", unit=MetricUnit.Count, value=len(outcome.held))
+    count_done(outcome.results)
     answer = {
         "region": outcome.region,
         "run": outcome.run,
