@@ -17,7 +17,7 @@ from ami_janitor.aws import ledger
 from infra.alerts import ALARM_PERIOD, Alerts
 from infra.environment import common_environment
 from infra.nag import acknowledge, wildcard_resource_findings
-from infra.permissions import Scope, Statement, policy_statement, statements_for
+from infra.permissions import Scope, Statement, policy_statement, require_inline_fits, statements_for
 
 RUNTIME = lambda_.Runtime.PYTHON_3_13  # must match infra.bundle.PYTHON_VERSION
 ARCHITECTURE = lambda_.Architecture.ARM_64  # must match infra.bundle.PIP_PLATFORM
@@ -125,6 +125,7 @@ class JanitorFunction(Construct):
             *statements_for(permissions, permission_scope, provided=provided),
             *infra_statements,
         ]
+        require_inline_fits(self.statements, f"the role of the {description} function")
         self.role = iam.Role(
             self,
             "Role",

@@ -25,7 +25,13 @@ from infra.bake_schedule import BakeSchedule
 from infra.dead_letters import DeadLetters
 from infra.function import ROLE_PATH, acknowledge_wildcards
 from infra.ledger import CFN_EXEC_ROLE, LedgerTable
-from infra.permissions import Scope, build_instance_scope, policy_statement, statements_for
+from infra.permissions import (
+    Scope,
+    build_instance_scope,
+    policy_statement,
+    require_inline_fits,
+    statements_for,
+)
 from infra.replication import Replication
 from infra.reports import Reports
 from infra.scheduled_run import ScheduledRun
@@ -224,6 +230,7 @@ def _operator_role(stack: Stack, scope: Scope) -> iam.Role:
     its writes. Any principal of the account that its own IAM policy allows to assume it may (the
     account root is trusted)."""
     statements = statements_for(roles.OPERATOR_PERMISSIONS, scope)
+    require_inline_fits(statements, "the operator role")
     role = iam.Role(
         stack,
         "OperatorRole",

@@ -29,8 +29,9 @@ The statements are plain data so tests can check the mapping without synthesizin
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -433,20 +434,9 @@ def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
                 "CreateImages", ("ec2:CreateImage",), (scope.image_arn(region), scope.snapshot_arn(region))
             )
         )
-        for index, build in enumerate(scope.build_instances):
-            # The build instance of a family: its bake.instance_id, and carrying its bake.instance_tag
-            # (in the regions it bakes in, where the scope says).
-            where: dict[str, str | list[str]] = {f"aws:ResourceTag/{key}": value for key, value in build.tags}
-            if build.regions:
-                where["aws:RequestedRegion"] = list(build.regions)
-            out.append(
-                Statement(
-                    f"CreateImagesFromInstances{index}",
-                    ("ec2:CreateImage",),
-                    (scope.instance_arn(build.instance_id),),
-                    {"StringEquals": where} if where else {},
-                )
-            )
+        # The build instance of each family: its bake.instance_id, and carrying its bake.instance_tag
+        # (in the regions it bakes in, where the scope says).
+        out += _build_instance_statements(scope, "CreateImagesFromInstances", "ec2:CreateImage", regions=True)
     if creates and "ec2:CreateTags" in chosen:
         # Tags given at creation (TagSpecifications) are the new AMI's own: any key, new resources only.
         out.append(
@@ -470,6 +460,47 @@ def _ec2_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     return out
 
 
+def _build_instance_statements(scope: Scope, sid: str, action: str, *, regions: bool) -> list[Statement]:
+    """`action` on each family's build instance, merged where that widens nothing, so that a role's
+    inline policy stays within IAM's 10,240 characters with many families that bake (a statement per
+    family filled the operator role's at about 17): the families whose instances are told apart by one
+    tag alone, of the same key, on the same instance ARN (and in the same regions) share a statement
+    listing the tag's values (StringEquals on a list is any of them); those pinned by id alone (in the
+    same regions) share one listing their instances. Families matched by several tags keep their own:
+    lists under two keys would let either family's value of one key pair with the other's of the next."""
+    grants: dict[tuple[object, ...], tuple[list[str], dict[str, list[str]]]] = {}
+    for index, build in enumerate(scope.build_instances):
+        resource = scope.instance_arn(build.instance_id)
+        where = build.regions if regions else ()
+        if len(build.tags) == 1:
+            group: tuple[object, ...] = ("tag", build.tags[0][0], resource, where)
+        elif not build.tags:
+            group = ("untagged", where)
+        else:
+            group = ("tags", index)
+        resources, values = grants.setdefault(group, ([], {}))
+        if resource not in resources:
+            resources.append(resource)
+        for key, value in build.tags:
+            listed = values.setdefault(f"aws:ResourceTag/{key}", [])
+            if value not in listed:
+                listed.append(value)
+        if where:
+            values["aws:RequestedRegion"] = list(where)
+    out = []
+    for index, (resources, values) in enumerate(grants.values()):
+        condition = {
+            key: listed if key == "aws:RequestedRegion" or len(listed) > 1 else listed[0]
+            for key, listed in values.items()
+        }
+        out.append(
+            Statement(
+                f"{sid}{index}", (action,), tuple(resources), {"StringEquals": condition} if condition else {}
+            )
+        )
+    return out
+
+
 def _ssm_statements(chosen: set[str], scope: Scope) -> list[Statement]:
     out: list[Statement] = []
     if chosen & SEND_COMMAND_ACTIONS:
@@ -477,16 +508,7 @@ def _ssm_statements(chosen: set[str], scope: Scope) -> list[Statement]:
         # baked families only. An AWS-owned document's ARN has no account: "*" matches it (empty).
         document = f"arn:{scope.partition}:ssm:{scope.region}:*:document/{RUN_SHELL_DOCUMENT}"
         out.append(Statement("RunShellDocument", ("ssm:SendCommand",), (document,)))
-        for index, build in enumerate(scope.build_instances):
-            carries = {"StringEquals": {f"aws:ResourceTag/{key}": value for key, value in build.tags}}
-            out.append(
-                Statement(
-                    f"SendBakeCommands{index}",
-                    ("ssm:SendCommand",),
-                    (scope.instance_arn(build.instance_id),),
-                    carries if build.tags else {},
-                )
-            )
+        out += _build_instance_statements(scope, "SendBakeCommands", "ssm:SendCommand", regions=False)
     writes = sorted(chosen & SSM_WRITE_ACTIONS)
     if not writes or not scope.ssm_parameters:
         return out
@@ -548,6 +570,41 @@ def _key_statements(
             )
         )
     return out
+
+
+# IAM: a role's inline policies together take at most this many characters (whitespace not counted).
+MAX_INLINE_CHARACTERS = 10_240
+
+
+def inline_characters(statements: Sequence[Statement]) -> int:
+    """The characters of a policy of `statements` as IAM counts them (no whitespace). An unresolved CDK
+    token (an account, a partition) counts as its placeholder, longer than its value: an upper bound."""
+    document = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": s.sid,
+                "Effect": "Allow",
+                "Action": list(s.actions),
+                "Resource": list(s.resources),
+                **({"Condition": {k: dict(v) for k, v in s.conditions.items()}} if s.conditions else {}),
+            }
+            for s in statements
+        ],
+    }
+    return len(json.dumps(document, separators=(",", ":")))
+
+
+def require_inline_fits(statements: Sequence[Statement], role: str) -> None:
+    """Refuse at synth a role whose inline policy IAM would refuse at deploy (the stack rolling back)."""
+    size = inline_characters(statements)
+    if size > MAX_INLINE_CHARACTERS:
+        raise ValueError(
+            f"{role}: its permissions take {size:,} characters of inline policy, over IAM's "
+            f"{MAX_INLINE_CHARACTERS:,}. Each family that bakes adds its build instance; those whose "
+            "bake.instance_tag is one tag of the same key, or that pin bake.instance_id alone, share a "
+            "statement: fewer families with several tags would fit"
+        )
 
 
 def policy_statement(statement: Statement) -> Any:

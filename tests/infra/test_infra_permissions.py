@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from infra.permissions import BuildInstanceScope, PermissionsError, Scope, Statement, statements_for
+from infra.permissions import (
+    MAX_INLINE_CHARACTERS,
+    BuildInstanceScope,
+    PermissionsError,
+    Scope,
+    Statement,
+    inline_characters,
+    require_inline_fits,
+    statements_for,
+)
 from synth_support import ServiceAuthorization
 
 from ami_janitor.core.policy import Family, UsageReports
@@ -171,6 +180,74 @@ def test_a_pinned_build_instance_is_the_only_one_a_bake_may_image(infra_policy: 
     assert s["CreateImagesFromInstances1"] == Statement(
         "CreateImagesFromInstances1", ("ec2:CreateImage",), (f"{instances}/i-0c0c0c0c0c0c0c0c0",), {}
     )
+
+
+def _bakers(infra_policy: Any, bakes: list[dict[str, Any]]) -> Scope:
+    """The test policy with one family per `bakes` entry (its bake), in us-east-1."""
+    families = [
+        {"name": f"f{n}", "match": {"name": f"f{n}-*", "tags": {"Family": f"f{n}"}}, "bake": bake}
+        for n, bake in enumerate(bakes)
+    ]
+    policy = infra_policy.model_copy(update={"families": [Family.model_validate(f) for f in families]})
+    return Scope.from_policy(policy, partition="aws", account=ACCOUNT, region="us-east-1")
+
+
+def test_build_instances_told_apart_by_one_tag_share_a_statement(infra_policy: Any) -> None:
+    """A statement per family filled the operator role's 10,240 characters at about 17 that bake: those
+    matched by one tag of the same key list its values in one; those pinned by id alone, their ARNs."""
+    instances = f"arn:aws:ec2:us-east-1:{ACCOUNT}:instance"
+    scope = _bakers(
+        infra_policy,
+        [
+            {"instance_tag": {"Role": "a"}},
+            {"instance_tag": {"Role": "b"}},
+            {"instance_id": "i-0a0a0a0a0a0a0a0a0"},
+            {"instance_tag": {"Role": "c", "Stage": "build"}},
+            {"instance_id": "i-0b0b0b0b0b0b0b0b0"},
+            {"instance_tag": {"Team": "x"}},
+        ],
+    )
+
+    s = _by_sid(statements_for(["ec2:CreateImage"], scope))
+
+    grants = {sid: st for sid, st in s.items() if sid.startswith("CreateImagesFromInstances")}
+    assert list(grants.values()) == [
+        Statement(
+            "CreateImagesFromInstances0",
+            ("ec2:CreateImage",),
+            (f"{instances}/*",),
+            {"StringEquals": {"aws:ResourceTag/Role": ["a", "b"]}},
+        ),
+        Statement(
+            "CreateImagesFromInstances1",
+            ("ec2:CreateImage",),
+            (f"{instances}/i-0a0a0a0a0a0a0a0a0", f"{instances}/i-0b0b0b0b0b0b0b0b0"),
+            {},
+        ),
+        # Two keys: lists under each would let Role=c pair with another family's Stage. Its own.
+        Statement(
+            "CreateImagesFromInstances2",
+            ("ec2:CreateImage",),
+            (f"{instances}/*",),
+            {"StringEquals": {"aws:ResourceTag/Role": "c", "aws:ResourceTag/Stage": "build"}},
+        ),
+        Statement(
+            "CreateImagesFromInstances3",
+            ("ec2:CreateImage",),
+            (f"{instances}/*",),
+            {"StringEquals": {"aws:ResourceTag/Team": "x"}},
+        ),
+    ]
+
+
+def test_a_role_whose_inline_policy_iam_would_refuse_is_refused_at_synth(infra_policy: Any) -> None:
+    many = _bakers(infra_policy, [{"instance_tag": {"Role": f"r{n}", "Stage": "build"}} for n in range(40)])
+    statements = statements_for(["ec2:CreateImage", "ssm:SendCommand"], many)
+    assert inline_characters(statements) > MAX_INLINE_CHARACTERS
+    with pytest.raises(ValueError, match=r"the operator role: its permissions take .* over IAM's 10,240"):
+        require_inline_fits(statements, "the operator role")
+    one_key = _bakers(infra_policy, [{"instance_tag": {"Role": f"r{n}"}} for n in range(40)])
+    require_inline_fits(statements_for(["ec2:CreateImage", "ssm:SendCommand"], one_key), "the operator role")
 
 
 def test_without_copies_everything_stays_in_the_region(infra_policy: Any) -> None:

@@ -1,11 +1,11 @@
-"""Every SQS queue policy the stacks make fits SQS's policy quotas, however many families bake on a schedule.
+"""Every SQS queue policy and IAM role policy the stacks make fits its quota, however many families bake.
 
-SQS refuses a queue policy of more than 20 statements or 8,192 bytes (Amazon SQS policy quotas); the
-AWS::SQS::QueuePolicy then fails at deploy and the stack rolls back. The event-target dead-letter queue
-of the bake rules (the region's shared one in a regional stack, the bake schedule's own in the member
-template) lets EventBridge send for each rule that names it: it must not take a statement per rule, or
-a policy of some 17 baked families (every family of the organization's one policy, in the member
-template) synthesizes clean and fails in AWS.
+SQS refuses a queue policy of more than 20 statements or 8,192 bytes (Amazon SQS policy quotas); IAM, a
+role's inline policies over 10,240 characters. The stack then fails at deploy and rolls back, though it
+synthesized clean. The event-target dead-letter queue of the bake rules (the region's shared one in a
+regional stack, the bake schedule's own in the member template) lets EventBridge send for each rule
+that names it, and the bake and operator roles may image each family's build instance: neither may
+take a statement per family, or a policy of some 17 baked families fails in AWS.
 """
 
 from __future__ import annotations
@@ -134,3 +134,29 @@ def test_every_bake_rule_may_still_send_its_failed_deliveries(many_bakes: dict[s
                         allowed |= {s["Fn::GetAtt"][0] for s in sources}
             assert rule_id in allowed, (stack, rule_id)
             assert allowed <= set(rules), (stack, allowed - set(rules))
+
+
+# IAM: a role's inline policies together take at most 10,240 characters (whitespace not counted).
+MAX_ROLE_INLINE_CHARACTERS = 10_240
+
+
+@pytest.mark.parametrize("stack", ["AmiJanitor-us-east-1", "member"])
+def test_role_policies_fit_iam_quotas_with_many_scheduled_bakes(
+    many_bakes: dict[str, dict[str, Any]], stack: str
+) -> None:
+    """Each family that bakes adds its build instances' grants to the bake role: with 20 of them, every
+    role's inline policies still fit IAM's quota, each generated name at its longest."""
+    template = many_bakes[stack]
+    sizes: dict[str, int] = {}
+    for policy in resources(template, "AWS::IAM::Policy").values():
+        document = _deployed(policy["Properties"]["PolicyDocument"], template, "us-east-1")
+        size = len(json.dumps(document, separators=(",", ":")))
+        for role in policy["Properties"].get("Roles", []):
+            sizes[role["Ref"]] = sizes.get(role["Ref"], 0) + size
+    for role_id, role in resources(template, "AWS::IAM::Role").items():
+        for inline in role["Properties"].get("Policies", []):
+            document = _deployed(inline["PolicyDocument"], template, "us-east-1")
+            sizes[role_id] = sizes.get(role_id, 0) + len(json.dumps(document, separators=(",", ":")))
+    assert sizes
+    over = {role: size for role, size in sizes.items() if size > MAX_ROLE_INLINE_CHARACTERS}
+    assert not over, f"{stack}: inline policies over IAM's 10,240 characters: {over}"
