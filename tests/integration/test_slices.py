@@ -601,13 +601,11 @@ def test_a_run_with_no_report_bucket_whose_slices_send_the_mail_leaves_the_unfin
     _next_run_with_its_bucket_names_it_once(deployed, monkeypatch, run, table)
 
 
-def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_event(
+def _a_run_that_times_out_after_queueing(
     deployed: Deployment, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The run queues its slices, then fails (its invocation times out after its report), and Lambda
-    runs the same event again. Its slices have acted meanwhile: the retry would plan the next AMIs,
-    twice the cap for one scheduled event. The retry queues none; its stages are skipped, saying why.
-    The next scheduled event (another id) plans them again."""
+) -> tuple[Any, dict[str, Any]]:
+    """A fleet, and a scheduled event whose run queued its slices and wrote its part of the report, then
+    timed out (Lambda runs the event again)."""
     deployed.write_policy("enforce", limits={"max_actions_per_run": 2, "max_fraction_per_family": 1.0})
     fleet = seed_fleet(now())
     make_ledger()
@@ -622,6 +620,17 @@ def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_
         failing.setattr(scheduled, "publish", publish_then_time_out)
         with pytest.raises(TimeoutError):
             scheduled.handler(event, Context())
+    return fleet, event
+
+
+def test_a_retried_scheduled_event_queues_no_slices_again_and_the_cap_holds_per_event(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run queues its slices, then fails (its invocation times out after its report), and Lambda
+    runs the same event again. Its slices have acted meanwhile: the retry would plan the next AMIs,
+    twice the cap for one scheduled event. The retry queues none; its stages are skipped, saying why.
+    The next scheduled event (another id) plans them again."""
+    fleet, event = _a_run_that_times_out_after_queueing(deployed, monkeypatch)
     first = deployed.queued()
     assert first
     for body in first:
@@ -651,20 +660,7 @@ def test_a_retried_events_summary_counts_its_skipped_stages_as_not_run(
     """The retry of an event whose first run's slices did its work skips its stages: its summary must
     say they were not done by it (the report's, the answer's and the mail's), not count them retired
     with nothing amiss, the first run's own summary counting the same AMIs retired."""
-    deployed.write_policy("enforce", limits={"max_actions_per_run": 2, "max_fraction_per_family": 1.0})
-    fleet = seed_fleet(now())
-    make_ledger()
-    event = {**SCHEDULED, "id": "7bf73129-1428-4cd3-a780-95db273d1602", "time": iso(now())}
-    publish = scheduled.publish
-
-    def publish_then_time_out(*args: Any, **kwargs: Any) -> None:
-        publish(*args, **kwargs)
-        raise TimeoutError("Task timed out")
-
-    with monkeypatch.context() as failing:
-        failing.setattr(scheduled, "publish", publish_then_time_out)
-        with pytest.raises(TimeoutError):
-            scheduled.handler(event, Context())
+    fleet, event = _a_run_that_times_out_after_queueing(deployed, monkeypatch)
     for body in deployed.queued():
         deployed.work(body)
     retired = [i for i in fleet.images if i not in image_ids()]

@@ -31,13 +31,23 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+# What every handler imports first: the engine (botocore, pydantic and the package's models with it),
+# the events' models, and Powertools' Logger and Metrics.
+HANDLER_MODULES = ("ami_janitor.engine", "ami_janitor.handlers.events", "ami_janitor.handlers.observe")
+# And the SQS workers: Powertools' batch processors and its SQS record models.
+SQS_WORKER_MODULES = (
+    "aws_lambda_powertools.utilities.batch",
+    "aws_lambda_powertools.utilities.parser.models",
+)
+
+
 @contextmanager
 def loading(*modules: str) -> Iterator[None]:
-    """Around a handler module's imports: the collector paused (collector_paused), and `modules`, the
-    ones that bring in the libraries and the package's models, imported first on a wide stack
-    (imported_on_a_wide_stack). The imports inside then find them loaded."""
+    """Around a handler module's imports: the collector paused (collector_paused), and HANDLER_MODULES
+    then `modules`, the ones that bring in the libraries and the package's models, imported first on a
+    wide stack (imported_on_a_wide_stack). The imports inside then find them loaded."""
     with collector_paused():
-        imported_on_a_wide_stack(*modules)
+        imported_on_a_wide_stack(*HANDLER_MODULES, *modules)
         yield
 
 

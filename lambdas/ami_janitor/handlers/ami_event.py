@@ -14,15 +14,9 @@ import json
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ami_janitor.handlers import loading
+from ami_janitor.handlers import SQS_WORKER_MODULES, loading
 
-with loading(
-    "ami_janitor.engine",
-    "ami_janitor.handlers.events",
-    "ami_janitor.handlers.observe",
-    "aws_lambda_powertools.utilities.batch",
-    "aws_lambda_powertools.utilities.parser.models",
-):
+with loading(*SQS_WORKER_MODULES):
     from aws_lambda_powertools.metrics import MetricUnit, single_metric
     from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord

@@ -20,15 +20,9 @@ once, a batch item failure as before.
 
 from typing import TYPE_CHECKING, Any
 
-from ami_janitor.handlers import loading
+from ami_janitor.handlers import SQS_WORKER_MODULES, loading
 
-with loading(
-    "ami_janitor.engine",
-    "ami_janitor.handlers.events",
-    "ami_janitor.handlers.observe",
-    "aws_lambda_powertools.utilities.batch",
-    "aws_lambda_powertools.utilities.parser.models",
-):
+with loading(*SQS_WORKER_MODULES):
     from aws_lambda_powertools.metrics import MetricUnit
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,

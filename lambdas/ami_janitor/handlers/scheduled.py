@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ami_janitor.handlers import loading
 
-with loading("ami_janitor.engine", "ami_janitor.handlers.events", "ami_janitor.handlers.observe"):
+with loading():
     from aws_lambda_powertools.metrics import MetricUnit
 
     from ami_janitor import engine

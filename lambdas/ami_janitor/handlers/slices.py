@@ -13,15 +13,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ami_janitor.handlers import loading
+from ami_janitor.handlers import SQS_WORKER_MODULES, loading
 
-with loading(
-    "ami_janitor.engine",
-    "ami_janitor.handlers.events",
-    "ami_janitor.handlers.observe",
-    "aws_lambda_powertools.utilities.batch",
-    "aws_lambda_powertools.utilities.parser.models",
-):
+with loading(*SQS_WORKER_MODULES):
     from aws_lambda_powertools.metrics import MetricUnit
     from aws_lambda_powertools.utilities.batch import SqsFifoPartialProcessor, process_partial_response
     from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
