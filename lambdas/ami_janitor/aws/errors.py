@@ -70,6 +70,14 @@ def is_passing(error: BaseException) -> bool:
     return isinstance(error, PASSING_FAILURES)
 
 
+def sent_again(error: BaseException) -> bool:
+    """Whether the SDK sent the call more than once before this answer (botocore's RetryAttempts): an
+    earlier attempt may have taken effect, its answer lost."""
+    if not isinstance(error, ClientError):
+        return False
+    return int(error.response.get("ResponseMetadata", {}).get("RetryAttempts") or 0) > 0
+
+
 # The answers that say the caller may not call at all there (an IAM or SCP deny, an opt-in region not
 # enabled): lasting, whatever is asked.
 _DENIED_CODES = frozenset(

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from ami_janitor.aws.clients import RegionClients
-from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text, is_passing
+from ami_janitor.aws.errors import AWS_ERRORS, error_code, error_text, is_passing, sent_again
 from ami_janitor.aws.inventory import describe_image, describe_own_image, read_launch_permissions
 from ami_janitor.aws.ledger import Ledger, Prior
 from ami_janitor.core import trust
@@ -246,7 +246,7 @@ def delete_unused_snapshots(
                 outcomes.append(SnapshotOutcome(snapshot_id, False, note=note, waiting=True))
                 continue
             tolerated = SNAPSHOT_TOLERATED.get(error_code(error))
-            if tolerated and _retried(error):
+            if tolerated and sent_again(error):
                 # The SDK sent the call again (an answer lost, a 5xx): the first attempt deleted it.
                 note = "deleted (the SDK's retry found it gone: the first answer was lost)"
                 outcomes.append(SnapshotOutcome(snapshot_id, True, note=note))
@@ -256,12 +256,6 @@ def delete_unused_snapshots(
         else:
             outcomes.append(SnapshotOutcome(snapshot_id, True))
     return outcomes
-
-
-def _retried(error: Exception) -> bool:
-    """Whether the SDK sent the call more than once before this answer (botocore's RetryAttempts)."""
-    response = getattr(error, "response", None) or {}
-    return int((response.get("ResponseMetadata") or {}).get("RetryAttempts") or 0) > 0
 
 
 def _notes(outcomes: Iterable[SnapshotOutcome]) -> list[str]:
