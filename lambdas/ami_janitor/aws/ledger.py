@@ -408,6 +408,15 @@ def _with_write_id(request: dict[str, Any], write_id: str) -> dict[str, Any]:
     }
 
 
+def _redone_as_read(stage: str, placeholder: str, seen: datetime | None, values: dict[str, Any]) -> str:
+    """The condition that the stage (its name's placeholder) was done again last at `seen` (None: never),
+    as the caller read it; its value put in `values`."""
+    if seen is None:
+        return f"attribute_not_exists(stages.{stage}.redone)"
+    values[placeholder] = _value(iso(seen))
+    return f"stages.{stage}.redone = {placeholder}"
+
+
 def conditional_update(db: "DynamoDBClient", table: str, item_key: dict[str, Any], **request: Any) -> Written:
     """UpdateItem, "already-recorded" where its condition fails against another writer's item.
 
@@ -705,12 +714,9 @@ class Ledger(_Made):
                 assignments.append(f"stages.#stage.{name} = :{name}")
                 values[f":{name}"] = _value(entry[name])
         removed = [f"stages.#stage.{name}" for name in (*recorded, "adopted") if name not in entry]
-        condition = "attribute_exists(stages.#stage) AND attribute_not_exists(closed)"
-        if seen is None:
-            condition += " AND attribute_not_exists(stages.#stage.redone)"
-        else:
-            condition += " AND stages.#stage.redone = :seen"
-            values[":seen"] = _value(iso(seen))
+        condition = "attribute_exists(stages.#stage) AND attribute_not_exists(closed) AND " + _redone_as_read(
+            "#stage", ":seen", seen, values
+        )
         return self._update(
             image_id,
             UpdateExpression=f"SET {', '.join(assignments)} REMOVE {', '.join(removed)}",
@@ -783,11 +789,7 @@ class Ledger(_Made):
             values[":seen"] = _value(last_stage)
         for index, (stage, when) in enumerate(sorted((redone or {}).items())):
             names[f"#s{index}"] = stage
-            if when is None:
-                condition += f" AND attribute_not_exists(stages.#s{index}.redone)"
-            else:
-                condition += f" AND stages.#s{index}.redone = :r{index}"
-                values[f":r{index}"] = _value(iso(when))
+            condition += " AND " + _redone_as_read(f"#s{index}", f":r{index}", when, values)
         return self._update(
             image_id,
             UpdateExpression="SET closed = :at",
